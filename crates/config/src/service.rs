@@ -1,0 +1,543 @@
+//! `google.api.Service`: the service configuration, as serde types whose JSON is Google's
+//! proto3 JSON (lowerCamel names, int64 as strings, empty fields omitted).
+//!
+//! This is the contract between the control plane (which produces and stores it), the proxy
+//! (which builds its routing tables from it) and Service Control (quota limits, usage rules).
+//! Unknown fields are ignored on input so configs produced by Google's own tools load too.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// proto3 JSON int64: emitted as a string, accepted as a string or a number.
+pub mod int64 {
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &i64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum N {
+            S(String),
+            I(i64),
+        }
+        match N::deserialize(d)? {
+            N::S(s) => s.parse().map_err(de::Error::custom),
+            N::I(i) => Ok(i),
+        }
+    }
+
+    /// `map<string, int64>`.
+    pub mod map {
+        use serde::{Deserialize, Deserializer, Serialize, Serializer};
+        use std::collections::BTreeMap;
+
+        pub fn serialize<S: Serializer>(
+            v: &BTreeMap<String, i64>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            let m: BTreeMap<&String, String> = v.iter().map(|(k, v)| (k, v.to_string())).collect();
+            m.serialize(s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<BTreeMap<String, i64>, D::Error> {
+            #[derive(Deserialize)]
+            struct W(#[serde(with = "super")] i64);
+            let m = BTreeMap::<String, W>::deserialize(d)?;
+            Ok(m.into_iter().map(|(k, w)| (k, w.0)).collect())
+        }
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+fn is_zero_i64(v: &i64) -> bool {
+    *v == 0
+}
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
+}
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Service {
+    /// The service name, e.g. `echo-api.endpoints.demo-proj.cloud.goog`.
+    pub name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub title: String,
+    /// The config id, `YYYY-MM-DDrN`; assigned by Service Management, empty in a fresh conversion.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub config_version: u32,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub producer_project_id: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub apis: Vec<Api>,
+    /// `google.protobuf.Type`s generated from definitions; kept opaque.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub documentation: Option<Documentation>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<Http>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Quota>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<Authentication>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<Endpoint>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control: Option<Control>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_parameters: Option<SystemParameters>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<LogDescriptor>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<MetricDescriptor>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub monitored_resources: Vec<MonitoredResourceDescriptor>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logging: Option<Logging>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub monitoring: Option<Monitoring>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_info: Option<SourceInfo>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Api {
+    /// `<major version>.<service name with . and - as _>`, e.g. `1.echo_api_endpoints_demo_proj_cloud_goog`.
+    pub name: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<Method>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_context: Option<SourceContext>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub syntax: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Method {
+    pub name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub request_type_url: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub response_type_url: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SourceContext {
+    pub file_name: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Documentation {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub summary: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub overview: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Http {
+    pub rules: Vec<HttpRule>,
+}
+
+/// `google.api.HttpRule`: exactly one of the method fields (or `custom`) is set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpRule {
+    pub selector: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub get: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub put: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub post: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delete: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub custom: Option<CustomHttpPattern>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub body: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub response_body: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub additional_bindings: Vec<HttpRule>,
+}
+
+impl HttpRule {
+    /// The HTTP method and path template of this rule (`custom.kind` for custom patterns;
+    /// `*` there means any method).
+    pub fn method_and_path(&self) -> Option<(&str, &str)> {
+        if let Some(p) = &self.get {
+            return Some(("GET", p));
+        }
+        if let Some(p) = &self.put {
+            return Some(("PUT", p));
+        }
+        if let Some(p) = &self.post {
+            return Some(("POST", p));
+        }
+        if let Some(p) = &self.delete {
+            return Some(("DELETE", p));
+        }
+        if let Some(p) = &self.patch {
+            return Some(("PATCH", p));
+        }
+        self.custom
+            .as_ref()
+            .map(|c| (c.kind.as_str(), c.path.as_str()))
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CustomHttpPattern {
+    pub kind: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Usage {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub requirements: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<UsageRule>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct UsageRule {
+    pub selector: String,
+    #[serde(skip_serializing_if = "is_false")]
+    pub allow_unregistered_calls: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    pub skip_service_control: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SystemParameters {
+    pub rules: Vec<SystemParameterRule>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SystemParameterRule {
+    pub selector: String,
+    pub parameters: Vec<SystemParameter>,
+}
+
+/// A custom location of a system parameter; for API keys `name` is `api_key`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SystemParameter {
+    pub name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub http_header: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub url_query_parameter: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Authentication {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<AuthenticationRule>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub providers: Vec<AuthProvider>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuthenticationRule {
+    pub selector: String,
+    #[serde(skip_serializing_if = "is_false")]
+    pub allow_without_credential: bool,
+    /// Several requirements = any one of them (OR).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub requirements: Vec<AuthRequirement>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuthRequirement {
+    pub provider_id: String,
+    /// Comma-separated.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub audiences: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuthProvider {
+    pub id: String,
+    pub issuer: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub jwks_uri: String,
+    /// Comma-separated.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub audiences: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub authorization_url: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub jwt_locations: Vec<JwtLocation>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct JwtLocation {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub header: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub query: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub cookie: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub value_prefix: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Quota {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<QuotaLimit>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub metric_rules: Vec<MetricRule>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct QuotaLimit {
+    pub name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    #[serde(with = "int64", skip_serializing_if = "is_zero_i64")]
+    pub default_limit: i64,
+    #[serde(with = "int64", skip_serializing_if = "is_zero_i64")]
+    pub max_limit: i64,
+    #[serde(with = "int64", skip_serializing_if = "is_zero_i64")]
+    pub free_tier: i64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub duration: String,
+    pub metric: String,
+    /// e.g. `1/min/{project}`.
+    pub unit: String,
+    /// e.g. `{"STANDARD": 1000}`.
+    #[serde(with = "int64::map", skip_serializing_if = "BTreeMap::is_empty")]
+    pub values: BTreeMap<String, i64>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub display_name: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MetricRule {
+    pub selector: String,
+    #[serde(with = "int64::map", skip_serializing_if = "BTreeMap::is_empty")]
+    pub metric_costs: BTreeMap<String, i64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Endpoint {
+    pub name: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub target: String,
+    #[serde(skip_serializing_if = "is_false")]
+    pub allow_cors: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Backend {
+    pub rules: Vec<BackendRule>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct BackendRule {
+    pub selector: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub address: String,
+    /// Seconds.
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub deadline: f64,
+    /// `APPEND_PATH_TO_ADDRESS` or `CONSTANT_ADDRESS`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub path_translation: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub jwt_audience: String,
+    #[serde(skip_serializing_if = "is_false")]
+    pub disable_auth: bool,
+    /// `http/1.1`, `h2`, `grpc`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Control {
+    /// `servicecontrol.googleapis.com` in Google's configs; any non-empty value enables
+    /// Service Control in the proxy.
+    pub environment: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LabelDescriptor {
+    pub key: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub value_type: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LogDescriptor {
+    pub name: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<LabelDescriptor>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub display_name: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MetricDescriptor {
+    pub name: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<LabelDescriptor>,
+    /// `DELTA`, `GAUGE`, `CUMULATIVE`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub metric_kind: String,
+    /// `INT64`, `DISTRIBUTION`, ...
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub value_type: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub unit: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub display_name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MonitoredResourceDescriptor {
+    #[serde(rename = "type")]
+    pub resource_type: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<LabelDescriptor>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Logging {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub producer_destinations: Vec<LoggingDestination>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub consumer_destinations: Vec<LoggingDestination>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LoggingDestination {
+    pub monitored_resource: String,
+    pub logs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Monitoring {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub producer_destinations: Vec<MonitoringDestination>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub consumer_destinations: Vec<MonitoringDestination>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MonitoringDestination {
+    pub monitored_resource: String,
+    pub metrics: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SourceInfo {
+    /// `google.protobuf.Any`s of type `google.api.servicemanagement.v1.ConfigFile`
+    /// (`filePath`, `fileContents` in standard base64, `fileType`).
+    pub source_files: Vec<serde_json::Value>,
+}
+
+impl Service {
+    /// The usage rule for a selector, if any.
+    pub fn usage_rule(&self, selector: &str) -> Option<&UsageRule> {
+        self.usage
+            .as_ref()?
+            .rules
+            .iter()
+            .find(|r| r.selector == selector)
+    }
+
+    /// Whether Service Control is configured (`control.environment` non-empty).
+    pub fn has_service_control(&self) -> bool {
+        self.control
+            .as_ref()
+            .is_some_and(|c| !c.environment.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_limit_int64_values_round_trip_as_strings() {
+        let raw = r#"{"name":"read-limit","metric":"read-requests","unit":"1/min/{project}",
+                      "values":{"STANDARD":"1000"}}"#;
+        let l: QuotaLimit = serde_json::from_str(raw).unwrap();
+        assert_eq!(l.values["STANDARD"], 1000);
+        let j = serde_json::to_value(&l).unwrap();
+        assert_eq!(j["values"]["STANDARD"], "1000");
+    }
+
+    #[test]
+    fn empty_fields_are_omitted() {
+        let s = Service {
+            name: "svc".into(),
+            ..Default::default()
+        };
+        assert_eq!(serde_json::to_string(&s).unwrap(), r#"{"name":"svc"}"#);
+    }
+}

@@ -1,0 +1,56 @@
+//! `portico`: one binary, one subcommand per part. Each part owns its flag parsing, so this
+//! file only dispatches.
+//!
+//! - `portico esp ...`            the proxy (ESP v1's flags)            → crates/proxy
+//! - `portico control-plane ...`  the Google-shaped APIs                → crates/control-plane
+//! - `portico echo ...`           the getting-started sample backend    → crates/echo
+//! - `portico config validate F`  OpenAPI → service config, or errors   → crates/config
+//! - `portico up ...`             everything on one machine              → src/up.rs
+
+use mimalloc::MiMalloc;
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
+
+const USAGE: &str = "usage: portico <command> [flags]
+
+commands:
+  up               run everything locally: control plane, sample backend, proxy
+  esp              the API proxy; accepts ESP's startup flags (portico esp --help)
+  control-plane    the control plane (Service Management, IAM, API keys, Service Control)
+  echo             the getting-started sample backend
+  config validate  convert an OpenAPI file to a service config, or list its errors
+";
+
+fn main() -> ExitCode {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    if args.len() < 2 {
+        eprint!("{USAGE}");
+        return ExitCode::from(2);
+    }
+    let sub = args.remove(1);
+    // args[0] becomes "portico <sub>" so each parser names itself correctly in --help.
+    args[0] = OsString::from(format!("portico {}", sub.to_string_lossy()));
+    match sub.to_str() {
+        Some("esp") => portico_proxy::cli::main(args),
+        Some("control-plane") => portico_control_plane::cli::main(args),
+        Some("echo") => portico_echo::cli::main(args),
+        Some("config") => config_cmd(args),
+        Some("-h") | Some("--help") | Some("help") => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("portico: unknown command {:?}\n", sub);
+            eprint!("{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn config_cmd(_args: Vec<OsString>) -> ExitCode {
+    eprintln!("not built yet");
+    ExitCode::from(3)
+}
