@@ -1,9 +1,15 @@
 //! The service-config model.
 //!
 //! - [`service`]: `google.api.Service` as serde types (Google's JSON field names).
+//! - [`template`]: `google.api.HttpRule` path templates (parse + validate).
+//! - [`matcher`]: the request path matcher ESP uses (method + raw target → value, bindings).
 //!
 //! Pure: no I/O beyond reading the files it is given.
 
+pub mod matcher;
 pub mod service;
+pub mod template;
 
+pub use matcher::{Binding, PathMatcher, PathMatcherBuilder};
 pub use service::Service;
+pub use template::TemplateError;

@@ -1,0 +1,615 @@
+//! The request path matcher: HTTP method + raw request target → the registered value (usually a
+//! method's selector or its compiled per-method config), with ESP v1's matching rules.
+//!
+//! Build once with [`PathMatcherBuilder`], then [`PathMatcher::lookup`] per request. The trie is
+//! keyed by template segment; at every node the children are tried in precedence order
+//!
+//! 1. the exact literal segment,
+//! 2. a single-segment variable `{var}`,
+//! 3. `*`,
+//! 4. `**` (the rest of the path, zero or more segments),
+//!
+//! and a failed branch backtracks to the next alternative, so `/c/x/d/e` picks `/c/*/d/e` over
+//! `/c/*/d/**` and a literal branch that has no rule for the method falls back to a wildcard one.
+//!
+//! Request handling, as ESP does it:
+//! - the target is cut at `?` and matched **undecoded**, case-sensitively;
+//! - trailing empty segments are dropped (`/a/` ≡ `/a`), inner ones are significant;
+//! - `:verb` at the end of the last segment is a custom verb only if some template uses that
+//!   verb; otherwise the colon is ordinary segment text (`/foo/other:verb` matches `/foo/*`);
+//! - a rule for the exact HTTP method beats a `*` (any method) rule at the same node, and `HEAD`
+//!   falls back to `GET`.
+//!
+//! [`PathMatcher::lookup`] does not allocate: segments are sliced out of the target as the trie
+//! is walked.
+
+use crate::template::{Segment, Template, TemplateError};
+use percent_encoding::percent_decode_str;
+use std::collections::{HashMap, HashSet};
+
+/// A path variable bound by a match: `{shelf}` → `field_path: ["shelf"]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub field_path: Vec<String>,
+    pub value: String,
+}
+
+#[derive(Debug)]
+struct Entry<T> {
+    value: T,
+    template: Template,
+}
+
+/// A rule ending at a trie node.
+#[derive(Debug)]
+struct End {
+    verb: Option<Box<str>>,
+    method: Box<str>,
+    entry: usize,
+}
+
+#[derive(Debug)]
+struct Node {
+    literals: HashMap<Box<str>, Node>,
+    param: Option<Box<Node>>,
+    star: Option<Box<Node>>,
+    /// `**` is always last, so this node only ever holds ends.
+    double_star: Option<Box<Node>>,
+    ends: Vec<End>,
+}
+
+impl Node {
+    fn new() -> Node {
+        Node {
+            literals: HashMap::new(),
+            param: None,
+            star: None,
+            double_star: None,
+            ends: Vec::new(),
+        }
+    }
+
+    fn child_mut(&mut self, seg: &Segment) -> &mut Node {
+        match seg {
+            Segment::Literal(l) => self
+                .literals
+                .entry(l.as_str().into())
+                .or_insert_with(Node::new),
+            Segment::Param => self.param.get_or_insert_with(|| Box::new(Node::new())),
+            Segment::Star => self.star.get_or_insert_with(|| Box::new(Node::new())),
+            Segment::DoubleStar => self
+                .double_star
+                .get_or_insert_with(|| Box::new(Node::new())),
+        }
+    }
+
+    /// The entry for `method` among this node's ends: exact method, then GET for HEAD, then `*`.
+    fn pick(&self, method: &str, verb: Option<&str>) -> Option<usize> {
+        let mut head_get = None;
+        let mut any = None;
+        for e in &self.ends {
+            if e.verb.as_deref() != verb {
+                continue;
+            }
+            if &*e.method == method {
+                return Some(e.entry);
+            }
+            if method == "HEAD" && &*e.method == "GET" {
+                head_get = Some(e.entry);
+            } else if &*e.method == "*" {
+                any = Some(e.entry);
+            }
+        }
+        head_get.or(any)
+    }
+
+    /// Depth-first match of the remaining path. `rest` is `None` when every segment is consumed,
+    /// otherwise the unconsumed text without its leading '/'.
+    fn find(&self, rest: Option<&str>, method: &str, verb: Option<&str>) -> Option<usize> {
+        let Some(rest) = rest else {
+            return self.pick(method, verb).or_else(|| {
+                // `**` also matches zero segments.
+                self.double_star.as_ref().and_then(|n| n.pick(method, verb))
+            });
+        };
+        let (seg, next) = match rest.find('/') {
+            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+            None => (rest, None),
+        };
+        if let Some(child) = self.literals.get(seg) {
+            if let Some(e) = child.find(next, method, verb) {
+                return Some(e);
+            }
+        }
+        if let Some(child) = &self.param {
+            if let Some(e) = child.find(next, method, verb) {
+                return Some(e);
+            }
+        }
+        if let Some(child) = &self.star {
+            if let Some(e) = child.find(next, method, verb) {
+                return Some(e);
+            }
+        }
+        self.double_star.as_ref().and_then(|n| n.pick(method, verb))
+    }
+}
+
+/// Collects templates; see the module docs for the matching rules.
+#[derive(Debug)]
+pub struct PathMatcherBuilder<T> {
+    root: Node,
+    entries: Vec<Entry<T>>,
+    verbs: HashSet<Box<str>>,
+}
+
+impl<T> Default for PathMatcherBuilder<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> PathMatcherBuilder<T> {
+    pub fn new() -> Self {
+        PathMatcherBuilder {
+            root: Node::new(),
+            entries: Vec::new(),
+            verbs: HashSet::new(),
+        }
+    }
+
+    /// Registers `value` for `http_method` (`"GET"`, `"POST"`, ... or `"*"` for any method) and a
+    /// path template. Errors on an invalid template, or on a method+template pair that is already
+    /// registered (the first registration is kept).
+    pub fn register(
+        &mut self,
+        http_method: &str,
+        template: &str,
+        value: T,
+    ) -> Result<(), TemplateError> {
+        if http_method.is_empty() {
+            return Err(TemplateError::EmptyMethod);
+        }
+        let parsed = Template::parse(template)?;
+        let mut node = &mut self.root;
+        for seg in &parsed.segments {
+            node = node.child_mut(seg);
+        }
+        let verb = parsed.verb.as_deref();
+        if node
+            .ends
+            .iter()
+            .any(|e| e.verb.as_deref() == verb && &*e.method == http_method)
+        {
+            return Err(TemplateError::Duplicate {
+                method: http_method.to_string(),
+                template: template.to_string(),
+            });
+        }
+        node.ends.push(End {
+            verb: verb.map(Into::into),
+            method: http_method.into(),
+            entry: self.entries.len(),
+        });
+        if let Some(v) = verb {
+            self.verbs.insert(v.into());
+        }
+        self.entries.push(Entry {
+            value,
+            template: parsed,
+        });
+        Ok(())
+    }
+
+    pub fn build(self) -> PathMatcher<T> {
+        PathMatcher {
+            root: self.root,
+            entries: self.entries,
+            verbs: self.verbs,
+        }
+    }
+}
+
+/// An immutable, pre-built matcher; cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct PathMatcher<T> {
+    root: Node,
+    entries: Vec<Entry<T>>,
+    verbs: HashSet<Box<str>>,
+}
+
+impl<T> PathMatcher<T> {
+    /// Finds the value for a method and raw request target (`/path?query`). `HEAD` falls back to
+    /// `GET`; an exact-method rule beats `*` at the same node. Does not allocate.
+    pub fn lookup(&self, http_method: &str, target: &str) -> Option<&T> {
+        self.find(http_method, target)
+            .map(|(e, _)| &self.entries[e].value)
+    }
+
+    /// Like [`lookup`](Self::lookup), also returning the path variable bindings, decoded as ESP
+    /// decodes them: a single-segment variable is fully percent-decoded, a multi-segment one only
+    /// has unreserved characters decoded (so `%2F` stays `%2F`).
+    pub fn lookup_with_bindings(
+        &self,
+        http_method: &str,
+        target: &str,
+    ) -> Option<(&T, Vec<Binding>)> {
+        let (e, path) = self.find(http_method, target)?;
+        let entry = &self.entries[e];
+        let segments: Vec<&str> = if path.is_empty() {
+            Vec::new()
+        } else {
+            path[1..].split('/').collect()
+        };
+        let mut bindings = Vec::with_capacity(entry.template.variables.len());
+        for v in &entry.template.variables {
+            let end = v.end.unwrap_or(segments.len()).min(segments.len());
+            let start = v.start.min(end);
+            let value = if v.is_single_segment() {
+                segments
+                    .get(start)
+                    .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
+                    .unwrap_or_default()
+            } else {
+                decode_unreserved(&segments[start..end].join("/"))
+            };
+            bindings.push(Binding {
+                field_path: v.field_path.clone(),
+                value,
+            });
+        }
+        Some((&entry.value, bindings))
+    }
+
+    /// True when nothing was registered.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry index and the path text (leading '/', trailing slashes and verb removed) that
+    /// matched.
+    fn find<'t>(&self, method: &str, target: &'t str) -> Option<(usize, &'t str)> {
+        let path = match target.find('?') {
+            Some(i) => &target[..i],
+            None => target,
+        };
+        if !path.starts_with('/') {
+            return None;
+        }
+        let path = path.trim_end_matches('/');
+        if !self.verbs.is_empty() {
+            let last_seg = path.rfind('/').map_or(0, |i| i + 1);
+            if let Some(colon) = path[last_seg..].rfind(':') {
+                let verb = &path[last_seg + colon + 1..];
+                if self.verbs.contains(verb) {
+                    let stem = path[..last_seg + colon].trim_end_matches('/');
+                    if let Some(e) = self.root.find(rest_of(stem), method, Some(verb)) {
+                        return Some((e, stem));
+                    }
+                }
+            }
+        }
+        self.root
+            .find(rest_of(path), method, None)
+            .map(|e| (e, path))
+    }
+}
+
+/// `""` (the root) has no segments; `/a/b` → `a/b`.
+fn rest_of(path: &str) -> Option<&str> {
+    if path.is_empty() {
+        None
+    } else {
+        Some(&path[1..])
+    }
+}
+
+fn hex_val(c: u8) -> Option<u8> {
+    (c as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Decodes `%XX` only where XX is an unreserved character (RFC 3986: ALPHA DIGIT - . _ ~).
+fn decode_unreserved(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex_val(b[i + 1]), hex_val(b[i + 2])) {
+                let v = h * 16 + l;
+                if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
+                    out.push(v as char);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        // Copy one whole UTF-8 character.
+        let ch_len = s[i..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&s[i..i + ch_len]);
+        i += ch_len;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matcher(rules: &[(&str, &str, &'static str)]) -> PathMatcher<&'static str> {
+        let mut b = PathMatcherBuilder::new();
+        for (m, t, v) in rules {
+            b.register(m, t, *v)
+                .unwrap_or_else(|e| panic!("{m} {t}: {e}"));
+        }
+        b.build()
+    }
+
+    #[test]
+    fn literal_match_and_miss() {
+        let m = matcher(&[("GET", "/shelves", "list"), ("POST", "/shelves", "create")]);
+        assert_eq!(m.lookup("GET", "/shelves"), Some(&"list"));
+        assert_eq!(m.lookup("POST", "/shelves"), Some(&"create"));
+        assert_eq!(m.lookup("DELETE", "/shelves"), None);
+        assert_eq!(m.lookup("GET", "/shelve"), None);
+        assert_eq!(m.lookup("GET", "/shelves/1"), None);
+        assert_eq!(m.lookup("GET", "shelves"), None);
+        assert!(!m.is_empty());
+        assert!(PathMatcherBuilder::<()>::new().build().is_empty());
+    }
+
+    #[test]
+    fn query_is_ignored_and_trailing_slash_dropped() {
+        let m = matcher(&[("GET", "/a/b", "ab")]);
+        assert_eq!(m.lookup("GET", "/a/b?x=1/2"), Some(&"ab"));
+        assert_eq!(m.lookup("GET", "/a/b/"), Some(&"ab"));
+        assert_eq!(m.lookup("GET", "/a/b//"), Some(&"ab"));
+        assert_eq!(m.lookup("GET", "/a//b"), None);
+    }
+
+    #[test]
+    fn inner_empty_segments_are_significant() {
+        let m = matcher(&[("GET", "/c/*/d/**", "x")]);
+        assert_eq!(m.lookup("GET", "/c/v/d/w/x"), Some(&"x"));
+        assert_eq!(m.lookup("GET", "/c//v/d/w/x"), None);
+    }
+
+    #[test]
+    fn matching_is_case_sensitive_and_undecoded() {
+        let m = matcher(&[("GET", "/widgets", "w"), ("GET", "/a b", "space")]);
+        assert_eq!(m.lookup("GET", "/Widgets"), None);
+        assert_eq!(m.lookup("GET", "/a%20b"), None);
+        assert_eq!(m.lookup("GET", "/widget%73"), None);
+    }
+
+    #[test]
+    fn precedence_literal_param_star_double_star() {
+        let m = matcher(&[
+            ("GET", "/a/**", "dstar"),
+            ("GET", "/a/*", "star"),
+            ("GET", "/a/{x}/y", "param"),
+            ("GET", "/a/b", "literal"),
+        ]);
+        assert_eq!(m.lookup("GET", "/a/b"), Some(&"literal"));
+        assert_eq!(m.lookup("GET", "/a/c"), Some(&"star"));
+        assert_eq!(m.lookup("GET", "/a/c/y"), Some(&"param"));
+        assert_eq!(m.lookup("GET", "/a/c/z"), Some(&"dstar"));
+        assert_eq!(m.lookup("GET", "/a"), Some(&"dstar"));
+    }
+
+    #[test]
+    fn param_beats_star_at_same_position() {
+        let m = matcher(&[("GET", "/a/*", "star"), ("GET", "/a/{x}", "param")]);
+        assert_eq!(m.lookup("GET", "/a/z"), Some(&"param"));
+    }
+
+    #[test]
+    fn backtracks_out_of_a_literal_branch() {
+        let m = matcher(&[("GET", "/c/*/d/**", "dstar"), ("GET", "/c/*/d/e", "e")]);
+        assert_eq!(m.lookup("GET", "/c/x/d/e"), Some(&"e"));
+        assert_eq!(m.lookup("GET", "/c/x/d/f/g"), Some(&"dstar"));
+        let m = matcher(&[("GET", "/a/b/c", "abc"), ("GET", "/a/*/d", "a*d")]);
+        // The literal branch /a/b has no /d child: fall back to the wildcard.
+        assert_eq!(m.lookup("GET", "/a/b/d"), Some(&"a*d"));
+        // A literal node without a rule for the method also falls back.
+        let m = matcher(&[("POST", "/a/b", "post"), ("GET", "/a/{x}", "get")]);
+        assert_eq!(m.lookup("GET", "/a/b"), Some(&"get"));
+    }
+
+    #[test]
+    fn double_star_matches_root_and_everything() {
+        let m = matcher(&[("*", "/**", "all")]);
+        assert_eq!(m.lookup("GET", "/"), Some(&"all"));
+        assert_eq!(m.lookup("DELETE", "/x/y/z?q"), Some(&"all"));
+        assert_eq!(m.lookup("GET", "/x//y"), Some(&"all"));
+    }
+
+    #[test]
+    fn method_specific_beats_any_and_head_falls_back_to_get() {
+        let m = matcher(&[
+            ("*", "/**", "allow-all"),
+            ("GET", "/a", "get-a"),
+            ("*", "/a", "any-a"),
+        ]);
+        assert_eq!(m.lookup("GET", "/a"), Some(&"get-a"));
+        assert_eq!(m.lookup("POST", "/a"), Some(&"any-a"));
+        assert_eq!(m.lookup("HEAD", "/a"), Some(&"get-a"));
+        assert_eq!(m.lookup("HEAD", "/b"), Some(&"allow-all"));
+        let m = matcher(&[("GET", "/a", "get-a"), ("HEAD", "/a", "head-a")]);
+        assert_eq!(m.lookup("HEAD", "/a"), Some(&"head-a"));
+        let m = matcher(&[("GET", "/a", "get-a")]);
+        assert_eq!(m.lookup("head", "/a"), None, "methods compare exactly");
+    }
+
+    #[test]
+    fn custom_verbs_only_when_configured() {
+        let m = matcher(&[
+            ("GET", "/foo/*", "star"),
+            ("POST", "/foo/{name}:cancel", "cancel"),
+        ]);
+        assert_eq!(m.lookup("POST", "/foo/op1:cancel"), Some(&"cancel"));
+        // `:other` is not a configured verb: it is part of the segment.
+        assert_eq!(m.lookup("GET", "/foo/other:verb"), Some(&"star"));
+        // A configured verb that has no rule for this method falls back to plain matching.
+        assert_eq!(m.lookup("GET", "/foo/op1:cancel"), Some(&"star"));
+        assert_eq!(m.lookup("POST", "/foo/op1"), None);
+        let (_, b) = m
+            .lookup_with_bindings("POST", "/foo/op%201:cancel")
+            .unwrap();
+        assert_eq!(b[0].value, "op 1");
+    }
+
+    #[test]
+    fn verbs_after_double_star() {
+        let m = matcher(&[("POST", "/v1/{name=**}:undelete", "undelete")]);
+        let (v, b) = m
+            .lookup_with_bindings("POST", "/v1/a/b/c:undelete")
+            .unwrap();
+        assert_eq!(*v, "undelete");
+        assert_eq!(b[0].value, "a/b/c");
+    }
+
+    #[test]
+    fn duplicate_registration_keeps_first() {
+        let mut b = PathMatcherBuilder::new();
+        b.register("GET", "/a/{x}", 1).unwrap();
+        let err = b.register("GET", "/a/{y}", 2).unwrap_err();
+        assert_eq!(
+            err,
+            TemplateError::Duplicate {
+                method: "GET".into(),
+                template: "/a/{y}".into()
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "GET /a/{y} is registered twice; the first registration wins"
+        );
+        b.register("POST", "/a/{y}", 3).unwrap();
+        b.register("GET", "/a/{x}:v", 4).unwrap();
+        let m = b.build();
+        assert_eq!(m.lookup("GET", "/a/1"), Some(&1));
+        assert_eq!(m.lookup("POST", "/a/1"), Some(&3));
+        assert_eq!(m.lookup("GET", "/a/1:v"), Some(&4));
+    }
+
+    #[test]
+    fn invalid_templates_are_rejected() {
+        let mut b = PathMatcherBuilder::<u8>::new();
+        for t in [
+            "",
+            "/",
+            "//",
+            "/a//b",
+            "/{}",
+            "/a{x}",
+            "/items/overview.{format}",
+            "/a/**/b",
+        ] {
+            assert!(b.register("GET", t, 0).is_err(), "{t:?} accepted");
+        }
+        assert_eq!(b.register("", "/a", 0), Err(TemplateError::EmptyMethod));
+        assert!(b.build().is_empty());
+    }
+
+    #[test]
+    fn single_segment_bindings_are_fully_decoded() {
+        let m = matcher(&[("GET", "/a/{x}/c", "v")]);
+        let (_, b) = m.lookup_with_bindings("GET", "/a/p%20q%2Fr/c").unwrap();
+        assert_eq!(
+            b,
+            vec![Binding {
+                field_path: vec!["x".into()],
+                value: "p q/r".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn multi_segment_bindings_decode_only_unreserved() {
+        let m = matcher(&[("GET", "/v1/{name=shelves/*/books/**}", "v")]);
+        let (_, b) = m
+            .lookup_with_bindings("GET", "/v1/shelves/s%2D1/books/a%2Fb/c%20d?x=1")
+            .unwrap();
+        assert_eq!(b[0].field_path, vec!["name"]);
+        assert_eq!(b[0].value, "shelves/s-1/books/a%2Fb/c%20d");
+    }
+
+    #[test]
+    fn nested_field_paths_and_several_variables() {
+        let m = matcher(&[("GET", "/shelves/{shelf.id}/books/{book}", "v")]);
+        let (_, b) = m
+            .lookup_with_bindings("GET", "/shelves/1/books/2/")
+            .unwrap();
+        assert_eq!(b[0].field_path, vec!["shelf", "id"]);
+        assert_eq!(b[0].value, "1");
+        assert_eq!(b[1].field_path, vec!["book"]);
+        assert_eq!(b[1].value, "2");
+    }
+
+    #[test]
+    fn double_star_variable_with_zero_segments_binds_empty() {
+        let m = matcher(&[("GET", "/a/{rest=**}", "v")]);
+        let (_, b) = m.lookup_with_bindings("GET", "/a").unwrap();
+        assert_eq!(b[0].value, "");
+    }
+
+    #[test]
+    fn decode_unreserved_keeps_reserved_and_bad_escapes() {
+        assert_eq!(decode_unreserved("%41%2f%7E%zz%4"), "A%2f~%zz%4");
+        assert_eq!(decode_unreserved("é%2D"), "é-");
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn literal() -> impl Strategy<Value = String> {
+            "[a-zA-Z0-9._~-]{1,8}"
+        }
+
+        proptest! {
+            #[test]
+            fn every_registered_literal_path_is_found(
+                paths in proptest::collection::vec(proptest::collection::vec(literal(), 1..5), 1..20)
+            ) {
+                let mut b = PathMatcherBuilder::new();
+                let mut registered = Vec::new();
+                for segs in &paths {
+                    let t = format!("/{}", segs.join("/"));
+                    if b.register("GET", &t, t.clone()).is_ok() {
+                        registered.push(t);
+                    }
+                }
+                let m = b.build();
+                for t in &registered {
+                    prop_assert_eq!(m.lookup("GET", t), Some(t));
+                    let slashed = format!("{t}/?q=1");
+                    prop_assert_eq!(m.lookup("GET", &slashed), Some(t));
+                    prop_assert_eq!(m.lookup("HEAD", t), Some(t));
+                    prop_assert_eq!(m.lookup("POST", t), None);
+                }
+            }
+
+            #[test]
+            fn lookup_never_panics(method in "\\PC{0,6}", target in "\\PC{0,40}") {
+                let m = matcher(&[
+                    ("GET", "/a/{x}/b/**", "1"),
+                    ("*", "/**", "2"),
+                    ("POST", "/v1/{name=x/*}:do", "3"),
+                    ("GET", "/c/*/d", "4"),
+                ]);
+                let _ = m.lookup(&method, &target);
+                let _ = m.lookup_with_bindings(&method, &target);
+            }
+
+            #[test]
+            fn param_templates_bind_the_segment(seg in "[a-zA-Z0-9%:._~-]{1,12}") {
+                let m = matcher(&[("GET", "/items/{id}", "v")]);
+                let target = format!("/items/{seg}");
+                let (_, b) = m.lookup_with_bindings("GET", &target).unwrap();
+                prop_assert_eq!(b[0].value.clone(), percent_decode_str(&seg).decode_utf8_lossy().into_owned());
+            }
+        }
+    }
+}
