@@ -1,12 +1,24 @@
-//! (being built)
+//! The Portico control plane: Google-shaped REST APIs on axum, storage on sqlx.
+//!
+//! Where things are:
+//! - [`cli`]: `portico control-plane` flags; [`server::serve`] starts a server in-process (tests).
+//! - [`server`]: shared state ([`server::AppState`]), router composition, API-prefix stripping,
+//!   request logging. **Read its module doc to add a module** (migrations, routes, verbs).
+//! - [`store`]: the SQLite/PostgreSQL pool, portable-SQL rules, the migrations registry.
+//! - [`error`]: `ApiError`, Google's error body.
+//! - [`auth`]: admin token, the [`auth::Principal`] extractor, token verifiers, IAM `Policy`,
+//!   permission checks.
+//! - [`operations`]: the global long-running operations table.
+//! - [`projects`]: implicit projects and their numbers.
+//! - [`servicemanagement`], [`serviceusage`]: Service Management v1 and Service Usage v1.
 
-pub mod cli {
-    use std::ffi::OsString;
-    use std::process::ExitCode;
-
-    /// Entry point for the `portico` subcommand; `args[0]` is the subcommand name.
-    pub fn main(_args: Vec<OsString>) -> ExitCode {
-        eprintln!("not built yet");
-        ExitCode::from(3)
-    }
-}
+pub mod auth;
+pub mod cli;
+pub mod error;
+pub mod operations;
+pub mod projects;
+pub mod server;
+pub mod servicecontrol;
+pub mod servicemanagement;
+pub mod serviceusage;
+pub mod store;

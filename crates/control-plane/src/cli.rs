@@ -1,0 +1,113 @@
+//! `portico control-plane`: flag parsing and the process entry point.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::server::{serve, ServeOptions};
+
+/// The control plane: Service Management, Service Usage, IAM, Resource Manager, API Keys and
+/// Service Control APIs in Google's REST shapes.
+#[derive(Debug, Parser)]
+#[command(version)]
+pub struct Args {
+    /// Address to listen on. Loopback by default; use 0.0.0.0:PORT to serve other hosts.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub listen: SocketAddr,
+    /// Data directory: SQLite database (unless --database-url) and the admin token.
+    #[arg(long, env = "PORTICO_DATA")]
+    pub data: Option<PathBuf>,
+    /// PostgreSQL URL (postgres://user@host:port/db) instead of SQLite.
+    #[arg(long, env = "PORTICO_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// PostgreSQL schema to use, created if absent.
+    #[arg(long)]
+    pub database_schema: Option<String>,
+    /// Redis URL for quota counters (redis://127.0.0.1:6379).
+    #[arg(long, env = "PORTICO_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// URL clients use to reach this server (default http://<listen address>).
+    #[arg(long)]
+    pub public_url: Option<String>,
+    /// Admin bearer token file (default DATA/admin-token); created with a random token if absent.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl From<Args> for ServeOptions {
+    fn from(a: Args) -> Self {
+        ServeOptions {
+            listen: a.listen,
+            data_dir: a.data,
+            database_url: a.database_url,
+            database_schema: a.database_schema,
+            redis_url: a.redis_url,
+            public_url: a.public_url,
+            admin_token_file: a.admin_token_file,
+        }
+    }
+}
+
+/// Entry point for `portico control-plane`; `args[0]` is the command name.
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    let args = match Args::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portico control-plane: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(run(args.into()))
+}
+
+async fn run(opts: ServeOptions) -> ExitCode {
+    let server = match serve(opts).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("portico control-plane: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "portico control-plane: admin token in {}",
+        server.admin_token_path.display()
+    );
+    // Tests and scripts read this line to learn the port when --listen used port 0.
+    println!("listening on http://{}", server.addr);
+    let _ = std::io::stdout().flush();
+    tokio::select! {
+        r = server.wait() => match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("portico control-plane: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+    }
+}

@@ -1,0 +1,376 @@
+//! The HTTP server: shared state, the router that composes every module, and in-process start-up.
+//!
+//! # Adding a module (other engineers read this)
+//! 1. `pub mod yourmod;` in `lib.rs`.
+//! 2. Schema: `pub const MIGRATIONS: &[store::Migration]` in your module, listed in
+//!    [`migrations`] below.
+//! 3. Routes: `pub fn routes() -> Router<AppState>` in your module, merged in [`router`] below.
+//!    Routes are written without any API prefix (`/v1/projects/{project}/serviceAccounts`); the
+//!    prefixes `/servicemanagement/`, `/serviceusage/`, `/iam/`, `/cloudresourcemanager/`,
+//!    `/apikeys/` and `/servicecontrol/` are stripped before routing so users may point several
+//!    `api_endpoint_overrides` at one port.
+//! 4. Google custom verbs (`/v1/projects/{p}:getIamPolicy`) live *inside* a path segment, which
+//!    axum cannot route on. Route the segment as a parameter (`/v1/projects/{project}`) and split it
+//!    with [`split_verb`]. Axum path parameters are already percent-decoded (`%3A` → `:`).
+//! 5. `POST /v1/services/{service}:check|:report|:allocateQuota` arrive at Service Management's
+//!    `POST /v1/services/{service}` route, which hands them to [`SERVICE_VERB_HANDLERS`]; the
+//!    Service Control engineer registers their handlers there.
+//! 6. Per-module start-up state (caches, keys): add a field to [`Shared`] and initialise it in
+//!    [`build_state`]. Service-account token verification plugs in as an [`auth::TokenVerifier`]
+//!    pushed onto `Shared::verifiers` in [`build_state`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::Uri;
+use axum::response::Response;
+use axum::Router;
+use tower::{Layer, ServiceExt};
+
+use crate::auth::{self, AdminToken, TokenVerifier};
+use crate::error::ApiError;
+use crate::store::{Migration, Store, StoreError};
+
+/// Every module's schema, applied in this order at start-up.
+pub fn migrations() -> Vec<&'static [Migration]> {
+    vec![
+        crate::projects::MIGRATIONS,
+        crate::operations::MIGRATIONS,
+        crate::servicemanagement::MIGRATIONS,
+        crate::serviceusage::MIGRATIONS,
+    ]
+}
+
+/// Every module's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(crate::operations::routes())
+        .merge(crate::servicemanagement::routes())
+        .merge(crate::serviceusage::routes())
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// A handler for a custom verb on `POST /v1/services/{service}:{verb}` owned by another module.
+/// Arguments: state, the (decoded) service name, the whole request.
+pub type ServiceVerbHandler =
+    fn(AppState, String, Request) -> Pin<Box<dyn Future<Output = Response> + Send>>;
+
+/// Verbs on `/v1/services/{service}:{verb}` that Service Management does not own itself.
+/// The Service Control engineer adds `("check", servicecontrol::check_handler)` etc. here.
+pub const SERVICE_VERB_HANDLERS: &[(&str, ServiceVerbHandler)] = &[];
+
+/// Splits `name:verb` at the last `:`. `echo.example.com:undelete` → (`echo.example.com`,
+/// Some(`undelete`)).
+pub fn split_verb(segment: &str) -> (&str, Option<&str>) {
+    match segment.rsplit_once(':') {
+        Some((name, verb)) if !verb.is_empty() && !verb.contains('/') => (name, Some(verb)),
+        _ => (segment, None),
+    }
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(format!(
+        "The requested URL {} was not found on this server.",
+        uri.path()
+    ))
+}
+
+/// Start-up options (the CLI flags, or set directly by tests).
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Where to listen; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Data directory: the SQLite database (unless `database_url`) and the admin token.
+    pub data_dir: Option<PathBuf>,
+    /// `postgres://...`; SQLite under `data_dir` when absent.
+    pub database_url: Option<String>,
+    /// PostgreSQL schema to use (created if absent).
+    pub database_schema: Option<String>,
+    pub redis_url: Option<String>,
+    /// The URL clients reach this server at (default `http://<bound addr>`); written into key files.
+    pub public_url: Option<String>,
+    /// Where the admin token lives (default `DATA/admin-token`); created if absent.
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl ServeOptions {
+    pub fn sqlite(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
+        ServeOptions {
+            listen,
+            data_dir: Some(data_dir.into()),
+            database_url: None,
+            database_schema: None,
+            redis_url: None,
+            public_url: None,
+            admin_token_file: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin token file {path}: {source}")]
+    AdminToken {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// State shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+impl Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
+    pub store: Store,
+    /// Base URL clients use to reach the control plane (no trailing `/`).
+    pub public_url: String,
+    /// Redis client for quota counters, when configured.
+    pub redis: Option<redis::Client>,
+    /// Directory for secrets kept outside the database (the admin token's directory).
+    pub secrets_dir: PathBuf,
+    pub(crate) admin_token: AdminToken,
+    /// Verifiers for non-admin bearer tokens, asked in order.
+    pub verifiers: Vec<Arc<dyn TokenVerifier>>,
+    /// Optional source of project-level IAM policies for permission checks.
+    pub project_policies: Option<Arc<dyn auth::ProjectPolicySource>>,
+}
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        AppState(Arc::new(shared))
+    }
+}
+
+/// A server started by [`serve`]. Dropping it does not stop it; call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub public_url: String,
+    pub admin_token_path: PathBuf,
+    pub state: AppState,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningServer {
+    /// Stops accepting, lets in-flight requests finish, and waits.
+    pub async fn shutdown(mut self) -> std::io::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.wait_inner().await
+    }
+
+    /// Runs until the server stops (an I/O error, or never).
+    pub async fn wait(mut self) -> std::io::Result<()> {
+        self.wait_inner().await
+    }
+
+    async fn wait_inner(&mut self) -> std::io::Result<()> {
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+}
+
+/// Builds the shared state: storage, migrations, admin token, module state.
+pub async fn build_state(
+    opts: &ServeOptions,
+    bound: SocketAddr,
+) -> Result<(AppState, PathBuf), ServeError> {
+    let token_path = match (&opts.admin_token_file, &opts.data_dir) {
+        (Some(p), _) => p.clone(),
+        (None, Some(d)) => d.join("admin-token"),
+        (None, None) => {
+            return Err(ServeError::Config(
+                "either --data or --admin-token-file is required".into(),
+            ))
+        }
+    };
+    let store = match (&opts.database_url, &opts.data_dir) {
+        (Some(url), _) => Store::open_postgres(url, opts.database_schema.as_deref()).await?,
+        (None, Some(dir)) => Store::open_sqlite(dir).await?,
+        (None, None) => {
+            return Err(ServeError::Config(
+                "either --data (SQLite) or --database-url is required".into(),
+            ))
+        }
+    };
+    store.migrate(&migrations()).await?;
+    let admin_token =
+        AdminToken::load_or_create(&token_path).map_err(|source| ServeError::AdminToken {
+            path: token_path.display().to_string(),
+            source,
+        })?;
+    let redis = match &opts.redis_url {
+        Some(u) => Some(redis::Client::open(u.as_str())?),
+        None => None,
+    };
+    let public_url = opts
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{bound}"))
+        .trim_end_matches('/')
+        .to_string();
+    let secrets_dir = token_path
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let shared = Shared {
+        store,
+        public_url,
+        redis,
+        secrets_dir,
+        admin_token,
+        verifiers: Vec::new(),
+        project_policies: None,
+    };
+    Ok((AppState::new(shared), token_path))
+}
+
+/// Binds, builds the state and serves in a background task.
+pub async fn serve(opts: ServeOptions) -> Result<RunningServer, ServeError> {
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: opts.listen,
+        source,
+    })?;
+    let (state, admin_token_path) = build_state(&opts, addr).await?;
+    let app = service(state.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service())
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await
+    });
+    Ok(RunningServer {
+        addr,
+        public_url: state.public_url.clone(),
+        admin_token_path,
+        state,
+        shutdown: Some(tx),
+        task,
+    })
+}
+
+/// The complete service: prefix stripping and request logging wrapped around the router.
+/// Stripping must happen before routing, so it wraps the router instead of being a route layer.
+pub fn service(state: AppState) -> Router {
+    let inner = router(state);
+    let stripped = axum::middleware::map_request(strip_api_prefix).layer(inner);
+    Router::new()
+        .fallback_service(stripped)
+        .layer(axum::middleware::from_fn(log_request))
+}
+
+/// API prefixes users may put in `api_endpoint_overrides` to share one port.
+const API_PREFIXES: &[&str] = &[
+    "/servicemanagement/",
+    "/serviceusage/",
+    "/iam/",
+    "/cloudresourcemanager/",
+    "/apikeys/",
+    "/servicecontrol/",
+];
+
+async fn strip_api_prefix(mut req: Request) -> Request {
+    let path = req.uri().path();
+    if let Some(p) = API_PREFIXES.iter().find(|p| path.starts_with(**p)) {
+        let rest = &path[p.len() - 1..];
+        let new = match req.uri().query() {
+            Some(q) => format!("{rest}?{q}"),
+            None => rest.to_string(),
+        };
+        if let Ok(pq) = new.parse::<axum::http::uri::PathAndQuery>() {
+            let mut parts = req.uri().clone().into_parts();
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+    }
+    req
+}
+
+/// Logs method, path, status, latency and the gcloud command (from the User-Agent's
+/// `command/...` token). Headers are never logged: they carry bearer tokens and API keys.
+async fn log_request(req: Request<Body>, next: axum::middleware::Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let command = req
+        .headers()
+        .get(http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ua| {
+            ua.split_whitespace()
+                .find_map(|t| t.strip_prefix("command/"))
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let resp = next.run(req).await;
+    tracing::info!(
+        %method,
+        path,
+        status = resp.status().as_u16(),
+        elapsed_ms = start.elapsed().as_millis() as u64,
+        command,
+        "request"
+    );
+    resp
+}
+
+/// Test helper: runs one request through the full service.
+pub async fn oneshot(state: AppState, req: Request) -> Response {
+    match service(state).oneshot(req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_verb_cases() {
+        assert_eq!(split_verb("a.b.c:undelete"), ("a.b.c", Some("undelete")));
+        assert_eq!(split_verb("a.b.c"), ("a.b.c", None));
+        assert_eq!(split_verb("a.b.c:"), ("a.b.c:", None));
+    }
+}

@@ -1,0 +1,271 @@
+//! Storage: one [`Store`] over `sqlx::AnyPool`, SQLite (embedded, WAL) or PostgreSQL.
+//!
+//! # Writing SQL that runs on both
+//! - Placeholders are `$1, $2, ...` (both drivers accept them; see the test below).
+//! - Column types: `TEXT` and `BIGINT` only. Booleans are `BIGINT` 0/1, bytes are base64 `TEXT`,
+//!   timestamps are RFC 3339 `TEXT` (UTC, `Z`), JSON documents are `TEXT`.
+//! - No `AUTOINCREMENT`/`SERIAL`: ids are generated in Rust (uuid, counters in a row).
+//! - `INSERT ... ON CONFLICT (...) DO NOTHING / DO UPDATE` works on both.
+//! - In a transaction on SQLite, **write before you read** the rows you will update (e.g. bump a
+//!   counter first): SQLite's deferred transactions fail with "database is locked" when a reader
+//!   tries to upgrade to a writer after another writer committed.
+//!
+//! # Registering a module's schema
+//! A module declares `pub const MIGRATIONS: &[Migration] = &[Migration { id: "iam_0001", sql: &[
+//! "CREATE TABLE IF NOT EXISTS ..."] }];` and adds it to `server::migrations()`. Each migration runs
+//! once, in a transaction, recorded in `schema_migrations`. Never edit a shipped migration; add
+//! `iam_0002`. Ids are global, so prefix them with the module name.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor};
+
+/// One schema change.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// Globally unique, prefixed with the owning module (`sm_0001`).
+    pub id: &'static str,
+    /// Statements executed in order inside one transaction.
+    pub sql: &'static [&'static str],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    #[error("migration {id} failed: {source}")]
+    Migration {
+        id: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid database schema name {0:?} (use letters, digits and _)")]
+    SchemaName(String),
+    #[error("unsupported database URL (expected postgres:// or postgresql://)")]
+    UnsupportedUrl,
+}
+
+/// Which engine is behind the pool; a few statements (locks, pragmas) differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Cheap to clone; all clones share the pool.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Opens (creating on first use) `DIR/portico.db` in WAL mode.
+    pub async fn open_sqlite(dir: &Path) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let path = dir.join("portico.db");
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let opts = AnyConnectOptions::from_str(&url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    // busy_timeout makes concurrent writers wait instead of failing at once;
+                    // foreign_keys is per-connection in SQLite.
+                    conn.execute("PRAGMA busy_timeout = 5000").await?;
+                    conn.execute("PRAGMA foreign_keys = ON").await?;
+                    conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await?;
+        // WAL is a property of the database file, so setting it once is enough.
+        pool.execute("PRAGMA journal_mode = WAL").await?;
+        Ok(Store {
+            pool,
+            backend: Backend::Sqlite,
+        })
+    }
+
+    /// Connects to PostgreSQL. With `schema`, the schema is created if needed and every pooled
+    /// connection uses it as its `search_path` (tests get a fresh schema per run this way; a
+    /// `?options=-csearch_path%3D<schema>` URL works too).
+    pub async fn open_postgres(url: &str, schema: Option<&str>) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(StoreError::UnsupportedUrl);
+        }
+        let schema = match schema {
+            Some(s) => {
+                if s.is_empty()
+                    || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    || s.starts_with(|c: char| c.is_ascii_digit())
+                {
+                    return Err(StoreError::SchemaName(s.to_string()));
+                }
+                Some(s.to_string())
+            }
+            None => None,
+        };
+        let opts = AnyConnectOptions::from_str(url)?;
+        if let Some(s) = &schema {
+            let setup = AnyPoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts.clone())
+                .await?;
+            setup
+                .execute(format!("CREATE SCHEMA IF NOT EXISTS \"{s}\"").as_str())
+                .await?;
+            setup.close().await;
+        }
+        let search_path = schema.clone();
+        let pool = AnyPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _meta| {
+                let search_path = search_path.clone();
+                Box::pin(async move {
+                    if let Some(s) = search_path {
+                        conn.execute(format!("SET search_path TO \"{s}\"").as_str())
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await?;
+        Ok(Store {
+            pool,
+            backend: Backend::Postgres,
+        })
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Applies every migration not yet recorded, in the given order.
+    pub async fn migrate(&self, sets: &[&[Migration]]) -> Result<(), StoreError> {
+        self.pool
+            .execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (\
+                 id TEXT PRIMARY KEY, applied_at TEXT NOT NULL)",
+            )
+            .await?;
+        for m in sets.iter().flat_map(|s| s.iter()) {
+            let mut tx = self.pool.begin().await?;
+            if self.backend == Backend::Postgres {
+                // Several replicas may start at once; serialise their migrations.
+                sqlx::query("SELECT pg_advisory_xact_lock(727326)")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|source| StoreError::Migration { id: m.id, source })?;
+            }
+            let done: Option<(String,)> =
+                sqlx::query_as("SELECT id FROM schema_migrations WHERE id = $1")
+                    .bind(m.id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if done.is_some() {
+                continue;
+            }
+            for stmt in m.sql {
+                tx.execute(*stmt)
+                    .await
+                    .map_err(|source| StoreError::Migration { id: m.id, source })?;
+            }
+            sqlx::query("INSERT INTO schema_migrations (id, applied_at) VALUES ($1, $2)")
+                .bind(m.id)
+                .bind(now_rfc3339())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            tracing::debug!(migration = m.id, "applied migration");
+        }
+        Ok(())
+    }
+}
+
+/// Current UTC time as RFC 3339 with a `Z` suffix and up to nanosecond precision (Google's style).
+pub fn now_rfc3339() -> String {
+    format_rfc3339(time::OffsetDateTime::now_utc())
+}
+
+pub fn format_rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    const TEST_MIGRATIONS: &[Migration] = &[Migration {
+        id: "test_0001",
+        sql: &["CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, n BIGINT NOT NULL)"],
+    }];
+
+    pub(crate) async fn temp_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_sqlite(dir.path()).await.expect("open sqlite");
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn dollar_placeholders_and_migrations_on_sqlite() {
+        let (_d, store) = temp_store().await;
+        store.migrate(&[TEST_MIGRATIONS]).await.unwrap();
+        // Applying twice is a no-op.
+        store.migrate(&[TEST_MIGRATIONS]).await.unwrap();
+        sqlx::query("INSERT INTO t (k, n) VALUES ($1, $2)")
+            .bind("a")
+            .bind(5_i64)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO t (k, n) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING")
+            .bind("a")
+            .bind(7_i64)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let (n,): (i64,) = sqlx::query_as("SELECT n FROM t WHERE k = $1")
+            .bind("a")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(n, 5);
+        let (mode,): (String,) = sqlx::query_as("PRAGMA journal_mode")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(mode.to_lowercase(), "wal");
+    }
+
+    #[tokio::test]
+    async fn rejects_bad_schema_name() {
+        let e = Store::open_postgres("postgres://x@127.0.0.1/test", Some("a;drop"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::SchemaName(_)));
+    }
+}
