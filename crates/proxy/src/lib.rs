@@ -2,6 +2,7 @@
 //!
 //! (Module map is being built; see docs/architecture.md.)
 
+pub mod auth;
 pub mod error;
 
 pub mod cli {

@@ -1,0 +1,350 @@
+//! The process-wide key cache: fetching key sets (and OpenID discovery documents), caching them
+//! per URI, refreshing them in the background, and remembering failures briefly so that an
+//! unreachable provider costs its own requests one timeout, not every request a timeout.
+//!
+//! Nothing is fetched at startup: a provider's keys are fetched the first time one of its tokens
+//! is checked, so an unreachable JWKS only affects methods that accept that provider.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::cache::TokenCache;
+use super::keys::KeySet;
+
+/// Why keys could not be obtained; `Display` is ESP's message (without the
+/// `JWT validation failed: ` prefix).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    #[error("Unable to fetch verification key")]
+    Unreachable,
+    #[error("Unable to fetch verification key. HTTP response code: {0}")]
+    HttpStatus(u16),
+    #[error("Unable to fetch URI of the key via OpenID discovery")]
+    DiscoveryFetch,
+    #[error("Unable to parse URI of the key via OpenID discovery")]
+    DiscoveryParse,
+    #[error("Cannot determine the URI of the key")]
+    DiscoveryRemembered,
+}
+
+/// Tuning for the key cache.
+#[derive(Debug, Clone)]
+pub struct KeyCacheOptions {
+    /// How long fetched keys are fresh (`--jwks_cache_duration_in_s`, default 300 s).
+    pub ttl: Duration,
+    /// Per-fetch timeout (connect + response).
+    pub fetch_timeout: Duration,
+    /// How long a failed fetch is answered from memory before trying again.
+    pub failure_ttl: Duration,
+    /// Minimum spacing of refreshes forced by an unknown `kid`, per URI.
+    pub kid_refresh_interval: Duration,
+    /// Capacity of the verified-token cache.
+    pub token_cache_capacity: usize,
+}
+
+impl Default for KeyCacheOptions {
+    fn default() -> Self {
+        KeyCacheOptions {
+            ttl: Duration::from_secs(300),
+            fetch_timeout: Duration::from_secs(5),
+            failure_ttl: Duration::from_secs(5),
+            kid_refresh_interval: Duration::from_secs(30),
+            token_cache_capacity: 10_000,
+        }
+    }
+}
+
+#[derive(Default)]
+struct SlotState {
+    keys: Option<(Arc<KeySet>, Instant)>,
+    failure: Option<(FetchError, Instant)>,
+    refreshing: bool,
+}
+
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+    /// Serialises fetches of one URI so concurrent misses share one request.
+    fetch: tokio::sync::Mutex<()>,
+}
+
+enum Discovery {
+    Resolved(String, Instant),
+    Failed(Instant),
+}
+
+/// Shared by every `Authenticator` of the process, so config swaps keep warm caches.
+pub struct KeyCache {
+    client: reqwest::Client,
+    opts: KeyCacheOptions,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    discovery: Mutex<HashMap<String, Discovery>>,
+    discovery_fetch: tokio::sync::Mutex<()>,
+    fetches: AtomicU64,
+    pub(crate) tokens: TokenCache,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the maps inconsistent (every
+    // critical section is a single insert/read), so poisoning is not a reason to fail requests.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl KeyCache {
+    pub fn new(opts: KeyCacheOptions) -> Arc<KeyCache> {
+        let client = reqwest::Client::builder()
+            .timeout(opts.fetch_timeout)
+            .connect_timeout(opts.fetch_timeout)
+            .build()
+            // Building only fails when the TLS backend cannot initialise; fall back to the
+            // default client rather than panic.
+            .unwrap_or_default();
+        Arc::new(KeyCache {
+            client,
+            tokens: TokenCache::new(opts.token_cache_capacity),
+            opts,
+            slots: Mutex::new(HashMap::new()),
+            discovery: Mutex::new(HashMap::new()),
+            discovery_fetch: tokio::sync::Mutex::new(()),
+            fetches: AtomicU64::new(0),
+        })
+    }
+
+    pub fn options(&self) -> &KeyCacheOptions {
+        &self.opts
+    }
+
+    /// How many HTTP fetches (key sets and discovery documents) were made; for tests and metrics.
+    pub fn fetch_count(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    fn slot(&self, uri: &str) -> Arc<Slot> {
+        lock(&self.slots)
+            .entry(uri.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Keys for `uri`: fresh from the cache, stale while a background refresh runs, or fetched
+    /// now (bounded by the fetch timeout).
+    pub async fn keys(self: &Arc<Self>, uri: &str) -> Result<Arc<KeySet>, FetchError> {
+        let slot = self.slot(uri);
+        {
+            let mut st = lock(&slot.state);
+            if let Some((keys, at)) = &st.keys {
+                let age = at.elapsed();
+                if age < self.opts.ttl {
+                    return Ok(keys.clone());
+                }
+                // Stale: keep serving for one more period while a refresh runs in the
+                // background, so a slow JWKS never sits on the request path.
+                if age < self.opts.ttl * 2 {
+                    let keys = keys.clone();
+                    if !st.refreshing {
+                        st.refreshing = true;
+                        let this = self.clone();
+                        let uri = uri.to_string();
+                        let slot = slot.clone();
+                        tokio::spawn(async move {
+                            let _guard = slot.fetch.lock().await;
+                            this.fetch_into(&uri, &slot).await.ok();
+                            lock(&slot.state).refreshing = false;
+                        });
+                    }
+                    return Ok(keys);
+                }
+            }
+            if let Some((err, at)) = &st.failure {
+                if at.elapsed() < self.opts.failure_ttl {
+                    return Err(err.clone());
+                }
+            }
+        }
+        let _guard = slot.fetch.lock().await;
+        // Another request may have fetched while we waited for the lock.
+        {
+            let st = lock(&slot.state);
+            if let Some((keys, at)) = &st.keys {
+                if at.elapsed() < self.opts.ttl {
+                    return Ok(keys.clone());
+                }
+            }
+            if let Some((err, at)) = &st.failure {
+                if at.elapsed() < self.opts.failure_ttl {
+                    return Err(err.clone());
+                }
+            }
+        }
+        self.fetch_into(uri, &slot).await
+    }
+
+    /// Re-fetches `uri` because a token named a kid we do not have (keys rotate), unless the
+    /// last fetch is more recent than `kid_refresh_interval`. Returns the new set if fetched.
+    pub async fn refresh_for_unknown_kid(self: &Arc<Self>, uri: &str) -> Option<Arc<KeySet>> {
+        let slot = self.slot(uri);
+        let recent = |st: &SlotState| {
+            st.keys
+                .as_ref()
+                .is_some_and(|(_, at)| at.elapsed() < self.opts.kid_refresh_interval)
+        };
+        if recent(&lock(&slot.state)) {
+            return None;
+        }
+        let _guard = slot.fetch.lock().await;
+        if recent(&lock(&slot.state)) {
+            return lock(&slot.state).keys.as_ref().map(|(k, _)| k.clone());
+        }
+        self.fetch_into(uri, &slot).await.ok()
+    }
+
+    async fn fetch_into(&self, uri: &str, slot: &Slot) -> Result<Arc<KeySet>, FetchError> {
+        match self.get(uri).await {
+            Ok(body) => {
+                let keys = Arc::new(KeySet::parse(&body));
+                tracing::debug!(uri, keys = keys.keys.len(), "fetched verification keys");
+                let mut st = lock(&slot.state);
+                st.keys = Some((keys.clone(), Instant::now()));
+                st.failure = None;
+                Ok(keys)
+            }
+            Err(status) => {
+                let err = match status {
+                    Some(code) => FetchError::HttpStatus(code),
+                    None => FetchError::Unreachable,
+                };
+                tracing::warn!(uri, error = %err, "verification key fetch failed");
+                let mut st = lock(&slot.state);
+                st.failure = Some((err.clone(), Instant::now()));
+                // Keys past twice their TTL are no longer trusted once the source fails.
+                if st
+                    .keys
+                    .as_ref()
+                    .is_some_and(|(_, at)| at.elapsed() >= self.opts.ttl * 2)
+                {
+                    st.keys = None;
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// GET; `Err(Some(status))` for a non-success answer, `Err(None)` when unreachable.
+    async fn get(&self, uri: &str) -> Result<bytes::Bytes, Option<u16>> {
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let resp = self.client.get(uri).send().await.map_err(|e| {
+            tracing::debug!(uri, error = %e, "fetch failed");
+            None
+        })?;
+        let status = resp.status().as_u16();
+        if status >= 300 {
+            return Err(Some(status));
+        }
+        resp.bytes().await.map_err(|_| None)
+    }
+
+    /// The `jwks_uri` of an issuer by OpenID discovery. A failure is remembered for the key TTL
+    /// (ESP remembered it for the process lifetime), answered with `Cannot determine the URI`.
+    pub async fn discover(&self, issuer: &str) -> Result<String, FetchError> {
+        let check = |this: &Self| -> Option<Result<String, FetchError>> {
+            match lock(&this.discovery).get(issuer) {
+                Some(Discovery::Resolved(uri, at)) if at.elapsed() < this.opts.ttl => {
+                    Some(Ok(uri.clone()))
+                }
+                Some(Discovery::Failed(at)) if at.elapsed() < this.opts.ttl => {
+                    Some(Err(FetchError::DiscoveryRemembered))
+                }
+                _ => None,
+            }
+        };
+        if let Some(r) = check(self) {
+            return r;
+        }
+        let _guard = self.discovery_fetch.lock().await;
+        if let Some(r) = check(self) {
+            return r;
+        }
+        let url = discovery_url(issuer);
+        let result = match self.get(&url).await {
+            Err(_) => Err(FetchError::DiscoveryFetch),
+            Ok(body) => serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("jwks_uri")?.as_str().map(str::to_owned))
+                .filter(|u| !u.is_empty())
+                .ok_or(FetchError::DiscoveryParse),
+        };
+        let entry = match &result {
+            Ok(uri) => Discovery::Resolved(uri.clone(), Instant::now()),
+            Err(e) => {
+                tracing::warn!(issuer, error = %e, "OpenID discovery failed");
+                Discovery::Failed(Instant::now())
+            }
+        };
+        lock(&self.discovery).insert(issuer.to_string(), entry);
+        result
+    }
+}
+
+/// `<issuer, with https:// if it has no scheme, ending in />.well-known/openid-configuration`.
+pub fn discovery_url(issuer: &str) -> String {
+    let mut base = if issuer.starts_with("http://") || issuer.starts_with("https://") {
+        issuer.to_string()
+    } else {
+        format!("https://{issuer}")
+    };
+    if !base.ends_with('/') {
+        base.push('/');
+    }
+    base.push_str(".well-known/openid-configuration");
+    base
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discovery_url_adds_scheme_and_slash() {
+        assert_eq!(
+            discovery_url("accounts.example.com"),
+            "https://accounts.example.com/.well-known/openid-configuration"
+        );
+        assert_eq!(
+            discovery_url("http://127.0.0.1:9/x/"),
+            "http://127.0.0.1:9/x/.well-known/openid-configuration"
+        );
+    }
+
+    #[test]
+    fn fetch_error_messages_are_esps() {
+        assert_eq!(
+            FetchError::Unreachable.to_string(),
+            "Unable to fetch verification key"
+        );
+        assert_eq!(
+            FetchError::HttpStatus(404).to_string(),
+            "Unable to fetch verification key. HTTP response code: 404"
+        );
+    }
+
+    #[tokio::test]
+    async fn unreachable_uri_fails_fast_and_is_remembered() {
+        // A port nobody listens on: bind then drop.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cache = KeyCache::new(KeyCacheOptions::default());
+        let uri = format!("http://127.0.0.1:{port}/jwks");
+        assert_eq!(cache.keys(&uri).await.unwrap_err(), FetchError::Unreachable);
+        assert_eq!(cache.keys(&uri).await.unwrap_err(), FetchError::Unreachable);
+        assert_eq!(
+            cache.fetch_count(),
+            1,
+            "second failure answered from memory"
+        );
+    }
+}
