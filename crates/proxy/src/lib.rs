@@ -3,6 +3,8 @@
 //! (Module map is being built; see docs/architecture.md.)
 
 pub mod auth;
+pub mod config_source;
+pub mod control;
 pub mod error;
 
 pub mod cli {
