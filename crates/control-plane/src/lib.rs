@@ -14,9 +14,12 @@
 
 pub mod auth;
 pub mod cli;
+pub mod crypto;
 pub mod error;
+pub mod iam;
 pub mod operations;
 pub mod projects;
+pub mod resourcemanager;
 pub mod server;
 pub mod servicecontrol;
 pub mod servicemanagement;
