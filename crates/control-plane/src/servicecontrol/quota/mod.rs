@@ -1,0 +1,529 @@
+//! Quota allocation for `services/{svc}:allocateQuota`.
+//!
+//! The limits come from the active service config's `quota.limits` (unit `1/min/{project}`,
+//! `1/d/{project}`, ...; the amount in `values.STANDARD`); the costs come from the request's
+//! `quotaMetrics` (the proxy derives them from `quota.metricRules`). Each (service, limit,
+//! consumer, window) has one counter. Windows are fixed and aligned to the Unix epoch (a day is
+//! a UTC day; Google uses Pacific time for daily quota, which Portico does not imitate), and the
+//! window start comes from an injectable [`Clock`] so roll-over is testable.
+//!
+//! Modes follow Google's `QuotaMode`:
+//! - `NORMAL`: all counters of the request get their full cost, or none does.
+//! - `BEST_EFFORT` (what ESP sends): each counter gets as much of its cost as is still
+//!   available; a counter that could not get its full cost yields `RESOURCE_EXHAUSTED`, so the
+//!   proxy starts refusing, but what was available is consumed.
+//! - `CHECK_ONLY`: nothing is consumed; errors say whether the cost would fit.
+//!
+//! Counters live in one of the [`backends`](Counters): SQL (SQLite or PostgreSQL, through the
+//! shared [`Store`](crate::store::Store)) or Redis (`--redis-url`). Each backend applies a whole
+//! request atomically, so several control-plane replicas admit exactly `limit` units per window.
+
+pub mod redis_counters;
+pub mod sql;
+
+#[cfg(test)]
+mod backend_tests;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use portico_config::service::{QuotaLimit, Service};
+
+/// Milliseconds since the Unix epoch, from a replaceable source.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> i64;
+}
+
+/// The real clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+/// A clock tests move by hand.
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn new(ms: i64) -> Arc<ManualClock> {
+        Arc::new(ManualClock(AtomicI64::new(ms)))
+    }
+    pub fn set(&self, ms: i64) {
+        self.0.store(ms, Ordering::SeqCst);
+    }
+    pub fn advance(&self, ms: i64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+pub type SharedClock = Arc<dyn Clock>;
+
+/// `NORMAL`, `BEST_EFFORT` or `CHECK_ONLY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaMode {
+    Normal,
+    BestEffort,
+    CheckOnly,
+}
+
+impl QuotaMode {
+    /// An empty mode is `NORMAL`, Google's default (`UNSPECIFIED` behaves as `NORMAL` too).
+    pub fn parse(s: &str) -> Option<QuotaMode> {
+        match s {
+            "" | "NORMAL" | "UNSPECIFIED" => Some(QuotaMode::Normal),
+            "BEST_EFFORT" => Some(QuotaMode::BestEffort),
+            "CHECK_ONLY" => Some(QuotaMode::CheckOnly),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaMode::Normal => "NORMAL",
+            QuotaMode::BestEffort => "BEST_EFFORT",
+            QuotaMode::CheckOnly => "CHECK_ONLY",
+        }
+    }
+}
+
+/// A parsed limit unit: window length and whether the counter is per consumer project.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub len_ms: i64,
+    pub per_project: bool,
+}
+
+impl Window {
+    /// Start of the window containing `now_ms`.
+    pub fn start(&self, now_ms: i64) -> i64 {
+        now_ms.div_euclid(self.len_ms) * self.len_ms
+    }
+}
+
+/// Parses `1/min/{project}`-style units. Only rate limits are supported (a time unit is
+/// required); Endpoints configs only produce `/min` and `/d`, `/s` and `/h` are accepted too.
+pub fn parse_unit(unit: &str) -> Result<Window, String> {
+    let parts: Vec<&str> = unit.trim().split('/').collect();
+    let (num, rest) = match parts.split_first() {
+        Some((n, rest)) => (*n, rest),
+        None => return Err(format!("empty quota unit {unit:?}")),
+    };
+    if num != "1" {
+        return Err(format!(
+            "unsupported quota unit {unit:?}: expected it to start with \"1/\""
+        ));
+    }
+    let mut len_ms = None;
+    let mut per_project = false;
+    for p in rest {
+        match *p {
+            "s" => len_ms = Some(1_000),
+            "min" => len_ms = Some(60_000),
+            "h" => len_ms = Some(3_600_000),
+            "d" => len_ms = Some(86_400_000),
+            "{project}" => per_project = true,
+            other => {
+                return Err(format!(
+                    "unsupported quota unit {unit:?}: unknown component {other:?}"
+                ))
+            }
+        }
+    }
+    match len_ms {
+        Some(len_ms) => Ok(Window {
+            len_ms,
+            per_project,
+        }),
+        None => Err(format!(
+            "unsupported quota unit {unit:?}: only rate limits (1/s, 1/min, 1/h, 1/d) are supported"
+        )),
+    }
+}
+
+/// The amount a limit allows per window; `None` means unlimited (`-1`).
+pub fn limit_value(l: &QuotaLimit) -> Option<i64> {
+    let v = l.values.get("STANDARD").copied().unwrap_or(l.default_limit);
+    (v >= 0).then_some(v)
+}
+
+/// One counter touched by a request.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CounterSpec {
+    pub service: String,
+    pub limit_name: String,
+    /// `project_number:<n>`, or empty for a limit shared by all consumers.
+    pub consumer: String,
+    pub window_start_ms: i64,
+    pub window_len_ms: i64,
+    pub limit: i64,
+    pub cost: i64,
+    /// For the error text: the metric and limit display names.
+    pub metric: String,
+    pub metric_display: String,
+    pub limit_display: String,
+}
+
+impl CounterSpec {
+    /// A key that identifies the counter in Redis; the hash tag keeps one consumer's counters
+    /// of a service in one cluster slot so the script may touch them together.
+    pub fn redis_key(&self, prefix: &str) -> String {
+        format!(
+            "{prefix}quota:{{{}|{}}}:{}:{}",
+            self.service, self.consumer, self.limit_name, self.window_start_ms
+        )
+    }
+}
+
+/// The result for one counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// Units consumed by this request (0 in `CHECK_ONLY`).
+    pub granted: i64,
+    /// Whether the full cost fitted.
+    pub fits: bool,
+}
+
+/// Why a request's quota could not be planned.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PlanError {
+    #[error("quota metric {metric:?} has a negative cost ({cost})")]
+    NegativeCost { metric: String, cost: i64 },
+    #[error("quota metric {0:?} has no int64Value cost")]
+    MissingCost(String),
+    #[error("quota limit {limit:?} of service {service:?}: {reason}")]
+    BadLimit {
+        service: String,
+        limit: String,
+        reason: String,
+    },
+}
+
+/// Turns the request's metric costs into counters under `config`'s limits at time `now_ms`.
+///
+/// A metric with no limit in the config is not limited (Google ignores such metrics too). A
+/// limit whose unit Portico cannot interpret is an error rather than silently unlimited.
+pub fn plan(
+    config: &Service,
+    consumer: &str,
+    costs: &BTreeMap<String, i64>,
+    now_ms: i64,
+) -> Result<Vec<CounterSpec>, PlanError> {
+    let Some(quota) = &config.quota else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for (metric, &cost) in costs {
+        if cost < 0 {
+            return Err(PlanError::NegativeCost {
+                metric: metric.clone(),
+                cost,
+            });
+        }
+        if cost == 0 {
+            continue;
+        }
+        let metric_display = config
+            .metrics
+            .iter()
+            .find(|m| &m.name == metric)
+            .map(|m| m.display_name.as_str())
+            .filter(|d| !d.is_empty())
+            .unwrap_or(metric)
+            .to_string();
+        for l in quota.limits.iter().filter(|l| &l.metric == metric) {
+            let window = parse_unit(&l.unit).map_err(|reason| PlanError::BadLimit {
+                service: config.name.clone(),
+                limit: l.name.clone(),
+                reason,
+            })?;
+            let Some(limit) = limit_value(l) else {
+                continue;
+            };
+            out.push(CounterSpec {
+                service: config.name.clone(),
+                limit_name: l.name.clone(),
+                consumer: if window.per_project {
+                    consumer.to_string()
+                } else {
+                    String::new()
+                },
+                window_start_ms: window.start(now_ms),
+                window_len_ms: window.len_ms,
+                limit,
+                cost,
+                metric: metric.clone(),
+                metric_display: metric_display.clone(),
+                limit_display: if l.display_name.is_empty() {
+                    l.name.clone()
+                } else {
+                    l.display_name.clone()
+                },
+            });
+        }
+    }
+    // A fixed order means concurrent transactions lock rows in the same order (no deadlocks).
+    out.sort();
+    Ok(out)
+}
+
+/// Google's description for an exhausted limit (the proxy forwards it verbatim with 429).
+pub fn exhausted_description(c: &CounterSpec, consumer: &str) -> String {
+    format!(
+        "Quota exceeded for quota metric '{}' and limit '{}' of service '{}' for consumer '{}'.",
+        c.metric_display, c.limit_display, c.service, consumer
+    )
+}
+
+/// Decides grants from the counters' current usage; shared by backends that read then write
+/// under a lock (Redis's script does the same in Lua), and by the tests as the reference model.
+pub fn decide(mode: QuotaMode, specs: &[CounterSpec], used: &[i64]) -> Vec<Grant> {
+    let fits: Vec<bool> = specs
+        .iter()
+        .zip(used)
+        .map(|(s, u)| u.saturating_add(s.cost) <= s.limit)
+        .collect();
+    match mode {
+        QuotaMode::Normal => {
+            let all = fits.iter().all(|f| *f);
+            specs
+                .iter()
+                .zip(&fits)
+                .map(|(s, f)| Grant {
+                    granted: if all { s.cost } else { 0 },
+                    fits: *f,
+                })
+                .collect()
+        }
+        QuotaMode::BestEffort => specs
+            .iter()
+            .zip(used)
+            .zip(&fits)
+            .map(|((s, u), f)| Grant {
+                granted: s.cost.min((s.limit - u).max(0)),
+                fits: *f,
+            })
+            .collect(),
+        QuotaMode::CheckOnly => fits
+            .iter()
+            .map(|f| Grant {
+                granted: 0,
+                fits: *f,
+            })
+            .collect(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CounterError {
+    #[error("quota counters (database): {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("quota counters (redis): {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("quota counters: unexpected reply: {0}")]
+    Reply(String),
+}
+
+/// Where counters live.
+#[derive(Clone)]
+pub enum Counters {
+    Sql(sql::SqlCounters),
+    Redis(redis_counters::RedisCounters),
+}
+
+impl Counters {
+    /// Applies one request's counters atomically under `mode`.
+    pub async fn allocate(
+        &self,
+        mode: QuotaMode,
+        specs: &[CounterSpec],
+        now_ms: i64,
+    ) -> Result<Vec<Grant>, CounterError> {
+        if specs.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Counters::Sql(s) => s.allocate(mode, specs, now_ms).await,
+            Counters::Redis(r) => r.allocate(mode, specs, now_ms).await,
+        }
+    }
+
+    /// Drops counters of windows that ended before `now_ms` (Redis expires its own keys).
+    pub async fn prune(&self, now_ms: i64) -> Result<u64, CounterError> {
+        match self {
+            Counters::Sql(s) => s.prune(now_ms).await,
+            Counters::Redis(_) => Ok(0),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Counters::Sql(s) => s.kind(),
+            Counters::Redis(_) => "redis",
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use portico_config::service::Quota;
+
+    pub(crate) fn config_with_limits(limits: &[(&str, &str, &str, i64)]) -> Service {
+        Service {
+            name: "svc.example.com".into(),
+            quota: Some(Quota {
+                limits: limits
+                    .iter()
+                    .map(|(name, metric, unit, v)| QuotaLimit {
+                        name: name.to_string(),
+                        metric: metric.to_string(),
+                        unit: unit.to_string(),
+                        values: [("STANDARD".to_string(), *v)].into_iter().collect(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                metric_rules: vec![],
+            }),
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn costs(v: &[(&str, i64)]) -> BTreeMap<String, i64> {
+        v.iter().map(|(k, c)| (k.to_string(), *c)).collect()
+    }
+
+    #[test]
+    fn units() {
+        assert_eq!(
+            parse_unit("1/min/{project}"),
+            Ok(Window {
+                len_ms: 60_000,
+                per_project: true
+            })
+        );
+        assert_eq!(
+            parse_unit("1/d/{project}").map(|w| w.len_ms),
+            Ok(86_400_000)
+        );
+        assert_eq!(
+            parse_unit("1/min").map(|w| w.per_project),
+            Ok(false),
+            "a limit without {{project}} is shared"
+        );
+        assert!(parse_unit("1/{project}").is_err());
+        assert!(parse_unit("2/min/{project}").is_err());
+        assert!(parse_unit("1/fortnight/{project}").is_err());
+    }
+
+    #[test]
+    fn windows_align_to_epoch() {
+        let w = parse_unit("1/min/{project}").unwrap();
+        assert_eq!(w.start(119_999), 60_000);
+        assert_eq!(w.start(120_000), 120_000);
+        let d = parse_unit("1/d/{project}").unwrap();
+        assert_eq!(d.start(86_400_000 * 3 + 5), 86_400_000 * 3);
+    }
+
+    #[test]
+    fn plan_matches_limits_to_metrics() {
+        let cfg = config_with_limits(&[
+            ("read-per-min", "read-requests", "1/min/{project}", 10),
+            ("read-per-day", "read-requests", "1/d/{project}", 100),
+            ("write-per-min", "write-requests", "1/min/{project}", 5),
+            ("unlimited", "write-requests", "1/min/{project}", -1),
+        ]);
+        let specs = plan(
+            &cfg,
+            "project_number:7",
+            &costs(&[("read-requests", 2), ("other", 4)]),
+            61_000,
+        )
+        .unwrap();
+        assert_eq!(specs.len(), 2);
+        assert!(specs
+            .iter()
+            .all(|s| s.cost == 2 && s.metric == "read-requests"));
+        let min = specs
+            .iter()
+            .find(|s| s.limit_name == "read-per-min")
+            .unwrap();
+        assert_eq!((min.window_start_ms, min.limit), (60_000, 10));
+        let day = specs
+            .iter()
+            .find(|s| s.limit_name == "read-per-day")
+            .unwrap();
+        assert_eq!((day.window_start_ms, day.limit), (0, 100));
+
+        let specs = plan(
+            &cfg,
+            "project_number:7",
+            &costs(&[("write-requests", 1)]),
+            0,
+        )
+        .unwrap();
+        assert_eq!(specs.len(), 1, "-1 is unlimited");
+
+        assert!(matches!(
+            plan(&cfg, "p", &costs(&[("read-requests", -1)]), 0),
+            Err(PlanError::NegativeCost { .. })
+        ));
+        let bad = config_with_limits(&[("x", "m", "1/{project}", 1)]);
+        assert!(matches!(
+            plan(&bad, "p", &costs(&[("m", 1)]), 0),
+            Err(PlanError::BadLimit { .. })
+        ));
+    }
+
+    #[test]
+    fn decide_modes() {
+        let cfg = config_with_limits(&[
+            ("a", "m1", "1/min/{project}", 10),
+            ("b", "m2", "1/min/{project}", 10),
+        ]);
+        let specs = plan(&cfg, "c", &costs(&[("m1", 4), ("m2", 4)]), 0).unwrap();
+        // m2 has only 3 left.
+        let used = [0, 7];
+        let n = decide(QuotaMode::Normal, &specs, &used);
+        assert_eq!(n.iter().map(|g| g.granted).collect::<Vec<_>>(), vec![0, 0]);
+        assert_eq!(
+            n.iter().map(|g| g.fits).collect::<Vec<_>>(),
+            vec![true, false]
+        );
+        let b = decide(QuotaMode::BestEffort, &specs, &used);
+        assert_eq!(b.iter().map(|g| g.granted).collect::<Vec<_>>(), vec![4, 3]);
+        let c = decide(QuotaMode::CheckOnly, &specs, &used);
+        assert_eq!(c.iter().map(|g| g.granted).collect::<Vec<_>>(), vec![0, 0]);
+        let ok = decide(QuotaMode::Normal, &specs, &[0, 6]);
+        assert_eq!(ok.iter().map(|g| g.granted).collect::<Vec<_>>(), vec![4, 4]);
+    }
+
+    #[test]
+    fn description_text() {
+        let cfg = config_with_limits(&[("read-limit", "read-requests", "1/min/{project}", 1)]);
+        let specs = plan(
+            &cfg,
+            "project_number:42",
+            &costs(&[("read-requests", 1)]),
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            exhausted_description(&specs[0], "project_number:42"),
+            "Quota exceeded for quota metric 'read-requests' and limit 'read-limit' of service \
+             'svc.example.com' for consumer 'project_number:42'."
+        );
+    }
+}

@@ -1,0 +1,592 @@
+//! `:report` ingestion: operations → per-minute rollups and stored log entries.
+//!
+//! [`extract`] is pure: it turns one reported operation into rollup deltas and log rows. The
+//! store half writes a whole `ReportRequest` in one transaction, after recording each
+//! `operationId` in `sc_report_ops`; an operation whose id is already there is a replay (the
+//! proxy retries reports) and is skipped, so nothing is double-counted. The transaction commits
+//! before the handler answers 200, so accepted data survives a restart.
+//!
+//! What is counted: `producer/request_count` (or `consumer/request_count` when the producer
+//! metric is absent), `producer/error_count`, `producer/total_latencies` and the request/response
+//! size distributions. ESP's extra by-consumer operation carries only `producer/by_consumer/*`
+//! metrics and is therefore not counted twice.
+//!
+//! Latencies are folded into a fixed millisecond histogram ([`LATENCY_BOUNDS_MS`]): each bucket
+//! of the incoming distribution contributes its count at the bucket's midpoint, which is exact
+//! for counts and sums and approximate (within one bucket) for percentiles.
+
+use std::collections::BTreeMap;
+
+use portico_servicecontrol::{labels, metrics, Distribution, LogEntry, MetricValue, Operation};
+use serde_json::Value;
+
+use crate::store::Store;
+
+/// Upper bounds (inclusive, milliseconds) of the stored latency histogram; one overflow bucket
+/// follows.
+pub const LATENCY_BOUNDS_MS: [f64; 13] = [
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
+pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_MS.len() + 1;
+
+/// One rollup row's increment.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RollupDelta {
+    pub minute_ms: i64,
+    pub method: String,
+    pub consumer: String,
+    pub code_class: String,
+    pub requests: i64,
+    pub errors: i64,
+    pub latency_sum_us: i64,
+    pub latency_buckets: [i64; LATENCY_BUCKETS],
+    pub request_bytes: i64,
+    pub response_bytes: i64,
+}
+
+impl RollupDelta {
+    fn key(&self) -> (i64, &str, &str, &str) {
+        (
+            self.minute_ms,
+            &self.method,
+            &self.consumer,
+            &self.code_class,
+        )
+    }
+
+    fn add(&mut self, o: &RollupDelta) {
+        self.requests += o.requests;
+        self.errors += o.errors;
+        self.latency_sum_us += o.latency_sum_us;
+        for (a, b) in self
+            .latency_buckets
+            .iter_mut()
+            .zip(o.latency_buckets.iter())
+        {
+            *a += *b;
+        }
+        self.request_bytes += o.request_bytes;
+        self.response_bytes += o.response_bytes;
+    }
+}
+
+/// One stored log entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRow {
+    pub ts_ms: i64,
+    pub method: String,
+    pub consumer: String,
+    pub status_code: i64,
+    pub code_class: String,
+    pub severity: String,
+    pub operation_id: String,
+    /// The entry as JSON, with API key material redacted.
+    pub entry: Value,
+}
+
+/// Parses RFC 3339 into Unix milliseconds.
+pub fn parse_time_ms(s: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+/// Formats Unix milliseconds as RFC 3339 UTC.
+pub fn format_time_ms(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    crate::store::format_rfc3339(t)
+}
+
+/// `2xx`-style class of an HTTP status.
+pub fn code_class_of(code: i64) -> String {
+    if (100..600).contains(&code) {
+        format!("{}xx", code / 100)
+    } else {
+        "unknown".to_string()
+    }
+}
+
+fn label<'a>(
+    value: &'a BTreeMap<String, String>,
+    op: &'a BTreeMap<String, String>,
+    key: &str,
+) -> Option<&'a str> {
+    value
+        .get(key)
+        .or_else(|| op.get(key))
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+fn class_from_labels(value: &BTreeMap<String, String>, op: &BTreeMap<String, String>) -> String {
+    if let Some(c) = label(value, op, labels::RESPONSE_CODE_CLASS) {
+        return c.to_string();
+    }
+    label(value, op, labels::RESPONSE_CODE)
+        .and_then(|c| c.parse::<i64>().ok())
+        .map(code_class_of)
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// The method an operation is about: the `api_method` label, else the operation name.
+pub fn method_of(op: &Operation) -> String {
+    op.labels
+        .get(labels::API_METHOD)
+        .filter(|m| !m.is_empty())
+        .cloned()
+        .unwrap_or_else(|| op.operation_name.clone())
+}
+
+/// Bucket index in the stored histogram for a latency in milliseconds.
+pub fn latency_bucket(ms: f64) -> usize {
+    LATENCY_BOUNDS_MS
+        .iter()
+        .position(|b| ms <= *b)
+        .unwrap_or(LATENCY_BOUNDS_MS.len())
+}
+
+/// Representative value (in the distribution's unit) of each bucket of `d`, underflow first.
+fn bucket_midpoints(d: &Distribution) -> Option<Vec<f64>> {
+    let bounds: Vec<f64> = if let Some(e) = &d.exponential_buckets {
+        let n = usize::try_from(e.num_finite_buckets).ok()?;
+        (0..=n)
+            .map(|i| e.scale * e.growth_factor.powi(i as i32))
+            .collect()
+    } else if let Some(l) = &d.linear_buckets {
+        let n = usize::try_from(l.num_finite_buckets).ok()?;
+        (0..=n).map(|i| l.offset + l.width * i as f64).collect()
+    } else if let Some(x) = &d.explicit_buckets {
+        x.bounds.clone()
+    } else {
+        return None;
+    };
+    if bounds.is_empty() {
+        return None;
+    }
+    // bounds[0] is the underflow's upper edge, bounds[last] the overflow's lower edge.
+    let mut mids = Vec::with_capacity(bounds.len() + 1);
+    mids.push(bounds[0] / 2.0);
+    for w in bounds.windows(2) {
+        mids.push((w[0] + w[1]) / 2.0);
+    }
+    mids.push(bounds[bounds.len() - 1]);
+    Some(mids)
+}
+
+/// Folds a latency distribution (seconds) into the stored histogram and sum.
+fn fold_latency(d: &Distribution, buckets: &mut [i64; LATENCY_BUCKETS], sum_us: &mut i64) {
+    if d.count <= 0 {
+        return;
+    }
+    *sum_us += (d.mean * d.count as f64 * 1e6).round() as i64;
+    let placed = match bucket_midpoints(d) {
+        Some(mids) if d.bucket_counts.len() == mids.len() => {
+            for (c, mid) in d.bucket_counts.iter().zip(mids) {
+                if *c > 0 {
+                    buckets[latency_bucket(mid * 1000.0)] += *c;
+                }
+            }
+            true
+        }
+        _ => false,
+    };
+    if !placed {
+        // No usable buckets: the mean is the best single estimate.
+        buckets[latency_bucket(d.mean * 1000.0)] += d.count;
+    }
+}
+
+/// The rollup row (by response-code class) a metric value belongs to.
+fn slot_of<'a>(
+    m: &'a mut BTreeMap<String, RollupDelta>,
+    proto: &RollupDelta,
+    v: &MetricValue,
+    op_labels: &BTreeMap<String, String>,
+) -> &'a mut RollupDelta {
+    let class = class_from_labels(&v.labels, op_labels);
+    m.entry(class.clone()).or_insert_with(|| RollupDelta {
+        code_class: class,
+        ..proto.clone()
+    })
+}
+
+fn int_value(v: &MetricValue) -> i64 {
+    v.int64_value
+        .or_else(|| v.distribution_value.as_ref().map(|d| d.count))
+        .unwrap_or(0)
+}
+
+fn distribution_sum(v: &MetricValue) -> i64 {
+    v.distribution_value
+        .as_ref()
+        .map(|d| (d.mean * d.count as f64).round() as i64)
+        .or(v.int64_value)
+        .unwrap_or(0)
+}
+
+/// Rollup deltas and log rows for one operation. `consumer` is already resolved (API key
+/// strings never reach storage); `now_ms` is used when the operation carries no usable time.
+pub fn extract(op: &Operation, consumer: &str, now_ms: i64) -> (Vec<RollupDelta>, Vec<LogRow>) {
+    let method = method_of(op);
+    let op_time = parse_time_ms(&op.end_time)
+        .or_else(|| parse_time_ms(&op.start_time))
+        .unwrap_or(now_ms);
+    let minute = op_time.div_euclid(60_000) * 60_000;
+    let proto = RollupDelta {
+        minute_ms: minute,
+        method: method.clone(),
+        consumer: consumer.to_string(),
+        ..Default::default()
+    };
+
+    let find = |name: &str| op.metric_value_sets.iter().find(|s| s.metric_name == name);
+    let mut by_class: BTreeMap<String, RollupDelta> = BTreeMap::new();
+    let request_set =
+        find(metrics::PRODUCER_REQUEST_COUNT).or_else(|| find(metrics::CONSUMER_REQUEST_COUNT));
+    if let Some(set) = request_set {
+        for v in &set.metric_values {
+            slot_of(&mut by_class, &proto, v, &op.labels).requests += int_value(v);
+        }
+        match find(metrics::PRODUCER_ERROR_COUNT) {
+            Some(errs) => {
+                for v in &errs.metric_values {
+                    slot_of(&mut by_class, &proto, v, &op.labels).errors += int_value(v);
+                }
+            }
+            None => {
+                for d in by_class.values_mut() {
+                    if d.code_class.starts_with('4') || d.code_class.starts_with('5') {
+                        d.errors = d.requests;
+                    }
+                }
+            }
+        }
+        if let Some(lat) = find(metrics::PRODUCER_TOTAL_LATENCIES) {
+            for v in &lat.metric_values {
+                if let Some(d) = &v.distribution_value {
+                    let e = slot_of(&mut by_class, &proto, v, &op.labels);
+                    fold_latency(d, &mut e.latency_buckets, &mut e.latency_sum_us);
+                }
+            }
+        }
+        if let Some(sz) = find(metrics::PRODUCER_REQUEST_SIZES) {
+            for v in &sz.metric_values {
+                slot_of(&mut by_class, &proto, v, &op.labels).request_bytes += distribution_sum(v);
+            }
+        }
+        if let Some(sz) = find(metrics::PRODUCER_RESPONSE_SIZES) {
+            for v in &sz.metric_values {
+                slot_of(&mut by_class, &proto, v, &op.labels).response_bytes += distribution_sum(v);
+            }
+        }
+    }
+    let deltas: Vec<RollupDelta> = by_class.into_values().collect();
+
+    let logs = op
+        .log_entries
+        .iter()
+        .map(|e| log_row(op, e, &method, consumer, op_time))
+        .collect();
+    (deltas, logs)
+}
+
+fn log_row(op: &Operation, e: &LogEntry, method: &str, consumer: &str, op_time: i64) -> LogRow {
+    let payload = e.struct_payload.as_ref();
+    let ts_ms = parse_time_ms(&e.timestamp)
+        .or_else(|| {
+            payload
+                .and_then(|p| p.get("timestamp"))
+                .and_then(Value::as_f64)
+                .map(|s| (s * 1000.0) as i64)
+        })
+        .unwrap_or(op_time);
+    let status_code = payload
+        .and_then(|p| p.get("http_response_code"))
+        .and_then(|v| {
+            v.as_i64()
+                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        })
+        .or_else(|| {
+            op.labels
+                .get(labels::RESPONSE_CODE)
+                .and_then(|c| c.parse().ok())
+        })
+        .unwrap_or(0);
+    let method = payload
+        .and_then(|p| p.get("api_method"))
+        .and_then(Value::as_str)
+        .filter(|m| !m.is_empty())
+        .unwrap_or(method)
+        .to_string();
+    let severity = if e.severity.is_empty() {
+        if status_code >= 400 { "ERROR" } else { "INFO" }.to_string()
+    } else {
+        e.severity.clone()
+    };
+    let mut redacted = e.clone();
+    if let Some(p) = redacted.struct_payload.as_mut() {
+        redact_payload(p);
+    }
+    if let Some(t) = redacted.text_payload.as_mut() {
+        *t = redact_url(t);
+    }
+    let entry = serde_json::to_value(&redacted).unwrap_or(Value::Null);
+    LogRow {
+        ts_ms,
+        method,
+        consumer: consumer.to_string(),
+        status_code,
+        code_class: if status_code > 0 {
+            code_class_of(status_code)
+        } else {
+            "unknown".to_string()
+        },
+        severity,
+        operation_id: op.operation_id.clone(),
+        entry,
+    }
+}
+
+/// API key strings are credentials: the proxy puts them in `api_key` and in the `url` query, so
+/// both are masked before storage (the last four characters stay, enough to tell keys apart).
+fn redact_payload(p: &mut serde_json::Map<String, Value>) {
+    if let Some(Value::String(k)) = p.get_mut("api_key") {
+        *k = mask_key(k);
+    }
+    if let Some(Value::String(u)) = p.get_mut("url") {
+        *u = redact_url(u);
+    }
+}
+
+pub fn mask_key(k: &str) -> String {
+    if k.is_empty() {
+        return String::new();
+    }
+    let tail: String = k
+        .chars()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    if k.chars().count() <= 8 {
+        "…".to_string()
+    } else {
+        format!("…{tail}")
+    }
+}
+
+/// Masks the values of `key` / `api_key` query parameters in a URL or request line.
+pub fn redact_url(u: &str) -> String {
+    let Some((head, query)) = u.split_once('?') else {
+        return u.to_string();
+    };
+    let (query, frag) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if k == "key" || k == "api_key" => format!("{k}={}", mask_key(v)),
+            _ => kv.to_string(),
+        })
+        .collect();
+    let mut out = format!("{head}?{}", parts.join("&"));
+    if let Some(f) = frag {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
+}
+
+/// Merges deltas with equal keys (a batch often repeats a method/consumer/class).
+pub fn merge_deltas(deltas: Vec<RollupDelta>) -> Vec<RollupDelta> {
+    let mut out: Vec<RollupDelta> = Vec::new();
+    for d in deltas {
+        match out.iter_mut().find(|o| o.key() == d.key()) {
+            Some(o) => o.add(&d),
+            None => out.push(d),
+        }
+    }
+    out
+}
+
+const INSERT_OP: &str = "INSERT INTO sc_report_ops (service, operation_id, seen_at) \
+     VALUES ($1, $2, $3) ON CONFLICT (service, operation_id) DO NOTHING";
+
+const UPSERT_ROLLUP: &str = "INSERT INTO sc_rollups (service, minute, method, consumer, \
+     code_class, requests, errors, latency_sum_us, request_bytes, response_bytes, \
+     lat_b0, lat_b1, lat_b2, lat_b3, lat_b4, lat_b5, lat_b6, lat_b7, lat_b8, lat_b9, lat_b10, \
+     lat_b11, lat_b12, lat_b13) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+     $19, $20, $21, $22, $23, $24) \
+     ON CONFLICT (service, minute, method, consumer, code_class) DO UPDATE SET \
+     requests = sc_rollups.requests + excluded.requests, \
+     errors = sc_rollups.errors + excluded.errors, \
+     latency_sum_us = sc_rollups.latency_sum_us + excluded.latency_sum_us, \
+     request_bytes = sc_rollups.request_bytes + excluded.request_bytes, \
+     response_bytes = sc_rollups.response_bytes + excluded.response_bytes, \
+     lat_b0 = sc_rollups.lat_b0 + excluded.lat_b0, lat_b1 = sc_rollups.lat_b1 + excluded.lat_b1, \
+     lat_b2 = sc_rollups.lat_b2 + excluded.lat_b2, lat_b3 = sc_rollups.lat_b3 + excluded.lat_b3, \
+     lat_b4 = sc_rollups.lat_b4 + excluded.lat_b4, lat_b5 = sc_rollups.lat_b5 + excluded.lat_b5, \
+     lat_b6 = sc_rollups.lat_b6 + excluded.lat_b6, lat_b7 = sc_rollups.lat_b7 + excluded.lat_b7, \
+     lat_b8 = sc_rollups.lat_b8 + excluded.lat_b8, lat_b9 = sc_rollups.lat_b9 + excluded.lat_b9, \
+     lat_b10 = sc_rollups.lat_b10 + excluded.lat_b10, \
+     lat_b11 = sc_rollups.lat_b11 + excluded.lat_b11, \
+     lat_b12 = sc_rollups.lat_b12 + excluded.lat_b12, \
+     lat_b13 = sc_rollups.lat_b13 + excluded.lat_b13";
+
+const INSERT_LOG: &str = "INSERT INTO sc_logs (id, service, ts_ms, method, consumer, \
+     status_code, code_class, severity, operation_id, entry) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+
+/// One operation ready to be written.
+pub struct PreparedOp {
+    pub operation_id: String,
+    pub deltas: Vec<RollupDelta>,
+    pub logs: Vec<LogRow>,
+}
+
+/// What [`write`] did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct WriteOutcome {
+    /// Operations applied (not replays).
+    pub applied: usize,
+    pub replayed: usize,
+    /// Deltas that were applied, for the in-memory Prometheus counters.
+    pub deltas: Vec<RollupDelta>,
+}
+
+/// Writes a batch in one transaction. Every statement is a write, so on SQLite the transaction
+/// takes the write lock at its first statement and never has to upgrade.
+pub async fn write(
+    store: &Store,
+    service: &str,
+    ops: Vec<PreparedOp>,
+    now_ms: i64,
+) -> Result<WriteOutcome, sqlx::Error> {
+    let mut out = WriteOutcome::default();
+    if ops.is_empty() {
+        return Ok(out);
+    }
+    let mut tx = store.pool().begin().await?;
+    let mut applied_deltas = Vec::new();
+    for op in ops {
+        let r = sqlx::query(INSERT_OP)
+            .bind(service)
+            .bind(&op.operation_id)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        if r.rows_affected() == 0 {
+            out.replayed += 1;
+            continue;
+        }
+        out.applied += 1;
+        applied_deltas.extend(op.deltas);
+        for l in op.logs {
+            sqlx::query(INSERT_LOG)
+                .bind(uuid::Uuid::new_v4().to_string())
+                .bind(service)
+                .bind(l.ts_ms)
+                .bind(&l.method)
+                .bind(&l.consumer)
+                .bind(l.status_code)
+                .bind(&l.code_class)
+                .bind(&l.severity)
+                .bind(&l.operation_id)
+                .bind(l.entry.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    let merged = merge_deltas(applied_deltas);
+    for d in &merged {
+        let mut q = sqlx::query(UPSERT_ROLLUP)
+            .bind(service)
+            .bind(d.minute_ms)
+            .bind(&d.method)
+            .bind(&d.consumer)
+            .bind(&d.code_class)
+            .bind(d.requests)
+            .bind(d.errors)
+            .bind(d.latency_sum_us)
+            .bind(d.request_bytes)
+            .bind(d.response_bytes);
+        for b in d.latency_buckets {
+            q = q.bind(b);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    out.deltas = merged;
+    Ok(out)
+}
+
+/// Retention bounds for stored logs and replay ids.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Logs older than this are deleted.
+    pub log_max_age_ms: i64,
+    /// At most this many log entries are kept per service (newest first).
+    pub log_max_per_service: i64,
+    /// How long an operation id is remembered for replay detection.
+    pub op_id_max_age_ms: i64,
+    /// Rollups older than this are deleted.
+    pub rollup_max_age_ms: i64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            log_max_age_ms: 72 * 3_600_000,
+            log_max_per_service: 10_000,
+            op_id_max_age_ms: 24 * 3_600_000,
+            rollup_max_age_ms: 30 * 24 * 3_600_000,
+        }
+    }
+}
+
+/// Applies [`Retention`]; returns the number of log rows deleted.
+pub async fn prune(store: &Store, r: &Retention, now_ms: i64) -> Result<u64, sqlx::Error> {
+    let mut deleted = sqlx::query("DELETE FROM sc_logs WHERE ts_ms < $1")
+        .bind(now_ms - r.log_max_age_ms)
+        .execute(store.pool())
+        .await?
+        .rows_affected();
+    let services: Vec<(String,)> =
+        sqlx::query_as("SELECT service FROM sc_logs GROUP BY service HAVING COUNT(*) > $1")
+            .bind(r.log_max_per_service)
+            .fetch_all(store.pool())
+            .await?;
+    for (svc,) in services {
+        // The cut-off is the timestamp of the newest entry that falls outside the bound.
+        let cutoff: Option<(i64,)> = sqlx::query_as(
+            "SELECT ts_ms FROM sc_logs WHERE service = $1 ORDER BY ts_ms DESC, id DESC \
+             LIMIT 1 OFFSET $2",
+        )
+        .bind(&svc)
+        .bind(r.log_max_per_service)
+        .fetch_optional(store.pool())
+        .await?;
+        if let Some((ts,)) = cutoff {
+            deleted += sqlx::query("DELETE FROM sc_logs WHERE service = $1 AND ts_ms <= $2")
+                .bind(&svc)
+                .bind(ts)
+                .execute(store.pool())
+                .await?
+                .rows_affected();
+        }
+    }
+    sqlx::query("DELETE FROM sc_report_ops WHERE seen_at < $1")
+        .bind(now_ms - r.op_id_max_age_ms)
+        .execute(store.pool())
+        .await?;
+    sqlx::query("DELETE FROM sc_rollups WHERE minute < $1")
+        .bind(now_ms - r.rollup_max_age_ms)
+        .execute(store.pool())
+        .await?;
+    Ok(deleted)
+}
