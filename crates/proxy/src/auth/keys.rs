@@ -100,27 +100,27 @@ impl KeySet {
         let usable = |k: &&VerifyKey| k.kind.accepts(alg) && k.alg.is_none_or(|a| a == alg);
         match kid {
             Some(kid) => {
-                let named: Vec<&VerifyKey> = self
-                    .keys
-                    .iter()
-                    .filter(|k| k.kid.as_deref() == Some(kid))
-                    .filter(usable)
-                    .collect();
-                if !named.is_empty() {
-                    return KeyMatch::Found(named);
+                // Keys named by the kid, else keys without any kid (a bare secret or PEM applies
+                // to every kid). Filtering by algorithm comes after choosing the group, so a
+                // token whose algorithm does not fit its key fails verification, not the lookup.
+                let named = self.keys.iter().any(|k| k.kid.as_deref() == Some(kid));
+                let anonymous = self.keys.iter().any(|k| k.kid.is_none());
+                if !named && !anonymous {
+                    return KeyMatch::KidNotFound;
                 }
-                // Keys without a kid (a bare secret or PEM) still apply to any kid.
-                let anonymous: Vec<&VerifyKey> = self
-                    .keys
-                    .iter()
-                    .filter(|k| k.kid.is_none())
-                    .filter(usable)
-                    .collect();
-                if anonymous.is_empty() {
-                    KeyMatch::KidNotFound
-                } else {
-                    KeyMatch::Found(anonymous)
-                }
+                KeyMatch::Found(
+                    self.keys
+                        .iter()
+                        .filter(|k| {
+                            if named {
+                                k.kid.as_deref() == Some(kid)
+                            } else {
+                                k.kid.is_none()
+                            }
+                        })
+                        .filter(usable)
+                        .collect(),
+                )
             }
             None => KeyMatch::Found(self.keys.iter().filter(usable).collect()),
         }

@@ -169,6 +169,9 @@ impl Provider {
     }
 }
 
+/// A provider, its own audiences and its custom token locations (`None`: ESP's defaults).
+type ProviderEntry = (Arc<Provider>, Vec<String>, Option<Vec<Location>>);
+
 #[derive(Debug, Clone)]
 struct Requirement {
     provider: Arc<Provider>,
@@ -206,28 +209,28 @@ impl Authenticator {
     pub fn new(service: &Service, options: &AuthOptions, keys: Arc<KeyCache>) -> Self {
         let mut methods = HashMap::new();
         if let Some(auth) = &service.authentication {
-            let providers: HashMap<&str, (Arc<Provider>, Vec<String>, Option<Vec<Location>>)> =
-                auth.providers
-                    .iter()
-                    .map(|p| {
-                        let provider = Arc::new(Provider {
-                            issuer: p.issuer.clone(),
-                            issuer_norm: normalize(&p.issuer).to_string(),
-                            jwks_uri: p.jwks_uri.clone(),
-                            authorization_url: p.authorization_url.clone(),
-                        });
-                        let custom = (!p.jwt_locations.is_empty()).then(|| {
-                            p.jwt_locations
-                                .iter()
-                                .filter_map(Location::from_config)
-                                .collect()
-                        });
-                        (
-                            p.id.as_str(),
-                            (provider, split_audiences(&p.audiences), custom),
-                        )
-                    })
-                    .collect();
+            let providers: HashMap<&str, ProviderEntry> = auth
+                .providers
+                .iter()
+                .map(|p| {
+                    let provider = Arc::new(Provider {
+                        issuer: p.issuer.clone(),
+                        issuer_norm: normalize(&p.issuer).to_string(),
+                        jwks_uri: p.jwks_uri.clone(),
+                        authorization_url: p.authorization_url.clone(),
+                    });
+                    let custom = (!p.jwt_locations.is_empty()).then(|| {
+                        p.jwt_locations
+                            .iter()
+                            .filter_map(Location::from_config)
+                            .collect()
+                    });
+                    (
+                        p.id.as_str(),
+                        (provider, split_audiences(&p.audiences), custom),
+                    )
+                })
+                .collect();
             for rule in &auth.rules {
                 let mut requirements = Vec::new();
                 let mut locations = Locations::default();
