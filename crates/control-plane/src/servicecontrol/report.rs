@@ -590,3 +590,238 @@ pub async fn prune(store: &Store, r: &Retention, now_ms: i64) -> Result<u64, sql
         .await?;
     Ok(deleted)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::servicecontrol::testutil;
+    use portico_servicecontrol::{ExponentialBuckets, MetricValueSet};
+
+    /// An operation shaped like ESP's: producer + consumer metrics, labels, one log entry.
+    pub(crate) fn esp_operation(id: &str, code: i64, latency_s: f64) -> Operation {
+        let class = code_class_of(code);
+        let op_labels: BTreeMap<String, String> = [
+            (labels::API_METHOD, "1.echo_api.Echo"),
+            (labels::RESPONSE_CODE, &code.to_string()),
+            (labels::RESPONSE_CODE_CLASS, &class),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        // ESP's time distribution: 29 exponential buckets, growth 2, scale 1e-6 s.
+        let mut buckets = vec![0i64; 31];
+        let idx = (1..=29)
+            .find(|i| latency_s < 1e-6 * 2f64.powi(*i))
+            .unwrap_or(30) as usize;
+        buckets[idx] = 1;
+        let count = |name: &str, v: i64| MetricValueSet {
+            metric_name: name.to_string(),
+            metric_values: vec![MetricValue {
+                int64_value: Some(v),
+                ..Default::default()
+            }],
+        };
+        Operation {
+            operation_id: id.to_string(),
+            operation_name: "1.echo_api.Echo".into(),
+            consumer_id: "api_key:AIzaSECRETSECRETSECRET1234".into(),
+            start_time: "2026-11-23T10:15:30.5Z".into(),
+            end_time: "2026-11-23T10:15:30.6Z".into(),
+            labels: op_labels,
+            metric_value_sets: vec![
+                count(metrics::PRODUCER_REQUEST_COUNT, 1),
+                count(metrics::CONSUMER_REQUEST_COUNT, 1),
+                count(
+                    metrics::PRODUCER_ERROR_COUNT,
+                    if code >= 400 { 1 } else { 0 },
+                ),
+                MetricValueSet {
+                    metric_name: metrics::PRODUCER_TOTAL_LATENCIES.into(),
+                    metric_values: vec![MetricValue {
+                        distribution_value: Some(Distribution {
+                            count: 1,
+                            mean: latency_s,
+                            minimum: latency_s,
+                            maximum: latency_s,
+                            bucket_counts: buckets,
+                            exponential_buckets: Some(ExponentialBuckets {
+                                num_finite_buckets: 29,
+                                growth_factor: 2.0,
+                                scale: 1e-6,
+                            }),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }],
+                },
+            ],
+            log_entries: vec![LogEntry {
+                name: "endpoints_log".into(),
+                timestamp: "2026-11-23T10:15:30.6Z".into(),
+                severity: if code >= 400 { "ERROR" } else { "INFO" }.into(),
+                struct_payload: Some(
+                    serde_json::json!({
+                        "api_key": "AIzaSECRETSECRETSECRET1234",
+                        "url": "/echo?key=AIzaSECRETSECRETSECRET1234&x=1",
+                        "http_response_code": code,
+                        "api_method": "1.echo_api.Echo",
+                        "log_message": "Method: 1.echo_api.Echo",
+                    })
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+                ),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn extracts_counts_classes_latency_and_redacted_logs() {
+        let op = esp_operation("op-1", 503, 0.030);
+        let (deltas, logs) = extract(&op, "project_number:5", 0);
+        assert_eq!(deltas.len(), 1);
+        let d = &deltas[0];
+        assert_eq!(d.method, "1.echo_api.Echo");
+        assert_eq!(d.code_class, "5xx");
+        assert_eq!((d.requests, d.errors), (1, 1));
+        assert_eq!(d.minute_ms, parse_time_ms("2026-11-23T10:15:00Z").unwrap());
+        assert_eq!(d.latency_sum_us, 30_000);
+        // 30 ms lies in ESP's bucket [16.4 ms, 32.8 ms); its midpoint 24.6 ms is in (10, 25].
+        assert_eq!(d.latency_buckets[latency_bucket(24.6)], 1);
+        assert_eq!(d.latency_buckets.iter().sum::<i64>(), 1);
+
+        assert_eq!(logs.len(), 1);
+        let l = &logs[0];
+        assert_eq!((l.status_code, l.code_class.as_str()), (503, "5xx"));
+        assert_eq!(l.severity, "ERROR");
+        let text = l.entry.to_string();
+        assert!(!text.contains("SECRETSECRET"), "key leaked: {text}");
+        assert_eq!(l.entry["structPayload"]["api_key"], "…1234");
+        assert_eq!(l.entry["structPayload"]["url"], "/echo?key=…1234&x=1");
+    }
+
+    #[test]
+    fn error_count_derived_when_metric_missing_and_by_consumer_op_ignored() {
+        let mut op = esp_operation("op-2", 404, 0.001);
+        op.metric_value_sets
+            .retain(|s| s.metric_name != metrics::PRODUCER_ERROR_COUNT);
+        let (d, _) = extract(&op, "", 0);
+        assert_eq!(
+            (d[0].requests, d[0].errors, d[0].code_class.as_str()),
+            (1, 1, "4xx")
+        );
+
+        let by_consumer = Operation {
+            operation_id: "op-21".into(),
+            metric_value_sets: vec![MetricValueSet {
+                metric_name: "serviceruntime.googleapis.com/api/producer/by_consumer/request_count"
+                    .into(),
+                metric_values: vec![MetricValue {
+                    int64_value: Some(1),
+                    ..Default::default()
+                }],
+            }],
+            ..Default::default()
+        };
+        assert!(extract(&by_consumer, "", 0).0.is_empty());
+    }
+
+    #[test]
+    fn url_redaction() {
+        assert_eq!(redact_url("/a?api_key=abcdefghijk"), "/a?api_key=…hijk");
+        assert_eq!(redact_url("/a?k=1"), "/a?k=1");
+        assert_eq!(redact_url("/a?key=short#f"), "/a?key=…#f");
+        assert_eq!(redact_url("/plain"), "/plain");
+    }
+
+    async fn rollup_requests(store: &Store, service: &str) -> i64 {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) FROM sc_rollups WHERE service = $1",
+        )
+        .bind(service)
+        .fetch_one(store.pool())
+        .await
+        .expect("sum");
+        n
+    }
+
+    fn prepared(op: &Operation) -> PreparedOp {
+        let (deltas, logs) = extract(op, "project_number:5", 0);
+        PreparedOp {
+            operation_id: op.operation_id.clone(),
+            deltas,
+            logs,
+        }
+    }
+
+    async fn replays_are_not_double_counted(store: &Store) {
+        let svc = "svc.example.com";
+        let ops = vec![
+            prepared(&esp_operation("a", 200, 0.002)),
+            prepared(&esp_operation("b", 200, 0.004)),
+        ];
+        let first = write(store, svc, ops, 1_000).await.expect("write");
+        assert_eq!((first.applied, first.replayed), (2, 0));
+        assert_eq!(rollup_requests(store, svc).await, 2);
+        // The proxy retried the batch, plus one new operation.
+        let ops = vec![
+            prepared(&esp_operation("a", 200, 0.002)),
+            prepared(&esp_operation("b", 200, 0.004)),
+            prepared(&esp_operation("c", 500, 0.004)),
+        ];
+        let second = write(store, svc, ops, 2_000).await.expect("write");
+        assert_eq!((second.applied, second.replayed), (1, 2));
+        assert_eq!(rollup_requests(store, svc).await, 3);
+        let (logs,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM sc_logs")
+            .fetch_one(store.pool())
+            .await
+            .expect("count");
+        assert_eq!(logs, 3);
+    }
+
+    #[tokio::test]
+    async fn sqlite_report_idempotency() {
+        let (_d, store) = testutil::sqlite_store().await;
+        replays_are_not_double_counted(&store).await;
+    }
+
+    #[tokio::test]
+    async fn postgres_report_idempotency() {
+        let Some((schema, store)) = testutil::pg_store().await else {
+            return;
+        };
+        replays_are_not_double_counted(&store).await;
+        testutil::drop_pg_schema(&store, &schema).await;
+    }
+
+    #[tokio::test]
+    async fn retention_bounds_logs() {
+        let (_d, store) = testutil::sqlite_store().await;
+        let base = parse_time_ms("2026-11-23T10:15:30.6Z").unwrap();
+        let mut ops = Vec::new();
+        for i in 0..10 {
+            let mut op = esp_operation(&format!("op{i}"), 200, 0.001);
+            op.log_entries[0].timestamp = format_time_ms(base + i * 1000);
+            ops.push(prepared(&op));
+        }
+        write(&store, "s", ops, base).await.expect("write");
+        let r = Retention {
+            log_max_age_ms: 5_500,
+            log_max_per_service: 3,
+            ..Default::default()
+        };
+        // At base+10s: entries at base+0..4s are too old; of the remaining 5, only 3 are kept.
+        let deleted = prune(&store, &r, base + 10_000).await.expect("prune");
+        assert_eq!(deleted, 7);
+        let kept: Vec<(i64,)> = sqlx::query_as("SELECT ts_ms FROM sc_logs ORDER BY ts_ms")
+            .fetch_all(store.pool())
+            .await
+            .expect("rows");
+        assert_eq!(
+            kept.into_iter().map(|k| k.0 - base).collect::<Vec<_>>(),
+            vec![7_000, 8_000, 9_000]
+        );
+    }
+}
