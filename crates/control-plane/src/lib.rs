@@ -17,6 +17,7 @@ pub mod cli;
 pub mod crypto;
 pub mod error;
 pub mod iam;
+pub mod jwks;
 pub mod operations;
 pub mod projects;
 pub mod resourcemanager;

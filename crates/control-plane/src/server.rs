@@ -54,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::operations::routes())
         .merge(crate::servicemanagement::routes())
         .merge(crate::serviceusage::routes())
+        .merge(crate::jwks::routes())
         .fallback(not_found)
         .with_state(state)
 }

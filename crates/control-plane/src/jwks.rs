@@ -1,0 +1,152 @@
+//! Public keys of service accounts, published where Google publishes them, so that a JWT signed
+//! with a Portico service-account key can be verified by anyone (the proxy's
+//! `x-google-jwks_uri`, client libraries, other gateways). No authentication: these are public.
+//!
+//! - `GET /service_accounts/v1/jwk/{email}` and `/service_accounts/v1/metadata/jwk/{email}` —
+//!   JWKS: `{"keys":[{"kty":"RSA","alg":"RS256","use":"sig","kid":<private_key_id>,"n","e"}]}`.
+//! - `GET /robot/v1/metadata/x509/{email}` and `/service_accounts/v1/metadata/x509/{email}` —
+//!   Google's certificate map `{"<private_key_id>": "-----BEGIN CERTIFICATE-----..."}` (the
+//!   self-signed certificates the IAM module made when each key was created).
+//! - `GET /.well-known/openid-configuration` — discovery for this control plane as an issuer.
+//!   It issues access tokens at `/token` but no ID tokens, so its own signing-key sets
+//!   (`/oauth2/v3/certs` JWKS, `/oauth2/v1/certs` X.509 map, the latter named in key files as
+//!   `auth_provider_x509_cert_url`) are truthfully empty.
+//!
+//! Keys come from the IAM module's `iam_sa_keys` table; a deleted key disappears from both
+//! documents at once, so verifiers that refresh drop it (the proxy within its JWKS TTL).
+
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use rsa::pkcs8::DecodePublicKey as _;
+use rsa::traits::PublicKeyParts as _;
+use serde_json::{json, Map, Value};
+
+use crate::error::ApiError;
+use crate::server::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/service_accounts/v1/jwk/{email}", get(jwk_set))
+        .route("/service_accounts/v1/metadata/jwk/{email}", get(jwk_set))
+        .route("/robot/v1/metadata/x509/{email}", get(x509_map))
+        .route("/service_accounts/v1/metadata/x509/{email}", get(x509_map))
+        .route(
+            "/.well-known/openid-configuration",
+            get(openid_configuration),
+        )
+        .route("/oauth2/v3/certs", get(own_jwks))
+        .route("/oauth2/v1/certs", get(own_x509))
+}
+
+/// An RSA public key (SPKI PEM) as an RS256 signing JWK.
+pub fn rsa_jwk(kid: &str, public_pem: &str) -> Result<Value, String> {
+    let key = rsa::RsaPublicKey::from_public_key_pem(public_pem)
+        .map_err(|e| format!("stored public key {kid} is not an RSA SPKI PEM: {e}"))?;
+    Ok(json!({
+        "kty": "RSA",
+        "alg": "RS256",
+        "use": "sig",
+        "kid": kid,
+        "n": URL_SAFE_NO_PAD.encode(key.n().to_bytes_be()),
+        "e": URL_SAFE_NO_PAD.encode(key.e().to_bytes_be()),
+    }))
+}
+
+fn public(body: Value) -> Response {
+    // Verifiers poll these; a short cache lifetime keeps key deletion effective.
+    ([(header::CACHE_CONTROL, "public, max-age=60")], Json(body)).into_response()
+}
+
+fn no_account(email: &str) -> ApiError {
+    ApiError::not_found(format!("Service account {email} does not exist."))
+}
+
+async fn jwk_set(
+    State(state): State<AppState>,
+    Path(email): Path<String>,
+) -> Result<Response, ApiError> {
+    if crate::iam::find_account(&state.store, &email)
+        .await?
+        .is_none()
+    {
+        return Err(no_account(&email));
+    }
+    // The IAM module owns this table (`iam_0001`); only its public columns are read here.
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT key_id, public_key_pem FROM iam_sa_keys WHERE email = $1 ORDER BY create_time, key_id",
+    )
+    .bind(&email)
+    .fetch_all(state.store.pool())
+    .await?;
+    let mut keys = Vec::with_capacity(rows.len());
+    for (kid, pem) in rows {
+        match rsa_jwk(&kid, &pem) {
+            Ok(jwk) => keys.push(jwk),
+            // One unreadable row must not hide the account's other keys.
+            Err(e) => tracing::error!(email = %email, error = %e, "skipping key in JWKS"),
+        }
+    }
+    Ok(public(json!({ "keys": keys })))
+}
+
+async fn x509_map(
+    State(state): State<AppState>,
+    Path(email): Path<String>,
+) -> Result<Response, ApiError> {
+    let certs = crate::iam::certificates(&state.store, &email)
+        .await?
+        .ok_or_else(|| no_account(&email))?;
+    let map: Map<String, Value> = certs
+        .into_iter()
+        .map(|(kid, pem)| (kid, Value::String(pem)))
+        .collect();
+    Ok(public(Value::Object(map)))
+}
+
+async fn openid_configuration(State(state): State<AppState>) -> Response {
+    let base = &state.public_url;
+    public(json!({
+        "issuer": base,
+        "token_endpoint": format!("{base}/token"),
+        "jwks_uri": format!("{base}/oauth2/v3/certs"),
+        "grant_types_supported": ["urn:ietf:params:oauth:grant-type:jwt-bearer"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "response_types_supported": ["token"],
+        "subject_types_supported": ["public"],
+    }))
+}
+
+/// This control plane signs no ID tokens, so it has no keys to publish.
+async fn own_jwks() -> Response {
+    public(json!({ "keys": [] }))
+}
+
+async fn own_x509() -> Response {
+    public(json!({}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwk_matches_the_generated_key() {
+        let k = portico_credentials::generate_rsa_key().unwrap();
+        let jwk = rsa_jwk(&k.key_id, &k.public_spki_pem).unwrap();
+        assert_eq!(jwk["n"], k.public_jwk.n);
+        assert_eq!(jwk["e"], k.public_jwk.e);
+        assert_eq!(jwk["kid"], k.key_id);
+        assert_eq!(jwk["alg"], "RS256");
+        assert!(rsa_jwk(
+            "x",
+            "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"
+        )
+        .is_err());
+    }
+}
