@@ -74,7 +74,7 @@ pub fn code_for_http_status(status: u16) -> i32 {
         501 => 12,
         503 => 14,
         504 => 4,
-        400..=499 => 9,
+        s if (400..=499).contains(&s) => 9,
         _ => 13,
     }
 }
@@ -92,7 +92,12 @@ impl EspError {
 
     /// An error with an explicit HTTP status (for the few rows of ESP's catalogue where the
     /// status does not follow from the code, e.g. Service Control 5xx pass-through).
-    pub fn with_status(http_status: u16, code: i32, message: impl Into<String>, cause: Cause) -> Self {
+    pub fn with_status(
+        http_status: u16,
+        code: i32,
+        message: impl Into<String>,
+        cause: Cause,
+    ) -> Self {
         EspError {
             http_status,
             code,
@@ -108,7 +113,11 @@ impl EspError {
 
     /// 403 code 7: unmatched OPTIONS without CORS.
     pub fn cors_not_allowed() -> Self {
-        Self::new(7, "The service does not allow CORS traffic.", Cause::ServiceControl)
+        Self::new(
+            7,
+            "The service does not allow CORS traffic.",
+            Cause::ServiceControl,
+        )
     }
 
     /// 401 code 16: the method needs a consumer and no API key was given.
@@ -149,7 +158,11 @@ impl EspError {
 
 impl fmt::Display for EspError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (code {}): {}", self.http_status, self.code, self.message)
+        write!(
+            f,
+            "{} (code {}): {}",
+            self.http_status, self.code, self.message
+        )
     }
 }
 
@@ -179,12 +192,23 @@ mod tests {
         assert_eq!((e.http_status, e.code), (401, 16));
         let v: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
         assert_eq!(v["details"][0]["detail"], "service_control");
-        assert!(v["message"].as_str().unwrap().starts_with("Method doesn't allow unregistered"));
+        assert!(v["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Method doesn't allow unregistered"));
     }
 
     #[test]
     fn code_mapping_round_trips_common_statuses() {
-        for (status, code) in [(400, 3), (401, 16), (403, 7), (404, 5), (429, 8), (503, 14), (504, 4)] {
+        for (status, code) in [
+            (400, 3),
+            (401, 16),
+            (403, 7),
+            (404, 5),
+            (429, 8),
+            (503, 14),
+            (504, 4),
+        ] {
             assert_eq!(code_for_http_status(status), code);
             assert_eq!(http_status_for_code(code), status);
         }

@@ -1,19 +1,26 @@
 //! The data plane: `portico esp`, an ESP v1-compatible API proxy on hyper 1.x.
 //!
-//! (Module map is being built; see docs/architecture.md.)
+//! Where to find things, in the order a request meets them:
+//! - [`cli`]: ESP's start-up flags → [`cli::Settings`] (exit codes as `start_esp`).
+//! - [`server`]: listeners (HTTP/1.1, h2c, TLS+h2), one single-threaded runtime per core with
+//!   `SO_REUSEPORT`, the status port, rollout following, graceful shutdown.
+//! - [`config_source`]: loads the service config and follows rollouts (Service Management).
+//! - [`routing`]: per-config method tables — where a request is **matched**.
+//! - [`pipeline`]: the request path in ESP's order — match, **authenticate** ([`auth`]), API
+//!   key, **check** and quota ([`control`]), **forward** ([`forward`]), **report**.
+//! - [`error`]: ESP's exact error bodies; [`cors`]: `--cors_preset`; [`status`]:
+//!   `/endpoints_status`, `/healthz`, `/metrics`; [`metrics`]; [`access_log`].
 
+pub mod access_log;
 pub mod auth;
+pub mod cli;
 pub mod config_source;
 pub mod control;
+pub mod cors;
 pub mod error;
-
-pub mod cli {
-    use std::ffi::OsString;
-    use std::process::ExitCode;
-
-    /// Entry point for the `portico esp` subcommand; `args[0]` is the subcommand name.
-    pub fn main(_args: Vec<OsString>) -> ExitCode {
-        eprintln!("not built yet");
-        ExitCode::from(3)
-    }
-}
+pub mod forward;
+pub mod metrics;
+pub mod pipeline;
+pub mod routing;
+pub mod server;
+pub mod status;

@@ -1,0 +1,935 @@
+//! `portico esp`: ESP v1's startup flags, by their ESP names, parsed and validated into
+//! [`Settings`]. Both `--flag=value` and `--flag value` work, and so do ESP's short forms
+//! (`-s`, `-v`, `-R`, `-a`, `-p`, `-P`, `-S`, `-N`, `-k`, `-z`, `-x`).
+//!
+//! Exit codes follow `start_esp`: 4 for bad arguments, 2 when one port is given twice,
+//! 3 for other setup errors (unreadable files, listeners that cannot bind), 1 when the
+//! service configuration cannot be fetched.
+//!
+//! nginx tuning flags that have no meaning without nginx (`--worker_processes`,
+//! `--keepalive_timeout`, ...) are accepted so existing command lines keep working, and each
+//! one is logged as ignored.
+
+use crate::cors::CorsSettings;
+use clap::{ArgAction, Parser};
+use ipnet::IpNet;
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Exit code for bad arguments (start_esp's `ArgumentParser.error`).
+pub const EXIT_BAD_ARGS: u8 = 4;
+/// Exit code when one port is given for two listeners.
+pub const EXIT_PORT_CONFLICT: u8 = 2;
+/// Exit code for other setup errors.
+pub const EXIT_SETUP: u8 = 3;
+/// Exit code when the service configuration cannot be fetched.
+pub const EXIT_FETCH: u8 = 1;
+
+const DEFAULT_CORS_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";
+const DEFAULT_CORS_HEADERS: &str =
+    "DNT,User-Agent,X-Requested-With,If-Modified-Since,Cache-Control,Content-Type,Range,Authorization";
+const DEFAULT_CORS_EXPOSE: &str = "Content-Length,Content-Range";
+
+/// The raw command line, named as ESP names its flags.
+#[derive(Debug, Parser)]
+#[command(
+    name = "portico esp",
+    about = "ESP-compatible API proxy. Accepts Extensible Service Proxy v1 startup flags.",
+    disable_version_flag = true,
+    after_help = "Portico listens on 127.0.0.1 unless --listen_address is given; in a container \
+                  pass --listen_address=0.0.0.0 (the Portico image does)."
+)]
+pub struct EspArgs {
+    /// Endpoints service name.
+    #[arg(short = 's', long = "service")]
+    pub service: Option<String>,
+    /// Service config id; without it the latest successful rollout is loaded.
+    #[arg(short = 'v', long = "version")]
+    pub version: Option<String>,
+    /// `fixed` or `managed` (follow new rollouts at run time).
+    #[arg(short = 'R', long = "rollout_strategy", default_value = "fixed")]
+    pub rollout_strategy: String,
+    /// Backend address: `host:port`, `http://host[:port]`, `https://host[:port]`, `grpc://host:port`.
+    #[arg(short = 'a', long = "backend", default_value = "127.0.0.1:8081")]
+    pub backend: String,
+    /// HTTP/1.x port (also accepts cleartext HTTP/2 with prior knowledge).
+    #[arg(short = 'p', long = "http_port")]
+    pub http_port: Option<u16>,
+    /// Cleartext HTTP/2 port.
+    #[arg(short = 'P', long = "http2_port")]
+    pub http2_port: Option<u16>,
+    /// TLS port (HTTP/1.1 and HTTP/2 via ALPN).
+    #[arg(short = 'S', long = "ssl_port")]
+    pub ssl_port: Option<u16>,
+    /// Status server port (`/endpoints_status`, `/healthz`, `/metrics`).
+    #[arg(short = 'N', long = "status_port", default_value_t = 8090)]
+    pub status_port: u16,
+    /// Service-account key JSON (falls back to GOOGLE_APPLICATION_CREDENTIALS).
+    #[arg(
+        short = 'k',
+        long = "service_account_key",
+        env = "GOOGLE_APPLICATION_CREDENTIALS"
+    )]
+    pub service_account_key: Option<PathBuf>,
+    /// Adds `GET /<name>` answering 200 on the serving ports.
+    #[arg(short = 'z', long = "healthz")]
+    pub healthz: Option<String>,
+    /// Do not use the GCE metadata server (requires --service_account_key).
+    #[arg(long = "non_gcp", action = ArgAction::SetTrue)]
+    pub non_gcp: bool,
+    /// Load the service config from this `google.api.Service` JSON file.
+    #[arg(long = "service_json_path")]
+    pub service_json_path: Option<PathBuf>,
+    /// Service Management base URL.
+    #[arg(short = 'g', long = "management")]
+    pub management: Option<String>,
+    /// Service Control base URL (overrides `control.environment`).
+    #[arg(long = "service_control_url_override")]
+    pub service_control_url_override: Option<String>,
+    /// `open` (allow requests when Service Control is unreachable) or `close`.
+    #[arg(long = "service_control_network_fail_policy", default_value = "open")]
+    pub service_control_network_fail_policy: String,
+    /// Deprecated in ESP and overwritten by --service_control_network_fail_policy; accepted.
+    #[arg(long = "service_control_network_fail_open", action = ArgAction::SetTrue)]
+    pub service_control_network_fail_open: bool,
+    /// Maximum request body size, nginx syntax (`32m`, `512k`, `0` = unlimited).
+    #[arg(long = "client_max_body_size", default_value = "32m")]
+    pub client_max_body_size: String,
+    /// Proxies whose X-Forwarded-For is trusted (comma-separated CIDRs or addresses).
+    #[arg(
+        short = 'x',
+        long = "xff_trusted_proxy_list",
+        default_value = "0.0.0.0/0, 0::/0"
+    )]
+    pub xff_trusted_proxy_list: String,
+    /// Header from which the caller IP reported to Service Control is taken.
+    #[arg(long = "client_ip_header")]
+    pub client_ip_header: Option<String>,
+    /// Position in --client_ip_header's comma list; negative counts from the end.
+    #[arg(
+        long = "client_ip_position",
+        default_value_t = 0,
+        allow_hyphen_values = true
+    )]
+    pub client_ip_position: i32,
+    /// `basic` or `cors_with_regex`.
+    #[arg(long = "cors_preset")]
+    pub cors_preset: Option<String>,
+    #[arg(long = "cors_allow_origin", default_value = "*")]
+    pub cors_allow_origin: String,
+    #[arg(long = "cors_allow_origin_regex", default_value = "")]
+    pub cors_allow_origin_regex: String,
+    #[arg(long = "cors_allow_methods", default_value = DEFAULT_CORS_METHODS)]
+    pub cors_allow_methods: String,
+    #[arg(long = "cors_allow_headers", default_value = DEFAULT_CORS_HEADERS)]
+    pub cors_allow_headers: String,
+    #[arg(long = "cors_allow_credentials", action = ArgAction::SetTrue)]
+    pub cors_allow_credentials: bool,
+    #[arg(long = "cors_expose_headers", default_value = DEFAULT_CORS_EXPOSE)]
+    pub cors_expose_headers: String,
+    /// Adds `Strict-Transport-Security` to every response.
+    #[arg(long = "enable_strict_transport_security", action = ArgAction::SetTrue)]
+    pub enable_strict_transport_security: bool,
+    /// `"<regex> <replacement>"`, applied in order to the request URI; the first match wins.
+    #[arg(long = "rewrite", action = ArgAction::Append)]
+    pub rewrite: Vec<String>,
+    /// Pass WebSocket upgrades through to the backend.
+    #[arg(long = "enable_websocket", action = ArgAction::SetTrue)]
+    pub enable_websocket: bool,
+    /// Portico: address the serving and status listeners bind to (default loopback).
+    #[arg(long = "listen_address", default_value = "127.0.0.1")]
+    pub listen_address: String,
+    /// Request headers copied into the report's log entry (comma-separated).
+    #[arg(long = "log_request_headers")]
+    pub log_request_headers: Option<String>,
+    /// Response headers copied into the report's log entry (comma-separated).
+    #[arg(long = "log_response_headers")]
+    pub log_response_headers: Option<String>,
+    /// JWT payload claims copied into the report's log entry (comma-separated).
+    #[arg(long = "log_jwt_payload")]
+    pub log_jwt_payload: Option<String>,
+    /// JWKS cache lifetime in seconds (default 300).
+    #[arg(long = "jwks_cache_duration_in_s")]
+    pub jwks_cache_duration_in_s: Option<u64>,
+    /// Accepted for compatibility; Portico does not sample traces itself.
+    #[arg(long = "disable_cloud_trace_auto_sampling", action = ArgAction::SetTrue)]
+    pub disable_cloud_trace_auto_sampling: bool,
+    /// TLS certificate for --ssl_port.
+    #[arg(long = "ssl_cert_path", default_value = "/etc/nginx/ssl/nginx.crt")]
+    pub ssl_cert_path: PathBuf,
+    /// TLS private key for --ssl_port.
+    #[arg(long = "ssl_key_path", default_value = "/etc/nginx/ssl/nginx.key")]
+    pub ssl_key_path: PathBuf,
+    /// Generate a self-signed certificate (CN=localhost) for --ssl_port at start-up.
+    #[arg(long = "generate_self_signed_cert", action = ArgAction::SetTrue)]
+    pub generate_self_signed_cert: bool,
+    /// Portico: serving threads (one single-threaded runtime each, SO_REUSEPORT); default = cores.
+    #[arg(long = "worker_threads")]
+    pub worker_threads: Option<usize>,
+    /// Portico (ESPv2's name): seconds to wait for the backend's response head (default 86400,
+    /// nginx's proxy_read_timeout in ESP's template).
+    #[arg(long = "http_request_timeout_s", default_value_t = 86400.0)]
+    pub http_request_timeout_s: f64,
+    /// Where the access log goes: a file path, `/dev/stdout` (default) or `off`.
+    #[arg(long = "access_log")]
+    pub access_log: Option<String>,
+    /// Rollout fetch throttle window; handed to the config source.
+    #[arg(long = "rollout_fetch_throttle_window_in_s")]
+    pub rollout_fetch_throttle_window_in_s: Option<u64>,
+
+    // nginx-only tuning and ESP-internal knobs: accepted and ignored with a logged note.
+    #[arg(long = "worker_processes", hide = true)]
+    pub worker_processes: Option<String>,
+    #[arg(long = "keepalive_timeout", hide = true)]
+    pub keepalive_timeout: Option<String>,
+    #[arg(long = "client_body_buffer_size", hide = true)]
+    pub client_body_buffer_size: Option<String>,
+    #[arg(long = "client_body_timeout", hide = true)]
+    pub client_body_timeout: Option<String>,
+    #[arg(long = "large_client_header_buffers", hide = true)]
+    pub large_client_header_buffers: Option<String>,
+    #[arg(long = "underscores_in_headers", action = ArgAction::SetTrue, hide = true)]
+    pub underscores_in_headers: bool,
+    #[arg(long = "allow_invalid_headers", action = ArgAction::SetTrue, hide = true)]
+    pub allow_invalid_headers: bool,
+    #[arg(long = "enable_debug", action = ArgAction::SetTrue, hide = true)]
+    pub enable_debug: bool,
+    #[arg(long = "ssl_protocols", action = ArgAction::Append, hide = true)]
+    pub ssl_protocols: Vec<String>,
+    #[arg(long = "server_config_dir", hide = true)]
+    pub server_config_dir: Option<String>,
+    #[arg(long = "config_dir", hide = true)]
+    pub config_dir: Option<String>,
+    #[arg(long = "dns", hide = true)]
+    pub dns: Option<String>,
+    #[arg(long = "pid_file", hide = true)]
+    pub pid_file: Option<String>,
+    #[arg(long = "check_metadata", action = ArgAction::SetTrue, hide = true)]
+    pub check_metadata: bool,
+    #[arg(short = 'm', long = "metadata", hide = true)]
+    pub metadata: Option<String>,
+    #[arg(long = "enable_api_key_uid_reporting", hide = true)]
+    pub enable_api_key_uid_reporting: Option<String>,
+}
+
+/// The backend's protocol, from the `--backend` scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendScheme {
+    Http,
+    Https,
+    /// gRPC: HTTP/2 cleartext (prior knowledge).
+    Grpc,
+}
+
+/// The parsed `--backend`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendAddr {
+    pub scheme: BackendScheme,
+    pub host: String,
+    pub port: u16,
+}
+
+impl BackendAddr {
+    /// `host:port` as it goes into upstream URIs (IPv6 hosts bracketed).
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// How ESP picks the service config at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutStrategy {
+    Fixed,
+    Managed,
+}
+
+/// One `--rewrite` rule.
+#[derive(Debug, Clone)]
+pub struct RewriteRule {
+    pub pattern: regex::Regex,
+    pub replacement: String,
+}
+
+/// Validated start-up settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub service: Option<String>,
+    pub version: Option<String>,
+    pub rollout_strategy: RolloutStrategy,
+    pub backend: BackendAddr,
+    pub listen_address: IpAddr,
+    pub http_port: Option<u16>,
+    pub http2_port: Option<u16>,
+    pub ssl_port: Option<u16>,
+    pub status_port: u16,
+    pub ssl_cert_path: PathBuf,
+    pub ssl_key_path: PathBuf,
+    pub generate_self_signed_cert: bool,
+    pub service_account_key: Option<PathBuf>,
+    pub healthz: Option<String>,
+    pub non_gcp: bool,
+    pub service_json_path: Option<PathBuf>,
+    pub management: Option<String>,
+    pub service_control_url_override: Option<String>,
+    pub network_fail_open: bool,
+    /// 0 = unlimited, as in nginx.
+    pub client_max_body_size: u64,
+    pub xff_trusted: Vec<IpNet>,
+    pub client_ip_header: Option<String>,
+    pub client_ip_position: i32,
+    pub cors: Option<CorsSettings>,
+    pub hsts: bool,
+    pub rewrites: Vec<RewriteRule>,
+    pub enable_websocket: bool,
+    pub log_request_headers: Vec<String>,
+    pub log_response_headers: Vec<String>,
+    pub log_jwt_payload: Vec<String>,
+    pub jwks_cache_duration: Option<Duration>,
+    pub disable_cloud_trace_auto_sampling: bool,
+    pub rollout_fetch_throttle_window: Option<Duration>,
+    pub worker_threads: usize,
+    pub backend_timeout: Duration,
+    /// `--access_log`: `None` = stdout.
+    pub access_log: Option<String>,
+    /// Flags accepted only for compatibility, reported once at start-up.
+    pub ignored_flags: Vec<&'static str>,
+}
+
+/// Why the command line was refused, with start_esp's exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ArgError {
+    pub exit_code: u8,
+    pub message: String,
+}
+
+impl ArgError {
+    fn bad(message: impl Into<String>) -> Self {
+        ArgError {
+            exit_code: EXIT_BAD_ARGS,
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses an nginx size (`1024`, `512k`, `32m`, `1g`; case-insensitive suffix).
+pub fn parse_nginx_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_lowercase() {
+                'k' => 1u64 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                _ => {
+                    return Err(format!(
+                        "invalid size {s:?}: unknown suffix {c:?} (use k, m or g)"
+                    ))
+                }
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "invalid size {s:?}: expected a number with an optional k, m or g suffix"
+        ));
+    }
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid size {s:?}: too large"))
+}
+
+/// Parses `--backend` the way start_esp does: the scheme is optional (HTTP), `https://` defaults
+/// to port 443, `http://` to 80.
+pub fn parse_backend(s: &str) -> Result<BackendAddr, String> {
+    let (scheme, rest) = if let Some(r) = s.strip_prefix("http://") {
+        (BackendScheme::Http, r)
+    } else if let Some(r) = s.strip_prefix("https://") {
+        (BackendScheme::Https, r)
+    } else if let Some(r) = s.strip_prefix("grpc://") {
+        (BackendScheme::Grpc, r)
+    } else if s.contains("://") {
+        return Err(format!(
+            "invalid --backend {s:?}: unsupported scheme (use http://, https:// or grpc://)"
+        ));
+    } else {
+        (BackendScheme::Http, s)
+    };
+    let hostport = rest.strip_suffix('/').unwrap_or(rest);
+    if hostport.contains('/') {
+        return Err(format!(
+            "invalid --backend {s:?}: a path is not allowed, give host[:port] only"
+        ));
+    }
+    let default_port = match scheme {
+        BackendScheme::Https => 443,
+        BackendScheme::Http => 80,
+        BackendScheme::Grpc => 0,
+    };
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("invalid --backend {s:?}: unclosed '[' in IPv6 address"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => parse_port(s, p)?,
+            None if after.is_empty() => default_port,
+            None => return Err(format!("invalid --backend {s:?}: garbage after ']'")),
+        };
+        (h.to_string(), port)
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), parse_port(s, p)?),
+            None => (hostport.to_string(), default_port),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("invalid --backend {s:?}: missing host"));
+    }
+    if port == 0 {
+        return Err(format!(
+            "invalid --backend {s:?}: a port is required for grpc://"
+        ));
+    }
+    Ok(BackendAddr { scheme, host, port })
+}
+
+fn parse_port(whole: &str, p: &str) -> Result<u16, String> {
+    match p.parse::<u16>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("invalid --backend {whole:?}: bad port {p:?}")),
+    }
+}
+
+fn split_list(s: &Option<String>) -> Vec<String> {
+    s.as_deref()
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|x| !x.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Parses `args` (`args[0]` is the program name) into validated settings.
+pub fn parse(args: Vec<OsString>) -> Result<Settings, ArgError> {
+    let raw = EspArgs::try_parse_from(args).map_err(|e| ArgError {
+        exit_code: match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+            _ => EXIT_BAD_ARGS,
+        },
+        message: e.render().to_string(),
+    })?;
+    validate(raw)
+}
+
+/// Checks flag values and combinations; see the module docs for exit codes.
+pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
+    let rollout_strategy = match a.rollout_strategy.as_str() {
+        "fixed" => RolloutStrategy::Fixed,
+        "managed" => RolloutStrategy::Managed,
+        other => {
+            return Err(ArgError::bad(format!(
+                "invalid --rollout_strategy {other:?}: must be \"fixed\" or \"managed\""
+            )))
+        }
+    };
+    if a.service.as_deref().is_some_and(|s| s.contains('|')) {
+        return Err(ArgError::bad(
+            "--service with several names (a|b) needs --experimental_enable_multiple_api_configs, \
+             which Portico does not support; run one proxy per service",
+        ));
+    }
+    if a.service.as_deref().is_some_and(str::is_empty) {
+        return Err(ArgError::bad("--service must not be empty"));
+    }
+    if a.service_json_path.is_none() {
+        if a.service.is_none() {
+            return Err(ArgError::bad(
+                "no service: give --service=NAME (and optionally --version=CONFIG_ID), \
+                 or --service_json_path=FILE",
+            ));
+        }
+    } else if a.version.is_some() && a.service.is_none() {
+        // With a local file the config id comes from the file; a lone --version is meaningless.
+        return Err(ArgError::bad(
+            "--version needs --service; with --service_json_path the config id is read from the file",
+        ));
+    }
+    if a.service_json_path.is_some() && rollout_strategy == RolloutStrategy::Managed {
+        return Err(ArgError::bad(
+            "--rollout_strategy=managed cannot be used with --service_json_path (a local file has no rollouts)",
+        ));
+    }
+    let backend = parse_backend(&a.backend).map_err(ArgError::bad)?;
+    let listen_address: IpAddr = a.listen_address.parse().map_err(|_| {
+        ArgError::bad(format!(
+            "invalid --listen_address {:?}: expected an IP address such as 127.0.0.1 or 0.0.0.0",
+            a.listen_address
+        ))
+    })?;
+
+    // ESP listens on 8080 only when no serving port is named at all.
+    let http_port = if a.http_port.is_none() && a.http2_port.is_none() && a.ssl_port.is_none() {
+        Some(8080)
+    } else {
+        a.http_port
+    };
+    let mut seen: Vec<(&str, u16)> = Vec::new();
+    for (name, port) in [
+        ("--http_port", http_port),
+        ("--http2_port", a.http2_port),
+        ("--ssl_port", a.ssl_port),
+        ("--status_port", Some(a.status_port)),
+    ] {
+        let Some(port) = port else { continue };
+        // Port 0 means "let the OS pick", so two zeros never collide.
+        if port != 0 {
+            if let Some((other, _)) = seen.iter().find(|(_, p)| *p == port) {
+                return Err(ArgError {
+                    exit_code: EXIT_PORT_CONFLICT,
+                    message: format!("port {port} is used by both {other} and {name}"),
+                });
+            }
+        }
+        seen.push((name, port));
+    }
+
+    let network_fail_open = match a.service_control_network_fail_policy.as_str() {
+        "open" => true,
+        "close" => false,
+        other => {
+            return Err(ArgError::bad(format!(
+                "invalid --service_control_network_fail_policy {other:?}: must be \"open\" or \"close\""
+            )))
+        }
+    };
+    let client_max_body_size = parse_nginx_size(&a.client_max_body_size)
+        .map_err(|e| ArgError::bad(format!("--client_max_body_size: {e}")))?;
+
+    let mut xff_trusted = Vec::new();
+    for item in a
+        .xff_trusted_proxy_list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let net = item
+            .parse::<IpNet>()
+            .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
+            .map_err(|_| {
+                ArgError::bad(format!(
+                    "invalid --xff_trusted_proxy_list entry {item:?}: expected an IP address or CIDR"
+                ))
+            })?;
+        xff_trusted.push(net);
+    }
+
+    let cors = match a.cors_preset.as_deref() {
+        None => None,
+        Some(preset) => Some(
+            CorsSettings::from_flags(
+                preset,
+                &a.cors_allow_origin,
+                &a.cors_allow_origin_regex,
+                &a.cors_allow_methods,
+                &a.cors_allow_headers,
+                a.cors_allow_credentials,
+                &a.cors_expose_headers,
+                a.enable_strict_transport_security,
+            )
+            .map_err(ArgError::bad)?,
+        ),
+    };
+
+    let mut rewrites = Vec::new();
+    for r in &a.rewrite {
+        let mut parts = r.split_whitespace();
+        let (Some(pat), Some(rep), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(ArgError::bad(format!(
+                "invalid --rewrite {r:?}: expected \"<regex> <replacement>\""
+            )));
+        };
+        let pattern = regex::Regex::new(pat)
+            .map_err(|e| ArgError::bad(format!("invalid --rewrite regex {pat:?}: {e}")))?;
+        rewrites.push(RewriteRule {
+            pattern,
+            replacement: rep.to_string(),
+        });
+    }
+
+    if let Some(h) = &a.healthz {
+        if h.is_empty() || h.contains('/') || h.contains('?') {
+            return Err(ArgError::bad(format!(
+                "invalid --healthz {h:?}: give a single path segment such as \"healthz\""
+            )));
+        }
+    }
+    if a.non_gcp && a.service_account_key.is_none() && a.service_json_path.is_none() {
+        return Err(ArgError {
+            exit_code: EXIT_SETUP,
+            message: "--non_gcp needs --service_account_key (there is no metadata server to get tokens from)"
+                .into(),
+        });
+    }
+    if let Some(p) = a.client_ip_header.as_deref() {
+        if http::HeaderName::from_bytes(p.as_bytes()).is_err() {
+            return Err(ArgError::bad(format!(
+                "invalid --client_ip_header {p:?}: not a header name"
+            )));
+        }
+    }
+    for (flag, list) in [
+        ("--log_request_headers", &a.log_request_headers),
+        ("--log_response_headers", &a.log_response_headers),
+    ] {
+        for h in split_list(list) {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(ArgError::bad(format!(
+                    "invalid {flag} entry {h:?}: not a header name"
+                )));
+            }
+        }
+    }
+    if !(a.http_request_timeout_s > 0.0 && a.http_request_timeout_s.is_finite()) {
+        return Err(ArgError::bad(format!(
+            "invalid --http_request_timeout_s {}: must be a positive number of seconds",
+            a.http_request_timeout_s
+        )));
+    }
+    let worker_threads = match a.worker_threads {
+        Some(0) => return Err(ArgError::bad("--worker_threads must be at least 1")),
+        Some(n) => n,
+        None => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+    };
+    for (flag, url) in [
+        ("--management", &a.management),
+        (
+            "--service_control_url_override",
+            &a.service_control_url_override,
+        ),
+    ] {
+        if let Some(u) = url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(ArgError::bad(format!(
+                    "invalid {flag} {u:?}: expected an http:// or https:// URL"
+                )));
+            }
+        }
+    }
+
+    let mut ignored_flags = Vec::new();
+    let nginx_only: [(&'static str, bool); 15] = [
+        ("--worker_processes", a.worker_processes.is_some()),
+        ("--keepalive_timeout", a.keepalive_timeout.is_some()),
+        (
+            "--client_body_buffer_size",
+            a.client_body_buffer_size.is_some(),
+        ),
+        ("--client_body_timeout", a.client_body_timeout.is_some()),
+        (
+            "--large_client_header_buffers",
+            a.large_client_header_buffers.is_some(),
+        ),
+        ("--underscores_in_headers", a.underscores_in_headers),
+        ("--allow_invalid_headers", a.allow_invalid_headers),
+        ("--enable_debug", a.enable_debug),
+        ("--ssl_protocols", !a.ssl_protocols.is_empty()),
+        ("--server_config_dir", a.server_config_dir.is_some()),
+        ("--config_dir", a.config_dir.is_some()),
+        ("--dns", a.dns.is_some()),
+        ("--pid_file", a.pid_file.is_some()),
+        ("--check_metadata", a.check_metadata || a.metadata.is_some()),
+        (
+            "--service_control_network_fail_open",
+            a.service_control_network_fail_open,
+        ),
+    ];
+    for (flag, set) in nginx_only {
+        if set {
+            ignored_flags.push(flag);
+        }
+    }
+    if a.enable_api_key_uid_reporting.is_some() {
+        ignored_flags.push("--enable_api_key_uid_reporting");
+    }
+
+    Ok(Settings {
+        service: a.service,
+        version: a.version,
+        rollout_strategy,
+        backend,
+        listen_address,
+        http_port,
+        http2_port: a.http2_port,
+        ssl_port: a.ssl_port,
+        status_port: a.status_port,
+        ssl_cert_path: a.ssl_cert_path,
+        ssl_key_path: a.ssl_key_path,
+        generate_self_signed_cert: a.generate_self_signed_cert,
+        service_account_key: a.service_account_key,
+        healthz: a.healthz,
+        non_gcp: a.non_gcp,
+        service_json_path: a.service_json_path,
+        management: a.management,
+        service_control_url_override: a.service_control_url_override,
+        network_fail_open,
+        client_max_body_size,
+        xff_trusted,
+        client_ip_header: a.client_ip_header,
+        client_ip_position: a.client_ip_position,
+        cors,
+        hsts: a.enable_strict_transport_security,
+        rewrites,
+        enable_websocket: a.enable_websocket,
+        log_request_headers: split_list(&a.log_request_headers),
+        log_response_headers: split_list(&a.log_response_headers),
+        log_jwt_payload: split_list(&a.log_jwt_payload),
+        jwks_cache_duration: a.jwks_cache_duration_in_s.map(Duration::from_secs),
+        disable_cloud_trace_auto_sampling: a.disable_cloud_trace_auto_sampling,
+        rollout_fetch_throttle_window: a
+            .rollout_fetch_throttle_window_in_s
+            .map(Duration::from_secs),
+        worker_threads,
+        backend_timeout: Duration::from_secs_f64(a.http_request_timeout_s),
+        access_log: a.access_log,
+        ignored_flags,
+    })
+}
+
+/// Entry point for the `portico esp` subcommand; `args[0]` is the program name.
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    let settings = match parse(args) {
+        Ok(s) => s,
+        Err(e) => {
+            if e.exit_code == 0 {
+                print!("{}", e.message);
+            } else {
+                eprintln!("portico esp: {}", e.message.trim_end());
+            }
+            return ExitCode::from(e.exit_code);
+        }
+    };
+    crate::server::init_tracing();
+    for flag in &settings.ignored_flags {
+        tracing::info!(
+            flag,
+            "flag accepted for ESP compatibility and ignored (no nginx in Portico)"
+        );
+    }
+    crate::server::run(settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<Settings, ArgError> {
+        let mut v: Vec<OsString> = vec!["portico esp".into()];
+        v.extend(args.iter().map(OsString::from));
+        parse(v)
+    }
+
+    #[test]
+    fn seed_command_line_parses_in_both_forms() {
+        let s = p(&[
+            "--service=echo-api.endpoints.demo-proj.cloud.goog",
+            "--rollout_strategy=managed",
+            "--http_port=8082",
+            "--backend=localhost:8080",
+            "--service_account_key",
+            "/esp/service-account-creds.json",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.service.as_deref(),
+            Some("echo-api.endpoints.demo-proj.cloud.goog")
+        );
+        assert_eq!(s.rollout_strategy, RolloutStrategy::Managed);
+        assert_eq!(s.http_port, Some(8082));
+        assert_eq!(s.backend.host, "localhost");
+        assert_eq!(s.backend.port, 8080);
+        assert_eq!(s.status_port, 8090);
+        assert_eq!(s.listen_address.to_string(), "127.0.0.1");
+        assert!(s.network_fail_open);
+        assert_eq!(s.client_max_body_size, 32 << 20);
+    }
+
+    #[test]
+    fn short_forms_work() {
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "2017-02-13r0",
+            "-p",
+            "9000",
+            "-a",
+            "grpc://127.0.0.1:9001",
+            "-N",
+            "9002",
+            "-z",
+            "hz",
+        ])
+        .unwrap();
+        assert_eq!(s.version.as_deref(), Some("2017-02-13r0"));
+        assert_eq!(s.http_port, Some(9000));
+        assert_eq!(s.backend.scheme, BackendScheme::Grpc);
+        assert_eq!(s.status_port, 9002);
+        assert_eq!(s.healthz.as_deref(), Some("hz"));
+    }
+
+    #[test]
+    fn default_http_port_only_without_other_ports() {
+        assert_eq!(p(&["-s", "svc"]).unwrap().http_port, Some(8080));
+        let s = p(&["-s", "svc", "--ssl_port=8443"]).unwrap();
+        assert_eq!((s.http_port, s.ssl_port), (None, Some(8443)));
+    }
+
+    #[test]
+    fn unknown_flag_exits_4() {
+        let e = p(&["-s", "svc", "--no_such_flag=1"]).unwrap_err();
+        assert_eq!(e.exit_code, EXIT_BAD_ARGS);
+        assert!(e.message.contains("--no_such_flag"), "{}", e.message);
+    }
+
+    #[test]
+    fn bad_values_exit_4_with_precise_messages() {
+        let e = p(&["-s", "svc", "--rollout_strategy=sometimes"]).unwrap_err();
+        assert_eq!(e.exit_code, 4);
+        assert!(e.message.contains("\"sometimes\""));
+        let e = p(&["-s", "svc", "--http_port=notaport"]).unwrap_err();
+        assert_eq!(e.exit_code, 4);
+        let e = p(&["-s", "svc", "--client_max_body_size=12q"]).unwrap_err();
+        assert!(e.message.contains("unknown suffix"), "{}", e.message);
+        let e = p(&["-s", "svc", "--backend=ftp://x:1"]).unwrap_err();
+        assert!(e.message.contains("unsupported scheme"), "{}", e.message);
+        let e = p(&["-s", "svc", "--service_control_network_fail_policy=maybe"]).unwrap_err();
+        assert_eq!(e.exit_code, 4);
+        let e = p(&["-s", "svc", "--cors_preset=everything"]).unwrap_err();
+        assert!(e.message.contains("cors_preset"), "{}", e.message);
+        let e = p(&["-s", "svc", "--rewrite=onlyonepart"]).unwrap_err();
+        assert!(e.message.contains("<regex> <replacement>"), "{}", e.message);
+        let e = p(&["-s", "svc", "--xff_trusted_proxy_list=10.0.0.0/8,nonsense"]).unwrap_err();
+        assert!(e.message.contains("\"nonsense\""), "{}", e.message);
+    }
+
+    #[test]
+    fn same_port_twice_exits_2() {
+        let e = p(&["-s", "svc", "--http_port=8080", "--status_port=8080"]).unwrap_err();
+        assert_eq!(e.exit_code, EXIT_PORT_CONFLICT);
+        assert!(e.message.contains("--http_port") && e.message.contains("--status_port"));
+    }
+
+    #[test]
+    fn version_needs_service_unless_local_file() {
+        let e = p(&["--version=2017-02-13r0"]).unwrap_err();
+        assert_eq!(e.exit_code, 4);
+        assert!(e.message.contains("--service"));
+        assert!(p(&["--service_json_path=/tmp/x.json"]).is_ok());
+        let e = p(&["--service_json_path=/tmp/x.json", "--version=1"]).unwrap_err();
+        assert_eq!(e.exit_code, 4);
+    }
+
+    #[test]
+    fn non_gcp_without_key_is_setup_error() {
+        // Clear the env fallback for this parse only by passing an explicit empty list is not
+        // possible with clap's env; the variable is unset in the test environment.
+        if std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").is_some() {
+            return;
+        }
+        let e = p(&["-s", "svc", "--non_gcp"]).unwrap_err();
+        assert_eq!(e.exit_code, EXIT_SETUP);
+        assert!(p(&["-s", "svc", "--non_gcp", "-k", "/k.json"]).is_ok());
+    }
+
+    #[test]
+    fn nginx_flags_are_accepted_and_listed_as_ignored() {
+        let s = p(&[
+            "-s",
+            "svc",
+            "--worker_processes=4",
+            "--keepalive_timeout",
+            "75s",
+            "--underscores_in_headers",
+            "--large_client_header_buffers=4 32k",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.ignored_flags,
+            vec![
+                "--worker_processes",
+                "--keepalive_timeout",
+                "--large_client_header_buffers",
+                "--underscores_in_headers"
+            ]
+        );
+    }
+
+    #[test]
+    fn backend_forms() {
+        let b = parse_backend("https://example.com").unwrap();
+        assert_eq!((b.scheme, b.port), (BackendScheme::Https, 443));
+        let b = parse_backend("http://10.0.0.1").unwrap();
+        assert_eq!(b.port, 80);
+        let b = parse_backend("[::1]:8081").unwrap();
+        assert_eq!((b.host.as_str(), b.port), ("::1", 8081));
+        assert_eq!(b.authority(), "[::1]:8081");
+        assert!(parse_backend("grpc://h")
+            .unwrap_err()
+            .contains("port is required"));
+        assert!(parse_backend("http://h:1/path")
+            .unwrap_err()
+            .contains("path"));
+        assert!(parse_backend("h:99999").unwrap_err().contains("bad port"));
+    }
+
+    #[test]
+    fn nginx_sizes() {
+        assert_eq!(parse_nginx_size("32m").unwrap(), 32 << 20);
+        assert_eq!(parse_nginx_size("512K").unwrap(), 512 << 10);
+        assert_eq!(parse_nginx_size("0").unwrap(), 0);
+        assert_eq!(parse_nginx_size("1g").unwrap(), 1 << 30);
+        assert!(parse_nginx_size("m").is_err());
+        assert!(parse_nginx_size("-1").is_err());
+    }
+
+    #[test]
+    fn rewrite_and_cors_flags() {
+        let s = p(&[
+            "-s",
+            "svc",
+            "--rewrite",
+            "^/api/(.*)$ /$1",
+            "--rewrite=^/x /y",
+            "--cors_preset=cors_with_regex",
+            "--cors_allow_origin_regex=^https://.*\\.example\\.com$",
+        ])
+        .unwrap();
+        assert_eq!(s.rewrites.len(), 2);
+        assert_eq!(s.rewrites[0].replacement, "/$1");
+        assert!(s.cors.is_some());
+    }
+
+    #[test]
+    fn listen_address_must_be_an_ip() {
+        let e = p(&["-s", "svc", "--listen_address=localhost"]).unwrap_err();
+        assert!(e.message.contains("--listen_address"));
+        let s = p(&["-s", "svc", "--listen_address=0.0.0.0"]).unwrap();
+        assert!(s.listen_address.is_unspecified());
+    }
+}

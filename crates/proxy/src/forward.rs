@@ -1,0 +1,515 @@
+//! The upstream side: a pooled keep-alive client to `--backend` (HTTP/1.1 for `http://`, rustls
+//! for `https://`, HTTP/2 cleartext for `grpc://`), and the header rewriting ESP's nginx template
+//! does on the way (`Host`, `X-Real-IP`, `X-Forwarded-For`, `X-Google-Real-IP`, hop-by-hop
+//! removal). Bodies stream in both directions; the request body is counted against
+//! `--client_max_body_size` as it flows.
+//!
+//! Failures are classified so the pipeline can answer as ESP does: connect errors → 502
+//! `BAD_GATEWAY`, no response head in time → 504 `GATEWAY_TIMEOUT`, body over the limit → 413.
+
+use crate::cli::{BackendAddr, BackendScheme};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use ipnet::IpNet;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_GOOGLE_REAL_IP: HeaderName = HeaderName::from_static("x-google-real-ip");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The request body was longer than `--client_max_body_size`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the limit of {limit} bytes")]
+pub struct BodyTooLarge {
+    pub limit: u64,
+}
+
+/// Why forwarding failed; each maps to one row of ESP's error catalogue.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("cannot connect to the backend: {0}")]
+    Connect(String),
+    #[error("the backend did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    BodyTooLarge(BodyTooLarge),
+    #[error("backend exchange failed: {0}")]
+    Other(String),
+}
+
+/// A request body that streams the client's body and fails once it passes the size limit,
+/// so a chunked upload cannot get around `--client_max_body_size`.
+pub struct LimitedBody {
+    inner: Option<Incoming>,
+    remaining: u64,
+    limit: u64,
+    /// Bytes seen so far, for the report's request size.
+    pub seen: u64,
+}
+
+impl LimitedBody {
+    /// `limit == 0` means unlimited, as in nginx.
+    pub fn new(inner: Incoming, limit: u64) -> Self {
+        LimitedBody {
+            inner: Some(inner),
+            remaining: if limit == 0 { u64::MAX } else { limit },
+            limit,
+            seen: 0,
+        }
+    }
+
+    /// An empty body (for requests the pipeline builds itself).
+    pub fn empty() -> Self {
+        LimitedBody {
+            inner: None,
+            remaining: u64::MAX,
+            limit: 0,
+            seen: 0,
+        }
+    }
+}
+
+impl Body for LimitedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    this.seen += n;
+                    if n > this.remaining {
+                        this.inner = None;
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
+                            limit: this.limit,
+                        }))));
+                    }
+                    this.remaining -= n;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map(|b| b.size_hint())
+            .unwrap_or_else(|| SizeHint::with_exact(0))
+    }
+}
+
+enum Upstream {
+    Http(Client<HttpConnector, LimitedBody>),
+    Https(Client<hyper_rustls::HttpsConnector<HttpConnector>, LimitedBody>),
+}
+
+/// The pooled client for one serving thread. Cheap to clone (the pool is shared).
+#[derive(Clone)]
+pub struct Forwarder {
+    upstream: std::sync::Arc<Upstream>,
+    scheme: Scheme,
+    authority: Authority,
+    version: Version,
+    timeout: Duration,
+}
+
+/// Build error for the upstream client.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwarderBuildError {
+    #[error("invalid backend authority {0:?}")]
+    Authority(String),
+    #[error("cannot set up TLS to the backend: {0}")]
+    Tls(String),
+}
+
+impl Forwarder {
+    pub fn new(backend: &BackendAddr, timeout: Duration) -> Result<Forwarder, ForwarderBuildError> {
+        let authority: Authority = backend
+            .authority()
+            .parse()
+            .map_err(|_| ForwarderBuildError::Authority(backend.authority()))?;
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let mut builder = Client::builder(TokioExecutor::new());
+        // ESP's template keeps 128 idle upstream connections per worker.
+        builder
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(128)
+            .set_host(false);
+        let (upstream, scheme, version) = match backend.scheme {
+            BackendScheme::Http => (
+                Upstream::Http(builder.build(http)),
+                Scheme::HTTP,
+                Version::HTTP_11,
+            ),
+            BackendScheme::Grpc => {
+                builder.http2_only(true);
+                (
+                    Upstream::Http(builder.build(http)),
+                    Scheme::HTTP,
+                    Version::HTTP_2,
+                )
+            }
+            BackendScheme::Https => {
+                http.enforce_http(false);
+                let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+                let https = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_provider_and_webpki_roots(provider)
+                    .map_err(|e| ForwarderBuildError::Tls(e.to_string()))?
+                    .https_only()
+                    .enable_http1()
+                    .wrap_connector(http);
+                (
+                    Upstream::Https(builder.build(https)),
+                    Scheme::HTTPS,
+                    Version::HTTP_11,
+                )
+            }
+        };
+        Ok(Forwarder {
+            upstream: std::sync::Arc::new(upstream),
+            scheme,
+            authority,
+            version,
+            timeout,
+        })
+    }
+
+    /// The upstream URI for a request target (path and query as the client sent it, after
+    /// `--rewrite`).
+    pub fn upstream_uri(&self, path_and_query: &str) -> Result<Uri, ForwardError> {
+        let pq: PathAndQuery = path_and_query.parse().map_err(|_| {
+            ForwardError::Other(format!("invalid request target {path_and_query:?}"))
+        })?;
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| ForwardError::Other(e.to_string()))
+    }
+
+    /// HTTP version spoken to the backend.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// Sends a prepared request and waits (bounded) for the response head.
+    pub async fn send(
+        &self,
+        req: Request<LimitedBody>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let fut = match &*self.upstream {
+            Upstream::Http(c) => c.request(req),
+            Upstream::Https(c) => c.request(req),
+        };
+        match tokio::time::timeout(self.timeout, fut).await {
+            Err(_) => Err(ForwardError::Timeout(self.timeout)),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(classify(&e)),
+        }
+    }
+}
+
+fn classify(e: &hyper_util::client::legacy::Error) -> ForwardError {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(b) = s.downcast_ref::<BodyTooLarge>() {
+            return ForwardError::BodyTooLarge(BodyTooLarge { limit: b.limit });
+        }
+        src = s.source();
+    }
+    if e.is_connect() {
+        ForwardError::Connect(error_chain(e))
+    } else {
+        ForwardError::Other(error_chain(e))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those the `Connection` header names.
+/// `keep_upgrade` keeps `Upgrade` for WebSocket pass-through; `keep_te_trailers` keeps
+/// `TE: trailers`, which gRPC requires.
+pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool, keep_te_trailers: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if keep_upgrade && n == header::UPGRADE {
+            continue;
+        }
+        if keep_te_trailers && n == header::TE {
+            continue;
+        }
+        h.remove(&n);
+    }
+    h.remove(header::CONNECTION);
+    h.remove(&KEEP_ALIVE);
+    h.remove(&PROXY_CONNECTION);
+    h.remove(header::TRAILER);
+    h.remove(header::TRANSFER_ENCODING);
+    h.remove(header::PROXY_AUTHORIZATION);
+    if !keep_upgrade {
+        h.remove(header::UPGRADE);
+    }
+    let te_is_trailers = h
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("trailers"));
+    if !(keep_te_trailers && te_is_trailers) {
+        h.remove(header::TE);
+    }
+}
+
+/// nginx's `$host`: the Host header (or the h2 `:authority`) without port, lower-cased.
+pub fn client_host(uri: &Uri, headers: &HeaderMap) -> Option<HeaderValue> {
+    let raw = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))?;
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        // IPv6 literal: keep the brackets, drop the port.
+        match rest.find(']') {
+            Some(i) => &raw[..i + 2],
+            None => raw,
+        }
+    } else {
+        raw.split(':').next().unwrap_or(raw)
+    };
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        HeaderValue::from_str(&host.to_ascii_lowercase()).ok()
+    } else {
+        HeaderValue::from_str(host).ok()
+    }
+}
+
+/// nginx `real_ip` with `real_ip_header X-Forwarded-For` and `real_ip_recursive on`: when the
+/// peer is trusted, walk X-Forwarded-For from the right past trusted addresses; the first
+/// untrusted one is the client. With ESP's default list (everything trusted) that is the
+/// left-most valid entry.
+pub fn real_client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut entries: Vec<&str> = Vec::new();
+    for v in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(s) = v.to_str() {
+            entries.extend(s.split(',').map(str::trim).filter(|e| !e.is_empty()));
+        }
+    }
+    let mut current = peer;
+    for e in entries.iter().rev() {
+        let Ok(ip) = e.parse::<IpAddr>() else { break };
+        current = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    current
+}
+
+/// `--client_ip_header`/`--client_ip_position`: the caller IP reported to Service Control.
+pub fn ip_from_header(headers: &HeaderMap, name: &str, position: i32) -> Option<IpAddr> {
+    let v = headers.get(name)?.to_str().ok()?;
+    let parts: Vec<&str> = v.split(',').map(str::trim).collect();
+    let idx = if position < 0 {
+        parts.len().checked_sub(position.unsigned_abs() as usize)?
+    } else {
+        position as usize
+    };
+    parts.get(idx)?.parse().ok()
+}
+
+/// Sets the forwarding headers ESP's nginx template sets (`X-Real-IP`, `X-Forwarded-For`
+/// appended, `X-Google-Real-IP`, `Host`).
+pub fn set_forwarding_headers(h: &mut HeaderMap, client_ip: IpAddr, host: Option<HeaderValue>) {
+    let ip_text = client_ip.to_string();
+    let ip_value = HeaderValue::from_str(&ip_text).unwrap_or_else(|_| HeaderValue::from_static(""));
+    // $proxy_add_x_forwarded_for: all incoming copies joined, then the client address.
+    let mut xff = String::new();
+    for v in h.get_all(&X_FORWARDED_FOR) {
+        if let Ok(s) = v.to_str() {
+            if !xff.is_empty() {
+                xff.push_str(", ");
+            }
+            xff.push_str(s);
+        }
+    }
+    let xff_value = if xff.is_empty() {
+        ip_value.clone()
+    } else {
+        xff.push_str(", ");
+        xff.push_str(&ip_text);
+        HeaderValue::from_str(&xff).unwrap_or_else(|_| ip_value.clone())
+    };
+    h.insert(&X_FORWARDED_FOR, xff_value);
+    h.insert(&X_REAL_IP, ip_value.clone());
+    h.insert(&X_GOOGLE_REAL_IP, ip_value);
+    if let Some(host) = host {
+        h.insert(header::HOST, host);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(s: &[&str]) -> Vec<IpNet> {
+        s.iter().map(|x| x.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn real_ip_default_trust_takes_leftmost() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.1.1.1, 2.2.2.2"),
+        );
+        let ip = real_client_ip(
+            "127.0.0.1".parse().unwrap(),
+            &h,
+            &nets(&["0.0.0.0/0", "::/0"]),
+        );
+        assert_eq!(ip.to_string(), "1.1.1.1");
+    }
+
+    #[test]
+    fn real_ip_stops_at_first_untrusted_from_the_right() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.1.1.1, 2.2.2.2, 10.0.0.5"),
+        );
+        let t = nets(&["10.0.0.0/8", "127.0.0.0/8"]);
+        assert_eq!(
+            real_client_ip("127.0.0.1".parse().unwrap(), &h, &t).to_string(),
+            "2.2.2.2"
+        );
+        // An untrusted peer's header is ignored entirely.
+        assert_eq!(
+            real_client_ip("8.8.8.8".parse().unwrap(), &h, &t).to_string(),
+            "8.8.8.8"
+        );
+    }
+
+    #[test]
+    fn client_ip_header_positions() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.1.1.1, 2.2.2.2, 3.3.3.3"),
+        );
+        assert_eq!(
+            ip_from_header(&h, "x-forwarded-for", -2)
+                .unwrap()
+                .to_string(),
+            "2.2.2.2"
+        );
+        assert_eq!(
+            ip_from_header(&h, "x-forwarded-for", 0)
+                .unwrap()
+                .to_string(),
+            "1.1.1.1"
+        );
+        assert!(ip_from_header(&h, "x-forwarded-for", 5).is_none());
+        assert!(ip_from_header(&h, "x-forwarded-for", -4).is_none());
+    }
+
+    #[test]
+    fn forwarding_headers_append_xff() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("9.9.9.9"));
+        h.append("x-forwarded-for", HeaderValue::from_static("8.8.8.8"));
+        set_forwarding_headers(
+            &mut h,
+            "9.9.9.9".parse().unwrap(),
+            Some(HeaderValue::from_static("api.example")),
+        );
+        assert_eq!(h["x-forwarded-for"], "9.9.9.9, 8.8.8.8, 9.9.9.9");
+        assert_eq!(h["x-real-ip"], "9.9.9.9");
+        assert_eq!(h["x-google-real-ip"], "9.9.9.9");
+        assert_eq!(h["host"], "api.example");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        let mut h2 = HeaderMap::new();
+        h2.insert("te", HeaderValue::from_static("trailers"));
+        h2.insert("upgrade", HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h2, true, true);
+        assert_eq!(h2.len(), 2);
+    }
+
+    #[test]
+    fn host_drops_port_and_lowercases() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("LocalHost:8082"));
+        assert_eq!(
+            client_host(&Uri::from_static("/"), &h).unwrap(),
+            "localhost"
+        );
+        h.insert("host", HeaderValue::from_static("[::1]:80"));
+        assert_eq!(client_host(&Uri::from_static("/"), &h).unwrap(), "[::1]");
+        let h = HeaderMap::new();
+        assert_eq!(
+            client_host(&Uri::from_static("http://a.b:1/x"), &h).unwrap(),
+            "a.b"
+        );
+    }
+}

@@ -1,0 +1,1115 @@
+//! The request path, in ESP v1's order. [`Pipeline::handle`] is where one request goes through:
+//!
+//! 1. `--healthz` and `--cors_preset` preflights (nginx answered these before ESP ran);
+//! 2. `--rewrite` on the raw target;
+//! 3. pick a config of the current rollout (weighted) — with neither Service Control nor auth
+//!    configured, everything is proxied untouched (ESP's access handler declines);
+//! 4. **match** method (`X-HTTP-Method-Override` wins) + raw target → [`MethodInfo`]; no match is
+//!    404 code 5, or 403 code 7 for OPTIONS;
+//! 5. **authenticate**: the JWT stage ([`Pipeline::jwt_stage`]);
+//! 6. API key ([`extract_api_key`], §2.4), 401 code 16 when the method needs a consumer and none
+//!    was given;
+//! 7. **check** with Service Control, then quota (never blocking);
+//! 8. **forward** to the backend ([`crate::forward`]);
+//! 9. **report** when the response body has been sent ([`ProxyBody`] drives the completion:
+//!    metrics, access log, Service Control report).
+//!
+//! Errors generated here are [`EspError`]s rendered as ESP renders them; backend responses,
+//! errors included, pass through untouched. Nothing on this path panics.
+
+use crate::auth::AuthInfo;
+use crate::cli::Settings;
+use crate::error::{Cause, EspError};
+use crate::forward::{self, ForwardError, Forwarder, LimitedBody};
+use crate::routing::{ApiKeyLocations, ConfigRoutes, MethodInfo, RouteTable};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::borrow::Cow;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+static X_HTTP_METHOD_OVERRIDE: HeaderName = HeaderName::from_static("x-http-method-override");
+/// The header the JWT stage fills; client copies are blanked (ESP's anti-spoofing).
+pub static X_ENDPOINT_API_USERINFO: HeaderName = HeaderName::from_static("x-endpoint-api-userinfo");
+pub static X_ENDPOINT_API_PROJECT_ID: HeaderName =
+    HeaderName::from_static("x-endpoint-api-project-id");
+static X_ANDROID_PACKAGE: HeaderName = HeaderName::from_static("x-android-package");
+static X_ANDROID_CERT: HeaderName = HeaderName::from_static("x-android-cert");
+static X_IOS_BUNDLE: HeaderName = HeaderName::from_static("x-ios-bundle-identifier");
+
+// ---------------------------------------------------------------------------------------------
+// Stage interfaces towards Service Control and JWT authentication.
+// ---------------------------------------------------------------------------------------------
+
+/// What the pipeline sends to a `:check`.
+#[derive(Debug, Clone)]
+pub struct CheckInput<'a> {
+    pub service_name: &'a str,
+    pub service_config_id: &'a str,
+    pub operation_name: &'a str,
+    pub api_key: &'a str,
+    pub caller_ip: IpAddr,
+    pub referer: Option<&'a str>,
+    pub android_package: Option<&'a str>,
+    pub android_cert: Option<&'a str>,
+    pub ios_bundle: Option<&'a str>,
+}
+
+/// A successful check.
+#[derive(Debug, Clone, Default)]
+pub struct CheckOk {
+    pub consumer_project_number: Option<i64>,
+    pub api_key_valid: bool,
+}
+
+/// What the pipeline asks of quota.
+#[derive(Debug, Clone)]
+pub struct QuotaInput<'a> {
+    pub service_name: &'a str,
+    pub service_config_id: &'a str,
+    pub operation_name: &'a str,
+    /// `api_key:<key>` or `project:<producer project>`.
+    pub consumer_id: &'a str,
+    pub metric_costs: &'a [(String, i64)],
+    pub caller_ip: IpAddr,
+    pub referer: Option<&'a str>,
+}
+
+/// Everything a Service Control report needs about one finished request.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    pub service_name: String,
+    pub service_config_id: String,
+    /// Selector, or `None` for an unmatched request (`<Unknown Operation Name>`).
+    pub operation_name: Option<String>,
+    pub api_name: String,
+    pub api_version: String,
+    pub api_key: Option<String>,
+    /// The check said the key is valid (ESP only then sets `consumerId`).
+    pub api_key_valid: bool,
+    /// The check failed at the network level (`/credential_id` = `apikey:UNKNOWN`).
+    pub check_network_failure: bool,
+    pub consumer_project_number: Option<i64>,
+    pub http_method: String,
+    pub url: String,
+    pub status: u16,
+    pub request_size: u64,
+    pub response_size: u64,
+    pub total_latency: Duration,
+    pub backend_latency: Option<Duration>,
+    pub caller_ip: IpAddr,
+    pub referer: Option<String>,
+    pub error_cause: Option<Cause>,
+    pub error_message: Option<String>,
+    /// `http`, `https` or `grpc`.
+    pub protocol: &'static str,
+    pub jwt_credential_id: Option<String>,
+    /// `endpoints_log.jwt_payloads` (`path=value;` pairs).
+    pub jwt_payloads: String,
+    pub request_headers: Vec<(String, String)>,
+    pub response_headers: Vec<(String, String)>,
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The pipeline's view of the Service Control client (check through the cache, quota from the
+/// cache with background refresh, reports enqueued). Implemented by `crate::control`.
+pub trait ControlApi: Send + Sync + 'static {
+    fn check<'a>(&'a self, input: CheckInput<'a>) -> BoxFuture<'a, Result<CheckOk, EspError>>;
+    fn allocate_quota(&self, input: QuotaInput<'_>) -> Result<(), EspError>;
+    fn report(&self, record: RequestRecord);
+    /// Status-page statistics (`serviceControlStatistics`), if the client keeps them.
+    fn statistics(&self) -> Option<serde_json::Value> {
+        None
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared state.
+// ---------------------------------------------------------------------------------------------
+
+/// State shared by every serving thread.
+pub struct ProxyState {
+    pub settings: Arc<Settings>,
+    /// The current rollout's routing tables; swapped whole, never mutated.
+    pub routes: ArcSwap<RouteTable>,
+    pub control: Option<Arc<dyn ControlApi>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub access_log: crate::access_log::AccessLog,
+    healthz_path: Option<String>,
+}
+
+impl ProxyState {
+    pub fn new(
+        settings: Arc<Settings>,
+        routes: RouteTable,
+        control: Option<Arc<dyn ControlApi>>,
+        metrics: Arc<crate::metrics::Metrics>,
+        access_log: crate::access_log::AccessLog,
+    ) -> ProxyState {
+        let healthz_path = settings.healthz.as_ref().map(|h| format!("/{h}"));
+        ProxyState {
+            settings,
+            routes: ArcSwap::from_pointee(routes),
+            control,
+            metrics,
+            access_log,
+            healthz_path,
+        }
+    }
+
+    /// Installs a new routing table; requests in flight keep the one they started with.
+    pub fn swap_routes(&self, table: RouteTable) {
+        let ids: Vec<(String, u32)> = table
+            .configs
+            .iter()
+            .map(|(c, p)| (c.config_id.clone(), *p))
+            .collect();
+        let service = table
+            .configs
+            .first()
+            .map(|(c, _)| c.service.name.clone())
+            .unwrap_or_default();
+        self.metrics.set_configs(&service, &table.rollout_id, &ids);
+        self.routes.store(Arc::new(table));
+        self.metrics.config_swaps.inc();
+    }
+}
+
+/// Connection facts the pipeline needs.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// One serving thread's pipeline: shared state + that thread's upstream pool.
+#[derive(Clone)]
+pub struct Pipeline {
+    state: Arc<ProxyState>,
+    forwarder: Forwarder,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Response body with completion accounting.
+// ---------------------------------------------------------------------------------------------
+
+enum Kind {
+    Empty,
+    Full(Option<Bytes>),
+    Stream(Incoming),
+}
+
+/// The response body: a proxy-generated one or the backend's, streamed. When it ends (or is
+/// dropped, e.g. for HEAD or a client that went away) the request is accounted: metrics, access
+/// log and the Service Control report.
+pub struct ProxyBody {
+    kind: Kind,
+    sent: u64,
+    done: Option<Box<Completion>>,
+}
+
+impl ProxyBody {
+    pub fn empty() -> ProxyBody {
+        ProxyBody {
+            kind: Kind::Empty,
+            sent: 0,
+            done: None,
+        }
+    }
+
+    pub fn full(b: impl Into<Bytes>) -> ProxyBody {
+        ProxyBody {
+            kind: Kind::Full(Some(b.into())),
+            sent: 0,
+            done: None,
+        }
+    }
+
+    fn stream(b: Incoming) -> ProxyBody {
+        ProxyBody {
+            kind: Kind::Stream(b),
+            sent: 0,
+            done: None,
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(c) = self.done.take() {
+            c.finish(self.sent);
+        }
+    }
+}
+
+impl Default for ProxyBody {
+    fn default() -> Self {
+        ProxyBody::empty()
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let res = match &mut this.kind {
+            Kind::Empty => Poll::Ready(None),
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Stream(s) => Pin::new(s).poll_frame(cx),
+        };
+        match &res {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.sent += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.finish(),
+            Poll::Pending => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Empty => true,
+            Kind::Full(b) => b.is_none(),
+            Kind::Stream(s) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Stream(s) => s.size_hint(),
+        }
+    }
+}
+
+/// What is known about a request once its response head is decided.
+struct Completion {
+    state: Arc<ProxyState>,
+    start: Instant,
+    method: Method,
+    url: String,
+    protocol: &'static str,
+    version: Version,
+    client_ip: IpAddr,
+    caller_ip: IpAddr,
+    status: u16,
+    request_bytes: u64,
+    backend_latency: Option<Duration>,
+    user_agent: Option<HeaderValue>,
+    referer: Option<HeaderValue>,
+    error: Option<EspError>,
+    /// Report to Service Control (ESP-handled request on a config with SC).
+    report: Option<ReportInfo>,
+}
+
+struct ReportInfo {
+    config: Arc<ConfigRoutes>,
+    method: Option<Arc<MethodInfo>>,
+    api_key: Option<String>,
+    check: Option<CheckOk>,
+    check_network_failure: bool,
+    auth: Option<AuthInfo>,
+    request_headers: Vec<(String, String)>,
+    response_headers: Vec<(String, String)>,
+}
+
+impl Completion {
+    fn finish(self: Box<Self>, sent: u64) {
+        let total = self.start.elapsed();
+        let st = &self.state;
+        st.metrics.observe_request(
+            crate::metrics::method_label(&self.method),
+            self.status,
+            total,
+        );
+        if let Some(b) = self.backend_latency {
+            st.metrics.backend_latency.observe(b.as_secs_f64());
+        }
+        if st.access_log.enabled() {
+            let time = crate::access_log::now_rfc3339();
+            let remote = self.client_ip.to_string();
+            let (api_method, config_id) = match &self.report {
+                Some(r) => (
+                    r.method.as_ref().map_or("", |m| m.selector.as_str()),
+                    r.config.config_id.as_str(),
+                ),
+                None => ("", ""),
+            };
+            st.access_log.write(&crate::access_log::Entry {
+                time: &time,
+                remote_addr: &remote,
+                method: self.method.as_str(),
+                uri: &self.url,
+                protocol: match self.version {
+                    Version::HTTP_2 => "HTTP/2.0",
+                    Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                },
+                status: self.status,
+                request_bytes: self.request_bytes,
+                response_bytes: sent,
+                latency_ms: total.as_secs_f64() * 1e3,
+                backend_latency_ms: self.backend_latency.map(|d| d.as_secs_f64() * 1e3),
+                api_method,
+                config_id,
+                user_agent: self.user_agent.as_ref().and_then(|v| v.to_str().ok()),
+                referer: self.referer.as_ref().and_then(|v| v.to_str().ok()),
+                error: self.error.as_ref().map(|e| e.message.as_str()),
+            });
+        }
+        let Some(r) = self.report else { return };
+        let Some(control) = &st.control else { return };
+        if r.method.as_ref().is_some_and(|m| m.skip_service_control) {
+            return;
+        }
+        let (api_name, api_version) = r
+            .method
+            .as_ref()
+            .map(|m| (m.api_name.clone(), m.api_version.clone()))
+            .unwrap_or_default();
+        control.report(RequestRecord {
+            service_name: r.config.service.name.clone(),
+            service_config_id: r.config.config_id.clone(),
+            operation_name: r.method.as_ref().map(|m| m.selector.clone()),
+            api_name,
+            api_version,
+            api_key: r.api_key,
+            api_key_valid: r.check.as_ref().is_some_and(|c| c.api_key_valid),
+            check_network_failure: r.check_network_failure,
+            consumer_project_number: r.check.as_ref().and_then(|c| c.consumer_project_number),
+            http_method: self.method.as_str().to_string(),
+            url: self.url,
+            status: self.status,
+            request_size: self.request_bytes,
+            response_size: sent,
+            total_latency: total,
+            backend_latency: self.backend_latency,
+            caller_ip: self.caller_ip,
+            referer: self
+                .referer
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            error_cause: self.error.as_ref().map(|e| e.cause),
+            error_message: self.error.map(|e| e.message),
+            protocol: self.protocol,
+            jwt_credential_id: r.auth.as_ref().map(|a| a.credential_id.clone()),
+            jwt_payloads: r.auth.map(|a| a.jwt_payloads).unwrap_or_default(),
+            request_headers: r.request_headers,
+            response_headers: r.response_headers,
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// API keys, rewrite, responses.
+// ---------------------------------------------------------------------------------------------
+
+/// The query string's value for `name` as nginx's `ngx_http_arg` finds it: first occurrence,
+/// name compared case-insensitively, value raw (still percent-encoded).
+fn query_arg<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k.eq_ignore_ascii_case(name) {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// ESP's API-key lookup (§2.4): every configured query parameter in order, then every header;
+/// an empty value counts as absent.
+pub fn extract_api_key<'a>(
+    query: Option<&'a str>,
+    headers: &'a HeaderMap,
+    loc: &ApiKeyLocations,
+) -> Option<&'a str> {
+    if let Some(q) = query {
+        for name in &loc.query {
+            if let Some(v) = query_arg(q, name).filter(|v| !v.is_empty()) {
+                return Some(v);
+            }
+        }
+    }
+    for h in &loc.headers {
+        if let Some(v) = headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+        {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Applies `--rewrite` rules to the raw target; the first matching rule wins.
+pub fn rewrite<'a>(rules: &[crate::cli::RewriteRule], target: &'a str) -> Cow<'a, str> {
+    for r in rules {
+        if let Some(caps) = r.pattern.captures(target) {
+            let mut out = String::new();
+            caps.expand(&r.replacement, &mut out);
+            return Cow::Owned(out);
+        }
+    }
+    Cow::Borrowed(target)
+}
+
+/// An ESP error as an HTTP response: JSON body (none for HEAD), `Content-Type`, and
+/// `WWW-Authenticate` on 401/403.
+pub fn error_response(err: &EspError, head: bool, jwt_present: bool) -> Response<ProxyBody> {
+    let body = if head {
+        ProxyBody::empty()
+    } else {
+        ProxyBody::full(err.body())
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() =
+        StatusCode::from_u16(err.http_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if err.http_status == 401 || err.http_status == 403 {
+        h.insert(
+            header::WWW_AUTHENTICATE,
+            if jwt_present {
+                HeaderValue::from_static("Bearer, error=\"invalid_token\"")
+            } else {
+                HeaderValue::from_static("Bearer")
+            },
+        );
+    }
+    resp
+}
+
+fn header_str<'a>(h: &'a HeaderMap, n: &HeaderName) -> Option<&'a str> {
+    h.get(n).and_then(|v| v.to_str().ok())
+}
+
+fn logged_headers(names: &[String], h: &HeaderMap) -> Vec<(String, String)> {
+    names
+        .iter()
+        .filter_map(|n| {
+            h.get(n.as_str())
+                .and_then(|v| v.to_str().ok())
+                .map(|v| (n.clone(), v.to_string()))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pipeline.
+// ---------------------------------------------------------------------------------------------
+
+/// Per-request facts gathered before the outcome is known.
+struct Ctx {
+    start: Instant,
+    method: Method,
+    version: Version,
+    head: bool,
+    client_ip: IpAddr,
+    caller_ip: IpAddr,
+    tls: bool,
+    cors_origin: Option<HeaderValue>,
+    jwt_present: bool,
+    request_bytes: u64,
+    user_agent: Option<HeaderValue>,
+    referer: Option<HeaderValue>,
+}
+
+impl Pipeline {
+    pub fn new(state: Arc<ProxyState>, forwarder: Forwarder) -> Pipeline {
+        Pipeline { state, forwarder }
+    }
+
+    pub fn state(&self) -> &Arc<ProxyState> {
+        &self.state
+    }
+
+    /// Handles one request end to end. Never fails: every outcome is a response.
+    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+        let st = &self.state;
+        let settings = &st.settings;
+        let h = req.headers();
+        let client_ip = forward::real_client_ip(conn.peer.ip(), h, &settings.xff_trusted);
+        let caller_ip = settings
+            .client_ip_header
+            .as_deref()
+            .and_then(|name| forward::ip_from_header(h, name, settings.client_ip_position))
+            .unwrap_or(client_ip);
+        let cors_origin = settings.cors.as_ref().and_then(|c| c.allowed_origin(h));
+        let mut ctx = Ctx {
+            start: Instant::now(),
+            method: req.method().clone(),
+            version: req.version(),
+            head: req.method() == Method::HEAD,
+            client_ip,
+            caller_ip,
+            tls: conn.tls,
+            jwt_present: false,
+            request_bytes: h
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            user_agent: h.get(header::USER_AGENT).cloned(),
+            referer: h.get(header::REFERER).cloned(),
+            cors_origin,
+        };
+
+        // nginx's exact-match health location and CORS preflight run before ESP.
+        if st.healthz_path.as_deref() == Some(req.uri().path()) {
+            let resp = Response::new(ProxyBody::empty());
+            return self.finalize(resp, &ctx, req.uri().to_string(), None, None, None);
+        }
+        if let (Some(cors), Some(origin)) = (&settings.cors, &ctx.cors_origin) {
+            if ctx.method == Method::OPTIONS {
+                let resp: Response<ProxyBody> = cors.preflight(origin.clone());
+                return self.finalize_plain(resp, &ctx, req.uri().to_string(), None);
+            }
+        }
+        if settings.client_max_body_size > 0 && ctx.request_bytes > settings.client_max_body_size {
+            let err = EspError::payload_too_large();
+            let url = req.uri().to_string();
+            return self.finalize(
+                error_response(&err, ctx.head, false),
+                &ctx,
+                url,
+                Some(err),
+                None,
+                None,
+            );
+        }
+
+        let original_target = req
+            .uri()
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/");
+        let target = rewrite(&settings.rewrites, original_target).into_owned();
+
+        let table = st.routes.load_full();
+        let Some(config) = table.pick().cloned() else {
+            let err = EspError::new(14, "No service configuration is loaded", Cause::Internal);
+            return self.finalize(
+                error_response(&err, ctx.head, false),
+                &ctx,
+                target,
+                Some(err),
+                None,
+                None,
+            );
+        };
+        drop(table);
+
+        if !config.enabled {
+            // ESP declines: no matching, no check, no report; nginx proxies as is.
+            return self.forward(req, &ctx, target, None, None).await;
+        }
+
+        let (mut parts, body) = req.into_parts();
+        // Anti-spoofing: every client copy is kept but emptied, as ESP does.
+        if let header::Entry::Occupied(mut e) = parts.headers.entry(&X_ENDPOINT_API_USERINFO) {
+            for v in e.iter_mut() {
+                *v = HeaderValue::from_static("");
+            }
+        }
+
+        let match_method = parts
+            .headers
+            .get(&X_HTTP_METHOD_OVERRIDE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(parts.method.as_str());
+        let Some(mi) = config.matcher.lookup(match_method, &target).cloned() else {
+            let err = if match_method == "OPTIONS" {
+                EspError::cors_not_allowed()
+            } else {
+                EspError::method_does_not_exist()
+            };
+            let report = self.report_info(&config, None, None, &parts.headers);
+            return self.finalize(
+                error_response(&err, ctx.head, ctx.jwt_present),
+                &ctx,
+                target,
+                Some(err),
+                Some(report),
+                None,
+            );
+        };
+
+        // JWT.
+        let auth = match self.jwt_stage(&parts, &target, &mi, &config).await {
+            Ok(a) => a,
+            Err((err, token_present)) => {
+                let report = self.report_info(&config, Some(&mi), None, &parts.headers);
+                return self.finalize(
+                    error_response(&err, ctx.head, token_present),
+                    &ctx,
+                    target,
+                    Some(err),
+                    Some(report),
+                    None,
+                );
+            }
+        };
+        // Later 401/403s say `invalid_token` only when a JWT was extracted for this request.
+        ctx.jwt_present = auth.is_some();
+
+        // API key: only for methods that need a consumer.
+        let query = target.split_once('?').map(|(_, q)| q);
+        let api_key = if mi.allow_unregistered_calls {
+            None
+        } else {
+            extract_api_key(query, &parts.headers, &mi.api_key_locations).map(str::to_string)
+        };
+
+        let mut report = self.report_info(&config, Some(&mi), api_key.clone(), &parts.headers);
+        report.auth = auth.clone();
+
+        if config.service_control && !mi.skip_service_control {
+            match (&api_key, mi.allow_unregistered_calls) {
+                (None, true) => {}
+                (None, false) => {
+                    let err = EspError::unregistered_caller();
+                    return self.finalize(
+                        error_response(&err, ctx.head, ctx.jwt_present),
+                        &ctx,
+                        target,
+                        Some(err),
+                        Some(report),
+                        None,
+                    );
+                }
+                (Some(key), _) => {
+                    let Some(control) = &st.control else {
+                        let err = EspError::new(
+                            14,
+                            "Service Control is configured for this service but the proxy has no Service Control client",
+                            Cause::ServiceControl,
+                        );
+                        return self.finalize(
+                            error_response(&err, ctx.head, ctx.jwt_present),
+                            &ctx,
+                            target,
+                            Some(err),
+                            Some(report),
+                            None,
+                        );
+                    };
+                    let h = &parts.headers;
+                    let input = CheckInput {
+                        service_name: &config.service.name,
+                        service_config_id: &config.config_id,
+                        operation_name: &mi.selector,
+                        api_key: key,
+                        caller_ip: ctx.caller_ip,
+                        referer: header_str(h, &header::REFERER),
+                        android_package: header_str(h, &X_ANDROID_PACKAGE),
+                        android_cert: header_str(h, &X_ANDROID_CERT),
+                        ios_bundle: header_str(h, &X_IOS_BUNDLE),
+                    };
+                    match control.check(input).await {
+                        Ok(ok) => {
+                            if let Some(n) = ok.consumer_project_number.filter(|n| *n > 0) {
+                                if let Ok(v) = HeaderValue::from_str(&n.to_string()) {
+                                    parts.headers.insert(&X_ENDPOINT_API_PROJECT_ID, v);
+                                }
+                            }
+                            report.check = Some(ok);
+                        }
+                        Err(err) => {
+                            report.check_network_failure = err.code == 14;
+                            return self.finalize(
+                                error_response(&err, ctx.head, ctx.jwt_present),
+                                &ctx,
+                                target,
+                                Some(err),
+                                Some(report),
+                                None,
+                            );
+                        }
+                    }
+                    if !mi.metric_costs.is_empty() {
+                        let consumer = format!("api_key:{key}");
+                        let q = QuotaInput {
+                            service_name: &config.service.name,
+                            service_config_id: &config.config_id,
+                            operation_name: &mi.selector,
+                            consumer_id: &consumer,
+                            metric_costs: &mi.metric_costs,
+                            caller_ip: ctx.caller_ip,
+                            referer: header_str(&parts.headers, &header::REFERER),
+                        };
+                        if let Err(err) = control.allocate_quota(q) {
+                            return self.finalize(
+                                error_response(&err, ctx.head, ctx.jwt_present),
+                                &ctx,
+                                target,
+                                Some(err),
+                                Some(report),
+                                None,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+
+        if let Some(a) = &auth {
+            parts
+                .headers
+                .insert(&X_ENDPOINT_API_USERINFO, a.user_info.clone());
+        }
+        let req = Request::from_parts(parts, body);
+        self.forward(req, &ctx, target, Some(report), Some(mi))
+            .await
+    }
+
+    /// The JWT stage: `Ok(None)` when the method needs no JWT; on failure the error and whether
+    /// a token was present (for `WWW-Authenticate`).
+    async fn jwt_stage(
+        &self,
+        parts: &http::request::Parts,
+        target: &str,
+        mi: &MethodInfo,
+        config: &ConfigRoutes,
+    ) -> Result<Option<AuthInfo>, (EspError, bool)> {
+        if mi.auth.is_none() {
+            return Ok(None);
+        }
+        let Some(authn) = &config.authenticator else {
+            return Err((
+                EspError::new(
+                    13,
+                    "JWT authentication is required by this method but not configured",
+                    Cause::Auth,
+                ),
+                false,
+            ));
+        };
+        let query = target.split_once('?').map(|(_, q)| q);
+        authn
+            .authenticate(&mi.selector, &parts.headers, query)
+            .await
+            .map_err(|e| (e.error, e.token_present))
+    }
+
+    fn report_info(
+        &self,
+        config: &Arc<ConfigRoutes>,
+        method: Option<&Arc<MethodInfo>>,
+        api_key: Option<String>,
+        headers: &HeaderMap,
+    ) -> ReportInfo {
+        ReportInfo {
+            config: config.clone(),
+            method: method.cloned(),
+            api_key,
+            check: None,
+            check_network_failure: false,
+            auth: None,
+            request_headers: logged_headers(&self.state.settings.log_request_headers, headers),
+            response_headers: Vec::new(),
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        ctx: &Ctx,
+        target: String,
+        report: Option<ReportInfo>,
+        mi: Option<Arc<MethodInfo>>,
+    ) -> Response<ProxyBody> {
+        let _ = mi;
+        let settings = &self.state.settings;
+        let (mut parts, body) = req.into_parts();
+        let websocket = settings.enable_websocket && parts.headers.contains_key(header::UPGRADE);
+        let grpc = self.forwarder.version() == Version::HTTP_2;
+        let host = forward::client_host(&parts.uri, &parts.headers);
+        forward::strip_hop_by_hop(&mut parts.headers, websocket, grpc);
+        forward::set_forwarding_headers(&mut parts.headers, ctx.client_ip, host);
+        if websocket {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        let uri = match self.forwarder.upstream_uri(&target) {
+            Ok(u) => u,
+            Err(e) => {
+                let err = EspError::new(3, e.to_string(), Cause::Internal);
+                return self.finalize(
+                    error_response(&err, ctx.head, ctx.jwt_present),
+                    ctx,
+                    target,
+                    Some(err),
+                    report,
+                    None,
+                );
+            }
+        };
+        let client_upgrade = if websocket {
+            // Taken from the client request before it is rebuilt for the backend.
+            let mut tmp = Request::new(());
+            *tmp.extensions_mut() = std::mem::take(&mut parts.extensions);
+            let on = hyper::upgrade::on(&mut tmp);
+            Some(on)
+        } else {
+            None
+        };
+        parts.uri = uri;
+        parts.version = self.forwarder.version();
+        let upstream_req =
+            Request::from_parts(parts, LimitedBody::new(body, settings.client_max_body_size));
+        let sent_at = Instant::now();
+        match self.forwarder.send(upstream_req).await {
+            Ok(mut resp) => {
+                let backend_latency = sent_at.elapsed();
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client_up) = client_upgrade {
+                        let backend_up = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(async move {
+                            match tokio::try_join!(client_up, backend_up) {
+                                Ok((c, b)) => {
+                                    let mut c = hyper_util::rt::TokioIo::new(c);
+                                    let mut b = hyper_util::rt::TokioIo::new(b);
+                                    if let Err(e) =
+                                        tokio::io::copy_bidirectional(&mut c, &mut b).await
+                                    {
+                                        tracing::debug!(error = %e, "websocket tunnel closed");
+                                    }
+                                }
+                                Err(e) => tracing::warn!(error = %e, "websocket upgrade failed"),
+                            }
+                        });
+                        let (mut rp, _) = resp.into_parts();
+                        rp.headers
+                            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                        let resp = Response::from_parts(rp, ProxyBody::empty());
+                        return self.finalize(
+                            resp,
+                            ctx,
+                            target,
+                            None,
+                            report,
+                            Some(backend_latency),
+                        );
+                    }
+                }
+                let (mut rp, body) = resp.into_parts();
+                forward::strip_hop_by_hop(&mut rp.headers, false, false);
+                let resp = Response::from_parts(rp, ProxyBody::stream(body));
+                self.finalize(resp, ctx, target, None, report, Some(backend_latency))
+            }
+            Err(e) => {
+                let err = match &e {
+                    ForwardError::Connect(_) | ForwardError::Other(_) => EspError::bad_gateway(),
+                    ForwardError::Timeout(_) => EspError::gateway_timeout(),
+                    ForwardError::BodyTooLarge(_) => EspError::payload_too_large(),
+                };
+                tracing::warn!(error = %e, status = err.http_status, "backend request failed");
+                self.finalize(
+                    error_response(&err, ctx.head, ctx.jwt_present),
+                    ctx,
+                    target,
+                    Some(err),
+                    report,
+                    None,
+                )
+            }
+        }
+    }
+
+    /// Adds the always-on response headers (CORS preset, HSTS) and arms the completion.
+    fn finalize(
+        &self,
+        mut resp: Response<ProxyBody>,
+        ctx: &Ctx,
+        url: String,
+        error: Option<EspError>,
+        report: Option<ReportInfo>,
+        backend_latency: Option<Duration>,
+    ) -> Response<ProxyBody> {
+        let settings = &self.state.settings;
+        if let (Some(cors), Some(origin)) = (&settings.cors, &ctx.cors_origin) {
+            cors.decorate(origin.clone(), resp.headers_mut());
+        }
+        if settings.hsts {
+            crate::cors::add_hsts(resp.headers_mut());
+        }
+        let report = report.map(|mut r| {
+            r.response_headers = logged_headers(&settings.log_response_headers, resp.headers());
+            r
+        });
+        self.arm(resp, ctx, url, error, report, backend_latency)
+    }
+
+    /// Like `finalize` without decorations (the preflight carries its own headers).
+    fn finalize_plain(
+        &self,
+        resp: Response<ProxyBody>,
+        ctx: &Ctx,
+        url: String,
+        error: Option<EspError>,
+    ) -> Response<ProxyBody> {
+        self.arm(resp, ctx, url, error, None, None)
+    }
+
+    fn arm(
+        &self,
+        mut resp: Response<ProxyBody>,
+        ctx: &Ctx,
+        url: String,
+        error: Option<EspError>,
+        report: Option<ReportInfo>,
+        backend_latency: Option<Duration>,
+    ) -> Response<ProxyBody> {
+        let status = resp.status().as_u16();
+        let protocol = if self.forwarder.version() == Version::HTTP_2 {
+            "grpc"
+        } else if ctx.tls {
+            "https"
+        } else {
+            "http"
+        };
+        resp.body_mut().done = Some(Box::new(Completion {
+            state: self.state.clone(),
+            start: ctx.start,
+            method: ctx.method.clone(),
+            url,
+            protocol,
+            version: ctx.version,
+            client_ip: ctx.client_ip,
+            caller_ip: ctx.caller_ip,
+            status,
+            request_bytes: ctx.request_bytes,
+            backend_latency,
+            user_agent: ctx.user_agent.clone(),
+            referer: ctx.referer.clone(),
+            error,
+            report,
+        }));
+        if ctx.head {
+            // A HEAD answer never carries a body, whoever produced it.
+            let done = resp.body_mut().done.take();
+            *resp.body_mut() = ProxyBody {
+                kind: Kind::Empty,
+                sent: 0,
+                done,
+            };
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hm(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn default_order_key_then_api_key_then_header() {
+        let d = ApiKeyLocations::esp_default();
+        let h = hm(&[("x-api-key", "H")]);
+        assert_eq!(extract_api_key(Some("api_key=A&key=B"), &h, &d), Some("B"));
+        assert_eq!(extract_api_key(Some("api_key=A"), &h, &d), Some("A"));
+        assert_eq!(extract_api_key(None, &h, &d), Some("H"));
+        assert_eq!(
+            extract_api_key(Some("other=1"), &HeaderMap::new(), &d),
+            None
+        );
+    }
+
+    #[test]
+    fn query_names_are_case_insensitive_and_values_raw() {
+        let d = ApiKeyLocations::esp_default();
+        assert_eq!(
+            extract_api_key(Some("KEY=a%2Bb"), &HeaderMap::new(), &d),
+            Some("a%2Bb")
+        );
+    }
+
+    #[test]
+    fn empty_value_counts_as_absent() {
+        let d = ApiKeyLocations::esp_default();
+        let h = hm(&[("x-api-key", "")]);
+        assert_eq!(extract_api_key(Some("key=&api_key=Z"), &h, &d), Some("Z"));
+        assert_eq!(extract_api_key(Some("key="), &h, &d), None);
+    }
+
+    #[test]
+    fn custom_locations_replace_defaults_queries_first() {
+        let loc = ApiKeyLocations {
+            query: vec!["mykey".into()],
+            headers: vec![HeaderName::from_static("x-my-key")],
+        };
+        let h = hm(&[("x-my-key", "HDR"), ("x-api-key", "DEFAULT")]);
+        assert_eq!(extract_api_key(Some("key=K&mykey=Q"), &h, &loc), Some("Q"));
+        assert_eq!(extract_api_key(Some("key=K"), &h, &loc), Some("HDR"));
+        let only_default = hm(&[("x-api-key", "DEFAULT")]);
+        assert_eq!(extract_api_key(Some("key=K"), &only_default, &loc), None);
+    }
+
+    #[test]
+    fn rewrite_first_match_wins_and_expands_groups() {
+        let rules = vec![
+            crate::cli::RewriteRule {
+                pattern: regex::Regex::new("^/api/(.*)$").unwrap(),
+                replacement: "/$1".into(),
+            },
+            crate::cli::RewriteRule {
+                pattern: regex::Regex::new("^/api/x").unwrap(),
+                replacement: "/never".into(),
+            },
+        ];
+        assert_eq!(rewrite(&rules, "/api/x?key=1"), "/x?key=1");
+        assert_eq!(rewrite(&rules, "/other"), "/other");
+    }
+
+    #[test]
+    fn error_response_headers() {
+        let r = error_response(&EspError::unregistered_caller(), false, false);
+        assert_eq!(r.status(), 401);
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let r = error_response(&EspError::cors_not_allowed(), true, true);
+        assert_eq!(
+            r.headers()["www-authenticate"],
+            "Bearer, error=\"invalid_token\""
+        );
+        assert!(r.body().is_end_stream());
+        let r = error_response(&EspError::bad_gateway(), false, false);
+        assert!(r.headers().get("www-authenticate").is_none());
+    }
+}

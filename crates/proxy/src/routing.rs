@@ -1,0 +1,439 @@
+//! Per-config method tables: where a request is **matched**.
+//!
+//! For every service config in the current rollout, [`ConfigRoutes::build`] compiles once (off
+//! the request path) a `PathMatcher<Arc<MethodInfo>>` from `http.rules` plus everything the
+//! pipeline needs per method (usage rule, API-key locations, auth requirements, quota costs,
+//! backend rule, API name/version). A [`RouteTable`] holds the configs of one rollout with their
+//! traffic percentages; the server swaps whole tables atomically when a new rollout arrives.
+//!
+//! CORS mechanism (A): when the service's own endpoint has `allowCors`, an `OPTIONS` rule with
+//! selector `CORS` (or `CORS.1`, ... when taken), no auth and unregistered calls allowed is added
+//! for every registered path template that has no explicit OPTIONS rule, as ESP's config loader
+//! does.
+
+use portico_config::service::{AuthenticationRule, BackendRule, HttpRule, SystemParameter};
+use portico_config::{PathMatcher, PathMatcherBuilder, Service};
+use rand::Rng;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+/// Where to look for the API key of a method (§2.4).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApiKeyLocations {
+    /// Query parameter names, in config order (tried first).
+    pub query: Vec<String>,
+    /// Header names, in config order (tried after the queries).
+    pub headers: Vec<http::HeaderName>,
+}
+
+impl ApiKeyLocations {
+    /// ESP's default when no `system_parameters` name the key: `key`, `api_key`, `x-api-key`.
+    pub fn esp_default() -> ApiKeyLocations {
+        ApiKeyLocations {
+            query: vec!["key".into(), "api_key".into()],
+            headers: vec![http::HeaderName::from_static("x-api-key")],
+        }
+    }
+}
+
+/// Everything the pipeline needs about one matched method, built once per config.
+#[derive(Debug, Clone)]
+pub struct MethodInfo {
+    /// `google.api.HttpRule.selector`, e.g. `1.echo_api_endpoints_demo_proj_cloud_goog.Echo`.
+    pub selector: String,
+    pub allow_unregistered_calls: bool,
+    pub skip_service_control: bool,
+    /// Configured API-key locations (custom ones replace the defaults).
+    pub api_key_locations: ApiKeyLocations,
+    /// The method's authentication rule when it has at least one requirement.
+    pub auth: Option<AuthenticationRule>,
+    /// `quota.metric_rules` costs for this selector.
+    pub metric_costs: Vec<(String, i64)>,
+    pub backend_rule: Option<BackendRule>,
+    pub api_name: String,
+    pub api_version: String,
+    /// A preflight rule added for `allowCors` (proxied, never checked).
+    pub cors_preflight: bool,
+}
+
+/// One service config, compiled.
+pub struct ConfigRoutes {
+    pub service: Arc<Service>,
+    /// `Service.id`, the config id reported to Service Control.
+    pub config_id: String,
+    /// Service Control is configured (`control.environment` non-empty, or an override URL).
+    pub service_control: bool,
+    /// Some method needs JWT authentication.
+    pub auth: bool,
+    /// ESP's `ServiceContext::Enabled()`: with neither SC nor auth, requests are proxied
+    /// untouched (no matching, no 404).
+    pub enabled: bool,
+    pub matcher: PathMatcher<Arc<MethodInfo>>,
+    /// The JWT validator for this config, when some method has requirements.
+    pub authenticator: Option<Arc<crate::auth::Authenticator>>,
+    /// Rules the matcher refused (bad templates, duplicates), for diagnostics.
+    pub skipped_rules: Vec<String>,
+}
+
+fn selector_api(service: &Service, selector: &str) -> (String, String) {
+    for api in &service.apis {
+        if let Some(rest) = selector.strip_prefix(api.name.as_str()) {
+            if rest.starts_with('.') {
+                return (api.name.clone(), api.version.clone());
+            }
+        }
+    }
+    (String::new(), String::new())
+}
+
+/// Process-wide inputs to compiling a config.
+#[derive(Clone)]
+pub struct RouteOptions {
+    /// `--service_control_url_override` is set: Service Control is on even without
+    /// `control.environment`.
+    pub sc_override: bool,
+    /// Shared across configs so JWKS stay cached through rollouts.
+    pub key_cache: Arc<crate::auth::KeyCache>,
+    pub auth_options: crate::auth::AuthOptions,
+}
+
+impl RouteOptions {
+    pub fn new(sc_override: bool) -> RouteOptions {
+        RouteOptions {
+            sc_override,
+            key_cache: crate::auth::KeyCache::new(crate::auth::KeyCacheOptions::default()),
+            auth_options: crate::auth::AuthOptions::default(),
+        }
+    }
+}
+
+impl ConfigRoutes {
+    /// Compiles a service config.
+    pub fn build(service: Arc<Service>, opts: &RouteOptions) -> ConfigRoutes {
+        let service_control = opts.sc_override || service.has_service_control();
+        let mut builder: PathMatcherBuilder<Arc<MethodInfo>> = PathMatcherBuilder::new();
+        let mut skipped_rules = Vec::new();
+
+        let auth_rules: HashMap<&str, &AuthenticationRule> = service
+            .authentication
+            .iter()
+            .flat_map(|a| a.rules.iter())
+            .filter(|r| !r.requirements.is_empty())
+            .map(|r| (r.selector.as_str(), r))
+            .collect();
+        let api_key_params: HashMap<&str, Vec<&SystemParameter>> = service
+            .system_parameters
+            .iter()
+            .flat_map(|sp| sp.rules.iter())
+            .map(|r| {
+                (
+                    r.selector.as_str(),
+                    r.parameters
+                        .iter()
+                        .filter(|p| p.name == "api_key")
+                        .collect(),
+                )
+            })
+            .collect();
+        let mut costs: HashMap<&str, Vec<(String, i64)>> = HashMap::new();
+        for r in service.quota.iter().flat_map(|q| q.metric_rules.iter()) {
+            costs
+                .entry(r.selector.as_str())
+                .or_default()
+                .extend(r.metric_costs.iter().map(|(k, v)| (k.clone(), *v)));
+        }
+        let backend_rules: HashMap<&str, &BackendRule> = service
+            .backend
+            .iter()
+            .flat_map(|b| b.rules.iter())
+            .map(|r| (r.selector.as_str(), r))
+            .collect();
+
+        let info_for = |selector: &str| -> MethodInfo {
+            let usage = service.usage_rule(selector);
+            let api_key_locations = match api_key_params.get(selector) {
+                Some(params) if !params.is_empty() => {
+                    let mut loc = ApiKeyLocations::default();
+                    for p in params {
+                        if !p.url_query_parameter.is_empty() {
+                            loc.query.push(p.url_query_parameter.clone());
+                        }
+                        if !p.http_header.is_empty() {
+                            match http::HeaderName::from_bytes(p.http_header.as_bytes()) {
+                                Ok(h) => loc.headers.push(h),
+                                Err(_) => tracing::warn!(
+                                    selector,
+                                    header = %p.http_header,
+                                    "ignoring invalid api_key header name in system_parameters"
+                                ),
+                            }
+                        }
+                    }
+                    loc
+                }
+                _ => ApiKeyLocations::esp_default(),
+            };
+            let (api_name, api_version) = selector_api(&service, selector);
+            MethodInfo {
+                selector: selector.to_string(),
+                allow_unregistered_calls: usage.is_some_and(|u| u.allow_unregistered_calls),
+                skip_service_control: usage.is_some_and(|u| u.skip_service_control),
+                api_key_locations,
+                auth: auth_rules.get(selector).map(|r| (*r).clone()),
+                metric_costs: costs.get(selector).cloned().unwrap_or_default(),
+                backend_rule: backend_rules.get(selector).map(|r| (*r).clone()),
+                api_name,
+                api_version,
+                cors_preflight: false,
+            }
+        };
+
+        let mut infos: HashMap<String, Arc<MethodInfo>> = HashMap::new();
+        let mut templates: Vec<String> = Vec::new();
+        let mut options_templates: HashSet<String> = HashSet::new();
+        let mut selectors: BTreeSet<String> = BTreeSet::new();
+        let mut register = |rule: &HttpRule,
+                            builder: &mut PathMatcherBuilder<Arc<MethodInfo>>,
+                            skipped: &mut Vec<String>| {
+            let Some((method, path)) = rule.method_and_path() else {
+                skipped.push(format!("{}: rule has no HTTP method", rule.selector));
+                return;
+            };
+            selectors.insert(rule.selector.clone());
+            let info = infos
+                .entry(rule.selector.clone())
+                .or_insert_with(|| Arc::new(info_for(&rule.selector)))
+                .clone();
+            match builder.register(method, path, info) {
+                Ok(()) => {
+                    if method == "OPTIONS" {
+                        options_templates.insert(path.to_string());
+                    }
+                    if !templates.iter().any(|t| t == path) {
+                        templates.push(path.to_string());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(selector = %rule.selector, method, path, error = %e, "skipping HTTP rule");
+                    skipped.push(format!("{} {} {}: {}", rule.selector, method, path, e));
+                }
+            }
+        };
+        for rule in service.http.iter().flat_map(|h| h.rules.iter()) {
+            register(rule, &mut builder, &mut skipped_rules);
+            for extra in &rule.additional_bindings {
+                let mut extra = extra.clone();
+                if extra.selector.is_empty() {
+                    extra.selector = rule.selector.clone();
+                }
+                register(&extra, &mut builder, &mut skipped_rules);
+            }
+        }
+
+        let allow_cors = service
+            .endpoints
+            .iter()
+            .any(|e| e.name == service.name && e.allow_cors);
+        if allow_cors {
+            let mut cors_selector = "CORS".to_string();
+            let mut n = 0;
+            while selectors.contains(&cors_selector) {
+                n += 1;
+                cors_selector = format!("CORS.{n}");
+            }
+            let mut cors_info = info_for(&cors_selector);
+            cors_info.allow_unregistered_calls = true;
+            cors_info.auth = None;
+            cors_info.metric_costs.clear();
+            cors_info.cors_preflight = true;
+            let cors_info = Arc::new(cors_info);
+            for t in templates.iter().filter(|t| !options_templates.contains(*t)) {
+                if let Err(e) = builder.register("OPTIONS", t, cors_info.clone()) {
+                    skipped_rules.push(format!("{cors_selector} OPTIONS {t}: {e}"));
+                }
+            }
+        }
+
+        let auth = !auth_rules.is_empty();
+        let authenticator = auth.then(|| {
+            Arc::new(crate::auth::Authenticator::new(
+                &service,
+                &opts.auth_options,
+                opts.key_cache.clone(),
+            ))
+        });
+        ConfigRoutes {
+            authenticator,
+            config_id: service.id.clone(),
+            service_control,
+            auth,
+            enabled: service_control || auth,
+            matcher: builder.build(),
+            skipped_rules,
+            service,
+        }
+    }
+}
+
+/// The configs of one rollout with their traffic percentages.
+pub struct RouteTable {
+    pub rollout_id: String,
+    pub configs: Vec<(Arc<ConfigRoutes>, u32)>,
+    total: u32,
+}
+
+impl RouteTable {
+    /// A table from compiled configs. Percentages of 0 are kept for status reporting but never
+    /// picked; if all are 0 the first config takes all traffic.
+    pub fn new(rollout_id: String, configs: Vec<(Arc<ConfigRoutes>, u32)>) -> RouteTable {
+        let total = configs.iter().map(|(_, p)| *p).sum();
+        RouteTable {
+            rollout_id,
+            configs,
+            total,
+        }
+    }
+
+    /// Compiles every config of a rollout.
+    pub fn from_services(
+        rollout_id: String,
+        services: &[(Arc<Service>, u32)],
+        opts: &RouteOptions,
+    ) -> RouteTable {
+        let configs = services
+            .iter()
+            .map(|(s, p)| (Arc::new(ConfigRoutes::build(s.clone(), opts)), *p))
+            .collect();
+        RouteTable::new(rollout_id, configs)
+    }
+
+    /// Picks a config for one request, weighted by traffic percentage (ESP's weighted selector).
+    pub fn pick(&self) -> Option<&Arc<ConfigRoutes>> {
+        if self.configs.len() <= 1 || self.total == 0 {
+            return self.configs.first().map(|(c, _)| c);
+        }
+        let mut r = rand::thread_rng().gen_range(0..self.total);
+        for (c, p) in &self.configs {
+            if r < *p {
+                return Some(c);
+            }
+            r -= p;
+        }
+        self.configs.last().map(|(c, _)| c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(json: &str) -> Arc<Service> {
+        Arc::new(serde_json::from_str(json).unwrap())
+    }
+
+    const BOOKSTORE: &str = r#"{
+      "name": "bookstore.example.com", "id": "2024-01-01r0",
+      "apis": [{"name": "1.bookstore", "version": "1.0.0", "methods": [{"name": "ListShelves"}]}],
+      "http": {"rules": [
+        {"selector": "1.bookstore.ListShelves", "get": "/shelves"},
+        {"selector": "1.bookstore.CreateShelf", "post": "/shelves"},
+        {"selector": "1.bookstore.GetShelf", "get": "/shelves/{shelf}"},
+        {"selector": "1.bookstore.CorsShelf", "custom": {"kind": "OPTIONS", "path": "/shelves/{shelf}"}},
+        {"selector": "1.bookstore.Bad", "get": "/"}
+      ]},
+      "usage": {"rules": [{"selector": "1.bookstore.ListShelves", "allowUnregisteredCalls": true}]},
+      "systemParameters": {"rules": [{"selector": "1.bookstore.GetShelf",
+         "parameters": [{"name": "api_key", "httpHeader": "X-My-Key"}, {"name": "api_key", "urlQueryParameter": "mykey"}]}]},
+      "quota": {"metricRules": [{"selector": "1.bookstore.CreateShelf", "metricCosts": {"writes": "2"}}]},
+      "authentication": {"rules": [{"selector": "1.bookstore.CreateShelf", "requirements": [{"providerId": "p"}]}],
+                         "providers": [{"id": "p", "issuer": "https://issuer"}]},
+      "endpoints": [{"name": "bookstore.example.com", "allowCors": true}],
+      "control": {"environment": "servicecontrol.example"}
+    }"#;
+
+    #[test]
+    fn builds_method_infos() {
+        let r = ConfigRoutes::build(svc(BOOKSTORE), &RouteOptions::new(false));
+        assert!(r.enabled && r.service_control && r.auth);
+        assert_eq!(r.config_id, "2024-01-01r0");
+        let m = r.matcher.lookup("GET", "/shelves?x=1").unwrap();
+        assert_eq!(m.selector, "1.bookstore.ListShelves");
+        assert!(m.allow_unregistered_calls);
+        assert_eq!(m.api_name, "1.bookstore");
+        assert_eq!(m.api_version, "1.0.0");
+        assert_eq!(m.api_key_locations, ApiKeyLocations::esp_default());
+        let g = r.matcher.lookup("GET", "/shelves/7").unwrap();
+        assert_eq!(g.api_key_locations.query, vec!["mykey".to_string()]);
+        assert_eq!(
+            g.api_key_locations.headers,
+            vec![http::HeaderName::from_static("x-my-key")]
+        );
+        let c = r.matcher.lookup("POST", "/shelves").unwrap();
+        assert_eq!(c.metric_costs, vec![("writes".to_string(), 2)]);
+        assert!(c.auth.is_some());
+        assert!(!c.allow_unregistered_calls);
+        // The root path is not a valid template: the rule is skipped, not fatal.
+        assert_eq!(r.skipped_rules.len(), 1, "{:?}", r.skipped_rules);
+    }
+
+    #[test]
+    fn allow_cors_adds_options_rules_but_keeps_explicit_ones() {
+        let r = ConfigRoutes::build(svc(BOOKSTORE), &RouteOptions::new(false));
+        let o = r.matcher.lookup("OPTIONS", "/shelves").unwrap();
+        assert_eq!(o.selector, "CORS");
+        assert!(o.cors_preflight && o.allow_unregistered_calls && o.auth.is_none());
+        let explicit = r.matcher.lookup("OPTIONS", "/shelves/1").unwrap();
+        assert_eq!(explicit.selector, "1.bookstore.CorsShelf");
+        assert!(!explicit.allow_unregistered_calls);
+    }
+
+    #[test]
+    fn cors_selector_avoids_collisions() {
+        let s = svc(
+            r#"{"name":"s","http":{"rules":[{"selector":"CORS","get":"/a"}]},
+                        "endpoints":[{"name":"s","allowCors":true}]}"#,
+        );
+        let r = ConfigRoutes::build(s, &RouteOptions::new(false));
+        assert_eq!(
+            r.matcher.lookup("OPTIONS", "/a").unwrap().selector,
+            "CORS.1"
+        );
+        assert!(
+            !r.enabled,
+            "no control, no auth: the proxy passes everything through"
+        );
+    }
+
+    #[test]
+    fn without_cors_there_is_no_options_rule() {
+        let s = svc(
+            r#"{"name":"s","http":{"rules":[{"selector":"A","get":"/a"}]},
+                        "control":{"environment":"x"}}"#,
+        );
+        let r = ConfigRoutes::build(s, &RouteOptions::new(false));
+        assert!(r.matcher.lookup("OPTIONS", "/a").is_none());
+        assert!(r.enabled);
+    }
+
+    #[test]
+    fn weighted_pick_follows_percentages() {
+        let a = svc(r#"{"name":"s","id":"a"}"#);
+        let b = svc(r#"{"name":"s","id":"b"}"#);
+        let t =
+            RouteTable::from_services("r".into(), &[(a, 80), (b, 20)], &RouteOptions::new(false));
+        let mut count_a = 0;
+        for _ in 0..5000 {
+            if t.pick().unwrap().config_id == "a" {
+                count_a += 1;
+            }
+        }
+        // 80% ± a wide margin: the point is that both are picked in roughly that ratio.
+        assert!((3600..4400).contains(&count_a), "{count_a}");
+        let only = RouteTable::from_services(
+            "r".into(),
+            &[(svc(r#"{"name":"s","id":"z"}"#), 0)],
+            &RouteOptions::new(false),
+        );
+        assert_eq!(only.pick().unwrap().config_id, "z");
+    }
+}

@@ -1,0 +1,545 @@
+//! Listeners and process lifecycle.
+//!
+//! Serving model: `--worker_threads` threads (default: one per core), each running its own
+//! single-threaded tokio runtime with its own upstream connection pool, all accepting on the
+//! same ports through `SO_REUSEPORT` sockets — nginx's worker model, without cross-thread
+//! hand-offs on the request path. Every serving port speaks HTTP/1.1 and HTTP/2 with prior
+//! knowledge (auto-detected); `--ssl_port` adds TLS with ALPN `h2`/`http/1.1`.
+//!
+//! The control side (config rollouts, the status port, signals) runs on the caller's runtime.
+//! A new rollout is compiled into a routing table there, off the request path, and swapped in
+//! atomically: requests in flight finish on the table they started with.
+//!
+//! Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish (bounded), then
+//! flush Service Control.
+
+use crate::cli::Settings;
+use crate::config_source::{self, ConfigSourceOptions, Rollout};
+use crate::forward::Forwarder;
+use crate::pipeline::{ConnInfo, ControlApi, Pipeline, ProxyState};
+use crate::routing::{RouteOptions, RouteTable};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({flag}): {source}")]
+    Bind {
+        flag: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS for --ssl_port: {0}")]
+    Tls(String),
+    #[error("backend client: {0}")]
+    Backend(#[from] crate::forward::ForwarderBuildError),
+    #[error("cannot start a serving thread: {0}")]
+    Thread(std::io::Error),
+    #[error("--access_log: {0}")]
+    AccessLog(std::io::Error),
+}
+
+/// Logs go to stderr (stdout carries the access log). `RUST_LOG` overrides the `info` default.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PortKind {
+    Http,
+    Http2,
+    Ssl,
+}
+
+/// A running proxy (in-process). Dropping it stops the serving threads without waiting.
+pub struct ProxyHandle {
+    pub http_addr: Option<SocketAddr>,
+    pub http2_addr: Option<SocketAddr>,
+    pub ssl_addr: Option<SocketAddr>,
+    pub status_addr: SocketAddr,
+    pub state: Arc<ProxyState>,
+    shutdown_tx: watch::Sender<bool>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ProxyHandle {
+    /// Stops accepting, waits up to `grace` for in-flight requests, then returns.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let _ = self.shutdown_tx.send(true);
+        let workers = std::mem::take(&mut self.workers);
+        let joined = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        });
+        // Workers bound their own drain by `grace`; the extra second covers thread teardown.
+        let _ = tokio::time::timeout(grace + Duration::from_secs(1), joined).await;
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        let _ = self.shutdown_tx.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_tcp_nodelay(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    // ESP's template listens with backlog=16384.
+    sock.listen(16384)?;
+    Ok(sock.into())
+}
+
+/// Binds `n` sockets on one port; port 0 is resolved by the first bind and reused.
+fn bind_group(
+    flag: &'static str,
+    ip: IpAddr,
+    port: u16,
+    n: usize,
+) -> Result<(SocketAddr, Vec<std::net::TcpListener>), StartError> {
+    let mut addr = SocketAddr::new(ip, port);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let l = bind_reuseport(addr).map_err(|source| StartError::Bind { flag, addr, source })?;
+        if addr.port() == 0 {
+            addr = l
+                .local_addr()
+                .map_err(|source| StartError::Bind { flag, addr, source })?;
+        }
+        out.push(l);
+    }
+    Ok((addr, out))
+}
+
+fn tls_acceptor(settings: &Settings) -> Result<tokio_rustls::TlsAcceptor, StartError> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (certs, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) = if settings
+        .generate_self_signed_cert
+    {
+        let ck =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).map_err(|e| {
+                StartError::Tls(format!("cannot generate a self-signed certificate: {e}"))
+            })?;
+        let key = PrivateKeyDer::try_from(ck.key_pair.serialize_der())
+            .map_err(|e| StartError::Tls(e.to_string()))?;
+        (vec![ck.cert.der().clone()], key)
+    } else {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p)
+                .map_err(|e| StartError::Tls(format!("cannot read {}: {e}", p.display())))
+        };
+        let cert_pem = read(&settings.ssl_cert_path)?;
+        let key_pem = read(&settings.ssl_key_path)?;
+        let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StartError::Tls(format!("{}: {e}", settings.ssl_cert_path.display())))?;
+        if certs.is_empty() {
+            return Err(StartError::Tls(format!(
+                "{} holds no PEM certificate",
+                settings.ssl_cert_path.display()
+            )));
+        }
+        let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+            .map_err(|e| StartError::Tls(format!("{}: {e}", settings.ssl_key_path.display())))?
+            .ok_or_else(|| {
+                StartError::Tls(format!(
+                    "{} holds no PEM private key",
+                    settings.ssl_key_path.display()
+                ))
+            })?;
+        (certs, key)
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StartError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| StartError::Tls(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Compiles a rollout into a routing table.
+pub fn compile(rollout: &Rollout, opts: &RouteOptions) -> RouteTable {
+    let table = RouteTable::from_services(rollout.rollout_id.clone(), &rollout.configs, opts);
+    for (c, _) in &table.configs {
+        for s in &c.skipped_rules {
+            tracing::warn!(config_id = %c.config_id, rule = %s, "HTTP rule not served");
+        }
+    }
+    table
+}
+
+/// Starts the proxy in this process: serving threads on the configured ports and, on the
+/// caller's runtime, the status server and the task that follows `rollouts`.
+pub async fn start(
+    settings: Arc<Settings>,
+    mut rollouts: watch::Receiver<Arc<Rollout>>,
+    control: Option<Arc<dyn ControlApi>>,
+) -> Result<ProxyHandle, StartError> {
+    let mut key_opts = crate::auth::KeyCacheOptions::default();
+    if let Some(d) = settings.jwks_cache_duration {
+        key_opts.ttl = d;
+    }
+    let route_opts = RouteOptions {
+        sc_override: settings.service_control_url_override.is_some(),
+        key_cache: crate::auth::KeyCache::new(key_opts),
+        auth_options: crate::auth::AuthOptions {
+            log_jwt_payload: settings.log_jwt_payload.clone(),
+        },
+    };
+    let first = rollouts.borrow_and_update().clone();
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let access_log = crate::access_log::AccessLog::from_flag(settings.access_log.as_deref())
+        .map_err(StartError::AccessLog)?;
+    let state = Arc::new(ProxyState::new(
+        settings.clone(),
+        RouteTable::new(String::new(), Vec::new()),
+        control,
+        metrics,
+        access_log,
+    ));
+    state.swap_routes(compile(&first, &route_opts));
+
+    let tls = match settings.ssl_port {
+        Some(_) => Some(tls_acceptor(&settings)?),
+        None => None,
+    };
+    let n = settings.worker_threads.max(1);
+    let ip = settings.listen_address;
+    let mut groups: Vec<(PortKind, Vec<std::net::TcpListener>)> = Vec::new();
+    let mut http_addr = None;
+    let mut http2_addr = None;
+    let mut ssl_addr = None;
+    if let Some(p) = settings.http_port {
+        let (a, ls) = bind_group("--http_port", ip, p, n)?;
+        http_addr = Some(a);
+        groups.push((PortKind::Http, ls));
+    }
+    if let Some(p) = settings.http2_port {
+        let (a, ls) = bind_group("--http2_port", ip, p, n)?;
+        http2_addr = Some(a);
+        groups.push((PortKind::Http2, ls));
+    }
+    if let Some(p) = settings.ssl_port {
+        let (a, ls) = bind_group("--ssl_port", ip, p, n)?;
+        ssl_addr = Some(a);
+        groups.push((PortKind::Ssl, ls));
+    }
+    let status_bind = SocketAddr::new(ip, settings.status_port);
+    let status_listener = tokio::net::TcpListener::bind(status_bind)
+        .await
+        .map_err(|source| StartError::Bind {
+            flag: "--status_port",
+            addr: status_bind,
+            source,
+        })?;
+    let status_addr = status_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            flag: "--status_port",
+            addr: status_bind,
+            source,
+        })?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut workers = Vec::with_capacity(n);
+    for i in 0..n {
+        let mine: Vec<(PortKind, std::net::TcpListener)> = groups
+            .iter_mut()
+            .filter_map(|(k, ls)| ls.pop().map(|l| (*k, l)))
+            .collect();
+        let forwarder = Forwarder::new(&settings.backend, settings.backend_timeout)?;
+        let pipeline = Arc::new(Pipeline::new(state.clone(), forwarder));
+        let rx = shutdown_rx.clone();
+        let tls = tls.clone();
+        let w = std::thread::Builder::new()
+            .name(format!("portico-worker-{i}"))
+            .spawn(move || worker_main(mine, pipeline, tls, rx))
+            .map_err(StartError::Thread)?;
+        workers.push(w);
+    }
+
+    let mut tasks = Vec::new();
+    let follower_state = state.clone();
+    tasks.push(tokio::spawn(async move {
+        // A local file's sender is dropped at once: `changed` errs and there is nothing to follow.
+        while rollouts.changed().await.is_ok() {
+            let rollout = rollouts.borrow_and_update().clone();
+            let opts = route_opts.clone();
+            // Compiling is CPU work; keep it off the runtime that serves the status port.
+            match tokio::task::spawn_blocking(move || compile(&rollout, &opts)).await {
+                Ok(table) => {
+                    tracing::info!(rollout_id = %table.rollout_id, "serving new rollout");
+                    follower_state.swap_routes(table);
+                }
+                Err(e) => tracing::error!(error = %e, "compiling the new rollout failed; keeping the old one"),
+            }
+        }
+    }));
+    let status_state = state.clone();
+    let mut status_shutdown = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let info = Arc::new(crate::status::StatusInfo {
+            started_at: crate::access_log::now_rfc3339(),
+        });
+        loop {
+            let accepted = tokio::select! {
+                a = status_listener.accept() => a,
+                _ = status_shutdown.changed() => break,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let st = status_state.clone();
+            let info = info.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let r = crate::status::handle(&st, &info, &req);
+                    async move { Ok::<_, Infallible>(r) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }));
+
+    Ok(ProxyHandle {
+        http_addr,
+        http2_addr,
+        ssl_addr,
+        status_addr,
+        state,
+        shutdown_tx,
+        workers,
+        tasks,
+    })
+}
+
+/// How long in-flight requests may take to finish after a shutdown signal.
+const DRAIN: Duration = Duration::from_secs(10);
+
+fn worker_main(
+    listeners: Vec<(PortKind, std::net::TcpListener)>,
+    pipeline: Arc<Pipeline>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build a worker runtime");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let graceful = Arc::new(GracefulShutdown::new());
+        let mut loops = Vec::new();
+        for (kind, l) in listeners {
+            let listener = match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot register a listener");
+                    continue;
+                }
+            };
+            loops.push(tokio::spawn(accept_loop(
+                kind,
+                listener,
+                pipeline.clone(),
+                tls.clone(),
+                graceful.clone(),
+                shutdown.clone(),
+            )));
+        }
+        for l in loops {
+            let _ = l.await;
+        }
+        if let Ok(g) = Arc::try_unwrap(graceful) {
+            if tokio::time::timeout(DRAIN, g.shutdown()).await.is_err() {
+                tracing::warn!("in-flight requests still running after {DRAIN:?}; closing them");
+            }
+        }
+    });
+}
+
+async fn accept_loop(
+    kind: PortKind,
+    listener: tokio::net::TcpListener,
+    pipeline: Arc<Pipeline>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    graceful: Arc<GracefulShutdown>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let conn_info = ConnInfo {
+            peer,
+            tls: kind == PortKind::Ssl,
+        };
+        let p = pipeline.clone();
+        let svc = service_fn(move |req| {
+            let p = p.clone();
+            async move { Ok::<_, Infallible>(p.handle(req, conn_info).await) }
+        });
+        match (kind, &tls) {
+            (PortKind::Ssl, Some(acceptor)) => {
+                let acceptor = acceptor.clone();
+                let builder = builder.clone();
+                let graceful = graceful.clone();
+                tokio::spawn(async move {
+                    let tls_stream = match tokio::time::timeout(
+                        Duration::from_secs(10),
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(tls_stream), svc)
+                        .into_owned();
+                    let _ = graceful.watch(conn).await;
+                });
+            }
+            _ => {
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .into_owned();
+                let fut = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = fut.await;
+                });
+            }
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = i.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// The whole `portico esp` process: fetch the config, serve, shut down on a signal.
+pub fn run(settings: Settings) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portico esp: cannot start the runtime: {e}");
+            return ExitCode::from(crate::cli::EXIT_SETUP);
+        }
+    };
+    rt.block_on(async move {
+        let settings = Arc::new(settings);
+        let credentials = match &settings.service_account_key {
+            Some(p) => match portico_credentials::ServiceAccountKey::from_file(p) {
+                Ok(k) => Some(Arc::new(k)),
+                Err(e) => {
+                    tracing::error!(path = %p.display(), error = %e, "cannot load --service_account_key");
+                    return ExitCode::from(crate::cli::EXIT_SETUP);
+                }
+            },
+            None => None,
+        };
+        let mut opts = ConfigSourceOptions::new(settings.service.clone().unwrap_or_default());
+        opts.version = settings.version.clone();
+        opts.rollout_strategy = match settings.rollout_strategy {
+            crate::cli::RolloutStrategy::Fixed => config_source::RolloutStrategy::Fixed,
+            crate::cli::RolloutStrategy::Managed => config_source::RolloutStrategy::Managed,
+        };
+        opts.service_json_path = settings.service_json_path.clone();
+        opts.management_url = settings.management.clone();
+        opts.credentials = credentials;
+        let rollouts = match config_source::start(opts).await {
+            Ok(rx) => rx,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load the service configuration");
+                return ExitCode::from(crate::cli::EXIT_FETCH);
+            }
+        };
+        let handle = match start(settings.clone(), rollouts, None).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the proxy");
+                return ExitCode::from(crate::cli::EXIT_SETUP);
+            }
+        };
+        tracing::info!(
+            http = ?handle.http_addr,
+            http2 = ?handle.http2_addr,
+            ssl = ?handle.ssl_addr,
+            status = %handle.status_addr,
+            backend = %settings.backend.authority(),
+            workers = settings.worker_threads,
+            "portico esp serving"
+        );
+        wait_for_signal().await;
+        handle.shutdown(DRAIN).await;
+        ExitCode::SUCCESS
+    })
+}
