@@ -50,7 +50,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn config_cmd(_args: Vec<OsString>) -> ExitCode {
-    eprintln!("not built yet");
-    ExitCode::from(3)
+fn config_cmd(args: Vec<OsString>) -> ExitCode {
+    portico_config::cli::main(args)
 }

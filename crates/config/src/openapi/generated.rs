@@ -1,0 +1,106 @@
+//! The fixed parts of a generated config: the `endpoints_log` log, the `api` monitored resource
+//! and the `serviceruntime.googleapis.com/api/*` metrics, wired to producer and consumer
+//! destinations. ESP only reports logs and metrics that the config declares, so without these a
+//! proxy would report nothing.
+
+use crate::service::{
+    LabelDescriptor, LogDescriptor, Logging, LoggingDestination, MetricDescriptor,
+    MonitoredResourceDescriptor, Monitoring, MonitoringDestination,
+};
+
+pub const LOG_NAME: &str = "endpoints_log";
+pub const MONITORED_RESOURCE: &str = "api";
+
+fn label(key: &str) -> LabelDescriptor {
+    LabelDescriptor {
+        key: key.to_string(),
+        ..Default::default()
+    }
+}
+
+pub fn logs() -> Vec<LogDescriptor> {
+    vec![LogDescriptor {
+        name: LOG_NAME.to_string(),
+        ..Default::default()
+    }]
+}
+
+pub fn monitored_resources() -> Vec<MonitoredResourceDescriptor> {
+    vec![MonitoredResourceDescriptor {
+        resource_type: MONITORED_RESOURCE.to_string(),
+        labels: [
+            "cloud.googleapis.com/location",
+            "cloud.googleapis.com/uid",
+            "serviceruntime.googleapis.com/api_version",
+            "serviceruntime.googleapis.com/api_method",
+            "serviceruntime.googleapis.com/consumer_project",
+            "cloud.googleapis.com/project",
+            "cloud.googleapis.com/service",
+        ]
+        .into_iter()
+        .map(label)
+        .collect(),
+    }]
+}
+
+/// (suffix, value type, unit)
+const RUNTIME_METRICS: &[(&str, &str, &str)] = &[
+    ("request_count", "INT64", "1"),
+    ("error_count", "INT64", "1"),
+    ("total_latencies", "DISTRIBUTION", "s"),
+    ("request_overhead_latencies", "DISTRIBUTION", "s"),
+    ("backend_latencies", "DISTRIBUTION", "s"),
+    ("request_sizes", "DISTRIBUTION", "By"),
+    ("response_sizes", "DISTRIBUTION", "By"),
+];
+
+fn metric_name(side: &str, suffix: &str) -> String {
+    format!("serviceruntime.googleapis.com/api/{side}/{suffix}")
+}
+
+pub fn metrics() -> Vec<MetricDescriptor> {
+    let mut out = Vec::new();
+    for side in ["consumer", "producer"] {
+        for (suffix, value_type, unit) in RUNTIME_METRICS {
+            let mut labels = vec![label("/protocol"), label("/response_code_class")];
+            if *suffix == "request_count" || *suffix == "error_count" {
+                labels.insert(0, label("/credential_id"));
+                labels.push(label("/response_code"));
+                labels.push(label("/status_code"));
+            }
+            out.push(MetricDescriptor {
+                name: metric_name(side, suffix),
+                labels,
+                metric_kind: "DELTA".to_string(),
+                value_type: value_type.to_string(),
+                unit: unit.to_string(),
+                ..Default::default()
+            });
+        }
+    }
+    out
+}
+
+pub fn logging() -> Logging {
+    Logging {
+        producer_destinations: vec![LoggingDestination {
+            monitored_resource: MONITORED_RESOURCE.to_string(),
+            logs: vec![LOG_NAME.to_string()],
+        }],
+        consumer_destinations: Vec::new(),
+    }
+}
+
+pub fn monitoring() -> Monitoring {
+    let dest = |side: &str| MonitoringDestination {
+        monitored_resource: MONITORED_RESOURCE.to_string(),
+        metrics: RUNTIME_METRICS
+            .iter()
+            .map(|(suffix, _, _)| metric_name(side, suffix))
+            .collect(),
+    };
+    Monitoring {
+        producer_destinations: vec![dest("producer")],
+        consumer_destinations: vec![dest("consumer")],
+    }
+}
