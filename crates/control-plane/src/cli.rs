@@ -36,6 +36,10 @@ pub struct Args {
     /// Admin bearer token file (default DATA/admin-token); created with a random token if absent.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// Master key for API key encryption (default DATA/master-key, created if absent). Replicas
+    /// sharing one database need the same key (or PORTICO_MASTER_KEY).
+    #[arg(long, env = "PORTICO_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
 }
 
 impl From<Args> for ServeOptions {
@@ -48,6 +52,7 @@ impl From<Args> for ServeOptions {
             redis_url: a.redis_url,
             public_url: a.public_url,
             admin_token_file: a.admin_token_file,
+            master_key_file: a.master_key_file,
         }
     }
 }

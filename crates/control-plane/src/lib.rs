@@ -12,6 +12,7 @@
 //! - [`projects`]: implicit projects and their numbers.
 //! - [`servicemanagement`], [`serviceusage`]: Service Management v1 and Service Usage v1.
 
+pub mod apikeys;
 pub mod auth;
 pub mod cli;
 pub mod crypto;
@@ -26,3 +27,4 @@ pub mod servicecontrol;
 pub mod servicemanagement;
 pub mod serviceusage;
 pub mod store;
+pub mod tokens;

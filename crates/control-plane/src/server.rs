@@ -45,6 +45,11 @@ pub fn migrations() -> Vec<&'static [Migration]> {
         crate::operations::MIGRATIONS,
         crate::servicemanagement::MIGRATIONS,
         crate::serviceusage::MIGRATIONS,
+        // Identity (IAM, Resource Manager, tokens, API keys).
+        crate::iam::MIGRATIONS,
+        crate::resourcemanager::MIGRATIONS,
+        crate::tokens::MIGRATIONS,
+        crate::apikeys::MIGRATIONS,
     ]
 }
 
@@ -54,6 +59,10 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::operations::routes())
         .merge(crate::servicemanagement::routes())
         .merge(crate::serviceusage::routes())
+        .merge(crate::iam::routes())
+        .merge(crate::resourcemanager::routes())
+        .merge(crate::tokens::routes())
+        .merge(crate::apikeys::routes())
         .merge(crate::jwks::routes())
         .fallback(not_found)
         .with_state(state)
@@ -100,6 +109,9 @@ pub struct ServeOptions {
     pub public_url: Option<String>,
     /// Where the admin token lives (default `DATA/admin-token`); created if absent.
     pub admin_token_file: Option<PathBuf>,
+    /// Master key file (API key encryption); default `DATA/master-key`, created if absent.
+    /// `PORTICO_MASTER_KEY` overrides both. Replicas sharing a database must share the key.
+    pub master_key_file: Option<PathBuf>,
 }
 
 impl ServeOptions {
@@ -112,6 +124,7 @@ impl ServeOptions {
             redis_url: None,
             public_url: None,
             admin_token_file: None,
+            master_key_file: None,
         }
     }
 }
@@ -162,6 +175,8 @@ pub struct Shared {
     pub verifiers: Vec<Arc<dyn TokenVerifier>>,
     /// Optional source of project-level IAM policies for permission checks.
     pub project_policies: Option<Arc<dyn auth::ProjectPolicySource>>,
+    /// Encrypts API key strings and keys their lookup hash (see `crypto.rs`).
+    pub master_key: crate::crypto::MasterKey,
 }
 
 impl AppState {
@@ -245,14 +260,20 @@ pub async fn build_state(
         .parent()
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."));
+    let master_key = crate::crypto::MasterKey::resolve(
+        opts.master_key_file.as_deref(),
+        Some(opts.data_dir.as_deref().unwrap_or(&secrets_dir)),
+    )
+    .map_err(|e| ServeError::Config(e.to_string()))?;
     let shared = Shared {
         store,
         public_url,
         redis,
         secrets_dir,
         admin_token,
-        verifiers: Vec::new(),
-        project_policies: None,
+        verifiers: vec![crate::tokens::verifier()],
+        project_policies: Some(crate::resourcemanager::policy_source()),
+        master_key,
     };
     Ok((AppState::new(shared), token_path))
 }

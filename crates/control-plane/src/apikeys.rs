@@ -1,0 +1,960 @@
+//! API Keys v2 (`gcloud services api-keys ...`) and the key lookup Service Control uses.
+//!
+//! # For other modules: [`lookup`]
+//! `apikeys::lookup(&state, key_string) -> Result<Option<ApiKeyRecord>, ApiError>` finds a key by
+//! its keyed hash (HMAC-SHA256 under the master key). The record carries `uid`, `key_id`, `name`
+//! (`projects/<number>/locations/global/keys/<id>`), `project_id`, `project_number`,
+//! `display_name`, `restrictions` (Google's JSON shape, typed: [`Restrictions`]) and `deleted`
+//! (soft-deleted keys are still returned so the caller can say "key deleted" rather than
+//! "invalid"). The key string itself is never in the record.
+//!
+//! # Routes (project = id or number; location must be `global`)
+//! - `POST /v2/projects/{p}/locations/global/keys[?keyId=]` → operation, done, whose `response` is
+//!   the Key **with `keyString`**. The stored copy of the operation omits `keyString`, so
+//!   `GET /v2/operations/{id}` (served by `operations.rs`) never returns it; gcloud does not poll
+//!   an operation that is already done, and `getKeyString` is the way to read it later.
+//! - `GET .../keys` (`showDeleted=True|False`, `pageSize`, `pageToken`), `GET .../keys/{id}`,
+//!   `GET .../keys/{id}/keyString`, `PATCH .../keys/{id}?updateMask=` (displayName,
+//!   restrictions[.apiTargets|.serverKeyRestrictions|.browserKeyRestrictions|...], annotations),
+//!   `DELETE .../keys/{id}` (soft: sets `deleteTime`), `POST .../keys/{id}:undelete`.
+//! - `GET /v2/keys:lookupKey?keyString=` → `{name, parent}`.
+//!
+//! # At rest
+//! The key string is stored only as AES-256-GCM ciphertext (bound to the key's uid) and as the
+//! keyed lookup hash; see `crypto.rs`. It is never logged and never put in an error message.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::iam::{json_body, next_page_token, page_bounds};
+use crate::operations::{self, Outcome};
+use crate::resourcemanager::{perms, require_project_permission};
+use crate::server::{split_verb, AppState};
+use crate::store::{now_rfc3339, Migration};
+
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    id: "apikeys_0001",
+    sql: &["CREATE TABLE IF NOT EXISTS apikeys_keys (\
+         uid TEXT PRIMARY KEY, \
+         project_id TEXT NOT NULL, \
+         project_number BIGINT NOT NULL, \
+         key_id TEXT NOT NULL, \
+         display_name TEXT NOT NULL, \
+         restrictions TEXT NOT NULL, \
+         annotations TEXT NOT NULL, \
+         key_hash TEXT NOT NULL UNIQUE, \
+         key_sealed TEXT NOT NULL, \
+         etag TEXT NOT NULL, \
+         create_time TEXT NOT NULL, \
+         update_time TEXT NOT NULL, \
+         delete_time TEXT NOT NULL, \
+         UNIQUE (project_id, key_id))"],
+}];
+
+/// Domain separation label for the lookup hash.
+const HASH_PURPOSE: &str = "apikeys.keyString";
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/v2/projects/{project}/locations/{location}/keys",
+            get(list_keys).post(create_key),
+        )
+        .route(
+            "/v2/projects/{project}/locations/{location}/keys/{key}",
+            get(get_key)
+                .patch(patch_key)
+                .delete(delete_key)
+                .post(key_verb),
+        )
+        .route(
+            "/v2/projects/{project}/locations/{location}/keys/{key}/keyString",
+            get(get_key_string),
+        )
+        .route("/v2/keys:lookupKey", get(lookup_key))
+}
+
+/// `google.api.apikeys.v2.Restrictions`. Unknown fields are refused so a typo is a 400, not a
+/// silently unrestricted key.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Restrictions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub browser_key_restrictions: Option<BrowserKeyRestrictions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_key_restrictions: Option<ServerKeyRestrictions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub android_key_restrictions: Option<AndroidKeyRestrictions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ios_key_restrictions: Option<IosKeyRestrictions>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_targets: Vec<ApiTarget>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BrowserKeyRestrictions {
+    #[serde(default)]
+    pub allowed_referrers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerKeyRestrictions {
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AndroidKeyRestrictions {
+    #[serde(default)]
+    pub allowed_applications: Vec<AndroidApplication>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AndroidApplication {
+    #[serde(default)]
+    pub sha1_fingerprint: String,
+    #[serde(default)]
+    pub package_name: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IosKeyRestrictions {
+    #[serde(default)]
+    pub allowed_bundle_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiTarget {
+    #[serde(default)]
+    pub service: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+}
+
+impl Restrictions {
+    /// Google's rules: at most one kind of application restriction; every entry well-formed.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        let kinds = [
+            self.browser_key_restrictions.is_some(),
+            self.server_key_restrictions.is_some(),
+            self.android_key_restrictions.is_some(),
+            self.ios_key_restrictions.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if kinds > 1 {
+            return Err(ApiError::invalid_argument(
+                "A key can have only one kind of application restriction (browser, server, \
+                 Android or iOS).",
+            ));
+        }
+        for t in &self.api_targets {
+            if t.service.trim().is_empty() || t.service.contains(char::is_whitespace) {
+                return Err(bad_field(
+                    "restrictions.apiTargets.service",
+                    format!("Invalid API target service '{}'.", t.service),
+                ));
+            }
+            for m in &t.methods {
+                if m.trim().is_empty() || m.contains(char::is_whitespace) {
+                    return Err(bad_field(
+                        "restrictions.apiTargets.methods",
+                        format!("Invalid API target method '{m}'."),
+                    ));
+                }
+            }
+        }
+        if let Some(s) = &self.server_key_restrictions {
+            for ip in &s.allowed_ips {
+                let entry = ip.trim();
+                if entry.parse::<IpAddr>().is_err() && entry.parse::<ipnet::IpNet>().is_err() {
+                    return Err(bad_field(
+                        "restrictions.serverKeyRestrictions.allowedIps",
+                        format!("Invalid IP address or CIDR block '{ip}'."),
+                    ));
+                }
+            }
+        }
+        if let Some(b) = &self.browser_key_restrictions {
+            for r in &b.allowed_referrers {
+                if r.trim().is_empty() || r.contains(char::is_whitespace) {
+                    return Err(bad_field(
+                        "restrictions.browserKeyRestrictions.allowedReferrers",
+                        format!("Invalid HTTP referrer pattern '{r}'."),
+                    ));
+                }
+            }
+        }
+        if let Some(a) = &self.android_key_restrictions {
+            for app in &a.allowed_applications {
+                if app.package_name.is_empty() || app.sha1_fingerprint.is_empty() {
+                    return Err(bad_field(
+                        "restrictions.androidKeyRestrictions.allowedApplications",
+                        "Android applications need packageName and sha1Fingerprint.".to_string(),
+                    ));
+                }
+            }
+        }
+        if let Some(i) = &self.ios_key_restrictions {
+            if i.allowed_bundle_ids.iter().any(|b| b.trim().is_empty()) {
+                return Err(bad_field(
+                    "restrictions.iosKeyRestrictions.allowedBundleIds",
+                    "Empty iOS bundle id.".to_string(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == Restrictions::default()
+    }
+}
+
+fn bad_field(field: &str, message: String) -> ApiError {
+    ApiError::invalid_argument(message.clone()).with_field_violation(field, &message)
+}
+
+/// A key as Service Control needs it. Never contains the key string.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKeyRecord {
+    pub uid: String,
+    pub key_id: String,
+    /// `projects/<number>/locations/global/keys/<key_id>`.
+    pub name: String,
+    pub project_id: String,
+    pub project_number: i64,
+    pub display_name: String,
+    pub restrictions: Restrictions,
+    pub deleted: bool,
+}
+
+/// Finds a key by its string (via the keyed hash). Soft-deleted keys are returned with
+/// `deleted: true`.
+pub async fn lookup(state: &AppState, key_string: &str) -> Result<Option<ApiKeyRecord>, ApiError> {
+    let hash = state
+        .master_key
+        .keyed_hash(HASH_PURPOSE, key_string.as_bytes());
+    let row: Option<KeyRow> = sqlx::query_as(&format!(
+        "SELECT {KEY_COLUMNS} FROM apikeys_keys WHERE key_hash = $1"
+    ))
+    .bind(&hash)
+    .fetch_optional(state.store.pool())
+    .await?;
+    row.map(StoredKey::try_from_row).transpose().map(|k| {
+        k.map(|k| ApiKeyRecord {
+            name: k.name(),
+            uid: k.uid,
+            key_id: k.key_id,
+            project_id: k.project_id,
+            project_number: k.project_number,
+            display_name: k.display_name,
+            restrictions: k.restrictions,
+            deleted: !k.delete_time.is_empty(),
+        })
+    })
+}
+
+const KEY_COLUMNS: &str = "uid, project_id, project_number, key_id, display_name, restrictions, \
+     annotations, etag, create_time, update_time, delete_time";
+
+type KeyRow = (
+    String,
+    String,
+    i64,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+);
+
+#[derive(Debug, Clone)]
+struct StoredKey {
+    uid: String,
+    project_id: String,
+    project_number: i64,
+    key_id: String,
+    display_name: String,
+    restrictions: Restrictions,
+    annotations: serde_json::Map<String, Value>,
+    etag: String,
+    create_time: String,
+    update_time: String,
+    delete_time: String,
+}
+
+impl StoredKey {
+    fn try_from_row(r: KeyRow) -> Result<Self, ApiError> {
+        Ok(StoredKey {
+            uid: r.0,
+            project_id: r.1,
+            project_number: r.2,
+            key_id: r.3,
+            display_name: r.4,
+            restrictions: serde_json::from_str(&r.5)?,
+            annotations: serde_json::from_str(&r.6)?,
+            etag: r.7,
+            create_time: r.8,
+            update_time: r.9,
+            delete_time: r.10,
+        })
+    }
+
+    fn name(&self) -> String {
+        format!(
+            "projects/{}/locations/global/keys/{}",
+            self.project_number, self.key_id
+        )
+    }
+
+    /// The V2Key JSON (without `keyString`).
+    fn to_json(&self) -> Value {
+        let mut v = json!({
+            "name": self.name(),
+            "uid": self.uid,
+            "displayName": self.display_name,
+            "createTime": self.create_time,
+            "updateTime": self.update_time,
+            "etag": format!("W/\"{}\"", self.etag),
+        });
+        if !self.delete_time.is_empty() {
+            v["deleteTime"] = json!(self.delete_time);
+        }
+        if !self.restrictions.is_empty() {
+            v["restrictions"] = serde_json::to_value(&self.restrictions).unwrap_or(Value::Null);
+        }
+        if !self.annotations.is_empty() {
+            v["annotations"] = Value::Object(self.annotations.clone());
+        }
+        v
+    }
+
+    fn to_response(&self) -> Value {
+        let mut v = self.to_json();
+        if let Some(obj) = v.as_object_mut() {
+            // `@type` first, as Google renders Any.
+            let mut out = serde_json::Map::new();
+            out.insert(
+                "@type".into(),
+                json!("type.googleapis.com/google.api.apikeys.v2.Key"),
+            );
+            out.extend(std::mem::take(obj));
+            return Value::Object(out);
+        }
+        v
+    }
+}
+
+/// Google's key-id rule: `[a-z]([a-z0-9-]{0,61}[a-z0-9])?`.
+fn validate_key_id(id: &str) -> Result<(), ApiError> {
+    let b = id.as_bytes();
+    let ok = (1..=63).contains(&b.len())
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.last().is_some_and(|c| *c != b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(bad_field(
+            "key_id",
+            format!(
+                "Invalid keyId '{id}': it must match [a-z]([a-z0-9-]{{0,61}}[a-z0-9])? (1-63 \
+                 lower-case letters, digits or hyphens, starting with a letter)."
+            ),
+        ))
+    }
+}
+
+fn new_etag() -> String {
+    crate::crypto::random_urlsafe(12)
+}
+
+fn check_location(location: &str) -> Result<(), ApiError> {
+    if location == "global" {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_argument(format!(
+            "Invalid location '{location}': API keys live in location 'global'."
+        )))
+    }
+}
+
+/// Resolves `{project}` (id or number) and authorises `permission` on it.
+async fn project_for(
+    state: &AppState,
+    principal: &Principal,
+    project: &str,
+    location: &str,
+    permission: &str,
+) -> Result<(String, i64), ApiError> {
+    check_location(location)?;
+    let project_id = crate::projects::project_id_for(&state.store, project).await?;
+    require_project_permission(state, principal, &project_id, permission).await?;
+    let number = crate::projects::project_number(&state.store, &project_id).await?;
+    Ok((project_id, number))
+}
+
+async fn load_key(state: &AppState, project_id: &str, key_id: &str) -> Result<StoredKey, ApiError> {
+    let row: Option<KeyRow> = sqlx::query_as(&format!(
+        "SELECT {KEY_COLUMNS} FROM apikeys_keys WHERE project_id = $1 AND key_id = $2"
+    ))
+    .bind(project_id)
+    .bind(key_id)
+    .fetch_optional(state.store.pool())
+    .await?;
+    match row {
+        Some(r) => StoredKey::try_from_row(r),
+        None => Err(ApiError::not_found(format!(
+            "Key 'projects/{project_id}/locations/global/keys/{key_id}' not found."
+        ))),
+    }
+}
+
+fn operation_name(project_number: i64) -> String {
+    format!(
+        "operations/akmf.p7-{project_number}-{}",
+        uuid::Uuid::new_v4()
+    )
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct KeyBody {
+    display_name: Option<String>,
+    restrictions: Option<Value>,
+    annotations: Option<serde_json::Map<String, Value>>,
+}
+
+fn parse_restrictions(v: Option<Value>) -> Result<Restrictions, ApiError> {
+    let r: Restrictions = match v {
+        None | Some(Value::Null) => Restrictions::default(),
+        Some(v) => serde_json::from_value(v)
+            .map_err(|e| ApiError::invalid_argument(format!("Invalid restrictions: {e}")))?,
+    };
+    r.validate()?;
+    Ok(r)
+}
+
+fn validate_display_name(n: &str) -> Result<(), ApiError> {
+    if n.chars().count() > 63 {
+        return Err(bad_field(
+            "display_name",
+            "displayName must be at most 63 characters.".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn create_key(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((project, location)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let (project_id, number) = project_for(
+        &state,
+        &principal,
+        &project,
+        &location,
+        perms::APIKEYS_CREATE,
+    )
+    .await?;
+    let req: KeyBody = json_body(&body)?;
+    let display_name = req.display_name.unwrap_or_default();
+    validate_display_name(&display_name)?;
+    let restrictions = parse_restrictions(req.restrictions)?;
+    let uid = uuid::Uuid::new_v4().to_string();
+    let key_id = match query.get("keyId").filter(|k| !k.is_empty()) {
+        Some(k) => {
+            validate_key_id(k)?;
+            k.clone()
+        }
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    let key_string = crate::crypto::new_api_key_string();
+    let sealed = state
+        .master_key
+        .seal(uid.as_bytes(), key_string.as_bytes())
+        .map_err(ApiError::internal)?;
+    let now = now_rfc3339();
+    let key = StoredKey {
+        uid: uid.clone(),
+        project_id: project_id.clone(),
+        project_number: number,
+        key_id: key_id.clone(),
+        display_name,
+        restrictions,
+        annotations: req.annotations.unwrap_or_default(),
+        etag: new_etag(),
+        create_time: now.clone(),
+        update_time: now.clone(),
+        delete_time: String::new(),
+    };
+    let mut tx = state.store.pool().begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO apikeys_keys (uid, project_id, project_number, key_id, display_name, \
+         restrictions, annotations, key_hash, key_sealed, etag, create_time, update_time, \
+         delete_time) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&key.uid)
+    .bind(&key.project_id)
+    .bind(key.project_number)
+    .bind(&key.key_id)
+    .bind(&key.display_name)
+    .bind(serde_json::to_string(&key.restrictions)?)
+    .bind(serde_json::to_string(&key.annotations)?)
+    .bind(
+        state
+            .master_key
+            .keyed_hash(HASH_PURPOSE, key_string.as_bytes()),
+    )
+    .bind(&sealed)
+    .bind(&key.etag)
+    .bind(&key.create_time)
+    .bind(&key.update_time)
+    .bind(&key.delete_time)
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(ApiError::already_exists(format!(
+            "Key with id '{key_id}' already exists in project {project_id}."
+        )));
+    }
+    let op_name = operation_name(number);
+    // Stored without the key string: the operations table is plain JSON.
+    let mut op = operations::insert(
+        &mut tx,
+        &op_name,
+        Value::Null,
+        Outcome::Response(key.to_response()),
+    )
+    .await?;
+    tx.commit().await?;
+    op["response"]["keyString"] = json!(key_string);
+    tracing::info!(key = %key.name(), by = %principal.display(), "created API key");
+    Ok(Json(op))
+}
+
+async fn list_keys(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((project, location)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let (project_id, _) =
+        project_for(&state, &principal, &project, &location, perms::APIKEYS_LIST).await?;
+    let show_deleted = match query.get("showDeleted").map(String::as_str) {
+        None | Some("") => false,
+        Some(v) if v.eq_ignore_ascii_case("true") => true,
+        Some(v) if v.eq_ignore_ascii_case("false") => false,
+        Some(v) => {
+            return Err(ApiError::invalid_argument(format!(
+                "Invalid showDeleted '{v}': expected true or false."
+            )))
+        }
+    };
+    let (offset, size) = page_bounds(&query, 300, 300)?;
+    let rows: Vec<KeyRow> = sqlx::query_as(&format!(
+        "SELECT {KEY_COLUMNS} FROM apikeys_keys WHERE project_id = $1 \
+         ORDER BY create_time, key_id"
+    ))
+    .bind(&project_id)
+    .fetch_all(state.store.pool())
+    .await?;
+    let mut keys = Vec::new();
+    for r in rows {
+        let k = StoredKey::try_from_row(r)?;
+        if show_deleted || k.delete_time.is_empty() {
+            keys.push(k);
+        }
+    }
+    let total = keys.len();
+    let page: Vec<Value> = keys
+        .iter()
+        .skip(offset)
+        .take(size)
+        .map(StoredKey::to_json)
+        .collect();
+    let mut out = json!({});
+    if !page.is_empty() {
+        out["keys"] = Value::Array(page);
+    }
+    if let Some(t) = next_page_token(offset, size, total) {
+        out["nextPageToken"] = json!(t);
+    }
+    Ok(Json(out))
+}
+
+async fn get_key(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((project, location, key)): Path<(String, String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let (project_id, _) =
+        project_for(&state, &principal, &project, &location, perms::APIKEYS_GET).await?;
+    Ok(Json(load_key(&state, &project_id, &key).await?.to_json()))
+}
+
+async fn get_key_string(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((project, location, key)): Path<(String, String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let (project_id, _) = project_for(
+        &state,
+        &principal,
+        &project,
+        &location,
+        perms::APIKEYS_GET_KEY_STRING,
+    )
+    .await?;
+    let stored = load_key(&state, &project_id, &key).await?;
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT key_sealed FROM apikeys_keys WHERE uid = $1")
+            .bind(&stored.uid)
+            .fetch_optional(state.store.pool())
+            .await?;
+    let Some((sealed,)) = row else {
+        return Err(ApiError::not_found(format!(
+            "Key '{}' not found.",
+            stored.name()
+        )));
+    };
+    let plain = state
+        .master_key
+        .open(stored.uid.as_bytes(), &sealed)
+        .map_err(|e| {
+            // Most likely a different master key than the one the key was created under.
+            ApiError::internal(format_args!(
+                "cannot decrypt API key {}: {e}",
+                stored.name()
+            ))
+        })?;
+    let key_string = String::from_utf8(plain).map_err(ApiError::internal)?;
+    Ok(Json(json!({ "keyString": key_string })))
+}
+
+/// Applies an update mask entry to `key`; unknown paths are a 400 naming the path.
+fn apply_mask_path(key: &mut StoredKey, path: &str, body: &KeyBody) -> Result<(), ApiError> {
+    let restrictions_in_body = || parse_restrictions(body.restrictions.clone());
+    match path {
+        "displayName" | "display_name" => {
+            let n = body.display_name.clone().unwrap_or_default();
+            validate_display_name(&n)?;
+            key.display_name = n;
+        }
+        "annotations" => key.annotations = body.annotations.clone().unwrap_or_default(),
+        "restrictions" => key.restrictions = restrictions_in_body()?,
+        "restrictions.apiTargets" | "restrictions.api_targets" => {
+            key.restrictions.api_targets = restrictions_in_body()?.api_targets
+        }
+        "restrictions.serverKeyRestrictions" | "restrictions.server_key_restrictions" => {
+            key.restrictions.server_key_restrictions =
+                restrictions_in_body()?.server_key_restrictions
+        }
+        "restrictions.browserKeyRestrictions" | "restrictions.browser_key_restrictions" => {
+            key.restrictions.browser_key_restrictions =
+                restrictions_in_body()?.browser_key_restrictions
+        }
+        "restrictions.androidKeyRestrictions" | "restrictions.android_key_restrictions" => {
+            key.restrictions.android_key_restrictions =
+                restrictions_in_body()?.android_key_restrictions
+        }
+        "restrictions.iosKeyRestrictions" | "restrictions.ios_key_restrictions" => {
+            key.restrictions.ios_key_restrictions = restrictions_in_body()?.ios_key_restrictions
+        }
+        other => {
+            return Err(bad_field(
+                "update_mask",
+                format!(
+                    "Invalid updateMask path '{other}': updatable fields are displayName, \
+                     restrictions (or restrictions.<kind>) and annotations."
+                ),
+            ))
+        }
+    }
+    Ok(())
+}
+
+async fn patch_key(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((project, location, key_id)): Path<(String, String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let (project_id, number) = project_for(
+        &state,
+        &principal,
+        &project,
+        &location,
+        perms::APIKEYS_UPDATE,
+    )
+    .await?;
+    let req: KeyBody = json_body(&body)?;
+    let mut key = load_key(&state, &project_id, &key_id).await?;
+    if !key.delete_time.is_empty() {
+        return Err(ApiError::failed_precondition(format!(
+            "Key '{}' is deleted; undelete it before updating.",
+            key.name()
+        )));
+    }
+    let mask = query.get("updateMask").map(String::as_str).unwrap_or("");
+    let paths: Vec<&str> = if mask.trim().is_empty() {
+        // No mask: replace every updatable field present in the body.
+        let mut p = Vec::new();
+        if req.display_name.is_some() {
+            p.push("displayName");
+        }
+        if req.restrictions.is_some() {
+            p.push("restrictions");
+        }
+        if req.annotations.is_some() {
+            p.push("annotations");
+        }
+        p
+    } else {
+        mask.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .collect()
+    };
+    for p in paths {
+        apply_mask_path(&mut key, p, &req)?;
+    }
+    key.restrictions.validate()?;
+    key.etag = new_etag();
+    key.update_time = now_rfc3339();
+    let mut tx = state.store.pool().begin().await?;
+    sqlx::query(
+        "UPDATE apikeys_keys SET display_name = $1, restrictions = $2, annotations = $3, \
+         etag = $4, update_time = $5 WHERE uid = $6",
+    )
+    .bind(&key.display_name)
+    .bind(serde_json::to_string(&key.restrictions)?)
+    .bind(serde_json::to_string(&key.annotations)?)
+    .bind(&key.etag)
+    .bind(&key.update_time)
+    .bind(&key.uid)
+    .execute(&mut *tx)
+    .await?;
+    let op = operations::insert(
+        &mut tx,
+        &operation_name(number),
+        Value::Null,
+        Outcome::Response(key.to_response()),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(key = %key.name(), by = %principal.display(), "updated API key");
+    Ok(Json(op))
+}
+
+/// Sets or clears `delete_time` and records the operation.
+async fn set_deleted(
+    state: &AppState,
+    principal: &Principal,
+    project: &str,
+    location: &str,
+    key_id: &str,
+    delete: bool,
+) -> Result<Json<Value>, ApiError> {
+    let permission = if delete {
+        perms::APIKEYS_DELETE
+    } else {
+        perms::APIKEYS_UNDELETE
+    };
+    let (project_id, number) = project_for(state, principal, project, location, permission).await?;
+    let mut key = load_key(state, &project_id, key_id).await?;
+    let already_deleted = !key.delete_time.is_empty();
+    if delete == already_deleted {
+        return Err(ApiError::failed_precondition(if delete {
+            format!("Key '{}' is already deleted.", key.name())
+        } else {
+            format!("Key '{}' is not deleted.", key.name())
+        }));
+    }
+    let now = now_rfc3339();
+    key.delete_time = if delete { now.clone() } else { String::new() };
+    key.update_time = now;
+    key.etag = new_etag();
+    let mut tx = state.store.pool().begin().await?;
+    sqlx::query(
+        "UPDATE apikeys_keys SET delete_time = $1, update_time = $2, etag = $3 WHERE uid = $4",
+    )
+    .bind(&key.delete_time)
+    .bind(&key.update_time)
+    .bind(&key.etag)
+    .bind(&key.uid)
+    .execute(&mut *tx)
+    .await?;
+    let op = operations::insert(
+        &mut tx,
+        &operation_name(number),
+        Value::Null,
+        Outcome::Response(key.to_response()),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(key = %key.name(), deleted = delete, by = %principal.display(), "API key delete state changed");
+    Ok(Json(op))
+}
+
+async fn delete_key(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((project, location, key)): Path<(String, String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    set_deleted(&state, &principal, &project, &location, &key, true).await
+}
+
+async fn key_verb(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((project, location, segment)): Path<(String, String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    match split_verb(&segment) {
+        (key, Some("undelete")) => {
+            set_deleted(&state, &principal, &project, &location, key, false).await
+        }
+        (_, Some(other)) => Err(ApiError::not_found(format!(
+            "Unknown method '{other}' on API keys."
+        ))),
+        (_, None) => Err(ApiError::not_found(
+            "POST on a key needs a verb (:undelete).",
+        )),
+    }
+}
+
+async fn lookup_key(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let key_string = query
+        .get("keyString")
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| {
+            ApiError::invalid_argument("Missing keyString query parameter.")
+                .with_field_violation("key_string", "required")
+        })?;
+    let not_found = || ApiError::not_found("The API key was not found.");
+    let record = lookup(&state, key_string).await?.ok_or_else(not_found)?;
+    if record.deleted {
+        return Err(not_found());
+    }
+    // A caller who may not see the key's project learns nothing beyond "not found".
+    if require_project_permission(
+        &state,
+        &principal,
+        &record.project_id,
+        perms::APIKEYS_LOOKUP,
+    )
+    .await
+    .is_err()
+    {
+        return Err(not_found());
+    }
+    Ok(Json(json!({
+        "name": record.name,
+        "parent": format!("projects/{}/locations/global", record.project_number),
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(v: Value) -> Result<Restrictions, ApiError> {
+        parse_restrictions(Some(v))
+    }
+
+    #[test]
+    fn restrictions_validation() {
+        assert!(r(json!({})).expect("empty").is_empty());
+        let ok = r(json!({
+            "apiTargets": [{"service": "echo.example.com", "methods": ["1.echo.Echo"]}],
+            "serverKeyRestrictions": {"allowedIps": ["10.0.0.1", "192.168.0.0/16", "::1"]}
+        }))
+        .expect("ok");
+        assert_eq!(ok.api_targets[0].methods, vec!["1.echo.Echo"]);
+        let bad_ip = r(json!({"serverKeyRestrictions": {"allowedIps": ["10.0.0.300"]}}))
+            .expect_err("bad ip");
+        assert!(bad_ip.message.contains("10.0.0.300"));
+        let two_kinds = r(json!({
+            "serverKeyRestrictions": {"allowedIps": ["10.0.0.1"]},
+            "browserKeyRestrictions": {"allowedReferrers": ["*.example.com/*"]}
+        }))
+        .expect_err("two kinds");
+        assert_eq!(two_kinds.code, crate::error::Code::InvalidArgument);
+        let typo = r(json!({"apiTarget": [{"service": "x"}]})).expect_err("typo");
+        assert!(typo.message.contains("apiTarget"), "{}", typo.message);
+        assert!(r(json!({"apiTargets": [{"service": ""}]})).is_err());
+        assert!(r(json!({"browserKeyRestrictions": {"allowedReferrers": ["a b"]}})).is_err());
+    }
+
+    #[test]
+    fn key_id_rule() {
+        assert!(validate_key_id("k").is_ok());
+        assert!(validate_key_id("my-key-1").is_ok());
+        assert!(validate_key_id("My-key").is_err());
+        assert!(validate_key_id("1key").is_err());
+        assert!(validate_key_id("key-").is_err());
+        assert!(validate_key_id(&"a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn mask_paths() {
+        let mut key = StoredKey {
+            uid: "u".into(),
+            project_id: "demo-proj".into(),
+            project_number: 123456789012,
+            key_id: "k".into(),
+            display_name: "old".into(),
+            restrictions: Restrictions::default(),
+            annotations: Default::default(),
+            etag: "e".into(),
+            create_time: "t".into(),
+            update_time: "t".into(),
+            delete_time: String::new(),
+        };
+        let body = KeyBody {
+            display_name: Some("new".into()),
+            restrictions: Some(json!({"apiTargets": [{"service": "s.example.com"}]})),
+            annotations: None,
+        };
+        apply_mask_path(&mut key, "restrictions.apiTargets", &body).expect("targets");
+        assert_eq!(key.display_name, "old");
+        assert_eq!(key.restrictions.api_targets[0].service, "s.example.com");
+        apply_mask_path(&mut key, "displayName", &body).expect("name");
+        assert_eq!(key.display_name, "new");
+        assert!(apply_mask_path(&mut key, "keyString", &body).is_err());
+        let v = key.to_json();
+        assert_eq!(v["name"], "projects/123456789012/locations/global/keys/k");
+        assert!(v.get("keyString").is_none());
+        assert!(v.get("deleteTime").is_none());
+    }
+}
