@@ -425,7 +425,7 @@ impl ManagementClient {
 
 /// Characters escaped in a URL path segment (service names and config ids are plain, but a
 /// stray `/` or `?` must not change the request).
-const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+pub(crate) const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
     .add(b' ')
     .add(b'"')
     .add(b'#')

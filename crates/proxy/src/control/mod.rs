@@ -1,4 +1,933 @@
-//! The Service Control client: `:check` (cached), `:allocateQuota` (aggregated, off the request
-//! path) and `:report` (aggregated, batched, retried), plus the bearer tokens for those calls.
+//! The Service Control client used by the request pipeline.
+//!
+//! * [`ServiceControl::check`] — `:check` through a cache ([`check`]); fail-open only for
+//!   network errors and HTTP 5xx when the policy is open; exact ESP error messages.
+//! * [`ServiceControl::allocate_quota`] — never waits: answers from the quota cache and lets a
+//!   background task send aggregated `:allocateQuota` calls every second ([`quota`]).
+//! * [`ServiceControl::report`] — never waits: operations are merged per signature
+//!   ([`report`]) and a background task sends them every second in batches of up to 100
+//!   operations (ESP sends 10; one larger JSON request costs the control plane less than ten
+//!   small ones and keeps up with bursts). Batches that fail for network/5xx reasons stay in a
+//!   bounded buffer (oldest dropped and counted) and are retried with backoff until the control
+//!   plane answers again. [`ServiceControl::shutdown`] flushes.
+//! * [`auth`] — the self-signed bearer tokens for all of these calls and for Service Management.
+//!
+//! Every response carrying `serviceRolloutId` is passed to the [`RolloutNotifier`] so managed
+//! rollouts are picked up without waiting for the next poll.
 
 pub mod auth;
+pub mod check;
+pub mod quota;
+pub mod report;
+mod transport;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use portico_credentials::ServiceAccountKey;
+use portico_servicecontrol::{
+    labels, AllocateQuotaRequest, AllocateQuotaResponse, CheckRequest, CheckResponse, Operation,
+    ReportRequest, ReportResponse,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{watch, Notify};
+
+pub use quota::metric_costs;
+pub use report::RequestRecord;
+
+use crate::config_source::RolloutNotifier;
+use crate::error::EspError;
+use auth::{origin_of, TokenSource, QUOTA_CONTROLLER, SERVICE_CONTROLLER};
+use check::{CheckCache, Lookup, Verdict};
+use quota::{Decision, NewEntry, QuotaCache};
+use report::StaticLabels;
+use transport::Transport;
+
+/// Service Control's public address, used when nothing else names one.
+pub const DEFAULT_SERVICE_CONTROL_URL: &str = "https://servicecontrol.googleapis.com";
+
+/// Picks the Service Control base URL: `--service_control_url_override`, else the control
+/// plane named by the key file's `token_uri`, else `https://` + the config's
+/// `control.environment`. `None` means Service Control is not configured.
+pub fn resolve_service_control_url(
+    url_override: Option<&str>,
+    key: Option<&ServiceAccountKey>,
+    control_environment: Option<&str>,
+) -> Option<String> {
+    if let Some(u) = url_override.filter(|u| !u.is_empty()) {
+        return Some(u.trim_end_matches('/').to_string());
+    }
+    if let Some(origin) = key.and_then(|k| origin_of(&k.token_uri)) {
+        return Some(origin);
+    }
+    let env = control_environment.filter(|e| !e.is_empty())?;
+    Some(if env.contains("://") {
+        env.trim_end_matches('/').to_string()
+    } else {
+        format!("https://{}", env.trim_end_matches('/'))
+    })
+}
+
+/// Settings; [`ServiceControlOptions::new`] gives ESP's defaults.
+#[derive(Debug, Clone)]
+pub struct ServiceControlOptions {
+    pub base_url: String,
+    pub credentials: Option<Arc<ServiceAccountKey>>,
+    /// `--service_control_network_fail_policy=open` (the default).
+    pub network_fail_open: bool,
+    pub rollout_notifier: Option<RolloutNotifier>,
+    /// `servicecontrol.googleapis.com/service_agent`.
+    pub service_agent: String,
+    pub platform: String,
+    pub location: String,
+    pub check_timeout: Duration,
+    pub check_retries: u32,
+    pub quota_timeout: Duration,
+    pub quota_retries: u32,
+    pub report_timeout: Duration,
+    /// 0 disables the check cache (every request waits for a remote check).
+    pub check_cache_entries: usize,
+    pub check_refresh_interval: Duration,
+    pub check_expiration: Duration,
+    pub quota_cache_entries: usize,
+    pub quota_refresh_interval: Duration,
+    pub quota_expiration: Duration,
+    /// Distinct operation signatures held before an early flush; 0 sends every report at once.
+    pub report_cache_entries: usize,
+    pub report_flush_interval: Duration,
+    pub report_max_operations_per_request: usize,
+    /// Operations kept for retry while the control plane is unreachable.
+    pub report_buffer_operations: usize,
+    pub report_retry_initial_backoff: Duration,
+    pub report_retry_max_backoff: Duration,
+}
+
+impl ServiceControlOptions {
+    pub fn new(base_url: impl Into<String>) -> Self {
+        ServiceControlOptions {
+            base_url: base_url.into(),
+            credentials: None,
+            network_fail_open: true,
+            rollout_notifier: None,
+            service_agent: format!("ESP/portico-{}", env!("CARGO_PKG_VERSION")),
+            platform: "unknown".to_string(),
+            location: "global".to_string(),
+            check_timeout: Duration::from_millis(1500),
+            check_retries: 3,
+            quota_timeout: Duration::from_millis(1500),
+            quota_retries: 1,
+            report_timeout: Duration::from_millis(3500),
+            check_cache_entries: 10_000,
+            check_refresh_interval: Duration::from_secs(60),
+            check_expiration: Duration::from_secs(300),
+            quota_cache_entries: 10_000,
+            quota_refresh_interval: Duration::from_secs(1),
+            quota_expiration: Duration::from_secs(600),
+            report_cache_entries: 10_000,
+            report_flush_interval: Duration::from_secs(1),
+            report_max_operations_per_request: 100,
+            report_buffer_operations: 10_000,
+            report_retry_initial_backoff: Duration::from_secs(1),
+            report_retry_max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceControlError {
+    #[error("cannot build the Service Control HTTP client: {0}")]
+    Client(String),
+}
+
+/// What the pipeline knows when it checks a request.
+#[derive(Debug, Clone)]
+pub struct CheckInput<'a> {
+    pub service_name: &'a str,
+    pub service_config_id: &'a str,
+    pub operation_name: &'a str,
+    pub api_key: &'a str,
+    pub caller_ip: IpAddr,
+    pub referer: Option<&'a str>,
+    pub android_package: Option<&'a str>,
+    pub android_cert: Option<&'a str>,
+    pub ios_bundle: Option<&'a str>,
+}
+
+/// A request the check allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckOk {
+    pub consumer_project_number: Option<i64>,
+    /// The key is valid and the API enabled for its project: report the consumer.
+    pub api_key_valid: bool,
+    /// Allowed only because Service Control was unreachable and the policy is fail-open;
+    /// reports then use `/credential_id` = `apikey:UNKNOWN`.
+    pub network_failure: bool,
+    /// `checkInfo.apiKeyUid`, when the control plane returns one.
+    pub api_key_uid: Option<String>,
+}
+
+/// What the pipeline knows when it charges quota. `metric_costs` comes from
+/// [`metric_costs`]; an empty list means the method has no quota.
+#[derive(Debug, Clone)]
+pub struct QuotaInput<'a> {
+    pub service_name: &'a str,
+    pub service_config_id: &'a str,
+    /// The method selector.
+    pub method_name: &'a str,
+    /// Empty when the request had no key; the producer project is charged then.
+    pub api_key: &'a str,
+    pub producer_project_id: &'a str,
+    pub caller_ip: IpAddr,
+    pub referer: Option<&'a str>,
+    pub metric_costs: &'a [(String, i64)],
+}
+
+/// Counters for `/endpoints_status` (field names follow ESP's statistics where one exists).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Statistics {
+    pub total_called_checks: u64,
+    pub check_cache_hits: u64,
+    pub check_cache_misses: u64,
+    /// Remote checks a request waited for.
+    pub send_checks_in_flight: u64,
+    /// Background re-checks of stale positive entries.
+    pub send_checks_by_flush: u64,
+    pub check_failures: u64,
+    pub check_cache_entries: u64,
+    pub total_called_quotas: u64,
+    pub send_quotas_by_flush: u64,
+    pub quota_failures: u64,
+    pub total_called_reports: u64,
+    /// `:report` requests the control plane accepted.
+    pub send_reports_by_flush: u64,
+    /// Operations in those requests.
+    pub send_report_operations: u64,
+    pub report_failures: u64,
+    pub dropped_report_operations: u64,
+    /// Operations aggregated or buffered, not yet delivered.
+    pub report_queue_depth: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    total_called_checks: Counter,
+    check_cache_hits: Counter,
+    check_cache_misses: Counter,
+    send_checks_in_flight: Counter,
+    send_checks_by_flush: Counter,
+    check_failures: Counter,
+    total_called_quotas: Counter,
+    send_quotas_by_flush: Counter,
+    quota_failures: Counter,
+    total_called_reports: Counter,
+    send_reports_by_flush: Counter,
+    send_report_operations: Counter,
+    report_failures: Counter,
+    dropped_report_operations: Counter,
+    report_queue_depth: Gauge,
+    check_cache_entries: Gauge,
+}
+
+type QueuedOp = (String, String, Operation);
+
+#[derive(Default)]
+struct ReportState {
+    /// signature → (service, config id, merged operation).
+    aggregated: HashMap<String, QueuedOp>,
+    /// Flushed operations waiting to be (re)sent, oldest first.
+    queue: VecDeque<QueuedOp>,
+}
+
+struct Inner {
+    opts: ServiceControlOptions,
+    transport: Transport,
+    statics: StaticLabels,
+    checks: Mutex<CheckCache>,
+    quota: Mutex<QuotaCache>,
+    reports: Mutex<ReportState>,
+    stats: Stats,
+}
+
+/// Cheap to clone; all clones share caches, buffers and background tasks.
+#[derive(Clone)]
+pub struct ServiceControl {
+    inner: Arc<Inner>,
+    wake_reports: Arc<Notify>,
+    shutdown_tx: Arc<watch::Sender<bool>>,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl ServiceControl {
+    /// Builds the client and starts its background tasks (must run inside a tokio runtime).
+    pub fn new(opts: ServiceControlOptions) -> Result<Self, ServiceControlError> {
+        let tokens = TokenSource::new(opts.credentials.clone());
+        let transport = Transport::new(&opts.base_url, tokens)
+            .map_err(|e| ServiceControlError::Client(e.to_string()))?;
+        let inner = Arc::new(Inner {
+            statics: StaticLabels {
+                service_agent: opts.service_agent.clone(),
+                platform: opts.platform.clone(),
+                location: opts.location.clone(),
+            },
+            checks: Mutex::new(CheckCache::new(
+                opts.check_cache_entries,
+                opts.check_refresh_interval,
+                opts.check_expiration,
+            )),
+            quota: Mutex::new(QuotaCache::new(
+                opts.quota_cache_entries,
+                opts.quota_refresh_interval,
+                opts.quota_expiration,
+            )),
+            reports: Mutex::new(ReportState::default()),
+            stats: Stats::default(),
+            transport,
+            opts,
+        });
+        let wake_reports = Arc::new(Notify::new());
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let report_task = tokio::spawn(report_loop(
+            Arc::downgrade(&inner),
+            wake_reports.clone(),
+            shutdown_rx.clone(),
+        ));
+        let quota_task = tokio::spawn(housekeeping_loop(Arc::downgrade(&inner), shutdown_rx));
+        Ok(ServiceControl {
+            inner,
+            wake_reports,
+            shutdown_tx: Arc::new(shutdown_tx),
+            tasks: Arc::new(Mutex::new(vec![report_task, quota_task])),
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        self.inner.transport.base()
+    }
+
+    /// Checks a request that carries an API key. `Err` is the response to send.
+    pub async fn check(&self, input: CheckInput<'_>) -> Result<CheckOk, EspError> {
+        let inner = &self.inner;
+        inner.stats.total_called_checks.inc();
+        let request = inner.check_request(&input);
+        let key = check_cache_key(&input, &request.operation.labels);
+        let cached = inner.checks.lock().ok().and_then(|mut c| {
+            if c.enabled() {
+                Some(c.lookup(&key, Instant::now()))
+            } else {
+                None
+            }
+        });
+        match cached {
+            Some(Lookup::Hit(outcome)) => {
+                inner.stats.check_cache_hits.inc();
+                return outcome;
+            }
+            Some(Lookup::HitAndRefresh(ok)) => {
+                inner.stats.check_cache_hits.inc();
+                inner.stats.send_checks_by_flush.inc();
+                let bg = self.inner.clone();
+                let service = input.service_name.to_string();
+                tokio::spawn(async move {
+                    let verdict = bg.remote_check(&service, &request).await;
+                    bg.complete_check(&key, &verdict);
+                });
+                return Ok(ok);
+            }
+            Some(Lookup::Miss) => {
+                inner.stats.check_cache_misses.inc();
+            }
+            None => {}
+        }
+        inner.stats.send_checks_in_flight.inc();
+        let verdict = inner.remote_check(input.service_name, &request).await;
+        inner.complete_check(&key, &verdict);
+        verdict.outcome
+    }
+
+    /// Charges quota without waiting: `Err` only when an earlier allocation for the same
+    /// method and consumer came back negative.
+    pub fn allocate_quota(&self, input: QuotaInput<'_>) -> Result<(), EspError> {
+        if input.metric_costs.is_empty() {
+            return Ok(());
+        }
+        let inner = &self.inner;
+        inner.stats.total_called_quotas.inc();
+        let consumer_id = if input.api_key.is_empty() {
+            format!("project:{}", input.producer_project_id)
+        } else {
+            format!("api_key:{}", input.api_key)
+        };
+        let key = format!(
+            "{}\u{0}{}\u{0}{}",
+            input.service_name,
+            input.service_config_id,
+            quota::signature(input.method_name, &consumer_id, input.metric_costs)
+        );
+        let mut l = BTreeMap::new();
+        l.insert(labels::CALLER_IP.to_string(), input.caller_ip.to_string());
+        if let Some(r) = input.referer {
+            l.insert(labels::REFERER.to_string(), r.to_string());
+        }
+        l.insert(labels::USER_AGENT.to_string(), "ESP".to_string());
+        l.insert(
+            labels::SERVICE_AGENT.to_string(),
+            inner.statics.service_agent.clone(),
+        );
+        let decision = match inner.quota.lock() {
+            Ok(mut q) => q.decide(
+                key,
+                NewEntry {
+                    service: input.service_name,
+                    config_id: input.service_config_id,
+                    method_name: input.method_name,
+                    consumer_id,
+                    labels: l,
+                    costs: input.metric_costs,
+                },
+                Instant::now(),
+            ),
+            // A poisoned lock means a panic elsewhere; quota fails open rather than failing
+            // every request.
+            Err(_) => Decision::Allow,
+        };
+        match decision {
+            Decision::Allow => Ok(()),
+            Decision::Deny(e) => Err(e),
+            Decision::AllowAndSend(alloc) => {
+                tokio::spawn(send_allocation(self.inner.clone(), alloc));
+                Ok(())
+            }
+        }
+    }
+
+    /// Queues a finished request for reporting. Never blocks on the network.
+    pub fn report(&self, record: RequestRecord) {
+        let inner = &self.inner;
+        inner.stats.total_called_reports.inc();
+        let ops = report::operations_for(&record, &inner.statics);
+        let mut flush_now = inner.opts.report_cache_entries == 0;
+        if let Ok(mut st) = inner.reports.lock() {
+            for op in ops {
+                let sig = report::signature(&record.service_name, &record.service_config_id, &op);
+                match st.aggregated.get_mut(&sig) {
+                    Some((_, _, existing)) => {
+                        report::merge_operation(existing, op);
+                        // ESP flushes an operation early once it holds 100 log entries.
+                        if existing.log_entries.len() >= 100 {
+                            flush_now = true;
+                        }
+                    }
+                    None => {
+                        st.aggregated.insert(
+                            sig,
+                            (
+                                record.service_name.clone(),
+                                record.service_config_id.clone(),
+                                op,
+                            ),
+                        );
+                    }
+                }
+            }
+            if st.aggregated.len() >= inner.opts.report_cache_entries {
+                flush_now = true;
+            }
+            inner
+                .stats
+                .report_queue_depth
+                .set((st.aggregated.len() + st.queue.len()) as i64);
+        }
+        if flush_now {
+            self.wake_reports.notify_one();
+        }
+    }
+
+    /// Flushes pending reports (one attempt, bounded by the report timeout) and stops the
+    /// background tasks. Other clones stop reporting too.
+    pub async fn shutdown(&self) {
+        let _ = self.shutdown_tx.send(true);
+        self.wake_reports.notify_one();
+        let tasks: Vec<_> = match self.tasks.lock() {
+            Ok(mut t) => t.drain(..).collect(),
+            Err(_) => Vec::new(),
+        };
+        let limit = self.inner.opts.report_timeout * 2 + Duration::from_secs(1);
+        for t in tasks {
+            if tokio::time::timeout(limit, t).await.is_err() {
+                tracing::warn!("Service Control shutdown flush did not finish in time");
+            }
+        }
+    }
+
+    pub fn statistics(&self) -> Statistics {
+        let s = &self.inner.stats;
+        Statistics {
+            total_called_checks: s.total_called_checks.get(),
+            check_cache_hits: s.check_cache_hits.get(),
+            check_cache_misses: s.check_cache_misses.get(),
+            send_checks_in_flight: s.send_checks_in_flight.get(),
+            send_checks_by_flush: s.send_checks_by_flush.get(),
+            check_failures: s.check_failures.get(),
+            check_cache_entries: self
+                .inner
+                .checks
+                .lock()
+                .map(|c| c.len() as u64)
+                .unwrap_or(0),
+            total_called_quotas: s.total_called_quotas.get(),
+            send_quotas_by_flush: s.send_quotas_by_flush.get(),
+            quota_failures: s.quota_failures.get(),
+            total_called_reports: s.total_called_reports.get(),
+            send_reports_by_flush: s.send_reports_by_flush.get(),
+            send_report_operations: s.send_report_operations.get(),
+            report_failures: s.report_failures.get(),
+            dropped_report_operations: s.dropped_report_operations.get(),
+            report_queue_depth: s.report_queue_depth.get().max(0) as u64,
+        }
+    }
+
+    /// Registers the client's counters (names prefixed `service_control_`).
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        let s = &self.inner.stats;
+        let counters: [(&str, &str, &Counter); 14] = [
+            (
+                "service_control_checks",
+                "Checks requested by the pipeline",
+                &s.total_called_checks,
+            ),
+            (
+                "service_control_check_cache_hits",
+                "Checks answered from the cache",
+                &s.check_cache_hits,
+            ),
+            (
+                "service_control_check_cache_misses",
+                "Checks not in the cache",
+                &s.check_cache_misses,
+            ),
+            (
+                "service_control_remote_checks",
+                "Remote checks a request waited for",
+                &s.send_checks_in_flight,
+            ),
+            (
+                "service_control_background_checks",
+                "Background re-checks of cached verdicts",
+                &s.send_checks_by_flush,
+            ),
+            (
+                "service_control_check_failures",
+                "Remote checks that failed (network, HTTP, garbage)",
+                &s.check_failures,
+            ),
+            (
+                "service_control_quota_calls",
+                "Quota charges requested by the pipeline",
+                &s.total_called_quotas,
+            ),
+            (
+                "service_control_allocate_quota_requests",
+                ":allocateQuota calls sent",
+                &s.send_quotas_by_flush,
+            ),
+            (
+                "service_control_allocate_quota_failures",
+                ":allocateQuota calls that failed",
+                &s.quota_failures,
+            ),
+            (
+                "service_control_report_calls",
+                "Requests handed to the reporter",
+                &s.total_called_reports,
+            ),
+            (
+                "service_control_report_requests",
+                ":report calls accepted",
+                &s.send_reports_by_flush,
+            ),
+            (
+                "service_control_report_operations",
+                "Operations delivered in :report calls",
+                &s.send_report_operations,
+            ),
+            (
+                "service_control_report_failures",
+                ":report calls that failed",
+                &s.report_failures,
+            ),
+            (
+                "service_control_report_dropped_operations",
+                "Operations dropped (buffer full or rejected)",
+                &s.dropped_report_operations,
+            ),
+        ];
+        for (name, help, c) in counters {
+            registry.register(name, help, c.clone());
+        }
+        registry.register(
+            "service_control_report_queue_depth",
+            "Operations aggregated or buffered, not yet delivered",
+            s.report_queue_depth.clone(),
+        );
+    }
+}
+
+fn check_cache_key(input: &CheckInput<'_>, labels: &BTreeMap<String, String>) -> String {
+    let mut k = String::with_capacity(256);
+    for part in [
+        input.service_name,
+        input.service_config_id,
+        input.operation_name,
+        input.api_key,
+    ] {
+        k.push_str(part);
+        k.push('\u{0}');
+    }
+    for (name, value) in labels {
+        k.push_str(name);
+        k.push('=');
+        k.push_str(value);
+        k.push('\u{0}');
+    }
+    k
+}
+
+impl Inner {
+    fn check_request(&self, input: &CheckInput<'_>) -> CheckRequest {
+        let mut l = BTreeMap::new();
+        l.insert(labels::CALLER_IP.to_string(), input.caller_ip.to_string());
+        l.insert(
+            labels::SERVICE_AGENT.to_string(),
+            self.statics.service_agent.clone(),
+        );
+        l.insert(labels::USER_AGENT.to_string(), "ESP".to_string());
+        let optional = [
+            (labels::REFERER, input.referer),
+            (labels::ANDROID_PACKAGE_NAME, input.android_package),
+            (labels::ANDROID_CERT_FINGERPRINT, input.android_cert),
+            (labels::IOS_BUNDLE_ID, input.ios_bundle),
+        ];
+        for (name, value) in optional {
+            if let Some(v) = value.filter(|v| !v.is_empty()) {
+                l.insert(name.to_string(), v.to_string());
+            }
+        }
+        let now = report::now_rfc3339();
+        CheckRequest {
+            service_config_id: input.service_config_id.to_string(),
+            operation: Operation {
+                operation_id: uuid::Uuid::new_v4().to_string(),
+                operation_name: input.operation_name.to_string(),
+                consumer_id: format!("api_key:{}", input.api_key),
+                start_time: now.clone(),
+                end_time: now,
+                labels: l,
+                ..Default::default()
+            },
+        }
+    }
+
+    async fn remote_check(&self, service: &str, request: &CheckRequest) -> Verdict {
+        let result: Result<CheckResponse, _> = self
+            .transport
+            .call(
+                service,
+                "check",
+                SERVICE_CONTROLLER,
+                request,
+                self.opts.check_timeout,
+                self.opts.check_retries,
+            )
+            .await;
+        match result {
+            Ok(resp) => {
+                self.saw_rollout(&resp.service_rollout_id);
+                check::verdict_from_response(&resp, service)
+            }
+            Err(failure) => {
+                self.stats.check_failures.inc();
+                let open = failure.is_unavailable() && self.opts.network_fail_open;
+                tracing::warn!(
+                    %service,
+                    error = %failure,
+                    fail_open = open,
+                    "Service Control check failed"
+                );
+                Verdict {
+                    outcome: if open {
+                        Ok(CheckOk {
+                            consumer_project_number: None,
+                            api_key_valid: false,
+                            network_failure: true,
+                            api_key_uid: None,
+                        })
+                    } else {
+                        Err(failure.to_esp_error())
+                    },
+                    cacheable: false,
+                }
+            }
+        }
+    }
+
+    fn complete_check(&self, key: &str, verdict: &Verdict) {
+        if let Ok(mut c) = self.checks.lock() {
+            if c.enabled() {
+                c.complete(key, verdict, Instant::now());
+                self.stats.check_cache_entries.set(c.len() as i64);
+            }
+        }
+    }
+
+    fn saw_rollout(&self, rollout_id: &str) {
+        if let Some(n) = &self.opts.rollout_notifier {
+            n.notify_rollout_id(rollout_id);
+        }
+    }
+
+    /// Moves aggregated operations into the send queue, enforcing the buffer bound.
+    fn drain_aggregated(&self) {
+        let Ok(mut st) = self.reports.lock() else {
+            return;
+        };
+        let drained: Vec<QueuedOp> = st.aggregated.drain().map(|(_, v)| v).collect();
+        st.queue.extend(drained);
+        let limit = self.opts.report_buffer_operations.max(1);
+        let mut dropped = 0u64;
+        while st.queue.len() > limit {
+            st.queue.pop_front();
+            dropped += 1;
+        }
+        if dropped > 0 {
+            self.stats.dropped_report_operations.inc_by(dropped);
+            tracing::warn!(dropped, "report buffer full; dropped the oldest operations");
+        }
+        self.stats.report_queue_depth.set(st.queue.len() as i64);
+    }
+
+    /// Up to `max` queued operations for the same service and config, oldest first.
+    fn next_batch(&self) -> Option<(String, String, Vec<Operation>)> {
+        let mut st = self.reports.lock().ok()?;
+        let (service, config) = {
+            let (s, c, _) = st.queue.front()?;
+            (s.clone(), c.clone())
+        };
+        let max = self.opts.report_max_operations_per_request.max(1);
+        let mut ops = Vec::new();
+        let mut rest = VecDeque::with_capacity(st.queue.len());
+        while let Some(item) = st.queue.pop_front() {
+            if ops.len() < max && item.0 == service && item.1 == config {
+                ops.push(item.2);
+            } else {
+                rest.push_back(item);
+            }
+        }
+        st.queue = rest;
+        Some((service, config, ops))
+    }
+
+    fn requeue_front(&self, service: String, config: String, ops: Vec<Operation>) {
+        if let Ok(mut st) = self.reports.lock() {
+            for op in ops.into_iter().rev() {
+                st.queue.push_front((service.clone(), config.clone(), op));
+            }
+            self.stats
+                .report_queue_depth
+                .set((st.aggregated.len() + st.queue.len()) as i64);
+        }
+    }
+
+    /// Sends everything queued. Returns `false` if the control plane was unavailable (the
+    /// failed batch is back at the front of the queue).
+    async fn send_queued(&self) -> bool {
+        while let Some((service, config, ops)) = self.next_batch() {
+            let n = ops.len() as u64;
+            let request = ReportRequest {
+                operations: ops,
+                service_config_id: config.clone(),
+            };
+            let result: Result<ReportResponse, _> = self
+                .transport
+                .call(
+                    &service,
+                    "report",
+                    SERVICE_CONTROLLER,
+                    &request,
+                    self.opts.report_timeout,
+                    0,
+                )
+                .await;
+            match result {
+                Ok(resp) => {
+                    self.stats.send_reports_by_flush.inc();
+                    self.stats.send_report_operations.inc_by(n);
+                    self.saw_rollout(&resp.service_rollout_id);
+                    for e in &resp.report_errors {
+                        tracing::warn!(
+                            operation_id = %e.operation_id,
+                            code = e.status.code,
+                            message = %e.status.message,
+                            "Service Control rejected a report operation"
+                        );
+                    }
+                }
+                Err(failure) if failure.is_unavailable() => {
+                    self.stats.report_failures.inc();
+                    tracing::warn!(%service, error = %failure, operations = n, "Service control report failed; will retry");
+                    self.requeue_front(service, config, request.operations);
+                    return false;
+                }
+                Err(failure) => {
+                    // 4xx or garbage: resending the same body cannot succeed.
+                    self.stats.report_failures.inc();
+                    self.stats.dropped_report_operations.inc_by(n);
+                    tracing::error!(%service, error = %failure, operations = n, "Service control report failed; operations dropped");
+                }
+            }
+        }
+        if let Ok(st) = self.reports.lock() {
+            self.stats
+                .report_queue_depth
+                .set((st.aggregated.len() + st.queue.len()) as i64);
+        }
+        true
+    }
+}
+
+async fn send_allocation(inner: Arc<Inner>, alloc: quota::Allocation) {
+    inner.stats.send_quotas_by_flush.inc();
+    let request = AllocateQuotaRequest {
+        allocate_operation: alloc.operation,
+        service_config_id: alloc.config_id,
+    };
+    let result: Result<AllocateQuotaResponse, _> = inner
+        .transport
+        .call(
+            &alloc.service,
+            "allocateQuota",
+            QUOTA_CONTROLLER,
+            &request,
+            inner.opts.quota_timeout,
+            inner.opts.quota_retries,
+        )
+        .await;
+    let verdict = match result {
+        Ok(resp) => {
+            inner.saw_rollout(&resp.service_rollout_id);
+            Some(quota::verdict(&resp))
+        }
+        Err(failure) => {
+            inner.stats.quota_failures.inc();
+            tracing::warn!(service = %alloc.service, error = %failure, "allocateQuota failed; allowing traffic");
+            None
+        }
+    };
+    if let Ok(mut q) = inner.quota.lock() {
+        q.complete(&alloc.key, verdict);
+    }
+}
+
+/// Flushes reports every interval (or when woken), with backoff while the control plane is
+/// unavailable; on shutdown makes one last attempt and exits.
+async fn report_loop(inner: Weak<Inner>, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+    let mut retry_at: Option<Instant> = None;
+    let mut backoff = Duration::ZERO;
+    // Set when every handle is gone without shutdown(): flush once more, then stop.
+    let mut closed = false;
+    loop {
+        let interval = match inner.upgrade() {
+            Some(i) => i.opts.report_flush_interval,
+            None => return,
+        };
+        if !closed && !*shutdown.borrow() {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = wake.notified() => {}
+                r = shutdown.changed() => closed = r.is_err(),
+            }
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let stopping = closed || *shutdown.borrow();
+        inner.drain_aggregated();
+        if !stopping && retry_at.is_some_and(|t| Instant::now() < t) {
+            continue;
+        }
+        if inner.send_queued().await {
+            retry_at = None;
+            backoff = Duration::ZERO;
+        } else {
+            backoff = if backoff.is_zero() {
+                inner.opts.report_retry_initial_backoff
+            } else {
+                (backoff * 2).min(inner.opts.report_retry_max_backoff)
+            };
+            retry_at = Some(Instant::now() + backoff);
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Sends due quota allocations every refresh interval and evicts idle check-cache entries.
+async fn housekeeping_loop(inner: Weak<Inner>, mut shutdown: watch::Receiver<bool>) {
+    let mut last_sweep = Instant::now();
+    loop {
+        let interval = match inner.upgrade() {
+            Some(i) => i.opts.quota_refresh_interval,
+            None => return,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => return,
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let due = inner
+            .quota
+            .lock()
+            .map(|mut q| q.due(now))
+            .unwrap_or_default();
+        for alloc in due {
+            tokio::spawn(send_allocation(inner.clone(), alloc));
+        }
+        if now.duration_since(last_sweep) >= Duration::from_secs(10) {
+            last_sweep = now;
+            if let Ok(mut c) = inner.checks.lock() {
+                c.evict_expired(now);
+                inner.stats.check_cache_entries.set(c.len() as i64);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_url_resolution_order() {
+        assert_eq!(
+            resolve_service_control_url(Some("http://127.0.0.1:5/"), None, Some("x")).as_deref(),
+            Some("http://127.0.0.1:5")
+        );
+        assert_eq!(
+            resolve_service_control_url(None, None, Some("servicecontrol.googleapis.com"))
+                .as_deref(),
+            Some(DEFAULT_SERVICE_CONTROL_URL)
+        );
+        assert_eq!(
+            resolve_service_control_url(None, None, Some("http://127.0.0.1:7")).as_deref(),
+            Some("http://127.0.0.1:7")
+        );
+        assert_eq!(resolve_service_control_url(None, None, None), None);
+    }
+}

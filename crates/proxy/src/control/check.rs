@@ -1,0 +1,458 @@
+//! `:check` results: how a CheckResponse becomes "allowed" or an ESP error, and the cache that
+//! keeps most requests from waiting on the control plane.
+//!
+//! Cache policy (ESP's check aggregator, adapted):
+//! * the key is every field that goes into the CheckRequest (service, config id, operation,
+//!   API key and all labels: caller IP, referer, app identities), kept verbatim — a hash
+//!   collision here would let one key ride on another's verdict;
+//! * a positive verdict is reused; once it is older than the refresh interval the next request
+//!   still uses it but starts one background re-check (ESP makes that request wait instead);
+//! * a negative verdict is reused too; once per interval one request goes to the server;
+//! * transport failures, HTTP errors and the "backend unavailable" check errors are never
+//!   cached; entries idle past the expiration are evicted; the size is bounded.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use portico_servicecontrol::CheckResponse;
+
+use super::CheckOk;
+use crate::error::{Cause, EspError};
+
+/// Numeric values of `google.api.servicecontrol.v1.CheckError.Code`, for the "unsupported
+/// error code" message, which ESP prints as a number.
+fn check_error_number(code: &str) -> Option<i32> {
+    Some(match code {
+        "ERROR_CODE_UNSPECIFIED" => 0,
+        "NOT_FOUND" => 5,
+        "PERMISSION_DENIED" => 7,
+        "RESOURCE_EXHAUSTED" => 8,
+        "ABUSER_DETECTED" => 103,
+        "SERVICE_NOT_ACTIVATED" => 104,
+        "API_KEY_INVALID" => 105,
+        "BILLING_DISABLED" => 107,
+        "PROJECT_DELETED" => 108,
+        "IP_ADDRESS_BLOCKED" => 109,
+        "REFERER_BLOCKED" => 110,
+        "CLIENT_APP_BLOCKED" => 111,
+        "API_KEY_EXPIRED" => 112,
+        "API_KEY_NOT_FOUND" => 113,
+        "PROJECT_INVALID" => 114,
+        "SECURITY_POLICY_VIOLATED" => 121,
+        "API_TARGET_BLOCKED" => 122,
+        "INVALID_CREDENTIAL" => 123,
+        "LOCATION_POLICY_VIOLATED" => 124,
+        "CONSUMER_INVALID" => 125,
+        "NAMESPACE_LOOKUP_UNAVAILABLE" => 300,
+        "SERVICE_STATUS_UNAVAILABLE" => 301,
+        "BILLING_STATUS_UNAVAILABLE" => 302,
+        "QUOTA_CHECK_UNAVAILABLE" => 303,
+        "CLOUD_RESOURCE_MANAGER_BACKEND_UNAVAILABLE" => 305,
+        "SECURITY_POLICY_BACKEND_UNAVAILABLE" => 306,
+        "LOCATION_POLICY_BACKEND_UNAVAILABLE" => 307,
+        _ => return None,
+    })
+}
+
+/// Check errors that mean "a Google-side dependency is down": ESP lets the request through.
+fn is_fail_open_check_error(code: &str) -> bool {
+    matches!(
+        code,
+        "NAMESPACE_LOOKUP_UNAVAILABLE"
+            | "SERVICE_STATUS_UNAVAILABLE"
+            | "BILLING_STATUS_UNAVAILABLE"
+            | "CLOUD_RESOURCE_MANAGER_BACKEND_UNAVAILABLE"
+    )
+}
+
+/// The client-facing error for a check error code (ESP's catalogue, §2.3), or `None` when the
+/// code lets the request through.
+pub(crate) fn check_error_to_esp(code: &str, service: &str) -> Option<EspError> {
+    if is_fail_open_check_error(code) {
+        return None;
+    }
+    let sc = Cause::ServiceControl;
+    let e = match code {
+        "API_KEY_INVALID" => EspError::new(3, "API key not valid. Please pass a valid API key.", sc),
+        "API_KEY_EXPIRED" => EspError::new(3, "API key expired. Please renew the API key.", sc),
+        "API_KEY_NOT_FOUND" => {
+            EspError::new(3, "API key not found. Please pass a valid API key.", sc)
+        }
+        "NOT_FOUND" => EspError::new(
+            3,
+            "Consumer project not found. Please pass a valid project.",
+            sc,
+        ),
+        "PROJECT_INVALID" => EspError::new(
+            3,
+            "Consumer project not valid. Please pass a valid project.",
+            sc,
+        ),
+        "SERVICE_NOT_ACTIVATED" => EspError::new(
+            7,
+            format!("API {service} is not enabled for the consumer project."),
+            sc,
+        ),
+        "API_TARGET_BLOCKED" => EspError::new(
+            7,
+            format!("API {service} is invalid for the consumer project."),
+            sc,
+        ),
+        "PERMISSION_DENIED" => EspError::new(
+            7,
+            format!("Consumer project doesn't have access to the API {service}"),
+            sc,
+        ),
+        "RESOURCE_EXHAUSTED" => EspError::new(7, "Quota check failed.", sc),
+        "IP_ADDRESS_BLOCKED" => EspError::new(
+            7,
+            "IP address is blocked by the API key with restrictions.",
+            sc,
+        ),
+        "REFERER_BLOCKED" => EspError::new(
+            7,
+            "Referer address is blocked by the API key with restrictions.",
+            sc,
+        ),
+        "CLIENT_APP_BLOCKED" => EspError::new(
+            7,
+            "Client application is blocked by the API key with restrictions.",
+            sc,
+        ),
+        "PROJECT_DELETED" => EspError::new(7, "Project has been deleted.", sc),
+        "BILLING_DISABLED" => EspError::new(
+            7,
+            format!("API {service} has billing disabled. Please enable it."),
+            sc,
+        ),
+        "INVALID_CREDENTIAL" => {
+            EspError::new(7, "The credential in the request can not be verified", sc)
+        }
+        "CONSUMER_INVALID" => EspError::new(
+            7,
+            "The consumer from the API key does not represent a valid consumer folder or organization",
+            sc,
+        ),
+        other => {
+            let shown = check_error_number(other)
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| other.to_string());
+            EspError::new(
+                13,
+                format!("Request blocked due to unsupported error code: {shown}"),
+                sc,
+            )
+        }
+    };
+    Some(e)
+}
+
+/// What one remote check decided, and whether it may be cached.
+pub(crate) struct Verdict {
+    pub(crate) outcome: Result<CheckOk, EspError>,
+    pub(crate) cacheable: bool,
+}
+
+/// Interprets a 200 CheckResponse. Only the first error counts, as in ESP.
+pub(crate) fn verdict_from_response(resp: &CheckResponse, service: &str) -> Verdict {
+    let consumer_project_number = resp
+        .check_info
+        .as_ref()
+        .and_then(|i| i.consumer_info.as_ref())
+        .map(|c| c.project_number)
+        .filter(|n| *n != 0);
+    let api_key_uid = resp
+        .check_info
+        .as_ref()
+        .map(|i| i.api_key_uid.clone())
+        .filter(|u| !u.is_empty());
+    match resp.check_errors.first() {
+        None => Verdict {
+            outcome: Ok(CheckOk {
+                consumer_project_number,
+                api_key_valid: true,
+                network_failure: false,
+                api_key_uid,
+            }),
+            cacheable: true,
+        },
+        Some(err) => match check_error_to_esp(&err.code, service) {
+            // A Google-side dependency was down: allow, but ask again next time.
+            None => Verdict {
+                outcome: Ok(CheckOk {
+                    consumer_project_number,
+                    api_key_valid: true,
+                    network_failure: false,
+                    api_key_uid,
+                }),
+                cacheable: false,
+            },
+            Some(e) => Verdict {
+                outcome: Err(e),
+                cacheable: true,
+            },
+        },
+    }
+}
+
+pub(crate) struct Entry {
+    pub(crate) outcome: Result<CheckOk, EspError>,
+    pub(crate) checked_at: Instant,
+    pub(crate) last_used: Instant,
+    /// A re-check for this key is in flight; nobody else starts one.
+    pub(crate) refreshing: bool,
+}
+
+/// What the caller should do after looking a key up.
+pub(crate) enum Lookup {
+    /// Use this verdict; nothing else to do.
+    Hit(Result<CheckOk, EspError>),
+    /// Use this (positive) verdict and start a background re-check.
+    HitAndRefresh(CheckOk),
+    /// Ask the server now and wait for it.
+    Miss,
+}
+
+pub(crate) struct CheckCache {
+    entries: HashMap<String, Entry>,
+    max_entries: usize,
+    refresh: Duration,
+    expiration: Duration,
+}
+
+impl CheckCache {
+    pub(crate) fn new(max_entries: usize, refresh: Duration, expiration: Duration) -> Self {
+        CheckCache {
+            entries: HashMap::new(),
+            max_entries,
+            refresh,
+            expiration,
+        }
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        self.max_entries > 0
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn lookup(&mut self, key: &str, now: Instant) -> Lookup {
+        let Some(e) = self.entries.get_mut(key) else {
+            return Lookup::Miss;
+        };
+        if now.duration_since(e.last_used) > self.expiration {
+            self.entries.remove(key);
+            return Lookup::Miss;
+        }
+        e.last_used = now;
+        let stale = now.duration_since(e.checked_at) >= self.refresh;
+        match &e.outcome {
+            Ok(ok) if stale && !e.refreshing => {
+                e.refreshing = true;
+                Lookup::HitAndRefresh(ok.clone())
+            }
+            Ok(ok) => Lookup::Hit(Ok(ok.clone())),
+            Err(_) if stale && !e.refreshing => {
+                // This request asks the server; the others keep getting the cached error.
+                e.refreshing = true;
+                Lookup::Miss
+            }
+            Err(err) => Lookup::Hit(Err(err.clone())),
+        }
+    }
+
+    /// Records the result of a remote check for `key`.
+    pub(crate) fn complete(&mut self, key: &str, verdict: &Verdict, now: Instant) {
+        if verdict.cacheable {
+            if !self.entries.contains_key(key) {
+                self.make_room(now);
+            }
+            let last_used = self.entries.get(key).map(|e| e.last_used).unwrap_or(now);
+            self.entries.insert(
+                key.to_string(),
+                Entry {
+                    outcome: verdict.outcome.clone(),
+                    checked_at: now,
+                    last_used,
+                    refreshing: false,
+                },
+            );
+        } else if let Some(e) = self.entries.get_mut(key) {
+            // Not cacheable (network trouble): keep the last real verdict, and try again only
+            // after another interval rather than on every request.
+            e.checked_at = now;
+            e.refreshing = false;
+        }
+    }
+
+    fn make_room(&mut self, now: Instant) {
+        if self.entries.len() < self.max_entries {
+            return;
+        }
+        self.evict_expired(now);
+        if self.entries.len() < self.max_entries {
+            return;
+        }
+        // Full of live entries: drop the least recently used. O(n), but only on overflow.
+        if let Some(oldest) = self
+            .entries
+            .iter()
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(k, _)| k.clone())
+        {
+            self.entries.remove(&oldest);
+        }
+    }
+
+    pub(crate) fn evict_expired(&mut self, now: Instant) {
+        let expiration = self.expiration;
+        self.entries
+            .retain(|_, e| now.duration_since(e.last_used) <= expiration);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portico_servicecontrol::{CheckError, CheckInfo, ConsumerInfo};
+
+    fn ok() -> CheckOk {
+        CheckOk {
+            consumer_project_number: Some(7),
+            api_key_valid: true,
+            network_failure: false,
+            api_key_uid: None,
+        }
+    }
+
+    #[test]
+    fn every_catalogue_row_has_its_exact_message() {
+        let svc = "echo.example.com";
+        let rows: &[(&str, u16, i32, &str)] = &[
+            ("API_KEY_INVALID", 400, 3, "API key not valid. Please pass a valid API key."),
+            ("API_KEY_EXPIRED", 400, 3, "API key expired. Please renew the API key."),
+            ("API_KEY_NOT_FOUND", 400, 3, "API key not found. Please pass a valid API key."),
+            ("NOT_FOUND", 400, 3, "Consumer project not found. Please pass a valid project."),
+            ("PROJECT_INVALID", 400, 3, "Consumer project not valid. Please pass a valid project."),
+            ("SERVICE_NOT_ACTIVATED", 403, 7, "API echo.example.com is not enabled for the consumer project."),
+            ("API_TARGET_BLOCKED", 403, 7, "API echo.example.com is invalid for the consumer project."),
+            ("PERMISSION_DENIED", 403, 7, "Consumer project doesn't have access to the API echo.example.com"),
+            ("RESOURCE_EXHAUSTED", 403, 7, "Quota check failed."),
+            ("IP_ADDRESS_BLOCKED", 403, 7, "IP address is blocked by the API key with restrictions."),
+            ("REFERER_BLOCKED", 403, 7, "Referer address is blocked by the API key with restrictions."),
+            ("CLIENT_APP_BLOCKED", 403, 7, "Client application is blocked by the API key with restrictions."),
+            ("PROJECT_DELETED", 403, 7, "Project has been deleted."),
+            ("BILLING_DISABLED", 403, 7, "API echo.example.com has billing disabled. Please enable it."),
+            ("INVALID_CREDENTIAL", 403, 7, "The credential in the request can not be verified"),
+            ("CONSUMER_INVALID", 403, 7, "The consumer from the API key does not represent a valid consumer folder or organization"),
+            ("ABUSER_DETECTED", 500, 13, "Request blocked due to unsupported error code: 103"),
+            ("SOMETHING_NEW", 500, 13, "Request blocked due to unsupported error code: SOMETHING_NEW"),
+        ];
+        for (code, http, c, msg) in rows {
+            let e = check_error_to_esp(code, svc).expect("blocked");
+            assert_eq!(
+                (e.http_status, e.code, e.message.as_str()),
+                (*http, *c, *msg),
+                "{code}"
+            );
+            assert_eq!(e.cause, Cause::ServiceControl);
+        }
+        for code in [
+            "NAMESPACE_LOOKUP_UNAVAILABLE",
+            "SERVICE_STATUS_UNAVAILABLE",
+            "BILLING_STATUS_UNAVAILABLE",
+            "CLOUD_RESOURCE_MANAGER_BACKEND_UNAVAILABLE",
+        ] {
+            assert!(check_error_to_esp(code, svc).is_none(), "{code} fails open");
+        }
+    }
+
+    #[test]
+    fn verdict_reads_consumer_and_first_error() {
+        let resp = CheckResponse {
+            check_info: Some(CheckInfo {
+                consumer_info: Some(ConsumerInfo {
+                    project_number: 42,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let v = verdict_from_response(&resp, "s");
+        assert!(v.cacheable);
+        assert_eq!(v.outcome.expect("ok").consumer_project_number, Some(42));
+        let resp = CheckResponse {
+            check_errors: vec![CheckError {
+                code: "SERVICE_STATUS_UNAVAILABLE".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let v = verdict_from_response(&resp, "s");
+        assert!(v.outcome.is_ok() && !v.cacheable);
+    }
+
+    #[test]
+    fn cache_refreshes_positive_in_background_and_negative_once() {
+        let mut c = CheckCache::new(10, Duration::from_secs(60), Duration::from_secs(300));
+        let t0 = Instant::now();
+        assert!(matches!(c.lookup("k", t0), Lookup::Miss));
+        c.complete(
+            "k",
+            &Verdict {
+                outcome: Ok(ok()),
+                cacheable: true,
+            },
+            t0,
+        );
+        assert!(matches!(
+            c.lookup("k", t0 + Duration::from_secs(1)),
+            Lookup::Hit(Ok(_))
+        ));
+        let t1 = t0 + Duration::from_secs(61);
+        assert!(matches!(c.lookup("k", t1), Lookup::HitAndRefresh(_)));
+        // Only one refresh at a time.
+        assert!(matches!(c.lookup("k", t1), Lookup::Hit(Ok(_))));
+
+        let err = EspError::new(3, "bad", Cause::ServiceControl);
+        c.complete(
+            "n",
+            &Verdict {
+                outcome: Err(err),
+                cacheable: true,
+            },
+            t0,
+        );
+        assert!(matches!(c.lookup("n", t0), Lookup::Hit(Err(_))));
+        assert!(matches!(c.lookup("n", t1), Lookup::Miss));
+        assert!(matches!(c.lookup("n", t1), Lookup::Hit(Err(_))));
+    }
+
+    #[test]
+    fn cache_is_bounded_and_expires() {
+        let mut c = CheckCache::new(2, Duration::from_secs(60), Duration::from_secs(300));
+        let t0 = Instant::now();
+        for (i, k) in ["a", "b", "c"].iter().enumerate() {
+            c.complete(
+                k,
+                &Verdict {
+                    outcome: Ok(ok()),
+                    cacheable: true,
+                },
+                t0 + Duration::from_millis(i as u64),
+            );
+        }
+        assert_eq!(c.len(), 2);
+        assert!(
+            matches!(c.lookup("a", t0), Lookup::Miss),
+            "least recently used evicted"
+        );
+        assert!(
+            matches!(c.lookup("c", t0 + Duration::from_secs(400)), Lookup::Miss),
+            "expired"
+        );
+    }
+}

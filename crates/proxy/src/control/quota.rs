@@ -1,0 +1,316 @@
+//! Quota: the verdict cache and token aggregation behind `allocate_quota` (ESP's quota
+//! aggregator). The request path only reads the cache and adds tokens; `:allocateQuota` calls
+//! happen in the background:
+//! * the first request of a signature (method + consumer + metric names) is allowed at once
+//!   and triggers an allocation for its cost;
+//! * later requests use the cached verdict and, while it is positive, add their cost to a
+//!   pending total that is sent every refresh interval (`BEST_EFFORT`);
+//! * a negative verdict is re-asked every interval with the request's cost in `NORMAL` mode,
+//!   so access resumes once the window resets;
+//! * a failed call (network, HTTP error, garbage) counts as positive: quota fails open.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use portico_config::Service;
+use portico_servicecontrol::{AllocateQuotaResponse, MetricValue, MetricValueSet, QuotaOperation};
+
+use crate::error::{Cause, EspError};
+
+/// The quota metric costs of `selector` (`quota.metricRules`); a cost ≤ 0 counts as 1, as in ESP.
+pub fn metric_costs(service: &Service, selector: &str) -> Vec<(String, i64)> {
+    let Some(quota) = &service.quota else {
+        return Vec::new();
+    };
+    quota
+        .metric_rules
+        .iter()
+        .filter(|r| r.selector == selector)
+        .flat_map(|r| r.metric_costs.iter())
+        .map(|(name, cost)| (name.clone(), (*cost).max(1)))
+        .collect()
+}
+
+/// Client-facing error for the first allocate error (ESP `proto.cc`): always `internal`.
+pub(crate) fn quota_error_to_esp(code: &str, description: &str) -> EspError {
+    let message = if description.is_empty() {
+        format!("Quota allocation failed: {code}")
+    } else {
+        description.to_string()
+    };
+    let c = match code {
+        "RESOURCE_EXHAUSTED" => 8,
+        "BILLING_NOT_ACTIVE" | "PROJECT_DELETED" => 7,
+        "API_KEY_INVALID" | "API_KEY_EXPIRED" => 3,
+        _ => 13,
+    };
+    EspError::new(c, message, Cause::Internal)
+}
+
+pub(crate) fn verdict(resp: &AllocateQuotaResponse) -> Result<(), EspError> {
+    match resp.allocate_errors.first() {
+        None => Ok(()),
+        Some(e) => Err(quota_error_to_esp(&e.code, &e.description)),
+    }
+}
+
+/// What to send for one entry.
+pub(crate) struct Allocation {
+    pub(crate) key: String,
+    pub(crate) service: String,
+    pub(crate) config_id: String,
+    pub(crate) operation: QuotaOperation,
+}
+
+pub(crate) struct Entry {
+    service: String,
+    config_id: String,
+    method_name: String,
+    consumer_id: String,
+    labels: BTreeMap<String, String>,
+    /// The cost of one request; used for the NORMAL-mode re-ask of a negative verdict.
+    unit_cost: BTreeMap<String, i64>,
+    pending: BTreeMap<String, i64>,
+    /// `None` until the first answer: the temporary positive verdict.
+    verdict: Option<Result<(), EspError>>,
+    in_flight: bool,
+    last_used: Instant,
+    last_sent: Instant,
+}
+
+pub(crate) struct NewEntry<'a> {
+    pub(crate) service: &'a str,
+    pub(crate) config_id: &'a str,
+    pub(crate) method_name: &'a str,
+    pub(crate) consumer_id: String,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) costs: &'a [(String, i64)],
+}
+
+pub(crate) struct QuotaCache {
+    entries: HashMap<String, Entry>,
+    max_entries: usize,
+    refresh: Duration,
+    expiration: Duration,
+}
+
+pub(crate) enum Decision {
+    Allow,
+    /// Allowed; this new signature must be allocated now.
+    AllowAndSend(Allocation),
+    Deny(EspError),
+}
+
+pub(crate) fn signature(method: &str, consumer: &str, costs: &[(String, i64)]) -> String {
+    let mut names: Vec<&str> = costs.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    format!("{method}\u{0}{consumer}\u{0}{}", names.join("\u{0}"))
+}
+
+fn to_metrics(costs: &BTreeMap<String, i64>) -> Vec<MetricValueSet> {
+    costs
+        .iter()
+        .map(|(name, cost)| MetricValueSet {
+            metric_name: name.clone(),
+            metric_values: vec![MetricValue {
+                int64_value: Some(*cost),
+                ..Default::default()
+            }],
+        })
+        .collect()
+}
+
+impl Entry {
+    fn allocation(&self, key: &str, costs: &BTreeMap<String, i64>, mode: &str) -> Allocation {
+        Allocation {
+            key: key.to_string(),
+            service: self.service.clone(),
+            config_id: self.config_id.clone(),
+            operation: QuotaOperation {
+                operation_id: uuid::Uuid::new_v4().to_string(),
+                method_name: self.method_name.clone(),
+                consumer_id: self.consumer_id.clone(),
+                labels: self.labels.clone(),
+                quota_metrics: to_metrics(costs),
+                quota_mode: mode.to_string(),
+            },
+        }
+    }
+}
+
+impl QuotaCache {
+    pub(crate) fn new(max_entries: usize, refresh: Duration, expiration: Duration) -> Self {
+        QuotaCache {
+            entries: HashMap::new(),
+            max_entries: max_entries.max(1),
+            refresh,
+            expiration,
+        }
+    }
+
+    pub(crate) fn decide(&mut self, key: String, new: NewEntry<'_>, now: Instant) -> Decision {
+        if let Some(e) = self.entries.get_mut(&key) {
+            e.last_used = now;
+            return match &e.verdict {
+                Some(Err(err)) => Decision::Deny(err.clone()),
+                _ => {
+                    for (name, cost) in new.costs {
+                        *e.pending.entry(name.clone()).or_insert(0) += cost;
+                    }
+                    Decision::Allow
+                }
+            };
+        }
+        if self.entries.len() >= self.max_entries {
+            self.evict(now, true);
+        }
+        let unit_cost: BTreeMap<String, i64> = new.costs.iter().cloned().collect();
+        let entry = Entry {
+            service: new.service.to_string(),
+            config_id: new.config_id.to_string(),
+            method_name: new.method_name.to_string(),
+            consumer_id: new.consumer_id,
+            labels: new.labels,
+            unit_cost: unit_cost.clone(),
+            pending: BTreeMap::new(),
+            verdict: None,
+            in_flight: true,
+            last_used: now,
+            last_sent: now,
+        };
+        let alloc = entry.allocation(&key, &unit_cost, "BEST_EFFORT");
+        self.entries.insert(key, entry);
+        Decision::AllowAndSend(alloc)
+    }
+
+    /// Allocations due at `now`: aggregated tokens of positive entries, and re-asks of
+    /// negative ones. Marks them in flight.
+    pub(crate) fn due(&mut self, now: Instant) -> Vec<Allocation> {
+        self.evict(now, false);
+        let refresh = self.refresh;
+        let mut out = Vec::new();
+        for (key, e) in self.entries.iter_mut() {
+            if e.in_flight || now.duration_since(e.last_sent) < refresh {
+                continue;
+            }
+            let alloc = match &e.verdict {
+                Some(Err(_)) => e.allocation(key, &e.unit_cost, "NORMAL"),
+                _ if !e.pending.is_empty() => {
+                    let pending = std::mem::take(&mut e.pending);
+                    e.allocation(key, &pending, "BEST_EFFORT")
+                }
+                _ => continue,
+            };
+            e.in_flight = true;
+            e.last_sent = now;
+            out.push(alloc);
+        }
+        out
+    }
+
+    /// Records an answer (`None` = the call failed: fail open).
+    pub(crate) fn complete(&mut self, key: &str, verdict: Option<Result<(), EspError>>) {
+        if let Some(e) = self.entries.get_mut(key) {
+            e.in_flight = false;
+            e.verdict = Some(verdict.unwrap_or(Ok(())));
+        }
+    }
+
+    fn evict(&mut self, now: Instant, make_room: bool) {
+        let expiration = self.expiration;
+        self.entries
+            .retain(|_, e| e.in_flight || now.duration_since(e.last_used) <= expiration);
+        if make_room && self.entries.len() >= self.max_entries {
+            if let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(k, _)| k.clone())
+            {
+                self.entries.remove(&oldest);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_entry<'a>(costs: &'a [(String, i64)]) -> NewEntry<'a> {
+        NewEntry {
+            service: "s",
+            config_id: "c",
+            method_name: "m",
+            consumer_id: "api_key:k".into(),
+            labels: BTreeMap::new(),
+            costs,
+        }
+    }
+
+    #[test]
+    fn first_allowed_then_aggregated_then_denied() {
+        let costs = vec![("read-requests".to_string(), 2)];
+        let mut q = QuotaCache::new(10, Duration::from_secs(1), Duration::from_secs(600));
+        let t0 = Instant::now();
+        let key = signature("m", "api_key:k", &costs);
+        let Decision::AllowAndSend(a) = q.decide(key.clone(), new_entry(&costs), t0) else {
+            panic!("first request must be allowed and sent");
+        };
+        assert_eq!(
+            a.operation.quota_metrics[0].metric_values[0].int64_value,
+            Some(2)
+        );
+        assert!(matches!(
+            q.decide(key.clone(), new_entry(&costs), t0),
+            Decision::Allow
+        ));
+        assert!(matches!(
+            q.decide(key.clone(), new_entry(&costs), t0),
+            Decision::Allow
+        ));
+        // In flight: nothing due yet.
+        assert!(q.due(t0 + Duration::from_secs(2)).is_empty());
+        q.complete(&key, Some(Ok(())));
+        let due = q.due(t0 + Duration::from_secs(2));
+        assert_eq!(due.len(), 1);
+        assert_eq!(
+            due[0].operation.quota_metrics[0].metric_values[0].int64_value,
+            Some(4)
+        );
+        q.complete(
+            &key,
+            Some(Err(quota_error_to_esp(
+                "RESOURCE_EXHAUSTED",
+                "Quota exceeded",
+            ))),
+        );
+        match q.decide(key.clone(), new_entry(&costs), t0) {
+            Decision::Deny(e) => {
+                assert_eq!(
+                    (e.http_status, e.code, e.message.as_str()),
+                    (429, 8, "Quota exceeded")
+                );
+                assert_eq!(e.cause, Cause::Internal);
+            }
+            _ => panic!("denied after exhaustion"),
+        }
+        let due = q.due(t0 + Duration::from_secs(4));
+        assert_eq!(due[0].operation.quota_mode, "NORMAL");
+        q.complete(&key, None);
+        assert!(
+            matches!(q.decide(key, new_entry(&costs), t0), Decision::Allow),
+            "fails open"
+        );
+    }
+
+    #[test]
+    fn error_code_mapping() {
+        let e = quota_error_to_esp("BILLING_NOT_ACTIVE", "d");
+        assert_eq!((e.http_status, e.code), (403, 7));
+        let e = quota_error_to_esp("API_KEY_EXPIRED", "d");
+        assert_eq!((e.http_status, e.code), (400, 3));
+        let e = quota_error_to_esp("WHATEVER", "d");
+        assert_eq!((e.http_status, e.code), (500, 13));
+    }
+}

@@ -1,0 +1,656 @@
+//! `:report` contents: turning one finished request into Service Control operations (labels,
+//! metrics, the `endpoints_log` entry), and merging operations with the same signature so a
+//! burst of N identical requests costs one operation with `request_count` N.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use portico_servicecontrol::{
+    labels, Distribution, ExponentialBuckets, LogEntry, MetricValue, MetricValueSet, Operation,
+};
+
+use crate::error::{code_for_http_status, http_status_for_code};
+
+/// Operation name ESP reports for requests that matched no method.
+pub const UNKNOWN_OPERATION_NAME: &str = "<Unknown Operation Name>";
+/// Log name of the per-request log entry.
+pub const ENDPOINTS_LOG: &str = "endpoints_log";
+
+/// Everything the report needs to know about one finished request. Owned, because it is
+/// handed to the background aggregator after the response has been sent.
+#[derive(Debug, Clone, Default)]
+pub struct RequestRecord {
+    pub service_name: String,
+    pub service_config_id: String,
+    pub producer_project_id: String,
+    /// The matched method's selector; `None` when no method matched.
+    pub operation_name: Option<String>,
+    pub api_name: String,
+    pub api_version: String,
+    /// The API key the request carried, if any.
+    pub api_key: Option<String>,
+    /// The check said the key is valid and the API enabled (the consumer is then reported).
+    pub api_key_valid: bool,
+    /// From the check's `consumerInfo`; adds the by-consumer operation.
+    pub consumer_project_number: Option<i64>,
+    /// The check failed at the network level (fail-open): `/credential_id` is `apikey:UNKNOWN`.
+    pub check_network_failure: bool,
+    /// Overrides the derived `/credential_id` (e.g. `jwtauth:issuer=...&audience=...`).
+    pub credential_id: Option<String>,
+    pub http_method: String,
+    /// Raw request URI, query included.
+    pub url: String,
+    pub response_code: u16,
+    /// Canonical code of a proxy-generated error; derived from `response_code` when `None`.
+    pub status_code: Option<i32>,
+    pub request_size: u64,
+    pub response_size: u64,
+    pub total_latency: Duration,
+    /// `None` when the request never reached the backend.
+    pub backend_latency: Option<Duration>,
+    pub overhead_latency: Duration,
+    pub caller_ip: Option<IpAddr>,
+    pub referer: Option<String>,
+    /// `DebugInfo.detail` of a proxy error (`service_control`, `auth`, ...).
+    pub error_cause: Option<String>,
+    /// Message of a proxy error.
+    pub error_message: Option<String>,
+    /// Frontend protocol: `http`, `https` or `grpc`.
+    pub protocol: String,
+    /// Backend protocol, reported only when it differs from the frontend's.
+    pub backend_protocol: Option<String>,
+    /// Configured `--log_request_headers` present on the request, as (name, value).
+    pub request_headers: Vec<(String, String)>,
+    pub response_headers: Vec<(String, String)>,
+    /// `path=value;` pairs from `--log_jwt_payloads`.
+    pub jwt_payloads: Option<String>,
+    /// When the request arrived; `now - total_latency` when `None`.
+    pub start_time: Option<SystemTime>,
+}
+
+/// Labels that do not vary per request, fixed when the client is built.
+#[derive(Debug, Clone)]
+pub(crate) struct StaticLabels {
+    pub(crate) service_agent: String,
+    pub(crate) platform: String,
+    pub(crate) location: String,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let dt: time::OffsetDateTime = t.into();
+    dt.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+pub(crate) fn now_rfc3339() -> String {
+    rfc3339(SystemTime::now())
+}
+
+/// Distribution shapes ESP uses: time in seconds (29 buckets ×2 from 1 µs), sizes in bytes
+/// (8 buckets ×10 from 1 B).
+const TIME_BUCKETS: (i32, f64, f64) = (29, 2.0, 1e-6);
+const SIZE_BUCKETS: (i32, f64, f64) = (8, 10.0, 1.0);
+
+pub(crate) fn distribution(value: f64, (n, growth, scale): (i32, f64, f64)) -> Distribution {
+    let mut bucket_counts = vec![0i64; n as usize + 2];
+    let index = if value < scale {
+        0
+    } else {
+        // Bucket i (1..=n) holds [scale*g^(i-1), scale*g^i); the epsilon keeps exact powers
+        // from falling one bucket short through rounding.
+        let i = ((value / scale).ln() / growth.ln() + 1e-9).floor() as i64 + 1;
+        i.clamp(1, i64::from(n) + 1) as usize
+    };
+    bucket_counts[index] = 1;
+    Distribution {
+        count: 1,
+        mean: value,
+        minimum: value,
+        maximum: value,
+        sum_of_squared_deviation: 0.0,
+        bucket_counts,
+        exponential_buckets: Some(ExponentialBuckets {
+            num_finite_buckets: n,
+            growth_factor: growth,
+            scale,
+        }),
+        linear_buckets: None,
+        explicit_buckets: None,
+    }
+}
+
+/// Merges `b` into `a` (Chan et al.'s parallel variance update).
+pub(crate) fn merge_distribution(a: &mut Distribution, b: &Distribution) {
+    if b.count == 0 {
+        return;
+    }
+    if a.count == 0 {
+        *a = b.clone();
+        return;
+    }
+    let (na, nb) = (a.count as f64, b.count as f64);
+    let n = na + nb;
+    let delta = b.mean - a.mean;
+    a.sum_of_squared_deviation += b.sum_of_squared_deviation + delta * delta * na * nb / n;
+    a.mean += delta * nb / n;
+    a.count += b.count;
+    a.minimum = a.minimum.min(b.minimum);
+    a.maximum = a.maximum.max(b.maximum);
+    if a.bucket_counts.len() == b.bucket_counts.len() {
+        for (x, y) in a.bucket_counts.iter_mut().zip(&b.bucket_counts) {
+            *x += *y;
+        }
+    }
+}
+
+fn int_metric(name: &str, v: i64) -> MetricValueSet {
+    MetricValueSet {
+        metric_name: name.to_string(),
+        metric_values: vec![MetricValue {
+            int64_value: Some(v),
+            ..Default::default()
+        }],
+    }
+}
+
+fn dist_metric(name: &str, d: Distribution) -> MetricValueSet {
+    MetricValueSet {
+        metric_name: name.to_string(),
+        metric_values: vec![MetricValue {
+            distribution_value: Some(d),
+            ..Default::default()
+        }],
+    }
+}
+
+/// The standard metric families; `prefix` is e.g. `serviceruntime.googleapis.com/api/producer/`.
+fn standard_metrics(prefix: &str, r: &RequestRecord, is_error: bool) -> Vec<MetricValueSet> {
+    let mut m = vec![
+        int_metric(&format!("{prefix}request_count"), 1),
+        dist_metric(
+            &format!("{prefix}request_sizes"),
+            distribution(r.request_size as f64, SIZE_BUCKETS),
+        ),
+        dist_metric(
+            &format!("{prefix}response_sizes"),
+            distribution(r.response_size as f64, SIZE_BUCKETS),
+        ),
+        dist_metric(
+            &format!("{prefix}total_latencies"),
+            distribution(r.total_latency.as_secs_f64(), TIME_BUCKETS),
+        ),
+        dist_metric(
+            &format!("{prefix}request_overhead_latencies"),
+            distribution(r.overhead_latency.as_secs_f64(), TIME_BUCKETS),
+        ),
+    ];
+    if let Some(b) = r.backend_latency {
+        m.push(dist_metric(
+            &format!("{prefix}backend_latencies"),
+            distribution(b.as_secs_f64(), TIME_BUCKETS),
+        ));
+    }
+    if is_error {
+        m.push(int_metric(&format!("{prefix}error_count"), 1));
+    }
+    m
+}
+
+/// gRPC canonical code names, for `log_message`.
+fn code_name(code: i32) -> &'static str {
+    match code {
+        0 => "OK",
+        1 => "CANCELLED",
+        2 => "UNKNOWN",
+        3 => "INVALID_ARGUMENT",
+        4 => "DEADLINE_EXCEEDED",
+        5 => "NOT_FOUND",
+        6 => "ALREADY_EXISTS",
+        7 => "PERMISSION_DENIED",
+        8 => "RESOURCE_EXHAUSTED",
+        9 => "FAILED_PRECONDITION",
+        10 => "ABORTED",
+        11 => "OUT_OF_RANGE",
+        12 => "UNIMPLEMENTED",
+        13 => "INTERNAL",
+        14 => "UNAVAILABLE",
+        15 => "DATA_LOSS",
+        16 => "UNAUTHENTICATED",
+        _ => "UNKNOWN",
+    }
+}
+
+fn log_message(r: &RequestRecord) -> String {
+    let Some(selector) = &r.operation_name else {
+        return format!(
+            "Endpoints management skipped for an unrecognized HTTP call: {} {}",
+            r.http_method, r.url
+        );
+    };
+    if r.response_code < 400 {
+        return format!("Method: {selector}");
+    }
+    match (&r.error_message, r.status_code) {
+        // A proxy-generated error: its canonical status and message.
+        (Some(msg), code) => {
+            let code = code.unwrap_or_else(|| code_for_http_status(r.response_code));
+            format!("Method: {selector} failed: {}: {msg}", code_name(code))
+        }
+        // A backend error: the HTTP reason, e.g. FORBIDDEN.
+        (None, _) => {
+            let reason = http::StatusCode::from_u16(r.response_code)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("UNKNOWN")
+                .to_ascii_uppercase()
+                .replace([' ', '-'], "_");
+            format!("Method: {selector} failed: {reason}")
+        }
+    }
+}
+
+fn header_list(h: &[(String, String)]) -> String {
+    h.iter().map(|(k, v)| format!("{k}={v};")).collect()
+}
+
+/// Builds the operation(s) for one request: the main one, plus the by-consumer one when the
+/// check identified the consumer project.
+pub(crate) fn operations_for(r: &RequestRecord, statics: &StaticLabels) -> Vec<Operation> {
+    let end = r
+        .start_time
+        .map(|s| s + r.total_latency)
+        .unwrap_or_else(SystemTime::now);
+    let start = r.start_time.unwrap_or_else(|| end - r.total_latency);
+    let status_code = r
+        .status_code
+        .unwrap_or_else(|| code_for_http_status(r.response_code));
+    let is_error = r.response_code >= 400;
+    let selector = r
+        .operation_name
+        .as_deref()
+        .unwrap_or(UNKNOWN_OPERATION_NAME);
+    let api_key = r.api_key.as_deref().filter(|k| !k.is_empty());
+    let consumer_id = match api_key {
+        Some(k) if r.api_key_valid && !r.check_network_failure => format!("api_key:{k}"),
+        _ => String::new(),
+    };
+
+    let mut l = BTreeMap::new();
+    l.insert(
+        labels::SERVICE_AGENT.to_string(),
+        statics.service_agent.clone(),
+    );
+    l.insert(labels::USER_AGENT.to_string(), "ESP".to_string());
+    l.insert(labels::PLATFORM.to_string(), statics.platform.clone());
+    l.insert(labels::LOCATION.to_string(), statics.location.clone());
+    l.insert(labels::PROTOCOL.to_string(), r.protocol.clone());
+    l.insert(
+        labels::RESPONSE_CODE.to_string(),
+        r.response_code.to_string(),
+    );
+    l.insert(
+        labels::RESPONSE_CODE_CLASS.to_string(),
+        format!("{}xx", r.response_code / 100),
+    );
+    l.insert(labels::STATUS_CODE.to_string(), status_code.to_string());
+    if is_error {
+        l.insert(
+            labels::ERROR_TYPE.to_string(),
+            format!("{}xx", r.response_code / 100),
+        );
+    }
+    let credential_id = match (&r.credential_id, api_key) {
+        (Some(c), _) => Some(c.clone()),
+        (None, Some(_)) if r.check_network_failure => Some("apikey:UNKNOWN".to_string()),
+        (None, Some(k)) => Some(format!("apikey:{k}")),
+        (None, None) => None,
+    };
+    if let Some(c) = credential_id {
+        l.insert(labels::CREDENTIAL_ID.to_string(), c);
+    }
+    if r.operation_name.is_some() {
+        l.insert(labels::API_METHOD.to_string(), selector.to_string());
+    }
+    if !r.api_version.is_empty() {
+        l.insert(labels::API_VERSION.to_string(), r.api_version.clone());
+    }
+    if let Some(bp) = &r.backend_protocol {
+        if *bp != r.protocol {
+            l.insert(
+                "servicecontrol.googleapis.com/backend_protocol".to_string(),
+                bp.clone(),
+            );
+        }
+    }
+
+    let mut metrics = standard_metrics("serviceruntime.googleapis.com/api/producer/", r, is_error);
+    if !consumer_id.is_empty() {
+        metrics.extend(standard_metrics(
+            "serviceruntime.googleapis.com/api/consumer/",
+            r,
+            is_error,
+        ));
+    }
+
+    let mut payload = serde_json::Map::new();
+    let ts = end
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let mut put = |k: &str, v: serde_json::Value| {
+        payload.insert(k.to_string(), v);
+    };
+    put("timestamp", serde_json::json!(ts));
+    put("service_config_id", r.service_config_id.clone().into());
+    put("service_agent", statics.service_agent.clone().into());
+    put("producer_project_id", r.producer_project_id.clone().into());
+    if let Some(k) = api_key {
+        put("api_key", k.into());
+    }
+    if let Some(rf) = &r.referer {
+        put("referer", rf.clone().into());
+    }
+    put("api_name", r.api_name.clone().into());
+    put("api_version", r.api_version.clone().into());
+    put("url", r.url.clone().into());
+    put("api_method", selector.into());
+    put("location", statics.location.clone().into());
+    put("log_message", log_message(r).into());
+    if let Some(j) = &r.jwt_payloads {
+        put("jwt_payloads", j.clone().into());
+    }
+    put("http_response_code", r.response_code.into());
+    put("request_size_in_bytes", r.request_size.into());
+    if !r.request_headers.is_empty() {
+        put("request_headers", header_list(&r.request_headers).into());
+    }
+    put("response_size_in_bytes", r.response_size.into());
+    if !r.response_headers.is_empty() {
+        put("response_headers", header_list(&r.response_headers).into());
+    }
+    put(
+        "request_latency_in_ms",
+        (r.total_latency.as_millis() as u64).into(),
+    );
+    put("http_method", r.http_method.clone().into());
+    if let Some(ip) = r.caller_ip {
+        put("client_ip", ip.to_string().into());
+    }
+    if is_error {
+        let cause = r.error_cause.clone().unwrap_or_else(|| {
+            // No proxy error: the backend answered with this status.
+            if http_status_for_code(status_code) >= 400 {
+                "application".to_string()
+            } else {
+                String::new()
+            }
+        });
+        put("error_cause", cause.into());
+    }
+    let log = LogEntry {
+        name: ENDPOINTS_LOG.to_string(),
+        timestamp: rfc3339(end),
+        severity: if is_error { "ERROR" } else { "INFO" }.to_string(),
+        struct_payload: Some(payload),
+        ..Default::default()
+    };
+
+    let operation_id = uuid::Uuid::new_v4().to_string();
+    let main = Operation {
+        operation_id: operation_id.clone(),
+        operation_name: selector.to_string(),
+        consumer_id: consumer_id.clone(),
+        start_time: rfc3339(start),
+        end_time: rfc3339(end),
+        labels: l.clone(),
+        metric_value_sets: metrics,
+        log_entries: vec![log],
+        importance: String::new(),
+    };
+    let mut ops = vec![main];
+    if let Some(project) = r
+        .consumer_project_number
+        .filter(|_| !consumer_id.is_empty())
+    {
+        let mut bl = l;
+        bl.insert(labels::CONSUMER_PROJECT.to_string(), project.to_string());
+        ops.push(Operation {
+            operation_id: format!("{operation_id}1"),
+            operation_name: selector.to_string(),
+            consumer_id,
+            start_time: rfc3339(start),
+            end_time: rfc3339(end),
+            labels: bl,
+            metric_value_sets: standard_metrics(
+                "serviceruntime.googleapis.com/api/producer/by_consumer/",
+                r,
+                is_error,
+            ),
+            log_entries: Vec::new(),
+            importance: String::new(),
+        });
+    }
+    ops
+}
+
+/// Operations are merged when service, config, consumer, name and labels are all equal.
+pub(crate) fn signature(service: &str, config_id: &str, op: &Operation) -> String {
+    let mut s = String::with_capacity(256);
+    for part in [service, config_id, &op.consumer_id, &op.operation_name] {
+        s.push_str(part);
+        s.push('\u{0}');
+    }
+    for (k, v) in &op.labels {
+        s.push_str(k);
+        s.push('=');
+        s.push_str(v);
+        s.push('\u{0}');
+    }
+    // The by-consumer operation has the same labels plus consumer_project; the metric family
+    // keeps it apart from a main operation with identical labels.
+    if let Some(first) = op.metric_value_sets.first() {
+        s.push_str(&first.metric_name);
+    }
+    s
+}
+
+/// Merges `b` into `a`: int64 metrics summed, distributions merged, logs appended, the time
+/// span widened. Both share a signature.
+pub(crate) fn merge_operation(a: &mut Operation, b: Operation) {
+    if b.start_time < a.start_time {
+        a.start_time = b.start_time;
+    }
+    if b.end_time > a.end_time {
+        a.end_time = b.end_time;
+    }
+    let mut index: HashMap<String, usize> = a
+        .metric_value_sets
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.metric_name.clone(), i))
+        .collect();
+    for set in b.metric_value_sets {
+        match index.get(&set.metric_name) {
+            Some(&i) => {
+                let target = &mut a.metric_value_sets[i];
+                for v in set.metric_values {
+                    match target.metric_values.first_mut() {
+                        Some(t) => merge_value(t, &v),
+                        None => target.metric_values.push(v),
+                    }
+                }
+            }
+            None => {
+                index.insert(set.metric_name.clone(), a.metric_value_sets.len());
+                a.metric_value_sets.push(set);
+            }
+        }
+    }
+    a.log_entries.extend(b.log_entries);
+}
+
+fn merge_value(a: &mut MetricValue, b: &MetricValue) {
+    if let (Some(x), Some(y)) = (a.int64_value.as_mut(), b.int64_value) {
+        *x += y;
+    }
+    if let (Some(x), Some(y)) = (a.distribution_value.as_mut(), b.distribution_value.as_ref()) {
+        merge_distribution(x, y);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn statics() -> StaticLabels {
+        StaticLabels {
+            service_agent: "ESP/portico-test".into(),
+            platform: "unknown".into(),
+            location: "global".into(),
+        }
+    }
+
+    fn record() -> RequestRecord {
+        RequestRecord {
+            service_name: "s".into(),
+            service_config_id: "c1".into(),
+            operation_name: Some("1.echo.Echo".into()),
+            api_key: Some("KEY".into()),
+            api_key_valid: true,
+            http_method: "POST".into(),
+            url: "/echo?key=KEY".into(),
+            response_code: 200,
+            request_size: 120,
+            response_size: 1500,
+            total_latency: Duration::from_millis(3),
+            backend_latency: Some(Duration::from_millis(2)),
+            overhead_latency: Duration::from_millis(1),
+            protocol: "http".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn buckets_follow_esp_shapes() {
+        let d = distribution(150.0, SIZE_BUCKETS);
+        assert_eq!(d.bucket_counts.len(), 10);
+        assert_eq!(d.bucket_counts[3], 1, "100 <= 150 < 1000");
+        assert_eq!(distribution(0.0, SIZE_BUCKETS).bucket_counts[0], 1);
+        assert_eq!(distribution(1e12, SIZE_BUCKETS).bucket_counts[9], 1);
+        assert_eq!(distribution(10.0, SIZE_BUCKETS).bucket_counts[2], 1);
+        let t = distribution(0.003, TIME_BUCKETS);
+        assert_eq!(t.bucket_counts.len(), 31);
+        // 3 ms = 3000 µs: 2^11 = 2048 <= 3000 < 4096.
+        assert_eq!(t.bucket_counts[12], 1);
+    }
+
+    #[test]
+    fn distribution_merge_matches_direct_statistics() {
+        let values = [1.0, 5.0, 20.0, 300.0];
+        let mut d = distribution(values[0], SIZE_BUCKETS);
+        for v in &values[1..] {
+            merge_distribution(&mut d, &distribution(*v, SIZE_BUCKETS));
+        }
+        let mean = values.iter().sum::<f64>() / 4.0;
+        let ssd: f64 = values.iter().map(|v| (v - mean) * (v - mean)).sum();
+        assert_eq!(d.count, 4);
+        assert!((d.mean - mean).abs() < 1e-9);
+        assert!((d.sum_of_squared_deviation - ssd).abs() < 1e-6);
+        assert_eq!((d.minimum, d.maximum), (1.0, 300.0));
+        assert_eq!(d.bucket_counts.iter().sum::<i64>(), 4);
+    }
+
+    #[test]
+    fn operation_labels_metrics_and_log() {
+        let mut r = record();
+        r.consumer_project_number = Some(123);
+        let ops = operations_for(&r, &statics());
+        assert_eq!(ops.len(), 2, "main + by-consumer");
+        let op = &ops[0];
+        assert_eq!(op.operation_name, "1.echo.Echo");
+        assert_eq!(op.consumer_id, "api_key:KEY");
+        assert_eq!(op.labels["/response_code"], "200");
+        assert_eq!(op.labels["/response_code_class"], "2xx");
+        assert_eq!(op.labels["/status_code"], "0");
+        assert_eq!(op.labels["/credential_id"], "apikey:KEY");
+        assert!(!op.labels.contains_key("/error_type"));
+        let names: Vec<&str> = op
+            .metric_value_sets
+            .iter()
+            .map(|m| m.metric_name.as_str())
+            .collect();
+        assert!(names.contains(&"serviceruntime.googleapis.com/api/producer/request_count"));
+        assert!(names.contains(&"serviceruntime.googleapis.com/api/consumer/request_count"));
+        assert!(!names.iter().any(|n| n.ends_with("error_count")));
+        let log = &op.log_entries[0];
+        assert_eq!(log.name, "endpoints_log");
+        assert_eq!(log.severity, "INFO");
+        let p = log.struct_payload.as_ref().expect("payload");
+        assert_eq!(p["log_message"], "Method: 1.echo.Echo");
+        assert_eq!(p["url"], "/echo?key=KEY");
+        assert_eq!(p["http_response_code"], 200);
+        assert_eq!(ops[1].operation_id, format!("{}1", op.operation_id));
+        assert_eq!(
+            ops[1].labels["serviceruntime.googleapis.com/consumer_project"],
+            "123"
+        );
+    }
+
+    #[test]
+    fn errors_and_unknown_operations() {
+        let mut r = record();
+        r.response_code = 403;
+        r.status_code = Some(7);
+        r.error_cause = Some("service_control".into());
+        r.error_message = Some("API s is not enabled for the consumer project.".into());
+        r.api_key_valid = false;
+        let op = &operations_for(&r, &statics())[0];
+        assert_eq!(op.consumer_id, "");
+        assert_eq!(op.labels["/error_type"], "4xx");
+        let p = op.log_entries[0].struct_payload.as_ref().expect("payload");
+        assert_eq!(
+            p["log_message"],
+            "Method: 1.echo.Echo failed: PERMISSION_DENIED: API s is not enabled for the consumer project."
+        );
+        assert_eq!(p["error_cause"], "service_control");
+        assert_eq!(op.log_entries[0].severity, "ERROR");
+
+        let mut r = record();
+        r.response_code = 403;
+        let p = operations_for(&r, &statics())[0].log_entries[0]
+            .struct_payload
+            .clone()
+            .expect("payload");
+        assert_eq!(p["log_message"], "Method: 1.echo.Echo failed: FORBIDDEN");
+
+        let mut r = record();
+        r.operation_name = None;
+        r.response_code = 404;
+        r.check_network_failure = true;
+        let op = &operations_for(&r, &statics())[0];
+        assert_eq!(op.operation_name, UNKNOWN_OPERATION_NAME);
+        assert_eq!(op.labels["/credential_id"], "apikey:UNKNOWN");
+        let p = op.log_entries[0].struct_payload.as_ref().expect("payload");
+        assert_eq!(
+            p["log_message"],
+            "Endpoints management skipped for an unrecognized HTTP call: POST /echo?key=KEY"
+        );
+    }
+
+    #[test]
+    fn identical_requests_merge() {
+        let r = record();
+        let mut a = operations_for(&r, &statics()).remove(0);
+        let b = operations_for(&r, &statics()).remove(0);
+        assert_eq!(signature("s", "c", &a), signature("s", "c", &b));
+        merge_operation(&mut a, b);
+        let count = a
+            .metric_value_sets
+            .iter()
+            .find(|m| m.metric_name.ends_with("producer/request_count"))
+            .and_then(|m| m.metric_values[0].int64_value);
+        assert_eq!(count, Some(2));
+        assert_eq!(a.log_entries.len(), 2);
+    }
+}

@@ -1,0 +1,216 @@
+//! One Service Control call: `POST {base}/v1/services/{svc}:{method}` with a JSON body and a
+//! self-signed bearer token, a per-call timeout, and retries on transport errors only.
+//!
+//! Failures are classified the way ESP's policy needs them: transport (DNS/connect/timeout),
+//! an HTTP status other than 200 (with the body), or a 200 whose body does not parse.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::auth::TokenSource;
+use crate::config_source::{error_chain, PATH_SEGMENT};
+use crate::error::{Cause, EspError};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// DNS, connect, TLS, timeout: the peer was not reached or did not answer.
+    Network(String),
+    /// The peer answered with a status other than 200.
+    Http { status: u16, body: String },
+    /// 200 with a body that is not the expected JSON.
+    Invalid(String),
+}
+
+impl Failure {
+    /// Network errors and HTTP 5xx are what `--service_control_network_fail_policy=open`
+    /// forgives; 4xx and garbage never are (ESP 1.50).
+    pub(crate) fn is_unavailable(&self) -> bool {
+        match self {
+            Failure::Network(_) => true,
+            Failure::Http { status, .. } => *status >= 500,
+            Failure::Invalid(_) => false,
+        }
+    }
+
+    /// The client-facing error for this failure, per ESP's catalogue.
+    pub(crate) fn to_esp_error(&self) -> EspError {
+        match self {
+            Failure::Network(_) => EspError::new(
+                14,
+                "Failed to connect to service control",
+                Cause::ServiceControl,
+            ),
+            Failure::Http { status, body } => {
+                let message = if body.trim().is_empty() {
+                    format!("Service control request failed with HTTP response code {status}")
+                } else {
+                    body.trim().to_string()
+                };
+                let (http, code) = match status {
+                    501 => (501, 12),
+                    503 => (503, 14),
+                    504 => (504, 4),
+                    // 500, 502, other 5xx, and every 4xx: the proxy itself failed the request.
+                    _ => (500, 13),
+                };
+                EspError::with_status(http, code, message, Cause::ServiceControl)
+            }
+            Failure::Invalid(_) => EspError::new(13, "Invalid response", Cause::ServiceControl),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Network(m) => write!(f, "network error: {m}"),
+            Failure::Http { status, body } => {
+                let b: String = body.chars().take(300).collect();
+                write!(f, "HTTP {status}: {b}")
+            }
+            Failure::Invalid(m) => write!(f, "invalid response: {m}"),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Transport {
+    http: reqwest::Client,
+    base: String,
+    tokens: TokenSource,
+}
+
+impl Transport {
+    pub(crate) fn new(base: &str, tokens: TokenSource) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Transport {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            tokens,
+        })
+    }
+
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// `method` is `check`, `report` or `allocateQuota`; `audience_suffix` picks the token.
+    pub(crate) async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        service: &str,
+        method: &str,
+        audience_suffix: &str,
+        body: &Req,
+        timeout: Duration,
+        retries: u32,
+    ) -> Result<Resp, Failure> {
+        let url = format!(
+            "{}/v1/services/{}:{}",
+            self.base,
+            percent_encoding::utf8_percent_encode(service, PATH_SEGMENT),
+            method
+        );
+        let payload =
+            serde_json::to_vec(body).map_err(|e| Failure::Invalid(format!("encode: {e}")))?;
+        let audience = format!("{}{}", self.base, audience_suffix);
+        let mut attempt = 0;
+        loop {
+            let auth = self
+                .tokens
+                .authorization(&audience)
+                .map_err(|e| Failure::Network(format!("cannot sign token: {e}")))?;
+            let mut req = self
+                .http
+                .post(&url)
+                .timeout(timeout)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(payload.clone());
+            if let Some(auth) = auth {
+                req = req.header(http::header::AUTHORIZATION, auth);
+            }
+            let outcome = match req.send().await {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    match resp.bytes().await {
+                        Ok(bytes) if status == 200 => {
+                            return serde_json::from_slice(&bytes)
+                                .map_err(|e| Failure::Invalid(e.to_string()));
+                        }
+                        Ok(bytes) => {
+                            return Err(Failure::Http {
+                                status,
+                                body: String::from_utf8_lossy(&bytes).into_owned(),
+                            })
+                        }
+                        Err(e) => Failure::Network(error_chain(&e)),
+                    }
+                }
+                Err(e) => Failure::Network(error_chain(&e)),
+            };
+            if attempt >= retries {
+                return Err(outcome);
+            }
+            attempt += 1;
+            tracing::debug!(%url, attempt, error = %outcome, "retrying Service Control call");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_mapping_follows_the_catalogue() {
+        let net = Failure::Network("refused".into()).to_esp_error();
+        assert_eq!((net.http_status, net.code), (503, 14));
+        assert_eq!(net.message, "Failed to connect to service control");
+        let cases = [
+            (500, 500, 13),
+            (502, 500, 13),
+            (501, 501, 12),
+            (503, 503, 14),
+            (504, 504, 4),
+            (507, 500, 13),
+            (403, 500, 13),
+            (404, 500, 13),
+        ];
+        for (sc, http, code) in cases {
+            let e = Failure::Http {
+                status: sc,
+                body: String::new(),
+            }
+            .to_esp_error();
+            assert_eq!((e.http_status, e.code), (http, code), "SC {sc}");
+            assert_eq!(
+                e.message,
+                format!("Service control request failed with HTTP response code {sc}")
+            );
+        }
+        let e = Failure::Http {
+            status: 403,
+            body: "denied".into(),
+        }
+        .to_esp_error();
+        assert_eq!(e.message, "denied");
+        let e = Failure::Invalid("x".into()).to_esp_error();
+        assert_eq!(
+            (e.http_status, e.code, e.message.as_str()),
+            (500, 13, "Invalid response")
+        );
+        assert!(Failure::Http {
+            status: 502,
+            body: String::new()
+        }
+        .is_unavailable());
+        assert!(!Failure::Http {
+            status: 429,
+            body: String::new()
+        }
+        .is_unavailable());
+    }
+}
