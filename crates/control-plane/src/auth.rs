@@ -204,6 +204,10 @@ pub mod perms {
     pub const SERVICES_REPORT: &str = "servicemanagement.services.report";
     pub const SERVICES_QUOTA: &str = "servicemanagement.services.quota";
     pub const SERVICES_BIND: &str = "servicemanagement.services.bind";
+    pub const SERVICES_CREATE: &str = "servicemanagement.services.create";
+    pub const SERVICEUSAGE_ENABLE: &str = "serviceusage.services.enable";
+    pub const SERVICEUSAGE_DISABLE: &str = "serviceusage.services.disable";
+    pub const SERVICEUSAGE_LIST: &str = "serviceusage.services.list";
 }
 
 /// Whether `role` includes `permission` (the subset of Google's predefined roles Portico knows).
@@ -224,6 +228,8 @@ pub fn role_grants(role: &str, permission: &str) -> bool {
             SERVICES_GET | SERVICES_CHECK | SERVICES_REPORT | SERVICES_QUOTA
         ),
         "roles/servicemanagement.serviceConsumer" => permission == SERVICES_BIND,
+        "roles/serviceusage.serviceUsageAdmin" => permission.starts_with("serviceusage."),
+        "roles/serviceusage.serviceUsageConsumer" => permission == SERVICEUSAGE_LIST,
         _ => false,
     }
 }
@@ -262,6 +268,29 @@ pub async fn require_service_permission(
         }
     }
     Err(denied())
+}
+
+/// Admin: always allowed. Service account: needs a role granting `permission` in the project's
+/// policy (only available when a [`ProjectPolicySource`] is installed).
+pub async fn require_project_permission(
+    state: &AppState,
+    principal: &Principal,
+    project_id: &str,
+    permission: &str,
+) -> Result<(), ApiError> {
+    let Some(member) = principal.member() else {
+        return Ok(());
+    };
+    if let Some(src) = &state.project_policies {
+        if let Some(pp) = src.project_policy(state, project_id).await? {
+            if pp.grants(&member, permission) {
+                return Ok(());
+            }
+        }
+    }
+    Err(ApiError::permission_denied(format!(
+        "Permission '{permission}' denied on project '{project_id}' for {member}."
+    )))
 }
 
 /// `google.iam.v1.Policy` (bindings without conditions).

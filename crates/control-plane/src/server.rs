@@ -50,6 +50,7 @@ pub fn migrations() -> Vec<&'static [Migration]> {
         crate::resourcemanager::MIGRATIONS,
         crate::tokens::MIGRATIONS,
         crate::apikeys::MIGRATIONS,
+        crate::servicecontrol::MIGRATIONS,
     ]
 }
 
@@ -64,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::tokens::routes())
         .merge(crate::apikeys::routes())
         .merge(crate::jwks::routes())
+        .merge(crate::servicecontrol::routes())
         .fallback(not_found)
         .with_state(state)
 }
@@ -75,7 +77,11 @@ pub type ServiceVerbHandler =
 
 /// Verbs on `/v1/services/{service}:{verb}` that Service Management does not own itself.
 /// The Service Control engineer adds `("check", servicecontrol::check_handler)` etc. here.
-pub const SERVICE_VERB_HANDLERS: &[(&str, ServiceVerbHandler)] = &[];
+pub const SERVICE_VERB_HANDLERS: &[(&str, ServiceVerbHandler)] = &[
+    ("check", crate::servicecontrol::check_handler),
+    ("allocateQuota", crate::servicecontrol::allocate_quota_handler),
+    ("report", crate::servicecontrol::report_handler),
+];
 
 /// Splits `name:verb` at the last `:`. `echo.example.com:undelete` → (`echo.example.com`,
 /// Some(`undelete`)).
@@ -91,6 +97,102 @@ async fn not_found(uri: Uri) -> ApiError {
         "The requested URL {} was not found on this server.",
         uri.path()
     ))
+}
+
+/// A JSON request body whose parse errors are Google-shaped (400 INVALID_ARGUMENT naming the
+/// problem). An empty body parses as `{}` because gcloud sends none for some POSTs.
+pub struct JsonBody<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|e| ApiError::invalid_argument(format!("Cannot read request body: {e}")))?;
+        parse_json_body(&bytes).map(JsonBody)
+    }
+}
+
+/// Largest accepted request body (OpenAPI sources arrive base64-encoded in one JSON body).
+pub const MAX_BODY_BYTES: usize = 16 << 20;
+
+/// Parses a JSON body with Google-shaped errors; empty means `{}`.
+pub fn parse_json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::invalid_argument(format!("Invalid JSON payload received. {e}")))
+}
+
+/// Query parameters as a map; unknown ones (gcloud's `alt=json`) are simply never read.
+#[derive(Debug, Default, Clone)]
+pub struct Params(pub std::collections::HashMap<String, String>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, ApiError> {
+        let q = parts.uri.query().unwrap_or("");
+        Ok(Params(
+            url::form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        ))
+    }
+}
+
+impl Params {
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str).filter(|v| !v.is_empty())
+    }
+
+    /// `pageSize` / `pageToken` → (limit, offset). Tokens are base64 of the offset, which is
+    /// what gcloud was seen following (`Mw==`, `Ng==`).
+    pub fn page(&self, default_size: i64, max_size: i64) -> Result<(i64, i64), ApiError> {
+        let size = match self.get("pageSize") {
+            None => default_size,
+            Some(s) => match s.parse::<i64>() {
+                Ok(n) if n < 0 => {
+                    return Err(ApiError::invalid_argument(format!(
+                        "Invalid pageSize {n}: must not be negative."
+                    )))
+                }
+                Ok(0) => default_size,
+                Ok(n) => n.min(max_size),
+                Err(_) => {
+                    return Err(ApiError::invalid_argument(format!(
+                        "Invalid pageSize '{s}': expected an integer."
+                    )))
+                }
+            },
+        };
+        let offset = match self.get("pageToken") {
+            None => 0,
+            Some(t) => crate::auth::decode_base64_any(t)
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|s| s.parse::<i64>().ok())
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| ApiError::invalid_argument(format!("Invalid pageToken '{t}'.")))?,
+        };
+        Ok((size, offset))
+    }
+}
+
+/// The `nextPageToken` for a page that ended at `next_offset`.
+pub fn page_token(next_offset: i64) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(next_offset.to_string())
 }
 
 /// Start-up options (the CLI flags, or set directly by tests).
@@ -177,6 +279,8 @@ pub struct Shared {
     pub project_policies: Option<Arc<dyn auth::ProjectPolicySource>>,
     /// Encrypts API key strings and keys their lookup hash (see `crypto.rs`).
     pub master_key: crate::crypto::MasterKey,
+    /// Service Control: quota counters, clock, Prometheus registry, config cache.
+    pub servicecontrol: crate::servicecontrol::ScState,
 }
 
 impl AppState {
@@ -222,6 +326,16 @@ pub async fn build_state(
     opts: &ServeOptions,
     bound: SocketAddr,
 ) -> Result<(AppState, PathBuf), ServeError> {
+    build_state_with(opts, bound, |_| {}).await
+}
+
+/// [`build_state`] with a last look at the state before it is frozen (tests install extra
+/// verifiers or policy sources this way).
+pub async fn build_state_with(
+    opts: &ServeOptions,
+    bound: SocketAddr,
+    customize: impl FnOnce(&mut Shared),
+) -> Result<(AppState, PathBuf), ServeError> {
     let token_path = match (&opts.admin_token_file, &opts.data_dir) {
         (Some(p), _) => p.clone(),
         (None, Some(d)) => d.join("admin-token"),
@@ -265,7 +379,19 @@ pub async fn build_state(
         Some(opts.data_dir.as_deref().unwrap_or(&secrets_dir)),
     )
     .map_err(|e| ServeError::Config(e.to_string()))?;
-    let shared = Shared {
+    // Redis keys are namespaced per PostgreSQL schema so deployments (and tests) sharing one
+    // Redis do not share counters.
+    let redis_prefix = format!("portico:{}:", opts.database_schema.as_deref().unwrap_or(""));
+    let servicecontrol = crate::servicecontrol::ScState::start(
+        &store,
+        redis.as_ref(),
+        &redis_prefix,
+        std::sync::Arc::new(crate::servicecontrol::quota::SystemClock),
+        crate::servicecontrol::report::Retention::default(),
+    )
+    .await
+    .map_err(|e| ServeError::Config(e.to_string()))?;
+    let mut shared = Shared {
         store,
         public_url,
         redis,
@@ -274,7 +400,9 @@ pub async fn build_state(
         verifiers: vec![crate::tokens::verifier()],
         project_policies: Some(crate::resourcemanager::policy_source()),
         master_key,
+        servicecontrol,
     };
+    customize(&mut shared);
     Ok((AppState::new(shared), token_path))
 }
 
@@ -317,6 +445,7 @@ pub fn service(state: AppState) -> Router {
     let stripped = axum::middleware::map_request(strip_api_prefix).layer(inner);
     Router::new()
         .fallback_service(stripped)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(log_request))
 }
 
@@ -394,5 +523,105 @@ mod tests {
         assert_eq!(split_verb("a.b.c:undelete"), ("a.b.c", Some("undelete")));
         assert_eq!(split_verb("a.b.c"), ("a.b.c", None));
         assert_eq!(split_verb("a.b.c:"), ("a.b.c:", None));
+    }
+}
+
+/// In-process helpers for handler tests: a fresh SQLite state and a request runner.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use axum::http::{Method, StatusCode};
+    use serde_json::Value;
+
+    /// Accepts `sa:<email>` bearer tokens as that service account, so permission checks can be
+    /// exercised without the identity module.
+    pub(crate) struct TestSaTokens;
+
+    impl TokenVerifier for TestSaTokens {
+        fn verify<'a>(
+            &'a self,
+            _state: &'a AppState,
+            token: &'a str,
+        ) -> auth::BoxFuture<'a, Result<Option<auth::Principal>, ApiError>> {
+            Box::pin(async move {
+                Ok(token
+                    .strip_prefix("sa:")
+                    .map(|e| auth::Principal::ServiceAccount {
+                        email: e.to_string(),
+                    }))
+            })
+        }
+    }
+
+    pub(crate) struct TestEnv {
+        pub _dir: tempfile::TempDir,
+        pub state: AppState,
+        pub admin: String,
+    }
+
+    pub(crate) async fn env() -> TestEnv {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = ServeOptions::sqlite("127.0.0.1:0".parse().expect("addr"), dir.path());
+        let (state, token_path) = build_state_with(
+            &opts,
+            "127.0.0.1:1".parse().expect("addr"),
+            |s: &mut Shared| s.verifiers.insert(0, Arc::new(TestSaTokens)),
+        )
+        .await
+        .expect("state");
+        let admin = std::fs::read_to_string(token_path)
+            .expect("token")
+            .trim()
+            .to_string();
+        TestEnv {
+            _dir: dir,
+            state,
+            admin,
+        }
+    }
+
+    impl TestEnv {
+        pub(crate) async fn call(
+            &self,
+            method: Method,
+            uri: &str,
+            token: Option<&str>,
+            body: Option<Value>,
+        ) -> (StatusCode, Value) {
+            let mut b = Request::builder().method(method).uri(uri);
+            if let Some(t) = token {
+                b = b.header("authorization", format!("Bearer {t}"));
+            }
+            let body = match body {
+                Some(v) => {
+                    b = b.header("content-type", "application/json");
+                    Body::from(v.to_string())
+                }
+                None => Body::empty(),
+            };
+            let resp = oneshot(self.state.clone(), b.body(body).expect("request")).await;
+            let status = resp.status();
+            let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .expect("body");
+            let v = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                    Value::String(String::from_utf8_lossy(&bytes).into_owned())
+                })
+            };
+            (status, v)
+        }
+
+        pub(crate) async fn admin(
+            &self,
+            method: Method,
+            uri: &str,
+            body: Option<Value>,
+        ) -> (StatusCode, Value) {
+            let t = self.admin.clone();
+            self.call(method, uri, Some(&t), body).await
+        }
     }
 }
