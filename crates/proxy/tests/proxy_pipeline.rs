@@ -1,0 +1,981 @@
+//! End-to-end tests of the request path: a real backend (a small hyper server in this file),
+//! the proxy started in-process on loopback ports chosen at run time, real HTTP clients.
+//!
+//! Service Control is represented by `RecordingControl`, a TEST DOUBLE of the Service Control
+//! client that records every check and answers from a canned rule; it exists only here.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use portico_config::Service;
+use portico_proxy::config_source::Rollout;
+use portico_proxy::error::EspError;
+use portico_proxy::pipeline::{CheckInput, CheckOk, ControlApi, QuotaInput, RequestRecord};
+use portico_proxy::server::{self, ProxyHandle};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+const SEED_401: &str = r#"{ "code": 16, "message": "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.", "details": [ { "@type": "type.googleapis.com/google.rpc.DebugInfo", "stackEntries": [], "detail": "service_control" } ] }"#;
+
+const BAD_GATEWAY: &str = "{\n \"code\": 13,\n \"message\": \"BAD_GATEWAY\",\n \"details\": [\n  {\n   \"@type\": \"type.googleapis.com/google.rpc.DebugInfo\",\n   \"stackEntries\": [],\n   \"detail\": \"application\"\n  }\n ]\n}\n";
+
+fn fixture(name: &str) -> Arc<Service> {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    Arc::new(serde_json::from_str(&text).unwrap())
+}
+
+fn rollout(svc: Arc<Service>) -> Arc<Rollout> {
+    Arc::new(Rollout {
+        rollout_id: svc.id.clone(),
+        configs: vec![(svc, 100)],
+    })
+}
+
+// ----------------------------------------------------------------------------------------------
+// The backend: echoes what it received as JSON; a few paths misbehave on purpose.
+// ----------------------------------------------------------------------------------------------
+
+async fn backend_handler(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    if let Some(code) = path.strip_prefix("/status/") {
+        let code: u16 = code.parse().unwrap_or(500);
+        let mut r = Response::new(Full::new(Bytes::from(format!("backend says {code}"))));
+        *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
+        r.headers_mut()
+            .insert("content-type", "text/x-backend".parse().unwrap());
+        return Ok(r);
+    }
+    if path == "/slow" {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let method = req.method().to_string();
+    let uri = req.uri().to_string();
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let v = serde_json::json!({
+        "method": method, "uri": uri, "headers": headers, "body_len": body.len(),
+    });
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    Ok(r)
+}
+
+async fn start_backend() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), service_fn(backend_handler))
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A loopback port with nothing listening.
+fn dead_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+// ----------------------------------------------------------------------------------------------
+// TEST DOUBLE of the Service Control client.
+// ----------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct RecordingControl {
+    /// (selector, api key) of every check.
+    checks: Mutex<Vec<(String, String)>>,
+    reports: Mutex<Vec<RequestRecord>>,
+    /// Keys the double treats as invalid.
+    invalid_keys: Vec<String>,
+}
+
+impl ControlApi for RecordingControl {
+    fn check<'a>(
+        &'a self,
+        input: CheckInput<'a>,
+    ) -> Pin<Box<dyn Future<Output = Result<CheckOk, EspError>> + Send + 'a>> {
+        Box::pin(async move {
+            self.checks
+                .lock()
+                .unwrap()
+                .push((input.operation_name.to_string(), input.api_key.to_string()));
+            if self.invalid_keys.iter().any(|k| k == input.api_key) {
+                return Err(EspError::new(
+                    3,
+                    "API key not valid. Please pass a valid API key.",
+                    portico_proxy::error::Cause::ServiceControl,
+                ));
+            }
+            Ok(CheckOk {
+                consumer_project_number: Some(123456),
+                api_key_valid: true,
+            })
+        })
+    }
+    fn allocate_quota(&self, _input: QuotaInput<'_>) -> Result<(), EspError> {
+        Ok(())
+    }
+    fn report(&self, record: RequestRecord) {
+        self.reports.lock().unwrap().push(record);
+    }
+}
+
+struct Env {
+    proxy: ProxyHandle,
+    control: Arc<RecordingControl>,
+    tx: watch::Sender<Arc<Rollout>>,
+    base: String,
+    client: reqwest::Client,
+}
+
+async fn start_proxy(svc: Arc<Service>, backend: SocketAddr, extra: &[&str]) -> Env {
+    let backend_arg = format!("--backend=127.0.0.1:{}", backend.port());
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "portico esp".into(),
+        "--service=test".into(),
+        "--http_port=0".into(),
+        "--status_port=0".into(),
+        "--worker_threads=2".into(),
+        "--access_log=off".into(),
+        backend_arg.into(),
+    ];
+    args.extend(extra.iter().map(Into::into));
+    let settings = portico_proxy::cli::parse(args).unwrap();
+    let (tx, rx) = watch::channel(rollout(svc));
+    let control = Arc::new(RecordingControl {
+        invalid_keys: vec!["bad-key".into()],
+        ..Default::default()
+    });
+    let proxy = server::start(
+        Arc::new(settings),
+        rx,
+        Some(control.clone() as Arc<dyn ControlApi>),
+    )
+    .await
+    .unwrap();
+    let base = format!("http://{}", proxy.http_addr.unwrap());
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    Env {
+        proxy,
+        control,
+        tx,
+        base,
+        client,
+    }
+}
+
+async fn json_of(r: reqwest::Response) -> serde_json::Value {
+    let t = r.text().await.unwrap();
+    serde_json::from_str(&t).unwrap_or_else(|e| panic!("not JSON ({e}): {t:?}"))
+}
+
+fn backend_header<'a>(v: &'a serde_json::Value, name: &str) -> Vec<&'a str> {
+    v["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p[0] == name)
+        .map(|p| p[1].as_str().unwrap())
+        .collect()
+}
+
+// ----------------------------------------------------------------------------------------------
+// §2.3 catalogue rows.
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn unknown_path_is_404_code_5() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let r = env
+        .client
+        .get(format!("{}/nope", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert!(r.headers().get("www-authenticate").is_none());
+    assert_eq!(
+        r.text().await.unwrap(),
+        EspError::method_does_not_exist().body()
+    );
+    // Wrong method on a known path is also "does not exist".
+    let r = env
+        .client
+        .delete(format!("{}/shelves", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // Matching is case-sensitive.
+    let r = env
+        .client
+        .get(format!("{}/Shelves", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn unmatched_options_is_403_code_7_with_www_authenticate() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let r = env
+        .client
+        .request(reqwest::Method::OPTIONS, format!("{}/shelves", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let v = json_of(r).await;
+    assert_eq!(v["code"], 7);
+    assert_eq!(v["message"], "The service does not allow CORS traffic.");
+}
+
+#[tokio::test]
+async fn missing_api_key_is_the_seed_401() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let r = env
+        .client
+        .post(format!("{}/echo", env.base))
+        .header("content-type", "application/json")
+        .body(r#"{"message":"hello world"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let text = r.text().await.unwrap();
+    assert_eq!(text, EspError::unregistered_caller().body());
+    let seed: serde_json::Value = serde_json::from_str(SEED_401).unwrap();
+    let got: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(got, seed);
+    assert!(env.control.checks.lock().unwrap().is_empty());
+    // The rejected request is still reported, as ESP does.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reports = env.control.reports.lock().unwrap();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].status, 401);
+    assert_eq!(
+        reports[0].operation_name.as_deref(),
+        Some("1.bookstore.Echo")
+    );
+}
+
+#[tokio::test]
+async fn with_a_key_the_request_is_checked_and_forwarded() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let r = env
+        .client
+        .post(format!("{}/echo?key=good-key", env.base))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v = json_of(r).await;
+    assert_eq!(
+        v["uri"], "/echo?key=good-key",
+        "the key stays in the forwarded URL"
+    );
+    assert_eq!(
+        backend_header(&v, "x-endpoint-api-project-id"),
+        vec!["123456"]
+    );
+    assert_eq!(
+        env.control.checks.lock().unwrap().clone(),
+        vec![("1.bookstore.Echo".to_string(), "good-key".to_string())]
+    );
+    let r = env
+        .client
+        .post(format!("{}/echo?key=bad-key", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v = json_of(r).await;
+    assert_eq!(v["code"], 3);
+}
+
+#[tokio::test]
+async fn unreachable_backend_is_502_exact_body() {
+    let backend: SocketAddr = format!("127.0.0.1:{}", dead_port()).parse().unwrap();
+    let env = start_proxy(fixture("bookstore_sc.json"), backend, &[]).await;
+    let r = env
+        .client
+        .get(format!("{}/shelves", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert_eq!(r.text().await.unwrap(), BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn slow_backend_is_504() {
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        start_backend().await,
+        &["--http_request_timeout_s=0.5"],
+    )
+    .await;
+    let r = env
+        .client
+        .get(format!("{}/slow", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let v = json_of(r).await;
+    assert_eq!(
+        (v["code"].as_i64(), v["message"].as_str()),
+        (Some(4), Some("GATEWAY_TIMEOUT"))
+    );
+    assert_eq!(v["details"][0]["detail"], "application");
+}
+
+#[tokio::test]
+async fn body_over_limit_is_413_by_length_and_by_chunks() {
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        start_backend().await,
+        &["--client_max_body_size=1k"],
+    )
+    .await;
+    let r = env
+        .client
+        .post(format!("{}/upload", env.base))
+        .body(vec![b'x'; 2048])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    // Under the limit passes.
+    let r = env
+        .client
+        .post(format!("{}/upload", env.base))
+        .body(vec![b'x'; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(json_of(r).await["body_len"], 1000);
+
+    // Chunked: no Content-Length, the limit is enforced as the body streams.
+    let addr = env.proxy.http_addr.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for _ in 0..3 {
+        req.extend_from_slice(b"400\r\n");
+        req.extend_from_slice(&[b'y'; 1024]);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    s.write_all(&req).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+}
+
+#[tokio::test]
+async fn backend_errors_pass_through_untouched() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    for code in [400u16, 403, 404, 500, 503] {
+        let r = env
+            .client
+            .get(format!("{}/status/{code}", env.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), code);
+        assert_eq!(r.headers()["content-type"], "text/x-backend");
+        assert!(r.headers().get("www-authenticate").is_none());
+        assert_eq!(r.text().await.unwrap(), format!("backend says {code}"));
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// §2.4 API keys.
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn api_key_default_locations_and_order() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let get = |q: &str, h: Option<&str>| {
+        let mut b = env.client.get(format!("{}/shelves/1{q}", env.base));
+        if let Some(h) = h {
+            b = b.header("x-api-key", h);
+        }
+        b.send()
+    };
+    assert_eq!(
+        get("?api_key=A&key=B", Some("H")).await.unwrap().status(),
+        200
+    );
+    assert_eq!(get("?api_key=A", Some("H")).await.unwrap().status(), 200);
+    assert_eq!(get("", Some("H")).await.unwrap().status(), 200);
+    assert_eq!(get("?key=", Some("")).await.unwrap().status(), 401);
+    assert_eq!(get("?KEY=a%2Bb", None).await.unwrap().status(), 200);
+    let keys: Vec<String> = env
+        .control
+        .checks
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.1.clone())
+        .collect();
+    assert_eq!(keys, vec!["B", "A", "H", "a%2Bb"]);
+}
+
+#[tokio::test]
+async fn api_key_custom_locations_replace_defaults() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let r = env
+        .client
+        .get(format!("{}/custom?key=default&ck=Q", env.base))
+        .header("x-custom-key", "HDR")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = env
+        .client
+        .get(format!("{}/custom?key=default", env.base))
+        .header("x-custom-key", "HDR")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Only default locations given: the custom method does not see them.
+    let r = env
+        .client
+        .get(format!("{}/custom?key=default", env.base))
+        .header("x-api-key", "default2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let keys: Vec<String> = env
+        .control
+        .checks
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.1.clone())
+        .collect();
+    assert_eq!(keys, vec!["Q", "HDR"]);
+}
+
+#[tokio::test]
+async fn allow_unregistered_ignores_the_key() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let r = env
+        .client
+        .get(format!("{}/shelves?key=whatever", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(env.control.checks.lock().unwrap().is_empty());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reports = env.control.reports.lock().unwrap();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(
+        reports[0].api_key, None,
+        "no consumer on an allow-unregistered method"
+    );
+}
+
+// ----------------------------------------------------------------------------------------------
+// Matching details, headers.
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn head_falls_back_to_get_and_has_no_body() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let r = env
+        .client
+        .head(format!("{}/shelves", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap().is_empty());
+    let r = env
+        .client
+        .head(format!("{}/nope", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert!(r.bytes().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn method_override_matches_but_original_method_is_forwarded() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    // PUT /shelves has no rule; overridden to GET it matches ListShelves.
+    let r = env
+        .client
+        .put(format!("{}/shelves", env.base))
+        .header("x-http-method-override", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v = json_of(r).await;
+    assert_eq!(v["method"], "PUT");
+    assert_eq!(backend_header(&v, "x-http-method-override"), vec!["GET"]);
+}
+
+#[tokio::test]
+async fn trailing_slash_is_ignored() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let r = env
+        .client
+        .get(format!("{}/shelves/", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(json_of(r).await["uri"], "/shelves/");
+}
+
+#[tokio::test]
+async fn forwarding_headers_as_esp_sets_them() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let r = env
+        .client
+        .get(format!("{}/shelves", env.base))
+        .header("x-forwarded-for", "1.2.3.4")
+        .header("x-endpoint-api-userinfo", "spoofed")
+        .header(
+            "x-cloud-trace-context",
+            "105445aa7843bc8bf206b12000100000/1;o=1",
+        )
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .header("host", "API.Example.com:8082")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v = json_of(r).await;
+    // Default trust list: the left-most X-Forwarded-For entry is the client.
+    assert_eq!(backend_header(&v, "x-real-ip"), vec!["1.2.3.4"]);
+    assert_eq!(backend_header(&v, "x-google-real-ip"), vec!["1.2.3.4"]);
+    assert_eq!(
+        backend_header(&v, "x-forwarded-for"),
+        vec!["1.2.3.4, 1.2.3.4"]
+    );
+    assert_eq!(backend_header(&v, "x-endpoint-api-userinfo"), vec![""]);
+    assert_eq!(backend_header(&v, "host"), vec!["api.example.com"]);
+    assert_eq!(backend_header(&v, "x-cloud-trace-context").len(), 1);
+    assert_eq!(backend_header(&v, "traceparent").len(), 1);
+    assert!(backend_header(&v, "x-hop").is_empty());
+
+    let r = env
+        .client
+        .get(format!("{}/shelves", env.base))
+        .send()
+        .await
+        .unwrap();
+    let v = json_of(r).await;
+    assert_eq!(backend_header(&v, "x-forwarded-for"), vec!["127.0.0.1"]);
+}
+
+#[tokio::test]
+async fn without_control_or_auth_everything_is_proxied() {
+    let env = start_proxy(fixture("passthrough.json"), start_backend().await, &[]).await;
+    let r = env
+        .client
+        .get(format!("{}/not/in/config", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(json_of(r).await["uri"], "/not/in/config");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        env.control.reports.lock().unwrap().is_empty(),
+        "declined requests are not reported"
+    );
+}
+
+#[tokio::test]
+async fn rewrite_applies_before_matching() {
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        start_backend().await,
+        &["--rewrite=^/api/v1/(.*)$ /$1"],
+    )
+    .await;
+    let r = env
+        .client
+        .get(format!("{}/api/v1/shelves?x=1", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(json_of(r).await["uri"], "/shelves?x=1");
+}
+
+// ----------------------------------------------------------------------------------------------
+// CORS.
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn cors_preset_basic_preflight_and_headers_everywhere() {
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        start_backend().await,
+        &["--cors_preset=basic", "--enable_strict_transport_security"],
+    )
+    .await;
+    let r = env
+        .client
+        .request(reqwest::Method::OPTIONS, format!("{}/anything", env.base))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let h = r.headers();
+    assert_eq!(h["access-control-allow-origin"], "*");
+    assert_eq!(h["access-control-max-age"], "1728000");
+    assert_eq!(
+        h["access-control-allow-methods"],
+        "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+    );
+    assert_eq!(h["content-type"], "text/plain; charset=utf-8");
+    assert!(h.contains_key("strict-transport-security"));
+    // Proxy errors carry the CORS headers too.
+    let r = env
+        .client
+        .get(format!("{}/nope", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    assert_eq!(
+        r.headers()["access-control-expose-headers"],
+        "Content-Length,Content-Range"
+    );
+    let r = env
+        .client
+        .get(format!("{}/shelves", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    assert_eq!(
+        r.headers()["strict-transport-security"],
+        "max-age=31536000; includeSubdomains;"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reports = env.control.reports.lock().unwrap();
+    assert_eq!(
+        reports.len(),
+        2,
+        "the preflight is neither checked nor reported"
+    );
+}
+
+#[tokio::test]
+async fn cors_regex_preset_only_for_matching_origins() {
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        start_backend().await,
+        &[
+            "--cors_preset=cors_with_regex",
+            r"--cors_allow_origin_regex=^https://(www\.)?good\.example$",
+        ],
+    )
+    .await;
+    let r = env
+        .client
+        .request(reqwest::Method::OPTIONS, format!("{}/shelves", env.base))
+        .header("origin", "https://WWW.good.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://WWW.good.example"
+    );
+    let r = env
+        .client
+        .request(reqwest::Method::OPTIONS, format!("{}/shelves", env.base))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        403,
+        "no CORS for this origin: ESP's unmatched OPTIONS"
+    );
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test]
+async fn allow_cors_endpoint_proxies_preflights_without_check() {
+    let env = start_proxy(fixture("cors_allow.json"), start_backend().await, &[]).await;
+    let r = env
+        .client
+        .request(reqwest::Method::OPTIONS, format!("{}/items", env.base))
+        .header("origin", "https://x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(json_of(r).await["method"], "OPTIONS");
+    // An explicit OPTIONS rule keeps its own settings: it needs an API key.
+    let r = env
+        .client
+        .request(reqwest::Method::OPTIONS, format!("{}/explicit", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(env.control.checks.lock().unwrap().is_empty());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reports = env.control.reports.lock().unwrap();
+    assert_eq!(reports[0].operation_name.as_deref(), Some("CORS"));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Status port, healthz, config swaps.
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn status_port_endpoints() {
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        start_backend().await,
+        &["--healthz=hz"],
+    )
+    .await;
+    let st = format!("http://{}", env.proxy.status_addr);
+    let _ = env
+        .client
+        .get(format!("{}/shelves", env.base))
+        .send()
+        .await
+        .unwrap();
+    let r = env
+        .client
+        .get(format!("{st}/endpoints_status"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let v = json_of(r).await;
+    assert!(v["server"]["serverVersion"]
+        .as_str()
+        .unwrap()
+        .starts_with("Portico/"));
+    let esp = &v["processes"][0]["espStatus"][0];
+    assert_eq!(
+        esp["serviceName"],
+        "bookstore.endpoints.demo-proj.cloud.goog"
+    );
+    assert_eq!(esp["serviceConfigRollouts"]["rolloutId"], "2026-11-23r0");
+    assert_eq!(
+        esp["serviceConfigRollouts"]["percentages"]["2026-11-23r0"],
+        "100"
+    );
+    assert_ne!(v["processes"][0]["memoryUsage"], "0");
+    let r = env
+        .client
+        .post(format!("{st}/endpoints_status"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let r = env
+        .client
+        .get(format!("{st}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = env.client.get(format!("{st}/other")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = env
+        .client
+        .get(format!("{st}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("portico_proxy_requests_total{method=\"GET\",code=\"200\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("config_id=\"2026-11-23r0\""), "{text}");
+    // --healthz on the serving port: 200 without matching or checking.
+    let r = env
+        .client
+        .get(format!("{}/hz", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn config_swap_under_load_loses_no_request() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut loops = Vec::new();
+    for _ in 0..4 {
+        let (client, base, stop, ok, failed) = (
+            env.client.clone(),
+            env.base.clone(),
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+        );
+        loops.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match client.get(format!("{base}/shelves")).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => failed
+                        .lock()
+                        .unwrap()
+                        .push(format!("status {}", r.status())),
+                    Err(e) => failed.lock().unwrap().push(e.to_string()),
+                }
+            }
+        }));
+    }
+    // Alternate between two configs (same routes, different ids) many times.
+    let base_svc = fixture("bookstore_sc.json");
+    for i in 0..40 {
+        let mut s = (*base_svc).clone();
+        s.id = format!("2026-11-23r{}", i + 1);
+        let mut s2 = s.clone();
+        s2.id = format!("2026-11-23r{}b", i + 1);
+        env.tx
+            .send(Arc::new(Rollout {
+                rollout_id: format!("rollout-{i}"),
+                configs: vec![(Arc::new(s), 50), (Arc::new(s2), 50)],
+            }))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.await.unwrap();
+    }
+    assert!(
+        failed.lock().unwrap().is_empty(),
+        "{:?}",
+        failed.lock().unwrap()
+    );
+    assert!(ok.load(Ordering::Relaxed) > 50, "load loop barely ran");
+    // The last rollout is the one serving, and a route only it has now works.
+    let mut s = (*base_svc).clone();
+    s.id = "final".into();
+    if let Some(h) = s.http.as_mut() {
+        h.rules.push(portico_config::service::HttpRule {
+            selector: "1.bookstore.New".into(),
+            get: Some("/brand-new".into()),
+            ..Default::default()
+        });
+    }
+    s.usage
+        .as_mut()
+        .unwrap()
+        .rules
+        .push(portico_config::service::UsageRule {
+            selector: "1.bookstore.New".into(),
+            allow_unregistered_calls: true,
+            skip_service_control: false,
+        });
+    env.tx.send(rollout(Arc::new(s))).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = env
+            .client
+            .get(format!("{}/brand-new", env.base))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new rollout never served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(env.proxy.state.routes.load().rollout_id, "final");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let (client, base) = (env.client.clone(), env.base.clone());
+    let slow = tokio::spawn(async move { client.get(format!("{base}/slow")).send().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let Env { proxy, .. } = env;
+    proxy.shutdown(Duration::from_secs(10)).await;
+    let r = slow.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+}
