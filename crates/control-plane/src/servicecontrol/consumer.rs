@@ -1,0 +1,236 @@
+//! Who is consuming: `consumerId` (`api_key:<key>`, `project:<id>`, `project_number:<n>`)
+//! resolved to a consumer project, and the service's active config.
+
+use std::sync::Arc;
+
+use portico_config::service::Service;
+use serde_json::Value;
+
+use crate::apikeys::{self, ApiKeyRecord};
+use crate::error::ApiError;
+use crate::server::AppState;
+
+use super::restrictions::{ApiTarget, KeyRestrictions};
+use super::ScState;
+
+/// A resolved consumer.
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    pub project_id: String,
+    pub project_number: i64,
+    /// Set when the consumer was named by an API key.
+    pub key: Option<ApiKeyRecord>,
+}
+
+impl Consumer {
+    /// The form used in quota counters, rollups and Google's error texts.
+    pub fn label(&self) -> String {
+        format!("project_number:{}", self.project_number)
+    }
+}
+
+/// Why a consumer could not be resolved; each maps to a Google error code.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConsumerProblem {
+    /// Unknown or deleted key (`API_KEY_INVALID`).
+    KeyInvalid,
+    /// Unknown project (`PROJECT_INVALID`).
+    ProjectInvalid(String),
+}
+
+/// Looks a project number up without creating the project (a check must not invent projects);
+/// the producer project is the one exception, it always exists for its own service.
+async fn project_by_id(
+    state: &AppState,
+    id: &str,
+    producer: &str,
+) -> Result<Option<i64>, ApiError> {
+    if id == producer {
+        return crate::projects::project_number(&state.store, id)
+            .await
+            .map(Some);
+    }
+    let row: Option<(i64,)> =
+        sqlx::query_as("SELECT project_number FROM projects WHERE project_id = $1")
+            .bind(id)
+            .fetch_optional(state.store.pool())
+            .await?;
+    Ok(row.map(|r| r.0))
+}
+
+async fn project_by_number(state: &AppState, n: i64) -> Result<Option<String>, ApiError> {
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT project_id FROM projects WHERE project_number = $1")
+            .bind(n)
+            .fetch_optional(state.store.pool())
+            .await?;
+    Ok(row.map(|r| r.0))
+}
+
+/// Resolves `consumer_id`. Malformed ids are a 400 for the caller (the proxy), unknown ones a
+/// [`ConsumerProblem`] for the check/quota response.
+pub async fn resolve(
+    state: &AppState,
+    consumer_id: &str,
+    producer: &str,
+) -> Result<Result<Consumer, ConsumerProblem>, ApiError> {
+    if let Some(key) = consumer_id.strip_prefix("api_key:") {
+        if key.is_empty() {
+            return Ok(Err(ConsumerProblem::KeyInvalid));
+        }
+        return Ok(match apikeys::lookup(state, key).await? {
+            Some(rec) if !rec.deleted => Ok(Consumer {
+                project_id: rec.project_id.clone(),
+                project_number: rec.project_number,
+                key: Some(rec),
+            }),
+            _ => Err(ConsumerProblem::KeyInvalid),
+        });
+    }
+    if let Some(id) = consumer_id.strip_prefix("project:") {
+        return Ok(match project_by_id(state, id, producer).await? {
+            Some(n) => Ok(Consumer {
+                project_id: id.to_string(),
+                project_number: n,
+                key: None,
+            }),
+            None => Err(ConsumerProblem::ProjectInvalid(id.to_string())),
+        });
+    }
+    if let Some(n) = consumer_id.strip_prefix("project_number:") {
+        let Ok(num) = n.parse::<i64>() else {
+            return Ok(Err(ConsumerProblem::ProjectInvalid(n.to_string())));
+        };
+        return Ok(match project_by_number(state, num).await? {
+            Some(id) => Ok(Consumer {
+                project_id: id,
+                project_number: num,
+                key: None,
+            }),
+            None => Err(ConsumerProblem::ProjectInvalid(n.to_string())),
+        });
+    }
+    Err(ApiError::invalid_argument(format!(
+        "Invalid consumer_id {:?}: expected api_key:<key>, project:<id> or project_number:<n>.",
+        redact_consumer_id(consumer_id)
+    )))
+}
+
+/// For messages: never echo a key.
+fn redact_consumer_id(id: &str) -> String {
+    match id.split_once(':') {
+        Some((kind, _)) => format!("{kind}:…"),
+        None => "…".to_string(),
+    }
+}
+
+/// The API Keys record's restrictions in the shape the matchers take.
+pub fn key_restrictions(rec: &ApiKeyRecord) -> KeyRestrictions {
+    let r = &rec.restrictions;
+    KeyRestrictions {
+        api_targets: r
+            .api_targets
+            .iter()
+            .map(|t| ApiTarget {
+                service: t.service.clone(),
+                methods: t.methods.clone(),
+            })
+            .collect(),
+        allowed_ips: r
+            .server_key_restrictions
+            .as_ref()
+            .map(|s| s.allowed_ips.clone())
+            .unwrap_or_default(),
+        allowed_referrers: r
+            .browser_key_restrictions
+            .as_ref()
+            .map(|b| b.allowed_referrers.clone())
+            .unwrap_or_default(),
+        allowed_android_apps: r
+            .android_key_restrictions
+            .as_ref()
+            .map(|a| {
+                a.allowed_applications
+                    .iter()
+                    .map(|x| (x.package_name.clone(), x.sha1_fingerprint.clone()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        allowed_ios_bundle_ids: r
+            .ios_key_restrictions
+            .as_ref()
+            .map(|i| i.allowed_bundle_ids.clone())
+            .unwrap_or_default(),
+    }
+}
+
+/// What the service currently serves: the newest successful rollout and the config it sends
+/// (most) traffic to; without any rollout, the newest config.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Active {
+    pub rollout_id: String,
+    pub config_id: String,
+}
+
+pub async fn active(state: &AppState, service: &str) -> Result<Active, ApiError> {
+    let row: Option<(String, String)> = sqlx::query_as(
+        "SELECT rollout_id, body FROM sm_rollouts WHERE service_name = $1 AND status = 'SUCCESS' \
+         ORDER BY seq DESC LIMIT 1",
+    )
+    .bind(service)
+    .fetch_optional(state.store.pool())
+    .await?;
+    if let Some((rollout_id, body)) = row {
+        let body: Value = serde_json::from_str(&body)?;
+        let config_id = body
+            .pointer("/trafficPercentStrategy/percentages")
+            .and_then(Value::as_object)
+            .and_then(|p| {
+                p.iter()
+                    .filter_map(|(k, v)| v.as_f64().map(|f| (k, f)))
+                    .max_by(|a, b| a.1.total_cmp(&b.1))
+                    .map(|(k, _)| k.clone())
+            })
+            .unwrap_or_default();
+        return Ok(Active {
+            rollout_id,
+            config_id,
+        });
+    }
+    let row: Option<(String,)> = sqlx::query_as(
+        "SELECT config_id FROM sm_configs WHERE service_name = $1 ORDER BY seq DESC LIMIT 1",
+    )
+    .bind(service)
+    .fetch_optional(state.store.pool())
+    .await?;
+    Ok(Active {
+        rollout_id: String::new(),
+        config_id: row.map(|r| r.0).unwrap_or_default(),
+    })
+}
+
+/// A config by id, parsed once and cached (config ids are immutable).
+pub async fn config(
+    state: &AppState,
+    sc: &ScState,
+    service: &str,
+    config_id: &str,
+) -> Result<Option<Arc<Service>>, ApiError> {
+    let key = (service.to_string(), config_id.to_string());
+    if let Some(c) = sc.config_cache_get(&key) {
+        return Ok(Some(c));
+    }
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT body FROM sm_configs WHERE service_name = $1 AND config_id = $2")
+            .bind(service)
+            .bind(config_id)
+            .fetch_optional(state.store.pool())
+            .await?;
+    let Some((body,)) = row else {
+        return Ok(None);
+    };
+    let parsed: Service = serde_json::from_str(&body)?;
+    let parsed = Arc::new(parsed);
+    sc.config_cache_put(key, parsed.clone());
+    Ok(Some(parsed))
+}
