@@ -11,6 +11,9 @@ use portico_proxy::config_source::{self, ConfigSourceOptions, RolloutNotifier, R
 
 const SVC: &str = "echo-api.endpoints.demo-proj.cloud.goog";
 
+/// Rollouts oldest first: (rollout id, [(config id, percent)]).
+type Rollouts = Arc<Mutex<Vec<(String, Vec<(String, f64)>)>>>;
+
 fn config_json(id: &str) -> String {
     serde_json::json!({
         "name": SVC,
@@ -23,7 +26,7 @@ fn config_json(id: &str) -> String {
 
 /// Answers like Service Management: rollouts list from `rollouts`, configs by id.
 fn management(
-    rollouts: Arc<Mutex<Vec<(String, Vec<(String, f64)>)>>>,
+    rollouts: Rollouts,
 ) -> impl Fn(&control_support::Recorded) -> (u16, String) + Send + Sync {
     move |r| {
         let path = r.uri.split('?').next().unwrap_or("");
