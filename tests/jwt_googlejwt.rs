@@ -1,0 +1,447 @@
+//! End to end: the getting-started `/auth/info/googlejwt` through `portico esp`, with a JWT
+//! signed by a Portico service-account key and verified against the public keys that the
+//! Portico control plane publishes (`/service_accounts/v1/jwk/{email}` and the X.509 map at
+//! `/robot/v1/metadata/x509/{email}`), answered by `portico echo`, which decodes the
+//! `X-Endpoint-API-UserInfo` the proxy made.
+//!
+//! Everything is a real process of the `portico` binary on loopback ports chosen at run time;
+//! the service is deployed over the control plane's REST API exactly as gcloud would.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use portico_credentials::ServiceAccountKey;
+use serde_json::{json, Value};
+
+const PROJECT: &str = "demo-proj";
+const SERVICE: &str = "echo-api.endpoints.demo-proj.cloud.goog";
+const SA_ID: &str = "jwt-client";
+const SAMPLE_AUD: &str = "echo.endpoints.sample.google.com";
+const SAMPLE_ISS: &str = "jwt-client.endpoints.sample.google.com";
+
+/// A child process killed (and reaped) on drop.
+struct Proc {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Proc {
+    fn spawn(args: &[String], log: &Path) -> Proc {
+        let out = std::fs::File::create(log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_portico"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log fd"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn portico");
+        Proc {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn wait_port(port: u16, proc: &mut Proc, what: &str) {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            panic!("{what} exited ({status}); log:\n{}", proc.log());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on {port} within 60 s; log:\n{}",
+            proc.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The control plane, on a port it picks itself (it prints `listening on http://ADDR`).
+fn start_control_plane(data: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portico"))
+        .arg("control-plane")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data")
+        .arg(data)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(data.join("control-plane.log")).expect("log file"))
+        .spawn()
+        .expect("spawn control plane");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("listening on http://") {
+                let _ = tx.send(a.trim().to_string());
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(addr) => (child, format!("http://{addr}")),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("control plane did not start within 60 s");
+        }
+    }
+}
+
+struct KillOnDrop(Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The control plane's REST API with the admin token.
+struct Api {
+    http: reqwest::blocking::Client,
+    base: String,
+    token: String,
+}
+
+impl Api {
+    fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    fn ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let (status, v) = self.call(method.clone(), path, body);
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: HTTP {status}: {v}"
+        );
+        v
+    }
+
+    fn post(&self, path: &str, body: Value) -> Value {
+        self.ok(reqwest::Method::POST, path, Some(body))
+    }
+
+    /// Follows a long-running operation to its `response`.
+    fn wait(&self, mut op: Value) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while op["done"] != true {
+            assert!(Instant::now() < deadline, "operation did not finish: {op}");
+            std::thread::sleep(Duration::from_millis(100));
+            let name = op["name"].as_str().expect("operation name").to_string();
+            let id = name.strip_prefix("operations/").unwrap_or(&name);
+            let encoded = id
+                .replace('%', "%25")
+                .replace(':', "%3A")
+                .replace('/', "%2F");
+            op = self.ok(
+                reqwest::Method::GET,
+                &format!("/v1/operations/{encoded}"),
+                None,
+            );
+        }
+        assert!(op["error"].is_null(), "operation failed: {op}");
+        op["response"].clone()
+    }
+
+    /// Creates a key for the account and returns the parsed key file.
+    fn create_key(&self, email: &str) -> (ServiceAccountKey, String) {
+        let key = self.post(
+            &format!("/v1/projects/-/serviceAccounts/{email}/keys"),
+            json!({"privateKeyType": "TYPE_GOOGLE_CREDENTIALS_FILE"}),
+        );
+        let data = key["privateKeyData"].as_str().expect("privateKeyData");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .expect("base64 key file");
+        let text = String::from_utf8(bytes).expect("utf-8 key file");
+        let parsed = ServiceAccountKey::from_json_str(&text, "created key").expect("key file");
+        (parsed, text)
+    }
+}
+
+/// The repo's getting-started spec with its placeholders filled in for this run, its key URLs
+/// pointing at the Portico control plane instead of Google's.
+fn sample_openapi(sa_email: &str, control_plane: &str) -> String {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/echo/openapi.yaml"
+    ))
+    .expect("examples/echo/openapi.yaml");
+    let filled = text
+        .replace("https://www.googleapis.com/", &format!("{control_plane}/"))
+        .replace("YOUR-SERVICE-ACCOUNT-EMAIL", sa_email)
+        .replace("YOUR-CLIENT-PROJECT-ID", PROJECT)
+        .replace("YOUR-PROJECT-ID", PROJECT)
+        .replace("YOUR-CLIENT-ID", "demo-client");
+    assert!(
+        filled.contains(&format!(
+            "{control_plane}/service_accounts/v1/jwk/{sa_email}"
+        )),
+        "the sample no longer names the JWKS URL this test relies on"
+    );
+    filled
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn esp_body(code: i32, message: &str) -> String {
+    format!(
+        "{{\n \"code\": {code},\n \"message\": \"{message}\",\n \"details\": [\n  {{\n   \"@type\": \"type.googleapis.com/google.rpc.DebugInfo\",\n   \"stackEntries\": [],\n   \"detail\": \"auth\"\n  }}\n ]\n}}\n"
+    )
+}
+
+#[test]
+fn googlejwt_signed_by_a_portico_service_account_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cp_child, cp) = start_control_plane(dir.path());
+    let _cp = KillOnDrop(cp_child);
+    let token = std::fs::read_to_string(dir.path().join("admin-token")).expect("admin token");
+    let api = Api {
+        http: reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .no_proxy()
+            .build()
+            .expect("client"),
+        base: cp.clone(),
+        token: token.trim().to_string(),
+    };
+
+    // Identity: the account, a key for the proxy, and a second key that signs client JWTs.
+    let sa_email = format!("{SA_ID}@{PROJECT}.iam.gserviceaccount.com");
+    api.post(
+        &format!("/v1/projects/{PROJECT}/serviceAccounts"),
+        json!({"accountId": SA_ID, "serviceAccount": {"displayName": "jwt e2e"}}),
+    );
+    let (_, proxy_key_text) = api.create_key(&sa_email);
+    let (signer, _) = api.create_key(&sa_email);
+    let key_file = dir.path().join("proxy-key.json");
+    std::fs::write(&key_file, proxy_key_text).expect("write key file");
+
+    // The published key sets name both keys.
+    let jwks = api.ok(
+        reqwest::Method::GET,
+        &format!("/service_accounts/v1/jwk/{sa_email}"),
+        None,
+    );
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter_map(|k| k["kid"].as_str())
+        .collect();
+    assert_eq!(kids.len(), 2, "{jwks}");
+    assert!(kids.contains(&signer.private_key_id.as_str()));
+    let x509 = api.ok(
+        reqwest::Method::GET,
+        &format!("/robot/v1/metadata/x509/{sa_email}"),
+        None,
+    );
+    assert!(x509[&signer.private_key_id]
+        .as_str()
+        .is_some_and(|p| p.starts_with("-----BEGIN CERTIFICATE-----")));
+
+    // Service Management: create, submit the sample, roll out, enable; the proxy's binding.
+    let op = api.post(
+        "/v1/services",
+        json!({"producerProjectId": PROJECT, "serviceName": SERVICE}),
+    );
+    api.wait(op);
+    let openapi = sample_openapi(&sa_email, &cp);
+    let contents = base64::engine::general_purpose::STANDARD.encode(openapi.as_bytes());
+    let op = api.post(
+        &format!("/v1/services/{SERVICE}/configs:submit"),
+        json!({"configSource": {"files": [{"fileContents": contents, "filePath": "openapi.yaml", "fileType": "OPEN_API_YAML"}]}}),
+    );
+    let config_id = api.wait(op)["serviceConfig"]["id"]
+        .as_str()
+        .expect("config id")
+        .to_string();
+    let op = api.post(
+        &format!("/v1/services/{SERVICE}/rollouts"),
+        json!({"serviceName": SERVICE, "trafficPercentStrategy": {"percentages": {config_id: 100.0}}}),
+    );
+    api.wait(op);
+    let op = api.post(
+        &format!("/v1/projects/{PROJECT}/services/{SERVICE}:enable"),
+        json!({}),
+    );
+    api.wait(op);
+    api.post(
+        &format!("/v1/services/{SERVICE}:setIamPolicy"),
+        json!({"policy": {"bindings": [{"role": "roles/servicemanagement.serviceController", "members": [format!("serviceAccount:{sa_email}")]}]}}),
+    );
+
+    // The sample backend and the proxy (managed rollout, short JWKS TTL to see key deletion).
+    let echo_port = free_port();
+    let mut echo = Proc::spawn(
+        &["echo".into(), "--port".into(), echo_port.to_string()],
+        &dir.path().join("echo.log"),
+    );
+    wait_port(echo_port, &mut echo, "portico echo");
+    let proxy_port = free_port();
+    let mut esp = Proc::spawn(
+        &[
+            "esp".into(),
+            format!("--service={SERVICE}"),
+            "--rollout_strategy=managed".into(),
+            format!("--http_port={proxy_port}"),
+            format!("--status_port={}", free_port()),
+            format!("--backend=127.0.0.1:{echo_port}"),
+            format!("--service_account_key={}", key_file.display()),
+            "--jwks_cache_duration_in_s=1".into(),
+        ],
+        &dir.path().join("esp.log"),
+    );
+    wait_port(proxy_port, &mut esp, "portico esp");
+
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .no_proxy()
+        .build()
+        .expect("client");
+    let url = format!("http://127.0.0.1:{proxy_port}/auth/info/googlejwt");
+    let get = |bearer: Option<&str>| {
+        let mut req = client.get(&url);
+        if let Some(t) = bearer {
+            req = req.bearer_auth(t);
+        }
+        let resp = req
+            .send()
+            .unwrap_or_else(|e| panic!("GET {url}: {e}; esp log:\n{}", esp.log()));
+        let status = resp.status().as_u16();
+        let www = resp
+            .headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        (status, resp.text().unwrap_or_default(), www)
+    };
+
+    // No token: ESP's 401.
+    let (status, body, www) = get(None);
+    assert_eq!(status, 401, "{body}\nesp log:\n{}", esp.log());
+    assert_eq!(
+        body,
+        esp_body(16, "JWT validation failed: Missing or invalid credentials")
+    );
+    assert_eq!(www.as_deref(), Some("Bearer"));
+
+    // A client JWT for the sample's google_jwt provider (JWKS from the control plane).
+    let mut serial = 0u64;
+    let mut mint = |iss: &str, aud: &str| {
+        serial += 1;
+        let t = now();
+        signer
+            .sign_jwt(
+                &json!({"iss": iss, "sub": sa_email, "aud": aud, "email": sa_email,
+                              "iat": t, "exp": t + 600, "jti": format!("e2e-{serial}")}),
+            )
+            .expect("sign")
+    };
+    let jwt = mint(SAMPLE_ISS, SAMPLE_AUD);
+    let (status, body, _) = get(Some(&jwt));
+    assert_eq!(status, 200, "{body}\nesp log:\n{}", esp.log());
+    // Echo decoded the proxy's header; it must be ESP's user info for exactly this token.
+    let payload_json = String::from_utf8(
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(jwt.split('.').nth(1).expect("payload"))
+            .expect("payload base64"),
+    )
+    .expect("payload utf-8");
+    let info: Value = serde_json::from_str(&body).expect("echo answers JSON");
+    assert_eq!(
+        info,
+        json!({"claims": payload_json, "issuer": SAMPLE_ISS, "id": sa_email, "email": sa_email,
+               "audiences": [SAMPLE_AUD]}),
+    );
+
+    // The google_service_account provider: issuer = the account, keys from the X.509 map.
+    let (status, body, _) = get(Some(&mint(&sa_email, SAMPLE_AUD)));
+    assert_eq!(status, 200, "{body}");
+
+    // Wrong audience: 403.
+    let (status, body, www) = get(Some(&mint(SAMPLE_ISS, "someone-else")));
+    assert_eq!(status, 403);
+    assert_eq!(
+        body,
+        esp_body(7, "JWT validation failed: Audience not allowed")
+    );
+    assert_eq!(www.as_deref(), Some("Bearer, error=\"invalid_token\""));
+
+    // Deleting the signing key revokes it for new tokens once the proxy's keys refresh.
+    api.ok(
+        reqwest::Method::DELETE,
+        &format!(
+            "/v1/projects/-/serviceAccounts/{sa_email}/keys/{}",
+            signer.private_key_id
+        ),
+        None,
+    );
+    let expected = esp_body(
+        16,
+        &format!(
+            "JWT validation failed: Cannot find matching key in key set for kid={}",
+            signer.private_key_id
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body, _) = get(Some(&mint(SAMPLE_ISS, SAMPLE_AUD)));
+        if status == 401 && body == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "deleted key still accepted after 20 s: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
