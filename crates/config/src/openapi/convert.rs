@@ -431,6 +431,9 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
             }
         }
 
+        if let Some(a) = root.get("x-google-experimental-authorization") {
+            self.check_fields(a, "x-google-experimental-authorization", &["provider"]);
+        }
         let host_ok = self.host();
         let info_ok = self.info();
         let paths = root.get("paths");
@@ -458,7 +461,11 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
             }
         }
 
-        self.check_refs(root);
+        for (k, v) in map {
+            // A broken reference inside an unused definition does not stop Google's converter
+            // (definitions are compiled on demand), so there it is only a warning.
+            self.check_refs(v, k.text == "definitions");
+        }
         self.security_definitions();
         self.management();
         self.endpoints();
@@ -595,29 +602,29 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
     }
 
     /// Every `$ref` must point inside this file, at something that exists.
-    fn check_refs(&mut self, node: &Node) {
+    fn check_refs(&mut self, node: &Node, lenient: bool) {
         match &node.value {
             Value::Map(entries) => {
                 for (k, v) in entries {
                     if k.text == "$ref" {
                         if let Some(r) = v.as_str() {
-                            self.check_ref(r, v.pos);
+                            self.check_ref(r, v.pos, lenient);
                         }
                     } else {
-                        self.check_refs(v);
+                        self.check_refs(v, lenient);
                     }
                 }
             }
             Value::Seq(items) => {
                 for i in items {
-                    self.check_refs(i);
+                    self.check_refs(i, lenient);
                 }
             }
             _ => {}
         }
     }
 
-    fn check_ref(&mut self, r: &str, pos: Pos) {
+    fn check_ref(&mut self, r: &str, pos: Pos, lenient: bool) {
         let Some(local) = r.strip_prefix("#/") else {
             self.ctx.error(
                 pos,
@@ -637,12 +644,18 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
         match self.root.get(section) {
             None => self.ctx.error(
                 pos,
-                format!("reference \"{r}\" cannot be resolved: the file has no \"{section}\" section"),
+                format!(
+                    "reference \"{r}\" cannot be resolved: the file has no \"{section}\" section"
+                ),
             ),
-            Some(s) if s.get(&name).is_none() => self.ctx.error(
-                pos,
-                format!("reference \"{r}\" cannot be resolved: \"{name}\" is not defined under \"{section}\""),
-            ),
+            Some(s) if s.get(&name).is_none() => {
+                let msg = format!("reference \"{r}\" cannot be resolved: \"{name}\" is not defined under \"{section}\"");
+                if lenient {
+                    self.ctx.warn(pos, msg);
+                } else {
+                    self.ctx.error(pos, msg);
+                }
+            }
             Some(_) => {}
         }
     }
@@ -1157,8 +1170,11 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
         }
         let allow_cors = match item.get("allowCors") {
             None => false,
-            Some(n) => match n.value {
-                Value::Bool(b) => b,
+            Some(n) => match &n.value {
+                Value::Bool(b) => *b,
+                // Google's converter reads the proto-JSON form, which accepts "true" too.
+                Value::Str(s) if s.eq_ignore_ascii_case("true") => true,
+                Value::Str(s) if s.eq_ignore_ascii_case("false") => false,
                 _ => {
                     self.ctx.error(
                         n.pos,
@@ -1491,7 +1507,9 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
             }
         }
 
-        // HTTP rule.
+        // HTTP rule. Variables are renamed to snake_case field names, as Google does
+        // (`{shelfId}` → `{shelf_id}`), since they name fields of the request message.
+        let full_path = &snake_case_variables(full_path);
         let mut rule = HttpRule {
             selector: selector.clone(),
             body,
@@ -2010,6 +2028,22 @@ pub(crate) fn generated_method_name(http_method: &str, path: &str) -> String {
     out
 }
 
+/// Rewrites `{name}` / `{name=...}` variables of a path to snake_case names.
+fn snake_case_variables(path: &str) -> String {
+    let mut out = String::with_capacity(path.len() + 8);
+    let mut rest = path;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open + 1]);
+        rest = &rest[open + 1..];
+        let end = rest.find(['=', '}']).unwrap_or(rest.len());
+        let name: Vec<String> = rest[..end].split('.').map(snake_case).collect();
+        out.push_str(&name.join("."));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `myBodyRef` → `my_body_ref`.
 fn snake_case(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 4);
@@ -2051,6 +2085,10 @@ mod tests {
         assert_eq!(snake_case("myBodyRef"), "my_body_ref");
         assert_eq!(snake_case("message"), "message");
         assert_eq!(snake_case("my-body"), "my_body");
+        assert_eq!(
+            snake_case_variables("/v1/{shelvesId}/b/{a.bC=x/*}:m"),
+            "/v1/{shelves_id}/b/{a.b_c=x/*}:m"
+        );
     }
 
     #[test]
