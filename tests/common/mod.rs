@@ -1,0 +1,333 @@
+//! Shared helpers for the end-to-end tests (`mod common;` in a test file).
+//!
+//! - [`ControlPlane`]: runs `portico control-plane` as a child process on a port chosen at run
+//!   time (`--listen 127.0.0.1:0`; the server prints `listening on http://ADDR`), with SQLite
+//!   under a data dir or PostgreSQL in a fresh schema. Killed on drop. Its log (stderr) goes to
+//!   `<data dir>/control-plane.log`; [`ControlPlane::log`] returns it for failure messages.
+//! - [`Db`] and [`postgres_or_skip`]: pick the storage; PostgreSQL tests print `SKIPPED:` when
+//!   the server is absent and fail instead when `CI=true`.
+//! - [`Gcloud`]: the real `gcloud` with its own `CLOUDSDK_CONFIG` temp dir, every API endpoint
+//!   override pointed at the control plane and `auth/access_token_file` set. The config file is
+//!   written directly (one `gcloud config set` costs ~1 s). [`Gcloud::run`] has a timeout and
+//!   captures stdout/stderr.
+//! - [`today_utc`]: `YYYY-MM-DD`, the prefix of config ids.
+//!
+//! Not every test binary uses every helper.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Where the control plane keeps its state.
+#[derive(Debug, Clone)]
+pub enum Db {
+    Sqlite,
+    /// `url` of the `test` database and a schema unique to this run.
+    Postgres {
+        url: String,
+        schema: String,
+    },
+}
+
+pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn port_open(addr: &str) -> bool {
+    addr.parse::<SocketAddr>()
+        .ok()
+        .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_millis(500)).ok())
+        .is_some()
+}
+
+/// A fresh PostgreSQL schema, or `None` (after a loud `SKIPPED:`) when PostgreSQL is absent.
+/// Panics when it is absent and `CI=true`.
+pub fn postgres_or_skip(test: &str) -> Option<Db> {
+    if !port_open("127.0.0.1:5432") {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{test}: PostgreSQL is not reachable on 127.0.0.1:5432 and CI=true");
+        }
+        eprintln!("SKIPPED: {test}: PostgreSQL is not reachable on 127.0.0.1:5432");
+        return None;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    Some(Db::Postgres {
+        url: PG_URL.to_string(),
+        schema: format!("t_{}_{}", std::process::id(), nanos % 1_000_000_000_000),
+    })
+}
+
+/// Today's date in UTC as `YYYY-MM-DD` (config ids are `<today>rN`).
+pub fn today_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = secs.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// A running `portico control-plane`. Killed on drop.
+pub struct ControlPlane {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    pub data_dir: PathBuf,
+    pub db: Db,
+}
+
+impl ControlPlane {
+    /// Starts the control plane with its data (admin token, SQLite) under `data_dir`.
+    /// Waits up to 60 s for it to listen.
+    pub fn start(data_dir: &Path, db: &Db) -> ControlPlane {
+        Self::start_with(data_dir, db, &[])
+    }
+
+    /// Like [`ControlPlane::start`], with extra flags.
+    pub fn start_with(data_dir: &Path, db: &Db, extra: &[&str]) -> ControlPlane {
+        Self::start_on(data_dir, db, "127.0.0.1:0", extra)
+    }
+
+    /// Like [`ControlPlane::start_with`], listening on `listen` (e.g. to come back on the same
+    /// address after [`ControlPlane::stop`], as key files name the control plane's URL).
+    pub fn start_on(data_dir: &Path, db: &Db, listen: &str, extra: &[&str]) -> ControlPlane {
+        std::fs::create_dir_all(data_dir).expect("create data dir");
+        let log_path = data_dir.join("control-plane.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("open log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_portico"));
+        cmd.arg("control-plane")
+            .arg("--listen")
+            .arg(listen)
+            .arg("--data")
+            .arg(data_dir);
+        if let Db::Postgres { url, schema } = db {
+            cmd.arg("--database-url")
+                .arg(url)
+                .arg("--database-schema")
+                .arg(schema);
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        let mut child = cmd.spawn().expect("spawn portico control-plane");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Some(Ok(line)) = lines.next() {
+                if let Some(a) = line.strip_prefix("listening on http://") {
+                    let _ = tx.send(a.trim().to_string());
+                }
+            }
+        });
+        let mut cp = ControlPlane {
+            child: Some(child),
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            url: String::new(),
+            data_dir: data_dir.to_path_buf(),
+            db: db.clone(),
+        };
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => {
+                cp.addr = a.parse().expect("listen address");
+                cp.url = format!("http://{}", cp.addr);
+            }
+            Err(_) => panic!(
+                "control plane did not start within 60 s; log:\n{}",
+                cp.log()
+            ),
+        }
+        cp
+    }
+
+    /// The admin token's path (`<data>/admin-token`).
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.data_dir.join("admin-token")
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.admin_token_path())
+            .expect("admin token")
+            .trim()
+            .to_string()
+    }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("control-plane.log")).unwrap_or_default()
+    }
+
+    /// Kills the process and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops and starts again on the same data (a new port).
+    pub fn restart(&mut self) {
+        self.stop();
+        let next = ControlPlane::start(&self.data_dir.clone(), &self.db.clone());
+        // Move the new child into self; `next` must not kill it on drop.
+        let mut next = next;
+        self.child = next.child.take();
+        self.addr = next.addr;
+        self.url = next.url.clone();
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Result of one gcloud run.
+#[derive(Debug)]
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// The real gcloud, configured for one control plane.
+pub struct Gcloud {
+    dir: tempfile::TempDir,
+    pub project: String,
+}
+
+/// APIs whose endpoint overrides point at the control plane.
+pub const OVERRIDDEN_APIS: &[&str] = &[
+    "servicemanagement",
+    "serviceusage",
+    "iam",
+    "cloudresourcemanager",
+    "apikeys",
+];
+
+impl Gcloud {
+    /// A fresh `CLOUDSDK_CONFIG` pointing every override at `base_url`, authenticating with the
+    /// token in `token_file`, project `demo-proj`.
+    pub fn new(base_url: &str, token_file: &Path) -> Gcloud {
+        let g = Gcloud {
+            dir: tempfile::tempdir().expect("gcloud config dir"),
+            project: "demo-proj".to_string(),
+        };
+        g.configure(base_url, token_file);
+        g
+    }
+
+    /// Rewrites the configuration (e.g. after the control plane moved to a new port).
+    pub fn configure(&self, base_url: &str, token_file: &Path) {
+        let base = base_url.trim_end_matches('/');
+        let mut ini = format!(
+            "[core]\ndisable_prompts = true\nproject = {}\ndisable_usage_reporting = true\n\
+             [component_manager]\ndisable_update_check = true\n\
+             [auth]\naccess_token_file = {}\n\
+             [api_endpoint_overrides]\n",
+            self.project,
+            token_file.display()
+        );
+        for api in OVERRIDDEN_APIS {
+            ini.push_str(&format!("{api} = {base}/\n"));
+        }
+        let confs = self.dir.path().join("configurations");
+        std::fs::create_dir_all(&confs).expect("configurations dir");
+        std::fs::write(confs.join("config_default"), ini).expect("write gcloud config");
+        std::fs::write(self.dir.path().join("active_config"), "default").expect("active_config");
+    }
+
+    pub fn config_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs `gcloud <args>` in `cwd` (or the config dir), killing it after `timeout`.
+    pub fn run_in(&self, cwd: Option<&Path>, args: &[&str], timeout: Duration) -> Output {
+        let mut cmd = Command::new("gcloud");
+        cmd.args(args)
+            .current_dir(cwd.unwrap_or(self.dir.path()))
+            .env("CLOUDSDK_CONFIG", self.dir.path())
+            .env("CLOUDSDK_CORE_DISABLE_PROMPTS", "1")
+            .env_remove("CLOUDSDK_AUTH_ACCESS_TOKEN")
+            .env_remove("CLOUDSDK_AUTH_ACCESS_TOKEN_FILE")
+            .env_remove("CLOUDSDK_CORE_PROJECT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn gcloud");
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let read = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = r.read_to_string(&mut s);
+                s
+            })
+        };
+        let out_t = read(Box::new(out));
+        let err_t = read(Box::new(err));
+        let deadline = Instant::now() + timeout;
+        let code = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break st.code(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let stderr = err_t.join().unwrap_or_default();
+                    panic!("gcloud {args:?} timed out after {timeout:?}; stderr:\n{stderr}");
+                }
+            }
+        };
+        Output {
+            code,
+            stdout: out_t.join().unwrap_or_default(),
+            stderr: err_t.join().unwrap_or_default(),
+        }
+    }
+
+    /// `run_in` with the config dir as working directory and a 120 s limit.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.run_in(None, args, Duration::from_secs(120))
+    }
+}
