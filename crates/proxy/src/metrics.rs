@@ -116,6 +116,13 @@ impl Metrics {
         self.total.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Gives another component the registry itself (e.g. to register a family of metrics).
+    pub fn with_registry(&self, f: impl FnOnce(&mut Registry)) {
+        if let Ok(mut r) = self.registry.lock() {
+            f(&mut r);
+        }
+    }
+
     pub fn observe_request(&self, method: &'static str, code: u16, total: Duration) {
         self.total
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -49,79 +49,13 @@ static X_IOS_BUNDLE: HeaderName = HeaderName::from_static("x-ios-bundle-identifi
 // Stage interfaces towards Service Control and JWT authentication.
 // ---------------------------------------------------------------------------------------------
 
-/// What the pipeline sends to a `:check`.
-#[derive(Debug, Clone)]
-pub struct CheckInput<'a> {
-    pub service_name: &'a str,
-    pub service_config_id: &'a str,
-    pub operation_name: &'a str,
-    pub api_key: &'a str,
-    pub caller_ip: IpAddr,
-    pub referer: Option<&'a str>,
-    pub android_package: Option<&'a str>,
-    pub android_cert: Option<&'a str>,
-    pub ios_bundle: Option<&'a str>,
-}
-
-/// A successful check.
-#[derive(Debug, Clone, Default)]
-pub struct CheckOk {
-    pub consumer_project_number: Option<i64>,
-    pub api_key_valid: bool,
-}
-
-/// What the pipeline asks of quota.
-#[derive(Debug, Clone)]
-pub struct QuotaInput<'a> {
-    pub service_name: &'a str,
-    pub service_config_id: &'a str,
-    pub operation_name: &'a str,
-    /// `api_key:<key>` or `project:<producer project>`.
-    pub consumer_id: &'a str,
-    pub metric_costs: &'a [(String, i64)],
-    pub caller_ip: IpAddr,
-    pub referer: Option<&'a str>,
-}
-
-/// Everything a Service Control report needs about one finished request.
-#[derive(Debug, Clone)]
-pub struct RequestRecord {
-    pub service_name: String,
-    pub service_config_id: String,
-    /// Selector, or `None` for an unmatched request (`<Unknown Operation Name>`).
-    pub operation_name: Option<String>,
-    pub api_name: String,
-    pub api_version: String,
-    pub api_key: Option<String>,
-    /// The check said the key is valid (ESP only then sets `consumerId`).
-    pub api_key_valid: bool,
-    /// The check failed at the network level (`/credential_id` = `apikey:UNKNOWN`).
-    pub check_network_failure: bool,
-    pub consumer_project_number: Option<i64>,
-    pub http_method: String,
-    pub url: String,
-    pub status: u16,
-    pub request_size: u64,
-    pub response_size: u64,
-    pub total_latency: Duration,
-    pub backend_latency: Option<Duration>,
-    pub caller_ip: IpAddr,
-    pub referer: Option<String>,
-    pub error_cause: Option<Cause>,
-    pub error_message: Option<String>,
-    /// `http`, `https` or `grpc`.
-    pub protocol: &'static str,
-    pub jwt_credential_id: Option<String>,
-    /// `endpoints_log.jwt_payloads` (`path=value;` pairs).
-    pub jwt_payloads: String,
-    pub request_headers: Vec<(String, String)>,
-    pub response_headers: Vec<(String, String)>,
-}
+pub use crate::control::{CheckInput, CheckOk, QuotaInput, RequestRecord};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The pipeline's view of the Service Control client (check through the cache, quota from the
-/// cache with background refresh, reports enqueued). Implemented by `crate::control`.
+/// cache with background refresh, reports enqueued): the seam between the request path and
+/// [`crate::control::ServiceControl`].
 pub trait ControlApi: Send + Sync + 'static {
     fn check<'a>(&'a self, input: CheckInput<'a>) -> BoxFuture<'a, Result<CheckOk, EspError>>;
     fn allocate_quota(&self, input: QuotaInput<'_>) -> Result<(), EspError>;
@@ -129,6 +63,21 @@ pub trait ControlApi: Send + Sync + 'static {
     /// Status-page statistics (`serviceControlStatistics`), if the client keeps them.
     fn statistics(&self) -> Option<serde_json::Value> {
         None
+    }
+}
+
+impl ControlApi for crate::control::ServiceControl {
+    fn check<'a>(&'a self, input: CheckInput<'a>) -> BoxFuture<'a, Result<CheckOk, EspError>> {
+        Box::pin(crate::control::ServiceControl::check(self, input))
+    }
+    fn allocate_quota(&self, input: QuotaInput<'_>) -> Result<(), EspError> {
+        crate::control::ServiceControl::allocate_quota(self, input)
+    }
+    fn report(&self, record: RequestRecord) {
+        crate::control::ServiceControl::report(self, record)
+    }
+    fn statistics(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(crate::control::ServiceControl::statistics(self)).ok()
     }
 }
 
@@ -320,6 +269,8 @@ struct Completion {
     user_agent: Option<HeaderValue>,
     referer: Option<HeaderValue>,
     error: Option<EspError>,
+    /// The backend speaks gRPC (`grpc://`).
+    backend_grpc: bool,
     /// Report to Service Control (ESP-handled request on a config with SC).
     report: Option<ReportInfo>,
 }
@@ -389,36 +340,45 @@ impl Completion {
             .as_ref()
             .map(|m| (m.api_name.clone(), m.api_version.clone()))
             .unwrap_or_default();
+        let status_code = self.error.as_ref().map(|e| e.code);
+        let backend_protocol =
+            (self.backend_grpc && self.protocol != "grpc").then(|| "grpc".to_string());
         control.report(RequestRecord {
             service_name: r.config.service.name.clone(),
             service_config_id: r.config.config_id.clone(),
+            producer_project_id: r.config.service.producer_project_id.clone(),
             operation_name: r.method.as_ref().map(|m| m.selector.clone()),
             api_name,
             api_version,
             api_key: r.api_key,
             api_key_valid: r.check.as_ref().is_some_and(|c| c.api_key_valid),
-            check_network_failure: r.check_network_failure,
             consumer_project_number: r.check.as_ref().and_then(|c| c.consumer_project_number),
+            check_network_failure: r.check_network_failure
+                || r.check.as_ref().is_some_and(|c| c.network_failure),
+            credential_id: r.auth.as_ref().map(|a| a.credential_id.clone()),
             http_method: self.method.as_str().to_string(),
             url: self.url,
-            status: self.status,
+            response_code: self.status,
+            status_code,
             request_size: self.request_bytes,
             response_size: sent,
             total_latency: total,
             backend_latency: self.backend_latency,
-            caller_ip: self.caller_ip,
+            overhead_latency: total.saturating_sub(self.backend_latency.unwrap_or_default()),
+            caller_ip: Some(self.caller_ip),
             referer: self
                 .referer
                 .as_ref()
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
-            error_cause: self.error.as_ref().map(|e| e.cause),
+            error_cause: self.error.as_ref().map(|e| e.cause.as_str().to_string()),
             error_message: self.error.map(|e| e.message),
-            protocol: self.protocol,
-            jwt_credential_id: r.auth.as_ref().map(|a| a.credential_id.clone()),
-            jwt_payloads: r.auth.map(|a| a.jwt_payloads).unwrap_or_default(),
+            protocol: self.protocol.to_string(),
+            backend_protocol,
             request_headers: r.request_headers,
             response_headers: r.response_headers,
+            jwt_payloads: r.auth.map(|a| a.jwt_payloads).filter(|p| !p.is_empty()),
+            start_time: None,
         });
     }
 }
@@ -539,6 +499,8 @@ struct Ctx {
     request_bytes: u64,
     user_agent: Option<HeaderValue>,
     referer: Option<HeaderValue>,
+    /// `Content-Type: application/grpc*`: reported with protocol `grpc`.
+    content_type_grpc: bool,
 }
 
 impl Pipeline {
@@ -577,6 +539,9 @@ impl Pipeline {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
             user_agent: h.get(header::USER_AGENT).cloned(),
+            content_type_grpc: h
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
             referer: h.get(header::REFERER).cloned(),
             cors_origin,
         };
@@ -691,91 +656,25 @@ impl Pipeline {
         report.auth = auth.clone();
 
         if config.service_control && !mi.skip_service_control {
-            match (&api_key, mi.allow_unregistered_calls) {
-                (None, true) => {}
-                (None, false) => {
-                    let err = EspError::unregistered_caller();
-                    return self.finalize(
-                        error_response(&err, ctx.head, ctx.jwt_present),
-                        &ctx,
-                        target,
-                        Some(err),
-                        Some(report),
-                        None,
-                    );
-                }
-                (Some(key), _) => {
-                    let Some(control) = &st.control else {
-                        let err = EspError::new(
-                            14,
-                            "Service Control is configured for this service but the proxy has no Service Control client",
-                            Cause::ServiceControl,
-                        );
-                        return self.finalize(
-                            error_response(&err, ctx.head, ctx.jwt_present),
-                            &ctx,
-                            target,
-                            Some(err),
-                            Some(report),
-                            None,
-                        );
-                    };
-                    let h = &parts.headers;
-                    let input = CheckInput {
-                        service_name: &config.service.name,
-                        service_config_id: &config.config_id,
-                        operation_name: &mi.selector,
-                        api_key: key,
-                        caller_ip: ctx.caller_ip,
-                        referer: header_str(h, &header::REFERER),
-                        android_package: header_str(h, &X_ANDROID_PACKAGE),
-                        android_cert: header_str(h, &X_ANDROID_CERT),
-                        ios_bundle: header_str(h, &X_IOS_BUNDLE),
-                    };
-                    match control.check(input).await {
-                        Ok(ok) => {
-                            if let Some(n) = ok.consumer_project_number.filter(|n| *n > 0) {
-                                if let Ok(v) = HeaderValue::from_str(&n.to_string()) {
-                                    parts.headers.insert(&X_ENDPOINT_API_PROJECT_ID, v);
-                                }
-                            }
-                            report.check = Some(ok);
-                        }
-                        Err(err) => {
-                            report.check_network_failure = err.code == 14;
-                            return self.finalize(
-                                error_response(&err, ctx.head, ctx.jwt_present),
-                                &ctx,
-                                target,
-                                Some(err),
-                                Some(report),
-                                None,
-                            );
-                        }
-                    }
-                    if !mi.metric_costs.is_empty() {
-                        let consumer = format!("api_key:{key}");
-                        let q = QuotaInput {
-                            service_name: &config.service.name,
-                            service_config_id: &config.config_id,
-                            operation_name: &mi.selector,
-                            consumer_id: &consumer,
-                            metric_costs: &mi.metric_costs,
-                            caller_ip: ctx.caller_ip,
-                            referer: header_str(&parts.headers, &header::REFERER),
-                        };
-                        if let Err(err) = control.allocate_quota(q) {
-                            return self.finalize(
-                                error_response(&err, ctx.head, ctx.jwt_present),
-                                &ctx,
-                                target,
-                                Some(err),
-                                Some(report),
-                                None,
-                            );
-                        }
-                    }
-                }
+            if let Err(err) = self
+                .check_and_quota(
+                    &config,
+                    &mi,
+                    api_key.as_deref(),
+                    &ctx,
+                    &mut parts.headers,
+                    &mut report,
+                )
+                .await
+            {
+                return self.finalize(
+                    error_response(&err, ctx.head, ctx.jwt_present),
+                    &ctx,
+                    target,
+                    Some(err),
+                    Some(report),
+                    None,
+                );
             }
         }
 
@@ -787,6 +686,70 @@ impl Pipeline {
         let req = Request::from_parts(parts, body);
         self.forward(req, &ctx, target, Some(report), Some(mi))
             .await
+    }
+
+    /// ESP's `CheckServiceControl` + `QuotaControl` for a matched method on a config with
+    /// Service Control: no key → 401 unless unregistered calls are allowed; a key → `:check`
+    /// (through the client's cache); then quota when the method has metric costs.
+    async fn check_and_quota(
+        &self,
+        config: &ConfigRoutes,
+        mi: &MethodInfo,
+        api_key: Option<&str>,
+        ctx: &Ctx,
+        headers: &mut HeaderMap,
+        report: &mut ReportInfo,
+    ) -> Result<(), EspError> {
+        if api_key.is_none() && !mi.allow_unregistered_calls {
+            return Err(EspError::unregistered_caller());
+        }
+        let Some(control) = &self.state.control else {
+            return Err(EspError::new(
+                14,
+                "Service Control is configured for this service but the proxy has no Service Control client",
+                Cause::ServiceControl,
+            ));
+        };
+        if let Some(key) = api_key {
+            let input = CheckInput {
+                service_name: &config.service.name,
+                service_config_id: &config.config_id,
+                operation_name: &mi.selector,
+                api_key: key,
+                caller_ip: ctx.caller_ip,
+                referer: header_str(headers, &header::REFERER),
+                android_package: header_str(headers, &X_ANDROID_PACKAGE),
+                android_cert: header_str(headers, &X_ANDROID_CERT),
+                ios_bundle: header_str(headers, &X_IOS_BUNDLE),
+            };
+            match control.check(input).await {
+                Ok(ok) => {
+                    if let Some(n) = ok.consumer_project_number.filter(|n| *n > 0) {
+                        if let Ok(v) = HeaderValue::from_str(&n.to_string()) {
+                            headers.insert(&X_ENDPOINT_API_PROJECT_ID, v);
+                        }
+                    }
+                    report.check = Some(ok);
+                }
+                Err(err) => {
+                    report.check_network_failure = err.code == 14;
+                    return Err(err);
+                }
+            }
+        }
+        if !mi.metric_costs.is_empty() {
+            control.allocate_quota(QuotaInput {
+                service_name: &config.service.name,
+                service_config_id: &config.config_id,
+                method_name: &mi.selector,
+                api_key: api_key.unwrap_or(""),
+                producer_project_id: &config.service.producer_project_id,
+                caller_ip: ctx.caller_ip,
+                referer: header_str(headers, &header::REFERER),
+                metric_costs: &mi.metric_costs,
+            })?;
+        }
+        Ok(())
     }
 
     /// The JWT stage: `Ok(None)` when the method needs no JWT; on failure the error and whether
@@ -989,7 +952,9 @@ impl Pipeline {
         backend_latency: Option<Duration>,
     ) -> Response<ProxyBody> {
         let status = resp.status().as_u16();
-        let protocol = if self.forwarder.version() == Version::HTTP_2 {
+        let backend_grpc = self.forwarder.version() == Version::HTTP_2;
+        let is_grpc_request = ctx.content_type_grpc;
+        let protocol = if is_grpc_request {
             "grpc"
         } else if ctx.tls {
             "https"
@@ -1011,6 +976,7 @@ impl Pipeline {
             user_agent: ctx.user_agent.clone(),
             referer: ctx.referer.clone(),
             error,
+            backend_grpc,
             report,
         }));
         if ctx.head {

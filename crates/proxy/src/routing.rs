@@ -135,13 +135,6 @@ impl ConfigRoutes {
                 )
             })
             .collect();
-        let mut costs: HashMap<&str, Vec<(String, i64)>> = HashMap::new();
-        for r in service.quota.iter().flat_map(|q| q.metric_rules.iter()) {
-            costs
-                .entry(r.selector.as_str())
-                .or_default()
-                .extend(r.metric_costs.iter().map(|(k, v)| (k.clone(), *v)));
-        }
         let backend_rules: HashMap<&str, &BackendRule> = service
             .backend
             .iter()
@@ -180,7 +173,8 @@ impl ConfigRoutes {
                 skip_service_control: usage.is_some_and(|u| u.skip_service_control),
                 api_key_locations,
                 auth: auth_rules.get(selector).map(|r| (*r).clone()),
-                metric_costs: costs.get(selector).cloned().unwrap_or_default(),
+                // A cost <= 0 is charged as 1, as ESP does.
+                metric_costs: crate::control::metric_costs(&service, selector),
                 backend_rule: backend_rules.get(selector).map(|r| (*r).clone()),
                 api_name,
                 api_version,

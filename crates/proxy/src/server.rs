@@ -203,8 +203,24 @@ pub fn compile(rollout: &Rollout, opts: &RouteOptions) -> RouteTable {
 /// caller's runtime, the status server and the task that follows `rollouts`.
 pub async fn start(
     settings: Arc<Settings>,
+    rollouts: watch::Receiver<Arc<Rollout>>,
+    control: Option<Arc<dyn ControlApi>>,
+) -> Result<ProxyHandle, StartError> {
+    start_with_metrics(
+        settings,
+        rollouts,
+        control,
+        Arc::new(crate::metrics::Metrics::new()),
+    )
+    .await
+}
+
+/// [`start`] with a metrics registry other components already registered into.
+pub async fn start_with_metrics(
+    settings: Arc<Settings>,
     mut rollouts: watch::Receiver<Arc<Rollout>>,
     control: Option<Arc<dyn ControlApi>>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<ProxyHandle, StartError> {
     let mut key_opts = crate::auth::KeyCacheOptions::default();
     if let Some(d) = settings.jwks_cache_duration {
@@ -218,7 +234,6 @@ pub async fn start(
         },
     };
     let first = rollouts.borrow_and_update().clone();
-    let metrics = Arc::new(crate::metrics::Metrics::new());
     let access_log = crate::access_log::AccessLog::from_flag(settings.access_log.as_deref())
         .map_err(StartError::AccessLog)?;
     let state = Arc::new(ProxyState::new(
@@ -482,6 +497,37 @@ async fn wait_for_signal() {
     }
 }
 
+/// The Service Control client, when the config (or `--service_control_url_override`) asks
+/// for one.
+fn service_control_for(
+    settings: &Settings,
+    rollout: &Rollout,
+    credentials: Option<Arc<portico_credentials::ServiceAccountKey>>,
+    notifier: config_source::RolloutNotifier,
+) -> Result<Option<crate::control::ServiceControl>, crate::control::ServiceControlError> {
+    let environment = rollout
+        .configs
+        .iter()
+        .filter_map(|(s, _)| s.control.as_ref())
+        .map(|c| c.environment.as_str())
+        .find(|e| !e.is_empty());
+    if environment.is_none() && settings.service_control_url_override.is_none() {
+        return Ok(None);
+    }
+    let Some(base) = crate::control::resolve_service_control_url(
+        settings.service_control_url_override.as_deref(),
+        credentials.as_deref(),
+        environment,
+    ) else {
+        return Ok(None);
+    };
+    let mut opts = crate::control::ServiceControlOptions::new(base);
+    opts.credentials = credentials;
+    opts.network_fail_open = settings.network_fail_open;
+    opts.rollout_notifier = Some(notifier);
+    crate::control::ServiceControl::new(opts).map(Some)
+}
+
 /// The whole `portico esp` process: fetch the config, serve, shut down on a signal.
 pub fn run(settings: Settings) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -514,7 +560,9 @@ pub fn run(settings: Settings) -> ExitCode {
         };
         opts.service_json_path = settings.service_json_path.clone();
         opts.management_url = settings.management.clone();
-        opts.credentials = credentials;
+        opts.credentials = credentials.clone();
+        let notifier = config_source::RolloutNotifier::new();
+        opts.rollout_notifier = Some(notifier.clone());
         let rollouts = match config_source::start(opts).await {
             Ok(rx) => rx,
             Err(e) => {
@@ -522,7 +570,19 @@ pub fn run(settings: Settings) -> ExitCode {
                 return ExitCode::from(crate::cli::EXIT_FETCH);
             }
         };
-        let handle = match start(settings.clone(), rollouts, None).await {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let control = match service_control_for(&settings, &rollouts.borrow(), credentials, notifier) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the Service Control client");
+                return ExitCode::from(crate::cli::EXIT_SETUP);
+            }
+        };
+        if let Some(sc) = &control {
+            metrics.with_registry(|r| sc.register_metrics(r));
+        }
+        let dyn_control = control.clone().map(|c| Arc::new(c) as Arc<dyn ControlApi>);
+        let handle = match start_with_metrics(settings.clone(), rollouts, dyn_control, metrics).await {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the proxy");
@@ -540,6 +600,9 @@ pub fn run(settings: Settings) -> ExitCode {
         );
         wait_for_signal().await;
         handle.shutdown(DRAIN).await;
+        if let Some(sc) = control {
+            sc.shutdown().await;
+        }
         ExitCode::SUCCESS
     })
 }

@@ -12,13 +12,12 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use portico_config::Service;
 use portico_proxy::config_source::Rollout;
+use portico_proxy::control::{ServiceControl, ServiceControlOptions};
 use portico_proxy::error::EspError;
-use portico_proxy::pipeline::{CheckInput, CheckOk, ControlApi, QuotaInput, RequestRecord};
+use portico_proxy::pipeline::ControlApi;
 use portico_proxy::server::{self, ProxyHandle};
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -107,52 +106,120 @@ fn dead_port() -> u16 {
 }
 
 // ----------------------------------------------------------------------------------------------
-// TEST DOUBLE of the Service Control client.
+// TEST DOUBLE of the Service Control *server* (the network peer): answers `:check` with canned
+// JSON (key `bad-key` is invalid, every other key belongs to project 123456), accepts
+// `:report` and `:allocateQuota`, and records what it was sent. The proxy talks to it through
+// the real Service Control client.
 // ----------------------------------------------------------------------------------------------
 
 #[derive(Default)]
-struct RecordingControl {
-    /// (selector, api key) of every check.
+struct ScDouble {
+    /// (operation name, api key) of every `:check`.
     checks: Mutex<Vec<(String, String)>>,
-    reports: Mutex<Vec<RequestRecord>>,
-    /// Keys the double treats as invalid.
-    invalid_keys: Vec<String>,
+    /// One entry per reported (producer) operation.
+    reports: Mutex<Vec<Reported>>,
 }
 
-impl ControlApi for RecordingControl {
-    fn check<'a>(
-        &'a self,
-        input: CheckInput<'a>,
-    ) -> Pin<Box<dyn Future<Output = Result<CheckOk, EspError>> + Send + 'a>> {
-        Box::pin(async move {
-            self.checks
-                .lock()
-                .unwrap()
-                .push((input.operation_name.to_string(), input.api_key.to_string()));
-            if self.invalid_keys.iter().any(|k| k == input.api_key) {
-                return Err(EspError::new(
-                    3,
-                    "API key not valid. Please pass a valid API key.",
-                    portico_proxy::error::Cause::ServiceControl,
-                ));
+#[derive(Debug, Clone)]
+struct Reported {
+    operation_name: String,
+    consumer_id: Option<String>,
+    response_code: String,
+}
+
+async fn sc_handler(
+    double: Arc<ScDouble>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let reply = if path.ends_with(":check") {
+        let op = &v["operation"];
+        let key = op["consumerId"]
+            .as_str()
+            .unwrap_or("")
+            .trim_start_matches("api_key:")
+            .to_string();
+        double.checks.lock().unwrap().push((
+            op["operationName"].as_str().unwrap_or("").to_string(),
+            key.clone(),
+        ));
+        if key == "bad-key" {
+            serde_json::json!({"operationId": op["operationId"], "checkErrors": [{"code": "API_KEY_INVALID"}]})
+        } else {
+            serde_json::json!({"operationId": op["operationId"],
+                               "checkInfo": {"consumerInfo": {"projectNumber": "123456"}}})
+        }
+    } else if path.ends_with(":report") {
+        for op in v["operations"].as_array().cloned().unwrap_or_default() {
+            let labels = &op["labels"];
+            if labels
+                .get("serviceruntime.googleapis.com/consumer_project")
+                .is_some()
+            {
+                continue; // the by-consumer copy
             }
-            Ok(CheckOk {
-                consumer_project_number: Some(123456),
-                api_key_valid: true,
-            })
-        })
-    }
-    fn allocate_quota(&self, _input: QuotaInput<'_>) -> Result<(), EspError> {
-        Ok(())
-    }
-    fn report(&self, record: RequestRecord) {
-        self.reports.lock().unwrap().push(record);
+            double.reports.lock().unwrap().push(Reported {
+                operation_name: op["operationName"].as_str().unwrap_or("").to_string(),
+                consumer_id: op["consumerId"].as_str().map(str::to_string),
+                response_code: labels["/response_code"].as_str().unwrap_or("").to_string(),
+            });
+        }
+        serde_json::json!({})
+    } else {
+        serde_json::json!({})
+    };
+    let mut r = Response::new(Full::new(Bytes::from(reply.to_string())));
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    Ok(r)
+}
+
+async fn start_sc_double() -> (Arc<ScDouble>, SocketAddr) {
+    let double = Arc::new(ScDouble::default());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let d = double.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let d = d.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| sc_handler(d.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (double, addr)
+}
+
+impl ScDouble {
+    /// Reports arrive asynchronously: wait (bounded) until `n` have been received.
+    async fn wait_reports(&self, n: usize) -> Vec<Reported> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = self.reports.lock().unwrap().clone();
+            if r.len() >= n || tokio::time::Instant::now() > deadline {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
 struct Env {
     proxy: ProxyHandle,
-    control: Arc<RecordingControl>,
+    control: Arc<ScDouble>,
     tx: watch::Sender<Arc<Rollout>>,
     base: String,
     client: reqwest::Client,
@@ -172,14 +239,16 @@ async fn start_proxy(svc: Arc<Service>, backend: SocketAddr, extra: &[&str]) -> 
     args.extend(extra.iter().map(Into::into));
     let settings = portico_proxy::cli::parse(args).unwrap();
     let (tx, rx) = watch::channel(rollout(svc));
-    let control = Arc::new(RecordingControl {
-        invalid_keys: vec!["bad-key".into()],
-        ..Default::default()
-    });
+    let (control, sc_addr) = start_sc_double().await;
+    let mut opts = ServiceControlOptions::new(format!("http://{sc_addr}"));
+    // Deterministic tests: every check goes to the server, every report is sent at once.
+    opts.check_cache_entries = 0;
+    opts.report_cache_entries = 0;
+    let sc = ServiceControl::new(opts).unwrap();
     let proxy = server::start(
         Arc::new(settings),
         rx,
-        Some(control.clone() as Arc<dyn ControlApi>),
+        Some(Arc::new(sc) as Arc<dyn ControlApi>),
     )
     .await
     .unwrap();
@@ -288,14 +357,10 @@ async fn missing_api_key_is_the_seed_401() {
     assert_eq!(got, seed);
     assert!(env.control.checks.lock().unwrap().is_empty());
     // The rejected request is still reported, as ESP does.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let reports = env.control.reports.lock().unwrap();
+    let reports = env.control.wait_reports(1).await;
     assert_eq!(reports.len(), 1);
-    assert_eq!(reports[0].status, 401);
-    assert_eq!(
-        reports[0].operation_name.as_deref(),
-        Some("1.bookstore.Echo")
-    );
+    assert_eq!(reports[0].response_code, "401");
+    assert_eq!(reports[0].operation_name, "1.bookstore.Echo");
 }
 
 #[tokio::test]
@@ -516,11 +581,10 @@ async fn allow_unregistered_ignores_the_key() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(env.control.checks.lock().unwrap().is_empty());
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let reports = env.control.reports.lock().unwrap();
+    let reports = env.control.wait_reports(1).await;
     assert_eq!(reports.len(), 1);
     assert_eq!(
-        reports[0].api_key, None,
+        reports[0].consumer_id, None,
         "no consumer on an allow-unregistered method"
     );
 }
@@ -639,7 +703,7 @@ async fn without_control_or_auth_everything_is_proxied() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(json_of(r).await["uri"], "/not/in/config");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         env.control.reports.lock().unwrap().is_empty(),
         "declined requests are not reported"
@@ -718,10 +782,10 @@ async fn cors_preset_basic_preflight_and_headers_everywhere() {
         r.headers()["strict-transport-security"],
         "max-age=31536000; includeSubdomains;"
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let reports = env.control.reports.lock().unwrap();
+    env.control.wait_reports(2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        reports.len(),
+        env.control.reports.lock().unwrap().len(),
         2,
         "the preflight is neither checked nor reported"
     );
@@ -786,9 +850,11 @@ async fn allow_cors_endpoint_proxies_preflights_without_check() {
         .unwrap();
     assert_eq!(r.status(), 401);
     assert!(env.control.checks.lock().unwrap().is_empty());
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let reports = env.control.reports.lock().unwrap();
-    assert_eq!(reports[0].operation_name.as_deref(), Some("CORS"));
+    let reports = env.control.wait_reports(2).await;
+    assert!(
+        reports.iter().any(|r| r.operation_name == "CORS"),
+        "{reports:?}"
+    );
 }
 
 // ----------------------------------------------------------------------------------------------
