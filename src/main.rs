@@ -7,6 +7,8 @@
 //! - `portico config validate F`  OpenAPI → service config, or errors   → crates/config
 //! - `portico up ...`             everything on one machine              → src/up.rs
 
+mod up;
+
 use mimalloc::MiMalloc;
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
     // args[0] becomes "portico <sub>" so each parser names itself correctly in --help.
     args[0] = OsString::from(format!("portico {}", sub.to_string_lossy()));
     match sub.to_str() {
+        Some("up") => up::main(args),
         Some("esp") => portico_proxy::cli::main(args),
         Some("control-plane") => portico_control_plane::cli::main(args),
         Some("echo") => portico_echo::cli::main(args),
