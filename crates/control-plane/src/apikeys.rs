@@ -657,6 +657,17 @@ async fn get_key_string(
     Ok(Json(json!({ "keyString": key_string })))
 }
 
+/// The four application-restriction kinds are a proto `oneof`: setting one (gcloud's
+/// `update --allowed-referrers` on a key that had IP restrictions) replaces whichever was set.
+fn set_client_restriction(r: &mut Restrictions, setting: bool) {
+    if setting {
+        r.browser_key_restrictions = None;
+        r.server_key_restrictions = None;
+        r.android_key_restrictions = None;
+        r.ios_key_restrictions = None;
+    }
+}
+
 /// Applies an update mask entry to `key`; unknown paths are a 400 naming the path.
 fn apply_mask_path(key: &mut StoredKey, path: &str, body: &KeyBody) -> Result<(), ApiError> {
     let restrictions_in_body = || parse_restrictions(body.restrictions.clone());
@@ -672,19 +683,24 @@ fn apply_mask_path(key: &mut StoredKey, path: &str, body: &KeyBody) -> Result<()
             key.restrictions.api_targets = restrictions_in_body()?.api_targets
         }
         "restrictions.serverKeyRestrictions" | "restrictions.server_key_restrictions" => {
-            key.restrictions.server_key_restrictions =
-                restrictions_in_body()?.server_key_restrictions
+            let v = restrictions_in_body()?.server_key_restrictions;
+            set_client_restriction(&mut key.restrictions, v.is_some());
+            key.restrictions.server_key_restrictions = v;
         }
         "restrictions.browserKeyRestrictions" | "restrictions.browser_key_restrictions" => {
-            key.restrictions.browser_key_restrictions =
-                restrictions_in_body()?.browser_key_restrictions
+            let v = restrictions_in_body()?.browser_key_restrictions;
+            set_client_restriction(&mut key.restrictions, v.is_some());
+            key.restrictions.browser_key_restrictions = v;
         }
         "restrictions.androidKeyRestrictions" | "restrictions.android_key_restrictions" => {
-            key.restrictions.android_key_restrictions =
-                restrictions_in_body()?.android_key_restrictions
+            let v = restrictions_in_body()?.android_key_restrictions;
+            set_client_restriction(&mut key.restrictions, v.is_some());
+            key.restrictions.android_key_restrictions = v;
         }
         "restrictions.iosKeyRestrictions" | "restrictions.ios_key_restrictions" => {
-            key.restrictions.ios_key_restrictions = restrictions_in_body()?.ios_key_restrictions
+            let v = restrictions_in_body()?.ios_key_restrictions;
+            set_client_restriction(&mut key.restrictions, v.is_some());
+            key.restrictions.ios_key_restrictions = v;
         }
         other => {
             return Err(bad_field(
@@ -952,6 +968,27 @@ mod tests {
         apply_mask_path(&mut key, "displayName", &body).expect("name");
         assert_eq!(key.display_name, "new");
         assert!(apply_mask_path(&mut key, "keyString", &body).is_err());
+        // Application restrictions are a oneof: referrers replace IPs.
+        let ips = KeyBody {
+            restrictions: Some(json!({"serverKeyRestrictions": {"allowedIps": ["10.0.0.0/8"]}})),
+            ..Default::default()
+        };
+        apply_mask_path(&mut key, "restrictions.server_key_restrictions", &ips).expect("ips");
+        let referrers = KeyBody {
+            restrictions: Some(
+                json!({"browserKeyRestrictions": {"allowedReferrers": ["*.example.com/*"]}}),
+            ),
+            ..Default::default()
+        };
+        apply_mask_path(
+            &mut key,
+            "restrictions.browser_key_restrictions",
+            &referrers,
+        )
+        .expect("referrers");
+        assert!(key.restrictions.server_key_restrictions.is_none());
+        assert_eq!(key.restrictions.api_targets[0].service, "s.example.com");
+        key.restrictions.validate().expect("one kind");
         let v = key.to_json();
         assert_eq!(v["name"], "projects/123456789012/locations/global/keys/k");
         assert!(v.get("keyString").is_none());
