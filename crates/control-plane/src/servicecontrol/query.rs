@@ -303,6 +303,9 @@ async fn top_consumers(
     Ok(Json(json!({ "consumers": consumers })))
 }
 
+/// ts_ms, method, consumer, status_code, code_class, severity, operation_id, entry.
+type LogDbRow = (i64, String, String, i64, String, String, String, String);
+
 async fn logs(
     State(state): State<AppState>,
     principal: Principal,
@@ -321,7 +324,7 @@ async fn logs(
             "one of 1xx, 2xx, 3xx, 4xx, 5xx",
         ));
     }
-    let rows: Vec<(i64, String, String, i64, String, String, String, String)> = sqlx::query_as(
+    let rows: Vec<LogDbRow> = sqlx::query_as(
         "SELECT ts_ms, method, consumer, status_code, code_class, severity, operation_id, entry \
          FROM sc_logs WHERE service = $1 AND ts_ms >= $2 AND ($3 = '' OR method = $3) \
          AND ($4 = '' OR code_class = $4) AND ($5 = '' OR consumer = $5) \
