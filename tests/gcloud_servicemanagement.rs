@@ -166,6 +166,28 @@ fn walkthrough(db: Db) {
     assert!(out.stdout.contains("done: true"), "{out}");
     assert!(out.stdout.contains(&format!("id: {r0}")), "{out}");
 
+    let out = must(
+        g.run(&[
+            "endpoints",
+            "operations",
+            "list",
+            "--service",
+            SVC,
+            "--format=value(name)",
+        ]),
+        "operations list",
+        &cp,
+    );
+    assert!(out.stdout.lines().any(|l| l == submit_op), "{out}");
+    assert_eq!(
+        out.stdout
+            .lines()
+            .filter(|l| l.starts_with("operations/rollouts."))
+            .count(),
+        2,
+        "{out}"
+    );
+
     // The deploy enabled the service on the producer project.
     let out = must(
         g.run(&[
@@ -208,6 +230,16 @@ fn walkthrough(db: Db) {
     assert!(
         out.stdout
             .contains("role: roles/servicemanagement.serviceController"),
+        "{out}"
+    );
+    let out = must(
+        g.run(&["endpoints", "services", "check-iam-policy", SVC]),
+        "check-iam-policy",
+        &cp,
+    );
+    assert!(
+        out.stdout
+            .contains("servicemanagement.services.setIamPolicy"),
         "{out}"
     );
 

@@ -15,21 +15,33 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use sqlx::AnyConnection;
 
-use crate::auth::Principal;
+use crate::auth::{perms, require_service_permission, Principal};
 use crate::error::ApiError;
-use crate::server::AppState;
+use crate::server::{page_token, AppState, Params};
 use crate::store::{now_rfc3339, Migration};
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    id: "ops_0001",
-    sql: &["CREATE TABLE IF NOT EXISTS operations (\
-            name TEXT PRIMARY KEY, \
-            body TEXT NOT NULL, \
-            create_time TEXT NOT NULL)"],
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        id: "ops_0001",
+        sql: &["CREATE TABLE IF NOT EXISTS operations (\
+                name TEXT PRIMARY KEY, \
+                body TEXT NOT NULL, \
+                create_time TEXT NOT NULL)"],
+    },
+    // The managed service an operation belongs to (from `metadata.resourceNames`), so
+    // `gcloud endpoints operations list --service` can filter and permissions can be checked.
+    Migration {
+        id: "ops_0002",
+        sql: &[
+            "ALTER TABLE operations ADD COLUMN service_name TEXT NOT NULL DEFAULT ''",
+            "CREATE INDEX IF NOT EXISTS operations_by_service ON operations (service_name, create_time)",
+        ],
+    },
+];
 
 pub fn routes() -> Router<AppState> {
     Router::new()
+        .route("/v1/operations", get(list_operations))
         .route("/v1/operations/{id}", get(get_operation))
         .route("/v2/operations/{id}", get(get_operation))
 }
@@ -57,13 +69,28 @@ pub async fn insert(
         Outcome::Response(r) => op["response"] = r,
         Outcome::Error(e) => op["error"] = e.rpc_status(),
     }
-    sqlx::query("INSERT INTO operations (name, body, create_time) VALUES ($1, $2, $3)")
-        .bind(name)
-        .bind(serde_json::to_string(&op)?)
-        .bind(now_rfc3339())
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "INSERT INTO operations (name, body, create_time, service_name) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(name)
+    .bind(serde_json::to_string(&op)?)
+    .bind(now_rfc3339())
+    .bind(service_of(&op))
+    .execute(conn)
+    .await?;
     Ok(op)
+}
+
+/// The managed service named by the first `services/<name>...` entry of `metadata.resourceNames`.
+fn service_of(op: &Value) -> String {
+    op.pointer("/metadata/resourceNames")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .find_map(|r| r.strip_prefix("services/"))
+        .map(|r| r.split('/').next().unwrap_or(r).to_string())
+        .unwrap_or_default()
 }
 
 /// Servicemanagement's operation metadata.
@@ -95,14 +122,193 @@ pub async fn lookup(state: &AppState, id: &str) -> Result<Option<Value>, ApiErro
 
 async fn get_operation(
     State(state): State<AppState>,
-    _principal: Principal,
+    principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    match lookup(&state, &id).await? {
-        Some(op) => Ok(Json(op)),
-        None => Err(ApiError::not_found(format!(
+    let not_found = || {
+        ApiError::not_found(format!(
             "Operation 'operations/{}' not found.",
             id.trim_start_matches("operations/")
-        ))),
+        ))
+    };
+    let op = lookup(&state, &id).await?.ok_or_else(not_found)?;
+    // A service's operations are as private as the service; a service account without read
+    // access cannot tell them from missing ones.
+    let service = service_of(&op);
+    if !service.is_empty()
+        && require_service_permission(&state, &principal, &service, perms::SERVICES_GET)
+            .await
+            .is_err()
+    {
+        return Err(not_found());
+    }
+    Ok(Json(op))
+}
+
+/// `gcloud endpoints operations list --service=S [--filter=...]` sends
+/// `filter=serviceName="S"` optionally followed by ` AND (<expr>)`, where `<expr>` compares
+/// `done` (`=`, `!=`) or `startTime` (`>=`, `>`, `<=`, `<`, quoted ISO 8601).
+#[derive(Debug, PartialEq)]
+struct OpFilter {
+    service: String,
+    done: Option<(bool, bool)>,
+    start_time: Option<(String, String)>,
+}
+
+fn parse_op_filter(f: &str) -> Result<OpFilter, ApiError> {
+    let bad = |why: &str| ApiError::invalid_argument(format!("Invalid filter '{f}': {why}."));
+    let (head, rest) = match f.split_once(" AND ") {
+        Some((h, r)) => (h.trim(), Some(r.trim())),
+        None => (f.trim(), None),
+    };
+    let service = head
+        .strip_prefix("serviceName")
+        .map(str::trim_start)
+        .and_then(|h| h.strip_prefix('='))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| bad("expected serviceName=\"<service>\""))?;
+    let mut out = OpFilter {
+        service,
+        done: None,
+        start_time: None,
+    };
+    let Some(expr) = rest else {
+        return Ok(out);
+    };
+    let expr = expr
+        .strip_prefix('(')
+        .and_then(|e| e.strip_suffix(')'))
+        .unwrap_or(expr)
+        .trim();
+    if let Some(v) = expr.strip_prefix("done") {
+        let v = v.trim();
+        let (eq, val) = if let Some(x) = v.strip_prefix("!=") {
+            (false, x)
+        } else if let Some(x) = v.strip_prefix('=') {
+            (true, x)
+        } else {
+            return Err(bad("done supports = and !="));
+        };
+        let b = match val.trim().to_ascii_lowercase().as_str() {
+            "true" => true,
+            "false" => false,
+            _ => return Err(bad("done compares with true or false")),
+        };
+        out.done = Some((eq, b));
+    } else if let Some(v) = expr.strip_prefix("startTime") {
+        let v = v.trim();
+        let op = [">=", "<=", ">", "<"]
+            .into_iter()
+            .find(|o| v.starts_with(o))
+            .ok_or_else(|| bad("startTime supports >=, >, <= and <"))?;
+        let val = v[op.len()..].trim();
+        let val = val
+            .strip_prefix('"')
+            .and_then(|x| x.strip_suffix('"'))
+            .ok_or_else(|| bad("the startTime value must be quoted"))?;
+        out.start_time = Some((op.to_string(), val.to_string()));
+    } else {
+        return Err(bad("only done and startTime can be filtered on"));
+    }
+    Ok(out)
+}
+
+impl OpFilter {
+    fn matches(&self, op: &Value) -> bool {
+        if let Some((eq, want)) = self.done {
+            let done = op.get("done").and_then(Value::as_bool).unwrap_or(false);
+            if (done == want) != eq {
+                return false;
+            }
+        }
+        if let Some((cmp, bound)) = &self.start_time {
+            // RFC 3339 UTC strings order like the instants they name; a date-only bound
+            // compares as that day's midnight.
+            let t = op
+                .pointer("/metadata/startTime")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let ok = match cmp.as_str() {
+                ">=" => t >= bound.as_str(),
+                ">" => t > bound.as_str(),
+                "<=" => t <= bound.as_str(),
+                _ => t < bound.as_str(),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+async fn list_operations(
+    State(state): State<AppState>,
+    principal: Principal,
+    params: Params,
+) -> Result<Json<Value>, ApiError> {
+    let Some(f) = params.get("filter") else {
+        return Err(ApiError::invalid_argument(
+            "A filter naming the service is required, e.g. serviceName=\"my-api.example.com\".",
+        ));
+    };
+    let filter = parse_op_filter(f)?;
+    require_service_permission(&state, &principal, &filter.service, perms::SERVICES_GET).await?;
+    let (limit, offset) = params.page(50, 100)?;
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT body FROM operations WHERE service_name = $1 ORDER BY create_time DESC, name",
+    )
+    .bind(&filter.service)
+    .fetch_all(state.store.pool())
+    .await?;
+    let mut matching = Vec::new();
+    for (b,) in rows {
+        let op: Value = serde_json::from_str(&b)?;
+        if filter.matches(&op) {
+            matching.push(op);
+        }
+    }
+    let total = matching.len() as i64;
+    let page: Vec<Value> = matching
+        .into_iter()
+        .skip(offset as usize)
+        .take(limit as usize)
+        .collect();
+    let mut out = json!({});
+    if !page.is_empty() {
+        out["operations"] = Value::Array(page);
+    }
+    if offset + limit < total {
+        out["nextPageToken"] = Value::String(page_token(offset + limit));
+    }
+    Ok(Json(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_filters() {
+        let f = parse_op_filter("serviceName=\"a.b.c\"").unwrap();
+        assert_eq!(f.service, "a.b.c");
+        let f = parse_op_filter("serviceName=\"a.b.c\" AND (done = true)").unwrap();
+        assert_eq!(f.done, Some((true, true)));
+        assert!(f.matches(&json!({"done": true})));
+        assert!(!f.matches(&json!({})));
+        let f = parse_op_filter("serviceName=\"a.b.c\" AND (startTime >= \"2017-02-01\")").unwrap();
+        assert!(f.matches(&json!({"metadata": {"startTime": "2026-11-23T10:00:00Z"}})));
+        assert!(!f.matches(&json!({"metadata": {"startTime": "2016-11-23T10:00:00Z"}})));
+        assert!(parse_op_filter("name=x").is_err());
+        assert!(parse_op_filter("serviceName=\"a\" AND (bogus = 1)").is_err());
+        assert!(parse_op_filter("serviceName=\"a\" AND (startTime > 2017)").is_err());
+    }
+
+    #[test]
+    fn service_from_resource_names() {
+        let op = json!({"metadata": {"resourceNames": ["services/a.b.c/configs/x"]}});
+        assert_eq!(service_of(&op), "a.b.c");
+        assert_eq!(service_of(&json!({"name": "operations/akmf.p7-1"})), "");
     }
 }

@@ -664,6 +664,9 @@ async fn test_iam_permissions(
     service: &str,
     body: TestIamPermissionsBody,
 ) -> Result<Value, ApiError> {
+    if producer_project(state, service).await?.is_none() {
+        return Err(not_found_or_denied(service));
+    }
     let mut granted = Vec::new();
     for p in body.permissions {
         if require_service_permission(state, principal, service, &p)
