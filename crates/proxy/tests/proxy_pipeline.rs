@@ -55,6 +55,28 @@ async fn backend_handler(req: Request<Incoming>) -> Result<Response<Full<Bytes>>
             .insert("content-type", "text/x-backend".parse().unwrap());
         return Ok(r);
     }
+    if path == "/ws" && req.headers().contains_key("upgrade") {
+        // Accept the upgrade and echo whatever arrives on the raw connection.
+        let on = hyper::upgrade::on(req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert("upgrade", "websocket".parse().unwrap());
+        r.headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        return Ok(r);
+    }
     if path == "/slow" {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
@@ -234,8 +256,10 @@ async fn start_proxy(svc: Arc<Service>, backend: SocketAddr, extra: &[&str]) -> 
         "--status_port=0".into(),
         "--worker_threads=2".into(),
         "--access_log=off".into(),
-        backend_arg.into(),
     ];
+    if !extra.iter().any(|a| a.starts_with("--backend")) {
+        args.push(backend_arg.into());
+    }
     args.extend(extra.iter().map(Into::into));
     let settings = portico_proxy::cli::parse(args).unwrap();
     let (tx, rx) = watch::channel(rollout(svc));
@@ -1044,4 +1068,160 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     proxy.shutdown(Duration::from_secs(10)).await;
     let r = slow.await.unwrap().unwrap();
     assert_eq!(r.status(), 200);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Protocols: h2c and TLS downstream, h2c (grpc://) upstream, WebSocket pass-through.
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn h2c_prior_knowledge_on_the_http_port_and_http2_port() {
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        start_backend().await,
+        &["--http2_port=0"],
+    )
+    .await;
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for addr in [env.proxy.http_addr.unwrap(), env.proxy.http2_addr.unwrap()] {
+        let r = h2
+            .get(format!("http://{addr}/shelves"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status(), 200);
+        let v = json_of(r).await;
+        // Upstream is HTTP/1.1 with the client's :authority as Host.
+        assert_eq!(backend_header(&v, "host"), vec!["127.0.0.1"]);
+        let r = h2.get(format!("http://{addr}/nope")).send().await.unwrap();
+        assert_eq!(r.status(), 404);
+    }
+}
+
+#[tokio::test]
+async fn tls_port_with_self_signed_cert_speaks_h2_and_http1() {
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        start_backend().await,
+        &["--ssl_port=0", "--generate_self_signed_cert"],
+    )
+    .await;
+    let addr = env.proxy.ssl_addr.unwrap();
+    let url = format!("https://localhost:{}/shelves", addr.port());
+    let tls = reqwest::Client::builder()
+        .no_proxy()
+        .danger_accept_invalid_certs(true)
+        .resolve("localhost", addr)
+        .build()
+        .unwrap();
+    let r = tls.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN offers h2");
+    let tls1 = reqwest::Client::builder()
+        .no_proxy()
+        .danger_accept_invalid_certs(true)
+        .http1_only()
+        .resolve("localhost", addr)
+        .build()
+        .unwrap();
+    let r = tls1.get(&url).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+    assert_eq!(r.status(), 200);
+    let reports = env.control.wait_reports(2).await;
+    assert_eq!(reports.len(), 2);
+}
+
+#[tokio::test]
+async fn grpc_backend_is_reached_over_h2c() {
+    // An HTTP/2-only backend: a plain HTTP/1.1 upstream request would fail here.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(
+                            TokioIo::new(s),
+                            service_fn(|req: Request<Incoming>| async move {
+                                let body = format!("{:?} {}", req.version(), req.uri().path());
+                                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                            }),
+                        )
+                        .await;
+            });
+        }
+    });
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        backend,
+        &[&format!("--backend=grpc://127.0.0.1:{}", backend.port())],
+    )
+    .await;
+    let r = env
+        .client
+        .get(format!("{}/shelves", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "HTTP/2.0 /shelves");
+}
+
+async fn websocket_handshake(addr: SocketAddr) -> (tokio::net::TcpStream, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("response head in time")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    (s, String::from_utf8_lossy(&head).to_string())
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_tunnelled_when_enabled() {
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        start_backend().await,
+        &["--enable_websocket"],
+    )
+    .await;
+    let (mut s, head) = websocket_handshake(env.proxy.http_addr.unwrap()).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(b"ping over the tunnel").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"ping over the tunnel");
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_not_forwarded_by_default() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let (_s, head) = websocket_handshake(env.proxy.http_addr.unwrap()).await;
+    // Without --enable_websocket the Upgrade header is hop-by-hop and dropped: a plain GET.
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
