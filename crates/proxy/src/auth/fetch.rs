@@ -143,7 +143,12 @@ impl KeyCache {
                 // background, so a slow JWKS never sits on the request path.
                 if age < self.opts.ttl * 2 {
                     let keys = keys.clone();
-                    if !st.refreshing {
+                    // A refresh that just failed is not retried at request rate.
+                    let failed_recently = st
+                        .failure
+                        .as_ref()
+                        .is_some_and(|(_, at)| at.elapsed() < self.opts.failure_ttl);
+                    if !st.refreshing && !failed_recently {
                         st.refreshing = true;
                         let this = self.clone();
                         let uri = uri.to_string();
@@ -345,6 +350,60 @@ mod tests {
             cache.fetch_count(),
             1,
             "second failure answered from memory"
+        );
+    }
+
+    /// A loopback server answering every GET with `status` and an empty JWKS; counts hits.
+    async fn jwks_server(
+        status: Arc<std::sync::atomic::AtomicU16>,
+        hits: Arc<AtomicU64>,
+    ) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = [0u8; 2048];
+                let _ = sock.read(&mut buf).await;
+                hits.fetch_add(1, Ordering::SeqCst);
+                let code = status.load(Ordering::SeqCst);
+                let body = r#"{"keys":[]}"#;
+                let resp = format!(
+                    "HTTP/1.1 {code} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            }
+        });
+        format!("http://{addr}/jwks")
+    }
+
+    #[tokio::test]
+    async fn stale_keys_are_served_while_a_background_refresh_runs() {
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let hits = Arc::new(AtomicU64::new(0));
+        let uri = jwks_server(status.clone(), hits.clone()).await;
+        let cache = KeyCache::new(KeyCacheOptions {
+            ttl: Duration::from_millis(300),
+            failure_ttl: Duration::ZERO,
+            ..Default::default()
+        });
+        cache.keys(&uri).await.unwrap();
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        // Past the TTL: answered at once from the stale set, refreshed behind the request.
+        cache.keys(&uri).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while hits.load(Ordering::SeqCst) < 2 {
+            assert!(Instant::now() < deadline, "no background refresh");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Once the source fails and the keys are older than twice the TTL, they are dropped.
+        status.store(500, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(650)).await;
+        assert_eq!(
+            cache.keys(&uri).await.unwrap_err(),
+            FetchError::HttpStatus(500)
         );
     }
 }
