@@ -1607,8 +1607,12 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
         };
         let mut map = BTreeMap::new();
         let mut undefined = Vec::new();
+        let mut undefined_pos = costs.pos;
         for (k, v) in entries {
             if !self.metric_names.contains(&k.text) {
+                if undefined.is_empty() {
+                    undefined_pos = k.pos;
+                }
                 undefined.push(k.text.clone());
             }
             match v.value {
@@ -1626,7 +1630,7 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
         }
         if !undefined.is_empty() {
             self.ctx.error(
-                costs.pos,
+                undefined_pos,
                 format!(
                     "x-google-quota of method '{selector}' refers to undefined metric(s) '{}'; define them under x-google-management.metrics",
                     undefined.join("', '")

@@ -102,7 +102,12 @@ impl Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.location(), self.message)
+        let location = self.location();
+        if location.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{location}: {}", self.message)
+        }
     }
 }
 

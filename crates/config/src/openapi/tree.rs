@@ -281,10 +281,12 @@ impl MarkedEventReceiver for Builder {
                         },
                         a,
                     ),
+                    // yaml-rust2 marks a block mapping at its first ':'; its first key is
+                    // where a reader looks.
                     Some(Frame::Map(p, a, entries, _)) => (
                         Node {
+                            pos: entries.first().map_or(p, |(k, _)| k.pos),
                             value: Value::Map(entries),
-                            pos: p,
                         },
                         a,
                     ),

@@ -1,0 +1,372 @@
+//! Malformed specs: each must be rejected with every problem listed, at the right
+//! `file:line:column`, in a plain sentence.
+
+use portico_config::{convert, Severity, SourceFile};
+
+/// The error lines (`file:line:col: message`) a conversion of `text` produces.
+fn errors(name: &str, text: &str) -> Vec<String> {
+    match convert(&[SourceFile::new(name, text)]) {
+        Ok(_) => panic!("{name} was accepted"),
+        Err(e) => e
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(ToString::to_string)
+            .collect(),
+    }
+}
+
+/// A valid spec header; cases append `paths` and friends. Lines 1–4.
+const HEAD: &str = "swagger: \"2.0\"\ninfo:\n  title: T\n  version: 1.0.0\nhost: api.example.com\n";
+
+fn spec(rest: &str) -> String {
+    format!("{HEAD}{rest}")
+}
+
+const OK_RESPONSES: &str = "      responses:\n        200:\n          description: ok\n";
+
+#[test]
+fn yaml_syntax_error() {
+    assert_eq!(
+        errors("openapi.yaml", "swagger: \"2.0\"\ninfo: [a, b\nhost: x\n"),
+        ["openapi.yaml:3:5: invalid YAML: illegal placement of ':' indicator"]
+    );
+}
+
+#[test]
+fn json_syntax_error() {
+    assert_eq!(
+        errors("openapi.json", "{\n  \"swagger\": \"2.0\",\n  \"host\": \"a\n\"\n}\n"),
+        ["openapi.json:3:12: invalid JSON: control character (\\u0000-\\u001F) found while parsing a string"]
+    );
+}
+
+#[test]
+fn openapi_3_is_refused() {
+    assert_eq!(
+        errors("openapi.yaml", "openapi: 3.0.0\ninfo: {title: T, version: v1}\npaths: {}\n"),
+        ["openapi.yaml:1:10: OpenAPI 3.0.0 is not supported: only OpenAPI 2.0 (swagger: \"2.0\") is accepted; OpenAPI 3 is not supported"]
+    );
+}
+
+#[test]
+fn not_a_mapping_or_not_swagger() {
+    assert_eq!(
+        errors("openapi.yaml", "SOME RANDOM TEXT, NOT A SPEC\n"),
+        ["openapi.yaml:1:1: an OpenAPI file must be a mapping (object) at the top level, not a string"]
+    );
+    assert_eq!(
+        errors("openapi.yaml", "host: a.example.com\n"),
+        ["openapi.yaml:1:1: missing required field \"swagger\": an OpenAPI 2.0 file must declare swagger: \"2.0\""]
+    );
+    assert_eq!(
+        errors("openapi.yaml", "swagger: \"1.2\"\n"),
+        ["openapi.yaml:1:10: swagger version \"1.2\" is not supported: only \"2.0\" is accepted"]
+    );
+}
+
+#[test]
+fn missing_host_info_and_paths_are_all_listed() {
+    let e = errors("openapi.yaml", "swagger: \"2.0\"\n");
+    assert_eq!(
+        e,
+        [
+            "openapi.yaml:1:1: missing required field \"host\": the service name is taken from host (e.g. host: \"my-api.endpoints.my-project.cloud.goog\")",
+            "openapi.yaml:1:1: missing required field \"info\": it must give the API's title and version",
+            "openapi.yaml:1:1: missing required field \"paths\": the API has no operations",
+        ]
+    );
+    // Display lists every problem, one per line.
+    let err = convert(&[SourceFile::new("openapi.yaml", "swagger: \"2.0\"\n")]).unwrap_err();
+    assert_eq!(err.to_string(), e.join("\n"));
+}
+
+#[test]
+fn root_path_is_refused() {
+    let text = spec(&format!(
+        "paths:\n  /:\n    get:\n      operationId: root\n{OK_RESPONSES}"
+    ));
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        ["openapi.yaml:7:3: path \"/\" is not supported: the root path cannot be an API method"]
+    );
+}
+
+#[test]
+fn partial_segment_and_misplaced_double_wildcard() {
+    let text = spec(&format!(
+        "paths:\n  /items/overview.{{format}}:\n    get:\n      operationId: a\n{OK_RESPONSES}  /files/**/meta:\n    get:\n      operationId: b\n{OK_RESPONSES}  /a//b:\n    get:\n      operationId: c\n{OK_RESPONSES}"
+    ));
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        [
+            "openapi.yaml:7:3: path \"/items/overview.{format}\" is not supported: variable \"{format}\" must be a whole path segment, but it is part of \"overview.{format}\"",
+            "openapi.yaml:13:3: path \"/files/**/meta\" is not supported: \"**\" matches the rest of the path, so it must be the last segment",
+            "openapi.yaml:19:3: path \"/a//b\" is not supported: segment 2 is empty (\"//\"); empty path segments are not allowed",
+        ]
+    );
+}
+
+#[test]
+fn invalid_host_names() {
+    for (host, why) in [
+        ("https://api.example.com", "remove the scheme \"https://\""),
+        (
+            "api.example.com:8080",
+            "a custom port in host is not allowed",
+        ),
+        (
+            "api_example.com",
+            "character '_' is not allowed (use letters, digits, '-' and '.')",
+        ),
+    ] {
+        let text = format!(
+            "swagger: \"2.0\"\ninfo: {{title: T, version: v1}}\nhost: \"{host}\"\npaths: {{}}\n"
+        );
+        assert_eq!(
+            errors("openapi.yaml", &text),
+            [format!(
+                "openapi.yaml:3:7: host \"{host}\" is not a valid service name: {why}"
+            )]
+        );
+    }
+}
+
+#[test]
+fn duplicate_operation_ids() {
+    let text = spec(&format!(
+        "paths:\n  /a:\n    get:\n      operationId: list\n{OK_RESPONSES}  /b:\n    get:\n      operationId: list\n{OK_RESPONSES}    post:\n      operationId: \"list.\"\n{OK_RESPONSES}"
+    ));
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        [
+            "openapi.yaml:15:20: Operation 'get' in path '/b': operationId \"list\" is already used by get /a (line 9); operationIds must be unique",
+            "openapi.yaml:20:20: Operation 'post' in path '/b': operation name \"list.\" becomes method \"List\", which get /a (line 9) already uses; make the operationIds unique",
+        ]
+    );
+}
+
+#[test]
+fn undeclared_path_parameter() {
+    let text = spec(&format!(
+        "paths:\n  /shelves/{{shelf}}/books/{{book}}:\n    get:\n      operationId: getBook\n      parameters:\n        - name: shelf\n          in: path\n          required: true\n          type: string\n{OK_RESPONSES}"
+    ));
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        ["openapi.yaml:8:5: Operation 'get' in path '/shelves/{shelf}/books/{book}': path parameter \"book\" is not declared; add a parameter with name: book and in: path"]
+    );
+}
+
+#[test]
+fn security_problems() {
+    let text = spec(&format!(
+        "securityDefinitions:
+  api_key: {{type: apiKey, name: key, in: query}}
+  jwt: {{type: oauth2, flow: implicit, authorizationUrl: \"\", x-google-issuer: a@b.c}}
+  basic_auth: {{type: basic}}
+paths:
+  /undefined:
+    get:
+      operationId: undefinedScheme
+      security:
+        - nobody: []
+{OK_RESPONSES}  /or:
+    get:
+      operationId: keyOrJwt
+      security:
+        - api_key: []
+        - jwt: []
+{OK_RESPONSES}"
+    ));
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        [
+            "openapi.yaml:9:22: securityDefinition \"basic_auth\" has type \"basic\", which is not supported; use apiKey, or oauth2 with x-google-issuer for JWTs",
+            "openapi.yaml:15:11: Operation 'get' in path '/undefined': security requirement \"nobody\" is not defined in securityDefinitions",
+            "openapi.yaml:23:9: Operation 'get' in path '/or': an API key cannot be OR'ed with another security scheme (alternatives: {api_key} OR {jwt}); require the API key in every alternative, or in none",
+        ]
+    );
+}
+
+#[test]
+fn jwt_providers_cannot_be_anded() {
+    let text = spec(&format!(
+        "securityDefinitions:
+  a: {{type: oauth2, flow: implicit, authorizationUrl: \"\", x-google-issuer: a}}
+  b: {{type: oauth2, flow: implicit, authorizationUrl: \"\", x-google-issuer: b}}
+paths:
+  /both:
+    get:
+      operationId: both
+      security:
+        - a: []
+          b: []
+{OK_RESPONSES}"
+    ));
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        ["openapi.yaml:14:11: Operation 'get' in path '/both': one security requirement ANDs the JWT providers \"a\", \"b\"; only one provider per requirement is supported, list them as separate requirements to accept a token from any of them"]
+    );
+}
+
+#[test]
+fn bad_backend() {
+    let text = spec(&format!(
+        "x-google-backend:
+  address: \"${{BACKEND_URL}}\"
+paths:
+  /a:
+    get:
+      operationId: a
+      x-google-backend:
+        address: ftp://files.example.com
+        path_translation: SOMETIMES
+        jwt_audience: x
+        disable_auth: true
+        timeout: 3
+{OK_RESPONSES}"
+    ));
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        [
+            "openapi.yaml:7:12: x-google-backend address \"${BACKEND_URL}\" is not valid: relative URL without a base; expected a URL such as https://backend.example.com",
+            "openapi.yaml:13:18: x-google-backend address \"ftp://files.example.com\" is not valid: scheme \"ftp\" is not supported (use http, https, grpc or grpcs)",
+            "openapi.yaml:14:27: path_translation must be APPEND_PATH_TO_ADDRESS or CONSTANT_ADDRESS",
+            "openapi.yaml:16:23: x-google-backend cannot set both jwt_audience and disable_auth",
+            "openapi.yaml:17:9: unknown field \"timeout\" in x-google-backend (allowed: address, jwt_audience, disable_auth, path_translation, deadline, protocol)",
+        ]
+    );
+}
+
+#[test]
+fn bad_quota() {
+    let text = spec(&format!(
+        "x-google-management:
+  metrics:
+    - name: reads
+      valueType: INT64
+      metricKind: DELTA
+  quota:
+    limits:
+      - name: read-limit
+        metric: reads
+        unit: \"1/{{project}}/{{region}}\"
+        values: {{STANDARD: 100}}
+      - name: write-limit
+        metric: writes
+        unit: \"1/min/{{project}}\"
+        values: {{STANDARD: 10}}
+paths:
+  /a:
+    get:
+      operationId: a
+      x-google-quota:
+        metricCosts:
+          reads: 1
+          nonexistent: 1
+{OK_RESPONSES}"
+    ));
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        [
+            "openapi.yaml:15:15: quota limit \"read-limit\" has unit \"1/{project}/{region}\"; only per-minute, per-project limits (unit: \"1/min/{project}\") are supported",
+            "openapi.yaml:18:17: quota limit \"write-limit\" refers to metric \"writes\", which is not defined in x-google-management.metrics",
+            "openapi.yaml:28:11: x-google-quota of method '1.api_example_com.A' refers to undefined metric(s) 'nonexistent'; define them under x-google-management.metrics",
+        ]
+    );
+}
+
+#[test]
+fn wrong_quota_field_name() {
+    let text = spec("x-google-management:\n  quota:\n    limit: []\npaths: {}\n");
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        ["openapi.yaml:8:5: unknown field \"limit\" in x-google-management.quota (allowed: limits)"]
+    );
+}
+
+#[test]
+fn invalid_x_google_allow_and_endpoints() {
+    let text = spec(
+        "x-google-allow: everything\nx-google-endpoints:\n  - name: other.example.com\n    allowCors: yes\npaths: {}\n",
+    );
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        [
+            "openapi.yaml:6:17: x-google-allow must be \"all\" or \"configured\", not \"everything\"",
+            "openapi.yaml:8:11: x-google-endpoints name \"other.example.com\" must equal the host \"api.example.com\"",
+        ]
+    );
+}
+
+#[test]
+fn broken_references() {
+    let text = spec(&format!(
+        "paths:\n  /a:\n    post:\n      operationId: a\n      parameters:\n        - in: body\n          name: b\n          schema:\n            $ref: \"#/definitions/Missing\"\n        - $ref: \"other.yaml#/parameters/p\"\n{OK_RESPONSES}"
+    ));
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        [
+            "openapi.yaml:14:19: reference \"#/definitions/Missing\" cannot be resolved: the file has no \"definitions\" section",
+            "openapi.yaml:15:17: reference \"other.yaml#/parameters/p\" points outside this file; external references are not supported, copy the definition into #/definitions/",
+        ]
+    );
+}
+
+#[test]
+fn duplicate_yaml_keys() {
+    let text = spec("paths: {}\nhost: other.example.com\n");
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        ["openapi.yaml:7:1: duplicate key \"host\" (first defined at line 5, column 1)"]
+    );
+}
+
+#[test]
+fn multiple_files_must_share_the_host() {
+    let a = spec("paths: {}\n");
+    let b =
+        "swagger: \"2.0\"\ninfo: {title: T, version: 2.0.0}\nhost: other.example.com\npaths: {}\n";
+    let err = convert(&[SourceFile::new("a.yaml", a), SourceFile::new("b.yaml", b)]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "b.yaml:3:7: host \"other.example.com\" differs from host \"api.example.com\" in a.yaml; all files of one service must have the same host"
+    );
+    let c = spec("paths: {}\n").replace("1.0.0", "1.2.0");
+    let err = convert(&[
+        SourceFile::new("a.yaml", spec("paths: {}\n")),
+        SourceFile::new("c.yaml", c),
+    ])
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "c.yaml:4:12: API \"1.api_example_com\" (info.version \"1.2.0\") is also defined by a.yaml (info.version \"1.0.0\"); files of one service need different major versions or x-google-api-name values"
+    );
+}
+
+#[test]
+fn unknown_google_extensions_are_warnings() {
+    let text = spec("x-google-frobnicate: true\nx-vendor-thing: 1\npaths: {}\n");
+    let conv = convert(&[SourceFile::new("openapi.yaml", text)]).unwrap_or_else(|e| panic!("{e}"));
+    let w: Vec<String> = conv.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        w,
+        ["openapi.yaml:6:1: unknown extension \"x-google-frobnicate\" is ignored"]
+    );
+    assert_eq!(conv.warnings[0].location(), "openapi.yaml:6:1");
+}
+
+#[test]
+fn empty_input_list_and_non_utf8() {
+    let err = convert(&[]).unwrap_err();
+    assert_eq!(err.to_string(), "no OpenAPI file was given");
+    let err = convert(&[SourceFile::new(
+        "x.yaml",
+        b"swagger: \"2.0\"\nhost: \xff\n".to_vec(),
+    )])
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "x.yaml:2:1: the file is not valid UTF-8 text"
+    );
+}
