@@ -42,8 +42,8 @@ impl ControlApi for Control {
         Box::pin(async move {
             if ok {
                 Ok(CheckOk {
-                    consumer_project_number: None,
                     api_key_valid: true,
+                    ..Default::default()
                 })
             } else {
                 Err(EspError::new(
@@ -295,7 +295,7 @@ async fn backend_receives_exact_user_info_and_no_spoofed_copy() {
             .lock()
             .unwrap()
             .iter()
-            .find_map(|r| r.jwt_credential_id.clone());
+            .find_map(|r| r.credential_id.clone());
         if let Some(c) = found {
             break c;
         }
