@@ -95,12 +95,17 @@ pub struct ServiceControlOptions {
     pub quota_cache_entries: usize,
     pub quota_refresh_interval: Duration,
     pub quota_expiration: Duration,
-    /// Distinct operation signatures held before an early flush; 0 sends every report at once.
+    /// Requests held before an early flush (capped at 1000 so a burst is aggregated in
+    /// chunks); 0 sends every report at once, like ESP with `cache_entries: 0`.
     pub report_cache_entries: usize,
     pub report_flush_interval: Duration,
     pub report_max_operations_per_request: usize,
-    /// Operations kept for retry while the control plane is unreachable.
+    /// Operations kept for retry while the control plane is unreachable (oldest dropped
+    /// beyond this, and counted).
     pub report_buffer_operations: usize,
+    /// Finished requests waiting to be aggregated; only reached when the reporter cannot
+    /// keep up with a burst (newest dropped beyond this, and counted). ~0.5 KiB each.
+    pub report_max_pending_requests: usize,
     pub report_retry_initial_backoff: Duration,
     pub report_retry_max_backoff: Duration,
 }
@@ -130,6 +135,7 @@ impl ServiceControlOptions {
             report_flush_interval: Duration::from_secs(1),
             report_max_operations_per_request: 100,
             report_buffer_operations: 10_000,
+            report_max_pending_requests: 100_000,
             report_retry_initial_backoff: Duration::from_secs(1),
             report_retry_max_backoff: Duration::from_secs(30),
         }
@@ -157,7 +163,7 @@ pub struct CheckInput<'a> {
 }
 
 /// A request the check allowed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckOk {
     pub consumer_project_number: Option<i64>,
     /// The key is valid and the API enabled for its project: report the consumer.
@@ -234,11 +240,16 @@ struct Stats {
 
 type QueuedOp = (String, String, Operation);
 
+/// Pending requests above this many wake the reporter before its interval ends.
+const EARLY_FLUSH_RECORDS: usize = 1000;
+/// An operation is closed for merging once it carries this many log entries (ESP's limit).
+const MAX_LOG_ENTRIES_PER_OPERATION: usize = 100;
+
 #[derive(Default)]
 struct ReportState {
-    /// signature → (service, config id, merged operation).
-    aggregated: HashMap<String, QueuedOp>,
-    /// Flushed operations waiting to be (re)sent, oldest first.
+    /// Finished requests not yet turned into operations.
+    records: Vec<RequestRecord>,
+    /// Aggregated operations waiting to be (re)sent, oldest first.
     queue: VecDeque<QueuedOp>,
 }
 
@@ -259,11 +270,17 @@ pub struct ServiceControl {
     wake_reports: Arc<Notify>,
     shutdown_tx: Arc<watch::Sender<bool>>,
     tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// The runtime `new` ran on: background work is spawned there even when a method is
+    /// called from a thread without a current runtime (which would make `tokio::spawn` panic).
+    runtime: tokio::runtime::Handle,
 }
 
 impl ServiceControl {
-    /// Builds the client and starts its background tasks (must run inside a tokio runtime).
+    /// Builds the client and starts its background tasks on the current tokio runtime.
     pub fn new(opts: ServiceControlOptions) -> Result<Self, ServiceControlError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            ServiceControlError::Client("ServiceControl::new needs a tokio runtime".to_string())
+        })?;
         let tokens = TokenSource::new(opts.credentials.clone());
         let transport = Transport::new(&opts.base_url, tokens)
             .map_err(|e| ServiceControlError::Client(e.to_string()))?;
@@ -290,17 +307,18 @@ impl ServiceControl {
         });
         let wake_reports = Arc::new(Notify::new());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let report_task = tokio::spawn(report_loop(
+        let report_task = runtime.spawn(report_loop(
             Arc::downgrade(&inner),
             wake_reports.clone(),
             shutdown_rx.clone(),
         ));
-        let quota_task = tokio::spawn(housekeeping_loop(Arc::downgrade(&inner), shutdown_rx));
+        let quota_task = runtime.spawn(housekeeping_loop(Arc::downgrade(&inner), shutdown_rx));
         Ok(ServiceControl {
             inner,
             wake_reports,
             shutdown_tx: Arc::new(shutdown_tx),
             tasks: Arc::new(Mutex::new(vec![report_task, quota_task])),
+            runtime,
         })
     }
 
@@ -331,7 +349,7 @@ impl ServiceControl {
                 inner.stats.send_checks_by_flush.inc();
                 let bg = self.inner.clone();
                 let service = input.service_name.to_string();
-                tokio::spawn(async move {
+                self.runtime.spawn(async move {
                     let verdict = bg.remote_check(&service, &request).await;
                     bg.complete_check(&key, &verdict);
                 });
@@ -398,50 +416,37 @@ impl ServiceControl {
             Decision::Allow => Ok(()),
             Decision::Deny(e) => Err(e),
             Decision::AllowAndSend(alloc) => {
-                tokio::spawn(send_allocation(self.inner.clone(), alloc));
+                self.runtime
+                    .spawn(send_allocation(self.inner.clone(), alloc));
                 Ok(())
             }
         }
     }
 
-    /// Queues a finished request for reporting. Never blocks on the network.
+    /// Queues a finished request for reporting. Never blocks on the network, and does no
+    /// more than a push under a lock: building and merging operations happens in the
+    /// background reporter.
     pub fn report(&self, record: RequestRecord) {
         let inner = &self.inner;
         inner.stats.total_called_reports.inc();
-        let ops = report::operations_for(&record, &inner.statics);
-        let mut flush_now = inner.opts.report_cache_entries == 0;
+        let mut wake = inner.opts.report_cache_entries == 0;
         if let Ok(mut st) = inner.reports.lock() {
-            for op in ops {
-                let sig = report::signature(&record.service_name, &record.service_config_id, &op);
-                match st.aggregated.get_mut(&sig) {
-                    Some((_, _, existing)) => {
-                        report::merge_operation(existing, op);
-                        // ESP flushes an operation early once it holds 100 log entries.
-                        if existing.log_entries.len() >= 100 {
-                            flush_now = true;
-                        }
-                    }
-                    None => {
-                        st.aggregated.insert(
-                            sig,
-                            (
-                                record.service_name.clone(),
-                                record.service_config_id.clone(),
-                                op,
-                            ),
-                        );
-                    }
-                }
+            if st.records.len() >= inner.opts.report_max_pending_requests.max(1) {
+                // The reporter is far behind (CPU-starved); shed load rather than grow.
+                inner.stats.dropped_report_operations.inc();
+            } else {
+                st.records.push(record);
             }
-            if st.aggregated.len() >= inner.opts.report_cache_entries {
-                flush_now = true;
+            // Aggregate in chunks under load so one flush never has an unbounded batch.
+            if st.records.len() >= EARLY_FLUSH_RECORDS.min(inner.opts.report_cache_entries) {
+                wake = true;
             }
             inner
                 .stats
                 .report_queue_depth
-                .set((st.aggregated.len() + st.queue.len()) as i64);
+                .set((st.records.len() + st.queue.len()) as i64);
         }
-        if flush_now {
+        if wake {
             self.wake_reports.notify_one();
         }
     }
@@ -689,13 +694,47 @@ impl Inner {
         }
     }
 
-    /// Moves aggregated operations into the send queue, enforcing the buffer bound.
+    /// Turns pending records into operations, merges those with equal signatures, and moves
+    /// them to the send queue (enforcing the buffer bound).
     fn drain_aggregated(&self) {
+        let records = match self.reports.lock() {
+            Ok(mut st) => std::mem::take(&mut st.records),
+            Err(_) => return,
+        };
+        let mut ready: Vec<QueuedOp> = Vec::new();
+        let mut merged: HashMap<String, QueuedOp> = HashMap::new();
+        for record in &records {
+            for op in report::operations_for(record, &self.statics) {
+                let sig = report::signature(&record.service_name, &record.service_config_id, &op);
+                match merged.get_mut(&sig) {
+                    Some((_, _, existing)) => {
+                        report::merge_operation(existing, op);
+                        // ESP sends an operation early once it holds 100 log entries, which
+                        // keeps single report bodies bounded.
+                        if existing.log_entries.len() >= MAX_LOG_ENTRIES_PER_OPERATION {
+                            if let Some(full) = merged.remove(&sig) {
+                                ready.push(full);
+                            }
+                        }
+                    }
+                    None => {
+                        merged.insert(
+                            sig,
+                            (
+                                record.service_name.clone(),
+                                record.service_config_id.clone(),
+                                op,
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        ready.extend(merged.into_values());
         let Ok(mut st) = self.reports.lock() else {
             return;
         };
-        let drained: Vec<QueuedOp> = st.aggregated.drain().map(|(_, v)| v).collect();
-        st.queue.extend(drained);
+        st.queue.extend(ready);
         let limit = self.opts.report_buffer_operations.max(1);
         let mut dropped = 0u64;
         while st.queue.len() > limit {
@@ -706,7 +745,9 @@ impl Inner {
             self.stats.dropped_report_operations.inc_by(dropped);
             tracing::warn!(dropped, "report buffer full; dropped the oldest operations");
         }
-        self.stats.report_queue_depth.set(st.queue.len() as i64);
+        self.stats
+            .report_queue_depth
+            .set((st.records.len() + st.queue.len()) as i64);
     }
 
     /// Up to `max` queued operations for the same service and config, oldest first.
@@ -737,7 +778,7 @@ impl Inner {
             }
             self.stats
                 .report_queue_depth
-                .set((st.aggregated.len() + st.queue.len()) as i64);
+                .set((st.records.len() + st.queue.len()) as i64);
         }
     }
 
@@ -792,7 +833,7 @@ impl Inner {
         if let Ok(st) = self.reports.lock() {
             self.stats
                 .report_queue_depth
-                .set((st.aggregated.len() + st.queue.len()) as i64);
+                .set((st.records.len() + st.queue.len()) as i64);
         }
         true
     }

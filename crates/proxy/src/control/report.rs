@@ -464,6 +464,20 @@ pub(crate) fn merge_operation(a: &mut Operation, b: Operation) {
     if b.end_time > a.end_time {
         a.end_time = b.end_time;
     }
+    // Operations with one signature are built by the same code, so their metric sets almost
+    // always line up position by position; only fall back to a name index when they do not.
+    let aligned = a.metric_value_sets.len() == b.metric_value_sets.len()
+        && a.metric_value_sets
+            .iter()
+            .zip(&b.metric_value_sets)
+            .all(|(x, y)| x.metric_name == y.metric_name);
+    if aligned {
+        for (target, set) in a.metric_value_sets.iter_mut().zip(b.metric_value_sets) {
+            merge_set(target, set);
+        }
+        a.log_entries.extend(b.log_entries);
+        return;
+    }
     let mut index: HashMap<String, usize> = a
         .metric_value_sets
         .iter()
@@ -472,15 +486,7 @@ pub(crate) fn merge_operation(a: &mut Operation, b: Operation) {
         .collect();
     for set in b.metric_value_sets {
         match index.get(&set.metric_name) {
-            Some(&i) => {
-                let target = &mut a.metric_value_sets[i];
-                for v in set.metric_values {
-                    match target.metric_values.first_mut() {
-                        Some(t) => merge_value(t, &v),
-                        None => target.metric_values.push(v),
-                    }
-                }
-            }
+            Some(&i) => merge_set(&mut a.metric_value_sets[i], set),
             None => {
                 index.insert(set.metric_name.clone(), a.metric_value_sets.len());
                 a.metric_value_sets.push(set);
@@ -488,6 +494,15 @@ pub(crate) fn merge_operation(a: &mut Operation, b: Operation) {
         }
     }
     a.log_entries.extend(b.log_entries);
+}
+
+fn merge_set(target: &mut MetricValueSet, set: MetricValueSet) {
+    for v in set.metric_values {
+        match target.metric_values.first_mut() {
+            Some(t) => merge_value(t, &v),
+            None => target.metric_values.push(v),
+        }
+    }
 }
 
 fn merge_value(a: &mut MetricValue, b: &MetricValue) {
