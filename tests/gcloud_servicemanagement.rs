@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{postgres_or_skip, today_utc, ControlPlane, Db, Gcloud, Output};
+use common::{drop_postgres_schema, postgres_or_skip, today_utc, ControlPlane, Db, Gcloud, Output};
 use serde_json::{json, Value};
 use std::path::Path;
 
@@ -309,11 +309,19 @@ fn walkthrough(db: Db) {
         .json()
         .expect("json");
     let list = rollouts["rollouts"].as_array().expect("rollouts");
-    // r0, r1, and the deletion's deleteServiceStrategy rollout, newest first.
-    assert_eq!(list.len(), 3, "{rollouts}");
-    assert!(list[0].get("deleteServiceStrategy").is_some(), "{rollouts}");
+    // Newest first: the split undelete restored, the deletion's deleteServiceStrategy
+    // rollout, then the rollouts of r1 and r0.
+    assert_eq!(list.len(), 4, "{rollouts}");
+    for i in [0, 2] {
+        assert_eq!(
+            list[i]["trafficPercentStrategy"]["percentages"][r1.as_str()],
+            100.0,
+            "{rollouts}"
+        );
+    }
+    assert!(list[1].get("deleteServiceStrategy").is_some(), "{rollouts}");
     assert_eq!(
-        list[1]["trafficPercentStrategy"]["percentages"][r1.as_str()],
+        list[3]["trafficPercentStrategy"]["percentages"][r0.as_str()],
         100.0,
         "{rollouts}"
     );
@@ -324,6 +332,8 @@ fn walkthrough(db: Db) {
             .contains(&format!("Service Configuration [{day}r2] uploaded")),
         "{out}"
     );
+    cp.stop();
+    drop_postgres_schema(&db);
 }
 
 #[test]

@@ -10,6 +10,7 @@
 //!   override pointed at the control plane and `auth/access_token_file` set. The config file is
 //!   written directly (one `gcloud config set` costs ~1 s). [`Gcloud::run`] has a timeout and
 //!   captures stdout/stderr.
+//! - [`drop_postgres_schema`]: clean up after a passing PostgreSQL test.
 //! - [`today_utc`]: `YYYY-MM-DD`, the prefix of config ids.
 //!
 //! Not every test binary uses every helper.
@@ -60,6 +61,35 @@ pub fn postgres_or_skip(test: &str) -> Option<Db> {
         url: PG_URL.to_string(),
         schema: format!("t_{}_{}", std::process::id(), nanos % 1_000_000_000_000),
     })
+}
+
+/// Drops a test's PostgreSQL schema (call at the end of a passing test; a failing test leaves
+/// it behind for inspection). Errors are reported, not fatal.
+pub fn drop_postgres_schema(db: &Db) {
+    let Db::Postgres { url, schema } = db else {
+        return;
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("drop schema {schema}: {e}");
+            return;
+        }
+    };
+    let res: Result<(), sqlx::Error> = rt.block_on(async {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(url).await?;
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+            .execute(&mut c)
+            .await?;
+        c.close().await
+    });
+    if let Err(e) = res {
+        eprintln!("drop schema {schema}: {e}");
+    }
 }
 
 /// Today's date in UTC as `YYYY-MM-DD` (config ids are `<today>rN`).

@@ -328,7 +328,12 @@ async fn list_services(
         }
         let allowed = match principal.member() {
             None => true,
-            Some(m) => serde_json::from_str::<Policy>(&policy)?.grants(&m, perms::SERVICES_GET),
+            Some(m) => {
+                serde_json::from_str::<Policy>(&policy)?.grants(&m, perms::SERVICES_GET)
+                    || require_service_permission(&state, &principal, &name, perms::SERVICES_GET)
+                        .await
+                        .is_ok()
+            }
         };
         if allowed {
             visible.push(managed_service(&name, &prod));
@@ -566,6 +571,29 @@ async fn undelete(
         )));
     }
     let n = next_service_op(&mut tx, service).await?;
+    // The deletion left a deleteServiceStrategy rollout on top; proxies follow the newest
+    // SUCCESS rollout, so put the last traffic split back in front of it.
+    let last_traffic: Option<(String,)> = sqlx::query_as(
+        "SELECT body FROM sm_rollouts WHERE service_name = $1 AND body LIKE '%trafficPercentStrategy%' \
+         ORDER BY seq DESC LIMIT 1",
+    )
+    .bind(service)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((body,)) = last_traffic {
+        let prev: Value = serde_json::from_str(&body)?;
+        if let Some(strategy) = prev.get("trafficPercentStrategy") {
+            record_rollout(
+                &mut tx,
+                service,
+                json!({ "trafficPercentStrategy": strategy }),
+                principal,
+                Counter::Rollout,
+                false,
+            )
+            .await?;
+        }
+    }
     let op = operations::insert(
         &mut tx,
         &format!("operations/services.{service}-{n}"),
@@ -1750,9 +1778,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn concurrent_submits_get_distinct_ids() {
+        let e = std::sync::Arc::new(env().await);
+        create(&e).await;
+        let mut tasks = Vec::new();
+        for _ in 0..6 {
+            let e = e.clone();
+            tasks.push(tokio::spawn(async move { submit(&e, ECHO).await }));
+        }
+        let mut ids = Vec::new();
+        for t in tasks {
+            ids.push(t.await.expect("task"));
+        }
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 6, "{ids:?}");
+        let (_, list) = e
+            .admin(Method::GET, &format!("/v1/services/{SVC}/configs"), None)
+            .await;
+        assert_eq!(list["serviceConfigs"].as_array().map(Vec::len), Some(6));
+    }
+
+    #[tokio::test]
     async fn delete_and_undelete() {
         let e = env().await;
         create(&e).await;
+        let r0 = submit(&e, ECHO).await;
+        let (st, _) = e
+            .admin(
+                Method::POST,
+                &format!("/v1/services/{SVC}/rollouts"),
+                Some(json!({"trafficPercentStrategy": {"percentages": {r0.as_str(): 100.0}}})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
         let (st, op) = e
             .admin(Method::DELETE, &format!("/v1/services/{SVC}"), None)
             .await;
@@ -1788,6 +1847,21 @@ mod tests {
             .admin(Method::POST, &format!("/v1/services/{SVC}:undelete"), None)
             .await;
         assert_eq!(st, StatusCode::BAD_REQUEST);
+        // Newest first: the restored traffic split, the deletion, the original rollout.
+        let (_, ro) = e
+            .admin(Method::GET, &format!("/v1/services/{SVC}/rollouts"), None)
+            .await;
+        let ro = ro["rollouts"].as_array().expect("rollouts").clone();
+        assert_eq!(ro.len(), 3);
+        assert_eq!(
+            ro[0]["trafficPercentStrategy"]["percentages"][r0.as_str()],
+            100.0
+        );
+        assert!(ro[1].get("deleteServiceStrategy").is_some());
+        assert_eq!(
+            latest_rollout_id(&e.state, SVC).await.unwrap().as_deref(),
+            ro[0]["rolloutId"].as_str()
+        );
     }
 
     #[test]
