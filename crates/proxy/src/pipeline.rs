@@ -437,6 +437,37 @@ pub fn rewrite<'a>(rules: &[crate::cli::RewriteRule], target: &'a str) -> Cow<'a
     Cow::Borrowed(target)
 }
 
+/// A proxy error for this request: ESP's JSON, or for gRPC clients a trailers-only response
+/// carrying `grpc-status`/`grpc-message` (ESP's `grpc_finish`).
+fn proxy_error(err: &EspError, ctx: &Ctx, jwt_present: bool) -> Response<ProxyBody> {
+    if ctx.content_type_grpc {
+        grpc_error_response(err)
+    } else {
+        error_response(err, ctx.head, jwt_present)
+    }
+}
+
+/// gRPC's percent-encoding for `grpc-message`: controls, non-ASCII and `%`.
+const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+
+/// A proxy error as a gRPC trailers-only response: HTTP 200, the status in the headers.
+pub fn grpc_error_response(err: &EspError) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::empty());
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&err.code.to_string()) {
+        h.insert("grpc-status", v);
+    }
+    let msg = percent_encoding::utf8_percent_encode(&err.message, GRPC_MESSAGE).to_string();
+    if let Ok(v) = HeaderValue::from_str(&msg) {
+        h.insert("grpc-message", v);
+    }
+    resp
+}
+
 /// An ESP error as an HTTP response: JSON body (none for HEAD), `Content-Type`, and
 /// `WWW-Authenticate` on 401/403.
 pub fn error_response(err: &EspError, head: bool, jwt_present: bool) -> Response<ProxyBody> {
@@ -561,7 +592,7 @@ impl Pipeline {
             let err = EspError::payload_too_large();
             let url = req.uri().to_string();
             return self.finalize(
-                error_response(&err, ctx.head, false),
+                proxy_error(&err, &ctx, false),
                 &ctx,
                 url,
                 Some(err),
@@ -581,7 +612,7 @@ impl Pipeline {
         let Some(config) = table.pick().cloned() else {
             let err = EspError::new(14, "No service configuration is loaded", Cause::Internal);
             return self.finalize(
-                error_response(&err, ctx.head, false),
+                proxy_error(&err, &ctx, false),
                 &ctx,
                 target,
                 Some(err),
@@ -593,7 +624,7 @@ impl Pipeline {
 
         if !config.enabled {
             // ESP declines: no matching, no check, no report; nginx proxies as is.
-            return self.forward(req, &ctx, target, None, None).await;
+            return self.forward(req, &ctx, target, None).await;
         }
 
         let (mut parts, body) = req.into_parts();
@@ -617,7 +648,7 @@ impl Pipeline {
             };
             let report = self.report_info(&config, None, None, &parts.headers);
             return self.finalize(
-                error_response(&err, ctx.head, ctx.jwt_present),
+                proxy_error(&err, &ctx, ctx.jwt_present),
                 &ctx,
                 target,
                 Some(err),
@@ -632,7 +663,7 @@ impl Pipeline {
             Err((err, token_present)) => {
                 let report = self.report_info(&config, Some(&mi), None, &parts.headers);
                 return self.finalize(
-                    error_response(&err, ctx.head, token_present),
+                    proxy_error(&err, &ctx, token_present),
                     &ctx,
                     target,
                     Some(err),
@@ -668,7 +699,7 @@ impl Pipeline {
                 .await
             {
                 return self.finalize(
-                    error_response(&err, ctx.head, ctx.jwt_present),
+                    proxy_error(&err, &ctx, ctx.jwt_present),
                     &ctx,
                     target,
                     Some(err),
@@ -684,8 +715,7 @@ impl Pipeline {
                 .insert(&X_ENDPOINT_API_USERINFO, a.user_info.clone());
         }
         let req = Request::from_parts(parts, body);
-        self.forward(req, &ctx, target, Some(report), Some(mi))
-            .await
+        self.forward(req, &ctx, target, Some(report)).await
     }
 
     /// ESP's `CheckServiceControl` + `QuotaControl` for a matched method on a config with
@@ -806,9 +836,7 @@ impl Pipeline {
         ctx: &Ctx,
         target: String,
         report: Option<ReportInfo>,
-        mi: Option<Arc<MethodInfo>>,
     ) -> Response<ProxyBody> {
-        let _ = mi;
         let settings = &self.state.settings;
         let (mut parts, body) = req.into_parts();
         let websocket = settings.enable_websocket && parts.headers.contains_key(header::UPGRADE);
@@ -826,7 +854,7 @@ impl Pipeline {
             Err(e) => {
                 let err = EspError::new(3, e.to_string(), Cause::Internal);
                 return self.finalize(
-                    error_response(&err, ctx.head, ctx.jwt_present),
+                    proxy_error(&err, &ctx, ctx.jwt_present),
                     ctx,
                     target,
                     Some(err),
@@ -896,7 +924,7 @@ impl Pipeline {
                 };
                 tracing::warn!(error = %e, status = err.http_status, "backend request failed");
                 self.finalize(
-                    error_response(&err, ctx.head, ctx.jwt_present),
+                    proxy_error(&err, &ctx, ctx.jwt_present),
                     ctx,
                     target,
                     Some(err),
@@ -1077,5 +1105,13 @@ mod tests {
         assert!(r.body().is_end_stream());
         let r = error_response(&EspError::bad_gateway(), false, false);
         assert!(r.headers().get("www-authenticate").is_none());
+        let g = grpc_error_response(&EspError::unregistered_caller());
+        assert_eq!(g.status(), 200);
+        assert_eq!(g.headers()["grpc-status"], "16");
+        assert_eq!(g.headers()["content-type"], "application/grpc");
+        assert!(g.headers()["grpc-message"]
+            .to_str()
+            .unwrap()
+            .starts_with("Method doesn't allow unregistered callers"));
     }
 }

@@ -1225,3 +1225,32 @@ async fn websocket_upgrade_is_not_forwarded_by_default() {
     // Without --enable_websocket the Upgrade header is hop-by-hop and dropped: a plain GET.
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
+
+#[tokio::test]
+async fn grpc_clients_get_errors_as_grpc_status() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .post(format!("{}/echo", env.base))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(vec![0u8, 0, 0, 0, 0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["grpc-status"], "16");
+    assert_eq!(r.headers()["content-type"], "application/grpc");
+    let r = h2
+        .post(format!("{}/nope", env.base))
+        .header("content-type", "application/grpc+proto")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["grpc-status"], "5");
+    assert_eq!(r.headers()["grpc-message"], "Method does not exist.");
+}
