@@ -854,7 +854,7 @@ impl Pipeline {
             Err(e) => {
                 let err = EspError::new(3, e.to_string(), Cause::Internal);
                 return self.finalize(
-                    proxy_error(&err, &ctx, ctx.jwt_present),
+                    proxy_error(&err, ctx, ctx.jwt_present),
                     ctx,
                     target,
                     Some(err),
@@ -924,7 +924,7 @@ impl Pipeline {
                 };
                 tracing::warn!(error = %e, status = err.http_status, "backend request failed");
                 self.finalize(
-                    proxy_error(&err, &ctx, ctx.jwt_present),
+                    proxy_error(&err, ctx, ctx.jwt_present),
                     ctx,
                     target,
                     Some(err),
