@@ -157,16 +157,9 @@ struct Provider {
     /// Empty: use OpenID discovery.
     jwks_uri: String,
     authorization_url: String,
-}
-
-impl Provider {
-    fn key_source(&self) -> String {
-        if self.jwks_uri.is_empty() {
-            format!("openid:{}", self.issuer)
-        } else {
-            self.jwks_uri.clone()
-        }
-    }
+    /// Identifies where this provider's keys come from (`jwks_uri`, or `openid:<issuer>`), so a
+    /// cached verification is reused only under the same keys.
+    key_source: String,
 }
 
 /// A provider, its own audiences and its custom token locations (`None`: ESP's defaults).
@@ -218,6 +211,11 @@ impl Authenticator {
                         issuer_norm: normalize(&p.issuer).to_string(),
                         jwks_uri: p.jwks_uri.clone(),
                         authorization_url: p.authorization_url.clone(),
+                        key_source: if p.jwks_uri.is_empty() {
+                            format!("openid:{}", p.issuer)
+                        } else {
+                            p.jwks_uri.clone()
+                        },
                     });
                     let custom = (!p.jwt_locations.is_empty()).then(|| {
                         p.jwt_locations
@@ -326,7 +324,7 @@ impl Authenticator {
             let matching = self.issuer_requirements(method, &hit.jwt.iss);
             if matching
                 .iter()
-                .any(|r| r.provider.key_source() == hit.key_source)
+                .any(|r| r.provider.key_source == hit.key_source)
             {
                 self.check_audience(&matching, &hit.jwt)?;
                 return Ok(Some(self.info(&hit)));
@@ -393,7 +391,7 @@ impl Authenticator {
         let iss = jwt.iss.clone();
         let verified = Arc::new(VerifiedToken::new(
             jwt,
-            provider.key_source(),
+            provider.key_source.clone(),
             user_info,
             userinfo::credential_id(&iss, &audiences),
             audiences,
