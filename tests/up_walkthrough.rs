@@ -1,0 +1,263 @@
+//! `portico up` end to end: run it in a temp dir on ports chosen at run time, execute the curl
+//! lines it prints with the real `curl`, then run it again on the same state and check that the
+//! service, key file and API key are reused. Also: a busy port is a clear error.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const START: Duration = Duration::from_secs(120);
+
+/// A running `portico up`; SIGINT then kill on drop.
+struct Up {
+    child: Child,
+    stdout: String,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+fn stop(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        // SAFETY: kill(2) on our own unreaped child.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn start_up(dir: &Path, ports: [u16; 4]) -> Up {
+    let [port, backend, cp, status] = ports;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portico"))
+        .current_dir(dir)
+        .args(["up", "--port", &port.to_string()])
+        .args(["--backend-port", &backend.to_string()])
+        .args(["--control-plane-port", &cp.to_string()])
+        .args(["--status-port", &status.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn portico up");
+    let out = child.stdout.take().expect("stdout");
+    let err = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (etx, erx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = etx.send(line);
+        }
+    });
+    let mut up = Up {
+        child,
+        stdout: String::new(),
+    };
+    let deadline = Instant::now() + START;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                up.stdout.push_str(&line);
+                up.stdout.push('\n');
+                if line.contains("Press Ctrl-C to stop") {
+                    return up;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = up.child.wait();
+                let stderr: Vec<String> = erx.try_iter().collect();
+                panic!(
+                    "portico up exited before it was ready\nstdout:\n{}\nstderr:\n{}\nlogs:\n{}",
+                    up.stdout,
+                    stderr.join("\n"),
+                    logs(dir)
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            let stderr: Vec<String> = erx.try_iter().collect();
+            panic!(
+                "portico up not ready within {START:?}\nstdout:\n{}\nstderr:\n{}\nlogs:\n{}",
+                up.stdout,
+                stderr.join("\n"),
+                logs(dir)
+            );
+        }
+    }
+}
+
+fn logs(dir: &Path) -> String {
+    let mut s = String::new();
+    for name in ["control-plane", "echo", "esp"] {
+        let p = dir.join(".portico/logs").join(format!("{name}.log"));
+        let text = std::fs::read_to_string(&p).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(20).collect();
+        s.push_str(&format!("== {name}\n"));
+        for l in tail.into_iter().rev() {
+            s.push_str(l);
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// Runs one printed curl line through the shell, returning (HTTP status, body).
+fn run_curl(line: &str) -> (u16, String) {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{line} --silent --show-error --max-time 10 --write-out '\\n%{{http_code}}'"
+        ))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (
+        code.trim().parse().unwrap_or_else(|_| {
+            panic!(
+                "curl failed: {line}\n{}{}",
+                text,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        }),
+        body.to_string(),
+    )
+}
+
+fn curl_lines(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("curl "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn up_runs_the_walkthrough_and_reuses_its_state() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("curl is required on CI");
+        }
+        eprintln!("SKIPPED: curl is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = [free_port(), free_port(), free_port(), free_port()];
+    let read_state = |dir: &Path| -> Value {
+        serde_json::from_slice(&std::fs::read(dir.join(".portico/state.json")).expect("state"))
+            .expect("state JSON")
+    };
+    let (first_key, first_service) = {
+        let up = start_up(dir.path(), ports);
+        let lines = curl_lines(&up.stdout);
+        assert_eq!(lines.len(), 2, "expected two curl lines:\n{}", up.stdout);
+
+        let (status, body) = run_curl(&lines[0]);
+        assert_eq!(status, 401, "{body}");
+        let err: Value = serde_json::from_str(&body).expect("JSON error body");
+        assert_eq!(err["code"], 16);
+        assert_eq!(
+            err["message"],
+            "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API."
+        );
+
+        let (status, body) = run_curl(&lines[1]);
+        assert_eq!(status, 200, "{body}\n{}", logs(dir.path()));
+        let echoed: Value = serde_json::from_str(&body).expect("echo JSON");
+        assert_eq!(echoed, serde_json::json!({"message": "hello world"}));
+
+        // The gcloud lines point at this control plane and its admin token.
+        let token = dir.path().join(".portico/admin-token");
+        assert!(token.exists());
+        assert!(up.stdout.contains(&format!(
+            "gcloud config set api_endpoint_overrides/servicemanagement http://127.0.0.1:{}/",
+            ports[2]
+        )));
+        assert!(up.stdout.contains("auth/access_token_file"));
+        let key_file = dir.path().join(".portico/service-account-creds.json");
+        let key: Value =
+            serde_json::from_slice(&std::fs::read(&key_file).expect("key file")).expect("key JSON");
+        assert_eq!(key["type"], "service_account");
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&key_file)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "key file must be private");
+
+        let state = read_state(dir.path());
+        (
+            lines[1].clone(),
+            state["service"].as_str().expect("service").to_string(),
+        )
+    };
+
+    // Second run on the same state and ports: same service, same API key, config not resubmitted.
+    let key_file = dir.path().join(".portico/service-account-creds.json");
+    let key_before = std::fs::read(&key_file).expect("key file");
+    let config_before = read_state(dir.path())["config_id"].clone();
+    assert!(config_before.is_string());
+    let up = start_up(dir.path(), ports);
+    let lines = curl_lines(&up.stdout);
+    assert_eq!(lines[1], first_key, "the API key was not reused");
+    assert!(up.stdout.contains(&first_service));
+    assert_eq!(
+        read_state(dir.path())["config_id"],
+        config_before,
+        "an unchanged OpenAPI file was submitted again"
+    );
+    assert_eq!(
+        std::fs::read(&key_file).expect("key file"),
+        key_before,
+        "the key file was replaced"
+    );
+    let (status, body) = run_curl(&lines[1]);
+    assert_eq!(status, 200, "{body}");
+
+    // A third instance on the same ports cannot start; the message names the flag.
+    let out = Command::new(env!("CARGO_BIN_EXE_portico"))
+        .current_dir(dir.path())
+        .args(["up", "--port", &ports[0].to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run portico up");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("port {} is already in use; pass --port", ports[0])),
+        "{stderr}"
+    );
+    drop(up);
+}
