@@ -649,3 +649,85 @@ async fn allow_without_credential_lets_anonymous_calls_through() {
         .message
         .starts_with("JWT validation failed: Bad JWT format"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_jwks_times_out_and_does_not_block_other_providers() {
+    // Accepts connections and never answers.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang_addr = hang.local_addr().unwrap();
+    let hang_task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = hang.accept().await {
+            held.push(sock);
+        }
+    });
+    let server = KeyServer::start().await;
+    let good = TestKey::rsa("g");
+    server.set("/good", 200, jwks(&[&good]));
+    let svc = service(
+        json!([
+            {"id": "hang", "issuer": "https://hang.example", "jwksUri": format!("http://{hang_addr}/jwks"), "audiences": AUD},
+            {"id": "good", "issuer": ISS, "jwksUri": server.url("/good"), "audiences": AUD},
+        ]),
+        json!([rule("hang", &["hang"]), rule("good", &["good"])]),
+    );
+    let keys = KeyCache::new(KeyCacheOptions {
+        fetch_timeout: Duration::from_millis(800),
+        ..Default::default()
+    });
+    let auth = Arc::new(Authenticator::new(&svc, &AuthOptions::default(), keys));
+    let slow = {
+        let auth = auth.clone();
+        let t = good.sign(&claims("https://hang.example", AUD.into()));
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let r = auth.authenticate("hang", &bearer(&t), None).await;
+            (r, start.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let start = Instant::now();
+    let t = good.sign(&claims(ISS, AUD.into()));
+    assert!(auth.authenticate("good", &bearer(&t), None).await.is_ok());
+    assert!(
+        start.elapsed() < Duration::from_millis(700),
+        "good provider waited on the hanging one: {:?}",
+        start.elapsed()
+    );
+    let (r, took) = tokio::time::timeout(Duration::from_secs(10), slow)
+        .await
+        .expect("the hanging fetch must time out")
+        .unwrap();
+    assert_eq!(
+        r.unwrap_err().error.message,
+        "JWT validation failed: Unable to fetch verification key"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "fetch timeout not applied: {took:?}"
+    );
+    hang_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_requests_share_one_fetch() {
+    let f = fixture().await;
+    let auth = Arc::new(f.auth);
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let auth = auth.clone();
+        // Distinct tokens, so the verified-token cache cannot be what saves the fetches.
+        let mut c = claims(ISS, AUD.into());
+        c["jti"] = i.into();
+        let t = f.key.sign(&c);
+        tasks.push(tokio::spawn(async move {
+            auth.authenticate("m", &bearer(&t), None)
+                .await
+                .map(|i| i.is_some())
+        }));
+    }
+    for t in tasks {
+        assert!(matches!(t.await.unwrap(), Ok(true)));
+    }
+    assert_eq!(f.server.hits("/jwks"), 1);
+}
