@@ -332,6 +332,10 @@ impl Completion {
         }
         let Some(r) = self.report else { return };
         let Some(control) = &st.control else { return };
+        if !r.config.service_control {
+            // An auth-only config: ESP has no Service Control to report to.
+            return;
+        }
         if r.method.as_ref().is_some_and(|m| m.skip_service_control) {
             return;
         }

@@ -98,6 +98,21 @@ fn cpu_times_us() -> (i64, i64) {
     (us(ru.ru_utime), us(ru.ru_stime))
 }
 
+/// proto3 JSON prints 64-bit integers as strings; the statistics arrive as numbers.
+fn uint64_as_strings(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .map(|(k, v)| match v {
+                    Value::Number(n) => (k, Value::String(n.to_string())),
+                    other => (k, other),
+                })
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
 /// The `/endpoints_status` document.
 pub fn endpoints_status(state: &Arc<ProxyState>, info: &StatusInfo) -> Value {
     let table = state.routes.load();
@@ -114,6 +129,7 @@ pub fn endpoints_status(state: &Arc<ProxyState>, info: &StatusInfo) -> Value {
         .control
         .as_ref()
         .and_then(|c| c.statistics())
+        .map(uint64_as_strings)
         .unwrap_or_else(|| {
             json!({
                 "totalCalledChecks": "0", "sendChecksByFlush": "0", "sendChecksInFlight": "0",

@@ -269,10 +269,13 @@ async fn start_proxy(svc: Arc<Service>, backend: SocketAddr, extra: &[&str]) -> 
     opts.check_cache_entries = 0;
     opts.report_cache_entries = 0;
     let sc = ServiceControl::new(opts).unwrap();
-    let proxy = server::start(
+    let metrics = Arc::new(portico_proxy::metrics::Metrics::new());
+    metrics.with_registry(|r| sc.register_metrics(r));
+    let proxy = server::start_with_metrics(
         Arc::new(settings),
         rx,
         Some(Arc::new(sc) as Arc<dyn ControlApi>),
+        metrics,
     )
     .await
     .unwrap();
@@ -900,6 +903,12 @@ async fn status_port_endpoints() {
         .send()
         .await
         .unwrap();
+    let _ = env
+        .client
+        .get(format!("{}/shelves/1?key=k1", env.base))
+        .send()
+        .await
+        .unwrap();
     let r = env
         .client
         .get(format!("{st}/endpoints_status"))
@@ -924,6 +933,7 @@ async fn status_port_endpoints() {
         "100"
     );
     assert_ne!(v["processes"][0]["memoryUsage"], "0");
+    assert_eq!(esp["serviceControlStatistics"]["totalCalledChecks"], "1");
     let r = env
         .client
         .post(format!("{st}/endpoints_status"))
@@ -948,10 +958,14 @@ async fn status_port_endpoints() {
         .unwrap();
     let text = r.text().await.unwrap();
     assert!(
-        text.contains("portico_proxy_requests_total{method=\"GET\",code=\"200\"} 1"),
+        text.contains("portico_proxy_requests_total{method=\"GET\",code=\"200\"} 2"),
         "{text}"
     );
     assert!(text.contains("config_id=\"2026-11-23r0\""), "{text}");
+    assert!(
+        text.contains("portico_proxy_service_control_checks_total 1"),
+        "{text}"
+    );
     // --healthz on the serving port: 200 without matching or checking.
     let r = env
         .client
