@@ -64,6 +64,9 @@ pub struct ConfigSourceOptions {
     pub rollout_notifier: Option<RolloutNotifier>,
     pub poll_interval: Duration,
     pub request_timeout: Duration,
+    /// Tries per Service Management call when the control plane is unreachable or answers
+    /// 5xx (it may be starting alongside the proxy); backoff doubles from 250 ms.
+    pub fetch_attempts: u32,
 }
 
 impl ConfigSourceOptions {
@@ -78,6 +81,7 @@ impl ConfigSourceOptions {
             rollout_notifier: None,
             poll_interval: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
+            fetch_attempts: 5,
         }
     }
 
@@ -273,6 +277,7 @@ struct ManagementClient {
     base: String,
     service: String,
     tokens: TokenSource,
+    attempts: u32,
 }
 
 impl ManagementClient {
@@ -286,11 +291,11 @@ impl ManagementClient {
             base: opts.resolved_management_url(),
             service: opts.service.clone(),
             tokens: TokenSource::new(opts.credentials.clone()),
+            attempts: opts.fetch_attempts.max(1),
         })
     }
 
-    /// GET with auth, retrying transport errors and 5xx a few times (the control plane may
-    /// be starting up alongside the proxy); 4xx are final.
+    /// GET with auth, retrying transport errors and 5xx (see `fetch_attempts`); 4xx are final.
     async fn get_json(&self, url: &str) -> Result<String, ConfigSourceError> {
         let audience = format!("{}{}", self.base, SERVICE_MANAGER);
         let mut attempt = 0u32;
@@ -326,10 +331,12 @@ impl ManagementClient {
                 Err(ConfigSourceError::Http { status, .. }) => *status >= 500,
                 _ => false,
             };
-            if !retriable || attempt >= 3 {
+            if !retriable || attempt >= self.attempts {
                 return result;
             }
-            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+            let delay = Duration::from_millis(250u64 << (attempt - 1).min(5));
+            tracing::debug!(%url, attempt, ?delay, "retrying Service Management call");
+            tokio::time::sleep(delay).await;
         }
     }
 

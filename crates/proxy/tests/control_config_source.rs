@@ -255,6 +255,7 @@ async fn no_rollout_and_unreachable_are_precise() {
     drop(peer);
     let mut o = ConfigSourceOptions::new(SVC);
     o.management_url = Some(url.clone());
+    o.fetch_attempts = 2;
     let err = config_source::start(o).await.unwrap_err();
     assert!(
         err.to_string()
@@ -283,4 +284,35 @@ async fn local_service_json_needs_no_network() {
         "{err}"
     );
     assert!(err.to_string().contains("line 1"), "{err}");
+}
+
+#[tokio::test]
+async fn startup_waits_for_a_control_plane_that_is_still_starting() {
+    let rollouts: Rollouts = Arc::new(Mutex::new(vec![(
+        "2026-11-22r0".to_string(),
+        vec![("2026-11-22r0".to_string(), 100.0)],
+    )]));
+    let peer = FakePeer::start(management(rollouts)).await;
+    // First two calls: 503, as from a control plane still opening its database.
+    let calls = Arc::new(Mutex::new(0u32));
+    let inner = management(Arc::new(Mutex::new(vec![(
+        "2026-11-22r0".to_string(),
+        vec![("2026-11-22r0".to_string(), 100.0)],
+    )])));
+    let c = calls.clone();
+    peer.set_responder(move |r| {
+        let mut n = c.lock().expect("lock");
+        *n += 1;
+        if *n <= 2 {
+            (503, "starting".to_string())
+        } else {
+            inner(r)
+        }
+    });
+    let rx = tokio::time::timeout(Duration::from_secs(10), config_source::start(opts(&peer)))
+        .await
+        .expect("in time")
+        .expect("started after retries");
+    assert_eq!(rx.borrow().rollout_id, "2026-11-22r0");
+    assert_eq!(peer.requests_to("/rollouts").len(), 3);
 }

@@ -191,31 +191,59 @@ pub struct QuotaInput<'a> {
     pub metric_costs: &'a [(String, i64)],
 }
 
-/// Counters for `/endpoints_status` (field names follow ESP's statistics where one exists).
+/// Counters for `/endpoints_status`. The first eight are ESP's `serviceControlStatistics`
+/// (same names, same order); the rest are Portico's. Serialised as proto3 JSON does uint64:
+/// decimal strings.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Statistics {
+    #[serde(serialize_with = "u64_string")]
     pub total_called_checks: u64,
-    pub check_cache_hits: u64,
-    pub check_cache_misses: u64,
-    /// Remote checks a request waited for.
-    pub send_checks_in_flight: u64,
     /// Background re-checks of stale positive entries.
+    #[serde(serialize_with = "u64_string")]
     pub send_checks_by_flush: u64,
-    pub check_failures: u64,
-    pub check_cache_entries: u64,
-    pub total_called_quotas: u64,
-    pub send_quotas_by_flush: u64,
-    pub quota_failures: u64,
+    /// Remote checks a request waited for.
+    #[serde(serialize_with = "u64_string")]
+    pub send_checks_in_flight: u64,
+    #[serde(serialize_with = "u64_string")]
     pub total_called_reports: u64,
-    /// `:report` requests the control plane accepted.
+    /// `:report` requests of aggregated operations the control plane accepted.
+    #[serde(serialize_with = "u64_string")]
     pub send_reports_by_flush: u64,
-    /// Operations in those requests.
+    /// `:report` requests sent unaggregated (report cache disabled) and accepted.
+    #[serde(serialize_with = "u64_string")]
+    pub send_reports_in_flight: u64,
+    /// Operations in accepted `:report` requests.
+    #[serde(serialize_with = "u64_string")]
     pub send_report_operations: u64,
+    /// Largest `:report` body sent, in bytes.
+    #[serde(serialize_with = "u64_string")]
+    pub max_report_size: u64,
+    #[serde(serialize_with = "u64_string")]
+    pub check_cache_hits: u64,
+    #[serde(serialize_with = "u64_string")]
+    pub check_cache_misses: u64,
+    #[serde(serialize_with = "u64_string")]
+    pub check_failures: u64,
+    #[serde(serialize_with = "u64_string")]
+    pub check_cache_entries: u64,
+    #[serde(serialize_with = "u64_string")]
+    pub total_called_quotas: u64,
+    #[serde(serialize_with = "u64_string")]
+    pub send_quotas_by_flush: u64,
+    #[serde(serialize_with = "u64_string")]
+    pub quota_failures: u64,
+    #[serde(serialize_with = "u64_string")]
     pub report_failures: u64,
+    #[serde(serialize_with = "u64_string")]
     pub dropped_report_operations: u64,
-    /// Operations aggregated or buffered, not yet delivered.
+    /// Requests and operations not yet delivered.
+    #[serde(serialize_with = "u64_string")]
     pub report_queue_depth: u64,
+}
+
+fn u64_string<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }
 
 #[derive(Default)]
@@ -236,6 +264,8 @@ struct Stats {
     dropped_report_operations: Counter,
     report_queue_depth: Gauge,
     check_cache_entries: Gauge,
+    send_reports_in_flight: Counter,
+    max_report_size: Gauge,
 }
 
 type QueuedOp = (String, String, Operation);
@@ -472,10 +502,15 @@ impl ServiceControl {
         let s = &self.inner.stats;
         Statistics {
             total_called_checks: s.total_called_checks.get(),
+            send_checks_by_flush: s.send_checks_by_flush.get(),
+            send_checks_in_flight: s.send_checks_in_flight.get(),
+            total_called_reports: s.total_called_reports.get(),
+            send_reports_by_flush: s.send_reports_by_flush.get(),
+            send_reports_in_flight: s.send_reports_in_flight.get(),
+            send_report_operations: s.send_report_operations.get(),
+            max_report_size: s.max_report_size.get().max(0) as u64,
             check_cache_hits: s.check_cache_hits.get(),
             check_cache_misses: s.check_cache_misses.get(),
-            send_checks_in_flight: s.send_checks_in_flight.get(),
-            send_checks_by_flush: s.send_checks_by_flush.get(),
             check_failures: s.check_failures.get(),
             check_cache_entries: self
                 .inner
@@ -486,9 +521,6 @@ impl ServiceControl {
             total_called_quotas: s.total_called_quotas.get(),
             send_quotas_by_flush: s.send_quotas_by_flush.get(),
             quota_failures: s.quota_failures.get(),
-            total_called_reports: s.total_called_reports.get(),
-            send_reports_by_flush: s.send_reports_by_flush.get(),
-            send_report_operations: s.send_report_operations.get(),
             report_failures: s.report_failures.get(),
             dropped_report_operations: s.dropped_report_operations.get(),
             report_queue_depth: s.report_queue_depth.get().max(0) as u64,
@@ -574,10 +606,30 @@ impl ServiceControl {
             registry.register(name, help, c.clone());
         }
         registry.register(
-            "service_control_report_queue_depth",
-            "Operations aggregated or buffered, not yet delivered",
-            s.report_queue_depth.clone(),
+            "service_control_unaggregated_report_requests",
+            ":report calls sent without aggregation and accepted",
+            s.send_reports_in_flight.clone(),
         );
+        let gauges: [(&str, &str, &Gauge); 3] = [
+            (
+                "service_control_report_queue_depth",
+                "Requests and operations not yet delivered",
+                &s.report_queue_depth,
+            ),
+            (
+                "service_control_max_report_bytes",
+                "Largest :report body sent",
+                &s.max_report_size,
+            ),
+            (
+                "service_control_check_cache_entries",
+                "Entries in the check cache",
+                &s.check_cache_entries,
+            ),
+        ];
+        for (name, help, g) in gauges {
+            registry.register(name, help, g.clone());
+        }
     }
 }
 
@@ -791,20 +843,37 @@ impl Inner {
                 operations: ops,
                 service_config_id: config.clone(),
             };
+            let payload = match serde_json::to_vec(&request) {
+                Ok(p) => p,
+                Err(e) => {
+                    // Cannot happen for these types; dropping beats retrying forever.
+                    self.stats.dropped_report_operations.inc_by(n);
+                    tracing::error!(error = %e, "cannot encode a report");
+                    continue;
+                }
+            };
+            let size = payload.len() as i64;
             let result: Result<ReportResponse, _> = self
                 .transport
-                .call(
+                .call_encoded(
                     &service,
                     "report",
                     SERVICE_CONTROLLER,
-                    &request,
+                    payload,
                     self.opts.report_timeout,
                     0,
                 )
                 .await;
             match result {
                 Ok(resp) => {
-                    self.stats.send_reports_by_flush.inc();
+                    if self.opts.report_cache_entries == 0 {
+                        self.stats.send_reports_in_flight.inc();
+                    } else {
+                        self.stats.send_reports_by_flush.inc();
+                    }
+                    if size > self.stats.max_report_size.get() {
+                        self.stats.max_report_size.set(size);
+                    }
                     self.stats.send_report_operations.inc_by(n);
                     self.saw_rollout(&resp.service_rollout_id);
                     for e in &resp.report_errors {
@@ -970,5 +1039,48 @@ mod tests {
             Some("http://127.0.0.1:7")
         );
         assert_eq!(resolve_service_control_url(None, None, None), None);
+    }
+
+    #[test]
+    fn statistics_serialise_like_esp() {
+        let st = Statistics {
+            total_called_checks: 3,
+            max_report_size: 1024,
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&st).expect("json");
+        let obj = v.as_object().expect("object");
+        let names: Vec<&str> = obj.keys().map(String::as_str).take(8).collect();
+        assert_eq!(
+            names,
+            [
+                "totalCalledChecks",
+                "sendChecksByFlush",
+                "sendChecksInFlight",
+                "totalCalledReports",
+                "sendReportsByFlush",
+                "sendReportsInFlight",
+                "sendReportOperations",
+                "maxReportSize"
+            ]
+        );
+        assert_eq!(v["totalCalledChecks"], "3");
+        assert_eq!(v["maxReportSize"], "1024");
+    }
+
+    #[tokio::test]
+    async fn metrics_register_and_encode() {
+        let sc =
+            ServiceControl::new(ServiceControlOptions::new("http://127.0.0.1:9")).expect("client");
+        let mut registry = prometheus_client::registry::Registry::default();
+        sc.register_metrics(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(text.contains("service_control_checks_total 0"), "{text}");
+        assert!(
+            text.contains("service_control_report_queue_depth 0"),
+            "{text}"
+        );
+        sc.shutdown().await;
     }
 }

@@ -108,15 +108,30 @@ impl Transport {
         timeout: Duration,
         retries: u32,
     ) -> Result<Resp, Failure> {
+        let payload =
+            serde_json::to_vec(body).map_err(|e| Failure::Invalid(format!("encode: {e}")))?;
+        self.call_encoded(service, method, audience_suffix, payload, timeout, retries)
+            .await
+    }
+
+    /// As [`Transport::call`], with the JSON body already encoded.
+    pub(crate) async fn call_encoded<Resp: DeserializeOwned>(
+        &self,
+        service: &str,
+        method: &str,
+        audience_suffix: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+        retries: u32,
+    ) -> Result<Resp, Failure> {
         let url = format!(
             "{}/v1/services/{}:{}",
             self.base,
             percent_encoding::utf8_percent_encode(service, PATH_SEGMENT),
             method
         );
-        let payload =
-            serde_json::to_vec(body).map_err(|e| Failure::Invalid(format!("encode: {e}")))?;
         let audience = format!("{}{}", self.base, audience_suffix);
+        let payload = bytes::Bytes::from(payload);
         let mut attempt = 0;
         loop {
             let auth = self
@@ -128,6 +143,7 @@ impl Transport {
                 .post(&url)
                 .timeout(timeout)
                 .header(http::header::CONTENT_TYPE, "application/json")
+                // Bytes clones are reference counts, so retries do not copy the body.
                 .body(payload.clone());
             if let Some(auth) = auth {
                 req = req.header(http::header::AUTHORIZATION, auth);
