@@ -8,6 +8,8 @@
 #                /service_accounts/v1/jwk/<email>); after the first request the proxy answers
 #                from its verified-token cache, so this is the steady state of a hot token.
 #   api_key      POST /echo?key=<API key> (check cached in the proxy).
+#   direct_*     the same two requests sent straight to the echo backend (the JWT one with the
+#                X-Endpoint-API-UserInfo header the proxy produced), as the no-proxy baseline.
 # Each line printed is `<scenario> <requests/s> req/s (<wrk latency avg>)`.
 #
 # Usage: bench/jwt.sh            (PORTICO=path/to/portico, default target/release/portico)
@@ -110,5 +112,10 @@ run() {
 }
 
 echo "# $PORTICO (git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')), wrk -t$THREADS -c$CONNECTIONS -d$DURATION, $(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg)"
+# The user info header exactly as the proxy builds it (echo answers with its decoded JSON).
+USERINFO="$(jq -cj . "$WORK/jwt.body" | openssl base64 -A | tr '+/' '-_')"
+ECHO="http://127.0.0.1:$ECHO_PORT"
 run jwt_cached -H "Authorization: Bearer $JWT" "$PROXY/auth/info/googlejwt"
+run direct_auth_info -H "X-Endpoint-API-UserInfo: $USERINFO" "$ECHO/auth/info/googlejwt"
 run api_key -s "$WORK/post.lua" "$PROXY/echo?key=$API_KEY"
+run direct_echo -s "$WORK/post.lua" "$ECHO/echo"
