@@ -46,6 +46,7 @@ flags:
   --project ID            producer and consumer project                    [demo-proj]
   --openapi FILE          front your own API instead of the sample (needs --backend)
   --backend ADDR          your API's address, e.g. 127.0.0.1:3000 (with --openapi)
+  --access-log DEST       the proxy's access log: a file, or off   [.portico/logs/esp.log]
 ";
 
 #[derive(Debug, Clone)]
@@ -58,6 +59,7 @@ struct Options {
     project: String,
     openapi: Option<PathBuf>,
     backend: Option<String>,
+    access_log: Option<String>,
 }
 
 fn parse(args: &[OsString]) -> Result<Option<Options>> {
@@ -70,6 +72,7 @@ fn parse(args: &[OsString]) -> Result<Option<Options>> {
         project: "demo-proj".into(),
         openapi: None,
         backend: None,
+        access_log: None,
     };
     let mut it = args
         .iter()
@@ -103,6 +106,7 @@ fn parse(args: &[OsString]) -> Result<Option<Options>> {
             "--project" => o.project = value(&name)?,
             "--openapi" => o.openapi = Some(PathBuf::from(value(&name)?)),
             "--backend" => o.backend = Some(value(&name)?),
+            "--access-log" => o.access_log = Some(value(&name)?),
             _ => bail!("unknown flag {arg:?}\n\n{USAGE}"),
         }
     }
@@ -784,19 +788,19 @@ async fn run(opts: Options, children: &mut Children) -> Result<()> {
     };
     let d = deploy(&api, &opts, &mut state, &state_path).await?;
 
-    children.spawn(
-        "esp",
-        &[
-            "esp".into(),
-            format!("--service={}", d.service),
-            "--rollout_strategy=managed".into(),
-            format!("--http_port={}", opts.port),
-            format!("--status_port={}", opts.status_port),
-            format!("--backend={backend}"),
-            format!("--service_account_key={}", d.key_file.display()),
-        ],
-        &logs,
-    )?;
+    let mut esp_args = vec![
+        "esp".into(),
+        format!("--service={}", d.service),
+        "--rollout_strategy=managed".into(),
+        format!("--http_port={}", opts.port),
+        format!("--status_port={}", opts.status_port),
+        format!("--backend={backend}"),
+        format!("--service_account_key={}", d.key_file.display()),
+    ];
+    if let Some(dest) = &opts.access_log {
+        esp_args.push(format!("--access_log={dest}"));
+    }
+    children.spawn("esp", &esp_args, &logs)?;
     wait_proxy_ready(children, opts.port).await?;
 
     print_summary(&opts, &api.base, &token_path, &logs, &d, &backend);
