@@ -37,10 +37,11 @@ use crate::server::{
 };
 use crate::store::{now_rfc3339, Migration};
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    id: "sm_0001",
-    sql: &[
-        "CREATE TABLE IF NOT EXISTS sm_services (\
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        id: "sm_0001",
+        sql: &[
+            "CREATE TABLE IF NOT EXISTS sm_services (\
          service_name TEXT PRIMARY KEY, \
          producer_project_id TEXT NOT NULL, \
          deleted BIGINT NOT NULL, \
@@ -51,14 +52,14 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
          rollout_next BIGINT NOT NULL, \
          policy TEXT NOT NULL, \
          create_time TEXT NOT NULL)",
-        "CREATE TABLE IF NOT EXISTS sm_configs (\
+            "CREATE TABLE IF NOT EXISTS sm_configs (\
          service_name TEXT NOT NULL, \
          config_id TEXT NOT NULL, \
          seq BIGINT NOT NULL, \
          body TEXT NOT NULL, \
          create_time TEXT NOT NULL, \
          PRIMARY KEY (service_name, config_id))",
-        "CREATE TABLE IF NOT EXISTS sm_rollouts (\
+            "CREATE TABLE IF NOT EXISTS sm_rollouts (\
          service_name TEXT NOT NULL, \
          rollout_id TEXT NOT NULL, \
          seq BIGINT NOT NULL, \
@@ -66,8 +67,17 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
          body TEXT NOT NULL, \
          create_time TEXT NOT NULL, \
          PRIMARY KEY (service_name, rollout_id))",
-    ],
-}];
+        ],
+    },
+    // Newest-first listings (configs list, ESP's rollout poll) read these in seq order.
+    Migration {
+        id: "sm_0002",
+        sql: &[
+            "CREATE INDEX IF NOT EXISTS sm_configs_by_seq ON sm_configs (service_name, seq)",
+            "CREATE INDEX IF NOT EXISTS sm_rollouts_by_seq ON sm_rollouts (service_name, seq)",
+        ],
+    },
+];
 
 const TYPE_MANAGED_SERVICE: &str =
     "type.googleapis.com/google.api.servicemanagement.v1.ManagedService";
@@ -1241,31 +1251,37 @@ async fn list_rollouts(
         .map_err(|_| not_found_or_denied(&service))?;
     let statuses = parse_status_filter(params.get("filter"))?;
     let (limit, offset) = params.page(50, 100)?;
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT status, body FROM sm_rollouts WHERE service_name = $1 ORDER BY seq DESC",
-    )
+    // Statuses come from a fixed whitelist (parse_status_filter), so inlining them is safe;
+    // proxies poll this with pageSize=1, so paging happens in SQL.
+    let status_clause = match &statuses {
+        Some(v) => format!(
+            " AND status IN ({})",
+            v.iter()
+                .map(|s| format!("'{s}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => String::new(),
+    };
+    let rows: Vec<(String,)> = sqlx::query_as(&format!(
+        "SELECT body FROM sm_rollouts WHERE service_name = $1{status_clause} \
+         ORDER BY seq DESC LIMIT $2 OFFSET $3"
+    ))
     .bind(&service)
+    .bind(limit + 1)
+    .bind(offset)
     .fetch_all(state.store.pool())
     .await?;
-    let matching: Vec<String> = rows
-        .into_iter()
-        .filter(|(s, _)| statuses.as_ref().is_none_or(|v| v.contains(s)))
-        .map(|(_, b)| b)
-        .collect();
-    let total = matching.len() as i64;
+    let more = rows.len() as i64 > limit;
     let mut rollouts = Vec::new();
-    for b in matching
-        .into_iter()
-        .skip(offset as usize)
-        .take(limit as usize)
-    {
+    for (b,) in rows.into_iter().take(limit as usize) {
         rollouts.push(serde_json::from_str::<Value>(&b)?);
     }
     let mut out = json!({});
     if !rollouts.is_empty() {
         out["rollouts"] = Value::Array(rollouts);
     }
-    if offset + limit < total {
+    if more {
         out["nextPageToken"] = Value::String(page_token(offset + limit));
     }
     Ok(Json(out))
