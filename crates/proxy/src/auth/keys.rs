@@ -73,16 +73,23 @@ pub enum KeyMatch<'a> {
 
 impl KeySet {
     /// Parses a fetched body. Never fails: a body that is no recognised key format is kept as a
-    /// shared secret, which is exactly how ESP treats HMAC keys served from a URI.
+    /// shared secret, which is how ESP treats HMAC keys served from a URI, except for bodies
+    /// that are evidently not a secret (JSON, markup, PEM, empty), which yield no keys.
     pub fn parse(body: &[u8]) -> KeySet {
         if let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) {
-            if let Some(set) = parse_json(&json) {
-                return set;
-            }
+            // JSON that is no key set (an error object, say) is never a secret: its text is
+            // public, so anyone could sign HS256 tokens with it.
+            return parse_json(&json).unwrap_or_default();
         }
         if let Ok(text) = std::str::from_utf8(body) {
-            if let Some(key) = parse_pem_key(text.trim(), None) {
+            let text = text.trim();
+            if let Some(key) = parse_pem_key(text, None) {
                 return KeySet { keys: vec![key] };
+            }
+            // Same for markup (an HTML error or login page answered with 200), and for PEM
+            // blocks we could not use.
+            if text.is_empty() || text.starts_with('<') || text.starts_with("-----BEGIN") {
+                return KeySet::default();
             }
         }
         KeySet {
@@ -350,6 +357,22 @@ mod tests {
         assert!(
             matches!(set.candidates(None, Algorithm::RS256), KeyMatch::Found(v) if v.is_empty())
         );
+    }
+
+    #[test]
+    fn public_looking_bodies_are_never_secrets() {
+        for body in [
+            &br#"{"error":"not found"}"#[..],
+            b"<html>oops</html>",
+            b"",
+            b"  \n",
+        ] {
+            assert!(
+                KeySet::parse(body).keys.is_empty(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]
