@@ -35,10 +35,11 @@ use crate::resourcemanager::{perms, require_project_permission};
 use crate::server::AppState;
 use crate::store::{now_rfc3339, Migration, Store};
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    id: "iam_0001",
-    sql: &[
-        "CREATE TABLE IF NOT EXISTS iam_service_accounts (\
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        id: "iam_0001",
+        sql: &[
+            "CREATE TABLE IF NOT EXISTS iam_service_accounts (\
          email TEXT PRIMARY KEY, \
          project_id TEXT NOT NULL, \
          account_id TEXT NOT NULL, \
@@ -47,9 +48,9 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
          description TEXT NOT NULL, \
          etag TEXT NOT NULL, \
          create_time TEXT NOT NULL)",
-        "CREATE INDEX IF NOT EXISTS iam_service_accounts_project \
+            "CREATE INDEX IF NOT EXISTS iam_service_accounts_project \
          ON iam_service_accounts (project_id)",
-        "CREATE TABLE IF NOT EXISTS iam_sa_keys (\
+            "CREATE TABLE IF NOT EXISTS iam_sa_keys (\
          key_id TEXT PRIMARY KEY, \
          email TEXT NOT NULL, \
          public_key_pem TEXT NOT NULL, \
@@ -57,9 +58,21 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
          valid_after TEXT NOT NULL, \
          valid_before TEXT NOT NULL, \
          create_time TEXT NOT NULL)",
-        "CREATE INDEX IF NOT EXISTS iam_sa_keys_email ON iam_sa_keys (email)",
-    ],
-}];
+            "CREATE INDEX IF NOT EXISTS iam_sa_keys_email ON iam_sa_keys (email)",
+        ],
+    },
+    // Creation order for listings (RFC 3339 text with trimmed fractions does not sort).
+    Migration {
+        id: "iam_0002",
+        sql: &["ALTER TABLE iam_sa_keys ADD COLUMN create_seq BIGINT NOT NULL DEFAULT 0"],
+    },
+];
+
+/// Nanoseconds since the epoch: a creation order that sorts as an integer.
+pub(crate) fn creation_seq() -> i64 {
+    let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+    i64::try_from(nanos).unwrap_or(i64::MAX)
+}
 
 /// Email domain of service accounts: `<accountId>@<project>.iam.gserviceaccount.com`.
 pub const SA_DOMAIN_SUFFIX: &str = ".iam.gserviceaccount.com";
@@ -179,7 +192,7 @@ pub async fn certificates(
         return Ok(None);
     }
     let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT key_id, certificate_pem FROM iam_sa_keys WHERE email = $1 ORDER BY create_time, key_id",
+        "SELECT key_id, certificate_pem FROM iam_sa_keys WHERE email = $1 ORDER BY create_seq, key_id",
     )
     .bind(email)
     .fetch_all(store.pool())
@@ -575,7 +588,7 @@ async fn create_key(
     let valid_after = now_rfc3339();
     sqlx::query(
         "INSERT INTO iam_sa_keys (key_id, email, public_key_pem, certificate_pem, valid_after, \
-         valid_before, create_time) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+         valid_before, create_time, create_seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(&key_id)
     .bind(&sa.email)
@@ -584,6 +597,7 @@ async fn create_key(
     .bind(&valid_after)
     .bind(KEY_VALID_BEFORE)
     .bind(&valid_after)
+    .bind(creation_seq())
     .execute(state.store.pool())
     .await?;
     let file = key_file_json(&state, &sa, &key_id, &new_key.generated.private_pkcs8_pem);
@@ -611,7 +625,7 @@ async fn list_keys(
     }
     let rows: Vec<KeyRow> = sqlx::query_as(
         "SELECT key_id, valid_after, valid_before FROM iam_sa_keys WHERE email = $1 \
-         ORDER BY create_time, key_id",
+         ORDER BY create_seq, key_id",
     )
     .bind(&sa.email)
     .fetch_all(state.store.pool())
@@ -660,9 +674,11 @@ async fn get_key(
                 .collect();
             out["publicKeyData"] = json!(body);
         }
-        Some(other) => return Err(ApiError::invalid_argument(format!(
+        Some(other) => {
+            return Err(ApiError::invalid_argument(format!(
             "Invalid publicKeyType '{other}': expected TYPE_X509_PEM_FILE or TYPE_RAW_PUBLIC_KEY."
-        ))),
+        )))
+        }
     }
     Ok(Json(out))
 }
