@@ -373,6 +373,29 @@ mod tests {
     }
 
     #[test]
+    fn resolve_prefers_explicit_file_and_refuses_nowhere() {
+        if std::env::var(MASTER_KEY_ENV).is_ok() {
+            eprintln!("SKIPPED: resolve test: {MASTER_KEY_ENV} is set in this environment");
+            return;
+        }
+        let shared = tempfile::tempdir().expect("tempdir");
+        let file = shared.path().join("shared-key");
+        write_private_file(&file, &format!("{}\n", "ab".repeat(32))).expect("write");
+        let node_a = tempfile::tempdir().expect("tempdir");
+        let node_b = tempfile::tempdir().expect("tempdir");
+        // Two replicas given the same file agree, and neither generates its own key.
+        let a = MasterKey::resolve(Some(&file), Some(node_a.path())).expect("a");
+        let b = MasterKey::resolve(Some(&file), Some(node_b.path())).expect("b");
+        assert_eq!(a.keyed_hash("p", b"x"), b.keyed_hash("p", b"x"));
+        assert!(!node_a.path().join(MASTER_KEY_FILE).exists());
+        // Without a file, each data dir gets its own key.
+        let c = MasterKey::resolve(None, Some(node_a.path())).expect("c");
+        assert_ne!(a.keyed_hash("p", b"x"), c.keyed_hash("p", b"x"));
+        assert!(MasterKey::resolve(None, None).is_err());
+        assert!(MasterKey::resolve(Some(&shared.path().join("missing")), None).is_err());
+    }
+
+    #[test]
     fn api_key_strings_have_google_shape() {
         for _ in 0..50 {
             let k = new_api_key_string();
