@@ -67,6 +67,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::jwks::routes())
         .merge(crate::servicecontrol::routes())
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -79,7 +80,10 @@ pub type ServiceVerbHandler =
 /// The Service Control engineer adds `("check", servicecontrol::check_handler)` etc. here.
 pub const SERVICE_VERB_HANDLERS: &[(&str, ServiceVerbHandler)] = &[
     ("check", crate::servicecontrol::check_handler),
-    ("allocateQuota", crate::servicecontrol::allocate_quota_handler),
+    (
+        "allocateQuota",
+        crate::servicecontrol::allocate_quota_handler,
+    ),
     ("report", crate::servicecontrol::report_handler),
 ];
 
@@ -193,6 +197,15 @@ impl Params {
 pub fn page_token(next_offset: i64) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(next_offset.to_string())
+}
+
+/// Google's front ends answer an unsupported HTTP method on a known path with 404 and a JSON
+/// error; axum's default is an empty 405.
+async fn method_not_allowed(method: http::Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!(
+        "Method {method} is not supported for {}.",
+        uri.path()
+    ))
 }
 
 /// Start-up options (the CLI flags, or set directly by tests).
@@ -518,6 +531,26 @@ pub async fn oneshot(state: AppState, req: Request) -> Response {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn unknown_paths_and_methods_are_google_json() {
+        let e = test_support::env().await;
+        let (st, body) = e.admin(http::Method::GET, "/v1/nothing/here", None).await;
+        assert_eq!(st.as_u16(), 404);
+        assert_eq!(body["error"]["status"], "NOT_FOUND");
+        let (st, body) = e.admin(http::Method::PUT, "/v1/services", None).await;
+        assert_eq!(st.as_u16(), 404);
+        assert_eq!(body["error"]["status"], "NOT_FOUND");
+        // Prefixes are stripped before routing.
+        let (st, _) = e
+            .admin(
+                http::Method::GET,
+                "/serviceusage/v1/projects/demo-proj/services",
+                None,
+            )
+            .await;
+        assert_eq!(st.as_u16(), 200);
+    }
+
     #[test]
     fn split_verb_cases() {
         assert_eq!(split_verb("a.b.c:undelete"), ("a.b.c", Some("undelete")));
@@ -607,9 +640,8 @@ pub(crate) mod test_support {
             let v = if bytes.is_empty() {
                 Value::Null
             } else {
-                serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                    Value::String(String::from_utf8_lossy(&bytes).into_owned())
-                })
+                serde_json::from_slice(&bytes)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
             };
             (status, v)
         }
