@@ -154,6 +154,9 @@ pub struct EspArgs {
     /// JWKS cache lifetime in seconds (default 300).
     #[arg(long = "jwks_cache_duration_in_s")]
     pub jwks_cache_duration_in_s: Option<u64>,
+    /// Answer a missing or expired JWT with 302 to the provider's `authorizationUrl`.
+    #[arg(long = "enable_jwt_authorization_url_redirect", action = ArgAction::SetTrue)]
+    pub enable_jwt_authorization_url_redirect: bool,
     /// Accepted for compatibility; Portico does not sample traces itself.
     #[arg(long = "disable_cloud_trace_auto_sampling", action = ArgAction::SetTrue)]
     pub disable_cloud_trace_auto_sampling: bool,
@@ -292,6 +295,7 @@ pub struct Settings {
     pub log_response_headers: Vec<String>,
     pub log_jwt_payload: Vec<String>,
     pub jwks_cache_duration: Option<Duration>,
+    pub enable_jwt_authorization_url_redirect: bool,
     pub disable_cloud_trace_auto_sampling: bool,
     pub rollout_fetch_throttle_window: Option<Duration>,
     pub worker_threads: usize,
@@ -700,6 +704,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         log_response_headers: split_list(&a.log_response_headers),
         log_jwt_payload: split_list(&a.log_jwt_payload),
         jwks_cache_duration: a.jwks_cache_duration_in_s.map(Duration::from_secs),
+        enable_jwt_authorization_url_redirect: a.enable_jwt_authorization_url_redirect,
         disable_cloud_trace_auto_sampling: a.disable_cloud_trace_auto_sampling,
         rollout_fetch_throttle_window: a
             .rollout_fetch_throttle_window_in_s

@@ -664,16 +664,24 @@ impl Pipeline {
         // JWT.
         let auth = match self.jwt_stage(&parts, &target, &mi, &config).await {
             Ok(a) => a,
-            Err((err, token_present)) => {
+            Err(e) => {
                 let report = self.report_info(&config, Some(&mi), None, &parts.headers);
-                return self.finalize(
-                    proxy_error(&err, &ctx, token_present),
-                    &ctx,
-                    target,
-                    Some(err),
-                    Some(report),
-                    None,
-                );
+                let mut resp = proxy_error(&e.error, &ctx, e.token_present);
+                // --enable_jwt_authorization_url_redirect: ESP keeps the JSON body and turns
+                // the status into a redirect (missing or expired token only; see AuthError).
+                if self.state.settings.enable_jwt_authorization_url_redirect
+                    && !ctx.content_type_grpc
+                {
+                    if let Some(loc) = e
+                        .authorization_url
+                        .as_deref()
+                        .and_then(|u| HeaderValue::from_str(u).ok())
+                    {
+                        *resp.status_mut() = StatusCode::FOUND;
+                        resp.headers_mut().insert(header::LOCATION, loc);
+                    }
+                }
+                return self.finalize(resp, &ctx, target, Some(e.error), Some(report), None);
             }
         };
         // Later 401/403s say `invalid_token` only when a JWT was extracted for this request.
@@ -794,25 +802,25 @@ impl Pipeline {
         target: &str,
         mi: &MethodInfo,
         config: &ConfigRoutes,
-    ) -> Result<Option<AuthInfo>, (EspError, bool)> {
+    ) -> Result<Option<AuthInfo>, crate::auth::AuthError> {
         if mi.auth.is_none() {
             return Ok(None);
         }
         let Some(authn) = &config.authenticator else {
-            return Err((
-                EspError::new(
+            return Err(crate::auth::AuthError {
+                error: EspError::new(
                     13,
                     "JWT authentication is required by this method but not configured",
                     Cause::Auth,
                 ),
-                false,
-            ));
+                token_present: false,
+                authorization_url: None,
+            });
         };
         let query = target.split_once('?').map(|(_, q)| q);
         authn
             .authenticate(&mi.selector, &parts.headers, query)
             .await
-            .map_err(|e| (e.error, e.token_present))
     }
 
     fn report_info(

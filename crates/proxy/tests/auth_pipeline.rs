@@ -100,7 +100,7 @@ impl Env {
                 "providers": [
                     {"id": "google_jwt", "issuer": ISS,
                      "jwksUri": jwks_uri_override.unwrap_or_else(|| keys.url("/jwk")),
-                     "audiences": AUD},
+                     "audiences": AUD, "authorizationUrl": "https://login.example/authorize"},
                     {"id": "google_service_account", "issuer": ISS2,
                      "jwksUri": keys.url("/x509"), "audiences": AUD},
                 ],
@@ -436,4 +436,46 @@ async fn unreachable_jwks_is_401_unable_to_fetch() {
         .get("/auth/info/googlejwt", &[("authorization", &auth)])
         .await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_url_redirect_for_missing_or_expired_tokens_only() {
+    let env = Env::start(&["--enable_jwt_authorization_url_redirect"], None).await;
+    let no_redirect = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let expired = env
+        .k1
+        .sign(&json!({"iss": ISS, "aud": AUD, "exp": now() - 3600}));
+    for (auth, message) in [
+        (
+            None,
+            "JWT validation failed: Missing or invalid credentials",
+        ),
+        (
+            Some(expired),
+            "JWT validation failed: TIME_CONSTRAINT_FAILURE",
+        ),
+    ] {
+        let mut req = no_redirect.get(env.url("/auth/info/googlejwt"));
+        if let Some(t) = &auth {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 302, "{message}");
+        assert_eq!(
+            resp.headers()["location"],
+            "https://login.example/authorize"
+        );
+        assert_eq!(resp.text().await.unwrap(), esp_body(16, message, "auth"));
+    }
+    // Other failures keep their status.
+    let auth = format!("Bearer {}", env.k1.sign(&claims(ISS, "nobody")));
+    let (status, _, _) = env
+        .get("/auth/info/googlejwt", &[("authorization", &auth)])
+        .await;
+    assert_eq!(status, 403);
 }
