@@ -403,26 +403,62 @@ pub fn redact_url(u: &str) -> String {
 
 /// Merges deltas with equal keys (a batch often repeats a method/consumer/class).
 pub fn merge_deltas(deltas: Vec<RollupDelta>) -> Vec<RollupDelta> {
+    let mut index: std::collections::HashMap<(i64, String, String, String), usize> =
+        std::collections::HashMap::new();
     let mut out: Vec<RollupDelta> = Vec::new();
     for d in deltas {
-        match out.iter_mut().find(|o| o.key() == d.key()) {
-            Some(o) => o.add(&d),
-            None => out.push(d),
+        let (m, a, b, c) = d.key();
+        let key = (m, a.to_string(), b.to_string(), c.to_string());
+        match index.get(&key) {
+            Some(&i) => out[i].add(&d),
+            None => {
+                index.insert(key, out.len());
+                out.push(d);
+            }
         }
     }
     out
 }
 
-const INSERT_OP: &str = "INSERT INTO sc_report_ops (service, operation_id, seen_at) \
-     VALUES ($1, $2, $3) ON CONFLICT (service, operation_id) DO NOTHING";
+/// Rows per multi-row statement; keeps bind parameters far below both engines' limits.
+const ROWS_PER_STATEMENT: usize = 200;
 
-const UPSERT_ROLLUP: &str = "INSERT INTO sc_rollups (service, minute, method, consumer, \
+/// `INSERT INTO <head> VALUES (...), (...) <tail>` with `rows` groups of `cols` placeholders.
+fn multi_row(head: &str, cols: usize, rows: usize, tail: &str) -> String {
+    let mut sql = String::with_capacity(head.len() + tail.len() + rows * cols * 5);
+    sql.push_str(head);
+    sql.push_str(" VALUES ");
+    let mut n = 1;
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&n.to_string());
+            n += 1;
+        }
+        sql.push(')');
+    }
+    sql.push(' ');
+    sql.push_str(tail);
+    sql
+}
+
+const OPS_HEAD: &str = "INSERT INTO sc_report_ops (service, operation_id, seen_at)";
+const OPS_TAIL: &str = "ON CONFLICT (service, operation_id) DO NOTHING RETURNING operation_id";
+
+const ROLLUP_HEAD: &str = "INSERT INTO sc_rollups (service, minute, method, consumer, \
      code_class, requests, errors, latency_sum_us, request_bytes, response_bytes, \
      lat_b0, lat_b1, lat_b2, lat_b3, lat_b4, lat_b5, lat_b6, lat_b7, lat_b8, lat_b9, lat_b10, \
-     lat_b11, lat_b12, lat_b13) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-     $19, $20, $21, $22, $23, $24) \
-     ON CONFLICT (service, minute, method, consumer, code_class) DO UPDATE SET \
+     lat_b11, lat_b12, lat_b13)";
+const ROLLUP_COLS: usize = 10 + LATENCY_BUCKETS;
+const ROLLUP_TAIL: &str =
+    "ON CONFLICT (service, minute, method, consumer, code_class) DO UPDATE SET \
      requests = sc_rollups.requests + excluded.requests, \
      errors = sc_rollups.errors + excluded.errors, \
      latency_sum_us = sc_rollups.latency_sum_us + excluded.latency_sum_us, \
@@ -438,9 +474,9 @@ const UPSERT_ROLLUP: &str = "INSERT INTO sc_rollups (service, minute, method, co
      lat_b12 = sc_rollups.lat_b12 + excluded.lat_b12, \
      lat_b13 = sc_rollups.lat_b13 + excluded.lat_b13";
 
-const INSERT_LOG: &str = "INSERT INTO sc_logs (id, service, ts_ms, method, consumer, \
-     status_code, code_class, severity, operation_id, entry) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+const LOG_HEAD: &str = "INSERT INTO sc_logs (id, service, ts_ms, method, consumer, \
+     status_code, code_class, severity, operation_id, entry)";
+const LOG_COLS: usize = 10;
 
 /// One operation ready to be written.
 pub struct PreparedOp {
@@ -459,8 +495,10 @@ pub struct WriteOutcome {
     pub deltas: Vec<RollupDelta>,
 }
 
-/// Writes a batch in one transaction. Every statement is a write, so on SQLite the transaction
-/// takes the write lock at its first statement and never has to upgrade.
+/// Writes a batch in one transaction, with multi-row statements: the operation ids first
+/// (`RETURNING` tells which are new, so replays are skipped), then the logs and the merged
+/// rollups of the new operations. Every statement is a write, so on SQLite the transaction takes
+/// the write lock at its first statement and never has to upgrade.
 pub async fn write(
     store: &Store,
     service: &str,
@@ -471,23 +509,44 @@ pub async fn write(
     if ops.is_empty() {
         return Ok(out);
     }
-    let mut tx = store.pool().begin().await?;
-    let mut applied_deltas = Vec::new();
+    // The same id twice in one batch: the first occurrence counts, the rest are replays.
+    let mut seen = std::collections::HashSet::new();
+    let mut unique = Vec::with_capacity(ops.len());
     for op in ops {
-        let r = sqlx::query(INSERT_OP)
-            .bind(service)
-            .bind(&op.operation_id)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
-        if r.rows_affected() == 0 {
+        if seen.insert(op.operation_id.clone()) {
+            unique.push(op);
+        } else {
             out.replayed += 1;
-            continue;
         }
-        out.applied += 1;
-        applied_deltas.extend(op.deltas);
-        for l in op.logs {
-            sqlx::query(INSERT_LOG)
+    }
+    let mut tx = store.pool().begin().await?;
+    let mut fresh = std::collections::HashSet::new();
+    for chunk in unique.chunks(ROWS_PER_STATEMENT) {
+        let sql = multi_row(OPS_HEAD, 3, chunk.len(), OPS_TAIL);
+        let mut q = sqlx::query_as::<_, (String,)>(&sql);
+        for op in chunk {
+            q = q.bind(service).bind(&op.operation_id).bind(now_ms);
+        }
+        for (id,) in q.fetch_all(&mut *tx).await? {
+            fresh.insert(id);
+        }
+    }
+    let mut applied_deltas = Vec::new();
+    let mut logs = Vec::new();
+    for op in unique {
+        if fresh.contains(&op.operation_id) {
+            out.applied += 1;
+            applied_deltas.extend(op.deltas);
+            logs.extend(op.logs);
+        } else {
+            out.replayed += 1;
+        }
+    }
+    for chunk in logs.chunks(ROWS_PER_STATEMENT) {
+        let sql = multi_row(LOG_HEAD, LOG_COLS, chunk.len(), "");
+        let mut q = sqlx::query(&sql);
+        for l in chunk {
+            q = q
                 .bind(uuid::Uuid::new_v4().to_string())
                 .bind(service)
                 .bind(l.ts_ms)
@@ -497,26 +556,30 @@ pub async fn write(
                 .bind(&l.code_class)
                 .bind(&l.severity)
                 .bind(&l.operation_id)
-                .bind(l.entry.to_string())
-                .execute(&mut *tx)
-                .await?;
+                .bind(l.entry.to_string());
         }
+        q.execute(&mut *tx).await?;
     }
+    // Merged deltas have distinct keys, which a multi-row upsert on PostgreSQL requires.
     let merged = merge_deltas(applied_deltas);
-    for d in &merged {
-        let mut q = sqlx::query(UPSERT_ROLLUP)
-            .bind(service)
-            .bind(d.minute_ms)
-            .bind(&d.method)
-            .bind(&d.consumer)
-            .bind(&d.code_class)
-            .bind(d.requests)
-            .bind(d.errors)
-            .bind(d.latency_sum_us)
-            .bind(d.request_bytes)
-            .bind(d.response_bytes);
-        for b in d.latency_buckets {
-            q = q.bind(b);
+    for chunk in merged.chunks(ROWS_PER_STATEMENT / 4) {
+        let sql = multi_row(ROLLUP_HEAD, ROLLUP_COLS, chunk.len(), ROLLUP_TAIL);
+        let mut q = sqlx::query(&sql);
+        for d in chunk {
+            q = q
+                .bind(service)
+                .bind(d.minute_ms)
+                .bind(&d.method)
+                .bind(&d.consumer)
+                .bind(&d.code_class)
+                .bind(d.requests)
+                .bind(d.errors)
+                .bind(d.latency_sum_us)
+                .bind(d.request_bytes)
+                .bind(d.response_bytes);
+            for b in d.latency_buckets {
+                q = q.bind(b);
+            }
         }
         q.execute(&mut *tx).await?;
     }
@@ -774,11 +837,37 @@ mod tests {
         let second = write(store, svc, ops, 2_000).await.expect("write");
         assert_eq!((second.applied, second.replayed), (1, 2));
         assert_eq!(rollup_requests(store, svc).await, 3);
+        // The same id twice within one batch counts once.
+        let ops = vec![
+            prepared(&esp_operation("d", 200, 0.002)),
+            prepared(&esp_operation("d", 200, 0.002)),
+        ];
+        let third = write(store, svc, ops, 3_000).await.expect("write");
+        assert_eq!((third.applied, third.replayed), (1, 1));
+        assert_eq!(rollup_requests(store, svc).await, 4);
         let (logs,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM sc_logs")
             .fetch_one(store.pool())
             .await
             .expect("count");
-        assert_eq!(logs, 3);
+        assert_eq!(logs, 4);
+    }
+
+    #[tokio::test]
+    async fn large_batches_span_several_statements() {
+        let (_d, store) = testutil::sqlite_store().await;
+        let mut ops = Vec::new();
+        for i in 0..(ROWS_PER_STATEMENT * 2 + 7) {
+            // Distinct methods give distinct rollup rows, so the rollup upsert is chunked too.
+            let mut op = esp_operation(&format!("big{i}"), 200, 0.002);
+            op.labels
+                .insert(labels::API_METHOD.to_string(), format!("m{}", i % 120));
+            ops.push(prepared(&op));
+        }
+        let n = ops.len() as i64;
+        let out = write(&store, "s", ops, 1).await.expect("write");
+        assert_eq!(out.applied as i64, n);
+        assert_eq!(out.deltas.len(), 120);
+        assert_eq!(rollup_requests(&store, "s").await, n);
     }
 
     #[tokio::test]
