@@ -693,3 +693,39 @@ async fn shutdown_flushes_pending_reports() {
         Some(1)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_hanging_up_does_not_wedge_the_cache() {
+    let peer = FakePeer::start(route(
+        || check_error("API_KEY_INVALID"),
+        || (200, "{}".into()),
+    ))
+    .await;
+    let mut o = options(&peer);
+    o.check_refresh_interval = Duration::from_millis(200);
+    let sc = ServiceControl::new(o).expect("client");
+    sc.check(input("K", ip("10.0.0.1"))).await.unwrap_err();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // The key is fixed, but the control plane is slow; the request that re-checks gives up.
+    peer.set_responder(route(
+        || {
+            std::thread::sleep(Duration::from_millis(300));
+            ok_check()
+        },
+        || (200, "{}".into()),
+    ));
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(50),
+        sc.check(input("K", ip("10.0.0.1"))),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the caller should have timed out");
+    // The re-check still completes and lands in the cache.
+    assert!(wait_until(WAIT, || peer.requests_to(":check").len() == 2).await);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    sc.check(input("K", ip("10.0.0.1")))
+        .await
+        .expect("fresh positive verdict from the completed re-check");
+    assert_eq!(peer.requests_to(":check").len(), 2);
+    sc.shutdown().await;
+}

@@ -391,9 +391,26 @@ impl ServiceControl {
             None => {}
         }
         inner.stats.send_checks_in_flight.inc();
-        let verdict = inner.remote_check(input.service_name, &request).await;
-        inner.complete_check(&key, &verdict);
-        verdict.outcome
+        // The remote check runs in its own task so that a client hanging up (which drops this
+        // future) cannot leave a cache entry marked "being re-checked" forever.
+        let bg = self.inner.clone();
+        let service = input.service_name.to_string();
+        let task = self.runtime.spawn(async move {
+            let verdict = bg.remote_check(&service, &request).await;
+            bg.complete_check(&key, &verdict);
+            verdict.outcome
+        });
+        match task.await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::error!(error = %e, "Service Control check task failed");
+                Err(EspError::new(
+                    13,
+                    "Service Control check failed",
+                    crate::error::Cause::ServiceControl,
+                ))
+            }
+        }
     }
 
     /// Charges quota without waiting: `Err` only when an earlier allocation for the same
