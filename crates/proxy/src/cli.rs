@@ -179,7 +179,7 @@ pub struct EspArgs {
     /// Where the access log goes: a file path, `/dev/stdout` (default) or `off`.
     #[arg(long = "access_log")]
     pub access_log: Option<String>,
-    /// Rollout fetch throttle window; handed to the config source.
+    /// Accepted for compatibility: Portico polls rollouts every 2 s instead of ESP's random delay.
     #[arg(long = "rollout_fetch_throttle_window_in_s")]
     pub rollout_fetch_throttle_window_in_s: Option<u64>,
 
