@@ -297,6 +297,10 @@ impl ManagementClient {
 
     /// GET with auth, retrying transport errors and 5xx (see `fetch_attempts`); 4xx are final.
     async fn get_json(&self, url: &str) -> Result<String, ConfigSourceError> {
+        self.get_json_tries(url, self.attempts).await
+    }
+
+    async fn get_json_tries(&self, url: &str, attempts: u32) -> Result<String, ConfigSourceError> {
         let audience = format!("{}{}", self.base, SERVICE_MANAGER);
         let mut attempt = 0u32;
         loop {
@@ -331,7 +335,7 @@ impl ManagementClient {
                 Err(ConfigSourceError::Http { status, .. }) => *status >= 500,
                 _ => false,
             };
-            if !retriable || attempt >= self.attempts {
+            if !retriable || attempt >= attempts {
                 return result;
             }
             let delay = Duration::from_millis(250u64 << (attempt - 1).min(5));
@@ -375,7 +379,9 @@ impl ManagementClient {
         } else {
             format!("{}/rollouts?filter=status=SUCCESS", self.service_path())
         };
-        let body = self.get_json(&url).await?;
+        // A poll is retried by the next poll; only startup waits for a slow control plane.
+        let attempts = if cheap { 1 } else { self.attempts };
+        let body = self.get_json_tries(&url, attempts).await?;
         let list: ListRolloutsResponse =
             serde_json::from_str(&body).map_err(|e| ConfigSourceError::Parse {
                 origin: url.clone(),
@@ -448,6 +454,8 @@ async fn follow_rollouts(
     notifier: RolloutNotifier,
     poll_interval: Duration,
 ) {
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    let mut last_warned = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tx.closed() => return,
@@ -458,9 +466,28 @@ async fn follow_rollouts(
         }
         let current = tx.borrow().clone();
         let latest = match client.latest_rollout(true).await {
-            Ok(r) => r,
+            Ok(r) => {
+                if failing_since.take().is_some() {
+                    tracing::info!("Service Management reachable again; following rollouts");
+                }
+                r
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "checking for a new rollout failed; keeping rollout {}", current.rollout_id);
+                // Polls run every few seconds: warn when trouble starts and then once a
+                // minute, not on every poll.
+                let now = tokio::time::Instant::now();
+                match failing_since {
+                    None => {
+                        failing_since = Some(now);
+                        last_warned = now;
+                        tracing::warn!(error = %e, "checking for a new rollout failed; keeping rollout {}", current.rollout_id);
+                    }
+                    Some(_) if now.duration_since(last_warned) >= Duration::from_secs(60) => {
+                        last_warned = now;
+                        tracing::warn!(error = %e, "still cannot check for new rollouts; keeping rollout {}", current.rollout_id);
+                    }
+                    Some(_) => tracing::debug!(error = %e, "rollout poll failed"),
+                }
                 continue;
             }
         };

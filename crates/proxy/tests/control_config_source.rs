@@ -316,3 +316,34 @@ async fn startup_waits_for_a_control_plane_that_is_still_starting() {
     assert_eq!(rx.borrow().rollout_id, "2026-11-22r0");
     assert_eq!(peer.requests_to("/rollouts").len(), 3);
 }
+
+#[tokio::test]
+async fn managed_rollout_resumes_after_a_control_plane_outage() {
+    let rollouts: Rollouts = Arc::new(Mutex::new(vec![(
+        "2026-11-22r0".to_string(),
+        vec![("2026-11-22r0".to_string(), 100.0)],
+    )]));
+    let peer = FakePeer::start(management(rollouts.clone())).await;
+    let mut o = opts(&peer);
+    o.rollout_strategy = RolloutStrategy::Managed;
+    o.poll_interval = Duration::from_millis(100);
+    let mut rx = config_source::start(o).await.expect("start");
+    rx.borrow_and_update();
+    peer.stop();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        rx.borrow().rollout_id,
+        "2026-11-22r0",
+        "outage keeps the old rollout"
+    );
+    rollouts.lock().expect("lock").push((
+        "2026-11-22r1".to_string(),
+        vec![("2026-11-22r1".to_string(), 100.0)],
+    ));
+    peer.restart().await;
+    tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        .await
+        .expect("picked up after the outage")
+        .expect("alive");
+    assert_eq!(rx.borrow().rollout_id, "2026-11-22r1");
+}
