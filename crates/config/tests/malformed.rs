@@ -60,6 +60,10 @@ fn not_a_mapping_or_not_swagger() {
         ["openapi.yaml:1:1: missing required field \"swagger\": an OpenAPI 2.0 file must declare swagger: \"2.0\""]
     );
     assert_eq!(
+        errors("api_config.yaml", "type: google.api.Service\nconfig_version: 3\nname: x.example.com\n"),
+        ["api_config.yaml:1:7: this is a Google service configuration (type: google.api.Service, as used for gRPC APIs), not an OpenAPI file; only OpenAPI 2.0 files can be converted"]
+    );
+    assert_eq!(
         errors("openapi.yaml", "swagger: \"1.2\"\n"),
         ["openapi.yaml:1:10: swagger version \"1.2\" is not supported: only \"2.0\" is accepted"]
     );
@@ -369,4 +373,72 @@ fn empty_input_list_and_non_utf8() {
         err.to_string(),
         "x.yaml:2:1: the file is not valid UTF-8 text"
     );
+}
+
+#[test]
+fn top_level_security_problems_are_reported_once() {
+    let text = spec(&format!(
+        "securityDefinitions:
+  api_key: {{type: apiKey, name: key, in: query}}
+  jwt: {{type: oauth2, flow: implicit, authorizationUrl: \"\", x-google-issuer: a}}
+security:
+  - api_key: []
+  - jwt: []
+  - ghost: []
+paths:
+  /a:
+    get:
+      operationId: a
+{OK_RESPONSES}  /b:
+    get:
+      operationId: b
+{OK_RESPONSES}"
+    ));
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        [
+            "openapi.yaml:10:3: Top-level security: an API key cannot be OR'ed with another security scheme (alternatives: {api_key} OR {jwt}); require the API key in every alternative, or in none",
+            "openapi.yaml:12:5: Top-level security: security requirement \"ghost\" is not defined in securityDefinitions",
+        ]
+    );
+}
+
+mod never_panics {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GETTING_STARTED: &str = include_str!("fixtures/getting-started.yaml");
+    const ALL_EXTENSIONS: &str = include_str!("fixtures/all-extensions.yaml");
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn on_arbitrary_text(text in "\\PC{0,200}") {
+            let _ = convert(&[SourceFile::new("x.yaml", text.clone())]);
+            let _ = convert(&[SourceFile::new("x.json", text)]);
+        }
+
+        /// Dropping lines from real specs produces every kind of structural damage.
+        #[test]
+        fn on_damaged_specs(drop in proptest::collection::vec(0usize..140, 1..6), which in 0usize..2) {
+            let base = if which == 0 { GETTING_STARTED } else { ALL_EXTENSIONS };
+            let text: String = base
+                .lines()
+                .enumerate()
+                .filter(|(i, _)| !drop.contains(i))
+                .map(|(_, l)| format!("{l}\n"))
+                .collect();
+            match convert(&[SourceFile::new("openapi.yaml", text)]) {
+                Ok(c) => prop_assert!(!c.service.name.is_empty()),
+                Err(e) => {
+                    // Every error carries a position inside the file.
+                    for d in e.errors() {
+                        prop_assert!(d.line >= 1 && d.column >= 1, "{d}");
+                    }
+                    prop_assert!(e.errors().count() >= 1);
+                }
+            }
+        }
+    }
 }

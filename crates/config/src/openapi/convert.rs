@@ -129,6 +129,7 @@ enum SchemeKind {
 }
 
 /// One alternative of a `security` list: the schemes that must all be satisfied.
+#[derive(Clone)]
 struct Alternative {
     api_keys: Vec<String>,
     jwts: Vec<String>,
@@ -349,6 +350,10 @@ struct FileConverter<'c, 'a, 'n> {
     /// Names declared under x-google-management.metrics.
     metric_names: BTreeSet<String>,
     top_backend: Option<BackendRule>,
+    /// The top-level `security`, checked once (operations that inherit it do not re-report).
+    top_security: Option<Vec<Alternative>>,
+    /// The top-level legacy `x-security`, checked once.
+    top_x_security: Option<Vec<(String, String)>>,
     base_path: String,
 }
 
@@ -361,6 +366,8 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
             schemes: BTreeMap::new(),
             metric_names: BTreeSet::new(),
             top_backend: None,
+            top_security: None,
+            top_x_security: None,
             base_path: String::new(),
         }
     }
@@ -384,6 +391,15 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
                 format!("OpenAPI {version} is not supported: only OpenAPI 2.0 (swagger: \"2.0\") is accepted; OpenAPI 3 is not supported"),
             );
             return None;
+        }
+        if let Some(t) = root.get("type") {
+            if t.as_str() == Some("google.api.Service") {
+                self.ctx.error(
+                    t.pos,
+                    "this is a Google service configuration (type: google.api.Service, as used for gRPC APIs), not an OpenAPI file; only OpenAPI 2.0 files can be converted",
+                );
+                return None;
+            }
         }
         match root.get("swagger") {
             None => {
@@ -467,6 +483,15 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
             self.check_refs(v, k.text == "definitions");
         }
         self.security_definitions();
+        if let Some(sec) = root.get("security") {
+            let label = "Top-level security";
+            let alternatives = self.security_alternatives(sec, label);
+            self.check_key_not_ored(&alternatives, sec.pos, label);
+            self.top_security = Some(alternatives);
+        }
+        if let Some(x) = root.get("x-security") {
+            self.top_x_security = Some(self.x_security(x, "Top-level x-security"));
+        }
         self.management();
         self.endpoints();
         self.top_backend = root
@@ -1537,7 +1562,7 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
         });
 
         // Security.
-        let security = self.operation_security(op, &label, &selector);
+        let security = self.operation_security(op, &label);
         if !security.api_key_required {
             self.ctx
                 .warn(mk.pos, format!("{label}: {NO_API_KEY_WARNING}"));
@@ -1644,21 +1669,7 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
         });
     }
 
-    fn operation_security(&mut self, op: &Node, label: &str, _selector: &str) -> OpSecurity {
-        let mut result = OpSecurity::default();
-        let (sec, sec_explicit) = match op.get("security") {
-            Some(s) => (Some(s), true),
-            None => (self.root.get("security"), false),
-        };
-        let (xsec, xsec_explicit) = match op.get("x-security") {
-            Some(s) => (Some(s), true),
-            None => (self.root.get("x-security"), false),
-        };
-        result.explicit = sec_explicit || xsec_explicit;
-        let alternatives = sec
-            .map(|s| self.security_alternatives(s, label))
-            .unwrap_or_default();
-
+    fn check_key_not_ored(&mut self, alternatives: &[Alternative], pos: Pos, label: &str) {
         let with_key = alternatives
             .iter()
             .filter(|a| !a.api_keys.is_empty())
@@ -1675,7 +1686,6 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
                 format!("{{{}}}", all.join(", "))
             };
             let list: Vec<String> = alternatives.iter().map(describe).collect();
-            let pos = sec.map_or(op.pos, |s| s.pos);
             self.ctx.error(
                 pos,
                 format!(
@@ -1684,6 +1694,30 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
                 ),
             );
         }
+    }
+
+    fn operation_security(&mut self, op: &Node, label: &str) -> OpSecurity {
+        let mut result = OpSecurity::default();
+        let alternatives = match op.get("security") {
+            Some(sec) => {
+                result.explicit = true;
+                let alternatives = self.security_alternatives(sec, label);
+                self.check_key_not_ored(&alternatives, sec.pos, label);
+                alternatives
+            }
+            None => self.top_security.clone().unwrap_or_default(),
+        };
+        let x_requirements = match op.get("x-security") {
+            Some(x) => {
+                result.explicit = true;
+                self.x_security(x, label)
+            }
+            None => self.top_x_security.clone().unwrap_or_default(),
+        };
+        let with_key = alternatives
+            .iter()
+            .filter(|a| !a.api_keys.is_empty())
+            .count();
         result.api_key_required = !alternatives.is_empty() && with_key == alternatives.len();
 
         let mut seen = BTreeSet::new();
@@ -1697,14 +1731,12 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
                 }
             }
         }
-        if let Some(x) = xsec {
-            for (provider, audiences) in self.x_security(x, label) {
-                if seen.insert(provider.clone()) {
-                    result.requirements.push(AuthRequirement {
-                        provider_id: provider,
-                        audiences,
-                    });
-                }
+        for (provider, audiences) in x_requirements {
+            if seen.insert(provider.clone()) {
+                result.requirements.push(AuthRequirement {
+                    provider_id: provider,
+                    audiences,
+                });
             }
         }
 
