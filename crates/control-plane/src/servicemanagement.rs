@@ -346,15 +346,26 @@ async fn list_services(
             }
         };
         if allowed {
-            visible.push(managed_service(&name, &prod));
+            visible.push((name, prod));
         }
     }
     let total = visible.len() as i64;
-    let page: Vec<Value> = visible
+    let mut page = Vec::new();
+    for (name, prod) in visible
         .into_iter()
         .skip(offset as usize)
         .take(limit as usize)
-        .collect();
+    {
+        let mut ms = managed_service(&name, &prod);
+        // gcloud's table shows serviceConfig.title in its TITLE column.
+        let title = latest_config(&state, &name)
+            .await?
+            .and_then(|c| c.get("title").and_then(Value::as_str).map(str::to_string));
+        if let Some(t) = title {
+            ms["serviceConfig"] = json!({"name": name, "title": t});
+        }
+        page.push(ms);
+    }
     let mut out = json!({});
     if !page.is_empty() {
         out["services"] = Value::Array(page);
