@@ -16,7 +16,7 @@ use crate::server::{serve, ServeOptions};
 #[command(version)]
 pub struct Args {
     /// Address to listen on. Loopback by default; use 0.0.0.0:PORT to serve other hosts.
-    #[arg(long, default_value = "127.0.0.1:8090")]
+    #[arg(long, default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
     /// Data directory: SQLite database (unless --database-url) and the admin token.
     #[arg(long, env = "PORTICO_DATA")]

@@ -377,12 +377,21 @@ pub async fn build_state_with(
         Some(u) => Some(redis::Client::open(u.as_str())?),
         None => None,
     };
-    let public_url = opts
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{bound}"))
-        .trim_end_matches('/')
-        .to_string();
+    let public_url = match &opts.public_url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        // A wildcard address is not something clients can dial; loopback at least works locally,
+        // and key files name this URL, so say how to fix it.
+        None if bound.ip().is_unspecified() => {
+            let url = format!("http://127.0.0.1:{}", bound.port());
+            tracing::warn!(
+                public_url = %url,
+                "listening on a wildcard address without --public-url; issued key files will \
+                 point at loopback"
+            );
+            url
+        }
+        None => format!("http://{bound}"),
+    };
     let secrets_dir = token_path
         .parent()
         .map(PathBuf::from)
