@@ -407,6 +407,27 @@ fn identity_walkthrough(db: Db) {
         &cp,
     );
     assert!(out.stdout.trim().ends_with("r0"), "{out}");
+    // A disabled account is locked out until enabled again.
+    must(
+        admin.run(&["iam", "service-accounts", "disable", SA_EMAIL]),
+        "service-accounts disable",
+        &cp,
+    );
+    must_fail(
+        sa.run(&["endpoints", "configs", "list", &format!("--service={SVC}")]),
+        "configs list while disabled",
+        "is disabled",
+    );
+    must(
+        admin.run(&["iam", "service-accounts", "enable", SA_EMAIL]),
+        "service-accounts enable",
+        &cp,
+    );
+    must(
+        sa.run(&["endpoints", "configs", "list", &format!("--service={SVC}")]),
+        "configs list after enable",
+        &cp,
+    );
     // The role is scoped to that service: project admin APIs stay closed.
     must_fail(
         sa.run(&["iam", "service-accounts", "list"]),

@@ -66,6 +66,11 @@ pub const MIGRATIONS: &[Migration] = &[
         id: "iam_0002",
         sql: &["ALTER TABLE iam_sa_keys ADD COLUMN create_seq BIGINT NOT NULL DEFAULT 0"],
     },
+    // `gcloud iam service-accounts disable|enable`.
+    Migration {
+        id: "iam_0003",
+        sql: &["ALTER TABLE iam_service_accounts ADD COLUMN disabled BIGINT NOT NULL DEFAULT 0"],
+    },
 ];
 
 /// Nanoseconds since the epoch: a creation order that sorts as an integer.
@@ -87,7 +92,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route(
             "/v1/projects/{project}/serviceAccounts/{account}",
-            get(get_account).delete(delete_account),
+            get(get_account).delete(delete_account).post(account_verb),
         )
         .route(
             "/v1/projects/{project}/serviceAccounts/{account}/keys",
@@ -109,6 +114,8 @@ pub struct ServiceAccount {
     pub display_name: String,
     pub description: String,
     pub etag: String,
+    /// A disabled account cannot obtain or use tokens until enabled again.
+    pub disabled: bool,
 }
 
 impl ServiceAccount {
@@ -127,11 +134,14 @@ impl ServiceAccount {
         if !self.description.is_empty() {
             v["description"] = json!(self.description);
         }
+        if self.disabled {
+            v["disabled"] = json!(true);
+        }
         v
     }
 }
 
-type AccountRow = (String, String, String, String, String, String, String);
+type AccountRow = (String, String, String, String, String, String, String, i64);
 
 fn account_from_row(r: AccountRow) -> ServiceAccount {
     ServiceAccount {
@@ -142,11 +152,12 @@ fn account_from_row(r: AccountRow) -> ServiceAccount {
         display_name: r.4,
         description: r.5,
         etag: r.6,
+        disabled: r.7 != 0,
     }
 }
 
 const ACCOUNT_COLUMNS: &str =
-    "email, project_id, account_id, unique_id, display_name, description, etag";
+    "email, project_id, account_id, unique_id, display_name, description, etag, disabled";
 
 /// Finds an account by email or unique id (both forms appear in Google paths).
 pub async fn find_account(
@@ -167,19 +178,33 @@ pub async fn find_account(
     Ok(row.map(account_from_row))
 }
 
-/// The public key (SPKI PEM) of `key_id` if it exists and belongs to `email`.
+/// A key that can verify signatures, and whether its account is disabled.
+#[derive(Debug, Clone)]
+pub struct VerificationKey {
+    /// SPKI PEM.
+    pub public_key_pem: String,
+    pub account_disabled: bool,
+}
+
+/// The public key of `key_id` if it exists and belongs to `email`.
 pub async fn public_key(
     store: &Store,
     email: &str,
     key_id: &str,
-) -> Result<Option<String>, ApiError> {
-    let row: Option<(String,)> =
-        sqlx::query_as("SELECT public_key_pem FROM iam_sa_keys WHERE key_id = $1 AND email = $2")
-            .bind(key_id)
-            .bind(email)
-            .fetch_optional(store.pool())
-            .await?;
-    Ok(row.map(|(p,)| p))
+) -> Result<Option<VerificationKey>, ApiError> {
+    let row: Option<(String, i64)> = sqlx::query_as(
+        "SELECT k.public_key_pem, a.disabled FROM iam_sa_keys k \
+         JOIN iam_service_accounts a ON a.email = k.email \
+         WHERE k.key_id = $1 AND k.email = $2",
+    )
+    .bind(key_id)
+    .bind(email)
+    .fetch_optional(store.pool())
+    .await?;
+    Ok(row.map(|(public_key_pem, d)| VerificationKey {
+        public_key_pem,
+        account_disabled: d != 0,
+    }))
 }
 
 /// `(key_id, certificate PEM)` for every key of the account, for Google's x509 map
@@ -379,6 +404,7 @@ async fn create_account(
         display_name: req.service_account.display_name,
         description: req.service_account.description,
         etag: new_etag(),
+        disabled: false,
     };
     let inserted = sqlx::query(
         "INSERT INTO iam_service_accounts \
@@ -468,6 +494,38 @@ async fn delete_account(
         .await?;
     tx.commit().await?;
     tracing::info!(email = %sa.email, by = %principal.display(), "deleted service account");
+    Ok(Json(json!({})))
+}
+
+/// `POST .../serviceAccounts/{email}:disable` and `:enable`.
+async fn account_verb(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((project, segment)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let (account, verb) = crate::server::split_verb(&segment);
+    let (permission, disabled) = match verb {
+        Some("disable") => (perms::SA_DISABLE, true),
+        Some("enable") => (perms::SA_ENABLE, false),
+        Some(other) => {
+            return Err(ApiError::not_found(format!(
+                "Unknown method '{other}' on service accounts (expected :disable or :enable)."
+            )))
+        }
+        None => {
+            return Err(ApiError::not_found(
+                "POST on a service account needs a verb (:disable or :enable).",
+            ))
+        }
+    };
+    let sa = authorised_account(&state, &principal, &project, account, permission).await?;
+    sqlx::query("UPDATE iam_service_accounts SET disabled = $1, etag = $2 WHERE email = $3")
+        .bind(i64::from(disabled))
+        .bind(new_etag())
+        .bind(&sa.email)
+        .execute(state.store.pool())
+        .await?;
+    tracing::info!(email = %sa.email, disabled, by = %principal.display(), "service account state changed");
     Ok(Json(json!({})))
 }
 

@@ -50,6 +50,8 @@ pub mod perms {
     pub const SA_GET: &str = "iam.serviceAccounts.get";
     pub const SA_LIST: &str = "iam.serviceAccounts.list";
     pub const SA_DELETE: &str = "iam.serviceAccounts.delete";
+    pub const SA_DISABLE: &str = "iam.serviceAccounts.disable";
+    pub const SA_ENABLE: &str = "iam.serviceAccounts.enable";
     pub const KEY_CREATE: &str = "iam.serviceAccountKeys.create";
     pub const KEY_GET: &str = "iam.serviceAccountKeys.get";
     pub const KEY_LIST: &str = "iam.serviceAccountKeys.list";

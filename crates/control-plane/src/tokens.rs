@@ -207,11 +207,11 @@ async fn verify_sa_jwt(store: &Store, token: &str, now: i64) -> Result<VerifiedJ
         .filter(|s| !s.is_empty())
         .ok_or(JwtError::NoIssuer)?
         .to_string();
-    let pem = crate::iam::public_key(store, &email, &kid)
+    let key = crate::iam::public_key(store, &email, &kid)
         .await
         .map_err(|e| JwtError::Invalid(format!("key lookup failed ({})", e.message)))?
         .ok_or(JwtError::UnknownKey)?;
-    let pem_for_task = pem.clone();
+    let pem_for_task = key.public_key_pem.clone();
     let token_owned = token.to_string();
     // RSA verification is ~0.1 ms optimised but far slower in debug builds; keep it off the
     // async worker either way.
@@ -232,6 +232,12 @@ async fn verify_sa_jwt(store: &Store, token: &str, now: i64) -> Result<VerifiedJ
         .get("exp")
         .and_then(Value::as_i64)
         .ok_or_else(|| JwtError::Invalid("missing numeric `exp` claim".into()))?;
+    // Told only to holders of a valid signature.
+    if key.account_disabled {
+        return Err(JwtError::Invalid(format!(
+            "service account {email} is disabled"
+        )));
+    }
     if exp <= iat {
         return Err(JwtError::Invalid("`exp` must be after `iat`".into()));
     }
@@ -440,12 +446,14 @@ fn looks_like_jwt(token: &str) -> bool {
 }
 
 async fn key_exists(store: &Store, email: &str, key_id: &str) -> Result<bool, ApiError> {
-    let row: Option<(String,)> =
-        sqlx::query_as("SELECT key_id FROM iam_sa_keys WHERE key_id = $1 AND email = $2")
-            .bind(key_id)
-            .bind(email)
-            .fetch_optional(store.pool())
-            .await?;
+    let row: Option<(String,)> = sqlx::query_as(
+        "SELECT k.key_id FROM iam_sa_keys k JOIN iam_service_accounts a ON a.email = k.email \
+             WHERE k.key_id = $1 AND k.email = $2 AND a.disabled = 0",
+    )
+    .bind(key_id)
+    .bind(email)
+    .fetch_optional(store.pool())
+    .await?;
     Ok(row.is_some())
 }
 
@@ -455,9 +463,10 @@ impl ServiceAccountTokens {
         state: &AppState,
         token: &str,
     ) -> Result<Option<Principal>, ApiError> {
-        let row: Option<(String, i64)> = sqlx::query_as(
-            "SELECT t.email, t.expires_at FROM oauth_access_tokens t \
+        let row: Option<(String, i64, i64)> = sqlx::query_as(
+            "SELECT t.email, t.expires_at, a.disabled FROM oauth_access_tokens t \
              JOIN iam_sa_keys k ON k.key_id = t.key_id AND k.email = t.email \
+             JOIN iam_service_accounts a ON a.email = t.email \
              WHERE t.token_hash = $1",
         )
         .bind(token_hash(token))
@@ -465,11 +474,15 @@ impl ServiceAccountTokens {
         .await?;
         match row {
             None => Ok(None),
-            Some((_, exp)) if exp <= now_unix() => Err(ApiError::unauthenticated(
+            Some((email, _, disabled)) if disabled != 0 => Err(ApiError::unauthenticated(format!(
+                "Request had invalid authentication credentials: service account {email} is \
+                     disabled."
+            ))),
+            Some((_, exp, _)) if exp <= now_unix() => Err(ApiError::unauthenticated(
                 "Request had invalid authentication credentials: the access token has expired; \
                  obtain a new one from the token endpoint.",
             )),
-            Some((email, _)) => Ok(Some(Principal::ServiceAccount { email })),
+            Some((email, _, _)) => Ok(Some(Principal::ServiceAccount { email })),
         }
     }
 
@@ -747,6 +760,59 @@ mod flow_tests {
             .expect("sign");
         let (s, _) = e.call(Method::GET, list, Some(&foreign), None).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+        // Disabling the account suspends its tokens and grants; enabling restores them.
+        let (s, v) = e
+            .admin(
+                Method::POST,
+                &format!("/v1/projects/-/serviceAccounts/{EMAIL}:disable"),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let (_, v) = e
+            .admin(
+                Method::GET,
+                &format!("/v1/projects/-/serviceAccounts/{EMAIL}"),
+                None,
+            )
+            .await;
+        assert_eq!(v["disabled"], true, "{v}");
+        for t in [&token, &esp] {
+            let (s, v) = e.call(Method::GET, list, Some(t), None).await;
+            assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("disabled"),
+                "{v}"
+            );
+        }
+        let jwt = key
+            .sign_jwt(&claims(&key, now_unix(), now_unix() + 600))
+            .expect("sign");
+        let (s, v) = grant(&e, &jwt).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["error_description"]
+                .as_str()
+                .unwrap_or("")
+                .contains("disabled"),
+            "{v}"
+        );
+        let (s, _) = e
+            .admin(
+                Method::POST,
+                &format!("/v1/projects/-/serviceAccounts/{EMAIL}:enable"),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        for t in [&token, &esp] {
+            let (s, v) = e.call(Method::GET, list, Some(t), None).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+        }
 
         // Deleting the key revokes everything minted with it, including the cached JWT.
         let (s, v) = e
