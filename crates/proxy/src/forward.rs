@@ -57,8 +57,10 @@ pub struct LimitedBody {
     inner: Option<Incoming>,
     remaining: u64,
     limit: u64,
-    /// Bytes seen so far, for the report's request size.
+    /// Bytes seen so far.
     pub seen: u64,
+    /// Shared with the request's accounting when the size is not known up front.
+    counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl LimitedBody {
@@ -69,7 +71,17 @@ impl LimitedBody {
             remaining: if limit == 0 { u64::MAX } else { limit },
             limit,
             seen: 0,
+            counter: None,
         }
+    }
+
+    /// Also adds every forwarded byte to `counter`.
+    pub fn with_counter(
+        mut self,
+        counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    ) -> Self {
+        self.counter = counter;
+        self
     }
 
     /// An empty body (for requests the pipeline builds itself).
@@ -79,6 +91,7 @@ impl LimitedBody {
             remaining: u64::MAX,
             limit: 0,
             seen: 0,
+            counter: None,
         }
     }
 }
@@ -100,6 +113,9 @@ impl Body for LimitedBody {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     this.seen += n;
+                    if let Some(c) = &this.counter {
+                        c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    }
                     if n > this.remaining {
                         this.inner = None;
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge {

@@ -32,6 +32,7 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -265,6 +266,7 @@ struct Completion {
     caller_ip: IpAddr,
     status: u16,
     request_bytes: u64,
+    body_counter: Option<Arc<AtomicU64>>,
     backend_latency: Option<Duration>,
     user_agent: Option<HeaderValue>,
     referer: Option<HeaderValue>,
@@ -287,8 +289,11 @@ struct ReportInfo {
 }
 
 impl Completion {
-    fn finish(self: Box<Self>, sent: u64) {
+    fn finish(mut self: Box<Self>, sent: u64) {
         let total = self.start.elapsed();
+        if let Some(c) = &self.body_counter {
+            self.request_bytes += c.load(Ordering::Relaxed);
+        }
         let st = &self.state;
         st.metrics.observe_request(
             crate::metrics::method_label(&self.method),
@@ -301,6 +306,7 @@ impl Completion {
         if st.access_log.enabled() {
             let time = crate::access_log::now_rfc3339();
             let remote = self.client_ip.to_string();
+            let uri = crate::access_log::redact_uri(&self.url);
             let (api_method, config_id) = match &self.report {
                 Some(r) => (
                     r.method.as_ref().map_or("", |m| m.selector.as_str()),
@@ -312,7 +318,7 @@ impl Completion {
                 time: &time,
                 remote_addr: &remote,
                 method: self.method.as_str(),
-                uri: &self.url,
+                uri: &uri,
                 protocol: match self.version {
                     Version::HTTP_2 => "HTTP/2.0",
                     Version::HTTP_10 => "HTTP/1.0",
@@ -429,6 +435,18 @@ pub fn extract_api_key<'a>(
     None
 }
 
+/// Approximate size of the request line and headers as sent on HTTP/1.1.
+fn request_head_size<B>(req: &Request<B>) -> u64 {
+    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    (line + headers + 2) as u64
+}
+
 /// Applies `--rewrite` rules to the raw target; the first matching rule wins.
 pub fn rewrite<'a>(rules: &[crate::cli::RewriteRule], target: &'a str) -> Cow<'a, str> {
     for r in rules {
@@ -531,7 +549,12 @@ struct Ctx {
     tls: bool,
     cors_origin: Option<HeaderValue>,
     jwt_present: bool,
+    /// `Content-Length` of the request body (0 when absent).
     request_bytes: u64,
+    /// Request line + headers, for the report's request size.
+    request_head_bytes: u64,
+    /// Counts a streamed body without `Content-Length` as it is forwarded.
+    body_counter: Option<Arc<AtomicU64>>,
     user_agent: Option<HeaderValue>,
     referer: Option<HeaderValue>,
     /// `Content-Type: application/grpc*`: reported with protocol `grpc`.
@@ -573,6 +596,9 @@ impl Pipeline {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
+            request_head_bytes: request_head_size(&req),
+            body_counter: (!h.contains_key(header::CONTENT_LENGTH) && !req.body().is_end_stream())
+                .then(|| Arc::new(AtomicU64::new(0))),
             user_agent: h.get(header::USER_AGENT).cloned(),
             content_type_grpc: h
                 .get(header::CONTENT_TYPE)
@@ -886,8 +912,11 @@ impl Pipeline {
         };
         parts.uri = uri;
         parts.version = self.forwarder.version();
-        let upstream_req =
-            Request::from_parts(parts, LimitedBody::new(body, settings.client_max_body_size));
+        let upstream_req = Request::from_parts(
+            parts,
+            LimitedBody::new(body, settings.client_max_body_size)
+                .with_counter(ctx.body_counter.clone()),
+        );
         let sent_at = Instant::now();
         match self.forwarder.send(upstream_req).await {
             Ok(mut resp) => {
@@ -1011,7 +1040,8 @@ impl Pipeline {
             client_ip: ctx.client_ip,
             caller_ip: ctx.caller_ip,
             status,
-            request_bytes: ctx.request_bytes,
+            request_bytes: ctx.request_head_bytes + ctx.request_bytes,
+            body_counter: ctx.body_counter.clone(),
             backend_latency,
             user_agent: ctx.user_agent.clone(),
             referer: ctx.referer.clone(),

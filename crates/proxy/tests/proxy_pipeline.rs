@@ -255,8 +255,10 @@ async fn start_proxy(svc: Arc<Service>, backend: SocketAddr, extra: &[&str]) -> 
         "--http_port=0".into(),
         "--status_port=0".into(),
         "--worker_threads=2".into(),
-        "--access_log=off".into(),
     ];
+    if !extra.iter().any(|a| a.starts_with("--access_log")) {
+        args.push("--access_log=off".into());
+    }
     if !extra.iter().any(|a| a.starts_with("--backend")) {
         args.push(backend_arg.into());
     }
@@ -1267,4 +1269,63 @@ async fn grpc_clients_get_errors_as_grpc_status() {
         .unwrap();
     assert_eq!(r.headers()["grpc-status"], "5");
     assert_eq!(r.headers()["grpc-message"], "Method does not exist.");
+}
+
+#[tokio::test]
+async fn access_log_has_one_json_line_per_request_with_streamed_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let flag = format!("--access_log={}", log.display());
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        start_backend().await,
+        &[&flag],
+    )
+    .await;
+    let r = env
+        .client
+        .get(format!("{}/nope?key=secret", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // A chunked upload: no Content-Length, the size is counted as it streams.
+    let addr = env.proxy.http_addr.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    req.extend_from_slice(b"7d0\r\n");
+    req.extend_from_slice(&[b'z'; 2000]);
+    req.extend_from_slice(b"\r\n0\r\n\r\n");
+    s.write_all(&req).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let lines = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= 2 || tokio::time::Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["status"], 404);
+    assert_eq!(lines[0]["method"], "GET");
+    assert_eq!(
+        lines[0]["uri"], "/nope?key=REDACTED",
+        "API keys never reach the log"
+    );
+    assert_eq!(lines[0]["config_id"], "2026-11-23r0");
+    assert!(lines[0]["response_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(lines[1]["api_method"], "1.bookstore.Upload");
+    assert!(
+        lines[1]["request_bytes"].as_u64().unwrap() >= 2000,
+        "{}",
+        lines[1]
+    );
+    assert!(lines[1]["backend_latency_ms"].as_f64().is_some());
 }
