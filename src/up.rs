@@ -276,6 +276,31 @@ async fn wait_listening(children: &mut Children, port: u16, what: &str) -> Resul
     }
 }
 
+/// The control plane binds its port before it has opened the database and written the admin
+/// token, so listening is not enough: wait for the token itself.
+async fn wait_admin_token(children: &mut Children, path: &Path) -> Result<String> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        children.check()?;
+        match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot read the admin token {}", path.display()))
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the control plane did not write {} within {START_TIMEOUT:?}",
+                path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // State kept between runs.
 
@@ -775,10 +800,7 @@ async fn run(opts: Options, children: &mut Children) -> Result<()> {
     };
 
     let token_path = data.join("admin-token");
-    let token = std::fs::read_to_string(&token_path)
-        .with_context(|| format!("cannot read the admin token {}", token_path.display()))?
-        .trim()
-        .to_string();
+    let token = wait_admin_token(children, &token_path).await?;
     let api = Api {
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
