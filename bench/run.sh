@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# Portico's proxy next to nginx, on this machine, loopback only.
+#
+#   bench/run.sh            # ~4 minutes after the release build
+#
+# What runs (all on 127.0.0.1, ports chosen at run time):
+#   backend           nginx, 1 worker, answering every request with a fixed JSON body;
+#                     the same backend behind every target
+#   nginx             plain proxy_pass with upstream keepalive (the yardstick)
+#   portico-nopolicy  portico esp --service_json_path (no Service Control): route + forward
+#   portico-key       API key required: check + report through a control plane (portico up)
+#   portico-quota     API key + quota (allocateQuota) + report (a second portico up)
+# Access logs are off for nginx and for Portico.
+#
+# Measured: for BENCH_ROUNDS interleaved rounds x each target x each of BENCH_CONNS connection
+# counts, wrk -t1 for BENCH_DURATION seconds; the table gives medians of req/s, p50 and p99 and
+# the req/s ratio to nginx in the same run. Then the proxy's RSS with 1,000 keep-alive
+# connections open (wrk -c1000), and the time a new rollout takes to be served under load with
+# the count of failed requests meanwhile.
+#
+# Nothing is installed: missing tools are named and the script exits 2.
+# Knobs: BENCH_ROUNDS (3), BENCH_DURATION (8), BENCH_CONNS ("50 256"), BENCH_KEEP=1 keeps the
+# work directory, BENCH_NO_BUILD=1 uses the existing release binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+ROUNDS=${BENCH_ROUNDS:-3}
+DURATION=${BENCH_DURATION:-8}
+CONNS=${BENCH_CONNS:-"50 256"}
+
+missing=()
+for tool in nginx wrk curl python3; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if ((${#missing[@]})); then
+    echo "bench: missing tools: ${missing[*]}" >&2
+    echo "bench: on Debian/Ubuntu: apt-get install -y ${missing[*]}" >&2
+    exit 2
+fi
+# wrk -c1000 and 1,000 proxied connections need more than the usual 1024 descriptors.
+ulimit -n 16384 2>/dev/null || ulimit -n 4096 2>/dev/null || true
+if (($(ulimit -n) < 2200)); then
+    echo "bench: need at least 2200 open files (ulimit -n is $(ulimit -n))" >&2
+    exit 2
+fi
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+if [[ -n "${BENCH_NO_BUILD:-}" && -x target/release/portico ]]; then
+    log "BENCH_NO_BUILD set: using the existing target/release/portico"
+else
+    log "building the release binary (cargo build --release --bin portico)"
+    cargo build --release --bin portico --quiet
+fi
+BIN="$ROOT/target/release/portico"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/portico-bench.XXXXXX")
+PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do
+        kill -INT "$p" 2>/dev/null || true
+    done
+    for p in "${PIDS[@]}"; do
+        for _ in $(seq 50); do
+            kill -0 "$p" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$p" 2>/dev/null || true
+    done
+    if [[ -z "${BENCH_KEEP:-}" ]]; then rm -rf "$WORK"; else log "kept $WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_http() { # URL [expected status] — until the URL answers (any status unless given)
+    local url=$1 want=${2:-} code
+    for _ in $(seq 300); do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url" || true)
+        if [[ "$code" != 000 && ( -z "$want" || "$code" == "$want" ) ]]; then return 0; fi
+        sleep 0.1
+    done
+    echo "bench: $url did not answer${want:+ $want} in 30 s" >&2
+    return 1
+}
+
+start_nginx() { # NAME CONF_BODY (the http{} contents)
+    local dir="$WORK/$1"
+    mkdir -p "$dir/tmp"
+    cat >"$dir/nginx.conf" <<EOF
+worker_processes $2;
+error_log $dir/error.log warn;
+pid $dir/nginx.pid;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    keepalive_requests 10000000;
+    $3
+}
+EOF
+    nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' &
+    PIDS+=($!)
+}
+
+CORES=$(nproc)
+
+# --- backend and nginx ---------------------------------------------------------------------
+BACKEND_PORT=$(free_port)
+start_nginx backend 1 "server { listen 127.0.0.1:$BACKEND_PORT; location / { default_type application/json; return 200 '{\"message\":\"hello world\"}\n'; } }"
+wait_http "http://127.0.0.1:$BACKEND_PORT/" 200
+
+NGINX_PORT=$(free_port)
+# As many workers as Portico has threads (one per core), keep-alive to the backend.
+start_nginx nginx "$CORES" "upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 512; }
+    server { listen 127.0.0.1:$NGINX_PORT; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } }"
+wait_http "http://127.0.0.1:$NGINX_PORT/bench" 200
+log "backend :$BACKEND_PORT, nginx :$NGINX_PORT ($CORES workers)"
+
+# --- Portico without policy ------------------------------------------------------------------
+python3 bench/lib/variant.py nopolicy np >"$WORK/nopolicy.yaml"
+"$BIN" config validate "$WORK/nopolicy.yaml" 2>/dev/null >"$WORK/nopolicy.full.json"
+# Without control.environment the proxy has no Service Control to call.
+python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d.pop("control",None); d.setdefault("id","bench-nopolicy"); json.dump(d,open(sys.argv[2],"w"))' \
+    "$WORK/nopolicy.full.json" "$WORK/nopolicy.json"
+NP_PORT=$(free_port)
+NP_STATUS=$(free_port)
+"$BIN" esp --service_json_path="$WORK/nopolicy.json" --http_port="$NP_PORT" --status_port="$NP_STATUS" \
+    --backend="127.0.0.1:$BACKEND_PORT" --access_log=off >"$WORK/esp-nopolicy.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$NP_PORT/bench" 200
+
+# --- Portico with API key (+ quota): portico up fronting the backend -------------------------
+start_up() { # NAME VARIANT
+    local name=$1 variant=$2
+    python3 bench/lib/variant.py "$variant" "$name" >"$WORK/$name.yaml"
+    (cd "$WORK" && exec "$BIN" up --data "$WORK/$name" --project bench-proj \
+        --openapi "$WORK/$name.yaml" --backend "127.0.0.1:$BACKEND_PORT" \
+        --port 0 --status-port 0 --control-plane-port 0 --access-log off) \
+        >"$WORK/up-$name.out" 2>"$WORK/up-$name.err" &
+    PIDS+=($!)
+    for _ in $(seq 600); do
+        grep -q 'Press Ctrl-C' "$WORK/up-$name.out" 2>/dev/null && return 0
+        if ! kill -0 "${PIDS[-1]}" 2>/dev/null; then break; fi
+        sleep 0.1
+    done
+    echo "bench: portico up ($name) did not start:" >&2
+    cat "$WORK/up-$name.err" >&2
+    return 1
+}
+field() { # FILE REGEX — first capture group
+    sed -nE "s#$2#\\1#p" "$1" | head -1
+}
+start_up key key
+start_up quota quota
+KEY_PORT=$(field "$WORK/up-key.out" '^  proxy +http://127\.0\.0\.1:([0-9]+).*')
+KEY_STATUS=$(field "$WORK/up-key.out" '^  status +http://127\.0\.0\.1:([0-9]+)/.*')
+KEY_CP=$(field "$WORK/up-key.out" '^  control plane +(http://[0-9.:]+).*')
+KEY_KEY=$(field "$WORK/up-key.out" '^API key: (.*)$')
+KEY_SERVICE=$(field "$WORK/up-key.out" '.*service ([^,]+), config.*')
+Q_PORT=$(field "$WORK/up-quota.out" '^  proxy +http://127\.0\.0\.1:([0-9]+).*')
+Q_STATUS=$(field "$WORK/up-quota.out" '^  status +http://127\.0\.0\.1:([0-9]+)/.*')
+Q_KEY=$(field "$WORK/up-quota.out" '^API key: (.*)$')
+wait_http "http://127.0.0.1:$KEY_PORT/bench?key=$KEY_KEY" 200
+wait_http "http://127.0.0.1:$Q_PORT/bench?key=$Q_KEY" 200
+wait_http "http://127.0.0.1:$KEY_PORT/bench" 401
+log "portico: nopolicy :$NP_PORT, key :$KEY_PORT, quota :$Q_PORT"
+
+declare -A URL=(
+    [nginx]="http://127.0.0.1:$NGINX_PORT/bench"
+    [portico-nopolicy]="http://127.0.0.1:$NP_PORT/bench"
+    [portico-key]="http://127.0.0.1:$KEY_PORT/bench?key=$KEY_KEY"
+    [portico-quota]="http://127.0.0.1:$Q_PORT/bench?key=$Q_KEY"
+)
+TARGETS=(nginx portico-nopolicy portico-key portico-quota)
+
+# Warm every path (connections, check caches, JWKS-free) before measuring.
+for t in "${TARGETS[@]}"; do
+    wrk -t1 -c50 -d2s "${URL[$t]}" >/dev/null
+done
+
+# --- throughput and latency, interleaved ------------------------------------------------------
+mkdir -p "$WORK/wrk"
+for round in $(seq "$ROUNDS"); do
+    for c in $CONNS; do
+        for t in "${TARGETS[@]}"; do
+            log "round $round/$ROUNDS: $t, $c connections, ${DURATION}s"
+            wrk -t1 -c"$c" -d"${DURATION}s" --latency "${URL[$t]}" >"$WORK/wrk/$round.$t.$c.txt"
+        done
+    done
+done
+
+# --- memory at 1,000 keep-alive connections ---------------------------------------------------
+status_pid() { # STATUS_PORT -> the proxy's pid from /endpoints_status
+    curl -s --max-time 5 "http://127.0.0.1:$1/endpoints_status" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["processes"][0]["processId"])'
+}
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+nginx_rss_kib() { # master + workers
+    local master total=0 p
+    master=$(cat "$WORK/nginx/nginx.pid")
+    for p in $master $(awk -v m="$master" '$4 == m {print $1}' /proc/[0-9]*/stat 2>/dev/null); do
+        total=$((total + $(rss_kib "$p")))
+    done
+    echo "$total"
+}
+Q_PID=$(status_pid "$Q_STATUS")
+log "RSS at 1,000 connections (portico-quota pid $Q_PID, and nginx)"
+RSS_IDLE=$(rss_kib "$Q_PID")
+wrk -t2 -c1000 -d6s "${URL[portico-quota]}" >"$WORK/rss-portico.txt" &
+WRK=$!
+sleep 4
+RSS_1K=$(rss_kib "$Q_PID")
+wait "$WRK"
+wrk -t2 -c1000 -d6s "${URL[nginx]}" >"$WORK/rss-nginx.txt" &
+WRK=$!
+sleep 4
+NGINX_RSS_1K=$(nginx_rss_kib)
+wait "$WRK"
+
+# --- a new rollout under load -------------------------------------------------------------------
+log "rollout under load (portico-key, wrk -c50 for 20 s; new config deployed at t=4 s)"
+python3 bench/lib/variant.py key key 1.0.1 >"$WORK/key-v2.yaml"
+wrk -t1 -c50 -d20s --latency "${URL[portico-key]}" >"$WORK/rollout-wrk.txt" &
+WRK=$!
+sleep 4
+T0=$(date +%s.%N)
+NEW_ID=$(python3 bench/lib/deploy.py "$KEY_CP" "$WORK/key/admin-token" "$KEY_SERVICE" "$WORK/key-v2.yaml")
+T_DEPLOYED=$(date +%s.%N)
+SERVED=""
+for _ in $(seq 300); do
+    if curl -s --max-time 2 "http://127.0.0.1:$KEY_STATUS/endpoints_status" | grep -q "\"$NEW_ID\""; then
+        SERVED=$(date +%s.%N)
+        break
+    fi
+    sleep 0.05
+done
+wait "$WRK"
+
+# --- report -------------------------------------------------------------------------------------
+echo
+echo "Portico proxy benchmark — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(uname -sr)"
+echo "wrk -t1 -d${DURATION}s --latency, ${ROUNDS} interleaved rounds, connections: $CONNS; backend: nginx fixed body"
+echo
+python3 bench/lib/wrk_summary.py "$WORK/wrk"
+echo
+printf 'RSS with 1,000 keep-alive connections (wrk -t2 -c1000):\n'
+calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
+printf '  portico-quota  %d KiB (%s MiB); idle before: %d KiB\n' "$RSS_1K" "$(calc "$RSS_1K/1024")" "$RSS_IDLE"
+printf '  nginx          %d KiB (%s MiB, master + %d workers)\n' "$NGINX_RSS_1K" "$(calc "$NGINX_RSS_1K/1024")" "$CORES"
+echo
+ROLL_FAILED=$(python3 - "$WORK/rollout-wrk.txt" <<'EOF'
+import re, sys
+n = 0
+for line in open(sys.argv[1]):
+    if line.startswith("Non-2xx or 3xx responses:"):
+        n += int(line.split(":")[1])
+    elif line.strip().startswith("Socket errors:"):
+        n += sum(int(x) for x in re.findall(r"\d+", line))
+print(n)
+EOF
+)
+ROLL_TOTAL=$(sed -nE 's/^ *([0-9]+) requests in.*/\1/p' "$WORK/rollout-wrk.txt")
+if [[ -n "$SERVED" ]]; then
+    printf 'Rollout under load: config %s served %s s after the deploy call returned (deploy call %s s); %s failed of %s requests\n' \
+        "$NEW_ID" "$(calc "$SERVED - $T_DEPLOYED")" "$(calc "$T_DEPLOYED - $T0")" "$ROLL_FAILED" "$ROLL_TOTAL"
+else
+    printf 'Rollout under load: config %s NOT served within 15 s; %s failed of %s requests\n' "$NEW_ID" "$ROLL_FAILED" "$ROLL_TOTAL"
+fi
