@@ -510,6 +510,33 @@ impl Service {
             .find(|r| r.selector == selector)
     }
 
+    /// The JSON name of field `field` (a snake_case name, as path bindings carry it) of the
+    /// request message of method `selector`, from `types[]`: `shelf_id` → `shelfId`. ESP uses
+    /// this mapping for `CONSTANT_ADDRESS` backends and query bindings. `None` when the method,
+    /// its request type or the field is unknown.
+    pub fn request_field_json_name(&self, selector: &str, field: &str) -> Option<&str> {
+        let (api, method) = self.apis.iter().find_map(|a| {
+            let m = selector.strip_prefix(a.name.as_str())?.strip_prefix('.')?;
+            Some((a, m))
+        })?;
+        let url = &api
+            .methods
+            .iter()
+            .find(|m| m.name == method)?
+            .request_type_url;
+        let type_name = url.rsplit_once('/').map_or(url.as_str(), |(_, n)| n);
+        let ty = self
+            .types
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(type_name))?;
+        ty.get("fields")?
+            .as_array()?
+            .iter()
+            .find(|f| f.get("name").and_then(|n| n.as_str()) == Some(field))?
+            .get("jsonName")?
+            .as_str()
+    }
+
     /// Whether Service Control is configured (`control.environment` non-empty).
     pub fn has_service_control(&self) -> bool {
         self.control

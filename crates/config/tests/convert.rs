@@ -262,6 +262,29 @@ fn every_extension_lands_in_the_config() {
         "https://example.auth0.com/authorize"
     );
 
+    // Request types for operations with parameters.
+    let get_shelf = svc["apis"][0]["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "GetShelf")
+        .unwrap();
+    assert_eq!(
+        get_shelf["requestTypeUrl"],
+        "type.googleapis.com/namespace.types.GetShelfRequest"
+    );
+    assert_eq!(
+        svc["types"],
+        json!([
+            {"name": "namespace.types.GetShelfRequest", "sourceContext": {"fileName": "namespace.types"},
+             "fields": [{"kind": "TYPE_STRING", "cardinality": "CARDINALITY_OPTIONAL", "number": 1,
+                         "name": "shelf_id", "jsonName": "shelfId"}]},
+            {"name": "namespace.types.DeleteShelfRequest", "sourceContext": {"fileName": "namespace.types"},
+             "fields": [{"kind": "TYPE_STRING", "cardinality": "CARDINALITY_OPTIONAL", "number": 1,
+                         "name": "shelf_id", "jsonName": "shelfId"}]}
+        ])
+    );
+
     // Quota.
     assert_eq!(
         svc["quota"]["limits"],
@@ -382,6 +405,23 @@ fn converted_rules_feed_the_path_matcher() {
         m.lookup("HEAD", "/v2/shelves").map(String::as_str),
         Some("2.library.HeadShelves")
     );
+    // Binding names map back to the parameter names through the generated request type.
+    assert_eq!(
+        conv.service
+            .request_field_json_name("2.library.GetShelf", "shelf_id"),
+        Some("shelfId")
+    );
+    assert_eq!(
+        conv.service
+            .request_field_json_name("2.library.GetShelf", "nope"),
+        None
+    );
+    assert_eq!(
+        conv.service
+            .request_field_json_name("2.library.ListShelves", "shelf_id"),
+        None,
+        "no parameters, no request type"
+    );
     // Anything else falls through to x-google-allow: all.
     assert_eq!(
         m.lookup("PATCH", "/v2/shelves/7").map(String::as_str),
@@ -435,4 +475,38 @@ fn cli_validate_prints_json_or_errors() {
     assert!(String::from_utf8(err)
         .unwrap()
         .contains("cannot read the file"));
+}
+
+#[test]
+fn request_type_names_stay_unique_across_apis() {
+    let v1 = "swagger: '2.0'\ninfo: {title: T, version: 1.0.0}\nhost: multi.example.com\npaths:\n  /v1/items/{itemId}:\n    get:\n      operationId: getItem\n      parameters: [{name: itemId, in: path, required: true, type: integer, format: int32}]\n      responses: {200: {description: ok}}\n";
+    let v2 = v1.replace("1.0.0", "2.0.0").replace("/v1/", "/v2/");
+    let conv = convert(&[
+        SourceFile::new("v1.yaml", v1),
+        SourceFile::new("v2.yaml", v2),
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    let s = &conv.service;
+    let urls: Vec<&str> = s
+        .apis
+        .iter()
+        .map(|a| a.methods[0].request_type_url.as_str())
+        .collect();
+    assert_eq!(
+        urls,
+        [
+            "type.googleapis.com/namespace.types.GetItemRequest",
+            "type.googleapis.com/namespace.types.GetItemRequest2"
+        ]
+    );
+    assert_eq!(s.types[1]["name"], "namespace.types.GetItemRequest2");
+    assert_eq!(s.types[1]["fields"][0]["kind"], "TYPE_INT32");
+    assert_eq!(
+        s.request_field_json_name("2.multi_example_com.GetItem", "item_id"),
+        Some("itemId")
+    );
+    assert_eq!(
+        s.http.as_ref().unwrap().rules[1].get.as_deref(),
+        Some("/v2/items/{item_id}")
+    );
 }

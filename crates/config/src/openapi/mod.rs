@@ -35,9 +35,16 @@
 //! | `backend.rules` | `x-google-backend` at the top level (default `APPEND_PATH_TO_ADDRESS`) or per operation (default `CONSTANT_ADDRESS`) |
 //! | `control`, `logs`, `metrics`, `monitoredResources`, `logging`, `monitoring` | fixed: Service Control and the `endpoints_log` / `serviceruntime.googleapis.com` declarations ESP reports against |
 //! | `sourceInfo` | the input files, base64, as `ConfigFile`s |
+//! | `types` | request messages built from the operations' parameters (see below) |
 //!
-//! Not produced: `types[]` (request/response messages); methods use `google.protobuf.Empty` /
-//! `google.protobuf.Value` as Google does for schema-less operations.
+//! `types[]` holds one request message per method with parameters (`namespace.types.<Method>Request`,
+//! fields = path, query and body parameters, snake_case `name` + original `jsonName`), so the
+//! proxy can map binding names back to parameter names ([`Service::request_field_json_name`]).
+//! Schemas under `definitions` are not turned into message types: bodies are
+//! `google.protobuf.Value`, responses `google.protobuf.Value`, parameterless requests
+//! `google.protobuf.Empty`.
+//!
+//! [`Service::request_field_json_name`]: crate::service::Service::request_field_json_name
 
 mod convert;
 mod generated;
