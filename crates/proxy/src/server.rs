@@ -21,7 +21,6 @@ use crate::routing::{RouteOptions, RouteTable};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
@@ -381,7 +380,8 @@ fn worker_main(
         }
     };
     rt.block_on(async move {
-        let graceful = Arc::new(GracefulShutdown::new());
+        // Every connection task holds a clone: the strong count is the number of live connections.
+        let live = Arc::new(());
         let mut loops = Vec::new();
         for (kind, l) in listeners {
             let listener = match tokio::net::TcpListener::from_std(l) {
@@ -396,17 +396,23 @@ fn worker_main(
                 listener,
                 pipeline.clone(),
                 tls.clone(),
-                graceful.clone(),
+                live.clone(),
                 shutdown.clone(),
             )));
         }
         for l in loops {
             let _ = l.await;
         }
-        if let Ok(g) = Arc::try_unwrap(graceful) {
-            if tokio::time::timeout(DRAIN, g.shutdown()).await.is_err() {
-                tracing::warn!("in-flight requests still running after {DRAIN:?}; closing them");
+        let deadline = tokio::time::Instant::now() + DRAIN;
+        while Arc::strong_count(&live) > 1 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    connections = Arc::strong_count(&live) - 1,
+                    "in-flight requests still running after {DRAIN:?}; closing them"
+                );
+                break;
             }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
 }
@@ -416,7 +422,7 @@ async fn accept_loop(
     listener: tokio::net::TcpListener,
     pipeline: Arc<Pipeline>,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    graceful: Arc<GracefulShutdown>,
+    live: Arc<()>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
@@ -439,23 +445,19 @@ async fn accept_loop(
             peer,
             tls: kind == PortKind::Ssl,
         };
-        let p = pipeline.clone();
-        let svc = service_fn(move |req| {
-            let p = p.clone();
-            async move { Ok::<_, Infallible>(p.handle(req, conn_info).await) }
-        });
+        let (pipeline, builder, live, shutdown) = (
+            pipeline.clone(),
+            builder.clone(),
+            live.clone(),
+            shutdown.clone(),
+        );
         match (kind, &tls) {
             (PortKind::Ssl, Some(acceptor)) => {
                 let acceptor = acceptor.clone();
-                let builder = builder.clone();
-                let graceful = graceful.clone();
                 tokio::spawn(async move {
-                    let tls_stream = match tokio::time::timeout(
-                        Duration::from_secs(10),
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
+                    let tls_stream = match handshake.await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -463,23 +465,44 @@ async fn accept_loop(
                         }
                         Err(_) => return,
                     };
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(tls_stream), svc)
-                        .into_owned();
-                    let _ = graceful.watch(conn).await;
+                    serve_conn(builder, tls_stream, pipeline, conn_info, shutdown, live).await;
                 });
             }
             _ => {
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                    .into_owned();
-                let fut = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = fut.await;
-                });
+                tokio::spawn(serve_conn(
+                    builder, stream, pipeline, conn_info, shutdown, live,
+                ));
             }
         }
     }
+}
+
+/// Serves one client connection. On shutdown the connection finishes the request in flight
+/// and closes; `_live` is dropped when it is done, which is what the worker's drain waits for.
+async fn serve_conn<IO>(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    io: IO,
+    pipeline: Arc<Pipeline>,
+    conn_info: ConnInfo,
+    mut shutdown: watch::Receiver<bool>,
+    _live: Arc<()>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let p = pipeline.clone();
+        async move { Ok::<_, Infallible>(p.handle(req, conn_info).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    if !*shutdown.borrow() {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = shutdown.changed() => {}
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
 }
 
 async fn wait_for_signal() {

@@ -1329,3 +1329,34 @@ async fn access_log_has_one_json_line_per_request_with_streamed_sizes() {
     );
     assert!(lines[1]["backend_latency_ms"].as_f64().is_some());
 }
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_tls_requests() {
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        start_backend().await,
+        &["--ssl_port=0", "--generate_self_signed_cert"],
+    )
+    .await;
+    let addr = env.proxy.ssl_addr.unwrap();
+    let tls = reqwest::Client::builder()
+        .no_proxy()
+        .danger_accept_invalid_certs(true)
+        .resolve("localhost", addr)
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}/slow", addr.port());
+    let slow = tokio::spawn(async move { tls.get(url).send().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let Env { proxy, .. } = env;
+    let started = std::time::Instant::now();
+    proxy.shutdown(Duration::from_secs(10)).await;
+    let r = slow.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "drain waited for the timeout"
+    );
+    // Nothing accepts any more.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
