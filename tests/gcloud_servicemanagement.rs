@@ -194,7 +194,18 @@ fn walkthrough(db: Db) {
         "{out}"
     );
 
-    // The deploy enabled the service on the producer project.
+    // The tutorial's batch enable, then the deploy's own enable, as `services list --enabled`.
+    must(
+        g.run(&[
+            "services",
+            "enable",
+            "servicemanagement.googleapis.com",
+            "servicecontrol.googleapis.com",
+            "endpoints.googleapis.com",
+        ]),
+        "services enable",
+        &cp,
+    );
     let out = must(
         g.run(&[
             "services",
@@ -205,7 +216,20 @@ fn walkthrough(db: Db) {
         "services list --enabled",
         &cp,
     );
-    assert!(out.stdout.lines().any(|l| l == SVC), "{out}");
+    let enabled: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        enabled,
+        vec![
+            SVC,
+            "endpoints.googleapis.com",
+            "servicecontrol.googleapis.com",
+            "servicemanagement.googleapis.com"
+        ],
+        "{out}"
+    );
+    let out = g.run(&["services", "enable", "not-a-service.example.com"]);
+    assert!(!out.ok(), "{out}");
+    assert!(out.stderr.contains("not-a-service.example.com"), "{out}");
 
     // Service IAM.
     let out = must(
