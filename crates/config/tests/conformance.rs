@@ -145,7 +145,23 @@ type Facts = (
     String,
     BTreeSet<(String, String, String)>,
     BTreeMap<String, bool>,
+    Extra,
 );
+
+/// Facts beyond routing: authentication, quota and endpoints.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Extra {
+    /// selector → (provider, audiences) of rules that have requirements.
+    auth: BTreeMap<String, BTreeSet<(String, String)>>,
+    /// (id, issuer, jwks_uri, audiences)
+    providers: BTreeSet<(String, String, String, String)>,
+    /// (name, metric, unit, values)
+    limits: BTreeSet<(String, String, String, String)>,
+    /// selector → costs
+    metric_rules: BTreeMap<String, String>,
+    /// (name, target, allow_cors)
+    endpoints: BTreeSet<(String, String, bool)>,
+}
 
 fn facts_from_baseline(m: &Msg) -> Facts {
     let name = m.scalar("name").unwrap_or_default().to_string();
@@ -176,7 +192,65 @@ fn facts_from_baseline(m: &Msg) -> Facts {
             );
         }
     }
-    (name, rules, usage)
+    let mut extra = Extra::default();
+    for a in m.msgs("authentication") {
+        for r in a.msgs("rules") {
+            let reqs: BTreeSet<(String, String)> = r
+                .msgs("requirements")
+                .map(|q| {
+                    (
+                        q.scalar("provider_id").unwrap_or_default().to_string(),
+                        q.scalar("audiences").unwrap_or_default().to_string(),
+                    )
+                })
+                .collect();
+            if !reqs.is_empty() {
+                extra
+                    .auth
+                    .insert(r.scalar("selector").unwrap_or_default().to_string(), reqs);
+            }
+        }
+        for p in a.msgs("providers") {
+            let f = |k: &str| p.scalar(k).unwrap_or_default().to_string();
+            extra
+                .providers
+                .insert((f("id"), f("issuer"), f("jwks_uri"), f("audiences")));
+        }
+    }
+    let key_values = |m: &Msg, field: &str| -> String {
+        let map: BTreeMap<String, String> = m
+            .msgs(field)
+            .map(|v| {
+                (
+                    v.scalar("key").unwrap_or_default().to_string(),
+                    v.scalar("value").unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        format!("{map:?}")
+    };
+    for q in m.msgs("quota") {
+        for l in q.msgs("limits") {
+            let f = |k: &str| l.scalar(k).unwrap_or_default().to_string();
+            extra
+                .limits
+                .insert((f("name"), f("metric"), f("unit"), key_values(l, "values")));
+        }
+        for r in q.msgs("metric_rules") {
+            extra.metric_rules.insert(
+                r.scalar("selector").unwrap_or_default().to_string(),
+                key_values(r, "metric_costs"),
+            );
+        }
+    }
+    for e in m.msgs("endpoints") {
+        extra.endpoints.insert((
+            e.scalar("name").unwrap_or_default().to_string(),
+            e.scalar("target").unwrap_or_default().to_string(),
+            e.scalar("allow_cors") == Some("true"),
+        ));
+    }
+    (name, rules, usage, extra)
 }
 
 fn facts_from_service(s: &portico_config::Service) -> Facts {
@@ -192,7 +266,52 @@ fn facts_from_service(s: &portico_config::Service) -> Facts {
         .flat_map(|u| &u.rules)
         .map(|r| (r.selector.clone(), r.allow_unregistered_calls))
         .collect();
-    (s.name.clone(), rules, usage)
+    let mut extra = Extra::default();
+    if let Some(a) = &s.authentication {
+        for r in &a.rules {
+            let reqs: BTreeSet<(String, String)> = r
+                .requirements
+                .iter()
+                .map(|q| (q.provider_id.clone(), q.audiences.clone()))
+                .collect();
+            if !reqs.is_empty() {
+                extra.auth.insert(r.selector.clone(), reqs);
+            }
+        }
+        for p in &a.providers {
+            extra.providers.insert((
+                p.id.clone(),
+                p.issuer.clone(),
+                p.jwks_uri.clone(),
+                p.audiences.clone(),
+            ));
+        }
+    }
+    let render = |m: &BTreeMap<String, i64>| {
+        let m: BTreeMap<&String, String> = m.iter().map(|(k, v)| (k, v.to_string())).collect();
+        format!("{m:?}")
+    };
+    if let Some(q) = &s.quota {
+        for l in &q.limits {
+            extra.limits.insert((
+                l.name.clone(),
+                l.metric.clone(),
+                l.unit.clone(),
+                render(&l.values),
+            ));
+        }
+        for r in &q.metric_rules {
+            extra
+                .metric_rules
+                .insert(r.selector.clone(), render(&r.metric_costs));
+        }
+    }
+    for e in &s.endpoints {
+        extra
+            .endpoints
+            .insert((e.name.clone(), e.target.clone(), e.allow_cors));
+    }
+    (s.name.clone(), rules, usage, extra)
 }
 
 #[test]
@@ -247,6 +366,7 @@ fn api_compiler_corpus() {
                 let got = facts_from_service(&conv.service);
                 if NAME_GIVEN_EXPLICITLY.contains(&case.as_str()) {
                     want.0.clone_from(&got.0);
+                    want.3.endpoints.clone_from(&got.3.endpoints);
                 }
                 if want == got {
                     accepted_ok += 1;
@@ -264,7 +384,7 @@ fn api_compiler_corpus() {
         }
     }
     eprintln!(
-        "api-compiler conformance: {} passed ({accepted_ok} accepted with matching name/http/usage, {rejected_ok} rejected as expected), {excluded} excluded, {} failed",
+        "api-compiler conformance: {} passed ({accepted_ok} accepted with matching name, http, usage, auth, quota and endpoints, {rejected_ok} rejected as expected), {excluded} excluded, {} failed",
         accepted_ok + rejected_ok,
         failures.len()
     );
