@@ -604,6 +604,35 @@ pub(crate) mod test_support {
     pub(crate) async fn env() -> TestEnv {
         let dir = tempfile::tempdir().expect("tempdir");
         let opts = ServeOptions::sqlite("127.0.0.1:0".parse().expect("addr"), dir.path());
+        env_with(dir, opts).await
+    }
+
+    /// A state on PostgreSQL in a fresh schema, or `None` after a loud `SKIPPED:` when
+    /// PostgreSQL is absent (a failure when `CI=true`). Call [`TestEnv::drop_pg_schema`] at the
+    /// end.
+    pub(crate) async fn env_pg(test: &str) -> Option<TestEnv> {
+        let reachable = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            tokio::net::TcpStream::connect("127.0.0.1:5432"),
+        )
+        .await
+        .map(|r| r.is_ok())
+        .unwrap_or(false);
+        if !reachable {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{test}: PostgreSQL is not reachable on 127.0.0.1:5432 and CI=true");
+            }
+            eprintln!("SKIPPED: {test}: PostgreSQL is not reachable on 127.0.0.1:5432");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut opts = ServeOptions::sqlite("127.0.0.1:0".parse().expect("addr"), dir.path());
+        opts.database_url = Some("postgres://postgres@127.0.0.1:5432/test".into());
+        opts.database_schema = Some(format!("cp_{}", uuid::Uuid::new_v4().simple()));
+        Some(env_with(dir, opts).await)
+    }
+
+    async fn env_with(dir: tempfile::TempDir, opts: ServeOptions) -> TestEnv {
         let (state, token_path) = build_state_with(
             &opts,
             "127.0.0.1:1".parse().expect("addr"),
@@ -623,6 +652,23 @@ pub(crate) mod test_support {
     }
 
     impl TestEnv {
+        /// Drops this environment's PostgreSQL schema (no-op on SQLite).
+        pub(crate) async fn drop_pg_schema(&self) {
+            if self.state.store.backend() != crate::store::Backend::Postgres {
+                return;
+            }
+            let schema: Result<(String,), _> = sqlx::query_as("SELECT current_schema()")
+                .fetch_one(self.state.store.pool())
+                .await;
+            if let Ok((schema,)) = schema {
+                if schema.starts_with("cp_") {
+                    let _ = sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+                        .execute(self.state.store.pool())
+                        .await;
+                }
+            }
+        }
+
         pub(crate) async fn call(
             &self,
             method: Method,

@@ -1806,7 +1806,21 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_submits_get_distinct_ids() {
-        let e = std::sync::Arc::new(env().await);
+        concurrent_submits(std::sync::Arc::new(env().await)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_submits_get_distinct_ids_postgres() {
+        let Some(e) = crate::server::test_support::env_pg("concurrent_submits_postgres").await
+        else {
+            return;
+        };
+        let e = std::sync::Arc::new(e);
+        concurrent_submits(e.clone()).await;
+        e.drop_pg_schema().await;
+    }
+
+    async fn concurrent_submits(e: std::sync::Arc<TestEnv>) {
         create(&e).await;
         let mut tasks = Vec::new();
         for _ in 0..6 {
