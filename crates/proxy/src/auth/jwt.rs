@@ -257,4 +257,30 @@ mod tests {
             r#"{"a/b":"\u00e9\ud83d\ude00\"\n","n":[1,2.5,true,null]}"#
         );
     }
+
+    /// Tokens come straight from clients: random and mutated inputs must never panic.
+    #[test]
+    fn mangled_tokens_never_panic() {
+        use rand::{Rng as _, SeedableRng as _};
+        let good = format!(
+            "{}.{}.c2ln",
+            enc(r#"{"alg":"RS256","kid":"k"}"#),
+            enc(r#"{"iss":"i","aud":["a"],"exp":1,"nbf":0}"#)
+        );
+        assert!(parse(&good).is_ok());
+        let alphabet = b"abcXYZ019-_.=+/ \"{}:,[]\\\xc3\xa9";
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for _ in 0..5_000 {
+            let mut bytes = good.clone().into_bytes();
+            for _ in 0..rng.gen_range(1..6) {
+                let at = rng.gen_range(0..bytes.len());
+                bytes[at] = alphabet[rng.gen_range(0..alphabet.len())];
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            if let Ok(p) = parse(&text) {
+                let _ = p.time_valid(0);
+                let _ = p.signature_valid(&text, &[]);
+            }
+        }
+    }
 }

@@ -397,4 +397,45 @@ mod tests {
         );
         assert!(set.keys.is_empty());
     }
+
+    /// Fetched bodies are attacker-influenced: truncated and bit-flipped certificates and
+    /// random bytes must never panic the DER walk.
+    #[test]
+    fn mangled_certificates_never_panic() {
+        use rand::{Rng as _, SeedableRng as _};
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["x".to_string()])
+            .unwrap()
+            .self_signed(&kp)
+            .unwrap();
+        let der = cert.der().to_vec();
+        assert!(certificate_spki(&der).is_some());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for i in 0..2_000 {
+            let mut d = der.clone();
+            if i % 2 == 0 {
+                d.truncate(rng.gen_range(0..der.len()));
+            } else {
+                for _ in 0..rng.gen_range(1..8) {
+                    let at = rng.gen_range(0..d.len());
+                    d[at] ^= 1 << rng.gen_range(0..8);
+                }
+            }
+            if let Some(spki) = certificate_spki(&d) {
+                let _ = spki_key(&spki);
+            }
+            let pem = format!(
+                "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+                STANDARD.encode(&d)
+            );
+            let _ = KeySet::parse(serde_json::json!({ "k": pem }).to_string().as_bytes());
+        }
+        for _ in 0..500 {
+            let len = rng.gen_range(0..300);
+            let junk: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            let _ = certificate_spki(&junk);
+            let _ = spki_key(&junk);
+            let _ = KeySet::parse(&junk);
+        }
+    }
 }
