@@ -176,6 +176,10 @@ pub struct EspArgs {
     /// nginx's proxy_read_timeout in ESP's template).
     #[arg(long = "http_request_timeout_s", default_value_t = 86400.0)]
     pub http_request_timeout_s: f64,
+    /// Portico: extra trusted CA certificates (PEM) for an `https://` backend, e.g. a private CA
+    /// or the backend's self-signed certificate. The public web PKI is always trusted.
+    #[arg(long = "backend_ca_cert_path")]
+    pub backend_ca_cert_path: Option<PathBuf>,
     /// Where the access log goes: a file path, `/dev/stdout` (default) or `off`.
     #[arg(long = "access_log")]
     pub access_log: Option<String>,
@@ -300,6 +304,7 @@ pub struct Settings {
     pub rollout_fetch_throttle_window: Option<Duration>,
     pub worker_threads: usize,
     pub backend_timeout: Duration,
+    pub backend_ca_cert_path: Option<PathBuf>,
     /// `--access_log`: `None` = stdout.
     pub access_log: Option<String>,
     /// Flags accepted only for compatibility, reported once at start-up.
@@ -712,6 +717,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         worker_threads,
         backend_timeout: Duration::from_secs_f64(a.http_request_timeout_s),
         access_log: a.access_log,
+        backend_ca_cert_path: a.backend_ca_cert_path,
         ignored_flags,
     })
 }

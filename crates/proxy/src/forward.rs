@@ -168,8 +168,43 @@ pub enum ForwarderBuildError {
     Tls(String),
 }
 
+/// Trust anchors for `https://` backends: the public web PKI plus, optionally, a PEM bundle
+/// (`--backend_ca_cert_path`) for backends with a private CA or a self-signed certificate.
+pub fn backend_roots(
+    extra_pem: Option<&std::path::Path>,
+) -> Result<rustls::RootCertStore, ForwarderBuildError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_pem {
+        let pem = std::fs::read(path).map_err(|e| {
+            ForwarderBuildError::Tls(format!("cannot read {}: {e}", path.display()))
+        })?;
+        let certs = rustls_pemfile::certs(&mut pem.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ForwarderBuildError::Tls(format!("{}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(ForwarderBuildError::Tls(format!(
+                "{} holds no PEM certificate",
+                path.display()
+            )));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| ForwarderBuildError::Tls(format!("{}: {e}", path.display())))?;
+        }
+    }
+    Ok(roots)
+}
+
 impl Forwarder {
-    pub fn new(backend: &BackendAddr, timeout: Duration) -> Result<Forwarder, ForwarderBuildError> {
+    /// A client for `backend`; `roots` are the trust anchors for `https://` (see
+    /// [`backend_roots`]), unused otherwise.
+    pub fn new(
+        backend: &BackendAddr,
+        timeout: Duration,
+        roots: Option<rustls::RootCertStore>,
+    ) -> Result<Forwarder, ForwarderBuildError> {
         let authority: Authority = backend
             .authority()
             .parse()
@@ -201,9 +236,17 @@ impl Forwarder {
             BackendScheme::Https => {
                 http.enforce_http(false);
                 let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-                let https = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_provider_and_webpki_roots(provider)
+                let roots = match roots {
+                    Some(r) => r,
+                    None => backend_roots(None)?,
+                };
+                let tls = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
                     .map_err(|e| ForwarderBuildError::Tls(e.to_string()))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                let https = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(tls)
                     .https_only()
                     .enable_http1()
                     .wrap_connector(http);

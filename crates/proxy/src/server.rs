@@ -287,6 +287,12 @@ pub async fn start_with_metrics(
             source,
         })?;
 
+    let roots = match settings.backend.scheme {
+        crate::cli::BackendScheme::Https => Some(crate::forward::backend_roots(
+            settings.backend_ca_cert_path.as_deref(),
+        )?),
+        _ => None,
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut workers = Vec::with_capacity(n);
     for i in 0..n {
@@ -294,7 +300,7 @@ pub async fn start_with_metrics(
             .iter_mut()
             .filter_map(|(k, ls)| ls.pop().map(|l| (*k, l)))
             .collect();
-        let forwarder = Forwarder::new(&settings.backend, settings.backend_timeout)?;
+        let forwarder = Forwarder::new(&settings.backend, settings.backend_timeout, roots.clone())?;
         let pipeline = Arc::new(Pipeline::new(state.clone(), forwarder));
         let rx = shutdown_rx.clone();
         let tls = tls.clone();

@@ -1360,3 +1360,76 @@ async fn graceful_shutdown_finishes_in_flight_tls_requests() {
     // Nothing accepts any more.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+/// An HTTPS backend with a fresh self-signed certificate for `localhost`; returns its address
+/// and the certificate PEM.
+async fn start_tls_backend() -> (SocketAddr, String) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert_pem = ck.cert.pem();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.key_pair.serialize_der()).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ck.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service_fn(backend_handler))
+                    .await;
+            });
+        }
+    });
+    (addr, cert_pem)
+}
+
+#[tokio::test]
+async fn https_backend_is_verified_against_the_configured_ca() {
+    let (backend, cert_pem) = start_tls_backend().await;
+    let backend_flag = format!("--backend=https://localhost:{}", backend.port());
+    // Untrusted certificate: the proxy refuses the backend.
+    let env = start_proxy(fixture("bookstore_sc.json"), backend, &[&backend_flag]).await;
+    let r = env
+        .client
+        .get(format!("{}/shelves", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    // With the certificate as a trusted CA it goes through.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("backend.pem");
+    std::fs::write(&ca, cert_pem).unwrap();
+    let ca_flag = format!("--backend_ca_cert_path={}", ca.display());
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        backend,
+        &[&backend_flag, &ca_flag],
+    )
+    .await;
+    let r = env
+        .client
+        .get(format!("{}/shelves?x=1", env.base))
+        .header("host", "api.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v = json_of(r).await;
+    assert_eq!(v["uri"], "/shelves?x=1");
+    assert_eq!(backend_header(&v, "host"), vec!["api.example"]);
+}
