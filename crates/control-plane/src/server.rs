@@ -657,15 +657,22 @@ pub(crate) mod test_support {
             if self.state.store.backend() != crate::store::Backend::Postgres {
                 return;
             }
-            let schema: Result<(String,), _> = sqlx::query_as("SELECT current_schema()")
-                .fetch_one(self.state.store.pool())
-                .await;
-            if let Ok((schema,)) = schema {
-                if schema.starts_with("cp_") {
-                    let _ = sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+            // `name` has no Any-driver decoding, hence the cast.
+            let schema: Result<(String,), _> =
+                sqlx::query_as("SELECT CAST(current_schema() AS TEXT)")
+                    .fetch_one(self.state.store.pool())
+                    .await;
+            match schema {
+                Ok((schema,)) if schema.starts_with("cp_") => {
+                    if let Err(e) = sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
                         .execute(self.state.store.pool())
-                        .await;
+                        .await
+                    {
+                        eprintln!("drop schema {schema}: {e}");
+                    }
                 }
+                Ok((other,)) => eprintln!("not dropping schema {other}: not a test schema"),
+                Err(e) => eprintln!("current_schema(): {e}"),
             }
         }
 
