@@ -25,7 +25,6 @@ const EXCLUDED: &[(&str, &str)] = &[
     ("type_reference_array_loop", "types are not generated, so circular schema references are not detected"),
     ("type_reference_ref_loop", "types are not generated, so circular schema references are not detected"),
     ("schema_error", "OpenAPI JSON-schema validation (e.g. a missing 'responses') is not performed"),
-    ("invalid_opertion_id", "besides duplicates (rejected here too) it has an operation without operationId, for which a name is generated"),
     ("no_opertion_id", "no input file in the corpus"),
     ("bookstore_visibility", "no input file in the corpus (visibility rules come from a separate service config)"),
     ("multiple_swagger", "the corpus does not say which files form the input"),

@@ -442,3 +442,20 @@ mod never_panics {
         }
     }
 }
+
+#[test]
+fn operations_that_match_the_same_requests() {
+    let param = |n: &str| {
+        format!("      parameters: [{{name: {n}, in: path, required: true, type: string}}]\n")
+    };
+    let text = spec(&format!(
+        "paths:\n  /a/{{x}}:\n    get:\n      operationId: byX\n{}{OK_RESPONSES}  /a/{{y}}:\n    get:\n      operationId: byY\n{}{OK_RESPONSES}    post:\n      operationId: postY\n{}{OK_RESPONSES}",
+        param("x"),
+        param("y"),
+        param("y")
+    ));
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        ["openapi.yaml:15:5: Operation 'get' in path '/a/{y}': GET /a/{y} matches exactly the same requests as get /a/{x}; one of them could never be called"]
+    );
+}

@@ -4,8 +4,9 @@
 use super::generated;
 use super::tree::{self, Key, Node, Pos, Value};
 use super::{Conversion, ConvertError, Diagnostic, Severity, SourceFile};
+use crate::matcher::PathMatcherBuilder;
 use crate::service::*;
-use crate::template::Template;
+use crate::template::{Template, TemplateError};
 use base64::Engine;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -376,6 +377,10 @@ struct FileConverter<'c, 'a, 'n> {
     /// Names declared under x-google-management.metrics.
     metric_names: BTreeSet<String>,
     top_backend: Option<BackendRule>,
+    /// Every route so far, to find operations that match the same requests.
+    routes: PathMatcherBuilder<String>,
+    /// (METHOD, template, "get /path") of registered routes, for messages.
+    routes_seen: Vec<(String, Template, String)>,
     /// The top-level `security`, checked once (operations that inherit it do not re-report).
     top_security: Option<Vec<Alternative>>,
     /// The top-level legacy `x-security`, checked once.
@@ -392,6 +397,8 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
             schemes: BTreeMap::new(),
             metric_names: BTreeSet::new(),
             top_backend: None,
+            routes: PathMatcherBuilder::new(),
+            routes_seen: Vec::new(),
             top_security: None,
             top_x_security: None,
             base_path: String::new(),
@@ -1505,6 +1512,7 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
             }
         };
         let where_ = format!("{http_method} {}", pk.text);
+        let where_label = where_.clone();
         if let Some((other_id, other_pos, other_where)) = names.get(&method_name) {
             let msg = if *other_id == op_id {
                 format!("{label}: operationId \"{op_id}\" is already used by {other_where} (line {}); operationIds must be unique", other_pos.line)
@@ -1573,6 +1581,29 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
         // HTTP rule. Variables are renamed to snake_case field names, as Google does
         // (`{shelfId}` → `{shelf_id}`), since they name fields of the request message.
         let full_path = &snake_case_variables(full_path);
+        // Two operations the matcher cannot tell apart (`/a/{x}` and `/a/{y}`, or the same path
+        // spelled twice through basePath) would leave one of them unreachable.
+        let route_method = http_method.to_ascii_uppercase();
+        if let Err(TemplateError::Duplicate { .. }) =
+            self.routes
+                .register(&route_method, full_path, where_label.clone())
+        {
+            let other = self
+                .routes_seen
+                .iter()
+                .find(|(m, t, _)| {
+                    *m == route_method && t.segments == template.segments && t.verb == template.verb
+                })
+                .map(|(_, _, w)| w.clone())
+                .unwrap_or_default();
+            self.ctx.error(
+                mk.pos,
+                format!("{label}: {route_method} {full_path} matches exactly the same requests as {other}; one of them could never be called"),
+            );
+            return;
+        }
+        self.routes_seen
+            .push((route_method, template.clone(), where_label));
         let mut rule = HttpRule {
             selector: selector.clone(),
             body,
