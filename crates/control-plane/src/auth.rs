@@ -91,6 +91,18 @@ impl AdminToken {
                         "admin token file is empty",
                     ));
                 }
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    if let Ok(m) = std::fs::metadata(path) {
+                        if m.permissions().mode() & 0o077 != 0 {
+                            tracing::warn!(
+                                path = %path.display(),
+                                "the admin token file is readable by other users; chmod 600 it"
+                            );
+                        }
+                    }
+                }
                 return Ok(AdminToken::from_value(t));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
