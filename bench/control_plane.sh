@@ -6,6 +6,9 @@
 # consumer project, creates an API key, then measures:
 #   check    POST /v1/services/SVC:check         one operation, consumer api_key:<key>; every
 #            call resolves the key, its restrictions and the consumer's activation in the DB.
+#   quota    POST /v1/services/SVC:allocateQuota  cost 1 in NORMAL mode against a per-minute
+#            limit of 1e6 for one consumer: every call is a conditional upsert of the same counter
+#            row (the most contended write there is).
 #   report   POST /v1/services/SVC:report        OPS operations per call (ESP batches up to 10),
 #            every operation id unique, each with request_count/error_count/latency metrics and
 #            one endpoints_log entry; each call is one committed transaction.
@@ -15,14 +18,14 @@
 #
 # Output lines: `<db> <call> <req/s> req/s (<latency avg>) [<ops/s> ops/s]`.
 # Usage: bench/control_plane.sh   (PORTICO=path/to/portico, default target/release/portico)
-# Env:   DURATION (8s per run; 4 runs keep the whole thing under 60 s), CONNECTIONS (16),
+# Env:   DURATION (6s per run; 6 runs keep the whole thing under 60 s), CONNECTIONS (16),
 #        THREADS (2), OPS (10), PG_URL (postgres://postgres@127.0.0.1:5432/test), SKIP_PG=1.
 # Needs: wrk, curl, jq, python3 (free port), psql (schema clean-up, optional).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PORTICO="${PORTICO:-$ROOT/target/release/portico}"
-DURATION="${DURATION:-8s}"
+DURATION="${DURATION:-6s}"
 CONNECTIONS="${CONNECTIONS:-16}"
 THREADS="${THREADS:-2}"
 OPS="${OPS:-10}"
@@ -135,6 +138,12 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $ADMIN"
 wrk.body = '{"operation":{"operationId":"bench","operationName":"$SELECTOR","consumerId":"api_key:$KEY","labels":{"servicecontrol.googleapis.com/caller_ip":"127.0.0.1"}}}'
 LUA
+  cat >"$WORK/quota.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $ADMIN"
+wrk.body = '{"allocateOperation":{"operationId":"bench","methodName":"$SELECTOR","consumerId":"api_key:$KEY","quotaMode":"NORMAL","quotaMetrics":[{"metricName":"echo-requests","metricValues":[{"int64Value":"1"}]}]}}'
+LUA
   local now
   now="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   cat >"$WORK/report.lua" <<LUA
@@ -189,6 +198,29 @@ run_wrk() {
   LAST_TOTAL="$total"
 }
 
+# The counter must hold every acknowledged allocation (wrk's count) and at most the calls wrk cut
+# off in flight (one per connection): probed with CHECK_ONLY costs just past each bound.
+verify_quota() {
+  local db="$1" start_minute="$2" limit=1000000 low high
+  if [[ "$(date -u +%H%M)" != "$start_minute" ]]; then
+    echo "$db quota: the minute rolled over during the run; counter not verified"
+    return 0
+  fi
+  low="$(quota_probe $((limit - LAST_TOTAL + 1)))"
+  high="$(quota_probe $((limit - LAST_TOTAL - CONNECTIONS)))"
+  if [[ "$low" != "RESOURCE_EXHAUSTED" || -n "$high" ]]; then
+    echo "$db quota: counter does not match $LAST_TOTAL acknowledged allocations ($low/$high)" >&2
+    exit 1
+  fi
+  echo "$db quota counter holds the $LAST_TOTAL acknowledged allocations (+ at most $CONNECTIONS in flight)"
+}
+
+quota_probe() { # quota_probe COST → first allocate error code, empty if it would fit
+  api POST "/v1/services/$SVC:allocateQuota" \
+    "{\"allocateOperation\":{\"operationId\":\"probe\",\"methodName\":\"$SELECTOR\",\"consumerId\":\"api_key:$KEY\",\"quotaMode\":\"CHECK_ONLY\",\"quotaMetrics\":[{\"metricName\":\"echo-requests\",\"metricValues\":[{\"int64Value\":\"$1\"}]}]}}" \
+    | jq -r '.allocateErrors[0].code // empty'
+}
+
 verify_report() {
   local db="$1" stored expected
   stored="$(api GET "/portico/v1/services/$SVC/timeseries?since=1h" \
@@ -204,6 +236,10 @@ bench_db() {
   setup_service
   write_lua
   run_wrk "$db" check "$BASE/v1/services/$SVC:check" "$WORK/check.lua" 1
+  local minute
+  minute="$(date -u +%H%M)"
+  run_wrk "$db" quota "$BASE/v1/services/$SVC:allocateQuota" "$WORK/quota.lua" 1
+  verify_quota "$db" "$minute"
   run_wrk "$db" report "$BASE/v1/services/$SVC:report" "$WORK/report.lua" "$OPS"
   verify_report "$db"
   stop_cp
