@@ -729,3 +729,32 @@ async fn a_caller_hanging_up_does_not_wedge_the_cache() {
     assert_eq!(peer.requests_to(":check").len(), 2);
     sc.shutdown().await;
 }
+
+#[tokio::test]
+async fn oversized_report_batches_are_split() {
+    let peer = FakePeer::start(route(ok_check, || (200, "{}".into()))).await;
+    let mut o = options(&peer);
+    o.report_flush_interval = Duration::from_secs(3600);
+    // One operation with its log entry is ~2 KiB of JSON; allow about two per request.
+    o.report_max_request_bytes = 5000;
+    let sc = ServiceControl::new(o).expect("client");
+    for code in [200, 201, 202, 204, 400, 401, 403, 404] {
+        sc.report(record(code));
+    }
+    sc.shutdown().await;
+    let reports = peer.requests_to(":report");
+    assert!(
+        reports.len() >= 3,
+        "split into several requests: {}",
+        reports.len()
+    );
+    for r in &reports {
+        let ops = r.json()["operations"].as_array().map(Vec::len).unwrap_or(0);
+        assert!(
+            r.body.len() <= 5000 || ops == 1,
+            "{} bytes for {ops} ops",
+            r.body.len()
+        );
+    }
+    assert_eq!(total_request_count(&peer), 8, "nothing lost in splitting");
+}

@@ -100,6 +100,8 @@ pub struct ServiceControlOptions {
     pub report_cache_entries: usize,
     pub report_flush_interval: Duration,
     pub report_max_operations_per_request: usize,
+    /// Batches whose JSON body exceeds this are split (a single operation is sent anyway).
+    pub report_max_request_bytes: usize,
     /// Operations kept for retry while the control plane is unreachable (oldest dropped
     /// beyond this, and counted).
     pub report_buffer_operations: usize,
@@ -134,6 +136,7 @@ impl ServiceControlOptions {
             report_cache_entries: 10_000,
             report_flush_interval: Duration::from_secs(1),
             report_max_operations_per_request: 100,
+            report_max_request_bytes: 4 << 20,
             report_buffer_operations: 10_000,
             report_max_pending_requests: 100_000,
             report_retry_initial_backoff: Duration::from_secs(1),
@@ -360,8 +363,7 @@ impl ServiceControl {
     pub async fn check(&self, input: CheckInput<'_>) -> Result<CheckOk, EspError> {
         let inner = &self.inner;
         inner.stats.total_called_checks.inc();
-        let request = inner.check_request(&input);
-        let key = check_cache_key(&input, &request.operation.labels);
+        let key = check_cache_key(&input);
         let cached = inner.checks.lock().ok().and_then(|mut c| {
             if c.enabled() {
                 Some(c.lookup(&key, Instant::now()))
@@ -377,6 +379,7 @@ impl ServiceControl {
             Some(Lookup::HitAndRefresh(ok)) => {
                 inner.stats.check_cache_hits.inc();
                 inner.stats.send_checks_by_flush.inc();
+                let request = inner.check_request(&input);
                 let bg = self.inner.clone();
                 let service = input.service_name.to_string();
                 self.runtime.spawn(async move {
@@ -393,6 +396,7 @@ impl ServiceControl {
         inner.stats.send_checks_in_flight.inc();
         // The remote check runs in its own task so that a client hanging up (which drops this
         // future) cannot leave a cache entry marked "being re-checked" forever.
+        let request = inner.check_request(&input);
         let bg = self.inner.clone();
         let service = input.service_name.to_string();
         let task = self.runtime.spawn(async move {
@@ -432,16 +436,19 @@ impl ServiceControl {
             input.service_config_id,
             quota::signature(input.method_name, &consumer_id, input.metric_costs)
         );
-        let mut l = BTreeMap::new();
-        l.insert(labels::CALLER_IP.to_string(), input.caller_ip.to_string());
-        if let Some(r) = input.referer {
-            l.insert(labels::REFERER.to_string(), r.to_string());
-        }
-        l.insert(labels::USER_AGENT.to_string(), "ESP".to_string());
-        l.insert(
-            labels::SERVICE_AGENT.to_string(),
-            inner.statics.service_agent.clone(),
-        );
+        let make_labels = || {
+            let mut l = BTreeMap::new();
+            l.insert(labels::CALLER_IP.to_string(), input.caller_ip.to_string());
+            if let Some(r) = input.referer {
+                l.insert(labels::REFERER.to_string(), r.to_string());
+            }
+            l.insert(labels::USER_AGENT.to_string(), "ESP".to_string());
+            l.insert(
+                labels::SERVICE_AGENT.to_string(),
+                inner.statics.service_agent.clone(),
+            );
+            l
+        };
         let decision = match inner.quota.lock() {
             Ok(mut q) => q.decide(
                 key,
@@ -450,7 +457,7 @@ impl ServiceControl {
                     config_id: input.service_config_id,
                     method_name: input.method_name,
                     consumer_id,
-                    labels: l,
+                    labels: &make_labels,
                     costs: input.metric_costs,
                 },
                 Instant::now(),
@@ -650,8 +657,11 @@ impl ServiceControl {
     }
 }
 
-fn check_cache_key(input: &CheckInput<'_>, labels: &BTreeMap<String, String>) -> String {
-    let mut k = String::with_capacity(256);
+/// Every input that reaches the CheckRequest (the labels are derived from exactly these plus
+/// constants), kept verbatim: building the key costs no request construction on a hit.
+fn check_cache_key(input: &CheckInput<'_>) -> String {
+    use std::fmt::Write as _;
+    let mut k = String::with_capacity(160);
     for part in [
         input.service_name,
         input.service_config_id,
@@ -661,11 +671,16 @@ fn check_cache_key(input: &CheckInput<'_>, labels: &BTreeMap<String, String>) ->
         k.push_str(part);
         k.push('\u{0}');
     }
-    for (name, value) in labels {
-        k.push_str(name);
-        k.push('=');
-        k.push_str(value);
+    let _ = write!(k, "{}", input.caller_ip);
+    for part in [
+        input.referer,
+        input.android_package,
+        input.android_cert,
+        input.ios_bundle,
+    ] {
+        // Absent and empty are the same label set (empty labels are not sent).
         k.push('\u{0}');
+        k.push_str(part.unwrap_or(""));
     }
     k
 }
@@ -854,21 +869,43 @@ impl Inner {
     /// Sends everything queued. Returns `false` if the control plane was unavailable (the
     /// failed batch is back at the front of the queue).
     async fn send_queued(&self) -> bool {
-        while let Some((service, config, ops)) = self.next_batch() {
-            let n = ops.len() as u64;
-            let request = ReportRequest {
-                operations: ops,
-                service_config_id: config.clone(),
-            };
-            let payload = match serde_json::to_vec(&request) {
-                Ok(p) => p,
-                Err(e) => {
-                    // Cannot happen for these types; dropping beats retrying forever.
-                    self.stats.dropped_report_operations.inc_by(n);
-                    tracing::error!(error = %e, "cannot encode a report");
+        while let Some((service, config, mut ops)) = self.next_batch() {
+            let (request, payload) = loop {
+                let request = ReportRequest {
+                    operations: ops,
+                    service_config_id: config.clone(),
+                };
+                let payload = match serde_json::to_vec(&request) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // Cannot happen for these types; dropping beats retrying forever.
+                        self.stats
+                            .dropped_report_operations
+                            .inc_by(request.operations.len() as u64);
+                        tracing::error!(error = %e, "cannot encode a report");
+                        break (request, Vec::new());
+                    }
+                };
+                // Operations full of log entries make large bodies; halve the batch until it
+                // fits under the request size limit (the rest goes back to the queue front).
+                ops = request.operations;
+                if payload.len() > self.opts.report_max_request_bytes && ops.len() > 1 {
+                    let tail = ops.split_off(ops.len() / 2);
+                    self.requeue_front(service.clone(), config.clone(), tail);
                     continue;
                 }
+                break (
+                    ReportRequest {
+                        operations: ops,
+                        service_config_id: config.clone(),
+                    },
+                    payload,
+                );
             };
+            if payload.is_empty() {
+                continue;
+            }
+            let n = request.operations.len() as u64;
             let size = payload.len() as i64;
             let result: Result<ReportResponse, _> = self
                 .transport

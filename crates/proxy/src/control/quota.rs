@@ -83,7 +83,8 @@ pub(crate) struct NewEntry<'a> {
     pub(crate) config_id: &'a str,
     pub(crate) method_name: &'a str,
     pub(crate) consumer_id: String,
-    pub(crate) labels: BTreeMap<String, String>,
+    /// Built only when the signature is new: hits never pay for the label map.
+    pub(crate) labels: &'a dyn Fn() -> BTreeMap<String, String>,
     pub(crate) costs: &'a [(String, i64)],
 }
 
@@ -170,7 +171,7 @@ impl QuotaCache {
             config_id: new.config_id.to_string(),
             method_name: new.method_name.to_string(),
             consumer_id: new.consumer_id,
-            labels: new.labels,
+            labels: (new.labels)(),
             unit_cost: unit_cost.clone(),
             pending: BTreeMap::new(),
             verdict: None,
@@ -243,7 +244,7 @@ mod tests {
             config_id: "c",
             method_name: "m",
             consumer_id: "api_key:k".into(),
-            labels: BTreeMap::new(),
+            labels: &BTreeMap::new,
             costs,
         }
     }
