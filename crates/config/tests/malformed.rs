@@ -459,3 +459,17 @@ fn operations_that_match_the_same_requests() {
         ["openapi.yaml:15:5: Operation 'get' in path '/a/{y}': GET /a/{y} matches exactly the same requests as get /a/{x}; one of them could never be called"]
     );
 }
+
+#[test]
+fn incomplete_api_key_definitions() {
+    let text = spec(
+        "securityDefinitions:\n  no_name:\n    type: apiKey\n    in: query\n  cookie_key:\n    type: apiKey\n    name: k\n    in: cookie\npaths: {}\n",
+    );
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        [
+            "openapi.yaml:8:5: securityDefinition \"no_name\" (apiKey) must set name: the query parameter or header that carries the key",
+            "openapi.yaml:13:9: securityDefinition \"cookie_key\" (apiKey) must set in: query or in: header, not \"cookie\"",
+        ]
+    );
+}

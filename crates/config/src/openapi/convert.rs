@@ -777,14 +777,14 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
                         name: n.to_string(),
                         location,
                     },
-                    (_, location) => {
+                    _ => {
+                        // A bad `in` was reported above; a missing name is reported here.
                         if key_name.is_none_or(str::is_empty) {
                             self.ctx.error(
                                 def.pos,
                                 format!("securityDefinition \"{name}\" (apiKey) must set name: the query parameter or header that carries the key"),
                             );
                         }
-                        let _ = location;
                         SchemeKind::Invalid
                     }
                 }
