@@ -11,10 +11,12 @@
 //! - [`operations`]: the global long-running operations table.
 //! - [`projects`]: implicit projects and their numbers.
 //! - [`servicemanagement`], [`serviceusage`]: Service Management v1 and Service Usage v1.
+//! - [`console`]: the web console (`GET /console`), static assets reading the APIs above.
 
 pub mod apikeys;
 pub mod auth;
 pub mod cli;
+pub mod console;
 pub mod crypto;
 pub mod error;
 pub mod iam;

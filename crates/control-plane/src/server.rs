@@ -66,6 +66,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::apikeys::routes())
         .merge(crate::jwks::routes())
         .merge(crate::servicecontrol::routes())
+        .merge(crate::console::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
