@@ -322,6 +322,35 @@ impl RunningServer {
         self.wait_inner().await
     }
 
+    /// Serves until `signal` resolves, then stops accepting and gives in-flight requests up to
+    /// `drain` to finish.
+    pub async fn run_until(
+        mut self,
+        signal: impl Future<Output = ()>,
+        drain: std::time::Duration,
+    ) -> std::io::Result<()> {
+        tokio::select! {
+            r = &mut self.task => return match r {
+                Ok(r) => r,
+                Err(e) => Err(std::io::Error::other(e)),
+            },
+            _ = signal => {}
+        }
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match tokio::time::timeout(drain, self.wait_inner()).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(
+                    ?drain,
+                    "requests still running after the drain period; exiting"
+                );
+                Ok(())
+            }
+        }
+    }
+
     /// Runs until the server stops (an I/O error, or never).
     pub async fn wait(mut self) -> std::io::Result<()> {
         self.wait_inner().await
