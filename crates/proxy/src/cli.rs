@@ -220,6 +220,45 @@ pub struct EspArgs {
     pub metadata: Option<String>,
     #[arg(long = "enable_api_key_uid_reporting", hide = true)]
     pub enable_api_key_uid_reporting: Option<String>,
+    #[arg(long = "cloud_trace_url_override", hide = true)]
+    pub cloud_trace_url_override: Option<String>,
+    #[arg(long = "transcoding_always_print_primitive_fields", action = ArgAction::SetTrue, hide = true)]
+    pub transcoding_always_print_primitive_fields: bool,
+    #[arg(long = "transcoding_preserve_proto_field_names", action = ArgAction::SetTrue, hide = true)]
+    pub transcoding_preserve_proto_field_names: bool,
+    #[arg(long = "template", hide = true)]
+    pub template: Option<String>,
+    #[arg(long = "server_config_template", hide = true)]
+    pub server_config_template: Option<String>,
+    #[arg(long = "nginx", hide = true)]
+    pub nginx: Option<String>,
+    #[arg(long = "nginx_debug", hide = true)]
+    pub nginx_debug: Option<String>,
+
+    /// Host header sent to the backend instead of the client's.
+    #[arg(long = "experimental_proxy_backend_host_header")]
+    pub experimental_proxy_backend_host_header: Option<String>,
+    /// `servicecontrol.googleapis.com/platform` label in reports (default `unknown`).
+    #[arg(long = "compute_platform_override")]
+    pub compute_platform_override: Option<String>,
+
+    // ESP features Portico does not have: refused with a precise message, not ignored.
+    #[arg(short = 'n', long = "nginx_config", hide = true)]
+    pub nginx_config: Option<String>,
+    #[arg(short = 't', long = "tls_mutual_auth", action = ArgAction::SetTrue, hide = true)]
+    pub tls_mutual_auth: bool,
+    #[arg(short = 'c', long = "service_config_url", hide = true)]
+    pub service_config_url: Option<String>,
+    #[arg(long = "enable_backend_routing", action = ArgAction::SetTrue, hide = true)]
+    pub enable_backend_routing: bool,
+    #[arg(long = "experimental_enable_multiple_api_configs", action = ArgAction::SetTrue, hide = true)]
+    pub experimental_enable_multiple_api_configs: bool,
+    #[arg(long = "enable_grpc_backend_ssl", action = ArgAction::SetTrue, hide = true)]
+    pub enable_grpc_backend_ssl: bool,
+    #[arg(long = "generate_config_file_only", action = ArgAction::SetTrue, hide = true)]
+    pub generate_config_file_only: bool,
+    #[arg(long = "server_config_generation_path", hide = true)]
+    pub server_config_generation_path: Option<String>,
 }
 
 /// The backend's protocol, from the `--backend` scheme.
@@ -305,6 +344,10 @@ pub struct Settings {
     pub worker_threads: usize,
     pub backend_timeout: Duration,
     pub backend_ca_cert_path: Option<PathBuf>,
+    /// `--experimental_proxy_backend_host_header`.
+    pub backend_host_header: Option<http::HeaderValue>,
+    /// `--compute_platform_override`.
+    pub compute_platform: Option<String>,
     /// `--access_log`: `None` = stdout.
     pub access_log: Option<String>,
     /// Flags accepted only for compatibility, reported once at start-up.
@@ -446,6 +489,53 @@ pub fn parse(args: Vec<OsString>) -> Result<Settings, ArgError> {
 
 /// Checks flag values and combinations; see the module docs for exit codes.
 pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
+    let unsupported: [(&str, bool, &str); 8] = [
+        (
+            "--nginx_config",
+            a.nginx_config.is_some(),
+            "there is no nginx; use Portico's flags",
+        ),
+        (
+            "--tls_mutual_auth",
+            a.tls_mutual_auth,
+            "client certificates towards the backend are not implemented",
+        ),
+        (
+            "--service_config_url",
+            a.service_config_url.is_some(),
+            "use --service_json_path with a downloaded config, or --management",
+        ),
+        (
+            "--enable_backend_routing",
+            a.enable_backend_routing,
+            "x-google-backend routing is not implemented; use --backend",
+        ),
+        (
+            "--experimental_enable_multiple_api_configs",
+            a.experimental_enable_multiple_api_configs,
+            "run one proxy per service",
+        ),
+        (
+            "--enable_grpc_backend_ssl",
+            a.enable_grpc_backend_ssl,
+            "gRPC backends are reached over cleartext HTTP/2 only",
+        ),
+        (
+            "--generate_config_file_only",
+            a.generate_config_file_only,
+            "Portico generates no nginx configuration",
+        ),
+        (
+            "--server_config_generation_path",
+            a.server_config_generation_path.is_some(),
+            "Portico generates no server configuration",
+        ),
+    ];
+    if let Some((flag, _, why)) = unsupported.iter().find(|(_, set, _)| *set) {
+        return Err(ArgError::bad(format!(
+            "{flag} is an ESP flag Portico does not support: {why}"
+        )));
+    }
     let rollout_strategy = match a.rollout_strategy.as_str() {
         "fixed" => RolloutStrategy::Fixed,
         "managed" => RolloutStrategy::Managed,
@@ -673,9 +763,43 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
             ignored_flags.push(flag);
         }
     }
-    if a.enable_api_key_uid_reporting.is_some() {
-        ignored_flags.push("--enable_api_key_uid_reporting");
+    for (flag, set) in [
+        (
+            "--enable_api_key_uid_reporting",
+            a.enable_api_key_uid_reporting.is_some(),
+        ),
+        (
+            "--cloud_trace_url_override",
+            a.cloud_trace_url_override.is_some(),
+        ),
+        (
+            "--transcoding_always_print_primitive_fields",
+            a.transcoding_always_print_primitive_fields,
+        ),
+        (
+            "--transcoding_preserve_proto_field_names",
+            a.transcoding_preserve_proto_field_names,
+        ),
+        ("--template", a.template.is_some()),
+        (
+            "--server_config_template",
+            a.server_config_template.is_some(),
+        ),
+        ("--nginx", a.nginx.is_some()),
+        ("--nginx_debug", a.nginx_debug.is_some()),
+    ] {
+        if set {
+            ignored_flags.push(flag);
+        }
     }
+    let backend_host_header = match a.experimental_proxy_backend_host_header.as_deref() {
+        None => None,
+        Some(h) => Some(http::HeaderValue::from_str(h).map_err(|_| {
+            ArgError::bad(format!(
+                "invalid --experimental_proxy_backend_host_header {h:?}: not a valid header value"
+            ))
+        })?),
+    };
 
     Ok(Settings {
         service: a.service,
@@ -718,6 +842,8 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         backend_timeout: Duration::from_secs_f64(a.http_request_timeout_s),
         access_log: a.access_log,
         backend_ca_cert_path: a.backend_ca_cert_path,
+        backend_host_header,
+        compute_platform: a.compute_platform_override,
         ignored_flags,
     })
 }
@@ -889,6 +1015,35 @@ mod tests {
                 "--underscores_in_headers"
             ]
         );
+    }
+
+    #[test]
+    fn unsupported_esp_flags_are_refused_precisely() {
+        let e = p(&["-s", "svc", "-n", "/etc/nginx/custom.conf"]).unwrap_err();
+        assert_eq!(e.exit_code, EXIT_BAD_ARGS);
+        assert!(
+            e.message
+                .contains("--nginx_config is an ESP flag Portico does not support"),
+            "{}",
+            e.message
+        );
+        let e = p(&["-s", "svc", "--enable_backend_routing"]).unwrap_err();
+        assert!(
+            e.message.contains("--enable_backend_routing"),
+            "{}",
+            e.message
+        );
+        let s = p(&[
+            "-s",
+            "svc",
+            "--experimental_proxy_backend_host_header=internal.svc",
+            "--compute_platform_override=GKE",
+            "--cloud_trace_url_override=http://x",
+        ])
+        .unwrap();
+        assert_eq!(s.backend_host_header.unwrap(), "internal.svc");
+        assert_eq!(s.compute_platform.as_deref(), Some("GKE"));
+        assert_eq!(s.ignored_flags, vec!["--cloud_trace_url_override"]);
     }
 
     #[test]

@@ -879,7 +879,10 @@ impl Pipeline {
         let (mut parts, body) = req.into_parts();
         let websocket = settings.enable_websocket && parts.headers.contains_key(header::UPGRADE);
         let grpc = self.forwarder.version() == Version::HTTP_2;
-        let host = forward::client_host(&parts.uri, &parts.headers);
+        let host = match &settings.backend_host_header {
+            Some(h) => Some(h.clone()),
+            None => forward::client_host(&parts.uri, &parts.headers),
+        };
         forward::strip_hop_by_hop(&mut parts.headers, websocket, grpc);
         forward::set_forwarding_headers(&mut parts.headers, ctx.client_ip, host);
         if websocket {

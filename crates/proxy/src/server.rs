@@ -555,6 +555,9 @@ fn service_control_for(
     let mut opts = crate::control::ServiceControlOptions::new(base);
     opts.credentials = credentials;
     opts.network_fail_open = settings.network_fail_open;
+    if let Some(p) = &settings.compute_platform {
+        opts.platform = p.clone();
+    }
     opts.rollout_notifier = Some(notifier);
     crate::control::ServiceControl::new(opts).map(Some)
 }

@@ -1433,3 +1433,24 @@ async fn https_backend_is_verified_against_the_configured_ca() {
     assert_eq!(v["uri"], "/shelves?x=1");
     assert_eq!(backend_header(&v, "host"), vec!["api.example"]);
 }
+
+#[tokio::test]
+async fn backend_host_header_override() {
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        start_backend().await,
+        &["--experimental_proxy_backend_host_header=internal.backend"],
+    )
+    .await;
+    let r = env
+        .client
+        .get(format!("{}/shelves", env.base))
+        .header("host", "public.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        backend_header(&json_of(r).await, "host"),
+        vec!["internal.backend"]
+    );
+}
