@@ -1,13 +1,13 @@
 //! Quota counters in the control plane's database (SQLite embedded, or PostgreSQL shared by
 //! several replicas).
 //!
-//! Each counter is one row. A request's counters are applied in one transaction with
-//! conditional upserts (`INSERT ... ON CONFLICT DO UPDATE ... WHERE <fits> RETURNING`), so the
-//! database itself decides admission: on PostgreSQL the conflicting row is locked and the `WHERE`
-//! re-evaluated against its latest version, on SQLite writers are serialised. A counter whose
-//! upsert returns no row did not fit; in `NORMAL` mode the transaction is then rolled back so a
-//! denied allocation consumes nothing. Rows are touched in a fixed order (`plan` sorts them) so
-//! concurrent transactions cannot deadlock.
+//! Each counter is one row, changed by a conditional upsert (`INSERT ... ON CONFLICT DO UPDATE
+//! ... WHERE <fits> RETURNING`): one statement when the request touches a single counter, else
+//! one transaction for all of them. The database itself decides admission: on PostgreSQL the
+//! conflicting row is locked and the `WHERE` re-evaluated against its latest version, on SQLite
+//! writers are serialised. A counter whose upsert returns no row did not fit; in `NORMAL` mode
+//! the transaction is then rolled back so a denied allocation consumes nothing. Rows are touched
+//! in a fixed order (`plan` sorts them) so concurrent transactions cannot deadlock.
 
 use super::{CounterError, CounterSpec, Grant, QuotaMode};
 use crate::store::{Backend, Store};
@@ -41,6 +41,42 @@ const UPSERT_BEST_EFFORT: &str = "INSERT INTO sc_quota_counters \
 const SELECT_USED: &str = "SELECT used FROM sc_quota_counters \
      WHERE service = $1 AND limit_name = $2 AND consumer = $3 AND window_start = $4";
 
+/// Applies one counter's upsert (`NORMAL` or `BEST_EFFORT`) on `conn`.
+async fn apply_one(
+    conn: &mut sqlx::AnyConnection,
+    mode: QuotaMode,
+    s: &CounterSpec,
+) -> Result<Grant, CounterError> {
+    let denied = Grant {
+        granted: 0,
+        fits: false,
+    };
+    let (sql, initial) = match mode {
+        QuotaMode::Normal if s.cost > s.limit => return Ok(denied),
+        QuotaMode::BestEffort if s.limit <= 0 => return Ok(denied),
+        QuotaMode::Normal => (UPSERT_NORMAL, s.cost),
+        _ => (UPSERT_BEST_EFFORT, s.cost.min(s.limit)),
+    };
+    let row: Option<(i64, i64)> = sqlx::query_as(sql)
+        .bind(&s.service)
+        .bind(&s.limit_name)
+        .bind(&s.consumer)
+        .bind(s.window_start_ms)
+        .bind(initial)
+        .bind(s.window_start_ms.saturating_add(s.window_len_ms))
+        .bind(s.limit)
+        .bind(s.cost)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(match row {
+        Some((_used, granted)) => Grant {
+            granted,
+            fits: granted == s.cost,
+        },
+        None => denied,
+    })
+}
+
 impl SqlCounters {
     pub fn new(store: Store) -> SqlCounters {
         SqlCounters { store }
@@ -62,49 +98,16 @@ impl SqlCounters {
         if mode == QuotaMode::CheckOnly {
             return self.check_only(specs).await;
         }
+        if let [only] = specs {
+            // One counter (the usual case): the conditional upsert alone is atomic, and without
+            // BEGIN/COMMIT round trips the row lock is held for less time under contention.
+            let mut conn = self.store.pool().acquire().await?;
+            return Ok(vec![apply_one(&mut conn, mode, only).await?]);
+        }
         let mut tx = self.store.pool().begin().await?;
         let mut grants = Vec::with_capacity(specs.len());
         for s in specs {
-            let expires = s.window_start_ms.saturating_add(s.window_len_ms);
-            let grant = match mode {
-                QuotaMode::Normal if s.cost > s.limit => Grant {
-                    granted: 0,
-                    fits: false,
-                },
-                QuotaMode::BestEffort if s.limit <= 0 => Grant {
-                    granted: 0,
-                    fits: false,
-                },
-                _ => {
-                    let (sql, initial) = if mode == QuotaMode::Normal {
-                        (UPSERT_NORMAL, s.cost)
-                    } else {
-                        (UPSERT_BEST_EFFORT, s.cost.min(s.limit))
-                    };
-                    let row: Option<(i64, i64)> = sqlx::query_as(sql)
-                        .bind(&s.service)
-                        .bind(&s.limit_name)
-                        .bind(&s.consumer)
-                        .bind(s.window_start_ms)
-                        .bind(initial)
-                        .bind(expires)
-                        .bind(s.limit)
-                        .bind(s.cost)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                    match row {
-                        Some((_used, granted)) => Grant {
-                            granted,
-                            fits: granted == s.cost,
-                        },
-                        None => Grant {
-                            granted: 0,
-                            fits: false,
-                        },
-                    }
-                }
-            };
-            grants.push(grant);
+            grants.push(apply_one(&mut tx, mode, s).await?);
         }
         if mode == QuotaMode::Normal && grants.iter().any(|g| !g.fits) {
             tx.rollback().await?;
