@@ -510,3 +510,15 @@ fn request_type_names_stay_unique_across_apis() {
         Some("/v2/items/{item_id}")
     );
 }
+
+#[test]
+fn an_empty_security_alternative_makes_the_jwt_optional() {
+    let text = "swagger: '2.0'\ninfo: {title: T, version: v1}\nhost: opt.example.com\nsecurityDefinitions:\n  jwt: {type: oauth2, flow: implicit, authorizationUrl: '', x-google-issuer: https://issuer.example.com}\npaths:\n  /maybe:\n    get:\n      operationId: maybe\n      security:\n        - jwt: []\n        - {}\n      responses: {200: {description: ok}}\n";
+    let (svc, _) = to_json("opt.yaml", text);
+    assert_eq!(
+        svc["authentication"]["rules"][0],
+        json!({"selector": "v1.opt_example_com.Maybe", "allowWithoutCredential": true,
+               "requirements": [{"providerId": "jwt"}]})
+    );
+    assert_eq!(svc["usage"]["rules"][0]["allowUnregisteredCalls"], true);
+}

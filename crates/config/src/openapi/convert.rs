@@ -1665,8 +1665,9 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
         if security.explicit || !security.requirements.is_empty() {
             self.out.auth_rules.push(AuthenticationRule {
                 selector: selector.clone(),
+                allow_without_credential: security.allow_without_credential
+                    && !security.requirements.is_empty(),
                 requirements: security.requirements,
-                ..Default::default()
             });
         }
         if !security.key_locations.is_empty() {
@@ -1809,6 +1810,9 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
             .filter(|a| !a.api_keys.is_empty())
             .count();
         result.api_key_required = !alternatives.is_empty() && with_key == alternatives.len();
+        result.allow_without_credential = alternatives
+            .iter()
+            .any(|a| a.api_keys.is_empty() && a.jwts.is_empty());
 
         let mut seen = BTreeSet::new();
         for a in &alternatives {
@@ -2052,6 +2056,8 @@ struct OpSecurity {
     /// `security` or `x-security` is set on the operation itself.
     explicit: bool,
     requirements: Vec<AuthRequirement>,
+    /// An empty alternative (`- {}`) makes the JWT optional.
+    allow_without_credential: bool,
     key_locations: Vec<SystemParameter>,
 }
 
