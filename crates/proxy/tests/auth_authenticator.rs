@@ -117,10 +117,7 @@ async fn malformed_token_is_bad_jwt_format() {
     );
     assert_eq!(e.www_authenticate(), "Bearer, error=\"invalid_token\"");
     let e = reject(&f.auth, &bearer("e30.e30.sig")).await;
-    assert_eq!(
-        e.error.message,
-        "JWT validation failed: Bad JWT format: Missing alg in header"
-    );
+    assert_eq!(e.error.message, "JWT validation failed: Missing alg field.");
 }
 
 #[tokio::test]
@@ -468,7 +465,8 @@ async fn x509_map_ec_jwks_and_hmac_secret_all_verify() {
     let ec_jwk = TestKey::ec("ec-jwk");
     server.set("/x509", 200, x509_map(&[&rsa, &ec]));
     server.set("/ecjwks", 200, jwks(&[&ec_jwk]));
-    server.set("/secret", 200, "top-secret-bytes");
+    // ESP reads an HMAC key as the base64url encoding of the secret.
+    server.set("/secret", 200, "dG9wLXNlY3JldC1ieXRlcw");
     let svc = service(
         json!([
             {"id": "x509", "issuer": "x509.example", "jwksUri": server.url("/x509"), "audiences": AUD},
@@ -507,7 +505,8 @@ async fn x509_map_ec_jwks_and_hmac_secret_all_verify() {
         e.error.message,
         "JWT validation failed: JWT signature verification failed."
     );
-    // An RS256 token cannot be "verified" with an HMAC secret (algorithm confusion).
+    // An RS256 token is never checked against an HMAC secret (algorithm confusion): the body
+    // is no public key, as ESP says.
     let confused = rsa.sign(&claims("hs.example", AUD.into()));
     let e = auth
         .authenticate("m", &bearer(&confused), None)
@@ -515,7 +514,7 @@ async fn x509_map_ec_jwks_and_hmac_secret_all_verify() {
         .unwrap_err();
     assert_eq!(
         e.error.message,
-        "JWT validation failed: JWT signature verification failed."
+        "JWT validation failed: Invalid JSON for public key"
     );
 }
 
@@ -718,7 +717,7 @@ async fn concurrent_cold_requests_share_one_fetch() {
         let auth = auth.clone();
         // Distinct tokens, so the verified-token cache cannot be what saves the fetches.
         let mut c = claims(ISS, AUD.into());
-        c["jti"] = i.into();
+        c["jti"] = format!("t{i}").into();
         let t = f.key.sign(&c);
         tasks.push(tokio::spawn(async move {
             auth.authenticate("m", &bearer(&t), None)
@@ -730,4 +729,88 @@ async fn concurrent_cold_requests_share_one_fetch() {
         assert!(matches!(t.await.unwrap(), Ok(true)));
     }
     assert_eq!(f.server.hits("/jwks"), 1);
+}
+
+#[tokio::test]
+async fn checks_run_in_esps_order() {
+    let f = fixture().await;
+    // Expired with a foreign issuer: the time window is judged first, before any key fetch.
+    let mut c = claims("https://evil.example", "nobody".into());
+    c["exp"] = (now() - 3600).into();
+    let e = reject(&f.auth, &bearer(&f.key.sign(&c))).await;
+    assert_eq!(
+        e.error.message,
+        "JWT validation failed: TIME_CONSTRAINT_FAILURE"
+    );
+    // No sub / no aud: format errors, also before the issuer.
+    let no_sub = json!({"iss": "https://evil.example", "aud": AUD, "exp": now() + 60});
+    let e = reject(&f.auth, &bearer(&f.key.sign(&no_sub))).await;
+    assert_eq!(
+        e.error.message,
+        "JWT validation failed: Bad JWT format: missing subject field."
+    );
+    let no_aud = json!({"iss": ISS, "sub": "s", "exp": now() + 60});
+    let e = reject(&f.auth, &bearer(&f.key.sign(&no_aud))).await;
+    assert_eq!(
+        e.error.message,
+        "JWT validation failed: Bad JWT format: missing audience field."
+    );
+    // Issuer before audience.
+    let e = reject(
+        &f.auth,
+        &bearer(&f.key.sign(&claims("https://evil.example", "nobody".into()))),
+    )
+    .await;
+    assert_eq!(e.error.message, "JWT validation failed: Issuer not allowed");
+    assert_eq!(f.server.total_hits(), 0);
+}
+
+#[tokio::test]
+async fn x509_and_hmac_key_messages() {
+    let server = KeyServer::start().await;
+    let cert_key = TestKey::rsa("c1");
+    server.set("/x509", 200, x509_map(&[&cert_key]));
+    server.set("/jwks", 200, jwks(&[&cert_key]));
+    let svc = service(
+        json!([
+            {"id": "x509", "issuer": "x509.example", "jwksUri": server.url("/x509"), "audiences": AUD},
+            {"id": "jwks", "issuer": "jwks.example", "jwksUri": server.url("/jwks"), "audiences": AUD},
+        ]),
+        json!([rule("m", &["x509", "jwks"])]),
+    );
+    let auth = Authenticator::new(&svc, &AuthOptions::default(), cache());
+    let t = cert_key.sign_with_kid("other", &claims("x509.example", AUD.into()));
+    let e = auth.authenticate("m", &bearer(&t), None).await.unwrap_err();
+    assert_eq!(
+        e.error.message,
+        "JWT validation failed: Could not find matching key in public key set for kid=other"
+    );
+    // No kid: every key is tried, and the failure says so.
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    h.kid = None;
+    let other = TestKey::rsa("x");
+    let t = jsonwebtoken::encode(&h, &claims("x509.example", AUD.into()), &other.encoding).unwrap();
+    let e = auth.authenticate("m", &bearer(&t), None).await.unwrap_err();
+    assert_eq!(
+        e.error.message,
+        "JWT validation failed: The JWT cannot be validated with any of the public keys."
+    );
+    let t =
+        jsonwebtoken::encode(&h, &claims("x509.example", AUD.into()), &cert_key.encoding).unwrap();
+    assert!(auth.authenticate("m", &bearer(&t), None).await.is_ok());
+    // An HS token against an RSA key set.
+    let hs = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims("jwks.example", AUD.into()),
+        &jsonwebtoken::EncodingKey::from_secret(b"guess"),
+    )
+    .unwrap();
+    let e = auth
+        .authenticate("m", &bearer(&hs), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.error.message,
+        "JWT validation failed: Invalid base64 encoded HS symmetric key. Most likely JWT alg is HS, but public key is ES or RSA."
+    );
 }

@@ -3,6 +3,11 @@
 //! We parse the token ourselves (rather than through `jsonwebtoken::decode`) because ESP's
 //! `X-Endpoint-API-UserInfo` needs the payload in its original key order and because issuer
 //! and audience are checked against per-method rules before any key is fetched.
+//!
+//! ESP's order, which decides which message a doubly-broken token gets: header (base64, JSON,
+//! `alg`) → claims (base64, JSON, claim types, `iss`) → `exp`/`nbf` → signature encoding →
+//! `aud` and `sub` present ([`parse`] does the first two, [`ParsedJwt::check`] the rest); the
+//! caller then checks issuer and audience rules, finds keys and verifies the signature.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -14,6 +19,14 @@ use super::keys::VerifyKey;
 
 /// `exp`/`nbf` tolerance, as gRPC's claims checker used by ESP.
 pub const CLOCK_SKEW_S: i64 = 60;
+
+/// ESP's message for claims of the wrong JSON type.
+const BAD_CLAIM_TYPES: &str =
+    "Bad JWT format: invalid JWT claims; e.g. wrong data type, iss is not a string.";
+/// ESP's message for a token without `iss` (its spelling, kept for byte-compatibility).
+const MISSING_ISS: &str = "Bad JWT format: invalid JWT claims; issuer is mssing but required.";
+/// The reason for a token outside its `exp`/`nbf` window.
+pub const TIME_CONSTRAINT_FAILURE: &str = "TIME_CONSTRAINT_FAILURE";
 
 /// A structurally valid token, not yet verified.
 #[derive(Debug, Clone)]
@@ -30,6 +43,8 @@ pub struct ParsedJwt {
     pub nbf: Option<i64>,
     /// Byte offset of the second `.`: `token[..signing_input_len]` is what was signed.
     signing_input_len: usize,
+    /// What is wrong with the signature's encoding, reported after the time check.
+    signature_problem: Option<&'static str>,
 }
 
 fn b64_part(part: &str) -> Option<Vec<u8>> {
@@ -37,52 +52,53 @@ fn b64_part(part: &str) -> Option<Vec<u8>> {
     URL_SAFE_NO_PAD.decode(part.trim_end_matches('=')).ok()
 }
 
-/// A numeric date claim; gRPC read these as numbers, so strings are malformed.
+/// A numeric date claim; gRPC reads these as numbers, anything else is a type error.
 fn time_claim(payload: &Map<String, Value>, name: &str) -> Result<Option<i64>, String> {
     match payload.get(name) {
-        None | Some(Value::Null) => Ok(None),
+        None => Ok(None),
         Some(Value::Number(n)) => n
             .as_i64()
             .or_else(|| n.as_f64().map(|f| f as i64))
             .map(Some)
-            .ok_or_else(|| format!("Invalid {name} claim")),
-        Some(_) => Err(format!("Invalid {name} claim")),
+            .ok_or_else(|| BAD_CLAIM_TYPES.to_string()),
+        Some(_) => Err(BAD_CLAIM_TYPES.to_string()),
     }
 }
 
-/// Parses a token; the error is the text after `Bad JWT format: `.
+/// Parses a token up to (and including) its `iss`; the error is the complete reason that
+/// follows `JWT validation failed: `.
 pub fn parse(token: &str) -> Result<ParsedJwt, String> {
-    let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(_sig), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err("should have 2 dots".into());
+    // Like ESP, split at the first two dots; extra dots end up in the signature, whose
+    // encoding is then invalid.
+    let mut parts = token.splitn(3, '.');
+    let (Some(h), Some(p), Some(sig)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err("Bad JWT format: should have 2 dots".into());
     };
-    let header_bytes = b64_part(h).ok_or("Invalid base64 in header")?;
-    let header: Value =
-        serde_json::from_slice(&header_bytes).map_err(|_| "Invalid JSON in header")?;
-    let header = header.as_object().ok_or("Invalid JSON in header")?;
+    let header_bytes = b64_part(h).ok_or("Bad JWT format: Invalid base64 in header")?;
+    let header: Value = serde_json::from_slice(&header_bytes)
+        .map_err(|_| "Bad JWT format: Invalid JSON in header")?;
     let alg_name = header
         .get("alg")
         .and_then(Value::as_str)
-        .ok_or("Missing alg in header")?;
+        .ok_or("Missing alg field.")?;
     let alg: Algorithm = alg_name
         .parse()
-        .map_err(|_| format!("Unsupported algorithm {alg_name}"))?;
+        .map_err(|_| format!("Bad JWT format: unsupported alg {alg_name}"))?;
     let kid = header.get("kid").and_then(Value::as_str).map(str::to_owned);
 
-    let payload_bytes = b64_part(p).ok_or("Invalid base64 in payload")?;
-    let payload: Value =
-        serde_json::from_slice(&payload_bytes).map_err(|_| "Invalid JSON in payload")?;
+    let payload_bytes = b64_part(p).ok_or("Bad JWT format: Invalid base64 in claims")?;
+    let payload: Value = serde_json::from_slice(&payload_bytes)
+        .map_err(|_| "Bad JWT format: Invalid JSON in claims")?;
     let Value::Object(payload) = payload else {
-        return Err("Invalid JSON in payload".into());
+        return Err(BAD_CLAIM_TYPES.into());
     };
-    let iss = match payload.get("iss") {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        _ => return Err("Missing or invalid iss claim".into()),
-    };
+    for name in ["iss", "sub", "jti"] {
+        if payload.get(name).is_some_and(|v| !v.is_string()) {
+            return Err(BAD_CLAIM_TYPES.into());
+        }
+    }
     let (aud, aud_was_array) = match payload.get("aud") {
-        None | Some(Value::Null) => (Vec::new(), false),
+        None => (Vec::new(), false),
         Some(Value::String(s)) => (vec![s.clone()], false),
         Some(Value::Array(a)) => (
             a.iter()
@@ -91,10 +107,20 @@ pub fn parse(token: &str) -> Result<ParsedJwt, String> {
                 .collect(),
             true,
         ),
-        Some(_) => return Err("Invalid aud claim".into()),
+        Some(_) => return Err(BAD_CLAIM_TYPES.into()),
     };
     let exp = time_claim(&payload, "exp")?;
     let nbf = time_claim(&payload, "nbf")?;
+    time_claim(&payload, "iat")?;
+    let iss = match payload.get("iss") {
+        Some(Value::String(s)) => s.clone(),
+        _ => return Err(MISSING_ISS.into()),
+    };
+    let signature_problem = match b64_part(sig) {
+        Some(bytes) if !bytes.is_empty() => (alg == Algorithm::ES256 && bytes.len() != 64)
+            .then_some("Bad JWT format: signature length is not correct"),
+        _ => Some("Bad JWT format: invalid base64 for signature"),
+    };
     Ok(ParsedJwt {
         alg,
         kid,
@@ -105,10 +131,29 @@ pub fn parse(token: &str) -> Result<ParsedJwt, String> {
         nbf,
         payload: Arc::new(payload),
         signing_input_len: h.len() + 1 + p.len(),
+        signature_problem,
     })
 }
 
 impl ParsedJwt {
+    /// The rest of ESP's parse, at `now`: time window, signature encoding, then the claims the
+    /// user info needs (`aud`, `sub`). The error is the complete reason.
+    pub fn check(&self, now: i64) -> Result<(), &'static str> {
+        if !self.time_valid(now) {
+            return Err(TIME_CONSTRAINT_FAILURE);
+        }
+        if let Some(problem) = self.signature_problem {
+            return Err(problem);
+        }
+        if self.aud.is_empty() {
+            return Err("Bad JWT format: missing audience field.");
+        }
+        if !self.payload.contains_key("sub") {
+            return Err("Bad JWT format: missing subject field.");
+        }
+        Ok(())
+    }
+
     /// Whether `exp`/`nbf` hold at `now` (unix seconds), with the skew.
     pub fn time_valid(&self, now: i64) -> bool {
         if self
@@ -210,17 +255,78 @@ mod tests {
 
     #[test]
     fn format_errors_name_the_problem() {
-        assert_eq!(parse("abc").unwrap_err(), "should have 2 dots");
-        assert_eq!(parse("a.b.c.d").unwrap_err(), "should have 2 dots");
-        assert_eq!(parse("!!.b.c").unwrap_err(), "Invalid base64 in header");
-        let bad_json = format!("{}.{}.sig", enc("{nope"), enc("{}"));
-        assert_eq!(parse(&bad_json).unwrap_err(), "Invalid JSON in header");
-        let no_iss = format!(
-            "{}.{}.sig",
-            enc(r#"{"alg":"RS256"}"#),
-            enc(r#"{"sub":"x"}"#)
+        let h = enc(r#"{"alg":"RS256"}"#);
+        let t = |header: &str, claims: &str| format!("{header}.{}.c2ln", enc(claims));
+        assert_eq!(
+            parse("abc").unwrap_err(),
+            "Bad JWT format: should have 2 dots"
         );
-        assert_eq!(parse(&no_iss).unwrap_err(), "Missing or invalid iss claim");
+        assert_eq!(
+            parse("a.b").unwrap_err(),
+            "Bad JWT format: should have 2 dots"
+        );
+        assert_eq!(
+            parse("!!.b.c").unwrap_err(),
+            "Bad JWT format: Invalid base64 in header"
+        );
+        let bad_json = format!("{}.{}.sig", enc("{nope"), enc("{}"));
+        assert_eq!(
+            parse(&bad_json).unwrap_err(),
+            "Bad JWT format: Invalid JSON in header"
+        );
+        assert_eq!(
+            parse(&t(&enc("{}"), "{}")).unwrap_err(),
+            "Missing alg field."
+        );
+        assert_eq!(
+            parse(&format!("{h}.!!.c2ln")).unwrap_err(),
+            "Bad JWT format: Invalid base64 in claims"
+        );
+        assert_eq!(
+            parse(&t(&h, "{x")).unwrap_err(),
+            "Bad JWT format: Invalid JSON in claims"
+        );
+        assert_eq!(parse(&t(&h, r#"{"sub":"x"}"#)).unwrap_err(), MISSING_ISS);
+        for bad in [
+            r#"{"iss":1}"#,
+            r#"{"iss":"i","exp":"1"}"#,
+            r#"{"iss":"i","aud":{}}"#,
+            "[1]",
+        ] {
+            assert_eq!(parse(&t(&h, bad)).unwrap_err(), BAD_CLAIM_TYPES, "{bad}");
+        }
+        let ok = r#"{"iss":"i","sub":"s","aud":"a","exp":100}"#;
+        assert!(parse(&t(&h, ok)).unwrap().check(100).is_ok());
+        // Extra dots land in the signature, which is then not base64.
+        let dotted = format!("{}.{}.c2ln.ZA", h, enc(ok));
+        assert_eq!(
+            parse(&dotted).unwrap().check(100).unwrap_err(),
+            "Bad JWT format: invalid base64 for signature"
+        );
+        // The time window is judged before the signature's encoding.
+        assert_eq!(
+            parse(&dotted).unwrap().check(1_000).unwrap_err(),
+            TIME_CONSTRAINT_FAILURE
+        );
+        let es = format!("{}.{}.c2ln", enc(r#"{"alg":"ES256"}"#), enc(ok));
+        assert_eq!(
+            parse(&es).unwrap().check(100).unwrap_err(),
+            "Bad JWT format: signature length is not correct"
+        );
+        assert_eq!(
+            parse(&t(&h, r#"{"iss":"i","sub":"s"}"#))
+                .unwrap()
+                .check(0)
+                .unwrap_err(),
+            "Bad JWT format: missing audience field."
+        );
+        assert_eq!(
+            parse(&t(&h, r#"{"iss":"i","aud":["a"]}"#))
+                .unwrap()
+                .check(0)
+                .unwrap_err(),
+            "Bad JWT format: missing subject field."
+        );
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! - a JWKS (`{"keys":[{"kty":"RSA"|"EC"|"OKP"|"oct", ...}]}`);
 //! - Google's X.509 map (`{"<kid>": "-----BEGIN CERTIFICATE-----..."}`), whose certificates'
 //!   SubjectPublicKeyInfo we extract with a small DER walk;
-//! - a PEM public key;
-//! - anything else is kept as a raw shared secret, usable only by `HS*` tokens.
+//! - a PEM public key (a convenience; ESP did not read these);
+//! - for `HS*` tokens, the body is the base64url encoding of the shared secret (as in ESP).
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
@@ -57,98 +57,213 @@ impl std::fmt::Debug for VerifyKey {
     }
 }
 
+/// How the fetched body was shaped; decides ESP's messages when no key fits.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Format {
+    /// A JSON object with `keys` (`keys_is_array` false when that member is not an array).
+    Jwks { keys_is_array: bool, entries: usize },
+    /// Any other JSON: read as Google's X.509 map (`kid` → PEM certificate).
+    X509,
+    /// A PEM public key or certificate (not an ESP format; accepted for convenience).
+    Pem,
+    /// Not JSON: only usable as a base64url-encoded HMAC secret.
+    #[default]
+    Opaque,
+}
+
 /// All keys from one fetch of a key URI.
 #[derive(Debug, Clone, Default)]
 pub struct KeySet {
+    pub format: Format,
     pub keys: Vec<VerifyKey>,
+    /// X.509 map entries whose certificate held no usable key.
+    pub unusable_kids: Vec<String>,
+    /// For `HS*` tokens: the body decoded as base64url, as ESP reads HMAC secrets.
+    secret: Option<VerifyKey>,
 }
 
 /// The outcome of looking for keys for one token.
+#[derive(Debug)]
 pub enum KeyMatch<'a> {
-    /// Candidate keys to try, in order.
-    Found(Vec<&'a VerifyKey>),
-    /// The token names a kid and no key carries it.
-    KidNotFound,
+    /// Candidate keys to try, and the reason to give when none verifies.
+    Found(Vec<&'a VerifyKey>, &'static str),
+    /// The token names a kid that no key carries (worth one refresh); the reason.
+    KidNotFound(String),
+    /// No key can be used for this token; the reason.
+    Unusable(String),
 }
 
+const SIGNATURE_FAILED: &str = "JWT signature verification failed.";
+const NO_KEY_VALIDATES: &str = "The JWT cannot be validated with any of the public keys.";
+
 impl KeySet {
-    /// Parses a fetched body. Never fails: a body that is no recognised key format is kept as a
-    /// shared secret, which is how ESP treats HMAC keys served from a URI, except for bodies
-    /// that are evidently not a secret (JSON, markup, PEM, empty), which yield no keys.
+    /// Parses a fetched body. Never fails: what a body is good for is decided per token by
+    /// [`KeySet::candidates`], which gives ESP's message when it is good for nothing.
     pub fn parse(body: &[u8]) -> KeySet {
-        if let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) {
-            // JSON that is no key set (an error object, say) is never a secret: its text is
-            // public, so anyone could sign HS256 tokens with it.
-            return parse_json(&json).unwrap_or_default();
-        }
-        if let Ok(text) = std::str::from_utf8(body) {
-            let text = text.trim();
-            if let Some(key) = parse_pem_key(text, None) {
-                return KeySet { keys: vec![key] };
-            }
-            // Same for markup (an HTML error or login page answered with 200), and for PEM
-            // blocks we could not use.
-            if text.is_empty() || text.starts_with('<') || text.starts_with("-----BEGIN") {
-                return KeySet::default();
-            }
-        }
-        KeySet {
-            keys: vec![VerifyKey {
+        // ESP takes an `HS*` key as the base64url encoding of the secret. JSON and markup are
+        // never valid base64url, so a public error page cannot become a signing secret.
+        let secret = std::str::from_utf8(body)
+            .ok()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .and_then(|t| URL_SAFE_NO_PAD.decode(t.trim_end_matches('=')).ok())
+            .filter(|s| !s.is_empty())
+            .map(|s| VerifyKey {
                 kid: None,
                 alg: None,
                 kind: KeyKind::Secret,
-                key: DecodingKey::from_secret(body),
-            }],
+                key: DecodingKey::from_secret(&s),
+            });
+        if let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) {
+            return KeySet {
+                secret,
+                ..parse_json(&json)
+            };
+        }
+        if let Some(key) = std::str::from_utf8(body)
+            .ok()
+            .and_then(|t| parse_pem_key(t.trim(), None))
+        {
+            return KeySet {
+                format: Format::Pem,
+                keys: vec![key],
+                unusable_kids: Vec::new(),
+                secret: None,
+            };
+        }
+        KeySet {
+            format: Format::Opaque,
+            keys: Vec::new(),
+            unusable_kids: Vec::new(),
+            secret,
         }
     }
 
-    /// Keys that may verify a token with this `kid` and `alg`.
+    /// Keys that may verify a token with this `kid` and `alg`, following ESP's rules for each
+    /// format (and its messages when none fits).
     pub fn candidates(&self, kid: Option<&str>, alg: Algorithm) -> KeyMatch<'_> {
         let usable = |k: &&VerifyKey| k.kind.accepts(alg) && k.alg.is_none_or(|a| a == alg);
-        match kid {
-            Some(kid) => {
-                // Keys named by the kid, else keys without any kid (a bare secret or PEM applies
-                // to every kid). Filtering by algorithm comes after choosing the group, so a
-                // token whose algorithm does not fit its key fails verification, not the lookup.
-                let named = self.keys.iter().any(|k| k.kid.as_deref() == Some(kid));
-                let anonymous = self.keys.iter().any(|k| k.kid.is_none());
-                if !named && !anonymous {
-                    return KeyMatch::KidNotFound;
-                }
-                KeyMatch::Found(
-                    self.keys
-                        .iter()
-                        .filter(|k| {
-                            if named {
-                                k.kid.as_deref() == Some(kid)
-                            } else {
-                                k.kid.is_none()
-                            }
-                        })
-                        .filter(usable)
-                        .collect(),
-                )
+        let hmac = matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
+        if hmac {
+            // A JWKS may carry `oct` keys (our extension); otherwise the body is the secret.
+            let has_oct = self.keys.iter().any(|k| k.kind == KeyKind::Secret);
+            if !has_oct {
+                return match &self.secret {
+                    Some(secret) => KeyMatch::Found(vec![secret], SIGNATURE_FAILED),
+                    None => KeyMatch::Unusable(
+                        "Invalid base64 encoded HS symmetric key. \
+                         Most likely JWT alg is HS, but public key is ES or RSA."
+                            .into(),
+                    ),
+                };
             }
-            None => KeyMatch::Found(self.keys.iter().filter(usable).collect()),
+        }
+        match &self.format {
+            Format::Opaque => KeyMatch::Unusable("Invalid JSON for public key".into()),
+            Format::Pem => {
+                KeyMatch::Found(self.keys.iter().filter(usable).collect(), SIGNATURE_FAILED)
+            }
+            Format::Jwks {
+                keys_is_array: false,
+                ..
+            } => {
+                KeyMatch::Unusable("Unexpected value type of keys property in jwks key set.".into())
+            }
+            Format::Jwks { entries: 0, .. } => {
+                KeyMatch::Unusable("The jwks key set is empty".into())
+            }
+            Format::Jwks { .. } => match kid {
+                Some(kid) => {
+                    let named: Vec<&VerifyKey> = self
+                        .keys
+                        .iter()
+                        .filter(|k| k.kid.as_deref() == Some(kid))
+                        .filter(usable)
+                        .collect();
+                    if named.is_empty() {
+                        KeyMatch::KidNotFound(format!(
+                            "Cannot find matching key in key set for kid={kid}"
+                        ))
+                    } else {
+                        KeyMatch::Found(named, SIGNATURE_FAILED)
+                    }
+                }
+                None => {
+                    KeyMatch::Found(self.keys.iter().filter(usable).collect(), NO_KEY_VALIDATES)
+                }
+            },
+            Format::X509 => match kid {
+                Some(kid) => {
+                    if self.unusable_kids.iter().any(|k| k == kid) {
+                        return KeyMatch::Unusable(format!(
+                            "Failed to extract public key from X509 for kid={kid}"
+                        ));
+                    }
+                    let named: Vec<&VerifyKey> = self
+                        .keys
+                        .iter()
+                        .filter(|k| k.kid.as_deref() == Some(kid))
+                        .collect();
+                    if named.is_empty() {
+                        KeyMatch::KidNotFound(format!(
+                            "Could not find matching key in public key set for kid={kid}"
+                        ))
+                    } else {
+                        // A certificate of the wrong key type fails verification, as in ESP.
+                        KeyMatch::Found(
+                            named.into_iter().filter(usable).collect(),
+                            SIGNATURE_FAILED,
+                        )
+                    }
+                }
+                None => {
+                    KeyMatch::Found(self.keys.iter().filter(usable).collect(), NO_KEY_VALIDATES)
+                }
+            },
         }
     }
 }
 
-fn parse_json(json: &serde_json::Value) -> Option<KeySet> {
-    let obj = json.as_object()?;
-    if let Some(keys) = obj.get("keys").and_then(|k| k.as_array()) {
-        let keys = keys.iter().filter_map(parse_jwk).collect();
-        return Some(KeySet { keys });
+fn parse_json(json: &serde_json::Value) -> KeySet {
+    let Some(obj) = json.as_object() else {
+        return KeySet {
+            format: Format::X509,
+            ..KeySet::default()
+        };
+    };
+    if let Some(keys) = obj.get("keys") {
+        let Some(entries) = keys.as_array() else {
+            return KeySet {
+                format: Format::Jwks {
+                    keys_is_array: false,
+                    entries: 0,
+                },
+                ..KeySet::default()
+            };
+        };
+        return KeySet {
+            format: Format::Jwks {
+                keys_is_array: true,
+                entries: entries.len(),
+            },
+            keys: entries.iter().filter_map(parse_jwk).collect(),
+            ..KeySet::default()
+        };
     }
-    // Google's X.509 map: every value a PEM certificate.
-    if !obj.is_empty() && obj.values().all(|v| v.as_str().is_some()) {
-        let keys = obj
-            .iter()
-            .filter_map(|(kid, pem)| parse_pem_key(pem.as_str()?, Some(kid.clone())))
-            .collect();
-        return Some(KeySet { keys });
+    let mut set = KeySet {
+        format: Format::X509,
+        ..KeySet::default()
+    };
+    for (kid, pem) in obj {
+        match pem
+            .as_str()
+            .and_then(|p| parse_pem_key(p, Some(kid.clone())))
+        {
+            Some(key) => set.keys.push(key),
+            None => set.unusable_kids.push(kid.clone()),
+        }
     }
-    None
+    set
 }
 
 fn parse_alg(s: &str) -> Option<Algorithm> {
@@ -347,16 +462,16 @@ mod tests {
     }
 
     #[test]
-    fn unrecognised_body_becomes_a_secret() {
-        let set = KeySet::parse(b"my-shared-secret");
-        assert_eq!(set.keys.len(), 1);
-        assert_eq!(set.keys[0].kind, KeyKind::Secret);
+    fn hmac_secret_is_the_base64url_body() {
+        let set = KeySet::parse(b"c2VjcmV0\n");
+        assert_eq!(set.format, Format::Opaque);
         assert!(
-            matches!(set.candidates(Some("k"), Algorithm::HS256), KeyMatch::Found(v) if v.len() == 1)
+            matches!(set.candidates(Some("k"), Algorithm::HS256), KeyMatch::Found(v, _) if v.len() == 1)
         );
-        assert!(
-            matches!(set.candidates(None, Algorithm::RS256), KeyMatch::Found(v) if v.is_empty())
-        );
+        assert!(matches!(
+            set.candidates(None, Algorithm::RS256),
+            KeyMatch::Unusable(m) if m == "Invalid JSON for public key"
+        ));
     }
 
     #[test]
@@ -367,8 +482,9 @@ mod tests {
             b"",
             b"  \n",
         ] {
+            let set = KeySet::parse(body);
             assert!(
-                KeySet::parse(body).keys.is_empty(),
+                matches!(set.candidates(None, Algorithm::HS256), KeyMatch::Unusable(m) if m.starts_with("Invalid base64 encoded HS")),
                 "{:?}",
                 String::from_utf8_lossy(body)
             );
@@ -376,26 +492,47 @@ mod tests {
     }
 
     #[test]
-    fn jwks_kid_lookup() {
+    fn jwks_kid_lookup_and_messages() {
         let body =
             br#"{"keys":[{"kty":"oct","kid":"a","k":"c2VjcmV0"},{"kty":"weird","kid":"b"}]}"#;
         let set = KeySet::parse(body);
         assert_eq!(set.keys.len(), 1);
         assert!(
-            matches!(set.candidates(Some("a"), Algorithm::HS256), KeyMatch::Found(v) if v.len() == 1)
+            matches!(set.candidates(Some("a"), Algorithm::HS256), KeyMatch::Found(v, _) if v.len() == 1)
         );
         assert!(matches!(
             set.candidates(Some("b"), Algorithm::HS256),
-            KeyMatch::KidNotFound
+            KeyMatch::KidNotFound(m) if m == "Cannot find matching key in key set for kid=b"
+        ));
+        assert!(matches!(
+            KeySet::parse(br#"{"keys":[]}"#).candidates(None, Algorithm::RS256),
+            KeyMatch::Unusable(m) if m == "The jwks key set is empty"
+        ));
+        assert!(matches!(
+            KeySet::parse(br#"{"keys":{}}"#).candidates(None, Algorithm::RS256),
+            KeyMatch::Unusable(m) if m == "Unexpected value type of keys property in jwks key set."
         ));
     }
 
     #[test]
-    fn x509_map_with_garbage_cert_is_an_empty_set_not_a_secret() {
+    fn x509_map_messages() {
         let set = KeySet::parse(
             br#"{"k1":"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"}"#,
         );
+        assert_eq!(set.format, Format::X509);
         assert!(set.keys.is_empty());
+        assert!(matches!(
+            set.candidates(Some("k1"), Algorithm::RS256),
+            KeyMatch::Unusable(m) if m == "Failed to extract public key from X509 for kid=k1"
+        ));
+        assert!(matches!(
+            set.candidates(Some("k2"), Algorithm::RS256),
+            KeyMatch::KidNotFound(m) if m == "Could not find matching key in public key set for kid=k2"
+        ));
+        assert!(matches!(
+            set.candidates(None, Algorithm::RS256),
+            KeyMatch::Found(v, m) if v.is_empty() && m == NO_KEY_VALIDATES
+        ));
     }
 
     /// Fetched bodies are attacker-influenced: truncated and bit-flipped certificates and

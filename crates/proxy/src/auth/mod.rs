@@ -27,11 +27,12 @@
 //! - [`userinfo`]: `X-Endpoint-API-UserInfo`, `/credential_id`, `jwt_payloads`.
 //!
 //! # Order of checks (each failure is ESP's exact message)
-//! token present → token cache → parse (`Bad JWT format: …`) → issuer configured for the method
-//! (401 `Issuer not allowed`) → audience (403 `Audience not allowed`) → keys (`Unable to fetch
-//! verification key`, OpenID discovery messages) → kid (`Cannot find matching key in key set for
-//! kid=…`, after one rate-limited refresh) → signature (`JWT signature verification failed.`) →
-//! `exp`/`nbf` with 60 s skew (`TIME_CONSTRAINT_FAILURE`).
+//! token present → token cache → parse (`Bad JWT format: …`, see [`jwt`]) → `exp`/`nbf` with
+//! 60 s skew (`TIME_CONSTRAINT_FAILURE`) → `aud`/`sub` present → issuer configured for the
+//! method (401 `Issuer not allowed`) → audience (403 `Audience not allowed`) → keys (`Unable to
+//! fetch verification key`, OpenID discovery messages) → kid (`Cannot find matching key in key
+//! set for kid=…`, after one rate-limited refresh; X.509 maps and HMAC keys have ESP's own
+//! messages, see [`keys`]) → signature (`JWT signature verification failed.`).
 
 pub mod cache;
 pub mod fetch;
@@ -331,16 +332,33 @@ impl Authenticator {
             }
         }
 
-        let jwt = jwt::parse(&token)
-            .map_err(|reason| AuthError::new(16, &format!("Bad JWT format: {reason}"), true))?;
+        let reject = |reason: &str| AuthError::new(16, reason, true);
+        let jwt = jwt::parse(&token).map_err(|reason| reject(&reason))?;
         let matching = self.issuer_requirements(method, &jwt.iss);
+        if let Err(reason) = jwt.check(now) {
+            let mut e = reject(reason);
+            if reason == jwt::TIME_CONSTRAINT_FAILURE {
+                // Redirect target: the token's issuer's provider, else the method's first.
+                e.authorization_url = matching
+                    .iter()
+                    .map(|r| &r.provider.authorization_url)
+                    .chain(
+                        method
+                            .requirements
+                            .iter()
+                            .map(|r| &r.provider.authorization_url),
+                    )
+                    .find(|u| !u.is_empty())
+                    .cloned();
+            }
+            return Err(e);
+        }
         if matching.is_empty() {
-            return Err(AuthError::new(16, "Issuer not allowed", true));
+            return Err(reject("Issuer not allowed"));
         }
         self.check_audience(&matching, &jwt)?;
 
         let provider = &matching[0].provider;
-        let reject = |reason: &str| AuthError::new(16, reason, true);
         let uri = if provider.jwks_uri.is_empty() {
             self.keys
                 .discover(&provider.issuer)
@@ -356,30 +374,22 @@ impl Authenticator {
             .map_err(|e| reject(&e.to_string()))?;
         if matches!(
             keyset.candidates(jwt.kid.as_deref(), jwt.alg),
-            KeyMatch::KidNotFound
+            KeyMatch::KidNotFound(_)
         ) {
             // Providers rotate keys; a kid we have never seen may be brand new.
             if let Some(fresh) = self.keys.refresh_for_unknown_kid(&uri).await {
                 keyset = fresh;
             }
         }
-        let candidates = match keyset.candidates(jwt.kid.as_deref(), jwt.alg) {
-            KeyMatch::Found(c) => c,
-            KeyMatch::KidNotFound => {
-                return Err(reject(&format!(
-                    "Cannot find matching key in key set for kid={}",
-                    jwt.kid.as_deref().unwrap_or("")
-                )))
+        match keyset.candidates(jwt.kid.as_deref(), jwt.alg) {
+            KeyMatch::Found(candidates, failure) => {
+                if !jwt.signature_valid(&token, &candidates) {
+                    return Err(reject(failure));
+                }
             }
-        };
-        if !jwt.signature_valid(&token, &candidates) {
-            return Err(reject("JWT signature verification failed."));
-        }
-        if !jwt.time_valid(now) {
-            let mut e = reject("TIME_CONSTRAINT_FAILURE");
-            e.authorization_url =
-                Some(provider.authorization_url.clone()).filter(|u| !u.is_empty());
-            return Err(e);
+            KeyMatch::KidNotFound(reason) | KeyMatch::Unusable(reason) => {
+                return Err(reject(&reason))
+            }
         }
 
         let audiences = userinfo::sorted_audiences(&jwt);
