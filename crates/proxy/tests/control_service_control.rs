@@ -758,3 +758,36 @@ async fn oversized_report_batches_are_split() {
     }
     assert_eq!(total_request_count(&peer), 8, "nothing lost in splitting");
 }
+
+#[tokio::test]
+async fn fail_closed_stops_trusting_a_cached_verdict_once_a_recheck_fails() {
+    let peer = FakePeer::start(route(ok_check, || (200, "{}".into()))).await;
+    let mut o = options(&peer);
+    o.network_fail_open = false;
+    o.check_retries = 0;
+    o.check_refresh_interval = Duration::from_millis(200);
+    let sc = ServiceControl::new(o).expect("client");
+    sc.check(input("KEY", ip("10.0.0.1")))
+        .await
+        .expect("allowed");
+    peer.stop();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // Stale: served from the cache while the background re-check runs (and fails).
+    sc.check(input("KEY", ip("10.0.0.1")))
+        .await
+        .expect("cached");
+    assert!(wait_until(WAIT, || sc.statistics().check_failures == 1).await);
+    // The failure is recorded just before the cache entry is dropped; allow that moment.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let e = loop {
+        match sc.check(input("KEY", ip("10.0.0.1"))).await {
+            Err(e) => break e,
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Ok(_) => panic!("fail-closed kept trusting the stale verdict"),
+        }
+    };
+    assert_eq!((e.http_status, e.code), (503, 14));
+    sc.shutdown().await;
+}

@@ -218,15 +218,25 @@ pub(crate) struct CheckCache {
     max_entries: usize,
     refresh: Duration,
     expiration: Duration,
+    /// Fail-open: a verdict whose re-check failed keeps serving. Fail-closed: it is dropped,
+    /// so the next request checks synchronously and is refused while Service Control is down
+    /// (as ESP refuses once the flush interval has passed).
+    keep_on_failure: bool,
 }
 
 impl CheckCache {
-    pub(crate) fn new(max_entries: usize, refresh: Duration, expiration: Duration) -> Self {
+    pub(crate) fn new(
+        max_entries: usize,
+        refresh: Duration,
+        expiration: Duration,
+        keep_on_failure: bool,
+    ) -> Self {
         CheckCache {
             entries: HashMap::new(),
             max_entries,
             refresh,
             expiration,
+            keep_on_failure,
         }
     }
 
@@ -279,6 +289,8 @@ impl CheckCache {
                     refreshing: false,
                 },
             );
+        } else if !self.keep_on_failure {
+            self.entries.remove(key);
         } else if let Some(e) = self.entries.get_mut(key) {
             // Not cacheable (network trouble): keep the last real verdict, and try again only
             // after another interval rather than on every request.
@@ -397,7 +409,7 @@ mod tests {
 
     #[test]
     fn cache_refreshes_positive_in_background_and_negative_once() {
-        let mut c = CheckCache::new(10, Duration::from_secs(60), Duration::from_secs(300));
+        let mut c = CheckCache::new(10, Duration::from_secs(60), Duration::from_secs(300), true);
         let t0 = Instant::now();
         assert!(matches!(c.lookup("k", t0), Lookup::Miss));
         c.complete(
@@ -433,7 +445,7 @@ mod tests {
 
     #[test]
     fn cache_is_bounded_and_expires() {
-        let mut c = CheckCache::new(2, Duration::from_secs(60), Duration::from_secs(300));
+        let mut c = CheckCache::new(2, Duration::from_secs(60), Duration::from_secs(300), true);
         let t0 = Instant::now();
         for (i, k) in ["a", "b", "c"].iter().enumerate() {
             c.complete(
@@ -454,5 +466,28 @@ mod tests {
             matches!(c.lookup("c", t0 + Duration::from_secs(400)), Lookup::Miss),
             "expired"
         );
+    }
+
+    #[test]
+    fn failed_recheck_keeps_verdict_only_when_fail_open() {
+        let failed = Verdict {
+            outcome: Err(EspError::new(14, "down", Cause::ServiceControl)),
+            cacheable: false,
+        };
+        let good = Verdict {
+            outcome: Ok(ok()),
+            cacheable: true,
+        };
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(61);
+        for (open, kept) in [(true, true), (false, false)] {
+            let mut c =
+                CheckCache::new(10, Duration::from_secs(60), Duration::from_secs(300), open);
+            c.complete("k", &good, t0);
+            assert!(matches!(c.lookup("k", t1), Lookup::HitAndRefresh(_)));
+            c.complete("k", &failed, t1);
+            let hit = matches!(c.lookup("k", t1), Lookup::Hit(Ok(_)));
+            assert_eq!(hit, kept, "fail_open={open}");
+        }
     }
 }

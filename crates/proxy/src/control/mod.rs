@@ -327,6 +327,7 @@ impl ServiceControl {
                 opts.check_cache_entries,
                 opts.check_refresh_interval,
                 opts.check_expiration,
+                opts.network_fail_open,
             )),
             quota: Mutex::new(QuotaCache::new(
                 opts.quota_cache_entries,
