@@ -134,6 +134,67 @@ impl ProxyState {
     }
 }
 
+/// Armed while a request waits for its response head. If the client disconnects first, hyper
+/// drops the request future and this records the request as nginx's 499 (client closed) in the
+/// metrics and the access log.
+pub struct AbortGuard {
+    armed: Option<(Arc<ProxyState>, Instant, Method, http::Uri, IpAddr)>,
+}
+
+impl AbortGuard {
+    pub fn new<B>(state: &Arc<ProxyState>, req: &Request<B>, conn: ConnInfo) -> AbortGuard {
+        AbortGuard {
+            armed: Some((
+                state.clone(),
+                Instant::now(),
+                req.method().clone(),
+                req.uri().clone(),
+                conn.peer.ip(),
+            )),
+        }
+    }
+
+    /// The response head is out; completion accounting takes over.
+    pub fn disarm(mut self) {
+        self.armed = None;
+    }
+}
+
+impl Drop for AbortGuard {
+    fn drop(&mut self) {
+        let Some((state, start, method, uri, peer)) = self.armed.take() else {
+            return;
+        };
+        let total = start.elapsed();
+        state
+            .metrics
+            .observe_request(crate::metrics::method_label(&method), 499, total);
+        if state.access_log.enabled() {
+            let time = crate::access_log::now_rfc3339();
+            let remote = peer.to_string();
+            let url = uri.to_string();
+            let uri = crate::access_log::redact_uri(&url);
+            state.access_log.write(&crate::access_log::Entry {
+                time: &time,
+                remote_addr: &remote,
+                method: method.as_str(),
+                uri: &uri,
+                protocol: "",
+                status: 499,
+                request_bytes: 0,
+                response_bytes: 0,
+                latency_ms: total.as_secs_f64() * 1e3,
+                backend_latency_ms: None,
+                api_method: "",
+                config_id: "",
+                user_agent: None,
+                referer: None,
+                error: Some("client closed the connection before the response"),
+            });
+        }
+    }
+}
+
 /// Connection facts the pipeline needs.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {

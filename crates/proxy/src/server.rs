@@ -495,9 +495,15 @@ async fn serve_conn<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let p = pipeline.clone();
-        async move { Ok::<_, Infallible>(p.handle(req, conn_info).await) }
+        async move {
+            // Accounts the request as 499 if the client goes away before the response head.
+            let guard = crate::pipeline::AbortGuard::new(p.state(), &req, conn_info);
+            let resp = p.handle(req, conn_info).await;
+            guard.disarm();
+            Ok::<_, Infallible>(resp)
+        }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);

@@ -1454,3 +1454,34 @@ async fn backend_host_header_override() {
         vec!["internal.backend"]
     );
 }
+
+#[tokio::test]
+async fn client_abort_is_counted_as_499() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let mut s = tokio::net::TcpStream::connect(env.proxy.http_addr.unwrap())
+        .await
+        .unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    let st = format!("http://{}/metrics", env.proxy.status_addr);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = env
+            .client
+            .get(&st)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("portico_proxy_requests_total{method=\"GET\",code=\"499\"} 1") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
