@@ -404,7 +404,7 @@ async fn create_service(
     crate::projects::project_number(&state.store, &producer).await?;
 
     let policy = Policy::default().normalized_for_store()?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let inserted = sqlx::query(
         "INSERT INTO sm_services (service_name, producer_project_id, deleted, op_counter, \
          config_day, config_next, rollout_day, rollout_next, policy, create_time) \
@@ -476,7 +476,7 @@ async fn delete_service(
     require_service_permission(&state, &principal, &service, perms::SERVICES_DELETE)
         .await
         .map_err(|_| not_found_or_denied(&service))?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let done =
         sqlx::query("UPDATE sm_services SET deleted = 1 WHERE service_name = $1 AND deleted = 0")
             .bind(&service)
@@ -580,7 +580,7 @@ async fn undelete(
             "Service '{service}' is not deleted."
         )));
     }
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let done =
         sqlx::query("UPDATE sm_services SET deleted = 0 WHERE service_name = $1 AND deleted = 1")
             .bind(service)
@@ -668,7 +668,7 @@ async fn set_iam_policy(
     };
     let presented = new.etag.clone();
     let new = new.normalized_for_store()?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     // Write first to take the row lock (and SQLite's write lock) before reading the etag.
     let touched = sqlx::query(
         "UPDATE sm_services SET policy = policy WHERE service_name = $1 AND deleted = 0",
@@ -876,7 +876,7 @@ async fn submit_config(
         uuid::Uuid::new_v4()
     );
 
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let id = if body.validate_only {
         // Nothing is stored for a validation; only the operation gcloud polls is kept.
         peek_config_id(&state, &service).await?
@@ -1169,7 +1169,7 @@ async fn create_rollout(
             )));
         }
     }
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     // The counter bump comes first: it locks the service row before the config reads.
     let generated = next_id(&mut tx, &service, Counter::Rollout)
         .await?

@@ -163,7 +163,7 @@ async fn service_verb(
                 .await?;
             check_enableable(&state, &principal, &consumer, service).await?;
             let svc = service_json(&state, number, service, true).await?;
-            let mut tx = state.store.pool().begin().await?;
+            let mut tx = state.store.begin_write().await?;
             sqlx::query(
                 "INSERT INTO su_enabled (project_id, service_name, enable_time) VALUES ($1, $2, $3) \
                  ON CONFLICT (project_id, service_name) DO NOTHING",
@@ -191,7 +191,7 @@ async fn service_verb(
             require_project_permission(&state, &principal, &consumer, perms::SERVICEUSAGE_DISABLE)
                 .await?;
             let svc = service_json(&state, number, service, false).await?;
-            let mut tx = state.store.pool().begin().await?;
+            let mut tx = state.store.begin_write().await?;
             sqlx::query("DELETE FROM su_enabled WHERE project_id = $1 AND service_name = $2")
                 .bind(&consumer)
                 .bind(service)
@@ -276,7 +276,7 @@ async fn batch_enable(
     for s in &body.service_ids {
         services.push(service_json(&state, number, s, true).await?);
     }
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     for s in &body.service_ids {
         sqlx::query(
             "INSERT INTO su_enabled (project_id, service_name, enable_time) VALUES ($1, $2, $3) \

@@ -6,9 +6,11 @@
 //!   timestamps are RFC 3339 `TEXT` (UTC, `Z`), JSON documents are `TEXT`.
 //! - No `AUTOINCREMENT`/`SERIAL`: ids are generated in Rust (uuid, counters in a row).
 //! - `INSERT ... ON CONFLICT (...) DO NOTHING / DO UPDATE` works on both.
-//! - In a transaction on SQLite, **write before you read** the rows you will update (e.g. bump a
-//!   counter first): SQLite's deferred transactions fail with "database is locked" when a reader
-//!   tries to upgrade to a writer after another writer committed.
+//! - Start transactions that write with [`Store::begin_write`]: on SQLite it is `BEGIN
+//!   IMMEDIATE`, which takes the write lock up front (waiting up to the busy timeout), because a
+//!   deferred transaction that reads and then writes fails with "database is locked" when another
+//!   writer committed in between. On PostgreSQL it is a plain `BEGIN`; lock the rows you will
+//!   update by updating them first (or `SELECT ... FOR UPDATE`, PostgreSQL only).
 //!
 //! # Registering a module's schema
 //! A module declares `pub const MIGRATIONS: &[Migration] = &[Migration { id: "iam_0001", sql: &[
@@ -163,6 +165,14 @@ impl Store {
         self.backend
     }
 
+    /// Begins a transaction that will write (see the module doc).
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+    }
+
     /// Applies every migration not yet recorded, in the given order.
     pub async fn migrate(&self, sets: &[&[Migration]]) -> Result<(), StoreError> {
         self.pool
@@ -259,6 +269,43 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert_eq!(mode.to_lowercase(), "wal");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn read_then_write_transactions_do_not_fail_on_sqlite() {
+        let (_d, store) = temp_store().await;
+        store.migrate(&[TEST_MIGRATIONS]).await.unwrap();
+        sqlx::query("INSERT INTO t (k, n) VALUES ('c', 0)")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..5 {
+                    let mut tx = store.begin_write().await?;
+                    let (n,): (i64,) = sqlx::query_as("SELECT n FROM t WHERE k = 'c'")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    tokio::task::yield_now().await;
+                    sqlx::query("UPDATE t SET n = $1 WHERE k = 'c'")
+                        .bind(n + 1)
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                }
+                Ok::<(), sqlx::Error>(())
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let (n,): (i64,) = sqlx::query_as("SELECT n FROM t WHERE k = 'c'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(n, 40, "lost updates");
     }
 
     #[tokio::test]
