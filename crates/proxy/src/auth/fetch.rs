@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use super::cache::TokenCache;
 use super::keys::KeySet;
 
+/// Largest key set or discovery document accepted.
+pub const MAX_KEY_DOCUMENT_BYTES: usize = 1 << 20;
+
 /// Why keys could not be obtained; `Display` is ESP's message (without the
 /// `JWT validation failed: ` prefix).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -247,7 +250,22 @@ impl KeyCache {
         if status >= 300 {
             return Err(Some(status));
         }
-        resp.bytes().await.map_err(|_| None)
+        // Key sets are a few KiB; a body far larger is a misconfigured URL, not keys, and must
+        // not be buffered without bound.
+        let mut resp = resp;
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|_| None)? {
+            if body.len() + chunk.len() > MAX_KEY_DOCUMENT_BYTES {
+                tracing::warn!(
+                    uri,
+                    limit = MAX_KEY_DOCUMENT_BYTES,
+                    "key document too large"
+                );
+                return Err(None);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(bytes::Bytes::from(body))
     }
 
     /// The `jwks_uri` of an issuer by OpenID discovery. A failure is remembered for the key TTL
@@ -405,5 +423,25 @@ mod tests {
             cache.keys(&uri).await.unwrap_err(),
             FetchError::HttpStatus(500)
         );
+    }
+
+    #[tokio::test]
+    async fn oversized_key_documents_are_refused() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = [0u8; 2048];
+                let _ = sock.read(&mut buf).await;
+                let len = MAX_KEY_DOCUMENT_BYTES + 1;
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&vec![b'a'; len]).await;
+            }
+        });
+        let cache = KeyCache::new(KeyCacheOptions::default());
+        let err = cache.keys(&format!("http://{addr}/big")).await.unwrap_err();
+        assert_eq!(err, FetchError::Unreachable);
     }
 }
