@@ -699,7 +699,7 @@ impl Pipeline {
             .unwrap_or("/");
         let target = rewrite(&settings.rewrites, original_target).into_owned();
 
-        let table = st.routes.load_full();
+        let table = st.routes.load();
         let Some(config) = table.pick().cloned() else {
             let err = EspError::new(14, "No service configuration is loaded", Cause::Internal);
             return self.finalize(

@@ -548,9 +548,8 @@ fn service_control_for(
         .filter_map(|(s, _)| s.control.as_ref())
         .map(|c| c.environment.as_str())
         .find(|e| !e.is_empty());
-    if environment.is_none() && settings.service_control_url_override.is_none() {
-        return Ok(None);
-    }
+    // With a key file the control plane is known even if the first config has no
+    // `control.environment`, so a later rollout that enables Service Control finds a client.
     let Some(base) = crate::control::resolve_service_control_url(
         settings.service_control_url_override.as_deref(),
         credentials.as_deref(),
