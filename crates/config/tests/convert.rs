@@ -142,6 +142,9 @@ fn getting_started_converts_like_google() {
         svc.get("systemParameters").is_none(),
         "?key= is a default location"
     );
+    // What the converter emits loads back into the model unchanged (the proxy reads it so).
+    let back: portico_config::Service = serde_json::from_value(svc.clone()).unwrap();
+    assert_eq!(serde_json::to_value(&back).unwrap(), svc);
     assert!(svc.get("backend").is_none());
     assert!(svc.get("quota").is_none());
 
