@@ -26,7 +26,7 @@ use portico_credentials::ServiceAccountKey;
 use serde::Deserialize;
 use tokio::sync::{watch, Notify};
 
-use crate::control::auth::{origin_of, TokenSource, SERVICE_MANAGER};
+use crate::control::auth::{control_plane_of, TokenSource, SERVICE_MANAGER};
 
 /// Service Management's public address, used when neither `--management` nor a key file says
 /// otherwise.
@@ -90,11 +90,7 @@ impl ConfigSourceOptions {
         if let Some(url) = &self.management_url {
             return url.trim_end_matches('/').to_string();
         }
-        if let Some(origin) = self
-            .credentials
-            .as_ref()
-            .and_then(|k| origin_of(&k.token_uri))
-        {
+        if let Some(origin) = self.credentials.as_ref().and_then(|k| control_plane_of(k)) {
             return origin;
         }
         DEFAULT_MANAGEMENT_URL.to_string()

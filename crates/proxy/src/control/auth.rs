@@ -67,8 +67,19 @@ impl TokenSource {
     }
 }
 
-/// `scheme://host[:port]` of a URL, used to find the control plane from the key file's
-/// `token_uri` (Portico's key files point it at the control plane itself).
+/// The Portico control plane a key file names: the origin of its `token_uri` (Portico's key
+/// files point it at the control plane itself). `None` for a key issued by Google, whose
+/// `token_uri` is Google's OAuth server: the caller then uses Google's API hosts.
+pub fn control_plane_of(key: &portico_credentials::ServiceAccountKey) -> Option<String> {
+    let parsed = reqwest::Url::parse(&key.token_uri).ok()?;
+    let host = parsed.host_str()?;
+    if host.ends_with(".googleapis.com") || host == "accounts.google.com" {
+        return None;
+    }
+    origin_of(&key.token_uri)
+}
+
+/// `scheme://host[:port]` of a URL.
 pub fn origin_of(url: &str) -> Option<String> {
     let parsed = reqwest::Url::parse(url).ok()?;
     // host_str already brackets IPv6 literals.
@@ -98,6 +109,28 @@ mod tests {
             Some("http://[::1]:9")
         );
         assert_eq!(origin_of("not a url"), None);
+    }
+
+    #[test]
+    fn google_issued_keys_name_no_control_plane() {
+        let g = portico_credentials::generate_rsa_key().expect("key");
+        let key = |token_uri: &str| {
+            let json = serde_json::json!({
+                "type": "service_account", "project_id": "p", "private_key_id": g.key_id,
+                "private_key": g.private_pkcs8_pem, "client_email": "a@p.iam.gserviceaccount.com",
+                "token_uri": token_uri,
+            });
+            portico_credentials::ServiceAccountKey::from_json_str(&json.to_string(), "t")
+                .expect("key")
+        };
+        assert_eq!(
+            control_plane_of(&key("https://oauth2.googleapis.com/token")),
+            None
+        );
+        assert_eq!(
+            control_plane_of(&key("http://127.0.0.1:8080/token")).as_deref(),
+            Some("http://127.0.0.1:8080")
+        );
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub use report::RequestRecord;
 
 use crate::config_source::RolloutNotifier;
 use crate::error::EspError;
-use auth::{origin_of, TokenSource, QUOTA_CONTROLLER, SERVICE_CONTROLLER};
+use auth::{control_plane_of, TokenSource, QUOTA_CONTROLLER, SERVICE_CONTROLLER};
 use check::{CheckCache, Lookup, Verdict};
 use quota::{Decision, NewEntry, QuotaCache};
 use report::StaticLabels;
@@ -60,7 +60,7 @@ pub fn resolve_service_control_url(
     if let Some(u) = url_override.filter(|u| !u.is_empty()) {
         return Some(u.trim_end_matches('/').to_string());
     }
-    if let Some(origin) = key.and_then(|k| origin_of(&k.token_uri)) {
+    if let Some(origin) = key.and_then(control_plane_of) {
         return Some(origin);
     }
     let env = control_environment.filter(|e| !e.is_empty())?;
