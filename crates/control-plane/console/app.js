@@ -139,7 +139,7 @@ async function apiAll(path, field, cap = 20) {
 }
 
 // ------------------------------------------------------------------------------------------
-// DOM helpers (text only; never innerHTML)
+// DOM helpers: text nodes and attributes only, nothing is ever parsed as markup
 
 function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
@@ -197,6 +197,12 @@ function lastSegment(name) {
 function num(v) {
   const n = Number(v);
   return Number.isFinite(n) ? n : 0;
+}
+
+// RFC 3339 from the API → "2026-11-23 19:21:27" (UTC, whole seconds); unparsable text as is.
+function fmtTime(v) {
+  const t = Date.parse(v);
+  return Number.isFinite(t) ? new Date(t).toISOString().slice(0, 19).replace('T', ' ') : (v || '');
 }
 
 function fmtInt(n) {
@@ -334,7 +340,7 @@ async function viewService(r) {
       [{ label: 'Time (UTC)' }, { label: 'Method' }, { label: 'Status', num: true },
         { label: 'Consumer' }, { label: 'Severity' }],
       (logs.entries || []).map((e) => [
-        e.timestamp,
+        { value: fmtTime(e.timestamp), class: 'nowrap' },
         e.method,
         { value: e.httpResponseCode ? String(e.httpResponseCode) : '', class: 'status-' + e.responseCodeClass },
         e.consumer,
@@ -362,7 +368,7 @@ async function viewService(r) {
       [{ label: 'Rollout ID' }, { label: 'Status' }, { label: 'Traffic' }, { label: 'Created (UTC)' },
         { label: 'Created by' }],
       rollouts.map((ro) => [h('code', {}, ro.rolloutId), ro.status || '', trafficText(ro),
-        ro.createTime || '', ro.createdBy || '']),
+        { value: fmtTime(ro.createTime), class: 'nowrap' }, ro.createdBy || '']),
       'No rollouts yet.'));
   }
   return out;
@@ -580,7 +586,7 @@ async function viewKeys(r) {
     [{ label: 'Display name' }, { label: 'UID' }, { label: 'Key ID' }, { label: 'Restrictions' },
       { label: 'Created (UTC)' }, { label: 'Key string' }],
     keys.map((k) => [k.displayName || '', h('code', {}, k.uid || ''), h('code', {}, lastSegment(k.name)),
-      restrictionList(k.restrictions), k.createTime || '', '']),
+      restrictionList(k.restrictions), { value: fmtTime(k.createTime), class: 'nowrap' }, '']),
     'No API keys in project ' + r.project + '.');
   // The last column holds a live button; swap the placeholder cells for them.
   if (t.tagName === 'TABLE') {
