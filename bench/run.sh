@@ -113,6 +113,7 @@ EOF
 }
 
 CORES=$(nproc)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- backend and nginx ---------------------------------------------------------------------
 BACKEND_PORT=$(free_port)
@@ -250,6 +251,7 @@ wait "$WRK"
 echo
 echo "Portico proxy benchmark — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(uname -sr)"
 echo "wrk -t1 -d${DURATION}s --latency, ${ROUNDS} interleaved rounds, connections: $CONNS; backend: nginx fixed body"
+echo "load average at start: $LOAD_START, at end: $(cut -d' ' -f1-3 /proc/loadavg); tree at run time: $(git log -1 --format=%h 2>/dev/null || echo unknown)"
 echo
 python3 bench/lib/wrk_summary.py "$WORK/wrk"
 echo
