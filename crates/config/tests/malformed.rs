@@ -473,3 +473,23 @@ fn incomplete_api_key_definitions() {
         ]
     );
 }
+
+#[test]
+fn self_referential_definitions() {
+    let text = spec(
+        "paths: {}\ndefinitions:\n  Node:\n    type: object\n    properties:\n      next: {$ref: \"#/definitions/Node\"}\n  A:\n    type: array\n    items: {$ref: \"#/definitions/B\"}\n  B:\n    $ref: \"#/definitions/A\"\n",
+    );
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        ["openapi.yaml:12:3: definition \"A\" refers back to itself only through $ref or array items (A → B → A), so no value can have this type"]
+    );
+}
+
+#[test]
+fn operations_need_responses() {
+    let text = spec("paths:\n  /a:\n    get:\n      operationId: a\n");
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        ["openapi.yaml:8:5: Operation 'get' in path '/a': missing required field \"responses\" (OpenAPI 2.0 requires at least one, e.g. responses: {200: {description: OK}})"]
+    );
+}

@@ -515,6 +515,7 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
             // (definitions are compiled on demand), so there it is only a warning.
             self.check_refs(v, k.text == "definitions");
         }
+        self.definition_cycles();
         self.security_definitions();
         if let Some(sec) = root.get("security") {
             let label = "Top-level security";
@@ -715,6 +716,56 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
                 }
             }
             Some(_) => {}
+        }
+    }
+
+    /// A definition that is only an alias (`$ref`) or an array of itself, directly or through
+    /// other such definitions, describes no value at all; Google's converter rejects it.
+    fn definition_cycles(&mut self) {
+        let Some(defs) = self.root.get("definitions").and_then(Node::as_map) else {
+            return;
+        };
+        // The definition a schema stands for without adding any structure of its own.
+        fn alias_target(schema: &Node) -> Option<&str> {
+            if let Some(r) = schema.get("$ref").and_then(Node::as_str) {
+                return r.strip_prefix("#/definitions/");
+            }
+            if schema.get("type").and_then(Node::as_str) == Some("array") {
+                return schema.get("items").and_then(alias_target);
+            }
+            None
+        }
+        let mut reported: BTreeSet<&str> = BTreeSet::new();
+        for (k, schema) in defs {
+            if reported.contains(k.text.as_str()) {
+                continue;
+            }
+            let mut chain = vec![k.text.as_str()];
+            let mut current = schema;
+            while let Some(next) = alias_target(current) {
+                if next == k.text {
+                    chain.push(next);
+                    self.ctx.error(
+                        k.pos,
+                        format!(
+                            "definition \"{}\" refers back to itself only through $ref or array items ({}), so no value can have this type",
+                            k.text,
+                            chain.join(" → ")
+                        ),
+                    );
+                    reported.extend(chain.iter().copied());
+                    break;
+                }
+                if chain.contains(&next) {
+                    // A cycle that does not include this definition; it is reported from there.
+                    break;
+                }
+                chain.push(next);
+                match defs.iter().find(|(d, _)| d.text == next) {
+                    Some((_, n)) => current = n,
+                    None => break,
+                }
+            }
         }
     }
 
@@ -1483,6 +1534,13 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
                 self.ctx
                     .warn(k.pos, format!("{label}: unknown field \"{f}\" is ignored"));
             }
+        }
+
+        if op.get("responses").is_none() {
+            self.ctx.error(
+                mk.pos,
+                format!("{label}: missing required field \"responses\" (OpenAPI 2.0 requires at least one, e.g. responses: {{200: {{description: OK}}}})"),
+            );
         }
 
         // Name.
