@@ -791,3 +791,68 @@ async fn fail_closed_stops_trusting_a_cached_verdict_once_a_recheck_fails() {
     assert_eq!((e.http_status, e.code), (503, 14));
     sc.shutdown().await;
 }
+
+#[tokio::test]
+async fn reports_carry_only_what_the_config_declares() {
+    let peer = FakePeer::start(route(ok_check, || (200, "{}".into()))).await;
+    let declared: portico_config::Service = serde_json::from_value(serde_json::json!({
+        "name": SVC,
+        "id": "2026-11-22r0",
+        "logging": {"producerDestinations": [{"monitoredResource": "api", "logs": ["endpoints_log"]}]},
+        "monitoring": {"producerDestinations": [{"monitoredResource": "api",
+            "metrics": ["serviceruntime.googleapis.com/api/producer/request_count"]}]}
+    }))
+    .expect("service");
+    let bare: portico_config::Service =
+        serde_json::from_value(serde_json::json!({"name": SVC, "id": "bare"})).expect("service");
+    let rollout = portico_proxy::config_source::Rollout {
+        rollout_id: "r".into(),
+        configs: vec![
+            (std::sync::Arc::new(declared), 50),
+            (std::sync::Arc::new(bare), 50),
+        ],
+    };
+    let (_tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(rollout));
+    let mut o = options(&peer);
+    o.report_flush_interval = Duration::from_secs(3600);
+    o.service_configs = Some(rx);
+    let sc = ServiceControl::new(o).expect("client");
+    sc.report(record(200));
+    let mut bare_record = record(200);
+    bare_record.service_config_id = "bare".into();
+    sc.report(bare_record);
+    sc.shutdown().await;
+    let ops = reported_ops(&peer);
+    assert_eq!(ops.len(), 2);
+    for op in &ops {
+        let names: Vec<String> = op["metricValueSets"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|m| m["metricName"].as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let logs = op["logEntries"].as_array().map(Vec::len).unwrap_or(0);
+        if names.is_empty() {
+            assert_eq!(logs, 0, "bare config: no metrics, no logs");
+        } else {
+            assert_eq!(
+                names,
+                ["serviceruntime.googleapis.com/api/producer/request_count"]
+            );
+            assert_eq!(logs, 1);
+        }
+    }
+    let bodies: Vec<String> = peer
+        .requests_to(":report")
+        .iter()
+        .map(|r| {
+            r.json()["serviceConfigId"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert!(bodies.contains(&"bare".to_string()) && bodies.contains(&"2026-11-22r0".to_string()));
+}

@@ -38,12 +38,12 @@ use tokio::sync::{watch, Notify};
 pub use quota::metric_costs;
 pub use report::RequestRecord;
 
-use crate::config_source::RolloutNotifier;
+use crate::config_source::{Rollout, RolloutNotifier};
 use crate::error::EspError;
 use auth::{control_plane_of, TokenSource, QUOTA_CONTROLLER, SERVICE_CONTROLLER};
 use check::{CheckCache, Lookup, Verdict};
 use quota::{Decision, NewEntry, QuotaCache};
-use report::StaticLabels;
+use report::{ReportFilter, StaticLabels};
 use transport::Transport;
 
 /// Service Control's public address, used when nothing else names one.
@@ -79,6 +79,10 @@ pub struct ServiceControlOptions {
     /// `--service_control_network_fail_policy=open` (the default).
     pub network_fail_open: bool,
     pub rollout_notifier: Option<RolloutNotifier>,
+    /// The configs in force (from [`crate::config_source::start`]). When given, reports carry
+    /// only the metrics and logs each config declares, as ESP's do; when `None`, the full
+    /// standard set is sent.
+    pub service_configs: Option<watch::Receiver<Arc<Rollout>>>,
     /// `servicecontrol.googleapis.com/service_agent`.
     pub service_agent: String,
     pub platform: String,
@@ -119,6 +123,7 @@ impl ServiceControlOptions {
             credentials: None,
             network_fail_open: true,
             rollout_notifier: None,
+            service_configs: None,
             service_agent: format!("ESP/portico-{}", env!("CARGO_PKG_VERSION")),
             platform: "unknown".to_string(),
             location: "global".to_string(),
@@ -293,6 +298,8 @@ struct Inner {
     checks: Mutex<CheckCache>,
     quota: Mutex<QuotaCache>,
     reports: Mutex<ReportState>,
+    /// Per config id; configs are immutable, so a filter never goes stale.
+    report_filters: Mutex<HashMap<String, Arc<ReportFilter>>>,
     stats: Stats,
 }
 
@@ -335,6 +342,7 @@ impl ServiceControl {
                 opts.quota_expiration,
             )),
             reports: Mutex::new(ReportState::default()),
+            report_filters: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             transport,
             opts,
@@ -789,7 +797,11 @@ impl Inner {
         let mut ready: Vec<QueuedOp> = Vec::new();
         let mut merged: HashMap<String, QueuedOp> = HashMap::new();
         for record in &records {
-            for op in report::operations_for(record, &self.statics) {
+            let mut ops = report::operations_for(record, &self.statics);
+            if let Some(filter) = self.report_filter(&record.service_config_id) {
+                filter.apply(&mut ops);
+            }
+            for op in ops {
                 let sig = report::signature(&record.service_name, &record.service_config_id, &op);
                 match merged.get_mut(&sig) {
                     Some((_, _, existing)) => {
@@ -833,6 +845,25 @@ impl Inner {
         self.stats
             .report_queue_depth
             .set((st.records.len() + st.queue.len()) as i64);
+    }
+
+    /// The declared-metrics filter for `config_id`, if the configs in force are known and
+    /// one of them (now or earlier) has this id.
+    fn report_filter(&self, config_id: &str) -> Option<Arc<ReportFilter>> {
+        let configs = self.opts.service_configs.as_ref()?;
+        let mut filters = self.report_filters.lock().ok()?;
+        if let Some(f) = filters.get(config_id) {
+            return Some(f.clone());
+        }
+        let rollout = configs.borrow().clone();
+        let service = rollout
+            .configs
+            .iter()
+            .find(|(s, _)| s.id == config_id)
+            .map(|(s, _)| s.clone())?;
+        let filter = Arc::new(ReportFilter::from_service(&service));
+        filters.insert(config_id.to_string(), filter.clone());
+        Some(filter)
     }
 
     /// Up to `max` queued operations for the same service and config, oldest first.

@@ -434,6 +434,59 @@ pub(crate) fn operations_for(r: &RequestRecord, statics: &StaticLabels) -> Vec<O
     ops
 }
 
+/// Which of the proxy's metrics and logs a service config asks for. ESP reports only what
+/// the config declares in `logging` / `monitoring` destinations (generated configs declare
+/// the standard set), so a config without them gets bare operations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReportFilter {
+    endpoints_log: bool,
+    metrics: std::collections::HashSet<String>,
+}
+
+impl ReportFilter {
+    pub(crate) fn from_service(service: &portico_config::Service) -> Self {
+        let endpoints_log = service.logging.as_ref().is_some_and(|l| {
+            l.producer_destinations
+                .iter()
+                .chain(&l.consumer_destinations)
+                .any(|d| d.logs.iter().any(|n| n == ENDPOINTS_LOG))
+        });
+        let metrics = service
+            .monitoring
+            .as_ref()
+            .map(|m| {
+                m.producer_destinations
+                    .iter()
+                    .chain(&m.consumer_destinations)
+                    .flat_map(|d| d.metrics.iter().cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ReportFilter {
+            endpoints_log,
+            metrics,
+        }
+    }
+
+    /// Strips undeclared metrics and logs; an extra (by-consumer) operation left with no
+    /// metrics is dropped, the main operation is always kept.
+    pub(crate) fn apply(&self, ops: &mut Vec<Operation>) {
+        for op in ops.iter_mut() {
+            op.metric_value_sets
+                .retain(|m| self.metrics.contains(&m.metric_name));
+            if !self.endpoints_log {
+                op.log_entries.clear();
+            }
+        }
+        let mut first = true;
+        ops.retain(|op| {
+            let keep = first || !op.metric_value_sets.is_empty();
+            first = false;
+            keep
+        });
+    }
+}
+
 /// Operations are merged when service, config, consumer, name and labels are all equal.
 pub(crate) fn signature(service: &str, config_id: &str, op: &Operation) -> String {
     let mut s = String::with_capacity(256);
@@ -667,5 +720,49 @@ mod tests {
             .and_then(|m| m.metric_values[0].int64_value);
         assert_eq!(count, Some(2));
         assert_eq!(a.log_entries.len(), 2);
+    }
+
+    #[test]
+    fn config_declarations_select_metrics_and_logs() {
+        let mut svc = portico_config::Service::default();
+        let mut r = record();
+        r.consumer_project_number = Some(9);
+        // Nothing declared: bare main operation.
+        let mut ops = operations_for(&r, &statics());
+        ReportFilter::from_service(&svc).apply(&mut ops);
+        assert_eq!(ops.len(), 1);
+        assert!(ops[0].metric_value_sets.is_empty() && ops[0].log_entries.is_empty());
+
+        svc.logging = Some(portico_config::service::Logging {
+            producer_destinations: vec![portico_config::service::LoggingDestination {
+                monitored_resource: "api".into(),
+                logs: vec!["endpoints_log".into()],
+            }],
+            consumer_destinations: vec![],
+        });
+        svc.monitoring = Some(portico_config::service::Monitoring {
+            producer_destinations: vec![portico_config::service::MonitoringDestination {
+                monitored_resource: "api".into(),
+                metrics: vec!["serviceruntime.googleapis.com/api/producer/request_count".into()],
+            }],
+            consumer_destinations: vec![],
+        });
+        let mut ops = operations_for(&r, &statics());
+        ReportFilter::from_service(&svc).apply(&mut ops);
+        assert_eq!(
+            ops.len(),
+            1,
+            "by-consumer metrics undeclared: operation dropped"
+        );
+        let names: Vec<&str> = ops[0]
+            .metric_value_sets
+            .iter()
+            .map(|m| m.metric_name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["serviceruntime.googleapis.com/api/producer/request_count"]
+        );
+        assert_eq!(ops[0].log_entries.len(), 1);
     }
 }
