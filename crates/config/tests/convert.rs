@@ -525,3 +525,19 @@ fn an_empty_security_alternative_makes_the_jwt_optional() {
     );
     assert_eq!(svc["usage"]["rules"][0]["allowUnregisteredCalls"], true);
 }
+
+#[test]
+fn yaml_flow_style_is_not_mistaken_for_json() {
+    let text = "{swagger: '2.0', info: {title: T, version: v1}, host: f.example.com, paths: {/a: {get: {operationId: a, responses: {200: {description: ok}}}}}}";
+    let (svc, _) = to_json("flow.yaml", text);
+    assert_eq!(svc["http"]["rules"][0]["get"], "/a");
+    // Without a .json name, JSON content is still recorded as JSON.
+    let (svc, _) = to_json(
+        "spec",
+        r#"{"swagger": "2.0", "info": {"title": "T", "version": "v1"}, "host": "f.example.com", "paths": {}}"#,
+    );
+    assert_eq!(
+        svc["sourceInfo"]["sourceFiles"][0]["fileType"],
+        "OPEN_API_JSON"
+    );
+}

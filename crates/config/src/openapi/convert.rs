@@ -177,8 +177,10 @@ pub(crate) fn convert(files: &[SourceFile]) -> Result<Conversion, ConvertError> 
             }
         };
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        let json = is_json(&file.path, text);
-        let root = match tree::parse(text, json) {
+        // Only a `.json` name gets the strict JSON syntax check: a `.yaml` file may well start
+        // with a YAML flow mapping that is not JSON.
+        let strict_json = file.path.to_ascii_lowercase().ends_with(".json");
+        let root = match tree::parse(text, strict_json) {
             Ok(root) => root,
             Err(errors) => {
                 for e in errors {
