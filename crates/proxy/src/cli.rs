@@ -249,7 +249,8 @@ pub struct EspArgs {
     pub tls_mutual_auth: bool,
     #[arg(short = 'c', long = "service_config_url", hide = true)]
     pub service_config_url: Option<String>,
-    #[arg(long = "enable_backend_routing", action = ArgAction::SetTrue, hide = true)]
+    /// Route each method to its `backend.rules` address (`x-google-backend`) instead of --backend.
+    #[arg(long = "enable_backend_routing", action = ArgAction::SetTrue)]
     pub enable_backend_routing: bool,
     #[arg(long = "experimental_enable_multiple_api_configs", action = ArgAction::SetTrue, hide = true)]
     pub experimental_enable_multiple_api_configs: bool,
@@ -348,6 +349,8 @@ pub struct Settings {
     pub backend_host_header: Option<http::HeaderValue>,
     /// `--compute_platform_override`.
     pub compute_platform: Option<String>,
+    /// `--enable_backend_routing`.
+    pub enable_backend_routing: bool,
     /// `--access_log`: `None` = stdout.
     pub access_log: Option<String>,
     /// Flags accepted only for compatibility, reported once at start-up.
@@ -489,7 +492,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Settings, ArgError> {
 
 /// Checks flag values and combinations; see the module docs for exit codes.
 pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
-    let unsupported: [(&str, bool, &str); 8] = [
+    let unsupported: [(&str, bool, &str); 7] = [
         (
             "--nginx_config",
             a.nginx_config.is_some(),
@@ -504,11 +507,6 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
             "--service_config_url",
             a.service_config_url.is_some(),
             "use --service_json_path with a downloaded config, or --management",
-        ),
-        (
-            "--enable_backend_routing",
-            a.enable_backend_routing,
-            "x-google-backend routing is not implemented; use --backend",
         ),
         (
             "--experimental_enable_multiple_api_configs",
@@ -844,6 +842,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         backend_ca_cert_path: a.backend_ca_cert_path,
         backend_host_header,
         compute_platform: a.compute_platform_override,
+        enable_backend_routing: a.enable_backend_routing,
         ignored_flags,
     })
 }
@@ -1027,11 +1026,12 @@ mod tests {
             "{}",
             e.message
         );
-        let e = p(&["-s", "svc", "--enable_backend_routing"]).unwrap_err();
+        let e = p(&["-s", "svc", "--tls_mutual_auth"]).unwrap_err();
+        assert!(e.message.contains("--tls_mutual_auth"), "{}", e.message);
         assert!(
-            e.message.contains("--enable_backend_routing"),
-            "{}",
-            e.message
+            p(&["-s", "svc", "--enable_backend_routing"])
+                .unwrap()
+                .enable_backend_routing
         );
         let s = p(&[
             "-s",

@@ -290,12 +290,23 @@ impl Forwarder {
         &self,
         req: Request<LimitedBody>,
     ) -> Result<Response<Incoming>, ForwardError> {
+        self.send_within(req, None).await
+    }
+
+    /// [`send`](Self::send) with a per-request timeout (a backend rule's `deadline`) instead of
+    /// the client's default.
+    pub async fn send_within(
+        &self,
+        req: Request<LimitedBody>,
+        timeout: Option<Duration>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let timeout = timeout.unwrap_or(self.timeout);
         let fut = match &*self.upstream {
             Upstream::Http(c) => c.request(req),
             Upstream::Https(c) => c.request(req),
         };
-        match tokio::time::timeout(self.timeout, fut).await {
-            Err(_) => Err(ForwardError::Timeout(self.timeout)),
+        match tokio::time::timeout(timeout, fut).await {
+            Err(_) => Err(ForwardError::Timeout(timeout)),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(classify(&e)),
         }

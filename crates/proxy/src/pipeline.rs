@@ -599,6 +599,13 @@ fn logged_headers(names: &[String], h: &HeaderMap) -> Vec<(String, String)> {
 // The pipeline.
 // ---------------------------------------------------------------------------------------------
 
+/// A request's backend under `--enable_backend_routing`.
+struct Routed {
+    target: Arc<crate::routing::BackendTarget>,
+    /// Path and query sent upstream.
+    upstream_target: String,
+}
+
 /// Per-request facts gathered before the outcome is known.
 struct Ctx {
     start: Instant,
@@ -715,7 +722,7 @@ impl Pipeline {
 
         if !config.enabled {
             // ESP declines: no matching, no check, no report; nginx proxies as is.
-            return self.forward(req, &ctx, target, None).await;
+            return self.forward(req, &ctx, target, None, None).await;
         }
 
         let (mut parts, body) = req.into_parts();
@@ -746,6 +753,32 @@ impl Pipeline {
                 Some(report),
                 None,
             );
+        };
+
+        // Backend routing: resolved now (bindings come from the match), applied when forwarding.
+        let routed = if settings.enable_backend_routing {
+            mi.backend.as_ref().map(|b| {
+                let bindings = match b.translation {
+                    crate::routing::PathTranslation::ConstantAddress => config
+                        .matcher
+                        .lookup_with_bindings(match_method, &target)
+                        .map(|(_, bindings)| bindings)
+                        .unwrap_or_default(),
+                    crate::routing::PathTranslation::AppendPathToAddress => Vec::new(),
+                };
+                Routed {
+                    target: b.clone(),
+                    upstream_target: b.upstream_target(
+                        &config.service,
+                        &mi.selector,
+                        &target,
+                        &bindings,
+                        &mi.api_key_locations.query,
+                    ),
+                }
+            })
+        } else {
+            None
         };
 
         // JWT.
@@ -813,8 +846,20 @@ impl Pipeline {
                 .headers
                 .insert(&X_ENDPOINT_API_USERINFO, a.user_info.clone());
         }
+        if settings.enable_backend_routing && routed.is_none() {
+            // ESP's `proxy_pass $backend_url` with no address for this method.
+            let err = EspError::new(13, "INTERNAL_SERVER_ERROR", Cause::Application);
+            return self.finalize(
+                proxy_error(&err, &ctx, ctx.jwt_present),
+                &ctx,
+                target,
+                Some(err),
+                Some(report),
+                None,
+            );
+        }
         let req = Request::from_parts(parts, body);
-        self.forward(req, &ctx, target, Some(report)).await
+        self.forward(req, &ctx, target, Some(report), routed).await
     }
 
     /// ESP's `CheckServiceControl` + `QuotaControl` for a matched method on a config with
@@ -935,14 +980,25 @@ impl Pipeline {
         ctx: &Ctx,
         target: String,
         report: Option<ReportInfo>,
+        routed: Option<Routed>,
     ) -> Response<ProxyBody> {
         let settings = &self.state.settings;
         let (mut parts, body) = req.into_parts();
         let websocket = settings.enable_websocket && parts.headers.contains_key(header::UPGRADE);
-        let grpc = self.forwarder.version() == Version::HTTP_2;
-        let host = match &settings.backend_host_header {
-            Some(h) => Some(h.clone()),
-            None => forward::client_host(&parts.uri, &parts.headers),
+        // With backend routing the method's rule picks the client, target, Host and deadline.
+        let (forwarder, upstream_target, deadline) = match &routed {
+            Some(r) => (
+                &r.target.forwarder,
+                r.upstream_target.as_str(),
+                r.target.deadline,
+            ),
+            None => (&self.forwarder, target.as_str(), None),
+        };
+        let grpc = forwarder.version() == Version::HTTP_2;
+        let host = match (&routed, &settings.backend_host_header) {
+            (Some(r), _) => Some(r.target.host.clone()),
+            (None, Some(h)) => Some(h.clone()),
+            (None, None) => forward::client_host(&parts.uri, &parts.headers),
         };
         forward::strip_hop_by_hop(&mut parts.headers, websocket, grpc);
         forward::set_forwarding_headers(&mut parts.headers, ctx.client_ip, host);
@@ -951,7 +1007,7 @@ impl Pipeline {
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        let uri = match self.forwarder.upstream_uri(&target) {
+        let uri = match forwarder.upstream_uri(upstream_target) {
             Ok(u) => u,
             Err(e) => {
                 let err = EspError::new(3, e.to_string(), Cause::Internal);
@@ -975,14 +1031,14 @@ impl Pipeline {
             None
         };
         parts.uri = uri;
-        parts.version = self.forwarder.version();
+        parts.version = forwarder.version();
         let upstream_req = Request::from_parts(
             parts,
             LimitedBody::new(body, settings.client_max_body_size)
                 .with_counter(ctx.body_counter.clone()),
         );
         let sent_at = Instant::now();
-        match self.forwarder.send(upstream_req).await {
+        match forwarder.send_within(upstream_req, deadline).await {
             Ok(mut resp) => {
                 let backend_latency = sent_at.elapsed();
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {

@@ -54,6 +54,104 @@ pub struct MethodInfo {
     pub api_version: String,
     /// A preflight rule added for `allowCors` (proxied, never checked).
     pub cors_preflight: bool,
+    /// `--enable_backend_routing`: where this method's requests go (from `backend.rules`).
+    /// `None` with routing enabled means the method has no address (ESP answers 500).
+    pub backend: Option<Arc<BackendTarget>>,
+}
+
+/// `backend.rules[].path_translation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathTranslation {
+    /// Address path + the original request target (query included).
+    AppendPathToAddress,
+    /// Address path + `?` + path bindings as query parameters + the non-system query.
+    ConstantAddress,
+}
+
+/// A compiled backend rule: its own pooled client and how to build the upstream target.
+pub struct BackendTarget {
+    pub address: String,
+    pub forwarder: crate::forward::Forwarder,
+    /// The address's path without a trailing `/` (empty for none).
+    pub path_prefix: String,
+    pub translation: PathTranslation,
+    /// Host header for the backend: the address's host.
+    pub host: http::HeaderValue,
+    /// `deadline` of the rule, if set.
+    pub deadline: Option<std::time::Duration>,
+}
+
+impl std::fmt::Debug for BackendTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendTarget")
+            .field("address", &self.address)
+            .field("translation", &self.translation)
+            .finish()
+    }
+}
+
+/// Splits a rule address (`https://host[:port][/path]`, `http://...`, `grpc://host:port`) into
+/// the `--backend` form and the path prefix.
+fn parse_rule_address(address: &str) -> Result<(crate::cli::BackendAddr, String), String> {
+    let scheme_end = address.find("://").map_or(0, |i| i + 3);
+    let (hostport, path) = match address[scheme_end..].find('/') {
+        Some(i) => (&address[..scheme_end + i], &address[scheme_end + i..]),
+        None => (address, ""),
+    };
+    let backend = crate::cli::parse_backend(hostport)?;
+    Ok((backend, path.trim_end_matches('/').to_string()))
+}
+
+impl BackendTarget {
+    /// The upstream request target for a request. `bindings` are the path variable bindings
+    /// (needed for `CONSTANT_ADDRESS` only); `system_query` names query parameters that are
+    /// not forwarded as bindings (the API-key parameters).
+    pub fn upstream_target(
+        &self,
+        service: &Service,
+        selector: &str,
+        target: &str,
+        bindings: &[portico_config::Binding],
+        system_query: &[String],
+    ) -> String {
+        match self.translation {
+            PathTranslation::AppendPathToAddress => format!("{}{}", self.path_prefix, target),
+            PathTranslation::ConstantAddress => {
+                let mut out = if self.path_prefix.is_empty() {
+                    "/".to_string()
+                } else {
+                    self.path_prefix.clone()
+                };
+                let mut params: Vec<String> = Vec::new();
+                for b in bindings {
+                    let mut path = b.field_path.clone();
+                    if let Some(first) = path.first_mut() {
+                        if let Some(json) = service.request_field_json_name(selector, first) {
+                            *first = json.to_string();
+                        }
+                    }
+                    let value = percent_encoding::utf8_percent_encode(
+                        &b.value,
+                        percent_encoding::NON_ALPHANUMERIC,
+                    );
+                    params.push(format!("{}={}", path.join("."), value));
+                }
+                if let Some((_, q)) = target.split_once('?') {
+                    for pair in q.split('&').filter(|p| !p.is_empty()) {
+                        let name = pair.split_once('=').map_or(pair, |(k, _)| k);
+                        if !system_query.iter().any(|s| s.eq_ignore_ascii_case(name)) {
+                            params.push(pair.to_string());
+                        }
+                    }
+                }
+                if !params.is_empty() {
+                    out.push('?');
+                    out.push_str(&params.join("&"));
+                }
+                out
+            }
+        }
+    }
 }
 
 /// One service config, compiled.
@@ -95,6 +193,12 @@ pub struct RouteOptions {
     /// Shared across configs so JWKS stay cached through rollouts.
     pub key_cache: Arc<crate::auth::KeyCache>,
     pub auth_options: crate::auth::AuthOptions,
+    /// `--enable_backend_routing`: compile `backend.rules` into per-method targets.
+    pub backend_routing: bool,
+    /// Timeout for rules without a `deadline` (`--http_request_timeout_s`).
+    pub backend_timeout: std::time::Duration,
+    /// Trust anchors for `https://` rule addresses.
+    pub backend_roots: Option<rustls::RootCertStore>,
 }
 
 impl RouteOptions {
@@ -103,11 +207,34 @@ impl RouteOptions {
             sc_override,
             key_cache: crate::auth::KeyCache::new(crate::auth::KeyCacheOptions::default()),
             auth_options: crate::auth::AuthOptions::default(),
+            backend_routing: false,
+            backend_timeout: std::time::Duration::from_secs(86400),
+            backend_roots: None,
         }
     }
 }
 
 impl ConfigRoutes {
+    /// A client, path prefix and Host value for a backend rule address.
+    fn client_for(
+        address: &str,
+        opts: &RouteOptions,
+    ) -> Result<(crate::forward::Forwarder, String, http::HeaderValue), String> {
+        let (backend, prefix) = parse_rule_address(address)?;
+        let roots = match backend.scheme {
+            crate::cli::BackendScheme::Https => Some(match &opts.backend_roots {
+                Some(r) => r.clone(),
+                None => crate::forward::backend_roots(None).map_err(|e| e.to_string())?,
+            }),
+            _ => None,
+        };
+        let forwarder = crate::forward::Forwarder::new(&backend, opts.backend_timeout, roots)
+            .map_err(|e| e.to_string())?;
+        let host = http::HeaderValue::from_str(&backend.host)
+            .map_err(|_| format!("invalid host {:?}", backend.host))?;
+        Ok((forwarder, prefix, host))
+    }
+
     /// Compiles a service config.
     pub fn build(service: Arc<Service>, opts: &RouteOptions) -> ConfigRoutes {
         let service_control = opts.sc_override || service.has_service_control();
@@ -141,6 +268,33 @@ impl ConfigRoutes {
             .flat_map(|b| b.rules.iter())
             .map(|r| (r.selector.as_str(), r))
             .collect();
+
+        // One pooled client per distinct address, shared by the methods that use it.
+        let mut clients: HashMap<&str, (crate::forward::Forwarder, String, http::HeaderValue)> =
+            HashMap::new();
+        if opts.backend_routing {
+            for rule in backend_rules.values().filter(|r| !r.address.is_empty()) {
+                if clients.contains_key(rule.address.as_str()) {
+                    continue;
+                }
+                match Self::client_for(&rule.address, opts) {
+                    Ok(c) => {
+                        clients.insert(rule.address.as_str(), c);
+                    }
+                    Err(e) => {
+                        tracing::warn!(selector = %rule.selector, address = %rule.address, error = %e, "backend rule not usable");
+                        skipped_rules
+                            .push(format!("backend {} {}: {e}", rule.selector, rule.address));
+                    }
+                }
+                if !rule.jwt_audience.is_empty() {
+                    tracing::warn!(
+                        selector = %rule.selector,
+                        "backend rule jwt_audience is not supported: the backend receives the client's Authorization"
+                    );
+                }
+            }
+        }
 
         let info_for = |selector: &str| -> MethodInfo {
             let usage = service.usage_rule(selector);
@@ -179,6 +333,22 @@ impl ConfigRoutes {
                 api_name,
                 api_version,
                 cors_preflight: false,
+                backend: backend_rules.get(selector).and_then(|r| {
+                    let (forwarder, path_prefix, host) = clients.get(r.address.as_str())?;
+                    Some(Arc::new(BackendTarget {
+                        address: r.address.clone(),
+                        forwarder: forwarder.clone(),
+                        path_prefix: path_prefix.clone(),
+                        translation: if r.path_translation == "CONSTANT_ADDRESS" {
+                            PathTranslation::ConstantAddress
+                        } else {
+                            PathTranslation::AppendPathToAddress
+                        },
+                        host: host.clone(),
+                        deadline: (r.deadline > 0.0)
+                            .then(|| std::time::Duration::from_secs_f64(r.deadline)),
+                    }))
+                }),
             }
         };
 

@@ -233,6 +233,15 @@ pub async fn start_with_metrics(
         auth_options: crate::auth::AuthOptions {
             log_jwt_payload: settings.log_jwt_payload.clone(),
         },
+        backend_routing: settings.enable_backend_routing,
+        backend_timeout: settings.backend_timeout,
+        backend_roots: if settings.enable_backend_routing {
+            Some(crate::forward::backend_roots(
+                settings.backend_ca_cert_path.as_deref(),
+            )?)
+        } else {
+            None
+        },
     };
     let first = rollouts.borrow_and_update().clone();
     let access_log = crate::access_log::AccessLog::from_flag(settings.access_log.as_deref())

@@ -1485,3 +1485,97 @@ async fn client_abort_is_counted_as_499() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn backend_routing_follows_backend_rules() {
+    let backend = start_backend().await;
+    let mut svc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/tests/fixtures/bookstore_sc.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let addr = format!("http://127.0.0.1:{}", backend.port());
+    svc["backend"] = serde_json::json!({"rules": [
+        {"selector": "1.bookstore.GetShelf", "address": format!("{addr}/getShelf"),
+         "pathTranslation": "CONSTANT_ADDRESS"},
+        {"selector": "1.bookstore.ListShelves", "address": format!("{addr}/api/"),
+         "pathTranslation": "APPEND_PATH_TO_ADDRESS"},
+        {"selector": "1.bookstore.Slow", "address": addr.clone(),
+         "pathTranslation": "APPEND_PATH_TO_ADDRESS", "deadline": 0.3},
+    ]});
+    let svc: Service = serde_json::from_value(svc).unwrap();
+    // --backend points nowhere: every answer below comes through a backend rule.
+    let dead = format!("--backend=127.0.0.1:{}", dead_port());
+    let env = start_proxy(Arc::new(svc), backend, &[&dead, "--enable_backend_routing"]).await;
+    let r = env
+        .client
+        .get(format!("{}/shelves/123?key=K&timezone=EST", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v = json_of(r).await;
+    assert_eq!(v["uri"], "/getShelf?shelf=123&timezone=EST");
+    assert_eq!(backend_header(&v, "host"), vec!["127.0.0.1"]);
+    let r = env
+        .client
+        .get(format!("{}/shelves?x=1", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(r).await["uri"], "/api/shelves?x=1");
+    // A method without an address: ESP's 500.
+    let r = env
+        .client
+        .post(format!("{}/echo?key=K", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let v = json_of(r).await;
+    assert_eq!(
+        (v["code"].as_i64(), v["message"].as_str()),
+        (Some(13), Some("INTERNAL_SERVER_ERROR"))
+    );
+    // The rule's deadline bounds the wait.
+    let r = env
+        .client
+        .get(format!("{}/slow", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+}
+
+#[test]
+fn constant_address_maps_bindings_to_json_names_and_drops_system_params() {
+    use portico_proxy::routing::{ConfigRoutes, RouteOptions};
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "name": "s", "apis": [{"name": "1.s", "methods": [{"name": "GetBook", "requestTypeUrl": "type.googleapis.com/GetBookRequest"}]}],
+        "types": [{"name": "GetBookRequest", "fields": [{"name": "s_h_e_l_f", "jsonName": "SHELF"}, {"name": "b_o_o_k", "jsonName": "BOOK"}]}],
+        "http": {"rules": [{"selector": "1.s.GetBook", "get": "/shelves/{s_h_e_l_f}/books/info/{b_o_o_k}"}]},
+        "backend": {"rules": [{"selector": "1.s.GetBook", "address": "http://127.0.0.1:1/getBookInfo", "pathTranslation": "CONSTANT_ADDRESS"}]},
+        "control": {"environment": "x"}
+    }))
+    .unwrap();
+    let mut opts = RouteOptions::new(false);
+    opts.backend_routing = true;
+    let svc = Arc::new(svc);
+    let routes = ConfigRoutes::build(svc.clone(), &opts);
+    let target = "/shelves/123/books/info/1234?key=K&api_key=A&site=space%20plus";
+    let (mi, bindings) = routes.matcher.lookup_with_bindings("GET", target).unwrap();
+    let b = mi.backend.as_ref().unwrap();
+    assert_eq!(
+        b.upstream_target(
+            &svc,
+            &mi.selector,
+            target,
+            &bindings,
+            &mi.api_key_locations.query
+        ),
+        "/getBookInfo?SHELF=123&BOOK=1234&site=space%20plus"
+    );
+}
