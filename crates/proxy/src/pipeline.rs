@@ -10,7 +10,8 @@
 //! 6. API key ([`extract_api_key`], §2.4), 401 code 16 when the method needs a consumer and none
 //!    was given;
 //! 7. **check** with Service Control, then quota (never blocking);
-//! 8. **forward** to the backend ([`crate::forward`]);
+//! 8. **forward** to `--backend`, or with `--enable_backend_routing` to the method's
+//!    `backend.rules` address ([`crate::routing::BackendTarget`], [`crate::forward`]);
 //! 9. **report** when the response body has been sent ([`ProxyBody`] drives the completion:
 //!    metrics, access log, Service Control report).
 //!
