@@ -259,9 +259,11 @@ fn header_list(h: &[(String, String)]) -> String {
 pub(crate) fn operations_for(r: &RequestRecord, statics: &StaticLabels) -> Vec<Operation> {
     let end = r
         .start_time
-        .map(|s| s + r.total_latency)
+        .and_then(|s| s.checked_add(r.total_latency))
         .unwrap_or_else(SystemTime::now);
-    let start = r.start_time.unwrap_or_else(|| end - r.total_latency);
+    let start = r
+        .start_time
+        .unwrap_or_else(|| end.checked_sub(r.total_latency).unwrap_or(end));
     let status_code = r
         .status_code
         .unwrap_or_else(|| code_for_http_status(r.response_code));
