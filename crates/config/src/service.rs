@@ -29,6 +29,40 @@ pub mod int64 {
         }
     }
 
+    /// Same, for `Option<i64>`.
+    pub mod opt {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(v: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(v) => s.serialize_str(&v.to_string()),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+            #[derive(Deserialize)]
+            struct W(#[serde(with = "super")] i64);
+            Option::<W>::deserialize(d).map(|o| o.map(|w| w.0))
+        }
+    }
+
+    /// Same, for `Vec<i64>`.
+    pub mod vec {
+        use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+        pub fn serialize<S: Serializer>(v: &[i64], s: S) -> Result<S::Ok, S::Error> {
+            let strs: Vec<String> = v.iter().map(|i| i.to_string()).collect();
+            strs.serialize(s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<i64>, D::Error> {
+            #[derive(Deserialize)]
+            struct W(#[serde(with = "super")] i64);
+            Vec::<W>::deserialize(d).map(|v| v.into_iter().map(|w| w.0).collect())
+        }
+    }
+
     /// `map<string, int64>`.
     pub mod map {
         use serde::{Deserialize, Deserializer, Serialize, Serializer};

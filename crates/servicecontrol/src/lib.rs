@@ -8,61 +8,9 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// proto3 JSON encodes int64 as a string; accept numbers too, emit strings.
-pub mod int64 {
-    use serde::{de, Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &i64, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&v.to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum N {
-            S(String),
-            I(i64),
-        }
-        match N::deserialize(d)? {
-            N::S(s) => s.parse().map_err(de::Error::custom),
-            N::I(i) => Ok(i),
-        }
-    }
-
-    /// Same, for `Option<i64>`.
-    pub mod opt {
-        use serde::{Deserialize, Deserializer, Serializer};
-
-        pub fn serialize<S: Serializer>(v: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
-            match v {
-                Some(v) => s.serialize_str(&v.to_string()),
-                None => s.serialize_none(),
-            }
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-            #[derive(Deserialize)]
-            struct W(#[serde(with = "super")] i64);
-            Option::<W>::deserialize(d).map(|o| o.map(|w| w.0))
-        }
-    }
-
-    /// Same, for `Vec<i64>`.
-    pub mod vec {
-        use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-        pub fn serialize<S: Serializer>(v: &[i64], s: S) -> Result<S::Ok, S::Error> {
-            let strs: Vec<String> = v.iter().map(|i| i.to_string()).collect();
-            strs.serialize(s)
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<i64>, D::Error> {
-            #[derive(Deserialize)]
-            struct W(#[serde(with = "super")] i64);
-            Vec::<W>::deserialize(d).map(|v| v.into_iter().map(|w| w.0).collect())
-        }
-    }
-}
+/// proto3 JSON int64 helpers (strings on output; strings or numbers on input), shared with
+/// the service-config model so both crates encode int64 the same way.
+pub use portico_config::service::int64;
 
 fn is_zero(v: &i64) -> bool {
     *v == 0
