@@ -217,6 +217,35 @@ fn up_runs_the_walkthrough_and_reuses_its_state() {
             & 0o777;
         assert_eq!(mode, 0o600, "key file must be private");
 
+        // The sample's JWT route works with the key `up` wrote: the service-account provider's
+        // JWKS URL was pointed at this control plane, which publishes the key's certificate.
+        let sa = portico_credentials::ServiceAccountKey::from_file(&key_file).expect("key file");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let jwt = sa
+            .sign_jwt(&serde_json::json!({
+                "iss": sa.client_email, "sub": sa.client_email,
+                "aud": "echo.endpoints.sample.google.com",
+                "iat": now, "exp": now + 600,
+            }))
+            .expect("sign");
+        let proxy = lines[0]
+            .split_whitespace()
+            .last()
+            .expect("proxy URL")
+            .trim_end_matches("/echo")
+            .to_string();
+        let (status, body) = run_curl(&format!(
+            "curl -H 'Authorization: Bearer {jwt}' {proxy}/auth/info/googlejwt"
+        ));
+        assert_eq!(status, 200, "{body}\n{}", logs(dir.path()));
+        let info: Value = serde_json::from_str(&body).expect("user info JSON");
+        assert_eq!(info["issuer"], sa.client_email, "{info}");
+        let (status, _) = run_curl(&format!("curl {proxy}/auth/info/googlejwt"));
+        assert_eq!(status, 401, "no token must be refused by the proxy");
+
         let state = read_state(dir.path());
         (
             lines[1].clone(),
