@@ -120,6 +120,16 @@ fn getting_started_converts_like_google() {
         .collect();
     assert!(metric_names.contains(&"serviceruntime.googleapis.com/api/consumer/request_count"));
     assert!(metric_names.contains(&"serviceruntime.googleapis.com/api/producer/total_latencies"));
+    assert!(metric_names
+        .contains(&"serviceruntime.googleapis.com/api/producer/by_consumer/request_count"));
+    assert_eq!(metric_names.len(), 21);
+    assert_eq!(
+        svc["monitoring"]["producerDestinations"][0]["metrics"]
+            .as_array()
+            .unwrap()
+            .len(),
+        14
+    );
     assert!(svc["monitoring"]["consumerDestinations"][0]["metrics"]
         .as_array()
         .unwrap()

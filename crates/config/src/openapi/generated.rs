@@ -1,6 +1,6 @@
 //! The fixed parts of a generated config: the `endpoints_log` log, the `api` monitored resource
-//! and the `serviceruntime.googleapis.com/api/*` metrics, wired to producer and consumer
-//! destinations. ESP only reports logs and metrics that the config declares, so without these a
+//! and the `serviceruntime.googleapis.com/api/{consumer,producer,producer/by_consumer}/*`
+//! metrics, wired to producer and consumer destinations. ESP only reports logs and metrics that the config declares, so without these a
 //! proxy would report nothing.
 
 use crate::service::{
@@ -60,7 +60,7 @@ fn metric_name(side: &str, suffix: &str) -> String {
 
 pub fn metrics() -> Vec<MetricDescriptor> {
     let mut out = Vec::new();
-    for side in ["consumer", "producer"] {
+    for side in ["consumer", "producer", "producer/by_consumer"] {
         for (suffix, value_type, unit) in RUNTIME_METRICS {
             let mut labels = vec![label("/protocol"), label("/response_code_class")];
             if *suffix == "request_count" || *suffix == "error_count" {
@@ -99,8 +99,13 @@ pub fn monitoring() -> Monitoring {
             .map(|(suffix, _, _)| metric_name(side, suffix))
             .collect(),
     };
+    let mut producer = dest("producer");
+    // The by-consumer operation ESP appends when Service Control names the consumer project.
+    producer
+        .metrics
+        .extend(dest("producer/by_consumer").metrics);
     Monitoring {
-        producer_destinations: vec![dest("producer")],
+        producer_destinations: vec![producer],
         consumer_destinations: vec![dest("consumer")],
     }
 }
