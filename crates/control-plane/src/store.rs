@@ -130,10 +130,21 @@ impl Store {
                 .max_connections(1)
                 .connect_with(opts.clone())
                 .await?;
-            setup
-                .execute(format!("CREATE SCHEMA IF NOT EXISTS \"{s}\"").as_str())
+            // Concurrent `CREATE SCHEMA IF NOT EXISTS` can still collide on the catalog's
+            // unique index, so replicas take the migration lock for it too.
+            let mut conn = setup.acquire().await?;
+            sqlx::query("SELECT pg_advisory_lock(727326)")
+                .execute(&mut *conn)
                 .await?;
+            let created = conn
+                .execute(format!("CREATE SCHEMA IF NOT EXISTS \"{s}\"").as_str())
+                .await;
+            let _ = sqlx::query("SELECT pg_advisory_unlock(727326)")
+                .execute(&mut *conn)
+                .await;
+            drop(conn);
             setup.close().await;
+            created?;
         }
         let search_path = schema.clone();
         let pool = AnyPoolOptions::new()
@@ -175,29 +186,47 @@ impl Store {
 
     /// Applies every migration not yet recorded, in the given order.
     pub async fn migrate(&self, sets: &[&[Migration]]) -> Result<(), StoreError> {
-        self.pool
-            .execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (\
-                 id TEXT PRIMARY KEY, applied_at TEXT NOT NULL)",
-            )
-            .await?;
-        for m in sets.iter().flat_map(|s| s.iter()) {
-            let mut tx = self.pool.begin().await?;
-            if self.backend == Backend::Postgres {
-                // Several replicas may start at once; serialise their migrations.
-                sqlx::query("SELECT pg_advisory_xact_lock(727326)")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|source| StoreError::Migration { id: m.id, source })?;
+        let mut conn = self.pool.acquire().await?;
+        if self.backend == Backend::Postgres {
+            // Replicas starting together must not race: even `CREATE TABLE IF NOT EXISTS` can
+            // fail on PostgreSQL when two sessions run it at once. A session-level advisory lock
+            // held on this one connection serialises the whole run.
+            sqlx::query("SELECT pg_advisory_lock(727326)")
+                .execute(&mut *conn)
+                .await?;
+        }
+        let result = Self::migrate_on(&mut conn, sets).await;
+        if self.backend == Backend::Postgres {
+            let unlocked = sqlx::query("SELECT pg_advisory_unlock(727326)")
+                .execute(&mut *conn)
+                .await;
+            if result.is_err() || unlocked.is_err() {
+                // Closing the session releases the lock whatever state it is in.
+                let _ = conn.close().await;
             }
+        }
+        result
+    }
+
+    async fn migrate_on(
+        conn: &mut sqlx::AnyConnection,
+        sets: &[&[Migration]],
+    ) -> Result<(), StoreError> {
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (\
+             id TEXT PRIMARY KEY, applied_at TEXT NOT NULL)",
+        )
+        .await?;
+        for m in sets.iter().flat_map(|s| s.iter()) {
             let done: Option<(String,)> =
                 sqlx::query_as("SELECT id FROM schema_migrations WHERE id = $1")
                     .bind(m.id)
-                    .fetch_optional(&mut *tx)
+                    .fetch_optional(&mut *conn)
                     .await?;
             if done.is_some() {
                 continue;
             }
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
             for stmt in m.sql {
                 tx.execute(*stmt)
                     .await
@@ -306,6 +335,52 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert_eq!(n, 40, "lost updates");
+    }
+
+    /// Two replicas migrating one fresh PostgreSQL schema at once both succeed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_migrations_on_postgres() {
+        let reachable = tokio::net::TcpStream::connect("127.0.0.1:5432")
+            .await
+            .is_ok();
+        if !reachable {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("PostgreSQL is not reachable on 127.0.0.1:5432 and CI=true");
+            }
+            eprintln!("SKIPPED: concurrent_migrations_on_postgres: no PostgreSQL on 5432");
+            return;
+        }
+        let url = "postgres://postgres@127.0.0.1:5432/test";
+        let schema = format!("cp_{}", uuid::Uuid::new_v4().simple());
+        const MANY: &[Migration] = &[
+            TEST_MIGRATIONS[0],
+            Migration {
+                id: "test_0002",
+                sql: &["CREATE TABLE IF NOT EXISTS t2 (k TEXT PRIMARY KEY)"],
+            },
+        ];
+        let mut tasks = Vec::new();
+        for _ in 0..3 {
+            let schema = schema.clone();
+            tasks.push(tokio::spawn(async move {
+                let store = Store::open_postgres(url, Some(&schema)).await?;
+                store.migrate(&[MANY]).await?;
+                Ok::<Store, StoreError>(store)
+            }));
+        }
+        let mut stores = Vec::new();
+        for t in tasks {
+            stores.push(t.await.unwrap().unwrap());
+        }
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM schema_migrations")
+            .fetch_one(stores[0].pool())
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+            .execute(stores[0].pool())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
