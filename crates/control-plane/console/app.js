@@ -522,7 +522,7 @@ async function viewAccounts(r) {
         ? h('ul', {}, keys.map((k) => h('li', {}, h('code', {}, lastSegment(k.name)),
           k.keyType ? ' (' + k.keyType + ')' : '')))
         : 'none';
-    return [a.email, a.displayName || '', h('code', {}, a.uniqueId || ''),
+    return [a.email, a.displayName || '', { value: h('code', {}, a.uniqueId || ''), class: 'nowrap' },
       a.disabled ? 'Disabled' : 'Enabled', keyList];
   }));
   out.push(table('Service accounts in ' + r.project,
