@@ -304,6 +304,36 @@ fn rest_of(path: &str) -> Option<&str> {
     }
 }
 
+/// Variable bindings from a query string, as ESP derives them for transcoding and
+/// `CONSTANT_ADDRESS` backends: `a.b=v` binds field path `["a", "b"]` to `v`. Parameters named in
+/// `skip` (the API-key system parameters: the configured query names, or `key` and `api_key`)
+/// are left out, as are empty names. Names are percent-decoded; values are fully decoded when
+/// `decode` is set and kept as sent otherwise. `+` is not treated as a space (it is not one in
+/// a URI path or in ESP's decoding).
+pub fn query_bindings(query: &str, skip: &[&str], decode: bool) -> Vec<Binding> {
+    let query = query.strip_prefix('?').unwrap_or(query);
+    let mut out = Vec::new();
+    for pair in query.split('&') {
+        let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = percent_decode_str(raw_name).decode_utf8_lossy();
+        if name.is_empty() || skip.iter().any(|s| *s == name) {
+            continue;
+        }
+        let value = if decode {
+            percent_decode_str(raw_value)
+                .decode_utf8_lossy()
+                .into_owned()
+        } else {
+            raw_value.to_string()
+        };
+        out.push(Binding {
+            field_path: name.split('.').map(str::to_string).collect(),
+            value,
+        });
+    }
+    out
+}
+
 fn hex_val(c: u8) -> Option<u8> {
     (c as char).to_digit(16).map(|d| d as u8)
 }
@@ -552,6 +582,35 @@ mod tests {
         let m = matcher(&[("GET", "/a/{rest=**}", "v")]);
         let (_, b) = m.lookup_with_bindings("GET", "/a").unwrap();
         assert_eq!(b[0].value, "");
+    }
+
+    #[test]
+    fn query_bindings_skip_system_parameters() {
+        let b = query_bindings(
+            "?key=K&shelf.id=1&site=space%20plus%2B2U%3D&api_key=A&&flag",
+            &["key", "api_key"],
+            true,
+        );
+        assert_eq!(
+            b,
+            vec![
+                Binding {
+                    field_path: vec!["shelf".into(), "id".into()],
+                    value: "1".into()
+                },
+                Binding {
+                    field_path: vec!["site".into()],
+                    value: "space plus+2U=".into()
+                },
+                Binding {
+                    field_path: vec!["flag".into()],
+                    value: String::new()
+                },
+            ]
+        );
+        let escaped = query_bindings("site=space%20plus%2B2U%3D&x=1", &[], false);
+        assert_eq!(escaped[0].value, "space%20plus%2B2U%3D");
+        assert!(query_bindings("", &[], true).is_empty());
     }
 
     #[test]
