@@ -641,6 +641,12 @@ pub(crate) mod test_support {
     /// PostgreSQL is absent (a failure when `CI=true`). Call [`TestEnv::drop_pg_schema`] at the
     /// end.
     pub(crate) async fn env_pg(test: &str) -> Option<TestEnv> {
+        let schema = format!("cp_{}", uuid::Uuid::new_v4().simple());
+        env_pg_schema(test, &schema).await
+    }
+
+    /// Like [`env_pg`] on a given schema (two environments on one schema = two replicas).
+    pub(crate) async fn env_pg_schema(test: &str, schema: &str) -> Option<TestEnv> {
         let reachable = tokio::time::timeout(
             std::time::Duration::from_secs(2),
             tokio::net::TcpStream::connect("127.0.0.1:5432"),
@@ -658,7 +664,7 @@ pub(crate) mod test_support {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut opts = ServeOptions::sqlite("127.0.0.1:0".parse().expect("addr"), dir.path());
         opts.database_url = Some("postgres://postgres@127.0.0.1:5432/test".into());
-        opts.database_schema = Some(format!("cp_{}", uuid::Uuid::new_v4().simple()));
+        opts.database_schema = Some(schema.to_string());
         Some(env_with(dir, opts).await)
     }
 

@@ -1820,6 +1820,63 @@ mod tests {
         e.drop_pg_schema().await;
     }
 
+    /// Two control planes on one PostgreSQL schema: ids stay unique across replicas and each
+    /// sees what the other wrote (policies included).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_replicas_share_postgres() {
+        use crate::server::test_support::env_pg_schema;
+        let schema = format!("cp_{}", uuid::Uuid::new_v4().simple());
+        let Some(a) = env_pg_schema("two_replicas_share_postgres", &schema).await else {
+            return;
+        };
+        let b = env_pg_schema("two_replicas_share_postgres", &schema)
+            .await
+            .expect("second replica");
+        create(&a).await;
+        let (ta, tb) = tokio::join!(submit(&a, ECHO), submit(&b, ECHO_V2));
+        assert_ne!(ta, tb);
+        let (_, list) = b
+            .admin(Method::GET, &format!("/v1/services/{SVC}/configs"), None)
+            .await;
+        assert_eq!(list["serviceConfigs"].as_array().map(Vec::len), Some(2));
+        let (_, pol) = a
+            .admin(
+                Method::POST,
+                &format!("/v1/services/{SVC}:getIamPolicy"),
+                None,
+            )
+            .await;
+        let (st, _) = b
+            .admin(
+                Method::POST,
+                &format!("/v1/services/{SVC}:setIamPolicy"),
+                Some(json!({"policy": {"etag": pol["etag"], "bindings": [
+                    {"role": "roles/servicemanagement.serviceController",
+                     "members": ["serviceAccount:esp@demo-proj.iam.gserviceaccount.com"]}]}})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        // Replica A's view of the etag is now stale.
+        let (st, _) = a
+            .admin(
+                Method::POST,
+                &format!("/v1/services/{SVC}:setIamPolicy"),
+                Some(json!({"policy": {"etag": pol["etag"], "bindings": []}})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CONFLICT);
+        let (st, _) = a
+            .call(
+                Method::GET,
+                &format!("/v1/services/{SVC}/configs/{ta}"),
+                Some("sa:esp@demo-proj.iam.gserviceaccount.com"),
+                None,
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        a.drop_pg_schema().await;
+    }
+
     async fn concurrent_submits(e: std::sync::Arc<TestEnv>) {
         create(&e).await;
         let mut tasks = Vec::new();
