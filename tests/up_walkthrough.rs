@@ -288,5 +288,33 @@ fn up_runs_the_walkthrough_and_reuses_its_state() {
         stderr.contains(&format!("port {} is already in use; pass --port", ports[0])),
         "{stderr}"
     );
-    drop(up);
+
+    // Ctrl-C: `up` exits 0 and takes every child with it, so all four ports are free again.
+    let mut up = up;
+    // SAFETY: kill(2) on our own unreaped child.
+    unsafe {
+        libc::kill(up.child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Ok(Some(status)) = up.child.try_wait() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "portico up did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "portico up exited with {status}");
+    for port in ports {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpListener::bind(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "port {port} still in use after portico up stopped: a child survived"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
