@@ -21,7 +21,8 @@
 //!   falls back to `GET`.
 //!
 //! [`PathMatcher::lookup`] does not allocate: segments are sliced out of the target as the trie
-//! is walked.
+//! is walked. [`PathMatcher::lookup_with_bindings`] also returns the path variables, and
+//! [`query_bindings`] turns a query string into bindings the same way ESP does.
 
 use crate::template::{Segment, Template, TemplateError};
 use percent_encoding::percent_decode_str;
