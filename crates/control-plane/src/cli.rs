@@ -30,7 +30,7 @@ pub struct Args {
     /// Redis URL for quota counters (redis://127.0.0.1:6379).
     #[arg(long, env = "PORTICO_REDIS_URL")]
     pub redis_url: Option<String>,
-    /// URL clients use to reach this server (default http://<listen address>).
+    /// URL clients use to reach this server (default `http://<listen address>`).
     #[arg(long)]
     pub public_url: Option<String>,
     /// Admin bearer token file (default DATA/admin-token); created with a random token if absent.

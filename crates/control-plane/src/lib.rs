@@ -11,6 +11,12 @@
 //! - [`operations`]: the global long-running operations table.
 //! - [`projects`]: implicit projects and their numbers.
 //! - [`servicemanagement`], [`serviceusage`]: Service Management v1 and Service Usage v1.
+//! - [`iam`], [`resourcemanager`], [`tokens`], [`jwks`], [`apikeys`], [`crypto`]: identity —
+//!   IAM v1 service accounts and keys, Resource Manager v1 project policies, the OAuth2 token
+//!   endpoint and service-account token verification, published key sets, API Keys v2, and
+//!   at-rest encryption of key strings.
+//! - [`servicecontrol`]: Service Control v1 (`:check`, `:allocateQuota`, `:report`), reached
+//!   through `server::SERVICE_VERB_HANDLERS`.
 //! - [`console`]: the web console (`GET /console`), static assets reading the APIs above.
 
 pub mod apikeys;

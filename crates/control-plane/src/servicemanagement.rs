@@ -10,6 +10,11 @@
 //! - `GET|POST /v1/services/{s}/rollouts`, `GET /v1/services/{s}/rollouts/{id}`.
 //! - `POST /v1/services:generateConfigReport`.
 //!
+//! Known limits: only OpenAPI 2.0 sources are accepted (gRPC descriptor sets and service-config
+//! YAML are refused with a clear INVALID_ARGUMENT); rollouts take effect at once (status
+//! SUCCESS, no gradual traffic steps); `generateConfigReport` lists element-level changes but
+//! never gives advice (no breaking-change analysis); service policies do not support conditions.
+//!
 //! Every change happens in one transaction together with its (already finished) operation, so a
 //! failed request leaves nothing behind. Config and rollout ids are `YYYY-MM-DDrN`, N counting per
 //! service per UTC day from 0; the counters live on the service row, which every writer updates
