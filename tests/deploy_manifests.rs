@@ -508,16 +508,16 @@ fn k8s_objects() -> Vec<(PathBuf, Value)> {
     out
 }
 
-/// Long flag names `portico esp --help` lists.
-fn esp_flags() -> BTreeSet<String> {
+/// Long flag names `portico SUB --help` lists.
+fn subcommand_flags(sub: &str) -> BTreeSet<String> {
     let out = Command::new(env!("CARGO_BIN_EXE_portico"))
-        .args(["esp", "--help"])
+        .args([sub, "--help"])
         .output()
-        .expect("run portico esp --help");
+        .expect("run portico --help");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "portico esp --help failed: {}{}",
+        "portico {sub} --help failed: {}{}",
         text,
         String::from_utf8_lossy(&out.stderr)
     );
@@ -527,7 +527,13 @@ fn esp_flags() -> BTreeSet<String> {
         .map(|w| w.split(['=', '<']).next().unwrap_or_default().to_string())
         .filter(|w| !w.is_empty())
         .collect();
-    assert!(flags.contains("backend"), "unexpected help text:\n{text}");
+    assert!(flags.contains("help"), "unexpected help text:\n{text}");
+    flags
+}
+
+fn esp_flags() -> BTreeSet<String> {
+    let flags = subcommand_flags("esp");
+    assert!(flags.contains("backend"), "unexpected esp flags: {flags:?}");
     flags
 }
 
@@ -715,6 +721,54 @@ fn sidecar_args_are_flags_portico_esp_accepts() {
         checked >= 5,
         "found only {checked} proxy flags in deploy/kubernetes"
     );
+}
+
+#[test]
+fn other_containers_use_real_subcommands_flags_and_variables() {
+    // Environment variables the control plane reads: those its --help shows, plus the ones
+    // read directly in its source (PORTICO_MASTER_KEY).
+    let help = Command::new(env!("CARGO_BIN_EXE_portico"))
+        .args(["control-plane", "--help"])
+        .output()
+        .expect("help");
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let crypto = std::fs::read_to_string(repo().join("crates/control-plane/src/crypto.rs"))
+        .unwrap_or_default();
+    let mut checked = 0;
+    for (file, o) in k8s_objects() {
+        for c in o["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let command = strings(&c["command"]);
+            if command.is_empty() {
+                continue;
+            }
+            assert_eq!(command[0], "/usr/local/bin/portico", "{}", file.display());
+            let sub = command.get(1).expect("subcommand");
+            let known = subcommand_flags(sub);
+            for flag in flag_names(&strings(&c["args"])) {
+                assert!(
+                    known.contains(&flag),
+                    "{}: --{flag} is not a `portico {sub}` flag (known: {known:?})",
+                    file.display()
+                );
+                checked += 1;
+            }
+            for env in c["env"].as_array().into_iter().flatten() {
+                let name = env["name"].as_str().expect("env name");
+                assert!(
+                    help.contains(&format!("[env: {name}="))
+                        || crypto.contains(&format!("\"{name}\"")),
+                    "{}: {name} is not read by portico {sub}",
+                    file.display()
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 8, "checked only {checked} flags and variables");
 }
 
 // ---------------------------------------------------------------------------------------------
