@@ -375,6 +375,9 @@ pub async fn start_with_metrics(
     })
 }
 
+/// How long a client may take to send a request head (nginx `client_header_timeout`).
+const CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How long in-flight requests may take to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
 
@@ -440,7 +443,18 @@ async fn accept_loop(
     live: Arc<()>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // nginx's client_header_timeout (60 s): a client that never finishes its request head, or
+    // an idle keep-alive connection, is closed instead of holding a socket forever.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(CLIENT_HEADER_TIMEOUT);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(60)));
+    let builder = Arc::new(builder);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
