@@ -532,6 +532,8 @@ struct Browser {
     child: Child,
     commands: File,
     replies: mpsc::Receiver<Value>,
+    /// Events seen while waiting for answers (e.g. `Network.requestWillBeSent`).
+    events: Vec<Value>,
     next_id: u64,
     _profile: tempfile::TempDir,
 }
@@ -608,6 +610,7 @@ impl Browser {
             commands,
             replies,
             next_id: 1,
+            events: Vec::new(),
             _profile: profile,
         }
     }
@@ -643,6 +646,9 @@ impl Browser {
                     Some(e) => Err(e.to_string()),
                     None => Ok(v["result"].clone()),
                 };
+            }
+            if v.get("method").is_some() {
+                self.events.push(v);
             }
         }
     }
@@ -710,6 +716,7 @@ impl Browser {
             .expect("sessionId")
             .to_string();
         self.call(Some(&session), "Page.enable", json!({}));
+        self.call(Some(&session), "Network.enable", json!({}));
         self.call(
             Some(&session),
             "Page.addScriptToEvaluateOnNewDocument",
@@ -840,4 +847,68 @@ fn console_sign_in_fragment_hand_over_and_show_key() {
         b.eval(&page, "document.getElementById('token').value"),
         json!("")
     );
+    assert_eq!(
+        b.eval(&page, "window.__cspViolations"),
+        json!([]),
+        "the console broke its own Content-Security-Policy"
+    );
+
+    // Every request the page made: secrets only ever in the Authorization header, never in a
+    // URL, no cookies, no referrer.
+    b.eval(&page, "1"); // flush events that arrived after the last answer
+    let requests: Vec<&Value> = b
+        .events
+        .iter()
+        .filter(|e| e["method"] == "Network.requestWillBeSent")
+        .map(|e| &e["params"]["request"])
+        .collect();
+    let api_calls: Vec<&&Value> = requests
+        .iter()
+        .filter(|r| {
+            r["url"].as_str().is_some_and(|u| {
+                let path = u.splitn(4, '/').nth(3).unwrap_or("");
+                ["v1/", "v2/", "portico/"]
+                    .iter()
+                    .any(|p| path.starts_with(p))
+            })
+        })
+        .collect();
+    assert!(
+        api_calls
+            .iter()
+            .any(|r| r["url"].as_str().is_some_and(|u| u.ends_with("/keyString"))),
+        "no keyString request seen: {requests:?}"
+    );
+    for r in &requests {
+        let url = r["url"].as_str().unwrap_or("");
+        assert!(
+            !url.contains(&admin) && !url.contains(&seeded.key_string),
+            "a secret in a request URL: {url}"
+        );
+        let headers = r["headers"].as_object().cloned().unwrap_or_default();
+        for (name, value) in &headers {
+            let lower = name.to_ascii_lowercase();
+            assert!(lower != "cookie", "{url} sent a cookie: {headers:?}");
+            // DevTools lists an empty Referer when the policy suppressed it.
+            assert!(
+                lower != "referer" || value.as_str() == Some(""),
+                "{url} sent a referrer: {headers:?}"
+            );
+        }
+    }
+    for r in &api_calls {
+        let auth = r["headers"]
+            .as_object()
+            .and_then(|h| {
+                h.iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+            })
+            .and_then(|(_, v)| v.as_str())
+            .unwrap_or("");
+        assert!(
+            auth.starts_with("Bearer "),
+            "{} sent without the bearer token",
+            r["url"]
+        );
+    }
 }
