@@ -7,6 +7,12 @@
 //! must never contain the API key string or the admin token, and a wrong token must produce the
 //! API's UNAUTHENTICATED error in the banner.
 //!
+//! A second test drives Chromium over the DevTools protocol (on a pipe, see [`Browser`]) for what
+//! needs clicks and live state: the fragment hand-over (token in sessionStorage, gone from the
+//! address), "Show key" / "Hide key", sign out and the sign-in form, no Content-Security-Policy
+//! violations, and, from the browser's own network log, that the token travelled only in the
+//! Authorization header (never in a URL, a cookie or a referrer).
+//!
 //! Chromium: `/usr/bin/chromium` (or `PORTICO_CHROMIUM`). Absent → `SKIPPED:` unless `CI=true`.
 //! Screenshots go to the test's temp dir, or to `PORTICO_CONSOLE_SCREENSHOT_DIR` when set (to
 //! look at them).
