@@ -7,7 +7,10 @@
 
 mod common;
 
-use common::{drop_postgres_schema, postgres_or_skip, today_utc, ControlPlane, Db, Gcloud, Output};
+use common::{
+    drop_postgres_schema, gcloud_available, postgres_or_skip, today_utc, ControlPlane, Db, Gcloud,
+    Output,
+};
 use serde_json::{json, Value};
 use std::path::Path;
 
@@ -368,11 +371,16 @@ fn walkthrough(db: Db) {
 
 #[test]
 fn gcloud_servicemanagement_sqlite() {
-    walkthrough(Db::Sqlite);
+    if gcloud_available("gcloud_servicemanagement_sqlite") {
+        walkthrough(Db::Sqlite);
+    }
 }
 
 #[test]
 fn gcloud_servicemanagement_postgres() {
+    if !gcloud_available("gcloud_servicemanagement_postgres") {
+        return;
+    }
     if let Some(db) = postgres_or_skip("gcloud_servicemanagement_postgres") {
         walkthrough(db);
     }

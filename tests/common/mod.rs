@@ -10,6 +10,7 @@
 //!   override pointed at the control plane and `auth/access_token_file` set. The config file is
 //!   written directly (one `gcloud config set` costs ~1 s). [`Gcloud::run`] has a timeout and
 //!   captures stdout/stderr.
+//! - [`gcloud_available`]: skip loudly when gcloud is missing (fail when `CI=true`).
 //! - [`drop_postgres_schema`]: clean up after a passing PostgreSQL test.
 //! - [`today_utc`]: `YYYY-MM-DD`, the prefix of config ids.
 //!
@@ -90,6 +91,26 @@ pub fn drop_postgres_schema(db: &Db) {
     if let Err(e) = res {
         eprintln!("drop schema {schema}: {e}");
     }
+}
+
+/// Whether the real `gcloud` can run; prints a loud `SKIPPED:` when it cannot (a panic when
+/// `CI=true`, where it is part of the required environment).
+pub fn gcloud_available(test: &str) -> bool {
+    let ok = Command::new("gcloud")
+        .arg("--version")
+        .env("CLOUDSDK_CORE_DISABLE_PROMPTS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{test}: gcloud is not installed and CI=true");
+        }
+        eprintln!("SKIPPED: {test}: gcloud is not installed");
+    }
+    ok
 }
 
 /// Today's date in UTC as `YYYY-MM-DD` (config ids are `<today>rN`).
