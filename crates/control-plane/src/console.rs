@@ -2,10 +2,10 @@
 //! compile time) that reads the JSON APIs the control plane already serves.
 //!
 //! Routes: `GET /console` (and `/console/`) → the page, `GET /console/app.js`,
-//! `GET /console/app.css`. The assets hold no data and need no token; every fetch the page makes
-//! carries the admin token the user pasted, as `Authorization: Bearer`, to the ordinary APIs
-//! (Service Management, IAM, API Keys, the Service Control query API), so the console has no
-//! privileges of its own and no API of its own to keep in step.
+//! `GET /console/app.css`, `GET /console/favicon.svg`. The assets hold no data and need no token;
+//! every fetch the page makes carries the admin token the user pasted, as `Authorization:
+//! Bearer`, to the ordinary APIs (Service Management, IAM, API Keys, the Service Control query
+//! API), so the console has no privileges of its own and no API of its own to keep in step.
 //!
 //! Every console response carries strict headers ([`SECURITY_HEADERS`]): a CSP that allows only
 //! same-origin resources (hence no inline script or style anywhere in the assets), no framing,
@@ -21,6 +21,7 @@ use crate::server::AppState;
 const INDEX_HTML: &str = include_str!("../console/index.html");
 const APP_JS: &str = include_str!("../console/app.js");
 const APP_CSS: &str = include_str!("../console/app.css");
+const FAVICON_SVG: &str = include_str!("../console/favicon.svg");
 
 /// Headers on every console response. `default-src 'self'` forbids inline scripts, so an
 /// injected `<script>` or `onclick=` could not run even if markup slipped through; the extra
@@ -43,6 +44,7 @@ pub fn routes() -> Router<AppState> {
         .route("/console/", get(index))
         .route("/console/app.js", get(app_js))
         .route("/console/app.css", get(app_css))
+        .route("/console/favicon.svg", get(favicon))
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -68,6 +70,10 @@ async fn app_js() -> Response {
 
 async fn app_css() -> Response {
     asset("text/css; charset=utf-8", APP_CSS)
+}
+
+async fn favicon() -> Response {
+    asset("image/svg+xml", FAVICON_SVG)
 }
 
 #[cfg(test)]
@@ -100,6 +106,7 @@ mod tests {
             ("/console/", "text/html"),
             ("/console/app.js", "text/javascript"),
             ("/console/app.css", "text/css"),
+            ("/console/favicon.svg", "image/svg+xml"),
         ] {
             let resp = get(path).await;
             assert_eq!(resp.status().as_u16(), 200, "{path}");
