@@ -561,10 +561,11 @@ async fn wait_for_signal() {
 /// for one.
 fn service_control_for(
     settings: &Settings,
-    rollout: &Rollout,
+    configs: watch::Receiver<Arc<Rollout>>,
     credentials: Option<Arc<portico_credentials::ServiceAccountKey>>,
     notifier: config_source::RolloutNotifier,
 ) -> Result<Option<crate::control::ServiceControl>, crate::control::ServiceControlError> {
+    let rollout = configs.borrow().clone();
     let environment = rollout
         .configs
         .iter()
@@ -587,6 +588,8 @@ fn service_control_for(
         opts.platform = p.clone();
     }
     opts.rollout_notifier = Some(notifier);
+    // Reports carry only the metrics and logs each config declares, as ESP's do.
+    opts.service_configs = Some(configs);
     crate::control::ServiceControl::new(opts).map(Some)
 }
 
@@ -633,7 +636,7 @@ pub fn run(settings: Settings) -> ExitCode {
             }
         };
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let control = match service_control_for(&settings, &rollouts.borrow(), credentials, notifier) {
+        let control = match service_control_for(&settings, rollouts.clone(), credentials, notifier) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the Service Control client");
