@@ -520,7 +520,7 @@ async fn create_key(
         update_time: now.clone(),
         delete_time: String::new(),
     };
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let inserted = sqlx::query(
         "INSERT INTO apikeys_keys (uid, project_id, project_number, key_id, display_name, \
          restrictions, annotations, key_hash, key_sealed, etag, create_time, update_time, \
@@ -774,7 +774,7 @@ async fn patch_key(
     key.restrictions.validate()?;
     key.etag = new_etag();
     key.update_time = now_rfc3339();
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     sqlx::query(
         "UPDATE apikeys_keys SET display_name = $1, restrictions = $2, annotations = $3, \
          etag = $4, update_time = $5 WHERE uid = $6",
@@ -827,7 +827,7 @@ async fn set_deleted(
     key.delete_time = if delete { now.clone() } else { String::new() };
     key.update_time = now;
     key.etag = new_etag();
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     sqlx::query(
         "UPDATE apikeys_keys SET delete_time = $1, update_time = $2, etag = $3 WHERE uid = $4",
     )

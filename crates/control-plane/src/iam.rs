@@ -482,7 +482,7 @@ async fn delete_account(
     Path((project, account)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let sa = authorised_account(&state, &principal, &project, &account, perms::SA_DELETE).await?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     // Keys first: on SQLite a transaction should write before it reads (see store.rs).
     sqlx::query("DELETE FROM iam_sa_keys WHERE email = $1")
         .bind(&sa.email)

@@ -519,7 +519,7 @@ pub async fn write(
             out.replayed += 1;
         }
     }
-    let mut tx = store.pool().begin().await?;
+    let mut tx = store.begin_write().await?;
     let mut fresh = std::collections::HashSet::new();
     for chunk in unique.chunks(ROWS_PER_STATEMENT) {
         let sql = multi_row(OPS_HEAD, 3, chunk.len(), OPS_TAIL);

@@ -104,7 +104,7 @@ impl SqlCounters {
             let mut conn = self.store.pool().acquire().await?;
             return Ok(vec![apply_one(&mut conn, mode, only).await?]);
         }
-        let mut tx = self.store.pool().begin().await?;
+        let mut tx = self.store.begin_write().await?;
         let mut grants = Vec::with_capacity(specs.len());
         for s in specs {
             grants.push(apply_one(&mut tx, mode, s).await?);
