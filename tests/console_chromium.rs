@@ -853,6 +853,23 @@ fn console_sign_in_fragment_hand_over_and_show_key() {
         b.eval(&page, "document.getElementById('token').value"),
         json!("")
     );
+
+    // Refresh re-reads the data: a key created behind the page's back shows up.
+    ok(
+        &cp.url,
+        &admin,
+        "POST",
+        "/v2/projects/demo-proj/locations/global/keys",
+        Some(json!({"displayName": "Created after load"})),
+    );
+    b.eval(&page, "document.getElementById('refresh').click()");
+    b.wait_for(
+        &page,
+        "document.getElementById('main').dataset.state === 'ready' && \
+         document.body.innerText.includes('Created after load')",
+        wait,
+    );
+
     assert_eq!(
         b.eval(&page, "window.__cspViolations"),
         json!([]),

@@ -620,6 +620,7 @@ async function render() {
   document.getElementById('nav').hidden = !signedIn;
   document.getElementById('project-form').hidden = !signedIn;
   document.getElementById('sign-out').hidden = !signedIn;
+  document.getElementById('refresh').hidden = !signedIn;
   view.replaceChildren();
   if (!signedIn) {
     main.dataset.state = 'signed-out';
@@ -667,6 +668,8 @@ function init() {
     if (t) setToken(t);
     render();
   });
+  // Data is read once per view; this re-reads it without touching the route.
+  document.getElementById('refresh').addEventListener('click', () => render());
   document.getElementById('sign-out').addEventListener('click', () => {
     setToken('');
     render();
