@@ -7,11 +7,9 @@
 //! Everything is a real process of the `portico` binary on loopback ports chosen at run time;
 //! the service is deployed over the control plane's REST API exactly as gcloud would.
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
+use common::{free_port, ControlPlane, Db, Proc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -23,106 +21,6 @@ const SERVICE: &str = "echo-api.endpoints.demo-proj.cloud.goog";
 const SA_ID: &str = "jwt-client";
 const SAMPLE_AUD: &str = "echo.endpoints.sample.google.com";
 const SAMPLE_ISS: &str = "jwt-client.endpoints.sample.google.com";
-
-/// A child process killed (and reaped) on drop.
-struct Proc {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Proc {
-    fn spawn(args: &[String], log: &Path) -> Proc {
-        let out = std::fs::File::create(log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_portico"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log fd"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn portico");
-        Proc {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-fn wait_port(port: u16, proc: &mut Proc, what: &str) {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        if let Ok(Some(status)) = proc.child.try_wait() {
-            panic!("{what} exited ({status}); log:\n{}", proc.log());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not listen on {port} within 60 s; log:\n{}",
-            proc.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The control plane, on a port it picks itself (it prints `listening on http://ADDR`).
-fn start_control_plane(data: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_portico"))
-        .arg("control-plane")
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--data")
-        .arg(data)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(data.join("control-plane.log")).expect("log file"))
-        .spawn()
-        .expect("spawn control plane");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(a) = line.strip_prefix("listening on http://") {
-                let _ = tx.send(a.trim().to_string());
-            }
-        }
-    });
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(addr) => (child, format!("http://{addr}")),
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("control plane did not start within 60 s");
-        }
-    }
-}
-
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The control plane's REST API with the admin token.
 struct Api {
@@ -241,8 +139,8 @@ fn esp_body(code: i32, message: &str) -> String {
 #[test]
 fn googlejwt_signed_by_a_portico_service_account_key() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (cp_child, cp) = start_control_plane(dir.path());
-    let _cp = KillOnDrop(cp_child);
+    let control_plane = ControlPlane::start(dir.path(), &Db::Sqlite);
+    let cp = control_plane.url.clone();
     let token = std::fs::read_to_string(dir.path().join("admin-token")).expect("admin token");
     let api = Api {
         http: reqwest::blocking::Client::builder()
@@ -325,7 +223,7 @@ fn googlejwt_signed_by_a_portico_service_account_key() {
         &["echo".into(), "--port".into(), echo_port.to_string()],
         &dir.path().join("echo.log"),
     );
-    wait_port(echo_port, &mut echo, "portico echo");
+    echo.wait_for_port(echo_port, "portico echo");
     let proxy_port = free_port();
     let mut esp = Proc::spawn(
         &[
@@ -340,7 +238,7 @@ fn googlejwt_signed_by_a_portico_service_account_key() {
         ],
         &dir.path().join("esp.log"),
     );
-    wait_port(proxy_port, &mut esp, "portico esp");
+    esp.wait_for_port(proxy_port, "portico esp");
 
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(20))

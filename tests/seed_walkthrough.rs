@@ -19,10 +19,9 @@
 
 mod common;
 
-use common::{ControlPlane, Db, Gcloud, Output};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use common::{free_port, ControlPlane, Db, Gcloud, Output, Proc};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const SERVICE: &str = "echo-api.endpoints.demo-proj.cloud.goog";
@@ -30,63 +29,6 @@ const SA_EMAIL: &str = "esp-sa@demo-proj.iam.gserviceaccount.com";
 
 /// The body the seed shows for a call without an API key, as ESP prints it.
 const SEED_401_BODY: &str = "{\n \"code\": 16,\n \"message\": \"Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.\",\n \"details\": [\n  {\n   \"@type\": \"type.googleapis.com/google.rpc.DebugInfo\",\n   \"stackEntries\": [],\n   \"detail\": \"service_control\"\n  }\n ]\n}\n";
-
-/// A `portico` child process, killed on drop; output goes to a log file.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(args: &[&str], log: &Path) -> Proc {
-        let out = std::fs::File::create(log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_portico"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log fd"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn portico");
-        Proc {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn wait_for_port(port: u16, what: &str, proc: &Proc) {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!(
-        "{what} did not listen on {port} within 60 s; log:\n{}",
-        proc.log()
-    );
-}
 
 /// `curl` as the seed runs it: POST JSON, returns (status, body).
 fn curl_echo(url: &str) -> (u16, String) {
@@ -256,11 +198,11 @@ fn seed_walkthrough_end_to_end() {
 
     // 5. Backend and proxy.
     let backend_port = free_port();
-    let echo = Proc::spawn(
+    let mut echo = Proc::spawn(
         &["echo", "--port", &backend_port.to_string()],
         &tmp.path().join("echo.log"),
     );
-    wait_for_port(backend_port, "portico echo", &echo);
+    echo.wait_for_port(backend_port, "portico echo");
 
     let http_port = free_port();
     let status_port = free_port();
@@ -274,8 +216,8 @@ fn seed_walkthrough_end_to_end() {
         format!("--status_port={status_port}"),
     ];
     let esp_args: Vec<&str> = esp_args_owned.iter().map(String::as_str).collect();
-    let esp = Proc::spawn(&esp_args, &tmp.path().join("esp.log"));
-    wait_for_port(http_port, "portico esp", &esp);
+    let mut esp = Proc::spawn(&esp_args, &tmp.path().join("esp.log"));
+    esp.wait_for_port(http_port, "portico esp");
     let base = format!("http://localhost:{http_port}");
 
     // 6. Without a key: the seed's 401, byte for byte.

@@ -382,3 +382,66 @@ impl Gcloud {
         self.run_in(None, args, Duration::from_secs(120))
     }
 }
+
+/// A `portico <subcommand>` child process with its output in a log file; killed on drop.
+pub struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `portico <args>`, stdout and stderr to `log`.
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S], log: &Path) -> Proc {
+        let out = std::fs::File::create(log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_portico"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log fd"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn portico");
+        Proc {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// Everything the process printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to 60 s for `127.0.0.1:port` to accept connections; fails early, with the log,
+    /// if the process exits first.
+    pub fn wait_for_port(&mut self, port: u16, what: &str) {
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{what} exited ({status}); log:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not listen on {port} within 60 s; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port that was free a moment ago (bind to port 0, read it back, release it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
