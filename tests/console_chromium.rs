@@ -876,6 +876,53 @@ fn console_sign_in_fragment_hand_over_and_show_key() {
         "the console broke its own Content-Security-Policy"
     );
 
+    // The service page's selects: the status-class filter and the time window. A new tab has
+    // its own sessionStorage, so the token is handed over again.
+    let svc = b.open(&format!(
+        "{}/console#token={admin}&view=service&service={SERVICE}",
+        cp.url
+    ));
+    b.wait_for(&svc, READY, wait);
+    let choose = |id: &str, value: &str| {
+        format!(
+            "{{ const s = document.getElementById('{id}'); s.value = '{value}'; \
+             s.dispatchEvent(new Event('change')); }}"
+        )
+    };
+    assert_eq!(
+        b.eval(
+            &svc,
+            "document.querySelectorAll('#view td.status-2xx').length"
+        ),
+        json!(1)
+    );
+    b.eval(&svc, &choose("status-filter", "5xx"));
+    b.wait_for(
+        &svc,
+        "location.hash.includes('status=5xx') && \
+         document.getElementById('main').dataset.state === 'ready' && \
+         document.querySelectorAll('#view td.status-5xx').length === 1 && \
+         document.querySelectorAll('#view td.status-2xx').length === 0",
+        wait,
+    );
+    b.eval(&svc, &choose("window", "6h"));
+    let totals = b.wait_for(
+        &svc,
+        "location.hash.includes('since=6h') && \
+         document.getElementById('main').dataset.state === 'ready' && \
+         document.querySelector('.totals').textContent",
+        wait,
+    );
+    let total = OK_REQUESTS + ERROR_REQUESTS;
+    assert!(
+        totals
+            .as_str()
+            .is_some_and(|t| t.contains(&format!("Requests: {total}"))
+                && t.contains("per 5 minutes, last 6 hours")),
+        "{totals}"
+    );
+    assert_eq!(b.eval(&svc, "window.__cspViolations"), json!([]));
+
     // Every request the page made: secrets only ever in the Authorization header, never in a
     // URL, no cookies, no referrer.
     b.eval(&page, "1"); // flush events that arrived after the last answer
