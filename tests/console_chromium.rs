@@ -922,6 +922,42 @@ fn console_sign_in_fragment_hand_over_and_show_key() {
         "{totals}"
     );
     assert_eq!(b.eval(&svc, "window.__cspViolations"), json!([]));
+    // Basic accessibility: every visible control has a label, every table a caption and
+    // column headers, the chart an accessible name, and there is one h1.
+    let unlabelled = b.eval(
+        &svc,
+        "[...document.querySelectorAll('input, select, button')] \
+           .filter((el) => !el.closest('[hidden]')) \
+           .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label') \
+             && !el.textContent.trim()) \
+           .map((el) => el.outerHTML)",
+    );
+    assert_eq!(unlabelled, json!([]), "controls without a label");
+    let bare_tables = b.eval(
+        &svc,
+        "[...document.querySelectorAll('table')] \
+           .filter((t) => !t.caption || !t.querySelector('thead th[scope=col]')).length",
+    );
+    assert_eq!(
+        bare_tables,
+        json!(0),
+        "tables without caption or column headers"
+    );
+    let chart_name = b.eval(
+        &svc,
+        "document.getElementById(document.querySelector('svg.chart') \
+           .getAttribute('aria-labelledby')).textContent",
+    );
+    assert!(
+        chart_name
+            .as_str()
+            .is_some_and(|n| n.contains(&format!("{total} requests"))),
+        "{chart_name}"
+    );
+    assert_eq!(
+        b.eval(&svc, "document.querySelectorAll('h1').length"),
+        json!(1)
+    );
 
     // Every request the page made: secrets only ever in the Authorization header, never in a
     // URL, no cookies, no referrer.
