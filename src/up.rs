@@ -868,6 +868,8 @@ fn print_summary(opts: &Options, cp: &str, token: &Path, logs: &Path, d: &Deploy
     ));
     out.push_str(&format!("  key file       {}\n", d.key_file.display()));
     out.push_str(&format!("  admin token    {}\n", token.display()));
+    // The console asks for the admin token on its sign-in form; it is never put in the URL here.
+    out.push_str(&format!("  console        {cp}/console\n"));
     out.push_str(&format!("  logs           {}\n\n", logs.display()));
     let body = r#"--header "content-type:application/json" --data '{"message":"hello world"}'"#;
     if opts.openapi.is_none() {
