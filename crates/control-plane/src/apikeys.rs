@@ -19,6 +19,17 @@
 //!   `DELETE .../keys/{id}` (soft: sets `deleteTime`), `POST .../keys/{id}:undelete`.
 //! - `GET /v2/keys:lookupKey?keyString=` → `{name, parent}`.
 //!
+//! # Portico extension: `expireTime`
+//! Google's `google.api.apikeys.v2.Key` has no expiry, so Service Control's `API_KEY_EXPIRED`
+//! could never happen. Portico adds one optional field, `expireTime` (RFC 3339, any offset; stored
+//! and returned in UTC): set it in the create body or with
+//! `PATCH .../keys/{id}?updateMask=expireTime` (an absent, null or empty value clears it); get and
+//! list return it. From that instant on, `:check` and `:allocateQuota` answer `API_KEY_EXPIRED`
+//! for the key (ESP turns it into 400 "API key expired. Please renew the API key."). A time in
+//! the past is accepted: it is how a key is revoked now but kept for its metadata. gcloud
+//! neither sends nor shows the field (it ignores unknown response fields), so it keeps working;
+//! use curl or a client library. Documented in `docs/identity.md`.
+//!
 //! # At rest
 //! The key string is stored only as AES-256-GCM ciphertext (bound to the key's uid) and as the
 //! keyed lookup hash; see `crypto.rs`. It is never logged and never put in an error message.
@@ -39,7 +50,9 @@ use crate::iam::{json_body, next_page_token, page_bounds};
 use crate::operations::{self, Outcome};
 use crate::resourcemanager::{perms, require_project_permission};
 use crate::server::{split_verb, AppState};
-use crate::store::{now_rfc3339, Migration};
+use crate::store::{format_rfc3339, now_rfc3339, Migration};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -65,6 +78,11 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         id: "apikeys_0002",
         sql: &["ALTER TABLE apikeys_keys ADD COLUMN create_seq BIGINT NOT NULL DEFAULT 0"],
+    },
+    // The `expireTime` extension; '' = never expires (what every older key means).
+    Migration {
+        id: "apikeys_0003",
+        sql: &["ALTER TABLE apikeys_keys ADD COLUMN expire_time TEXT NOT NULL DEFAULT ''"],
     },
 ];
 
@@ -251,6 +269,8 @@ pub struct ApiKeyRecord {
     pub display_name: String,
     pub restrictions: Restrictions,
     pub deleted: bool,
+    /// The `expireTime` extension; `None` = never expires.
+    pub expire_time: Option<OffsetDateTime>,
 }
 
 /// Finds a key by its string (via the keyed hash). Soft-deleted keys are returned with
@@ -275,17 +295,19 @@ pub async fn lookup(state: &AppState, key_string: &str) -> Result<Option<ApiKeyR
             display_name: k.display_name,
             restrictions: k.restrictions,
             deleted: !k.delete_time.is_empty(),
+            expire_time: k.expire_time,
         })
     })
 }
 
 const KEY_COLUMNS: &str = "uid, project_id, project_number, key_id, display_name, restrictions, \
-     annotations, etag, create_time, update_time, delete_time";
+     annotations, etag, create_time, update_time, delete_time, expire_time";
 
 type KeyRow = (
     String,
     String,
     i64,
+    String,
     String,
     String,
     String,
@@ -309,10 +331,22 @@ struct StoredKey {
     create_time: String,
     update_time: String,
     delete_time: String,
+    expire_time: Option<OffsetDateTime>,
 }
 
 impl StoredKey {
     fn try_from_row(r: KeyRow) -> Result<Self, ApiError> {
+        let expire_time = if r.11.is_empty() {
+            None
+        } else {
+            // Written by `parse_expire_time`, so only a hand-edited row fails here.
+            Some(OffsetDateTime::parse(&r.11, &Rfc3339).map_err(|e| {
+                ApiError::internal(format_args!(
+                    "stored expire_time {:?} of key {} is not RFC 3339: {e}",
+                    r.11, r.3
+                ))
+            })?)
+        };
         Ok(StoredKey {
             uid: r.0,
             project_id: r.1,
@@ -325,6 +359,7 @@ impl StoredKey {
             create_time: r.8,
             update_time: r.9,
             delete_time: r.10,
+            expire_time,
         })
     }
 
@@ -347,6 +382,9 @@ impl StoredKey {
         });
         if !self.delete_time.is_empty() {
             v["deleteTime"] = json!(self.delete_time);
+        }
+        if let Some(t) = self.expire_time {
+            v["expireTime"] = json!(format_rfc3339(t));
         }
         if !self.restrictions.is_empty() {
             v["restrictions"] = serde_json::to_value(&self.restrictions).unwrap_or(Value::Null);
@@ -392,6 +430,11 @@ fn validate_key_id(id: &str) -> Result<(), ApiError> {
             ),
         ))
     }
+}
+
+/// The `expire_time` column: RFC 3339 in UTC, or '' for none.
+fn stored_expire_time(t: Option<OffsetDateTime>) -> String {
+    t.map(format_rfc3339).unwrap_or_default()
 }
 
 fn new_etag() -> String {
@@ -452,6 +495,26 @@ struct KeyBody {
     display_name: Option<String>,
     restrictions: Option<Value>,
     annotations: Option<serde_json::Map<String, Value>>,
+    /// Portico extension (see the module doc).
+    expire_time: Option<String>,
+}
+
+/// `expireTime` as sent → the instant, in UTC. Absent or empty means "never expires".
+fn parse_expire_time(v: Option<&str>) -> Result<Option<OffsetDateTime>, ApiError> {
+    match v.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(t) => OffsetDateTime::parse(t, &Rfc3339)
+            .map(|d| Some(d.to_offset(time::UtcOffset::UTC)))
+            .map_err(|e| {
+                bad_field(
+                    "expire_time",
+                    format!(
+                        "Invalid expireTime '{t}': expected an RFC 3339 timestamp such as \
+                         2030-01-01T00:00:00Z ({e})."
+                    ),
+                )
+            }),
+    }
 }
 
 fn parse_restrictions(v: Option<Value>) -> Result<Restrictions, ApiError> {
@@ -493,6 +556,7 @@ async fn create_key(
     let display_name = req.display_name.unwrap_or_default();
     validate_display_name(&display_name)?;
     let restrictions = parse_restrictions(req.restrictions)?;
+    let expire_time = parse_expire_time(req.expire_time.as_deref())?;
     let uid = uuid::Uuid::new_v4().to_string();
     let key_id = match query.get("keyId").filter(|k| !k.is_empty()) {
         Some(k) => {
@@ -519,13 +583,14 @@ async fn create_key(
         create_time: now.clone(),
         update_time: now.clone(),
         delete_time: String::new(),
+        expire_time,
     };
     let mut tx = state.store.begin_write().await?;
     let inserted = sqlx::query(
         "INSERT INTO apikeys_keys (uid, project_id, project_number, key_id, display_name, \
          restrictions, annotations, key_hash, key_sealed, etag, create_time, update_time, \
-         delete_time, create_seq) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+         delete_time, create_seq, expire_time) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
          ON CONFLICT DO NOTHING",
     )
     .bind(&key.uid)
@@ -546,6 +611,7 @@ async fn create_key(
     .bind(&key.update_time)
     .bind(&key.delete_time)
     .bind(crate::iam::creation_seq())
+    .bind(stored_expire_time(key.expire_time))
     .execute(&mut *tx)
     .await?;
     if inserted.rows_affected() == 0 {
@@ -688,6 +754,9 @@ fn apply_mask_path(key: &mut StoredKey, path: &str, body: &KeyBody) -> Result<()
             key.display_name = n;
         }
         "annotations" => key.annotations = body.annotations.clone().unwrap_or_default(),
+        "expireTime" | "expire_time" => {
+            key.expire_time = parse_expire_time(body.expire_time.as_deref())?
+        }
         "restrictions" => key.restrictions = restrictions_in_body()?,
         "restrictions.apiTargets" | "restrictions.api_targets" => {
             key.restrictions.api_targets = restrictions_in_body()?.api_targets
@@ -717,7 +786,7 @@ fn apply_mask_path(key: &mut StoredKey, path: &str, body: &KeyBody) -> Result<()
                 "update_mask",
                 format!(
                     "Invalid updateMask path '{other}': updatable fields are displayName, \
-                     restrictions (or restrictions.<kind>) and annotations."
+                     restrictions (or restrictions.<kind>), annotations and expireTime."
                 ),
             ))
         }
@@ -761,6 +830,9 @@ async fn patch_key(
         if req.annotations.is_some() {
             p.push("annotations");
         }
+        if req.expire_time.is_some() {
+            p.push("expireTime");
+        }
         p
     } else {
         mask.split(',')
@@ -777,13 +849,14 @@ async fn patch_key(
     let mut tx = state.store.begin_write().await?;
     sqlx::query(
         "UPDATE apikeys_keys SET display_name = $1, restrictions = $2, annotations = $3, \
-         etag = $4, update_time = $5 WHERE uid = $6",
+         etag = $4, update_time = $5, expire_time = $6 WHERE uid = $7",
     )
     .bind(&key.display_name)
     .bind(serde_json::to_string(&key.restrictions)?)
     .bind(serde_json::to_string(&key.annotations)?)
     .bind(&key.etag)
     .bind(&key.update_time)
+    .bind(stored_expire_time(key.expire_time))
     .bind(&key.uid)
     .execute(&mut *tx)
     .await?;
@@ -966,11 +1039,13 @@ mod tests {
             create_time: "t".into(),
             update_time: "t".into(),
             delete_time: String::new(),
+            expire_time: None,
         };
         let body = KeyBody {
             display_name: Some("new".into()),
             restrictions: Some(json!({"apiTargets": [{"service": "s.example.com"}]})),
             annotations: None,
+            expire_time: Some("2030-01-01T01:00:00+01:00".into()),
         };
         apply_mask_path(&mut key, "restrictions.apiTargets", &body).expect("targets");
         assert_eq!(key.display_name, "old");
@@ -1003,6 +1078,19 @@ mod tests {
         assert_eq!(v["name"], "projects/123456789012/locations/global/keys/k");
         assert!(v.get("keyString").is_none());
         assert!(v.get("deleteTime").is_none());
+        assert!(v.get("expireTime").is_none());
+        // expireTime: normalised to UTC; an empty value clears it; garbage is a 400 naming it.
+        apply_mask_path(&mut key, "expireTime", &body).expect("expire");
+        assert_eq!(key.to_json()["expireTime"], "2030-01-01T00:00:00Z");
+        apply_mask_path(&mut key, "expire_time", &KeyBody::default()).expect("clear");
+        assert!(key.expire_time.is_none());
+        let bad = KeyBody {
+            expire_time: Some("tomorrow".into()),
+            ..Default::default()
+        };
+        let e = apply_mask_path(&mut key, "expireTime", &bad).expect_err("bad time");
+        assert_eq!(e.code, crate::error::Code::InvalidArgument);
+        assert!(e.message.contains("tomorrow"), "{}", e.message);
     }
 }
 

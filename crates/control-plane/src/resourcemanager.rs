@@ -1,7 +1,14 @@
 //! Resource Manager v1, the part gcloud uses: project IAM policies, plus project-level
 //! authorization for the identity APIs.
 //!
-//! - `GET  /v1/projects/{project}` — the (implicit) project.
+//! - `GET  /v1/projects/{project}` — the (implicit) project, with its `lifecycleState`.
+//! - `DELETE /v1/projects/{project}` (`gcloud projects delete`) — marks it `DELETE_REQUESTED`;
+//!   `POST /v1/projects/{project}:undelete` (`gcloud projects undelete`) makes it `ACTIVE`
+//!   again. Both answer `{}` like Google. Deleting a deleted project is a no-op (Google: "only
+//!   affects the project if it is ACTIVE"); undeleting an active one is 400 FAILED_PRECONDITION.
+//!   A deleted project's API keys fail `:check` with `PROJECT_DELETED` (`servicecontrol/`).
+//!   Only the admin token or a `roles/owner` member may do either: Google keeps
+//!   `resourcemanager.projects.delete`/`undelete` out of `roles/editor`.
 //! - `POST /v1/projects/{project}:getIamPolicy` / `:setIamPolicy` — read-modify-write with an
 //!   etag. The etag is base64 bytes; gcloud echoes it URL-safe, so it is compared as decoded
 //!   bytes. A stale etag is 409 ABORTED; an absent etag overwrites unconditionally (Google's
@@ -29,6 +36,7 @@ use serde_json::{json, Value};
 
 use crate::auth::{self, BoxFuture, Policy, Principal, ProjectPolicySource};
 use crate::error::ApiError;
+use crate::projects::LifecycleState;
 use crate::server::{split_verb, AppState};
 use crate::store::{now_rfc3339, Migration, Store};
 
@@ -57,6 +65,8 @@ pub mod perms {
     pub const KEY_LIST: &str = "iam.serviceAccountKeys.list";
     pub const KEY_DELETE: &str = "iam.serviceAccountKeys.delete";
     pub const PROJECT_GET: &str = "resourcemanager.projects.get";
+    pub const PROJECT_DELETE: &str = "resourcemanager.projects.delete";
+    pub const PROJECT_UNDELETE: &str = "resourcemanager.projects.undelete";
     pub const PROJECT_GET_IAM: &str = "resourcemanager.projects.getIamPolicy";
     pub const PROJECT_SET_IAM: &str = "resourcemanager.projects.setIamPolicy";
     pub const APIKEYS_CREATE: &str = "apikeys.keys.create";
@@ -92,9 +102,16 @@ pub fn identity_role_grants(role: &str, permission: &str) -> bool {
 }
 
 fn policy_grants(policy: &Policy, member: &str, permission: &str) -> bool {
+    // Deleting a project is owner-only in Google (editor has everything but IAM writes, and
+    // this), so these two bypass the generic role table.
+    let owner_only = matches!(permission, perms::PROJECT_DELETE | perms::PROJECT_UNDELETE);
     policy.bindings.iter().any(|b| {
         b.members.iter().any(|m| m == member)
-            && (auth::role_grants(&b.role, permission) || identity_role_grants(&b.role, permission))
+            && if owner_only {
+                b.role == "roles/owner"
+            } else {
+                auth::role_grants(&b.role, permission) || identity_role_grants(&b.role, permission)
+            }
     })
 }
 
@@ -163,7 +180,7 @@ pub fn policy_source() -> Arc<dyn ProjectPolicySource> {
 pub fn routes() -> Router<AppState> {
     Router::new().route(
         "/v1/projects/{project}",
-        get(get_project).post(project_verb),
+        get(get_project).post(project_verb).delete(delete_project),
     )
 }
 
@@ -175,12 +192,62 @@ async fn get_project(
     let project_id = crate::projects::project_id_for(&state.store, &project).await?;
     require_project_permission(&state, &principal, &project_id, perms::PROJECT_GET).await?;
     let number = crate::projects::project_number(&state.store, &project_id).await?;
-    Ok(Json(json!({
+    let lifecycle = crate::projects::lifecycle_state(&state.store, &project_id)
+        .await?
+        .unwrap_or(LifecycleState::Active);
+    let mut v = json!({
         "projectNumber": number.to_string(),
         "projectId": project_id,
-        "lifecycleState": "ACTIVE",
+        "lifecycleState": lifecycle.as_str(),
         "name": project_id,
-    })))
+    });
+    if let Some(t) = crate::projects::create_time(&state.store, &project_id).await? {
+        v["createTime"] = json!(t);
+    }
+    Ok(Json(v))
+}
+
+async fn delete_project(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(project): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let project_id = crate::projects::project_id_for(&state.store, &project).await?;
+    require_project_permission(&state, &principal, &project_id, perms::PROJECT_DELETE).await?;
+    let changed = crate::projects::set_lifecycle_state(
+        &state.store,
+        &project_id,
+        LifecycleState::Active,
+        LifecycleState::DeleteRequested,
+    )
+    .await?;
+    if changed {
+        tracing::info!(project = %project_id, by = %principal.display(), "project delete requested");
+    }
+    Ok(Json(json!({})))
+}
+
+async fn undelete_project(
+    state: &AppState,
+    principal: &Principal,
+    project_id: &str,
+) -> Result<Json<Value>, ApiError> {
+    require_project_permission(state, principal, project_id, perms::PROJECT_UNDELETE).await?;
+    let changed = crate::projects::set_lifecycle_state(
+        &state.store,
+        project_id,
+        LifecycleState::DeleteRequested,
+        LifecycleState::Active,
+    )
+    .await?;
+    if !changed {
+        return Err(ApiError::failed_precondition(format!(
+            "Project '{project_id}' is not in the DELETE_REQUESTED state; only a deleted project \
+             can be undeleted."
+        )));
+    }
+    tracing::info!(project = %project_id, by = %principal.display(), "project undeleted");
+    Ok(Json(json!({})))
 }
 
 async fn project_verb(
@@ -207,12 +274,13 @@ async fn project_verb(
             tracing::info!(project = %project_id, by = %principal.display(), "set project IAM policy");
             Ok(Json(policy_json(Some(stored))))
         }
+        Some("undelete") => undelete_project(&state, &principal, &project_id).await,
         Some(other) => Err(ApiError::not_found(format!(
             "Unknown method '{other}' on projects/{project_id}."
         ))),
         None => Err(ApiError::not_found(format!(
             "The requested URL /v1/projects/{project} was not found on this server (POST needs \
-             a :getIamPolicy or :setIamPolicy verb)."
+             a :getIamPolicy, :setIamPolicy or :undelete verb)."
         ))),
     }
 }
@@ -471,5 +539,16 @@ mod tests {
             "serviceAccount:e@x",
             perms::PROJECT_SET_IAM
         ));
+        // Deleting a project is for owners only, as in Google.
+        for p in [perms::PROJECT_DELETE, perms::PROJECT_UNDELETE] {
+            assert!(!policy_grants(&editor, "serviceAccount:e@x", p), "{p}");
+            let owner = Policy {
+                version: 1,
+                bindings: vec![binding("roles/owner", "serviceAccount:o@x")],
+                etag: String::new(),
+            };
+            assert!(policy_grants(&owner, "serviceAccount:o@x", p), "{p}");
+            assert!(!policy_grants(&owner, "serviceAccount:e@x", p), "{p}");
+        }
     }
 }

@@ -934,3 +934,173 @@ async fn report_on_postgres() {
     assert_eq!(v["entries"].as_array().map(|a| a.len()), Some(2), "{v}");
     h.finish().await;
 }
+
+/// `gcloud projects delete`/`undelete` (Resource Manager v1) drive `PROJECT_DELETED`, and the
+/// Portico `expireTime` extension on API keys drives `API_KEY_EXPIRED`, in `:check` and
+/// `:allocateQuota`.
+#[tokio::test]
+async fn project_deleted_and_key_expired() {
+    let h = Harness::start(Backend::Sqlite).await.expect("sqlite");
+    h.deploy().await;
+    let (key, _) = h.api_key(CONSUMER, json!({})).await;
+    let consumer = format!("api_key:{key}");
+    let (producer_key, _) = h.api_key(PRODUCER, json!({})).await;
+    let r = h.check(&consumer, json!({})).await;
+    assert!(r.get("checkErrors").is_none(), "{r}");
+
+    // Delete: GET shows the state; check and allocate refuse the consumer, by key and by project.
+    let v = h
+        .admin("DELETE", &format!("/v1/projects/{CONSUMER}"), None)
+        .await;
+    assert_eq!(v, json!({}));
+    let v = h
+        .admin("GET", &format!("/v1/projects/{CONSUMER}"), None)
+        .await;
+    assert_eq!(v["lifecycleState"], "DELETE_REQUESTED", "{v}");
+    let r = h.check(&consumer, json!({})).await;
+    assert_eq!(first_error(&r), "PROJECT_DELETED", "{r}");
+    let number = r["checkInfo"]["consumerInfo"]["projectNumber"]
+        .as_str()
+        .unwrap_or_else(|| panic!("consumer info still present: {r}"))
+        .to_string();
+    assert_eq!(r["checkErrors"][0]["subject"], format!("projects/{number}"));
+    let r = h.check(&format!("project:{CONSUMER}"), json!({})).await;
+    assert_eq!(first_error(&r), "PROJECT_DELETED", "{r}");
+    let r = h
+        .check(&format!("project_number:{number}"), json!({}))
+        .await;
+    assert_eq!(first_error(&r), "PROJECT_DELETED", "{r}");
+    let v = h
+        .admin(
+            "POST",
+            &format!("/v1/services/{SVC}:allocateQuota"),
+            Some(allocate_body(&consumer, 1, "NORMAL")),
+        )
+        .await;
+    assert_eq!(v["allocateErrors"][0]["code"], "PROJECT_DELETED", "{v}");
+    // Another project's key is unaffected.
+    let r = h.check(&format!("api_key:{producer_key}"), json!({})).await;
+    assert!(r.get("checkErrors").is_none(), "{r}");
+    // Deleting again is a no-op (Google: delete only affects ACTIVE projects).
+    h.admin("DELETE", &format!("/v1/projects/{CONSUMER}"), None)
+        .await;
+
+    // Undelete restores; a second undelete is a precondition failure.
+    let v = h
+        .admin(
+            "POST",
+            &format!("/v1/projects/{CONSUMER}:undelete"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(v, json!({}));
+    let v = h
+        .admin("GET", &format!("/v1/projects/{CONSUMER}"), None)
+        .await;
+    assert_eq!(v["lifecycleState"], "ACTIVE", "{v}");
+    let r = h.check(&consumer, json!({})).await;
+    assert!(r.get("checkErrors").is_none(), "after undelete: {r}");
+    let v = h
+        .admin(
+            "POST",
+            &format!("/v1/services/{SVC}:allocateQuota"),
+            Some(allocate_body(&consumer, 1, "NORMAL")),
+        )
+        .await;
+    assert!(v.get("allocateErrors").is_none(), "{v}");
+    let (s, v) = h
+        .call(
+            "POST",
+            &format!("/v1/projects/{CONSUMER}:undelete"),
+            Some(&h.admin),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["status"], "FAILED_PRECONDITION", "{v}");
+
+    // expireTime (Portico extension): a future one keeps the key valid and is returned by get
+    // and list; a past one (set by PATCH) expires it; clearing it revives it.
+    let future = "2999-01-01T00:00:00Z";
+    let op = h
+        .admin(
+            "POST",
+            &format!("/v2/projects/{CONSUMER}/locations/global/keys?keyId=expiring"),
+            Some(json!({"displayName": "e", "restrictions": {}, "expireTime": future})),
+        )
+        .await;
+    assert_eq!(op["response"]["expireTime"], future, "{op}");
+    let expiring = format!(
+        "api_key:{}",
+        op["response"]["keyString"].as_str().expect("keyString")
+    );
+    let r = h.check(&expiring, json!({})).await;
+    assert!(r.get("checkErrors").is_none(), "future expiry: {r}");
+    let keys_path = format!("/v2/projects/{CONSUMER}/locations/global/keys");
+    let v = h.admin("GET", &format!("{keys_path}/expiring"), None).await;
+    assert_eq!(v["expireTime"], future, "{v}");
+    let v = h.admin("GET", &keys_path, None).await;
+    let listed = v["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["name"].as_str().is_some_and(|n| n.ends_with("/expiring")))
+        .cloned()
+        .unwrap_or_else(|| panic!("expiring key listed: {v}"));
+    assert_eq!(listed["expireTime"], future);
+
+    let op = h
+        .admin(
+            "PATCH",
+            &format!("{keys_path}/expiring?updateMask=expireTime"),
+            Some(json!({"expireTime": "2020-06-01T12:00:00+02:00"})),
+        )
+        .await;
+    assert_eq!(op["response"]["expireTime"], "2020-06-01T10:00:00Z", "{op}");
+    let r = h.check(&expiring, json!({})).await;
+    assert_eq!(first_error(&r), "API_KEY_EXPIRED", "{r}");
+    assert_eq!(
+        r["checkErrors"][0]["detail"],
+        "API key expired. Please renew the API key."
+    );
+    let v = h
+        .admin(
+            "POST",
+            &format!("/v1/services/{SVC}:allocateQuota"),
+            Some(allocate_body(&expiring, 1, "NORMAL")),
+        )
+        .await;
+    assert_eq!(v["allocateErrors"][0]["code"], "API_KEY_EXPIRED", "{v}");
+    // The other key of the same project is not touched.
+    let r = h.check(&consumer, json!({})).await;
+    assert!(r.get("checkErrors").is_none(), "{r}");
+    // A mask without the field in the body clears it.
+    let op = h
+        .admin(
+            "PATCH",
+            &format!("{keys_path}/expiring?updateMask=expireTime"),
+            Some(json!({})),
+        )
+        .await;
+    assert!(op["response"].get("expireTime").is_none(), "{op}");
+    let r = h.check(&expiring, json!({})).await;
+    assert!(r.get("checkErrors").is_none(), "cleared expiry: {r}");
+    // A bad timestamp is a 400 naming it.
+    let (s, v) = h
+        .call(
+            "PATCH",
+            &format!("{keys_path}/expiring?updateMask=expireTime"),
+            Some(&h.admin),
+            Some(json!({"expireTime": "next tuesday"})),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("next tuesday"),
+        "{v}"
+    );
+    h.finish().await;
+}

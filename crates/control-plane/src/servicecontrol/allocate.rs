@@ -101,6 +101,27 @@ pub async fn allocate(
             return Ok(resp);
         }
     };
+    // Same rules as `:check` (see check.rs for why expiry uses the wall clock).
+    if let Some(key) = consumer
+        .key
+        .as_ref()
+        .filter(|k| consumer::key_expired(k, time::OffsetDateTime::now_utc()))
+    {
+        resp.allocate_errors.push(quota_err(
+            "API_KEY_EXPIRED",
+            key.name.clone(),
+            "API key expired. Please renew the API key.".into(),
+        ));
+        return Ok(resp);
+    }
+    if consumer.project_deleted {
+        resp.allocate_errors.push(quota_err(
+            "PROJECT_DELETED",
+            format!("projects/{}", consumer.project_number),
+            format!("Project {} has been deleted.", consumer.project_id),
+        ));
+        return Ok(resp);
+    }
     let Some(config) = consumer::config(state, sc, service, &config_id).await? else {
         return Err(ApiError::not_found(format!(
             "Service configuration '{config_id}' of service '{service}' not found."

@@ -1,18 +1,19 @@
 //! `services/{svc}:check`: is this consumer allowed to call this method right now?
 //!
 //! Order of the checks (the first failure is the answer): consumer resolution
-//! (`API_KEY_INVALID`, `PROJECT_INVALID`), the key's API targets (`API_TARGET_BLOCKED`), its
-//! application restrictions (`IP_ADDRESS_BLOCKED`, `REFERER_BLOCKED`, `CLIENT_APP_BLOCKED`), then
-//! activation (`SERVICE_NOT_ACTIVATED`; the producer project counts as activated for its own
-//! service). The response always carries `serviceConfigId` and the newest successful
-//! `serviceRolloutId`, which is how proxies learn of rollouts.
-//!
-//! Not produced: `API_KEY_EXPIRED` (API Keys v2 keys in Portico have no expiry) and
-//! `PROJECT_DELETED` (Portico has no project lifecycle).
+//! (`API_KEY_INVALID`, `PROJECT_INVALID`), the key's `expireTime` (`API_KEY_EXPIRED`, a Portico
+//! extension of API Keys v2), the consumer project's lifecycle (`PROJECT_DELETED` after
+//! `gcloud projects delete`), the key's API targets (`API_TARGET_BLOCKED`), its application
+//! restrictions (`IP_ADDRESS_BLOCKED`, `REFERER_BLOCKED`, `CLIENT_APP_BLOCKED`), then activation
+//! (`SERVICE_NOT_ACTIVATED`; the producer project counts as activated for its own service). The
+//! response always carries `serviceConfigId` and the newest successful `serviceRolloutId`, which
+//! is how proxies learn of rollouts.
 
 use portico_servicecontrol::{
     labels, CheckError, CheckInfo, CheckRequest, CheckResponse, ConsumerInfo,
 };
+
+use time::OffsetDateTime;
 
 use crate::error::ApiError;
 use crate::server::AppState;
@@ -85,6 +86,28 @@ pub async fn check(
         ..Default::default()
     });
     let subject = format!("projects/{}", consumer.project_number);
+    // Expiry is a wall-clock instant the key's owner chose, so it is compared with the real
+    // clock (not Service Control's quota clock, which tests move by hand).
+    if let Some(key) = consumer
+        .key
+        .as_ref()
+        .filter(|k| consumer::key_expired(k, OffsetDateTime::now_utc()))
+    {
+        resp.check_errors.push(err(
+            "API_KEY_EXPIRED",
+            key.name.clone(),
+            "API key expired. Please renew the API key.".into(),
+        ));
+        return Ok(resp);
+    }
+    if consumer.project_deleted {
+        resp.check_errors.push(err(
+            "PROJECT_DELETED",
+            subject,
+            format!("Project {} has been deleted.", consumer.project_id),
+        ));
+        return Ok(resp);
+    }
     if let Some(key) = &consumer.key {
         let r = consumer::key_restrictions(key);
         let label = |k: &str| {

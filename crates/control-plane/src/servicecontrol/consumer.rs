@@ -1,13 +1,21 @@
 //! Who is consuming: `consumerId` (`api_key:<key>`, `project:<id>`, `project_number:<n>`)
 //! resolved to a consumer project, and the service's active config.
+//!
+//! Resolution only fails for consumers that do not exist (unknown/deleted key, unknown project).
+//! A consumer that exists but may not call (its project is `DELETE_REQUESTED`, its key is past
+//! its `expireTime`) resolves normally with [`Consumer::project_deleted`] / the key's
+//! `expire_time` set, because `:report` must still attribute its traffic; `:check` and
+//! `:allocateQuota` turn those into `PROJECT_DELETED` / `API_KEY_EXPIRED`.
 
 use std::sync::Arc;
 
 use portico_config::service::Service;
 use serde_json::Value;
+use time::OffsetDateTime;
 
 use crate::apikeys::{self, ApiKeyRecord};
 use crate::error::ApiError;
+use crate::projects::LifecycleState;
 use crate::server::AppState;
 
 use super::restrictions::{ApiTarget, KeyRestrictions};
@@ -20,6 +28,8 @@ pub struct Consumer {
     pub project_number: i64,
     /// Set when the consumer was named by an API key.
     pub key: Option<ApiKeyRecord>,
+    /// The project is `DELETE_REQUESTED` (`gcloud projects delete`).
+    pub project_deleted: bool,
 }
 
 impl Consumer {
@@ -36,6 +46,20 @@ pub enum ConsumerProblem {
     KeyInvalid,
     /// Unknown project (`PROJECT_INVALID`).
     ProjectInvalid(String),
+}
+
+/// Whether a known project is deleted. A project with no row (an API key always has one, as
+/// creating the key named its project) counts as live.
+async fn is_deleted(state: &AppState, project_id: &str) -> Result<bool, ApiError> {
+    Ok(
+        crate::projects::lifecycle_state(&state.store, project_id).await?
+            == Some(LifecycleState::DeleteRequested),
+    )
+}
+
+/// A key past its `expireTime` at `now` (the Portico extension documented in `apikeys.rs`).
+pub fn key_expired(key: &ApiKeyRecord, now: OffsetDateTime) -> bool {
+    key.expire_time.is_some_and(|t| t <= now)
 }
 
 /// Looks a project number up without creating the project (a check must not invent projects);
@@ -82,6 +106,7 @@ pub async fn resolve(
             Some(rec) if !rec.deleted => Ok(Consumer {
                 project_id: rec.project_id.clone(),
                 project_number: rec.project_number,
+                project_deleted: is_deleted(state, &rec.project_id).await?,
                 key: Some(rec),
             }),
             _ => Err(ConsumerProblem::KeyInvalid),
@@ -93,6 +118,7 @@ pub async fn resolve(
                 project_id: id.to_string(),
                 project_number: n,
                 key: None,
+                project_deleted: is_deleted(state, id).await?,
             }),
             None => Err(ConsumerProblem::ProjectInvalid(id.to_string())),
         });
@@ -103,6 +129,7 @@ pub async fn resolve(
         };
         return Ok(match project_by_number(state, num).await? {
             Some(id) => Ok(Consumer {
+                project_deleted: is_deleted(state, &id).await?,
                 project_id: id,
                 project_number: num,
                 key: None,
