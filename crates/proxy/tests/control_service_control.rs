@@ -555,8 +555,11 @@ async fn n_requests_make_one_report_with_request_count_n() {
     assert_eq!(op["consumerId"], "api_key:KEY");
     assert_eq!(op["labels"]["/response_code"], "200");
     assert_eq!(op["labels"]["/credential_id"], "apikey:KEY");
+    // The log policy keeps 50 entries per signature and second of flush interval (15 in
+    // 300 ms); the request count above stays exact.
     let logs = op["logEntries"].as_array().expect("logs");
-    assert_eq!(logs.len(), 25);
+    assert_eq!(logs.len(), 15);
+    assert_eq!(sc.statistics().dropped_log_entries, 10);
     assert_eq!(logs[0]["name"], "endpoints_log");
     assert_eq!(logs[0]["structPayload"]["http_method"], "POST");
     assert_eq!(logs[0]["structPayload"]["api_key"], "KEY");
@@ -586,6 +589,47 @@ async fn n_requests_make_one_report_with_request_count_n() {
         (25, 1, 1)
     );
     sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn log_entries_are_capped_while_counts_stay_exact() {
+    let peer = FakePeer::start(route(ok_check, || (200, "{}".into()))).await;
+    let mut o = options(&peer);
+    o.report_flush_interval = Duration::from_secs(3600);
+    o.report_log_entries_per_second = 1;
+    o.report_max_log_entries_per_flush = 1 << 20;
+    let sc = ServiceControl::new(o).expect("client");
+    for _ in 0..3000 {
+        sc.report(record(200));
+    }
+    for _ in 0..7 {
+        sc.report(record(503));
+    }
+    let st = sc.statistics();
+    assert_eq!(
+        st.report_aggregates, 2,
+        "two signatures held, not 3007 requests"
+    );
+    sc.shutdown().await;
+    let ops = reported_ops(&peer);
+    assert_eq!(ops.len(), 2);
+    for op in &ops {
+        let code = op["labels"]["/response_code"].as_str().unwrap_or("");
+        let count = metric_int(
+            op,
+            "serviceruntime.googleapis.com/api/producer/request_count",
+        );
+        let errors = metric_int(op, "serviceruntime.googleapis.com/api/producer/error_count");
+        // One hour of interval at one entry per second would allow 3600; ESP's limit of
+        // 100 entries per operation applies.
+        let logs = op["logEntries"].as_array().map(Vec::len).unwrap_or(0);
+        match code {
+            "200" => assert_eq!((count, errors, logs), (Some(3000), None, 100)),
+            "503" => assert_eq!((count, errors, logs), (Some(7), Some(7), 7)),
+            other => panic!("unexpected response code {other}"),
+        }
+    }
+    assert_eq!(sc.statistics().dropped_log_entries, 2900);
 }
 
 #[tokio::test]

@@ -4,10 +4,11 @@
 //!   network errors and HTTP 5xx when the policy is open; exact ESP error messages.
 //! * [`ServiceControl::allocate_quota`] — never waits: answers from the quota cache and lets a
 //!   background task send aggregated `:allocateQuota` calls every second ([`quota`]).
-//! * [`ServiceControl::report`] — never waits: operations are merged per signature
-//!   ([`report`]) and a background task sends them every second in batches of up to 100
-//!   operations (ESP sends 10; one larger JSON request costs the control plane less than ten
-//!   small ones and keeps up with bursts). Batches that fail for network/5xx reasons stay in a
+//! * [`ServiceControl::report`] — never waits: the request is merged at once into its
+//!   signature's aggregate ([`aggregate`], [`report`]; O(1), memory bounded by distinct
+//!   signatures, `endpoints_log` entries capped per interval with errors preferred), and a
+//!   background task sends the aggregates every second in batches of up to 100 operations
+//!   (ESP sends 10; one larger JSON request costs the control plane less than ten small ones). Batches that fail for network/5xx reasons stay in a
 //!   bounded buffer (oldest dropped and counted) and are retried with backoff until the control
 //!   plane answers again. [`ServiceControl::shutdown`] flushes.
 //! * [`auth`] — the self-signed bearer tokens for all of these calls and for Service Management.
@@ -15,6 +16,7 @@
 //! Every response carrying `serviceRolloutId` is passed to the [`RolloutNotifier`] so managed
 //! rollouts are picked up without waiting for the next poll.
 
+mod aggregate;
 pub mod auth;
 pub mod check;
 pub mod quota;
@@ -35,11 +37,13 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{watch, Notify};
 
+pub use aggregate::{DEFAULT_LOG_ENTRIES_PER_SECOND, DEFAULT_MAX_LOG_ENTRIES_PER_FLUSH};
 pub use quota::metric_costs;
 pub use report::RequestRecord;
 
 use crate::config_source::{Rollout, RolloutNotifier};
 use crate::error::EspError;
+use aggregate::{Aggregator, LogPolicy};
 use auth::{control_plane_of, TokenSource, QUOTA_CONTROLLER, SERVICE_CONTROLLER};
 use check::{CheckCache, Lookup, Verdict};
 use quota::{Decision, NewEntry, QuotaCache};
@@ -99,8 +103,9 @@ pub struct ServiceControlOptions {
     pub quota_cache_entries: usize,
     pub quota_refresh_interval: Duration,
     pub quota_expiration: Duration,
-    /// Requests held before an early flush (capped at 1000 so a burst is aggregated in
-    /// chunks); 0 sends every report at once, like ESP with `cache_entries: 0`.
+    /// Distinct operation signatures aggregated before an early flush (at most twice as many
+    /// are held; requests of further new signatures are dropped and counted); 0 sends every
+    /// report at once, like ESP with `cache_entries: 0`.
     pub report_cache_entries: usize,
     pub report_flush_interval: Duration,
     pub report_max_operations_per_request: usize,
@@ -109,9 +114,13 @@ pub struct ServiceControlOptions {
     /// Operations kept for retry while the control plane is unreachable (oldest dropped
     /// beyond this, and counted).
     pub report_buffer_operations: usize,
-    /// Finished requests waiting to be aggregated; only reached when the reporter cannot
-    /// keep up with a burst (newest dropped beyond this, and counted). ~0.5 KiB each.
-    pub report_max_pending_requests: usize,
+    /// `endpoints_log` entries kept per signature and second of flush interval (at most 100
+    /// per operation, ESP's limit); entries beyond are not sent and are counted
+    /// (`droppedLogEntries`). Request counts and latencies stay exact. 0 sends no entries.
+    pub report_log_entries_per_second: usize,
+    /// `endpoints_log` entries held across all signatures per flush interval; successes may
+    /// use only half, so errors are always logged in preference.
+    pub report_max_log_entries_per_flush: usize,
     pub report_retry_initial_backoff: Duration,
     pub report_retry_max_backoff: Duration,
 }
@@ -143,7 +152,8 @@ impl ServiceControlOptions {
             report_max_operations_per_request: 100,
             report_max_request_bytes: 4 << 20,
             report_buffer_operations: 10_000,
-            report_max_pending_requests: 100_000,
+            report_log_entries_per_second: DEFAULT_LOG_ENTRIES_PER_SECOND,
+            report_max_log_entries_per_flush: DEFAULT_MAX_LOG_ENTRIES_PER_FLUSH,
             report_retry_initial_backoff: Duration::from_secs(1),
             report_retry_max_backoff: Duration::from_secs(30),
         }
@@ -245,9 +255,15 @@ pub struct Statistics {
     pub report_failures: u64,
     #[serde(serialize_with = "u64_string")]
     pub dropped_report_operations: u64,
-    /// Requests and operations not yet delivered.
+    /// Operations built and not yet delivered.
     #[serde(serialize_with = "u64_string")]
     pub report_queue_depth: u64,
+    /// `endpoints_log` entries not sent under the log policy (the requests are counted).
+    #[serde(serialize_with = "u64_string")]
+    pub dropped_log_entries: u64,
+    /// Distinct operation signatures aggregated since the last flush.
+    #[serde(serialize_with = "u64_string")]
+    pub report_aggregates: u64,
 }
 
 fn u64_string<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
@@ -270,26 +286,15 @@ struct Stats {
     send_report_operations: Counter,
     report_failures: Counter,
     dropped_report_operations: Counter,
+    dropped_log_entries: Counter,
     report_queue_depth: Gauge,
     check_cache_entries: Gauge,
     send_reports_in_flight: Counter,
     max_report_size: Gauge,
 }
 
-type QueuedOp = (String, String, Operation);
-
-/// Pending requests above this many wake the reporter before its interval ends.
-const EARLY_FLUSH_RECORDS: usize = 1000;
-/// An operation is closed for merging once it carries this many log entries (ESP's limit).
-const MAX_LOG_ENTRIES_PER_OPERATION: usize = 100;
-
-#[derive(Default)]
-struct ReportState {
-    /// Finished requests not yet turned into operations.
-    records: Vec<RequestRecord>,
-    /// Aggregated operations waiting to be (re)sent, oldest first.
-    queue: VecDeque<QueuedOp>,
-}
+/// An operation waiting to be sent, with its service and config id.
+type QueuedOp = (Arc<str>, Arc<str>, Operation);
 
 struct Inner {
     opts: ServiceControlOptions,
@@ -297,7 +302,10 @@ struct Inner {
     statics: StaticLabels,
     checks: Mutex<CheckCache>,
     quota: Mutex<QuotaCache>,
-    reports: Mutex<ReportState>,
+    /// Requests merged since the last flush.
+    aggregator: Aggregator,
+    /// Operations built from flushed aggregates, waiting to be (re)sent, oldest first.
+    reports: Mutex<VecDeque<QueuedOp>>,
     /// Per config id; configs are immutable, so a filter never goes stale.
     report_filters: Mutex<HashMap<String, Arc<ReportFilter>>>,
     stats: Stats,
@@ -341,7 +349,15 @@ impl ServiceControl {
                 opts.quota_refresh_interval,
                 opts.quota_expiration,
             )),
-            reports: Mutex::new(ReportState::default()),
+            aggregator: Aggregator::new(
+                opts.report_cache_entries,
+                LogPolicy::new(
+                    opts.report_log_entries_per_second,
+                    opts.report_flush_interval,
+                    opts.report_max_log_entries_per_flush,
+                ),
+            ),
+            reports: Mutex::new(VecDeque::new()),
             report_filters: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             transport,
@@ -486,30 +502,24 @@ impl ServiceControl {
         }
     }
 
-    /// Queues a finished request for reporting. Never blocks on the network, and does no
-    /// more than a push under a lock: building and merging operations happens in the
-    /// background reporter.
+    /// Reports a finished request: merges it into its signature's aggregate (O(1), one shard
+    /// lock) and keeps its log entry if the log policy allows. Never blocks on the network.
     pub fn report(&self, record: RequestRecord) {
         let inner = &self.inner;
         inner.stats.total_called_reports.inc();
-        let mut wake = inner.opts.report_cache_entries == 0;
-        if let Ok(mut st) = inner.reports.lock() {
-            if st.records.len() >= inner.opts.report_max_pending_requests.max(1) {
-                // The reporter is far behind (CPU-starved); shed load rather than grow.
-                inner.stats.dropped_report_operations.inc();
-            } else {
-                st.records.push(record);
-            }
-            // Aggregate in chunks under load so one flush never has an unbounded batch.
-            if st.records.len() >= EARLY_FLUSH_RECORDS.min(inner.opts.report_cache_entries) {
-                wake = true;
-            }
-            inner
-                .stats
-                .report_queue_depth
-                .set((st.records.len() + st.queue.len()) as i64);
+        let added = inner
+            .aggregator
+            .add(record, std::time::SystemTime::now(), |config_id| {
+                inner.report_filter(config_id)
+            });
+        if !added.accepted {
+            // More distinct signatures than the table holds before the reporter runs.
+            inner.stats.dropped_report_operations.inc();
         }
-        if wake {
+        if added.log_dropped {
+            inner.stats.dropped_log_entries.inc();
+        }
+        if added.flush_soon || inner.opts.report_cache_entries == 0 {
             self.wake_reports.notify_one();
         }
     }
@@ -557,13 +567,15 @@ impl ServiceControl {
             report_failures: s.report_failures.get(),
             dropped_report_operations: s.dropped_report_operations.get(),
             report_queue_depth: s.report_queue_depth.get().max(0) as u64,
+            dropped_log_entries: s.dropped_log_entries.get(),
+            report_aggregates: self.inner.aggregator.signatures() as u64,
         }
     }
 
     /// Registers the client's counters (names prefixed `service_control_`).
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         let s = &self.inner.stats;
-        let counters: [(&str, &str, &Counter); 14] = [
+        let counters: [(&str, &str, &Counter); 15] = [
             (
                 "service_control_checks",
                 "Checks requested by the pipeline",
@@ -634,6 +646,11 @@ impl ServiceControl {
                 "Operations dropped (buffer full or rejected)",
                 &s.dropped_report_operations,
             ),
+            (
+                "service_control_report_dropped_log_entries",
+                "endpoints_log entries not sent under the log policy (requests still counted)",
+                &s.dropped_log_entries,
+            ),
         ];
         for (name, help, c) in counters {
             registry.register(name, help, c.clone());
@@ -646,7 +663,7 @@ impl ServiceControl {
         let gauges: [(&str, &str, &Gauge); 3] = [
             (
                 "service_control_report_queue_depth",
-                "Requests and operations not yet delivered",
+                "Operations built and not yet delivered",
                 &s.report_queue_depth,
             ),
             (
@@ -787,64 +804,32 @@ impl Inner {
         }
     }
 
-    /// Turns pending records into operations, merges those with equal signatures, and moves
-    /// them to the send queue (enforcing the buffer bound).
+    /// Takes every aggregate, turns each into its operation(s) and moves them to the send
+    /// queue (enforcing the buffer bound). Runs once per flush, so its cost is per signature.
     fn drain_aggregated(&self) {
-        let records = match self.reports.lock() {
-            Ok(mut st) => std::mem::take(&mut st.records),
-            Err(_) => return,
-        };
         let mut ready: Vec<QueuedOp> = Vec::new();
-        let mut merged: HashMap<String, QueuedOp> = HashMap::new();
-        for record in &records {
-            let mut ops = report::operations_for(record, &self.statics);
-            if let Some(filter) = self.report_filter(&record.service_config_id) {
-                filter.apply(&mut ops);
-            }
-            for op in ops {
-                let sig = report::signature(&record.service_name, &record.service_config_id, &op);
-                match merged.get_mut(&sig) {
-                    Some((_, _, existing)) => {
-                        report::merge_operation(existing, op);
-                        // ESP sends an operation early once it holds 100 log entries, which
-                        // keeps single report bodies bounded.
-                        if existing.log_entries.len() >= MAX_LOG_ENTRIES_PER_OPERATION {
-                            if let Some(full) = merged.remove(&sig) {
-                                ready.push(full);
-                            }
-                        }
-                    }
-                    None => {
-                        merged.insert(
-                            sig,
-                            (
-                                record.service_name.clone(),
-                                record.service_config_id.clone(),
-                                op,
-                            ),
-                        );
-                    }
-                }
+        for agg in self.aggregator.take() {
+            let service = agg.key.service_name.clone();
+            let config = agg.key.service_config_id.clone();
+            for op in agg.operations(&self.statics) {
+                ready.push((service.clone(), config.clone(), op));
             }
         }
-        ready.extend(merged.into_values());
-        let Ok(mut st) = self.reports.lock() else {
+        let Ok(mut queue) = self.reports.lock() else {
             return;
         };
-        st.queue.extend(ready);
+        queue.extend(ready);
         let limit = self.opts.report_buffer_operations.max(1);
         let mut dropped = 0u64;
-        while st.queue.len() > limit {
-            st.queue.pop_front();
+        while queue.len() > limit {
+            queue.pop_front();
             dropped += 1;
         }
         if dropped > 0 {
             self.stats.dropped_report_operations.inc_by(dropped);
             tracing::warn!(dropped, "report buffer full; dropped the oldest operations");
         }
-        self.stats
-            .report_queue_depth
-            .set((st.records.len() + st.queue.len()) as i64);
+        self.stats.report_queue_depth.set(queue.len() as i64);
     }
 
     /// The declared-metrics filter for `config_id`, if the configs in force are known and
@@ -867,34 +852,32 @@ impl Inner {
     }
 
     /// Up to `max` queued operations for the same service and config, oldest first.
-    fn next_batch(&self) -> Option<(String, String, Vec<Operation>)> {
-        let mut st = self.reports.lock().ok()?;
+    fn next_batch(&self) -> Option<(Arc<str>, Arc<str>, Vec<Operation>)> {
+        let mut queue = self.reports.lock().ok()?;
         let (service, config) = {
-            let (s, c, _) = st.queue.front()?;
+            let (s, c, _) = queue.front()?;
             (s.clone(), c.clone())
         };
         let max = self.opts.report_max_operations_per_request.max(1);
         let mut ops = Vec::new();
-        let mut rest = VecDeque::with_capacity(st.queue.len());
-        while let Some(item) = st.queue.pop_front() {
+        let mut rest = VecDeque::with_capacity(queue.len());
+        while let Some(item) = queue.pop_front() {
             if ops.len() < max && item.0 == service && item.1 == config {
                 ops.push(item.2);
             } else {
                 rest.push_back(item);
             }
         }
-        st.queue = rest;
+        *queue = rest;
         Some((service, config, ops))
     }
 
-    fn requeue_front(&self, service: String, config: String, ops: Vec<Operation>) {
-        if let Ok(mut st) = self.reports.lock() {
+    fn requeue_front(&self, service: Arc<str>, config: Arc<str>, ops: Vec<Operation>) {
+        if let Ok(mut queue) = self.reports.lock() {
             for op in ops.into_iter().rev() {
-                st.queue.push_front((service.clone(), config.clone(), op));
+                queue.push_front((service.clone(), config.clone(), op));
             }
-            self.stats
-                .report_queue_depth
-                .set((st.records.len() + st.queue.len()) as i64);
+            self.stats.report_queue_depth.set(queue.len() as i64);
         }
     }
 
@@ -905,7 +888,7 @@ impl Inner {
             let (request, payload) = loop {
                 let request = ReportRequest {
                     operations: ops,
-                    service_config_id: config.clone(),
+                    service_config_id: config.to_string(),
                 };
                 let payload = match serde_json::to_vec(&request) {
                     Ok(p) => p,
@@ -929,7 +912,7 @@ impl Inner {
                 break (
                     ReportRequest {
                         operations: ops,
-                        service_config_id: config.clone(),
+                        service_config_id: config.to_string(),
                     },
                     payload,
                 );
@@ -985,10 +968,8 @@ impl Inner {
                 }
             }
         }
-        if let Ok(st) = self.reports.lock() {
-            self.stats
-                .report_queue_depth
-                .set((st.records.len() + st.queue.len()) as i64);
+        if let Ok(queue) = self.reports.lock() {
+            self.stats.report_queue_depth.set(queue.len() as i64);
         }
         true
     }

@@ -1,9 +1,13 @@
-//! `:report` contents: turning one finished request into Service Control operations (labels,
-//! metrics, the `endpoints_log` entry), and merging operations with the same signature so a
-//! burst of N identical requests costs one operation with `request_count` N.
+//! `:report` contents: the signature that decides which requests share an operation
+//! ([`SigRef`]), the per-signature [`Aggregate`] a request is merged into in O(1) (exact
+//! counts and distributions; see [`super::aggregate`] for where aggregates live and the log
+//! policy), and turning an aggregate into Service Control operations (labels, metrics, the
+//! `endpoints_log` entries), so a burst of N identical requests costs one operation with
+//! `request_count` N.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use portico_servicecontrol::{
@@ -92,24 +96,15 @@ pub(crate) fn now_rfc3339() -> String {
 const TIME_BUCKETS: (i32, f64, f64) = (29, 2.0, 1e-6);
 const SIZE_BUCKETS: (i32, f64, f64) = (8, 10.0, 1.0);
 
-pub(crate) fn distribution(value: f64, (n, growth, scale): (i32, f64, f64)) -> Distribution {
-    let mut bucket_counts = vec![0i64; n as usize + 2];
-    let index = if value < scale {
-        0
-    } else {
-        // Bucket i (1..=n) holds [scale*g^(i-1), scale*g^i); the epsilon keeps exact powers
-        // from falling one bucket short through rounding.
-        let i = ((value / scale).ln() / growth.ln() + 1e-9).floor() as i64 + 1;
-        i.clamp(1, i64::from(n) + 1) as usize
-    };
-    bucket_counts[index] = 1;
+/// A distribution with no samples, in one of the shapes above.
+fn empty_distribution((n, growth, scale): (i32, f64, f64)) -> Distribution {
     Distribution {
-        count: 1,
-        mean: value,
-        minimum: value,
-        maximum: value,
+        count: 0,
+        mean: 0.0,
+        minimum: 0.0,
+        maximum: 0.0,
         sum_of_squared_deviation: 0.0,
-        bucket_counts,
+        bucket_counts: vec![0i64; n as usize + 2],
         exponential_buckets: Some(ExponentialBuckets {
             num_finite_buckets: n,
             growth_factor: growth,
@@ -120,28 +115,42 @@ pub(crate) fn distribution(value: f64, (n, growth, scale): (i32, f64, f64)) -> D
     }
 }
 
-/// Merges `b` into `a` (Chan et al.'s parallel variance update).
-pub(crate) fn merge_distribution(a: &mut Distribution, b: &Distribution) {
-    if b.count == 0 {
-        return;
+fn bucket_index(value: f64, (n, growth, scale): (i32, f64, f64)) -> usize {
+    if value < scale {
+        return 0;
     }
-    if a.count == 0 {
-        *a = b.clone();
-        return;
+    // Bucket i (1..=n) holds [scale*g^(i-1), scale*g^i); the epsilon keeps exact powers
+    // from falling one bucket short through rounding.
+    let i = ((value / scale).ln() / growth.ln() + 1e-9).floor() as i64 + 1;
+    i.clamp(1, i64::from(n) + 1) as usize
+}
+
+/// Adds one sample in O(1) (Welford's update), without allocating.
+pub(crate) fn add_sample(d: &mut Distribution, value: f64, shape: (i32, f64, f64)) {
+    let index = bucket_index(value, shape);
+    if d.count == 0 {
+        d.mean = value;
+        d.minimum = value;
+        d.maximum = value;
+        d.sum_of_squared_deviation = 0.0;
+    } else {
+        let delta = value - d.mean;
+        d.mean += delta / (d.count + 1) as f64;
+        d.sum_of_squared_deviation += delta * (value - d.mean);
+        d.minimum = d.minimum.min(value);
+        d.maximum = d.maximum.max(value);
     }
-    let (na, nb) = (a.count as f64, b.count as f64);
-    let n = na + nb;
-    let delta = b.mean - a.mean;
-    a.sum_of_squared_deviation += b.sum_of_squared_deviation + delta * delta * na * nb / n;
-    a.mean += delta * nb / n;
-    a.count += b.count;
-    a.minimum = a.minimum.min(b.minimum);
-    a.maximum = a.maximum.max(b.maximum);
-    if a.bucket_counts.len() == b.bucket_counts.len() {
-        for (x, y) in a.bucket_counts.iter_mut().zip(&b.bucket_counts) {
-            *x += *y;
-        }
+    d.count += 1;
+    if let Some(b) = d.bucket_counts.get_mut(index) {
+        *b += 1;
     }
+}
+
+#[cfg(test)]
+pub(crate) fn distribution(value: f64, shape: (i32, f64, f64)) -> Distribution {
+    let mut d = empty_distribution(shape);
+    add_sample(&mut d, value, shape);
+    d
 }
 
 fn int_metric(name: &str, v: i64) -> MetricValueSet {
@@ -164,35 +173,31 @@ fn dist_metric(name: &str, d: Distribution) -> MetricValueSet {
     }
 }
 
-/// The standard metric families; `prefix` is e.g. `serviceruntime.googleapis.com/api/producer/`.
-fn standard_metrics(prefix: &str, r: &RequestRecord, is_error: bool) -> Vec<MetricValueSet> {
+/// The standard metric families of an aggregate; `prefix` is e.g.
+/// `serviceruntime.googleapis.com/api/producer/`. Every request of an aggregate has the same
+/// response code, so `error_count` is all or nothing.
+fn standard_metrics(prefix: &str, a: &Aggregate, is_error: bool) -> Vec<MetricValueSet> {
     let mut m = vec![
-        int_metric(&format!("{prefix}request_count"), 1),
-        dist_metric(
-            &format!("{prefix}request_sizes"),
-            distribution(r.request_size as f64, SIZE_BUCKETS),
-        ),
-        dist_metric(
-            &format!("{prefix}response_sizes"),
-            distribution(r.response_size as f64, SIZE_BUCKETS),
-        ),
+        int_metric(&format!("{prefix}request_count"), a.count),
+        dist_metric(&format!("{prefix}request_sizes"), a.request_sizes.clone()),
+        dist_metric(&format!("{prefix}response_sizes"), a.response_sizes.clone()),
         dist_metric(
             &format!("{prefix}total_latencies"),
-            distribution(r.total_latency.as_secs_f64(), TIME_BUCKETS),
+            a.total_latencies.clone(),
         ),
         dist_metric(
             &format!("{prefix}request_overhead_latencies"),
-            distribution(r.overhead_latency.as_secs_f64(), TIME_BUCKETS),
+            a.overhead_latencies.clone(),
         ),
     ];
-    if let Some(b) = r.backend_latency {
+    if a.backend_latencies.count > 0 {
         m.push(dist_metric(
             &format!("{prefix}backend_latencies"),
-            distribution(b.as_secs_f64(), TIME_BUCKETS),
+            a.backend_latencies.clone(),
         ));
     }
     if is_error {
-        m.push(int_metric(&format!("{prefix}error_count"), 1));
+        m.push(int_metric(&format!("{prefix}error_count"), a.count));
     }
     m
 }
@@ -254,16 +259,332 @@ fn header_list(h: &[(String, String)]) -> String {
     h.iter().map(|(k, v)| format!("{k}={v};")).collect()
 }
 
-/// Builds the operation(s) for one request: the main one, plus the by-consumer one when the
-/// check identified the consumer project.
-pub(crate) fn operations_for(r: &RequestRecord, statics: &StaticLabels) -> Vec<Operation> {
-    let end = r
-        .start_time
-        .and_then(|s| s.checked_add(r.total_latency))
-        .unwrap_or_else(SystemTime::now);
-    let start = r
-        .start_time
-        .unwrap_or_else(|| end.checked_sub(r.total_latency).unwrap_or(end));
+/// When a request started and ended: from `start_time` when the pipeline gave one, else
+/// `now` is taken as the end.
+pub(crate) fn span(r: &RequestRecord, now: SystemTime) -> (SystemTime, SystemTime) {
+    match r.start_time {
+        Some(start) => (start, start.checked_add(r.total_latency).unwrap_or(start)),
+        None => (now.checked_sub(r.total_latency).unwrap_or(now), now),
+    }
+}
+
+/// The fields of a request that decide its operation's identity — service, config, consumer,
+/// operation name and every label — borrowed from the record so that finding a request's
+/// aggregate costs no allocation. Values are normalised so that requests producing the same
+/// operation compare equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct SigRef<'a> {
+    pub(crate) service_name: &'a str,
+    pub(crate) service_config_id: &'a str,
+    operation_name: Option<&'a str>,
+    /// Non-empty keys only.
+    api_key: Option<&'a str>,
+    /// The key is reported as the consumer (valid, and the check did not fail open).
+    consumer_valid: bool,
+    network_failure: bool,
+    credential_id: Option<&'a str>,
+    protocol: &'a str,
+    /// Only when it differs from `protocol` (otherwise no label).
+    backend_protocol: Option<&'a str>,
+    response_code: u16,
+    status_code: i32,
+    api_version: &'a str,
+    /// Only with a valid consumer (otherwise no by-consumer operation).
+    consumer_project: Option<i64>,
+}
+
+impl<'a> SigRef<'a> {
+    pub(crate) fn of(r: &'a RequestRecord) -> Self {
+        let api_key = r.api_key.as_deref().filter(|k| !k.is_empty());
+        let network_failure = api_key.is_some() && r.check_network_failure;
+        let consumer_valid = api_key.is_some() && r.api_key_valid && !r.check_network_failure;
+        SigRef {
+            service_name: &r.service_name,
+            service_config_id: &r.service_config_id,
+            operation_name: r.operation_name.as_deref(),
+            api_key,
+            consumer_valid,
+            network_failure,
+            credential_id: r.credential_id.as_deref(),
+            protocol: &r.protocol,
+            backend_protocol: r.backend_protocol.as_deref().filter(|bp| *bp != r.protocol),
+            response_code: r.response_code,
+            status_code: r
+                .status_code
+                .unwrap_or_else(|| code_for_http_status(r.response_code)),
+            api_version: &r.api_version,
+            consumer_project: r.consumer_project_number.filter(|_| consumer_valid),
+        }
+    }
+
+    fn to_owned_key(self) -> SigKey {
+        SigKey {
+            service_name: self.service_name.into(),
+            service_config_id: self.service_config_id.into(),
+            operation_name: self.operation_name.map(Into::into),
+            api_key: self.api_key.map(Into::into),
+            consumer_valid: self.consumer_valid,
+            network_failure: self.network_failure,
+            credential_id: self.credential_id.map(Into::into),
+            protocol: self.protocol.into(),
+            backend_protocol: self.backend_protocol.map(Into::into),
+            response_code: self.response_code,
+            status_code: self.status_code,
+            api_version: self.api_version.into(),
+            consumer_project: self.consumer_project,
+        }
+    }
+}
+
+/// The owned form of [`SigRef`], held by an aggregate (one allocation per signature, not per
+/// request).
+#[derive(Debug, Clone)]
+pub(crate) struct SigKey {
+    pub(crate) service_name: Arc<str>,
+    pub(crate) service_config_id: Arc<str>,
+    operation_name: Option<Box<str>>,
+    api_key: Option<Box<str>>,
+    consumer_valid: bool,
+    network_failure: bool,
+    credential_id: Option<Box<str>>,
+    protocol: Box<str>,
+    backend_protocol: Option<Box<str>>,
+    response_code: u16,
+    status_code: i32,
+    api_version: Box<str>,
+    consumer_project: Option<i64>,
+}
+
+impl SigKey {
+    pub(crate) fn as_ref(&self) -> SigRef<'_> {
+        SigRef {
+            service_name: &self.service_name,
+            service_config_id: &self.service_config_id,
+            operation_name: self.operation_name.as_deref(),
+            api_key: self.api_key.as_deref(),
+            consumer_valid: self.consumer_valid,
+            network_failure: self.network_failure,
+            credential_id: self.credential_id.as_deref(),
+            protocol: &self.protocol,
+            backend_protocol: self.backend_protocol.as_deref(),
+            response_code: self.response_code,
+            status_code: self.status_code,
+            api_version: &self.api_version,
+            consumer_project: self.consumer_project,
+        }
+    }
+
+    fn is_error(&self) -> bool {
+        self.response_code >= 400
+    }
+
+    fn selector(&self) -> &str {
+        self.operation_name
+            .as_deref()
+            .unwrap_or(UNKNOWN_OPERATION_NAME)
+    }
+
+    fn consumer_id(&self) -> String {
+        match &self.api_key {
+            Some(k) if self.consumer_valid => format!("api_key:{k}"),
+            _ => String::new(),
+        }
+    }
+}
+
+/// Every request of one signature since the last flush: exact counts and distributions
+/// (merged in O(1) per request), the time span, and the `endpoints_log` entries kept under
+/// the log policy (the records themselves; entries are built only when sent).
+#[derive(Debug)]
+pub(crate) struct Aggregate {
+    pub(crate) key: SigKey,
+    start: SystemTime,
+    end: SystemTime,
+    count: i64,
+    request_sizes: Distribution,
+    response_sizes: Distribution,
+    total_latencies: Distribution,
+    overhead_latencies: Distribution,
+    /// Only requests that reached the backend.
+    backend_latencies: Distribution,
+    /// Records whose log entry will be sent, `start_time` filled in.
+    pub(crate) logs: Vec<RequestRecord>,
+    /// The config's declared metrics and logs (`None`: send the standard set).
+    pub(crate) filter: Option<Arc<ReportFilter>>,
+}
+
+impl Aggregate {
+    pub(crate) fn new(key: SigRef<'_>, filter: Option<Arc<ReportFilter>>) -> Self {
+        Aggregate {
+            key: key.to_owned_key(),
+            start: SystemTime::UNIX_EPOCH,
+            end: SystemTime::UNIX_EPOCH,
+            count: 0,
+            request_sizes: empty_distribution(SIZE_BUCKETS),
+            response_sizes: empty_distribution(SIZE_BUCKETS),
+            total_latencies: empty_distribution(TIME_BUCKETS),
+            overhead_latencies: empty_distribution(TIME_BUCKETS),
+            backend_latencies: empty_distribution(TIME_BUCKETS),
+            logs: Vec::new(),
+            filter,
+        }
+    }
+
+    /// Whether the config wants `endpoints_log` entries at all.
+    pub(crate) fn wants_logs(&self) -> bool {
+        self.filter.as_ref().is_none_or(|f| f.endpoints_log)
+    }
+
+    /// Merges one request's metrics: O(1), no allocation.
+    pub(crate) fn add(&mut self, r: &RequestRecord, (start, end): (SystemTime, SystemTime)) {
+        if self.count == 0 || start < self.start {
+            self.start = start;
+        }
+        if self.count == 0 || end > self.end {
+            self.end = end;
+        }
+        self.count += 1;
+        add_sample(&mut self.request_sizes, r.request_size as f64, SIZE_BUCKETS);
+        add_sample(
+            &mut self.response_sizes,
+            r.response_size as f64,
+            SIZE_BUCKETS,
+        );
+        add_sample(
+            &mut self.total_latencies,
+            r.total_latency.as_secs_f64(),
+            TIME_BUCKETS,
+        );
+        add_sample(
+            &mut self.overhead_latencies,
+            r.overhead_latency.as_secs_f64(),
+            TIME_BUCKETS,
+        );
+        if let Some(b) = r.backend_latency {
+            add_sample(&mut self.backend_latencies, b.as_secs_f64(), TIME_BUCKETS);
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn count(&self) -> i64 {
+        self.count
+    }
+
+    /// The operation(s) for this aggregate: the main one (with the kept log entries), plus
+    /// the by-consumer one when the check identified the consumer project; then the config's
+    /// declarations applied.
+    pub(crate) fn operations(&self, statics: &StaticLabels) -> Vec<Operation> {
+        let k = &self.key;
+        let is_error = k.is_error();
+        let selector = k.selector();
+        let consumer_id = k.consumer_id();
+
+        let mut l = BTreeMap::new();
+        l.insert(
+            labels::SERVICE_AGENT.to_string(),
+            statics.service_agent.clone(),
+        );
+        l.insert(labels::USER_AGENT.to_string(), "ESP".to_string());
+        l.insert(labels::PLATFORM.to_string(), statics.platform.clone());
+        l.insert(labels::LOCATION.to_string(), statics.location.clone());
+        l.insert(labels::PROTOCOL.to_string(), k.protocol.to_string());
+        l.insert(
+            labels::RESPONSE_CODE.to_string(),
+            k.response_code.to_string(),
+        );
+        l.insert(
+            labels::RESPONSE_CODE_CLASS.to_string(),
+            format!("{}xx", k.response_code / 100),
+        );
+        l.insert(labels::STATUS_CODE.to_string(), k.status_code.to_string());
+        if is_error {
+            l.insert(
+                labels::ERROR_TYPE.to_string(),
+                format!("{}xx", k.response_code / 100),
+            );
+        }
+        let credential_id = match (&k.credential_id, &k.api_key) {
+            (Some(c), _) => Some(c.to_string()),
+            (None, Some(_)) if k.network_failure => Some("apikey:UNKNOWN".to_string()),
+            (None, Some(key)) => Some(format!("apikey:{key}")),
+            (None, None) => None,
+        };
+        if let Some(c) = credential_id {
+            l.insert(labels::CREDENTIAL_ID.to_string(), c);
+        }
+        if k.operation_name.is_some() {
+            l.insert(labels::API_METHOD.to_string(), selector.to_string());
+        }
+        if !k.api_version.is_empty() {
+            l.insert(labels::API_VERSION.to_string(), k.api_version.to_string());
+        }
+        if let Some(bp) = &k.backend_protocol {
+            l.insert(
+                "servicecontrol.googleapis.com/backend_protocol".to_string(),
+                bp.to_string(),
+            );
+        }
+
+        let mut metrics = standard_metrics(
+            "serviceruntime.googleapis.com/api/producer/",
+            self,
+            is_error,
+        );
+        if !consumer_id.is_empty() {
+            metrics.extend(standard_metrics(
+                "serviceruntime.googleapis.com/api/consumer/",
+                self,
+                is_error,
+            ));
+        }
+        let log_entries = if self.wants_logs() {
+            self.logs.iter().map(|r| log_entry(r, statics)).collect()
+        } else {
+            Vec::new()
+        };
+        let operation_id = uuid::Uuid::new_v4().to_string();
+        let (start, end) = (rfc3339(self.start), rfc3339(self.end));
+        let main = Operation {
+            operation_id: operation_id.clone(),
+            operation_name: selector.to_string(),
+            consumer_id: consumer_id.clone(),
+            start_time: start.clone(),
+            end_time: end.clone(),
+            labels: l.clone(),
+            metric_value_sets: metrics,
+            log_entries,
+            importance: String::new(),
+        };
+        let mut ops = vec![main];
+        if let Some(project) = k.consumer_project {
+            let mut bl = l;
+            bl.insert(labels::CONSUMER_PROJECT.to_string(), project.to_string());
+            ops.push(Operation {
+                operation_id: format!("{operation_id}1"),
+                operation_name: selector.to_string(),
+                consumer_id,
+                start_time: start,
+                end_time: end,
+                labels: bl,
+                metric_value_sets: standard_metrics(
+                    "serviceruntime.googleapis.com/api/producer/by_consumer/",
+                    self,
+                    is_error,
+                ),
+                log_entries: Vec::new(),
+                importance: String::new(),
+            });
+        }
+        if let Some(f) = &self.filter {
+            f.apply(&mut ops);
+        }
+        ops
+    }
+}
+
+/// The `endpoints_log` entry of one request.
+fn log_entry(r: &RequestRecord, statics: &StaticLabels) -> LogEntry {
+    let (_, end) = span(r, SystemTime::now());
     let status_code = r
         .status_code
         .unwrap_or_else(|| code_for_http_status(r.response_code));
@@ -273,68 +594,6 @@ pub(crate) fn operations_for(r: &RequestRecord, statics: &StaticLabels) -> Vec<O
         .as_deref()
         .unwrap_or(UNKNOWN_OPERATION_NAME);
     let api_key = r.api_key.as_deref().filter(|k| !k.is_empty());
-    let consumer_id = match api_key {
-        Some(k) if r.api_key_valid && !r.check_network_failure => format!("api_key:{k}"),
-        _ => String::new(),
-    };
-
-    let mut l = BTreeMap::new();
-    l.insert(
-        labels::SERVICE_AGENT.to_string(),
-        statics.service_agent.clone(),
-    );
-    l.insert(labels::USER_AGENT.to_string(), "ESP".to_string());
-    l.insert(labels::PLATFORM.to_string(), statics.platform.clone());
-    l.insert(labels::LOCATION.to_string(), statics.location.clone());
-    l.insert(labels::PROTOCOL.to_string(), r.protocol.clone());
-    l.insert(
-        labels::RESPONSE_CODE.to_string(),
-        r.response_code.to_string(),
-    );
-    l.insert(
-        labels::RESPONSE_CODE_CLASS.to_string(),
-        format!("{}xx", r.response_code / 100),
-    );
-    l.insert(labels::STATUS_CODE.to_string(), status_code.to_string());
-    if is_error {
-        l.insert(
-            labels::ERROR_TYPE.to_string(),
-            format!("{}xx", r.response_code / 100),
-        );
-    }
-    let credential_id = match (&r.credential_id, api_key) {
-        (Some(c), _) => Some(c.clone()),
-        (None, Some(_)) if r.check_network_failure => Some("apikey:UNKNOWN".to_string()),
-        (None, Some(k)) => Some(format!("apikey:{k}")),
-        (None, None) => None,
-    };
-    if let Some(c) = credential_id {
-        l.insert(labels::CREDENTIAL_ID.to_string(), c);
-    }
-    if r.operation_name.is_some() {
-        l.insert(labels::API_METHOD.to_string(), selector.to_string());
-    }
-    if !r.api_version.is_empty() {
-        l.insert(labels::API_VERSION.to_string(), r.api_version.clone());
-    }
-    if let Some(bp) = &r.backend_protocol {
-        if *bp != r.protocol {
-            l.insert(
-                "servicecontrol.googleapis.com/backend_protocol".to_string(),
-                bp.clone(),
-            );
-        }
-    }
-
-    let mut metrics = standard_metrics("serviceruntime.googleapis.com/api/producer/", r, is_error);
-    if !consumer_id.is_empty() {
-        metrics.extend(standard_metrics(
-            "serviceruntime.googleapis.com/api/consumer/",
-            r,
-            is_error,
-        ));
-    }
-
     let mut payload = serde_json::Map::new();
     let ts = end
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -390,58 +649,32 @@ pub(crate) fn operations_for(r: &RequestRecord, statics: &StaticLabels) -> Vec<O
         });
         put("error_cause", cause.into());
     }
-    let log = LogEntry {
+    LogEntry {
         name: ENDPOINTS_LOG.to_string(),
         timestamp: rfc3339(end),
         severity: if is_error { "ERROR" } else { "INFO" }.to_string(),
         struct_payload: Some(payload),
         ..Default::default()
-    };
-
-    let operation_id = uuid::Uuid::new_v4().to_string();
-    let main = Operation {
-        operation_id: operation_id.clone(),
-        operation_name: selector.to_string(),
-        consumer_id: consumer_id.clone(),
-        start_time: rfc3339(start),
-        end_time: rfc3339(end),
-        labels: l.clone(),
-        metric_value_sets: metrics,
-        log_entries: vec![log],
-        importance: String::new(),
-    };
-    let mut ops = vec![main];
-    if let Some(project) = r
-        .consumer_project_number
-        .filter(|_| !consumer_id.is_empty())
-    {
-        let mut bl = l;
-        bl.insert(labels::CONSUMER_PROJECT.to_string(), project.to_string());
-        ops.push(Operation {
-            operation_id: format!("{operation_id}1"),
-            operation_name: selector.to_string(),
-            consumer_id,
-            start_time: rfc3339(start),
-            end_time: rfc3339(end),
-            labels: bl,
-            metric_value_sets: standard_metrics(
-                "serviceruntime.googleapis.com/api/producer/by_consumer/",
-                r,
-                is_error,
-            ),
-            log_entries: Vec::new(),
-            importance: String::new(),
-        });
     }
-    ops
 }
 
+/// The operation(s) one request alone makes (an aggregate of one, its log kept).
+#[cfg(test)]
+pub(crate) fn operations_for(r: &RequestRecord, statics: &StaticLabels) -> Vec<Operation> {
+    let times = span(r, SystemTime::now());
+    let mut a = Aggregate::new(SigRef::of(r), None);
+    a.add(r, times);
+    let mut kept = r.clone();
+    kept.start_time = Some(times.0);
+    a.logs.push(kept);
+    a.operations(statics)
+}
 /// Which of the proxy's metrics and logs a service config asks for. ESP reports only what
 /// the config declares in `logging` / `monitoring` destinations (generated configs declare
 /// the standard set), so a config without them gets bare operations.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ReportFilter {
-    endpoints_log: bool,
+    pub(crate) endpoints_log: bool,
     metrics: std::collections::HashSet<String>,
 }
 
@@ -489,83 +722,12 @@ impl ReportFilter {
     }
 }
 
-/// Operations are merged when service, config, consumer, name and labels are all equal.
-pub(crate) fn signature(service: &str, config_id: &str, op: &Operation) -> String {
-    let mut s = String::with_capacity(256);
-    for part in [service, config_id, &op.consumer_id, &op.operation_name] {
-        s.push_str(part);
-        s.push('\u{0}');
-    }
-    for (k, v) in &op.labels {
-        s.push_str(k);
-        s.push('=');
-        s.push_str(v);
-        s.push('\u{0}');
-    }
-    // The by-consumer operation has the same labels plus consumer_project; the metric family
-    // keeps it apart from a main operation with identical labels.
-    if let Some(first) = op.metric_value_sets.first() {
-        s.push_str(&first.metric_name);
-    }
-    s
-}
-
-/// Merges `b` into `a`: int64 metrics summed, distributions merged, logs appended, the time
-/// span widened. Both share a signature.
-pub(crate) fn merge_operation(a: &mut Operation, b: Operation) {
-    if b.start_time < a.start_time {
-        a.start_time = b.start_time;
-    }
-    if b.end_time > a.end_time {
-        a.end_time = b.end_time;
-    }
-    // Operations with one signature are built by the same code, so their metric sets almost
-    // always line up position by position; only fall back to a name index when they do not.
-    let aligned = a.metric_value_sets.len() == b.metric_value_sets.len()
-        && a.metric_value_sets
-            .iter()
-            .zip(&b.metric_value_sets)
-            .all(|(x, y)| x.metric_name == y.metric_name);
-    if aligned {
-        for (target, set) in a.metric_value_sets.iter_mut().zip(b.metric_value_sets) {
-            merge_set(target, set);
-        }
-        a.log_entries.extend(b.log_entries);
-        return;
-    }
-    let mut index: HashMap<String, usize> = a
-        .metric_value_sets
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (m.metric_name.clone(), i))
-        .collect();
-    for set in b.metric_value_sets {
-        match index.get(&set.metric_name) {
-            Some(&i) => merge_set(&mut a.metric_value_sets[i], set),
-            None => {
-                index.insert(set.metric_name.clone(), a.metric_value_sets.len());
-                a.metric_value_sets.push(set);
-            }
-        }
-    }
-    a.log_entries.extend(b.log_entries);
-}
-
-fn merge_set(target: &mut MetricValueSet, set: MetricValueSet) {
-    for v in set.metric_values {
-        match target.metric_values.first_mut() {
-            Some(t) => merge_value(t, &v),
-            None => target.metric_values.push(v),
-        }
-    }
-}
-
-fn merge_value(a: &mut MetricValue, b: &MetricValue) {
-    if let (Some(x), Some(y)) = (a.int64_value.as_mut(), b.int64_value) {
-        *x += y;
-    }
-    if let (Some(x), Some(y)) = (a.distribution_value.as_mut(), b.distribution_value.as_ref()) {
-        merge_distribution(x, y);
+#[cfg(test)]
+pub(crate) fn test_statics() -> StaticLabels {
+    StaticLabels {
+        service_agent: "ESP/portico-test".into(),
+        platform: "unknown".into(),
+        location: "global".into(),
     }
 }
 
@@ -574,11 +736,7 @@ mod tests {
     use super::*;
 
     fn statics() -> StaticLabels {
-        StaticLabels {
-            service_agent: "ESP/portico-test".into(),
-            platform: "unknown".into(),
-            location: "global".into(),
-        }
+        test_statics()
     }
 
     fn record() -> RequestRecord {
@@ -616,11 +774,11 @@ mod tests {
     }
 
     #[test]
-    fn distribution_merge_matches_direct_statistics() {
+    fn samples_added_one_by_one_match_direct_statistics() {
         let values = [1.0, 5.0, 20.0, 300.0];
-        let mut d = distribution(values[0], SIZE_BUCKETS);
-        for v in &values[1..] {
-            merge_distribution(&mut d, &distribution(*v, SIZE_BUCKETS));
+        let mut d = empty_distribution(SIZE_BUCKETS);
+        for v in values {
+            add_sample(&mut d, v, SIZE_BUCKETS);
         }
         let mean = values.iter().sum::<f64>() / 4.0;
         let ssd: f64 = values.iter().map(|v| (v - mean) * (v - mean)).sum();
@@ -709,19 +867,38 @@ mod tests {
     }
 
     #[test]
-    fn identical_requests_merge() {
+    fn identical_requests_share_a_signature_and_differing_ones_do_not() {
         let r = record();
-        let mut a = operations_for(&r, &statics()).remove(0);
-        let b = operations_for(&r, &statics()).remove(0);
-        assert_eq!(signature("s", "c", &a), signature("s", "c", &b));
-        merge_operation(&mut a, b);
-        let count = a
+        assert_eq!(SigRef::of(&r), SigRef::of(&r.clone()));
+        let mut other = record();
+        other.url = "/echo?key=KEY&x=1".into();
+        other.total_latency = Duration::from_millis(9);
+        assert_eq!(SigRef::of(&r), SigRef::of(&other), "not part of the labels");
+        for change in [
+            |r: &mut RequestRecord| r.response_code = 201,
+            |r: &mut RequestRecord| r.api_key = Some("OTHER".into()),
+            |r: &mut RequestRecord| r.api_key_valid = false,
+            |r: &mut RequestRecord| r.credential_id = Some("jwtauth:x".into()),
+            |r: &mut RequestRecord| r.operation_name = None,
+            |r: &mut RequestRecord| r.service_config_id = "c2".into(),
+            |r: &mut RequestRecord| r.consumer_project_number = Some(7),
+        ] {
+            let mut d = record();
+            change(&mut d);
+            assert_ne!(SigRef::of(&r), SigRef::of(&d));
+        }
+        let mut a = Aggregate::new(SigRef::of(&r), None);
+        let now = SystemTime::now();
+        a.add(&r, span(&r, now));
+        a.add(&other, span(&other, now));
+        let ops = a.operations(&statics());
+        let count = ops[0]
             .metric_value_sets
             .iter()
             .find(|m| m.metric_name.ends_with("producer/request_count"))
             .and_then(|m| m.metric_values[0].int64_value);
         assert_eq!(count, Some(2));
-        assert_eq!(a.log_entries.len(), 2);
+        assert!(ops[0].log_entries.is_empty(), "no log kept, none sent");
     }
 
     #[test]
