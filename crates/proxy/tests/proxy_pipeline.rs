@@ -138,6 +138,8 @@ fn dead_port() -> u16 {
 struct ScDouble {
     /// (operation name, api key) of every `:check`.
     checks: Mutex<Vec<(String, String)>>,
+    /// `servicecontrol.googleapis.com/caller_ip` of every `:check`.
+    caller_ips: Mutex<Vec<String>>,
     /// One entry per reported (producer) operation.
     reports: Mutex<Vec<Reported>>,
 }
@@ -163,6 +165,12 @@ async fn sc_handler(
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let reply = if path.ends_with(":check") {
         let op = &v["operation"];
+        double.caller_ips.lock().unwrap().push(
+            op["labels"]["servicecontrol.googleapis.com/caller_ip"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        );
         let key = op["consumerId"]
             .as_str()
             .unwrap_or("")
@@ -1578,4 +1586,64 @@ fn constant_address_maps_bindings_to_json_names_and_drops_system_params() {
         ),
         "/getBookInfo?SHELF=123&BOOK=1234&site=space%20plus"
     );
+}
+
+#[tokio::test]
+async fn caller_ip_for_checks_follows_real_ip_and_client_ip_header() {
+    // Default: the left-most X-Forwarded-For entry (nginx real_ip with everything trusted).
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let r = env
+        .client
+        .get(format!("{}/shelves/1?key=k", env.base))
+        .header("x-forwarded-for", "1.1.1.1, 2.2.2.2, 3.3.3.3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        env.control.caller_ips.lock().unwrap().clone(),
+        vec!["1.1.1.1"]
+    );
+    // --client_ip_header/--client_ip_position pick the caller IP for Service Control.
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        start_backend().await,
+        &[
+            "--client_ip_header=X-Forwarded-For",
+            "--client_ip_position=-2",
+        ],
+    )
+    .await;
+    let r = env
+        .client
+        .get(format!("{}/shelves/1?key=k", env.base))
+        .header("x-forwarded-for", "1.1.1.1, 2.2.2.2, 3.3.3.3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        env.control.caller_ips.lock().unwrap().clone(),
+        vec!["2.2.2.2"]
+    );
+    // Only trusted proxies' X-Forwarded-For counts.
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        start_backend().await,
+        &["--xff_trusted_proxy_list=10.0.0.0/8"],
+    )
+    .await;
+    let r = env
+        .client
+        .get(format!("{}/shelves/1?key=k", env.base))
+        .header("x-forwarded-for", "1.1.1.1")
+        .send()
+        .await
+        .unwrap();
+    let v = json_of(r).await;
+    assert_eq!(
+        env.control.caller_ips.lock().unwrap().clone(),
+        vec!["127.0.0.1"]
+    );
+    assert_eq!(backend_header(&v, "x-real-ip"), vec!["127.0.0.1"]);
 }
