@@ -26,9 +26,9 @@
 //! `PATCH .../keys/{id}?updateMask=expireTime` (an absent, null or empty value clears it); get and
 //! list return it. From that instant on, `:check` and `:allocateQuota` answer `API_KEY_EXPIRED`
 //! for the key (ESP turns it into 400 "API key expired. Please renew the API key."). A time in
-//! the past is accepted: it is how a key is revoked now but kept for its metadata. gcloud
-//! neither sends nor shows the field (it ignores unknown response fields), so it keeps working;
-//! use curl or a client library. Documented in `docs/identity.md`.
+//! the past is accepted: it is how a key is revoked now but kept for its metadata. gcloud has no
+//! flag for it (use curl or a client library) but keeps working: `describe`/`list` just print the
+//! extra field. Documented in `docs/identity.md`.
 //!
 //! # At rest
 //! The key string is stored only as AES-256-GCM ciphertext (bound to the key's uid) and as the
