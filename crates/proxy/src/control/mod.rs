@@ -300,8 +300,8 @@ struct Inner {
     opts: ServiceControlOptions,
     transport: Transport,
     statics: StaticLabels,
-    checks: Mutex<CheckCache>,
-    quota: Mutex<QuotaCache>,
+    checks: Sharded<CheckCache>,
+    quota: Sharded<QuotaCache>,
     /// Requests merged since the last flush.
     aggregator: Aggregator,
     /// Operations built from flushed aggregates, waiting to be (re)sent, oldest first.
@@ -338,17 +338,21 @@ impl ServiceControl {
                 platform: opts.platform.clone(),
                 location: opts.location.clone(),
             },
-            checks: Mutex::new(CheckCache::new(
-                opts.check_cache_entries,
-                opts.check_refresh_interval,
-                opts.check_expiration,
-                opts.network_fail_open,
-            )),
-            quota: Mutex::new(QuotaCache::new(
-                opts.quota_cache_entries,
-                opts.quota_refresh_interval,
-                opts.quota_expiration,
-            )),
+            checks: Sharded::new(|| {
+                CheckCache::new(
+                    opts.check_cache_entries.div_ceil(aggregate::SHARDS),
+                    opts.check_refresh_interval,
+                    opts.check_expiration,
+                    opts.network_fail_open,
+                )
+            }),
+            quota: Sharded::new(|| {
+                QuotaCache::new(
+                    opts.quota_cache_entries.div_ceil(aggregate::SHARDS),
+                    opts.quota_refresh_interval,
+                    opts.quota_expiration,
+                )
+            }),
             aggregator: Aggregator::new(
                 opts.report_cache_entries,
                 LogPolicy::new(
@@ -389,7 +393,7 @@ impl ServiceControl {
         let inner = &self.inner;
         inner.stats.total_called_checks.inc();
         let key = check_cache_key(&input);
-        let cached = inner.checks.lock().ok().and_then(|mut c| {
+        let cached = inner.checks.for_key(&key).lock().ok().and_then(|mut c| {
             if c.enabled() {
                 Some(c.lookup(&key, Instant::now()))
             } else {
@@ -450,17 +454,14 @@ impl ServiceControl {
         }
         let inner = &self.inner;
         inner.stats.total_called_quotas.inc();
-        let consumer_id = if input.api_key.is_empty() {
-            format!("project:{}", input.producer_project_id)
-        } else {
-            format!("api_key:{}", input.api_key)
+        let key = quota::cache_key(&input);
+        let consumer_id = || {
+            if input.api_key.is_empty() {
+                format!("project:{}", input.producer_project_id)
+            } else {
+                format!("api_key:{}", input.api_key)
+            }
         };
-        let key = format!(
-            "{}\u{0}{}\u{0}{}",
-            input.service_name,
-            input.service_config_id,
-            quota::signature(input.method_name, &consumer_id, input.metric_costs)
-        );
         let make_labels = || {
             let mut l = BTreeMap::new();
             l.insert(labels::CALLER_IP.to_string(), input.caller_ip.to_string());
@@ -474,14 +475,14 @@ impl ServiceControl {
             );
             l
         };
-        let decision = match inner.quota.lock() {
+        let decision = match inner.quota.for_key(&key).lock() {
             Ok(mut q) => q.decide(
                 key,
                 NewEntry {
                     service: input.service_name,
                     config_id: input.service_config_id,
                     method_name: input.method_name,
-                    consumer_id,
+                    consumer_id: &consumer_id,
                     labels: &make_labels,
                     costs: input.metric_costs,
                 },
@@ -555,12 +556,7 @@ impl ServiceControl {
             check_cache_hits: s.check_cache_hits.get(),
             check_cache_misses: s.check_cache_misses.get(),
             check_failures: s.check_failures.get(),
-            check_cache_entries: self
-                .inner
-                .checks
-                .lock()
-                .map(|c| c.len() as u64)
-                .unwrap_or(0),
+            check_cache_entries: self.inner.check_cache_len() as u64,
             total_called_quotas: s.total_called_quotas.get(),
             send_quotas_by_flush: s.send_quotas_by_flush.get(),
             quota_failures: s.quota_failures.get(),
@@ -683,6 +679,35 @@ impl ServiceControl {
     }
 }
 
+/// Independently locked parts of a cache, picked by a hash of the entry's key: a cached check
+/// or a quota charge locks one of [`aggregate::SHARDS`] small maps, so workers rarely meet.
+struct Sharded<T> {
+    shards: Box<[Mutex<T>]>,
+}
+
+impl<T> Sharded<T> {
+    fn new(make: impl Fn() -> T) -> Self {
+        Sharded {
+            shards: (0..aggregate::SHARDS).map(|_| Mutex::new(make())).collect(),
+        }
+    }
+
+    fn for_key(&self, key: &str) -> &Mutex<T> {
+        // FNV-1a: cheap for short keys; the map inside does its own (DoS-resistant) hashing,
+        // this only spreads keys over the shards.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in key.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        // `shards` is never empty (SHARDS > 0), so the modulo is in range.
+        &self.shards[(h % self.shards.len() as u64) as usize]
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Mutex<T>> {
+        self.shards.iter()
+    }
+}
+
 /// Every input that reaches the CheckRequest (the labels are derived from exactly these plus
 /// constants), kept verbatim: building the key costs no request construction on a hit.
 fn check_cache_key(input: &CheckInput<'_>) -> String {
@@ -790,12 +815,25 @@ impl Inner {
     }
 
     fn complete_check(&self, key: &str, verdict: &Verdict) {
-        if let Ok(mut c) = self.checks.lock() {
-            if c.enabled() {
+        let stored = match self.checks.for_key(key).lock() {
+            Ok(mut c) if c.enabled() => {
                 c.complete(key, verdict, Instant::now());
-                self.stats.check_cache_entries.set(c.len() as i64);
+                true
             }
+            _ => false,
+        };
+        if stored {
+            self.stats
+                .check_cache_entries
+                .set(self.check_cache_len() as i64);
         }
+    }
+
+    fn check_cache_len(&self) -> usize {
+        self.checks
+            .iter()
+            .filter_map(|c| c.lock().ok().map(|c| c.len()))
+            .sum()
     }
 
     fn saw_rollout(&self, rollout_id: &str) {
@@ -1003,7 +1041,7 @@ async fn send_allocation(inner: Arc<Inner>, alloc: quota::Allocation) {
             None
         }
     };
-    if let Ok(mut q) = inner.quota.lock() {
+    if let Ok(mut q) = inner.quota.for_key(&alloc.key).lock() {
         q.complete(&alloc.key, verdict);
     }
 }
@@ -1068,20 +1106,23 @@ async fn housekeeping_loop(inner: Weak<Inner>, mut shutdown: watch::Receiver<boo
             return;
         };
         let now = Instant::now();
-        let due = inner
-            .quota
-            .lock()
-            .map(|mut q| q.due(now))
-            .unwrap_or_default();
-        for alloc in due {
-            tokio::spawn(send_allocation(inner.clone(), alloc));
+        for shard in inner.quota.iter() {
+            let due = shard.lock().map(|mut q| q.due(now)).unwrap_or_default();
+            for alloc in due {
+                tokio::spawn(send_allocation(inner.clone(), alloc));
+            }
         }
         if now.duration_since(last_sweep) >= Duration::from_secs(10) {
             last_sweep = now;
-            if let Ok(mut c) = inner.checks.lock() {
-                c.evict_expired(now);
-                inner.stats.check_cache_entries.set(c.len() as i64);
+            for shard in inner.checks.iter() {
+                if let Ok(mut c) = shard.lock() {
+                    c.evict_expired(now);
+                }
             }
+            inner
+                .stats
+                .check_cache_entries
+                .set(inner.check_cache_len() as i64);
         }
     }
 }

@@ -82,7 +82,8 @@ pub(crate) struct NewEntry<'a> {
     pub(crate) service: &'a str,
     pub(crate) config_id: &'a str,
     pub(crate) method_name: &'a str,
-    pub(crate) consumer_id: String,
+    /// Built only when the signature is new, like the labels.
+    pub(crate) consumer_id: &'a dyn Fn() -> String,
     /// Built only when the signature is new: hits never pay for the label map.
     pub(crate) labels: &'a dyn Fn() -> BTreeMap<String, String>,
     pub(crate) costs: &'a [(String, i64)],
@@ -102,6 +103,52 @@ pub(crate) enum Decision {
     Deny(EspError),
 }
 
+/// The cache key of a quota charge: service, config id and [`signature`], built in one
+/// allocation (the consumer id is written in place, metric names sorted only when several).
+pub(crate) fn cache_key(input: &super::QuotaInput<'_>) -> String {
+    let names_len: usize = input.metric_costs.iter().map(|(n, _)| n.len() + 1).sum();
+    let mut k = String::with_capacity(
+        input.service_name.len()
+            + input.service_config_id.len()
+            + input.method_name.len()
+            + input.api_key.len().max(input.producer_project_id.len())
+            + names_len
+            + 16,
+    );
+    for part in [
+        input.service_name,
+        input.service_config_id,
+        input.method_name,
+    ] {
+        k.push_str(part);
+        k.push('\u{0}');
+    }
+    if input.api_key.is_empty() {
+        k.push_str("project:");
+        k.push_str(input.producer_project_id);
+    } else {
+        k.push_str("api_key:");
+        k.push_str(input.api_key);
+    }
+    k.push('\u{0}');
+    match input.metric_costs {
+        [(only, _)] => k.push_str(only),
+        costs => {
+            let mut names: Vec<&str> = costs.iter().map(|(n, _)| n.as_str()).collect();
+            names.sort_unstable();
+            for (i, n) in names.iter().enumerate() {
+                if i > 0 {
+                    k.push('\u{0}');
+                }
+                k.push_str(n);
+            }
+        }
+    }
+    k
+}
+
+/// The key's tail as a plain function: what [`cache_key`] must agree with.
+#[cfg(test)]
 pub(crate) fn signature(method: &str, consumer: &str, costs: &[(String, i64)]) -> String {
     let mut names: Vec<&str> = costs.iter().map(|(n, _)| n.as_str()).collect();
     names.sort_unstable();
@@ -156,7 +203,13 @@ impl QuotaCache {
                 Some(Err(err)) => Decision::Deny(err.clone()),
                 _ => {
                     for (name, cost) in new.costs {
-                        *e.pending.entry(name.clone()).or_insert(0) += cost;
+                        // A hit allocates nothing: the metric name is copied only once.
+                        match e.pending.get_mut(name) {
+                            Some(total) => *total += cost,
+                            None => {
+                                e.pending.insert(name.clone(), *cost);
+                            }
+                        }
                     }
                     Decision::Allow
                 }
@@ -170,7 +223,7 @@ impl QuotaCache {
             service: new.service.to_string(),
             config_id: new.config_id.to_string(),
             method_name: new.method_name.to_string(),
-            consumer_id: new.consumer_id,
+            consumer_id: (new.consumer_id)(),
             labels: (new.labels)(),
             unit_cost: unit_cost.clone(),
             pending: BTreeMap::new(),
@@ -243,7 +296,7 @@ mod tests {
             service: "s",
             config_id: "c",
             method_name: "m",
-            consumer_id: "api_key:k".into(),
+            consumer_id: &|| "api_key:k".to_string(),
             labels: &BTreeMap::new,
             costs,
         }
@@ -303,6 +356,40 @@ mod tests {
             matches!(q.decide(key, new_entry(&costs), t0), Decision::Allow),
             "fails open"
         );
+    }
+
+    #[test]
+    fn cache_key_is_service_config_and_signature() {
+        let one = vec![("reads".to_string(), 1)];
+        let two = vec![("writes".to_string(), 1), ("reads".to_string(), 3)];
+        let two_swapped = vec![("reads".to_string(), 5), ("writes".to_string(), 1)];
+        let input = |key: &'static str, costs: &'static [(String, i64)]| super::super::QuotaInput {
+            service_name: "svc",
+            service_config_id: "cfg",
+            method_name: "m",
+            api_key: key,
+            producer_project_id: "prod",
+            caller_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            referer: None,
+            metric_costs: costs,
+        };
+        let one: &'static [(String, i64)] = Box::leak(one.into_boxed_slice());
+        let two: &'static [(String, i64)] = Box::leak(two.into_boxed_slice());
+        let two_swapped: &'static [(String, i64)] = Box::leak(two_swapped.into_boxed_slice());
+        assert_eq!(
+            cache_key(&input("K", one)),
+            format!("svc\u{0}cfg\u{0}{}", signature("m", "api_key:K", one))
+        );
+        assert_eq!(
+            cache_key(&input("", two)),
+            format!("svc\u{0}cfg\u{0}{}", signature("m", "project:prod", two))
+        );
+        assert_eq!(
+            cache_key(&input("K", two)),
+            cache_key(&input("K", two_swapped)),
+            "metric order and costs do not matter"
+        );
+        assert_ne!(cache_key(&input("K", one)), cache_key(&input("K", two)));
     }
 
     #[test]
