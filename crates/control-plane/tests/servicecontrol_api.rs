@@ -938,9 +938,10 @@ async fn report_on_postgres() {
 /// `gcloud projects delete`/`undelete` (Resource Manager v1) drive `PROJECT_DELETED`, and the
 /// Portico `expireTime` extension on API keys drives `API_KEY_EXPIRED`, in `:check` and
 /// `:allocateQuota`.
-#[tokio::test]
-async fn project_deleted_and_key_expired() {
-    let h = Harness::start(Backend::Sqlite).await.expect("sqlite");
+async fn project_deleted_and_key_expired(backend: Backend) {
+    let Some(h) = Harness::start(backend).await else {
+        return;
+    };
     h.deploy().await;
     let (key, _) = h.api_key(CONSUMER, json!({})).await;
     let consumer = format!("api_key:{key}");
@@ -1102,5 +1103,74 @@ async fn project_deleted_and_key_expired() {
             .contains("next tuesday"),
         "{v}"
     );
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn project_deleted_and_key_expired_sqlite() {
+    project_deleted_and_key_expired(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn project_deleted_and_key_expired_postgres() {
+    project_deleted_and_key_expired(Backend::Postgres).await;
+}
+
+/// Only the admin or a project owner may delete or undelete a project (Google keeps
+/// `resourcemanager.projects.delete` out of `roles/editor`); a refused delete changes nothing.
+#[tokio::test]
+async fn only_owners_delete_projects() {
+    let h = Harness::start(Backend::Sqlite).await.expect("sqlite");
+    h.deploy().await;
+    let editor = h.service_account("proj-editor", false).await;
+    let owner = h.service_account("proj-owner", false).await;
+    let member = |id: &str| format!("serviceAccount:{id}@{PRODUCER}.iam.gserviceaccount.com");
+    h.admin(
+        "POST",
+        &format!("/v1/projects/{CONSUMER}:setIamPolicy"),
+        Some(json!({"policy": {"bindings": [
+            {"role": "roles/editor", "members": [member("proj-editor")]},
+            {"role": "roles/owner", "members": [member("proj-owner")]},
+        ]}})),
+    )
+    .await;
+    let path = format!("/v1/projects/{CONSUMER}");
+    let (s, v) = h.call("DELETE", &path, Some(&editor), None).await;
+    assert_eq!(s, 403, "editor deletes: {v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("resourcemanager.projects.delete"),
+        "{v}"
+    );
+    let v = h.admin("GET", &path, None).await;
+    assert_eq!(
+        v["lifecycleState"], "ACTIVE",
+        "refused delete changed state: {v}"
+    );
+    let (s, v) = h.call("DELETE", &path, Some(&owner), None).await;
+    assert_eq!(s, 200, "owner deletes: {v}");
+    let (s, v) = h
+        .call(
+            "POST",
+            &format!("{path}:undelete"),
+            Some(&editor),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, 403, "editor undeletes: {v}");
+    let (s, v) = h
+        .call(
+            "POST",
+            &format!("{path}:undelete"),
+            Some(&owner),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, 200, "owner undeletes: {v}");
+    // Without any credentials: 401.
+    let (s, v) = h.call("DELETE", &path, None, None).await;
+    assert_eq!(s, 401, "{v}");
     h.finish().await;
 }
