@@ -32,6 +32,12 @@ pub struct Metrics {
     pub backend_latency: Histogram,
     pub config_in_use: Family<ConfigLabels, Gauge>,
     pub config_swaps: Counter,
+    /// Client connections accepted on the serving ports.
+    pub connections_accepted: Counter,
+    /// Client connections open now.
+    pub connections_active: Gauge,
+    /// Requests between head received and response head sent.
+    pub requests_in_flight: Gauge,
     total: std::sync::atomic::AtomicU64,
 }
 
@@ -68,6 +74,24 @@ impl Metrics {
         let backend_latency = Histogram::new(latency_buckets());
         let config_in_use = Family::<ConfigLabels, Gauge>::default();
         let config_swaps = Counter::default();
+        let connections_accepted = Counter::default();
+        let connections_active = Gauge::default();
+        let requests_in_flight = Gauge::default();
+        registry.register(
+            "connections_accepted",
+            "Client connections accepted on the serving ports",
+            connections_accepted.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Client connections open now",
+            connections_active.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Requests waiting for their response head",
+            requests_in_flight.clone(),
+        );
         registry.register(
             "requests",
             "Requests answered, by method and HTTP status",
@@ -100,6 +124,9 @@ impl Metrics {
             backend_latency,
             config_in_use,
             config_swaps,
+            connections_accepted,
+            connections_active,
+            requests_in_flight,
             total: std::sync::atomic::AtomicU64::new(0),
         }
     }

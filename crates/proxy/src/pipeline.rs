@@ -144,6 +144,7 @@ pub struct AbortGuard {
 
 impl AbortGuard {
     pub fn new<B>(state: &Arc<ProxyState>, req: &Request<B>, conn: ConnInfo) -> AbortGuard {
+        state.metrics.requests_in_flight.inc();
         AbortGuard {
             armed: Some((
                 state.clone(),
@@ -157,7 +158,9 @@ impl AbortGuard {
 
     /// The response head is out; completion accounting takes over.
     pub fn disarm(mut self) {
-        self.armed = None;
+        if let Some((state, ..)) = self.armed.take() {
+            state.metrics.requests_in_flight.dec();
+        }
     }
 }
 
@@ -166,6 +169,7 @@ impl Drop for AbortGuard {
         let Some((state, start, method, uri, peer)) = self.armed.take() else {
             return;
         };
+        state.metrics.requests_in_flight.dec();
         let total = start.elapsed();
         state
             .metrics

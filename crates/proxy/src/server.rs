@@ -506,6 +506,15 @@ async fn accept_loop(
     }
 }
 
+/// Runs a closure when dropped (connection gauges stay right on every exit path).
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
 /// Serves one client connection. On shutdown the connection finishes the request in flight
 /// and closes; `_live` is dropped when it is done, which is what the worker's drain waits for.
 async fn serve_conn<IO>(
@@ -518,6 +527,12 @@ async fn serve_conn<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let metrics = pipeline.state().metrics.clone();
+    metrics.connections_accepted.inc();
+    metrics.connections_active.inc();
+    let _open = OnDrop(|| {
+        metrics.connections_active.dec();
+    });
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let p = pipeline.clone();
         async move {

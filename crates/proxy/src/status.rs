@@ -3,6 +3,7 @@
 //! - `GET|HEAD /endpoints_status`: JSON in the shape of ESP's status proto (lowerCamel names,
 //!   64-bit numbers as strings), `serverVersion` `Portico/<version>`; other methods → 405;
 //! - `/healthz`: 200, empty;
+//! - `GET|HEAD /nginx_status`: nginx `stub_status` text (connections, requests);
 //! - `GET /metrics`: Prometheus text (Portico addition);
 //! - anything else: 404.
 
@@ -33,6 +34,25 @@ pub fn handle<B>(
     let get_or_head = head || req.method() == Method::GET;
     match req.uri().path() {
         "/healthz" => plain(StatusCode::OK),
+        "/nginx_status" => {
+            if !get_or_head {
+                return plain(StatusCode::METHOD_NOT_ALLOWED);
+            }
+            let c = connections(state);
+            // nginx's stub_status text, so existing probes and scrapers keep working.
+            let text = format!(
+                "Active connections: {} \nserver accepts handled requests\n {} {} {} \nReading: {} Writing: {} Waiting: {} \n",
+                c.active, c.accepted, c.accepted, c.requests, c.reading, c.writing, c.waiting
+            );
+            let mut r = Response::new(if head {
+                ProxyBody::empty()
+            } else {
+                ProxyBody::full(text)
+            });
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            r
+        }
         "/endpoints_status" => {
             if !get_or_head {
                 return plain(StatusCode::METHOD_NOT_ALLOWED);
@@ -71,6 +91,32 @@ pub fn handle<B>(
             }
         }
         _ => plain(StatusCode::NOT_FOUND),
+    }
+}
+
+struct Connections {
+    active: i64,
+    accepted: u64,
+    requests: u64,
+    reading: i64,
+    writing: i64,
+    waiting: i64,
+}
+
+/// Connection counts in nginx's terms: `writing` = requests being processed, `waiting` = idle
+/// keep-alive connections; request heads are parsed by hyper before Portico sees them, so
+/// `reading` is always 0.
+fn connections(state: &Arc<ProxyState>) -> Connections {
+    let m = &state.metrics;
+    let active = m.connections_active.get();
+    let writing = m.requests_in_flight.get();
+    Connections {
+        active,
+        accepted: m.connections_accepted.get(),
+        requests: m.total_requests(),
+        reading: 0,
+        writing,
+        waiting: (active - writing).max(0),
     }
 }
 
@@ -140,9 +186,18 @@ pub fn endpoints_status(state: &Arc<ProxyState>, info: &StatusInfo) -> Value {
     let (rss, peak, vsize) = proc_memory();
     let (user_us, sys_us) = cpu_times_us();
     let requests: u64 = state.metrics.total_requests();
+    let c = connections(state);
     json!({
         "server": {
             "serverVersion": format!("Portico/{}", env!("CARGO_PKG_VERSION")),
+            "connections": {
+                "active": c.active.to_string(),
+                "accepted": c.accepted.to_string(),
+                "handled": c.accepted.to_string(),
+                "reading": c.reading.to_string(),
+                "writing": c.writing.to_string(),
+                "waiting": c.waiting.to_string(),
+            },
             "requests": requests.to_string(),
         },
         "processes": [{

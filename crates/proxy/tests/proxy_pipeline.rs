@@ -944,6 +944,22 @@ async fn status_port_endpoints() {
     );
     assert_ne!(v["processes"][0]["memoryUsage"], "0");
     assert_eq!(esp["serviceControlStatistics"]["totalCalledChecks"], "1");
+    // One keep-alive connection carried both requests and is idle now.
+    assert_eq!(v["server"]["connections"]["accepted"], "1", "{v}");
+    assert_eq!(v["server"]["connections"]["waiting"], "1", "{v}");
+    let text = env
+        .client
+        .get(format!("{st}/nginx_status"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        text,
+        "Active connections: 1 \nserver accepts handled requests\n 1 1 2 \nReading: 0 Writing: 0 Waiting: 1 \n"
+    );
     let r = env
         .client
         .post(format!("{st}/endpoints_status"))
