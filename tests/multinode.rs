@@ -459,8 +459,31 @@ fn two_control_planes_two_proxies_share_keys_quota_and_reports() {
         assert_eq!(json(&body), serde_json::json!({"message": "hello world"}));
     }
 
-    // 4. A per-minute quota, deployed through B this time.
+    // The other direction: a key created through B is accepted by proxy 1, which asks A.
     let gcloud_b = Gcloud::new(&cp_b.url, &token_file);
+    let out = gcloud_b.run(&[
+        "services",
+        "api-keys",
+        "create",
+        "--display-name=echo key via B",
+        "--format=value(response.keyString)",
+    ]);
+    expect_ok("api-keys create via B", &out);
+    let key_b = out.stdout.trim().to_string();
+    assert!(
+        key_b.starts_with("AIza") && key_b != key,
+        "unexpected key:\n{out}"
+    );
+    let (status, body) = curl_echo(&format!("{}/echo?key={key_b}", proxies[0]));
+    echo_sent += 1;
+    assert_eq!(
+        status,
+        200,
+        "key from B via proxy 1: {body}\n{}",
+        all_logs()
+    );
+
+    // 4. A per-minute quota, deployed through B this time.
     write_spec(&work, Some(LIMIT));
     let config1 = deploy(&gcloud_b, &work);
     assert_ne!(config1, config0);
