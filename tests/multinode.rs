@@ -12,7 +12,8 @@
 //!    code 8, and the Redis counter both replicas write holds exactly the limit;
 //! 5. both replicas' rollups show every request sent through either proxy;
 //! 6. A is killed: proxy 1 keeps serving its cached consumer, B and proxy 2 keep serving
-//!    everything (traffic and the read API).
+//!    everything (traffic, the read API, gcloud); when A is back on its address, proxy 1's
+//!    buffered reports arrive and both replicas count every request.
 //!
 //! Isolation: a fresh PostgreSQL schema per run; the control plane prefixes its Redis keys with
 //! `portico:<schema>:`, so the shared Redis needs no database or prefix of its own.
@@ -622,6 +623,18 @@ fn two_control_planes_two_proxies_share_keys_quota_and_reports() {
     expect_ok(
         "services describe via B",
         &gcloud_b.run(&["endpoints", "services", "describe", SERVICE]),
+    );
+
+    // A comes back on its address (the one proxy 1's key file names): the reports proxy 1
+    // buffered during the outage are delivered, and both replicas count every request.
+    let a_addr = cp_a.addr.to_string();
+    drop(cp_a);
+    let cp_a = ControlPlane::start_on(&tmp.path().join("cp-a"), &db, &a_addr, &shared_flags);
+    wait_for_reports(
+        &[("A", &cp_a.url), ("B", &cp_b.url)],
+        &token,
+        reported_before_outage + 2 * DURING_OUTAGE,
+        &all_logs,
     );
 
     drop(esp1);
