@@ -7,8 +7,8 @@
 #     portico:latest --service=SERVICE --rollout_strategy=managed --http_port=8082 \
 #     --backend=localhost:8080 --service_account_key=/esp/service-account-creds.json
 #
-# The entrypoint already sets --listen_address (a flag may be given once), so to bind another
-# address override the entrypoint: --entrypoint /usr/local/bin/portico IMAGE esp --listen_address=...
+# The entrypoint sets --listen_address=0.0.0.0; a later --listen_address after the image name
+# wins, e.g. `docker run IMAGE --listen_address=127.0.0.1 ...`.
 #
 # The same binary carries every other subcommand; override the entrypoint to run them, e.g.
 #   docker run --entrypoint /usr/local/bin/portico portico:latest control-plane --listen 0.0.0.0:8000 --data /data

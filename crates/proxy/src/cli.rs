@@ -140,7 +140,13 @@ pub struct EspArgs {
     #[arg(long = "enable_websocket", action = ArgAction::SetTrue)]
     pub enable_websocket: bool,
     /// Portico: address the serving and status listeners bind to (default loopback).
-    #[arg(long = "listen_address", default_value = "127.0.0.1")]
+    // A later --listen_address wins over an earlier one, so `docker run IMAGE --listen_address=...`
+    // can override the one the image's entrypoint passes.
+    #[arg(
+        long = "listen_address",
+        default_value = "127.0.0.1",
+        overrides_with = "listen_address"
+    )]
     pub listen_address: String,
     /// Request headers copied into the report's log entry (comma-separated).
     #[arg(long = "log_request_headers")]
@@ -962,6 +968,20 @@ mod tests {
         assert!(e.message.contains("<regex> <replacement>"), "{}", e.message);
         let e = p(&["-s", "svc", "--xff_trusted_proxy_list=10.0.0.0/8,nonsense"]).unwrap_err();
         assert!(e.message.contains("\"nonsense\""), "{}", e.message);
+    }
+
+    #[test]
+    fn a_later_listen_address_overrides_the_entrypoints() {
+        // The container image's entrypoint passes --listen_address=0.0.0.0; a user's own
+        // --listen_address after the image name must win, not be refused as a duplicate.
+        let s = p(&[
+            "-s",
+            "svc",
+            "--listen_address=0.0.0.0",
+            "--listen_address=127.0.0.2",
+        ])
+        .unwrap();
+        assert_eq!(s.listen_address.to_string(), "127.0.0.2");
     }
 
     #[test]
