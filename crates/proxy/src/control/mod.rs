@@ -1174,6 +1174,9 @@ mod tests {
         );
         assert_eq!(v["totalCalledChecks"], "3");
         assert_eq!(v["maxReportSize"], "1024");
+        // Portico's additions, shown on /endpoints_status with the others.
+        assert_eq!(v["droppedLogEntries"], "0");
+        assert_eq!(v["reportAggregates"], "0");
     }
 
     #[tokio::test]
