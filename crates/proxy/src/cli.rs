@@ -247,6 +247,13 @@ pub struct EspArgs {
     /// `servicecontrol.googleapis.com/platform` label in reports (default `unknown`).
     #[arg(long = "compute_platform_override")]
     pub compute_platform_override: Option<String>,
+    /// Portico: `endpoints_log` entries kept per report signature per second (0 = none). Request
+    /// counts and latencies stay exact; entries over the cap are counted as dropped.
+    #[arg(long = "report_log_entries_per_second", default_value_t = crate::control::DEFAULT_LOG_ENTRIES_PER_SECOND)]
+    pub report_log_entries_per_second: usize,
+    /// Portico: `endpoints_log` entries sent per report flush across all signatures (errors first).
+    #[arg(long = "report_max_log_entries_per_flush", default_value_t = crate::control::DEFAULT_MAX_LOG_ENTRIES_PER_FLUSH)]
+    pub report_max_log_entries_per_flush: usize,
 
     // ESP features Portico does not have: refused with a precise message, not ignored.
     #[arg(short = 'n', long = "nginx_config", hide = true)]
@@ -355,6 +362,10 @@ pub struct Settings {
     pub backend_host_header: Option<http::HeaderValue>,
     /// `--compute_platform_override`.
     pub compute_platform: Option<String>,
+    /// `--report_log_entries_per_second`.
+    pub report_log_entries_per_second: usize,
+    /// `--report_max_log_entries_per_flush`.
+    pub report_max_log_entries_per_flush: usize,
     /// `--enable_backend_routing`.
     pub enable_backend_routing: bool,
     /// `--access_log`: `None` = stdout.
@@ -848,6 +859,8 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         backend_ca_cert_path: a.backend_ca_cert_path,
         backend_host_header,
         compute_platform: a.compute_platform_override,
+        report_log_entries_per_second: a.report_log_entries_per_second,
+        report_max_log_entries_per_flush: a.report_max_log_entries_per_flush,
         enable_backend_routing: a.enable_backend_routing,
         ignored_flags,
     })
@@ -968,6 +981,19 @@ mod tests {
         assert!(e.message.contains("<regex> <replacement>"), "{}", e.message);
         let e = p(&["-s", "svc", "--xff_trusted_proxy_list=10.0.0.0/8,nonsense"]).unwrap_err();
         assert!(e.message.contains("\"nonsense\""), "{}", e.message);
+    }
+
+    #[test]
+    fn report_log_caps_default_and_parse() {
+        let s = p(&["-s", "svc"]).unwrap();
+        assert_eq!(
+            s.report_log_entries_per_second,
+            crate::control::DEFAULT_LOG_ENTRIES_PER_SECOND
+        );
+        let s = p(&["-s", "svc", "--report_log_entries_per_second=0"]).unwrap();
+        assert_eq!(s.report_log_entries_per_second, 0);
+        let e = p(&["-s", "svc", "--report_log_entries_per_second=many"]).unwrap_err();
+        assert_eq!(e.exit_code, 4);
     }
 
     #[test]

@@ -606,6 +606,8 @@ fn service_control_for(
         opts.platform = p.clone();
     }
     opts.rollout_notifier = Some(notifier);
+    opts.report_log_entries_per_second = settings.report_log_entries_per_second;
+    opts.report_max_log_entries_per_flush = settings.report_max_log_entries_per_flush;
     // Reports carry only the metrics and logs each config declares, as ESP's do.
     opts.service_configs = Some(configs);
     crate::control::ServiceControl::new(opts).map(Some)
