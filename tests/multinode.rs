@@ -20,10 +20,9 @@
 
 mod common;
 
-use common::{free_port, ControlPlane, Db, Gcloud, Output, Proc};
+use common::{curl_echo, expect_ok, free_port, json, ControlPlane, Db, Gcloud, Proc};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const SERVICE: &str = "echo-api.endpoints.demo-proj.cloud.goog";
@@ -79,44 +78,6 @@ fn random_hex(bytes: usize) -> String {
         .and_then(|mut f| f.read_exact(&mut raw))
         .expect("read /dev/urandom");
     raw.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// `curl -X POST` with the seed's JSON body; returns (status, body).
-fn curl_echo(url: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args([
-            "--silent",
-            "--show-error",
-            "--max-time",
-            "10",
-            "--request",
-            "POST",
-            "--header",
-            "content-type:application/json",
-            "--data",
-            r#"{"message":"hello world"}"#,
-            "--write-out",
-            "\n%{http_code}",
-            url,
-        ])
-        .output()
-        .expect("run curl");
-    assert!(
-        out.status.success(),
-        "curl {url} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').expect("curl write-out");
-    (code.trim().parse().expect("status code"), body.to_string())
-}
-
-fn expect_ok(what: &str, out: &Output) {
-    assert!(out.ok(), "{what} failed:\n{out}");
-}
-
-fn json(body: &str) -> serde_json::Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
 /// The getting-started spec for demo-proj; with `limit`, POST /echo costs 1 unit of

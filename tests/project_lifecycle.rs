@@ -14,7 +14,9 @@
 
 mod common;
 
-use common::{free_port, gcloud_available, ControlPlane, Db, Gcloud, Output, Proc};
+use common::{
+    curl_echo, expect_ok, free_port, gcloud_available, json, ControlPlane, Db, Gcloud, Proc,
+};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -22,44 +24,6 @@ use std::time::Duration;
 const SERVICE: &str = "echo-api.endpoints.demo-proj.cloud.goog";
 const SA_EMAIL: &str = "esp-sa@demo-proj.iam.gserviceaccount.com";
 const CONSUMER: &str = "consumer-proj";
-
-/// `POST /echo` through the proxy; returns (status, body).
-fn curl_echo(url: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args([
-            "--silent",
-            "--show-error",
-            "--max-time",
-            "10",
-            "--request",
-            "POST",
-            "--header",
-            "content-type:application/json",
-            "--data",
-            r#"{"message":"hello world"}"#,
-            "--write-out",
-            "\n%{http_code}",
-            url,
-        ])
-        .output()
-        .expect("run curl");
-    assert!(
-        out.status.success(),
-        "curl {url} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').expect("curl write-out");
-    (code.trim().parse().expect("status code"), body.to_string())
-}
-
-fn expect_ok(what: &str, out: &Output) {
-    assert!(out.ok(), "{what} failed:\n{out}");
-}
-
-fn json(body: &str) -> serde_json::Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-}
 
 /// A new API key `key_id` in `consumer-proj`; returns the key string.
 fn consumer_key(gcloud: &Gcloud, key_id: &str) -> String {

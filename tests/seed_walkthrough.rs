@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::{free_port, ControlPlane, Db, Gcloud, Output, Proc};
+use common::{curl_echo, expect_ok, free_port, json, ControlPlane, Db, Gcloud, Proc};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -29,44 +29,6 @@ const SA_EMAIL: &str = "esp-sa@demo-proj.iam.gserviceaccount.com";
 
 /// The body the seed shows for a call without an API key, as ESP prints it.
 const SEED_401_BODY: &str = "{\n \"code\": 16,\n \"message\": \"Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.\",\n \"details\": [\n  {\n   \"@type\": \"type.googleapis.com/google.rpc.DebugInfo\",\n   \"stackEntries\": [],\n   \"detail\": \"service_control\"\n  }\n ]\n}\n";
-
-/// `curl` as the seed runs it: POST JSON, returns (status, body).
-fn curl_echo(url: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args([
-            "--silent",
-            "--show-error",
-            "--max-time",
-            "10",
-            "--request",
-            "POST",
-            "--header",
-            "content-type:application/json",
-            "--data",
-            r#"{"message":"hello world"}"#,
-            "--write-out",
-            "\n%{http_code}",
-            url,
-        ])
-        .output()
-        .expect("run curl");
-    assert!(
-        out.status.success(),
-        "curl {url} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').expect("curl write-out");
-    (code.trim().parse().expect("status code"), body.to_string())
-}
-
-fn expect_ok(what: &str, out: &Output) {
-    assert!(out.ok(), "{what} failed:\n{out}");
-}
-
-fn json(body: &str) -> serde_json::Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-}
 
 /// Writes the getting-started spec with the project id filled in, as the seed instructs.
 fn write_spec(dir: &Path, extra_path: Option<&str>) -> PathBuf {

@@ -445,3 +445,43 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// `curl` as the seed runs it (POST `{"message":"hello world"}` as JSON); returns (status, body).
+pub fn curl_echo(url: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args([
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "10",
+            "--request",
+            "POST",
+            "--header",
+            "content-type:application/json",
+            "--data",
+            r#"{"message":"hello world"}"#,
+            "--write-out",
+            "\n%{http_code}",
+            url,
+        ])
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl {url} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("curl write-out");
+    (code.trim().parse().expect("status code"), body.to_string())
+}
+
+/// Fails the test with gcloud's output unless it exited 0.
+pub fn expect_ok(what: &str, out: &Output) {
+    assert!(out.ok(), "{what} failed:\n{out}");
+}
+
+/// Parses a response body, failing the test with the body when it is not JSON.
+pub fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
