@@ -178,25 +178,7 @@ fn echo_requests_reported(cp_url: &str, token: &str) -> Option<i64> {
         return None;
     }
     let v: serde_json::Value = resp.json().ok()?;
-    Some(
-        v["timeSeries"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|ts| {
-                ts["method"]
-                    .as_str()
-                    .is_some_and(|m| m.ends_with(".echo") || m.ends_with(".Echo"))
-            })
-            .flat_map(|ts| ts["points"].as_array().cloned().unwrap_or_default())
-            .map(|p| {
-                p["requestCount"]
-                    .as_i64()
-                    .or_else(|| p["requestCount"].as_str().and_then(|s| s.parse().ok()))
-                    .unwrap_or(0)
-            })
-            .sum(),
-    )
+    Some(common::echo_request_count(&v))
 }
 
 /// Waits (≤ 30 s) until every replica in `cps` reports exactly `expected` echo requests; fails

@@ -306,21 +306,5 @@ fn echo_requests_reported(cp_url: &str, token: &str) -> i64 {
         Ok(v) => v,
         Err(_) => return 0,
     };
-    v["timeSeries"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|ts| {
-            ts["method"]
-                .as_str()
-                .is_some_and(|m| m.ends_with(".echo") || m.ends_with(".Echo"))
-        })
-        .flat_map(|ts| ts["points"].as_array().cloned().unwrap_or_default())
-        .map(|p| {
-            p["requestCount"]
-                .as_i64()
-                .or_else(|| p["requestCount"].as_str().and_then(|s| s.parse().ok()))
-                .unwrap_or(0)
-        })
-        .sum()
+    common::echo_request_count(&v)
 }

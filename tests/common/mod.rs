@@ -485,3 +485,25 @@ pub fn expect_ok(what: &str, out: &Output) {
 pub fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
+
+/// Sum of `requestCount` over every point of the echo method's series in a
+/// `/portico/v1/services/{svc}/timeseries` answer (counts may be numbers or proto3 strings).
+pub fn echo_request_count(timeseries: &serde_json::Value) -> i64 {
+    timeseries["timeSeries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|ts| {
+            ts["method"]
+                .as_str()
+                .is_some_and(|m| m.ends_with(".echo") || m.ends_with(".Echo"))
+        })
+        .flat_map(|ts| ts["points"].as_array().cloned().unwrap_or_default())
+        .map(|p| {
+            p["requestCount"]
+                .as_i64()
+                .or_else(|| p["requestCount"].as_str().and_then(|s| s.parse().ok()))
+                .unwrap_or(0)
+        })
+        .sum()
+}
