@@ -192,6 +192,19 @@ fn not_found_or_denied(service: &str) -> ApiError {
     ))
 }
 
+/// Checks `permission` on `service`, answering any failure with the same message whether the
+/// service is missing or the caller lacks the right, so names of others' services do not leak.
+async fn require_service_or_hide(
+    state: &AppState,
+    principal: &Principal,
+    service: &str,
+    permission: &str,
+) -> Result<(), ApiError> {
+    require_service_permission(state, principal, service, permission)
+        .await
+        .map_err(|_| not_found_or_denied(service))
+}
+
 fn managed_service(name: &str, producer: &str) -> Value {
     json!({"serviceName": name, "producerProjectId": producer})
 }
@@ -464,9 +477,7 @@ async fn get_service(
     principal: Principal,
     Path(service): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    require_service_permission(&state, &principal, &service, perms::SERVICES_GET)
-        .await
-        .map_err(|_| not_found_or_denied(&service))?;
+    require_service_or_hide(&state, &principal, &service, perms::SERVICES_GET).await?;
     match producer_project(&state, &service).await? {
         Some(p) => Ok(Json(managed_service(&service, &p))),
         None => Err(not_found_or_denied(&service)),
@@ -478,9 +489,7 @@ async fn delete_service(
     principal: Principal,
     Path(service): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    require_service_permission(&state, &principal, &service, perms::SERVICES_DELETE)
-        .await
-        .map_err(|_| not_found_or_denied(&service))?;
+    require_service_or_hide(&state, &principal, &service, perms::SERVICES_DELETE).await?;
     let mut tx = state.store.begin_write().await?;
     let done =
         sqlx::query("UPDATE sm_services SET deleted = 1 WHERE service_name = $1 AND deleted = 0")
@@ -643,9 +652,7 @@ async fn get_iam_policy(
     principal: &Principal,
     service: &str,
 ) -> Result<Value, ApiError> {
-    require_service_permission(state, principal, service, perms::SERVICES_GET_IAM)
-        .await
-        .map_err(|_| not_found_or_denied(service))?;
+    require_service_or_hide(state, principal, service, perms::SERVICES_GET_IAM).await?;
     let (policy, _) = policy_and_producer(state, service)
         .await?
         .ok_or_else(|| not_found_or_denied(service))?;
@@ -664,9 +671,7 @@ async fn set_iam_policy(
     service: &str,
     body: SetIamPolicyBody,
 ) -> Result<Value, ApiError> {
-    require_service_permission(state, principal, service, perms::SERVICES_SET_IAM)
-        .await
-        .map_err(|_| not_found_or_denied(service))?;
+    require_service_or_hide(state, principal, service, perms::SERVICES_SET_IAM).await?;
     let Some(new) = body.policy else {
         return Err(ApiError::invalid_argument("policy is required.")
             .with_field_violation("policy", "required"));
@@ -865,9 +870,7 @@ async fn submit_config(
     Path(service): Path<String>,
     JsonBody(body): JsonBody<SubmitBody>,
 ) -> Result<Json<Value>, ApiError> {
-    require_service_permission(&state, &principal, &service, perms::SERVICES_UPDATE)
-        .await
-        .map_err(|_| not_found_or_denied(&service))?;
+    require_service_or_hide(&state, &principal, &service, perms::SERVICES_UPDATE).await?;
     let producer = producer_project(&state, &service)
         .await?
         .ok_or_else(|| not_found_or_denied(&service))?;
@@ -952,9 +955,7 @@ async fn list_configs(
     Path(service): Path<String>,
     params: Params,
 ) -> Result<Json<Value>, ApiError> {
-    require_service_permission(&state, &principal, &service, perms::SERVICES_GET)
-        .await
-        .map_err(|_| not_found_or_denied(&service))?;
+    require_service_or_hide(&state, &principal, &service, perms::SERVICES_GET).await?;
     let (limit, offset) = params.page(50, 100)?;
     let rows: Vec<(String,)> = sqlx::query_as(
         "SELECT body FROM sm_configs WHERE service_name = $1 ORDER BY seq DESC LIMIT $2 OFFSET $3",
@@ -1004,9 +1005,7 @@ async fn get_config(
     Path((service, config_id)): Path<(String, String)>,
     params: Params,
 ) -> Result<Json<Value>, ApiError> {
-    require_service_permission(&state, &principal, &service, perms::SERVICES_GET)
-        .await
-        .map_err(|_| not_found_or_denied(&service))?;
+    require_service_or_hide(&state, &principal, &service, perms::SERVICES_GET).await?;
     let c = load_config(&state, &service, &config_id).await?;
     Ok(Json(apply_view(c, &params)?))
 }
@@ -1018,9 +1017,7 @@ async fn get_config_esp(
     Path(service): Path<String>,
     params: Params,
 ) -> Result<Json<Value>, ApiError> {
-    require_service_permission(&state, &principal, &service, perms::SERVICES_GET)
-        .await
-        .map_err(|_| not_found_or_denied(&service))?;
+    require_service_or_hide(&state, &principal, &service, perms::SERVICES_GET).await?;
     let c = match params.get("configId") {
         Some(id) => load_config(&state, &service, id).await?,
         None => latest_config(&state, &service).await?.ok_or_else(|| {
@@ -1130,9 +1127,7 @@ async fn create_rollout(
     Path(service): Path<String>,
     JsonBody(body): JsonBody<RolloutBody>,
 ) -> Result<Json<Value>, ApiError> {
-    require_service_permission(&state, &principal, &service, perms::SERVICES_UPDATE)
-        .await
-        .map_err(|_| not_found_or_denied(&service))?;
+    require_service_or_hide(&state, &principal, &service, perms::SERVICES_UPDATE).await?;
     if body.delete_service_strategy.is_some() {
         return Err(ApiError::invalid_argument(
             "Use DELETE /v1/services/{service} to delete a service; deleteServiceStrategy \
@@ -1262,9 +1257,7 @@ async fn list_rollouts(
     Path(service): Path<String>,
     params: Params,
 ) -> Result<Json<Value>, ApiError> {
-    require_service_permission(&state, &principal, &service, perms::SERVICES_GET)
-        .await
-        .map_err(|_| not_found_or_denied(&service))?;
+    require_service_or_hide(&state, &principal, &service, perms::SERVICES_GET).await?;
     let statuses = parse_status_filter(params.get("filter"))?;
     let (limit, offset) = params.page(50, 100)?;
     // Statuses come from a fixed whitelist (parse_status_filter), so inlining them is safe;
@@ -1308,9 +1301,7 @@ async fn get_rollout(
     principal: Principal,
     Path((service, rollout_id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    require_service_permission(&state, &principal, &service, perms::SERVICES_GET)
-        .await
-        .map_err(|_| not_found_or_denied(&service))?;
+    require_service_or_hide(&state, &principal, &service, perms::SERVICES_GET).await?;
     let row: Option<(String,)> =
         sqlx::query_as("SELECT body FROM sm_rollouts WHERE service_name = $1 AND rollout_id = $2")
             .bind(&service)
@@ -1355,9 +1346,7 @@ async fn resolve_config_ref(
             "{field}.name '{name}' must look like services/<service>/configs/<id>."
         )));
     };
-    require_service_permission(state, principal, service, perms::SERVICES_GET)
-        .await
-        .map_err(|_| not_found_or_denied(service))?;
+    require_service_or_hide(state, principal, service, perms::SERVICES_GET).await?;
     Ok((service.to_string(), load_config(state, service, id).await?))
 }
 

@@ -145,6 +145,25 @@ fn op_name(number: i64) -> String {
     format!("operations/acat.p2-{number}-{}", uuid::Uuid::new_v4())
 }
 
+/// Records `service` as enabled for `consumer`; enabling an already-enabled service keeps its
+/// original enable time, so repeated enables are harmless.
+async fn mark_enabled(
+    conn: &mut sqlx::AnyConnection,
+    consumer: &str,
+    service: &str,
+) -> Result<(), ApiError> {
+    sqlx::query(
+        "INSERT INTO su_enabled (project_id, service_name, enable_time) VALUES ($1, $2, $3) \
+         ON CONFLICT (project_id, service_name) DO NOTHING",
+    )
+    .bind(consumer)
+    .bind(service)
+    .bind(now_rfc3339())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 fn su_metadata() -> Value {
     json!({"@type": "type.googleapis.com/google.api.serviceusage.v1.OperationMetadata"})
 }
@@ -164,15 +183,7 @@ async fn service_verb(
             check_enableable(&state, &principal, &consumer, service).await?;
             let svc = service_json(&state, number, service, true).await?;
             let mut tx = state.store.begin_write().await?;
-            sqlx::query(
-                "INSERT INTO su_enabled (project_id, service_name, enable_time) VALUES ($1, $2, $3) \
-                 ON CONFLICT (project_id, service_name) DO NOTHING",
-            )
-            .bind(&consumer)
-            .bind(service)
-            .bind(now_rfc3339())
-            .execute(&mut *tx)
-            .await?;
+            mark_enabled(&mut tx, &consumer, service).await?;
             let op = operations::insert(
                 &mut tx,
                 &op_name(number),
@@ -278,15 +289,7 @@ async fn batch_enable(
     }
     let mut tx = state.store.begin_write().await?;
     for s in &body.service_ids {
-        sqlx::query(
-            "INSERT INTO su_enabled (project_id, service_name, enable_time) VALUES ($1, $2, $3) \
-             ON CONFLICT (project_id, service_name) DO NOTHING",
-        )
-        .bind(&consumer)
-        .bind(s)
-        .bind(now_rfc3339())
-        .execute(&mut *tx)
-        .await?;
+        mark_enabled(&mut tx, &consumer, s).await?;
     }
     let op = operations::insert(
         &mut tx,
