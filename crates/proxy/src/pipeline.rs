@@ -786,8 +786,11 @@ impl Pipeline {
             None
         };
 
+        // The raw query, split off once for both the JWT and the API-key lookups.
+        let query = target.split_once('?').map(|(_, q)| q);
+
         // JWT.
-        let auth = match self.jwt_stage(&parts, &target, &mi, &config).await {
+        let auth = match self.jwt_stage(&parts, query, &mi, &config).await {
             Ok(a) => a,
             Err(e) => {
                 let report = self.report_info(&config, Some(&mi), None, &parts.headers);
@@ -813,7 +816,6 @@ impl Pipeline {
         ctx.jwt_present = auth.is_some();
 
         // API key: only for methods that need a consumer.
-        let query = target.split_once('?').map(|(_, q)| q);
         let api_key = if mi.allow_unregistered_calls {
             None
         } else {
@@ -821,7 +823,7 @@ impl Pipeline {
         };
 
         let mut report = self.report_info(&config, Some(&mi), api_key.clone(), &parts.headers);
-        report.auth = auth.clone();
+        report.auth = auth;
 
         if config.service_control && !mi.skip_service_control {
             if let Err(err) = self
@@ -846,7 +848,7 @@ impl Pipeline {
             }
         }
 
-        if let Some(a) = &auth {
+        if let Some(a) = &report.auth {
             parts
                 .headers
                 .insert(&X_ENDPOINT_API_USERINFO, a.user_info.clone());
@@ -936,7 +938,7 @@ impl Pipeline {
     async fn jwt_stage(
         &self,
         parts: &http::request::Parts,
-        target: &str,
+        query: Option<&str>,
         mi: &MethodInfo,
         config: &ConfigRoutes,
     ) -> Result<Option<AuthInfo>, crate::auth::AuthError> {
@@ -954,7 +956,6 @@ impl Pipeline {
                 authorization_url: None,
             });
         };
-        let query = target.split_once('?').map(|(_, q)| q);
         authn
             .authenticate(&mi.selector, &parts.headers, query)
             .await
