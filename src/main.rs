@@ -9,12 +9,12 @@
 
 mod up;
 
-use mimalloc::MiMalloc;
 use std::ffi::OsString;
 use std::process::ExitCode;
 
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
-static GLOBAL: MiMalloc = MiMalloc;
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const USAGE: &str = "usage: portico <command> [flags]
 
@@ -25,6 +25,18 @@ commands:
   echo             the getting-started sample backend
   config validate  convert an OpenAPI file to a service config, or list its errors
 ";
+
+/// Runs before `main` (and before the Rust runtime's first allocation reserves mimalloc's first
+/// arena), which is the only point where mimalloc's arena options still take effect.
+#[cfg(all(target_os = "linux", not(feature = "system-allocator")))]
+#[used]
+#[link_section = ".init_array"]
+static TUNE_ALLOCATOR: extern "C" fn() = {
+    extern "C" fn tune() {
+        portico_proxy::server::tune_allocator();
+    }
+    tune
+};
 
 fn main() -> ExitCode {
     let mut args: Vec<OsString> = std::env::args_os().collect();

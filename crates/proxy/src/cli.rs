@@ -178,6 +178,12 @@ pub struct EspArgs {
     /// Portico: serving threads (one single-threaded runtime each, SO_REUSEPORT); default = cores.
     #[arg(long = "worker_threads")]
     pub worker_threads: Option<usize>,
+    /// Portico: connections open to an HTTP/1.1 backend at most, per serving thread (busy, idle
+    /// and being dialled); a request finding them all busy waits for one, within
+    /// --http_request_timeout_s. Default 100 (Envoy's circuit breakers cap at 1,024 per cluster;
+    /// nginx has no cap).
+    #[arg(long = "backend_max_connections", default_value_t = crate::upstream::DEFAULT_MAX_CONNECTIONS)]
+    pub backend_max_connections: usize,
     /// Portico (ESPv2's name): seconds to wait for the backend's response head (default 86400,
     /// nginx's proxy_read_timeout in ESP's template).
     #[arg(long = "http_request_timeout_s", default_value_t = 86400.0)]
@@ -356,6 +362,8 @@ pub struct Settings {
     pub disable_cloud_trace_auto_sampling: bool,
     pub rollout_fetch_throttle_window: Option<Duration>,
     pub worker_threads: usize,
+    /// Per serving thread, for each HTTP/1.1 backend.
+    pub backend_max_connections: usize,
     pub backend_timeout: Duration,
     pub backend_ca_cert_path: Option<PathBuf>,
     /// `--experimental_proxy_backend_host_header`.
@@ -723,6 +731,11 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
             a.http_request_timeout_s
         )));
     }
+    if a.backend_max_connections == 0 {
+        return Err(ArgError::bad(
+            "--backend_max_connections must be at least 1",
+        ));
+    }
     let worker_threads = match a.worker_threads {
         Some(0) => return Err(ArgError::bad("--worker_threads must be at least 1")),
         Some(n) => n,
@@ -854,6 +867,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
             .rollout_fetch_throttle_window_in_s
             .map(Duration::from_secs),
         worker_threads,
+        backend_max_connections: a.backend_max_connections,
         backend_timeout: Duration::from_secs_f64(a.http_request_timeout_s),
         access_log: a.access_log,
         backend_ca_cert_path: a.backend_ca_cert_path,

@@ -8,6 +8,7 @@
 //! `BAD_GATEWAY`, no response head in time → 504 `GATEWAY_TIMEOUT`, body over the limit → 413.
 
 use crate::cli::{BackendAddr, BackendScheme};
+use crate::upstream::{Dialer, Pool, PoolLimits, UpstreamBody};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -145,11 +146,14 @@ impl Body for LimitedBody {
 }
 
 enum Upstream {
-    Http(Client<HttpConnector, LimitedBody>),
-    Https(Client<hyper_rustls::HttpsConnector<HttpConnector>, LimitedBody>),
+    /// HTTP/1.1 (`http://`, `https://`): this crate's capped pool ([`crate::upstream`]).
+    Pooled(Pool),
+    /// HTTP/2 cleartext (`grpc://`): one multiplexed connection, hyper-util's client.
+    H2(Client<HttpConnector, LimitedBody>),
 }
 
-/// The pooled client for one serving thread. Cheap to clone (the pool is shared).
+/// The upstream client for one serving thread (or, for `x-google-backend` routes, shared by
+/// all). Cheap to clone (the pool is shared).
 #[derive(Clone)]
 pub struct Forwarder {
     upstream: std::sync::Arc<Upstream>,
@@ -204,54 +208,62 @@ impl Forwarder {
         backend: &BackendAddr,
         timeout: Duration,
         roots: Option<rustls::RootCertStore>,
+        limits: PoolLimits,
     ) -> Result<Forwarder, ForwarderBuildError> {
         let authority: Authority = backend
             .authority()
             .parse()
             .map_err(|_| ForwarderBuildError::Authority(backend.authority()))?;
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let mut builder = Client::builder(TokioExecutor::new());
-        // ESP's template keeps 128 idle upstream connections per worker.
-        builder
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(128)
-            .set_host(false);
         let (upstream, scheme, version) = match backend.scheme {
             BackendScheme::Http => (
-                Upstream::Http(builder.build(http)),
+                Upstream::Pooled(Pool::new(
+                    Dialer::Plain {
+                        authority: backend.authority(),
+                    },
+                    limits,
+                )),
                 Scheme::HTTP,
                 Version::HTTP_11,
             ),
             BackendScheme::Grpc => {
-                builder.http2_only(true);
+                let mut http = HttpConnector::new();
+                http.set_nodelay(true);
+                http.set_keepalive(Some(Duration::from_secs(60)));
+                let mut builder = Client::builder(TokioExecutor::new());
+                builder
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .set_host(false)
+                    .http2_only(true);
                 (
-                    Upstream::Http(builder.build(http)),
+                    Upstream::H2(builder.build(http)),
                     Scheme::HTTP,
                     Version::HTTP_2,
                 )
             }
             BackendScheme::Https => {
-                http.enforce_http(false);
                 let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
                 let roots = match roots {
                     Some(r) => r,
                     None => backend_roots(None)?,
                 };
-                let tls = rustls::ClientConfig::builder_with_provider(provider)
+                let mut tls = rustls::ClientConfig::builder_with_provider(provider)
                     .with_safe_default_protocol_versions()
                     .map_err(|e| ForwarderBuildError::Tls(e.to_string()))?
                     .with_root_certificates(roots)
                     .with_no_client_auth();
-                let https = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(tls)
-                    .https_only()
-                    .enable_http1()
-                    .wrap_connector(http);
+                tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+                let server_name = rustls::pki_types::ServerName::try_from(backend.host.clone())
+                    .map_err(|e| ForwarderBuildError::Tls(format!("{}: {e}", backend.host)))?;
                 (
-                    Upstream::Https(builder.build(https)),
+                    Upstream::Pooled(Pool::new(
+                        Dialer::Tls {
+                            authority: backend.authority(),
+                            server_name,
+                            connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)),
+                        },
+                        limits,
+                    )),
                     Scheme::HTTPS,
                     Version::HTTP_11,
                 )
@@ -264,6 +276,14 @@ impl Forwarder {
             version,
             timeout,
         })
+    }
+
+    /// Connections open to the backend (busy and idle), for HTTP/1.1 backends.
+    pub fn open_connections(&self) -> Option<usize> {
+        match &*self.upstream {
+            Upstream::Pooled(p) => Some(p.open_connections()),
+            Upstream::H2(_) => None,
+        }
     }
 
     /// The upstream URI for a request target (path and query as the client sent it, after
@@ -289,26 +309,28 @@ impl Forwarder {
     pub async fn send(
         &self,
         req: Request<LimitedBody>,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Response<UpstreamBody>, ForwardError> {
         self.send_within(req, None).await
     }
 
     /// [`send`](Self::send) with a per-request timeout (a backend rule's `deadline`) instead of
-    /// the client's default.
+    /// the client's default. The time waiting for a pooled connection counts.
     pub async fn send_within(
         &self,
         req: Request<LimitedBody>,
         timeout: Option<Duration>,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Response<UpstreamBody>, ForwardError> {
         let timeout = timeout.unwrap_or(self.timeout);
-        let fut = match &*self.upstream {
-            Upstream::Http(c) => c.request(req),
-            Upstream::Https(c) => c.request(req),
-        };
-        match tokio::time::timeout(timeout, fut).await {
-            Err(_) => Err(ForwardError::Timeout(timeout)),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify(&e)),
+        match &*self.upstream {
+            Upstream::Pooled(pool) => match tokio::time::timeout(timeout, pool.send(req)).await {
+                Err(_) => Err(ForwardError::Timeout(timeout)),
+                Ok(r) => r,
+            },
+            Upstream::H2(c) => match tokio::time::timeout(timeout, c.request(req)).await {
+                Err(_) => Err(ForwardError::Timeout(timeout)),
+                Ok(Ok(resp)) => Ok(resp.map(UpstreamBody::unpooled)),
+                Ok(Err(e)) => Err(classify(&e)),
+            },
         }
     }
 }
@@ -328,7 +350,7 @@ fn classify(e: &hyper_util::client::legacy::Error) -> ForwardError {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(x) = src {

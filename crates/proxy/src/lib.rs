@@ -7,7 +7,8 @@
 //! - [`config_source`]: loads the service config and follows rollouts (Service Management).
 //! - [`routing`]: per-config method tables — where a request is **matched**.
 //! - [`pipeline`]: the request path in ESP's order — match, **authenticate** ([`auth`]), API
-//!   key, **check** and quota ([`control`]), **forward** ([`forward`]), **report**.
+//!   key, **check** and quota ([`control`]), **forward** ([`forward`], over the capped backend
+//!   connection pool in [`upstream`]), **report**.
 //! - [`error`]: ESP's exact error bodies; [`cors`]: `--cors_preset`; [`status`]:
 //!   `/endpoints_status`, `/healthz`, `/metrics`; [`metrics`]; [`access_log`].
 
@@ -24,3 +25,4 @@ pub mod pipeline;
 pub mod routing;
 pub mod server;
 pub mod status;
+pub mod upstream;

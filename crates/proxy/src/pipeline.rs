@@ -221,7 +221,7 @@ pub struct Pipeline {
 enum Kind {
     Empty,
     Full(Option<Bytes>),
-    Stream(Incoming),
+    Stream(crate::upstream::UpstreamBody),
 }
 
 /// The response body: a proxy-generated one or the backend's, streamed. When it ends (or is
@@ -250,7 +250,7 @@ impl ProxyBody {
         }
     }
 
-    fn stream(b: Incoming) -> ProxyBody {
+    fn stream(b: crate::upstream::UpstreamBody) -> ProxyBody {
         ProxyBody {
             kind: Kind::Stream(b),
             sent: 0,

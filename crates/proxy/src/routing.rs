@@ -199,6 +199,9 @@ pub struct RouteOptions {
     pub backend_timeout: std::time::Duration,
     /// Trust anchors for `https://` rule addresses.
     pub backend_roots: Option<rustls::RootCertStore>,
+    /// Connection cap for each rule address's pool; these pools are shared by all serving
+    /// threads, so this is `--backend_max_connections` × threads.
+    pub backend_pool: crate::upstream::PoolLimits,
 }
 
 impl RouteOptions {
@@ -210,6 +213,7 @@ impl RouteOptions {
             backend_routing: false,
             backend_timeout: std::time::Duration::from_secs(86400),
             backend_roots: None,
+            backend_pool: crate::upstream::PoolLimits::default(),
         }
     }
 }
@@ -228,8 +232,13 @@ impl ConfigRoutes {
             }),
             _ => None,
         };
-        let forwarder = crate::forward::Forwarder::new(&backend, opts.backend_timeout, roots)
-            .map_err(|e| e.to_string())?;
+        let forwarder = crate::forward::Forwarder::new(
+            &backend,
+            opts.backend_timeout,
+            roots,
+            opts.backend_pool,
+        )
+        .map_err(|e| e.to_string())?;
         let host = http::HeaderValue::from_str(&backend.host)
             .map_err(|_| format!("invalid host {:?}", backend.host))?;
         Ok((forwarder, prefix, host))

@@ -235,6 +235,12 @@ pub async fn start_with_metrics(
         },
         backend_routing: settings.enable_backend_routing,
         backend_timeout: settings.backend_timeout,
+        backend_pool: crate::upstream::PoolLimits {
+            max: settings
+                .backend_max_connections
+                .saturating_mul(settings.worker_threads.max(1)),
+            ..Default::default()
+        },
         backend_roots: if settings.enable_backend_routing {
             Some(crate::forward::backend_roots(
                 settings.backend_ca_cert_path.as_deref(),
@@ -309,7 +315,15 @@ pub async fn start_with_metrics(
             .iter_mut()
             .filter_map(|(k, ls)| ls.pop().map(|l| (*k, l)))
             .collect();
-        let forwarder = Forwarder::new(&settings.backend, settings.backend_timeout, roots.clone())?;
+        let forwarder = Forwarder::new(
+            &settings.backend,
+            settings.backend_timeout,
+            roots.clone(),
+            crate::upstream::PoolLimits {
+                max: settings.backend_max_connections,
+                ..Default::default()
+            },
+        )?;
         let pipeline = Arc::new(Pipeline::new(state.clone(), forwarder));
         let rx = shutdown_rx.clone();
         let tls = tls.clone();
@@ -613,6 +627,8 @@ fn service_control_for(
     crate::control::ServiceControl::new(opts).map(Some)
 }
 
+/// mimalloc's `arena_eager_commit` option (index 4 in its `mi_option_t`, mimalloc 2.x).
+const MI_OPTION_ARENA_EAGER_COMMIT: std::ffi::c_int = 4;
 /// mimalloc's `purge_delay` option (index 15 in its `mi_option_t`, mimalloc 2.x).
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
@@ -623,16 +639,41 @@ extern "C" {
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
 }
 
-/// Makes mimalloc hand freed pages back to the OS at once instead of after its default 10 ms
-/// delay (scaled by 10 for arenas). With a thousand keep-alive connections coming and going,
-/// the delayed pages were most of the proxy's resident memory after a burst (86 MiB vs 33 MiB
-/// in `bench/conn_memory.sh`). `MIMALLOC_PURGE_DELAY` in the environment still wins.
-fn tune_allocator() {
+/// Tunes mimalloc (the `portico` binary's allocator) for a long-running proxy's resident memory
+/// (`bench/conn_memory.sh`, docs/performance.md):
+/// - freed pages go back to the OS at once instead of after its default 10 ms delay (scaled by
+///   10 for arenas): with a thousand keep-alive connections coming and going, delayed pages were
+///   most of the resident memory after a burst (86 MiB vs 33 MiB);
+/// - arenas are committed page by page, not eagerly, and the process opts out of transparent
+///   huge pages: eagerly committed arenas were backed by 2 MiB huge pages, 9 MiB resident at
+///   start for ~1 MiB in use, and every sparsely used 2 MiB region counted whole.
+///
+/// `MIMALLOC_PURGE_DELAY` / `MIMALLOC_ARENA_EAGER_COMMIT` in the environment still win. The
+/// binary calls this from a constructor, before the first allocation reserves an arena, so it
+/// must not allocate; calling it again is harmless.
+pub fn tune_allocator() {
     use libmimalloc_sys as _;
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets one integer option; mimalloc reads options atomically and allows
-        // changing them while running.
-        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    #[cfg(target_os = "linux")]
+    // SAFETY: a process attribute; no memory is touched.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+    for (var, option, value) in [
+        (c"MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, 0),
+        (
+            c"MIMALLOC_ARENA_EAGER_COMMIT",
+            MI_OPTION_ARENA_EAGER_COMMIT,
+            0,
+        ),
+    ] {
+        // SAFETY: getenv with a NUL-terminated name; only the pointer's nullness is used (no
+        // allocation, unlike std::env, which matters before the allocator is set up).
+        let set = unsafe { !libc::getenv(var.as_ptr()).is_null() };
+        if !set {
+            // SAFETY: sets one integer option; mimalloc reads options atomically and allows
+            // changing them while running.
+            unsafe { mi_option_set(option, value) };
+        }
     }
 }
 
