@@ -939,6 +939,31 @@ mod tests {
     }
 
     #[test]
+    fn backend_max_connections_defaults_to_100_and_refuses_0() {
+        let s = p(&["--service=svc", "--backend=127.0.0.1:8080"]).unwrap();
+        assert_eq!(s.backend_max_connections, 100);
+        let s = p(&[
+            "--service=svc",
+            "--backend=127.0.0.1:8080",
+            "--backend_max_connections=7",
+        ])
+        .unwrap();
+        assert_eq!(s.backend_max_connections, 7);
+        let e = p(&[
+            "--service=svc",
+            "--backend=127.0.0.1:8080",
+            "--backend_max_connections=0",
+        ])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            e.contains("--backend_max_connections must be at least 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn short_forms_work() {
         let s = p(&[
             "-s",

@@ -149,7 +149,7 @@ enum Upstream {
     /// HTTP/1.1 (`http://`, `https://`): this crate's capped pool ([`crate::upstream`]).
     Pooled(Pool),
     /// HTTP/2 cleartext (`grpc://`): one multiplexed connection, hyper-util's client.
-    H2(Client<HttpConnector, LimitedBody>),
+    H2(Box<Client<HttpConnector, LimitedBody>>),
 }
 
 /// The upstream client for one serving thread (or, for `x-google-backend` routes, shared by
@@ -236,7 +236,7 @@ impl Forwarder {
                     .set_host(false)
                     .http2_only(true);
                 (
-                    Upstream::H2(builder.build(http)),
+                    Upstream::H2(Box::new(builder.build(http))),
                     Scheme::HTTP,
                     Version::HTTP_2,
                 )

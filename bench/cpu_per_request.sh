@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# CPU time per proxied request: nginx (proxy_pass, keepalive, 2 workers) vs `portico esp`
+# without Service Control, in front of the same backend (nginx, 1 worker, fixed body).
+#
+# For each of ROUNDS rounds and each proxy: wrk -t1 -c$CONNS for $DURATION s, and the proxy's
+# utime+stime (/proc/PID/stat, all its processes/threads) over the run divided by the requests
+# served. Unlike req/s, this barely depends on what else the machine is doing, so it is the
+# figure to compare when tuning the request path.
+# Usage: bench/cpu_per_request.sh [extra `portico esp` flags...]
+#   env: BIN (target/release/portico), CONNS (50), DURATION (6), ROUNDS (2),
+#        PORTICO_ENV (e.g. "MIMALLOC_PURGE_DELAY=0") for the proxy only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-target/release/portico}
+CONNS=${CONNS:-50}
+DURATION=${DURATION:-6}
+ROUNDS=${ROUNDS:-2}
+for tool in nginx wrk curl python3; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "bench: missing $tool (apt-get install -y nginx wrk curl python3)" >&2; exit 2; }
+done
+[[ -x "$BIN" ]] || { echo "bench: no $BIN; run cargo build --release --bin portico" >&2; exit 2; }
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() {
+    for _ in $(seq 1 100); do
+        [ "$(curl -s -o /dev/null -w '%{http_code}' "$1" || true)" = 200 ] && return 0
+        sleep 0.1
+    done
+    echo "bench: $1 did not answer" >&2
+    exit 1
+}
+start_nginx() { # NAME WORKERS HTTP_BODY
+    local d="$WORK/$1"
+    mkdir -p "$d/tmp"
+    cat >"$d/nginx.conf" <<NGX
+worker_processes $2;
+error_log $d/error.log warn;
+pid $d/nginx.pid;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $d/tmp/body; proxy_temp_path $d/tmp/proxy; fastcgi_temp_path $d/tmp/fastcgi;
+    uwsgi_temp_path $d/tmp/uwsgi; scgi_temp_path $d/tmp/scgi;
+    keepalive_requests 10000000;
+    $3
+}
+NGX
+    nginx -p "$d" -c "$d/nginx.conf" -g 'daemon off;' &
+    PIDS+=($!)
+}
+# Clock ticks of a process tree: the process and its direct children (nginx's workers).
+ticks() {
+    local root=$1 total=0 p
+    for p in $root $(awk -v m="$root" '$4 == m {print $1}' /proc/[0-9]*/stat 2>/dev/null); do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    done
+    echo "$total"
+}
+
+BACKEND=$(free_port)
+start_nginx backend 1 "server { listen 127.0.0.1:$BACKEND; location / { default_type application/json; return 200 '{\"message\":\"hello world\"}\n'; } }"
+NGINX=$(free_port)
+start_nginx proxy "$(nproc)" "upstream b { server 127.0.0.1:$BACKEND; keepalive 512; }
+    server { listen 127.0.0.1:$NGINX; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } }"
+PORT=$(free_port)
+env ${PORTICO_ENV:-} "$BIN" esp --service_json_path=crates/proxy/tests/fixtures/passthrough.json \
+    --http_port="$PORT" --status_port=0 --backend="127.0.0.1:$BACKEND" --access_log=off "$@" \
+    >"$WORK/esp.log" 2>&1 &
+ESP=$!
+PIDS+=($ESP)
+wait_http "http://127.0.0.1:$NGINX/known"
+wait_http "http://127.0.0.1:$PORT/known"
+NGINX_MASTER=$(cat "$WORK/proxy/nginx.pid")
+HZ=$(getconf CLK_TCK)
+
+echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg); wrk -t1 -c$CONNS -d${DURATION}s; flags: ${*:-none}; env: ${PORTICO_ENV:-none}"
+printf '%-8s %-6s %10s %9s %14s\n' round proxy req/s p99 "cpu µs/req"
+for r in $(seq 1 "$ROUNDS"); do
+    for t in nginx portico; do
+        if [[ $t == nginx ]]; then url="http://127.0.0.1:$NGINX/known"; pid=$NGINX_MASTER; else url="http://127.0.0.1:$PORT/known"; pid=$ESP; fi
+        before=$(ticks "$pid")
+        out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$url")
+        after=$(ticks "$pid")
+        n=$(sed -nE 's/^ *([0-9]+) requests in.*/\1/p' <<<"$out")
+        rps=$(sed -nE 's/^Requests\/sec: *([0-9.]+)/\1/p' <<<"$out")
+        p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+        printf '%-8s %-6s %10s %9s %14s\n' "$r" "$t" "$rps" "$p99" \
+            "$(awk -v a="$after" -v b="$before" -v n="$n" -v hz="$HZ" 'BEGIN { printf "%.1f", (a - b) * 1e6 / hz / n }')"
+    done
+done
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
