@@ -209,7 +209,7 @@ impl Shared {
                 st.idle.push_back((tx, Instant::now()));
                 self.trim(&mut st);
             }
-            Handoff::Dial => st.open -= 1,
+            Handoff::Dial => st.open = st.open.saturating_sub(1),
         }
     }
 
@@ -230,7 +230,7 @@ impl Shared {
             })
         {
             st.idle.pop_front();
-            st.open -= 1;
+            st.open = st.open.saturating_sub(1);
         }
     }
 }
@@ -342,7 +342,7 @@ impl Pool {
             if !tx.is_closed() && since.elapsed() < self.shared.limits.idle_timeout {
                 return Next::Idle(tx);
             }
-            st.open -= 1;
+            st.open = st.open.saturating_sub(1);
         }
         if st.open < self.shared.limits.max {
             st.open += 1;
@@ -445,7 +445,7 @@ impl Pool {
         let mut st = self.shared.lock();
         let n = st.idle.len();
         st.idle.clear();
-        st.open -= n;
+        st.open = st.open.saturating_sub(n);
     }
 }
 
