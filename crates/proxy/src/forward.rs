@@ -287,11 +287,15 @@ impl Forwarder {
     }
 
     /// The upstream URI for a request target (path and query as the client sent it, after
-    /// `--rewrite`).
+    /// `--rewrite`): origin-form for HTTP/1.1 backends, which is what goes on the wire; absolute
+    /// for HTTP/2, whose client takes `:scheme` and `:authority` from it.
     pub fn upstream_uri(&self, path_and_query: &str) -> Result<Uri, ForwardError> {
         let pq: PathAndQuery = path_and_query.parse().map_err(|_| {
             ForwardError::Other(format!("invalid request target {path_and_query:?}"))
         })?;
+        if let Upstream::Pooled(_) = &*self.upstream {
+            return Ok(Uri::from(pq));
+        }
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())

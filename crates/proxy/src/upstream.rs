@@ -449,8 +449,9 @@ impl Pool {
     }
 }
 
-/// hyper's HTTP/1 client writes the request target as given, and the forwarder builds absolute
-/// URIs; backends expect origin-form (`/path?query`), as nginx and hyper-util's client send it.
+/// hyper's HTTP/1 client writes the request target as given; backends expect origin-form
+/// (`/path?query`), as nginx sends it. The forwarder already builds that form, so this only
+/// rewrites absolute URIs from other callers of [`Pool::send`] (a check, no allocation, otherwise).
 fn origin_form(req: &mut Request<LimitedBody>) {
     if req.method() == http::Method::CONNECT || req.uri().authority().is_none() {
         return;
