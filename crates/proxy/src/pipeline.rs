@@ -250,7 +250,8 @@ impl ProxyBody {
         }
     }
 
-    fn stream(b: crate::upstream::UpstreamBody) -> ProxyBody {
+    /// A backend response body, streamed.
+    pub fn upstream(b: crate::upstream::UpstreamBody) -> ProxyBody {
         ProxyBody {
             kind: Kind::Stream(b),
             sent: 0,
@@ -1080,7 +1081,7 @@ impl Pipeline {
                 }
                 let (mut rp, body) = resp.into_parts();
                 forward::strip_hop_by_hop(&mut rp.headers, false, false);
-                let resp = Response::from_parts(rp, ProxyBody::stream(body));
+                let resp = Response::from_parts(rp, ProxyBody::upstream(body));
                 self.finalize(resp, ctx, target, None, report, Some(backend_latency))
             }
             Err(e) => {

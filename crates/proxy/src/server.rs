@@ -549,16 +549,19 @@ async fn serve_conn<IO>(
     });
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let p = pipeline.clone();
-        // hyper's HTTP/1 dispatcher keeps one heap slot the size of this future for the whole
-        // life of the connection, idle or not. Boxing makes that slot pointer-sized and the
-        // request path's state (several KiB) lives only while a request is in flight.
-        Box::pin(async move {
+        // Not boxed: hyper's HTTP/1 dispatcher already keeps one heap slot of this future's size
+        // per connection and reuses it for every request. Boxing it (as until e050cc2) made
+        // that slot pointer-sized for idle connections but allocated and freed several KiB per
+        // request, which mimalloc's purging turned into ~1.3 page faults per request (0.5
+        // without; bench/cpu_per_request.sh, docs/performance.md). The slot's size is kept
+        // down instead: rare paths inside it (dialling, waiting, retries) are boxed.
+        async move {
             // Accounts the request as 499 if the client goes away before the response head.
             let guard = crate::pipeline::AbortGuard::new(p.state(), &req, conn_info);
             let resp = p.handle(req, conn_info).await;
             guard.disarm();
             Ok::<_, Infallible>(resp)
-        })
+        }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
