@@ -19,6 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ipnet::IpNet;
+use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -310,31 +311,87 @@ impl Forwarder {
     }
 
     /// Sends a prepared request and waits (bounded) for the response head.
-    pub async fn send(
-        &self,
-        req: Request<LimitedBody>,
-    ) -> Result<Response<UpstreamBody>, ForwardError> {
-        self.send_within(req, None).await
+    pub fn send(&self, req: Request<LimitedBody>) -> SendWithin<impl Future<Output = Sent>> {
+        self.send_within(req, None)
     }
 
     /// [`send`](Self::send) with a per-request timeout (a backend rule's `deadline`) instead of
     /// the client's default. The time waiting for a pooled connection counts.
-    pub async fn send_within(
+    ///
+    /// Built synchronously rather than as an `async fn`: every request's future holds this one
+    /// in place, and an `async fn` would keep a second copy of the request (its argument) next
+    /// to the pool's future that owns it. The future borrows nothing from the forwarder.
+    pub fn send_within(
         &self,
         req: Request<LimitedBody>,
         timeout: Option<Duration>,
-    ) -> Result<Response<UpstreamBody>, ForwardError> {
-        let timeout = timeout.unwrap_or(self.timeout);
-        match &*self.upstream {
-            Upstream::Pooled(pool) => match tokio::time::timeout(timeout, pool.send(req)).await {
-                Err(_) => Err(ForwardError::Timeout(timeout)),
-                Ok(r) => r,
+    ) -> SendWithin<impl Future<Output = Sent>> {
+        let limit = timeout.unwrap_or(self.timeout);
+        let call = match &*self.upstream {
+            Upstream::Pooled(pool) => Call::Pooled {
+                fut: pool.send(req),
             },
-            Upstream::H2(c) => match tokio::time::timeout(timeout, c.request(req)).await {
-                Err(_) => Err(ForwardError::Timeout(timeout)),
-                Ok(Ok(resp)) => Ok(resp.map(UpstreamBody::unpooled)),
-                Ok(Err(e)) => Err(classify(&e)),
-            },
+            Upstream::H2(c) => {
+                let fut = c.request(req);
+                Call::H2 {
+                    fut: Box::pin(async move {
+                        match fut.await {
+                            Ok(resp) => Ok(resp.map(UpstreamBody::unpooled)),
+                            Err(e) => Err(classify(&e)),
+                        }
+                    }),
+                }
+            }
+        };
+        SendWithin {
+            inner: tokio::time::timeout(limit, call),
+            limit,
+        }
+    }
+}
+
+/// What sending a request to the backend gives: the response head, or why not.
+pub type Sent = Result<Response<UpstreamBody>, ForwardError>;
+
+pin_project_lite::pin_project! {
+    /// The backend call behind [`Forwarder::send_within`]: pooled HTTP/1.1 in place, HTTP/2
+    /// (hyper-util's client, gRPC backends) boxed.
+    #[project = CallProj]
+    enum Call<P> {
+        Pooled { #[pin] fut: P },
+        H2 { fut: Pin<Box<dyn Future<Output = Sent> + Send>> },
+    }
+}
+
+impl<P: Future<Output = Sent>> Future for Call<P> {
+    type Output = Sent;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Sent> {
+        match self.project() {
+            CallProj::Pooled { fut } => fut.poll(cx),
+            CallProj::H2 { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Forwarder::send_within`]'s future: the backend call, bounded by its deadline.
+    pub struct SendWithin<P> {
+        #[pin]
+        inner: tokio::time::Timeout<Call<P>>,
+        limit: Duration,
+    }
+}
+
+impl<P: Future<Output = Sent>> Future for SendWithin<P> {
+    type Output = Sent;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Sent> {
+        let this = self.project();
+        match this.inner.poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(r)) => Poll::Ready(r),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(ForwardError::Timeout(*this.limit))),
         }
     }
 }

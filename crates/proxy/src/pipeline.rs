@@ -605,6 +605,77 @@ fn logged_headers(names: &[String], h: &HeaderMap) -> Vec<(String, String)> {
 // The pipeline.
 // ---------------------------------------------------------------------------------------------
 
+pin_project_lite::pin_project! {
+    /// [`Pipeline::forward`]'s future.
+    struct Forwarding<'a, F> {
+        #[pin]
+        stage: Stage<F>,
+        pipeline: &'a Pipeline,
+        ctx: &'a Ctx,
+        target: String,
+        report: Option<ReportInfo>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        sent_at: Instant,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StageProj]
+    enum Stage<F> {
+        /// Waiting for the backend's response head.
+        Sending { #[pin] send: forward::SendWithin<F> },
+        /// Answered before anything was sent (or already returned: `None`).
+        Answered { resp: Option<Response<ProxyBody>> },
+    }
+}
+
+impl<'a, F> Forwarding<'a, F> {
+    fn answered(pipeline: &'a Pipeline, ctx: &'a Ctx, resp: Response<ProxyBody>) -> Self {
+        Forwarding {
+            stage: Stage::Answered { resp: Some(resp) },
+            pipeline,
+            ctx,
+            target: String::new(),
+            report: None,
+            client_upgrade: None,
+            sent_at: Instant::now(),
+        }
+    }
+}
+
+impl<F: Future<Output = forward::Sent>> Future for Forwarding<'_, F> {
+    type Output = Response<ProxyBody>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<ProxyBody>> {
+        let mut this = self.project();
+        let sent = match this.stage.as_mut().project() {
+            StageProj::Sending { send } => match send.poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(sent) => sent,
+            },
+            StageProj::Answered { resp } => {
+                return Poll::Ready(resp.take().unwrap_or_else(|| {
+                    // Polled after completion, which hyper never does: an empty 500 rather
+                    // than a panic on the request path.
+                    let mut r = Response::new(ProxyBody::empty());
+                    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                    r
+                }));
+            }
+        };
+        // The backend call is done; its state goes now rather than with the connection's slot.
+        this.stage.set(Stage::Answered { resp: None });
+        Poll::Ready(this.pipeline.forwarded(
+            sent,
+            this.ctx,
+            std::mem::take(this.target),
+            this.report.take(),
+            this.client_upgrade.take(),
+            *this.sent_at,
+        ))
+    }
+}
+
 /// A request's backend under `--enable_backend_routing`.
 struct Routed {
     target: Arc<crate::routing::BackendTarget>,
@@ -981,14 +1052,22 @@ impl Pipeline {
         }
     }
 
-    async fn forward(
-        &self,
+    /// The forward stage: rewrites the request for the backend and returns the future that
+    /// sends it and turns the backend's answer into the client's response.
+    ///
+    /// A plain function returning a hand-written future rather than an `async fn`: hyper keeps
+    /// every connection's request future in one heap slot, as large as the largest state of
+    /// [`Pipeline::handle`], which is this one. An `async fn` would hold its arguments and the
+    /// request's parts twice (as arguments and as locals) next to the backend call; this holds
+    /// them once.
+    fn forward<'a>(
+        &'a self,
         req: Request<Incoming>,
-        ctx: &Ctx,
+        ctx: &'a Ctx,
         target: String,
         report: Option<ReportInfo>,
         routed: Option<Routed>,
-    ) -> Response<ProxyBody> {
+    ) -> Forwarding<'a, impl Future<Output = forward::Sent>> {
         let settings = &self.state.settings;
         let (mut parts, body) = req.into_parts();
         let websocket = settings.enable_websocket && parts.headers.contains_key(header::UPGRADE);
@@ -1018,7 +1097,7 @@ impl Pipeline {
             Ok(u) => u,
             Err(e) => {
                 let err = EspError::new(3, e.to_string(), Cause::Internal);
-                return self.finalize(
+                let resp = self.finalize(
                     proxy_error(&err, ctx, ctx.jwt_present),
                     ctx,
                     target,
@@ -1026,14 +1105,14 @@ impl Pipeline {
                     report,
                     None,
                 );
+                return Forwarding::answered(self, ctx, resp);
             }
         };
         let client_upgrade = if websocket {
             // Taken from the client request before it is rebuilt for the backend.
             let mut tmp = Request::new(());
             *tmp.extensions_mut() = std::mem::take(&mut parts.extensions);
-            let on = hyper::upgrade::on(&mut tmp);
-            Some(on)
+            Some(hyper::upgrade::on(&mut tmp))
         } else {
             None
         };
@@ -1044,8 +1123,29 @@ impl Pipeline {
             LimitedBody::new(body, settings.client_max_body_size)
                 .with_counter(ctx.body_counter.clone()),
         );
-        let sent_at = Instant::now();
-        match forwarder.send_within(upstream_req, deadline).await {
+        let send = forwarder.send_within(upstream_req, deadline);
+        Forwarding {
+            stage: Stage::Sending { send },
+            pipeline: self,
+            ctx,
+            target,
+            report,
+            client_upgrade,
+            sent_at: Instant::now(),
+        }
+    }
+
+    /// The backend answered (or could not be reached): the client's response.
+    fn forwarded(
+        &self,
+        sent: forward::Sent,
+        ctx: &Ctx,
+        target: String,
+        report: Option<ReportInfo>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        sent_at: Instant,
+    ) -> Response<ProxyBody> {
+        match sent {
             Ok(mut resp) => {
                 let backend_latency = sent_at.elapsed();
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
