@@ -33,7 +33,7 @@ commands:
 #[link_section = ".init_array"]
 static TUNE_ALLOCATOR: extern "C" fn() = {
     extern "C" fn tune() {
-        portico_proxy::server::tune_allocator();
+        portico_proxy::memory::tune_allocator();
     }
     tune
 };

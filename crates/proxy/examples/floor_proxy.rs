@@ -20,7 +20,7 @@ use portico_proxy::upstream::{Dialer, Pool, PoolLimits};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    portico_proxy::server::tune_allocator();
+    portico_proxy::memory::tune_allocator();
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(backend)) = (args.next(), args.next()) else {
         eprintln!("usage: floor_proxy LISTEN_ADDR BACKEND_HOST:PORT");

@@ -9,6 +9,7 @@
 //! - [`pipeline`]: the request path in ESP's order — match, **authenticate** ([`auth`]), API
 //!   key, **check** and quota ([`control`]), **forward** ([`forward`], over the capped backend
 //!   connection pool in [`upstream`]), **report**.
+//! - [`memory`]: allocator settings and releasing start-up code pages.
 //! - [`error`]: ESP's exact error bodies; [`cors`]: `--cors_preset`; [`status`]:
 //!   `/endpoints_status`, `/healthz`, `/metrics`; [`metrics`]; [`access_log`].
 
@@ -20,6 +21,7 @@ pub mod control;
 pub mod cors;
 pub mod error;
 pub mod forward;
+pub mod memory;
 pub mod metrics;
 pub mod pipeline;
 pub mod routing;

@@ -630,61 +630,9 @@ fn service_control_for(
     crate::control::ServiceControl::new(opts).map(Some)
 }
 
-/// mimalloc's `arena_eager_commit` option (index 4 in its `mi_option_t`, mimalloc 2.x).
-const MI_OPTION_ARENA_EAGER_COMMIT: std::ffi::c_int = 4;
-/// mimalloc's `purge_delay` option (index 15 in its `mi_option_t`, mimalloc 2.x).
-const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
-
-extern "C" {
-    // From the mimalloc library that `libmimalloc-sys` links (the `portico` binary's global
-    // allocator). Declared here because that crate only exposes it behind a feature that
-    // pulls in another dependency.
-    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
-}
-
-/// Tunes mimalloc (the `portico` binary's allocator) for a long-running proxy's resident memory
-/// (`bench/conn_memory.sh`, docs/performance.md):
-/// - freed pages go back to the OS after 2 ms instead of its default 10 ms (scaled by 10 for
-///   arenas): with a thousand keep-alive connections coming and going, delayed pages were most of
-///   the resident memory after a burst. 0 (at once) kept the least (42.2 vs 42.9 MiB busy at
-///   1,000 connections, 46.9 with 10 ms) but cost a third more CPU per request (30 vs 21 µs:
-///   pages purged and faulted back in between requests);
-/// - arenas are committed page by page, not eagerly, and the process opts out of transparent
-///   huge pages: eagerly committed arenas were backed by 2 MiB huge pages, 9 MiB resident at
-///   start for ~1 MiB in use, and every sparsely used 2 MiB region counted whole.
-///
-/// `MIMALLOC_PURGE_DELAY` / `MIMALLOC_ARENA_EAGER_COMMIT` in the environment still win. The
-/// binary calls this from a constructor, before the first allocation reserves an arena, so it
-/// must not allocate; calling it again is harmless.
-pub fn tune_allocator() {
-    use libmimalloc_sys as _;
-    #[cfg(target_os = "linux")]
-    // SAFETY: a process attribute; no memory is touched.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-    }
-    for (var, option, value) in [
-        (c"MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, 2),
-        (
-            c"MIMALLOC_ARENA_EAGER_COMMIT",
-            MI_OPTION_ARENA_EAGER_COMMIT,
-            0,
-        ),
-    ] {
-        // SAFETY: getenv with a NUL-terminated name; only the pointer's nullness is used (no
-        // allocation, unlike std::env, which matters before the allocator is set up).
-        let set = unsafe { !libc::getenv(var.as_ptr()).is_null() };
-        if !set {
-            // SAFETY: sets one integer option; mimalloc reads options atomically and allows
-            // changing them while running.
-            unsafe { mi_option_set(option, value) };
-        }
-    }
-}
-
 /// The whole `portico esp` process: fetch the config, serve, shut down on a signal.
 pub fn run(settings: Settings) -> ExitCode {
-    tune_allocator();
+    crate::memory::tune_allocator();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -744,6 +692,8 @@ pub fn run(settings: Settings) -> ExitCode {
                 return ExitCode::from(crate::cli::EXIT_SETUP);
             }
         };
+        // Serving: what start-up ran is not needed again (see the function).
+        crate::memory::release_startup_code();
         tracing::info!(
             http = ?handle.http_addr,
             http2 = ?handle.http2_addr,
