@@ -14,9 +14,9 @@
 #
 # Measured: for BENCH_ROUNDS interleaved rounds x each target x each of BENCH_CONNS connection
 # counts, wrk -t1 for BENCH_DURATION seconds; the table gives medians of req/s, p50 and p99 and
-# the req/s ratio to nginx in the same run. Then the proxy's RSS with 1,000 keep-alive
-# connections open (wrk -c1000), and the time a new rollout takes to be served under load with
-# the count of failed requests meanwhile.
+# the req/s ratio to nginx in the same run. Then the RSS of portico-quota, portico-nopolicy and
+# nginx with 1,000 keep-alive connections open (wrk -c1000), and the time a new rollout takes
+# to be served under load with the count of failed requests meanwhile.
 #
 # Nothing is installed: missing tools are named and the script exits 2.
 # Knobs: BENCH_ROUNDS (3), BENCH_DURATION (8), BENCH_CONNS ("50 256"), BENCH_KEEP=1 keeps the
@@ -215,12 +215,19 @@ nginx_rss_kib() { # master + workers
     echo "$total"
 }
 Q_PID=$(status_pid "$Q_STATUS")
-log "RSS at 1,000 connections (portico-quota pid $Q_PID, and nginx)"
+NP_PID=$(status_pid "$NP_STATUS")
+log "RSS at 1,000 connections (portico-quota pid $Q_PID, portico-nopolicy pid $NP_PID, nginx)"
 RSS_IDLE=$(rss_kib "$Q_PID")
 wrk -t2 -c1000 -d6s "${URL[portico-quota]}" >"$WORK/rss-portico.txt" &
 WRK=$!
 sleep 4
 RSS_1K=$(rss_kib "$Q_PID")
+wait "$WRK"
+NP_RSS_IDLE=$(rss_kib "$NP_PID")
+wrk -t2 -c1000 -d6s "${URL[portico-nopolicy]}" >"$WORK/rss-nopolicy.txt" &
+WRK=$!
+sleep 4
+NP_RSS_1K=$(rss_kib "$NP_PID")
 wait "$WRK"
 wrk -t2 -c1000 -d6s "${URL[nginx]}" >"$WORK/rss-nginx.txt" &
 WRK=$!
@@ -257,8 +264,9 @@ python3 bench/lib/wrk_summary.py "$WORK/wrk"
 echo
 printf 'RSS with 1,000 keep-alive connections (wrk -t2 -c1000):\n'
 calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
-printf '  portico-quota  %d KiB (%s MiB); idle before: %d KiB\n' "$RSS_1K" "$(calc "$RSS_1K/1024")" "$RSS_IDLE"
-printf '  nginx          %d KiB (%s MiB, master + %d workers)\n' "$NGINX_RSS_1K" "$(calc "$NGINX_RSS_1K/1024")" "$CORES"
+printf '  portico-quota     %d KiB (%s MiB); idle before: %d KiB\n' "$RSS_1K" "$(calc "$RSS_1K/1024")" "$RSS_IDLE"
+printf '  portico-nopolicy  %d KiB (%s MiB); idle before: %d KiB\n' "$NP_RSS_1K" "$(calc "$NP_RSS_1K/1024")" "$NP_RSS_IDLE"
+printf '  nginx             %d KiB (%s MiB, master + %d workers)\n' "$NGINX_RSS_1K" "$(calc "$NGINX_RSS_1K/1024")" "$CORES"
 echo
 ROLL_FAILED=$(python3 - "$WORK/rollout-wrk.txt" <<'EOF'
 import re, sys

@@ -43,16 +43,7 @@ fn main() {
 }
 
 fn worker(addr: SocketAddr, backend: String) {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let listener = (|| -> std::io::Result<std::net::TcpListener> {
-        let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-        sock.set_reuse_address(true)?;
-        sock.set_reuse_port(true)?;
-        sock.set_nonblocking(true)?;
-        sock.bind(&addr.into())?;
-        sock.listen(1024)?;
-        Ok(sock.into())
-    })();
+    let listener = portico_proxy::server::bind_reuseport(addr);
     let listener = match listener {
         Ok(l) => l,
         Err(e) => {

@@ -106,7 +106,9 @@ impl Drop for ProxyHandle {
     }
 }
 
-fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// A non-blocking listener on `addr` that other sockets (one per serving thread) may share
+/// (`SO_REUSEPORT`), with ESP's backlog.
+pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
