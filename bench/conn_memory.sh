@@ -29,37 +29,12 @@ cleanup() {
 trap cleanup EXIT
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() {
-    for _ in $(seq 1 100); do
-        [ "$(curl -s -o /dev/null -w '%{http_code}' "$1" || true)" = "$2" ] && return 0
-        sleep 0.1
-    done
-    echo "timed out waiting for $1" >&2
-    exit 1
-}
+# shellcheck source=lib/common.sh
+source bench/lib/common.sh
 rss_mib() { awk '/^VmRSS:/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 
 BACKEND_PORT=$(free_port)
-mkdir -p "$WORK/nginx/tmp"
-cat >"$WORK/nginx/nginx.conf" <<NGX
-worker_processes 1;
-error_log $WORK/nginx/error.log warn;
-pid $WORK/nginx/nginx.pid;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx/tmp/body;
-    proxy_temp_path $WORK/nginx/tmp/proxy;
-    fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
-    uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
-    scgi_temp_path $WORK/nginx/tmp/scgi;
-    keepalive_requests 10000000;
-    server { listen 127.0.0.1:$BACKEND_PORT; location / { default_type application/json; return 200 '{"message":"hello world"}\n'; } }
-}
-NGX
-nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
-PIDS+=($!)
+start_nginx backend 1 "$(backend_server "$BACKEND_PORT")"
 wait_http "http://127.0.0.1:$BACKEND_PORT/" 200
 
 PORT=$(free_port)

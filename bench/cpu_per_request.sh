@@ -36,34 +36,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() {
-    for _ in $(seq 1 100); do
-        [ "$(curl -s -o /dev/null -w '%{http_code}' "$1" || true)" = 200 ] && return 0
-        sleep 0.1
-    done
-    echo "bench: $1 did not answer" >&2
-    exit 1
-}
-start_nginx() { # NAME WORKERS HTTP_BODY
-    local d="$WORK/$1"
-    mkdir -p "$d/tmp"
-    cat >"$d/nginx.conf" <<NGX
-worker_processes $2;
-error_log $d/error.log warn;
-pid $d/nginx.pid;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    client_body_temp_path $d/tmp/body; proxy_temp_path $d/tmp/proxy; fastcgi_temp_path $d/tmp/fastcgi;
-    uwsgi_temp_path $d/tmp/uwsgi; scgi_temp_path $d/tmp/scgi;
-    keepalive_requests 10000000;
-    $3
-}
-NGX
-    nginx -p "$d" -c "$d/nginx.conf" -g 'daemon off;' &
-    PIDS+=($!)
-}
+# shellcheck source=lib/common.sh
+source bench/lib/common.sh
 # Clock ticks (or, with a second argument, minor faults) of a process tree: the process and
 # its direct children (nginx's workers).
 ticks() {
@@ -75,10 +49,9 @@ ticks() {
 }
 
 BACKEND=$(free_port)
-start_nginx backend 1 "server { listen 127.0.0.1:$BACKEND; location / { default_type application/json; return 200 '{\"message\":\"hello world\"}\n'; } }"
+start_nginx backend 1 "$(backend_server "$BACKEND")"
 NGINX=$(free_port)
-start_nginx proxy "$(nproc)" "upstream b { server 127.0.0.1:$BACKEND; keepalive 512; }
-    server { listen 127.0.0.1:$NGINX; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } }"
+start_nginx proxy "$(nproc)" "$(nginx_proxy_conf "$BACKEND" "$NGINX")"
 PORT=$(free_port)
 env ${PORTICO_ENV:-} "$BIN" esp --service_json_path=crates/proxy/tests/fixtures/passthrough.json \
     --http_port="$PORT" --status_port=0 --backend="127.0.0.1:$BACKEND" --access_log=off "$@" \
@@ -89,9 +62,9 @@ FLOOR_PORT=$(free_port)
 "$FLOOR" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$BACKEND" >"$WORK/floor.log" 2>&1 &
 FLOOR_PID=$!
 PIDS+=($FLOOR_PID)
-wait_http "http://127.0.0.1:$NGINX/known"
-wait_http "http://127.0.0.1:$PORT/known"
-wait_http "http://127.0.0.1:$FLOOR_PORT/known"
+wait_http "http://127.0.0.1:$NGINX/known" 200
+wait_http "http://127.0.0.1:$PORT/known" 200
+wait_http "http://127.0.0.1:$FLOOR_PORT/known" 200
 NGINX_MASTER=$(cat "$WORK/proxy/nginx.pid")
 HZ=$(getconf CLK_TCK)
 

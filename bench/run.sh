@@ -73,57 +73,20 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-wait_http() { # URL [expected status] — until the URL answers (any status unless given)
-    local url=$1 want=${2:-} code
-    for _ in $(seq 300); do
-        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url" || true)
-        if [[ "$code" != 000 && ( -z "$want" || "$code" == "$want" ) ]]; then return 0; fi
-        sleep 0.1
-    done
-    echo "bench: $url did not answer${want:+ $want} in 30 s" >&2
-    return 1
-}
-
-start_nginx() { # NAME CONF_BODY (the http{} contents)
-    local dir="$WORK/$1"
-    mkdir -p "$dir/tmp"
-    cat >"$dir/nginx.conf" <<EOF
-worker_processes $2;
-error_log $dir/error.log warn;
-pid $dir/nginx.pid;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    client_body_temp_path $dir/tmp/body;
-    proxy_temp_path $dir/tmp/proxy;
-    fastcgi_temp_path $dir/tmp/fastcgi;
-    uwsgi_temp_path $dir/tmp/uwsgi;
-    scgi_temp_path $dir/tmp/scgi;
-    keepalive_requests 10000000;
-    $3
-}
-EOF
-    nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' &
-    PIDS+=($!)
-}
+# shellcheck source=lib/common.sh
+source "$ROOT/bench/lib/common.sh"
 
 CORES=$(nproc)
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- backend and nginx ---------------------------------------------------------------------
 BACKEND_PORT=$(free_port)
-start_nginx backend 1 "server { listen 127.0.0.1:$BACKEND_PORT; location / { default_type application/json; return 200 '{\"message\":\"hello world\"}\n'; } }"
+start_nginx backend 1 "$(backend_server "$BACKEND_PORT")"
 wait_http "http://127.0.0.1:$BACKEND_PORT/" 200
 
 NGINX_PORT=$(free_port)
 # As many workers as Portico has threads (one per core), keep-alive to the backend.
-start_nginx nginx "$CORES" "upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 512; }
-    server { listen 127.0.0.1:$NGINX_PORT; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } }"
+start_nginx nginx "$CORES" "$(nginx_proxy_conf "$BACKEND_PORT" "$NGINX_PORT")"
 wait_http "http://127.0.0.1:$NGINX_PORT/bench" 200
 log "backend :$BACKEND_PORT, nginx :$NGINX_PORT ($CORES workers)"
 
@@ -217,23 +180,21 @@ nginx_rss_kib() { # master + workers
 Q_PID=$(status_pid "$Q_STATUS")
 NP_PID=$(status_pid "$NP_STATUS")
 log "RSS at 1,000 connections (portico-quota pid $Q_PID, portico-nopolicy pid $NP_PID, nginx)"
+busy_rss() { # TARGET COMMAND... — COMMAND's output (KiB) 4 s into wrk -t2 -c1000 on TARGET
+    local target=$1 wrk_pid out
+    shift
+    wrk -t2 -c1000 -d6s "${URL[$target]}" >"$WORK/rss-$target.txt" &
+    wrk_pid=$!
+    sleep 4
+    out=$("$@")
+    wait "$wrk_pid"
+    echo "$out"
+}
 RSS_IDLE=$(rss_kib "$Q_PID")
-wrk -t2 -c1000 -d6s "${URL[portico-quota]}" >"$WORK/rss-portico.txt" &
-WRK=$!
-sleep 4
-RSS_1K=$(rss_kib "$Q_PID")
-wait "$WRK"
+RSS_1K=$(busy_rss portico-quota rss_kib "$Q_PID")
 NP_RSS_IDLE=$(rss_kib "$NP_PID")
-wrk -t2 -c1000 -d6s "${URL[portico-nopolicy]}" >"$WORK/rss-nopolicy.txt" &
-WRK=$!
-sleep 4
-NP_RSS_1K=$(rss_kib "$NP_PID")
-wait "$WRK"
-wrk -t2 -c1000 -d6s "${URL[nginx]}" >"$WORK/rss-nginx.txt" &
-WRK=$!
-sleep 4
-NGINX_RSS_1K=$(nginx_rss_kib)
-wait "$WRK"
+NP_RSS_1K=$(busy_rss portico-nopolicy rss_kib "$NP_PID")
+NGINX_RSS_1K=$(busy_rss nginx nginx_rss_kib)
 
 # --- a new rollout under load -------------------------------------------------------------------
 log "rollout under load (portico-key, wrk -c50 for 20 s; new config deployed at t=4 s)"

@@ -31,14 +31,13 @@ use hyper::client::conn::http1::{Builder, SendRequest};
 use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+use tokio_util::either::Either;
 
 /// How a new backend connection is opened.
 #[derive(Clone)]
@@ -64,7 +63,7 @@ impl Dialer {
             .map_err(|e| ForwardError::Connect(format!("{authority}: {e}")))?;
         let _ = tcp.set_nodelay(true);
         match self {
-            Dialer::Plain { .. } => Ok(Stream::Plain(tcp)),
+            Dialer::Plain { .. } => Ok(Either::Left(tcp)),
             Dialer::Tls {
                 server_name,
                 connector,
@@ -74,71 +73,14 @@ impl Dialer {
                     .connect(server_name.clone(), tcp)
                     .await
                     .map_err(|e| ForwardError::Connect(format!("TLS to {authority}: {e}")))?;
-                Ok(Stream::Tls(Box::new(tls)))
+                Ok(Either::Right(Box::new(tls)))
             }
         }
     }
 }
 
 /// A backend socket, with or without TLS.
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+type Stream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// Pool limits.
 #[derive(Debug, Clone, Copy)]
@@ -276,6 +218,14 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// The leased connection; `Err` only if it was already given back, which `Pool::send`
+    /// never does before sending.
+    fn sender(&mut self) -> Result<&mut Sender, ForwardError> {
+        self.tx
+            .as_mut()
+            .ok_or_else(|| ForwardError::Other("pooled connection vanished".into()))
+    }
+
     fn release(&mut self, reusable: bool) {
         if let Some(tx) = self.tx.take() {
             self.shared.put(tx, reusable);
@@ -437,10 +387,7 @@ impl Pool {
         let pool = self.clone();
         async move {
             let mut lease = pool.checkout().await?;
-            let Some(tx) = lease.tx.as_mut() else {
-                return Err(ForwardError::Other("pooled connection vanished".into()));
-            };
-            let req = match tx.try_send_request(req).await {
+            let req = match lease.sender()?.try_send_request(req).await {
                 Ok(resp) => return Ok(wrap(resp, lease)),
                 Err(mut e) => match e.take_message() {
                     Some(req) => req,
@@ -462,10 +409,7 @@ impl Pool {
     ) -> Result<Response<UpstreamBody>, ForwardError> {
         self.close_idle();
         let mut lease = self.checkout().await?;
-        let Some(tx) = lease.tx.as_mut() else {
-            return Err(ForwardError::Other("pooled connection vanished".into()));
-        };
-        match tx.send_request(req).await {
+        match lease.sender()?.send_request(req).await {
             Ok(resp) => Ok(wrap(resp, lease)),
             Err(e) => Err(classify(e)),
         }

@@ -1,0 +1,49 @@
+# Shell helpers shared by the proxy benchmarks (sourced, not run). The caller sets WORK (a
+# scratch directory) and PIDS (an array of processes to stop on exit).
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_http() { # URL [expected status] — until the URL answers (any status unless given)
+    local url=$1 want=${2:-} code
+    for _ in $(seq 300); do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url" || true)
+        if [[ "$code" != 000 && ( -z "$want" || "$code" == "$want" ) ]]; then return 0; fi
+        sleep 0.1
+    done
+    echo "bench: $url did not answer${want:+ $want} in 30 s" >&2
+    return 1
+}
+
+start_nginx() { # NAME WORKERS HTTP_BODY (the http{} contents); runs in $WORK/NAME
+    local dir="$WORK/$1"
+    mkdir -p "$dir/tmp"
+    cat >"$dir/nginx.conf" <<NGX
+worker_processes $2;
+error_log $dir/error.log warn;
+pid $dir/nginx.pid;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    keepalive_requests 10000000;
+    $3
+}
+NGX
+    nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' &
+    PIDS+=($!)
+}
+
+backend_server() { # PORT — the fixed-body backend every proxy benchmark stands in front of
+    printf "server { listen 127.0.0.1:%s; location / { default_type application/json; return 200 '{\"message\":\"hello world\"}\\\\n'; } }" "$1"
+}
+
+nginx_proxy_conf() { # BACKEND_PORT LISTEN_PORT — plain proxy_pass with upstream keep-alive
+    printf 'upstream backend { server 127.0.0.1:%s; keepalive 512; }
+    server { listen 127.0.0.1:%s; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; } }' "$1" "$2"
+}
