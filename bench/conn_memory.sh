@@ -19,18 +19,10 @@ BIN=${BIN:-target/release/portico}
 CONNS=${CONNS:-1000}
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-1}
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-
 # shellcheck source=lib/common.sh
 source bench/lib/common.sh
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
 rss_mib() { awk '/^VmRSS:/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 
 BACKEND_PORT=$(free_port)

@@ -27,17 +27,9 @@ if [[ ! -x "$FLOOR" ]]; then
     echo "bench: building the floor proxy (cargo build --release -p portico-proxy --example floor_proxy)" >&2
     cargo build --release --quiet -p portico-proxy --example floor_proxy
 fi
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
 # shellcheck source=lib/common.sh
 source bench/lib/common.sh
+
 # Clock ticks (or, with a second argument, minor faults) of a process tree: the process and
 # its direct children (nginx's workers).
 ticks() {

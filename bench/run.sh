@@ -55,24 +55,6 @@ else
 fi
 BIN="$ROOT/target/release/portico"
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/portico-bench.XXXXXX")
-PIDS=()
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do
-        kill -INT "$p" 2>/dev/null || true
-    done
-    for p in "${PIDS[@]}"; do
-        for _ in $(seq 50); do
-            kill -0 "$p" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$p" 2>/dev/null || true
-    done
-    if [[ -z "${BENCH_KEEP:-}" ]]; then rm -rf "$WORK"; else log "kept $WORK"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 # shellcheck source=lib/common.sh
 source "$ROOT/bench/lib/common.sh"
 

@@ -1,5 +1,25 @@
-# Shell helpers shared by the proxy benchmarks (sourced, not run). The caller sets WORK (a
-# scratch directory) and PIDS (an array of processes to stop on exit).
+# Shell helpers shared by the proxy benchmarks (sourced, not run). Sourcing creates WORK (a
+# scratch directory) and PIDS (processes to stop on exit), and stops them and removes WORK on
+# exit (BENCH_KEEP=1 keeps WORK).
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/portico-bench.XXXXXX")
+PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do
+        kill -INT "$p" 2>/dev/null || true
+    done
+    for p in "${PIDS[@]}"; do
+        for _ in $(seq 50); do
+            kill -0 "$p" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$p" 2>/dev/null || true
+    done
+    if [[ -z "${BENCH_KEEP:-}" ]]; then rm -rf "$WORK"; else echo "bench: kept $WORK" >&2; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'

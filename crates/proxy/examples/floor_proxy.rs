@@ -31,14 +31,32 @@ fn main() {
         std::process::exit(2);
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let backend = backend.clone();
-            std::thread::spawn(move || worker(addr, backend))
-        })
-        .collect();
-    for h in handles {
-        let _ = h.join();
+    for _ in 0..threads {
+        let backend = backend.clone();
+        std::thread::spawn(move || worker(addr, backend));
+    }
+    // The workers serve until the process ends: on SIGINT or SIGTERM (the benchmarks' cleanup).
+    let stopped = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map(|rt| {
+            rt.block_on(async {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut int), Ok(mut term)) = (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            })
+        });
+    if let Err(e) = stopped {
+        eprintln!("floor_proxy: {e}");
+        std::process::exit(1);
     }
 }
 
