@@ -426,6 +426,11 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 /// `keep_upgrade` keeps `Upgrade` for WebSocket pass-through; `keep_te_trailers` keeps
 /// `TE: trailers`, which gRPC requires.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool, keep_te_trailers: bool) {
+    // Most requests and responses carry none of these: one pass over the few names present
+    // is cheaper than the nine hashed removals below (1.7 % of a request's CPU in `perf`).
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -458,6 +463,19 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool, keep_te_trailers:
     if !(keep_te_trailers && te_is_trailers) {
         h.remove(header::TE);
     }
+}
+
+/// The fixed hop-by-hop names [`strip_hop_by_hop`] removes (names listed in `Connection` are
+/// only there when `Connection` is).
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    n == header::CONNECTION
+        || n == header::TRANSFER_ENCODING
+        || n == header::TE
+        || n == header::UPGRADE
+        || n == header::TRAILER
+        || n == header::PROXY_AUTHORIZATION
+        || n == KEEP_ALIVE
+        || n == PROXY_CONNECTION
 }
 
 /// nginx's `$host`: the Host header (or the h2 `:authority`) without port, lower-cased.
@@ -647,6 +665,28 @@ mod tests {
         h2.insert("upgrade", HeaderValue::from_static("websocket"));
         strip_hop_by_hop(&mut h2, true, true);
         assert_eq!(h2.len(), 2);
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_goes_alone() {
+        // The no-hop-by-hop fast path must not skip a map whose only such header is one of them.
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "trailer",
+            "transfer-encoding",
+            "proxy-authorization",
+            "upgrade",
+            "te",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_static("x"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h, false, false);
+            assert_eq!(h.len(), 1, "{name}: {h:?}");
+            assert!(h.contains_key("x-kept"));
+        }
     }
 
     #[test]

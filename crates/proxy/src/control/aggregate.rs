@@ -15,7 +15,6 @@
 //!   successes never crowds out error logs. Entries not kept are counted (reported as
 //!   `droppedLogEntries` on `/endpoints_status` and `service_control_report_dropped_log_entries`).
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
@@ -71,7 +70,7 @@ impl LogPolicy {
 struct Shard {
     /// Keyed by the signature's hash; the (rare) collisions share a vector and are told apart
     /// by comparing the full signature.
-    map: HashMap<u64, Vec<Aggregate>>,
+    map: HashMap<u64, Vec<Aggregate>, foldhash::fast::RandomState>,
     signatures: usize,
     logs: usize,
     success_logs: usize,
@@ -90,7 +89,8 @@ pub(crate) struct Added {
 
 pub(crate) struct Aggregator {
     shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
+    /// Seeded foldhash over the signature's fields (SipHash was ~0.7 % of a request's CPU).
+    hasher: foldhash::fast::RandomState,
     soft_signatures: usize,
     hard_signatures: usize,
     policy: LogPolicy,
@@ -103,7 +103,7 @@ impl Aggregator {
         let soft = max_signatures.div_ceil(SHARDS);
         Aggregator {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            hasher: RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
             soft_signatures: soft,
             hard_signatures: (2 * soft).max(64),
             policy,

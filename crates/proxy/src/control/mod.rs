@@ -693,12 +693,11 @@ impl<T> Sharded<T> {
     }
 
     fn for_key(&self, key: &str) -> &Mutex<T> {
-        // FNV-1a: cheap for short keys; the map inside does its own (DoS-resistant) hashing,
-        // this only spreads keys over the shards.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in key.bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
+        use std::hash::BuildHasher as _;
+        // A per-process seed, so which keys share a shard cannot be chosen from outside.
+        static SEED: std::sync::LazyLock<foldhash::fast::RandomState> =
+            std::sync::LazyLock::new(foldhash::fast::RandomState::default);
+        let h = SEED.hash_one(key);
         // `shards` is never empty (SHARDS > 0), so the modulo is in range.
         &self.shards[(h % self.shards.len() as u64) as usize]
     }
@@ -711,7 +710,6 @@ impl<T> Sharded<T> {
 /// Every input that reaches the CheckRequest (the labels are derived from exactly these plus
 /// constants), kept verbatim: building the key costs no request construction on a hit.
 fn check_cache_key(input: &CheckInput<'_>) -> String {
-    use std::fmt::Write as _;
     let mut k = String::with_capacity(160);
     for part in [
         input.service_name,
@@ -722,7 +720,18 @@ fn check_cache_key(input: &CheckInput<'_>) -> String {
         k.push_str(part);
         k.push('\u{0}');
     }
-    let _ = write!(k, "{}", input.caller_ip);
+    // The address's bytes, one char each after a family tag: fixed length per family, so
+    // unambiguous, and no text formatting on the request path.
+    match input.caller_ip {
+        IpAddr::V4(a) => {
+            k.push('4');
+            k.extend(a.octets().map(char::from));
+        }
+        IpAddr::V6(a) => {
+            k.push('6');
+            k.extend(a.octets().map(char::from));
+        }
+    }
     for part in [
         input.referer,
         input.android_package,
@@ -1130,6 +1139,48 @@ async fn housekeeping_loop(inner: Weak<Inner>, mut shutdown: watch::Receiver<boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_cache_key_tells_every_input_apart() {
+        let base = CheckInput {
+            service_name: "s",
+            service_config_id: "c",
+            operation_name: "op",
+            api_key: "k",
+            caller_ip: "10.0.0.1".parse().unwrap(),
+            referer: None,
+            android_package: None,
+            android_cert: None,
+            ios_bundle: None,
+        };
+        let key = |f: &dyn Fn(&mut CheckInput<'static>)| {
+            let mut i = base.clone();
+            f(&mut i);
+            check_cache_key(&i)
+        };
+        let variants = [
+            key(&|_| {}),
+            key(&|i| i.caller_ip = "10.0.0.2".parse().unwrap()),
+            key(&|i| i.caller_ip = "0.0.0.0".parse().unwrap()),
+            key(&|i| i.caller_ip = "::ffff:10.0.0.1".parse().unwrap()),
+            key(&|i| i.caller_ip = "::".parse().unwrap()),
+            key(&|i| i.api_key = "k2"),
+            key(&|i| i.operation_name = "op2"),
+            key(&|i| i.service_config_id = "c2"),
+            key(&|i| i.referer = Some("r")),
+            key(&|i| i.android_package = Some("r")),
+            key(&|i| i.android_cert = Some("r")),
+            key(&|i| i.ios_bundle = Some("r")),
+        ];
+        for (a, ka) in variants.iter().enumerate() {
+            for kb in &variants[a + 1..] {
+                assert_ne!(ka, kb);
+            }
+        }
+        assert_eq!(key(&|_| {}), variants[0], "the same inputs give the same key");
+        // Absent and empty are one label set.
+        assert_eq!(key(&|i| i.referer = Some("")), variants[0]);
+    }
 
     #[test]
     fn base_url_resolution_order() {

@@ -90,7 +90,8 @@ pub(crate) struct NewEntry<'a> {
 }
 
 pub(crate) struct QuotaCache {
-    entries: HashMap<String, Entry>,
+    /// Seeded foldhash, as in the check cache.
+    entries: HashMap<String, Entry, foldhash::fast::RandomState>,
     max_entries: usize,
     refresh: Duration,
     expiration: Duration,
@@ -189,7 +190,7 @@ impl Entry {
 impl QuotaCache {
     pub(crate) fn new(max_entries: usize, refresh: Duration, expiration: Duration) -> Self {
         QuotaCache {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             max_entries: max_entries.max(1),
             refresh,
             expiration,
