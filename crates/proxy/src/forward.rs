@@ -305,6 +305,12 @@ impl Forwarder {
             .map_err(|e| ForwardError::Other(e.to_string()))
     }
 
+    /// The backend's `host[:port]`, nginx's `$proxy_host`: the `Host` sent when the client
+    /// gave none (an HTTP/1.0 request), since HTTP/1.1 to the backend requires one.
+    pub fn backend_host(&self) -> Option<HeaderValue> {
+        HeaderValue::from_str(self.authority.as_str()).ok()
+    }
+
     /// HTTP version spoken to the backend.
     pub fn version(&self) -> Version {
         self.version

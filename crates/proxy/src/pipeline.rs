@@ -1084,7 +1084,11 @@ impl Pipeline {
         let host = match (&routed, &settings.backend_host_header) {
             (Some(r), _) => Some(r.target.host.clone()),
             (None, Some(h)) => Some(h.clone()),
-            (None, None) => forward::client_host(&parts.uri, &parts.headers),
+            // ESP sends nginx's `$host`, empty for an HTTP/1.0 request without `Host`, and nginx
+            // then omits the header: an HTTP/1.1 request many backends reject. The backend's
+            // own name is what nginx sends by default (`$proxy_host`).
+            (None, None) => forward::client_host(&parts.uri, &parts.headers)
+                .or_else(|| forwarder.backend_host()),
         };
         forward::strip_hop_by_hop(&mut parts.headers, websocket, grpc);
         forward::set_forwarding_headers(&mut parts.headers, ctx.client_ip, host);

@@ -1459,6 +1459,29 @@ async fn https_backend_is_verified_against_the_configured_ca() {
 }
 
 #[tokio::test]
+async fn http10_request_without_host_gets_the_backends_name() {
+    let backend = start_backend().await;
+    let env = start_proxy(fixture("bookstore_sc.json"), backend, &[]).await;
+    let mut s = tokio::net::TcpStream::connect(env.proxy.http_addr.unwrap())
+        .await
+        .unwrap();
+    s.write_all(b"GET /shelves HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        backend_header(&v, "host"),
+        vec![format!("127.0.0.1:{}", backend.port()).as_str()]
+    );
+}
+
+#[tokio::test]
 async fn backend_host_header_override() {
     let env = start_proxy(
         fixture("bookstore_sc.json"),

@@ -1177,7 +1177,11 @@ mod tests {
                 assert_ne!(ka, kb);
             }
         }
-        assert_eq!(key(&|_| {}), variants[0], "the same inputs give the same key");
+        assert_eq!(
+            key(&|_| {}),
+            variants[0],
+            "the same inputs give the same key"
+        );
         // Absent and empty are one label set.
         assert_eq!(key(&|i| i.referer = Some("")), variants[0]);
     }
