@@ -14,7 +14,7 @@ pub mod openapi;
 pub mod service;
 pub mod template;
 
-pub use matcher::{query_bindings, Binding, PathMatcher, PathMatcherBuilder};
+pub use matcher::{query_bindings, Binding, Match, PathMatcher, PathMatcherBuilder};
 pub use openapi::{convert, Conversion, ConvertError, Diagnostic, Severity, SourceFile};
 pub use service::Service;
 pub use template::TemplateError;

@@ -211,39 +211,31 @@ impl<T> PathMatcherBuilder<T> {
     }
 }
 
-/// An immutable, pre-built matcher; cheap to share behind an `Arc`.
+/// A successful lookup: the registered value, and the matched path for the bindings.
 #[derive(Debug)]
-pub struct PathMatcher<T> {
-    root: Node,
-    entries: Vec<Entry<T>>,
-    verbs: HashSet<Box<str>>,
+pub struct Match<'m, 't, T> {
+    entry: &'m Entry<T>,
+    /// The path text that matched (leading '/', trailing slashes and verb removed).
+    path: &'t str,
 }
 
-impl<T> PathMatcher<T> {
-    /// Finds the value for a method and raw request target (`/path?query`). `HEAD` falls back to
-    /// `GET`; an exact-method rule beats `*` at the same node. Does not allocate.
-    pub fn lookup(&self, http_method: &str, target: &str) -> Option<&T> {
-        self.find(http_method, target)
-            .map(|(e, _)| &self.entries[e].value)
+impl<'m, T> Match<'m, '_, T> {
+    pub fn value(&self) -> &'m T {
+        &self.entry.value
     }
 
-    /// Like [`lookup`](Self::lookup), also returning the path variable bindings, decoded as ESP
-    /// decodes them: a single-segment variable is fully percent-decoded, a multi-segment one only
-    /// has unreserved characters decoded (so `%2F` stays `%2F`).
-    pub fn lookup_with_bindings(
-        &self,
-        http_method: &str,
-        target: &str,
-    ) -> Option<(&T, Vec<Binding>)> {
-        let (e, path) = self.find(http_method, target)?;
-        let entry = &self.entries[e];
-        let segments: Vec<&str> = if path.is_empty() {
+    /// The path variable bindings, decoded as ESP decodes them: a single-segment variable is
+    /// fully percent-decoded, a multi-segment one only has unreserved characters decoded (so
+    /// `%2F` stays `%2F`).
+    pub fn bindings(&self) -> Vec<Binding> {
+        let segments: Vec<&str> = if self.path.is_empty() {
             Vec::new()
         } else {
-            path[1..].split('/').collect()
+            self.path[1..].split('/').collect()
         };
-        let mut bindings = Vec::with_capacity(entry.template.variables.len());
-        for v in &entry.template.variables {
+        let variables = &self.entry.template.variables;
+        let mut bindings = Vec::with_capacity(variables.len());
+        for v in variables {
             let end = v.end.unwrap_or(segments.len()).min(segments.len());
             let start = v.start.min(end);
             let value = if v.is_single_segment() {
@@ -259,7 +251,47 @@ impl<T> PathMatcher<T> {
                 value,
             });
         }
-        Some((&entry.value, bindings))
+        bindings
+    }
+}
+
+/// An immutable, pre-built matcher; cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct PathMatcher<T> {
+    root: Node,
+    entries: Vec<Entry<T>>,
+    verbs: HashSet<Box<str>>,
+}
+
+impl<T> PathMatcher<T> {
+    /// Finds the value for a method and raw request target (`/path?query`). `HEAD` falls back to
+    /// `GET`; an exact-method rule beats `*` at the same node. Does not allocate.
+    pub fn lookup(&self, http_method: &str, target: &str) -> Option<&T> {
+        self.matched(http_method, target).map(|m| m.value())
+    }
+
+    /// Like [`lookup`](Self::lookup), but the match can also give its path variable bindings
+    /// ([`Match::bindings`]) without matching again. Does not allocate.
+    pub fn matched<'m, 't>(
+        &'m self,
+        http_method: &str,
+        target: &'t str,
+    ) -> Option<Match<'m, 't, T>> {
+        let (entry, path) = self.find(http_method, target)?;
+        Some(Match {
+            entry: self.entries.get(entry)?,
+            path,
+        })
+    }
+
+    /// [`lookup`](Self::lookup) and [`Match::bindings`] in one call.
+    pub fn lookup_with_bindings(
+        &self,
+        http_method: &str,
+        target: &str,
+    ) -> Option<(&T, Vec<Binding>)> {
+        let m = self.matched(http_method, target)?;
+        Some((m.value(), m.bindings()))
     }
 
     /// True when nothing was registered.

@@ -815,7 +815,8 @@ impl Pipeline {
             .get(&X_HTTP_METHOD_OVERRIDE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or(parts.method.as_str());
-        let Some(mi) = config.matcher.lookup(match_method, &target).cloned() else {
+        let matched = config.matcher.matched(match_method, &target);
+        let Some(mi) = matched.as_ref().map(|m| m.value().clone()) else {
             let err = if match_method == "OPTIONS" {
                 EspError::cors_not_allowed()
             } else {
@@ -836,11 +837,9 @@ impl Pipeline {
         let routed = if settings.enable_backend_routing {
             mi.backend.as_ref().map(|b| {
                 let bindings = match b.translation {
-                    crate::routing::PathTranslation::ConstantAddress => config
-                        .matcher
-                        .lookup_with_bindings(match_method, &target)
-                        .map(|(_, bindings)| bindings)
-                        .unwrap_or_default(),
+                    crate::routing::PathTranslation::ConstantAddress => {
+                        matched.as_ref().map(|m| m.bindings()).unwrap_or_default()
+                    }
                     crate::routing::PathTranslation::AppendPathToAddress => Vec::new(),
                 };
                 Routed {
