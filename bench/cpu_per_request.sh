@@ -6,8 +6,8 @@
 #
 # For each of ROUNDS rounds and each proxy: wrk -t1 -c$CONNS for $DURATION s, and the proxy's
 # utime+stime (/proc/PID/stat, all its processes/threads) over the run divided by the requests
-# served. Unlike req/s, this barely depends on what else the machine is doing, so it is the
-# figure to compare when tuning the request path. Minor page faults per request are printed
+# served (and the user-space part of it). Unlike req/s, this barely depends on what else the
+# machine is doing, so it is the figure to compare when tuning the request path. Minor page faults per request are printed
 # too: freed memory the allocator gave back and the next request faulted in again.
 # Usage: bench/cpu_per_request.sh [extra `portico esp` flags...]
 #   env: BIN (target/release/portico), CONNS (50), DURATION (6), ROUNDS (2),
@@ -30,12 +30,12 @@ fi
 # shellcheck source=lib/common.sh
 source bench/lib/common.sh
 
-# Clock ticks (or, with a second argument, minor faults) of a process tree: the process and
-# its direct children (nginx's workers).
+# Clock ticks of a process tree (the process and its direct children, nginx's workers): user +
+# system, or with a second argument only user time ("user") or minor faults ("faults").
 ticks() {
     local root=$1 total=0 p
     for p in $root $(awk -v m="$root" '$4 == m {print $1}' /proc/[0-9]*/stat 2>/dev/null); do
-        total=$((total + $(awk -v f="${2:-}" '{print f ? $10 : $14 + $15}' "/proc/$p/stat")))
+        total=$((total + $(awk -v f="${2:-}" '{print f == "faults" ? $10 : (f == "user" ? $14 : $14 + $15)}' "/proc/$p/stat")))
     done
     echo "$total"
 }
@@ -61,7 +61,7 @@ NGINX_MASTER=$(cat "$WORK/proxy/nginx.pid")
 HZ=$(getconf CLK_TCK)
 
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg); wrk -t1 -c$CONNS -d${DURATION}s; flags: ${*:-none}; env: ${PORTICO_ENV:-none}"
-printf '%-8s %-8s %10s %9s %14s %12s\n' round proxy req/s p99 "cpu µs/req" "faults/req"
+printf '%-8s %-8s %10s %9s %14s %13s %12s\n' round proxy req/s p99 "cpu µs/req" "of it user" "faults/req"
 for r in $(seq 1 "$ROUNDS"); do
     for t in nginx portico floor; do
         case $t in
@@ -70,15 +70,18 @@ for r in $(seq 1 "$ROUNDS"); do
             floor) url="http://127.0.0.1:$FLOOR_PORT/known"; pid=$FLOOR_PID ;;
         esac
         before=$(ticks "$pid")
+        user_before=$(ticks "$pid" user)
         faults_before=$(ticks "$pid" faults)
         out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$url")
         after=$(ticks "$pid")
+        user_after=$(ticks "$pid" user)
         faults_after=$(ticks "$pid" faults)
         n=$(sed -nE 's/^ *([0-9]+) requests in.*/\1/p' <<<"$out")
         rps=$(sed -nE 's/^Requests\/sec: *([0-9.]+)/\1/p' <<<"$out")
         p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-        printf '%-8s %-8s %10s %9s %14s %12s\n' "$r" "$t" "$rps" "$p99" \
+        printf '%-8s %-8s %10s %9s %14s %13s %12s\n' "$r" "$t" "$rps" "$p99" \
             "$(awk -v a="$after" -v b="$before" -v n="$n" -v hz="$HZ" 'BEGIN { printf "%.1f", (a - b) * 1e6 / hz / n }')" \
+            "$(awk -v a="$user_after" -v b="$user_before" -v n="$n" -v hz="$HZ" 'BEGIN { printf "%.1f", (a - b) * 1e6 / hz / n }')" \
             "$(awk -v a="$faults_after" -v b="$faults_before" -v n="$n" 'BEGIN { printf "%.3f", (a - b) / n }')"
     done
 done
