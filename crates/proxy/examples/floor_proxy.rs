@@ -2,7 +2,7 @@
 //! same parts as `portico esp` (one current-thread runtime per core with `SO_REUSEPORT`,
 //! hyper's HTTP/1 server, Portico's capped backend pool) and nothing else: no routing, no
 //! policy, no metrics, no timers, no forwarding headers. Its CPU per request is what the rest
-//! of the proxy's work is measured against (`bench/floor.sh`).
+//! of the proxy's work is measured against (`bench/cpu_per_request.sh`).
 //!
 //!   cargo run --release -p portico-proxy --example floor_proxy -- 127.0.0.1:PORT BACKEND:PORT
 use std::convert::Infallible;

@@ -683,21 +683,21 @@ impl ServiceControl {
 /// or a quota charge locks one of [`aggregate::SHARDS`] small maps, so workers rarely meet.
 struct Sharded<T> {
     shards: Box<[Mutex<T>]>,
+    /// Seeded per table, so which keys share a shard cannot be chosen from outside.
+    hasher: foldhash::fast::RandomState,
 }
 
 impl<T> Sharded<T> {
     fn new(make: impl Fn() -> T) -> Self {
         Sharded {
             shards: (0..aggregate::SHARDS).map(|_| Mutex::new(make())).collect(),
+            hasher: foldhash::fast::RandomState::default(),
         }
     }
 
     fn for_key(&self, key: &str) -> &Mutex<T> {
         use std::hash::BuildHasher as _;
-        // A per-process seed, so which keys share a shard cannot be chosen from outside.
-        static SEED: std::sync::LazyLock<foldhash::fast::RandomState> =
-            std::sync::LazyLock::new(foldhash::fast::RandomState::default);
-        let h = SEED.hash_one(key);
+        let h = self.hasher.hash_one(key);
         // `shards` is never empty (SHARDS > 0), so the modulo is in range.
         &self.shards[(h % self.shards.len() as u64) as usize]
     }
