@@ -139,6 +139,22 @@ pub struct EspArgs {
     /// Pass WebSocket upgrades through to the backend.
     #[arg(long = "enable_websocket", action = ArgAction::SetTrue)]
     pub enable_websocket: bool,
+    /// Forward client headers whose names contain `_` (dropped by default, as nginx does). The
+    /// proxy's own headers (`X-Endpoint-API-*`, method overrides, other spellings of
+    /// `X-Forwarded-For`/`X-Real-IP`) are removed in every spelling either way.
+    #[arg(long = "underscores_in_headers", action = ArgAction::SetTrue)]
+    pub underscores_in_headers: bool,
+    /// ESPv2: match and forward the path as received: no dot-segment removal, no `\` → `/`, no
+    /// refusal of ambiguous encodings (an encoded NUL is still refused).
+    #[arg(long = "disable_normalize_path", action = ArgAction::SetTrue)]
+    pub disable_normalize_path: bool,
+    /// ESPv2: keep repeated slashes in the path instead of merging them.
+    #[arg(long = "disable_merge_slashes_in_path", action = ArgAction::SetTrue)]
+    pub disable_merge_slashes_in_path: bool,
+    /// ESPv2: decode `%2F` and `%5C` in the path and redirect (307) the client to the resulting
+    /// path; gRPC requests are refused (400) instead.
+    #[arg(long = "disallow_escaped_slashes_in_path", action = ArgAction::SetTrue)]
+    pub disallow_escaped_slashes_in_path: bool,
     /// Portico: address the serving and status listeners bind to (default loopback).
     // A later --listen_address wins over an earlier one, so `docker run IMAGE --listen_address=...`
     // can override the one the image's entrypoint passes.
@@ -210,8 +226,6 @@ pub struct EspArgs {
     pub client_body_timeout: Option<String>,
     #[arg(long = "large_client_header_buffers", hide = true)]
     pub large_client_header_buffers: Option<String>,
-    #[arg(long = "underscores_in_headers", action = ArgAction::SetTrue, hide = true)]
-    pub underscores_in_headers: bool,
     #[arg(long = "allow_invalid_headers", action = ArgAction::SetTrue, hide = true)]
     pub allow_invalid_headers: bool,
     #[arg(long = "enable_debug", action = ArgAction::SetTrue, hide = true)]
@@ -354,6 +368,9 @@ pub struct Settings {
     pub hsts: bool,
     pub rewrites: Vec<RewriteRule>,
     pub enable_websocket: bool,
+    /// `--underscores_in_headers` and the path flags: how the request head is settled
+    /// ([`crate::request_head`]).
+    pub head: crate::request_head::HeadOptions,
     pub log_request_headers: Vec<String>,
     pub log_response_headers: Vec<String>,
     pub log_jwt_payload: Vec<String>,
@@ -760,7 +777,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
     }
 
     let mut ignored_flags = Vec::new();
-    let nginx_only: [(&'static str, bool); 15] = [
+    let nginx_only: [(&'static str, bool); 14] = [
         ("--worker_processes", a.worker_processes.is_some()),
         ("--keepalive_timeout", a.keepalive_timeout.is_some()),
         (
@@ -772,7 +789,6 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
             "--large_client_header_buffers",
             a.large_client_header_buffers.is_some(),
         ),
-        ("--underscores_in_headers", a.underscores_in_headers),
         ("--allow_invalid_headers", a.allow_invalid_headers),
         ("--enable_debug", a.enable_debug),
         ("--ssl_protocols", !a.ssl_protocols.is_empty()),
@@ -857,6 +873,14 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         hsts: a.enable_strict_transport_security,
         rewrites,
         enable_websocket: a.enable_websocket,
+        head: crate::request_head::HeadOptions {
+            underscores_in_headers: a.underscores_in_headers,
+            path: crate::request_head::PathOptions {
+                normalize: !a.disable_normalize_path,
+                merge_slashes: !a.disable_merge_slashes_in_path,
+                unescape_slashes: a.disallow_escaped_slashes_in_path,
+            },
+        },
         log_request_headers: split_list(&a.log_request_headers),
         log_response_headers: split_list(&a.log_response_headers),
         log_jwt_payload: split_list(&a.log_jwt_payload),
@@ -1086,7 +1110,6 @@ mod tests {
             "--worker_processes=4",
             "--keepalive_timeout",
             "75s",
-            "--underscores_in_headers",
             "--large_client_header_buffers=4 32k",
         ])
         .unwrap();
@@ -1096,9 +1119,40 @@ mod tests {
                 "--worker_processes",
                 "--keepalive_timeout",
                 "--large_client_header_buffers",
-                "--underscores_in_headers"
             ]
         );
+    }
+
+    #[test]
+    fn request_head_flags_default_to_the_safe_rules_and_are_listed() {
+        let s = p(&["-s", "svc"]).unwrap();
+        assert_eq!(s.head, crate::request_head::HeadOptions::default());
+        assert!(!s.head.underscores_in_headers);
+        assert!(s.head.path.normalize && s.head.path.merge_slashes);
+        assert!(!s.head.path.unescape_slashes);
+        let s = p(&[
+            "-s",
+            "svc",
+            "--underscores_in_headers",
+            "--disable_normalize_path",
+            "--disable_merge_slashes_in_path",
+            "--disallow_escaped_slashes_in_path",
+        ])
+        .unwrap();
+        assert!(s.head.underscores_in_headers);
+        assert!(!s.head.path.normalize && !s.head.path.merge_slashes);
+        assert!(s.head.path.unescape_slashes);
+        assert!(s.ignored_flags.is_empty(), "{:?}", s.ignored_flags);
+        let help = p(&["--help"]).unwrap_err();
+        assert_eq!(help.exit_code, 0);
+        for flag in [
+            "--underscores_in_headers",
+            "--disable_normalize_path",
+            "--disable_merge_slashes_in_path",
+            "--disallow_escaped_slashes_in_path",
+        ] {
+            assert!(help.message.contains(flag), "{flag} missing from --help");
+        }
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! - [`server`]: listeners (HTTP/1.1, h2c, TLS+h2), one single-threaded runtime per core with
 //!   `SO_REUSEPORT`, the status port, rollout following, graceful shutdown.
 //! - [`config_source`]: loads the service config and follows rollouts (Service Management).
+//! - [`request_head`]: the method, headers and path settled before anything reads them (the
+//!   method and path the backend runs are the ones matched).
 //! - [`routing`]: per-config method tables — where a request is **matched**.
 //! - [`pipeline`]: the request path in ESP's order — match, **authenticate** ([`auth`]), API
 //!   key, **check** and quota ([`control`]), **forward** ([`forward`], over the capped backend
@@ -24,6 +26,7 @@ pub mod forward;
 pub mod memory;
 pub mod metrics;
 pub mod pipeline;
+pub mod request_head;
 pub mod routing;
 pub mod server;
 pub mod status;

@@ -1,11 +1,15 @@
 //! The request path, in ESP v1's order. [`Pipeline::handle`] is where one request goes through:
 //!
+//! 0. **settle the head** ([`crate::request_head::settle`]): the method (a valid
+//!    `X-HTTP-Method-Override` replaces it), the headers (names with `_` and client copies of
+//!    the proxy's own headers dropped), the path (normalised); 400/405 when refused;
 //! 1. `--healthz` and `--cors_preset` preflights (nginx answered these before ESP ran);
-//! 2. `--rewrite` on the raw target;
+//! 2. `--rewrite` on the normalised target;
 //! 3. pick a config of the current rollout (weighted) — with neither Service Control nor auth
-//!    configured, everything is proxied untouched (ESP's access handler declines);
-//! 4. **match** method (`X-HTTP-Method-Override` wins) + raw target → [`MethodInfo`]; no match is
-//!    404 code 5, or 403 code 7 for OPTIONS;
+//!    configured, everything is proxied (ESP's access handler declines);
+//! 4. **match** the settled method + the rewritten target (undecoded) → [`MethodInfo`]; no
+//!    match is 404 code 5, or 403 code 7 for OPTIONS; the method and target matched are the
+//!    ones forwarded;
 //! 5. **authenticate**: the JWT stage ([`Pipeline::jwt_stage`]);
 //! 6. API key ([`extract_api_key`], §2.4), 401 code 16 when the method needs a consumer and none
 //!    was given;
@@ -22,6 +26,7 @@ use crate::auth::AuthInfo;
 use crate::cli::Settings;
 use crate::error::{Cause, EspError};
 use crate::forward::{self, ForwardError, Forwarder, LimitedBody};
+use crate::request_head;
 use crate::routing::{ApiKeyLocations, ConfigRoutes, MethodInfo, RouteTable};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -38,8 +43,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-static X_HTTP_METHOD_OVERRIDE: HeaderName = HeaderName::from_static("x-http-method-override");
-/// The header the JWT stage fills; client copies are blanked (ESP's anti-spoofing).
+/// The header the JWT stage fills; client copies never reach the backend
+/// ([`crate::request_head::sanitize_headers`]).
 pub static X_ENDPOINT_API_USERINFO: HeaderName = HeaderName::from_static("x-endpoint-api-userinfo");
 pub static X_ENDPOINT_API_PROJECT_ID: HeaderName =
     HeaderName::from_static("x-endpoint-api-project-id");
@@ -145,11 +150,14 @@ pub struct AbortGuard {
 impl AbortGuard {
     pub fn new<B>(state: &Arc<ProxyState>, req: &Request<B>, conn: ConnInfo) -> AbortGuard {
         state.metrics.requests_in_flight.inc();
+        // Logged with the method the request runs with (the override's), like every other line.
+        let method = request_head::effective_method(req.method(), req.headers())
+            .unwrap_or_else(|_| req.method().clone());
         AbortGuard {
             armed: Some((
                 state.clone(),
                 Instant::now(),
-                req.method().clone(),
+                method,
                 req.uri().clone(),
                 conn.peer.ip(),
             )),
@@ -719,7 +727,14 @@ impl Pipeline {
     pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
         let st = &self.state;
         let settings = &st.settings;
-        let h = req.headers();
+        let request_head_bytes = request_head_size(&req);
+        let (mut parts, body) = req.into_parts();
+        // The head is settled before anything reads it: the method and the path matched below
+        // are the ones forwarded, and dropped headers are seen by nothing (crate::request_head).
+        let raw_target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let settled =
+            request_head::settle(&parts.method, &mut parts.headers, raw_target, settings.head);
+        let h = &parts.headers;
         let client_ip = forward::real_client_ip(conn.peer.ip(), h, &settings.xff_trusted);
         let caller_ip = settings
             .client_ip_header
@@ -729,9 +744,13 @@ impl Pipeline {
         let cors_origin = settings.cors.as_ref().and_then(|c| c.allowed_origin(h));
         let mut ctx = Ctx {
             start: Instant::now(),
-            method: req.method().clone(),
-            version: req.version(),
-            head: req.method() == Method::HEAD,
+            method: match &settled {
+                Ok(s) => s.method.clone(),
+                Err(e) => e.method().unwrap_or(&parts.method).clone(),
+            },
+            version: parts.version,
+            // What the client's connection expects, whatever method is forwarded.
+            head: parts.method == Method::HEAD,
             client_ip,
             caller_ip,
             tls: conn.tls,
@@ -741,8 +760,8 @@ impl Pipeline {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
-            request_head_bytes: request_head_size(&req),
-            body_counter: (!h.contains_key(header::CONTENT_LENGTH) && !req.body().is_end_stream())
+            request_head_bytes,
+            body_counter: (!h.contains_key(header::CONTENT_LENGTH) && !body.is_end_stream())
                 .then(|| Arc::new(AtomicU64::new(0))),
             user_agent: h.get(header::USER_AGENT).cloned(),
             content_type_grpc: h
@@ -752,20 +771,55 @@ impl Pipeline {
             cors_origin,
         };
 
+        let settled = match settled {
+            Ok(s) => s,
+            Err(e) => {
+                let err = e.esp_error();
+                let resp = proxy_error(&err, &ctx, false);
+                let url = raw_target.to_string();
+                return self.refuse(resp, Some(err), &ctx, url, &parts.headers);
+            }
+        };
+        if settled.target.unescaped_slashes {
+            // --disallow_escaped_slashes_in_path (ESPv2): the client asks again for the decoded
+            // path, which is then checked like any other; gRPC clients cannot follow redirects.
+            let url = raw_target.to_string();
+            let location = HeaderValue::from_str(&settled.target.text);
+            return match location {
+                Ok(loc) if !ctx.content_type_grpc => {
+                    let mut resp = Response::new(ProxyBody::empty());
+                    *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+                    resp.headers_mut().insert(header::LOCATION, loc);
+                    self.refuse(resp, None, &ctx, url, &parts.headers)
+                }
+                _ => {
+                    let err = EspError::new(
+                        3,
+                        "The request path holds an escaped slash or backslash (%2F, %5C).",
+                        Cause::Internal,
+                    );
+                    let resp = proxy_error(&err, &ctx, false);
+                    self.refuse(resp, Some(err), &ctx, url, &parts.headers)
+                }
+            };
+        }
+        parts.method = settled.method;
+        let normalized: &str = &settled.target.text;
+
         // nginx's exact-match health location and CORS preflight run before ESP.
-        if st.healthz_path.as_deref() == Some(req.uri().path()) {
+        if st.healthz_path.as_deref() == Some(request_head::path_of(normalized)) {
             let resp = Response::new(ProxyBody::empty());
-            return self.finalize(resp, &ctx, req.uri().to_string(), None, None, None);
+            return self.finalize(resp, &ctx, normalized.to_string(), None, None, None);
         }
         if let (Some(cors), Some(origin)) = (&settings.cors, &ctx.cors_origin) {
             if ctx.method == Method::OPTIONS {
                 let resp: Response<ProxyBody> = cors.preflight(origin.clone());
-                return self.finalize_plain(resp, &ctx, req.uri().to_string(), None);
+                return self.finalize_plain(resp, &ctx, normalized.to_string(), None);
             }
         }
         if settings.client_max_body_size > 0 && ctx.request_bytes > settings.client_max_body_size {
             let err = EspError::payload_too_large();
-            let url = req.uri().to_string();
+            let url = normalized.to_string();
             return self.finalize(
                 proxy_error(&err, &ctx, false),
                 &ctx,
@@ -776,12 +830,7 @@ impl Pipeline {
             );
         }
 
-        let original_target = req
-            .uri()
-            .path_and_query()
-            .map(|pq| pq.as_str())
-            .unwrap_or("/");
-        let target = rewrite(&settings.rewrites, original_target).into_owned();
+        let target = rewrite(&settings.rewrites, normalized).into_owned();
 
         let table = st.routes.load();
         let Some(config) = table.pick().cloned() else {
@@ -799,23 +848,32 @@ impl Pipeline {
 
         if !config.enabled {
             // ESP declines: no matching, no check, no report; nginx proxies as is.
+            let req = Request::from_parts(parts, body);
             return self.forward(req, &ctx, target, None, None).await;
         }
 
-        let (mut parts, body) = req.into_parts();
-        // Anti-spoofing: every client copy is kept but emptied, as ESP does.
-        if let header::Entry::Occupied(mut e) = parts.headers.entry(&X_ENDPOINT_API_USERINFO) {
-            for v in e.iter_mut() {
-                *v = HeaderValue::from_static("");
+        let match_method = parts.method.as_str();
+        let matched = config.matcher.matched(match_method, &target);
+        if let Some(m) = &matched {
+            if settings.head.path.normalize
+                && !self.same_method_without_parameters(&config, match_method, &target, m.value())
+            {
+                let err = EspError::new(
+                    3,
+                    "The request path's \";\" parameters change which API method it names.",
+                    Cause::Internal,
+                );
+                let report = self.report_info(&config, None, None, &parts.headers);
+                return self.finalize(
+                    proxy_error(&err, &ctx, false),
+                    &ctx,
+                    target,
+                    Some(err),
+                    Some(report),
+                    None,
+                );
             }
         }
-
-        let match_method = parts
-            .headers
-            .get(&X_HTTP_METHOD_OVERRIDE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(parts.method.as_str());
-        let matched = config.matcher.matched(match_method, &target);
         let Some(mi) = matched.as_ref().map(|m| m.value().clone()) else {
             let err = if match_method == "OPTIONS" {
                 EspError::cors_not_allowed()
@@ -1032,6 +1090,47 @@ impl Pipeline {
             .await
     }
 
+    /// Answers a request refused (or redirected) for its head, before matching: counted,
+    /// logged and reported like an unmatched request, never forwarded.
+    fn refuse(
+        &self,
+        resp: Response<ProxyBody>,
+        err: Option<EspError>,
+        ctx: &Ctx,
+        url: String,
+        headers: &HeaderMap,
+    ) -> Response<ProxyBody> {
+        let report = self
+            .state
+            .routes
+            .load()
+            .pick()
+            .filter(|c| c.enabled)
+            .map(|c| self.report_info(c, None, None, headers));
+        self.finalize(resp, ctx, url, err, report, None)
+    }
+
+    /// A path with `;` parameters must name the same method without them: servlet containers
+    /// drop them before routing, so `/secret;x` (matched by `x-google-allow: all`'s `/**`)
+    /// would run `/secret` unchecked. Only paths holding `;` pay for the second lookup.
+    fn same_method_without_parameters(
+        &self,
+        config: &ConfigRoutes,
+        method: &str,
+        target: &str,
+        matched: &Arc<MethodInfo>,
+    ) -> bool {
+        let path = request_head::path_of(target);
+        if !path.contains(';') {
+            return true;
+        }
+        let stripped = request_head::without_segment_parameters(path);
+        config
+            .matcher
+            .lookup(method, &stripped)
+            .is_some_and(|other| Arc::ptr_eq(other, matched))
+    }
+
     fn report_info(
         &self,
         config: &Arc<ConfigRoutes>,
@@ -1184,7 +1283,15 @@ impl Pipeline {
                 }
                 let (mut rp, body) = resp.into_parts();
                 forward::strip_hop_by_hop(&mut rp.headers, false, false);
-                let resp = Response::from_parts(rp, ProxyBody::upstream(body));
+                let body = if ctx.method == Method::HEAD && !ctx.head {
+                    // An override made this request a HEAD: the backend sent no body, and the
+                    // client, which sent another method, must not wait for one.
+                    rp.headers.remove(header::CONTENT_LENGTH);
+                    ProxyBody::empty()
+                } else {
+                    ProxyBody::upstream(body)
+                };
+                let resp = Response::from_parts(rp, body);
                 self.finalize(resp, ctx, target, None, report, Some(backend_latency))
             }
             Err(e) => {

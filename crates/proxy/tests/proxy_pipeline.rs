@@ -653,9 +653,10 @@ async fn head_falls_back_to_get_and_has_no_body() {
 }
 
 #[tokio::test]
-async fn method_override_matches_but_original_method_is_forwarded() {
+async fn method_override_is_the_method_matched_and_forwarded() {
     let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
-    // PUT /shelves has no rule; overridden to GET it matches ListShelves.
+    // PUT /shelves has no rule; overridden to GET it matches ListShelves, and the backend runs
+    // what was matched (issue 14): GET, without the override header.
     let r = env
         .client
         .put(format!("{}/shelves", env.base))
@@ -665,8 +666,8 @@ async fn method_override_matches_but_original_method_is_forwarded() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let v = json_of(r).await;
-    assert_eq!(v["method"], "PUT");
-    assert_eq!(backend_header(&v, "x-http-method-override"), vec!["GET"]);
+    assert_eq!(v["method"], "GET");
+    assert!(backend_header(&v, "x-http-method-override").is_empty());
 }
 
 #[tokio::test]
@@ -713,7 +714,8 @@ async fn forwarding_headers_as_esp_sets_them() {
         backend_header(&v, "x-forwarded-for"),
         vec!["1.2.3.4, 1.2.3.4"]
     );
-    assert_eq!(backend_header(&v, "x-endpoint-api-userinfo"), vec![""]);
+    // The client's copy is removed, not forwarded blank (issue 14).
+    assert!(backend_header(&v, "x-endpoint-api-userinfo").is_empty());
     assert_eq!(backend_header(&v, "host"), vec!["api.example.com"]);
     assert_eq!(backend_header(&v, "x-cloud-trace-context").len(), 1);
     assert_eq!(backend_header(&v, "traceparent").len(), 1);
