@@ -4,8 +4,8 @@
 //! [`settle`] is what [`crate::pipeline`] runs first on every request, in this order:
 //!
 //! 1. **method** ([`effective_method`]): the request method must be an upper-case token (nginx's
-//!    rule: `A`–`Z`, `_`, `-`), else 400; `CONNECT` and `TRACE` are 405 (nginx refused `TRACE`
-//!    too, and a CONNECT tunnel would bypass every check). A single, valid
+//!    rule: `A`–`Z`, `_`, `-`), else 400; `CONNECT` and `TRACE` are 405, as nginx answers them
+//!    (a CONNECT tunnel would bypass every check). A single, valid
 //!    `X-HTTP-Method-Override` replaces it: the override is what is matched **and forwarded**;
 //! 2. **headers** ([`sanitize_headers`]): names with `_` are dropped unless
 //!    `--underscores_in_headers` (nginx's `underscores_in_headers off`, which CGI/WSGI/Rack
@@ -687,6 +687,7 @@ mod tests {
             ("//", "/"),
             ("/a//..//b", "/b"),
             ("/a?x=//", "/a?x=//"),
+            ("//public//1/?q=/../x", "/public/1/?q=/../x"),
         ] {
             assert_eq!(norm(input).as_deref(), Ok(want), "{input}");
         }
