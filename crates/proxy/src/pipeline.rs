@@ -803,8 +803,13 @@ impl Pipeline {
                 }
             };
         }
-        parts.method = settled.method;
-        let normalized: &str = &settled.target.text;
+        let request_head::Settled {
+            method,
+            target: normalized,
+        } = settled;
+        parts.method = method;
+        let normalized_text = normalized.text;
+        let normalized: &str = &normalized_text;
 
         // nginx's exact-match health location and CORS preflight run before ESP.
         if st.healthz_path.as_deref() == Some(request_head::path_of(normalized)) {
@@ -831,6 +836,9 @@ impl Pipeline {
         }
 
         let target = rewrite(&settings.rewrites, normalized).into_owned();
+        // Not kept in the request future across the awaits below (its size is memory per
+        // connection, docs/performance.md).
+        drop(normalized_text);
 
         let table = st.routes.load();
         let Some(config) = table.pick().cloned() else {
