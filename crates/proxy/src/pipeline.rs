@@ -691,6 +691,15 @@ struct Routed {
     upstream_target: String,
 }
 
+/// A request past [`Pipeline::prepare`]: its facts, its settled head and body, and the target
+/// to match and forward (normalised, `--rewrite` applied).
+struct Prepared {
+    ctx: Ctx,
+    parts: http::request::Parts,
+    body: Incoming,
+    target: String,
+}
+
 /// Per-request facts gathered before the outcome is known.
 struct Ctx {
     start: Instant,
@@ -723,8 +732,17 @@ impl Pipeline {
         &self.state
     }
 
-    /// Handles one request end to end. Never fails: every outcome is a response.
-    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+    /// Everything before the config is picked: the head settled, health checks, preflights,
+    /// the body limit, `--rewrite`. A plain function, so none of its locals take room in the
+    /// request future (its size is memory per connection, docs/performance.md). `Err` is the
+    /// response when the request ends here.
+    // The `Err` is the response itself, moved out once; boxing it would allocate per request.
+    #[allow(clippy::result_large_err)]
+    fn prepare(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Prepared, Response<ProxyBody>> {
         let st = &self.state;
         let settings = &st.settings;
         let request_head_bytes = request_head_size(&req);
@@ -742,7 +760,7 @@ impl Pipeline {
             .and_then(|name| forward::ip_from_header(h, name, settings.client_ip_position))
             .unwrap_or(client_ip);
         let cors_origin = settings.cors.as_ref().and_then(|c| c.allowed_origin(h));
-        let mut ctx = Ctx {
+        let ctx = Ctx {
             start: Instant::now(),
             method: match &settled {
                 Ok(s) => s.method.clone(),
@@ -777,7 +795,7 @@ impl Pipeline {
                 let err = e.esp_error();
                 let resp = proxy_error(&err, &ctx, false);
                 let url = raw_target.to_string();
-                return self.refuse(resp, Some(err), &ctx, url, &parts.headers);
+                return Err(self.refuse(resp, Some(err), &ctx, url, &parts.headers));
             }
         };
         if settled.target.unescaped_slashes {
@@ -785,7 +803,7 @@ impl Pipeline {
             // path, which is then checked like any other; gRPC clients cannot follow redirects.
             let url = raw_target.to_string();
             let location = HeaderValue::from_str(&settled.target.text);
-            return match location {
+            return Err(match location {
                 Ok(loc) if !ctx.content_type_grpc => {
                     let mut resp = Response::new(ProxyBody::empty());
                     *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
@@ -801,44 +819,57 @@ impl Pipeline {
                     let resp = proxy_error(&err, &ctx, false);
                     self.refuse(resp, Some(err), &ctx, url, &parts.headers)
                 }
-            };
+            });
         }
-        let request_head::Settled {
-            method,
-            target: normalized,
-        } = settled;
-        parts.method = method;
-        let normalized_text = normalized.text;
-        let normalized: &str = &normalized_text;
+        parts.method = settled.method;
+        let normalized: &str = &settled.target.text;
 
         // nginx's exact-match health location and CORS preflight run before ESP.
         if st.healthz_path.as_deref() == Some(request_head::path_of(normalized)) {
             let resp = Response::new(ProxyBody::empty());
-            return self.finalize(resp, &ctx, normalized.to_string(), None, None, None);
+            return Err(self.finalize(resp, &ctx, normalized.to_string(), None, None, None));
         }
         if let (Some(cors), Some(origin)) = (&settings.cors, &ctx.cors_origin) {
             if ctx.method == Method::OPTIONS {
                 let resp: Response<ProxyBody> = cors.preflight(origin.clone());
-                return self.finalize_plain(resp, &ctx, normalized.to_string(), None);
+                return Err(self.finalize_plain(resp, &ctx, normalized.to_string(), None));
             }
         }
         if settings.client_max_body_size > 0 && ctx.request_bytes > settings.client_max_body_size {
             let err = EspError::payload_too_large();
             let url = normalized.to_string();
-            return self.finalize(
+            return Err(self.finalize(
                 proxy_error(&err, &ctx, false),
                 &ctx,
                 url,
                 Some(err),
                 None,
                 None,
-            );
+            ));
         }
 
         let target = rewrite(&settings.rewrites, normalized).into_owned();
-        // Not kept in the request future across the awaits below (its size is memory per
-        // connection, docs/performance.md).
-        drop(normalized_text);
+        Ok(Prepared {
+            ctx,
+            parts,
+            body,
+            target,
+        })
+    }
+
+    /// Handles one request end to end. Never fails: every outcome is a response.
+    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+        let Prepared {
+            mut ctx,
+            mut parts,
+            body,
+            target,
+        } = match self.prepare(req, conn) {
+            Ok(p) => p,
+            Err(resp) => return resp,
+        };
+        let st = &self.state;
+        let settings = &st.settings;
 
         let table = st.routes.load();
         let Some(config) = table.pick().cloned() else {
