@@ -144,8 +144,9 @@ pub struct EspArgs {
     /// `X-Forwarded-For`/`X-Real-IP`) are removed in every spelling either way.
     #[arg(long = "underscores_in_headers", action = ArgAction::SetTrue)]
     pub underscores_in_headers: bool,
-    /// ESPv2: match and forward the path as received: no dot-segment removal, no `\` → `/`, no
-    /// refusal of ambiguous encodings (an encoded NUL is still refused).
+    /// ESPv2: match and forward the path as received: no decoding, no dot-segment removal, no
+    /// `\` read as `/`, no refusal of ambiguous encodings (an encoded NUL is still refused).
+    /// Repeated slashes are still merged unless --disable_merge_slashes_in_path.
     #[arg(long = "disable_normalize_path", action = ArgAction::SetTrue)]
     pub disable_normalize_path: bool,
     /// ESPv2: keep repeated slashes in the path instead of merging them.
