@@ -247,6 +247,8 @@ impl ServeOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error("{0}")]
+    DataDir(#[from] crate::datadir::DataDirError),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
     #[error("cannot bind {addr}: {source}")]
@@ -381,6 +383,9 @@ pub async fn build_state_with(
     bound: SocketAddr,
     customize: impl FnOnce(&mut Shared),
 ) -> Result<(AppState, PathBuf), ServeError> {
+    if let Some(dir) = &opts.data_dir {
+        crate::datadir::prepare(dir)?;
+    }
     let token_path = match (&opts.admin_token_file, &opts.data_dir) {
         (Some(p), _) => p.clone(),
         (None, Some(d)) => d.join("admin-token"),
@@ -463,6 +468,10 @@ pub async fn build_state_with(
 
 /// Binds, builds the state and serves in a background task.
 pub async fn serve(opts: ServeOptions) -> Result<RunningServer, ServeError> {
+    // Before binding: an unusable --data must not leave a port open that never answers.
+    if let Some(dir) = &opts.data_dir {
+        crate::datadir::prepare(dir)?;
+    }
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|source| ServeError::Bind {
