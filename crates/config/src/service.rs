@@ -537,9 +537,9 @@ pub struct SourceInfo {
 /// Shortest `backend.rules[].deadline` (seconds) a config may set: a shorter one rounds to no
 /// time at all, so every request to the backend would time out at once.
 pub const MIN_BACKEND_DEADLINE_S: f64 = 0.001;
-/// Longest `backend.rules[].deadline` (seconds): one day, the proxy's longest backend timeout
-/// (`--http_request_timeout_s` default). Beyond it, a value is a mistake, and past about 1.8e19
-/// it cannot be represented as a time span at all (`1e300` used to crash every proxy).
+/// Longest `backend.rules[].deadline` (seconds): one day. Beyond it a value is a mistake, and
+/// past about 1.8e19 it cannot be represented as a time span at all (`1e300` used to crash
+/// every proxy).
 pub const MAX_BACKEND_DEADLINE_S: f64 = 86_400.0;
 /// Largest `quota.metricRules[].metricCosts` value: a cost is charged per request against
 /// per-minute limits, and the proxy adds costs up between allocations, where a cost near
