@@ -10,6 +10,10 @@
 //! Re-running reuses everything in `.portico/` (`state.json` names the service, the key file and
 //! the API key); only a changed OpenAPI file is submitted again. Ctrl-C (or SIGTERM) stops the
 //! children and waits for them. Child output goes to `.portico/logs/`.
+//!
+//! Everything under `.portico/` is private: the directories are 0700 and the files 0600 (files
+//! an older version left readable are tightened at start), and a directory that cannot be
+//! used is refused before any port is claimed or child started.
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
@@ -175,8 +179,18 @@ impl Children {
     fn spawn(&mut self, name: &'static str, args: &[String], logs: &Path) -> Result<()> {
         let exe = std::env::current_exe().context("cannot find the portico executable")?;
         let log = logs.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log)
-            .with_context(|| format!("cannot create {}", log.display()))?;
+        let out = {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&log)
+                .with_context(|| format!("cannot create {}", log.display()))?
+        };
+        // The mode above applies to new files only.
+        portico_control_plane::datadir::tighten(&log, 0o600);
         let err = out.try_clone()?;
         let child = Command::new(exe)
             .args(args)
@@ -332,8 +346,7 @@ impl State {
 
     fn save(&self, path: &Path) -> Result<()> {
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        write_private(&tmp, &serde_json::to_vec_pretty(self)?)?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
     }
 }
@@ -736,8 +749,36 @@ async fn wait_proxy_ready(children: &mut Children, port: u16) -> Result<()> {
     }
 }
 
+/// Checks and creates the data directory and its `logs/`, both 0700, and tightens the files an
+/// older version left readable by others.
+fn prepare_data(data: &Path) -> Result<()> {
+    portico_control_plane::datadir::prepare(data)?;
+    let logs = data.join("logs");
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        match std::fs::DirBuilder::new().mode(0o700).create(&logs) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", logs.display())),
+        }
+    }
+    let tighten = portico_control_plane::datadir::tighten;
+    tighten(&logs, 0o700);
+    if let Ok(entries) = std::fs::read_dir(&logs) {
+        for entry in entries.flatten() {
+            tighten(&entry.path(), 0o600);
+        }
+    }
+    for name in ["state.json", "service-account-creds.json"] {
+        tighten(&data.join(name), 0o600);
+    }
+    Ok(())
+}
+
 async fn run(opts: Options, children: &mut Children) -> Result<()> {
     let mut opts = opts;
+    // Before anything else: an unusable --data is one sentence, not a child that never answers.
+    prepare_data(&opts.data)?;
     // Claim every port before starting anything, so a conflict costs nothing.
     opts.port = claim_port(opts.port, "--port")?;
     opts.status_port = claim_port(opts.status_port, "--status-port")?;
@@ -752,8 +793,6 @@ async fn run(opts: Options, children: &mut Children) -> Result<()> {
         }
     }
 
-    std::fs::create_dir_all(opts.data.join("logs"))
-        .with_context(|| format!("cannot create {}", opts.data.display()))?;
     let data = std::fs::canonicalize(&opts.data)?;
     opts.data = data.clone();
     let logs = data.join("logs");

@@ -108,6 +108,43 @@ fn walkthrough(db: Db) {
     );
     assert!(out.stderr.contains("openapi.yaml:"), "{out}");
 
+    // Issue 14 items 9 and 11: a YAML alias bomb and a deadline no proxy can use are refused
+    // with their line, and the control plane stays up for what follows.
+    let echo = fixture("echo-openapi.yaml");
+    let mut bomb = echo.clone();
+    bomb.push_str("x-bomb:\n  l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..10 {
+        let refs = vec![format!("*l{}", i - 1); 10].join(", ");
+        bomb.push_str(&format!("  l{i}: &l{i} [{refs}]\n"));
+    }
+    let bomb_line = echo.lines().count() + 7;
+    let deadline = echo.replacen(
+        "paths:\n",
+        "x-google-backend:\n  address: https://b.example.com\n  deadline: 1e300\npaths:\n",
+        1,
+    );
+    let deadline_line = deadline
+        .lines()
+        .position(|l| l.contains("1e300"))
+        .expect("deadline line")
+        + 1;
+    for (name, spec, expected) in [
+        (
+            "bomb",
+            bomb,
+            format!("openapi.yaml:{bomb_line}:42: YAML aliases expand this document beyond 1000000 copied nodes"),
+        ),
+        (
+            "deadline",
+            deadline,
+            format!("openapi.yaml:{deadline_line}:13: x-google-backend deadline 1e300 is out of range"),
+        ),
+    ] {
+        let out = deploy(&g, &spec_dir(root.path(), name, &spec), &[]);
+        assert!(!out.ok(), "{name} deployed:\n{out}");
+        assert!(out.stderr.contains(&expected), "{name}: {out}");
+    }
+
     // configs list: newest first, exactly the two deployed configs.
     let out = must(
         g.run(&[

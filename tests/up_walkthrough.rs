@@ -1,6 +1,8 @@
 //! `portico up` end to end: run it in a temp dir on ports chosen at run time, execute the curl
 //! lines it prints with the real `curl`, then run it again on the same state and check that the
-//! service, key file and API key are reused. Also: a busy port is a clear error.
+//! service, key file and API key are reused. Also: a busy port is a clear error; everything
+//! under the data directory is owner-only (issue 14 item 13), also after a start on files an
+//! older version left readable; an unusable data directory is refused before any port is bound.
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -131,6 +133,42 @@ fn logs(dir: &Path) -> String {
     s
 }
 
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(p).expect("meta").permissions().mode() & 0o777
+}
+
+/// Every directory under `data` (itself included) is 0700 and every file 0600 or stricter;
+/// the files named must be there.
+fn assert_private(data: &Path, must_exist: &[&str]) {
+    assert_eq!(mode(data), 0o700, "{} is {:o}", data.display(), mode(data));
+    let mut seen = Vec::new();
+    let mut stack = vec![data.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("list") {
+            let path = entry.expect("entry").path();
+            let rel = path
+                .strip_prefix(data)
+                .expect("under data")
+                .display()
+                .to_string();
+            if path.is_dir() {
+                assert_eq!(mode(&path), 0o700, "{rel} is {:o}", mode(&path));
+                stack.push(path);
+            } else {
+                assert_eq!(mode(&path) & 0o077, 0, "{rel} is {:o}", mode(&path));
+            }
+            seen.push(rel);
+        }
+    }
+    for name in must_exist {
+        assert!(
+            seen.iter().any(|s| s == name),
+            "{name} missing from {seen:?}"
+        );
+    }
+}
+
 /// Runs one printed curl line through the shell, returning (HTTP status, body).
 fn run_curl(line: &str) -> (u16, String) {
     let out = Command::new("sh")
@@ -246,6 +284,25 @@ fn up_runs_the_walkthrough_and_reuses_its_state() {
         let (status, _) = run_curl(&format!("curl {proxy}/auth/info/googlejwt"));
         assert_eq!(status, 401, "no token must be refused by the proxy");
 
+        // Issue 14 item 13: the database (with SQLite's -wal and -shm), state, logs and secrets
+        // are all owner-only while everything runs.
+        assert_private(
+            &dir.path().join(".portico"),
+            &[
+                "portico.db",
+                "portico.db-wal",
+                "portico.db-shm",
+                "state.json",
+                "admin-token",
+                "master-key",
+                "service-account-creds.json",
+                "logs",
+                "logs/control-plane.log",
+                "logs/esp.log",
+                "logs/echo.log",
+            ],
+        );
+
         let state = read_state(dir.path());
         (
             lines[1].clone(),
@@ -258,7 +315,40 @@ fn up_runs_the_walkthrough_and_reuses_its_state() {
     let key_before = std::fs::read(&key_file).expect("key file");
     let config_before = read_state(dir.path())["config_id"].clone();
     assert!(config_before.is_string());
+    // What an older version left behind: the directories and these files readable by all.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let data = dir.path().join(".portico");
+        let chmod = |rel: &str, m: u32| {
+            let p = if rel.is_empty() {
+                data.clone()
+            } else {
+                data.join(rel)
+            };
+            if p.exists() {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m)).expect("chmod");
+            }
+        };
+        for d in ["", "logs"] {
+            chmod(d, 0o755);
+        }
+        for f in [
+            "portico.db",
+            "portico.db-wal",
+            "portico.db-shm",
+            "state.json",
+            "logs/control-plane.log",
+            "logs/esp.log",
+            "logs/echo.log",
+        ] {
+            chmod(f, 0o644);
+        }
+    }
     let up = start_up(dir.path(), ports);
+    assert_private(
+        &dir.path().join(".portico"),
+        &["portico.db", "state.json", "logs/control-plane.log"],
+    );
     let lines = curl_lines(&up.stdout);
     assert_eq!(lines[1], first_key, "the API key was not reused");
     assert!(up.stdout.contains(&first_service));
@@ -317,4 +407,110 @@ fn up_runs_the_walkthrough_and_reuses_its_state() {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Issue 14 item 13: a data directory that cannot be used is one sentence naming it, given
+/// before any port is bound. As root, permission bits do not stop writes, so the cases use
+/// paths no user can write: a regular file, and a path under a regular file.
+#[test]
+fn an_unusable_data_directory_is_refused_before_binding() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"not a directory").expect("write");
+    let under = file.join("data");
+
+    // The control plane: its port is taken, so binding first would report that instead.
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    for (data, expected) in [
+        (
+            &file,
+            format!("data directory {} is not a directory", file.display()),
+        ),
+        (
+            &under,
+            format!(
+                "cannot use data directory {}: Not a directory (os error 20)",
+                under.display()
+            ),
+        ),
+    ] {
+        let out = run_bounded(Command::new(env!("CARGO_BIN_EXE_portico")).args([
+            "control-plane",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data",
+            &data.display().to_string(),
+        ]));
+        assert!(!out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&expected), "{stderr}");
+        assert!(!stderr.contains("cannot bind"), "{stderr}");
+    }
+
+    // A read-only file system, the case from the issue (the server listened, never answered
+    // and gave up after 30 s): a read-only tmpfs in a private mount namespace, which needs
+    // root (or CAP_SYS_ADMIN) and unshare(1).
+    let ro = dir.path().join("read-only");
+    std::fs::create_dir(&ro).expect("mkdir");
+    let script = format!(
+        "mount -t tmpfs -o ro tmpfs '{ro}' && exec '{bin}' control-plane --listen 127.0.0.1:{port} --data '{ro}'",
+        ro = ro.display(),
+        bin = env!("CARGO_BIN_EXE_portico"),
+    );
+    match Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+    {
+        Ok(out) if String::from_utf8_lossy(&out.stderr).contains("portico control-plane:") => {
+            assert!(!out.status.success(), "{out:?}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains(&format!(
+                    "portico control-plane: data directory {} is not writable: Read-only file system (os error 30)",
+                    ro.display()
+                )),
+                "{stderr}"
+            );
+        }
+        other => eprintln!(
+            "SKIPPED: read-only file system case: cannot mount a read-only tmpfs here ({other:?})"
+        ),
+    }
+    drop(taken);
+
+    // `portico up` says the same before claiming ports or starting children.
+    let out = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_portico"))
+            .current_dir(dir.path())
+            .args(["up", "--data", &under.display().to_string()]),
+    );
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "portico up: cannot use data directory {}: Not a directory (os error 20)",
+            under.display()
+        )),
+        "{stderr}"
+    );
+}
+
+/// Runs a command that must exit on its own, killing it after 30 s.
+fn run_bounded(cmd: &mut Command) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn portico");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("output")
 }

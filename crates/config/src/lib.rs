@@ -15,6 +15,9 @@ pub mod service;
 pub mod template;
 
 pub use matcher::{query_bindings, Binding, Match, PathMatcher, PathMatcherBuilder};
-pub use openapi::{convert, Conversion, ConvertError, Diagnostic, Severity, SourceFile};
+pub use openapi::{
+    convert, convert_with, Conversion, ConvertError, ConvertOptions, Diagnostic, Interrupted,
+    Severity, SourceFile,
+};
 pub use service::Service;
 pub use template::TemplateError;

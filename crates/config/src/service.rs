@@ -534,7 +534,63 @@ pub struct SourceInfo {
     pub source_files: Vec<serde_json::Value>,
 }
 
+/// Shortest `backend.rules[].deadline` (seconds) a config may set: a shorter one rounds to no
+/// time at all, so every request to the backend would time out at once.
+pub const MIN_BACKEND_DEADLINE_S: f64 = 0.001;
+/// Longest `backend.rules[].deadline` (seconds): one day. Beyond it a value is a mistake, and
+/// past about 1.8e19 it cannot be represented as a time span at all (`1e300` used to crash
+/// every proxy).
+pub const MAX_BACKEND_DEADLINE_S: f64 = 86_400.0;
+/// Largest `quota.metricRules[].metricCosts` value: a cost is charged per request against
+/// per-minute limits, and the proxy adds costs up between allocations, where a cost near
+/// `i64::MAX` would overflow. A billion per request is far beyond any real limit.
+pub const MAX_METRIC_COST: i64 = 1_000_000_000;
+
+/// Why `deadline` (seconds; 0 = unset) is not a usable backend deadline, if it is not; the
+/// text follows the value ("deadline 1e300 is out of range: ...").
+pub fn backend_deadline_problem(deadline: f64) -> Option<String> {
+    if deadline == 0.0 || (MIN_BACKEND_DEADLINE_S..=MAX_BACKEND_DEADLINE_S).contains(&deadline) {
+        return None;
+    }
+    Some(format!(
+        "is out of range: a deadline is a number of seconds from {MIN_BACKEND_DEADLINE_S} to \
+         {MAX_BACKEND_DEADLINE_S} (one day)"
+    ))
+}
+
+/// Why `cost` is not a usable metric cost, if it is not; the text follows the value. Costs of
+/// 0 and below are charged as 1, as ESP does, so only the top is bounded.
+pub fn metric_cost_problem(cost: i64) -> Option<String> {
+    (cost > MAX_METRIC_COST)
+        .then(|| format!("is out of range: a cost is at most {MAX_METRIC_COST} per request"))
+}
+
 impl Service {
+    /// Checks the numbers a proxy turns into time spans and counts, so a config that cannot
+    /// be served is refused when it is loaded rather than failing (or panicking) later.
+    /// The message names the rule and the value.
+    pub fn check_ranges(&self) -> Result<(), String> {
+        for r in self.backend.iter().flat_map(|b| b.rules.iter()) {
+            if let Some(problem) = backend_deadline_problem(r.deadline) {
+                return Err(format!(
+                    "backend rule {:?}: deadline {:?} {problem}",
+                    r.selector, r.deadline
+                ));
+            }
+        }
+        for r in self.quota.iter().flat_map(|q| q.metric_rules.iter()) {
+            for (metric, cost) in &r.metric_costs {
+                if let Some(problem) = metric_cost_problem(*cost) {
+                    return Err(format!(
+                        "quota metric rule {:?}: the cost {cost} of metric {metric:?} {problem}",
+                        r.selector
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The usage rule for a selector, if any.
     pub fn usage_rule(&self, selector: &str) -> Option<&UsageRule> {
         self.usage
@@ -600,5 +656,36 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(serde_json::to_string(&s).unwrap(), r#"{"name":"svc"}"#);
+    }
+
+    #[test]
+    fn check_ranges_names_the_rule_and_value() {
+        let svc = |json: &str| serde_json::from_str::<Service>(json).unwrap();
+        assert_eq!(svc(r#"{"name":"s"}"#).check_ranges(), Ok(()));
+        let ok = svc(
+            r#"{"backend":{"rules":[{"selector":"a","deadline":86400},{"selector":"b"}]},
+                "quota":{"metricRules":[{"selector":"a","metricCosts":{"m":"-3","n":"1000000000"}}]}}"#,
+        );
+        assert_eq!(ok.check_ranges(), Ok(()));
+        for (json, message) in [
+            (
+                r#"{"backend":{"rules":[{"selector":"a","deadline":1e300}]}}"#,
+                "backend rule \"a\": deadline 1e300 is out of range: a deadline is a number of seconds from 0.001 to 86400 (one day)",
+            ),
+            (
+                r#"{"backend":{"rules":[{"selector":"a","deadline":-1}]}}"#,
+                "backend rule \"a\": deadline -1.0 is out of range: a deadline is a number of seconds from 0.001 to 86400 (one day)",
+            ),
+            (
+                r#"{"backend":{"rules":[{"selector":"a","deadline":1e-9}]}}"#,
+                "backend rule \"a\": deadline 1e-9 is out of range: a deadline is a number of seconds from 0.001 to 86400 (one day)",
+            ),
+            (
+                r#"{"quota":{"metricRules":[{"selector":"a","metricCosts":{"m":"9223372036854775807"}}]}}"#,
+                "quota metric rule \"a\": the cost 9223372036854775807 of metric \"m\" is out of range: a cost is at most 1000000000 per request",
+            ),
+        ] {
+            assert_eq!(svc(json).check_ranges(), Err(message.to_string()), "{json}");
+        }
     }
 }

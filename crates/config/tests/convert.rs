@@ -551,3 +551,58 @@ fn yaml_flow_style_is_not_mistaken_for_json() {
         "OPEN_API_JSON"
     );
 }
+
+/// Issue 14 item 10: a conversion stops, with a plain error, once its deadline has passed or
+/// its caller has cancelled it; the control plane relies on this to stop abandoned work.
+#[test]
+fn conversions_stop_at_their_deadline_or_when_cancelled() {
+    use portico_config::{convert_with, ConvertOptions, Interrupted};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let mut text = String::from(
+        "swagger: \"2.0\"\ninfo: {title: T, version: 1.0.0}\nhost: api.example.com\npaths:\n",
+    );
+    for i in 0..2000 {
+        text.push_str(&format!(
+            "  /p{i}:\n    get:\n      operationId: op{i}\n      responses: {{200: {{description: ok}}}}\n"
+        ));
+    }
+    let files = [SourceFile::new("big.yaml", text.as_bytes())];
+
+    let past = ConvertOptions {
+        deadline: Some(Instant::now()),
+        cancel: None,
+    };
+    let err = convert_with(&files, &past).unwrap_err();
+    assert_eq!(err.interrupted, Some(Interrupted::DeadlineExceeded));
+    assert_eq!(
+        err.to_string(),
+        "the conversion took longer than the time allowed and was stopped"
+    );
+
+    let cancelled = ConvertOptions {
+        deadline: None,
+        cancel: Some(Arc::new(AtomicBool::new(true))),
+    };
+    let err = convert_with(&files, &cancelled).unwrap_err();
+    assert_eq!(err.interrupted, Some(Interrupted::Cancelled));
+
+    // A small file with a deadline already passed is refused too: the clock is read at once.
+    let small = [SourceFile::new(
+        "small.yaml",
+        "swagger: \"2.0\"\ninfo: {title: T, version: 1.0.0}\nhost: api.example.com\npaths: {}\n",
+    )];
+    assert_eq!(
+        convert_with(&small, &past).unwrap_err().interrupted,
+        Some(Interrupted::DeadlineExceeded)
+    );
+
+    let generous = ConvertOptions {
+        deadline: Some(Instant::now() + Duration::from_secs(3600)),
+        cancel: Some(Arc::new(AtomicBool::new(false))),
+    };
+    let conv = convert_with(&files, &generous).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(conv.service.apis[0].methods.len(), 2000);
+}

@@ -493,3 +493,93 @@ fn operations_need_responses() {
         ["openapi.yaml:8:5: Operation 'get' in path '/a': missing required field \"responses\" (OpenAPI 2.0 requires at least one, e.g. responses: {200: {description: OK}})"]
     );
 }
+
+/// Issue 14 item 9: a 600-byte file of nested YAML aliases under an `x-` key is refused at the
+/// alias that crosses the budget, with the file and line, instead of expanding to 10^10 nodes.
+#[test]
+fn yaml_alias_bomb_is_refused_with_its_position() {
+    let mut text = spec("x-bomb:\n  l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..10 {
+        let refs = vec![format!("*l{}", i - 1); 10].join(", ");
+        text.push_str(&format!("  l{i}: &l{i} [{refs}]\n"));
+    }
+    text.push_str(&format!("paths:\n  /a:\n    get:\n{OK_RESPONSES}"));
+    let errs = errors("openapi.yaml", &text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    // Line 12 is l5: its ten aliases of l4 (111,111 nodes each) cross 10^6 copied nodes.
+    assert!(errs[0].starts_with("openapi.yaml:12:"), "{}", errs[0]);
+    assert!(
+        errs[0].contains("YAML aliases expand this document beyond 1000000 copied nodes"),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn deep_nesting_is_refused_with_its_position() {
+    let text = spec(&format!("x-deep:\n{}x\n", "- ".repeat(100_000)));
+    let errs = errors("openapi.yaml", &text);
+    assert_eq!(
+        errs,
+        ["openapi.yaml:7:255: lists and mappings are nested more than 128 levels deep"]
+    );
+}
+
+/// Definitions that alias each other in a long chain, and a cycle at its end: found once, at
+/// the first member of the cycle.
+#[test]
+fn long_alias_chains_between_definitions() {
+    let mut text = spec(&format!(
+        "paths:\n  /a:\n    get:\n{OK_RESPONSES}definitions:\n"
+    ));
+    let n = 3000;
+    for i in 0..n {
+        text.push_str(&format!("  D{i}:\n    $ref: '#/definitions/D{}'\n", i + 1));
+    }
+    text.push_str(&format!(
+        "  D{n}:\n    type: array\n    items:\n      $ref: '#/definitions/D{}'\n",
+        n - 1
+    ));
+    let errs = errors("openapi.yaml", &text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    let line = 13 + 2 * (n - 1);
+    assert_eq!(
+        errs[0],
+        format!("openapi.yaml:{line}:3: definition \"D{}\" refers back to itself only through $ref or array items (D{} → D{n} → D{}), so no value can have this type", n - 1, n - 1, n - 1)
+    );
+}
+
+/// Issue 14 item 11: numbers the proxy turns into time spans and counts are refused at submit,
+/// with file:line, when no proxy could use them (`deadline: 1e300` used to crash every proxy).
+#[test]
+fn out_of_range_numbers_are_refused() {
+    let op = |path: &str, deadline: &str, cost: &str| {
+        format!(
+            "  {path}:\n    get:\n      operationId: op{}\n      x-google-backend:\n        address: https://b.example.com\n        deadline: {deadline}\n      x-google-quota:\n        metricCosts:\n          reads: {cost}\n{OK_RESPONSES}",
+            path.trim_start_matches('/')
+        )
+    };
+    let text = spec(&format!(
+        "x-google-management:\n  metrics:\n    - name: reads\n  quota:\n    limits:\n      - name: r\n        metric: reads\n        unit: 1/min/{{project}}\n        values: {{STANDARD: 10}}\npaths:\n{}{}{}{}{}{}{}",
+        op("/a", "1e300", "1"),
+        op("/b", "-5", "1"),
+        op("/c", ".nan", "1"),
+        op("/d", ".inf", "1"),
+        op("/e", "0.0000001", "1"),
+        op("/f", "86401", "9223372036854775807"),
+        op("/g", "86400", "1000000000"),
+    ));
+    let range = "is out of range: a deadline is a number of seconds from 0.001 to 86400 (one day)";
+    assert_eq!(
+        errors("openapi.yaml", &text),
+        [
+            format!("openapi.yaml:21:19: x-google-backend deadline 1e300 {range}"),
+            "openapi.yaml:33:19: deadline must be a positive number of seconds".to_string(),
+            "openapi.yaml:45:19: deadline must be a positive number of seconds".to_string(),
+            "openapi.yaml:57:19: deadline must be a positive number of seconds".to_string(),
+            format!("openapi.yaml:69:19: x-google-backend deadline 0.0000001 {range}"),
+            format!("openapi.yaml:81:19: x-google-backend deadline 86401 {range}"),
+            "openapi.yaml:84:18: Operation 'get' in path '/f': the cost 9223372036854775807 of metric \"reads\" is out of range: a cost is at most 1000000000 per request".to_string(),
+        ]
+    );
+}

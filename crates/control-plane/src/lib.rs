@@ -5,6 +5,7 @@
 //! - [`server`]: shared state ([`server::AppState`]), router composition, API-prefix stripping,
 //!   request logging. **Read its module doc to add a module** (migrations, routes, verbs).
 //! - [`store`]: the SQLite/PostgreSQL pool, portable-SQL rules, the migrations registry.
+//! - [`datadir`]: the `--data` directory: checked before binding, kept private (0700/0600).
 //! - [`error`]: `ApiError`, Google's error body.
 //! - [`auth`]: admin token, the [`auth::Principal`] extractor, token verifiers, IAM `Policy`,
 //!   permission checks.
@@ -24,6 +25,7 @@ pub mod auth;
 pub mod cli;
 pub mod console;
 pub mod crypto;
+pub mod datadir;
 pub mod error;
 pub mod iam;
 pub mod jwks;

@@ -247,6 +247,8 @@ impl ServeOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error("{0}")]
+    DataDir(#[from] crate::datadir::DataDirError),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
     #[error("cannot bind {addr}: {source}")]
@@ -295,6 +297,8 @@ pub struct Shared {
     pub master_key: crate::crypto::MasterKey,
     /// Service Control: quota counters, clock, Prometheus registry, config cache.
     pub servicecontrol: crate::servicecontrol::ScState,
+    /// Where and how long OpenAPI conversions run (`configs:submit`).
+    pub conversions: crate::servicemanagement::Conversions,
 }
 
 impl AppState {
@@ -379,6 +383,9 @@ pub async fn build_state_with(
     bound: SocketAddr,
     customize: impl FnOnce(&mut Shared),
 ) -> Result<(AppState, PathBuf), ServeError> {
+    if let Some(dir) = &opts.data_dir {
+        crate::datadir::prepare(dir)?;
+    }
     let token_path = match (&opts.admin_token_file, &opts.data_dir) {
         (Some(p), _) => p.clone(),
         (None, Some(d)) => d.join("admin-token"),
@@ -453,6 +460,7 @@ pub async fn build_state_with(
         project_policies: Some(crate::resourcemanager::policy_source()),
         master_key,
         servicecontrol,
+        conversions: crate::servicemanagement::Conversions::default(),
     };
     customize(&mut shared);
     Ok((AppState::new(shared), token_path))
@@ -460,6 +468,10 @@ pub async fn build_state_with(
 
 /// Binds, builds the state and serves in a background task.
 pub async fn serve(opts: ServeOptions) -> Result<RunningServer, ServeError> {
+    // Before binding: an unusable --data must not leave a port open that never answers.
+    if let Some(dir) = &opts.data_dir {
+        crate::datadir::prepare(dir)?;
+    }
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -632,9 +644,14 @@ pub(crate) mod test_support {
     }
 
     pub(crate) async fn env() -> TestEnv {
+        env_customized(|_| {}).await
+    }
+
+    /// [`env`] with a last change to the state (conversion limits, hooks).
+    pub(crate) async fn env_customized(customize: impl FnOnce(&mut Shared)) -> TestEnv {
         let dir = tempfile::tempdir().expect("tempdir");
         let opts = ServeOptions::sqlite("127.0.0.1:0".parse().expect("addr"), dir.path());
-        env_with(dir, opts).await
+        env_with_customized(dir, opts, customize).await
     }
 
     /// A state on PostgreSQL in a fresh schema, or `None` after a loud `SKIPPED:` when
@@ -669,10 +686,21 @@ pub(crate) mod test_support {
     }
 
     async fn env_with(dir: tempfile::TempDir, opts: ServeOptions) -> TestEnv {
+        env_with_customized(dir, opts, |_| {}).await
+    }
+
+    async fn env_with_customized(
+        dir: tempfile::TempDir,
+        opts: ServeOptions,
+        customize: impl FnOnce(&mut Shared),
+    ) -> TestEnv {
         let (state, token_path) = build_state_with(
             &opts,
             "127.0.0.1:1".parse().expect("addr"),
-            |s: &mut Shared| s.verifiers.insert(0, Arc::new(TestSaTokens)),
+            |s: &mut Shared| {
+                s.verifiers.insert(0, Arc::new(TestSaTokens));
+                customize(s);
+            },
         )
         .await
         .expect("state");

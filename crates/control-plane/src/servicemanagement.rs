@@ -94,6 +94,52 @@ const TYPE_UNDELETE_RESPONSE: &str =
 const TYPE_CONFIG_REF: &str = "type.googleapis.com/google.api.servicemanagement.v1.ConfigRef";
 const TYPE_CONFIG_FILE: &str = "type.googleapis.com/google.api.servicemanagement.v1.ConfigFile";
 
+/// How long one `configs:submit` may spend converting (waiting for a turn included) before it
+/// is stopped with DEADLINE_EXCEEDED. The largest body accepted (16 MiB) converts in about two
+/// seconds on one core, so this leaves room for a slow or busy machine and no more.
+pub const CONVERSION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How OpenAPI conversions run: on the blocking pool rather than the threads that answer
+/// requests, a few at a time (half the CPUs, at least one, so conversions never take every
+/// core from `:check` and `/token`), each within a time limit. A conversion whose caller went
+/// away is told to stop and does within a few hundred YAML events or paths.
+pub struct Conversions {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    timeout: std::time::Duration,
+    /// Runs on the converting thread before each conversion (tests hold a conversion here).
+    #[cfg(test)]
+    pub(crate) before_convert: Option<std::sync::Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl Default for Conversions {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Conversions::new((cpus / 2).max(1), CONVERSION_TIMEOUT)
+    }
+}
+
+impl Conversions {
+    /// `concurrent` conversions at most (at least 1), each stopped after `timeout`.
+    pub fn new(concurrent: usize, timeout: std::time::Duration) -> Self {
+        Conversions {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(concurrent.max(1))),
+            timeout,
+            #[cfg(test)]
+            before_convert: None,
+        }
+    }
+}
+
+/// Sets the flag when dropped: the request future is dropped when its client goes away, and
+/// the conversion it started sees the flag and stops.
+struct CancelOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/services", get(list_services).post(create_service))
@@ -766,12 +812,66 @@ struct ConfigFile {
     file_type: String,
 }
 
+/// [`convert_sources`] under the rules of [`Conversions`].
+async fn convert_bounded(
+    state: &AppState,
+    service: &str,
+    files: Vec<ConfigFile>,
+) -> Result<(portico_config::Service, Vec<Value>), ApiError> {
+    let conversions = &state.conversions;
+    let started = tokio::time::Instant::now();
+    let deadline = started + conversions.timeout;
+    let permit = match tokio::time::timeout_at(
+        deadline,
+        conversions.permits.clone().acquire_owned(),
+    )
+    .await
+    {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) | Err(_) => {
+            return Err(ApiError::unavailable(format!(
+                "The control plane is busy converting other service configs and could not start \
+                 this one within {} s; try again.",
+                conversions.timeout.as_secs_f64()
+            )))
+        }
+    };
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _cancel_on_drop = CancelOnDrop(cancel.clone());
+    let opts = portico_config::ConvertOptions {
+        deadline: Some(deadline.into_std()),
+        cancel: Some(cancel),
+    };
+    let timeout = conversions.timeout;
+    #[cfg(test)]
+    let before = conversions.before_convert.clone();
+    let service = service.to_string();
+    let work = move || {
+        // Held until the work really ends, even when the request that started it is gone.
+        let _permit = permit;
+        #[cfg(test)]
+        if let Some(f) = before {
+            f();
+        }
+        convert_sources(&service, &files, &opts, timeout)
+    };
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(e) => Err(ApiError::internal(format_args!(
+            "the conversion failed: {e}"
+        ))),
+    }
+}
+
 /// Turns the submitted files into a config: decode, convert, check the name.
 fn convert_sources(
     service: &str,
     files: &[ConfigFile],
+    opts: &portico_config::ConvertOptions,
+    timeout: std::time::Duration,
 ) -> Result<(portico_config::Service, Vec<Value>), ApiError> {
-    use portico_config::openapi::{convert, Severity, SourceFile};
+    use portico_config::openapi::{convert_with, Severity, SourceFile};
+    use portico_config::Interrupted;
     if files.is_empty() {
         return Err(
             ApiError::invalid_argument("configSource.files must not be empty.")
@@ -807,7 +907,27 @@ fn convert_sources(
         };
         sources.push(SourceFile::new(path, bytes));
     }
-    let conv = convert(&sources).map_err(|e| {
+    let conv = convert_with(&sources, opts).map_err(|e| {
+        match e.interrupted {
+            Some(Interrupted::DeadlineExceeded) => {
+                return ApiError::new(
+                    crate::error::Code::DeadlineExceeded,
+                    format!(
+                        "Converting the service config took longer than {} s and was stopped; \
+                         split the API into several files or services, or try again when the \
+                         control plane is less busy.",
+                        timeout.as_secs_f64()
+                    ),
+                )
+            }
+            Some(Interrupted::Cancelled) => {
+                return ApiError::new(
+                    crate::error::Code::Cancelled,
+                    "The caller went away; the conversion was stopped.",
+                )
+            }
+            None => {}
+        }
         let mut msg = String::from("Cannot convert to service config.");
         for d in e.errors() {
             msg.push('\n');
@@ -874,7 +994,8 @@ async fn submit_config(
     let producer = producer_project(&state, &service)
         .await?
         .ok_or_else(|| not_found_or_denied(&service))?;
-    let (mut svc, diagnostics) = convert_sources(&service, &body.config_source.files)?;
+    let (mut svc, diagnostics) =
+        convert_bounded(&state, &service, body.config_source.files).await?;
     svc.producer_project_id = producer;
     if svc.config_version == 0 {
         svc.config_version = 3;
@@ -894,7 +1015,14 @@ async fn submit_config(
             .ok_or_else(|| not_found_or_denied(&service))?
     };
     svc.id = id.clone();
-    let config = serde_json::to_value(&svc)?;
+    // A large config takes a while to render too: off the request threads as well.
+    let (config, stored) = tokio::task::spawn_blocking(move || {
+        let config = serde_json::to_value(&svc)?;
+        let stored = serde_json::to_string(&config)?;
+        Ok::<_, serde_json::Error>((config, stored))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format_args!("rendering the config failed: {e}")))??;
     if !body.validate_only {
         let (seq,): (i64,) = sqlx::query_as(
             "SELECT COALESCE(MAX(seq), 0) + 1 FROM sm_configs WHERE service_name = $1",
@@ -909,7 +1037,7 @@ async fn submit_config(
         .bind(&service)
         .bind(&id)
         .bind(seq)
-        .bind(serde_json::to_string(&config)?)
+        .bind(stored)
         .bind(now_rfc3339())
         .execute(&mut *tx)
         .await?;
@@ -1368,8 +1496,11 @@ async fn generate_config_report(
         ),
         None => None,
     };
-    let changes = config_changes(old_cfg.as_ref(), &new_cfg);
     let id = new_cfg.get("id").cloned().unwrap_or(Value::Null);
+    // Two large configs flatten into a million entries: not on the request threads.
+    let changes = tokio::task::spawn_blocking(move || config_changes(old_cfg.as_ref(), &new_cfg))
+        .await
+        .map_err(|e| ApiError::internal(format_args!("comparing the configs failed: {e}")))?;
     let mut out = json!({"serviceName": service, "id": id});
     if !changes.is_empty() {
         out["changeReports"] = json!([{ "configChanges": changes }]);
@@ -1675,6 +1806,217 @@ mod tests {
                 .as_str()
                 .unwrap_or("")
                 .starts_with("http.rules[")));
+    }
+
+    /// A spec with `paths` operations, big enough that the converter reads the clock often.
+    fn many_paths(n: usize) -> String {
+        let mut paths = String::from("paths:\n");
+        for i in 0..n {
+            paths.push_str(&format!(
+                "  /gen{i}:\n    get:\n      operationId: gen{i}\n      responses:\n        '200':\n          description: ok\n"
+            ));
+        }
+        ECHO.replacen("paths:\n", &paths, 1)
+    }
+
+    /// Issue 14 item 10: a conversion is bounded in time, with a clear error, and stores
+    /// nothing.
+    #[tokio::test]
+    async fn a_conversion_past_its_time_bound_fails_clearly() {
+        let e = crate::server::test_support::env_customized(|s| {
+            s.conversions = Conversions::new(1, std::time::Duration::from_nanos(1));
+        })
+        .await;
+        create(&e).await;
+        let (st, err) = e
+            .admin(
+                Method::POST,
+                &format!("/v1/services/{SVC}/configs:submit"),
+                Some(submit_body(&many_paths(500), false)),
+            )
+            .await;
+        assert_eq!(st, StatusCode::GATEWAY_TIMEOUT, "{}", err["error"]);
+        assert_eq!(err["error"]["status"], "DEADLINE_EXCEEDED");
+        let msg = err["error"]["message"].as_str().expect("message");
+        assert!(
+            msg.starts_with(
+                "Converting the service config took longer than 0.000000001 s and was stopped;"
+            ),
+            "{msg}"
+        );
+        let (_, list) = e
+            .admin(Method::GET, &format!("/v1/services/{SVC}/configs"), None)
+            .await;
+        assert!(list.get("serviceConfigs").is_none(), "{list}");
+    }
+
+    /// A hook that holds each conversion until the test releases it (or 10 s pass), and says
+    /// whether the test released it.
+    struct Hold {
+        entered: tokio::sync::mpsc::UnboundedReceiver<()>,
+        release: std::sync::mpsc::Sender<()>,
+        released_by_test: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    fn hold() -> (Hold, std::sync::Arc<dyn Fn() + Send + Sync>) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let (entered_tx, entered) = tokio::sync::mpsc::unbounded_channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let released_by_test = Arc::new(AtomicBool::new(false));
+        let flag = released_by_test.clone();
+        let hook = move || {
+            let _ = entered_tx.send(());
+            // The bound only matters when the conversion blocks the thread the test runs on
+            // (the bug): then the test cannot release it, and this gives up.
+            let released = release_rx
+                .lock()
+                .is_ok_and(|rx| rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok());
+            flag.store(released, Ordering::SeqCst);
+        };
+        (
+            Hold {
+                entered,
+                release,
+                released_by_test,
+            },
+            Arc::new(hook),
+        )
+    }
+
+    /// Issue 14 item 10: while a conversion runs, unrelated requests are answered. The test
+    /// runs on a single-threaded runtime: a conversion on that thread would hold everything.
+    #[tokio::test(flavor = "current_thread")]
+    async fn unrelated_requests_are_answered_while_a_conversion_runs() {
+        let (mut hold, hook) = hold();
+        let e = std::sync::Arc::new(
+            crate::server::test_support::env_customized(|s| {
+                s.conversions.before_convert = Some(hook);
+            })
+            .await,
+        );
+        create(&e).await;
+        let e2 = e.clone();
+        let submit = tokio::spawn(async move {
+            e2.admin(
+                Method::POST,
+                &format!("/v1/services/{SVC}/configs:submit"),
+                Some(submit_body(ECHO, false)),
+            )
+            .await
+        });
+        hold.entered.recv().await.expect("the conversion started");
+        // The conversion is now held: these are answered meanwhile.
+        let (st, _) = e.call(Method::GET, "/metrics", None, None).await;
+        assert_eq!(st, StatusCode::OK);
+        let (st, _) = e
+            .admin(Method::GET, &format!("/v1/services/{SVC}"), None)
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let _ = hold.release.send(());
+        let (st, op) = submit.await.expect("submit task");
+        assert_eq!(st, StatusCode::OK, "{op}");
+        assert!(
+            hold.released_by_test
+                .load(std::sync::atomic::Ordering::SeqCst),
+            "the conversion blocked the runtime: /metrics was only answered after it gave up"
+        );
+    }
+
+    /// Conversions beyond the bound wait for a turn, within the same time limit.
+    #[tokio::test]
+    async fn concurrent_conversions_are_bounded() {
+        let (mut hold, hook) = hold();
+        let e = std::sync::Arc::new(
+            crate::server::test_support::env_customized(|s| {
+                s.conversions = Conversions::new(1, std::time::Duration::from_millis(300));
+                s.conversions.before_convert = Some(hook);
+            })
+            .await,
+        );
+        create(&e).await;
+        let e2 = e.clone();
+        let first = tokio::spawn(async move {
+            e2.admin(
+                Method::POST,
+                &format!("/v1/services/{SVC}/configs:submit"),
+                Some(submit_body(ECHO, false)),
+            )
+            .await
+        });
+        hold.entered
+            .recv()
+            .await
+            .expect("the first conversion started");
+        // The only permit is held until this test releases it: the second cannot start.
+        let (st, err) = e
+            .admin(
+                Method::POST,
+                &format!("/v1/services/{SVC}/configs:submit"),
+                Some(submit_body(ECHO, false)),
+            )
+            .await;
+        assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{err}");
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("The control plane is busy converting other service configs"),
+            "{err}"
+        );
+        let _ = hold.release.send(());
+        // The first ran past its own limit while held.
+        let (st, err) = first.await.expect("first submit");
+        assert_eq!(st, StatusCode::GATEWAY_TIMEOUT, "{err}");
+    }
+
+    /// Issue 14 items 9 and 11 through the API: 400 naming the file and line.
+    #[tokio::test]
+    async fn hostile_specs_are_refused_with_file_and_line() {
+        let e = env().await;
+        create(&e).await;
+        let mut bomb = ECHO.to_string();
+        bomb.push_str("x-bomb:\n  l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let refs = vec![format!("*l{}", i - 1); 10].join(", ");
+            bomb.push_str(&format!("  l{i}: &l{i} [{refs}]\n"));
+        }
+        let bomb_line = ECHO.lines().count() + 7;
+        let deadline = ECHO.replace(
+            "paths:\n",
+            "x-google-backend:\n  address: https://b.example.com\n  deadline: 1e300\npaths:\n",
+        );
+        assert_ne!(deadline, ECHO);
+        let deadline_line = deadline
+            .lines()
+            .position(|l| l.contains("1e300"))
+            .expect("line")
+            + 1;
+        for (spec, expected) in [
+            (
+                bomb,
+                format!("openapi.yaml:{bomb_line}:"),
+            ),
+            (
+                deadline,
+                format!("openapi.yaml:{deadline_line}:13: x-google-backend deadline 1e300 is out of range"),
+            ),
+        ] {
+            let (st, err) = e
+                .admin(
+                    Method::POST,
+                    &format!("/v1/services/{SVC}/configs:submit"),
+                    Some(submit_body(&spec, false)),
+                )
+                .await;
+            assert_eq!(st, StatusCode::BAD_REQUEST, "{err}");
+            let msg = err["error"]["message"].as_str().expect("message");
+            assert!(
+                msg.starts_with(&format!("Cannot convert to service config.\n{expected}")),
+                "{msg}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -70,8 +70,24 @@ pub struct Store {
     backend: Backend,
 }
 
+/// Creates an empty `path` readable by the owner only, unless it exists.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    match opts.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 impl Store {
-    /// Opens (creating on first use) `DIR/portico.db` in WAL mode.
+    /// Opens (creating on first use) `DIR/portico.db` in WAL mode, owner-only.
     pub async fn open_sqlite(dir: &Path) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
         std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
@@ -79,6 +95,12 @@ impl Store {
             source,
         })?;
         let path = dir.join("portico.db");
+        // SQLite gives its -wal and -shm files the database file's mode, so a database
+        // created 0600 here keeps all three private.
+        create_private_file(&path).map_err(|source| StoreError::DataDir {
+            path: path.display().to_string(),
+            source,
+        })?;
         let url = format!("sqlite://{}?mode=rwc", path.display());
         let opts = AnyConnectOptions::from_str(&url)?;
         let pool = AnyPoolOptions::new()
@@ -98,6 +120,9 @@ impl Store {
             .await?;
         // WAL is a property of the database file, so setting it once is enough.
         pool.execute("PRAGMA journal_mode = WAL").await?;
+        for name in crate::datadir::SQLITE_FILES {
+            crate::datadir::tighten(&dir.join(name), 0o600);
+        }
         Ok(Store {
             pool,
             backend: Backend::Sqlite,

@@ -743,7 +743,10 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
             }
         }
     }
-    if !(a.http_request_timeout_s > 0.0 && a.http_request_timeout_s.is_finite()) {
+    // Also refuses values no time span can hold (1e300), which would panic below.
+    if !(a.http_request_timeout_s > 0.0
+        && Duration::try_from_secs_f64(a.http_request_timeout_s).is_ok())
+    {
         return Err(ArgError::bad(format!(
             "invalid --http_request_timeout_s {}: must be a positive number of seconds",
             a.http_request_timeout_s
@@ -1045,6 +1048,16 @@ mod tests {
         assert!(e.message.contains("<regex> <replacement>"), "{}", e.message);
         let e = p(&["-s", "svc", "--xff_trusted_proxy_list=10.0.0.0/8,nonsense"]).unwrap_err();
         assert!(e.message.contains("\"nonsense\""), "{}", e.message);
+        // A timeout no time span can hold used to panic when the settings were built.
+        for t in ["1e300", "-1", "NaN", "inf", "0"] {
+            let e = p(&["-s", "svc", &format!("--http_request_timeout_s={t}")]).unwrap_err();
+            assert_eq!(e.exit_code, 4, "{t}");
+            assert!(
+                e.message.contains("must be a positive number of seconds"),
+                "{t}: {}",
+                e.message
+            );
+        }
     }
 
     #[test]

@@ -10,8 +10,14 @@
 //!   served within 5 s, where ESP polls every 60 s plus up to 300 s of jitter);
 //! * it also wakes up at once when a Service Control response names a rollout it has not seen
 //!   (fed in through a [`RolloutNotifier`]);
-//! * it downloads every config of the new rollout and publishes only when all of them arrived
-//!   and parsed; otherwise it logs and the previous rollout keeps serving.
+//! * it downloads every config of the new rollout and publishes only when all of them arrived,
+//!   parsed and passed [`Service::check_ranges`]; otherwise it logs and the previous rollout
+//!   keeps serving. A rollout refused for its content is not downloaded again (configs never
+//!   change); the next rollout is.
+//!
+//! A config the proxy cannot use (a backend deadline no time span can hold, a metric cost that
+//! would overflow) is refused here, with its origin and the offending rule named, so it can
+//! neither stop a proxy from starting with a panic nor replace a working config.
 //!
 //! Calls carry `Authorization: Bearer <self-signed JWT>` with audience
 //! `<management URL>/google.api.servicemanagement.v1.ServiceManager`.
@@ -107,6 +113,8 @@ pub enum ConfigSourceError {
     },
     #[error("service config {origin} is not a valid google.api.Service JSON: {message}")]
     Parse { origin: String, message: String },
+    #[error("service config {origin} cannot be used: {message}")]
+    Unusable { origin: String, message: String },
     #[error("service config {origin} is for service \"{found}\", but --service is \"{expected}\"")]
     ServiceMismatch {
         origin: String,
@@ -245,6 +253,12 @@ fn parse_service(text: &str, origin: &str, expected: &str) -> Result<Service, Co
             found: config.name,
         });
     }
+    config
+        .check_ranges()
+        .map_err(|message| ConfigSourceError::Unusable {
+            origin: origin.to_string(),
+            message,
+        })?;
     Ok(config)
 }
 
@@ -452,6 +466,8 @@ async fn follow_rollouts(
 ) {
     let mut failing_since: Option<tokio::time::Instant> = None;
     let mut last_warned = tokio::time::Instant::now();
+    // The newest rollout refused for its content: it is not downloaded again on every poll.
+    let mut refused: Option<String> = None;
     loop {
         tokio::select! {
             _ = tx.closed() => return,
@@ -487,7 +503,9 @@ async fn follow_rollouts(
                 continue;
             }
         };
-        if latest.rollout_id == current.rollout_id {
+        if latest.rollout_id == current.rollout_id
+            || refused.as_deref() == Some(latest.rollout_id.as_str())
+        {
             continue;
         }
         match client.fetch_rollout(&latest, Some(&current)).await {
@@ -502,12 +520,17 @@ async fn follow_rollouts(
                     return;
                 }
             }
-            Err(e) => tracing::warn!(
-                error = %e,
-                rollout_id = %latest.rollout_id,
-                "loading the new rollout failed; keeping rollout {}",
-                current.rollout_id
-            ),
+            Err(e) => {
+                if matches!(e, ConfigSourceError::Unusable { .. }) {
+                    refused = Some(latest.rollout_id.clone());
+                }
+                tracing::warn!(
+                    error = %e,
+                    rollout_id = %latest.rollout_id,
+                    "loading the new rollout failed; keeping rollout {}",
+                    current.rollout_id
+                )
+            }
         }
     }
 }

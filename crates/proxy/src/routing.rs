@@ -11,7 +11,9 @@
 //! for every registered path template that has no explicit OPTIONS rule, as ESP's config loader
 //! does.
 
-use portico_config::service::{AuthenticationRule, BackendRule, HttpRule, SystemParameter};
+use portico_config::service::{
+    AuthenticationRule, BackendRule, HttpRule, SystemParameter, UsageRule,
+};
 use portico_config::{PathMatcher, PathMatcherBuilder, Service};
 use rand::Rng;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -277,6 +279,45 @@ impl ConfigRoutes {
             .flat_map(|b| b.rules.iter())
             .map(|r| (r.selector.as_str(), r))
             .collect();
+        // Per-selector lookups built once: a config with 60,000 methods must not cost
+        // 60,000² comparisons at every proxy start and rollout. First rule wins, as in
+        // `Service::usage_rule`.
+        let mut usage_rules: HashMap<&str, &UsageRule> = HashMap::new();
+        for r in service.usage.iter().flat_map(|u| u.rules.iter()) {
+            usage_rules.entry(r.selector.as_str()).or_insert(r);
+        }
+        let mut costs: HashMap<&str, Vec<(String, i64)>> = HashMap::new();
+        for r in service.quota.iter().flat_map(|q| q.metric_rules.iter()) {
+            // A cost <= 0 is charged as 1, as ESP does (see `control::metric_costs`).
+            costs
+                .entry(r.selector.as_str())
+                .or_default()
+                .extend(r.metric_costs.iter().map(|(n, c)| (n.clone(), (*c).max(1))));
+        }
+        // A deadline no time span can hold (NaN, negative, 1e300) leaves its method without a
+        // backend (ESP's 500 for a method with no address) instead of panicking. The config
+        // source refuses such configs; this keeps a config built another way from crashing.
+        let mut deadlines: HashMap<&str, Option<std::time::Duration>> = HashMap::new();
+        for r in backend_rules.values() {
+            let deadline = if r.deadline == 0.0 {
+                Some(None)
+            } else {
+                portico_config::service::backend_deadline_problem(r.deadline)
+                    .is_none()
+                    .then(|| std::time::Duration::try_from_secs_f64(r.deadline).ok())
+                    .flatten()
+                    .map(Some)
+            };
+            match deadline {
+                Some(d) => {
+                    deadlines.insert(r.selector.as_str(), d);
+                }
+                None => skipped_rules.push(format!(
+                    "backend {}: deadline {:?} is not a usable number of seconds",
+                    r.selector, r.deadline
+                )),
+            }
+        }
 
         // One pooled client per distinct address, shared by the methods that use it.
         let mut clients: HashMap<&str, (crate::forward::Forwarder, String, http::HeaderValue)> =
@@ -306,7 +347,7 @@ impl ConfigRoutes {
         }
 
         let info_for = |selector: &str| -> MethodInfo {
-            let usage = service.usage_rule(selector);
+            let usage = usage_rules.get(selector).copied();
             let api_key_locations = match api_key_params.get(selector) {
                 Some(params) if !params.is_empty() => {
                     let mut loc = ApiKeyLocations::default();
@@ -337,12 +378,13 @@ impl ConfigRoutes {
                 api_key_locations,
                 auth: auth_rules.get(selector).map(|r| (*r).clone()),
                 // A cost <= 0 is charged as 1, as ESP does.
-                metric_costs: crate::control::metric_costs(&service, selector),
+                metric_costs: costs.get(selector).cloned().unwrap_or_default(),
                 backend_rule: backend_rules.get(selector).map(|r| (*r).clone()),
                 api_name,
                 api_version,
                 cors_preflight: false,
                 backend: backend_rules.get(selector).and_then(|r| {
+                    let deadline = *deadlines.get(selector)?;
                     let (forwarder, path_prefix, host) = clients.get(r.address.as_str())?;
                     Some(Arc::new(BackendTarget {
                         address: r.address.clone(),
@@ -354,15 +396,16 @@ impl ConfigRoutes {
                             PathTranslation::AppendPathToAddress
                         },
                         host: host.clone(),
-                        deadline: (r.deadline > 0.0)
-                            .then(|| std::time::Duration::from_secs_f64(r.deadline)),
+                        deadline,
                     }))
                 }),
             }
         };
 
         let mut infos: HashMap<String, Arc<MethodInfo>> = HashMap::new();
+        // Registered templates in order, and the same as a set for the membership test.
         let mut templates: Vec<String> = Vec::new();
+        let mut template_set: HashSet<String> = HashSet::new();
         let mut options_templates: HashSet<String> = HashSet::new();
         let mut selectors: BTreeSet<String> = BTreeSet::new();
         let mut register = |rule: &HttpRule,
@@ -382,7 +425,7 @@ impl ConfigRoutes {
                     if method == "OPTIONS" {
                         options_templates.insert(path.to_string());
                     }
-                    if !templates.iter().any(|t| t == path) {
+                    if template_set.insert(path.to_string()) {
                         templates.push(path.to_string());
                     }
                 }
@@ -586,6 +629,42 @@ mod tests {
         let r = ConfigRoutes::build(s, &RouteOptions::new(false));
         assert!(r.matcher.lookup("OPTIONS", "/a").is_none());
         assert!(r.enabled);
+    }
+
+    /// Issue 14 item 11: a deadline no time span can hold used to panic here
+    /// (`cannot convert float seconds to Duration`) in every proxy with backend routing.
+    #[tokio::test]
+    async fn unusable_backend_deadlines_do_not_panic() {
+        for bad in [1e300, -1.0, f64::NAN, f64::INFINITY, 1e-12] {
+            let mut s: Service = serde_json::from_str(
+                r#"{"name":"s","control":{"environment":"x"},
+                    "http":{"rules":[{"selector":"A","get":"/a"},{"selector":"B","get":"/b"}]},
+                    "backend":{"rules":[
+                        {"selector":"A","address":"http://127.0.0.1:1/x","deadline":5},
+                        {"selector":"B","address":"http://127.0.0.1:1/y","deadline":5}]}}"#,
+            )
+            .unwrap();
+            if let Some(b) = s.backend.as_mut() {
+                b.rules[1].deadline = bad;
+            }
+            let mut opts = RouteOptions::new(false);
+            opts.backend_routing = true;
+            let r = ConfigRoutes::build(Arc::new(s), &opts);
+            let a = r.matcher.lookup("GET", "/a").unwrap();
+            assert_eq!(
+                a.backend.as_ref().and_then(|b| b.deadline),
+                Some(std::time::Duration::from_secs(5))
+            );
+            let b = r.matcher.lookup("GET", "/b").unwrap();
+            assert!(b.backend.is_none(), "{bad}");
+            assert!(
+                r.skipped_rules
+                    .iter()
+                    .any(|m| m.starts_with("backend B: deadline")),
+                "{bad}: {:?}",
+                r.skipped_rules
+            );
+        }
     }
 
     #[test]

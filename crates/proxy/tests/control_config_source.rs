@@ -24,6 +24,18 @@ fn config_json(id: &str) -> String {
     .to_string()
 }
 
+/// A config no proxy can use: a backend deadline no time span can hold (issue 14 item 11).
+fn unusable_config_json(id: &str) -> String {
+    serde_json::json!({
+        "name": SVC,
+        "id": id,
+        "control": {"environment": "servicecontrol.googleapis.com"},
+        "http": {"rules": [{"selector": "1.echo.Echo", "get": "/echo"}]},
+        "backend": {"rules": [{"selector": "1.echo.Echo", "address": "https://b.example.com", "deadline": 1e300}]}
+    })
+    .to_string()
+}
+
 /// Answers like Service Management: rollouts list from `rollouts`, configs by id.
 fn management(
     rollouts: Rollouts,
@@ -51,6 +63,9 @@ fn management(
         if let Some(id) = path.strip_prefix(&format!("{prefix}/configs/")) {
             if id.starts_with("2026-") {
                 return (200, config_json(id));
+            }
+            if id.starts_with("unusable-") {
+                return (200, unusable_config_json(id));
             }
         }
         (
@@ -346,4 +361,84 @@ async fn managed_rollout_resumes_after_a_control_plane_outage() {
         .expect("picked up after the outage")
         .expect("alive");
     assert_eq!(rx.borrow().rollout_id, "2026-11-22r1");
+}
+
+/// Issue 14 item 11: a rollout to a config the proxy cannot use is refused, the previous
+/// rollout keeps serving, the refused config is not downloaded again on every poll, and the
+/// next good rollout is taken.
+#[tokio::test]
+async fn unusable_config_in_a_new_rollout_keeps_the_previous_one() {
+    let rollouts = Arc::new(Mutex::new(vec![(
+        "2026-11-22r0".to_string(),
+        vec![("2026-11-22r0".to_string(), 100.0)],
+    )]));
+    let peer = FakePeer::start(management(rollouts.clone())).await;
+    let mut o = opts(&peer);
+    o.rollout_strategy = RolloutStrategy::Managed;
+    o.poll_interval = Duration::from_millis(100);
+    let mut rx = config_source::start(o).await.expect("start");
+    rx.borrow_and_update();
+    rollouts.lock().expect("lock").push((
+        "2026-11-22r1".to_string(),
+        vec![("unusable-1".to_string(), 100.0)],
+    ));
+    assert!(
+        wait_until(Duration::from_secs(5), || peer
+            .requests()
+            .iter()
+            .any(|r| r.uri.ends_with("/configs/unusable-1")))
+        .await
+    );
+    // Let a few more polls happen: none of them publishes or downloads the config again.
+    let polls = peer.requests_to("/rollouts").len();
+    assert!(
+        wait_until(Duration::from_secs(5), || peer
+            .requests_to("/rollouts")
+            .len()
+            >= polls + 3)
+        .await
+    );
+    assert!(!rx.has_changed().expect("alive"));
+    assert_eq!(rx.borrow().rollout_id, "2026-11-22r0");
+    assert_eq!(peer.requests_to("/configs/unusable-1").len(), 1);
+
+    rollouts.lock().expect("lock").push((
+        "2026-11-22r2".to_string(),
+        vec![("2026-11-22r2".to_string(), 100.0)],
+    ));
+    tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        .await
+        .expect("the next good rollout within 5 s")
+        .expect("sender alive");
+    assert_eq!(rx.borrow().rollout_id, "2026-11-22r2");
+}
+
+/// At start there is no previous config: the error names the config, the rule and the value.
+#[tokio::test]
+async fn unusable_config_at_start_is_a_sentence() {
+    let peer = FakePeer::start(management(Arc::new(Mutex::new(vec![])))).await;
+    let mut o = opts(&peer);
+    o.version = Some("unusable-2".into());
+    let err = config_source::start(o).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "service config {}/v1/services/{SVC}/configs/unusable-2 cannot be used: backend rule \"1.echo.Echo\": deadline 1e300 is out of range: a deadline is a number of seconds from 0.001 to 86400 (one day)",
+            peer.url()
+        )
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("service.json");
+    std::fs::write(&path, unusable_config_json("unusable-3")).expect("write");
+    let mut o = ConfigSourceOptions::new(SVC);
+    o.service_json_path = Some(path.clone());
+    let err = config_source::start(o).await.unwrap_err();
+    assert!(
+        err.to_string().starts_with(&format!(
+            "service config {} cannot be used: backend rule",
+            path.display()
+        )),
+        "{err}"
+    );
 }

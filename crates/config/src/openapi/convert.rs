@@ -3,12 +3,14 @@
 
 use super::generated;
 use super::tree::{self, Key, Node, Pos, Value};
-use super::{Conversion, ConvertError, Diagnostic, Severity, SourceFile};
+use super::{
+    Conversion, ConvertError, ConvertOptions, Diagnostic, Interrupted, Severity, SourceFile, Watch,
+};
 use crate::matcher::PathMatcherBuilder;
 use crate::service::*;
 use crate::template::{Template, TemplateError};
 use base64::Engine;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// Google's wording, copied exactly: gcloud users and scripts recognise it.
 pub(crate) const NO_API_KEY_WARNING: &str = "Operation does not require an API key; callers may invoke the method without specifying an associated API-consuming project. To enable API key all the SecurityRequirement Objects (https://github.com/OAI/OpenAPI-Specification/blob/master/versions/2.0.md#security-requirement-object) inside security definition must reference at least one SecurityDefinition of type : 'apiKey'.";
@@ -141,7 +143,10 @@ struct Alternative {
     jwts: Vec<String>,
 }
 
-pub(crate) fn convert(files: &[SourceFile]) -> Result<Conversion, ConvertError> {
+pub(crate) fn convert(
+    files: &[SourceFile],
+    opts: &ConvertOptions,
+) -> Result<Conversion, ConvertError> {
     let mut diags: Vec<(usize, Diagnostic)> = Vec::new();
     if files.is_empty() {
         return Err(ConvertError {
@@ -152,8 +157,10 @@ pub(crate) fn convert(files: &[SourceFile]) -> Result<Conversion, ConvertError> 
                 column: 0,
                 message: "no OpenAPI file was given".to_string(),
             }],
+            interrupted: None,
         });
     }
+    let watch = Watch::new(opts);
     let mut outs: Vec<(usize, FileOut)> = Vec::new();
     for (index, file) in files.iter().enumerate() {
         let mut ctx = Ctx {
@@ -180,25 +187,59 @@ pub(crate) fn convert(files: &[SourceFile]) -> Result<Conversion, ConvertError> 
         // Only a `.json` name gets the strict JSON syntax check: a `.yaml` file may well start
         // with a YAML flow mapping that is not JSON.
         let strict_json = file.path.to_ascii_lowercase().ends_with(".json");
-        let root = match tree::parse(text, strict_json) {
+        let root = match tree::parse_watched(text, strict_json, &watch) {
             Ok(root) => root,
             Err(errors) => {
                 for e in errors {
                     ctx.error(e.pos, e.message);
                 }
+                if watch.stopped().is_some() {
+                    break;
+                }
                 continue;
             }
         };
-        if let Some(out) = FileConverter::new(&mut ctx, &root).run() {
+        let out = FileConverter::new(&mut ctx, &root, &watch).run();
+        if watch.stopped().is_some() {
+            break;
+        }
+        if let Some(out) = out {
             outs.push((index, out));
         }
+    }
+    let _ = watch.check_now();
+    if let Some(why) = watch.stopped() {
+        diags.push((
+            usize::MAX,
+            Diagnostic {
+                severity: Severity::Error,
+                file: String::new(),
+                line: 0,
+                column: 0,
+                message: match why {
+                    Interrupted::DeadlineExceeded => {
+                        "the conversion took longer than the time allowed and was stopped"
+                    }
+                    Interrupted::Cancelled => "the conversion was cancelled",
+                }
+                .to_string(),
+            },
+        ));
+        diags.sort_by_key(|(i, d)| (*i, d.line, d.column));
+        return Err(ConvertError {
+            diagnostics: diags.into_iter().map(|(_, d)| d).collect(),
+            interrupted: Some(why),
+        });
     }
 
     let service = merge(files, outs, &mut diags);
     diags.sort_by_key(|(i, d)| (*i, d.line, d.column));
     let diagnostics: Vec<Diagnostic> = diags.into_iter().map(|(_, d)| d).collect();
     if diagnostics.iter().any(|d| d.severity == Severity::Error) {
-        return Err(ConvertError { diagnostics });
+        return Err(ConvertError {
+            diagnostics,
+            interrupted: None,
+        });
     }
     Ok(Conversion {
         service,
@@ -232,6 +273,12 @@ fn merge(
     // API name → (file, version) of the file that defined it first.
     let mut api_names: HashMap<String, (String, String)> = HashMap::new();
     let mut first_host: Option<(String, String)> = None;
+    // Names already used, so each merge step is a hash lookup (12,000 methods used to mean
+    // 12,000² name comparisons).
+    let mut type_names: HashSet<String> = HashSet::new();
+    let mut provider_ids: HashSet<String> = HashSet::new();
+    let mut limit_names: HashSet<String> = HashSet::new();
+    let mut metric_names: HashSet<String> = HashSet::new();
 
     for (index, out) in outs {
         let file = &files[index].path;
@@ -269,32 +316,40 @@ fn merge(
             }
         }
         let mut api = out.api;
+        // Renamed request types of this file: old type URL → new one.
+        let mut renamed: HashMap<String, String> = HashMap::new();
         for mut t in out.types {
             // Method names repeat across the APIs of one service (v1/v2): keep type names unique.
             let name = t["name"].as_str().unwrap_or_default().to_string();
             let mut unique = name.clone();
             let mut n = 2;
-            while svc.types.iter().any(|u| u["name"] == unique.as_str()) {
+            while type_names.contains(&unique) {
                 unique = format!("{name}{n}");
                 n += 1;
             }
             if unique != name {
-                let old_url = format!("{TYPE_URL_PREFIX}{name}");
-                for m in &mut api.methods {
-                    if m.request_type_url == old_url {
-                        m.request_type_url = format!("{TYPE_URL_PREFIX}{unique}");
-                    }
-                }
+                renamed.insert(
+                    format!("{TYPE_URL_PREFIX}{name}"),
+                    format!("{TYPE_URL_PREFIX}{unique}"),
+                );
                 t["name"] = serde_json::json!(unique);
             }
+            type_names.insert(unique);
             svc.types.push(t);
+        }
+        if !renamed.is_empty() {
+            for m in &mut api.methods {
+                if let Some(url) = renamed.get(&m.request_type_url) {
+                    m.request_type_url = url.clone();
+                }
+            }
         }
         svc.apis.push(api);
         http.extend(out.http);
         usage.extend(out.usage);
         auth_rules.extend(out.auth_rules);
         for p in out.providers {
-            if !providers.iter().any(|q| q.id == p.id) {
+            if provider_ids.insert(p.id.clone()) {
                 providers.push(p);
             }
         }
@@ -302,12 +357,12 @@ fn merge(
         system_params.extend(out.system_params);
         metric_rules.extend(out.metric_rules);
         for l in out.limits {
-            if !limits.iter().any(|m| m.name == l.name) {
+            if limit_names.insert(l.name.clone()) {
                 limits.push(l);
             }
         }
         for m in out.metrics {
-            if !user_metrics.iter().any(|n| n.name == m.name) {
+            if metric_names.insert(m.name.clone()) {
                 user_metrics.push(m);
             }
         }
@@ -371,9 +426,13 @@ fn merge(
     svc
 }
 
-struct FileConverter<'c, 'a, 'n> {
+struct FileConverter<'c, 'a, 'n, 'w> {
     ctx: &'c mut Ctx<'a>,
     root: &'n Node,
+    watch: &'w Watch<'w>,
+    /// `definitions`, `parameters` and `responses` by name, for `$ref`s: one lookup each
+    /// instead of a scan of the section.
+    sections: HashMap<&'n str, HashMap<&'n str, &'n Node>>,
     out: FileOut,
     schemes: BTreeMap<String, SchemeKind>,
     /// Names declared under x-google-management.metrics.
@@ -381,8 +440,8 @@ struct FileConverter<'c, 'a, 'n> {
     top_backend: Option<BackendRule>,
     /// Every route so far, to find operations that match the same requests.
     routes: PathMatcherBuilder<String>,
-    /// (METHOD, template, "get /path") of registered routes, for messages.
-    routes_seen: Vec<(String, Template, String)>,
+    /// "get /path" of each registered (METHOD, segments, verb), for messages.
+    routes_seen: HashMap<(String, Vec<crate::template::Segment>, Option<String>), String>,
     /// The top-level `security`, checked once (operations that inherit it do not re-report).
     top_security: Option<Vec<Alternative>>,
     /// The top-level legacy `x-security`, checked once.
@@ -390,17 +449,30 @@ struct FileConverter<'c, 'a, 'n> {
     base_path: String,
 }
 
-impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
-    fn new(ctx: &'c mut Ctx<'a>, root: &'n Node) -> Self {
+impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
+    fn new(ctx: &'c mut Ctx<'a>, root: &'n Node, watch: &'w Watch<'w>) -> Self {
+        let mut sections = HashMap::new();
+        for name in ["definitions", "parameters", "responses"] {
+            if let Some(entries) = root.get(name).and_then(Node::as_map) {
+                let mut index = HashMap::with_capacity(entries.len());
+                for (k, v) in entries {
+                    // Duplicate keys are already errors; the first one is the one `get` finds.
+                    index.entry(k.text.as_str()).or_insert(v);
+                }
+                sections.insert(name, index);
+            }
+        }
         FileConverter {
             ctx,
             root,
+            watch,
+            sections,
             out: FileOut::default(),
             schemes: BTreeMap::new(),
             metric_names: BTreeSet::new(),
             top_backend: None,
             routes: PathMatcherBuilder::new(),
-            routes_seen: Vec::new(),
+            routes_seen: HashMap::new(),
             top_security: None,
             top_x_security: None,
             base_path: String::new(),
@@ -664,6 +736,9 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
 
     /// Every `$ref` must point inside this file, at something that exists.
     fn check_refs(&mut self, node: &Node, lenient: bool) {
+        if self.watch.check().is_err() {
+            return;
+        }
         match &node.value {
             Value::Map(entries) => {
                 for (k, v) in entries {
@@ -702,6 +777,7 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
             return;
         }
         let name = name.replace("~1", "/").replace("~0", "~");
+        let index = self.sections.get(section);
         match self.root.get(section) {
             None => self.ctx.error(
                 pos,
@@ -709,7 +785,7 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
                     "reference \"{r}\" cannot be resolved: the file has no \"{section}\" section"
                 ),
             ),
-            Some(s) if s.get(&name).is_none() => {
+            Some(_) if index.is_none_or(|i| !i.contains_key(name.as_str())) => {
                 let msg = format!("reference \"{r}\" cannot be resolved: \"{name}\" is not defined under \"{section}\"");
                 if lenient {
                     self.ctx.warn(pos, msg);
@@ -737,37 +813,67 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
             }
             None
         }
-        let mut reported: BTreeSet<&str> = BTreeSet::new();
-        for (k, schema) in defs {
-            if reported.contains(k.text.as_str()) {
+        // Each definition aliases at most one other, so the aliases form a functional graph:
+        // one walk per definition, never revisiting one an earlier walk has finished, finds
+        // every cycle in linear time (a chain of 10,000 aliases used to take 10,000² steps).
+        let index: HashMap<&str, usize> = defs
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, (k, _))| (k.text.as_str(), i))
+            .collect();
+        let target: Vec<Option<usize>> = defs
+            .iter()
+            .map(|(_, schema)| alias_target(schema).and_then(|n| index.get(n).copied()))
+            .collect();
+        const NEW: u8 = 0;
+        const ON_PATH: u8 = 1;
+        const DONE: u8 = 2;
+        let mut state = vec![NEW; defs.len()];
+        let mut cycles: Vec<Vec<usize>> = Vec::new();
+        for start in 0..defs.len() {
+            if state[start] != NEW {
                 continue;
             }
-            let mut chain = vec![k.text.as_str()];
-            let mut current = schema;
-            while let Some(next) = alias_target(current) {
-                if next == k.text {
-                    chain.push(next);
-                    self.ctx.error(
-                        k.pos,
-                        format!(
-                            "definition \"{}\" refers back to itself only through $ref or array items ({}), so no value can have this type",
-                            k.text,
-                            chain.join(" → ")
-                        ),
-                    );
-                    reported.extend(chain.iter().copied());
-                    break;
-                }
-                if chain.contains(&next) {
-                    // A cycle that does not include this definition; it is reported from there.
-                    break;
-                }
-                chain.push(next);
-                match defs.iter().find(|(d, _)| d.text == next) {
-                    Some((_, n)) => current = n,
-                    None => break,
+            let mut path = Vec::new();
+            let mut at = Some(start);
+            while let Some(i) = at {
+                match state[i] {
+                    NEW => {
+                        state[i] = ON_PATH;
+                        path.push(i);
+                        at = target[i];
+                    }
+                    ON_PATH => {
+                        if let Some(p) = path.iter().position(|&j| j == i) {
+                            cycles.push(path[p..].to_vec());
+                        }
+                        break;
+                    }
+                    _ => break,
                 }
             }
+            for i in path {
+                state[i] = DONE;
+            }
+        }
+        for cycle in cycles {
+            // Reported at the member that comes first in the file, the chain starting there.
+            let Some(first) = (0..cycle.len()).min_by_key(|&p| cycle[p]) else {
+                continue;
+            };
+            let chain: Vec<&str> = (0..=cycle.len())
+                .map(|n| defs[cycle[(first + n) % cycle.len()]].0.text.as_str())
+                .collect();
+            let (k, _) = &defs[cycle[first]];
+            self.ctx.error(
+                k.pos,
+                format!(
+                    "definition \"{}\" refers back to itself only through $ref or array items ({}), so no value can have this type",
+                    k.text,
+                    chain.join(" → ")
+                ),
+            );
         }
     }
 
@@ -1415,16 +1521,31 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
         }
         let deadline = match node.get("deadline") {
             None => 0.0,
-            Some(d) => match &d.value {
-                Value::Int(i) if *i > 0 => *i as f64,
-                Value::Float(f, _) if *f > 0.0 && f.is_finite() => *f,
-                _ => {
-                    self.ctx
-                        .error(d.pos, "deadline must be a positive number of seconds");
-                    ok = false;
-                    0.0
+            Some(d) => {
+                let seconds = match &d.value {
+                    Value::Int(i) if *i > 0 => Some(*i as f64),
+                    Value::Float(f, _) if *f > 0.0 && f.is_finite() => Some(*f),
+                    _ => None,
+                };
+                let text = d.scalar_text().unwrap_or_default();
+                // The proxy turns the deadline into a time span: a value it cannot use must
+                // stop here, not crash every proxy that loads the config.
+                match seconds.map(|s| (s, backend_deadline_problem(s))) {
+                    Some((s, None)) => s,
+                    Some((_, Some(problem))) => {
+                        self.ctx
+                            .error(d.pos, format!("x-google-backend deadline {text} {problem}"));
+                        ok = false;
+                        0.0
+                    }
+                    None => {
+                        self.ctx
+                            .error(d.pos, "deadline must be a positive number of seconds");
+                        ok = false;
+                        0.0
+                    }
                 }
-            },
+            }
         };
         let protocol = match node.get("protocol") {
             None => String::new(),
@@ -1460,6 +1581,9 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
         // Method name → (operationId, position, "get /path").
         let mut names: HashMap<String, (String, Pos, String)> = HashMap::new();
         for (pk, item) in entries {
+            if self.watch.check().is_err() {
+                return;
+            }
             if pk.text.starts_with("x-") {
                 continue;
             }
@@ -1650,11 +1774,12 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
         {
             let other = self
                 .routes_seen
-                .iter()
-                .find(|(m, t, _)| {
-                    *m == route_method && t.segments == template.segments && t.verb == template.verb
-                })
-                .map(|(_, _, w)| w.clone())
+                .get(&(
+                    route_method.clone(),
+                    template.segments.clone(),
+                    template.verb.clone(),
+                ))
+                .cloned()
                 .unwrap_or_default();
             self.ctx.error(
                 mk.pos,
@@ -1662,8 +1787,14 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
             );
             return;
         }
-        self.routes_seen
-            .push((route_method, template.clone(), where_label));
+        self.routes_seen.insert(
+            (
+                route_method,
+                template.segments.clone(),
+                template.verb.clone(),
+            ),
+            where_label,
+        );
         let mut rule = HttpRule {
             selector: selector.clone(),
             body,
@@ -1759,7 +1890,7 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
     {
         if let Some(r) = p.get("$ref").and_then(Node::as_str) {
             if let Some(name) = r.strip_prefix("#/parameters/") {
-                if let Some(target) = self.root.get("parameters").and_then(|ps| ps.get(name)) {
+                if let Some(target) = self.sections.get("parameters").and_then(|ps| ps.get(name)) {
                     return target;
                 }
             }
@@ -1792,9 +1923,15 @@ impl<'c, 'a, 'n> FileConverter<'c, 'a, 'n> {
                 undefined.push(k.text.clone());
             }
             match v.value {
-                Value::Int(n) if n >= 0 => {
-                    map.insert(k.text.clone(), n);
-                }
+                Value::Int(n) if n >= 0 => match metric_cost_problem(n) {
+                    None => {
+                        map.insert(k.text.clone(), n);
+                    }
+                    Some(problem) => self.ctx.error(
+                        v.pos,
+                        format!("{label}: the cost {n} of metric \"{}\" {problem}", k.text),
+                    ),
+                },
                 _ => self.ctx.error(
                     v.pos,
                     format!(

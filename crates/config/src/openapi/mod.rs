@@ -51,7 +51,11 @@ mod generated;
 pub(crate) mod tree;
 
 use crate::service::Service;
+use std::cell::Cell;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 /// One input file. `path` is the name shown in messages and stored in `sourceInfo`
 /// (e.g. `openapi.yaml`).
@@ -130,6 +134,84 @@ pub struct Conversion {
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct ConvertError {
     pub diagnostics: Vec<Diagnostic>,
+    /// Set when the conversion was stopped before it finished (see [`ConvertOptions`]); the
+    /// diagnostics then say so and may be incomplete.
+    pub interrupted: Option<Interrupted>,
+}
+
+/// Why a conversion stopped early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupted {
+    /// [`ConvertOptions::deadline`] passed.
+    DeadlineExceeded,
+    /// [`ConvertOptions::cancel`] was set.
+    Cancelled,
+}
+
+/// Bounds on one conversion. The converter looks at them as it goes (every few hundred YAML
+/// events, paths and tree nodes), so work nobody waits for any more stops soon after.
+#[derive(Debug, Clone, Default)]
+pub struct ConvertOptions {
+    /// Give up once this instant has passed.
+    pub deadline: Option<Instant>,
+    /// Give up once this is set (the caller went away).
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+/// The converter's view of [`ConvertOptions`]: cheap to ask often, and sticky once stopped.
+pub(crate) struct Watch<'o> {
+    opts: &'o ConvertOptions,
+    calls: Cell<u32>,
+    stopped: Cell<Option<Interrupted>>,
+}
+
+impl<'o> Watch<'o> {
+    pub(crate) fn new(opts: &'o ConvertOptions) -> Self {
+        Watch {
+            opts,
+            calls: Cell::new(0),
+            stopped: Cell::new(None),
+        }
+    }
+
+    /// `Err` once the conversion must stop. Reads the clock on the first and then every
+    /// 256th call only: the callers are per-event and per-node loops.
+    pub(crate) fn check(&self) -> Result<(), Interrupted> {
+        if let Some(why) = self.stopped.get() {
+            return Err(why);
+        }
+        let n = self.calls.get().wrapping_add(1);
+        self.calls.set(n);
+        if n != 1 && !n.is_multiple_of(256) {
+            return Ok(());
+        }
+        self.check_now()
+    }
+
+    /// [`Watch::check`], reading the clock whatever the count.
+    pub(crate) fn check_now(&self) -> Result<(), Interrupted> {
+        if let Some(why) = self.stopped.get() {
+            return Err(why);
+        }
+        let why = if self
+            .opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            Interrupted::Cancelled
+        } else if self.opts.deadline.is_some_and(|d| Instant::now() >= d) {
+            Interrupted::DeadlineExceeded
+        } else {
+            return Ok(());
+        };
+        self.stopped.set(Some(why));
+        Err(why)
+    }
+
+    pub(crate) fn stopped(&self) -> Option<Interrupted> {
+        self.stopped.get()
+    }
 }
 
 impl ConvertError {
@@ -158,5 +240,13 @@ impl fmt::Display for ConvertError {
 /// Converts one or more OpenAPI 2.0 files (several files = several APIs of one service, as
 /// with `gcloud endpoints services deploy v1.yaml v2.yaml`).
 pub fn convert(files: &[SourceFile]) -> Result<Conversion, ConvertError> {
-    convert::convert(files)
+    convert::convert(files, &ConvertOptions::default())
+}
+
+/// [`convert`] within the bounds of `opts`.
+pub fn convert_with(
+    files: &[SourceFile],
+    opts: &ConvertOptions,
+) -> Result<Conversion, ConvertError> {
+    convert::convert(files, opts)
 }

@@ -206,7 +206,8 @@ impl QuotaCache {
                     for (name, cost) in new.costs {
                         // A hit allocates nothing: the metric name is copied only once.
                         match e.pending.get_mut(name) {
-                            Some(total) => *total += cost,
+                            // Saturating: costs come from the config (bounded when loaded).
+                            Some(total) => *total = total.saturating_add(*cost),
                             None => {
                                 e.pending.insert(name.clone(), *cost);
                             }
