@@ -752,6 +752,18 @@ impl Pipeline {
             cors_origin,
         };
 
+        // nginx refuses an over-long request or header line before anything else runs.
+        if let Some(err) = crate::limits::head_line_error(&req, &settings.header_limits) {
+            let url = req.uri().to_string();
+            return self.finalize(
+                proxy_error(&err, &ctx, false),
+                &ctx,
+                url,
+                Some(err),
+                None,
+                None,
+            );
+        }
         // nginx's exact-match health location and CORS preflight run before ESP.
         if st.healthz_path.as_deref() == Some(req.uri().path()) {
             let resp = Response::new(ProxyBody::empty());
@@ -954,6 +966,12 @@ impl Pipeline {
     ) -> Result<(), EspError> {
         if api_key.is_none() && !mi.allow_unregistered_calls {
             return Err(EspError::unregistered_caller());
+        }
+        if api_key.is_some_and(|k| k.len() > crate::control::MAX_API_KEY_BYTES) {
+            // No key is this long: answered as invalid before any cache or `:check`, and kept
+            // out of the report (whose aggregates are keyed by it).
+            report.api_key = None;
+            return Err(crate::control::invalid_api_key());
         }
         let Some(control) = &self.state.control else {
             return Err(EspError::new(
@@ -1187,11 +1205,28 @@ impl Pipeline {
                 let resp = Response::from_parts(rp, ProxyBody::upstream(body));
                 self.finalize(resp, ctx, target, None, report, Some(backend_latency))
             }
+            Err(ForwardError::ClientBody(c)) => {
+                // The client's own failure: answered (when it can still hear) and logged as
+                // such; a client that left mid-body is 499 and, as its backend never got the
+                // whole request, not reported.
+                let err = c.esp_error();
+                tracing::debug!(error = %c, status = err.http_status, "client request failed");
+                let report = report.filter(|_| c != forward::ClientBodyError::Closed);
+                self.finalize(
+                    proxy_error(&err, ctx, ctx.jwt_present),
+                    ctx,
+                    target,
+                    Some(err),
+                    report,
+                    None,
+                )
+            }
             Err(e) => {
                 let err = match &e {
                     ForwardError::Connect(_) | ForwardError::Other(_) => EspError::bad_gateway(),
                     ForwardError::Timeout(_) => EspError::gateway_timeout(),
                     ForwardError::BodyTooLarge(_) => EspError::payload_too_large(),
+                    ForwardError::ClientBody(c) => c.esp_error(),
                 };
                 tracing::warn!(error = %e, status = err.http_status, "backend request failed");
                 self.finalize(
