@@ -208,6 +208,10 @@ pub struct EspArgs {
     /// default 75s); `0` closes every connection after one response.
     #[arg(long = "keepalive_timeout")]
     pub keepalive_timeout: Option<String>,
+    /// Longest pause between two reads of a request body, nginx syntax (default 60s); a client
+    /// that stops sending its body is answered 408.
+    #[arg(long = "client_body_timeout")]
+    pub client_body_timeout: Option<String>,
     /// Portico (nginx's directive): time allowed for a request head, from a new connection or
     /// from the first byte after an idle period (default 60s).
     #[arg(long = "client_header_timeout")]
@@ -232,8 +236,6 @@ pub struct EspArgs {
     pub worker_processes: Option<String>,
     #[arg(long = "client_body_buffer_size", hide = true)]
     pub client_body_buffer_size: Option<String>,
-    #[arg(long = "client_body_timeout", hide = true)]
-    pub client_body_timeout: Option<String>,
     #[arg(long = "underscores_in_headers", action = ArgAction::SetTrue, hide = true)]
     pub underscores_in_headers: bool,
     #[arg(long = "allow_invalid_headers", action = ArgAction::SetTrue, hide = true)]
@@ -378,6 +380,8 @@ pub struct Settings {
     pub keep_alive: bool,
     /// `--large_client_header_buffers`.
     pub header_limits: HeaderLimits,
+    /// `--client_body_timeout`.
+    pub client_body_timeout: Duration,
     pub client_ip_header: Option<String>,
     pub client_ip_position: i32,
     pub cors: Option<CorsSettings>,
@@ -784,6 +788,18 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
             })?,
         None => portico_listen::DEFAULT_HEADER_READ_TIMEOUT,
     };
+    let client_body_timeout = match a.client_body_timeout.as_deref() {
+        Some(t) => parse_nginx_time(t)
+            .map_err(|e| ArgError::bad(format!("--client_body_timeout: {e}")))
+            .and_then(|d| {
+                if d.is_zero() {
+                    Err(ArgError::bad("--client_body_timeout must be more than 0"))
+                } else {
+                    Ok(d)
+                }
+            })?,
+        None => crate::forward::CLIENT_BODY_TIMEOUT,
+    };
     let header_limits = match a.large_client_header_buffers.as_deref() {
         Some(s) => parse_header_buffers(s).map_err(ArgError::bad)?,
         None => HeaderLimits::default(),
@@ -890,13 +906,12 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
     }
 
     let mut ignored_flags = Vec::new();
-    let nginx_only: [(&'static str, bool); 13] = [
+    let nginx_only: [(&'static str, bool); 12] = [
         ("--worker_processes", a.worker_processes.is_some()),
         (
             "--client_body_buffer_size",
             a.client_body_buffer_size.is_some(),
         ),
-        ("--client_body_timeout", a.client_body_timeout.is_some()),
         ("--underscores_in_headers", a.underscores_in_headers),
         ("--allow_invalid_headers", a.allow_invalid_headers),
         ("--enable_debug", a.enable_debug),
@@ -982,6 +997,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         },
         keep_alive: !keep_alive_timeout.is_zero(),
         header_limits,
+        client_body_timeout,
         client_ip_header: a.client_ip_header,
         client_ip_position: a.client_ip_position,
         cors,
@@ -1254,8 +1270,10 @@ mod tests {
             "svc",
             "--keepalive_timeout=650s 600s",
             "--client_header_timeout=500ms",
+            "--client_body_timeout=2m",
         ])
         .unwrap();
+        assert_eq!(s.client_body_timeout, Duration::from_secs(120));
         assert_eq!(s.conn_limits.keep_alive_timeout, Duration::from_secs(650));
         assert_eq!(
             s.conn_limits.header_read_timeout,
@@ -1270,6 +1288,7 @@ mod tests {
             "--keepalive_timeout=soon",
             "--keepalive_timeout=5y",
             "--client_header_timeout=0",
+            "--client_body_timeout=0",
             "--large_client_header_buffers=8k",
             "--large_client_header_buffers=0 8k",
             "--large_client_header_buffers=4 100",

@@ -12,8 +12,8 @@
 //!
 //! The backend deadline (`--http_request_timeout_s`, a rule's `deadline`) counts from the end of
 //! the request body, as Envoy's route timeout does: a slow upload is not the backend's delay.
-//! While the body is still arriving, the client may pause at most [`CLIENT_BODY_TIMEOUT`]
-//! between two reads (nginx's `client_body_timeout`).
+//! While the body is still arriving, the client may pause at most `--client_body_timeout`
+//! ([`CLIENT_BODY_TIMEOUT`] by default, nginx's) between two reads.
 
 use crate::cli::{BackendAddr, BackendScheme};
 use crate::upstream::{Dialer, Pool, PoolLimits, UpstreamBody};
@@ -58,8 +58,8 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
-/// The longest pause allowed between two reads of a request body (nginx's
-/// `client_body_timeout` default).
+/// The longest pause allowed between two reads of a request body by default (nginx's
+/// `client_body_timeout`).
 pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How the client's request body failed.
@@ -71,7 +71,7 @@ pub enum ClientBodyError {
     /// The client closed (or reset) the connection or stream before the body was complete.
     #[error("the client closed the connection before the request body was complete")]
     Closed,
-    /// The client stopped sending the body for longer than [`CLIENT_BODY_TIMEOUT`].
+    /// The client stopped sending the body for longer than `--client_body_timeout`.
     #[error("the client stopped sending the request body")]
     Stalled,
 }
@@ -131,6 +131,8 @@ impl ClientBodyError {
 #[derive(Debug)]
 pub struct BodyProgress {
     start: tokio::time::Instant,
+    /// The longest pause allowed between two reads from the client.
+    body_timeout: Duration,
     /// Milliseconds from `start` to the last frame (or the end) of the body.
     last_event_ms: AtomicU64,
     state: AtomicU8,
@@ -151,6 +153,7 @@ impl BodyProgress {
     fn new() -> Arc<BodyProgress> {
         Arc::new(BodyProgress {
             start: tokio::time::Instant::now(),
+            body_timeout: CLIENT_BODY_TIMEOUT,
             last_event_ms: AtomicU64::new(0),
             state: AtomicU8::new(BODY_UNPOLLED),
         })
@@ -196,7 +199,7 @@ impl BodyProgress {
             // Waiting for a pooled connection (or a dial): the backend side's time.
             BODY_UNPOLLED => (sent_at + limit, ForwardError::Timeout(limit)),
             BODY_WAITING_ON_CLIENT => (
-                self.last_event().max(sent_at) + CLIENT_BODY_TIMEOUT,
+                self.last_event().max(sent_at) + self.body_timeout,
                 ForwardError::ClientBody(ClientBodyError::Stalled),
             ),
             // The backend is not taking the body, or has it all and has not answered.
@@ -276,6 +279,16 @@ impl LimitedBody {
             counter: None,
             progress,
         }
+    }
+
+    /// The longest pause allowed between two reads from the client (default
+    /// [`CLIENT_BODY_TIMEOUT`]).
+    pub fn with_body_timeout(mut self, timeout: Duration) -> Self {
+        // Only while building: nothing shares the progress yet.
+        if let Some(p) = self.progress.as_mut().and_then(Arc::get_mut) {
+            p.body_timeout = timeout;
+        }
+        self
     }
 
     /// How the body is going; `None` when the request has no body.
@@ -592,9 +605,13 @@ impl Forwarder {
             }
         };
         let sent_at = tokio::time::Instant::now();
+        // With a body, look first at whichever of its limits comes first.
+        let first = progress
+            .as_ref()
+            .map_or(limit, |p| limit.min(p.body_timeout));
         SendWithin {
             call,
-            sleep: tokio::time::sleep_until(sent_at + limit),
+            sleep: tokio::time::sleep_until(sent_at + first),
             limit,
             sent_at,
             progress,

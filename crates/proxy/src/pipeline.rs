@@ -1142,7 +1142,8 @@ impl Pipeline {
         let upstream_req = Request::from_parts(
             parts,
             LimitedBody::new(body, settings.client_max_body_size)
-                .with_counter(ctx.body_counter.clone()),
+                .with_counter(ctx.body_counter.clone())
+                .with_body_timeout(settings.client_body_timeout),
         );
         let send = forwarder.send_within(upstream_req, deadline);
         Forwarding {
