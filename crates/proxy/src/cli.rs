@@ -8,8 +8,9 @@
 //!
 //! nginx tuning flags that have no meaning without nginx (`--worker_processes`,
 //! `--client_body_buffer_size`, ...) are accepted so existing command lines keep working, and
-//! each one is logged as ignored. `--keepalive_timeout` and `--large_client_header_buffers` do
-//! what nginx does with them (see [`crate::server`] and docs/security.md).
+//! each one is logged as ignored. `--keepalive_timeout`, `--client_body_timeout` and
+//! `--large_client_header_buffers` do what nginx does with them (see [`crate::server`] and
+//! docs/security.md).
 
 use crate::cors::CorsSettings;
 use clap::{ArgAction, Parser};

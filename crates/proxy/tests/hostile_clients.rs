@@ -314,7 +314,25 @@ async fn malformed_request_bodies_are_the_clients_400_and_the_pool_stays_clean()
             "backend connections left open: accepted {accepted}, closed {}",
             backend.closed.load(Ordering::SeqCst)
         );
-        // Logged as the client's errors: 400s, never a 502.
+        // Reported and logged as the client's errors: 400s, never a 502.
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                env.sc
+                    .requests_to(":report")
+                    .iter()
+                    .filter(|r| r.body.contains(r#""/response_code":"400""#))
+                    .count()
+                    >= 3
+            })
+            .await,
+            "the three 400s were not reported: {:?}",
+            env.sc.requests_to(":report")
+        );
+        assert!(env
+            .sc
+            .requests_to(":report")
+            .iter()
+            .all(|r| !r.body.contains(r#""/response_code":"502""#)));
         let log = env.access_log();
         let statuses: Vec<i64> = log.iter().filter_map(|e| e["status"].as_i64()).collect();
         assert_eq!(
