@@ -13,7 +13,8 @@
 //!   "idle between requests" from "slow head".
 //! - [`Acceptor`]: `accept` that pauses, exponentially, when the process is out of file
 //!   descriptors or buffers (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`), with one warning per
-//!   back-off period instead of one per attempt.
+//!   back-off period for the whole process (every serving thread and port has its own listener,
+//!   and they run out together) instead of one per attempt.
 //! - [`serve_connection`] and [`serve`]: a connection (or a whole listener) served through
 //!   hyper-util's auto builder with both, and graceful shutdown.
 
@@ -93,7 +94,7 @@ fn classify_accept_error(e: &std::io::Error) -> AcceptFailure {
     }
 }
 
-/// The back-off schedule and its logging, apart from the clock and the socket (unit-tested).
+/// One listener's back-off schedule, apart from the clock and the socket (unit-tested).
 #[derive(Debug, Default)]
 struct Backoff {
     /// The next pause; `None` after a success.
@@ -104,27 +105,20 @@ struct Backoff {
     failures: u64,
 }
 
-/// What the accept loop does after an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Step {
-    pause: Duration,
-    /// This failure opens a back-off period: warn once.
-    warn: bool,
-}
-
 impl Backoff {
-    fn failed(&mut self, now: Instant) -> Step {
-        let warn = self
+    /// How long to pause after an exhaustion error.
+    fn failed(&mut self, now: Instant) -> Duration {
+        if self
             .last_failure
-            .is_none_or(|t| now.duration_since(t) >= QUIET);
-        if warn {
+            .is_none_or(|t| now.duration_since(t) >= QUIET)
+        {
             self.failures = 0;
         }
         self.failures += 1;
         self.last_failure = Some(now);
         let pause = self.pause.map_or(FIRST_PAUSE, |p| (p * 2).min(MAX_PAUSE));
         self.pause = Some(pause);
-        Step { pause, warn }
+        pause
     }
 
     /// A connection was accepted: the next failure pauses briefly again, but still belongs
@@ -140,6 +134,25 @@ impl Backoff {
         }
     }
 }
+
+/// At most one exhaustion warning per `QUIET` period for the whole process.
+struct WarnGate(std::sync::Mutex<Option<Instant>>);
+
+impl WarnGate {
+    const fn new() -> Self {
+        WarnGate(std::sync::Mutex::new(None))
+    }
+
+    fn allow(&self, now: Instant) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let allow = last.is_none_or(|t| now.duration_since(t) >= QUIET);
+        // Every failure extends the episode, whichever listener saw it.
+        *last = Some(now);
+        allow
+    }
+}
+
+static WARNINGS: WarnGate = WarnGate::new();
 
 /// A listener whose [`accept`](Acceptor::accept) never fails and never spins.
 pub struct Acceptor {
@@ -181,8 +194,9 @@ impl Acceptor {
                         tracing::debug!(listener = self.name, error = %e, "accept failed");
                     }
                     AcceptFailure::Exhausted => {
-                        let step = self.backoff.failed(Instant::now());
-                        if step.warn {
+                        let now = Instant::now();
+                        let pause = self.backoff.failed(now);
+                        if WARNINGS.allow(now) {
                             tracing::warn!(
                                 listener = self.name,
                                 error = %e,
@@ -190,7 +204,7 @@ impl Acceptor {
                                  until connections close; no further warning for this episode"
                             );
                         }
-                        tokio::time::sleep(step.pause).await;
+                        tokio::time::sleep(pause).await;
                     }
                 },
             }
@@ -568,28 +582,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_to_a_cap_and_warns_once_per_period() {
+    fn backoff_doubles_to_a_cap_and_resets_on_success() {
         let mut b = Backoff::default();
         let t0 = Instant::now();
-        let mut pauses = Vec::new();
-        let mut warnings = 0;
-        for i in 0..20u64 {
-            let s = b.failed(t0 + Duration::from_millis(i));
-            pauses.push(s.pause);
-            warnings += usize::from(s.warn);
-        }
-        assert_eq!(warnings, 1, "one warning for a whole burst of failures");
+        let pauses: Vec<Duration> = (0..20u64)
+            .map(|i| b.failed(t0 + Duration::from_millis(i)))
+            .collect();
         assert_eq!(pauses[0], FIRST_PAUSE);
         assert_eq!(pauses[1], FIRST_PAUSE * 2);
         assert_eq!(*pauses.last().expect("pauses"), MAX_PAUSE);
         // A success resets the pause but not the period.
         assert_eq!(b.succeeded(t0 + Duration::from_millis(30)), None);
-        let s = b.failed(t0 + Duration::from_millis(40));
-        assert_eq!((s.pause, s.warn), (FIRST_PAUSE, false));
-        // After a quiet spell the period is over: the next failure warns again.
+        assert_eq!(b.failed(t0 + Duration::from_millis(40)), FIRST_PAUSE);
+        // After a quiet spell the period is over and its failures are counted once.
         let later = t0 + Duration::from_millis(40) + QUIET;
         assert_eq!(b.succeeded(later), Some(21));
-        assert!(b.failed(later + Duration::from_millis(1)).warn);
+        assert_eq!(b.succeeded(later), None);
+    }
+
+    #[test]
+    fn one_warning_per_episode_across_listeners() {
+        let gate = WarnGate::new();
+        let t0 = Instant::now();
+        assert!(gate.allow(t0));
+        // Other listeners (threads, ports) failing in the same episode stay quiet, and keep
+        // the episode going.
+        for i in 1..100u64 {
+            assert!(!gate.allow(t0 + Duration::from_millis(i * 100)));
+        }
+        let last = t0 + Duration::from_millis(9_900);
+        assert!(!gate.allow(last + QUIET - Duration::from_millis(1)));
+        assert!(gate.allow(last + QUIET + QUIET));
     }
 
     #[test]
