@@ -298,9 +298,9 @@ async fn proxy_behind_a_mesh_ingress() {
     let (status, body) = post(gateway, &format!("?key={key}"), "203.0.113.7").await;
     assert_eq!(status, 200, "{body}");
     let headers = &body["headers"];
-    // 2. The backend sees the client in X-Forwarded-For. Like ESP's nginx (realip module with
-    //    XFF trusted from everywhere by default), the proxy resolves the client address from the
-    //    header and appends that, not the gateway's socket address.
+    // 2. The backend sees the client in X-Forwarded-For. Like ESP's nginx (realip module), the
+    //    proxy believes the header from the gateway (a loopback peer, trusted by default), resolves
+    //    the client address from it and appends that, not the gateway's socket address.
     let xff = headers["x-forwarded-for"]
         .as_str()
         .expect("x-forwarded-for");

@@ -157,6 +157,26 @@ impl ControlPlane {
     /// Like [`ControlPlane::start_with`], listening on `listen` (e.g. to come back on the same
     /// address after [`ControlPlane::stop`], as key files name the control plane's URL).
     pub fn start_on(data_dir: &Path, db: &Db, listen: &str, extra: &[&str]) -> ControlPlane {
+        Self::spawn(data_dir, db, listen, extra, None)
+    }
+
+    /// Like [`ControlPlane::start_with`], in a process allowed only `nofile` file descriptors.
+    pub fn start_with_fd_limit(
+        data_dir: &Path,
+        db: &Db,
+        extra: &[&str],
+        nofile: u64,
+    ) -> ControlPlane {
+        Self::spawn(data_dir, db, "127.0.0.1:0", extra, Some(nofile))
+    }
+
+    fn spawn(
+        data_dir: &Path,
+        db: &Db,
+        listen: &str,
+        extra: &[&str],
+        nofile: Option<u64>,
+    ) -> ControlPlane {
         std::fs::create_dir_all(data_dir).expect("create data dir");
         let log_path = data_dir.join("control-plane.log");
         let log = std::fs::OpenOptions::new()
@@ -181,6 +201,9 @@ impl ControlPlane {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
+        if let Some(n) = nofile {
+            limit_fds(&mut cmd, n);
+        }
         let mut child = cmd.spawn().expect("spawn portico control-plane");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
@@ -252,6 +275,25 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Runs `cmd`'s process with at most `nofile` file descriptors (soft and hard limit).
+pub fn limit_fds(cmd: &mut Command, nofile: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec; it only calls setrlimit(2),
+    // which is async-signal-safe, and touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: nofile as libc::rlim_t,
+                rlim_max: nofile as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

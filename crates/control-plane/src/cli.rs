@@ -40,6 +40,22 @@ pub struct Args {
     /// sharing one database need the same key (or PORTICO_MASTER_KEY).
     #[arg(long, env = "PORTICO_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
+    /// Seconds a connection may take to send a request head, from accept or from the first
+    /// byte after an idle period (nginx's client_header_timeout).
+    #[arg(long, default_value_t = 60.0, value_parser = positive_seconds)]
+    pub header_read_timeout: f64,
+    /// Seconds an idle keep-alive connection is kept open (nginx's keepalive_timeout).
+    #[arg(long, default_value_t = 75.0, value_parser = positive_seconds)]
+    pub keepalive_timeout: f64,
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 7.0 * 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?}: expected a number of seconds, more than 0 and at most 7 days"
+        )),
+    }
 }
 
 impl From<Args> for ServeOptions {
@@ -53,6 +69,10 @@ impl From<Args> for ServeOptions {
             public_url: a.public_url,
             admin_token_file: a.admin_token_file,
             master_key_file: a.master_key_file,
+            conn_limits: portico_listen::ConnLimits {
+                header_read_timeout: std::time::Duration::from_secs_f64(a.header_read_timeout),
+                keep_alive_timeout: std::time::Duration::from_secs_f64(a.keepalive_timeout),
+            },
         }
     }
 }

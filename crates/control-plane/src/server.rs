@@ -228,6 +228,8 @@ pub struct ServeOptions {
     /// Master key file (API key encryption); default `DATA/master-key`, created if absent.
     /// `PORTICO_MASTER_KEY` overrides both. Replicas sharing a database must share the key.
     pub master_key_file: Option<PathBuf>,
+    /// Header-read and keep-alive timeouts for every connection (nginx's 60 s and 75 s).
+    pub conn_limits: portico_listen::ConnLimits,
 }
 
 impl ServeOptions {
@@ -241,6 +243,7 @@ impl ServeOptions {
             public_url: None,
             admin_token_file: None,
             master_key_file: None,
+            conn_limits: portico_listen::ConnLimits::default(),
         }
     }
 }
@@ -313,7 +316,7 @@ pub struct RunningServer {
     pub public_url: String,
     pub admin_token_path: PathBuf,
     pub state: AppState,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    shutdown: Option<tokio::sync::watch::Sender<bool>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -321,7 +324,7 @@ impl RunningServer {
     /// Stops accepting, lets in-flight requests finish, and waits.
     pub async fn shutdown(mut self) -> std::io::Result<()> {
         if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+            let _ = tx.send(true);
         }
         self.wait_inner().await
     }
@@ -341,7 +344,7 @@ impl RunningServer {
             _ = signal => {}
         }
         if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+            let _ = tx.send(true);
         }
         match tokio::time::timeout(drain, self.wait_inner()).await {
             Ok(r) => r,
@@ -466,7 +469,10 @@ pub async fn build_state_with(
     Ok((AppState::new(shared), token_path))
 }
 
-/// Binds, builds the state and serves in a background task.
+/// Binds, builds the state and serves in a background task: HTTP/1.1 and h2c, every connection
+/// under `opts.conn_limits` (axum's own `serve` has no timeouts at all, so a connection that
+/// never sent a byte held its socket forever), accepts paused rather than spinning when file
+/// descriptors run out.
 pub async fn serve(opts: ServeOptions) -> Result<RunningServer, ServeError> {
     // Before binding: an unusable --data must not leave a port open that never answers.
     if let Some(dir) = &opts.data_dir {
@@ -484,13 +490,23 @@ pub async fn serve(opts: ServeOptions) -> Result<RunningServer, ServeError> {
     })?;
     let (state, admin_token_path) = build_state(&opts, addr).await?;
     let app = service(state.clone());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let limits = opts.conn_limits;
     let task = tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service())
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await
+        let mut builder =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        // The connection limits are portico_listen's; hyper's header timer would also cut idle
+        // keep-alive connections at the header timeout.
+        builder.http1().header_read_timeout(None);
+        portico_listen::serve(
+            portico_listen::Acceptor::new(listener, "control plane"),
+            builder,
+            limits,
+            move |_peer| hyper_util::service::TowerToHyperService::new(app.clone()),
+            rx,
+        )
+        .await;
+        Ok(())
     });
     Ok(RunningServer {
         addr,
@@ -600,6 +616,85 @@ mod tests {
             )
             .await;
         assert_eq!(st.as_u16(), 200);
+    }
+
+    /// Reads until the server closes the connection; how long that took, or `None`.
+    async fn closed_within(
+        s: &mut tokio::net::TcpStream,
+        limit: std::time::Duration,
+    ) -> Option<std::time::Duration> {
+        use tokio::io::AsyncReadExt;
+        let started = Instant::now();
+        let mut buf = [0u8; 4096];
+        tokio::time::timeout(limit, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .ok()
+        .map(|()| started.elapsed())
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_and_requests_still_served() {
+        use std::time::Duration;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut opts = ServeOptions::sqlite("127.0.0.1:0".parse().expect("addr"), dir.path());
+        opts.conn_limits = portico_listen::ConnLimits {
+            header_read_timeout: Duration::from_secs(1),
+            keep_alive_timeout: Duration::from_secs(2),
+        };
+        let server = serve(opts).await.expect("serve");
+        let addr = server.addr;
+        let test = async {
+            // A connection that never sends a byte: closed by the header timeout.
+            let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let took = closed_within(&mut silent, Duration::from_secs(5))
+                .await
+                .expect("a silent connection stayed open");
+            assert!(took < Duration::from_secs(4), "{took:?}");
+            // A partial head: closed too.
+            let mut partial = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            partial
+                .write_all(b"GET /v1/services HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .expect("write");
+            assert!(closed_within(&mut partial, Duration::from_secs(5))
+                .await
+                .is_some());
+            // A request is answered; then the idle keep-alive connection is closed after ~2 s.
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            s.write_all(b"GET /v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .expect("write");
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).await.expect("response");
+            assert!(
+                String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 404"),
+                "{}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+            let took = closed_within(&mut s, Duration::from_secs(6))
+                .await
+                .expect("an idle keep-alive connection stayed open");
+            assert!(
+                took >= Duration::from_millis(1500) && took < Duration::from_secs(5),
+                "{took:?}"
+            );
+        };
+        tokio::time::timeout(Duration::from_secs(30), test)
+            .await
+            .expect("bounded");
+        // Graceful shutdown still returns.
+        tokio::time::timeout(Duration::from_secs(10), server.shutdown())
+            .await
+            .expect("shutdown in time")
+            .expect("shutdown");
     }
 
     #[test]

@@ -7,8 +7,10 @@
 //! service configuration cannot be fetched.
 //!
 //! nginx tuning flags that have no meaning without nginx (`--worker_processes`,
-//! `--keepalive_timeout`, ...) are accepted so existing command lines keep working, and each
-//! one is logged as ignored.
+//! `--client_body_buffer_size`, ...) are accepted so existing command lines keep working, and
+//! each one is logged as ignored. `--keepalive_timeout`, `--client_body_timeout` and
+//! `--large_client_header_buffers` do what nginx does with them (see [`crate::server`] and
+//! docs/security.md).
 
 use crate::cors::CorsSettings;
 use clap::{ArgAction, Parser};
@@ -32,6 +34,18 @@ const DEFAULT_CORS_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";
 const DEFAULT_CORS_HEADERS: &str =
     "DNT,User-Agent,X-Requested-With,If-Modified-Since,Cache-Control,Content-Type,Range,Authorization";
 const DEFAULT_CORS_EXPOSE: &str = "Content-Length,Content-Range";
+
+/// Peers whose `X-Forwarded-For` is believed by default: loopback, private (RFC 1918, RFC 4193)
+/// and link-local addresses — a local load balancer, a sidecar or a mesh ingress. ESP trusted
+/// every peer (`0.0.0.0/0, ::/0`), which let any client choose the caller IP that IP-restricted
+/// API keys are checked against; that is one flag away (docs/security.md).
+pub const DEFAULT_XFF_TRUSTED_PROXY_LIST: &str =
+    "127.0.0.0/8, ::1/128, 10.0.0.0/8, 172.16.0.0/12, \
+     192.168.0.0/16, fc00::/7, 169.254.0.0/16, fe80::/10";
+
+/// `--http_request_timeout_s`'s default: ESPv2's default backend deadline (its
+/// `x-google-backend` `deadline` when none is given). ESP's nginx waited 86,400 s.
+pub const DEFAULT_BACKEND_TIMEOUT_S: f64 = 15.0;
 
 /// The raw command line, named as ESP names its flags.
 #[derive(Debug, Parser)]
@@ -98,11 +112,13 @@ pub struct EspArgs {
     /// Maximum request body size, nginx syntax (`32m`, `512k`, `0` = unlimited).
     #[arg(long = "client_max_body_size", default_value = "32m")]
     pub client_max_body_size: String,
-    /// Proxies whose X-Forwarded-For is trusted (comma-separated CIDRs or addresses).
+    /// Peers whose X-Forwarded-For is trusted (comma-separated CIDRs or addresses); the client
+    /// is the right-most address not in the list. Default: loopback, private and link-local
+    /// ranges (ESP's default, every address, is `0.0.0.0/0,::/0`).
     #[arg(
         short = 'x',
         long = "xff_trusted_proxy_list",
-        default_value = "0.0.0.0/0, 0::/0"
+        default_value = DEFAULT_XFF_TRUSTED_PROXY_LIST
     )]
     pub xff_trusted_proxy_list: String,
     /// Header from which the caller IP reported to Service Control is taken.
@@ -201,10 +217,27 @@ pub struct EspArgs {
     /// nginx has no cap).
     #[arg(long = "backend_max_connections", default_value_t = crate::upstream::DEFAULT_MAX_CONNECTIONS)]
     pub backend_max_connections: usize,
-    /// Portico (ESPv2's name): seconds to wait for the backend's response head (default 86400,
-    /// nginx's proxy_read_timeout in ESP's template).
-    #[arg(long = "http_request_timeout_s", default_value_t = 86400.0)]
+    /// Portico: seconds to wait for the backend's response head, counted from the end of the
+    /// request body (default 15, ESPv2's default backend deadline; ESP's nginx waited 86400).
+    /// An `x-google-backend` `deadline` overrides it per method.
+    #[arg(long = "http_request_timeout_s", default_value_t = DEFAULT_BACKEND_TIMEOUT_S)]
     pub http_request_timeout_s: f64,
+    /// Idle time allowed on a client connection between requests, nginx syntax (`75s`, `2m`;
+    /// default 75s); `0` closes every connection after one response.
+    #[arg(long = "keepalive_timeout")]
+    pub keepalive_timeout: Option<String>,
+    /// Longest pause between two reads of a request body, nginx syntax (default 60s); a client
+    /// that stops sending its body is answered 408.
+    #[arg(long = "client_body_timeout")]
+    pub client_body_timeout: Option<String>,
+    /// Portico (nginx's directive): time allowed for a request head, from a new connection or
+    /// from the first byte after an idle period (default 60s).
+    #[arg(long = "client_header_timeout")]
+    pub client_header_timeout: Option<String>,
+    /// Request-head limits, nginx syntax `"NUMBER SIZE"` (default `"4 8k"`): the request line
+    /// and each header line at most SIZE, the whole head at most NUMBER × SIZE.
+    #[arg(long = "large_client_header_buffers")]
+    pub large_client_header_buffers: Option<String>,
     /// Portico: extra trusted CA certificates (PEM) for an `https://` backend, e.g. a private CA
     /// or the backend's self-signed certificate. The public web PKI is always trusted.
     #[arg(long = "backend_ca_cert_path")]
@@ -219,14 +252,8 @@ pub struct EspArgs {
     // nginx-only tuning and ESP-internal knobs: accepted and ignored with a logged note.
     #[arg(long = "worker_processes", hide = true)]
     pub worker_processes: Option<String>,
-    #[arg(long = "keepalive_timeout", hide = true)]
-    pub keepalive_timeout: Option<String>,
     #[arg(long = "client_body_buffer_size", hide = true)]
     pub client_body_buffer_size: Option<String>,
-    #[arg(long = "client_body_timeout", hide = true)]
-    pub client_body_timeout: Option<String>,
-    #[arg(long = "large_client_header_buffers", hide = true)]
-    pub large_client_header_buffers: Option<String>,
     #[arg(long = "allow_invalid_headers", action = ArgAction::SetTrue, hide = true)]
     pub allow_invalid_headers: bool,
     #[arg(long = "enable_debug", action = ArgAction::SetTrue, hide = true)]
@@ -363,6 +390,14 @@ pub struct Settings {
     /// 0 = unlimited, as in nginx.
     pub client_max_body_size: u64,
     pub xff_trusted: Vec<IpNet>,
+    /// `--client_header_timeout` and `--keepalive_timeout`, for every listener.
+    pub conn_limits: portico_listen::ConnLimits,
+    /// `--keepalive_timeout=0`: one request per HTTP/1 connection.
+    pub keep_alive: bool,
+    /// `--large_client_header_buffers`.
+    pub header_limits: HeaderLimits,
+    /// `--client_body_timeout`.
+    pub client_body_timeout: Duration,
     pub client_ip_header: Option<String>,
     pub client_ip_position: i32,
     pub cors: Option<CorsSettings>,
@@ -398,6 +433,84 @@ pub struct Settings {
     pub access_log: Option<String>,
     /// Flags accepted only for compatibility, reported once at start-up.
     pub ignored_flags: Vec<&'static str>,
+}
+
+/// nginx's `large_client_header_buffers NUMBER SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderLimits {
+    /// The request line, and each header line (`name: value`), at most this many bytes.
+    pub line: usize,
+    /// The whole request head at most this many bytes.
+    pub total: usize,
+}
+
+impl Default for HeaderLimits {
+    /// nginx's default, `4 8k`.
+    fn default() -> Self {
+        HeaderLimits {
+            line: 8 << 10,
+            total: 32 << 10,
+        }
+    }
+}
+
+/// Parses `large_client_header_buffers` (`"4 8k"`).
+pub fn parse_header_buffers(s: &str) -> Result<HeaderLimits, String> {
+    let mut parts = s.split_whitespace();
+    let (Some(n), Some(size), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!(
+            "invalid --large_client_header_buffers {s:?}: expected \"NUMBER SIZE\", e.g. \"4 8k\""
+        ));
+    };
+    let n: usize = n
+        .parse()
+        .ok()
+        .filter(|n| (1..=64).contains(n))
+        .ok_or_else(|| {
+            format!("invalid --large_client_header_buffers {s:?}: NUMBER must be 1 to 64")
+        })?;
+    let line = parse_nginx_size(size)
+        .map_err(|e| format!("--large_client_header_buffers: {e}"))
+        .and_then(|b| {
+            usize::try_from(b)
+                .ok()
+                .filter(|b| (1 << 10..=1 << 20).contains(b))
+                .ok_or_else(|| {
+                    format!("invalid --large_client_header_buffers {s:?}: SIZE must be 1k to 1m")
+                })
+        })?;
+    Ok(HeaderLimits {
+        line,
+        total: line * n,
+    })
+}
+
+/// Parses an nginx time (`75s`, `60`, `500ms`, `2m`, `1h`, `1d`; no unit means seconds). ESP's
+/// `--keepalive_timeout` may carry nginx's optional second value (the `Keep-Alive: timeout=`
+/// header); only the first is used.
+pub fn parse_nginx_time(s: &str) -> Result<Duration, String> {
+    let t = s.split_whitespace().next().unwrap_or("");
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid time {s:?}: expected a number with an optional unit"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "invalid time {s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    n.checked_mul(ms)
+        .filter(|ms| *ms <= 7 * 86_400_000)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("invalid time {s:?}: more than 7 days"))
 }
 
 /// Why the command line was refused, with start_esp's exit code.
@@ -676,6 +789,40 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
             })?;
         xff_trusted.push(net);
     }
+    let keep_alive_timeout = match a.keepalive_timeout.as_deref() {
+        Some(t) => {
+            parse_nginx_time(t).map_err(|e| ArgError::bad(format!("--keepalive_timeout: {e}")))?
+        }
+        None => portico_listen::DEFAULT_KEEP_ALIVE_TIMEOUT,
+    };
+    let header_read_timeout = match a.client_header_timeout.as_deref() {
+        Some(t) => parse_nginx_time(t)
+            .map_err(|e| ArgError::bad(format!("--client_header_timeout: {e}")))
+            .and_then(|d| {
+                if d.is_zero() {
+                    Err(ArgError::bad("--client_header_timeout must be more than 0"))
+                } else {
+                    Ok(d)
+                }
+            })?,
+        None => portico_listen::DEFAULT_HEADER_READ_TIMEOUT,
+    };
+    let client_body_timeout = match a.client_body_timeout.as_deref() {
+        Some(t) => parse_nginx_time(t)
+            .map_err(|e| ArgError::bad(format!("--client_body_timeout: {e}")))
+            .and_then(|d| {
+                if d.is_zero() {
+                    Err(ArgError::bad("--client_body_timeout must be more than 0"))
+                } else {
+                    Ok(d)
+                }
+            })?,
+        None => crate::forward::CLIENT_BODY_TIMEOUT,
+    };
+    let header_limits = match a.large_client_header_buffers.as_deref() {
+        Some(s) => parse_header_buffers(s).map_err(ArgError::bad)?,
+        None => HeaderLimits::default(),
+    };
 
     let cors = match a.cors_preset.as_deref() {
         None => None,
@@ -781,17 +928,11 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
     }
 
     let mut ignored_flags = Vec::new();
-    let nginx_only: [(&'static str, bool); 14] = [
+    let nginx_only: [(&'static str, bool); 11] = [
         ("--worker_processes", a.worker_processes.is_some()),
-        ("--keepalive_timeout", a.keepalive_timeout.is_some()),
         (
             "--client_body_buffer_size",
             a.client_body_buffer_size.is_some(),
-        ),
-        ("--client_body_timeout", a.client_body_timeout.is_some()),
-        (
-            "--large_client_header_buffers",
-            a.large_client_header_buffers.is_some(),
         ),
         ("--allow_invalid_headers", a.allow_invalid_headers),
         ("--enable_debug", a.enable_debug),
@@ -871,6 +1012,13 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         network_fail_open,
         client_max_body_size,
         xff_trusted,
+        conn_limits: portico_listen::ConnLimits {
+            header_read_timeout,
+            keep_alive_timeout,
+        },
+        keep_alive: !keep_alive_timeout.is_zero(),
+        header_limits,
+        client_body_timeout,
         client_ip_header: a.client_ip_header,
         client_ip_position: a.client_ip_position,
         cors,
@@ -1127,14 +1275,115 @@ mod tests {
             "--large_client_header_buffers=4 32k",
         ])
         .unwrap();
+        assert_eq!(s.ignored_flags, vec!["--worker_processes"]);
+        assert_eq!(s.conn_limits.keep_alive_timeout, Duration::from_secs(75));
         assert_eq!(
-            s.ignored_flags,
-            vec![
-                "--worker_processes",
-                "--keepalive_timeout",
-                "--large_client_header_buffers",
-            ]
+            s.header_limits,
+            HeaderLimits {
+                line: 32 << 10,
+                total: 128 << 10
+            }
         );
+    }
+
+    #[test]
+    fn connection_limits_default_to_nginx_and_parse_nginx_syntax() {
+        let s = p(&["-s", "svc"]).unwrap();
+        assert_eq!(s.conn_limits, portico_listen::ConnLimits::default());
+        assert_eq!(s.conn_limits.header_read_timeout, Duration::from_secs(60));
+        assert_eq!(s.conn_limits.keep_alive_timeout, Duration::from_secs(75));
+        assert!(s.keep_alive);
+        assert_eq!(
+            s.header_limits,
+            HeaderLimits {
+                line: 8192,
+                total: 32768
+            }
+        );
+        let s = p(&[
+            "-s",
+            "svc",
+            "--keepalive_timeout=650s 600s",
+            "--client_header_timeout=500ms",
+            "--client_body_timeout=2m",
+        ])
+        .unwrap();
+        assert_eq!(s.client_body_timeout, Duration::from_secs(120));
+        assert_eq!(s.conn_limits.keep_alive_timeout, Duration::from_secs(650));
+        assert_eq!(
+            s.conn_limits.header_read_timeout,
+            Duration::from_millis(500)
+        );
+        assert!(
+            !p(&["-s", "svc", "--keepalive_timeout=0"])
+                .unwrap()
+                .keep_alive
+        );
+        for bad in [
+            "--keepalive_timeout=soon",
+            "--keepalive_timeout=5y",
+            "--client_header_timeout=0",
+            "--client_body_timeout=0",
+            "--large_client_header_buffers=8k",
+            "--large_client_header_buffers=0 8k",
+            "--large_client_header_buffers=4 100",
+            "--large_client_header_buffers=4 2g",
+        ] {
+            let e = p(&["-s", "svc", bad]).unwrap_err();
+            assert_eq!(e.exit_code, EXIT_BAD_ARGS, "{bad}");
+        }
+    }
+
+    #[test]
+    fn backend_deadline_defaults_to_15_seconds() {
+        let s = p(&["-s", "svc"]).unwrap();
+        assert_eq!(s.backend_timeout, Duration::from_secs(15));
+        let s = p(&["-s", "svc", "--http_request_timeout_s=86400"]).unwrap();
+        assert_eq!(s.backend_timeout, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn default_xff_trust_is_loopback_private_and_link_local_only() {
+        let s = p(&["-s", "svc"]).unwrap();
+        let trusted = |ip: &str| {
+            let ip: IpAddr = ip.parse().unwrap();
+            s.xff_trusted.iter().any(|n| n.contains(&ip))
+        };
+        for ip in [
+            "127.0.0.1",
+            "127.255.0.9",
+            "::1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.254",
+            "192.168.1.1",
+            "fc00::1",
+            "fd12:3456::1",
+            "169.254.1.1",
+            "fe80::1",
+        ] {
+            assert!(trusted(ip), "{ip} should be trusted");
+        }
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.32.0.1",
+            "172.15.255.255",
+            "192.169.0.1",
+            "11.0.0.1",
+            "100.64.0.1",
+            "2001:db8::1",
+            "2607:f8b0::1",
+            "::ffff:8.8.8.8",
+        ] {
+            assert!(!trusted(ip), "{ip} should not be trusted");
+        }
+        // ESP's behaviour stays one flag away.
+        let s = p(&["-s", "svc", "--xff_trusted_proxy_list=0.0.0.0/0,::/0"]).unwrap();
+        assert!(s
+            .xff_trusted
+            .iter()
+            .any(|n| n.contains(&"8.8.8.8".parse::<IpAddr>().unwrap())));
     }
 
     #[test]

@@ -6,6 +6,14 @@
 //!
 //! Failures are classified so the pipeline can answer as ESP does: connect errors → 502
 //! `BAD_GATEWAY`, no response head in time → 504 `GATEWAY_TIMEOUT`, body over the limit → 413.
+//! A request body the *client* broke (a malformed chunk, a connection closed half-way, a body
+//! that stops arriving) is the client's failure, not the backend's: [`LimitedBody`] records it
+//! in its [`BodyProgress`] and the call ends with [`ForwardError::ClientBody`].
+//!
+//! The backend deadline (`--http_request_timeout_s`, a rule's `deadline`) counts from the end of
+//! the request body, as Envoy's route timeout does: a slow upload is not the backend's delay.
+//! While the body is still arriving, the client may pause at most `--client_body_timeout`
+//! ([`CLIENT_BODY_TIMEOUT`] by default, nginx's) between two reads.
 
 use crate::cli::{BackendAddr, BackendScheme};
 use crate::upstream::{Dialer, Pool, PoolLimits, UpstreamBody};
@@ -22,6 +30,8 @@ use ipnet::IpNet;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -48,6 +58,167 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
+/// The longest pause allowed between two reads of a request body by default (nginx's
+/// `client_body_timeout`).
+pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How the client's request body failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClientBodyError {
+    /// Not valid HTTP framing (chunk size, chunk extension, ...): the client is answered 400.
+    #[error("the client sent a malformed request body")]
+    Malformed,
+    /// The client closed (or reset) the connection or stream before the body was complete.
+    #[error("the client closed the connection before the request body was complete")]
+    Closed,
+    /// The client stopped sending the body for longer than `--client_body_timeout`.
+    #[error("the client stopped sending the request body")]
+    Stalled,
+}
+
+impl ClientBodyError {
+    /// The client's answer, in ESP's error format for errors nginx generates (the upper-case
+    /// HTTP name as the message): 400 for a malformed body, 408 for a stalled one (nginx's
+    /// `client_body_timeout`), and nginx's 499 for a client that left — written to the access
+    /// log and metrics, though nobody is there to read it.
+    pub fn esp_error(self) -> crate::error::EspError {
+        use crate::error::{Cause, EspError};
+        match self {
+            ClientBodyError::Malformed => EspError::new(3, "BAD_REQUEST", Cause::Application),
+            ClientBodyError::Stalled => {
+                EspError::with_status(408, 9, "REQUEST_TIMEOUT", Cause::Application)
+            }
+            ClientBodyError::Closed => {
+                EspError::with_status(499, 1, "CLIENT_CLOSED_REQUEST", Cause::Application)
+            }
+        }
+    }
+
+    /// Which of the three a read error from the client's body is.
+    fn of(e: &hyper::Error) -> ClientBodyError {
+        if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+            return ClientBodyError::Closed;
+        }
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(s) = src {
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                use std::io::ErrorKind::*;
+                return match io.kind() {
+                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
+                        ClientBodyError::Closed
+                    }
+                    _ => ClientBodyError::Malformed,
+                };
+            }
+            // An HTTP/2 client resetting its stream has given up on the request.
+            if s.downcast_ref::<h2::Error>().is_some_and(|h| h.is_reset()) {
+                return ClientBodyError::Closed;
+            }
+            src = s.source();
+        }
+        // hyper's own "connection error" when the connection died under the body.
+        if e.to_string().contains("connection error") {
+            ClientBodyError::Closed
+        } else {
+            ClientBodyError::Malformed
+        }
+    }
+}
+
+/// Where a request body stands, shared between [`LimitedBody`] (polled by the backend
+/// connection's task) and the request waiting for the backend ([`SendWithin`]), which needs to
+/// know when the body ended and, on a failure, whose fault it was.
+#[derive(Debug)]
+pub struct BodyProgress {
+    start: tokio::time::Instant,
+    /// The longest pause allowed between two reads from the client.
+    body_timeout: Duration,
+    /// Milliseconds from `start` to the last frame (or the end) of the body.
+    last_event_ms: AtomicU64,
+    state: AtomicU8,
+}
+
+/// Not polled yet: the request is still waiting for a backend connection.
+const BODY_UNPOLLED: u8 = 0;
+/// Waiting for the client's next bytes.
+const BODY_WAITING_ON_CLIENT: u8 = 1;
+/// A frame was handed to the backend connection, which has not asked for the next yet.
+const BODY_WAITING_ON_BACKEND: u8 = 2;
+const BODY_DONE: u8 = 3;
+const BODY_MALFORMED: u8 = 4;
+const BODY_CLOSED: u8 = 5;
+const BODY_TOO_LARGE: u8 = 6;
+
+impl BodyProgress {
+    fn new() -> Arc<BodyProgress> {
+        Arc::new(BodyProgress {
+            start: tokio::time::Instant::now(),
+            body_timeout: CLIENT_BODY_TIMEOUT,
+            last_event_ms: AtomicU64::new(0),
+            state: AtomicU8::new(BODY_UNPOLLED),
+        })
+    }
+
+    fn set(&self, state: u8) {
+        self.state.store(state, Ordering::Release);
+    }
+
+    fn event(&self, state: u8) {
+        let ms = self.start.elapsed().as_millis().min(u128::from(u64::MAX)) as u64;
+        self.last_event_ms.store(ms, Ordering::Release);
+        self.set(state);
+    }
+
+    fn last_event(&self) -> tokio::time::Instant {
+        self.start + Duration::from_millis(self.last_event_ms.load(Ordering::Acquire))
+    }
+
+    /// The whole body was read from the client (a connection that carried it can be reused).
+    pub fn is_done(&self) -> bool {
+        self.state.load(Ordering::Acquire) == BODY_DONE
+    }
+
+    /// The client's failure, if the body failed because of the client.
+    pub fn client_error(&self) -> Option<ClientBodyError> {
+        match self.state.load(Ordering::Acquire) {
+            BODY_MALFORMED => Some(ClientBodyError::Malformed),
+            BODY_CLOSED => Some(ClientBodyError::Closed),
+            _ => None,
+        }
+    }
+
+    /// When the request waiting for its response head should give up, given its backend
+    /// deadline `limit` and the time it was sent: `Ok(later)` to look again then, `Err` to stop.
+    fn deadline(
+        &self,
+        sent_at: tokio::time::Instant,
+        limit: Duration,
+    ) -> Result<tokio::time::Instant, ForwardError> {
+        let now = tokio::time::Instant::now();
+        let (due, error) = match self.state.load(Ordering::Acquire) {
+            // Waiting for a pooled connection (or a dial): the backend side's time.
+            BODY_UNPOLLED => (sent_at + limit, ForwardError::Timeout(limit)),
+            BODY_WAITING_ON_CLIENT => (
+                self.last_event().max(sent_at) + self.body_timeout,
+                ForwardError::ClientBody(ClientBodyError::Stalled),
+            ),
+            // The backend is not taking the body, or has it all and has not answered.
+            BODY_WAITING_ON_BACKEND | BODY_DONE => (
+                self.last_event().max(sent_at) + limit,
+                ForwardError::Timeout(limit),
+            ),
+            BODY_MALFORMED => return Err(ForwardError::ClientBody(ClientBodyError::Malformed)),
+            BODY_CLOSED => return Err(ForwardError::ClientBody(ClientBodyError::Closed)),
+            _ => return Err(ForwardError::Timeout(limit)),
+        };
+        if due > now {
+            Ok(due)
+        } else {
+            Err(error)
+        }
+    }
+}
+
 /// Why forwarding failed; each maps to one row of ESP's error catalogue.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -57,12 +228,33 @@ pub enum ForwardError {
     Timeout(Duration),
     #[error(transparent)]
     BodyTooLarge(BodyTooLarge),
+    /// The client broke its own request body: not a backend failure.
+    #[error(transparent)]
+    ClientBody(ClientBodyError),
     #[error("backend exchange failed: {0}")]
     Other(String),
 }
 
+impl ForwardError {
+    /// Walks an error's sources for the request body's own verdicts.
+    pub(crate) fn from_body_error(e: &(dyn std::error::Error + 'static)) -> Option<ForwardError> {
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(s) = src {
+            if let Some(b) = s.downcast_ref::<BodyTooLarge>() {
+                return Some(ForwardError::BodyTooLarge(BodyTooLarge { limit: b.limit }));
+            }
+            if let Some(c) = s.downcast_ref::<ClientBodyError>() {
+                return Some(ForwardError::ClientBody(*c));
+            }
+            src = s.source();
+        }
+        None
+    }
+}
+
 /// A request body that streams the client's body and fails once it passes the size limit,
-/// so a chunked upload cannot get around `--client_max_body_size`.
+/// so a chunked upload cannot get around `--client_max_body_size`; it also records how the
+/// body went ([`BodyProgress`]) and tells the client's failures apart ([`ClientBodyError`]).
 pub struct LimitedBody {
     inner: Option<Incoming>,
     remaining: u64,
@@ -71,18 +263,37 @@ pub struct LimitedBody {
     pub seen: u64,
     /// Shared with the request's accounting when the size is not known up front.
     counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// `None` for a request without a body.
+    progress: Option<Arc<BodyProgress>>,
 }
 
 impl LimitedBody {
     /// `limit == 0` means unlimited, as in nginx.
     pub fn new(inner: Incoming, limit: u64) -> Self {
+        let progress = (!inner.is_end_stream()).then(BodyProgress::new);
         LimitedBody {
             inner: Some(inner),
             remaining: if limit == 0 { u64::MAX } else { limit },
             limit,
             seen: 0,
             counter: None,
+            progress,
         }
+    }
+
+    /// The longest pause allowed between two reads from the client (default
+    /// [`CLIENT_BODY_TIMEOUT`]).
+    pub fn with_body_timeout(mut self, timeout: Duration) -> Self {
+        // Only while building: nothing shares the progress yet.
+        if let Some(p) = self.progress.as_mut().and_then(Arc::get_mut) {
+            p.body_timeout = timeout;
+        }
+        self
+    }
+
+    /// How the body is going; `None` when the request has no body.
+    pub fn progress(&self) -> Option<&Arc<BodyProgress>> {
+        self.progress.as_ref()
     }
 
     /// Also adds every forwarded byte to `counter`.
@@ -102,7 +313,14 @@ impl LimitedBody {
             limit: 0,
             seen: 0,
             counter: None,
+            progress: None,
         }
+    }
+}
+
+fn record(progress: &Option<Arc<BodyProgress>>, state: u8) {
+    if let Some(p) = progress {
+        p.event(state);
     }
 }
 
@@ -118,7 +336,7 @@ impl Body for LimitedBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        match Pin::new(&mut *inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
@@ -128,17 +346,45 @@ impl Body for LimitedBody {
                     }
                     if n > this.remaining {
                         this.inner = None;
+                        record(&this.progress, BODY_TOO_LARGE);
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
                             limit: this.limit,
                         }))));
                     }
                     this.remaining -= n;
                 }
+                // hyper does not poll again once a body says it has ended.
+                let state = if inner.is_end_stream() {
+                    BODY_DONE
+                } else {
+                    BODY_WAITING_ON_BACKEND
+                };
+                record(&this.progress, state);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Err(e))) => {
+                let why = ClientBodyError::of(&e);
+                this.inner = None;
+                record(
+                    &this.progress,
+                    match why {
+                        ClientBodyError::Malformed => BODY_MALFORMED,
+                        _ => BODY_CLOSED,
+                    },
+                );
+                tracing::debug!(error = %error_chain(&e), %why, "client request body failed");
+                Poll::Ready(Some(Err(Box::new(why))))
+            }
+            Poll::Ready(None) => {
+                record(&this.progress, BODY_DONE);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if let Some(p) = &this.progress {
+                    p.set(BODY_WAITING_ON_CLIENT);
+                }
+                Poll::Pending
+            }
         }
     }
 
@@ -341,6 +587,7 @@ impl Forwarder {
         timeout: Option<Duration>,
     ) -> SendWithin<impl Future<Output = Sent>> {
         let limit = timeout.unwrap_or(self.timeout);
+        let progress = req.body().progress().cloned();
         let call = match &*self.upstream {
             Upstream::Pooled(pool) => Call::Pooled {
                 fut: pool.send(req),
@@ -357,9 +604,17 @@ impl Forwarder {
                 }
             }
         };
+        let sent_at = tokio::time::Instant::now();
+        // With a body, look first at whichever of its limits comes first.
+        let first = progress
+            .as_ref()
+            .map_or(limit, |p| limit.min(p.body_timeout));
         SendWithin {
-            inner: tokio::time::timeout(limit, call),
+            call,
+            sleep: tokio::time::sleep_until(sent_at + first),
             limit,
+            sent_at,
+            progress,
         }
     }
 }
@@ -389,11 +644,16 @@ impl<P: Future<Output = Sent>> Future for Call<P> {
 }
 
 pin_project_lite::pin_project! {
-    /// [`Forwarder::send_within`]'s future: the backend call, bounded by its deadline.
+    /// [`Forwarder::send_within`]'s future: the backend call, bounded by its deadline counted
+    /// from the end of the request body (see the module docs).
     pub struct SendWithin<P> {
         #[pin]
-        inner: tokio::time::Timeout<Call<P>>,
+        call: Call<P>,
+        #[pin]
+        sleep: tokio::time::Sleep,
         limit: Duration,
+        sent_at: tokio::time::Instant,
+        progress: Option<Arc<BodyProgress>>,
     }
 }
 
@@ -401,22 +661,34 @@ impl<P: Future<Output = Sent>> Future for SendWithin<P> {
     type Output = Sent;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Sent> {
-        let this = self.project();
-        match this.inner.poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(r)) => Poll::Ready(r),
-            Poll::Ready(Err(_)) => Poll::Ready(Err(ForwardError::Timeout(*this.limit))),
+        let mut this = self.project();
+        if let Poll::Ready(r) = this.call.poll(cx) {
+            // However hyper words a failure, a body the client broke is the client's.
+            let client = this.progress.as_ref().and_then(|p| p.client_error());
+            return Poll::Ready(match (r, client) {
+                (Err(_), Some(c)) => Err(ForwardError::ClientBody(c)),
+                (r, _) => r,
+            });
+        }
+        loop {
+            if this.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let next = match this.progress.as_ref() {
+                None => Err(ForwardError::Timeout(*this.limit)),
+                Some(p) => p.deadline(*this.sent_at, *this.limit),
+            };
+            match next {
+                Ok(later) => this.sleep.as_mut().reset(later),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
         }
     }
 }
 
 fn classify(e: &hyper_util::client::legacy::Error) -> ForwardError {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(b) = s.downcast_ref::<BodyTooLarge>() {
-            return ForwardError::BodyTooLarge(BodyTooLarge { limit: b.limit });
-        }
-        src = s.source();
+    if let Some(f) = std::error::Error::source(e).and_then(ForwardError::from_body_error) {
+        return f;
     }
     if e.is_connect() {
         ForwardError::Connect(error_chain(e))
@@ -502,10 +774,17 @@ pub fn client_host(uri: &Uri, headers: &HeaderMap) -> Option<HeaderValue> {
 
 /// nginx `real_ip` with `real_ip_header X-Forwarded-For` and `real_ip_recursive on`: when the
 /// peer is trusted, walk X-Forwarded-For from the right past trusted addresses; the first
-/// untrusted one is the client. With ESP's default list (everything trusted) that is the
-/// left-most valid entry.
+/// untrusted one is the client. With ESP's list (everything trusted) that is the left-most
+/// valid entry; with Portico's default (loopback, private, link-local) a client's own
+/// X-Forwarded-For never wins over the address a trusted proxy saw. An IPv4 address seen
+/// through an IPv6 socket (`::ffff:a.b.c.d`) is matched as the IPv4 address it is.
 pub fn real_client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let is_trusted = |ip: &IpAddr| {
+        let canonical = ip.to_canonical();
+        trusted
+            .iter()
+            .any(|n| n.contains(ip) || n.contains(&canonical))
+    };
     if !is_trusted(&peer) {
         return peer;
     }
@@ -608,6 +887,37 @@ mod tests {
             real_client_ip("8.8.8.8".parse().unwrap(), &h, &t).to_string(),
             "8.8.8.8"
         );
+    }
+
+    #[test]
+    fn default_trust_ignores_a_public_clients_own_xff() {
+        let t: Vec<IpNet> = crate::cli::DEFAULT_XFF_TRUSTED_PROXY_LIST
+            .split(',')
+            .map(|n| n.trim().parse().unwrap())
+            .collect();
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        // A public client speaking for itself: its header is ignored.
+        for peer in ["203.0.113.9", "::ffff:203.0.113.9", "2001:db8::9"] {
+            assert_eq!(
+                real_client_ip(peer.parse().unwrap(), &h, &t),
+                peer.parse::<IpAddr>().unwrap()
+            );
+        }
+        // A local load balancer or mesh ingress passes the real client through, however
+        // many private hops; the client's own prefix before it does not win.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 198.51.100.4, 10.0.0.7"),
+        );
+        for peer in ["127.0.0.1", "10.1.1.1", "::ffff:192.168.0.2", "fd00::1"] {
+            assert_eq!(
+                real_client_ip(peer.parse().unwrap(), &h, &t).to_string(),
+                "198.51.100.4",
+                "{peer}"
+            );
+        }
     }
 
     #[test]

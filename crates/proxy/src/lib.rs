@@ -23,6 +23,7 @@ pub mod control;
 pub mod cors;
 pub mod error;
 pub mod forward;
+pub mod limits;
 pub mod memory;
 pub mod metrics;
 pub mod pipeline;

@@ -746,6 +746,8 @@ impl Pipeline {
         let st = &self.state;
         let settings = &st.settings;
         let request_head_bytes = request_head_size(&req);
+        // Measured on the head as the client sent it, before any header is dropped.
+        let head_error = crate::limits::head_line_error(&req, &settings.header_limits);
         let (mut parts, body) = req.into_parts();
         // The head is settled before anything reads it: the method and the path matched below
         // are the ones forwarded, and dropped headers are seen by nothing (crate::request_head).
@@ -789,6 +791,18 @@ impl Pipeline {
             cors_origin,
         };
 
+        // nginx refuses an over-long request or header line before anything else runs.
+        if let Some(err) = head_error {
+            let url = raw_target.to_string();
+            return Err(self.finalize(
+                proxy_error(&err, &ctx, false),
+                &ctx,
+                url,
+                Some(err),
+                None,
+                None,
+            ));
+        }
         let settled = match settled {
             Ok(s) => s,
             Err(e) => {
@@ -1052,6 +1066,12 @@ impl Pipeline {
         if api_key.is_none() && !mi.allow_unregistered_calls {
             return Err(EspError::unregistered_caller());
         }
+        if api_key.is_some_and(|k| k.len() > crate::control::MAX_API_KEY_BYTES) {
+            // No key is this long: answered as invalid before any cache or `:check`, and kept
+            // out of the report (whose aggregates are keyed by it).
+            report.api_key = None;
+            return Err(crate::control::invalid_api_key());
+        }
         let Some(control) = &self.state.control else {
             return Err(EspError::new(
                 14,
@@ -1262,7 +1282,8 @@ impl Pipeline {
         let upstream_req = Request::from_parts(
             parts,
             LimitedBody::new(body, settings.client_max_body_size)
-                .with_counter(ctx.body_counter.clone()),
+                .with_counter(ctx.body_counter.clone())
+                .with_body_timeout(settings.client_body_timeout),
         );
         let send = forwarder.send_within(upstream_req, deadline);
         Forwarding {
@@ -1333,11 +1354,28 @@ impl Pipeline {
                 let resp = Response::from_parts(rp, body);
                 self.finalize(resp, ctx, target, None, report, Some(backend_latency))
             }
+            Err(ForwardError::ClientBody(c)) => {
+                // The client's own failure: answered (when it can still hear) and logged as
+                // such; a client that left mid-body is 499 and, as its backend never got the
+                // whole request, not reported.
+                let err = c.esp_error();
+                tracing::debug!(error = %c, status = err.http_status, "client request failed");
+                let report = report.filter(|_| c != forward::ClientBodyError::Closed);
+                self.finalize(
+                    proxy_error(&err, ctx, ctx.jwt_present),
+                    ctx,
+                    target,
+                    Some(err),
+                    report,
+                    None,
+                )
+            }
             Err(e) => {
                 let err = match &e {
                     ForwardError::Connect(_) | ForwardError::Other(_) => EspError::bad_gateway(),
                     ForwardError::Timeout(_) => EspError::gateway_timeout(),
                     ForwardError::BodyTooLarge(_) => EspError::payload_too_large(),
+                    ForwardError::ClientBody(c) => c.esp_error(),
                 };
                 tracing::warn!(error = %e, status = err.http_status, "backend request failed");
                 self.finalize(

@@ -213,7 +213,9 @@ impl RouteOptions {
             key_cache: crate::auth::KeyCache::new(crate::auth::KeyCacheOptions::default()),
             auth_options: crate::auth::AuthOptions::default(),
             backend_routing: false,
-            backend_timeout: std::time::Duration::from_secs(86400),
+            backend_timeout: std::time::Duration::from_secs_f64(
+                crate::cli::DEFAULT_BACKEND_TIMEOUT_S,
+            ),
             backend_roots: None,
             backend_pool: crate::upstream::PoolLimits::default(),
         }

@@ -12,6 +12,11 @@
 //!
 //! Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish (bounded), then
 //! flush Service Control.
+//!
+//! Every listener (serving ports and the status port) runs its connections under
+//! `--client_header_timeout` and `--keepalive_timeout` and pauses accepting when descriptors run
+//! out ([`portico_listen`]); the serving ports bound request heads as nginx's
+//! `large_client_header_buffers` does (the whole head here, each line in the pipeline).
 
 use crate::cli::Settings;
 use crate::config_source::{self, ConfigSourceOptions, Rollout};
@@ -19,7 +24,7 @@ use crate::forward::Forwarder;
 use crate::pipeline::{ConnInfo, ControlApi, Pipeline, ProxyState};
 use crate::routing::{RouteOptions, RouteTable};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -65,6 +70,16 @@ enum PortKind {
     Http,
     Http2,
     Ssl,
+}
+
+impl PortKind {
+    fn flag(self) -> &'static str {
+        match self {
+            PortKind::Http => "--http_port",
+            PortKind::Http2 => "--http2_port",
+            PortKind::Ssl => "--ssl_port",
+        }
+    }
 }
 
 /// A running proxy (in-process). Dropping it stops the serving threads without waiting.
@@ -354,29 +369,33 @@ pub async fn start_with_metrics(
         }
     }));
     let status_state = state.clone();
-    let mut status_shutdown = shutdown_rx.clone();
+    let status_shutdown = shutdown_rx.clone();
+    let status_builder = {
+        let mut b = auto::Builder::new(TokioExecutor::new()).http1_only();
+        b.http1().header_read_timeout(None);
+        b
+    };
+    let limits = settings.conn_limits;
     tasks.push(tokio::spawn(async move {
         let info = Arc::new(crate::status::StatusInfo {
             started_at: crate::access_log::now_rfc3339(),
         });
-        loop {
-            let accepted = tokio::select! {
-                a = status_listener.accept() => a,
-                _ = status_shutdown.changed() => break,
-            };
-            let Ok((stream, _)) = accepted else { continue };
-            let st = status_state.clone();
-            let info = info.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
+        let acceptor = portico_listen::Acceptor::new(status_listener, "--status_port");
+        portico_listen::serve(
+            acceptor,
+            status_builder,
+            limits,
+            move |_peer| {
+                let st = status_state.clone();
+                let info = info.clone();
+                service_fn(move |req| {
                     let r = crate::status::handle(&st, &info, &req);
                     async move { Ok::<_, Infallible>(r) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
+                })
+            },
+            status_shutdown,
+        )
+        .await;
     }));
 
     Ok(ProxyHandle {
@@ -390,9 +409,6 @@ pub async fn start_with_metrics(
         tasks,
     })
 }
-
-/// How long a client may take to send a request head (nginx `client_header_timeout`).
-const CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -459,31 +475,14 @@ async fn accept_loop(
     live: Arc<()>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // nginx's client_header_timeout (60 s): a client that never finishes its request head, or
-    // an idle keep-alive connection, is closed instead of holding a socket forever.
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(CLIENT_HEADER_TIMEOUT);
-    builder
-        .http2()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(60)));
-    let builder = Arc::new(builder);
+    let settings = &pipeline.state().settings;
+    let builder = Arc::new(serving_builder(settings));
+    let limits = settings.conn_limits;
+    let mut acceptor = portico_listen::Acceptor::new(listener, kind.flag());
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
+        let (stream, peer) = tokio::select! {
+            a = acceptor.accept() => a,
             _ = shutdown.changed() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
         };
         let _ = stream.set_nodelay(true);
         let conn_info = ConnInfo {
@@ -510,12 +509,15 @@ async fn accept_loop(
                         }
                         Err(_) => return,
                     };
-                    serve_conn(builder, tls_stream, pipeline, conn_info, shutdown, live).await;
+                    serve_conn(
+                        builder, tls_stream, pipeline, conn_info, limits, shutdown, live,
+                    )
+                    .await;
                 });
             }
             _ => {
                 tokio::spawn(serve_conn(
-                    builder, stream, pipeline, conn_info, shutdown, live,
+                    builder, stream, pipeline, conn_info, limits, shutdown, live,
                 ));
             }
         }
@@ -531,6 +533,27 @@ impl<F: FnMut()> Drop for OnDrop<F> {
     }
 }
 
+/// The serving ports' HTTP/1.1 + h2c builder: head size as nginx's `large_client_header_buffers`
+/// allows, `--keepalive_timeout=0` as one request per connection. Connection timeouts are
+/// [`portico_listen`]'s, so hyper's own header timer is off (it would also cut idle keep-alive
+/// connections at the header timeout).
+fn serving_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper refuses a head that does not fit its read buffer with 431 (its floor is 8 KiB).
+    let head = settings.header_limits.total.max(8 << 10);
+    builder
+        .http1()
+        .header_read_timeout(None)
+        .keep_alive(settings.keep_alive)
+        .max_buf_size(head);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .max_header_list_size(u32::try_from(head).unwrap_or(u32::MAX));
+    builder
+}
+
 /// Serves one client connection. On shutdown the connection finishes the request in flight
 /// and closes; `_live` is dropped when it is done, which is what the worker's drain waits for.
 async fn serve_conn<IO>(
@@ -538,7 +561,8 @@ async fn serve_conn<IO>(
     io: IO,
     pipeline: Arc<Pipeline>,
     conn_info: ConnInfo,
-    mut shutdown: watch::Receiver<bool>,
+    limits: portico_listen::ConnLimits,
+    shutdown: watch::Receiver<bool>,
     _live: Arc<()>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -565,16 +589,10 @@ async fn serve_conn<IO>(
             Ok::<_, Infallible>(resp)
         }
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    if !*shutdown.borrow() {
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = shutdown.changed() => {}
-        }
+    let closed = portico_listen::serve_connection(&builder, io, svc, limits, shutdown).await;
+    if let portico_listen::Closed::Expired(why) = closed {
+        tracing::debug!(peer = %conn_info.peer, ?why, "connection timed out");
     }
-    conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
 }
 
 async fn wait_for_signal() {

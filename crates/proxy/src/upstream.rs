@@ -215,6 +215,9 @@ impl Drop for Waiter {
 pub struct Lease {
     tx: Option<Sender>,
     shared: Arc<Shared>,
+    /// The request's body: a connection whose request was not sent whole (the client broke or
+    /// has not finished its body, even if the backend already answered) is closed, never reused.
+    request_body: Option<Arc<crate::forward::BodyProgress>>,
 }
 
 impl Lease {
@@ -228,7 +231,8 @@ impl Lease {
 
     fn release(&mut self, reusable: bool) {
         if let Some(tx) = self.tx.take() {
-            self.shared.put(tx, reusable);
+            let sent_whole = self.request_body.as_ref().is_none_or(|b| b.is_done());
+            self.shared.put(tx, reusable && sent_whole);
         }
     }
 }
@@ -328,6 +332,7 @@ impl Pool {
             let mut lease = Lease {
                 tx: Some(tx),
                 shared: self.shared.clone(),
+                request_body: None,
             };
             // The previous response on this connection may still be finishing inside hyper.
             let ready = match lease.tx.as_mut() {
@@ -387,6 +392,7 @@ impl Pool {
         let pool = self.clone();
         async move {
             let mut lease = pool.checkout().await?;
+            lease.request_body = req.body().progress().cloned();
             let req = match lease.sender()?.try_send_request(req).await {
                 Ok(resp) => return Ok(wrap(resp, lease)),
                 Err(mut e) => match e.take_message() {
@@ -409,6 +415,7 @@ impl Pool {
     ) -> Result<Response<UpstreamBody>, ForwardError> {
         self.close_idle();
         let mut lease = self.checkout().await?;
+        lease.request_body = req.body().progress().cloned();
         match lease.sender()?.send_request(req).await {
             Ok(resp) => Ok(wrap(resp, lease)),
             Err(e) => Err(classify(e)),
@@ -440,14 +447,9 @@ fn origin_form(req: &mut Request<LimitedBody>) {
 }
 
 fn classify(e: hyper::Error) -> ForwardError {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
-    while let Some(s) = src {
-        if let Some(b) = s.downcast_ref::<crate::forward::BodyTooLarge>() {
-            return ForwardError::BodyTooLarge(crate::forward::BodyTooLarge { limit: b.limit });
-        }
-        src = s.source();
-    }
-    ForwardError::Other(crate::forward::error_chain(&e))
+    std::error::Error::source(&e)
+        .and_then(ForwardError::from_body_error)
+        .unwrap_or_else(|| ForwardError::Other(crate::forward::error_chain(&e)))
 }
 
 fn wrap(resp: Response<Incoming>, lease: Lease) -> Response<UpstreamBody> {

@@ -1631,8 +1631,28 @@ fn constant_address_maps_bindings_to_json_names_and_drops_system_params() {
 
 #[tokio::test]
 async fn caller_ip_for_checks_follows_real_ip_and_client_ip_header() {
-    // Default: the left-most X-Forwarded-For entry (nginx real_ip with everything trusted).
+    // Default: the peer (loopback) is trusted, so the right-most X-Forwarded-For entry that
+    // is not itself a trusted (local) address is the client, as nginx's recursive real_ip.
     let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let r = env
+        .client
+        .get(format!("{}/shelves/1?key=k", env.base))
+        .header("x-forwarded-for", "1.1.1.1, 2.2.2.2, 3.3.3.3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        env.control.caller_ips.lock().unwrap().clone(),
+        vec!["3.3.3.3"]
+    );
+    // ESP's default (every peer trusted): the left-most entry.
+    let env = start_proxy(
+        fixture("bookstore_sc.json"),
+        start_backend().await,
+        &["--xff_trusted_proxy_list=0.0.0.0/0,::/0"],
+    )
+    .await;
     let r = env
         .client
         .get(format!("{}/shelves/1?key=k", env.base))

@@ -45,6 +45,8 @@ pub struct KeyCacheOptions {
     pub kid_refresh_interval: Duration,
     /// Capacity of the verified-token cache.
     pub token_cache_capacity: usize,
+    /// Bytes the verified-token cache may hold, whatever the entry count.
+    pub token_cache_bytes: usize,
 }
 
 impl Default for KeyCacheOptions {
@@ -55,6 +57,7 @@ impl Default for KeyCacheOptions {
             failure_ttl: Duration::from_secs(5),
             kid_refresh_interval: Duration::from_secs(30),
             token_cache_capacity: 10_000,
+            token_cache_bytes: 64 << 20,
         }
     }
 }
@@ -106,7 +109,7 @@ impl KeyCache {
             .unwrap_or_default();
         Arc::new(KeyCache {
             client,
-            tokens: TokenCache::new(opts.token_cache_capacity),
+            tokens: TokenCache::new(opts.token_cache_capacity, opts.token_cache_bytes),
             opts,
             slots: Mutex::new(HashMap::new()),
             discovery: Mutex::new(HashMap::new()),

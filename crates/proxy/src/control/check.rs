@@ -9,7 +9,9 @@
 //!   still uses it but starts one background re-check (ESP makes that request wait instead);
 //! * a negative verdict is reused too; once per interval one request goes to the server;
 //! * transport failures, HTTP errors and the "backend unavailable" check errors are never
-//!   cached; entries idle past the expiration are evicted; the size is bounded.
+//!   cached; entries idle past the expiration are evicted; the size is bounded in entries and in
+//!   bytes (keys hold client-chosen strings: the key, referer and app identities), least
+//!   recently used first.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -213,11 +215,26 @@ pub(crate) enum Lookup {
     Miss,
 }
 
+/// What an entry costs besides its strings: the map slot, the key's and the entry's headers.
+const ENTRY_OVERHEAD: usize = 64 + std::mem::size_of::<String>() + std::mem::size_of::<Entry>();
+
+/// The bytes an entry holds, approximately: what the byte bound counts.
+fn entry_cost(key: &str, outcome: &Result<CheckOk, EspError>) -> usize {
+    let outcome = match outcome {
+        Ok(ok) => ok.api_key_uid.as_ref().map_or(0, String::len),
+        Err(e) => e.message.len(),
+    };
+    ENTRY_OVERHEAD + key.len() + outcome
+}
+
 pub(crate) struct CheckCache {
     /// foldhash, seeded per map: the keys hold API keys a client chooses, and a lookup is
     /// paid on every request (SipHash was ~0.7 % of a request's CPU).
     entries: HashMap<String, Entry, foldhash::fast::RandomState>,
     max_entries: usize,
+    max_bytes: usize,
+    /// Sum of [`entry_cost`] over the entries.
+    bytes: usize,
     refresh: Duration,
     expiration: Duration,
     /// Fail-open: a verdict whose re-check failed keeps serving. Fail-closed: it is dropped,
@@ -229,6 +246,7 @@ pub(crate) struct CheckCache {
 impl CheckCache {
     pub(crate) fn new(
         max_entries: usize,
+        max_bytes: usize,
         refresh: Duration,
         expiration: Duration,
         keep_on_failure: bool,
@@ -236,6 +254,8 @@ impl CheckCache {
         CheckCache {
             entries: HashMap::default(),
             max_entries,
+            max_bytes,
+            bytes: 0,
             refresh,
             expiration,
             keep_on_failure,
@@ -250,12 +270,24 @@ impl CheckCache {
         self.entries.len()
     }
 
+    /// Bytes held, as [`entry_cost`] counts them.
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some((k, e)) = self.entries.remove_entry(key) {
+            self.bytes = self.bytes.saturating_sub(entry_cost(&k, &e.outcome));
+        }
+    }
+
     pub(crate) fn lookup(&mut self, key: &str, now: Instant) -> Lookup {
         let Some(e) = self.entries.get_mut(key) else {
             return Lookup::Miss;
         };
         if now.duration_since(e.last_used) > self.expiration {
-            self.entries.remove(key);
+            self.remove(key);
             return Lookup::Miss;
         }
         e.last_used = now;
@@ -278,10 +310,15 @@ impl CheckCache {
     /// Records the result of a remote check for `key`.
     pub(crate) fn complete(&mut self, key: &str, verdict: &Verdict, now: Instant) {
         if verdict.cacheable {
-            if !self.entries.contains_key(key) {
-                self.make_room(now);
-            }
             let last_used = self.entries.get(key).map(|e| e.last_used).unwrap_or(now);
+            self.remove(key);
+            let cost = entry_cost(key, &verdict.outcome);
+            if cost > self.max_bytes {
+                // Could never fit: answer from this verdict, keep nothing.
+                return;
+            }
+            self.make_room(now, cost);
+            self.bytes += cost;
             self.entries.insert(
                 key.to_string(),
                 Entry {
@@ -292,7 +329,7 @@ impl CheckCache {
                 },
             );
         } else if !self.keep_on_failure {
-            self.entries.remove(key);
+            self.remove(key);
         } else if let Some(e) = self.entries.get_mut(key) {
             // Not cacheable (network trouble): keep the last real verdict, and try again only
             // after another interval rather than on every request.
@@ -301,29 +338,40 @@ impl CheckCache {
         }
     }
 
-    fn make_room(&mut self, now: Instant) {
-        if self.entries.len() < self.max_entries {
+    /// Makes room for one more entry of `cost` bytes.
+    fn make_room(&mut self, now: Instant, cost: usize) {
+        let full = |c: &Self| {
+            c.entries.len() >= c.max_entries || c.bytes.saturating_add(cost) > c.max_bytes
+        };
+        if !full(self) {
             return;
         }
         self.evict_expired(now);
-        if self.entries.len() < self.max_entries {
-            return;
-        }
-        // Full of live entries: drop the least recently used. O(n), but only on overflow.
-        if let Some(oldest) = self
-            .entries
-            .iter()
-            .min_by_key(|(_, e)| e.last_used)
-            .map(|(k, _)| k.clone())
-        {
-            self.entries.remove(&oldest);
+        // Full of live entries: drop the least recently used. O(n) each, but only on overflow.
+        while full(self) {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            self.remove(&oldest);
         }
     }
 
     pub(crate) fn evict_expired(&mut self, now: Instant) {
         let expiration = self.expiration;
-        self.entries
-            .retain(|_, e| now.duration_since(e.last_used) <= expiration);
+        let mut freed = 0;
+        self.entries.retain(|k, e| {
+            let keep = now.duration_since(e.last_used) <= expiration;
+            if !keep {
+                freed += entry_cost(k, &e.outcome);
+            }
+            keep
+        });
+        self.bytes = self.bytes.saturating_sub(freed);
     }
 }
 
@@ -411,7 +459,13 @@ mod tests {
 
     #[test]
     fn cache_refreshes_positive_in_background_and_negative_once() {
-        let mut c = CheckCache::new(10, Duration::from_secs(60), Duration::from_secs(300), true);
+        let mut c = CheckCache::new(
+            10,
+            1 << 20,
+            Duration::from_secs(60),
+            Duration::from_secs(300),
+            true,
+        );
         let t0 = Instant::now();
         assert!(matches!(c.lookup("k", t0), Lookup::Miss));
         c.complete(
@@ -447,7 +501,13 @@ mod tests {
 
     #[test]
     fn cache_is_bounded_and_expires() {
-        let mut c = CheckCache::new(2, Duration::from_secs(60), Duration::from_secs(300), true);
+        let mut c = CheckCache::new(
+            2,
+            1 << 20,
+            Duration::from_secs(60),
+            Duration::from_secs(300),
+            true,
+        );
         let t0 = Instant::now();
         for (i, k) in ["a", "b", "c"].iter().enumerate() {
             c.complete(
@@ -470,6 +530,54 @@ mod tests {
         );
     }
 
+    /// 1,000 unique 200 kB keys (what the issue sent) would have held ~200 MB; the byte bound
+    /// keeps the cache under its budget however long the keys, and evicts the least recently
+    /// used to stay there.
+    #[test]
+    fn cache_is_bounded_in_bytes() {
+        let budget = 1 << 20;
+        let mut c = CheckCache::new(
+            10_000,
+            budget,
+            Duration::from_secs(60),
+            Duration::from_secs(300),
+            true,
+        );
+        let t0 = Instant::now();
+        let good = Verdict {
+            outcome: Ok(ok()),
+            cacheable: true,
+        };
+        for i in 0..1_000u64 {
+            let key = format!("{i:08}{}", "k".repeat(200_000));
+            c.complete(&key, &good, t0 + Duration::from_millis(i));
+            assert!(c.bytes() <= budget, "{} bytes after {i}", c.bytes());
+        }
+        assert!(c.len() <= budget / 200_000, "{} entries", c.len());
+        // The newest survived, the oldest went.
+        let newest = format!("{:08}{}", 999, "k".repeat(200_000));
+        assert!(matches!(c.lookup(&newest, t0), Lookup::Hit(Ok(_))));
+        let oldest = format!("{:08}{}", 0, "k".repeat(200_000));
+        assert!(matches!(c.lookup(&oldest, t0), Lookup::Miss));
+        // One entry larger than the whole budget is answered but not kept.
+        c.complete(&"x".repeat(2 << 20), &good, t0);
+        assert!(c.bytes() <= budget);
+        // Small keys: the entry bound still applies, and the byte count follows removals.
+        let mut small = CheckCache::new(
+            3,
+            budget,
+            Duration::from_secs(60),
+            Duration::from_secs(300),
+            true,
+        );
+        for k in ["a", "b", "c", "d"] {
+            small.complete(k, &good, t0);
+        }
+        assert_eq!(small.len(), 3);
+        small.evict_expired(t0 + Duration::from_secs(301));
+        assert_eq!((small.len(), small.bytes()), (0, 0));
+    }
+
     #[test]
     fn failed_recheck_keeps_verdict_only_when_fail_open() {
         let failed = Verdict {
@@ -483,8 +591,13 @@ mod tests {
         let t0 = Instant::now();
         let t1 = t0 + Duration::from_secs(61);
         for (open, kept) in [(true, true), (false, false)] {
-            let mut c =
-                CheckCache::new(10, Duration::from_secs(60), Duration::from_secs(300), open);
+            let mut c = CheckCache::new(
+                10,
+                1 << 20,
+                Duration::from_secs(60),
+                Duration::from_secs(300),
+                open,
+            );
             c.complete("k", &good, t0);
             assert!(matches!(c.lookup("k", t1), Lookup::HitAndRefresh(_)));
             c.complete("k", &failed, t1);

@@ -53,6 +53,20 @@ use transport::Transport;
 /// Service Control's public address, used when nothing else names one.
 pub const DEFAULT_SERVICE_CONTROL_URL: &str = "https://servicecontrol.googleapis.com";
 
+/// Longest API key the proxy looks up. Google's keys (and Portico's) are 39 bytes; anything
+/// over this is answered as an invalid key at once — no cache entry, no `:check` — so a client
+/// cannot make the proxy hold or send strings of its choosing (docs/security.md).
+pub const MAX_API_KEY_BYTES: usize = 128;
+
+/// ESP's answer to an invalid API key (400, code 3), for keys refused without a `:check`.
+pub fn invalid_api_key() -> EspError {
+    EspError::new(
+        3,
+        "API key not valid. Please pass a valid API key.",
+        crate::error::Cause::ServiceControl,
+    )
+}
+
 /// Picks the Service Control base URL: `--service_control_url_override`, else the control
 /// plane named by the key file's `token_uri`, else `https://` + the config's
 /// `control.environment`. `None` means Service Control is not configured.
@@ -98,9 +112,13 @@ pub struct ServiceControlOptions {
     pub report_timeout: Duration,
     /// 0 disables the check cache (every request waits for a remote check).
     pub check_cache_entries: usize,
+    /// Bytes the check cache may hold (keys, verdicts, bookkeeping), whatever the entry count.
+    pub check_cache_bytes: usize,
     pub check_refresh_interval: Duration,
     pub check_expiration: Duration,
     pub quota_cache_entries: usize,
+    /// Bytes the quota cache may hold, whatever the entry count.
+    pub quota_cache_bytes: usize,
     pub quota_refresh_interval: Duration,
     pub quota_expiration: Duration,
     /// Distinct operation signatures aggregated before an early flush (at most twice as many
@@ -142,9 +160,11 @@ impl ServiceControlOptions {
             quota_retries: 1,
             report_timeout: Duration::from_millis(3500),
             check_cache_entries: 10_000,
+            check_cache_bytes: 16 << 20,
             check_refresh_interval: Duration::from_secs(60),
             check_expiration: Duration::from_secs(300),
             quota_cache_entries: 10_000,
+            quota_cache_bytes: 16 << 20,
             quota_refresh_interval: Duration::from_secs(1),
             quota_expiration: Duration::from_secs(600),
             report_cache_entries: 10_000,
@@ -341,6 +361,7 @@ impl ServiceControl {
             checks: Sharded::new(|| {
                 CheckCache::new(
                     opts.check_cache_entries.div_ceil(aggregate::SHARDS),
+                    opts.check_cache_bytes.div_ceil(aggregate::SHARDS),
                     opts.check_refresh_interval,
                     opts.check_expiration,
                     opts.network_fail_open,
@@ -349,6 +370,7 @@ impl ServiceControl {
             quota: Sharded::new(|| {
                 QuotaCache::new(
                     opts.quota_cache_entries.div_ceil(aggregate::SHARDS),
+                    opts.quota_cache_bytes.div_ceil(aggregate::SHARDS),
                     opts.quota_refresh_interval,
                     opts.quota_expiration,
                 )
@@ -392,6 +414,9 @@ impl ServiceControl {
     pub async fn check(&self, input: CheckInput<'_>) -> Result<CheckOk, EspError> {
         let inner = &self.inner;
         inner.stats.total_called_checks.inc();
+        if input.api_key.len() > MAX_API_KEY_BYTES {
+            return Err(invalid_api_key());
+        }
         let key = check_cache_key(&input);
         let cached = inner.checks.for_key(&key).lock().ok().and_then(|mut c| {
             if c.enabled() {
@@ -451,6 +476,9 @@ impl ServiceControl {
     pub fn allocate_quota(&self, input: QuotaInput<'_>) -> Result<(), EspError> {
         if input.metric_costs.is_empty() {
             return Ok(());
+        }
+        if input.api_key.len() > MAX_API_KEY_BYTES {
+            return Err(invalid_api_key());
         }
         let inner = &self.inner;
         inner.stats.total_called_quotas.inc();

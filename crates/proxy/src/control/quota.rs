@@ -89,10 +89,37 @@ pub(crate) struct NewEntry<'a> {
     pub(crate) costs: &'a [(String, i64)],
 }
 
+/// What an entry costs besides its strings (map slot, headers, the maps' nodes).
+const ENTRY_OVERHEAD: usize = 256 + std::mem::size_of::<String>() + std::mem::size_of::<Entry>();
+
+impl Entry {
+    /// The bytes the entry holds, approximately: what the byte bound counts. Metric names are
+    /// counted twice (unit cost and pending); labels hold the client's referer.
+    fn cost(&self, key: &str) -> usize {
+        let metrics: usize = self.unit_cost.keys().map(|k| 2 * (k.len() + 48)).sum();
+        let labels: usize = self
+            .labels
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 48)
+            .sum();
+        ENTRY_OVERHEAD
+            + key.len()
+            + self.service.len()
+            + self.config_id.len()
+            + self.method_name.len()
+            + self.consumer_id.len()
+            + metrics
+            + labels
+    }
+}
+
 pub(crate) struct QuotaCache {
     /// Seeded foldhash, as in the check cache.
     entries: HashMap<String, Entry, foldhash::fast::RandomState>,
     max_entries: usize,
+    max_bytes: usize,
+    /// Sum of [`Entry::cost`] over the entries.
+    bytes: usize,
     refresh: Duration,
     expiration: Duration,
 }
@@ -188,10 +215,17 @@ impl Entry {
 }
 
 impl QuotaCache {
-    pub(crate) fn new(max_entries: usize, refresh: Duration, expiration: Duration) -> Self {
+    pub(crate) fn new(
+        max_entries: usize,
+        max_bytes: usize,
+        refresh: Duration,
+        expiration: Duration,
+    ) -> Self {
         QuotaCache {
             entries: HashMap::default(),
             max_entries: max_entries.max(1),
+            max_bytes,
+            bytes: 0,
             refresh,
             expiration,
         }
@@ -217,9 +251,6 @@ impl QuotaCache {
                 }
             };
         }
-        if self.entries.len() >= self.max_entries {
-            self.evict(now, true);
-        }
         let unit_cost: BTreeMap<String, i64> = new.costs.iter().cloned().collect();
         let entry = Entry {
             service: new.service.to_string(),
@@ -235,6 +266,13 @@ impl QuotaCache {
             last_sent: now,
         };
         let alloc = entry.allocation(&key, &unit_cost, "BEST_EFFORT");
+        let cost = entry.cost(&key);
+        if cost > self.max_bytes {
+            // Could never fit: charge this request on its own, keep nothing.
+            return Decision::AllowAndSend(alloc);
+        }
+        self.evict(now, Some(cost));
+        self.bytes += cost;
         self.entries.insert(key, entry);
         Decision::AllowAndSend(alloc)
     }
@@ -242,7 +280,7 @@ impl QuotaCache {
     /// Allocations due at `now`: aggregated tokens of positive entries, and re-asks of
     /// negative ones. Marks them in flight.
     pub(crate) fn due(&mut self, now: Instant) -> Vec<Allocation> {
-        self.evict(now, false);
+        self.evict(now, None);
         let refresh = self.refresh;
         let mut out = Vec::new();
         for (key, e) in self.entries.iter_mut() {
@@ -272,19 +310,44 @@ impl QuotaCache {
         }
     }
 
-    fn evict(&mut self, now: Instant, make_room: bool) {
+    /// Bytes held, as [`Entry::cost`] counts them.
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Drops expired entries; with `room_for`, also the least recently used until an entry of
+    /// that many bytes fits under both bounds.
+    fn evict(&mut self, now: Instant, room_for: Option<usize>) {
         let expiration = self.expiration;
-        self.entries
-            .retain(|_, e| e.in_flight || now.duration_since(e.last_used) <= expiration);
-        if make_room && self.entries.len() >= self.max_entries {
-            if let Some(oldest) = self
+        let mut freed = 0;
+        self.entries.retain(|k, e| {
+            let keep = e.in_flight || now.duration_since(e.last_used) <= expiration;
+            if !keep {
+                freed += e.cost(k);
+            }
+            keep
+        });
+        self.bytes = self.bytes.saturating_sub(freed);
+        let Some(cost) = room_for else { return };
+        while self.entries.len() >= self.max_entries
+            || self.bytes.saturating_add(cost) > self.max_bytes
+        {
+            let Some((k, e)) = self
                 .entries
                 .iter()
                 .min_by_key(|(_, e)| e.last_used)
                 .map(|(k, _)| k.clone())
-            {
-                self.entries.remove(&oldest);
-            }
+                .and_then(|k| self.entries.remove_entry(&k))
+            else {
+                break;
+            };
+            self.bytes = self.bytes.saturating_sub(e.cost(&k));
         }
     }
 }
@@ -307,7 +370,12 @@ mod tests {
     #[test]
     fn first_allowed_then_aggregated_then_denied() {
         let costs = vec![("read-requests".to_string(), 2)];
-        let mut q = QuotaCache::new(10, Duration::from_secs(1), Duration::from_secs(600));
+        let mut q = QuotaCache::new(
+            10,
+            1 << 20,
+            Duration::from_secs(1),
+            Duration::from_secs(600),
+        );
         let t0 = Instant::now();
         let key = signature("m", "api_key:k", &costs);
         let Decision::AllowAndSend(a) = q.decide(key.clone(), new_entry(&costs), t0) else {
@@ -357,6 +425,52 @@ mod tests {
         assert!(
             matches!(q.decide(key, new_entry(&costs), t0), Decision::Allow),
             "fails open"
+        );
+    }
+
+    /// Every distinct key and referer is a new signature; the byte bound holds however long
+    /// the client makes them.
+    #[test]
+    fn cache_is_bounded_in_bytes() {
+        let costs = vec![("reads".to_string(), 1)];
+        let budget = 256 << 10;
+        let mut q = QuotaCache::new(
+            10_000,
+            budget,
+            Duration::from_secs(1),
+            Duration::from_secs(600),
+        );
+        let t0 = Instant::now();
+        let referer = "r".repeat(8_000);
+        for i in 0..500u64 {
+            let consumer = format!("api_key:{i:0128}");
+            let key = format!("svc\u{0}cfg\u{0}{}", signature("m", &consumer, &costs));
+            let labels = || {
+                let mut l = BTreeMap::new();
+                l.insert(
+                    "servicecontrol.googleapis.com/referer".to_string(),
+                    referer.clone(),
+                );
+                l
+            };
+            let new = NewEntry {
+                service: "svc",
+                config_id: "cfg",
+                method_name: "m",
+                consumer_id: &|| consumer.clone(),
+                labels: &labels,
+                costs: &costs,
+            };
+            assert!(matches!(
+                q.decide(key, new, t0 + Duration::from_millis(i)),
+                Decision::AllowAndSend(_)
+            ));
+            assert!(q.bytes() <= budget, "{} bytes after {i}", q.bytes());
+        }
+        assert!(
+            q.len() < 500 && q.len() >= budget / 12_000,
+            "{} entries",
+            q.len()
         );
     }
 
