@@ -376,6 +376,25 @@ mod tests {
         );
     }
 
+    /// The table in docs/security.md ("Secrets"), kept true.
+    #[test]
+    fn documented_examples() {
+        let p = SecretParams::new(["mykey"]);
+        for (url, logged) in [
+            (format!("/v1/x?KEY={KEY}&page=2"), "/v1/x?KEY=…rstu&page=2"),
+            (format!("/v1/x?%6Bey={KEY}"), "/v1/x?%6Bey=…rstu"),
+            ("/v1/x?a=1;api_key=abc".into(), "/v1/x?a=1;api_key=…"),
+            ("/v1/x?key=abc;def&b=2".into(), "/v1/x?key=…&b=2"),
+            (
+                "/cb#state=s&access_token=eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJpIn0.c2lnbmF0dXJl".into(),
+                "/cb#state=s&access_token=…dXJl",
+            ),
+            (format!("/v1/x?MyKey={KEY}"), "/v1/x?MyKey=…rstu"),
+        ] {
+            assert_eq!(p.redact(&url), logged);
+        }
+    }
+
     #[test]
     fn config_names_are_added() {
         let p = SecretParams::new(["MyKey", "jwt", "tok.en"]);
