@@ -21,6 +21,8 @@ pub mod control;
 pub mod cors;
 pub mod error;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod memory;
 pub mod metrics;
 pub mod pipeline;
