@@ -370,9 +370,14 @@ impl Completion {
         if let Some(b) = self.backend_latency {
             st.metrics.backend_latency.observe(b.as_secs_f64());
         }
+        let reporting = st.control.is_some()
+            && self.report.as_ref().is_some_and(|r| {
+                r.config.service_control
+                    && !r.method.as_ref().is_some_and(|m| m.skip_service_control)
+            });
         // Credentials in the URL (and in a referer or an error message quoting it) are masked
-        // once, for the access log and the report alike.
-        let referer = {
+        // once, for the access log and the report alike, and only when either is written.
+        let referer = if st.access_log.enabled() || reporting {
             let table = st.routes.load();
             let merged;
             let secrets = match &self.report {
@@ -397,6 +402,8 @@ impl Completion {
                 .as_ref()
                 .and_then(|v| v.to_str().ok())
                 .map(|r| secrets.redact(r).into_owned())
+        } else {
+            None
         };
         if st.access_log.enabled() {
             let time = crate::access_log::now_rfc3339();
