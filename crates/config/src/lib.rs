@@ -9,6 +9,8 @@
 //! Pure: no I/O beyond reading the files it is given.
 
 pub mod cli;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod matcher;
 pub mod openapi;
 pub mod service;

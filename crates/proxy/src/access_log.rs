@@ -1,6 +1,7 @@
 //! Access log: one JSON object per request on stdout (ESP's nginx logs to `/dev/stdout` too).
 //! `tracing` diagnostics go to stderr, so the two streams never mix. API keys and credentials
-//! are never written here.
+//! are never written here: the pipeline masks the URI, the referer and the error message with
+//! the rule the control plane applies to stored logs (`portico_servicecontrol::redact`).
 
 use serde::Serialize;
 use std::io::Write;
@@ -84,41 +85,6 @@ impl AccessLog {
     }
 }
 
-/// Query parameters whose values are credentials: ESP's default API-key names and the JWT
-/// `access_token` parameter.
-const SECRET_PARAMS: [&str; 3] = ["key", "api_key", "access_token"];
-
-/// The URI with credential values in the query replaced by `REDACTED`, so the access log never
-/// holds API keys or tokens.
-pub fn redact_uri(uri: &str) -> std::borrow::Cow<'_, str> {
-    let Some((path, query)) = uri.split_once('?') else {
-        return std::borrow::Cow::Borrowed(uri);
-    };
-    let is_secret = |pair: &str| {
-        let name = pair.split_once('=').map_or(pair, |(k, _)| k);
-        SECRET_PARAMS.iter().any(|s| s.eq_ignore_ascii_case(name)) && pair.contains('=')
-    };
-    if !query.split('&').any(is_secret) {
-        return std::borrow::Cow::Borrowed(uri);
-    }
-    let mut out = String::with_capacity(uri.len());
-    out.push_str(path);
-    out.push('?');
-    for (i, pair) in query.split('&').enumerate() {
-        if i > 0 {
-            out.push('&');
-        }
-        if is_secret(pair) {
-            let name = pair.split_once('=').map_or(pair, |(k, _)| k);
-            out.push_str(name);
-            out.push_str("=REDACTED");
-        } else {
-            out.push_str(pair);
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
-
 /// RFC 3339 timestamp with milliseconds, UTC.
 pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
@@ -161,16 +127,5 @@ mod tests {
         assert_eq!(v["uri"], "/a?b=\"c\"");
         assert!(v.get("api_method").is_none());
         assert!(!now_rfc3339().is_empty());
-    }
-
-    #[test]
-    fn credentials_in_the_query_are_redacted() {
-        assert_eq!(redact_uri("/a?key=s3cret&x=1"), "/a?key=REDACTED&x=1");
-        assert_eq!(
-            redact_uri("/a?X=1&API_KEY=k&access_token=t"),
-            "/a?X=1&API_KEY=REDACTED&access_token=REDACTED"
-        );
-        assert_eq!(redact_uri("/a?keyring=1"), "/a?keyring=1");
-        assert_eq!(redact_uri("/plain"), "/plain");
     }
 }

@@ -23,6 +23,8 @@ pub mod control;
 pub mod cors;
 pub mod error;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod limits;
 pub mod memory;
 pub mod metrics;

@@ -186,7 +186,7 @@ impl Drop for AbortGuard {
             let time = crate::access_log::now_rfc3339();
             let remote = peer.to_string();
             let url = uri.to_string();
-            let uri = crate::access_log::redact_uri(&url);
+            let uri = state.routes.load().secrets.redact(&url).into_owned();
             state.access_log.write(&crate::access_log::Entry {
                 time: &time,
                 remote_addr: &remote,
@@ -378,10 +378,45 @@ impl Completion {
         if let Some(b) = self.backend_latency {
             st.metrics.backend_latency.observe(b.as_secs_f64());
         }
+        let reporting = st.control.is_some()
+            && self.report.as_ref().is_some_and(|r| {
+                r.config.service_control
+                    && !r.method.as_ref().is_some_and(|m| m.skip_service_control)
+            });
+        // Credentials in the URL (and in a referer or an error message quoting it) are masked
+        // once, for the access log and the report alike, and only when either is written.
+        let referer = if st.access_log.enabled() || reporting {
+            let table = st.routes.load();
+            let merged;
+            let secrets = match &self.report {
+                Some(r) if !table.secrets.covers(&r.config.secrets) => {
+                    // The rollout changed under this request: its own config's names count too.
+                    let mut m = (*table.secrets).clone();
+                    m.extend(&r.config.secrets);
+                    merged = m;
+                    &merged
+                }
+                _ => &*table.secrets,
+            };
+            if let Cow::Owned(u) = secrets.redact(&self.url) {
+                self.url = u;
+            }
+            if let Some(e) = self.error.as_mut() {
+                if let Cow::Owned(m) = secrets.redact(&e.message) {
+                    e.message = m;
+                }
+            }
+            self.referer
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .map(|r| secrets.redact(r).into_owned())
+        } else {
+            None
+        };
         if st.access_log.enabled() {
             let time = crate::access_log::now_rfc3339();
             let remote = self.client_ip.to_string();
-            let uri = crate::access_log::redact_uri(&self.url);
+            let uri = self.url.as_str();
             let (api_method, config_id) = match &self.report {
                 Some(r) => (
                     r.method.as_ref().map_or("", |m| m.selector.as_str()),
@@ -393,7 +428,7 @@ impl Completion {
                 time: &time,
                 remote_addr: &remote,
                 method: self.method.as_str(),
-                uri: &uri,
+                uri,
                 protocol: match self.version {
                     Version::HTTP_2 => "HTTP/2.0",
                     Version::HTTP_10 => "HTTP/1.0",
@@ -407,7 +442,7 @@ impl Completion {
                 api_method,
                 config_id,
                 user_agent: self.user_agent.as_ref().and_then(|v| v.to_str().ok()),
-                referer: self.referer.as_ref().and_then(|v| v.to_str().ok()),
+                referer: referer.as_deref(),
                 error: self.error.as_ref().map(|e| e.message.as_str()),
             });
         }
@@ -451,11 +486,7 @@ impl Completion {
             backend_latency: self.backend_latency,
             overhead_latency: total.saturating_sub(self.backend_latency.unwrap_or_default()),
             caller_ip: Some(self.caller_ip),
-            referer: self
-                .referer
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
+            referer,
             error_cause: self.error.as_ref().map(|e| e.cause.as_str().to_string()),
             error_message: self.error.map(|e| e.message),
             protocol: self.protocol.to_string(),

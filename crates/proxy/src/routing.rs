@@ -173,6 +173,8 @@ pub struct ConfigRoutes {
     pub authenticator: Option<Arc<crate::auth::Authenticator>>,
     /// Rules the matcher refused (bad templates, duplicates), for diagnostics.
     pub skipped_rules: Vec<String>,
+    /// Query parameters holding credentials in this config, masked in logs and reports.
+    pub secrets: Arc<portico_servicecontrol::redact::SecretParams>,
 }
 
 fn selector_api(service: &Service, selector: &str) -> (String, String) {
@@ -482,6 +484,9 @@ impl ConfigRoutes {
         });
         ConfigRoutes {
             authenticator,
+            secrets: Arc::new(portico_servicecontrol::redact::SecretParams::for_service(
+                &service,
+            )),
             config_id: service.id.clone(),
             service_control,
             auth,
@@ -498,6 +503,9 @@ pub struct RouteTable {
     pub rollout_id: String,
     pub configs: Vec<(Arc<ConfigRoutes>, u32)>,
     total: u32,
+    /// The credential parameters of every config of the rollout: a request is logged with
+    /// all of them masked, whichever config it was (or was not) matched to.
+    pub secrets: Arc<portico_servicecontrol::redact::SecretParams>,
 }
 
 impl RouteTable {
@@ -505,10 +513,15 @@ impl RouteTable {
     /// picked; if all are 0 the first config takes all traffic.
     pub fn new(rollout_id: String, configs: Vec<(Arc<ConfigRoutes>, u32)>) -> RouteTable {
         let total = configs.iter().map(|(_, p)| *p).sum();
+        let mut secrets = portico_servicecontrol::redact::SecretParams::default();
+        for (c, _) in &configs {
+            secrets.extend(&c.secrets);
+        }
         RouteTable {
             rollout_id,
             configs,
             total,
+            secrets: Arc::new(secrets),
         }
     }
 

@@ -479,3 +479,45 @@ async fn authorization_url_redirect_for_missing_or_expired_tokens_only() {
         .await;
     assert_eq!(status, 403);
 }
+
+/// ESP v1 accepts a JWT without `exp` (gRPC's claims parser defaults it to "never expires"),
+/// and so does ESPv2 (Envoy `jwt_authn` without `require_expiration`); a time claim of 0 is a
+/// malformed claim in ESP v1, with its exact message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_without_exp_are_accepted_and_zero_times_refused_as_esp_does() {
+    let env = Env::start(&[], None).await;
+    let no_exp = env
+        .k1
+        .sign(&json!({"iss": ISS, "sub": "client-1", "aud": AUD}));
+    for _ in 0..2 {
+        // The second time from the token cache, whose entry lives at most 300 s.
+        let auth = format!("Bearer {no_exp}");
+        let (status, body, _) = env
+            .get("/auth/info/googlejwt", &[("authorization", &auth)])
+            .await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+    }
+    for zero in [
+        json!({"iss": ISS, "sub": "client-1", "aud": AUD, "exp": 0}),
+        json!({"iss": ISS, "sub": "client-1", "aud": AUD, "exp": 0.5}),
+        json!({"iss": ISS, "sub": "client-1", "aud": AUD, "nbf": 0}),
+        json!({"iss": ISS, "sub": "client-1", "aud": AUD, "iat": 0}),
+    ] {
+        let auth = format!("Bearer {}", env.k1.sign(&zero));
+        let (status, body, www) = env
+            .get("/auth/info/googlejwt", &[("authorization", &auth)])
+            .await;
+        assert_eq!(status, 401, "{zero}");
+        assert_eq!(
+            body,
+            esp_body(
+                16,
+                "JWT validation failed: Bad JWT format: invalid JWT claims; e.g. wrong data type, iss is not a string.",
+                "auth"
+            ),
+            "{zero}"
+        );
+        assert_eq!(www.as_deref(), Some("Bearer, error=\"invalid_token\""));
+    }
+    assert_eq!(env.backend.heads().len(), 2);
+}

@@ -8,6 +8,8 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub mod redact;
+
 /// proto3 JSON int64 helpers (strings on output; strings or numbers on input), shared with
 /// the service-config model so both crates encode int64 the same way.
 pub use portico_config::service::int64;

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use portico_servicecontrol::redact::SecretParams;
 use portico_servicecontrol::{labels, ReportError, ReportRequest, ReportResponse, Status};
 
 use crate::error::ApiError;
@@ -39,6 +40,34 @@ async fn consumer_label(
     }
 }
 
+/// The query parameters masked in this service's stored logs: the defaults plus the names the
+/// reporting proxy's config and the active config read credentials from. A config that cannot
+/// be read leaves the others (and the defaults) in force rather than failing the report.
+async fn secret_params(
+    state: &AppState,
+    sc: &ScState,
+    service: &str,
+    config_ids: [&str; 2],
+) -> SecretParams {
+    let mut secrets = SecretParams::default();
+    for (i, id) in config_ids.iter().enumerate() {
+        if id.is_empty() || config_ids[..i].contains(id) {
+            continue;
+        }
+        match consumer::config(state, sc, service, id).await {
+            Ok(Some(cfg)) => secrets.extend(&SecretParams::for_service(&cfg)),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                service,
+                config_id = id,
+                error = %e.message,
+                "cannot read the config's API-key parameter names; masking the defaults"
+            ),
+        }
+    }
+    secrets
+}
+
 pub async fn report(
     state: &AppState,
     sc: &ScState,
@@ -63,6 +92,13 @@ pub async fn report(
         ..Default::default()
     };
     let now = sc.clock.now_ms();
+    let secrets = secret_params(
+        state,
+        sc,
+        service,
+        [&req.service_config_id, &active.config_id],
+    )
+    .await;
     let mut consumers: HashMap<String, String> = HashMap::new();
     let mut prepared = Vec::with_capacity(req.operations.len());
     for op in &req.operations {
@@ -88,7 +124,7 @@ pub async fn report(
                 c
             }
         };
-        let (deltas, logs) = report::extract(op, &consumer, now);
+        let (deltas, logs) = report::extract(op, &consumer, now, &secrets);
         prepared.push(PreparedOp {
             operation_id: op.operation_id.clone(),
             deltas,

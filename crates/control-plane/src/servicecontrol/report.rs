@@ -15,8 +15,10 @@
 //! of the incoming distribution contributes its count at the bucket's midpoint, which is exact
 //! for counts and sums and approximate (within one bucket) for percentiles.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+use portico_servicecontrol::redact::{mask_value, SecretParams};
 use portico_servicecontrol::{labels, metrics, Distribution, LogEntry, MetricValue, Operation};
 use serde_json::Value;
 
@@ -225,8 +227,14 @@ fn distribution_sum(v: &MetricValue) -> i64 {
 }
 
 /// Rollup deltas and log rows for one operation. `consumer` is already resolved (API key
-/// strings never reach storage); `now_ms` is used when the operation carries no usable time.
-pub fn extract(op: &Operation, consumer: &str, now_ms: i64) -> (Vec<RollupDelta>, Vec<LogRow>) {
+/// strings never reach storage); `now_ms` is used when the operation carries no usable time;
+/// `secrets` names the query parameters masked in the stored logs.
+pub fn extract(
+    op: &Operation,
+    consumer: &str,
+    now_ms: i64,
+    secrets: &SecretParams,
+) -> (Vec<RollupDelta>, Vec<LogRow>) {
     let method = method_of(op);
     let op_time = parse_time_ms(&op.end_time)
         .or_else(|| parse_time_ms(&op.start_time))
@@ -285,12 +293,19 @@ pub fn extract(op: &Operation, consumer: &str, now_ms: i64) -> (Vec<RollupDelta>
     let logs = op
         .log_entries
         .iter()
-        .map(|e| log_row(op, e, &method, consumer, op_time))
+        .map(|e| log_row(op, e, &method, consumer, op_time, secrets))
         .collect();
     (deltas, logs)
 }
 
-fn log_row(op: &Operation, e: &LogEntry, method: &str, consumer: &str, op_time: i64) -> LogRow {
+fn log_row(
+    op: &Operation,
+    e: &LogEntry,
+    method: &str,
+    consumer: &str,
+    op_time: i64,
+    secrets: &SecretParams,
+) -> LogRow {
     let payload = e.struct_payload.as_ref();
     let ts_ms = parse_time_ms(&e.timestamp)
         .or_else(|| {
@@ -323,14 +338,8 @@ fn log_row(op: &Operation, e: &LogEntry, method: &str, consumer: &str, op_time: 
     } else {
         e.severity.clone()
     };
-    let mut redacted = e.clone();
-    if let Some(p) = redacted.struct_payload.as_mut() {
-        redact_payload(p);
-    }
-    if let Some(t) = redacted.text_payload.as_mut() {
-        *t = redact_url(t);
-    }
-    let entry = serde_json::to_value(&redacted).unwrap_or(Value::Null);
+    let mut entry = serde_json::to_value(e).unwrap_or(Value::Null);
+    redact_value(&mut entry, secrets);
     LogRow {
         ts_ms,
         method,
@@ -347,58 +356,29 @@ fn log_row(op: &Operation, e: &LogEntry, method: &str, consumer: &str, op_time: 
     }
 }
 
-/// API key strings are credentials: the proxy puts them in `api_key` and in the `url` query, so
-/// both are masked before storage (the last four characters stay, enough to tell keys apart).
-fn redact_payload(p: &mut serde_json::Map<String, Value>) {
-    if let Some(Value::String(k)) = p.get_mut("api_key") {
-        *k = mask_key(k);
+/// Credentials never reach storage. A member named like a secret parameter (the payload's
+/// `api_key`) is masked whole; every other string — `url`, `log_message`, `referer`, labels, a
+/// text payload, whatever a client puts there — has its secret query parameters masked by the
+/// rule the proxy's access log uses ([`SecretParams::redact`]). serde_json bounds the nesting,
+/// so the recursion is bounded too.
+fn redact_value(v: &mut Value, secrets: &SecretParams) {
+    match v {
+        Value::String(s) => {
+            if let Cow::Owned(r) = secrets.redact(s) {
+                *s = r;
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| redact_value(x, secrets)),
+        Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                match x {
+                    Value::String(s) if secrets.is_secret_name(k) => *s = mask_value(s),
+                    _ => redact_value(x, secrets),
+                }
+            }
+        }
+        _ => {}
     }
-    if let Some(Value::String(u)) = p.get_mut("url") {
-        *u = redact_url(u);
-    }
-}
-
-pub fn mask_key(k: &str) -> String {
-    if k.is_empty() {
-        return String::new();
-    }
-    let tail: String = k
-        .chars()
-        .rev()
-        .take(4)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    if k.chars().count() <= 8 {
-        "…".to_string()
-    } else {
-        format!("…{tail}")
-    }
-}
-
-/// Masks the values of `key` / `api_key` query parameters in a URL or request line.
-pub fn redact_url(u: &str) -> String {
-    let Some((head, query)) = u.split_once('?') else {
-        return u.to_string();
-    };
-    let (query, frag) = match query.split_once('#') {
-        Some((q, f)) => (q, Some(f)),
-        None => (query, None),
-    };
-    let parts: Vec<String> = query
-        .split('&')
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) if k == "key" || k == "api_key" => format!("{k}={}", mask_key(v)),
-            _ => kv.to_string(),
-        })
-        .collect();
-    let mut out = format!("{head}?{}", parts.join("&"));
-    if let Some(f) = frag {
-        out.push('#');
-        out.push_str(f);
-    }
-    out
 }
 
 /// Merges deltas with equal keys (a batch often repeats a method/consumer/class).
@@ -743,7 +723,7 @@ mod tests {
     #[test]
     fn extracts_counts_classes_latency_and_redacted_logs() {
         let op = esp_operation("op-1", 503, 0.030);
-        let (deltas, logs) = extract(&op, "project_number:5", 0);
+        let (deltas, logs) = extract(&op, "project_number:5", 0, &SecretParams::default());
         assert_eq!(deltas.len(), 1);
         let d = &deltas[0];
         assert_eq!(d.method, "1.echo_api.Echo");
@@ -770,7 +750,7 @@ mod tests {
         let mut op = esp_operation("op-2", 404, 0.001);
         op.metric_value_sets
             .retain(|s| s.metric_name != metrics::PRODUCER_ERROR_COUNT);
-        let (d, _) = extract(&op, "", 0);
+        let (d, _) = extract(&op, "", 0, &SecretParams::default());
         assert_eq!(
             (d[0].requests, d[0].errors, d[0].code_class.as_str()),
             (1, 1, "4xx")
@@ -788,15 +768,49 @@ mod tests {
             }],
             ..Default::default()
         };
-        assert!(extract(&by_consumer, "", 0).0.is_empty());
+        assert!(extract(&by_consumer, "", 0, &SecretParams::default())
+            .0
+            .is_empty());
     }
 
+    /// Every string of an entry is redacted, whatever field a client puts a URL in, with the
+    /// service's own parameter names; members named like a secret are masked whole.
     #[test]
-    fn url_redaction() {
-        assert_eq!(redact_url("/a?api_key=abcdefghijk"), "/a?api_key=…hijk");
-        assert_eq!(redact_url("/a?k=1"), "/a?k=1");
-        assert_eq!(redact_url("/a?key=short#f"), "/a?key=…#f");
-        assert_eq!(redact_url("/plain"), "/plain");
+    fn stored_entries_hold_no_secret_anywhere() {
+        let secret = "AIzaSECRETSECRETSECRET1234";
+        let mut op = esp_operation("op-3", 404, 0.001);
+        let entry = &mut op.log_entries[0];
+        entry.labels.insert(
+            labels::REFERER.into(),
+            format!("https://app.example/page?KEY={secret}"),
+        );
+        entry.text_payload = Some(format!("GET /x;Api_Key={secret} HTTP/1.1"));
+        if let Some(p) = entry.struct_payload.as_mut() {
+            p.insert(
+                "url".into(),
+                format!("/a?%6Bey={secret}&myKey={secret}&x=1#access_token={secret}").into(),
+            );
+            p.insert(
+                "log_message".into(),
+                format!("Endpoints management skipped for an unrecognized HTTP call: GET /a?key={secret}").into(),
+            );
+            p.insert("nested".into(), serde_json::json!({"deep": [format!("?access_token={secret}")], "Access_Token": secret}));
+        }
+        let secrets = SecretParams::new(["mykey"]);
+        let (_, logs) = extract(&op, "", 0, &secrets);
+        let text = logs[0].entry.to_string();
+        assert!(!text.contains("SECRETSECRET"), "secret stored: {text}");
+        assert_eq!(
+            logs[0].entry["structPayload"]["url"],
+            "/a?%6Bey=…1234&myKey=…1234&x=1#access_token=…1234"
+        );
+        assert_eq!(
+            logs[0].entry["structPayload"]["nested"]["Access_Token"],
+            "…1234"
+        );
+        // Without the service's names, its custom parameter would be stored in clear.
+        let (_, logs) = extract(&op, "", 0, &SecretParams::default());
+        assert!(logs[0].entry.to_string().contains("myKey=AIzaSECRET"));
     }
 
     async fn rollup_requests(store: &Store, service: &str) -> i64 {
@@ -811,7 +825,7 @@ mod tests {
     }
 
     fn prepared(op: &Operation) -> PreparedOp {
-        let (deltas, logs) = extract(op, "project_number:5", 0);
+        let (deltas, logs) = extract(op, "project_number:5", 0, &SecretParams::default());
         PreparedOp {
             operation_id: op.operation_id.clone(),
             deltas,

@@ -52,15 +52,22 @@ fn b64_part(part: &str) -> Option<Vec<u8>> {
     URL_SAFE_NO_PAD.decode(part.trim_end_matches('=')).ok()
 }
 
-/// A numeric date claim; gRPC reads these as numbers, anything else is a type error.
+/// A numeric date claim, read as gRPC's claims parser (ESP v1's) reads it.
+///
+/// Absent is fine: ESP v1 takes a missing `exp` as "never expires" (and a missing `nbf`/`iat`
+/// as "always"), so a token without `exp` is accepted; ESPv2 (Envoy `jwt_authn`, whose
+/// `require_expiration` it never sets) accepts it too. A value that is not a number, or whose
+/// whole seconds are 0 (`0`, `0.5`, `-0.2`), is a malformed claim: gRPC keeps the seconds
+/// (`strtol`) and treats 0 as its parse-failure marker. Fractions are truncated towards zero,
+/// as `strtol` does; unlike `strtol` we read exponent notation by value (`1e9` is 10^9 s, not
+/// 1 s) — no issuer writes it.
 fn time_claim(payload: &Map<String, Value>, name: &str) -> Result<Option<i64>, String> {
     match payload.get(name) {
         None => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .or_else(|| n.as_f64().map(|f| f as i64))
-            .map(Some)
-            .ok_or_else(|| BAD_CLAIM_TYPES.to_string()),
+        Some(Value::Number(n)) => match n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)) {
+            Some(0) | None => Err(BAD_CLAIM_TYPES.to_string()),
+            Some(secs) => Ok(Some(secs)),
+        },
         Some(_) => Err(BAD_CLAIM_TYPES.to_string()),
     }
 }
@@ -329,6 +336,36 @@ mod tests {
         );
     }
 
+    /// ESP v1 accepts a token without `exp` (gRPC's claims default to "never expires") and
+    /// refuses a time claim whose seconds are 0 as a malformed claim.
+    #[test]
+    fn time_claims_follow_esp() {
+        let h = enc(r#"{"alg":"RS256"}"#);
+        let t = |claims: &str| format!("{h}.{}.c2ln", enc(claims));
+        let no_exp = parse(&t(r#"{"iss":"i","sub":"s","aud":"a"}"#)).unwrap();
+        assert_eq!(no_exp.exp, None);
+        for now in [0, 1_700_000_000, 4_102_444_800, i64::MAX] {
+            assert_eq!(no_exp.check(now), Ok(()), "at {now}");
+        }
+        for zero in [
+            r#"{"iss":"i","sub":"s","aud":"a","exp":0}"#,
+            r#"{"iss":"i","sub":"s","aud":"a","exp":0.9}"#,
+            r#"{"iss":"i","sub":"s","aud":"a","exp":-0.5}"#,
+            r#"{"iss":"i","sub":"s","aud":"a","nbf":0}"#,
+            r#"{"iss":"i","sub":"s","aud":"a","iat":0}"#,
+        ] {
+            assert_eq!(parse(&t(zero)).unwrap_err(), BAD_CLAIM_TYPES, "{zero}");
+        }
+        // Fractions are truncated, huge values saturate.
+        let frac = parse(&t(r#"{"iss":"i","sub":"s","aud":"a","exp":100.9}"#)).unwrap();
+        assert_eq!(frac.exp, Some(100));
+        let huge = parse(&t(r#"{"iss":"i","sub":"s","aud":"a","exp":1e300}"#)).unwrap();
+        assert_eq!(huge.exp, Some(i64::MAX));
+        assert_eq!(huge.check(i64::MAX), Ok(()));
+        let neg = parse(&t(r#"{"iss":"i","sub":"s","aud":"a","exp":-5}"#)).unwrap();
+        assert_eq!(neg.check(56), Err(TIME_CONSTRAINT_FAILURE));
+    }
+
     #[test]
     fn payload_keeps_key_order_and_array_aud() {
         let t = format!(
@@ -371,7 +408,7 @@ mod tests {
         let good = format!(
             "{}.{}.c2ln",
             enc(r#"{"alg":"RS256","kid":"k"}"#),
-            enc(r#"{"iss":"i","aud":["a"],"exp":1,"nbf":0}"#)
+            enc(r#"{"iss":"i","aud":["a"],"exp":1,"nbf":1}"#)
         );
         assert!(parse(&good).is_ok());
         let alphabet = b"abcXYZ019-_.=+/ \"{}:,[]\\\xc3\xa9";

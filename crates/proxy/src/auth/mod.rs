@@ -381,23 +381,10 @@ impl Authenticator {
                 keyset = fresh;
             }
         }
-        match keyset.candidates(jwt.kid.as_deref(), jwt.alg) {
-            KeyMatch::Found(candidates, failure) => {
-                if !jwt.signature_valid(&token, &candidates) {
-                    return Err(reject(failure));
-                }
-            }
-            KeyMatch::KidNotFound(reason) | KeyMatch::Unusable(reason) => {
-                return Err(reject(&reason))
-            }
-        }
+        verify_signature(&jwt, &token, &keyset).map_err(|reason| reject(&reason))?;
 
         let audiences = userinfo::sorted_audiences(&jwt);
-        let header = userinfo::user_info_header(&jwt, &audiences);
-        let user_info = HeaderValue::from_str(&header).map_err(|_| {
-            // Base64 is always a valid header value; this guards the invariant without a panic.
-            AuthError::new(13, "Internal error", true)
-        })?;
+        let user_info = user_info_value(&jwt, &audiences)?;
         let iss = jwt.iss.clone();
         let verified = Arc::new(VerifiedToken::new(
             jwt,
@@ -452,4 +439,46 @@ impl Authenticator {
             claims: v.jwt.payload.clone(),
         }
     }
+}
+
+/// ESP's key choice and signature check of a parsed token against one key set; the error is
+/// the reason that follows `JWT validation failed: `.
+pub fn verify_signature(
+    jwt: &jwt::ParsedJwt,
+    token: &str,
+    keyset: &keys::KeySet,
+) -> Result<(), String> {
+    match keyset.candidates(jwt.kid.as_deref(), jwt.alg) {
+        KeyMatch::Found(candidates, failure) => {
+            if jwt.signature_valid(token, &candidates) {
+                Ok(())
+            } else {
+                Err(failure.to_string())
+            }
+        }
+        KeyMatch::KidNotFound(reason) | KeyMatch::Unusable(reason) => Err(reason),
+    }
+}
+
+/// `X-Endpoint-API-UserInfo` for a verified token.
+fn user_info_value(jwt: &jwt::ParsedJwt, audiences: &[String]) -> Result<HeaderValue, AuthError> {
+    let header = userinfo::user_info_header(jwt, audiences);
+    HeaderValue::from_str(&header).map_err(|_| {
+        // Base64 is always a valid header value; this guards the invariant without a panic.
+        AuthError::new(13, "Internal error", true)
+    })
+}
+
+/// What [`Authenticator::authenticate`] checks once the keys are at hand, for one token
+/// against one key set at `now` and without any network or per-method rule: parse, time
+/// window and required claims, key choice and signature, user info. Returns the
+/// `/credential_id`; the error is the reason that follows `JWT validation failed: `. The
+/// fuzz target `jwt` (`fuzz/`) and its seed smoke test drive the verifier through this.
+pub fn verify_offline(token: &str, keyset: &keys::KeySet, now: i64) -> Result<String, String> {
+    let jwt = jwt::parse(token)?;
+    jwt.check(now).map_err(str::to_string)?;
+    verify_signature(&jwt, token, keyset)?;
+    let audiences = userinfo::sorted_audiences(&jwt);
+    user_info_value(&jwt, &audiences).map_err(|e| e.error.message)?;
+    Ok(userinfo::credential_id(&jwt.iss, &audiences))
 }

@@ -1,0 +1,43 @@
+//! The fuzz targets' checked-in seeds (`fuzz/seeds/<target>/`) through the same functions the
+//! targets call (`portico_proxy::fuzz`), on every `cargo test`: a short, fixed-input smoke run
+//! of the fuzzing harness, and a check that the seeds still mean what they were made to mean.
+
+use std::path::PathBuf;
+
+fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../../fuzz/seeds/{target}"));
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| {
+            let p = e.expect("dir entry").path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).expect("seed"))
+        })
+        .collect();
+    out.sort();
+    assert!(!out.is_empty(), "no seeds in {}", dir.display());
+    out
+}
+
+#[test]
+fn jwt_seeds() {
+    // `padded`: a padded signature is accepted, as ESP accepted it.
+    let valid = [
+        "rs256",
+        "es256",
+        "eddsa",
+        "hs256",
+        "no_kid",
+        "no_exp",
+        "unicode_claims",
+        "padded",
+    ];
+    for (name, data) in seeds("jwt") {
+        let outcome = portico_proxy::fuzz::jwt(&data);
+        if valid.contains(&name.as_str()) {
+            assert!(outcome.is_ok(), "{name}: {outcome:?}");
+        } else {
+            assert!(outcome.is_err(), "{name} verified: {outcome:?}");
+        }
+    }
+}
