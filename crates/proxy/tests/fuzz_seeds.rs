@@ -41,3 +41,33 @@ fn jwt_seeds() {
         }
     }
 }
+
+#[test]
+fn request_head_seeds() {
+    // What each seed settles to with the default flags: `METHOD target`, or refused.
+    let expected: &[(&str, Option<&str>)] = &[
+        ("absolute_form", Some("GET /secret?api_key=k")),
+        ("backslash", Some("GET /secret")),
+        ("connect", None),
+        ("double_slash", Some("GET /secret/a")),
+        ("encoded_dotdot_slash", None),
+        ("encoded_dots_query", Some("GET /secret?key=abc&q=/../x")),
+        ("encoded_nul", None),
+        ("encoded_unreserved", Some("GET /secret")),
+        ("identity_headers", Some("GET /items/1")),
+        ("lowercase_method", None),
+        ("override_get", Some("GET /items/1")),
+        ("plain_encoded_slash", Some("GET /public/a%2Fb")),
+    ];
+    let seeds = seeds("request_head");
+    assert_eq!(seeds.len(), expected.len(), "a seed without an expectation");
+    for ((name, data), (want_name, want)) in seeds.iter().zip(expected) {
+        assert_eq!(name, want_name);
+        let got = portico_proxy::fuzz::request_head(data)
+            .unwrap_or_else(|| panic!("{name}: not a request head"));
+        match want {
+            Some(w) => assert_eq!(got.as_deref(), Ok(*w), "{name}"),
+            None => assert!(got.is_err(), "{name} settled: {got:?}"),
+        }
+    }
+}
