@@ -961,3 +961,20 @@ async fn transfer_codings_other_than_chunked_are_501_like_nginx() {
     let posts = lines.iter().filter(|l| *l == "POST /upload HTTP/1.1");
     assert_eq!(posts.count(), 3, "{lines:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_100_header_lines_are_431() {
+    // hyper's fixed count for HTTP/1.1 (docs/security.md, Limits). `send` adds two lines.
+    let env = Env::start(Svc::AllowAll, &[]).await;
+    let lines =
+        |n: usize| -> String { (0..n).map(|i| format!("\r\nX-H{i}: 1")).collect::<String>() };
+    let r = env
+        .send(&format!("GET /public/1 HTTP/1.1{}", lines(98)))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let r = env
+        .send(&format!("GET /public/1 HTTP/1.1{}", lines(99)))
+        .await;
+    assert_eq!(r.status, 431, "{}", r.head);
+    assert_eq!(env.backend_lines(), vec!["GET /public/1 HTTP/1.1"]);
+}
