@@ -558,11 +558,13 @@ pub fn backend_deadline_problem(deadline: f64) -> Option<String> {
     ))
 }
 
-/// Why `cost` is not a usable metric cost, if it is not; the text follows the value. Costs of
-/// 0 and below are charged as 1, as ESP does, so only the top is bounded.
+/// Why `cost` is not a usable metric cost, if it is not; the text follows the value. Submit
+/// refuses negative costs (`x-google-quota` says "non-negative integer"), so a config loaded
+/// from a file is held to the same rule; 0 is kept (ESP charges it as 1).
 pub fn metric_cost_problem(cost: i64) -> Option<String> {
-    (cost > MAX_METRIC_COST)
-        .then(|| format!("is out of range: a cost is at most {MAX_METRIC_COST} per request"))
+    (!(0..=MAX_METRIC_COST).contains(&cost)).then(|| {
+        format!("is out of range: a cost is a number from 0 to {MAX_METRIC_COST} per request")
+    })
 }
 
 impl Service {
@@ -664,7 +666,7 @@ mod tests {
         assert_eq!(svc(r#"{"name":"s"}"#).check_ranges(), Ok(()));
         let ok = svc(
             r#"{"backend":{"rules":[{"selector":"a","deadline":86400},{"selector":"b"}]},
-                "quota":{"metricRules":[{"selector":"a","metricCosts":{"m":"-3","n":"1000000000"}}]}}"#,
+                "quota":{"metricRules":[{"selector":"a","metricCosts":{"m":"0","n":"1000000000"}}]}}"#,
         );
         assert_eq!(ok.check_ranges(), Ok(()));
         for (json, message) in [
@@ -682,7 +684,15 @@ mod tests {
             ),
             (
                 r#"{"quota":{"metricRules":[{"selector":"a","metricCosts":{"m":"9223372036854775807"}}]}}"#,
-                "quota metric rule \"a\": the cost 9223372036854775807 of metric \"m\" is out of range: a cost is at most 1000000000 per request",
+                "quota metric rule \"a\": the cost 9223372036854775807 of metric \"m\" is out of range: a cost is a number from 0 to 1000000000 per request",
+            ),
+            (
+                r#"{"quota":{"metricRules":[{"selector":"a","metricCosts":{"m":"-3"}}]}}"#,
+                "quota metric rule \"a\": the cost -3 of metric \"m\" is out of range: a cost is a number from 0 to 1000000000 per request",
+            ),
+            (
+                r#"{"quota":{"metricRules":[{"selector":"a","metricCosts":{"m":"-9223372036854775808"}}]}}"#,
+                "quota metric rule \"a\": the cost -9223372036854775808 of metric \"m\" is out of range: a cost is a number from 0 to 1000000000 per request",
             ),
         ] {
             assert_eq!(svc(json).check_ranges(), Err(message.to_string()), "{json}");

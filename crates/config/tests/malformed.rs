@@ -579,7 +579,7 @@ fn out_of_range_numbers_are_refused() {
             "openapi.yaml:57:19: deadline must be a positive number of seconds".to_string(),
             format!("openapi.yaml:69:19: x-google-backend deadline 0.0000001 {range}"),
             format!("openapi.yaml:81:19: x-google-backend deadline 86401 {range}"),
-            "openapi.yaml:84:18: Operation 'get' in path '/f': the cost 9223372036854775807 of metric \"reads\" is out of range: a cost is at most 1000000000 per request".to_string(),
+            "openapi.yaml:84:18: Operation 'get' in path '/f': the cost 9223372036854775807 of metric \"reads\" is out of range: a cost is a number from 0 to 1000000000 per request".to_string(),
         ]
     );
 }

@@ -784,7 +784,24 @@ impl Pipeline {
         // are the ones forwarded, and dropped headers are seen by nothing (crate::request_head).
         let raw_target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let settled =
-            request_head::settle(&parts.method, &mut parts.headers, raw_target, settings.head);
+            request_head::settle(&parts.method, &mut parts.headers, raw_target, settings.head)
+                .and_then(|s| {
+                    let framing = request_head::check_host(
+                        parts.version,
+                        &parts.headers,
+                        parts.uri.authority().is_some(),
+                    );
+                    match framing {
+                        Err(error) => Err(request_head::HeadError::Host {
+                            method: s.method,
+                            error,
+                        }),
+                        Ok(()) if !request_head::transfer_coding_supported(&parts.headers) => {
+                            Err(request_head::HeadError::TransferCoding { method: s.method })
+                        }
+                        Ok(()) => Ok(s),
+                    }
+                });
         let h = &parts.headers;
         let client_ip = forward::real_client_ip(conn.peer.ip(), h, &settings.xff_trusted);
         let caller_ip = settings
@@ -847,7 +864,8 @@ impl Pipeline {
             // --disallow_escaped_slashes_in_path (ESPv2): the client asks again for the decoded
             // path, which is then checked like any other; gRPC clients cannot follow redirects.
             let url = raw_target.to_string();
-            let location = HeaderValue::from_str(&settled.target.text);
+            let location =
+                HeaderValue::from_str(&request_head::redirect_target(&settled.target.text));
             return Err(match location {
                 Ok(loc) if !ctx.content_type_grpc => {
                     let mut resp = Response::new(ProxyBody::empty());
@@ -1214,7 +1232,11 @@ impl Pipeline {
         if !path.contains(';') {
             return true;
         }
-        let stripped = request_head::without_segment_parameters(path);
+        // Compared as the servlet container routes it: stripped, then merged and resolved
+        // (`/items;x//1` is `/items/1` to it even with --disable_merge_slashes_in_path).
+        let Some(stripped) = request_head::servlet_path(path) else {
+            return false;
+        };
         config
             .matcher
             .lookup(method, &stripped)

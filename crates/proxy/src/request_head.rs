@@ -10,8 +10,9 @@
 //! 2. **headers** ([`sanitize_headers`]): names with `_` are dropped unless
 //!    `--underscores_in_headers` (nginx's `underscores_in_headers off`, which CGI/WSGI/Rack
 //!    backends need: they read `X_Foo` and `X-Foo` as the same variable); the headers the proxy
-//!    itself sets or acts on are removed from the client's request in every spelling, flag or
-//!    not (see [`is_proxy_owned`]);
+//!    itself sets or acts on, and `X-Original-URL`/`X-Rewrite-URL` (which some backends route
+//!    on), are removed from the client's request in every spelling, flag or not (see
+//!    [`is_proxy_owned`]);
 //! 3. **path** ([`normalize_target`]): escaped unreserved characters decoded (`%73` is `s`),
 //!    dot segments removed (also `%2e`-encoded ones), `\` read as `/`, repeated slashes merged;
 //!    refused when an encoded slash or backslash would form a dot or empty segment once
@@ -44,6 +45,10 @@ const OVERRIDE_HEADERS: [&[u8]; 3] = [
     b"x-http-method",
     b"x-method-override",
 ];
+/// Headers that name another request target: IIS URL Rewrite and Symfony/Zend applications route
+/// on them, so a backend could run a path other than the one matched and checked. Removed in
+/// every spelling, like the method overrides.
+const TARGET_OVERRIDE_HEADERS: [&[u8]; 2] = [b"x-original-url", b"x-rewrite-url"];
 /// Headers the proxy sets by their canonical name (replacing or appending to the client's);
 /// other spellings of them would reach a CGI-style backend as the same variable.
 const FORWARDING_HEADERS: [&[u8]; 3] = [b"x-forwarded-for", b"x-real-ip", b"x-google-real-ip"];
@@ -124,14 +129,17 @@ fn starts_with_spelling(name: &[u8], prefix: &[u8]) -> bool {
 }
 
 /// A client header the proxy removes even with `--underscores_in_headers`: any spelling of an
-/// `X-Endpoint-API-*` header or of a method override, and the non-canonical spellings of the
-/// forwarding headers the proxy sets.
+/// `X-Endpoint-API-*` header, of a method override or of `X-Original-URL`/`X-Rewrite-URL`, and
+/// the non-canonical spellings of the forwarding headers the proxy sets.
 pub fn is_proxy_owned(name: &[u8]) -> bool {
     if name.first().map(u8::to_ascii_lowercase) != Some(b'x') {
         return false;
     }
     starts_with_spelling(name, IDENTITY_PREFIX)
         || OVERRIDE_HEADERS.iter().any(|c| same_spelling(name, c))
+        || TARGET_OVERRIDE_HEADERS
+            .iter()
+            .any(|c| same_spelling(name, c))
         || (name.contains(&b'_') && FORWARDING_HEADERS.iter().any(|c| same_spelling(name, c)))
 }
 
@@ -196,6 +204,8 @@ pub enum PathError {
     EncodedSeparator,
     #[error("The request path holds a dot segment with parameters (\"..;\").")]
     DotSegmentWithParameters,
+    #[error("The request path holds an empty segment with parameters (\"/;\").")]
+    EmptySegmentWithParameters,
     #[error("The request path holds a '%' that does not start a percent-encoded byte.")]
     MalformedEscape,
 }
@@ -234,8 +244,23 @@ pub fn normalize_target(target: &str, opts: PathOptions) -> Result<Normalized<'_
     })
 }
 
-/// The hot-path test: only a path with `%`, `\`, `//` or a segment starting with `.` can change
-/// or be refused.
+/// The `Location` a `--disallow_escaped_slashes_in_path` redirect sends the client to: the
+/// decoded target with its leading run of `/` and `\` made one `/`. A target starting with `//`
+/// or `/\` is a protocol-relative URL to browsers and most clients (`/%2Fevil.com` would send
+/// them to `//evil.com`, another host), whatever the path flags say.
+pub fn redirect_target(target: &str) -> Cow<'_, str> {
+    let rest = target.trim_start_matches(['/', '\\']);
+    if target.len() - rest.len() <= 1 && target.starts_with('/') {
+        return Cow::Borrowed(target);
+    }
+    let mut out = String::with_capacity(rest.len() + 1);
+    out.push('/');
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
+/// The hot-path test: only a path with `%`, `\`, `//` or a segment starting with `.` or `;` can
+/// change or be refused.
 fn may_change(path: &[u8], opts: PathOptions) -> bool {
     let mut prev = 0u8;
     for &b in path {
@@ -243,7 +268,7 @@ fn may_change(path: &[u8], opts: PathOptions) -> bool {
             b'%' => return true,
             b'\\' if opts.normalize => return true,
             b'/' if prev == b'/' && opts.merge_slashes => return true,
-            b'.' if prev == b'/' && opts.normalize => return true,
+            b'.' | b';' if prev == b'/' && opts.normalize => return true,
             _ => {}
         }
         prev = b;
@@ -393,6 +418,11 @@ fn classify(seg: &str) -> Result<Segment, PathError> {
         return Ok(Segment::Empty);
     }
     let (head, params) = before_params(seg);
+    if head.is_empty() {
+        // Servlet containers drop `;x` and then merge the empty segment left behind, so `/;x/a`
+        // would be checked as one path (`/**`) and run as `/a`.
+        return Err(PathError::EmptySegmentWithParameters);
+    }
     if let Some(n) = dots(head) {
         if params {
             // Servlet containers drop `;...` and then resolve the `..`.
@@ -407,11 +437,12 @@ fn classify(seg: &str) -> Result<Segment, PathError> {
     let b = seg.as_bytes();
     if b.contains(&b'%') && (0..b.len()).any(|i| encoded_separator_at(b, i)) {
         // Each piece between encoded separators must be a plain, non-empty, non-dot segment:
-        // `a%2Fb` is an object name; `..%2F`, `%2F..`, `x%2F` and `%2F%2F` are not.
+        // `a%2Fb` is an object name; `..%2F`, `%2F..`, `x%2F` and `%2F%2F` are not, nor is `x%2F;p` (an empty segment with parameters).
         let mut start = 0;
         let mut i = 0;
         let check = |piece: &str| -> Result<(), PathError> {
-            if piece.is_empty() || dots(before_params(piece).0).is_some() {
+            let head = before_params(piece).0;
+            if head.is_empty() || dots(head).is_some() {
                 Err(PathError::EncodedSeparator)
             } else {
                 Ok(())
@@ -524,9 +555,31 @@ pub fn normalize_path(path: &str, opts: PathOptions) -> Result<Normalized<'_>, P
     })
 }
 
-/// The path with every segment's `;` parameters removed, as servlet containers read it
-/// (`/a;x/b;v=1` → `/a/b`). The pipeline refuses a path whose parameters change the method it
-/// matches.
+/// The path with every segment's `;` parameters removed and then normalised with repeated
+/// slashes merged, as servlet containers read it (`/a;x/b;v=1` → `/a/b`, `/a;x//b` → `/a/b`).
+/// The pipeline refuses a path whose parameters change the method it matches. `None` when
+/// the stripped path would be refused ([`normalize_path`]).
+pub fn servlet_path(path: &str) -> Option<Cow<'_, str>> {
+    let stripped = without_segment_parameters(path);
+    let opts = PathOptions {
+        normalize: true,
+        merge_slashes: true,
+        unescape_slashes: false,
+    };
+    match stripped {
+        Cow::Borrowed(p) => normalize_path(p, opts).ok().map(|n| n.text),
+        Cow::Owned(p) => {
+            let changed = match normalize_path(&p, opts).ok()?.text {
+                Cow::Borrowed(_) => None,
+                Cow::Owned(n) => Some(n),
+            };
+            Some(Cow::Owned(changed.unwrap_or(p)))
+        }
+    }
+}
+
+/// The path with every segment's `;` parameters removed (`/a;x/b;v=1` → `/a/b`), nothing else
+/// changed; [`servlet_path`] also normalises the result.
 pub fn without_segment_parameters(path: &str) -> Cow<'_, str> {
     if !path.contains(';') {
         return Cow::Borrowed(path);
@@ -539,6 +592,53 @@ pub fn without_segment_parameters(path: &str) -> Cow<'_, str> {
         out.push_str(before_params(seg).0);
     }
     Cow::Owned(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host.
+// ---------------------------------------------------------------------------------------------
+
+/// Why the `Host` header was refused (400, as nginx answers both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    #[error("The request has more than one Host header.")]
+    Repeated,
+    #[error("An HTTP/1.1 request must have a Host header.")]
+    Missing,
+}
+
+/// nginx's Host rules: two `Host` headers are refused in any version (the proxy and the
+/// backend could each read another one); an HTTP/1.1 request needs one unless its target is in
+/// absolute form (`has_authority`). HTTP/1.0 may omit it, and HTTP/2 names the host in
+/// `:authority`, which is not a header.
+pub fn check_host(
+    version: http::Version,
+    headers: &HeaderMap,
+    has_authority: bool,
+) -> Result<(), HostError> {
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err(HostError::Repeated),
+        (None, _) if version == http::Version::HTTP_11 && !has_authority => Err(HostError::Missing),
+        _ => Ok(()),
+    }
+}
+
+/// Whether the request's `Transfer-Encoding` (if any) is the one coding the proxy can forward:
+/// a single `chunked`, any case. The body is re-chunked towards the backend and the header is
+/// hop-by-hop, so another coding before `chunked` (`gzip, chunked`) would be dropped and the
+/// backend would read coded bytes as the body; nginx answers such requests 501.
+pub fn transfer_coding_supported(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&c| c == b','));
+    match codings.next() {
+        None => true,
+        Some(first) => {
+            first.trim_ascii().eq_ignore_ascii_case(b"chunked") && codings.next().is_none()
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -561,6 +661,12 @@ pub enum HeadError {
     /// The method was fine (it is kept for the logs); the path was not.
     #[error("{error}")]
     Path { method: Method, error: PathError },
+    /// The method was fine; the `Host` header was not.
+    #[error("{error}")]
+    Host { method: Method, error: HostError },
+    /// The method was fine; the body has a transfer coding other than `chunked` (501).
+    #[error("The request's Transfer-Encoding is not supported: only chunked is.")]
+    TransferCoding { method: Method },
 }
 
 impl HeadError {
@@ -568,7 +674,9 @@ impl HeadError {
     pub fn method(&self) -> Option<&Method> {
         match self {
             HeadError::Method(_) => None,
-            HeadError::Path { method, .. } => Some(method),
+            HeadError::Path { method, .. }
+            | HeadError::Host { method, .. }
+            | HeadError::TransferCoding { method } => Some(method),
         }
     }
 
@@ -585,6 +693,13 @@ impl HeadError {
             ),
             HeadError::Method(e) => EspError::new(3, e.to_string(), Cause::Internal),
             HeadError::Path { error, .. } => EspError::new(3, error.to_string(), Cause::Internal),
+            HeadError::Host { error, .. } => EspError::new(3, error.to_string(), Cause::Internal),
+            e @ HeadError::TransferCoding { .. } => EspError::with_status(
+                501,
+                code_for_http_status(501),
+                e.to_string(),
+                Cause::Internal,
+            ),
         }
     }
 }
@@ -816,6 +931,152 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn parameters_on_an_empty_segment_are_refused() {
+        for p in [
+            "/;x/items/1",
+            "/items/;x/1",
+            "/;/secret",
+            "/;",
+            "/a/;",
+            "/a//;x",
+            "/a\\;x/b",
+        ] {
+            let o = PathOptions {
+                unescape_slashes: true,
+                ..PathOptions::default()
+            };
+            assert_eq!(norm(p), Err(PathError::EmptySegmentWithParameters), "{p}");
+            assert_eq!(
+                norm_with(p, o),
+                Err(PathError::EmptySegmentWithParameters),
+                "{p}"
+            );
+        }
+        // Behind an encoded slash: one more empty segment to a backend that decodes it.
+        assert_eq!(norm("/a%2F;x"), Err(PathError::EncodedSeparator));
+        assert_eq!(norm("/a%2F;x%2Fb"), Err(PathError::EncodedSeparator));
+        let unescaping = PathOptions {
+            unescape_slashes: true,
+            ..PathOptions::default()
+        };
+        assert_eq!(
+            norm_with("/a%2F;x", unescaping),
+            Err(PathError::EmptySegmentWithParameters)
+        );
+        // Without normalisation they are forwarded as sent (the operator's choice).
+        let off = PathOptions {
+            normalize: false,
+            merge_slashes: false,
+            unescape_slashes: false,
+        };
+        assert_eq!(norm_with("/;x/a", off).as_deref(), Ok("/;x/a"));
+        // Parameters on a named segment are left to the pipeline's second lookup.
+        assert_eq!(norm("/a;x/b;").as_deref(), Ok("/a;x/b;"));
+        assert!(matches!(
+            normalize_path("/a;x/b", PathOptions::default()).map(|n| n.text),
+            Ok(Cow::Borrowed(_))
+        ));
+    }
+
+    #[test]
+    fn the_servlet_path_is_stripped_then_merged_and_resolved() {
+        assert_eq!(servlet_path("/items;x//1").as_deref(), Some("/items/1"));
+        assert_eq!(servlet_path("//secret;x").as_deref(), Some("/secret"));
+        assert_eq!(servlet_path("/a;x/./b;y/").as_deref(), Some("/a/b/"));
+        assert_eq!(servlet_path("/;x/items/1").as_deref(), Some("/items/1"));
+        assert_eq!(servlet_path("/a;x/%2e%2e/b").as_deref(), Some("/b"));
+        assert_eq!(servlet_path("/a;x/b%").as_deref(), None);
+        assert!(matches!(servlet_path("/a/b"), Some(Cow::Borrowed("/a/b"))));
+    }
+
+    #[test]
+    fn redirect_targets_stay_on_this_host() {
+        for (t, want) in [
+            ("//evil.com", "/evil.com"),
+            ("///evil.com", "/evil.com"),
+            ("/\\evil.example/path", "/evil.example/path"),
+            ("/\\/\\evil", "/evil"),
+            ("//", "/"),
+            ("\\evil", "/evil"),
+        ] {
+            assert_eq!(redirect_target(t), want, "{t:?}");
+        }
+        assert!(matches!(
+            redirect_target("/a//b?c=//d"),
+            Cow::Borrowed("/a//b?c=//d")
+        ));
+        assert!(matches!(redirect_target("/"), Cow::Borrowed("/")));
+    }
+
+    #[test]
+    fn target_override_headers_are_proxy_owned() {
+        for n in [
+            "x-original-url",
+            "X-Original-URL",
+            "X_ORIGINAL_URL",
+            "x-rewrite-url",
+            "X_Rewrite_Url",
+        ] {
+            assert!(is_proxy_owned(n.as_bytes()), "{n}");
+            assert!(is_dropped(n.as_bytes(), true), "{n}");
+        }
+        assert!(!is_proxy_owned(b"x-original-urls"));
+        assert!(!is_proxy_owned(b"x-original"));
+    }
+
+    #[test]
+    fn host_rules() {
+        use http::Version;
+        let one = hm(&[("host", "a")]);
+        let two = hm(&[("host", "a"), ("host", "a")]);
+        let none = HeaderMap::new();
+        assert_eq!(check_host(Version::HTTP_11, &one, false), Ok(()));
+        for v in [Version::HTTP_10, Version::HTTP_11, Version::HTTP_2] {
+            assert_eq!(
+                check_host(v, &two, false),
+                Err(HostError::Repeated),
+                "{v:?}"
+            );
+            assert_eq!(check_host(v, &two, true), Err(HostError::Repeated), "{v:?}");
+        }
+        assert_eq!(
+            check_host(Version::HTTP_11, &none, false),
+            Err(HostError::Missing)
+        );
+        assert_eq!(check_host(Version::HTTP_11, &none, true), Ok(()));
+        assert_eq!(check_host(Version::HTTP_10, &none, false), Ok(()));
+        assert_eq!(check_host(Version::HTTP_2, &none, false), Ok(()));
+    }
+
+    #[test]
+    fn only_a_lone_chunked_coding_is_supported() {
+        assert!(transfer_coding_supported(&HeaderMap::new()));
+        for te in ["chunked", "Chunked", " CHUNKED "] {
+            assert!(
+                transfer_coding_supported(&hm(&[("transfer-encoding", te)])),
+                "{te}"
+            );
+        }
+        for te in [
+            "gzip, chunked",
+            "chunked, chunked",
+            "chunked,",
+            ",chunked",
+            "gzip",
+            "",
+        ] {
+            assert!(
+                !transfer_coding_supported(&hm(&[("transfer-encoding", te)])),
+                "{te:?}"
+            );
+        }
+        assert!(!transfer_coding_supported(&hm(&[
+            ("transfer-encoding", "gzip"),
+            ("transfer-encoding", "chunked"),
+        ])));
+    }
+
     fn hm(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
@@ -993,6 +1254,10 @@ mod tests {
         fn never_panics_on_any_string(s in ".*", o in opts_strategy()) {
             let _ = normalize_target(&s, o);
             let _ = without_segment_parameters(&s);
+            let _ = servlet_path(&s);
+            let r = redirect_target(&s);
+            prop_assert!(r.starts_with('/'));
+            prop_assert!(!r.starts_with("//") && !r.starts_with("/\\"));
         }
 
         #[test]
@@ -1012,6 +1277,7 @@ mod tests {
                     prop_assert!(!scan_escapes(path.as_bytes(), true).unwrap_or(true), "{}", once);
                     for seg in path.split('/') {
                         prop_assert!(dots(seg).is_none(), "{}", once);
+                        prop_assert!(!seg.starts_with(';'), "{}", once);
                     }
                 }
                 // The query is never touched.

@@ -777,3 +777,204 @@ async fn encoded_unreserved_characters_are_decoded_before_matching() {
     assert_eq!(r.status, 200, "{}", r.head);
     assert_eq!(env.backend_lines(), vec!["GET /public/1~- HTTP/1.1"]);
 }
+
+// ----------------------------------------------------------------------------------------------
+// Red-team follow-ups: `;` on empty segments, redirects, target overrides, Host, codings.
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameters_on_an_empty_segment_are_400_in_every_form() {
+    // A servlet container drops `;x` and merges the empty segment left behind: `/;x/items/1`
+    // would be checked as `/**` (allow-all) and run as `DELETE /items/1`.
+    let env = Env::start(Svc::AllowAll, &[]).await;
+    for line in [
+        "DELETE /;x/items/1",
+        "DELETE /items/;x/1",
+        "DELETE /items;x/;/1",
+        "GET /;x/secret",
+        "GET /;/secret",
+        "GET /;",
+        "GET /public/;x",
+        "GET http://elsewhere.example/;x/secret",
+        "DELETE http://elsewhere.example/items/;x/1",
+    ] {
+        let r = env.send(&format!("{line} HTTP/1.1")).await;
+        assert_esp_error(&r, 400, 3);
+    }
+    assert_eq!(h2_get(env.addr(), "/;x/secret").await, 400);
+    assert_eq!(h2_get(env.addr(), "/;/secret").await, 400);
+    assert!(env.backend_lines().is_empty(), "{:?}", env.backend_lines());
+    let r = env.send("GET /public;v=1/1 HTTP/1.1").await;
+    assert_esp_error(&r, 400, 3);
+    // Parameters on a non-empty segment that name the same method still pass.
+    let r = env.send("GET /public/1;v=1 HTTP/1.1").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(env.backend_lines(), vec!["GET /public/1;v=1 HTTP/1.1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameters_are_compared_on_the_merged_path_when_slashes_are_kept() {
+    // With --disable_merge_slashes_in_path `/items;x//1` is forwarded with its `//`; a servlet
+    // container strips `;x`, merges `//` and runs `DELETE /items/1`, which needs a key.
+    let env = Env::start(Svc::AllowAll, &["--disable_merge_slashes_in_path"]).await;
+    for line in ["DELETE /items;x//1", "GET /secret;x//", "GET //secret;x"] {
+        let r = env.send(&format!("{line} HTTP/1.1")).await;
+        assert_esp_error(&r, 400, 3);
+    }
+    assert!(env.backend_lines().is_empty(), "{:?}", env.backend_lines());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escaped_slash_redirects_never_name_another_host() {
+    for flags in [
+        &[
+            "--disallow_escaped_slashes_in_path",
+            "--disable_merge_slashes_in_path",
+        ][..],
+        &[
+            "--disallow_escaped_slashes_in_path",
+            "--disable_merge_slashes_in_path",
+            "--disable_normalize_path",
+        ][..],
+        &["--disallow_escaped_slashes_in_path"][..],
+    ] {
+        let env = Env::start(Svc::Strict, flags).await;
+        for (path, location) in [
+            ("/%2Fevil.com", "/evil.com"),
+            ("/%2F%2Fevil.com", "/evil.com"),
+            ("/%5Cevil.example/path", "/evil.example/path"),
+            ("/%2F%5Cevil.example/path?a=b", "/evil.example/path?a=b"),
+            ("/public/a%2Fb", "/public/a/b"),
+        ] {
+            let r = env.send(&format!("GET {path} HTTP/1.1")).await;
+            assert_eq!(r.status, 307, "{flags:?} {path}: {}", r.head);
+            assert_eq!(
+                r.header("location").as_deref(),
+                Some(location),
+                "{flags:?} {path}"
+            );
+        }
+        assert!(env.backend_lines().is_empty(), "{:?}", env.backend_lines());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_override_headers_never_reach_the_backend() {
+    // IIS URL Rewrite and Symfony/Zend route on these: the backend would run /secret.
+    for flags in [&[][..], &["--underscores_in_headers"][..]] {
+        let env = Env::start(Svc::Strict, flags).await;
+        let r = env
+            .send(
+                "GET /public/1 HTTP/1.1\r\nX-Original-URL: /secret\r\nX-Rewrite-URL: /secret\r\n\
+                 X-ORIGINAL-url: /secret\r\nx_original_url: /secret\r\nX_Rewrite_Url: /secret",
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert_eq!(env.backend_lines(), vec!["GET /public/1 HTTP/1.1"]);
+        let names = env.backend_header_names();
+        for n in &names {
+            let canon = n.to_ascii_lowercase().replace('_', "-");
+            assert!(
+                !["x-original-url", "x-rewrite-url"].contains(&canon.as_str()),
+                "{n} reached the backend: {names:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_or_missing_host_is_400_like_nginx() {
+    let env = Env::start(Svc::AllowAll, &[]).await;
+    for request in [
+        "GET /public/1 HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+        "GET /public/1 HTTP/1.1\r\nHost: a.example\r\nhost: a.example\r\nConnection: close\r\n\r\n",
+        "GET /public/1 HTTP/1.0\r\nHost: a.example\r\nHOST: b.example\r\n\r\n",
+        "GET /public/1 HTTP/1.1\r\nConnection: close\r\n\r\n",
+    ] {
+        let r = raw(env.addr(), request).await;
+        assert_esp_error(&r, 400, 3);
+    }
+    assert!(env.backend_lines().is_empty(), "{:?}", env.backend_lines());
+    // HTTP/1.0 may omit Host; an absolute-form target names the host; HTTP/2 uses :authority.
+    let r = raw(env.addr(), "GET /public/1 HTTP/1.0\r\n\r\n").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let r = raw(
+        env.addr(),
+        "GET http://a.example/public/2 HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(h2_get(env.addr(), "/public/3").await, 200);
+    assert_eq!(
+        env.backend_lines(),
+        vec![
+            "GET /public/1 HTTP/1.1",
+            "GET /public/2 HTTP/1.1",
+            "GET /public/3 HTTP/1.1"
+        ]
+    );
+}
+
+/// A chunked POST of `hello` with the given `Transfer-Encoding` header line(s).
+fn chunked_post(te: &str) -> String {
+    format!(
+        "POST /upload HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n{te}\r\n\r\n\
+         5\r\nhello\r\n0\r\n\r\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_codings_other_than_chunked_are_501_like_nginx() {
+    // Re-chunking towards the backend would drop `gzip`: the backend would read compressed
+    // bytes as the body. nginx answers 501 for any coding but a lone `chunked`.
+    let env = Env::start(Svc::AllowAll, &[]).await;
+    for te in [
+        "gzip, chunked",
+        "deflate,chunked",
+        "chunked, chunked",
+        "identity, chunked",
+    ] {
+        let r = raw(
+            env.addr(),
+            &chunked_post(&format!("Transfer-Encoding: {te}")),
+        )
+        .await;
+        assert_esp_error(&r, 501, 12);
+    }
+    let r = raw(
+        env.addr(),
+        &chunked_post("Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked"),
+    )
+    .await;
+    assert_esp_error(&r, 501, 12);
+    assert!(env.backend_lines().is_empty(), "{:?}", env.backend_lines());
+    for te in ["chunked", "Chunked", "CHUNKED"] {
+        let r = raw(
+            env.addr(),
+            &chunked_post(&format!("Transfer-Encoding: {te}")),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{te}: {}", r.head);
+    }
+    // The recording backend does not read bodies: only the request lines count.
+    let lines = env.backend_lines();
+    let posts = lines.iter().filter(|l| *l == "POST /upload HTTP/1.1");
+    assert_eq!(posts.count(), 3, "{lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_100_header_lines_are_431() {
+    // hyper's fixed count for HTTP/1.1 (docs/security.md, Limits). `send` adds two lines.
+    let env = Env::start(Svc::AllowAll, &[]).await;
+    let lines =
+        |n: usize| -> String { (0..n).map(|i| format!("\r\nX-H{i}: 1")).collect::<String>() };
+    let r = env
+        .send(&format!("GET /public/1 HTTP/1.1{}", lines(98)))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let r = env
+        .send(&format!("GET /public/1 HTTP/1.1{}", lines(99)))
+        .await;
+    assert_eq!(r.status, 431, "{}", r.head);
+    assert_eq!(env.backend_lines(), vec!["GET /public/1 HTTP/1.1"]);
+}
