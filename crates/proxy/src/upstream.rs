@@ -391,6 +391,11 @@ impl Pool {
         origin_form(&mut req);
         let pool = self.clone();
         async move {
+            // The body (up to the buffer size) before a connection is taken: a client dripping
+            // it holds none of the `max` (docs/security.md, "Limits").
+            if req.body().wants_fill() {
+                std::future::poll_fn(|cx| req.body_mut().poll_fill(cx)).await?;
+            }
             let mut lease = pool.checkout().await?;
             lease.request_body = req.body().progress().cloned();
             let req = match lease.sender()?.try_send_request(req).await {
