@@ -156,6 +156,10 @@ pub struct BodyProgress {
     /// Milliseconds from `start` to the last frame (or the end) of the body.
     last_event_ms: AtomicU64,
     state: AtomicU8,
+    /// `--client_body_buffer_size` for this body (0: streamed from the start).
+    buffer_size: u64,
+    /// The body is being read into the buffer, before a backend connection is taken.
+    filling: AtomicBool,
     /// `--client_body_min_rate` (bytes/s), 0: none. Enforced only once the body has outgrown
     /// the buffer and streams to a backend connection it holds.
     min_rate: u64,
@@ -188,6 +192,8 @@ impl BodyProgress {
             body_timeout: CLIENT_BODY_TIMEOUT,
             last_event_ms: AtomicU64::new(0),
             state: AtomicU8::new(BODY_UNPOLLED),
+            buffer_size: 0,
+            filling: AtomicBool::new(false),
             min_rate: 0,
             rate_enforced: AtomicBool::new(false),
             received: AtomicU64::new(0),
@@ -343,18 +349,16 @@ impl ForwardError {
 pub struct LimitedBody {
     inner: Option<Incoming>,
     remaining: u64,
-    limit: u64,
     /// Bytes seen so far.
     pub seen: u64,
     /// Shared with the request's accounting when the size is not known up front.
     counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     /// `None` for a request without a body.
     progress: Option<Arc<BodyProgress>>,
-    /// Bytes still to read into `buffered` before a backend connection is taken; 0 once the
-    /// buffering is over (or for a body that is never buffered).
-    buffer_size: usize,
-    /// Frames read before the backend connection was taken, sent first.
-    buffered: std::collections::VecDeque<Frame<Bytes>>,
+    /// Frames read before the backend connection was taken, sent first; in reverse order once
+    /// the buffering is over (popped from the end). A `Vec` and the buffer's size in the
+    /// progress: every request future holds this body, twice (docs/performance.md).
+    buffered: Vec<Frame<Bytes>>,
 }
 
 impl LimitedBody {
@@ -364,12 +368,10 @@ impl LimitedBody {
         LimitedBody {
             inner: Some(inner),
             remaining: if limit == 0 { u64::MAX } else { limit },
-            limit,
             seen: 0,
             counter: None,
             progress,
-            buffer_size: 0,
-            buffered: std::collections::VecDeque::new(),
+            buffered: Vec::new(),
         }
     }
 
@@ -381,44 +383,52 @@ impl LimitedBody {
     pub fn with_buffer(mut self, size: usize, min_rate: u64) -> Self {
         if let Some(p) = self.progress.as_mut().and_then(Arc::get_mut) {
             p.min_rate = min_rate;
-            self.buffer_size = size;
+            p.buffer_size = size as u64;
+            p.filling = AtomicBool::new(size > 0);
         }
         self
     }
 
-    /// Whether [`LimitedBody::poll_fill`] has anything to do (a field test: a request without a
-    /// body pays nothing more).
+    /// Whether [`LimitedBody::poll_fill`] has anything to do (a request without a body pays one
+    /// `None` test).
     pub fn wants_fill(&self) -> bool {
-        self.buffer_size > 0
+        self.progress
+            .as_ref()
+            .is_some_and(|p| p.filling.load(Ordering::Relaxed))
     }
 
     /// Reads the body until it ends or passes the buffer size, keeping its frames to send
     /// first. `Err` when the client broke the body or it is over `--client_max_body_size`.
     pub fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ForwardError>> {
-        while self.buffer_size > 0 {
+        let Some(progress) = self.progress.clone() else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut result = Ok(());
+        while progress.filling.load(Ordering::Relaxed) {
             match self.poll_inner(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => self.buffer_size = 0,
+                Poll::Ready(None) => break,
                 Poll::Ready(Some(Err(e))) => {
-                    self.buffer_size = 0;
-                    return Poll::Ready(Err(ForwardError::from_body_error(&*e)
-                        .unwrap_or_else(|| ForwardError::Other(error_chain(&*e)))));
+                    result = Err(ForwardError::from_body_error(&*e)
+                        .unwrap_or_else(|| ForwardError::Other(error_chain(&*e))));
+                    break;
                 }
                 Poll::Ready(Some(Ok(frame))) => {
-                    self.buffered.push_back(frame);
+                    self.buffered.push(frame);
                     if self.inner.as_ref().is_none_or(|b| b.is_end_stream()) {
-                        self.buffer_size = 0;
-                    } else if self.seen > self.buffer_size as u64 {
+                        break;
+                    }
+                    if self.seen > progress.buffer_size {
                         // Too large to hold: it streams, on a connection it now holds.
-                        self.buffer_size = 0;
-                        if let Some(p) = &self.progress {
-                            p.rate_enforced.store(true, Ordering::Release);
-                        }
+                        progress.rate_enforced.store(true, Ordering::Release);
+                        break;
                     }
                 }
             }
         }
-        Poll::Ready(Ok(()))
+        progress.filling.store(false, Ordering::Relaxed);
+        self.buffered.reverse();
+        Poll::Ready(result)
     }
 
     /// The longest pause allowed between two reads from the client (default
@@ -454,12 +464,10 @@ impl LimitedBody {
         LimitedBody {
             inner: None,
             remaining: u64::MAX,
-            limit: 0,
             seen: 0,
             counter: None,
             progress: None,
-            buffer_size: 0,
-            buffered: std::collections::VecDeque::new(),
+            buffered: Vec::new(),
         }
     }
 }
@@ -491,9 +499,9 @@ impl LimitedBody {
                     if n > this.remaining {
                         this.inner = None;
                         record(&this.progress, BODY_TOO_LARGE);
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
-                            limit: this.limit,
-                        }))));
+                        // What was allowed: the bytes before this frame and what remained.
+                        let limit = (this.seen - n).saturating_add(this.remaining);
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
                     }
                     this.remaining -= n;
                 }
@@ -541,7 +549,7 @@ impl Body for LimitedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(frame) = self.buffered.pop_front() {
+        if let Some(frame) = self.buffered.pop() {
             return Poll::Ready(Some(Ok(frame)));
         }
         self.poll_inner(cx)
