@@ -414,7 +414,7 @@ impl LimitedBody {
                     break;
                 }
                 Poll::Ready(Some(Ok(frame))) => {
-                    self.buffered.push(frame);
+                    self.hold(frame);
                     if self.inner.as_ref().is_none_or(|b| b.is_end_stream()) {
                         break;
                     }
@@ -479,6 +479,32 @@ fn record(progress: &Option<Arc<BodyProgress>>, state: u8) {
 }
 
 impl LimitedBody {
+    /// Keeps a frame read while buffering. Data frames are joined into one: a body sent as
+    /// thousands of one-byte chunks must not cost a frame (~100 bytes) per byte.
+    fn hold(&mut self, frame: Frame<Bytes>) {
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            Err(other) => return self.buffered.push(other),
+        };
+        let Some(last) = self.buffered.pop() else {
+            return self.buffered.push(Frame::data(data));
+        };
+        match last.into_data() {
+            Ok(prev) => {
+                // Unique after the first join, so this grows one buffer in place (amortised).
+                let mut joined = prev
+                    .try_into_mut()
+                    .unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
+                joined.extend_from_slice(&data);
+                self.buffered.push(Frame::data(joined.freeze()));
+            }
+            Err(other) => {
+                self.buffered.push(other);
+                self.buffered.push(Frame::data(data));
+            }
+        }
+    }
+
     /// The client's next frame, counted against the limit and recorded in the progress.
     fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self;
@@ -1186,6 +1212,51 @@ mod tests {
             assert_eq!(h.len(), 1, "{name}: {h:?}");
             assert!(h.contains_key("x-kept"));
         }
+    }
+
+    #[test]
+    fn buffered_data_frames_are_joined_and_trailers_kept_apart() {
+        let mut b = LimitedBody::empty();
+        for part in ["ab", "c", "def"] {
+            b.hold(Frame::data(Bytes::from(part)));
+        }
+        b.hold(Frame::trailers(HeaderMap::new()));
+        b.hold(Frame::data(Bytes::from("g")));
+        assert_eq!(b.buffered.len(), 3);
+        assert_eq!(
+            b.buffered[0].data_ref().map(|d| &d[..]),
+            Some(&b"abcdef"[..])
+        );
+        assert!(b.buffered[1].is_trailers());
+        assert_eq!(b.buffered[2].data_ref().map(|d| &d[..]), Some(&b"g"[..]));
+    }
+
+    #[test]
+    fn the_minimum_rate_counts_only_time_spent_waiting_on_the_client() {
+        let mut p = BodyProgress::new();
+        let Some(q) = Arc::get_mut(&mut p) else {
+            panic!("unshared")
+        };
+        q.min_rate = 100;
+        // Not past the buffer: no minimum.
+        assert!(p.rate_due().is_none());
+        p.rate_enforced.store(true, Ordering::Release);
+        let at = |ms: u64| p.start + Duration::from_millis(ms);
+        // 1,000 bytes at 100 bytes/s allow 10 s of waiting on the client.
+        p.received.store(1000, Ordering::Release);
+        p.wait_start_ms.store(0, Ordering::Release);
+        assert_eq!(p.rate_due(), Some(at(10_000)));
+        // 4 s of it spent, then 100 s waiting on the backend, which is not the client's:
+        // a new wait from 104 s has 11 s - 4 s left.
+        p.client_ms.store(4_000, Ordering::Release);
+        p.received.store(1100, Ordering::Release);
+        p.wait_start_ms.store(104_000, Ordering::Release);
+        assert_eq!(p.rate_due(), Some(at(111_000)));
+        // Few bytes: the grace period still applies.
+        p.received.store(1, Ordering::Release);
+        p.client_ms.store(0, Ordering::Release);
+        p.wait_start_ms.store(0, Ordering::Release);
+        assert_eq!(p.rate_due(), Some(at(5_000)));
     }
 
     #[test]

@@ -577,6 +577,17 @@ async fn a_small_body_is_buffered_before_the_backend_and_arrives_whole_once() {
         .await;
         assert_eq!(status_of(&resp), 200, "{resp}");
         assert_eq!(json_body(&resp)["body_len"], 7, "{resp}");
+        // Thousands of one-byte chunks: held as one, forwarded whole.
+        let mut req =
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                .to_vec();
+        for _ in 0..5000 {
+            req.extend_from_slice(b"1\r\nz\r\n");
+        }
+        req.extend_from_slice(b"0\r\n\r\n");
+        let resp = raw_exchange(env.http(), &req).await;
+        assert_eq!(status_of(&resp), 200, "{resp}");
+        assert_eq!(json_body(&resp)["body_len"], 5000, "{resp}");
     })
     .await;
 }
