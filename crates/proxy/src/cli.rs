@@ -231,7 +231,7 @@ pub struct EspArgs {
     #[arg(long = "client_body_timeout")]
     pub client_body_timeout: Option<String>,
     /// How much of a request body is read before a backend connection is taken, nginx syntax
-    /// (default 64k); a larger body streams. `0`: stream every body from its first byte.
+    /// (default 16k, nginx's); a larger body streams. `0`: stream every body from its first byte.
     #[arg(long = "client_body_buffer_size")]
     pub client_body_buffer_size: Option<String>,
     /// Portico: lowest average rate (bytes per second, after a 5 s grace period) at which a body
@@ -1287,6 +1287,39 @@ mod tests {
         let e = p(&["-s", "svc", "--non_gcp"]).unwrap_err();
         assert_eq!(e.exit_code, EXIT_SETUP);
         assert!(p(&["-s", "svc", "--non_gcp", "-k", "/k.json"]).is_ok());
+    }
+
+    #[test]
+    fn client_body_buffer_size_and_min_rate() {
+        let s = p(&["-s", "svc"]).unwrap();
+        assert_eq!(s.client_body_buffer_size, 16 * 1024);
+        assert_eq!(s.client_body_min_rate, 240);
+        let s = p(&[
+            "-s",
+            "svc",
+            "--client_body_buffer_size=128k",
+            "--client_body_min_rate=0",
+        ])
+        .unwrap();
+        assert_eq!(s.client_body_buffer_size, 128 * 1024);
+        assert_eq!(s.client_body_min_rate, 0);
+        // Used now, so no longer listed as ignored.
+        assert!(s.ignored_flags.is_empty(), "{:?}", s.ignored_flags);
+        assert_eq!(
+            p(&["-s", "svc", "--client_body_buffer_size=0"])
+                .unwrap()
+                .client_body_buffer_size,
+            0
+        );
+        for bad in [
+            "--client_body_buffer_size=2g",
+            "--client_body_buffer_size=lots",
+            "--client_body_buffer_size=-1",
+            "--client_body_min_rate=-5",
+            "--client_body_min_rate=fast",
+        ] {
+            assert!(p(&["-s", "svc", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

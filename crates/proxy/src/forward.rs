@@ -14,6 +14,15 @@
 //! the request body, as Envoy's route timeout does: a slow upload is not the backend's delay.
 //! While the body is still arriving, the client may pause at most `--client_body_timeout`
 //! ([`CLIENT_BODY_TIMEOUT`] by default, nginx's) between two reads.
+//!
+//! A pooled (HTTP/1.1) backend connection is taken only once the body has been read whole, or
+//! past `--client_body_buffer_size` ([`CLIENT_BODY_BUFFER_SIZE`]), as nginx buffers before it
+//! connects upstream: a client dripping a small body holds no backend connection. A larger body
+//! streams, and from then on must keep arriving at `--client_body_min_rate` on average
+//! ([`CLIENT_BODY_MIN_RATE`], counted over the time spent waiting on the client, after
+//! [`CLIENT_BODY_RATE_GRACE`]), or it is refused with 408 and its backend connection closed.
+//! gRPC (`application/grpc*`) and WebSocket requests, and `grpc://` backends, stream from the
+//! first byte: buffering would break streaming calls.
 
 use crate::cli::{BackendAddr, BackendScheme};
 use crate::upstream::{Dialer, Pool, PoolLimits, UpstreamBody};
@@ -63,11 +72,12 @@ pub struct BodyTooLarge {
 pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How much of a request body is read before a pooled backend connection is taken, by default
-/// (`--client_body_buffer_size`). nginx's default is 16 KiB on 64-bit systems, and nginx then
-/// spills to a temporary file; Portico has no file, so it streams what does not fit. 64 KiB
-/// holds nearly every JSON or form request whole (a dripped one then never holds a backend
-/// connection), and is four of hyper's 16 KiB reads.
-pub const CLIENT_BODY_BUFFER_SIZE: usize = 64 * 1024;
+/// (`--client_body_buffer_size`): nginx's default on 64-bit systems. nginx then spills to a
+/// temporary file; Portico streams what does not fit. 16 KiB holds most JSON and form requests
+/// whole; more is paid per request in flight, and an HTTP/2 client may have 200 in flight on one
+/// connection (hyper's default), so 64 KiB would let one connection hold 12.5 MiB, 16 KiB
+/// 3.1 MiB (docs/security.md, "Limits").
+pub const CLIENT_BODY_BUFFER_SIZE: usize = 16 * 1024;
 
 /// The lowest average rate, in bytes per second, at which a body too large for the buffer must
 /// arrive while it holds a backend connection (`--client_body_min_rate`), as Kestrel's
