@@ -644,6 +644,31 @@ async fn a_body_larger_than_the_buffer_streams_and_a_drip_beyond_it_is_408() {
 }
 
 #[tokio::test]
+async fn grpc_request_bodies_are_streamed_not_buffered() {
+    bounded(async {
+        let (backend, addr) = start_backend().await;
+        let env = start_proxy(fixture("bookstore_sc.json"), addr, &[]).await;
+        let mut s = TcpStream::connect(env.http()).await.expect("connect");
+        s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: application/grpc\r\nContent-Length: 10\r\nConnection: close\r\n\r\n01234")
+            .await
+            .expect("write");
+        // A streaming call's first message goes on at once, without waiting for a buffer.
+        assert!(
+            wait_until(Duration::from_secs(5), || backend.accepted.load(Ordering::SeqCst) >= 1)
+                .await,
+            "a gRPC request body was held back"
+        );
+        s.write_all(b"56789").await.expect("write");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let resp = String::from_utf8_lossy(&out);
+        assert_eq!(status_of(&resp), 200, "{resp}");
+        assert_eq!(json_body(&resp)["body_len"], 10, "{resp}");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_client_leaving_mid_body_is_logged_with_the_bytes_it_sent() {
     bounded(async {
         let (_backend, addr) = start_backend().await;
