@@ -6,9 +6,9 @@
 //! 3 for other setup errors (unreadable files, listeners that cannot bind), 1 when the
 //! service configuration cannot be fetched.
 //!
-//! nginx tuning flags that have no meaning without nginx (`--worker_processes`,
-//! `--client_body_buffer_size`, ...) are accepted so existing command lines keep working, and
-//! each one is logged as ignored. `--keepalive_timeout`, `--client_body_timeout` and
+//! nginx tuning flags that have no meaning without nginx (`--worker_processes`, ...) are
+//! accepted so existing command lines keep working, and each one is logged as ignored.
+//! `--keepalive_timeout`, `--client_body_timeout`, `--client_body_buffer_size` and
 //! `--large_client_header_buffers` do what nginx does with them (see [`crate::server`] and
 //! docs/security.md).
 
@@ -230,6 +230,15 @@ pub struct EspArgs {
     /// that stops sending its body is answered 408.
     #[arg(long = "client_body_timeout")]
     pub client_body_timeout: Option<String>,
+    /// How much of a request body is read before a backend connection is taken, nginx syntax
+    /// (default 16k, nginx's); a larger body streams. `0`: stream every body from its first byte.
+    #[arg(long = "client_body_buffer_size")]
+    pub client_body_buffer_size: Option<String>,
+    /// Portico: lowest average rate (bytes per second, after a 5 s grace period) at which a body
+    /// larger than `--client_body_buffer_size` must arrive while it holds a backend connection
+    /// (default 240, Kestrel's); slower is answered 408. `0`: no minimum.
+    #[arg(long = "client_body_min_rate")]
+    pub client_body_min_rate: Option<u64>,
     /// Portico (nginx's directive): time allowed for a request head, from a new connection or
     /// from the first byte after an idle period (default 60s).
     #[arg(long = "client_header_timeout")]
@@ -252,8 +261,6 @@ pub struct EspArgs {
     // nginx-only tuning and ESP-internal knobs: accepted and ignored with a logged note.
     #[arg(long = "worker_processes", hide = true)]
     pub worker_processes: Option<String>,
-    #[arg(long = "client_body_buffer_size", hide = true)]
-    pub client_body_buffer_size: Option<String>,
     #[arg(long = "allow_invalid_headers", action = ArgAction::SetTrue, hide = true)]
     pub allow_invalid_headers: bool,
     #[arg(long = "enable_debug", action = ArgAction::SetTrue, hide = true)]
@@ -398,6 +405,11 @@ pub struct Settings {
     pub header_limits: HeaderLimits,
     /// `--client_body_timeout`.
     pub client_body_timeout: Duration,
+    /// `--client_body_buffer_size`: bytes of a request body read before a backend connection
+    /// is taken (0: none).
+    pub client_body_buffer_size: usize,
+    /// `--client_body_min_rate` (bytes/s, 0: none).
+    pub client_body_min_rate: u64,
     pub client_ip_header: Option<String>,
     pub client_ip_position: i32,
     pub cors: Option<CorsSettings>,
@@ -819,6 +831,21 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
             })?,
         None => crate::forward::CLIENT_BODY_TIMEOUT,
     };
+    let client_body_buffer_size = match a.client_body_buffer_size.as_deref() {
+        Some(v) => parse_nginx_size(v)
+            .map_err(|e| ArgError::bad(format!("--client_body_buffer_size: {e}")))
+            .and_then(|n| {
+                // Held per request in memory: a typo like `64m` for `64k` multiplies by connections.
+                usize::try_from(n)
+                    .ok()
+                    .filter(|n| *n <= 1 << 30)
+                    .ok_or_else(|| ArgError::bad("--client_body_buffer_size must be at most 1g"))
+            })?,
+        None => crate::forward::CLIENT_BODY_BUFFER_SIZE,
+    };
+    let client_body_min_rate = a
+        .client_body_min_rate
+        .unwrap_or(crate::forward::CLIENT_BODY_MIN_RATE);
     let header_limits = match a.large_client_header_buffers.as_deref() {
         Some(s) => parse_header_buffers(s).map_err(ArgError::bad)?,
         None => HeaderLimits::default(),
@@ -928,12 +955,8 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
     }
 
     let mut ignored_flags = Vec::new();
-    let nginx_only: [(&'static str, bool); 11] = [
+    let nginx_only: [(&'static str, bool); 10] = [
         ("--worker_processes", a.worker_processes.is_some()),
-        (
-            "--client_body_buffer_size",
-            a.client_body_buffer_size.is_some(),
-        ),
         ("--allow_invalid_headers", a.allow_invalid_headers),
         ("--enable_debug", a.enable_debug),
         ("--ssl_protocols", !a.ssl_protocols.is_empty()),
@@ -1019,6 +1042,8 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         keep_alive: !keep_alive_timeout.is_zero(),
         header_limits,
         client_body_timeout,
+        client_body_buffer_size,
+        client_body_min_rate,
         client_ip_header: a.client_ip_header,
         client_ip_position: a.client_ip_position,
         cors,
@@ -1262,6 +1287,39 @@ mod tests {
         let e = p(&["-s", "svc", "--non_gcp"]).unwrap_err();
         assert_eq!(e.exit_code, EXIT_SETUP);
         assert!(p(&["-s", "svc", "--non_gcp", "-k", "/k.json"]).is_ok());
+    }
+
+    #[test]
+    fn client_body_buffer_size_and_min_rate() {
+        let s = p(&["-s", "svc"]).unwrap();
+        assert_eq!(s.client_body_buffer_size, 16 * 1024);
+        assert_eq!(s.client_body_min_rate, 240);
+        let s = p(&[
+            "-s",
+            "svc",
+            "--client_body_buffer_size=128k",
+            "--client_body_min_rate=0",
+        ])
+        .unwrap();
+        assert_eq!(s.client_body_buffer_size, 128 * 1024);
+        assert_eq!(s.client_body_min_rate, 0);
+        // Used now, so no longer listed as ignored.
+        assert!(s.ignored_flags.is_empty(), "{:?}", s.ignored_flags);
+        assert_eq!(
+            p(&["-s", "svc", "--client_body_buffer_size=0"])
+                .unwrap()
+                .client_body_buffer_size,
+            0
+        );
+        for bad in [
+            "--client_body_buffer_size=2g",
+            "--client_body_buffer_size=lots",
+            "--client_body_buffer_size=-1",
+            "--client_body_min_rate=-5",
+            "--client_body_min_rate=fast",
+        ] {
+            assert!(p(&["-s", "svc", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -341,6 +341,9 @@ struct Completion {
     caller_ip: IpAddr,
     status: u16,
     request_bytes: u64,
+    /// The `Content-Length` counted in `request_bytes`, replaced by the bytes received when
+    /// the body was read.
+    declared_body: u64,
     body_counter: Option<Arc<AtomicU64>>,
     backend_latency: Option<Duration>,
     user_agent: Option<HeaderValue>,
@@ -367,7 +370,11 @@ impl Completion {
     fn finish(mut self: Box<Self>, sent: u64) {
         let total = self.start.elapsed();
         if let Some(c) = &self.body_counter {
-            self.request_bytes += c.load(Ordering::Relaxed);
+            let received = c.load(Ordering::Relaxed);
+            if received != forward::BODY_UNREAD {
+                self.request_bytes =
+                    self.request_bytes.saturating_sub(self.declared_body) + received;
+            }
         }
         let st = &self.state;
         st.metrics.observe_request(
@@ -746,7 +753,9 @@ struct Ctx {
     request_bytes: u64,
     /// Request line + headers, for the report's request size.
     request_head_bytes: u64,
-    /// Counts a streamed body without `Content-Length` as it is forwarded.
+    /// Counts the body's bytes as they are received ([`forward::BODY_UNREAD`] until the body
+    /// is forwarded): a client that leaves mid-body is logged with what it sent, not with its
+    /// `Content-Length`.
     body_counter: Option<Arc<AtomicU64>>,
     user_agent: Option<HeaderValue>,
     referer: Option<HeaderValue>,
@@ -829,8 +838,8 @@ impl Pipeline {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
             request_head_bytes,
-            body_counter: (!h.contains_key(header::CONTENT_LENGTH) && !body.is_end_stream())
-                .then(|| Arc::new(AtomicU64::new(0))),
+            body_counter: (!body.is_end_stream())
+                .then(|| Arc::new(AtomicU64::new(forward::BODY_UNREAD))),
             user_agent: h.get(header::USER_AGENT).cloned(),
             content_type_grpc: h
                 .get(header::CONTENT_TYPE)
@@ -1336,7 +1345,16 @@ impl Pipeline {
             parts,
             LimitedBody::new(body, settings.client_max_body_size)
                 .with_counter(ctx.body_counter.clone())
-                .with_body_timeout(settings.client_body_timeout),
+                .with_body_timeout(settings.client_body_timeout)
+                .with_buffer(
+                    // Streaming RPCs and tunnels must not wait for a buffer to fill.
+                    if websocket || ctx.content_type_grpc {
+                        0
+                    } else {
+                        settings.client_body_buffer_size
+                    },
+                    settings.client_body_min_rate,
+                ),
         );
         let send = forwarder.send_within(upstream_req, deadline);
         Forwarding {
@@ -1508,6 +1526,7 @@ impl Pipeline {
             caller_ip: ctx.caller_ip,
             status,
             request_bytes: ctx.request_head_bytes + ctx.request_bytes,
+            declared_body: ctx.request_bytes,
             body_counter: ctx.body_counter.clone(),
             backend_latency,
             user_agent: ctx.user_agent.clone(),

@@ -457,6 +457,251 @@ async fn the_backend_deadline_counts_from_the_end_of_the_body() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Slow request bodies and the backend pool (`--client_body_buffer_size`,
+// `--client_body_min_rate`).
+// ---------------------------------------------------------------------------------------------
+
+/// Sends `head` and `first`, then one byte every `every` until `stop` is set or the proxy
+/// closes the connection; returns what the proxy answered.
+fn drip(
+    addr: SocketAddr,
+    head: &'static str,
+    first: Vec<u8>,
+    every: Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<String> {
+    tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(head.as_bytes()).await.expect("write head");
+        s.write_all(&first).await.expect("write");
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !stop.load(Ordering::SeqCst) {
+            tokio::select! {
+                r = s.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                },
+                _ = tokio::time::sleep(every) => {
+                    if s.write_all(b"x").await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
+#[tokio::test]
+async fn dripped_bodies_do_not_starve_the_backend_pool() {
+    bounded(async {
+        let (_backend, addr) = start_backend().await;
+        let env = start_proxy(
+            fixture("bookstore_sc.json"),
+            addr,
+            &["--backend_max_connections=2", "--http_request_timeout_s=5"],
+        )
+        .await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let head = "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n";
+        let drips: Vec<_> = (0..2)
+            .map(|_| {
+                drip(
+                    env.http(),
+                    head,
+                    Vec::new(),
+                    Duration::from_secs(1),
+                    stop.clone(),
+                )
+            })
+            .collect();
+        // Both drips are under way (each has sent its head and a byte or two).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for round in 0..2 {
+            let r = env
+                .client
+                .get(format!("{}/shelves", env.base))
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(
+                r.status(),
+                200,
+                "round {round}: the pool is held by the drips"
+            );
+        }
+        stop.store(true, Ordering::SeqCst);
+        for d in drips {
+            let _ = d.await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_small_body_is_buffered_before_the_backend_and_arrives_whole_once() {
+    bounded(async {
+        let (backend, addr) = start_backend().await;
+        let env = start_proxy(fixture("bookstore_sc.json"), addr, &[]).await;
+        let mut s = TcpStream::connect(env.http()).await.expect("connect");
+        s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nConnection: close\r\n\r\n01234")
+            .await
+            .expect("write");
+        // Half the body is in: no backend connection is taken for it yet.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(
+            backend.accepted.load(Ordering::SeqCst),
+            0,
+            "a backend connection was taken before the body was buffered"
+        );
+        s.write_all(b"56789").await.expect("write");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let resp = String::from_utf8_lossy(&out);
+        assert_eq!(status_of(&resp), 200, "{resp}");
+        assert_eq!(json_body(&resp)["body_len"], 10, "{resp}");
+        let uploads = backend
+            .requests
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(_, _, p)| p == "/upload")
+            .count();
+        assert_eq!(uploads, 1);
+        // A chunked body, with a trailer section, buffered the same way.
+        let resp = raw_exchange(
+            env.http(),
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status_of(&resp), 200, "{resp}");
+        assert_eq!(json_body(&resp)["body_len"], 7, "{resp}");
+        // Thousands of one-byte chunks: held as one, forwarded whole.
+        let mut req =
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                .to_vec();
+        for _ in 0..5000 {
+            req.extend_from_slice(b"1\r\nz\r\n");
+        }
+        req.extend_from_slice(b"0\r\n\r\n");
+        let resp = raw_exchange(env.http(), &req).await;
+        assert_eq!(status_of(&resp), 200, "{resp}");
+        assert_eq!(json_body(&resp)["body_len"], 5000, "{resp}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_body_larger_than_the_buffer_streams_and_a_drip_beyond_it_is_408() {
+    bounded(async {
+        let (backend, addr) = start_backend().await;
+        let env = start_proxy(
+            fixture("bookstore_sc.json"),
+            addr,
+            &[
+                "--client_body_buffer_size=1k",
+                "--client_body_min_rate=1000",
+                "--http_request_timeout_s=30",
+            ],
+        )
+        .await;
+        // Larger than the buffer: streamed, the backend connection taken before the end.
+        let mut s = TcpStream::connect(env.http()).await.expect("connect");
+        s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 4096\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        s.write_all(&[b'a'; 2048]).await.expect("write");
+        assert!(
+            wait_until(Duration::from_secs(5), || backend.accepted.load(Ordering::SeqCst) >= 1)
+                .await,
+            "a body past the buffer did not start streaming"
+        );
+        s.write_all(&[b'b'; 2048]).await.expect("write");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let resp = String::from_utf8_lossy(&out);
+        assert_eq!(status_of(&resp), 200, "{resp}");
+        assert_eq!(json_body(&resp)["body_len"], 4096, "{resp}");
+
+        // Past the buffer, then one byte every half second: far below 1000 bytes/s, never
+        // pausing as long as --client_body_timeout (60 s).
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = drip(
+            env.http(),
+            "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n",
+            vec![b'a'; 2048],
+            Duration::from_millis(500),
+            stop.clone(),
+        );
+        let resp = tokio::time::timeout(Duration::from_secs(25), d).await;
+        stop.store(true, Ordering::SeqCst);
+        let resp = resp.expect("the drip was not cut").expect("drip task");
+        assert_eq!(status_of(&resp), 408, "{resp}");
+        assert_eq!(json_body(&resp)["message"], "REQUEST_TIMEOUT");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn grpc_request_bodies_are_streamed_not_buffered() {
+    bounded(async {
+        let (backend, addr) = start_backend().await;
+        let env = start_proxy(fixture("bookstore_sc.json"), addr, &[]).await;
+        let mut s = TcpStream::connect(env.http()).await.expect("connect");
+        s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: application/grpc\r\nContent-Length: 10\r\nConnection: close\r\n\r\n01234")
+            .await
+            .expect("write");
+        // A streaming call's first message goes on at once, without waiting for a buffer.
+        assert!(
+            wait_until(Duration::from_secs(5), || backend.accepted.load(Ordering::SeqCst) >= 1)
+                .await,
+            "a gRPC request body was held back"
+        );
+        s.write_all(b"56789").await.expect("write");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let resp = String::from_utf8_lossy(&out);
+        assert_eq!(status_of(&resp), 200, "{resp}");
+        assert_eq!(json_body(&resp)["body_len"], 10, "{resp}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_leaving_mid_body_is_logged_with_the_bytes_it_sent() {
+    bounded(async {
+        let (_backend, addr) = start_backend().await;
+        let env = start_proxy(fixture("bookstore_sc.json"), addr, &[]).await;
+        let head = "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n";
+        let mut s = TcpStream::connect(env.http()).await.expect("connect");
+        s.write_all(format!("{head}0123456789").as_bytes())
+            .await
+            .expect("write");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(s);
+        assert!(
+            wait_until(Duration::from_secs(5), || !env.access_log().is_empty()).await,
+            "no access log entry"
+        );
+        let log = env.access_log();
+        assert_eq!(log[0]["status"], 499, "{log:?}");
+        // The head as sent plus the 10 bytes received, not the 100 declared.
+        assert_eq!(log[0]["request_bytes"], head.len() + 10, "{log:?}");
+        // A request answered without reading its body still counts its Content-Length.
+        let r = env
+            .client
+            .post(format!("{}/upload", env.base))
+            .body("0123456789")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Item 7: keys and heads are bounded before anything is looked up.
 // ---------------------------------------------------------------------------------------------
 
