@@ -851,14 +851,7 @@ impl Pipeline {
         // nginx refuses an over-long request or header line before anything else runs.
         if let Some(err) = head_error {
             let url = raw_target.to_string();
-            return Err(self.finalize(
-                proxy_error(&err, &ctx, false),
-                &ctx,
-                url,
-                Some(err),
-                None,
-                None,
-            ));
+            return Err(self.fail(err, &ctx, url));
         }
         let settled = match settled {
             Ok(s) => s,
@@ -910,14 +903,7 @@ impl Pipeline {
         if settings.client_max_body_size > 0 && ctx.request_bytes > settings.client_max_body_size {
             let err = EspError::payload_too_large();
             let url = normalized.to_string();
-            return Err(self.finalize(
-                proxy_error(&err, &ctx, false),
-                &ctx,
-                url,
-                Some(err),
-                None,
-                None,
-            ));
+            return Err(self.fail(err, &ctx, url));
         }
 
         let target = rewrite(&settings.rewrites, normalized).into_owned();
@@ -946,14 +932,7 @@ impl Pipeline {
         let table = st.routes.load();
         let Some(config) = table.pick().cloned() else {
             let err = EspError::new(14, "No service configuration is loaded", Cause::Internal);
-            return self.finalize(
-                proxy_error(&err, &ctx, false),
-                &ctx,
-                target,
-                Some(err),
-                None,
-                None,
-            );
+            return self.fail(err, &ctx, target);
         };
         drop(table);
 
@@ -1483,6 +1462,18 @@ impl Pipeline {
             r
         });
         self.arm(resp, ctx, url, error, report, backend_latency)
+    }
+
+    /// A proxy-generated error before any method was matched: ESP's body, logged, not reported.
+    fn fail(&self, err: EspError, ctx: &Ctx, url: String) -> Response<ProxyBody> {
+        self.finalize(
+            proxy_error(&err, ctx, false),
+            ctx,
+            url,
+            Some(err),
+            None,
+            None,
+        )
     }
 
     /// Like `finalize` without decorations (the preflight carries its own headers).
