@@ -133,7 +133,11 @@ pub fn request_head(data: &[u8]) -> Option<Result<String, String>> {
                 underscores_in_headers,
                 path,
             };
-            let settled = request_head::settle(&method, &mut h, raw_target, opts);
+            let framing = request_head::Framing {
+                version: http::Version::HTTP_11,
+                has_authority: uri.authority().is_some(),
+            };
+            let settled = request_head::settle(&method, framing, &mut h, raw_target, opts);
             if !underscores_in_headers && path == request_head::PathOptions::default() {
                 outcome = Some(match &settled {
                     Ok(s) => Ok(format!("{} {}", s.method, s.target.text)),

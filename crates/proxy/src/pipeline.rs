@@ -792,25 +792,17 @@ impl Pipeline {
         // The head is settled before anything reads it: the method and the path matched below
         // are the ones forwarded, and dropped headers are seen by nothing (crate::request_head).
         let raw_target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let settled =
-            request_head::settle(&parts.method, &mut parts.headers, raw_target, settings.head)
-                .and_then(|s| {
-                    let framing = request_head::check_host(
-                        parts.version,
-                        &parts.headers,
-                        parts.uri.authority().is_some(),
-                    );
-                    match framing {
-                        Err(error) => Err(request_head::HeadError::Host {
-                            method: s.method,
-                            error,
-                        }),
-                        Ok(()) if !request_head::transfer_coding_supported(&parts.headers) => {
-                            Err(request_head::HeadError::TransferCoding { method: s.method })
-                        }
-                        Ok(()) => Ok(s),
-                    }
-                });
+        let framing = request_head::Framing {
+            version: parts.version,
+            has_authority: parts.uri.authority().is_some(),
+        };
+        let settled = request_head::settle(
+            &parts.method,
+            framing,
+            &mut parts.headers,
+            raw_target,
+            settings.head,
+        );
         let h = &parts.headers;
         let client_ip = forward::real_client_ip(conn.peer.ip(), h, &settings.xff_trusted);
         let caller_ip = settings

@@ -711,10 +711,20 @@ pub struct Settled<'a> {
     pub target: Normalized<'a>,
 }
 
-/// Steps 1–3 of the module docs on one request head. The headers are sanitised whatever the
-/// outcome (the override is read before it is removed).
+/// Where the request came in: what [`settle`]'s framing checks need besides the headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    pub version: http::Version,
+    /// The target is in absolute form (`GET http://host/x HTTP/1.1`), which names the host.
+    pub has_authority: bool,
+}
+
+/// Steps 1–3 of the module docs on one request head, then the framing rules ([`check_host`],
+/// [`transfer_coding_supported`]). The headers are sanitised whatever the outcome (the override
+/// is read before it is removed).
 pub fn settle<'a>(
     method: &Method,
+    framing: Framing,
     headers: &mut HeaderMap,
     target: &'a str,
     opts: HeadOptions,
@@ -722,10 +732,17 @@ pub fn settle<'a>(
     let method = effective_method(method, headers);
     sanitize_headers(headers, opts.underscores_in_headers);
     let method = method?;
-    match normalize_target(target, opts.path) {
-        Ok(target) => Ok(Settled { method, target }),
-        Err(error) => Err(HeadError::Path { method, error }),
+    let target = match normalize_target(target, opts.path) {
+        Ok(target) => target,
+        Err(error) => return Err(HeadError::Path { method, error }),
+    };
+    if let Err(error) = check_host(framing.version, headers, framing.has_authority) {
+        return Err(HeadError::Host { method, error });
     }
+    if !transfer_coding_supported(headers) {
+        return Err(HeadError::TransferCoding { method });
+    }
+    Ok(Settled { method, target })
 }
 
 #[cfg(test)]
@@ -733,6 +750,12 @@ mod tests {
     use super::*;
     use http::HeaderValue;
     use proptest::prelude::*;
+
+    /// An HTTP/1.1 request in absolute form: its host is named without a Host header.
+    const H11: Framing = Framing {
+        version: http::Version::HTTP_11,
+        has_authority: true,
+    };
 
     const DEFAULT: PathOptions = PathOptions {
         normalize: true,
@@ -1201,17 +1224,72 @@ mod tests {
             ("x-http-method-override", "DELETE"),
             ("x_endpoint_api_userinfo", "forged"),
         ]);
-        let e = settle(&Method::GET, &mut h, "/a%00", HeadOptions::default()).unwrap_err();
+        let e = settle(&Method::GET, H11, &mut h, "/a%00", HeadOptions::default()).unwrap_err();
         assert_eq!(e.method(), Some(&Method::DELETE));
         assert_eq!(e.esp_error().http_status, 400);
         assert!(h.is_empty());
         let mut h = hm(&[("x-http-method-override", "CONNECT")]);
-        let e = settle(&Method::GET, &mut h, "/", HeadOptions::default()).unwrap_err();
+        let e = settle(&Method::GET, H11, &mut h, "/", HeadOptions::default()).unwrap_err();
         let esp = e.esp_error();
         assert_eq!((esp.http_status, esp.code), (405, 9));
         let mut h = HeaderMap::new();
-        let s = settle(&Method::GET, &mut h, "//a/./b?c", HeadOptions::default()).unwrap();
+        let s = settle(
+            &Method::GET,
+            H11,
+            &mut h,
+            "//a/./b?c",
+            HeadOptions::default(),
+        )
+        .unwrap();
         assert_eq!((s.method, s.target.text.as_ref()), (Method::GET, "/a/b?c"));
+    }
+
+    #[test]
+    fn settle_applies_the_framing_rules_after_the_path() {
+        let origin_form = Framing {
+            has_authority: false,
+            ..H11
+        };
+        let opts = HeadOptions::default();
+        let e = settle(&Method::PUT, origin_form, &mut HeaderMap::new(), "/a", opts).unwrap_err();
+        assert_eq!(
+            e,
+            HeadError::Host {
+                method: Method::PUT,
+                error: HostError::Missing
+            }
+        );
+        let mut h = hm(&[("host", "a"), ("host", "b")]);
+        let e = settle(&Method::GET, H11, &mut h, "/a", opts).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                HeadError::Host {
+                    error: HostError::Repeated,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let mut h = hm(&[("host", "a"), ("transfer-encoding", "gzip, chunked")]);
+        let e = settle(&Method::POST, origin_form, &mut h, "/a", opts).unwrap_err();
+        assert_eq!(
+            e,
+            HeadError::TransferCoding {
+                method: Method::POST
+            }
+        );
+        // A refused path is reported before the framing.
+        let e = settle(
+            &Method::GET,
+            origin_form,
+            &mut HeaderMap::new(),
+            "/%00",
+            opts,
+        );
+        assert!(matches!(e, Err(HeadError::Path { .. })), "{e:?}");
+        let mut h = hm(&[("host", "a"), ("transfer-encoding", "Chunked")]);
+        assert!(settle(&Method::POST, origin_form, &mut h, "/a", opts).is_ok());
     }
 
     fn opts_strategy() -> impl Strategy<Value = PathOptions> {
