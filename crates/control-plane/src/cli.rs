@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::server::{serve, ServeOptions};
+use crate::app::{serve, ServeOptions};
 
 /// The control plane: Service Management, Service Usage, IAM, Resource Manager, API Keys and
 /// Service Control APIs in Google's REST shapes.

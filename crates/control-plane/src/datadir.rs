@@ -198,7 +198,7 @@ mod tests {
     async fn a_started_control_plane_keeps_its_files_private() {
         let root = tempfile::tempdir().expect("tempdir");
         let dir = root.path().join("data");
-        let opts = crate::server::ServeOptions::sqlite("127.0.0.1:0".parse().expect("addr"), &dir);
+        let opts = crate::app::ServeOptions::sqlite("127.0.0.1:0".parse().expect("addr"), &dir);
         let bound = "127.0.0.1:1".parse().expect("addr");
         let check = |when: &str| {
             assert_eq!(
@@ -223,9 +223,7 @@ mod tests {
                 assert!(names.iter().any(|n| n == expected), "{when}: {names:?}");
             }
         };
-        let (state, _) = crate::server::build_state(&opts, bound)
-            .await
-            .expect("state");
+        let (state, _) = crate::app::build_state(&opts, bound).await.expect("state");
         check("first start");
         state.store.pool().close().await;
         drop(state);
@@ -239,9 +237,7 @@ mod tests {
                     .expect("chmod");
             }
         }
-        let (state, _) = crate::server::build_state(&opts, bound)
-            .await
-            .expect("state");
+        let (state, _) = crate::app::build_state(&opts, bound).await.expect("state");
         check("second start");
         state.store.pool().close().await;
     }

@@ -8,88 +8,17 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-/// google.rpc.Code values we produce, with their HTTP mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Code {
-    InvalidArgument,
-    FailedPrecondition,
-    OutOfRange,
-    Unauthenticated,
-    PermissionDenied,
-    NotFound,
-    Aborted,
-    AlreadyExists,
-    ResourceExhausted,
-    Cancelled,
-    Internal,
-    Unavailable,
-    Unimplemented,
-    DeadlineExceeded,
-}
+/// `google.rpc.Code`, shared with the proxy (`portico_servicecontrol::Code`).
+pub use portico_servicecontrol::Code;
 
-impl Code {
-    /// The canonical status name gcloud prints.
-    pub fn status_name(self) -> &'static str {
-        match self {
-            Code::InvalidArgument => "INVALID_ARGUMENT",
-            Code::FailedPrecondition => "FAILED_PRECONDITION",
-            Code::OutOfRange => "OUT_OF_RANGE",
-            Code::Unauthenticated => "UNAUTHENTICATED",
-            Code::PermissionDenied => "PERMISSION_DENIED",
-            Code::NotFound => "NOT_FOUND",
-            Code::Aborted => "ABORTED",
-            Code::AlreadyExists => "ALREADY_EXISTS",
-            Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-            Code::Cancelled => "CANCELLED",
-            Code::Internal => "INTERNAL",
-            Code::Unavailable => "UNAVAILABLE",
-            Code::Unimplemented => "UNIMPLEMENTED",
-            Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        }
-    }
-
-    /// The numeric google.rpc.Code (used inside Operation.error and Service Control bodies).
-    pub fn rpc_code(self) -> i32 {
-        match self {
-            Code::Cancelled => 1,
-            Code::InvalidArgument => 3,
-            Code::DeadlineExceeded => 4,
-            Code::NotFound => 5,
-            Code::AlreadyExists => 6,
-            Code::PermissionDenied => 7,
-            Code::ResourceExhausted => 8,
-            Code::FailedPrecondition => 9,
-            Code::Aborted => 10,
-            Code::OutOfRange => 11,
-            Code::Unimplemented => 12,
-            Code::Internal => 13,
-            Code::Unavailable => 14,
-            Code::Unauthenticated => 16,
-        }
-    }
-
-    pub fn http_status(self) -> StatusCode {
-        match self {
-            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-                StatusCode::BAD_REQUEST
-            }
-            Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-            Code::PermissionDenied => StatusCode::FORBIDDEN,
-            Code::NotFound => StatusCode::NOT_FOUND,
-            Code::Aborted | Code::AlreadyExists => StatusCode::CONFLICT,
-            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-            Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
-            Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-            Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        }
-    }
+/// The HTTP status a code answers with (Google's mapping).
+fn http_status(code: Code) -> StatusCode {
+    StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 /// An error answered to an API caller.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{}: {message}", code.status_name())]
+#[error("{}: {message}", code.name())]
 pub struct ApiError {
     pub code: Code,
     pub message: String,
@@ -155,9 +84,9 @@ impl ApiError {
     /// The JSON body (`{"error":{...}}`).
     pub fn body(&self) -> Value {
         let mut err = json!({
-            "code": self.code.http_status().as_u16(),
+            "code": self.code.http_status(),
             "message": self.message,
-            "status": self.code.status_name(),
+            "status": self.code.name(),
         });
         if !self.details.is_empty() {
             err["details"] = Value::Array(self.details.clone());
@@ -167,7 +96,7 @@ impl ApiError {
 
     /// The `google.rpc.Status` form used inside `Operation.error`.
     pub fn rpc_status(&self) -> Value {
-        let mut s = json!({"code": self.code.rpc_code(), "message": self.message});
+        let mut s = json!({"code": self.code.as_i32(), "message": self.message});
         if !self.details.is_empty() {
             s["details"] = Value::Array(self.details.clone());
         }
@@ -177,7 +106,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.code.http_status(), axum::Json(self.body())).into_response()
+        (http_status(self.code), axum::Json(self.body())).into_response()
     }
 }
 

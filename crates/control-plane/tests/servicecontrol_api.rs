@@ -9,8 +9,8 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::Request;
 use base64::Engine;
-use portico_control_plane::server::{build_state_with, oneshot, AppState, ServeOptions};
-use portico_control_plane::servicecontrol::quota::ManualClock;
+use portico_control_plane::apis::servicecontrol::quota::ManualClock;
+use portico_control_plane::app::{build_state_with, oneshot, AppState, ServeOptions};
 use serde_json::{json, Value};
 
 const SVC: &str = "echo-api.endpoints.demo-proj.cloud.goog";

@@ -8,7 +8,10 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub mod code;
 pub mod redact;
+
+pub use code::Code;
 
 /// proto3 JSON int64 helpers (strings on output; strings or numbers on input), shared with
 /// the service-config model so both crates encode int64 the same way.

@@ -13,10 +13,10 @@ use portico_config::service::Service;
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use crate::apikeys::{self, ApiKeyRecord};
+use crate::apis::apikeys::{self, ApiKeyRecord};
+use crate::app::AppState;
 use crate::error::ApiError;
 use crate::projects::LifecycleState;
-use crate::server::AppState;
 
 use super::restrictions::{ApiTarget, KeyRestrictions};
 use super::ScState;

@@ -46,9 +46,9 @@ use axum::Json;
 use portico_config::service::Service;
 use serde::de::DeserializeOwned;
 
-use crate::auth::{perms, require_service_permission, Principal};
+use crate::app::AppState;
+use crate::authz::{perms, require_service_permission, Principal};
 use crate::error::ApiError;
-use crate::server::AppState;
 use crate::store::{Migration, Store};
 
 pub use query::routes;
@@ -228,7 +228,8 @@ async fn prelude<T: DeserializeOwned>(
     let (mut parts, body) = req.into_parts();
     let principal = Principal::from_request_parts(&mut parts, state).await?;
     require_service_permission(state, &principal, service, call.permission()).await?;
-    let Some(producer) = crate::servicemanagement::producer_project(state, service).await? else {
+    let Some(producer) = crate::apis::servicemanagement::producer_project(state, service).await?
+    else {
         return Err(ApiError::not_found(format!(
             "Service '{service}' not found."
         )));

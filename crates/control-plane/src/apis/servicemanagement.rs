@@ -31,15 +31,15 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::AnyConnection;
 
-use crate::auth::{
-    perms, require_project_permission, require_service_permission, Policy, Principal,
-};
-use crate::error::ApiError;
-use crate::operations::{self, sm_metadata, Outcome};
-use crate::server::{
+use crate::apis::operations::{self, sm_metadata, Outcome};
+use crate::app::{
     page_token, parse_json_body, split_verb, AppState, JsonBody, Params, MAX_BODY_BYTES,
     SERVICE_VERB_HANDLERS,
 };
+use crate::authz::{
+    perms, require_project_permission, require_service_permission, Policy, Principal,
+};
+use crate::error::ApiError;
 use crate::store::{now_rfc3339, Migration};
 
 pub const MIGRATIONS: &[Migration] = &[
@@ -396,7 +396,7 @@ async fn list_services(
     let mut visible = Vec::new();
     for (name, prod, policy) in rows {
         if let Some(c) = &consumer {
-            if !crate::serviceusage::is_enabled(&state.store, c, &name).await? {
+            if !crate::apis::serviceusage::is_enabled(&state.store, c, &name).await? {
                 continue;
             }
         }
@@ -741,7 +741,7 @@ async fn set_iam_policy(
             .fetch_one(&mut *tx)
             .await?;
     let current: Policy = serde_json::from_str(&current)?;
-    if !crate::auth::etag_matches(&presented, &current.etag)? {
+    if !crate::authz::etag_matches(&presented, &current.etag)? {
         return Err(ApiError::aborted(
             "There were concurrent policy changes. Please retry the whole read-modify-write with \
              exponential backoff.",
@@ -895,7 +895,7 @@ fn convert_sources(
                 )))
             }
         }
-        let bytes = crate::auth::decode_base64_any(&f.file_contents).ok_or_else(|| {
+        let bytes = crate::authz::decode_base64_any(&f.file_contents).ok_or_else(|| {
             ApiError::invalid_argument(format!(
                 "configSource.files[{i}].fileContents is not valid base64."
             ))
@@ -1573,15 +1573,16 @@ fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, String>) {
 mod tests {
     use super::*;
 
-    use crate::server::test_support::{env, TestEnv};
+    use crate::app::test_support::{env, TestEnv};
     use axum::http::{Method, StatusCode};
 
     const SVC: &str = "echo-api.endpoints.demo-proj.cloud.goog";
-    const ECHO: &str = include_str!("../../../tests/fixtures/servicemanagement/echo-openapi.yaml");
+    const ECHO: &str =
+        include_str!("../../../../tests/fixtures/servicemanagement/echo-openapi.yaml");
     const ECHO_V2: &str =
-        include_str!("../../../tests/fixtures/servicemanagement/echo-openapi-v2.yaml");
+        include_str!("../../../../tests/fixtures/servicemanagement/echo-openapi-v2.yaml");
     const BROKEN: &str =
-        include_str!("../../../tests/fixtures/servicemanagement/broken-openapi.yaml");
+        include_str!("../../../../tests/fixtures/servicemanagement/broken-openapi.yaml");
 
     fn submit_body(spec: &str, validate_only: bool) -> Value {
         json!({"configSource": {"files": [{
@@ -1688,7 +1689,7 @@ mod tests {
             .as_str()
             .expect("source");
         assert_eq!(
-            crate::auth::decode_base64_any(src).expect("b64"),
+            crate::authz::decode_base64_any(src).expect("b64"),
             ECHO.as_bytes()
         );
         let (_, latest) = e
@@ -1823,7 +1824,7 @@ mod tests {
     /// nothing.
     #[tokio::test]
     async fn a_conversion_past_its_time_bound_fails_clearly() {
-        let e = crate::server::test_support::env_customized(|s| {
+        let e = crate::app::test_support::env_customized(|s| {
             s.conversions = Conversions::new(1, std::time::Duration::from_nanos(1));
         })
         .await;
@@ -1891,7 +1892,7 @@ mod tests {
     async fn unrelated_requests_are_answered_while_a_conversion_runs() {
         let (mut hold, hook) = hold();
         let e = std::sync::Arc::new(
-            crate::server::test_support::env_customized(|s| {
+            crate::app::test_support::env_customized(|s| {
                 s.conversions.before_convert = Some(hook);
             })
             .await,
@@ -1929,7 +1930,7 @@ mod tests {
     async fn concurrent_conversions_are_bounded() {
         let (mut hold, hook) = hold();
         let e = std::sync::Arc::new(
-            crate::server::test_support::env_customized(|s| {
+            crate::app::test_support::env_customized(|s| {
                 s.conversions = Conversions::new(1, std::time::Duration::from_millis(300));
                 s.conversions.before_convert = Some(hook);
             })
@@ -2093,7 +2094,7 @@ mod tests {
         assert_eq!(st, StatusCode::OK);
         let etag = pol["etag"].as_str().expect("etag").to_string();
         let url_safe = base64::engine::general_purpose::URL_SAFE
-            .encode(crate::auth::decode_base64_any(&etag).expect("b64"));
+            .encode(crate::authz::decode_base64_any(&etag).expect("b64"));
         let binding = json!([{"role": "roles/servicemanagement.serviceController",
             "members": ["serviceAccount:echo-sa@demo-proj.iam.gserviceaccount.com"]}]);
         let (st, body) = e
@@ -2147,8 +2148,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_submits_get_distinct_ids_postgres() {
-        let Some(e) = crate::server::test_support::env_pg("concurrent_submits_postgres").await
-        else {
+        let Some(e) = crate::app::test_support::env_pg("concurrent_submits_postgres").await else {
             return;
         };
         let e = std::sync::Arc::new(e);
@@ -2160,7 +2160,7 @@ mod tests {
     /// sees what the other wrote (policies included).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_replicas_share_postgres() {
-        use crate::server::test_support::env_pg_schema;
+        use crate::app::test_support::env_pg_schema;
         let schema = format!("cp_{}", uuid::Uuid::new_v4().simple());
         let Some(a) = env_pg_schema("two_replicas_share_postgres", &schema).await else {
             return;

@@ -43,10 +43,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use crate::auth::{BoxFuture, Principal, TokenVerifier};
+use crate::app::AppState;
+use crate::authz::{BoxFuture, Principal, TokenVerifier};
 use crate::crypto::{random_urlsafe, token_hash};
 use crate::error::ApiError;
-use crate::server::AppState;
 use crate::store::{now_rfc3339, Migration, Store};
 
 pub const MIGRATIONS: &[Migration] = &[Migration {
@@ -207,7 +207,7 @@ async fn verify_sa_jwt(store: &Store, token: &str, now: i64) -> Result<VerifiedJ
         .filter(|s| !s.is_empty())
         .ok_or(JwtError::NoIssuer)?
         .to_string();
-    let key = crate::iam::public_key(store, &email, &kid)
+    let key = crate::apis::iam::public_key(store, &email, &kid)
         .await
         .map_err(|e| JwtError::Invalid(format!("key lookup failed ({})", e.message)))?
         .ok_or(JwtError::UnknownKey)?;
@@ -522,7 +522,7 @@ impl ServiceAccountTokens {
                     .ok()
                     .and_then(|c| c.get("iss").and_then(Value::as_str).map(str::to_string))
                     .unwrap_or_default();
-                if e == JwtError::UnknownKey && !iss.ends_with(crate::iam::SA_DOMAIN_SUFFIX) {
+                if e == JwtError::UnknownKey && !iss.ends_with(crate::apis::iam::SA_DOMAIN_SUFFIX) {
                     return Ok(None);
                 }
                 return Err(rejected(e.to_string()));
@@ -618,7 +618,7 @@ mod tests {
 #[cfg(test)]
 mod flow_tests {
     use super::*;
-    use crate::server::test_support::{env, TestEnv};
+    use crate::app::test_support::{env, TestEnv};
     use axum::body::Body;
     use axum::extract::Request;
     use axum::http::Method;
@@ -665,7 +665,7 @@ mod flow_tests {
             .header("content-type", "application/x-www-form-urlencoded")
             .body(Body::from(body))
             .expect("request");
-        let resp = crate::server::oneshot(e.state.clone(), req).await;
+        let resp = crate::app::oneshot(e.state.clone(), req).await;
         let status = resp.status();
         let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
             .await
@@ -857,7 +857,7 @@ mod flow_tests {
                 "invalid_request",
             ),
         ] {
-            let resp = crate::server::oneshot(e.state.clone(), req(body)).await;
+            let resp = crate::app::oneshot(e.state.clone(), req(body)).await;
             assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{body}");
             let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
                 .await

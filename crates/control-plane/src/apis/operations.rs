@@ -15,9 +15,9 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use sqlx::AnyConnection;
 
-use crate::auth::{perms, require_service_permission, Principal};
+use crate::app::{page_token, AppState, Params};
+use crate::authz::{perms, require_service_permission, Principal};
 use crate::error::ApiError;
-use crate::server::{page_token, AppState, Params};
 use crate::store::{now_rfc3339, Migration};
 
 pub const MIGRATIONS: &[Migration] = &[

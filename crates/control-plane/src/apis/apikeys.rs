@@ -44,12 +44,12 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::auth::Principal;
+use crate::apis::iam::{json_body, next_page_token, page_bounds};
+use crate::apis::operations::{self, Outcome};
+use crate::apis::resourcemanager::{perms, require_project_permission};
+use crate::app::{split_verb, AppState};
+use crate::authz::Principal;
 use crate::error::ApiError;
-use crate::iam::{json_body, next_page_token, page_bounds};
-use crate::operations::{self, Outcome};
-use crate::resourcemanager::{perms, require_project_permission};
-use crate::server::{split_verb, AppState};
 use crate::store::{format_rfc3339, now_rfc3339, Migration};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -610,7 +610,7 @@ async fn create_key(
     .bind(&key.create_time)
     .bind(&key.update_time)
     .bind(&key.delete_time)
-    .bind(crate::iam::creation_seq())
+    .bind(crate::apis::iam::creation_seq())
     .bind(stored_expire_time(key.expire_time))
     .execute(&mut *tx)
     .await?;
@@ -1098,7 +1098,7 @@ mod tests {
 #[cfg(test)]
 mod flow_tests {
     use super::*;
-    use crate::server::test_support::env;
+    use crate::app::test_support::env;
     use axum::http::{Method, StatusCode};
 
     const KEYS: &str = "/v2/projects/demo-proj/locations/global/keys";

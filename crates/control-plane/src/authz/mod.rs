@@ -21,8 +21,8 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::app::AppState;
 use crate::error::ApiError;
-use crate::server::AppState;
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,7 +265,7 @@ pub async fn require_service_permission(
         ))
     };
     let Some((policy, producer)) =
-        crate::servicemanagement::policy_and_producer(state, service_name).await?
+        crate::apis::servicemanagement::policy_and_producer(state, service_name).await?
     else {
         return Err(denied());
     };

@@ -18,10 +18,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::auth::{perms, require_project_permission, require_service_permission, Principal};
+use crate::apis::operations::{self, Outcome};
+use crate::app::{page_token, split_verb, AppState, JsonBody, Params};
+use crate::authz::{perms, require_project_permission, require_service_permission, Principal};
 use crate::error::ApiError;
-use crate::operations::{self, Outcome};
-use crate::server::{page_token, split_verb, AppState, JsonBody, Params};
 use crate::store::{now_rfc3339, Migration, Store};
 
 pub const MIGRATIONS: &[Migration] = &[Migration {
@@ -92,9 +92,11 @@ async fn title_of(state: &AppState, service: &str) -> Result<Option<String>, Api
     if let Some((_, t)) = PLATFORM_SERVICES.iter().find(|(n, _)| *n == service) {
         return Ok(Some(t.to_string()));
     }
-    Ok(crate::servicemanagement::latest_config(state, service)
-        .await?
-        .and_then(|c| c.get("title").and_then(Value::as_str).map(str::to_string)))
+    Ok(
+        crate::apis::servicemanagement::latest_config(state, service)
+            .await?
+            .and_then(|c| c.get("title").and_then(Value::as_str).map(str::to_string)),
+    )
 }
 
 async fn service_json(
@@ -130,7 +132,7 @@ async fn check_enableable(
             "Not found or permission denied for service(s): {service}."
         ))
     };
-    let producer = crate::servicemanagement::producer_project(state, service)
+    let producer = crate::apis::servicemanagement::producer_project(state, service)
         .await?
         .ok_or_else(denied)?;
     if producer != consumer {
@@ -374,7 +376,7 @@ async fn list(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::test_support::env;
+    use crate::app::test_support::env;
     use axum::http::{Method, StatusCode};
 
     const SVC: &str = "echo-api.endpoints.demo-proj.cloud.goog";

@@ -26,8 +26,8 @@ use rsa::pkcs8::DecodePublicKey as _;
 use rsa::traits::PublicKeyParts as _;
 use serde_json::{json, Map, Value};
 
+use crate::app::AppState;
 use crate::error::ApiError;
-use crate::server::AppState;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -70,7 +70,7 @@ async fn jwk_set(
     State(state): State<AppState>,
     Path(email): Path<String>,
 ) -> Result<Response, ApiError> {
-    if crate::iam::find_account(&state.store, &email)
+    if crate::apis::iam::find_account(&state.store, &email)
         .await?
         .is_none()
     {
@@ -98,7 +98,7 @@ async fn x509_map(
     State(state): State<AppState>,
     Path(email): Path<String>,
 ) -> Result<Response, ApiError> {
-    let certs = crate::iam::certificates(&state.store, &email)
+    let certs = crate::apis::iam::certificates(&state.store, &email)
         .await?
         .ok_or_else(|| no_account(&email))?;
     let map: Map<String, Value> = certs
@@ -189,13 +189,13 @@ mod tests {
     async fn created_keys_are_published_and_verify_their_tokens() {
         let dir = tempfile::tempdir().unwrap();
         let bound: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let opts = crate::server::ServeOptions::sqlite(bound, dir.path());
-        let (state, token_path) = crate::server::build_state(&opts, bound).await.unwrap();
+        let opts = crate::app::ServeOptions::sqlite(bound, dir.path());
+        let (state, token_path) = crate::app::build_state(&opts, bound).await.unwrap();
         let admin = std::fs::read_to_string(token_path)
             .unwrap()
             .trim()
             .to_string();
-        let app = crate::server::service(state.clone());
+        let app = crate::app::service(state.clone());
         let email = "jwks-test@demo-proj.iam.gserviceaccount.com";
 
         let (status, _) = call(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::sql::SqlCounters;
 use super::tests::{config_with_limits, costs};
 use super::*;
-use crate::servicecontrol::testutil;
+use crate::apis::servicecontrol::testutil;
 use crate::store::Store;
 
 const LIMIT: i64 = 40;

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use portico_servicecontrol::redact::SecretParams;
 use portico_servicecontrol::{labels, ReportError, ReportRequest, ReportResponse, Status};
 
+use crate::app::AppState;
 use crate::error::ApiError;
-use crate::server::AppState;
 
 use super::consumer::{self, Active};
 use super::report::{self, PreparedOp};

@@ -7,8 +7,8 @@ use portico_servicecontrol::{
     AllocateQuotaRequest, AllocateQuotaResponse, MetricValue, MetricValueSet, QuotaError,
 };
 
+use crate::app::AppState;
 use crate::error::ApiError;
-use crate::server::AppState;
 
 use super::consumer::{self, Active, ConsumerProblem};
 use super::quota::{self, PlanError, QuotaMode};

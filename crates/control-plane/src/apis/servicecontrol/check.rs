@@ -15,8 +15,8 @@ use portico_servicecontrol::{
 
 use time::OffsetDateTime;
 
+use crate::app::AppState;
 use crate::error::ApiError;
-use crate::server::AppState;
 
 use super::consumer::{self, Active, ConsumerProblem};
 use super::restrictions;
@@ -165,7 +165,8 @@ pub async fn check(
         }
     }
     let activated = consumer.project_id == producer
-        || crate::serviceusage::is_enabled(&state.store, &consumer.project_id, service).await?;
+        || crate::apis::serviceusage::is_enabled(&state.store, &consumer.project_id, service)
+            .await?;
     if !activated {
         resp.check_errors.push(err(
             "SERVICE_NOT_ACTIVATED",

@@ -15,7 +15,7 @@
 //! self-signed JWTs and access tokens minted with it stop verifying at once (see `tokens.rs`).
 //!
 //! Authorization: the admin token may do anything; a service account needs a project role that
-//! grants the `iam.*` permission (see [`crate::resourcemanager::require_project_permission`]).
+//! grants the `iam.*` permission (see [`crate::apis::resourcemanager::require_project_permission`]).
 
 use std::collections::HashMap;
 
@@ -29,10 +29,10 @@ use rand::Rng as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::auth::Principal;
+use crate::apis::resourcemanager::{perms, require_project_permission};
+use crate::app::AppState;
+use crate::authz::Principal;
 use crate::error::ApiError;
-use crate::resourcemanager::{perms, require_project_permission};
-use crate::server::AppState;
 use crate::store::{now_rfc3339, Migration, Store};
 
 pub const MIGRATIONS: &[Migration] = &[
@@ -503,7 +503,7 @@ async fn account_verb(
     principal: Principal,
     Path((project, segment)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let (account, verb) = crate::server::split_verb(&segment);
+    let (account, verb) = crate::app::split_verb(&segment);
     let (permission, disabled) = match verb {
         Some("disable") => (perms::SA_DISABLE, true),
         Some("enable") => (perms::SA_ENABLE, false),

@@ -20,7 +20,7 @@
 //! binding in the project's policy whose role grants the permission — `roles/owner` (all),
 //! `roles/editor` (all but `*.setIamPolicy`), `roles/viewer` (`*.get`, `*.list`,
 //! `getIamPolicy`), or one of the narrow roles in [`identity_role_grants`]. The project policy
-//! is also what [`ProjectPolicies`] hands to `auth::require_service_permission`, so a project
+//! is also what [`ProjectPolicies`] hands to `authz::require_service_permission`, so a project
 //! owner/editor may manage that project's services too.
 
 use std::sync::Arc;
@@ -34,10 +34,10 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::auth::{self, BoxFuture, Policy, Principal, ProjectPolicySource};
+use crate::app::{split_verb, AppState};
+use crate::authz::{self, BoxFuture, Policy, Principal, ProjectPolicySource};
 use crate::error::ApiError;
 use crate::projects::LifecycleState;
-use crate::server::{split_verb, AppState};
 use crate::store::{now_rfc3339, Migration, Store};
 
 pub const MIGRATIONS: &[Migration] = &[Migration {
@@ -79,7 +79,7 @@ pub mod perms {
     pub const APIKEYS_LOOKUP: &str = "apikeys.keys.lookup";
 }
 
-/// Narrow predefined roles for the identity APIs, on top of `auth::role_grants`' basic roles.
+/// Narrow predefined roles for the identity APIs, on top of `authz::role_grants`' basic roles.
 pub fn identity_role_grants(role: &str, permission: &str) -> bool {
     match role {
         "roles/viewer" | "roles/iam.securityReviewer" => permission == perms::PROJECT_GET_IAM,
@@ -110,7 +110,7 @@ fn policy_grants(policy: &Policy, member: &str, permission: &str) -> bool {
             && if owner_only {
                 b.role == "roles/owner"
             } else {
-                auth::role_grants(&b.role, permission) || identity_role_grants(&b.role, permission)
+                authz::role_grants(&b.role, permission) || identity_role_grants(&b.role, permission)
             }
     })
 }
@@ -159,7 +159,7 @@ pub async fn require_project_permission(
     })))
 }
 
-/// Plugs project policies into `auth::require_service_permission`.
+/// Plugs project policies into `authz::require_service_permission`.
 pub struct ProjectPolicies;
 
 impl ProjectPolicySource for ProjectPolicies {
@@ -269,7 +269,7 @@ async fn project_verb(
         Some("setIamPolicy") => {
             require_project_permission(&state, &principal, &project_id, perms::PROJECT_SET_IAM)
                 .await?;
-            let req: SetIamPolicyRequest = crate::iam::json_body(&body)?;
+            let req: SetIamPolicyRequest = crate::apis::iam::json_body(&body)?;
             let stored = set_policy(&state.store, &project_id, req.policy).await?;
             tracing::info!(project = %project_id, by = %principal.display(), "set project IAM policy");
             Ok(Json(policy_json(Some(stored))))
@@ -390,7 +390,7 @@ pub async fn set_policy(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::Binding;
+    use crate::authz::Binding;
 
     fn binding(role: &str, member: &str) -> Binding {
         Binding {

@@ -16,12 +16,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use crate::server::AppState;
+use crate::app::AppState;
 
-const INDEX_HTML: &str = include_str!("../console/index.html");
-const APP_JS: &str = include_str!("../console/app.js");
-const APP_CSS: &str = include_str!("../console/app.css");
-const FAVICON_SVG: &str = include_str!("../console/favicon.svg");
+const INDEX_HTML: &str = include_str!("../../console/index.html");
+const APP_JS: &str = include_str!("../../console/app.js");
+const APP_CSS: &str = include_str!("../../console/app.css");
+const FAVICON_SVG: &str = include_str!("../../console/favicon.svg");
 
 /// Headers on every console response. `default-src 'self'` forbids inline scripts, so an
 /// injected `<script>` or `onclick=` could not run even if markup slipped through; the extra
@@ -79,7 +79,7 @@ async fn favicon() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::{oneshot, test_support};
+    use crate::app::{oneshot, test_support};
     use axum::body::Body;
     use axum::extract::Request;
 

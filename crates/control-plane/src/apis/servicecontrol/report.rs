@@ -637,7 +637,7 @@ pub async fn prune(store: &Store, r: &Retention, now_ms: i64) -> Result<u64, sql
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::servicecontrol::testutil;
+    use crate::apis::servicecontrol::testutil;
     use portico_servicecontrol::{ExponentialBuckets, MetricValueSet};
 
     /// An operation shaped like ESP's: producer + consumer metrics, labels, one log entry.

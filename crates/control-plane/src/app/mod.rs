@@ -16,8 +16,10 @@
 //!    `POST /v1/services/{service}` route, which hands them to [`SERVICE_VERB_HANDLERS`]; the
 //!    Service Control engineer registers their handlers there.
 //! 6. Per-module start-up state (caches, keys): add a field to [`Shared`] and initialise it in
-//!    [`build_state`]. Service-account token verification plugs in as an [`auth::TokenVerifier`]
+//!    [`build_state`]. Service-account token verification plugs in as an [`authz::TokenVerifier`]
 //!    pushed onto `Shared::verifiers` in [`build_state`].
+
+pub mod console;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,7 +36,7 @@ use axum::response::Response;
 use axum::Router;
 use tower::{Layer, ServiceExt};
 
-use crate::auth::{self, AdminToken, TokenVerifier};
+use crate::authz::{self, AdminToken, TokenVerifier};
 use crate::error::ApiError;
 use crate::store::{Migration, Store, StoreError};
 
@@ -42,31 +44,31 @@ use crate::store::{Migration, Store, StoreError};
 pub fn migrations() -> Vec<&'static [Migration]> {
     vec![
         crate::projects::MIGRATIONS,
-        crate::operations::MIGRATIONS,
-        crate::servicemanagement::MIGRATIONS,
-        crate::serviceusage::MIGRATIONS,
+        crate::apis::operations::MIGRATIONS,
+        crate::apis::servicemanagement::MIGRATIONS,
+        crate::apis::serviceusage::MIGRATIONS,
         // Identity (IAM, Resource Manager, tokens, API keys).
-        crate::iam::MIGRATIONS,
-        crate::resourcemanager::MIGRATIONS,
-        crate::tokens::MIGRATIONS,
-        crate::apikeys::MIGRATIONS,
-        crate::servicecontrol::MIGRATIONS,
+        crate::apis::iam::MIGRATIONS,
+        crate::apis::resourcemanager::MIGRATIONS,
+        crate::apis::tokens::MIGRATIONS,
+        crate::apis::apikeys::MIGRATIONS,
+        crate::apis::servicecontrol::MIGRATIONS,
     ]
 }
 
 /// Every module's routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .merge(crate::operations::routes())
-        .merge(crate::servicemanagement::routes())
-        .merge(crate::serviceusage::routes())
-        .merge(crate::iam::routes())
-        .merge(crate::resourcemanager::routes())
-        .merge(crate::tokens::routes())
-        .merge(crate::apikeys::routes())
-        .merge(crate::jwks::routes())
-        .merge(crate::servicecontrol::routes())
-        .merge(crate::console::routes())
+        .merge(crate::apis::operations::routes())
+        .merge(crate::apis::servicemanagement::routes())
+        .merge(crate::apis::serviceusage::routes())
+        .merge(crate::apis::iam::routes())
+        .merge(crate::apis::resourcemanager::routes())
+        .merge(crate::apis::tokens::routes())
+        .merge(crate::apis::apikeys::routes())
+        .merge(crate::apis::jwks::routes())
+        .merge(crate::apis::servicecontrol::routes())
+        .merge(crate::app::console::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -80,12 +82,12 @@ pub type ServiceVerbHandler =
 /// Verbs on `/v1/services/{service}:{verb}` that Service Management does not own itself.
 /// The Service Control engineer adds `("check", servicecontrol::check_handler)` etc. here.
 pub const SERVICE_VERB_HANDLERS: &[(&str, ServiceVerbHandler)] = &[
-    ("check", crate::servicecontrol::check_handler),
+    ("check", crate::apis::servicecontrol::check_handler),
     (
         "allocateQuota",
-        crate::servicecontrol::allocate_quota_handler,
+        crate::apis::servicecontrol::allocate_quota_handler,
     ),
-    ("report", crate::servicecontrol::report_handler),
+    ("report", crate::apis::servicecontrol::report_handler),
 ];
 
 /// Splits `name:verb` at the last `:`. `echo.example.com:undelete` → (`echo.example.com`,
@@ -184,7 +186,7 @@ impl Params {
         };
         let offset = match self.get("pageToken") {
             None => 0,
-            Some(t) => crate::auth::decode_base64_any(t)
+            Some(t) => crate::authz::decode_base64_any(t)
                 .and_then(|b| String::from_utf8(b).ok())
                 .and_then(|s| s.parse::<i64>().ok())
                 .filter(|n| *n >= 0)
@@ -295,13 +297,13 @@ pub struct Shared {
     /// Verifiers for non-admin bearer tokens, asked in order.
     pub verifiers: Vec<Arc<dyn TokenVerifier>>,
     /// Optional source of project-level IAM policies for permission checks.
-    pub project_policies: Option<Arc<dyn auth::ProjectPolicySource>>,
+    pub project_policies: Option<Arc<dyn authz::ProjectPolicySource>>,
     /// Encrypts API key strings and keys their lookup hash (see `crypto.rs`).
     pub master_key: crate::crypto::MasterKey,
     /// Service Control: quota counters, clock, Prometheus registry, config cache.
-    pub servicecontrol: crate::servicecontrol::ScState,
+    pub servicecontrol: crate::apis::servicecontrol::ScState,
     /// Where and how long OpenAPI conversions run (`configs:submit`).
-    pub conversions: crate::servicemanagement::Conversions,
+    pub conversions: crate::apis::servicemanagement::Conversions,
 }
 
 impl AppState {
@@ -444,12 +446,12 @@ pub async fn build_state_with(
     // Redis keys are namespaced per PostgreSQL schema so deployments (and tests) sharing one
     // Redis do not share counters.
     let redis_prefix = format!("portico:{}:", opts.database_schema.as_deref().unwrap_or(""));
-    let servicecontrol = crate::servicecontrol::ScState::start(
+    let servicecontrol = crate::apis::servicecontrol::ScState::start(
         &store,
         redis.as_ref(),
         &redis_prefix,
-        std::sync::Arc::new(crate::servicecontrol::quota::SystemClock),
-        crate::servicecontrol::report::Retention::default(),
+        std::sync::Arc::new(crate::apis::servicecontrol::quota::SystemClock),
+        crate::apis::servicecontrol::report::Retention::default(),
     )
     .await
     .map_err(|e| ServeError::Config(e.to_string()))?;
@@ -459,11 +461,11 @@ pub async fn build_state_with(
         redis,
         secrets_dir,
         admin_token,
-        verifiers: vec![crate::tokens::verifier()],
-        project_policies: Some(crate::resourcemanager::policy_source()),
+        verifiers: vec![crate::apis::tokens::verifier()],
+        project_policies: Some(crate::apis::resourcemanager::policy_source()),
         master_key,
         servicecontrol,
-        conversions: crate::servicemanagement::Conversions::default(),
+        conversions: crate::apis::servicemanagement::Conversions::default(),
     };
     customize(&mut shared);
     Ok((AppState::new(shared), token_path))
@@ -721,11 +723,11 @@ pub(crate) mod test_support {
             &'a self,
             _state: &'a AppState,
             token: &'a str,
-        ) -> auth::BoxFuture<'a, Result<Option<auth::Principal>, ApiError>> {
+        ) -> authz::BoxFuture<'a, Result<Option<authz::Principal>, ApiError>> {
             Box::pin(async move {
                 Ok(token
                     .strip_prefix("sa:")
-                    .map(|e| auth::Principal::ServiceAccount {
+                    .map(|e| authz::Principal::ServiceAccount {
                         email: e.to_string(),
                     }))
             })

@@ -30,9 +30,9 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use sqlx::Row;
 
-use crate::auth::{perms, require_service_permission, Principal};
+use crate::app::AppState;
+use crate::authz::{perms, require_service_permission, Principal};
 use crate::error::ApiError;
-use crate::server::AppState;
 
 /// Query parameters; empty values count as absent.
 struct Params(std::collections::HashMap<String, String>);
@@ -123,7 +123,7 @@ fn size_param(p: &Params, default: i64, max: i64) -> Result<i64, ApiError> {
 /// Authorisation shared by the read endpoints, then existence (admins get a clean 404).
 async fn authorize(state: &AppState, principal: &Principal, service: &str) -> Result<(), ApiError> {
     require_service_permission(state, principal, service, perms::SERVICES_GET).await?;
-    if crate::servicemanagement::producer_project(state, service)
+    if crate::apis::servicemanagement::producer_project(state, service)
         .await?
         .is_none()
     {
