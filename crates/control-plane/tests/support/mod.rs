@@ -177,3 +177,89 @@ impl TestEnv {
         self.call(method, uri, Some(&t), body).await
     }
 }
+
+/// Service Control's stores on each backend, with a loud skip when PostgreSQL/Redis are
+/// absent (a failure when `CI=true`).
+pub mod testutil {
+    use portico_control_plane::store::Store;
+
+    pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+    pub const REDIS_URL: &str = "redis://127.0.0.1:6379/";
+
+    fn on_ci() -> bool {
+        std::env::var("CI").is_ok_and(|v| v == "true")
+    }
+
+    /// Missing service: skip loudly, or fail on CI.
+    pub fn skip(what: &str, err: impl std::fmt::Display) {
+        if on_ci() {
+            panic!("{what} is required on CI: {err}");
+        }
+        eprintln!("SKIPPED: {what} not available: {err}");
+    }
+
+    pub fn unique(prefix: &str) -> String {
+        format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+    }
+
+    pub async fn sqlite_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_sqlite(dir.path()).await.expect("open sqlite");
+        store
+            .migrate(&[portico_control_plane::store::servicecontrol::MIGRATIONS])
+            .await
+            .expect("migrations");
+        (dir, store)
+    }
+
+    /// A PostgreSQL store on a fresh schema, or `None` (after a `SKIPPED:` line) when absent.
+    pub async fn pg_store() -> Option<(String, Store)> {
+        let schema = unique("sc_test");
+        match Store::open_postgres(PG_URL, Some(&schema)).await {
+            Ok(store) => {
+                store
+                    .migrate(&[portico_control_plane::store::servicecontrol::MIGRATIONS])
+                    .await
+                    .expect("migrations");
+                Some((schema, store))
+            }
+            Err(e) => {
+                skip("PostgreSQL at 127.0.0.1:5432", e);
+                None
+            }
+        }
+    }
+
+    /// Drops a test schema (best effort: a leftover schema only wastes space).
+    pub async fn drop_pg_schema(store: &Store, schema: &str) {
+        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+            .execute(store.pool())
+            .await;
+    }
+
+    pub async fn redis_client() -> Option<redis::Client> {
+        let client = match redis::Client::open(REDIS_URL) {
+            Ok(c) => c,
+            Err(e) => {
+                skip("Redis at 127.0.0.1:6379", e);
+                return None;
+            }
+        };
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(3),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Some(client),
+            Ok(Err(e)) => {
+                skip("Redis at 127.0.0.1:6379", e);
+                None
+            }
+            Err(_) => {
+                skip("Redis at 127.0.0.1:6379", "connect timed out");
+                None
+            }
+        }
+    }
+}

@@ -17,6 +17,7 @@ use crate::apis::apikeys::{self, ApiKeyRecord};
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::projects::LifecycleState;
+use crate::store::servicecontrol::lookups;
 
 use super::restrictions::{ApiTarget, KeyRestrictions};
 use super::ScState;
@@ -74,21 +75,7 @@ async fn project_by_id(
             .await
             .map(Some);
     }
-    let row: Option<(i64,)> =
-        sqlx::query_as("SELECT project_number FROM projects WHERE project_id = $1")
-            .bind(id)
-            .fetch_optional(state.store.pool())
-            .await?;
-    Ok(row.map(|r| r.0))
-}
-
-async fn project_by_number(state: &AppState, n: i64) -> Result<Option<String>, ApiError> {
-    let row: Option<(String,)> =
-        sqlx::query_as("SELECT project_id FROM projects WHERE project_number = $1")
-            .bind(n)
-            .fetch_optional(state.store.pool())
-            .await?;
-    Ok(row.map(|r| r.0))
+    Ok(lookups::project_number_by_id(&state.store, id).await?)
 }
 
 /// Resolves `consumer_id`. Malformed ids are a 400 for the caller (the proxy), unknown ones a
@@ -127,15 +114,17 @@ pub async fn resolve(
         let Ok(num) = n.parse::<i64>() else {
             return Ok(Err(ConsumerProblem::ProjectInvalid(n.to_string())));
         };
-        return Ok(match project_by_number(state, num).await? {
-            Some(id) => Ok(Consumer {
-                project_deleted: is_deleted(state, &id).await?,
-                project_id: id,
-                project_number: num,
-                key: None,
-            }),
-            None => Err(ConsumerProblem::ProjectInvalid(n.to_string())),
-        });
+        return Ok(
+            match lookups::project_id_by_number(&state.store, num).await? {
+                Some(id) => Ok(Consumer {
+                    project_deleted: is_deleted(state, &id).await?,
+                    project_id: id,
+                    project_number: num,
+                    key: None,
+                }),
+                None => Err(ConsumerProblem::ProjectInvalid(n.to_string())),
+            },
+        );
     }
     Err(ApiError::invalid_argument(format!(
         "Invalid consumer_id {:?}: expected api_key:<key>, project:<id> or project_number:<n>.",
@@ -200,14 +189,9 @@ pub struct Active {
 }
 
 pub async fn active(state: &AppState, service: &str) -> Result<Active, ApiError> {
-    let row: Option<(String, String)> = sqlx::query_as(
-        "SELECT rollout_id, body FROM sm_rollouts WHERE service_name = $1 AND status = 'SUCCESS' \
-         ORDER BY seq DESC LIMIT 1",
-    )
-    .bind(service)
-    .fetch_optional(state.store.pool())
-    .await?;
-    if let Some((rollout_id, body)) = row {
+    if let Some((rollout_id, body)) =
+        lookups::latest_successful_rollout(&state.store, service).await?
+    {
         let body: Value = serde_json::from_str(&body)?;
         let config_id = body
             .pointer("/trafficPercentStrategy/percentages")
@@ -224,15 +208,11 @@ pub async fn active(state: &AppState, service: &str) -> Result<Active, ApiError>
             config_id,
         });
     }
-    let row: Option<(String,)> = sqlx::query_as(
-        "SELECT config_id FROM sm_configs WHERE service_name = $1 ORDER BY seq DESC LIMIT 1",
-    )
-    .bind(service)
-    .fetch_optional(state.store.pool())
-    .await?;
     Ok(Active {
         rollout_id: String::new(),
-        config_id: row.map(|r| r.0).unwrap_or_default(),
+        config_id: lookups::newest_config_id(&state.store, service)
+            .await?
+            .unwrap_or_default(),
     })
 }
 
@@ -247,13 +227,7 @@ pub async fn config(
     if let Some(c) = sc.config_cache_get(&key) {
         return Ok(Some(c));
     }
-    let row: Option<(String,)> =
-        sqlx::query_as("SELECT body FROM sm_configs WHERE service_name = $1 AND config_id = $2")
-            .bind(service)
-            .bind(config_id)
-            .fetch_optional(state.store.pool())
-            .await?;
-    let Some((body,)) = row else {
+    let Some(body) = lookups::config_body(&state.store, service, config_id).await? else {
         return Ok(None);
     };
     let parsed: Service = serde_json::from_str(&body)?;

@@ -8,7 +8,8 @@ use portico_servicecontrol::redact::SecretParams;
 use portico_servicecontrol::{labels, ReportError, ReportRequest, ReportResponse, Status};
 
 use crate::app::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, Code};
+use crate::store::servicecontrol::reports;
 
 use super::consumer::{self, Active};
 use super::report::{self, PreparedOp};
@@ -35,7 +36,7 @@ async fn consumer_label(
         Ok(Ok(c)) => Ok(c.label()),
         Ok(Err(_)) => Ok("unknown".to_string()),
         // A malformed consumer id does not fail the batch; it is counted as unknown.
-        Err(e) if e.code == crate::error::Code::InvalidArgument => Ok("unknown".to_string()),
+        Err(e) if e.code == Code::InvalidArgument => Ok("unknown".to_string()),
         Err(e) => Err(e),
     }
 }
@@ -106,7 +107,7 @@ pub async fn report(
             resp.report_errors.push(ReportError {
                 operation_id: String::new(),
                 status: Status {
-                    code: 3,
+                    code: Code::InvalidArgument.as_i32(),
                     message: format!(
                         "operation_id is required (operation '{}').",
                         op.operation_name
@@ -131,7 +132,7 @@ pub async fn report(
             logs,
         });
     }
-    let outcome = report::write(&state.store, service, prepared, now).await?;
+    let outcome = reports::write(&state.store, service, prepared, now).await?;
     sc.metrics.record_deltas(service, &outcome.deltas);
     if outcome.replayed > 0 {
         tracing::debug!(

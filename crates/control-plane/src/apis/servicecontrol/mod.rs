@@ -3,9 +3,8 @@
 //!
 //! Where things are:
 //! - [`restrictions`]: pure matching of API-key restrictions (API targets, IPs, referrers, apps).
-//! - [`quota`]: limit/window planning, the quota modes, and the counter backends
-//!   ([`quota::sql`] for SQLite/PostgreSQL, [`quota::redis_counters`] for Redis).
-//! - [`report`]: operations → per-minute rollups and log rows, replay detection, retention.
+//! - [`quota`]: limit/window planning and the quota modes (the counters are in the store).
+//! - [`report`]: operations → per-minute rollups and log rows.
 //! - [`consumer`]: `consumerId` → consumer project; the service's active rollout and config.
 //! - [`check`], [`allocate`], [`ingest`]: the three Service Control calls.
 //! - [`query`]: the JSON read API and `/metrics`; [`prom`]: the Prometheus registry.
@@ -16,10 +15,9 @@
 //! the service, checks that the service exists, parses the JSON body, and answers in Google's
 //! shapes. Outcomes and latencies feed [`prom::ScMetrics`].
 //!
-//! Tables (all prefixed `sc_`): `sc_quota_counters` (one row per limit/consumer/window),
-//! `sc_report_ops` (operation ids seen, for idempotent `:report`), `sc_rollups` (per minute,
-//! service, method, consumer and response-code class: counts, errors, latency histogram, bytes)
-//! and `sc_logs` (redacted `endpoints_log` entries, bounded by [`report::Retention`]).
+//! Layer rule: handlers only. Every statement on Service Control's tables (`sc_*`), the quota
+//! counter backends (SQL and Redis) and the reads of other APIs' tables are in
+//! [`crate::store::servicecontrol`]; nothing here runs SQL.
 
 pub mod allocate;
 pub mod check;
@@ -31,9 +29,6 @@ pub mod quota;
 pub mod report;
 pub mod restrictions;
 
-#[cfg(test)]
-pub(crate) mod testutil;
-
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -44,65 +39,20 @@ use axum::extract::{FromRequestParts, Request};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use portico_config::service::Service;
+use portico_servicecontrol::{AllocateQuotaResponse, CheckResponse, ReportResponse};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use crate::app::AppState;
 use crate::authz::{perms, require_service_permission, Principal};
 use crate::error::ApiError;
-use crate::store::{Migration, Store};
+use crate::store::servicecontrol::reports;
+use crate::store::Store;
 
 pub use query::routes;
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    id: "sc_0001",
-    sql: &[
-        "CREATE TABLE IF NOT EXISTS sc_quota_counters (\
-         service TEXT NOT NULL, \
-         limit_name TEXT NOT NULL, \
-         consumer TEXT NOT NULL, \
-         window_start BIGINT NOT NULL, \
-         used BIGINT NOT NULL, \
-         last_grant BIGINT NOT NULL, \
-         expires_at BIGINT NOT NULL, \
-         PRIMARY KEY (service, limit_name, consumer, window_start))",
-        "CREATE INDEX IF NOT EXISTS sc_quota_counters_expiry ON sc_quota_counters (expires_at)",
-        "CREATE TABLE IF NOT EXISTS sc_report_ops (\
-         service TEXT NOT NULL, \
-         operation_id TEXT NOT NULL, \
-         seen_at BIGINT NOT NULL, \
-         PRIMARY KEY (service, operation_id))",
-        "CREATE INDEX IF NOT EXISTS sc_report_ops_seen ON sc_report_ops (seen_at)",
-        "CREATE TABLE IF NOT EXISTS sc_rollups (\
-         service TEXT NOT NULL, \
-         minute BIGINT NOT NULL, \
-         method TEXT NOT NULL, \
-         consumer TEXT NOT NULL, \
-         code_class TEXT NOT NULL, \
-         requests BIGINT NOT NULL, \
-         errors BIGINT NOT NULL, \
-         latency_sum_us BIGINT NOT NULL, \
-         request_bytes BIGINT NOT NULL, \
-         response_bytes BIGINT NOT NULL, \
-         lat_b0 BIGINT NOT NULL, lat_b1 BIGINT NOT NULL, lat_b2 BIGINT NOT NULL, \
-         lat_b3 BIGINT NOT NULL, lat_b4 BIGINT NOT NULL, lat_b5 BIGINT NOT NULL, \
-         lat_b6 BIGINT NOT NULL, lat_b7 BIGINT NOT NULL, lat_b8 BIGINT NOT NULL, \
-         lat_b9 BIGINT NOT NULL, lat_b10 BIGINT NOT NULL, lat_b11 BIGINT NOT NULL, \
-         lat_b12 BIGINT NOT NULL, lat_b13 BIGINT NOT NULL, \
-         PRIMARY KEY (service, minute, method, consumer, code_class))",
-        "CREATE TABLE IF NOT EXISTS sc_logs (\
-         id TEXT PRIMARY KEY, \
-         service TEXT NOT NULL, \
-         ts_ms BIGINT NOT NULL, \
-         method TEXT NOT NULL, \
-         consumer TEXT NOT NULL, \
-         status_code BIGINT NOT NULL, \
-         code_class TEXT NOT NULL, \
-         severity TEXT NOT NULL, \
-         operation_id TEXT NOT NULL, \
-         entry TEXT NOT NULL)",
-        "CREATE INDEX IF NOT EXISTS sc_logs_service_ts ON sc_logs (service, ts_ms)",
-    ],
-}];
+/// Service Control's schema, owned by [`crate::store::servicecontrol`].
+pub use crate::store::servicecontrol::MIGRATIONS;
 
 /// Service Control's start-up state (one per server).
 pub struct ScState {
@@ -138,9 +88,9 @@ impl ScState {
     ) -> Result<ScState, StartError> {
         let counters = match redis {
             Some(c) => quota::Counters::Redis(
-                quota::redis_counters::RedisCounters::connect(c.clone(), redis_prefix).await?,
+                quota::RedisCounters::connect(c.clone(), redis_prefix).await?,
             ),
-            None => quota::Counters::Sql(quota::sql::SqlCounters::new(store.clone())),
+            None => quota::Counters::Sql(quota::SqlCounters::new(store.clone())),
         };
         let (stop, mut stopped) = tokio::sync::watch::channel(());
         let (store2, counters2, clock2) = (store.clone(), counters.clone(), clock.clone());
@@ -156,7 +106,7 @@ impl ScState {
                 if let Err(e) = counters2.prune(now).await {
                     tracing::warn!(error = %e, "pruning quota counters failed");
                 }
-                match report::prune(&store2, &retention, now).await {
+                match reports::prune(&store2, &retention, now).await {
                     Ok(n) if n > 0 => tracing::debug!(deleted = n, "pruned service logs"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "pruning service logs failed"),
@@ -218,6 +168,15 @@ impl Call {
     }
 }
 
+/// The producer project of `service`; a service that does not exist is a 404.
+///
+/// Service Management owns services; this is the one place Service Control asks it.
+async fn producer_of(state: &AppState, service: &str) -> Result<String, ApiError> {
+    crate::apis::servicemanagement::producer_project(state, service)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Service '{service}' not found.")))
+}
+
 /// Authentication, authorisation, service existence, body parsing: common to all three calls.
 async fn prelude<T: DeserializeOwned>(
     state: &AppState,
@@ -228,12 +187,7 @@ async fn prelude<T: DeserializeOwned>(
     let (mut parts, body) = req.into_parts();
     let principal = Principal::from_request_parts(&mut parts, state).await?;
     require_service_permission(state, &principal, service, call.permission()).await?;
-    let Some(producer) = crate::apis::servicemanagement::producer_project(state, service).await?
-    else {
-        return Err(ApiError::not_found(format!(
-            "Service '{service}' not found."
-        )));
-    };
+    let producer = producer_of(state, service).await?;
     if let Some(ct) = parts.headers.get(http::header::CONTENT_TYPE) {
         if ct.as_bytes().starts_with(b"application/x-protobuf") {
             return Err(ApiError::invalid_argument(
@@ -255,60 +209,68 @@ async fn prelude<T: DeserializeOwned>(
     Ok((producer, active, parsed))
 }
 
+/// A Service Control response that may carry per-operation errors (an answered call, but a
+/// refusal: `denied` in the call metrics).
+trait Refusals: Serialize {
+    fn refuses(&self) -> bool;
+}
+
+impl Refusals for CheckResponse {
+    fn refuses(&self) -> bool {
+        !self.check_errors.is_empty()
+    }
+}
+
+impl Refusals for AllocateQuotaResponse {
+    fn refuses(&self) -> bool {
+        !self.allocate_errors.is_empty()
+    }
+}
+
+impl Refusals for ReportResponse {
+    fn refuses(&self) -> bool {
+        !self.report_errors.is_empty()
+    }
+}
+
+/// The call's metrics result (`ok` or `denied`) and its 200 response.
+fn answered(r: impl Refusals) -> (&'static str, Response) {
+    let result = if r.refuses() { "denied" } else { "ok" };
+    (result, Json(r).into_response())
+}
+
+async fn answer(
+    state: &AppState,
+    service: &str,
+    req: Request,
+    call: Call,
+) -> Result<(&'static str, Response), ApiError> {
+    let sc = &state.servicecontrol;
+    Ok(match call {
+        Call::Check => {
+            let (producer, active, body) = prelude(state, service, call, req).await?;
+            answered(check::check(state, service, &producer, &active, body).await?)
+        }
+        Call::AllocateQuota => {
+            let (producer, active, body) = prelude(state, service, call, req).await?;
+            answered(allocate::allocate(state, sc, service, &producer, &active, body).await?)
+        }
+        Call::Report => {
+            let (producer, active, body) = prelude(state, service, call, req).await?;
+            answered(ingest::report(state, sc, service, &producer, &active, body).await?)
+        }
+    })
+}
+
 async fn run(state: AppState, service: String, req: Request, call: Call) -> Response {
     let started = Instant::now();
-    let sc = &state.servicecontrol;
-    let (result, response) = match call {
-        Call::Check => match prelude(&state, &service, call, req).await {
-            Ok((producer, active, body)) => {
-                match check::check(&state, &service, &producer, &active, body).await {
-                    Ok(r) => (
-                        if r.check_errors.is_empty() {
-                            "ok"
-                        } else {
-                            "denied"
-                        },
-                        Json(r).into_response(),
-                    ),
-                    Err(e) => ("error", e.into_response()),
-                }
-            }
-            Err(e) => ("error", e.into_response()),
-        },
-        Call::AllocateQuota => match prelude(&state, &service, call, req).await {
-            Ok((producer, active, body)) => {
-                match allocate::allocate(&state, sc, &service, &producer, &active, body).await {
-                    Ok(r) => (
-                        if r.allocate_errors.is_empty() {
-                            "ok"
-                        } else {
-                            "denied"
-                        },
-                        Json(r).into_response(),
-                    ),
-                    Err(e) => ("error", e.into_response()),
-                }
-            }
-            Err(e) => ("error", e.into_response()),
-        },
-        Call::Report => match prelude(&state, &service, call, req).await {
-            Ok((producer, active, body)) => {
-                match ingest::report(&state, sc, &service, &producer, &active, body).await {
-                    Ok(r) => (
-                        if r.report_errors.is_empty() {
-                            "ok"
-                        } else {
-                            "denied"
-                        },
-                        Json(r).into_response(),
-                    ),
-                    Err(e) => ("error", e.into_response()),
-                }
-            }
-            Err(e) => ("error", e.into_response()),
-        },
+    let (result, response) = match answer(&state, &service, req, call).await {
+        Ok(answered) => answered,
+        Err(e) => ("error", e.into_response()),
     };
-    sc.metrics
+    state
+        .servicecontrol
+        .metrics
         .record_call(call.name(), result, started.elapsed().as_secs_f64());
     response
 }

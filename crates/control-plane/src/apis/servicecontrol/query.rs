@@ -20,19 +20,20 @@
 //! contains them (the rollups keep a fixed histogram, see [`super::report::LATENCY_BOUNDS_MS`]).
 
 use std::collections::BTreeMap;
-use std::sync::LazyLock;
 
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{json, Value};
-use sqlx::Row;
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::app::AppState;
 use crate::authz::{perms, require_service_permission, Principal};
 use crate::error::ApiError;
+use crate::store::servicecontrol::logs::{self as stored_logs, LogFilter};
+use crate::store::servicecontrol::rollups::{self, MinuteFilter};
 
 /// Query parameters; empty values count as absent.
 struct Params(std::collections::HashMap<String, String>);
@@ -120,34 +121,25 @@ fn size_param(p: &Params, default: i64, max: i64) -> Result<i64, ApiError> {
     }
 }
 
-/// Authorisation shared by the read endpoints, then existence (admins get a clean 404).
-async fn authorize(state: &AppState, principal: &Principal, service: &str) -> Result<(), ApiError> {
+/// The window the read endpoints look back over when no time is given.
+const DEFAULT_WINDOW_MS: i64 = 3_600_000;
+
+/// Authorisation shared by the read endpoints, then existence (admins get a clean 404); returns
+/// the current time on Service Control's clock.
+async fn authorize(
+    state: &AppState,
+    principal: &Principal,
+    service: &str,
+) -> Result<i64, ApiError> {
     require_service_permission(state, principal, service, perms::SERVICES_GET).await?;
-    if crate::apis::servicemanagement::producer_project(state, service)
-        .await?
-        .is_none()
-    {
-        return Err(ApiError::not_found(format!(
-            "Service '{service}' not found."
-        )));
-    }
-    Ok(())
+    super::producer_of(state, service).await?;
+    Ok(state.servicecontrol.clock.now_ms())
 }
 
-static TIMESERIES_SQL: LazyLock<String> = LazyLock::new(|| {
-    let buckets: Vec<String> = (0..LATENCY_BUCKETS)
-        .map(|i| format!("CAST(SUM(lat_b{i}) AS BIGINT)"))
-        .collect();
-    format!(
-        "SELECT minute, method, code_class, CAST(SUM(requests) AS BIGINT), \
-         CAST(SUM(errors) AS BIGINT), CAST(SUM(latency_sum_us) AS BIGINT), \
-         CAST(SUM(request_bytes) AS BIGINT), CAST(SUM(response_bytes) AS BIGINT), {} \
-         FROM sc_rollups WHERE service = $1 AND minute >= $2 AND minute < $3 \
-         AND ($4 = '' OR method = $4) AND ($5 = '' OR consumer = $5) \
-         GROUP BY minute, method, code_class ORDER BY minute",
-        buckets.join(", ")
-    )
-});
+/// `since`, or the default window back from `now`.
+fn since_param(p: &Params, now: i64) -> Result<i64, ApiError> {
+    Ok(instant_param(p, "since", now)?.unwrap_or(now - DEFAULT_WINDOW_MS))
+}
 
 #[derive(Default)]
 struct Point {
@@ -178,18 +170,83 @@ pub fn percentile_ms(buckets: &[i64; LATENCY_BUCKETS], q: f64) -> Option<f64> {
     LATENCY_BOUNDS_MS.last().copied()
 }
 
+/// `GET .../timeseries`. Counts are int64, hence strings (proto3 JSON).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TimeSeriesResponse {
+    service: String,
+    alignment_period: String,
+    time_series: Vec<MethodSeries>,
+}
+
+#[derive(Serialize)]
+struct MethodSeries {
+    method: String,
+    points: Vec<PointOut>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PointOut {
+    start_time: String,
+    end_time: String,
+    request_count: String,
+    error_count: String,
+    response_code_classes: BTreeMap<String, String>,
+    latency: LatencyOut,
+    request_bytes: String,
+    response_bytes: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LatencyOut {
+    mean_ms: Option<f64>,
+    p50_ms: Option<f64>,
+    p95_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    bucket_bounds_ms: &'static [f64],
+    bucket_counts: Vec<String>,
+}
+
+impl PointOut {
+    fn new(start_ms: i64, period_ms: i64, p: Point) -> PointOut {
+        let observed: i64 = p.buckets.iter().sum();
+        PointOut {
+            start_time: format_time_ms(start_ms),
+            end_time: format_time_ms(start_ms + period_ms),
+            request_count: p.requests.to_string(),
+            error_count: p.errors.to_string(),
+            response_code_classes: p
+                .classes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_string()))
+                .collect(),
+            latency: LatencyOut {
+                mean_ms: (observed > 0).then(|| p.latency_sum_us as f64 / 1000.0 / observed as f64),
+                p50_ms: percentile_ms(&p.buckets, 0.5),
+                p95_ms: percentile_ms(&p.buckets, 0.95),
+                p99_ms: percentile_ms(&p.buckets, 0.99),
+                bucket_bounds_ms: &LATENCY_BOUNDS_MS,
+                bucket_counts: p.buckets.iter().map(|c| c.to_string()).collect(),
+            },
+            request_bytes: p.request_bytes.to_string(),
+            response_bytes: p.response_bytes.to_string(),
+        }
+    }
+}
+
 async fn timeseries(
     State(state): State<AppState>,
     principal: Principal,
     Path(service): Path<String>,
     params: Params,
-) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &principal, &service).await?;
-    let now = state.servicecontrol.clock.now_ms();
+) -> Result<Json<TimeSeriesResponse>, ApiError> {
+    let now = authorize(&state, &principal, &service).await?;
     let end = instant_param(&params, "endTime", now)?.unwrap_or(now + 60_000);
     let start = match instant_param(&params, "startTime", now)? {
         Some(s) => s,
-        None => instant_param(&params, "since", now)?.unwrap_or(now - 3_600_000),
+        None => since_param(&params, now)?,
     };
     let period = match params.get("alignmentPeriod") {
         None => 60_000,
@@ -204,74 +261,64 @@ async fn timeseries(
             }
         },
     };
-    let rows = sqlx::query(&TIMESERIES_SQL)
-        .bind(&service)
-        .bind(start)
-        .bind(end)
-        .bind(params.get("method").unwrap_or(""))
-        .bind(params.get("consumer").unwrap_or(""))
-        .fetch_all(state.store.pool())
-        .await?;
+    let rows = rollups::minutes(
+        &state.store,
+        &MinuteFilter {
+            service: &service,
+            start_ms: start,
+            end_ms: end,
+            method: params.get("method").unwrap_or(""),
+            consumer: params.get("consumer").unwrap_or(""),
+        },
+    )
+    .await?;
     let mut series: BTreeMap<String, BTreeMap<i64, Point>> = BTreeMap::new();
     for r in rows {
-        let minute: i64 = r.try_get(0)?;
-        let method: String = r.try_get(1)?;
-        let class: String = r.try_get(2)?;
-        let aligned = minute.div_euclid(period) * period;
+        let aligned = r.minute_ms.div_euclid(period) * period;
         let p = series
-            .entry(method)
+            .entry(r.method)
             .or_default()
             .entry(aligned)
             .or_default();
-        let requests: i64 = r.try_get(3)?;
-        p.requests += requests;
-        p.errors += r.try_get::<i64, _>(4)?;
-        p.latency_sum_us += r.try_get::<i64, _>(5)?;
-        p.request_bytes += r.try_get::<i64, _>(6)?;
-        p.response_bytes += r.try_get::<i64, _>(7)?;
-        *p.classes.entry(class).or_insert(0) += requests;
-        for i in 0..LATENCY_BUCKETS {
-            p.buckets[i] += r.try_get::<i64, _>(8 + i)?;
+        p.requests += r.requests;
+        p.errors += r.errors;
+        p.latency_sum_us += r.latency_sum_us;
+        p.request_bytes += r.request_bytes;
+        p.response_bytes += r.response_bytes;
+        *p.classes.entry(r.code_class).or_insert(0) += r.requests;
+        for (sum, b) in p.buckets.iter_mut().zip(r.latency_buckets) {
+            *sum += b;
         }
     }
-    let time_series: Vec<Value> = series
+    let time_series = series
         .into_iter()
-        .map(|(method, points)| {
-            let points: Vec<Value> = points
+        .map(|(method, points)| MethodSeries {
+            method,
+            points: points
                 .into_iter()
-                .map(|(t, p)| {
-                    let observed: i64 = p.buckets.iter().sum();
-                    json!({
-                        "startTime": format_time_ms(t),
-                        "endTime": format_time_ms(t + period),
-                        "requestCount": p.requests.to_string(),
-                        "errorCount": p.errors.to_string(),
-                        "responseCodeClasses": p.classes.iter()
-                            .map(|(k, v)| (k.clone(), Value::String(v.to_string())))
-                            .collect::<serde_json::Map<_, _>>(),
-                        "latency": {
-                            "meanMs": if observed > 0 {
-                                Some(p.latency_sum_us as f64 / 1000.0 / observed as f64)
-                            } else { None },
-                            "p50Ms": percentile_ms(&p.buckets, 0.5),
-                            "p95Ms": percentile_ms(&p.buckets, 0.95),
-                            "p99Ms": percentile_ms(&p.buckets, 0.99),
-                            "bucketBoundsMs": LATENCY_BOUNDS_MS,
-                            "bucketCounts": p.buckets.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-                        },
-                        "requestBytes": p.request_bytes.to_string(),
-                        "responseBytes": p.response_bytes.to_string(),
-                    })
-                })
-                .collect();
-            json!({"method": method, "points": points})
+                .map(|(t, p)| PointOut::new(t, period, p))
+                .collect(),
         })
         .collect();
-    Ok(Json(json!({
-        "service": service,
-        "alignmentPeriod": format!("{}s", period / 1000),
-        "timeSeries": time_series,
-    })))
+    Ok(Json(TimeSeriesResponse {
+        service,
+        alignment_period: format!("{}s", period / 1000),
+        time_series,
+    }))
+}
+
+/// `GET .../topConsumers`.
+#[derive(Serialize)]
+struct TopConsumersResponse {
+    consumers: Vec<ConsumerOut>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConsumerOut {
+    consumer: String,
+    request_count: String,
+    error_count: String,
 }
 
 async fn top_consumers(
@@ -279,42 +326,55 @@ async fn top_consumers(
     principal: Principal,
     Path(service): Path<String>,
     params: Params,
-) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &principal, &service).await?;
-    let now = state.servicecontrol.clock.now_ms();
-    let since = instant_param(&params, "since", now)?.unwrap_or(now - 3_600_000);
+) -> Result<Json<TopConsumersResponse>, ApiError> {
+    let now = authorize(&state, &principal, &service).await?;
+    let since = since_param(&params, now)?;
     let limit = size_param(&params, 10, 100)?;
-    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT consumer, CAST(SUM(requests) AS BIGINT), CAST(SUM(errors) AS BIGINT) \
-         FROM sc_rollups WHERE service = $1 AND minute >= $2 \
-         GROUP BY consumer ORDER BY 2 DESC, consumer LIMIT $3",
+    let rows = rollups::top_consumers(
+        &state.store,
+        &service,
+        since.div_euclid(60_000) * 60_000,
+        limit,
     )
-    .bind(&service)
-    .bind(since.div_euclid(60_000) * 60_000)
-    .bind(limit)
-    .fetch_all(state.store.pool())
     .await?;
-    let consumers: Vec<Value> = rows
+    let consumers = rows
         .into_iter()
-        .map(|(c, r, e)| {
-            json!({"consumer": c, "requestCount": r.to_string(), "errorCount": e.to_string()})
+        .map(|c| ConsumerOut {
+            consumer: c.consumer,
+            request_count: c.requests.to_string(),
+            error_count: c.errors.to_string(),
         })
         .collect();
-    Ok(Json(json!({ "consumers": consumers })))
+    Ok(Json(TopConsumersResponse { consumers }))
 }
 
-/// ts_ms, method, consumer, status_code, code_class, severity, operation_id, entry.
-type LogDbRow = (i64, String, String, i64, String, String, String, String);
+/// `GET .../logs`.
+#[derive(Serialize)]
+struct LogsResponse {
+    entries: Vec<LogOut>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LogOut {
+    timestamp: String,
+    method: String,
+    consumer: String,
+    http_response_code: i64,
+    response_code_class: String,
+    severity: String,
+    operation_id: String,
+    log_entry: Value,
+}
 
 async fn logs(
     State(state): State<AppState>,
     principal: Principal,
     Path(service): Path<String>,
     params: Params,
-) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &principal, &service).await?;
-    let now = state.servicecontrol.clock.now_ms();
-    let since = instant_param(&params, "since", now)?.unwrap_or(now - 3_600_000);
+) -> Result<Json<LogsResponse>, ApiError> {
+    let now = authorize(&state, &principal, &service).await?;
+    let since = since_param(&params, now)?;
     let limit = size_param(&params, 50, 1000)?;
     let class = params.get("statusClass").unwrap_or("");
     if !class.is_empty() && !matches!(class, "1xx" | "2xx" | "3xx" | "4xx" | "5xx") {
@@ -324,34 +384,32 @@ async fn logs(
             "one of 1xx, 2xx, 3xx, 4xx, 5xx",
         ));
     }
-    let rows: Vec<LogDbRow> = sqlx::query_as(
-        "SELECT ts_ms, method, consumer, status_code, code_class, severity, operation_id, entry \
-         FROM sc_logs WHERE service = $1 AND ts_ms >= $2 AND ($3 = '' OR method = $3) \
-         AND ($4 = '' OR code_class = $4) AND ($5 = '' OR consumer = $5) \
-         ORDER BY ts_ms DESC, id DESC LIMIT $6",
+    let rows = stored_logs::recent(
+        &state.store,
+        &LogFilter {
+            service: &service,
+            since_ms: since,
+            method: params.get("method").unwrap_or(""),
+            code_class: class,
+            consumer: params.get("consumer").unwrap_or(""),
+            limit,
+        },
     )
-    .bind(&service)
-    .bind(since)
-    .bind(params.get("method").unwrap_or(""))
-    .bind(class)
-    .bind(params.get("consumer").unwrap_or(""))
-    .bind(limit)
-    .fetch_all(state.store.pool())
     .await?;
     let mut entries = Vec::with_capacity(rows.len());
-    for (ts, method, consumer, code, cls, severity, op_id, entry) in rows {
-        entries.push(json!({
-            "timestamp": format_time_ms(ts),
-            "method": method,
-            "consumer": consumer,
-            "httpResponseCode": code,
-            "responseCodeClass": cls,
-            "severity": severity,
-            "operationId": op_id,
-            "logEntry": serde_json::from_str::<Value>(&entry)?,
-        }));
+    for r in rows {
+        entries.push(LogOut {
+            timestamp: format_time_ms(r.ts_ms),
+            method: r.method,
+            consumer: r.consumer,
+            http_response_code: r.status_code,
+            response_code_class: r.code_class,
+            severity: r.severity,
+            operation_id: r.operation_id,
+            log_entry: serde_json::from_str(&r.entry)?,
+        });
     }
-    Ok(Json(json!({ "entries": entries })))
+    Ok(Json(LogsResponse { entries }))
 }
 
 /// Prometheus scrapes are unauthenticated, as is usual; the listener is loopback by default and

@@ -1,14 +1,163 @@
-//! The counter backends under concurrency: four independent clients (separate pools or Redis
-//! connections, like four control-plane replicas) race for one limit; exactly the limit is
-//! admitted, never more, never less.
+//! Service Control's quota below the HTTP layer: planning limits into counters, the modes'
+//! decisions, and the counter backends under concurrency — four independent clients (separate
+//! pools or Redis connections, like four control-plane replicas) race for one limit on SQLite,
+//! PostgreSQL and Redis; exactly the limit is admitted, never more, never less.
 
+mod support;
+
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::sql::SqlCounters;
-use super::tests::{config_with_limits, costs};
-use super::*;
-use crate::apis::servicecontrol::testutil;
-use crate::store::Store;
+use portico_config::service::{Quota, QuotaLimit, Service};
+use portico_control_plane::apis::servicecontrol::quota::*;
+use portico_control_plane::store::Store;
+use support::testutil;
+
+fn config_with_limits(limits: &[(&str, &str, &str, i64)]) -> Service {
+    Service {
+        name: "svc.example.com".into(),
+        quota: Some(Quota {
+            limits: limits
+                .iter()
+                .map(|(name, metric, unit, v)| QuotaLimit {
+                    name: name.to_string(),
+                    metric: metric.to_string(),
+                    unit: unit.to_string(),
+                    values: [("STANDARD".to_string(), *v)].into_iter().collect(),
+                    ..Default::default()
+                })
+                .collect(),
+            metric_rules: vec![],
+        }),
+        ..Default::default()
+    }
+}
+
+fn costs(v: &[(&str, i64)]) -> BTreeMap<String, i64> {
+    v.iter().map(|(k, c)| (k.to_string(), *c)).collect()
+}
+
+#[test]
+fn units() {
+    assert_eq!(
+        parse_unit("1/min/{project}"),
+        Ok(Window {
+            len_ms: 60_000,
+            per_project: true
+        })
+    );
+    assert_eq!(
+        parse_unit("1/d/{project}").map(|w| w.len_ms),
+        Ok(86_400_000)
+    );
+    assert_eq!(
+        parse_unit("1/min").map(|w| w.per_project),
+        Ok(false),
+        "a limit without {{project}} is shared"
+    );
+    assert!(parse_unit("1/{project}").is_err());
+    assert!(parse_unit("2/min/{project}").is_err());
+    assert!(parse_unit("1/fortnight/{project}").is_err());
+}
+
+#[test]
+fn windows_align_to_epoch() {
+    let w = parse_unit("1/min/{project}").unwrap();
+    assert_eq!(w.start(119_999), 60_000);
+    assert_eq!(w.start(120_000), 120_000);
+    let d = parse_unit("1/d/{project}").unwrap();
+    assert_eq!(d.start(86_400_000 * 3 + 5), 86_400_000 * 3);
+}
+
+#[test]
+fn plan_matches_limits_to_metrics() {
+    let cfg = config_with_limits(&[
+        ("read-per-min", "read-requests", "1/min/{project}", 10),
+        ("read-per-day", "read-requests", "1/d/{project}", 100),
+        ("write-per-min", "write-requests", "1/min/{project}", 5),
+        ("unlimited", "write-requests", "1/min/{project}", -1),
+    ]);
+    let specs = plan(
+        &cfg,
+        "project_number:7",
+        &costs(&[("read-requests", 2), ("other", 4)]),
+        61_000,
+    )
+    .unwrap();
+    assert_eq!(specs.len(), 2);
+    assert!(specs
+        .iter()
+        .all(|s| s.cost == 2 && s.metric == "read-requests"));
+    let min = specs
+        .iter()
+        .find(|s| s.limit_name == "read-per-min")
+        .unwrap();
+    assert_eq!((min.window_start_ms, min.limit), (60_000, 10));
+    let day = specs
+        .iter()
+        .find(|s| s.limit_name == "read-per-day")
+        .unwrap();
+    assert_eq!((day.window_start_ms, day.limit), (0, 100));
+
+    let specs = plan(
+        &cfg,
+        "project_number:7",
+        &costs(&[("write-requests", 1)]),
+        0,
+    )
+    .unwrap();
+    assert_eq!(specs.len(), 1, "-1 is unlimited");
+
+    assert!(matches!(
+        plan(&cfg, "p", &costs(&[("read-requests", -1)]), 0),
+        Err(PlanError::NegativeCost { .. })
+    ));
+    let bad = config_with_limits(&[("x", "m", "1/{project}", 1)]);
+    assert!(matches!(
+        plan(&bad, "p", &costs(&[("m", 1)]), 0),
+        Err(PlanError::BadLimit { .. })
+    ));
+}
+
+#[test]
+fn decide_modes() {
+    let cfg = config_with_limits(&[
+        ("a", "m1", "1/min/{project}", 10),
+        ("b", "m2", "1/min/{project}", 10),
+    ]);
+    let specs = plan(&cfg, "c", &costs(&[("m1", 4), ("m2", 4)]), 0).unwrap();
+    // m2 has only 3 left.
+    let used = [0, 7];
+    let n = decide(QuotaMode::Normal, &specs, &used);
+    assert_eq!(n.iter().map(|g| g.granted).collect::<Vec<_>>(), vec![0, 0]);
+    assert_eq!(
+        n.iter().map(|g| g.fits).collect::<Vec<_>>(),
+        vec![true, false]
+    );
+    let b = decide(QuotaMode::BestEffort, &specs, &used);
+    assert_eq!(b.iter().map(|g| g.granted).collect::<Vec<_>>(), vec![4, 3]);
+    let c = decide(QuotaMode::CheckOnly, &specs, &used);
+    assert_eq!(c.iter().map(|g| g.granted).collect::<Vec<_>>(), vec![0, 0]);
+    let ok = decide(QuotaMode::Normal, &specs, &[0, 6]);
+    assert_eq!(ok.iter().map(|g| g.granted).collect::<Vec<_>>(), vec![4, 4]);
+}
+
+#[test]
+fn description_text() {
+    let cfg = config_with_limits(&[("read-limit", "read-requests", "1/min/{project}", 1)]);
+    let specs = plan(
+        &cfg,
+        "project_number:42",
+        &costs(&[("read-requests", 1)]),
+        0,
+    )
+    .unwrap();
+    assert_eq!(
+        exhausted_description(&specs[0], "project_number:42"),
+        "Quota exceeded for quota metric 'read-requests' and limit 'read-limit' of service \
+         'svc.example.com' for consumer 'project_number:42'."
+    );
+}
 
 const LIMIT: i64 = 40;
 const CLIENTS: usize = 4;
@@ -199,12 +348,12 @@ async fn postgres_best_effort_and_rollover() {
     testutil::drop_pg_schema(&store, &schema).await;
 }
 
-async fn redis_clients(prefix: &str) -> Option<Vec<redis_counters::RedisCounters>> {
+async fn redis_clients(prefix: &str) -> Option<Vec<RedisCounters>> {
     let client = testutil::redis_client().await?;
     let mut out = Vec::new();
     for _ in 0..CLIENTS {
         out.push(
-            redis_counters::RedisCounters::connect(client.clone(), prefix)
+            RedisCounters::connect(client.clone(), prefix)
                 .await
                 .expect("connect"),
         );

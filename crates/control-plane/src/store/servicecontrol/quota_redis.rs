@@ -1,8 +1,9 @@
 //! Quota counters in Redis (`--redis-url`), for deployments where the database should not take
 //! one write per allocation.
 //!
-//! One Lua script applies a whole request: it reads every counter, decides with the same rules as
-//! [`super::decide`], increments what was granted and sets each key's expiry to the end of its
+//! This is storage, like the SQL counters beside it, so it obeys the store's layer rule (nothing
+//! above `store` is imported). One Lua script applies a whole request: it reads every counter,
+//! decides with the same rules as `apis::servicecontrol::quota::decide`, increments what was granted and sets each key's expiry to the end of its
 //! window plus a grace period. Redis runs a script atomically, so concurrent control planes
 //! neither over- nor under-admit. Keys carry a hash tag (`{service|consumer}`) so one request's
 //! keys share a cluster slot.
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::Mutex;
 
-use super::{CounterError, CounterSpec, Grant, QuotaMode};
+use super::quota::{CounterError, CounterSpec, Grant, QuotaMode};
 
 /// Kept after a window ends so a late, slow request still finds its counter.
 const GRACE_MS: i64 = 60_000;
