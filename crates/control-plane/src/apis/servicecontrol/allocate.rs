@@ -10,7 +10,7 @@ use portico_servicecontrol::{
 use crate::app::AppState;
 use crate::error::ApiError;
 
-use super::consumer::{self, Active, ConsumerProblem};
+use super::consumer::{self, Active};
 use super::quota::{self, PlanError, QuotaMode};
 use super::ScState;
 
@@ -71,11 +71,7 @@ pub async fn allocate(
         ));
     }
     let costs = costs(&req)?;
-    let config_id = if req.service_config_id.is_empty() {
-        active.config_id.clone()
-    } else {
-        req.service_config_id.clone()
-    };
+    let config_id = active.config_id_for(&req.service_config_id);
     let mut resp = AllocateQuotaResponse {
         operation_id: op.operation_id.clone(),
         service_config_id: config_id.clone(),
@@ -84,42 +80,14 @@ pub async fn allocate(
     };
     let consumer = match consumer::resolve(state, &op.consumer_id, producer).await? {
         Ok(c) => c,
-        Err(ConsumerProblem::KeyInvalid) => {
-            resp.allocate_errors.push(quota_err(
-                "API_KEY_INVALID",
-                String::new(),
-                "API key not valid. Please pass a valid API key.".into(),
-            ));
-            return Ok(resp);
-        }
-        Err(ConsumerProblem::ProjectInvalid(p)) => {
-            resp.allocate_errors.push(quota_err(
-                "PROJECT_INVALID",
-                format!("projects/{p}"),
-                format!("Consumer project '{p}' not found."),
-            ));
+        Err(problem) => {
+            resp.allocate_errors.push(problem.refusal().into());
             return Ok(resp);
         }
     };
     // Same rules as `:check` (see check.rs for why expiry uses the wall clock).
-    if let Some(key) = consumer
-        .key
-        .as_ref()
-        .filter(|k| consumer::key_expired(k, time::OffsetDateTime::now_utc()))
-    {
-        resp.allocate_errors.push(quota_err(
-            "API_KEY_EXPIRED",
-            key.name.clone(),
-            "API key expired. Please renew the API key.".into(),
-        ));
-        return Ok(resp);
-    }
-    if consumer.project_deleted {
-        resp.allocate_errors.push(quota_err(
-            "PROJECT_DELETED",
-            format!("projects/{}", consumer.project_number),
-            format!("Project {} has been deleted.", consumer.project_id),
-        ));
+    if let Some(refusal) = consumer.lapsed(time::OffsetDateTime::now_utc()) {
+        resp.allocate_errors.push(refusal.into());
         return Ok(resp);
     }
     let Some(config) = consumer::config(state, sc, service, &config_id).await? else {

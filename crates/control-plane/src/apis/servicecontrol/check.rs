@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use crate::app::AppState;
 use crate::error::ApiError;
 
-use super::consumer::{self, Active, ConsumerProblem};
+use super::consumer::{self, Active};
 use super::restrictions;
 
 fn err(code: &str, subject: String, detail: String) -> CheckError {
@@ -45,30 +45,14 @@ pub async fn check(
     }
     let mut resp = CheckResponse {
         operation_id: op.operation_id.clone(),
-        service_config_id: if req.service_config_id.is_empty() {
-            active.config_id.clone()
-        } else {
-            req.service_config_id.clone()
-        },
+        service_config_id: active.config_id_for(&req.service_config_id),
         service_rollout_id: active.rollout_id.clone(),
         ..Default::default()
     };
     let consumer = match consumer::resolve(state, &op.consumer_id, producer).await? {
         Ok(c) => c,
-        Err(ConsumerProblem::KeyInvalid) => {
-            resp.check_errors.push(err(
-                "API_KEY_INVALID",
-                String::new(),
-                "API key not valid. Please pass a valid API key.".into(),
-            ));
-            return Ok(resp);
-        }
-        Err(ConsumerProblem::ProjectInvalid(p)) => {
-            resp.check_errors.push(err(
-                "PROJECT_INVALID",
-                format!("projects/{p}"),
-                format!("Consumer project '{p}' not found."),
-            ));
+        Err(problem) => {
+            resp.check_errors.push(problem.refusal().into());
             return Ok(resp);
         }
     };
@@ -88,24 +72,8 @@ pub async fn check(
     let subject = format!("projects/{}", consumer.project_number);
     // Expiry is a wall-clock instant the key's owner chose, so it is compared with the real
     // clock (not Service Control's quota clock, which tests move by hand).
-    if let Some(key) = consumer
-        .key
-        .as_ref()
-        .filter(|k| consumer::key_expired(k, OffsetDateTime::now_utc()))
-    {
-        resp.check_errors.push(err(
-            "API_KEY_EXPIRED",
-            key.name.clone(),
-            "API key expired. Please renew the API key.".into(),
-        ));
-        return Ok(resp);
-    }
-    if consumer.project_deleted {
-        resp.check_errors.push(err(
-            "PROJECT_DELETED",
-            subject,
-            format!("Project {} has been deleted.", consumer.project_id),
-        ));
+    if let Some(refusal) = consumer.lapsed(OffsetDateTime::now_utc()) {
+        resp.check_errors.push(refusal.into());
         return Ok(resp);
     }
     if let Some(key) = &consumer.key {

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use portico_config::service::Service;
+use portico_servicecontrol::{CheckError, QuotaError};
 use serde_json::Value;
 use time::OffsetDateTime;
 
@@ -47,6 +48,71 @@ pub enum ConsumerProblem {
     KeyInvalid,
     /// Unknown project (`PROJECT_INVALID`).
     ProjectInvalid(String),
+}
+
+/// A refusal in Google's terms, shared by `:check` (`CheckError.detail`) and `:allocateQuota`
+/// (`QuotaError.description`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub subject: String,
+    pub detail: String,
+}
+
+impl From<Refusal> for CheckError {
+    fn from(r: Refusal) -> CheckError {
+        CheckError {
+            code: r.code.to_string(),
+            subject: r.subject,
+            detail: r.detail,
+        }
+    }
+}
+
+impl From<Refusal> for QuotaError {
+    fn from(r: Refusal) -> QuotaError {
+        QuotaError {
+            code: r.code.to_string(),
+            subject: r.subject,
+            description: r.detail,
+        }
+    }
+}
+
+impl ConsumerProblem {
+    pub fn refusal(self) -> Refusal {
+        match self {
+            ConsumerProblem::KeyInvalid => Refusal {
+                code: "API_KEY_INVALID",
+                subject: String::new(),
+                detail: "API key not valid. Please pass a valid API key.".into(),
+            },
+            ConsumerProblem::ProjectInvalid(p) => Refusal {
+                code: "PROJECT_INVALID",
+                subject: format!("projects/{p}"),
+                detail: format!("Consumer project '{p}' not found."),
+            },
+        }
+    }
+}
+
+impl Consumer {
+    /// Why an existing consumer may not call at `now`: its key is past `expireTime`
+    /// (`API_KEY_EXPIRED`) or its project is deleted (`PROJECT_DELETED`), in that order.
+    pub fn lapsed(&self, now: OffsetDateTime) -> Option<Refusal> {
+        if let Some(key) = self.key.as_ref().filter(|k| key_expired(k, now)) {
+            return Some(Refusal {
+                code: "API_KEY_EXPIRED",
+                subject: key.name.clone(),
+                detail: "API key expired. Please renew the API key.".into(),
+            });
+        }
+        self.project_deleted.then(|| Refusal {
+            code: "PROJECT_DELETED",
+            subject: format!("projects/{}", self.project_number),
+            detail: format!("Project {} has been deleted.", self.project_id),
+        })
+    }
 }
 
 /// Whether a known project is deleted. A project with no row (an API key always has one, as
@@ -186,6 +252,17 @@ pub fn key_restrictions(rec: &ApiKeyRecord) -> KeyRestrictions {
 pub struct Active {
     pub rollout_id: String,
     pub config_id: String,
+}
+
+impl Active {
+    /// The config a request is about: the one it names, else the active one.
+    pub fn config_id_for(&self, requested: &str) -> String {
+        if requested.is_empty() {
+            self.config_id.clone()
+        } else {
+            requested.to_string()
+        }
+    }
 }
 
 pub async fn active(state: &AppState, service: &str) -> Result<Active, ApiError> {

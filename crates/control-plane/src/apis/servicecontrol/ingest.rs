@@ -84,11 +84,7 @@ pub async fn report(
         )));
     }
     let mut resp = ReportResponse {
-        service_config_id: if req.service_config_id.is_empty() {
-            active.config_id.clone()
-        } else {
-            req.service_config_id.clone()
-        },
+        service_config_id: active.config_id_for(&req.service_config_id),
         service_rollout_id: active.rollout_id.clone(),
         ..Default::default()
     };

@@ -1,19 +1,7 @@
 //! Reads over `sc_logs` for the read API (writes are part of [`super::reports::write`]).
 
+use super::reports::LogRow;
 use crate::store::{Store, StoreError};
-
-/// One stored entry; `entry` is the redacted `LogEntry` as JSON text.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StoredLog {
-    pub ts_ms: i64,
-    pub method: String,
-    pub consumer: String,
-    pub status_code: i64,
-    pub code_class: String,
-    pub severity: String,
-    pub operation_id: String,
-    pub entry: String,
-}
 
 /// Which entries to read; an empty `method`/`code_class`/`consumer` means all.
 #[derive(Debug, Clone, Copy)]
@@ -30,8 +18,8 @@ pub struct LogFilter<'a> {
 /// ts_ms, method, consumer, status_code, code_class, severity, operation_id, entry.
 type LogDbRow = (i64, String, String, i64, String, String, String, String);
 
-/// Entries matching `f`, newest first.
-pub async fn recent(store: &Store, f: &LogFilter<'_>) -> Result<Vec<StoredLog>, StoreError> {
+/// Entries matching `f`, newest first; each `entry` is the stored JSON text.
+pub async fn recent(store: &Store, f: &LogFilter<'_>) -> Result<Vec<LogRow<String>>, StoreError> {
     let rows: Vec<LogDbRow> = sqlx::query_as(
         "SELECT ts_ms, method, consumer, status_code, code_class, severity, operation_id, entry \
          FROM sc_logs WHERE service = $1 AND ts_ms >= $2 AND ($3 = '' OR method = $3) \
@@ -50,7 +38,7 @@ pub async fn recent(store: &Store, f: &LogFilter<'_>) -> Result<Vec<StoredLog>, 
         .into_iter()
         .map(
             |(ts_ms, method, consumer, status_code, code_class, severity, operation_id, entry)| {
-                StoredLog {
+                LogRow {
                     ts_ms,
                     method,
                     consumer,

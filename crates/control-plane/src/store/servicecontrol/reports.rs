@@ -62,9 +62,10 @@ impl RollupDelta {
     }
 }
 
-/// One stored log entry.
+/// One stored log entry. `E` is the entry: a JSON value on the way in, its stored text when
+/// read back ([`super::logs::recent`]), so reads do not parse what they only pass on.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LogRow {
+pub struct LogRow<E = Value> {
     pub ts_ms: i64,
     pub method: String,
     pub consumer: String,
@@ -73,7 +74,7 @@ pub struct LogRow {
     pub severity: String,
     pub operation_id: String,
     /// The entry as JSON, with API key material redacted.
-    pub entry: Value,
+    pub entry: E,
 }
 
 /// Merges deltas with equal keys (a batch often repeats a method/consumer/class).
