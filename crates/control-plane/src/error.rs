@@ -6,7 +6,8 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 /// `google.rpc.Code`, shared with the proxy (`portico_servicecontrol::Code`).
 pub use portico_servicecontrol::Code;
@@ -75,38 +76,86 @@ impl ApiError {
 
     /// A `google.rpc.BadRequest` detail naming one offending field.
     pub fn with_field_violation(self, field: &str, description: &str) -> Self {
-        self.with_detail(json!({
-            "@type": "type.googleapis.com/google.rpc.BadRequest",
-            "fieldViolations": [{"field": field, "description": description}],
-        }))
+        let detail = BadRequest {
+            type_url: BAD_REQUEST_TYPE,
+            field_violations: [FieldViolation { field, description }],
+        };
+        self.with_detail(serde_json::to_value(detail).unwrap_or_default())
+    }
+
+    fn wire(&self) -> ErrorBody<'_> {
+        ErrorBody {
+            error: ErrorStatus {
+                code: self.code.http_status(),
+                message: &self.message,
+                status: self.code.name(),
+                details: &self.details,
+            },
+        }
     }
 
     /// The JSON body (`{"error":{...}}`).
     pub fn body(&self) -> Value {
-        let mut err = json!({
-            "code": self.code.http_status(),
-            "message": self.message,
-            "status": self.code.name(),
-        });
-        if !self.details.is_empty() {
-            err["details"] = Value::Array(self.details.clone());
-        }
-        json!({ "error": err })
+        serde_json::to_value(self.wire()).unwrap_or_default()
     }
 
     /// The `google.rpc.Status` form used inside `Operation.error`.
     pub fn rpc_status(&self) -> Value {
-        let mut s = json!({"code": self.code.as_i32(), "message": self.message});
-        if !self.details.is_empty() {
-            s["details"] = Value::Array(self.details.clone());
-        }
-        s
+        serde_json::to_value(RpcStatus {
+            code: self.code.as_i32(),
+            message: &self.message,
+            details: &self.details,
+        })
+        .unwrap_or_default()
     }
+}
+
+/// Google's REST error body. Unlike `google.rpc.Status`, `code` is the HTTP status and
+/// `status` the canonical code's name (what gcloud prints).
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorStatus<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorStatus<'a> {
+    code: u16,
+    message: &'a str,
+    status: &'static str,
+    #[serde(skip_serializing_if = "<[Value]>::is_empty")]
+    details: &'a [Value],
+}
+
+/// `google.rpc.Status`, with `message` always present (the wire type in
+/// `portico_servicecontrol` leaves an empty one out).
+#[derive(Serialize)]
+struct RpcStatus<'a> {
+    code: i32,
+    message: &'a str,
+    #[serde(skip_serializing_if = "<[Value]>::is_empty")]
+    details: &'a [Value],
+}
+
+const BAD_REQUEST_TYPE: &str = "type.googleapis.com/google.rpc.BadRequest";
+
+/// `google.rpc.BadRequest` naming one field.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BadRequest<'a> {
+    #[serde(rename = "@type")]
+    type_url: &'static str,
+    field_violations: [FieldViolation<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct FieldViolation<'a> {
+    field: &'a str,
+    description: &'a str,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (http_status(self.code), axum::Json(self.body())).into_response()
+        (http_status(self.code), axum::Json(self.wire())).into_response()
     }
 }
 
