@@ -114,6 +114,9 @@ impl Code {
     /// The code for an HTTP status, for errors that start life as a status (a backend's or
     /// Service Control's answer): the inverse of [`Code::http_status`] where that is one to
     /// one, `FailedPrecondition` for other 4xx and `Internal` for other 5xx.
+    // The exact statuses are listed before the 4xx range they fall in: the first arm wins, so
+    // the range only catches the rest.
+    #[allow(clippy::match_overlapping_arm)]
     pub const fn from_http_status(status: u16) -> Code {
         match status {
             200..=299 => Code::Ok,
