@@ -10,14 +10,17 @@
 //! - [`query`]: the JSON read API and `/metrics`; [`prom`]: the Prometheus registry.
 //!
 //! Request flow: Service Management's `POST /v1/services/{s}` route hands `:check`,
-//! `:allocateQuota` and `:report` to the handlers here (via `server::SERVICE_VERB_HANDLERS`).
+//! `:allocateQuota` and `:report` to the handlers here (via [`crate::app::SERVICE_VERB_HANDLERS`]).
 //! Each handler authenticates the caller, requires the matching serviceController permission on
 //! the service, checks that the service exists, parses the JSON body, and answers in Google's
 //! shapes. Outcomes and latencies feed [`prom::ScMetrics`].
 //!
 //! Layer rule: handlers only. Every statement on Service Control's tables (`sc_*`), the quota
 //! counter backends (SQL and Redis) and the reads of other APIs' tables are in
-//! [`crate::store::servicecontrol`]; nothing here runs SQL.
+//! [`crate::store::servicecontrol`]; nothing here runs SQL. Other APIs are consulted in three
+//! places: `producer_of` (Service Management: does the service exist, who produces it),
+//! [`consumer::resolve`] (API Keys and projects) and the activation step of [`check::check`]
+//! (Service Usage).
 
 pub mod allocate;
 pub mod check;

@@ -3,10 +3,10 @@
 //!
 //! This is storage, like the SQL counters beside it, so it obeys the store's layer rule (nothing
 //! above `store` is imported). One Lua script applies a whole request: it reads every counter,
-//! decides with the same rules as `apis::servicecontrol::quota::decide`, increments what was granted and sets each key's expiry to the end of its
-//! window plus a grace period. Redis runs a script atomically, so concurrent control planes
-//! neither over- nor under-admit. Keys carry a hash tag (`{service|consumer}`) so one request's
-//! keys share a cluster slot.
+//! decides with the same rules as `apis::servicecontrol::quota::decide`, increments what was
+//! granted and sets each key's expiry to the end of its window plus a grace period. Redis runs a
+//! script atomically, so concurrent control planes neither over- nor under-admit. Keys carry a
+//! hash tag (`{service|consumer}`) so one request's keys share a cluster slot.
 
 use std::sync::Arc;
 

@@ -1,6 +1,6 @@
 //! Service Control's report tables: the `:report` write path and retention.
 //!
-//! [`write`] stores a whole `ReportRequest` in one transaction, after recording each
+//! [`write()`] stores a whole `ReportRequest` in one transaction, after recording each
 //! `operationId` in `sc_report_ops`; an operation whose id is already there is a replay (the
 //! proxy retries reports) and is skipped, so nothing is double-counted. The transaction commits
 //! before the handler answers 200, so accepted data survives a restart. [`prune`] applies
@@ -161,7 +161,7 @@ pub struct PreparedOp {
     pub logs: Vec<LogRow>,
 }
 
-/// What [`write`] did.
+/// What [`write()`] did.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct WriteOutcome {
     /// Operations applied (not replays).
