@@ -265,6 +265,9 @@ impl Active {
     }
 }
 
+/// The rollout body is read as a JSON value, not a typed rollout: a strategy other than traffic
+/// percentages, or a percentage that is not a number, gives an empty config id instead of an
+/// error, and among equal percentages the one listed last wins (document order).
 pub async fn active(state: &AppState, service: &str) -> Result<Active, ApiError> {
     if let Some((rollout_id, body)) =
         lookups::latest_successful_rollout(&state.store, service).await?
