@@ -46,45 +46,13 @@ use serde_json::{json, Value};
 
 use crate::apis::iam::{json_body, next_page_token, page_bounds};
 use crate::apis::operations::{self, Outcome};
-use crate::apis::resourcemanager::{perms, require_project_permission};
 use crate::app::{split_verb, AppState};
 use crate::authz::Principal;
+use crate::authz::{perms, require_project_permission};
 use crate::error::ApiError;
-use crate::store::{format_rfc3339, now_rfc3339, Migration};
+use crate::store::{format_rfc3339, now_rfc3339};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-
-pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        id: "apikeys_0001",
-        sql: &["CREATE TABLE IF NOT EXISTS apikeys_keys (\
-         uid TEXT PRIMARY KEY, \
-         project_id TEXT NOT NULL, \
-         project_number BIGINT NOT NULL, \
-         key_id TEXT NOT NULL, \
-         display_name TEXT NOT NULL, \
-         restrictions TEXT NOT NULL, \
-         annotations TEXT NOT NULL, \
-         key_hash TEXT NOT NULL UNIQUE, \
-         key_sealed TEXT NOT NULL, \
-         etag TEXT NOT NULL, \
-         create_time TEXT NOT NULL, \
-         update_time TEXT NOT NULL, \
-         delete_time TEXT NOT NULL, \
-         UNIQUE (project_id, key_id))"],
-    },
-    // RFC 3339 strings with trimmed fractions do not sort chronologically as text; list order
-    // comes from this integer instead.
-    Migration {
-        id: "apikeys_0002",
-        sql: &["ALTER TABLE apikeys_keys ADD COLUMN create_seq BIGINT NOT NULL DEFAULT 0"],
-    },
-    // The `expireTime` extension; '' = never expires (what every older key means).
-    Migration {
-        id: "apikeys_0003",
-        sql: &["ALTER TABLE apikeys_keys ADD COLUMN expire_time TEXT NOT NULL DEFAULT ''"],
-    },
-];
 
 /// Domain separation label for the lookup hash.
 const HASH_PURPOSE: &str = "apikeys.keyString";

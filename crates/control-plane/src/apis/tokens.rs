@@ -47,26 +47,7 @@ use crate::app::AppState;
 use crate::authz::{BoxFuture, Principal, TokenVerifier};
 use crate::crypto::{random_urlsafe, token_hash};
 use crate::error::ApiError;
-use crate::store::{now_rfc3339, Migration, Store};
-
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    id: "tokens_0001",
-    sql: &[
-        "CREATE TABLE IF NOT EXISTS oauth_access_tokens (\
-         token_hash TEXT PRIMARY KEY, \
-         email TEXT NOT NULL, \
-         key_id TEXT NOT NULL, \
-         scope TEXT NOT NULL, \
-         expires_at BIGINT NOT NULL, \
-         create_time TEXT NOT NULL)",
-        "CREATE INDEX IF NOT EXISTS oauth_access_tokens_expiry ON oauth_access_tokens (expires_at)",
-        "CREATE TABLE IF NOT EXISTS oauth_used_assertions (\
-         assertion_hash TEXT PRIMARY KEY, \
-         expires_at BIGINT NOT NULL)",
-        "CREATE INDEX IF NOT EXISTS oauth_used_assertions_expiry \
-         ON oauth_used_assertions (expires_at)",
-    ],
-}];
+use crate::store::{now_rfc3339, Store};
 
 pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// Audiences Google's token endpoint answers to; gcloud sends the first regardless of token_uri.

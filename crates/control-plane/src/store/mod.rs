@@ -14,9 +14,15 @@
 //!
 //! # Registering a module's schema
 //! A module declares `pub const MIGRATIONS: &[Migration] = &[Migration { id: "iam_0001", sql: &[
-//! "CREATE TABLE IF NOT EXISTS ..."] }];` and adds it to `server::migrations()`. Each migration runs
+//! "CREATE TABLE IF NOT EXISTS ..."] }];` and adds it to `app::migrations()`. Each migration runs
 //! once, in a transaction, recorded in `schema_migrations`. Never edit a shipped migration; add
 //! `iam_0002`. Ids are global, so prefix them with the module name.
+
+pub mod accounts;
+pub mod keys;
+pub mod policies;
+pub mod projects;
+pub mod tokens;
 
 use std::path::Path;
 use std::str::FromStr;
