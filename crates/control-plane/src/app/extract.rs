@@ -171,3 +171,47 @@ pub fn page_token(next_offset: i64) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(next_offset.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The identity APIs' paging (formerly `iam::page_bounds` / `next_page_token`).
+    #[test]
+    fn paging_round_trip() {
+        let mut q = Params::default();
+        q.0.insert("pageSize".to_string(), "2".to_string());
+        let page = |q: &Params| {
+            q.paging(100, 100, PageSizeWording::Number)
+                .map(|p| (p.offset, p.size))
+        };
+        assert_eq!(page(&q).expect("bounds"), (0, 2));
+        let t = Page { offset: 0, size: 2 }.next_token(5).expect("token");
+        q.0.insert("pageToken".to_string(), t);
+        assert_eq!(page(&q).expect("bounds"), (2, 2));
+        assert_eq!(Page { offset: 4, size: 2 }.next_token(5), None);
+        q.0.insert("pageToken".to_string(), "!!".to_string());
+        assert!(page(&q).is_err());
+    }
+
+    #[test]
+    fn page_size_wordings_stay_distinct() {
+        let mut q = Params::default();
+        q.0.insert("pageSize".to_string(), "-1".to_string());
+        assert_eq!(
+            q.page(50, 100).expect_err("negative").message,
+            "Invalid pageSize -1: must not be negative."
+        );
+        assert_eq!(
+            q.paging(50, 100, PageSizeWording::Number)
+                .expect_err("negative")
+                .message,
+            "Invalid pageSize '-1': expected a number."
+        );
+        q.0.insert("pageSize".to_string(), "x".to_string());
+        assert_eq!(
+            q.page(50, 100).expect_err("junk").message,
+            "Invalid pageSize 'x': expected an integer."
+        );
+    }
+}

@@ -275,6 +275,13 @@ impl Store {
     }
 }
 
+/// Nanoseconds since the epoch: a creation order that sorts as an integer (RFC 3339 text with
+/// trimmed fractions does not).
+pub fn creation_seq() -> i64 {
+    let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+    i64::try_from(nanos).unwrap_or(i64::MAX)
+}
+
 /// Current UTC time as RFC 3339 with a `Z` suffix and up to nanosecond precision (Google's style).
 pub fn now_rfc3339() -> String {
     format_rfc3339(time::OffsetDateTime::now_utc())
