@@ -8,7 +8,7 @@
 //!   token → 401 UNAUTHENTICATED.
 //! - [`roles`]: the permissions and the one role → permission table.
 //! - [`policy`]: the IAM policy model (Policy, Binding, etag).
-//! - [`check`]: [`require_service_permission`] (admin always; a service account needs a role
+//! - [`check`] holds [`require_service_permission`] (admin always; a service account needs a role
 //!   granting the permission in the service's IAM policy or in the producer project's policy)
 //!   and [`require_project_permission`] (the project's policy).
 //!
