@@ -11,76 +11,31 @@
 //! standard key-file JSON whose `token_uri` is this control plane's `/token`). The database keeps
 //! the public key (SPKI PEM) and a self-signed X.509 certificate made from the fresh key at
 //! creation time — Google publishes such certificates at `client_x509_cert_url`, and
-//! [`certificates`] returns them for whoever serves that URL. Deleting a key deletes its row, so
-//! self-signed JWTs and access tokens minted with it stop verifying at once (see `tokens.rs`).
+//! `store::accounts::certificates` returns them for whoever serves that URL. Deleting a key deletes its row, so
+//! self-signed JWTs and access tokens minted with it stop verifying at once (see `apis/tokens.rs`).
 //!
 //! Authorization: the admin token may do anything; a service account needs a project role that
-//! grants the `iam.*` permission (see [`crate::apis::resourcemanager::require_project_permission`]).
-
-use std::collections::HashMap;
+//! grants the `iam.*` permission (see [`crate::authz::require_project_permission`]).
+//!
+//! Layer rule: handlers only; accounts and keys are stored by `crate::store::accounts`.
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use rand::Rng as _;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 
-use crate::apis::resourcemanager::{perms, require_project_permission};
-use crate::app::AppState;
-use crate::authz::Principal;
+use crate::app::{parse_json_body, AppState, IdentityState, PageSizeWording, Params};
+use crate::authz::{perms, require_project_permission, Principal};
 use crate::error::ApiError;
-use crate::store::{now_rfc3339, Migration, Store};
+use crate::store::accounts::{self, NewAccountKey, ServiceAccount};
+use crate::store::now_rfc3339;
 
-pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        id: "iam_0001",
-        sql: &[
-            "CREATE TABLE IF NOT EXISTS iam_service_accounts (\
-         email TEXT PRIMARY KEY, \
-         project_id TEXT NOT NULL, \
-         account_id TEXT NOT NULL, \
-         unique_id TEXT NOT NULL UNIQUE, \
-         display_name TEXT NOT NULL, \
-         description TEXT NOT NULL, \
-         etag TEXT NOT NULL, \
-         create_time TEXT NOT NULL)",
-            "CREATE INDEX IF NOT EXISTS iam_service_accounts_project \
-         ON iam_service_accounts (project_id)",
-            "CREATE TABLE IF NOT EXISTS iam_sa_keys (\
-         key_id TEXT PRIMARY KEY, \
-         email TEXT NOT NULL, \
-         public_key_pem TEXT NOT NULL, \
-         certificate_pem TEXT NOT NULL, \
-         valid_after TEXT NOT NULL, \
-         valid_before TEXT NOT NULL, \
-         create_time TEXT NOT NULL)",
-            "CREATE INDEX IF NOT EXISTS iam_sa_keys_email ON iam_sa_keys (email)",
-        ],
-    },
-    // Creation order for listings (RFC 3339 text with trimmed fractions does not sort).
-    Migration {
-        id: "iam_0002",
-        sql: &["ALTER TABLE iam_sa_keys ADD COLUMN create_seq BIGINT NOT NULL DEFAULT 0"],
-    },
-    // `gcloud iam service-accounts disable|enable`.
-    Migration {
-        id: "iam_0003",
-        sql: &["ALTER TABLE iam_service_accounts ADD COLUMN disabled BIGINT NOT NULL DEFAULT 0"],
-    },
-];
-
-/// Nanoseconds since the epoch: a creation order that sorts as an integer.
-pub(crate) fn creation_seq() -> i64 {
-    let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
-    i64::try_from(nanos).unwrap_or(i64::MAX)
-}
-
-/// Email domain of service accounts: `<accountId>@<project>.iam.gserviceaccount.com`.
-pub const SA_DOMAIN_SUFFIX: &str = ".iam.gserviceaccount.com";
+pub use crate::store::accounts::SA_DOMAIN_SUFFIX;
 /// Google's `validBeforeTime` for user-managed keys (they never expire on their own).
 const KEY_VALID_BEFORE: &str = "9999-12-31T23:59:59Z";
 
@@ -104,126 +59,78 @@ pub fn routes() -> Router<AppState> {
         )
 }
 
-/// A stored service account.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceAccount {
-    pub email: String,
-    pub project_id: String,
-    pub account_id: String,
-    pub unique_id: String,
-    pub display_name: String,
-    pub description: String,
-    pub etag: String,
-    /// A disabled account cannot obtain or use tokens until enabled again.
-    pub disabled: bool,
+/// `google.iam.admin.v1.ServiceAccount` on the wire.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceAccountJson {
+    name: String,
+    project_id: String,
+    unique_id: String,
+    email: String,
+    etag: String,
+    oauth2_client_id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    display_name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    description: String,
+    /// Present only when true, like Google.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    disabled: bool,
 }
 
-impl ServiceAccount {
-    pub fn to_json(&self) -> Value {
-        let mut v = json!({
-            "name": format!("projects/{}/serviceAccounts/{}", self.project_id, self.email),
-            "projectId": self.project_id,
-            "uniqueId": self.unique_id,
-            "email": self.email,
-            "etag": self.etag,
-            "oauth2ClientId": self.unique_id,
-        });
-        if !self.display_name.is_empty() {
-            v["displayName"] = json!(self.display_name);
+impl From<ServiceAccount> for ServiceAccountJson {
+    fn from(sa: ServiceAccount) -> Self {
+        ServiceAccountJson {
+            name: format!("projects/{}/serviceAccounts/{}", sa.project_id, sa.email),
+            oauth2_client_id: sa.unique_id.clone(),
+            project_id: sa.project_id,
+            unique_id: sa.unique_id,
+            email: sa.email,
+            etag: sa.etag,
+            display_name: sa.display_name,
+            description: sa.description,
+            disabled: sa.disabled,
         }
-        if !self.description.is_empty() {
-            v["description"] = json!(self.description);
-        }
-        if self.disabled {
-            v["disabled"] = json!(true);
-        }
-        v
     }
 }
 
-type AccountRow = (String, String, String, String, String, String, String, i64);
-
-fn account_from_row(r: AccountRow) -> ServiceAccount {
-    ServiceAccount {
-        email: r.0,
-        project_id: r.1,
-        account_id: r.2,
-        unique_id: r.3,
-        display_name: r.4,
-        description: r.5,
-        etag: r.6,
-        disabled: r.7 != 0,
-    }
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ListAccountsResponse {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    accounts: Vec<ServiceAccountJson>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_page_token: Option<String>,
 }
 
-const ACCOUNT_COLUMNS: &str =
-    "email, project_id, account_id, unique_id, display_name, description, etag, disabled";
-
-/// Finds an account by email or unique id (both forms appear in Google paths).
-pub async fn find_account(
-    store: &Store,
-    account: &str,
-) -> Result<Option<ServiceAccount>, ApiError> {
-    let column = if account.contains('@') {
-        "email"
-    } else {
-        "unique_id"
-    };
-    let row: Option<AccountRow> = sqlx::query_as(&format!(
-        "SELECT {ACCOUNT_COLUMNS} FROM iam_service_accounts WHERE {column} = $1"
-    ))
-    .bind(account)
-    .fetch_optional(store.pool())
-    .await?;
-    Ok(row.map(account_from_row))
+/// `google.iam.admin.v1.ServiceAccountKey` on the wire; the optional fields appear only in the
+/// create (`privateKey*`) and get-with-`publicKeyType` (`publicKeyData`) answers.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceAccountKeyJson {
+    name: String,
+    valid_after_time: String,
+    valid_before_time: String,
+    key_algorithm: &'static str,
+    key_origin: &'static str,
+    key_type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    private_key_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    private_key_data: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    public_key_data: Option<String>,
 }
 
-/// A key that can verify signatures, and whether its account is disabled.
-#[derive(Debug, Clone)]
-pub struct VerificationKey {
-    /// SPKI PEM.
-    pub public_key_pem: String,
-    pub account_disabled: bool,
+#[derive(Debug, Serialize)]
+struct ListKeysResponse {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    keys: Vec<ServiceAccountKeyJson>,
 }
 
-/// The public key of `key_id` if it exists and belongs to `email`.
-pub async fn public_key(
-    store: &Store,
-    email: &str,
-    key_id: &str,
-) -> Result<Option<VerificationKey>, ApiError> {
-    let row: Option<(String, i64)> = sqlx::query_as(
-        "SELECT k.public_key_pem, a.disabled FROM iam_sa_keys k \
-         JOIN iam_service_accounts a ON a.email = k.email \
-         WHERE k.key_id = $1 AND k.email = $2",
-    )
-    .bind(key_id)
-    .bind(email)
-    .fetch_optional(store.pool())
-    .await?;
-    Ok(row.map(|(public_key_pem, d)| VerificationKey {
-        public_key_pem,
-        account_disabled: d != 0,
-    }))
-}
-
-/// `(key_id, certificate PEM)` for every key of the account, for Google's x509 map
-/// (`/robot/v1/metadata/x509/{email}` → `{"<key_id>": "<PEM>", ...}`). `None`: no such account.
-pub async fn certificates(
-    store: &Store,
-    email: &str,
-) -> Result<Option<Vec<(String, String)>>, ApiError> {
-    if find_account(store, email).await?.is_none() {
-        return Ok(None);
-    }
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT key_id, certificate_pem FROM iam_sa_keys WHERE email = $1 ORDER BY create_seq, key_id",
-    )
-    .bind(email)
-    .fetch_all(store.pool())
-    .await?;
-    Ok(Some(rows))
-}
+/// The `{}` Google answers for deletes and state changes.
+#[derive(Debug, Serialize)]
+struct Empty {}
 
 /// Google's account-id rule `^[a-z](?:[-a-z0-9]{4,28}[a-z0-9])$`, checked by hand (no regex
 /// dependency for one pattern).
@@ -250,47 +157,8 @@ pub fn validate_account_id(id: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Parses a JSON request body into `T`; an empty body counts as `{}`.
-pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    let text: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        body
-    };
-    serde_json::from_slice(text)
-        .map_err(|e| ApiError::invalid_argument(format!("Invalid JSON payload received. {e}")))
-}
-
-/// Offset-based page tokens (base64 of the decimal offset), shared by the identity list calls.
-pub(crate) fn page_bounds(
-    query: &HashMap<String, String>,
-    default_size: usize,
-    max_size: usize,
-) -> Result<(usize, usize), ApiError> {
-    let size = match query.get("pageSize").map(String::as_str) {
-        None | Some("") | Some("0") => default_size,
-        Some(s) => s.parse::<usize>().map_err(|_| {
-            ApiError::invalid_argument(format!("Invalid pageSize '{s}': expected a number."))
-        })?,
-    }
-    .min(max_size);
-    let offset = match query.get("pageToken").map(String::as_str) {
-        None | Some("") => 0,
-        Some(t) => crate::crypto::decode_base64_lenient(t)
-            .and_then(|b| String::from_utf8(b).ok())
-            .and_then(|s| s.parse::<usize>().ok())
-            .ok_or_else(|| ApiError::invalid_argument(format!("Invalid pageToken '{t}'.")))?,
-    };
-    Ok((offset, size.max(1)))
-}
-
-pub(crate) fn next_page_token(offset: usize, size: usize, total: usize) -> Option<String> {
-    let next = offset + size;
-    (next < total).then(|| STANDARD.encode(next.to_string()))
-}
-
 /// Resolves the `{project}` path segment; `-` means "whatever project the account is in".
-async fn path_project(state: &AppState, project: &str) -> Result<Option<String>, ApiError> {
+async fn path_project(state: &IdentityState, project: &str) -> Result<Option<String>, ApiError> {
     if project == "-" {
         Ok(None)
     } else {
@@ -315,7 +183,7 @@ fn unknown_account(account: &str) -> ApiError {
 /// account caller the permission is checked before the lookup, so a 403 never reveals whether
 /// the account exists.
 async fn authorised_account(
-    state: &AppState,
+    state: &IdentityState,
     principal: &Principal,
     project: &str,
     account: &str,
@@ -328,7 +196,7 @@ async fn authorised_account(
     if let Some(p) = &hinted {
         require_project_permission(state, principal, p, permission).await?;
     }
-    let found = find_account(&state.store, account).await?;
+    let found = accounts::find(&state.store, account).await?;
     let Some(sa) = found else {
         if hinted.is_none() && *principal != Principal::Admin {
             return Err(ApiError::permission_denied(format!(
@@ -377,14 +245,14 @@ fn new_etag() -> String {
 }
 
 async fn create_account(
-    State(state): State<AppState>,
+    State(state): State<IdentityState>,
     principal: Principal,
     Path(project): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ServiceAccountJson>, ApiError> {
     let project_id = crate::projects::project_id_for(&state.store, &project).await?;
     require_project_permission(&state, &principal, &project_id, perms::SA_CREATE).await?;
-    let req: CreateAccountRequest = json_body(&body)?;
+    let req: CreateAccountRequest = parse_json_body(&body)?;
     validate_account_id(&req.account_id)?;
     if req.service_account.display_name.chars().count() > 100 {
         return Err(ApiError::invalid_argument(
@@ -406,22 +274,7 @@ async fn create_account(
         etag: new_etag(),
         disabled: false,
     };
-    let inserted = sqlx::query(
-        "INSERT INTO iam_service_accounts \
-         (email, project_id, account_id, unique_id, display_name, description, etag, create_time) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
-    )
-    .bind(&sa.email)
-    .bind(&sa.project_id)
-    .bind(&sa.account_id)
-    .bind(&sa.unique_id)
-    .bind(&sa.display_name)
-    .bind(&sa.description)
-    .bind(&sa.etag)
-    .bind(now_rfc3339())
-    .execute(state.store.pool())
-    .await?;
-    if inserted.rows_affected() == 0 {
+    if !accounts::insert(&state.store, &sa, &now_rfc3339()).await? {
         return Err(ApiError::already_exists(format!(
             "Service account {} already exists within project projects/{}.",
             req.account_id, project_id
@@ -432,77 +285,58 @@ async fn create_account(
         })));
     }
     tracing::info!(email = %sa.email, by = %principal.display(), "created service account");
-    Ok(Json(sa.to_json()))
+    Ok(Json(sa.into()))
 }
 
 async fn list_accounts(
-    State(state): State<AppState>,
+    State(state): State<IdentityState>,
     principal: Principal,
     Path(project): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+    params: Params,
+) -> Result<Json<ListAccountsResponse>, ApiError> {
     let project_id = crate::projects::project_id_for(&state.store, &project).await?;
     require_project_permission(&state, &principal, &project_id, perms::SA_LIST).await?;
-    let (offset, size) = page_bounds(&query, 100, 100)?;
-    let rows: Vec<AccountRow> = sqlx::query_as(&format!(
-        "SELECT {ACCOUNT_COLUMNS} FROM iam_service_accounts WHERE project_id = $1 ORDER BY email"
-    ))
-    .bind(&project_id)
-    .fetch_all(state.store.pool())
-    .await?;
-    let total = rows.len();
-    let accounts: Vec<Value> = rows
+    let page = params.paging(100, 100, PageSizeWording::Number)?;
+    let all = accounts::list_in_project(&state.store, &project_id).await?;
+    let total = all.len();
+    let accounts = all
         .into_iter()
-        .skip(offset)
-        .take(size)
-        .map(|r| account_from_row(r).to_json())
+        .skip(page.offset)
+        .take(page.size)
+        .map(ServiceAccountJson::from)
         .collect();
-    let mut out = json!({});
-    if !accounts.is_empty() {
-        out["accounts"] = Value::Array(accounts);
-    }
-    if let Some(t) = next_page_token(offset, size, total) {
-        out["nextPageToken"] = json!(t);
-    }
-    Ok(Json(out))
+    Ok(Json(ListAccountsResponse {
+        accounts,
+        next_page_token: page.next_token(total),
+    }))
 }
 
 async fn get_account(
-    State(state): State<AppState>,
+    State(state): State<IdentityState>,
     principal: Principal,
     Path((project, account)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ServiceAccountJson>, ApiError> {
     let sa = authorised_account(&state, &principal, &project, &account, perms::SA_GET).await?;
-    Ok(Json(sa.to_json()))
+    Ok(Json(sa.into()))
 }
 
 async fn delete_account(
-    State(state): State<AppState>,
+    State(state): State<IdentityState>,
     principal: Principal,
     Path((project, account)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Empty>, ApiError> {
     let sa = authorised_account(&state, &principal, &project, &account, perms::SA_DELETE).await?;
-    let mut tx = state.store.begin_write().await?;
-    // Keys first: on SQLite a transaction should write before it reads (see store.rs).
-    sqlx::query("DELETE FROM iam_sa_keys WHERE email = $1")
-        .bind(&sa.email)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM iam_service_accounts WHERE email = $1")
-        .bind(&sa.email)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
+    accounts::delete(&state.store, &sa.email).await?;
     tracing::info!(email = %sa.email, by = %principal.display(), "deleted service account");
-    Ok(Json(json!({})))
+    Ok(Json(Empty {}))
 }
 
 /// `POST .../serviceAccounts/{email}:disable` and `:enable`.
 async fn account_verb(
-    State(state): State<AppState>,
+    State(state): State<IdentityState>,
     principal: Principal,
     Path((project, segment)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Empty>, ApiError> {
     let (account, verb) = crate::app::split_verb(&segment);
     let (permission, disabled) = match verb {
         Some("disable") => (perms::SA_DISABLE, true),
@@ -519,14 +353,9 @@ async fn account_verb(
         }
     };
     let sa = authorised_account(&state, &principal, &project, account, permission).await?;
-    sqlx::query("UPDATE iam_service_accounts SET disabled = $1, etag = $2 WHERE email = $3")
-        .bind(i64::from(disabled))
-        .bind(new_etag())
-        .bind(&sa.email)
-        .execute(state.store.pool())
-        .await?;
+    accounts::set_disabled(&state.store, &sa.email, disabled, &new_etag()).await?;
     tracing::info!(email = %sa.email, disabled, by = %principal.display(), "service account state changed");
-    Ok(Json(json!({})))
+    Ok(Json(Empty {}))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -580,46 +409,59 @@ fn key_name(sa: &ServiceAccount, key_id: &str) -> String {
     )
 }
 
-fn key_json(sa: &ServiceAccount, key_id: &str, valid_after: &str, valid_before: &str) -> Value {
-    json!({
-        "name": key_name(sa, key_id),
-        "validAfterTime": valid_after,
-        "validBeforeTime": valid_before,
-        "keyAlgorithm": "KEY_ALG_RSA_2048",
-        "keyOrigin": "GOOGLE_PROVIDED",
-        "keyType": "USER_MANAGED",
-    })
+fn key_json(
+    sa: &ServiceAccount,
+    key_id: &str,
+    valid_after: &str,
+    valid_before: &str,
+) -> ServiceAccountKeyJson {
+    ServiceAccountKeyJson {
+        name: key_name(sa, key_id),
+        valid_after_time: valid_after.to_string(),
+        valid_before_time: valid_before.to_string(),
+        key_algorithm: "KEY_ALG_RSA_2048",
+        key_origin: "GOOGLE_PROVIDED",
+        key_type: "USER_MANAGED",
+        private_key_type: None,
+        private_key_data: None,
+        public_key_data: None,
+    }
 }
 
-/// The key file gcloud writes verbatim. Field order is Google's.
-fn key_file_json(state: &AppState, sa: &ServiceAccount, key_id: &str, private_pem: &str) -> Value {
+/// The key file gcloud writes verbatim (field order is Google's, kept by the struct).
+fn key_file(
+    state: &IdentityState,
+    sa: &ServiceAccount,
+    key_id: &str,
+    private_pem: &str,
+) -> portico_credentials::ServiceAccountKey {
     let base = &state.public_url;
     let encoded_email =
         percent_encoding::utf8_percent_encode(&sa.email, percent_encoding::NON_ALPHANUMERIC)
             .to_string();
-    json!({
-        "type": "service_account",
-        "project_id": sa.project_id,
-        "private_key_id": key_id,
-        "private_key": private_pem,
-        "client_email": sa.email,
-        "client_id": sa.unique_id,
-        "auth_uri": format!("{base}/o/oauth2/auth"),
-        "token_uri": format!("{base}/token"),
-        "auth_provider_x509_cert_url": format!("{base}/oauth2/v1/certs"),
-        "client_x509_cert_url": format!("{base}/robot/v1/metadata/x509/{encoded_email}"),
-        "universe_domain": "googleapis.com",
-    })
+    portico_credentials::ServiceAccountKey {
+        key_type: "service_account".to_string(),
+        project_id: sa.project_id.clone(),
+        private_key_id: key_id.to_string(),
+        private_key: private_pem.to_string(),
+        client_email: sa.email.clone(),
+        client_id: sa.unique_id.clone(),
+        auth_uri: format!("{base}/o/oauth2/auth"),
+        token_uri: format!("{base}/token"),
+        auth_provider_x509_cert_url: format!("{base}/oauth2/v1/certs"),
+        client_x509_cert_url: format!("{base}/robot/v1/metadata/x509/{encoded_email}"),
+        universe_domain: "googleapis.com".to_string(),
+    }
 }
 
 async fn create_key(
-    State(state): State<AppState>,
+    State(state): State<IdentityState>,
     principal: Principal,
     Path((project, account)): Path<(String, String)>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ServiceAccountKeyJson>, ApiError> {
     let sa = authorised_account(&state, &principal, &project, &account, perms::KEY_CREATE).await?;
-    let req: CreateKeyRequest = json_body(&body)?;
+    let req: CreateKeyRequest = parse_json_body(&body)?;
     match req.private_key_type.as_str() {
         "" | "TYPE_UNSPECIFIED" | "TYPE_GOOGLE_CREDENTIALS_FILE" => {}
         other => {
@@ -644,93 +486,72 @@ async fn create_key(
         .map_err(ApiError::internal)?;
     let key_id = new_key.generated.key_id.clone();
     let valid_after = now_rfc3339();
-    sqlx::query(
-        "INSERT INTO iam_sa_keys (key_id, email, public_key_pem, certificate_pem, valid_after, \
-         valid_before, create_time, create_seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    accounts::insert_key(
+        &state.store,
+        &NewAccountKey {
+            key_id: &key_id,
+            email: &sa.email,
+            public_key_pem: &new_key.generated.public_spki_pem,
+            certificate_pem: &new_key.certificate_pem,
+            valid_after: &valid_after,
+            valid_before: KEY_VALID_BEFORE,
+        },
     )
-    .bind(&key_id)
-    .bind(&sa.email)
-    .bind(&new_key.generated.public_spki_pem)
-    .bind(&new_key.certificate_pem)
-    .bind(&valid_after)
-    .bind(KEY_VALID_BEFORE)
-    .bind(&valid_after)
-    .bind(creation_seq())
-    .execute(state.store.pool())
     .await?;
-    let file = key_file_json(&state, &sa, &key_id, &new_key.generated.private_pkcs8_pem);
+    let file = key_file(&state, &sa, &key_id, &new_key.generated.private_pkcs8_pem);
     let file_bytes = serde_json::to_vec_pretty(&file)?;
     let mut out = key_json(&sa, &key_id, &valid_after, KEY_VALID_BEFORE);
-    out["privateKeyType"] = json!("TYPE_GOOGLE_CREDENTIALS_FILE");
-    out["privateKeyData"] = json!(STANDARD.encode(file_bytes));
+    out.private_key_type = Some("TYPE_GOOGLE_CREDENTIALS_FILE");
+    out.private_key_data = Some(STANDARD.encode(file_bytes));
     tracing::info!(email = %sa.email, key_id = %key_id, by = %principal.display(), "created service account key");
     Ok(Json(out))
 }
 
-type KeyRow = (String, String, String);
-
 async fn list_keys(
-    State(state): State<AppState>,
+    State(state): State<IdentityState>,
     principal: Principal,
     Path((project, account)): Path<(String, String)>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+    params: Params,
+) -> Result<Json<ListKeysResponse>, ApiError> {
     let sa = authorised_account(&state, &principal, &project, &account, perms::KEY_LIST).await?;
     // Only user-managed keys exist here; a filter for SYSTEM_MANAGED alone lists nothing.
-    let key_types = query.get("keyTypes").map(String::as_str).unwrap_or("");
-    if key_types == "SYSTEM_MANAGED" {
-        return Ok(Json(json!({})));
+    if params.0.get("keyTypes").map(String::as_str) == Some("SYSTEM_MANAGED") {
+        return Ok(Json(ListKeysResponse { keys: Vec::new() }));
     }
-    let rows: Vec<KeyRow> = sqlx::query_as(
-        "SELECT key_id, valid_after, valid_before FROM iam_sa_keys WHERE email = $1 \
-         ORDER BY create_seq, key_id",
-    )
-    .bind(&sa.email)
-    .fetch_all(state.store.pool())
-    .await?;
-    let keys: Vec<Value> = rows
+    let keys = accounts::list_keys(&state.store, &sa.email)
+        .await?
         .iter()
-        .map(|(id, after, before)| key_json(&sa, id, after, before))
+        .map(|k| key_json(&sa, &k.key_id, &k.valid_after, &k.valid_before))
         .collect();
-    if keys.is_empty() {
-        return Ok(Json(json!({})));
-    }
-    Ok(Json(json!({ "keys": keys })))
+    Ok(Json(ListKeysResponse { keys }))
 }
 
 async fn get_key(
-    State(state): State<AppState>,
+    State(state): State<IdentityState>,
     principal: Principal,
     Path((project, account, key)): Path<(String, String, String)>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+    params: Params,
+) -> Result<Json<ServiceAccountKeyJson>, ApiError> {
     let sa = authorised_account(&state, &principal, &project, &account, perms::KEY_GET).await?;
-    let row: Option<(String, String, String, String)> = sqlx::query_as(
-        "SELECT valid_after, valid_before, public_key_pem, certificate_pem FROM iam_sa_keys \
-         WHERE key_id = $1 AND email = $2",
-    )
-    .bind(&key)
-    .bind(&sa.email)
-    .fetch_optional(state.store.pool())
-    .await?;
-    let Some((after, before, public_pem, cert_pem)) = row else {
+    let Some(stored) = accounts::get_key(&state.store, &sa.email, &key).await? else {
         return Err(ApiError::not_found(format!(
             "Service account key {key} does not exist."
         )));
     };
-    let mut out = key_json(&sa, &key, &after, &before);
-    match query.get("publicKeyType").map(String::as_str) {
+    let mut out = key_json(&sa, &key, &stored.valid_after, &stored.valid_before);
+    match params.0.get("publicKeyType").map(String::as_str) {
         None | Some("") | Some("TYPE_NONE") => {}
         Some("TYPE_X509_PEM_FILE") => {
-            out["publicKeyData"] = json!(STANDARD.encode(cert_pem.as_bytes()));
+            out.public_key_data = Some(STANDARD.encode(stored.certificate_pem.as_bytes()));
         }
         Some("TYPE_RAW_PUBLIC_KEY") => {
             // The PEM body is already the base64 of the SPKI DER.
-            let body: String = public_pem
+            let body: String = stored
+                .public_key_pem
                 .lines()
                 .filter(|l| !l.starts_with("-----"))
                 .collect();
-            out["publicKeyData"] = json!(body);
+            out.public_key_data = Some(body);
         }
         Some(other) => {
             return Err(ApiError::invalid_argument(format!(
@@ -742,23 +563,18 @@ async fn get_key(
 }
 
 async fn delete_key(
-    State(state): State<AppState>,
+    State(state): State<IdentityState>,
     principal: Principal,
     Path((project, account, key)): Path<(String, String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Empty>, ApiError> {
     let sa = authorised_account(&state, &principal, &project, &account, perms::KEY_DELETE).await?;
-    let deleted = sqlx::query("DELETE FROM iam_sa_keys WHERE key_id = $1 AND email = $2")
-        .bind(&key)
-        .bind(&sa.email)
-        .execute(state.store.pool())
-        .await?;
-    if deleted.rows_affected() == 0 {
+    if !accounts::delete_key(&state.store, &sa.email, &key).await? {
         return Err(ApiError::not_found(format!(
             "Service account key {key} does not exist."
         )));
     }
     tracing::info!(email = %sa.email, key_id = %key, by = %principal.display(), "deleted service account key");
-    Ok(Json(json!({})))
+    Ok(Json(Empty {}))
 }
 
 #[cfg(test)]
@@ -806,19 +622,6 @@ mod tests {
         assert_eq!(id.len(), 21);
         assert!(id.chars().all(|c| c.is_ascii_digit()));
         assert!(!id.starts_with('0'));
-    }
-
-    #[test]
-    fn paging_round_trip() {
-        let mut q = HashMap::new();
-        q.insert("pageSize".to_string(), "2".to_string());
-        assert_eq!(page_bounds(&q, 100, 100).expect("bounds"), (0, 2));
-        let t = next_page_token(0, 2, 5).expect("token");
-        q.insert("pageToken".to_string(), t);
-        assert_eq!(page_bounds(&q, 100, 100).expect("bounds"), (2, 2));
-        assert_eq!(next_page_token(4, 2, 5), None);
-        q.insert("pageToken".to_string(), "!!".to_string());
-        assert!(page_bounds(&q, 100, 100).is_err());
     }
 
     #[test]

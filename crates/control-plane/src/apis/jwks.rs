@@ -70,22 +70,16 @@ async fn jwk_set(
     State(state): State<AppState>,
     Path(email): Path<String>,
 ) -> Result<Response, ApiError> {
-    if crate::apis::iam::find_account(&state.store, &email)
+    if crate::store::accounts::find(&state.store, &email)
         .await?
         .is_none()
     {
         return Err(no_account(&email));
     }
-    // The IAM module owns this table (`iam_0001`); only its public columns are read here.
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT key_id, public_key_pem FROM iam_sa_keys WHERE email = $1 ORDER BY create_time, key_id",
-    )
-    .bind(&email)
-    .fetch_all(state.store.pool())
-    .await?;
+    let rows = crate::store::accounts::list_keys_by_create_time(&state.store, &email).await?;
     let mut keys = Vec::with_capacity(rows.len());
-    for (kid, pem) in rows {
-        match rsa_jwk(&kid, &pem) {
+    for key in rows {
+        match rsa_jwk(&key.key_id, &key.public_key_pem) {
             Ok(jwk) => keys.push(jwk),
             // One unreadable row must not hide the account's other keys.
             Err(e) => tracing::error!(email = %email, error = %e, "skipping key in JWKS"),
@@ -98,7 +92,7 @@ async fn x509_map(
     State(state): State<AppState>,
     Path(email): Path<String>,
 ) -> Result<Response, ApiError> {
-    let certs = crate::apis::iam::certificates(&state.store, &email)
+    let certs = crate::store::accounts::certificates(&state.store, &email)
         .await?
         .ok_or_else(|| no_account(&email))?;
     let map: Map<String, Value> = certs

@@ -47,26 +47,8 @@ use crate::app::AppState;
 use crate::authz::{BoxFuture, Principal, TokenVerifier};
 use crate::crypto::{random_urlsafe, token_hash};
 use crate::error::ApiError;
-use crate::store::{now_rfc3339, Migration, Store};
-
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    id: "tokens_0001",
-    sql: &[
-        "CREATE TABLE IF NOT EXISTS oauth_access_tokens (\
-         token_hash TEXT PRIMARY KEY, \
-         email TEXT NOT NULL, \
-         key_id TEXT NOT NULL, \
-         scope TEXT NOT NULL, \
-         expires_at BIGINT NOT NULL, \
-         create_time TEXT NOT NULL)",
-        "CREATE INDEX IF NOT EXISTS oauth_access_tokens_expiry ON oauth_access_tokens (expires_at)",
-        "CREATE TABLE IF NOT EXISTS oauth_used_assertions (\
-         assertion_hash TEXT PRIMARY KEY, \
-         expires_at BIGINT NOT NULL)",
-        "CREATE INDEX IF NOT EXISTS oauth_used_assertions_expiry \
-         ON oauth_used_assertions (expires_at)",
-    ],
-}];
+use crate::store::tokens::NewAccessToken;
+use crate::store::Store;
 
 pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// Audiences Google's token endpoint answers to; gcloud sends the first regardless of token_uri.
@@ -207,9 +189,11 @@ async fn verify_sa_jwt(store: &Store, token: &str, now: i64) -> Result<VerifiedJ
         .filter(|s| !s.is_empty())
         .ok_or(JwtError::NoIssuer)?
         .to_string();
-    let key = crate::apis::iam::public_key(store, &email, &kid)
+    let key = crate::store::accounts::public_key(store, &email, &kid)
         .await
-        .map_err(|e| JwtError::Invalid(format!("key lookup failed ({})", e.message)))?
+        .map_err(|e| {
+            JwtError::Invalid(format!("key lookup failed ({})", ApiError::from(e).message))
+        })?
         .ok_or(JwtError::UnknownKey)?;
     let pem_for_task = key.public_key_pem.clone();
     let token_owned = token.to_string();
@@ -370,17 +354,16 @@ async fn grant(state: &AppState, body: &[u8]) -> Result<Value, OAuthError> {
     } else {
         scope
     };
-    sqlx::query(
-        "INSERT INTO oauth_access_tokens (token_hash, email, key_id, scope, expires_at, \
-         create_time) VALUES ($1, $2, $3, $4, $5, $6)",
+    crate::store::tokens::insert_access_token(
+        &state.store,
+        &NewAccessToken {
+            token_hash: &token_hash(&token),
+            email: &jwt.email,
+            key_id: &jwt.key_id,
+            scope: &recorded_scope,
+            expires_at: now + ACCESS_TOKEN_LIFETIME_S,
+        },
     )
-    .bind(token_hash(&token))
-    .bind(&jwt.email)
-    .bind(&jwt.key_id)
-    .bind(&recorded_scope)
-    .bind(now + ACCESS_TOKEN_LIFETIME_S)
-    .bind(now_rfc3339())
-    .execute(state.store.pool())
     .await
     .map_err(|e| OAuthError::server_error(e.into()))?;
     tracing::info!(email = %jwt.email, key_id = %jwt.key_id, "issued access token");
@@ -400,28 +383,16 @@ async fn remember_assertion(
     exp: i64,
     now: i64,
 ) -> Result<(), OAuthError> {
-    let server = |e: sqlx::Error| OAuthError::server_error(e.into());
-    sqlx::query("DELETE FROM oauth_used_assertions WHERE expires_at < $1")
-        .bind(now - CLOCK_SKEW_S)
-        .execute(store.pool())
+    let server = |e: crate::store::StoreError| OAuthError::server_error(e.into());
+    crate::store::tokens::purge_expired(store, now - CLOCK_SKEW_S, now)
         .await
         .map_err(server)?;
-    sqlx::query("DELETE FROM oauth_access_tokens WHERE expires_at < $1")
-        .bind(now)
-        .execute(store.pool())
-        .await
-        .map_err(server)?;
-    let inserted = sqlx::query(
-        "INSERT INTO oauth_used_assertions (assertion_hash, expires_at) VALUES ($1, $2) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(token_hash(assertion))
     // Kept past exp by the skew allowance, since that is how long verification accepts it.
-    .bind(exp + CLOCK_SKEW_S)
-    .execute(store.pool())
-    .await
-    .map_err(server)?;
-    if inserted.rows_affected() == 0 {
+    let fresh =
+        crate::store::tokens::remember_assertion(store, &token_hash(assertion), exp + CLOCK_SKEW_S)
+            .await
+            .map_err(server)?;
+    if !fresh {
         return Err(OAuthError::invalid_grant(
             "Invalid JWT: this assertion has already been used; sign a new one.",
         ));
@@ -445,44 +416,25 @@ fn looks_like_jwt(token: &str) -> bool {
     token.starts_with("eyJ") && token.bytes().filter(|b| *b == b'.').count() == 2
 }
 
-async fn key_exists(store: &Store, email: &str, key_id: &str) -> Result<bool, ApiError> {
-    let row: Option<(String,)> = sqlx::query_as(
-        "SELECT k.key_id FROM iam_sa_keys k JOIN iam_service_accounts a ON a.email = k.email \
-             WHERE k.key_id = $1 AND k.email = $2 AND a.disabled = 0",
-    )
-    .bind(key_id)
-    .bind(email)
-    .fetch_optional(store.pool())
-    .await?;
-    Ok(row.is_some())
-}
-
 impl ServiceAccountTokens {
     async fn verify_access_token(
         &self,
         state: &AppState,
         token: &str,
     ) -> Result<Option<Principal>, ApiError> {
-        let row: Option<(String, i64, i64)> = sqlx::query_as(
-            "SELECT t.email, t.expires_at, a.disabled FROM oauth_access_tokens t \
-             JOIN iam_sa_keys k ON k.key_id = t.key_id AND k.email = t.email \
-             JOIN iam_service_accounts a ON a.email = t.email \
-             WHERE t.token_hash = $1",
-        )
-        .bind(token_hash(token))
-        .fetch_optional(state.store.pool())
-        .await?;
+        let row = crate::store::tokens::access_token(&state.store, &token_hash(token)).await?;
         match row {
             None => Ok(None),
-            Some((email, _, disabled)) if disabled != 0 => Err(ApiError::unauthenticated(format!(
-                "Request had invalid authentication credentials: service account {email} is \
-                     disabled."
+            Some(t) if t.account_disabled => Err(ApiError::unauthenticated(format!(
+                "Request had invalid authentication credentials: service account {} is \
+                     disabled.",
+                t.email
             ))),
-            Some((_, exp, _)) if exp <= now_unix() => Err(ApiError::unauthenticated(
+            Some(t) if t.expires_at <= now_unix() => Err(ApiError::unauthenticated(
                 "Request had invalid authentication credentials: the access token has expired; \
                  obtain a new one from the token endpoint.",
             )),
-            Some((email, _, _)) => Ok(Some(Principal::ServiceAccount { email })),
+            Some(t) => Ok(Some(Principal::ServiceAccount { email: t.email })),
         }
     }
 
@@ -499,7 +451,9 @@ impl ServiceAccountTokens {
             .ok()
             .and_then(|m| m.get(&cache_key).cloned());
         if let Some((email, key_id, exp)) = cached {
-            if exp >= now - CLOCK_SKEW_S && key_exists(&state.store, &email, &key_id).await? {
+            if exp >= now - CLOCK_SKEW_S
+                && crate::store::accounts::usable_key_exists(&state.store, &email, &key_id).await?
+            {
                 return Ok(Some(Principal::ServiceAccount { email }));
             }
             if let Ok(mut m) = self.verified.lock() {
@@ -522,7 +476,9 @@ impl ServiceAccountTokens {
                     .ok()
                     .and_then(|c| c.get("iss").and_then(Value::as_str).map(str::to_string))
                     .unwrap_or_default();
-                if e == JwtError::UnknownKey && !iss.ends_with(crate::apis::iam::SA_DOMAIN_SUFFIX) {
+                if e == JwtError::UnknownKey
+                    && !iss.ends_with(crate::store::accounts::SA_DOMAIN_SUFFIX)
+                {
                     return Ok(None);
                 }
                 return Err(rejected(e.to_string()));

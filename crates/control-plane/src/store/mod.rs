@@ -14,11 +14,16 @@
 //!
 //! # Registering a module's schema
 //! A module declares `pub const MIGRATIONS: &[Migration] = &[Migration { id: "iam_0001", sql: &[
-//! "CREATE TABLE IF NOT EXISTS ..."] }];` and adds it to `server::migrations()`. Each migration runs
+//! "CREATE TABLE IF NOT EXISTS ..."] }];` and adds it to `app::migrations()`. Each migration runs
 //! once, in a transaction, recorded in `schema_migrations`. Never edit a shipped migration; add
 //! `iam_0002`. Ids are global, so prefix them with the module name.
 
+pub mod accounts;
+pub mod keys;
+pub mod policies;
+pub mod projects;
 pub mod servicecontrol;
+pub mod tokens;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -269,6 +274,13 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Nanoseconds since the epoch: a creation order that sorts as an integer (RFC 3339 text with
+/// trimmed fractions does not).
+pub fn creation_seq() -> i64 {
+    let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+    i64::try_from(nanos).unwrap_or(i64::MAX)
 }
 
 /// Current UTC time as RFC 3339 with a `Z` suffix and up to nanosecond precision (Google's style).

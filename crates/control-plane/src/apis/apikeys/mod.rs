@@ -2,7 +2,8 @@
 //!
 //! # For other modules: [`lookup`]
 //! `apikeys::lookup(&state, key_string) -> Result<Option<ApiKeyRecord>, ApiError>` finds a key by
-//! its keyed hash (HMAC-SHA256 under the master key). The record carries `uid`, `key_id`, `name`
+//! its keyed hash (HMAC-SHA256 under the master key) through
+//! `store::keys::find_by_key_string`. The record carries `uid`, `key_id`, `name`
 //! (`projects/<number>/locations/global/keys/<id>`), `project_id`, `project_number`,
 //! `display_name`, `restrictions` (Google's JSON shape, typed: [`Restrictions`]) and `deleted`
 //! (soft-deleted keys are still returned so the caller can say "key deleted" rather than
@@ -11,7 +12,7 @@
 //! # Routes (project = id or number; location must be `global`)
 //! - `POST /v2/projects/{p}/locations/global/keys[?keyId=]` → operation, done, whose `response` is
 //!   the Key **with `keyString`**. The stored copy of the operation omits `keyString`, so
-//!   `GET /v2/operations/{id}` (served by `operations.rs`) never returns it; gcloud does not poll
+//!   `GET /v2/operations/{id}` (served by `apis/operations.rs`) never returns it; gcloud does not poll
 //!   an operation that is already done, and `getKeyString` is the way to read it later.
 //! - `GET .../keys` (`showDeleted=True|False`, `pageSize`, `pageToken`), `GET .../keys/{id}`,
 //!   `GET .../keys/{id}/keyString`, `PATCH .../keys/{id}?updateMask=` (displayName,
@@ -33,61 +34,32 @@
 //! # At rest
 //! The key string is stored only as AES-256-GCM ciphertext (bound to the key's uid) and as the
 //! keyed lookup hash; see `crypto.rs`. It is never logged and never put in an error message.
+//!
+//! Layer rule: handlers here, restrictions in [`restrictions`], SQL in `store::keys`.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
+mod restrictions;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
-
-use crate::apis::iam::{json_body, next_page_token, page_bounds};
-use crate::apis::operations::{self, Outcome};
-use crate::apis::resourcemanager::{perms, require_project_permission};
-use crate::app::{split_verb, AppState};
-use crate::authz::Principal;
-use crate::error::ApiError;
-use crate::store::{format_rfc3339, now_rfc3339, Migration};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        id: "apikeys_0001",
-        sql: &["CREATE TABLE IF NOT EXISTS apikeys_keys (\
-         uid TEXT PRIMARY KEY, \
-         project_id TEXT NOT NULL, \
-         project_number BIGINT NOT NULL, \
-         key_id TEXT NOT NULL, \
-         display_name TEXT NOT NULL, \
-         restrictions TEXT NOT NULL, \
-         annotations TEXT NOT NULL, \
-         key_hash TEXT NOT NULL UNIQUE, \
-         key_sealed TEXT NOT NULL, \
-         etag TEXT NOT NULL, \
-         create_time TEXT NOT NULL, \
-         update_time TEXT NOT NULL, \
-         delete_time TEXT NOT NULL, \
-         UNIQUE (project_id, key_id))"],
-    },
-    // RFC 3339 strings with trimmed fractions do not sort chronologically as text; list order
-    // comes from this integer instead.
-    Migration {
-        id: "apikeys_0002",
-        sql: &["ALTER TABLE apikeys_keys ADD COLUMN create_seq BIGINT NOT NULL DEFAULT 0"],
-    },
-    // The `expireTime` extension; '' = never expires (what every older key means).
-    Migration {
-        id: "apikeys_0003",
-        sql: &["ALTER TABLE apikeys_keys ADD COLUMN expire_time TEXT NOT NULL DEFAULT ''"],
-    },
-];
+use restrictions::{bad_field, parse_restrictions, set_client_restriction};
+pub use restrictions::{
+    AndroidApplication, AndroidKeyRestrictions, ApiTarget, BrowserKeyRestrictions,
+    IosKeyRestrictions, Restrictions, ServerKeyRestrictions,
+};
 
-/// Domain separation label for the lookup hash.
-const HASH_PURPOSE: &str = "apikeys.keyString";
+use crate::apis::operations::{self, Outcome};
+use crate::app::{parse_json_body, split_verb, AppState, PageSizeWording, Params};
+use crate::authz::{perms, require_project_permission, Principal};
+use crate::error::ApiError;
+use crate::store::keys::KeyRow;
+use crate::store::{format_rfc3339, now_rfc3339};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -109,154 +81,6 @@ pub fn routes() -> Router<AppState> {
         .route("/v2/keys:lookupKey", get(lookup_key))
 }
 
-/// `google.api.apikeys.v2.Restrictions`. Unknown fields are refused so a typo is a 400, not a
-/// silently unrestricted key.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Restrictions {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub browser_key_restrictions: Option<BrowserKeyRestrictions>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub server_key_restrictions: Option<ServerKeyRestrictions>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub android_key_restrictions: Option<AndroidKeyRestrictions>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ios_key_restrictions: Option<IosKeyRestrictions>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub api_targets: Vec<ApiTarget>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct BrowserKeyRestrictions {
-    #[serde(default)]
-    pub allowed_referrers: Vec<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ServerKeyRestrictions {
-    #[serde(default)]
-    pub allowed_ips: Vec<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AndroidKeyRestrictions {
-    #[serde(default)]
-    pub allowed_applications: Vec<AndroidApplication>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AndroidApplication {
-    #[serde(default)]
-    pub sha1_fingerprint: String,
-    #[serde(default)]
-    pub package_name: String,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct IosKeyRestrictions {
-    #[serde(default)]
-    pub allowed_bundle_ids: Vec<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ApiTarget {
-    #[serde(default)]
-    pub service: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub methods: Vec<String>,
-}
-
-impl Restrictions {
-    /// Google's rules: at most one kind of application restriction; every entry well-formed.
-    pub fn validate(&self) -> Result<(), ApiError> {
-        let kinds = [
-            self.browser_key_restrictions.is_some(),
-            self.server_key_restrictions.is_some(),
-            self.android_key_restrictions.is_some(),
-            self.ios_key_restrictions.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count();
-        if kinds > 1 {
-            return Err(ApiError::invalid_argument(
-                "A key can have only one kind of application restriction (browser, server, \
-                 Android or iOS).",
-            ));
-        }
-        for t in &self.api_targets {
-            if t.service.trim().is_empty() || t.service.contains(char::is_whitespace) {
-                return Err(bad_field(
-                    "restrictions.apiTargets.service",
-                    format!("Invalid API target service '{}'.", t.service),
-                ));
-            }
-            for m in &t.methods {
-                if m.trim().is_empty() || m.contains(char::is_whitespace) {
-                    return Err(bad_field(
-                        "restrictions.apiTargets.methods",
-                        format!("Invalid API target method '{m}'."),
-                    ));
-                }
-            }
-        }
-        if let Some(s) = &self.server_key_restrictions {
-            for ip in &s.allowed_ips {
-                let entry = ip.trim();
-                if entry.parse::<IpAddr>().is_err() && entry.parse::<ipnet::IpNet>().is_err() {
-                    return Err(bad_field(
-                        "restrictions.serverKeyRestrictions.allowedIps",
-                        format!("Invalid IP address or CIDR block '{ip}'."),
-                    ));
-                }
-            }
-        }
-        if let Some(b) = &self.browser_key_restrictions {
-            for r in &b.allowed_referrers {
-                if r.trim().is_empty() || r.contains(char::is_whitespace) {
-                    return Err(bad_field(
-                        "restrictions.browserKeyRestrictions.allowedReferrers",
-                        format!("Invalid HTTP referrer pattern '{r}'."),
-                    ));
-                }
-            }
-        }
-        if let Some(a) = &self.android_key_restrictions {
-            for app in &a.allowed_applications {
-                if app.package_name.is_empty() || app.sha1_fingerprint.is_empty() {
-                    return Err(bad_field(
-                        "restrictions.androidKeyRestrictions.allowedApplications",
-                        "Android applications need packageName and sha1Fingerprint.".to_string(),
-                    ));
-                }
-            }
-        }
-        if let Some(i) = &self.ios_key_restrictions {
-            if i.allowed_bundle_ids.iter().any(|b| b.trim().is_empty()) {
-                return Err(bad_field(
-                    "restrictions.iosKeyRestrictions.allowedBundleIds",
-                    "Empty iOS bundle id.".to_string(),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn is_empty(&self) -> bool {
-        *self == Restrictions::default()
-    }
-}
-
-fn bad_field(field: &str, message: String) -> ApiError {
-    ApiError::invalid_argument(message.clone()).with_field_violation(field, &message)
-}
-
 /// A key as Service Control needs it. Never contains the key string.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiKeyRecord {
@@ -276,15 +100,8 @@ pub struct ApiKeyRecord {
 /// Finds a key by its string (via the keyed hash). Soft-deleted keys are returned with
 /// `deleted: true`.
 pub async fn lookup(state: &AppState, key_string: &str) -> Result<Option<ApiKeyRecord>, ApiError> {
-    let hash = state
-        .master_key
-        .keyed_hash(HASH_PURPOSE, key_string.as_bytes());
-    let row: Option<KeyRow> = sqlx::query_as(&format!(
-        "SELECT {KEY_COLUMNS} FROM apikeys_keys WHERE key_hash = $1"
-    ))
-    .bind(&hash)
-    .fetch_optional(state.store.pool())
-    .await?;
+    let row =
+        crate::store::keys::find_by_key_string(&state.store, &state.master_key, key_string).await?;
     row.map(StoredKey::try_from_row).transpose().map(|k| {
         k.map(|k| ApiKeyRecord {
             name: k.name(),
@@ -299,24 +116,6 @@ pub async fn lookup(state: &AppState, key_string: &str) -> Result<Option<ApiKeyR
         })
     })
 }
-
-const KEY_COLUMNS: &str = "uid, project_id, project_number, key_id, display_name, restrictions, \
-     annotations, etag, create_time, update_time, delete_time, expire_time";
-
-type KeyRow = (
-    String,
-    String,
-    i64,
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-);
 
 #[derive(Debug, Clone)]
 struct StoredKey {
@@ -336,30 +135,49 @@ struct StoredKey {
 
 impl StoredKey {
     fn try_from_row(r: KeyRow) -> Result<Self, ApiError> {
-        let expire_time = if r.11.is_empty() {
+        let expire_time = if r.expire_time.is_empty() {
             None
         } else {
             // Written by `parse_expire_time`, so only a hand-edited row fails here.
-            Some(OffsetDateTime::parse(&r.11, &Rfc3339).map_err(|e| {
-                ApiError::internal(format_args!(
-                    "stored expire_time {:?} of key {} is not RFC 3339: {e}",
-                    r.11, r.3
-                ))
-            })?)
+            Some(
+                OffsetDateTime::parse(&r.expire_time, &Rfc3339).map_err(|e| {
+                    ApiError::internal(format_args!(
+                        "stored expire_time {:?} of key {} is not RFC 3339: {e}",
+                        r.expire_time, r.key_id
+                    ))
+                })?,
+            )
         };
         Ok(StoredKey {
-            uid: r.0,
-            project_id: r.1,
-            project_number: r.2,
-            key_id: r.3,
-            display_name: r.4,
-            restrictions: serde_json::from_str(&r.5)?,
-            annotations: serde_json::from_str(&r.6)?,
-            etag: r.7,
-            create_time: r.8,
-            update_time: r.9,
-            delete_time: r.10,
+            restrictions: serde_json::from_str(&r.restrictions)?,
+            annotations: serde_json::from_str(&r.annotations)?,
+            uid: r.uid,
+            project_id: r.project_id,
+            project_number: r.project_number,
+            key_id: r.key_id,
+            display_name: r.display_name,
+            etag: r.etag,
+            create_time: r.create_time,
+            update_time: r.update_time,
+            delete_time: r.delete_time,
             expire_time,
+        })
+    }
+
+    fn to_row(&self) -> Result<KeyRow, ApiError> {
+        Ok(KeyRow {
+            uid: self.uid.clone(),
+            project_id: self.project_id.clone(),
+            project_number: self.project_number,
+            key_id: self.key_id.clone(),
+            display_name: self.display_name.clone(),
+            restrictions: serde_json::to_string(&self.restrictions)?,
+            annotations: serde_json::to_string(&self.annotations)?,
+            etag: self.etag.clone(),
+            create_time: self.create_time.clone(),
+            update_time: self.update_time.clone(),
+            delete_time: self.delete_time.clone(),
+            expire_time: stored_expire_time(self.expire_time),
         })
     }
 
@@ -451,30 +269,64 @@ fn check_location(location: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Resolves `{project}` (id or number) and authorises `permission` on it.
-async fn project_for(
-    state: &AppState,
-    principal: &Principal,
-    project: &str,
-    location: &str,
-    permission: &str,
-) -> Result<(String, i64), ApiError> {
-    check_location(location)?;
-    let project_id = crate::projects::project_id_for(&state.store, project).await?;
-    require_project_permission(state, principal, &project_id, permission).await?;
-    let number = crate::projects::project_number(&state.store, &project_id).await?;
-    Ok((project_id, number))
+/// `{project}/locations/{location}`: the parent of keys.
+#[derive(Debug, Deserialize)]
+struct ParentPath {
+    project: String,
+    location: String,
+}
+
+/// `{project}/locations/{location}/keys/{key}`.
+#[derive(Debug, Deserialize)]
+struct KeyPath {
+    project: String,
+    location: String,
+    key: String,
+}
+
+impl ParentPath {
+    /// Every handler's prologue: the location must be `global`, `{project}` (id or number)
+    /// resolves to (id, number), and `permission` is authorised on it.
+    async fn authorize(
+        &self,
+        state: &AppState,
+        principal: &Principal,
+        permission: &str,
+    ) -> Result<(String, i64), ApiError> {
+        check_location(&self.location)?;
+        let project_id = crate::projects::project_id_for(&state.store, &self.project).await?;
+        require_project_permission(state, principal, &project_id, permission).await?;
+        let number = crate::projects::project_number(&state.store, &project_id).await?;
+        Ok((project_id, number))
+    }
+}
+
+impl KeyPath {
+    fn parent(&self) -> ParentPath {
+        ParentPath {
+            project: self.project.clone(),
+            location: self.location.clone(),
+        }
+    }
+
+    /// [`ParentPath::authorize`], then the key itself (404 if absent).
+    async fn authorize(
+        &self,
+        state: &AppState,
+        principal: &Principal,
+        permission: &str,
+    ) -> Result<(String, i64, StoredKey), ApiError> {
+        let (project_id, number) = self
+            .parent()
+            .authorize(state, principal, permission)
+            .await?;
+        let key = load_key(state, &project_id, &self.key).await?;
+        Ok((project_id, number, key))
+    }
 }
 
 async fn load_key(state: &AppState, project_id: &str, key_id: &str) -> Result<StoredKey, ApiError> {
-    let row: Option<KeyRow> = sqlx::query_as(&format!(
-        "SELECT {KEY_COLUMNS} FROM apikeys_keys WHERE project_id = $1 AND key_id = $2"
-    ))
-    .bind(project_id)
-    .bind(key_id)
-    .fetch_optional(state.store.pool())
-    .await?;
-    match row {
+    match crate::store::keys::get(&state.store, project_id, key_id).await? {
         Some(r) => StoredKey::try_from_row(r),
         None => Err(ApiError::not_found(format!(
             "Key 'projects/{project_id}/locations/global/keys/{key_id}' not found."
@@ -517,16 +369,6 @@ fn parse_expire_time(v: Option<&str>) -> Result<Option<OffsetDateTime>, ApiError
     }
 }
 
-fn parse_restrictions(v: Option<Value>) -> Result<Restrictions, ApiError> {
-    let r: Restrictions = match v {
-        None | Some(Value::Null) => Restrictions::default(),
-        Some(v) => serde_json::from_value(v)
-            .map_err(|e| ApiError::invalid_argument(format!("Invalid restrictions: {e}")))?,
-    };
-    r.validate()?;
-    Ok(r)
-}
-
 fn validate_display_name(n: &str) -> Result<(), ApiError> {
     if n.chars().count() > 63 {
         return Err(bad_field(
@@ -540,28 +382,23 @@ fn validate_display_name(n: &str) -> Result<(), ApiError> {
 async fn create_key(
     State(state): State<AppState>,
     principal: Principal,
-    Path((project, location)): Path<(String, String)>,
-    Query(query): Query<HashMap<String, String>>,
+    Path(parent): Path<ParentPath>,
+    params: Params,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let (project_id, number) = project_for(
-        &state,
-        &principal,
-        &project,
-        &location,
-        perms::APIKEYS_CREATE,
-    )
-    .await?;
-    let req: KeyBody = json_body(&body)?;
+    let (project_id, number) = parent
+        .authorize(&state, &principal, perms::APIKEYS_CREATE)
+        .await?;
+    let req: KeyBody = parse_json_body(&body)?;
     let display_name = req.display_name.unwrap_or_default();
     validate_display_name(&display_name)?;
     let restrictions = parse_restrictions(req.restrictions)?;
     let expire_time = parse_expire_time(req.expire_time.as_deref())?;
     let uid = uuid::Uuid::new_v4().to_string();
-    let key_id = match query.get("keyId").filter(|k| !k.is_empty()) {
+    let key_id = match params.get("keyId") {
         Some(k) => {
             validate_key_id(k)?;
-            k.clone()
+            k.to_string()
         }
         None => uuid::Uuid::new_v4().to_string(),
     };
@@ -585,36 +422,9 @@ async fn create_key(
         delete_time: String::new(),
         expire_time,
     };
+    let hash = crate::store::keys::key_hash(&state.master_key, &key_string);
     let mut tx = state.store.begin_write().await?;
-    let inserted = sqlx::query(
-        "INSERT INTO apikeys_keys (uid, project_id, project_number, key_id, display_name, \
-         restrictions, annotations, key_hash, key_sealed, etag, create_time, update_time, \
-         delete_time, create_seq, expire_time) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(&key.uid)
-    .bind(&key.project_id)
-    .bind(key.project_number)
-    .bind(&key.key_id)
-    .bind(&key.display_name)
-    .bind(serde_json::to_string(&key.restrictions)?)
-    .bind(serde_json::to_string(&key.annotations)?)
-    .bind(
-        state
-            .master_key
-            .keyed_hash(HASH_PURPOSE, key_string.as_bytes()),
-    )
-    .bind(&sealed)
-    .bind(&key.etag)
-    .bind(&key.create_time)
-    .bind(&key.update_time)
-    .bind(&key.delete_time)
-    .bind(crate::apis::iam::creation_seq())
-    .bind(stored_expire_time(key.expire_time))
-    .execute(&mut *tx)
-    .await?;
-    if inserted.rows_affected() == 0 {
+    if !crate::store::keys::insert(&mut tx, &key.to_row()?, &hash, &sealed).await? {
         return Err(ApiError::already_exists(format!(
             "Key with id '{key_id}' already exists in project {project_id}."
         )));
@@ -637,13 +447,14 @@ async fn create_key(
 async fn list_keys(
     State(state): State<AppState>,
     principal: Principal,
-    Path((project, location)): Path<(String, String)>,
-    Query(query): Query<HashMap<String, String>>,
+    Path(parent): Path<ParentPath>,
+    params: Params,
 ) -> Result<Json<Value>, ApiError> {
-    let (project_id, _) =
-        project_for(&state, &principal, &project, &location, perms::APIKEYS_LIST).await?;
-    let show_deleted = match query.get("showDeleted").map(String::as_str) {
-        None | Some("") => false,
+    let (project_id, _) = parent
+        .authorize(&state, &principal, perms::APIKEYS_LIST)
+        .await?;
+    let show_deleted = match params.get("showDeleted") {
+        None => false,
         Some(v) if v.eq_ignore_ascii_case("true") => true,
         Some(v) if v.eq_ignore_ascii_case("false") => false,
         Some(v) => {
@@ -652,33 +463,26 @@ async fn list_keys(
             )))
         }
     };
-    let (offset, size) = page_bounds(&query, 300, 300)?;
-    let rows: Vec<KeyRow> = sqlx::query_as(&format!(
-        "SELECT {KEY_COLUMNS} FROM apikeys_keys WHERE project_id = $1 \
-         ORDER BY create_seq, key_id"
-    ))
-    .bind(&project_id)
-    .fetch_all(state.store.pool())
-    .await?;
+    let page = params.paging(300, 300, PageSizeWording::Number)?;
     let mut keys = Vec::new();
-    for r in rows {
+    for r in crate::store::keys::list_in_project(&state.store, &project_id).await? {
         let k = StoredKey::try_from_row(r)?;
         if show_deleted || k.delete_time.is_empty() {
             keys.push(k);
         }
     }
     let total = keys.len();
-    let page: Vec<Value> = keys
+    let listed: Vec<Value> = keys
         .iter()
-        .skip(offset)
-        .take(size)
+        .skip(page.offset)
+        .take(page.size)
         .map(StoredKey::to_json)
         .collect();
     let mut out = json!({});
-    if !page.is_empty() {
-        out["keys"] = Value::Array(page);
+    if !listed.is_empty() {
+        out["keys"] = Value::Array(listed);
     }
-    if let Some(t) = next_page_token(offset, size, total) {
+    if let Some(t) = page.next_token(total) {
         out["nextPageToken"] = json!(t);
     }
     Ok(Json(out))
@@ -687,33 +491,31 @@ async fn list_keys(
 async fn get_key(
     State(state): State<AppState>,
     principal: Principal,
-    Path((project, location, key)): Path<(String, String, String)>,
+    Path(path): Path<KeyPath>,
 ) -> Result<Json<Value>, ApiError> {
-    let (project_id, _) =
-        project_for(&state, &principal, &project, &location, perms::APIKEYS_GET).await?;
-    Ok(Json(load_key(&state, &project_id, &key).await?.to_json()))
+    let (_, _, key) = path
+        .authorize(&state, &principal, perms::APIKEYS_GET)
+        .await?;
+    Ok(Json(key.to_json()))
+}
+
+/// `{"keyString": ...}`.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct KeyStringResponse {
+    key_string: String,
 }
 
 async fn get_key_string(
     State(state): State<AppState>,
     principal: Principal,
-    Path((project, location, key)): Path<(String, String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    let (project_id, _) = project_for(
-        &state,
-        &principal,
-        &project,
-        &location,
-        perms::APIKEYS_GET_KEY_STRING,
-    )
-    .await?;
-    let stored = load_key(&state, &project_id, &key).await?;
-    let row: Option<(String,)> =
-        sqlx::query_as("SELECT key_sealed FROM apikeys_keys WHERE uid = $1")
-            .bind(&stored.uid)
-            .fetch_optional(state.store.pool())
-            .await?;
-    let Some((sealed,)) = row else {
+    Path(path): Path<KeyPath>,
+) -> Result<Json<KeyStringResponse>, ApiError> {
+    let (_, _, stored) = path
+        .authorize(&state, &principal, perms::APIKEYS_GET_KEY_STRING)
+        .await?;
+    let Some(sealed) = crate::store::keys::sealed_key_string(&state.store, &stored.uid).await?
+    else {
         return Err(ApiError::not_found(format!(
             "Key '{}' not found.",
             stored.name()
@@ -730,18 +532,7 @@ async fn get_key_string(
             ))
         })?;
     let key_string = String::from_utf8(plain).map_err(ApiError::internal)?;
-    Ok(Json(json!({ "keyString": key_string })))
-}
-
-/// The four application-restriction kinds are a proto `oneof`: setting one (gcloud's
-/// `update --allowed-referrers` on a key that had IP restrictions) replaces whichever was set.
-fn set_client_restriction(r: &mut Restrictions, setting: bool) {
-    if setting {
-        r.browser_key_restrictions = None;
-        r.server_key_restrictions = None;
-        r.android_key_restrictions = None;
-        r.ios_key_restrictions = None;
-    }
+    Ok(Json(KeyStringResponse { key_string }))
 }
 
 /// Applies an update mask entry to `key`; unknown paths are a 400 naming the path.
@@ -797,27 +588,25 @@ fn apply_mask_path(key: &mut StoredKey, path: &str, body: &KeyBody) -> Result<()
 async fn patch_key(
     State(state): State<AppState>,
     principal: Principal,
-    Path((project, location, key_id)): Path<(String, String, String)>,
-    Query(query): Query<HashMap<String, String>>,
+    Path(path): Path<KeyPath>,
+    params: Params,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let (project_id, number) = project_for(
-        &state,
-        &principal,
-        &project,
-        &location,
-        perms::APIKEYS_UPDATE,
-    )
-    .await?;
-    let req: KeyBody = json_body(&body)?;
-    let mut key = load_key(&state, &project_id, &key_id).await?;
+    // Authorised before the body is read, and the body read before the key is looked up: a
+    // bad body on a missing key is a 400, as it always was.
+    let (project_id, number) = path
+        .parent()
+        .authorize(&state, &principal, perms::APIKEYS_UPDATE)
+        .await?;
+    let req: KeyBody = parse_json_body(&body)?;
+    let mut key = load_key(&state, &project_id, &path.key).await?;
     if !key.delete_time.is_empty() {
         return Err(ApiError::failed_precondition(format!(
             "Key '{}' is deleted; undelete it before updating.",
             key.name()
         )));
     }
-    let mask = query.get("updateMask").map(String::as_str).unwrap_or("");
+    let mask = params.0.get("updateMask").map(String::as_str).unwrap_or("");
     let paths: Vec<&str> = if mask.trim().is_empty() {
         // No mask: replace every updatable field present in the body.
         let mut p = Vec::new();
@@ -847,19 +636,7 @@ async fn patch_key(
     key.etag = new_etag();
     key.update_time = now_rfc3339();
     let mut tx = state.store.begin_write().await?;
-    sqlx::query(
-        "UPDATE apikeys_keys SET display_name = $1, restrictions = $2, annotations = $3, \
-         etag = $4, update_time = $5, expire_time = $6 WHERE uid = $7",
-    )
-    .bind(&key.display_name)
-    .bind(serde_json::to_string(&key.restrictions)?)
-    .bind(serde_json::to_string(&key.annotations)?)
-    .bind(&key.etag)
-    .bind(&key.update_time)
-    .bind(stored_expire_time(key.expire_time))
-    .bind(&key.uid)
-    .execute(&mut *tx)
-    .await?;
+    crate::store::keys::update(&mut tx, &key.to_row()?).await?;
     let op = operations::insert(
         &mut tx,
         &operation_name(number),
@@ -876,9 +653,7 @@ async fn patch_key(
 async fn set_deleted(
     state: &AppState,
     principal: &Principal,
-    project: &str,
-    location: &str,
-    key_id: &str,
+    path: &KeyPath,
     delete: bool,
 ) -> Result<Json<Value>, ApiError> {
     let permission = if delete {
@@ -886,8 +661,7 @@ async fn set_deleted(
     } else {
         perms::APIKEYS_UNDELETE
     };
-    let (project_id, number) = project_for(state, principal, project, location, permission).await?;
-    let mut key = load_key(state, &project_id, key_id).await?;
+    let (_, number, mut key) = path.authorize(state, principal, permission).await?;
     let already_deleted = !key.delete_time.is_empty();
     if delete == already_deleted {
         return Err(ApiError::failed_precondition(if delete {
@@ -901,15 +675,7 @@ async fn set_deleted(
     key.update_time = now;
     key.etag = new_etag();
     let mut tx = state.store.begin_write().await?;
-    sqlx::query(
-        "UPDATE apikeys_keys SET delete_time = $1, update_time = $2, etag = $3 WHERE uid = $4",
-    )
-    .bind(&key.delete_time)
-    .bind(&key.update_time)
-    .bind(&key.etag)
-    .bind(&key.uid)
-    .execute(&mut *tx)
-    .await?;
+    crate::store::keys::set_delete_time(&mut tx, &key.to_row()?).await?;
     let op = operations::insert(
         &mut tx,
         &operation_name(number),
@@ -925,19 +691,23 @@ async fn set_deleted(
 async fn delete_key(
     State(state): State<AppState>,
     principal: Principal,
-    Path((project, location, key)): Path<(String, String, String)>,
+    Path(path): Path<KeyPath>,
 ) -> Result<Json<Value>, ApiError> {
-    set_deleted(&state, &principal, &project, &location, &key, true).await
+    set_deleted(&state, &principal, &path, true).await
 }
 
 async fn key_verb(
     State(state): State<AppState>,
     principal: Principal,
-    Path((project, location, segment)): Path<(String, String, String)>,
+    Path(path): Path<KeyPath>,
 ) -> Result<Json<Value>, ApiError> {
-    match split_verb(&segment) {
+    match split_verb(&path.key) {
         (key, Some("undelete")) => {
-            set_deleted(&state, &principal, &project, &location, key, false).await
+            let path = KeyPath {
+                key: key.to_string(),
+                ..path
+            };
+            set_deleted(&state, &principal, &path, false).await
         }
         (_, Some(other)) => Err(ApiError::not_found(format!(
             "Unknown method '{other}' on API keys."
@@ -951,15 +721,12 @@ async fn key_verb(
 async fn lookup_key(
     State(state): State<AppState>,
     principal: Principal,
-    Query(query): Query<HashMap<String, String>>,
+    params: Params,
 ) -> Result<Json<Value>, ApiError> {
-    let key_string = query
-        .get("keyString")
-        .filter(|k| !k.is_empty())
-        .ok_or_else(|| {
-            ApiError::invalid_argument("Missing keyString query parameter.")
-                .with_field_violation("key_string", "required")
-        })?;
+    let key_string = params.get("keyString").ok_or_else(|| {
+        ApiError::invalid_argument("Missing keyString query parameter.")
+            .with_field_violation("key_string", "required")
+    })?;
     let not_found = || ApiError::not_found("The API key was not found.");
     let record = lookup(&state, key_string).await?.ok_or_else(not_found)?;
     if record.deleted {
@@ -1091,213 +858,5 @@ mod tests {
         let e = apply_mask_path(&mut key, "expireTime", &bad).expect_err("bad time");
         assert_eq!(e.code, crate::error::Code::InvalidArgument);
         assert!(e.message.contains("tomorrow"), "{}", e.message);
-    }
-}
-
-/// Handlers in process: the key string's life cycle, at-rest storage, paging and lookup.
-#[cfg(test)]
-mod flow_tests {
-    use super::*;
-    use crate::app::test_support::env;
-    use axum::http::{Method, StatusCode};
-
-    const KEYS: &str = "/v2/projects/demo-proj/locations/global/keys";
-
-    #[tokio::test]
-    async fn key_string_lifecycle_and_storage() {
-        let e = env().await;
-        let (s, op) = e
-            .admin(
-                Method::POST,
-                &format!("{KEYS}?keyId=k1"),
-                Some(json!({"displayName": "one", "restrictions": {
-                    "apiTargets": [{"service": "echo.example.com", "methods": ["Echo"]}],
-                    "browserKeyRestrictions": {"allowedReferrers": ["*.example.com/*"]}
-                }})),
-            )
-            .await;
-        assert_eq!(s, StatusCode::OK, "{op}");
-        assert_eq!(op["done"], true);
-        assert!(op["name"]
-            .as_str()
-            .expect("op name")
-            .starts_with("operations/akmf.p7-"));
-        let key_string = op["response"]["keyString"]
-            .as_str()
-            .expect("keyString")
-            .to_string();
-        let name = op["response"]["name"].as_str().expect("name").to_string();
-        let number = crate::projects::project_number(&e.state.store, "demo-proj")
-            .await
-            .expect("number");
-        assert_eq!(name, format!("projects/{number}/locations/global/keys/k1"));
-
-        // The stored operation (what GET /v2/operations returns) has no key string.
-        let op_id = op["name"]
-            .as_str()
-            .expect("op name")
-            .trim_start_matches("operations/");
-        let (s, stored_op) = e
-            .admin(Method::GET, &format!("/v2/operations/{op_id}"), None)
-            .await;
-        assert_eq!(s, StatusCode::OK);
-        assert!(
-            stored_op["response"].get("keyString").is_none(),
-            "{stored_op}"
-        );
-        assert_eq!(stored_op["response"]["name"], name.as_str());
-
-        // No column of any row holds the key string.
-        let rows: Vec<(String, String, String, String)> = sqlx::query_as(
-            "SELECT k.key_hash, k.key_sealed, k.restrictions, o.body FROM apikeys_keys k, \
-             operations o",
-        )
-        .fetch_all(e.state.store.pool())
-        .await
-        .expect("rows");
-        assert!(!rows.is_empty());
-        for r in &rows {
-            for col in [&r.0, &r.1, &r.2, &r.3] {
-                assert!(
-                    !col.contains(&key_string[4..]),
-                    "key string stored in clear"
-                );
-            }
-        }
-
-        // Readable back by number or id; lookup by hash.
-        let (s, v) = e
-            .admin(Method::GET, &format!("/v2/{name}/keyString"), None)
-            .await;
-        assert_eq!(s, StatusCode::OK, "{v}");
-        assert_eq!(v["keyString"], key_string.as_str());
-        let rec = lookup(&e.state, &key_string)
-            .await
-            .expect("lookup")
-            .expect("found");
-        assert_eq!(rec.name, name);
-        assert_eq!(rec.project_id, "demo-proj");
-        assert_eq!(rec.restrictions.api_targets[0].methods, vec!["Echo"]);
-        assert!(!rec.deleted);
-        assert!(lookup(&e.state, "AIzaNotAKey")
-            .await
-            .expect("lookup")
-            .is_none());
-        let (s, v) = e
-            .admin(
-                Method::GET,
-                &format!("/v2/keys:lookupKey?keyString={key_string}"),
-                None,
-            )
-            .await;
-        assert_eq!(s, StatusCode::OK, "{v}");
-        assert_eq!(v["parent"], format!("projects/{number}/locations/global"));
-
-        // Soft delete: lookup still sees it (flagged), lookupKey does not; undelete restores.
-        let (s, _) = e.admin(Method::DELETE, &format!("{KEYS}/k1"), None).await;
-        assert_eq!(s, StatusCode::OK);
-        assert!(
-            lookup(&e.state, &key_string)
-                .await
-                .expect("lookup")
-                .expect("found")
-                .deleted
-        );
-        let (s, _) = e
-            .admin(
-                Method::GET,
-                &format!("/v2/keys:lookupKey?keyString={key_string}"),
-                None,
-            )
-            .await;
-        assert_eq!(s, StatusCode::NOT_FOUND);
-        let (s, _) = e.admin(Method::DELETE, &format!("{KEYS}/k1"), None).await;
-        assert_eq!(s, StatusCode::BAD_REQUEST, "double delete");
-        let (s, _) = e
-            .admin(Method::POST, &format!("{KEYS}/k1:undelete"), None)
-            .await;
-        assert_eq!(s, StatusCode::OK);
-        assert!(
-            !lookup(&e.state, &key_string)
-                .await
-                .expect("lookup")
-                .expect("found")
-                .deleted
-        );
-
-        // Duplicate id, bad id, bad location, bad restrictions.
-        let (s, v) = e
-            .admin(Method::POST, &format!("{KEYS}?keyId=k1"), Some(json!({})))
-            .await;
-        assert_eq!(s, StatusCode::CONFLICT, "{v}");
-        let (s, _) = e
-            .admin(Method::POST, &format!("{KEYS}?keyId=K_1"), Some(json!({})))
-            .await;
-        assert_eq!(s, StatusCode::BAD_REQUEST);
-        let (s, _) = e
-            .admin(
-                Method::GET,
-                "/v2/projects/demo-proj/locations/us-east1/keys",
-                None,
-            )
-            .await;
-        assert_eq!(s, StatusCode::BAD_REQUEST);
-        let (s, v) = e
-            .admin(
-                Method::PATCH,
-                &format!("{KEYS}/k1?updateMask=restrictions.serverKeyRestrictions"),
-                Some(json!({"restrictions": {"serverKeyRestrictions": {"allowedIps": ["nope"]}}})),
-            )
-            .await;
-        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-        assert!(v["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("nope"));
-    }
-
-    #[tokio::test]
-    async fn list_pages_and_show_deleted() {
-        let e = env().await;
-        for id in ["a1", "a2", "a3"] {
-            let (s, _) = e
-                .admin(Method::POST, &format!("{KEYS}?keyId={id}"), Some(json!({})))
-                .await;
-            assert_eq!(s, StatusCode::OK);
-        }
-        let (s, _) = e.admin(Method::DELETE, &format!("{KEYS}/a2"), None).await;
-        assert_eq!(s, StatusCode::OK);
-        let (_, v) = e
-            .admin(Method::GET, &format!("{KEYS}?showDeleted=False"), None)
-            .await;
-        assert_eq!(v["keys"].as_array().expect("keys").len(), 2);
-        let mut seen = Vec::new();
-        let mut token = String::new();
-        loop {
-            let (s, v) = e
-                .admin(
-                    Method::GET,
-                    &format!("{KEYS}?showDeleted=True&pageSize=2&pageToken={token}"),
-                    None,
-                )
-                .await;
-            assert_eq!(s, StatusCode::OK, "{v}");
-            for k in v["keys"].as_array().expect("keys") {
-                seen.push(
-                    k["name"]
-                        .as_str()
-                        .expect("name")
-                        .rsplit('/')
-                        .next()
-                        .unwrap_or("")
-                        .to_string(),
-                );
-            }
-            match v["nextPageToken"].as_str() {
-                Some(t) => token = t.to_string(),
-                None => break,
-            }
-        }
-        assert_eq!(seen, vec!["a1", "a2", "a3"]);
     }
 }

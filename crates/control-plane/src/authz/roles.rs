@@ -1,0 +1,115 @@
+//! The permissions this crate checks and the one role → permission table.
+//!
+//! Layer rule: pure data and functions; imports nothing from the rest of the crate.
+
+/// Permissions checked by this crate.
+pub mod perms {
+    pub const SERVICES_GET: &str = "servicemanagement.services.get";
+    pub const SERVICES_UPDATE: &str = "servicemanagement.services.update";
+    pub const SERVICES_DELETE: &str = "servicemanagement.services.delete";
+    pub const SERVICES_GET_IAM: &str = "servicemanagement.services.getIamPolicy";
+    pub const SERVICES_SET_IAM: &str = "servicemanagement.services.setIamPolicy";
+    pub const SERVICES_CHECK: &str = "servicemanagement.services.check";
+    pub const SERVICES_REPORT: &str = "servicemanagement.services.report";
+    pub const SERVICES_QUOTA: &str = "servicemanagement.services.quota";
+    pub const SERVICES_BIND: &str = "servicemanagement.services.bind";
+    pub const SERVICES_CREATE: &str = "servicemanagement.services.create";
+    pub const SERVICEUSAGE_ENABLE: &str = "serviceusage.services.enable";
+    pub const SERVICEUSAGE_DISABLE: &str = "serviceusage.services.disable";
+    pub const SERVICEUSAGE_LIST: &str = "serviceusage.services.list";
+    pub const SA_CREATE: &str = "iam.serviceAccounts.create";
+    pub const SA_GET: &str = "iam.serviceAccounts.get";
+    pub const SA_LIST: &str = "iam.serviceAccounts.list";
+    pub const SA_DELETE: &str = "iam.serviceAccounts.delete";
+    pub const SA_DISABLE: &str = "iam.serviceAccounts.disable";
+    pub const SA_ENABLE: &str = "iam.serviceAccounts.enable";
+    pub const KEY_CREATE: &str = "iam.serviceAccountKeys.create";
+    pub const KEY_GET: &str = "iam.serviceAccountKeys.get";
+    pub const KEY_LIST: &str = "iam.serviceAccountKeys.list";
+    pub const KEY_DELETE: &str = "iam.serviceAccountKeys.delete";
+    pub const PROJECT_GET: &str = "resourcemanager.projects.get";
+    pub const PROJECT_DELETE: &str = "resourcemanager.projects.delete";
+    pub const PROJECT_UNDELETE: &str = "resourcemanager.projects.undelete";
+    pub const PROJECT_GET_IAM: &str = "resourcemanager.projects.getIamPolicy";
+    pub const PROJECT_SET_IAM: &str = "resourcemanager.projects.setIamPolicy";
+    pub const APIKEYS_CREATE: &str = "apikeys.keys.create";
+    pub const APIKEYS_GET: &str = "apikeys.keys.get";
+    pub const APIKEYS_LIST: &str = "apikeys.keys.list";
+    pub const APIKEYS_UPDATE: &str = "apikeys.keys.update";
+    pub const APIKEYS_DELETE: &str = "apikeys.keys.delete";
+    pub const APIKEYS_UNDELETE: &str = "apikeys.keys.undelete";
+    pub const APIKEYS_GET_KEY_STRING: &str = "apikeys.keys.getKeyString";
+    pub const APIKEYS_LOOKUP: &str = "apikeys.keys.lookup";
+}
+
+/// Whether `role` includes `permission` (the subset of Google's predefined roles Portico knows).
+///
+/// The basic roles cover every API; the narrow roles each name their own permissions, so no
+/// narrow role grants a permission of another API.
+pub fn role_grants(role: &str, permission: &str) -> bool {
+    use perms::*;
+    let is_iam_write = permission.ends_with(".setIamPolicy");
+    // Deleting a project is owner-only in Google: `roles/editor` has everything but IAM
+    // writes and these two.
+    let owner_only = matches!(permission, PROJECT_DELETE | PROJECT_UNDELETE);
+    match role {
+        "roles/owner" => true,
+        "roles/editor" => !is_iam_write && !owner_only,
+        // `getIamPolicy` on projects ends neither in `.get` nor `.list`, yet viewers may read it.
+        "roles/viewer" => {
+            permission.ends_with(".get")
+                || permission.ends_with(".list")
+                || permission == PROJECT_GET_IAM
+        }
+        "roles/iam.securityReviewer" => permission == PROJECT_GET_IAM,
+        "roles/servicemanagement.admin" => permission.starts_with("servicemanagement."),
+        "roles/servicemanagement.configEditor" => {
+            matches!(permission, SERVICES_GET | SERVICES_UPDATE)
+        }
+        // ESP fetches configs and rollouts with this role, so it includes reads.
+        "roles/servicemanagement.serviceController" => matches!(
+            permission,
+            SERVICES_GET | SERVICES_CHECK | SERVICES_REPORT | SERVICES_QUOTA
+        ),
+        "roles/servicemanagement.serviceConsumer" => permission == SERVICES_BIND,
+        "roles/serviceusage.serviceUsageAdmin" => permission.starts_with("serviceusage."),
+        "roles/serviceusage.serviceUsageConsumer" => permission == SERVICEUSAGE_LIST,
+        "roles/iam.serviceAccountAdmin" => permission.starts_with("iam.serviceAccounts."),
+        "roles/iam.serviceAccountKeyAdmin" => {
+            permission.starts_with("iam.serviceAccountKeys.")
+                || matches!(permission, SA_GET | SA_LIST)
+        }
+        "roles/resourcemanager.projectIamAdmin" => {
+            matches!(permission, PROJECT_GET_IAM | PROJECT_SET_IAM | PROJECT_GET)
+        }
+        "roles/serviceusage.apiKeysAdmin" => permission.starts_with("apikeys."),
+        "roles/serviceusage.apiKeysViewer" => {
+            matches!(permission, APIKEYS_GET | APIKEYS_LIST | APIKEYS_LOOKUP)
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles() {
+        assert!(role_grants(
+            "roles/servicemanagement.serviceController",
+            perms::SERVICES_CHECK
+        ));
+        assert!(role_grants(
+            "roles/servicemanagement.serviceController",
+            perms::SERVICES_GET
+        ));
+        assert!(!role_grants(
+            "roles/servicemanagement.serviceController",
+            perms::SERVICES_UPDATE
+        ));
+        assert!(!role_grants("roles/editor", perms::SERVICES_SET_IAM));
+        assert!(role_grants("roles/owner", perms::SERVICES_SET_IAM));
+        assert!(!role_grants("roles/cloudtrace.agent", perms::SERVICES_GET));
+    }
+}

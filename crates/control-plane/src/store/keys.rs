@@ -1,0 +1,223 @@
+//! API keys: the key rows, their sealed key strings and the keyed lookup hash.
+//!
+//! Layer rule: SQL only, `StoreError` only; nothing above `store` is imported. Sealing and
+//! hashing are done by the caller (`crate::crypto`), so this module stores opaque text.
+
+use sqlx::AnyConnection;
+
+use crate::crypto::MasterKey;
+use crate::store::{Migration, Store, StoreError};
+
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        id: "apikeys_0001",
+        sql: &["CREATE TABLE IF NOT EXISTS apikeys_keys (\
+         uid TEXT PRIMARY KEY, \
+         project_id TEXT NOT NULL, \
+         project_number BIGINT NOT NULL, \
+         key_id TEXT NOT NULL, \
+         display_name TEXT NOT NULL, \
+         restrictions TEXT NOT NULL, \
+         annotations TEXT NOT NULL, \
+         key_hash TEXT NOT NULL UNIQUE, \
+         key_sealed TEXT NOT NULL, \
+         etag TEXT NOT NULL, \
+         create_time TEXT NOT NULL, \
+         update_time TEXT NOT NULL, \
+         delete_time TEXT NOT NULL, \
+         UNIQUE (project_id, key_id))"],
+    },
+    // RFC 3339 strings with trimmed fractions do not sort chronologically as text; list order
+    // comes from this integer instead.
+    Migration {
+        id: "apikeys_0002",
+        sql: &["ALTER TABLE apikeys_keys ADD COLUMN create_seq BIGINT NOT NULL DEFAULT 0"],
+    },
+    // The `expireTime` extension; '' = never expires (what every older key means).
+    Migration {
+        id: "apikeys_0003",
+        sql: &["ALTER TABLE apikeys_keys ADD COLUMN expire_time TEXT NOT NULL DEFAULT ''"],
+    },
+];
+
+/// Domain separation label for the lookup hash.
+const HASH_PURPOSE: &str = "apikeys.keyString";
+
+/// The lookup hash of a key string: HMAC-SHA256 under the master key.
+pub fn key_hash(master_key: &MasterKey, key_string: &str) -> String {
+    master_key.keyed_hash(HASH_PURPOSE, key_string.as_bytes())
+}
+
+/// A stored key, its JSON columns still text (`restrictions`, `annotations`) and times as
+/// stored (RFC 3339; `delete_time` and `expire_time` are '' when unset).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRow {
+    pub uid: String,
+    pub project_id: String,
+    pub project_number: i64,
+    pub key_id: String,
+    pub display_name: String,
+    pub restrictions: String,
+    pub annotations: String,
+    pub etag: String,
+    pub create_time: String,
+    pub update_time: String,
+    pub delete_time: String,
+    pub expire_time: String,
+}
+
+type Row = (
+    String,
+    String,
+    i64,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+);
+
+fn from_row(r: Row) -> KeyRow {
+    KeyRow {
+        uid: r.0,
+        project_id: r.1,
+        project_number: r.2,
+        key_id: r.3,
+        display_name: r.4,
+        restrictions: r.5,
+        annotations: r.6,
+        etag: r.7,
+        create_time: r.8,
+        update_time: r.9,
+        delete_time: r.10,
+        expire_time: r.11,
+    }
+}
+
+const KEY_COLUMNS: &str = "uid, project_id, project_number, key_id, display_name, restrictions, \
+     annotations, etag, create_time, update_time, delete_time, expire_time";
+
+/// The key a key string belongs to, found by its keyed hash (soft-deleted keys included).
+/// This is the lookup Service Control's check uses.
+pub async fn find_by_key_string(
+    store: &Store,
+    master_key: &MasterKey,
+    key_string: &str,
+) -> Result<Option<KeyRow>, StoreError> {
+    let row: Option<Row> = sqlx::query_as(&format!(
+        "SELECT {KEY_COLUMNS} FROM apikeys_keys WHERE key_hash = $1"
+    ))
+    .bind(key_hash(master_key, key_string))
+    .fetch_optional(store.pool())
+    .await?;
+    Ok(row.map(from_row))
+}
+
+pub async fn get(
+    store: &Store,
+    project_id: &str,
+    key_id: &str,
+) -> Result<Option<KeyRow>, StoreError> {
+    let row: Option<Row> = sqlx::query_as(&format!(
+        "SELECT {KEY_COLUMNS} FROM apikeys_keys WHERE project_id = $1 AND key_id = $2"
+    ))
+    .bind(project_id)
+    .bind(key_id)
+    .fetch_optional(store.pool())
+    .await?;
+    Ok(row.map(from_row))
+}
+
+/// The project's keys (deleted ones included) in creation order.
+pub async fn list_in_project(store: &Store, project_id: &str) -> Result<Vec<KeyRow>, StoreError> {
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "SELECT {KEY_COLUMNS} FROM apikeys_keys WHERE project_id = $1 \
+         ORDER BY create_seq, key_id"
+    ))
+    .bind(project_id)
+    .fetch_all(store.pool())
+    .await?;
+    Ok(rows.into_iter().map(from_row).collect())
+}
+
+/// The sealed key string of the key with this uid.
+pub async fn sealed_key_string(store: &Store, uid: &str) -> Result<Option<String>, StoreError> {
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT key_sealed FROM apikeys_keys WHERE uid = $1")
+            .bind(uid)
+            .fetch_optional(store.pool())
+            .await?;
+    Ok(row.map(|(s,)| s))
+}
+
+/// Inserts a key with its lookup hash and sealed string; `false` if the uid, the key id in
+/// the project, or the hash is taken.
+pub async fn insert(
+    conn: &mut AnyConnection,
+    key: &KeyRow,
+    key_hash: &str,
+    key_sealed: &str,
+) -> Result<bool, StoreError> {
+    let inserted = sqlx::query(
+        "INSERT INTO apikeys_keys (uid, project_id, project_number, key_id, display_name, \
+         restrictions, annotations, key_hash, key_sealed, etag, create_time, update_time, \
+         delete_time, create_seq, expire_time) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&key.uid)
+    .bind(&key.project_id)
+    .bind(key.project_number)
+    .bind(&key.key_id)
+    .bind(&key.display_name)
+    .bind(&key.restrictions)
+    .bind(&key.annotations)
+    .bind(key_hash)
+    .bind(key_sealed)
+    .bind(&key.etag)
+    .bind(&key.create_time)
+    .bind(&key.update_time)
+    .bind(&key.delete_time)
+    .bind(crate::store::creation_seq())
+    .bind(&key.expire_time)
+    .execute(conn)
+    .await?;
+    Ok(inserted.rows_affected() > 0)
+}
+
+/// Writes the updatable fields (display name, restrictions, annotations, expiry) with the new
+/// etag and update time.
+pub async fn update(conn: &mut AnyConnection, key: &KeyRow) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE apikeys_keys SET display_name = $1, restrictions = $2, annotations = $3, \
+         etag = $4, update_time = $5, expire_time = $6 WHERE uid = $7",
+    )
+    .bind(&key.display_name)
+    .bind(&key.restrictions)
+    .bind(&key.annotations)
+    .bind(&key.etag)
+    .bind(&key.update_time)
+    .bind(&key.expire_time)
+    .bind(&key.uid)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Writes the delete time ('' = not deleted) with the new etag and update time.
+pub async fn set_delete_time(conn: &mut AnyConnection, key: &KeyRow) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE apikeys_keys SET delete_time = $1, update_time = $2, etag = $3 WHERE uid = $4",
+    )
+    .bind(&key.delete_time)
+    .bind(&key.update_time)
+    .bind(&key.etag)
+    .bind(&key.uid)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
