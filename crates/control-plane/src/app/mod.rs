@@ -44,9 +44,9 @@ use crate::store::{Migration, Store, StoreError};
 pub fn migrations() -> Vec<&'static [Migration]> {
     vec![
         crate::projects::MIGRATIONS,
-        crate::apis::operations::MIGRATIONS,
-        crate::apis::servicemanagement::MIGRATIONS,
-        crate::apis::serviceusage::MIGRATIONS,
+        crate::store::operations::MIGRATIONS,
+        crate::store::services::MIGRATIONS,
+        crate::store::usage::MIGRATIONS,
         // Identity (IAM, Resource Manager, tokens, API keys).
         crate::apis::iam::MIGRATIONS,
         crate::apis::resourcemanager::MIGRATIONS,

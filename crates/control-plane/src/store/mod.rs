@@ -18,6 +18,12 @@
 //! once, in a transaction, recorded in `schema_migrations`. Never edit a shipped migration; add
 //! `iam_0002`. Ids are global, so prefix them with the module name.
 
+pub mod configs;
+pub mod operations;
+pub mod rollouts;
+pub mod services;
+pub mod usage;
+
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
