@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::app::{page_token, split_verb, AppState, JsonBody, Params};
 use crate::authz::{perms, require_project_permission, require_service_permission, Principal};
 use crate::error::ApiError;
-use crate::store::operations::{self as ops_store, Operation};
+use crate::store::operations::{self as ops_store, Any, Empty, Operation};
 use crate::store::{
     configs as configs_store, services as services_store, usage as usage_store, Store,
 };
@@ -140,15 +140,6 @@ async fn check_enableable(
     Ok(())
 }
 
-/// A `google.protobuf.Any` with the fields of `T` after its `@type`.
-#[derive(Serialize)]
-struct Any<T> {
-    #[serde(rename = "@type")]
-    type_url: &'static str,
-    #[serde(flatten)]
-    message: T,
-}
-
 #[derive(Serialize)]
 struct OneService {
     service: ServiceState,
@@ -167,19 +158,13 @@ fn operation(
 ) -> Result<Operation, ApiError> {
     Ok(Operation::done(
         format!("operations/acat.p2-{number}-{}", uuid::Uuid::new_v4()),
-        serde_json::to_value(Any {
-            type_url: "type.googleapis.com/google.api.serviceusage.v1.OperationMetadata",
-            message: Empty {},
-        })?,
-        serde_json::to_value(Any {
-            type_url,
-            message: response,
-        })?,
+        serde_json::to_value(Any::new(
+            "type.googleapis.com/google.api.serviceusage.v1.OperationMetadata",
+            Empty {},
+        ))?,
+        serde_json::to_value(Any::new(type_url, response))?,
     ))
 }
-
-#[derive(Serialize)]
-struct Empty {}
 
 async fn service_verb(
     State(state): State<AppState>,
@@ -189,47 +174,51 @@ async fn service_verb(
     let (service, verb) = split_verb(&segment);
     let consumer = crate::projects::project_id_for(&state.store, &project).await?;
     let number = crate::projects::project_number(&state.store, &consumer).await?;
-    match verb {
-        Some("enable") => {
-            require_project_permission(&state, &principal, &consumer, perms::SERVICEUSAGE_ENABLE)
-                .await?;
-            check_enableable(&state, &principal, &consumer, service).await?;
-            let svc = service_state(&state, number, service, true).await?;
-            let mut tx = state.store.begin_write().await?;
-            usage_store::enable(&mut tx, &consumer, service).await?;
-            let op = operation(
-                number,
-                "type.googleapis.com/google.api.serviceusage.v1.EnableServiceResponse",
-                OneService { service: svc },
-            )?;
-            ops_store::insert(&mut tx, &op).await?;
-            tx.commit().await?;
-            tracing::info!(consumer = %consumer, service = %service, "service enabled");
-            Ok(Json(op))
+    let enable = match verb {
+        Some("enable") => true,
+        Some("disable") => false,
+        Some(other) => {
+            return Err(ApiError::not_found(format!(
+                "Unknown method services.{other}; expected :enable or :disable."
+            )))
         }
-        Some("disable") => {
-            require_project_permission(&state, &principal, &consumer, perms::SERVICEUSAGE_DISABLE)
-                .await?;
-            let svc = service_state(&state, number, service, false).await?;
-            let mut tx = state.store.begin_write().await?;
-            usage_store::disable(&mut tx, &consumer, service).await?;
-            let op = operation(
-                number,
-                "type.googleapis.com/google.api.serviceusage.v1.DisableServiceResponse",
-                OneService { service: svc },
-            )?;
-            ops_store::insert(&mut tx, &op).await?;
-            tx.commit().await?;
-            tracing::info!(consumer = %consumer, service = %service, "service disabled");
-            Ok(Json(op))
+        None => {
+            return Err(ApiError::not_found(format!(
+                "No POST method on projects/{project}/services/{service}; expected :enable or :disable."
+            )))
         }
-        Some(other) => Err(ApiError::not_found(format!(
-            "Unknown method services.{other}; expected :enable or :disable."
-        ))),
-        None => Err(ApiError::not_found(format!(
-            "No POST method on projects/{project}/services/{service}; expected :enable or :disable."
-        ))),
+    };
+    let (permission, response_type) = if enable {
+        (
+            perms::SERVICEUSAGE_ENABLE,
+            "type.googleapis.com/google.api.serviceusage.v1.EnableServiceResponse",
+        )
+    } else {
+        (
+            perms::SERVICEUSAGE_DISABLE,
+            "type.googleapis.com/google.api.serviceusage.v1.DisableServiceResponse",
+        )
+    };
+    require_project_permission(&state, &principal, &consumer, permission).await?;
+    if enable {
+        check_enableable(&state, &principal, &consumer, service).await?;
     }
+    let svc = service_state(&state, number, service, enable).await?;
+    let mut tx = state.store.begin_write().await?;
+    if enable {
+        usage_store::enable(&mut tx, &consumer, service).await?;
+    } else {
+        usage_store::disable(&mut tx, &consumer, service).await?;
+    }
+    let op = operation(number, response_type, OneService { service: svc })?;
+    ops_store::insert(&mut tx, &op).await?;
+    tx.commit().await?;
+    if enable {
+        tracing::info!(consumer = %consumer, service = %service, "service enabled");
+    } else {
+        tracing::info!(consumer = %consumer, service = %service, "service disabled");
+    }
+    Ok(Json(op))
 }
 
 async fn get_one(

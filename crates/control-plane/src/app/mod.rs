@@ -708,7 +708,9 @@ mod tests {
 }
 
 /// In-process helpers for handler tests: a fresh SQLite state and a request runner.
+// The PostgreSQL helpers have no caller in src (tests/support has its own).
 #[cfg(test)]
+#[allow(dead_code)]
 pub(crate) mod test_support {
     use super::*;
     use axum::http::{Method, StatusCode};

@@ -66,10 +66,30 @@ impl Operation {
     pub fn service_name(&self) -> String {
         self.metadata
             .as_ref()
-            .map(|m| service_of_metadata(m))
+            .map(service_of_metadata)
             .unwrap_or_default()
     }
 }
+
+/// A message as a `google.protobuf.Any`: `@type` first, then the message's fields. An
+/// operation's `metadata` and `response` are these.
+#[derive(Debug, Clone, Serialize)]
+pub struct Any<T> {
+    #[serde(rename = "@type")]
+    pub type_url: &'static str,
+    #[serde(flatten)]
+    pub message: T,
+}
+
+impl<T> Any<T> {
+    pub fn new(type_url: &'static str, message: T) -> Self {
+        Any { type_url, message }
+    }
+}
+
+/// `google.protobuf.Empty`, or any message with no fields set.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Empty {}
 
 /// The service named in an operation document's `metadata.resourceNames`, or `""`.
 pub fn service_of(op: &Value) -> String {

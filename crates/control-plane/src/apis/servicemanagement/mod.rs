@@ -39,7 +39,7 @@ use crate::app::{parse_json_body, split_verb, AppState, MAX_BODY_BYTES, SERVICE_
 use crate::authz::{require_service_permission, Policy, Principal};
 use crate::error::ApiError;
 use crate::store::now_rfc3339;
-use crate::store::operations::Operation;
+use crate::store::operations::{Any, Empty, Operation};
 
 pub use configs::{Conversions, CONVERSION_TIMEOUT};
 
@@ -181,25 +181,6 @@ async fn require_service_or_hide(
         .await
         .map_err(|_| not_found_or_denied(service))
 }
-
-/// A message as a `google.protobuf.Any`: `@type` first, then the message's fields.
-#[derive(Serialize)]
-struct Any<T> {
-    #[serde(rename = "@type")]
-    type_url: &'static str,
-    #[serde(flatten)]
-    message: T,
-}
-
-impl<T> Any<T> {
-    fn new(type_url: &'static str, message: T) -> Self {
-        Any { type_url, message }
-    }
-}
-
-/// `google.protobuf.Empty`.
-#[derive(Serialize)]
-struct Empty {}
 
 /// `google.api.servicemanagement.v1.ManagedService`.
 #[derive(Serialize)]
