@@ -1,5 +1,8 @@
 //! Service Management through the whole router: services, configs (conversion bounds
 //! included), rollouts, operations, IAM policies, config reports, on SQLite and PostgreSQL.
+//!
+//! The request-then-assert runs look alike (`duplicates` pairs them): each asks a different
+//! question and checks its own answer, so they are spelled out rather than table-driven.
 
 mod support;
 
@@ -47,14 +50,18 @@ async fn create(e: &TestEnv) {
     assert_eq!(op["response"]["producerProjectId"], "demo-proj");
 }
 
+/// `configs:submit` as the admin.
+async fn post_submit(e: &TestEnv, spec: &str, validate_only: bool) -> (StatusCode, Value) {
+    e.admin(
+        Method::POST,
+        &format!("/v1/services/{SVC}/configs:submit"),
+        Some(submit_body(spec, validate_only)),
+    )
+    .await
+}
+
 async fn submit(e: &TestEnv, spec: &str) -> String {
-    let (st, op) = e
-        .admin(
-            Method::POST,
-            &format!("/v1/services/{SVC}/configs:submit"),
-            Some(submit_body(spec, false)),
-        )
-        .await;
+    let (st, op) = post_submit(e, spec, false).await;
     assert_eq!(st, StatusCode::OK, "{op}");
     op["response"]["serviceConfig"]["id"]
         .as_str()
@@ -71,13 +78,7 @@ async fn deploy_flow_ids_listing_rollouts_and_operations() {
     assert_eq!(st, StatusCode::FORBIDDEN);
     assert_eq!(err["error"]["status"], "PERMISSION_DENIED");
     create(&e).await;
-    let (st, _) = e
-        .admin(
-            Method::POST,
-            "/v1/services",
-            Some(json!({"serviceName": SVC, "producerProjectId": "demo-proj"})),
-        )
-        .await;
+    let (st, _) = e.create_service(SVC, "demo-proj").await;
     assert_eq!(st, StatusCode::CONFLICT);
 
     let day = today();
@@ -266,13 +267,7 @@ async fn a_conversion_past_its_time_bound_fails_clearly() {
     })
     .await;
     create(&e).await;
-    let (st, err) = e
-        .admin(
-            Method::POST,
-            &format!("/v1/services/{SVC}/configs:submit"),
-            Some(submit_body(&many_paths(500), false)),
-        )
-        .await;
+    let (st, err) = post_submit(&e, &many_paths(500), false).await;
     assert_eq!(st, StatusCode::GATEWAY_TIMEOUT, "{}", err["error"]);
     assert_eq!(err["error"]["status"], "DEADLINE_EXCEEDED");
     let msg = err["error"]["message"].as_str().expect("message");
@@ -336,14 +331,7 @@ async fn unrelated_requests_are_answered_while_a_conversion_runs() {
     );
     create(&e).await;
     let e2 = e.clone();
-    let submit = tokio::spawn(async move {
-        e2.admin(
-            Method::POST,
-            &format!("/v1/services/{SVC}/configs:submit"),
-            Some(submit_body(ECHO, false)),
-        )
-        .await
-    });
+    let submit = tokio::spawn(async move { post_submit(&e2, ECHO, false).await });
     hold.entered.recv().await.expect("the conversion started");
     // The conversion is now held: these are answered meanwhile.
     let (st, _) = e.call(Method::GET, "/metrics", None, None).await;
@@ -375,26 +363,13 @@ async fn concurrent_conversions_are_bounded() {
     );
     create(&e).await;
     let e2 = e.clone();
-    let first = tokio::spawn(async move {
-        e2.admin(
-            Method::POST,
-            &format!("/v1/services/{SVC}/configs:submit"),
-            Some(submit_body(ECHO, false)),
-        )
-        .await
-    });
+    let first = tokio::spawn(async move { post_submit(&e2, ECHO, false).await });
     hold.entered
         .recv()
         .await
         .expect("the first conversion started");
     // The only permit is held until this test releases it: the second cannot start.
-    let (st, err) = e
-        .admin(
-            Method::POST,
-            &format!("/v1/services/{SVC}/configs:submit"),
-            Some(submit_body(ECHO, false)),
-        )
-        .await;
+    let (st, err) = post_submit(&e, ECHO, false).await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{err}");
     assert!(
         err["error"]["message"]
@@ -440,13 +415,7 @@ async fn hostile_specs_are_refused_with_file_and_line() {
             ),
         ),
     ] {
-        let (st, err) = e
-            .admin(
-                Method::POST,
-                &format!("/v1/services/{SVC}/configs:submit"),
-                Some(submit_body(&spec, false)),
-            )
-            .await;
+        let (st, err) = post_submit(&e, &spec, false).await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{err}");
         let msg = err["error"]["message"].as_str().expect("message");
         assert!(
@@ -460,25 +429,13 @@ async fn hostile_specs_are_refused_with_file_and_line() {
 async fn validate_only_and_rejected_specs_store_nothing() {
     let e = env().await;
     create(&e).await;
-    let (st, op) = e
-        .admin(
-            Method::POST,
-            &format!("/v1/services/{SVC}/configs:submit"),
-            Some(submit_body(ECHO, true)),
-        )
-        .await;
+    let (st, op) = post_submit(&e, ECHO, true).await;
     assert_eq!(st, StatusCode::OK, "{op}");
     assert_eq!(
         op["response"]["serviceConfig"]["id"],
         format!("{}r0", today())
     );
-    let (st, err) = e
-        .admin(
-            Method::POST,
-            &format!("/v1/services/{SVC}/configs:submit"),
-            Some(submit_body(BROKEN, false)),
-        )
-        .await;
+    let (st, err) = post_submit(&e, BROKEN, false).await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{err}");
     assert_eq!(err["error"]["status"], "INVALID_ARGUMENT");
     let msg = err["error"]["message"].as_str().expect("message");
@@ -494,13 +451,7 @@ async fn validate_only_and_rejected_specs_store_nothing() {
     assert_eq!(submit(&e, ECHO).await, format!("{}r0", today()));
     // A spec for another host is refused.
     let other = ECHO.replace("echo-api.endpoints", "other-api.endpoints");
-    let (st, _) = e
-        .admin(
-            Method::POST,
-            &format!("/v1/services/{SVC}/configs:submit"),
-            Some(submit_body(&other, false)),
-        )
-        .await;
+    let (st, _) = post_submit(&e, &other, false).await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
 }
 

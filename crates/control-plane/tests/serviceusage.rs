@@ -12,13 +12,7 @@ const SVC: &str = "echo-api.endpoints.demo-proj.cloud.goog";
 #[tokio::test]
 async fn enable_list_disable_and_batch() {
     let e = env().await;
-    let (st, _) = e
-        .admin(
-            Method::POST,
-            "/v1/services",
-            Some(json!({"serviceName": SVC, "producerProjectId": "demo-proj"})),
-        )
-        .await;
+    let (st, _) = e.create_service(SVC, "demo-proj").await;
     assert_eq!(st, StatusCode::OK);
     assert!(!is_enabled(&e.state.store, "demo-proj", SVC).await.unwrap());
 

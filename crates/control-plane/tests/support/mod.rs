@@ -177,3 +177,15 @@ impl TestEnv {
         self.call(method, uri, Some(&t), body).await
     }
 }
+
+impl TestEnv {
+    /// `POST /v1/services` as the admin: creates managed service `name` owned by `producer`.
+    pub async fn create_service(&self, name: &str, producer: &str) -> (StatusCode, Value) {
+        self.admin(
+            Method::POST,
+            "/v1/services",
+            Some(serde_json::json!({"serviceName": name, "producerProjectId": producer})),
+        )
+        .await
+    }
+}
