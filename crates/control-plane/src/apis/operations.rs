@@ -9,6 +9,8 @@
 //! The table and the stored [`Operation`] shape live in [`crate::store::operations`]; an API
 //! writes its operation in the same transaction as the change it describes, so a failed change
 //! leaves no operation behind. This module only answers `GET .../operations[/{id}]`.
+//!
+//! Layer rule: handlers only; the SQL is in `store::operations`, and no other API is imported.
 
 use axum::extract::{Path, State};
 use axum::routing::get;

@@ -10,7 +10,12 @@
 //! the platform APIs Portico implements or that Endpoints tutorials enable. Operations come back
 //! already `done`, so gcloud does not poll them.
 //!
-//! Service Control asks [`is_enabled`] whether a consumer may call a service.
+//! Whether a consumer may call a service is [`crate::store::usage::is_enabled`] (Service Control
+//! and Service Management's `consumerId` listing ask it there; [`is_enabled`] answers the same
+//! with an `ApiError`).
+//!
+//! Layer rule: handlers only; the SQL is in `store::{usage, services, configs, operations}`, and
+//! no other API is imported.
 
 use axum::extract::{Path, State};
 use axum::routing::{get, post};

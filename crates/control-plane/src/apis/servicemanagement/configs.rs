@@ -1,5 +1,7 @@
 //! Configs: `configs:submit` (OpenAPI sources converted by the config crate, off the request
 //! threads and within [`Conversions`]' bounds), list, get, and ESP's `/config`.
+//!
+//! Handlers only (see the parent module's layer rule); storage goes through `crate::store`.
 
 use axum::extract::{Path, State};
 use axum::Json;

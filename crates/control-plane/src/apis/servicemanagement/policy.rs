@@ -1,4 +1,6 @@
 //! A service's IAM policy: `:getIamPolicy`, `:setIamPolicy`, `:testIamPermissions`.
+//!
+//! Handlers only (see the parent module's layer rule); storage goes through `crate::store`.
 
 use serde::{Deserialize, Serialize};
 

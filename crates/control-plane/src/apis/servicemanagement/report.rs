@@ -1,4 +1,6 @@
 //! `services:generateConfigReport`: element-level differences between two stored configs.
+//!
+//! Handlers only (see the parent module's layer rule); storage goes through `crate::store`.
 
 use std::collections::BTreeMap;
 

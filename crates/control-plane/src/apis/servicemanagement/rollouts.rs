@@ -1,4 +1,6 @@
 //! Rollouts: create, list, get; and the rollout records a deletion and an undeletion leave.
+//!
+//! Handlers only (see the parent module's layer rule); storage goes through `crate::store`.
 
 use std::collections::BTreeMap;
 

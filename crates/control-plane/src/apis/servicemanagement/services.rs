@@ -1,4 +1,6 @@
 //! Managed services: list, create, get, delete, undelete.
+//!
+//! Handlers only (see the parent module's layer rule); storage goes through `crate::store`.
 
 use axum::extract::{Path, State};
 use axum::Json;
