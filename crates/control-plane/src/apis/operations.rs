@@ -6,38 +6,22 @@
 //! `GET /v2/operations/{id}`. Both paths read this table, so names must be unique across APIs —
 //! each module uses Google's name format (`operations/serviceConfigs.<svc>:<uuid>`, ...).
 //!
-//! Write an operation in the same transaction as the change it describes ([`insert`] takes a
-//! connection), so a failed change leaves no operation behind.
+//! The table and the stored [`Operation`] shape live in [`crate::store::operations`]; an API
+//! writes its operation in the same transaction as the change it describes, so a failed change
+//! leaves no operation behind. This module only answers `GET .../operations[/{id}]`.
+//!
+//! Layer rule: handlers only; the SQL is in `store::operations`, and no other API is imported.
 
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{json, Value};
-use sqlx::AnyConnection;
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::app::{page_token, AppState, Params};
 use crate::authz::{perms, require_service_permission, Principal};
 use crate::error::ApiError;
-use crate::store::{now_rfc3339, Migration};
-
-pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        id: "ops_0001",
-        sql: &["CREATE TABLE IF NOT EXISTS operations (\
-                name TEXT PRIMARY KEY, \
-                body TEXT NOT NULL, \
-                create_time TEXT NOT NULL)"],
-    },
-    // The managed service an operation belongs to (from `metadata.resourceNames`), so
-    // `gcloud endpoints operations list --service` can filter and permissions can be checked.
-    Migration {
-        id: "ops_0002",
-        sql: &[
-            "ALTER TABLE operations ADD COLUMN service_name TEXT NOT NULL DEFAULT ''",
-            "CREATE INDEX IF NOT EXISTS operations_by_service ON operations (service_name, create_time)",
-        ],
-    },
-];
+use crate::store::operations::{self as ops_store, Connection, Operation};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -52,72 +36,35 @@ pub enum Outcome {
     Error(ApiError),
 }
 
-/// Builds and stores a finished operation; returns its JSON. `name` must start with
-/// `operations/` and contain no further `/` (gcloud sends the id as one path segment).
+/// Builds and stores a finished operation; returns its JSON. API Keys still writes its
+/// operations through here; Service Management and Service Usage build a
+/// [`crate::store::operations::Operation`] and store it themselves.
 pub async fn insert(
-    conn: &mut AnyConnection,
+    conn: &mut Connection,
     name: &str,
     metadata: Value,
     outcome: Outcome,
 ) -> Result<Value, ApiError> {
-    let mut op = json!({"name": name});
-    if !metadata.is_null() {
-        op["metadata"] = metadata;
-    }
-    op["done"] = Value::Bool(true);
-    match outcome {
-        Outcome::Response(r) => op["response"] = r,
-        Outcome::Error(e) => op["error"] = e.rpc_status(),
-    }
-    sqlx::query(
-        "INSERT INTO operations (name, body, create_time, service_name) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(name)
-    .bind(serde_json::to_string(&op)?)
-    .bind(now_rfc3339())
-    .bind(service_of(&op))
-    .execute(conn)
-    .await?;
-    Ok(op)
-}
-
-/// The managed service named by the first `services/<name>...` entry of `metadata.resourceNames`.
-fn service_of(op: &Value) -> String {
-    op.pointer("/metadata/resourceNames")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .find_map(|r| r.strip_prefix("services/"))
-        .map(|r| r.split('/').next().unwrap_or(r).to_string())
-        .unwrap_or_default()
-}
-
-/// Servicemanagement's operation metadata.
-pub fn sm_metadata(resource_names: &[String]) -> Value {
-    json!({
-        "@type": "type.googleapis.com/google.api.servicemanagement.v1.OperationMetadata",
-        "resourceNames": resource_names,
-        "startTime": now_rfc3339(),
-        "progressPercentage": 100,
-    })
+    let op = match outcome {
+        Outcome::Response(r) => Operation::done(name, metadata, r),
+        Outcome::Error(e) => Operation {
+            error: Some(e.rpc_status()),
+            response: None,
+            ..Operation::done(name, metadata, Value::Null)
+        },
+    };
+    ops_store::insert(conn, &op).await?;
+    Ok(serde_json::to_value(op)?)
 }
 
 /// Looks an operation up by `operations/<id>` or bare `<id>`.
-pub async fn lookup(state: &AppState, id: &str) -> Result<Option<Value>, ApiError> {
+async fn lookup(state: &AppState, id: &str) -> Result<Option<Value>, ApiError> {
     let name = if id.starts_with("operations/") {
         id.to_string()
     } else {
         format!("operations/{id}")
     };
-    let row: Option<(String,)> = sqlx::query_as("SELECT body FROM operations WHERE name = $1")
-        .bind(&name)
-        .fetch_optional(state.store.pool())
-        .await?;
-    match row {
-        Some((body,)) => Ok(Some(serde_json::from_str(&body)?)),
-        None => Ok(None),
-    }
+    Ok(ops_store::get(&state.store, &name).await?)
 }
 
 async fn get_operation(
@@ -134,7 +81,7 @@ async fn get_operation(
     let op = lookup(&state, &id).await?.ok_or_else(not_found)?;
     // A service's operations are as private as the service; a service account without read
     // access cannot tell them from missing ones.
-    let service = service_of(&op);
+    let service = ops_store::service_of(&op);
     if !service.is_empty()
         && require_service_permission(&state, &principal, &service, perms::SERVICES_GET)
             .await
@@ -247,7 +194,7 @@ async fn list_operations(
     State(state): State<AppState>,
     principal: Principal,
     params: Params,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ListOperationsResponse>, ApiError> {
     let Some(f) = params.get("filter") else {
         return Err(ApiError::invalid_argument(
             "A filter naming the service is required, e.g. serviceName=\"my-api.example.com\".",
@@ -256,38 +203,37 @@ async fn list_operations(
     let filter = parse_op_filter(f)?;
     require_service_permission(&state, &principal, &filter.service, perms::SERVICES_GET).await?;
     let (limit, offset) = params.page(50, 100)?;
-    let rows: Vec<(String,)> = sqlx::query_as(
-        "SELECT body FROM operations WHERE service_name = $1 ORDER BY create_time DESC, name",
-    )
-    .bind(&filter.service)
-    .fetch_all(state.store.pool())
-    .await?;
-    let mut matching = Vec::new();
-    for (b,) in rows {
-        let op: Value = serde_json::from_str(&b)?;
-        if filter.matches(&op) {
-            matching.push(op);
-        }
-    }
+    let matching: Vec<Value> = ops_store::list_for_service(&state.store, &filter.service)
+        .await?
+        .into_iter()
+        .filter(|op| filter.matches(op))
+        .collect();
     let total = matching.len() as i64;
-    let page: Vec<Value> = matching
+    let operations: Vec<Value> = matching
         .into_iter()
         .skip(offset as usize)
         .take(limit as usize)
         .collect();
-    let mut out = json!({});
-    if !page.is_empty() {
-        out["operations"] = Value::Array(page);
-    }
-    if offset + limit < total {
-        out["nextPageToken"] = Value::String(page_token(offset + limit));
-    }
-    Ok(Json(out))
+    let next_page_token = (offset + limit < total).then(|| page_token(offset + limit));
+    Ok(Json(ListOperationsResponse {
+        operations,
+        next_page_token,
+    }))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ListOperationsResponse {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    operations: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_page_token: Option<String>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn op_filters() {
@@ -303,12 +249,5 @@ mod tests {
         assert!(parse_op_filter("name=x").is_err());
         assert!(parse_op_filter("serviceName=\"a\" AND (bogus = 1)").is_err());
         assert!(parse_op_filter("serviceName=\"a\" AND (startTime > 2017)").is_err());
-    }
-
-    #[test]
-    fn service_from_resource_names() {
-        let op = json!({"metadata": {"resourceNames": ["services/a.b.c/configs/x"]}});
-        assert_eq!(service_of(&op), "a.b.c");
-        assert_eq!(service_of(&json!({"name": "operations/akmf.p7-1"})), "");
     }
 }

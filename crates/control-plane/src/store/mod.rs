@@ -19,11 +19,16 @@
 //! `iam_0002`. Ids are global, so prefix them with the module name.
 
 pub mod accounts;
+pub mod configs;
 pub mod keys;
+pub mod operations;
 pub mod policies;
 pub mod projects;
+pub mod rollouts;
 pub mod servicecontrol;
+pub mod services;
 pub mod tokens;
+pub mod usage;
 
 use std::path::Path;
 use std::str::FromStr;

@@ -263,3 +263,15 @@ pub mod testutil {
         }
     }
 }
+
+impl TestEnv {
+    /// `POST /v1/services` as the admin: creates managed service `name` owned by `producer`.
+    pub async fn create_service(&self, name: &str, producer: &str) -> (StatusCode, Value) {
+        self.admin(
+            Method::POST,
+            "/v1/services",
+            Some(serde_json::json!({"serviceName": name, "producerProjectId": producer})),
+        )
+        .await
+    }
+}
