@@ -10,9 +10,8 @@
 //! the platform APIs Portico implements or that Endpoints tutorials enable. Operations come back
 //! already `done`, so gcloud does not poll them.
 //!
-//! Whether a consumer may call a service is [`crate::store::usage::is_enabled`] (Service Control
-//! and Service Management's `consumerId` listing ask it there; [`is_enabled`] answers the same
-//! with an `ApiError`).
+//! Whether a consumer may call a service is [`crate::store::usage::is_enabled`]: Service Control
+//! and Service Management's `consumerId` listing ask the store directly.
 //!
 //! Layer rule: handlers only; the SQL is in `store::{usage, services, configs, operations}`, and
 //! no other API is imported.
@@ -26,9 +25,7 @@ use crate::app::{page_token, split_verb, AppState, JsonBody, Params};
 use crate::authz::{perms, require_project_permission, require_service_permission, Principal};
 use crate::error::ApiError;
 use crate::store::operations::{self as ops_store, Any, Empty, Operation};
-use crate::store::{
-    configs as configs_store, services as services_store, usage as usage_store, Store,
-};
+use crate::store::{configs as configs_store, services as services_store, usage as usage_store};
 
 /// Google platform APIs that may be enabled without being managed services here: the ones
 /// Portico serves and the ones the Endpoints tutorials enable.
@@ -66,16 +63,6 @@ pub fn routes() -> Router<AppState> {
             "/v1/projects/{project}/services/{service}",
             get(get_one).post(service_verb),
         )
-}
-
-/// Whether `consumer_project_id` has enabled `service` (Service Control's consumer check; the
-/// SQL is [`crate::store::usage::is_enabled`]).
-pub async fn is_enabled(
-    store: &Store,
-    consumer_project_id: &str,
-    service: &str,
-) -> Result<bool, ApiError> {
-    Ok(usage_store::is_enabled(store, consumer_project_id, service).await?)
 }
 
 /// The title shown for a service: a platform API's name, or the newest config's `title`.

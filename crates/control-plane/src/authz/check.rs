@@ -30,10 +30,11 @@ pub async fn require_service_permission(
         ))
     };
     let Some((policy, producer)) =
-        crate::apis::servicemanagement::policy_and_producer(state, service_name).await?
+        crate::store::services::policy_and_producer(&state.store, service_name).await?
     else {
         return Err(denied());
     };
+    let policy: Policy = serde_json::from_str(&policy)?;
     if policy.grants(&member, permission) {
         return Ok(());
     }

@@ -214,11 +214,12 @@ impl Store {
     }
 
     /// Begins a transaction that will write (see the module doc).
-    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
-        match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
-        }
+    pub async fn begin_write(&self) -> Result<WriteTx, StoreError> {
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        Ok(WriteTx(tx))
     }
 
     /// Applies every migration not yet recorded, in the given order.
@@ -368,7 +369,7 @@ pub(crate) mod tests {
                         .await?;
                     tx.commit().await?;
                 }
-                Ok::<(), sqlx::Error>(())
+                Ok::<(), StoreError>(())
             }));
         }
         for t in tasks {
@@ -433,5 +434,34 @@ pub(crate) mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, StoreError::SchemaName(_)));
+    }
+}
+
+/// A write transaction from [`Store::begin_write`]. Handlers hold one across several store
+/// calls (each takes `&mut` the connection it derefs to) and commit it; its errors are
+/// [`StoreError`]s like every other store call, so no layer above the store names `sqlx`.
+/// Dropped without [`WriteTx::commit`], it rolls back.
+pub struct WriteTx(sqlx::Transaction<'static, sqlx::Any>);
+
+impl WriteTx {
+    pub async fn commit(self) -> Result<(), StoreError> {
+        Ok(self.0.commit().await?)
+    }
+
+    pub async fn rollback(self) -> Result<(), StoreError> {
+        Ok(self.0.rollback().await?)
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = sqlx::AnyConnection;
+    fn deref(&self) -> &sqlx::AnyConnection {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
+        &mut self.0
     }
 }

@@ -133,8 +133,7 @@ pub async fn check(
         }
     }
     let activated = consumer.project_id == producer
-        || crate::apis::serviceusage::is_enabled(&state.store, &consumer.project_id, service)
-            .await?;
+        || crate::store::usage::is_enabled(&state.store, &consumer.project_id, service).await?;
     if !activated {
         resp.check_errors.push(err(
             "SERVICE_NOT_ACTIVATED",

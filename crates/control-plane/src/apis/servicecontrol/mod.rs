@@ -173,9 +173,9 @@ impl Call {
 
 /// The producer project of `service`; a service that does not exist is a 404.
 ///
-/// Service Management owns services; this is the one place Service Control asks it.
+/// Services are Service Management's table; this is the one place Service Control reads it.
 async fn producer_of(state: &AppState, service: &str) -> Result<String, ApiError> {
-    crate::apis::servicemanagement::producer_project(state, service)
+    crate::store::services::producer_project(&state.store, service)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("Service '{service}' not found.")))
 }

@@ -36,7 +36,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::app::{parse_json_body, split_verb, AppState, MAX_BODY_BYTES, SERVICE_VERB_HANDLERS};
-use crate::authz::{require_service_permission, Policy, Principal};
+use crate::authz::{require_service_permission, Principal};
 use crate::error::ApiError;
 use crate::store::now_rfc3339;
 use crate::store::operations::{Any, Empty, Operation};
@@ -139,26 +139,6 @@ fn to_json(v: impl Serialize) -> Result<Value, ApiError> {
 
 // ---------------------------------------------------------------------------------------------
 // Lookups other modules ask (authz, Service Control); the SQL is in `store::services`.
-
-/// The service's IAM policy and producer project, `None` if the service does not exist or is
-/// deleted.
-pub async fn policy_and_producer(
-    state: &AppState,
-    service_name: &str,
-) -> Result<Option<(Policy, String)>, ApiError> {
-    match crate::store::services::policy_and_producer(&state.store, service_name).await? {
-        Some((p, producer)) => Ok(Some((serde_json::from_str(&p)?, producer))),
-        None => Ok(None),
-    }
-}
-
-/// The producer project of a live (not deleted) service.
-pub async fn producer_project(
-    state: &AppState,
-    service_name: &str,
-) -> Result<Option<String>, ApiError> {
-    Ok(crate::store::services::producer_project(&state.store, service_name).await?)
-}
 
 // ---------------------------------------------------------------------------------------------
 // Shared by the handlers of this API
