@@ -24,7 +24,7 @@
 //! gRPC (`application/grpc*`) and WebSocket requests, and `grpc://` backends, stream from the
 //! first byte: buffering would break streaming calls.
 
-use crate::cli::{BackendAddr, BackendScheme};
+use crate::settings::{BackendAddr, BackendScheme};
 use crate::upstream::{Dialer, Pool, PoolLimits, UpstreamBody};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -1116,7 +1116,7 @@ mod tests {
 
     #[test]
     fn default_trust_ignores_a_public_clients_own_xff() {
-        let t: Vec<IpNet> = crate::cli::DEFAULT_XFF_TRUSTED_PROXY_LIST
+        let t: Vec<IpNet> = crate::settings::DEFAULT_XFF_TRUSTED_PROXY_LIST
             .split(',')
             .map(|n| n.trim().parse().unwrap())
             .collect();

@@ -118,7 +118,7 @@ pub fn request_head(data: &[u8]) -> Option<Result<String, String>> {
         headers.append(name, value);
     }
     let raw_target = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let limits = crate::cli::HeaderLimits::default();
+    let limits = crate::settings::HeaderLimits::default();
     let mut req = http::Request::new(());
     *req.method_mut() = method.clone();
     *req.uri_mut() = uri.clone();

@@ -32,5 +32,6 @@ pub mod pipeline;
 pub mod request_head;
 pub mod routing;
 pub mod server;
+pub mod settings;
 pub mod status;
 pub mod upstream;

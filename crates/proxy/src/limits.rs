@@ -4,7 +4,7 @@
 //! `SETTINGS_MAX_HEADER_LIST_SIZE`, [`crate::server`]); these per-line checks apply after
 //! parsing, the same for HTTP/1.1 and HTTP/2.
 
-use crate::cli::HeaderLimits;
+use crate::settings::HeaderLimits;
 use crate::error::{Cause, EspError};
 use http::Request;
 

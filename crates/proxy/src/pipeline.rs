@@ -23,7 +23,7 @@
 //! errors included, pass through untouched. Nothing on this path panics.
 
 use crate::auth::AuthInfo;
-use crate::cli::Settings;
+use crate::settings::Settings;
 use crate::error::{Cause, EspError};
 use crate::forward::{self, ForwardError, Forwarder, LimitedBody};
 use crate::request_head;
@@ -561,7 +561,7 @@ fn request_head_size<B>(req: &Request<B>) -> u64 {
 }
 
 /// Applies `--rewrite` rules to the raw target; the first matching rule wins.
-pub fn rewrite<'a>(rules: &[crate::cli::RewriteRule], target: &'a str) -> Cow<'a, str> {
+pub fn rewrite<'a>(rules: &[crate::settings::RewriteRule], target: &'a str) -> Cow<'a, str> {
     for r in rules {
         if let Some(caps) = r.pattern.captures(target) {
             let mut out = String::new();
@@ -1589,11 +1589,11 @@ mod tests {
     #[test]
     fn rewrite_first_match_wins_and_expands_groups() {
         let rules = vec![
-            crate::cli::RewriteRule {
+            crate::settings::RewriteRule {
                 pattern: regex::Regex::new("^/api/(.*)$").unwrap(),
                 replacement: "/$1".into(),
             },
-            crate::cli::RewriteRule {
+            crate::settings::RewriteRule {
                 pattern: regex::Regex::new("^/api/x").unwrap(),
                 replacement: "/never".into(),
             },

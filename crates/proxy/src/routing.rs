@@ -94,13 +94,13 @@ impl std::fmt::Debug for BackendTarget {
 
 /// Splits a rule address (`https://host[:port][/path]`, `http://...`, `grpc://host:port`) into
 /// the `--backend` form and the path prefix.
-fn parse_rule_address(address: &str) -> Result<(crate::cli::BackendAddr, String), String> {
+fn parse_rule_address(address: &str) -> Result<(crate::settings::BackendAddr, String), String> {
     let scheme_end = address.find("://").map_or(0, |i| i + 3);
     let (hostport, path) = match address[scheme_end..].find('/') {
         Some(i) => (&address[..scheme_end + i], &address[scheme_end + i..]),
         None => (address, ""),
     };
-    let backend = crate::cli::parse_backend(hostport)?;
+    let backend = crate::settings::parse_backend(hostport)?;
     Ok((backend, path.trim_end_matches('/').to_string()))
 }
 
@@ -216,7 +216,7 @@ impl RouteOptions {
             auth_options: crate::auth::AuthOptions::default(),
             backend_routing: false,
             backend_timeout: std::time::Duration::from_secs_f64(
-                crate::cli::DEFAULT_BACKEND_TIMEOUT_S,
+                crate::settings::DEFAULT_BACKEND_TIMEOUT_S,
             ),
             backend_roots: None,
             backend_pool: crate::upstream::PoolLimits::default(),
@@ -232,7 +232,7 @@ impl ConfigRoutes {
     ) -> Result<(crate::forward::Forwarder, String, http::HeaderValue), String> {
         let (backend, prefix) = parse_rule_address(address)?;
         let roots = match backend.scheme {
-            crate::cli::BackendScheme::Https => Some(match &opts.backend_roots {
+            crate::settings::BackendScheme::Https => Some(match &opts.backend_roots {
                 Some(r) => r.clone(),
                 None => crate::forward::backend_roots(None).map_err(|e| e.to_string())?,
             }),

@@ -18,7 +18,7 @@
 //! out ([`portico_listen`]); the serving ports bound request heads as nginx's
 //! `large_client_header_buffers` does (the whole head here, each line in the pipeline).
 
-use crate::cli::Settings;
+use crate::settings::Settings;
 use crate::config_source::{self, ConfigSourceOptions, Rollout};
 use crate::forward::Forwarder;
 use crate::pipeline::{ConnInfo, ControlApi, Pipeline, ProxyState};
@@ -320,7 +320,7 @@ pub async fn start_with_metrics(
         })?;
 
     let roots = match settings.backend.scheme {
-        crate::cli::BackendScheme::Https => Some(crate::forward::backend_roots(
+        crate::settings::BackendScheme::Https => Some(crate::forward::backend_roots(
             settings.backend_ca_cert_path.as_deref(),
         )?),
         _ => None,
@@ -660,7 +660,7 @@ pub fn run(settings: Settings) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("portico esp: cannot start the runtime: {e}");
-            return ExitCode::from(crate::cli::EXIT_SETUP);
+            return ExitCode::from(crate::settings::EXIT_SETUP);
         }
     };
     rt.block_on(async move {
@@ -670,7 +670,7 @@ pub fn run(settings: Settings) -> ExitCode {
                 Ok(k) => Some(Arc::new(k)),
                 Err(e) => {
                     tracing::error!(path = %p.display(), error = %e, "cannot load --service_account_key");
-                    return ExitCode::from(crate::cli::EXIT_SETUP);
+                    return ExitCode::from(crate::settings::EXIT_SETUP);
                 }
             },
             None => None,
@@ -678,8 +678,8 @@ pub fn run(settings: Settings) -> ExitCode {
         let mut opts = ConfigSourceOptions::new(settings.service.clone().unwrap_or_default());
         opts.version = settings.version.clone();
         opts.rollout_strategy = match settings.rollout_strategy {
-            crate::cli::RolloutStrategy::Fixed => config_source::RolloutStrategy::Fixed,
-            crate::cli::RolloutStrategy::Managed => config_source::RolloutStrategy::Managed,
+            crate::settings::RolloutStrategy::Fixed => config_source::RolloutStrategy::Fixed,
+            crate::settings::RolloutStrategy::Managed => config_source::RolloutStrategy::Managed,
         };
         opts.service_json_path = settings.service_json_path.clone();
         opts.management_url = settings.management.clone();
@@ -690,7 +690,7 @@ pub fn run(settings: Settings) -> ExitCode {
             Ok(rx) => rx,
             Err(e) => {
                 tracing::error!(error = %e, "cannot load the service configuration");
-                return ExitCode::from(crate::cli::EXIT_FETCH);
+                return ExitCode::from(crate::settings::EXIT_FETCH);
             }
         };
         let metrics = Arc::new(crate::metrics::Metrics::new());
@@ -698,7 +698,7 @@ pub fn run(settings: Settings) -> ExitCode {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the Service Control client");
-                return ExitCode::from(crate::cli::EXIT_SETUP);
+                return ExitCode::from(crate::settings::EXIT_SETUP);
             }
         };
         if let Some(sc) = &control {
@@ -709,7 +709,7 @@ pub fn run(settings: Settings) -> ExitCode {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the proxy");
-                return ExitCode::from(crate::cli::EXIT_SETUP);
+                return ExitCode::from(crate::settings::EXIT_SETUP);
             }
         };
         // Serving: what start-up ran is not needed again (see the function).
