@@ -14,9 +14,8 @@
 
 use crate::cors::CorsSettings;
 use crate::settings::{
-    parse_backend, HeaderLimits, RewriteRule, RolloutStrategy, Settings,
-    DEFAULT_BACKEND_TIMEOUT_S, DEFAULT_XFF_TRUSTED_PROXY_LIST, EXIT_BAD_ARGS, EXIT_PORT_CONFLICT,
-    EXIT_SETUP,
+    parse_backend, HeaderLimits, RewriteRule, RolloutStrategy, Settings, DEFAULT_BACKEND_TIMEOUT_S,
+    DEFAULT_XFF_TRUSTED_PROXY_LIST, EXIT_BAD_ARGS, EXIT_PORT_CONFLICT, EXIT_SETUP,
 };
 use clap::{ArgAction, Parser};
 use ipnet::IpNet;
@@ -26,12 +25,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-
 const DEFAULT_CORS_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";
 const DEFAULT_CORS_HEADERS: &str =
     "DNT,User-Agent,X-Requested-With,If-Modified-Since,Cache-Control,Content-Type,Range,Authorization";
 const DEFAULT_CORS_EXPOSE: &str = "Content-Length,Content-Range";
-
 
 /// The raw command line, named as ESP names its flags.
 #[derive(Debug, Parser)]
@@ -316,7 +313,6 @@ pub struct EspArgs {
     pub server_config_generation_path: Option<String>,
 }
 
-
 /// Parses `large_client_header_buffers` (`"4 8k"`).
 pub fn parse_header_buffers(s: &str) -> Result<HeaderLimits, String> {
     let mut parts = s.split_whitespace();
@@ -423,7 +419,6 @@ pub fn parse_nginx_size(s: &str) -> Result<u64, String> {
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
-
 
 fn split_list(s: &Option<String>) -> Vec<String> {
     s.as_deref()

@@ -112,15 +112,23 @@ impl ClientBodyError {
     /// `client_body_timeout`), and nginx's 499 for a client that left — written to the access
     /// log and metrics, though nobody is there to read it.
     pub fn esp_error(self) -> crate::error::EspError {
-        use crate::error::{Cause, EspError};
+        use crate::error::{Cause, Code, EspError};
         match self {
-            ClientBodyError::Malformed => EspError::new(3, "BAD_REQUEST", Cause::Application),
-            ClientBodyError::Stalled => {
-                EspError::with_status(408, 9, "REQUEST_TIMEOUT", Cause::Application)
+            ClientBodyError::Malformed => {
+                EspError::new(Code::InvalidArgument, "BAD_REQUEST", Cause::Application)
             }
-            ClientBodyError::Closed => {
-                EspError::with_status(499, 1, "CLIENT_CLOSED_REQUEST", Cause::Application)
-            }
+            ClientBodyError::Stalled => EspError::with_status(
+                408,
+                Code::FailedPrecondition,
+                "REQUEST_TIMEOUT",
+                Cause::Application,
+            ),
+            ClientBodyError::Closed => EspError::with_status(
+                499,
+                Code::Cancelled,
+                "CLIENT_CLOSED_REQUEST",
+                Cause::Application,
+            ),
         }
     }
 

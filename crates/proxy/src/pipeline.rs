@@ -23,11 +23,11 @@
 //! errors included, pass through untouched. Nothing on this path panics.
 
 use crate::auth::AuthInfo;
-use crate::settings::Settings;
-use crate::error::{Cause, EspError};
+use crate::error::{Cause, Code, EspError};
 use crate::forward::{self, ForwardError, Forwarder, LimitedBody};
 use crate::request_head;
 use crate::routing::{ApiKeyLocations, ConfigRoutes, MethodInfo, RouteTable};
+use crate::settings::Settings;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -869,7 +869,7 @@ impl Pipeline {
                 }
                 _ => {
                     let err = EspError::new(
-                        3,
+                        Code::InvalidArgument,
                         "The request path holds an escaped slash or backslash (%2F, %5C).",
                         Cause::Internal,
                     );
@@ -923,7 +923,11 @@ impl Pipeline {
 
         let table = st.routes.load();
         let Some(config) = table.pick().cloned() else {
-            let err = EspError::new(14, "No service configuration is loaded", Cause::Internal);
+            let err = EspError::new(
+                Code::Unavailable,
+                "No service configuration is loaded",
+                Cause::Internal,
+            );
             return self.fail(err, &ctx, target);
         };
         drop(table);
@@ -941,7 +945,7 @@ impl Pipeline {
                 && !self.same_method_without_parameters(&config, match_method, &target, m.value())
             {
                 let err = EspError::new(
-                    3,
+                    Code::InvalidArgument,
                     "The request path's \";\" parameters change which API method it names.",
                     Cause::Internal,
                 );
@@ -1066,7 +1070,7 @@ impl Pipeline {
         }
         if settings.enable_backend_routing && routed.is_none() {
             // ESP's `proxy_pass $backend_url` with no address for this method.
-            let err = EspError::new(13, "INTERNAL_SERVER_ERROR", Cause::Application);
+            let err = EspError::new(Code::Internal, "INTERNAL_SERVER_ERROR", Cause::Application);
             return self.finalize(
                 proxy_error(&err, &ctx, ctx.jwt_present),
                 &ctx,
@@ -1103,7 +1107,7 @@ impl Pipeline {
         }
         let Some(control) = &self.state.control else {
             return Err(EspError::new(
-                14,
+                Code::Unavailable,
                 "Service Control is configured for this service but the proxy has no Service Control client",
                 Cause::ServiceControl,
             ));
@@ -1130,7 +1134,7 @@ impl Pipeline {
                     report.check = Some(ok);
                 }
                 Err(err) => {
-                    report.check_network_failure = err.code == 14;
+                    report.check_network_failure = err.code == Code::Unavailable.as_i32();
                     return Err(err);
                 }
             }
@@ -1165,7 +1169,7 @@ impl Pipeline {
         let Some(authn) = &config.authenticator else {
             return Err(crate::auth::AuthError {
                 error: EspError::new(
-                    13,
+                    Code::Internal,
                     "JWT authentication is required by this method but not configured",
                     Cause::Auth,
                 ),
@@ -1290,7 +1294,7 @@ impl Pipeline {
         let uri = match forwarder.upstream_uri(upstream_target) {
             Ok(u) => u,
             Err(e) => {
-                let err = EspError::new(3, e.to_string(), Cause::Internal);
+                let err = EspError::new(Code::InvalidArgument, e.to_string(), Cause::Internal);
                 let resp = self.finalize(
                     proxy_error(&err, ctx, ctx.jwt_present),
                     ctx,

@@ -18,11 +18,11 @@
 //! out ([`portico_listen`]); the serving ports bound request heads as nginx's
 //! `large_client_header_buffers` does (the whole head here, each line in the pipeline).
 
-use crate::settings::Settings;
 use crate::config_source::{self, ConfigSourceOptions, Rollout};
 use crate::forward::Forwarder;
 use crate::pipeline::{ConnInfo, ControlApi, Pipeline, ProxyState};
 use crate::routing::{RouteOptions, RouteTable};
+use crate::settings::Settings;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;

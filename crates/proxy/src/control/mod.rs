@@ -42,7 +42,7 @@ pub use quota::metric_costs;
 pub use report::RequestRecord;
 
 use crate::config_source::{Rollout, RolloutNotifier};
-use crate::error::EspError;
+use crate::error::{Code, EspError};
 use aggregate::{Aggregator, LogPolicy};
 use auth::{control_plane_of, TokenSource, QUOTA_CONTROLLER, SERVICE_CONTROLLER};
 use check::{CheckCache, Lookup, Verdict};
@@ -61,7 +61,7 @@ pub const MAX_API_KEY_BYTES: usize = 128;
 /// ESP's answer to an invalid API key (400, code 3), for keys refused without a `:check`.
 pub fn invalid_api_key() -> EspError {
     EspError::new(
-        3,
+        Code::InvalidArgument,
         "API key not valid. Please pass a valid API key.",
         crate::error::Cause::ServiceControl,
     )
@@ -463,7 +463,7 @@ impl ServiceControl {
             Err(e) => {
                 tracing::error!(error = %e, "Service Control check task failed");
                 Err(EspError::new(
-                    13,
+                    Code::Internal,
                     "Service Control check failed",
                     crate::error::Cause::ServiceControl,
                 ))
