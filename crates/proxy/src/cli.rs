@@ -287,10 +287,10 @@ pub struct EspArgs {
     pub compute_platform_override: Option<String>,
     /// Portico: `endpoints_log` entries kept per report signature per second (0 = none). Request
     /// counts and latencies stay exact; entries over the cap are counted as dropped.
-    #[arg(long = "report_log_entries_per_second", default_value_t = crate::control::DEFAULT_LOG_ENTRIES_PER_SECOND)]
+    #[arg(long = "report_log_entries_per_second", default_value_t = crate::service_control::DEFAULT_LOG_ENTRIES_PER_SECOND)]
     pub report_log_entries_per_second: usize,
     /// Portico: `endpoints_log` entries sent per report flush across all signatures (errors first).
-    #[arg(long = "report_max_log_entries_per_flush", default_value_t = crate::control::DEFAULT_MAX_LOG_ENTRIES_PER_FLUSH)]
+    #[arg(long = "report_max_log_entries_per_flush", default_value_t = crate::service_control::DEFAULT_MAX_LOG_ENTRIES_PER_FLUSH)]
     pub report_max_log_entries_per_flush: usize,
 
     // ESP features Portico does not have: refused with a precise message, not ignored.
@@ -1025,7 +1025,7 @@ mod tests {
         let s = p(&["-s", "svc"]).unwrap();
         assert_eq!(
             s.report_log_entries_per_second,
-            crate::control::DEFAULT_LOG_ENTRIES_PER_SECOND
+            crate::service_control::DEFAULT_LOG_ENTRIES_PER_SECOND
         );
         let s = p(&["-s", "svc", "--report_log_entries_per_second=0"]).unwrap();
         assert_eq!(s.report_log_entries_per_second, 0);

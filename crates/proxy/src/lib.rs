@@ -9,7 +9,7 @@
 //!   method and path the backend runs are the ones matched).
 //! - [`routing`]: per-config method tables — where a request is **matched**.
 //! - [`pipeline`]: the request path in ESP's order — match, **authenticate** ([`auth`]), API
-//!   key, **check** and quota ([`control`]), **forward** ([`forward`], over the capped backend
+//!   key, **check** and quota ([`service_control`]), **forward** ([`forward`], over the capped backend
 //!   connection pool in [`upstream`]), **report**.
 //! - [`memory`]: allocator settings and releasing start-up code pages.
 //! - [`error`]: ESP's exact error bodies; [`cors`]: `--cors_preset`; [`status`]:
@@ -19,7 +19,6 @@ pub mod access_log;
 pub mod auth;
 pub mod cli;
 pub mod config_source;
-pub mod control;
 pub mod cors;
 pub mod error;
 pub mod forward;
@@ -28,10 +27,12 @@ pub mod fuzz;
 pub mod limits;
 pub mod memory;
 pub mod metrics;
+pub mod outbound_auth;
 pub mod pipeline;
 pub mod request_head;
 pub mod routing;
 pub mod server;
+pub mod service_control;
 pub mod settings;
 pub mod status;
 pub mod upstream;

@@ -56,13 +56,13 @@ static X_IOS_BUNDLE: HeaderName = HeaderName::from_static("x-ios-bundle-identifi
 // Stage interfaces towards Service Control and JWT authentication.
 // ---------------------------------------------------------------------------------------------
 
-pub use crate::control::{CheckInput, CheckOk, QuotaInput, RequestRecord};
+pub use crate::service_control::{CheckInput, CheckOk, QuotaInput, RequestRecord};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The pipeline's view of the Service Control client (check through the cache, quota from the
 /// cache with background refresh, reports enqueued): the seam between the request path and
-/// [`crate::control::ServiceControl`].
+/// [`crate::service_control::ServiceControl`].
 pub trait ControlApi: Send + Sync + 'static {
     fn check<'a>(&'a self, input: CheckInput<'a>) -> BoxFuture<'a, Result<CheckOk, EspError>>;
     fn allocate_quota(&self, input: QuotaInput<'_>) -> Result<(), EspError>;
@@ -73,18 +73,18 @@ pub trait ControlApi: Send + Sync + 'static {
     }
 }
 
-impl ControlApi for crate::control::ServiceControl {
+impl ControlApi for crate::service_control::ServiceControl {
     fn check<'a>(&'a self, input: CheckInput<'a>) -> BoxFuture<'a, Result<CheckOk, EspError>> {
-        Box::pin(crate::control::ServiceControl::check(self, input))
+        Box::pin(crate::service_control::ServiceControl::check(self, input))
     }
     fn allocate_quota(&self, input: QuotaInput<'_>) -> Result<(), EspError> {
-        crate::control::ServiceControl::allocate_quota(self, input)
+        crate::service_control::ServiceControl::allocate_quota(self, input)
     }
     fn report(&self, record: RequestRecord) {
-        crate::control::ServiceControl::report(self, record)
+        crate::service_control::ServiceControl::report(self, record)
     }
     fn statistics(&self) -> Option<serde_json::Value> {
-        serde_json::to_value(crate::control::ServiceControl::statistics(self)).ok()
+        serde_json::to_value(crate::service_control::ServiceControl::statistics(self)).ok()
     }
 }
 
@@ -1099,11 +1099,11 @@ impl Pipeline {
         if api_key.is_none() && !mi.allow_unregistered_calls {
             return Err(EspError::unregistered_caller());
         }
-        if api_key.is_some_and(|k| k.len() > crate::control::MAX_API_KEY_BYTES) {
+        if api_key.is_some_and(|k| k.len() > crate::service_control::MAX_API_KEY_BYTES) {
             // No key is this long: answered as invalid before any cache or `:check`, and kept
             // out of the report (whose aggregates are keyed by it).
             report.api_key = None;
-            return Err(crate::control::invalid_api_key());
+            return Err(crate::service_control::invalid_api_key());
         }
         let Some(control) = &self.state.control else {
             return Err(EspError::new(

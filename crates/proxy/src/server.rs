@@ -619,7 +619,7 @@ fn service_control_for(
     configs: watch::Receiver<Arc<Rollout>>,
     credentials: Option<Arc<portico_credentials::ServiceAccountKey>>,
     notifier: config_source::RolloutNotifier,
-) -> Result<Option<crate::control::ServiceControl>, crate::control::ServiceControlError> {
+) -> Result<Option<crate::service_control::ServiceControl>, crate::service_control::ServiceControlError> {
     let rollout = configs.borrow().clone();
     let environment = rollout
         .configs
@@ -629,14 +629,14 @@ fn service_control_for(
         .find(|e| !e.is_empty());
     // With a key file the control plane is known even if the first config has no
     // `control.environment`, so a later rollout that enables Service Control finds a client.
-    let Some(base) = crate::control::resolve_service_control_url(
+    let Some(base) = crate::service_control::resolve_service_control_url(
         settings.service_control_url_override.as_deref(),
         credentials.as_deref(),
         environment,
     ) else {
         return Ok(None);
     };
-    let mut opts = crate::control::ServiceControlOptions::new(base);
+    let mut opts = crate::service_control::ServiceControlOptions::new(base);
     opts.credentials = credentials;
     opts.network_fail_open = settings.network_fail_open;
     if let Some(p) = &settings.compute_platform {
@@ -647,7 +647,7 @@ fn service_control_for(
     opts.report_max_log_entries_per_flush = settings.report_max_log_entries_per_flush;
     // Reports carry only the metrics and logs each config declares, as ESP's do.
     opts.service_configs = Some(configs);
-    crate::control::ServiceControl::new(opts).map(Some)
+    crate::service_control::ServiceControl::new(opts).map(Some)
 }
 
 /// The whole `portico esp` process: fetch the config, serve, shut down on a signal.

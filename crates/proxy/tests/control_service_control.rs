@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use control_support::{service_account, verify_bearer, wait_until, FakePeer, Recorded};
 use portico_proxy::config_source::RolloutNotifier;
-use portico_proxy::control::{
+use portico_proxy::service_control::{
     CheckInput, QuotaInput, RequestRecord, ServiceControl, ServiceControlOptions,
 };
 use portico_proxy::error::Cause;

@@ -12,7 +12,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use portico_config::Service;
 use portico_proxy::config_source::Rollout;
-use portico_proxy::control::{ServiceControl, ServiceControlOptions};
+use portico_proxy::service_control::{ServiceControl, ServiceControlOptions};
 use portico_proxy::error::EspError;
 use portico_proxy::pipeline::ControlApi;
 use portico_proxy::server::{self, ProxyHandle};

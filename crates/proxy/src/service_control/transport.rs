@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::auth::TokenSource;
+use crate::outbound_auth::TokenSource;
 use crate::config_source::{error_chain, PATH_SEGMENT};
 use crate::error::{Cause, Code, EspError};
 

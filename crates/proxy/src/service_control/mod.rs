@@ -11,13 +11,13 @@
 //!   (ESP sends 10; one larger JSON request costs the control plane less than ten small ones). Batches that fail for network/5xx reasons stay in a
 //!   bounded buffer (oldest dropped and counted) and are retried with backoff until the control
 //!   plane answers again. [`ServiceControl::shutdown`] flushes.
-//! * [`auth`] — the self-signed bearer tokens for all of these calls and for Service Management.
+//! * [`crate::outbound_auth`] — the self-signed bearer tokens for all of these calls (and for
+//!   Service Management).
 //!
 //! Every response carrying `serviceRolloutId` is passed to the [`RolloutNotifier`] so managed
 //! rollouts are picked up without waiting for the next poll.
 
 mod aggregate;
-pub mod auth;
 pub mod check;
 pub mod quota;
 pub mod report;
@@ -44,7 +44,7 @@ pub use report::RequestRecord;
 use crate::config_source::{Rollout, RolloutNotifier};
 use crate::error::{Code, EspError};
 use aggregate::{Aggregator, LogPolicy};
-use auth::{control_plane_of, TokenSource, QUOTA_CONTROLLER, SERVICE_CONTROLLER};
+use crate::outbound_auth::{control_plane_of, TokenSource, QUOTA_CONTROLLER, SERVICE_CONTROLLER};
 use check::{CheckCache, Lookup, Verdict};
 use quota::{Decision, NewEntry, QuotaCache};
 use report::{ReportFilter, StaticLabels};
