@@ -11,6 +11,7 @@
 //! for every registered path template that has no explicit OPTIONS rule, as ESP's config loader
 //! does.
 
+use crate::auth::api_key::ApiKeyLocations;
 use portico_config::service::{
     AuthenticationRule, BackendRule, HttpRule, SystemParameter, UsageRule,
 };
@@ -18,25 +19,6 @@ use portico_config::{PathMatcher, PathMatcherBuilder, Service};
 use rand::Rng;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-
-/// Where to look for the API key of a method (§2.4).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ApiKeyLocations {
-    /// Query parameter names, in config order (tried first).
-    pub query: Vec<String>,
-    /// Header names, in config order (tried after the queries).
-    pub headers: Vec<http::HeaderName>,
-}
-
-impl ApiKeyLocations {
-    /// ESP's default when no `system_parameters` name the key: `key`, `api_key`, `x-api-key`.
-    pub fn esp_default() -> ApiKeyLocations {
-        ApiKeyLocations {
-            query: vec!["key".into(), "api_key".into()],
-            headers: vec![http::HeaderName::from_static("x-api-key")],
-        }
-    }
-}
 
 /// Everything the pipeline needs about one matched method, built once per config.
 #[derive(Debug, Clone)]

@@ -619,7 +619,10 @@ fn service_control_for(
     configs: watch::Receiver<Arc<Rollout>>,
     credentials: Option<Arc<portico_credentials::ServiceAccountKey>>,
     notifier: config_source::RolloutNotifier,
-) -> Result<Option<crate::service_control::ServiceControl>, crate::service_control::ServiceControlError> {
+) -> Result<
+    Option<crate::service_control::ServiceControl>,
+    crate::service_control::ServiceControlError,
+> {
     let rollout = configs.borrow().clone();
     let environment = rollout
         .configs

@@ -19,6 +19,7 @@
 //! [`www_authenticate`]`(info.is_some())`.
 //!
 //! # Modules
+//! - [`api_key`]: where the API key is looked for, and the lookup.
 //! - [`token`]: where the token is found (IAP header, `Authorization`, `access_token`, `jwtLocations`).
 //! - [`jwt`]: parsing, signature and time checks, gRPC-style compact JSON.
 //! - [`keys`]: key-set formats (JWKS, X.509 map, PEM, raw HMAC secret).
@@ -34,6 +35,7 @@
 //! set for kid=…`, after one rate-limited refresh; X.509 maps and HMAC keys have ESP's own
 //! messages, see [`keys`]) → signature (`JWT signature verification failed.`).
 
+pub mod api_key;
 pub mod cache;
 pub mod fetch;
 pub mod jwt;

@@ -43,8 +43,8 @@ pub use report::RequestRecord;
 
 use crate::config_source::{Rollout, RolloutNotifier};
 use crate::error::{Code, EspError};
-use aggregate::{Aggregator, LogPolicy};
 use crate::outbound_auth::{control_plane_of, TokenSource, QUOTA_CONTROLLER, SERVICE_CONTROLLER};
+use aggregate::{Aggregator, LogPolicy};
 use check::{CheckCache, Lookup, Verdict};
 use quota::{Decision, NewEntry, QuotaCache};
 use report::{ReportFilter, StaticLabels};

@@ -9,9 +9,9 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::outbound_auth::TokenSource;
 use crate::config_source::{error_chain, PATH_SEGMENT};
 use crate::error::{Cause, Code, EspError};
+use crate::outbound_auth::TokenSource;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Failure {
