@@ -880,7 +880,6 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             return ExitCode::from(e.exit_code);
         }
     };
-    crate::server::init_tracing();
     for flag in &settings.ignored_flags {
         tracing::info!(
             flag,
@@ -1008,7 +1007,7 @@ mod tests {
         assert!(e.message.contains("<regex> <replacement>"), "{}", e.message);
         let e = p(&["-s", "svc", "--xff_trusted_proxy_list=10.0.0.0/8,nonsense"]).unwrap_err();
         assert!(e.message.contains("\"nonsense\""), "{}", e.message);
-        // A timeout no time span can hold used to panic when the settings were built.
+        // A timeout no time span can hold is refused with exit code 4, not a panic.
         for t in ["1e300", "-1", "NaN", "inf", "0"] {
             let e = p(&["-s", "svc", &format!("--http_request_timeout_s={t}")]).unwrap_err();
             assert_eq!(e.exit_code, 4, "{t}");
@@ -1090,7 +1089,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.client_body_buffer_size, 128 * 1024);
         assert_eq!(s.client_body_min_rate, 0);
-        // Used now, so no longer listed as ignored.
+        // A flag with an effect, so not listed as ignored.
         assert!(s.ignored_flags.is_empty(), "{:?}", s.ignored_flags);
         assert_eq!(
             p(&["-s", "svc", "--client_body_buffer_size=0"])

@@ -88,7 +88,7 @@ pub const CLIENT_BODY_MIN_RATE: u64 = 240;
 pub const CLIENT_BODY_RATE_GRACE: Duration = Duration::from_secs(5);
 
 /// A body counter's value before the body is forwarded (the request was answered without
-/// reading it): the access log and report then count its `Content-Length`, as before.
+/// reading it): the access log and report then count its `Content-Length`.
 pub const BODY_UNREAD: u64 = u64::MAX;
 
 /// How the client's request body failed.

@@ -628,8 +628,8 @@ mod tests {
         assert!(r.enabled);
     }
 
-    /// Issue 14 item 11: a deadline no time span can hold used to panic here
-    /// (`cannot convert float seconds to Duration`) in every proxy with backend routing.
+    /// A deadline no time span can hold (`cannot convert float seconds to Duration` from
+    /// `Duration::from_secs_f64`) is refused, not a panic, in a proxy with backend routing.
     #[tokio::test]
     async fn unusable_backend_deadlines_do_not_panic() {
         for bad in [1e300, -1.0, f64::NAN, f64::INFINITY, 1e-12] {

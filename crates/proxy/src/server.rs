@@ -53,18 +53,6 @@ pub enum StartError {
     AccessLog(std::io::Error),
 }
 
-/// Logs go to stderr (stdout carries the access log). `RUST_LOG` overrides the `info` default.
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum PortKind {
     Http,
@@ -576,10 +564,10 @@ async fn serve_conn<IO>(
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let p = pipeline.clone();
         // Not boxed: hyper's HTTP/1 dispatcher already keeps one heap slot of this future's size
-        // per connection and reuses it for every request. Boxing it (as until e050cc2) made
-        // that slot pointer-sized for idle connections but allocated and freed several KiB per
-        // request, which mimalloc's purging turned into ~1.3 page faults per request (0.5
-        // without; bench/cpu_per_request.sh, docs/performance.md). The slot's size is kept
+        // per connection and reuses it for every request. Boxing it would make that slot
+        // pointer-sized for idle connections but allocate and free several KiB per request,
+        // which mimalloc's purging turns into ~1.3 page faults per request (0.5 unboxed;
+        // bench/cpu_per_request.sh, docs/performance.md). The slot's size is kept
         // down instead: rare paths inside it (dialling, waiting, retries) are boxed.
         async move {
             // Accounts the request as 499 if the client goes away before the response head.
