@@ -1,4 +1,6 @@
-//! The Service Control client used by the request pipeline.
+//! The Service Control client used by the request pipeline (through
+//! [`crate::pipeline::ControlApi`]). It imports nothing of the pipeline; its outbound tokens come
+//! from [`crate::outbound_auth`].
 //!
 //! * [`ServiceControl::check`] — `:check` through a cache ([`check`]); fail-open only for
 //!   network errors and HTTP 5xx when the policy is open; exact ESP error messages.
