@@ -4,8 +4,8 @@
 //! - `portico esp ...`            the proxy (ESP v1's flags)            → crates/proxy
 //! - `portico control-plane ...`  the Google-shaped APIs                → crates/control-plane
 //! - `portico echo ...`           the getting-started sample backend    → crates/echo
-//! - `portico config validate F`  OpenAPI → service config, or errors   → src/config_cmd.rs
-//!                                (the conversion itself: crates/config)
+//! - `portico config validate F`  OpenAPI → service config, or errors   → src/config_cmd.rs,
+//!   converting with crates/config
 //! - `portico up ...`             everything on one machine              → src/up.rs
 
 mod config_cmd;
