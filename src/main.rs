@@ -1,12 +1,15 @@
-//! `portico`: one binary, one subcommand per part. Each part owns its flag parsing, so this
-//! file only dispatches.
+//! `portico`: one binary, one subcommand per part. Each part owns its flag parsing; this file
+//! dispatches, and sets up logging ([`logging`]) for the parts that serve.
 //!
 //! - `portico esp ...`            the proxy (ESP v1's flags)            → crates/proxy
 //! - `portico control-plane ...`  the Google-shaped APIs                → crates/control-plane
 //! - `portico echo ...`           the getting-started sample backend    → crates/echo
-//! - `portico config validate F`  OpenAPI → service config, or errors   → crates/config
+//! - `portico config validate F`  OpenAPI → service config, or errors   → src/config_cmd.rs,
+//!   converting with crates/config
 //! - `portico up ...`             everything on one machine              → src/up.rs
 
+mod config_cmd;
+mod logging;
 mod up;
 
 use std::ffi::OsString;
@@ -49,10 +52,19 @@ fn main() -> ExitCode {
     args[0] = OsString::from(format!("portico {}", sub.to_string_lossy()));
     match sub.to_str() {
         Some("up") => up::main(args),
-        Some("esp") => portico_proxy::cli::main(args),
-        Some("control-plane") => portico_control_plane::cli::main(args),
-        Some("echo") => portico_echo::cli::main(args),
-        Some("config") => config_cmd(args),
+        Some("esp") => {
+            logging::init(logging::Colours::OnTerminal);
+            portico_proxy::cli::main(args)
+        }
+        Some("control-plane") => {
+            logging::init(logging::Colours::Default);
+            portico_control_plane::cli::main(args)
+        }
+        Some("echo") => {
+            logging::init(logging::Colours::Default);
+            portico_echo::cli::main(args)
+        }
+        Some("config") => config_cmd::main(args),
         Some("-h") | Some("--help") | Some("help") => {
             print!("{USAGE}");
             ExitCode::SUCCESS
@@ -63,8 +75,4 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-fn config_cmd(args: Vec<OsString>) -> ExitCode {
-    portico_config::cli::main(args)
 }

@@ -3,12 +3,11 @@
 //! - [`service`]: `google.api.Service` as serde types (Google's JSON field names).
 //! - [`template`]: `google.api.HttpRule` path templates (parse + validate).
 //! - [`openapi`]: OpenAPI 2.0 + `x-google-*` → `google.api.Service`, with positioned diagnostics.
-//! - [`cli`]: `portico config validate`.
 //! - [`matcher`]: the request path matcher ESP uses (method + raw target → value, bindings).
 //!
-//! Pure: no I/O beyond reading the files it is given.
+//! Pure: no I/O. It converts the bytes it is given; `portico config validate`, which reads
+//! files and prints, is the binary's (src/config_cmd.rs).
 
-pub mod cli;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod matcher;

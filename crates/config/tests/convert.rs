@@ -446,51 +446,6 @@ fn converted_rules_feed_the_path_matcher() {
 }
 
 #[test]
-fn cli_validate_prints_json_or_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let good = dir.path().join("openapi.yaml");
-    std::fs::write(&good, GETTING_STARTED).unwrap();
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = portico_config::cli::validate(&[good.clone().into()], &mut out, &mut err);
-    assert_eq!(code, std::process::ExitCode::SUCCESS);
-    let svc: Value = serde_json::from_slice(&out).unwrap();
-    assert_eq!(svc["name"], "echo-api.endpoints.YOUR-PROJECT-ID.cloud.goog");
-    let err = String::from_utf8(err).unwrap();
-    assert_eq!(err.lines().count(), 3, "{err}");
-    assert!(err.starts_with(&format!(
-        "WARNING: {}:39:5: Operation 'get'",
-        good.display()
-    )));
-
-    let bad = dir.path().join("bad.yaml");
-    std::fs::write(
-        &bad,
-        "swagger: '2.0'\ninfo: {title: T, version: v1}\npaths: {}\n",
-    )
-    .unwrap();
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = portico_config::cli::validate(&[bad.clone().into()], &mut out, &mut err);
-    assert_eq!(code, std::process::ExitCode::from(1));
-    assert!(out.is_empty());
-    let err = String::from_utf8(err).unwrap();
-    assert_eq!(
-        err,
-        format!(
-            "ERROR: {}:1:1: missing required field \"host\": the service name is taken from host (e.g. host: \"my-api.endpoints.my-project.cloud.goog\")\n1 error found; no service config was produced\n",
-            bad.display()
-        )
-    );
-
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let missing = dir.path().join("nope.yaml");
-    let code = portico_config::cli::validate(&[missing.into()], &mut out, &mut err);
-    assert_eq!(code, std::process::ExitCode::from(1));
-    assert!(String::from_utf8(err)
-        .unwrap()
-        .contains("cannot read the file"));
-}
-
-#[test]
 fn request_type_names_stay_unique_across_apis() {
     let v1 = "swagger: '2.0'\ninfo: {title: T, version: 1.0.0}\nhost: multi.example.com\npaths:\n  /v1/items/{itemId}:\n    get:\n      operationId: getItem\n      parameters: [{name: itemId, in: path, required: true, type: integer, format: int32}]\n      responses: {200: {description: ok}}\n";
     let v2 = v1.replace("1.0.0", "2.0.0").replace("/v1/", "/v2/");

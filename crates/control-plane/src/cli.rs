@@ -90,13 +90,6 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             };
         }
     };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

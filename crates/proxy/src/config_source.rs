@@ -32,7 +32,7 @@ use portico_credentials::ServiceAccountKey;
 use serde::Deserialize;
 use tokio::sync::{watch, Notify};
 
-use crate::control::auth::{control_plane_of, TokenSource, SERVICE_MANAGER};
+use crate::outbound_auth::{control_plane_of, TokenSource, SERVICE_MANAGER};
 
 /// Service Management's public address, used when neither `--management` nor a key file says
 /// otherwise.

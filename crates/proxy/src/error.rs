@@ -3,6 +3,7 @@
 //! canonical gRPC code and whose single `DebugInfo` detail names the cause.
 //! Backend errors never go through here: they pass through untouched.
 
+pub use portico_servicecontrol::Code;
 use std::fmt;
 
 /// What caused a proxy-generated error (`DebugInfo.detail`).
@@ -29,62 +30,19 @@ impl Cause {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EspError {
     pub http_status: u16,
-    /// Canonical gRPC code (`google.rpc.Code`), not the HTTP status.
+    /// Canonical gRPC code ([`Code`] as its number, what the body carries), not the HTTP
+    /// status.
     pub code: i32,
     pub message: String,
     pub cause: Cause,
 }
 
-/// Canonical code → HTTP status, as ESP maps them.
-pub fn http_status_for_code(code: i32) -> u16 {
-    match code {
-        0 => 200,
-        1 => 499,
-        2 => 500,
-        3 => 400,
-        4 => 504,
-        5 => 404,
-        6 => 409,
-        7 => 403,
-        8 => 429,
-        9 => 400,
-        10 => 409,
-        11 => 400,
-        12 => 501,
-        13 => 500,
-        14 => 503,
-        15 => 500,
-        16 => 401,
-        _ => 500,
-    }
-}
-
-/// HTTP status → canonical code, for errors that originate as HTTP statuses.
-pub fn code_for_http_status(status: u16) -> i32 {
-    match status {
-        200..=299 => 0,
-        400 => 3,
-        401 => 16,
-        403 => 7,
-        404 => 5,
-        409 => 10,
-        416 => 11,
-        429 => 8,
-        499 => 1,
-        501 => 12,
-        503 => 14,
-        504 => 4,
-        s if (400..=499).contains(&s) => 9,
-        _ => 13,
-    }
-}
-
 impl EspError {
     /// An error from a canonical code; the HTTP status follows ESP's mapping.
-    pub fn new(code: i32, message: impl Into<String>, cause: Cause) -> Self {
+    pub fn new(code: Code, message: impl Into<String>, cause: Cause) -> Self {
         EspError {
-            http_status: http_status_for_code(code),
-            code,
+            http_status: code.http_status(),
+            code: code.as_i32(),
             message: message.into(),
             cause,
         }
@@ -94,13 +52,13 @@ impl EspError {
     /// status does not follow from the code, e.g. Service Control 5xx pass-through).
     pub fn with_status(
         http_status: u16,
-        code: i32,
+        code: Code,
         message: impl Into<String>,
         cause: Cause,
     ) -> Self {
         EspError {
             http_status,
-            code,
+            code: code.as_i32(),
             message: message.into(),
             cause,
         }
@@ -108,13 +66,17 @@ impl EspError {
 
     /// 404 code 5: no HTTP rule matched.
     pub fn method_does_not_exist() -> Self {
-        Self::new(5, "Method does not exist.", Cause::ServiceControl)
+        Self::new(
+            Code::NotFound,
+            "Method does not exist.",
+            Cause::ServiceControl,
+        )
     }
 
     /// 403 code 7: unmatched OPTIONS without CORS.
     pub fn cors_not_allowed() -> Self {
         Self::new(
-            7,
+            Code::PermissionDenied,
             "The service does not allow CORS traffic.",
             Cause::ServiceControl,
         )
@@ -123,7 +85,7 @@ impl EspError {
     /// 401 code 16: the method needs a consumer and no API key was given.
     pub fn unregistered_caller() -> Self {
         Self::new(
-            16,
+            Code::Unauthenticated,
             "Method doesn't allow unregistered callers (callers without established identity). \
              Please use API Key or other form of API consumer identity to call this API.",
             Cause::ServiceControl,
@@ -132,17 +94,27 @@ impl EspError {
 
     /// 502 code 13: the backend could not be reached.
     pub fn bad_gateway() -> Self {
-        Self::with_status(502, 13, "BAD_GATEWAY", Cause::Application)
+        Self::with_status(502, Code::Internal, "BAD_GATEWAY", Cause::Application)
     }
 
     /// 504 code 4: the backend did not answer in time.
     pub fn gateway_timeout() -> Self {
-        Self::with_status(504, 4, "GATEWAY_TIMEOUT", Cause::Application)
+        Self::with_status(
+            504,
+            Code::DeadlineExceeded,
+            "GATEWAY_TIMEOUT",
+            Cause::Application,
+        )
     }
 
     /// 413: request body over `--client_max_body_size`.
     pub fn payload_too_large() -> Self {
-        Self::with_status(413, 9, "PAYLOAD_TOO_LARGE", Cause::Internal)
+        Self::with_status(
+            413,
+            Code::FailedPrecondition,
+            "PAYLOAD_TOO_LARGE",
+            Cause::Internal,
+        )
     }
 
     /// The JSON body, byte for byte as ESP prints it.
@@ -209,10 +181,10 @@ mod tests {
             (503, 14),
             (504, 4),
         ] {
-            assert_eq!(code_for_http_status(status), code);
-            assert_eq!(http_status_for_code(code), status);
+            assert_eq!(Code::from_http_status(status).as_i32(), code);
+            assert_eq!(Code::from_i32(code).http_status(), status);
         }
-        assert_eq!(code_for_http_status(418), 9);
-        assert_eq!(code_for_http_status(502), 13);
+        assert_eq!(Code::from_http_status(418).as_i32(), 9);
+        assert_eq!(Code::from_http_status(502).as_i32(), 13);
     }
 }

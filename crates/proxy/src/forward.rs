@@ -24,7 +24,7 @@
 //! gRPC (`application/grpc*`) and WebSocket requests, and `grpc://` backends, stream from the
 //! first byte: buffering would break streaming calls.
 
-use crate::cli::{BackendAddr, BackendScheme};
+use crate::settings::{BackendAddr, BackendScheme};
 use crate::upstream::{Dialer, Pool, PoolLimits, UpstreamBody};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -88,7 +88,7 @@ pub const CLIENT_BODY_MIN_RATE: u64 = 240;
 pub const CLIENT_BODY_RATE_GRACE: Duration = Duration::from_secs(5);
 
 /// A body counter's value before the body is forwarded (the request was answered without
-/// reading it): the access log and report then count its `Content-Length`, as before.
+/// reading it): the access log and report then count its `Content-Length`.
 pub const BODY_UNREAD: u64 = u64::MAX;
 
 /// How the client's request body failed.
@@ -112,15 +112,23 @@ impl ClientBodyError {
     /// `client_body_timeout`), and nginx's 499 for a client that left — written to the access
     /// log and metrics, though nobody is there to read it.
     pub fn esp_error(self) -> crate::error::EspError {
-        use crate::error::{Cause, EspError};
+        use crate::error::{Cause, Code, EspError};
         match self {
-            ClientBodyError::Malformed => EspError::new(3, "BAD_REQUEST", Cause::Application),
-            ClientBodyError::Stalled => {
-                EspError::with_status(408, 9, "REQUEST_TIMEOUT", Cause::Application)
+            ClientBodyError::Malformed => {
+                EspError::new(Code::InvalidArgument, "BAD_REQUEST", Cause::Application)
             }
-            ClientBodyError::Closed => {
-                EspError::with_status(499, 1, "CLIENT_CLOSED_REQUEST", Cause::Application)
-            }
+            ClientBodyError::Stalled => EspError::with_status(
+                408,
+                Code::FailedPrecondition,
+                "REQUEST_TIMEOUT",
+                Cause::Application,
+            ),
+            ClientBodyError::Closed => EspError::with_status(
+                499,
+                Code::Cancelled,
+                "CLIENT_CLOSED_REQUEST",
+                Cause::Application,
+            ),
         }
     }
 
@@ -1116,7 +1124,7 @@ mod tests {
 
     #[test]
     fn default_trust_ignores_a_public_clients_own_xff() {
-        let t: Vec<IpNet> = crate::cli::DEFAULT_XFF_TRUSTED_PROXY_LIST
+        let t: Vec<IpNet> = crate::settings::DEFAULT_XFF_TRUSTED_PROXY_LIST
             .split(',')
             .map(|n| n.trim().parse().unwrap())
             .collect();

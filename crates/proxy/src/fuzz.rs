@@ -118,7 +118,7 @@ pub fn request_head(data: &[u8]) -> Option<Result<String, String>> {
         headers.append(name, value);
     }
     let raw_target = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let limits = crate::cli::HeaderLimits::default();
+    let limits = crate::settings::HeaderLimits::default();
     let mut req = http::Request::new(());
     *req.method_mut() = method.clone();
     *req.uri_mut() = uri.clone();
@@ -183,8 +183,8 @@ pub fn request_head(data: &[u8]) -> Option<Result<String, String>> {
                 assert_eq!(again.as_deref(), Ok(t), "not idempotent");
             }
             let query = t.split_once('?').map(|(_, q)| q);
-            let loc = crate::routing::ApiKeyLocations::esp_default();
-            if let Some(key) = request_head::extract_api_key(query, &h, &loc) {
+            let loc = crate::auth::api_key::ApiKeyLocations::esp_default();
+            if let Some(key) = crate::auth::api_key::extract_api_key(query, &h, &loc) {
                 assert!(!key.is_empty());
                 assert!(
                     t.contains(key) || h.values().any(|v| v.as_bytes() == key.as_bytes()),

@@ -1,25 +1,39 @@
 //! The data plane: `portico esp`, an ESP v1-compatible API proxy on hyper 1.x.
 //!
 //! Where to find things, in the order a request meets them:
-//! - [`cli`]: ESP's start-up flags → [`cli::Settings`] (exit codes as `start_esp`).
+//! - [`cli`]: ESP's start-up flags, parsed into [`settings::Settings`] (exit codes as
+//!   `start_esp`). Nothing else imports it.
+//! - [`settings`]: the runtime settings every part reads (backend address, rewrite rules,
+//!   rollout strategy, header limits, ...).
 //! - [`server`]: listeners (HTTP/1.1, h2c, TLS+h2), one single-threaded runtime per core with
 //!   `SO_REUSEPORT`, the status port, rollout following, graceful shutdown.
 //! - [`config_source`]: loads the service config and follows rollouts (Service Management).
-//! - [`request_head`]: the method, headers and path settled before anything reads them (the
-//!   method and path the backend runs are the ones matched).
-//! - [`routing`]: per-config method tables — where a request is **matched**.
-//! - [`pipeline`]: the request path in ESP's order — match, **authenticate** ([`auth`]), API
-//!   key, **check** and quota ([`control`]), **forward** ([`forward`], over the capped backend
-//!   connection pool in [`upstream`]), **report**.
+//! - [`pipeline`]: the request path, one function per phase, in ESP's order:
+//!   - `pipeline/phases.rs`: **prepare** (the head settled by [`request_head`], health checks,
+//!     preflights, `--rewrite`), **match** (against [`routing`]'s per-config method tables),
+//!     **authenticate** ([`auth`]; the API key in [`auth::api_key`]), **check** and quota
+//!     ([`service_control`]);
+//!   - `pipeline/backend.rs`: **forward** ([`forward`], over the capped backend connection
+//!     pool in [`upstream`]) and **respond**;
+//!   - `pipeline/body.rs`: the response body, whose end runs **report** (metrics, access log,
+//!     Service Control report);
+//!   - `pipeline/state.rs` (per-request state), `pipeline/errors.rs` (the proxy's error
+//!     responses).
+//! - [`service_control`]: the Service Control client, each concern (check, quota, report) with
+//!   its cache; [`outbound_auth`]: the tokens the proxy signs for its calls to the control
+//!   plane.
 //! - [`memory`]: allocator settings and releasing start-up code pages.
-//! - [`error`]: ESP's exact error bodies; [`cors`]: `--cors_preset`; [`status`]:
-//!   `/endpoints_status`, `/healthz`, `/metrics`; [`metrics`]; [`access_log`].
+//! - [`error`]: ESP's exact error bodies, codes from [`error::Code`]; [`cors`]:
+//!   `--cors_preset`; [`status`]: `/endpoints_status`, `/healthz`, `/metrics`; [`metrics`];
+//!   [`access_log`]; [`limits`]: per-line header limits.
+//!
+//! Layer rules: the serving modules read [`settings`], never [`cli`]; the pipeline reaches
+//! Service Control only through [`pipeline::ControlApi`].
 
 pub mod access_log;
 pub mod auth;
 pub mod cli;
 pub mod config_source;
-pub mod control;
 pub mod cors;
 pub mod error;
 pub mod forward;
@@ -28,9 +42,12 @@ pub mod fuzz;
 pub mod limits;
 pub mod memory;
 pub mod metrics;
+pub mod outbound_auth;
 pub mod pipeline;
 pub mod request_head;
 pub mod routing;
 pub mod server;
+pub mod service_control;
+pub mod settings;
 pub mod status;
 pub mod upstream;

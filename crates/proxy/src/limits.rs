@@ -4,20 +4,25 @@
 //! `SETTINGS_MAX_HEADER_LIST_SIZE`, [`crate::server`]); these per-line checks apply after
 //! parsing, the same for HTTP/1.1 and HTTP/2.
 
-use crate::cli::HeaderLimits;
-use crate::error::{Cause, EspError};
+use crate::error::{Cause, Code, EspError};
+use crate::settings::HeaderLimits;
 use http::Request;
 
 /// 414 (nginx's answer to an over-long request line), in ESP's format for nginx's errors.
 fn uri_too_long() -> EspError {
-    EspError::with_status(414, 9, "URI_TOO_LONG", Cause::Application)
+    EspError::with_status(
+        414,
+        Code::FailedPrecondition,
+        "URI_TOO_LONG",
+        Cause::Application,
+    )
 }
 
 /// 431 (what hyper answers for an over-long head), in ESP's format for nginx's errors.
 fn header_too_large() -> EspError {
     EspError::with_status(
         431,
-        9,
+        Code::FailedPrecondition,
         "REQUEST_HEADER_FIELDS_TOO_LARGE",
         Cause::Application,
     )

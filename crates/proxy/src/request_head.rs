@@ -22,14 +22,13 @@
 //!
 //! Every function here is pure and panic-free, so a fuzz target can call them on any input.
 //! Paths that are already normal (nearly all) are returned borrowed: no allocation.
-//! API-key extraction ([`extract_api_key`]) is re-exported here for the same reason.
+//! API-key extraction ([`crate::auth::api_key::extract_api_key`]) is pure in the same way, and
+//! the same fuzz target runs it.
 
-use crate::error::{code_for_http_status, Cause, EspError};
+use crate::error::{Cause, Code, EspError};
 use http::header::{HeaderMap, HeaderName};
 use http::Method;
 use std::borrow::Cow;
-
-pub use crate::pipeline::extract_api_key;
 
 /// The override header the proxy honours.
 pub static X_HTTP_METHOD_OVERRIDE: HeaderName = HeaderName::from_static("x-http-method-override");
@@ -687,16 +686,22 @@ impl HeadError {
         match self {
             HeadError::Method(e @ MethodError::NotAllowed(_)) => EspError::with_status(
                 405,
-                code_for_http_status(405),
+                Code::from_http_status(405),
                 e.to_string(),
                 Cause::Internal,
             ),
-            HeadError::Method(e) => EspError::new(3, e.to_string(), Cause::Internal),
-            HeadError::Path { error, .. } => EspError::new(3, error.to_string(), Cause::Internal),
-            HeadError::Host { error, .. } => EspError::new(3, error.to_string(), Cause::Internal),
+            HeadError::Method(e) => {
+                EspError::new(Code::InvalidArgument, e.to_string(), Cause::Internal)
+            }
+            HeadError::Path { error, .. } => {
+                EspError::new(Code::InvalidArgument, error.to_string(), Cause::Internal)
+            }
+            HeadError::Host { error, .. } => {
+                EspError::new(Code::InvalidArgument, error.to_string(), Cause::Internal)
+            }
             e @ HeadError::TransferCoding { .. } => EspError::with_status(
                 501,
-                code_for_http_status(501),
+                Code::from_http_status(501),
                 e.to_string(),
                 Cause::Internal,
             ),

@@ -11,6 +11,7 @@
 //! for every registered path template that has no explicit OPTIONS rule, as ESP's config loader
 //! does.
 
+use crate::auth::api_key::ApiKeyLocations;
 use portico_config::service::{
     AuthenticationRule, BackendRule, HttpRule, SystemParameter, UsageRule,
 };
@@ -18,25 +19,6 @@ use portico_config::{PathMatcher, PathMatcherBuilder, Service};
 use rand::Rng;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-
-/// Where to look for the API key of a method (§2.4).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ApiKeyLocations {
-    /// Query parameter names, in config order (tried first).
-    pub query: Vec<String>,
-    /// Header names, in config order (tried after the queries).
-    pub headers: Vec<http::HeaderName>,
-}
-
-impl ApiKeyLocations {
-    /// ESP's default when no `system_parameters` name the key: `key`, `api_key`, `x-api-key`.
-    pub fn esp_default() -> ApiKeyLocations {
-        ApiKeyLocations {
-            query: vec!["key".into(), "api_key".into()],
-            headers: vec![http::HeaderName::from_static("x-api-key")],
-        }
-    }
-}
 
 /// Everything the pipeline needs about one matched method, built once per config.
 #[derive(Debug, Clone)]
@@ -94,13 +76,13 @@ impl std::fmt::Debug for BackendTarget {
 
 /// Splits a rule address (`https://host[:port][/path]`, `http://...`, `grpc://host:port`) into
 /// the `--backend` form and the path prefix.
-fn parse_rule_address(address: &str) -> Result<(crate::cli::BackendAddr, String), String> {
+fn parse_rule_address(address: &str) -> Result<(crate::settings::BackendAddr, String), String> {
     let scheme_end = address.find("://").map_or(0, |i| i + 3);
     let (hostport, path) = match address[scheme_end..].find('/') {
         Some(i) => (&address[..scheme_end + i], &address[scheme_end + i..]),
         None => (address, ""),
     };
-    let backend = crate::cli::parse_backend(hostport)?;
+    let backend = crate::settings::parse_backend(hostport)?;
     Ok((backend, path.trim_end_matches('/').to_string()))
 }
 
@@ -216,7 +198,7 @@ impl RouteOptions {
             auth_options: crate::auth::AuthOptions::default(),
             backend_routing: false,
             backend_timeout: std::time::Duration::from_secs_f64(
-                crate::cli::DEFAULT_BACKEND_TIMEOUT_S,
+                crate::settings::DEFAULT_BACKEND_TIMEOUT_S,
             ),
             backend_roots: None,
             backend_pool: crate::upstream::PoolLimits::default(),
@@ -232,7 +214,7 @@ impl ConfigRoutes {
     ) -> Result<(crate::forward::Forwarder, String, http::HeaderValue), String> {
         let (backend, prefix) = parse_rule_address(address)?;
         let roots = match backend.scheme {
-            crate::cli::BackendScheme::Https => Some(match &opts.backend_roots {
+            crate::settings::BackendScheme::Https => Some(match &opts.backend_roots {
                 Some(r) => r.clone(),
                 None => crate::forward::backend_roots(None).map_err(|e| e.to_string())?,
             }),
@@ -646,8 +628,8 @@ mod tests {
         assert!(r.enabled);
     }
 
-    /// Issue 14 item 11: a deadline no time span can hold used to panic here
-    /// (`cannot convert float seconds to Duration`) in every proxy with backend routing.
+    /// A deadline no time span can hold (`cannot convert float seconds to Duration` from
+    /// `Duration::from_secs_f64`) is refused, not a panic, in a proxy with backend routing.
     #[tokio::test]
     async fn unusable_backend_deadlines_do_not_panic() {
         for bad in [1e300, -1.0, f64::NAN, f64::INFINITY, 1e-12] {

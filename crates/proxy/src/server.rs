@@ -18,11 +18,11 @@
 //! out ([`portico_listen`]); the serving ports bound request heads as nginx's
 //! `large_client_header_buffers` does (the whole head here, each line in the pipeline).
 
-use crate::cli::Settings;
 use crate::config_source::{self, ConfigSourceOptions, Rollout};
 use crate::forward::Forwarder;
 use crate::pipeline::{ConnInfo, ControlApi, Pipeline, ProxyState};
 use crate::routing::{RouteOptions, RouteTable};
+use crate::settings::Settings;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
@@ -51,18 +51,6 @@ pub enum StartError {
     Thread(std::io::Error),
     #[error("--access_log: {0}")]
     AccessLog(std::io::Error),
-}
-
-/// Logs go to stderr (stdout carries the access log). `RUST_LOG` overrides the `info` default.
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -320,7 +308,7 @@ pub async fn start_with_metrics(
         })?;
 
     let roots = match settings.backend.scheme {
-        crate::cli::BackendScheme::Https => Some(crate::forward::backend_roots(
+        crate::settings::BackendScheme::Https => Some(crate::forward::backend_roots(
             settings.backend_ca_cert_path.as_deref(),
         )?),
         _ => None,
@@ -576,10 +564,10 @@ async fn serve_conn<IO>(
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let p = pipeline.clone();
         // Not boxed: hyper's HTTP/1 dispatcher already keeps one heap slot of this future's size
-        // per connection and reuses it for every request. Boxing it (as until e050cc2) made
-        // that slot pointer-sized for idle connections but allocated and freed several KiB per
-        // request, which mimalloc's purging turned into ~1.3 page faults per request (0.5
-        // without; bench/cpu_per_request.sh, docs/performance.md). The slot's size is kept
+        // per connection and reuses it for every request. Boxing it would make that slot
+        // pointer-sized for idle connections but allocate and free several KiB per request,
+        // which mimalloc's purging turns into ~1.3 page faults per request (0.5 unboxed;
+        // bench/cpu_per_request.sh, docs/performance.md). The slot's size is kept
         // down instead: rare paths inside it (dialling, waiting, retries) are boxed.
         async move {
             // Accounts the request as 499 if the client goes away before the response head.
@@ -619,7 +607,10 @@ fn service_control_for(
     configs: watch::Receiver<Arc<Rollout>>,
     credentials: Option<Arc<portico_credentials::ServiceAccountKey>>,
     notifier: config_source::RolloutNotifier,
-) -> Result<Option<crate::control::ServiceControl>, crate::control::ServiceControlError> {
+) -> Result<
+    Option<crate::service_control::ServiceControl>,
+    crate::service_control::ServiceControlError,
+> {
     let rollout = configs.borrow().clone();
     let environment = rollout
         .configs
@@ -629,14 +620,14 @@ fn service_control_for(
         .find(|e| !e.is_empty());
     // With a key file the control plane is known even if the first config has no
     // `control.environment`, so a later rollout that enables Service Control finds a client.
-    let Some(base) = crate::control::resolve_service_control_url(
+    let Some(base) = crate::service_control::resolve_service_control_url(
         settings.service_control_url_override.as_deref(),
         credentials.as_deref(),
         environment,
     ) else {
         return Ok(None);
     };
-    let mut opts = crate::control::ServiceControlOptions::new(base);
+    let mut opts = crate::service_control::ServiceControlOptions::new(base);
     opts.credentials = credentials;
     opts.network_fail_open = settings.network_fail_open;
     if let Some(p) = &settings.compute_platform {
@@ -647,7 +638,7 @@ fn service_control_for(
     opts.report_max_log_entries_per_flush = settings.report_max_log_entries_per_flush;
     // Reports carry only the metrics and logs each config declares, as ESP's do.
     opts.service_configs = Some(configs);
-    crate::control::ServiceControl::new(opts).map(Some)
+    crate::service_control::ServiceControl::new(opts).map(Some)
 }
 
 /// The whole `portico esp` process: fetch the config, serve, shut down on a signal.
@@ -660,7 +651,7 @@ pub fn run(settings: Settings) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("portico esp: cannot start the runtime: {e}");
-            return ExitCode::from(crate::cli::EXIT_SETUP);
+            return ExitCode::from(crate::settings::EXIT_SETUP);
         }
     };
     rt.block_on(async move {
@@ -670,7 +661,7 @@ pub fn run(settings: Settings) -> ExitCode {
                 Ok(k) => Some(Arc::new(k)),
                 Err(e) => {
                     tracing::error!(path = %p.display(), error = %e, "cannot load --service_account_key");
-                    return ExitCode::from(crate::cli::EXIT_SETUP);
+                    return ExitCode::from(crate::settings::EXIT_SETUP);
                 }
             },
             None => None,
@@ -678,8 +669,8 @@ pub fn run(settings: Settings) -> ExitCode {
         let mut opts = ConfigSourceOptions::new(settings.service.clone().unwrap_or_default());
         opts.version = settings.version.clone();
         opts.rollout_strategy = match settings.rollout_strategy {
-            crate::cli::RolloutStrategy::Fixed => config_source::RolloutStrategy::Fixed,
-            crate::cli::RolloutStrategy::Managed => config_source::RolloutStrategy::Managed,
+            crate::settings::RolloutStrategy::Fixed => config_source::RolloutStrategy::Fixed,
+            crate::settings::RolloutStrategy::Managed => config_source::RolloutStrategy::Managed,
         };
         opts.service_json_path = settings.service_json_path.clone();
         opts.management_url = settings.management.clone();
@@ -690,7 +681,7 @@ pub fn run(settings: Settings) -> ExitCode {
             Ok(rx) => rx,
             Err(e) => {
                 tracing::error!(error = %e, "cannot load the service configuration");
-                return ExitCode::from(crate::cli::EXIT_FETCH);
+                return ExitCode::from(crate::settings::EXIT_FETCH);
             }
         };
         let metrics = Arc::new(crate::metrics::Metrics::new());
@@ -698,7 +689,7 @@ pub fn run(settings: Settings) -> ExitCode {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the Service Control client");
-                return ExitCode::from(crate::cli::EXIT_SETUP);
+                return ExitCode::from(crate::settings::EXIT_SETUP);
             }
         };
         if let Some(sc) = &control {
@@ -709,7 +700,7 @@ pub fn run(settings: Settings) -> ExitCode {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the proxy");
-                return ExitCode::from(crate::cli::EXIT_SETUP);
+                return ExitCode::from(crate::settings::EXIT_SETUP);
             }
         };
         // Serving: what start-up ran is not needed again (see the function).

@@ -15,7 +15,7 @@ use base64::engine::general_purpose::URL_SAFE;
 use base64::Engine as _;
 use portico_config::service::Service;
 use portico_proxy::config_source::Rollout;
-use portico_proxy::error::{Cause, EspError};
+use portico_proxy::error::{Cause, Code, EspError};
 use portico_proxy::pipeline::{CheckInput, CheckOk, ControlApi, QuotaInput, RequestRecord};
 use serde_json::json;
 
@@ -47,7 +47,7 @@ impl ControlApi for Control {
                 })
             } else {
                 Err(EspError::new(
-                    3,
+                    Code::InvalidArgument,
                     "API key not valid. Please pass a valid API key.",
                     Cause::ServiceControl,
                 ))

@@ -10,7 +10,7 @@ mod control_support;
 use std::time::{Duration, Instant};
 
 use control_support::{service_account, wait_until, FakePeer, Recorded};
-use portico_proxy::control::{
+use portico_proxy::service_control::{
     CheckInput, QuotaInput, RequestRecord, ServiceControl, ServiceControlOptions,
 };
 

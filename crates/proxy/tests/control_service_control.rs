@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use control_support::{service_account, verify_bearer, wait_until, FakePeer, Recorded};
 use portico_proxy::config_source::RolloutNotifier;
-use portico_proxy::control::{
+use portico_proxy::error::Cause;
+use portico_proxy::service_control::{
     CheckInput, QuotaInput, RequestRecord, ServiceControl, ServiceControlOptions,
 };
-use portico_proxy::error::Cause;
 
 const SVC: &str = "echo-api.endpoints.demo-proj.cloud.goog";
 const WAIT: Duration = Duration::from_secs(10);

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use auth_common::RecordingBackend;
 use portico_proxy::config_source::Rollout;
-use portico_proxy::error::{Cause, EspError};
+use portico_proxy::error::{Cause, Code, EspError};
 use portico_proxy::pipeline::{CheckInput, CheckOk, ControlApi, QuotaInput, RequestRecord};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -93,7 +93,7 @@ impl ControlApi for Control {
                 })
             } else {
                 Err(EspError::new(
-                    3,
+                    Code::InvalidArgument,
                     "API key not valid. Please pass a valid API key.",
                     Cause::ServiceControl,
                 ))

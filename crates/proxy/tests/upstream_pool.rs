@@ -6,8 +6,8 @@
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use portico_proxy::cli::{BackendAddr, BackendScheme};
 use portico_proxy::forward::{ForwardError, Forwarder, LimitedBody};
+use portico_proxy::settings::{BackendAddr, BackendScheme};
 use portico_proxy::upstream::{Dialer, Pool, PoolLimits, UpstreamBody};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -19,6 +19,7 @@
 //! [`www_authenticate`]`(info.is_some())`.
 //!
 //! # Modules
+//! - [`api_key`]: where the API key is looked for, and the lookup.
 //! - [`token`]: where the token is found (IAP header, `Authorization`, `access_token`, `jwtLocations`).
 //! - [`jwt`]: parsing, signature and time checks, gRPC-style compact JSON.
 //! - [`keys`]: key-set formats (JWKS, X.509 map, PEM, raw HMAC secret).
@@ -34,6 +35,7 @@
 //! set for kid=…`, after one rate-limited refresh; X.509 maps and HMAC keys have ESP's own
 //! messages, see [`keys`]) → signature (`JWT signature verification failed.`).
 
+pub mod api_key;
 pub mod cache;
 pub mod fetch;
 pub mod jwt;
@@ -49,7 +51,7 @@ use portico_config::service::Service;
 
 pub use fetch::{FetchError, KeyCache, KeyCacheOptions};
 
-use crate::error::{Cause, EspError};
+use crate::error::{Cause, Code, EspError};
 use cache::{unix_now, VerifiedToken};
 use keys::KeyMatch;
 use token::{Location, Locations};
@@ -103,7 +105,7 @@ pub struct AuthError {
 }
 
 impl AuthError {
-    fn new(code: i32, reason: &str, token_present: bool) -> Self {
+    fn new(code: Code, reason: &str, token_present: bool) -> Self {
         AuthError {
             error: EspError::new(
                 code,
@@ -310,7 +312,11 @@ impl Authenticator {
             if method.allow_without_credential {
                 return Ok(None);
             }
-            let mut e = AuthError::new(16, "Missing or invalid credentials", false);
+            let mut e = AuthError::new(
+                Code::Unauthenticated,
+                "Missing or invalid credentials",
+                false,
+            );
             e.authorization_url = method
                 .requirements
                 .iter()
@@ -332,7 +338,7 @@ impl Authenticator {
             }
         }
 
-        let reject = |reason: &str| AuthError::new(16, reason, true);
+        let reject = |reason: &str| AuthError::new(Code::Unauthenticated, reason, true);
         let jwt = jwt::parse(&token).map_err(|reason| reject(&reason))?;
         let matching = self.issuer_requirements(method, &jwt.iss);
         if let Err(reason) = jwt.check(now) {
@@ -421,7 +427,11 @@ impl Authenticator {
         if ok {
             Ok(())
         } else {
-            Err(AuthError::new(7, "Audience not allowed", true))
+            Err(AuthError::new(
+                Code::PermissionDenied,
+                "Audience not allowed",
+                true,
+            ))
         }
     }
 
@@ -465,7 +475,7 @@ fn user_info_value(jwt: &jwt::ParsedJwt, audiences: &[String]) -> Result<HeaderV
     let header = userinfo::user_info_header(jwt, audiences);
     HeaderValue::from_str(&header).map_err(|_| {
         // Base64 is always a valid header value; this guards the invariant without a panic.
-        AuthError::new(13, "Internal error", true)
+        AuthError::new(Code::Internal, "Internal error", true)
     })
 }
 

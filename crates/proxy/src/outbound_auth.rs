@@ -1,4 +1,6 @@
-//! Bearer tokens for calls to the control plane (Service Management and Service Control).
+//! Outbound authentication: the bearer tokens the proxy signs for its own calls to the control
+//! plane (Service Management from [`crate::config_source`], Service Control from
+//! [`crate::service_control`]). A leaf: it imports neither of its callers.
 //!
 //! Like ESP's runtime, the proxy does no OAuth exchange: it signs a short-lived RS256 JWT with
 //! the service-account key, one per audience (the API being called), and reuses it until it is

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use portico_servicecontrol::CheckResponse;
 
 use super::CheckOk;
-use crate::error::{Cause, EspError};
+use crate::error::{Cause, Code, EspError};
 
 /// Numeric values of `google.api.servicecontrol.v1.CheckError.Code`, for the "unsupported
 /// error code" message, which ESP prints as a number.
@@ -75,63 +75,63 @@ pub(crate) fn check_error_to_esp(code: &str, service: &str) -> Option<EspError> 
     }
     let sc = Cause::ServiceControl;
     let e = match code {
-        "API_KEY_INVALID" => EspError::new(3, "API key not valid. Please pass a valid API key.", sc),
-        "API_KEY_EXPIRED" => EspError::new(3, "API key expired. Please renew the API key.", sc),
+        "API_KEY_INVALID" => EspError::new(Code::InvalidArgument, "API key not valid. Please pass a valid API key.", sc),
+        "API_KEY_EXPIRED" => EspError::new(Code::InvalidArgument, "API key expired. Please renew the API key.", sc),
         "API_KEY_NOT_FOUND" => {
-            EspError::new(3, "API key not found. Please pass a valid API key.", sc)
+            EspError::new(Code::InvalidArgument, "API key not found. Please pass a valid API key.", sc)
         }
         "NOT_FOUND" => EspError::new(
-            3,
+            Code::InvalidArgument,
             "Consumer project not found. Please pass a valid project.",
             sc,
         ),
         "PROJECT_INVALID" => EspError::new(
-            3,
+            Code::InvalidArgument,
             "Consumer project not valid. Please pass a valid project.",
             sc,
         ),
         "SERVICE_NOT_ACTIVATED" => EspError::new(
-            7,
+            Code::PermissionDenied,
             format!("API {service} is not enabled for the consumer project."),
             sc,
         ),
         "API_TARGET_BLOCKED" => EspError::new(
-            7,
+            Code::PermissionDenied,
             format!("API {service} is invalid for the consumer project."),
             sc,
         ),
         "PERMISSION_DENIED" => EspError::new(
-            7,
+            Code::PermissionDenied,
             format!("Consumer project doesn't have access to the API {service}"),
             sc,
         ),
-        "RESOURCE_EXHAUSTED" => EspError::new(7, "Quota check failed.", sc),
+        "RESOURCE_EXHAUSTED" => EspError::new(Code::PermissionDenied, "Quota check failed.", sc),
         "IP_ADDRESS_BLOCKED" => EspError::new(
-            7,
+            Code::PermissionDenied,
             "IP address is blocked by the API key with restrictions.",
             sc,
         ),
         "REFERER_BLOCKED" => EspError::new(
-            7,
+            Code::PermissionDenied,
             "Referer address is blocked by the API key with restrictions.",
             sc,
         ),
         "CLIENT_APP_BLOCKED" => EspError::new(
-            7,
+            Code::PermissionDenied,
             "Client application is blocked by the API key with restrictions.",
             sc,
         ),
-        "PROJECT_DELETED" => EspError::new(7, "Project has been deleted.", sc),
+        "PROJECT_DELETED" => EspError::new(Code::PermissionDenied, "Project has been deleted.", sc),
         "BILLING_DISABLED" => EspError::new(
-            7,
+            Code::PermissionDenied,
             format!("API {service} has billing disabled. Please enable it."),
             sc,
         ),
         "INVALID_CREDENTIAL" => {
-            EspError::new(7, "The credential in the request can not be verified", sc)
+            EspError::new(Code::PermissionDenied, "The credential in the request can not be verified", sc)
         }
         "CONSUMER_INVALID" => EspError::new(
-            7,
+            Code::PermissionDenied,
             "The consumer from the API key does not represent a valid consumer folder or organization",
             sc,
         ),
@@ -140,7 +140,7 @@ pub(crate) fn check_error_to_esp(code: &str, service: &str) -> Option<EspError> 
                 .map(|n| n.to_string())
                 .unwrap_or_else(|| other.to_string());
             EspError::new(
-                13,
+                Code::Internal,
                 format!("Request blocked due to unsupported error code: {shown}"),
                 sc,
             )
@@ -485,7 +485,7 @@ mod tests {
         // Only one refresh at a time.
         assert!(matches!(c.lookup("k", t1), Lookup::Hit(Ok(_))));
 
-        let err = EspError::new(3, "bad", Cause::ServiceControl);
+        let err = EspError::new(Code::InvalidArgument, "bad", Cause::ServiceControl);
         c.complete(
             "n",
             &Verdict {
@@ -581,7 +581,11 @@ mod tests {
     #[test]
     fn failed_recheck_keeps_verdict_only_when_fail_open() {
         let failed = Verdict {
-            outcome: Err(EspError::new(14, "down", Cause::ServiceControl)),
+            outcome: Err(EspError::new(
+                Code::Unavailable,
+                "down",
+                Cause::ServiceControl,
+            )),
             cacheable: false,
         };
         let good = Verdict {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use portico_config::Service;
 use portico_servicecontrol::{AllocateQuotaResponse, MetricValue, MetricValueSet, QuotaOperation};
 
-use crate::error::{Cause, EspError};
+use crate::error::{Cause, Code, EspError};
 
 /// The quota metric costs of `selector` (`quota.metricRules`); a cost ≤ 0 counts as 1, as in ESP.
 pub fn metric_costs(service: &Service, selector: &str) -> Vec<(String, i64)> {
@@ -39,10 +39,10 @@ pub(crate) fn quota_error_to_esp(code: &str, description: &str) -> EspError {
         description.to_string()
     };
     let c = match code {
-        "RESOURCE_EXHAUSTED" => 8,
-        "BILLING_NOT_ACTIVE" | "PROJECT_DELETED" => 7,
-        "API_KEY_INVALID" | "API_KEY_EXPIRED" => 3,
-        _ => 13,
+        "RESOURCE_EXHAUSTED" => Code::ResourceExhausted,
+        "BILLING_NOT_ACTIVE" | "PROJECT_DELETED" => Code::PermissionDenied,
+        "API_KEY_INVALID" | "API_KEY_EXPIRED" => Code::InvalidArgument,
+        _ => Code::Internal,
     };
     EspError::new(c, message, Cause::Internal)
 }

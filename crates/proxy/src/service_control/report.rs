@@ -14,7 +14,7 @@ use portico_servicecontrol::{
     labels, Distribution, ExponentialBuckets, LogEntry, MetricValue, MetricValueSet, Operation,
 };
 
-use crate::error::{code_for_http_status, http_status_for_code};
+use crate::error::Code;
 
 /// Operation name ESP reports for requests that matched no method.
 pub const UNKNOWN_OPERATION_NAME: &str = "<Unknown Operation Name>";
@@ -202,30 +202,6 @@ fn standard_metrics(prefix: &str, a: &Aggregate, is_error: bool) -> Vec<MetricVa
     m
 }
 
-/// gRPC canonical code names, for `log_message`.
-fn code_name(code: i32) -> &'static str {
-    match code {
-        0 => "OK",
-        1 => "CANCELLED",
-        2 => "UNKNOWN",
-        3 => "INVALID_ARGUMENT",
-        4 => "DEADLINE_EXCEEDED",
-        5 => "NOT_FOUND",
-        6 => "ALREADY_EXISTS",
-        7 => "PERMISSION_DENIED",
-        8 => "RESOURCE_EXHAUSTED",
-        9 => "FAILED_PRECONDITION",
-        10 => "ABORTED",
-        11 => "OUT_OF_RANGE",
-        12 => "UNIMPLEMENTED",
-        13 => "INTERNAL",
-        14 => "UNAVAILABLE",
-        15 => "DATA_LOSS",
-        16 => "UNAUTHENTICATED",
-        _ => "UNKNOWN",
-    }
-}
-
 fn log_message(r: &RequestRecord) -> String {
     let Some(selector) = &r.operation_name else {
         return format!(
@@ -239,8 +215,11 @@ fn log_message(r: &RequestRecord) -> String {
     match (&r.error_message, r.status_code) {
         // A proxy-generated error: its canonical status and message.
         (Some(msg), code) => {
-            let code = code.unwrap_or_else(|| code_for_http_status(r.response_code));
-            format!("Method: {selector} failed: {}: {msg}", code_name(code))
+            let code = code.unwrap_or_else(|| Code::from_http_status(r.response_code).as_i32());
+            format!(
+                "Method: {selector} failed: {}: {msg}",
+                Code::from_i32(code).name()
+            )
         }
         // A backend error: the HTTP reason, e.g. FORBIDDEN.
         (None, _) => {
@@ -311,7 +290,7 @@ impl<'a> SigRef<'a> {
             response_code: r.response_code,
             status_code: r
                 .status_code
-                .unwrap_or_else(|| code_for_http_status(r.response_code)),
+                .unwrap_or_else(|| Code::from_http_status(r.response_code).as_i32()),
             api_version: &r.api_version,
             consumer_project: r.consumer_project_number.filter(|_| consumer_valid),
         }
@@ -587,7 +566,7 @@ fn log_entry(r: &RequestRecord, statics: &StaticLabels) -> LogEntry {
     let (_, end) = span(r, SystemTime::now());
     let status_code = r
         .status_code
-        .unwrap_or_else(|| code_for_http_status(r.response_code));
+        .unwrap_or_else(|| Code::from_http_status(r.response_code).as_i32());
     let is_error = r.response_code >= 400;
     let selector = r
         .operation_name
@@ -641,7 +620,7 @@ fn log_entry(r: &RequestRecord, statics: &StaticLabels) -> LogEntry {
     if is_error {
         let cause = r.error_cause.clone().unwrap_or_else(|| {
             // No proxy error: the backend answered with this status.
-            if http_status_for_code(status_code) >= 400 {
+            if Code::from_i32(status_code).http_status() >= 400 {
                 "application".to_string()
             } else {
                 String::new()

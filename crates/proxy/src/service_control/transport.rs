@@ -9,9 +9,9 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::auth::TokenSource;
 use crate::config_source::{error_chain, PATH_SEGMENT};
-use crate::error::{Cause, EspError};
+use crate::error::{Cause, Code, EspError};
+use crate::outbound_auth::TokenSource;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Failure {
@@ -38,7 +38,7 @@ impl Failure {
     pub(crate) fn to_esp_error(&self) -> EspError {
         match self {
             Failure::Network(_) => EspError::new(
-                14,
+                Code::Unavailable,
                 "Failed to connect to service control",
                 Cause::ServiceControl,
             ),
@@ -49,15 +49,17 @@ impl Failure {
                     body.trim().to_string()
                 };
                 let (http, code) = match status {
-                    501 => (501, 12),
-                    503 => (503, 14),
-                    504 => (504, 4),
+                    501 => (501, Code::Unimplemented),
+                    503 => (503, Code::Unavailable),
+                    504 => (504, Code::DeadlineExceeded),
                     // 500, 502, other 5xx, and every 4xx: the proxy itself failed the request.
-                    _ => (500, 13),
+                    _ => (500, Code::Internal),
                 };
                 EspError::with_status(http, code, message, Cause::ServiceControl)
             }
-            Failure::Invalid(_) => EspError::new(13, "Invalid response", Cause::ServiceControl),
+            Failure::Invalid(_) => {
+                EspError::new(Code::Internal, "Invalid response", Cause::ServiceControl)
+            }
         }
     }
 }

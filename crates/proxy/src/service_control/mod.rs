@@ -1,4 +1,6 @@
-//! The Service Control client used by the request pipeline.
+//! The Service Control client used by the request pipeline (through
+//! [`crate::pipeline::ControlApi`]). It imports nothing of the pipeline; its outbound tokens come
+//! from [`crate::outbound_auth`].
 //!
 //! * [`ServiceControl::check`] — `:check` through a cache ([`check`]); fail-open only for
 //!   network errors and HTTP 5xx when the policy is open; exact ESP error messages.
@@ -11,13 +13,13 @@
 //!   (ESP sends 10; one larger JSON request costs the control plane less than ten small ones). Batches that fail for network/5xx reasons stay in a
 //!   bounded buffer (oldest dropped and counted) and are retried with backoff until the control
 //!   plane answers again. [`ServiceControl::shutdown`] flushes.
-//! * [`auth`] — the self-signed bearer tokens for all of these calls and for Service Management.
+//! * [`crate::outbound_auth`] — the self-signed bearer tokens for all of these calls (and for
+//!   Service Management).
 //!
 //! Every response carrying `serviceRolloutId` is passed to the [`RolloutNotifier`] so managed
 //! rollouts are picked up without waiting for the next poll.
 
 mod aggregate;
-pub mod auth;
 pub mod check;
 pub mod quota;
 pub mod report;
@@ -42,9 +44,9 @@ pub use quota::metric_costs;
 pub use report::RequestRecord;
 
 use crate::config_source::{Rollout, RolloutNotifier};
-use crate::error::EspError;
+use crate::error::{Code, EspError};
+use crate::outbound_auth::{control_plane_of, TokenSource, QUOTA_CONTROLLER, SERVICE_CONTROLLER};
 use aggregate::{Aggregator, LogPolicy};
-use auth::{control_plane_of, TokenSource, QUOTA_CONTROLLER, SERVICE_CONTROLLER};
 use check::{CheckCache, Lookup, Verdict};
 use quota::{Decision, NewEntry, QuotaCache};
 use report::{ReportFilter, StaticLabels};
@@ -61,7 +63,7 @@ pub const MAX_API_KEY_BYTES: usize = 128;
 /// ESP's answer to an invalid API key (400, code 3), for keys refused without a `:check`.
 pub fn invalid_api_key() -> EspError {
     EspError::new(
-        3,
+        Code::InvalidArgument,
         "API key not valid. Please pass a valid API key.",
         crate::error::Cause::ServiceControl,
     )
@@ -463,7 +465,7 @@ impl ServiceControl {
             Err(e) => {
                 tracing::error!(error = %e, "Service Control check task failed");
                 Err(EspError::new(
-                    13,
+                    Code::Internal,
                     "Service Control check failed",
                     crate::error::Cause::ServiceControl,
                 ))

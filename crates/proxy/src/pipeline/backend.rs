@@ -1,0 +1,279 @@
+//! The **forward** and **respond** phases: `Pipeline::forward` rewrites the request for the
+//! backend and returns the hand-written future ([`Forwarding`]) that sends it;
+//! `Pipeline::respond` turns the backend's answer (or failure) into the client's response.
+
+use super::errors::proxy_error;
+use super::state::{Ctx, ReportInfo, Routed};
+use super::{Pipeline, ProxyBody};
+use crate::error::{Cause, Code, EspError};
+use crate::forward::{self, ForwardError, LimitedBody};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+pin_project_lite::pin_project! {
+    /// [`Pipeline::forward`]'s future.
+    pub(super) struct Forwarding<'a, F> {
+        #[pin]
+        stage: Stage<F>,
+        pipeline: &'a Pipeline,
+        ctx: &'a Ctx,
+        target: String,
+        report: Option<ReportInfo>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        sent_at: Instant,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StageProj]
+    enum Stage<F> {
+        /// Waiting for the backend's response head.
+        Sending { #[pin] send: forward::SendWithin<F> },
+        /// Answered before anything was sent (or already returned: `None`).
+        Answered { resp: Option<Response<ProxyBody>> },
+    }
+}
+
+impl<'a, F> Forwarding<'a, F> {
+    fn answered(pipeline: &'a Pipeline, ctx: &'a Ctx, resp: Response<ProxyBody>) -> Self {
+        Forwarding {
+            stage: Stage::Answered { resp: Some(resp) },
+            pipeline,
+            ctx,
+            target: String::new(),
+            report: None,
+            client_upgrade: None,
+            sent_at: Instant::now(),
+        }
+    }
+}
+
+impl<F: Future<Output = forward::Sent>> Future for Forwarding<'_, F> {
+    type Output = Response<ProxyBody>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<ProxyBody>> {
+        let mut this = self.project();
+        let sent = match this.stage.as_mut().project() {
+            StageProj::Sending { send } => match send.poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(sent) => sent,
+            },
+            StageProj::Answered { resp } => {
+                return Poll::Ready(resp.take().unwrap_or_else(|| {
+                    // Polled after completion, which hyper never does: an empty 500 rather
+                    // than a panic on the request path.
+                    let mut r = Response::new(ProxyBody::empty());
+                    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                    r
+                }));
+            }
+        };
+        // The backend call is done; its state goes now rather than with the connection's slot.
+        this.stage.set(Stage::Answered { resp: None });
+        Poll::Ready(this.pipeline.respond(
+            sent,
+            this.ctx,
+            std::mem::take(this.target),
+            this.report.take(),
+            this.client_upgrade.take(),
+            *this.sent_at,
+        ))
+    }
+}
+
+impl Pipeline {
+    /// The forward stage: rewrites the request for the backend and returns the future that
+    /// sends it and turns the backend's answer into the client's response.
+    ///
+    /// A plain function returning a hand-written future rather than an `async fn`: hyper keeps
+    /// every connection's request future in one heap slot, as large as the largest state of
+    /// [`Pipeline::handle`], which is this one. An `async fn` would hold its arguments and the
+    /// request's parts twice (as arguments and as locals) next to the backend call; this holds
+    /// them once.
+    pub(super) fn forward<'a>(
+        &'a self,
+        req: Request<Incoming>,
+        ctx: &'a Ctx,
+        target: String,
+        report: Option<ReportInfo>,
+        routed: Option<Routed>,
+    ) -> Forwarding<'a, impl Future<Output = forward::Sent>> {
+        let settings = &self.state.settings;
+        let (mut parts, body) = req.into_parts();
+        let websocket = settings.enable_websocket && parts.headers.contains_key(header::UPGRADE);
+        // With backend routing the method's rule picks the client, target, Host and deadline.
+        let (forwarder, upstream_target, deadline) = match &routed {
+            Some(r) => (
+                &r.target.forwarder,
+                r.upstream_target.as_str(),
+                r.target.deadline,
+            ),
+            None => (&self.forwarder, target.as_str(), None),
+        };
+        let grpc = forwarder.version() == Version::HTTP_2;
+        let host = match (&routed, &settings.backend_host_header) {
+            (Some(r), _) => Some(r.target.host.clone()),
+            (None, Some(h)) => Some(h.clone()),
+            // ESP sends nginx's `$host`, empty for an HTTP/1.0 request without `Host`, and nginx
+            // then omits the header: an HTTP/1.1 request many backends reject. The backend's
+            // own name is what nginx sends by default (`$proxy_host`).
+            (None, None) => forward::client_host(&parts.uri, &parts.headers)
+                .or_else(|| forwarder.backend_host()),
+        };
+        forward::strip_hop_by_hop(&mut parts.headers, websocket, grpc);
+        forward::set_forwarding_headers(&mut parts.headers, ctx.client_ip, host);
+        if websocket {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        let uri = match forwarder.upstream_uri(upstream_target) {
+            Ok(u) => u,
+            Err(e) => {
+                let err = EspError::new(Code::InvalidArgument, e.to_string(), Cause::Internal);
+                let resp = self.finalize(
+                    proxy_error(&err, ctx, ctx.jwt_present),
+                    ctx,
+                    target,
+                    Some(err),
+                    report,
+                    None,
+                );
+                return Forwarding::answered(self, ctx, resp);
+            }
+        };
+        let client_upgrade = if websocket {
+            // Taken from the client request before it is rebuilt for the backend.
+            let mut tmp = Request::new(());
+            *tmp.extensions_mut() = std::mem::take(&mut parts.extensions);
+            Some(hyper::upgrade::on(&mut tmp))
+        } else {
+            None
+        };
+        parts.uri = uri;
+        parts.version = forwarder.version();
+        let upstream_req = Request::from_parts(
+            parts,
+            LimitedBody::new(body, settings.client_max_body_size)
+                .with_counter(ctx.body_counter.clone())
+                .with_body_timeout(settings.client_body_timeout)
+                .with_buffer(
+                    // Streaming RPCs and tunnels must not wait for a buffer to fill.
+                    if websocket || ctx.content_type_grpc {
+                        0
+                    } else {
+                        settings.client_body_buffer_size
+                    },
+                    settings.client_body_min_rate,
+                ),
+        );
+        let send = forwarder.send_within(upstream_req, deadline);
+        Forwarding {
+            stage: Stage::Sending { send },
+            pipeline: self,
+            ctx,
+            target,
+            report,
+            client_upgrade,
+            sent_at: Instant::now(),
+        }
+    }
+
+    /// **respond**: the backend answered (or could not be reached); the client's response.
+    pub(super) fn respond(
+        &self,
+        sent: forward::Sent,
+        ctx: &Ctx,
+        target: String,
+        report: Option<ReportInfo>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        sent_at: Instant,
+    ) -> Response<ProxyBody> {
+        match sent {
+            Ok(mut resp) => {
+                let backend_latency = sent_at.elapsed();
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client_up) = client_upgrade {
+                        let backend_up = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(async move {
+                            match tokio::try_join!(client_up, backend_up) {
+                                Ok((c, b)) => {
+                                    let mut c = hyper_util::rt::TokioIo::new(c);
+                                    let mut b = hyper_util::rt::TokioIo::new(b);
+                                    if let Err(e) =
+                                        tokio::io::copy_bidirectional(&mut c, &mut b).await
+                                    {
+                                        tracing::debug!(error = %e, "websocket tunnel closed");
+                                    }
+                                }
+                                Err(e) => tracing::warn!(error = %e, "websocket upgrade failed"),
+                            }
+                        });
+                        let (mut rp, _) = resp.into_parts();
+                        rp.headers
+                            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                        let resp = Response::from_parts(rp, ProxyBody::empty());
+                        return self.finalize(
+                            resp,
+                            ctx,
+                            target,
+                            None,
+                            report,
+                            Some(backend_latency),
+                        );
+                    }
+                }
+                let (mut rp, body) = resp.into_parts();
+                forward::strip_hop_by_hop(&mut rp.headers, false, false);
+                let body = if ctx.method == Method::HEAD && !ctx.head {
+                    // An override made this request a HEAD: the backend sent no body, and the
+                    // client, which sent another method, must not wait for one.
+                    rp.headers.remove(header::CONTENT_LENGTH);
+                    ProxyBody::empty()
+                } else {
+                    ProxyBody::upstream(body)
+                };
+                let resp = Response::from_parts(rp, body);
+                self.finalize(resp, ctx, target, None, report, Some(backend_latency))
+            }
+            Err(ForwardError::ClientBody(c)) => {
+                // The client's own failure: answered (when it can still hear) and logged as
+                // such; a client that left mid-body is 499 and, as its backend never got the
+                // whole request, not reported.
+                let err = c.esp_error();
+                tracing::debug!(error = %c, status = err.http_status, "client request failed");
+                let report = report.filter(|_| c != forward::ClientBodyError::Closed);
+                self.finalize(
+                    proxy_error(&err, ctx, ctx.jwt_present),
+                    ctx,
+                    target,
+                    Some(err),
+                    report,
+                    None,
+                )
+            }
+            Err(e) => {
+                let err = match &e {
+                    ForwardError::Connect(_) | ForwardError::Other(_) => EspError::bad_gateway(),
+                    ForwardError::Timeout(_) => EspError::gateway_timeout(),
+                    ForwardError::BodyTooLarge(_) => EspError::payload_too_large(),
+                    ForwardError::ClientBody(c) => c.esp_error(),
+                };
+                tracing::warn!(error = %e, status = err.http_status, "backend request failed");
+                self.finalize(
+                    proxy_error(&err, ctx, ctx.jwt_present),
+                    ctx,
+                    target,
+                    Some(err),
+                    report,
+                    None,
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,448 @@
+//! The response body and the request's completion: [`ProxyBody`] carries a `Completion`
+//! armed by `Pipeline::finalize`; when the body ends (or is dropped) the **report** phase runs
+//! (`Completion::report`: metrics, access log, Service Control report). [`AbortGuard`]
+//! accounts for requests whose client leaves before the response head.
+
+use super::state::{logged_headers, Ctx, ReportInfo};
+use super::{ConnInfo, Pipeline, ProxyState, RequestRecord};
+use crate::error::EspError;
+use crate::forward;
+use crate::request_head;
+use bytes::Bytes;
+use http::header::HeaderValue;
+use http::{Method, Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// Armed while a request waits for its response head. If the client disconnects first, hyper
+/// drops the request future and this records the request as nginx's 499 (client closed) in the
+/// metrics and the access log.
+pub struct AbortGuard {
+    armed: Option<(Arc<ProxyState>, Instant, Method, http::Uri, IpAddr)>,
+}
+
+impl AbortGuard {
+    pub fn new<B>(state: &Arc<ProxyState>, req: &Request<B>, conn: ConnInfo) -> AbortGuard {
+        state.metrics.requests_in_flight.inc();
+        // Logged with the method the request runs with (the override's), like every other line.
+        let method = request_head::effective_method(req.method(), req.headers())
+            .unwrap_or_else(|_| req.method().clone());
+        AbortGuard {
+            armed: Some((
+                state.clone(),
+                Instant::now(),
+                method,
+                req.uri().clone(),
+                conn.peer.ip(),
+            )),
+        }
+    }
+
+    /// The response head is out; completion accounting takes over.
+    pub fn disarm(mut self) {
+        if let Some((state, ..)) = self.armed.take() {
+            state.metrics.requests_in_flight.dec();
+        }
+    }
+}
+
+impl Drop for AbortGuard {
+    fn drop(&mut self) {
+        let Some((state, start, method, uri, peer)) = self.armed.take() else {
+            return;
+        };
+        state.metrics.requests_in_flight.dec();
+        let total = start.elapsed();
+        state
+            .metrics
+            .observe_request(crate::metrics::method_label(&method), 499, total);
+        if state.access_log.enabled() {
+            let time = crate::access_log::now_rfc3339();
+            let remote = peer.to_string();
+            let url = uri.to_string();
+            let uri = state.routes.load().secrets.redact(&url).into_owned();
+            state.access_log.write(&crate::access_log::Entry {
+                time: &time,
+                remote_addr: &remote,
+                method: method.as_str(),
+                uri: &uri,
+                protocol: "",
+                status: 499,
+                request_bytes: 0,
+                response_bytes: 0,
+                latency_ms: total.as_secs_f64() * 1e3,
+                backend_latency_ms: None,
+                api_method: "",
+                config_id: "",
+                user_agent: None,
+                referer: None,
+                error: Some("client closed the connection before the response"),
+            });
+        }
+    }
+}
+
+enum Kind {
+    Empty,
+    Full(Option<Bytes>),
+    Stream(crate::upstream::UpstreamBody),
+}
+
+/// The response body: a proxy-generated one or the backend's, streamed. When it ends (or is
+/// dropped, e.g. for HEAD or a client that went away) the request is accounted: metrics, access
+/// log and the Service Control report.
+pub struct ProxyBody {
+    kind: Kind,
+    sent: u64,
+    done: Option<Box<Completion>>,
+}
+
+impl ProxyBody {
+    pub fn empty() -> ProxyBody {
+        ProxyBody {
+            kind: Kind::Empty,
+            sent: 0,
+            done: None,
+        }
+    }
+
+    pub fn full(b: impl Into<Bytes>) -> ProxyBody {
+        ProxyBody {
+            kind: Kind::Full(Some(b.into())),
+            sent: 0,
+            done: None,
+        }
+    }
+
+    /// A backend response body, streamed.
+    pub fn upstream(b: crate::upstream::UpstreamBody) -> ProxyBody {
+        ProxyBody {
+            kind: Kind::Stream(b),
+            sent: 0,
+            done: None,
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(c) = self.done.take() {
+            c.report(self.sent);
+        }
+    }
+}
+
+impl Default for ProxyBody {
+    fn default() -> Self {
+        ProxyBody::empty()
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let res = match &mut this.kind {
+            Kind::Empty => Poll::Ready(None),
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Stream(s) => Pin::new(s).poll_frame(cx),
+        };
+        match &res {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.sent += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.finish(),
+            Poll::Pending => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Empty => true,
+            Kind::Full(b) => b.is_none(),
+            Kind::Stream(s) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Stream(s) => s.size_hint(),
+        }
+    }
+}
+
+/// What is known about a request once its response head is decided.
+struct Completion {
+    state: Arc<ProxyState>,
+    start: Instant,
+    method: Method,
+    url: String,
+    protocol: &'static str,
+    version: Version,
+    client_ip: IpAddr,
+    caller_ip: IpAddr,
+    status: u16,
+    request_bytes: u64,
+    /// The `Content-Length` counted in `request_bytes`, replaced by the bytes received when
+    /// the body was read.
+    declared_body: u64,
+    body_counter: Option<Arc<AtomicU64>>,
+    backend_latency: Option<Duration>,
+    user_agent: Option<HeaderValue>,
+    referer: Option<HeaderValue>,
+    error: Option<EspError>,
+    /// The backend speaks gRPC (`grpc://`).
+    backend_grpc: bool,
+    /// Report to Service Control (ESP-handled request on a config with SC).
+    report: Option<ReportInfo>,
+}
+
+impl Completion {
+    /// **report**: metrics, the access log and the Service Control report, once the response
+    /// body has been sent (or dropped).
+    fn report(mut self: Box<Self>, sent: u64) {
+        let total = self.start.elapsed();
+        if let Some(c) = &self.body_counter {
+            let received = c.load(Ordering::Relaxed);
+            if received != forward::BODY_UNREAD {
+                self.request_bytes =
+                    self.request_bytes.saturating_sub(self.declared_body) + received;
+            }
+        }
+        let st = &self.state;
+        st.metrics.observe_request(
+            crate::metrics::method_label(&self.method),
+            self.status,
+            total,
+        );
+        if let Some(b) = self.backend_latency {
+            st.metrics.backend_latency.observe(b.as_secs_f64());
+        }
+        let reporting = st.control.is_some()
+            && self.report.as_ref().is_some_and(|r| {
+                r.config.service_control
+                    && !r.method.as_ref().is_some_and(|m| m.skip_service_control)
+            });
+        // Credentials in the URL (and in a referer or an error message quoting it) are masked
+        // once, for the access log and the report alike, and only when either is written.
+        let referer = if st.access_log.enabled() || reporting {
+            let table = st.routes.load();
+            let merged;
+            let secrets = match &self.report {
+                Some(r) if !table.secrets.covers(&r.config.secrets) => {
+                    // The rollout changed under this request: its own config's names count too.
+                    let mut m = (*table.secrets).clone();
+                    m.extend(&r.config.secrets);
+                    merged = m;
+                    &merged
+                }
+                _ => &*table.secrets,
+            };
+            if let Cow::Owned(u) = secrets.redact(&self.url) {
+                self.url = u;
+            }
+            if let Some(e) = self.error.as_mut() {
+                if let Cow::Owned(m) = secrets.redact(&e.message) {
+                    e.message = m;
+                }
+            }
+            self.referer
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .map(|r| secrets.redact(r).into_owned())
+        } else {
+            None
+        };
+        if st.access_log.enabled() {
+            let time = crate::access_log::now_rfc3339();
+            let remote = self.client_ip.to_string();
+            let uri = self.url.as_str();
+            let (api_method, config_id) = match &self.report {
+                Some(r) => (
+                    r.method.as_ref().map_or("", |m| m.selector.as_str()),
+                    r.config.config_id.as_str(),
+                ),
+                None => ("", ""),
+            };
+            st.access_log.write(&crate::access_log::Entry {
+                time: &time,
+                remote_addr: &remote,
+                method: self.method.as_str(),
+                uri,
+                protocol: match self.version {
+                    Version::HTTP_2 => "HTTP/2.0",
+                    Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                },
+                status: self.status,
+                request_bytes: self.request_bytes,
+                response_bytes: sent,
+                latency_ms: total.as_secs_f64() * 1e3,
+                backend_latency_ms: self.backend_latency.map(|d| d.as_secs_f64() * 1e3),
+                api_method,
+                config_id,
+                user_agent: self.user_agent.as_ref().and_then(|v| v.to_str().ok()),
+                referer: referer.as_deref(),
+                error: self.error.as_ref().map(|e| e.message.as_str()),
+            });
+        }
+        let Some(r) = self.report else { return };
+        let Some(control) = &st.control else { return };
+        if !r.config.service_control {
+            // An auth-only config: ESP has no Service Control to report to.
+            return;
+        }
+        if r.method.as_ref().is_some_and(|m| m.skip_service_control) {
+            return;
+        }
+        let (api_name, api_version) = r
+            .method
+            .as_ref()
+            .map(|m| (m.api_name.clone(), m.api_version.clone()))
+            .unwrap_or_default();
+        let status_code = self.error.as_ref().map(|e| e.code);
+        let backend_protocol =
+            (self.backend_grpc && self.protocol != "grpc").then(|| "grpc".to_string());
+        control.report(RequestRecord {
+            service_name: r.config.service.name.clone(),
+            service_config_id: r.config.config_id.clone(),
+            producer_project_id: r.config.service.producer_project_id.clone(),
+            operation_name: r.method.as_ref().map(|m| m.selector.clone()),
+            api_name,
+            api_version,
+            api_key: r.api_key,
+            api_key_valid: r.check.as_ref().is_some_and(|c| c.api_key_valid),
+            consumer_project_number: r.check.as_ref().and_then(|c| c.consumer_project_number),
+            check_network_failure: r.check_network_failure
+                || r.check.as_ref().is_some_and(|c| c.network_failure),
+            credential_id: r.auth.as_ref().map(|a| a.credential_id.clone()),
+            http_method: self.method.as_str().to_string(),
+            url: self.url,
+            response_code: self.status,
+            status_code,
+            request_size: self.request_bytes,
+            response_size: sent,
+            total_latency: total,
+            backend_latency: self.backend_latency,
+            overhead_latency: total.saturating_sub(self.backend_latency.unwrap_or_default()),
+            caller_ip: Some(self.caller_ip),
+            referer,
+            error_cause: self.error.as_ref().map(|e| e.cause.as_str().to_string()),
+            error_message: self.error.map(|e| e.message),
+            protocol: self.protocol.to_string(),
+            backend_protocol,
+            request_headers: r.request_headers,
+            response_headers: r.response_headers,
+            jwt_payloads: r.auth.map(|a| a.jwt_payloads).filter(|p| !p.is_empty()),
+            start_time: None,
+        });
+    }
+}
+
+impl Pipeline {
+    /// Adds the always-on response headers (CORS preset, HSTS) and arms the completion.
+    pub(super) fn finalize(
+        &self,
+        mut resp: Response<ProxyBody>,
+        ctx: &Ctx,
+        url: String,
+        error: Option<EspError>,
+        report: Option<ReportInfo>,
+        backend_latency: Option<Duration>,
+    ) -> Response<ProxyBody> {
+        let settings = &self.state.settings;
+        if let (Some(cors), Some(origin)) = (&settings.cors, &ctx.cors_origin) {
+            cors.decorate(origin.clone(), resp.headers_mut());
+        }
+        if settings.hsts {
+            crate::cors::add_hsts(resp.headers_mut());
+        }
+        let report = report.map(|mut r| {
+            r.response_headers = logged_headers(&settings.log_response_headers, resp.headers());
+            r
+        });
+        self.arm(resp, ctx, url, error, report, backend_latency)
+    }
+
+    /// Like `finalize` without decorations (the preflight carries its own headers).
+    pub(super) fn finalize_plain(
+        &self,
+        resp: Response<ProxyBody>,
+        ctx: &Ctx,
+        url: String,
+        error: Option<EspError>,
+    ) -> Response<ProxyBody> {
+        self.arm(resp, ctx, url, error, None, None)
+    }
+
+    pub(super) fn arm(
+        &self,
+        mut resp: Response<ProxyBody>,
+        ctx: &Ctx,
+        url: String,
+        error: Option<EspError>,
+        report: Option<ReportInfo>,
+        backend_latency: Option<Duration>,
+    ) -> Response<ProxyBody> {
+        let status = resp.status().as_u16();
+        let backend_grpc = self.forwarder.version() == Version::HTTP_2;
+        let is_grpc_request = ctx.content_type_grpc;
+        let protocol = if is_grpc_request {
+            "grpc"
+        } else if ctx.tls {
+            "https"
+        } else {
+            "http"
+        };
+        resp.body_mut().done = Some(Box::new(Completion {
+            state: self.state.clone(),
+            start: ctx.start,
+            method: ctx.method.clone(),
+            url,
+            protocol,
+            version: ctx.version,
+            client_ip: ctx.client_ip,
+            caller_ip: ctx.caller_ip,
+            status,
+            request_bytes: ctx.request_head_bytes + ctx.request_bytes,
+            declared_body: ctx.request_bytes,
+            body_counter: ctx.body_counter.clone(),
+            backend_latency,
+            user_agent: ctx.user_agent.clone(),
+            referer: ctx.referer.clone(),
+            error,
+            backend_grpc,
+            report,
+        }));
+        if ctx.head {
+            // A HEAD answer never carries a body, whoever produced it.
+            let done = resp.body_mut().done.take();
+            *resp.body_mut() = ProxyBody {
+                kind: Kind::Empty,
+                sent: 0,
+                done,
+            };
+        }
+        resp
+    }
+}

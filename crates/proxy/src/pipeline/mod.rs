@@ -1,0 +1,298 @@
+//! The request path: [`Pipeline::handle`] takes one request through the phases below, in
+//! ESP v1's order, each a named function in this folder:
+//!
+//! 0. **prepare** ([`phases`], `Pipeline::prepare`): settle the head
+//!    ([`crate::request_head::settle`]: the method, with a valid `X-HTTP-Method-Override`; the
+//!    headers, names with `_` and client copies of the proxy's own headers dropped; the path,
+//!    normalised; 400/405 when refused), answer `--healthz` and `--cors_preset` preflights
+//!    (nginx answered these before ESP ran), refuse a body over `--client_max_body_size`, apply
+//!    `--rewrite`;
+//! 1. pick a config of the current rollout (weighted, in [`Pipeline::handle`]) — with neither
+//!    Service Control nor auth configured, everything is proxied (ESP's access handler
+//!    declines);
+//! 2. **match** (`Pipeline::match_request`): the settled method + the rewritten target
+//!    (undecoded) → [`crate::routing::MethodInfo`]; no match is 404 code 5, or 403 code 7 for OPTIONS; the
+//!    method and target matched are the ones forwarded; `--enable_backend_routing` resolves
+//!    the method's `backend.rules` address here ([`crate::routing::BackendTarget`]);
+//! 3. **authenticate** (`Pipeline::authenticate`): the JWT ([`crate::auth`]); then the API
+//!    key ([`crate::auth::api_key::extract_api_key`], §2.4);
+//! 4. **check + quota** (`Pipeline::check_and_quota`): 401 code 16 when the method needs a
+//!    consumer and none was given, `:check` with Service Control, then quota (never blocking);
+//! 5. **forward** ([`backend`], `Pipeline::forward`): to `--backend`, or to the routed address
+//!    ([`crate::forward`] over the pool in [`crate::upstream`]);
+//! 6. **respond** (`Pipeline::respond`, then `Pipeline::finalize` in [`body`]): the backend's
+//!    answer, or the proxy's error ([`errors`]), with CORS/HSTS headers, carrying its
+//!    completion;
+//! 7. **report** (`Completion::report`, [`body`]): when the response body has been sent,
+//!    metrics, the access log and the Service Control report.
+//!
+//! Where things are: [`state`] holds the per-request state (`Ctx`, `ReportInfo`); [`body`] the
+//! response body, its completion and the abort guard; [`errors`] the proxy's error responses.
+//! Errors generated here are [`EspError`]s rendered as ESP renders them; backend responses,
+//! errors included, pass through untouched. Nothing on this path panics.
+//!
+//! Layer rule: the pipeline reads [`crate::settings`], never the flag parser ([`crate::cli`]);
+//! it reaches Service Control only through [`ControlApi`].
+
+mod backend;
+mod body;
+mod errors;
+mod phases;
+mod state;
+
+pub use body::{AbortGuard, ProxyBody};
+pub use errors::{error_response, grpc_error_response};
+pub use phases::rewrite;
+
+use crate::auth::api_key::extract_api_key;
+use crate::error::{Cause, Code, EspError};
+use crate::forward::Forwarder;
+use crate::routing::RouteTable;
+use crate::settings::Settings;
+use arc_swap::ArcSwap;
+use errors::proxy_error;
+use http::header::HeaderName;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use state::Prepared;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// The header the JWT stage fills; client copies never reach the backend
+/// ([`crate::request_head::sanitize_headers`]).
+pub static X_ENDPOINT_API_USERINFO: HeaderName = HeaderName::from_static("x-endpoint-api-userinfo");
+pub static X_ENDPOINT_API_PROJECT_ID: HeaderName =
+    HeaderName::from_static("x-endpoint-api-project-id");
+
+// ---------------------------------------------------------------------------------------------
+// Stage interfaces towards Service Control and JWT authentication.
+// ---------------------------------------------------------------------------------------------
+
+pub use crate::service_control::{CheckInput, CheckOk, QuotaInput, RequestRecord};
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The pipeline's view of the Service Control client (check through the cache, quota from the
+/// cache with background refresh, reports enqueued): the seam between the request path and
+/// [`crate::service_control::ServiceControl`].
+pub trait ControlApi: Send + Sync + 'static {
+    fn check<'a>(&'a self, input: CheckInput<'a>) -> BoxFuture<'a, Result<CheckOk, EspError>>;
+    fn allocate_quota(&self, input: QuotaInput<'_>) -> Result<(), EspError>;
+    fn report(&self, record: RequestRecord);
+    /// Status-page statistics (`serviceControlStatistics`), if the client keeps them.
+    fn statistics(&self) -> Option<serde_json::Value> {
+        None
+    }
+}
+
+impl ControlApi for crate::service_control::ServiceControl {
+    fn check<'a>(&'a self, input: CheckInput<'a>) -> BoxFuture<'a, Result<CheckOk, EspError>> {
+        Box::pin(crate::service_control::ServiceControl::check(self, input))
+    }
+    fn allocate_quota(&self, input: QuotaInput<'_>) -> Result<(), EspError> {
+        crate::service_control::ServiceControl::allocate_quota(self, input)
+    }
+    fn report(&self, record: RequestRecord) {
+        crate::service_control::ServiceControl::report(self, record)
+    }
+    fn statistics(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(crate::service_control::ServiceControl::statistics(self)).ok()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared state.
+// ---------------------------------------------------------------------------------------------
+
+/// State shared by every serving thread.
+pub struct ProxyState {
+    pub settings: Arc<Settings>,
+    /// The current rollout's routing tables; swapped whole, never mutated.
+    pub routes: ArcSwap<RouteTable>,
+    pub control: Option<Arc<dyn ControlApi>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub access_log: crate::access_log::AccessLog,
+    healthz_path: Option<String>,
+}
+
+impl ProxyState {
+    pub fn new(
+        settings: Arc<Settings>,
+        routes: RouteTable,
+        control: Option<Arc<dyn ControlApi>>,
+        metrics: Arc<crate::metrics::Metrics>,
+        access_log: crate::access_log::AccessLog,
+    ) -> ProxyState {
+        let healthz_path = settings.healthz.as_ref().map(|h| format!("/{h}"));
+        ProxyState {
+            settings,
+            routes: ArcSwap::from_pointee(routes),
+            control,
+            metrics,
+            access_log,
+            healthz_path,
+        }
+    }
+
+    /// Installs a new routing table; requests in flight keep the one they started with.
+    pub fn swap_routes(&self, table: RouteTable) {
+        let ids: Vec<(String, u32)> = table
+            .configs
+            .iter()
+            .map(|(c, p)| (c.config_id.clone(), *p))
+            .collect();
+        let service = table
+            .configs
+            .first()
+            .map(|(c, _)| c.service.name.clone())
+            .unwrap_or_default();
+        self.metrics.set_configs(&service, &table.rollout_id, &ids);
+        self.routes.store(Arc::new(table));
+        self.metrics.config_swaps.inc();
+    }
+}
+
+/// Connection facts the pipeline needs.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// One serving thread's pipeline: shared state + that thread's upstream pool.
+#[derive(Clone)]
+pub struct Pipeline {
+    state: Arc<ProxyState>,
+    forwarder: Forwarder,
+}
+
+impl Pipeline {
+    pub fn new(state: Arc<ProxyState>, forwarder: Forwarder) -> Pipeline {
+        Pipeline { state, forwarder }
+    }
+
+    pub fn state(&self) -> &Arc<ProxyState> {
+        &self.state
+    }
+
+    /// Handles one request end to end, phase by phase (the list at the top of this module).
+    /// Never fails: every outcome is a response.
+    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+        // 0. prepare.
+        let Prepared {
+            mut ctx,
+            mut parts,
+            body,
+            target,
+        } = match self.prepare(req, conn) {
+            Ok(p) => p,
+            Err(resp) => return resp,
+        };
+        let st = &self.state;
+        let settings = &st.settings;
+
+        // 1. pick a config.
+        let table = st.routes.load();
+        let Some(config) = table.pick().cloned() else {
+            let err = EspError::new(
+                Code::Unavailable,
+                "No service configuration is loaded",
+                Cause::Internal,
+            );
+            return self.fail(err, &ctx, target);
+        };
+        drop(table);
+
+        if !config.enabled {
+            // ESP declines: no matching, no check, no report; nginx proxies as is.
+            let req = Request::from_parts(parts, body);
+            return self.forward(req, &ctx, target, None, None).await;
+        }
+
+        // 2. match.
+        let (mi, routed) = match self.match_request(&config, &parts, &target) {
+            Ok(m) => m,
+            Err((err, report)) => {
+                return self.finalize(
+                    proxy_error(&err, &ctx, ctx.jwt_present),
+                    &ctx,
+                    target,
+                    Some(err),
+                    Some(report),
+                    None,
+                );
+            }
+        };
+
+        // The raw query, split off once for both the JWT and the API-key lookups.
+        let query = target.split_once('?').map(|(_, q)| q);
+
+        // 3. authenticate: the JWT, then the API key.
+        let auth = match self.authenticate(&parts, query, &mi, &config).await {
+            Ok(a) => a,
+            Err(e) => {
+                let report = self.report_info(&config, Some(&mi), None, &parts.headers);
+                return self.refuse_auth(e, &ctx, target, report);
+            }
+        };
+        // Later 401/403s say `invalid_token` only when a JWT was extracted for this request.
+        ctx.jwt_present = auth.is_some();
+
+        // API key: only for methods that need a consumer.
+        let api_key = if mi.allow_unregistered_calls {
+            None
+        } else {
+            extract_api_key(query, &parts.headers, &mi.api_key_locations).map(str::to_string)
+        };
+
+        let mut report = self.report_info(&config, Some(&mi), api_key.clone(), &parts.headers);
+        report.auth = auth;
+
+        // 4. check + quota.
+        if config.service_control && !mi.skip_service_control {
+            if let Err(err) = self
+                .check_and_quota(
+                    &config,
+                    &mi,
+                    api_key.as_deref(),
+                    &ctx,
+                    &mut parts.headers,
+                    &mut report,
+                )
+                .await
+            {
+                return self.finalize(
+                    proxy_error(&err, &ctx, ctx.jwt_present),
+                    &ctx,
+                    target,
+                    Some(err),
+                    Some(report),
+                    None,
+                );
+            }
+        }
+
+        if let Some(a) = &report.auth {
+            parts
+                .headers
+                .insert(&X_ENDPOINT_API_USERINFO, a.user_info.clone());
+        }
+        if settings.enable_backend_routing && routed.is_none() {
+            // ESP's `proxy_pass $backend_url` with no address for this method.
+            let err = EspError::new(Code::Internal, "INTERNAL_SERVER_ERROR", Cause::Application);
+            return self.finalize(
+                proxy_error(&err, &ctx, ctx.jwt_present),
+                &ctx,
+                target,
+                Some(err),
+                Some(report),
+                None,
+            );
+        }
+        // 5. forward; 6. respond and 7. report follow from the backend's answer.
+        let req = Request::from_parts(parts, body);
+        self.forward(req, &ctx, target, Some(report), routed).await
+    }
+}

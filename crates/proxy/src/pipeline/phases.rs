@@ -1,0 +1,400 @@
+//! The request phases before the backend is called, each one function: `prepare` (the head
+//! settled, health checks, preflights, body limit, `--rewrite`), `match_request`,
+//! `authenticate` (JWT) and `check_and_quota` (Service Control). Each returns what the next
+//! needs, or the refusal; [`super::Pipeline::handle`] chains them.
+
+use super::errors::proxy_error;
+use super::state::{Ctx, Prepared, ReportInfo, Routed};
+use super::{ConnInfo, Pipeline, ProxyBody, X_ENDPOINT_API_PROJECT_ID};
+use crate::auth::AuthInfo;
+use crate::error::{Cause, Code, EspError};
+use crate::forward;
+use crate::request_head;
+use crate::routing::{ConfigRoutes, MethodInfo};
+use crate::service_control::{CheckInput, QuotaInput};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use hyper::body::Incoming;
+use std::borrow::Cow;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+static X_ANDROID_PACKAGE: HeaderName = HeaderName::from_static("x-android-package");
+static X_ANDROID_CERT: HeaderName = HeaderName::from_static("x-android-cert");
+static X_IOS_BUNDLE: HeaderName = HeaderName::from_static("x-ios-bundle-identifier");
+
+impl Pipeline {
+    /// Everything before the config is picked: the head settled, health checks, preflights,
+    /// the body limit, `--rewrite`. A plain function, so none of its locals take room in the
+    /// request future (its size is memory per connection, docs/performance.md). `Err` is the
+    /// response when the request ends here.
+    // The `Err` is the response itself, moved out once; boxing it would allocate per request.
+    #[allow(clippy::result_large_err)]
+    pub(super) fn prepare(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Prepared, Response<ProxyBody>> {
+        let st = &self.state;
+        let settings = &st.settings;
+        let request_head_bytes = request_head_size(&req);
+        // Measured on the head as the client sent it, before any header is dropped.
+        let head_error = crate::limits::head_line_error(&req, &settings.header_limits);
+        let (mut parts, body) = req.into_parts();
+        // The head is settled before anything reads it: the method and the path matched below
+        // are the ones forwarded, and dropped headers are seen by nothing (crate::request_head).
+        let raw_target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let framing = request_head::Framing {
+            version: parts.version,
+            has_authority: parts.uri.authority().is_some(),
+        };
+        let settled = request_head::settle(
+            &parts.method,
+            framing,
+            &mut parts.headers,
+            raw_target,
+            settings.head,
+        );
+        let h = &parts.headers;
+        let client_ip = forward::real_client_ip(conn.peer.ip(), h, &settings.xff_trusted);
+        let caller_ip = settings
+            .client_ip_header
+            .as_deref()
+            .and_then(|name| forward::ip_from_header(h, name, settings.client_ip_position))
+            .unwrap_or(client_ip);
+        let cors_origin = settings.cors.as_ref().and_then(|c| c.allowed_origin(h));
+        let ctx = Ctx {
+            start: Instant::now(),
+            method: match &settled {
+                Ok(s) => s.method.clone(),
+                Err(e) => e.method().unwrap_or(&parts.method).clone(),
+            },
+            version: parts.version,
+            // What the client's connection expects, whatever method is forwarded.
+            head: parts.method == Method::HEAD,
+            client_ip,
+            caller_ip,
+            tls: conn.tls,
+            jwt_present: false,
+            request_bytes: h
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            request_head_bytes,
+            body_counter: (!body.is_end_stream())
+                .then(|| Arc::new(AtomicU64::new(forward::BODY_UNREAD))),
+            user_agent: h.get(header::USER_AGENT).cloned(),
+            content_type_grpc: h
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+            referer: h.get(header::REFERER).cloned(),
+            cors_origin,
+        };
+
+        // nginx refuses an over-long request or header line before anything else runs.
+        if let Some(err) = head_error {
+            let url = raw_target.to_string();
+            return Err(self.fail(err, &ctx, url));
+        }
+        let settled = match settled {
+            Ok(s) => s,
+            Err(e) => {
+                let err = e.esp_error();
+                let resp = proxy_error(&err, &ctx, false);
+                let url = raw_target.to_string();
+                return Err(self.refuse(resp, Some(err), &ctx, url, &parts.headers));
+            }
+        };
+        if settled.target.unescaped_slashes {
+            // --disallow_escaped_slashes_in_path (ESPv2): the client asks again for the decoded
+            // path, which is then checked like any other; gRPC clients cannot follow redirects.
+            let url = raw_target.to_string();
+            let location =
+                HeaderValue::from_str(&request_head::redirect_target(&settled.target.text));
+            return Err(match location {
+                Ok(loc) if !ctx.content_type_grpc => {
+                    let mut resp = Response::new(ProxyBody::empty());
+                    *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+                    resp.headers_mut().insert(header::LOCATION, loc);
+                    self.refuse(resp, None, &ctx, url, &parts.headers)
+                }
+                _ => {
+                    let err = EspError::new(
+                        Code::InvalidArgument,
+                        "The request path holds an escaped slash or backslash (%2F, %5C).",
+                        Cause::Internal,
+                    );
+                    let resp = proxy_error(&err, &ctx, false);
+                    self.refuse(resp, Some(err), &ctx, url, &parts.headers)
+                }
+            });
+        }
+        parts.method = settled.method;
+        let normalized: &str = &settled.target.text;
+
+        // nginx's exact-match health location and CORS preflight run before ESP.
+        if st.healthz_path.as_deref() == Some(request_head::path_of(normalized)) {
+            let resp = Response::new(ProxyBody::empty());
+            return Err(self.finalize(resp, &ctx, normalized.to_string(), None, None, None));
+        }
+        if let (Some(cors), Some(origin)) = (&settings.cors, &ctx.cors_origin) {
+            if ctx.method == Method::OPTIONS {
+                let resp: Response<ProxyBody> = cors.preflight(origin.clone());
+                return Err(self.finalize_plain(resp, &ctx, normalized.to_string(), None));
+            }
+        }
+        if settings.client_max_body_size > 0 && ctx.request_bytes > settings.client_max_body_size {
+            let err = EspError::payload_too_large();
+            let url = normalized.to_string();
+            return Err(self.fail(err, &ctx, url));
+        }
+
+        let target = rewrite(&settings.rewrites, normalized).into_owned();
+        Ok(Prepared {
+            ctx,
+            parts,
+            body,
+            target,
+        })
+    }
+
+    /// **match**: the settled method and the rewritten target (undecoded) against the config's
+    /// HTTP rules. No match is 404 code 5 (403 code 7 for OPTIONS); a path whose `;` parameters
+    /// change the method matched is 400. Under `--enable_backend_routing` the method's backend
+    /// address is resolved here, while the path bindings are at hand. `Err` carries the error
+    /// and the report of the refused request.
+    // The `Err` is moved out once into the response; boxing it would allocate per refusal.
+    #[allow(clippy::result_large_err)]
+    pub(super) fn match_request(
+        &self,
+        config: &Arc<ConfigRoutes>,
+        parts: &http::request::Parts,
+        target: &str,
+    ) -> Result<(Arc<MethodInfo>, Option<Routed>), (EspError, ReportInfo)> {
+        let settings = &self.state.settings;
+        let match_method = parts.method.as_str();
+        let matched = config.matcher.matched(match_method, target);
+        if let Some(m) = &matched {
+            if settings.head.path.normalize
+                && !self.same_method_without_parameters(config, match_method, target, m.value())
+            {
+                let err = EspError::new(
+                    Code::InvalidArgument,
+                    "The request path's \";\" parameters change which API method it names.",
+                    Cause::Internal,
+                );
+                let report = self.report_info(config, None, None, &parts.headers);
+                return Err((err, report));
+            }
+        }
+        let Some(mi) = matched.as_ref().map(|m| m.value().clone()) else {
+            let err = if match_method == "OPTIONS" {
+                EspError::cors_not_allowed()
+            } else {
+                EspError::method_does_not_exist()
+            };
+            let report = self.report_info(config, None, None, &parts.headers);
+            return Err((err, report));
+        };
+
+        // Backend routing: resolved now (bindings come from the match), applied when forwarding.
+        let routed = if settings.enable_backend_routing {
+            mi.backend.as_ref().map(|b| {
+                let bindings = match b.translation {
+                    crate::routing::PathTranslation::ConstantAddress => {
+                        matched.as_ref().map(|m| m.bindings()).unwrap_or_default()
+                    }
+                    crate::routing::PathTranslation::AppendPathToAddress => Vec::new(),
+                };
+                Routed {
+                    target: b.clone(),
+                    upstream_target: b.upstream_target(
+                        &config.service,
+                        &mi.selector,
+                        target,
+                        &bindings,
+                        &mi.api_key_locations.query,
+                    ),
+                }
+            })
+        } else {
+            None
+        };
+        Ok((mi, routed))
+    }
+
+    /// **authenticate**, the JWT stage: `Ok(None)` when the method needs no JWT; on failure the error and whether
+    /// a token was present (for `WWW-Authenticate`).
+    pub(super) async fn authenticate(
+        &self,
+        parts: &http::request::Parts,
+        query: Option<&str>,
+        mi: &MethodInfo,
+        config: &ConfigRoutes,
+    ) -> Result<Option<AuthInfo>, crate::auth::AuthError> {
+        if mi.auth.is_none() {
+            return Ok(None);
+        }
+        let Some(authn) = &config.authenticator else {
+            return Err(crate::auth::AuthError {
+                error: EspError::new(
+                    Code::Internal,
+                    "JWT authentication is required by this method but not configured",
+                    Cause::Auth,
+                ),
+                token_present: false,
+                authorization_url: None,
+            });
+        };
+        authn
+            .authenticate(&mi.selector, &parts.headers, query)
+            .await
+    }
+
+    /// ESP's `CheckServiceControl` + `QuotaControl` for a matched method on a config with
+    /// Service Control: no key → 401 unless unregistered calls are allowed; a key → `:check`
+    /// (through the client's cache); then quota when the method has metric costs.
+    pub(super) async fn check_and_quota(
+        &self,
+        config: &ConfigRoutes,
+        mi: &MethodInfo,
+        api_key: Option<&str>,
+        ctx: &Ctx,
+        headers: &mut HeaderMap,
+        report: &mut ReportInfo,
+    ) -> Result<(), EspError> {
+        if api_key.is_none() && !mi.allow_unregistered_calls {
+            return Err(EspError::unregistered_caller());
+        }
+        if api_key.is_some_and(|k| k.len() > crate::service_control::MAX_API_KEY_BYTES) {
+            // No key is this long: answered as invalid before any cache or `:check`, and kept
+            // out of the report (whose aggregates are keyed by it).
+            report.api_key = None;
+            return Err(crate::service_control::invalid_api_key());
+        }
+        let Some(control) = &self.state.control else {
+            return Err(EspError::new(
+                Code::Unavailable,
+                "Service Control is configured for this service but the proxy has no Service Control client",
+                Cause::ServiceControl,
+            ));
+        };
+        if let Some(key) = api_key {
+            let input = CheckInput {
+                service_name: &config.service.name,
+                service_config_id: &config.config_id,
+                operation_name: &mi.selector,
+                api_key: key,
+                caller_ip: ctx.caller_ip,
+                referer: header_str(headers, &header::REFERER),
+                android_package: header_str(headers, &X_ANDROID_PACKAGE),
+                android_cert: header_str(headers, &X_ANDROID_CERT),
+                ios_bundle: header_str(headers, &X_IOS_BUNDLE),
+            };
+            match control.check(input).await {
+                Ok(ok) => {
+                    if let Some(n) = ok.consumer_project_number.filter(|n| *n > 0) {
+                        if let Ok(v) = HeaderValue::from_str(&n.to_string()) {
+                            headers.insert(&X_ENDPOINT_API_PROJECT_ID, v);
+                        }
+                    }
+                    report.check = Some(ok);
+                }
+                Err(err) => {
+                    report.check_network_failure = err.code == Code::Unavailable.as_i32();
+                    return Err(err);
+                }
+            }
+        }
+        if !mi.metric_costs.is_empty() {
+            control.allocate_quota(QuotaInput {
+                service_name: &config.service.name,
+                service_config_id: &config.config_id,
+                method_name: &mi.selector,
+                api_key: api_key.unwrap_or(""),
+                producer_project_id: &config.service.producer_project_id,
+                caller_ip: ctx.caller_ip,
+                referer: header_str(headers, &header::REFERER),
+                metric_costs: &mi.metric_costs,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// A path with `;` parameters must name the same method without them: servlet containers
+    /// drop them before routing, so `/secret;x` (matched by `x-google-allow: all`'s `/**`)
+    /// would run `/secret` unchecked. Only paths holding `;` pay for the second lookup.
+    fn same_method_without_parameters(
+        &self,
+        config: &ConfigRoutes,
+        method: &str,
+        target: &str,
+        matched: &Arc<MethodInfo>,
+    ) -> bool {
+        let path = request_head::path_of(target);
+        if !path.contains(';') {
+            return true;
+        }
+        // Compared as the servlet container routes it: stripped, then merged and resolved
+        // (`/items;x//1` is `/items/1` to it even with --disable_merge_slashes_in_path).
+        let Some(stripped) = request_head::servlet_path(path) else {
+            return false;
+        };
+        config
+            .matcher
+            .lookup(method, &stripped)
+            .is_some_and(|other| Arc::ptr_eq(other, matched))
+    }
+}
+
+/// Approximate size of the request line and headers as sent on HTTP/1.1.
+fn request_head_size<B>(req: &Request<B>) -> u64 {
+    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    (line + headers + 2) as u64
+}
+
+/// Applies `--rewrite` rules to the raw target; the first matching rule wins.
+pub fn rewrite<'a>(rules: &[crate::settings::RewriteRule], target: &'a str) -> Cow<'a, str> {
+    for r in rules {
+        if let Some(caps) = r.pattern.captures(target) {
+            let mut out = String::new();
+            caps.expand(&r.replacement, &mut out);
+            return Cow::Owned(out);
+        }
+    }
+    Cow::Borrowed(target)
+}
+
+fn header_str<'a>(h: &'a HeaderMap, n: &HeaderName) -> Option<&'a str> {
+    h.get(n).and_then(|v| v.to_str().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrite_first_match_wins_and_expands_groups() {
+        let rules = vec![
+            crate::settings::RewriteRule {
+                pattern: regex::Regex::new("^/api/(.*)$").unwrap(),
+                replacement: "/$1".into(),
+            },
+            crate::settings::RewriteRule {
+                pattern: regex::Regex::new("^/api/x").unwrap(),
+                replacement: "/never".into(),
+            },
+        ];
+        assert_eq!(rewrite(&rules, "/api/x?key=1"), "/x?key=1");
+        assert_eq!(rewrite(&rules, "/other"), "/other");
+    }
+}

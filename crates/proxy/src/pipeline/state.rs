@@ -1,0 +1,99 @@
+//! Per-request state: the facts gathered before the outcome is known ([`Ctx`]), a request
+//! past `prepare` ([`Prepared`]), its routed backend ([`Routed`]), and what the report will
+//! need ([`ReportInfo`]). Plain data for the phases; nothing here does I/O.
+
+use super::Pipeline;
+use crate::auth::AuthInfo;
+use crate::routing::{ConfigRoutes, MethodInfo};
+use crate::service_control::CheckOk;
+use http::header::{HeaderMap, HeaderValue};
+use http::{Method, Version};
+use hyper::body::Incoming;
+use std::net::IpAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A request's backend under `--enable_backend_routing`.
+pub(super) struct Routed {
+    pub(super) target: Arc<crate::routing::BackendTarget>,
+    /// Path and query sent upstream.
+    pub(super) upstream_target: String,
+}
+
+/// A request past [`Pipeline::prepare`]: its facts, its settled head and body, and the target
+/// to match and forward (normalised, `--rewrite` applied).
+pub(super) struct Prepared {
+    pub(super) ctx: Ctx,
+    pub(super) parts: http::request::Parts,
+    pub(super) body: Incoming,
+    pub(super) target: String,
+}
+
+/// Per-request facts gathered before the outcome is known.
+pub(super) struct Ctx {
+    pub(super) start: Instant,
+    pub(super) method: Method,
+    pub(super) version: Version,
+    pub(super) head: bool,
+    pub(super) client_ip: IpAddr,
+    pub(super) caller_ip: IpAddr,
+    pub(super) tls: bool,
+    pub(super) cors_origin: Option<HeaderValue>,
+    pub(super) jwt_present: bool,
+    /// `Content-Length` of the request body (0 when absent).
+    pub(super) request_bytes: u64,
+    /// Request line + headers, for the report's request size.
+    pub(super) request_head_bytes: u64,
+    /// Counts the body's bytes as they are received ([`forward::BODY_UNREAD`] until the body
+    /// is forwarded): a client that leaves mid-body is logged with what it sent, not with its
+    /// `Content-Length`.
+    pub(super) body_counter: Option<Arc<AtomicU64>>,
+    pub(super) user_agent: Option<HeaderValue>,
+    pub(super) referer: Option<HeaderValue>,
+    /// `Content-Type: application/grpc*`: reported with protocol `grpc`.
+    pub(super) content_type_grpc: bool,
+}
+
+pub(super) struct ReportInfo {
+    pub(super) config: Arc<ConfigRoutes>,
+    pub(super) method: Option<Arc<MethodInfo>>,
+    pub(super) api_key: Option<String>,
+    pub(super) check: Option<CheckOk>,
+    pub(super) check_network_failure: bool,
+    pub(super) auth: Option<AuthInfo>,
+    pub(super) request_headers: Vec<(String, String)>,
+    pub(super) response_headers: Vec<(String, String)>,
+}
+
+impl Pipeline {
+    pub(super) fn report_info(
+        &self,
+        config: &Arc<ConfigRoutes>,
+        method: Option<&Arc<MethodInfo>>,
+        api_key: Option<String>,
+        headers: &HeaderMap,
+    ) -> ReportInfo {
+        ReportInfo {
+            config: config.clone(),
+            method: method.cloned(),
+            api_key,
+            check: None,
+            check_network_failure: false,
+            auth: None,
+            request_headers: logged_headers(&self.state.settings.log_request_headers, headers),
+            response_headers: Vec::new(),
+        }
+    }
+}
+
+pub(super) fn logged_headers(names: &[String], h: &HeaderMap) -> Vec<(String, String)> {
+    names
+        .iter()
+        .filter_map(|n| {
+            h.get(n.as_str())
+                .and_then(|v| v.to_str().ok())
+                .map(|v| (n.clone(), v.to_string()))
+        })
+        .collect()
+}

@@ -1,0 +1,254 @@
+//! The proxy's runtime settings: what every serving part reads ([`Settings`] and the types it
+//! is made of), whatever produced them. [`crate::cli`] parses ESP's flags into a [`Settings`];
+//! nothing on the request path imports the flag parser.
+//!
+//! Layer rule: this module imports only leaf modules ([`crate::cors`], [`crate::request_head`]'s
+//! options), never the serving code ([`crate::server`], [`crate::pipeline`], [`crate::forward`],
+//! [`crate::routing`]).
+
+use crate::cors::CorsSettings;
+use ipnet::IpNet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Exit code for bad arguments (start_esp's `ArgumentParser.error`).
+pub const EXIT_BAD_ARGS: u8 = 4;
+/// Exit code when one port is given for two listeners.
+pub const EXIT_PORT_CONFLICT: u8 = 2;
+/// Exit code for other setup errors.
+pub const EXIT_SETUP: u8 = 3;
+/// Exit code when the service configuration cannot be fetched.
+pub const EXIT_FETCH: u8 = 1;
+
+/// Peers whose `X-Forwarded-For` is believed by default: loopback, private (RFC 1918, RFC 4193)
+/// and link-local addresses — a local load balancer, a sidecar or a mesh ingress. ESP trusted
+/// every peer (`0.0.0.0/0, ::/0`), which let any client choose the caller IP that IP-restricted
+/// API keys are checked against; that is one flag away (docs/security.md).
+pub const DEFAULT_XFF_TRUSTED_PROXY_LIST: &str =
+    "127.0.0.0/8, ::1/128, 10.0.0.0/8, 172.16.0.0/12, \
+     192.168.0.0/16, fc00::/7, 169.254.0.0/16, fe80::/10";
+
+/// `--http_request_timeout_s`'s default: ESPv2's default backend deadline (its
+/// `x-google-backend` `deadline` when none is given). ESP's nginx waited 86,400 s.
+pub const DEFAULT_BACKEND_TIMEOUT_S: f64 = 15.0;
+
+/// The backend's protocol, from the `--backend` scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendScheme {
+    Http,
+    Https,
+    /// gRPC: HTTP/2 cleartext (prior knowledge).
+    Grpc,
+}
+
+/// The parsed `--backend`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendAddr {
+    pub scheme: BackendScheme,
+    pub host: String,
+    pub port: u16,
+}
+
+impl BackendAddr {
+    /// `host:port` as it goes into upstream URIs (IPv6 hosts bracketed).
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// How ESP picks the service config at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutStrategy {
+    Fixed,
+    Managed,
+}
+
+/// One `--rewrite` rule.
+#[derive(Debug, Clone)]
+pub struct RewriteRule {
+    pub pattern: regex::Regex,
+    pub replacement: String,
+}
+
+/// Validated start-up settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub service: Option<String>,
+    pub version: Option<String>,
+    pub rollout_strategy: RolloutStrategy,
+    pub backend: BackendAddr,
+    pub listen_address: IpAddr,
+    pub http_port: Option<u16>,
+    pub http2_port: Option<u16>,
+    pub ssl_port: Option<u16>,
+    pub status_port: u16,
+    pub ssl_cert_path: PathBuf,
+    pub ssl_key_path: PathBuf,
+    pub generate_self_signed_cert: bool,
+    pub service_account_key: Option<PathBuf>,
+    pub healthz: Option<String>,
+    pub non_gcp: bool,
+    pub service_json_path: Option<PathBuf>,
+    pub management: Option<String>,
+    pub service_control_url_override: Option<String>,
+    pub network_fail_open: bool,
+    /// 0 = unlimited, as in nginx.
+    pub client_max_body_size: u64,
+    pub xff_trusted: Vec<IpNet>,
+    /// `--client_header_timeout` and `--keepalive_timeout`, for every listener.
+    pub conn_limits: portico_listen::ConnLimits,
+    /// `--keepalive_timeout=0`: one request per HTTP/1 connection.
+    pub keep_alive: bool,
+    /// `--large_client_header_buffers`.
+    pub header_limits: HeaderLimits,
+    /// `--client_body_timeout`.
+    pub client_body_timeout: Duration,
+    /// `--client_body_buffer_size`: bytes of a request body read before a backend connection
+    /// is taken (0: none).
+    pub client_body_buffer_size: usize,
+    /// `--client_body_min_rate` (bytes/s, 0: none).
+    pub client_body_min_rate: u64,
+    pub client_ip_header: Option<String>,
+    pub client_ip_position: i32,
+    pub cors: Option<CorsSettings>,
+    pub hsts: bool,
+    pub rewrites: Vec<RewriteRule>,
+    pub enable_websocket: bool,
+    /// `--underscores_in_headers` and the path flags: how the request head is settled
+    /// ([`crate::request_head`]).
+    pub head: crate::request_head::HeadOptions,
+    pub log_request_headers: Vec<String>,
+    pub log_response_headers: Vec<String>,
+    pub log_jwt_payload: Vec<String>,
+    pub jwks_cache_duration: Option<Duration>,
+    pub enable_jwt_authorization_url_redirect: bool,
+    pub disable_cloud_trace_auto_sampling: bool,
+    pub rollout_fetch_throttle_window: Option<Duration>,
+    pub worker_threads: usize,
+    /// Per serving thread, for each HTTP/1.1 backend.
+    pub backend_max_connections: usize,
+    pub backend_timeout: Duration,
+    pub backend_ca_cert_path: Option<PathBuf>,
+    /// `--experimental_proxy_backend_host_header`.
+    pub backend_host_header: Option<http::HeaderValue>,
+    /// `--compute_platform_override`.
+    pub compute_platform: Option<String>,
+    /// `--report_log_entries_per_second`.
+    pub report_log_entries_per_second: usize,
+    /// `--report_max_log_entries_per_flush`.
+    pub report_max_log_entries_per_flush: usize,
+    /// `--enable_backend_routing`.
+    pub enable_backend_routing: bool,
+    /// `--access_log`: `None` = stdout.
+    pub access_log: Option<String>,
+    /// Flags accepted only for compatibility, reported once at start-up.
+    pub ignored_flags: Vec<&'static str>,
+}
+
+/// nginx's `large_client_header_buffers NUMBER SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderLimits {
+    /// The request line, and each header line (`name: value`), at most this many bytes.
+    pub line: usize,
+    /// The whole request head at most this many bytes.
+    pub total: usize,
+}
+
+impl Default for HeaderLimits {
+    /// nginx's default, `4 8k`.
+    fn default() -> Self {
+        HeaderLimits {
+            line: 8 << 10,
+            total: 32 << 10,
+        }
+    }
+}
+
+/// Parses `--backend` the way start_esp does: the scheme is optional (HTTP), `https://` defaults
+/// to port 443, `http://` to 80.
+pub fn parse_backend(s: &str) -> Result<BackendAddr, String> {
+    let (scheme, rest) = if let Some(r) = s.strip_prefix("http://") {
+        (BackendScheme::Http, r)
+    } else if let Some(r) = s.strip_prefix("https://") {
+        (BackendScheme::Https, r)
+    } else if let Some(r) = s.strip_prefix("grpc://") {
+        (BackendScheme::Grpc, r)
+    } else if s.contains("://") {
+        return Err(format!(
+            "invalid --backend {s:?}: unsupported scheme (use http://, https:// or grpc://)"
+        ));
+    } else {
+        (BackendScheme::Http, s)
+    };
+    let hostport = rest.strip_suffix('/').unwrap_or(rest);
+    if hostport.contains('/') {
+        return Err(format!(
+            "invalid --backend {s:?}: a path is not allowed, give host[:port] only"
+        ));
+    }
+    let default_port = match scheme {
+        BackendScheme::Https => 443,
+        BackendScheme::Http => 80,
+        BackendScheme::Grpc => 0,
+    };
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("invalid --backend {s:?}: unclosed '[' in IPv6 address"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => parse_port(s, p)?,
+            None if after.is_empty() => default_port,
+            None => return Err(format!("invalid --backend {s:?}: garbage after ']'")),
+        };
+        (h.to_string(), port)
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), parse_port(s, p)?),
+            None => (hostport.to_string(), default_port),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("invalid --backend {s:?}: missing host"));
+    }
+    if port == 0 {
+        return Err(format!(
+            "invalid --backend {s:?}: a port is required for grpc://"
+        ));
+    }
+    Ok(BackendAddr { scheme, host, port })
+}
+
+fn parse_port(whole: &str, p: &str) -> Result<u16, String> {
+    match p.parse::<u16>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("invalid --backend {whole:?}: bad port {p:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_forms() {
+        let b = parse_backend("https://example.com").unwrap();
+        assert_eq!((b.scheme, b.port), (BackendScheme::Https, 443));
+        let b = parse_backend("http://10.0.0.1").unwrap();
+        assert_eq!(b.port, 80);
+        let b = parse_backend("[::1]:8081").unwrap();
+        assert_eq!((b.host.as_str(), b.port), ("::1", 8081));
+        assert_eq!(b.authority(), "[::1]:8081");
+        assert!(parse_backend("grpc://h")
+            .unwrap_err()
+            .contains("port is required"));
+        assert!(parse_backend("http://h:1/path")
+            .unwrap_err()
+            .contains("path"));
+        assert!(parse_backend("h:99999").unwrap_err().contains("bad port"));
+    }
+}
