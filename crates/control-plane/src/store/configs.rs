@@ -96,7 +96,7 @@ where
     Fut: Future<Output = Result<Rendered, E>>,
     E: From<StoreError>,
 {
-    let mut tx = store.begin_write().await.map_err(StoreError::from)?;
+    let mut tx = store.begin_write().await?;
     let id = if validate_only {
         services::peek_config_id(store, service).await?
     } else {
@@ -128,6 +128,6 @@ where
         .map_err(StoreError::from)?;
     }
     operations::insert(&mut tx, &rendered.operation).await?;
-    tx.commit().await.map_err(StoreError::from)?;
+    tx.commit().await?;
     Ok(Some((id, rendered.operation)))
 }

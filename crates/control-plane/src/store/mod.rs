@@ -299,6 +299,35 @@ pub fn format_rfc3339(t: time::OffsetDateTime) -> String {
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
+/// A write transaction from [`Store::begin_write`]. Handlers hold one across several store
+/// calls (each takes `&mut` the connection it derefs to) and commit it; its errors are
+/// [`StoreError`]s like every other store call, so no layer above the store names `sqlx`.
+/// Dropped without [`WriteTx::commit`], it rolls back.
+pub struct WriteTx(sqlx::Transaction<'static, sqlx::Any>);
+
+impl WriteTx {
+    pub async fn commit(self) -> Result<(), StoreError> {
+        Ok(self.0.commit().await?)
+    }
+
+    pub async fn rollback(self) -> Result<(), StoreError> {
+        Ok(self.0.rollback().await?)
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = sqlx::AnyConnection;
+    fn deref(&self) -> &sqlx::AnyConnection {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
+        &mut self.0
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -434,34 +463,5 @@ pub(crate) mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, StoreError::SchemaName(_)));
-    }
-}
-
-/// A write transaction from [`Store::begin_write`]. Handlers hold one across several store
-/// calls (each takes `&mut` the connection it derefs to) and commit it; its errors are
-/// [`StoreError`]s like every other store call, so no layer above the store names `sqlx`.
-/// Dropped without [`WriteTx::commit`], it rolls back.
-pub struct WriteTx(sqlx::Transaction<'static, sqlx::Any>);
-
-impl WriteTx {
-    pub async fn commit(self) -> Result<(), StoreError> {
-        Ok(self.0.commit().await?)
-    }
-
-    pub async fn rollback(self) -> Result<(), StoreError> {
-        Ok(self.0.rollback().await?)
-    }
-}
-
-impl std::ops::Deref for WriteTx {
-    type Target = sqlx::AnyConnection;
-    fn deref(&self) -> &sqlx::AnyConnection {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for WriteTx {
-    fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
-        &mut self.0
     }
 }
