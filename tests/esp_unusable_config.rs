@@ -1,4 +1,4 @@
-//! Issue 14 item 11: `portico esp` given a service config it cannot use exits at start with a
+//! `portico esp` given a service config it cannot use exits at start with a
 //! sentence naming the file, the rule and the value — never a panic (exit 101), which under a
 //! supervisor became a crash loop.
 

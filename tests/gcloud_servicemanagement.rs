@@ -108,7 +108,7 @@ fn walkthrough(db: Db) {
     );
     assert!(out.stderr.contains("openapi.yaml:"), "{out}");
 
-    // Issue 14 items 9 and 11: a YAML alias bomb and a deadline no proxy can use are refused
+    // A YAML alias bomb and a deadline no proxy can use are refused
     // with their line, and the control plane stays up for what follows.
     let echo = fixture("echo-openapi.yaml");
     let mut bomb = echo.clone();

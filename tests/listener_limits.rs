@@ -1,4 +1,4 @@
-//! Running out of file descriptors (issue 14 item 8): `portico esp` and `portico control-plane`
+//! Running out of file descriptors: `portico esp` and `portico control-plane`
 //! started with a low descriptor limit and flooded with connections that never send a byte.
 //! Before, each spun on `accept` (a warning every 10 ms: 1,174 lines in 1.5 s) and the silent
 //! connections were never closed, so real clients starved. Now the silent connections are

@@ -1,7 +1,7 @@
 //! `portico up` end to end: run it in a temp dir on ports chosen at run time, execute the curl
 //! lines it prints with the real `curl`, then run it again on the same state and check that the
 //! service, key file and API key are reused. Also: a busy port is a clear error; everything
-//! under the data directory is owner-only (issue 14 item 13), also after a start on files an
+//! under the data directory is owner-only, also after a start on files an
 //! older version left readable; an unusable data directory is refused before any port is bound.
 
 use serde_json::Value;
@@ -284,7 +284,7 @@ fn up_runs_the_walkthrough_and_reuses_its_state() {
         let (status, _) = run_curl(&format!("curl {proxy}/auth/info/googlejwt"));
         assert_eq!(status, 401, "no token must be refused by the proxy");
 
-        // Issue 14 item 13: the database (with SQLite's -wal and -shm), state, logs and secrets
+        // The database (with SQLite's -wal and -shm), state, logs and secrets
         // are all owner-only while everything runs.
         assert_private(
             &dir.path().join(".portico"),
@@ -409,7 +409,7 @@ fn up_runs_the_walkthrough_and_reuses_its_state() {
     }
 }
 
-/// Issue 14 item 13: a data directory that cannot be used is one sentence naming it, given
+/// A data directory that cannot be used is one sentence naming it, given
 /// before any port is bound. As root, permission bits do not stop writes, so the cases use
 /// paths no user can write: a regular file, and a path under a regular file.
 #[test]

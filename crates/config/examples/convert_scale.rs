@@ -1,4 +1,4 @@
-//! How conversion time grows with the number of paths (issue 14 item 10).
+//! How conversion time grows with the number of paths.
 //! Run: `cargo run --release -p portico-config --example convert_scale -- 3000 6000 12000 60000`
 //!
 //! Each path is one `GET /items{i}/{id}` operation with an operationId, a path parameter, a

@@ -538,8 +538,8 @@ pub struct SourceInfo {
 /// time at all, so every request to the backend would time out at once.
 pub const MIN_BACKEND_DEADLINE_S: f64 = 0.001;
 /// Longest `backend.rules[].deadline` (seconds): one day. Beyond it a value is a mistake, and
-/// past about 1.8e19 it cannot be represented as a time span at all (`1e300` used to crash
-/// every proxy).
+/// past about 1.8e19 it cannot be represented as a time span at all (`1e300` would make a
+/// time-span conversion panic in every proxy).
 pub const MAX_BACKEND_DEADLINE_S: f64 = 86_400.0;
 /// Largest `quota.metricRules[].metricCosts` value: a cost is charged per request against
 /// per-minute limits, and the proxy adds costs up between allocations, where a cost near

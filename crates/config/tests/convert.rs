@@ -507,7 +507,7 @@ fn yaml_flow_style_is_not_mistaken_for_json() {
     );
 }
 
-/// Issue 14 item 10: a conversion stops, with a plain error, once its deadline has passed or
+/// A conversion stops, with a plain error, once its deadline has passed or
 /// its caller has cancelled it; the control plane relies on this to stop abandoned work.
 #[test]
 fn conversions_stop_at_their_deadline_or_when_cancelled() {

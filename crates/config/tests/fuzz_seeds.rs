@@ -24,7 +24,7 @@ fn openapi_seeds() {
     for (name, data) in seeds("openapi") {
         let converted = portico_config::fuzz::openapi(&data);
         // `broken.yaml` is the Service Management tests' invalid spec and `alias_bomb.yaml` ten
-        // nested levels of ten aliases (refused by the alias budget, issue 14 item 9); the
+        // nested levels of ten aliases (refused by the alias budget); the
         // others convert.
         let refused = name == "broken.yaml" || name == "alias_bomb.yaml";
         assert_eq!(converted, !refused, "{name}");

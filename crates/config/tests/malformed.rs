@@ -494,7 +494,7 @@ fn operations_need_responses() {
     );
 }
 
-/// Issue 14 item 9: a 600-byte file of nested YAML aliases under an `x-` key is refused at the
+/// A 600-byte file of nested YAML aliases under an `x-` key is refused at the
 /// alias that crosses the budget, with the file and line, instead of expanding to 10^10 nodes.
 #[test]
 fn yaml_alias_bomb_is_refused_with_its_position() {
@@ -549,7 +549,7 @@ fn long_alias_chains_between_definitions() {
     );
 }
 
-/// Issue 14 item 11: numbers the proxy turns into time spans and counts are refused at submit,
+/// Numbers the proxy turns into time spans and counts are refused at submit,
 /// with file:line, when no proxy could use them (`deadline: 1e300` used to crash every proxy).
 #[test]
 fn out_of_range_numbers_are_refused() {

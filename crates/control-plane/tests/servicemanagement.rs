@@ -258,7 +258,7 @@ fn many_paths(n: usize) -> String {
     ECHO.replacen("paths:\n", &paths, 1)
 }
 
-/// Issue 14 item 10: a conversion is bounded in time, with a clear error, and stores
+/// A conversion is bounded in time, with a clear error, and stores
 /// nothing.
 #[tokio::test]
 async fn a_conversion_past_its_time_bound_fails_clearly() {
@@ -318,7 +318,7 @@ fn hold() -> (Hold, std::sync::Arc<dyn Fn() + Send + Sync>) {
     )
 }
 
-/// Issue 14 item 10: while a conversion runs, unrelated requests are answered. The test
+/// While a conversion runs, unrelated requests are answered. The test
 /// runs on a single-threaded runtime: a conversion on that thread would hold everything.
 #[tokio::test(flavor = "current_thread")]
 async fn unrelated_requests_are_answered_while_a_conversion_runs() {
@@ -384,7 +384,7 @@ async fn concurrent_conversions_are_bounded() {
     assert_eq!(st, StatusCode::GATEWAY_TIMEOUT, "{err}");
 }
 
-/// Issue 14 items 9 and 11 through the API: 400 naming the file and line.
+/// A YAML alias bomb and out-of-range numbers through the API: 400 naming the file and line.
 #[tokio::test]
 async fn hostile_specs_are_refused_with_file_and_line() {
     let e = env().await;

@@ -24,7 +24,7 @@ fn config_json(id: &str) -> String {
     .to_string()
 }
 
-/// A config no proxy can use: a backend deadline no time span can hold (issue 14 item 11).
+/// A config no proxy can use: a backend deadline no time span can hold.
 fn unusable_config_json(id: &str) -> String {
     serde_json::json!({
         "name": SVC,
@@ -363,7 +363,7 @@ async fn managed_rollout_resumes_after_a_control_plane_outage() {
     assert_eq!(rx.borrow().rollout_id, "2026-11-22r1");
 }
 
-/// Issue 14 item 11: a rollout to a config the proxy cannot use is refused, the previous
+/// A rollout to a config the proxy cannot use is refused, the previous
 /// rollout keeps serving, the refused config is not downloaded again on every poll, and the
 /// next good rollout is taken.
 #[tokio::test]

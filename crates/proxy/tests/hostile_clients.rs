@@ -1,4 +1,4 @@
-//! Clients that misbehave on purpose (issue 14 items 6-8 and the X-Forwarded-For default):
+//! Clients that misbehave on purpose:
 //! broken request bodies, over-long keys and headers, connections that send nothing, and a
 //! public client that forges `X-Forwarded-For`. The proxy runs in-process on loopback ports
 //! chosen at run time; clients are raw sockets where the bytes matter, reqwest elsewhere.

@@ -656,7 +656,7 @@ async fn head_falls_back_to_get_and_has_no_body() {
 async fn method_override_is_the_method_matched_and_forwarded() {
     let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
     // PUT /shelves has no rule; overridden to GET it matches ListShelves, and the backend runs
-    // what was matched (issue 14): GET, without the override header.
+    // what was matched: GET, without the override header.
     let r = env
         .client
         .put(format!("{}/shelves", env.base))
@@ -714,7 +714,7 @@ async fn forwarding_headers_as_esp_sets_them() {
         backend_header(&v, "x-forwarded-for"),
         vec!["1.2.3.4, 1.2.3.4"]
     );
-    // The client's copy is removed, not forwarded blank (issue 14).
+    // The client's copy is removed, not forwarded blank.
     assert!(backend_header(&v, "x-endpoint-api-userinfo").is_empty());
     assert_eq!(backend_header(&v, "host"), vec!["api.example.com"]);
     assert_eq!(backend_header(&v, "x-cloud-trace-context").len(), 1);

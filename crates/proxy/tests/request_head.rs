@@ -1,4 +1,4 @@
-//! Issue 14, items 1–5: the method and the path the backend runs are the ones the policy
+//! The method and the path the backend runs are the ones the policy
 //! checked. Every test sends the attack as raw bytes to a real proxy (in-process
 //! `server::start`, loopback ports chosen at run time) in front of a backend that records the
 //! exact request heads it receives (`auth_common::RecordingBackend`), and asserts three things:

@@ -273,8 +273,8 @@ fn merge(
     // API name → (file, version) of the file that defined it first.
     let mut api_names: HashMap<String, (String, String)> = HashMap::new();
     let mut first_host: Option<(String, String)> = None;
-    // Names already used, so each merge step is a hash lookup (12,000 methods used to mean
-    // 12,000² name comparisons).
+    // Names already used, so each merge step is a hash lookup (a scan would make 12,000 methods
+    // cost 12,000² name comparisons).
     let mut type_names: HashSet<String> = HashSet::new();
     let mut provider_ids: HashSet<String> = HashSet::new();
     let mut limit_names: HashSet<String> = HashSet::new();
@@ -815,7 +815,8 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
         }
         // Each definition aliases at most one other, so the aliases form a functional graph:
         // one walk per definition, never revisiting one an earlier walk has finished, finds
-        // every cycle in linear time (a chain of 10,000 aliases used to take 10,000² steps).
+        // every cycle in linear time (walking from each definition anew would make a chain of
+        // 10,000 aliases cost 10,000² steps).
         let index: HashMap<&str, usize> = defs
             .iter()
             .enumerate()

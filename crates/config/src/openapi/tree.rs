@@ -573,7 +573,7 @@ mod tests {
         assert_eq!(n.get("b").unwrap().get("k").unwrap().as_str(), Some("v"));
     }
 
-    /// `levels` nested anchors of ten aliases each under an `x-` key, as in issue 14.
+    /// `levels` nested anchors of ten aliases each under an `x-` key (the shape of a YAML alias bomb).
     fn alias_bomb(levels: usize) -> String {
         let mut s =
             String::from("swagger: '2.0'\nx-bomb:\n  l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n");

@@ -4,11 +4,12 @@
 //! Layer rule: `app` is the top of the crate; it composes `apis/` and nothing below imports
 //! `app` except for [`AppState`], the extractors and [`split_verb`].
 //!
-//! # Adding a module (other engineers read this)
-//! 1. `pub mod yourmod;` in `lib.rs`.
-//! 2. Schema: `pub const MIGRATIONS: &[store::Migration]` in your module, listed in
-//!    [`migrations`] below.
-//! 3. Routes: `pub fn routes() -> Router<AppState>` in your module, merged in [`router`] below.
+//! # Adding an API
+//! 1. Handlers: `pub mod yourapi;` in `apis/mod.rs`; they parse, authorize ([`crate::authz`]),
+//!    call the store and shape the response.
+//! 2. Tables: a `store/<resource>.rs` module holding the SQL and its
+//!    `pub const MIGRATIONS: &[store::Migration]`, listed in [`crate::store::migrations`].
+//! 3. Routes: `pub fn routes() -> Router<AppState>` in your API module, merged in [`router`] below.
 //!    Routes are written without any API prefix (`/v1/projects/{project}/serviceAccounts`); the
 //!    prefixes `/servicemanagement/`, `/serviceusage/`, `/iam/`, `/cloudresourcemanager/`,
 //!    `/apikeys/` and `/servicecontrol/` are stripped before routing so users may point several
@@ -17,8 +18,8 @@
 //!    axum cannot route on. Route the segment as a parameter (`/v1/projects/{project}`) and split it
 //!    with [`split_verb`]. Axum path parameters are already percent-decoded (`%3A` → `:`).
 //! 5. `POST /v1/services/{service}:check|:report|:allocateQuota` arrive at Service Management's
-//!    `POST /v1/services/{service}` route, which hands them to [`SERVICE_VERB_HANDLERS`]; the
-//!    Service Control engineer registers their handlers there.
+//!    `POST /v1/services/{service}` route, which hands them to [`SERVICE_VERB_HANDLERS`], where
+//!    Service Control's handlers are registered.
 //! 6. Per-module start-up state (caches, keys): add a field to [`Shared`] and initialise it in
 //!    [`build_state`]; a handler that needs only part of it takes a substate
 //!    ([`IdentityState`]) through axum's `FromRef`. Service-account token verification plugs in as an [`authz::TokenVerifier`]
@@ -44,24 +45,7 @@ pub use router::{oneshot, service, split_verb};
 pub use serve::{build_state, build_state_with, serve, RunningServer, ServeError, ServeOptions};
 pub use state::{AppState, IdentityState, Shared};
 
-use crate::store::Migration;
 use router::{method_not_allowed, not_found};
-
-/// Every module's schema, applied in this order at start-up.
-pub fn migrations() -> Vec<&'static [Migration]> {
-    vec![
-        crate::store::projects::MIGRATIONS,
-        crate::store::operations::MIGRATIONS,
-        crate::store::services::MIGRATIONS,
-        crate::store::usage::MIGRATIONS,
-        // Identity (IAM, Resource Manager, tokens, API keys).
-        crate::store::accounts::MIGRATIONS,
-        crate::store::policies::MIGRATIONS,
-        crate::store::tokens::MIGRATIONS,
-        crate::store::keys::MIGRATIONS,
-        crate::apis::servicecontrol::MIGRATIONS,
-    ]
-}
 
 /// Every module's routes.
 pub fn router(state: AppState) -> Router {

@@ -172,7 +172,7 @@ pub async fn build_state_with(
             ))
         }
     };
-    store.migrate(&super::migrations()).await?;
+    store.migrate(&crate::store::migrations()).await?;
     let admin_token =
         AdminToken::load_or_create(&token_path).map_err(|source| ServeError::AdminToken {
             path: token_path.display().to_string(),

@@ -14,7 +14,7 @@
 //!
 //! # Registering a module's schema
 //! A module declares `pub const MIGRATIONS: &[Migration] = &[Migration { id: "iam_0001", sql: &[
-//! "CREATE TABLE IF NOT EXISTS ..."] }];` and adds it to `app::migrations()`. Each migration runs
+//! "CREATE TABLE IF NOT EXISTS ..."] }];` and adds it to [`migrations`]. Each migration runs
 //! once, in a transaction, recorded in `schema_migrations`. Never edit a shipped migration; add
 //! `iam_0002`. Ids are global, so prefix them with the module name.
 
@@ -297,6 +297,22 @@ pub fn now_rfc3339() -> String {
 pub fn format_rfc3339(t: time::OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// Every resource's schema, applied in this order at start-up (a table another references
+/// comes first).
+pub fn migrations() -> Vec<&'static [Migration]> {
+    vec![
+        projects::MIGRATIONS,
+        operations::MIGRATIONS,
+        services::MIGRATIONS,
+        usage::MIGRATIONS,
+        accounts::MIGRATIONS,
+        policies::MIGRATIONS,
+        tokens::MIGRATIONS,
+        keys::MIGRATIONS,
+        servicecontrol::MIGRATIONS,
+    ]
 }
 
 /// A write transaction from [`Store::begin_write`]. Handlers hold one across several store

@@ -54,9 +54,6 @@ use crate::store::Store;
 
 pub use query::routes;
 
-/// Service Control's schema, owned by [`crate::store::servicecontrol`].
-pub use crate::store::servicecontrol::MIGRATIONS;
-
 /// Service Control's start-up state (one per server).
 pub struct ScState {
     pub counters: quota::Counters,

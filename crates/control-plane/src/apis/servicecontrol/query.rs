@@ -29,36 +29,11 @@ use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::app::AppState;
+use crate::app::{AppState, Params};
 use crate::authz::{perms, require_service_permission, Principal};
 use crate::error::ApiError;
 use crate::store::servicecontrol::logs::{self as stored_logs, LogFilter};
 use crate::store::servicecontrol::rollups::{self, MinuteFilter};
-
-/// Query parameters; empty values count as absent.
-struct Params(std::collections::HashMap<String, String>);
-
-impl Params {
-    fn get(&self, k: &str) -> Option<&str> {
-        self.0.get(k).map(String::as_str).filter(|v| !v.is_empty())
-    }
-}
-
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Params {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut http::request::Parts,
-        _state: &S,
-    ) -> Result<Self, ApiError> {
-        let q = parts.uri.query().unwrap_or("");
-        Ok(Params(
-            url::form_urlencoded::parse(q.as_bytes())
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect(),
-        ))
-    }
-}
 
 use super::report::{format_time_ms, parse_time_ms, LATENCY_BOUNDS_MS, LATENCY_BUCKETS};
 
