@@ -74,11 +74,7 @@ fn sql_lives_only_in_store() {
         .filter(|(rel, _, line)| !rel.starts_with("store/") && line.contains("sqlx"))
         .map(|(rel, n, line)| format!("src/{rel}:{n}: {}", line.trim()))
         .collect();
-    assert!(
-        bad.is_empty(),
-        "SQL outside src/store/:\n{}",
-        bad.join("\n")
-    );
+    assert!(bad.is_empty(), "SQL outside src/store/:\n{}", bad.join("\n"));
 }
 
 #[test]
@@ -91,11 +87,7 @@ fn store_imports_nothing_above_it() {
         })
         .map(|(rel, n, line)| format!("src/{rel}:{n}: {}", line.trim()))
         .collect();
-    assert!(
-        bad.is_empty(),
-        "store/ imports a layer above it:\n{}",
-        bad.join("\n")
-    );
+    assert!(bad.is_empty(), "store/ imports a layer above it:\n{}", bad.join("\n"));
 }
 
 #[test]
@@ -111,11 +103,7 @@ fn an_api_module_never_imports_another() {
             (!others.is_empty()).then(|| format!("src/{rel}:{n}: {}", line.trim()))
         })
         .collect();
-    assert!(
-        bad.is_empty(),
-        "API modules importing each other:\n{}",
-        bad.join("\n")
-    );
+    assert!(bad.is_empty(), "API modules importing each other:\n{}", bad.join("\n"));
 }
 
 #[test]
@@ -125,19 +113,12 @@ fn authz_imports_no_api() {
         .filter(|(rel, _, line)| rel.starts_with("authz/") && line.contains("crate::apis"))
         .map(|(rel, n, line)| format!("src/{rel}:{n}: {}", line.trim()))
         .collect();
-    assert!(
-        bad.is_empty(),
-        "authz/ imports an API module:\n{}",
-        bad.join("\n")
-    );
+    assert!(bad.is_empty(), "authz/ imports an API module:\n{}", bad.join("\n"));
 }
 
 #[test]
 fn the_checks_see_what_they_look_for() {
-    assert_eq!(
-        api_of("apis/servicecontrol/quota/mod.rs"),
-        Some("servicecontrol")
-    );
+    assert_eq!(api_of("apis/servicecontrol/quota/mod.rs"), Some("servicecontrol"));
     assert_eq!(api_of("apis/iam.rs"), Some("iam"));
     assert_eq!(api_of("apis/mod.rs"), None);
     assert_eq!(api_of("store/keys.rs"), None);
