@@ -41,7 +41,8 @@ use axum::routing::post;
 use axum::{Json, Router};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::app::AppState;
 use crate::authz::{BoxFuture, Principal, TokenVerifier};
@@ -120,14 +121,32 @@ impl OAuthError {
     }
 }
 
+/// The OAuth2 error body: `{"error", "error_description"}`.
+#[derive(Serialize)]
+struct OAuthErrorBody {
+    error: &'static str,
+    error_description: String,
+}
+
 impl IntoResponse for OAuthError {
     fn into_response(self) -> Response {
         (
             self.status,
-            Json(json!({"error": self.error, "error_description": self.description})),
+            Json(OAuthErrorBody {
+                error: self.error,
+                error_description: self.description,
+            }),
         )
             .into_response()
     }
+}
+
+/// The OAuth2 access-token answer (RFC 6749 §5.1). Field order is the wire order.
+#[derive(Debug, Serialize)]
+struct TokenResponse {
+    access_token: String,
+    expires_in: i64,
+    token_type: &'static str,
 }
 
 impl From<ApiError> for OAuthError {
@@ -302,7 +321,7 @@ async fn token_endpoint(State(state): State<AppState>, body: Bytes) -> Response 
     }
 }
 
-async fn grant(state: &AppState, body: &[u8]) -> Result<Value, OAuthError> {
+async fn grant(state: &AppState, body: &[u8]) -> Result<TokenResponse, OAuthError> {
     let form: HashMap<String, String> = url::form_urlencoded::parse(body).into_owned().collect();
     let grant_type = form.get("grant_type").map(String::as_str).unwrap_or("");
     if grant_type.is_empty() {
@@ -367,11 +386,11 @@ async fn grant(state: &AppState, body: &[u8]) -> Result<Value, OAuthError> {
     .await
     .map_err(|e| OAuthError::server_error(e.into()))?;
     tracing::info!(email = %jwt.email, key_id = %jwt.key_id, "issued access token");
-    Ok(json!({
-        "access_token": token,
-        "expires_in": ACCESS_TOKEN_LIFETIME_S - 1,
-        "token_type": "Bearer",
-    }))
+    Ok(TokenResponse {
+        access_token: token,
+        expires_in: ACCESS_TOKEN_LIFETIME_S - 1,
+        token_type: "Bearer",
+    })
 }
 
 /// Records the assertion's hash; a second use before it expires is refused. Expired entries
