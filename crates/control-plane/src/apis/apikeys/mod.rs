@@ -507,7 +507,7 @@ async fn patch_key(
     body: Bytes,
 ) -> Result<Json<Operation>, ApiError> {
     // Authorised before the body is read, and the body read before the key is looked up: a
-    // bad body on a missing key is a 400, as it always was.
+    // bad body on a missing key is a 400, not a 404.
     let (project_id, number) = path
         .parent()
         .authorize(&state, &principal, perms::APIKEYS_UPDATE)
