@@ -279,7 +279,14 @@ pub fn new_api_key_string() -> String {
     s
 }
 
-/// Decodes base64 in either alphabet, with or without padding.
+/// Decodes base64 in either alphabet, with correct padding or none; only the ends are
+/// trimmed.
+///
+/// Stricter than [`crate::authz::decode_base64_any`]: white space inside the text and stray or
+/// partial `=` padding are refused rather than dropped. Its callers (the master-key file,
+/// `authz::canonical_etag`, page tokens of the lists that word page sizes as a "number") have
+/// always answered such text with their own error, and a looser decoder would accept values
+/// they refuse today; the two stay separate so neither set of callers changes behaviour.
 pub fn decode_base64_lenient(s: &str) -> Option<Vec<u8>> {
     let s = s.trim();
     if s.contains(['-', '_']) {

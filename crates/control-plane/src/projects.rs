@@ -5,23 +5,20 @@
 //! # Lifecycle
 //! A project is `ACTIVE` or `DELETE_REQUESTED` (Resource Manager v1's `lifecycleState`).
 //! `gcloud projects delete` / `undelete` (served by `apis/resourcemanager.rs`) flip it with
-//! [`set_lifecycle_state`]; Service Control reads it with [`lifecycle_state`] and answers
+//! `store::projects::set_lifecycle_state`; Service Control reads it with
+//! `store::projects::lifecycle_state` and answers
 //! `PROJECT_DELETED` for a deleted consumer. Nothing is ever purged: Google purges after 30 days,
 //! Portico keeps the row (and the number) so an undelete always works and numbers never get
 //! reused.
 //!
-//! Layer rule: the rows and their SQL are `crate::store::projects` (re-exported here so
-//! `crate::projects::...` paths keep working); this module adds the id rule and the
-//! assign-on-first-use policy, with Google-shaped errors.
+//! Layer rule: the rows and their SQL are `crate::store::projects` (callers that only read or
+//! flip a row use it directly); this module adds the id rule and the assign-on-first-use
+//! policy, with Google-shaped errors.
 
 use rand::Rng;
 
 use crate::error::ApiError;
 use crate::store::Store;
-
-pub use crate::store::projects::{
-    create_time, lifecycle_state, set_lifecycle_state, LifecycleState, MIGRATIONS,
-};
 
 /// Google's project id rule: 6–30 characters, lower-case letters, digits and hyphens, starting
 /// with a letter and not ending with a hyphen.
@@ -77,6 +74,9 @@ pub async fn project_id_for(store: &Store, id_or_number: &str) -> Result<String,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::projects::{
+        create_time, lifecycle_state, set_lifecycle_state, LifecycleState, MIGRATIONS,
+    };
 
     #[tokio::test]
     async fn numbers_are_stable_and_resolvable() {

@@ -21,40 +21,13 @@ use serde_json::Value;
 use crate::app::{page_token, AppState, Params};
 use crate::authz::{perms, require_service_permission, Principal};
 use crate::error::ApiError;
-use crate::store::operations::{self as ops_store, Connection, Operation};
+use crate::store::operations as ops_store;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/operations", get(list_operations))
         .route("/v1/operations/{id}", get(get_operation))
         .route("/v2/operations/{id}", get(get_operation))
-}
-
-/// How an operation ended.
-pub enum Outcome {
-    Response(Value),
-    Error(ApiError),
-}
-
-/// Builds and stores a finished operation; returns its JSON. API Keys still writes its
-/// operations through here; Service Management and Service Usage build a
-/// [`crate::store::operations::Operation`] and store it themselves.
-pub async fn insert(
-    conn: &mut Connection,
-    name: &str,
-    metadata: Value,
-    outcome: Outcome,
-) -> Result<Value, ApiError> {
-    let op = match outcome {
-        Outcome::Response(r) => Operation::done(name, metadata, r),
-        Outcome::Error(e) => Operation {
-            error: Some(e.rpc_status()),
-            response: None,
-            ..Operation::done(name, metadata, Value::Null)
-        },
-    };
-    ops_store::insert(conn, &op).await?;
-    Ok(serde_json::to_value(op)?)
 }
 
 /// Looks an operation up by `operations/<id>` or bare `<id>`.

@@ -32,8 +32,8 @@ use crate::authz::{
     EMPTY_POLICY_ETAG,
 };
 use crate::error::ApiError;
-use crate::projects::LifecycleState;
 use crate::store::policies::{StoredPolicy, WriteCondition};
+use crate::store::projects::LifecycleState;
 use crate::store::Store;
 
 pub fn routes() -> Router<AppState> {
@@ -68,10 +68,10 @@ async fn get_project(
     let project_id = crate::projects::project_id_for(&state.store, &project).await?;
     require_project_permission(&state, &principal, &project_id, perms::PROJECT_GET).await?;
     let number = crate::projects::project_number(&state.store, &project_id).await?;
-    let lifecycle = crate::projects::lifecycle_state(&state.store, &project_id)
+    let lifecycle = crate::store::projects::lifecycle_state(&state.store, &project_id)
         .await?
         .unwrap_or(LifecycleState::Active);
-    let create_time = crate::projects::create_time(&state.store, &project_id).await?;
+    let create_time = crate::store::projects::create_time(&state.store, &project_id).await?;
     Ok(Json(Project {
         project_number: number.to_string(),
         project_id: project_id.clone(),
@@ -88,7 +88,7 @@ async fn delete_project(
 ) -> Result<Json<Empty>, ApiError> {
     let project_id = crate::projects::project_id_for(&state.store, &project).await?;
     require_project_permission(&state, &principal, &project_id, perms::PROJECT_DELETE).await?;
-    let changed = crate::projects::set_lifecycle_state(
+    let changed = crate::store::projects::set_lifecycle_state(
         &state.store,
         &project_id,
         LifecycleState::Active,
@@ -107,7 +107,7 @@ async fn undelete_project(
     project_id: &str,
 ) -> Result<(), ApiError> {
     require_project_permission(state, principal, project_id, perms::PROJECT_UNDELETE).await?;
-    let changed = crate::projects::set_lifecycle_state(
+    let changed = crate::store::projects::set_lifecycle_state(
         &state.store,
         project_id,
         LifecycleState::DeleteRequested,

@@ -120,27 +120,6 @@ pub async fn oneshot(state: AppState, req: Request) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::app::test_support;
-
-    #[tokio::test]
-    async fn unknown_paths_and_methods_are_google_json() {
-        let e = test_support::env().await;
-        let (st, body) = e.admin(http::Method::GET, "/v1/nothing/here", None).await;
-        assert_eq!(st.as_u16(), 404);
-        assert_eq!(body["error"]["status"], "NOT_FOUND");
-        let (st, body) = e.admin(http::Method::PUT, "/v1/services", None).await;
-        assert_eq!(st.as_u16(), 404);
-        assert_eq!(body["error"]["status"], "NOT_FOUND");
-        // Prefixes are stripped before routing.
-        let (st, _) = e
-            .admin(
-                http::Method::GET,
-                "/serviceusage/v1/projects/demo-proj/services",
-                None,
-            )
-            .await;
-        assert_eq!(st.as_u16(), 200);
-    }
 
     #[test]
     fn split_verb_cases() {

@@ -131,6 +131,12 @@ fn validate_member(m: &str) -> Result<(), ApiError> {
 }
 
 /// Decodes base64 in either alphabet, padding optional (gcloud re-encodes bytes URL-safe).
+///
+/// Looser than [`crate::crypto::decode_base64_lenient`]: white space anywhere and any run of
+/// trailing `=` are dropped before decoding, because its callers read bytes a client encoded
+/// itself (a config's `fileContents`, etags compared by [`etag_matches`], page tokens of the
+/// lists that word page sizes as an "integer"), which may arrive line-wrapped or re-padded.
+/// Text mixing both alphabets is still refused.
 pub fn decode_base64_any(s: &str) -> Option<Vec<u8>> {
     use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
     let trimmed = s.trim().trim_end_matches('=');

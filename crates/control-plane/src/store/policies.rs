@@ -52,29 +52,26 @@ pub async fn put(
 ) -> Result<bool, StoreError> {
     let now = now_rfc3339();
     let affected = match condition {
-        WriteCondition::Always => sqlx::query(
-            "INSERT INTO rm_project_policies (project_id, policy, etag, update_time) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (project_id) DO UPDATE SET \
-             policy = excluded.policy, etag = excluded.etag, update_time = excluded.update_time",
-        )
-        .bind(project_id)
-        .bind(&policy.document)
-        .bind(&policy.etag)
-        .bind(&now)
-        .execute(store.pool())
-        .await?
-        .rows_affected(),
-        WriteCondition::Absent => sqlx::query(
-            "INSERT INTO rm_project_policies (project_id, policy, etag, update_time) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (project_id) DO NOTHING",
-        )
-        .bind(project_id)
-        .bind(&policy.document)
-        .bind(&policy.etag)
-        .bind(&now)
-        .execute(store.pool())
-        .await?
-        .rows_affected(),
+        WriteCondition::Always | WriteCondition::Absent => {
+            // The two differ only in what a row already there means: replace it, or refuse.
+            let on_conflict = if matches!(condition, WriteCondition::Always) {
+                "DO UPDATE SET policy = excluded.policy, etag = excluded.etag, \
+                 update_time = excluded.update_time"
+            } else {
+                "DO NOTHING"
+            };
+            sqlx::query(&format!(
+                "INSERT INTO rm_project_policies (project_id, policy, etag, update_time) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (project_id) {on_conflict}"
+            ))
+            .bind(project_id)
+            .bind(&policy.document)
+            .bind(&policy.etag)
+            .bind(&now)
+            .execute(store.pool())
+            .await?
+            .rows_affected()
+        }
         WriteCondition::EtagIs(expected) => sqlx::query(
             "UPDATE rm_project_policies SET policy = $1, etag = $2, update_time = $3 \
              WHERE project_id = $4 AND etag = $5",

@@ -1,13 +1,13 @@
 //! API Keys v2 (`gcloud services api-keys ...`) and the key lookup Service Control uses.
 //!
-//! # For other modules: [`lookup`]
+//! # The key record: [`lookup`]
 //! `apikeys::lookup(&state, key_string) -> Result<Option<ApiKeyRecord>, ApiError>` finds a key by
 //! its keyed hash (HMAC-SHA256 under the master key) through
-//! `store::keys::find_by_key_string`. The record carries `uid`, `key_id`, `name`
-//! (`projects/<number>/locations/global/keys/<id>`), `project_id`, `project_number`,
-//! `display_name`, `restrictions` (Google's JSON shape, typed: [`Restrictions`]) and `deleted`
-//! (soft-deleted keys are still returned so the caller can say "key deleted" rather than
-//! "invalid"). The key string itself is never in the record.
+//! `store::keys::find_by_key_string`, which other APIs (Service Control) call directly. The
+//! record carries `uid`, `key_id`, `name` (`projects/<number>/locations/global/keys/<id>`),
+//! `project_id`, `project_number`, `display_name`, `restrictions` (Google's JSON shape, typed:
+//! [`Restrictions`]) and `deleted` (soft-deleted keys are still returned so the caller can say
+//! "key deleted" rather than "invalid"). The key string itself is never in the record.
 //!
 //! # Routes (project = id or number; location must be `global`)
 //! - `POST /v2/projects/{p}/locations/global/keys[?keyId=]` → operation, done, whose `response` is
@@ -35,7 +35,8 @@
 //! The key string is stored only as AES-256-GCM ciphertext (bound to the key's uid) and as the
 //! keyed lookup hash; see `crypto.rs`. It is never logged and never put in an error message.
 //!
-//! Layer rule: handlers here, restrictions in [`restrictions`], SQL in `store::keys`.
+//! Layer rule: handlers here, restriction validation in [`restrictions`], SQL and the stored
+//! key's shape in `store::keys`, operations stored through `store::operations`.
 
 mod restrictions;
 
@@ -43,22 +44,23 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use restrictions::{bad_field, parse_restrictions, set_client_restriction};
-pub use restrictions::{
-    AndroidApplication, AndroidKeyRestrictions, ApiTarget, BrowserKeyRestrictions,
+
+pub use crate::store::keys::{
+    AndroidApplication, AndroidKeyRestrictions, ApiKeyRecord, ApiTarget, BrowserKeyRestrictions,
     IosKeyRestrictions, Restrictions, ServerKeyRestrictions,
 };
 
-use crate::apis::operations::{self, Outcome};
 use crate::app::{parse_json_body, split_verb, AppState, PageSizeWording, Params};
 use crate::authz::{perms, require_project_permission, Principal};
 use crate::error::ApiError;
-use crate::store::keys::KeyRow;
+use crate::store::keys::StoredKey;
+use crate::store::operations::{self as ops_store, Any, Operation};
 use crate::store::{format_rfc3339, now_rfc3339};
 
 pub fn routes() -> Router<AppState> {
@@ -81,152 +83,70 @@ pub fn routes() -> Router<AppState> {
         .route("/v2/keys:lookupKey", get(lookup_key))
 }
 
-/// A key as Service Control needs it. Never contains the key string.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ApiKeyRecord {
-    pub uid: String,
-    pub key_id: String,
-    /// `projects/<number>/locations/global/keys/<key_id>`.
-    pub name: String,
-    pub project_id: String,
-    pub project_number: i64,
-    pub display_name: String,
-    pub restrictions: Restrictions,
-    pub deleted: bool,
-    /// The `expireTime` extension; `None` = never expires.
-    pub expire_time: Option<OffsetDateTime>,
-}
-
 /// Finds a key by its string (via the keyed hash). Soft-deleted keys are returned with
 /// `deleted: true`.
 pub async fn lookup(state: &AppState, key_string: &str) -> Result<Option<ApiKeyRecord>, ApiError> {
-    let row =
-        crate::store::keys::find_by_key_string(&state.store, &state.master_key, key_string).await?;
-    row.map(StoredKey::try_from_row).transpose().map(|k| {
-        k.map(|k| ApiKeyRecord {
-            name: k.name(),
-            uid: k.uid,
-            key_id: k.key_id,
-            project_id: k.project_id,
-            project_number: k.project_number,
-            display_name: k.display_name,
-            restrictions: k.restrictions,
-            deleted: !k.delete_time.is_empty(),
-            expire_time: k.expire_time,
-        })
-    })
+    Ok(crate::store::keys::find_by_key_string(&state.store, &state.master_key, key_string).await?)
 }
 
-#[derive(Debug, Clone)]
-struct StoredKey {
+const KEY_TYPE: &str = "type.googleapis.com/google.api.apikeys.v2.Key";
+
+/// `google.api.apikeys.v2.Key` on the wire. Field order is the wire order.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Key {
+    name: String,
     uid: String,
-    project_id: String,
-    project_number: i64,
-    key_id: String,
     display_name: String,
-    restrictions: Restrictions,
-    annotations: serde_json::Map<String, Value>,
-    etag: String,
     create_time: String,
     update_time: String,
-    delete_time: String,
-    expire_time: Option<OffsetDateTime>,
+    etag: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delete_time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expire_time: Option<String>,
+    #[serde(skip_serializing_if = "Restrictions::is_empty")]
+    restrictions: Restrictions,
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    annotations: Map<String, Value>,
+    /// Only in the answer to create: the stored operation and every read leave it out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_string: Option<String>,
 }
 
-impl StoredKey {
-    fn try_from_row(r: KeyRow) -> Result<Self, ApiError> {
-        let expire_time = if r.expire_time.is_empty() {
-            None
-        } else {
-            // Written by `parse_expire_time`, so only a hand-edited row fails here.
-            Some(
-                OffsetDateTime::parse(&r.expire_time, &Rfc3339).map_err(|e| {
-                    ApiError::internal(format_args!(
-                        "stored expire_time {:?} of key {} is not RFC 3339: {e}",
-                        r.expire_time, r.key_id
-                    ))
-                })?,
-            )
-        };
-        Ok(StoredKey {
-            restrictions: serde_json::from_str(&r.restrictions)?,
-            annotations: serde_json::from_str(&r.annotations)?,
-            uid: r.uid,
-            project_id: r.project_id,
-            project_number: r.project_number,
-            key_id: r.key_id,
-            display_name: r.display_name,
-            etag: r.etag,
-            create_time: r.create_time,
-            update_time: r.update_time,
-            delete_time: r.delete_time,
-            expire_time,
-        })
+impl Key {
+    fn new(k: &StoredKey) -> Key {
+        Key {
+            name: k.name(),
+            uid: k.uid.clone(),
+            display_name: k.display_name.clone(),
+            create_time: k.create_time.clone(),
+            update_time: k.update_time.clone(),
+            etag: format!("W/\"{}\"", k.etag),
+            delete_time: k.is_deleted().then(|| k.delete_time.clone()),
+            expire_time: k.expire_time.map(format_rfc3339),
+            restrictions: k.restrictions.clone(),
+            annotations: k.annotations.clone(),
+            key_string: None,
+        }
     }
+}
 
-    fn to_row(&self) -> Result<KeyRow, ApiError> {
-        Ok(KeyRow {
-            uid: self.uid.clone(),
-            project_id: self.project_id.clone(),
-            project_number: self.project_number,
-            key_id: self.key_id.clone(),
-            display_name: self.display_name.clone(),
-            restrictions: serde_json::to_string(&self.restrictions)?,
-            annotations: serde_json::to_string(&self.annotations)?,
-            etag: self.etag.clone(),
-            create_time: self.create_time.clone(),
-            update_time: self.update_time.clone(),
-            delete_time: self.delete_time.clone(),
-            expire_time: stored_expire_time(self.expire_time),
-        })
-    }
+/// `GET .../keys`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ListKeysResponse {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    keys: Vec<Key>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_page_token: Option<String>,
+}
 
-    fn name(&self) -> String {
-        format!(
-            "projects/{}/locations/global/keys/{}",
-            self.project_number, self.key_id
-        )
-    }
-
-    /// The V2Key JSON (without `keyString`).
-    fn to_json(&self) -> Value {
-        let mut v = json!({
-            "name": self.name(),
-            "uid": self.uid,
-            "displayName": self.display_name,
-            "createTime": self.create_time,
-            "updateTime": self.update_time,
-            "etag": format!("W/\"{}\"", self.etag),
-        });
-        if !self.delete_time.is_empty() {
-            v["deleteTime"] = json!(self.delete_time);
-        }
-        if let Some(t) = self.expire_time {
-            v["expireTime"] = json!(format_rfc3339(t));
-        }
-        if !self.restrictions.is_empty() {
-            v["restrictions"] = serde_json::to_value(&self.restrictions).unwrap_or(Value::Null);
-        }
-        if !self.annotations.is_empty() {
-            v["annotations"] = Value::Object(self.annotations.clone());
-        }
-        v
-    }
-
-    fn to_response(&self) -> Value {
-        let mut v = self.to_json();
-        if let Some(obj) = v.as_object_mut() {
-            // `@type` first, as Google renders Any.
-            let mut out = serde_json::Map::new();
-            out.insert(
-                "@type".into(),
-                json!("type.googleapis.com/google.api.apikeys.v2.Key"),
-            );
-            out.extend(std::mem::take(obj));
-            return Value::Object(out);
-        }
-        v
-    }
+/// `GET /v2/keys:lookupKey`.
+#[derive(Debug, Serialize)]
+struct LookupKeyResponse {
+    name: String,
+    parent: String,
 }
 
 /// Google's key-id rule: `[a-z]([a-z0-9-]{0,61}[a-z0-9])?`.
@@ -248,11 +168,6 @@ fn validate_key_id(id: &str) -> Result<(), ApiError> {
             ),
         ))
     }
-}
-
-/// The `expire_time` column: RFC 3339 in UTC, or '' for none.
-fn stored_expire_time(t: Option<OffsetDateTime>) -> String {
-    t.map(format_rfc3339).unwrap_or_default()
 }
 
 fn new_etag() -> String {
@@ -327,18 +242,29 @@ impl KeyPath {
 
 async fn load_key(state: &AppState, project_id: &str, key_id: &str) -> Result<StoredKey, ApiError> {
     match crate::store::keys::get(&state.store, project_id, key_id).await? {
-        Some(r) => StoredKey::try_from_row(r),
+        Some(k) => Ok(k),
         None => Err(ApiError::not_found(format!(
             "Key 'projects/{project_id}/locations/global/keys/{key_id}' not found."
         ))),
     }
 }
 
-fn operation_name(project_number: i64) -> String {
-    format!(
-        "operations/akmf.p7-{project_number}-{}",
-        uuid::Uuid::new_v4()
-    )
+/// A finished API Keys operation for a key of project `number`, answering the key (as an
+/// `Any`, with `keyString` only when given).
+fn key_operation(
+    number: i64,
+    key: &StoredKey,
+    key_string: Option<String>,
+) -> Result<Operation, ApiError> {
+    let key = Key {
+        key_string,
+        ..Key::new(key)
+    };
+    Ok(Operation::done(
+        format!("operations/akmf.p7-{number}-{}", uuid::Uuid::new_v4()),
+        Value::Null,
+        serde_json::to_value(Any::new(KEY_TYPE, key))?,
+    ))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -385,7 +311,7 @@ async fn create_key(
     Path(parent): Path<ParentPath>,
     params: Params,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Operation>, ApiError> {
     let (project_id, number) = parent
         .authorize(&state, &principal, perms::APIKEYS_CREATE)
         .await?;
@@ -424,22 +350,17 @@ async fn create_key(
     };
     let hash = crate::store::keys::key_hash(&state.master_key, &key_string);
     let mut tx = state.store.begin_write().await?;
-    if !crate::store::keys::insert(&mut tx, &key.to_row()?, &hash, &sealed).await? {
+    if !crate::store::keys::insert(&mut tx, &key, &hash, &sealed).await? {
         return Err(ApiError::already_exists(format!(
             "Key with id '{key_id}' already exists in project {project_id}."
         )));
     }
-    let op_name = operation_name(number);
     // Stored without the key string: the operations table is plain JSON.
-    let mut op = operations::insert(
-        &mut tx,
-        &op_name,
-        Value::Null,
-        Outcome::Response(key.to_response()),
-    )
-    .await?;
+    let mut op = key_operation(number, &key, None)?;
+    ops_store::insert(&mut tx, &op).await?;
     tx.commit().await?;
-    op["response"]["keyString"] = json!(key_string);
+    let with_key_string = key_operation(number, &key, Some(key_string))?;
+    op.response = with_key_string.response;
     tracing::info!(key = %key.name(), by = %principal.display(), "created API key");
     Ok(Json(op))
 }
@@ -449,7 +370,7 @@ async fn list_keys(
     principal: Principal,
     Path(parent): Path<ParentPath>,
     params: Params,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ListKeysResponse>, ApiError> {
     let (project_id, _) = parent
         .authorize(&state, &principal, perms::APIKEYS_LIST)
         .await?;
@@ -464,39 +385,32 @@ async fn list_keys(
         }
     };
     let page = params.paging(300, 300, PageSizeWording::Number)?;
-    let mut keys = Vec::new();
-    for r in crate::store::keys::list_in_project(&state.store, &project_id).await? {
-        let k = StoredKey::try_from_row(r)?;
-        if show_deleted || k.delete_time.is_empty() {
-            keys.push(k);
-        }
-    }
-    let total = keys.len();
-    let listed: Vec<Value> = keys
-        .iter()
-        .skip(page.offset)
-        .take(page.size)
-        .map(StoredKey::to_json)
+    let keys: Vec<StoredKey> = crate::store::keys::list_in_project(&state.store, &project_id)
+        .await?
+        .into_iter()
+        .filter(|k| show_deleted || !k.is_deleted())
         .collect();
-    let mut out = json!({});
-    if !listed.is_empty() {
-        out["keys"] = Value::Array(listed);
-    }
-    if let Some(t) = page.next_token(total) {
-        out["nextPageToken"] = json!(t);
-    }
-    Ok(Json(out))
+    let total = keys.len();
+    Ok(Json(ListKeysResponse {
+        keys: keys
+            .iter()
+            .skip(page.offset)
+            .take(page.size)
+            .map(Key::new)
+            .collect(),
+        next_page_token: page.next_token(total),
+    }))
 }
 
 async fn get_key(
     State(state): State<AppState>,
     principal: Principal,
     Path(path): Path<KeyPath>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Key>, ApiError> {
     let (_, _, key) = path
         .authorize(&state, &principal, perms::APIKEYS_GET)
         .await?;
-    Ok(Json(key.to_json()))
+    Ok(Json(Key::new(&key)))
 }
 
 /// `{"keyString": ...}`.
@@ -591,16 +505,16 @@ async fn patch_key(
     Path(path): Path<KeyPath>,
     params: Params,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Operation>, ApiError> {
     // Authorised before the body is read, and the body read before the key is looked up: a
-    // bad body on a missing key is a 400, as it always was.
+    // bad body on a missing key is a 400, not a 404.
     let (project_id, number) = path
         .parent()
         .authorize(&state, &principal, perms::APIKEYS_UPDATE)
         .await?;
     let req: KeyBody = parse_json_body(&body)?;
     let mut key = load_key(&state, &project_id, &path.key).await?;
-    if !key.delete_time.is_empty() {
+    if key.is_deleted() {
         return Err(ApiError::failed_precondition(format!(
             "Key '{}' is deleted; undelete it before updating.",
             key.name()
@@ -636,14 +550,9 @@ async fn patch_key(
     key.etag = new_etag();
     key.update_time = now_rfc3339();
     let mut tx = state.store.begin_write().await?;
-    crate::store::keys::update(&mut tx, &key.to_row()?).await?;
-    let op = operations::insert(
-        &mut tx,
-        &operation_name(number),
-        Value::Null,
-        Outcome::Response(key.to_response()),
-    )
-    .await?;
+    crate::store::keys::update(&mut tx, &key).await?;
+    let op = key_operation(number, &key, None)?;
+    ops_store::insert(&mut tx, &op).await?;
     tx.commit().await?;
     tracing::info!(key = %key.name(), by = %principal.display(), "updated API key");
     Ok(Json(op))
@@ -655,14 +564,14 @@ async fn set_deleted(
     principal: &Principal,
     path: &KeyPath,
     delete: bool,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Operation>, ApiError> {
     let permission = if delete {
         perms::APIKEYS_DELETE
     } else {
         perms::APIKEYS_UNDELETE
     };
     let (_, number, mut key) = path.authorize(state, principal, permission).await?;
-    let already_deleted = !key.delete_time.is_empty();
+    let already_deleted = key.is_deleted();
     if delete == already_deleted {
         return Err(ApiError::failed_precondition(if delete {
             format!("Key '{}' is already deleted.", key.name())
@@ -675,14 +584,9 @@ async fn set_deleted(
     key.update_time = now;
     key.etag = new_etag();
     let mut tx = state.store.begin_write().await?;
-    crate::store::keys::set_delete_time(&mut tx, &key.to_row()?).await?;
-    let op = operations::insert(
-        &mut tx,
-        &operation_name(number),
-        Value::Null,
-        Outcome::Response(key.to_response()),
-    )
-    .await?;
+    crate::store::keys::set_delete_time(&mut tx, &key).await?;
+    let op = key_operation(number, &key, None)?;
+    ops_store::insert(&mut tx, &op).await?;
     tx.commit().await?;
     tracing::info!(key = %key.name(), deleted = delete, by = %principal.display(), "API key delete state changed");
     Ok(Json(op))
@@ -692,7 +596,7 @@ async fn delete_key(
     State(state): State<AppState>,
     principal: Principal,
     Path(path): Path<KeyPath>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Operation>, ApiError> {
     set_deleted(&state, &principal, &path, true).await
 }
 
@@ -700,7 +604,7 @@ async fn key_verb(
     State(state): State<AppState>,
     principal: Principal,
     Path(path): Path<KeyPath>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Operation>, ApiError> {
     match split_verb(&path.key) {
         (key, Some("undelete")) => {
             let path = KeyPath {
@@ -722,7 +626,7 @@ async fn lookup_key(
     State(state): State<AppState>,
     principal: Principal,
     params: Params,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<LookupKeyResponse>, ApiError> {
     let key_string = params.get("keyString").ok_or_else(|| {
         ApiError::invalid_argument("Missing keyString query parameter.")
             .with_field_violation("key_string", "required")
@@ -744,15 +648,20 @@ async fn lookup_key(
     {
         return Err(not_found());
     }
-    Ok(Json(json!({
-        "name": record.name,
-        "parent": format!("projects/{}/locations/global", record.project_number),
-    })))
+    Ok(Json(LookupKeyResponse {
+        parent: format!("projects/{}/locations/global", record.project_number),
+        name: record.name,
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn key_json(key: &StoredKey) -> Value {
+        serde_json::to_value(Key::new(key)).expect("key JSON")
+    }
 
     fn r(v: Value) -> Result<Restrictions, ApiError> {
         parse_restrictions(Some(v))
@@ -841,14 +750,14 @@ mod tests {
         assert!(key.restrictions.server_key_restrictions.is_none());
         assert_eq!(key.restrictions.api_targets[0].service, "s.example.com");
         key.restrictions.validate().expect("one kind");
-        let v = key.to_json();
+        let v = key_json(&key);
         assert_eq!(v["name"], "projects/123456789012/locations/global/keys/k");
         assert!(v.get("keyString").is_none());
         assert!(v.get("deleteTime").is_none());
         assert!(v.get("expireTime").is_none());
         // expireTime: normalised to UTC; an empty value clears it; garbage is a 400 naming it.
         apply_mask_path(&mut key, "expireTime", &body).expect("expire");
-        assert_eq!(key.to_json()["expireTime"], "2030-01-01T00:00:00Z");
+        assert_eq!(key_json(&key)["expireTime"], "2030-01-01T00:00:00Z");
         apply_mask_path(&mut key, "expire_time", &KeyBody::default()).expect("clear");
         assert!(key.expire_time.is_none());
         let bad = KeyBody {

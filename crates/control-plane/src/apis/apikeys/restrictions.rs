@@ -1,77 +1,18 @@
-//! `google.api.apikeys.v2.Restrictions`: the typed shape, its validation, and the `oneof`
-//! rule for application restrictions.
+//! `google.api.apikeys.v2.Restrictions` as API Keys accepts them: Google's validation rules
+//! with their 400 texts, and the `oneof` rule for application restrictions.
 //!
-//! Layer rule: pure data and checks; no storage, no HTTP.
+//! The data type itself is `store::keys::Restrictions` (the stored column's shape, shared with
+//! Service Control); `validate` is an inherent method on it written here because the rules and
+//! their errors belong to this API, not to the store.
+//!
+//! Layer rule: pure checks; no storage, no HTTP.
 
 use std::net::IpAddr;
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ApiError;
-
-/// `google.api.apikeys.v2.Restrictions`. Unknown fields are refused so a typo is a 400, not a
-/// silently unrestricted key.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Restrictions {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub browser_key_restrictions: Option<BrowserKeyRestrictions>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub server_key_restrictions: Option<ServerKeyRestrictions>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub android_key_restrictions: Option<AndroidKeyRestrictions>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ios_key_restrictions: Option<IosKeyRestrictions>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub api_targets: Vec<ApiTarget>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct BrowserKeyRestrictions {
-    #[serde(default)]
-    pub allowed_referrers: Vec<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ServerKeyRestrictions {
-    #[serde(default)]
-    pub allowed_ips: Vec<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AndroidKeyRestrictions {
-    #[serde(default)]
-    pub allowed_applications: Vec<AndroidApplication>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AndroidApplication {
-    #[serde(default)]
-    pub sha1_fingerprint: String,
-    #[serde(default)]
-    pub package_name: String,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct IosKeyRestrictions {
-    #[serde(default)]
-    pub allowed_bundle_ids: Vec<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ApiTarget {
-    #[serde(default)]
-    pub service: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub methods: Vec<String>,
-}
+use crate::store::keys::Restrictions;
 
 impl Restrictions {
     /// Google's rules: at most one kind of application restriction; every entry well-formed.
@@ -147,10 +88,6 @@ impl Restrictions {
             }
         }
         Ok(())
-    }
-
-    pub(super) fn is_empty(&self) -> bool {
-        *self == Restrictions::default()
     }
 }
 

@@ -14,10 +14,10 @@ use portico_servicecontrol::{CheckError, QuotaError};
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use crate::apis::apikeys::{self, ApiKeyRecord};
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::projects::LifecycleState;
+use crate::store::keys::{self as keys_store, ApiKeyRecord};
+use crate::store::projects::LifecycleState;
 use crate::store::servicecontrol::lookups;
 
 use super::restrictions::{ApiTarget, KeyRestrictions};
@@ -119,7 +119,7 @@ impl Consumer {
 /// creating the key named its project) counts as live.
 async fn is_deleted(state: &AppState, project_id: &str) -> Result<bool, ApiError> {
     Ok(
-        crate::projects::lifecycle_state(&state.store, project_id).await?
+        crate::store::projects::lifecycle_state(&state.store, project_id).await?
             == Some(LifecycleState::DeleteRequested),
     )
 }
@@ -155,15 +155,17 @@ pub async fn resolve(
         if key.is_empty() {
             return Ok(Err(ConsumerProblem::KeyInvalid));
         }
-        return Ok(match apikeys::lookup(state, key).await? {
-            Some(rec) if !rec.deleted => Ok(Consumer {
-                project_id: rec.project_id.clone(),
-                project_number: rec.project_number,
-                project_deleted: is_deleted(state, &rec.project_id).await?,
-                key: Some(rec),
-            }),
-            _ => Err(ConsumerProblem::KeyInvalid),
-        });
+        return Ok(
+            match keys_store::find_by_key_string(&state.store, &state.master_key, key).await? {
+                Some(rec) if !rec.deleted => Ok(Consumer {
+                    project_id: rec.project_id.clone(),
+                    project_number: rec.project_number,
+                    project_deleted: is_deleted(state, &rec.project_id).await?,
+                    key: Some(rec),
+                }),
+                _ => Err(ConsumerProblem::KeyInvalid),
+            },
+        );
     }
     if let Some(id) = consumer_id.strip_prefix("project:") {
         return Ok(match project_by_id(state, id, producer).await? {
