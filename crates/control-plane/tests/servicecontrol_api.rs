@@ -2,15 +2,15 @@
 //! service accounts and IAM are set up with the same calls gcloud makes, then `:check`,
 //! `:allocateQuota`, `:report` and the read API are exercised on SQLite, PostgreSQL and Redis.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::Request;
 use base64::Engine;
 use portico_control_plane::apis::servicecontrol::quota::ManualClock;
-use portico_control_plane::app::{build_state_with, oneshot, AppState, ServeOptions};
+use portico_control_plane::app::{build_state_with, AppState, ServeOptions};
 use serde_json::{json, Value};
 
 const SVC: &str = "echo-api.endpoints.demo-proj.cloud.goog";
@@ -186,32 +186,9 @@ impl Harness {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut b = Request::builder().method(method).uri(path);
-        if let Some(t) = token {
-            b = b.header("authorization", format!("Bearer {t}"));
-        }
-        let body = match body {
-            Some(v) => {
-                b = b.header("content-type", "application/json");
-                Body::from(v.to_string())
-            }
-            None => Body::empty(),
-        };
-        let req = b.body(body).expect("request");
-        let resp = tokio::time::timeout(Duration::from_secs(30), oneshot(self.state.clone(), req))
-            .await
-            .expect("response in time");
-        let status = resp.status().as_u16();
-        let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
-            .await
-            .expect("body");
-        let v = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
-        };
-        (status, v)
+        let method = method.parse().expect("method");
+        let (status, v) = support::request(&self.state, method, path, token, body).await;
+        (status.as_u16(), v)
     }
 
     async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -370,6 +347,14 @@ impl Harness {
     }
 }
 
+/// Asserts a `:check` answer: no error when `blocked_by` is `None`, else that first error.
+fn expect_check(r: &Value, blocked_by: Option<&str>, case: &dyn std::fmt::Display) {
+    match blocked_by {
+        None => assert!(r.get("checkErrors").is_none(), "{case}: {r}"),
+        Some(code) => assert_eq!(first_error(r), code, "{case}: {r}"),
+    }
+}
+
 fn first_error(v: &Value) -> &str {
     v["checkErrors"][0]["code"].as_str().unwrap_or("")
 }
@@ -446,11 +431,7 @@ async fn check_errors_and_key_restrictions() {
     ] {
         let (k, _) = h.api_key(CONSUMER, json!({"apiTargets": targets})).await;
         let r = h.check(&format!("api_key:{k}"), ok_labels.clone()).await;
-        if allowed {
-            assert!(r.get("checkErrors").is_none(), "{targets}: {r}");
-        } else {
-            assert_eq!(first_error(&r), "API_TARGET_BLOCKED", "{targets}: {r}");
-        }
+        expect_check(&r, (!allowed).then_some("API_TARGET_BLOCKED"), &targets);
     }
 
     // Server (IP) restrictions.
@@ -471,11 +452,7 @@ async fn check_errors_and_key_restrictions() {
                 json!({"servicecontrol.googleapis.com/caller_ip": ip}),
             )
             .await;
-        if allowed {
-            assert!(r.get("checkErrors").is_none(), "{ip}: {r}");
-        } else {
-            assert_eq!(first_error(&r), "IP_ADDRESS_BLOCKED", "{ip}: {r}");
-        }
+        expect_check(&r, (!allowed).then_some("IP_ADDRESS_BLOCKED"), &ip);
     }
     let r = h.check(&format!("api_key:{k}"), json!({})).await;
     assert_eq!(first_error(&r), "IP_ADDRESS_BLOCKED", "no caller ip: {r}");
@@ -498,11 +475,7 @@ async fn check_errors_and_key_restrictions() {
                 json!({"servicecontrol.googleapis.com/referer": referer}),
             )
             .await;
-        if allowed {
-            assert!(r.get("checkErrors").is_none(), "{referer}: {r}");
-        } else {
-            assert_eq!(first_error(&r), "REFERER_BLOCKED", "{referer}: {r}");
-        }
+        expect_check(&r, (!allowed).then_some("REFERER_BLOCKED"), &referer);
     }
 
     // A deleted key is invalid.

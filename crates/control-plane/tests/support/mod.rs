@@ -111,6 +111,47 @@ async fn env_with_customized(
     }
 }
 
+/// One request through the whole router, as a client sends it: a bearer token if given, a JSON
+/// body if given; the answer's status and body (JSON, or the text as a JSON string). Bounded at
+/// 30 s so a hung handler fails the test instead of hanging it.
+pub async fn request(
+    state: &AppState,
+    method: Method,
+    uri: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut b = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    let body = match body {
+        Some(v) => {
+            b = b.header("content-type", "application/json");
+            Body::from(v.to_string())
+        }
+        None => Body::empty(),
+    };
+    let req = b.body(body).expect("request");
+    let resp = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        oneshot(state.clone(), req),
+    )
+    .await
+    .expect("response within 30 s");
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
+        .await
+        .expect("body");
+    let v = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    (status, v)
+}
+
 impl TestEnv {
     /// Drops this environment's PostgreSQL schema (no-op on SQLite).
     pub async fn drop_pg_schema(&self) {
@@ -142,29 +183,7 @@ impl TestEnv {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut b = Request::builder().method(method).uri(uri);
-        if let Some(t) = token {
-            b = b.header("authorization", format!("Bearer {t}"));
-        }
-        let body = match body {
-            Some(v) => {
-                b = b.header("content-type", "application/json");
-                Body::from(v.to_string())
-            }
-            None => Body::empty(),
-        };
-        let resp = oneshot(self.state.clone(), b.body(body).expect("request")).await;
-        let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .expect("body");
-        let v = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-        };
-        (status, v)
+        request(&self.state, method, uri, token, body).await
     }
 
     pub async fn admin(
