@@ -10,12 +10,17 @@
 //! * a failed call (network, HTTP error, garbage) counts as positive: quota fails open.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use portico_config::Service;
-use portico_servicecontrol::{AllocateQuotaResponse, MetricValue, MetricValueSet, QuotaOperation};
+use portico_servicecontrol::{
+    AllocateQuotaRequest, AllocateQuotaResponse, MetricValue, MetricValueSet, QuotaOperation,
+};
 
+use super::Inner;
 use crate::error::{Cause, Code, EspError};
+use crate::outbound_auth::QUOTA_CONTROLLER;
 
 /// The quota metric costs of `selector` (`quota.metricRules`); a cost ≤ 0 counts as 1, as in ESP.
 pub fn metric_costs(service: &Service, selector: &str) -> Vec<(String, i64)> {
@@ -349,6 +354,40 @@ impl QuotaCache {
             };
             self.bytes = self.bytes.saturating_sub(e.cost(&k));
         }
+    }
+}
+
+/// The network half: one `:allocateQuota` call, its verdict stored in the cache.
+pub(super) async fn send_allocation(inner: Arc<Inner>, alloc: Allocation) {
+    inner.stats.send_quotas_by_flush.inc();
+    let request = AllocateQuotaRequest {
+        allocate_operation: alloc.operation,
+        service_config_id: alloc.config_id,
+    };
+    let result: Result<AllocateQuotaResponse, _> = inner
+        .transport
+        .call(
+            &alloc.service,
+            "allocateQuota",
+            QUOTA_CONTROLLER,
+            &request,
+            inner.opts.quota_timeout,
+            inner.opts.quota_retries,
+        )
+        .await;
+    let verdict = match result {
+        Ok(resp) => {
+            inner.saw_rollout(&resp.service_rollout_id);
+            Some(verdict(&resp))
+        }
+        Err(failure) => {
+            inner.stats.quota_failures.inc();
+            tracing::warn!(service = %alloc.service, error = %failure, "allocateQuota failed; allowing traffic");
+            None
+        }
+    };
+    if let Ok(mut q) = inner.quota.for_key(&alloc.key).lock() {
+        q.complete(&alloc.key, verdict);
     }
 }
 
