@@ -1,5 +1,7 @@
-//! `:check` results: how a CheckResponse becomes "allowed" or an ESP error, and the cache that
-//! keeps most requests from waiting on the control plane.
+//! `:check` results: how a CheckResponse becomes "allowed" or an ESP error, the cache that
+//! keeps most requests from waiting on the control plane, and the network half beside it: the
+//! cache key, the CheckRequest, the call through [`super::transport`] and storing its verdict
+//! (`impl Inner` at the end; [`super::ServiceControl::check`] decides when to call them).
 //!
 //! Cache policy (ESP's check aggregator, adapted):
 //! * the key is every field that goes into the CheckRequest (service, config id, operation,
@@ -376,8 +378,6 @@ impl CheckCache {
         self.bytes = self.bytes.saturating_sub(freed);
     }
 }
-
-// The network half: the cache key, the `:check` request and its call, and storing the verdict.
 
 /// Every input that reaches the CheckRequest (the labels are derived from exactly these plus
 /// constants), kept verbatim: building the key costs no request construction on a hit.

@@ -1,20 +1,24 @@
 //! The Service Control client used by the request pipeline (through
 //! [`crate::pipeline::ControlApi`]). It imports nothing of the pipeline; its outbound tokens come
-//! from [`crate::outbound_auth`].
+//! from [`crate::outbound_auth`]. This file holds the facade ([`ServiceControl`]: `check`,
+//! `allocate_quota`, `report`, `shutdown`), its options, statistics and metrics, the state the
+//! three concerns share (`Inner`, `Sharded`) and the housekeeping task; each concern keeps its
+//! cache and its network half in one file, and [`transport`] makes the HTTP calls for all three.
 //!
-//! * [`ServiceControl::check`] — `:check` through a cache ([`check`]); fail-open only for
-//!   network errors and HTTP 5xx when the policy is open; exact ESP error messages.
-//! * [`ServiceControl::allocate_quota`] — never waits: answers from the quota cache and lets a
-//!   background task send aggregated `:allocateQuota` calls every second ([`quota`]).
-//! * [`ServiceControl::report`] — never waits: the request is merged at once into its
-//!   signature's aggregate ([`aggregate`], [`report`]; O(1), memory bounded by distinct
-//!   signatures, `endpoints_log` entries capped per interval with errors preferred), and a
-//!   background task sends the aggregates every second in batches of up to 100 operations
-//!   (ESP sends 10; one larger JSON request costs the control plane less than ten small ones). Batches that fail for network/5xx reasons stay in a
-//!   bounded buffer (oldest dropped and counted) and are retried with backoff until the control
-//!   plane answers again. [`ServiceControl::shutdown`] flushes.
-//! * [`crate::outbound_auth`] — the self-signed bearer tokens for all of these calls (and for
-//!   Service Management).
+//! * **check** — [`check`]: the verdict cache and its key, then the `:check` request, its call
+//!   and the verdict stored back (`impl Inner` there). A request waits only on a miss; fail-open
+//!   only for network errors and HTTP 5xx when the policy is open; exact ESP error messages.
+//! * **quota** — [`quota`]: the quota cache answers at once (never waits); a new signature's
+//!   first allocation, and every second the aggregated due ones (from the housekeeping task),
+//!   go out as `:allocateQuota` (`quota::send_allocation`), whose verdicts go back into the cache.
+//! * **report** — cache in [`aggregate`] (a request is merged in O(1) into its signature's
+//!   aggregate; memory bounded by distinct signatures, `endpoints_log` entries capped per
+//!   interval with errors preferred), network in [`report`]: aggregates become operations,
+//!   queued and sent every second by `report::report_loop` in batches of up to 100 (ESP sends
+//!   10; one larger JSON request costs the control plane less than ten small ones). Batches that
+//!   fail for network/5xx reasons stay in a bounded buffer (oldest dropped and counted) and are
+//!   retried with backoff until the control plane answers again. [`ServiceControl::shutdown`]
+//!   flushes.
 //!
 //! Every response carrying `serviceRolloutId` is passed to the [`RolloutNotifier`] so managed
 //! rollouts are picked up without waiting for the next poll.

@@ -8,6 +8,9 @@
 //! * a negative verdict is re-asked every interval with the request's cost in `NORMAL` mode,
 //!   so access resumes once the window resets;
 //! * a failed call (network, HTTP error, garbage) counts as positive: quota fails open.
+//!
+//! The network half, `send_allocation` (one `:allocateQuota` call, its verdict stored back in
+//! the cache), is at the end; the facade and the housekeeping task in [`super`] spawn it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -357,7 +360,8 @@ impl QuotaCache {
     }
 }
 
-/// The network half: one `:allocateQuota` call, its verdict stored in the cache.
+/// One `:allocateQuota` call; its verdict goes back into the cache (none after a failure: quota
+/// fails open).
 pub(super) async fn send_allocation(inner: Arc<Inner>, alloc: Allocation) {
     inner.stats.send_quotas_by_flush.inc();
     let request = AllocateQuotaRequest {

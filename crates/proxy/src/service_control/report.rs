@@ -4,6 +4,10 @@
 //! policy), and turning an aggregate into Service Control operations (labels, metrics, the
 //! `endpoints_log` entries), so a burst of N identical requests costs one operation with
 //! `request_count` N.
+//!
+//! The network half is at the end: `report_loop` drains the aggregator every flush interval
+//! into a bounded queue of operations and sends them in batches (split under the request size
+//! limit), keeping a batch that failed for network/5xx reasons for a retry with backoff.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
@@ -704,9 +708,6 @@ impl ReportFilter {
         });
     }
 }
-
-// The network half: aggregates become queued operations, sent in batches by a background
-// task with backoff while the control plane is unavailable.
 
 /// An operation waiting to be sent, with its service and config id.
 pub(super) type QueuedOp = (Arc<str>, Arc<str>, Operation);
