@@ -1,6 +1,6 @@
 //! `:check` results: how a CheckResponse becomes "allowed" or an ESP error, the cache that
 //! keeps most requests from waiting on the control plane, and the network half beside it: the
-//! cache key, the CheckRequest, the call through [`super::transport`] and storing its verdict
+//! cache key, the CheckRequest, the call through `transport` and storing its verdict
 //! (`impl Inner` at the end; [`super::ServiceControl::check`] decides when to call them).
 //!
 //! Cache policy (ESP's check aggregator, adapted):

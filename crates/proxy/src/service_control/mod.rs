@@ -3,7 +3,7 @@
 //! from [`crate::outbound_auth`]. This file holds the facade ([`ServiceControl`]: `check`,
 //! `allocate_quota`, `report`, `shutdown`), its options, statistics and metrics, the state the
 //! three concerns share (`Inner`, `Sharded`) and the housekeeping task; each concern keeps its
-//! cache and its network half in one file, and [`transport`] makes the HTTP calls for all three.
+//! cache and its network half in one file, and `transport` makes the HTTP calls for all three.
 //!
 //! * **check** — [`check`]: the verdict cache and its key, then the `:check` request, its call
 //!   and the verdict stored back (`impl Inner` there). A request waits only on a miss; fail-open
