@@ -316,6 +316,8 @@ struct Stats {
     max_report_size: Gauge,
 }
 
+/// What the facade and the background tasks share. Each concern's methods on it live with its
+/// cache: `impl Inner` in [`check`] and [`report`], `send_allocation` in [`quota`].
 struct Inner {
     opts: ServiceControlOptions,
     transport: Transport,
