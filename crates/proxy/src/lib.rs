@@ -14,7 +14,8 @@
 //!     **authenticate** ([`auth`]; the API key in [`auth::api_key`]), **check** and quota
 //!     ([`service_control`]);
 //!   - `pipeline/backend.rs`: **forward** ([`forward`], over the capped backend connection
-//!     pool in [`upstream`]) and **respond**;
+//!     pool in [`upstream`]; the request body and forwarding errors both use are in
+//!     [`request_body`]) and **respond**;
 //!   - `pipeline/body.rs`: the response body, whose end runs **report** (metrics, access log,
 //!     Service Control report);
 //!   - `pipeline/state.rs` (per-request state), `pipeline/errors.rs` (the proxy's error
@@ -28,7 +29,8 @@
 //!   [`access_log`]; [`limits`]: per-line header limits.
 //!
 //! Layer rules: the serving modules read [`settings`], never [`cli`]; the pipeline reaches
-//! Service Control only through [`pipeline::ControlApi`].
+//! Service Control only through [`pipeline::ControlApi`]; the top-level modules import each
+//! other without a cycle (`tests/module_graph.rs`).
 
 pub mod access_log;
 pub mod auth;
@@ -44,6 +46,7 @@ pub mod memory;
 pub mod metrics;
 pub mod outbound_auth;
 pub mod pipeline;
+pub mod request_body;
 pub mod request_head;
 pub mod routing;
 pub mod server;

@@ -22,7 +22,7 @@
 //! The pool's lock is taken twice per request (check-out and return) and never across an
 //! `.await`; each serving thread owns its own pool for `--backend`, so it is uncontended.
 
-use crate::forward::{ForwardError, LimitedBody};
+use crate::request_body::{ForwardError, LimitedBody};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
@@ -217,7 +217,7 @@ pub struct Lease {
     shared: Arc<Shared>,
     /// The request's body: a connection whose request was not sent whole (the client broke or
     /// has not finished its body, even if the backend already answered) is closed, never reused.
-    request_body: Option<Arc<crate::forward::BodyProgress>>,
+    request_body: Option<Arc<crate::request_body::BodyProgress>>,
 }
 
 impl Lease {
@@ -454,7 +454,7 @@ fn origin_form(req: &mut Request<LimitedBody>) {
 fn classify(e: hyper::Error) -> ForwardError {
     std::error::Error::source(&e)
         .and_then(ForwardError::from_body_error)
-        .unwrap_or_else(|| ForwardError::Other(crate::forward::error_chain(&e)))
+        .unwrap_or_else(|| ForwardError::Other(crate::request_body::error_chain(&e)))
 }
 
 fn wrap(resp: Response<Incoming>, lease: Lease) -> Response<UpstreamBody> {

@@ -1,5 +1,7 @@
-//! `:check` results: how a CheckResponse becomes "allowed" or an ESP error, and the cache that
-//! keeps most requests from waiting on the control plane.
+//! `:check` results: how a CheckResponse becomes "allowed" or an ESP error, the cache that
+//! keeps most requests from waiting on the control plane, and the network half beside it: the
+//! cache key, the CheckRequest, the call through `transport` and storing its verdict
+//! (`impl Inner` at the end; [`super::ServiceControl::check`] decides when to call them).
 //!
 //! Cache policy (ESP's check aggregator, adapted):
 //! * the key is every field that goes into the CheckRequest (service, config id, operation,
@@ -13,13 +15,15 @@
 //!   bytes (keys hold client-chosen strings: the key, referer and app identities), least
 //!   recently used first.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use portico_servicecontrol::CheckResponse;
+use portico_servicecontrol::{labels, CheckRequest, CheckResponse, Operation};
 
-use super::CheckOk;
+use super::{report, CheckInput, CheckOk, Inner};
 use crate::error::{Cause, Code, EspError};
+use crate::outbound_auth::SERVICE_CONTROLLER;
 
 /// Numeric values of `google.api.servicecontrol.v1.CheckError.Code`, for the "unsupported
 /// error code" message, which ESP prints as a number.
@@ -375,9 +379,194 @@ impl CheckCache {
     }
 }
 
+/// Every input that reaches the CheckRequest (the labels are derived from exactly these plus
+/// constants), kept verbatim: building the key costs no request construction on a hit.
+pub(super) fn cache_key(input: &CheckInput<'_>) -> String {
+    let mut k = String::with_capacity(160);
+    for part in [
+        input.service_name,
+        input.service_config_id,
+        input.operation_name,
+        input.api_key,
+    ] {
+        k.push_str(part);
+        k.push('\u{0}');
+    }
+    // The address's bytes, one char each after a family tag: fixed length per family, so
+    // unambiguous, and no text formatting on the request path.
+    match input.caller_ip {
+        IpAddr::V4(a) => {
+            k.push('4');
+            k.extend(a.octets().map(char::from));
+        }
+        IpAddr::V6(a) => {
+            k.push('6');
+            k.extend(a.octets().map(char::from));
+        }
+    }
+    for part in [
+        input.referer,
+        input.android_package,
+        input.android_cert,
+        input.ios_bundle,
+    ] {
+        // Absent and empty are the same label set (empty labels are not sent).
+        k.push('\u{0}');
+        k.push_str(part.unwrap_or(""));
+    }
+    k
+}
+
+impl Inner {
+    pub(super) fn check_request(&self, input: &CheckInput<'_>) -> CheckRequest {
+        let mut l = BTreeMap::new();
+        l.insert(labels::CALLER_IP.to_string(), input.caller_ip.to_string());
+        l.insert(
+            labels::SERVICE_AGENT.to_string(),
+            self.statics.service_agent.clone(),
+        );
+        l.insert(labels::USER_AGENT.to_string(), "ESP".to_string());
+        let optional = [
+            (labels::REFERER, input.referer),
+            (labels::ANDROID_PACKAGE_NAME, input.android_package),
+            (labels::ANDROID_CERT_FINGERPRINT, input.android_cert),
+            (labels::IOS_BUNDLE_ID, input.ios_bundle),
+        ];
+        for (name, value) in optional {
+            if let Some(v) = value.filter(|v| !v.is_empty()) {
+                l.insert(name.to_string(), v.to_string());
+            }
+        }
+        let now = report::now_rfc3339();
+        CheckRequest {
+            service_config_id: input.service_config_id.to_string(),
+            operation: Operation {
+                operation_id: uuid::Uuid::new_v4().to_string(),
+                operation_name: input.operation_name.to_string(),
+                consumer_id: format!("api_key:{}", input.api_key),
+                start_time: now.clone(),
+                end_time: now,
+                labels: l,
+                ..Default::default()
+            },
+        }
+    }
+
+    pub(super) async fn remote_check(&self, service: &str, request: &CheckRequest) -> Verdict {
+        let result: Result<CheckResponse, _> = self
+            .transport
+            .call(
+                service,
+                "check",
+                SERVICE_CONTROLLER,
+                request,
+                self.opts.check_timeout,
+                self.opts.check_retries,
+            )
+            .await;
+        match result {
+            Ok(resp) => {
+                self.saw_rollout(&resp.service_rollout_id);
+                verdict_from_response(&resp, service)
+            }
+            Err(failure) => {
+                self.stats.check_failures.inc();
+                let open = failure.is_unavailable() && self.opts.network_fail_open;
+                tracing::warn!(
+                    %service,
+                    error = %failure,
+                    fail_open = open,
+                    "Service Control check failed"
+                );
+                Verdict {
+                    outcome: if open {
+                        Ok(CheckOk {
+                            consumer_project_number: None,
+                            api_key_valid: false,
+                            network_failure: true,
+                            api_key_uid: None,
+                        })
+                    } else {
+                        Err(failure.to_esp_error())
+                    },
+                    cacheable: false,
+                }
+            }
+        }
+    }
+
+    pub(super) fn complete_check(&self, key: &str, verdict: &Verdict) {
+        let stored = match self.checks.for_key(key).lock() {
+            Ok(mut c) if c.enabled() => {
+                c.complete(key, verdict, Instant::now());
+                true
+            }
+            _ => false,
+        };
+        if stored {
+            self.stats
+                .check_cache_entries
+                .set(self.check_cache_len() as i64);
+        }
+    }
+
+    pub(super) fn check_cache_len(&self) -> usize {
+        self.checks
+            .iter()
+            .filter_map(|c| c.lock().ok().map(|c| c.len()))
+            .sum()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_cache_key_tells_every_input_apart() {
+        let base = CheckInput {
+            service_name: "s",
+            service_config_id: "c",
+            operation_name: "op",
+            api_key: "k",
+            caller_ip: "10.0.0.1".parse().unwrap(),
+            referer: None,
+            android_package: None,
+            android_cert: None,
+            ios_bundle: None,
+        };
+        let key = |f: &dyn Fn(&mut CheckInput<'static>)| {
+            let mut i = base.clone();
+            f(&mut i);
+            cache_key(&i)
+        };
+        let variants = [
+            key(&|_| {}),
+            key(&|i| i.caller_ip = "10.0.0.2".parse().unwrap()),
+            key(&|i| i.caller_ip = "0.0.0.0".parse().unwrap()),
+            key(&|i| i.caller_ip = "::ffff:10.0.0.1".parse().unwrap()),
+            key(&|i| i.caller_ip = "::".parse().unwrap()),
+            key(&|i| i.api_key = "k2"),
+            key(&|i| i.operation_name = "op2"),
+            key(&|i| i.service_config_id = "c2"),
+            key(&|i| i.referer = Some("r")),
+            key(&|i| i.android_package = Some("r")),
+            key(&|i| i.android_cert = Some("r")),
+            key(&|i| i.ios_bundle = Some("r")),
+        ];
+        for (a, ka) in variants.iter().enumerate() {
+            for kb in &variants[a + 1..] {
+                assert_ne!(ka, kb);
+            }
+        }
+        assert_eq!(
+            key(&|_| {}),
+            variants[0],
+            "the same inputs give the same key"
+        );
+        // Absent and empty are one label set.
+        assert_eq!(key(&|i| i.referer = Some("")), variants[0]);
+    }
     use portico_servicecontrol::{CheckError, CheckInfo, ConsumerInfo};
 
     fn ok() -> CheckOk {

@@ -1,20 +1,24 @@
 //! The Service Control client used by the request pipeline (through
 //! [`crate::pipeline::ControlApi`]). It imports nothing of the pipeline; its outbound tokens come
-//! from [`crate::outbound_auth`].
+//! from [`crate::outbound_auth`]. This file holds the facade ([`ServiceControl`]: `check`,
+//! `allocate_quota`, `report`, `shutdown`), its options, statistics and metrics, the state the
+//! three concerns share (`Inner`, `Sharded`) and the housekeeping task; each concern keeps its
+//! cache and its network half in one file, and `transport` makes the HTTP calls for all three.
 //!
-//! * [`ServiceControl::check`] — `:check` through a cache ([`check`]); fail-open only for
-//!   network errors and HTTP 5xx when the policy is open; exact ESP error messages.
-//! * [`ServiceControl::allocate_quota`] — never waits: answers from the quota cache and lets a
-//!   background task send aggregated `:allocateQuota` calls every second ([`quota`]).
-//! * [`ServiceControl::report`] — never waits: the request is merged at once into its
-//!   signature's aggregate ([`aggregate`], [`report`]; O(1), memory bounded by distinct
-//!   signatures, `endpoints_log` entries capped per interval with errors preferred), and a
-//!   background task sends the aggregates every second in batches of up to 100 operations
-//!   (ESP sends 10; one larger JSON request costs the control plane less than ten small ones). Batches that fail for network/5xx reasons stay in a
-//!   bounded buffer (oldest dropped and counted) and are retried with backoff until the control
-//!   plane answers again. [`ServiceControl::shutdown`] flushes.
-//! * [`crate::outbound_auth`] — the self-signed bearer tokens for all of these calls (and for
-//!   Service Management).
+//! * **check** — [`check`]: the verdict cache and its key, then the `:check` request, its call
+//!   and the verdict stored back (`impl Inner` there). A request waits only on a miss; fail-open
+//!   only for network errors and HTTP 5xx when the policy is open; exact ESP error messages.
+//! * **quota** — [`quota`]: the quota cache answers at once (never waits); a new signature's
+//!   first allocation, and every second the aggregated due ones (from the housekeeping task),
+//!   go out as `:allocateQuota` (`quota::send_allocation`), whose verdicts go back into the cache.
+//! * **report** — cache in [`aggregate`] (a request is merged in O(1) into its signature's
+//!   aggregate; memory bounded by distinct signatures, `endpoints_log` entries capped per
+//!   interval with errors preferred), network in [`report`]: aggregates become operations,
+//!   queued and sent every second by `report::report_loop` in batches of up to 100 (ESP sends
+//!   10; one larger JSON request costs the control plane less than ten small ones). Batches that
+//!   fail for network/5xx reasons stay in a bounded buffer (oldest dropped and counted) and are
+//!   retried with backoff until the control plane answers again. [`ServiceControl::shutdown`]
+//!   flushes.
 //!
 //! Every response carrying `serviceRolloutId` is passed to the [`RolloutNotifier`] so managed
 //! rollouts are picked up without waiting for the next poll.
@@ -31,10 +35,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use portico_credentials::ServiceAccountKey;
-use portico_servicecontrol::{
-    labels, AllocateQuotaRequest, AllocateQuotaResponse, CheckRequest, CheckResponse, Operation,
-    ReportRequest, ReportResponse,
-};
+use portico_servicecontrol::labels;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{watch, Notify};
@@ -45,11 +46,11 @@ pub use report::RequestRecord;
 
 use crate::config_source::{Rollout, RolloutNotifier};
 use crate::error::{Code, EspError};
-use crate::outbound_auth::{control_plane_of, TokenSource, QUOTA_CONTROLLER, SERVICE_CONTROLLER};
+use crate::outbound_auth::{control_plane_of, TokenSource};
 use aggregate::{Aggregator, LogPolicy};
-use check::{CheckCache, Lookup, Verdict};
+use check::{CheckCache, Lookup};
 use quota::{Decision, NewEntry, QuotaCache};
-use report::{ReportFilter, StaticLabels};
+use report::{QueuedOp, ReportFilter, StaticLabels};
 use transport::Transport;
 
 /// Service Control's public address, used when nothing else names one.
@@ -315,9 +316,8 @@ struct Stats {
     max_report_size: Gauge,
 }
 
-/// An operation waiting to be sent, with its service and config id.
-type QueuedOp = (Arc<str>, Arc<str>, Operation);
-
+/// What the facade and the background tasks share. Each concern's methods on it live with its
+/// cache: `impl Inner` in [`check`] and [`report`], `send_allocation` in [`quota`].
 struct Inner {
     opts: ServiceControlOptions,
     transport: Transport,
@@ -393,7 +393,7 @@ impl ServiceControl {
         });
         let wake_reports = Arc::new(Notify::new());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let report_task = runtime.spawn(report_loop(
+        let report_task = runtime.spawn(report::report_loop(
             Arc::downgrade(&inner),
             wake_reports.clone(),
             shutdown_rx.clone(),
@@ -419,7 +419,7 @@ impl ServiceControl {
         if input.api_key.len() > MAX_API_KEY_BYTES {
             return Err(invalid_api_key());
         }
-        let key = check_cache_key(&input);
+        let key = check::cache_key(&input);
         let cached = inner.checks.for_key(&key).lock().ok().and_then(|mut c| {
             if c.enabled() {
                 Some(c.lookup(&key, Instant::now()))
@@ -527,7 +527,7 @@ impl ServiceControl {
             Decision::Deny(e) => Err(e),
             Decision::AllowAndSend(alloc) => {
                 self.runtime
-                    .spawn(send_allocation(self.inner.clone(), alloc));
+                    .spawn(quota::send_allocation(self.inner.clone(), alloc));
                 Ok(())
             }
         }
@@ -737,394 +737,10 @@ impl<T> Sharded<T> {
     }
 }
 
-/// Every input that reaches the CheckRequest (the labels are derived from exactly these plus
-/// constants), kept verbatim: building the key costs no request construction on a hit.
-fn check_cache_key(input: &CheckInput<'_>) -> String {
-    let mut k = String::with_capacity(160);
-    for part in [
-        input.service_name,
-        input.service_config_id,
-        input.operation_name,
-        input.api_key,
-    ] {
-        k.push_str(part);
-        k.push('\u{0}');
-    }
-    // The address's bytes, one char each after a family tag: fixed length per family, so
-    // unambiguous, and no text formatting on the request path.
-    match input.caller_ip {
-        IpAddr::V4(a) => {
-            k.push('4');
-            k.extend(a.octets().map(char::from));
-        }
-        IpAddr::V6(a) => {
-            k.push('6');
-            k.extend(a.octets().map(char::from));
-        }
-    }
-    for part in [
-        input.referer,
-        input.android_package,
-        input.android_cert,
-        input.ios_bundle,
-    ] {
-        // Absent and empty are the same label set (empty labels are not sent).
-        k.push('\u{0}');
-        k.push_str(part.unwrap_or(""));
-    }
-    k
-}
-
 impl Inner {
-    fn check_request(&self, input: &CheckInput<'_>) -> CheckRequest {
-        let mut l = BTreeMap::new();
-        l.insert(labels::CALLER_IP.to_string(), input.caller_ip.to_string());
-        l.insert(
-            labels::SERVICE_AGENT.to_string(),
-            self.statics.service_agent.clone(),
-        );
-        l.insert(labels::USER_AGENT.to_string(), "ESP".to_string());
-        let optional = [
-            (labels::REFERER, input.referer),
-            (labels::ANDROID_PACKAGE_NAME, input.android_package),
-            (labels::ANDROID_CERT_FINGERPRINT, input.android_cert),
-            (labels::IOS_BUNDLE_ID, input.ios_bundle),
-        ];
-        for (name, value) in optional {
-            if let Some(v) = value.filter(|v| !v.is_empty()) {
-                l.insert(name.to_string(), v.to_string());
-            }
-        }
-        let now = report::now_rfc3339();
-        CheckRequest {
-            service_config_id: input.service_config_id.to_string(),
-            operation: Operation {
-                operation_id: uuid::Uuid::new_v4().to_string(),
-                operation_name: input.operation_name.to_string(),
-                consumer_id: format!("api_key:{}", input.api_key),
-                start_time: now.clone(),
-                end_time: now,
-                labels: l,
-                ..Default::default()
-            },
-        }
-    }
-
-    async fn remote_check(&self, service: &str, request: &CheckRequest) -> Verdict {
-        let result: Result<CheckResponse, _> = self
-            .transport
-            .call(
-                service,
-                "check",
-                SERVICE_CONTROLLER,
-                request,
-                self.opts.check_timeout,
-                self.opts.check_retries,
-            )
-            .await;
-        match result {
-            Ok(resp) => {
-                self.saw_rollout(&resp.service_rollout_id);
-                check::verdict_from_response(&resp, service)
-            }
-            Err(failure) => {
-                self.stats.check_failures.inc();
-                let open = failure.is_unavailable() && self.opts.network_fail_open;
-                tracing::warn!(
-                    %service,
-                    error = %failure,
-                    fail_open = open,
-                    "Service Control check failed"
-                );
-                Verdict {
-                    outcome: if open {
-                        Ok(CheckOk {
-                            consumer_project_number: None,
-                            api_key_valid: false,
-                            network_failure: true,
-                            api_key_uid: None,
-                        })
-                    } else {
-                        Err(failure.to_esp_error())
-                    },
-                    cacheable: false,
-                }
-            }
-        }
-    }
-
-    fn complete_check(&self, key: &str, verdict: &Verdict) {
-        let stored = match self.checks.for_key(key).lock() {
-            Ok(mut c) if c.enabled() => {
-                c.complete(key, verdict, Instant::now());
-                true
-            }
-            _ => false,
-        };
-        if stored {
-            self.stats
-                .check_cache_entries
-                .set(self.check_cache_len() as i64);
-        }
-    }
-
-    fn check_cache_len(&self) -> usize {
-        self.checks
-            .iter()
-            .filter_map(|c| c.lock().ok().map(|c| c.len()))
-            .sum()
-    }
-
     fn saw_rollout(&self, rollout_id: &str) {
         if let Some(n) = &self.opts.rollout_notifier {
             n.notify_rollout_id(rollout_id);
-        }
-    }
-
-    /// Takes every aggregate, turns each into its operation(s) and moves them to the send
-    /// queue (enforcing the buffer bound). Runs once per flush, so its cost is per signature.
-    fn drain_aggregated(&self) {
-        let mut ready: Vec<QueuedOp> = Vec::new();
-        for agg in self.aggregator.take() {
-            let service = agg.key.service_name.clone();
-            let config = agg.key.service_config_id.clone();
-            for op in agg.operations(&self.statics) {
-                ready.push((service.clone(), config.clone(), op));
-            }
-        }
-        let Ok(mut queue) = self.reports.lock() else {
-            return;
-        };
-        queue.extend(ready);
-        let limit = self.opts.report_buffer_operations.max(1);
-        let mut dropped = 0u64;
-        while queue.len() > limit {
-            queue.pop_front();
-            dropped += 1;
-        }
-        if dropped > 0 {
-            self.stats.dropped_report_operations.inc_by(dropped);
-            tracing::warn!(dropped, "report buffer full; dropped the oldest operations");
-        }
-        self.stats.report_queue_depth.set(queue.len() as i64);
-    }
-
-    /// The declared-metrics filter for `config_id`, if the configs in force are known and
-    /// one of them (now or earlier) has this id.
-    fn report_filter(&self, config_id: &str) -> Option<Arc<ReportFilter>> {
-        let configs = self.opts.service_configs.as_ref()?;
-        let mut filters = self.report_filters.lock().ok()?;
-        if let Some(f) = filters.get(config_id) {
-            return Some(f.clone());
-        }
-        let rollout = configs.borrow().clone();
-        let service = rollout
-            .configs
-            .iter()
-            .find(|(s, _)| s.id == config_id)
-            .map(|(s, _)| s.clone())?;
-        let filter = Arc::new(ReportFilter::from_service(&service));
-        filters.insert(config_id.to_string(), filter.clone());
-        Some(filter)
-    }
-
-    /// Up to `max` queued operations for the same service and config, oldest first.
-    fn next_batch(&self) -> Option<(Arc<str>, Arc<str>, Vec<Operation>)> {
-        let mut queue = self.reports.lock().ok()?;
-        let (service, config) = {
-            let (s, c, _) = queue.front()?;
-            (s.clone(), c.clone())
-        };
-        let max = self.opts.report_max_operations_per_request.max(1);
-        let mut ops = Vec::new();
-        let mut rest = VecDeque::with_capacity(queue.len());
-        while let Some(item) = queue.pop_front() {
-            if ops.len() < max && item.0 == service && item.1 == config {
-                ops.push(item.2);
-            } else {
-                rest.push_back(item);
-            }
-        }
-        *queue = rest;
-        Some((service, config, ops))
-    }
-
-    fn requeue_front(&self, service: Arc<str>, config: Arc<str>, ops: Vec<Operation>) {
-        if let Ok(mut queue) = self.reports.lock() {
-            for op in ops.into_iter().rev() {
-                queue.push_front((service.clone(), config.clone(), op));
-            }
-            self.stats.report_queue_depth.set(queue.len() as i64);
-        }
-    }
-
-    /// Sends everything queued. Returns `false` if the control plane was unavailable (the
-    /// failed batch is back at the front of the queue).
-    async fn send_queued(&self) -> bool {
-        while let Some((service, config, mut ops)) = self.next_batch() {
-            let (request, payload) = loop {
-                let request = ReportRequest {
-                    operations: ops,
-                    service_config_id: config.to_string(),
-                };
-                let payload = match serde_json::to_vec(&request) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        // Cannot happen for these types; dropping beats retrying forever.
-                        self.stats
-                            .dropped_report_operations
-                            .inc_by(request.operations.len() as u64);
-                        tracing::error!(error = %e, "cannot encode a report");
-                        break (request, Vec::new());
-                    }
-                };
-                // Operations full of log entries make large bodies; halve the batch until it
-                // fits under the request size limit (the rest goes back to the queue front).
-                ops = request.operations;
-                if payload.len() > self.opts.report_max_request_bytes && ops.len() > 1 {
-                    let tail = ops.split_off(ops.len() / 2);
-                    self.requeue_front(service.clone(), config.clone(), tail);
-                    continue;
-                }
-                break (
-                    ReportRequest {
-                        operations: ops,
-                        service_config_id: config.to_string(),
-                    },
-                    payload,
-                );
-            };
-            if payload.is_empty() {
-                continue;
-            }
-            let n = request.operations.len() as u64;
-            let size = payload.len() as i64;
-            let result: Result<ReportResponse, _> = self
-                .transport
-                .call_encoded(
-                    &service,
-                    "report",
-                    SERVICE_CONTROLLER,
-                    payload,
-                    self.opts.report_timeout,
-                    0,
-                )
-                .await;
-            match result {
-                Ok(resp) => {
-                    if self.opts.report_cache_entries == 0 {
-                        self.stats.send_reports_in_flight.inc();
-                    } else {
-                        self.stats.send_reports_by_flush.inc();
-                    }
-                    if size > self.stats.max_report_size.get() {
-                        self.stats.max_report_size.set(size);
-                    }
-                    self.stats.send_report_operations.inc_by(n);
-                    self.saw_rollout(&resp.service_rollout_id);
-                    for e in &resp.report_errors {
-                        tracing::warn!(
-                            operation_id = %e.operation_id,
-                            code = e.status.code,
-                            message = %e.status.message,
-                            "Service Control rejected a report operation"
-                        );
-                    }
-                }
-                Err(failure) if failure.is_unavailable() => {
-                    self.stats.report_failures.inc();
-                    tracing::warn!(%service, error = %failure, operations = n, "Service control report failed; will retry");
-                    self.requeue_front(service, config, request.operations);
-                    return false;
-                }
-                Err(failure) => {
-                    // 4xx or garbage: resending the same body cannot succeed.
-                    self.stats.report_failures.inc();
-                    self.stats.dropped_report_operations.inc_by(n);
-                    tracing::error!(%service, error = %failure, operations = n, "Service control report failed; operations dropped");
-                }
-            }
-        }
-        if let Ok(queue) = self.reports.lock() {
-            self.stats.report_queue_depth.set(queue.len() as i64);
-        }
-        true
-    }
-}
-
-async fn send_allocation(inner: Arc<Inner>, alloc: quota::Allocation) {
-    inner.stats.send_quotas_by_flush.inc();
-    let request = AllocateQuotaRequest {
-        allocate_operation: alloc.operation,
-        service_config_id: alloc.config_id,
-    };
-    let result: Result<AllocateQuotaResponse, _> = inner
-        .transport
-        .call(
-            &alloc.service,
-            "allocateQuota",
-            QUOTA_CONTROLLER,
-            &request,
-            inner.opts.quota_timeout,
-            inner.opts.quota_retries,
-        )
-        .await;
-    let verdict = match result {
-        Ok(resp) => {
-            inner.saw_rollout(&resp.service_rollout_id);
-            Some(quota::verdict(&resp))
-        }
-        Err(failure) => {
-            inner.stats.quota_failures.inc();
-            tracing::warn!(service = %alloc.service, error = %failure, "allocateQuota failed; allowing traffic");
-            None
-        }
-    };
-    if let Ok(mut q) = inner.quota.for_key(&alloc.key).lock() {
-        q.complete(&alloc.key, verdict);
-    }
-}
-
-/// Flushes reports every interval (or when woken), with backoff while the control plane is
-/// unavailable; on shutdown makes one last attempt and exits.
-async fn report_loop(inner: Weak<Inner>, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
-    let mut retry_at: Option<Instant> = None;
-    let mut backoff = Duration::ZERO;
-    // Set when every handle is gone without shutdown(): flush once more, then stop.
-    let mut closed = false;
-    loop {
-        let interval = match inner.upgrade() {
-            Some(i) => i.opts.report_flush_interval,
-            None => return,
-        };
-        if !closed && !*shutdown.borrow() {
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = wake.notified() => {}
-                r = shutdown.changed() => closed = r.is_err(),
-            }
-        }
-        let Some(inner) = inner.upgrade() else {
-            return;
-        };
-        let stopping = closed || *shutdown.borrow();
-        inner.drain_aggregated();
-        if !stopping && retry_at.is_some_and(|t| Instant::now() < t) {
-            continue;
-        }
-        if inner.send_queued().await {
-            retry_at = None;
-            backoff = Duration::ZERO;
-        } else {
-            backoff = if backoff.is_zero() {
-                inner.opts.report_retry_initial_backoff
-            } else {
-                (backoff * 2).min(inner.opts.report_retry_max_backoff)
-            };
-            retry_at = Some(Instant::now() + backoff);
-        }
-        if stopping {
-            return;
         }
     }
 }
@@ -1148,7 +764,7 @@ async fn housekeeping_loop(inner: Weak<Inner>, mut shutdown: watch::Receiver<boo
         for shard in inner.quota.iter() {
             let due = shard.lock().map(|mut q| q.due(now)).unwrap_or_default();
             for alloc in due {
-                tokio::spawn(send_allocation(inner.clone(), alloc));
+                tokio::spawn(quota::send_allocation(inner.clone(), alloc));
             }
         }
         if now.duration_since(last_sweep) >= Duration::from_secs(10) {
@@ -1169,52 +785,6 @@ async fn housekeeping_loop(inner: Weak<Inner>, mut shutdown: watch::Receiver<boo
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn check_cache_key_tells_every_input_apart() {
-        let base = CheckInput {
-            service_name: "s",
-            service_config_id: "c",
-            operation_name: "op",
-            api_key: "k",
-            caller_ip: "10.0.0.1".parse().unwrap(),
-            referer: None,
-            android_package: None,
-            android_cert: None,
-            ios_bundle: None,
-        };
-        let key = |f: &dyn Fn(&mut CheckInput<'static>)| {
-            let mut i = base.clone();
-            f(&mut i);
-            check_cache_key(&i)
-        };
-        let variants = [
-            key(&|_| {}),
-            key(&|i| i.caller_ip = "10.0.0.2".parse().unwrap()),
-            key(&|i| i.caller_ip = "0.0.0.0".parse().unwrap()),
-            key(&|i| i.caller_ip = "::ffff:10.0.0.1".parse().unwrap()),
-            key(&|i| i.caller_ip = "::".parse().unwrap()),
-            key(&|i| i.api_key = "k2"),
-            key(&|i| i.operation_name = "op2"),
-            key(&|i| i.service_config_id = "c2"),
-            key(&|i| i.referer = Some("r")),
-            key(&|i| i.android_package = Some("r")),
-            key(&|i| i.android_cert = Some("r")),
-            key(&|i| i.ios_bundle = Some("r")),
-        ];
-        for (a, ka) in variants.iter().enumerate() {
-            for kb in &variants[a + 1..] {
-                assert_ne!(ka, kb);
-            }
-        }
-        assert_eq!(
-            key(&|_| {}),
-            variants[0],
-            "the same inputs give the same key"
-        );
-        // Absent and empty are one label set.
-        assert_eq!(key(&|i| i.referer = Some("")), variants[0]);
-    }
 
     #[test]
     fn base_url_resolution_order() {

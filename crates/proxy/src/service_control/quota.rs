@@ -8,14 +8,22 @@
 //! * a negative verdict is re-asked every interval with the request's cost in `NORMAL` mode,
 //!   so access resumes once the window resets;
 //! * a failed call (network, HTTP error, garbage) counts as positive: quota fails open.
+//!
+//! The network half, `send_allocation` (one `:allocateQuota` call, its verdict stored back in
+//! the cache), is at the end; the facade and the housekeeping task in [`super`] spawn it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use portico_config::Service;
-use portico_servicecontrol::{AllocateQuotaResponse, MetricValue, MetricValueSet, QuotaOperation};
+use portico_servicecontrol::{
+    AllocateQuotaRequest, AllocateQuotaResponse, MetricValue, MetricValueSet, QuotaOperation,
+};
 
+use super::Inner;
 use crate::error::{Cause, Code, EspError};
+use crate::outbound_auth::QUOTA_CONTROLLER;
 
 /// The quota metric costs of `selector` (`quota.metricRules`); a cost ≤ 0 counts as 1, as in ESP.
 pub fn metric_costs(service: &Service, selector: &str) -> Vec<(String, i64)> {
@@ -349,6 +357,41 @@ impl QuotaCache {
             };
             self.bytes = self.bytes.saturating_sub(e.cost(&k));
         }
+    }
+}
+
+/// One `:allocateQuota` call; its verdict goes back into the cache (none after a failure: quota
+/// fails open).
+pub(super) async fn send_allocation(inner: Arc<Inner>, alloc: Allocation) {
+    inner.stats.send_quotas_by_flush.inc();
+    let request = AllocateQuotaRequest {
+        allocate_operation: alloc.operation,
+        service_config_id: alloc.config_id,
+    };
+    let result: Result<AllocateQuotaResponse, _> = inner
+        .transport
+        .call(
+            &alloc.service,
+            "allocateQuota",
+            QUOTA_CONTROLLER,
+            &request,
+            inner.opts.quota_timeout,
+            inner.opts.quota_retries,
+        )
+        .await;
+    let verdict = match result {
+        Ok(resp) => {
+            inner.saw_rollout(&resp.service_rollout_id);
+            Some(verdict(&resp))
+        }
+        Err(failure) => {
+            inner.stats.quota_failures.inc();
+            tracing::warn!(service = %alloc.service, error = %failure, "allocateQuota failed; allowing traffic");
+            None
+        }
+    };
+    if let Ok(mut q) = inner.quota.for_key(&alloc.key).lock() {
+        q.complete(&alloc.key, verdict);
     }
 }
 

@@ -4,17 +4,25 @@
 //! policy), and turning an aggregate into Service Control operations (labels, metrics, the
 //! `endpoints_log` entries), so a burst of N identical requests costs one operation with
 //! `request_count` N.
+//!
+//! The network half is at the end: `report_loop` drains the aggregator every flush interval
+//! into a bounded queue of operations and sends them in batches (split under the request size
+//! limit), keeping a batch that failed for network/5xx reasons for a retry with backoff.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use portico_servicecontrol::{
     labels, Distribution, ExponentialBuckets, LogEntry, MetricValue, MetricValueSet, Operation,
+    ReportRequest, ReportResponse,
 };
+use tokio::sync::{watch, Notify};
 
+use super::Inner;
 use crate::error::Code;
+use crate::outbound_auth::SERVICE_CONTROLLER;
 
 /// Operation name ESP reports for requests that matched no method.
 pub const UNKNOWN_OPERATION_NAME: &str = "<Unknown Operation Name>";
@@ -698,6 +706,229 @@ impl ReportFilter {
             first = false;
             keep
         });
+    }
+}
+
+/// An operation waiting to be sent, with its service and config id.
+pub(super) type QueuedOp = (Arc<str>, Arc<str>, Operation);
+
+impl Inner {
+    /// Takes every aggregate, turns each into its operation(s) and moves them to the send
+    /// queue (enforcing the buffer bound). Runs once per flush, so its cost is per signature.
+    fn drain_aggregated(&self) {
+        let mut ready: Vec<QueuedOp> = Vec::new();
+        for agg in self.aggregator.take() {
+            let service = agg.key.service_name.clone();
+            let config = agg.key.service_config_id.clone();
+            for op in agg.operations(&self.statics) {
+                ready.push((service.clone(), config.clone(), op));
+            }
+        }
+        let Ok(mut queue) = self.reports.lock() else {
+            return;
+        };
+        queue.extend(ready);
+        let limit = self.opts.report_buffer_operations.max(1);
+        let mut dropped = 0u64;
+        while queue.len() > limit {
+            queue.pop_front();
+            dropped += 1;
+        }
+        if dropped > 0 {
+            self.stats.dropped_report_operations.inc_by(dropped);
+            tracing::warn!(dropped, "report buffer full; dropped the oldest operations");
+        }
+        self.stats.report_queue_depth.set(queue.len() as i64);
+    }
+
+    /// The declared-metrics filter for `config_id`, if the configs in force are known and
+    /// one of them (now or earlier) has this id.
+    pub(super) fn report_filter(&self, config_id: &str) -> Option<Arc<ReportFilter>> {
+        let configs = self.opts.service_configs.as_ref()?;
+        let mut filters = self.report_filters.lock().ok()?;
+        if let Some(f) = filters.get(config_id) {
+            return Some(f.clone());
+        }
+        let rollout = configs.borrow().clone();
+        let service = rollout
+            .configs
+            .iter()
+            .find(|(s, _)| s.id == config_id)
+            .map(|(s, _)| s.clone())?;
+        let filter = Arc::new(ReportFilter::from_service(&service));
+        filters.insert(config_id.to_string(), filter.clone());
+        Some(filter)
+    }
+
+    /// Up to `max` queued operations for the same service and config, oldest first.
+    fn next_batch(&self) -> Option<(Arc<str>, Arc<str>, Vec<Operation>)> {
+        let mut queue = self.reports.lock().ok()?;
+        let (service, config) = {
+            let (s, c, _) = queue.front()?;
+            (s.clone(), c.clone())
+        };
+        let max = self.opts.report_max_operations_per_request.max(1);
+        let mut ops = Vec::new();
+        let mut rest = VecDeque::with_capacity(queue.len());
+        while let Some(item) = queue.pop_front() {
+            if ops.len() < max && item.0 == service && item.1 == config {
+                ops.push(item.2);
+            } else {
+                rest.push_back(item);
+            }
+        }
+        *queue = rest;
+        Some((service, config, ops))
+    }
+
+    fn requeue_front(&self, service: Arc<str>, config: Arc<str>, ops: Vec<Operation>) {
+        if let Ok(mut queue) = self.reports.lock() {
+            for op in ops.into_iter().rev() {
+                queue.push_front((service.clone(), config.clone(), op));
+            }
+            self.stats.report_queue_depth.set(queue.len() as i64);
+        }
+    }
+
+    /// Sends everything queued. Returns `false` if the control plane was unavailable (the
+    /// failed batch is back at the front of the queue).
+    async fn send_queued(&self) -> bool {
+        while let Some((service, config, mut ops)) = self.next_batch() {
+            let (request, payload) = loop {
+                let request = ReportRequest {
+                    operations: ops,
+                    service_config_id: config.to_string(),
+                };
+                let payload = match serde_json::to_vec(&request) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // Cannot happen for these types; dropping beats retrying forever.
+                        self.stats
+                            .dropped_report_operations
+                            .inc_by(request.operations.len() as u64);
+                        tracing::error!(error = %e, "cannot encode a report");
+                        break (request, Vec::new());
+                    }
+                };
+                // Operations full of log entries make large bodies; halve the batch until it
+                // fits under the request size limit (the rest goes back to the queue front).
+                ops = request.operations;
+                if payload.len() > self.opts.report_max_request_bytes && ops.len() > 1 {
+                    let tail = ops.split_off(ops.len() / 2);
+                    self.requeue_front(service.clone(), config.clone(), tail);
+                    continue;
+                }
+                break (
+                    ReportRequest {
+                        operations: ops,
+                        service_config_id: config.to_string(),
+                    },
+                    payload,
+                );
+            };
+            if payload.is_empty() {
+                continue;
+            }
+            let n = request.operations.len() as u64;
+            let size = payload.len() as i64;
+            let result: Result<ReportResponse, _> = self
+                .transport
+                .call_encoded(
+                    &service,
+                    "report",
+                    SERVICE_CONTROLLER,
+                    payload,
+                    self.opts.report_timeout,
+                    0,
+                )
+                .await;
+            match result {
+                Ok(resp) => {
+                    if self.opts.report_cache_entries == 0 {
+                        self.stats.send_reports_in_flight.inc();
+                    } else {
+                        self.stats.send_reports_by_flush.inc();
+                    }
+                    if size > self.stats.max_report_size.get() {
+                        self.stats.max_report_size.set(size);
+                    }
+                    self.stats.send_report_operations.inc_by(n);
+                    self.saw_rollout(&resp.service_rollout_id);
+                    for e in &resp.report_errors {
+                        tracing::warn!(
+                            operation_id = %e.operation_id,
+                            code = e.status.code,
+                            message = %e.status.message,
+                            "Service Control rejected a report operation"
+                        );
+                    }
+                }
+                Err(failure) if failure.is_unavailable() => {
+                    self.stats.report_failures.inc();
+                    tracing::warn!(%service, error = %failure, operations = n, "Service control report failed; will retry");
+                    self.requeue_front(service, config, request.operations);
+                    return false;
+                }
+                Err(failure) => {
+                    // 4xx or garbage: resending the same body cannot succeed.
+                    self.stats.report_failures.inc();
+                    self.stats.dropped_report_operations.inc_by(n);
+                    tracing::error!(%service, error = %failure, operations = n, "Service control report failed; operations dropped");
+                }
+            }
+        }
+        if let Ok(queue) = self.reports.lock() {
+            self.stats.report_queue_depth.set(queue.len() as i64);
+        }
+        true
+    }
+}
+
+/// Flushes reports every interval (or when woken), with backoff while the control plane is
+/// unavailable; on shutdown makes one last attempt and exits.
+pub(super) async fn report_loop(
+    inner: Weak<Inner>,
+    wake: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut retry_at: Option<Instant> = None;
+    let mut backoff = Duration::ZERO;
+    // Set when every handle is gone without shutdown(): flush once more, then stop.
+    let mut closed = false;
+    loop {
+        let interval = match inner.upgrade() {
+            Some(i) => i.opts.report_flush_interval,
+            None => return,
+        };
+        if !closed && !*shutdown.borrow() {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = wake.notified() => {}
+                r = shutdown.changed() => closed = r.is_err(),
+            }
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let stopping = closed || *shutdown.borrow();
+        inner.drain_aggregated();
+        if !stopping && retry_at.is_some_and(|t| Instant::now() < t) {
+            continue;
+        }
+        if inner.send_queued().await {
+            retry_at = None;
+            backoff = Duration::ZERO;
+        } else {
+            backoff = if backoff.is_zero() {
+                inner.opts.report_retry_initial_backoff
+            } else {
+                (backoff * 2).min(inner.opts.report_retry_max_backoff)
+            };
+            retry_at = Some(Instant::now() + backoff);
+        }
+        if stopping {
+            return;
+        }
     }
 }
 
