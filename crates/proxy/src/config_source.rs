@@ -32,6 +32,7 @@ use portico_credentials::ServiceAccountKey;
 use serde::Deserialize;
 use tokio::sync::{watch, Notify};
 
+use crate::error::error_chain;
 use crate::outbound_auth::{control_plane_of, TokenSource, SERVICE_MANAGER};
 
 /// Service Management's public address, used when neither `--management` nor a key file says
@@ -552,18 +553,6 @@ pub(crate) fn google_error_message(body: &str) -> String {
         return "(empty response body)".to_string();
     }
     trimmed.chars().take(500).collect()
-}
-
-/// reqwest's top-level message hides the cause ("error sending request"); include the chain.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@
 //! gRPC (`application/grpc*`) and WebSocket requests, and `grpc://` backends, stream from the
 //! first byte: buffering would break streaming calls.
 
-use crate::request_body::error_chain;
+use crate::error::error_chain;
 use crate::settings::{BackendAddr, BackendScheme};
 use crate::upstream::{Dialer, Pool, PoolLimits, UpstreamBody};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};

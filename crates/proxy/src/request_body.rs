@@ -9,7 +9,7 @@
 //! * [`BodyProgress`]: where the body stands, shared with the request waiting for its backend
 //!   (the backend deadline counts from the body's end, the client may pause at most
 //!   `--client_body_timeout`, a streamed body must keep `--client_body_min_rate`);
-//! * [`ForwardError`]: each failure as one row of ESP's error catalogue; `error_chain`.
+//! * [`ForwardError`]: each failure as one row of ESP's error catalogue.
 //!
 //! Layer rule: this module imports only [`crate::error`]; `forward` and `upstream` import it,
 //! never the other way round, so the two have no import loop.
@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use crate::error::error_chain;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -591,17 +593,6 @@ impl Body for LimitedBody {
         }
         hint
     }
-}
-
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
 }
 
 #[cfg(test)]

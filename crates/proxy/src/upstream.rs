@@ -454,7 +454,7 @@ fn origin_form(req: &mut Request<LimitedBody>) {
 fn classify(e: hyper::Error) -> ForwardError {
     std::error::Error::source(&e)
         .and_then(ForwardError::from_body_error)
-        .unwrap_or_else(|| ForwardError::Other(crate::request_body::error_chain(&e)))
+        .unwrap_or_else(|| ForwardError::Other(crate::error::error_chain(&e)))
 }
 
 fn wrap(resp: Response<Incoming>, lease: Lease) -> Response<UpstreamBody> {

@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::config_source::{error_chain, PATH_SEGMENT};
+use crate::config_source::PATH_SEGMENT;
+use crate::error::error_chain;
 use crate::error::{Cause, Code, EspError};
 use crate::outbound_auth::TokenSource;
 
