@@ -9,11 +9,10 @@
 
 mod common;
 
-use common::{free_port, ControlPlane, Db, Proc};
+use common::{free_port, Api, ControlPlane, Db, Proc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use portico_credentials::ServiceAccountKey;
 use serde_json::{json, Value};
 
 const PROJECT: &str = "demo-proj";
@@ -21,84 +20,6 @@ const SERVICE: &str = "echo-api.endpoints.demo-proj.cloud.goog";
 const SA_ID: &str = "jwt-client";
 const SAMPLE_AUD: &str = "echo.endpoints.sample.google.com";
 const SAMPLE_ISS: &str = "jwt-client.endpoints.sample.google.com";
-
-/// The control plane's REST API with the admin token.
-struct Api {
-    http: reqwest::blocking::Client,
-    base: String,
-    token: String,
-}
-
-impl Api {
-    fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method.clone(), format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req
-            .send()
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-        let status = resp.status().as_u16();
-        let text = resp.text().unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    fn ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let (status, v) = self.call(method.clone(), path, body);
-        assert!(
-            (200..300).contains(&status),
-            "{method} {path}: HTTP {status}: {v}"
-        );
-        v
-    }
-
-    fn post(&self, path: &str, body: Value) -> Value {
-        self.ok(reqwest::Method::POST, path, Some(body))
-    }
-
-    /// Follows a long-running operation to its `response`.
-    fn wait(&self, mut op: Value) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while op["done"] != true {
-            assert!(Instant::now() < deadline, "operation did not finish: {op}");
-            std::thread::sleep(Duration::from_millis(100));
-            let name = op["name"].as_str().expect("operation name").to_string();
-            let id = name.strip_prefix("operations/").unwrap_or(&name);
-            let encoded = id
-                .replace('%', "%25")
-                .replace(':', "%3A")
-                .replace('/', "%2F");
-            op = self.ok(
-                reqwest::Method::GET,
-                &format!("/v1/operations/{encoded}"),
-                None,
-            );
-        }
-        assert!(op["error"].is_null(), "operation failed: {op}");
-        op["response"].clone()
-    }
-
-    /// Creates a key for the account and returns the parsed key file.
-    fn create_key(&self, email: &str) -> (ServiceAccountKey, String) {
-        let key = self.post(
-            &format!("/v1/projects/-/serviceAccounts/{email}/keys"),
-            json!({"privateKeyType": "TYPE_GOOGLE_CREDENTIALS_FILE"}),
-        );
-        let data = key["privateKeyData"].as_str().expect("privateKeyData");
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(data)
-            .expect("base64 key file");
-        let text = String::from_utf8(bytes).expect("utf-8 key file");
-        let parsed = ServiceAccountKey::from_json_str(&text, "created key").expect("key file");
-        (parsed, text)
-    }
-}
 
 /// The repo's getting-started spec with its placeholders filled in for this run, its key URLs
 /// pointing at the Portico control plane instead of Google's.
@@ -142,15 +63,7 @@ fn googlejwt_signed_by_a_portico_service_account_key() {
     let control_plane = ControlPlane::start(dir.path(), &Db::Sqlite);
     let cp = control_plane.url.clone();
     let token = std::fs::read_to_string(dir.path().join("admin-token")).expect("admin token");
-    let api = Api {
-        http: reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .no_proxy()
-            .build()
-            .expect("client"),
-        base: cp.clone(),
-        token: token.trim().to_string(),
-    };
+    let api = Api::new(&cp, &token);
 
     // Identity: the account, a key for the proxy, and a second key that signs client JWTs.
     let sa_email = format!("{SA_ID}@{PROJECT}.iam.gserviceaccount.com");

@@ -16,83 +16,12 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use portico_credentials::ServiceAccountKey;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const PROJECT: &str = "secrets-proj";
 const SERVICE: &str = "secrets-api.endpoints.secrets-proj.cloud.goog";
 const ISSUER: &str = "secrets-issuer";
 const AUDIENCE: &str = "secrets-aud";
-
-struct Api {
-    http: reqwest::blocking::Client,
-    base: String,
-    token: String,
-}
-
-impl Api {
-    fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut req = self
-            .http
-            .request(method.clone(), format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req
-            .send()
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-        let status = resp.status().as_u16();
-        let text = resp.text().unwrap_or_default();
-        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        assert!(
-            (200..300).contains(&status),
-            "{method} {path}: {status} {v}"
-        );
-        v
-    }
-
-    fn post(&self, path: &str, body: Value) -> Value {
-        self.call(reqwest::Method::POST, path, Some(body))
-    }
-
-    /// Follows a long-running operation (`/v1/operations/...` or `/v2/operations/...`).
-    fn wait(&self, mut op: Value, prefix: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while op["done"] != true {
-            assert!(Instant::now() < deadline, "operation did not finish: {op}");
-            std::thread::sleep(Duration::from_millis(100));
-            let name = op["name"].as_str().expect("operation name").to_string();
-            let path = if prefix == "v2" {
-                format!("/v2/{name}")
-            } else {
-                let id = name.strip_prefix("operations/").unwrap_or(&name);
-                let encoded = id
-                    .replace('%', "%25")
-                    .replace(':', "%3A")
-                    .replace('/', "%2F");
-                format!("/v1/operations/{encoded}")
-            };
-            op = self.call(reqwest::Method::GET, &path, None);
-        }
-        assert!(op["error"].is_null(), "operation failed: {op}");
-        op["response"].clone()
-    }
-
-    fn create_key(&self, email: &str) -> (ServiceAccountKey, String) {
-        let key = self.post(
-            &format!("/v1/projects/-/serviceAccounts/{email}/keys"),
-            json!({"privateKeyType": "TYPE_GOOGLE_CREDENTIALS_FILE"}),
-        );
-        let data = key["privateKeyData"].as_str().expect("privateKeyData");
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(data)
-            .expect("base64 key file");
-        let text = String::from_utf8(bytes).expect("utf-8 key file");
-        let parsed = ServiceAccountKey::from_json_str(&text, "created key").expect("key file");
-        (parsed, text)
-    }
-}
 
 fn openapi(control_plane: &str, sa_email: &str) -> String {
     format!(
@@ -155,15 +84,7 @@ fn no_secret_in_stored_logs_access_log_or_process_logs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let control_plane = ControlPlane::start(&dir.path().join("cp"), &Db::Sqlite);
     let cp = control_plane.url.clone();
-    let api = Api {
-        http: reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .no_proxy()
-            .build()
-            .expect("client"),
-        base: cp.clone(),
-        token: control_plane.admin_token(),
-    };
+    let api = control_plane.api();
 
     // The proxy's identity and a key that signs client JWTs.
     let sa_email = format!("secrets-proxy@{PROJECT}.iam.gserviceaccount.com");
@@ -181,13 +102,13 @@ fn no_secret_in_stored_logs_access_log_or_process_logs() {
         "/v1/services",
         json!({"producerProjectId": PROJECT, "serviceName": SERVICE}),
     );
-    api.wait(op, "v1");
+    api.wait(op);
     let contents = base64::engine::general_purpose::STANDARD.encode(openapi(&cp, &sa_email));
     let op = api.post(
         &format!("/v1/services/{SERVICE}/configs:submit"),
         json!({"configSource": {"files": [{"fileContents": contents, "filePath": "openapi.yaml", "fileType": "OPEN_API_YAML"}]}}),
     );
-    let config_id = api.wait(op, "v1")["serviceConfig"]["id"]
+    let config_id = api.wait(op)["serviceConfig"]["id"]
         .as_str()
         .expect("config id")
         .to_string();
@@ -195,12 +116,12 @@ fn no_secret_in_stored_logs_access_log_or_process_logs() {
         &format!("/v1/services/{SERVICE}/rollouts"),
         json!({"serviceName": SERVICE, "trafficPercentStrategy": {"percentages": {config_id: 100.0}}}),
     );
-    api.wait(op, "v1");
+    api.wait(op);
     let op = api.post(
         &format!("/v1/projects/{PROJECT}/services/{SERVICE}:enable"),
         json!({}),
     );
-    api.wait(op, "v1");
+    api.wait(op);
     api.post(
         &format!("/v1/services/{SERVICE}:setIamPolicy"),
         json!({"policy": {"bindings": [{"role": "roles/servicemanagement.serviceController", "members": [format!("serviceAccount:{sa_email}")]}]}}),
@@ -209,7 +130,7 @@ fn no_secret_in_stored_logs_access_log_or_process_logs() {
         &format!("/v2/projects/{PROJECT}/locations/global/keys"),
         json!({"displayName": "secrets e2e"}),
     );
-    let valid_key = api.wait(op, "v2")["keyString"]
+    let valid_key = api.wait_v2(op)["keyString"]
         .as_str()
         .expect("keyString")
         .to_string();
@@ -336,7 +257,7 @@ fn no_secret_in_stored_logs_access_log_or_process_logs() {
     let logs_path = format!("/portico/v1/services/{SERVICE}/logs?since=1h&pageSize=100");
     let deadline = Instant::now() + Duration::from_secs(30);
     let logs = loop {
-        let logs = api.call(reqwest::Method::GET, &logs_path, None);
+        let logs = api.ok(reqwest::Method::GET, &logs_path, None);
         let n = logs["entries"].as_array().map_or(0, Vec::len);
         if n >= requests.len() {
             break logs;

@@ -13,6 +13,8 @@
 //! - [`gcloud_available`]: skip loudly when gcloud is missing (fail when `CI=true`).
 //! - [`drop_postgres_schema`]: clean up after a passing PostgreSQL test.
 //! - [`today_utc`]: `YYYY-MM-DD`, the prefix of config ids.
+//! - [`Api`]: the control plane's REST API with the admin token ([`ControlPlane::api`]):
+//!   calls, long-running operations followed to their response, service-account key files.
 //!
 //! Not every test binary uses every helper.
 #![allow(dead_code)]
@@ -548,4 +550,128 @@ pub fn echo_request_count(timeseries: &serde_json::Value) -> i64 {
                 .unwrap_or(0)
         })
         .sum()
+}
+
+/// The control plane's REST API as the admin (what gcloud would send, without gcloud's start-up
+/// cost), for the set-up steps of tests that are about something else.
+pub struct Api {
+    http: reqwest::blocking::Client,
+    pub base: String,
+    token: String,
+}
+
+impl ControlPlane {
+    /// The REST API of this control plane, with its admin token.
+    pub fn api(&self) -> Api {
+        Api::new(&self.url, &self.admin_token())
+    }
+}
+
+impl Api {
+    pub fn new(base: &str, token: &str) -> Api {
+        Api {
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .no_proxy()
+                .build()
+                .expect("client"),
+            base: base.to_string(),
+            token: token.trim().to_string(),
+        }
+    }
+
+    /// Status and body (JSON, or the text as a JSON string).
+    pub fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    }
+
+    /// The body of a call that must succeed (any 2xx).
+    pub fn ok(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> serde_json::Value {
+        let (status, v) = self.call(method.clone(), path, body);
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: HTTP {status}: {v}"
+        );
+        v
+    }
+
+    pub fn post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        self.ok(reqwest::Method::POST, path, Some(body))
+    }
+
+    /// Follows a Service Management / Service Usage / IAM operation (`/v1/operations/...`) to
+    /// its `response`.
+    pub fn wait(&self, op: serde_json::Value) -> serde_json::Value {
+        self.follow(op, |name| {
+            let id = name.strip_prefix("operations/").unwrap_or(name);
+            let encoded = id
+                .replace('%', "%25")
+                .replace(':', "%3A")
+                .replace('/', "%2F");
+            format!("/v1/operations/{encoded}")
+        })
+    }
+
+    /// Follows an API Keys operation (`/v2/operations/...`) to its `response`.
+    pub fn wait_v2(&self, op: serde_json::Value) -> serde_json::Value {
+        self.follow(op, |name| format!("/v2/{name}"))
+    }
+
+    fn follow(
+        &self,
+        mut op: serde_json::Value,
+        path_of: impl Fn(&str) -> String,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while op["done"] != true {
+            assert!(Instant::now() < deadline, "operation did not finish: {op}");
+            std::thread::sleep(Duration::from_millis(100));
+            let name = op["name"].as_str().expect("operation name").to_string();
+            op = self.ok(reqwest::Method::GET, &path_of(&name), None);
+        }
+        assert!(op["error"].is_null(), "operation failed: {op}");
+        op["response"].clone()
+    }
+
+    /// Creates a key for the service account: the parsed key file and its text.
+    pub fn create_key(&self, email: &str) -> (portico_credentials::ServiceAccountKey, String) {
+        use base64::Engine as _;
+        let key = self.post(
+            &format!("/v1/projects/-/serviceAccounts/{email}/keys"),
+            serde_json::json!({"privateKeyType": "TYPE_GOOGLE_CREDENTIALS_FILE"}),
+        );
+        let data = key["privateKeyData"].as_str().expect("privateKeyData");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .expect("base64 key file");
+        let text = String::from_utf8(bytes).expect("utf-8 key file");
+        let parsed = portico_credentials::ServiceAccountKey::from_json_str(&text, "created key")
+            .expect("key file");
+        (parsed, text)
+    }
 }
