@@ -255,6 +255,35 @@ pub fn write_private_file(path: &Path, contents: &str) -> Result<(), CryptoError
     std::fs::rename(&tmp, path).map_err(err)
 }
 
+/// A self-signed X.509 certificate (PEM) for an RSA key (PKCS#8 PEM), valid from a minute ago
+/// to 9999, with `common_name` as subject: the form Google publishes keys in as X.509 maps.
+pub fn self_signed_certificate(
+    private_pkcs8_pem: &str,
+    common_name: &str,
+) -> Result<String, String> {
+    let key_pair =
+        rcgen::KeyPair::from_pkcs8_pem_and_sign_algo(private_pkcs8_pem, &rcgen::PKCS_RSA_SHA256)
+            .map_err(|e| format!("key pair for certificate: {e}"))?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
+        .map_err(|e| format!("certificate params: {e}"))?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = time::macros::datetime!(9999-12-31 23:59:59 UTC);
+    let serial: [u8; 16] = rand::random();
+    // A positive serial: clear the top bit of the DER INTEGER.
+    let mut serial = serial.to_vec();
+    serial[0] &= 0x7f;
+    params.serial_number = Some(rcgen::SerialNumber::from(serial));
+    let cert = params
+        .self_signed(&key_pair)
+        .map_err(|e| format!("self-signing certificate: {e}"))?;
+    Ok(cert.pem())
+}
+
 /// SHA-256 hex of a random bearer token: what is stored instead of the token.
 pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))

@@ -25,5 +25,6 @@ pub mod cli;
 pub mod crypto;
 pub mod datadir;
 pub mod error;
+pub mod idtoken;
 pub mod projects;
 pub mod store;

@@ -150,8 +150,24 @@ async fn created_keys_are_published_and_verify_their_tokens() {
         doc["jwks_uri"],
         format!("{}/oauth2/v3/certs", state.public_url)
     );
+    // The control plane's own ID-token key: exactly this process's, in both key-set forms.
+    let own_kid = state.id_tokens.public_key().kid.clone();
     let (_, own) = call(&app, Method::GET, "/oauth2/v3/certs", None, None).await;
-    assert_eq!(own, json!({"keys": []}));
+    let own_keys = own["keys"].as_array().expect("keys");
+    assert_eq!(own_keys.len(), 1, "{own}");
+    assert_eq!(own_keys[0]["kid"], own_kid.as_str());
+    assert_eq!(own_keys[0]["alg"], "RS256");
+    let (_, own_x509) = call(&app, Method::GET, "/oauth2/v1/certs", None, None).await;
+    assert!(
+        own_x509[own_kid.as_str()]
+            .as_str()
+            .is_some_and(|p| p.starts_with("-----BEGIN CERTIFICATE-----")),
+        "{own_x509}"
+    );
+    assert_eq!(
+        doc["response_types_supported"],
+        json!(["token", "id_token"])
+    );
 
     let (status, _) = call(
         &app,

@@ -264,3 +264,86 @@ async fn grant_input_errors_are_oauth_shaped() {
         assert_eq!(v["error"], error, "{body}: {v}");
     }
 }
+
+/// A `target_audience` assertion is answered with Google's `{"id_token": ...}`: RS256, signed by
+/// the key the control plane publishes at the `jwks_uri` of its discovery document, with the
+/// account as `sub`/`email`. The ID token is not an access token for the control plane.
+#[tokio::test]
+async fn target_audience_grant_returns_an_id_token_verifiable_through_discovery() {
+    let e = env().await;
+    let key = new_key(&e).await;
+    let now = now_unix();
+    let audience = "https://backend.example.test/api";
+    let assertion = key
+        .sign_jwt(&json!({"iss": key.client_email, "aud": key.token_uri,
+            "target_audience": audience, "iat": now, "exp": now + 600}))
+        .expect("assertion");
+    let (s, v) = grant(&e, &assertion).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let obj = v.as_object().expect("object");
+    assert_eq!(obj.len(), 1, "only id_token: {v}");
+    let id_token = v["id_token"].as_str().expect("id_token");
+
+    // Verify the way a backend would: discovery → jwks_uri → the key named by `kid`.
+    let (_, doc) = e
+        .call(Method::GET, "/.well-known/openid-configuration", None, None)
+        .await;
+    let issuer = doc["issuer"].as_str().expect("issuer").to_string();
+    let jwks_path = doc["jwks_uri"]
+        .as_str()
+        .and_then(|u| u.strip_prefix(issuer.as_str()))
+        .expect("jwks_uri under the issuer")
+        .to_string();
+    let (_, jwks) = e.call(Method::GET, &jwks_path, None, None).await;
+    let kid = portico_credentials::token_kid(id_token)
+        .expect("header")
+        .expect("kid");
+    let jwk = jwks["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["kid"] == kid.as_str())
+        .expect("signing key published");
+    let dk = jsonwebtoken::DecodingKey::from_rsa_components(
+        jwk["n"].as_str().expect("n"),
+        jwk["e"].as_str().expect("e"),
+    )
+    .expect("key");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    validation.set_audience(&[audience]);
+    validation.set_issuer(&[issuer.as_str()]);
+    let claims = jsonwebtoken::decode::<Value>(id_token, &dk, &validation)
+        .expect("ID token verifies")
+        .claims;
+    assert_eq!(claims["email"], EMAIL);
+    assert_eq!(claims["email_verified"], true);
+    let (_, account) = e
+        .admin(
+            Method::GET,
+            &format!("/v1/projects/-/serviceAccounts/{EMAIL}"),
+            None,
+        )
+        .await;
+    assert_eq!(claims["sub"], account["uniqueId"]);
+    assert_eq!(claims["azp"], account["uniqueId"]);
+    let lifetime = claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap();
+    assert_eq!(lifetime, 3600);
+
+    // Another audience does not verify; the ID token is no bearer token for the control plane.
+    validation.set_audience(&["https://other.example.test"]);
+    assert!(jsonwebtoken::decode::<Value>(id_token, &dk, &validation).is_err());
+    let (s, _) = e
+        .call(Method::GET, "/v1/services", Some(id_token), None)
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // An absurd audience is refused before anything is signed.
+    let long = format!("https://x.test/{}", "a".repeat(3000));
+    let assertion = key
+        .sign_jwt(&json!({"iss": key.client_email, "aud": key.token_uri,
+            "target_audience": long, "iat": now, "exp": now + 600}))
+        .expect("assertion");
+    let (s, v) = grant(&e, &assertion).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"], "invalid_grant");
+}

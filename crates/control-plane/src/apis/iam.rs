@@ -374,31 +374,11 @@ struct NewKey {
 
 fn make_key(email: &str) -> Result<NewKey, String> {
     let generated = portico_credentials::generate_rsa_key().map_err(|e| e.to_string())?;
-    let key_pair = rcgen::KeyPair::from_pkcs8_pem_and_sign_algo(
-        &generated.private_pkcs8_pem,
-        &rcgen::PKCS_RSA_SHA256,
-    )
-    .map_err(|e| format!("key pair for certificate: {e}"))?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
-        .map_err(|e| format!("certificate params: {e}"))?;
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, email);
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::minutes(1);
-    params.not_after = time::macros::datetime!(9999-12-31 23:59:59 UTC);
-    let serial: [u8; 16] = rand::random();
-    // A positive serial: clear the top bit of the DER INTEGER.
-    let mut serial = serial.to_vec();
-    serial[0] &= 0x7f;
-    params.serial_number = Some(rcgen::SerialNumber::from(serial));
-    let cert = params
-        .self_signed(&key_pair)
-        .map_err(|e| format!("self-signing certificate: {e}"))?;
+    let certificate_pem =
+        crate::crypto::self_signed_certificate(&generated.private_pkcs8_pem, email)?;
     Ok(NewKey {
         generated,
-        certificate_pem: cert.pem(),
+        certificate_pem,
     })
 }
 

@@ -7,10 +7,11 @@
 //! - `GET /robot/v1/metadata/x509/{email}` and `/service_accounts/v1/metadata/x509/{email}` —
 //!   Google's certificate map `{"<private_key_id>": "-----BEGIN CERTIFICATE-----..."}` (the
 //!   self-signed certificates the IAM module made when each key was created).
-//! - `GET /.well-known/openid-configuration` — discovery for this control plane as an issuer.
-//!   It issues access tokens at `/token` but no ID tokens, so its own signing-key sets
-//!   (`/oauth2/v3/certs` JWKS, `/oauth2/v1/certs` X.509 map, the latter named in key files as
-//!   `auth_provider_x509_cert_url`) are truthfully empty.
+//! - `GET /.well-known/openid-configuration` — discovery for this control plane as an issuer of
+//!   ID tokens ([`crate::idtoken`]), so a backend can verify them with any OpenID library.
+//! - `GET /oauth2/v3/certs` (JWKS) and `/oauth2/v1/certs` (X.509 map, named in key files as
+//!   `auth_provider_x509_cert_url`) — the control plane's own ID-token signing keys, every
+//!   replica's, from `store::idtoken_keys`.
 //!
 //! Keys come from the IAM module's `iam_sa_keys` table; a deleted key disappears from both
 //! documents at once, so verifiers that refresh drop it (the proxy within its JWKS TTL).
@@ -87,7 +88,7 @@ struct OpenIdConfiguration {
     grant_types_supported: [&'static str; 1],
     token_endpoint_auth_methods_supported: [&'static str; 1],
     id_token_signing_alg_values_supported: [&'static str; 1],
-    response_types_supported: [&'static str; 1],
+    response_types_supported: [&'static str; 2],
     subject_types_supported: [&'static str; 1],
 }
 
@@ -155,18 +156,30 @@ async fn openid_configuration(State(state): State<AppState>) -> Response {
         grant_types_supported: ["urn:ietf:params:oauth:grant-type:jwt-bearer"],
         token_endpoint_auth_methods_supported: ["private_key_jwt"],
         id_token_signing_alg_values_supported: ["RS256"],
-        response_types_supported: ["token"],
+        response_types_supported: ["token", "id_token"],
         subject_types_supported: ["public"],
     })
 }
 
-/// This control plane signs no ID tokens, so it has no keys to publish.
-async fn own_jwks() -> Response {
-    public(JwkSet { keys: Vec::new() })
+/// The control plane's ID-token signing keys.
+async fn own_jwks(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let mut keys = Vec::new();
+    for key in crate::store::idtoken_keys::list(&state.store).await? {
+        match rsa_jwk(&key.kid, &key.public_pem) {
+            Ok(jwk) => keys.push(jwk),
+            Err(e) => tracing::error!(error = %e, "skipping ID-token key in JWKS"),
+        }
+    }
+    Ok(public(JwkSet { keys }))
 }
 
-async fn own_x509() -> Response {
-    public(CertificateMap(Vec::new()))
+async fn own_x509(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let certs = crate::store::idtoken_keys::list(&state.store)
+        .await?
+        .into_iter()
+        .map(|k| (k.kid, k.certificate_pem))
+        .collect();
+    Ok(public(CertificateMap(certs)))
 }
 
 #[cfg(test)]

@@ -8,7 +8,9 @@
 //! control plane's `<public-url>/token`; lifetime (`exp - iat`) at most one hour; 60 s of clock
 //! skew are tolerated; each assertion is accepted once (its SHA-256 is remembered until it
 //! expires). Either `scope` or `target_audience` must be present. The answer is
-//! `{"access_token","expires_in":3599,"token_type":"Bearer"}`. Errors use the OAuth2 shape
+//! `{"access_token","expires_in":3599,"token_type":"Bearer"}`, or, when the assertion names a
+//! `target_audience`, Google's `{"id_token": ...}`: an RS256 ID token for that audience from
+//! [`crate::idtoken`], verifiable through this control plane's OpenID discovery document. Errors use the OAuth2 shape
 //! (`{"error":"invalid_grant","error_description":...}`), which client libraries print.
 //!
 //! Access tokens are 256 random bits (`ya29.` + base64url); only their SHA-256 is stored, with
@@ -147,6 +149,19 @@ struct TokenResponse {
     access_token: String,
     expires_in: i64,
     token_type: &'static str,
+}
+
+/// Google's answer to a grant whose assertion names a `target_audience`: only the ID token.
+#[derive(Debug, Serialize)]
+struct IdTokenResponse {
+    id_token: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum GrantResponse {
+    Access(TokenResponse),
+    Id(IdTokenResponse),
 }
 
 impl From<ApiError> for OAuthError {
@@ -321,7 +336,7 @@ async fn token_endpoint(State(state): State<AppState>, body: Bytes) -> Response 
     }
 }
 
-async fn grant(state: &AppState, body: &[u8]) -> Result<TokenResponse, OAuthError> {
+async fn grant(state: &AppState, body: &[u8]) -> Result<GrantResponse, OAuthError> {
     let form: HashMap<String, String> = url::form_urlencoded::parse(body).into_owned().collect();
     let grant_type = form.get("grant_type").map(String::as_str).unwrap_or("");
     if grant_type.is_empty() {
@@ -366,7 +381,18 @@ async fn grant(state: &AppState, body: &[u8]) -> Result<TokenResponse, OAuthErro
             "Invalid JWT: one of `scope` or `target_audience` is required.",
         ));
     }
+    if target_audience.len() > crate::idtoken::MAX_AUDIENCE_BYTES {
+        return Err(OAuthError::invalid_grant(format!(
+            "Invalid JWT: `target_audience` is longer than {} bytes.",
+            crate::idtoken::MAX_AUDIENCE_BYTES
+        )));
+    }
     remember_assertion(&state.store, assertion, jwt.exp, now).await?;
+    if !target_audience.is_empty() {
+        return id_token_for(state, &jwt.email, &target_audience, now)
+            .await
+            .map(|id_token| GrantResponse::Id(IdTokenResponse { id_token }));
+    }
     let token = format!("ya29.{}", random_urlsafe(32));
     let recorded_scope = if scope.is_empty() {
         format!("target_audience:{target_audience}")
@@ -386,11 +412,41 @@ async fn grant(state: &AppState, body: &[u8]) -> Result<TokenResponse, OAuthErro
     .await
     .map_err(|e| OAuthError::server_error(e.into()))?;
     tracing::info!(email = %jwt.email, key_id = %jwt.key_id, "issued access token");
-    Ok(TokenResponse {
+    Ok(GrantResponse::Access(TokenResponse {
         access_token: token,
         expires_in: ACCESS_TOKEN_LIFETIME_S - 1,
         token_type: "Bearer",
-    })
+    }))
+}
+
+/// An ID token for the account `email` (whose assertion was just verified), with its email, as
+/// Google's token endpoint issues for a `target_audience` grant.
+async fn id_token_for(
+    state: &AppState,
+    email: &str,
+    audience: &str,
+    now: i64,
+) -> Result<String, OAuthError> {
+    let account = crate::store::accounts::find(&state.store, email)
+        .await
+        .map_err(|e| OAuthError::server_error(e.into()))?
+        .ok_or_else(|| {
+            OAuthError::invalid_grant(format!("Service account {email} does not exist."))
+        })?;
+    let token = state
+        .id_tokens
+        .mint(
+            &crate::idtoken::Subject {
+                unique_id: &account.unique_id,
+                email,
+                include_email: true,
+            },
+            audience,
+            now,
+        )
+        .map_err(|e| OAuthError::server_error(ApiError::internal(e)))?;
+    tracing::info!(email = %email, "issued ID token");
+    Ok(token)
 }
 
 /// Records the assertion's hash; a second use before it expires is refused. Expired entries

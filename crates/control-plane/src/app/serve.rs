@@ -206,6 +206,27 @@ pub async fn build_state_with(
         Some(opts.data_dir.as_deref().unwrap_or(&secrets_dir)),
     )
     .map_err(|e| ServeError::Config(e.to_string()))?;
+    // RSA generation on first start takes a moment: off the async workers.
+    let id_tokens = {
+        let dir = secrets_dir.clone();
+        let issuer = public_url.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::idtoken::IdTokenSigner::load_or_create(&dir, &issuer)
+        })
+        .await
+        .map_err(|e| ServeError::Config(format!("ID-token signing key: {e}")))?
+        .map_err(|e| ServeError::Config(e.to_string()))?
+    };
+    let published = id_tokens.public_key();
+    crate::store::idtoken_keys::register(
+        &store,
+        &crate::store::idtoken_keys::IssuerKey {
+            kid: published.kid.clone(),
+            public_pem: published.public_pem.clone(),
+            certificate_pem: published.certificate_pem.clone(),
+        },
+    )
+    .await?;
     // Redis keys are namespaced per PostgreSQL schema so deployments (and tests) sharing one
     // Redis do not share counters.
     let redis_prefix = format!("portico:{}:", opts.database_schema.as_deref().unwrap_or(""));
@@ -226,6 +247,7 @@ pub async fn build_state_with(
         admin_token,
         verifiers: vec![crate::apis::tokens::verifier()],
         master_key,
+        id_tokens: std::sync::Arc::new(id_tokens),
         servicecontrol,
         conversions: crate::apis::servicemanagement::Conversions::default(),
     };

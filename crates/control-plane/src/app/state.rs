@@ -34,6 +34,8 @@ pub struct Shared {
     pub verifiers: Vec<Arc<dyn TokenVerifier>>,
     /// Encrypts API key strings and keys their lookup hash (see `crypto.rs`).
     pub master_key: crate::crypto::MasterKey,
+    /// Signs ID tokens; its public half is in `store::idtoken_keys`.
+    pub id_tokens: Arc<crate::idtoken::IdTokenSigner>,
     /// Service Control: quota counters, clock, Prometheus registry, config cache.
     pub servicecontrol: crate::apis::servicecontrol::ScState,
     /// Where and how long OpenAPI conversions run (`configs:submit`).

@@ -20,6 +20,7 @@
 
 pub mod accounts;
 pub mod configs;
+pub mod idtoken_keys;
 pub mod keys;
 pub mod operations;
 pub mod policies;
@@ -311,6 +312,7 @@ pub fn migrations() -> Vec<&'static [Migration]> {
         policies::MIGRATIONS,
         tokens::MIGRATIONS,
         keys::MIGRATIONS,
+        idtoken_keys::MIGRATIONS,
         servicecontrol::MIGRATIONS,
     ]
 }
