@@ -173,8 +173,11 @@ impl Env {
     }
 }
 
+/// Claims as the issuer's kind mints them: a service account (an email issuer) names itself as
+/// subject, which ESP requires.
 fn claims(iss: &str, aud: &str) -> serde_json::Value {
-    json!({"iss": iss, "sub": "client-1", "aud": aud, "iat": now(), "exp": now() + 600})
+    let sub = if iss.contains('@') { iss } else { "client-1" };
+    json!({"iss": iss, "sub": sub, "aud": aud, "iat": now(), "exp": now() + 600})
 }
 
 fn esp_body(code: i32, message: &str, detail: &str) -> String {
@@ -257,6 +260,51 @@ async fn invalid_tokens_are_refused_with_invalid_token_challenge() {
             Some("Bearer, error=\"invalid_token\""),
             "{message}"
         );
+    }
+    assert!(env.backend.heads().is_empty());
+}
+
+/// ESP splits a token at its first dot before it reads the header, so a token with one dot gets
+/// the header's message, not "should have 2 dots"; the report's log message carries the same text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_tokens_get_esps_parser_order_message_in_body_and_report() {
+    let env = Env::start(&[], None).await;
+    let cases = [
+        ("invalid.token", "Bad JWT format: Invalid JSON in header"),
+        ("invalid", "Bad JWT format: should have 2 dots"),
+        (".abc.def", "Bad JWT format: Invalid base64 in header"),
+        ("e30.e30", "Missing alg field."),
+        (
+            "eyJhbGciOiJSUzI1NiJ9.e30",
+            "Bad JWT format: should have 2 dots",
+        ),
+        (
+            "eyJhbGciOiJSUzI1NiJ9.e30.",
+            "Bad JWT format: invalid JWT claims; issuer is mssing but required.",
+        ),
+    ];
+    for (i, (token, reason)) in cases.iter().enumerate() {
+        let auth = format!("Bearer {token}");
+        let (status, body, www) = env
+            .get("/auth/info/googlejwt", &[("authorization", &auth)])
+            .await;
+        let message = format!("JWT validation failed: {reason}");
+        assert_eq!(status, 401, "{token}");
+        assert_eq!(body, esp_body(16, &message, "auth"), "{token}");
+        assert_eq!(www.as_deref(), Some("Bearer, error=\"invalid_token\""));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let record = loop {
+            if let Some(r) = env.control.reports.lock().unwrap().get(i).cloned() {
+                break r;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no report for {token}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(record.response_code, 401);
+        assert_eq!(record.error_message.as_deref(), Some(message.as_str()));
     }
     assert!(env.backend.heads().is_empty());
 }
