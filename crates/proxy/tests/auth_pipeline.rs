@@ -486,6 +486,77 @@ async fn unreachable_jwks_is_401_unable_to_fetch() {
     assert_eq!(status, 200);
 }
 
+/// ESP does not remember a failed key fetch: the first request after the key server is back
+/// fetches again and passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_outage_is_not_remembered() {
+    let env = Env::start(&[], None).await;
+    let body = jwks(&[&env.k1]);
+    env.keys.set("/jwk", 503, "down");
+    let auth = format!("Bearer {}", env.k1.sign(&claims(ISS, AUD)));
+    let (status, body_503, _) = env
+        .get("/auth/info/googlejwt", &[("authorization", &auth)])
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        body_503,
+        esp_body(
+            16,
+            "JWT validation failed: Unable to fetch verification key. HTTP response code: 503",
+            "auth"
+        )
+    );
+    env.keys.set("/jwk", 200, body);
+    let (status, _, _) = env
+        .get("/auth/info/googlejwt", &[("authorization", &auth)])
+        .await;
+    assert_eq!(
+        status, 200,
+        "not recovered on the first request after the outage"
+    );
+    assert_eq!(env.keys.hits("/jwk"), 2);
+}
+
+/// Requests that arrive while a slow key fetch is in flight wait for it and share its outcome,
+/// a failure included: an outage under load costs one fetch, not one per request. The next
+/// request after it fetches again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_during_a_slow_failing_fetch_share_it() {
+    let env = Arc::new(Env::start(&[], None).await);
+    let body = jwks(&[&env.k1]);
+    env.keys.set("/jwk", 500, "down");
+    env.keys.set_delay_ms(700);
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let env = env.clone();
+        let mut c = claims(ISS, AUD);
+        c["jti"] = format!("t{i}").into();
+        let auth = format!("Bearer {}", env.k1.sign(&c));
+        tasks.push(tokio::spawn(async move {
+            env.get("/auth/info/googlejwt", &[("authorization", &auth)])
+                .await
+        }));
+    }
+    for t in tasks {
+        let (status, body, _) = t.await.unwrap();
+        assert_eq!(status, 401);
+        assert!(body.contains("HTTP response code: 500"), "{body}");
+    }
+    assert_eq!(
+        env.keys.hits("/jwk"),
+        1,
+        "concurrent misses made several fetches"
+    );
+    env.keys.set_delay_ms(0);
+    env.keys.set("/jwk", 200, body);
+    let auth = format!("Bearer {}", env.k1.sign(&claims(ISS, AUD)));
+    let (status, _, _) = env
+        .get("/auth/info/googlejwt", &[("authorization", &auth)])
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(env.keys.hits("/jwk"), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorization_url_redirect_for_missing_or_expired_tokens_only() {
     let env = Env::start(&["--enable_jwt_authorization_url_redirect"], None).await;
