@@ -742,13 +742,15 @@ async fn checks_run_in_esps_order() {
         e.error.message,
         "JWT validation failed: TIME_CONSTRAINT_FAILURE"
     );
-    // No sub / no aud: format errors, also before the issuer.
+    // `sub` is optional (ESP since 1.37): a token without it reaches the issuer check.
     let no_sub = json!({"iss": "https://evil.example", "aud": AUD, "exp": now() + 60});
     let e = reject(&f.auth, &bearer(&f.key.sign(&no_sub))).await;
-    assert_eq!(
-        e.error.message,
-        "JWT validation failed: Bad JWT format: missing subject field."
-    );
+    assert_eq!(e.error.message, "JWT validation failed: Issuer not allowed");
+    // An email issuer asserting another subject: gRPC's unnamed status, before the issuer.
+    let other = json!({"iss": "sa@evil.example", "sub": "x", "aud": AUD, "exp": now() + 60});
+    let e = reject(&f.auth, &bearer(&f.key.sign(&other))).await;
+    assert_eq!(e.error.message, "JWT validation failed: UNKNOWN");
+    // No aud: a format error, also before the issuer.
     let no_aud = json!({"iss": ISS, "sub": "s", "exp": now() + 60});
     let e = reject(&f.auth, &bearer(&f.key.sign(&no_aud))).await;
     assert_eq!(

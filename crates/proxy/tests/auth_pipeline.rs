@@ -173,8 +173,11 @@ impl Env {
     }
 }
 
+/// Claims as the issuer's kind mints them: a service account (an email issuer) names itself as
+/// subject, which ESP requires.
 fn claims(iss: &str, aud: &str) -> serde_json::Value {
-    json!({"iss": iss, "sub": "client-1", "aud": aud, "iat": now(), "exp": now() + 600})
+    let sub = if iss.contains('@') { iss } else { "client-1" };
+    json!({"iss": iss, "sub": sub, "aud": aud, "iat": now(), "exp": now() + 600})
 }
 
 fn esp_body(code: i32, message: &str, detail: &str) -> String {
@@ -257,6 +260,51 @@ async fn invalid_tokens_are_refused_with_invalid_token_challenge() {
             Some("Bearer, error=\"invalid_token\""),
             "{message}"
         );
+    }
+    assert!(env.backend.heads().is_empty());
+}
+
+/// ESP splits a token at its first dot before it reads the header, so a token with one dot gets
+/// the header's message, not "should have 2 dots"; the report's log message carries the same text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_tokens_get_esps_parser_order_message_in_body_and_report() {
+    let env = Env::start(&[], None).await;
+    let cases = [
+        ("invalid.token", "Bad JWT format: Invalid JSON in header"),
+        ("invalid", "Bad JWT format: should have 2 dots"),
+        (".abc.def", "Bad JWT format: Invalid base64 in header"),
+        ("e30.e30", "Missing alg field."),
+        (
+            "eyJhbGciOiJSUzI1NiJ9.e30",
+            "Bad JWT format: should have 2 dots",
+        ),
+        (
+            "eyJhbGciOiJSUzI1NiJ9.e30.",
+            "Bad JWT format: invalid JWT claims; issuer is mssing but required.",
+        ),
+    ];
+    for (i, (token, reason)) in cases.iter().enumerate() {
+        let auth = format!("Bearer {token}");
+        let (status, body, www) = env
+            .get("/auth/info/googlejwt", &[("authorization", &auth)])
+            .await;
+        let message = format!("JWT validation failed: {reason}");
+        assert_eq!(status, 401, "{token}");
+        assert_eq!(body, esp_body(16, &message, "auth"), "{token}");
+        assert_eq!(www.as_deref(), Some("Bearer, error=\"invalid_token\""));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let record = loop {
+            if let Some(r) = env.control.reports.lock().unwrap().get(i).cloned() {
+                break r;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no report for {token}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(record.response_code, 401);
+        assert_eq!(record.error_message.as_deref(), Some(message.as_str()));
     }
     assert!(env.backend.heads().is_empty());
 }
@@ -436,6 +484,77 @@ async fn unreachable_jwks_is_401_unable_to_fetch() {
         .get("/auth/info/googlejwt", &[("authorization", &auth)])
         .await;
     assert_eq!(status, 200);
+}
+
+/// ESP does not remember a failed key fetch: the first request after the key server is back
+/// fetches again and passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_outage_is_not_remembered() {
+    let env = Env::start(&[], None).await;
+    let body = jwks(&[&env.k1]);
+    env.keys.set("/jwk", 503, "down");
+    let auth = format!("Bearer {}", env.k1.sign(&claims(ISS, AUD)));
+    let (status, body_503, _) = env
+        .get("/auth/info/googlejwt", &[("authorization", &auth)])
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        body_503,
+        esp_body(
+            16,
+            "JWT validation failed: Unable to fetch verification key. HTTP response code: 503",
+            "auth"
+        )
+    );
+    env.keys.set("/jwk", 200, body);
+    let (status, _, _) = env
+        .get("/auth/info/googlejwt", &[("authorization", &auth)])
+        .await;
+    assert_eq!(
+        status, 200,
+        "not recovered on the first request after the outage"
+    );
+    assert_eq!(env.keys.hits("/jwk"), 2);
+}
+
+/// Requests that arrive while a slow key fetch is in flight wait for it and share its outcome,
+/// a failure included: an outage under load costs one fetch, not one per request. The next
+/// request after it fetches again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_during_a_slow_failing_fetch_share_it() {
+    let env = Arc::new(Env::start(&[], None).await);
+    let body = jwks(&[&env.k1]);
+    env.keys.set("/jwk", 500, "down");
+    env.keys.set_delay_ms(700);
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let env = env.clone();
+        let mut c = claims(ISS, AUD);
+        c["jti"] = format!("t{i}").into();
+        let auth = format!("Bearer {}", env.k1.sign(&c));
+        tasks.push(tokio::spawn(async move {
+            env.get("/auth/info/googlejwt", &[("authorization", &auth)])
+                .await
+        }));
+    }
+    for t in tasks {
+        let (status, body, _) = t.await.unwrap();
+        assert_eq!(status, 401);
+        assert!(body.contains("HTTP response code: 500"), "{body}");
+    }
+    assert_eq!(
+        env.keys.hits("/jwk"),
+        1,
+        "concurrent misses made several fetches"
+    );
+    env.keys.set_delay_ms(0);
+    env.keys.set("/jwk", 200, body);
+    let auth = format!("Bearer {}", env.k1.sign(&claims(ISS, AUD)));
+    let (status, _, _) = env
+        .get("/auth/info/googlejwt", &[("authorization", &auth)])
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(env.keys.hits("/jwk"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

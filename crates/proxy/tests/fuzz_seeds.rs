@@ -21,7 +21,8 @@ fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn jwt_seeds() {
-    // `padded`: a padded signature is accepted, as ESP accepted it.
+    // `padded`: a padded signature is accepted, as ESP accepted it; `no_sub`: `sub` is optional,
+    // as in ESP since 1.37.
     let valid = [
         "rs256",
         "es256",
@@ -31,6 +32,7 @@ fn jwt_seeds() {
         "no_exp",
         "unicode_claims",
         "padded",
+        "no_sub",
     ];
     for (name, data) in seeds("jwt") {
         let outcome = portico_proxy::fuzz::jwt(&data);

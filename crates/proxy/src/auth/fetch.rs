@@ -1,6 +1,9 @@
 //! The process-wide key cache: fetching key sets (and OpenID discovery documents), caching them
-//! per URI, refreshing them in the background, and remembering failures briefly so that an
-//! unreachable provider costs its own requests one timeout, not every request a timeout.
+//! per URI and refreshing them in the background. A failed key fetch is not remembered, as in
+//! ESP: the next request fetches again, so callers recover the moment the key server does.
+//! Fetches of one URI are coalesced instead: requests that arrive while one is in flight wait
+//! for it and share its outcome, so an outage under load costs one fetch per fetch time, not
+//! one per request.
 //!
 //! Nothing is fetched at startup: a provider's keys are fetched the first time one of its tokens
 //! is checked, so an unreachable JWKS only affects methods that accept that provider.
@@ -39,7 +42,8 @@ pub struct KeyCacheOptions {
     pub ttl: Duration,
     /// Per-fetch timeout (connect + response).
     pub fetch_timeout: Duration,
-    /// How long a failed fetch is answered from memory before trying again.
+    /// While stale keys are served, how long after a failed background refresh the next one
+    /// waits (requests are answered from the stale keys meanwhile, so nothing is refused).
     pub failure_ttl: Duration,
     /// Minimum spacing of refreshes forced by an unknown `kid`, per URI.
     pub kid_refresh_interval: Duration,
@@ -67,6 +71,9 @@ struct SlotState {
     keys: Option<(Arc<KeySet>, Instant)>,
     failure: Option<(FetchError, Instant)>,
     refreshing: bool,
+    /// Fetches completed so far: a request that waited for the fetch lock and sees this moved
+    /// takes the outcome of the fetch it waited for instead of fetching again.
+    completed: u64,
 }
 
 #[derive(Default)]
@@ -135,10 +142,10 @@ impl KeyCache {
     }
 
     /// Keys for `uri`: fresh from the cache, stale while a background refresh runs, or fetched
-    /// now (bounded by the fetch timeout).
+    /// now (bounded by the fetch timeout), sharing a fetch already in flight.
     pub async fn keys(self: &Arc<Self>, uri: &str) -> Result<Arc<KeySet>, FetchError> {
         let slot = self.slot(uri);
-        {
+        let seen = {
             let mut st = lock(&slot.state);
             if let Some((keys, at)) = &st.keys {
                 let age = at.elapsed();
@@ -168,14 +175,9 @@ impl KeyCache {
                     return Ok(keys);
                 }
             }
-            if let Some((err, at)) = &st.failure {
-                if at.elapsed() < self.opts.failure_ttl {
-                    return Err(err.clone());
-                }
-            }
-        }
+            st.completed
+        };
         let _guard = slot.fetch.lock().await;
-        // Another request may have fetched while we waited for the lock.
         {
             let st = lock(&slot.state);
             if let Some((keys, at)) = &st.keys {
@@ -183,8 +185,10 @@ impl KeyCache {
                     return Ok(keys.clone());
                 }
             }
-            if let Some((err, at)) = &st.failure {
-                if at.elapsed() < self.opts.failure_ttl {
+            // A fetch finished while we waited for it: its failure is ours too. Requests that
+            // arrive after it finished find `completed` already moved and fetch again.
+            if st.completed != seen {
+                if let Some((err, _)) = &st.failure {
                     return Err(err.clone());
                 }
             }
@@ -219,6 +223,7 @@ impl KeyCache {
                 let mut st = lock(&slot.state);
                 st.keys = Some((keys.clone(), Instant::now()));
                 st.failure = None;
+                st.completed += 1;
                 Ok(keys)
             }
             Err(status) => {
@@ -229,6 +234,7 @@ impl KeyCache {
                 tracing::warn!(uri, error = %err, "verification key fetch failed");
                 let mut st = lock(&slot.state);
                 st.failure = Some((err.clone(), Instant::now()));
+                st.completed += 1;
                 // Keys past twice their TTL are no longer trusted once the source fails.
                 if st
                     .keys
@@ -356,7 +362,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unreachable_uri_fails_fast_and_is_remembered() {
+    async fn unreachable_uri_is_tried_again_by_the_next_request() {
         // A port nobody listens on: bind then drop.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -369,8 +375,8 @@ mod tests {
         assert_eq!(cache.keys(&uri).await.unwrap_err(), FetchError::Unreachable);
         assert_eq!(
             cache.fetch_count(),
-            1,
-            "second failure answered from memory"
+            2,
+            "a failure is not answered from memory"
         );
     }
 

@@ -4,9 +4,9 @@
 //! `X-Endpoint-API-UserInfo` needs the payload in its original key order and because issuer
 //! and audience are checked against per-method rules before any key is fetched.
 //!
-//! ESP's order, which decides which message a doubly-broken token gets: header (base64, JSON,
-//! `alg`) → claims (base64, JSON, claim types, `iss`) → `exp`/`nbf` → signature encoding →
-//! `aud` and `sub` present ([`parse`] does the first two, [`ParsedJwt::check`] the rest); the
+//! ESP's order, which decides which message a doubly-broken token gets: empty → first dot →
+//! header (base64, JSON, `alg`) → second dot → claims (base64, JSON, claim types, `iss`) →
+//! `exp`/`nbf` → an email issuer's `sub` → signature encoding → `aud` present ([`parse`] does the first two, [`ParsedJwt::check`] the rest); the
 //! caller then checks issuer and audience rules, finds keys and verifies the signature.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -27,6 +27,8 @@ const BAD_CLAIM_TYPES: &str =
 const MISSING_ISS: &str = "Bad JWT format: invalid JWT claims; issuer is mssing but required.";
 /// The reason for a token outside its `exp`/`nbf` window.
 pub const TIME_CONSTRAINT_FAILURE: &str = "TIME_CONSTRAINT_FAILURE";
+/// The reason for an email-address issuer asserting another subject (gRPC's unnamed status).
+pub const BAD_SUBJECT: &str = "UNKNOWN";
 
 /// A structurally valid token, not yet verified.
 #[derive(Debug, Clone)]
@@ -43,13 +45,101 @@ pub struct ParsedJwt {
     pub nbf: Option<i64>,
     /// Byte offset of the second `.`: `token[..signing_input_len]` is what was signed.
     signing_input_len: usize,
-    /// What is wrong with the signature's encoding, reported after the time check.
+    /// The signature's bytes (empty when its encoding is invalid).
+    signature: Vec<u8>,
+    /// An email-address issuer naming another subject, reported after the time check.
+    subject_problem: bool,
+    /// What is wrong with the signature's encoding, reported after the subject check.
     signature_problem: Option<&'static str>,
 }
 
+/// `=` inside a group, as gRPC's decoder marks it.
+const PAD: u8 = 0x7f;
+
+fn sextet(c: u8) -> Option<u8> {
+    match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'-' => Some(62),
+        b'_' => Some(63),
+        b'=' => Some(PAD),
+        _ => None,
+    }
+}
+
+fn decode_group(g: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    let one = |a: u8, b: u8, out: &mut Vec<u8>| {
+        out.push(((u32::from(a) << 2) | (u32::from(b) >> 4)) as u8)
+    };
+    let two = |a: u8, b: u8, c: u8, out: &mut Vec<u8>| {
+        let packed = (u32::from(a) << 10) | (u32::from(b) << 4) | (u32::from(c) >> 2);
+        out.push((packed >> 8) as u8);
+        out.push(packed as u8);
+    };
+    match *g {
+        [a, b] => one(a, b, out),
+        [a, b, c] => two(a, b, c, out),
+        [a, b, _, _] if a == PAD || b == PAD => return None,
+        [a, b, PAD, PAD] => one(a, b, out),
+        [_, _, PAD, _] => return None,
+        [a, b, c, PAD] => two(a, b, c, out),
+        [a, b, c, d] => {
+            let packed =
+                (u32::from(a) << 18) | (u32::from(b) << 12) | (u32::from(c) << 6) | u32::from(d);
+            out.extend_from_slice(&[(packed >> 16) as u8, (packed >> 8) as u8, packed as u8]);
+        }
+        _ => return None,
+    }
+    Some(())
+}
+
+/// A token part decoded as gRPC's url-safe decoder (ESP's) reads it, because which inputs it
+/// accepts decides which message a broken token gets: `-`/`_` alphabet (`+` and `/` refused),
+/// `=` padding optional, CR/LF and non-ASCII bytes skipped, unused trailing bits ignored, and
+/// padding inside the text tolerated where gRPC tolerates it. An empty result is a failure too.
 fn b64_part(part: &str) -> Option<Vec<u8>> {
-    // Some issuers pad; the JWS spec says they should not, ESP accepted both.
-    URL_SAFE_NO_PAD.decode(part.trim_end_matches('=')).ok()
+    let mut out = Vec::with_capacity(part.len() / 4 * 3 + 2);
+    let mut group = [0u8; 4];
+    let mut n = 0;
+    for &c in part.as_bytes() {
+        if c >= 0x80 || c == b'\r' || c == b'\n' {
+            continue;
+        }
+        group[n] = sextet(c)?;
+        n += 1;
+        if n == 4 {
+            decode_group(&group, &mut out)?;
+            n = 0;
+        }
+    }
+    if n != 0 {
+        decode_group(&group[..n], &mut out)?;
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// The algorithms ESP knew, by its rules (`ES256` is matched as a prefix, as ESP's `strncmp`
+/// does), plus the ones Portico adds (PS*, ES384, EdDSA; see docs/jwt-auth.md).
+fn algorithm(name: &str) -> Option<Algorithm> {
+    if name.starts_with("ES256") {
+        return Some(Algorithm::ES256);
+    }
+    name.parse().ok()
+}
+
+/// gRPC's claims check, which ESP runs after the time window: an issuer that looks like an
+/// email address may only assert itself as subject. gRPC has no name for this status, so ESP
+/// answered with its fallback text.
+fn email_issuer_asserts_other_subject(payload: &Map<String, Value>, iss: &str) -> bool {
+    let is_email = iss
+        .split_once('@')
+        .is_some_and(|(_, domain)| !domain.is_empty());
+    is_email
+        && payload
+            .get("sub")
+            .and_then(Value::as_str)
+            .is_some_and(|sub| sub != iss)
 }
 
 /// A numeric date claim, read as gRPC's claims parser (ESP v1's) reads it.
@@ -75,10 +165,12 @@ fn time_claim(payload: &Map<String, Value>, name: &str) -> Result<Option<i64>, S
 /// Parses a token up to (and including) its `iss`; the error is the complete reason that
 /// follows `JWT validation failed: `.
 pub fn parse(token: &str) -> Result<ParsedJwt, String> {
-    // Like ESP, split at the first two dots; extra dots end up in the signature, whose
-    // encoding is then invalid.
-    let mut parts = token.splitn(3, '.');
-    let (Some(h), Some(p), Some(sig)) = (parts.next(), parts.next(), parts.next()) else {
+    if token.is_empty() {
+        return Err("Bad JWT format: empty token".into());
+    }
+    // ESP reads the header before it looks for the second dot, and everything after the
+    // second dot (extra dots included) is the signature, whose encoding is then invalid.
+    let Some((h, rest)) = token.split_once('.') else {
         return Err("Bad JWT format: should have 2 dots".into());
     };
     let header_bytes = b64_part(h).ok_or("Bad JWT format: Invalid base64 in header")?;
@@ -88,10 +180,12 @@ pub fn parse(token: &str) -> Result<ParsedJwt, String> {
         .get("alg")
         .and_then(Value::as_str)
         .ok_or("Missing alg field.")?;
-    let alg: Algorithm = alg_name
-        .parse()
-        .map_err(|_| format!("Bad JWT format: unsupported alg {alg_name}"))?;
+    let alg =
+        algorithm(alg_name).ok_or_else(|| format!("Bad JWT format: unsupported alg {alg_name}"))?;
     let kid = header.get("kid").and_then(Value::as_str).map(str::to_owned);
+    let Some((p, sig)) = rest.split_once('.') else {
+        return Err("Bad JWT format: should have 2 dots".into());
+    };
 
     let payload_bytes = b64_part(p).ok_or("Bad JWT format: Invalid base64 in claims")?;
     let payload: Value = serde_json::from_slice(&payload_bytes)
@@ -123,10 +217,12 @@ pub fn parse(token: &str) -> Result<ParsedJwt, String> {
         Some(Value::String(s)) => s.clone(),
         _ => return Err(MISSING_ISS.into()),
     };
-    let signature_problem = match b64_part(sig) {
-        Some(bytes) if !bytes.is_empty() => (alg == Algorithm::ES256 && bytes.len() != 64)
+    let subject_problem = email_issuer_asserts_other_subject(&payload, &iss);
+    let signature = b64_part(sig);
+    let signature_problem = match &signature {
+        Some(bytes) => (alg == Algorithm::ES256 && bytes.len() != 64)
             .then_some("Bad JWT format: signature length is not correct"),
-        _ => Some("Bad JWT format: invalid base64 for signature"),
+        None => Some("Bad JWT format: invalid base64 for signature"),
     };
     Ok(ParsedJwt {
         alg,
@@ -138,25 +234,28 @@ pub fn parse(token: &str) -> Result<ParsedJwt, String> {
         nbf,
         payload: Arc::new(payload),
         signing_input_len: h.len() + 1 + p.len(),
+        signature: signature.unwrap_or_default(),
+        subject_problem,
         signature_problem,
     })
 }
 
 impl ParsedJwt {
-    /// The rest of ESP's parse, at `now`: time window, signature encoding, then the claims the
-    /// user info needs (`aud`, `sub`). The error is the complete reason.
+    /// The rest of ESP's parse, at `now`: time window, an email issuer's subject, signature
+    /// encoding, then `aud` present (`sub` is optional, as in ESP since 1.37). The error is the
+    /// complete reason.
     pub fn check(&self, now: i64) -> Result<(), &'static str> {
         if !self.time_valid(now) {
             return Err(TIME_CONSTRAINT_FAILURE);
+        }
+        if self.subject_problem {
+            return Err(BAD_SUBJECT);
         }
         if let Some(problem) = self.signature_problem {
             return Err(problem);
         }
         if self.aud.is_empty() {
             return Err("Bad JWT format: missing audience field.");
-        }
-        if !self.payload.contains_key("sub") {
-            return Err("Bad JWT format: missing subject field.");
         }
         Ok(())
     }
@@ -183,13 +282,13 @@ impl ParsedJwt {
         let Some(message) = token.get(..self.signing_input_len) else {
             return false;
         };
-        let Some(signature) = token.get(self.signing_input_len + 1..) else {
+        if self.signature.is_empty() || keys.is_empty() {
             return false;
-        };
-        // jsonwebtoken expects the signature without padding.
-        let signature = signature.trim_end_matches('=');
+        }
+        // The bytes as ESP decoded them, in the one spelling jsonwebtoken reads.
+        let signature = URL_SAFE_NO_PAD.encode(&self.signature);
         keys.iter().any(|k| {
-            jsonwebtoken::crypto::verify(signature, message.as_bytes(), &k.key, self.alg)
+            jsonwebtoken::crypto::verify(&signature, message.as_bytes(), &k.key, self.alg)
                 .unwrap_or(false)
         })
     }
@@ -268,9 +367,39 @@ mod tests {
             parse("abc").unwrap_err(),
             "Bad JWT format: should have 2 dots"
         );
+        assert_eq!(parse("").unwrap_err(), "Bad JWT format: empty token");
+        // One dot: the header is read first, so its problems win over the missing dot.
         assert_eq!(
             parse("a.b").unwrap_err(),
+            "Bad JWT format: Invalid base64 in header"
+        );
+        assert_eq!(
+            parse("invalid.token").unwrap_err(),
+            "Bad JWT format: Invalid JSON in header"
+        );
+        assert_eq!(
+            parse(&format!("{}.x", enc("{}"))).unwrap_err(),
+            "Missing alg field."
+        );
+        assert_eq!(
+            parse(&format!("{h}.x")).unwrap_err(),
             "Bad JWT format: should have 2 dots"
+        );
+        assert_eq!(
+            parse(&format!("{h}.")).unwrap_err(),
+            "Bad JWT format: should have 2 dots"
+        );
+        assert_eq!(
+            parse(&format!("{}.e30.sig", enc(r#"{"alg":"none"}"#))).unwrap_err(),
+            "Bad JWT format: unsupported alg none"
+        );
+        assert_eq!(
+            parse(&format!("{}.e30.sig", enc(r#"{"alg":1}"#))).unwrap_err(),
+            "Missing alg field."
+        );
+        assert_eq!(
+            parse(&format!("{}.e30.sig", enc("[1]"))).unwrap_err(),
+            "Missing alg field."
         );
         assert_eq!(
             parse("!!.b.c").unwrap_err(),
@@ -327,13 +456,94 @@ mod tests {
                 .unwrap_err(),
             "Bad JWT format: missing audience field."
         );
+        // `sub` is optional.
         assert_eq!(
             parse(&t(&h, r#"{"iss":"i","aud":["a"]}"#))
                 .unwrap()
-                .check(0)
-                .unwrap_err(),
-            "Bad JWT format: missing subject field."
+                .check(0),
+            Ok(())
         );
+        // Empty parts and an empty signature are invalid base64.
+        assert_eq!(
+            parse(&format!(".{}.c2ln", enc(ok))).unwrap_err(),
+            "Bad JWT format: Invalid base64 in header"
+        );
+        assert_eq!(
+            parse(&format!("{h}..c2ln")).unwrap_err(),
+            "Bad JWT format: Invalid base64 in claims"
+        );
+        assert_eq!(
+            parse(&format!("{h}.{}.", enc(ok)))
+                .unwrap()
+                .check(100)
+                .unwrap_err(),
+            "Bad JWT format: invalid base64 for signature"
+        );
+    }
+
+    /// gRPC's claims check: an email-address issuer may only name itself as subject. Judged
+    /// after the time window and before the signature's encoding.
+    #[test]
+    fn email_issuers_must_be_their_own_subject() {
+        let h = enc(r#"{"alg":"RS256"}"#);
+        let t = |claims: &str, sig: &str| format!("{h}.{}.{sig}", enc(claims));
+        let other = r#"{"iss":"sa@p.iam.example","sub":"someone","aud":"a","exp":100}"#;
+        assert_eq!(
+            parse(&t(other, "c2ln")).unwrap().check(100),
+            Err(BAD_SUBJECT)
+        );
+        assert_eq!(parse(&t(other, "!")).unwrap().check(100), Err(BAD_SUBJECT));
+        assert_eq!(
+            parse(&t(other, "c2ln")).unwrap().check(1_000),
+            Err(TIME_CONSTRAINT_FAILURE)
+        );
+        for fine in [
+            r#"{"iss":"sa@p.iam.example","sub":"sa@p.iam.example","aud":"a"}"#,
+            r#"{"iss":"sa@p.iam.example","aud":"a"}"#,
+            r#"{"iss":"trailing@","sub":"x","aud":"a"}"#,
+            r#"{"iss":"https://issuer.example","sub":"x","aud":"a"}"#,
+        ] {
+            assert_eq!(parse(&t(fine, "c2ln")).unwrap().check(0), Ok(()), "{fine}");
+        }
+    }
+
+    /// Base64 as gRPC read it: which spellings of a part are accepted decides the message.
+    #[test]
+    fn parts_decode_as_grpc_did() {
+        let claims = r#"{"iss":"i","aud":"a"}"#;
+        let body = enc(claims);
+        let h = enc(r#"{"alg":"RS256"}"#);
+        // Padding, CR/LF and non-ASCII bytes are tolerated; the payload is the same.
+        let padded = base64::engine::general_purpose::URL_SAFE.encode(claims);
+        for variant in [
+            padded.clone(),
+            format!("{}\r\n{}", &body[..4], &body[4..]),
+            format!("{}\u{e9}{}", &body[..4], &body[4..]),
+        ] {
+            let p = parse(&format!("{h}.{variant}.c2ln")).unwrap();
+            assert_eq!(p.iss, "i", "{variant:?}");
+        }
+        // Unused trailing bits are ignored: `c2m` and `c2n` differ only in them.
+        assert_eq!(b64_part("c2m"), b64_part("c2n"));
+        assert_eq!(b64_part("c2m").unwrap(), b"si");
+        // The standard alphabet's `+` and `/` are refused, as are other characters and a lone
+        // trailing character.
+        for bad in [
+            "ab+c", "ab/c", "ab c", "ab*c", "abcde", "=abc", "a=bc", "ab=c", "====",
+        ] {
+            assert_eq!(b64_part(bad), None, "{bad}");
+        }
+        assert_eq!(b64_part("YQ=="), Some(b"a".to_vec()));
+        assert_eq!(b64_part("YWI="), Some(b"ab".to_vec()));
+        assert_eq!(b64_part(""), None);
+        assert_eq!(b64_part("\r\n"), None);
+        // A signature in any spelling gRPC accepts is the same signature.
+        let p = parse(&format!("{h}.{body}.c2ln")).unwrap();
+        let q = parse(&format!("{h}.{body}.c2ln\r\n")).unwrap();
+        assert_eq!(p.signature, q.signature);
+        // ES256 is matched by prefix, as ESP's strncmp did.
+        let es = parse(&format!("{}.{body}.c2ln", enc(r#"{"alg":"ES256K"}"#))).unwrap();
+        assert_eq!(es.alg, Algorithm::ES256);
     }
 
     /// ESP v1 accepts a token without `exp` (gRPC's claims default to "never expires") and

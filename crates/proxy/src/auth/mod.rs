@@ -29,7 +29,7 @@
 //!
 //! # Order of checks (each failure is ESP's exact message)
 //! token present → token cache → parse (`Bad JWT format: …`, see [`jwt`]) → `exp`/`nbf` with
-//! 60 s skew (`TIME_CONSTRAINT_FAILURE`) → `aud`/`sub` present → issuer configured for the
+//! 60 s skew (`TIME_CONSTRAINT_FAILURE`) → email issuer's `sub` (`UNKNOWN`) → `aud` present → issuer configured for the
 //! method (401 `Issuer not allowed`) → audience (403 `Audience not allowed`) → keys (`Unable to
 //! fetch verification key`, OpenID discovery messages) → kid (`Cannot find matching key in key
 //! set for kid=…`, after one rate-limited refresh; X.509 maps and HMAC keys have ESP's own

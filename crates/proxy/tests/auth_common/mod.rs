@@ -107,6 +107,7 @@ pub struct KeyServer {
     routes: Routes,
     hits: Arc<Mutex<HashMap<String, usize>>>,
     total: Arc<AtomicUsize>,
+    delay_ms: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -117,13 +118,19 @@ impl KeyServer {
         let routes: Routes = Arc::default();
         let hits: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let total = Arc::new(AtomicUsize::new(0));
-        let (r, h, t) = (routes.clone(), hits.clone(), total.clone());
+        let delay_ms = Arc::new(AtomicUsize::new(0));
+        let (r, h, t, d) = (
+            routes.clone(),
+            hits.clone(),
+            total.clone(),
+            delay_ms.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut sock, _)) = listener.accept().await else {
                     return;
                 };
-                let (r, h, t) = (r.clone(), h.clone(), t.clone());
+                let (r, h, t, d) = (r.clone(), h.clone(), t.clone(), d.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
@@ -137,6 +144,10 @@ impl KeyServer {
                     let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
                     t.fetch_add(1, Ordering::SeqCst);
                     *h.lock().unwrap().entry(path.clone()).or_default() += 1;
+                    let delay = d.load(Ordering::SeqCst) as u64;
+                    if delay > 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+                    }
                     let (status, body) = r
                         .lock()
                         .unwrap()
@@ -157,8 +168,14 @@ impl KeyServer {
             routes,
             hits,
             total,
+            delay_ms,
             task,
         }
+    }
+
+    /// Answers every later request only after `ms` milliseconds (counted on arrival).
+    pub fn set_delay_ms(&self, ms: usize) {
+        self.delay_ms.store(ms, Ordering::SeqCst);
     }
 
     pub fn url(&self, path: &str) -> String {
