@@ -601,8 +601,8 @@ async fn wait_for_signal() {
 }
 
 /// The Service Control client, when the config (or `--service_control_url_override`) asks
-/// for one.
-fn service_control_for(
+/// for one, set up from the command line's Service Control flags.
+pub fn service_control_for(
     settings: &Settings,
     configs: watch::Receiver<Arc<Rollout>>,
     credentials: Option<Arc<portico_credentials::ServiceAccountKey>>,
@@ -627,15 +627,9 @@ fn service_control_for(
     ) else {
         return Ok(None);
     };
-    let mut opts = crate::service_control::ServiceControlOptions::new(base);
+    let mut opts = crate::service_control::ServiceControlOptions::new(base).with_settings(settings);
     opts.credentials = credentials;
-    opts.network_fail_open = settings.network_fail_open;
-    if let Some(p) = &settings.compute_platform {
-        opts.platform = p.clone();
-    }
     opts.rollout_notifier = Some(notifier);
-    opts.report_log_entries_per_second = settings.report_log_entries_per_second;
-    opts.report_max_log_entries_per_flush = settings.report_max_log_entries_per_flush;
     // Reports carry only the metrics and logs each config declares, as ESP's do.
     opts.service_configs = Some(configs);
     crate::service_control::ServiceControl::new(opts).map(Some)

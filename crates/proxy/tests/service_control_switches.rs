@@ -1,0 +1,287 @@
+//! Service Control's and JWT authentication's command-line switches through the whole proxy:
+//! the proxy built from `cli::parse` and `server::service_control_for` (what `portico esp`
+//! runs), a real backend, and a TEST DOUBLE of the Service Control *server* on loopback that
+//! counts every call and can be told to hang.
+//!
+//! * `--service_control_{check,quota,report}_{timeout_ms,retries}`: a hung Service Control
+//!   releases a fail-closed request after timeout × (retries + 1), no sooner, not much later.
+//! * `--skip_service_control_filter` / `--skip_jwt_authn_filter`: ESP's `service_control off`
+//!   and `api_authentication off` — no calls, no checks, requests pass.
+
+mod auth_common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use auth_common::*;
+use portico_config::service::Service;
+use portico_proxy::config_source::{Rollout, RolloutNotifier};
+use portico_proxy::pipeline::ControlApi;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const SVC: &str = "switches.endpoints.demo-proj.cloud.goog";
+const ISS: &str = "issuer.example";
+const AUD: &str = "switches-aud";
+
+/// TEST DOUBLE of the Service Control server: counts each call by method (`check`, `report`,
+/// `allocateQuota`); answers every key as valid, or, when `hang` is set, reads the request and
+/// never answers.
+struct ScDouble {
+    addr: SocketAddr,
+    calls: Arc<Mutex<Vec<String>>>,
+    hang: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ScDouble {
+    async fn start() -> ScDouble {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+        let hang = Arc::new(AtomicBool::new(false));
+        let (c, h) = (calls.clone(), hang.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (c, h) = (c.clone(), h.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 8192];
+                    loop {
+                        let end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                        let len: usize = head
+                            .lines()
+                            .filter_map(|l| l.split_once(':'))
+                            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                            .and_then(|(_, v)| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        while buf.len() < end + len {
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let body: serde_json::Value =
+                            serde_json::from_slice(&buf[end..end + len]).unwrap_or_default();
+                        buf.drain(..end + len);
+                        let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                        let method = path.rsplit(':').next().unwrap_or("").to_string();
+                        c.lock().unwrap().push(method.clone());
+                        if h.load(Ordering::SeqCst) {
+                            // Hold the connection open and silent until the caller gives up.
+                            let _ = sock.read(&mut chunk).await;
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                            return;
+                        }
+                        let reply = if method == "check" {
+                            json!({"operationId": body["operation"]["operationId"],
+                                   "checkInfo": {"consumerInfo": {"projectNumber": "123456"}}})
+                        } else {
+                            json!({})
+                        }
+                        .to_string();
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+                            reply.len()
+                        );
+                        if sock.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        ScDouble {
+            addr,
+            calls,
+            hang,
+            task,
+        }
+    }
+
+    fn count(&self, method: &str) -> usize {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| *m == method)
+            .count()
+    }
+
+    fn total(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+}
+
+impl Drop for ScDouble {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A config with Service Control; `/keyed/{x}` needs an API key, `/open` does not, `/jwt`
+/// needs a JWT from the key server's `/jwk` (and no key).
+fn service(jwks_uri: &str) -> Service {
+    serde_json::from_value(json!({
+        "name": SVC,
+        "id": "2026-12-01r0",
+        "producerProjectId": "demo-proj",
+        "control": {"environment": "servicecontrol.example"},
+        "http": {"rules": [
+            {"selector": "s.Keyed", "get": "/keyed/{x}"},
+            {"selector": "s.Open", "get": "/open"},
+            {"selector": "s.Jwt", "get": "/jwt"},
+        ]},
+        "usage": {"rules": [
+            {"selector": "s.Open", "allowUnregisteredCalls": true},
+            {"selector": "s.Jwt", "allowUnregisteredCalls": true},
+        ]},
+        "authentication": {
+            "providers": [{"id": "p", "issuer": ISS, "jwksUri": jwks_uri, "audiences": AUD}],
+            "rules": [{"selector": "s.Jwt", "requirements": [{"providerId": "p"}]}],
+        },
+    }))
+    .unwrap()
+}
+
+struct Env {
+    sc: ScDouble,
+    keys: KeyServer,
+    key: TestKey,
+    backend: RecordingBackend,
+    proxy: portico_proxy::server::ProxyHandle,
+    control: Option<portico_proxy::service_control::ServiceControl>,
+    client: reqwest::Client,
+}
+
+impl Env {
+    async fn start(flags: &[&str]) -> Env {
+        let sc = ScDouble::start().await;
+        let keys = KeyServer::start().await;
+        let key = TestKey::rsa("k1");
+        keys.set("/jwk", 200, jwks(&[&key]));
+        let backend = RecordingBackend::start().await;
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "esp".into(),
+            format!("--service={SVC}").into(),
+            "--http_port=0".into(),
+            "--status_port=0".into(),
+            "--worker_threads=1".into(),
+            "--access_log=off".into(),
+            format!("--backend=http://{}", backend.addr).into(),
+            format!("--service_control_url_override=http://{}", sc.addr).into(),
+        ];
+        args.extend(flags.iter().map(|f| f.into()));
+        let settings = Arc::new(portico_proxy::cli::parse(args).expect("flags"));
+        let rollout = Arc::new(Rollout {
+            rollout_id: "2026-12-01r0".into(),
+            configs: vec![(Arc::new(service(&keys.url("/jwk"))), 100)],
+        });
+        let (_tx, rx) = tokio::sync::watch::channel(rollout);
+        let control = portico_proxy::server::service_control_for(
+            &settings,
+            rx.clone(),
+            None,
+            RolloutNotifier::new(),
+        )
+        .expect("client");
+        let metrics = Arc::new(portico_proxy::metrics::Metrics::new());
+        let proxy = portico_proxy::server::start_with_metrics(
+            settings,
+            rx,
+            control.clone().map(|c| Arc::new(c) as Arc<dyn ControlApi>),
+            metrics,
+        )
+        .await
+        .expect("proxy starts");
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .no_proxy()
+            .build()
+            .unwrap();
+        Env {
+            sc,
+            keys,
+            key,
+            backend,
+            proxy,
+            control,
+            client,
+        }
+    }
+
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        let mut req = self
+            .client
+            .get(format!("http://{}{}", self.proxy.http_addr.unwrap(), path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("proxy answers");
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+
+    /// Flushes reports (the client sends them once a second) and stops the proxy.
+    async fn finish(self) -> (ScDouble, KeyServer, RecordingBackend) {
+        self.proxy.shutdown(Duration::from_secs(2)).await;
+        if let Some(c) = &self.control {
+            c.shutdown().await;
+        }
+        (self.sc, self.keys, self.backend)
+    }
+}
+
+/// Runs one fail-closed request against a Service Control that never answers and returns
+/// (status, elapsed, `:check` attempts seen).
+async fn hung_check(timeout_ms: u64, retries: u32) -> (u16, Duration, usize) {
+    let env = Env::start(&[
+        "--service_control_network_fail_policy=close",
+        &format!("--service_control_check_timeout_ms={timeout_ms}"),
+        &format!("--service_control_check_retries={retries}"),
+        // Nothing but the check under measurement may reach the double.
+        "--service_control_report_retries=0",
+    ])
+    .await;
+    env.sc.hang.store(true, Ordering::SeqCst);
+    let t0 = Instant::now();
+    let (status, _) = env.get("/keyed/1?key=some-key", &[]).await;
+    let elapsed = t0.elapsed();
+    let checks = env.sc.count("check");
+    drop(env.control);
+    (status, elapsed, checks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_service_control_releases_a_fail_closed_request_after_its_tries() {
+    // 3 attempts of 300 ms: at least 900 ms, and well under the 6 s the fixed policy took.
+    let (status, elapsed, checks) = hung_check(300, 2).await;
+    assert_eq!(status, 503);
+    assert_eq!(checks, 3, "one attempt plus two retries");
+    assert!(
+        elapsed >= Duration::from_millis(880) && elapsed < Duration::from_millis(2400),
+        "{elapsed:?}"
+    );
+    // No retries: one attempt, one timeout.
+    let (status, elapsed, checks) = hung_check(400, 0).await;
+    assert_eq!(status, 503);
+    assert_eq!(checks, 1);
+    assert!(
+        elapsed >= Duration::from_millis(390) && elapsed < Duration::from_millis(1900),
+        "{elapsed:?}"
+    );
+}
