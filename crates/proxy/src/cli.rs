@@ -109,6 +109,14 @@ pub struct EspArgs {
     /// batch still undelivered stays queued and is sent again later.
     #[arg(long = "service_control_report_retries")]
     pub service_control_report_retries: Option<String>,
+    /// ESPv2: no Service Control at all (ESP's `service_control off`): no check, quota or report,
+    /// no API key required; methods are still matched.
+    #[arg(long = "skip_service_control_filter", action = ArgAction::SetTrue)]
+    pub skip_service_control_filter: bool,
+    /// ESPv2: no JWT authentication (ESP's `api_authentication off`): tokens are neither required
+    /// nor checked, and the backend gets no `X-Endpoint-API-UserInfo`.
+    #[arg(long = "skip_jwt_authn_filter", action = ArgAction::SetTrue)]
+    pub skip_jwt_authn_filter: bool,
     /// Deprecated in ESP and overwritten by --service_control_network_fail_policy; accepted.
     #[arg(long = "service_control_network_fail_open", action = ArgAction::SetTrue)]
     pub service_control_network_fail_open: bool,
@@ -911,6 +919,8 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         management: a.management,
         service_control_url_override: a.service_control_url_override,
         network_fail_open,
+        skip_service_control: a.skip_service_control_filter,
+        skip_jwt_authn: a.skip_jwt_authn_filter,
         service_control_calls,
         client_max_body_size,
         xff_trusted,
@@ -1172,6 +1182,24 @@ mod tests {
                 format!("invalid {flag} {bad:?}: must be a whole number from 0 to 100")
             );
         }
+    }
+
+    #[test]
+    fn skip_filter_switches_are_off_by_default() {
+        let s = p(&["-s", "svc"]).unwrap();
+        assert!(!s.skip_service_control && !s.skip_jwt_authn);
+        let s = p(&[
+            "-s",
+            "svc",
+            "--skip_service_control_filter",
+            "--skip_jwt_authn_filter",
+        ])
+        .unwrap();
+        assert!(s.skip_service_control && s.skip_jwt_authn);
+        assert!(s.ignored_flags.is_empty(), "{:?}", s.ignored_flags);
+        // Switches take no value.
+        let e = p(&["-s", "svc", "--skip_jwt_authn_filter=false"]).unwrap_err();
+        assert_eq!(e.exit_code, EXIT_BAD_ARGS);
     }
 
     #[test]

@@ -234,6 +234,8 @@ pub async fn start_with_metrics(
     }
     let route_opts = RouteOptions {
         sc_override: settings.service_control_url_override.is_some(),
+        skip_service_control: settings.skip_service_control,
+        skip_jwt_authn: settings.skip_jwt_authn,
         key_cache: crate::auth::KeyCache::new(key_opts),
         auth_options: crate::auth::AuthOptions {
             log_jwt_payload: settings.log_jwt_payload.clone(),
@@ -611,6 +613,10 @@ pub fn service_control_for(
     Option<crate::service_control::ServiceControl>,
     crate::service_control::ServiceControlError,
 > {
+    if settings.skip_service_control {
+        tracing::info!("Service Control is disabled (--skip_service_control_filter)");
+        return Ok(None);
+    }
     let rollout = configs.borrow().clone();
     let environment = rollout
         .configs

@@ -147,6 +147,11 @@ pub struct Settings {
     pub management: Option<String>,
     pub service_control_url_override: Option<String>,
     pub network_fail_open: bool,
+    /// `--skip_service_control_filter`: no `:check`, `:allocateQuota` or `:report` at all, and
+    /// no API key required (ESP's `service_control off`).
+    pub skip_service_control: bool,
+    /// `--skip_jwt_authn_filter`: no JWT required or checked (ESP's `api_authentication off`).
+    pub skip_jwt_authn: bool,
     /// Timeouts and retries of `:check`, `:allocateQuota` and `:report`.
     pub service_control_calls: ServiceControlCalls,
     /// 0 = unlimited, as in nginx.

@@ -285,3 +285,114 @@ async fn a_hung_service_control_releases_a_fail_closed_request_after_its_tries()
         "{elapsed:?}"
     );
 }
+
+fn token(key: &TestKey) -> String {
+    key.sign(&json!({"iss": ISS, "sub": "client-1", "aud": AUD, "iat": now(), "exp": now() + 600}))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_switches_service_control_and_jwt_are_enforced() {
+    let env = Env::start(&[]).await;
+    assert_eq!(env.get("/keyed/1", &[]).await.0, 401);
+    assert_eq!(env.get("/keyed/1?key=k", &[]).await.0, 200);
+    assert_eq!(env.get("/jwt", &[]).await.0, 401);
+    let bearer = format!("Bearer {}", token(&env.key));
+    assert_eq!(env.get("/jwt", &[("authorization", &bearer)]).await.0, 200);
+    assert_eq!(
+        env.backend
+            .last_header_values("x-endpoint-api-userinfo")
+            .len(),
+        1
+    );
+    let (sc, keys, _) = env.finish().await;
+    assert_eq!(sc.count("check"), 1);
+    assert!(sc.count("report") >= 1, "reports sent");
+    assert!(keys.total_hits() >= 1, "JWKS fetched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_service_control_filter_makes_no_call_and_lets_requests_pass() {
+    let env = Env::start(&["--skip_service_control_filter"]).await;
+    assert!(env.control.is_none(), "no Service Control client is built");
+    // No key needed, and a key given is neither checked nor refused.
+    assert_eq!(env.get("/keyed/1", &[]).await.0, 200);
+    assert_eq!(env.get("/keyed/2?key=k", &[]).await.0, 200);
+    assert_eq!(env.get("/keyed/3?key=", &[]).await.0, 200);
+    let long = format!("/keyed/4?key={}", "k".repeat(4096));
+    assert_eq!(env.get(&long, &[]).await.0, 200);
+    assert_eq!(env.get("/open", &[("x-api-key", "k")]).await.0, 200);
+    // Methods are still matched, as in ESP (its check phase answers 404 before asking
+    // whether Service Control is on) ...
+    let (status, body) = env.get("/nope", &[]).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("Method does not exist."), "{body}");
+    // ... and JWT authentication still applies.
+    assert_eq!(env.get("/jwt", &[]).await.0, 401);
+    // The backend is not told about a consumer project nobody looked up.
+    assert!(env
+        .backend
+        .heads()
+        .iter()
+        .all(|h| !h.to_ascii_lowercase().contains("x-endpoint-api-project-id")));
+    let (sc, _, backend) = env.finish().await;
+    assert_eq!(backend.heads().len(), 5);
+    assert_eq!(sc.total(), 0, "no Service Control call at all");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_jwt_authn_filter_checks_no_token() {
+    let env = Env::start(&["--skip_jwt_authn_filter"]).await;
+    assert_eq!(env.get("/jwt", &[]).await.0, 200);
+    for auth in [
+        "Bearer nonsense".to_string(),
+        "Bearer a.b.c".to_string(),
+        format!("Bearer {}", token(&env.key)),
+        format!("Bearer {}", "x".repeat(6000)),
+        "bEaReR lower".to_string(),
+    ] {
+        assert_eq!(
+            env.get("/jwt", &[("authorization", &auth)]).await.0,
+            200,
+            "{auth:.40}"
+        );
+        // Passed through untouched, with no identity derived from it.
+        assert_eq!(env.backend.last_header_values("authorization"), vec![auth]);
+        assert!(env
+            .backend
+            .last_header_values("x-endpoint-api-userinfo")
+            .is_empty());
+    }
+    // A client cannot supply the identity header itself either.
+    assert_eq!(
+        env.get(
+            "/jwt",
+            &[("x-endpoint-api-userinfo", "eyJzdWIiOiJhZG1pbiJ9")]
+        )
+        .await
+        .0,
+        200
+    );
+    assert!(env
+        .backend
+        .last_header_values("x-endpoint-api-userinfo")
+        .is_empty());
+    // Service Control is untouched by the switch.
+    assert_eq!(env.get("/keyed/1", &[]).await.0, 401);
+    assert_eq!(env.get("/keyed/1?key=k", &[]).await.0, 200);
+    let (sc, keys, _) = env.finish().await;
+    assert_eq!(keys.total_hits(), 0, "no JWKS fetched");
+    assert_eq!(sc.count("check"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_switches_pass_everything_through() {
+    // With neither Service Control nor authentication, ESP's module declines and nginx
+    // proxies every request, unknown paths included.
+    let env = Env::start(&["--skip_service_control_filter", "--skip_jwt_authn_filter"]).await;
+    for path in ["/nope", "/keyed/1", "/jwt", "/open?key=k"] {
+        assert_eq!(env.get(path, &[]).await.0, 200, "{path}");
+    }
+    let (sc, keys, backend) = env.finish().await;
+    assert_eq!(backend.heads().len(), 4);
+    assert_eq!((sc.total(), keys.total_hits()), (0, 0));
+}
