@@ -28,11 +28,13 @@ const ISS: &str = "issuer.example";
 const AUD: &str = "switches-aud";
 
 /// TEST DOUBLE of the Service Control server: counts each call by method (`check`, `report`,
-/// `allocateQuota`); answers every key as valid, or, when `hang` is set, reads the request and
-/// never answers.
+/// `allocateQuota`) and keeps each `:report` body; answers a key `refuse-CODE` with check error
+/// CODE (its project, 123456, still named, as Google does) and every other key as valid; when
+/// `hang` is set, reads the request and never answers.
 struct ScDouble {
     addr: SocketAddr,
     calls: Arc<Mutex<Vec<String>>>,
+    reports: Arc<Mutex<Vec<serde_json::Value>>>,
     hang: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -43,13 +45,14 @@ impl ScDouble {
         let addr = listener.local_addr().unwrap();
         let calls: Arc<Mutex<Vec<String>>> = Arc::default();
         let hang = Arc::new(AtomicBool::new(false));
-        let (c, h) = (calls.clone(), hang.clone());
+        let reports: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+        let (c, h, rep) = (calls.clone(), hang.clone(), reports.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut sock, _)) = listener.accept().await else {
                     return;
                 };
-                let (c, h) = (c.clone(), h.clone());
+                let (c, h, rep) = (c.clone(), h.clone(), rep.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 8192];
@@ -88,10 +91,21 @@ impl ScDouble {
                             tokio::time::sleep(Duration::from_secs(60)).await;
                             return;
                         }
-                        let reply = if method == "check" {
+                        let key = body["operation"]["consumerId"]
+                            .as_str()
+                            .unwrap_or("")
+                            .trim_start_matches("api_key:");
+                        let reply = if let Some(code) = key.strip_prefix("refuse-") {
+                            json!({"operationId": body["operation"]["operationId"],
+                                   "checkErrors": [{"code": code}],
+                                   "checkInfo": {"consumerInfo": {"projectNumber": "123456"}}})
+                        } else if method == "check" {
                             json!({"operationId": body["operation"]["operationId"],
                                    "checkInfo": {"consumerInfo": {"projectNumber": "123456"}}})
                         } else {
+                            if method == "report" {
+                                rep.lock().unwrap().push(body);
+                            }
                             json!({})
                         }
                         .to_string();
@@ -109,6 +123,7 @@ impl ScDouble {
         ScDouble {
             addr,
             calls,
+            reports,
             hang,
             task,
         }
@@ -142,6 +157,13 @@ fn service(jwks_uri: &str) -> Service {
         "id": "2026-12-01r0",
         "producerProjectId": "demo-proj",
         "control": {"environment": "servicecontrol.example"},
+        "monitoring": {
+            "producerDestinations": [{"monitoredResource": "api",
+                "metrics": ["serviceruntime.googleapis.com/api/producer/request_count",
+                    "serviceruntime.googleapis.com/api/producer/by_consumer/request_count"]}],
+            "consumerDestinations": [{"monitoredResource": "api",
+                "metrics": ["serviceruntime.googleapis.com/api/consumer/request_count"]}],
+        },
         "http": {"rules": [
             {"selector": "s.Keyed", "get": "/keyed/{x}"},
             {"selector": "s.Open", "get": "/open"},
@@ -395,4 +417,93 @@ async fn both_switches_pass_everything_through() {
     let (sc, keys, backend) = env.finish().await;
     assert_eq!(backend.heads().len(), 4);
     assert_eq!((sc.total(), keys.total_hits()), (0, 0));
+}
+
+/// The producer operation reported for `key`, and whether a by-consumer copy was sent.
+fn reported_for(sc: &ScDouble, key: &str) -> (serde_json::Value, bool) {
+    let ops: Vec<serde_json::Value> = sc
+        .reports
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["operations"].as_array().cloned().unwrap_or_default())
+        .filter(|op| op["labels"]["/credential_id"] == format!("apikey:{key}"))
+        .collect();
+    let producer = ops
+        .iter()
+        .find(|op| {
+            op["labels"]
+                .get("serviceruntime.googleapis.com/consumer_project")
+                .is_none()
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "no producer operation for {key}: {:?}",
+                sc.reports.lock().unwrap().first()
+            )
+        });
+    let by_consumer = ops.iter().any(|op| {
+        op["labels"]
+            .get("serviceruntime.googleapis.com/consumer_project")
+            .is_some()
+    });
+    (producer, by_consumer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_key_refused_for_another_reason_keeps_its_consumer_in_the_report() {
+    // (check error, status, key valid as ESP's check_response handling sees it)
+    let cases = [
+        ("API_TARGET_BLOCKED", 403, true),
+        ("PROJECT_INVALID", 400, true),
+        ("IP_ADDRESS_BLOCKED", 403, true),
+        ("REFERER_BLOCKED", 403, true),
+        ("BILLING_DISABLED", 403, true),
+        ("PERMISSION_DENIED", 403, true),
+        ("NOT_FOUND", 400, true),
+        ("API_KEY_INVALID", 400, false),
+        ("API_KEY_EXPIRED", 400, false),
+        ("API_KEY_NOT_FOUND", 400, false),
+        ("SERVICE_NOT_ACTIVATED", 403, false),
+    ];
+    let env = Env::start(&[]).await;
+    for (code, status, _) in cases {
+        let path = format!("/keyed/{code}?key=refuse-{code}");
+        assert_eq!(env.get(&path, &[]).await.0, status, "{code}");
+        // A second request is answered from the check cache and must report the same.
+        assert_eq!(env.get(&path, &[]).await.0, status, "{code} cached");
+    }
+    let (sc, _, _) = env.finish().await;
+    for (code, _, valid) in cases {
+        let key = format!("refuse-{code}");
+        let (op, by_consumer) = reported_for(&sc, &key);
+        if valid {
+            assert_eq!(op["consumerId"], format!("api_key:{key}"), "{code}: {op}");
+            assert_eq!(
+                op["labels"]["/credential_id"],
+                format!("apikey:{key}"),
+                "{code}"
+            );
+            assert!(by_consumer, "{code}: by-consumer metrics sent");
+        } else {
+            assert!(op.get("consumerId").is_none(), "{code}: {op}");
+            assert!(!by_consumer, "{code}: no by-consumer metrics");
+        }
+        let count = |name: &str| {
+            op["metricValueSets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["metricName"] == format!("serviceruntime.googleapis.com/api/{name}"))
+                .map(|m| m["metricValues"][0]["int64Value"].clone())
+        };
+        assert_eq!(
+            count("producer/request_count"),
+            Some(json!("2")),
+            "{code}: {op}"
+        );
+        let consumer = count("consumer/request_count");
+        assert_eq!(consumer, valid.then(|| json!("2")), "{code}: {op}");
+    }
 }
