@@ -14,8 +14,9 @@
 
 use crate::cors::CorsSettings;
 use crate::settings::{
-    parse_backend, HeaderLimits, RewriteRule, RolloutStrategy, Settings, DEFAULT_BACKEND_TIMEOUT_S,
-    DEFAULT_XFF_TRUSTED_PROXY_LIST, EXIT_BAD_ARGS, EXIT_PORT_CONFLICT, EXIT_SETUP,
+    parse_backend, HeaderLimits, RewriteRule, RolloutStrategy, ServiceControlCalls, Settings,
+    DEFAULT_BACKEND_TIMEOUT_S, DEFAULT_XFF_TRUSTED_PROXY_LIST, EXIT_BAD_ARGS, EXIT_PORT_CONFLICT,
+    EXIT_SETUP, MAX_SERVICE_CONTROL_RETRIES, MAX_SERVICE_CONTROL_TIMEOUT_MS,
 };
 use clap::{ArgAction, Parser};
 use ipnet::IpNet;
@@ -89,6 +90,33 @@ pub struct EspArgs {
     /// `open` (allow requests when Service Control is unreachable) or `close`.
     #[arg(long = "service_control_network_fail_policy", default_value = "open")]
     pub service_control_network_fail_policy: String,
+    /// ESPv2: milliseconds one `:check` attempt may take (default 1500, ESP's).
+    #[arg(long = "service_control_check_timeout_ms")]
+    pub service_control_check_timeout_ms: Option<String>,
+    /// ESPv2: further `:check` attempts after one that got no answer (default 3, ESP's).
+    #[arg(long = "service_control_check_retries")]
+    pub service_control_check_retries: Option<String>,
+    /// ESPv2: milliseconds one `:allocateQuota` attempt may take (default 1500, ESP's).
+    #[arg(long = "service_control_quota_timeout_ms")]
+    pub service_control_quota_timeout_ms: Option<String>,
+    /// ESPv2: further `:allocateQuota` attempts after one that got no answer (default 1, ESP's).
+    #[arg(long = "service_control_quota_retries")]
+    pub service_control_quota_retries: Option<String>,
+    /// ESPv2: milliseconds one `:report` attempt may take (default 3500, ESP's).
+    #[arg(long = "service_control_report_timeout_ms")]
+    pub service_control_report_timeout_ms: Option<String>,
+    /// ESPv2: further `:report` attempts after one that got no answer (default 5, ESP's); a
+    /// batch still undelivered stays queued and is sent again later.
+    #[arg(long = "service_control_report_retries")]
+    pub service_control_report_retries: Option<String>,
+    /// ESPv2: no Service Control at all (ESP's `service_control off`): no check, quota or report,
+    /// no API key required; methods are still matched.
+    #[arg(long = "skip_service_control_filter", action = ArgAction::SetTrue)]
+    pub skip_service_control_filter: bool,
+    /// ESPv2: no JWT authentication (ESP's `api_authentication off`): tokens are neither required
+    /// nor checked, and the backend gets no `X-Endpoint-API-UserInfo`.
+    #[arg(long = "skip_jwt_authn_filter", action = ArgAction::SetTrue)]
+    pub skip_jwt_authn_filter: bool,
     /// Deprecated in ESP and overwritten by --service_control_network_fail_policy; accepted.
     #[arg(long = "service_control_network_fail_open", action = ArgAction::SetTrue)]
     pub service_control_network_fail_open: bool,
@@ -372,6 +400,77 @@ pub fn parse_nginx_time(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("invalid time {s:?}: more than 7 days"))
 }
 
+/// Parses `--service_control_*_timeout_ms`: whole milliseconds, 1 to 600,000.
+fn parse_sc_timeout(flag: &str, v: &str) -> Result<Duration, String> {
+    match v.trim().parse::<u64>() {
+        Ok(ms) if (1..=MAX_SERVICE_CONTROL_TIMEOUT_MS).contains(&ms) => {
+            Ok(Duration::from_millis(ms))
+        }
+        _ => Err(format!(
+            "invalid {flag} {v:?}: must be a whole number of milliseconds from 1 to \
+             {MAX_SERVICE_CONTROL_TIMEOUT_MS}"
+        )),
+    }
+}
+
+/// Parses `--service_control_*_retries`: 0 (one attempt only) to 100.
+fn parse_sc_retries(flag: &str, v: &str) -> Result<u32, String> {
+    match v.trim().parse::<u32>() {
+        Ok(n) if n <= MAX_SERVICE_CONTROL_RETRIES => Ok(n),
+        _ => Err(format!(
+            "invalid {flag} {v:?}: must be a whole number from 0 to {MAX_SERVICE_CONTROL_RETRIES}"
+        )),
+    }
+}
+
+/// The six Service Control call flags over ESP's defaults.
+fn service_control_calls(a: &EspArgs) -> Result<ServiceControlCalls, ArgError> {
+    let mut calls = ServiceControlCalls::default();
+    for (flag, value, policy) in [
+        (
+            "--service_control_check_timeout_ms",
+            &a.service_control_check_timeout_ms,
+            &mut calls.check,
+        ),
+        (
+            "--service_control_quota_timeout_ms",
+            &a.service_control_quota_timeout_ms,
+            &mut calls.quota,
+        ),
+        (
+            "--service_control_report_timeout_ms",
+            &a.service_control_report_timeout_ms,
+            &mut calls.report,
+        ),
+    ] {
+        if let Some(v) = value {
+            policy.timeout = parse_sc_timeout(flag, v).map_err(ArgError::bad)?;
+        }
+    }
+    for (flag, value, policy) in [
+        (
+            "--service_control_check_retries",
+            &a.service_control_check_retries,
+            &mut calls.check,
+        ),
+        (
+            "--service_control_quota_retries",
+            &a.service_control_quota_retries,
+            &mut calls.quota,
+        ),
+        (
+            "--service_control_report_retries",
+            &a.service_control_report_retries,
+            &mut calls.report,
+        ),
+    ] {
+        if let Some(v) = value {
+            policy.retries = parse_sc_retries(flag, v).map_err(ArgError::bad)?;
+        }
+    }
+    Ok(calls)
+}
+
 /// Why the command line was refused, with start_esp's exit code.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
@@ -567,6 +666,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
             )))
         }
     };
+    let service_control_calls = service_control_calls(&a)?;
     let client_max_body_size = parse_nginx_size(&a.client_max_body_size)
         .map_err(|e| ArgError::bad(format!("--client_max_body_size: {e}")))?;
 
@@ -819,6 +919,9 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         management: a.management,
         service_control_url_override: a.service_control_url_override,
         network_fail_open,
+        skip_service_control: a.skip_service_control_filter,
+        skip_jwt_authn: a.skip_jwt_authn_filter,
+        service_control_calls,
         client_max_body_size,
         xff_trusted,
         conn_limits: portico_listen::ConnLimits {
@@ -1017,6 +1120,86 @@ mod tests {
                 e.message
             );
         }
+    }
+
+    #[test]
+    fn service_control_call_flags_default_to_esps_and_parse() {
+        let s = p(&["-s", "svc"]).unwrap();
+        let c = s.service_control_calls;
+        let ms = Duration::from_millis;
+        assert_eq!((c.check.timeout, c.check.retries), (ms(1500), 3));
+        assert_eq!((c.quota.timeout, c.quota.retries), (ms(1500), 1));
+        assert_eq!((c.report.timeout, c.report.retries), (ms(3500), 5));
+        assert_eq!(c.check.worst_case(), ms(6000));
+        let s = p(&[
+            "-s",
+            "svc",
+            "--service_control_check_timeout_ms=250",
+            "--service_control_check_retries=0",
+            "--service_control_quota_timeout_ms",
+            "600000",
+            "--service_control_quota_retries=100",
+            "--service_control_report_timeout_ms=1",
+            "--service_control_report_retries=2",
+        ])
+        .unwrap();
+        let c = s.service_control_calls;
+        assert_eq!((c.check.timeout, c.check.retries), (ms(250), 0));
+        assert_eq!((c.quota.timeout, c.quota.retries), (ms(600_000), 100));
+        assert_eq!((c.report.timeout, c.report.retries), (ms(1), 2));
+        assert!(s.ignored_flags.is_empty(), "{:?}", s.ignored_flags);
+        for (flag, bad) in [
+            ("--service_control_check_timeout_ms", "0"),
+            ("--service_control_check_timeout_ms", "-5"),
+            ("--service_control_check_timeout_ms", "1.5"),
+            ("--service_control_check_timeout_ms", "1500ms"),
+            ("--service_control_quota_timeout_ms", "600001"),
+            (
+                "--service_control_report_timeout_ms",
+                "99999999999999999999999",
+            ),
+            ("--service_control_report_timeout_ms", ""),
+        ] {
+            let e = p(&["-s", "svc", &format!("{flag}={bad}")]).unwrap_err();
+            assert_eq!(e.exit_code, EXIT_BAD_ARGS, "{flag}={bad}");
+            assert_eq!(
+                e.message,
+                format!(
+                    "invalid {flag} {bad:?}: must be a whole number of milliseconds from 1 to 600000"
+                )
+            );
+        }
+        for (flag, bad) in [
+            ("--service_control_check_retries", "-1"),
+            ("--service_control_quota_retries", "101"),
+            ("--service_control_report_retries", "4294967296"),
+            ("--service_control_report_retries", "three"),
+        ] {
+            let e = p(&["-s", "svc", &format!("{flag}={bad}")]).unwrap_err();
+            assert_eq!(e.exit_code, EXIT_BAD_ARGS, "{flag}={bad}");
+            assert_eq!(
+                e.message,
+                format!("invalid {flag} {bad:?}: must be a whole number from 0 to 100")
+            );
+        }
+    }
+
+    #[test]
+    fn skip_filter_switches_are_off_by_default() {
+        let s = p(&["-s", "svc"]).unwrap();
+        assert!(!s.skip_service_control && !s.skip_jwt_authn);
+        let s = p(&[
+            "-s",
+            "svc",
+            "--skip_service_control_filter",
+            "--skip_jwt_authn_filter",
+        ])
+        .unwrap();
+        assert!(s.skip_service_control && s.skip_jwt_authn);
+        assert!(s.ignored_flags.is_empty(), "{:?}", s.ignored_flags);
+        // Switches take no value.
+        let e = p(&["-s", "svc", "--skip_jwt_authn_filter=false"]).unwrap_err();
+        assert_eq!(e.exit_code, EXIT_BAD_ARGS);
     }
 
     #[test]

@@ -26,6 +26,16 @@ impl Cause {
     }
 }
 
+/// What a `:check` that refused the request still established about its caller: the API key
+/// itself is valid and its project has the API enabled (the refusal was for another reason,
+/// such as `API_TARGET_BLOCKED` or `PROJECT_INVALID`), so the report names the consumer, as
+/// ESP's does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KnownConsumer {
+    pub consumer_project_number: Option<i64>,
+    pub api_key_uid: Option<String>,
+}
+
 /// A proxy-generated error: HTTP status, canonical code, message and cause.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EspError {
@@ -35,6 +45,8 @@ pub struct EspError {
     pub code: i32,
     pub message: String,
     pub cause: Cause,
+    /// Set only on a `:check` refusal whose key was valid.
+    pub known_consumer: Option<Box<KnownConsumer>>,
 }
 
 impl EspError {
@@ -45,6 +57,7 @@ impl EspError {
             code: code.as_i32(),
             message: message.into(),
             cause,
+            known_consumer: None,
         }
     }
 
@@ -61,6 +74,7 @@ impl EspError {
             code: code.as_i32(),
             message: message.into(),
             cause,
+            known_consumer: None,
         }
     }
 

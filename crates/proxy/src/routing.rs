@@ -176,6 +176,11 @@ pub struct RouteOptions {
     /// `--service_control_url_override` is set: Service Control is on even without
     /// `control.environment`.
     pub sc_override: bool,
+    /// `--skip_service_control_filter` (ESP's `service_control off`): no config has Service
+    /// Control, whatever it declares.
+    pub skip_service_control: bool,
+    /// `--skip_jwt_authn_filter` (ESP's `api_authentication off`): no method needs a JWT.
+    pub skip_jwt_authn: bool,
     /// Shared across configs so JWKS stay cached through rollouts.
     pub key_cache: Arc<crate::auth::KeyCache>,
     pub auth_options: crate::auth::AuthOptions,
@@ -194,6 +199,8 @@ impl RouteOptions {
     pub fn new(sc_override: bool) -> RouteOptions {
         RouteOptions {
             sc_override,
+            skip_service_control: false,
+            skip_jwt_authn: false,
             key_cache: crate::auth::KeyCache::new(crate::auth::KeyCacheOptions::default()),
             auth_options: crate::auth::AuthOptions::default(),
             backend_routing: false,
@@ -234,7 +241,8 @@ impl ConfigRoutes {
 
     /// Compiles a service config.
     pub fn build(service: Arc<Service>, opts: &RouteOptions) -> ConfigRoutes {
-        let service_control = opts.sc_override || service.has_service_control();
+        let service_control =
+            !opts.skip_service_control && (opts.sc_override || service.has_service_control());
         let mut builder: PathMatcherBuilder<Arc<MethodInfo>> = PathMatcherBuilder::new();
         let mut skipped_rules = Vec::new();
 
@@ -242,7 +250,7 @@ impl ConfigRoutes {
             .authentication
             .iter()
             .flat_map(|a| a.rules.iter())
-            .filter(|r| !r.requirements.is_empty())
+            .filter(|r| !opts.skip_jwt_authn && !r.requirements.is_empty())
             .map(|r| (r.selector.as_str(), r))
             .collect();
         let api_key_params: HashMap<&str, Vec<&SystemParameter>> = service

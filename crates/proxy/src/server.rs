@@ -234,6 +234,8 @@ pub async fn start_with_metrics(
     }
     let route_opts = RouteOptions {
         sc_override: settings.service_control_url_override.is_some(),
+        skip_service_control: settings.skip_service_control,
+        skip_jwt_authn: settings.skip_jwt_authn,
         key_cache: crate::auth::KeyCache::new(key_opts),
         auth_options: crate::auth::AuthOptions {
             log_jwt_payload: settings.log_jwt_payload.clone(),
@@ -601,8 +603,8 @@ async fn wait_for_signal() {
 }
 
 /// The Service Control client, when the config (or `--service_control_url_override`) asks
-/// for one.
-fn service_control_for(
+/// for one, set up from the command line's Service Control flags.
+pub fn service_control_for(
     settings: &Settings,
     configs: watch::Receiver<Arc<Rollout>>,
     credentials: Option<Arc<portico_credentials::ServiceAccountKey>>,
@@ -611,6 +613,10 @@ fn service_control_for(
     Option<crate::service_control::ServiceControl>,
     crate::service_control::ServiceControlError,
 > {
+    if settings.skip_service_control {
+        tracing::info!("Service Control is disabled (--skip_service_control_filter)");
+        return Ok(None);
+    }
     let rollout = configs.borrow().clone();
     let environment = rollout
         .configs
@@ -627,15 +633,9 @@ fn service_control_for(
     ) else {
         return Ok(None);
     };
-    let mut opts = crate::service_control::ServiceControlOptions::new(base);
+    let mut opts = crate::service_control::ServiceControlOptions::new(base).with_settings(settings);
     opts.credentials = credentials;
-    opts.network_fail_open = settings.network_fail_open;
-    if let Some(p) = &settings.compute_platform {
-        opts.platform = p.clone();
-    }
     opts.rollout_notifier = Some(notifier);
-    opts.report_log_entries_per_second = settings.report_log_entries_per_second;
-    opts.report_max_log_entries_per_flush = settings.report_max_log_entries_per_flush;
     // Reports carry only the metrics and logs each config declares, as ESP's do.
     opts.service_configs = Some(configs);
     crate::service_control::ServiceControl::new(opts).map(Some)

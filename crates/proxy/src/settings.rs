@@ -33,6 +33,56 @@ pub const DEFAULT_XFF_TRUSTED_PROXY_LIST: &str =
 /// `x-google-backend` `deadline` when none is given). ESP's nginx waited 86,400 s.
 pub const DEFAULT_BACKEND_TIMEOUT_S: f64 = 15.0;
 
+/// One kind of Service Control call: how long each attempt may take, and how many more attempts
+/// follow one that failed in transport (no answer, connection refused, timed out). An answer,
+/// even an error, is never retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallPolicy {
+    pub timeout: Duration,
+    pub retries: u32,
+}
+
+impl CallPolicy {
+    /// The longest a caller waits for this call when every attempt times out.
+    pub fn worst_case(&self) -> Duration {
+        self.timeout.saturating_mul(self.retries.saturating_add(1))
+    }
+}
+
+/// `--service_control_{check,quota,report}_{timeout_ms,retries}`. The defaults are ESP v1's
+/// (its `aggregated.cc`): check 1,500 ms and 3 retries, quota 1,500 ms and 1, report 3,500 ms
+/// and 5. ESPv2 shortened the timeouts (1,000/1,000/2,000 ms); Portico keeps ESP's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceControlCalls {
+    pub check: CallPolicy,
+    pub quota: CallPolicy,
+    pub report: CallPolicy,
+}
+
+impl Default for ServiceControlCalls {
+    fn default() -> Self {
+        ServiceControlCalls {
+            check: CallPolicy {
+                timeout: Duration::from_millis(1500),
+                retries: 3,
+            },
+            quota: CallPolicy {
+                timeout: Duration::from_millis(1500),
+                retries: 1,
+            },
+            report: CallPolicy {
+                timeout: Duration::from_millis(3500),
+                retries: 5,
+            },
+        }
+    }
+}
+
+/// Largest `--service_control_*_timeout_ms`: ten minutes.
+pub const MAX_SERVICE_CONTROL_TIMEOUT_MS: u64 = 600_000;
+/// Largest `--service_control_*_retries`.
+pub const MAX_SERVICE_CONTROL_RETRIES: u32 = 100;
+
 /// The backend's protocol, from the `--backend` scheme.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendScheme {
@@ -97,6 +147,13 @@ pub struct Settings {
     pub management: Option<String>,
     pub service_control_url_override: Option<String>,
     pub network_fail_open: bool,
+    /// `--skip_service_control_filter`: no `:check`, `:allocateQuota` or `:report` at all, and
+    /// no API key required (ESP's `service_control off`).
+    pub skip_service_control: bool,
+    /// `--skip_jwt_authn_filter`: no JWT required or checked (ESP's `api_authentication off`).
+    pub skip_jwt_authn: bool,
+    /// Timeouts and retries of `:check`, `:allocateQuota` and `:report`.
+    pub service_control_calls: ServiceControlCalls,
     /// 0 = unlimited, as in nginx.
     pub client_max_body_size: u64,
     pub xff_trusted: Vec<IpNet>,

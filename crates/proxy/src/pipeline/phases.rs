@@ -11,7 +11,7 @@ use crate::error::{Cause, Code, EspError};
 use crate::forward;
 use crate::request_head;
 use crate::routing::{ConfigRoutes, MethodInfo};
-use crate::service_control::{CheckInput, QuotaInput};
+use crate::service_control::{CheckInput, CheckOk, QuotaInput};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -305,6 +305,14 @@ impl Pipeline {
                 }
                 Err(err) => {
                     report.check_network_failure = err.code == Code::Unavailable.as_i32();
+                    if let Some(known) = &err.known_consumer {
+                        report.check = Some(CheckOk {
+                            consumer_project_number: known.consumer_project_number,
+                            api_key_valid: true,
+                            network_failure: false,
+                            api_key_uid: known.api_key_uid.clone(),
+                        });
+                    }
                     return Err(err);
                 }
             }

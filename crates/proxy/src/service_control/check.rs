@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use portico_servicecontrol::{labels, CheckRequest, CheckResponse, Operation};
 
 use super::{report, CheckInput, CheckOk, Inner};
-use crate::error::{Cause, Code, EspError};
+use crate::error::{Cause, Code, EspError, KnownConsumer};
 use crate::outbound_auth::SERVICE_CONTROLLER;
 
 /// Numeric values of `google.api.servicecontrol.v1.CheckError.Code`, for the "unsupported
@@ -153,6 +153,16 @@ pub(crate) fn check_error_to_esp(code: &str, service: &str) -> Option<EspError> 
     Some(e)
 }
 
+/// ESP's `ConvertCheckResponse` marks the key invalid only for the three API-key errors, and
+/// the service not activated for `SERVICE_NOT_ACTIVATED`; after any other refusal the report
+/// still carries the key and its consumer.
+fn key_valid_despite(code: &str) -> bool {
+    !matches!(
+        code,
+        "API_KEY_INVALID" | "API_KEY_EXPIRED" | "API_KEY_NOT_FOUND" | "SERVICE_NOT_ACTIVATED"
+    )
+}
+
 /// What one remote check decided, and whether it may be cached.
 pub(crate) struct Verdict {
     pub(crate) outcome: Result<CheckOk, EspError>,
@@ -193,10 +203,18 @@ pub(crate) fn verdict_from_response(resp: &CheckResponse, service: &str) -> Verd
                 }),
                 cacheable: false,
             },
-            Some(e) => Verdict {
-                outcome: Err(e),
-                cacheable: true,
-            },
+            Some(mut e) => {
+                if key_valid_despite(&err.code) {
+                    e.known_consumer = Some(Box::new(KnownConsumer {
+                        consumer_project_number,
+                        api_key_uid,
+                    }));
+                }
+                Verdict {
+                    outcome: Err(e),
+                    cacheable: true,
+                }
+            }
         },
     }
 }
@@ -644,6 +662,63 @@ mod tests {
         };
         let v = verdict_from_response(&resp, "s");
         assert!(v.outcome.is_ok() && !v.cacheable);
+    }
+
+    #[test]
+    fn a_refusal_keeps_the_consumer_unless_the_key_or_service_was_at_fault() {
+        let refused = |code: &str| {
+            let resp = CheckResponse {
+                check_errors: vec![CheckError {
+                    code: code.into(),
+                    ..Default::default()
+                }],
+                check_info: Some(CheckInfo {
+                    consumer_info: Some(ConsumerInfo {
+                        project_number: 42,
+                        ..Default::default()
+                    }),
+                    api_key_uid: "uid-1".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            verdict_from_response(&resp, "s")
+                .outcome
+                .expect_err("refused")
+                .known_consumer
+        };
+        let known = Some(Box::new(KnownConsumer {
+            consumer_project_number: Some(42),
+            api_key_uid: Some("uid-1".into()),
+        }));
+        for code in [
+            "API_TARGET_BLOCKED",
+            "PROJECT_INVALID",
+            "PROJECT_DELETED",
+            "NOT_FOUND",
+            "PERMISSION_DENIED",
+            "RESOURCE_EXHAUSTED",
+            "IP_ADDRESS_BLOCKED",
+            "REFERER_BLOCKED",
+            "CLIENT_APP_BLOCKED",
+            "BILLING_DISABLED",
+            "INVALID_CREDENTIAL",
+            "CONSUMER_INVALID",
+            // Unsupported codes (another spelling included: the names are case-sensitive)
+            // are refused as such, and ESP keeps the key then.
+            "SOMETHING_NEW",
+            "api_key_invalid",
+        ] {
+            assert_eq!(refused(code), known, "{code}");
+        }
+        for code in [
+            "API_KEY_INVALID",
+            "API_KEY_EXPIRED",
+            "API_KEY_NOT_FOUND",
+            "SERVICE_NOT_ACTIVATED",
+        ] {
+            assert_eq!(refused(code), None, "{code}");
+        }
     }
 
     #[test]

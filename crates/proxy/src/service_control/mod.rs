@@ -47,6 +47,7 @@ pub use report::RequestRecord;
 use crate::config_source::{Rollout, RolloutNotifier};
 use crate::error::{Code, EspError};
 use crate::outbound_auth::{control_plane_of, TokenSource};
+use crate::settings::{CallPolicy, ServiceControlCalls, Settings};
 use aggregate::{Aggregator, LogPolicy};
 use check::{CheckCache, Lookup};
 use quota::{Decision, NewEntry, QuotaCache};
@@ -108,11 +109,17 @@ pub struct ServiceControlOptions {
     pub service_agent: String,
     pub platform: String,
     pub location: String,
+    /// Per attempt; a `:check` that never answers holds its request for
+    /// `check_timeout × (check_retries + 1)`.
     pub check_timeout: Duration,
+    /// Attempts after the first, for transport failures only.
     pub check_retries: u32,
     pub quota_timeout: Duration,
     pub quota_retries: u32,
     pub report_timeout: Duration,
+    /// Immediate attempts after the first; a batch still undelivered is kept and retried with
+    /// backoff ([`ServiceControlOptions::report_retry_initial_backoff`]).
+    pub report_retries: u32,
     /// 0 disables the check cache (every request waits for a remote check).
     pub check_cache_entries: usize,
     /// Bytes the check cache may hold (keys, verdicts, bookkeeping), whatever the entry count.
@@ -148,6 +155,7 @@ pub struct ServiceControlOptions {
 
 impl ServiceControlOptions {
     pub fn new(base_url: impl Into<String>) -> Self {
+        let calls = ServiceControlCalls::default();
         ServiceControlOptions {
             base_url: base_url.into(),
             credentials: None,
@@ -157,11 +165,12 @@ impl ServiceControlOptions {
             service_agent: format!("ESP/portico-{}", env!("CARGO_PKG_VERSION")),
             platform: "unknown".to_string(),
             location: "global".to_string(),
-            check_timeout: Duration::from_millis(1500),
-            check_retries: 3,
-            quota_timeout: Duration::from_millis(1500),
-            quota_retries: 1,
-            report_timeout: Duration::from_millis(3500),
+            check_timeout: calls.check.timeout,
+            check_retries: calls.check.retries,
+            quota_timeout: calls.quota.timeout,
+            quota_retries: calls.quota.retries,
+            report_timeout: calls.report.timeout,
+            report_retries: calls.report.retries,
             check_cache_entries: 10_000,
             check_cache_bytes: 16 << 20,
             check_refresh_interval: Duration::from_secs(60),
@@ -180,6 +189,27 @@ impl ServiceControlOptions {
             report_retry_initial_backoff: Duration::from_secs(1),
             report_retry_max_backoff: Duration::from_secs(30),
         }
+    }
+}
+
+impl ServiceControlOptions {
+    /// Takes what the command line says about Service Control: the failure policy, the
+    /// platform label, the report log caps and each call's timeout and retries.
+    pub fn with_settings(mut self, settings: &Settings) -> Self {
+        self.network_fail_open = settings.network_fail_open;
+        if let Some(p) = &settings.compute_platform {
+            self.platform = p.clone();
+        }
+        self.report_log_entries_per_second = settings.report_log_entries_per_second;
+        self.report_max_log_entries_per_flush = settings.report_max_log_entries_per_flush;
+        let calls = &settings.service_control_calls;
+        self.check_timeout = calls.check.timeout;
+        self.check_retries = calls.check.retries;
+        self.quota_timeout = calls.quota.timeout;
+        self.quota_retries = calls.quota.retries;
+        self.report_timeout = calls.report.timeout;
+        self.report_retries = calls.report.retries;
+        self
     }
 }
 
@@ -564,7 +594,16 @@ impl ServiceControl {
             Ok(mut t) => t.drain(..).collect(),
             Err(_) => Vec::new(),
         };
-        let limit = self.inner.opts.report_timeout * 2 + Duration::from_secs(1);
+        // A flush already under way, then the final one, each at worst every attempt timing out.
+        let o = &self.inner.opts;
+        let one_flush = CallPolicy {
+            timeout: o.report_timeout,
+            retries: o.report_retries,
+        }
+        .worst_case();
+        let limit = one_flush
+            .saturating_mul(2)
+            .saturating_add(Duration::from_secs(1));
         for t in tasks {
             if tokio::time::timeout(limit, t).await.is_err() {
                 tracing::warn!("Service Control shutdown flush did not finish in time");

@@ -839,7 +839,7 @@ impl Inner {
                     SERVICE_CONTROLLER,
                     payload,
                     self.opts.report_timeout,
-                    0,
+                    self.opts.report_retries,
                 )
                 .await;
             match result {
