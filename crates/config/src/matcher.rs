@@ -565,7 +565,6 @@ mod tests {
         let mut b = PathMatcherBuilder::<u8>::new();
         for t in [
             "",
-            "/",
             "//",
             "/a//b",
             "/{}",

@@ -12,9 +12,10 @@
 //! ```
 //!
 //! OpenAPI paths (`/shelves/{shelf}`) are the same grammar restricted to whole-segment `{name}`
-//! variables, so one parser serves both. Rejected on purpose, like ESP: the empty template, the
-//! root path `/`, empty segments (`//`, `/a/`, `/a//b`), `{}`, variables that cover only part of
-//! a segment (`/items/overview.{format}`), and `**` anywhere but last.
+//! variables, so one parser serves both. The root path `/` is a template with no segments: Google's
+//! Service Management accepts it as an API method. Rejected on purpose, like ESP: the empty
+//! template, empty segments (`//`, `/a/`, `/a//b`), `{}`, variables that cover only part of a
+//! segment (`/items/overview.{format}`), and `**` anywhere but last.
 
 use std::fmt;
 
@@ -24,8 +25,6 @@ use std::fmt;
 pub enum TemplateError {
     #[error("the path is empty; a path template must start with \"/\"")]
     Empty,
-    #[error("the root path cannot be an API method")]
-    RootPath,
     #[error("a path template must start with \"/\"")]
     MissingLeadingSlash,
     #[error("the path ends with \"/\"; remove the trailing slash")]
@@ -113,7 +112,11 @@ impl Template {
             return Err(TemplateError::MissingLeadingSlash);
         }
         if text == "/" {
-            return Err(TemplateError::RootPath);
+            return Ok(Template {
+                segments: Vec::new(),
+                variables: Vec::new(),
+                verb: None,
+            });
         }
         let body = &text[1..];
         let (path, verb) = split_verb(body)?;
@@ -350,6 +353,9 @@ impl Parser<'_> {
 impl fmt::Display for Template {
     /// Canonical form: variables are written as `{a.b=...}` only when not a single `*`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.segments.is_empty() {
+            f.write_str("/")?;
+        }
         let mut i = 0;
         while i < self.segments.len() {
             f.write_str("/")?;
@@ -507,6 +513,8 @@ mod tests {
         assert_eq!(ok("/a/{b=*}").to_string(), "/a/{b}");
         assert_eq!(ok("/a/{b=x/**}").to_string(), "/a/{b=x/**}");
         assert_eq!(ok("/*/**").to_string(), "/*/**");
+        assert_eq!(ok("/").to_string(), "/");
+        assert!(ok("/").segments.is_empty());
     }
 
     #[test]
@@ -514,7 +522,6 @@ mod tests {
         use TemplateError::*;
         let cases: &[(&str, TemplateError)] = &[
             ("", Empty),
-            ("/", RootPath),
             ("a/b", MissingLeadingSlash),
             ("//", EmptySegment { position: 1 }),
             ("/a/", TrailingSlash),
@@ -566,10 +573,6 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "variable \"{format}\" must be a whole path segment, but it is part of \"overview.{format}\""
-        );
-        assert_eq!(
-            Template::parse("/").unwrap_err().to_string(),
-            "the root path cannot be an API method"
         );
     }
 }

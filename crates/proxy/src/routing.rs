@@ -552,7 +552,7 @@ mod tests {
         {"selector": "1.bookstore.CreateShelf", "post": "/shelves"},
         {"selector": "1.bookstore.GetShelf", "get": "/shelves/{shelf}"},
         {"selector": "1.bookstore.CorsShelf", "custom": {"kind": "OPTIONS", "path": "/shelves/{shelf}"}},
-        {"selector": "1.bookstore.Bad", "get": "/"}
+        {"selector": "1.bookstore.Bad", "get": "/a//b"}
       ]},
       "usage": {"rules": [{"selector": "1.bookstore.ListShelves", "allowUnregisteredCalls": true}]},
       "systemParameters": {"rules": [{"selector": "1.bookstore.GetShelf",
@@ -585,7 +585,7 @@ mod tests {
         assert_eq!(c.metric_costs, vec![("writes".to_string(), 2)]);
         assert!(c.auth.is_some());
         assert!(!c.allow_unregistered_calls);
-        // The root path is not a valid template: the rule is skipped, not fatal.
+        // An invalid template: the rule is skipped, not fatal.
         assert_eq!(r.skipped_rules.len(), 1, "{:?}", r.skipped_rules);
     }
 

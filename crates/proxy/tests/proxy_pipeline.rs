@@ -1708,3 +1708,57 @@ async fn caller_ip_for_checks_follows_real_ip_and_client_ip_header() {
     );
     assert_eq!(backend_header(&v, "x-real-ip"), vec!["127.0.0.1"]);
 }
+
+/// The bookstore config with extra HTTP rules (all allowing unregistered calls).
+fn bookstore_with_rules(rules: serde_json::Value) -> Arc<Service> {
+    let mut svc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/tests/fixtures/bookstore_sc.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    for r in rules.as_array().unwrap() {
+        svc["http"]["rules"].as_array_mut().unwrap().push(r.clone());
+        svc["usage"]["rules"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"selector": r["selector"], "allowUnregisteredCalls": true}));
+    }
+    Arc::new(serde_json::from_value(svc).unwrap())
+}
+
+#[tokio::test]
+async fn root_path_is_an_api_method_on_the_wire() {
+    let svc = bookstore_with_rules(serde_json::json!([
+        {"selector": "1.bookstore.Root", "get": "/"}
+    ]));
+    let env = start_proxy(svc, start_backend().await, &[]).await;
+    for target in ["/", "/?x=1"] {
+        let r = env
+            .client
+            .get(format!("{}{target}", env.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{target}");
+        assert_eq!(json_of(r).await["uri"], target);
+    }
+    let r = env
+        .client
+        .post(format!("{}/", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let reports = env.control.wait_reports(3).await;
+    assert!(
+        reports
+            .iter()
+            .filter(|r| r.operation_name == "1.bookstore.Root")
+            .count()
+            == 2,
+        "{reports:?}"
+    );
+}

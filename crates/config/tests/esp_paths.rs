@@ -1,0 +1,82 @@
+//! Path templates and configs that ESP and Google's Service Management accept: the root path,
+//! custom verbs followed by `/`, invalid top-level templates, `**` followed by more segments.
+
+use portico_config::{convert, PathMatcherBuilder, SourceFile};
+
+const HEAD: &str = "swagger: \"2.0\"\ninfo:\n  title: T\n  version: 1.0.0\nhost: api.example.com\n";
+const OK_RESPONSES: &str = "      responses:\n        200:\n          description: ok\n";
+
+fn converted_rules(text: &str) -> Vec<(String, String, String)> {
+    let conv = convert(&[SourceFile::new("openapi.yaml", text)]).unwrap_or_else(|e| panic!("{e}"));
+    conv.service
+        .http
+        .as_ref()
+        .map(|h| {
+            h.rules
+                .iter()
+                .filter_map(|r| {
+                    let (m, p) = r.method_and_path()?;
+                    Some((r.selector.clone(), m.to_string(), p.to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn root_path_is_an_api_method() {
+    let text = format!(
+        "{HEAD}paths:\n  /:\n    get:\n      operationId: root\n{OK_RESPONSES}  /a:\n    get:\n      operationId: a\n{OK_RESPONSES}"
+    );
+    let rules = converted_rules(&text);
+    assert!(
+        rules.contains(&("1.api_example_com.Root".into(), "GET".into(), "/".into())),
+        "{rules:?}"
+    );
+    let mut b = PathMatcherBuilder::new();
+    for (sel, m, p) in &rules {
+        b.register(m, p, sel.clone()).unwrap();
+    }
+    let m = b.build();
+    let root = Some(&"1.api_example_com.Root".to_string());
+    assert_eq!(m.lookup("GET", "/"), root);
+    assert_eq!(m.lookup("GET", "/?x=1"), root);
+    assert_eq!(m.lookup("HEAD", "/"), root);
+    assert_eq!(m.lookup("POST", "/"), None);
+    assert_eq!(m.lookup("GET", "/b"), None);
+    assert_eq!(
+        m.lookup("GET", "/a").map(String::as_str),
+        Some("1.api_example_com.A")
+    );
+    let (_, bindings) = m.lookup_with_bindings("GET", "/").unwrap();
+    assert!(bindings.is_empty());
+}
+
+#[test]
+fn root_path_with_a_base_path_is_the_base_path() {
+    let text = format!(
+        "{HEAD}basePath: /v1\npaths:\n  /:\n    get:\n      operationId: root\n{OK_RESPONSES}"
+    );
+    let rules = converted_rules(&text);
+    assert_eq!(rules[0].2, "/v1");
+}
+
+#[test]
+fn root_path_is_registered_once_per_method() {
+    let mut b = PathMatcherBuilder::new();
+    b.register("GET", "/", 1).unwrap();
+    assert!(
+        b.register("GET", "/", 2).is_err(),
+        "duplicate root accepted"
+    );
+    b.register("*", "/**", 3).unwrap();
+    let m = b.build();
+    assert_eq!(m.lookup("GET", "/"), Some(&1));
+    assert_eq!(m.lookup("POST", "/"), Some(&3));
+    assert_eq!(m.lookup("GET", "/x"), Some(&3));
+    // Still refused: a verb on the root, empty segments.
+    let mut b = PathMatcherBuilder::<u8>::new();
+    for t in ["/:verb", "//", "///"] {
+        assert!(b.register("GET", t, 0).is_err(), "{t:?} accepted");
+    }
+}
