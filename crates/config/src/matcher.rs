@@ -16,7 +16,8 @@
 //! - the target is cut at `?` and matched **undecoded**, case-sensitively;
 //! - trailing empty segments are dropped (`/a/` ≡ `/a`), inner ones are significant;
 //! - `:verb` at the end of the last segment is a custom verb only if some template uses that
-//!   verb; otherwise the colon is ordinary segment text (`/foo/other:verb` matches `/foo/*`);
+//!   verb and no `/` follows it; otherwise the colon is ordinary segment text
+//!   (`/foo/other:verb` matches `/foo/*`, `/foo/x:verb/` never matches `/foo/*:verb`);
 //! - a rule for the exact HTTP method beats a `*` (any method) rule at the same node, and `HEAD`
 //!   falls back to `GET`.
 //!
@@ -313,19 +314,22 @@ impl<T> PathMatcher<T> {
         if !path.starts_with('/') {
             return None;
         }
-        let path = path.trim_end_matches('/');
-        if !self.verbs.is_empty() {
+        // As ESP: a verb is split off only when the last ':' comes after the last '/', so in
+        // `/a/b:verb/` the colon is ordinary segment text.
+        if !self.verbs.is_empty() && !path.ends_with('/') {
             let last_seg = path.rfind('/').map_or(0, |i| i + 1);
             if let Some(colon) = path[last_seg..].rfind(':') {
                 let verb = &path[last_seg + colon + 1..];
                 if self.verbs.contains(verb) {
-                    let stem = path[..last_seg + colon].trim_end_matches('/');
+                    // `/a/:verb` keeps its empty last segment, as ESP's split does.
+                    let stem = &path[..last_seg + colon];
                     if let Some(e) = self.root.find(rest_of(stem), method, Some(verb)) {
                         return Some((e, stem));
                     }
                 }
             }
         }
+        let path = path.trim_end_matches('/');
         self.root
             .find(rest_of(path), method, None)
             .map(|e| (e, path))

@@ -80,3 +80,56 @@ fn root_path_is_registered_once_per_method() {
         assert!(b.register("GET", t, 0).is_err(), "{t:?} accepted");
     }
 }
+
+/// ESP's `CustomVerbMatches` cases that need no `**` in the middle: a `/` after the verb makes it
+/// part of an ordinary segment (ESP only splits a verb off the text after the last `/`).
+#[test]
+fn trailing_slash_after_a_custom_verb_is_not_a_verb() {
+    let mut b = PathMatcherBuilder::new();
+    for (t, v) in [
+        ("/some/const:verb", "some_const_verb"),
+        ("/some/*:verb", "some__verb"),
+        ("/some/*/foo:verb", "some__foo_verb"),
+        ("/other/**:verb", "other__verb"),
+    ] {
+        b.register("GET", t, v).unwrap();
+    }
+    let m = b.build();
+    assert_eq!(
+        m.lookup("GET", "/some/const:verb"),
+        Some(&"some_const_verb")
+    );
+    assert_eq!(m.lookup("GET", "/some/other:verb"), Some(&"some__verb"));
+    assert_eq!(m.lookup("GET", "/some/other:verb/"), None);
+    assert_eq!(m.lookup("GET", "/some/other:verb//"), None);
+    assert_eq!(m.lookup("GET", "/some/other:verb/?q=1"), None);
+    assert_eq!(m.lookup("GET", "/some/const:verb/"), None);
+    assert_eq!(
+        m.lookup("GET", "/some/bar/foo:verb"),
+        Some(&"some__foo_verb")
+    );
+    assert_eq!(m.lookup("GET", "/some/foo1/foo2/foo:verb"), None);
+    assert_eq!(m.lookup("GET", "/some/foo/bar:verb"), None);
+    assert_eq!(m.lookup("GET", "/other/bar/foo:verb"), Some(&"other__verb"));
+    // `**` takes the colon text as an ordinary segment once the verb is not split off.
+    assert_eq!(m.lookup("GET", "/other/bar/foo:verb/"), None);
+
+    // Without a verb rule the colon text is an ordinary segment, trailing slash or not.
+    let mut b = PathMatcherBuilder::new();
+    b.register("GET", "/foo/*", "star").unwrap();
+    b.register("GET", "/foo/*/hello", "hello").unwrap();
+    b.register("POST", "/foo/{x}:verb", "verb").unwrap();
+    let m = b.build();
+    assert_eq!(m.lookup("GET", "/foo/other:verb/"), Some(&"star"));
+    assert_eq!(m.lookup("GET", "/foo/other:verb/hello"), Some(&"hello"));
+    assert_eq!(m.lookup("POST", "/foo/other:verb"), Some(&"verb"));
+    assert_eq!(m.lookup("POST", "/foo/other:verb/"), None);
+    // An empty segment before the verb stays a segment (ESP splits `/foo/:verb` into
+    // `foo`, `` and the verb).
+    assert_eq!(m.lookup("POST", "/foo/:verb"), Some(&"verb"));
+    let mut b = PathMatcherBuilder::new();
+    b.register("POST", "/foo:verb", "v").unwrap();
+    let m = b.build();
+    assert_eq!(m.lookup("POST", "/foo:verb"), Some(&"v"));
+    assert_eq!(m.lookup("POST", "/foo/:verb"), None);
+}

@@ -1762,3 +1762,23 @@ async fn root_path_is_an_api_method_on_the_wire() {
         "{reports:?}"
     );
 }
+
+#[tokio::test]
+async fn a_slash_after_a_custom_verb_makes_it_ordinary_path_text() {
+    let svc = bookstore_with_rules(serde_json::json!([
+        {"selector": "1.bookstore.Verb", "get": "/some/*:verb"}
+    ]));
+    let env = start_proxy(svc, start_backend().await, &[]).await;
+    let get = |t: &str| env.client.get(format!("{}{t}", env.base)).send();
+    let r = get("/some/other:verb").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(json_of(r).await["uri"], "/some/other:verb");
+    for t in ["/some/other:verb/", "/some/other:verb/?x=1"] {
+        let r = get(t).await.unwrap();
+        assert_eq!(r.status(), 404, "{t}");
+        assert_eq!(
+            r.text().await.unwrap(),
+            EspError::method_does_not_exist().body()
+        );
+    }
+}
