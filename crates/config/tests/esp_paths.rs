@@ -133,3 +133,76 @@ fn trailing_slash_after_a_custom_verb_is_not_a_verb() {
     assert_eq!(m.lookup("POST", "/foo:verb"), Some(&"v"));
     assert_eq!(m.lookup("POST", "/foo/:verb"), None);
 }
+
+/// Google's proto JSON parser takes a field under its proto name or its JSON name, and Google's
+/// own samples write `x-google-management` in snake_case.
+#[test]
+fn management_fields_in_either_json_spelling() {
+    let snake = format!(
+        "{HEAD}x-google-management:\n  metrics:\n    - name: read-requests\n      display_name: Read requests\n      value_type: INT64\n      metric_kind: DELTA\n  quota:\n    limits:\n      - name: read-limit\n        metric: read-requests\n        unit: 1/min/{{project}}\n        values: {{STANDARD: 5}}\n        display_name: Reads\n        default_limit: 7\n        max_limit: 9\n        free_tier: 1\npaths:\n  /a:\n    get:\n      operationId: a\n      x-google-quota:\n        metric_costs: {{read-requests: 2}}\n{OK_RESPONSES}"
+    );
+    let camel = snake
+        .replace("display_name", "displayName")
+        .replace("value_type", "valueType")
+        .replace("metric_kind", "metricKind")
+        .replace("default_limit", "defaultLimit")
+        .replace("max_limit", "maxLimit")
+        .replace("free_tier", "freeTier")
+        .replace("metric_costs", "metricCosts");
+    let json = |text: &str| {
+        let conv =
+            convert(&[SourceFile::new("openapi.yaml", text)]).unwrap_or_else(|e| panic!("{e}"));
+        serde_json::to_value(&conv.service).unwrap()
+    };
+    let (s, c) = (json(&snake), json(&camel));
+    assert_eq!(s["metrics"], c["metrics"]);
+    assert_eq!(s["quota"], c["quota"]);
+    let m = s["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "read-requests")
+        .unwrap();
+    assert_eq!(
+        (&m["displayName"], &m["valueType"], &m["metricKind"]),
+        (&"Read requests".into(), &"INT64".into(), &"DELTA".into())
+    );
+    let l = &s["quota"]["limits"][0];
+    assert_eq!(l["displayName"], "Reads");
+    assert_eq!(l["defaultLimit"], "7");
+    assert_eq!(l["maxLimit"], "9");
+    assert_eq!(l["freeTier"], "1");
+    assert_eq!(
+        s["quota"]["metricRules"][0]["metricCosts"]["read-requests"],
+        "2"
+    );
+
+    // A value that is wrong is still wrong in the other spelling.
+    let bad = snake.replace("value_type: INT64", "value_type: DOUBLE");
+    let err = convert(&[SourceFile::new("openapi.yaml", bad.as_str())]).unwrap_err();
+    assert!(
+        err.to_string().contains("has valueType \"DOUBLE\""),
+        "{err}"
+    );
+    // Both spellings of one field: refused, like a field given twice.
+    let both = snake.replace(
+        "value_type: INT64",
+        "value_type: INT64\n      valueType: INT64",
+    );
+    let err = convert(&[SourceFile::new("openapi.yaml", both.as_str())]).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("\"valueType\" and \"value_type\" are the same field"),
+        "{err}"
+    );
+    // Other spellings are not proto names and stay unknown.
+    for wrong in ["valuetype", "VALUE_TYPE", "value-type", "Value_Type"] {
+        let t = snake.replace("value_type", wrong);
+        let err = convert(&[SourceFile::new("openapi.yaml", t.as_str())]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("unknown field \"{wrong}\"")),
+            "{err}"
+        );
+    }
+}
