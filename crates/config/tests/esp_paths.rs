@@ -206,3 +206,42 @@ fn management_fields_in_either_json_spelling() {
         );
     }
 }
+
+/// ESPv2's sidecar deployments give `x-google-backend` settings without an address: they apply
+/// to the proxy's own backend.
+#[test]
+fn backend_without_address_is_accepted() {
+    let text = format!(
+        "{HEAD}x-google-backend:\n  deadline: 30\npaths:\n  /a:\n    get:\n      operationId: a\n{OK_RESPONSES}  /b:\n    get:\n      operationId: b\n      x-google-backend:\n        protocol: h2\n        deadline: 0.5\n{OK_RESPONSES}  /c:\n    get:\n      operationId: c\n      x-google-backend:\n        address: https://c.example.com\n{OK_RESPONSES}"
+    );
+    let conv = convert(&[SourceFile::new("openapi.yaml", text.as_str())])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let svc = serde_json::to_value(&conv.service).unwrap();
+    let rules = svc["backend"]["rules"].as_array().unwrap();
+    let by = |m: &str| {
+        rules
+            .iter()
+            .find(|r| r["selector"] == format!("1.api_example_com.{m}"))
+            .unwrap_or_else(|| panic!("no rule for {m}: {rules:?}"))
+    };
+    assert_eq!(
+        by("A"),
+        &serde_json::json!({"selector": "1.api_example_com.A", "deadline": 30.0})
+    );
+    assert_eq!(
+        by("B"),
+        &serde_json::json!({"selector": "1.api_example_com.B", "deadline": 0.5, "protocol": "h2"})
+    );
+    assert_eq!(by("C")["address"], "https://c.example.com");
+    assert_eq!(by("C")["pathTranslation"], "CONSTANT_ADDRESS");
+    // The other fields are still checked.
+    for bad in ["deadline: -1", "protocol: h3", "addres: https://x"] {
+        let t = format!(
+            "{HEAD}x-google-backend:\n  {bad}\npaths:\n  /a:\n    get:\n      operationId: a\n{OK_RESPONSES}"
+        );
+        assert!(
+            convert(&[SourceFile::new("openapi.yaml", t.as_str())]).is_err(),
+            "{bad}"
+        );
+    }
+}

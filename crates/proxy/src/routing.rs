@@ -41,6 +41,15 @@ pub struct MethodInfo {
     /// `--enable_backend_routing`: where this method's requests go (from `backend.rules`).
     /// `None` with routing enabled means the method has no address (ESP answers 500).
     pub backend: Option<Arc<BackendTarget>>,
+    /// The method's backend rule has no address: its requests go to `--backend` (with or
+    /// without backend routing), bounded by the rule's deadline when it sets one.
+    pub local_backend: Option<LocalBackend>,
+}
+
+/// A backend rule without an address (ESPv2's sidecar form): settings for `--backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalBackend {
+    pub deadline: Option<std::time::Duration>,
 }
 
 /// `backend.rules[].path_translation`.
@@ -369,6 +378,13 @@ impl ConfigRoutes {
                 api_name,
                 api_version,
                 cors_preflight: false,
+                local_backend: backend_rules
+                    .get(selector)
+                    .filter(|r| r.address.is_empty())
+                    .and_then(|_| deadlines.get(selector))
+                    .map(|deadline| LocalBackend {
+                        deadline: *deadline,
+                    }),
                 backend: backend_rules.get(selector).and_then(|r| {
                     let deadline = *deadlines.get(selector)?;
                     let (forwarder, path_prefix, host) = clients.get(r.address.as_str())?;

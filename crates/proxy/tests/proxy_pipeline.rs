@@ -1782,3 +1782,53 @@ async fn a_slash_after_a_custom_verb_makes_it_ordinary_path_text() {
         );
     }
 }
+
+/// `x-google-backend` without an address (ESPv2's sidecar form): the rule's deadline bounds the
+/// call to `--backend`, and with backend routing such methods go to `--backend` instead of
+/// ESP's 500 for a method without an address.
+#[tokio::test]
+async fn backend_rule_without_address_applies_to_the_local_backend() {
+    let mut svc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/tests/fixtures/bookstore_sc.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    svc["backend"] = serde_json::json!({"rules": [
+        {"selector": "1.bookstore.Slow", "deadline": 0.3},
+        {"selector": "1.bookstore.ListShelves", "deadline": 10.0, "protocol": "http/1.1"},
+    ]});
+    let svc: Arc<Service> = Arc::new(serde_json::from_value(svc).unwrap());
+    let backend = start_backend().await;
+    for extra in [&[][..], &["--enable_backend_routing"][..]] {
+        let env = start_proxy(svc.clone(), backend, extra).await;
+        let started = std::time::Instant::now();
+        let r = env
+            .client
+            .get(format!("{}/slow", env.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 504, "{extra:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{extra:?}");
+        let r = env
+            .client
+            .get(format!("{}/shelves?x=1", env.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{extra:?}");
+        assert_eq!(json_of(r).await["uri"], "/shelves?x=1");
+        // A method with no backend rule at all: --backend without routing, ESP's 500 with it.
+        let r = env
+            .client
+            .post(format!("{}/echo?key=K", env.base))
+            .send()
+            .await
+            .unwrap();
+        let want = if extra.is_empty() { 200 } else { 500 };
+        assert_eq!(r.status(), want, "{extra:?}");
+    }
+}

@@ -1490,14 +1490,10 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
             return None;
         }
         let mut ok = true;
+        // Without an address the rule's settings (deadline, protocol) apply to the proxy's own
+        // `--backend`, as in ESPv2's sidecar deployments.
         let address = match node.get("address") {
-            None => {
-                self.ctx.error(
-                    node.pos,
-                    "x-google-backend needs an address, e.g. address: https://backend.example.com",
-                );
-                return None;
-            }
+            None => String::new(),
             Some(a) => match a.as_str() {
                 Some(s) => {
                     if let Some(problem) = backend_address_problem(s) {
@@ -1517,6 +1513,7 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
             },
         };
         let path_translation = match node.get("path_translation") {
+            None if address.is_empty() => String::new(),
             None => default_translation.to_string(),
             Some(p) => match p.as_str() {
                 Some(s @ ("APPEND_PATH_TO_ADDRESS" | "CONSTANT_ADDRESS")) => s.to_string(),
