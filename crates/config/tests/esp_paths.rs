@@ -245,3 +245,248 @@ fn backend_without_address_is_accepted() {
         );
     }
 }
+
+fn esp_matcher(rules: &[(&str, &'static str)]) -> portico_config::PathMatcher<&'static str> {
+    let mut b = PathMatcherBuilder::new();
+    for (t, v) in rules {
+        b.register("GET", t, *v)
+            .unwrap_or_else(|e| panic!("{t}: {e}"));
+    }
+    b.build()
+}
+
+fn bound(
+    m: &portico_config::PathMatcher<&'static str>,
+    target: &str,
+) -> (&'static str, Vec<(String, String)>) {
+    let (v, b) = m
+        .lookup_with_bindings("GET", target)
+        .unwrap_or_else(|| panic!("{target} did not match"));
+    (
+        *v,
+        b.into_iter()
+            .map(|b| (b.field_path.join("."), b.value))
+            .collect(),
+    )
+}
+
+fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+    p.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+/// ESP's path_matcher_test `CustomVerbMatches`, including `**` followed by a literal.
+#[test]
+fn esp_custom_verb_matches() {
+    let m = esp_matcher(&[
+        ("/some/const:verb", "some_const_verb"),
+        ("/some/*:verb", "some__verb"),
+        ("/some/*/foo:verb", "some__foo_verb"),
+        ("/other/**:verb", "other__verb"),
+        ("/other/**/const:verb", "other__const_verb"),
+    ]);
+    assert_eq!(
+        m.lookup("GET", "/some/const:verb"),
+        Some(&"some_const_verb")
+    );
+    assert_eq!(m.lookup("GET", "/some/other:verb"), Some(&"some__verb"));
+    assert_eq!(m.lookup("GET", "/some/other:verb/"), None);
+    assert_eq!(
+        m.lookup("GET", "/some/bar/foo:verb"),
+        Some(&"some__foo_verb")
+    );
+    assert_eq!(m.lookup("GET", "/some/foo1/foo2/foo:verb"), None);
+    assert_eq!(m.lookup("GET", "/some/foo/bar:verb"), None);
+    assert_eq!(m.lookup("GET", "/other/bar/foo:verb"), Some(&"other__verb"));
+    assert_eq!(
+        m.lookup("GET", "/other/bar/foo/const:verb"),
+        Some(&"other__const_verb")
+    );
+    assert_eq!(
+        m.lookup("GET", "/other/const/const:verb"),
+        Some(&"other__const_verb")
+    );
+    assert_eq!(m.lookup("GET", "/other/const:verb"), Some(&"other__verb"));
+}
+
+/// ESP's `VariableBindings` and `ConstantSuffixesWithVariable` cases.
+#[test]
+fn esp_double_star_followed_by_literals_binds_like_esp() {
+    let m = esp_matcher(&[
+        ("/a/{x}/c/d/e", "a_cde"),
+        ("/{x=a/*}/b/{y=*}/c", "a_b_c"),
+        ("/a/{x=b/*}/{y=d/**}", "ab_d__"),
+        ("/alpha/{x=*}/beta/{y=**}/gamma", "alpha_beta__gamma"),
+        ("/{x=*}/a", "_a"),
+        ("/{x=**}/a/b", "__ab"),
+        ("/a/b/{x=*}", "ab_"),
+        ("/a/b/c/{x=**}", "abc__"),
+        ("/{x=*}/d/e/f/{y=**}", "_def__"),
+    ]);
+    assert_eq!(
+        bound(&m, "/a/book/c/d/e"),
+        ("a_cde", pairs(&[("x", "book")]))
+    );
+    assert_eq!(
+        bound(&m, "/a/hello/b/world/c"),
+        ("a_b_c", pairs(&[("x", "a/hello"), ("y", "world")]))
+    );
+    assert_eq!(
+        bound(&m, "/a/b/zoo/d/animal/tiger"),
+        ("ab_d__", pairs(&[("x", "b/zoo"), ("y", "d/animal/tiger")]))
+    );
+    assert_eq!(
+        bound(&m, "/alpha/dog/beta/eat/bones/gamma"),
+        (
+            "alpha_beta__gamma",
+            pairs(&[("x", "dog"), ("y", "eat/bones")])
+        )
+    );
+    assert_eq!(bound(&m, "/foo/a"), ("_a", pairs(&[("x", "foo")])));
+    assert_eq!(
+        bound(&m, "/foo/bar/a/b"),
+        ("__ab", pairs(&[("x", "foo/bar")]))
+    );
+    assert_eq!(bound(&m, "/a/b/foo"), ("ab_", pairs(&[("x", "foo")])));
+    assert_eq!(
+        bound(&m, "/a/b/c/foo/bar/baz"),
+        ("abc__", pairs(&[("x", "foo/bar/baz")]))
+    );
+    assert_eq!(
+        bound(&m, "/foo/d/e/f/bar/baz"),
+        ("_def__", pairs(&[("x", "foo"), ("y", "bar/baz")]))
+    );
+
+    let m = esp_matcher(&[
+        ("/a/{x=b/**}", "ab__"),
+        ("/a/{x=b/**}/z", "ab__z"),
+        ("/a/{x=b/**}/y/z", "ab__yz"),
+        ("/a/{x=b/**}:verb", "ab__verb"),
+        ("/a/{x=**}", "a__"),
+        ("/c/{x=*}/{y=d/**}/e", "c_d__e"),
+        ("/c/{x=*}/{y=d/**}/e:verb", "c_d__everb"),
+        ("/f/{x=*}/{y=**}/g", "f___g"),
+        ("/f/{x=*}/{y=**}/g:verb", "f___gverb"),
+        ("/a/{x=b/*/y/z/**}/foo", "ab_yz__foo"),
+        ("/a/{x=b/*/**/y/z}/foo", "ab___yzfoo"),
+    ]);
+    assert_eq!(
+        bound(&m, "/a/b/hello/world/c"),
+        ("ab__", pairs(&[("x", "b/hello/world/c")]))
+    );
+    assert_eq!(
+        bound(&m, "/a/b/world/c/z"),
+        ("ab__z", pairs(&[("x", "b/world/c")]))
+    );
+    assert_eq!(
+        bound(&m, "/a/b/world/c/y/z"),
+        ("ab__yz", pairs(&[("x", "b/world/c")]))
+    );
+    assert_eq!(
+        bound(&m, "/a/b/world/c:verb"),
+        ("ab__verb", pairs(&[("x", "b/world/c")]))
+    );
+    assert_eq!(
+        bound(&m, "/a/hello/b/world/c"),
+        ("a__", pairs(&[("x", "hello/b/world/c")]))
+    );
+    assert_eq!(
+        bound(&m, "/c/hello/d/esp/world/e"),
+        ("c_d__e", pairs(&[("x", "hello"), ("y", "d/esp/world")]))
+    );
+    assert_eq!(
+        bound(&m, "/c/hola/d/esp/mundo/e:verb"),
+        ("c_d__everb", pairs(&[("x", "hola"), ("y", "d/esp/mundo")]))
+    );
+    assert_eq!(
+        bound(&m, "/f/foo/bar/baz/g"),
+        ("f___g", pairs(&[("x", "foo"), ("y", "bar/baz")]))
+    );
+    assert_eq!(
+        bound(&m, "/f/foo/bar/baz/g:verb"),
+        ("f___gverb", pairs(&[("x", "foo"), ("y", "bar/baz")]))
+    );
+    assert_eq!(
+        bound(&m, "/a/b/foo/y/z/bar/baz/foo"),
+        ("ab_yz__foo", pairs(&[("x", "b/foo/y/z/bar/baz")]))
+    );
+    assert_eq!(
+        bound(&m, "/a/b/foo/bar/baz/y/z/foo"),
+        ("ab___yzfoo", pairs(&[("x", "b/foo/bar/baz/y/z")]))
+    );
+}
+
+/// `{x=**}` keeps reserved escapes (ESP's `PercentEscapesNotUnescapedForMultiSegment2` and
+/// `OnlyUnreservedCharsAreUnescapedForMultiSegmentMatch`); `{x}` decodes everything.
+#[test]
+fn esp_double_star_in_the_middle_decodes_like_esp() {
+    let m = esp_matcher(&[
+        ("/a/{x=**}/c", "a__c"),
+        ("/files/{path=**}/meta", "meta"),
+        ("/s/{x}/c", "single"),
+    ]);
+    assert_eq!(
+        bound(&m, "/a/p/foo%20foo/q/bar%2Fbar/c"),
+        ("a__c", pairs(&[("x", "p/foo foo/q/bar%2Fbar")]))
+    );
+    assert_eq!(
+        bound(
+            &m,
+            "/a/%21%23%24%26%27%28%29%2A%2B%2C%2F%3A%3B%3D%3F%40%5B%5D/c"
+        ),
+        (
+            "a__c",
+            pairs(&[(
+                "x",
+                "%21%23%24%26%27%28%29%2A%2B%2C%2F%3A%3B%3D%3F%40%5B%5D"
+            )])
+        )
+    );
+    // One segment through `**` is still a multi-segment binding.
+    assert_eq!(bound(&m, "/a/b%2Fc/c"), ("a__c", pairs(&[("x", "b%2Fc")])));
+    assert_eq!(bound(&m, "/s/b%2Fc/c"), ("single", pairs(&[("x", "b/c")])));
+    assert_eq!(
+        bound(&m, "/files/d/e/meta?x=1"),
+        ("meta", pairs(&[("path", "d/e")]))
+    );
+    assert_eq!(
+        bound(&m, "/files/meta/meta"),
+        ("meta", pairs(&[("path", "meta")]))
+    );
+    // `**` followed by literals takes at least one segment, as in ESP.
+    assert_eq!(m.lookup("GET", "/a/c"), None);
+    assert_eq!(m.lookup("GET", "/files/meta"), None);
+    assert_eq!(m.lookup("GET", "/files/a/metadata"), None);
+    assert_eq!(m.lookup("GET", "/a/x/c/d"), None);
+}
+
+/// ESP's `WildCardMatchesManyWithoutStackOverflow`, and hostile shapes: many candidate literals.
+#[test]
+fn double_star_scans_long_paths_without_deep_recursion() {
+    let m = esp_matcher(&[("/a/**/x", "a"), ("/b/**/x/x/x/y", "b")]);
+    let slashes = "/".repeat(64_000);
+    assert_eq!(m.lookup("GET", &format!("/a/{slashes}/x")), Some(&"a"));
+    assert_eq!(m.lookup("GET", &format!("/a/{slashes}/y")), None);
+    let xs = "x/".repeat(20_000);
+    let started = std::time::Instant::now();
+    assert_eq!(m.lookup("GET", &format!("/b/{xs}x")), None);
+    assert_eq!(m.lookup("GET", &format!("/b/{xs}y")), Some(&"b"));
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}
+
+#[test]
+fn only_wildcards_after_double_star_are_refused_in_specs() {
+    let text = format!(
+        "{HEAD}paths:\n  /files/{{path}}/meta:\n    get:\n      operationId: a\n      parameters: [{{name: path, in: path, required: true, type: string}}]\n{OK_RESPONSES}  /x/**/y:\n    get:\n      operationId: b\n{OK_RESPONSES}"
+    );
+    let rules = converted_rules(&text);
+    assert!(rules.iter().any(|r| r.2 == "/x/**/y"), "{rules:?}");
+    let bad = format!("{HEAD}paths:\n  /x/**/*:\n    get:\n      operationId: b\n{OK_RESPONSES}");
+    let err = convert(&[SourceFile::new("openapi.yaml", bad.as_str())]).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("only literal segments may follow \"**\""),
+        "{err}"
+    );
+}

@@ -1832,3 +1832,40 @@ async fn backend_rule_without_address_applies_to_the_local_backend() {
         assert_eq!(r.status(), want, "{extra:?}");
     }
 }
+
+#[tokio::test]
+async fn double_star_followed_by_literals_routes_most_specific_first() {
+    let svc = bookstore_with_rules(serde_json::json!([
+        {"selector": "1.bookstore.Meta", "get": "/files/{path=**}/meta"},
+        {"selector": "1.bookstore.Files", "get": "/files/**"},
+        {"selector": "1.bookstore.ConstVerb", "get": "/other/**/const:verb"},
+        {"selector": "1.bookstore.AnyVerb", "get": "/other/**:verb"},
+    ]));
+    let env = start_proxy(svc, start_backend().await, &[]).await;
+    for (t, selector) in [
+        ("/files/a/b/meta", "1.bookstore.Meta"),
+        ("/files/a%2Fb/meta?x=1", "1.bookstore.Meta"),
+        ("/files/a/b/metadata", "1.bookstore.Files"),
+        ("/other/bar/foo/const:verb", "1.bookstore.ConstVerb"),
+        ("/other/bar/foo:verb", "1.bookstore.AnyVerb"),
+    ] {
+        let r = env
+            .client
+            .get(format!("{}{t}", env.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{t}");
+        assert_eq!(json_of(r).await["uri"], t);
+        let reports = env.control.wait_reports(1).await;
+        assert_eq!(reports.last().unwrap().operation_name, selector, "{t}");
+        env.control.reports.lock().unwrap().clear();
+    }
+    let r = env
+        .client
+        .get(format!("{}/other/bar/foo", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
