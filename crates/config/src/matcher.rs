@@ -7,16 +7,21 @@
 //! 1. the exact literal segment,
 //! 2. a single-segment variable `{var}`,
 //! 3. `*`,
-//! 4. `**` (the rest of the path, zero or more segments),
+//! 4. `**` (zero or more segments; literal segments may follow it),
 //!
 //! and a failed branch backtracks to the next alternative, so `/c/x/d/e` picks `/c/*/d/e` over
 //! `/c/*/d/**` and a literal branch that has no rule for the method falls back to a wildcard one.
+//! As in ESP, `**` followed by literals takes at least one segment and then as few as let the
+//! literals match: `/other/bar/foo/const:verb` picks `/other/**/const:verb` over `/other/**:verb`,
+//! and `/a/{x=**}/c` does not match `/a/c`. Templates without literals after `**` pay nothing
+//! for this.
 //!
 //! Request handling, as ESP does it:
 //! - the target is cut at `?` and matched **undecoded**, case-sensitively;
 //! - trailing empty segments are dropped (`/a/` ≡ `/a`), inner ones are significant;
 //! - `:verb` at the end of the last segment is a custom verb only if some template uses that
-//!   verb; otherwise the colon is ordinary segment text (`/foo/other:verb` matches `/foo/*`);
+//!   verb and no `/` follows it; otherwise the colon is ordinary segment text
+//!   (`/foo/other:verb` matches `/foo/*`, `/foo/x:verb/` never matches `/foo/*:verb`);
 //! - a rule for the exact HTTP method beats a `*` (any method) rule at the same node, and `HEAD`
 //!   falls back to `GET`.
 //!
@@ -54,7 +59,7 @@ struct Node {
     literals: HashMap<Box<str>, Node>,
     param: Option<Box<Node>>,
     star: Option<Box<Node>>,
-    /// `**` is always last, so this node only ever holds ends.
+    /// Only literal children follow `**` (the template grammar refuses other wildcards).
     double_star: Option<Box<Node>>,
     ends: Vec<End>,
 }
@@ -132,7 +137,37 @@ impl Node {
                 return Some(e);
             }
         }
-        self.double_star.as_ref().and_then(|n| n.pick(method, verb))
+        self.double_star
+            .as_ref()
+            .and_then(|n| n.find_after_double_star(next, method, verb))
+    }
+
+    /// Matching inside a `**` node that has consumed one segment already: before giving each
+    /// further segment to `**`, try it as the literal that follows; the rule at this node (a
+    /// trailing `**`) applies once the path is used up. Iterative, so a path of 64,000 segments
+    /// does not deepen the stack.
+    fn find_after_double_star(
+        &self,
+        mut rest: Option<&str>,
+        method: &str,
+        verb: Option<&str>,
+    ) -> Option<usize> {
+        if self.literals.is_empty() {
+            return self.pick(method, verb);
+        }
+        while let Some(r) = rest {
+            let (seg, next) = match r.find('/') {
+                Some(i) => (&r[..i], Some(&r[i + 1..])),
+                None => (r, None),
+            };
+            if let Some(child) = self.literals.get(seg) {
+                if let Some(e) = child.find(next, method, verb) {
+                    return Some(e);
+                }
+            }
+            rest = next;
+        }
+        self.pick(method, verb)
     }
 }
 
@@ -237,10 +272,18 @@ impl<'m, T> Match<'m, '_, T> {
         } else {
             self.path[1..].split('/').collect()
         };
-        let variables = &self.entry.template.variables;
-        let mut bindings = Vec::with_capacity(variables.len());
-        for v in variables {
-            let end = v.end.unwrap_or(segments.len()).min(segments.len());
+        let template = &self.entry.template;
+        let mut bindings = Vec::with_capacity(template.variables.len());
+        for v in &template.variables {
+            // A variable with `**` ends as many segments before the path's end as the template
+            // has after the variable.
+            let end = if v.double_star {
+                let after = template.segments.len().saturating_sub(v.end);
+                segments.len().saturating_sub(after)
+            } else {
+                v.end
+            }
+            .min(segments.len());
             let start = v.start.min(end);
             let value = if v.is_single_segment() {
                 segments
@@ -248,7 +291,7 @@ impl<'m, T> Match<'m, '_, T> {
                     .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
                     .unwrap_or_default()
             } else {
-                decode_unreserved(&segments[start..end].join("/"))
+                decode_multi_segment(&segments[start..end].join("/"))
             };
             bindings.push(Binding {
                 field_path: v.field_path.clone(),
@@ -313,19 +356,22 @@ impl<T> PathMatcher<T> {
         if !path.starts_with('/') {
             return None;
         }
-        let path = path.trim_end_matches('/');
-        if !self.verbs.is_empty() {
+        // As ESP: a verb is split off only when the last ':' comes after the last '/', so in
+        // `/a/b:verb/` the colon is ordinary segment text.
+        if !self.verbs.is_empty() && !path.ends_with('/') {
             let last_seg = path.rfind('/').map_or(0, |i| i + 1);
             if let Some(colon) = path[last_seg..].rfind(':') {
                 let verb = &path[last_seg + colon + 1..];
                 if self.verbs.contains(verb) {
-                    let stem = path[..last_seg + colon].trim_end_matches('/');
+                    // `/a/:verb` keeps its empty last segment, as ESP's split does.
+                    let stem = &path[..last_seg + colon];
                     if let Some(e) = self.root.find(rest_of(stem), method, Some(verb)) {
                         return Some((e, stem));
                     }
                 }
             }
         }
+        let path = path.trim_end_matches('/');
         self.root
             .find(rest_of(path), method, None)
             .map(|e| (e, path))
@@ -375,28 +421,50 @@ fn hex_val(c: u8) -> Option<u8> {
     (c as char).to_digit(16).map(|d| d as u8)
 }
 
-/// Decodes `%XX` only where XX is an unreserved character (RFC 3986: ALPHA DIGIT - . _ ~).
-fn decode_unreserved(s: &str) -> String {
+/// Decodes a multi-segment binding as ESP does: every `%XX` except those for RFC 6570's reserved
+/// characters (`!#$&'()*+,/:;=?@[]`), so `%2F` stays `%2F` and `%20` becomes a space.
+fn decode_multi_segment(s: &str) -> String {
     let b = s.as_bytes();
-    let mut out = String::with_capacity(s.len());
+    let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
             if let (Some(h), Some(l)) = (hex_val(b[i + 1]), hex_val(b[i + 2])) {
                 let v = h * 16 + l;
-                if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
-                    out.push(v as char);
+                if !is_reserved(v) {
+                    out.push(v);
                     i += 3;
                     continue;
                 }
             }
         }
-        // Copy one whole UTF-8 character.
-        let ch_len = s[i..].chars().next().map_or(1, char::len_utf8);
-        out.push_str(&s[i..i + ch_len]);
-        i += ch_len;
+        out.push(b[i]);
+        i += 1;
     }
-    out
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn is_reserved(c: u8) -> bool {
+    matches!(
+        c,
+        b'!' | b'#'
+            | b'$'
+            | b'&'
+            | b'\''
+            | b'('
+            | b')'
+            | b'*'
+            | b'+'
+            | b','
+            | b'/'
+            | b':'
+            | b';'
+            | b'='
+            | b'?'
+            | b'@'
+            | b'['
+            | b']'
+    )
 }
 
 #[cfg(test)]
@@ -565,13 +633,12 @@ mod tests {
         let mut b = PathMatcherBuilder::<u8>::new();
         for t in [
             "",
-            "/",
             "//",
             "/a//b",
             "/{}",
             "/a{x}",
             "/items/overview.{format}",
-            "/a/**/b",
+            "/a/**/*",
         ] {
             assert!(b.register("GET", t, 0).is_err(), "{t:?} accepted");
         }
@@ -593,13 +660,13 @@ mod tests {
     }
 
     #[test]
-    fn multi_segment_bindings_decode_only_unreserved() {
+    fn multi_segment_bindings_keep_reserved_escapes() {
         let m = matcher(&[("GET", "/v1/{name=shelves/*/books/**}", "v")]);
         let (_, b) = m
             .lookup_with_bindings("GET", "/v1/shelves/s%2D1/books/a%2Fb/c%20d?x=1")
             .unwrap();
         assert_eq!(b[0].field_path, vec!["name"]);
-        assert_eq!(b[0].value, "shelves/s-1/books/a%2Fb/c%20d");
+        assert_eq!(b[0].value, "shelves/s-1/books/a%2Fb/c d");
     }
 
     #[test]
@@ -651,9 +718,10 @@ mod tests {
     }
 
     #[test]
-    fn decode_unreserved_keeps_reserved_and_bad_escapes() {
-        assert_eq!(decode_unreserved("%41%2f%7E%zz%4"), "A%2f~%zz%4");
-        assert_eq!(decode_unreserved("é%2D"), "é-");
+    fn multi_segment_decoding_keeps_reserved_and_bad_escapes() {
+        assert_eq!(decode_multi_segment("%41%2f%7E%zz%4%20"), "A%2f~%zz%4 ");
+        assert_eq!(decode_multi_segment("é%2D%C3%A9"), "é-é");
+        assert_eq!(decode_multi_segment("%FF"), "\u{FFFD}");
     }
 
     mod props {

@@ -12,9 +12,11 @@
 //! ```
 //!
 //! OpenAPI paths (`/shelves/{shelf}`) are the same grammar restricted to whole-segment `{name}`
-//! variables, so one parser serves both. Rejected on purpose, like ESP: the empty template, the
-//! root path `/`, empty segments (`//`, `/a/`, `/a//b`), `{}`, variables that cover only part of
-//! a segment (`/items/overview.{format}`), and `**` anywhere but last.
+//! variables, so one parser serves both. The root path `/` is a template with no segments: Google's
+//! Service Management accepts it as an API method. Rejected on purpose, like ESP: the empty
+//! template, empty segments (`//`, `/a/`, `/a//b`), `{}`, variables that cover only part of a
+//! segment (`/items/overview.{format}`), and a wildcard (`*`, `**` or a variable) anywhere after
+//! `**`: only literal segments may follow it (`/files/{path=**}/meta`), as in ESP.
 
 use std::fmt;
 
@@ -24,8 +26,6 @@ use std::fmt;
 pub enum TemplateError {
     #[error("the path is empty; a path template must start with \"/\"")]
     Empty,
-    #[error("the root path cannot be an API method")]
-    RootPath,
     #[error("a path template must start with \"/\"")]
     MissingLeadingSlash,
     #[error("the path ends with \"/\"; remove the trailing slash")]
@@ -38,8 +38,8 @@ pub enum TemplateError {
         "variable \"{{{name}}}\" must be a whole path segment, but it is part of \"{segment}\""
     )]
     PartialSegmentVariable { name: String, segment: String },
-    #[error("\"**\" matches the rest of the path, so it must be the last segment")]
-    DoubleWildcardNotLast,
+    #[error("only literal segments may follow \"**\" (no \"*\", \"**\" or variable after it)")]
+    WildcardAfterDoubleWildcard,
     #[error(
         "variable name \"{name}\" is not valid: use letters, digits and \"_\", separated by \".\""
     )]
@@ -84,14 +84,17 @@ pub struct Variable {
     pub field_path: Vec<String>,
     /// Index of the first segment.
     pub start: usize,
-    /// Exclusive end index; `None` when the variable ends in `**` (it runs to the path's end).
-    pub end: Option<usize>,
+    /// Exclusive end index in the template's segments.
+    pub end: usize,
+    /// The variable contains `**`, so it covers a varying number of request segments: it ends
+    /// `segments.len() - end` segments before the request path's end.
+    pub double_star: bool,
 }
 
 impl Variable {
     /// True when the variable binds exactly one segment (decoded fully, as ESP does).
     pub fn is_single_segment(&self) -> bool {
-        self.end == Some(self.start + 1)
+        !self.double_star && self.end == self.start + 1
     }
 }
 
@@ -113,7 +116,11 @@ impl Template {
             return Err(TemplateError::MissingLeadingSlash);
         }
         if text == "/" {
-            return Err(TemplateError::RootPath);
+            return Ok(Template {
+                segments: Vec::new(),
+                variables: Vec::new(),
+                verb: None,
+            });
         }
         let body = &text[1..];
         let (path, verb) = split_verb(body)?;
@@ -130,8 +137,13 @@ impl Template {
             ..
         } = p;
         if let Some(pos) = segments.iter().position(|s| *s == Segment::DoubleStar) {
-            if pos + 1 != segments.len() {
-                return Err(TemplateError::DoubleWildcardNotLast);
+            // After `**` the matcher scans for the literals that follow; another wildcard would
+            // make that ambiguous (ESP refuses it too).
+            if segments[pos + 1..]
+                .iter()
+                .any(|s| !matches!(s, Segment::Literal(_)))
+            {
+                return Err(TemplateError::WildcardAfterDoubleWildcard);
             }
         }
         Ok(Template {
@@ -314,15 +326,13 @@ impl Parser<'_> {
         }
         debug_assert_eq!(self.peek(), Some(b'}'));
         self.pos += 1;
-        let end = if self.segments.last() == Some(&Segment::DoubleStar) {
-            None
-        } else {
-            Some(self.segments.len())
-        };
+        let end = self.segments.len();
+        let double_star = self.segments[start..].contains(&Segment::DoubleStar);
         self.variables.push(Variable {
             field_path,
             start,
             end,
+            double_star,
         });
         Ok(())
     }
@@ -350,11 +360,14 @@ impl Parser<'_> {
 impl fmt::Display for Template {
     /// Canonical form: variables are written as `{a.b=...}` only when not a single `*`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.segments.is_empty() {
+            f.write_str("/")?;
+        }
         let mut i = 0;
         while i < self.segments.len() {
             f.write_str("/")?;
             if let Some(v) = self.variables.iter().find(|v| v.start == i) {
-                let end = v.end.unwrap_or(self.segments.len());
+                let end = v.end;
                 write!(f, "{{{}", v.field_path.join("."))?;
                 if !(end == i + 1 && self.segments[i] == Segment::Param) {
                     f.write_str("=")?;
@@ -472,7 +485,7 @@ mod tests {
         assert_eq!(t.variables[0].field_path, vec!["shelf"]);
         assert_eq!(t.variables[1].field_path, vec!["book", "id"]);
         assert_eq!(t.variables[1].start, 3);
-        assert_eq!(t.variables[1].end, Some(4));
+        assert_eq!(t.variables[1].end, 4);
         assert!(t.variables[1].is_single_segment());
     }
 
@@ -482,9 +495,10 @@ mod tests {
         assert_eq!(t.segments.len(), 5);
         assert_eq!(t.segments[4], Segment::DoubleStar);
         assert_eq!(t.variables[0].start, 1);
-        assert_eq!(t.variables[0].end, None);
+        assert_eq!(t.variables[0].end, 5);
+        assert!(t.variables[0].double_star);
         let t = ok("/v1/{name=shelves/*}/x");
-        assert_eq!(t.variables[0].end, Some(3));
+        assert_eq!(t.variables[0].end, 3);
         assert!(!t.variables[0].is_single_segment());
     }
 
@@ -507,6 +521,8 @@ mod tests {
         assert_eq!(ok("/a/{b=*}").to_string(), "/a/{b}");
         assert_eq!(ok("/a/{b=x/**}").to_string(), "/a/{b=x/**}");
         assert_eq!(ok("/*/**").to_string(), "/*/**");
+        assert_eq!(ok("/").to_string(), "/");
+        assert!(ok("/").segments.is_empty());
     }
 
     #[test]
@@ -514,7 +530,6 @@ mod tests {
         use TemplateError::*;
         let cases: &[(&str, TemplateError)] = &[
             ("", Empty),
-            ("/", RootPath),
             ("a/b", MissingLeadingSlash),
             ("//", EmptySegment { position: 1 }),
             ("/a/", TrailingSlash),
@@ -541,9 +556,13 @@ mod tests {
                     segment: "overview.{format}".into(),
                 },
             ),
-            ("/a/**/*", DoubleWildcardNotLast),
-            ("/a/**/**", DoubleWildcardNotLast),
-            ("/a/{x=**}/b", DoubleWildcardNotLast),
+            ("/a/**/*", WildcardAfterDoubleWildcard),
+            ("/a/**/**", WildcardAfterDoubleWildcard),
+            ("/a/**/foo/*", WildcardAfterDoubleWildcard),
+            ("/a/**/foo/**", WildcardAfterDoubleWildcard),
+            ("/a/{x=**}/{y}", WildcardAfterDoubleWildcard),
+            ("/a/{x=b/**}/bb/{y=**}", WildcardAfterDoubleWildcard),
+            ("/a/{x=**/*}", WildcardAfterDoubleWildcard),
             ("/{x", UnclosedVariable),
             ("/x}", UnmatchedClosingBrace),
             (
@@ -566,10 +585,6 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "variable \"{format}\" must be a whole path segment, but it is part of \"overview.{format}\""
-        );
-        assert_eq!(
-            Template::parse("/").unwrap_err().to_string(),
-            "the root path cannot be an API method"
         );
     }
 }

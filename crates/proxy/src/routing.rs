@@ -41,6 +41,15 @@ pub struct MethodInfo {
     /// `--enable_backend_routing`: where this method's requests go (from `backend.rules`).
     /// `None` with routing enabled means the method has no address (ESP answers 500).
     pub backend: Option<Arc<BackendTarget>>,
+    /// The method's backend rule has no address: its requests go to `--backend` (with or
+    /// without backend routing), bounded by the rule's deadline when it sets one.
+    pub local_backend: Option<LocalBackend>,
+}
+
+/// A backend rule without an address (ESPv2's sidecar form): settings for `--backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalBackend {
+    pub deadline: Option<std::time::Duration>,
 }
 
 /// `backend.rules[].path_translation`.
@@ -377,6 +386,13 @@ impl ConfigRoutes {
                 api_name,
                 api_version,
                 cors_preflight: false,
+                local_backend: backend_rules
+                    .get(selector)
+                    .filter(|r| r.address.is_empty())
+                    .and_then(|_| deadlines.get(selector))
+                    .map(|deadline| LocalBackend {
+                        deadline: *deadline,
+                    }),
                 backend: backend_rules.get(selector).and_then(|r| {
                     let deadline = *deadlines.get(selector)?;
                     let (forwarder, path_prefix, host) = clients.get(r.address.as_str())?;
@@ -402,12 +418,12 @@ impl ConfigRoutes {
         let mut template_set: HashSet<String> = HashSet::new();
         let mut options_templates: HashSet<String> = HashSet::new();
         let mut selectors: BTreeSet<String> = BTreeSet::new();
+        // Returns why the rule was not registered, if it was not.
         let mut register = |rule: &HttpRule,
-                            builder: &mut PathMatcherBuilder<Arc<MethodInfo>>,
-                            skipped: &mut Vec<String>| {
+                            builder: &mut PathMatcherBuilder<Arc<MethodInfo>>|
+         -> Result<(), String> {
             let Some((method, path)) = rule.method_and_path() else {
-                skipped.push(format!("{}: rule has no HTTP method", rule.selector));
-                return;
+                return Err(format!("{}: rule has no HTTP method", rule.selector));
             };
             selectors.insert(rule.selector.clone());
             let info = infos
@@ -422,21 +438,33 @@ impl ConfigRoutes {
                     if template_set.insert(path.to_string()) {
                         templates.push(path.to_string());
                     }
+                    Ok(())
                 }
-                Err(e) => {
-                    tracing::warn!(selector = %rule.selector, method, path, error = %e, "skipping HTTP rule");
-                    skipped.push(format!("{} {} {}: {}", rule.selector, method, path, e));
-                }
+                Err(e) => Err(format!("{} {} {}: {}", rule.selector, method, path, e)),
             }
         };
         for rule in service.http.iter().flat_map(|h| h.rules.iter()) {
-            register(rule, &mut builder, &mut skipped_rules);
+            // As ESP: additional bindings only exist through their rule, so a rule that cannot
+            // be registered takes its bindings with it.
+            if let Err(mut why) = register(rule, &mut builder) {
+                let dropped = rule.additional_bindings.len();
+                if dropped > 0 {
+                    let s = if dropped == 1 { "" } else { "s" };
+                    why.push_str(&format!(" ({dropped} additional binding{s} dropped)"));
+                }
+                tracing::warn!(selector = %rule.selector, reason = %why, "skipping HTTP rule");
+                skipped_rules.push(why);
+                continue;
+            }
             for extra in &rule.additional_bindings {
                 let mut extra = extra.clone();
                 if extra.selector.is_empty() {
                     extra.selector = rule.selector.clone();
                 }
-                register(&extra, &mut builder, &mut skipped_rules);
+                if let Err(why) = register(&extra, &mut builder) {
+                    tracing::warn!(selector = %rule.selector, reason = %why, "skipping HTTP rule's additional binding");
+                    skipped_rules.push(why);
+                }
             }
         }
 
@@ -560,7 +588,7 @@ mod tests {
         {"selector": "1.bookstore.CreateShelf", "post": "/shelves"},
         {"selector": "1.bookstore.GetShelf", "get": "/shelves/{shelf}"},
         {"selector": "1.bookstore.CorsShelf", "custom": {"kind": "OPTIONS", "path": "/shelves/{shelf}"}},
-        {"selector": "1.bookstore.Bad", "get": "/"}
+        {"selector": "1.bookstore.Bad", "get": "/a//b"}
       ]},
       "usage": {"rules": [{"selector": "1.bookstore.ListShelves", "allowUnregisteredCalls": true}]},
       "systemParameters": {"rules": [{"selector": "1.bookstore.GetShelf",
@@ -593,8 +621,41 @@ mod tests {
         assert_eq!(c.metric_costs, vec![("writes".to_string(), 2)]);
         assert!(c.auth.is_some());
         assert!(!c.allow_unregistered_calls);
-        // The root path is not a valid template: the rule is skipped, not fatal.
+        // An invalid template: the rule is skipped, not fatal.
         assert_eq!(r.skipped_rules.len(), 1, "{:?}", r.skipped_rules);
+    }
+
+    /// ESP registers a rule's additional bindings only when the rule itself registered: a rule
+    /// whose own template is invalid (or already taken) is dropped whole.
+    #[test]
+    fn a_rule_that_fails_to_register_drops_its_additional_bindings() {
+        let s = svc(
+            r#"{"name":"s","control":{"environment":"x"},"http":{"rules":[
+            {"selector":"Bad","get":"/a//b","additionalBindings":[
+                {"get":"/bad/extra"},{"post":"/bad/{x}"}]},
+            {"selector":"Good","get":"/good","additionalBindings":[
+                {"get":"/good/extra"},{"get":"/good//broken"},{"get":"/good/more"}]},
+            {"selector":"Dup","get":"/good","additionalBindings":[{"get":"/dup/extra"}]}
+        ]}}"#,
+        );
+        let r = ConfigRoutes::build(s, &RouteOptions::new(false));
+        assert!(r.matcher.lookup("GET", "/bad/extra").is_none());
+        assert!(r.matcher.lookup("POST", "/bad/1").is_none());
+        assert!(r.matcher.lookup("GET", "/dup/extra").is_none());
+        for t in ["/good", "/good/extra", "/good/more"] {
+            assert_eq!(r.matcher.lookup("GET", t).unwrap().selector, "Good", "{t}");
+        }
+        // One entry per dropped rule or binding, each naming what was dropped.
+        assert_eq!(r.skipped_rules.len(), 3, "{:?}", r.skipped_rules);
+        assert!(
+            r.skipped_rules[0].starts_with("Bad GET /a//b:"),
+            "{:?}",
+            r.skipped_rules
+        );
+        assert!(r.skipped_rules[0].contains("2 additional bindings dropped"));
+        assert!(r.skipped_rules[1].starts_with("Good GET /good//broken:"));
+        assert!(r.skipped_rules[2].starts_with("Dup GET /good:"));
+        assert!(r.skipped_rules[2].contains("1 additional binding dropped"));
     }
 
     #[test]

@@ -1708,3 +1708,164 @@ async fn caller_ip_for_checks_follows_real_ip_and_client_ip_header() {
     );
     assert_eq!(backend_header(&v, "x-real-ip"), vec!["127.0.0.1"]);
 }
+
+/// The bookstore config with extra HTTP rules (all allowing unregistered calls).
+fn bookstore_with_rules(rules: serde_json::Value) -> Arc<Service> {
+    let mut svc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/tests/fixtures/bookstore_sc.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    for r in rules.as_array().unwrap() {
+        svc["http"]["rules"].as_array_mut().unwrap().push(r.clone());
+        svc["usage"]["rules"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"selector": r["selector"], "allowUnregisteredCalls": true}));
+    }
+    Arc::new(serde_json::from_value(svc).unwrap())
+}
+
+#[tokio::test]
+async fn root_path_is_an_api_method_on_the_wire() {
+    let svc = bookstore_with_rules(serde_json::json!([
+        {"selector": "1.bookstore.Root", "get": "/"}
+    ]));
+    let env = start_proxy(svc, start_backend().await, &[]).await;
+    for target in ["/", "/?x=1"] {
+        let r = env
+            .client
+            .get(format!("{}{target}", env.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{target}");
+        assert_eq!(json_of(r).await["uri"], target);
+    }
+    let r = env
+        .client
+        .post(format!("{}/", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let reports = env.control.wait_reports(3).await;
+    assert!(
+        reports
+            .iter()
+            .filter(|r| r.operation_name == "1.bookstore.Root")
+            .count()
+            == 2,
+        "{reports:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_slash_after_a_custom_verb_makes_it_ordinary_path_text() {
+    let svc = bookstore_with_rules(serde_json::json!([
+        {"selector": "1.bookstore.Verb", "get": "/some/*:verb"}
+    ]));
+    let env = start_proxy(svc, start_backend().await, &[]).await;
+    let get = |t: &str| env.client.get(format!("{}{t}", env.base)).send();
+    let r = get("/some/other:verb").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(json_of(r).await["uri"], "/some/other:verb");
+    for t in ["/some/other:verb/", "/some/other:verb/?x=1"] {
+        let r = get(t).await.unwrap();
+        assert_eq!(r.status(), 404, "{t}");
+        assert_eq!(
+            r.text().await.unwrap(),
+            EspError::method_does_not_exist().body()
+        );
+    }
+}
+
+/// `x-google-backend` without an address (ESPv2's sidecar form): the rule's deadline bounds the
+/// call to `--backend`, and with backend routing such methods go to `--backend` instead of
+/// ESP's 500 for a method without an address.
+#[tokio::test]
+async fn backend_rule_without_address_applies_to_the_local_backend() {
+    let mut svc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/tests/fixtures/bookstore_sc.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    svc["backend"] = serde_json::json!({"rules": [
+        {"selector": "1.bookstore.Slow", "deadline": 0.3},
+        {"selector": "1.bookstore.ListShelves", "deadline": 10.0, "protocol": "http/1.1"},
+    ]});
+    let svc: Arc<Service> = Arc::new(serde_json::from_value(svc).unwrap());
+    let backend = start_backend().await;
+    for extra in [&[][..], &["--enable_backend_routing"][..]] {
+        let env = start_proxy(svc.clone(), backend, extra).await;
+        let started = std::time::Instant::now();
+        let r = env
+            .client
+            .get(format!("{}/slow", env.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 504, "{extra:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{extra:?}");
+        let r = env
+            .client
+            .get(format!("{}/shelves?x=1", env.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{extra:?}");
+        assert_eq!(json_of(r).await["uri"], "/shelves?x=1");
+        // A method with no backend rule at all: --backend without routing, ESP's 500 with it.
+        let r = env
+            .client
+            .post(format!("{}/echo?key=K", env.base))
+            .send()
+            .await
+            .unwrap();
+        let want = if extra.is_empty() { 200 } else { 500 };
+        assert_eq!(r.status(), want, "{extra:?}");
+    }
+}
+
+#[tokio::test]
+async fn double_star_followed_by_literals_routes_most_specific_first() {
+    let svc = bookstore_with_rules(serde_json::json!([
+        {"selector": "1.bookstore.Meta", "get": "/files/{path=**}/meta"},
+        {"selector": "1.bookstore.Files", "get": "/files/**"},
+        {"selector": "1.bookstore.ConstVerb", "get": "/other/**/const:verb"},
+        {"selector": "1.bookstore.AnyVerb", "get": "/other/**:verb"},
+    ]));
+    let env = start_proxy(svc, start_backend().await, &[]).await;
+    for (t, selector) in [
+        ("/files/a/b/meta", "1.bookstore.Meta"),
+        ("/files/a%2Fb/meta?x=1", "1.bookstore.Meta"),
+        ("/files/a/b/metadata", "1.bookstore.Files"),
+        ("/other/bar/foo/const:verb", "1.bookstore.ConstVerb"),
+        ("/other/bar/foo:verb", "1.bookstore.AnyVerb"),
+    ] {
+        let r = env
+            .client
+            .get(format!("{}{t}", env.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{t}");
+        assert_eq!(json_of(r).await["uri"], t);
+        let reports = env.control.wait_reports(1).await;
+        assert_eq!(reports.last().unwrap().operation_name, selector, "{t}");
+        env.control.reports.lock().unwrap().clear();
+    }
+    let r = env
+        .client
+        .get(format!("{}/other/bar/foo", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}

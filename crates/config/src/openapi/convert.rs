@@ -1144,6 +1144,38 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
         true
     }
 
+    /// [`check_fields`](Self::check_fields) for extensions that are protobuf messages: Google's
+    /// proto JSON parser takes each field under its JSON name (`valueType`, listed in
+    /// `allowed`) or its proto name (`value_type`), but not both at once.
+    fn check_proto_fields(&mut self, node: &Node, what: &str, allowed: &[&str]) -> bool {
+        let Some(entries) = node.as_map() else {
+            self.ctx.error(
+                node.pos,
+                format!("{what} must be a mapping, not {}", node.kind()),
+            );
+            return false;
+        };
+        for (k, _) in entries {
+            let key = k.text.as_str();
+            let json_name = allowed.iter().find(|a| **a == key || proto_name(a) == key);
+            match json_name {
+                None => self.ctx.error(
+                    k.pos,
+                    format!(
+                        "unknown field \"{key}\" in {what} (allowed: {}, or their snake_case proto names)",
+                        allowed.join(", ")
+                    ),
+                ),
+                Some(json) if *json != key && node.get(json).is_some() => self.ctx.error(
+                    k.pos,
+                    format!("{what}: \"{json}\" and \"{key}\" are the same field; give it once"),
+                ),
+                Some(_) => {}
+            }
+        }
+        true
+    }
+
     fn management(&mut self) {
         let Some(m) = self.root.get("x-google-management") else {
             return;
@@ -1158,7 +1190,7 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
                 return;
             };
             for item in items {
-                if !self.check_fields(
+                if !self.check_proto_fields(
                     item,
                     "an x-google-management metric",
                     &[
@@ -1172,7 +1204,11 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
                 ) {
                     continue;
                 }
-                let s = |k: &str| item.get(k).and_then(Node::scalar_text).unwrap_or_default();
+                let s = |k: &str| {
+                    proto_get(item, k)
+                        .and_then(Node::scalar_text)
+                        .unwrap_or_default()
+                };
                 let name = s("name");
                 if name.is_empty() {
                     self.ctx.error(
@@ -1187,7 +1223,7 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
                     s("valueType")
                 };
                 if value_type != "INT64" {
-                    let pos = item.get("valueType").map_or(item.pos, |n| n.pos);
+                    let pos = proto_get(item, "valueType").map_or(item.pos, |n| n.pos);
                     self.ctx.error(
                         pos,
                         format!("metric \"{name}\" has valueType \"{value_type}\"; quota metrics must be INT64"),
@@ -1199,7 +1235,7 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
                     s("metricKind")
                 };
                 if !matches!(kind.as_str(), "DELTA" | "GAUGE") {
-                    let pos = item.get("metricKind").map_or(item.pos, |n| n.pos);
+                    let pos = proto_get(item, "metricKind").map_or(item.pos, |n| n.pos);
                     self.ctx.error(
                         pos,
                         format!("metric \"{name}\" has metricKind \"{kind}\"; use DELTA"),
@@ -1240,7 +1276,7 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
     }
 
     fn quota_limit(&mut self, item: &Node) -> Option<QuotaLimit> {
-        if !self.check_fields(
+        if !self.check_proto_fields(
             item,
             "a quota limit",
             &[
@@ -1258,7 +1294,11 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
         ) {
             return None;
         }
-        let s = |k: &str| item.get(k).and_then(Node::scalar_text).unwrap_or_default();
+        let s = |k: &str| {
+            proto_get(item, k)
+                .and_then(Node::scalar_text)
+                .unwrap_or_default()
+        };
         let name = s("name");
         if name.is_empty() {
             self.ctx.error(item.pos, "a quota limit needs a name");
@@ -1326,7 +1366,7 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
                 ok = false;
             }
         }
-        let int = |k: &str| match item.get(k).map(|n| &n.value) {
+        let int = |k: &str| match proto_get(item, k).map(|n| &n.value) {
             Some(Value::Int(i)) => *i,
             _ => 0,
         };
@@ -1450,14 +1490,10 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
             return None;
         }
         let mut ok = true;
+        // Without an address the rule's settings (deadline, protocol) apply to the proxy's own
+        // `--backend`, as in ESPv2's sidecar deployments.
         let address = match node.get("address") {
-            None => {
-                self.ctx.error(
-                    node.pos,
-                    "x-google-backend needs an address, e.g. address: https://backend.example.com",
-                );
-                return None;
-            }
+            None => String::new(),
             Some(a) => match a.as_str() {
                 Some(s) => {
                     if let Some(problem) = backend_address_problem(s) {
@@ -1477,6 +1513,7 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
             },
         };
         let path_translation = match node.get("path_translation") {
+            None if address.is_empty() => String::new(),
             None => default_translation.to_string(),
             Some(p) => match p.as_str() {
                 Some(s @ ("APPEND_PATH_TO_ADDRESS" | "CONSTANT_ADDRESS")) => s.to_string(),
@@ -1900,10 +1937,10 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
     }
 
     fn metric_costs(&mut self, q: &Node, label: &str, selector: &str) {
-        if !self.check_fields(q, "x-google-quota", &["metricCosts"]) {
+        if !self.check_proto_fields(q, "x-google-quota", &["metricCosts"]) {
             return;
         }
-        let Some(costs) = q.get("metricCosts") else {
+        let Some(costs) = proto_get(q, "metricCosts") else {
             return;
         };
         let Some(entries) = costs.as_map() else {
@@ -2390,6 +2427,27 @@ fn upper_first(s: &str) -> String {
 }
 
 /// `get` + `/shelves/{shelf}` → `GetShelvesShelf`.
+/// The proto field name for a JSON name: `metricKind` → `metric_kind`.
+fn proto_name(json_name: &str) -> String {
+    let mut out = String::with_capacity(json_name.len() + 4);
+    for c in json_name.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A protobuf message's field under its JSON name or its proto name (see
+/// `check_proto_fields`, which refuses both at once).
+fn proto_get<'n>(node: &'n Node, json_name: &str) -> Option<&'n Node> {
+    node.get(json_name)
+        .or_else(|| node.get(&proto_name(json_name)))
+}
+
 pub(crate) fn generated_method_name(http_method: &str, path: &str) -> String {
     let mut out = upper_first(&http_method.to_ascii_lowercase());
     for word in path.split(|c: char| !c.is_ascii_alphanumeric()) {

@@ -113,7 +113,16 @@ impl Pipeline {
                 r.upstream_target.as_str(),
                 r.target.deadline,
             ),
-            None => (&self.forwarder, target.as_str(), None),
+            // A backend rule without an address bounds the call to `--backend` by its deadline.
+            None => (
+                &self.forwarder,
+                target.as_str(),
+                report
+                    .as_ref()
+                    .and_then(|r| r.method.as_ref())
+                    .and_then(|m| m.local_backend)
+                    .and_then(|l| l.deadline),
+            ),
         };
         let grpc = forwarder.version() == Version::HTTP_2;
         let host = match (&routed, &settings.backend_host_header) {

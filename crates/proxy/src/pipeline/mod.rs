@@ -279,7 +279,7 @@ impl Pipeline {
                 .headers
                 .insert(&X_ENDPOINT_API_USERINFO, a.user_info.clone());
         }
-        if settings.enable_backend_routing && routed.is_none() {
+        if settings.enable_backend_routing && routed.is_none() && mi.local_backend.is_none() {
             // ESP's `proxy_pass $backend_url` with no address for this method.
             let err = EspError::new(Code::Internal, "INTERNAL_SERVER_ERROR", Cause::Application);
             return self.finalize(
