@@ -34,6 +34,7 @@
 
 pub mod access_log;
 pub mod auth;
+pub mod backend_auth;
 pub mod cli;
 pub mod config_source;
 pub mod cors;

@@ -340,12 +340,6 @@ impl ConfigRoutes {
                             .push(format!("backend {} {}: {e}", rule.selector, rule.address));
                     }
                 }
-                if !rule.jwt_audience.is_empty() {
-                    tracing::warn!(
-                        selector = %rule.selector,
-                        "backend rule jwt_audience is not supported: the backend receives the client's Authorization"
-                    );
-                }
             }
         }
 

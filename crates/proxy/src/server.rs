@@ -51,6 +51,8 @@ pub enum StartError {
     Thread(std::io::Error),
     #[error("--access_log: {0}")]
     AccessLog(std::io::Error),
+    #[error("--service_account_key: {0}")]
+    Credentials(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -259,13 +261,23 @@ pub async fn start_with_metrics(
     let first = rollouts.borrow_and_update().clone();
     let access_log = crate::access_log::AccessLog::from_flag(settings.access_log.as_deref())
         .map_err(StartError::AccessLog)?;
-    let state = Arc::new(ProxyState::new(
+    let mut state = ProxyState::new(
         settings.clone(),
         RouteTable::new(String::new(), Vec::new()),
         control,
         metrics,
         access_log,
-    ));
+    );
+    // Backend rules with `jwt_audience` get ID tokens for the proxy's own account.
+    if let Some(path) = &settings.service_account_key {
+        let key = portico_credentials::ServiceAccountKey::from_file(path)
+            .map_err(|e| StartError::Credentials(format!("{}: {e}", path.display())))?;
+        state.backend_tokens = Some(Arc::new(
+            crate::backend_auth::IdTokenSource::new(Arc::new(key))
+                .map_err(StartError::Credentials)?,
+        ));
+    }
+    let state = Arc::new(state);
     state.swap_routes(compile(&first, &route_opts));
 
     let tls = match settings.ssl_port {

@@ -114,6 +114,8 @@ pub struct ProxyState {
     pub control: Option<Arc<dyn ControlApi>>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub access_log: crate::access_log::AccessLog,
+    /// ID tokens for backend rules with `jwt_audience`; `None` without `--service_account_key`.
+    pub backend_tokens: Option<Arc<crate::backend_auth::IdTokenSource>>,
     healthz_path: Option<String>,
 }
 
@@ -132,6 +134,7 @@ impl ProxyState {
             control,
             metrics,
             access_log,
+            backend_tokens: None,
             healthz_path,
         }
     }
@@ -290,6 +293,39 @@ impl Pipeline {
                 Some(report),
                 None,
             );
+        }
+        // Backend authentication (`jwt_audience`): an ID token replaces the client's
+        // Authorization. Boxed so the fetch's state is not part of every request's future.
+        if let Some(audience) = mi
+            .backend_rule
+            .as_ref()
+            .map(|r| r.jwt_audience.as_str())
+            .filter(|a| !a.is_empty())
+        {
+            let token = match &self.state.backend_tokens {
+                Some(source) => match source.cached(audience) {
+                    Some(h) => Ok(h),
+                    None => Box::pin(source.get(audience)).await,
+                },
+                None => Err(EspError::new(
+                    Code::Internal,
+                    "Failed to fetch an identity token for backend authentication",
+                    Cause::Internal,
+                )),
+            };
+            match token {
+                Ok(h) => crate::backend_auth::apply(&mut parts.headers, h),
+                Err(err) => {
+                    return self.finalize(
+                        proxy_error(&err, &ctx, ctx.jwt_present),
+                        &ctx,
+                        target,
+                        Some(err),
+                        Some(report),
+                        None,
+                    )
+                }
+            }
         }
         // 5. forward; 6. respond and 7. report follow from the backend's answer.
         let req = Request::from_parts(parts, body);

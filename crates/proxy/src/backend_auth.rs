@@ -1,0 +1,253 @@
+//! Backend authentication: for a method whose `x-google-backend` rule names a `jwt_audience`,
+//! the proxy calls the backend with `Authorization: Bearer <ID token for that audience>` and
+//! hands the client's own `Authorization` on as `X-Forwarded-Authorization` (ESPv2's contract,
+//! and what Cloud Run-style backends expect). Rules without an audience (or with
+//! `disable_auth`) leave the client's header as it is.
+//!
+//! ID tokens come from the control plane's token endpoint (`token_uri` of the proxy's
+//! `--service_account_key`): a JWT-bearer assertion with `target_audience`, answered with
+//! `{"id_token"}`. They are cached per audience until five minutes before they expire; one
+//! fetch runs at a time, and requests that waited for it take the cached result, so an expiry
+//! under load costs one call, not one per request. Requests whose token is cached pay a map
+//! lookup under a short lock.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use http::HeaderValue;
+use portico_credentials::ServiceAccountKey;
+use portico_servicecontrol::Code;
+
+use crate::error::{error_chain, Cause, EspError};
+
+/// `X-Forwarded-Authorization`: where the client's `Authorization` goes.
+pub static X_FORWARDED_AUTHORIZATION: http::HeaderName =
+    http::HeaderName::from_static("x-forwarded-authorization");
+
+/// A token is used until this long before its `exp`.
+const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(300);
+/// One token-endpoint call, end to end.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Audiences come from configs; a cap keeps a long run of rollouts from growing the map.
+const MAX_AUDIENCES: usize = 1024;
+/// Largest token-endpoint answer read.
+const MAX_ANSWER_BYTES: usize = 64 << 10;
+
+struct Cached {
+    header: HeaderValue,
+    refresh_at: Instant,
+}
+
+/// ID tokens per audience for the proxy's service account.
+pub struct IdTokenSource {
+    key: Arc<ServiceAccountKey>,
+    http: reqwest::Client,
+    cache: Mutex<HashMap<String, Cached>>,
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for IdTokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdTokenSource")
+            .field("account", &self.key.client_email)
+            .finish_non_exhaustive()
+    }
+}
+
+fn failed(detail: impl std::fmt::Display) -> EspError {
+    tracing::warn!(error = %detail, "backend authentication: no ID token");
+    EspError::new(
+        Code::Internal,
+        "Failed to fetch an identity token for backend authentication",
+        Cause::Internal,
+    )
+}
+
+impl IdTokenSource {
+    pub fn new(key: Arc<ServiceAccountKey>) -> Result<IdTokenSource, String> {
+        let http = reqwest::Client::builder()
+            .timeout(FETCH_TIMEOUT)
+            .no_proxy()
+            .build()
+            .map_err(|e| format!("HTTP client for ID tokens: {e}"))?;
+        Ok(IdTokenSource {
+            key,
+            http,
+            cache: Mutex::new(HashMap::new()),
+            fetching: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The `Authorization` value for `audience`, if a fresh one is cached.
+    pub fn cached(&self, audience: &str) -> Option<HeaderValue> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .get(audience)
+            .filter(|c| Instant::now() < c.refresh_at)
+            .map(|c| c.header.clone())
+    }
+
+    /// The `Authorization` value for `audience`, fetched if none is cached.
+    pub async fn get(&self, audience: &str) -> Result<HeaderValue, EspError> {
+        if let Some(h) = self.cached(audience) {
+            return Ok(h);
+        }
+        let _one_at_a_time = self.fetching.lock().await;
+        // Whoever held the lock may have fetched this audience meanwhile.
+        if let Some(h) = self.cached(audience) {
+            return Ok(h);
+        }
+        let (token, exp) = self.fetch(audience).await?;
+        let header = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| failed("the token endpoint's id_token is not a header value"))?;
+        let now_unix = unix_now();
+        let lifetime = Duration::from_secs(exp.saturating_sub(now_unix));
+        let refresh_at = Instant::now() + lifetime.saturating_sub(REFRESH_BEFORE_EXPIRY);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_AUDIENCES && !cache.contains_key(audience) {
+            cache.clear();
+        }
+        cache.insert(
+            audience.to_string(),
+            Cached {
+                header: header.clone(),
+                refresh_at,
+            },
+        );
+        Ok(header)
+    }
+
+    /// One call to the token endpoint: the ID token and its `exp`.
+    async fn fetch(&self, audience: &str) -> Result<(String, u64), EspError> {
+        let now = unix_now();
+        let assertion = self
+            .key
+            .sign_jwt(&serde_json::json!({
+                "iss": self.key.client_email,
+                "aud": self.key.token_uri,
+                "target_audience": audience,
+                "iat": now,
+                "exp": now + 3600,
+            }))
+            .map_err(|e| failed(format!("signing the assertion: {e}")))?;
+        let resp = self
+            .http
+            .post(&self.key.token_uri)
+            .form(&[
+                ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                ("assertion", assertion.as_str()),
+            ])
+            .send()
+            .await
+            .map_err(|e| failed(format!("{}: {}", self.key.token_uri, error_chain(&e))))?;
+        let status = resp.status();
+        let body = read_limited(resp).await?;
+        if !status.is_success() {
+            return Err(failed(format!(
+                "{} answered {status}: {}",
+                self.key.token_uri,
+                String::from_utf8_lossy(&body[..body.len().min(300)])
+            )));
+        }
+        let answer: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| failed(format!("token endpoint answer is not JSON: {e}")))?;
+        let token = answer["id_token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| failed("token endpoint answer has no id_token"))?
+            .to_string();
+        let exp = token_exp(&token).unwrap_or(now + 3600);
+        Ok((token, exp))
+    }
+}
+
+async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, EspError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| failed(format!("reading the token endpoint's answer: {e}")))?
+    {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(failed("token endpoint answer is larger than 64 KiB"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `exp` of a JWT, read without verifying it: the proxy only uses it to know when to refresh a
+/// token it just received over its own connection to the issuer.
+fn token_exp(token: &str) -> Option<u64> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims["exp"].as_u64()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Puts the backend's credentials on a request: the ID token as `Authorization`, the client's
+/// `Authorization` (its first value; all are removed) as `X-Forwarded-Authorization`. A client's
+/// own `X-Forwarded-Authorization` is dropped so it cannot pose as one the proxy moved.
+pub fn apply(headers: &mut http::HeaderMap, id_token: HeaderValue) {
+    headers.remove(&X_FORWARDED_AUTHORIZATION);
+    if let Some(client) = headers.remove(http::header::AUTHORIZATION) {
+        headers.insert(&X_FORWARDED_AUTHORIZATION, client);
+    }
+    headers.insert(http::header::AUTHORIZATION, id_token);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_header_moves_and_a_forged_one_is_dropped() {
+        let mut h = http::HeaderMap::new();
+        h.append(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer client-1"),
+        );
+        h.append(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer client-2"),
+        );
+        h.insert(
+            &X_FORWARDED_AUTHORIZATION,
+            HeaderValue::from_static("Bearer forged"),
+        );
+        apply(&mut h, HeaderValue::from_static("Bearer id"));
+        let auth: Vec<_> = h.get_all(http::header::AUTHORIZATION).iter().collect();
+        assert_eq!(auth, vec![&HeaderValue::from_static("Bearer id")]);
+        let fwd: Vec<_> = h.get_all(&X_FORWARDED_AUTHORIZATION).iter().collect();
+        assert_eq!(fwd, vec![&HeaderValue::from_static("Bearer client-1")]);
+
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            &X_FORWARDED_AUTHORIZATION,
+            HeaderValue::from_static("Bearer forged"),
+        );
+        apply(&mut h, HeaderValue::from_static("Bearer id"));
+        assert!(h.get(&X_FORWARDED_AUTHORIZATION).is_none());
+    }
+
+    #[test]
+    fn exp_is_read_from_the_payload() {
+        use base64::Engine as _;
+        let enc = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let t = format!("{}.{}.sig", enc("{}"), enc(r#"{"exp":1900000000}"#));
+        assert_eq!(token_exp(&t), Some(1_900_000_000));
+        assert_eq!(token_exp("garbage"), None);
+        assert_eq!(token_exp("a.%%%.c"), None);
+    }
+}
