@@ -1070,7 +1070,7 @@ async fn status_port_endpoints() {
     assert!(v["server"]["serverVersion"]
         .as_str()
         .unwrap()
-        .starts_with("Portico/"));
+        .starts_with("ESP/"));
     let esp = &v["processes"][0]["espStatus"][0];
     assert_eq!(
         esp["serviceName"],
@@ -1097,7 +1097,7 @@ async fn status_port_endpoints() {
         .unwrap();
     assert_eq!(
         text,
-        "Active connections: 1 \nserver accepts handled requests\n 1 1 2 \nReading: 0 Writing: 0 Waiting: 1 \n"
+        "Active connections: 1 \nserver accepts handled requests\n 1 1 4 \nReading: 0 Writing: 0 Waiting: 1 \n"
     );
     let r = env
         .client
@@ -1140,6 +1140,63 @@ async fn status_port_endpoints() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.bytes().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn endpoints_status_has_esps_shape_and_counts_itself() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let st = format!("http://{}", env.proxy.status_addr);
+    for _ in 0..2 {
+        let r = env
+            .client
+            .get(format!("{}/shelves", env.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let status = || async {
+        json_of(
+            env.client
+                .get(format!("{st}/endpoints_status"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    };
+    let v = status().await;
+    let server = &v["server"];
+    assert_eq!(server["serverVersion"], "ESP/1.60.0", "{v}");
+    assert_eq!(server["porticoVersion"], env!("CARGO_PKG_VERSION"), "{v}");
+    assert!(
+        server["builtBy"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("rustc ")),
+        "{v}"
+    );
+    assert_eq!(
+        v["processes"][0]["processId"],
+        std::process::id().to_string(),
+        "uint64 as a JSON string, as proto3 JSON prints it"
+    );
+    // nginx counts every request it handled, the status request itself included.
+    assert_eq!(server["requests"], "3", "{v}");
+    assert_eq!(status().await["server"]["requests"], "4");
+    // Any request on the status port counts, whatever its answer.
+    for path in ["healthz", "nope"] {
+        let _ = env.client.get(format!("{st}/{path}")).send().await.unwrap();
+    }
+    let v = status().await;
+    assert_eq!(v["server"]["requests"], "7", "{v}");
+    for field in [
+        "active", "accepted", "handled", "reading", "writing", "waiting",
+    ] {
+        assert!(
+            v["server"]["connections"][field].is_string(),
+            "{field} as a string: {v}"
+        );
+    }
 }
 
 #[tokio::test]
