@@ -381,6 +381,7 @@ pub async fn start_with_metrics(
     tasks.push(tokio::spawn(async move {
         let info = Arc::new(crate::status::StatusInfo {
             started_at: crate::access_log::now_rfc3339(),
+            ..Default::default()
         });
         let acceptor = portico_listen::Acceptor::new(status_listener, "--status_port");
         portico_listen::serve(

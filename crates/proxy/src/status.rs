@@ -1,7 +1,9 @@
 //! The status port (`--status_port`, default 8090), as ESP's second nginx server:
 //!
 //! - `GET|HEAD /endpoints_status`: JSON in the shape of ESP's status proto (lowerCamel names,
-//!   64-bit numbers as strings), `serverVersion` `Portico/<version>`; other methods → 405;
+//!   64-bit numbers as strings), `serverVersion` `ESP/<the ESP release Portico follows>` so
+//!   probes keyed on it keep working, Portico's own version in `porticoVersion`; other
+//!   methods → 405;
 //! - `/healthz`: 200, empty;
 //! - `GET|HEAD /nginx_status`: nginx `stub_status` text (connections, requests);
 //! - `GET /metrics`: Prometheus text (Portico addition);
@@ -11,11 +13,18 @@ use crate::pipeline::{ProxyBody, ProxyState};
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// When the process started, for `startedAt`.
+/// The ESP v1 release whose behaviour Portico reproduces, reported as `ESP/<this>`.
+pub const ESP_VERSION: &str = "1.60.0";
+
+/// Status-port state: when the process started (`startedAt`) and how many requests the status
+/// port has answered (nginx counts those in `requests` too).
+#[derive(Debug, Default)]
 pub struct StatusInfo {
     pub started_at: String,
+    pub requests: AtomicU64,
 }
 
 fn plain(status: StatusCode) -> Response<ProxyBody> {
@@ -30,6 +39,7 @@ pub fn handle<B>(
     info: &StatusInfo,
     req: &Request<B>,
 ) -> Response<ProxyBody> {
+    info.requests.fetch_add(1, Ordering::Relaxed);
     let head = req.method() == Method::HEAD;
     let get_or_head = head || req.method() == Method::GET;
     match req.uri().path() {
@@ -38,7 +48,7 @@ pub fn handle<B>(
             if !get_or_head {
                 return plain(StatusCode::METHOD_NOT_ALLOWED);
             }
-            let c = connections(state);
+            let c = connections(state, info);
             // nginx's stub_status text, so existing probes and scrapers keep working.
             let text = format!(
                 "Active connections: {} \nserver accepts handled requests\n {} {} {} \nReading: {} Writing: {} Waiting: {} \n",
@@ -106,14 +116,16 @@ struct Connections {
 /// Connection counts in nginx's terms: `writing` = requests being processed, `waiting` = idle
 /// keep-alive connections; request heads are parsed by hyper before Portico sees them, so
 /// `reading` is always 0.
-fn connections(state: &Arc<ProxyState>) -> Connections {
+fn connections(state: &Arc<ProxyState>, info: &StatusInfo) -> Connections {
     let m = &state.metrics;
     let active = m.connections_active.get();
     let writing = m.requests_in_flight.get();
     Connections {
         active,
         accepted: m.connections_accepted.get(),
-        requests: m.total_requests(),
+        requests: m
+            .total_requests()
+            .saturating_add(info.requests.load(Ordering::Relaxed)),
         reading: 0,
         writing,
         waiting: (active - writing).max(0),
@@ -185,11 +197,12 @@ pub fn endpoints_status(state: &Arc<ProxyState>, info: &StatusInfo) -> Value {
         });
     let (rss, peak, vsize) = proc_memory();
     let (user_us, sys_us) = cpu_times_us();
-    let requests: u64 = state.metrics.total_requests();
-    let c = connections(state);
+    let c = connections(state, info);
     json!({
         "server": {
-            "serverVersion": format!("Portico/{}", env!("CARGO_PKG_VERSION")),
+            "serverVersion": format!("ESP/{ESP_VERSION}"),
+            "porticoVersion": env!("CARGO_PKG_VERSION"),
+            "builtBy": env!("PORTICO_BUILT_BY"),
             "connections": {
                 "active": c.active.to_string(),
                 "accepted": c.accepted.to_string(),
@@ -198,7 +211,7 @@ pub fn endpoints_status(state: &Arc<ProxyState>, info: &StatusInfo) -> Value {
                 "writing": c.writing.to_string(),
                 "waiting": c.waiting.to_string(),
             },
-            "requests": requests.to_string(),
+            "requests": c.requests.to_string(),
         },
         "processes": [{
             "processId": std::process::id().to_string(),

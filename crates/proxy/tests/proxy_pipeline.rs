@@ -142,6 +142,8 @@ struct ScDouble {
     caller_ips: Mutex<Vec<String>>,
     /// One entry per reported (producer) operation.
     reports: Mutex<Vec<Reported>>,
+    /// Every reported operation as sent, by-consumer copies included.
+    operations: Mutex<Vec<serde_json::Value>>,
 }
 
 #[derive(Debug, Clone)]
@@ -188,6 +190,7 @@ async fn sc_handler(
         }
     } else if path.ends_with(":report") {
         for op in v["operations"].as_array().cloned().unwrap_or_default() {
+            double.operations.lock().unwrap().push(op.clone());
             let labels = &op["labels"];
             if labels
                 .get("serviceruntime.googleapis.com/consumer_project")
@@ -652,6 +655,140 @@ async fn head_falls_back_to_get_and_has_no_body() {
     assert!(r.bytes().await.unwrap().is_empty());
 }
 
+/// Sends `request` on a fresh connection and returns the raw response (the proxy closes it).
+async fn raw_exchange(addr: &str, request: &[u8]) -> Vec<u8> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("response within 10 s")
+        .unwrap();
+    out
+}
+
+fn int_metric_of(op: &serde_json::Value, name: &str) -> Option<i64> {
+    op["metricValueSets"]
+        .as_array()?
+        .iter()
+        .find(|m| m["metricName"] == name)
+        .and_then(|m| m["metricValues"][0]["int64Value"].as_str())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn report_carries_request_and_response_bytes_as_esp_sends_them() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let addr = env.base.trim_start_matches("http://").to_string();
+    let body = "{\"hello\":\"bytes\"}";
+    let request = format!(
+        "POST /echo?key=good-key HTTP/1.1\r\nhost: a\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let response = raw_exchange(&addr, request.as_bytes()).await;
+    let text = String::from_utf8_lossy(&response).to_string();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let (head, response_body) = text.split_once("\r\n\r\n").expect("a response head");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{head}"
+    );
+    assert!(!response_body.is_empty());
+
+    let reported = |op: &serde_json::Value| {
+        op["labels"]["serviceruntime.googleapis.com/api_method"] == "1.bookstore.Echo"
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let ops = loop {
+        let ops: Vec<_> = env
+            .control
+            .operations
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|op| reported(op))
+            .cloned()
+            .collect();
+        if ops.len() >= 2 || tokio::time::Instant::now() > deadline {
+            break ops;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(ops.len(), 2, "main + by-consumer: {ops:?}");
+    let (main, by_consumer) = (&ops[0], &ops[1]);
+    assert_eq!(main["consumerId"], "api_key:good-key");
+    for side in ["producer", "consumer"] {
+        assert_eq!(
+            int_metric_of(
+                main,
+                &format!("serviceruntime.googleapis.com/api/{side}/request_bytes")
+            ),
+            Some(request.len() as i64),
+            "{side}: every byte of the request as received"
+        );
+        assert_eq!(
+            int_metric_of(
+                main,
+                &format!("serviceruntime.googleapis.com/api/{side}/response_bytes")
+            ),
+            Some(response_body.len() as i64),
+            "{side}: the response body bytes sent"
+        );
+    }
+    assert!(
+        !by_consumer.to_string().contains("_bytes\""),
+        "ESP has no by-consumer request_bytes/response_bytes: {by_consumer}"
+    );
+
+    // A response without a body: response_bytes is not sent (ESP sends it only when > 0).
+    let request = "HEAD /shelves?key=good-key HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n";
+    let response = raw_exchange(&addr, request.as_bytes()).await;
+    assert!(response.starts_with(b"HTTP/1.1 200"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let main = loop {
+        let found = env
+            .control
+            .operations
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|op| {
+                op["labels"]["serviceruntime.googleapis.com/api_method"]
+                    == "1.bookstore.ListShelves"
+                    && op["labels"]
+                        .get("serviceruntime.googleapis.com/consumer_project")
+                        .is_none()
+            })
+            .cloned();
+        if let Some(op) = found {
+            break op;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no report for HEAD");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        int_metric_of(
+            &main,
+            "serviceruntime.googleapis.com/api/producer/request_bytes"
+        ),
+        Some(request.len() as i64)
+    );
+    assert_eq!(
+        int_metric_of(
+            &main,
+            "serviceruntime.googleapis.com/api/producer/response_bytes"
+        ),
+        None
+    );
+    assert_eq!(
+        int_metric_of(
+            &main,
+            "serviceruntime.googleapis.com/api/consumer/response_bytes"
+        ),
+        None
+    );
+}
+
 #[tokio::test]
 async fn method_override_is_the_method_matched_and_forwarded() {
     let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
@@ -933,7 +1070,7 @@ async fn status_port_endpoints() {
     assert!(v["server"]["serverVersion"]
         .as_str()
         .unwrap()
-        .starts_with("Portico/"));
+        .starts_with("ESP/"));
     let esp = &v["processes"][0]["espStatus"][0];
     assert_eq!(
         esp["serviceName"],
@@ -960,7 +1097,7 @@ async fn status_port_endpoints() {
         .unwrap();
     assert_eq!(
         text,
-        "Active connections: 1 \nserver accepts handled requests\n 1 1 2 \nReading: 0 Writing: 0 Waiting: 1 \n"
+        "Active connections: 1 \nserver accepts handled requests\n 1 1 4 \nReading: 0 Writing: 0 Waiting: 1 \n"
     );
     let r = env
         .client
@@ -1003,6 +1140,63 @@ async fn status_port_endpoints() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.bytes().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn endpoints_status_has_esps_shape_and_counts_itself() {
+    let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
+    let st = format!("http://{}", env.proxy.status_addr);
+    for _ in 0..2 {
+        let r = env
+            .client
+            .get(format!("{}/shelves", env.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let status = || async {
+        json_of(
+            env.client
+                .get(format!("{st}/endpoints_status"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    };
+    let v = status().await;
+    let server = &v["server"];
+    assert_eq!(server["serverVersion"], "ESP/1.60.0", "{v}");
+    assert_eq!(server["porticoVersion"], env!("CARGO_PKG_VERSION"), "{v}");
+    assert!(
+        server["builtBy"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("rustc ")),
+        "{v}"
+    );
+    assert_eq!(
+        v["processes"][0]["processId"],
+        std::process::id().to_string(),
+        "uint64 as a JSON string, as proto3 JSON prints it"
+    );
+    // nginx counts every request it handled, the status request itself included.
+    assert_eq!(server["requests"], "3", "{v}");
+    assert_eq!(status().await["server"]["requests"], "4");
+    // Any request on the status port counts, whatever its answer.
+    for path in ["healthz", "nope"] {
+        let _ = env.client.get(format!("{st}/{path}")).send().await.unwrap();
+    }
+    let v = status().await;
+    assert_eq!(v["server"]["requests"], "7", "{v}");
+    for field in [
+        "active", "accepted", "handled", "reading", "writing", "waiting",
+    ] {
+        assert!(
+            v["server"]["connections"][field].is_string(),
+            "{field} as a string: {v}"
+        );
+    }
 }
 
 #[tokio::test]

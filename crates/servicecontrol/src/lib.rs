@@ -64,6 +64,15 @@ pub mod metrics {
     pub const CONSUMER_ERROR_COUNT: &str = "serviceruntime.googleapis.com/api/consumer/error_count";
     pub const CONSUMER_TOTAL_LATENCIES: &str =
         "serviceruntime.googleapis.com/api/consumer/total_latencies";
+    /// INT64 DELTA totals; producer and consumer forms only, sent when non-zero.
+    pub const PRODUCER_REQUEST_BYTES: &str =
+        "serviceruntime.googleapis.com/api/producer/request_bytes";
+    pub const PRODUCER_RESPONSE_BYTES: &str =
+        "serviceruntime.googleapis.com/api/producer/response_bytes";
+    pub const CONSUMER_REQUEST_BYTES: &str =
+        "serviceruntime.googleapis.com/api/consumer/request_bytes";
+    pub const CONSUMER_RESPONSE_BYTES: &str =
+        "serviceruntime.googleapis.com/api/consumer/response_bytes";
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -181,10 +181,29 @@ fn dist_metric(name: &str, d: Distribution) -> MetricValueSet {
     }
 }
 
-/// The standard metric families of an aggregate; `prefix` is e.g.
-/// `serviceruntime.googleapis.com/api/producer/`. Every request of an aggregate has the same
-/// response code, so `error_count` is all or nothing.
-fn standard_metrics(prefix: &str, a: &Aggregate, is_error: bool) -> Vec<MetricValueSet> {
+/// Which operation a metric family goes to. ESP sends `request_bytes`/`response_bytes` in
+/// the producer and consumer forms only: there is no by-consumer variant of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    Producer,
+    Consumer,
+    ByConsumer,
+}
+
+impl Form {
+    fn prefix(self) -> &'static str {
+        match self {
+            Form::Producer => "serviceruntime.googleapis.com/api/producer/",
+            Form::Consumer => "serviceruntime.googleapis.com/api/consumer/",
+            Form::ByConsumer => "serviceruntime.googleapis.com/api/producer/by_consumer/",
+        }
+    }
+}
+
+/// The standard metric families of an aggregate in one form. Every request of an aggregate
+/// has the same response code, so `error_count` is all or nothing.
+fn standard_metrics(form: Form, a: &Aggregate, is_error: bool) -> Vec<MetricValueSet> {
+    let prefix = form.prefix();
     let mut m = vec![
         int_metric(&format!("{prefix}request_count"), a.count),
         dist_metric(&format!("{prefix}request_sizes"), a.request_sizes.clone()),
@@ -206,6 +225,21 @@ fn standard_metrics(prefix: &str, a: &Aggregate, is_error: bool) -> Vec<MetricVa
     }
     if is_error {
         m.push(int_metric(&format!("{prefix}error_count"), a.count));
+    }
+    // DELTA totals of the bytes moved, sent only when non-zero (as ESP's final report does).
+    if form != Form::ByConsumer {
+        if a.request_bytes > 0 {
+            m.push(int_metric(
+                &format!("{prefix}request_bytes"),
+                a.request_bytes,
+            ));
+        }
+        if a.response_bytes > 0 {
+            m.push(int_metric(
+                &format!("{prefix}response_bytes"),
+                a.response_bytes,
+            ));
+        }
     }
     m
 }
@@ -390,6 +424,9 @@ pub(crate) struct Aggregate {
     count: i64,
     request_sizes: Distribution,
     response_sizes: Distribution,
+    /// Sums behind `request_bytes` / `response_bytes` (saturating: a DELTA cannot wrap).
+    request_bytes: i64,
+    response_bytes: i64,
     total_latencies: Distribution,
     overhead_latencies: Distribution,
     /// Only requests that reached the backend.
@@ -409,6 +446,8 @@ impl Aggregate {
             count: 0,
             request_sizes: empty_distribution(SIZE_BUCKETS),
             response_sizes: empty_distribution(SIZE_BUCKETS),
+            request_bytes: 0,
+            response_bytes: 0,
             total_latencies: empty_distribution(TIME_BUCKETS),
             overhead_latencies: empty_distribution(TIME_BUCKETS),
             backend_latencies: empty_distribution(TIME_BUCKETS),
@@ -437,6 +476,9 @@ impl Aggregate {
             r.response_size as f64,
             SIZE_BUCKETS,
         );
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.request_bytes = self.request_bytes.saturating_add(clamp(r.request_size));
+        self.response_bytes = self.response_bytes.saturating_add(clamp(r.response_size));
         add_sample(
             &mut self.total_latencies,
             r.total_latency.as_secs_f64(),
@@ -512,17 +554,9 @@ impl Aggregate {
             );
         }
 
-        let mut metrics = standard_metrics(
-            "serviceruntime.googleapis.com/api/producer/",
-            self,
-            is_error,
-        );
+        let mut metrics = standard_metrics(Form::Producer, self, is_error);
         if !consumer_id.is_empty() {
-            metrics.extend(standard_metrics(
-                "serviceruntime.googleapis.com/api/consumer/",
-                self,
-                is_error,
-            ));
+            metrics.extend(standard_metrics(Form::Consumer, self, is_error));
         }
         let log_entries = if self.wants_logs() {
             self.logs.iter().map(|r| log_entry(r, statics)).collect()
@@ -553,11 +587,7 @@ impl Aggregate {
                 start_time: start,
                 end_time: end,
                 labels: bl,
-                metric_value_sets: standard_metrics(
-                    "serviceruntime.googleapis.com/api/producer/by_consumer/",
-                    self,
-                    is_error,
-                ),
+                metric_value_sets: standard_metrics(Form::ByConsumer, self, is_error),
                 log_entries: Vec::new(),
                 importance: String::new(),
             });
@@ -1109,6 +1139,57 @@ mod tests {
             .and_then(|m| m.metric_values[0].int64_value);
         assert_eq!(count, Some(2));
         assert!(ops[0].log_entries.is_empty(), "no log kept, none sent");
+    }
+
+    fn int_of(op: &Operation, name: &str) -> Option<i64> {
+        op.metric_value_sets
+            .iter()
+            .find(|m| m.metric_name == name)
+            .and_then(|m| m.metric_values[0].int64_value)
+    }
+
+    #[test]
+    fn request_and_response_bytes_are_summed_in_producer_and_consumer_forms_only() {
+        use portico_servicecontrol::metrics as mn;
+        let mut r = record();
+        r.consumer_project_number = Some(123);
+        let mut other = record();
+        other.consumer_project_number = Some(123);
+        other.request_size = 30;
+        other.response_size = 0;
+        let mut a = Aggregate::new(SigRef::of(&r), None);
+        let now = SystemTime::now();
+        a.add(&r, span(&r, now));
+        a.add(&other, span(&other, now));
+        let ops = a.operations(&statics());
+        assert_eq!(int_of(&ops[0], mn::PRODUCER_REQUEST_BYTES), Some(150));
+        assert_eq!(int_of(&ops[0], mn::CONSUMER_REQUEST_BYTES), Some(150));
+        assert_eq!(int_of(&ops[0], mn::PRODUCER_RESPONSE_BYTES), Some(1500));
+        assert_eq!(int_of(&ops[0], mn::CONSUMER_RESPONSE_BYTES), Some(1500));
+        assert!(
+            !ops[1]
+                .metric_value_sets
+                .iter()
+                .any(|m| m.metric_name.ends_with("_bytes")),
+            "no by-consumer form"
+        );
+
+        // Zero totals are not sent; no valid consumer, no consumer form.
+        let mut r = record();
+        r.response_size = 0;
+        r.api_key_valid = false;
+        r.request_size = u64::MAX;
+        let mut a = Aggregate::new(SigRef::of(&r), None);
+        a.add(&r, span(&r, now));
+        a.add(&r, span(&r, now));
+        let ops = a.operations(&statics());
+        assert_eq!(
+            int_of(&ops[0], mn::PRODUCER_REQUEST_BYTES),
+            Some(i64::MAX),
+            "saturates instead of wrapping"
+        );
+        assert_eq!(int_of(&ops[0], mn::PRODUCER_RESPONSE_BYTES), None);
+        assert_eq!(int_of(&ops[0], mn::CONSUMER_REQUEST_BYTES), None);
     }
 
     #[test]
