@@ -843,6 +843,11 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
     }
 
     let metadata = match a.metadata.as_deref() {
+        Some(_) if a.non_gcp => {
+            return Err(ArgError::bad(
+                "--metadata and --non_gcp contradict each other: --non_gcp means there is no metadata server",
+            ))
+        }
         Some(m) => Some(
             crate::outbound_auth::parse_metadata_url(m)
                 .map_err(|e| ArgError::bad(format!("invalid --metadata: {e}")))?,

@@ -441,4 +441,44 @@ fn a_bad_metadata_url_is_a_precise_startup_error() {
             err.message
         );
     }
+    let err = portico_proxy::cli::parse(vec![
+        "esp".into(),
+        format!("--service={SVC}").into(),
+        "--backend=http://127.0.0.1:1".into(),
+        "--non_gcp".into(),
+        "--service_json_path=/dev/null".into(),
+        "--metadata=http://127.0.0.1:1".into(),
+    ])
+    .err()
+    .expect("refused");
+    assert!(err.message.contains("--non_gcp"), "{}", err.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_answered_from_the_cache_needs_no_token() {
+    // Refreshed 1 s after the fetch; by then the metadata server is down.
+    let env = Env::start(Answer::Token { expires_in: 61 }).await;
+    assert_eq!(env.get("cached").await.0, 200);
+    assert_eq!(env.sc.checks().len(), 1);
+    env.meta.set(Answer::Status(503));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        env.get("cached").await.0,
+        200,
+        "the cached verdict still answers"
+    );
+    assert_token_failure(
+        &env.get("new").await,
+        "Failed to fetch service account token",
+    );
+    assert_eq!(
+        env.sc.checks().len(),
+        1,
+        "no :check was made without a token"
+    );
+    assert!(
+        env.meta.count() >= 2,
+        "the stale token was replaced, or tried to be"
+    );
+    env.finish().await;
 }
