@@ -193,7 +193,7 @@ pub fn parse_metadata_url(url: &str) -> Result<String, MetadataUrlError> {
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(bad("expected an http:// or https:// URL"));
     }
-    if parsed.host_str().map_or(true, str::is_empty) {
+    if parsed.host_str().is_none_or(str::is_empty) {
         return Err(bad("no host"));
     }
     if parsed.query().is_some() || parsed.fragment().is_some() {

@@ -21,8 +21,11 @@ use tokio::net::TcpListener;
 const SVC: &str = "meta.endpoints.demo-proj.cloud.goog";
 const TOKEN_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
 
-/// One request seen by a double: its head (request line and headers, lowercased names kept
-/// as sent) and body.
+/// (path or method, a header's value) per request a double saw.
+type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+/// Answers one request, given its head (request line and headers) and body: status, body,
+/// and how long to wait before answering.
 type Handler = Arc<dyn Fn(&str, &[u8]) -> (u16, Vec<u8>, Duration) + Send + Sync>;
 
 /// A minimal HTTP/1.1 server: every request goes to `handler`; answers after its delay.
@@ -110,14 +113,14 @@ struct Metadata {
     answer: Arc<Mutex<Answer>>,
     delay: Arc<Mutex<Duration>>,
     /// Each fetch's path and `Metadata-Flavor`.
-    fetches: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    fetches: Seen,
 }
 
 impl Metadata {
     async fn start(answer: Answer) -> Metadata {
         let answer = Arc::new(Mutex::new(answer));
         let delay = Arc::new(Mutex::new(Duration::ZERO));
-        let fetches: Arc<Mutex<Vec<(String, Option<String>)>>> = Arc::default();
+        let fetches: Seen = Arc::default();
         let (a, d, f) = (answer.clone(), delay.clone(), fetches.clone());
         let double = Double::start(Arc::new(move |head: &str, _body: &[u8]| {
             let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
@@ -164,12 +167,12 @@ impl Metadata {
 /// Service Control double: every `:check` valid; records (method, Authorization).
 struct Sc {
     double: Double,
-    calls: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    calls: Seen,
 }
 
 impl Sc {
     async fn start() -> Sc {
-        let calls: Arc<Mutex<Vec<(String, Option<String>)>>> = Arc::default();
+        let calls: Seen = Arc::default();
         let c = calls.clone();
         let double = Double::start(Arc::new(move |head: &str, body: &[u8]| {
             let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
@@ -390,7 +393,7 @@ async fn unreadable_metadata_answers_are_refused_without_retries() {
         (
             Answer::Raw({
                 let mut b = br#"{"access_token":""#.to_vec();
-                b.extend(std::iter::repeat(b'a').take(4 << 20));
+                b.extend(std::iter::repeat_n(b'a', 4 << 20));
                 b.extend_from_slice(br#"","expires_in":3600}"#);
                 b
             }),
@@ -448,9 +451,10 @@ fn a_bad_metadata_url_is_a_precise_startup_error() {
         "--non_gcp".into(),
         "--service_json_path=/dev/null".into(),
         "--metadata=http://127.0.0.1:1".into(),
-    ])
-    .err()
-    .expect("refused");
+    ]);
+    let Err(err) = err else {
+        panic!("--metadata with --non_gcp accepted");
+    };
     assert!(err.message.contains("--non_gcp"), "{}", err.message);
 }
 
