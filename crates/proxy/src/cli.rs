@@ -288,7 +288,9 @@ pub struct EspArgs {
     pub pid_file: Option<String>,
     #[arg(long = "check_metadata", action = ArgAction::SetTrue, hide = true)]
     pub check_metadata: bool,
-    #[arg(short = 'm', long = "metadata", hide = true)]
+    /// GCE-compatible metadata server base URL (e.g. `http://169.254.169.254`); without a
+    /// key file, the proxy's access tokens for Service Control and Management come from it.
+    #[arg(short = 'm', long = "metadata")]
     pub metadata: Option<String>,
     #[arg(long = "enable_api_key_uid_reporting", hide = true)]
     pub enable_api_key_uid_reporting: Option<String>,
@@ -840,6 +842,19 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         }
     }
 
+    let metadata = match a.metadata.as_deref() {
+        Some(_) if a.non_gcp => {
+            return Err(ArgError::bad(
+                "--metadata and --non_gcp contradict each other: --non_gcp means there is no metadata server",
+            ))
+        }
+        Some(m) => Some(
+            crate::outbound_auth::parse_metadata_url(m)
+                .map_err(|e| ArgError::bad(format!("invalid --metadata: {e}")))?,
+        ),
+        None => None,
+    };
+
     let mut ignored_flags = Vec::new();
     let nginx_only: [(&'static str, bool); 10] = [
         ("--worker_processes", a.worker_processes.is_some()),
@@ -850,7 +865,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         ("--config_dir", a.config_dir.is_some()),
         ("--dns", a.dns.is_some()),
         ("--pid_file", a.pid_file.is_some()),
-        ("--check_metadata", a.check_metadata || a.metadata.is_some()),
+        ("--check_metadata", a.check_metadata),
         (
             "--service_control_network_fail_open",
             a.service_control_network_fail_open,
@@ -913,6 +928,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         ssl_key_path: a.ssl_key_path,
         generate_self_signed_cert: a.generate_self_signed_cert,
         service_account_key: a.service_account_key,
+        metadata,
         healthz: a.healthz,
         non_gcp: a.non_gcp,
         service_json_path: a.service_json_path,

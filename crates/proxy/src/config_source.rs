@@ -67,6 +67,8 @@ pub struct ConfigSourceOptions {
     /// (`scheme://host:port`), else [`DEFAULT_MANAGEMENT_URL`].
     pub management_url: Option<String>,
     pub credentials: Option<Arc<ServiceAccountKey>>,
+    /// `--metadata`: access tokens from this server when there is no key file.
+    pub metadata: Option<crate::outbound_auth::MetadataTokens>,
     /// Service Control responses naming a new rollout arrive through this.
     pub rollout_notifier: Option<RolloutNotifier>,
     pub poll_interval: Duration,
@@ -85,6 +87,7 @@ impl ConfigSourceOptions {
             service_json_path: None,
             management_url: None,
             credentials: None,
+            metadata: None,
             rollout_notifier: None,
             poll_interval: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
@@ -136,6 +139,8 @@ pub enum ConfigSourceError {
     EmptyRollout { service: String, rollout_id: String },
     #[error("cannot sign the Service Management token: {0}")]
     Credentials(#[from] portico_credentials::CredentialsError),
+    #[error("{0}")]
+    Token(#[from] crate::outbound_auth::TokenError),
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
 }
@@ -301,7 +306,7 @@ impl ManagementClient {
             http,
             base: opts.resolved_management_url(),
             service: opts.service.clone(),
-            tokens: TokenSource::new(opts.credentials.clone()),
+            tokens: TokenSource::with_metadata(opts.credentials.clone(), opts.metadata.clone()),
             attempts: opts.fetch_attempts.max(1),
         })
     }
@@ -317,7 +322,7 @@ impl ManagementClient {
         loop {
             attempt += 1;
             let mut req = self.http.get(url);
-            if let Some(auth) = self.tokens.authorization(&audience)? {
+            if let Some(auth) = self.tokens.authorization(&audience).await? {
                 req = req.header(http::header::AUTHORIZATION, auth);
             }
             let result = match req.send().await {

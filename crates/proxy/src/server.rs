@@ -621,6 +621,7 @@ pub fn service_control_for(
     settings: &Settings,
     configs: watch::Receiver<Arc<Rollout>>,
     credentials: Option<Arc<portico_credentials::ServiceAccountKey>>,
+    metadata: Option<crate::outbound_auth::MetadataTokens>,
     notifier: config_source::RolloutNotifier,
 ) -> Result<
     Option<crate::service_control::ServiceControl>,
@@ -648,10 +649,23 @@ pub fn service_control_for(
     };
     let mut opts = crate::service_control::ServiceControlOptions::new(base).with_settings(settings);
     opts.credentials = credentials;
+    opts.metadata = metadata;
     opts.rollout_notifier = Some(notifier);
     // Reports carry only the metrics and logs each config declares, as ESP's do.
     opts.service_configs = Some(configs);
     crate::service_control::ServiceControl::new(opts).map(Some)
+}
+
+/// The metadata server's token source when `--metadata` is given and there is no key file (a
+/// key file wins, as in ESP).
+pub fn metadata_tokens_for(
+    settings: &Settings,
+    has_key: bool,
+) -> Result<Option<crate::outbound_auth::MetadataTokens>, crate::outbound_auth::MetadataUrlError> {
+    match settings.metadata.as_deref() {
+        Some(url) if !has_key => crate::outbound_auth::MetadataTokens::new(url).map(Some),
+        _ => Ok(None),
+    }
 }
 
 /// The whole `portico esp` process: fetch the config, serve, shut down on a signal.
@@ -679,6 +693,14 @@ pub fn run(settings: Settings) -> ExitCode {
             },
             None => None,
         };
+        // One token cache for Service Management and Service Control, so they share fetches.
+        let metadata = match metadata_tokens_for(&settings, credentials.is_some()) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot use --metadata");
+                return ExitCode::from(crate::settings::EXIT_SETUP);
+            }
+        };
         let mut opts = ConfigSourceOptions::new(settings.service.clone().unwrap_or_default());
         opts.version = settings.version.clone();
         opts.rollout_strategy = match settings.rollout_strategy {
@@ -688,6 +710,7 @@ pub fn run(settings: Settings) -> ExitCode {
         opts.service_json_path = settings.service_json_path.clone();
         opts.management_url = settings.management.clone();
         opts.credentials = credentials.clone();
+        opts.metadata = metadata.clone();
         let notifier = config_source::RolloutNotifier::new();
         opts.rollout_notifier = Some(notifier.clone());
         let rollouts = match config_source::start(opts).await {
@@ -698,7 +721,7 @@ pub fn run(settings: Settings) -> ExitCode {
             }
         };
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let control = match service_control_for(&settings, rollouts.clone(), credentials, notifier) {
+        let control = match service_control_for(&settings, rollouts.clone(), credentials, metadata, notifier) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the Service Control client");

@@ -141,6 +141,9 @@ pub struct Settings {
     pub ssl_key_path: PathBuf,
     pub generate_self_signed_cert: bool,
     pub service_account_key: Option<PathBuf>,
+    /// `--metadata`: a GCE-compatible metadata server base URL (already checked); with no key
+    /// file, the proxy's own access tokens come from it.
+    pub metadata: Option<String>,
     pub healthz: Option<String>,
     pub non_gcp: bool,
     pub service_json_path: Option<PathBuf>,

@@ -219,6 +219,7 @@ impl Env {
             &settings,
             rx.clone(),
             None,
+            None,
             RolloutNotifier::new(),
         )
         .expect("client");

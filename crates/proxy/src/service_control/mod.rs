@@ -98,6 +98,8 @@ pub fn resolve_service_control_url(
 pub struct ServiceControlOptions {
     pub base_url: String,
     pub credentials: Option<Arc<ServiceAccountKey>>,
+    /// `--metadata`: access tokens from this server when there is no key file.
+    pub metadata: Option<crate::outbound_auth::MetadataTokens>,
     /// `--service_control_network_fail_policy=open` (the default).
     pub network_fail_open: bool,
     pub rollout_notifier: Option<RolloutNotifier>,
@@ -159,6 +161,7 @@ impl ServiceControlOptions {
         ServiceControlOptions {
             base_url: base_url.into(),
             credentials: None,
+            metadata: None,
             network_fail_open: true,
             rollout_notifier: None,
             service_configs: None,
@@ -381,7 +384,7 @@ impl ServiceControl {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             ServiceControlError::Client("ServiceControl::new needs a tokio runtime".to_string())
         })?;
-        let tokens = TokenSource::new(opts.credentials.clone());
+        let tokens = TokenSource::with_metadata(opts.credentials.clone(), opts.metadata.clone());
         let transport = Transport::new(&opts.base_url, tokens)
             .map_err(|e| ServiceControlError::Client(e.to_string()))?;
         let inner = Arc::new(Inner {

@@ -893,7 +893,7 @@ impl Inner {
                         );
                     }
                 }
-                Err(failure) if failure.is_unavailable() => {
+                Err(failure) if failure.is_transient() => {
                     self.stats.report_failures.inc();
                     tracing::warn!(%service, error = %failure, operations = n, "Service control report failed; will retry");
                     self.requeue_front(service, config, request.operations);

@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::config_source::PATH_SEGMENT;
 use crate::error::error_chain;
 use crate::error::{Cause, Code, EspError};
-use crate::outbound_auth::TokenSource;
+use crate::outbound_auth::{TokenError, TokenSource};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Failure {
@@ -22,6 +22,8 @@ pub(crate) enum Failure {
     Http { status: u16, body: String },
     /// 200 with a body that is not the expected JSON.
     Invalid(String),
+    /// No access token for the call (the metadata server failed); the call was not made.
+    Token(TokenError),
 }
 
 impl Failure {
@@ -31,8 +33,13 @@ impl Failure {
         match self {
             Failure::Network(_) => true,
             Failure::Http { status, .. } => *status >= 500,
-            Failure::Invalid(_) => false,
+            Failure::Invalid(_) | Failure::Token(_) => false,
         }
+    }
+
+    /// A report that failed this way can be sent again later with the same body.
+    pub(crate) fn is_transient(&self) -> bool {
+        self.is_unavailable() || matches!(self, Failure::Token(_))
     }
 
     /// The client-facing error for this failure, per ESP's catalogue.
@@ -61,6 +68,9 @@ impl Failure {
             Failure::Invalid(_) => {
                 EspError::new(Code::Internal, "Invalid response", Cause::ServiceControl)
             }
+            Failure::Token(e) => {
+                EspError::new(Code::Internal, e.client_message(), Cause::ServiceControl)
+            }
         }
     }
 }
@@ -74,6 +84,7 @@ impl std::fmt::Display for Failure {
                 write!(f, "HTTP {status}: {b}")
             }
             Failure::Invalid(m) => write!(f, "invalid response: {m}"),
+            Failure::Token(e) => write!(f, "no access token: {e}"),
         }
     }
 }
@@ -140,7 +151,8 @@ impl Transport {
             let auth = self
                 .tokens
                 .authorization(&audience)
-                .map_err(|e| Failure::Network(format!("cannot sign token: {e}")))?;
+                .await
+                .map_err(Failure::Token)?;
             let mut req = self
                 .http
                 .post(&url)
