@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 const PROJECT: &str = "backend-auth-proj";
 const SERVICE: &str = "backend-auth.endpoints.backend-auth-proj.cloud.goog";
 const AUDIENCE: &str = "https://private-backend.test";
+const OTHER_AUDIENCE: &str = "https://other-backend.test";
 
 fn openapi(backend: &str) -> String {
     format!(
@@ -36,6 +37,13 @@ paths:
       x-google-backend:
         address: "{backend}/private"
         jwt_audience: "{AUDIENCE}"
+  /other:
+    get:
+      operationId: other
+      responses: {{"200": {{description: ok}}}}
+      x-google-backend:
+        address: "{backend}/other"
+        jwt_audience: "{OTHER_AUDIENCE}"
   /public:
     get:
       operationId: public
@@ -165,14 +173,17 @@ fn jwt_audience_rules_send_an_id_token_and_forward_the_client_header() {
         .no_proxy()
         .build()
         .expect("client");
-    let get = |path: &str, extra: &[(&str, &str)]| {
+    let send = |path: &str, extra: &[(&str, &str)]| {
         let mut req = client.get(format!("http://127.0.0.1:{proxy_port}{path}"));
         for (k, v) in extra {
             req = req.header(*k, *v);
         }
         let resp = req.send().expect("request");
         let status = resp.status().as_u16();
-        let body = resp.text().unwrap_or_default();
+        (status, resp.text().unwrap_or_default())
+    };
+    let get = |path: &str, extra: &[(&str, &str)]| {
+        let (status, body) = send(path, extra);
         assert_eq!(status, 200, "GET {path}: {body}\n{}", esp.log());
         seen.recv_timeout(Duration::from_secs(10))
             .expect("backend saw the request")
@@ -240,4 +251,23 @@ fn jwt_audience_rules_send_an_id_token_and_forward_the_client_header() {
     let h = get("/public", &[("authorization", "Bearer client-token")]);
     assert_eq!(header(&h, "authorization"), vec!["Bearer client-token"]);
     assert!(header(&h, "x-forwarded-authorization").is_empty(), "{h:?}");
+
+    // With the issuer gone, a cached token still serves its audience; an audience with no
+    // token yet is refused with ESP's 500 and the backend is not called.
+    let mut cp = cp;
+    cp.stop();
+    let h = get("/private", &[]);
+    assert_eq!(header(&h, "authorization"), auth);
+    let (status, body) = send("/other", &[("authorization", "Bearer client-token")]);
+    assert_eq!(status, 500, "{body}");
+    let body: Value = serde_json::from_str(&body).expect("JSON error body");
+    assert_eq!(body["code"], 13, "{body}");
+    assert_eq!(
+        body["message"],
+        "Failed to fetch an identity token for backend authentication"
+    );
+    assert!(
+        seen.recv_timeout(Duration::from_millis(500)).is_err(),
+        "the backend must not be called without its token"
+    );
 }
