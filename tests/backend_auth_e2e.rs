@@ -15,7 +15,6 @@ use std::net::TcpListener;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use common::{free_port, ControlPlane, Db, Proc};
 use serde_json::{json, Value};
 
@@ -128,29 +127,11 @@ fn jwt_audience_rules_send_an_id_token_and_forward_the_client_header() {
     std::fs::write(&key_file, &key_text).expect("key file");
 
     let (backend_port, seen) = recording_backend();
-    let op = api.post(
-        "/v1/services",
-        json!({"producerProjectId": PROJECT, "serviceName": SERVICE}),
-    );
-    api.wait(op);
-    let contents = base64::engine::general_purpose::STANDARD
-        .encode(openapi(&format!("http://127.0.0.1:{backend_port}")));
-    let op = api.post(
-        &format!("/v1/services/{SERVICE}/configs:submit"),
-        json!({"configSource": {"files": [{"fileContents": contents, "filePath": "openapi.yaml", "fileType": "OPEN_API_YAML"}]}}),
-    );
-    let config_id = api.wait(op)["serviceConfig"]["id"]
-        .as_str()
-        .expect("config id")
-        .to_string();
-    let op = api.post(
-        &format!("/v1/services/{SERVICE}/rollouts"),
-        json!({"serviceName": SERVICE, "trafficPercentStrategy": {"percentages": {config_id: 100.0}}}),
-    );
-    api.wait(op);
-    api.post(
-        &format!("/v1/services/{SERVICE}:setIamPolicy"),
-        json!({"policy": {"bindings": [{"role": "roles/servicemanagement.serviceController", "members": [format!("serviceAccount:{sa_email}")]}]}}),
+    api.deploy(
+        SERVICE,
+        PROJECT,
+        &openapi(&format!("http://127.0.0.1:{backend_port}")),
+        &sa_email,
     );
 
     let proxy_port = free_port();

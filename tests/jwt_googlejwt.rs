@@ -100,35 +100,9 @@ fn googlejwt_signed_by_a_portico_service_account_key() {
         .is_some_and(|p| p.starts_with("-----BEGIN CERTIFICATE-----")));
 
     // Service Management: create, submit the sample, roll out, enable; the proxy's binding.
-    let op = api.post(
-        "/v1/services",
-        json!({"producerProjectId": PROJECT, "serviceName": SERVICE}),
-    );
-    api.wait(op);
     let openapi = sample_openapi(&sa_email, &cp);
-    let contents = base64::engine::general_purpose::STANDARD.encode(openapi.as_bytes());
-    let op = api.post(
-        &format!("/v1/services/{SERVICE}/configs:submit"),
-        json!({"configSource": {"files": [{"fileContents": contents, "filePath": "openapi.yaml", "fileType": "OPEN_API_YAML"}]}}),
-    );
-    let config_id = api.wait(op)["serviceConfig"]["id"]
-        .as_str()
-        .expect("config id")
-        .to_string();
-    let op = api.post(
-        &format!("/v1/services/{SERVICE}/rollouts"),
-        json!({"serviceName": SERVICE, "trafficPercentStrategy": {"percentages": {config_id: 100.0}}}),
-    );
-    api.wait(op);
-    let op = api.post(
-        &format!("/v1/projects/{PROJECT}/services/{SERVICE}:enable"),
-        json!({}),
-    );
-    api.wait(op);
-    api.post(
-        &format!("/v1/services/{SERVICE}:setIamPolicy"),
-        json!({"policy": {"bindings": [{"role": "roles/servicemanagement.serviceController", "members": [format!("serviceAccount:{sa_email}")]}]}}),
-    );
+    api.deploy(SERVICE, PROJECT, &openapi, &sa_email);
+    api.enable(PROJECT, SERVICE);
 
     // The sample backend and the proxy (managed rollout, short JWKS TTL to see key deletion).
     let echo_port = free_port();

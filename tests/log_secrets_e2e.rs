@@ -15,7 +15,6 @@ use common::{free_port, ControlPlane, Db, Proc};
 use std::io::{Read, Write};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
 use serde_json::json;
 
 const PROJECT: &str = "secrets-proj";
@@ -98,34 +97,8 @@ fn no_secret_in_stored_logs_access_log_or_process_logs() {
     std::fs::write(&key_file, proxy_key_text).expect("write key file");
 
     // The service, its config, rollout, enablement and the proxy's binding.
-    let op = api.post(
-        "/v1/services",
-        json!({"producerProjectId": PROJECT, "serviceName": SERVICE}),
-    );
-    api.wait(op);
-    let contents = base64::engine::general_purpose::STANDARD.encode(openapi(&cp, &sa_email));
-    let op = api.post(
-        &format!("/v1/services/{SERVICE}/configs:submit"),
-        json!({"configSource": {"files": [{"fileContents": contents, "filePath": "openapi.yaml", "fileType": "OPEN_API_YAML"}]}}),
-    );
-    let config_id = api.wait(op)["serviceConfig"]["id"]
-        .as_str()
-        .expect("config id")
-        .to_string();
-    let op = api.post(
-        &format!("/v1/services/{SERVICE}/rollouts"),
-        json!({"serviceName": SERVICE, "trafficPercentStrategy": {"percentages": {config_id: 100.0}}}),
-    );
-    api.wait(op);
-    let op = api.post(
-        &format!("/v1/projects/{PROJECT}/services/{SERVICE}:enable"),
-        json!({}),
-    );
-    api.wait(op);
-    api.post(
-        &format!("/v1/services/{SERVICE}:setIamPolicy"),
-        json!({"policy": {"bindings": [{"role": "roles/servicemanagement.serviceController", "members": [format!("serviceAccount:{sa_email}")]}]}}),
-    );
+    api.deploy(SERVICE, PROJECT, &openapi(&cp, &sa_email), &sa_email);
+    api.enable(PROJECT, SERVICE);
     let op = api.post(
         &format!("/v2/projects/{PROJECT}/locations/global/keys"),
         json!({"displayName": "secrets e2e"}),

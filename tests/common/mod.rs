@@ -658,6 +658,51 @@ impl Api {
         op["response"].clone()
     }
 
+    /// What `gcloud endpoints services deploy` does for one OpenAPI file, then the rollout:
+    /// creates `service` in `producer`, submits `openapi`, rolls the new config out to 100 %
+    /// and binds `roles/servicemanagement.serviceController` for `controller` (the proxy's
+    /// service account). Returns the config id.
+    pub fn deploy(&self, service: &str, producer: &str, openapi: &str, controller: &str) -> String {
+        use base64::Engine as _;
+        let op = self.post(
+            "/v1/services",
+            serde_json::json!({"producerProjectId": producer, "serviceName": service}),
+        );
+        self.wait(op);
+        let contents = base64::engine::general_purpose::STANDARD.encode(openapi.as_bytes());
+        let op = self.post(
+            &format!("/v1/services/{service}/configs:submit"),
+            serde_json::json!({"configSource": {"files": [{"fileContents": contents,
+                "filePath": "openapi.yaml", "fileType": "OPEN_API_YAML"}]}}),
+        );
+        let config_id = self.wait(op)["serviceConfig"]["id"]
+            .as_str()
+            .expect("config id")
+            .to_string();
+        let op = self.post(
+            &format!("/v1/services/{service}/rollouts"),
+            serde_json::json!({"serviceName": service,
+                "trafficPercentStrategy": {"percentages": {config_id.as_str(): 100.0}}}),
+        );
+        self.wait(op);
+        self.post(
+            &format!("/v1/services/{service}:setIamPolicy"),
+            serde_json::json!({"policy": {"bindings": [{
+                "role": "roles/servicemanagement.serviceController",
+                "members": [format!("serviceAccount:{controller}")]}]}}),
+        );
+        config_id
+    }
+
+    /// `gcloud services enable` of `service` in `project`.
+    pub fn enable(&self, project: &str, service: &str) {
+        let op = self.post(
+            &format!("/v1/projects/{project}/services/{service}:enable"),
+            serde_json::json!({}),
+        );
+        self.wait(op);
+    }
+
     /// Creates a key for the service account: the parsed key file and its text.
     pub fn create_key(&self, email: &str) -> (portico_credentials::ServiceAccountKey, String) {
         use base64::Engine as _;

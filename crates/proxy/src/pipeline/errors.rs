@@ -102,6 +102,25 @@ impl Pipeline {
         self.finalize(resp, ctx, url, err, report, None)
     }
 
+    /// A request refused after it was matched: ESP's error body, reported with the method's
+    /// report data (the phases after **match** all answer this way).
+    pub(super) fn fail_matched(
+        &self,
+        err: EspError,
+        ctx: &Ctx,
+        url: String,
+        report: ReportInfo,
+    ) -> Response<ProxyBody> {
+        self.finalize(
+            proxy_error(&err, ctx, ctx.jwt_present),
+            ctx,
+            url,
+            Some(err),
+            Some(report),
+            None,
+        )
+    }
+
     /// A failed **authenticate** phase: ESP's error, and under
     /// `--enable_jwt_authorization_url_redirect` the same JSON body with the status turned into
     /// a redirect to the provider's `authorizationUrl` (missing or expired token only; see

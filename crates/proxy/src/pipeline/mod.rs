@@ -50,7 +50,6 @@ use crate::forward::Forwarder;
 use crate::routing::RouteTable;
 use crate::settings::Settings;
 use arc_swap::ArcSwap;
-use errors::proxy_error;
 use http::header::HeaderName;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -218,14 +217,7 @@ impl Pipeline {
         let (mi, routed) = match self.match_request(&config, &parts, &target) {
             Ok(m) => m,
             Err((err, report)) => {
-                return self.finalize(
-                    proxy_error(&err, &ctx, ctx.jwt_present),
-                    &ctx,
-                    target,
-                    Some(err),
-                    Some(report),
-                    None,
-                );
+                return self.fail_matched(err, &ctx, target, report);
             }
         };
 
@@ -266,14 +258,7 @@ impl Pipeline {
                 )
                 .await
             {
-                return self.finalize(
-                    proxy_error(&err, &ctx, ctx.jwt_present),
-                    &ctx,
-                    target,
-                    Some(err),
-                    Some(report),
-                    None,
-                );
+                return self.fail_matched(err, &ctx, target, report);
             }
         }
 
@@ -285,14 +270,7 @@ impl Pipeline {
         if settings.enable_backend_routing && routed.is_none() && mi.local_backend.is_none() {
             // ESP's `proxy_pass $backend_url` with no address for this method.
             let err = EspError::new(Code::Internal, "INTERNAL_SERVER_ERROR", Cause::Application);
-            return self.finalize(
-                proxy_error(&err, &ctx, ctx.jwt_present),
-                &ctx,
-                target,
-                Some(err),
-                Some(report),
-                None,
-            );
+            return self.fail_matched(err, &ctx, target, report);
         }
         // Backend authentication (`jwt_audience`): an ID token replaces the client's
         // Authorization. Boxed so the fetch's state is not part of every request's future.
@@ -315,16 +293,7 @@ impl Pipeline {
             };
             match token {
                 Ok(h) => crate::backend_auth::apply(&mut parts.headers, h),
-                Err(err) => {
-                    return self.finalize(
-                        proxy_error(&err, &ctx, ctx.jwt_present),
-                        &ctx,
-                        target,
-                        Some(err),
-                        Some(report),
-                        None,
-                    )
-                }
+                Err(err) => return self.fail_matched(err, &ctx, target, report),
             }
         }
         // 5. forward; 6. respond and 7. report follow from the backend's answer.
