@@ -331,13 +331,26 @@ async fn delete_account(
     Ok(Json(Empty {}))
 }
 
-/// `POST .../serviceAccounts/{email}:disable` and `:enable`.
+/// `POST .../serviceAccounts/{email}:disable` and `:enable`; other APIs' verbs on this path
+/// (IAM Credentials' `:generateIdToken`) go to their handlers in [`crate::app::ACCOUNT_VERB_HANDLERS`].
 async fn account_verb(
-    State(state): State<IdentityState>,
-    principal: Principal,
+    State(app): State<AppState>,
     Path((project, segment)): Path<(String, String)>,
-) -> Result<Json<Empty>, ApiError> {
+    req: axum::extract::Request,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::extract::FromRequestParts as _;
+    use axum::response::IntoResponse as _;
     let (account, verb) = crate::app::split_verb(&segment);
+    if let Some((_, handler)) = verb.and_then(|v| {
+        crate::app::ACCOUNT_VERB_HANDLERS
+            .iter()
+            .find(|(name, _)| *name == v)
+    }) {
+        return Ok(handler(app.clone(), project.clone(), account.to_string(), req).await);
+    }
+    let (mut parts, _body) = req.into_parts();
+    let principal = Principal::from_request_parts(&mut parts, &app).await?;
+    let state = <IdentityState as axum::extract::FromRef<AppState>>::from_ref(&app);
     let (permission, disabled) = match verb {
         Some("disable") => (perms::SA_DISABLE, true),
         Some("enable") => (perms::SA_ENABLE, false),
@@ -355,7 +368,7 @@ async fn account_verb(
     let sa = authorised_account(&state, &principal, &project, account, permission).await?;
     accounts::set_disabled(&state.store, &sa.email, disabled, &new_etag()).await?;
     tracing::info!(email = %sa.email, disabled, by = %principal.display(), "service account state changed");
-    Ok(Json(Empty {}))
+    Ok(Json(Empty {}).into_response())
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -6,6 +6,7 @@
 
 pub mod apikeys;
 pub mod iam;
+pub mod iamcredentials;
 pub mod jwks;
 pub mod operations;
 pub mod resourcemanager;

@@ -80,3 +80,15 @@ pub const SERVICE_VERB_HANDLERS: &[(&str, ServiceVerbHandler)] = &[
     ),
     ("report", crate::apis::servicecontrol::report_handler),
 ];
+
+/// `POST /v1/projects/{project}/serviceAccounts/{account}:{verb}` verbs that belong to another
+/// API than IAM (whose route this path is). Arguments: state, the project segment, the account
+/// segment without its verb, the whole request.
+pub type AccountVerbHandler =
+    fn(AppState, String, String, Request) -> Pin<Box<dyn Future<Output = Response> + Send>>;
+
+/// IAM Credentials' `generateIdToken` shares IAM's account path.
+pub const ACCOUNT_VERB_HANDLERS: &[(&str, AccountVerbHandler)] = &[(
+    "generateIdToken",
+    crate::apis::iamcredentials::generate_id_token_handler,
+)];

@@ -60,6 +60,7 @@ const API_PREFIXES: &[&str] = &[
     "/cloudresourcemanager/",
     "/apikeys/",
     "/servicecontrol/",
+    "/iamcredentials/",
 ];
 
 async fn strip_api_prefix(mut req: Request) -> Request {

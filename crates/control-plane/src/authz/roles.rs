@@ -23,6 +23,7 @@ pub mod perms {
     pub const SA_DELETE: &str = "iam.serviceAccounts.delete";
     pub const SA_DISABLE: &str = "iam.serviceAccounts.disable";
     pub const SA_ENABLE: &str = "iam.serviceAccounts.enable";
+    pub const SA_GET_OPEN_ID_TOKEN: &str = "iam.serviceAccounts.getOpenIdToken";
     pub const KEY_CREATE: &str = "iam.serviceAccountKeys.create";
     pub const KEY_GET: &str = "iam.serviceAccountKeys.get";
     pub const KEY_LIST: &str = "iam.serviceAccountKeys.list";
@@ -52,9 +53,12 @@ pub fn role_grants(role: &str, permission: &str) -> bool {
     // Deleting a project is owner-only in Google: `roles/editor` has everything but IAM
     // writes and these two.
     let owner_only = matches!(permission, PROJECT_DELETE | PROJECT_UNDELETE);
+    // Minting tokens as an account is its own grant in Google: neither `roles/editor` nor
+    // `roles/iam.serviceAccountAdmin` has it, only the token-creator roles (and owner).
+    let mints_tokens = permission == SA_GET_OPEN_ID_TOKEN;
     match role {
         "roles/owner" => true,
-        "roles/editor" => !is_iam_write && !owner_only,
+        "roles/editor" => !is_iam_write && !owner_only && !mints_tokens,
         // `getIamPolicy` on projects ends neither in `.get` nor `.list`, yet viewers may read it.
         "roles/viewer" => {
             permission.ends_with(".get")
@@ -74,7 +78,12 @@ pub fn role_grants(role: &str, permission: &str) -> bool {
         "roles/servicemanagement.serviceConsumer" => permission == SERVICES_BIND,
         "roles/serviceusage.serviceUsageAdmin" => permission.starts_with("serviceusage."),
         "roles/serviceusage.serviceUsageConsumer" => permission == SERVICEUSAGE_LIST,
-        "roles/iam.serviceAccountAdmin" => permission.starts_with("iam.serviceAccounts."),
+        "roles/iam.serviceAccountAdmin" => {
+            permission.starts_with("iam.serviceAccounts.") && !mints_tokens
+        }
+        "roles/iam.serviceAccountOpenIdTokenCreator" | "roles/iam.serviceAccountTokenCreator" => {
+            mints_tokens
+        }
         "roles/iam.serviceAccountKeyAdmin" => {
             permission.starts_with("iam.serviceAccountKeys.")
                 || matches!(permission, SA_GET | SA_LIST)
