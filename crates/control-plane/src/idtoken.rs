@@ -193,6 +193,14 @@ impl IdTokenSigner {
     }
 }
 
+/// Seconds since the Unix epoch: token times (`iat`, `exp`) are in these.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// Largest audience accepted: a URL, in practice; bounded so a token cannot be made huge.
 pub const MAX_AUDIENCE_BYTES: usize = 2048;
 

@@ -45,6 +45,12 @@ pub struct IdTokenSource {
     http: reqwest::Client,
     cache: Mutex<HashMap<String, Cached>>,
     fetching: tokio::sync::Mutex<()>,
+    /// Fetches finished so far, and per audience the count after its last failed fetch: a
+    /// request that waited while a fetch for its audience failed takes that failure instead of
+    /// fetching again, so an issuer outage under load costs one call per audience, not one
+    /// (five-second) call per waiting request in turn.
+    finished: std::sync::atomic::AtomicU64,
+    failed_at: Mutex<HashMap<String, u64>>,
 }
 
 impl std::fmt::Debug for IdTokenSource {
@@ -55,13 +61,18 @@ impl std::fmt::Debug for IdTokenSource {
     }
 }
 
-fn failed(detail: impl std::fmt::Display) -> EspError {
-    tracing::warn!(error = %detail, "backend authentication: no ID token");
+/// The answer to a request whose backend needs an ID token the proxy cannot get.
+pub fn unavailable() -> EspError {
     EspError::new(
         Code::Internal,
         "Failed to fetch an identity token for backend authentication",
         Cause::Internal,
     )
+}
+
+fn failed(detail: impl std::fmt::Display) -> EspError {
+    tracing::warn!(error = %detail, "backend authentication: no ID token");
+    unavailable()
 }
 
 impl IdTokenSource {
@@ -76,6 +87,8 @@ impl IdTokenSource {
             http,
             cache: Mutex::new(HashMap::new()),
             fetching: tokio::sync::Mutex::new(()),
+            finished: std::sync::atomic::AtomicU64::new(0),
+            failed_at: Mutex::new(HashMap::new()),
         })
     }
 
@@ -93,12 +106,35 @@ impl IdTokenSource {
         if let Some(h) = self.cached(audience) {
             return Ok(h);
         }
+        use std::sync::atomic::Ordering;
+        let started = self.finished.load(Ordering::Acquire);
         let _one_at_a_time = self.fetching.lock().await;
-        // Whoever held the lock may have fetched this audience meanwhile.
+        // Whoever held the lock may have fetched this audience meanwhile, or failed to.
         if let Some(h) = self.cached(audience) {
             return Ok(h);
         }
-        let (token, exp) = self.fetch(audience).await?;
+        let failed_meanwhile = self
+            .failed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(audience)
+            .is_some_and(|at| *at > started);
+        if failed_meanwhile {
+            return Err(unavailable());
+        }
+        let fetched = self.fetch(audience).await;
+        let done = self.finished.fetch_add(1, Ordering::AcqRel) + 1;
+        let (token, exp) = match fetched {
+            Ok(t) => t,
+            Err(e) => {
+                let mut failed_at = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
+                if failed_at.len() >= MAX_AUDIENCES && !failed_at.contains_key(audience) {
+                    failed_at.clear();
+                }
+                failed_at.insert(audience.to_string(), done);
+                return Err(e);
+            }
+        };
         let header = HeaderValue::from_str(&format!("Bearer {token}"))
             .map_err(|_| failed("the token endpoint's id_token is not a header value"))?;
         let now_unix = unix_now();
@@ -249,5 +285,70 @@ mod tests {
         assert_eq!(token_exp(&t), Some(1_900_000_000));
         assert_eq!(token_exp("garbage"), None);
         assert_eq!(token_exp("a.%%%.c"), None);
+    }
+
+    /// A token endpoint that answers every request 503 after `delay`, counting requests.
+    async fn failing_issuer(delay: Duration) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 << 10];
+                    let _ = sock.read(&mut buf).await;
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    let _ = sock
+                        .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\nconnection: close\r\n\r\ndown")
+                        .await;
+                });
+            }
+        });
+        (url, calls)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_waiting_on_a_failing_fetch_share_its_failure() {
+        let (token_uri, calls) = failing_issuer(Duration::from_millis(300)).await;
+        let g = portico_credentials::generate_rsa_key().unwrap();
+        let key = ServiceAccountKey::from_json_str(
+            &serde_json::json!({
+                "type": "service_account", "project_id": "p", "private_key_id": g.key_id,
+                "private_key": g.private_pkcs8_pem, "client_email": "a@p.iam.gserviceaccount.com",
+                "token_uri": token_uri,
+            })
+            .to_string(),
+            "t",
+        )
+        .unwrap();
+        let source = Arc::new(IdTokenSource::new(Arc::new(key)).unwrap());
+        let started = Instant::now();
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let s = source.clone();
+                tokio::spawn(async move { s.get("https://backend.test").await })
+            })
+            .collect();
+        for w in waiters {
+            let err = w.await.unwrap().unwrap_err();
+            assert_eq!(err, unavailable());
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // One 300 ms call, not eight in a row.
+        assert!(
+            started.elapsed() < Duration::from_millis(2000),
+            "{:?}",
+            started.elapsed()
+        );
+        // The failure is not remembered: the next request asks the issuer again.
+        source.get("https://backend.test").await.unwrap_err();
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 }

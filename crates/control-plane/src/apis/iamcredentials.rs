@@ -118,16 +118,9 @@ async fn generate_id_token(
                 include_email: body.include_email,
             },
             &body.audience,
-            now_unix(),
+            crate::idtoken::now_unix(),
         )
         .map_err(ApiError::internal)?;
     tracing::info!(email = %sa.email, by = %principal.display(), "issued ID token (generateIdToken)");
     Ok(Json(GenerateIdTokenResponse { token }).into_response())
-}
-
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

@@ -33,7 +33,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -50,6 +49,7 @@ use crate::app::AppState;
 use crate::authz::{BoxFuture, Principal, TokenVerifier};
 use crate::crypto::{random_urlsafe, token_hash};
 use crate::error::ApiError;
+use crate::idtoken::now_unix;
 use crate::store::tokens::NewAccessToken;
 use crate::store::Store;
 
@@ -75,13 +75,6 @@ const MAX_CACHED_JWTS: usize = 10_000;
 
 pub fn routes() -> Router<AppState> {
     Router::new().route("/token", post(token_endpoint))
-}
-
-fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// An OAuth2 error response (RFC 6749 §5.2).

@@ -285,11 +285,7 @@ impl Pipeline {
                     Some(h) => Ok(h),
                     None => Box::pin(source.get(audience)).await,
                 },
-                None => Err(EspError::new(
-                    Code::Internal,
-                    "Failed to fetch an identity token for backend authentication",
-                    Cause::Internal,
-                )),
+                None => Err(crate::backend_auth::unavailable()),
             };
             match token {
                 Ok(h) => crate::backend_auth::apply(&mut parts.headers, h),
