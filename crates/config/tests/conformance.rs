@@ -19,7 +19,6 @@ const EXCLUDED: &[(&str, &str)] = &[
     ("operation_name_slash", "its security requirement names an undefined securityDefinition, which is rejected (as in x_google_audiences); the root path itself is accepted"),
     ("oauth_in_security", "an API key OR'ed with another scheme is rejected (Google's documented limitation); api-compiler accepted it and allowed unregistered calls"),
     ("x_google_audiences", "a security requirement naming an undefined securityDefinition is rejected; api-compiler ignored it"),
-    ("distributed_swagger", "references to other files are not supported"),
     ("invalid_extension", "file names are not required to end in .yaml/.yml/.json"),
     ("additional_properties", "request/response message types are not generated, so the body-must-be-a-message check does not exist"),
     ("no_opertion_id", "no input file in the corpus"),
@@ -33,6 +32,20 @@ const EXPLICIT_INPUTS: &[(&str, &[&str])] = &[
     (
         "multiple_swagger_duplicate_versions",
         &["library_example.json", "library_example_v2.json"],
+    ),
+    // One OpenAPI file and the two files its `$ref`s lead into (neither has `swagger`).
+    (
+        "distributed_swagger",
+        &[
+            "distributed_swagger.json",
+            "distributed_shared_swagger_defs.json",
+            "distributed_shared_json.json",
+        ],
+    ),
+    // Submitted alone, as api-compiler's test does: its first `$ref` names a file not sent.
+    (
+        "distributed_swagger_missing_file",
+        &["distributed_swagger_missing_file.json"],
     ),
 ];
 

@@ -301,7 +301,7 @@ fn broken_references() {
         errors("openapi.yaml", &text),
         [
             "openapi.yaml:14:19: reference \"#/definitions/Missing\" cannot be resolved: the file has no \"definitions\" section",
-            "openapi.yaml:15:17: reference \"other.yaml#/parameters/p\" points outside this file; external references are not supported, copy the definition into #/definitions/",
+            "openapi.yaml:15:17: reference \"other.yaml#/parameters/p\" cannot be resolved: the submission has no file \"other.yaml\" (its files: openapi.yaml); add the file to the deployment",
         ]
     );
 }

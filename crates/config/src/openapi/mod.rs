@@ -48,6 +48,7 @@
 
 mod convert;
 mod generated;
+mod refs;
 pub(crate) mod tree;
 
 use crate::service::Service;
