@@ -268,12 +268,18 @@ pub async fn start_with_metrics(
         metrics,
         access_log,
     );
-    // Backend rules with `jwt_audience` get ID tokens for the proxy's own account.
+    // Backend rules with `jwt_audience` get ID tokens for the proxy's own account: minted by
+    // the key file's token endpoint, or else by the metadata server.
     if let Some(path) = &settings.service_account_key {
         let key = portico_credentials::ServiceAccountKey::from_file(path)
             .map_err(|e| StartError::Credentials(format!("{}: {e}", path.display())))?;
         state.backend_tokens = Some(Arc::new(
             crate::backend_auth::IdTokenSource::new(Arc::new(key))
+                .map_err(StartError::Credentials)?,
+        ));
+    } else if let Some(url) = &settings.metadata {
+        state.backend_tokens = Some(Arc::new(
+            crate::backend_auth::IdTokenSource::from_metadata(url)
                 .map_err(StartError::Credentials)?,
         ));
     }
