@@ -731,8 +731,8 @@ async fn report_carries_request_and_response_bytes_as_esp_sends_them() {
                 main,
                 &format!("serviceruntime.googleapis.com/api/{side}/response_bytes")
             ),
-            Some(response_body.len() as i64),
-            "{side}: the response body bytes sent"
+            Some((response.len() - "connection: close\r\n".len()) as i64),
+            "{side}: every byte of the response (head and body) but the connection's own header, as ESP counts what it sent: {head}"
         );
     }
     assert!(
@@ -740,7 +740,7 @@ async fn report_carries_request_and_response_bytes_as_esp_sends_them() {
         "ESP has no by-consumer request_bytes/response_bytes: {by_consumer}"
     );
 
-    // A response without a body: response_bytes is not sent (ESP sends it only when > 0).
+    // A response without a body still sent its head: ESP's response_bytes counts it.
     let request = "HEAD /shelves?key=good-key HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n";
     let response = raw_exchange(&addr, request.as_bytes()).await;
     assert!(response.starts_with(b"HTTP/1.1 200"));
@@ -778,14 +778,17 @@ async fn report_carries_request_and_response_bytes_as_esp_sends_them() {
             &main,
             "serviceruntime.googleapis.com/api/producer/response_bytes"
         ),
-        None
+        Some((response.len() - "connection: close\r\n".len()) as i64),
+        "{}",
+        String::from_utf8_lossy(&response)
     );
     assert_eq!(
         int_metric_of(
             &main,
             "serviceruntime.googleapis.com/api/consumer/response_bytes"
         ),
-        None
+        None,
+        "no consumer forms without a known consumer"
     );
 }
 
