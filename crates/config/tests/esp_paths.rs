@@ -263,6 +263,15 @@ fn backend_protocol_in_any_case_is_accepted_and_unknown_ones_refused() {
         let rules = &conv.service.backend.as_ref().unwrap().rules;
         assert_eq!(rules[0].protocol, written);
     }
+    // At the top level it applies to every operation without one of its own.
+    let text = format!(
+        "{HEAD}x-google-backend:\n  protocol: H2\npaths:\n  /a:\n    get:\n      operationId: a\n{OK_RESPONSES}  /b:\n    get:\n      operationId: b\n{OK_RESPONSES}"
+    );
+    let conv = convert(&[SourceFile::new("openapi.yaml", text.as_str())])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let rules = &conv.service.backend.as_ref().unwrap().rules;
+    assert_eq!(rules.len(), 2);
+    assert!(rules.iter().all(|r| r.protocol == "H2"), "{rules:?}");
     for (bad, message) in [
         ("h3", "protocol \"h3\" is not supported"),
         ("\"h2 \"", "protocol \"h2 \" is not supported"),
