@@ -250,13 +250,17 @@ pub async fn start_with_metrics(
                 .saturating_mul(settings.worker_threads.max(1)),
             ..Default::default()
         },
-        backend_roots: if settings.enable_backend_routing {
+        // Rule addresses, and `--backend` itself when a rule asks it for another protocol.
+        backend_roots: if settings.enable_backend_routing
+            || settings.backend.scheme == crate::settings::BackendScheme::Https
+        {
             Some(crate::forward::backend_roots(
                 settings.backend_ca_cert_path.as_deref(),
             )?)
         } else {
             None
         },
+        local_backend: Some(settings.backend.clone()),
     };
     let first = rollouts.borrow_and_update().clone();
     let access_log = crate::access_log::AccessLog::from_flag(settings.access_log.as_deref())
