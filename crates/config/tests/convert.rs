@@ -122,13 +122,23 @@ fn getting_started_converts_like_google() {
     assert!(metric_names.contains(&"serviceruntime.googleapis.com/api/producer/total_latencies"));
     assert!(metric_names
         .contains(&"serviceruntime.googleapis.com/api/producer/by_consumer/request_count"));
-    assert_eq!(metric_names.len(), 21);
+    // ESP's byte totals, in the producer and consumer forms only (as Google's generator).
+    for side in ["producer", "consumer"] {
+        for m in ["request_bytes", "response_bytes"] {
+            let name = format!("serviceruntime.googleapis.com/api/{side}/{m}");
+            assert!(metric_names.contains(&name.as_str()), "{name}");
+        }
+    }
+    assert!(!metric_names
+        .iter()
+        .any(|m| m.contains("by_consumer/request_bytes")));
+    assert_eq!(metric_names.len(), 25);
     assert_eq!(
         svc["monitoring"]["producerDestinations"][0]["metrics"]
             .as_array()
             .unwrap()
             .len(),
-        14
+        16
     );
     assert!(svc["monitoring"]["consumerDestinations"][0]["metrics"]
         .as_array()

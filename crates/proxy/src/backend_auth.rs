@@ -6,7 +6,9 @@
 //!
 //! ID tokens come from the control plane's token endpoint (`token_uri` of the proxy's
 //! `--service_account_key`): a JWT-bearer assertion with `target_audience`, answered with
-//! `{"id_token"}`. They are cached per audience until five minutes before they expire; one
+//! `{"id_token"}`. Without a key file, a GCE-compatible metadata server (`--metadata`) mints
+//! them: `instance/service-accounts/default/identity?audience=..&format=full`, answered with
+//! the bare token (a key file wins, as it does for access tokens). They are cached per audience until five minutes before they expire; one
 //! fetch runs at a time, and requests that waited for it take the cached result, so an expiry
 //! under load costs one call, not one per request. Requests whose token is cached pay a map
 //! lookup under a short lock.
@@ -39,9 +41,21 @@ struct Cached {
     refresh_at: Instant,
 }
 
+/// The metadata server's identity endpoint, below `--metadata`.
+pub const METADATA_IDENTITY_PATH: &str =
+    "/computeMetadata/v1/instance/service-accounts/default/identity";
+
+/// Who mints the proxy's ID tokens.
+enum Issuer {
+    /// The token endpoint (`token_uri`) of the key file, asked with a signed assertion.
+    KeyFile(Arc<ServiceAccountKey>),
+    /// A metadata server's identity endpoint (the full URL).
+    Metadata(String),
+}
+
 /// ID tokens per audience for the proxy's service account.
 pub struct IdTokenSource {
-    key: Arc<ServiceAccountKey>,
+    issuer: Issuer,
     http: reqwest::Client,
     cache: Mutex<HashMap<String, Cached>>,
     fetching: tokio::sync::Mutex<()>,
@@ -55,9 +69,12 @@ pub struct IdTokenSource {
 
 impl std::fmt::Debug for IdTokenSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdTokenSource")
-            .field("account", &self.key.client_email)
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("IdTokenSource");
+        match &self.issuer {
+            Issuer::KeyFile(key) => d.field("account", &key.client_email),
+            Issuer::Metadata(url) => d.field("metadata", url),
+        };
+        d.finish_non_exhaustive()
     }
 }
 
@@ -76,14 +93,28 @@ fn failed(detail: impl std::fmt::Display) -> EspError {
 }
 
 impl IdTokenSource {
+    /// Tokens minted by the key file's token endpoint.
     pub fn new(key: Arc<ServiceAccountKey>) -> Result<IdTokenSource, String> {
+        Self::with_issuer(Issuer::KeyFile(key))
+    }
+
+    /// Tokens from the metadata server at `base` (the `--metadata` value).
+    pub fn from_metadata(base: &str) -> Result<IdTokenSource, String> {
+        let base = crate::outbound_auth::parse_metadata_url(base).map_err(|e| e.to_string())?;
+        Self::with_issuer(Issuer::Metadata(format!("{base}{METADATA_IDENTITY_PATH}")))
+    }
+
+    fn with_issuer(issuer: Issuer) -> Result<IdTokenSource, String> {
+        // Neither issuer redirects; following one would send the assertion (or the
+        // metadata request) to wherever an answer pointed.
         let http = reqwest::Client::builder()
             .timeout(FETCH_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .build()
             .map_err(|e| format!("HTTP client for ID tokens: {e}"))?;
         Ok(IdTokenSource {
-            key,
+            issuer,
             http,
             cache: Mutex::new(HashMap::new()),
             fetching: tokio::sync::Mutex::new(()),
@@ -154,14 +185,59 @@ impl IdTokenSource {
         Ok(header)
     }
 
-    /// One call to the token endpoint: the ID token and its `exp`.
+    /// One call to the issuer: the ID token and its `exp`.
     async fn fetch(&self, audience: &str) -> Result<(String, u64), EspError> {
+        let token = match &self.issuer {
+            Issuer::KeyFile(key) => self.fetch_from_token_endpoint(key, audience).await?,
+            Issuer::Metadata(url) => self.fetch_from_metadata(url, audience).await?,
+        };
+        // The token goes into a header verbatim and must be a compact JWS: visible ASCII in
+        // three dot-separated parts, so an answer cannot smuggle header syntax.
+        if !token.bytes().all(|b| b.is_ascii_graphic()) || token.split('.').count() != 3 {
+            return Err(failed("the issuer's ID token is not a JWT"));
+        }
+        let exp = token_exp(&token).unwrap_or(unix_now() + 3600);
+        Ok((token, exp))
+    }
+
+    /// The metadata server's identity endpoint answers with the bare token.
+    async fn fetch_from_metadata(&self, url: &str, audience: &str) -> Result<String, EspError> {
+        let resp = self
+            .http
+            .get(url)
+            .query(&[("audience", audience), ("format", "full")])
+            .header("Metadata-Flavor", "Google")
+            .send()
+            .await
+            .map_err(|e| failed(format!("{url}: {}", error_chain(&e))))?;
+        let status = resp.status();
+        let body = read_limited(resp).await?;
+        if !status.is_success() {
+            return Err(failed(format!(
+                "{url} answered {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(300)])
+            )));
+        }
+        let token = std::str::from_utf8(&body)
+            .map_err(|_| failed("the metadata server's ID token is not UTF-8"))?
+            .trim();
+        if token.is_empty() {
+            return Err(failed("the metadata server answered an empty ID token"));
+        }
+        Ok(token.to_string())
+    }
+
+    /// The JWT-bearer grant with `target_audience`, answered with `{"id_token"}`.
+    async fn fetch_from_token_endpoint(
+        &self,
+        key: &ServiceAccountKey,
+        audience: &str,
+    ) -> Result<String, EspError> {
         let now = unix_now();
-        let assertion = self
-            .key
+        let assertion = key
             .sign_jwt(&serde_json::json!({
-                "iss": self.key.client_email,
-                "aud": self.key.token_uri,
+                "iss": key.client_email,
+                "aud": key.token_uri,
                 "target_audience": audience,
                 "iat": now,
                 "exp": now + 3600,
@@ -169,20 +245,20 @@ impl IdTokenSource {
             .map_err(|e| failed(format!("signing the assertion: {e}")))?;
         let resp = self
             .http
-            .post(&self.key.token_uri)
+            .post(&key.token_uri)
             .form(&[
                 ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
                 ("assertion", assertion.as_str()),
             ])
             .send()
             .await
-            .map_err(|e| failed(format!("{}: {}", self.key.token_uri, error_chain(&e))))?;
+            .map_err(|e| failed(format!("{}: {}", key.token_uri, error_chain(&e))))?;
         let status = resp.status();
         let body = read_limited(resp).await?;
         if !status.is_success() {
             return Err(failed(format!(
                 "{} answered {status}: {}",
-                self.key.token_uri,
+                key.token_uri,
                 String::from_utf8_lossy(&body[..body.len().min(300)])
             )));
         }
@@ -193,8 +269,7 @@ impl IdTokenSource {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| failed("token endpoint answer has no id_token"))?
             .to_string();
-        let exp = token_exp(&token).unwrap_or(now + 3600);
-        Ok((token, exp))
+        Ok(token)
     }
 }
 

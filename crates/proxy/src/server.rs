@@ -250,13 +250,17 @@ pub async fn start_with_metrics(
                 .saturating_mul(settings.worker_threads.max(1)),
             ..Default::default()
         },
-        backend_roots: if settings.enable_backend_routing {
+        // Rule addresses, and `--backend` itself when a rule asks it for another protocol.
+        backend_roots: if settings.enable_backend_routing
+            || settings.backend.scheme == crate::settings::BackendScheme::Https
+        {
             Some(crate::forward::backend_roots(
                 settings.backend_ca_cert_path.as_deref(),
             )?)
         } else {
             None
         },
+        local_backend: Some(settings.backend.clone()),
     };
     let first = rollouts.borrow_and_update().clone();
     let access_log = crate::access_log::AccessLog::from_flag(settings.access_log.as_deref())
@@ -268,12 +272,18 @@ pub async fn start_with_metrics(
         metrics,
         access_log,
     );
-    // Backend rules with `jwt_audience` get ID tokens for the proxy's own account.
+    // Backend rules with `jwt_audience` get ID tokens for the proxy's own account: minted by
+    // the key file's token endpoint, or else by the metadata server.
     if let Some(path) = &settings.service_account_key {
         let key = portico_credentials::ServiceAccountKey::from_file(path)
             .map_err(|e| StartError::Credentials(format!("{}: {e}", path.display())))?;
         state.backend_tokens = Some(Arc::new(
             crate::backend_auth::IdTokenSource::new(Arc::new(key))
+                .map_err(StartError::Credentials)?,
+        ));
+    } else if let Some(url) = &settings.metadata {
+        state.backend_tokens = Some(Arc::new(
+            crate::backend_auth::IdTokenSource::from_metadata(url)
                 .map_err(StartError::Credentials)?,
         ));
     }

@@ -84,7 +84,7 @@ pub const MAX_SERVICE_CONTROL_TIMEOUT_MS: u64 = 600_000;
 pub const MAX_SERVICE_CONTROL_RETRIES: u32 = 100;
 
 /// The backend's protocol, from the `--backend` scheme.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackendScheme {
     Http,
     Https,

@@ -1,4 +1,5 @@
-//! The proxy's own access tokens from a metadata server (`--metadata`, no key file), through
+//! The proxy's own access tokens, and the ID tokens of backend rules with `jwt_audience`, from
+//! a metadata server (`--metadata`, no key file), through
 //! the whole proxy: `cli::parse`, `server::metadata_tokens_for` and `service_control_for` (what
 //! `portico esp` runs), a real backend, a TEST DOUBLE of Service Control that records each
 //! call's `Authorization`, and a TEST DOUBLE metadata server on loopback that counts fetches
@@ -20,6 +21,9 @@ use tokio::net::TcpListener;
 
 const SVC: &str = "meta.endpoints.demo-proj.cloud.goog";
 const TOKEN_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
+const IDENTITY_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/identity";
+/// An audience that needs encoding in a query string.
+const AUDIENCE: &str = "https://private.test/a b?x=1&y";
 
 /// (path or method, a header's value) per request a double saw.
 type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
@@ -111,6 +115,8 @@ enum Answer {
 struct Metadata {
     double: Double,
     answer: Arc<Mutex<Answer>>,
+    /// What the identity endpoint answers: `Token` is a JWT naming the audience asked for.
+    identity: Arc<Mutex<Answer>>,
     delay: Arc<Mutex<Duration>>,
     /// Each fetch's path and `Metadata-Flavor`.
     fetches: Seen,
@@ -119,9 +125,15 @@ struct Metadata {
 impl Metadata {
     async fn start(answer: Answer) -> Metadata {
         let answer = Arc::new(Mutex::new(answer));
+        let identity = Arc::new(Mutex::new(Answer::Token { expires_in: 3600 }));
         let delay = Arc::new(Mutex::new(Duration::ZERO));
         let fetches: Seen = Arc::default();
-        let (a, d, f) = (answer.clone(), delay.clone(), fetches.clone());
+        let (a, d, f, i) = (
+            answer.clone(),
+            delay.clone(),
+            fetches.clone(),
+            identity.clone(),
+        );
         let double = Double::start(Arc::new(move |head: &str, _body: &[u8]| {
             let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
             let n = {
@@ -130,6 +142,31 @@ impl Metadata {
                 f.len()
             };
             let delay = *d.lock().unwrap();
+            if let Some(query) = path
+                .strip_prefix(IDENTITY_PATH)
+                .and_then(|q| q.strip_prefix('?'))
+            {
+                if header(head, "metadata-flavor").as_deref() != Some("Google") {
+                    return (404, b"{}".to_vec(), delay);
+                }
+                let params: std::collections::HashMap<String, String> =
+                    reqwest::Url::parse(&format!("http://m/?{query}"))
+                        .map(|u| u.query_pairs().into_owned().collect())
+                        .unwrap_or_default();
+                if params.get("format").map(String::as_str) != Some("full") {
+                    return (400, b"format".to_vec(), delay);
+                }
+                let audience = params.get("audience").cloned().unwrap_or_default();
+                return match i.lock().unwrap().clone() {
+                    Answer::Token { expires_in } => (
+                        200,
+                        fake_id_token(&audience, n, expires_in).into_bytes(),
+                        delay,
+                    ),
+                    Answer::Status(s) => (s, b"no identity".to_vec(), delay),
+                    Answer::Raw(b) => (200, b, delay),
+                };
+            }
             if path != TOKEN_PATH || header(head, "metadata-flavor").as_deref() != Some("Google") {
                 return (404, b"{}".to_vec(), delay);
             }
@@ -150,6 +187,7 @@ impl Metadata {
         Metadata {
             double,
             answer,
+            identity,
             delay,
             fetches,
         }
@@ -162,6 +200,24 @@ impl Metadata {
     fn set(&self, a: Answer) {
         *self.answer.lock().unwrap() = a;
     }
+}
+
+/// A JWT-shaped token (unsigned: the proxy does not verify its own issuer's tokens) whose
+/// payload names the audience, the fetch number and an `exp`.
+fn fake_id_token(audience: &str, n: usize, expires_in: u64) -> String {
+    use base64::Engine as _;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    format!(
+        "{}.{}.c2ln",
+        b64(json!({"alg": "RS256", "typ": "JWT"})),
+        b64(json!({"aud": audience, "n": n, "exp": now + expires_in}))
+    )
 }
 
 /// Service Control double: every `:check` valid; records (method, Authorization).
@@ -210,7 +266,12 @@ fn service() -> Service {
         "id": "2026-12-01r0",
         "producerProjectId": "demo-proj",
         "control": {"environment": "servicecontrol.example"},
-        "http": {"rules": [{"selector": "s.Keyed", "get": "/keyed/{x}"}]},
+        "http": {"rules": [
+            {"selector": "s.Keyed", "get": "/keyed/{x}"},
+            {"selector": "s.Private", "get": "/private/{x}"},
+        ]},
+        "usage": {"rules": [{"selector": "s.Private", "allowUnregisteredCalls": true}]},
+        "backend": {"rules": [{"selector": "s.Private", "jwtAudience": AUDIENCE}]},
     }))
     .unwrap()
 }
@@ -218,7 +279,7 @@ fn service() -> Service {
 struct Env {
     meta: Metadata,
     sc: Sc,
-    _backend: RecordingBackend,
+    backend: RecordingBackend,
     proxy: portico_proxy::server::ProxyHandle,
     control: Option<portico_proxy::service_control::ServiceControl>,
     client: reqwest::Client,
@@ -276,7 +337,7 @@ impl Env {
         Env {
             meta,
             sc,
-            _backend: backend,
+            backend,
             proxy,
             control,
             client,
@@ -485,4 +546,120 @@ async fn a_check_answered_from_the_cache_needs_no_token() {
         "the stale token was replaced, or tried to be"
     );
     env.finish().await;
+}
+
+impl Env {
+    /// A request to the `jwt_audience` method, with the client's own credentials.
+    async fn get_private(&self) -> u16 {
+        self.client
+            .get(format!(
+                "http://{}/private/1",
+                self.proxy.http_addr.unwrap()
+            ))
+            .header("authorization", "Bearer client-token")
+            .header("x-forwarded-authorization", "Bearer forged")
+            .send()
+            .await
+            .expect("proxy answers")
+            .status()
+            .as_u16()
+    }
+
+    fn identity_fetches(&self) -> Vec<(String, Option<String>)> {
+        self.meta
+            .fetches
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p.starts_with(IDENTITY_PATH))
+            .cloned()
+            .collect()
+    }
+}
+
+fn payload_of(bearer: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let token = bearer.strip_prefix("Bearer ").expect("a bearer token");
+    let payload = token.split('.').nth(1).expect("a JWT");
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .expect("base64url"),
+    )
+    .expect("JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_audience_rules_get_id_tokens_from_the_metadata_identity_endpoint() {
+    let env = Env::start(Answer::Token { expires_in: 3600 }).await;
+    assert_eq!(env.get_private().await, 200);
+    let fetches = env.identity_fetches();
+    assert_eq!(fetches.len(), 1, "{fetches:?}");
+    assert_eq!(fetches[0].1.as_deref(), Some("Google"));
+    let auth = env.backend.last_header_values("authorization");
+    assert_eq!(auth.len(), 1, "{auth:?}");
+    let claims = payload_of(&auth[0]);
+    assert_eq!(
+        claims["aud"], AUDIENCE,
+        "the audience survives the query string"
+    );
+    assert_eq!(
+        env.backend.last_header_values("x-forwarded-authorization"),
+        vec!["Bearer client-token".to_string()],
+        "the client's header moves; the forged one is dropped"
+    );
+    // Cached: a second call asks nothing.
+    assert_eq!(env.get_private().await, 200);
+    assert_eq!(env.identity_fetches().len(), 1);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_token_near_expiry_is_fetched_again() {
+    let env = Env::start(Answer::Token { expires_in: 3600 }).await;
+    // Inside the five-minute refresh margin from the start: every request fetches anew.
+    *env.meta.identity.lock().unwrap() = Answer::Token { expires_in: 200 };
+    assert_eq!(env.get_private().await, 200);
+    assert_eq!(env.get_private().await, 200);
+    assert_eq!(env.identity_fetches().len(), 2);
+    let n = payload_of(&env.backend.last_header_values("authorization")[0])["n"].clone();
+    assert_eq!(n, 2, "the second request carries the second token");
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_identity_answers_are_500_and_the_backend_is_not_called() {
+    let cases: Vec<Answer> = vec![
+        Answer::Status(404),
+        Answer::Status(503),
+        Answer::Raw(b"".to_vec()),
+        Answer::Raw(b"not-a-jwt".to_vec()),
+        Answer::Raw(b"a.b.c\r\nx-injected: 1".to_vec()),
+        Answer::Raw(b"a.b.c\nx-injected: 1".to_vec()),
+        Answer::Raw(vec![b'a'; 100 << 10]),
+        Answer::Raw(vec![0xff, 0xfe, b'.', b'.']),
+    ];
+    for answer in cases {
+        let env = Env::start(Answer::Token { expires_in: 3600 }).await;
+        *env.meta.identity.lock().unwrap() = answer.clone();
+        let resp = env
+            .client
+            .get(format!("http://{}/private/1", env.proxy.http_addr.unwrap()))
+            .send()
+            .await
+            .expect("proxy answers");
+        assert_eq!(resp.status().as_u16(), 500);
+        let body: serde_json::Value = resp.json().await.expect("JSON error body");
+        assert_eq!(body["code"], 13, "{body}");
+        assert_eq!(
+            body["message"],
+            "Failed to fetch an identity token for backend authentication"
+        );
+        assert!(
+            env.backend.heads().is_empty(),
+            "the backend was called without a token"
+        );
+        assert_eq!(env.identity_fetches().len(), 1, "asked once, not retried");
+        env.finish().await;
+    }
 }

@@ -1624,13 +1624,20 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
                 }
             }
         };
+        // Kept as written: the proxy compares it without regard to case, as ESPv2 does.
         let protocol = match node.get("protocol") {
             None => String::new(),
-            Some(p) => match p.as_str() {
-                Some(s @ ("http/1.1" | "h2" | "grpc")) => s.to_string(),
-                _ => {
+            Some(p) => match p.as_str().map(|s| (s, parse_backend_protocol(s))) {
+                Some((s, Ok(_))) => s.to_string(),
+                Some((_, Err(problem))) => {
                     self.ctx
-                        .error(p.pos, "protocol must be \"http/1.1\", \"h2\" or \"grpc\"");
+                        .error(p.pos, format!("x-google-backend protocol {problem}"));
+                    ok = false;
+                    String::new()
+                }
+                None => {
+                    self.ctx
+                        .error(p.pos, "x-google-backend protocol must be a string");
                     ok = false;
                     String::new()
                 }

@@ -54,6 +54,10 @@ const RUNTIME_METRICS: &[(&str, &str, &str)] = &[
     ("response_sizes", "DISTRIBUTION", "By"),
 ];
 
+/// DELTA totals of the bytes a request and its response moved. Declared in the producer and
+/// consumer forms only, as Google's generated configs do: there is no by-consumer variant.
+const BYTE_METRICS: &[&str] = &["request_bytes", "response_bytes"];
+
 fn metric_name(side: &str, suffix: &str) -> String {
     format!("serviceruntime.googleapis.com/api/{side}/{suffix}")
 }
@@ -74,6 +78,17 @@ pub fn metrics() -> Vec<MetricDescriptor> {
                 metric_kind: "DELTA".to_string(),
                 value_type: value_type.to_string(),
                 unit: unit.to_string(),
+                ..Default::default()
+            });
+        }
+    }
+    for side in ["producer", "consumer"] {
+        for suffix in BYTE_METRICS {
+            out.push(MetricDescriptor {
+                name: metric_name(side, suffix),
+                metric_kind: "DELTA".to_string(),
+                value_type: "INT64".to_string(),
+                unit: "By".to_string(),
                 ..Default::default()
             });
         }
@@ -99,13 +114,19 @@ pub fn monitoring() -> Monitoring {
             .map(|(suffix, _, _)| metric_name(side, suffix))
             .collect(),
     };
-    let mut producer = dest("producer");
+    let with_bytes = |side: &str| {
+        let mut d = dest(side);
+        d.metrics
+            .extend(BYTE_METRICS.iter().map(|suffix| metric_name(side, suffix)));
+        d
+    };
+    let mut producer = with_bytes("producer");
     // The by-consumer operation ESP appends when Service Control names the consumer project.
     producer
         .metrics
         .extend(dest("producer/by_consumer").metrics);
     Monitoring {
         producer_destinations: vec![producer],
-        consumer_destinations: vec![dest("consumer")],
+        consumer_destinations: vec![with_bytes("consumer")],
     }
 }

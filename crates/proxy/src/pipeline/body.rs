@@ -203,6 +203,9 @@ struct Completion {
     caller_ip: IpAddr,
     status: u16,
     request_bytes: u64,
+    /// The response's status line and headers, counted into the reported response size as
+    /// ESP counts every byte it sent on the connection (the access log keeps the body bytes).
+    response_head_bytes: u64,
     /// The `Content-Length` counted in `request_bytes`, replaced by the bytes received when
     /// the body was read.
     declared_body: u64,
@@ -341,7 +344,7 @@ impl Completion {
             response_code: self.status,
             status_code,
             request_size: self.request_bytes,
-            response_size: sent,
+            response_size: self.response_head_bytes.saturating_add(sent),
             total_latency: total,
             backend_latency: self.backend_latency,
             overhead_latency: total.saturating_sub(self.backend_latency.unwrap_or_default()),
@@ -405,6 +408,7 @@ impl Pipeline {
         backend_latency: Option<Duration>,
     ) -> Response<ProxyBody> {
         let status = resp.status().as_u16();
+        let response_head_bytes = response_head_size(&resp, ctx.head);
         let backend_grpc = self.forwarder.version() == Version::HTTP_2;
         let is_grpc_request = ctx.content_type_grpc;
         let protocol = if is_grpc_request {
@@ -425,6 +429,7 @@ impl Pipeline {
             caller_ip: ctx.caller_ip,
             status,
             request_bytes: ctx.request_head_bytes + ctx.request_bytes,
+            response_head_bytes,
             declared_body: ctx.request_bytes,
             body_counter: ctx.body_counter.clone(),
             backend_latency,
@@ -445,4 +450,38 @@ impl Pipeline {
         }
         resp
     }
+}
+
+/// Approximate size of the status line and headers as written on HTTP/1.1, including the
+/// `date` and `content-length` the server adds when the response names none (hop-by-hop
+/// headers the connection adds, such as `connection: close`, are not counted).
+fn response_head_size(resp: &Response<ProxyBody>, head_request: bool) -> u64 {
+    let status = resp.status();
+    // "HTTP/1.1 200 OK\r\n"
+    let line = 9 + 3 + 1 + status.canonical_reason().map_or(0, str::len) + 2;
+    let headers = resp.headers();
+    let mut size: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if !headers.contains_key(http::header::DATE) {
+        // "date: " + an IMF-fixdate (29 bytes) + CRLF.
+        size += 6 + 29 + 2;
+    }
+    let framed = headers.contains_key(http::header::CONTENT_LENGTH)
+        || headers.contains_key(http::header::TRANSFER_ENCODING);
+    let bodiless = status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED;
+    if !framed && !bodiless {
+        use http_body::Body as _;
+        match resp.body().size_hint().exact() {
+            Some(n) if !head_request || n > 0 => {
+                size += "content-length: ".len() + n.to_string().len() + 2;
+            }
+            Some(_) => {}
+            None => size += "transfer-encoding: chunked\r\n".len(),
+        }
+    }
+    (line + size + 2) as u64
 }

@@ -1235,4 +1235,44 @@ mod tests {
         );
         assert_eq!(ops[0].log_entries.len(), 1);
     }
+
+    /// A config Portico generates from OpenAPI declares every metric the proxy sends, the byte
+    /// totals included (Google's generated configs declare them in the producer and consumer
+    /// forms), so a deployed `openapi.yaml` loses none of them to the filter.
+    #[test]
+    fn a_converted_openapi_config_keeps_every_metric_the_proxy_sends() {
+        let spec = "swagger: '2.0'\ninfo: {title: T, version: 1.0.0}\nhost: t.endpoints.p.cloud.goog\npaths:\n  /e:\n    post:\n      operationId: e\n      responses: {'200': {description: ok}}\n";
+        let svc = portico_config::convert(&[portico_config::SourceFile::new("openapi.yaml", spec)])
+            .expect("converts")
+            .service;
+        let mut r = record();
+        r.consumer_project_number = Some(9);
+        let mut ops = operations_for(&r, &statics());
+        let before: Vec<Vec<String>> = ops
+            .iter()
+            .map(|o| {
+                o.metric_value_sets
+                    .iter()
+                    .map(|m| m.metric_name.clone())
+                    .collect()
+            })
+            .collect();
+        assert!(
+            before[0]
+                .iter()
+                .any(|m| m.ends_with("/producer/request_bytes")),
+            "{before:?}"
+        );
+        ReportFilter::from_service(&svc).apply(&mut ops);
+        let after: Vec<Vec<String>> = ops
+            .iter()
+            .map(|o| {
+                o.metric_value_sets
+                    .iter()
+                    .map(|m| m.metric_name.clone())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(after, before);
+    }
 }
