@@ -327,7 +327,7 @@ fn files_are_found_relative_to_the_referring_file() {
         ("api.yaml", &api_with_param("id")),
         ("common.yaml", ID_PARAM),
     ]);
-    assert_eq!(bare[0], "api.yaml:9:17: reference \"id\" cannot be resolved: the submission has no file \"id\"; to refer to a definition of this file, write \"#/definitions/id\"");
+    assert_eq!(bare[0], "api.yaml:9:17: reference \"id\" cannot be resolved: the submission has no file \"id\"; to refer to a part of this file, write \"#/definitions/id\", \"#/parameters/id\" or \"#/responses/id\"");
     // Two files under one name: a reference cannot tell them apart.
     let twice = errors(&[
         ("api.yaml", &api_with_param("./common.yaml#/parameters/id")),

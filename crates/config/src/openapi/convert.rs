@@ -333,8 +333,10 @@ fn merge(
         let file = &files[index].path;
         let mut ctx = Ctx { file, index, diags };
         match &first_host {
+            None if out.host.is_empty() => {}
             None => first_host = Some((out.host.clone(), file.clone())),
-            Some((host, first_file)) if *host != out.host => ctx.error(
+            // A missing host is reported on its own.
+            Some((host, first_file)) if *host != out.host && !out.host.is_empty() => ctx.error(
                 out.host_pos,
                 format!(
                     "host \"{}\" differs from host \"{host}\" in {first_file}; all files of one service must have the same host",
@@ -1454,7 +1456,9 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
             return;
         }
         let name = item.get("name").and_then(Node::as_str).unwrap_or_default();
-        if name != self.out.host && !self.out.host.is_empty() {
+        // Google compares without regard to case; the host's spelling is kept, so that the
+        // proxy's own comparison with the service name (for allowCors) holds.
+        if !name.eq_ignore_ascii_case(&self.out.host) && !self.out.host.is_empty() {
             let pos = item.get("name").map_or(item.pos, |n| n.pos);
             self.ctx.error(
                 pos,
@@ -1505,7 +1509,7 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
             })
             .unwrap_or_default();
         self.out.endpoint = Some(Endpoint {
-            name: name.to_string(),
+            name: self.out.host.clone(),
             aliases,
             target,
             allow_cors,

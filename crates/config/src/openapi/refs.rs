@@ -418,7 +418,9 @@ impl<'n> Submission<'n> {
             );
         }
         if !r.contains(['#', '/', '.']) {
-            return format!("; to refer to a definition of this file, write \"#/definitions/{r}\"");
+            return format!(
+                "; to refer to a part of this file, write \"#/definitions/{r}\", \"#/parameters/{r}\" or \"#/responses/{r}\""
+            );
         }
         let mut names: Vec<&str> = self
             .files
