@@ -1773,7 +1773,10 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
             .ref_sizes
             .entry(target as *const Node)
             .or_insert_with(|| count_nodes(target));
-        if !self.sub.charge(size) {
+        if let Err(first) = self.sub.charge(size) {
+            if !first {
+                return None;
+            }
             self.ctx.error(
                 rv.pos,
                 format!(

@@ -90,8 +90,10 @@ pub(crate) struct Submission<'n> {
     shared: Vec<bool>,
     /// Hash indexes of the larger mappings, by address.
     maps: HashMap<*const Node, HashMap<&'n str, &'n Node>>,
-    /// Nodes still allowed to path items brought in by `$ref`.
+    /// Nodes still allowed to path items brought in by `$ref`, and whether a reference has
+    /// already found it insufficient.
     ref_budget: Cell<usize>,
+    ref_budget_spent: Cell<bool>,
 }
 
 impl<'n> Submission<'n> {
@@ -121,6 +123,7 @@ impl<'n> Submission<'n> {
             shared: vec![false; files.len()],
             maps: HashMap::new(),
             ref_budget: Cell::new(MAX_REF_NODES),
+            ref_budget_spent: Cell::new(false),
         };
         let mut referenced = vec![false; files.len()];
         for (i, root) in roots.iter().enumerate() {
@@ -243,18 +246,21 @@ impl<'n> Submission<'n> {
         }
     }
 
-    /// Takes `nodes` from the budget of nodes path items may bring in by `$ref`; false once it
-    /// is spent.
-    pub(crate) fn charge(&self, nodes: usize) -> bool {
-        let left = self.ref_budget.get();
-        match left.checked_sub(nodes) {
+    /// Takes `nodes` from the budget of nodes path items may bring in by `$ref`. `Err(true)` the
+    /// first time it does not suffice (that reference is reported), `Err(false)` after that
+    /// (the rest are skipped quietly: one error, not one per remaining path).
+    pub(crate) fn charge(&self, nodes: usize) -> Result<(), bool> {
+        if self.ref_budget_spent.get() {
+            return Err(false);
+        }
+        match self.ref_budget.get().checked_sub(nodes) {
             Some(rest) => {
                 self.ref_budget.set(rest);
-                true
+                Ok(())
             }
             None => {
-                self.ref_budget.set(0);
-                false
+                self.ref_budget_spent.set(true);
+                Err(true)
             }
         }
     }
@@ -465,7 +471,7 @@ impl<'n> RefCheck<'n> {
         watch: &Watch<'_>,
         report: &mut Report<'_>,
     ) {
-        if watch.check().is_err() {
+        if !matches!(node.value, Value::Map(_) | Value::Seq(_)) || watch.check().is_err() {
             return;
         }
         if sub.is_shared(doc) && !self.seen.insert(node as *const Node) {
