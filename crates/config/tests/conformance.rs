@@ -4,7 +4,8 @@
 //!
 //! For accepted inputs the test checks the facts the proxy depends on: the service name, every
 //! HTTP rule (selector, method, path) and every usage rule's `allow_unregistered_calls`. For
-//! rejected inputs it checks that the conversion fails too. Skips (loudly) without the corpus.
+//! rejected inputs it checks that the conversion fails too (for a `$ref` to a file that was not
+//! sent, that the error names that reference). Skips (loudly) without the corpus.
 
 use portico_config::{convert, SourceFile};
 use std::collections::{BTreeMap, BTreeSet};
@@ -400,7 +401,21 @@ fn api_compiler_corpus() {
             (Some(_), Err(e)) => {
                 failures.push(format!("{case}: rejected but Google accepts it:\n{e}"))
             }
-            (None, Err(_)) => rejected_ok += 1,
+            // A missing file must be refused for that file, as Google's baseline names it.
+            (None, Err(e)) => match baseline.split_once("Unable to load RELATIVE ref: ") {
+                Some((_, rest)) => {
+                    let wanted = rest.lines().next().unwrap_or_default().trim();
+                    if e.errors().any(|d| {
+                        d.message
+                            .starts_with(&format!("reference \"{wanted}\" cannot be resolved"))
+                    }) {
+                        rejected_ok += 1;
+                    } else {
+                        failures.push(format!("{case}: refused, but not for {wanted}:\n{e}"));
+                    }
+                }
+                None => rejected_ok += 1,
+            },
             (None, Ok(_)) => failures.push(format!("{case}: accepted but Google rejects it")),
         }
     }
