@@ -107,50 +107,18 @@ pub enum ForwarderBuildError {
     Tls(String),
 }
 
-/// Trust anchors for `https://` backends: the public web PKI plus, optionally, a PEM bundle
-/// (`--backend_ca_cert_path`) for backends with a private CA or a self-signed certificate.
-pub fn backend_roots(
-    extra_pem: Option<&std::path::Path>,
-) -> Result<rustls::RootCertStore, ForwarderBuildError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = extra_pem {
-        let pem = std::fs::read(path).map_err(|e| {
-            ForwarderBuildError::Tls(format!("cannot read {}: {e}", path.display()))
-        })?;
-        let certs = rustls_pemfile::certs(&mut pem.as_slice())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ForwarderBuildError::Tls(format!("{}: {e}", path.display())))?;
-        if certs.is_empty() {
-            return Err(ForwarderBuildError::Tls(format!(
-                "{} holds no PEM certificate",
-                path.display()
-            )));
-        }
-        for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| ForwarderBuildError::Tls(format!("{}: {e}", path.display())))?;
-        }
-    }
-    Ok(roots)
-}
-
-/// The rustls client settings for a backend with these trust anchors (the public web PKI when
-/// `None`), without ALPN: each client sets the protocols it offers.
+/// The rustls client settings for a TLS backend: `tls` (built at start from
+/// [`crate::settings::Settings::backend_tls`] by [`crate::tls::client_config`]: trust anchors,
+/// client certificate) or, without it, the built-in roots and no client certificate. No ALPN:
+/// each client sets the protocols it offers.
 fn tls_client_config(
-    roots: Option<rustls::RootCertStore>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<rustls::ClientConfig, ForwarderBuildError> {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let roots = match roots {
-        Some(r) => r,
-        None => backend_roots(None)?,
-    };
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ForwarderBuildError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    match tls {
+        Some(cfg) => Ok((*cfg).clone()),
+        None => crate::tls::client_config(&crate::tls::BackendTls::default())
+            .map_err(|e| ForwarderBuildError::Tls(e.to_string())),
+    }
 }
 
 /// hyper-util's HTTP/2-only client: one multiplexed connection per backend, kept 90 s idle.
@@ -176,15 +144,15 @@ fn h2_tcp() -> HttpConnector {
 }
 
 impl Forwarder {
-    /// A client for `backend` speaking what its scheme implies; `roots` are the trust anchors
-    /// for `https://` (see [`backend_roots`]), unused otherwise.
+    /// A client for `backend` speaking what its scheme implies; `tls` is the TLS client setup
+    /// for `https://` (see [`tls_client_config`]), unused otherwise.
     pub fn new(
         backend: &BackendAddr,
         timeout: Duration,
-        roots: Option<rustls::RootCertStore>,
+        tls: Option<Arc<rustls::ClientConfig>>,
         limits: PoolLimits,
     ) -> Result<Forwarder, ForwarderBuildError> {
-        Self::with_protocol(backend, BackendProtocol::Unset, timeout, roots, limits)
+        Self::with_protocol(backend, BackendProtocol::Unset, timeout, tls, limits)
     }
 
     /// The HTTP version spoken to a backend with this scheme when a rule asks for `protocol`.
@@ -202,7 +170,7 @@ impl Forwarder {
         backend: &BackendAddr,
         protocol: BackendProtocol,
         timeout: Duration,
-        roots: Option<rustls::RootCertStore>,
+        tls: Option<Arc<rustls::ClientConfig>>,
         limits: PoolLimits,
     ) -> Result<Forwarder, ForwarderBuildError> {
         let authority: Authority = backend
@@ -227,7 +195,7 @@ impl Forwarder {
                 Version::HTTP_2,
             ),
             (BackendScheme::Https, false) => {
-                let mut tls = tls_client_config(roots)?;
+                let mut tls = tls_client_config(tls)?;
                 tls.alpn_protocols = vec![b"http/1.1".to_vec()];
                 let server_name = rustls::pki_types::ServerName::try_from(backend.host.clone())
                     .map_err(|e| ForwarderBuildError::Tls(format!("{}: {e}", backend.host)))?;
@@ -254,7 +222,7 @@ impl Forwarder {
                 // Offers `h2` alone: a server that cannot speak it fails the handshake rather
                 // than answering an HTTP/1.1 conversation it was never going to get.
                 let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(tls_client_config(roots)?)
+                    .with_tls_config(tls_client_config(tls)?)
                     .https_only()
                     .enable_http2()
                     .wrap_connector(tcp);

@@ -220,8 +220,9 @@ pub struct RouteOptions {
     pub backend_routing: bool,
     /// Timeout for rules without a `deadline` (`--http_request_timeout_s`).
     pub backend_timeout: std::time::Duration,
-    /// Trust anchors for `https://` rule addresses.
-    pub backend_roots: Option<rustls::RootCertStore>,
+    /// TLS for `https://` rule addresses (trust anchors, client certificate), built once at
+    /// start ([`crate::tls::client_config`]); `None`: the built-in roots, no client certificate.
+    pub backend_tls: Option<Arc<rustls::ClientConfig>>,
     /// Connection cap for each rule address's pool; these pools are shared by all serving
     /// threads, so this is `--backend_max_connections` × threads.
     pub backend_pool: crate::upstream::PoolLimits,
@@ -242,7 +243,7 @@ impl RouteOptions {
             backend_timeout: std::time::Duration::from_secs_f64(
                 crate::settings::DEFAULT_BACKEND_TIMEOUT_S,
             ),
-            backend_roots: None,
+            backend_tls: None,
             backend_pool: crate::upstream::PoolLimits::default(),
             local_backend: None,
         }
@@ -263,18 +264,11 @@ impl ConfigRoutes {
         if let Some(f) = clients.get(&key) {
             return Ok(f.clone());
         }
-        let roots = match backend.scheme {
-            BackendScheme::Https => Some(match &opts.backend_roots {
-                Some(r) => r.clone(),
-                None => crate::forward::backend_roots(None).map_err(|e| e.to_string())?,
-            }),
-            _ => None,
-        };
         let forwarder = Forwarder::with_protocol(
             backend,
             protocol,
             opts.backend_timeout,
-            roots,
+            opts.backend_tls.clone(),
             opts.backend_pool,
         )
         .map_err(|e| e.to_string())?;
