@@ -1247,16 +1247,18 @@ mod tests {
             .service;
         let mut r = record();
         r.consumer_project_number = Some(9);
+        let names = |ops: &[Operation]| -> Vec<Vec<String>> {
+            ops.iter()
+                .map(|o| {
+                    o.metric_value_sets
+                        .iter()
+                        .map(|m| m.metric_name.clone())
+                        .collect()
+                })
+                .collect()
+        };
         let mut ops = operations_for(&r, &statics());
-        let before: Vec<Vec<String>> = ops
-            .iter()
-            .map(|o| {
-                o.metric_value_sets
-                    .iter()
-                    .map(|m| m.metric_name.clone())
-                    .collect()
-            })
-            .collect();
+        let before = names(&ops);
         assert!(
             before[0]
                 .iter()
@@ -1264,15 +1266,7 @@ mod tests {
             "{before:?}"
         );
         ReportFilter::from_service(&svc).apply(&mut ops);
-        let after: Vec<Vec<String>> = ops
-            .iter()
-            .map(|o| {
-                o.metric_value_sets
-                    .iter()
-                    .map(|m| m.metric_name.clone())
-                    .collect()
-            })
-            .collect();
+        let after = names(&ops);
         assert_eq!(after, before);
     }
 }
