@@ -58,7 +58,10 @@ impl Pipeline {
             settings.head,
         );
         let h = &parts.headers;
-        let client_ip = forward::real_client_ip(conn.peer.ip(), h, &settings.xff_trusted);
+        let client_ip = match settings.xff_hops {
+            Some(hops) => forward::envoy_client_ip(conn.peer.ip(), h, hops),
+            None => forward::real_client_ip(conn.peer.ip(), h, &settings.xff_trusted),
+        };
         let caller_ip = settings
             .client_ip_header
             .as_deref()
@@ -76,7 +79,22 @@ impl Pipeline {
             head: parts.method == Method::HEAD,
             client_ip,
             caller_ip,
+            peer: conn.peer,
+            local: conn.local,
             tls: conn.tls,
+            accept: settings
+                .response_compression
+                .as_ref()
+                .and_then(|_| crate::compression::negotiate(h)),
+            rule_request_headers: (!st.response_rules_read.is_empty()).then(|| {
+                let mut kept = HeaderMap::new();
+                for name in &st.response_rules_read {
+                    if let Some(v) = h.get(name) {
+                        kept.insert(name.clone(), v.clone());
+                    }
+                }
+                Box::new(kept)
+            }),
             jwt_present: false,
             request_bytes: h
                 .get(header::CONTENT_LENGTH)

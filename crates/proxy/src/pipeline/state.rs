@@ -9,7 +9,7 @@ use crate::service_control::CheckOk;
 use http::header::{HeaderMap, HeaderValue};
 use http::{Method, Version};
 use hyper::body::Incoming;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
@@ -38,7 +38,14 @@ pub(super) struct Ctx {
     pub(super) head: bool,
     pub(super) client_ip: IpAddr,
     pub(super) caller_ip: IpAddr,
+    /// The TCP peer, and the address it connected to (when recorded, [`super::ConnInfo`]).
+    pub(super) peer: SocketAddr,
+    pub(super) local: Option<SocketAddr>,
     pub(super) tls: bool,
+    /// The coding the client accepts for the response, with `--enable_response_compression`.
+    pub(super) accept: Option<crate::compression::Encoding>,
+    /// The client's request headers that the response header rules read (`%REQ(...)%`).
+    pub(super) rule_request_headers: Option<Box<HeaderMap>>,
     pub(super) cors_origin: Option<HeaderValue>,
     pub(super) jwt_present: bool,
     /// `Content-Length` of the request body (0 when absent).
@@ -53,6 +60,27 @@ pub(super) struct Ctx {
     pub(super) referer: Option<HeaderValue>,
     /// `Content-Type: application/grpc*`: reported with protocol `grpc`.
     pub(super) content_type_grpc: bool,
+}
+
+impl Ctx {
+    /// What the operator's header rules read about this request ([`crate::header_rules`]).
+    pub(super) fn rule_facts(&self) -> crate::header_rules::Facts {
+        // An address taken from X-Forwarded-For has no port, which Envoy renders as 0.
+        let client_port = if self.client_ip == self.peer.ip() {
+            self.peer.port()
+        } else {
+            0
+        };
+        crate::header_rules::Facts {
+            client: SocketAddr::new(self.client_ip, client_port),
+            peer: self.peer,
+            local: self.local,
+            version: self.version,
+            start: std::time::SystemTime::now()
+                .checked_sub(self.start.elapsed())
+                .unwrap_or(std::time::UNIX_EPOCH),
+        }
+    }
 }
 
 pub(super) struct ReportInfo {
