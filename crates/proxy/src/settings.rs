@@ -369,4 +369,14 @@ mod tests {
             .contains("path"));
         assert!(parse_backend("h:99999").unwrap_err().contains("bad port"));
     }
+
+    #[test]
+    fn xff_hops_are_a_whole_number() {
+        assert_eq!(parse_xff_num_trusted_hops("2"), Ok(2));
+        assert_eq!(parse_xff_num_trusted_hops(" 0 "), Ok(0));
+        for bad in ["-1", "1.5", "", "two", "4294967296"] {
+            let e = parse_xff_num_trusted_hops(bad).unwrap_err();
+            assert!(e.starts_with("invalid --envoy_xff_num_trusted_hops"), "{e}");
+        }
+    }
 }

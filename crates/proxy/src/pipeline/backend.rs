@@ -142,7 +142,11 @@ impl Pipeline {
         forward::strip_hop_by_hop(&mut parts.headers, websocket, grpc);
         let xff = match settings.xff_hops {
             None => forward::XffAppend::Address(ctx.client_ip),
-            Some(h) if h.use_remote_address => forward::XffAppend::Address(ctx.peer.ip()),
+            Some(h) if h.use_remote_address => forward::XffAppend::Address(
+                ctx.conn_facts
+                    .as_ref()
+                    .map_or(ctx.client_ip, |c| c.peer.ip()),
+            ),
             Some(_) => forward::XffAppend::Nothing,
         };
         forward::set_forwarding_headers_with(&mut parts.headers, ctx.client_ip, xff, host);

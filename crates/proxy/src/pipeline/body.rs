@@ -102,9 +102,14 @@ pub struct ProxyBody {
     kind: Kind,
     sent: u64,
     done: Option<Box<Completion>>,
-    /// The encoder, until the compressed stream is finished.
-    enc: Option<Box<crate::compression::Encoder>>,
-    /// The backend's trailers, held back while the compressed stream's last bytes go out.
+    /// Set while the body is compressed; one pointer otherwise.
+    comp: Option<Box<Compressing>>,
+}
+
+/// A compressed body's state: the encoder until the stream is finished, and the backend's
+/// trailers, held back while the encoder's last bytes go out.
+struct Compressing {
+    enc: Option<crate::compression::Encoder>,
     trailers: Option<http::HeaderMap>,
 }
 
@@ -118,8 +123,7 @@ impl ProxyBody {
             kind: Kind::Empty,
             sent: 0,
             done: None,
-            enc: None,
-            trailers: None,
+            comp: None,
         }
     }
 
@@ -128,8 +132,7 @@ impl ProxyBody {
             kind: Kind::Full(Some(b.into())),
             sent: 0,
             done: None,
-            enc: None,
-            trailers: None,
+            comp: None,
         }
     }
 
@@ -139,8 +142,7 @@ impl ProxyBody {
             kind: Kind::Stream(b),
             sent: 0,
             done: None,
-            enc: None,
-            trailers: None,
+            comp: None,
         }
     }
 
@@ -185,47 +187,44 @@ impl ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         loop {
-            if self.enc.is_none() {
-                return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            let finished = self.comp.as_ref().is_none_or(|c| c.enc.is_none());
+            if finished {
+                let trailers = self.comp.take().and_then(|c| c.trailers);
+                return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
             }
             let frame = match self.poll_inner(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(f))) => Some(f),
                 Poll::Ready(None) => None,
                 Poll::Ready(Some(Err(e))) => {
-                    self.enc = None;
+                    self.comp = None;
                     return Poll::Ready(Some(Err(e)));
                 }
             };
+            let Some(c) = self.comp.as_mut() else {
+                continue;
+            };
             let out = match frame.map(Frame::into_data) {
                 Some(Ok(data)) if data.is_empty() => continue,
-                Some(Ok(data)) => match self.enc.as_mut() {
+                Some(Ok(data)) => match c.enc.as_mut() {
                     Some(enc) => enc.compress(&data),
                     None => Ok(Bytes::new()),
                 },
                 Some(Err(other)) => {
-                    self.trailers = other.into_trailers().ok();
-                    self.finish_encoder()
+                    c.trailers = other.into_trailers().ok();
+                    c.enc.take().map_or(Ok(Bytes::new()), |mut e| e.finish())
                 }
-                None => self.finish_encoder(),
+                None => c.enc.take().map_or(Ok(Bytes::new()), |mut e| e.finish()),
             };
             match out {
                 Ok(b) if b.is_empty() => continue,
                 Ok(b) => return Poll::Ready(Some(Ok(Frame::data(b)))),
                 Err(e) => {
-                    self.enc = None;
-                    self.trailers = None;
+                    self.comp = None;
                     tracing::error!(error = %e, "response compression failed");
                     return Poll::Ready(Some(Err(e.into())));
                 }
             }
-        }
-    }
-
-    fn finish_encoder(&mut self) -> std::io::Result<Bytes> {
-        match self.enc.take() {
-            Some(mut e) => e.finish(),
-            None => Ok(Bytes::new()),
         }
     }
 }
@@ -239,7 +238,7 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        let res = if this.enc.is_some() || this.trailers.is_some() {
+        let res = if this.comp.is_some() {
             this.poll_compressed(cx)
         } else {
             this.poll_inner(cx)
@@ -257,7 +256,7 @@ impl Body for ProxyBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        if self.enc.is_some() || self.trailers.is_some() {
+        if self.comp.is_some() {
             return false;
         }
         match &self.kind {
@@ -268,7 +267,7 @@ impl Body for ProxyBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.enc.is_some() {
+        if self.comp.is_some() {
             return SizeHint::default();
         }
         match &self.kind {
@@ -496,7 +495,10 @@ impl Pipeline {
             return;
         }
         let empty = http::HeaderMap::new();
-        let request = ctx.rule_request_headers.as_deref().unwrap_or(&empty);
+        let request = ctx
+            .conn_facts
+            .as_ref()
+            .map_or(&empty, |c| &c.request_headers);
         let status = resp.status();
         crate::header_rules::apply_to_response(
             rules,
@@ -535,9 +537,10 @@ impl Pipeline {
             return;
         };
         crate::compression::set_encoded_head(resp.headers_mut(), encoding);
-        resp.body_mut().enc = Some(Box::new(crate::compression::Encoder::new(
-            encoding, settings, permit,
-        )));
+        resp.body_mut().comp = Some(Box::new(Compressing {
+            enc: Some(crate::compression::Encoder::new(encoding, settings, permit)),
+            trailers: None,
+        }));
     }
 
     pub(super) fn arm(
@@ -589,8 +592,7 @@ impl Pipeline {
                 kind: Kind::Empty,
                 sent: 0,
                 done,
-                enc: None,
-                trailers: None,
+                comp: None,
             };
         }
         resp

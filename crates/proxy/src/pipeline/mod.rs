@@ -124,6 +124,8 @@ pub struct ProxyState {
     compression_busy: prometheus_client::metrics::counter::Counter,
     /// The request headers the response header rules read (`%REQ(...)%`), kept per request.
     response_rules_read: Vec<HeaderName>,
+    /// Header rules or `--envoy_use_remote_address` need the connection's facts per request.
+    keep_conn_facts: bool,
     healthz_path: Option<String>,
 }
 
@@ -153,6 +155,9 @@ impl ProxyState {
         });
         let response_rules_read =
             crate::header_rules::request_headers_read(&settings.response_headers_to_add);
+        let keep_conn_facts = !settings.request_headers_to_add.is_empty()
+            || !settings.response_headers_to_add.is_empty()
+            || settings.xff_hops.is_some_and(|h| h.use_remote_address);
         ProxyState {
             settings,
             routes: ArcSwap::from_pointee(routes),
@@ -163,6 +168,7 @@ impl ProxyState {
             compression,
             compression_busy,
             response_rules_read,
+            keep_conn_facts,
             healthz_path,
         }
     }

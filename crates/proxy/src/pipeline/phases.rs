@@ -79,21 +79,23 @@ impl Pipeline {
             head: parts.method == Method::HEAD,
             client_ip,
             caller_ip,
-            peer: conn.peer,
-            local: conn.local,
             tls: conn.tls,
             accept: settings
                 .response_compression
                 .as_ref()
                 .and_then(|_| crate::compression::negotiate(h)),
-            rule_request_headers: (!st.response_rules_read.is_empty()).then(|| {
-                let mut kept = HeaderMap::new();
+            conn_facts: st.keep_conn_facts.then(|| {
+                let mut request_headers = HeaderMap::new();
                 for name in &st.response_rules_read {
                     if let Some(v) = h.get(name) {
-                        kept.insert(name.clone(), v.clone());
+                        request_headers.insert(name.clone(), v.clone());
                     }
                 }
-                Box::new(kept)
+                Box::new(super::state::ConnFacts {
+                    peer: conn.peer,
+                    local: conn.local,
+                    request_headers,
+                })
             }),
             jwt_present: false,
             request_bytes: h
@@ -120,6 +122,10 @@ impl Pipeline {
         let settled = match settled {
             Ok(s) => s,
             Err(e) => {
+                if let request_head::HeadError::UnderscoreInName { name } = &e {
+                    // The answer is Envoy's bare `Bad Request`; the operator can see why here.
+                    tracing::debug!(header = %name, "refused a request: '_' in a header name");
+                }
                 let err = e.esp_error();
                 let resp = proxy_error(&err, &ctx, false);
                 let url = raw_target.to_string();

@@ -38,14 +38,12 @@ pub(super) struct Ctx {
     pub(super) head: bool,
     pub(super) client_ip: IpAddr,
     pub(super) caller_ip: IpAddr,
-    /// The TCP peer, and the address it connected to (when recorded, [`super::ConnInfo`]).
-    pub(super) peer: SocketAddr,
-    pub(super) local: Option<SocketAddr>,
     pub(super) tls: bool,
     /// The coding the client accepts for the response, with `--enable_response_compression`.
     pub(super) accept: Option<crate::compression::Encoding>,
-    /// The client's request headers that the response header rules read (`%REQ(...)%`).
-    pub(super) rule_request_headers: Option<Box<HeaderMap>>,
+    /// What only ESPv2's header rules and `--envoy_use_remote_address` read; allocated only
+    /// when they are configured (the request future's size is memory per connection).
+    pub(super) conn_facts: Option<Box<ConnFacts>>,
     pub(super) cors_origin: Option<HeaderValue>,
     pub(super) jwt_present: bool,
     /// `Content-Length` of the request body (0 when absent).
@@ -62,19 +60,32 @@ pub(super) struct Ctx {
     pub(super) content_type_grpc: bool,
 }
 
+/// The connection's addresses, and the client's request headers the response header rules
+/// read (`%REQ(...)%`).
+pub(super) struct ConnFacts {
+    pub(super) peer: SocketAddr,
+    /// When the listener recorded it ([`super::ConnInfo`]).
+    pub(super) local: Option<SocketAddr>,
+    pub(super) request_headers: HeaderMap,
+}
+
 impl Ctx {
     /// What the operator's header rules read about this request ([`crate::header_rules`]).
     pub(super) fn rule_facts(&self) -> crate::header_rules::Facts {
+        let (peer, local) = match &self.conn_facts {
+            Some(c) => (c.peer, c.local),
+            None => (SocketAddr::new(self.client_ip, 0), None),
+        };
         // An address taken from X-Forwarded-For has no port, which Envoy renders as 0.
-        let client_port = if self.client_ip == self.peer.ip() {
-            self.peer.port()
+        let client_port = if self.client_ip == peer.ip() {
+            peer.port()
         } else {
             0
         };
         crate::header_rules::Facts {
             client: SocketAddr::new(self.client_ip, client_port),
-            peer: self.peer,
-            local: self.local,
+            peer,
+            local,
             version: self.version,
             start: std::time::SystemTime::now()
                 .checked_sub(self.start.elapsed())
