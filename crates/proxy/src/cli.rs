@@ -983,6 +983,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
     };
 
     let (server_tls, backend_tls) = tls_settings(&a)?;
+    let client_certificates = server_tls.client_ca.is_some();
 
     Ok(Settings {
         service: a.service,
@@ -1026,6 +1027,10 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         enable_websocket: a.enable_websocket,
         head: crate::request_head::HeadOptions {
             underscores_in_headers: a.underscores_in_headers,
+            // nginx drops such headers; refusing them is ESPv2's behaviour.
+            refuse_underscores: false,
+            // A client certificate was verified: what the client says about one is not passed on.
+            sanitize_client_cert: client_certificates,
             path: crate::request_head::PathOptions {
                 normalize: !a.disable_normalize_path,
                 merge_slashes: !a.disable_merge_slashes_in_path,
@@ -1050,6 +1055,12 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         report_log_entries_per_second: a.report_log_entries_per_second,
         report_max_log_entries_per_flush: a.report_max_log_entries_per_flush,
         enable_backend_routing: a.enable_backend_routing,
+        // ESPv2's header, client-address and compression flags have no ESP v1 equivalent.
+        request_headers_to_add: Vec::new(),
+        response_headers_to_add: Vec::new(),
+        operation_name_header: None,
+        xff_hops: None,
+        response_compression: None,
         ignored_flags,
     })
 }

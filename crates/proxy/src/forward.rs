@@ -29,7 +29,7 @@
 //! first byte: buffering would break streaming calls.
 
 use crate::error::error_chain;
-use crate::settings::{BackendAddr, BackendScheme};
+use crate::settings::{BackendAddr, BackendScheme, XffHops};
 use crate::upstream::{Dialer, Pool, PoolLimits, UpstreamBody};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -517,6 +517,34 @@ pub fn real_client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> I
     current
 }
 
+/// Envoy's trusted client address (ESPv2's `--envoy_xff_num_trusted_hops` and
+/// `--envoy_use_remote_address`, [`XffHops`]): a fixed position from the right of
+/// `X-Forwarded-For` (every copy read as one list), or the peer when the list is too short or
+/// that entry is not an IP address. Unlike [`real_client_ip`] it trusts by count, not by
+/// address: a client can only prepend entries, never reach the position read.
+pub fn envoy_client_ip(peer: IpAddr, headers: &HeaderMap, hops: XffHops) -> IpAddr {
+    // How many entries from the right are skipped before the one read.
+    let skip = if hops.use_remote_address {
+        match hops.trusted_hops.checked_sub(1) {
+            // With no trusted hop, the peer itself is the client.
+            None => return peer,
+            Some(s) => s,
+        }
+    } else {
+        hops.trusted_hops
+    } as usize;
+    let entry = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .rev()
+        .flat_map(|v| v.as_bytes().rsplit(|&c| c == b','))
+        .nth(skip);
+    entry
+        .and_then(|e| std::str::from_utf8(e).ok())
+        .and_then(|e| e.trim_matches([' ', '\t']).parse::<IpAddr>().ok())
+        .unwrap_or(peer)
+}
+
 /// `--client_ip_header`/`--client_ip_position`: the caller IP reported to Service Control.
 pub fn ip_from_header(headers: &HeaderMap, name: &str, position: i32) -> Option<IpAddr> {
     let v = headers.get(name)?.to_str().ok()?;
@@ -529,12 +557,44 @@ pub fn ip_from_header(headers: &HeaderMap, name: &str, position: i32) -> Option<
     parts.get(idx)?.parse().ok()
 }
 
+/// What goes to the backend's `X-Forwarded-For`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XffAppend {
+    /// The client's copies joined, then this address (nginx's `$proxy_add_x_forwarded_for`,
+    /// with the client address; Envoy's `use_remote_address` with the peer's).
+    Address(IpAddr),
+    /// The client's header unchanged (Envoy without `use_remote_address`).
+    Nothing,
+}
+
 /// Sets the forwarding headers ESP's nginx template sets (`X-Real-IP`, `X-Forwarded-For`
 /// appended, `X-Google-Real-IP`, `Host`).
 pub fn set_forwarding_headers(h: &mut HeaderMap, client_ip: IpAddr, host: Option<HeaderValue>) {
+    set_forwarding_headers_with(h, client_ip, XffAppend::Address(client_ip), host)
+}
+
+/// [`set_forwarding_headers`] with the `X-Forwarded-For` rule given.
+pub fn set_forwarding_headers_with(
+    h: &mut HeaderMap,
+    client_ip: IpAddr,
+    xff_append: XffAppend,
+    host: Option<HeaderValue>,
+) {
     let ip_text = client_ip.to_string();
     let ip_value = HeaderValue::from_str(&ip_text).unwrap_or_else(|_| HeaderValue::from_static(""));
-    // $proxy_add_x_forwarded_for: all incoming copies joined, then the client address.
+    if let Some(host) = host {
+        h.insert(header::HOST, host);
+    }
+    h.insert(&X_REAL_IP, ip_value.clone());
+    h.insert(&X_GOOGLE_REAL_IP, ip_value);
+    let XffAppend::Address(appended) = xff_append else {
+        return;
+    };
+    let ip_text = appended.to_string();
+    let Ok(ip_value) = HeaderValue::from_str(&ip_text) else {
+        return;
+    };
+    // All incoming copies joined, then the address.
     let mut xff = String::new();
     for v in h.get_all(&X_FORWARDED_FOR) {
         if let Ok(s) = v.to_str() {
@@ -552,11 +612,6 @@ pub fn set_forwarding_headers(h: &mut HeaderMap, client_ip: IpAddr, host: Option
         HeaderValue::from_str(&xff).unwrap_or_else(|_| ip_value.clone())
     };
     h.insert(&X_FORWARDED_FOR, xff_value);
-    h.insert(&X_REAL_IP, ip_value.clone());
-    h.insert(&X_GOOGLE_REAL_IP, ip_value);
-    if let Some(host) = host {
-        h.insert(header::HOST, host);
-    }
 }
 
 #[cfg(test)]
@@ -630,6 +685,50 @@ mod tests {
                 "{peer}"
             );
         }
+    }
+
+    #[test]
+    fn envoy_hops_read_a_fixed_position_from_the_right() {
+        let hops = |n, remote| XffHops {
+            trusted_hops: n,
+            use_remote_address: remote,
+        };
+        let peer: IpAddr = "10.9.9.9".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 1.1.1.1"),
+        );
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("2.2.2.2,3.3.3.3"),
+        );
+        let ip = |n, remote| envoy_client_ip(peer, &h, hops(n, remote)).to_string();
+        // Without use_remote_address: the (hops + 1)-th from the right.
+        assert_eq!(ip(0, false), "3.3.3.3");
+        assert_eq!(ip(2, false), "1.1.1.1");
+        assert_eq!(ip(3, false), "6.6.6.6");
+        assert_eq!(ip(4, false), "10.9.9.9");
+        // With it: the peer for 0 hops, else the hops-th from the right.
+        assert_eq!(ip(0, true), "10.9.9.9");
+        assert_eq!(ip(1, true), "3.3.3.3");
+        assert_eq!(ip(2, true), "2.2.2.2");
+        assert_eq!(ip(9, true), "10.9.9.9");
+        // No header, or garbage at the position read: the peer.
+        assert_eq!(
+            envoy_client_ip(peer, &HeaderMap::new(), hops(0, false)),
+            peer
+        );
+        let mut g = HeaderMap::new();
+        g.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.1.1.1, nonsense, 2.2.2.2"),
+        );
+        assert_eq!(envoy_client_ip(peer, &g, hops(1, false)), peer);
+        assert_eq!(
+            envoy_client_ip(peer, &g, hops(2, false)).to_string(),
+            "1.1.1.1"
+        );
     }
 
     #[test]

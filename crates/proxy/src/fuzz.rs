@@ -83,7 +83,8 @@ const PATH_OPTIONS: [request_head::PathOptions; 8] = {
 /// A client's request head (`METHOD target HTTP/1.1\r\nname: value\r\n...`), read the way hyper
 /// hands it to the pipeline (lines that `http` would refuse are skipped, as hyper refuses them
 /// before the proxy sees anything), then settled as [`crate::pipeline`] settles it, with every
-/// combination of `--underscores_in_headers` and the path flags. Checks what docs/security.md
+/// combination of `--underscores_in_headers`, ESPv2's head rules (names with `_` refused,
+/// `X-Forwarded-Client-Cert` removed) and the path flags. Checks what docs/security.md
 /// promises: the method is an upper-case token and never CONNECT or TRACE; no header the proxy
 /// owns, and no `_` header without the flag, survives; a normalised path is absolute, holds no
 /// dot segment, no repeated slash (when merging), no `%00`, and normalising it again changes
@@ -126,11 +127,17 @@ pub fn request_head(data: &[u8]) -> Option<Result<String, String>> {
     let _ = crate::limits::head_line_error(&req, &limits);
 
     let mut outcome = None;
-    for underscores_in_headers in [false, true] {
+    let had_underscore = headers.keys().any(|n| n.as_str().contains('_'));
+    // `espv2`: names with `_` refused rather than dropped, `X-Forwarded-Client-Cert` removed.
+    for (underscores_in_headers, espv2) in
+        [(false, false), (true, false), (false, true), (true, true)]
+    {
         for path in PATH_OPTIONS {
             let mut h = headers.clone();
             let opts = request_head::HeadOptions {
                 underscores_in_headers,
+                refuse_underscores: espv2,
+                sanitize_client_cert: espv2,
                 path,
             };
             let framing = request_head::Framing {
@@ -138,7 +145,16 @@ pub fn request_head(data: &[u8]) -> Option<Result<String, String>> {
                 has_authority: uri.authority().is_some(),
             };
             let settled = request_head::settle(&method, framing, &mut h, raw_target, opts);
-            if !underscores_in_headers && path == request_head::PathOptions::default() {
+            if espv2 && !underscores_in_headers && had_underscore {
+                assert!(
+                    matches!(
+                        settled,
+                        Err(request_head::HeadError::UnderscoreInName { .. })
+                    ),
+                    "a name with '_' was not refused: {settled:?}"
+                );
+            }
+            if !underscores_in_headers && !espv2 && path == request_head::PathOptions::default() {
                 outcome = Some(match &settled {
                     Ok(s) => Ok(format!("{} {}", s.method, s.target.text)),
                     Err(e) => Err(e.to_string()),
@@ -149,6 +165,18 @@ pub fn request_head(data: &[u8]) -> Option<Result<String, String>> {
                 assert!(!request_head::is_proxy_owned(n), "{name} survived");
                 assert!(
                     underscores_in_headers || !n.contains(&b'_'),
+                    "{name} survived"
+                );
+                assert!(
+                    !espv2
+                        || !n
+                            .iter()
+                            .map(|c| if *c == b'_' {
+                                b'-'
+                            } else {
+                                c.to_ascii_lowercase()
+                            })
+                            .eq(b"x-forwarded-client-cert".iter().copied()),
                     "{name} survived"
                 );
             }

@@ -27,6 +27,9 @@
 //!   trust anchors and client certificate) and the rustls configurations built from them at
 //!   start; [`tls::from_espv2_flags`] maps ESPv2's TLS flags.
 //! - [`memory`]: allocator settings and releasing start-up code pages.
+//! - [`header_rules`]: ESPv2's `--add_request_header` & co. (values with Envoy's variables);
+//!   [`compression`]: `--enable_response_compression` (negotiation, what is compressed, the
+//!   streaming encoder and the cap on encoders).
 //! - [`error`]: ESP's exact error bodies, codes from [`error::Code`]; [`cors`]:
 //!   `--cors_preset`; [`status`]: `/endpoints_status`, `/healthz`, `/metrics`; [`metrics`];
 //!   [`access_log`]; [`limits`]: per-line header limits.
@@ -39,12 +42,14 @@ pub mod access_log;
 pub mod auth;
 pub mod backend_auth;
 pub mod cli;
+pub mod compression;
 pub mod config_source;
 pub mod cors;
 pub mod error;
 pub mod forward;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod header_rules;
 pub mod limits;
 pub mod memory;
 pub mod metrics;

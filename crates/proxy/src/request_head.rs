@@ -9,10 +9,12 @@
 //!    `X-HTTP-Method-Override` replaces it: the override is what is matched **and forwarded**;
 //! 2. **headers** ([`sanitize_headers`]): names with `_` are dropped unless
 //!    `--underscores_in_headers` (nginx's `underscores_in_headers off`, which CGI/WSGI/Rack
-//!    backends need: they read `X_Foo` and `X-Foo` as the same variable); the headers the proxy
-//!    itself sets or acts on, and `X-Original-URL`/`X-Rewrite-URL` (which some backends route
-//!    on), are removed from the client's request in every spelling, flag or not (see
-//!    [`is_proxy_owned`]);
+//!    backends need: they read `X_Foo` and `X-Foo` as the same variable), or, ESPv2's way
+//!    ([`HeadOptions::refuse_underscores`]), the request is refused with 400; the headers the
+//!    proxy itself sets or acts on, and `X-Original-URL`/`X-Rewrite-URL` (which some backends
+//!    route on), are removed from the client's request in every spelling, flag or not (see
+//!    [`is_proxy_owned`]), and so is `X-Forwarded-Client-Cert` when
+//!    [`HeadOptions::sanitize_client_cert`];
 //! 3. **path** ([`normalize_target`]): escaped unreserved characters decoded (`%73` is `s`),
 //!    dot segments removed (also `%2e`-encoded ones), `\` read as `/`, repeated slashes merged;
 //!    refused when an encoded slash or backslash would form a dot or empty segment once
@@ -647,9 +649,41 @@ pub fn transfer_coding_supported(headers: &HeaderMap) -> bool {
 /// What [`settle`] needs from the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct HeadOptions {
-    /// `--underscores_in_headers`.
+    /// `--underscores_in_headers`: names with `_` are kept.
     pub underscores_in_headers: bool,
+    /// Without `--underscores_in_headers`, a request with a `_` in a header name is refused
+    /// (400) instead of having those headers dropped: ESPv2's default (Envoy's
+    /// `headers_with_underscores_action: REJECT_REQUEST`). `false`: nginx's dropping (ESP).
+    pub refuse_underscores: bool,
+    /// Remove the client's `X-Forwarded-Client-Cert` in every spelling: Envoy's default
+    /// (`forward_client_cert_details: SANITIZE`), so always for ESPv2, and for ESP when clients
+    /// present certificates (downstream mTLS), where a backend could read it as the proxy's
+    /// word about the client's certificate.
+    pub sanitize_client_cert: bool,
     pub path: PathOptions,
+}
+
+/// The header Envoy and other mTLS-terminating proxies use to tell the backend about the
+/// client's certificate.
+const CLIENT_CERT_HEADER: &[u8] = b"x-forwarded-client-cert";
+
+/// The first header name holding `_`, if any.
+pub fn underscore_name(headers: &HeaderMap) -> Option<&HeaderName> {
+    headers.keys().find(|n| n.as_str().contains('_'))
+}
+
+/// Removes every spelling (any case, `_` for `-`) of `canon` (lower case); returns how many
+/// names went.
+fn remove_spellings(headers: &mut HeaderMap, canon: &[u8]) -> usize {
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| same_spelling(n.as_str().as_bytes(), canon))
+        .cloned()
+        .collect();
+    for n in &doomed {
+        headers.remove(n);
+    }
+    doomed.len()
 }
 
 /// Why the head was refused.
@@ -666,13 +700,17 @@ pub enum HeadError {
     /// The method was fine; the body has a transfer coding other than `chunked` (501).
     #[error("The request's Transfer-Encoding is not supported: only chunked is.")]
     TransferCoding { method: Method },
+    /// A header name holds `_` and the proxy refuses those ([`HeadOptions::refuse_underscores`]).
+    /// The answer is Envoy's words for it, `Bad Request`; the name is logged.
+    #[error("Bad Request")]
+    UnderscoreInName { name: String },
 }
 
 impl HeadError {
     /// The method to log and report for the refused request, when it was valid.
     pub fn method(&self) -> Option<&Method> {
         match self {
-            HeadError::Method(_) => None,
+            HeadError::Method(_) | HeadError::UnderscoreInName { .. } => None,
             HeadError::Path { method, .. }
             | HeadError::Host { method, .. }
             | HeadError::TransferCoding { method } => Some(method),
@@ -698,6 +736,9 @@ impl HeadError {
             }
             HeadError::Host { error, .. } => {
                 EspError::new(Code::InvalidArgument, error.to_string(), Cause::Internal)
+            }
+            HeadError::UnderscoreInName { .. } => {
+                EspError::new(Code::InvalidArgument, self.to_string(), Cause::Internal)
             }
             e @ HeadError::TransferCoding { .. } => EspError::with_status(
                 501,
@@ -734,8 +775,19 @@ pub fn settle<'a>(
     target: &'a str,
     opts: HeadOptions,
 ) -> Result<Settled<'a>, HeadError> {
+    // Envoy refuses such a request while parsing its head, before anything else is looked at;
+    // the headers are still sanitised below, for the refusal's log and report.
+    let refused_name = (opts.refuse_underscores && !opts.underscores_in_headers)
+        .then(|| underscore_name(headers).map(|n| n.as_str().to_string()))
+        .flatten();
     let method = effective_method(method, headers);
     sanitize_headers(headers, opts.underscores_in_headers);
+    if opts.sanitize_client_cert {
+        remove_spellings(headers, CLIENT_CERT_HEADER);
+    }
+    if let Some(name) = refused_name {
+        return Err(HeadError::UnderscoreInName { name });
+    }
     let method = method?;
     let target = match normalize_target(target, opts.path) {
         Ok(target) => target,

@@ -450,6 +450,9 @@ async fn accept_loop(
     let settings = &pipeline.state().settings;
     let builder = Arc::new(serving_builder(settings));
     let limits = settings.conn_limits;
+    // One system call per connection, paid only when a header rule reads the address.
+    let record_local = crate::header_rules::reads_local_address(&settings.request_headers_to_add)
+        || crate::header_rules::reads_local_address(&settings.response_headers_to_add);
     let mut acceptor = portico_listen::Acceptor::new(listener, kind.flag());
     loop {
         let (stream, peer) = tokio::select! {
@@ -459,6 +462,11 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let conn_info = ConnInfo {
             peer,
+            local: if record_local {
+                stream.local_addr().ok()
+            } else {
+                None
+            },
             tls: kind == PortKind::Ssl,
         };
         let (pipeline, builder, live, shutdown) = (

@@ -3,7 +3,8 @@
 //! nothing on the request path imports the flag parser.
 //!
 //! Layer rule: this module imports only leaf modules ([`crate::cors`], [`crate::request_head`]'s
-//! options, [`crate::tls`]'s settings), never the serving code ([`crate::server`], [`crate::pipeline`], [`crate::forward`],
+//! options, [`crate::tls`]'s settings, [`crate::header_rules`], [`crate::compression`]'s
+//! settings), never the serving code ([`crate::server`], [`crate::pipeline`], [`crate::forward`],
 //! [`crate::routing`]).
 
 use crate::cors::CorsSettings;
@@ -28,6 +29,43 @@ pub const EXIT_FETCH: u8 = 1;
 pub const DEFAULT_XFF_TRUSTED_PROXY_LIST: &str =
     "127.0.0.0/8, ::1/128, 10.0.0.0/8, 172.16.0.0/12, \
      192.168.0.0/16, fc00::/7, 169.254.0.0/16, fe80::/10";
+
+/// How the client address is read from `X-Forwarded-For` the way Envoy's connection manager
+/// does (ESPv2's `--envoy_xff_num_trusted_hops`, `--envoy_use_remote_address`), instead of
+/// nginx's trusted-proxy walk ([`Settings::xff_trusted`]).
+///
+/// - `use_remote_address: false` (ESPv2's default): the client is the `trusted_hops + 1`-th
+///   address from the right of `X-Forwarded-For` (the right-most with 0 hops); with fewer
+///   addresses, or one that is not an IP address there, the TCP peer. `X-Forwarded-For` goes to
+///   the backend as the client sent it.
+/// - `use_remote_address: true`: with 0 hops the TCP peer; otherwise the `trusted_hops`-th
+///   address from the right (the peer counting as the first hop), or the peer when there are
+///   fewer. The peer's address is appended to `X-Forwarded-For` towards the backend.
+///
+/// Every copy of the header is read as one comma list. ESPv2's default is 2 hops for a sidecar
+/// (a load balancer and a mesh ingress in front), 0 on serverless platforms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XffHops {
+    pub trusted_hops: u32,
+    pub use_remote_address: bool,
+}
+
+/// ESPv2's `--envoy_xff_num_trusted_hops` default for a sidecar (`start_proxy.py` passes 0 on
+/// serverless platforms).
+pub const ESPV2_XFF_NUM_TRUSTED_HOPS: u32 = 2;
+
+/// `--envoy_xff_num_trusted_hops`'s value: a whole number of hops (Envoy's field is unsigned;
+/// ESPv2 would wrap a negative number around to four billion hops).
+pub fn parse_xff_num_trusted_hops(v: &str) -> Result<u32, String> {
+    v.trim().parse::<u32>().map_err(|_| {
+        format!("invalid --envoy_xff_num_trusted_hops {v:?}: expected a whole number of hops, 0 or more")
+    })
+}
+
+/// The header `--enable_operation_name_header` sets towards the backend: ESPv2's generated
+/// prefix (`X-Endpoint-`) and `API-Operation-Name`.
+pub static OPERATION_NAME_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-endpoint-api-operation-name");
 
 /// `--http_request_timeout_s`'s default: ESPv2's default backend deadline (its
 /// `x-google-backend` `deadline` when none is given). ESP's nginx waited 86,400 s.
@@ -185,7 +223,8 @@ pub struct Settings {
     pub hsts: bool,
     pub rewrites: Vec<RewriteRule>,
     pub enable_websocket: bool,
-    /// `--underscores_in_headers` and the path flags: how the request head is settled
+    /// `--underscores_in_headers` (and ESPv2's refusal of names with `_` without it), the
+    /// path flags, `X-Forwarded-Client-Cert` removal: how the request head is settled
     /// ([`crate::request_head`]).
     pub head: crate::request_head::HeadOptions,
     pub log_request_headers: Vec<String>,
@@ -211,6 +250,20 @@ pub struct Settings {
     pub enable_backend_routing: bool,
     /// `--access_log`: `None` = stdout.
     pub access_log: Option<String>,
+    /// ESPv2's `--add_request_header` then `--append_request_header`: set on the request to the
+    /// backend, last ([`crate::header_rules`]; [`crate::header_rules::from_espv2_flags`]).
+    pub request_headers_to_add: Vec<crate::header_rules::HeaderRule>,
+    /// ESPv2's `--add_response_header` then `--append_response_header`: set on every response to
+    /// the client ([`crate::header_rules`]).
+    pub response_headers_to_add: Vec<crate::header_rules::HeaderRule>,
+    /// ESPv2's `--enable_operation_name_header`: the matched method's selector goes to the
+    /// backend in this header ([`OPERATION_NAME_HEADER`]); a client's copy never does.
+    pub operation_name_header: Option<http::HeaderName>,
+    /// ESPv2's `--envoy_xff_num_trusted_hops`/`--envoy_use_remote_address`: `Some` replaces
+    /// the `xff_trusted` walk with Envoy's rule ([`XffHops`]).
+    pub xff_hops: Option<XffHops>,
+    /// ESPv2's `--enable_response_compression` ([`crate::compression`]).
+    pub response_compression: Option<crate::compression::CompressionSettings>,
     /// Flags accepted only for compatibility, reported once at start-up.
     pub ignored_flags: Vec<&'static str>,
 }
@@ -315,5 +368,15 @@ mod tests {
             .unwrap_err()
             .contains("path"));
         assert!(parse_backend("h:99999").unwrap_err().contains("bad port"));
+    }
+
+    #[test]
+    fn xff_hops_are_a_whole_number() {
+        assert_eq!(parse_xff_num_trusted_hops("2"), Ok(2));
+        assert_eq!(parse_xff_num_trusted_hops(" 0 "), Ok(0));
+        for bad in ["-1", "1.5", "", "two", "4294967296"] {
+            let e = parse_xff_num_trusted_hops(bad).unwrap_err();
+            assert!(e.starts_with("invalid --envoy_xff_num_trusted_hops"), "{e}");
+        }
     }
 }

@@ -1021,7 +1021,17 @@ async fn pipeline_seen_from(peer: SocketAddr, sc: &FakePeer, backend: SocketAddr
                 let svc = service_fn(move |req| {
                     let p = p.clone();
                     async move {
-                        Ok::<_, Infallible>(p.handle(req, ConnInfo { peer, tls: false }).await)
+                        Ok::<_, Infallible>(
+                            p.handle(
+                                req,
+                                ConnInfo {
+                                    peer,
+                                    local: None,
+                                    tls: false,
+                                },
+                            )
+                            .await,
+                        )
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()

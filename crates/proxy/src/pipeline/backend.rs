@@ -140,11 +140,28 @@ impl Pipeline {
                 .or_else(|| forwarder.backend_host()),
         };
         forward::strip_hop_by_hop(&mut parts.headers, websocket, grpc);
-        forward::set_forwarding_headers(&mut parts.headers, ctx.client_ip, host);
+        let xff = match settings.xff_hops {
+            None => forward::XffAppend::Address(ctx.client_ip),
+            Some(h) if h.use_remote_address => forward::XffAppend::Address(
+                ctx.conn_facts
+                    .as_ref()
+                    .map_or(ctx.client_ip, |c| c.peer.ip()),
+            ),
+            Some(_) => forward::XffAppend::Nothing,
+        };
+        forward::set_forwarding_headers_with(&mut parts.headers, ctx.client_ip, xff, host);
         if websocket {
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        if !settings.request_headers_to_add.is_empty() {
+            // Last, as Envoy's router: the operator's word over everything the proxy set.
+            crate::header_rules::apply_to_request(
+                &settings.request_headers_to_add,
+                &mut parts.headers,
+                &ctx.rule_facts(),
+            );
         }
         let uri = match forwarder.upstream_uri(upstream_target) {
             Ok(u) => u,

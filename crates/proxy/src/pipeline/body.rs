@@ -94,14 +94,28 @@ enum Kind {
     Stream(crate::upstream::UpstreamBody),
 }
 
-/// The response body: a proxy-generated one or the backend's, streamed. When it ends (or is
-/// dropped, e.g. for HEAD or a client that went away) the request is accounted: metrics, access
-/// log and the Service Control report.
+/// The response body: a proxy-generated one or the backend's, streamed, compressed frame by
+/// frame when the response is (`--enable_response_compression`). When it ends (or is dropped,
+/// e.g. for HEAD or a client that went away) the request is accounted: metrics, access log and
+/// the Service Control report, with the bytes sent (compressed, when they were).
 pub struct ProxyBody {
     kind: Kind,
     sent: u64,
     done: Option<Box<Completion>>,
+    /// Set while the body is compressed; one pointer otherwise.
+    comp: Option<Box<Compressing>>,
 }
+
+/// A compressed body's state: the encoder until the stream is finished, and the backend's
+/// trailers, held back while the encoder's last bytes go out.
+struct Compressing {
+    enc: Option<crate::compression::Encoder>,
+    trailers: Option<http::HeaderMap>,
+}
+
+/// A response body's failure: the backend's body broke, or (never in practice: it writes to
+/// memory) the encoder did.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ProxyBody {
     pub fn empty() -> ProxyBody {
@@ -109,6 +123,7 @@ impl ProxyBody {
             kind: Kind::Empty,
             sent: 0,
             done: None,
+            comp: None,
         }
     }
 
@@ -117,6 +132,7 @@ impl ProxyBody {
             kind: Kind::Full(Some(b.into())),
             sent: 0,
             done: None,
+            comp: None,
         }
     }
 
@@ -126,6 +142,7 @@ impl ProxyBody {
             kind: Kind::Stream(b),
             sent: 0,
             done: None,
+            comp: None,
         }
     }
 
@@ -148,19 +165,83 @@ impl Drop for ProxyBody {
     }
 }
 
+impl ProxyBody {
+    fn poll_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &mut self.kind {
+            Kind::Empty => Poll::Ready(None),
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Stream(s) => Pin::new(s)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BodyError::from))),
+        }
+    }
+
+    /// The inner body, each data frame compressed and flushed as it comes; at its end (or
+    /// before its trailers) the encoder's last bytes. The encoder, and its place under the
+    /// cap, go as soon as the stream is finished or fails.
+    fn poll_compressed(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        loop {
+            let finished = self.comp.as_ref().is_none_or(|c| c.enc.is_none());
+            if finished {
+                let trailers = self.comp.take().and_then(|c| c.trailers);
+                return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
+            }
+            let frame = match self.poll_inner(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(f))) => Some(f),
+                Poll::Ready(None) => None,
+                Poll::Ready(Some(Err(e))) => {
+                    self.comp = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            };
+            let Some(c) = self.comp.as_mut() else {
+                continue;
+            };
+            let out = match frame.map(Frame::into_data) {
+                Some(Ok(data)) if data.is_empty() => continue,
+                Some(Ok(data)) => match c.enc.as_mut() {
+                    Some(enc) => enc.compress(&data),
+                    None => Ok(Bytes::new()),
+                },
+                Some(Err(other)) => {
+                    c.trailers = other.into_trailers().ok();
+                    c.enc.take().map_or(Ok(Bytes::new()), |mut e| e.finish())
+                }
+                None => c.enc.take().map_or(Ok(Bytes::new()), |mut e| e.finish()),
+            };
+            match out {
+                Ok(b) if b.is_empty() => continue,
+                Ok(b) => return Poll::Ready(Some(Ok(Frame::data(b)))),
+                Err(e) => {
+                    self.comp = None;
+                    tracing::error!(error = %e, "response compression failed");
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        let res = match &mut this.kind {
-            Kind::Empty => Poll::Ready(None),
-            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Stream(s) => Pin::new(s).poll_frame(cx),
+        let res = if this.comp.is_some() {
+            this.poll_compressed(cx)
+        } else {
+            this.poll_inner(cx)
         };
         match &res {
             Poll::Ready(Some(Ok(f))) => {
@@ -175,6 +256,9 @@ impl Body for ProxyBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if self.comp.is_some() {
+            return false;
+        }
         match &self.kind {
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
@@ -183,6 +267,9 @@ impl Body for ProxyBody {
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.comp.is_some() {
+            return SizeHint::default();
+        }
         match &self.kind {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
@@ -380,6 +467,7 @@ impl Pipeline {
         if settings.hsts {
             crate::cors::add_hsts(resp.headers_mut());
         }
+        self.add_operator_headers(&mut resp, ctx);
         let report = report.map(|mut r| {
             r.response_headers = logged_headers(&settings.log_response_headers, resp.headers());
             r
@@ -387,15 +475,72 @@ impl Pipeline {
         self.arm(resp, ctx, url, error, report, backend_latency)
     }
 
-    /// Like `finalize` without decorations (the preflight carries its own headers).
+    /// Like `finalize` without CORS and HSTS (the preflight carries its own headers).
     pub(super) fn finalize_plain(
         &self,
-        resp: Response<ProxyBody>,
+        mut resp: Response<ProxyBody>,
         ctx: &Ctx,
         url: String,
         error: Option<EspError>,
     ) -> Response<ProxyBody> {
+        self.add_operator_headers(&mut resp, ctx);
         self.arm(resp, ctx, url, error, None, None)
+    }
+
+    /// `--add_response_header`/`--append_response_header`, on every response to the client
+    /// ([`crate::header_rules`]).
+    fn add_operator_headers(&self, resp: &mut Response<ProxyBody>, ctx: &Ctx) {
+        let rules = &self.state.settings.response_headers_to_add;
+        if rules.is_empty() {
+            return;
+        }
+        let empty = http::HeaderMap::new();
+        let request = ctx
+            .conn_facts
+            .as_ref()
+            .map_or(&empty, |c| &c.request_headers);
+        let status = resp.status();
+        crate::header_rules::apply_to_response(
+            rules,
+            status,
+            resp.headers_mut(),
+            request,
+            &ctx.rule_facts(),
+        );
+    }
+
+    /// `--enable_response_compression`: `Vary` on what could be compressed, and the encoder on
+    /// what the client accepts compressed ([`crate::compression`]).
+    fn compress(&self, resp: &mut Response<ProxyBody>, ctx: &Ctx) {
+        let (Some(settings), Some(gate)) = (
+            &self.state.settings.response_compression,
+            &self.state.compression,
+        ) else {
+            return;
+        };
+        let status = resp.status();
+        let length = resp.body().size_hint().exact();
+        if !crate::compression::compressible(settings, status, resp.headers(), length) {
+            return;
+        }
+        crate::compression::add_vary(resp.headers_mut());
+        let Some(encoding) = ctx.accept else { return };
+        let bodiless = ctx.head
+            || status == http::StatusCode::NO_CONTENT
+            || status == http::StatusCode::NOT_MODIFIED
+            || resp.body().is_end_stream();
+        if bodiless {
+            return;
+        }
+        let Some(permit) = gate.try_acquire() else {
+            self.state.compression_busy.inc();
+            return;
+        };
+        crate::compression::set_encoded_head(resp.headers_mut(), encoding);
+        resp.body_mut().comp = Some(Box::new(Compressing {
+            enc: Some(crate::compression::Encoder::new(encoding, settings, permit)),
+            trailers: None,
+        }));
     }
 
     pub(super) fn arm(
@@ -407,6 +552,7 @@ impl Pipeline {
         report: Option<ReportInfo>,
         backend_latency: Option<Duration>,
     ) -> Response<ProxyBody> {
+        self.compress(&mut resp, ctx);
         let status = resp.status().as_u16();
         let response_head_bytes = response_head_size(&resp, ctx.head);
         let backend_grpc = self.forwarder.version() == Version::HTTP_2;
@@ -446,6 +592,7 @@ impl Pipeline {
                 kind: Kind::Empty,
                 sent: 0,
                 done,
+                comp: None,
             };
         }
         resp

@@ -19,10 +19,13 @@
 //! 4. **check + quota** (`Pipeline::check_and_quota`): 401 code 16 when the method needs a
 //!    consumer and none was given, `:check` with Service Control, then quota (never blocking);
 //! 5. **forward** ([`backend`], `Pipeline::forward`): to `--backend`, or to the routed address
-//!    ([`crate::forward`] over the pool in [`crate::upstream`]);
+//!    ([`crate::forward`] over the pool in [`crate::upstream`]), with ESPv2's
+//!    `X-Endpoint-API-Operation-Name` and, last, the operator's request headers
+//!    ([`crate::header_rules`]);
 //! 6. **respond** (`Pipeline::respond`, then `Pipeline::finalize` in [`body`]): the backend's
-//!    answer, or the proxy's error ([`errors`]), with CORS/HSTS headers, carrying its
-//!    completion;
+//!    answer, or the proxy's error ([`errors`]), with CORS/HSTS headers, then the operator's
+//!    response headers, compressed when the client accepts it ([`crate::compression`]),
+//!    carrying its completion;
 //! 7. **report** (`Completion::report`, [`body`]): when the response body has been sent,
 //!    metrics, the access log and the Service Control report.
 //!
@@ -50,7 +53,7 @@ use crate::forward::Forwarder;
 use crate::routing::RouteTable;
 use crate::settings::Settings;
 use arc_swap::ArcSwap;
-use http::header::HeaderName;
+use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use state::Prepared;
@@ -115,6 +118,14 @@ pub struct ProxyState {
     pub access_log: crate::access_log::AccessLog,
     /// ID tokens for backend rules with `jwt_audience`; `None` without `--service_account_key`.
     pub backend_tokens: Option<Arc<crate::backend_auth::IdTokenSource>>,
+    /// The cap on response encoders alive at once, with `--enable_response_compression`.
+    pub compression: Option<Arc<crate::compression::Gate>>,
+    /// Responses sent uncompressed because `compression` was at its cap.
+    compression_busy: prometheus_client::metrics::counter::Counter,
+    /// The request headers the response header rules read (`%REQ(...)%`), kept per request.
+    response_rules_read: Vec<HeaderName>,
+    /// Header rules or `--envoy_use_remote_address` need the connection's facts per request.
+    keep_conn_facts: bool,
     healthz_path: Option<String>,
 }
 
@@ -127,6 +138,26 @@ impl ProxyState {
         access_log: crate::access_log::AccessLog,
     ) -> ProxyState {
         let healthz_path = settings.healthz.as_ref().map(|h| format!("/{h}"));
+        let compression_busy = prometheus_client::metrics::counter::Counter::default();
+        let compression = settings.response_compression.as_ref().map(|c| {
+            let active = prometheus_client::metrics::gauge::Gauge::default();
+            metrics.register(
+                "compression_streams_active",
+                "Responses being compressed now",
+                active.clone(),
+            );
+            metrics.register(
+                "compression_skipped_busy",
+                "Responses sent uncompressed because the encoder cap was reached",
+                compression_busy.clone(),
+            );
+            crate::compression::Gate::new(c.max_streams, active)
+        });
+        let response_rules_read =
+            crate::header_rules::request_headers_read(&settings.response_headers_to_add);
+        let keep_conn_facts = !settings.request_headers_to_add.is_empty()
+            || !settings.response_headers_to_add.is_empty()
+            || settings.xff_hops.is_some_and(|h| h.use_remote_address);
         ProxyState {
             settings,
             routes: ArcSwap::from_pointee(routes),
@@ -134,6 +165,10 @@ impl ProxyState {
             metrics,
             access_log,
             backend_tokens: None,
+            compression,
+            compression_busy,
+            response_rules_read,
+            keep_conn_facts,
             healthz_path,
         }
     }
@@ -160,6 +195,9 @@ impl ProxyState {
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The address the connection was accepted on; recorded only when a header rule reads it
+    /// ([`crate::header_rules::reads_local_address`]), as it costs a system call.
+    pub local: Option<SocketAddr>,
     pub tls: bool,
 }
 
@@ -209,6 +247,10 @@ impl Pipeline {
 
         if !config.enabled {
             // ESP declines: no matching, no check, no report; nginx proxies as is.
+            if let Some(name) = &settings.operation_name_header {
+                // No operation: nothing may claim one.
+                parts.headers.remove(name);
+            }
             let req = Request::from_parts(parts, body);
             return self.forward(req, &ctx, target, None, None).await;
         }
@@ -290,6 +332,17 @@ impl Pipeline {
             match token {
                 Ok(h) => crate::backend_auth::apply(&mut parts.headers, h),
                 Err(err) => return self.fail_matched(err, &ctx, target, report),
+            }
+        }
+        if let Some(name) = &settings.operation_name_header {
+            // Replaces any client copy (the default name is removed at `prepare` anyway).
+            match HeaderValue::from_str(&mi.selector) {
+                Ok(v) => {
+                    parts.headers.insert(name, v);
+                }
+                Err(_) => {
+                    parts.headers.remove(name);
+                }
             }
         }
         // 5. forward; 6. respond and 7. report follow from the backend's answer.

@@ -58,7 +58,10 @@ impl Pipeline {
             settings.head,
         );
         let h = &parts.headers;
-        let client_ip = forward::real_client_ip(conn.peer.ip(), h, &settings.xff_trusted);
+        let client_ip = match settings.xff_hops {
+            Some(hops) => forward::envoy_client_ip(conn.peer.ip(), h, hops),
+            None => forward::real_client_ip(conn.peer.ip(), h, &settings.xff_trusted),
+        };
         let caller_ip = settings
             .client_ip_header
             .as_deref()
@@ -77,6 +80,23 @@ impl Pipeline {
             client_ip,
             caller_ip,
             tls: conn.tls,
+            accept: settings
+                .response_compression
+                .as_ref()
+                .and_then(|_| crate::compression::negotiate(h)),
+            conn_facts: st.keep_conn_facts.then(|| {
+                let mut request_headers = HeaderMap::new();
+                for name in &st.response_rules_read {
+                    if let Some(v) = h.get(name) {
+                        request_headers.insert(name.clone(), v.clone());
+                    }
+                }
+                Box::new(super::state::ConnFacts {
+                    peer: conn.peer,
+                    local: conn.local,
+                    request_headers,
+                })
+            }),
             jwt_present: false,
             request_bytes: h
                 .get(header::CONTENT_LENGTH)
@@ -102,6 +122,10 @@ impl Pipeline {
         let settled = match settled {
             Ok(s) => s,
             Err(e) => {
+                if let request_head::HeadError::UnderscoreInName { name } = &e {
+                    // The answer is Envoy's bare `Bad Request`; the operator can see why here.
+                    tracing::debug!(header = %name, "refused a request: '_' in a header name");
+                }
                 let err = e.esp_error();
                 let resp = proxy_error(&err, &ctx, false);
                 let url = raw_target.to_string();

@@ -9,7 +9,7 @@ use crate::service_control::CheckOk;
 use http::header::{HeaderMap, HeaderValue};
 use http::{Method, Version};
 use hyper::body::Incoming;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,6 +39,11 @@ pub(super) struct Ctx {
     pub(super) client_ip: IpAddr,
     pub(super) caller_ip: IpAddr,
     pub(super) tls: bool,
+    /// The coding the client accepts for the response, with `--enable_response_compression`.
+    pub(super) accept: Option<crate::compression::Encoding>,
+    /// What only ESPv2's header rules and `--envoy_use_remote_address` read; allocated only
+    /// when they are configured (the request future's size is memory per connection).
+    pub(super) conn_facts: Option<Box<ConnFacts>>,
     pub(super) cors_origin: Option<HeaderValue>,
     pub(super) jwt_present: bool,
     /// `Content-Length` of the request body (0 when absent).
@@ -53,6 +58,40 @@ pub(super) struct Ctx {
     pub(super) referer: Option<HeaderValue>,
     /// `Content-Type: application/grpc*`: reported with protocol `grpc`.
     pub(super) content_type_grpc: bool,
+}
+
+/// The connection's addresses, and the client's request headers the response header rules
+/// read (`%REQ(...)%`).
+pub(super) struct ConnFacts {
+    pub(super) peer: SocketAddr,
+    /// When the listener recorded it ([`super::ConnInfo`]).
+    pub(super) local: Option<SocketAddr>,
+    pub(super) request_headers: HeaderMap,
+}
+
+impl Ctx {
+    /// What the operator's header rules read about this request ([`crate::header_rules`]).
+    pub(super) fn rule_facts(&self) -> crate::header_rules::Facts {
+        let (peer, local) = match &self.conn_facts {
+            Some(c) => (c.peer, c.local),
+            None => (SocketAddr::new(self.client_ip, 0), None),
+        };
+        // An address taken from X-Forwarded-For has no port, which Envoy renders as 0.
+        let client_port = if self.client_ip == peer.ip() {
+            peer.port()
+        } else {
+            0
+        };
+        crate::header_rules::Facts {
+            client: SocketAddr::new(self.client_ip, client_port),
+            peer,
+            local,
+            version: self.version,
+            start: std::time::SystemTime::now()
+                .checked_sub(self.start.elapsed())
+                .unwrap_or(std::time::UNIX_EPOCH),
+        }
+    }
 }
 
 pub(super) struct ReportInfo {
