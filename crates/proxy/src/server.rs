@@ -77,7 +77,8 @@ pub struct ProxyHandle {
     pub http_addr: Option<SocketAddr>,
     pub http2_addr: Option<SocketAddr>,
     pub ssl_addr: Option<SocketAddr>,
-    pub status_addr: SocketAddr,
+    /// `None` when the status server is off (`portico espv2` without `--status_port`).
+    pub status_addr: Option<SocketAddr>,
     pub state: Arc<ProxyState>,
     shutdown_tx: watch::Sender<bool>,
     workers: Vec<std::thread::JoinHandle<()>>,
@@ -297,7 +298,7 @@ pub async fn start_with_metrics(
     let mut http2_addr = None;
     let mut ssl_addr = None;
     if let Some(p) = settings.http_port {
-        let (a, ls) = bind_group("--http_port", ip, p, n)?;
+        let (a, ls) = bind_group(settings.dialect.serving_port_flag(), ip, p, n)?;
         http_addr = Some(a);
         groups.push((PortKind::Http, ls));
     }
@@ -311,21 +312,23 @@ pub async fn start_with_metrics(
         ssl_addr = Some(a);
         groups.push((PortKind::Ssl, ls));
     }
-    let status_bind = SocketAddr::new(ip, settings.status_port);
-    let status_listener = tokio::net::TcpListener::bind(status_bind)
-        .await
-        .map_err(|source| StartError::Bind {
-            flag: "--status_port",
-            addr: status_bind,
-            source,
-        })?;
-    let status_addr = status_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            flag: "--status_port",
-            addr: status_bind,
-            source,
-        })?;
+    let status_listener = match settings.status_port {
+        Some(port) => {
+            let status_bind = SocketAddr::new(ip, port);
+            let bind_error = |source| StartError::Bind {
+                flag: "--status_port",
+                addr: status_bind,
+                source,
+            };
+            let listener = tokio::net::TcpListener::bind(status_bind)
+                .await
+                .map_err(bind_error)?;
+            let addr = listener.local_addr().map_err(bind_error)?;
+            Some((listener, addr))
+        }
+        None => None,
+    };
+    let status_addr = status_listener.as_ref().map(|(_, a)| *a);
 
     let roots = match settings.backend.scheme {
         crate::settings::BackendScheme::Https => Some(crate::forward::backend_roots(
@@ -376,36 +379,38 @@ pub async fn start_with_metrics(
             }
         }
     }));
-    let status_state = state.clone();
-    let status_shutdown = shutdown_rx.clone();
-    let status_builder = {
-        let mut b = auto::Builder::new(TokioExecutor::new()).http1_only();
-        b.http1().header_read_timeout(None);
-        b
-    };
-    let limits = settings.conn_limits;
-    tasks.push(tokio::spawn(async move {
-        let info = Arc::new(crate::status::StatusInfo {
-            started_at: crate::access_log::now_rfc3339(),
-            ..Default::default()
-        });
-        let acceptor = portico_listen::Acceptor::new(status_listener, "--status_port");
-        portico_listen::serve(
-            acceptor,
-            status_builder,
-            limits,
-            move |_peer| {
-                let st = status_state.clone();
-                let info = info.clone();
-                service_fn(move |req| {
-                    let r = crate::status::handle(&st, &info, &req);
-                    async move { Ok::<_, Infallible>(r) }
-                })
-            },
-            status_shutdown,
-        )
-        .await;
-    }));
+    if let Some((status_listener, _)) = status_listener {
+        let status_state = state.clone();
+        let status_shutdown = shutdown_rx.clone();
+        let status_builder = {
+            let mut b = auto::Builder::new(TokioExecutor::new()).http1_only();
+            b.http1().header_read_timeout(None);
+            b
+        };
+        let limits = settings.conn_limits;
+        tasks.push(tokio::spawn(async move {
+            let info = Arc::new(crate::status::StatusInfo {
+                started_at: crate::access_log::now_rfc3339(),
+                ..Default::default()
+            });
+            let acceptor = portico_listen::Acceptor::new(status_listener, "--status_port");
+            portico_listen::serve(
+                acceptor,
+                status_builder,
+                limits,
+                move |_peer| {
+                    let st = status_state.clone();
+                    let info = info.clone();
+                    service_fn(move |req| {
+                        let r = crate::status::handle(&st, &info, &req);
+                        async move { Ok::<_, Infallible>(r) }
+                    })
+                },
+                status_shutdown,
+            )
+            .await;
+        }));
+    }
 
     Ok(ProxyHandle {
         http_addr,
@@ -751,10 +756,11 @@ pub fn run(settings: Settings) -> ExitCode {
             http = ?handle.http_addr,
             http2 = ?handle.http2_addr,
             ssl = ?handle.ssl_addr,
-            status = %handle.status_addr,
+            status = ?handle.status_addr,
             backend = %settings.backend.authority(),
             workers = settings.worker_threads,
-            "portico esp serving"
+            "portico {} serving",
+            settings.dialect.command()
         );
         wait_for_signal().await;
         handle.shutdown(DRAIN).await;

@@ -128,6 +128,9 @@ pub struct RewriteRule {
 /// Validated start-up settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Which proxy Portico stands in for: ESP v1 (`portico esp`) or ESPv2 (`portico espv2`);
+    /// every place where they answer differently reads it ([`crate::dialect`]).
+    pub dialect: crate::dialect::Dialect,
     pub service: Option<String>,
     pub version: Option<String>,
     pub rollout_strategy: RolloutStrategy,
@@ -136,7 +139,10 @@ pub struct Settings {
     pub http_port: Option<u16>,
     pub http2_port: Option<u16>,
     pub ssl_port: Option<u16>,
-    pub status_port: u16,
+    /// The status server (`/endpoints_status`, `/healthz`, `/metrics`); `None`: not served
+    /// (ESPv2's default, whose admin port is off unless `--status_port` names one). `Some(0)`:
+    /// a port the system picks.
+    pub status_port: Option<u16>,
     pub ssl_cert_path: PathBuf,
     pub ssl_key_path: PathBuf,
     pub generate_self_signed_cert: bool,
@@ -208,6 +214,9 @@ pub struct Settings {
     pub access_log: Option<String>,
     /// Flags accepted only for compatibility, reported once at start-up.
     pub ignored_flags: Vec<&'static str>,
+    /// Flags accepted whose feature is not built yet, reported once at start-up (ESPv2's
+    /// flags that issue 17 still has to implement; always empty for `portico esp`).
+    pub not_implemented_flags: Vec<&'static str>,
 }
 
 /// nginx's `large_client_header_buffers NUMBER SIZE`.

@@ -12,6 +12,8 @@
 //! `--large_client_header_buffers` do what nginx does with them (see [`crate::server`] and
 //! docs/security.md).
 
+pub mod espv2;
+
 use crate::cors::CorsSettings;
 use crate::settings::{
     parse_backend, HeaderLimits, RewriteRule, RolloutStrategy, ServiceControlCalls, Settings,
@@ -915,6 +917,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
     };
 
     Ok(Settings {
+        dialect: crate::dialect::Dialect::Esp,
         service: a.service,
         version: a.version,
         rollout_strategy,
@@ -923,7 +926,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         http_port,
         http2_port: a.http2_port,
         ssl_port: a.ssl_port,
-        status_port: a.status_port,
+        status_port: Some(a.status_port),
         ssl_cert_path: a.ssl_cert_path,
         ssl_key_path: a.ssl_key_path,
         generate_self_signed_cert: a.generate_self_signed_cert,
@@ -983,6 +986,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         report_max_log_entries_per_flush: a.report_max_log_entries_per_flush,
         enable_backend_routing: a.enable_backend_routing,
         ignored_flags,
+        not_implemented_flags: Vec::new(),
     })
 }
 
@@ -1038,7 +1042,7 @@ mod tests {
         assert_eq!(s.http_port, Some(8082));
         assert_eq!(s.backend.host, "localhost");
         assert_eq!(s.backend.port, 8080);
-        assert_eq!(s.status_port, 8090);
+        assert_eq!(s.status_port, Some(8090));
         assert_eq!(s.listen_address.to_string(), "127.0.0.1");
         assert!(s.network_fail_open);
         assert_eq!(s.client_max_body_size, 32 << 20);
@@ -1089,7 +1093,7 @@ mod tests {
         assert_eq!(s.version.as_deref(), Some("2017-02-13r0"));
         assert_eq!(s.http_port, Some(9000));
         assert_eq!(s.backend.scheme, BackendScheme::Grpc);
-        assert_eq!(s.status_port, 9002);
+        assert_eq!(s.status_port, Some(9002));
         assert_eq!(s.healthz.as_deref(), Some("hz"));
     }
 
