@@ -242,6 +242,7 @@ pub async fn start_with_metrics(
         key_cache: crate::auth::KeyCache::new(key_opts),
         auth_options: crate::auth::AuthOptions {
             log_jwt_payload: settings.log_jwt_payload.clone(),
+            dialect: settings.dialect,
         },
         backend_routing: settings.enable_backend_routing,
         backend_timeout: settings.backend_timeout,

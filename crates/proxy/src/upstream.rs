@@ -58,9 +58,12 @@ impl Dialer {
         let authority = match self {
             Dialer::Plain { authority } | Dialer::Tls { authority, .. } => authority,
         };
-        let tcp = TcpStream::connect(authority.as_str())
-            .await
-            .map_err(|e| ForwardError::Connect(format!("{authority}: {e}")))?;
+        let tcp = TcpStream::connect(authority.as_str()).await.map_err(|e| {
+            ForwardError::Connect(
+                crate::error::network_failure(&e, true),
+                format!("{authority}: {e}"),
+            )
+        })?;
         let _ = tcp.set_nodelay(true);
         match self {
             Dialer::Plain { .. } => Ok(Either::Left(tcp)),
@@ -72,7 +75,12 @@ impl Dialer {
                 let tls = connector
                     .connect(server_name.clone(), tcp)
                     .await
-                    .map_err(|e| ForwardError::Connect(format!("TLS to {authority}: {e}")))?;
+                    .map_err(|e| {
+                        ForwardError::Connect(
+                            crate::error::NetworkFailure::Tls,
+                            format!("TLS to {authority}: {e}"),
+                        )
+                    })?;
                 Ok(Either::Right(Box::new(tls)))
             }
         }
@@ -368,7 +376,9 @@ impl Pool {
         let (tx, conn) = Builder::new()
             .handshake::<_, LimitedBody>(TokioIo::new(stream))
             .await
-            .map_err(|e| ForwardError::Connect(e.to_string()))?;
+            .map_err(|e| {
+                ForwardError::Connect(crate::error::NetworkFailure::Reset, e.to_string())
+            })?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "backend connection closed");

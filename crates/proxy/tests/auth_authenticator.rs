@@ -605,6 +605,7 @@ async fn custom_jwt_locations_and_payload_logging() {
     );
     let opts = AuthOptions {
         log_jwt_payload: vec!["sub".into(), "aud".into(), "missing".into()],
+        ..Default::default()
     };
     let auth = Authenticator::new(&svc, &opts, cache());
     let token = key.sign(&claims(ISS, AUD.into()));

@@ -51,7 +51,8 @@ use portico_config::service::Service;
 
 pub use fetch::{FetchError, KeyCache, KeyCacheOptions};
 
-use crate::error::{Cause, Code, EspError};
+use crate::dialect::Dialect;
+use crate::error::{Cause, Code, ErrorKind, EspError, JwtProblem};
 use cache::{unix_now, VerifiedToken};
 use keys::KeyMatch;
 use token::{Location, Locations};
@@ -74,6 +75,9 @@ pub fn www_authenticate(token_present: bool) -> &'static str {
 pub struct AuthOptions {
     /// `--log_jwt_payload`: claim paths copied into `endpoints_log.jwt_payloads`.
     pub log_jwt_payload: Vec<String>,
+    /// Whose order of checks decides which failure a doubly-broken token is refused for
+    /// (see [`Authenticator::authenticate`]).
+    pub dialect: Dialect,
 }
 
 /// A successful validation.
@@ -105,16 +109,22 @@ pub struct AuthError {
 }
 
 impl AuthError {
-    fn new(code: Code, reason: &str, token_present: bool) -> Self {
+    fn new(code: Code, reason: &str, problem: JwtProblem, token_present: bool) -> Self {
         AuthError {
             error: EspError::new(
                 code,
                 format!("JWT validation failed: {reason}"),
                 Cause::Auth,
-            ),
+            )
+            .with_kind(ErrorKind::Jwt(problem)),
             token_present,
             authorization_url: None,
         }
+    }
+
+    /// A present token refused for `bad` (401 in ESP v1's words, whatever ESPv2 answers).
+    fn rejected(bad: &jwt::BadJwt) -> Self {
+        AuthError::new(Code::Unauthenticated, &bad.reason, bad.problem, true)
     }
 
     pub fn www_authenticate(&self) -> &'static str {
@@ -188,6 +198,7 @@ pub struct Authenticator {
     methods: HashMap<String, MethodAuth>,
     keys: Arc<KeyCache>,
     log_jwt_payload: Vec<String>,
+    dialect: Dialect,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -284,6 +295,7 @@ impl Authenticator {
             methods,
             keys,
             log_jwt_payload: options.log_jwt_payload.clone(),
+            dialect: options.dialect,
         }
     }
 
@@ -299,6 +311,10 @@ impl Authenticator {
 
     /// Validates the request's JWT against the method's requirements. `Ok(None)` when the
     /// method has none (or allows calls without credentials and none was given).
+    ///
+    /// A token with several faults is refused for the first one found, and the dialects look
+    /// in different orders: ESP v1 as the module docs list; ESPv2 as Envoy's `jwt_authn`:
+    /// three sections, parse, issuer, time window, audience, keys, signature.
     pub async fn authenticate(
         &self,
         selector: &str,
@@ -315,6 +331,7 @@ impl Authenticator {
             let mut e = AuthError::new(
                 Code::Unauthenticated,
                 "Missing or invalid credentials",
+                JwtProblem::Missing,
                 false,
             );
             e.authorization_url = method
@@ -338,12 +355,31 @@ impl Authenticator {
             }
         }
 
-        let reject = |reason: &str| AuthError::new(Code::Unauthenticated, reason, true);
-        let jwt = jwt::parse(&token).map_err(|reason| reject(&reason))?;
+        let espv2 = self.dialect == Dialect::EspV2;
+        if espv2 && !jwt::three_sections(&token) {
+            return Err(AuthError::new(
+                Code::Unauthenticated,
+                "Bad JWT format: should have 2 dots",
+                JwtProblem::BadFormat,
+                true,
+            ));
+        }
+        let jwt = jwt::parse(&token).map_err(|bad| AuthError::rejected(&bad))?;
         let matching = self.issuer_requirements(method, &jwt.iss);
-        if let Err(reason) = jwt.check(now) {
-            let mut e = reject(reason);
-            if reason == jwt::TIME_CONSTRAINT_FAILURE {
+        let unknown_issuer = || {
+            AuthError::new(
+                Code::Unauthenticated,
+                "Issuer not allowed",
+                JwtProblem::UnknownIssuer,
+                true,
+            )
+        };
+        if espv2 && matching.is_empty() {
+            return Err(unknown_issuer());
+        }
+        if let Err(bad) = jwt.check(now) {
+            let mut e = AuthError::rejected(&bad);
+            if bad.reason == jwt::TIME_CONSTRAINT_FAILURE {
                 // Redirect target: the token's issuer's provider, else the method's first.
                 e.authorization_url = matching
                     .iter()
@@ -360,24 +396,28 @@ impl Authenticator {
             return Err(e);
         }
         if matching.is_empty() {
-            return Err(reject("Issuer not allowed"));
+            return Err(unknown_issuer());
         }
         self.check_audience(&matching, &jwt)?;
 
         let provider = &matching[0].provider;
+        let fetch_failed = |e: FetchError| {
+            AuthError::new(
+                Code::Unauthenticated,
+                &e.to_string(),
+                JwtProblem::JwksFetchFailed,
+                true,
+            )
+        };
         let uri = if provider.jwks_uri.is_empty() {
             self.keys
                 .discover(&provider.issuer)
                 .await
-                .map_err(|e| reject(&e.to_string()))?
+                .map_err(fetch_failed)?
         } else {
             provider.jwks_uri.clone()
         };
-        let mut keyset = self
-            .keys
-            .keys(&uri)
-            .await
-            .map_err(|e| reject(&e.to_string()))?;
+        let mut keyset = self.keys.keys(&uri).await.map_err(fetch_failed)?;
         if matches!(
             keyset.candidates(jwt.kid.as_deref(), jwt.alg),
             KeyMatch::KidNotFound(_)
@@ -387,7 +427,7 @@ impl Authenticator {
                 keyset = fresh;
             }
         }
-        verify_signature(&jwt, &token, &keyset).map_err(|reason| reject(&reason))?;
+        verify_signature(&jwt, &token, &keyset).map_err(|bad| AuthError::rejected(&bad))?;
 
         let audiences = userinfo::sorted_audiences(&jwt);
         let user_info = user_info_value(&jwt, &audiences)?;
@@ -430,6 +470,7 @@ impl Authenticator {
             Err(AuthError::new(
                 Code::PermissionDenied,
                 "Audience not allowed",
+                JwtProblem::AudienceNotAllowed,
                 true,
             ))
         }
@@ -451,22 +492,28 @@ impl Authenticator {
     }
 }
 
-/// ESP's key choice and signature check of a parsed token against one key set; the error is
-/// the reason that follows `JWT validation failed: `.
+/// ESP's key choice and signature check of a parsed token against one key set; the error's
+/// reason is what follows `JWT validation failed: `.
 pub fn verify_signature(
     jwt: &jwt::ParsedJwt,
     token: &str,
     keyset: &keys::KeySet,
-) -> Result<(), String> {
+) -> Result<(), jwt::BadJwt> {
+    let bad = |reason: String, problem| jwt::BadJwt {
+        reason: reason.into(),
+        problem,
+    };
     match keyset.candidates(jwt.kid.as_deref(), jwt.alg) {
         KeyMatch::Found(candidates, failure) => {
             if jwt.signature_valid(token, &candidates) {
                 Ok(())
             } else {
-                Err(failure.to_string())
+                Err(bad(failure.to_string(), JwtProblem::VerificationFailed))
             }
         }
-        KeyMatch::KidNotFound(reason) | KeyMatch::Unusable(reason) => Err(reason),
+        KeyMatch::KidNotFound(reason) => Err(bad(reason, JwtProblem::KidAlgMismatch)),
+        // Envoy refuses a key set it cannot use when it fetches it.
+        KeyMatch::Unusable(reason) => Err(bad(reason, JwtProblem::JwksFetchFailed)),
     }
 }
 
@@ -475,7 +522,7 @@ fn user_info_value(jwt: &jwt::ParsedJwt, audiences: &[String]) -> Result<HeaderV
     let header = userinfo::user_info_header(jwt, audiences);
     HeaderValue::from_str(&header).map_err(|_| {
         // Base64 is always a valid header value; this guards the invariant without a panic.
-        AuthError::new(Code::Internal, "Internal error", true)
+        AuthError::new(Code::Internal, "Internal error", JwtProblem::Internal, true)
     })
 }
 
@@ -485,9 +532,10 @@ fn user_info_value(jwt: &jwt::ParsedJwt, audiences: &[String]) -> Result<HeaderV
 /// `/credential_id`; the error is the reason that follows `JWT validation failed: `. The
 /// fuzz target `jwt` (`fuzz/`) and its seed smoke test drive the verifier through this.
 pub fn verify_offline(token: &str, keyset: &keys::KeySet, now: i64) -> Result<String, String> {
-    let jwt = jwt::parse(token)?;
-    jwt.check(now).map_err(str::to_string)?;
-    verify_signature(&jwt, token, keyset)?;
+    let reason = |bad: jwt::BadJwt| bad.reason.into_owned();
+    let jwt = jwt::parse(token).map_err(reason)?;
+    jwt.check(now).map_err(reason)?;
+    verify_signature(&jwt, token, keyset).map_err(reason)?;
     let audiences = userinfo::sorted_audiences(&jwt);
     user_info_value(&jwt, &audiences).map_err(|e| e.error.message)?;
     Ok(userinfo::credential_id(&jwt.iss, &audiences))
