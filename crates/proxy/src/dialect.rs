@@ -21,7 +21,8 @@
 //!
 //! Not yet different (issue 17, later items): `X-Endpoint-API-UserInfo`'s format, JWT
 //! locations, retries, ESPv2's report fields, header flags, TLS, compression, the metadata
-//! server's project and zone. `WWW-Authenticate` on 401/403 is Portico's in both dialects.
+//! server's project and zone, which `:check` failures the open network fail policy forgives.
+//! `WWW-Authenticate` on 401/403 is Portico's in both dialects.
 
 use crate::error::{Code, ErrorKind, EspError, JwtProblem, NetworkFailure, ScFailure};
 use std::borrow::Cow;

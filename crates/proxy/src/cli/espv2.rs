@@ -1680,6 +1680,51 @@ mod tests {
         assert_eq!(s.not_implemented_flags, vec!["--add_response_header"]);
     }
 
+    /// The README's ESPv2 flag table says for each flag what [`FLAGS`] says, and lists no
+    /// other flag.
+    #[test]
+    fn readme_table_matches_the_flags() {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"));
+        let section = readme
+            .split("### ESPv2 flags")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("README has an ESPv2 flags section");
+        let mut rows = Vec::new();
+        for line in section.lines().filter(|l| l.starts_with("| `--")) {
+            let mut cells = line.split(" | ");
+            let flag = cells
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("| `")
+                .trim_end_matches('`');
+            let support = cells.next().unwrap_or("");
+            rows.push((flag.to_string(), support.to_string()));
+        }
+        assert_eq!(rows.len(), FLAGS.len(), "README rows vs FLAGS");
+        for (flag, support) in FLAGS {
+            let Some((_, said)) = rows.iter().find(|(f, _)| f == flag) else {
+                panic!("{flag} is missing from the README's ESPv2 flag table");
+            };
+            let word = match support {
+                Implemented => "Yes",
+                Ignored(_) => "Ignored: ",
+                NotYet => "Not yet",
+                Refused(_) => "Refused: ",
+            };
+            assert!(
+                said.starts_with(word),
+                "{flag}: README says {said:?}, code says {support:?}"
+            );
+            if let Ignored(why) | Refused(why) = support {
+                assert!(
+                    said.contains(why),
+                    "{flag}: README gives another reason: {said:?}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn every_flag_is_in_the_support_table_once() {
         let cmd = Espv2Args::command();
