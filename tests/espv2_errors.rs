@@ -12,114 +12,19 @@
 
 mod common;
 
+use common::peer::{self, Action, Request};
 use common::{free_port, Proc};
 use serde_json::json;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 const SERVICE: &str = "espv2-errors.endpoints.e2e-proj.cloud.goog";
 const ISSUER: &str = "https://issuer.example";
 const ISSUER2: &str = "https://issuer2.example";
 const AUDIENCE: &str = "e2e-audience";
 const KID: &str = "e2e-kid";
-
-// ---------------------------------------------------------------------------------------------
-// A raw HTTP/1.1 peer: one request per connection, answered as the test's handler says.
-
-struct Request {
-    method: String,
-    path: String,
-    body: String,
-}
-
-enum Action {
-    Respond(u16, String),
-    /// Wait, then answer 200 (longer than any deadline the test sets).
-    Stall(Duration),
-    /// Close the connection without answering.
-    HangUp,
-}
-
-type Handler = Arc<dyn Fn(&Request) -> Action + Send + Sync>;
-
-async fn read_request(s: &mut TcpStream) -> Option<Request> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        let n = s.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        if buf.len() > 1 << 20 {
-            return None;
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next()?.split(' ');
-    let method = first.next()?.to_string();
-    let path = first.next()?.to_string();
-    let length: usize = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + length {
-        let n = s.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let body = String::from_utf8_lossy(&buf[head_end..]).into_owned();
-    Some(Request { method, path, body })
-}
-
-async fn serve(listener: TcpListener, handler: Handler) {
-    loop {
-        let Ok((mut s, _)) = listener.accept().await else {
-            continue;
-        };
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let Some(req) = read_request(&mut s).await else {
-                return;
-            };
-            let (status, body) = match handler(&req) {
-                Action::Respond(status, body) => (status, body),
-                Action::Stall(d) => {
-                    tokio::time::sleep(d).await;
-                    (200, "{}".to_string())
-                }
-                Action::HangUp => return,
-            };
-            let resp = format!(
-                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-                 Connection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-            let _ = s.shutdown().await;
-        });
-    }
-}
-
-fn start_peer(rt: &tokio::runtime::Runtime, handler: Handler) -> SocketAddr {
-    let listener = rt
-        .block_on(TcpListener::bind("127.0.0.1:0"))
-        .expect("bind peer");
-    let addr = listener.local_addr().expect("peer addr");
-    rt.spawn(serve(listener, handler));
-    addr
-}
 
 /// Service Control: `:check` by the API key in the request, quota refused for `quota`.
 fn service_control(req: &Request) -> Action {
@@ -368,15 +273,15 @@ fn every_error_the_proxy_writes_is_espv2s() {
     let good = signer();
     let impostor = signer();
     let jwks_doc = json!({"keys": [good.jwk.clone()]}).to_string();
-    let jwks = start_peer(
+    let jwks = peer::start(
         &rt,
         Arc::new(move |r: &Request| match r.path.as_str() {
             "/jwks" => Action::Respond(200, jwks_doc.clone()),
             _ => Action::Respond(503, "unavailable".into()),
         }),
     );
-    let sc = start_peer(&rt, Arc::new(service_control));
-    let backend_addr = start_peer(&rt, Arc::new(backend));
+    let sc = peer::start(&rt, Arc::new(service_control));
+    let backend_addr = peer::start(&rt, Arc::new(backend));
     // Bound and dropped: nothing listens there while the test runs.
     let dead = free_port();
 

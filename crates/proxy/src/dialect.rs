@@ -18,9 +18,11 @@
 //! | Path known, method not | 404 `Method does not exist.` (OPTIONS: 403 CORS) | 405 naming the rule's template; so is an `X-HTTP-Method-Override` to such a method | [`Dialect::refuses_wrong_method_with_405`], `pipeline/phases.rs` |
 //! | Preflights under `--cors_preset` | any OPTIONS with an allowed origin is answered 204 | only with `Origin` and `Access-Control-Request-Method`; every other OPTIONS is 400 with ESPv2's message, whatever its path | [`Dialect::preflight_needs_request_method`], [`Dialect::refuses_bad_preflights`] |
 //! | JWT: which fault a token is refused for | ESP v1's order: parse, time, issuer, audience, keys, signature | Envoy's: three sections, parse, issuer, time, audience, keys, signature | `auth::Authenticator::authenticate` (`AuthOptions::dialect`) |
+//! | JWT: where it is read | `X-Goog-Iap-Jwt-Assertion`, then `Authorization` (`Bearer ` stripped if there, else the whole value), then `access_token` only without `Authorization` | `Authorization` holding `Bearer ` (the token characters after it), then `X-Goog-Iap-Jwt-Assertion`, then `access_token` (exact name) | `auth::token::extract_espv2` |
+//! | JWT: audiences | the provider's list (else the requirement's), and the service's name always | the requirement's list, else the provider's, else `https://SERVICE` (any with `--disable_jwt_audience_service_name_check`); a token without `aud` passes only where any does | `auth::Authenticator::new`, `check_audience` |
+//! | `X-Endpoint-API-UserInfo` | base64url (padded) JSON with `claims`, `issuer`, `id`, `email`, `audiences` | the token's payload segment as sent (`=`-padded with `--jwt_pad_forward_payload_header`) | `auth::Authenticator::authenticate` |
 //!
-//! Not yet different (issue 17, later items): `X-Endpoint-API-UserInfo`'s format, JWT
-//! locations, retries, ESPv2's report fields, header flags, TLS, compression, the metadata
+//! Not yet different (issue 17, later items): retries, ESPv2's report fields, header flags, TLS, compression, the metadata
 //! server's project and zone, which `:check` failures the open network fail policy forgives.
 //! `WWW-Authenticate` on 401/403 is Portico's in both dialects.
 

@@ -243,6 +243,8 @@ pub async fn start_with_metrics(
         auth_options: crate::auth::AuthOptions {
             log_jwt_payload: settings.log_jwt_payload.clone(),
             dialect: settings.dialect,
+            pad_forward_payload: settings.jwt_pad_forward_payload,
+            disable_audience_service_name_check: !settings.jwt_audience_service_name_check,
         },
         backend_routing: settings.enable_backend_routing,
         backend_timeout: settings.backend_timeout,

@@ -192,6 +192,13 @@ pub struct Settings {
     pub log_response_headers: Vec<String>,
     pub log_jwt_payload: Vec<String>,
     pub jwks_cache_duration: Option<Duration>,
+    /// `--jwt_pad_forward_payload_header` (ESPv2): the JWT payload forwarded in
+    /// `X-Endpoint-API-UserInfo` gets base64 `=` padding.
+    pub jwt_pad_forward_payload: bool,
+    /// ESPv2 accepts a token for the service's own name (`https://SERVICE`) when a provider
+    /// lists no audiences; `--disable_jwt_audience_service_name_check` turns that off, and such
+    /// a provider then accepts any audience.
+    pub jwt_audience_service_name_check: bool,
     pub enable_jwt_authorization_url_redirect: bool,
     pub disable_cloud_trace_auto_sampling: bool,
     pub rollout_fetch_throttle_window: Option<Duration>,

@@ -82,6 +82,8 @@ pub struct ParsedJwt {
     pub nbf: Option<i64>,
     /// Byte offset of the second `.`: `token[..signing_input_len]` is what was signed.
     signing_input_len: usize,
+    /// Byte offset of the payload segment (just after the first `.`).
+    payload_start: usize,
     /// The signature's bytes (empty when its encoding is invalid).
     signature: Vec<u8>,
     /// An email-address issuer naming another subject, reported after the time check.
@@ -318,6 +320,7 @@ fn parse_parts(token: &str) -> Result<ParsedJwt, BadJwt> {
         nbf,
         payload: Arc::new(payload),
         signing_input_len: h.len() + 1 + p.len(),
+        payload_start: h.len() + 1,
         signature: signature.unwrap_or_default(),
         subject_problem,
         signature_problem,
@@ -325,10 +328,29 @@ fn parse_parts(token: &str) -> Result<ParsedJwt, BadJwt> {
 }
 
 impl ParsedJwt {
+    /// The payload segment of `token` (the token this was parsed from), as sent.
+    pub fn payload_segment<'t>(&self, token: &'t str) -> Option<&'t str> {
+        token.get(self.payload_start..self.signing_input_len)
+    }
+
     /// The rest of ESP's parse, at `now`: time window, an email issuer's subject, signature
     /// encoding, then `aud` present (`sub` is optional, as in ESP since 1.37). The error's
     /// reason is the complete reason.
     pub fn check(&self, now: i64) -> Result<(), BadJwt> {
+        self.check_except_audience(now)?;
+        if self.aud.is_empty() {
+            // ESPv2 always has audiences to check (the service name at least): none match.
+            return Err(BadJwt::new(
+                "Bad JWT format: missing audience field.",
+                JwtProblem::AudienceNotAllowed,
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`check`](Self::check) without requiring an `aud`: ESPv2 judges audiences only against
+    /// the providers' lists, which may accept any.
+    pub fn check_except_audience(&self, now: i64) -> Result<(), BadJwt> {
         if !self.time_valid(now) {
             // ESPv2's verifier looks at `nbf` before `exp`.
             let problem = if self
@@ -346,13 +368,6 @@ impl ParsedJwt {
         }
         if let Some((reason, problem)) = self.signature_problem {
             return Err(BadJwt::new(reason, problem));
-        }
-        if self.aud.is_empty() {
-            // ESPv2 always has audiences to check (the service name at least): none match.
-            return Err(BadJwt::new(
-                "Bad JWT format: missing audience field.",
-                JwtProblem::AudienceNotAllowed,
-            ));
         }
         Ok(())
     }

@@ -75,9 +75,14 @@ pub fn www_authenticate(token_present: bool) -> &'static str {
 pub struct AuthOptions {
     /// `--log_jwt_payload`: claim paths copied into `endpoints_log.jwt_payloads`.
     pub log_jwt_payload: Vec<String>,
-    /// Whose order of checks decides which failure a doubly-broken token is refused for
-    /// (see [`Authenticator::authenticate`]).
+    /// Whose rules apply: which failure a doubly-broken token is refused for, where tokens
+    /// are looked for, which audiences pass, what `X-Endpoint-API-UserInfo` holds (see
+    /// [`Authenticator::authenticate`]).
     pub dialect: Dialect,
+    /// ESPv2's `--jwt_pad_forward_payload_header`.
+    pub pad_forward_payload: bool,
+    /// ESPv2's `--disable_jwt_audience_service_name_check`.
+    pub disable_audience_service_name_check: bool,
 }
 
 /// A successful validation.
@@ -181,8 +186,12 @@ type ProviderEntry = (Arc<Provider>, Vec<String>, Option<Vec<Location>>);
 #[derive(Debug, Clone)]
 struct Requirement {
     provider: Arc<Provider>,
-    /// Normalised; the provider's list when it has one, else the requirement's.
+    /// Normalised. ESP v1: the provider's list when it has one, else the requirement's (the
+    /// service's name passes too). ESPv2: the requirement's when it has one, else the
+    /// provider's, else the service's name (`https://SERVICE`) unless that check is disabled.
     audiences: Vec<String>,
+    /// ESPv2 with no audience to check: any token audience passes, none needed.
+    any_audience: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -199,6 +208,7 @@ pub struct Authenticator {
     keys: Arc<KeyCache>,
     log_jwt_payload: Vec<String>,
     dialect: Dialect,
+    pad_forward_payload: bool,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -257,11 +267,24 @@ impl Authenticator {
                         );
                         continue;
                     };
-                    let audiences = if provider_auds.is_empty() {
+                    let audiences = if options.dialect == Dialect::EspV2 {
+                        let own = split_audiences(&r.audiences);
+                        let list = if own.is_empty() {
+                            provider_auds.clone()
+                        } else {
+                            own
+                        };
+                        if list.is_empty() && !options.disable_audience_service_name_check {
+                            vec![normalize(&service.name).to_string()]
+                        } else {
+                            list
+                        }
+                    } else if provider_auds.is_empty() {
                         split_audiences(&r.audiences)
                     } else {
                         provider_auds.clone()
                     };
+                    let any_audience = options.dialect == Dialect::EspV2 && audiences.is_empty();
                     match custom {
                         Some(custom) => {
                             for l in custom {
@@ -275,6 +298,7 @@ impl Authenticator {
                     requirements.push(Requirement {
                         provider: provider.clone(),
                         audiences,
+                        any_audience,
                     });
                 }
                 if requirements.is_empty() {
@@ -296,6 +320,7 @@ impl Authenticator {
             keys,
             log_jwt_payload: options.log_jwt_payload.clone(),
             dialect: options.dialect,
+            pad_forward_payload: options.pad_forward_payload,
         }
     }
 
@@ -324,7 +349,13 @@ impl Authenticator {
         let Some(method) = self.methods.get(selector) else {
             return Ok(None);
         };
-        let Some(token) = token::extract(headers, raw_query, &method.locations) else {
+        let espv2 = self.dialect == Dialect::EspV2;
+        let token = if espv2 {
+            token::extract_espv2(headers, raw_query, &method.locations)
+        } else {
+            token::extract(headers, raw_query, &method.locations)
+        };
+        let Some(token) = token else {
             if method.allow_without_credential {
                 return Ok(None);
             }
@@ -355,7 +386,6 @@ impl Authenticator {
             }
         }
 
-        let espv2 = self.dialect == Dialect::EspV2;
         if espv2 && !jwt::three_sections(&token) {
             return Err(AuthError::new(
                 Code::Unauthenticated,
@@ -377,7 +407,12 @@ impl Authenticator {
         if espv2 && matching.is_empty() {
             return Err(unknown_issuer());
         }
-        if let Err(bad) = jwt.check(now) {
+        let checked = if espv2 {
+            jwt.check_except_audience(now)
+        } else {
+            jwt.check(now)
+        };
+        if let Err(bad) = checked {
             let mut e = AuthError::rejected(&bad);
             if bad.reason == jwt::TIME_CONSTRAINT_FAILURE {
                 // Redirect target: the token's issuer's provider, else the method's first.
@@ -430,7 +465,11 @@ impl Authenticator {
         verify_signature(&jwt, &token, &keyset).map_err(|bad| AuthError::rejected(&bad))?;
 
         let audiences = userinfo::sorted_audiences(&jwt);
-        let user_info = user_info_value(&jwt, &audiences)?;
+        let user_info = if espv2 {
+            self.forwarded_payload(&jwt, &token)?
+        } else {
+            user_info_value(&jwt, &audiences)?
+        };
         let iss = jwt.iss.clone();
         let verified = Arc::new(VerifiedToken::new(
             jwt,
@@ -458,12 +497,24 @@ impl Authenticator {
         matching: &[&Requirement],
         jwt: &jwt::ParsedJwt,
     ) -> Result<(), AuthError> {
-        let ok = jwt.aud.iter().map(|a| normalize(a)).any(|aud| {
-            aud == self.service_name
-                || matching
-                    .iter()
-                    .any(|r| r.audiences.iter().any(|x| x == aud))
-        });
+        let ok = if self.dialect == Dialect::EspV2 {
+            // Envoy's check: any audience of the token in a requirement's list, compared
+            // without scheme and trailing slash.
+            matching.iter().any(|r| {
+                r.any_audience
+                    || jwt
+                        .aud
+                        .iter()
+                        .any(|a| r.audiences.iter().any(|x| x == normalize(a)))
+            })
+        } else {
+            jwt.aud.iter().map(|a| normalize(a)).any(|aud| {
+                aud == self.service_name
+                    || matching
+                        .iter()
+                        .any(|r| r.audiences.iter().any(|x| x == aud))
+            })
+        };
         if ok {
             Ok(())
         } else {
@@ -474,6 +525,28 @@ impl Authenticator {
                 true,
             ))
         }
+    }
+
+    /// ESPv2's `X-Endpoint-API-UserInfo`: the token's payload segment as sent, with `=`
+    /// padding under `--jwt_pad_forward_payload_header`. A segment that cannot be a header
+    /// value is not base64url, which ESPv2's verifier refuses.
+    fn forwarded_payload(
+        &self,
+        jwt: &jwt::ParsedJwt,
+        token: &str,
+    ) -> Result<HeaderValue, AuthError> {
+        let mut segment = jwt.payload_segment(token).unwrap_or_default().to_string();
+        if self.pad_forward_payload {
+            while !segment.len().is_multiple_of(4) {
+                segment.push('=');
+            }
+        }
+        HeaderValue::from_str(&segment).map_err(|_| {
+            AuthError::rejected(&jwt::BadJwt {
+                reason: "Bad JWT format: Invalid base64 in claims".into(),
+                problem: JwtProblem::PayloadBadBase64,
+            })
+        })
     }
 
     fn info(&self, v: &VerifiedToken) -> AuthInfo {

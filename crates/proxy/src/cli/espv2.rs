@@ -150,8 +150,8 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--jwks_fetch_num_retries", NotYet),
     ("--jwks_fetch_retry_back_off_base_interval_ms", NotYet),
     ("--jwks_fetch_retry_back_off_max_interval_ms", NotYet),
-    ("--jwt_pad_forward_payload_header", NotYet),
-    ("--disable_jwt_audience_service_name_check", NotYet),
+    ("--jwt_pad_forward_payload_header", Implemented),
+    ("--disable_jwt_audience_service_name_check", Implemented),
     // Service Control.
     ("--service_control_url", Implemented),
     ("--service_control_check_timeout_ms", Implemented),
@@ -1032,6 +1032,8 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     settings.dialect = Dialect::EspV2;
     settings.status_port = status_port;
     settings.healthz = healthz;
+    settings.jwt_pad_forward_payload = a.jwt_pad_forward_payload_header;
+    settings.jwt_audience_service_name_check = !a.disable_jwt_audience_service_name_check;
     Ok(settings)
 }
 

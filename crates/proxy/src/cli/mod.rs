@@ -970,6 +970,8 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         log_response_headers: split_list(&a.log_response_headers),
         log_jwt_payload: split_list(&a.log_jwt_payload),
         jwks_cache_duration: a.jwks_cache_duration_in_s.map(Duration::from_secs),
+        jwt_pad_forward_payload: false,
+        jwt_audience_service_name_check: true,
         enable_jwt_authorization_url_redirect: a.enable_jwt_authorization_url_redirect,
         disable_cloud_trace_auto_sampling: a.disable_cloud_trace_auto_sampling,
         rollout_fetch_throttle_window: a
