@@ -15,8 +15,10 @@ const USAGE: &str = "usage: portico config validate FILE...
 
 Converts OpenAPI 2.0 files (YAML or JSON, with x-google-* extensions) into the service
 configuration Service Management would generate, and prints it as JSON. Several files form one
-service with one API per file. Errors are listed with file:line:column; the exit code is 1
-when there are errors.
+service with one API per OpenAPI file; a file that the others only refer to by $ref holds
+shared definitions. A $ref's path is relative to the referring file, as given here (gcloud sends
+base names only, so \"./common.yaml\" works both ways). Errors are listed with
+file:line:column; the exit code is 1 when there are errors.
 ";
 
 /// `args[0]` is the program name (`portico config`), then the subcommand and files.
@@ -151,5 +153,51 @@ mod tests {
         assert!(String::from_utf8(err)
             .unwrap()
             .contains("cannot read the file"));
+    }
+
+    /// The files given by their paths (absolute here): `$ref`s between them resolve.
+    #[test]
+    fn cli_validate_resolves_refs_between_the_files_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut paths: Vec<OsString> = Vec::new();
+        for (name, text) in [
+            (
+                "api.yaml",
+                include_str!("../crates/config/tests/fixtures/refs/api.yaml"),
+            ),
+            (
+                "common.yaml",
+                include_str!("../crates/config/tests/fixtures/refs/common.yaml"),
+            ),
+            (
+                "books.yaml",
+                include_str!("../crates/config/tests/fixtures/refs/books.yaml"),
+            ),
+        ] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            paths.push(p.into());
+        }
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = validate(&paths, &mut out, &mut err);
+        assert_eq!(
+            code,
+            std::process::ExitCode::SUCCESS,
+            "{}",
+            String::from_utf8_lossy(&err)
+        );
+        let svc: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(svc["apis"].as_array().map(Vec::len), Some(1));
+        assert_eq!(svc["http"]["rules"].as_array().map(Vec::len), Some(5));
+        // Without the shared file, the error names it.
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = validate(&[paths[0].clone(), paths[2].clone()], &mut out, &mut err);
+        assert_eq!(code, std::process::ExitCode::from(1));
+        let err = String::from_utf8(err).unwrap();
+        assert!(
+            err.contains("cannot be resolved: the submission has no file"),
+            "{err}"
+        );
+        assert!(err.contains("common.yaml\""), "{err}");
     }
 }

@@ -70,3 +70,31 @@ fn a_config_with_an_unusable_deadline_is_refused_at_start() {
     );
     assert!(stderr.contains("service.json"), "{stderr}");
 }
+
+/// A backend `protocol` that is none of ESPv2's values (compared in any case) is refused at
+/// start, as ESPv2 refuses one for an HTTP backend, naming the rule and the value; `H2` (the
+/// rule checked before it) is not refused.
+#[test]
+fn a_config_with_an_unknown_backend_protocol_is_refused_at_start() {
+    let config = |protocol: &str| {
+        serde_json::json!({
+            "name": SVC,
+            "id": "2026-01-01r0",
+            "http": {"rules": [{"selector": "1.echo.Echo", "get": "/echo"},
+                               {"selector": "1.echo.Other", "get": "/other"}]},
+            "backend": {"rules": [{"selector": "1.echo.Other", "protocol": "H2"},
+                                  {"selector": "1.echo.Echo", "protocol": protocol}]}
+        })
+    };
+    let (code, stderr) = esp_with(&config("h3"));
+    assert_eq!(code, Some(1), "exit status; stderr:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "cannot be used: backend rule \"1.echo.Echo\": protocol \"h3\" is not supported: \
+             use \"http/1.1\", \"h2\" or \"grpc\" (in any case), or leave it unset"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("service.json"), "{stderr}");
+}

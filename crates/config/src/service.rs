@@ -430,7 +430,7 @@ pub struct BackendRule {
     pub jwt_audience: String,
     #[serde(skip_serializing_if = "is_false")]
     pub disable_auth: bool,
-    /// `http/1.1`, `h2`, `grpc`.
+    /// `http/1.1`, `h2`, `grpc`, in any case (see [`BackendRule::backend_protocol`]).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub protocol: String,
 }
@@ -558,6 +558,48 @@ pub fn backend_deadline_problem(deadline: f64) -> Option<String> {
     ))
 }
 
+/// The HTTP version a backend rule's `protocol` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendProtocol {
+    /// Not set: the address's scheme decides (HTTP/1.1 for `http` and `https`, HTTP/2 for `grpc`).
+    Unset,
+    /// `http/1.1`.
+    Http1,
+    /// `h2`, or `grpc` (gRPC runs on HTTP/2): with prior knowledge over `http://`, negotiated
+    /// by ALPN over `https://`.
+    H2,
+}
+
+/// Reads a backend rule's `protocol`. ESPv2 lowercases the value before comparing it, so any
+/// case is accepted; anything else is an error whose text follows the word "protocol".
+pub fn parse_backend_protocol(protocol: &str) -> Result<BackendProtocol, String> {
+    if protocol.is_empty() {
+        Ok(BackendProtocol::Unset)
+    } else if protocol.eq_ignore_ascii_case("http/1.1") {
+        Ok(BackendProtocol::Http1)
+    } else if protocol.eq_ignore_ascii_case("h2") || protocol.eq_ignore_ascii_case("grpc") {
+        Ok(BackendProtocol::H2)
+    } else {
+        // A value is echoed in full only when short: a message is no place for a whole file.
+        const SHOWN: usize = 40;
+        let shown = match protocol.char_indices().nth(SHOWN) {
+            Some((cut, _)) => format!("{:?}...", &protocol[..cut]),
+            None => format!("{protocol:?}"),
+        };
+        Err(format!(
+            "{shown} is not supported: use \"http/1.1\", \"h2\" or \"grpc\" (in any case), or \
+             leave it unset"
+        ))
+    }
+}
+
+impl BackendRule {
+    /// The rule's [`BackendProtocol`], or why its `protocol` is not one.
+    pub fn backend_protocol(&self) -> Result<BackendProtocol, String> {
+        parse_backend_protocol(&self.protocol)
+    }
+}
+
 /// Why `cost` is not a usable metric cost, if it is not; the text follows the value. Submit
 /// refuses negative costs (`x-google-quota` says "non-negative integer"), so a config loaded
 /// from a file is held to the same rule; 0 is kept (ESP charges it as 1).
@@ -568,9 +610,9 @@ pub fn metric_cost_problem(cost: i64) -> Option<String> {
 }
 
 impl Service {
-    /// Checks the numbers a proxy turns into time spans and counts, so a config that cannot
-    /// be served is refused when it is loaded rather than failing (or panicking) later.
-    /// The message names the rule and the value.
+    /// Checks the numbers a proxy turns into time spans and counts, and the backend protocols
+    /// it must speak, so a config that cannot be served is refused when it is loaded rather
+    /// than failing (or panicking) later. The message names the rule and the value.
     pub fn check_ranges(&self) -> Result<(), String> {
         for r in self.backend.iter().flat_map(|b| b.rules.iter()) {
             if let Some(problem) = backend_deadline_problem(r.deadline) {
@@ -578,6 +620,9 @@ impl Service {
                     "backend rule {:?}: deadline {:?} {problem}",
                     r.selector, r.deadline
                 ));
+            }
+            if let Err(problem) = r.backend_protocol() {
+                return Err(format!("backend rule {:?}: protocol {problem}", r.selector));
             }
         }
         for r in self.quota.iter().flat_map(|q| q.metric_rules.iter()) {
@@ -658,6 +703,47 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(serde_json::to_string(&s).unwrap(), r#"{"name":"svc"}"#);
+    }
+
+    /// ESPv2 lowercases `protocol` before it compares it; anything but its values is refused
+    /// when the config is loaded, naming the rule and the value.
+    #[test]
+    fn backend_protocols_are_matched_in_any_case_and_unknown_ones_refused() {
+        let svc = |protocol: &str| {
+            serde_json::from_value::<Service>(serde_json::json!({"backend": {"rules": [
+                {"selector": "ok", "protocol": "h2"},
+                {"selector": "a", "protocol": protocol}]}}))
+            .unwrap()
+        };
+        for (protocol, want) in [
+            ("", BackendProtocol::Unset),
+            ("http/1.1", BackendProtocol::Http1),
+            ("HTTP/1.1", BackendProtocol::Http1),
+            ("h2", BackendProtocol::H2),
+            ("H2", BackendProtocol::H2),
+            ("grpc", BackendProtocol::H2),
+            ("gRPC", BackendProtocol::H2),
+        ] {
+            assert_eq!(parse_backend_protocol(protocol), Ok(want), "{protocol:?}");
+            assert_eq!(svc(protocol).check_ranges(), Ok(()), "{protocol:?}");
+        }
+        for bad in [
+            "h3", " h2", "h2 ", "http/2", "HTTP/1.0", "h2c", "http", "h2\u{0}",
+        ] {
+            assert_eq!(
+                svc(bad).check_ranges(),
+                Err(format!(
+                    "backend rule \"a\": protocol {bad:?} is not supported: use \"http/1.1\", \"h2\" \
+                     or \"grpc\" (in any case), or leave it unset"
+                )),
+                "{bad:?}"
+            );
+        }
+        // A value as long as a whole config is not repeated whole in the message.
+        let long = "x".repeat(100_000);
+        let message = svc(&long).check_ranges().unwrap_err();
+        assert!(message.len() < 300, "{}", message.len());
+        assert!(message.contains("protocol \"xxxx"), "{message}");
     }
 
     #[test]

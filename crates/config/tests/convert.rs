@@ -501,6 +501,19 @@ fn an_empty_security_alternative_makes_the_jwt_optional() {
     assert_eq!(svc["usage"]["rules"][0]["allowUnregisteredCalls"], true);
 }
 
+/// Google's converter compares the x-google-endpoints name with the host without regard to
+/// case. The config keeps the host's spelling: the proxy turns allowCors on only for the
+/// endpoint named exactly as the service.
+#[test]
+fn the_endpoints_name_may_differ_from_the_host_in_case() {
+    let text = "swagger: '2.0'\ninfo: {title: T, version: v1}\nhost: cors.example.com\nx-google-endpoints:\n  - name: CORS.Example.com\n    allowCors: true\npaths: {}\n";
+    let (svc, _) = to_json("cors.yaml", text);
+    assert_eq!(
+        svc["endpoints"],
+        json!([{"name": "cors.example.com", "allowCors": true}])
+    );
+}
+
 #[test]
 fn yaml_flow_style_is_not_mistaken_for_json() {
     let text = "{swagger: '2.0', info: {title: T, version: v1}, host: f.example.com, paths: {/a: {get: {operationId: a, responses: {200: {description: ok}}}}}}";

@@ -246,6 +246,51 @@ fn backend_without_address_is_accepted() {
     }
 }
 
+/// `protocol` is compared without regard to case, as ESPv2 does (`H2` is HTTP/2); the value is
+/// kept as written. Anything else is refused with its place and the values that work.
+#[test]
+fn backend_protocol_in_any_case_is_accepted_and_unknown_ones_refused() {
+    for (written, address) in [
+        ("H2", ""),
+        ("Http/1.1", "\n        address: http://b.example.com"),
+        ("GRPC", "\n        address: https://b.example.com"),
+    ] {
+        let text = format!(
+            "{HEAD}paths:\n  /a:\n    get:\n      operationId: a\n      x-google-backend:\n        protocol: {written}{address}\n{OK_RESPONSES}"
+        );
+        let conv = convert(&[SourceFile::new("openapi.yaml", text.as_str())])
+            .unwrap_or_else(|e| panic!("{written}: {e}"));
+        let rules = &conv.service.backend.as_ref().unwrap().rules;
+        assert_eq!(rules[0].protocol, written);
+    }
+    // At the top level it applies to every operation without one of its own.
+    let text = format!(
+        "{HEAD}x-google-backend:\n  protocol: H2\npaths:\n  /a:\n    get:\n      operationId: a\n{OK_RESPONSES}  /b:\n    get:\n      operationId: b\n{OK_RESPONSES}"
+    );
+    let conv = convert(&[SourceFile::new("openapi.yaml", text.as_str())])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let rules = &conv.service.backend.as_ref().unwrap().rules;
+    assert_eq!(rules.len(), 2);
+    assert!(rules.iter().all(|r| r.protocol == "H2"), "{rules:?}");
+    for (bad, message) in [
+        ("h3", "protocol \"h3\" is not supported"),
+        ("\"h2 \"", "protocol \"h2 \" is not supported"),
+        ("http/2", "protocol \"http/2\" is not supported"),
+        ("2", "protocol must be a string"),
+    ] {
+        let text = format!(
+            "{HEAD}paths:\n  /a:\n    get:\n      operationId: a\n      x-google-backend:\n        protocol: {bad}\n{OK_RESPONSES}"
+        );
+        let err = convert(&[SourceFile::new("openapi.yaml", text.as_str())])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("openapi.yaml:11:19: x-google-backend {message}")),
+            "{bad}: {err}"
+        );
+    }
+}
+
 fn esp_matcher(rules: &[(&str, &'static str)]) -> portico_config::PathMatcher<&'static str> {
     let mut b = PathMatcherBuilder::new();
     for (t, v) in rules {

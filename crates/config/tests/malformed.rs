@@ -301,7 +301,7 @@ fn broken_references() {
         errors("openapi.yaml", &text),
         [
             "openapi.yaml:14:19: reference \"#/definitions/Missing\" cannot be resolved: the file has no \"definitions\" section",
-            "openapi.yaml:15:17: reference \"other.yaml#/parameters/p\" points outside this file; external references are not supported, copy the definition into #/definitions/",
+            "openapi.yaml:15:17: reference \"other.yaml#/parameters/p\" cannot be resolved: the submission has no file \"other.yaml\" (its files: openapi.yaml); add the file to the deployment",
         ]
     );
 }
@@ -324,6 +324,17 @@ fn multiple_files_must_share_the_host() {
     assert_eq!(
         err.to_string(),
         "b.yaml:3:7: host \"other.example.com\" differs from host \"api.example.com\" in a.yaml; all files of one service must have the same host"
+    );
+    // A file without host says so, once (not also that its host differs).
+    let d = "swagger: \"2.0\"\ninfo: {title: T, version: 2.0.0}\npaths: {}\n";
+    let err = convert(&[
+        SourceFile::new("d.yaml", d),
+        SourceFile::new("a.yaml", spec("paths: {}\n")),
+    ])
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "d.yaml:1:1: missing required field \"host\": the service name is taken from host (e.g. host: \"my-api.endpoints.my-project.cloud.goog\")"
     );
     let c = spec("paths: {}\n").replace("1.0.0", "1.2.0");
     let err = convert(&[

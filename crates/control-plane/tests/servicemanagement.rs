@@ -26,6 +26,8 @@ const SVC: &str = "echo-api.endpoints.demo-proj.cloud.goog";
 const ECHO: &str = include_str!("fixtures/servicemanagement/echo-openapi.yaml");
 const ECHO_V2: &str = include_str!("fixtures/servicemanagement/echo-openapi-v2.yaml");
 const BROKEN: &str = include_str!("fixtures/servicemanagement/broken-openapi.yaml");
+const ECHO_SPLIT: &str = include_str!("fixtures/servicemanagement/echo-split-openapi.yaml");
+const ECHO_COMMON: &str = include_str!("fixtures/servicemanagement/echo-common.yaml");
 
 fn submit_body(spec: &str, validate_only: bool) -> Value {
     json!({"configSource": {"files": [{
@@ -423,6 +425,130 @@ async fn hostile_specs_are_refused_with_file_and_line() {
             "{msg}"
         );
     }
+}
+
+/// `configs:submit` of several files, as gcloud sends them (`OPEN_API_YAML`, URL-safe base64).
+async fn post_files(e: &TestEnv, files: &[(&str, &str)]) -> (StatusCode, Value) {
+    let files: Vec<Value> = files
+        .iter()
+        .map(|(path, text)| {
+            json!({"filePath": path,
+                   "fileContents": base64::engine::general_purpose::URL_SAFE.encode(text),
+                   "fileType": "OPEN_API_YAML"})
+        })
+        .collect();
+    e.admin(
+        Method::POST,
+        &format!("/v1/services/{SVC}/configs:submit"),
+        Some(json!({"configSource": {"files": files}, "validateOnly": false})),
+    )
+    .await
+}
+
+/// An API whose definitions, a parameter and a whole path item live in a second file: the
+/// `$ref`s are resolved against the other file of the submission; a missing file is a 400
+/// naming the referring file, its line and the file it wanted.
+#[tokio::test]
+async fn a_config_of_two_files_with_references_between_them() {
+    let e = env().await;
+    create(&e).await;
+    let (st, op) = post_files(
+        &e,
+        &[
+            ("echo-split-openapi.yaml", ECHO_SPLIT),
+            ("echo-common.yaml", ECHO_COMMON),
+        ],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{op}");
+    let cfg = &op["response"]["serviceConfig"];
+    let api = "1.echo_api_endpoints_demo_proj_cloud_goog";
+    assert_eq!(cfg["apis"].as_array().map(Vec::len), Some(1), "{cfg}");
+    assert_eq!(
+        cfg["http"]["rules"],
+        json!([
+            {"selector": format!("{api}.Echo"), "post": "/echo", "body": "message"},
+            {"selector": format!("{api}.GetEcho"), "get": "/echo/{id}"},
+        ])
+    );
+    // The operation from echo-common.yaml requires the key as its security says.
+    let usage = cfg["usage"]["rules"].as_array().expect("usage rules");
+    assert_eq!(usage.len(), 2, "{cfg}");
+    assert!(
+        usage
+            .iter()
+            .all(|r| r.get("allowUnregisteredCalls").is_none()),
+        "{cfg}"
+    );
+    let id = cfg["id"].as_str().expect("id").to_string();
+    let (_, full) = e
+        .admin(
+            Method::GET,
+            &format!("/v1/services/{SVC}/configs/{id}?view=FULL"),
+            None,
+        )
+        .await;
+    let names: Vec<&str> = full["sourceInfo"]["sourceFiles"]
+        .as_array()
+        .expect("sources")
+        .iter()
+        .map(|f| f["filePath"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(names, ["echo-split-openapi.yaml", "echo-common.yaml"]);
+
+    // Through the REST API a shared file needs neither swagger nor host.
+    let bare = ECHO_COMMON
+        .replace("swagger: \"2.0\"\n", "")
+        .replace("host: \"echo-api.endpoints.demo-proj.cloud.goog\"\n", "");
+    assert!(!bare
+        .lines()
+        .any(|l| l.starts_with("swagger") || l.starts_with("host")));
+    let (st, op) = post_files(
+        &e,
+        &[
+            ("echo-split-openapi.yaml", ECHO_SPLIT),
+            ("echo-common.yaml", &bare),
+        ],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{op}");
+
+    // Without the second file: 400, with the referring file and line.
+    let line = ECHO_SPLIT
+        .lines()
+        .position(|l| l.contains("$ref: \"./echo-common.yaml#/definitions/message\""))
+        .expect("line")
+        + 1;
+    let (st, err) = post_files(&e, &[("echo-split-openapi.yaml", ECHO_SPLIT)]).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{err}");
+    assert_eq!(err["error"]["status"], "INVALID_ARGUMENT");
+    let msg = err["error"]["message"].as_str().expect("message");
+    assert!(
+        msg.starts_with(&format!("Cannot convert to service config.\necho-split-openapi.yaml:{line}:19: reference \"./echo-common.yaml#/definitions/message\" cannot be resolved: the submission has no file \"echo-common.yaml\"")),
+        "{msg}"
+    );
+    // A reference to a URL is refused, not fetched.
+    let url = ECHO_SPLIT.replacen(
+        "./echo-common.yaml#/definitions/message",
+        "http://127.0.0.1:1/echo-common.yaml#/definitions/message",
+        1,
+    );
+    let (st, err) = post_files(
+        &e,
+        &[
+            ("echo-split-openapi.yaml", &url),
+            ("echo-common.yaml", ECHO_COMMON),
+        ],
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{err}");
+    let msg = err["error"]["message"].as_str().expect("message");
+    assert!(msg.contains(&format!("echo-split-openapi.yaml:{line}:19: reference \"http://127.0.0.1:1/echo-common.yaml#/definitions/message\" is a URL")), "{msg}");
+    // The rejected submits stored nothing: two configs.
+    let (_, list) = e
+        .admin(Method::GET, &format!("/v1/services/{SVC}/configs"), None)
+        .await;
+    assert_eq!(list["serviceConfigs"].as_array().map(Vec::len), Some(2));
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@
 //!   change); the next rollout is.
 //!
 //! A config the proxy cannot use (a backend deadline no time span can hold, a metric cost that
-//! would overflow) is refused here, with its origin and the offending rule named, so it can
+//! would overflow, a backend protocol it does not speak) is refused here, with its origin and the offending rule named, so it can
 //! neither stop a proxy from starting with a panic nor replace a working config.
 //!
 //! Calls carry `Authorization: Bearer <self-signed JWT>` with audience

@@ -4,6 +4,10 @@
 //! removal). Bodies stream in both directions; the request body is counted against
 //! `--client_max_body_size` as it flows.
 //!
+//! A backend rule's `protocol` (`h2`, `grpc`) asks for HTTP/2 where the scheme implies
+//! HTTP/1.1: with prior knowledge (h2c) over `http://`, negotiated by ALPN (`h2` alone) over
+//! `https://` ([`Forwarder::with_protocol`]).
+//!
 //! Failures are classified so the pipeline can answer as ESP does: connect errors → 502
 //! `BAD_GATEWAY`, no response head in time → 504 `GATEWAY_TIMEOUT`, body over the limit → 413.
 //! A request body the *client* broke (a malformed chunk, a connection closed half-way, a body
@@ -21,7 +25,7 @@
 //! streams, and from then on must keep arriving at `--client_body_min_rate` on average
 //! ([`CLIENT_BODY_MIN_RATE`], counted over the time spent waiting on the client, after
 //! [`CLIENT_BODY_RATE_GRACE`]), or it is refused with 408 and its backend connection closed.
-//! gRPC (`application/grpc*`) and WebSocket requests, and `grpc://` backends, stream from the
+//! gRPC (`application/grpc*`) and WebSocket requests, and HTTP/2 backends, stream from the
 //! first byte: buffering would break streaming calls.
 
 use crate::error::error_chain;
@@ -34,6 +38,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ipnet::IpNet;
+pub use portico_config::service::BackendProtocol;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -65,8 +70,11 @@ static ALWAYS_HOP_BY_HOP: [HeaderName; 6] = [
 enum Upstream {
     /// HTTP/1.1 (`http://`, `https://`): this crate's capped pool ([`crate::upstream`]).
     Pooled(Pool),
-    /// HTTP/2 cleartext (`grpc://`): one multiplexed connection, hyper-util's client.
+    /// HTTP/2 cleartext with prior knowledge (`grpc://`, or `h2` over `http://`): one
+    /// multiplexed connection, hyper-util's client.
     H2(Box<Client<HttpConnector, LimitedBody>>),
+    /// HTTP/2 over TLS (`h2` over `https://`), the same client behind rustls.
+    H2Tls(Box<Client<hyper_rustls::HttpsConnector<HttpConnector>, LimitedBody>>),
 }
 
 /// The upstream client for one serving thread (or, for `x-google-backend` routes, shared by
@@ -80,6 +88,16 @@ pub struct Forwarder {
     timeout: Duration,
 }
 
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("scheme", &self.scheme)
+            .field("authority", &self.authority)
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
 /// Build error for the upstream client.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwarderBuildError {
@@ -89,50 +107,79 @@ pub enum ForwarderBuildError {
     Tls(String),
 }
 
-/// Trust anchors for `https://` backends: the public web PKI plus, optionally, a PEM bundle
-/// (`--backend_ca_cert_path`) for backends with a private CA or a self-signed certificate.
-pub fn backend_roots(
-    extra_pem: Option<&std::path::Path>,
-) -> Result<rustls::RootCertStore, ForwarderBuildError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = extra_pem {
-        let pem = std::fs::read(path).map_err(|e| {
-            ForwarderBuildError::Tls(format!("cannot read {}: {e}", path.display()))
-        })?;
-        let certs = rustls_pemfile::certs(&mut pem.as_slice())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ForwarderBuildError::Tls(format!("{}: {e}", path.display())))?;
-        if certs.is_empty() {
-            return Err(ForwarderBuildError::Tls(format!(
-                "{} holds no PEM certificate",
-                path.display()
-            )));
-        }
-        for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| ForwarderBuildError::Tls(format!("{}: {e}", path.display())))?;
-        }
+/// The rustls client settings for a TLS backend: `tls` (built at start from
+/// [`crate::settings::Settings::backend_tls`] by [`crate::tls::client_config`]: trust anchors,
+/// client certificate) or, without it, the built-in roots and no client certificate. No ALPN:
+/// each client sets the protocols it offers.
+fn tls_client_config(
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<rustls::ClientConfig, ForwarderBuildError> {
+    match tls {
+        Some(cfg) => Ok((*cfg).clone()),
+        None => crate::tls::client_config(&crate::tls::BackendTls::default())
+            .map_err(|e| ForwarderBuildError::Tls(e.to_string())),
     }
-    Ok(roots)
+}
+
+/// hyper-util's HTTP/2-only client: one multiplexed connection per backend, kept 90 s idle.
+fn h2_client<C>(connector: C) -> Client<C, LimitedBody>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone,
+{
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .set_host(false)
+        .http2_only(true);
+    builder.build(connector)
+}
+
+/// The TCP half of every HTTP/2 client.
+fn h2_tcp() -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    http
 }
 
 impl Forwarder {
-    /// A client for `backend`; `roots` are the trust anchors for `https://` (see
-    /// [`backend_roots`]), unused otherwise.
+    /// A client for `backend` speaking what its scheme implies; `tls` is the TLS client setup
+    /// for `https://` (see [`tls_client_config`]), unused otherwise.
     pub fn new(
         backend: &BackendAddr,
         timeout: Duration,
-        roots: Option<rustls::RootCertStore>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        limits: PoolLimits,
+    ) -> Result<Forwarder, ForwarderBuildError> {
+        Self::with_protocol(backend, BackendProtocol::Unset, timeout, tls, limits)
+    }
+
+    /// The HTTP version spoken to a backend with this scheme when a rule asks for `protocol`.
+    /// `grpc://` is HTTP/2 whatever the rule says: Google ignores `protocol` for anything but
+    /// HTTP backends, and gRPC cannot run on HTTP/1.1.
+    pub fn version_for(scheme: BackendScheme, protocol: BackendProtocol) -> Version {
+        match (scheme, protocol) {
+            (BackendScheme::Grpc, _) | (_, BackendProtocol::H2) => Version::HTTP_2,
+            (BackendScheme::Http | BackendScheme::Https, _) => Version::HTTP_11,
+        }
+    }
+
+    /// [`new`](Self::new) for a backend rule's `protocol` (see [`Self::version_for`]).
+    pub fn with_protocol(
+        backend: &BackendAddr,
+        protocol: BackendProtocol,
+        timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
         limits: PoolLimits,
     ) -> Result<Forwarder, ForwarderBuildError> {
         let authority: Authority = backend
             .authority()
             .parse()
             .map_err(|_| ForwarderBuildError::Authority(backend.authority()))?;
-        let (upstream, scheme, version) = match backend.scheme {
-            BackendScheme::Http => (
+        let h2 = Self::version_for(backend.scheme, protocol) == Version::HTTP_2;
+        let (upstream, scheme, version) = match (backend.scheme, h2) {
+            (BackendScheme::Http, false) => (
                 Upstream::Pooled(Pool::new(
                     Dialer::Plain {
                         authority: backend.authority(),
@@ -142,33 +189,13 @@ impl Forwarder {
                 Scheme::HTTP,
                 Version::HTTP_11,
             ),
-            BackendScheme::Grpc => {
-                let mut http = HttpConnector::new();
-                http.set_nodelay(true);
-                http.set_keepalive(Some(Duration::from_secs(60)));
-                let mut builder = Client::builder(TokioExecutor::new());
-                builder
-                    .pool_timer(TokioTimer::new())
-                    .pool_idle_timeout(Duration::from_secs(90))
-                    .set_host(false)
-                    .http2_only(true);
-                (
-                    Upstream::H2(Box::new(builder.build(http))),
-                    Scheme::HTTP,
-                    Version::HTTP_2,
-                )
-            }
-            BackendScheme::Https => {
-                let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-                let roots = match roots {
-                    Some(r) => r,
-                    None => backend_roots(None)?,
-                };
-                let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| ForwarderBuildError::Tls(e.to_string()))?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
+            (BackendScheme::Http | BackendScheme::Grpc, _) => (
+                Upstream::H2(Box::new(h2_client(h2_tcp()))),
+                Scheme::HTTP,
+                Version::HTTP_2,
+            ),
+            (BackendScheme::Https, false) => {
+                let mut tls = tls_client_config(tls)?;
                 tls.alpn_protocols = vec![b"http/1.1".to_vec()];
                 let server_name = rustls::pki_types::ServerName::try_from(backend.host.clone())
                     .map_err(|e| ForwarderBuildError::Tls(format!("{}: {e}", backend.host)))?;
@@ -185,6 +212,26 @@ impl Forwarder {
                     Version::HTTP_11,
                 )
             }
+            (BackendScheme::Https, true) => {
+                // The connector names the server after the request URI's host, which is this
+                // one: checked here so a bad name fails when the config loads.
+                rustls::pki_types::ServerName::try_from(backend.host.as_str())
+                    .map_err(|e| ForwarderBuildError::Tls(format!("{}: {e}", backend.host)))?;
+                let mut tcp = h2_tcp();
+                tcp.enforce_http(false);
+                // Offers `h2` alone: a server that cannot speak it fails the handshake rather
+                // than answering an HTTP/1.1 conversation it was never going to get.
+                let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(tls_client_config(tls)?)
+                    .https_only()
+                    .enable_http2()
+                    .wrap_connector(tcp);
+                (
+                    Upstream::H2Tls(Box::new(h2_client(connector))),
+                    Scheme::HTTPS,
+                    Version::HTTP_2,
+                )
+            }
         };
         Ok(Forwarder {
             upstream: std::sync::Arc::new(upstream),
@@ -199,7 +246,7 @@ impl Forwarder {
     pub fn open_connections(&self) -> Option<usize> {
         match &*self.upstream {
             Upstream::Pooled(p) => Some(p.open_connections()),
-            Upstream::H2(_) => None,
+            Upstream::H2(_) | Upstream::H2Tls(_) => None,
         }
     }
 
@@ -254,17 +301,12 @@ impl Forwarder {
             Upstream::Pooled(pool) => Call::Pooled {
                 fut: pool.send(req),
             },
-            Upstream::H2(c) => {
-                let fut = c.request(req);
-                Call::H2 {
-                    fut: Box::pin(async move {
-                        match fut.await {
-                            Ok(resp) => Ok(resp.map(UpstreamBody::unpooled)),
-                            Err(e) => Err(classify(&e)),
-                        }
-                    }),
-                }
-            }
+            Upstream::H2(c) => Call::H2 {
+                fut: h2_call(c.request(req)),
+            },
+            Upstream::H2Tls(c) => Call::H2 {
+                fut: h2_call(c.request(req)),
+            },
         };
         let sent_at = tokio::time::Instant::now();
         // With a body, look first at whichever of its limits comes first.
@@ -287,12 +329,25 @@ impl Forwarder {
     }
 }
 
+/// An HTTP/2 client's call, boxed: rarer than pooled calls, it need not widen every request's
+/// future.
+fn h2_call(
+    fut: hyper_util::client::legacy::ResponseFuture,
+) -> Pin<Box<dyn Future<Output = Sent> + Send>> {
+    Box::pin(async move {
+        match fut.await {
+            Ok(resp) => Ok(resp.map(UpstreamBody::unpooled)),
+            Err(e) => Err(classify(&e)),
+        }
+    })
+}
+
 /// What sending a request to the backend gives: the response head, or why not.
 pub type Sent = Result<Response<UpstreamBody>, ForwardError>;
 
 pin_project_lite::pin_project! {
     /// The backend call behind [`Forwarder::send_within`]: pooled HTTP/1.1 in place, HTTP/2
-    /// (hyper-util's client, gRPC backends) boxed.
+    /// (hyper-util's client) boxed.
     #[project = CallProj]
     enum Call<P> {
         Pooled { #[pin] fut: P },

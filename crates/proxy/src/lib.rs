@@ -25,6 +25,9 @@
 //! - [`service_control`]: the Service Control client, each concern (check, quota, report) with
 //!   its cache; [`outbound_auth`]: the tokens the proxy signs for its calls to the control
 //!   plane.
+//! - [`tls`]: TLS settings (serving certificate, client certificates, versions, suites; backend
+//!   trust anchors and client certificate) and the rustls configurations built from them at
+//!   start; [`tls::from_espv2_flags`] maps ESPv2's TLS flags.
 //! - [`memory`]: allocator settings and releasing start-up code pages.
 //! - [`error`]: ESP's exact error bodies, codes from [`error::Code`]; [`cors`]:
 //!   `--cors_preset`; [`status`]: `/endpoints_status`, `/healthz`, `/metrics`; [`metrics`];
@@ -57,4 +60,5 @@ pub mod server;
 pub mod service_control;
 pub mod settings;
 pub mod status;
+pub mod tls;
 pub mod upstream;

@@ -12,8 +12,10 @@
 //! does.
 
 use crate::auth::api_key::ApiKeyLocations;
+use crate::forward::Forwarder;
+use crate::settings::{BackendAddr, BackendScheme};
 use portico_config::service::{
-    AuthenticationRule, BackendRule, HttpRule, SystemParameter, UsageRule,
+    AuthenticationRule, BackendProtocol, BackendRule, HttpRule, SystemParameter, UsageRule,
 };
 use portico_config::{PathMatcher, PathMatcherBuilder, Service};
 use rand::Rng;
@@ -42,14 +44,19 @@ pub struct MethodInfo {
     /// `None` with routing enabled means the method has no address (ESP answers 500).
     pub backend: Option<Arc<BackendTarget>>,
     /// The method's backend rule has no address: its requests go to `--backend` (with or
-    /// without backend routing), bounded by the rule's deadline when it sets one.
+    /// without backend routing), bounded by the rule's deadline when it sets one, in the HTTP
+    /// version its `protocol` asks for.
     pub local_backend: Option<LocalBackend>,
 }
 
 /// A backend rule without an address (ESPv2's sidecar form): settings for `--backend`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct LocalBackend {
     pub deadline: Option<std::time::Duration>,
+    /// A client for `--backend` in the HTTP version the rule's `protocol` asks for, when that is
+    /// not the one `--backend`'s scheme implies (`h2` for an `http://` backend); `None` uses the
+    /// serving thread's own client. Shared by every method and thread that needs it.
+    pub forwarder: Option<Forwarder>,
 }
 
 /// `backend.rules[].path_translation`.
@@ -61,10 +68,11 @@ pub enum PathTranslation {
     ConstantAddress,
 }
 
-/// A compiled backend rule: its own pooled client and how to build the upstream target.
+/// A compiled backend rule: its client (shared with the rules for the same backend and HTTP
+/// version) and how to build the upstream target.
 pub struct BackendTarget {
     pub address: String,
-    pub forwarder: crate::forward::Forwarder,
+    pub forwarder: Forwarder,
     /// The address's path without a trailing `/` (empty for none).
     pub path_prefix: String,
     pub translation: PathTranslation,
@@ -85,7 +93,7 @@ impl std::fmt::Debug for BackendTarget {
 
 /// Splits a rule address (`https://host[:port][/path]`, `http://...`, `grpc://host:port`) into
 /// the `--backend` form and the path prefix.
-fn parse_rule_address(address: &str) -> Result<(crate::settings::BackendAddr, String), String> {
+fn parse_rule_address(address: &str) -> Result<(BackendAddr, String), String> {
     let scheme_end = address.find("://").map_or(0, |i| i + 3);
     let (hostport, path) = match address[scheme_end..].find('/') {
         Some(i) => (&address[..scheme_end + i], &address[scheme_end + i..]),
@@ -147,6 +155,21 @@ impl BackendTarget {
     }
 }
 
+/// What a backend client is shared by: scheme, host, port and the HTTP version spoken.
+type ClientKey = (BackendScheme, String, u16, http::Version);
+
+/// Logs a rule whose `protocol` cannot change the HTTP version of its backend: `http/1.1` for
+/// a `grpc://` backend, which is HTTP/2 whatever the rule says (Google ignores `protocol` for
+/// anything but HTTP backends).
+fn ignored_protocol_note(selector: &str, scheme: BackendScheme, protocol: BackendProtocol) {
+    if scheme == BackendScheme::Grpc && protocol == BackendProtocol::Http1 {
+        tracing::warn!(
+            selector,
+            "backend rule protocol http/1.1 ignored: a grpc:// backend is always called over HTTP/2"
+        );
+    }
+}
+
 /// One service config, compiled.
 pub struct ConfigRoutes {
     pub service: Arc<Service>,
@@ -197,11 +220,15 @@ pub struct RouteOptions {
     pub backend_routing: bool,
     /// Timeout for rules without a `deadline` (`--http_request_timeout_s`).
     pub backend_timeout: std::time::Duration,
-    /// Trust anchors for `https://` rule addresses.
-    pub backend_roots: Option<rustls::RootCertStore>,
+    /// TLS for `https://` rule addresses (trust anchors, client certificate), built once at
+    /// start ([`crate::tls::client_config`]); `None`: the built-in roots, no client certificate.
+    pub backend_tls: Option<Arc<rustls::ClientConfig>>,
     /// Connection cap for each rule address's pool; these pools are shared by all serving
     /// threads, so this is `--backend_max_connections` × threads.
     pub backend_pool: crate::upstream::PoolLimits,
+    /// `--backend`, for the rules without an address whose `protocol` asks for another HTTP
+    /// version than its scheme implies. `None`: such rules keep only their deadline.
+    pub local_backend: Option<BackendAddr>,
 }
 
 impl RouteOptions {
@@ -216,36 +243,63 @@ impl RouteOptions {
             backend_timeout: std::time::Duration::from_secs_f64(
                 crate::settings::DEFAULT_BACKEND_TIMEOUT_S,
             ),
-            backend_roots: None,
+            backend_tls: None,
             backend_pool: crate::upstream::PoolLimits::default(),
+            local_backend: None,
         }
     }
 }
 
 impl ConfigRoutes {
-    /// A client, path prefix and Host value for a backend rule address.
-    fn client_for(
-        address: &str,
+    /// The client for `backend` in the HTTP version `protocol` asks for: the one already
+    /// built for the same scheme, host, port and version, or a new one kept in `clients`.
+    fn shared_client(
+        backend: &BackendAddr,
+        protocol: BackendProtocol,
         opts: &RouteOptions,
-    ) -> Result<(crate::forward::Forwarder, String, http::HeaderValue), String> {
-        let (backend, prefix) = parse_rule_address(address)?;
-        let roots = match backend.scheme {
-            crate::settings::BackendScheme::Https => Some(match &opts.backend_roots {
-                Some(r) => r.clone(),
-                None => crate::forward::backend_roots(None).map_err(|e| e.to_string())?,
-            }),
-            _ => None,
-        };
-        let forwarder = crate::forward::Forwarder::new(
-            &backend,
+        clients: &mut HashMap<ClientKey, Forwarder>,
+    ) -> Result<Forwarder, String> {
+        let version = Forwarder::version_for(backend.scheme, protocol);
+        let key = (backend.scheme, backend.host.clone(), backend.port, version);
+        if let Some(f) = clients.get(&key) {
+            return Ok(f.clone());
+        }
+        let forwarder = Forwarder::with_protocol(
+            backend,
+            protocol,
             opts.backend_timeout,
-            roots,
+            opts.backend_tls.clone(),
             opts.backend_pool,
         )
         .map_err(|e| e.to_string())?;
+        clients.insert(key, forwarder.clone());
+        Ok(forwarder)
+    }
+
+    /// The compiled form of a backend rule with an address.
+    fn target_for(
+        rule: &BackendRule,
+        deadline: Option<std::time::Duration>,
+        protocol: BackendProtocol,
+        opts: &RouteOptions,
+        clients: &mut HashMap<ClientKey, Forwarder>,
+    ) -> Result<BackendTarget, String> {
+        let (backend, path_prefix) = parse_rule_address(&rule.address)?;
         let host = http::HeaderValue::from_str(&backend.host)
             .map_err(|_| format!("invalid host {:?}", backend.host))?;
-        Ok((forwarder, prefix, host))
+        ignored_protocol_note(&rule.selector, backend.scheme, protocol);
+        Ok(BackendTarget {
+            address: rule.address.clone(),
+            forwarder: Self::shared_client(&backend, protocol, opts, clients)?,
+            path_prefix,
+            translation: if rule.path_translation == "CONSTANT_ADDRESS" {
+                PathTranslation::ConstantAddress
+            } else {
+                PathTranslation::AppendPathToAddress
+            },
+            host,
+            deadline,
+        })
     }
 
     /// Compiles a service config.
@@ -297,10 +351,12 @@ impl ConfigRoutes {
                 .or_default()
                 .extend(r.metric_costs.iter().map(|(n, c)| (n.clone(), (*c).max(1))));
         }
-        // A deadline no time span can hold (NaN, negative, 1e300) leaves its method without a
-        // backend (ESP's 500 for a method with no address) instead of panicking. The config
-        // source refuses such configs; this keeps a config built another way from crashing.
-        let mut deadlines: HashMap<&str, Option<std::time::Duration>> = HashMap::new();
+        // A deadline no time span can hold (NaN, negative, 1e300), or a protocol the proxy does
+        // not speak, leaves its method without a backend (ESP's 500 for a method with no
+        // address) rather than a panic or another protocol than asked. The config source
+        // refuses such configs; this keeps a config built another way from being served wrong.
+        let mut usable: HashMap<&str, (Option<std::time::Duration>, BackendProtocol)> =
+            HashMap::new();
         for r in backend_rules.values() {
             let deadline = if r.deadline == 0.0 {
                 Some(None)
@@ -311,28 +367,35 @@ impl ConfigRoutes {
                     .flatten()
                     .map(Some)
             };
-            match deadline {
-                Some(d) => {
-                    deadlines.insert(r.selector.as_str(), d);
-                }
-                None => skipped_rules.push(format!(
+            let Some(deadline) = deadline else {
+                skipped_rules.push(format!(
                     "backend {}: deadline {:?} is not a usable number of seconds",
                     r.selector, r.deadline
-                )),
+                ));
+                continue;
+            };
+            match r.backend_protocol() {
+                Ok(protocol) => {
+                    usable.insert(r.selector.as_str(), (deadline, protocol));
+                }
+                Err(problem) => {
+                    skipped_rules.push(format!("backend {}: protocol {problem}", r.selector))
+                }
             }
         }
 
-        // One pooled client per distinct address, shared by the methods that use it.
-        let mut clients: HashMap<&str, (crate::forward::Forwarder, String, http::HeaderValue)> =
-            HashMap::new();
+        // Clients are built here, once per config, never per request: one per backend and
+        // HTTP version, shared by the methods (and serving threads) that use it.
+        let mut clients: HashMap<ClientKey, Forwarder> = HashMap::new();
+        let mut targets: HashMap<&str, Arc<BackendTarget>> = HashMap::new();
         if opts.backend_routing {
             for rule in backend_rules.values().filter(|r| !r.address.is_empty()) {
-                if clients.contains_key(rule.address.as_str()) {
+                let Some(&(deadline, protocol)) = usable.get(rule.selector.as_str()) else {
                     continue;
-                }
-                match Self::client_for(&rule.address, opts) {
-                    Ok(c) => {
-                        clients.insert(rule.address.as_str(), c);
+                };
+                match Self::target_for(rule, deadline, protocol, opts, &mut clients) {
+                    Ok(t) => {
+                        targets.insert(rule.selector.as_str(), Arc::new(t));
                     }
                     Err(e) => {
                         tracing::warn!(selector = %rule.selector, address = %rule.address, error = %e, "backend rule not usable");
@@ -341,6 +404,43 @@ impl ConfigRoutes {
                     }
                 }
             }
+        }
+        // Rules without an address apply to `--backend`. One whose protocol asks for another
+        // HTTP version than `--backend`'s scheme implies gets a client of its own for it; the
+        // other methods keep the serving threads' clients.
+        let mut locals: HashMap<&str, LocalBackend> = HashMap::new();
+        for rule in backend_rules.values().filter(|r| r.address.is_empty()) {
+            let Some(&(deadline, protocol)) = usable.get(rule.selector.as_str()) else {
+                continue;
+            };
+            let forwarder = match &opts.local_backend {
+                Some(local)
+                    if Forwarder::version_for(local.scheme, protocol)
+                        != Forwarder::version_for(local.scheme, BackendProtocol::Unset) =>
+                {
+                    match Self::shared_client(local, protocol, opts, &mut clients) {
+                        Ok(f) => Some(f),
+                        Err(e) => {
+                            tracing::warn!(selector = %rule.selector, error = %e, "backend rule not usable");
+                            skipped_rules
+                                .push(format!("backend {} (--backend): {e}", rule.selector));
+                            continue;
+                        }
+                    }
+                }
+                Some(local) => {
+                    ignored_protocol_note(&rule.selector, local.scheme, protocol);
+                    None
+                }
+                None => None,
+            };
+            locals.insert(
+                rule.selector.as_str(),
+                LocalBackend {
+                    deadline,
+                    forwarder,
+                },
+            );
         }
 
         let info_for = |selector: &str| -> MethodInfo {
@@ -380,29 +480,8 @@ impl ConfigRoutes {
                 api_name,
                 api_version,
                 cors_preflight: false,
-                local_backend: backend_rules
-                    .get(selector)
-                    .filter(|r| r.address.is_empty())
-                    .and_then(|_| deadlines.get(selector))
-                    .map(|deadline| LocalBackend {
-                        deadline: *deadline,
-                    }),
-                backend: backend_rules.get(selector).and_then(|r| {
-                    let deadline = *deadlines.get(selector)?;
-                    let (forwarder, path_prefix, host) = clients.get(r.address.as_str())?;
-                    Some(Arc::new(BackendTarget {
-                        address: r.address.clone(),
-                        forwarder: forwarder.clone(),
-                        path_prefix: path_prefix.clone(),
-                        translation: if r.path_translation == "CONSTANT_ADDRESS" {
-                            PathTranslation::ConstantAddress
-                        } else {
-                            PathTranslation::AppendPathToAddress
-                        },
-                        host: host.clone(),
-                        deadline,
-                    }))
-                }),
+                local_backend: locals.get(selector).cloned(),
+                backend: targets.get(selector).cloned(),
             }
         };
 
@@ -725,6 +804,62 @@ mod tests {
                 r.skipped_rules
             );
         }
+    }
+
+    /// A rule's `protocol` picks the HTTP version of its client, for an address and for
+    /// `--backend`, in any case; `grpc://` is HTTP/2 whatever it says. A config that reaches the
+    /// routes without the config source's check (built in code) and names a protocol the proxy
+    /// does not speak leaves that method without a backend.
+    #[tokio::test]
+    async fn backend_protocols_pick_the_http_version() {
+        let http_rules: Vec<serde_json::Value> = ["A", "B", "C", "D", "E", "F", "G", "H"]
+            .iter()
+            .map(|m| serde_json::json!({"selector": m, "get": format!("/{m}")}))
+            .collect();
+        let s: Service = serde_json::from_value(serde_json::json!({
+            "name": "s", "control": {"environment": "x"},
+            "http": {"rules": http_rules},
+            "backend": {"rules": [
+                {"selector": "A", "address": "http://127.0.0.1:1/x", "protocol": "h2"},
+                {"selector": "B", "address": "http://127.0.0.1:1/y"},
+                {"selector": "C", "address": "grpc://127.0.0.1:1", "protocol": "HTTP/1.1"},
+                {"selector": "D", "address": "https://localhost:1", "protocol": "H2"},
+                {"selector": "E", "address": "http://127.0.0.1:1", "protocol": "h3"},
+                {"selector": "F", "protocol": "gRPC", "deadline": 2},
+                {"selector": "G", "protocol": "http/1.1"},
+                {"selector": "H", "protocol": "http/2"}
+            ]}
+        }))
+        .unwrap();
+        let mut opts = RouteOptions::new(false);
+        opts.backend_routing = true;
+        opts.local_backend = Some(crate::settings::parse_backend("127.0.0.1:2").unwrap());
+        let r = ConfigRoutes::build(Arc::new(s), &opts);
+        let m = |sel: &str| r.matcher.lookup("GET", &format!("/{sel}")).unwrap();
+        let version = |sel: &str| m(sel).backend.as_ref().map(|b| b.forwarder.version());
+        assert_eq!(version("A"), Some(http::Version::HTTP_2));
+        assert_eq!(version("B"), Some(http::Version::HTTP_11));
+        assert_eq!(version("C"), Some(http::Version::HTTP_2));
+        assert_eq!(version("D"), Some(http::Version::HTTP_2));
+        assert!(m("E").backend.is_none() && m("E").local_backend.is_none());
+        let f = m("F").local_backend.clone().unwrap();
+        assert_eq!(f.deadline, Some(std::time::Duration::from_secs(2)));
+        assert_eq!(
+            f.forwarder.map(|f| f.version()),
+            Some(http::Version::HTTP_2)
+        );
+        // `--backend`'s own protocol: the serving threads' clients.
+        assert!(m("G").local_backend.as_ref().unwrap().forwarder.is_none());
+        assert!(m("H").local_backend.is_none());
+        let mut skipped = r.skipped_rules.clone();
+        skipped.sort();
+        assert_eq!(
+            skipped,
+            [
+                "backend E: protocol \"h3\" is not supported: use \"http/1.1\", \"h2\" or \"grpc\" (in any case), or leave it unset",
+                "backend H: protocol \"http/2\" is not supported: use \"http/1.1\", \"h2\" or \"grpc\" (in any case), or leave it unset",
+            ]
+        );
     }
 
     #[test]

@@ -43,8 +43,10 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("TLS for --ssl_port: {0}")]
-    Tls(String),
+    #[error("TLS for clients: {0}")]
+    Tls(crate::tls::TlsError),
+    #[error("TLS to backends: {0}")]
+    BackendTls(crate::tls::TlsError),
     #[error("backend client: {0}")]
     Backend(#[from] crate::forward::ForwarderBuildError),
     #[error("cannot start a serving thread: {0}")]
@@ -148,52 +150,19 @@ fn bind_group(
     Ok((addr, out))
 }
 
+/// The `--ssl_port` acceptor; files named by the settings are read here, once.
 fn tls_acceptor(settings: &Settings) -> Result<tokio_rustls::TlsAcceptor, StartError> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let (certs, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) = if settings
-        .generate_self_signed_cert
-    {
-        let ck =
-            rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).map_err(|e| {
-                StartError::Tls(format!("cannot generate a self-signed certificate: {e}"))
-            })?;
-        let key = PrivateKeyDer::try_from(ck.key_pair.serialize_der())
-            .map_err(|e| StartError::Tls(e.to_string()))?;
-        (vec![ck.cert.der().clone()], key)
-    } else {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p)
-                .map_err(|e| StartError::Tls(format!("cannot read {}: {e}", p.display())))
-        };
-        let cert_pem = read(&settings.ssl_cert_path)?;
-        let key_pem = read(&settings.ssl_key_path)?;
-        let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| StartError::Tls(format!("{}: {e}", settings.ssl_cert_path.display())))?;
-        if certs.is_empty() {
-            return Err(StartError::Tls(format!(
-                "{} holds no PEM certificate",
-                settings.ssl_cert_path.display()
-            )));
-        }
-        let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-            .map_err(|e| StartError::Tls(format!("{}: {e}", settings.ssl_key_path.display())))?
-            .ok_or_else(|| {
-                StartError::Tls(format!(
-                    "{} holds no PEM private key",
-                    settings.ssl_key_path.display()
-                ))
-            })?;
-        (certs, key)
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| StartError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| StartError::Tls(e.to_string()))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let t = &settings.server_tls;
+    for w in &t.warnings {
+        tracing::warn!("{w}");
+    }
+    let cfg = crate::tls::server_config(t).map_err(StartError::Tls)?;
+    if let Some(ca) = &t.client_ca {
+        tracing::info!(
+            client_ca = %ca.display(),
+            "TLS clients must present a certificate issued by the client CA bundle"
+        );
+    }
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
@@ -235,6 +204,10 @@ pub async fn start_with_metrics(
     if let Some(d) = settings.jwks_cache_duration {
         key_opts.ttl = d;
     }
+    // Built even for a cleartext `--backend`: rule addresses may be `https://`, and a file
+    // named on the command line that cannot be used is better refused at start.
+    let backend_tls =
+        Arc::new(crate::tls::client_config(&settings.backend_tls).map_err(StartError::BackendTls)?);
     let route_opts = RouteOptions {
         sc_override: settings.service_control_url_override.is_some(),
         skip_service_control: settings.skip_service_control,
@@ -254,13 +227,9 @@ pub async fn start_with_metrics(
                 .saturating_mul(settings.worker_threads.max(1)),
             ..Default::default()
         },
-        backend_roots: if settings.enable_backend_routing {
-            Some(crate::forward::backend_roots(
-                settings.backend_ca_cert_path.as_deref(),
-            )?)
-        } else {
-            None
-        },
+        // Rule addresses, and `--backend` itself when a rule asks it for another protocol.
+        backend_tls: Some(backend_tls.clone()),
+        local_backend: Some(settings.backend.clone()),
     };
     let first = rollouts.borrow_and_update().clone();
     let access_log = crate::access_log::AccessLog::from_flag(settings.access_log.as_deref())
@@ -333,12 +302,6 @@ pub async fn start_with_metrics(
     };
     let status_addr = status_listener.as_ref().map(|(_, a)| *a);
 
-    let roots = match settings.backend.scheme {
-        crate::settings::BackendScheme::Https => Some(crate::forward::backend_roots(
-            settings.backend_ca_cert_path.as_deref(),
-        )?),
-        _ => None,
-    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut workers = Vec::with_capacity(n);
     for i in 0..n {
@@ -349,7 +312,7 @@ pub async fn start_with_metrics(
         let forwarder = Forwarder::new(
             &settings.backend,
             settings.backend_timeout,
-            roots.clone(),
+            Some(backend_tls.clone()),
             crate::upstream::PoolLimits {
                 max: settings.backend_max_connections,
                 ..Default::default()

@@ -3,7 +3,7 @@
 //! nothing on the request path imports the flag parser.
 //!
 //! Layer rule: this module imports only leaf modules ([`crate::cors`], [`crate::request_head`]'s
-//! options), never the serving code ([`crate::server`], [`crate::pipeline`], [`crate::forward`],
+//! options, [`crate::tls`]'s settings), never the serving code ([`crate::server`], [`crate::pipeline`], [`crate::forward`],
 //! [`crate::routing`]).
 
 use crate::cors::CorsSettings;
@@ -84,7 +84,7 @@ pub const MAX_SERVICE_CONTROL_TIMEOUT_MS: u64 = 600_000;
 pub const MAX_SERVICE_CONTROL_RETRIES: u32 = 100;
 
 /// The backend's protocol, from the `--backend` scheme.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackendScheme {
     Http,
     Https,
@@ -143,9 +143,15 @@ pub struct Settings {
     /// (ESPv2's default, whose admin port is off unless `--status_port` names one). `Some(0)`:
     /// a port the system picks.
     pub status_port: Option<u16>,
-    pub ssl_cert_path: PathBuf,
-    pub ssl_key_path: PathBuf,
-    pub generate_self_signed_cert: bool,
+    /// TLS on `--ssl_port`: the certificate (`--ssl_cert_path`/`--ssl_key_path`,
+    /// `--generate_self_signed_cert`; ESPv2's `--ssl_server_cert_path`), client certificates
+    /// (ESPv2's `--ssl_server_root_cert_path`), versions (`--ssl_protocols`; ESPv2's
+    /// `--ssl_minimum_protocol`/`--ssl_maximum_protocol`) and suites.
+    pub server_tls: crate::tls::ServerTls,
+    /// TLS to `https://` backends: trust anchors (`--backend_ca_cert_path`; ESPv2's
+    /// `--ssl_backend_client_root_certs_file`) and the proxy's client certificate
+    /// (`--tls_mutual_auth`; ESPv2's `--ssl_backend_client_cert_path`).
+    pub backend_tls: crate::tls::BackendTls,
     pub service_account_key: Option<PathBuf>,
     /// `--metadata`: a GCE-compatible metadata server base URL (already checked); with no key
     /// file, the proxy's own access tokens come from it.
@@ -206,7 +212,6 @@ pub struct Settings {
     /// Per serving thread, for each HTTP/1.1 backend.
     pub backend_max_connections: usize,
     pub backend_timeout: Duration,
-    pub backend_ca_cert_path: Option<PathBuf>,
     /// `--experimental_proxy_backend_host_header`.
     pub backend_host_header: Option<http::HeaderValue>,
     /// `--compute_platform_override`.

@@ -2069,3 +2069,272 @@ async fn double_star_followed_by_literals_routes_most_specific_first() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// A backend that speaks only HTTP/2 (h2c with prior knowledge, or `h2` over TLS when
+/// `tls` is given: its ALPN list is `h2` alone). Each answer is
+/// `<version> <path?query> alpn=<negotiated>`; `served` counts the connections that carried
+/// at least one request.
+struct H2Backend {
+    addr: SocketAddr,
+    served: Arc<AtomicUsize>,
+}
+
+async fn start_h2_backend(tls: Option<Arc<rustls::ServerConfig>>) -> H2Backend {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let count = count.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+                let serve = move |alpn: String| {
+                    service_fn(move |req: Request<Incoming>| {
+                        if first.swap(false, Ordering::SeqCst) {
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                        let body = format!(
+                            "{:?} {} alpn={alpn}",
+                            req.version(),
+                            req.uri().path_and_query().map_or("", |p| p.as_str())
+                        );
+                        async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
+                    })
+                };
+                let h2 =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                match tls {
+                    None => {
+                        let _ = h2
+                            .serve_connection(TokioIo::new(s), serve("none".into()))
+                            .await;
+                    }
+                    Some(cfg) => {
+                        let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(s).await else {
+                            return;
+                        };
+                        let alpn = tls
+                            .get_ref()
+                            .1
+                            .alpn_protocol()
+                            .map_or("none".into(), |p| String::from_utf8_lossy(p).into_owned());
+                        let _ = h2.serve_connection(TokioIo::new(tls), serve(alpn)).await;
+                    }
+                }
+            });
+        }
+    });
+    H2Backend { addr, served }
+}
+
+impl H2Backend {
+    fn connections(&self) -> usize {
+        self.served.load(Ordering::SeqCst)
+    }
+}
+
+/// The bookstore config with these backend rules.
+fn bookstore_with_backend(rules: serde_json::Value) -> Arc<Service> {
+    let mut svc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/tests/fixtures/bookstore_sc.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    svc["backend"] = serde_json::json!({ "rules": rules });
+    Arc::new(serde_json::from_value(svc).unwrap())
+}
+
+/// `x-google-backend` without an address but with `protocol: h2` (ESPv2's sidecar form): that
+/// method calls `--backend` over HTTP/2 (h2c), whatever the case of the value, while methods
+/// without it keep `--backend`'s own protocol (HTTP/1.1 for a plain `host:port`). Against an
+/// HTTP/2-only backend only the h2 methods get through; against an HTTP/1.1-only one only the
+/// others do. The h2 methods share one client: one connection serves them all.
+#[tokio::test]
+async fn backend_rule_protocol_h2_without_address_calls_the_local_backend_over_h2c() {
+    let h2 = start_h2_backend(None).await;
+    let h1 = start_backend().await;
+    let svc = bookstore_with_backend(serde_json::json!([
+        {"selector": "1.bookstore.ListShelves", "protocol": "h2"},
+        {"selector": "1.bookstore.Status", "protocol": "H2", "deadline": 10.0},
+        {"selector": "1.bookstore.Upload", "protocol": "http/1.1"},
+        // With backend routing, an HTTP/1.1-only backend at an address of its own.
+        {"selector": "1.bookstore.Slow", "address": format!("http://127.0.0.1:{}/api", h1.port()),
+         "pathTranslation": "APPEND_PATH_TO_ADDRESS"},
+    ]));
+    for extra in [&[][..], &["--enable_backend_routing"][..]] {
+        let routing = !extra.is_empty();
+        // --backend speaks HTTP/2 only.
+        let env = start_proxy(svc.clone(), h2.addr, extra).await;
+        let get = |t: &str| env.client.get(format!("{}{t}", env.base)).send();
+        let before = h2.connections();
+        for _ in 0..2 {
+            let r = get("/shelves?x=1").await.unwrap();
+            assert_eq!(r.status(), 200, "{extra:?}");
+            assert_eq!(r.text().await.unwrap(), "HTTP/2.0 /shelves?x=1 alpn=none");
+            let r = get("/status/204").await.unwrap();
+            assert_eq!(r.status(), 200, "{extra:?}");
+            assert_eq!(r.text().await.unwrap(), "HTTP/2.0 /status/204 alpn=none");
+        }
+        assert_eq!(
+            h2.connections() - before,
+            1,
+            "{extra:?}: one shared h2 client"
+        );
+        // `http/1.1` and no rule at all: HTTP/1.1, which this backend does not speak.
+        let r = env
+            .client
+            .post(format!("{}/upload", env.base))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502, "{extra:?}");
+        let r = env
+            .client
+            .post(format!("{}/echo?key=K", env.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), if routing { 500 } else { 502 }, "{extra:?}");
+        if routing {
+            let r = get("/slow").await.unwrap();
+            assert_eq!(r.status(), 200, "{extra:?}");
+            assert_eq!(json_of(r).await["uri"], "/api/slow");
+        }
+
+        // --backend speaks HTTP/1.1 only: the other way round.
+        let env = start_proxy(svc.clone(), h1, extra).await;
+        let get = |t: &str| env.client.get(format!("{}{t}", env.base)).send();
+        assert_eq!(get("/shelves").await.unwrap().status(), 502, "{extra:?}");
+        assert_eq!(get("/status/204").await.unwrap().status(), 502, "{extra:?}");
+        let r = env
+            .client
+            .post(format!("{}/upload", env.base))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{extra:?}");
+        assert_eq!(json_of(r).await["uri"], "/upload");
+        if !routing {
+            let r = env
+                .client
+                .post(format!("{}/echo?key=K", env.base))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    }
+}
+
+/// A rule with an `http://` address and `protocol: h2` calls it with HTTP/2 prior knowledge;
+/// rules for the same host and port with the same protocol (`grpc` is HTTP/2 too) share one
+/// client, whatever their paths; the same address without `protocol` is HTTP/1.1.
+#[tokio::test]
+async fn backend_rule_protocol_h2_with_an_http_address_speaks_h2c() {
+    let h2 = start_h2_backend(None).await;
+    let h1 = start_backend().await;
+    let a = format!("http://127.0.0.1:{}", h2.addr.port());
+    let svc = bookstore_with_backend(serde_json::json!([
+        {"selector": "1.bookstore.ListShelves", "address": format!("{a}/api"), "protocol": "h2",
+         "pathTranslation": "APPEND_PATH_TO_ADDRESS"},
+        {"selector": "1.bookstore.Status", "address": format!("{a}/other/"), "protocol": "GRPC",
+         "pathTranslation": "APPEND_PATH_TO_ADDRESS"},
+        {"selector": "1.bookstore.GetShelf", "address": a.clone(),
+         "pathTranslation": "APPEND_PATH_TO_ADDRESS"},
+        {"selector": "1.bookstore.Slow", "address": format!("http://127.0.0.1:{}/h1", h1.port()),
+         "protocol": "http/1.1", "pathTranslation": "APPEND_PATH_TO_ADDRESS"},
+    ]));
+    let dead = format!("--backend=127.0.0.1:{}", dead_port());
+    let env = start_proxy(svc, h2.addr, &[&dead, "--enable_backend_routing"]).await;
+    let get = |t: &str| env.client.get(format!("{}{t}", env.base)).send();
+    for _ in 0..2 {
+        let r = get("/shelves?x=1").await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.text().await.unwrap(),
+            "HTTP/2.0 /api/shelves?x=1 alpn=none"
+        );
+        let r = get("/status/200").await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.text().await.unwrap(),
+            "HTTP/2.0 /other/status/200 alpn=none"
+        );
+    }
+    assert_eq!(
+        h2.connections(),
+        1,
+        "one client for one address and protocol"
+    );
+    assert_eq!(get("/shelves/7?key=K").await.unwrap().status(), 502);
+    let r = get("/slow").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(json_of(r).await["uri"], "/h1/slow");
+}
+
+/// Over `https://`, `protocol: h2` offers only `h2` by ALPN and speaks HTTP/2, for a rule's
+/// address and for `--backend`; without it the proxy offers `http/1.1`, which an h2-only
+/// server refuses.
+#[tokio::test]
+async fn backend_rule_protocol_h2_over_https_negotiates_h2_by_alpn() {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.key_pair.serialize_der()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ck.cert.der().clone()], key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let h2 = start_h2_backend(Some(Arc::new(cfg))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("backend.pem");
+    std::fs::write(&ca, ck.cert.pem()).unwrap();
+    let https = format!("https://localhost:{}", h2.addr.port());
+    let svc = bookstore_with_backend(serde_json::json!([
+        {"selector": "1.bookstore.ListShelves", "address": format!("{https}/api"), "protocol": "h2",
+         "pathTranslation": "APPEND_PATH_TO_ADDRESS"},
+        {"selector": "1.bookstore.Status", "protocol": "h2"},
+        {"selector": "1.bookstore.GetShelf", "address": https.clone(),
+         "pathTranslation": "APPEND_PATH_TO_ADDRESS"},
+        {"selector": "1.bookstore.Upload", "deadline": 10.0},
+    ]));
+    let env = start_proxy(
+        svc,
+        h2.addr,
+        &[
+            &format!("--backend={https}"),
+            &format!("--backend_ca_cert_path={}", ca.display()),
+            "--enable_backend_routing",
+        ],
+    )
+    .await;
+    let get = |t: &str| env.client.get(format!("{}{t}", env.base)).send();
+    let r = get("/shelves").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "HTTP/2.0 /api/shelves alpn=h2");
+    let r = get("/status/200").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "HTTP/2.0 /status/200 alpn=h2");
+    assert_eq!(get("/shelves/7?key=K").await.unwrap().status(), 502);
+    let r = env
+        .client
+        .post(format!("{}/upload", env.base))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+}

@@ -2,6 +2,7 @@
 //! one `Service`. See the module docs of [`crate::openapi`] for the naming scheme.
 
 use super::generated;
+use super::refs::{RefCheck, Submission, MAX_REF_NODES};
 use super::tree::{self, Key, Node, Pos, Value};
 use super::{
     Conversion, ConvertError, ConvertOptions, Diagnostic, Interrupted, Severity, SourceFile, Watch,
@@ -92,6 +93,19 @@ impl Ctx<'_> {
     fn warn(&mut self, pos: Pos, message: impl Into<String>) {
         self.push(Severity::Warning, pos, message.into());
     }
+    /// Diagnostics about another file (one a `$ref` leads to) go under that file's name.
+    fn push_at(&mut self, index: usize, file: &str, severity: Severity, pos: Pos, message: String) {
+        self.diags.push((
+            index,
+            Diagnostic {
+                severity,
+                file: file.to_string(),
+                line: pos.line,
+                column: pos.column,
+                message,
+            },
+        ));
+    }
 }
 
 const TOP: Pos = Pos { line: 1, column: 1 };
@@ -161,50 +175,53 @@ pub(crate) fn convert(
         });
     }
     let watch = Watch::new(opts);
-    let mut outs: Vec<(usize, FileOut)> = Vec::new();
+    // Every file is parsed before any is converted: a `$ref` may lead into any of them.
+    let mut roots: Vec<Option<Node>> = Vec::with_capacity(files.len());
     for (index, file) in files.iter().enumerate() {
         let mut ctx = Ctx {
             file: &file.path,
             index,
             diags: &mut diags,
         };
-        let text = match std::str::from_utf8(&file.contents) {
-            Ok(t) => t,
-            Err(e) => {
-                let line = file.contents[..e.valid_up_to()]
-                    .iter()
-                    .filter(|b| **b == b'\n')
-                    .count()
-                    + 1;
-                ctx.error(
-                    Pos { line, column: 1 },
-                    "the file is not valid UTF-8 text".to_string(),
-                );
-                continue;
-            }
-        };
-        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        // Only a `.json` name gets the strict JSON syntax check: a `.yaml` file may well start
-        // with a YAML flow mapping that is not JSON.
-        let strict_json = file.path.to_ascii_lowercase().ends_with(".json");
-        let root = match tree::parse_watched(text, strict_json, &watch) {
-            Ok(root) => root,
-            Err(errors) => {
-                for e in errors {
-                    ctx.error(e.pos, e.message);
-                }
-                if watch.stopped().is_some() {
-                    break;
-                }
-                continue;
-            }
-        };
-        let out = FileConverter::new(&mut ctx, &root, &watch).run();
+        roots.push(parse_file(file, &mut ctx, &watch));
         if watch.stopped().is_some() {
             break;
         }
-        if let Some(out) = out {
-            outs.push((index, out));
+    }
+    roots.resize_with(files.len(), || None);
+    let mut outs: Vec<(usize, FileOut)> = Vec::new();
+    if watch.stopped().is_none() {
+        let sub = Submission::new(files, &roots, &watch);
+        let mut refs = RefCheck::default();
+        for (index, file) in files.iter().enumerate() {
+            let Some(root) = &roots[index] else { continue };
+            if sub.is_shared(index) || watch.stopped().is_some() {
+                continue;
+            }
+            let mut ctx = Ctx {
+                file: &file.path,
+                index,
+                diags: &mut diags,
+            };
+            let out = FileConverter::new(&mut ctx, root, &watch, &sub, &mut refs).run();
+            if let Some(out) = out {
+                outs.push((index, out));
+            }
+        }
+        if watch.stopped().is_none() {
+            let mut report = |doc: usize, pos: Pos, severity: Severity, message: String| {
+                diags.push((
+                    doc,
+                    Diagnostic {
+                        severity,
+                        file: sub.path(doc).to_string(),
+                        line: pos.line,
+                        column: pos.column,
+                        message,
+                    },
+                ));
+            };
+            refs.finish(&sub, &watch, &mut report);
         }
     }
     let _ = watch.check_now();
@@ -247,6 +264,38 @@ pub(crate) fn convert(
     })
 }
 
+/// One file's document tree, or `None` after its errors.
+fn parse_file(file: &SourceFile, ctx: &mut Ctx<'_>, watch: &Watch<'_>) -> Option<Node> {
+    let text = match std::str::from_utf8(&file.contents) {
+        Ok(t) => t,
+        Err(e) => {
+            let line = file.contents[..e.valid_up_to()]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                + 1;
+            ctx.error(
+                Pos { line, column: 1 },
+                "the file is not valid UTF-8 text".to_string(),
+            );
+            return None;
+        }
+    };
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    // Only a `.json` name gets the strict JSON syntax check: a `.yaml` file may well start
+    // with a YAML flow mapping that is not JSON.
+    let strict_json = file.path.to_ascii_lowercase().ends_with(".json");
+    match tree::parse_watched(text, strict_json, watch) {
+        Ok(root) => Some(root),
+        Err(errors) => {
+            for e in errors {
+                ctx.error(e.pos, e.message);
+            }
+            None
+        }
+    }
+}
+
 fn is_json(path: &str, text: &str) -> bool {
     path.to_ascii_lowercase().ends_with(".json") || text.trim_start().starts_with('{')
 }
@@ -284,8 +333,10 @@ fn merge(
         let file = &files[index].path;
         let mut ctx = Ctx { file, index, diags };
         match &first_host {
+            None if out.host.is_empty() => {}
             None => first_host = Some((out.host.clone(), file.clone())),
-            Some((host, first_file)) if *host != out.host => ctx.error(
+            // A missing host is reported on its own.
+            Some((host, first_file)) if *host != out.host && !out.host.is_empty() => ctx.error(
                 out.host_pos,
                 format!(
                     "host \"{}\" differs from host \"{host}\" in {first_file}; all files of one service must have the same host",
@@ -426,13 +477,20 @@ fn merge(
     svc
 }
 
-struct FileConverter<'c, 'a, 'n, 'w> {
+struct FileConverter<'c, 'a, 'n, 'w, 's> {
     ctx: &'c mut Ctx<'a>,
     root: &'n Node,
     watch: &'w Watch<'w>,
-    /// `definitions`, `parameters` and `responses` by name, for `$ref`s: one lookup each
-    /// instead of a scan of the section.
-    sections: HashMap<&'n str, HashMap<&'n str, &'n Node>>,
+    /// Every file of the submission, for `$ref`s.
+    sub: &'s Submission<'n>,
+    refs: &'c mut RefCheck<'n>,
+    /// This file's index in the submission.
+    doc: usize,
+    /// The file whose nodes are being read: another one inside a path item taken from it by
+    /// `$ref` (its relative references are relative to it, its problems reported under it).
+    cur: usize,
+    /// Node counts of the path items pulled in by `$ref`, by address.
+    ref_sizes: HashMap<*const Node, usize>,
     out: FileOut,
     schemes: BTreeMap<String, SchemeKind>,
     /// Names declared under x-google-management.metrics.
@@ -449,24 +507,24 @@ struct FileConverter<'c, 'a, 'n, 'w> {
     base_path: String,
 }
 
-impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
-    fn new(ctx: &'c mut Ctx<'a>, root: &'n Node, watch: &'w Watch<'w>) -> Self {
-        let mut sections = HashMap::new();
-        for name in ["definitions", "parameters", "responses"] {
-            if let Some(entries) = root.get(name).and_then(Node::as_map) {
-                let mut index = HashMap::with_capacity(entries.len());
-                for (k, v) in entries {
-                    // Duplicate keys are already errors; the first one is the one `get` finds.
-                    index.entry(k.text.as_str()).or_insert(v);
-                }
-                sections.insert(name, index);
-            }
-        }
+impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
+    fn new(
+        ctx: &'c mut Ctx<'a>,
+        root: &'n Node,
+        watch: &'w Watch<'w>,
+        sub: &'s Submission<'n>,
+        refs: &'c mut RefCheck<'n>,
+    ) -> Self {
+        let doc = ctx.index;
         FileConverter {
             ctx,
             root,
             watch,
-            sections,
+            sub,
+            refs,
+            doc,
+            cur: doc,
+            ref_sizes: HashMap::new(),
             out: FileOut::default(),
             schemes: BTreeMap::new(),
             metric_names: BTreeSet::new(),
@@ -510,10 +568,11 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
         }
         match root.get("swagger") {
             None => {
-                self.ctx.error(
-                    TOP,
-                    "missing required field \"swagger\": an OpenAPI 2.0 file must declare swagger: \"2.0\"",
-                );
+                let mut msg = "missing required field \"swagger\": an OpenAPI 2.0 file must declare swagger: \"2.0\"".to_string();
+                if self.sub.len() > 1 {
+                    msg.push_str("; a file that only holds definitions for the others must be named by a $ref in one of them");
+                }
+                self.ctx.error(TOP, msg);
                 return None;
             }
             Some(v) if v.scalar_text().as_deref() != Some("2.0") => {
@@ -734,147 +793,129 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
         ok
     }
 
-    /// Every `$ref` must point inside this file, at something that exists.
-    fn check_refs(&mut self, node: &Node, lenient: bool) {
-        if self.watch.check().is_err() {
-            return;
-        }
-        match &node.value {
-            Value::Map(entries) => {
-                for (k, v) in entries {
-                    if k.text == "$ref" {
-                        if let Some(r) = v.as_str() {
-                            self.check_ref(r, v.pos, lenient);
-                        }
-                    } else {
-                        self.check_refs(v, lenient);
-                    }
-                }
-            }
-            Value::Seq(items) => {
-                for i in items {
-                    self.check_refs(i, lenient);
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn check_ref(&mut self, r: &str, pos: Pos, lenient: bool) {
-        let Some(local) = r.strip_prefix("#/") else {
-            self.ctx.error(
-                pos,
-                format!("reference \"{r}\" points outside this file; external references are not supported, copy the definition into #/definitions/"),
-            );
-            return;
+    /// Every `$ref` under `node` (a part of this file) must lead to something that exists,
+    /// in this file or another of the submission.
+    fn check_refs(&mut self, node: &'n Node, lenient: bool) {
+        let (doc, file) = (self.doc, self.ctx.file);
+        let ctx = &mut *self.ctx;
+        let mut report = |_: usize, pos: Pos, severity: Severity, message: String| {
+            ctx.push_at(doc, file, severity, pos, message);
         };
-        let (section, name) = local.split_once('/').unwrap_or((local, ""));
-        if !matches!(section, "definitions" | "parameters" | "responses") {
-            self.ctx.error(
-                pos,
-                format!("reference \"{r}\" must begin with \"#/definitions/\", \"#/parameters/\" or \"#/responses/\""),
-            );
-            return;
-        }
-        let name = name.replace("~1", "/").replace("~0", "~");
-        let index = self.sections.get(section);
-        match self.root.get(section) {
-            None => self.ctx.error(
-                pos,
-                format!(
-                    "reference \"{r}\" cannot be resolved: the file has no \"{section}\" section"
-                ),
-            ),
-            Some(_) if index.is_none_or(|i| !i.contains_key(name.as_str())) => {
-                let msg = format!("reference \"{r}\" cannot be resolved: \"{name}\" is not defined under \"{section}\"");
-                if lenient {
-                    self.ctx.warn(pos, msg);
-                } else {
-                    self.ctx.error(pos, msg);
-                }
-            }
-            Some(_) => {}
-        }
+        self.refs
+            .check(self.sub, doc, node, lenient, self.watch, &mut report);
     }
 
     /// A definition that is only an alias (`$ref`) or an array of itself, directly or through
-    /// other such definitions, describes no value at all; Google's converter rejects it.
+    /// other such schemas (in this file or others), describes no value at all; Google's
+    /// converter rejects it.
     fn definition_cycles(&mut self) {
         let Some(defs) = self.root.get("definitions").and_then(Node::as_map) else {
             return;
         };
-        // The definition a schema stands for without adding any structure of its own.
-        fn alias_target(schema: &Node) -> Option<&str> {
+        // The schema a schema stands for without adding any structure of its own.
+        fn alias_ref(schema: &Node) -> Option<&str> {
             if let Some(r) = schema.get("$ref").and_then(Node::as_str) {
-                return r.strip_prefix("#/definitions/");
+                return Some(r);
             }
             if schema.get("type").and_then(Node::as_str) == Some("array") {
-                return schema.get("items").and_then(alias_target);
+                return schema.get("items").and_then(alias_ref);
             }
             None
         }
-        // Each definition aliases at most one other, so the aliases form a functional graph:
-        // one walk per definition, never revisiting one an earlier walk has finished, finds
-        // every cycle in linear time (walking from each definition anew would make a chain of
-        // 10,000 aliases cost 10,000² steps).
-        let index: HashMap<&str, usize> = defs
+        // This file's definitions by address (the first of duplicate names, as lookups find).
+        let def_index: HashMap<*const Node, usize> = defs
             .iter()
             .enumerate()
             .rev()
-            .map(|(i, (k, _))| (k.text.as_str(), i))
+            .map(|(i, (_, v))| (v as *const Node, i))
             .collect();
-        let target: Vec<Option<usize>> = defs
-            .iter()
-            .map(|(_, schema)| alias_target(schema).and_then(|n| index.get(n).copied()))
-            .collect();
-        const NEW: u8 = 0;
+        // Each schema aliases at most one other, so the aliases form a functional graph: one
+        // walk per definition, never revisiting a schema an earlier walk has finished, finds
+        // every cycle in linear time (walking from each definition anew would make a chain of
+        // 10,000 aliases cost 10,000² steps).
         const ON_PATH: u8 = 1;
         const DONE: u8 = 2;
-        let mut state = vec![NEW; defs.len()];
-        let mut cycles: Vec<Vec<usize>> = Vec::new();
-        for start in 0..defs.len() {
-            if state[start] != NEW {
-                continue;
+        let mut state: HashMap<*const Node, u8> = HashMap::new();
+        // Members of each cycle: (file, schema, label).
+        let mut cycles: Vec<Vec<(usize, &'n Node, String)>> = Vec::new();
+        for (k, schema) in defs {
+            if self.watch.check().is_err() {
+                return;
             }
-            let mut path = Vec::new();
-            let mut at = Some(start);
-            while let Some(i) = at {
-                match state[i] {
-                    NEW => {
-                        state[i] = ON_PATH;
-                        path.push(i);
-                        at = target[i];
+            let mut path: Vec<(usize, &'n Node, String)> = Vec::new();
+            let mut at = Some((self.doc, schema, k.text.clone()));
+            while let Some((doc, node, label)) = at {
+                let key: *const Node = node;
+                match state.get(&key) {
+                    None => {
+                        state.insert(key, ON_PATH);
+                        at = alias_ref(node).and_then(|r| {
+                            let (d, n) = self.sub.resolve(doc, r).ok()?;
+                            let label = match def_index.get(&(n as *const Node)) {
+                                Some(&i) if d == self.doc => defs[i].0.text.clone(),
+                                _ => r.to_string(),
+                            };
+                            Some((d, n, label))
+                        });
+                        path.push((doc, node, label));
                     }
-                    ON_PATH => {
-                        if let Some(p) = path.iter().position(|&j| j == i) {
+                    Some(&ON_PATH) => {
+                        if let Some(p) = path.iter().position(|(_, n, _)| std::ptr::eq(*n, node)) {
                             cycles.push(path[p..].to_vec());
                         }
                         break;
                     }
-                    _ => break,
+                    Some(_) => break,
                 }
             }
-            for i in path {
-                state[i] = DONE;
+            for (_, n, _) in path {
+                state.insert(n as *const Node, DONE);
             }
         }
         for cycle in cycles {
-            // Reported at the member that comes first in the file, the chain starting there.
-            let Some(first) = (0..cycle.len()).min_by_key(|&p| cycle[p]) else {
-                continue;
+            let own = |m: &(usize, &Node, String)| {
+                (m.0 == self.doc)
+                    .then(|| def_index.get(&(m.1 as *const Node)).copied())
+                    .flatten()
             };
+            // Reported at the member of this file's definitions that comes first in the file,
+            // the chain starting there; a cycle among other files' schemas at its first member.
+            let first = (0..cycle.len())
+                .filter(|&p| own(&cycle[p]).is_some())
+                .min_by_key(|&p| own(&cycle[p]))
+                .unwrap_or(0);
             let chain: Vec<&str> = (0..=cycle.len())
-                .map(|n| defs[cycle[(first + n) % cycle.len()]].0.text.as_str())
+                .map(|n| cycle[(first + n) % cycle.len()].2.as_str())
                 .collect();
-            let (k, _) = &defs[cycle[first]];
-            self.ctx.error(
-                k.pos,
-                format!(
-                    "definition \"{}\" refers back to itself only through $ref or array items ({}), so no value can have this type",
-                    k.text,
-                    chain.join(" → ")
-                ),
-            );
+            let (doc, node, _) = &cycle[first];
+            match own(&cycle[first]) {
+                Some(i) => {
+                    let k = &defs[i].0;
+                    self.ctx.error(
+                        k.pos,
+                        format!(
+                            "definition \"{}\" refers back to itself only through $ref or array items ({}), so no value can have this type",
+                            k.text,
+                            chain.join(" → ")
+                        ),
+                    );
+                }
+                None => {
+                    if !self.refs.cycles_reported.insert(*node as *const Node) {
+                        continue;
+                    }
+                    self.ctx.push_at(
+                        *doc,
+                        self.sub.path(*doc),
+                        Severity::Error,
+                        node.pos,
+                        format!(
+                            "this schema refers back to itself only through $ref or array items ({}), so no value can have this type",
+                            chain.join(" → ")
+                        ),
+                    );
+                }
+            }
         }
     }
 
@@ -1415,7 +1456,9 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
             return;
         }
         let name = item.get("name").and_then(Node::as_str).unwrap_or_default();
-        if name != self.out.host && !self.out.host.is_empty() {
+        // Google compares without regard to case; the host's spelling is kept, so that the
+        // proxy's own comparison with the service name (for allowCors) holds.
+        if !name.eq_ignore_ascii_case(&self.out.host) && !self.out.host.is_empty() {
             let pos = item.get("name").map_or(item.pos, |n| n.pos);
             self.ctx.error(
                 pos,
@@ -1466,7 +1509,7 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
             })
             .unwrap_or_default();
         self.out.endpoint = Some(Endpoint {
-            name: name.to_string(),
+            name: self.out.host.clone(),
             aliases,
             target,
             allow_cors,
@@ -1585,13 +1628,20 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
                 }
             }
         };
+        // Kept as written: the proxy compares it without regard to case, as ESPv2 does.
         let protocol = match node.get("protocol") {
             None => String::new(),
-            Some(p) => match p.as_str() {
-                Some(s @ ("http/1.1" | "h2" | "grpc")) => s.to_string(),
-                _ => {
+            Some(p) => match p.as_str().map(|s| (s, parse_backend_protocol(s))) {
+                Some((s, Ok(_))) => s.to_string(),
+                Some((_, Err(problem))) => {
                     self.ctx
-                        .error(p.pos, "protocol must be \"http/1.1\", \"h2\" or \"grpc\"");
+                        .error(p.pos, format!("x-google-backend protocol {problem}"));
+                    ok = false;
+                    String::new()
+                }
+                None => {
+                    self.ctx
+                        .error(p.pos, "x-google-backend protocol must be a string");
                     ok = false;
                     String::new()
                 }
@@ -1608,7 +1658,7 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
         })
     }
 
-    fn paths(&mut self, paths: &Node) {
+    fn paths(&mut self, paths: &'n Node) {
         let Some(entries) = paths.as_map() else {
             self.ctx.error(
                 paths.pos,
@@ -1640,30 +1690,126 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
                     continue;
                 }
             };
-            let Some(ops) = item.as_map() else {
-                if item.value != Value::Null {
-                    self.ctx.error(
-                        item.pos,
-                        format!("path \"{}\" must map HTTP methods to operations", pk.text),
-                    );
-                }
+            let Some((item_doc, item)) = self.path_item(pk, item) else {
                 continue;
             };
-            for (mk, op) in ops {
-                let m = mk.text.as_str();
-                if HTTP_METHODS.contains(&m) {
-                    self.operation(pk, item, mk, op, &full, &template, &mut names);
-                } else if m == "parameters" {
-                } else if m == "$ref" {
-                    self.ctx.error(mk.pos, format!("path \"{}\": a $ref path item is not supported; write the operations inline", pk.text));
-                } else if m.starts_with("x-google-") {
-                    self.unknown_extension(mk);
-                } else if !m.starts_with("x-") {
-                    self.ctx.error(
-                        mk.pos,
-                        format!("unknown field \"{m}\" in path \"{}\" (expected get, put, post, delete, options, head, patch or parameters)", pk.text),
-                    );
-                }
+            // A path item from another file: its references are relative to it, and its
+            // problems are reported under its name.
+            let (file, index) = (self.ctx.file, self.ctx.index);
+            self.cur = item_doc;
+            self.ctx.file = self.sub.path(item_doc);
+            self.ctx.index = item_doc;
+            self.path_operations(pk, item, &full, &template, &mut names);
+            self.cur = self.doc;
+            self.ctx.file = file;
+            self.ctx.index = index;
+        }
+    }
+
+    /// The path item under `pk`: written inline, or the one its `$ref` leads to (with the file
+    /// it is in). `None` when there is nothing to convert.
+    fn path_item(&mut self, pk: &Key, item: &'n Node) -> Option<(usize, &'n Node)> {
+        let Some(map) = item.as_map() else {
+            if item.value != Value::Null {
+                self.ctx.error(
+                    item.pos,
+                    format!("path \"{}\" must map HTTP methods to operations", pk.text),
+                );
+            }
+            return None;
+        };
+        let Some((rk, rv)) = item.entry("$ref") else {
+            return Some((self.doc, item));
+        };
+        // OpenAPI leaves a path item with both a $ref and fields of its own undefined; Google's
+        // converter takes the referenced one alone, and so does this one.
+        if let Some((k, _)) = map
+            .iter()
+            .find(|(k, _)| k.text != "$ref" && !k.text.starts_with("x-"))
+        {
+            self.ctx.warn(
+                k.pos,
+                format!(
+                    "path \"{}\": \"{}\" next to $ref is ignored; the path item is the one the $ref names",
+                    pk.text, k.text
+                ),
+            );
+        }
+        if rv.as_str().is_none() {
+            self.ctx.error(
+                rv.pos,
+                format!(
+                    "path \"{}\": $ref must be a string naming a path item, not {}",
+                    pk.text,
+                    rv.kind()
+                ),
+            );
+            return None;
+        }
+        let (doc, target) = match self.sub.follow(self.doc, item) {
+            Ok(t) => t,
+            Err(why) => {
+                self.ctx
+                    .error(rk.pos, format!("path \"{}\": {why}", pk.text));
+                return None;
+            }
+        };
+        // A broken reference: the reference check reports it.
+        if target.get("$ref").is_some() {
+            return None;
+        }
+        if target.as_map().is_none() {
+            self.ctx.error(
+                rv.pos,
+                format!(
+                    "path \"{}\": $ref leads to {}, not a path item (a mapping of HTTP methods to operations)",
+                    pk.text,
+                    target.kind()
+                ),
+            );
+            return None;
+        }
+        let size = *self
+            .ref_sizes
+            .entry(target as *const Node)
+            .or_insert_with(|| count_nodes(target));
+        if let Err(first) = self.sub.charge(size) {
+            if !first {
+                return None;
+            }
+            self.ctx.error(
+                rv.pos,
+                format!(
+                    "path \"{}\": the path items brought in by $ref add more than {MAX_REF_NODES} nodes to this submission; write fewer paths against large shared path items",
+                    pk.text
+                ),
+            );
+            return None;
+        }
+        Some((doc, target))
+    }
+
+    /// The operations of one path item.
+    fn path_operations(
+        &mut self,
+        pk: &'n Key,
+        item: &'n Node,
+        full: &str,
+        template: &Template,
+        names: &mut HashMap<String, (String, Pos, String)>,
+    ) {
+        for (mk, op) in item.as_map().unwrap_or_default() {
+            let m = mk.text.as_str();
+            if HTTP_METHODS.contains(&m) {
+                self.operation(pk, item, mk, op, full, template, names);
+            } else if m == "parameters" || m == "$ref" {
+            } else if m.starts_with("x-google-") {
+                self.unknown_extension(mk);
+            } else if !m.starts_with("x-") {
+                self.ctx.error(
+                    mk.pos,
+                    format!("unknown field \"{m}\" in path \"{}\" (expected get, put, post, delete, options, head, patch or parameters)", pk.text),
+                );
             }
         }
     }
@@ -1672,9 +1818,9 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
     fn operation(
         &mut self,
         pk: &Key,
-        item: &Node,
+        item: &'n Node,
         mk: &Key,
-        op: &Node,
+        op: &'n Node,
         full_path: &str,
         template: &Template,
         names: &mut HashMap<String, (String, Pos, String)>,
@@ -1757,6 +1903,10 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
         // Request message fields, keyed by (in, name) so operation parameters override path-level
         // ones, in declaration order.
         let mut fields: Vec<((String, String), serde_json::Value)> = Vec::new();
+        let mut field_index: HashMap<(String, String), usize> = HashMap::new();
+        // A parameter behind a broken `$ref` (reported where the reference is) may well be
+        // the path parameter: it is not reported as undeclared on top.
+        let mut unresolved = false;
         for params in [item.get("parameters"), op.get("parameters")]
             .into_iter()
             .flatten()
@@ -1767,7 +1917,11 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
                 continue;
             };
             for p in list {
-                let p = self.resolve_parameter(p);
+                let p = self.resolve_parameter(p, &label);
+                if p.get("$ref").is_some() {
+                    unresolved = true;
+                    continue;
+                }
                 let name = p
                     .get("name")
                     .and_then(Node::scalar_text)
@@ -1783,16 +1937,21 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
                 if matches!(location, "path" | "query" | "body") && !name.is_empty() {
                     let key = (location.to_string(), name.clone());
                     let field = request_field(p, &name, location == "body");
-                    match fields.iter_mut().find(|(k, _)| *k == key) {
-                        Some(existing) => existing.1 = field,
-                        None => fields.push((key, field)),
+                    // A hash of the keys seen: an operation with 50,000 parameters is read in
+                    // linear time, not 50,000² comparisons.
+                    match field_index.get(&key) {
+                        Some(&i) => fields[i].1 = field,
+                        None => {
+                            field_index.insert(key.clone(), fields.len());
+                            fields.push((key, field));
+                        }
                     }
                 }
             }
         }
         for v in &template.variables {
             let name = v.field_path.join(".");
-            if !path_params.contains(&name) {
+            if !path_params.contains(&name) && !unresolved {
                 self.ctx.error(
                     mk.pos,
                     format!("{label}: path parameter \"{name}\" is not declared; add a parameter with name: {name} and in: path"),
@@ -1922,18 +2081,16 @@ impl<'c, 'a, 'n, 'w> FileConverter<'c, 'a, 'n, 'w> {
         }
     }
 
-    fn resolve_parameter<'p>(&self, p: &'p Node) -> &'p Node
-    where
-        'n: 'p,
-    {
-        if let Some(r) = p.get("$ref").and_then(Node::as_str) {
-            if let Some(name) = r.strip_prefix("#/parameters/") {
-                if let Some(target) = self.sections.get("parameters").and_then(|ps| ps.get(name)) {
-                    return target;
-                }
+    /// The parameter `p` stands for, following `$ref`s (within this file or to others).
+    fn resolve_parameter(&mut self, p: &'n Node, label: &str) -> &'n Node {
+        match self.sub.follow(self.cur, p) {
+            Ok((_, target)) => target,
+            Err(why) => {
+                let pos = p.get("$ref").map_or(p.pos, |r| r.pos);
+                self.ctx.error(pos, format!("{label}: {why}"));
+                p
             }
         }
-        p
     }
 
     fn metric_costs(&mut self, q: &Node, label: &str, selector: &str) {
@@ -2294,6 +2451,15 @@ struct OpSecurity {
     /// An empty alternative (`- {}`) makes the JWT optional.
     allow_without_credential: bool,
     key_locations: Vec<SystemParameter>,
+}
+
+/// Nodes in a subtree (its depth is bounded by the parser).
+fn count_nodes(node: &Node) -> usize {
+    1 + match &node.value {
+        Value::Map(entries) => entries.iter().map(|(_, v)| count_nodes(v)).sum(),
+        Value::Seq(items) => items.iter().map(count_nodes).sum(),
+        _ => 0,
+    }
 }
 
 /// A `google.protobuf.Field` for a path, query or body parameter (number filled in later).

@@ -212,8 +212,14 @@ mod tests {
             after_prefix("Bearer a.b.c=", "Bearer ").as_deref(),
             Some("a.b.c")
         );
-        assert_eq!(after_prefix("Bearer é", "Bearer ").as_deref(), Some("Bearer é"));
-        assert_eq!(after_prefix("Bearer ", "Bearer ").as_deref(), Some("Bearer "));
+        assert_eq!(
+            after_prefix("Bearer é", "Bearer ").as_deref(),
+            Some("Bearer é")
+        );
+        assert_eq!(
+            after_prefix("Bearer ", "Bearer ").as_deref(),
+            Some("Bearer ")
+        );
         assert_eq!(after_prefix("bearer a", "Bearer "), None);
         let h = headers(&[
             ("authorization", "Basic x"),

@@ -64,7 +64,8 @@ pub enum Support {
 use Support::{Ignored, Implemented, NotYet, Refused};
 
 const NO_ENVOY: &str = "Envoy tuning; Portico has no Envoy";
-const TLS_REFUSED: &str = "TLS towards clients or backends is not implemented yet (issue 17); \
+const TLS_REFUSED: &str =
+    "ESPv2's TLS flags are not wired to Portico's TLS yet (issue 17 item 9); \
      Portico will not serve or connect in plain text where TLS was asked for";
 
 /// Every flag `portico espv2` accepts and what it does. The README's table is checked against
@@ -1291,7 +1292,7 @@ mod tests {
             let m = err(&["-s", "svc", "-v", "1", flag]);
             let name = flag.split('=').next().unwrap();
             assert!(
-                m.starts_with(&format!("{name} cannot be used yet: TLS")),
+                m.starts_with(&format!("{name} cannot be used yet: ESPv2's TLS flags")),
                 "{flag}: {m}"
             );
         }

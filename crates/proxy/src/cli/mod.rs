@@ -20,6 +20,9 @@ use crate::settings::{
     DEFAULT_BACKEND_TIMEOUT_S, DEFAULT_XFF_TRUSTED_PROXY_LIST, EXIT_BAD_ARGS, EXIT_PORT_CONFLICT,
     EXIT_SETUP, MAX_SERVICE_CONTROL_RETRIES, MAX_SERVICE_CONTROL_TIMEOUT_MS,
 };
+use crate::tls::{
+    BackendRoots, BackendTls, CertKeyFiles, ProtocolVersions, ServerIdentity, ServerTls,
+};
 use clap::{ArgAction, Parser};
 use ipnet::IpNet;
 use std::ffi::OsString;
@@ -221,6 +224,24 @@ pub struct EspArgs {
     /// Generate a self-signed certificate (CN=localhost) for --ssl_port at start-up.
     #[arg(long = "generate_self_signed_cert", action = ArgAction::SetTrue)]
     pub generate_self_signed_cert: bool,
+    /// TLS versions --ssl_port accepts, nginx's names in any case (SSLv2, SSLv3, TLSv1, TLSv1.1,
+    /// TLSv1.2, TLSv1.3); repeatable, or several in one value separated by spaces. Portico speaks
+    /// TLSv1.2 and TLSv1.3 only: older names are dropped with a warning, and a list naming
+    /// neither is refused. Default: both.
+    #[arg(long = "ssl_protocols", action = ArgAction::Append)]
+    pub ssl_protocols: Vec<String>,
+    /// Present a client certificate to `https://` backends (TLS mutual authentication): by
+    /// default ESP's /etc/nginx/ssl/backend.crt and backend.key.
+    #[arg(short = 't', long = "tls_mutual_auth", action = ArgAction::SetTrue)]
+    pub tls_mutual_auth: bool,
+    /// Portico: the client certificate (PEM, chain first) for --tls_mutual_auth, in place of
+    /// /etc/nginx/ssl/backend.crt.
+    #[arg(long = "backend_client_cert_path")]
+    pub backend_client_cert_path: Option<PathBuf>,
+    /// Portico: the client certificate's private key for --tls_mutual_auth, in place of
+    /// /etc/nginx/ssl/backend.key.
+    #[arg(long = "backend_client_key_path")]
+    pub backend_client_key_path: Option<PathBuf>,
     /// Portico: serving threads (one single-threaded runtime each, SO_REUSEPORT); default = cores.
     #[arg(long = "worker_threads")]
     pub worker_threads: Option<usize>,
@@ -278,8 +299,6 @@ pub struct EspArgs {
     pub allow_invalid_headers: bool,
     #[arg(long = "enable_debug", action = ArgAction::SetTrue, hide = true)]
     pub enable_debug: bool,
-    #[arg(long = "ssl_protocols", action = ArgAction::Append, hide = true)]
-    pub ssl_protocols: Vec<String>,
     #[arg(long = "server_config_dir", hide = true)]
     pub server_config_dir: Option<String>,
     #[arg(long = "config_dir", hide = true)]
@@ -328,8 +347,6 @@ pub struct EspArgs {
     // ESP features Portico does not have: refused with a precise message, not ignored.
     #[arg(short = 'n', long = "nginx_config", hide = true)]
     pub nginx_config: Option<String>,
-    #[arg(short = 't', long = "tls_mutual_auth", action = ArgAction::SetTrue, hide = true)]
-    pub tls_mutual_auth: bool,
     #[arg(short = 'c', long = "service_config_url", hide = true)]
     pub service_config_url: Option<String>,
     /// Route each method to its `backend.rules` address (`x-google-backend`) instead of --backend.
@@ -475,6 +492,63 @@ fn service_control_calls(a: &EspArgs) -> Result<ServiceControlCalls, ArgError> {
     Ok(calls)
 }
 
+/// ESP's TLS flags (and Portico's file-path flags beside them) as settings; files are read at
+/// start ([`crate::tls`]).
+fn tls_settings(a: &EspArgs) -> Result<(ServerTls, BackendTls), ArgError> {
+    let (versions, warning) =
+        ProtocolVersions::from_nginx_list(&a.ssl_protocols).map_err(|e| ArgError::bad(e.0))?;
+    let server = ServerTls {
+        identity: if a.generate_self_signed_cert {
+            ServerIdentity::SelfSigned
+        } else {
+            ServerIdentity::Files(CertKeyFiles {
+                cert: a.ssl_cert_path.clone(),
+                key: a.ssl_key_path.clone(),
+            })
+        },
+        client_ca: None,
+        versions,
+        cipher_suites: None,
+        warnings: warning.into_iter().collect(),
+    };
+    // Relocating files that would not be used is a mistake better said at once than found when
+    // the backend refuses the proxy.
+    for (flag, set) in [
+        (
+            "--backend_client_cert_path",
+            a.backend_client_cert_path.is_some(),
+        ),
+        (
+            "--backend_client_key_path",
+            a.backend_client_key_path.is_some(),
+        ),
+    ] {
+        if set && !a.tls_mutual_auth {
+            return Err(ArgError::bad(format!(
+                "{flag} is used only with --tls_mutual_auth (-t); add it, or drop {flag}"
+            )));
+        }
+    }
+    let client_cert = a.tls_mutual_auth.then(|| CertKeyFiles {
+        cert: a
+            .backend_client_cert_path
+            .clone()
+            .unwrap_or_else(|| crate::tls::ESP_BACKEND_CLIENT_CERT.into()),
+        key: a
+            .backend_client_key_path
+            .clone()
+            .unwrap_or_else(|| crate::tls::ESP_BACKEND_CLIENT_KEY.into()),
+    });
+    let backend = BackendTls {
+        roots: BackendRoots::BuiltIn {
+            extra: a.backend_ca_cert_path.clone(),
+        },
+        client_cert,
+        cipher_suites: None,
+    };
+    Ok((server, backend))
+}
+
 /// Why the command line was refused, with start_esp's exit code.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
@@ -549,16 +623,11 @@ pub fn parse(args: Vec<OsString>) -> Result<Settings, ArgError> {
 
 /// Checks flag values and combinations; see the module docs for exit codes.
 pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
-    let unsupported: [(&str, bool, &str); 7] = [
+    let unsupported: [(&str, bool, &str); 6] = [
         (
             "--nginx_config",
             a.nginx_config.is_some(),
             "there is no nginx; use Portico's flags",
-        ),
-        (
-            "--tls_mutual_auth",
-            a.tls_mutual_auth,
-            "client certificates towards the backend are not implemented",
         ),
         (
             "--service_config_url",
@@ -858,11 +927,10 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
     };
 
     let mut ignored_flags = Vec::new();
-    let nginx_only: [(&'static str, bool); 10] = [
+    let nginx_only: [(&'static str, bool); 9] = [
         ("--worker_processes", a.worker_processes.is_some()),
         ("--allow_invalid_headers", a.allow_invalid_headers),
         ("--enable_debug", a.enable_debug),
-        ("--ssl_protocols", !a.ssl_protocols.is_empty()),
         ("--server_config_dir", a.server_config_dir.is_some()),
         ("--config_dir", a.config_dir.is_some()),
         ("--dns", a.dns.is_some()),
@@ -916,6 +984,8 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         })?),
     };
 
+    let (server_tls, backend_tls) = tls_settings(&a)?;
+
     Ok(Settings {
         dialect: crate::dialect::Dialect::Esp,
         service: a.service,
@@ -927,9 +997,8 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         http2_port: a.http2_port,
         ssl_port: a.ssl_port,
         status_port: Some(a.status_port),
-        ssl_cert_path: a.ssl_cert_path,
-        ssl_key_path: a.ssl_key_path,
-        generate_self_signed_cert: a.generate_self_signed_cert,
+        server_tls,
+        backend_tls,
         service_account_key: a.service_account_key,
         metadata,
         healthz: a.healthz,
@@ -981,7 +1050,6 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         backend_max_connections: a.backend_max_connections,
         backend_timeout: Duration::from_secs_f64(a.http_request_timeout_s),
         access_log: a.access_log,
-        backend_ca_cert_path: a.backend_ca_cert_path,
         backend_host_header,
         compute_platform: a.compute_platform_override,
         report_log_entries_per_second: a.report_log_entries_per_second,
@@ -1477,8 +1545,6 @@ mod tests {
             "{}",
             e.message
         );
-        let e = p(&["-s", "svc", "--tls_mutual_auth"]).unwrap_err();
-        assert!(e.message.contains("--tls_mutual_auth"), "{}", e.message);
         assert!(
             p(&["-s", "svc", "--enable_backend_routing"])
                 .unwrap()
@@ -1495,6 +1561,162 @@ mod tests {
         assert_eq!(s.backend_host_header.unwrap(), "internal.svc");
         assert_eq!(s.compute_platform.as_deref(), Some("GKE"));
         assert_eq!(s.ignored_flags, vec!["--cloud_trace_url_override"]);
+    }
+
+    #[test]
+    fn tls_mutual_auth_presents_esps_backend_certificate_or_the_given_one() {
+        let s = p(&["-s", "svc"]).unwrap();
+        assert_eq!(s.backend_tls, BackendTls::default());
+        let s = p(&["-s", "svc", "-t"]).unwrap();
+        assert_eq!(
+            s.backend_tls.client_cert,
+            Some(CertKeyFiles {
+                cert: "/etc/nginx/ssl/backend.crt".into(),
+                key: "/etc/nginx/ssl/backend.key".into(),
+            })
+        );
+        let s = p(&[
+            "-s",
+            "svc",
+            "--tls_mutual_auth",
+            "--backend_client_cert_path=/c/client.pem",
+            "--backend_client_key_path",
+            "/c/client.key",
+            "--backend_ca_cert_path=/c/ca.pem",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.backend_tls,
+            BackendTls {
+                roots: BackendRoots::BuiltIn {
+                    extra: Some("/c/ca.pem".into())
+                },
+                client_cert: Some(CertKeyFiles {
+                    cert: "/c/client.pem".into(),
+                    key: "/c/client.key".into(),
+                }),
+                cipher_suites: None,
+            }
+        );
+        assert!(s.ignored_flags.is_empty(), "{:?}", s.ignored_flags);
+        for flag in [
+            "--backend_client_cert_path=/c.pem",
+            "--backend_client_key_path=/c.key",
+        ] {
+            let e = p(&["-s", "svc", flag]).unwrap_err();
+            assert_eq!(e.exit_code, EXIT_BAD_ARGS, "{flag}");
+            assert!(
+                e.message.contains("only with --tls_mutual_auth"),
+                "{}",
+                e.message
+            );
+        }
+        // A switch: no value.
+        assert_eq!(
+            p(&["-s", "svc", "--tls_mutual_auth=true"])
+                .unwrap_err()
+                .exit_code,
+            EXIT_BAD_ARGS
+        );
+    }
+
+    #[test]
+    fn ssl_port_certificate_flags_and_self_signed() {
+        let s = p(&["-s", "svc", "--ssl_port=8443"]).unwrap();
+        assert_eq!(s.server_tls, ServerTls::default());
+        let s = p(&[
+            "-s",
+            "svc",
+            "--ssl_port=8443",
+            "--ssl_cert_path=/x/a.crt",
+            "--ssl_key_path=/x/a.key",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.server_tls.identity,
+            ServerIdentity::Files(CertKeyFiles {
+                cert: "/x/a.crt".into(),
+                key: "/x/a.key".into()
+            })
+        );
+        let s = p(&[
+            "-s",
+            "svc",
+            "--ssl_port=8443",
+            "--generate_self_signed_cert",
+        ])
+        .unwrap();
+        assert_eq!(s.server_tls.identity, ServerIdentity::SelfSigned);
+    }
+
+    #[test]
+    fn ssl_protocols_are_nginxs_names_and_honoured() {
+        let v = |args: &[&str]| {
+            let mut all = vec!["-s", "svc"];
+            all.extend_from_slice(args);
+            p(&all).map(|s| {
+                (
+                    s.server_tls.versions,
+                    s.server_tls.warnings,
+                    s.ignored_flags,
+                )
+            })
+        };
+        let (versions, warnings, ignored) = v(&[]).unwrap();
+        assert_eq!(versions, ProtocolVersions::default());
+        assert!(warnings.is_empty() && ignored.is_empty());
+        let (versions, warnings, ignored) = v(&["--ssl_protocols=TLSv1.3"]).unwrap();
+        assert_eq!(
+            versions,
+            ProtocolVersions {
+                tls1_2: false,
+                tls1_3: true
+            }
+        );
+        assert!(warnings.is_empty());
+        assert!(
+            ignored.is_empty(),
+            "--ssl_protocols is honoured, not ignored"
+        );
+        // nginx compares names in any case; several names in one value.
+        let (versions, _, _) = v(&["--ssl_protocols=tlsv1.2 TLSV1.3"]).unwrap();
+        assert_eq!(versions, ProtocolVersions::default());
+        // ESP's own example: older versions are dropped with a warning.
+        let (versions, warnings, _) =
+            v(&["--ssl_protocols=TLSv1.1", "--ssl_protocols=TLSv1.2"]).unwrap();
+        assert_eq!(
+            versions,
+            ProtocolVersions {
+                tls1_2: true,
+                tls1_3: false
+            }
+        );
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("TLSv1.1 not available"),
+            "{warnings:?}"
+        );
+        // A set with a hole keeps the hole: TLSv1.2 is not named.
+        let (versions, _, _) = v(&["--ssl_protocols=TLSv1.1", "--ssl_protocols=TLSv1.3"]).unwrap();
+        assert_eq!(
+            versions,
+            ProtocolVersions {
+                tls1_2: false,
+                tls1_3: true
+            }
+        );
+        for (bad, want) in [
+            ("--ssl_protocols=TLSv1 TLSv1.1", "cannot be honoured"),
+            ("--ssl_protocols=SSLv3", "cannot be honoured"),
+            ("--ssl_protocols=TLSv1.0", "nginx spells TLS 1.0 \"TLSv1\""),
+            ("--ssl_protocols=TLS1.2", "must be SSLv2, SSLv3, TLSv1"),
+            ("--ssl_protocols=", "names no protocol"),
+            ("--ssl_protocols=   ", "names no protocol"),
+        ] {
+            let e = v(&[bad]).unwrap_err();
+            assert_eq!(e.exit_code, EXIT_BAD_ARGS, "{bad}");
+            assert!(e.message.contains(want), "{bad}: {}", e.message);
+        }
     }
 
     #[test]

@@ -113,16 +113,21 @@ impl Pipeline {
                 r.upstream_target.as_str(),
                 r.target.deadline,
             ),
-            // A backend rule without an address bounds the call to `--backend` by its deadline.
-            None => (
-                &self.forwarder,
-                target.as_str(),
-                report
+            // A backend rule without an address bounds the call to `--backend` by its deadline,
+            // and picks its HTTP version when that is not `--backend`'s own.
+            None => {
+                let local = report
                     .as_ref()
                     .and_then(|r| r.method.as_ref())
-                    .and_then(|m| m.local_backend)
-                    .and_then(|l| l.deadline),
-            ),
+                    .and_then(|m| m.local_backend.as_ref());
+                (
+                    local
+                        .and_then(|l| l.forwarder.as_ref())
+                        .unwrap_or(&self.forwarder),
+                    target.as_str(),
+                    local.and_then(|l| l.deadline),
+                )
+            }
         };
         let grpc = forwarder.version() == Version::HTTP_2;
         let host = match (&routed, &settings.backend_host_header) {
