@@ -318,11 +318,9 @@ fn every_error_the_proxy_writes_is_espv2s() {
         ]
     };
     let (proxy, port) = start_proxy(dir.path(), "espv2", &common_flags(format!("http://{sc}")));
-    let (proxy_sc_down, port_sc_down) = start_proxy(
-        dir.path(),
-        "espv2-sc-down",
-        &common_flags(format!("http://127.0.0.1:{dead}")),
-    );
+    let mut sc_down_flags = common_flags(format!("http://127.0.0.1:{dead}"));
+    sc_down_flags.push("--backend_retry_num=0".to_string());
+    let (proxy_sc_down, port_sc_down) = start_proxy(dir.path(), "espv2-sc-down", &sc_down_flags);
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()
@@ -417,8 +415,9 @@ fn every_error_the_proxy_writes_is_espv2s() {
             .bearer(&t(KID, claims(ISSUER2, AUDIENCE))),
         // Backends.
         row("backend deadline", "GET", "/slow", 504, "upstream request timeout"),
+        // ESPv2's default: one more attempt on a connect failure, and its text says so.
         row("backend down", "GET", "/down", 503,
-            &format!("{reset}remote connection failure, transport failure reason: delayed connect error: 111")),
+            "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure, transport failure reason: delayed connect error: 111"),
         row("backend hangs up", "GET", "/reset", 503, &format!("{reset}connection termination")),
         row("no ID token for the backend", "GET", "/idtoken", 500,
             "Token not found for audience: https://aud.example"),
@@ -459,6 +458,10 @@ fn every_error_the_proxy_writes_is_espv2s() {
     // Service Control down, network fail policy close.
     let down = row("Service Control unreachable", "POST", "/echo?key=good", 503,
         &format!("UNAVAILABLE: Calling Google Service Control API failed with: 503 and body: {reset}remote connection failure, transport failure reason: delayed connect error: 111"));
+    check(&client, port_sc_down, &down, &|| proxy_sc_down.log());
+    // With --backend_retry_num=0 the backend's connect failure is not retried.
+    let down = row("backend down, no retries", "GET", "/down", 503,
+        &format!("{reset}remote connection failure, transport failure reason: delayed connect error: 111"));
     check(&client, port_sc_down, &down, &|| proxy_sc_down.log());
 
     // gRPC over the same listener (h2c): the error as trailers-only, Envoy's code for 404.

@@ -12,6 +12,7 @@
 //! | Status server | on, `--status_port` default 8090 | off unless `--status_port`/`--admin_port` names a port | `cli::espv2` |
 //! | Defaults | backend `127.0.0.1:8081`; access log on stdout; Service Control timeouts 1500/1500/3500 ms; body limit 32m; WebSockets only with `--enable_websocket` | backend `http://127.0.0.1:8082`; no access log unless `--access_log`; timeouts 1000/1000/2000 ms; no body limit; WebSockets on; CORS allow-headers add `X-User-Agent`; metadata server `http://169.254.169.254` unless `--non_gcp` | `cli::espv2` |
 //! | `x-google-backend` routing | only with `--enable_backend_routing`; a method without a backend rule is 500 then | always; a method without a backend rule goes to `--backend` | `cli::espv2`, [`Dialect::unrouted_methods_use_backend`] |
+//! | Backend connections that cannot be made | not retried | retried `--backend_retry_num` times (default 1) when `--backend_retry_ons` has `connect-failure` (the default); the 503 then says `retried and the latest reset reason` | `cli::espv2`, `upstream::Pool` (`PoolLimits::connect_retries`) |
 //! | Error body | pretty-printed `google.rpc.Status`: `code` the canonical gRPC code, `message`, a `DebugInfo` detail | one line `{"code":<HTTP status>,"message":"<text>"}` and a newline | [`Dialect::body`] |
 //! | Error words | ESP's catalogue, carried by each [`EspError`] | ESPv2's, from the error's [`ErrorKind`]: Service Control errors as `CODE_NAME: text`, JWT errors in jwt_verify_lib's words (audience not allowed is 403), backend failures in Envoy's (`upstream request timeout`, 504; `upstream connect error ...`, 503; an unreachable backend is 503, not 502), `Payload Too Large`; Portico's own refusals keep their words | [`Dialect::reply`] |
 //! | gRPC clients' errors | `grpc-status` is the error's canonical code | `grpc-status` is Envoy's mapping of the HTTP status (404 → 12, 400 → 13, 503 → 14, ...) | [`Dialect::reply`] |
@@ -22,7 +23,8 @@
 //! | JWT: audiences | the provider's list (else the requirement's), and the service's name always | the requirement's list, else the provider's, else `https://SERVICE` (any with `--disable_jwt_audience_service_name_check`); a token without `aud` passes only where any does | `auth::Authenticator::new`, `check_audience` |
 //! | `X-Endpoint-API-UserInfo` | base64url (padded) JSON with `claims`, `issuer`, `id`, `email`, `audiences` | the token's payload segment as sent (`=`-padded with `--jwt_pad_forward_payload_header`) | `auth::Authenticator::authenticate` |
 //!
-//! Not yet different (issue 17, later items): retries, ESPv2's report fields, header flags, TLS, compression, the metadata
+//! Not yet different (issue 17, later items): retries other than for connections that could
+//! not be made (`reset`, `refused-stream`, `5xx`, ... and `--backend_per_try_timeout`), ESPv2's report fields, header flags, TLS, compression, the metadata
 //! server's project and zone, which `:check` failures the open network fail policy forgives.
 //! `WWW-Authenticate` on 401/403 is Portico's in both dialects.
 
@@ -160,14 +162,20 @@ fn status_words(code: Code, message: &str) -> (u16, Cow<'static, str>) {
     )
 }
 
-/// What Envoy's router answers when a peer gives no response: status and body.
-fn envoy_no_response(how: NetworkFailure) -> (u16, Cow<'static, str>) {
-    const RESET: &str = "upstream connect error or disconnect/reset before headers. reset reason: ";
+/// What Envoy's router answers when a peer gives no response: status and body; `retried`:
+/// after retries.
+fn envoy_no_response(how: NetworkFailure, retried: bool) -> (u16, Cow<'static, str>) {
+    let reset = if retried {
+        "upstream connect error or disconnect/reset before headers. retried and the latest reset \
+         reason: "
+    } else {
+        "upstream connect error or disconnect/reset before headers. reset reason: "
+    };
     match how {
         NetworkFailure::Connect(errno) => (
             503,
             Cow::Owned(format!(
-                "{RESET}remote connection failure, transport failure reason: delayed connect \
+                "{reset}remote connection failure, transport failure reason: delayed connect \
                  error: {errno}"
             )),
         ),
@@ -176,10 +184,10 @@ fn envoy_no_response(how: NetworkFailure) -> (u16, Cow<'static, str>) {
         NetworkFailure::Tls => (
             503,
             Cow::Owned(format!(
-                "{RESET}connection failure, transport failure reason: TLS error"
+                "{reset}connection failure, transport failure reason: TLS error"
             )),
         ),
-        NetworkFailure::Reset => (503, Cow::Owned(format!("{RESET}connection termination"))),
+        NetworkFailure::Reset => (503, Cow::Owned(format!("{reset}connection termination"))),
     }
 }
 
@@ -231,8 +239,8 @@ fn espv2_words(err: &EspError) -> (u16, Cow<'_, str>) {
             };
             status_words(code, description)
         }
-        ErrorKind::BackendFailed(how) => envoy_no_response(*how),
-        ErrorKind::BackendTimeout => envoy_no_response(NetworkFailure::Timeout),
+        ErrorKind::BackendFailed { how, retried } => envoy_no_response(*how, *retried),
+        ErrorKind::BackendTimeout => envoy_no_response(NetworkFailure::Timeout, false),
         ErrorKind::PayloadTooLarge => (413, Cow::Borrowed("Payload Too Large")),
         ErrorKind::BackendIdToken { audience } => (
             500,
@@ -363,7 +371,9 @@ fn service_control_failed_words(f: &ScFailure) -> (u16, Cow<'static, str>) {
     };
     match f {
         ScFailure::Network(how) => {
-            let (status, body) = envoy_no_response(*how);
+            // Service Control's cluster has no retry policy; the call's own retries do not
+            // show in Envoy's text.
+            let (status, body) = envoy_no_response(*how, false);
             status_words(Code::Unavailable, &failed_with(status, &body))
         }
         ScFailure::Http { status, body } => {
@@ -529,14 +539,14 @@ mod tests {
         let (s, m, _, body) = v2(&e);
         assert_eq!((s, m.as_str()), (414, "URI_TOO_LONG"));
         assert_eq!(body, "{\"code\":414,\"message\":\"URI_TOO_LONG\"}\n");
-        let tls = EspError::bad_gateway(NetworkFailure::Tls);
+        let tls = EspError::bad_gateway(NetworkFailure::Tls, false);
         assert_eq!(
             v2(&tls).1,
             "upstream connect error or disconnect/reset before headers. reset reason: \
              connection failure, transport failure reason: TLS error"
         );
         assert_eq!(
-            v2(&EspError::bad_gateway(NetworkFailure::Unresolved)).1,
+            v2(&EspError::bad_gateway(NetworkFailure::Unresolved, true)).1,
             "no healthy upstream"
         );
     }

@@ -73,8 +73,9 @@ pub enum ErrorKind {
         code: Box<str>,
         description: Box<str>,
     },
-    /// The backend could not be reached, or broke the exchange before its response head.
-    BackendFailed(NetworkFailure),
+    /// The backend could not be reached, or broke the exchange before its response head;
+    /// `retried`: after further attempts (ESPv2's `--backend_retry_num`).
+    BackendFailed { how: NetworkFailure, retried: bool },
     /// The backend did not answer within the method's deadline.
     BackendTimeout,
     /// The request body is larger than `--client_max_body_size`.
@@ -236,10 +237,11 @@ impl EspError {
         .with_kind(ErrorKind::UnregisteredCaller)
     }
 
-    /// 502 code 13: the backend could not be reached, or broke the exchange (`how`).
-    pub fn bad_gateway(how: NetworkFailure) -> Self {
+    /// 502 code 13: the backend could not be reached, or broke the exchange (`how`; after
+    /// retries when `retried`).
+    pub fn bad_gateway(how: NetworkFailure, retried: bool) -> Self {
         Self::with_status(502, Code::Internal, "BAD_GATEWAY", Cause::Application)
-            .with_kind(ErrorKind::BackendFailed(how))
+            .with_kind(ErrorKind::BackendFailed { how, retried })
     }
 
     /// 504 code 4: the backend did not answer in time.
@@ -354,7 +356,7 @@ mod tests {
     #[test]
     fn bad_gateway_body_is_byte_exact() {
         let expected = "{\n \"code\": 13,\n \"message\": \"BAD_GATEWAY\",\n \"details\": [\n  {\n   \"@type\": \"type.googleapis.com/google.rpc.DebugInfo\",\n   \"stackEntries\": [],\n   \"detail\": \"application\"\n  }\n ]\n}\n";
-        let e = EspError::bad_gateway(NetworkFailure::Connect(111));
+        let e = EspError::bad_gateway(NetworkFailure::Connect(111), true);
         assert_eq!(e.http_status, 502);
         assert_eq!(e.body(), expected);
     }

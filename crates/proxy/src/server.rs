@@ -225,6 +225,7 @@ pub async fn start_with_metrics(
             max: settings
                 .backend_max_connections
                 .saturating_mul(settings.worker_threads.max(1)),
+            connect_retries: settings.backend_connect_retries,
             ..Default::default()
         },
         // Rule addresses, and `--backend` itself when a rule asks it for another protocol.
@@ -315,6 +316,7 @@ pub async fn start_with_metrics(
             Some(backend_tls.clone()),
             crate::upstream::PoolLimits {
                 max: settings.backend_max_connections,
+                connect_retries: settings.backend_connect_retries,
                 ..Default::default()
             },
         )?;

@@ -211,6 +211,9 @@ pub struct Settings {
     pub worker_threads: usize,
     /// Per serving thread, for each HTTP/1.1 backend.
     pub backend_max_connections: usize,
+    /// Further attempts after a backend connection that could not be made (ESPv2's
+    /// `--backend_retry_num` with `connect-failure` in `--backend_retry_ons`; 0 for ESP).
+    pub backend_connect_retries: u32,
     pub backend_timeout: Duration,
     /// `--experimental_proxy_backend_host_header`.
     pub backend_host_header: Option<http::HeaderValue>,

@@ -22,6 +22,7 @@
 //! The pool's lock is taken twice per request (check-out and return) and never across an
 //! `.await`; each serving thread owns its own pool for `--backend`, so it is uncontended.
 
+use crate::error::NetworkFailure;
 use crate::request_body::{ForwardError, LimitedBody};
 use bytes::Bytes;
 use http::{Request, Response};
@@ -99,6 +100,10 @@ pub struct PoolLimits {
     pub max_idle: usize,
     /// An idle connection older than this is closed instead of reused.
     pub idle_timeout: Duration,
+    /// Further attempts after a connection that could not be made (refused, unreachable, TLS
+    /// handshake failed), nothing of the request having been sent: ESPv2's
+    /// `--backend_retry_num` for `connect-failure`. 0 for `portico esp`.
+    pub connect_retries: u32,
 }
 
 impl Default for PoolLimits {
@@ -107,9 +112,13 @@ impl Default for PoolLimits {
             max: DEFAULT_MAX_CONNECTIONS,
             max_idle: 128,
             idle_timeout: Duration::from_secs(60),
+            connect_retries: 0,
         }
     }
 }
+
+/// The wait before another connection attempt (Envoy's default retry back-off base).
+const CONNECT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
 
 /// `--backend_max_connections`'s default, per serving thread.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100;
@@ -364,11 +373,37 @@ impl Pool {
         }
     }
 
-    /// Dials into a slot already counted in `open`.
+    /// Dials into a slot already counted in `open`. A connection that could not be made
+    /// (refused, unreachable, TLS handshake failed: nothing of the request was sent) is tried
+    /// `connect_retries` more times, a short wait apart, in the same slot; the last failure
+    /// then says it was retried. Other failures are returned at once.
     async fn dial_in(&self, mut slot: Slot) -> Result<Sender, ForwardError> {
-        let tx = self.dial().await?;
-        slot.armed = false;
-        Ok(tx)
+        let mut retries_left = self.shared.limits.connect_retries;
+        let mut retried = false;
+        loop {
+            match self.dial().await {
+                Ok(tx) => {
+                    slot.armed = false;
+                    return Ok(tx);
+                }
+                Err(ForwardError::Connect(
+                    how @ (NetworkFailure::Connect(_) | NetworkFailure::Tls),
+                    detail,
+                )) => {
+                    if retries_left == 0 {
+                        return Err(if retried {
+                            ForwardError::ConnectRetried(how, detail)
+                        } else {
+                            ForwardError::Connect(how, detail)
+                        });
+                    }
+                    retries_left -= 1;
+                    retried = true;
+                    tokio::time::sleep(CONNECT_RETRY_BACKOFF).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn dial(&self) -> Result<Sender, ForwardError> {

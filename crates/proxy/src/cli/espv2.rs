@@ -44,6 +44,34 @@ pub const DEFAULT_CORS_HEADERS: &str =
 pub const DEFAULT_METADATA_URL: &str = "http://169.254.169.254";
 /// `compute_platform_override` under `--on_serverless` (start_proxy.py's `SERVERLESS_PLATFORM`).
 pub const SERVERLESS_PLATFORM: &str = "Cloud Run(ESPv2)";
+/// ESPv2's `--backend_retry_ons` default.
+pub const DEFAULT_BACKEND_RETRY_ONS: &str = "reset,connect-failure,refused-stream";
+/// ESPv2's `--backend_retry_num` default.
+pub const DEFAULT_BACKEND_RETRY_NUM: u32 = 1;
+/// Largest `--backend_retry_num` Portico takes.
+pub const MAX_BACKEND_RETRY_NUM: u32 = 100;
+/// The retry conditions Envoy knows (`x-envoy-retry-on` and `x-envoy-retry-grpc-on`).
+const ENVOY_RETRY_ONS: &[&str] = &[
+    "5xx",
+    "gateway-error",
+    "reset",
+    "reset-before-request",
+    "connect-failure",
+    "envoy-ratelimited",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "retriable-headers",
+    "http3-post-connect-failure",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+/// The conditions Portico retries on so far.
+const IMPLEMENTED_RETRY_ONS: &[&str] = &["connect-failure"];
+
 /// ESPv2's Service Control call timeouts (ms): check, quota, report.
 pub const DEFAULT_SERVICE_CONTROL_TIMEOUTS_MS: [&str; 3] = ["1000", "1000", "2000"];
 
@@ -84,9 +112,9 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--enable_backend_address_override", NotYet),
     ("--backend_dns_lookup_family", NotYet),
     ("--dns_resolver_addresses", NotYet),
-    ("--backend_retry_ons", NotYet),
+    ("--backend_retry_ons", Implemented),
     ("--backend_retry_on_status_codes", NotYet),
-    ("--backend_retry_num", NotYet),
+    ("--backend_retry_num", Implemented),
     ("--backend_per_try_timeout", NotYet),
     ("--health_check_grpc_backend", NotYet),
     ("--health_check_grpc_backend_service", NotYet),
@@ -965,6 +993,37 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
         )
     };
     let [check_ms, quota_ms, report_ms] = DEFAULT_SERVICE_CONTROL_TIMEOUTS_MS;
+    let retry_num = match a.backend_retry_num.as_deref() {
+        None => DEFAULT_BACKEND_RETRY_NUM,
+        Some(s) => s
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n <= MAX_BACKEND_RETRY_NUM)
+            .ok_or_else(|| {
+                ArgError::v2(format!(
+                    "invalid --backend_retry_num '{s}': must be a whole number from 0 to \
+                     {MAX_BACKEND_RETRY_NUM}"
+                ))
+            })?,
+    };
+    let retry_ons = a
+        .backend_retry_ons
+        .as_deref()
+        .unwrap_or(DEFAULT_BACKEND_RETRY_ONS);
+    let mut retry_ons_not_yet = false;
+    let mut retry_on_connect_failure = false;
+    for on in retry_ons.split(',').map(str::trim) {
+        if !ENVOY_RETRY_ONS.contains(&on) {
+            return Err(ArgError::v2(format!(
+                "invalid --backend_retry_ons '{retry_ons}': {on:?} is not a retry condition \
+                 (use {})",
+                ENVOY_RETRY_ONS.join(", ")
+            )));
+        }
+        retry_on_connect_failure |= on == "connect-failure";
+        retry_ons_not_yet |= !IMPLEMENTED_RETRY_ONS.contains(&on);
+    }
 
     // `portico esp`'s command line with the same meaning, validated by the same code. Fields
     // not set here keep `portico esp`'s defaults.
@@ -1033,6 +1092,16 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     settings.dialect = Dialect::EspV2;
     settings.status_port = status_port;
     settings.healthz = healthz;
+    settings.backend_connect_retries = if retry_on_connect_failure {
+        retry_num
+    } else {
+        0
+    };
+    // Conditions named on the command line that Portico does not retry on yet are said once
+    // at start-up (the default's `reset` and `refused-stream` are in the README).
+    if retry_ons_not_yet && a.backend_retry_ons.is_some() {
+        settings.not_implemented_flags.push("--backend_retry_ons");
+    }
     settings.jwt_pad_forward_payload = a.jwt_pad_forward_payload_header;
     settings.jwt_audience_service_name_check = !a.disable_jwt_audience_service_name_check;
     Ok(settings)
@@ -1121,6 +1190,7 @@ mod tests {
         assert!(s.enable_backend_routing && s.enable_websocket);
         assert_eq!(s.client_max_body_size, 0);
         assert_eq!(s.backend_timeout, Duration::from_secs(15));
+        assert_eq!(s.backend_connect_retries, DEFAULT_BACKEND_RETRY_NUM);
         assert!(s.cors.is_none() && s.healthz.is_none() && !s.hsts);
         assert!(!s.skip_service_control && !s.skip_jwt_authn);
         assert!(s.ignored_flags.is_empty(), "{:?}", s.ignored_flags);
@@ -1615,7 +1685,7 @@ mod tests {
             "svc",
             "-v",
             "1",
-            "--backend_retry_num=3",
+            "--backend_per_try_timeout=2s",
             "--envoy_connection_buffer_limit_bytes=1024",
             "--enable_backend_routing",
             "--no-service_control_enable_api_key_uid_reporting",
@@ -1637,13 +1707,57 @@ mod tests {
             s.not_implemented_flags,
             vec![
                 "--http_request_timeout_s",
-                "--backend_retry_num",
+                "--backend_per_try_timeout",
                 "--no-service_control_enable_api_key_uid_reporting",
                 "--tracing_sample_rate",
             ]
         );
         // --http_request_timeout_s is ESPv2's timeout for its own calls, never the backend's.
         assert_eq!(s.backend_timeout, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn backend_retries() {
+        let retries = |args: &[&str]| {
+            let mut v = vec!["-s", "svc", "-v", "1"];
+            v.extend(args);
+            p(&v).map(|s| (s.backend_connect_retries, s.not_implemented_flags))
+        };
+        assert_eq!(retries(&[]).unwrap(), (1, vec![]));
+        assert_eq!(retries(&["--backend_retry_num=4"]).unwrap(), (4, vec![]));
+        assert_eq!(retries(&["--backend_retry_num=0"]).unwrap(), (0, vec![]));
+        assert_eq!(
+            retries(&[
+                "--backend_retry_ons=connect-failure",
+                "--backend_retry_num=2"
+            ])
+            .unwrap(),
+            (2, vec![])
+        );
+        // Without connect-failure, no connection is retried; 5xx is not retried yet, and said.
+        assert_eq!(
+            retries(&["--backend_retry_ons=5xx, reset"]).unwrap(),
+            (0, vec!["--backend_retry_ons"])
+        );
+        let m = err(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--backend_retry_ons=connect-failure,sometimes",
+        ]);
+        assert!(m.starts_with("invalid --backend_retry_ons"), "{m}");
+        assert!(m.contains("\"sometimes\""), "{m}");
+        for bad in ["-1", "101", "two", ""] {
+            let m = err(&[
+                "-s",
+                "svc",
+                "-v",
+                "1",
+                &format!("--backend_retry_num={bad}"),
+            ]);
+            assert!(m.starts_with("invalid --backend_retry_num"), "{bad}: {m}");
+        }
     }
 
     #[test]

@@ -273,8 +273,9 @@ impl Pipeline {
             }
             Err(e) => {
                 let err = match &e {
-                    ForwardError::Connect(how, _) => EspError::bad_gateway(*how),
-                    ForwardError::Other(_) => EspError::bad_gateway(NetworkFailure::Reset),
+                    ForwardError::Connect(how, _) => EspError::bad_gateway(*how, false),
+                    ForwardError::ConnectRetried(how, _) => EspError::bad_gateway(*how, true),
+                    ForwardError::Other(_) => EspError::bad_gateway(NetworkFailure::Reset, false),
                     ForwardError::Timeout(_) => EspError::gateway_timeout(),
                     ForwardError::BodyTooLarge(_) => EspError::payload_too_large(),
                     ForwardError::ClientBody(c) => c.esp_error(),

@@ -176,7 +176,7 @@ mod tests {
         );
         assert!(r.body().is_end_stream());
         let r = error_response(
-            &EspError::bad_gateway(crate::error::NetworkFailure::Reset),
+            &EspError::bad_gateway(crate::error::NetworkFailure::Reset, false),
             esp,
             false,
             false,
