@@ -24,9 +24,10 @@
 //! | `X-Endpoint-API-UserInfo` | base64url (padded) JSON with `claims`, `issuer`, `id`, `email`, `audiences` | the token's payload segment as sent (`=`-padded with `--jwt_pad_forward_payload_header`) | `auth::Authenticator::authenticate` |
 //!
 //! Not yet different (issue 17, later items): retries other than for connections that could
-//! not be made (`reset`, `refused-stream`, `5xx`, ... and `--backend_per_try_timeout`), ESPv2's report fields, header flags, TLS, compression, the metadata
-//! server's project and zone, which `:check` failures the open network fail policy forgives.
-//! `WWW-Authenticate` on 401/403 is Portico's in both dialects.
+//! not be made (`reset`, `refused-stream`, `5xx`, ..., `--backend_per_try_timeout`), ESPv2's
+//! report fields, header flags, TLS, compression, the metadata server's project and zone,
+//! which `:check` failures the open network fail policy forgives. `WWW-Authenticate` on
+//! 401/403 is Portico's in both dialects.
 
 use crate::error::{Code, ErrorKind, EspError, JwtProblem, NetworkFailure, ScFailure};
 use std::borrow::Cow;
