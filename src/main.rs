@@ -2,6 +2,7 @@
 //! dispatches, and sets up logging ([`logging`]) for the parts that serve.
 //!
 //! - `portico esp ...`            the proxy (ESP v1's flags)            → crates/proxy
+//! - `portico espv2 ...`          the same proxy, ESPv2's flags and answers → crates/proxy
 //! - `portico control-plane ...`  the Google-shaped APIs                → crates/control-plane
 //! - `portico echo ...`           the getting-started sample backend    → crates/echo
 //! - `portico config validate F`  OpenAPI → service config, or errors   → src/config_cmd.rs,
@@ -24,6 +25,7 @@ const USAGE: &str = "usage: portico <command> [flags]
 commands:
   up               run everything locally: control plane, sample backend, proxy
   esp              the API proxy; accepts ESP's startup flags (portico esp --help)
+  espv2            the same proxy with ESPv2's startup flags and answers (portico espv2 --help)
   control-plane    the control plane (Service Management, IAM, API keys, Service Control)
   echo             the getting-started sample backend
   config validate  convert an OpenAPI file to a service config, or list its errors
@@ -55,6 +57,10 @@ fn main() -> ExitCode {
         Some("esp") => {
             logging::init(logging::Colours::OnTerminal);
             portico_proxy::cli::main(args)
+        }
+        Some("espv2") => {
+            logging::init(logging::Colours::OnTerminal);
+            portico_proxy::cli::espv2::main(args)
         }
         Some("control-plane") => {
             logging::init(logging::Colours::Default);

@@ -788,22 +788,62 @@ fn dockerfile_runs_portico_esp_with_the_seeds_flags() {
         .iter()
         .filter_map(|l| l.strip_prefix("FROM "))
         .collect();
-    assert_eq!(froms.len(), 2, "multi-stage build expected: {froms:?}");
-    assert!(froms[0].starts_with("rust:1.95"), "{froms:?}");
-    assert!(froms[1].starts_with("debian:bookworm-slim"), "{froms:?}");
+    // The builder, the runtime, and one stage per dialect; ESP's is last, the default target.
+    assert_eq!(
+        froms,
+        [
+            "rust:1.95-bookworm AS builder",
+            "debian:bookworm-slim AS runtime",
+            "runtime AS espv2",
+            "runtime AS esp"
+        ],
+        "multi-stage build expected"
+    );
     assert!(
         instrs.iter().any(|l| l.contains("ca-certificates")),
         "runtime needs CA certificates"
     );
-    let entry = instrs
+    let entries: Vec<Vec<String>> = instrs
         .iter()
         .filter_map(|l| l.strip_prefix("ENTRYPOINT "))
-        .next_back()
-        .expect("ENTRYPOINT");
-    let entry: Vec<String> = serde_json::from_str(entry).expect("ENTRYPOINT in exec (JSON) form");
+        .map(|e| serde_json::from_str(e).expect("ENTRYPOINT in exec (JSON) form"))
+        .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert_eq!(
+        entries[0],
+        [
+            "/usr/local/bin/portico",
+            "espv2",
+            "--listener_address=0.0.0.0"
+        ]
+    );
+    // An ESPv2 command line after the image name: every flag is one `portico espv2` takes.
+    let espv2 = subcommand_flags("espv2");
+    let espv2_line: Vec<String> = entries[0][2..]
+        .iter()
+        .cloned()
+        .chain(
+            [
+                "--service=SERVICE",
+                "--rollout_strategy=managed",
+                "--backend=http://127.0.0.1:8080",
+                "--listener_port=8081",
+                "--non_gcp",
+                "--service_account_key=/esp/service-account-creds.json",
+            ]
+            .map(String::from),
+        )
+        .collect();
+    for flag in flag_names(&espv2_line) {
+        assert!(
+            espv2.contains(&flag),
+            "--{flag} is not a `portico espv2` flag"
+        );
+    }
+    let entry = &entries[1];
     assert_eq!(
         entry,
-        ["/usr/local/bin/portico", "esp", "--listen_address=0.0.0.0"]
+        &["/usr/local/bin/portico", "esp", "--listen_address=0.0.0.0"]
     );
     let expose: BTreeSet<&str> = instrs
         .iter()

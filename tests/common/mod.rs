@@ -16,8 +16,13 @@
 //! - [`Api`]: the control plane's REST API with the admin token ([`ControlPlane::api`]):
 //!   calls, long-running operations followed to their response, service-account key files.
 //!
+//! - [`peer`]: a raw HTTP/1.1 double (backend, Service Control, JWKS) that can also stall or
+//!   hang up.
+//!
 //! Not every test binary uses every helper.
 #![allow(dead_code)]
+
+pub mod peer;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};

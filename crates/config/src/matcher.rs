@@ -44,6 +44,17 @@ pub struct Binding {
 struct Entry<T> {
     value: T,
     template: Template,
+    /// The template as registered (`/v1/shelves/{shelf}`).
+    text: Box<str>,
+}
+
+/// Which rules a walk of the trie may end at.
+#[derive(Debug, Clone, Copy)]
+enum Want<'a> {
+    /// A rule for this HTTP method (exact, `GET` for `HEAD`, or `*`).
+    Method(&'a str),
+    /// A rule for any method.
+    Any,
 }
 
 /// A rule ending at a trie node.
@@ -89,8 +100,19 @@ impl Node {
         }
     }
 
-    /// The entry for `method` among this node's ends: exact method, then GET for HEAD, then `*`.
-    fn pick(&self, method: &str, verb: Option<&str>) -> Option<usize> {
+    /// The entry wanted among this node's ends: for a method, the exact method, then GET for
+    /// HEAD, then `*`; for any method, the first registered.
+    fn pick(&self, want: Want<'_>, verb: Option<&str>) -> Option<usize> {
+        let method = match want {
+            Want::Method(m) => m,
+            Want::Any => {
+                return self
+                    .ends
+                    .iter()
+                    .find(|e| e.verb.as_deref() == verb)
+                    .map(|e| e.entry)
+            }
+        };
         let mut head_get = None;
         let mut any = None;
         for e in &self.ends {
@@ -111,7 +133,7 @@ impl Node {
 
     /// Depth-first match of the remaining path. `rest` is `None` when every segment is consumed,
     /// otherwise the unconsumed text without its leading '/'.
-    fn find(&self, rest: Option<&str>, method: &str, verb: Option<&str>) -> Option<usize> {
+    fn find(&self, rest: Option<&str>, method: Want<'_>, verb: Option<&str>) -> Option<usize> {
         let Some(rest) = rest else {
             return self.pick(method, verb).or_else(|| {
                 // `**` also matches zero segments.
@@ -149,7 +171,7 @@ impl Node {
     fn find_after_double_star(
         &self,
         mut rest: Option<&str>,
-        method: &str,
+        method: Want<'_>,
         verb: Option<&str>,
     ) -> Option<usize> {
         if self.literals.is_empty() {
@@ -237,6 +259,7 @@ impl<T> PathMatcherBuilder<T> {
         self.entries.push(Entry {
             value,
             template: parsed,
+            text: template.into(),
         });
         Ok(())
     }
@@ -324,7 +347,7 @@ impl<T> PathMatcher<T> {
         http_method: &str,
         target: &'t str,
     ) -> Option<Match<'m, 't, T>> {
-        let (entry, path) = self.find(http_method, target)?;
+        let (entry, path) = self.find(Want::Method(http_method), target)?;
         Some(Match {
             entry: self.entries.get(entry)?,
             path,
@@ -341,6 +364,14 @@ impl<T> PathMatcher<T> {
         Some((m.value(), m.bindings()))
     }
 
+    /// The template, as registered, of a rule for some method that matches the target's path,
+    /// found with the same precedence as [`lookup`](Self::lookup): how ESPv2 names the path a
+    /// request with a method no rule has for it was matched to.
+    pub fn template_for_any_method(&self, target: &str) -> Option<&str> {
+        let (entry, _) = self.find(Want::Any, target)?;
+        self.entries.get(entry).map(|e| &*e.text)
+    }
+
     /// True when nothing was registered.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
@@ -348,7 +379,7 @@ impl<T> PathMatcher<T> {
 
     /// The entry index and the path text (leading '/', trailing slashes and verb removed) that
     /// matched.
-    fn find<'t>(&self, method: &str, target: &'t str) -> Option<(usize, &'t str)> {
+    fn find<'t>(&self, method: Want<'_>, target: &'t str) -> Option<(usize, &'t str)> {
         let path = match target.find('?') {
             Some(i) => &target[..i],
             None => target,
@@ -478,6 +509,33 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{m} {t}: {e}"));
         }
         b.build()
+    }
+
+    #[test]
+    fn template_for_any_method_names_the_rule_a_path_matches() {
+        let m = matcher(&[
+            ("GET", "/shelves", "list"),
+            ("POST", "/shelves/{shelf}/books", "add"),
+            ("GET", "/a/**", "dstar"),
+            ("DELETE", "/a/{x}", "param"),
+            ("POST", "/v:run", "verb"),
+        ]);
+        assert_eq!(m.template_for_any_method("/shelves"), Some("/shelves"));
+        assert_eq!(m.template_for_any_method("/shelves/?q=1"), Some("/shelves"));
+        assert_eq!(
+            m.template_for_any_method("/shelves/7/books"),
+            Some("/shelves/{shelf}/books")
+        );
+        // Same precedence as a lookup: the single-segment variable before `**`.
+        assert_eq!(m.template_for_any_method("/a/b"), Some("/a/{x}"));
+        assert_eq!(m.template_for_any_method("/a/b/c"), Some("/a/**"));
+        assert_eq!(m.template_for_any_method("/v:run"), Some("/v:run"));
+        assert_eq!(m.template_for_any_method("/nothing"), None);
+        assert_eq!(m.template_for_any_method("/shelves/7"), None);
+        assert_eq!(m.template_for_any_method("no-slash"), None);
+        // The method-specific lookup is unchanged.
+        assert_eq!(m.lookup("PUT", "/shelves"), None);
+        assert_eq!(m.lookup("DELETE", "/a/b"), Some(&"param"));
     }
 
     #[test]

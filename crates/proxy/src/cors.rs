@@ -103,6 +103,23 @@ impl CorsSettings {
         }
     }
 
+    /// Whether a request is a preflight by ESPv2's CORS route: it names the method it asks
+    /// for (`Access-Control-Request-Method`) and an `Origin` the preset allows — any origin for
+    /// `basic` with `*`, exactly the configured one for another `basic` value, a match of the
+    /// regex for `cors_with_regex`.
+    pub fn is_strict_preflight(&self, request_headers: &HeaderMap) -> bool {
+        if !request_headers.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD) {
+            return false;
+        }
+        let Some(origin) = request_headers.get(http::header::ORIGIN) else {
+            return false;
+        };
+        match &self.origin {
+            OriginPolicy::Fixed(v) => v == "*" || v == origin,
+            OriginPolicy::Regex(_) => self.allowed_origin(request_headers).is_some(),
+        }
+    }
+
     /// The 204 answer to a preflight.
     pub fn preflight<B: Default>(&self, origin: HeaderValue) -> Response<B> {
         let mut resp = Response::new(B::default());
@@ -201,6 +218,49 @@ mod tests {
         let r: Response<String> = c.preflight(HeaderValue::from_static("https://app.example.com"));
         assert_eq!(r.headers()["access-control-allow-credentials"], "true");
         assert!(r.headers().contains_key("strict-transport-security"));
+    }
+
+    #[test]
+    fn strict_preflights_need_the_request_method_and_an_allowed_origin() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(*k, HeaderValue::from_static(v));
+            }
+            m
+        };
+        let acrm = ("access-control-request-method", "GET");
+        let any = basic();
+        assert!(any.is_strict_preflight(&h(&[acrm, ("origin", "https://a.example")])));
+        assert!(!any.is_strict_preflight(&h(&[acrm])));
+        assert!(!any.is_strict_preflight(&h(&[("origin", "https://a.example")])));
+        let one = CorsSettings::from_flags(
+            "basic",
+            "https://a.example",
+            "",
+            "GET",
+            "X",
+            false,
+            "Y",
+            false,
+        )
+        .unwrap();
+        assert!(one.is_strict_preflight(&h(&[acrm, ("origin", "https://a.example")])));
+        assert!(!one.is_strict_preflight(&h(&[acrm, ("origin", "https://A.example")])));
+        assert!(!one.is_strict_preflight(&h(&[acrm, ("origin", "https://b.example")])));
+        let re = CorsSettings::from_flags(
+            "cors_with_regex",
+            "*",
+            r"^https://[a-z]+\.example$",
+            "GET",
+            "X",
+            false,
+            "Y",
+            false,
+        )
+        .unwrap();
+        assert!(re.is_strict_preflight(&h(&[acrm, ("origin", "https://a.example")])));
+        assert!(!re.is_strict_preflight(&h(&[acrm, ("origin", "https://a.evil")])));
     }
 
     #[test]

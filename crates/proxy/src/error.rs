@@ -1,6 +1,9 @@
-//! Errors the proxy itself generates, rendered exactly as ESP v1 renders them: a pretty-printed
-//! `google.rpc.Status` (1-space indent, field-number order, trailing newline) whose `code` is the
-//! canonical gRPC code and whose single `DebugInfo` detail names the cause.
+//! Errors the proxy itself generates. Each [`EspError`] carries ESP v1's words for it (HTTP
+//! status, canonical code, message, cause: [`EspError::body`] prints them exactly as ESP v1
+//! does, a pretty-printed `google.rpc.Status` with 1-space indent, field-number order, trailing
+//! newline and one `DebugInfo` detail naming the cause) and the situation it stands for
+//! ([`ErrorKind`]), from which [`crate::dialect`] words it as ESPv2 would. Nothing decides a
+//! dialect's answer by reading another dialect's message.
 //! Backend errors never go through here: they pass through untouched.
 
 pub use portico_servicecontrol::Code;
@@ -36,7 +39,122 @@ pub struct KnownConsumer {
     pub api_key_uid: Option<String>,
 }
 
-/// A proxy-generated error: HTTP status, canonical code, message and cause.
+/// The situation a proxy error stands for, whatever the words. Set where the error is made;
+/// [`crate::dialect::Dialect::render`] turns it into ESPv2's status and message. ESP v1's words
+/// are the [`EspError`]'s own fields.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ErrorKind {
+    /// A refusal ESPv2 has no words of its own for (Portico's own checks, the HTTP-level limits
+    /// nginx and Envoy apply before either proxy's logic): every dialect prints the error's
+    /// status and message.
+    #[default]
+    Portico,
+    /// No HTTP rule matches the request's path, for any method.
+    PathNotDefined,
+    /// An HTTP rule matches the path, for other methods: `template` is that rule's path
+    /// template as the service config writes it. Made only in the ESPv2 dialect.
+    MethodNotAllowed { template: Box<str> },
+    /// `--cors_preset` is set and an `OPTIONS` request lacks `Origin` or
+    /// `Access-Control-Request-Method`, or its origin is not allowed. Made only in the ESPv2
+    /// dialect.
+    CorsPreflightRefused,
+    /// The JWT check failed.
+    Jwt(JwtProblem),
+    /// The method needs an API key and the request has none.
+    UnregisteredCaller,
+    /// `:check` answered with a check error; `code` is its name (`API_KEY_INVALID`), or its
+    /// number for a code the proxy does not know; `service` is the service's name.
+    CheckRefused { code: Box<str>, service: Box<str> },
+    /// `:check` could not be made or got no usable answer, and the network fail policy is
+    /// `close` (or the failure is one the policy never forgives).
+    ServiceControlFailed(ScFailure),
+    /// An earlier `:allocateQuota` for the same consumer and method was refused.
+    QuotaRefused {
+        code: Box<str>,
+        description: Box<str>,
+    },
+    /// The backend could not be reached, or broke the exchange before its response head;
+    /// `retried`: after further attempts (ESPv2's `--backend_retry_num`).
+    BackendFailed { how: NetworkFailure, retried: bool },
+    /// The backend did not answer within the method's deadline.
+    BackendTimeout,
+    /// The request body is larger than `--client_max_body_size`.
+    PayloadTooLarge,
+    /// The method's backend needs an ID token for `audience` and none could be had.
+    BackendIdToken { audience: Box<str> },
+}
+
+/// Why a JWT was refused, in the terms of ESPv2's verifier (google/jwt_verify_lib as Envoy's
+/// `jwt_authn` uses it). ESP v1's message for the same failure is the [`EspError`]'s own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtProblem {
+    Missing,
+    /// Not three dot-separated sections (or empty).
+    BadFormat,
+    HeaderBadBase64,
+    HeaderBadJson,
+    /// `alg` is missing or not a string.
+    HeaderBadAlg,
+    HeaderUnsupportedAlg,
+    PayloadBadBase64,
+    /// The payload is not a JSON object.
+    PayloadBadJson,
+    /// The named claim (`iss`, `sub`, `jti`) is not a string.
+    ClaimNotString(&'static str),
+    /// The named time claim (`exp`, `nbf`, `iat`) is not a number.
+    ClaimNotInteger(&'static str),
+    /// The named time claim is not a positive number.
+    ClaimNotPositive(&'static str),
+    /// `aud` is neither a string nor a list of strings.
+    AudienceNotStrings,
+    SignatureBadBase64,
+    Expired,
+    NotYetValid,
+    /// No requirement of the method names the token's issuer.
+    UnknownIssuer,
+    /// The token names no audience the method accepts (403).
+    AudienceNotAllowed,
+    /// The key set could not be fetched, or is unusable.
+    JwksFetchFailed,
+    /// No key of the set matches the token's `kid` and `alg`.
+    KidAlgMismatch,
+    /// The signature does not verify (or the token fails a check ESPv2's verifier does not
+    /// make, such as an email issuer asserting another subject).
+    VerificationFailed,
+    /// The proxy failed, not the token.
+    Internal,
+}
+
+/// How a call to a peer (Service Control, a backend) failed without an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkFailure {
+    /// The TCP connection failed with this OS error number (111: refused).
+    Connect(i32),
+    /// The peer's name did not resolve.
+    Unresolved,
+    /// No answer in time.
+    Timeout,
+    /// The TLS handshake failed.
+    Tls,
+    /// The connection closed or reset before a response head.
+    Reset,
+}
+
+/// How a `:check` call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScFailure {
+    /// No answer.
+    Network(NetworkFailure),
+    /// An answer with a status other than 200.
+    Http { status: u16, body: Box<str> },
+    /// 200 with a body that is not a response.
+    Invalid,
+    /// No access token for the call.
+    Token,
+}
+
+/// A proxy-generated error: ESP v1's HTTP status, canonical code, message and cause, and the
+/// situation it stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EspError {
     pub http_status: u16,
@@ -47,6 +165,8 @@ pub struct EspError {
     pub cause: Cause,
     /// Set only on a `:check` refusal whose key was valid.
     pub known_consumer: Option<Box<KnownConsumer>>,
+    /// What happened, for the dialects that word it otherwise.
+    pub kind: ErrorKind,
 }
 
 impl EspError {
@@ -58,7 +178,14 @@ impl EspError {
             message: message.into(),
             cause,
             known_consumer: None,
+            kind: ErrorKind::Portico,
         }
+    }
+
+    /// The same error, standing for `kind`.
+    pub fn with_kind(mut self, kind: ErrorKind) -> Self {
+        self.kind = kind;
+        self
     }
 
     /// An error with an explicit HTTP status (for the few rows of ESP's catalogue where the
@@ -75,6 +202,7 @@ impl EspError {
             message: message.into(),
             cause,
             known_consumer: None,
+            kind: ErrorKind::Portico,
         }
     }
 
@@ -85,6 +213,7 @@ impl EspError {
             "Method does not exist.",
             Cause::ServiceControl,
         )
+        .with_kind(ErrorKind::PathNotDefined)
     }
 
     /// 403 code 7: unmatched OPTIONS without CORS.
@@ -94,6 +223,7 @@ impl EspError {
             "The service does not allow CORS traffic.",
             Cause::ServiceControl,
         )
+        .with_kind(ErrorKind::PathNotDefined)
     }
 
     /// 401 code 16: the method needs a consumer and no API key was given.
@@ -104,11 +234,14 @@ impl EspError {
              Please use API Key or other form of API consumer identity to call this API.",
             Cause::ServiceControl,
         )
+        .with_kind(ErrorKind::UnregisteredCaller)
     }
 
-    /// 502 code 13: the backend could not be reached.
-    pub fn bad_gateway() -> Self {
+    /// 502 code 13: the backend could not be reached, or broke the exchange (`how`; after
+    /// retries when `retried`).
+    pub fn bad_gateway(how: NetworkFailure, retried: bool) -> Self {
         Self::with_status(502, Code::Internal, "BAD_GATEWAY", Cause::Application)
+            .with_kind(ErrorKind::BackendFailed { how, retried })
     }
 
     /// 504 code 4: the backend did not answer in time.
@@ -119,6 +252,7 @@ impl EspError {
             "GATEWAY_TIMEOUT",
             Cause::Application,
         )
+        .with_kind(ErrorKind::BackendTimeout)
     }
 
     /// 413: request body over `--client_max_body_size`.
@@ -129,6 +263,7 @@ impl EspError {
             "PAYLOAD_TOO_LARGE",
             Cause::Internal,
         )
+        .with_kind(ErrorKind::PayloadTooLarge)
     }
 
     /// The JSON body, byte for byte as ESP prints it.
@@ -160,6 +295,47 @@ fn json_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| String::from("\"\""))
 }
 
+/// How a call failed without an answer, read from its error chain: a TLS error, a timeout, an
+/// OS error while `connecting` (the connection was refused, the network unreachable, ...), a
+/// name that did not resolve, or else a broken connection.
+pub(crate) fn network_failure(
+    e: &(dyn std::error::Error + 'static),
+    connecting: bool,
+) -> NetworkFailure {
+    let mut unresolved = false;
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if s.downcast_ref::<rustls::Error>().is_some() {
+            return NetworkFailure::Tls;
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return NetworkFailure::Timeout;
+            }
+            if io
+                .get_ref()
+                .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
+            {
+                return NetworkFailure::Tls;
+            }
+            if let (true, Some(n)) = (connecting, io.raw_os_error()) {
+                return NetworkFailure::Connect(n);
+            }
+        }
+        // getaddrinfo's failures carry no OS error number; their text names the lookup.
+        let text = s.to_string();
+        if text.contains("dns error") || text.contains("lookup address") {
+            unresolved = true;
+        }
+        src = s.source();
+    }
+    if unresolved {
+        NetworkFailure::Unresolved
+    } else {
+        NetworkFailure::Reset
+    }
+}
+
 /// An error with its whole `source()` chain, `: `-joined: the top-level messages of reqwest and
 /// hyper hide the cause ("error sending request", "client error (Connect)").
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
@@ -180,7 +356,7 @@ mod tests {
     #[test]
     fn bad_gateway_body_is_byte_exact() {
         let expected = "{\n \"code\": 13,\n \"message\": \"BAD_GATEWAY\",\n \"details\": [\n  {\n   \"@type\": \"type.googleapis.com/google.rpc.DebugInfo\",\n   \"stackEntries\": [],\n   \"detail\": \"application\"\n  }\n ]\n}\n";
-        let e = EspError::bad_gateway();
+        let e = EspError::bad_gateway(NetworkFailure::Connect(111), true);
         assert_eq!(e.http_status, 502);
         assert_eq!(e.body(), expected);
     }

@@ -414,7 +414,7 @@ fn classify(e: &hyper_util::client::legacy::Error) -> ForwardError {
         return f;
     }
     if e.is_connect() {
-        ForwardError::Connect(error_chain(e))
+        ForwardError::Connect(crate::error::network_failure(e, true), error_chain(e))
     } else {
         ForwardError::Other(error_chain(e))
     }

@@ -2,7 +2,9 @@
 //!
 //! Where to find things, in the order a request meets them:
 //! - [`cli`]: ESP's start-up flags, parsed into [`settings::Settings`] (exit codes as
-//!   `start_esp`). Nothing else imports it.
+//!   `start_esp`); [`cli::espv2`]: ESPv2's, into the same settings. Nothing else imports it.
+//! - [`dialect`]: which proxy Portico speaks for (ESP v1 or ESPv2) and the table of every
+//!   place where the two answer differently.
 //! - [`settings`]: the runtime settings every part reads (backend address, rewrite rules,
 //!   rollout strategy, header limits, ...).
 //! - [`server`]: listeners (HTTP/1.1, h2c, TLS+h2), one single-threaded runtime per core with
@@ -45,6 +47,7 @@ pub mod cli;
 pub mod compression;
 pub mod config_source;
 pub mod cors;
+pub mod dialect;
 pub mod error;
 pub mod forward;
 #[doc(hidden)]

@@ -299,8 +299,13 @@ impl BodyProgress {
 /// Why forwarding failed; each maps to one row of ESP's error catalogue.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
-    #[error("cannot connect to the backend: {0}")]
-    Connect(String),
+    /// No connection, or no HTTP exchange on it (how, for the dialects that say so; what).
+    #[error("cannot connect to the backend: {1}")]
+    Connect(crate::error::NetworkFailure, String),
+    /// [`ForwardError::Connect`] again after every retry the pool allows
+    /// ([`crate::upstream::PoolLimits::connect_retries`]); the last failure.
+    #[error("cannot connect to the backend, retried: {1}")]
+    ConnectRetried(crate::error::NetworkFailure, String),
     #[error("the backend did not answer within {0:?}")]
     Timeout(Duration),
     #[error(transparent)]

@@ -79,7 +79,8 @@ pub struct ProxyHandle {
     pub http_addr: Option<SocketAddr>,
     pub http2_addr: Option<SocketAddr>,
     pub ssl_addr: Option<SocketAddr>,
-    pub status_addr: SocketAddr,
+    /// `None` when the status server is off (`portico espv2` without `--status_port`).
+    pub status_addr: Option<SocketAddr>,
     pub state: Arc<ProxyState>,
     shutdown_tx: watch::Sender<bool>,
     workers: Vec<std::thread::JoinHandle<()>>,
@@ -214,6 +215,9 @@ pub async fn start_with_metrics(
         key_cache: crate::auth::KeyCache::new(key_opts),
         auth_options: crate::auth::AuthOptions {
             log_jwt_payload: settings.log_jwt_payload.clone(),
+            dialect: settings.dialect,
+            pad_forward_payload: settings.jwt_pad_forward_payload,
+            disable_audience_service_name_check: !settings.jwt_audience_service_name_check,
         },
         backend_routing: settings.enable_backend_routing,
         backend_timeout: settings.backend_timeout,
@@ -221,6 +225,7 @@ pub async fn start_with_metrics(
             max: settings
                 .backend_max_connections
                 .saturating_mul(settings.worker_threads.max(1)),
+            connect_retries: settings.backend_connect_retries,
             ..Default::default()
         },
         // Rule addresses, and `--backend` itself when a rule asks it for another protocol.
@@ -266,7 +271,7 @@ pub async fn start_with_metrics(
     let mut http2_addr = None;
     let mut ssl_addr = None;
     if let Some(p) = settings.http_port {
-        let (a, ls) = bind_group("--http_port", ip, p, n)?;
+        let (a, ls) = bind_group(settings.dialect.serving_port_flag(), ip, p, n)?;
         http_addr = Some(a);
         groups.push((PortKind::Http, ls));
     }
@@ -280,21 +285,23 @@ pub async fn start_with_metrics(
         ssl_addr = Some(a);
         groups.push((PortKind::Ssl, ls));
     }
-    let status_bind = SocketAddr::new(ip, settings.status_port);
-    let status_listener = tokio::net::TcpListener::bind(status_bind)
-        .await
-        .map_err(|source| StartError::Bind {
-            flag: "--status_port",
-            addr: status_bind,
-            source,
-        })?;
-    let status_addr = status_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            flag: "--status_port",
-            addr: status_bind,
-            source,
-        })?;
+    let status_listener = match settings.status_port {
+        Some(port) => {
+            let status_bind = SocketAddr::new(ip, port);
+            let bind_error = |source| StartError::Bind {
+                flag: "--status_port",
+                addr: status_bind,
+                source,
+            };
+            let listener = tokio::net::TcpListener::bind(status_bind)
+                .await
+                .map_err(bind_error)?;
+            let addr = listener.local_addr().map_err(bind_error)?;
+            Some((listener, addr))
+        }
+        None => None,
+    };
+    let status_addr = status_listener.as_ref().map(|(_, a)| *a);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut workers = Vec::with_capacity(n);
@@ -309,6 +316,7 @@ pub async fn start_with_metrics(
             Some(backend_tls.clone()),
             crate::upstream::PoolLimits {
                 max: settings.backend_max_connections,
+                connect_retries: settings.backend_connect_retries,
                 ..Default::default()
             },
         )?;
@@ -339,36 +347,38 @@ pub async fn start_with_metrics(
             }
         }
     }));
-    let status_state = state.clone();
-    let status_shutdown = shutdown_rx.clone();
-    let status_builder = {
-        let mut b = auto::Builder::new(TokioExecutor::new()).http1_only();
-        b.http1().header_read_timeout(None);
-        b
-    };
-    let limits = settings.conn_limits;
-    tasks.push(tokio::spawn(async move {
-        let info = Arc::new(crate::status::StatusInfo {
-            started_at: crate::access_log::now_rfc3339(),
-            ..Default::default()
-        });
-        let acceptor = portico_listen::Acceptor::new(status_listener, "--status_port");
-        portico_listen::serve(
-            acceptor,
-            status_builder,
-            limits,
-            move |_peer| {
-                let st = status_state.clone();
-                let info = info.clone();
-                service_fn(move |req| {
-                    let r = crate::status::handle(&st, &info, &req);
-                    async move { Ok::<_, Infallible>(r) }
-                })
-            },
-            status_shutdown,
-        )
-        .await;
-    }));
+    if let Some((status_listener, _)) = status_listener {
+        let status_state = state.clone();
+        let status_shutdown = shutdown_rx.clone();
+        let status_builder = {
+            let mut b = auto::Builder::new(TokioExecutor::new()).http1_only();
+            b.http1().header_read_timeout(None);
+            b
+        };
+        let limits = settings.conn_limits;
+        tasks.push(tokio::spawn(async move {
+            let info = Arc::new(crate::status::StatusInfo {
+                started_at: crate::access_log::now_rfc3339(),
+                ..Default::default()
+            });
+            let acceptor = portico_listen::Acceptor::new(status_listener, "--status_port");
+            portico_listen::serve(
+                acceptor,
+                status_builder,
+                limits,
+                move |_peer| {
+                    let st = status_state.clone();
+                    let info = info.clone();
+                    service_fn(move |req| {
+                        let r = crate::status::handle(&st, &info, &req);
+                        async move { Ok::<_, Infallible>(r) }
+                    })
+                },
+                status_shutdown,
+            )
+            .await;
+        }));
+    }
 
     Ok(ProxyHandle {
         http_addr,
@@ -722,10 +732,11 @@ pub fn run(settings: Settings) -> ExitCode {
             http = ?handle.http_addr,
             http2 = ?handle.http2_addr,
             ssl = ?handle.ssl_addr,
-            status = %handle.status_addr,
+            status = ?handle.status_addr,
             backend = %settings.backend.authority(),
             workers = settings.worker_threads,
-            "portico esp serving"
+            "portico {} serving",
+            settings.dialect.command()
         );
         wait_for_signal().await;
         handle.shutdown(DRAIN).await;

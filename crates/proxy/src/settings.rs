@@ -166,6 +166,9 @@ pub struct RewriteRule {
 /// Validated start-up settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Which proxy Portico stands in for: ESP v1 (`portico esp`) or ESPv2 (`portico espv2`);
+    /// every place where they answer differently reads it ([`crate::dialect`]).
+    pub dialect: crate::dialect::Dialect,
     pub service: Option<String>,
     pub version: Option<String>,
     pub rollout_strategy: RolloutStrategy,
@@ -174,7 +177,10 @@ pub struct Settings {
     pub http_port: Option<u16>,
     pub http2_port: Option<u16>,
     pub ssl_port: Option<u16>,
-    pub status_port: u16,
+    /// The status server (`/endpoints_status`, `/healthz`, `/metrics`); `None`: not served
+    /// (ESPv2's default, whose admin port is off unless `--status_port` names one). `Some(0)`:
+    /// a port the system picks.
+    pub status_port: Option<u16>,
     /// TLS on `--ssl_port`: the certificate (`--ssl_cert_path`/`--ssl_key_path`,
     /// `--generate_self_signed_cert`; ESPv2's `--ssl_server_cert_path`), client certificates
     /// (ESPv2's `--ssl_server_root_cert_path`), versions (`--ssl_protocols`; ESPv2's
@@ -231,12 +237,22 @@ pub struct Settings {
     pub log_response_headers: Vec<String>,
     pub log_jwt_payload: Vec<String>,
     pub jwks_cache_duration: Option<Duration>,
+    /// `--jwt_pad_forward_payload_header` (ESPv2): the JWT payload forwarded in
+    /// `X-Endpoint-API-UserInfo` gets base64 `=` padding.
+    pub jwt_pad_forward_payload: bool,
+    /// ESPv2 accepts a token for the service's own name (`https://SERVICE`) when a provider
+    /// lists no audiences; `--disable_jwt_audience_service_name_check` turns that off, and such
+    /// a provider then accepts any audience.
+    pub jwt_audience_service_name_check: bool,
     pub enable_jwt_authorization_url_redirect: bool,
     pub disable_cloud_trace_auto_sampling: bool,
     pub rollout_fetch_throttle_window: Option<Duration>,
     pub worker_threads: usize,
     /// Per serving thread, for each HTTP/1.1 backend.
     pub backend_max_connections: usize,
+    /// Further attempts after a backend connection that could not be made (ESPv2's
+    /// `--backend_retry_num` with `connect-failure` in `--backend_retry_ons`; 0 for ESP).
+    pub backend_connect_retries: u32,
     pub backend_timeout: Duration,
     /// `--experimental_proxy_backend_host_header`.
     pub backend_host_header: Option<http::HeaderValue>,
@@ -266,6 +282,9 @@ pub struct Settings {
     pub response_compression: Option<crate::compression::CompressionSettings>,
     /// Flags accepted only for compatibility, reported once at start-up.
     pub ignored_flags: Vec<&'static str>,
+    /// Flags accepted whose feature is not built yet, reported once at start-up (ESPv2's
+    /// flags that issue 17 still has to implement; always empty for `portico esp`).
+    pub not_implemented_flags: Vec<&'static str>,
 }
 
 /// nginx's `large_client_header_buffers NUMBER SIZE`.

@@ -22,6 +22,7 @@
 //! The pool's lock is taken twice per request (check-out and return) and never across an
 //! `.await`; each serving thread owns its own pool for `--backend`, so it is uncontended.
 
+use crate::error::NetworkFailure;
 use crate::request_body::{ForwardError, LimitedBody};
 use bytes::Bytes;
 use http::{Request, Response};
@@ -58,9 +59,12 @@ impl Dialer {
         let authority = match self {
             Dialer::Plain { authority } | Dialer::Tls { authority, .. } => authority,
         };
-        let tcp = TcpStream::connect(authority.as_str())
-            .await
-            .map_err(|e| ForwardError::Connect(format!("{authority}: {e}")))?;
+        let tcp = TcpStream::connect(authority.as_str()).await.map_err(|e| {
+            ForwardError::Connect(
+                crate::error::network_failure(&e, true),
+                format!("{authority}: {e}"),
+            )
+        })?;
         let _ = tcp.set_nodelay(true);
         match self {
             Dialer::Plain { .. } => Ok(Either::Left(tcp)),
@@ -72,7 +76,12 @@ impl Dialer {
                 let tls = connector
                     .connect(server_name.clone(), tcp)
                     .await
-                    .map_err(|e| ForwardError::Connect(format!("TLS to {authority}: {e}")))?;
+                    .map_err(|e| {
+                        ForwardError::Connect(
+                            crate::error::NetworkFailure::Tls,
+                            format!("TLS to {authority}: {e}"),
+                        )
+                    })?;
                 Ok(Either::Right(Box::new(tls)))
             }
         }
@@ -91,6 +100,10 @@ pub struct PoolLimits {
     pub max_idle: usize,
     /// An idle connection older than this is closed instead of reused.
     pub idle_timeout: Duration,
+    /// Further attempts after a connection that could not be made (refused, unreachable, TLS
+    /// handshake failed), nothing of the request having been sent: ESPv2's
+    /// `--backend_retry_num` for `connect-failure`. 0 for `portico esp`.
+    pub connect_retries: u32,
 }
 
 impl Default for PoolLimits {
@@ -99,9 +112,13 @@ impl Default for PoolLimits {
             max: DEFAULT_MAX_CONNECTIONS,
             max_idle: 128,
             idle_timeout: Duration::from_secs(60),
+            connect_retries: 0,
         }
     }
 }
+
+/// The wait before another connection attempt (Envoy's default retry back-off base).
+const CONNECT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
 
 /// `--backend_max_connections`'s default, per serving thread.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100;
@@ -356,11 +373,37 @@ impl Pool {
         }
     }
 
-    /// Dials into a slot already counted in `open`.
+    /// Dials into a slot already counted in `open`. A connection that could not be made
+    /// (refused, unreachable, TLS handshake failed: nothing of the request was sent) is tried
+    /// `connect_retries` more times, a short wait apart, in the same slot; the last failure
+    /// then says it was retried. Other failures are returned at once.
     async fn dial_in(&self, mut slot: Slot) -> Result<Sender, ForwardError> {
-        let tx = self.dial().await?;
-        slot.armed = false;
-        Ok(tx)
+        let mut retries_left = self.shared.limits.connect_retries;
+        let mut retried = false;
+        loop {
+            match self.dial().await {
+                Ok(tx) => {
+                    slot.armed = false;
+                    return Ok(tx);
+                }
+                Err(ForwardError::Connect(
+                    how @ (NetworkFailure::Connect(_) | NetworkFailure::Tls),
+                    detail,
+                )) => {
+                    if retries_left == 0 {
+                        return Err(if retried {
+                            ForwardError::ConnectRetried(how, detail)
+                        } else {
+                            ForwardError::Connect(how, detail)
+                        });
+                    }
+                    retries_left -= 1;
+                    retried = true;
+                    tokio::time::sleep(CONNECT_RETRY_BACKOFF).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn dial(&self) -> Result<Sender, ForwardError> {
@@ -368,7 +411,9 @@ impl Pool {
         let (tx, conn) = Builder::new()
             .handshake::<_, LimitedBody>(TokioIo::new(stream))
             .await
-            .map_err(|e| ForwardError::Connect(e.to_string()))?;
+            .map_err(|e| {
+                ForwardError::Connect(crate::error::NetworkFailure::Reset, e.to_string())
+            })?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "backend connection closed");

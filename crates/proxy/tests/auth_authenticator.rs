@@ -605,6 +605,7 @@ async fn custom_jwt_locations_and_payload_logging() {
     );
     let opts = AuthOptions {
         log_jwt_payload: vec!["sub".into(), "aud".into(), "missing".into()],
+        ..Default::default()
     };
     let auth = Authenticator::new(&svc, &opts, cache());
     let token = key.sign(&claims(ISS, AUD.into()));
@@ -815,4 +816,190 @@ async fn x509_and_hmac_key_messages() {
         e.error.message,
         "JWT validation failed: Invalid base64 encoded HS symmetric key. Most likely JWT alg is HS, but public key is ES or RSA."
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// ESPv2's rules (`AuthOptions::dialect`): audiences, token locations, X-Endpoint-API-UserInfo.
+
+fn espv2(pad: bool, disable_service_name: bool) -> AuthOptions {
+    AuthOptions {
+        dialect: portico_proxy::dialect::Dialect::EspV2,
+        pad_forward_payload: pad,
+        disable_audience_service_name_check: disable_service_name,
+        ..Default::default()
+    }
+}
+
+async fn espv2_auth(
+    providers: serde_json::Value,
+    rules: serde_json::Value,
+    opts: AuthOptions,
+) -> Authenticator {
+    Authenticator::new(&service(providers, rules), &opts, cache())
+}
+
+#[tokio::test]
+async fn espv2_audiences_follow_envoy() {
+    let server = KeyServer::start().await;
+    let key = TestKey::rsa("k1");
+    server.set("/jwks", 200, jwks(&[&key]));
+    let jwks_uri = server.url("/jwks");
+    let forbidden = |r: Result<Option<portico_proxy::auth::AuthInfo>, AuthError>| {
+        let e = r.expect_err("refused");
+        assert_eq!(
+            e.error.kind,
+            portico_proxy::error::ErrorKind::Jwt(
+                portico_proxy::error::JwtProblem::AudienceNotAllowed
+            )
+        );
+    };
+    // A provider with audiences: only those; the service's name is not one.
+    let a = espv2_auth(
+        json!([{"id": "p", "issuer": ISS, "jwksUri": jwks_uri, "audiences": AUD}]),
+        json!([rule("m", &["p"])]),
+        espv2(false, false),
+    )
+    .await;
+    assert!(try_aud(&a, &key, json!(AUD)).await.is_ok());
+    assert!(try_aud(&a, &key, json!(format!("https://{AUD}/")))
+        .await
+        .is_ok());
+    forbidden(try_aud(&a, &key, json!(SVC)).await);
+    // The requirement's audiences replace the provider's.
+    let a = espv2_auth(
+        json!([{"id": "p", "issuer": ISS, "jwksUri": jwks_uri, "audiences": "prov-aud"}]),
+        json!([{"selector": "m", "requirements": [{"providerId": "p", "audiences": "req-aud"}]}]),
+        espv2(false, false),
+    )
+    .await;
+    assert!(try_aud(&a, &key, json!("req-aud")).await.is_ok());
+    forbidden(try_aud(&a, &key, json!("prov-aud")).await);
+    // No audiences: `https://SERVICE`, compared without scheme and trailing slash.
+    let none = json!([{"id": "p", "issuer": ISS, "jwksUri": jwks_uri}]);
+    let a = espv2_auth(
+        none.clone(),
+        json!([rule("m", &["p"])]),
+        espv2(false, false),
+    )
+    .await;
+    for aud in [
+        json!(format!("https://{SVC}")),
+        json!(SVC),
+        json!([format!("http://{SVC}/"), "x"]),
+    ] {
+        assert!(try_aud(&a, &key, aud.clone()).await.is_ok(), "{aud}");
+    }
+    forbidden(try_aud(&a, &key, json!("someone-else")).await);
+    let no_aud = json!({"iss": ISS, "exp": now() + 600});
+    let e = a.authenticate("m", &bearer(&key.sign(&no_aud)), None).await;
+    forbidden(e);
+    // ... and with the check disabled, any audience or none.
+    let a = espv2_auth(none, json!([rule("m", &["p"])]), espv2(false, true)).await;
+    assert!(try_aud(&a, &key, json!("someone-else")).await.is_ok());
+    assert!(a
+        .authenticate("m", &bearer(&key.sign(&no_aud)), None)
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
+async fn espv2_forwards_the_payload_segment_and_reads_envoys_locations() {
+    let server = KeyServer::start().await;
+    let key = TestKey::rsa("k1");
+    server.set("/jwks", 200, jwks(&[&key]));
+    let providers =
+        json!([{"id": "p", "issuer": ISS, "jwksUri": server.url("/jwks"), "audiences": AUD}]);
+    let token = key.sign(&json!({"iss": ISS, "aud": AUD, "exp": now() + 600, "sub": "s"}));
+    let segment = token.split('.').nth(1).unwrap().to_string();
+    assert_ne!(
+        segment.len() % 4,
+        0,
+        "the test needs a payload that padding changes"
+    );
+    let a = espv2_auth(
+        providers.clone(),
+        json!([rule("m", &["p"])]),
+        espv2(false, false),
+    )
+    .await;
+    let info = a
+        .authenticate("m", &bearer(&token), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(info.user_info.to_str().unwrap(), segment);
+    let padded = espv2_auth(
+        providers.clone(),
+        json!([rule("m", &["p"])]),
+        espv2(true, false),
+    )
+    .await;
+    let info = padded
+        .authenticate("m", &bearer(&token), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let want = format!("{segment}{}", "=".repeat((4 - segment.len() % 4) % 4));
+    assert_eq!(info.user_info.to_str().unwrap(), want);
+    assert_eq!(info.user_info.len() % 4, 0);
+
+    let header = |name: &'static str, v: String| {
+        let mut h = HeaderMap::new();
+        h.insert(name, v.parse().unwrap());
+        h
+    };
+    // `Bearer ` anywhere in Authorization; the token ends at the first non-token character.
+    for v in [
+        format!("Bearer {token}"),
+        format!("Foo, Bearer {token}, x=y"),
+        format!("Bearer  {token}"),
+    ] {
+        assert!(
+            a.authenticate("m", &header("authorization", v.clone()), None)
+                .await
+                .is_ok(),
+            "{v}"
+        );
+    }
+    // Without `Bearer ` the header holds no token (ESP v1 would try the whole value).
+    let e = reject(&a, &header("authorization", token.clone())).await;
+    assert_eq!(
+        e.error.kind,
+        portico_proxy::error::ErrorKind::Jwt(portico_proxy::error::JwtProblem::Missing)
+    );
+    assert!(a
+        .authenticate(
+            "m",
+            &header("x-goog-iap-jwt-assertion", token.clone()),
+            None
+        )
+        .await
+        .is_ok());
+    // `access_token` is read even when another Authorization header is present; its name is
+    // matched exactly.
+    let q = format!("access_token={token}");
+    assert!(a
+        .authenticate("m", &header("authorization", "Basic eDp5".into()), Some(&q))
+        .await
+        .is_ok());
+    let e = reject_q(&a, &HeaderMap::new(), &format!("ACCESS_TOKEN={token}")).await;
+    assert_eq!(
+        e.error.kind,
+        portico_proxy::error::ErrorKind::Jwt(portico_proxy::error::JwtProblem::Missing)
+    );
+}
+
+async fn try_aud(
+    a: &Authenticator,
+    key: &TestKey,
+    aud: serde_json::Value,
+) -> Result<Option<portico_proxy::auth::AuthInfo>, AuthError> {
+    a.authenticate("m", &bearer(&key.sign(&claims(ISS, aud))), None)
+        .await
+}
+
+async fn reject_q(auth: &Authenticator, headers: &HeaderMap, query: &str) -> AuthError {
+    auth.authenticate("m", headers, Some(query))
+        .await
+        .expect_err("request should be rejected")
 }

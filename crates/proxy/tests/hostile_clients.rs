@@ -887,7 +887,7 @@ async fn idle_and_slow_connections_are_closed_on_the_serving_and_status_ports() 
             &["--client_header_timeout=1s", "--keepalive_timeout=2s"],
         )
         .await;
-        let status = env.proxy.status_addr;
+        let status = env.proxy.status_addr.expect("status port");
         // Silent connections: the header timeout (1 s) applies from accept.
         let mut silent = Vec::new();
         for a in [env.http(), status] {

@@ -1048,7 +1048,7 @@ async fn status_port_endpoints() {
         &["--healthz=hz"],
     )
     .await;
-    let st = format!("http://{}", env.proxy.status_addr);
+    let st = format!("http://{}", env.proxy.status_addr.expect("status port"));
     let _ = env
         .client
         .get(format!("{}/shelves", env.base))
@@ -1148,7 +1148,7 @@ async fn status_port_endpoints() {
 #[tokio::test]
 async fn endpoints_status_has_esps_shape_and_counts_itself() {
     let env = start_proxy(fixture("bookstore_sc.json"), start_backend().await, &[]).await;
-    let st = format!("http://{}", env.proxy.status_addr);
+    let st = format!("http://{}", env.proxy.status_addr.expect("status port"));
     for _ in 0..2 {
         let r = env
             .client
@@ -1712,7 +1712,10 @@ async fn client_abort_is_counted_as_499() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(s);
-    let st = format!("http://{}/metrics", env.proxy.status_addr);
+    let st = format!(
+        "http://{}/metrics",
+        env.proxy.status_addr.expect("status port")
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let text = env

@@ -103,6 +103,7 @@ fn pool_to(port: u16, max: usize, max_idle: usize, idle_timeout: Duration) -> Po
             max,
             max_idle,
             idle_timeout,
+            connect_retries: 0,
         },
     )
 }
@@ -590,14 +591,14 @@ async fn dial_failure_is_a_connect_error_and_frees_the_slot() {
             let r = tokio::time::timeout(Duration::from_secs(5), pool.send(get("/")))
                 .await
                 .expect("a refused dial must fail, not wait");
-            assert!(matches!(r, Err(ForwardError::Connect(_))), "{:?}", r.err());
+            assert!(matches!(r, Err(ForwardError::Connect(..))), "{:?}", r.err());
             assert_eq!(pool.open_connections(), 0);
             assert_eq!(pool.idle_connections(), 0);
         }
 
         let fwd = forwarder(port, 1, Duration::from_secs(5));
         let r = fwd.send(get("/")).await;
-        assert!(matches!(r, Err(ForwardError::Connect(_))), "{:?}", r.err());
+        assert!(matches!(r, Err(ForwardError::Connect(..))), "{:?}", r.err());
         assert_eq!(fwd.open_connections(), Some(0));
     })
     .await;
@@ -709,6 +710,7 @@ fn forwarder(port: u16, max: usize, timeout: Duration) -> Forwarder {
             max,
             max_idle: max,
             idle_timeout: LONG,
+            connect_retries: 0,
         },
     )
     .unwrap()
@@ -777,6 +779,77 @@ async fn forwarder_deadline_spent_waiting_for_a_connection_leaks_no_slot() {
         assert_eq!(fwd.open_connections(), Some(1));
         assert_eq!(backend.stats.accepted(), 1);
         assert_eq!(backend.stats.requests.load(Ordering::SeqCst), 2);
+    })
+    .await;
+}
+
+/// ESPv2's `connect-failure` retries: a connection that could not be made (here a TLS
+/// handshake the peer cuts) is tried `connect_retries` more times, then fails as retried; a
+/// pool without retries tries once. Counted by the connections the peer accepted.
+#[tokio::test]
+async fn connect_failures_are_retried_as_configured() {
+    bounded(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                drop(s);
+            }
+        });
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let tls_pool = |connect_retries: u32| {
+            Pool::new(
+                Dialer::Tls {
+                    authority: format!("127.0.0.1:{port}"),
+                    server_name: rustls::pki_types::ServerName::try_from("backend.example")
+                        .unwrap()
+                        .to_owned(),
+                    connector: tokio_rustls::TlsConnector::from(Arc::new(config.clone())),
+                },
+                PoolLimits {
+                    max: 1,
+                    connect_retries,
+                    ..Default::default()
+                },
+            )
+        };
+        let r = tls_pool(0).send(get("/")).await;
+        assert!(
+            matches!(
+                r,
+                Err(ForwardError::Connect(
+                    portico_proxy::error::NetworkFailure::Tls,
+                    _
+                ))
+            ),
+            "{:?}",
+            r.err()
+        );
+        assert_eq!(accepted.swap(0, Ordering::SeqCst), 1);
+        let pool = tls_pool(3);
+        let r = pool.send(get("/")).await;
+        assert!(
+            matches!(
+                r,
+                Err(ForwardError::ConnectRetried(
+                    portico_proxy::error::NetworkFailure::Tls,
+                    _
+                ))
+            ),
+            "{:?}",
+            r.err()
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        // Every failed attempt gave its slot back.
+        assert_eq!(pool.open_connections(), 0);
     })
     .await;
 }

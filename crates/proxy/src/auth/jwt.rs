@@ -16,6 +16,8 @@ use serde_json::{Map, Value};
 use std::sync::Arc;
 
 use super::keys::VerifyKey;
+use crate::error::JwtProblem;
+use std::borrow::Cow;
 
 /// `exp`/`nbf` tolerance, as gRPC's claims checker used by ESP.
 pub const CLOCK_SKEW_S: i64 = 60;
@@ -29,6 +31,41 @@ const MISSING_ISS: &str = "Bad JWT format: invalid JWT claims; issuer is mssing 
 pub const TIME_CONSTRAINT_FAILURE: &str = "TIME_CONSTRAINT_FAILURE";
 /// The reason for an email-address issuer asserting another subject (gRPC's unnamed status).
 pub const BAD_SUBJECT: &str = "UNKNOWN";
+
+/// Why a token was refused: ESP v1's reason (what follows `JWT validation failed: `) and the
+/// same failure in ESPv2's terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadJwt {
+    pub reason: Cow<'static, str>,
+    pub problem: JwtProblem,
+}
+
+impl BadJwt {
+    fn new(reason: impl Into<Cow<'static, str>>, problem: JwtProblem) -> BadJwt {
+        BadJwt {
+            reason: reason.into(),
+            problem,
+        }
+    }
+}
+
+impl std::fmt::Display for BadJwt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl PartialEq<&str> for BadJwt {
+    fn eq(&self, other: &&str) -> bool {
+        self.reason == *other
+    }
+}
+
+/// Whether a token has the three dot-separated sections of a compact JWS. ESPv2's verifier
+/// refuses any other shape first; ESP v1 reads the header before it counts dots.
+pub fn three_sections(token: &str) -> bool {
+    token.split('.').count() == 3
+}
 
 /// A structurally valid token, not yet verified.
 #[derive(Debug, Clone)]
@@ -45,12 +82,14 @@ pub struct ParsedJwt {
     pub nbf: Option<i64>,
     /// Byte offset of the second `.`: `token[..signing_input_len]` is what was signed.
     signing_input_len: usize,
+    /// Byte offset of the payload segment (just after the first `.`).
+    payload_start: usize,
     /// The signature's bytes (empty when its encoding is invalid).
     signature: Vec<u8>,
     /// An email-address issuer naming another subject, reported after the time check.
     subject_problem: bool,
     /// What is wrong with the signature's encoding, reported after the subject check.
-    signature_problem: Option<&'static str>,
+    signature_problem: Option<(&'static str, JwtProblem)>,
 }
 
 /// `=` inside a group, as gRPC's decoder marks it.
@@ -151,51 +190,88 @@ fn email_issuer_asserts_other_subject(payload: &Map<String, Value>, iss: &str) -
 /// (`strtol`) and treats 0 as its parse-failure marker. Fractions are truncated towards zero,
 /// as `strtol` does; unlike `strtol` we read exponent notation by value (`1e9` is 10^9 s, not
 /// 1 s) — no issuer writes it.
-fn time_claim(payload: &Map<String, Value>, name: &str) -> Result<Option<i64>, String> {
+fn time_claim(payload: &Map<String, Value>, name: &'static str) -> Result<Option<i64>, BadJwt> {
     match payload.get(name) {
         None => Ok(None),
         Some(Value::Number(n)) => match n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)) {
-            Some(0) | None => Err(BAD_CLAIM_TYPES.to_string()),
+            Some(0) | None => Err(BadJwt::new(
+                BAD_CLAIM_TYPES,
+                JwtProblem::ClaimNotPositive(name),
+            )),
             Some(secs) => Ok(Some(secs)),
         },
-        Some(_) => Err(BAD_CLAIM_TYPES.to_string()),
+        Some(_) => Err(BadJwt::new(
+            BAD_CLAIM_TYPES,
+            JwtProblem::ClaimNotInteger(name),
+        )),
     }
 }
 
-/// Parses a token up to (and including) its `iss`; the error is the complete reason that
-/// follows `JWT validation failed: `.
-pub fn parse(token: &str) -> Result<ParsedJwt, String> {
+/// Parses a token up to (and including) its `iss`. The reason of the error is the complete
+/// text that follows `JWT validation failed: `; a token without three sections is
+/// [`JwtProblem::BadFormat`] whatever ESP v1's reason.
+pub fn parse(token: &str) -> Result<ParsedJwt, BadJwt> {
+    parse_parts(token).map_err(|mut e| {
+        if !three_sections(token) {
+            e.problem = JwtProblem::BadFormat;
+        }
+        e
+    })
+}
+
+fn parse_parts(token: &str) -> Result<ParsedJwt, BadJwt> {
+    use JwtProblem as P;
     if token.is_empty() {
-        return Err("Bad JWT format: empty token".into());
+        return Err(BadJwt::new("Bad JWT format: empty token", P::BadFormat));
     }
     // ESP reads the header before it looks for the second dot, and everything after the
     // second dot (extra dots included) is the signature, whose encoding is then invalid.
     let Some((h, rest)) = token.split_once('.') else {
-        return Err("Bad JWT format: should have 2 dots".into());
+        return Err(BadJwt::new(
+            "Bad JWT format: should have 2 dots",
+            P::BadFormat,
+        ));
     };
-    let header_bytes = b64_part(h).ok_or("Bad JWT format: Invalid base64 in header")?;
+    let header_bytes = b64_part(h).ok_or_else(|| {
+        BadJwt::new(
+            "Bad JWT format: Invalid base64 in header",
+            P::HeaderBadBase64,
+        )
+    })?;
     let header: Value = serde_json::from_slice(&header_bytes)
-        .map_err(|_| "Bad JWT format: Invalid JSON in header")?;
+        .map_err(|_| BadJwt::new("Bad JWT format: Invalid JSON in header", P::HeaderBadJson))?;
     let alg_name = header
         .get("alg")
         .and_then(Value::as_str)
-        .ok_or("Missing alg field.")?;
-    let alg =
-        algorithm(alg_name).ok_or_else(|| format!("Bad JWT format: unsupported alg {alg_name}"))?;
+        .ok_or_else(|| BadJwt::new("Missing alg field.", P::HeaderBadAlg))?;
+    let alg = algorithm(alg_name).ok_or_else(|| {
+        BadJwt::new(
+            format!("Bad JWT format: unsupported alg {alg_name}"),
+            P::HeaderUnsupportedAlg,
+        )
+    })?;
     let kid = header.get("kid").and_then(Value::as_str).map(str::to_owned);
     let Some((p, sig)) = rest.split_once('.') else {
-        return Err("Bad JWT format: should have 2 dots".into());
+        return Err(BadJwt::new(
+            "Bad JWT format: should have 2 dots",
+            P::BadFormat,
+        ));
     };
 
-    let payload_bytes = b64_part(p).ok_or("Bad JWT format: Invalid base64 in claims")?;
+    let payload_bytes = b64_part(p).ok_or_else(|| {
+        BadJwt::new(
+            "Bad JWT format: Invalid base64 in claims",
+            P::PayloadBadBase64,
+        )
+    })?;
     let payload: Value = serde_json::from_slice(&payload_bytes)
-        .map_err(|_| "Bad JWT format: Invalid JSON in claims")?;
+        .map_err(|_| BadJwt::new("Bad JWT format: Invalid JSON in claims", P::PayloadBadJson))?;
     let Value::Object(payload) = payload else {
-        return Err(BAD_CLAIM_TYPES.into());
+        return Err(BadJwt::new(BAD_CLAIM_TYPES, P::PayloadBadJson));
     };
     for name in ["iss", "sub", "jti"] {
         if payload.get(name).is_some_and(|v| !v.is_string()) {
-            return Err(BAD_CLAIM_TYPES.into());
+            return Err(BadJwt::new(BAD_CLAIM_TYPES, P::ClaimNotString(name)));
         }
     }
     let (aud, aud_was_array) = match payload.get("aud") {
@@ -208,21 +284,31 @@ pub fn parse(token: &str) -> Result<ParsedJwt, String> {
                 .collect(),
             true,
         ),
-        Some(_) => return Err(BAD_CLAIM_TYPES.into()),
+        Some(_) => return Err(BadJwt::new(BAD_CLAIM_TYPES, P::AudienceNotStrings)),
     };
     let exp = time_claim(&payload, "exp")?;
     let nbf = time_claim(&payload, "nbf")?;
     time_claim(&payload, "iat")?;
     let iss = match payload.get("iss") {
         Some(Value::String(s)) => s.clone(),
-        _ => return Err(MISSING_ISS.into()),
+        // ESPv2's verifier needs no `iss`; no provider is configured for an empty one.
+        _ => return Err(BadJwt::new(MISSING_ISS, P::UnknownIssuer)),
     };
     let subject_problem = email_issuer_asserts_other_subject(&payload, &iss);
     let signature = b64_part(sig);
     let signature_problem = match &signature {
-        Some(bytes) => (alg == Algorithm::ES256 && bytes.len() != 64)
-            .then_some("Bad JWT format: signature length is not correct"),
-        None => Some("Bad JWT format: invalid base64 for signature"),
+        Some(bytes) => (alg == Algorithm::ES256 && bytes.len() != 64).then_some((
+            "Bad JWT format: signature length is not correct",
+            P::VerificationFailed,
+        )),
+        None => Some((
+            "Bad JWT format: invalid base64 for signature",
+            if three_sections(token) {
+                P::SignatureBadBase64
+            } else {
+                P::BadFormat
+            },
+        )),
     };
     Ok(ParsedJwt {
         alg,
@@ -234,6 +320,7 @@ pub fn parse(token: &str) -> Result<ParsedJwt, String> {
         nbf,
         payload: Arc::new(payload),
         signing_input_len: h.len() + 1 + p.len(),
+        payload_start: h.len() + 1,
         signature: signature.unwrap_or_default(),
         subject_problem,
         signature_problem,
@@ -241,21 +328,46 @@ pub fn parse(token: &str) -> Result<ParsedJwt, String> {
 }
 
 impl ParsedJwt {
+    /// The payload segment of `token` (the token this was parsed from), as sent.
+    pub fn payload_segment<'t>(&self, token: &'t str) -> Option<&'t str> {
+        token.get(self.payload_start..self.signing_input_len)
+    }
+
     /// The rest of ESP's parse, at `now`: time window, an email issuer's subject, signature
-    /// encoding, then `aud` present (`sub` is optional, as in ESP since 1.37). The error is the
-    /// complete reason.
-    pub fn check(&self, now: i64) -> Result<(), &'static str> {
+    /// encoding, then `aud` present (`sub` is optional, as in ESP since 1.37). The error's
+    /// reason is the complete reason.
+    pub fn check(&self, now: i64) -> Result<(), BadJwt> {
+        self.check_except_audience(now)?;
+        if self.aud.is_empty() {
+            // ESPv2 always has audiences to check (the service name at least): none match.
+            return Err(BadJwt::new(
+                "Bad JWT format: missing audience field.",
+                JwtProblem::AudienceNotAllowed,
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`check`](Self::check) without requiring an `aud`: ESPv2 judges audiences only against
+    /// the providers' lists, which may accept any.
+    pub fn check_except_audience(&self, now: i64) -> Result<(), BadJwt> {
         if !self.time_valid(now) {
-            return Err(TIME_CONSTRAINT_FAILURE);
+            // ESPv2's verifier looks at `nbf` before `exp`.
+            let problem = if self
+                .nbf
+                .is_some_and(|nbf| nbf > now.saturating_add(CLOCK_SKEW_S))
+            {
+                JwtProblem::NotYetValid
+            } else {
+                JwtProblem::Expired
+            };
+            return Err(BadJwt::new(TIME_CONSTRAINT_FAILURE, problem));
         }
         if self.subject_problem {
-            return Err(BAD_SUBJECT);
+            return Err(BadJwt::new(BAD_SUBJECT, JwtProblem::VerificationFailed));
         }
-        if let Some(problem) = self.signature_problem {
-            return Err(problem);
-        }
-        if self.aud.is_empty() {
-            return Err("Bad JWT format: missing audience field.");
+        if let Some((reason, problem)) = self.signature_problem {
+            return Err(BadJwt::new(reason, problem));
         }
         Ok(())
     }
@@ -357,6 +469,11 @@ mod tests {
 
     fn enc(s: &str) -> String {
         URL_SAFE_NO_PAD.encode(s)
+    }
+
+    /// `check` with ESP v1's reason only.
+    fn checked(p: &ParsedJwt, now: i64) -> Result<(), String> {
+        p.check(now).map_err(|e| e.reason.into_owned())
     }
 
     #[test]
@@ -481,6 +598,67 @@ mod tests {
         );
     }
 
+    /// Each failure also names its ESPv2 counterpart; a token without three sections is
+    /// `BadFormat` whichever part ESP v1 reads first.
+    #[test]
+    fn failures_carry_espv2s_problem() {
+        use JwtProblem as P;
+        let h = enc(r#"{"alg":"RS256"}"#);
+        let t = |claims: &str| format!("{h}.{}.c2ln", enc(claims));
+        let problem = |token: &str| parse(token).unwrap_err().problem;
+        assert_eq!(problem(""), P::BadFormat);
+        assert_eq!(problem("abc"), P::BadFormat);
+        assert_eq!(problem("a.b"), P::BadFormat);
+        assert_eq!(problem("!!.e30.c2ln"), P::HeaderBadBase64);
+        assert_eq!(
+            problem(&format!("{}.e30.c2ln", enc("{x"))),
+            P::HeaderBadJson
+        );
+        assert_eq!(problem(&format!("{}.e30.c2ln", enc("{}"))), P::HeaderBadAlg);
+        assert_eq!(
+            problem(&format!("{}.e30.c2ln", enc(r#"{"alg":"none"}"#))),
+            P::HeaderUnsupportedAlg
+        );
+        assert_eq!(problem(&format!("{h}.!!.c2ln")), P::PayloadBadBase64);
+        assert_eq!(problem(&t("{x")), P::PayloadBadJson);
+        assert_eq!(problem(&t("[1]")), P::PayloadBadJson);
+        assert_eq!(problem(&t(r#"{"iss":1}"#)), P::ClaimNotString("iss"));
+        assert_eq!(
+            problem(&t(r#"{"iss":"i","jti":[]}"#)),
+            P::ClaimNotString("jti")
+        );
+        assert_eq!(
+            problem(&t(r#"{"iss":"i","exp":"1"}"#)),
+            P::ClaimNotInteger("exp")
+        );
+        assert_eq!(
+            problem(&t(r#"{"iss":"i","nbf":0}"#)),
+            P::ClaimNotPositive("nbf")
+        );
+        assert_eq!(
+            problem(&t(r#"{"iss":"i","aud":{}}"#)),
+            P::AudienceNotStrings
+        );
+        assert_eq!(problem(&t(r#"{"sub":"s"}"#)), P::UnknownIssuer);
+        let check = |token: &str, now: i64| parse(token).unwrap().check(now).unwrap_err().problem;
+        let ok = r#"{"iss":"i","aud":"a","exp":100,"nbf":50}"#;
+        assert_eq!(check(&t(ok), 1_000), P::Expired);
+        assert_eq!(check(&t(ok), -100), P::NotYetValid);
+        assert_eq!(
+            check(&format!("{h}.{}.!!", enc(ok)), 60),
+            P::SignatureBadBase64
+        );
+        assert_eq!(check(&format!("{h}.{}.c2ln.eA", enc(ok)), 60), P::BadFormat);
+        assert_eq!(check(&t(r#"{"iss":"i"}"#), 0), P::AudienceNotAllowed);
+        assert_eq!(
+            check(
+                &format!("{}.{}.c2ln", enc(r#"{"alg":"ES256"}"#), enc(ok)),
+                60
+            ),
+            P::VerificationFailed
+        );
+    }
+
     /// gRPC's claims check: an email-address issuer may only name itself as subject. Judged
     /// after the time window and before the signature's encoding.
     #[test]
@@ -489,13 +667,16 @@ mod tests {
         let t = |claims: &str, sig: &str| format!("{h}.{}.{sig}", enc(claims));
         let other = r#"{"iss":"sa@p.iam.example","sub":"someone","aud":"a","exp":100}"#;
         assert_eq!(
-            parse(&t(other, "c2ln")).unwrap().check(100),
-            Err(BAD_SUBJECT)
+            checked(&parse(&t(other, "c2ln")).unwrap(), 100),
+            Err(BAD_SUBJECT.into())
         );
-        assert_eq!(parse(&t(other, "!")).unwrap().check(100), Err(BAD_SUBJECT));
         assert_eq!(
-            parse(&t(other, "c2ln")).unwrap().check(1_000),
-            Err(TIME_CONSTRAINT_FAILURE)
+            checked(&parse(&t(other, "!")).unwrap(), 100),
+            Err(BAD_SUBJECT.into())
+        );
+        assert_eq!(
+            checked(&parse(&t(other, "c2ln")).unwrap(), 1_000),
+            Err(TIME_CONSTRAINT_FAILURE.into())
         );
         for fine in [
             r#"{"iss":"sa@p.iam.example","sub":"sa@p.iam.example","aud":"a"}"#,
@@ -573,7 +754,7 @@ mod tests {
         assert_eq!(huge.exp, Some(i64::MAX));
         assert_eq!(huge.check(i64::MAX), Ok(()));
         let neg = parse(&t(r#"{"iss":"i","sub":"s","aud":"a","exp":-5}"#)).unwrap();
-        assert_eq!(neg.check(56), Err(TIME_CONSTRAINT_FAILURE));
+        assert_eq!(checked(&neg, 56), Err(TIME_CONSTRAINT_FAILURE.into()));
     }
 
     #[test]

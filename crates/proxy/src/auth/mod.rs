@@ -51,7 +51,8 @@ use portico_config::service::Service;
 
 pub use fetch::{FetchError, KeyCache, KeyCacheOptions};
 
-use crate::error::{Cause, Code, EspError};
+use crate::dialect::Dialect;
+use crate::error::{Cause, Code, ErrorKind, EspError, JwtProblem};
 use cache::{unix_now, VerifiedToken};
 use keys::KeyMatch;
 use token::{Location, Locations};
@@ -74,6 +75,14 @@ pub fn www_authenticate(token_present: bool) -> &'static str {
 pub struct AuthOptions {
     /// `--log_jwt_payload`: claim paths copied into `endpoints_log.jwt_payloads`.
     pub log_jwt_payload: Vec<String>,
+    /// Whose rules apply: which failure a doubly-broken token is refused for, where tokens
+    /// are looked for, which audiences pass, what `X-Endpoint-API-UserInfo` holds (see
+    /// [`Authenticator::authenticate`]).
+    pub dialect: Dialect,
+    /// ESPv2's `--jwt_pad_forward_payload_header`.
+    pub pad_forward_payload: bool,
+    /// ESPv2's `--disable_jwt_audience_service_name_check`.
+    pub disable_audience_service_name_check: bool,
 }
 
 /// A successful validation.
@@ -105,16 +114,22 @@ pub struct AuthError {
 }
 
 impl AuthError {
-    fn new(code: Code, reason: &str, token_present: bool) -> Self {
+    fn new(code: Code, reason: &str, problem: JwtProblem, token_present: bool) -> Self {
         AuthError {
             error: EspError::new(
                 code,
                 format!("JWT validation failed: {reason}"),
                 Cause::Auth,
-            ),
+            )
+            .with_kind(ErrorKind::Jwt(problem)),
             token_present,
             authorization_url: None,
         }
+    }
+
+    /// A present token refused for `bad` (401 in ESP v1's words, whatever ESPv2 answers).
+    fn rejected(bad: &jwt::BadJwt) -> Self {
+        AuthError::new(Code::Unauthenticated, &bad.reason, bad.problem, true)
     }
 
     pub fn www_authenticate(&self) -> &'static str {
@@ -171,8 +186,12 @@ type ProviderEntry = (Arc<Provider>, Vec<String>, Option<Vec<Location>>);
 #[derive(Debug, Clone)]
 struct Requirement {
     provider: Arc<Provider>,
-    /// Normalised; the provider's list when it has one, else the requirement's.
+    /// Normalised. ESP v1: the provider's list when it has one, else the requirement's (the
+    /// service's name passes too). ESPv2: the requirement's when it has one, else the
+    /// provider's, else the service's name (`https://SERVICE`) unless that check is disabled.
     audiences: Vec<String>,
+    /// ESPv2 with no audience to check: any token audience passes, none needed.
+    any_audience: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -188,6 +207,8 @@ pub struct Authenticator {
     methods: HashMap<String, MethodAuth>,
     keys: Arc<KeyCache>,
     log_jwt_payload: Vec<String>,
+    dialect: Dialect,
+    pad_forward_payload: bool,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -246,11 +267,24 @@ impl Authenticator {
                         );
                         continue;
                     };
-                    let audiences = if provider_auds.is_empty() {
+                    let audiences = if options.dialect == Dialect::EspV2 {
+                        let own = split_audiences(&r.audiences);
+                        let list = if own.is_empty() {
+                            provider_auds.clone()
+                        } else {
+                            own
+                        };
+                        if list.is_empty() && !options.disable_audience_service_name_check {
+                            vec![normalize(&service.name).to_string()]
+                        } else {
+                            list
+                        }
+                    } else if provider_auds.is_empty() {
                         split_audiences(&r.audiences)
                     } else {
                         provider_auds.clone()
                     };
+                    let any_audience = options.dialect == Dialect::EspV2 && audiences.is_empty();
                     match custom {
                         Some(custom) => {
                             for l in custom {
@@ -264,6 +298,7 @@ impl Authenticator {
                     requirements.push(Requirement {
                         provider: provider.clone(),
                         audiences,
+                        any_audience,
                     });
                 }
                 if requirements.is_empty() {
@@ -284,6 +319,8 @@ impl Authenticator {
             methods,
             keys,
             log_jwt_payload: options.log_jwt_payload.clone(),
+            dialect: options.dialect,
+            pad_forward_payload: options.pad_forward_payload,
         }
     }
 
@@ -299,6 +336,10 @@ impl Authenticator {
 
     /// Validates the request's JWT against the method's requirements. `Ok(None)` when the
     /// method has none (or allows calls without credentials and none was given).
+    ///
+    /// A token with several faults is refused for the first one found, and the dialects look
+    /// in different orders: ESP v1 as the module docs list; ESPv2 as Envoy's `jwt_authn`:
+    /// three sections, parse, issuer, time window, audience, keys, signature.
     pub async fn authenticate(
         &self,
         selector: &str,
@@ -308,13 +349,20 @@ impl Authenticator {
         let Some(method) = self.methods.get(selector) else {
             return Ok(None);
         };
-        let Some(token) = token::extract(headers, raw_query, &method.locations) else {
+        let espv2 = self.dialect == Dialect::EspV2;
+        let token = if espv2 {
+            token::extract_espv2(headers, raw_query, &method.locations)
+        } else {
+            token::extract(headers, raw_query, &method.locations)
+        };
+        let Some(token) = token else {
             if method.allow_without_credential {
                 return Ok(None);
             }
             let mut e = AuthError::new(
                 Code::Unauthenticated,
                 "Missing or invalid credentials",
+                JwtProblem::Missing,
                 false,
             );
             e.authorization_url = method
@@ -338,12 +386,35 @@ impl Authenticator {
             }
         }
 
-        let reject = |reason: &str| AuthError::new(Code::Unauthenticated, reason, true);
-        let jwt = jwt::parse(&token).map_err(|reason| reject(&reason))?;
+        if espv2 && !jwt::three_sections(&token) {
+            return Err(AuthError::new(
+                Code::Unauthenticated,
+                "Bad JWT format: should have 2 dots",
+                JwtProblem::BadFormat,
+                true,
+            ));
+        }
+        let jwt = jwt::parse(&token).map_err(|bad| AuthError::rejected(&bad))?;
         let matching = self.issuer_requirements(method, &jwt.iss);
-        if let Err(reason) = jwt.check(now) {
-            let mut e = reject(reason);
-            if reason == jwt::TIME_CONSTRAINT_FAILURE {
+        let unknown_issuer = || {
+            AuthError::new(
+                Code::Unauthenticated,
+                "Issuer not allowed",
+                JwtProblem::UnknownIssuer,
+                true,
+            )
+        };
+        if espv2 && matching.is_empty() {
+            return Err(unknown_issuer());
+        }
+        let checked = if espv2 {
+            jwt.check_except_audience(now)
+        } else {
+            jwt.check(now)
+        };
+        if let Err(bad) = checked {
+            let mut e = AuthError::rejected(&bad);
+            if bad.reason == jwt::TIME_CONSTRAINT_FAILURE {
                 // Redirect target: the token's issuer's provider, else the method's first.
                 e.authorization_url = matching
                     .iter()
@@ -360,24 +431,28 @@ impl Authenticator {
             return Err(e);
         }
         if matching.is_empty() {
-            return Err(reject("Issuer not allowed"));
+            return Err(unknown_issuer());
         }
         self.check_audience(&matching, &jwt)?;
 
         let provider = &matching[0].provider;
+        let fetch_failed = |e: FetchError| {
+            AuthError::new(
+                Code::Unauthenticated,
+                &e.to_string(),
+                JwtProblem::JwksFetchFailed,
+                true,
+            )
+        };
         let uri = if provider.jwks_uri.is_empty() {
             self.keys
                 .discover(&provider.issuer)
                 .await
-                .map_err(|e| reject(&e.to_string()))?
+                .map_err(fetch_failed)?
         } else {
             provider.jwks_uri.clone()
         };
-        let mut keyset = self
-            .keys
-            .keys(&uri)
-            .await
-            .map_err(|e| reject(&e.to_string()))?;
+        let mut keyset = self.keys.keys(&uri).await.map_err(fetch_failed)?;
         if matches!(
             keyset.candidates(jwt.kid.as_deref(), jwt.alg),
             KeyMatch::KidNotFound(_)
@@ -387,10 +462,14 @@ impl Authenticator {
                 keyset = fresh;
             }
         }
-        verify_signature(&jwt, &token, &keyset).map_err(|reason| reject(&reason))?;
+        verify_signature(&jwt, &token, &keyset).map_err(|bad| AuthError::rejected(&bad))?;
 
         let audiences = userinfo::sorted_audiences(&jwt);
-        let user_info = user_info_value(&jwt, &audiences)?;
+        let user_info = if espv2 {
+            self.forwarded_payload(&jwt, &token)?
+        } else {
+            user_info_value(&jwt, &audiences)?
+        };
         let iss = jwt.iss.clone();
         let verified = Arc::new(VerifiedToken::new(
             jwt,
@@ -418,21 +497,56 @@ impl Authenticator {
         matching: &[&Requirement],
         jwt: &jwt::ParsedJwt,
     ) -> Result<(), AuthError> {
-        let ok = jwt.aud.iter().map(|a| normalize(a)).any(|aud| {
-            aud == self.service_name
-                || matching
-                    .iter()
-                    .any(|r| r.audiences.iter().any(|x| x == aud))
-        });
+        let ok = if self.dialect == Dialect::EspV2 {
+            // Envoy's check: any audience of the token in a requirement's list, compared
+            // without scheme and trailing slash.
+            matching.iter().any(|r| {
+                r.any_audience
+                    || jwt
+                        .aud
+                        .iter()
+                        .any(|a| r.audiences.iter().any(|x| x == normalize(a)))
+            })
+        } else {
+            jwt.aud.iter().map(|a| normalize(a)).any(|aud| {
+                aud == self.service_name
+                    || matching
+                        .iter()
+                        .any(|r| r.audiences.iter().any(|x| x == aud))
+            })
+        };
         if ok {
             Ok(())
         } else {
             Err(AuthError::new(
                 Code::PermissionDenied,
                 "Audience not allowed",
+                JwtProblem::AudienceNotAllowed,
                 true,
             ))
         }
+    }
+
+    /// ESPv2's `X-Endpoint-API-UserInfo`: the token's payload segment as sent, with `=`
+    /// padding under `--jwt_pad_forward_payload_header`. A segment that cannot be a header
+    /// value is not base64url, which ESPv2's verifier refuses.
+    fn forwarded_payload(
+        &self,
+        jwt: &jwt::ParsedJwt,
+        token: &str,
+    ) -> Result<HeaderValue, AuthError> {
+        let mut segment = jwt.payload_segment(token).unwrap_or_default().to_string();
+        if self.pad_forward_payload {
+            while !segment.len().is_multiple_of(4) {
+                segment.push('=');
+            }
+        }
+        HeaderValue::from_str(&segment).map_err(|_| {
+            AuthError::rejected(&jwt::BadJwt {
+                reason: "Bad JWT format: Invalid base64 in claims".into(),
+                problem: JwtProblem::PayloadBadBase64,
+            })
+        })
     }
 
     fn info(&self, v: &VerifiedToken) -> AuthInfo {
@@ -451,22 +565,28 @@ impl Authenticator {
     }
 }
 
-/// ESP's key choice and signature check of a parsed token against one key set; the error is
-/// the reason that follows `JWT validation failed: `.
+/// ESP's key choice and signature check of a parsed token against one key set; the error's
+/// reason is what follows `JWT validation failed: `.
 pub fn verify_signature(
     jwt: &jwt::ParsedJwt,
     token: &str,
     keyset: &keys::KeySet,
-) -> Result<(), String> {
+) -> Result<(), jwt::BadJwt> {
+    let bad = |reason: String, problem| jwt::BadJwt {
+        reason: reason.into(),
+        problem,
+    };
     match keyset.candidates(jwt.kid.as_deref(), jwt.alg) {
         KeyMatch::Found(candidates, failure) => {
             if jwt.signature_valid(token, &candidates) {
                 Ok(())
             } else {
-                Err(failure.to_string())
+                Err(bad(failure.to_string(), JwtProblem::VerificationFailed))
             }
         }
-        KeyMatch::KidNotFound(reason) | KeyMatch::Unusable(reason) => Err(reason),
+        KeyMatch::KidNotFound(reason) => Err(bad(reason, JwtProblem::KidAlgMismatch)),
+        // Envoy refuses a key set it cannot use when it fetches it.
+        KeyMatch::Unusable(reason) => Err(bad(reason, JwtProblem::JwksFetchFailed)),
     }
 }
 
@@ -475,7 +595,7 @@ fn user_info_value(jwt: &jwt::ParsedJwt, audiences: &[String]) -> Result<HeaderV
     let header = userinfo::user_info_header(jwt, audiences);
     HeaderValue::from_str(&header).map_err(|_| {
         // Base64 is always a valid header value; this guards the invariant without a panic.
-        AuthError::new(Code::Internal, "Internal error", true)
+        AuthError::new(Code::Internal, "Internal error", JwtProblem::Internal, true)
     })
 }
 
@@ -485,9 +605,10 @@ fn user_info_value(jwt: &jwt::ParsedJwt, audiences: &[String]) -> Result<HeaderV
 /// `/credential_id`; the error is the reason that follows `JWT validation failed: `. The
 /// fuzz target `jwt` (`fuzz/`) and its seed smoke test drive the verifier through this.
 pub fn verify_offline(token: &str, keyset: &keys::KeySet, now: i64) -> Result<String, String> {
-    let jwt = jwt::parse(token)?;
-    jwt.check(now).map_err(str::to_string)?;
-    verify_signature(&jwt, token, keyset)?;
+    let reason = |bad: jwt::BadJwt| bad.reason.into_owned();
+    let jwt = jwt::parse(token).map_err(reason)?;
+    jwt.check(now).map_err(reason)?;
+    verify_signature(&jwt, token, keyset).map_err(reason)?;
     let audiences = userinfo::sorted_audiences(&jwt);
     user_info_value(&jwt, &audiences).map_err(|e| e.error.message)?;
     Ok(userinfo::credential_id(&jwt.iss, &audiences))

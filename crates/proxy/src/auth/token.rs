@@ -1,9 +1,14 @@
 //! Where a request carries its JWT.
 //!
-//! ESP's default order: `X-Goog-Iap-Jwt-Assertion` (raw), then `Authorization` (`Bearer `
-//! stripped, case-sensitively; any other value used whole), then the `access_token` query
-//! parameter, only when there is no `Authorization` header at all. A provider that configures
-//! `jwtLocations` is looked up at those locations instead of the defaults.
+//! ESP's default order ([`extract`]): `X-Goog-Iap-Jwt-Assertion` (raw), then `Authorization`
+//! (`Bearer ` stripped, case-sensitively; any other value used whole), then the `access_token`
+//! query parameter, only when there is no `Authorization` header at all. A provider that
+//! configures `jwtLocations` is looked up at those locations instead of the defaults.
+//!
+//! ESPv2's ([`extract_espv2`], Envoy's `jwt_authn` extractor): `Authorization` only when it holds
+//! `Bearer ` (anywhere), the token being the run of base64url characters and dots that follows;
+//! then `X-Goog-Iap-Jwt-Assertion`; then `access_token`, whatever other headers there are. A
+//! custom header location with a prefix reads its value the same way.
 
 use http::HeaderMap;
 use portico_config::service::JwtLocation;
@@ -74,7 +79,66 @@ fn strip_prefix(value: &str, prefix: &str) -> Option<String> {
     value.strip_prefix(prefix).map(|v| v.trim().to_string())
 }
 
-/// The request's token, if any.
+/// The token in a header value after `prefix`, as Envoy reads it: from the first token
+/// character after the prefix's first occurrence, up to the first character that is not one
+/// (the whole value when no token character follows, which then fails as a token).
+fn after_prefix(value: &str, prefix: &str) -> Option<String> {
+    let is_token = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    let rest = &value[value.find(prefix)? + prefix.len()..];
+    let Some(start) = rest.find(is_token) else {
+        return Some(value.to_string());
+    };
+    let rest = &rest[start..];
+    let end = rest.find(|c: char| !is_token(c)).unwrap_or(rest.len());
+    Some(rest[..end].to_string())
+}
+
+/// The request's token by ESPv2's rules (see the module docs), if any.
+pub fn extract_espv2(
+    headers: &HeaderMap,
+    raw_query: Option<&str>,
+    locations: &Locations,
+) -> Option<String> {
+    if locations.defaults {
+        let found = header_str(headers, "authorization")
+            .and_then(|v| after_prefix(v, "Bearer "))
+            .or_else(|| header_str(headers, "x-goog-iap-jwt-assertion").map(str::to_string))
+            .or_else(|| query_param_exact(raw_query, "access_token"));
+        if let Some(t) = found.and_then(non_empty) {
+            return Some(t);
+        }
+    }
+    for loc in &locations.custom {
+        let found = match loc {
+            Location::Header { name, prefix } if prefix.is_empty() => {
+                header_str(headers, name).map(str::to_string)
+            }
+            Location::Header { name, prefix } => {
+                header_str(headers, name).and_then(|v| after_prefix(v, prefix))
+            }
+            Location::Query { name, .. } => query_param_exact(raw_query, name),
+        };
+        if let Some(t) = found.and_then(non_empty) {
+            return Some(t);
+        }
+    }
+    None
+}
+
+/// The first value of query parameter `name` (case-sensitive, as Envoy matches it),
+/// percent-decoded.
+fn query_param_exact(raw_query: Option<&str>, name: &str) -> Option<String> {
+    raw_query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
+/// The request's token by ESP v1's rules, if any.
 pub fn extract(
     headers: &HeaderMap,
     raw_query: Option<&str>,
@@ -132,6 +196,73 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn espv2_reads_tokens_as_envoy_does() {
+        assert_eq!(
+            after_prefix("Bearer a.b.c", "Bearer ").as_deref(),
+            Some("a.b.c")
+        );
+        assert_eq!(
+            after_prefix("x, Bearer  a.b-c_d, y", "Bearer ").as_deref(),
+            Some("a.b-c_d")
+        );
+        assert_eq!(
+            after_prefix("Bearer a.b.c=", "Bearer ").as_deref(),
+            Some("a.b.c")
+        );
+        assert_eq!(
+            after_prefix("Bearer é", "Bearer ").as_deref(),
+            Some("Bearer é")
+        );
+        assert_eq!(
+            after_prefix("Bearer ", "Bearer ").as_deref(),
+            Some("Bearer ")
+        );
+        assert_eq!(after_prefix("bearer a", "Bearer "), None);
+        let h = headers(&[
+            ("authorization", "Basic x"),
+            ("x-goog-iap-jwt-assertion", "iap"),
+        ]);
+        assert_eq!(
+            extract_espv2(&h, Some("access_token=q"), &defaults()).as_deref(),
+            Some("iap")
+        );
+        let h = headers(&[
+            ("authorization", "Bearer a"),
+            ("x-goog-iap-jwt-assertion", "iap"),
+        ]);
+        assert_eq!(extract_espv2(&h, None, &defaults()).as_deref(), Some("a"));
+        let h = headers(&[("authorization", "Basic x")]);
+        assert_eq!(
+            extract_espv2(&h, Some("access_token=q%2E"), &defaults()).as_deref(),
+            Some("q.")
+        );
+        assert_eq!(extract_espv2(&h, Some("Access_Token=q"), &defaults()), None);
+        let custom = Locations {
+            defaults: false,
+            custom: vec![
+                Location::Header {
+                    name: "x-jwt".into(),
+                    prefix: "Token ".into(),
+                },
+                Location::Query {
+                    name: "jwt".into(),
+                    prefix: "ignored".into(),
+                },
+            ],
+        };
+        let h = headers(&[("x-jwt", "Token abc")]);
+        assert_eq!(extract_espv2(&h, None, &custom).as_deref(), Some("abc"));
+        assert_eq!(
+            extract_espv2(&HeaderMap::new(), Some("jwt=abc"), &custom).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            extract_espv2(&headers(&[("authorization", "Bearer a")]), None, &custom),
+            None
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use super::errors::proxy_error;
 use super::state::{Ctx, ReportInfo, Routed};
 use super::{Pipeline, ProxyBody};
-use crate::error::{Cause, Code, EspError};
+use crate::error::{Cause, Code, EspError, NetworkFailure};
 use crate::forward::{self, ForwardError, LimitedBody};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -290,7 +290,9 @@ impl Pipeline {
             }
             Err(e) => {
                 let err = match &e {
-                    ForwardError::Connect(_) | ForwardError::Other(_) => EspError::bad_gateway(),
+                    ForwardError::Connect(how, _) => EspError::bad_gateway(*how, false),
+                    ForwardError::ConnectRetried(how, _) => EspError::bad_gateway(*how, true),
+                    ForwardError::Other(_) => EspError::bad_gateway(NetworkFailure::Reset, false),
                     ForwardError::Timeout(_) => EspError::gateway_timeout(),
                     ForwardError::BodyTooLarge(_) => EspError::payload_too_large(),
                     ForwardError::ClientBody(c) => c.esp_error(),

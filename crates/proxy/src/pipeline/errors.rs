@@ -1,21 +1,24 @@
-//! The proxy's own error responses: ESP's JSON body ([`error_response`]) or, for gRPC
-//! clients, a trailers-only response ([`grpc_error_response`]); and the two ways a request is
-//! answered before a method is matched (`Pipeline::fail`, `Pipeline::refuse`).
+//! The proxy's own error responses, worded by the dialect ([`crate::dialect`]): a JSON body
+//! ([`error_response`]) or, for gRPC clients, a trailers-only response
+//! ([`grpc_error_response`]); and the two ways a request is answered before a method is
+//! matched (`Pipeline::fail`, `Pipeline::refuse`).
 
 use super::state::{Ctx, ReportInfo};
 use super::{Pipeline, ProxyBody};
 use crate::auth::AuthError;
+use crate::dialect::Dialect;
 use crate::error::EspError;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 
-/// A proxy error for this request: ESP's JSON, or for gRPC clients a trailers-only response
-/// carrying `grpc-status`/`grpc-message` (ESP's `grpc_finish`).
+/// A proxy error for this request in its dialect's words: JSON, or for gRPC clients a
+/// trailers-only response carrying `grpc-status`/`grpc-message` (ESP's `grpc_finish`, Envoy's
+/// local reply to gRPC).
 pub(super) fn proxy_error(err: &EspError, ctx: &Ctx, jwt_present: bool) -> Response<ProxyBody> {
     if ctx.content_type_grpc {
-        grpc_error_response(err)
+        grpc_error_response(err, ctx.dialect)
     } else {
-        error_response(err, ctx.head, jwt_present)
+        error_response(err, ctx.dialect, ctx.head, jwt_present)
     }
 }
 
@@ -23,40 +26,47 @@ pub(super) fn proxy_error(err: &EspError, ctx: &Ctx, jwt_present: bool) -> Respo
 const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
 
 /// A proxy error as a gRPC trailers-only response: HTTP 200, the status in the headers.
-pub fn grpc_error_response(err: &EspError) -> Response<ProxyBody> {
+pub fn grpc_error_response(err: &EspError, dialect: Dialect) -> Response<ProxyBody> {
+    let reply = dialect.reply(err);
     let mut resp = Response::new(ProxyBody::empty());
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    if let Ok(v) = HeaderValue::from_str(&err.code.to_string()) {
+    if let Ok(v) = HeaderValue::from_str(&reply.grpc_code.to_string()) {
         h.insert("grpc-status", v);
     }
-    let msg = percent_encoding::utf8_percent_encode(&err.message, GRPC_MESSAGE).to_string();
+    let msg = percent_encoding::utf8_percent_encode(&reply.message, GRPC_MESSAGE).to_string();
     if let Ok(v) = HeaderValue::from_str(&msg) {
         h.insert("grpc-message", v);
     }
     resp
 }
 
-/// An ESP error as an HTTP response: JSON body (none for HEAD), `Content-Type`, and
-/// `WWW-Authenticate` on 401/403.
-pub fn error_response(err: &EspError, head: bool, jwt_present: bool) -> Response<ProxyBody> {
+/// A proxy error as an HTTP response: the dialect's JSON body (none for HEAD) and status,
+/// `Content-Type`, and `WWW-Authenticate` on 401/403.
+pub fn error_response(
+    err: &EspError,
+    dialect: Dialect,
+    head: bool,
+    jwt_present: bool,
+) -> Response<ProxyBody> {
+    let reply = dialect.reply(err);
     let body = if head {
         ProxyBody::empty()
     } else {
-        ProxyBody::full(err.body())
+        ProxyBody::full(dialect.body(err, &reply))
     };
     let mut resp = Response::new(body);
     *resp.status_mut() =
-        StatusCode::from_u16(err.http_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if err.http_status == 401 || err.http_status == 403 {
+    if reply.status == 401 || reply.status == 403 {
         h.insert(
             header::WWW_AUTHENTICATE,
             if jwt_present {
@@ -154,19 +164,25 @@ mod tests {
 
     #[test]
     fn error_response_headers() {
-        let r = error_response(&EspError::unregistered_caller(), false, false);
+        let esp = Dialect::Esp;
+        let r = error_response(&EspError::unregistered_caller(), esp, false, false);
         assert_eq!(r.status(), 401);
         assert_eq!(r.headers()["www-authenticate"], "Bearer");
         assert_eq!(r.headers()["content-type"], "application/json");
-        let r = error_response(&EspError::cors_not_allowed(), true, true);
+        let r = error_response(&EspError::cors_not_allowed(), esp, true, true);
         assert_eq!(
             r.headers()["www-authenticate"],
             "Bearer, error=\"invalid_token\""
         );
         assert!(r.body().is_end_stream());
-        let r = error_response(&EspError::bad_gateway(), false, false);
+        let r = error_response(
+            &EspError::bad_gateway(crate::error::NetworkFailure::Reset, false),
+            esp,
+            false,
+            false,
+        );
         assert!(r.headers().get("www-authenticate").is_none());
-        let g = grpc_error_response(&EspError::unregistered_caller());
+        let g = grpc_error_response(&EspError::unregistered_caller(), esp);
         assert_eq!(g.status(), 200);
         assert_eq!(g.headers()["grpc-status"], "16");
         assert_eq!(g.headers()["content-type"], "application/grpc");

@@ -48,7 +48,7 @@ pub use errors::{error_response, grpc_error_response};
 pub use phases::rewrite;
 
 use crate::auth::api_key::extract_api_key;
-use crate::error::{Cause, Code, EspError};
+use crate::error::{Cause, Code, ErrorKind, EspError};
 use crate::forward::Forwarder;
 use crate::routing::RouteTable;
 use crate::settings::Settings;
@@ -309,7 +309,13 @@ impl Pipeline {
                 .headers
                 .insert(&X_ENDPOINT_API_USERINFO, a.user_info.clone());
         }
-        if settings.enable_backend_routing && routed.is_none() && mi.local_backend.is_none() {
+        let unrouted_to_backend =
+            settings.dialect.unrouted_methods_use_backend() && mi.backend_rule.is_none();
+        if settings.enable_backend_routing
+            && routed.is_none()
+            && mi.local_backend.is_none()
+            && !unrouted_to_backend
+        {
             // ESP's `proxy_pass $backend_url` with no address for this method.
             let err = EspError::new(Code::Internal, "INTERNAL_SERVER_ERROR", Cause::Application);
             return self.fail_matched(err, &ctx, target, report);
@@ -331,7 +337,12 @@ impl Pipeline {
             };
             match token {
                 Ok(h) => crate::backend_auth::apply(&mut parts.headers, h),
-                Err(err) => return self.fail_matched(err, &ctx, target, report),
+                Err(err) => {
+                    let err = err.with_kind(ErrorKind::BackendIdToken {
+                        audience: audience.into(),
+                    });
+                    return self.fail_matched(err, &ctx, target, report);
+                }
             }
         }
         if let Some(name) = &settings.operation_name_header {

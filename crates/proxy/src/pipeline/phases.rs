@@ -7,7 +7,7 @@ use super::errors::proxy_error;
 use super::state::{Ctx, Prepared, ReportInfo, Routed};
 use super::{ConnInfo, Pipeline, ProxyBody, X_ENDPOINT_API_PROJECT_ID};
 use crate::auth::AuthInfo;
-use crate::error::{Cause, Code, EspError};
+use crate::error::{Cause, Code, ErrorKind, EspError};
 use crate::forward;
 use crate::request_head;
 use crate::routing::{ConfigRoutes, MethodInfo};
@@ -69,6 +69,7 @@ impl Pipeline {
             .unwrap_or(client_ip);
         let cors_origin = settings.cors.as_ref().and_then(|c| c.allowed_origin(h));
         let ctx = Ctx {
+            dialect: settings.dialect,
             start: Instant::now(),
             method: match &settled {
                 Ok(s) => s.method.clone(),
@@ -165,10 +166,31 @@ impl Pipeline {
             return Err(self.finalize(resp, &ctx, normalized.to_string(), None, None, None));
         }
         if let (Some(cors), Some(origin)) = (&settings.cors, &ctx.cors_origin) {
-            if ctx.method == Method::OPTIONS {
+            if ctx.method == Method::OPTIONS
+                && (!settings.dialect.preflight_needs_request_method()
+                    || cors.is_strict_preflight(&parts.headers))
+            {
                 let resp: Response<ProxyBody> = cors.preflight(origin.clone());
                 return Err(self.finalize_plain(resp, &ctx, normalized.to_string(), None));
             }
+        }
+        if settings.cors.is_some()
+            && ctx.method == Method::OPTIONS
+            && settings.dialect.refuses_bad_preflights()
+        {
+            // What is left of OPTIONS under --cors_preset is a preflight without Origin or
+            // Access-Control-Request-Method, or from an origin not allowed: ESPv2 answers
+            // every such request 400, whatever its path.
+            let err = EspError::new(
+                Code::InvalidArgument,
+                "The CORS preflight request is missing one (or more) of the following required \
+                 headers [Origin, Access-Control-Request-Method] or has an unmatched Origin \
+                 header.",
+                Cause::Internal,
+            )
+            .with_kind(ErrorKind::CorsPreflightRefused);
+            let url = normalized.to_string();
+            return Err(self.fail(err, &ctx, url));
         }
         if settings.client_max_body_size > 0 && ctx.request_bytes > settings.client_max_body_size {
             let err = EspError::payload_too_large();
@@ -215,7 +237,16 @@ impl Pipeline {
             }
         }
         let Some(mi) = matched.as_ref().map(|m| m.value().clone()) else {
-            let err = if match_method == "OPTIONS" {
+            let other_method = if settings.dialect.refuses_wrong_method_with_405() {
+                config.matcher.template_for_any_method(target)
+            } else {
+                None
+            };
+            let err = if let Some(template) = other_method {
+                EspError::method_does_not_exist().with_kind(ErrorKind::MethodNotAllowed {
+                    template: template.into(),
+                })
+            } else if match_method == "OPTIONS" {
                 EspError::cors_not_allowed()
             } else {
                 EspError::method_does_not_exist()

@@ -32,6 +32,8 @@ pub(super) struct Prepared {
 
 /// Per-request facts gathered before the outcome is known.
 pub(super) struct Ctx {
+    /// Whose words the proxy's own answers use.
+    pub(super) dialect: crate::dialect::Dialect,
     pub(super) start: Instant,
     pub(super) method: Method,
     pub(super) version: Version,

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use portico_servicecontrol::{labels, CheckRequest, CheckResponse, Operation};
 
 use super::{report, CheckInput, CheckOk, Inner};
-use crate::error::{Cause, Code, EspError, KnownConsumer};
+use crate::error::{Cause, Code, ErrorKind, EspError, KnownConsumer};
 use crate::outbound_auth::SERVICE_CONTROLLER;
 
 /// Numeric values of `google.api.servicecontrol.v1.CheckError.Code`, for the "unsupported
@@ -143,13 +143,21 @@ pub(crate) fn check_error_to_esp(code: &str, service: &str) -> Option<EspError> 
             let shown = check_error_number(other)
                 .map(|n| n.to_string())
                 .unwrap_or_else(|| other.to_string());
-            EspError::new(
+            let e = EspError::new(
                 Code::Internal,
                 format!("Request blocked due to unsupported error code: {shown}"),
                 sc,
-            )
+            );
+            return Some(e.with_kind(ErrorKind::CheckRefused {
+                code: shown.into(),
+                service: service.into(),
+            }));
         }
     };
+    let e = e.with_kind(ErrorKind::CheckRefused {
+        code: code.into(),
+        service: service.into(),
+    });
     Some(e)
 }
 

@@ -69,6 +69,10 @@ pub fn invalid_api_key() -> EspError {
         "API key not valid. Please pass a valid API key.",
         crate::error::Cause::ServiceControl,
     )
+    .with_kind(crate::error::ErrorKind::CheckRefused {
+        code: "API_KEY_INVALID".into(),
+        service: "".into(),
+    })
 }
 
 /// Picks the Service Control base URL: `--service_control_url_override`, else the control

@@ -22,7 +22,7 @@ use portico_servicecontrol::{
 };
 
 use super::Inner;
-use crate::error::{Cause, Code, EspError};
+use crate::error::{Cause, Code, ErrorKind, EspError};
 use crate::outbound_auth::QUOTA_CONTROLLER;
 
 /// The quota metric costs of `selector` (`quota.metricRules`); a cost ≤ 0 counts as 1, as in ESP.
@@ -52,7 +52,10 @@ pub(crate) fn quota_error_to_esp(code: &str, description: &str) -> EspError {
         "API_KEY_INVALID" | "API_KEY_EXPIRED" => Code::InvalidArgument,
         _ => Code::Internal,
     };
-    EspError::new(c, message, Cause::Internal)
+    EspError::new(c, message, Cause::Internal).with_kind(ErrorKind::QuotaRefused {
+        code: code.into(),
+        description: description.into(),
+    })
 }
 
 pub(crate) fn verdict(resp: &AllocateQuotaResponse) -> Result<(), EspError> {

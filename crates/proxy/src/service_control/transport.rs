@@ -11,13 +11,14 @@ use serde::Serialize;
 
 use crate::config_source::PATH_SEGMENT;
 use crate::error::error_chain;
-use crate::error::{Cause, Code, EspError};
+use crate::error::{Cause, Code, ErrorKind, EspError, NetworkFailure, ScFailure};
 use crate::outbound_auth::{TokenError, TokenSource};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Failure {
-    /// DNS, connect, TLS, timeout: the peer was not reached or did not answer.
-    Network(String),
+    /// DNS, connect, TLS, timeout: the peer was not reached or did not answer (how, and the
+    /// error's text).
+    Network(NetworkFailure, String),
     /// The peer answered with a status other than 200.
     Http { status: u16, body: String },
     /// 200 with a body that is not the expected JSON.
@@ -31,7 +32,7 @@ impl Failure {
     /// forgives; 4xx and garbage never are (ESP 1.50).
     pub(crate) fn is_unavailable(&self) -> bool {
         match self {
-            Failure::Network(_) => true,
+            Failure::Network(..) => true,
             Failure::Http { status, .. } => *status >= 500,
             Failure::Invalid(_) | Failure::Token(_) => false,
         }
@@ -45,11 +46,12 @@ impl Failure {
     /// The client-facing error for this failure, per ESP's catalogue.
     pub(crate) fn to_esp_error(&self) -> EspError {
         match self {
-            Failure::Network(_) => EspError::new(
+            Failure::Network(how, _) => EspError::new(
                 Code::Unavailable,
                 "Failed to connect to service control",
                 Cause::ServiceControl,
-            ),
+            )
+            .with_kind(ErrorKind::ServiceControlFailed(ScFailure::Network(*how))),
             Failure::Http { status, body } => {
                 let message = if body.trim().is_empty() {
                     format!("Service control request failed with HTTP response code {status}")
@@ -63,13 +65,20 @@ impl Failure {
                     // 500, 502, other 5xx, and every 4xx: the proxy itself failed the request.
                     _ => (500, Code::Internal),
                 };
-                EspError::with_status(http, code, message, Cause::ServiceControl)
+                EspError::with_status(http, code, message, Cause::ServiceControl).with_kind(
+                    ErrorKind::ServiceControlFailed(ScFailure::Http {
+                        status: *status,
+                        body: body.as_str().into(),
+                    }),
+                )
             }
             Failure::Invalid(_) => {
                 EspError::new(Code::Internal, "Invalid response", Cause::ServiceControl)
+                    .with_kind(ErrorKind::ServiceControlFailed(ScFailure::Invalid))
             }
             Failure::Token(e) => {
                 EspError::new(Code::Internal, e.client_message(), Cause::ServiceControl)
+                    .with_kind(ErrorKind::ServiceControlFailed(ScFailure::Token))
             }
         }
     }
@@ -78,7 +87,7 @@ impl Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Network(m) => write!(f, "network error: {m}"),
+            Failure::Network(_, m) => write!(f, "network error: {m}"),
             Failure::Http { status, body } => {
                 let b: String = body.chars().take(300).collect();
                 write!(f, "HTTP {status}: {b}")
@@ -86,6 +95,15 @@ impl std::fmt::Display for Failure {
             Failure::Invalid(m) => write!(f, "invalid response: {m}"),
             Failure::Token(e) => write!(f, "no access token: {e}"),
         }
+    }
+}
+
+/// How a call that got no answer failed.
+fn network_failure(e: &reqwest::Error) -> NetworkFailure {
+    if e.is_timeout() {
+        NetworkFailure::Timeout
+    } else {
+        crate::error::network_failure(e, e.is_connect())
     }
 }
 
@@ -177,10 +195,10 @@ impl Transport {
                                 body: String::from_utf8_lossy(&bytes).into_owned(),
                             })
                         }
-                        Err(e) => Failure::Network(error_chain(&e)),
+                        Err(e) => Failure::Network(network_failure(&e), error_chain(&e)),
                     }
                 }
-                Err(e) => Failure::Network(error_chain(&e)),
+                Err(e) => Failure::Network(network_failure(&e), error_chain(&e)),
             };
             if attempt >= retries {
                 return Err(outcome);
@@ -197,7 +215,7 @@ mod tests {
 
     #[test]
     fn failure_mapping_follows_the_catalogue() {
-        let net = Failure::Network("refused".into()).to_esp_error();
+        let net = Failure::Network(NetworkFailure::Connect(111), "refused".into()).to_esp_error();
         assert_eq!((net.http_status, net.code), (503, 14));
         assert_eq!(net.message, "Failed to connect to service control");
         let cases = [

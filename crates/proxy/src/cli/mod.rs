@@ -12,6 +12,8 @@
 //! `--large_client_header_buffers` do what nginx does with them (see [`crate::server`] and
 //! docs/security.md).
 
+pub mod espv2;
+
 use crate::cors::CorsSettings;
 use crate::settings::{
     parse_backend, HeaderLimits, RewriteRule, RolloutStrategy, ServiceControlCalls, Settings,
@@ -986,6 +988,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
     let client_certificates = server_tls.client_ca.is_some();
 
     Ok(Settings {
+        dialect: crate::dialect::Dialect::Esp,
         service: a.service,
         version: a.version,
         rollout_strategy,
@@ -994,7 +997,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         http_port,
         http2_port: a.http2_port,
         ssl_port: a.ssl_port,
-        status_port: a.status_port,
+        status_port: Some(a.status_port),
         server_tls,
         backend_tls,
         service_account_key: a.service_account_key,
@@ -1041,6 +1044,8 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         log_response_headers: split_list(&a.log_response_headers),
         log_jwt_payload: split_list(&a.log_jwt_payload),
         jwks_cache_duration: a.jwks_cache_duration_in_s.map(Duration::from_secs),
+        jwt_pad_forward_payload: false,
+        jwt_audience_service_name_check: true,
         enable_jwt_authorization_url_redirect: a.enable_jwt_authorization_url_redirect,
         disable_cloud_trace_auto_sampling: a.disable_cloud_trace_auto_sampling,
         rollout_fetch_throttle_window: a
@@ -1048,6 +1053,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
             .map(Duration::from_secs),
         worker_threads,
         backend_max_connections: a.backend_max_connections,
+        backend_connect_retries: 0,
         backend_timeout: Duration::from_secs_f64(a.http_request_timeout_s),
         access_log: a.access_log,
         backend_host_header,
@@ -1062,6 +1068,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         xff_hops: None,
         response_compression: None,
         ignored_flags,
+        not_implemented_flags: Vec::new(),
     })
 }
 
@@ -1117,7 +1124,7 @@ mod tests {
         assert_eq!(s.http_port, Some(8082));
         assert_eq!(s.backend.host, "localhost");
         assert_eq!(s.backend.port, 8080);
-        assert_eq!(s.status_port, 8090);
+        assert_eq!(s.status_port, Some(8090));
         assert_eq!(s.listen_address.to_string(), "127.0.0.1");
         assert!(s.network_fail_open);
         assert_eq!(s.client_max_body_size, 32 << 20);
@@ -1168,7 +1175,7 @@ mod tests {
         assert_eq!(s.version.as_deref(), Some("2017-02-13r0"));
         assert_eq!(s.http_port, Some(9000));
         assert_eq!(s.backend.scheme, BackendScheme::Grpc);
-        assert_eq!(s.status_port, 9002);
+        assert_eq!(s.status_port, Some(9002));
         assert_eq!(s.healthz.as_deref(), Some("hz"));
     }
 

@@ -1,0 +1,1869 @@
+//! `portico espv2`: ESPv2's start-up flags (its `start_proxy.py`, plus the flags only its
+//! config manager takes), by their ESPv2 names and with ESPv2's defaults and conflict rules,
+//! parsed into the same [`Settings`] as `portico esp` with [`Dialect::EspV2`].
+//!
+//! How a command line is read, as Python's `argparse` reads ESPv2's:
+//! - `--flag=value` and `--flag value`, short forms (`-s`, `-v`, `-R`, `-a`, `-N`, `-z`, `-g`,
+//!   `-t`), and unambiguous abbreviations of long flags (`--listener` for `--listener_port`);
+//! - a flag given twice: the last one wins; repeatable flags (`--add_request_header`, ...)
+//!   collect every value;
+//! - switches (`--non_gcp`) take no value;
+//! - an unknown flag, a bad value or a conflict ([`enforce_conflicts`], ESPv2's
+//!   `enforce_conflict_args` with its messages) stops the start with exit code 1, as
+//!   `start_proxy.py` does.
+//!
+//! What each flag does in Portico is [`FLAGS`]: implemented, accepted and ignored (it tunes
+//! Envoy and has no meaning here), accepted and not implemented yet (logged once at start-up),
+//! or refused until implemented (flags whose absence would weaken security, such as downstream
+//! TLS: serving plain text on a port the operator asked to be TLS is worse than not starting).
+//! The README's ESPv2 flag table is checked against [`FLAGS`] by a test.
+//!
+//! The command line is translated into `portico esp`'s ([`EspArgs`]) and validated by the same
+//! code, so both dialects produce their [`Settings`] one way.
+
+use super::{ArgError, EspArgs};
+use crate::dialect::Dialect;
+use crate::settings::Settings;
+use clap::parser::ValueSource;
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// `start_proxy.py` exits 1 for every refused command line (argparse errors and conflicts).
+pub const EXIT_BAD_ARGS: u8 = 1;
+
+/// ESPv2's `DEFAULT_LISTENER_PORT`.
+pub const DEFAULT_LISTENER_PORT: i64 = 8080;
+/// ESPv2's `DEFAULT_BACKEND`.
+pub const DEFAULT_BACKEND: &str = "http://127.0.0.1:8082";
+/// ESPv2's default CORS allow-headers (ESP's, plus `X-User-Agent`).
+pub const DEFAULT_CORS_HEADERS: &str =
+    "DNT,User-Agent,X-User-Agent,X-Requested-With,If-Modified-Since,Cache-Control,Content-Type,Range,Authorization";
+/// The metadata server ESPv2 asks unless `--non_gcp` (its config manager's `--metadata_url`).
+pub const DEFAULT_METADATA_URL: &str = "http://169.254.169.254";
+/// `compute_platform_override` under `--on_serverless` (start_proxy.py's `SERVERLESS_PLATFORM`).
+pub const SERVERLESS_PLATFORM: &str = "Cloud Run(ESPv2)";
+/// ESPv2's `--backend_retry_ons` default.
+pub const DEFAULT_BACKEND_RETRY_ONS: &str = "reset,connect-failure,refused-stream";
+/// ESPv2's `--backend_retry_num` default.
+pub const DEFAULT_BACKEND_RETRY_NUM: u32 = 1;
+/// Largest `--backend_retry_num` Portico takes.
+pub const MAX_BACKEND_RETRY_NUM: u32 = 100;
+/// The retry conditions Envoy knows (`x-envoy-retry-on` and `x-envoy-retry-grpc-on`).
+const ENVOY_RETRY_ONS: &[&str] = &[
+    "5xx",
+    "gateway-error",
+    "reset",
+    "reset-before-request",
+    "connect-failure",
+    "envoy-ratelimited",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "retriable-headers",
+    "http3-post-connect-failure",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+/// The conditions Portico retries on so far.
+const IMPLEMENTED_RETRY_ONS: &[&str] = &["connect-failure"];
+
+/// ESPv2's Service Control call timeouts (ms): check, quota, report.
+pub const DEFAULT_SERVICE_CONTROL_TIMEOUTS_MS: [&str; 3] = ["1000", "1000", "2000"];
+
+/// What a flag does in Portico.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Support {
+    /// It has its ESPv2 effect.
+    Implemented,
+    /// Accepted and ignored, with the reason: it tunes Envoy (or ESPv2's own plumbing) and has
+    /// no meaning in Portico. Logged once at start-up.
+    Ignored(&'static str),
+    /// Accepted; its feature is not built yet (issue 17). Logged once at start-up.
+    NotYet,
+    /// Refused until implemented, with the reason: ignoring it would weaken security.
+    Refused(&'static str),
+}
+
+use Support::{Ignored, Implemented, NotYet, Refused};
+
+const NO_ENVOY: &str = "Envoy tuning; Portico has no Envoy";
+const TLS_REFUSED: &str =
+    "ESPv2's TLS flags are not wired to Portico's TLS yet (issue 17 item 9); \
+     Portico will not serve or connect in plain text where TLS was asked for";
+
+/// Every flag `portico espv2` accepts and what it does. The README's table is checked against
+/// this list.
+pub const FLAGS: &[(&str, Support)] = &[
+    // Service config and rollout.
+    ("--service", Implemented),
+    ("--version", Implemented),
+    ("--service_json_path", Implemented),
+    ("--rollout_strategy", Implemented),
+    ("--management", Implemented),
+    ("--check_metadata", NotYet),
+    ("--http_request_timeout_s", NotYet),
+    // Backend.
+    ("--backend", Implemented),
+    ("--enable_backend_address_override", NotYet),
+    ("--backend_dns_lookup_family", NotYet),
+    ("--dns_resolver_addresses", NotYet),
+    ("--backend_retry_ons", Implemented),
+    ("--backend_retry_on_status_codes", NotYet),
+    ("--backend_retry_num", Implemented),
+    ("--backend_per_try_timeout", NotYet),
+    ("--health_check_grpc_backend", NotYet),
+    ("--health_check_grpc_backend_service", NotYet),
+    ("--health_check_grpc_backend_interval", NotYet),
+    ("--health_check_grpc_backend_no_traffic_interval", NotYet),
+    // Listener and TLS.
+    ("--listener_port", Implemented),
+    ("--status_port", Implemented),
+    ("--ssl_server_cert_path", Refused(TLS_REFUSED)),
+    ("--ssl_server_cipher_suites", NotYet),
+    ("--ssl_server_root_cert_path", Refused(TLS_REFUSED)),
+    ("--ssl_minimum_protocol", NotYet),
+    ("--ssl_maximum_protocol", NotYet),
+    ("--generate_self_signed_cert", Refused(TLS_REFUSED)),
+    ("--enable_strict_transport_security", Implemented),
+    ("--ssl_backend_client_cert_path", Refused(TLS_REFUSED)),
+    ("--ssl_backend_client_root_certs_file", Refused(TLS_REFUSED)),
+    ("--ssl_backend_client_cipher_suites", NotYet),
+    // Health, headers and paths.
+    ("--healthz", Implemented),
+    ("--add_request_header", NotYet),
+    ("--append_request_header", NotYet),
+    ("--add_response_header", NotYet),
+    ("--append_response_header", NotYet),
+    ("--enable_operation_name_header", NotYet),
+    ("--underscores_in_headers", Implemented),
+    ("--disable_normalize_path", Implemented),
+    ("--disable_merge_slashes_in_path", Implemented),
+    ("--disallow_escaped_slashes_in_path", Implemented),
+    ("--envoy_use_remote_address", NotYet),
+    ("--envoy_xff_num_trusted_hops", NotYet),
+    ("--envoy_connection_buffer_limit_bytes", Ignored(NO_ENVOY)),
+    ("--enable_response_compression", NotYet),
+    ("--envoy_extra_config_yaml", Ignored(NO_ENVOY)),
+    (
+        "--ads_named_pipe",
+        Ignored("the pipe between ESPv2's config manager and Envoy; Portico is one process"),
+    ),
+    // CORS.
+    ("--cors_preset", Implemented),
+    ("--cors_allow_origin", Implemented),
+    ("--cors_allow_origin_regex", Implemented),
+    ("--cors_allow_methods", Implemented),
+    ("--cors_allow_headers", Implemented),
+    ("--cors_expose_headers", Implemented),
+    ("--cors_allow_credentials", Implemented),
+    ("--cors_max_age", NotYet),
+    // JWT.
+    (
+        "--disable_jwks_async_fetch",
+        Ignored(
+            "Portico always fetches a key set when a request first needs it, which is what this \
+         flag asks for",
+        ),
+    ),
+    (
+        "--jwks_async_fetch_fast_listener",
+        Ignored("the listener never waits for key sets in Portico"),
+    ),
+    ("--jwt_cache_size", NotYet),
+    ("--jwks_cache_duration_in_s", Implemented),
+    ("--jwks_fetch_num_retries", NotYet),
+    ("--jwks_fetch_retry_back_off_base_interval_ms", NotYet),
+    ("--jwks_fetch_retry_back_off_max_interval_ms", NotYet),
+    ("--jwt_pad_forward_payload_header", Implemented),
+    ("--disable_jwt_audience_service_name_check", Implemented),
+    // Service Control.
+    ("--service_control_url", Implemented),
+    ("--service_control_check_timeout_ms", Implemented),
+    ("--service_control_quota_timeout_ms", Implemented),
+    ("--service_control_report_timeout_ms", Implemented),
+    ("--service_control_check_retries", Implemented),
+    ("--service_control_quota_retries", Implemented),
+    ("--service_control_report_retries", Implemented),
+    ("--service_control_network_fail_policy", Implemented),
+    (
+        "--service_control_enable_api_key_uid_reporting",
+        Implemented,
+    ),
+    ("--no-service_control_enable_api_key_uid_reporting", NotYet),
+    ("--log_request_headers", Implemented),
+    ("--log_response_headers", Implemented),
+    ("--log_jwt_payloads", Implemented),
+    // Logs and tracing.
+    ("--access_log", Implemented),
+    ("--access_log_format", NotYet),
+    ("--disable_tracing", NotYet),
+    ("--tracing_project_id", NotYet),
+    ("--tracing_sample_rate", NotYet),
+    ("--disable_cloud_trace_auto_sampling", NotYet),
+    ("--tracing_incoming_context", NotYet),
+    ("--tracing_outgoing_context", NotYet),
+    ("--cloud_trace_url_override", NotYet),
+    // Platform and credentials.
+    ("--non_gcp", Implemented),
+    ("--service_account_key", Implemented),
+    ("--enable_application_default_credentials", NotYet),
+    ("--enable_debug", NotYet),
+    // gRPC-JSON transcoding.
+    ("--transcoding_always_print_primitive_fields", NotYet),
+    ("--transcoding_always_print_enums_as_ints", NotYet),
+    ("--transcoding_stream_newline_delimited", NotYet),
+    ("--transcoding_case_insensitive_enum_parsing", NotYet),
+    ("--transcoding_preserve_proto_field_names", NotYet),
+    ("--transcoding_ignore_query_parameters", NotYet),
+    ("--transcoding_ignore_unknown_query_parameters", NotYet),
+    (
+        "--transcoding_query_parameters_disable_unescape_plus",
+        NotYet,
+    ),
+    ("--transcoding_match_unregistered_custom_verb", NotYet),
+    ("--disallow_colon_in_wildcard_path_segment", NotYet),
+    // Deprecated, kept by ESPv2 for ESP v1 command lines.
+    (
+        "--enable_backend_routing",
+        Ignored("routing by x-google-backend is always on in ESPv2, as in Portico's espv2 dialect"),
+    ),
+    (
+        "--backend_protocol",
+        Ignored("the protocol follows the --backend scheme, as in ESPv2"),
+    ),
+    ("--http_port", Implemented),
+    ("--http2_port", Implemented),
+    ("--ssl_port", Refused(TLS_REFUSED)),
+    ("--dns", NotYet),
+    ("--tls_mutual_auth", Refused(TLS_REFUSED)),
+    ("--ssl_protocols", NotYet),
+    ("--enable_grpc_backend_ssl", Refused(TLS_REFUSED)),
+    ("--grpc_backend_ssl_root_certs_file", NotYet),
+    ("--ssl_client_cert_path", Refused(TLS_REFUSED)),
+    ("--ssl_client_root_certs_file", Refused(TLS_REFUSED)),
+    ("--on_serverless", Implemented),
+    // Flags of ESPv2's config manager (start_proxy.py does not take them).
+    ("--listener_address", Implemented),
+    ("--cluster_connect_timeout", NotYet),
+    ("--service_management_url", Implemented),
+    ("--metadata_url", Implemented),
+    ("--iam_url", NotYet),
+    ("--service_control_iam_service_account", NotYet),
+    ("--service_control_iam_delegates", NotYet),
+    ("--backend_auth_iam_service_account", NotYet),
+    ("--backend_auth_iam_delegates", NotYet),
+    (
+        "--token_agent_port",
+        Ignored("the port of Envoy's token agent; Portico fetches tokens itself"),
+    ),
+    ("--disable_oidc_discovery", NotYet),
+    ("--dependency_error_behavior", NotYet),
+    ("--skip_jwt_authn_filter", Implemented),
+    ("--skip_service_control_filter", Implemented),
+    (
+        "--suppress_envoy_headers",
+        Ignored("Portico sends no x-envoy-* headers"),
+    ),
+    ("--enable_grpc_for_http1", NotYet),
+    ("--min_stream_report_interval_ms", NotYet),
+    ("--client_ip_from_forwarded_header", NotYet),
+    ("--backend_cluster_maximum_requests", NotYet),
+    ("--generated_header_prefix", NotYet),
+    ("--tracing_max_num_attributes", NotYet),
+    ("--tracing_max_num_annotations", NotYet),
+    ("--tracing_max_num_message_events", NotYet),
+    ("--tracing_max_num_links", NotYet),
+    ("--health_check_operation", NotYet),
+    ("--cors_operation_delimiter", NotYet),
+    // Portico's own.
+    ("--listen_address", Implemented),
+    ("--worker_threads", Implemented),
+    ("--client_max_body_size", Implemented),
+];
+
+/// The raw command line, named as ESPv2 names its flags. Values are kept as text and checked in
+/// [`validate`], so each refusal names its flag the way `start_proxy.py` would.
+#[derive(Debug, Parser)]
+#[command(
+    name = "portico espv2",
+    about = "ESPv2-compatible API proxy. Accepts ESPv2's start-up flags (start_proxy.py and its \
+             config manager's); what each does in Portico is in the README's ESPv2 flag table.",
+    disable_version_flag = true,
+    args_override_self = true,
+    infer_long_args = true,
+    allow_negative_numbers = true,
+    after_help = "Portico listens on 127.0.0.1 unless --listener_address is given; in a \
+                  container pass --listener_address=0.0.0.0 (the Portico image's espv2 target \
+                  does)."
+)]
+pub struct Espv2Args {
+    // ---- Service config and rollout.
+    /// Endpoints service name.
+    #[arg(short = 's', long = "service", default_value = "")]
+    pub service: String,
+    /// Service config id; required with --rollout_strategy=fixed unless --service_json_path.
+    #[arg(short = 'v', long = "version", default_value = "")]
+    pub version: String,
+    /// Load the service config from this `google.api.Service` JSON file.
+    #[arg(long = "service_json_path")]
+    pub service_json_path: Option<PathBuf>,
+    /// `fixed` or `managed` (follow new rollouts).
+    #[arg(short = 'R', long = "rollout_strategy", default_value = "fixed",
+          value_parser = ["fixed", "managed"])]
+    pub rollout_strategy: String,
+    /// Service Management base URL.
+    #[arg(short = 'g', long = "management", hide = true)]
+    pub management: Option<String>,
+    #[arg(long = "check_metadata", action = ArgAction::SetTrue)]
+    pub check_metadata: bool,
+    /// Timeout of ESPv2's own calls (Service Management, metadata server), not of backends.
+    #[arg(long = "http_request_timeout_s")]
+    pub http_request_timeout_s: Option<String>,
+
+    // ---- Backend.
+    /// Backend address: `http://`, `https://` or `grpc://` host[:port].
+    #[arg(short = 'a', long = "backend", default_value = DEFAULT_BACKEND)]
+    pub backend: String,
+    #[arg(long = "enable_backend_address_override", action = ArgAction::SetTrue)]
+    pub enable_backend_address_override: bool,
+    #[arg(long = "backend_dns_lookup_family",
+          value_parser = ["auto", "v4only", "v6only", "v4preferred", "all"])]
+    pub backend_dns_lookup_family: Option<String>,
+    #[arg(long = "dns_resolver_addresses")]
+    pub dns_resolver_addresses: Option<String>,
+    #[arg(long = "backend_retry_ons")]
+    pub backend_retry_ons: Option<String>,
+    #[arg(long = "backend_retry_on_status_codes")]
+    pub backend_retry_on_status_codes: Option<String>,
+    #[arg(long = "backend_retry_num")]
+    pub backend_retry_num: Option<String>,
+    #[arg(long = "backend_per_try_timeout")]
+    pub backend_per_try_timeout: Option<String>,
+    #[arg(long = "health_check_grpc_backend", action = ArgAction::SetTrue)]
+    pub health_check_grpc_backend: bool,
+    #[arg(long = "health_check_grpc_backend_service")]
+    pub health_check_grpc_backend_service: Option<String>,
+    #[arg(long = "health_check_grpc_backend_interval")]
+    pub health_check_grpc_backend_interval: Option<String>,
+    #[arg(long = "health_check_grpc_backend_no_traffic_interval")]
+    pub health_check_grpc_backend_no_traffic_interval: Option<String>,
+
+    // ---- Listener and TLS.
+    /// The one serving port (HTTP/1.1, HTTP/2 cleartext and gRPC); default 8080.
+    #[arg(long = "listener_port")]
+    pub listener_port: Option<String>,
+    /// Status server port (`/endpoints_status`, `/healthz`, `/metrics`); 0 (default): off.
+    #[arg(
+        short = 'N',
+        long = "status_port",
+        visible_alias = "admin_port",
+        default_value = "0"
+    )]
+    pub status_port: String,
+    #[arg(long = "ssl_server_cert_path")]
+    pub ssl_server_cert_path: Option<String>,
+    #[arg(long = "ssl_server_cipher_suites")]
+    pub ssl_server_cipher_suites: Option<String>,
+    #[arg(long = "ssl_server_root_cert_path")]
+    pub ssl_server_root_cert_path: Option<String>,
+    #[arg(long = "ssl_minimum_protocol", value_parser = ["TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3"])]
+    pub ssl_minimum_protocol: Option<String>,
+    #[arg(long = "ssl_maximum_protocol", value_parser = ["TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3"])]
+    pub ssl_maximum_protocol: Option<String>,
+    #[arg(long = "generate_self_signed_cert", action = ArgAction::SetTrue)]
+    pub generate_self_signed_cert: bool,
+    /// Adds `Strict-Transport-Security` to every response.
+    #[arg(long = "enable_strict_transport_security", action = ArgAction::SetTrue)]
+    pub enable_strict_transport_security: bool,
+    #[arg(long = "ssl_backend_client_cert_path")]
+    pub ssl_backend_client_cert_path: Option<String>,
+    #[arg(long = "ssl_backend_client_root_certs_file")]
+    pub ssl_backend_client_root_certs_file: Option<String>,
+    #[arg(long = "ssl_backend_client_cipher_suites")]
+    pub ssl_backend_client_cipher_suites: Option<String>,
+
+    // ---- Health, headers and paths.
+    /// A health-check path answered 200 on the listener port (`/healthz` or `healthz`); neither
+    /// checked nor reported.
+    #[arg(short = 'z', long = "healthz")]
+    pub healthz: Option<String>,
+    #[arg(long = "add_request_header", action = ArgAction::Append)]
+    pub add_request_header: Vec<String>,
+    #[arg(long = "append_request_header", action = ArgAction::Append)]
+    pub append_request_header: Vec<String>,
+    #[arg(long = "add_response_header", action = ArgAction::Append)]
+    pub add_response_header: Vec<String>,
+    #[arg(long = "append_response_header", action = ArgAction::Append)]
+    pub append_response_header: Vec<String>,
+    #[arg(long = "enable_operation_name_header", action = ArgAction::SetTrue)]
+    pub enable_operation_name_header: bool,
+    /// Forward client headers whose names contain `_` (dropped by default).
+    #[arg(long = "underscores_in_headers", action = ArgAction::SetTrue)]
+    pub underscores_in_headers: bool,
+    /// Match and forward the path as received (no decoding or dot-segment removal).
+    #[arg(long = "disable_normalize_path", action = ArgAction::SetTrue)]
+    pub disable_normalize_path: bool,
+    /// Keep repeated slashes in the path.
+    #[arg(long = "disable_merge_slashes_in_path", action = ArgAction::SetTrue)]
+    pub disable_merge_slashes_in_path: bool,
+    /// Redirect a path holding `%2F`/`%5C` to its decoded form (gRPC: refuse).
+    #[arg(long = "disallow_escaped_slashes_in_path", action = ArgAction::SetTrue)]
+    pub disallow_escaped_slashes_in_path: bool,
+    #[arg(long = "envoy_use_remote_address", action = ArgAction::SetTrue)]
+    pub envoy_use_remote_address: bool,
+    #[arg(long = "envoy_xff_num_trusted_hops")]
+    pub envoy_xff_num_trusted_hops: Option<String>,
+    #[arg(long = "envoy_connection_buffer_limit_bytes")]
+    pub envoy_connection_buffer_limit_bytes: Option<String>,
+    #[arg(long = "enable_response_compression", action = ArgAction::SetTrue)]
+    pub enable_response_compression: bool,
+    #[arg(long = "envoy_extra_config_yaml")]
+    pub envoy_extra_config_yaml: Option<String>,
+    #[arg(long = "ads_named_pipe")]
+    pub ads_named_pipe: Option<String>,
+
+    // ---- CORS.
+    /// `basic` or `cors_with_regex`; no CORS handling without it.
+    #[arg(long = "cors_preset")]
+    pub cors_preset: Option<String>,
+    #[arg(long = "cors_allow_origin", default_value = "*")]
+    pub cors_allow_origin: String,
+    #[arg(long = "cors_allow_origin_regex", default_value = "")]
+    pub cors_allow_origin_regex: String,
+    #[arg(
+        long = "cors_allow_methods",
+        default_value = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+    )]
+    pub cors_allow_methods: String,
+    #[arg(long = "cors_allow_headers", default_value = DEFAULT_CORS_HEADERS)]
+    pub cors_allow_headers: String,
+    #[arg(
+        long = "cors_expose_headers",
+        default_value = "Content-Length,Content-Range"
+    )]
+    pub cors_expose_headers: String,
+    #[arg(long = "cors_allow_credentials", action = ArgAction::SetTrue)]
+    pub cors_allow_credentials: bool,
+    #[arg(long = "cors_max_age")]
+    pub cors_max_age: Option<String>,
+
+    // ---- JWT.
+    #[arg(long = "disable_jwks_async_fetch", action = ArgAction::SetTrue)]
+    pub disable_jwks_async_fetch: bool,
+    #[arg(long = "jwks_async_fetch_fast_listener", action = ArgAction::SetTrue)]
+    pub jwks_async_fetch_fast_listener: bool,
+    #[arg(long = "jwt_cache_size")]
+    pub jwt_cache_size: Option<String>,
+    /// Key-set cache lifetime in seconds (default 300).
+    #[arg(long = "jwks_cache_duration_in_s")]
+    pub jwks_cache_duration_in_s: Option<String>,
+    #[arg(long = "jwks_fetch_num_retries")]
+    pub jwks_fetch_num_retries: Option<String>,
+    #[arg(long = "jwks_fetch_retry_back_off_base_interval_ms")]
+    pub jwks_fetch_retry_back_off_base_interval_ms: Option<String>,
+    #[arg(long = "jwks_fetch_retry_back_off_max_interval_ms")]
+    pub jwks_fetch_retry_back_off_max_interval_ms: Option<String>,
+    #[arg(long = "jwt_pad_forward_payload_header", action = ArgAction::SetTrue)]
+    pub jwt_pad_forward_payload_header: bool,
+    #[arg(long = "disable_jwt_audience_service_name_check", action = ArgAction::SetTrue)]
+    pub disable_jwt_audience_service_name_check: bool,
+
+    // ---- Service Control.
+    /// Service Control base URL.
+    #[arg(long = "service_control_url")]
+    pub service_control_url: Option<String>,
+    /// Milliseconds one `:check` attempt may take (default 1000).
+    #[arg(long = "service_control_check_timeout_ms")]
+    pub service_control_check_timeout_ms: Option<String>,
+    /// Milliseconds one `:allocateQuota` attempt may take (default 1000).
+    #[arg(long = "service_control_quota_timeout_ms")]
+    pub service_control_quota_timeout_ms: Option<String>,
+    /// Milliseconds one `:report` attempt may take (default 2000).
+    #[arg(long = "service_control_report_timeout_ms")]
+    pub service_control_report_timeout_ms: Option<String>,
+    /// Further `:check` attempts after one that got no answer (default 3).
+    #[arg(long = "service_control_check_retries")]
+    pub service_control_check_retries: Option<String>,
+    /// Further `:allocateQuota` attempts (default 1).
+    #[arg(long = "service_control_quota_retries")]
+    pub service_control_quota_retries: Option<String>,
+    /// Further `:report` attempts (default 5).
+    #[arg(long = "service_control_report_retries")]
+    pub service_control_report_retries: Option<String>,
+    /// `open` (default: let requests through when Service Control is unreachable) or `close`.
+    #[arg(long = "service_control_network_fail_policy", default_value = "open",
+          value_parser = ["open", "close"])]
+    pub service_control_network_fail_policy: String,
+    /// Report the API key's uid (default on).
+    #[arg(long = "service_control_enable_api_key_uid_reporting", action = ArgAction::SetTrue)]
+    pub service_control_enable_api_key_uid_reporting: bool,
+    #[arg(long = "no-service_control_enable_api_key_uid_reporting", action = ArgAction::SetTrue)]
+    pub no_service_control_enable_api_key_uid_reporting: bool,
+    /// Request headers copied into the report's log entry (comma-separated).
+    #[arg(long = "log_request_headers")]
+    pub log_request_headers: Option<String>,
+    /// Response headers copied into the report's log entry (comma-separated).
+    #[arg(long = "log_response_headers")]
+    pub log_response_headers: Option<String>,
+    /// JWT payload claims copied into the report's log entry (comma-separated).
+    #[arg(long = "log_jwt_payloads")]
+    pub log_jwt_payloads: Option<String>,
+
+    // ---- Logs and tracing.
+    /// Access log file (none by default).
+    #[arg(long = "access_log")]
+    pub access_log: Option<String>,
+    #[arg(long = "access_log_format")]
+    pub access_log_format: Option<String>,
+    #[arg(long = "disable_tracing", action = ArgAction::SetTrue)]
+    pub disable_tracing: bool,
+    #[arg(long = "tracing_project_id")]
+    pub tracing_project_id: Option<String>,
+    #[arg(long = "tracing_sample_rate")]
+    pub tracing_sample_rate: Option<String>,
+    #[arg(long = "disable_cloud_trace_auto_sampling", action = ArgAction::SetTrue)]
+    pub disable_cloud_trace_auto_sampling: bool,
+    #[arg(long = "tracing_incoming_context")]
+    pub tracing_incoming_context: Option<String>,
+    #[arg(long = "tracing_outgoing_context")]
+    pub tracing_outgoing_context: Option<String>,
+    #[arg(long = "cloud_trace_url_override")]
+    pub cloud_trace_url_override: Option<String>,
+
+    // ---- Platform and credentials.
+    /// Ask no metadata server; needs --service_account_key (or GOOGLE_APPLICATION_CREDENTIALS).
+    #[arg(long = "non_gcp", action = ArgAction::SetTrue)]
+    pub non_gcp: bool,
+    /// Service-account key JSON (falls back to GOOGLE_APPLICATION_CREDENTIALS).
+    #[arg(
+        short = 'k',
+        long = "service_account_key",
+        env = "GOOGLE_APPLICATION_CREDENTIALS"
+    )]
+    pub service_account_key: Option<PathBuf>,
+    #[arg(long = "enable_application_default_credentials", action = ArgAction::SetTrue)]
+    pub enable_application_default_credentials: bool,
+    #[arg(long = "enable_debug", action = ArgAction::SetTrue)]
+    pub enable_debug: bool,
+
+    // ---- gRPC-JSON transcoding.
+    #[arg(long = "transcoding_always_print_primitive_fields", action = ArgAction::SetTrue)]
+    pub transcoding_always_print_primitive_fields: bool,
+    #[arg(long = "transcoding_always_print_enums_as_ints", action = ArgAction::SetTrue)]
+    pub transcoding_always_print_enums_as_ints: bool,
+    #[arg(long = "transcoding_stream_newline_delimited", action = ArgAction::SetTrue)]
+    pub transcoding_stream_newline_delimited: bool,
+    #[arg(long = "transcoding_case_insensitive_enum_parsing", action = ArgAction::SetTrue)]
+    pub transcoding_case_insensitive_enum_parsing: bool,
+    #[arg(long = "transcoding_preserve_proto_field_names", action = ArgAction::SetTrue)]
+    pub transcoding_preserve_proto_field_names: bool,
+    #[arg(long = "transcoding_ignore_query_parameters")]
+    pub transcoding_ignore_query_parameters: Option<String>,
+    #[arg(long = "transcoding_ignore_unknown_query_parameters", action = ArgAction::SetTrue)]
+    pub transcoding_ignore_unknown_query_parameters: bool,
+    #[arg(long = "transcoding_query_parameters_disable_unescape_plus", action = ArgAction::SetTrue)]
+    pub transcoding_query_parameters_disable_unescape_plus: bool,
+    #[arg(long = "transcoding_match_unregistered_custom_verb", action = ArgAction::SetTrue)]
+    pub transcoding_match_unregistered_custom_verb: bool,
+    #[arg(long = "disallow_colon_in_wildcard_path_segment", action = ArgAction::SetTrue)]
+    pub disallow_colon_in_wildcard_path_segment: bool,
+
+    // ---- Deprecated (ESP v1 command lines).
+    #[arg(long = "enable_backend_routing", action = ArgAction::SetTrue, hide = true)]
+    pub enable_backend_routing: bool,
+    #[arg(long = "backend_protocol", value_parser = ["http1", "http2", "grpc"], hide = true)]
+    pub backend_protocol: Option<String>,
+    #[arg(long = "http_port", hide = true)]
+    pub http_port: Option<String>,
+    #[arg(long = "http2_port", hide = true)]
+    pub http2_port: Option<String>,
+    #[arg(long = "ssl_port", hide = true)]
+    pub ssl_port: Option<String>,
+    #[arg(long = "dns", hide = true)]
+    pub dns: Option<String>,
+    #[arg(short = 't', long = "tls_mutual_auth", action = ArgAction::SetTrue, hide = true)]
+    pub tls_mutual_auth: bool,
+    #[arg(long = "ssl_protocols", action = ArgAction::Append, hide = true)]
+    pub ssl_protocols: Vec<String>,
+    #[arg(long = "enable_grpc_backend_ssl", action = ArgAction::SetTrue, hide = true)]
+    pub enable_grpc_backend_ssl: bool,
+    #[arg(long = "grpc_backend_ssl_root_certs_file", hide = true)]
+    pub grpc_backend_ssl_root_certs_file: Option<String>,
+    #[arg(long = "ssl_client_cert_path", hide = true)]
+    pub ssl_client_cert_path: Option<String>,
+    #[arg(long = "ssl_client_root_certs_file", hide = true)]
+    pub ssl_client_root_certs_file: Option<String>,
+    #[arg(long = "on_serverless", action = ArgAction::SetTrue, hide = true)]
+    pub on_serverless: bool,
+
+    // ---- The config manager's own flags.
+    /// Address the listener binds to (Portico's default: 127.0.0.1).
+    #[arg(long = "listener_address")]
+    pub listener_address: Option<String>,
+    #[arg(long = "cluster_connect_timeout")]
+    pub cluster_connect_timeout: Option<String>,
+    /// Service Management base URL (the config manager's name for --management).
+    #[arg(long = "service_management_url")]
+    pub service_management_url: Option<String>,
+    /// GCE-compatible metadata server (default http://169.254.169.254 unless --non_gcp).
+    #[arg(long = "metadata_url")]
+    pub metadata_url: Option<String>,
+    #[arg(long = "iam_url")]
+    pub iam_url: Option<String>,
+    #[arg(long = "service_control_iam_service_account")]
+    pub service_control_iam_service_account: Option<String>,
+    #[arg(long = "service_control_iam_delegates")]
+    pub service_control_iam_delegates: Option<String>,
+    #[arg(long = "backend_auth_iam_service_account")]
+    pub backend_auth_iam_service_account: Option<String>,
+    #[arg(long = "backend_auth_iam_delegates")]
+    pub backend_auth_iam_delegates: Option<String>,
+    #[arg(long = "token_agent_port")]
+    pub token_agent_port: Option<String>,
+    #[arg(long = "disable_oidc_discovery", action = ArgAction::SetTrue)]
+    pub disable_oidc_discovery: bool,
+    #[arg(long = "dependency_error_behavior")]
+    pub dependency_error_behavior: Option<String>,
+    /// No JWT authentication at all.
+    #[arg(long = "skip_jwt_authn_filter", action = ArgAction::SetTrue)]
+    pub skip_jwt_authn_filter: bool,
+    /// No Service Control at all (no check, quota or report; no API key required).
+    #[arg(long = "skip_service_control_filter", action = ArgAction::SetTrue)]
+    pub skip_service_control_filter: bool,
+    #[arg(long = "suppress_envoy_headers", num_args = 0..=1, default_missing_value = "true")]
+    pub suppress_envoy_headers: Option<String>,
+    #[arg(long = "enable_grpc_for_http1", num_args = 0..=1, default_missing_value = "true")]
+    pub enable_grpc_for_http1: Option<String>,
+    #[arg(long = "min_stream_report_interval_ms")]
+    pub min_stream_report_interval_ms: Option<String>,
+    #[arg(long = "client_ip_from_forwarded_header", action = ArgAction::SetTrue)]
+    pub client_ip_from_forwarded_header: bool,
+    #[arg(long = "backend_cluster_maximum_requests")]
+    pub backend_cluster_maximum_requests: Option<String>,
+    #[arg(long = "generated_header_prefix")]
+    pub generated_header_prefix: Option<String>,
+    #[arg(long = "tracing_max_num_attributes")]
+    pub tracing_max_num_attributes: Option<String>,
+    #[arg(long = "tracing_max_num_annotations")]
+    pub tracing_max_num_annotations: Option<String>,
+    #[arg(long = "tracing_max_num_message_events")]
+    pub tracing_max_num_message_events: Option<String>,
+    #[arg(long = "tracing_max_num_links")]
+    pub tracing_max_num_links: Option<String>,
+    #[arg(long = "health_check_operation")]
+    pub health_check_operation: Option<String>,
+    #[arg(long = "cors_operation_delimiter")]
+    pub cors_operation_delimiter: Option<String>,
+
+    // ---- Portico's own.
+    /// Portico: the same as --listener_address.
+    #[arg(long = "listen_address")]
+    pub listen_address: Option<String>,
+    /// Portico: serving threads (default: one per core).
+    #[arg(long = "worker_threads")]
+    pub worker_threads: Option<usize>,
+    /// Portico: largest request body, nginx syntax (`32m`); default 0, no limit, as ESPv2.
+    #[arg(long = "client_max_body_size", default_value = "0")]
+    pub client_max_body_size: String,
+}
+
+impl ArgError {
+    fn v2(message: impl Into<String>) -> Self {
+        ArgError {
+            exit_code: EXIT_BAD_ARGS,
+            message: message.into(),
+        }
+    }
+}
+
+/// argparse's reading of an `int` flag; `None` for an absent one.
+fn int_flag(flag: &str, v: Option<&str>) -> Result<Option<i64>, ArgError> {
+    match v {
+        None => Ok(None),
+        Some(s) => s
+            .trim()
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| ArgError::v2(format!("argument {flag}: invalid int value: '{s}'"))),
+    }
+}
+
+/// ESPv2's `enforce_conflict_args`, in its order and with its messages. Returns the serving
+/// port (8080 unless one port flag names another; 0 counts as absent, as in Python).
+pub fn enforce_conflicts(a: &Espv2Args) -> Result<i64, ArgError> {
+    if a.rollout_strategy == "managed" {
+        if !a.version.is_empty() {
+            return Err(ArgError::v2(
+                "Flag --version cannot be used if --rollout_strategy=managed.",
+            ));
+        }
+        if a.service_json_path.is_some() {
+            return Err(ArgError::v2(
+                "Flag -R or --rollout_strategy must be fixed with --service_json_path.",
+            ));
+        }
+    } else if a.version.is_empty() && a.service_json_path.is_none() {
+        return Err(ArgError::v2(
+            "Flag --version is required if --rollout_strategy=fixed.",
+        ));
+    }
+    if a.service_json_path.is_some() {
+        if !a.service.is_empty() {
+            return Err(ArgError::v2(
+                "Flag --service cannot be used together with --service_json_path.",
+            ));
+        }
+        if !a.version.is_empty() {
+            return Err(ArgError::v2(
+                "Flag --version cannot be used together with --service_json_path.",
+            ));
+        }
+    }
+    if a.non_gcp {
+        if a.service_account_key.is_none() && !a.enable_application_default_credentials {
+            return Err(ArgError::v2(
+                "If --non_gcp is specified, --service_account_key or \
+                 --enable_application_default_credentials has to be specified, or \
+                 GOOGLE_APPLICATION_CREDENTIALS has to set in os.environ.",
+            ));
+        }
+        if a.service_account_key.is_some() && a.enable_application_default_credentials {
+            return Err(ArgError::v2(
+                "Only one of --service_account_key or --enable_application_default_credentials \
+                 can be supplied for credentials at once.",
+            ));
+        }
+    }
+    if a.access_log.is_none() && a.access_log_format.is_some() {
+        return Err(ArgError::v2(
+            "Flag --access_log_format has to be used together with --access_log.",
+        ));
+    }
+    let ssl_port = int_flag("--ssl_port", a.ssl_port.as_deref())?.filter(|p| *p != 0);
+    if ssl_port.is_some() && a.ssl_server_cert_path.is_some() {
+        return Err(ArgError::v2(
+            "Flag --ssl_port is going to be deprecated, please use --ssl_server_cert_path only.",
+        ));
+    }
+    if a.tls_mutual_auth
+        && (a.ssl_backend_client_cert_path.is_some() || a.ssl_client_cert_path.is_some())
+    {
+        return Err(ArgError::v2(
+            "Flag --tls_mutual_auth is going to be deprecated, please use \
+             --ssl_backend_client_cert_path only.",
+        ));
+    }
+    if (a.ssl_backend_client_root_certs_file.is_some() || a.ssl_client_root_certs_file.is_some())
+        && a.enable_grpc_backend_ssl
+    {
+        return Err(ArgError::v2(
+            "Flag --enable_grpc_backend_ssl are going to be deprecated, please use \
+             --ssl_backend_client_root_certs_file only.",
+        ));
+    }
+    if a.generate_self_signed_cert && a.ssl_server_cert_path.is_some() {
+        return Err(ArgError::v2(
+            "Flag --generate_self_signed_cert and --ssl_server_cert_path cannot be used \
+             simutaneously.",
+        ));
+    }
+
+    let mut port_flags = Vec::new();
+    let mut port = DEFAULT_LISTENER_PORT;
+    for (flag, value) in [
+        ("--http_port", &a.http_port),
+        ("--http2_port", &a.http2_port),
+        ("--listener_port", &a.listener_port),
+        ("--ssl_port", &a.ssl_port),
+    ] {
+        // Python's `if args.http_port:`: 0 is the same as absent.
+        if let Some(p) = int_flag(flag, value.as_deref())?.filter(|p| *p != 0) {
+            port_flags.push(flag);
+            port = p;
+        }
+    }
+    if port_flags.len() > 1 {
+        return Err(ArgError::v2(format!(
+            "Multiple port flags {} are not allowed, use only the --listener_port flag",
+            port_flags.join(",")
+        )));
+    } else if port < 1024 {
+        return Err(ArgError::v2(format!(
+            "Port {port} is a privileged port. For security purposes, the ESPv2 container \
+             cannot bind to it. Use any port above 1024 instead."
+        )));
+    }
+
+    if !a.ssl_protocols.is_empty()
+        && (a.ssl_minimum_protocol.is_some() || a.ssl_maximum_protocol.is_some())
+    {
+        return Err(ArgError::v2(
+            "Flag --ssl_protocols is going to be deprecated, please use --ssl_minimum_protocol \
+             and --ssl_maximum_protocol.",
+        ));
+    }
+    if a.transcoding_ignore_query_parameters.is_some()
+        && a.transcoding_ignore_unknown_query_parameters
+    {
+        return Err(ArgError::v2(
+            "Flag --transcoding_ignore_query_parameters cannot be used together with \
+             --transcoding_ignore_unknown_query_parameters.",
+        ));
+    }
+    if a.dns_resolver_addresses.is_some() && a.dns.is_some() {
+        // ESPv2's message, its doubled words included.
+        return Err(ArgError::v2(
+            "Flag --dns_resolver_addresses cannot be used together with together with --dns.",
+        ));
+    }
+    if a.ssl_backend_client_cert_path.is_some() && a.ssl_client_cert_path.is_some() {
+        return Err(ArgError::v2(
+            "Flag --ssl_client_cert_path is renamed to --ssl_backend_client_cert_path, only use \
+             the latter flag.",
+        ));
+    }
+    if a.ssl_backend_client_root_certs_file.is_some() && a.ssl_client_root_certs_file.is_some() {
+        return Err(ArgError::v2(
+            "Flag --ssl_client_root_certs_file is renamed to \
+             --ssl_backend_client_root_certs_file, only use the latter flag.",
+        ));
+    }
+    if a.health_check_grpc_backend && !a.backend.starts_with("grpc") {
+        return Err(ArgError::v2(
+            "Flag --health_check_grpc_backend requires the flag --backend to use grpc scheme.",
+        ));
+    }
+    for (flag, set) in [
+        (
+            "--health_check_grpc_backend_interval",
+            a.health_check_grpc_backend_interval.is_some(),
+        ),
+        (
+            "--health_check_grpc_backend_service",
+            a.health_check_grpc_backend_service.is_some(),
+        ),
+        (
+            "--health_check_grpc_backend_no_traffic_interval",
+            a.health_check_grpc_backend_no_traffic_interval.is_some(),
+        ),
+    ] {
+        if set && !a.health_check_grpc_backend {
+            return Err(ArgError::v2(format!(
+                "Flag {flag} requires the flag --health_check_grpc_backend to be used."
+            )));
+        }
+    }
+    Ok(port)
+}
+
+/// Parses `args` (`args[0]` is the program name) into validated settings.
+pub fn parse(args: Vec<OsString>) -> Result<Settings, ArgError> {
+    let clap_error = |e: clap::Error| ArgError {
+        exit_code: match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+            _ => EXIT_BAD_ARGS,
+        },
+        message: e.render().to_string(),
+    };
+    let matches = Espv2Args::command()
+        .try_get_matches_from(args)
+        .map_err(clap_error)?;
+    let raw = Espv2Args::from_arg_matches(&matches).map_err(clap_error)?;
+    let given = |flag: &str| {
+        let id = flag.trim_start_matches('-').replace('-', "_");
+        matches!(
+            matches.value_source(&id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    let mut settings = validate(raw)?;
+    for (flag, support) in FLAGS {
+        if !given(flag) {
+            continue;
+        }
+        match support {
+            Implemented => {}
+            Ignored(_) => settings.ignored_flags.push(flag),
+            NotYet => settings.not_implemented_flags.push(flag),
+            Refused(why) => {
+                return Err(ArgError::v2(format!("{flag} cannot be used yet: {why}")));
+            }
+        }
+    }
+    Ok(settings)
+}
+
+/// Checks ESPv2's rules, translates the command line into `portico esp`'s and validates it
+/// with the same code; then sets what only this dialect has.
+pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
+    let port = enforce_conflicts(&a)?;
+    let port = u16::try_from(port).map_err(|_| {
+        ArgError::v2(format!(
+            "Port {port} is not a TCP port: use a port from 1024 to 65535."
+        ))
+    })?;
+    let status_port = match int_flag("--status_port", Some(&a.status_port))? {
+        Some(0) | None => None,
+        Some(p) => Some(
+            u16::try_from(p)
+                .ok()
+                .filter(|p| *p != port)
+                .ok_or_else(|| {
+                    ArgError::v2(format!(
+                "invalid --status_port {p}: use a TCP port other than the listener's ({port}), \
+                 or 0 for none"
+            ))
+                })?,
+        ),
+    };
+    if a.service.is_empty() && a.service_json_path.is_none() {
+        return Err(ArgError::v2(
+            "--service is required: reading the service name from the metadata server is not \
+             implemented yet (issue 17)",
+        ));
+    }
+    if a.backend.starts_with("grpcs://") {
+        return Err(ArgError::v2(format!(
+            "--backend {:?} cannot be used yet: {TLS_REFUSED}",
+            a.backend
+        )));
+    }
+    if a.management.is_some() && a.service_management_url.is_some() {
+        return Err(ArgError::v2(
+            "--management and --service_management_url name the same URL: give one",
+        ));
+    }
+    if let Some(s) = &a.http_request_timeout_s {
+        if int_flag("--http_request_timeout_s", Some(s))?.is_none_or(|t| t <= 0) {
+            return Err(ArgError::v2(format!(
+                "invalid --http_request_timeout_s '{s}': must be a whole number of seconds above 0"
+            )));
+        }
+    }
+    let jwks_cache_duration_in_s = match a.jwks_cache_duration_in_s.as_deref() {
+        None => None,
+        Some(s) => Some(
+            s.trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=u64::from(u32::MAX)).contains(n))
+                .ok_or_else(|| {
+                    ArgError::v2(format!(
+                        "invalid --jwks_cache_duration_in_s '{s}': must be a whole number of \
+                         seconds above 0"
+                    ))
+                })?,
+        ),
+    };
+    let healthz = match a.healthz.as_deref() {
+        None => None,
+        Some(h) => {
+            let path = h.strip_prefix('/').unwrap_or(h);
+            if path.is_empty() || path.contains(['?', '#']) || path.chars().any(char::is_whitespace)
+            {
+                return Err(ArgError::v2(format!(
+                    "invalid --healthz {h:?}: give a path such as /healthz"
+                )));
+            }
+            Some(path.to_string())
+        }
+    };
+    let listen_address = a.listen_address.or(a.listener_address);
+    // start_proxy.py takes the key from GOOGLE_APPLICATION_CREDENTIALS when no flag names one;
+    // clap's `env` already did, and `--enable_application_default_credentials` reads the same
+    // variable.
+    let service_account_key = a.service_account_key;
+    if a.enable_application_default_credentials && service_account_key.is_none() {
+        return Err(ArgError::v2(
+            "--enable_application_default_credentials without GOOGLE_APPLICATION_CREDENTIALS: \
+             reading gcloud's user credentials is not implemented yet (issue 17)",
+        ));
+    }
+    let metadata = if a.non_gcp {
+        None
+    } else {
+        Some(
+            a.metadata_url
+                .unwrap_or_else(|| DEFAULT_METADATA_URL.to_string()),
+        )
+    };
+    let [check_ms, quota_ms, report_ms] = DEFAULT_SERVICE_CONTROL_TIMEOUTS_MS;
+    let retry_num = match a.backend_retry_num.as_deref() {
+        None => DEFAULT_BACKEND_RETRY_NUM,
+        Some(s) => s
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n <= MAX_BACKEND_RETRY_NUM)
+            .ok_or_else(|| {
+                ArgError::v2(format!(
+                    "invalid --backend_retry_num '{s}': must be a whole number from 0 to \
+                     {MAX_BACKEND_RETRY_NUM}"
+                ))
+            })?,
+    };
+    let retry_ons = a
+        .backend_retry_ons
+        .as_deref()
+        .unwrap_or(DEFAULT_BACKEND_RETRY_ONS);
+    let mut retry_ons_not_yet = false;
+    let mut retry_on_connect_failure = false;
+    for on in retry_ons.split(',').map(str::trim) {
+        if !ENVOY_RETRY_ONS.contains(&on) {
+            return Err(ArgError::v2(format!(
+                "invalid --backend_retry_ons '{retry_ons}': {on:?} is not a retry condition \
+                 (use {})",
+                ENVOY_RETRY_ONS.join(", ")
+            )));
+        }
+        retry_on_connect_failure |= on == "connect-failure";
+        retry_ons_not_yet |= !IMPLEMENTED_RETRY_ONS.contains(&on);
+    }
+
+    // `portico esp`'s command line with the same meaning, validated by the same code. Fields
+    // not set here keep `portico esp`'s defaults.
+    let mut e =
+        EspArgs::try_parse_from(["portico esp"]).map_err(|err| ArgError::v2(err.to_string()))?;
+    e.service = Some(a.service).filter(|s| !s.is_empty());
+    e.version = Some(a.version).filter(|v| !v.is_empty());
+    e.service_json_path = a.service_json_path;
+    e.rollout_strategy = a.rollout_strategy;
+    e.management = a.management.or(a.service_management_url);
+    e.backend = a.backend;
+    e.enable_backend_routing = true;
+    e.enable_websocket = true;
+    e.http_port = Some(port);
+    e.http2_port = None;
+    e.ssl_port = None;
+    // Checked against the listener above; set on the settings below (0 means "off" here).
+    e.status_port = 0;
+    e.service_account_key = service_account_key;
+    e.healthz = None;
+    e.non_gcp = a.non_gcp;
+    e.metadata = metadata;
+    e.service_control_url_override = a.service_control_url;
+    e.service_control_network_fail_policy = a.service_control_network_fail_policy;
+    e.service_control_check_timeout_ms = a
+        .service_control_check_timeout_ms
+        .or(Some(check_ms.to_string()));
+    e.service_control_quota_timeout_ms = a
+        .service_control_quota_timeout_ms
+        .or(Some(quota_ms.to_string()));
+    e.service_control_report_timeout_ms = a
+        .service_control_report_timeout_ms
+        .or(Some(report_ms.to_string()));
+    e.service_control_check_retries = a.service_control_check_retries;
+    e.service_control_quota_retries = a.service_control_quota_retries;
+    e.service_control_report_retries = a.service_control_report_retries;
+    e.skip_service_control_filter = a.skip_service_control_filter;
+    e.skip_jwt_authn_filter = a.skip_jwt_authn_filter;
+    e.client_max_body_size = a.client_max_body_size;
+    e.cors_preset = a.cors_preset;
+    e.cors_allow_origin = a.cors_allow_origin;
+    e.cors_allow_origin_regex = a.cors_allow_origin_regex;
+    e.cors_allow_methods = a.cors_allow_methods;
+    e.cors_allow_headers = a.cors_allow_headers;
+    e.cors_allow_credentials = a.cors_allow_credentials;
+    e.cors_expose_headers = a.cors_expose_headers;
+    e.enable_strict_transport_security = a.enable_strict_transport_security;
+    e.underscores_in_headers = a.underscores_in_headers;
+    e.disable_normalize_path = a.disable_normalize_path;
+    e.disable_merge_slashes_in_path = a.disable_merge_slashes_in_path;
+    e.disallow_escaped_slashes_in_path = a.disallow_escaped_slashes_in_path;
+    if let Some(l) = listen_address {
+        e.listen_address = l;
+    }
+    e.log_request_headers = a.log_request_headers;
+    e.log_response_headers = a.log_response_headers;
+    e.log_jwt_payload = a.log_jwt_payloads;
+    e.jwks_cache_duration_in_s = jwks_cache_duration_in_s;
+    e.access_log = Some(a.access_log.unwrap_or_else(|| "off".to_string()));
+    e.worker_threads = a.worker_threads;
+    if a.on_serverless {
+        e.compute_platform_override = Some(SERVERLESS_PLATFORM.to_string());
+    }
+
+    let mut settings = super::validate(e).map_err(|err| ArgError::v2(err.message))?;
+    settings.dialect = Dialect::EspV2;
+    settings.status_port = status_port;
+    settings.healthz = healthz;
+    settings.backend_connect_retries = if retry_on_connect_failure {
+        retry_num
+    } else {
+        0
+    };
+    // Conditions named on the command line that Portico does not retry on yet are said once
+    // at start-up (the default's `reset` and `refused-stream` are in the README).
+    if retry_ons_not_yet && a.backend_retry_ons.is_some() {
+        settings.not_implemented_flags.push("--backend_retry_ons");
+    }
+    settings.jwt_pad_forward_payload = a.jwt_pad_forward_payload_header;
+    settings.jwt_audience_service_name_check = !a.disable_jwt_audience_service_name_check;
+    Ok(settings)
+}
+
+/// Entry point for the `portico espv2` subcommand; `args[0]` is the program name.
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    let settings = match parse(args) {
+        Ok(s) => s,
+        Err(e) => {
+            if e.exit_code == 0 {
+                print!("{}", e.message);
+            } else {
+                eprintln!("portico espv2: {}", e.message.trim_end());
+            }
+            return ExitCode::from(e.exit_code);
+        }
+    };
+    log_flag_notes(&settings);
+    crate::server::run(settings)
+}
+
+/// One line per flag that was accepted without its ESPv2 effect.
+pub fn log_flag_notes(settings: &Settings) {
+    for flag in &settings.ignored_flags {
+        let why = FLAGS
+            .iter()
+            .find_map(|(f, s)| match s {
+                Ignored(why) if f == flag => Some(*why),
+                _ => None,
+            })
+            .unwrap_or("no meaning in Portico");
+        tracing::info!(flag, reason = why, "accepted and ignored");
+    }
+    for flag in &settings.not_implemented_flags {
+        tracing::warn!(flag, "accepted, not implemented yet (issue 17)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::{BackendScheme, RolloutStrategy};
+    use std::time::Duration;
+
+    fn p(args: &[&str]) -> Result<Settings, ArgError> {
+        let mut v: Vec<OsString> = vec!["portico espv2".into()];
+        v.extend(args.iter().map(OsString::from));
+        parse(v)
+    }
+
+    fn err(args: &[&str]) -> String {
+        let e = p(args).expect_err("refused");
+        assert_eq!(e.exit_code, EXIT_BAD_ARGS, "{args:?}: {}", e.message);
+        e.message
+    }
+
+    /// Runs only when GOOGLE_APPLICATION_CREDENTIALS is unset (clap reads it for the key).
+    fn env_clear() -> bool {
+        std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").is_none()
+    }
+
+    #[test]
+    fn defaults_are_espv2s() {
+        let s = p(&["--service=svc", "--version=2024-01-01r0"]).unwrap();
+        assert_eq!(s.dialect, Dialect::EspV2);
+        assert_eq!(s.service.as_deref(), Some("svc"));
+        assert_eq!(s.version.as_deref(), Some("2024-01-01r0"));
+        assert_eq!(s.rollout_strategy, RolloutStrategy::Fixed);
+        assert_eq!(
+            (s.http_port, s.http2_port, s.ssl_port),
+            (Some(8080), None, None)
+        );
+        assert_eq!(s.status_port, None);
+        assert_eq!(s.backend.scheme, BackendScheme::Http);
+        assert_eq!(s.backend.authority(), "127.0.0.1:8082");
+        assert_eq!(s.listen_address.to_string(), "127.0.0.1");
+        let c = s.service_control_calls;
+        let ms = Duration::from_millis;
+        assert_eq!((c.check.timeout, c.check.retries), (ms(1000), 3));
+        assert_eq!((c.quota.timeout, c.quota.retries), (ms(1000), 1));
+        assert_eq!((c.report.timeout, c.report.retries), (ms(2000), 5));
+        assert!(s.network_fail_open);
+        assert_eq!(s.access_log.as_deref(), Some("off"));
+        assert_eq!(s.metadata.as_deref(), Some(DEFAULT_METADATA_URL));
+        assert!(s.enable_backend_routing && s.enable_websocket);
+        assert_eq!(s.client_max_body_size, 0);
+        assert_eq!(s.backend_timeout, Duration::from_secs(15));
+        assert_eq!(s.backend_connect_retries, DEFAULT_BACKEND_RETRY_NUM);
+        assert!(s.cors.is_none() && s.healthz.is_none() && !s.hsts);
+        assert!(!s.skip_service_control && !s.skip_jwt_authn);
+        assert!(s.ignored_flags.is_empty(), "{:?}", s.ignored_flags);
+        assert!(
+            s.not_implemented_flags.is_empty(),
+            "{:?}",
+            s.not_implemented_flags
+        );
+    }
+
+    #[test]
+    fn conflicts_are_refused_with_espv2s_messages() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["-s", "svc"], "Flag --version is required if --rollout_strategy=fixed."),
+            (
+                &["-s", "svc", "-v", "1", "-R", "managed"],
+                "Flag --version cannot be used if --rollout_strategy=managed.",
+            ),
+            (
+                &["--service_json_path=/s.json", "--rollout_strategy=managed"],
+                "Flag -R or --rollout_strategy must be fixed with --service_json_path.",
+            ),
+            (
+                &["--service_json_path=/s.json", "--service=svc"],
+                "Flag --service cannot be used together with --service_json_path.",
+            ),
+            (
+                &["--service_json_path=/s.json", "--version=1"],
+                "Flag --version cannot be used together with --service_json_path.",
+            ),
+            (
+                &["-s", "svc", "-v", "1", "--access_log_format=%START_TIME%"],
+                "Flag --access_log_format has to be used together with --access_log.",
+            ),
+            (
+                &["-s", "svc", "-v", "1", "--ssl_port=9443", "--ssl_server_cert_path=/c"],
+                "Flag --ssl_port is going to be deprecated, please use --ssl_server_cert_path only.",
+            ),
+            (
+                &["-s", "svc", "-v", "1", "-t", "--ssl_backend_client_cert_path=/c"],
+                "Flag --tls_mutual_auth is going to be deprecated, please use \
+                 --ssl_backend_client_cert_path only.",
+            ),
+            (
+                &["-s", "svc", "-v", "1", "--enable_grpc_backend_ssl", "--ssl_client_root_certs_file=/r"],
+                "Flag --enable_grpc_backend_ssl are going to be deprecated, please use \
+                 --ssl_backend_client_root_certs_file only.",
+            ),
+            (
+                &["-s", "svc", "-v", "1", "--generate_self_signed_cert", "--ssl_server_cert_path=/c"],
+                "Flag --generate_self_signed_cert and --ssl_server_cert_path cannot be used \
+                 simutaneously.",
+            ),
+            (
+                &["-s", "svc", "-v", "1", "--http_port=9000", "--listener_port=9001"],
+                "Multiple port flags --http_port,--listener_port are not allowed, use only the \
+                 --listener_port flag",
+            ),
+            (
+                &["-s", "svc", "-v", "1", "--listener_port=1023"],
+                "Port 1023 is a privileged port. For security purposes, the ESPv2 container \
+                 cannot bind to it. Use any port above 1024 instead.",
+            ),
+            (
+                &["-s", "svc", "-v", "1", "--http2_port=-5"],
+                "Port -5 is a privileged port. For security purposes, the ESPv2 container \
+                 cannot bind to it. Use any port above 1024 instead.",
+            ),
+            (
+                &["-s", "svc", "-v", "1", "--ssl_protocols=TLSv1.2", "--ssl_minimum_protocol=TLSv1.2"],
+                "Flag --ssl_protocols is going to be deprecated, please use --ssl_minimum_protocol \
+                 and --ssl_maximum_protocol.",
+            ),
+            (
+                &[
+                    "-s",
+                    "svc",
+                    "-v",
+                    "1",
+                    "--transcoding_ignore_query_parameters=a",
+                    "--transcoding_ignore_unknown_query_parameters",
+                ],
+                "Flag --transcoding_ignore_query_parameters cannot be used together with \
+                 --transcoding_ignore_unknown_query_parameters.",
+            ),
+            (
+                &["-s", "svc", "-v", "1", "--dns_resolver_addresses=8.8.8.8", "--dns=1.1.1.1"],
+                "Flag --dns_resolver_addresses cannot be used together with together with --dns.",
+            ),
+            (
+                &["-s", "svc", "-v", "1", "--ssl_backend_client_cert_path=/a", "--ssl_client_cert_path=/b"],
+                "Flag --ssl_client_cert_path is renamed to --ssl_backend_client_cert_path, only \
+                 use the latter flag.",
+            ),
+            (
+                &[
+                    "-s",
+                    "svc",
+                    "-v",
+                    "1",
+                    "--ssl_backend_client_root_certs_file=/a",
+                    "--ssl_client_root_certs_file=/b",
+                ],
+                "Flag --ssl_client_root_certs_file is renamed to \
+                 --ssl_backend_client_root_certs_file, only use the latter flag.",
+            ),
+            (
+                &["-s", "svc", "-v", "1", "--health_check_grpc_backend"],
+                "Flag --health_check_grpc_backend requires the flag --backend to use grpc scheme.",
+            ),
+            (
+                &["-s", "svc", "-v", "1", "--health_check_grpc_backend_interval=1s"],
+                "Flag --health_check_grpc_backend_interval requires the flag \
+                 --health_check_grpc_backend to be used.",
+            ),
+            (
+                &["-s", "svc", "-v", "1", "--health_check_grpc_backend_service=x"],
+                "Flag --health_check_grpc_backend_service requires the flag \
+                 --health_check_grpc_backend to be used.",
+            ),
+            (
+                &["-s", "svc", "-v", "1", "--health_check_grpc_backend_no_traffic_interval=9s"],
+                "Flag --health_check_grpc_backend_no_traffic_interval requires the flag \
+                 --health_check_grpc_backend to be used.",
+            ),
+        ];
+        for (args, want) in cases {
+            assert_eq!(err(args), *want, "{args:?}");
+        }
+        if env_clear() {
+            assert_eq!(
+                err(&["-s", "svc", "-v", "1", "--non_gcp"]),
+                "If --non_gcp is specified, --service_account_key or \
+                 --enable_application_default_credentials has to be specified, or \
+                 GOOGLE_APPLICATION_CREDENTIALS has to set in os.environ."
+            );
+        }
+        assert_eq!(
+            err(&[
+                "-s",
+                "svc",
+                "-v",
+                "1",
+                "--non_gcp",
+                "-k",
+                "/k.json",
+                "--enable_application_default_credentials"
+            ]),
+            "Only one of --service_account_key or --enable_application_default_credentials \
+             can be supplied for credentials at once."
+        );
+    }
+
+    #[test]
+    fn refused_and_portico_specific_errors() {
+        // Flags whose absence would weaken security stop the start, whatever else is right.
+        for flag in [
+            "--ssl_server_cert_path=/etc/ssl/endpoints",
+            "--ssl_server_root_cert_path=/r",
+            "--generate_self_signed_cert",
+            "--ssl_port=9443",
+            "--tls_mutual_auth",
+            "--ssl_backend_client_cert_path=/c",
+            "--ssl_backend_client_root_certs_file=/r.pem",
+            "--enable_grpc_backend_ssl",
+            "--ssl_client_cert_path=/c",
+            "--ssl_client_root_certs_file=/r.pem",
+        ] {
+            let m = err(&["-s", "svc", "-v", "1", flag]);
+            let name = flag.split('=').next().unwrap();
+            assert!(
+                m.starts_with(&format!("{name} cannot be used yet: ESPv2's TLS flags")),
+                "{flag}: {m}"
+            );
+        }
+        let m = err(&["-s", "svc", "-v", "1", "--backend=grpcs://b:443"]);
+        assert!(m.contains("cannot be used yet"), "{m}");
+        let m = err(&["-v", "1"]);
+        assert!(m.starts_with("--service is required"), "{m}");
+        let m = err(&["-s", "svc", "-v", "1", "--listener_port=70000"]);
+        assert_eq!(
+            m,
+            "Port 70000 is not a TCP port: use a port from 1024 to 65535."
+        );
+        let m = err(&["-s", "svc", "-v", "1", "--status_port=8080"]);
+        assert!(m.contains("other than the listener's (8080)"), "{m}");
+        let m = err(&["-s", "svc", "-v", "1", "--status_port=65536"]);
+        assert!(m.starts_with("invalid --status_port 65536"), "{m}");
+        let m = err(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "-g",
+            "http://a",
+            "--service_management_url=http://b",
+        ]);
+        assert!(m.contains("give one"), "{m}");
+        let m = err(&["-s", "svc", "-v", "1", "--healthz=/"]);
+        assert!(m.starts_with("invalid --healthz"), "{m}");
+        let m = err(&["-s", "svc", "-v", "1", "--http_request_timeout_s=0"]);
+        assert!(m.contains("above 0"), "{m}");
+        if env_clear() {
+            let m = err(&[
+                "-s",
+                "svc",
+                "-v",
+                "1",
+                "--enable_application_default_credentials",
+            ]);
+            assert!(m.contains("not implemented yet (issue 17)"), "{m}");
+        }
+        // A value `portico esp`'s validation refuses is refused here too, with exit code 1.
+        let m = err(&["-s", "svc", "-v", "1", "--cors_preset=everything"]);
+        assert!(m.contains("cors_preset"), "{m}");
+        let m = err(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--service_control_check_timeout_ms=0",
+        ]);
+        assert!(m.contains("--service_control_check_timeout_ms"), "{m}");
+    }
+
+    #[test]
+    fn unknown_flags_and_bad_values_are_refused_precisely() {
+        let m = err(&["-s", "svc", "-v", "1", "--no_such_flag=1"]);
+        assert!(m.contains("'--no_such_flag'"), "{m}");
+        // An ESP v1 flag ESPv2 does not take.
+        let m = err(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--xff_trusted_proxy_list=10.0.0.0/8",
+        ]);
+        assert!(m.contains("'--xff_trusted_proxy_list'"), "{m}");
+        let m = err(&["-s", "svc", "-v", "1", "--rollout_strategy=sometimes"]);
+        assert!(m.contains("sometimes") && m.contains("managed"), "{m}");
+        let m = err(&["-s", "svc", "-v", "1", "--listener_port=eighty"]);
+        assert_eq!(m, "argument --listener_port: invalid int value: 'eighty'");
+        let m = err(&["-s", "svc", "-v", "1", "--backend_dns_lookup_family=v5only"]);
+        assert!(m.contains("v5only"), "{m}");
+        let m = err(&["-s", "svc", "-v", "1", "--ssl_minimum_protocol=SSLv3"]);
+        assert!(m.contains("SSLv3"), "{m}");
+        let m = err(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--service_control_network_fail_policy=maybe",
+        ]);
+        assert!(m.contains("maybe"), "{m}");
+        // An abbreviation that fits two flags is refused, not guessed.
+        let m = err(&["-s", "svc", "-v", "1", "--listener=9000"]);
+        assert!(m.contains("--listener"), "{m}");
+        let help = p(&["--help"]).unwrap_err();
+        assert_eq!(help.exit_code, 0);
+        assert!(help.message.contains("--listener_port"), "{}", help.message);
+    }
+
+    #[test]
+    fn spellings_repeats_and_switches() {
+        let eq = p(&[
+            "--service=svc",
+            "--version=1",
+            "--listener_port=9001",
+            "--backend=grpc://127.0.0.1:9002",
+        ])
+        .unwrap();
+        let sp = p(&[
+            "--service",
+            "svc",
+            "--version",
+            "1",
+            "--listener_port",
+            "9001",
+            "--backend",
+            "grpc://127.0.0.1:9002",
+        ])
+        .unwrap();
+        let short = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--listener_port",
+            "9001",
+            "-a",
+            "grpc://127.0.0.1:9002",
+        ])
+        .unwrap();
+        let abbrev = p(&[
+            "--serv=svc",
+            "--vers=1",
+            "--listener_p=9001",
+            "--backe=grpc://127.0.0.1:9002",
+        ]);
+        for s in [&eq, &sp, &short] {
+            assert_eq!(s.service.as_deref(), Some("svc"));
+            assert_eq!(s.http_port, Some(9001));
+            assert_eq!(s.backend.scheme, BackendScheme::Grpc);
+            assert_eq!(s.backend.authority(), "127.0.0.1:9002");
+        }
+        // `--serv` could be --service or --service_json_path, ...: argparse refuses it too.
+        assert!(abbrev.is_err());
+        // A prefix that names one flag is that flag, as in argparse.
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--listener_p=9001",
+            "--enable_strict",
+        ])
+        .unwrap();
+        assert_eq!(s.http_port, Some(9001));
+        assert!(s.hsts);
+        // Repeated: the last one wins, as in argparse.
+        let s = p(&[
+            "-s",
+            "a",
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--listener_port=9001",
+            "--listener_port=9002",
+        ])
+        .unwrap();
+        assert_eq!(
+            (s.service.as_deref(), s.http_port),
+            (Some("svc"), Some(9002))
+        );
+        // Repeatable flags collect; they are listed once as not implemented.
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--add_request_header=a=b",
+            "--add_request_header=c=d",
+        ])
+        .unwrap();
+        assert_eq!(s.not_implemented_flags, vec!["--add_request_header"]);
+        // A switch takes no value.
+        let m = err(&["-s", "svc", "-v", "1", "--underscores_in_headers=true"]);
+        assert!(m.contains("--underscores_in_headers"), "{m}");
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--underscores_in_headers",
+            "--disable_normalize_path",
+            "--disable_merge_slashes_in_path",
+            "--disallow_escaped_slashes_in_path",
+            "--enable_strict_transport_security",
+            "--skip_jwt_authn_filter",
+            "--skip_service_control_filter",
+        ])
+        .unwrap();
+        assert!(s.head.underscores_in_headers && s.hsts);
+        assert!(
+            !s.head.path.normalize && !s.head.path.merge_slashes && s.head.path.unescape_slashes
+        );
+        assert!(s.skip_jwt_authn && s.skip_service_control);
+        assert!(
+            s.not_implemented_flags.is_empty(),
+            "{:?}",
+            s.not_implemented_flags
+        );
+    }
+
+    #[test]
+    fn ports_and_listener() {
+        // Python reads 0 as "not given": the default port.
+        let s = p(&["-s", "svc", "-v", "1", "--listener_port=0"]).unwrap();
+        assert_eq!(s.http_port, Some(8080));
+        for flag in ["--http_port", "--http2_port", "--listener_port"] {
+            let s = p(&["-s", "svc", "-v", "1", &format!("{flag}=9005")]).unwrap();
+            assert_eq!(s.http_port, Some(9005), "{flag}");
+            assert_eq!(s.http2_port, None);
+        }
+        let s = p(&["-s", "svc", "-v", "1", "--status_port=9091"]).unwrap();
+        assert_eq!(s.status_port, Some(9091));
+        let s = p(&["-s", "svc", "-v", "1", "--admin_port", "9092"]).unwrap();
+        assert_eq!(s.status_port, Some(9092));
+        let s = p(&["-s", "svc", "-v", "1", "-N", "0"]).unwrap();
+        assert_eq!(s.status_port, None);
+        let s = p(&["-s", "svc", "-v", "1", "--listener_address=0.0.0.0"]).unwrap();
+        assert!(s.listen_address.is_unspecified());
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--listener_address=0.0.0.0",
+            "--listen_address=::1",
+        ])
+        .unwrap();
+        assert_eq!(s.listen_address.to_string(), "::1");
+        let m = err(&["-s", "svc", "-v", "1", "--listener_address=localhost"]);
+        assert!(
+            m.contains("--listen_address") || m.contains("localhost"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn wired_flags_reach_the_settings() {
+        let s = p(&[
+            "--service_json_path=/cfg.json",
+            "--backend=https://backend.example:8443",
+            "--healthz=/healthz",
+            "--service_control_url=http://127.0.0.1:9",
+            "--service_control_check_timeout_ms=250",
+            "--service_control_report_retries=0",
+            "--service_control_network_fail_policy=close",
+            "--cors_preset=basic",
+            "--cors_allow_credentials",
+            "--log_request_headers=x-a,x-b",
+            "--log_response_headers=x-c",
+            "--log_jwt_payloads=sub",
+            "--jwks_cache_duration_in_s=60",
+            "--access_log=/tmp/access.log",
+            "--metadata_url=http://127.0.0.1:9/",
+            "--service_management_url=http://127.0.0.1:10",
+            "--on_serverless",
+            "--client_max_body_size=1m",
+            "--worker_threads=2",
+        ])
+        .unwrap();
+        assert_eq!(s.service, None);
+        assert_eq!(
+            s.service_json_path.as_deref(),
+            Some(std::path::Path::new("/cfg.json"))
+        );
+        assert_eq!(s.backend.scheme, BackendScheme::Https);
+        assert_eq!(s.healthz.as_deref(), Some("healthz"));
+        assert_eq!(
+            s.service_control_url_override.as_deref(),
+            Some("http://127.0.0.1:9")
+        );
+        assert_eq!(
+            s.service_control_calls.check.timeout,
+            Duration::from_millis(250)
+        );
+        assert_eq!(s.service_control_calls.report.retries, 0);
+        assert!(!s.network_fail_open);
+        assert!(s.cors.as_ref().is_some_and(|c| c.allow_credentials));
+        assert_eq!(
+            s.cors
+                .as_ref()
+                .map(|c| c.allow_headers.to_str().unwrap().to_string())
+                .unwrap(),
+            DEFAULT_CORS_HEADERS
+        );
+        assert_eq!(s.log_request_headers, vec!["x-a", "x-b"]);
+        assert_eq!(s.log_response_headers, vec!["x-c"]);
+        assert_eq!(s.log_jwt_payload, vec!["sub"]);
+        assert_eq!(s.jwks_cache_duration, Some(Duration::from_secs(60)));
+        assert_eq!(s.access_log.as_deref(), Some("/tmp/access.log"));
+        assert_eq!(s.metadata.as_deref(), Some("http://127.0.0.1:9"));
+        assert_eq!(s.management.as_deref(), Some("http://127.0.0.1:10"));
+        assert_eq!(s.compute_platform.as_deref(), Some(SERVERLESS_PLATFORM));
+        assert_eq!(s.client_max_body_size, 1 << 20);
+        assert_eq!(s.worker_threads, 2);
+        let s = p(&["-s", "svc", "-v", "1", "--healthz=a/b"]).unwrap();
+        assert_eq!(s.healthz.as_deref(), Some("a/b"));
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--non_gcp",
+            "--service_account_key=/k.json",
+        ])
+        .unwrap();
+        assert!(s.non_gcp);
+        assert_eq!(s.metadata, None);
+        let s = p(&["-s", "svc", "-R", "managed"]).unwrap();
+        assert_eq!(s.rollout_strategy, RolloutStrategy::Managed);
+        assert_eq!(s.version, None);
+    }
+
+    #[test]
+    fn accepted_flags_are_listed_by_what_they_do() {
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--backend_per_try_timeout=2s",
+            "--envoy_connection_buffer_limit_bytes=1024",
+            "--enable_backend_routing",
+            "--no-service_control_enable_api_key_uid_reporting",
+            "--service_control_enable_api_key_uid_reporting",
+            "--tracing_sample_rate=0.5",
+            "--suppress_envoy_headers",
+            "--http_request_timeout_s=30",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.ignored_flags,
+            vec![
+                "--envoy_connection_buffer_limit_bytes",
+                "--enable_backend_routing",
+                "--suppress_envoy_headers"
+            ]
+        );
+        assert_eq!(
+            s.not_implemented_flags,
+            vec![
+                "--http_request_timeout_s",
+                "--backend_per_try_timeout",
+                "--no-service_control_enable_api_key_uid_reporting",
+                "--tracing_sample_rate",
+            ]
+        );
+        // --http_request_timeout_s is ESPv2's timeout for its own calls, never the backend's.
+        assert_eq!(s.backend_timeout, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn backend_retries() {
+        let retries = |args: &[&str]| {
+            let mut v = vec!["-s", "svc", "-v", "1"];
+            v.extend(args);
+            p(&v).map(|s| (s.backend_connect_retries, s.not_implemented_flags))
+        };
+        assert_eq!(retries(&[]).unwrap(), (1, vec![]));
+        assert_eq!(retries(&["--backend_retry_num=4"]).unwrap(), (4, vec![]));
+        assert_eq!(retries(&["--backend_retry_num=0"]).unwrap(), (0, vec![]));
+        assert_eq!(
+            retries(&[
+                "--backend_retry_ons=connect-failure",
+                "--backend_retry_num=2"
+            ])
+            .unwrap(),
+            (2, vec![])
+        );
+        // Without connect-failure, no connection is retried; 5xx is not retried yet, and said.
+        assert_eq!(
+            retries(&["--backend_retry_ons=5xx, reset"]).unwrap(),
+            (0, vec!["--backend_retry_ons"])
+        );
+        let m = err(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--backend_retry_ons=connect-failure,sometimes",
+        ]);
+        assert!(m.starts_with("invalid --backend_retry_ons"), "{m}");
+        assert!(m.contains("\"sometimes\""), "{m}");
+        for bad in ["-1", "101", "two", ""] {
+            let m = err(&[
+                "-s",
+                "svc",
+                "-v",
+                "1",
+                &format!("--backend_retry_num={bad}"),
+            ]);
+            assert!(m.starts_with("invalid --backend_retry_num"), "{bad}: {m}");
+        }
+    }
+
+    #[test]
+    fn huge_values_are_refused_or_kept_without_panic() {
+        let big = "9".repeat(10_000);
+        let m = err(&["-s", "svc", "-v", "1", &format!("--listener_port={big}")]);
+        assert!(
+            m.starts_with("argument --listener_port: invalid int value"),
+            "{}",
+            &m[..60]
+        );
+        let m = err(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            &format!("--jwks_cache_duration_in_s={big}"),
+        ]);
+        assert!(m.starts_with("invalid --jwks_cache_duration_in_s"));
+        let m = err(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            &format!("--service_control_check_retries={big}"),
+        ]);
+        assert!(m.contains("--service_control_check_retries"));
+        let name = "a".repeat(1 << 20);
+        let s = p(&["-s", &name, "-v", "1"]).unwrap();
+        assert_eq!(s.service.as_deref().map(str::len), Some(1 << 20));
+        let many: Vec<String> = (0..10_000)
+            .map(|i| format!("--add_response_header=h{i}=v"))
+            .collect();
+        let mut args = vec!["-s", "svc", "-v", "1"];
+        args.extend(many.iter().map(String::as_str));
+        let s = p(&args).unwrap();
+        assert_eq!(s.not_implemented_flags, vec!["--add_response_header"]);
+    }
+
+    /// The README's ESPv2 flag table says for each flag what [`FLAGS`] says, and lists no
+    /// other flag.
+    #[test]
+    fn readme_table_matches_the_flags() {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"));
+        let section = readme
+            .split("### ESPv2 flags")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("README has an ESPv2 flags section");
+        let mut rows = Vec::new();
+        for line in section.lines().filter(|l| l.starts_with("| `--")) {
+            let mut cells = line.split(" | ");
+            let flag = cells
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("| `")
+                .trim_end_matches('`');
+            let support = cells.next().unwrap_or("");
+            rows.push((flag.to_string(), support.to_string()));
+        }
+        assert_eq!(rows.len(), FLAGS.len(), "README rows vs FLAGS");
+        for (flag, support) in FLAGS {
+            let Some((_, said)) = rows.iter().find(|(f, _)| f == flag) else {
+                panic!("{flag} is missing from the README's ESPv2 flag table");
+            };
+            let word = match support {
+                Implemented => "Yes",
+                Ignored(_) => "Ignored: ",
+                NotYet => "Not yet",
+                Refused(_) => "Refused: ",
+            };
+            assert!(
+                said.starts_with(word),
+                "{flag}: README says {said:?}, code says {support:?}"
+            );
+            if let Ignored(why) | Refused(why) = support {
+                assert!(
+                    said.contains(why),
+                    "{flag}: README gives another reason: {said:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_flag_is_in_the_support_table_once() {
+        let cmd = Espv2Args::command();
+        let mut longs: Vec<String> = cmd
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
+            .filter(|l| l != "--help")
+            .collect();
+        longs.sort();
+        let mut table: Vec<String> = FLAGS.iter().map(|(f, _)| f.to_string()).collect();
+        table.sort();
+        let before = table.len();
+        table.dedup();
+        assert_eq!(before, table.len(), "a flag is listed twice");
+        assert_eq!(longs, table);
+        // The presence check reads each flag by its clap id.
+        for (flag, _) in FLAGS {
+            let id = flag.trim_start_matches('-').replace('-', "_");
+            assert!(
+                cmd.get_arguments().any(|a| a.get_id() == id.as_str()),
+                "{flag}"
+            );
+        }
+    }
+}

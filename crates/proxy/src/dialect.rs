@@ -1,0 +1,554 @@
+//! One proxy, two dialects: `portico esp` speaks ESP v1's, `portico espv2` ESPv2's. The
+//! dialect is chosen once at start ([`crate::settings::Settings::dialect`]) and read at the few
+//! points where the two proxies answer differently; there is one pipeline, not two.
+//!
+//! Every difference is listed here. When you add one, add its row and read the dialect where
+//! the difference is, never a copy of the code around it.
+//!
+//! | Where | ESP v1 (`portico esp`) | ESPv2 (`portico espv2`) | Read in |
+//! |---|---|---|---|
+//! | Start-up flags | ESP's `start_esp` flags, exit code 4 on a bad one | ESPv2's `start_proxy.py` flags (and its config manager's), exit code 1 | `cli`, `cli::espv2` |
+//! | Serving ports | `--http_port`, `--http2_port`, `--ssl_port` | one `--listener_port` (default 8080) for HTTP/1.1, h2c and gRPC | `cli::espv2`, [`Dialect::serving_port_flag`] |
+//! | Status server | on, `--status_port` default 8090 | off unless `--status_port`/`--admin_port` names a port | `cli::espv2` |
+//! | Defaults | backend `127.0.0.1:8081`; access log on stdout; Service Control timeouts 1500/1500/3500 ms; body limit 32m; WebSockets only with `--enable_websocket` | backend `http://127.0.0.1:8082`; no access log unless `--access_log`; timeouts 1000/1000/2000 ms; no body limit; WebSockets on; CORS allow-headers add `X-User-Agent`; metadata server `http://169.254.169.254` unless `--non_gcp` | `cli::espv2` |
+//! | `x-google-backend` routing | only with `--enable_backend_routing`; a method without a backend rule is 500 then | always; a method without a backend rule goes to `--backend` | `cli::espv2`, [`Dialect::unrouted_methods_use_backend`] |
+//! | Backend connections that cannot be made | not retried | retried `--backend_retry_num` times (default 1) when `--backend_retry_ons` has `connect-failure` (the default); the 503 then says `retried and the latest reset reason` | `cli::espv2`, `upstream::Pool` (`PoolLimits::connect_retries`) |
+//! | Error body | pretty-printed `google.rpc.Status`: `code` the canonical gRPC code, `message`, a `DebugInfo` detail | one line `{"code":<HTTP status>,"message":"<text>"}` and a newline | [`Dialect::body`] |
+//! | Error words | ESP's catalogue, carried by each [`EspError`] | ESPv2's, from the error's [`ErrorKind`]: Service Control errors as `CODE_NAME: text`, JWT errors in jwt_verify_lib's words (audience not allowed is 403), backend failures in Envoy's (`upstream request timeout`, 504; `upstream connect error ...`, 503; an unreachable backend is 503, not 502), `Payload Too Large`; Portico's own refusals keep their words | [`Dialect::reply`] |
+//! | gRPC clients' errors | `grpc-status` is the error's canonical code | `grpc-status` is Envoy's mapping of the HTTP status (404 → 12, 400 → 13, 503 → 14, ...) | [`Dialect::reply`] |
+//! | Path known, method not | 404 `Method does not exist.` (OPTIONS: 403 CORS) | 405 naming the rule's template; so is an `X-HTTP-Method-Override` to such a method | [`Dialect::refuses_wrong_method_with_405`], `pipeline/phases.rs` |
+//! | Preflights under `--cors_preset` | any OPTIONS with an allowed origin is answered 204 | only with `Origin` and `Access-Control-Request-Method`; every other OPTIONS is 400 with ESPv2's message, whatever its path | [`Dialect::preflight_needs_request_method`], [`Dialect::refuses_bad_preflights`] |
+//! | JWT: which fault a token is refused for | ESP v1's order: parse, time, issuer, audience, keys, signature | Envoy's: three sections, parse, issuer, time, audience, keys, signature | `auth::Authenticator::authenticate` (`AuthOptions::dialect`) |
+//! | JWT: where it is read | `X-Goog-Iap-Jwt-Assertion`, then `Authorization` (`Bearer ` stripped if there, else the whole value), then `access_token` only without `Authorization` | `Authorization` holding `Bearer ` (the token characters after it), then `X-Goog-Iap-Jwt-Assertion`, then `access_token` (exact name) | `auth::token::extract_espv2` |
+//! | JWT: audiences | the provider's list (else the requirement's), and the service's name always | the requirement's list, else the provider's, else `https://SERVICE` (any with `--disable_jwt_audience_service_name_check`); a token without `aud` passes only where any does | `auth::Authenticator::new`, `check_audience` |
+//! | `X-Endpoint-API-UserInfo` | base64url (padded) JSON with `claims`, `issuer`, `id`, `email`, `audiences` | the token's payload segment as sent (`=`-padded with `--jwt_pad_forward_payload_header`) | `auth::Authenticator::authenticate` |
+//!
+//! Not yet different (issue 17, later items): retries other than for connections that could
+//! not be made (`reset`, `refused-stream`, `5xx`, ..., `--backend_per_try_timeout`), ESPv2's
+//! report fields, header flags, TLS, compression, the metadata server's project and zone,
+//! which `:check` failures the open network fail policy forgives. `WWW-Authenticate` on
+//! 401/403 is Portico's in both dialects.
+
+use crate::error::{Code, ErrorKind, EspError, JwtProblem, NetworkFailure, ScFailure};
+use std::borrow::Cow;
+use std::fmt;
+
+/// Which proxy's behaviour Portico reproduces. Plain data, `Copy`: read it wherever the two
+/// differ (see the table above).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dialect {
+    /// ESP v1 (nginx-based, `endpoints-runtime:1`).
+    #[default]
+    Esp,
+    /// ESPv2 (Envoy-based, `endpoints-runtime:2`).
+    EspV2,
+}
+
+impl Dialect {
+    /// The `portico` sub-command that speaks this dialect.
+    pub fn command(self) -> &'static str {
+        match self {
+            Dialect::Esp => "esp",
+            Dialect::EspV2 => "espv2",
+        }
+    }
+
+    /// A request whose method no rule has for its path, while some rule matches the path for
+    /// another method, is 405 naming that rule's template (ESPv2), not 404 (ESP v1).
+    pub fn refuses_wrong_method_with_405(self) -> bool {
+        self == Dialect::EspV2
+    }
+
+    /// Under `--cors_preset`, only an `OPTIONS` request with `Access-Control-Request-Method`
+    /// (and an allowed `Origin`) is a preflight (ESPv2's CORS route); ESP v1's nginx answered
+    /// any `OPTIONS` with an allowed origin.
+    pub fn preflight_needs_request_method(self) -> bool {
+        self == Dialect::EspV2
+    }
+
+    /// Under `--cors_preset`, an `OPTIONS` request that is not a valid preflight is refused
+    /// 400 whatever its path (ESPv2); ESP v1 matches it like any request.
+    pub fn refuses_bad_preflights(self) -> bool {
+        self == Dialect::EspV2
+    }
+
+    /// With routing by `x-google-backend`, a method without a backend rule goes to
+    /// `--backend` (ESPv2); ESP v1 answers 500, as its nginx had no address for it.
+    pub fn unrouted_methods_use_backend(self) -> bool {
+        self == Dialect::EspV2
+    }
+
+    /// The flag that names the plain-text serving port, for messages about it.
+    pub fn serving_port_flag(self) -> &'static str {
+        match self {
+            Dialect::Esp => "--http_port",
+            Dialect::EspV2 => "--listener_port",
+        }
+    }
+}
+
+impl fmt::Display for Dialect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.command())
+    }
+}
+
+/// A proxy error as one dialect words it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply<'e> {
+    /// The HTTP status.
+    pub status: u16,
+    /// The message: the body's `message`, and `grpc-message` for gRPC clients.
+    pub message: Cow<'e, str>,
+    /// `grpc-status` for gRPC clients.
+    pub grpc_code: i32,
+}
+
+impl Dialect {
+    /// How this dialect answers `err`.
+    pub fn reply(self, err: &EspError) -> Reply<'_> {
+        match self {
+            Dialect::Esp => Reply {
+                status: err.http_status,
+                message: Cow::Borrowed(&err.message),
+                grpc_code: err.code,
+            },
+            Dialect::EspV2 => {
+                let (status, message) = espv2_words(err);
+                Reply {
+                    status,
+                    message,
+                    // Envoy's local replies to gRPC clients derive the code from the status.
+                    grpc_code: envoy_grpc_code(status).as_i32(),
+                }
+            }
+        }
+    }
+
+    /// The JSON body of `err` (already worded as `reply`): ESP v1's pretty-printed
+    /// `google.rpc.Status` with its `DebugInfo`, or ESPv2's one line
+    /// `{"code":<HTTP status>,"message":"<text>"}` (Envoy's local-reply JSON format, newline
+    /// included).
+    pub fn body(self, err: &EspError, reply: &Reply<'_>) -> String {
+        match self {
+            Dialect::Esp => err.body(),
+            Dialect::EspV2 => format!(
+                "{{\"code\":{},\"message\":{}}}\n",
+                reply.status,
+                serde_json::to_string(reply.message.as_ref())
+                    .unwrap_or_else(|_| String::from("\"\""))
+            ),
+        }
+    }
+}
+
+/// Envoy's `Grpc::Utility::httpToGrpcStatus`.
+fn envoy_grpc_code(status: u16) -> Code {
+    match status {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502 | 503 | 504 => Code::Unavailable,
+        _ => Code::Unknown,
+    }
+}
+
+/// ESPv2's Service Control errors: an `absl::Status` printed as `CODE_NAME: message`, with the
+/// HTTP status the code maps to.
+fn status_words(code: Code, message: &str) -> (u16, Cow<'static, str>) {
+    (
+        code.http_status(),
+        Cow::Owned(format!("{}: {message}", code.name())),
+    )
+}
+
+/// What Envoy's router answers when a peer gives no response: status and body; `retried`:
+/// after retries.
+fn envoy_no_response(how: NetworkFailure, retried: bool) -> (u16, Cow<'static, str>) {
+    let reset = if retried {
+        "upstream connect error or disconnect/reset before headers. retried and the latest reset \
+         reason: "
+    } else {
+        "upstream connect error or disconnect/reset before headers. reset reason: "
+    };
+    match how {
+        NetworkFailure::Connect(errno) => (
+            503,
+            Cow::Owned(format!(
+                "{reset}remote connection failure, transport failure reason: delayed connect \
+                 error: {errno}"
+            )),
+        ),
+        NetworkFailure::Unresolved => (503, Cow::Borrowed("no healthy upstream")),
+        NetworkFailure::Timeout => (504, Cow::Borrowed("upstream request timeout")),
+        NetworkFailure::Tls => (
+            503,
+            Cow::Owned(format!(
+                "{reset}connection failure, transport failure reason: TLS error"
+            )),
+        ),
+        NetworkFailure::Reset => (503, Cow::Owned(format!("{reset}connection termination"))),
+    }
+}
+
+/// ESPv2's status and message for an error (its catalogue: docs/espv2.md).
+fn espv2_words(err: &EspError) -> (u16, Cow<'_, str>) {
+    match &err.kind {
+        ErrorKind::Portico => (err.http_status, Cow::Borrowed(&err.message)),
+        ErrorKind::PathNotDefined => (
+            404,
+            Cow::Borrowed("The current request is not defined by this API."),
+        ),
+        ErrorKind::MethodNotAllowed { template } => (
+            405,
+            Cow::Owned(format!(
+                "The current request is matched to the defined url template \"{template}\" but \
+                 its http method is not allowed"
+            )),
+        ),
+        ErrorKind::CorsPreflightRefused => (
+            400,
+            Cow::Borrowed(
+                "The CORS preflight request is missing one (or more) of the following required \
+                 headers [Origin, Access-Control-Request-Method] or has an unmatched Origin \
+                 header.",
+            ),
+        ),
+        ErrorKind::Jwt(JwtProblem::Internal) => (err.http_status, Cow::Borrowed(&err.message)),
+        ErrorKind::Jwt(p) => {
+            let status = if *p == JwtProblem::AudienceNotAllowed {
+                403
+            } else {
+                401
+            };
+            (status, jwt_words(*p))
+        }
+        ErrorKind::UnregisteredCaller => status_words(
+            Code::Unauthenticated,
+            "Method doesn't allow unregistered callers (callers without established identity). \
+             Please use API Key or other form of API consumer identity to call this API.",
+        ),
+        ErrorKind::CheckRefused { code, service } => check_words(code, service),
+        ErrorKind::ServiceControlFailed(f) => service_control_failed_words(f),
+        ErrorKind::QuotaRefused { code, description } => {
+            let code = match &**code {
+                "RESOURCE_EXHAUSTED" => Code::ResourceExhausted,
+                "BILLING_NOT_ACTIVE" => Code::PermissionDenied,
+                "PROJECT_DELETED" | "API_KEY_INVALID" | "API_KEY_EXPIRED" => Code::InvalidArgument,
+                _ => Code::Internal,
+            };
+            status_words(code, description)
+        }
+        ErrorKind::BackendFailed { how, retried } => envoy_no_response(*how, *retried),
+        ErrorKind::BackendTimeout => envoy_no_response(NetworkFailure::Timeout, false),
+        ErrorKind::PayloadTooLarge => (413, Cow::Borrowed("Payload Too Large")),
+        ErrorKind::BackendIdToken { audience } => (
+            500,
+            Cow::Owned(format!("Token not found for audience: {audience}")),
+        ),
+    }
+}
+
+/// google/jwt_verify_lib's texts, which Envoy's `jwt_authn` answers with.
+fn jwt_words(p: JwtProblem) -> Cow<'static, str> {
+    use JwtProblem as P;
+    Cow::Borrowed(match p {
+        P::Missing => "Jwt is missing",
+        P::BadFormat => {
+            "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"
+        }
+        P::HeaderBadBase64 => "Jwt header is an invalid Base64url encoded",
+        P::HeaderBadJson => "Jwt header is an invalid JSON",
+        P::HeaderBadAlg => "Jwt header [alg] field is required and must be a string",
+        P::HeaderUnsupportedAlg => "Jwt header [alg] is not supported",
+        P::PayloadBadBase64 => "Jwt payload is an invalid Base64url encoded",
+        P::PayloadBadJson => "Jwt payload is an invalid JSON",
+        P::ClaimNotString(claim) => {
+            return Cow::Owned(format!("Jwt payload [{claim}] field is not a string"))
+        }
+        P::ClaimNotInteger(claim) => {
+            return Cow::Owned(format!("Jwt payload [{claim}] field is not an integer"))
+        }
+        P::ClaimNotPositive(claim) => {
+            return Cow::Owned(format!(
+                "Jwt payload [{claim}] field is not a positive integer"
+            ))
+        }
+        P::AudienceNotStrings => "Jwt payload [aud] field is not a string or string list",
+        P::SignatureBadBase64 => "Jwt signature is an invalid Base64url encoded",
+        P::Expired => "Jwt is expired",
+        P::NotYetValid => "Jwt not yet valid",
+        P::UnknownIssuer => "Jwt issuer is not configured",
+        P::AudienceNotAllowed => "Audiences in Jwt are not allowed",
+        P::JwksFetchFailed => "Jwks remote fetch is failed",
+        P::KidAlgMismatch => "Jwks doesn't have key to match kid or alg from Jwt",
+        P::VerificationFailed | P::Internal => "Jwt verification fails",
+    })
+}
+
+/// ESPv2's `ConvertCheckResponse`: the first check error's code and text.
+fn check_words(code: &str, service: &str) -> (u16, Cow<'static, str>) {
+    let (c, text): (Code, Cow<'static, str>) = match code {
+        "NOT_FOUND" => (
+            Code::InvalidArgument,
+            "Client project not found. Please pass a valid project.".into(),
+        ),
+        "RESOURCE_EXHAUSTED" => (Code::ResourceExhausted, "Quota check failed.".into()),
+        // ESPv2's text starts with a space.
+        "API_TARGET_BLOCKED" => (
+            Code::PermissionDenied,
+            " The API targeted by this request is invalid for the given API key.".into(),
+        ),
+        "API_KEY_NOT_FOUND" => (
+            Code::InvalidArgument,
+            "API key not found. Please pass a valid API key.".into(),
+        ),
+        "API_KEY_EXPIRED" => (
+            Code::InvalidArgument,
+            "API key expired. Please renew the API key.".into(),
+        ),
+        "API_KEY_INVALID" => (
+            Code::InvalidArgument,
+            "API key not valid. Please pass a valid API key.".into(),
+        ),
+        "SERVICE_NOT_ACTIVATED" => (
+            Code::PermissionDenied,
+            format!("API {service} is not enabled for the project.").into(),
+        ),
+        "PERMISSION_DENIED" => (Code::PermissionDenied, "Permission denied.".into()),
+        "IP_ADDRESS_BLOCKED" => (Code::PermissionDenied, "IP address blocked.".into()),
+        "REFERER_BLOCKED" => (Code::PermissionDenied, "Referer blocked.".into()),
+        "CLIENT_APP_BLOCKED" => (Code::PermissionDenied, "Client application blocked.".into()),
+        "PROJECT_DELETED" => (Code::PermissionDenied, "Project has been deleted.".into()),
+        "PROJECT_INVALID" => (
+            Code::InvalidArgument,
+            "Client project not valid. Please pass a valid project.".into(),
+        ),
+        "BILLING_DISABLED" => (
+            Code::PermissionDenied,
+            format!("API {service} has billing disabled. Please enable it.").into(),
+        ),
+        "INVALID_CREDENTIAL" => (
+            Code::PermissionDenied,
+            "The credential in the request can not be verified.".into(),
+        ),
+        "CONSUMER_INVALID" => (
+            Code::PermissionDenied,
+            "The consumer from the API key does not represent a valid consumer folder or \
+             organization."
+                .into(),
+        ),
+        "NAMESPACE_LOOKUP_UNAVAILABLE"
+        | "SERVICE_STATUS_UNAVAILABLE"
+        | "BILLING_STATUS_UNAVAILABLE"
+        | "CLOUD_RESOURCE_MANAGER_BACKEND_UNAVAILABLE" => (
+            Code::Unavailable,
+            "One or more Google Service Control backends are unavailable.".into(),
+        ),
+        other => (
+            Code::Internal,
+            format!(
+                "Request blocked due to unsupported error code in Google Service Control Check \
+                 response: {other}"
+            )
+            .into(),
+        ),
+    };
+    status_words(c, &text)
+}
+
+/// ESPv2's answer when `:check` itself failed: an unavailable Service Control (5xx, or no
+/// answer, which Envoy turns into its own 503/504) stays `UNAVAILABLE`; anything else is the
+/// proxy's fault, `INTERNAL`.
+fn service_control_failed_words(f: &ScFailure) -> (u16, Cow<'static, str>) {
+    let failed_with = |status: u16, body: &str| {
+        let mut m = format!("Calling Google Service Control API failed with: {status}");
+        if !body.is_empty() {
+            m.push_str(" and body: ");
+            m.push_str(body);
+        }
+        m
+    };
+    match f {
+        ScFailure::Network(how) => {
+            // Service Control's cluster has no retry policy; the call's own retries do not
+            // show in Envoy's text.
+            let (status, body) = envoy_no_response(*how, false);
+            status_words(Code::Unavailable, &failed_with(status, &body))
+        }
+        ScFailure::Http { status, body } => {
+            let code = match envoy_grpc_code(*status) {
+                Code::Unavailable => Code::Unavailable,
+                _ => Code::Internal,
+            };
+            status_words(code, &failed_with(*status, body))
+        }
+        ScFailure::Invalid => status_words(Code::Internal, "Invalid response"),
+        ScFailure::Token => status_words(
+            Code::Internal,
+            "Missing access token for service control call",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Cause;
+
+    fn v2(err: &EspError) -> (u16, String, i32, String) {
+        let r = Dialect::EspV2.reply(err);
+        let body = Dialect::EspV2.body(err, &r);
+        (r.status, r.message.into_owned(), r.grpc_code, body)
+    }
+
+    #[test]
+    fn esp_v1_words_are_the_errors_own() {
+        let e = EspError::unregistered_caller();
+        let r = Dialect::Esp.reply(&e);
+        assert_eq!((r.status, r.grpc_code), (401, 16));
+        assert_eq!(r.message, e.message);
+        assert_eq!(Dialect::Esp.body(&e, &r), e.body());
+        // A kind never changes ESP v1's answer.
+        let m = EspError::method_does_not_exist().with_kind(ErrorKind::MethodNotAllowed {
+            template: "/a".into(),
+        });
+        let r = Dialect::Esp.reply(&m);
+        assert_eq!(
+            (r.status, r.message.as_ref()),
+            (404, "Method does not exist.")
+        );
+    }
+
+    #[test]
+    fn espv2_body_is_one_json_line_with_the_http_status() {
+        let e = EspError::method_does_not_exist().with_kind(ErrorKind::MethodNotAllowed {
+            template: "/v1/\"odd\"\\{x}".into(),
+        });
+        let (status, _, grpc, body) = v2(&e);
+        assert_eq!((status, grpc), (405, 2));
+        assert_eq!(
+            body,
+            "{\"code\":405,\"message\":\"The current request is matched to the defined url \
+             template \\\"/v1/\\\"odd\\\"\\\\{x}\\\" but its http method is not allowed\"}\n"
+        );
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["code"], 405);
+    }
+
+    #[test]
+    fn espv2_grpc_codes_are_envoys_from_the_status() {
+        for (kind, status, grpc) in [
+            (ErrorKind::PathNotDefined, 404, 12),
+            (ErrorKind::UnregisteredCaller, 401, 16),
+            (ErrorKind::Jwt(JwtProblem::AudienceNotAllowed), 403, 7),
+            (ErrorKind::Jwt(JwtProblem::Expired), 401, 16),
+            (ErrorKind::BackendTimeout, 504, 14),
+            (ErrorKind::PayloadTooLarge, 413, 2),
+            (ErrorKind::CorsPreflightRefused, 400, 13),
+        ] {
+            let e = EspError::new(Code::Internal, "x", Cause::Internal).with_kind(kind.clone());
+            let (s, _, g, _) = v2(&e);
+            assert_eq!((s, g), (status, grpc), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn service_control_words() {
+        let sc = |kind: ErrorKind| {
+            let e = EspError::new(Code::Internal, "x", Cause::ServiceControl).with_kind(kind);
+            let (s, m, _, _) = v2(&e);
+            (s, m)
+        };
+        let failed = |f: ScFailure| sc(ErrorKind::ServiceControlFailed(f));
+        assert_eq!(
+            failed(ScFailure::Network(NetworkFailure::Unresolved)),
+            (
+                503,
+                "UNAVAILABLE: Calling Google Service Control API failed with: 503 and body: no \
+                 healthy upstream"
+                    .into()
+            )
+        );
+        assert_eq!(
+            failed(ScFailure::Http {
+                status: 401,
+                body: "".into()
+            }),
+            (
+                500,
+                "INTERNAL: Calling Google Service Control API failed with: 401".into()
+            )
+        );
+        assert_eq!(
+            failed(ScFailure::Http {
+                status: 429,
+                body: "slow down".into()
+            })
+            .0,
+            503
+        );
+        assert_eq!(
+            failed(ScFailure::Invalid),
+            (500, "INTERNAL: Invalid response".into())
+        );
+        assert_eq!(
+            failed(ScFailure::Token),
+            (
+                500,
+                "INTERNAL: Missing access token for service control call".into()
+            )
+        );
+        // absl's `CODE: message`, even when the message is empty.
+        assert_eq!(
+            sc(ErrorKind::QuotaRefused {
+                code: "RESOURCE_EXHAUSTED".into(),
+                description: "".into()
+            }),
+            (429, "RESOURCE_EXHAUSTED: ".into())
+        );
+        assert_eq!(
+            sc(ErrorKind::QuotaRefused {
+                code: "PROJECT_DELETED".into(),
+                description: "gone".into()
+            }),
+            (400, "INVALID_ARGUMENT: gone".into())
+        );
+        assert_eq!(
+            sc(ErrorKind::CheckRefused {
+                code: "CONSUMER_INVALID".into(),
+                service: "s".into()
+            }),
+            (
+                403,
+                "PERMISSION_DENIED: The consumer from the API key does not represent a valid \
+                 consumer folder or organization."
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn portico_refusals_keep_their_words_in_espv2s_shape() {
+        let e = EspError::with_status(
+            414,
+            Code::FailedPrecondition,
+            "URI_TOO_LONG",
+            Cause::Application,
+        );
+        let (s, m, _, body) = v2(&e);
+        assert_eq!((s, m.as_str()), (414, "URI_TOO_LONG"));
+        assert_eq!(body, "{\"code\":414,\"message\":\"URI_TOO_LONG\"}\n");
+        let tls = EspError::bad_gateway(NetworkFailure::Tls, false);
+        assert_eq!(
+            v2(&tls).1,
+            "upstream connect error or disconnect/reset before headers. reset reason: \
+             connection failure, transport failure reason: TLS error"
+        );
+        assert_eq!(
+            v2(&EspError::bad_gateway(NetworkFailure::Unresolved, true)).1,
+            "no healthy upstream"
+        );
+    }
+}
