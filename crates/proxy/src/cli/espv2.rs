@@ -92,9 +92,8 @@ pub enum Support {
 use Support::{Ignored, Implemented, NotYet, Refused};
 
 const NO_ENVOY: &str = "Envoy tuning; Portico has no Envoy";
-const TLS_REFUSED: &str =
-    "ESPv2's TLS flags are not wired to Portico's TLS yet (issue 17 item 9); \
-     Portico will not serve or connect in plain text where TLS was asked for";
+const TLS_REFUSED: &str = "TLS to gRPC backends (grpcs://) is not built yet (issue 18); \
+     Portico will not connect in plain text where TLS was asked for";
 
 /// Every flag `portico espv2` accepts and what it does. The README's table is checked against
 /// this list.
@@ -123,31 +122,31 @@ pub const FLAGS: &[(&str, Support)] = &[
     // Listener and TLS.
     ("--listener_port", Implemented),
     ("--status_port", Implemented),
-    ("--ssl_server_cert_path", Refused(TLS_REFUSED)),
-    ("--ssl_server_cipher_suites", NotYet),
-    ("--ssl_server_root_cert_path", Refused(TLS_REFUSED)),
-    ("--ssl_minimum_protocol", NotYet),
-    ("--ssl_maximum_protocol", NotYet),
-    ("--generate_self_signed_cert", Refused(TLS_REFUSED)),
+    ("--ssl_server_cert_path", Implemented),
+    ("--ssl_server_cipher_suites", Implemented),
+    ("--ssl_server_root_cert_path", Implemented),
+    ("--ssl_minimum_protocol", Implemented),
+    ("--ssl_maximum_protocol", Implemented),
+    ("--generate_self_signed_cert", Implemented),
     ("--enable_strict_transport_security", Implemented),
-    ("--ssl_backend_client_cert_path", Refused(TLS_REFUSED)),
-    ("--ssl_backend_client_root_certs_file", Refused(TLS_REFUSED)),
-    ("--ssl_backend_client_cipher_suites", NotYet),
+    ("--ssl_backend_client_cert_path", Implemented),
+    ("--ssl_backend_client_root_certs_file", Implemented),
+    ("--ssl_backend_client_cipher_suites", Implemented),
     // Health, headers and paths.
     ("--healthz", Implemented),
-    ("--add_request_header", NotYet),
-    ("--append_request_header", NotYet),
-    ("--add_response_header", NotYet),
-    ("--append_response_header", NotYet),
-    ("--enable_operation_name_header", NotYet),
+    ("--add_request_header", Implemented),
+    ("--append_request_header", Implemented),
+    ("--add_response_header", Implemented),
+    ("--append_response_header", Implemented),
+    ("--enable_operation_name_header", Implemented),
     ("--underscores_in_headers", Implemented),
     ("--disable_normalize_path", Implemented),
     ("--disable_merge_slashes_in_path", Implemented),
     ("--disallow_escaped_slashes_in_path", Implemented),
-    ("--envoy_use_remote_address", NotYet),
-    ("--envoy_xff_num_trusted_hops", NotYet),
+    ("--envoy_use_remote_address", Implemented),
+    ("--envoy_xff_num_trusted_hops", Implemented),
     ("--envoy_connection_buffer_limit_bytes", Ignored(NO_ENVOY)),
-    ("--enable_response_compression", NotYet),
+    ("--enable_response_compression", Implemented),
     ("--envoy_extra_config_yaml", Ignored(NO_ENVOY)),
     (
         "--ads_named_pipe",
@@ -238,14 +237,14 @@ pub const FLAGS: &[(&str, Support)] = &[
     ),
     ("--http_port", Implemented),
     ("--http2_port", Implemented),
-    ("--ssl_port", Refused(TLS_REFUSED)),
+    ("--ssl_port", Implemented),
     ("--dns", NotYet),
-    ("--tls_mutual_auth", Refused(TLS_REFUSED)),
-    ("--ssl_protocols", NotYet),
+    ("--tls_mutual_auth", Implemented),
+    ("--ssl_protocols", Implemented),
     ("--enable_grpc_backend_ssl", Refused(TLS_REFUSED)),
     ("--grpc_backend_ssl_root_certs_file", NotYet),
-    ("--ssl_client_cert_path", Refused(TLS_REFUSED)),
-    ("--ssl_client_root_certs_file", Refused(TLS_REFUSED)),
+    ("--ssl_client_cert_path", Implemented),
+    ("--ssl_client_root_certs_file", Implemented),
     ("--on_serverless", Implemented),
     // Flags of ESPv2's config manager (start_proxy.py does not take them).
     ("--listener_address", Implemented),
@@ -1104,6 +1103,66 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     }
     settings.jwt_pad_forward_payload = a.jwt_pad_forward_payload_header;
     settings.jwt_audience_service_name_check = !a.disable_jwt_audience_service_name_check;
+
+    // TLS (crate::tls): a listener with a certificate speaks TLS only, on the listener's port.
+    let tls = crate::tls::from_espv2_flags(&crate::tls::Espv2TlsFlags {
+        ssl_server_cert_path: a.ssl_server_cert_path,
+        ssl_server_root_cert_path: a.ssl_server_root_cert_path,
+        ssl_server_cipher_suites: a.ssl_server_cipher_suites,
+        ssl_minimum_protocol: a.ssl_minimum_protocol,
+        ssl_maximum_protocol: a.ssl_maximum_protocol,
+        generate_self_signed_cert: a.generate_self_signed_cert,
+        ssl_backend_client_cert_path: a.ssl_backend_client_cert_path,
+        ssl_backend_client_root_certs_file: a.ssl_backend_client_root_certs_file,
+        ssl_backend_client_cipher_suites: a.ssl_backend_client_cipher_suites,
+        ssl_port: a
+            .ssl_port
+            .as_deref()
+            .is_some_and(|p| !p.is_empty() && p != "0"),
+        tls_mutual_auth: a.tls_mutual_auth,
+        ssl_protocols: a.ssl_protocols,
+        ssl_client_cert_path: a.ssl_client_cert_path,
+        ssl_client_root_certs_file: a.ssl_client_root_certs_file,
+        enable_grpc_backend_ssl: a.enable_grpc_backend_ssl,
+        grpc_backend_ssl_root_certs_file: a.grpc_backend_ssl_root_certs_file,
+    })
+    .map_err(|e| ArgError::v2(e.0))?;
+    if let Some(server) = tls.server {
+        settings.server_tls = server;
+        settings.ssl_port = Some(port);
+        settings.http_port = None;
+    }
+    settings.backend_tls = tls.backend;
+
+    // Header rules (crate::header_rules), ESPv2's header defaults and compression.
+    let (request_rules, response_rules) =
+        crate::header_rules::from_espv2_flags(&crate::header_rules::Espv2HeaderFlags {
+            add_request_header: a.add_request_header,
+            append_request_header: a.append_request_header,
+            add_response_header: a.add_response_header,
+            append_response_header: a.append_response_header,
+        })
+        .map_err(ArgError::v2)?;
+    settings.request_headers_to_add = request_rules;
+    settings.response_headers_to_add = response_rules;
+    settings.operation_name_header = a
+        .enable_operation_name_header
+        .then(|| crate::settings::OPERATION_NAME_HEADER.clone());
+    // Envoy's defaults in ESPv2: header names with '_' are refused (unless
+    // --underscores_in_headers), a client's X-Forwarded-Client-Cert never passes.
+    settings.head.refuse_underscores = true;
+    settings.head.sanitize_client_cert = true;
+    settings.xff_hops = Some(crate::settings::XffHops {
+        trusted_hops: match &a.envoy_xff_num_trusted_hops {
+            Some(v) => crate::settings::parse_xff_num_trusted_hops(v).map_err(ArgError::v2)?,
+            None if a.on_serverless => 0,
+            None => crate::settings::ESPV2_XFF_NUM_TRUSTED_HOPS,
+        },
+        use_remote_address: a.envoy_use_remote_address,
+    });
+    settings.response_compression = a
+        .enable_response_compression
+        .then(crate::compression::CompressionSettings::default);
     Ok(settings)
 }
 
@@ -1346,26 +1405,16 @@ mod tests {
 
     #[test]
     fn refused_and_portico_specific_errors() {
-        // Flags whose absence would weaken security stop the start, whatever else is right.
-        for flag in [
-            "--ssl_server_cert_path=/etc/ssl/endpoints",
-            "--ssl_server_root_cert_path=/r",
-            "--generate_self_signed_cert",
-            "--ssl_port=9443",
-            "--tls_mutual_auth",
-            "--ssl_backend_client_cert_path=/c",
-            "--ssl_backend_client_root_certs_file=/r.pem",
-            "--enable_grpc_backend_ssl",
-            "--ssl_client_cert_path=/c",
-            "--ssl_client_root_certs_file=/r.pem",
-        ] {
-            let m = err(&["-s", "svc", "-v", "1", flag]);
-            let name = flag.split('=').next().unwrap();
-            assert!(
-                m.starts_with(&format!("{name} cannot be used yet: ESPv2's TLS flags")),
-                "{flag}: {m}"
-            );
-        }
+        // TLS to gRPC backends is not built: asking for it stops the start rather than
+        // connecting in plain text.
+        let m = err(&["-s", "svc", "-v", "1", "--enable_grpc_backend_ssl"]);
+        assert!(
+            m.starts_with("--enable_grpc_backend_ssl cannot be used yet: TLS to gRPC backends"),
+            "{m}"
+        );
+        // A client CA without a server certificate would leave clients unauthenticated.
+        let m = err(&["-s", "svc", "-v", "1", "--ssl_server_root_cert_path=/r"]);
+        assert!(m.contains("--ssl_server_root_cert_path"), "{m}");
         let m = err(&["-s", "svc", "-v", "1", "--backend=grpcs://b:443"]);
         assert!(m.contains("cannot be used yet"), "{m}");
         let m = err(&["-v", "1"]);
@@ -1526,7 +1575,7 @@ mod tests {
             (s.service.as_deref(), s.http_port),
             (Some("svc"), Some(9002))
         );
-        // Repeatable flags collect; they are listed once as not implemented.
+        // Repeatable flags collect every value, in order.
         let s = p(&[
             "-s",
             "svc",
@@ -1536,7 +1585,8 @@ mod tests {
             "--add_request_header=c=d",
         ])
         .unwrap();
-        assert_eq!(s.not_implemented_flags, vec!["--add_request_header"]);
+        assert_eq!(s.request_headers_to_add.len(), 2);
+        assert!(s.not_implemented_flags.is_empty());
         // A switch takes no value.
         let m = err(&["-s", "svc", "-v", "1", "--underscores_in_headers=true"]);
         assert!(m.contains("--underscores_in_headers"), "{m}");
@@ -1599,6 +1649,73 @@ mod tests {
             m.contains("--listen_address") || m.contains("localhost"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn tls_header_and_compression_flags_reach_the_settings() {
+        // Defaults: plain listener, Envoy's header defaults, no compression, no rules.
+        let s = p(&["-s", "svc", "-v", "1"]).unwrap();
+        assert_eq!((s.http_port, s.ssl_port), (Some(8080), None));
+        assert!(s.head.refuse_underscores && s.head.sanitize_client_cert);
+        let hops = s
+            .xff_hops
+            .as_ref()
+            .expect("ESPv2 takes the client from X-Forwarded-For");
+        assert_eq!(
+            (hops.trusted_hops, hops.use_remote_address),
+            (crate::settings::ESPV2_XFF_NUM_TRUSTED_HOPS, false)
+        );
+        assert!(s.response_compression.is_none() && s.operation_name_header.is_none());
+        assert!(s.request_headers_to_add.is_empty() && s.response_headers_to_add.is_empty());
+        // A certificate directory makes the one listener TLS-only, on the same port.
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--listener_port=9443",
+            "--ssl_server_cert_path=/etc/endpoints/ssl",
+            "--ssl_server_root_cert_path=/etc/endpoints/ca.pem",
+            "--ssl_minimum_protocol=TLSv1.3",
+            "--ssl_backend_client_cert_path=/etc/endpoints/backend",
+            "--add_request_header=x-a=1",
+            "--append_response_header=x-b=2",
+            "--enable_operation_name_header",
+            "--envoy_xff_num_trusted_hops=0",
+            "--envoy_use_remote_address",
+            "--enable_response_compression",
+        ])
+        .unwrap();
+        assert_eq!((s.http_port, s.ssl_port), (None, Some(9443)));
+        assert_ne!(s.server_tls, crate::tls::ServerTls::default());
+        assert_ne!(s.backend_tls, crate::tls::BackendTls::default());
+        assert_eq!(
+            (
+                s.request_headers_to_add.len(),
+                s.response_headers_to_add.len()
+            ),
+            (1, 1)
+        );
+        assert_eq!(
+            s.operation_name_header,
+            Some(crate::settings::OPERATION_NAME_HEADER.clone())
+        );
+        let hops = s.xff_hops.as_ref().unwrap();
+        assert_eq!((hops.trusted_hops, hops.use_remote_address), (0, true));
+        assert!(s.response_compression.is_some());
+        assert!(
+            s.not_implemented_flags.is_empty(),
+            "{:?}",
+            s.not_implemented_flags
+        );
+        // Bad values are refused with the flag's name.
+        let m = err(&["-s", "svc", "-v", "1", "--add_request_header=novalue"]);
+        assert!(m.contains("--add_request_header"), "{m}");
+        let m = err(&["-s", "svc", "-v", "1", "--envoy_xff_num_trusted_hops=-1"]);
+        assert!(m.contains("xff"), "{m}");
+        // Serverless: no trusted hops.
+        let s = p(&["-s", "svc", "-v", "1", "--on_serverless"]).unwrap();
+        assert_eq!(s.xff_hops.unwrap().trusted_hops, 0);
     }
 
     #[test]
@@ -1794,7 +1911,7 @@ mod tests {
         let mut args = vec!["-s", "svc", "-v", "1"];
         args.extend(many.iter().map(String::as_str));
         let s = p(&args).unwrap();
-        assert_eq!(s.not_implemented_flags, vec!["--add_response_header"]);
+        assert_eq!(s.response_headers_to_add.len(), 10_000);
     }
 
     /// The README's ESPv2 flag table says for each flag what [`FLAGS`] says, and lists no
