@@ -12,6 +12,7 @@
 //! | Status server | on, `--status_port` default 8090 | off unless `--status_port`/`--admin_port` names a port | `cli::espv2` |
 //! | Defaults | backend `127.0.0.1:8081`; access log on stdout; Service Control timeouts 1500/1500/3500 ms; body limit 32m; WebSockets only with `--enable_websocket` | backend `http://127.0.0.1:8082`; no access log unless `--access_log`; timeouts 1000/1000/2000 ms; no body limit; WebSockets on; CORS allow-headers add `X-User-Agent`; metadata server `http://169.254.169.254` unless `--non_gcp` | `cli::espv2` |
 //! | `x-google-backend` routing | only with `--enable_backend_routing`; a method without a backend rule is 500 then | always; a method without a backend rule goes to `--backend` | `cli::espv2`, [`Dialect::unrouted_methods_use_backend`] |
+//! | `CONSTANT_ADDRESS` backend target | address path, `?`, the path bindings, then the query's `name=value` parameters without the API key's | address path, the client's query as sent (API key included), then `&` and the path bindings | `routing::BackendTarget::upstream_target`, [`Dialect::constant_address_keeps_query`] |
 //! | Backend connections that cannot be made | not retried | retried `--backend_retry_num` times (default 1) when `--backend_retry_ons` has `connect-failure` (the default); the 503 then says `retried and the latest reset reason` | `cli::espv2`, `upstream::Pool` (`PoolLimits::connect_retries`) |
 //! | Error body | pretty-printed `google.rpc.Status`: `code` the canonical gRPC code, `message`, a `DebugInfo` detail | one line `{"code":<HTTP status>,"message":"<text>"}` and a newline | [`Dialect::body`] |
 //! | Error words | ESP's catalogue, carried by each [`EspError`] | ESPv2's, from the error's [`ErrorKind`]: Service Control errors as `CODE_NAME: text`, JWT errors in jwt_verify_lib's words (audience not allowed is 403), backend failures in Envoy's (`upstream request timeout`, 504; `upstream connect error ...`, 503; an unreachable backend is 503, not 502), `Payload Too Large`; Portico's own refusals keep their words | [`Dialect::reply`] |
@@ -75,6 +76,13 @@ impl Dialect {
     /// With routing by `x-google-backend`, a method without a backend rule goes to
     /// `--backend` (ESPv2); ESP v1 answers 500, as its nginx had no address for it.
     pub fn unrouted_methods_use_backend(self) -> bool {
+        self == Dialect::EspV2
+    }
+
+    /// A `CONSTANT_ADDRESS` backend gets the client's query whole, then the path bindings
+    /// (ESPv2's path-rewrite filter); ESP v1 sends the bindings, then the query's parameters
+    /// other than the API key's.
+    pub fn constant_address_keeps_query(self) -> bool {
         self == Dialect::EspV2
     }
 

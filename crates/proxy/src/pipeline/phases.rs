@@ -259,9 +259,10 @@ impl Pipeline {
         let routed = if settings.enable_backend_routing {
             mi.backend.as_ref().map(|b| {
                 let bindings = match b.translation {
-                    crate::routing::PathTranslation::ConstantAddress => {
-                        matched.as_ref().map(|m| m.bindings()).unwrap_or_default()
-                    }
+                    crate::routing::PathTranslation::ConstantAddress => matched
+                        .as_ref()
+                        .map(|m| m.escaped_bindings())
+                        .unwrap_or_default(),
                     crate::routing::PathTranslation::AppendPathToAddress => Vec::new(),
                 };
                 Routed {
@@ -272,6 +273,7 @@ impl Pipeline {
                         target,
                         &bindings,
                         &mi.api_key_locations.query,
+                        settings.dialect.constant_address_keeps_query(),
                     ),
                 }
             })
