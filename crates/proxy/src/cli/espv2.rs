@@ -160,7 +160,7 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--cors_allow_headers", Implemented),
     ("--cors_expose_headers", Implemented),
     ("--cors_allow_credentials", Implemented),
-    ("--cors_max_age", NotYet),
+    ("--cors_max_age", Implemented),
     // JWT.
     (
         "--disable_jwks_async_fetch",
@@ -692,6 +692,75 @@ fn int_flag(flag: &str, v: Option<&str>) -> Result<Option<i64>, ArgError> {
     }
 }
 
+/// A Go duration (`time.ParseDuration`, how ESPv2's config manager reads `--cors_max_age` and
+/// `--backend_per_try_timeout`): an optional sign, then numbers with optional fractions, each
+/// with a unit (`ns`, `us`/`µs`, `ms`, `s`, `m`, `h`), as `480h`, `1.5h`, `2h45m`, `300ms`; a
+/// bare `0` is zero. Negative durations are refused: no flag Portico reads this way means
+/// anything with one. `Err` is the reason, for the flag's message.
+pub fn go_duration(s: &str) -> Result<std::time::Duration, &'static str> {
+    let (negative, mut rest) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    if rest == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return Err("not a duration");
+    }
+    // Nanoseconds; Go refuses anything past i64::MAX (about 292 years).
+    let mut total: u128 = 0;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let (whole, after) = rest.split_at(digits);
+        let (fraction, after) = match after.strip_prefix('.') {
+            Some(f) => {
+                let n = f.bytes().take_while(u8::is_ascii_digit).count();
+                f.split_at(n)
+            }
+            None => ("", after),
+        };
+        if whole.is_empty() && fraction.is_empty() {
+            return Err("not a duration");
+        }
+        let unit_len = after
+            .char_indices()
+            .find(|(_, c)| c.is_ascii_digit() || *c == '.')
+            .map_or(after.len(), |(i, _)| i);
+        let (unit, next) = after.split_at(unit_len);
+        let scale: u128 = match unit {
+            "ns" => 1,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            "" => return Err("a number needs a unit (ns, us, ms, s, m, h)"),
+            _ => return Err("unknown unit (use ns, us, ms, s, m, h)"),
+        };
+        // Past 30 digits the value is out of range anyway; this also bounds the arithmetic.
+        if whole.len() > 30 {
+            return Err("out of range");
+        }
+        let mut value = whole.parse::<u128>().unwrap_or(0).saturating_mul(scale);
+        let mut place = scale;
+        for d in fraction.bytes().take(30) {
+            place /= 10;
+            value = value.saturating_add(u128::from(d - b'0') * place);
+        }
+        total = total.saturating_add(value);
+        if total > i64::MAX as u128 {
+            return Err("out of range");
+        }
+        rest = next;
+    }
+    if negative && total > 0 {
+        return Err("negative");
+    }
+    Ok(std::time::Duration::from_nanos(total as u64))
+}
+
 /// ESPv2's `enforce_conflict_args`, in its order and with its messages. Returns the serving
 /// port (8080 unless one port flag names another; 0 counts as absent, as in Python).
 pub fn enforce_conflicts(a: &Espv2Args) -> Result<i64, ArgError> {
@@ -992,6 +1061,33 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
         )
     };
     let [check_ms, quota_ms, report_ms] = DEFAULT_SERVICE_CONTROL_TIMEOUTS_MS;
+    let cors = match a.cors_preset.as_deref() {
+        None => None,
+        Some(preset) => {
+            let max_age = match a.cors_max_age.as_deref() {
+                None => crate::cors::DEFAULT_MAX_AGE_SECS,
+                Some(m) => go_duration(m.trim())
+                    .map_err(|why| {
+                        ArgError::v2(format!(
+                            "invalid --cors_max_age '{m}': {why}; give a duration such as \
+                             480h, 1.5h or 2h45m"
+                        ))
+                    })?
+                    .as_secs(),
+            };
+            let flags = crate::cors::CorsFlags {
+                preset,
+                allow_origin: &a.cors_allow_origin,
+                allow_origin_regex: &a.cors_allow_origin_regex,
+                allow_methods: &a.cors_allow_methods,
+                allow_headers: &a.cors_allow_headers,
+                expose_headers: &a.cors_expose_headers,
+                allow_credentials: a.cors_allow_credentials,
+                hsts: a.enable_strict_transport_security,
+            };
+            Some(crate::cors::CorsSettings::espv2(flags, max_age).map_err(ArgError::v2)?)
+        }
+    };
     let retry_num = match a.backend_retry_num.as_deref() {
         None => DEFAULT_BACKEND_RETRY_NUM,
         Some(s) => s
@@ -1062,13 +1158,8 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     e.skip_service_control_filter = a.skip_service_control_filter;
     e.skip_jwt_authn_filter = a.skip_jwt_authn_filter;
     e.client_max_body_size = a.client_max_body_size;
-    e.cors_preset = a.cors_preset;
-    e.cors_allow_origin = a.cors_allow_origin;
-    e.cors_allow_origin_regex = a.cors_allow_origin_regex;
-    e.cors_allow_methods = a.cors_allow_methods;
-    e.cors_allow_headers = a.cors_allow_headers;
-    e.cors_allow_credentials = a.cors_allow_credentials;
-    e.cors_expose_headers = a.cors_expose_headers;
+    // CORS is Envoy's here, built below.
+    e.cors_preset = None;
     e.enable_strict_transport_security = a.enable_strict_transport_security;
     e.underscores_in_headers = a.underscores_in_headers;
     e.disable_normalize_path = a.disable_normalize_path;
@@ -1101,6 +1192,7 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     if retry_ons_not_yet && a.backend_retry_ons.is_some() {
         settings.not_implemented_flags.push("--backend_retry_ons");
     }
+    settings.cors = cors;
     settings.jwt_pad_forward_payload = a.jwt_pad_forward_payload_header;
     settings.jwt_audience_service_name_check = !a.disable_jwt_audience_service_name_check;
 
@@ -1197,6 +1289,17 @@ pub fn log_flag_notes(settings: &Settings) {
     }
     for flag in &settings.not_implemented_flags {
         tracing::warn!(flag, "accepted, not implemented yet (issue 17)");
+    }
+    if settings
+        .cors
+        .as_ref()
+        .is_some_and(|c| c.reflects_any_origin_with_credentials())
+    {
+        tracing::warn!(
+            "--cors_allow_origin=* with --cors_allow_credentials: every origin (\"null\" \
+             included) is echoed back with credentials allowed, as ESPv2 does, so any site can \
+             read credentialed answers; name the origin instead"
+        );
     }
 }
 
@@ -1874,6 +1977,100 @@ mod tests {
                 &format!("--backend_retry_num={bad}"),
             ]);
             assert!(m.starts_with("invalid --backend_retry_num"), "{bad}: {m}");
+        }
+    }
+
+    #[test]
+    fn go_durations() {
+        let secs = |s: &str| go_duration(s).map(|d| d.as_secs());
+        for (text, want) in [
+            ("480h", 1_728_000),
+            ("2h", 7200),
+            ("1.5h", 5400),
+            ("2h45m", 9900),
+            ("1h30m15s", 5415),
+            ("90s", 90),
+            ("300ms", 0),
+            ("1500ms", 1),
+            (".5m", 30),
+            ("5.m", 300),
+            ("0", 0),
+            ("-0", 0),
+            ("+1m", 60),
+            ("1000000000ns", 1),
+            ("2000000us", 2),
+            ("3000000\u{b5}s", 3),
+            ("2562047h", 2_562_047 * 3600),
+        ] {
+            assert_eq!(secs(text), Ok(want), "{text}");
+        }
+        assert_eq!(
+            go_duration("1.0000000000000000000000000000000009s"),
+            Ok(std::time::Duration::from_secs(1))
+        );
+        for bad in [
+            "",
+            "10",
+            "h",
+            ".h",
+            "1x",
+            "1 h",
+            "1h ",
+            "-1h",
+            "1h-1m",
+            "2562048h",
+            "9".repeat(40).as_str(),
+            "1..5h",
+            "--1h",
+            "1hh",
+        ] {
+            assert!(go_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn cors_is_envoys() {
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--cors_preset=basic",
+            "--cors_allow_origin=https://a.example",
+            "--cors_max_age=1.5h",
+        ])
+        .unwrap();
+        let c = s.cors.expect("cors");
+        assert_eq!(c.dialect, Dialect::EspV2);
+        assert_eq!(c.max_age, "5400");
+        assert_eq!(
+            c.allow_headers, DEFAULT_CORS_HEADERS,
+            "ESPv2's default allow-headers"
+        );
+        assert!(
+            s.not_implemented_flags.is_empty(),
+            "{:?}",
+            s.not_implemented_flags
+        );
+        let c = p(&["-s", "svc", "-v", "1", "--cors_preset=basic"])
+            .unwrap()
+            .cors
+            .expect("cors");
+        assert_eq!(c.max_age, "1728000");
+        assert!(matches!(c.origin, crate::cors::OriginPolicy::Any));
+        // Flags for CORS without a preset do nothing, as in ESPv2.
+        assert!(p(&["-s", "svc", "-v", "1", "--cors_max_age=nonsense"])
+            .unwrap()
+            .cors
+            .is_none());
+        for (flag, want) in [
+            ("--cors_max_age=10", "invalid --cors_max_age '10'"),
+            ("--cors_max_age=-2h", "negative"),
+            ("--cors_max_age=", "invalid --cors_max_age ''"),
+            ("--cors_allow_origin=", "cannot be empty"),
+        ] {
+            let m = err(&["-s", "svc", "-v", "1", "--cors_preset=basic", flag]);
+            assert!(m.contains(want), "{flag}: {m}");
         }
     }
 
