@@ -162,6 +162,18 @@ fn key_file(dir: &std::path::Path, dead: u16) -> std::path::PathBuf {
 
 /// The operation whose log entry is for `name` answered `code`, waiting for the report.
 fn main_op(seen: &Mutex<Seen>, name: &str, code: u16, log: &dyn Fn() -> String) -> Value {
+    main_op_at(seen, name, code, "/", log)
+}
+
+/// Like [`main_op`], for a request whose URL starts with `url`; the operation's log entries
+/// are those of such requests only.
+fn main_op_at(
+    seen: &Mutex<Seen>,
+    name: &str,
+    code: u16,
+    url: &str,
+    log: &dyn Fn() -> String,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     let code = code.to_string();
     loop {
@@ -170,10 +182,25 @@ fn main_op(seen: &Mutex<Seen>, name: &str, code: u16, log: &dyn Fn() -> String) 
             let found = s.operations.iter().find(|op| {
                 op["operationName"] == name
                     && op["labels"]["/response_code"].as_str() == Some(code.as_str())
-                    && op["logEntries"].as_array().is_some_and(|l| !l.is_empty())
+                    && op["logEntries"].as_array().is_some_and(|l| {
+                        l.iter().any(|e| {
+                            e["httpRequest"]["requestUrl"]
+                                .as_str()
+                                .is_some_and(|u| u.starts_with(url))
+                        })
+                    })
             });
             if let Some(op) = found {
-                return op.clone();
+                // Requests of one signature share an operation: keep this request's entry.
+                let mut op = op.clone();
+                if let Some(entries) = op["logEntries"].as_array_mut() {
+                    entries.retain(|e| {
+                        e["httpRequest"]["requestUrl"]
+                            .as_str()
+                            .is_some_and(|u| u.starts_with(url))
+                    });
+                }
+                return op;
             }
         }
         assert!(
@@ -409,6 +436,9 @@ fn reports_carry_espv2s_fields() {
     assert_eq!(call("POST", "/echo?key=notenabled"), 403);
     assert_eq!(call("POST", "/echo"), 401);
     assert_eq!(call("GET", "/nowhere?key=stray"), 404);
+    // A key longer than any key is not read (nor kept in the report).
+    let long_key = "k".repeat(200);
+    assert_eq!(call("GET", &format!("/toolong?key={long_key}")), 404);
     assert_eq!(call("GET", "/jwt?key=good"), 401);
     assert_eq!(call("GET", "/fail?key=good"), 500);
     assert_eq!(call("POST", "/uid?key=uidkey"), 200);
@@ -579,7 +609,7 @@ fn reports_carry_espv2s_fields() {
     );
 
     // An unknown operation: named so, its key extracted but not checked.
-    let op = main_op(&seen, UNKNOWN, 404, &log);
+    let op = main_op_at(&seen, UNKNOWN, 404, "/nowhere", &log);
     assert!(op["consumerId"].is_null(), "{op:#}");
     assert_eq!(labels(&op), expected_labels(UNKNOWN, 404, "0", &[]));
     assert_eq!(metric_names(&op), producer);
@@ -593,6 +623,13 @@ fn reports_carry_espv2s_fields() {
             &[("api_key", json!("stray"))]
         )
     );
+
+    let op = main_op_at(&seen, UNKNOWN, 404, "/toolong", &log);
+    assert_eq!(
+        payload(&op),
+        expected_payload(UNKNOWN, 404, "NOT CHECKED", "direct_response", &[])
+    );
+    assert!(!op.to_string().contains(&long_key), "{op:#}");
 
     // JWT refused before Service Control: status 0, Envoy's detail.
     let op = main_op(&seen, "e2e.Api.Jwt", 401, &log);

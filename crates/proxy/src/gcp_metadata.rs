@@ -174,22 +174,25 @@ impl MetadataServer {
     /// `--check_metadata`: the instance's `endpoints-service-name` attribute.
     pub async fn service_name(&self) -> Result<String, MetadataError> {
         let name = self.value(SERVICE_NAME_PATH).await?;
-        let url = || format!("{}{SERVICE_NAME_PATH}", self.base);
-        if name.is_empty() {
-            return Err(MetadataError::Invalid {
-                url: url(),
-                detail: "empty".into(),
-            });
-        }
-        // It becomes a path segment of Service Management calls and a report field.
-        if name.contains(['/', '?', '#', '%']) || name.chars().any(char::is_whitespace) {
-            return Err(MetadataError::Invalid {
-                url: url(),
-                detail: format!("{name:?} is not a service name"),
-            });
-        }
+        check_service_name(&name).map_err(|detail| MetadataError::Invalid {
+            url: format!("{}{SERVICE_NAME_PATH}", self.base),
+            detail,
+        })?;
         Ok(name)
     }
+}
+
+/// A service name read from the metadata server becomes a path segment of Service Management
+/// calls and a field of every report: nothing but a name will do.
+fn check_service_name(name: &str) -> Result<(), String> {
+    // `.` and `..` would be dot segments in the Service Management URL.
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(format!("{name:?} is not a service name"));
+    }
+    if name.contains(['/', '?', '#', '%', '\\']) || name.chars().any(char::is_whitespace) {
+        return Err(format!("{name:?} is not a service name"));
+    }
+    Ok(())
 }
 
 /// A metadata value: UTF-8, printable, at most [`MAX_VALUE_BYTES`]; surrounding whitespace
@@ -253,6 +256,16 @@ mod tests {
         assert!(text_value(&[0xff, 0xfe]).is_err());
         assert!(text_value("x".repeat(254).as_bytes()).is_err());
         assert_eq!(text_value(b"").unwrap(), "");
+    }
+
+    #[test]
+    fn service_names_are_names() {
+        assert!(check_service_name("echo.endpoints.p.cloud.goog").is_ok());
+        for bad in [
+            "", ".", "..", "a/b", "../x", "a b", "a?b", "a#b", "a%2Fb", "a\\b", "a\u{a0}b",
+        ] {
+            assert!(check_service_name(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
