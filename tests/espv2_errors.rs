@@ -303,11 +303,14 @@ fn every_error_the_proxy_writes_is_espv2s() {
     )
     .expect("write key");
 
+    // ESPv2's default (GCP) mode with a metadata server nobody answers at, not --non_gcp:
+    // under --non_gcp ESPv2 does no backend authentication at all, and the ID token row below
+    // needs it. The key file still signs every call (a key wins over the metadata server).
     let common_flags = |sc_url: String| {
         vec![
             format!("--service_json_path={}", config.display()),
             format!("--backend=http://{backend_addr}"),
-            "--non_gcp".to_string(),
+            format!("--metadata_url=http://127.0.0.1:{dead}"),
             format!("--service_account_key={}", key_file.display()),
             format!("--service_control_url={sc_url}"),
             "--service_control_network_fail_policy=close".to_string(),

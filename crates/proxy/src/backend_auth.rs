@@ -7,8 +7,9 @@
 //! ID tokens come from the control plane's token endpoint (`token_uri` of the proxy's
 //! `--service_account_key`): a JWT-bearer assertion with `target_audience`, answered with
 //! `{"id_token"}`. Without a key file, a GCE-compatible metadata server (`--metadata`) mints
-//! them: `instance/service-accounts/default/identity?audience=..&format=full`, answered with
-//! the bare token (a key file wins, as it does for access tokens). They are cached per audience until five minutes before they expire; one
+//! them: `instance/service-accounts/default/identity?audience=..&format=full` (`standard` for
+//! `portico espv2`, as ESPv2 asks), answered with the bare token (a key file wins, as it does
+//! for access tokens). They are cached per audience until five minutes before they expire; one
 //! fetch runs at a time, and requests that waited for it take the cached result, so an expiry
 //! under load costs one call, not one per request. Requests whose token is cached pay a map
 //! lookup under a short lock.
@@ -49,8 +50,8 @@ pub const METADATA_IDENTITY_PATH: &str =
 enum Issuer {
     /// The token endpoint (`token_uri`) of the key file, asked with a signed assertion.
     KeyFile(Arc<ServiceAccountKey>),
-    /// A metadata server's identity endpoint (the full URL).
-    Metadata(String),
+    /// A metadata server's identity endpoint (the full URL), and the token `format` to ask.
+    Metadata(String, &'static str),
 }
 
 /// ID tokens per audience for the proxy's service account.
@@ -72,7 +73,7 @@ impl std::fmt::Debug for IdTokenSource {
         let mut d = f.debug_struct("IdTokenSource");
         match &self.issuer {
             Issuer::KeyFile(key) => d.field("account", &key.client_email),
-            Issuer::Metadata(url) => d.field("metadata", url),
+            Issuer::Metadata(url, _) => d.field("metadata", url),
         };
         d.finish_non_exhaustive()
     }
@@ -98,10 +99,14 @@ impl IdTokenSource {
         Self::with_issuer(Issuer::KeyFile(key))
     }
 
-    /// Tokens from the metadata server at `base` (the `--metadata` value).
-    pub fn from_metadata(base: &str) -> Result<IdTokenSource, String> {
+    /// Tokens from the metadata server at `base` (the `--metadata` value), in `format`
+    /// (`full` or `standard`).
+    pub fn from_metadata(base: &str, format: &'static str) -> Result<IdTokenSource, String> {
         let base = crate::outbound_auth::parse_metadata_url(base).map_err(|e| e.to_string())?;
-        Self::with_issuer(Issuer::Metadata(format!("{base}{METADATA_IDENTITY_PATH}")))
+        Self::with_issuer(Issuer::Metadata(
+            format!("{base}{METADATA_IDENTITY_PATH}"),
+            format,
+        ))
     }
 
     fn with_issuer(issuer: Issuer) -> Result<IdTokenSource, String> {
@@ -189,7 +194,9 @@ impl IdTokenSource {
     async fn fetch(&self, audience: &str) -> Result<(String, u64), EspError> {
         let token = match &self.issuer {
             Issuer::KeyFile(key) => self.fetch_from_token_endpoint(key, audience).await?,
-            Issuer::Metadata(url) => self.fetch_from_metadata(url, audience).await?,
+            Issuer::Metadata(url, format) => {
+                self.fetch_from_metadata(url, format, audience).await?
+            }
         };
         // The token goes into a header verbatim and must be a compact JWS: visible ASCII in
         // three dot-separated parts, so an answer cannot smuggle header syntax.
@@ -201,11 +208,16 @@ impl IdTokenSource {
     }
 
     /// The metadata server's identity endpoint answers with the bare token.
-    async fn fetch_from_metadata(&self, url: &str, audience: &str) -> Result<String, EspError> {
+    async fn fetch_from_metadata(
+        &self,
+        url: &str,
+        format: &str,
+        audience: &str,
+    ) -> Result<String, EspError> {
         let resp = self
             .http
             .get(url)
-            .query(&[("audience", audience), ("format", "full")])
+            .query(&[("audience", audience), ("format", format)])
             .header("Metadata-Flavor", "Google")
             .send()
             .await

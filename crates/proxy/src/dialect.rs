@@ -31,12 +31,18 @@
 //! | TLS | `--ssl_port` with `/etc/nginx/ssl/nginx.{crt,key}`; `-t` for backend client certificates | the listener TLS-only with `--ssl_server_cert_path` (client CA, protocol bounds, suites); `--ssl_backend_client_cert_path` / root file | `cli::espv2` (`tls::from_espv2_flags`) |
 //! | Operation name, header rules, compression | none | `--enable_operation_name_header`, `--add/append_request/response_header`, `--enable_response_compression` | `cli::espv2` (`Settings` fields) |
 //! | `X-Endpoint-API-UserInfo` | base64url (padded) JSON with `claims`, `issuer`, `id`, `email`, `audiences` | the token's payload segment as sent (`=`-padded with `--jwt_pad_forward_payload_header`) | `auth::Authenticator::authenticate` |
+//! | Report labels | `user_agent` `ESP`, agent `ESP/portico-V`, platform `unknown` (or `--compute_platform_override`), location `global`; `/status_code` the error's canonical code (else from the HTTP status); `/credential_id` the JWT's, else `apikey:KEY` for any key (`apikey:UNKNOWN` after a fail-open check); `api_method` only for a matched method | `user_agent` `ESPv2`, agent `ESPv2/portico-V`, platform and location from the metadata server (`GCE(ESPv2)`, ..., else `UNKNOWN(ESPv2)` and `global`); `/status_code` the Service Control filter's status (0 unless no key, `:check` or quota refused or failed); `/credential_id` a verified key's (its uid, or `apikey:KEY`), else the JWT's; `api_method` also `<Unknown Operation Name>`; `/protocol` never `https` | `service_control::report` (`RequestRecord::dialect`, `StaticLabels`), [`espv2_service_control_status`] |
+//! | Report metrics | the standard set with `error_count` and `request_bytes`/`response_bytes`; `backend_latencies` only for requests that reached the backend | no `error_count` or `*_bytes`; consumer form without backend/overhead latencies; `backend_latencies` for every request (0 when the backend was not reached); consumer metrics only for a verified key | `service_control::report` |
+//! | Report log entry | the request in the payload (`url`, `http_method`, `http_response_code`, sizes, `client_ip`, ...), `log_message` `Method: M` / `... failed: ...`, `error_cause` `auth`/`service_control`/... | the request in `httpRequest`; payload `api_key_state` (`NOT CHECKED`, `INVALID`, `NOT ENABLED`, `VERIFIED`), `http_status_code`, `response_code_detail` (Envoy's: `via_upstream`, `direct_response`, `service_control_check_error{CODE}`, `jwt_authn_access_denied{Jwt_is_missing}`, ...), `log_message` `M is called`, `error_cause` the Service Control status's message, `location` only when the metadata server named one | `service_control::report`, [`espv2_response_code_detail`] |
+//! | API key of a request not checked | not read (unknown operation, refused before the check, unregistered calls allowed) | read and reported, untrusted, in the log entry only | [`Dialect::reports_unchecked_api_keys`], `Pipeline::unchecked_key` |
+//! | Metadata server | asked only with `--metadata`, for tokens | asked by default (`--metadata_url`, unless `--non_gcp`): at start-up for project, zone and platform (reports), with `--check_metadata` for the service name; tokens as in ESP; ID tokens with `format=standard` (ESP: `full`) | [`Dialect::reads_gcp_attributes`], `server::run`, `gcp_metadata`, [`Dialect::identity_token_format`] |
+//! | Backend authentication under `--non_gcp` | ID tokens minted with the key file | off: `jwt_audience` rules' backends are called without an ID token | [`Dialect::non_gcp_disables_backend_auth`], `Settings::backend_auth_disabled` |
 //!
 //! Not yet different (issue 17, later items): retries other than for connections that could
-//! not be made (`reset`, `refused-stream`, `5xx`, ..., `--backend_per_try_timeout`), ESPv2's
-//! report fields, the metadata server's project and zone,
-//! which `:check` failures the open network fail policy forgives. `WWW-Authenticate` on
-//! 401/403 is Portico's in both dialects.
+//! not be made (`reset`, `refused-stream`, `5xx`, ..., `--backend_per_try_timeout`), which
+//! `:check` failures the open network fail policy forgives; in reports, the gRPC status of gRPC
+//! responses (`grpc_status_code`, `/response_code` from it) and the log entry's `trace`
+//! (tracing is not built). `WWW-Authenticate` on 401/403 is Portico's in both dialects.
 
 use crate::error::{Code, ErrorKind, EspError, JwtProblem, NetworkFailure, ScFailure};
 use std::borrow::Cow;
@@ -44,7 +50,7 @@ use std::fmt;
 
 /// Which proxy's behaviour Portico reproduces. Plain data, `Copy`: read it wherever the two
 /// differ (see the table above).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Dialect {
     /// ESP v1 (nginx-based, `endpoints-runtime:1`).
     #[default]
@@ -105,6 +111,35 @@ impl Dialect {
     /// other than the API key's.
     pub fn constant_address_keeps_query(self) -> bool {
         self == Dialect::EspV2
+    }
+
+    /// The API key of a request that is reported without a `:check` (an unknown operation, a
+    /// request refused before the check, a method that allows unregistered calls) is read and
+    /// reported, untrusted, in the log entry (ESPv2); ESP v1 reports no key for it.
+    pub fn reports_unchecked_api_keys(self) -> bool {
+        self == Dialect::EspV2
+    }
+
+    /// The metadata server is asked, at start-up, where the proxy runs (project, zone,
+    /// platform), for the reports (ESPv2, unless `--non_gcp`); ESP v1 reports `global`.
+    pub fn reads_gcp_attributes(self) -> bool {
+        self == Dialect::EspV2
+    }
+
+    /// `--non_gcp` turns backend authentication off: a method whose backend rule names a
+    /// `jwt_audience` is called without an ID token (ESPv2); ESP v1 has no such rule, and
+    /// `portico esp` mints the tokens with its key file.
+    pub fn non_gcp_disables_backend_auth(self) -> bool {
+        self == Dialect::EspV2
+    }
+
+    /// The `format` of the ID tokens asked from the metadata server: ESPv2's `standard`, or
+    /// `full` (the claims of the instance too) for `portico esp`.
+    pub fn identity_token_format(self) -> &'static str {
+        match self {
+            Dialect::Esp => "full",
+            Dialect::EspV2 => "standard",
+        }
     }
 
     /// The flag that names the plain-text serving port, for messages about it.
@@ -183,6 +218,98 @@ fn envoy_grpc_code(status: u16) -> Code {
     }
 }
 
+/// The status ESPv2's Service Control filter ends a request with (an `absl::Status`), for the
+/// situations that filter refuses: no API key, a `:check` refusal, a `:check` that failed, a
+/// refused quota. `None` for every other situation, where that status stays OK. The reply
+/// prints it as `CODE_NAME: message`; ESPv2's report carries its code as `/status_code` and
+/// its message as the log entry's `error_cause`.
+pub fn espv2_service_control_status(kind: &ErrorKind) -> Option<(Code, Cow<'_, str>)> {
+    Some(match kind {
+        ErrorKind::UnregisteredCaller => (
+            Code::Unauthenticated,
+            Cow::Borrowed(
+                "Method doesn't allow unregistered callers (callers without established \
+                 identity). Please use API Key or other form of API consumer identity to call \
+                 this API.",
+            ),
+        ),
+        ErrorKind::CheckRefused { code, service } => check_status(code, service),
+        ErrorKind::ServiceControlFailed(f) => service_control_failed_status(f),
+        ErrorKind::QuotaRefused { code, description } => {
+            let code = match &**code {
+                "RESOURCE_EXHAUSTED" => Code::ResourceExhausted,
+                "BILLING_NOT_ACTIVE" => Code::PermissionDenied,
+                "PROJECT_DELETED" | "API_KEY_INVALID" | "API_KEY_EXPIRED" => Code::InvalidArgument,
+                _ => Code::Internal,
+            };
+            (code, Cow::Borrowed(&**description))
+        }
+        _ => return None,
+    })
+}
+
+/// Envoy's response code details (`%RESPONSE_CODE_DETAILS%`) for a request the proxy refused
+/// with `kind`, or, with `None`, answered with the backend's response: what ESPv2 reports as
+/// `response_code_detail`. ESPv2's filters write `filter_error-type{DETAIL}`; Envoy's own
+/// refusals their fixed words. Portico's own refusals, which ESPv2 has no words for, are
+/// `portico_local_reply`.
+pub fn espv2_response_code_detail(kind: Option<&ErrorKind>) -> Cow<'static, str> {
+    let Some(kind) = kind else {
+        return Cow::Borrowed("via_upstream");
+    };
+    let reset = |reason: &str| {
+        Cow::Owned(format!(
+            "upstream_reset_before_response_started{{{reason}}}"
+        ))
+    };
+    match kind {
+        ErrorKind::Portico => Cow::Borrowed("portico_local_reply"),
+        // ESPv2's routes for unknown paths, wrong methods and bad preflights answer directly.
+        ErrorKind::PathNotDefined
+        | ErrorKind::MethodNotAllowed { .. }
+        | ErrorKind::CorsPreflightRefused => Cow::Borrowed("direct_response"),
+        // Envoy's jwt_authn: the verifier's words, whitespace turned into `_`.
+        ErrorKind::Jwt(p) => Cow::Owned(format!(
+            "jwt_authn_access_denied{{{}}}",
+            jwt_words(*p).replace(char::is_whitespace, "_")
+        )),
+        ErrorKind::UnregisteredCaller => {
+            Cow::Borrowed("service_control_bad_request{MISSING_API_KEY}")
+        }
+        ErrorKind::CheckRefused { code, .. } => Cow::Owned(format!(
+            "service_control_check_error{{{}}}",
+            portico_servicecontrol::check_error::name(code)
+        )),
+        ErrorKind::ServiceControlFailed(f) => {
+            // The failed call's own status, by its code's name.
+            let code = match f {
+                ScFailure::Network(_) => Code::Unavailable,
+                ScFailure::Http { status, .. } => envoy_grpc_code(*status),
+                ScFailure::Invalid | ScFailure::Token => Code::Internal,
+            };
+            Cow::Owned(format!(
+                "service_control_check_network_failure{{{}}}",
+                code.name()
+            ))
+        }
+        ErrorKind::QuotaRefused { code, .. } => {
+            Cow::Owned(format!("service_control_quota_error{{{code}}}"))
+        }
+        ErrorKind::BackendFailed { how, .. } => match how {
+            NetworkFailure::Connect(errno) => reset(&format!(
+                "remote_connection_failure,delayed_connect_error:_{errno}"
+            )),
+            NetworkFailure::Unresolved => Cow::Borrowed("no_healthy_upstream"),
+            NetworkFailure::Timeout => Cow::Borrowed("upstream_response_timeout"),
+            NetworkFailure::Tls => reset("connection_failure,TLS_error"),
+            NetworkFailure::Reset => reset("connection_termination"),
+        },
+        ErrorKind::BackendTimeout => Cow::Borrowed("upstream_response_timeout"),
+        ErrorKind::PayloadTooLarge => Cow::Borrowed("request_payload_too_large"),
+        ErrorKind::BackendIdToken { .. } => Cow::Borrowed("backend_auth_missing_backend_token"),
+    }
+}
+
 /// ESPv2's Service Control errors: an `absl::Status` printed as `CODE_NAME: message`, with the
 /// HTTP status the code maps to.
 fn status_words(code: Code, message: &str) -> (u16, Cow<'static, str>) {
@@ -253,22 +380,13 @@ fn espv2_words(err: &EspError) -> (u16, Cow<'_, str>) {
             };
             (status, jwt_words(*p))
         }
-        ErrorKind::UnregisteredCaller => status_words(
-            Code::Unauthenticated,
-            "Method doesn't allow unregistered callers (callers without established identity). \
-             Please use API Key or other form of API consumer identity to call this API.",
-        ),
-        ErrorKind::CheckRefused { code, service } => check_words(code, service),
-        ErrorKind::ServiceControlFailed(f) => service_control_failed_words(f),
-        ErrorKind::QuotaRefused { code, description } => {
-            let code = match &**code {
-                "RESOURCE_EXHAUSTED" => Code::ResourceExhausted,
-                "BILLING_NOT_ACTIVE" => Code::PermissionDenied,
-                "PROJECT_DELETED" | "API_KEY_INVALID" | "API_KEY_EXPIRED" => Code::InvalidArgument,
-                _ => Code::Internal,
-            };
-            status_words(code, description)
-        }
+        ErrorKind::UnregisteredCaller
+        | ErrorKind::CheckRefused { .. }
+        | ErrorKind::ServiceControlFailed(_)
+        | ErrorKind::QuotaRefused { .. } => match espv2_service_control_status(&err.kind) {
+            Some((code, message)) => status_words(code, &message),
+            None => (err.http_status, Cow::Borrowed(&err.message)),
+        },
         ErrorKind::BackendFailed { how, retried } => envoy_no_response(*how, *retried),
         ErrorKind::BackendTimeout => envoy_no_response(NetworkFailure::Timeout, false),
         ErrorKind::PayloadTooLarge => (413, Cow::Borrowed("Payload Too Large")),
@@ -317,8 +435,8 @@ fn jwt_words(p: JwtProblem) -> Cow<'static, str> {
 }
 
 /// ESPv2's `ConvertCheckResponse`: the first check error's code and text.
-fn check_words(code: &str, service: &str) -> (u16, Cow<'static, str>) {
-    let (c, text): (Code, Cow<'static, str>) = match code {
+fn check_status(code: &str, service: &str) -> (Code, Cow<'static, str>) {
+    match code {
         "NOT_FOUND" => (
             Code::InvalidArgument,
             "Client project not found. Please pass a valid project.".into(),
@@ -383,14 +501,13 @@ fn check_words(code: &str, service: &str) -> (u16, Cow<'static, str>) {
             )
             .into(),
         ),
-    };
-    status_words(c, &text)
+    }
 }
 
 /// ESPv2's answer when `:check` itself failed: an unavailable Service Control (5xx, or no
 /// answer, which Envoy turns into its own 503/504) stays `UNAVAILABLE`; anything else is the
 /// proxy's fault, `INTERNAL`.
-fn service_control_failed_words(f: &ScFailure) -> (u16, Cow<'static, str>) {
+fn service_control_failed_status(f: &ScFailure) -> (Code, Cow<'static, str>) {
     let failed_with = |status: u16, body: &str| {
         let mut m = format!("Calling Google Service Control API failed with: {status}");
         if !body.is_empty() {
@@ -404,19 +521,19 @@ fn service_control_failed_words(f: &ScFailure) -> (u16, Cow<'static, str>) {
             // Service Control's cluster has no retry policy; the call's own retries do not
             // show in Envoy's text.
             let (status, body) = envoy_no_response(*how, false);
-            status_words(Code::Unavailable, &failed_with(status, &body))
+            (Code::Unavailable, Cow::Owned(failed_with(status, &body)))
         }
         ScFailure::Http { status, body } => {
             let code = match envoy_grpc_code(*status) {
                 Code::Unavailable => Code::Unavailable,
                 _ => Code::Internal,
             };
-            status_words(code, &failed_with(*status, body))
+            (code, Cow::Owned(failed_with(*status, body)))
         }
-        ScFailure::Invalid => status_words(Code::Internal, "Invalid response"),
-        ScFailure::Token => status_words(
+        ScFailure::Invalid => (Code::Internal, Cow::Borrowed("Invalid response")),
+        ScFailure::Token => (
             Code::Internal,
-            "Missing access token for service control call",
+            Cow::Borrowed("Missing access token for service control call"),
         ),
     }
 }
@@ -556,6 +673,135 @@ mod tests {
                     .into()
             )
         );
+    }
+
+    #[test]
+    fn espv2_response_code_details_are_envoys() {
+        let d = |k: Option<ErrorKind>| espv2_response_code_detail(k.as_ref()).into_owned();
+        assert_eq!(d(None), "via_upstream");
+        assert_eq!(d(Some(ErrorKind::PathNotDefined)), "direct_response");
+        assert_eq!(
+            d(Some(ErrorKind::MethodNotAllowed {
+                template: "/a".into()
+            })),
+            "direct_response"
+        );
+        assert_eq!(
+            d(Some(ErrorKind::Jwt(JwtProblem::Missing))),
+            "jwt_authn_access_denied{Jwt_is_missing}"
+        );
+        assert_eq!(
+            d(Some(ErrorKind::Jwt(JwtProblem::ClaimNotInteger("exp")))),
+            "jwt_authn_access_denied{Jwt_payload_[exp]_field_is_not_an_integer}"
+        );
+        assert_eq!(
+            d(Some(ErrorKind::UnregisteredCaller)),
+            "service_control_bad_request{MISSING_API_KEY}"
+        );
+        let refused = |code: &str| ErrorKind::CheckRefused {
+            code: code.into(),
+            service: "s".into(),
+        };
+        assert_eq!(
+            d(Some(refused("API_KEY_INVALID"))),
+            "service_control_check_error{API_KEY_INVALID}"
+        );
+        // The unsupported-code refusal carries the number; the detail names it.
+        assert_eq!(
+            d(Some(refused("121"))),
+            "service_control_check_error{SECURITY_POLICY_VIOLATED}"
+        );
+        assert_eq!(d(Some(refused("999"))), "service_control_check_error{999}");
+        let failed = |f| Some(ErrorKind::ServiceControlFailed(f));
+        assert_eq!(
+            d(failed(ScFailure::Network(NetworkFailure::Timeout))),
+            "service_control_check_network_failure{UNAVAILABLE}"
+        );
+        assert_eq!(
+            d(failed(ScFailure::Http {
+                status: 403,
+                body: "".into()
+            })),
+            "service_control_check_network_failure{PERMISSION_DENIED}"
+        );
+        assert_eq!(
+            d(failed(ScFailure::Http {
+                status: 500,
+                body: "".into()
+            })),
+            "service_control_check_network_failure{UNKNOWN}"
+        );
+        assert_eq!(
+            d(failed(ScFailure::Token)),
+            "service_control_check_network_failure{INTERNAL}"
+        );
+        assert_eq!(
+            d(Some(ErrorKind::QuotaRefused {
+                code: "RESOURCE_EXHAUSTED".into(),
+                description: "x".into()
+            })),
+            "service_control_quota_error{RESOURCE_EXHAUSTED}"
+        );
+        assert_eq!(
+            d(Some(ErrorKind::BackendFailed {
+                how: NetworkFailure::Connect(111),
+                retried: true
+            })),
+            "upstream_reset_before_response_started{remote_connection_failure,delayed_connect_error:_111}"
+        );
+        assert_eq!(
+            d(Some(ErrorKind::BackendFailed {
+                how: NetworkFailure::Reset,
+                retried: false
+            })),
+            "upstream_reset_before_response_started{connection_termination}"
+        );
+        assert_eq!(
+            d(Some(ErrorKind::BackendTimeout)),
+            "upstream_response_timeout"
+        );
+        assert_eq!(
+            d(Some(ErrorKind::PayloadTooLarge)),
+            "request_payload_too_large"
+        );
+        assert_eq!(
+            d(Some(ErrorKind::BackendIdToken {
+                audience: "a".into()
+            })),
+            "backend_auth_missing_backend_token"
+        );
+        assert_eq!(d(Some(ErrorKind::Portico)), "portico_local_reply");
+    }
+
+    #[test]
+    fn espv2_service_control_status_is_the_filters() {
+        let st = |k: ErrorKind| {
+            espv2_service_control_status(&k).map(|(c, m)| (c.as_i32(), m.into_owned()))
+        };
+        assert_eq!(st(ErrorKind::UnregisteredCaller).map(|(c, _)| c), Some(16));
+        assert_eq!(
+            st(ErrorKind::CheckRefused {
+                code: "SERVICE_NOT_ACTIVATED".into(),
+                service: "svc".into()
+            }),
+            Some((7, "API svc is not enabled for the project.".into()))
+        );
+        assert_eq!(
+            st(ErrorKind::QuotaRefused {
+                code: "RESOURCE_EXHAUSTED".into(),
+                description: "tokens".into()
+            }),
+            Some((8, "tokens".into()))
+        );
+        // Refused before or after Service Control: its status stays OK.
+        for k in [
+            ErrorKind::PathNotDefined,
+            ErrorKind::Jwt(JwtProblem::Missing),
+            ErrorKind::BackendTimeout,
+            ErrorKind::Portico,
+        ] {
+            assert_eq!(st(k.clone()), None, "{k:?}");
+        }
     }
 
     #[test]

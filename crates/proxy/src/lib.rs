@@ -24,7 +24,8 @@
 //!     responses).
 //! - [`service_control`]: the Service Control client, each concern (check, quota, report) with
 //!   its cache; [`outbound_auth`]: the tokens the proxy signs for its calls to the control
-//!   plane.
+//!   plane; [`gcp_metadata`]: what ESPv2 asks the metadata server besides tokens (project,
+//!   zone, platform; the service name with `--check_metadata`).
 //! - [`tls`]: TLS settings (serving certificate, client certificates, versions, suites; backend
 //!   trust anchors and client certificate) and the rustls configurations built from them at
 //!   start; [`tls::from_espv2_flags`] maps ESPv2's TLS flags.
@@ -52,6 +53,7 @@ pub mod error;
 pub mod forward;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod gcp_metadata;
 pub mod header_rules;
 pub mod limits;
 pub mod memory;

@@ -243,8 +243,20 @@ pub async fn start_with_metrics(
         access_log,
     );
     // Backend rules with `jwt_audience` get ID tokens for the proxy's own account: minted by
-    // the key file's token endpoint, or else by the metadata server.
-    if let Some(path) = &settings.service_account_key {
+    // the key file's token endpoint, or else by the metadata server; none when backend
+    // authentication is off (ESPv2's `--non_gcp`), said once per method.
+    if settings.backend_auth_disabled() {
+        for (service, _) in &first.configs {
+            let rules = service.backend.iter().flat_map(|b| &b.rules);
+            for rule in rules.filter(|r| !r.jwt_audience.is_empty() && !r.disable_auth) {
+                tracing::warn!(
+                    method = %rule.selector,
+                    "backend authentication is enabled for this method, but with --non_gcp it \
+                     is disabled: the backend is called without an ID token"
+                );
+            }
+        }
+    } else if let Some(path) = &settings.service_account_key {
         let key = portico_credentials::ServiceAccountKey::from_file(path)
             .map_err(|e| StartError::Credentials(format!("{}: {e}", path.display())))?;
         state.backend_tokens = Some(Arc::new(
@@ -253,8 +265,11 @@ pub async fn start_with_metrics(
         ));
     } else if let Some(url) = &settings.metadata {
         state.backend_tokens = Some(Arc::new(
-            crate::backend_auth::IdTokenSource::from_metadata(url)
-                .map_err(StartError::Credentials)?,
+            crate::backend_auth::IdTokenSource::from_metadata(
+                url,
+                settings.dialect.identity_token_format(),
+            )
+            .map_err(StartError::Credentials)?,
         ));
     }
     let state = Arc::new(state);
@@ -655,6 +670,40 @@ pub fn metadata_tokens_for(
     }
 }
 
+/// What ESPv2 asks the metadata server before it loads the config (unless `--non_gcp`, which
+/// leaves `settings.metadata` unset): with `--check_metadata` and no `--service`, the service
+/// name (no answer stops the start, exit code 1, as ESPv2's config manager); then where the
+/// proxy runs, for the reports (no answer: reported without, and said).
+async fn ask_metadata_server(settings: &mut Settings) -> Result<(), ExitCode> {
+    if !settings.dialect.reads_gcp_attributes() {
+        return Ok(());
+    }
+    let Some(url) = settings.metadata.clone() else {
+        return Ok(());
+    };
+    let server = crate::gcp_metadata::MetadataServer::new(&url).map_err(|e| {
+        tracing::error!(error = %e, "cannot use the metadata server");
+        ExitCode::from(crate::settings::EXIT_SETUP)
+    })?;
+    if settings.service_from_metadata {
+        match server.service_name().await {
+            Ok(name) => {
+                tracing::info!(service = %name, "service name from the metadata server");
+                settings.service = Some(name);
+            }
+            Err(e) => {
+                tracing::error!(
+                    "failed to read metadata with key endpoints-service-name from metadata \
+                     server: {e}"
+                );
+                return Err(ExitCode::from(crate::settings::EXIT_FETCH));
+            }
+        }
+    }
+    settings.gcp = crate::gcp_metadata::fetch_gcp_attributes(&server).await;
+    Ok(())
+}
+
 /// The whole `portico esp` process: fetch the config, serve, shut down on a signal.
 pub fn run(settings: Settings) -> ExitCode {
     crate::memory::tune_allocator();
@@ -669,6 +718,10 @@ pub fn run(settings: Settings) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        let mut settings = settings;
+        if let Err(code) = ask_metadata_server(&mut settings).await {
+            return code;
+        }
         let settings = Arc::new(settings);
         let credentials = match &settings.service_account_key {
             Some(p) => match portico_credentials::ServiceAccountKey::from_file(p) {

@@ -258,6 +258,15 @@ pub struct Settings {
     pub backend_host_header: Option<http::HeaderValue>,
     /// `--compute_platform_override`.
     pub compute_platform: Option<String>,
+    /// Where the proxy runs, as the metadata server said at start-up (`portico espv2` asks it
+    /// unless `--non_gcp`); `None` when it was not asked or not reached.
+    pub gcp: Option<crate::gcp_metadata::GcpAttributes>,
+    /// ESPv2's `--[no-]service_control_enable_api_key_uid_reporting` (default on): a verified
+    /// key's `/credential_id` is its uid when the check names one.
+    pub api_key_uid_reporting: bool,
+    /// ESPv2's `--check_metadata` without `--service`: the service name is read from the
+    /// metadata server at start-up.
+    pub service_from_metadata: bool,
     /// `--report_log_entries_per_second`.
     pub report_log_entries_per_second: usize,
     /// `--report_max_log_entries_per_flush`.
@@ -285,6 +294,14 @@ pub struct Settings {
     /// Flags accepted whose feature is not built yet, reported once at start-up (ESPv2's
     /// flags that issue 17 still has to implement; always empty for `portico esp`).
     pub not_implemented_flags: Vec<&'static str>,
+}
+
+impl Settings {
+    /// Backend authentication (`jwt_audience` rules) is off: requests go to such backends
+    /// without an ID token (ESPv2 under `--non_gcp`).
+    pub fn backend_auth_disabled(&self) -> bool {
+        self.non_gcp && self.dialect.non_gcp_disables_backend_auth()
+    }
 }
 
 /// nginx's `large_client_header_buffers NUMBER SIZE`.

@@ -21,6 +21,57 @@ fn is_zero(v: &i64) -> bool {
     *v == 0
 }
 
+/// `google.api.servicecontrol.v1.CheckError.Code`: the names `:check` answers with, and their
+/// numbers.
+pub mod check_error {
+    pub const CODES: &[(&str, i32)] = &[
+        ("ERROR_CODE_UNSPECIFIED", 0),
+        ("NOT_FOUND", 5),
+        ("PERMISSION_DENIED", 7),
+        ("RESOURCE_EXHAUSTED", 8),
+        ("ABUSER_DETECTED", 103),
+        ("SERVICE_NOT_ACTIVATED", 104),
+        ("API_KEY_INVALID", 105),
+        ("BILLING_DISABLED", 107),
+        ("PROJECT_DELETED", 108),
+        ("IP_ADDRESS_BLOCKED", 109),
+        ("REFERER_BLOCKED", 110),
+        ("CLIENT_APP_BLOCKED", 111),
+        ("API_KEY_EXPIRED", 112),
+        ("API_KEY_NOT_FOUND", 113),
+        ("PROJECT_INVALID", 114),
+        ("SECURITY_POLICY_VIOLATED", 121),
+        ("API_TARGET_BLOCKED", 122),
+        ("INVALID_CREDENTIAL", 123),
+        ("LOCATION_POLICY_VIOLATED", 124),
+        ("CONSUMER_INVALID", 125),
+        ("NAMESPACE_LOOKUP_UNAVAILABLE", 300),
+        ("SERVICE_STATUS_UNAVAILABLE", 301),
+        ("BILLING_STATUS_UNAVAILABLE", 302),
+        ("QUOTA_CHECK_UNAVAILABLE", 303),
+        ("CLOUD_RESOURCE_MANAGER_BACKEND_UNAVAILABLE", 305),
+        ("SECURITY_POLICY_BACKEND_UNAVAILABLE", 306),
+        ("LOCATION_POLICY_BACKEND_UNAVAILABLE", 307),
+    ];
+
+    /// The number of a code named `name`.
+    pub fn number(name: &str) -> Option<i32> {
+        CODES.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+
+    /// `code` as a name: itself, or the name of the number it spells (`121` is
+    /// `SECURITY_POLICY_VIOLATED`); a number without a known name stays as it is.
+    pub fn name(code: &str) -> &str {
+        match code.parse::<i32>() {
+            Ok(v) => CODES
+                .iter()
+                .find(|(_, number)| *number == v)
+                .map_or(code, |(n, _)| *n),
+            Err(_) => code,
+        }
+    }
+}
+
 /// Label keys the proxy puts on operations (Google's names).
 pub mod labels {
     pub const CALLER_IP: &str = "servicecontrol.googleapis.com/caller_ip";
@@ -195,6 +246,47 @@ pub struct LogEntry {
     pub struct_payload: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text_payload: Option<String>,
+    /// The request the entry is about (ESPv2 fills it; ESP puts the same facts in the payload).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_request: Option<HttpRequest>,
+}
+
+/// `google.api.servicecontrol.v1.HttpRequest`: an HTTP request a log entry is about.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpRequest {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub request_method: String,
+    /// The request's URL as received (path and query).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub request_url: String,
+    /// Bytes of the request, head and body.
+    #[serde(with = "int64", skip_serializing_if = "is_zero")]
+    pub request_size: i64,
+    /// The response's HTTP status.
+    #[serde(skip_serializing_if = "is_zero_i32")]
+    pub status: i32,
+    /// Bytes of the response, head and body.
+    #[serde(with = "int64", skip_serializing_if = "is_zero")]
+    pub response_size: i64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub user_agent: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub remote_ip: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub server_ip: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub referer: String,
+    /// A proto3 JSON duration: seconds with up to nine decimals and an `s`, e.g. `0.012s`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub latency: String,
+    /// `http`, `grpc`, ...
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
+}
+
+fn is_zero_i32(v: &i32) -> bool {
+    *v == 0
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -362,6 +454,31 @@ mod tests {
             r.check_info.unwrap().consumer_info.unwrap().project_number,
             110158789852
         );
+    }
+
+    #[test]
+    fn http_request_is_proto3_json_and_absent_when_unset() {
+        let e = LogEntry {
+            name: "endpoints_log".into(),
+            http_request: Some(HttpRequest {
+                request_method: "GET".into(),
+                request_size: 120,
+                status: 404,
+                latency: "0.002s".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let j = serde_json::to_value(&e).unwrap();
+        assert_eq!(
+            j["httpRequest"],
+            serde_json::json!({"requestMethod": "GET", "requestSize": "120", "status": 404,
+                               "latency": "0.002s"})
+        );
+        let back: LogEntry = serde_json::from_value(j).unwrap();
+        assert_eq!(back, e);
+        let plain = serde_json::to_string(&LogEntry::default()).unwrap();
+        assert!(!plain.contains("httpRequest"), "{plain}");
     }
 
     #[test]

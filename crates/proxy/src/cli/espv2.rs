@@ -44,6 +44,9 @@ pub const DEFAULT_CORS_HEADERS: &str =
 pub const DEFAULT_METADATA_URL: &str = "http://169.254.169.254";
 /// `compute_platform_override` under `--on_serverless` (start_proxy.py's `SERVERLESS_PLATFORM`).
 pub const SERVERLESS_PLATFORM: &str = "Cloud Run(ESPv2)";
+/// What `--service` is while the service name waits for the metadata server
+/// (`--check_metadata`); never in the settings `parse` returns.
+const SERVICE_FROM_METADATA: &str = "service-name-from-metadata";
 /// ESPv2's `--backend_retry_ons` default.
 pub const DEFAULT_BACKEND_RETRY_ONS: &str = "reset,connect-failure,refused-stream";
 /// ESPv2's `--backend_retry_num` default.
@@ -104,7 +107,7 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--service_json_path", Implemented),
     ("--rollout_strategy", Implemented),
     ("--management", Implemented),
-    ("--check_metadata", NotYet),
+    ("--check_metadata", Implemented),
     ("--http_request_timeout_s", NotYet),
     // Backend.
     ("--backend", Implemented),
@@ -193,7 +196,10 @@ pub const FLAGS: &[(&str, Support)] = &[
         "--service_control_enable_api_key_uid_reporting",
         Implemented,
     ),
-    ("--no-service_control_enable_api_key_uid_reporting", NotYet),
+    (
+        "--no-service_control_enable_api_key_uid_reporting",
+        Implemented,
+    ),
     ("--log_request_headers", Implemented),
     ("--log_response_headers", Implemented),
     ("--log_jwt_payloads", Implemented),
@@ -950,6 +956,22 @@ pub fn parse(args: Vec<OsString>) -> Result<Settings, ArgError> {
         )
     };
     let mut settings = validate(raw)?;
+    // `--service_control_enable_api_key_uid_reporting` and its `--no-` form: the last given
+    // wins, as with argparse's BooleanOptionalAction; on by default.
+    let last = |id: &str| {
+        matches
+            .indices_of(id)
+            .filter(|_| matches.value_source(id) == Some(ValueSource::CommandLine))
+            .and_then(Iterator::max)
+    };
+    settings.api_key_uid_reporting = match (
+        last("service_control_enable_api_key_uid_reporting"),
+        last("no_service_control_enable_api_key_uid_reporting"),
+    ) {
+        (_, None) => true,
+        (None, Some(_)) => false,
+        (Some(on), Some(off)) => on > off,
+    };
     for (flag, support) in FLAGS {
         if !given(flag) {
             continue;
@@ -989,11 +1011,21 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
                 })?,
         ),
     };
-    if a.service.is_empty() && a.service_json_path.is_none() {
-        return Err(ArgError::v2(
-            "--service is required: reading the service name from the metadata server is not \
-             implemented yet (issue 17)",
-        ));
+    // ESPv2's config manager: no `--service` means the metadata server's
+    // `endpoints-service-name`, read at start-up, but only with `--check_metadata` and a
+    // metadata server.
+    let service_from_metadata = a.service.is_empty() && a.service_json_path.is_none();
+    if service_from_metadata {
+        if !a.check_metadata {
+            return Err(ArgError::v2(
+                "service name is not specified, required because metadata fetching is disabled",
+            ));
+        }
+        if a.non_gcp {
+            return Err(ArgError::v2(
+                "service name is not specified, required on a non-gcp deployment",
+            ));
+        }
     }
     if a.backend.starts_with("grpcs://") {
         return Err(ArgError::v2(format!(
@@ -1124,7 +1156,13 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     // not set here keep `portico esp`'s defaults.
     let mut e =
         EspArgs::try_parse_from(["portico esp"]).map_err(|err| ArgError::v2(err.to_string()))?;
-    e.service = Some(a.service).filter(|s| !s.is_empty());
+    // A name from the metadata server is not known yet; `portico esp`'s checks are run with a
+    // stand-in, which is taken out of the settings below.
+    e.service = if service_from_metadata {
+        Some(SERVICE_FROM_METADATA.to_string())
+    } else {
+        Some(a.service).filter(|s| !s.is_empty())
+    };
     e.version = Some(a.version).filter(|v| !v.is_empty());
     e.service_json_path = a.service_json_path;
     e.rollout_strategy = a.rollout_strategy;
@@ -1180,6 +1218,10 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
 
     let mut settings = super::validate(e).map_err(|err| ArgError::v2(err.message))?;
     settings.dialect = Dialect::EspV2;
+    if service_from_metadata {
+        settings.service = None;
+        settings.service_from_metadata = true;
+    }
     settings.status_port = status_port;
     settings.healthz = healthz;
     settings.backend_connect_retries = if retry_on_connect_failure {
@@ -1520,8 +1562,15 @@ mod tests {
         assert!(m.contains("--ssl_server_root_cert_path"), "{m}");
         let m = err(&["-s", "svc", "-v", "1", "--backend=grpcs://b:443"]);
         assert!(m.contains("cannot be used yet"), "{m}");
-        let m = err(&["-v", "1"]);
-        assert!(m.starts_with("--service is required"), "{m}");
+        // No --service: ESPv2's config manager's words.
+        assert_eq!(
+            err(&["-v", "1"]),
+            "service name is not specified, required because metadata fetching is disabled"
+        );
+        assert_eq!(
+            err(&["-v", "1", "--check_metadata", "--non_gcp", "-k", "/k.json"]),
+            "service name is not specified, required on a non-gcp deployment"
+        );
         let m = err(&["-s", "svc", "-v", "1", "--listener_port=70000"]);
         assert_eq!(
             m,
@@ -1908,8 +1957,6 @@ mod tests {
             "--backend_per_try_timeout=2s",
             "--envoy_connection_buffer_limit_bytes=1024",
             "--enable_backend_routing",
-            "--no-service_control_enable_api_key_uid_reporting",
-            "--service_control_enable_api_key_uid_reporting",
             "--tracing_sample_rate=0.5",
             "--suppress_envoy_headers",
             "--http_request_timeout_s=30",
@@ -1928,12 +1975,61 @@ mod tests {
             vec![
                 "--http_request_timeout_s",
                 "--backend_per_try_timeout",
-                "--no-service_control_enable_api_key_uid_reporting",
                 "--tracing_sample_rate",
             ]
         );
         // --http_request_timeout_s is ESPv2's timeout for its own calls, never the backend's.
         assert_eq!(s.backend_timeout, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn api_key_uid_reporting_is_on_unless_the_last_word_is_no() {
+        let uid = |args: &[&str]| {
+            let mut v = vec!["-s", "svc", "-v", "1"];
+            v.extend(args);
+            p(&v).unwrap().api_key_uid_reporting
+        };
+        let (on, off) = (
+            "--service_control_enable_api_key_uid_reporting",
+            "--no-service_control_enable_api_key_uid_reporting",
+        );
+        assert!(uid(&[]));
+        assert!(uid(&[on]));
+        assert!(!uid(&[off]));
+        assert!(uid(&[off, on]));
+        assert!(!uid(&[on, off]));
+        assert!(!uid(&[on, off, off]));
+    }
+
+    #[test]
+    fn the_service_name_can_come_from_the_metadata_server() {
+        let s = p(&["--check_metadata", "-v", "2024-01-01r0"]).unwrap();
+        assert_eq!(s.service, None);
+        assert!(s.service_from_metadata);
+        assert_eq!(s.metadata.as_deref(), Some(DEFAULT_METADATA_URL));
+        assert_eq!(s.version.as_deref(), Some("2024-01-01r0"));
+        let s = p(&[
+            "--check_metadata",
+            "-R",
+            "managed",
+            "--metadata_url=http://127.0.0.1:9",
+        ])
+        .unwrap();
+        assert!(s.service_from_metadata && s.service.is_none());
+        assert_eq!(s.metadata.as_deref(), Some("http://127.0.0.1:9"));
+        // A name on the command line wins; --check_metadata then changes nothing.
+        let s = p(&["-s", "svc", "-v", "1", "--check_metadata"]).unwrap();
+        assert_eq!(s.service.as_deref(), Some("svc"));
+        assert!(!s.service_from_metadata);
+        assert!(s.not_implemented_flags.is_empty());
+    }
+
+    #[test]
+    fn non_gcp_turns_backend_authentication_off() {
+        let s = p(&["-s", "svc", "-v", "1"]).unwrap();
+        assert!(!s.backend_auth_disabled());
+        let s = p(&["-s", "svc", "-v", "1", "--non_gcp", "-k", "/k.json"]).unwrap();
+        assert!(s.backend_auth_disabled() && s.metadata.is_none());
     }
 
     #[test]

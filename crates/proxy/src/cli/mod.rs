@@ -1058,6 +1058,10 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         access_log: a.access_log,
         backend_host_header,
         compute_platform: a.compute_platform_override,
+        // What only `portico espv2` asks the metadata server for, and its reporting switch.
+        gcp: None,
+        api_key_uid_reporting: true,
+        service_from_metadata: false,
         report_log_entries_per_second: a.report_log_entries_per_second,
         report_max_log_entries_per_flush: a.report_max_log_entries_per_flush,
         enable_backend_routing: a.enable_backend_routing,

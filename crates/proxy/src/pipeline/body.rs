@@ -413,6 +413,14 @@ impl Completion {
         let status_code = self.error.as_ref().map(|e| e.code);
         let backend_protocol =
             (self.backend_grpc && self.protocol != "grpc").then(|| "grpc".to_string());
+        let (error_cause, error_message, error_kind) = match self.error {
+            Some(e) => (
+                Some(e.cause.as_str().to_string()),
+                Some(e.message),
+                Some(e.kind),
+            ),
+            None => (None, None, None),
+        };
         control.report(RequestRecord {
             service_name: r.config.service.name.clone(),
             service_config_id: r.config.config_id.clone(),
@@ -437,14 +445,18 @@ impl Completion {
             overhead_latency: total.saturating_sub(self.backend_latency.unwrap_or_default()),
             caller_ip: Some(self.caller_ip),
             referer,
-            error_cause: self.error.as_ref().map(|e| e.cause.as_str().to_string()),
-            error_message: self.error.map(|e| e.message),
+            error_cause,
+            error_message,
+            error_kind,
             protocol: self.protocol.to_string(),
             backend_protocol,
             request_headers: r.request_headers,
             response_headers: r.response_headers,
             jwt_payloads: r.auth.map(|a| a.jwt_payloads).filter(|p| !p.is_empty()),
             start_time: None,
+            dialect: st.settings.dialect,
+            api_key_state: r.api_key_state,
+            api_key_uid: r.check.and_then(|c| c.api_key_uid),
         });
     }
 }

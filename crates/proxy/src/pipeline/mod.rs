@@ -257,6 +257,9 @@ impl Pipeline {
             return self.forward(req, &ctx, target, None, None).await;
         }
 
+        // The raw query, split off once for both the JWT and the API-key lookups.
+        let query = target.split_once('?').map(|(_, q)| q);
+
         // 2. match.
         let (mi, routed) = match self.match_request(&config, &parts, &target) {
             Ok(m) => m,
@@ -264,7 +267,8 @@ impl Pipeline {
             Err((err, _)) if err.kind == ErrorKind::CorsPreflightRefused => {
                 return self.fail(err, &ctx, target);
             }
-            Err((err, report)) => {
+            Err((err, mut report)) => {
+                report.api_key = self.unchecked_key(query, &parts.headers, None);
                 return self.fail_matched(err, &ctx, target, report);
             }
         };
@@ -272,14 +276,12 @@ impl Pipeline {
             ctx.cors_origin = cors_after_match;
         }
 
-        // The raw query, split off once for both the JWT and the API-key lookups.
-        let query = target.split_once('?').map(|(_, q)| q);
-
         // 3. authenticate: the JWT, then the API key.
         let auth = match self.authenticate(&parts, query, &mi, &config).await {
             Ok(a) => a,
             Err(e) => {
-                let report = self.report_info(&config, Some(&mi), None, &parts.headers);
+                let key = self.unchecked_key(query, &parts.headers, Some(&mi.api_key_locations));
+                let report = self.report_info(&config, Some(&mi), key, &parts.headers);
                 return self.refuse_auth(e, &ctx, target, report);
             }
         };
@@ -293,7 +295,11 @@ impl Pipeline {
             extract_api_key(query, &parts.headers, &mi.api_key_locations).map(str::to_string)
         };
 
-        let mut report = self.report_info(&config, Some(&mi), api_key.clone(), &parts.headers);
+        let report_key = match &api_key {
+            Some(k) => Some(k.clone()),
+            None => self.unchecked_key(query, &parts.headers, Some(&mi.api_key_locations)),
+        };
+        let mut report = self.report_info(&config, Some(&mi), report_key, &parts.headers);
         report.auth = auth;
 
         // 4. check + quota.
@@ -335,7 +341,7 @@ impl Pipeline {
             .backend_rule
             .as_ref()
             .map(|r| r.jwt_audience.as_str())
-            .filter(|a| !a.is_empty())
+            .filter(|a| !a.is_empty() && !settings.backend_auth_disabled())
         {
             let token = match &self.state.backend_tokens {
                 Some(source) => match source.cached(audience) {
@@ -368,5 +374,26 @@ impl Pipeline {
         // 5. forward; 6. respond and 7. report follow from the backend's answer.
         let req = Request::from_parts(parts, body);
         self.forward(req, &ctx, target, Some(report), routed).await
+    }
+
+    /// The API key of a request no `:check` is made for (an unknown operation, a request
+    /// refused before the check, a method that allows unregistered calls), for its report only,
+    /// where the dialect reports such keys ([`crate::dialect::Dialect::reports_unchecked_api_keys`]):
+    /// read from the method's locations, or ESP's defaults for an unknown operation. Keys too
+    /// long to be one are not kept.
+    fn unchecked_key(
+        &self,
+        query: Option<&str>,
+        headers: &http::HeaderMap,
+        locations: Option<&crate::auth::api_key::ApiKeyLocations>,
+    ) -> Option<String> {
+        if !self.state.settings.dialect.reports_unchecked_api_keys() {
+            return None;
+        }
+        static DEFAULT: std::sync::LazyLock<crate::auth::api_key::ApiKeyLocations> =
+            std::sync::LazyLock::new(crate::auth::api_key::ApiKeyLocations::esp_default);
+        extract_api_key(query, headers, locations.unwrap_or(&DEFAULT))
+            .filter(|k| k.len() <= crate::service_control::MAX_API_KEY_BYTES)
+            .map(str::to_string)
     }
 }

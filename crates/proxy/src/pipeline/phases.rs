@@ -11,7 +11,7 @@ use crate::error::{Cause, Code, ErrorKind, EspError};
 use crate::forward;
 use crate::request_head;
 use crate::routing::{ConfigRoutes, MethodInfo};
-use crate::service_control::{CheckInput, CheckOk, QuotaInput};
+use crate::service_control::{ApiKeyState, CheckInput, CheckOk, QuotaInput};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -328,6 +328,7 @@ impl Pipeline {
             // No key is this long: answered as invalid before any cache or `:check`, and kept
             // out of the report (whose aggregates are keyed by it).
             report.api_key = None;
+            report.api_key_state = ApiKeyState::Invalid;
             return Err(crate::service_control::invalid_api_key());
         }
         let Some(control) = &self.state.control else {
@@ -349,7 +350,9 @@ impl Pipeline {
                 android_cert: header_str(headers, &X_ANDROID_CERT),
                 ios_bundle: header_str(headers, &X_IOS_BUNDLE),
             };
-            match control.check(input).await {
+            let outcome = control.check(input).await;
+            report.api_key_state = ApiKeyState::after_check(&outcome);
+            match outcome {
                 Ok(ok) => {
                     if let Some(n) = ok.consumer_project_number.filter(|n| *n > 0) {
                         if let Ok(v) = HeaderValue::from_str(&n.to_string()) {

@@ -5,7 +5,7 @@
 use super::Pipeline;
 use crate::auth::AuthInfo;
 use crate::routing::{ConfigRoutes, MethodInfo};
-use crate::service_control::CheckOk;
+use crate::service_control::{ApiKeyState, CheckOk};
 use http::header::{HeaderMap, HeaderValue};
 use http::{Method, Version};
 use hyper::body::Incoming;
@@ -105,6 +105,8 @@ pub(super) struct ReportInfo {
     pub(super) api_key: Option<String>,
     pub(super) check: Option<CheckOk>,
     pub(super) check_network_failure: bool,
+    /// What `:check` made of `api_key`.
+    pub(super) api_key_state: ApiKeyState,
     pub(super) auth: Option<AuthInfo>,
     pub(super) request_headers: Vec<(String, String)>,
     pub(super) response_headers: Vec<(String, String)>,
@@ -124,6 +126,7 @@ impl Pipeline {
             api_key,
             check: None,
             check_network_failure: false,
+            api_key_state: ApiKeyState::NotChecked,
             auth: None,
             request_headers: logged_headers(&self.state.settings.log_request_headers, headers),
             response_headers: Vec::new(),

@@ -28,36 +28,7 @@ use crate::outbound_auth::SERVICE_CONTROLLER;
 /// Numeric values of `google.api.servicecontrol.v1.CheckError.Code`, for the "unsupported
 /// error code" message, which ESP prints as a number.
 fn check_error_number(code: &str) -> Option<i32> {
-    Some(match code {
-        "ERROR_CODE_UNSPECIFIED" => 0,
-        "NOT_FOUND" => 5,
-        "PERMISSION_DENIED" => 7,
-        "RESOURCE_EXHAUSTED" => 8,
-        "ABUSER_DETECTED" => 103,
-        "SERVICE_NOT_ACTIVATED" => 104,
-        "API_KEY_INVALID" => 105,
-        "BILLING_DISABLED" => 107,
-        "PROJECT_DELETED" => 108,
-        "IP_ADDRESS_BLOCKED" => 109,
-        "REFERER_BLOCKED" => 110,
-        "CLIENT_APP_BLOCKED" => 111,
-        "API_KEY_EXPIRED" => 112,
-        "API_KEY_NOT_FOUND" => 113,
-        "PROJECT_INVALID" => 114,
-        "SECURITY_POLICY_VIOLATED" => 121,
-        "API_TARGET_BLOCKED" => 122,
-        "INVALID_CREDENTIAL" => 123,
-        "LOCATION_POLICY_VIOLATED" => 124,
-        "CONSUMER_INVALID" => 125,
-        "NAMESPACE_LOOKUP_UNAVAILABLE" => 300,
-        "SERVICE_STATUS_UNAVAILABLE" => 301,
-        "BILLING_STATUS_UNAVAILABLE" => 302,
-        "QUOTA_CHECK_UNAVAILABLE" => 303,
-        "CLOUD_RESOURCE_MANAGER_BACKEND_UNAVAILABLE" => 305,
-        "SECURITY_POLICY_BACKEND_UNAVAILABLE" => 306,
-        "LOCATION_POLICY_BACKEND_UNAVAILABLE" => 307,
-        _ => return None,
-    })
+    portico_servicecontrol::check_error::number(code)
 }
 
 /// Check errors that mean "a Google-side dependency is down": ESP lets the request through.
@@ -451,7 +422,10 @@ impl Inner {
             labels::SERVICE_AGENT.to_string(),
             self.statics.service_agent.clone(),
         );
-        l.insert(labels::USER_AGENT.to_string(), "ESP".to_string());
+        l.insert(
+            labels::USER_AGENT.to_string(),
+            self.statics.user_agent.to_string(),
+        );
         let optional = [
             (labels::REFERER, input.referer),
             (labels::ANDROID_PACKAGE_NAME, input.android_package),

@@ -111,10 +111,18 @@ pub struct ServiceControlOptions {
     /// only the metrics and logs each config declares, as ESP's do; when `None`, the full
     /// standard set is sent.
     pub service_configs: Option<watch::Receiver<Arc<Rollout>>>,
+    /// Whose reports and labels to send: ESP's or ESPv2's.
+    pub dialect: crate::dialect::Dialect,
     /// `servicecontrol.googleapis.com/service_agent`.
     pub service_agent: String,
     pub platform: String,
+    /// `cloud.googleapis.com/location`.
     pub location: String,
+    /// The zone (or region) the metadata server named; ESPv2's log entries carry it.
+    pub zone: Option<String>,
+    /// ESPv2: a verified key's `/credential_id` is its uid when the check named one
+    /// (`--[no-]service_control_enable_api_key_uid_reporting`).
+    pub api_key_uid_reporting: bool,
     /// Per attempt; a `:check` that never answers holds its request for
     /// `check_timeout × (check_retries + 1)`.
     pub check_timeout: Duration,
@@ -169,9 +177,12 @@ impl ServiceControlOptions {
             network_fail_open: true,
             rollout_notifier: None,
             service_configs: None,
+            dialect: crate::dialect::Dialect::Esp,
             service_agent: format!("ESP/portico-{}", env!("CARGO_PKG_VERSION")),
             platform: "unknown".to_string(),
             location: "global".to_string(),
+            zone: None,
+            api_key_uid_reporting: true,
             check_timeout: calls.check.timeout,
             check_retries: calls.check.retries,
             quota_timeout: calls.quota.timeout,
@@ -204,7 +215,21 @@ impl ServiceControlOptions {
     /// platform label, the report log caps and each call's timeout and retries.
     pub fn with_settings(mut self, settings: &Settings) -> Self {
         self.network_fail_open = settings.network_fail_open;
-        if let Some(p) = &settings.compute_platform {
+        self.dialect = settings.dialect;
+        if settings.dialect == crate::dialect::Dialect::EspV2 {
+            // ESPv2's agent, and where it runs as the metadata server said (nothing known:
+            // its defaults).
+            self.service_agent = format!("ESPv2/portico-{}", env!("CARGO_PKG_VERSION"));
+            let gcp = settings.gcp.as_ref();
+            self.platform = settings
+                .compute_platform
+                .clone()
+                .or_else(|| gcp.map(|g| g.platform.to_string()))
+                .unwrap_or_else(|| crate::gcp_metadata::UNKNOWN_PLATFORM.to_string());
+            self.zone = gcp.and_then(|g| g.zone.clone());
+            self.location = self.zone.clone().unwrap_or_else(|| "global".to_string());
+            self.api_key_uid_reporting = settings.api_key_uid_reporting;
+        } else if let Some(p) = &settings.compute_platform {
             self.platform = p.clone();
         }
         self.report_log_entries_per_second = settings.report_log_entries_per_second;
@@ -251,6 +276,52 @@ pub struct CheckOk {
     pub network_failure: bool,
     /// `checkInfo.apiKeyUid`, when the control plane returns one.
     pub api_key_uid: Option<String>,
+}
+
+/// What `:check` made of a request's API key (ESPv2 reports it as `api_key_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ApiKeyState {
+    /// No check was made (no key, no check needed, the request refused before), or it could
+    /// not be made: the key cannot be trusted.
+    #[default]
+    NotChecked,
+    /// The check said the key is not valid (`API_KEY_INVALID`, `_EXPIRED`, `_NOT_FOUND`).
+    Invalid,
+    /// The key is valid but its project has not enabled the API (`SERVICE_NOT_ACTIVATED`).
+    NotEnabled,
+    /// The key is valid and the API enabled: the consumer is known (even when the check
+    /// refused the request for another reason, such as a blocked referer).
+    Verified,
+}
+
+impl ApiKeyState {
+    /// ESPv2's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiKeyState::NotChecked => "NOT CHECKED",
+            ApiKeyState::Invalid => "INVALID",
+            ApiKeyState::NotEnabled => "NOT ENABLED",
+            ApiKeyState::Verified => "VERIFIED",
+        }
+    }
+
+    /// The state after a check answered `outcome` (ESPv2's `ClientCache::handleCheckResponse`).
+    pub fn after_check(outcome: &Result<CheckOk, EspError>) -> ApiKeyState {
+        match outcome {
+            Ok(ok) if ok.api_key_valid && !ok.network_failure => ApiKeyState::Verified,
+            Ok(_) => ApiKeyState::NotChecked,
+            Err(e) => match &e.kind {
+                crate::error::ErrorKind::CheckRefused { code, .. } => match &**code {
+                    "API_KEY_INVALID" | "API_KEY_EXPIRED" | "API_KEY_NOT_FOUND" => {
+                        ApiKeyState::Invalid
+                    }
+                    "SERVICE_NOT_ACTIVATED" => ApiKeyState::NotEnabled,
+                    _ => ApiKeyState::Verified,
+                },
+                _ => ApiKeyState::NotChecked,
+            },
+        }
+    }
 }
 
 /// What the pipeline knows when it charges quota. `metric_costs` comes from
@@ -394,8 +465,14 @@ impl ServiceControl {
         let inner = Arc::new(Inner {
             statics: StaticLabels {
                 service_agent: opts.service_agent.clone(),
+                user_agent: match opts.dialect {
+                    crate::dialect::Dialect::Esp => "ESP",
+                    crate::dialect::Dialect::EspV2 => "ESPv2",
+                },
                 platform: opts.platform.clone(),
                 location: opts.location.clone(),
+                zone: opts.zone.clone(),
+                api_key_uid_reporting: opts.api_key_uid_reporting,
             },
             checks: Sharded::new(|| {
                 CheckCache::new(
@@ -535,7 +612,10 @@ impl ServiceControl {
             if let Some(r) = input.referer {
                 l.insert(labels::REFERER.to_string(), r.to_string());
             }
-            l.insert(labels::USER_AGENT.to_string(), "ESP".to_string());
+            l.insert(
+                labels::USER_AGENT.to_string(),
+                inner.statics.user_agent.to_string(),
+            );
             l.insert(
                 labels::SERVICE_AGENT.to_string(),
                 inner.statics.service_agent.clone(),

@@ -15,13 +15,14 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use portico_servicecontrol::{
-    labels, Distribution, ExponentialBuckets, LogEntry, MetricValue, MetricValueSet, Operation,
-    ReportRequest, ReportResponse,
+    labels, Distribution, ExponentialBuckets, HttpRequest, LogEntry, MetricValue, MetricValueSet,
+    Operation, ReportRequest, ReportResponse,
 };
 use tokio::sync::{watch, Notify};
 
-use super::Inner;
-use crate::error::Code;
+use super::{ApiKeyState, Inner};
+use crate::dialect::{espv2_response_code_detail, espv2_service_control_status, Dialect};
+use crate::error::{Code, ErrorKind};
 use crate::outbound_auth::SERVICE_CONTROLLER;
 
 /// Operation name ESP reports for requests that matched no method.
@@ -79,14 +80,30 @@ pub struct RequestRecord {
     pub jwt_payloads: Option<String>,
     /// When the request arrived; `now - total_latency` when `None`.
     pub start_time: Option<SystemTime>,
+    /// Whose report this request makes: ESP's fields or ESPv2's.
+    pub dialect: Dialect,
+    /// What `:check` made of the key (ESPv2's `api_key_state`).
+    pub api_key_state: ApiKeyState,
+    /// `checkInfo.apiKeyUid` of the check, if it named one.
+    pub api_key_uid: Option<String>,
+    /// What the proxy's error stood for (`None`: no proxy error), for ESPv2's Service Control
+    /// status and response code details.
+    pub error_kind: Option<ErrorKind>,
 }
 
 /// Labels that do not vary per request, fixed when the client is built.
 #[derive(Debug, Clone)]
 pub(crate) struct StaticLabels {
     pub(crate) service_agent: String,
+    /// `servicecontrol.googleapis.com/user_agent`: `ESP`, or `ESPv2`.
+    pub(crate) user_agent: &'static str,
     pub(crate) platform: String,
     pub(crate) location: String,
+    /// The zone or region the metadata server named, if it was asked (ESPv2's log entries
+    /// carry it as `location`).
+    pub(crate) zone: Option<String>,
+    /// ESPv2's `/credential_id` is the key's uid when the check named one.
+    pub(crate) api_key_uid_reporting: bool,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -295,6 +312,7 @@ pub(crate) fn span(r: &RequestRecord, now: SystemTime) -> (SystemTime, SystemTim
 /// operation compare equal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct SigRef<'a> {
+    dialect: Dialect,
     pub(crate) service_name: &'a str,
     pub(crate) service_config_id: &'a str,
     operation_name: Option<&'a str>,
@@ -304,6 +322,8 @@ pub(crate) struct SigRef<'a> {
     consumer_valid: bool,
     network_failure: bool,
     credential_id: Option<&'a str>,
+    /// The key's uid (ESPv2, verified keys only).
+    api_key_uid: Option<&'a str>,
     protocol: &'a str,
     /// Only when it differs from `protocol` (otherwise no label).
     backend_protocol: Option<&'a str>,
@@ -316,10 +336,15 @@ pub(crate) struct SigRef<'a> {
 
 impl<'a> SigRef<'a> {
     pub(crate) fn of(r: &'a RequestRecord) -> Self {
+        if r.dialect == Dialect::EspV2 {
+            return Self::espv2(r);
+        }
         let api_key = r.api_key.as_deref().filter(|k| !k.is_empty());
         let network_failure = api_key.is_some() && r.check_network_failure;
         let consumer_valid = api_key.is_some() && r.api_key_valid && !r.check_network_failure;
         SigRef {
+            dialect: Dialect::Esp,
+            api_key_uid: None,
             service_name: &r.service_name,
             service_config_id: &r.service_config_id,
             operation_name: r.operation_name.as_deref(),
@@ -338,8 +363,43 @@ impl<'a> SigRef<'a> {
         }
     }
 
+    /// ESPv2's signature: a key that is not verified is in no label (only in the log entry,
+    /// which is per request), so it does not split operations; `/status_code` is the Service
+    /// Control status; the by-consumer operation follows the check's consumer project.
+    fn espv2(r: &'a RequestRecord) -> Self {
+        let verified = r.api_key_state == ApiKeyState::Verified;
+        let api_key = r
+            .api_key
+            .as_deref()
+            .filter(|k| !k.is_empty())
+            .filter(|_| verified);
+        SigRef {
+            dialect: Dialect::EspV2,
+            service_name: &r.service_name,
+            service_config_id: &r.service_config_id,
+            operation_name: r.operation_name.as_deref(),
+            api_key,
+            consumer_valid: api_key.is_some(),
+            network_failure: false,
+            credential_id: r.credential_id.as_deref(),
+            api_key_uid: r
+                .api_key_uid
+                .as_deref()
+                .filter(|u| !u.is_empty())
+                .filter(|_| api_key.is_some()),
+            protocol: &r.protocol,
+            backend_protocol: r.backend_protocol.as_deref().filter(|bp| *bp != r.protocol),
+            response_code: r.response_code,
+            status_code: espv2_status_code(r.error_kind.as_ref()),
+            api_version: &r.api_version,
+            consumer_project: r.consumer_project_number.filter(|n| *n > 0),
+        }
+    }
+
     fn to_owned_key(self) -> SigKey {
         SigKey {
+            dialect: self.dialect,
+            api_key_uid: self.api_key_uid.map(Into::into),
             service_name: self.service_name.into(),
             service_config_id: self.service_config_id.into(),
             operation_name: self.operation_name.map(Into::into),
@@ -361,6 +421,8 @@ impl<'a> SigRef<'a> {
 /// request).
 #[derive(Debug, Clone)]
 pub(crate) struct SigKey {
+    dialect: Dialect,
+    api_key_uid: Option<Box<str>>,
     pub(crate) service_name: Arc<str>,
     pub(crate) service_config_id: Arc<str>,
     operation_name: Option<Box<str>>,
@@ -379,6 +441,8 @@ pub(crate) struct SigKey {
 impl SigKey {
     pub(crate) fn as_ref(&self) -> SigRef<'_> {
         SigRef {
+            dialect: self.dialect,
+            api_key_uid: self.api_key_uid.as_deref(),
             service_name: &self.service_name,
             service_config_id: &self.service_config_id,
             operation_name: self.operation_name.as_deref(),
@@ -489,8 +553,13 @@ impl Aggregate {
             r.overhead_latency.as_secs_f64(),
             TIME_BUCKETS,
         );
-        if let Some(b) = r.backend_latency {
-            add_sample(&mut self.backend_latencies, b.as_secs_f64(), TIME_BUCKETS);
+        match (r.backend_latency, self.key.dialect) {
+            (Some(b), _) => {
+                add_sample(&mut self.backend_latencies, b.as_secs_f64(), TIME_BUCKETS);
+            }
+            // ESPv2 counts a request that never reached the backend as 0 s of backend time.
+            (None, Dialect::EspV2) => add_sample(&mut self.backend_latencies, 0.0, TIME_BUCKETS),
+            (None, Dialect::Esp) => {}
         }
     }
 
@@ -503,6 +572,9 @@ impl Aggregate {
     /// the by-consumer one when the check identified the consumer project; then the config's
     /// declarations applied.
     pub(crate) fn operations(&self, statics: &StaticLabels) -> Vec<Operation> {
+        if self.key.dialect == Dialect::EspV2 {
+            return self.espv2_operations(statics);
+        }
         let k = &self.key;
         let is_error = k.is_error();
         let selector = k.selector();
@@ -671,6 +743,243 @@ fn log_entry(r: &RequestRecord, statics: &StaticLabels) -> LogEntry {
         timestamp: rfc3339(end),
         severity: if is_error { "ERROR" } else { "INFO" }.to_string(),
         struct_payload: Some(payload),
+        ..Default::default()
+    }
+}
+
+/// ESPv2's `/status_code`: the code of the status its Service Control filter ended the
+/// request with; 0 (OK) when that filter let it through, whatever happened next.
+fn espv2_status_code(kind: Option<&ErrorKind>) -> i32 {
+    kind.and_then(espv2_service_control_status)
+        .map_or(0, |(code, _)| code.as_i32())
+}
+
+/// ESPv2's protocol names: `grpc`, or `http` for everything else (it does not tell TLS apart).
+fn espv2_protocol(protocol: &str) -> &str {
+    if protocol == "grpc" {
+        "grpc"
+    } else {
+        "http"
+    }
+}
+
+/// A latency as ESPv2 logs it: whole milliseconds, as a proto3 JSON duration (`0.012s`).
+fn duration_ms(d: Duration) -> String {
+    let ms = d.as_millis();
+    let (secs, frac) = (ms / 1000, ms % 1000);
+    if frac == 0 {
+        format!("{secs}s")
+    } else {
+        format!("{secs}.{frac:03}s")
+    }
+}
+
+/// ESPv2's metrics: no `error_count` and no `*_bytes`; the consumer form has no backend or
+/// overhead latencies (ESPv2's `supported_metrics`).
+fn espv2_metrics(form: Form, a: &Aggregate) -> Vec<MetricValueSet> {
+    let prefix = form.prefix();
+    let mut m = vec![
+        int_metric(&format!("{prefix}request_count"), a.count),
+        dist_metric(&format!("{prefix}request_sizes"), a.request_sizes.clone()),
+        dist_metric(&format!("{prefix}response_sizes"), a.response_sizes.clone()),
+        dist_metric(
+            &format!("{prefix}total_latencies"),
+            a.total_latencies.clone(),
+        ),
+    ];
+    if form != Form::Consumer {
+        m.push(dist_metric(
+            &format!("{prefix}backend_latencies"),
+            a.backend_latencies.clone(),
+        ));
+        m.push(dist_metric(
+            &format!("{prefix}request_overhead_latencies"),
+            a.overhead_latencies.clone(),
+        ));
+    }
+    m
+}
+
+impl Aggregate {
+    /// ESPv2's operations (its `RequestBuilder::FillReportRequest`): the main one with the log
+    /// entries, and the by-consumer one when the check named the consumer's project.
+    fn espv2_operations(&self, statics: &StaticLabels) -> Vec<Operation> {
+        let k = &self.key;
+        let selector = k.selector();
+        let consumer_id = k.consumer_id();
+        let mut l = BTreeMap::new();
+        let mut put = |key: &str, value: String| {
+            l.insert(key.to_string(), value);
+        };
+        put(labels::SERVICE_AGENT, statics.service_agent.clone());
+        put(labels::USER_AGENT, statics.user_agent.to_string());
+        put(labels::PLATFORM, statics.platform.clone());
+        put(labels::LOCATION, statics.location.clone());
+        put(labels::PROTOCOL, espv2_protocol(&k.protocol).to_string());
+        put(labels::RESPONSE_CODE, k.response_code.to_string());
+        put(
+            labels::RESPONSE_CODE_CLASS,
+            format!("{}xx", k.response_code / 100 % 10),
+        );
+        put(labels::STATUS_CODE, k.status_code.to_string());
+        if k.is_error() {
+            put(
+                labels::ERROR_TYPE,
+                format!("{}xx", k.response_code / 100 % 10),
+            );
+        }
+        // A verified key names the caller (by its uid when the check gave one); otherwise the
+        // JWT does, if there was one.
+        let credential = match (&k.api_key, &k.api_key_uid) {
+            (Some(_), Some(uid)) if statics.api_key_uid_reporting => Some(uid.to_string()),
+            (Some(key), _) => Some(format!("apikey:{key}")),
+            (None, _) => k.credential_id.as_deref().map(str::to_string),
+        };
+        if let Some(c) = credential {
+            put(labels::CREDENTIAL_ID, c);
+        }
+        put(labels::API_METHOD, selector.to_string());
+        if !k.api_version.is_empty() {
+            put(labels::API_VERSION, k.api_version.to_string());
+        }
+        if let Some(bp) = &k.backend_protocol {
+            put(
+                "servicecontrol.googleapis.com/backend_protocol",
+                bp.to_string(),
+            );
+        }
+
+        let mut metrics = espv2_metrics(Form::Producer, self);
+        if !consumer_id.is_empty() {
+            metrics.extend(espv2_metrics(Form::Consumer, self));
+        }
+        let log_entries = if self.wants_logs() {
+            self.logs
+                .iter()
+                .map(|r| espv2_log_entry(r, statics))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let operation_id = uuid::Uuid::new_v4().to_string();
+        let (start, end) = (rfc3339(self.start), rfc3339(self.end));
+        let mut ops = vec![Operation {
+            operation_id: operation_id.clone(),
+            operation_name: selector.to_string(),
+            consumer_id: consumer_id.clone(),
+            start_time: start.clone(),
+            end_time: end.clone(),
+            labels: l.clone(),
+            metric_value_sets: metrics,
+            log_entries,
+            importance: String::new(),
+        }];
+        if let Some(project) = k.consumer_project {
+            l.insert(labels::CONSUMER_PROJECT.to_string(), project.to_string());
+            ops.push(Operation {
+                operation_id: format!("{operation_id}1"),
+                operation_name: selector.to_string(),
+                consumer_id,
+                start_time: start,
+                end_time: end,
+                labels: l,
+                metric_value_sets: espv2_metrics(Form::ByConsumer, self),
+                log_entries: Vec::new(),
+                importance: String::new(),
+            });
+        }
+        if let Some(f) = &self.filter {
+            f.apply(&mut ops);
+        }
+        ops
+    }
+}
+
+/// ESPv2's `endpoints_log` entry of one request (its `FillLogEntry`): the request in
+/// `httpRequest`, ESPv2's payload fields.
+fn espv2_log_entry(r: &RequestRecord, statics: &StaticLabels) -> LogEntry {
+    let (_, end) = span(r, SystemTime::now());
+    let selector = r
+        .operation_name
+        .as_deref()
+        .unwrap_or(UNKNOWN_OPERATION_NAME);
+    let ts = end
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let mut payload = serde_json::Map::new();
+    let mut put = |k: &str, v: serde_json::Value| {
+        payload.insert(k.to_string(), v);
+    };
+    let non_empty = |v: &str| (!v.is_empty()).then(|| v.to_string());
+    put("timestamp", serde_json::json!(ts));
+    put("service_config_id", r.service_config_id.clone().into());
+    put("service_agent", statics.service_agent.clone().into());
+    put("api_key_state", r.api_key_state.as_str().into());
+    put("http_status_code", r.response_code.into());
+    put(
+        "response_code_detail",
+        espv2_response_code_detail(r.error_kind.as_ref())
+            .into_owned()
+            .into(),
+    );
+    if let Some(p) = non_empty(&r.producer_project_id) {
+        put("producer_project_id", p.into());
+    }
+    if let Some(k) = r.api_key.as_deref().and_then(non_empty) {
+        put("api_key", k.into());
+    }
+    if let Some(n) = non_empty(&r.api_name) {
+        put("api_name", n.into());
+    }
+    if let Some(v) = non_empty(&r.api_version) {
+        put("api_version", v.into());
+    }
+    put("api_method", selector.into());
+    if let Some(zone) = &statics.zone {
+        put("location", zone.clone().into());
+    }
+    put("log_message", format!("{selector} is called").into());
+    if !r.request_headers.is_empty() {
+        put("request_headers", header_list(&r.request_headers).into());
+    }
+    if !r.response_headers.is_empty() {
+        put("response_headers", header_list(&r.response_headers).into());
+    }
+    if let Some(j) = r.jwt_payloads.as_deref().and_then(non_empty) {
+        put("jwt_payloads", j.into());
+    }
+    if let Some((_, message)) = r
+        .error_kind
+        .as_ref()
+        .and_then(espv2_service_control_status)
+        .filter(|(_, m)| !m.is_empty())
+    {
+        put("error_cause", message.into_owned().into());
+    }
+    let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    LogEntry {
+        name: ENDPOINTS_LOG.to_string(),
+        timestamp: rfc3339(end),
+        severity: if r.response_code >= 400 {
+            "ERROR"
+        } else {
+            "INFO"
+        }
+        .to_string(),
+        struct_payload: Some(payload),
+        http_request: Some(HttpRequest {
+            request_method: r.http_method.clone(),
+            request_url: r.url.clone(),
+            request_size: clamp(r.request_size),
+            status: i32::from(r.response_code),
+            response_size: clamp(r.response_size),
+            remote_ip: r.caller_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            referer: r.referer.clone().unwrap_or_default(),
+            latency: duration_ms(r.total_latency),
+            protocol: espv2_protocol(&r.protocol).to_string(),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -966,8 +1275,11 @@ pub(super) async fn report_loop(
 pub(crate) fn test_statics() -> StaticLabels {
     StaticLabels {
         service_agent: "ESP/portico-test".into(),
+        user_agent: "ESP",
         platform: "unknown".into(),
         location: "global".into(),
+        zone: None,
+        api_key_uid_reporting: true,
     }
 }
 
@@ -1268,5 +1580,252 @@ mod tests {
         ReportFilter::from_service(&svc).apply(&mut ops);
         let after = names(&ops);
         assert_eq!(after, before);
+    }
+
+    fn espv2_statics() -> StaticLabels {
+        StaticLabels {
+            service_agent: "ESPv2/portico-test".into(),
+            user_agent: "ESPv2",
+            platform: "GKE(ESPv2)".into(),
+            location: "us-east1-b".into(),
+            zone: Some("us-east1-b".into()),
+            api_key_uid_reporting: true,
+        }
+    }
+
+    fn espv2_record() -> RequestRecord {
+        RequestRecord {
+            dialect: Dialect::EspV2,
+            api_key_state: ApiKeyState::Verified,
+            ..record()
+        }
+    }
+
+    /// An operation as JSON with what changes per run (ids, times) taken out.
+    fn normalized(ops: &[Operation]) -> serde_json::Value {
+        let mut v = serde_json::to_value(ops).expect("json");
+        for op in v.as_array_mut().expect("ops") {
+            let op = op.as_object_mut().expect("op");
+            for k in ["operationId", "startTime", "endTime"] {
+                op.remove(k);
+            }
+            for e in op
+                .get_mut("logEntries")
+                .and_then(|l| l.as_array_mut())
+                .into_iter()
+                .flatten()
+            {
+                let e = e.as_object_mut().expect("entry");
+                e.remove("timestamp");
+                if let Some(p) = e.get_mut("structPayload").and_then(|p| p.as_object_mut()) {
+                    // Keeps the other keys in their order.
+                    p.shift_remove("timestamp");
+                }
+            }
+        }
+        v
+    }
+
+    /// ESP v1's report, whole: `portico espv2`'s fields never leak into `portico esp`'s.
+    #[test]
+    fn esp_v1_report_json_is_esps() {
+        let mut r = record();
+        r.consumer_project_number = Some(123);
+        r.api_key_uid = Some("uid-1".into());
+        r.api_key_state = ApiKeyState::Verified;
+        r.error_kind = Some(ErrorKind::BackendTimeout);
+        r.caller_ip = Some("10.0.0.1".parse().expect("ip"));
+        let got = normalized(&operations_for(&r, &statics()));
+        let dist = |v: f64, shape| serde_json::to_value(distribution(v, shape)).expect("d");
+        let base = |prefix: &str, backend: bool| {
+            let mut m = vec![
+                serde_json::json!({"metricName": format!("{prefix}request_count"), "metricValues": [{"int64Value": "1"}]}),
+                serde_json::json!({"metricName": format!("{prefix}request_sizes"), "metricValues": [{"distributionValue": dist(120.0, SIZE_BUCKETS)}]}),
+                serde_json::json!({"metricName": format!("{prefix}response_sizes"), "metricValues": [{"distributionValue": dist(1500.0, SIZE_BUCKETS)}]}),
+                serde_json::json!({"metricName": format!("{prefix}total_latencies"), "metricValues": [{"distributionValue": dist(0.003, TIME_BUCKETS)}]}),
+                serde_json::json!({"metricName": format!("{prefix}request_overhead_latencies"), "metricValues": [{"distributionValue": dist(0.001, TIME_BUCKETS)}]}),
+            ];
+            if backend {
+                m.push(serde_json::json!({"metricName": format!("{prefix}backend_latencies"), "metricValues": [{"distributionValue": dist(0.002, TIME_BUCKETS)}]}));
+            }
+            m
+        };
+        let with_bytes = |prefix: &str| {
+            let mut m = base(prefix, true);
+            m.push(serde_json::json!({"metricName": format!("{prefix}request_bytes"), "metricValues": [{"int64Value": "120"}]}));
+            m.push(serde_json::json!({"metricName": format!("{prefix}response_bytes"), "metricValues": [{"int64Value": "1500"}]}));
+            m
+        };
+        let mut main_metrics = with_bytes("serviceruntime.googleapis.com/api/producer/");
+        main_metrics.extend(with_bytes("serviceruntime.googleapis.com/api/consumer/"));
+        let labels = serde_json::json!({
+            "/credential_id": "apikey:KEY",
+            "/protocol": "http",
+            "/response_code": "200",
+            "/response_code_class": "2xx",
+            "/status_code": "0",
+            "cloud.googleapis.com/location": "global",
+            "servicecontrol.googleapis.com/platform": "unknown",
+            "servicecontrol.googleapis.com/service_agent": "ESP/portico-test",
+            "servicecontrol.googleapis.com/user_agent": "ESP",
+            "serviceruntime.googleapis.com/api_method": "1.echo.Echo",
+        });
+        let mut by_consumer_labels = labels.clone();
+        by_consumer_labels["serviceruntime.googleapis.com/consumer_project"] = "123".into();
+        let want = serde_json::json!([
+            {
+                "operationName": "1.echo.Echo",
+                "consumerId": "api_key:KEY",
+                "labels": labels,
+                "metricValueSets": main_metrics,
+                "logEntries": [{
+                    "name": "endpoints_log",
+                    "severity": "INFO",
+                    "structPayload": {
+                        "service_config_id": "c1",
+                        "service_agent": "ESP/portico-test",
+                        "producer_project_id": "",
+                        "api_key": "KEY",
+                        "api_name": "",
+                        "api_version": "",
+                        "url": "/echo?key=KEY",
+                        "api_method": "1.echo.Echo",
+                        "location": "global",
+                        "log_message": "Method: 1.echo.Echo",
+                        "http_response_code": 200,
+                        "request_size_in_bytes": 120,
+                        "response_size_in_bytes": 1500,
+                        "request_latency_in_ms": 3,
+                        "http_method": "POST",
+                        "client_ip": "10.0.0.1",
+                    },
+                }],
+            },
+            {
+                "operationName": "1.echo.Echo",
+                "consumerId": "api_key:KEY",
+                "labels": by_consumer_labels,
+                "metricValueSets": base("serviceruntime.googleapis.com/api/producer/by_consumer/", true),
+            },
+        ]);
+        assert_eq!(got, want);
+        // Key order in the payload is ESP's too (the JSON keeps insertion order).
+        let p = &got[0]["logEntries"][0]["structPayload"];
+        let keys: Vec<&str> = p
+            .as_object()
+            .expect("payload")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let want_keys: Vec<&str> = want[0]["logEntries"][0]["structPayload"]
+            .as_object()
+            .expect("payload")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys, want_keys);
+    }
+
+    #[test]
+    fn espv2_credentials_follow_the_key_state_and_the_uid_switch() {
+        let cred = |r: &RequestRecord, st: &StaticLabels| {
+            operations_for(r, st)[0]
+                .labels
+                .get("/credential_id")
+                .cloned()
+        };
+        let mut r = espv2_record();
+        r.credential_id = Some("jwtauth:issuer=aQ".into());
+        assert_eq!(cred(&r, &espv2_statics()).as_deref(), Some("apikey:KEY"));
+        r.api_key_uid = Some("uid-9".into());
+        assert_eq!(cred(&r, &espv2_statics()).as_deref(), Some("uid-9"));
+        let mut no_uid = espv2_statics();
+        no_uid.api_key_uid_reporting = false;
+        assert_eq!(cred(&r, &no_uid).as_deref(), Some("apikey:KEY"));
+        // An untrusted key names nobody; the JWT does.
+        for state in [
+            ApiKeyState::NotChecked,
+            ApiKeyState::Invalid,
+            ApiKeyState::NotEnabled,
+        ] {
+            r.api_key_state = state;
+            let ops = operations_for(&r, &espv2_statics());
+            assert_eq!(
+                ops[0].labels.get("/credential_id").map(String::as_str),
+                Some("jwtauth:issuer=aQ"),
+                "{state:?}"
+            );
+            assert_eq!(ops[0].consumer_id, "", "{state:?}");
+            let p = ops[0].log_entries[0]
+                .struct_payload
+                .as_ref()
+                .expect("payload");
+            assert_eq!(p["api_key"], "KEY", "the log entry keeps it");
+            assert_eq!(p["api_key_state"], state.as_str());
+        }
+        r.credential_id = None;
+        assert_eq!(cred(&r, &espv2_statics()), None);
+    }
+
+    #[test]
+    fn espv2_unverified_keys_do_not_split_operations() {
+        let mut a = espv2_record();
+        a.api_key_state = ApiKeyState::Invalid;
+        let mut b = a.clone();
+        b.api_key = Some("OTHER".into());
+        assert_eq!(SigRef::of(&a), SigRef::of(&b));
+        let mut c = espv2_record();
+        c.api_key = Some("OTHER".into());
+        assert_ne!(SigRef::of(&espv2_record()), SigRef::of(&c));
+        // The same request in the other dialect is another operation.
+        let mut esp = espv2_record();
+        esp.dialect = Dialect::Esp;
+        assert_ne!(SigRef::of(&espv2_record()), SigRef::of(&esp));
+    }
+
+    #[test]
+    fn espv2_counts_no_backend_as_zero_backend_time() {
+        let mut r = espv2_record();
+        r.backend_latency = None;
+        r.response_code = 404;
+        r.operation_name = None;
+        r.api_key_state = ApiKeyState::NotChecked;
+        r.error_kind = Some(ErrorKind::PathNotDefined);
+        let ops = operations_for(&r, &espv2_statics());
+        let op = &ops[0];
+        let backend = op
+            .metric_value_sets
+            .iter()
+            .find(|m| m.metric_name.ends_with("producer/backend_latencies"))
+            .and_then(|m| m.metric_values[0].distribution_value.clone())
+            .expect("backend latencies");
+        assert_eq!((backend.count, backend.maximum), (1, 0.0));
+        assert_eq!(op.operation_name, UNKNOWN_OPERATION_NAME);
+        assert_eq!(
+            op.labels["serviceruntime.googleapis.com/api_method"],
+            UNKNOWN_OPERATION_NAME
+        );
+        assert_eq!(op.labels["cloud.googleapis.com/location"], "us-east1-b");
+        assert_eq!(
+            op.labels["servicecontrol.googleapis.com/platform"],
+            "GKE(ESPv2)"
+        );
+        let e = &op.log_entries[0];
+        let p = e.struct_payload.as_ref().expect("payload");
+        assert_eq!(p["location"], "us-east1-b");
+        assert_eq!(p["response_code_detail"], "direct_response");
+        assert_eq!(p["log_message"], "<Unknown Operation Name> is called");
+        assert!(p.get("api_name").is_none() && p.get("error_cause").is_none());
+        let h = e.http_request.as_ref().expect("httpRequest");
+        assert_eq!((h.status, h.latency.as_str()), (404, "0.003s"));
+        assert_eq!(h.request_url, "/echo?key=KEY");
+    }
+
+    #[test]
+    fn espv2_latencies_are_whole_milliseconds() {
+        assert_eq!(duration_ms(Duration::from_micros(2_999)), "0.002s");
+        assert_eq!(duration_ms(Duration::from_secs(3)), "3s");
+        assert_eq!(duration_ms(Duration::from_millis(61_005)), "61.005s");
+        assert_eq!(duration_ms(Duration::ZERO), "0s");
     }
 }
