@@ -9,6 +9,8 @@
 #   nginx             plain proxy_pass with upstream keepalive (the yardstick)
 #   portico-nopolicy  portico esp --service_json_path (no Service Control): route + forward
 #   portico-key       API key required: check + report through a control plane (portico up)
+#   portico-v2-key    the same service, control plane and key behind `portico espv2` (ESPv2's
+#                     dialect); the table prints its req/s over portico-key's
 #   portico-quota     API key + quota (allocateQuota) + report (a second portico up)
 # Access logs are off for nginx and for Portico.
 #
@@ -119,15 +121,25 @@ Q_KEY=$(field "$WORK/up-quota.out" '^API key: (.*)$')
 wait_http "http://127.0.0.1:$KEY_PORT/bench?key=$KEY_KEY" 200
 wait_http "http://127.0.0.1:$Q_PORT/bench?key=$Q_KEY" 200
 wait_http "http://127.0.0.1:$KEY_PORT/bench" 401
-log "portico: nopolicy :$NP_PORT, key :$KEY_PORT, quota :$Q_PORT"
+
+# --- the same service behind `portico espv2` (ESPv2's dialect), same control plane and key -----
+V2_PORT=$(free_port)
+"$BIN" espv2 --service="$KEY_SERVICE" --rollout_strategy=managed --listener_port="$V2_PORT" \
+    --backend="http://127.0.0.1:$BACKEND_PORT" --non_gcp \
+    --service_account_key="$WORK/key/service-account-creds.json" >"$WORK/espv2-key.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$V2_PORT/bench?key=$KEY_KEY" 200
+wait_http "http://127.0.0.1:$V2_PORT/bench" 401
+log "portico: nopolicy :$NP_PORT, key :$KEY_PORT, quota :$Q_PORT, espv2 key :$V2_PORT"
 
 declare -A URL=(
     [nginx]="http://127.0.0.1:$NGINX_PORT/bench"
     [portico-nopolicy]="http://127.0.0.1:$NP_PORT/bench"
     [portico-key]="http://127.0.0.1:$KEY_PORT/bench?key=$KEY_KEY"
     [portico-quota]="http://127.0.0.1:$Q_PORT/bench?key=$Q_KEY"
+    [portico-v2-key]="http://127.0.0.1:$V2_PORT/bench?key=$KEY_KEY"
 )
-TARGETS=(nginx portico-nopolicy portico-key portico-quota)
+TARGETS=(nginx portico-nopolicy portico-key portico-v2-key portico-quota)
 
 # Warm every path (connections, check caches, JWKS-free) before measuring.
 for t in "${TARGETS[@]}"; do

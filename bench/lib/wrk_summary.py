@@ -44,7 +44,7 @@ for name in sorted(os.listdir(d)):
     if m:
         runs.setdefault((m.group(2), int(m.group(3))), []).append(parse(os.path.join(d, name)))
 
-order = ["nginx", "portico-nopolicy", "portico-key", "portico-quota"]
+order = ["nginx", "portico-nopolicy", "portico-key", "portico-v2-key", "portico-quota"]
 conns = sorted({c for _, c in runs})
 print(f"{'target':<18} {'conns':>5} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'x nginx':>8} {'errors':>7}")
 for c in conns:
@@ -60,4 +60,8 @@ for c in conns:
         p99 = statistics.median(r["p99"] for r in rs)
         errors = sum(r["errors"] for r in rs)
         print(f"{t:<18} {c:>5} {rps:>10.0f} {p50:>8.2f} {p99:>8.2f} {rps / base_rps:>8.2f} {errors:>7}")
+    v1, v2 = runs.get(("portico-key", c)), runs.get(("portico-v2-key", c))
+    if v1 and v2:
+        ratio = statistics.median(r["rps"] for r in v2) / statistics.median(r["rps"] for r in v1)
+        print(f"{'':<18} {'':>5} (espv2 dialect / esp dialect, same key check: {ratio:.2f})")
     print(f"{'':<18} {'':>5} (nginx p99 {base_p99:.2f} ms; {len(base or [])} rounds, medians)")

@@ -290,6 +290,17 @@ impl<'m, T> Match<'m, '_, T> {
     /// fully percent-decoded, a multi-segment one only has unreserved characters decoded (so
     /// `%2F` stays `%2F`).
     pub fn bindings(&self) -> Vec<Binding> {
+        self.bindings_with(true)
+    }
+
+    /// The path variable bindings as the path spelled them, nothing decoded (a multi-segment
+    /// value keeps its `/`): what ESP (`keep_binding_escaped`) and ESPv2 put in the query of a
+    /// `CONSTANT_ADDRESS` backend.
+    pub fn escaped_bindings(&self) -> Vec<Binding> {
+        self.bindings_with(false)
+    }
+
+    fn bindings_with(&self, decode: bool) -> Vec<Binding> {
         let segments: Vec<&str> = if self.path.is_empty() {
             Vec::new()
         } else {
@@ -308,7 +319,9 @@ impl<'m, T> Match<'m, '_, T> {
             }
             .min(segments.len());
             let start = v.start.min(end);
-            let value = if v.is_single_segment() {
+            let value = if !decode {
+                segments[start..end].join("/")
+            } else if v.is_single_segment() {
                 segments
                     .get(start)
                     .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
@@ -725,6 +738,21 @@ mod tests {
             .unwrap();
         assert_eq!(b[0].field_path, vec!["name"]);
         assert_eq!(b[0].value, "shelves/s-1/books/a%2Fb/c d");
+    }
+
+    #[test]
+    fn escaped_bindings_are_the_path_as_spelled() {
+        let m = matcher(&[("GET", "/p/{x}/{name=shelves/*/books/**}", "v")]);
+        let t = "/p/a%20b-%41/shelves/s%2D1/books/a%2Fb/c%20d/?x=1";
+        let b = m.matched("GET", t).unwrap().escaped_bindings();
+        assert_eq!(b[0].value, "a%20b-%41");
+        assert_eq!(b[1].value, "shelves/s%2D1/books/a%2Fb/c%20d");
+        // The decoded ones for the same match.
+        let d = m.matched("GET", t).unwrap().bindings();
+        assert_eq!(
+            (d[0].value.as_str(), d[1].value.as_str()),
+            ("a b-A", "shelves/s-1/books/a%2Fb/c d")
+        );
     }
 
     #[test]

@@ -12,15 +12,24 @@
 //! | Status server | on, `--status_port` default 8090 | off unless `--status_port`/`--admin_port` names a port | `cli::espv2` |
 //! | Defaults | backend `127.0.0.1:8081`; access log on stdout; Service Control timeouts 1500/1500/3500 ms; body limit 32m; WebSockets only with `--enable_websocket` | backend `http://127.0.0.1:8082`; no access log unless `--access_log`; timeouts 1000/1000/2000 ms; no body limit; WebSockets on; CORS allow-headers add `X-User-Agent`; metadata server `http://169.254.169.254` unless `--non_gcp` | `cli::espv2` |
 //! | `x-google-backend` routing | only with `--enable_backend_routing`; a method without a backend rule is 500 then | always; a method without a backend rule goes to `--backend` | `cli::espv2`, [`Dialect::unrouted_methods_use_backend`] |
+//! | `CONSTANT_ADDRESS` backend target | address path, `?`, the path bindings, then the query's `name=value` parameters without the API key's | address path, the client's query as sent (API key included), then `&` and the path bindings | `routing::BackendTarget::upstream_target`, [`Dialect::constant_address_keeps_query`] |
 //! | Backend connections that cannot be made | not retried | retried `--backend_retry_num` times (default 1) when `--backend_retry_ons` has `connect-failure` (the default); the 503 then says `retried and the latest reset reason` | `cli::espv2`, `upstream::Pool` (`PoolLimits::connect_retries`) |
 //! | Error body | pretty-printed `google.rpc.Status`: `code` the canonical gRPC code, `message`, a `DebugInfo` detail | one line `{"code":<HTTP status>,"message":"<text>"}` and a newline | [`Dialect::body`] |
 //! | Error words | ESP's catalogue, carried by each [`EspError`] | ESPv2's, from the error's [`ErrorKind`]: Service Control errors as `CODE_NAME: text`, JWT errors in jwt_verify_lib's words (audience not allowed is 403), backend failures in Envoy's (`upstream request timeout`, 504; `upstream connect error ...`, 503; an unreachable backend is 503, not 502), `Payload Too Large`; Portico's own refusals keep their words | [`Dialect::reply`] |
 //! | gRPC clients' errors | `grpc-status` is the error's canonical code | `grpc-status` is Envoy's mapping of the HTTP status (404 → 12, 400 → 13, 503 → 14, ...) | [`Dialect::reply`] |
 //! | Path known, method not | 404 `Method does not exist.` (OPTIONS: 403 CORS) | 405 naming the rule's template; so is an `X-HTTP-Method-Override` to such a method | [`Dialect::refuses_wrong_method_with_405`], `pipeline/phases.rs` |
-//! | Preflights under `--cors_preset` | any OPTIONS with an allowed origin is answered 204 | only with `Origin` and `Access-Control-Request-Method`; every other OPTIONS is 400 with ESPv2's message, whatever its path | [`Dialect::preflight_needs_request_method`], [`Dialect::refuses_bad_preflights`] |
+//! | Preflights under `--cors_preset` | any OPTIONS with an allowed origin is answered 204, `Access-Control-Max-Age: 1728000`, `Content-Type: text/plain` | only with an allowed `Origin` and a non-empty `Access-Control-Request-Method`, at any path: 200, `--cors_max_age` in seconds, the expose headers too; an OPTIONS no API rule takes that is not one is 400 with ESPv2's message (not reported), whatever its path | [`Dialect::preflight_needs_request_method`], [`Dialect::refuses_bad_preflights`], `cors::CorsSettings::preflight`, `pipeline/phases.rs` |
+//! | CORS origins | `basic` sends the configured value (`*` by default) whatever the request's `Origin`; `cors_with_regex` finds the regex in the `Origin`, case-insensitively (nginx's `~*`) | the request's own `Origin` echoed when allowed: `*` allows any, another `basic` value exactly that one, the regex must match the whole origin, case-sensitively (Envoy); an `Origin` that is empty or given twice is none | `cors::CorsSettings::espv2`, `allowed_origin` |
+//! | CORS headers on answers | every answer (errors included): origin, methods, headers, expose headers, credentials | only answers to requests an API route matched, with an allowed `Origin`: origin, expose headers, credentials | [`Dialect::cors_headers_need_a_route`], `cors::CorsSettings::decorate` |
 //! | JWT: which fault a token is refused for | ESP v1's order: parse, time, issuer, audience, keys, signature | Envoy's: three sections, parse, issuer, time, audience, keys, signature | `auth::Authenticator::authenticate` (`AuthOptions::dialect`) |
 //! | JWT: where it is read | `X-Goog-Iap-Jwt-Assertion`, then `Authorization` (`Bearer ` stripped if there, else the whole value), then `access_token` only without `Authorization` | `Authorization` holding `Bearer ` (the token characters after it), then `X-Goog-Iap-Jwt-Assertion`, then `access_token` (exact name) | `auth::token::extract_espv2` |
 //! | JWT: audiences | the provider's list (else the requirement's), and the service's name always | the requirement's list, else the provider's, else `https://SERVICE` (any with `--disable_jwt_audience_service_name_check`); a token without `aud` passes only where any does | `auth::Authenticator::new`, `check_audience` |
+//! | A config with neither Service Control nor JWT rules | not enforced: every request is proxied as is, no matching, no 404 (ESP's `ServiceContext::Enabled()`) | enforced like any other: requests are matched (404/405 for what the config does not define), operation name and backend rules apply | [`Dialect::matches_every_config`], `routing::ConfigRoutes` |
+//! | Header names with `_` | dropped (nginx), kept with `--underscores_in_headers` | the request is refused 400 `Bad Request` (Envoy), kept with `--underscores_in_headers` | `cli::espv2` (`HeadOptions::refuse_underscores`) |
+//! | A client's `X-Forwarded-Client-Cert` | removed when client certificates are required | always removed (Envoy) | `cli::espv2` (`HeadOptions::sanitize_client_cert`) |
+//! | Client address | `--xff_trusted_proxy_list` / `--client_ip_header` | `X-Forwarded-For` by `--envoy_xff_num_trusted_hops` (default 2, 0 serverless) | `cli::espv2` (`Settings::xff_hops`) |
+//! | TLS | `--ssl_port` with `/etc/nginx/ssl/nginx.{crt,key}`; `-t` for backend client certificates | the listener TLS-only with `--ssl_server_cert_path` (client CA, protocol bounds, suites); `--ssl_backend_client_cert_path` / root file | `cli::espv2` (`tls::from_espv2_flags`) |
+//! | Operation name, header rules, compression | none | `--enable_operation_name_header`, `--add/append_request/response_header`, `--enable_response_compression` | `cli::espv2` (`Settings` fields) |
 //! | `X-Endpoint-API-UserInfo` | base64url (padded) JSON with `claims`, `issuer`, `id`, `email`, `audiences` | the token's payload segment as sent (`=`-padded with `--jwt_pad_forward_payload_header`) | `auth::Authenticator::authenticate` |
 //! | Report labels | `user_agent` `ESP`, agent `ESP/portico-V`, platform `unknown` (or `--compute_platform_override`), location `global`; `/status_code` the error's canonical code (else from the HTTP status); `/credential_id` the JWT's, else `apikey:KEY` for any key (`apikey:UNKNOWN` after a fail-open check); `api_method` only for a matched method | `user_agent` `ESPv2`, agent `ESPv2/portico-V`, platform and location from the metadata server (`GCE(ESPv2)`, ..., else `UNKNOWN(ESPv2)` and `global`); `/status_code` the Service Control filter's status (0 unless no key, `:check` or quota refused or failed); `/credential_id` a verified key's (its uid, or `apikey:KEY`), else the JWT's; `api_method` also `<Unknown Operation Name>`; `/protocol` never `https` | `service_control::report` (`RequestRecord::dialect`, `StaticLabels`), [`espv2_service_control_status`] |
 //! | Report metrics | the standard set with `error_count` and `request_bytes`/`response_bytes`; `backend_latencies` only for requests that reached the backend | no `error_count` or `*_bytes`; consumer form without backend/overhead latencies; `backend_latencies` for every request (0 when the backend was not reached); consumer metrics only for a verified key | `service_control::report` |
@@ -30,11 +39,10 @@
 //! | Backend authentication under `--non_gcp` | ID tokens minted with the key file | off: `jwt_audience` rules' backends are called without an ID token | [`Dialect::non_gcp_disables_backend_auth`], `Settings::backend_auth_disabled` |
 //!
 //! Not yet different (issue 17, later items): retries other than for connections that could
-//! not be made (`reset`, `refused-stream`, `5xx`, ..., `--backend_per_try_timeout`), header
-//! flags, TLS, compression, which `:check` failures the open network fail policy forgives;
-//! in reports, the gRPC status of gRPC responses (`grpc_status_code`, `/response_code` from
-//! it) and the log entry's `trace` (tracing is not built). `WWW-Authenticate` on 401/403 is
-//! Portico's in both dialects.
+//! not be made (`reset`, `refused-stream`, `5xx`, ..., `--backend_per_try_timeout`), which
+//! `:check` failures the open network fail policy forgives; in reports, the gRPC status of
+//! gRPC responses (`grpc_status_code`, `/response_code` from it) and the log entry's `trace`
+//! (tracing is not built). `WWW-Authenticate` on 401/403 is Portico's in both dialects.
 
 use crate::error::{Code, ErrorKind, EspError, JwtProblem, NetworkFailure, ScFailure};
 use std::borrow::Cow;
@@ -79,9 +87,29 @@ impl Dialect {
         self == Dialect::EspV2
     }
 
+    /// A config with neither Service Control nor JWT rules is still enforced (ESPv2 always
+    /// builds its routes from the config); ESP v1 proxies every request untouched then.
+    pub fn matches_every_config(self) -> bool {
+        self == Dialect::EspV2
+    }
+
+    /// Under `--cors_preset`, only the answers of requests an API route matched carry CORS
+    /// headers (Envoy's CORS filter does nothing on ESPv2's 404, 405 and 400 routes, nor before
+    /// routing); ESP v1's nginx adds them to every answer.
+    pub fn cors_headers_need_a_route(self) -> bool {
+        self == Dialect::EspV2
+    }
+
     /// With routing by `x-google-backend`, a method without a backend rule goes to
     /// `--backend` (ESPv2); ESP v1 answers 500, as its nginx had no address for it.
     pub fn unrouted_methods_use_backend(self) -> bool {
+        self == Dialect::EspV2
+    }
+
+    /// A `CONSTANT_ADDRESS` backend gets the client's query whole, then the path bindings
+    /// (ESPv2's path-rewrite filter); ESP v1 sends the bindings, then the query's parameters
+    /// other than the API key's.
+    pub fn constant_address_keeps_query(self) -> bool {
         self == Dialect::EspV2
     }
 

@@ -105,8 +105,10 @@ fn parse_rule_address(address: &str) -> Result<(BackendAddr, String), String> {
 
 impl BackendTarget {
     /// The upstream request target for a request. `bindings` are the path variable bindings
-    /// (needed for `CONSTANT_ADDRESS` only); `system_query` names query parameters that are
-    /// not forwarded as bindings (the API-key parameters).
+    /// as the path spelled them ([`portico_config::Match::escaped_bindings`], needed for
+    /// `CONSTANT_ADDRESS` only); `system_query` names query parameters that are not forwarded
+    /// as bindings (the API-key parameters, ESP v1 only); `keep_query`: the client's query goes
+    /// whole, before the bindings ([`crate::dialect::Dialect::constant_address_keeps_query`]).
     pub fn upstream_target(
         &self,
         service: &Service,
@@ -114,6 +116,7 @@ impl BackendTarget {
         target: &str,
         bindings: &[portico_config::Binding],
         system_query: &[String],
+        keep_query: bool,
     ) -> String {
         match self.translation {
             PathTranslation::AppendPathToAddress => format!("{}{}", self.path_prefix, target),
@@ -123,6 +126,7 @@ impl BackendTarget {
                 } else {
                     self.path_prefix.clone()
                 };
+                let query = target.split_once('?').map(|(_, q)| q);
                 let mut params: Vec<String> = Vec::new();
                 for b in bindings {
                     let mut path = b.field_path.clone();
@@ -131,18 +135,39 @@ impl BackendTarget {
                             *first = json.to_string();
                         }
                     }
-                    let value = percent_encoding::utf8_percent_encode(
-                        &b.value,
-                        percent_encoding::NON_ALPHANUMERIC,
-                    );
-                    params.push(format!("{}={}", path.join("."), value));
+                    // As spelled in the path (both proxies forward it so), except that a `&`
+                    // would cut the value into another parameter of the client's choosing.
+                    params.push(format!(
+                        "{}={}",
+                        path.join("."),
+                        b.value.replace('&', "%26")
+                    ));
                 }
-                if let Some((_, q)) = target.split_once('?') {
-                    for pair in q.split('&').filter(|p| !p.is_empty()) {
-                        let name = pair.split_once('=').map_or(pair, |(k, _)| k);
-                        if !system_query.iter().any(|s| s.eq_ignore_ascii_case(name)) {
-                            params.push(pair.to_string());
+                if keep_query {
+                    // ESPv2: the query as sent, then the bindings (`?&b=1` after a bare `?`,
+                    // as ESPv2 writes it).
+                    if let Some(q) = query {
+                        out.push('?');
+                        out.push_str(q);
+                        if !params.is_empty() {
+                            out.push('&');
                         }
+                    } else if !params.is_empty() {
+                        out.push('?');
+                    }
+                    out.push_str(&params.join("&"));
+                    return out;
+                }
+                // ESP v1: the bindings, then the query's `name=value` parameters that are not
+                // system parameters, as sent.
+                for pair in query.into_iter().flat_map(|q| q.split('&')) {
+                    let Some((name, _)) = pair.split_once('=') else {
+                        continue;
+                    };
+                    if !name.is_empty()
+                        && !system_query.iter().any(|s| s.eq_ignore_ascii_case(name))
+                    {
+                        params.push(pair.to_string());
                     }
                 }
                 if !params.is_empty() {
@@ -581,7 +606,7 @@ impl ConfigRoutes {
             config_id: service.id.clone(),
             service_control,
             auth,
-            enabled: service_control || auth,
+            enabled: service_control || auth || opts.auth_options.dialect.matches_every_config(),
             matcher: builder.build(),
             skipped_rules,
             service,

@@ -753,7 +753,7 @@ async fn a_caller_hanging_up_does_not_wedge_the_cache() {
     // The key is fixed, but the control plane is slow; the request that re-checks gives up.
     peer.set_responder(route(
         || {
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(Duration::from_millis(1000));
             ok_check()
         },
         || (200, "{}".into()),
@@ -766,7 +766,8 @@ async fn a_caller_hanging_up_does_not_wedge_the_cache() {
     assert!(gave_up.is_err(), "the caller should have timed out");
     // The re-check still completes and lands in the cache.
     assert!(wait_until(WAIT, || peer.requests_to(":check").len() == 2).await);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The peer records a call before answering it: give the answer time to land.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     sc.check(input("K", ip("10.0.0.1")))
         .await
         .expect("fresh positive verdict from the completed re-check");

@@ -1814,19 +1814,46 @@ fn constant_address_maps_bindings_to_json_names_and_drops_system_params() {
     opts.backend_routing = true;
     let svc = Arc::new(svc);
     let routes = ConfigRoutes::build(svc.clone(), &opts);
-    let target = "/shelves/123/books/info/1234?key=K&api_key=A&site=space%20plus";
-    let (mi, bindings) = routes.matcher.lookup_with_bindings("GET", target).unwrap();
-    let b = mi.backend.as_ref().unwrap();
-    assert_eq!(
-        b.upstream_target(
+    let upstream = |target: &str, keep_query: bool| {
+        let m = routes.matcher.matched("GET", target).unwrap();
+        let mi = m.value();
+        mi.backend.as_ref().unwrap().upstream_target(
             &svc,
             &mi.selector,
             target,
-            &bindings,
-            &mi.api_key_locations.query
-        ),
+            &m.escaped_bindings(),
+            &mi.api_key_locations.query,
+            keep_query,
+        )
+    };
+    // ESP v1 (backend_routing_constant_address.t): bindings first, then the parameters that
+    // are not the API key's, all as sent; a parameter without a value is dropped, as ESP does.
+    let target = "/shelves/123/books/info/1234?key=K&api_key=A&site=space%20plus&flag&=x";
+    assert_eq!(
+        upstream(target, false),
         "/getBookInfo?SHELF=123&BOOK=1234&site=space%20plus"
     );
+    // Binding values as the path spelled them, not re-encoded (ESP's keep_binding_escaped).
+    assert_eq!(
+        upstream("/shelves/us-west1/books/info/a%20b~c", false),
+        "/getBookInfo?SHELF=us-west1&BOOK=a%20b~c"
+    );
+    // ESPv2: the query whole, then the bindings.
+    assert_eq!(
+        upstream(target, true),
+        "/getBookInfo?key=K&api_key=A&site=space%20plus&flag&=x&SHELF=123&BOOK=1234"
+    );
+    assert_eq!(
+        upstream("/shelves/1/books/info/2?", true),
+        "/getBookInfo?&SHELF=1&BOOK=2"
+    );
+    // A '&' in a path segment cannot add a parameter, in either dialect.
+    for keep in [false, true] {
+        assert_eq!(
+            upstream("/shelves/1&key=stolen/books/info/2", keep),
+            "/getBookInfo?SHELF=1%26key=stolen&BOOK=2"
+        );
+    }
 }
 
 #[tokio::test]

@@ -226,6 +226,7 @@ impl Pipeline {
             mut parts,
             body,
             target,
+            cors_after_match,
         } = match self.prepare(req, conn) {
             Ok(p) => p,
             Err(resp) => return resp,
@@ -246,6 +247,7 @@ impl Pipeline {
         drop(table);
 
         if !config.enabled {
+            ctx.cors_origin = ctx.cors_origin.take().or(cors_after_match);
             // ESP declines: no matching, no check, no report; nginx proxies as is.
             if let Some(name) = &settings.operation_name_header {
                 // No operation: nothing may claim one.
@@ -261,11 +263,18 @@ impl Pipeline {
         // 2. match.
         let (mi, routed) = match self.match_request(&config, &parts, &target) {
             Ok(m) => m,
+            // ESPv2's CORS route answers it, as before any match: not reported.
+            Err((err, _)) if err.kind == ErrorKind::CorsPreflightRefused => {
+                return self.fail(err, &ctx, target);
+            }
             Err((err, mut report)) => {
                 report.api_key = self.unchecked_key(query, &parts.headers, None);
                 return self.fail_matched(err, &ctx, target, report);
             }
         };
+        if cors_after_match.is_some() {
+            ctx.cors_origin = cors_after_match;
+        }
 
         // 3. authenticate: the JWT, then the API key.
         let auth = match self.authenticate(&parts, query, &mi, &config).await {

@@ -68,6 +68,13 @@ impl Pipeline {
             .and_then(|name| forward::ip_from_header(h, name, settings.client_ip_position))
             .unwrap_or(client_ip);
         let cors_origin = settings.cors.as_ref().and_then(|c| c.allowed_origin(h));
+        // ESPv2 decorates only the answers of requests an API route matched: the origin waits
+        // in `Prepared` until then.
+        let (cors_origin, cors_after_match) = if settings.dialect.cors_headers_need_a_route() {
+            (None, cors_origin)
+        } else {
+            (cors_origin, None)
+        };
         let ctx = Ctx {
             dialect: settings.dialect,
             start: Instant::now(),
@@ -165,32 +172,15 @@ impl Pipeline {
             let resp = Response::new(ProxyBody::empty());
             return Err(self.finalize(resp, &ctx, normalized.to_string(), None, None, None));
         }
-        if let (Some(cors), Some(origin)) = (&settings.cors, &ctx.cors_origin) {
+        let origin = ctx.cors_origin.as_ref().or(cors_after_match.as_ref());
+        if let (Some(cors), Some(origin)) = (&settings.cors, origin) {
             if ctx.method == Method::OPTIONS
                 && (!settings.dialect.preflight_needs_request_method()
                     || cors.is_strict_preflight(&parts.headers))
             {
-                let resp: Response<ProxyBody> = cors.preflight(origin.clone());
+                let resp: Response<ProxyBody> = cors.preflight(origin.clone(), &parts.headers);
                 return Err(self.finalize_plain(resp, &ctx, normalized.to_string(), None));
             }
-        }
-        if settings.cors.is_some()
-            && ctx.method == Method::OPTIONS
-            && settings.dialect.refuses_bad_preflights()
-        {
-            // What is left of OPTIONS under --cors_preset is a preflight without Origin or
-            // Access-Control-Request-Method, or from an origin not allowed: ESPv2 answers
-            // every such request 400, whatever its path.
-            let err = EspError::new(
-                Code::InvalidArgument,
-                "The CORS preflight request is missing one (or more) of the following required \
-                 headers [Origin, Access-Control-Request-Method] or has an unmatched Origin \
-                 header.",
-                Cause::Internal,
-            )
-            .with_kind(ErrorKind::CorsPreflightRefused);
-            let url = normalized.to_string();
-            return Err(self.fail(err, &ctx, url));
         }
         if settings.client_max_body_size > 0 && ctx.request_bytes > settings.client_max_body_size {
             let err = EspError::payload_too_large();
@@ -204,6 +194,7 @@ impl Pipeline {
             parts,
             body,
             target,
+            cors_after_match,
         })
     }
 
@@ -242,7 +233,14 @@ impl Pipeline {
             } else {
                 None
             };
-            let err = if let Some(template) = other_method {
+            let err = if match_method == "OPTIONS"
+                && settings.cors.is_some()
+                && settings.dialect.refuses_bad_preflights()
+            {
+                // An OPTIONS no rule of the API takes, and not a valid preflight (those were
+                // answered at `prepare`): ESPv2's CORS route answers 400, whatever the path.
+                cors_preflight_refused()
+            } else if let Some(template) = other_method {
                 EspError::method_does_not_exist().with_kind(ErrorKind::MethodNotAllowed {
                     template: template.into(),
                 })
@@ -259,9 +257,10 @@ impl Pipeline {
         let routed = if settings.enable_backend_routing {
             mi.backend.as_ref().map(|b| {
                 let bindings = match b.translation {
-                    crate::routing::PathTranslation::ConstantAddress => {
-                        matched.as_ref().map(|m| m.bindings()).unwrap_or_default()
-                    }
+                    crate::routing::PathTranslation::ConstantAddress => matched
+                        .as_ref()
+                        .map(|m| m.escaped_bindings())
+                        .unwrap_or_default(),
                     crate::routing::PathTranslation::AppendPathToAddress => Vec::new(),
                 };
                 Routed {
@@ -272,6 +271,7 @@ impl Pipeline {
                         target,
                         &bindings,
                         &mi.api_key_locations.query,
+                        settings.dialect.constant_address_keeps_query(),
                     ),
                 }
             })
@@ -414,6 +414,18 @@ impl Pipeline {
             .lookup(method, &stripped)
             .is_some_and(|other| Arc::ptr_eq(other, matched))
     }
+}
+
+/// ESPv2's answer to an `OPTIONS` request under `--cors_preset` that is not a valid preflight
+/// and that no rule of the API takes.
+fn cors_preflight_refused() -> EspError {
+    EspError::new(
+        Code::InvalidArgument,
+        "The CORS preflight request is missing one (or more) of the following required headers \
+         [Origin, Access-Control-Request-Method] or has an unmatched Origin header.",
+        Cause::Internal,
+    )
+    .with_kind(ErrorKind::CorsPreflightRefused)
 }
 
 /// Approximate size of the request line and headers as sent on HTTP/1.1.

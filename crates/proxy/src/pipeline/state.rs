@@ -28,6 +28,9 @@ pub(super) struct Prepared {
     pub(super) parts: http::request::Parts,
     pub(super) body: Incoming,
     pub(super) target: String,
+    /// The allowed CORS origin, armed in `Ctx::cors_origin` once an API route matched (ESPv2,
+    /// [`crate::dialect::Dialect::cors_headers_need_a_route`]).
+    pub(super) cors_after_match: Option<HeaderValue>,
 }
 
 /// Per-request facts gathered before the outcome is known.

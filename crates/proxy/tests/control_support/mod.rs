@@ -145,7 +145,14 @@ impl FakePeer {
                                 body: String::from_utf8_lossy(&body).into_owned(),
                             };
                             let r = responder.lock().expect("lock").clone();
-                            let (status, body) = r(&rec);
+                            // On the blocking pool: a responder that sleeps to play a slow
+                            // peer must not stall the test's runtime (and its timers) too.
+                            let (rec, (status, body)) = tokio::task::spawn_blocking(move || {
+                                let answer = r(&rec);
+                                (rec, answer)
+                            })
+                            .await
+                            .expect("responder");
                             requests.lock().expect("lock").push(rec);
                             let resp = hyper::Response::builder()
                                 .status(status)
