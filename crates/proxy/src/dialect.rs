@@ -40,8 +40,8 @@
 //!
 //! Not yet different (issue 17, later items): retries other than for connections that could
 //! not be made (`reset`, `refused-stream`, `5xx`, ..., `--backend_per_try_timeout`), which
-//! `:check` failures the open network fail policy forgives; in reports, the gRPC status of gRPC
-//! responses (`grpc_status_code`, `/response_code` from it) and the log entry's `trace`
+//! `:check` failures the open network fail policy forgives; in reports, the gRPC status of
+//! gRPC responses (`grpc_status_code`, `/response_code` from it) and the log entry's `trace`
 //! (tracing is not built). `WWW-Authenticate` on 401/403 is Portico's in both dialects.
 
 use crate::error::{Code, ErrorKind, EspError, JwtProblem, NetworkFailure, ScFailure};
