@@ -421,7 +421,9 @@ fn every_error_the_proxy_writes_is_espv2s() {
         // ESPv2's default: one more attempt on a connect failure, and its text says so.
         row("backend down", "GET", "/down", 503,
             "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure, transport failure reason: delayed connect error: 111"),
-        row("backend hangs up", "GET", "/reset", 503, &format!("{reset}connection termination")),
+        // ESPv2's default retries a reset once too.
+        row("backend hangs up", "GET", "/reset", 503,
+            "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: connection termination"),
         row("no ID token for the backend", "GET", "/idtoken", 500,
             "Token not found for audience: https://aud.example"),
         row("body too large", "POST", "/upload", 413, "Payload Too Large").body("x".repeat(2048)),
@@ -466,6 +468,9 @@ fn every_error_the_proxy_writes_is_espv2s() {
     let down = row("backend down, no retries", "GET", "/down", 503,
         &format!("{reset}remote connection failure, transport failure reason: delayed connect error: 111"));
     check(&client, port_sc_down, &down, &|| proxy_sc_down.log());
+    let hangs_up = row("backend hangs up, no retries", "GET", "/reset", 503,
+        &format!("{reset}connection termination"));
+    check(&client, port_sc_down, &hangs_up, &|| proxy_sc_down.log());
 
     // gRPC over the same listener (h2c): the error as trailers-only, Envoy's code for 404.
     let h2 = reqwest::blocking::Client::builder()

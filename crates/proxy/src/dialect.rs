@@ -13,7 +13,7 @@
 //! | Defaults | backend `127.0.0.1:8081`; access log on stdout; Service Control timeouts 1500/1500/3500 ms; body limit 32m; WebSockets only with `--enable_websocket` | backend `http://127.0.0.1:8082`; no access log unless `--access_log`; timeouts 1000/1000/2000 ms; no body limit; WebSockets on; CORS allow-headers add `X-User-Agent`; metadata server `http://169.254.169.254` unless `--non_gcp` | `cli::espv2` |
 //! | `x-google-backend` routing | only with `--enable_backend_routing`; a method without a backend rule is 500 then | always; a method without a backend rule goes to `--backend` | `cli::espv2`, [`Dialect::unrouted_methods_use_backend`] |
 //! | `CONSTANT_ADDRESS` backend target | address path, `?`, the path bindings, then the query's `name=value` parameters without the API key's | address path, the client's query as sent (API key included), then `&` and the path bindings | `routing::BackendTarget::upstream_target`, [`Dialect::constant_address_keeps_query`] |
-//! | Backend connections that cannot be made | not retried | retried `--backend_retry_num` times (default 1) when `--backend_retry_ons` has `connect-failure` (the default); the 503 then says `retried and the latest reset reason` | `cli::espv2`, `upstream::Pool` (`PoolLimits::connect_retries`) |
+//! | Backend retries | none | Envoy's: `--backend_retry_ons` conditions (default `reset,connect-failure,refused-stream`), `--backend_retry_num` more attempts (default 1), `--backend_per_try_timeout`, `--backend_retry_on_status_codes`; only a request not written at all or whose body was read whole (at most 16 KiB) goes again; at most 3 retries in flight per backend; the answer is the last attempt's, and a 503 of the proxy's says `retried and the latest reset reason` | `cli::espv2`, `settings::Settings::backend_retry`, `retry`, `forward::Forwarder::with_retries` |
 //! | Error body | pretty-printed `google.rpc.Status`: `code` the canonical gRPC code, `message`, a `DebugInfo` detail | one line `{"code":<HTTP status>,"message":"<text>"}` and a newline | [`Dialect::body`] |
 //! | Error words | ESP's catalogue, carried by each [`EspError`] | ESPv2's, from the error's [`ErrorKind`]: Service Control errors as `CODE_NAME: text`, JWT errors in jwt_verify_lib's words (audience not allowed is 403), backend failures in Envoy's (`upstream request timeout`, 504; `upstream connect error ...`, 503; an unreachable backend is 503, not 502), `Payload Too Large`; Portico's own refusals keep their words | [`Dialect::reply`] |
 //! | gRPC clients' errors | `grpc-status` is the error's canonical code | `grpc-status` is Envoy's mapping of the HTTP status (404 → 12, 400 → 13, 503 → 14, ...) | [`Dialect::reply`] |
@@ -38,11 +38,10 @@
 //! | Metadata server | asked only with `--metadata`, for tokens | asked by default (`--metadata_url`, unless `--non_gcp`): at start-up for project, zone and platform (reports), with `--check_metadata` for the service name; tokens as in ESP; ID tokens with `format=standard` (ESP: `full`) | [`Dialect::reads_gcp_attributes`], `server::run`, `gcp_metadata`, [`Dialect::identity_token_format`] |
 //! | Backend authentication under `--non_gcp` | ID tokens minted with the key file | off: `jwt_audience` rules' backends are called without an ID token | [`Dialect::non_gcp_disables_backend_auth`], `Settings::backend_auth_disabled` |
 //!
-//! Not yet different (issue 17, later items): retries other than for connections that could
-//! not be made (`reset`, `refused-stream`, `5xx`, ..., `--backend_per_try_timeout`), which
-//! `:check` failures the open network fail policy forgives; in reports, the gRPC status of
-//! gRPC responses (`grpc_status_code`, `/response_code` from it) and the log entry's `trace`
-//! (tracing is not built). `WWW-Authenticate` on 401/403 is Portico's in both dialects.
+//! Not yet different (issue 17, later items): which `:check` failures the open network fail
+//! policy forgives; in reports, the gRPC status of gRPC responses (`grpc_status_code`,
+//! `/response_code` from it) and the log entry's `trace` (tracing is not built).
+//! `WWW-Authenticate` on 401/403 is Portico's in both dialects.
 
 use crate::error::{Code, ErrorKind, EspError, JwtProblem, NetworkFailure, ScFailure};
 use std::borrow::Cow;

@@ -27,10 +27,17 @@
 //! [`CLIENT_BODY_RATE_GRACE`]), or it is refused with 408 and its backend connection closed.
 //! gRPC (`application/grpc*`) and WebSocket requests, and HTTP/2 backends, stream from the
 //! first byte: buffering would break streaming calls.
+//!
+//! With ESPv2's retries ([`Forwarder::with_retries`], rules in [`crate::retry`]) a call is a
+//! loop of attempts inside the same deadline: an attempt that failed or got an answer the
+//! policy retries is made again when the request is at hand — given back unwritten by the pool,
+//! or kept: its body read whole into the buffer first (pooled backends) or copied as it streams
+//! (HTTP/2 backends), at most [`REPLAY_BODY_LIMIT`] bytes.
 
 use crate::error::error_chain;
+use crate::retry::{Failure, Retries};
 use crate::settings::{BackendAddr, BackendScheme, XffHops};
-use crate::upstream::{Dialer, Pool, PoolLimits, UpstreamBody};
+use crate::upstream::{Dialer, Pool, PoolLimits, Unsent, UpstreamBody};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
@@ -86,6 +93,8 @@ pub struct Forwarder {
     authority: Authority,
     version: Version,
     timeout: Duration,
+    /// ESPv2's retries for this backend ([`Forwarder::with_retries`]); `None`: one attempt.
+    retries: Option<Arc<Retries>>,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -239,7 +248,17 @@ impl Forwarder {
             authority,
             version,
             timeout,
+            retries: None,
         })
+    }
+
+    /// Sends requests again as `retries` says ([`crate::retry`]); its count of retries in
+    /// flight is the backend's, so every forwarder for the same backend shares one. `None`, or
+    /// a policy that retries nothing and sets no per-try timeout: one attempt.
+    pub fn with_retries(mut self, retries: Option<Arc<Retries>>) -> Forwarder {
+        self.retries =
+            retries.filter(|r| r.policy.retries_anything() || r.policy.per_try_timeout.is_some());
+        self
     }
 
     /// Connections open to the backend (busy and idle), for HTTP/1.1 backends.
@@ -297,14 +316,22 @@ impl Forwarder {
     ) -> SendWithin<impl Future<Output = Sent>> {
         let limit = timeout.unwrap_or(self.timeout);
         let progress = req.body().progress().cloned();
-        let call = match &*self.upstream {
-            Upstream::Pooled(pool) => Call::Pooled {
+        let call = match (&self.retries, &*self.upstream) {
+            // Boxed: the attempts' state is only paid for where retries are configured.
+            (Some(retries), _) => Call::Boxed {
+                fut: Box::pin(call_with_retries(
+                    self.upstream.clone(),
+                    req,
+                    retries.clone(),
+                )),
+            },
+            (None, Upstream::Pooled(pool)) => Call::Pooled {
                 fut: pool.send(req),
             },
-            Upstream::H2(c) => Call::H2 {
+            (None, Upstream::H2(c)) => Call::Boxed {
                 fut: h2_call(c.request(req)),
             },
-            Upstream::H2Tls(c) => Call::H2 {
+            (None, Upstream::H2Tls(c)) => Call::Boxed {
                 fut: h2_call(c.request(req)),
             },
         };
@@ -342,6 +369,225 @@ fn h2_call(
     })
 }
 
+/// A request kept to be sent again: its head, and its body when that was read whole before
+/// the first attempt (a pooled backend's buffer) or is kept as it streams (HTTP/2 backends,
+/// [`LimitedBody::record_for_replay`]).
+struct Replay {
+    method: http::Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    /// Known whole before the first attempt.
+    body: Option<crate::request_body::ReplayBody>,
+    /// Where the streamed body is kept, when it is.
+    progress: Option<Arc<BodyProgress>>,
+}
+
+impl Replay {
+    /// A copy of `req` to send again, or `None`: not worth keeping (an upgrade, whose
+    /// connection is the client's) or a body too large to keep whole.
+    fn of(req: &mut Request<LimitedBody>, pooled: bool, keep_limit: usize) -> Option<Replay> {
+        if req.headers().contains_key(header::UPGRADE) {
+            return None;
+        }
+        let (body, progress) = if pooled {
+            (Some(req.body().held_whole()?), None)
+        } else {
+            match req.body().progress().cloned() {
+                None => (Some(crate::request_body::ReplayBody::default()), None),
+                Some(p) => {
+                    req.body_mut().record_for_replay(keep_limit);
+                    (None, Some(p))
+                }
+            }
+        };
+        Some(Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            body,
+            progress,
+        })
+    }
+
+    /// The request again, if its whole body is at hand.
+    fn request(&self) -> Option<Request<LimitedBody>> {
+        let body = match (&self.body, &self.progress) {
+            (Some(b), _) => b.clone(),
+            (None, Some(p)) => p.recorded()?,
+            (None, None) => return None,
+        };
+        let mut req = Request::new(LimitedBody::replay(body));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        Some(req)
+    }
+}
+
+/// What a failed attempt was, for the retry conditions; `None`: never retried (the client's
+/// body, the size limit, a name that does not resolve).
+fn failure_of(e: &ForwardError) -> Option<Failure> {
+    use crate::error::NetworkFailure as N;
+    match e {
+        ForwardError::Connect(N::Connect(_) | N::Tls | N::Timeout, _) => {
+            Some(Failure::ConnectFailure)
+        }
+        // The HTTP/1.1 handshake on a new connection: nothing was written.
+        ForwardError::Connect(N::Reset, _) => Some(Failure::NotSent),
+        ForwardError::Connect(N::Unresolved, _) => None,
+        ForwardError::Other(_) => Some(Failure::Reset),
+        ForwardError::RefusedStream(_) => Some(Failure::RefusedStream),
+        // Only the per-try timeout ends an attempt with this; the deadline ends the call.
+        ForwardError::Timeout(_) => Some(Failure::PerTryTimeout),
+        ForwardError::BodyTooLarge(_) | ForwardError::ClientBody(_) | ForwardError::Retried(_) => {
+            None
+        }
+    }
+}
+
+/// The most a request body may be for the request to be sent again (Envoy keeps up to its
+/// buffer limit); a larger body goes once. Kept per request in flight, hence small.
+pub const REPLAY_BODY_LIMIT: usize = CLIENT_BODY_BUFFER_SIZE;
+
+/// One attempt: the backend's response head, or why not and, when none of it was written, the
+/// request.
+async fn attempt(
+    upstream: &Upstream,
+    req: Request<LimitedBody>,
+) -> Result<Response<UpstreamBody>, Unsent> {
+    match upstream {
+        Upstream::Pooled(pool) => pool.send_or_return(req).await,
+        Upstream::H2(c) => match c.request(req).await {
+            Ok(resp) => Ok(resp.map(UpstreamBody::unpooled)),
+            Err(e) => Err((classify(&e), None)),
+        },
+        Upstream::H2Tls(c) => match c.request(req).await {
+            Ok(resp) => Ok(resp.map(UpstreamBody::unpooled)),
+            Err(e) => Err((classify(&e), None)),
+        },
+    }
+}
+
+/// [`attempt`] within `--backend_per_try_timeout`, counted as the deadline is: from the end of
+/// the request's body.
+async fn attempt_within(
+    upstream: &Upstream,
+    req: Request<LimitedBody>,
+    per_try: Option<Duration>,
+) -> Result<Response<UpstreamBody>, Unsent> {
+    let Some(limit) = per_try else {
+        return attempt(upstream, req).await;
+    };
+    let progress = req.body().progress().cloned();
+    let sent_at = tokio::time::Instant::now();
+    let call = attempt(upstream, req);
+    tokio::pin!(call);
+    let sleep = tokio::time::sleep_until(
+        sent_at
+            + progress
+                .as_ref()
+                .map_or(limit, |p| limit.min(p.body_timeout)),
+    );
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut call => return r,
+            () = &mut sleep => {
+                let next = match &progress {
+                    None => Err(ForwardError::Timeout(limit)),
+                    Some(p) => p.deadline(sent_at, limit),
+                };
+                match next {
+                    Ok(later) => sleep.as_mut().reset(later),
+                    Err(e) => return Err((e, None)),
+                }
+            }
+        }
+    }
+}
+
+/// The backend call with ESPv2's retries ([`crate::retry`]): attempts while the failure or the
+/// answer is one the policy retries, retries are left, the backend's retries in flight are
+/// under their cap, and the request is at hand again (given back unwritten, or kept: a body
+/// read whole and at most [`REPLAY_BODY_LIMIT`]). The deadline around it all is the caller's
+/// ([`SendWithin`]).
+async fn call_with_retries(
+    upstream: Arc<Upstream>,
+    mut req: Request<LimitedBody>,
+    retries: Arc<Retries>,
+) -> Sent {
+    let policy = &retries.policy;
+    let pooled = matches!(&*upstream, Upstream::Pooled(_));
+    // A pooled backend gets the body up to the buffer first anyway: read it here, so that a
+    // body that fits is known whole, and kept, before the first attempt.
+    if pooled && req.body().wants_fill() {
+        std::future::poll_fn(|cx| req.body_mut().poll_fill(cx)).await?;
+    }
+    let client_body = req.body().progress().cloned();
+    let replay = if policy.on.needs_replay() && policy.retries > 0 {
+        Replay::of(&mut req, pooled, REPLAY_BODY_LIMIT)
+    } else {
+        None
+    };
+    let mut next = req;
+    let mut made = 0u32;
+    // A retry's slot among the backend's retries in flight, held until its attempt ends.
+    let mut ticket = None;
+    loop {
+        let result = attempt_within(&upstream, next, policy.per_try_timeout).await;
+        // The retried attempt (if this was one) is over: its slot goes back.
+        drop(ticket.take());
+        // Whatever the backend said, a body the client broke ends it.
+        if let Some(c) = client_body.as_ref().and_then(|p| p.client_error()) {
+            return Err(ForwardError::ClientBody(c));
+        }
+        let (again, outcome) = match result {
+            Ok(resp) => {
+                let retry = made < policy.retries
+                    && policy.on.on_response(
+                        resp.status().as_u16(),
+                        resp.headers(),
+                        &policy.status_codes,
+                    );
+                let again = if retry {
+                    replay.as_ref().and_then(Replay::request)
+                } else {
+                    None
+                };
+                (again, Ok(resp))
+            }
+            Err((e, unwritten)) => {
+                let retry = made < policy.retries
+                    && failure_of(&e).is_some_and(|f| policy.on.on_failure(f));
+                let again = if retry {
+                    unwritten.or_else(|| replay.as_ref().and_then(Replay::request))
+                } else {
+                    None
+                };
+                (again, Err(e))
+            }
+        };
+        // Past the cap on retries in flight, the failure is the answer.
+        let Some((again, slot)) = again.and_then(|r| retries.begin().map(|t| (r, t))) else {
+            return match outcome {
+                Err(e) if made > 0 => Err(ForwardError::Retried(Box::new(e))),
+                other => other,
+            };
+        };
+        // A retried answer's body is not read: its connection closes.
+        drop(outcome);
+        ticket = Some(slot);
+        made += 1;
+        tracing::debug!(retry = made, "backend call retried");
+        tokio::time::sleep(crate::retry::backoff(made)).await;
+        next = again;
+    }
+}
+
 /// What sending a request to the backend gives: the response head, or why not.
 pub type Sent = Result<Response<UpstreamBody>, ForwardError>;
 
@@ -351,7 +597,8 @@ pin_project_lite::pin_project! {
     #[project = CallProj]
     enum Call<P> {
         Pooled { #[pin] fut: P },
-        H2 { fut: Pin<Box<dyn Future<Output = Sent> + Send>> },
+        /// HTTP/2 backends, and calls with retries.
+        Boxed { fut: Pin<Box<dyn Future<Output = Sent> + Send>> },
     }
 }
 
@@ -361,7 +608,7 @@ impl<P: Future<Output = Sent>> Future for Call<P> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Sent> {
         match self.project() {
             CallProj::Pooled { fut } => fut.poll(cx),
-            CallProj::H2 { fut } => fut.as_mut().poll(cx),
+            CallProj::Boxed { fut } => fut.as_mut().poll(cx),
         }
     }
 }
@@ -415,9 +662,25 @@ fn classify(e: &hyper_util::client::legacy::Error) -> ForwardError {
     }
     if e.is_connect() {
         ForwardError::Connect(crate::error::network_failure(e, true), error_chain(e))
+    } else if refused_stream(e) {
+        ForwardError::RefusedStream(error_chain(e))
     } else {
         ForwardError::Other(error_chain(e))
     }
+}
+
+/// An HTTP/2 `REFUSED_STREAM` from the backend somewhere in the error's sources.
+fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut src = Some(e);
+    while let Some(s) = src {
+        if s.downcast_ref::<h2::Error>()
+            .is_some_and(|h| h.reason() == Some(h2::Reason::REFUSED_STREAM))
+        {
+            return true;
+        }
+        src = s.source();
+    }
+    false
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those the `Connection` header names.
@@ -768,6 +1031,27 @@ mod tests {
         assert_eq!(h["x-real-ip"], "9.9.9.9");
         assert_eq!(h["x-google-real-ip"], "9.9.9.9");
         assert_eq!(h["host"], "api.example");
+    }
+
+    #[test]
+    fn refused_streams_are_told_apart() {
+        #[derive(Debug)]
+        struct Wrap(h2::Error);
+        impl std::fmt::Display for Wrap {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("wrapped")
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        assert!(refused_stream(&Wrap(h2::Error::from(
+            h2::Reason::REFUSED_STREAM
+        ))));
+        assert!(!refused_stream(&Wrap(h2::Error::from(h2::Reason::CANCEL))));
+        assert!(!refused_stream(&std::io::Error::other("x")));
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //!     ([`service_control`]);
 //!   - `pipeline/backend.rs`: **forward** ([`forward`], over the capped backend connection
 //!     pool in [`upstream`]; the request body and forwarding errors both use are in
-//!     [`request_body`]) and **respond**;
+//!     [`request_body`]; ESPv2's backend retries in [`retry`]) and **respond**;
 //!   - `pipeline/body.rs`: the response body, whose end runs **report** (metrics, access log,
 //!     Service Control report);
 //!   - `pipeline/state.rs` (per-request state), `pipeline/errors.rs` (the proxy's error
@@ -62,6 +62,7 @@ pub mod outbound_auth;
 pub mod pipeline;
 pub mod request_body;
 pub mod request_head;
+pub mod retry;
 pub mod routing;
 pub mod server;
 pub mod service_control;

@@ -158,6 +158,27 @@ pub struct BodyProgress {
     client_ms: AtomicU64,
     /// When the current wait on the client began (milliseconds from `start`).
     wait_start_ms: AtomicU64,
+    /// A copy of the body kept to send it again ([`LimitedBody::record_for_replay`]); the
+    /// flag spares the lock when nothing is kept.
+    recording: AtomicBool,
+    record: std::sync::Mutex<Option<Box<Recording>>>,
+}
+
+/// The body as read so far, for a retry: at most `limit` bytes, else given up.
+#[derive(Debug)]
+struct Recording {
+    data: bytes::BytesMut,
+    /// `data`, frozen once a replay asked for it.
+    frozen: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+    limit: usize,
+}
+
+/// A request body to send again: its data and trailers, as the client sent them.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayBody {
+    pub data: Vec<Bytes>,
+    pub trailers: Option<http::HeaderMap>,
 }
 
 /// Not polled yet: the request is still waiting for a backend connection.
@@ -185,6 +206,52 @@ impl BodyProgress {
             received: AtomicU64::new(0),
             client_ms: AtomicU64::new(0),
             wait_start_ms: AtomicU64::new(0),
+            recording: AtomicBool::new(false),
+            record: std::sync::Mutex::new(None),
+        })
+    }
+
+    fn lock_record(&self) -> std::sync::MutexGuard<'_, Option<Box<Recording>>> {
+        // A few field writes per critical section: a poisoned lock still holds a usable copy.
+        self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Copies a frame read from the client into the recording, or gives the recording up
+    /// once it passes its limit.
+    fn keep(&self, frame: &Frame<Bytes>) {
+        if !self.recording.load(Ordering::Acquire) {
+            return;
+        }
+        let mut record = self.lock_record();
+        let Some(r) = record.as_mut() else {
+            return;
+        };
+        if let Some(data) = frame.data_ref() {
+            if r.data.len() + data.len() > r.limit {
+                *record = None;
+                self.recording.store(false, Ordering::Release);
+                return;
+            }
+            r.data.extend_from_slice(data);
+        } else if let Some(t) = frame.trailers_ref() {
+            r.trailers = Some(t.clone());
+        }
+    }
+
+    /// The whole body, when it was read to its end and kept ([`LimitedBody::record_for_replay`]).
+    pub fn recorded(&self) -> Option<ReplayBody> {
+        if !self.is_done() {
+            return None;
+        }
+        let mut record = self.lock_record();
+        let r = record.as_mut()?;
+        let data = r
+            .frozen
+            .get_or_insert_with(|| std::mem::take(&mut r.data).freeze())
+            .clone();
+        Some(ReplayBody {
+            data: vec![data],
+            trailers: r.trailers.clone(),
         })
     }
 
@@ -302,10 +369,12 @@ pub enum ForwardError {
     /// No connection, or no HTTP exchange on it (how, for the dialects that say so; what).
     #[error("cannot connect to the backend: {1}")]
     Connect(crate::error::NetworkFailure, String),
-    /// [`ForwardError::Connect`] again after every retry the pool allows
-    /// ([`crate::upstream::PoolLimits::connect_retries`]); the last failure.
-    #[error("cannot connect to the backend, retried: {1}")]
-    ConnectRetried(crate::error::NetworkFailure, String),
+    /// An HTTP/2 backend refused the stream (`REFUSED_STREAM`): it did not process it.
+    #[error("the backend refused the stream: {0}")]
+    RefusedStream(String),
+    /// The last failure after the request was sent again ([`crate::retry`]).
+    #[error("{0} (after retries)")]
+    Retried(Box<ForwardError>),
     #[error("the backend did not answer within {0:?}")]
     Timeout(Duration),
     #[error(transparent)]
@@ -450,6 +519,59 @@ impl LimitedBody {
         self
     }
 
+    /// Keeps a copy of the body as it is read, up to `limit` bytes, so that the request can be
+    /// sent again once the body has been read whole ([`BodyProgress::recorded`]); a longer
+    /// body is not kept. For bodies that stream to the backend from their first byte; one
+    /// read into the buffer first is copied from there instead ([`LimitedBody::held_whole`]).
+    pub fn record_for_replay(&mut self, limit: usize) {
+        if let Some(p) = &self.progress {
+            *p.lock_record() = Some(Box::new(Recording {
+                data: bytes::BytesMut::new(),
+                frozen: None,
+                trailers: None,
+                limit,
+            }));
+            p.recording.store(true, Ordering::Release);
+        }
+    }
+
+    /// The whole body, when it has been read into the buffer before sending
+    /// ([`LimitedBody::poll_fill`]) or there is none: to send the request again. `None` for a
+    /// body still (partly) with the client.
+    pub fn held_whole(&self) -> Option<ReplayBody> {
+        if self.progress.as_ref().is_some_and(|p| !p.is_done()) {
+            return None;
+        }
+        let mut body = ReplayBody::default();
+        // Held in reverse once the buffering is over.
+        for frame in self.buffered.iter().rev() {
+            if let Some(d) = frame.data_ref() {
+                body.data.push(d.clone());
+            } else if let Some(t) = frame.trailers_ref() {
+                body.trailers = Some(t.clone());
+            }
+        }
+        Some(body)
+    }
+
+    /// A body to send again: `body`'s frames, counted nowhere (the client's bytes were counted
+    /// once).
+    pub fn replay(body: ReplayBody) -> Self {
+        let mut frames: Vec<Frame<Bytes>> = body.data.into_iter().map(Frame::data).collect();
+        if let Some(t) = body.trailers {
+            frames.push(Frame::trailers(t));
+        }
+        frames.reverse();
+        LimitedBody {
+            inner: None,
+            remaining: u64::MAX,
+            seen: 0,
+            counter: None,
+            progress: None,
+            buffered: frames,
+        }
+    }
+
     /// An empty body (for requests the pipeline builds itself).
     pub fn empty() -> Self {
         LimitedBody {
@@ -521,6 +643,9 @@ impl LimitedBody {
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
                     }
                     this.remaining -= n;
+                }
+                if let Some(p) = &this.progress {
+                    p.keep(&frame);
                 }
                 // hyper does not poll again once a body says it has ended.
                 let state = if inner.is_end_stream() {

@@ -254,6 +254,9 @@ pub struct RouteOptions {
     /// `--backend`, for the rules without an address whose `protocol` asks for another HTTP
     /// version than its scheme implies. `None`: such rules keep only their deadline.
     pub local_backend: Option<BackendAddr>,
+    /// ESPv2's retries, for every backend client built here (each with its own count of
+    /// retries in flight, as each is one of Envoy's clusters).
+    pub backend_retry: Option<crate::retry::RetryPolicy>,
 }
 
 impl RouteOptions {
@@ -271,6 +274,7 @@ impl RouteOptions {
             backend_tls: None,
             backend_pool: crate::upstream::PoolLimits::default(),
             local_backend: None,
+            backend_retry: None,
         }
     }
 }
@@ -296,7 +300,8 @@ impl ConfigRoutes {
             opts.backend_tls.clone(),
             opts.backend_pool,
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .with_retries(opts.backend_retry.clone().map(crate::retry::Retries::new));
         clients.insert(key, forwarder.clone());
         Ok(forwarder)
     }

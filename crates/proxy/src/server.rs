@@ -225,13 +225,18 @@ pub async fn start_with_metrics(
             max: settings
                 .backend_max_connections
                 .saturating_mul(settings.worker_threads.max(1)),
-            connect_retries: settings.backend_connect_retries,
             ..Default::default()
         },
         // Rule addresses, and `--backend` itself when a rule asks it for another protocol.
         backend_tls: Some(backend_tls.clone()),
         local_backend: Some(settings.backend.clone()),
+        backend_retry: settings.backend_retry.clone(),
     };
+    // `--backend`'s retries in flight are counted across the serving threads' clients.
+    let backend_retries = settings
+        .backend_retry
+        .clone()
+        .map(crate::retry::Retries::new);
     let first = rollouts.borrow_and_update().clone();
     let access_log = crate::access_log::AccessLog::from_flag(settings.access_log.as_deref())
         .map_err(StartError::AccessLog)?;
@@ -331,10 +336,10 @@ pub async fn start_with_metrics(
             Some(backend_tls.clone()),
             crate::upstream::PoolLimits {
                 max: settings.backend_max_connections,
-                connect_retries: settings.backend_connect_retries,
                 ..Default::default()
             },
-        )?;
+        )?
+        .with_retries(backend_retries.clone());
         let pipeline = Arc::new(Pipeline::new(state.clone(), forwarder));
         let rx = shutdown_rx.clone();
         let tls = tls.clone();

@@ -2,10 +2,10 @@
 //! is made of), whatever produced them. [`crate::cli`] parses ESP's flags into a [`Settings`];
 //! nothing on the request path imports the flag parser.
 //!
-//! Layer rule: this module imports only leaf modules ([`crate::cors`], [`crate::request_head`]'s
-//! options, [`crate::tls`]'s settings, [`crate::header_rules`], [`crate::compression`]'s
-//! settings), never the serving code ([`crate::server`], [`crate::pipeline`], [`crate::forward`],
-//! [`crate::routing`]).
+//! Layer rule: this module imports only leaf modules ([`crate::cors`], [`crate::retry`],
+//! [`crate::request_head`]'s options, [`crate::tls`]'s settings, [`crate::header_rules`],
+//! [`crate::compression`]'s settings), never the serving code ([`crate::server`],
+//! [`crate::pipeline`], [`crate::forward`], [`crate::routing`]).
 
 use crate::cors::CorsSettings;
 use ipnet::IpNet;
@@ -250,9 +250,9 @@ pub struct Settings {
     pub worker_threads: usize,
     /// Per serving thread, for each HTTP/1.1 backend.
     pub backend_max_connections: usize,
-    /// Further attempts after a backend connection that could not be made (ESPv2's
-    /// `--backend_retry_num` with `connect-failure` in `--backend_retry_ons`; 0 for ESP).
-    pub backend_connect_retries: u32,
+    /// When and how often a backend call is made again (ESPv2's `--backend_retry_*` flags);
+    /// `None`: never (ESP).
+    pub backend_retry: Option<crate::retry::RetryPolicy>,
     pub backend_timeout: Duration,
     /// `--experimental_proxy_backend_host_header`.
     pub backend_host_header: Option<http::HeaderValue>,

@@ -22,7 +22,6 @@
 //! The pool's lock is taken twice per request (check-out and return) and never across an
 //! `.await`; each serving thread owns its own pool for `--backend`, so it is uncontended.
 
-use crate::error::NetworkFailure;
 use crate::request_body::{ForwardError, LimitedBody};
 use bytes::Bytes;
 use http::{Request, Response};
@@ -100,10 +99,6 @@ pub struct PoolLimits {
     pub max_idle: usize,
     /// An idle connection older than this is closed instead of reused.
     pub idle_timeout: Duration,
-    /// Further attempts after a connection that could not be made (refused, unreachable, TLS
-    /// handshake failed), nothing of the request having been sent: ESPv2's
-    /// `--backend_retry_num` for `connect-failure`. 0 for `portico esp`.
-    pub connect_retries: u32,
 }
 
 impl Default for PoolLimits {
@@ -112,18 +107,17 @@ impl Default for PoolLimits {
             max: DEFAULT_MAX_CONNECTIONS,
             max_idle: 128,
             idle_timeout: Duration::from_secs(60),
-            connect_retries: 0,
         }
     }
 }
-
-/// The wait before another connection attempt (Envoy's default retry back-off base).
-const CONNECT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
 
 /// `--backend_max_connections`'s default, per serving thread.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100;
 
 type Sender = SendRequest<LimitedBody>;
+
+/// A failed [`Pool::send_or_return`]: why, and the request when none of it was written.
+pub type Unsent = (ForwardError, Option<Request<LimitedBody>>);
 
 /// What a waiting request is handed when a connection frees up.
 enum Handoff {
@@ -373,37 +367,11 @@ impl Pool {
         }
     }
 
-    /// Dials into a slot already counted in `open`. A connection that could not be made
-    /// (refused, unreachable, TLS handshake failed: nothing of the request was sent) is tried
-    /// `connect_retries` more times, a short wait apart, in the same slot; the last failure
-    /// then says it was retried. Other failures are returned at once.
+    /// Dials into a slot already counted in `open`.
     async fn dial_in(&self, mut slot: Slot) -> Result<Sender, ForwardError> {
-        let mut retries_left = self.shared.limits.connect_retries;
-        let mut retried = false;
-        loop {
-            match self.dial().await {
-                Ok(tx) => {
-                    slot.armed = false;
-                    return Ok(tx);
-                }
-                Err(ForwardError::Connect(
-                    how @ (NetworkFailure::Connect(_) | NetworkFailure::Tls),
-                    detail,
-                )) => {
-                    if retries_left == 0 {
-                        return Err(if retried {
-                            ForwardError::ConnectRetried(how, detail)
-                        } else {
-                            ForwardError::Connect(how, detail)
-                        });
-                    }
-                    retries_left -= 1;
-                    retried = true;
-                    tokio::time::sleep(CONNECT_RETRY_BACKOFF).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let tx = self.dial().await?;
+        slot.armed = false;
+        Ok(tx)
     }
 
     async fn dial(&self) -> Result<Sender, ForwardError> {
@@ -431,23 +399,45 @@ impl Pool {
     /// struct.
     pub fn send(
         &self,
-        mut req: Request<LimitedBody>,
+        req: Request<LimitedBody>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, ForwardError>> + Send + 'static {
+        // A plain wrapper: an `async` block would store the inner future twice.
+        Sent {
+            inner: self.send_or_return(req),
+        }
+    }
+
+    /// [`Pool::send`], giving the request back, untouched, when no connection could be had for
+    /// it (nothing of it was written): the caller may send it again
+    /// ([`crate::forward`]'s retries).
+    pub fn send_or_return(
+        &self,
+        mut req: Request<LimitedBody>,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, Unsent>> + Send + 'static {
         origin_form(&mut req);
         let pool = self.clone();
         async move {
             // The body (up to the buffer size) before a connection is taken: a client dripping
             // it holds none of the `max` (docs/security.md, "Limits").
             if req.body().wants_fill() {
-                std::future::poll_fn(|cx| req.body_mut().poll_fill(cx)).await?;
+                if let Err(e) = std::future::poll_fn(|cx| req.body_mut().poll_fill(cx)).await {
+                    return Err((e, None));
+                }
             }
-            let mut lease = pool.checkout().await?;
+            let mut lease = match pool.checkout().await {
+                Ok(lease) => lease,
+                Err(e) => return Err((e, Some(req))),
+            };
             lease.request_body = req.body().progress().cloned();
-            let req = match lease.sender()?.try_send_request(req).await {
+            let sender = match lease.sender() {
+                Ok(s) => s,
+                Err(e) => return Err((e, Some(req))),
+            };
+            let req = match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(wrap(resp, lease)),
                 Err(mut e) => match e.take_message() {
                     Some(req) => req,
-                    None => return Err(classify(e.into_error())),
+                    None => return Err((classify(e.into_error()), None)),
                 },
             };
             // Not written: the connection closed under us (the backend's keep-alive timeout
@@ -459,16 +449,20 @@ impl Pool {
 
     /// Idle connections may be just as stale as the one that just failed; once more, on a new
     /// one.
-    async fn retry(
-        &self,
-        req: Request<LimitedBody>,
-    ) -> Result<Response<UpstreamBody>, ForwardError> {
+    async fn retry(&self, req: Request<LimitedBody>) -> Result<Response<UpstreamBody>, Unsent> {
         self.close_idle();
-        let mut lease = self.checkout().await?;
+        let mut lease = match self.checkout().await {
+            Ok(lease) => lease,
+            Err(e) => return Err((e, Some(req))),
+        };
         lease.request_body = req.body().progress().cloned();
-        match lease.sender()?.send_request(req).await {
+        let sender = match lease.sender() {
+            Ok(s) => s,
+            Err(e) => return Err((e, Some(req))),
+        };
+        match sender.send_request(req).await {
             Ok(resp) => Ok(wrap(resp, lease)),
-            Err(e) => Err(classify(e)),
+            Err(e) => Err((classify(e), None)),
         }
     }
 
@@ -477,6 +471,22 @@ impl Pool {
         let n = st.idle.len();
         st.idle.clear();
         st.open = st.open.saturating_sub(n);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Pool::send`]'s future: [`Pool::send_or_return`]'s, without the request given back.
+    struct Sent<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: Future<Output = Result<Response<UpstreamBody>, Unsent>>> Future for Sent<F> {
+    type Output = Result<Response<UpstreamBody>, ForwardError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx).map(|r| r.map_err(|(e, _)| e))
     }
 }
 

@@ -103,7 +103,6 @@ fn pool_to(port: u16, max: usize, max_idle: usize, idle_timeout: Duration) -> Po
             max,
             max_idle,
             idle_timeout,
-            connect_retries: 0,
         },
     )
 }
@@ -710,7 +709,6 @@ fn forwarder(port: u16, max: usize, timeout: Duration) -> Forwarder {
             max,
             max_idle: max,
             idle_timeout: LONG,
-            connect_retries: 0,
         },
     )
     .unwrap()
@@ -783,9 +781,10 @@ async fn forwarder_deadline_spent_waiting_for_a_connection_leaks_no_slot() {
     .await;
 }
 
-/// ESPv2's `connect-failure` retries: a connection that could not be made (here a TLS
-/// handshake the peer cuts) is tried `connect_retries` more times, then fails as retried; a
-/// pool without retries tries once. Counted by the connections the peer accepted.
+/// ESPv2's `connect-failure` retries (`portico_proxy::retry`): a connection that could not be
+/// made (here a TLS handshake the peer cuts) is tried `--backend_retry_num` more times, then
+/// fails as retried; without retries it is tried once. Counted by the connections the peer
+/// accepted; every failed attempt gave its pool slot back.
 #[tokio::test]
 async fn connect_failures_are_retried_as_configured() {
     bounded(async {
@@ -799,57 +798,102 @@ async fn connect_failures_are_retried_as_configured() {
                 drop(s);
             }
         });
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        let tls_pool = |connect_retries: u32| {
-            Pool::new(
-                Dialer::Tls {
-                    authority: format!("127.0.0.1:{port}"),
-                    server_name: rustls::pki_types::ServerName::try_from("backend.example")
-                        .unwrap()
-                        .to_owned(),
-                    connector: tokio_rustls::TlsConnector::from(Arc::new(config.clone())),
+        let tls_forwarder = |retries: u32| {
+            let policy = portico_proxy::retry::RetryPolicy {
+                retries,
+                on: portico_proxy::retry::RetryOn::parse("connect-failure").unwrap(),
+                status_codes: vec![],
+                per_try_timeout: None,
+            };
+            Forwarder::new(
+                &BackendAddr {
+                    scheme: BackendScheme::Https,
+                    host: "127.0.0.1".into(),
+                    port,
                 },
+                LONG,
+                None,
                 PoolLimits {
                     max: 1,
-                    connect_retries,
                     ..Default::default()
                 },
             )
+            .unwrap()
+            .with_retries(Some(portico_proxy::retry::Retries::new(policy)))
         };
-        let r = tls_pool(0).send(get("/")).await;
-        assert!(
+        let tls_failure = |e: &ForwardError| {
             matches!(
-                r,
-                Err(ForwardError::Connect(
-                    portico_proxy::error::NetworkFailure::Tls,
-                    _
-                ))
-            ),
-            "{:?}",
-            r.err()
-        );
+                e,
+                ForwardError::Connect(portico_proxy::error::NetworkFailure::Tls, _)
+            )
+        };
+        let fwd = tls_forwarder(0);
+        let r = fwd.send(forwarder_get(&fwd, "/")).await;
+        assert!(r.as_ref().is_err_and(tls_failure), "{:?}", r.err());
         assert_eq!(accepted.swap(0, Ordering::SeqCst), 1);
-        let pool = tls_pool(3);
-        let r = pool.send(get("/")).await;
+        let fwd = tls_forwarder(3);
+        let r = fwd.send(forwarder_get(&fwd, "/")).await;
         assert!(
-            matches!(
-                r,
-                Err(ForwardError::ConnectRetried(
-                    portico_proxy::error::NetworkFailure::Tls,
-                    _
-                ))
-            ),
+            matches!(&r, Err(ForwardError::Retried(last)) if tls_failure(last)),
             "{:?}",
             r.err()
         );
         assert_eq!(accepted.load(Ordering::SeqCst), 4);
-        // Every failed attempt gave its slot back.
-        assert_eq!(pool.open_connections(), 0);
+        assert_eq!(fwd.open_connections(), Some(0));
+    })
+    .await;
+}
+
+/// A backend that closes each connection after reading a request, without answering: the
+/// request is sent again only under a condition that covers it (`reset`, not
+/// `connect-failure`), and at most `--backend_retry_num` more times.
+#[tokio::test]
+async fn resets_are_retried_only_when_asked() {
+    bounded(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    counter.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        for (on, retries, want) in [
+            ("connect-failure", 3, 1),
+            ("reset", 2, 3),
+            ("5xx", 1, 2),
+            ("gateway-error", 0, 1),
+        ] {
+            requests.store(0, Ordering::SeqCst);
+            let policy = portico_proxy::retry::RetryPolicy {
+                retries,
+                on: portico_proxy::retry::RetryOn::parse(on).unwrap(),
+                status_codes: vec![],
+                per_try_timeout: None,
+            };
+            let fwd = forwarder(port, 4, LONG)
+                .with_retries(Some(portico_proxy::retry::Retries::new(policy)));
+            let r = fwd.send(forwarder_get(&fwd, "/")).await;
+            let e = r.err().expect("no answer");
+            assert_eq!(
+                matches!(e, ForwardError::Retried(_)),
+                want > 1,
+                "{on}: {e:?}"
+            );
+            assert_eq!(requests.load(Ordering::SeqCst), want, "{on}");
+        }
     })
     .await;
 }

@@ -53,28 +53,6 @@ pub const DEFAULT_BACKEND_RETRY_ONS: &str = "reset,connect-failure,refused-strea
 pub const DEFAULT_BACKEND_RETRY_NUM: u32 = 1;
 /// Largest `--backend_retry_num` Portico takes.
 pub const MAX_BACKEND_RETRY_NUM: u32 = 100;
-/// The retry conditions Envoy knows (`x-envoy-retry-on` and `x-envoy-retry-grpc-on`).
-const ENVOY_RETRY_ONS: &[&str] = &[
-    "5xx",
-    "gateway-error",
-    "reset",
-    "reset-before-request",
-    "connect-failure",
-    "envoy-ratelimited",
-    "retriable-4xx",
-    "refused-stream",
-    "retriable-status-codes",
-    "retriable-headers",
-    "http3-post-connect-failure",
-    "cancelled",
-    "deadline-exceeded",
-    "internal",
-    "resource-exhausted",
-    "unavailable",
-];
-/// The conditions Portico retries on so far.
-const IMPLEMENTED_RETRY_ONS: &[&str] = &["connect-failure"];
-
 /// ESPv2's Service Control call timeouts (ms): check, quota, report.
 pub const DEFAULT_SERVICE_CONTROL_TIMEOUTS_MS: [&str; 3] = ["1000", "1000", "2000"];
 
@@ -115,9 +93,9 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--backend_dns_lookup_family", NotYet),
     ("--dns_resolver_addresses", NotYet),
     ("--backend_retry_ons", Implemented),
-    ("--backend_retry_on_status_codes", NotYet),
+    ("--backend_retry_on_status_codes", Implemented),
     ("--backend_retry_num", Implemented),
-    ("--backend_per_try_timeout", NotYet),
+    ("--backend_per_try_timeout", Implemented),
     ("--health_check_grpc_backend", NotYet),
     ("--health_check_grpc_backend_service", NotYet),
     ("--health_check_grpc_backend_interval", NotYet),
@@ -1138,19 +1116,52 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
         .backend_retry_ons
         .as_deref()
         .unwrap_or(DEFAULT_BACKEND_RETRY_ONS);
-    let mut retry_ons_not_yet = false;
-    let mut retry_on_connect_failure = false;
-    for on in retry_ons.split(',').map(str::trim) {
-        if !ENVOY_RETRY_ONS.contains(&on) {
-            return Err(ArgError::v2(format!(
-                "invalid --backend_retry_ons '{retry_ons}': {on:?} is not a retry condition \
-                 (use {})",
-                ENVOY_RETRY_ONS.join(", ")
-            )));
+    let mut retry_on = crate::retry::RetryOn::parse(retry_ons).map_err(|bad| {
+        ArgError::v2(format!(
+            "invalid --backend_retry_ons '{retry_ons}': {bad:?} is not a retry condition (use \
+             {}, or nothing to retry nothing)",
+            crate::retry::ENVOY_RETRY_ONS.join(", ")
+        ))
+    })?;
+    let retry_status_codes = match a.backend_retry_on_status_codes.as_deref() {
+        None | Some("") => Vec::new(),
+        Some(list) => {
+            let codes = list
+                .split(',')
+                .map(|c| {
+                    c.trim()
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|c| (100..600).contains(c))
+                })
+                .collect::<Option<Vec<u16>>>()
+                .ok_or_else(|| {
+                    ArgError::v2(format!(
+                        "invalid --backend_retry_on_status_codes '{list}': give HTTP status \
+                         codes from 100 to 599, separated by commas"
+                    ))
+                })?;
+            // As ESPv2: status codes retry whatever --backend_retry_ons says.
+            retry_on.retriable_status_codes = true;
+            codes
         }
-        retry_on_connect_failure |= on == "connect-failure";
-        retry_ons_not_yet |= !IMPLEMENTED_RETRY_ONS.contains(&on);
-    }
+    };
+    let per_try_timeout = match a.backend_per_try_timeout.as_deref() {
+        None => None,
+        Some(t) => Some(go_duration(t.trim()).map_err(|why| {
+            ArgError::v2(format!(
+                "invalid --backend_per_try_timeout '{t}': {why}; give a duration such as 2s or \
+                 500ms"
+            ))
+        })?)
+        .filter(|d| !d.is_zero()),
+    };
+    let backend_retry = crate::retry::RetryPolicy {
+        retries: retry_num,
+        on: retry_on,
+        status_codes: retry_status_codes,
+        per_try_timeout,
+    };
 
     // `portico esp`'s command line with the same meaning, validated by the same code. Fields
     // not set here keep `portico esp`'s defaults.
@@ -1224,16 +1235,10 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     }
     settings.status_port = status_port;
     settings.healthz = healthz;
-    settings.backend_connect_retries = if retry_on_connect_failure {
-        retry_num
-    } else {
-        0
-    };
-    // Conditions named on the command line that Portico does not retry on yet are said once
-    // at start-up (the default's `reset` and `refused-stream` are in the README).
-    if retry_ons_not_yet && a.backend_retry_ons.is_some() {
-        settings.not_implemented_flags.push("--backend_retry_ons");
-    }
+    // A per-try timeout bounds each attempt even when nothing is retried, as in Envoy.
+    settings.backend_retry = (backend_retry.retries_anything()
+        || backend_retry.per_try_timeout.is_some())
+    .then_some(backend_retry);
     settings.cors = cors;
     settings.jwt_pad_forward_payload = a.jwt_pad_forward_payload_header;
     settings.jwt_audience_service_name_check = !a.disable_jwt_audience_service_name_check;
@@ -1394,7 +1399,10 @@ mod tests {
         assert!(s.enable_backend_routing && s.enable_websocket);
         assert_eq!(s.client_max_body_size, 0);
         assert_eq!(s.backend_timeout, Duration::from_secs(15));
-        assert_eq!(s.backend_connect_retries, DEFAULT_BACKEND_RETRY_NUM);
+        assert_eq!(
+            s.backend_retry.as_ref().map(|r| r.retries),
+            Some(DEFAULT_BACKEND_RETRY_NUM)
+        );
         assert!(s.cors.is_none() && s.healthz.is_none() && !s.hsts);
         assert!(!s.skip_service_control && !s.skip_jwt_authn);
         assert!(s.ignored_flags.is_empty(), "{:?}", s.ignored_flags);
@@ -1954,7 +1962,7 @@ mod tests {
             "svc",
             "-v",
             "1",
-            "--backend_per_try_timeout=2s",
+            "--jwt_cache_size=100",
             "--envoy_connection_buffer_limit_bytes=1024",
             "--enable_backend_routing",
             "--tracing_sample_rate=0.5",
@@ -1974,7 +1982,7 @@ mod tests {
             s.not_implemented_flags,
             vec![
                 "--http_request_timeout_s",
-                "--backend_per_try_timeout",
+                "--jwt_cache_size",
                 "--tracing_sample_rate",
             ]
         );
@@ -2034,45 +2042,97 @@ mod tests {
 
     #[test]
     fn backend_retries() {
-        let retries = |args: &[&str]| {
+        use crate::retry::{RetryOn, RetryPolicy};
+        let policy = |args: &[&str]| {
             let mut v = vec!["-s", "svc", "-v", "1"];
             v.extend(args);
-            p(&v).map(|s| (s.backend_connect_retries, s.not_implemented_flags))
+            p(&v).map(|s| {
+                assert!(
+                    s.not_implemented_flags.is_empty(),
+                    "{:?}",
+                    s.not_implemented_flags
+                );
+                s.backend_retry
+            })
         };
-        assert_eq!(retries(&[]).unwrap(), (1, vec![]));
-        assert_eq!(retries(&["--backend_retry_num=4"]).unwrap(), (4, vec![]));
-        assert_eq!(retries(&["--backend_retry_num=0"]).unwrap(), (0, vec![]));
+        let on = |s: &str| RetryOn::parse(s).unwrap();
+        let default_on = on(DEFAULT_BACKEND_RETRY_ONS);
         assert_eq!(
-            retries(&[
-                "--backend_retry_ons=connect-failure",
-                "--backend_retry_num=2"
-            ])
-            .unwrap(),
-            (2, vec![])
+            policy(&[]).unwrap(),
+            Some(RetryPolicy {
+                retries: 1,
+                on: default_on,
+                status_codes: vec![],
+                per_try_timeout: None
+            })
         );
-        // Without connect-failure, no connection is retried; 5xx is not retried yet, and said.
         assert_eq!(
-            retries(&["--backend_retry_ons=5xx, reset"]).unwrap(),
-            (0, vec!["--backend_retry_ons"])
+            policy(&["--backend_retry_num=4"]).unwrap().unwrap().retries,
+            4
         );
-        let m = err(&[
-            "-s",
-            "svc",
-            "-v",
-            "1",
-            "--backend_retry_ons=connect-failure,sometimes",
-        ]);
+        // Nothing to retry: no policy at all.
+        assert_eq!(policy(&["--backend_retry_num=0"]).unwrap(), None);
+        assert_eq!(policy(&["--backend_retry_ons="]).unwrap(), None);
+        assert_eq!(policy(&["--backend_retry_ons= , "]).unwrap(), None);
+        // ... unless a per-try timeout bounds the one attempt.
+        assert_eq!(
+            policy(&["--backend_retry_num=0", "--backend_per_try_timeout=1.5s"])
+                .unwrap()
+                .unwrap()
+                .per_try_timeout,
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            policy(&["--backend_per_try_timeout=0s"])
+                .unwrap()
+                .unwrap()
+                .per_try_timeout,
+            None
+        );
+        let p5 = policy(&["--backend_retry_ons=5xx, reset", "--backend_retry_num=2"])
+            .unwrap()
+            .unwrap();
+        assert_eq!((p5.retries, p5.on), (2, on("5xx,reset")));
+        // Status codes retry whatever the conditions say, as ESPv2 adds retriable-status-codes.
+        let codes = policy(&["--backend_retry_on_status_codes=500, 503,418"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(codes.status_codes, vec![500, 503, 418]);
+        assert!(codes.on.retriable_status_codes && codes.on.reset);
+        let codes_only = policy(&[
+            "--backend_retry_ons=",
+            "--backend_retry_on_status_codes=502",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            codes_only.on,
+            RetryOn {
+                retriable_status_codes: true,
+                ..RetryOn::default()
+            }
+        );
+        let refused = |flag: &str| err(&["-s", "svc", "-v", "1", flag]);
+        let m = refused("--backend_retry_ons=connect-failure,sometimes");
         assert!(m.starts_with("invalid --backend_retry_ons"), "{m}");
         assert!(m.contains("\"sometimes\""), "{m}");
         for bad in ["-1", "101", "two", ""] {
-            let m = err(&[
-                "-s",
-                "svc",
-                "-v",
-                "1",
-                &format!("--backend_retry_num={bad}"),
-            ]);
+            let m = refused(&format!("--backend_retry_num={bad}"));
             assert!(m.starts_with("invalid --backend_retry_num"), "{bad}: {m}");
+        }
+        for bad in ["99", "600", "5xx", "500,,503", "500;503", "-500", "65936"] {
+            let m = refused(&format!("--backend_retry_on_status_codes={bad}"));
+            assert!(
+                m.starts_with("invalid --backend_retry_on_status_codes"),
+                "{bad}: {m}"
+            );
+        }
+        for bad in ["2", "-1s", "soon", "1e3s"] {
+            let m = refused(&format!("--backend_per_try_timeout={bad}"));
+            assert!(
+                m.starts_with("invalid --backend_per_try_timeout"),
+                "{bad}: {m}"
+            );
         }
     }
 

@@ -1053,7 +1053,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
             .map(Duration::from_secs),
         worker_threads,
         backend_max_connections: a.backend_max_connections,
-        backend_connect_retries: 0,
+        backend_retry: None,
         backend_timeout: Duration::from_secs_f64(a.http_request_timeout_s),
         access_log: a.access_log,
         backend_host_header,

@@ -289,10 +289,18 @@ impl Pipeline {
                 )
             }
             Err(e) => {
-                let err = match &e {
-                    ForwardError::Connect(how, _) => EspError::bad_gateway(*how, false),
-                    ForwardError::ConnectRetried(how, _) => EspError::bad_gateway(*how, true),
-                    ForwardError::Other(_) => EspError::bad_gateway(NetworkFailure::Reset, false),
+                // After retries the last failure is answered, and ESPv2 says it retried.
+                let (last, retried) = match &e {
+                    ForwardError::Retried(last) => (&**last, true),
+                    e => (e, false),
+                };
+                let err = match last {
+                    ForwardError::Connect(how, _) => EspError::bad_gateway(*how, retried),
+                    ForwardError::Other(_)
+                    | ForwardError::RefusedStream(_)
+                    | ForwardError::Retried(_) => {
+                        EspError::bad_gateway(NetworkFailure::Reset, retried)
+                    }
                     ForwardError::Timeout(_) => EspError::gateway_timeout(),
                     ForwardError::BodyTooLarge(_) => EspError::payload_too_large(),
                     ForwardError::ClientBody(c) => c.esp_error(),
