@@ -468,8 +468,13 @@ fn every_error_the_proxy_writes_is_espv2s() {
     let down = row("backend down, no retries", "GET", "/down", 503,
         &format!("{reset}remote connection failure, transport failure reason: delayed connect error: 111"));
     check(&client, port_sc_down, &down, &|| proxy_sc_down.log());
-    let hangs_up = row("backend hangs up, no retries", "GET", "/reset", 503,
-        &format!("{reset}connection termination"));
+    let hangs_up = row(
+        "backend hangs up, no retries",
+        "GET",
+        "/reset",
+        503,
+        &format!("{reset}connection termination"),
+    );
     check(&client, port_sc_down, &hangs_up, &|| proxy_sc_down.log());
 
     // gRPC over the same listener (h2c): the error as trailers-only, Envoy's code for 404.

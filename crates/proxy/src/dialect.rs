@@ -344,6 +344,10 @@ fn envoy_no_response(how: NetworkFailure, retried: bool) -> (u16, Cow<'static, s
             )),
         ),
         NetworkFailure::Reset => (503, Cow::Owned(format!("{reset}connection termination"))),
+        NetworkFailure::RefusedStream => (
+            503,
+            Cow::Owned(format!("{reset}remote refused stream reset")),
+        ),
     }
 }
 
@@ -823,6 +827,19 @@ mod tests {
         assert_eq!(
             v2(&EspError::bad_gateway(NetworkFailure::Unresolved, true)).1,
             "no healthy upstream"
+        );
+        assert_eq!(
+            v2(&EspError::bad_gateway(NetworkFailure::RefusedStream, true)),
+            (
+                503,
+                "upstream connect error or disconnect/reset before headers. retried and the \
+                 latest reset reason: remote refused stream reset"
+                    .into(),
+                14,
+                "{\"code\":503,\"message\":\"upstream connect error or disconnect/reset before \
+                 headers. retried and the latest reset reason: remote refused stream reset\"}\n"
+                    .into()
+            )
         );
     }
 }

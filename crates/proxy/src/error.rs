@@ -138,6 +138,8 @@ pub enum NetworkFailure {
     Tls,
     /// The connection closed or reset before a response head.
     Reset,
+    /// An HTTP/2 peer refused the stream (`REFUSED_STREAM`) before a response head.
+    RefusedStream,
 }
 
 /// How a `:check` call failed.

@@ -439,7 +439,9 @@ fn failure_of(e: &ForwardError) -> Option<Failure> {
         ForwardError::Connect(N::Reset, _) => Some(Failure::NotSent),
         ForwardError::Connect(N::Unresolved, _) => None,
         ForwardError::Other(_) => Some(Failure::Reset),
-        ForwardError::RefusedStream(_) => Some(Failure::RefusedStream),
+        ForwardError::RefusedStream(_) | ForwardError::Connect(N::RefusedStream, _) => {
+            Some(Failure::RefusedStream)
+        }
         // Only the per-try timeout ends an attempt with this; the deadline ends the call.
         ForwardError::Timeout(_) => Some(Failure::PerTryTimeout),
         ForwardError::BodyTooLarge(_) | ForwardError::ClientBody(_) | ForwardError::Retried(_) => {

@@ -296,9 +296,10 @@ impl Pipeline {
                 };
                 let err = match last {
                     ForwardError::Connect(how, _) => EspError::bad_gateway(*how, retried),
-                    ForwardError::Other(_)
-                    | ForwardError::RefusedStream(_)
-                    | ForwardError::Retried(_) => {
+                    ForwardError::RefusedStream(_) => {
+                        EspError::bad_gateway(NetworkFailure::RefusedStream, retried)
+                    }
+                    ForwardError::Other(_) | ForwardError::Retried(_) => {
                         EspError::bad_gateway(NetworkFailure::Reset, retried)
                     }
                     ForwardError::Timeout(_) => EspError::gateway_timeout(),
