@@ -302,6 +302,7 @@ pub fn espv2_response_code_detail(kind: Option<&ErrorKind>) -> Cow<'static, str>
             NetworkFailure::Timeout => Cow::Borrowed("upstream_response_timeout"),
             NetworkFailure::Tls => reset("connection_failure,TLS_error"),
             NetworkFailure::Reset => reset("connection_termination"),
+            NetworkFailure::RefusedStream => reset("remote_refused_stream_reset"),
         },
         ErrorKind::BackendTimeout => Cow::Borrowed("upstream_response_timeout"),
         ErrorKind::PayloadTooLarge => Cow::Borrowed("request_payload_too_large"),
