@@ -255,3 +255,70 @@ fn backend_rules_route_as_espv2_does() {
     }
     drop(rt);
 }
+
+/// ESPv2 routes every request by the service config, even one with neither Service Control nor
+/// JWT rules (ESP v1 then proxies everything as is): backend rules apply, and a path the API
+/// does not define is ESPv2's 404.
+#[test]
+fn a_config_without_checks_is_still_routed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let remote = peer::start(&rt, reflector("remote"));
+    let local = peer::start(&rt, reflector("local"));
+    let config = dir.path().join("service.json");
+    let mut svc = service_config(remote);
+    assert!(svc.get("control").is_none());
+    svc["usage"] = json!({});
+    std::fs::write(&config, svc.to_string()).expect("config");
+    let key = service_account_key(dir.path());
+    let port = free_port();
+    let mut proxy = Proc::spawn(
+        &[
+            "espv2".to_string(),
+            format!("--listener_port={port}"),
+            format!("--service_json_path={}", config.display()),
+            format!("--backend=http://{local}"),
+            "--non_gcp".to_string(),
+            format!("--service_account_key={}", key.display()),
+        ],
+        &dir.path().join("proxy.log"),
+    );
+    proxy.wait_for_port(port, "portico espv2");
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    let get = |target: &str| {
+        let resp = client
+            .get(format!("http://127.0.0.1:{port}{target}"))
+            .send()
+            .unwrap_or_else(|e| panic!("{target}: {e}"));
+        (resp.status().as_u16(), resp.text().expect("body"))
+    };
+    let (status, body) = get("/pet/1/num/2?x=y");
+    assert_eq!(status, 200, "{body}\n{}", proxy.log());
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        (v["backend"].as_str(), v["uri"].as_str()),
+        (
+            Some("remote"),
+            Some("/dynamicrouting/getpetbyid?x=y&pet_id=1&number=2")
+        )
+    );
+    let (status, body) = get("/local/3");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"local\""), "{body}");
+    assert_eq!(
+        get("/nowhere"),
+        (
+            404,
+            "{\"code\":404,\"message\":\"The current request is not defined by this API.\"}\n"
+                .to_string()
+        )
+    );
+    drop(rt);
+}

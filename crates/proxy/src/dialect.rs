@@ -11,6 +11,7 @@
 //! | Serving ports | `--http_port`, `--http2_port`, `--ssl_port` | one `--listener_port` (default 8080) for HTTP/1.1, h2c and gRPC | `cli::espv2`, [`Dialect::serving_port_flag`] |
 //! | Status server | on, `--status_port` default 8090 | off unless `--status_port`/`--admin_port` names a port | `cli::espv2` |
 //! | Defaults | backend `127.0.0.1:8081`; access log on stdout; Service Control timeouts 1500/1500/3500 ms; body limit 32m; WebSockets only with `--enable_websocket` | backend `http://127.0.0.1:8082`; no access log unless `--access_log`; timeouts 1000/1000/2000 ms; no body limit; WebSockets on; CORS allow-headers add `X-User-Agent`; metadata server `http://169.254.169.254` unless `--non_gcp` | `cli::espv2` |
+//! | A config with neither Service Control nor JWT rules | every request proxied to `--backend` as it came, unmatched | matched and routed as any: backend rules apply, an undefined path is 404, a wrong method 405 | `pipeline/mod.rs`, [`Dialect::routes_every_request`] |
 //! | `x-google-backend` routing | only with `--enable_backend_routing`; a method without a backend rule is 500 then | always; a method without a backend rule goes to `--backend` | `cli::espv2`, [`Dialect::unrouted_methods_use_backend`] |
 //! | `CONSTANT_ADDRESS` backend target | address path, `?`, the path bindings, then the query's `name=value` parameters without the API key's | address path, the client's query as sent (API key included), then `&` and the path bindings | `routing::BackendTarget::upstream_target`, [`Dialect::constant_address_keeps_query`] |
 //! | Backend retries | none | Envoy's: `--backend_retry_ons` conditions (default `reset,connect-failure,refused-stream`), `--backend_retry_num` more attempts (default 1), `--backend_per_try_timeout`, `--backend_retry_on_status_codes`; only a request not written at all or whose body was read whole (at most 16 KiB) goes again; at most 3 retries in flight per backend; the answer is the last attempt's, and a 503 of the proxy's says `retried and the latest reset reason` | `cli::espv2`, `settings::Settings::backend_retry`, `retry`, `forward::Forwarder::with_retries` |
@@ -102,6 +103,13 @@ impl Dialect {
     /// With routing by `x-google-backend`, a method without a backend rule goes to
     /// `--backend` (ESPv2); ESP v1 answers 500, as its nginx had no address for it.
     pub fn unrouted_methods_use_backend(self) -> bool {
+        self == Dialect::EspV2
+    }
+
+    /// A config with neither Service Control nor JWT rules is still matched and routed
+    /// (ESPv2's routes always end in its 404); ESP v1's module declines such a config and nginx
+    /// proxies every request as it came.
+    pub fn routes_every_request(self) -> bool {
         self == Dialect::EspV2
     }
 

@@ -9,7 +9,8 @@
 //!    `--rewrite`;
 //! 1. pick a config of the current rollout (weighted, in [`Pipeline::handle`]) — with neither
 //!    Service Control nor auth configured, everything is proxied (ESP's access handler
-//!    declines);
+//!    declines; ESPv2 still routes every request:
+//!    [`crate::dialect::Dialect::routes_every_request`]);
 //! 2. **match** (`Pipeline::match_request`): the settled method + the rewritten target
 //!    (undecoded) → [`crate::routing::MethodInfo`]; no match is 404 code 5, or 403 code 7 for OPTIONS; the
 //!    method and target matched are the ones forwarded; `--enable_backend_routing` resolves
@@ -246,7 +247,7 @@ impl Pipeline {
         };
         drop(table);
 
-        if !config.enabled {
+        if !config.enabled && !settings.dialect.routes_every_request() {
             ctx.cors_origin = ctx.cors_origin.take().or(cors_after_match);
             // ESP declines: no matching, no check, no report; nginx proxies as is.
             if let Some(name) = &settings.operation_name_header {
