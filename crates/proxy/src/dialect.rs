@@ -25,7 +25,6 @@
 //! | JWT: which fault a token is refused for | ESP v1's order: parse, time, issuer, audience, keys, signature | Envoy's: three sections, parse, issuer, time, audience, keys, signature | `auth::Authenticator::authenticate` (`AuthOptions::dialect`) |
 //! | JWT: where it is read | `X-Goog-Iap-Jwt-Assertion`, then `Authorization` (`Bearer ` stripped if there, else the whole value), then `access_token` only without `Authorization` | `Authorization` holding `Bearer ` (the token characters after it), then `X-Goog-Iap-Jwt-Assertion`, then `access_token` (exact name) | `auth::token::extract_espv2` |
 //! | JWT: audiences | the provider's list (else the requirement's), and the service's name always | the requirement's list, else the provider's, else `https://SERVICE` (any with `--disable_jwt_audience_service_name_check`); a token without `aud` passes only where any does | `auth::Authenticator::new`, `check_audience` |
-//! | A config with neither Service Control nor JWT rules | not enforced: every request is proxied as is, no matching, no 404 (ESP's `ServiceContext::Enabled()`) | enforced like any other: requests are matched (404/405 for what the config does not define), operation name and backend rules apply | [`Dialect::matches_every_config`], `routing::ConfigRoutes` |
 //! | Header names with `_` | dropped (nginx), kept with `--underscores_in_headers` | the request is refused 400 `Bad Request` (Envoy), kept with `--underscores_in_headers` | `cli::espv2` (`HeadOptions::refuse_underscores`) |
 //! | A client's `X-Forwarded-Client-Cert` | removed when client certificates are required | always removed (Envoy) | `cli::espv2` (`HeadOptions::sanitize_client_cert`) |
 //! | Client address | `--xff_trusted_proxy_list` / `--client_ip_header` | `X-Forwarded-For` by `--envoy_xff_num_trusted_hops` (default 2, 0 serverless) | `cli::espv2` (`Settings::xff_hops`) |
@@ -84,12 +83,6 @@ impl Dialect {
     /// Under `--cors_preset`, an `OPTIONS` request that is not a valid preflight is refused
     /// 400 whatever its path (ESPv2); ESP v1 matches it like any request.
     pub fn refuses_bad_preflights(self) -> bool {
-        self == Dialect::EspV2
-    }
-
-    /// A config with neither Service Control nor JWT rules is still enforced (ESPv2 always
-    /// builds its routes from the config); ESP v1 proxies every request untouched then.
-    pub fn matches_every_config(self) -> bool {
         self == Dialect::EspV2
     }
 

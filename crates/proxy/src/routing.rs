@@ -611,7 +611,7 @@ impl ConfigRoutes {
             config_id: service.id.clone(),
             service_control,
             auth,
-            enabled: service_control || auth || opts.auth_options.dialect.matches_every_config(),
+            enabled: service_control || auth,
             matcher: builder.build(),
             skipped_rules,
             service,
