@@ -16,6 +16,7 @@
 
 mod common;
 
+use common::espv2;
 use common::peer::{self, Action, Request};
 use common::{free_port, Proc};
 use serde_json::json;
@@ -45,18 +46,6 @@ fn service_config() -> serde_json::Value {
     })
 }
 
-fn service_account_key(dir: &std::path::Path) -> std::path::PathBuf {
-    let g = portico_credentials::generate_rsa_key().expect("keygen");
-    let path = dir.join("key.json");
-    let key = json!({
-        "type": "service_account", "project_id": "e2e-proj", "private_key_id": g.key_id,
-        "private_key": g.private_pkcs8_pem, "client_email": "proxy@e2e-proj.iam.gserviceaccount.com",
-        "client_id": "1", "token_uri": format!("http://127.0.0.1:{}/token", free_port()),
-    });
-    std::fs::write(&path, key.to_string()).expect("key file");
-    path
-}
-
 struct Env {
     _rt: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
@@ -83,7 +72,7 @@ fn env() -> Env {
     );
     let config = dir.path().join("service.json");
     std::fs::write(&config, service_config().to_string()).expect("config");
-    let key = service_account_key(dir.path());
+    let key = espv2::service_account_key(dir.path());
     Env {
         base_flags: vec![
             format!("--service_json_path={}", config.display()),

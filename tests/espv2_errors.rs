@@ -12,8 +12,9 @@
 
 mod common;
 
+use common::espv2;
+use common::free_port;
 use common::peer::{self, Action, Request};
-use common::{free_port, Proc};
 use serde_json::json;
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -171,16 +172,6 @@ fn service_config(jwks: SocketAddr, dead: u16) -> serde_json::Value {
     })
 }
 
-/// `portico espv2` with ESPv2's flags; returns the process and its listener port.
-fn start_proxy(dir: &std::path::Path, name: &str, flags: &[String]) -> (Proc, u16) {
-    let port = free_port();
-    let mut args = vec!["espv2".to_string(), format!("--listener_port={port}")];
-    args.extend(flags.iter().cloned());
-    let mut p = Proc::spawn(&args, &dir.join(format!("{name}.log")));
-    p.wait_for_port(port, name);
-    (p, port)
-}
-
 /// A row of the table: the request and the exact answer expected.
 struct Row {
     what: &'static str,
@@ -218,14 +209,6 @@ impl Row {
     }
 }
 
-/// ESPv2's error body for a status and message.
-fn espv2_body(status: u16, message: &str) -> String {
-    format!(
-        "{{\"code\":{status},\"message\":{}}}\n",
-        serde_json::to_string(message).expect("json")
-    )
-}
-
 fn send(client: &reqwest::blocking::Client, port: u16, r: &Row) -> (u16, String, String) {
     let url = format!("http://127.0.0.1:{port}{}", r.path);
     let method = reqwest::Method::from_bytes(r.method.as_bytes()).expect("method");
@@ -251,7 +234,7 @@ fn check(client: &reqwest::blocking::Client, port: u16, r: &Row, log: &dyn Fn() 
     let (status, ct, body) = send(client, port, r);
     assert_eq!(
         (status, body.as_str()),
-        (r.status, espv2_body(r.status, &r.message).as_str()),
+        (r.status, espv2::body(r.status, &r.message).as_str()),
         "{}: {} {}\nproxy log:\n{}",
         r.what,
         r.method,
@@ -320,10 +303,10 @@ fn every_error_the_proxy_writes_is_espv2s() {
             "--client_max_body_size=1k".to_string(),
         ]
     };
-    let (proxy, port) = start_proxy(dir.path(), "espv2", &common_flags(format!("http://{sc}")));
+    let (proxy, port) = espv2::start(dir.path(), "espv2", &common_flags(format!("http://{sc}")));
     let mut sc_down_flags = common_flags(format!("http://127.0.0.1:{dead}"));
     sc_down_flags.push("--backend_retry_num=0".to_string());
-    let (proxy_sc_down, port_sc_down) = start_proxy(dir.path(), "espv2-sc-down", &sc_down_flags);
+    let (proxy_sc_down, port_sc_down) = espv2::start(dir.path(), "espv2-sc-down", &sc_down_flags);
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()

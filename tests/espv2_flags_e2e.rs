@@ -7,22 +7,14 @@
 
 mod common;
 
-use common::peer::{self, Action, Request};
+use common::espv2;
+use common::peer;
 use common::{free_port, Proc};
 use serde_json::{json, Value};
 use std::process::Command;
 use std::sync::Arc;
 
 const SERVICE: &str = "espv2-flags.endpoints.e2e-proj.cloud.goog";
-
-fn echo_headers(req: &Request) -> Action {
-    let headers: serde_json::Map<String, Value> = req
-        .headers
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
-    Action::Respond(200, Value::Object(headers).to_string())
-}
 
 /// `curl` against the proxy's TLS listener, trusting the test's certificate; returns the
 /// response head (lower-cased) and the body as curl wrote it.
@@ -52,7 +44,7 @@ fn tls_header_and_compression_flags_work_from_the_command_line() {
         .enable_all()
         .build()
         .expect("runtime");
-    let backend = peer::start(&rt, Arc::new(echo_headers));
+    let backend = peer::start(&rt, Arc::new(espv2::echo_headers));
 
     // ESPv2's certificate directory: server.crt and server.key.
     let certs = dir.path().join("ssl");

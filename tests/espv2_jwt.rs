@@ -10,8 +10,9 @@
 
 mod common;
 
+use common::espv2;
+use common::free_port;
 use common::peer::{self, Action, Request};
-use common::{free_port, Proc};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,25 +27,6 @@ fn now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .expect("clock")
         .as_secs() as i64
-}
-
-/// The backend answers with the headers it received.
-fn echo_headers(req: &Request) -> Action {
-    let headers: serde_json::Map<String, Value> = req
-        .headers
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
-    Action::Respond(200, Value::Object(headers).to_string())
-}
-
-fn start_proxy(dir: &std::path::Path, name: &str, flags: &[String]) -> (Proc, u16) {
-    let port = free_port();
-    let mut args = vec!["espv2".to_string(), format!("--listener_port={port}")];
-    args.extend(flags.iter().cloned());
-    let mut p = Proc::spawn(&args, &dir.join(format!("{name}.log")));
-    p.wait_for_port(port, name);
-    (p, port)
 }
 
 #[test]
@@ -63,7 +45,7 @@ fn user_info_locations_and_audiences_are_espv2s() {
         &rt,
         Arc::new(move |_: &Request| Action::Respond(200, jwks_doc.clone())),
     );
-    let backend = peer::start(&rt, Arc::new(echo_headers));
+    let backend = peer::start(&rt, Arc::new(espv2::echo_headers));
     let signing = jsonwebtoken::EncodingKey::from_rsa_pem(g.private_pkcs8_pem.as_bytes())
         .expect("encoding key");
     let sign = |claims: Value| {
@@ -107,8 +89,8 @@ fn user_info_locations_and_audiences_are_espv2s() {
         f.extend(extra.iter().map(|s| s.to_string()));
         f
     };
-    let (proxy, port) = start_proxy(dir.path(), "espv2", &flags(&[]));
-    let (padded_proxy, padded_port) = start_proxy(
+    let (proxy, port) = espv2::start(dir.path(), "espv2", &flags(&[]));
+    let (padded_proxy, padded_port) = espv2::start(
         dir.path(),
         "espv2-padded",
         &flags(&[

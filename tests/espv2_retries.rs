@@ -11,6 +11,7 @@
 
 mod common;
 
+use common::espv2;
 use common::peer::{self, Action, Request};
 use common::{free_port, Proc};
 use serde_json::{json, Value};
@@ -102,18 +103,6 @@ fn service_config() -> Value {
     })
 }
 
-fn service_account_key(dir: &std::path::Path) -> std::path::PathBuf {
-    let g = portico_credentials::generate_rsa_key().expect("keygen");
-    let path = dir.join("key.json");
-    let key = json!({
-        "type": "service_account", "project_id": "e2e-proj", "private_key_id": g.key_id,
-        "private_key": g.private_pkcs8_pem, "client_email": "proxy@e2e-proj.iam.gserviceaccount.com",
-        "client_id": "1", "token_uri": format!("http://127.0.0.1:{}/token", free_port()),
-    });
-    std::fs::write(&path, key.to_string()).expect("key file");
-    path
-}
-
 struct Env {
     _rt: tokio::runtime::Runtime,
     dir: tempfile::TempDir,
@@ -136,7 +125,7 @@ fn env() -> Env {
     );
     let config = dir.path().join("service.json");
     std::fs::write(&config, service_config().to_string()).expect("config");
-    let key = service_account_key(dir.path());
+    let key = espv2::service_account_key(dir.path());
     Env {
         flags: vec![
             format!("--service_json_path={}", config.display()),
@@ -188,13 +177,6 @@ fn call(port: u16, method: &str, target: &str, body: Option<String>) -> (u16, St
         .send()
         .unwrap_or_else(|e| panic!("{method} {target}: {e}"));
     (resp.status().as_u16(), resp.text().expect("body"))
-}
-
-fn espv2_body(status: u16, message: &str) -> String {
-    format!(
-        "{{\"code\":{status},\"message\":{}}}\n",
-        serde_json::to_string(message).expect("json")
-    )
 }
 
 const RESET: &str = "upstream connect error or disconnect/reset before headers. reset reason: \
@@ -261,7 +243,7 @@ fn retries_follow_the_flags() {
         &[],
         vec![
             case("GET", "/reset?t=d1&fail=1", 200, 2).answer(ok(2, "")),
-            case("GET", "/reset?t=d2&fail=5", 503, 2).answer(espv2_body(503, RETRIED_RESET)),
+            case("GET", "/reset?t=d2&fail=5", 503, 2).answer(espv2::body(503, RETRIED_RESET)),
             // A small body is kept and sent again as it was.
             case("POST", "/reset?t=d3&fail=1", 200, 2)
                 .body("hello")
@@ -269,7 +251,7 @@ fn retries_follow_the_flags() {
             // One too large to keep is sent once, and the text says so.
             case("POST", "/reset?t=d4&fail=1", 503, 1)
                 .body(big.clone())
-                .answer(espv2_body(503, RESET)),
+                .answer(espv2::body(503, RESET)),
             // An answer is not a reset: 503 goes back as the backend wrote it.
             case("GET", "/flaky?t=d5&fail=1&status=503", 503, 1)
                 .answer(json!({"failed": 1}).to_string()),
@@ -280,13 +262,13 @@ fn retries_follow_the_flags() {
         &env,
         "none",
         &["--backend_retry_ons="],
-        vec![case("GET", "/reset?t=n1&fail=1", 503, 1).answer(espv2_body(503, RESET))],
+        vec![case("GET", "/reset?t=n1&fail=1", 503, 1).answer(espv2::body(503, RESET))],
     );
     run(
         &env,
         "zero",
         &["--backend_retry_num=0"],
-        vec![case("GET", "/reset?t=z1&fail=1", 503, 1).answer(espv2_body(503, RESET))],
+        vec![case("GET", "/reset?t=z1&fail=1", 503, 1).answer(espv2::body(503, RESET))],
     );
     // 5xx: answers 500-599 and resets.
     run(
@@ -344,7 +326,7 @@ fn retries_follow_the_flags() {
         &["--backend_per_try_timeout=300ms"],
         vec![
             case("GET", "/sleepy?t=q1&fail=2", 504, 2)
-                .answer(espv2_body(504, "upstream request timeout")),
+                .answer(espv2::body(504, "upstream request timeout")),
             // The deadline (1 s here) spans every attempt: a per-try timeout past it retries
             // nothing.
             case("GET", "/short?t=q2&fail=0", 200, 1),
@@ -355,7 +337,7 @@ fn retries_follow_the_flags() {
         "per-try-long",
         &["--backend_per_try_timeout=5s", "--backend_retry_num=3"],
         vec![case("GET", "/short?t=l1&fail=1", 504, 1)
-            .answer(espv2_body(504, "upstream request timeout"))],
+            .answer(espv2::body(504, "upstream request timeout"))],
     );
 }
 
@@ -470,7 +452,7 @@ fn streamed_bodies_are_kept_for_http2_backends() {
         "usage": {"rules": [{"selector": "e2e.Api.Unary", "allowUnregisteredCalls": true}]},
     });
     std::fs::write(&config, svc.to_string()).expect("config");
-    let key = service_account_key(dir.path());
+    let key = espv2::service_account_key(dir.path());
     let port = free_port();
     let mut proxy = Proc::spawn(
         &[

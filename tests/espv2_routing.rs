@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::espv2;
 use common::peer::{self, Action, Request};
 use common::{free_port, Proc};
 use serde_json::json;
@@ -86,19 +87,6 @@ fn service_config(remote: std::net::SocketAddr) -> serde_json::Value {
     })
 }
 
-/// The proxy's identity file; its token endpoint is nowhere, so reports are only attempted.
-fn service_account_key(dir: &std::path::Path) -> std::path::PathBuf {
-    let g = portico_credentials::generate_rsa_key().expect("keygen");
-    let path = dir.join("key.json");
-    let key = json!({
-        "type": "service_account", "project_id": "e2e-proj", "private_key_id": g.key_id,
-        "private_key": g.private_pkcs8_pem, "client_email": "proxy@e2e-proj.iam.gserviceaccount.com",
-        "client_id": "1", "token_uri": format!("http://127.0.0.1:{}/token", free_port()),
-    });
-    std::fs::write(&path, key.to_string()).expect("key file");
-    path
-}
-
 #[test]
 fn backend_rules_route_as_espv2_does() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -115,7 +103,7 @@ fn backend_rules_route_as_espv2_does() {
     );
     let config = dir.path().join("service.json");
     std::fs::write(&config, service_config(remote).to_string()).expect("config");
-    let key = service_account_key(dir.path());
+    let key = espv2::service_account_key(dir.path());
 
     let port = free_port();
     let mut proxy = Proc::spawn(
@@ -274,7 +262,7 @@ fn a_config_without_checks_is_still_routed() {
     assert!(svc.get("control").is_none());
     svc["usage"] = json!({});
     std::fs::write(&config, svc.to_string()).expect("config");
-    let key = service_account_key(dir.path());
+    let key = espv2::service_account_key(dir.path());
     let port = free_port();
     let mut proxy = Proc::spawn(
         &[

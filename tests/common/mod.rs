@@ -22,6 +22,7 @@
 //! Not every test binary uses every helper.
 #![allow(dead_code)]
 
+pub mod espv2;
 pub mod peer;
 
 use std::io::{BufRead, BufReader, Read};

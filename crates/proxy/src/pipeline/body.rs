@@ -566,7 +566,12 @@ impl Pipeline {
     ) -> Response<ProxyBody> {
         self.compress(&mut resp, ctx);
         let status = resp.status().as_u16();
-        let response_head_bytes = response_head_size(&resp, ctx.head);
+        // Only Service Control's report counts the head; nothing else pays for it.
+        let response_head_bytes = if report.is_some() {
+            response_head_size(&resp, ctx.head)
+        } else {
+            0
+        };
         let backend_grpc = self.forwarder.version() == Version::HTTP_2;
         let is_grpc_request = ctx.content_type_grpc;
         let protocol = if is_grpc_request {

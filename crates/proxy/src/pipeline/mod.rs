@@ -296,9 +296,12 @@ impl Pipeline {
             extract_api_key(query, &parts.headers, &mi.api_key_locations).map(str::to_string)
         };
 
-        let report_key = match &api_key {
-            Some(k) => Some(k.clone()),
-            None => self.unchecked_key(query, &parts.headers, Some(&mi.api_key_locations)),
+        // A method that needs a consumer already read its key; only one that does not is
+        // read again, for ESPv2's report.
+        let report_key = if mi.allow_unregistered_calls {
+            self.unchecked_key(query, &parts.headers, Some(&mi.api_key_locations))
+        } else {
+            api_key.clone()
         };
         let mut report = self.report_info(&config, Some(&mi), report_key, &parts.headers);
         report.auth = auth;
