@@ -64,8 +64,9 @@ pub enum Support {
     /// Accepted and ignored, with the reason: it tunes Envoy (or ESPv2's own plumbing) and has
     /// no meaning in Portico. Logged once at start-up.
     Ignored(&'static str),
-    /// Accepted; its feature is not built yet (issue 17). Logged once at start-up.
-    NotYet,
+    /// Accepted; its feature is not built yet and belongs to the issue numbered here (18: gRPC,
+    /// 19: tracing). Logged once at start-up with that number.
+    NotYet(u16),
     /// Refused until implemented, with the reason: ignoring it would weaken security.
     Refused(&'static str),
 }
@@ -86,20 +87,23 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--rollout_strategy", Implemented),
     ("--management", Implemented),
     ("--check_metadata", Implemented),
-    ("--http_request_timeout_s", NotYet),
+    ("--http_request_timeout_s", NotYet(17)),
     // Backend.
     ("--backend", Implemented),
-    ("--enable_backend_address_override", NotYet),
-    ("--backend_dns_lookup_family", NotYet),
-    ("--dns_resolver_addresses", NotYet),
+    ("--enable_backend_address_override", NotYet(17)),
+    ("--backend_dns_lookup_family", NotYet(17)),
+    ("--dns_resolver_addresses", NotYet(17)),
     ("--backend_retry_ons", Implemented),
     ("--backend_retry_on_status_codes", Implemented),
     ("--backend_retry_num", Implemented),
     ("--backend_per_try_timeout", Implemented),
-    ("--health_check_grpc_backend", NotYet),
-    ("--health_check_grpc_backend_service", NotYet),
-    ("--health_check_grpc_backend_interval", NotYet),
-    ("--health_check_grpc_backend_no_traffic_interval", NotYet),
+    ("--health_check_grpc_backend", NotYet(18)),
+    ("--health_check_grpc_backend_service", NotYet(18)),
+    ("--health_check_grpc_backend_interval", NotYet(18)),
+    (
+        "--health_check_grpc_backend_no_traffic_interval",
+        NotYet(18),
+    ),
     // Listener and TLS.
     ("--listener_port", Implemented),
     ("--status_port", Implemented),
@@ -154,11 +158,11 @@ pub const FLAGS: &[(&str, Support)] = &[
         "--jwks_async_fetch_fast_listener",
         Ignored("the listener never waits for key sets in Portico"),
     ),
-    ("--jwt_cache_size", NotYet),
+    ("--jwt_cache_size", NotYet(17)),
     ("--jwks_cache_duration_in_s", Implemented),
-    ("--jwks_fetch_num_retries", NotYet),
-    ("--jwks_fetch_retry_back_off_base_interval_ms", NotYet),
-    ("--jwks_fetch_retry_back_off_max_interval_ms", NotYet),
+    ("--jwks_fetch_num_retries", NotYet(17)),
+    ("--jwks_fetch_retry_back_off_base_interval_ms", NotYet(17)),
+    ("--jwks_fetch_retry_back_off_max_interval_ms", NotYet(17)),
     ("--jwt_pad_forward_payload_header", Implemented),
     ("--disable_jwt_audience_service_name_check", Implemented),
     // Service Control.
@@ -183,33 +187,33 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--log_jwt_payloads", Implemented),
     // Logs and tracing.
     ("--access_log", Implemented),
-    ("--access_log_format", NotYet),
-    ("--disable_tracing", NotYet),
-    ("--tracing_project_id", NotYet),
-    ("--tracing_sample_rate", NotYet),
-    ("--disable_cloud_trace_auto_sampling", NotYet),
-    ("--tracing_incoming_context", NotYet),
-    ("--tracing_outgoing_context", NotYet),
-    ("--cloud_trace_url_override", NotYet),
+    ("--access_log_format", NotYet(17)),
+    ("--disable_tracing", NotYet(19)),
+    ("--tracing_project_id", NotYet(19)),
+    ("--tracing_sample_rate", NotYet(19)),
+    ("--disable_cloud_trace_auto_sampling", NotYet(19)),
+    ("--tracing_incoming_context", NotYet(19)),
+    ("--tracing_outgoing_context", NotYet(19)),
+    ("--cloud_trace_url_override", NotYet(19)),
     // Platform and credentials.
     ("--non_gcp", Implemented),
     ("--service_account_key", Implemented),
-    ("--enable_application_default_credentials", NotYet),
-    ("--enable_debug", NotYet),
+    ("--enable_application_default_credentials", NotYet(17)),
+    ("--enable_debug", NotYet(17)),
     // gRPC-JSON transcoding.
-    ("--transcoding_always_print_primitive_fields", NotYet),
-    ("--transcoding_always_print_enums_as_ints", NotYet),
-    ("--transcoding_stream_newline_delimited", NotYet),
-    ("--transcoding_case_insensitive_enum_parsing", NotYet),
-    ("--transcoding_preserve_proto_field_names", NotYet),
-    ("--transcoding_ignore_query_parameters", NotYet),
-    ("--transcoding_ignore_unknown_query_parameters", NotYet),
+    ("--transcoding_always_print_primitive_fields", NotYet(18)),
+    ("--transcoding_always_print_enums_as_ints", NotYet(18)),
+    ("--transcoding_stream_newline_delimited", NotYet(18)),
+    ("--transcoding_case_insensitive_enum_parsing", NotYet(18)),
+    ("--transcoding_preserve_proto_field_names", NotYet(18)),
+    ("--transcoding_ignore_query_parameters", NotYet(18)),
+    ("--transcoding_ignore_unknown_query_parameters", NotYet(18)),
     (
         "--transcoding_query_parameters_disable_unescape_plus",
-        NotYet,
+        NotYet(18),
     ),
-    ("--transcoding_match_unregistered_custom_verb", NotYet),
-    ("--disallow_colon_in_wildcard_path_segment", NotYet),
+    ("--transcoding_match_unregistered_custom_verb", NotYet(18)),
+    ("--disallow_colon_in_wildcard_path_segment", NotYet(17)),
     // Deprecated, kept by ESPv2 for ESP v1 command lines.
     (
         "--enable_backend_routing",
@@ -222,47 +226,47 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--http_port", Implemented),
     ("--http2_port", Implemented),
     ("--ssl_port", Implemented),
-    ("--dns", NotYet),
+    ("--dns", NotYet(17)),
     ("--tls_mutual_auth", Implemented),
     ("--ssl_protocols", Implemented),
     ("--enable_grpc_backend_ssl", Refused(TLS_REFUSED)),
-    ("--grpc_backend_ssl_root_certs_file", NotYet),
+    ("--grpc_backend_ssl_root_certs_file", NotYet(18)),
     ("--ssl_client_cert_path", Implemented),
     ("--ssl_client_root_certs_file", Implemented),
     ("--on_serverless", Implemented),
     // Flags of ESPv2's config manager (start_proxy.py does not take them).
     ("--listener_address", Implemented),
-    ("--cluster_connect_timeout", NotYet),
+    ("--cluster_connect_timeout", NotYet(17)),
     ("--service_management_url", Implemented),
     ("--metadata_url", Implemented),
-    ("--iam_url", NotYet),
-    ("--service_control_iam_service_account", NotYet),
-    ("--service_control_iam_delegates", NotYet),
-    ("--backend_auth_iam_service_account", NotYet),
-    ("--backend_auth_iam_delegates", NotYet),
+    ("--iam_url", NotYet(17)),
+    ("--service_control_iam_service_account", NotYet(17)),
+    ("--service_control_iam_delegates", NotYet(17)),
+    ("--backend_auth_iam_service_account", NotYet(17)),
+    ("--backend_auth_iam_delegates", NotYet(17)),
     (
         "--token_agent_port",
         Ignored("the port of Envoy's token agent; Portico fetches tokens itself"),
     ),
-    ("--disable_oidc_discovery", NotYet),
-    ("--dependency_error_behavior", NotYet),
+    ("--disable_oidc_discovery", NotYet(17)),
+    ("--dependency_error_behavior", NotYet(17)),
     ("--skip_jwt_authn_filter", Implemented),
     ("--skip_service_control_filter", Implemented),
     (
         "--suppress_envoy_headers",
         Ignored("Portico sends no x-envoy-* headers"),
     ),
-    ("--enable_grpc_for_http1", NotYet),
-    ("--min_stream_report_interval_ms", NotYet),
-    ("--client_ip_from_forwarded_header", NotYet),
-    ("--backend_cluster_maximum_requests", NotYet),
-    ("--generated_header_prefix", NotYet),
-    ("--tracing_max_num_attributes", NotYet),
-    ("--tracing_max_num_annotations", NotYet),
-    ("--tracing_max_num_message_events", NotYet),
-    ("--tracing_max_num_links", NotYet),
-    ("--health_check_operation", NotYet),
-    ("--cors_operation_delimiter", NotYet),
+    ("--enable_grpc_for_http1", NotYet(18)),
+    ("--min_stream_report_interval_ms", NotYet(18)),
+    ("--client_ip_from_forwarded_header", NotYet(17)),
+    ("--backend_cluster_maximum_requests", NotYet(17)),
+    ("--generated_header_prefix", NotYet(17)),
+    ("--tracing_max_num_attributes", NotYet(19)),
+    ("--tracing_max_num_annotations", NotYet(19)),
+    ("--tracing_max_num_message_events", NotYet(19)),
+    ("--tracing_max_num_links", NotYet(19)),
+    ("--health_check_operation", NotYet(17)),
+    ("--cors_operation_delimiter", NotYet(17)),
     // Portico's own.
     ("--listen_address", Implemented),
     ("--worker_threads", Implemented),
@@ -957,7 +961,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Settings, ArgError> {
         match support {
             Implemented => {}
             Ignored(_) => settings.ignored_flags.push(flag),
-            NotYet => settings.not_implemented_flags.push(flag),
+            NotYet(_) => settings.not_implemented_flags.push(flag),
             Refused(why) => {
                 return Err(ArgError::v2(format!("{flag} cannot be used yet: {why}")));
             }
@@ -1335,7 +1339,14 @@ pub fn log_flag_notes(settings: &Settings) {
         tracing::info!(flag, reason = why, "accepted and ignored");
     }
     for flag in &settings.not_implemented_flags {
-        tracing::warn!(flag, "accepted, not implemented yet (issue 17)");
+        let issue = FLAGS
+            .iter()
+            .find_map(|(f, s)| match s {
+                NotYet(issue) if f == flag => Some(*issue),
+                _ => None,
+            })
+            .unwrap_or_default();
+        tracing::warn!(flag, issue, "accepted, not implemented yet");
     }
     if settings
         .cors
@@ -2296,13 +2307,19 @@ mod tests {
             let word = match support {
                 Implemented => "Yes",
                 Ignored(_) => "Ignored: ",
-                NotYet => "Not yet",
+                NotYet(_) => "Not yet (issue ",
                 Refused(_) => "Refused: ",
             };
             assert!(
                 said.starts_with(word),
                 "{flag}: README says {said:?}, code says {support:?}"
             );
+            if let NotYet(issue) = support {
+                assert!(
+                    said.starts_with(&format!("Not yet (issue {issue})")),
+                    "{flag}: README names another issue: {said:?}"
+                );
+            }
             if let Ignored(why) | Refused(why) = support {
                 assert!(
                     said.contains(why),
