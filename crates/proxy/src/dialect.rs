@@ -36,11 +36,11 @@
 //! | Report log entry | the request in the payload (`url`, `http_method`, `http_response_code`, sizes, `client_ip`, ...), `log_message` `Method: M` / `... failed: ...`, `error_cause` `auth`/`service_control`/... | the request in `httpRequest`; payload `api_key_state` (`NOT CHECKED`, `INVALID`, `NOT ENABLED`, `VERIFIED`), `http_status_code`, `response_code_detail` (Envoy's: `via_upstream`, `direct_response`, `service_control_check_error{CODE}`, `jwt_authn_access_denied{Jwt_is_missing}`, ...), `log_message` `M is called`, `error_cause` the Service Control status's message, `location` only when the metadata server named one | `service_control::report`, [`espv2_response_code_detail`] |
 //! | API key of a request not checked | not read (unknown operation, refused before the check, unregistered calls allowed) | read and reported, untrusted, in the log entry only | [`Dialect::reports_unchecked_api_keys`], `Pipeline::unchecked_key` |
 //! | Metadata server | asked only with `--metadata`, for tokens | asked by default (`--metadata_url`, unless `--non_gcp`): at start-up for project, zone and platform (reports), with `--check_metadata` for the service name; tokens as in ESP; ID tokens with `format=standard` (ESP: `full`) | [`Dialect::reads_gcp_attributes`], `server::run`, `gcp_metadata`, [`Dialect::identity_token_format`] |
+//! | `:check` failures forgiven by `--service_control_network_fail_policy=open` | no answer, or any 5xx; a `*_UNAVAILABLE` check error is always let through, the key trusted | no answer, 429, 502, 503, 504 (what Envoy maps to `UNAVAILABLE`; a 500 is refused); a `*_UNAVAILABLE` check error follows the policy (open: through, key `NOT CHECKED`; close: 503 `One or more Google Service Control backends are unavailable.`) | [`Dialect::check_failure_may_fail_open`], [`Dialect::unavailable_check_errors_follow_fail_policy`], `service_control::check` |
 //! | Backend authentication under `--non_gcp` | ID tokens minted with the key file | off: `jwt_audience` rules' backends are called without an ID token | [`Dialect::non_gcp_disables_backend_auth`], `Settings::backend_auth_disabled` |
 //!
-//! Not yet different (issue 17, later items): which `:check` failures the open network fail
-//! policy forgives; in reports, the gRPC status of gRPC responses (`grpc_status_code`,
-//! `/response_code` from it) and the log entry's `trace` (tracing is not built).
+//! Not yet different: in reports, the gRPC status of gRPC responses (`grpc_status_code`,
+//! `/response_code` from it; issue 18) and the log entry's `trace` (tracing, issue 19).
 //! `WWW-Authenticate` on 401/403 is Portico's in both dialects.
 
 use crate::error::{Code, ErrorKind, EspError, JwtProblem, NetworkFailure, ScFailure};
@@ -140,6 +140,25 @@ impl Dialect {
             Dialect::Esp => "full",
             Dialect::EspV2 => "standard",
         }
+    }
+
+    /// Whether a failed `:check` that got this HTTP status (`None`: no answer at all) may be
+    /// forgiven by `--service_control_network_fail_policy=open`. ESP v1 forgives any 5xx;
+    /// ESPv2 only what Envoy maps to `UNAVAILABLE` (429, 502, 503, 504; no answer becomes
+    /// Envoy's own 503/504), so a 500 refuses the request even when open.
+    pub fn check_failure_may_fail_open(self, http_status: Option<u16>) -> bool {
+        match (self, http_status) {
+            (_, None) => true,
+            (Dialect::Esp, Some(s)) => s >= 500,
+            (Dialect::EspV2, Some(s)) => matches!(s, 429 | 502 | 503 | 504),
+        }
+    }
+
+    /// A check answered with a `*_UNAVAILABLE` error (a Service Control dependency down) obeys
+    /// the network fail policy, the key untrusted (ESPv2); ESP v1 always lets it through with
+    /// the key trusted.
+    pub fn unavailable_check_errors_follow_fail_policy(self) -> bool {
+        self == Dialect::EspV2
     }
 
     /// The flag that names the plain-text serving port, for messages about it.
