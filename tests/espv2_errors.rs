@@ -429,6 +429,60 @@ fn every_error_the_proxy_writes_is_espv2s() {
         check(&client, port, r, &log);
     }
 
+    // WWW-Authenticate: only on JWT refusals, naming the request's URI (the query too) as
+    // realm; never on the other 401s and 403s.
+    let challenge = |path: &str, bearer: Option<&str>| {
+        let mut r = client.get(format!("http://127.0.0.1:{port}{path}"));
+        if let Some(b) = bearer {
+            r = r.bearer_auth(b);
+        }
+        let resp = r.send().expect("request");
+        (
+            resp.status().as_u16(),
+            resp.headers()
+                .get("www-authenticate")
+                .map(|v| v.to_str().expect("ascii").to_string()),
+        )
+    };
+    assert_eq!(
+        challenge("/jwt?x=1", None),
+        (
+            401,
+            Some(format!("Bearer realm=\"http://127.0.0.1:{port}/jwt?x=1\""))
+        )
+    );
+    assert_eq!(
+        challenge("/jwt", Some("abc")),
+        (
+            401,
+            Some(format!(
+                "Bearer realm=\"http://127.0.0.1:{port}/jwt\", error=\"invalid_token\""
+            ))
+        )
+    );
+    let long = format!("/jwt?{}", "a".repeat(400));
+    let (status, value) = challenge(&long, Some(&t(KID, claims(ISSUER, "someone-else"))));
+    assert_eq!(status, 403);
+    assert_eq!(
+        value,
+        Some(format!(
+            "Bearer realm=\"http://127.0.0.1:{port}{}\", error=\"invalid_token\"",
+            &long[..256]
+        ))
+    );
+    let resp = client
+        .post(format!("http://127.0.0.1:{port}/echo"))
+        .send()
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 401);
+    assert!(resp.headers().get("www-authenticate").is_none());
+    let resp = client
+        .post(format!("http://127.0.0.1:{port}/echo?key=notenabled"))
+        .send()
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 403);
+    assert!(resp.headers().get("www-authenticate").is_none());
+
     // Quota: allocations run beside requests; a refusal applies to the next request.
     let quota = row(
         "quota exhausted",

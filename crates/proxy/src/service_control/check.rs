@@ -717,7 +717,9 @@ mod tests {
         };
         let esp = UnavailableCheckError::new(Dialect::Esp, false);
         assert_eq!(esp, UnavailableCheckError::LetThrough);
-        let ok = verdict_from_response(&resp, "s", esp).outcome.expect("through");
+        let ok = verdict_from_response(&resp, "s", esp)
+            .outcome
+            .expect("through");
         assert!(ok.api_key_valid && !ok.network_failure);
         let open = UnavailableCheckError::new(Dialect::EspV2, true);
         let v = verdict_from_response(&resp, "s", open);
