@@ -769,6 +769,7 @@ mod tests {
             restrictions: Some(json!({"apiTargets": [{"service": "s.example.com"}]})),
             annotations: None,
             expire_time: Some("2030-01-01T01:00:00+01:00".into()),
+            etag: None,
         };
         apply_mask_path(&mut key, "restrictions.apiTargets", &body).expect("targets");
         assert_eq!(key.display_name, "old");
