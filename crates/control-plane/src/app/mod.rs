@@ -59,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::apis::apikeys::routes())
         .merge(crate::apis::jwks::routes())
         .merge(crate::apis::servicecontrol::routes())
+        .merge(crate::apis::cloudtrace::routes())
         .merge(crate::app::console::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

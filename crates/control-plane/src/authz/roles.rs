@@ -41,6 +41,9 @@ pub mod perms {
     pub const APIKEYS_UNDELETE: &str = "apikeys.keys.undelete";
     pub const APIKEYS_GET_KEY_STRING: &str = "apikeys.keys.getKeyString";
     pub const APIKEYS_LOOKUP: &str = "apikeys.keys.lookup";
+    pub const TRACES_PATCH: &str = "cloudtrace.traces.patch";
+    pub const TRACES_GET: &str = "cloudtrace.traces.get";
+    pub const TRACES_LIST: &str = "cloudtrace.traces.list";
 }
 
 /// Whether `role` includes `permission` (the subset of Google's predefined roles Portico knows).
@@ -95,6 +98,10 @@ pub fn role_grants(role: &str, permission: &str) -> bool {
         "roles/serviceusage.apiKeysViewer" => {
             matches!(permission, APIKEYS_GET | APIKEYS_LIST | APIKEYS_LOOKUP)
         }
+        // What the walkthrough grants the proxy's account on the tracing project: write only.
+        "roles/cloudtrace.agent" => permission == TRACES_PATCH,
+        "roles/cloudtrace.user" => matches!(permission, TRACES_GET | TRACES_LIST),
+        "roles/cloudtrace.admin" => permission.starts_with("cloudtrace."),
         _ => false,
     }
 }
