@@ -301,7 +301,11 @@ async fn generate_access_token_mints_tokens_that_act_as_the_account() {
     );
     // Default lifetime is an hour.
     let (s, v) = e
-        .admin(Method::POST, &access_path(TARGET), Some(json!({"scope": scope})))
+        .admin(
+            Method::POST,
+            &access_path(TARGET),
+            Some(json!({"scope": scope})),
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let expire = time::OffsetDateTime::parse(
@@ -370,7 +374,11 @@ async fn generate_access_token_mints_tokens_that_act_as_the_account() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(use_token(&e, &token).await, StatusCode::UNAUTHORIZED);
     let (s, v) = e
-        .admin(Method::POST, &access_path(TARGET), Some(json!({"scope": scope})))
+        .admin(
+            Method::POST,
+            &access_path(TARGET),
+            Some(json!({"scope": scope})),
+        )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(v["error"]["status"], "FAILED_PRECONDITION");
@@ -408,9 +416,18 @@ async fn delegation_chains_are_checked_link_by_link() {
     let call = |who: &'static str, body: Value, id_token: bool| {
         let e = &e;
         async move {
-            let p = if id_token { path(TARGET) } else { access_path(TARGET) };
-            e.call(Method::POST, &p, Some(&format!("sa:{}", email(who))), Some(body))
-                .await
+            let p = if id_token {
+                path(TARGET)
+            } else {
+                access_path(TARGET)
+            };
+            e.call(
+                Method::POST,
+                &p,
+                Some(&format!("sa:{}", email(who))),
+                Some(body),
+            )
+            .await
         }
     };
 
@@ -458,7 +475,12 @@ async fn delegation_chains_are_checked_link_by_link() {
     assert_eq!(claims["email"], TARGET);
 
     // A caller without the role gets nowhere, however good the chain after it.
-    let (s, v) = call("stranger", json!({"scope": scope, "delegates": chain}), false).await;
+    let (s, v) = call(
+        "stranger",
+        json!({"scope": scope, "delegates": chain}),
+        false,
+    )
+    .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
 
     // A delegate that does not exist looks like a forbidden one; a disabled one is named.
@@ -468,7 +490,10 @@ async fn delegation_chains_are_checked_link_by_link() {
     let (s, _) = e
         .admin(
             Method::POST,
-            &format!("/v1/projects/-/serviceAccounts/{}:disable", email("first-hop")),
+            &format!(
+                "/v1/projects/-/serviceAccounts/{}:disable",
+                email("first-hop")
+            ),
             None,
         )
         .await;

@@ -195,13 +195,13 @@ async fn authorize_chain(
             // The caller's own denial is Google's usual one; a denial further down the chain
             // says which delegate may not act for which account (the caller named both).
             return Err(match &acting {
-                Principal::ServiceAccount { email } if i > 0 => ApiError::permission_denied(
-                    format!(
+                Principal::ServiceAccount { email } if i > 0 => {
+                    ApiError::permission_denied(format!(
                         "Permission '{permission}' denied: delegate {email} may not act for \
                          {}.",
                         sa.email
-                    ),
-                ),
+                    ))
+                }
                 _ => e,
             });
         }
@@ -226,8 +226,7 @@ async fn generate_id_token(
     account: &str,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let (principal, body): (_, GenerateIdTokenRequest) =
-        read_request(state, project, req).await?;
+    let (principal, body): (_, GenerateIdTokenRequest) = read_request(state, project, req).await?;
     if body.audience.is_empty() {
         return Err(ApiError::invalid_argument("audience is required.")
             .with_field_violation("audience", "required"));
@@ -368,7 +367,16 @@ mod tests {
         assert_eq!(parse_lifetime("3600s"), Some(3600));
         assert_eq!(parse_lifetime("1.5s"), Some(2));
         assert_eq!(parse_lifetime("10.000s"), Some(10));
-        for bad in ["", "s", "3600", "-1s", "1e3s", "1.s0", " 1s", "99999999999999s"] {
+        for bad in [
+            "",
+            "s",
+            "3600",
+            "-1s",
+            "1e3s",
+            "1.s0",
+            " 1s",
+            "99999999999999s",
+        ] {
             assert_eq!(parse_lifetime(bad), None, "{bad:?}");
         }
     }
