@@ -37,6 +37,8 @@
 //! | API key of a request not checked | not read (unknown operation, refused before the check, unregistered calls allowed) | read and reported, untrusted, in the log entry only | [`Dialect::reports_unchecked_api_keys`], `Pipeline::unchecked_key` |
 //! | Metadata server | asked only with `--metadata`, for tokens | asked by default (`--metadata_url`, unless `--non_gcp`): at start-up for project, zone and platform (reports), with `--check_metadata` for the service name; tokens as in ESP; ID tokens with `format=standard` (ESP: `full`) | [`Dialect::reads_gcp_attributes`], `server::run`, `gcp_metadata`, [`Dialect::identity_token_format`] |
 //! | Backend authentication under `--non_gcp` | ID tokens minted with the key file | off: `jwt_audience` rules' backends are called without an ID token | [`Dialect::non_gcp_disables_backend_auth`], `Settings::backend_auth_disabled` |
+//! | `--http_request_timeout_s` | the backend's timeout; the proxy's own calls keep fixed limits (metadata 30 s, ID tokens 5 s, Service Management 5 s) | the proxy's own calls (default 30 s); the backend's deadline is 15 s or the rule's | `cli::espv2::validate`, `Settings::http_request_timeout` |
+//! | Tokens missing at start-up | serve at once; requests needing them fail | by default not listening until Service Control's token and every backend ID token were had (`--dependency_error_behavior`) | `server::start_with_metrics`, `server::run` (`Settings::dependency_error_behavior`) |
 //!
 //! Not yet different (issue 17, later items): which `:check` failures the open network fail
 //! policy forgives; in reports, the gRPC status of gRPC responses (`grpc_status_code`,
