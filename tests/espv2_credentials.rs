@@ -9,8 +9,8 @@
 //! - `--dependency_error_behavior`: by default the proxy does not listen while the metadata
 //!   server refuses its tokens, and listens once it answers; with `ALWAYS_INIT` it listens at
 //!   once and the request that needs the token gets ESPv2's error.
-//! - `--http_request_timeout_s`: an IAM peer and a metadata server that never answer are given
-//!   up on after the set time, not ESPv2's default 30 s.
+//! - `--http_request_timeout_s`: an IAM peer, a Service Management and a metadata server that
+//!   never answer are given up on after the set time, not ESPv2's default 30 s.
 //! - `--enable_application_default_credentials`: gcloud's well-known file under
 //!   `CLOUDSDK_CONFIG` is found and used; user credentials are refused naming the file.
 
@@ -422,6 +422,45 @@ fn http_request_timeout_bounds_the_proxys_own_calls() {
         );
         drop(proxy);
     }
+
+    // A Service Management that never answers: the config fetch (five attempts, 0.25 s to 2 s
+    // apart) gives up after five one-second attempts and the start stops, where ESPv2's
+    // default would wait two and a half minutes.
+    let sm = peer::start(
+        &rt,
+        Arc::new(|_: &Request| Action::Stall(Duration::from_secs(120))),
+    );
+    let log = dir.path().join("management-timeout.log");
+    let out = std::fs::File::create(&log).expect("log");
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portico"))
+        .args([
+            "espv2".to_string(),
+            format!("--listener_port={}", free_port()),
+            "--service=svc.endpoints.p.cloud.goog".to_string(),
+            "--version=2024-06-01r0".to_string(),
+            format!("--service_management_url=http://{sm}"),
+            "--non_gcp".to_string(),
+            format!("--service_account_key={}", key.display()),
+            "--http_request_timeout_s=1".to_string(),
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("log fd"))
+        .stderr(out)
+        .spawn()
+        .expect("spawn");
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(40)), Some(1));
+    let took = started.elapsed();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(25),
+        "gave up after {took:?}; log:\n{text}"
+    );
+    assert!(
+        text.contains("cannot load the service configuration"),
+        "{text}"
+    );
 
     // A metadata server that answers its root but never a token: with a one-second limit the
     // start-up token fetch (tried four times) gives up within seconds, where ESPv2's default

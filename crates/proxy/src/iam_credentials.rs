@@ -283,13 +283,17 @@ fn check_token(token: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The last fetch's outcome: the header and when to replace it, or the failure and until when
+/// to repeat it.
+type LastFetch = Option<Result<(String, Instant), (TokenError, Instant)>>;
+
 /// Access tokens of one account for Service Control, shared by every call.
 pub struct IamAccessTokens {
     client: Arc<IamClient>,
     account: IamAccount,
     scope: &'static str,
     /// Held through a fetch, so concurrent callers wait for it instead of fetching again.
-    last: tokio::sync::Mutex<Option<Result<(String, Instant), (TokenError, Instant)>>>,
+    last: tokio::sync::Mutex<LastFetch>,
 }
 
 impl std::fmt::Debug for IamAccessTokens {
