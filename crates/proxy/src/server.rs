@@ -204,6 +204,12 @@ pub async fn start_with_metrics(
     if let Some(d) = settings.jwks_cache_duration {
         key_opts.ttl = d;
     }
+    if let Some(n) = settings.jwt_cache_size {
+        key_opts.token_cache_capacity = n;
+    }
+    key_opts.fetch_retries = settings.jwks_fetch_retry.retries;
+    key_opts.retry_backoff_base = settings.jwks_fetch_retry.backoff_base;
+    key_opts.retry_backoff_max = settings.jwks_fetch_retry.backoff_max;
     // Built even for a cleartext `--backend`: rule addresses may be `https://`, and a file
     // named on the command line that cannot be used is better refused at start.
     let backend_tls =
@@ -875,6 +881,7 @@ pub fn run(settings: Settings) -> ExitCode {
         if let Some(t) = settings.http_request_timeout {
             opts.request_timeout = t;
         }
+        opts.rules.require_jwks_uri = settings.disable_oidc_discovery;
         let notifier = config_source::RolloutNotifier::new();
         opts.rollout_notifier = Some(notifier.clone());
         let rollouts = match config_source::start(opts).await {

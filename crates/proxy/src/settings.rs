@@ -257,6 +257,14 @@ pub struct Settings {
     /// lists no audiences; `--disable_jwt_audience_service_name_check` turns that off, and such
     /// a provider then accepts any audience.
     pub jwt_audience_service_name_check: bool,
+    /// ESPv2's `--jwt_cache_size`: how many verified tokens are remembered (0: none); `None`:
+    /// Portico's default.
+    pub jwt_cache_size: Option<usize>,
+    /// ESPv2's `--jwks_fetch_num_retries` and its back-off (`--jwks_fetch_retry_back_off_*`).
+    pub jwks_fetch_retry: JwksFetchRetry,
+    /// ESPv2's `--disable_oidc_discovery`: a config with a provider without `jwks_uri` is
+    /// refused (at start, and at rollout it does not replace the serving config).
+    pub disable_oidc_discovery: bool,
     pub enable_jwt_authorization_url_redirect: bool,
     pub disable_cloud_trace_auto_sampling: bool,
     pub rollout_fetch_throttle_window: Option<Duration>,
@@ -438,6 +446,25 @@ mod tests {
         for bad in ["-1", "1.5", "", "two", "4294967296"] {
             let e = parse_xff_num_trusted_hops(bad).unwrap_err();
             assert!(e.starts_with("invalid --envoy_xff_num_trusted_hops"), "{e}");
+        }
+    }
+}
+
+/// How a key-set fetch that got no answer or a 5xx is retried (ESPv2's JWKS retry policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JwksFetchRetry {
+    /// 0: one try only (ESP, and ESPv2's default).
+    pub retries: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for JwksFetchRetry {
+    fn default() -> Self {
+        JwksFetchRetry {
+            retries: 0,
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(32),
         }
     }
 }

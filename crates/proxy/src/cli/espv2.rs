@@ -164,11 +164,11 @@ pub const FLAGS: &[(&str, Support)] = &[
         "--jwks_async_fetch_fast_listener",
         Ignored("the listener never waits for key sets in Portico"),
     ),
-    ("--jwt_cache_size", NotYet(17)),
+    ("--jwt_cache_size", Implemented),
     ("--jwks_cache_duration_in_s", Implemented),
-    ("--jwks_fetch_num_retries", NotYet(17)),
-    ("--jwks_fetch_retry_back_off_base_interval_ms", NotYet(17)),
-    ("--jwks_fetch_retry_back_off_max_interval_ms", NotYet(17)),
+    ("--jwks_fetch_num_retries", Implemented),
+    ("--jwks_fetch_retry_back_off_base_interval_ms", Implemented),
+    ("--jwks_fetch_retry_back_off_max_interval_ms", Implemented),
     ("--jwt_pad_forward_payload_header", Implemented),
     ("--disable_jwt_audience_service_name_check", Implemented),
     // Service Control.
@@ -254,7 +254,7 @@ pub const FLAGS: &[(&str, Support)] = &[
         "--token_agent_port",
         Ignored("the port of Envoy's token agent; Portico fetches tokens itself"),
     ),
-    ("--disable_oidc_discovery", NotYet(17)),
+    ("--disable_oidc_discovery", Implemented),
     ("--dependency_error_behavior", Implemented),
     ("--skip_jwt_authn_filter", Implemented),
     ("--skip_service_control_filter", Implemented),
@@ -1038,6 +1038,68 @@ pub fn parse(args: Vec<OsString>) -> Result<Settings, ArgError> {
     Ok(settings)
 }
 
+/// ESPv2's `--jwt_cache_size` default.
+pub const ESPV2_JWT_CACHE_SIZE: usize = 1000;
+/// Most JWKS fetch retries accepted: each can wait up to the back-off maximum, and requests
+/// needing the keys wait for the whole chain.
+pub const MAX_JWKS_FETCH_RETRIES: u32 = 100;
+
+/// `--jwks_fetch_num_retries` and the back-off bounds, as Envoy accepts them: a base of at
+/// least 1 ms and a maximum no smaller than the base.
+fn jwks_fetch_retry(a: &Espv2Args) -> Result<crate::settings::JwksFetchRetry, ArgError> {
+    let mut r = crate::settings::JwksFetchRetry::default();
+    if let Some(s) = a.jwks_fetch_num_retries.as_deref() {
+        r.retries = s
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n <= MAX_JWKS_FETCH_RETRIES)
+            .ok_or_else(|| {
+                ArgError::v2(format!(
+                    "invalid --jwks_fetch_num_retries '{s}': must be a whole number from 0 to \
+                     {MAX_JWKS_FETCH_RETRIES}"
+                ))
+            })?;
+    }
+    let ms = |flag: &str, v: &Option<String>| -> Result<Option<std::time::Duration>, ArgError> {
+        let Some(s) = v.as_deref() else {
+            return Ok(None);
+        };
+        s.trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .map(|n| Some(std::time::Duration::from_millis(u64::from(n))))
+            .ok_or_else(|| {
+                ArgError::v2(format!(
+                    "invalid {flag} '{s}': must be a whole number of milliseconds from 1 to {}",
+                    u32::MAX
+                ))
+            })
+    };
+    if let Some(d) = ms(
+        "--jwks_fetch_retry_back_off_base_interval_ms",
+        &a.jwks_fetch_retry_back_off_base_interval_ms,
+    )? {
+        r.backoff_base = d;
+    }
+    if let Some(d) = ms(
+        "--jwks_fetch_retry_back_off_max_interval_ms",
+        &a.jwks_fetch_retry_back_off_max_interval_ms,
+    )? {
+        r.backoff_max = d;
+    }
+    if r.backoff_max < r.backoff_base {
+        return Err(ArgError::v2(format!(
+            "--jwks_fetch_retry_back_off_max_interval_ms ({} ms) is below \
+             --jwks_fetch_retry_back_off_base_interval_ms ({} ms)",
+            r.backoff_max.as_millis(),
+            r.backoff_base.as_millis()
+        )));
+    }
+    Ok(r)
+}
+
 /// Checks ESPv2's rules, translates the command line into `portico esp`'s and validates it
 /// with the same code; then sets what only this dialect has.
 pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
@@ -1120,6 +1182,23 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
                 })?,
         ),
     };
+    let jwt_cache_size = match a.jwt_cache_size.as_deref() {
+        // ESPv2's default: 1000 verified tokens.
+        None => ESPV2_JWT_CACHE_SIZE,
+        Some(s) => s
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| {
+                ArgError::v2(format!(
+                    "invalid --jwt_cache_size '{s}': must be a whole number of tokens from 0 \
+                     (no cache) to {}",
+                    u32::MAX
+                ))
+            })?
+            .try_into()
+            .unwrap_or(usize::MAX),
+    };
+    let jwks_fetch_retry = jwks_fetch_retry(&a)?;
     let healthz = match a.healthz.as_deref() {
         None => None,
         Some(h) => {
@@ -1400,6 +1479,9 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     settings.dependency_error_behavior = dependency_error_behavior;
     settings.startup_notes = startup_notes;
     settings.jwt_audience_service_name_check = !a.disable_jwt_audience_service_name_check;
+    settings.jwt_cache_size = Some(jwt_cache_size);
+    settings.jwks_fetch_retry = jwks_fetch_retry;
+    settings.disable_oidc_discovery = a.disable_oidc_discovery;
 
     // TLS (crate::tls): a listener with a certificate speaks TLS only, on the listener's port.
     let tls = crate::tls::from_espv2_flags(&crate::tls::Espv2TlsFlags {
@@ -1539,6 +1621,62 @@ mod tests {
     /// Runs only when GOOGLE_APPLICATION_CREDENTIALS is unset (clap reads it for the key).
     fn env_clear() -> bool {
         std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").is_none()
+    }
+
+    #[test]
+    fn jwt_flags_reach_the_settings_and_bad_values_are_named() {
+        let base = ["--service=svc", "--version=1"];
+        let s = p(&base).unwrap();
+        assert_eq!(s.jwt_cache_size, Some(ESPV2_JWT_CACHE_SIZE));
+        assert_eq!(
+            s.jwks_fetch_retry,
+            crate::settings::JwksFetchRetry::default()
+        );
+        assert!(!s.disable_oidc_discovery);
+        let s = p(&[
+            "--service=svc",
+            "--version=1",
+            "--jwt_cache_size=0",
+            "--jwks_fetch_num_retries=3",
+            "--jwks_fetch_retry_back_off_base_interval_ms=50",
+            "--jwks_fetch_retry_back_off_max_interval_ms=50",
+            "--disable_oidc_discovery",
+        ])
+        .unwrap();
+        assert_eq!(s.jwt_cache_size, Some(0));
+        assert_eq!(s.jwks_fetch_retry.retries, 3);
+        assert_eq!(s.jwks_fetch_retry.backoff_base, Duration::from_millis(50));
+        assert_eq!(s.jwks_fetch_retry.backoff_max, Duration::from_millis(50));
+        assert!(s.disable_oidc_discovery);
+        assert!(s.not_implemented_flags.is_empty());
+
+        let bad = |flag: &str| err(&["--service=svc", "--version=1", flag]);
+        for v in ["-1", "x", "", "4294967296", "1e3", " "] {
+            let m = bad(&format!("--jwt_cache_size={v}"));
+            assert!(m.starts_with("invalid --jwt_cache_size"), "{m}");
+        }
+        for v in ["-1", "101", "two", ""] {
+            let m = bad(&format!("--jwks_fetch_num_retries={v}"));
+            assert!(m.contains("from 0 to 100"), "{m}");
+        }
+        for flag in [
+            "--jwks_fetch_retry_back_off_base_interval_ms",
+            "--jwks_fetch_retry_back_off_max_interval_ms",
+        ] {
+            for v in ["0", "-5", "1.5", "99999999999"] {
+                let m = bad(&format!("{flag}={v}"));
+                assert!(m.starts_with(&format!("invalid {flag} '{v}'")), "{m}");
+            }
+        }
+        // The maximum may not be below the base (Envoy refuses such a back-off).
+        let m = bad("--jwks_fetch_retry_back_off_max_interval_ms=100");
+        assert!(m.contains("(100 ms) is below"), "{m}");
+        let m = err(&[
+            "--service=svc",
+            "--version=1",
+            "--jwks_fetch_retry_back_off_base_interval_ms=40000",
+        ]);
+        assert!(m.contains("(32000 ms) is below"), "{m}");
     }
 
     #[test]
@@ -2120,7 +2258,6 @@ mod tests {
             "svc",
             "-v",
             "1",
-            "--jwt_cache_size=100",
             "--envoy_connection_buffer_limit_bytes=1024",
             "--enable_backend_routing",
             "--tracing_sample_rate=0.5",
@@ -2136,10 +2273,7 @@ mod tests {
                 "--suppress_envoy_headers"
             ]
         );
-        assert_eq!(
-            s.not_implemented_flags,
-            vec!["--jwt_cache_size", "--tracing_sample_rate",]
-        );
+        assert_eq!(s.not_implemented_flags, vec!["--tracing_sample_rate"]);
         // --http_request_timeout_s is ESPv2's timeout for its own calls, never the backend's.
         assert_eq!(s.backend_timeout, Duration::from_secs(15));
         assert_eq!(s.http_request_timeout, Some(Duration::from_secs(7)));

@@ -320,6 +320,9 @@ impl ApiKeyState {
                         ApiKeyState::Invalid
                     }
                     "SERVICE_NOT_ACTIVATED" => ApiKeyState::NotEnabled,
+                    // A dependency of Service Control was down (refused under the closed
+                    // network fail policy): the key was not checked.
+                    c if c.ends_with("_UNAVAILABLE") => ApiKeyState::NotChecked,
                     _ => ApiKeyState::Verified,
                 },
                 _ => ApiKeyState::NotChecked,
