@@ -291,8 +291,12 @@ fn every_error_the_proxy_writes_is_espv2s() {
     // ESPv2's default (GCP) mode with a metadata server nobody answers at, not --non_gcp:
     // under --non_gcp ESPv2 does no backend authentication at all, and the ID token row below
     // needs it. The key file still signs every call (a key wins over the metadata server).
+    // ALWAYS_INIT, as ESPv2's own tests of failing token fetches run: by default the proxy
+    // would not listen until the ID token could be had, and the row that asserts its error
+    // could never be sent.
     let common_flags = |sc_url: String| {
         vec![
+            "--dependency_error_behavior=ALWAYS_INIT".to_string(),
             format!("--service_json_path={}", config.display()),
             format!("--backend=http://{backend_addr}"),
             format!("--metadata_url=http://127.0.0.1:{dead}"),

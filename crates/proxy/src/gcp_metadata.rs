@@ -74,12 +74,17 @@ pub struct MetadataServer {
 
 impl MetadataServer {
     pub fn new(base: &str) -> Result<MetadataServer, MetadataError> {
+        Self::with_timeout(base, TIMEOUT)
+    }
+
+    /// As [`MetadataServer::new`], each attempt bounded by `timeout` (`--http_request_timeout_s`).
+    pub fn with_timeout(base: &str, timeout: Duration) -> Result<MetadataServer, MetadataError> {
         let base = crate::outbound_auth::parse_metadata_url(base)
             .map_err(|e| MetadataError::Client(e.to_string()))?;
         // The metadata server never redirects; following one would send the request (and
         // its answer into reports) wherever an answer pointed.
         let http = reqwest::Client::builder()
-            .timeout(TIMEOUT)
+            .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .build()

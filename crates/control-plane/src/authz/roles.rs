@@ -24,6 +24,7 @@ pub mod perms {
     pub const SA_DISABLE: &str = "iam.serviceAccounts.disable";
     pub const SA_ENABLE: &str = "iam.serviceAccounts.enable";
     pub const SA_GET_OPEN_ID_TOKEN: &str = "iam.serviceAccounts.getOpenIdToken";
+    pub const SA_GET_ACCESS_TOKEN: &str = "iam.serviceAccounts.getAccessToken";
     pub const KEY_CREATE: &str = "iam.serviceAccountKeys.create";
     pub const KEY_GET: &str = "iam.serviceAccountKeys.get";
     pub const KEY_LIST: &str = "iam.serviceAccountKeys.list";
@@ -58,7 +59,7 @@ pub fn role_grants(role: &str, permission: &str) -> bool {
     let owner_only = matches!(permission, PROJECT_DELETE | PROJECT_UNDELETE);
     // Minting tokens as an account is its own grant in Google: neither `roles/editor` nor
     // `roles/iam.serviceAccountAdmin` has it, only the token-creator roles (and owner).
-    let mints_tokens = permission == SA_GET_OPEN_ID_TOKEN;
+    let mints_tokens = matches!(permission, SA_GET_OPEN_ID_TOKEN | SA_GET_ACCESS_TOKEN);
     match role {
         "roles/owner" => true,
         "roles/editor" => !is_iam_write && !owner_only && !mints_tokens,
@@ -84,9 +85,9 @@ pub fn role_grants(role: &str, permission: &str) -> bool {
         "roles/iam.serviceAccountAdmin" => {
             permission.starts_with("iam.serviceAccounts.") && !mints_tokens
         }
-        "roles/iam.serviceAccountOpenIdTokenCreator" | "roles/iam.serviceAccountTokenCreator" => {
-            mints_tokens
-        }
+        // As in Google: the OpenID role mints ID tokens only; the token creator mints both.
+        "roles/iam.serviceAccountOpenIdTokenCreator" => permission == SA_GET_OPEN_ID_TOKEN,
+        "roles/iam.serviceAccountTokenCreator" => mints_tokens,
         "roles/iam.serviceAccountKeyAdmin" => {
             permission.starts_with("iam.serviceAccountKeys.")
                 || matches!(permission, SA_GET | SA_LIST)

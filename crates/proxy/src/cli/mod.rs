@@ -1074,6 +1074,10 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         operation_name_header: None,
         xff_hops: None,
         response_compression: None,
+        http_request_timeout: None,
+        iam: None,
+        dependency_error_behavior: crate::settings::DependencyErrorBehavior::AlwaysInit,
+        startup_notes: Vec::new(),
         ignored_flags,
         not_implemented_flags: Vec::new(),
     })

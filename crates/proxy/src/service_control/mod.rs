@@ -104,6 +104,9 @@ pub struct ServiceControlOptions {
     pub credentials: Option<Arc<ServiceAccountKey>>,
     /// `--metadata`: access tokens from this server when there is no key file.
     pub metadata: Option<crate::outbound_auth::MetadataTokens>,
+    /// Another account's access tokens for every call, instead of the proxy's own
+    /// (`--service_control_iam_service_account`).
+    pub acting_as: Option<Arc<dyn crate::outbound_auth::AccessTokens>>,
     /// `--service_control_network_fail_policy=open` (the default).
     pub network_fail_open: bool,
     pub rollout_notifier: Option<RolloutNotifier>,
@@ -174,6 +177,7 @@ impl ServiceControlOptions {
             base_url: base_url.into(),
             credentials: None,
             metadata: None,
+            acting_as: None,
             network_fail_open: true,
             rollout_notifier: None,
             service_configs: None,
@@ -462,7 +466,11 @@ impl ServiceControl {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             ServiceControlError::Client("ServiceControl::new needs a tokio runtime".to_string())
         })?;
-        let tokens = TokenSource::with_metadata(opts.credentials.clone(), opts.metadata.clone());
+        let mut tokens =
+            TokenSource::with_metadata(opts.credentials.clone(), opts.metadata.clone());
+        if let Some(other) = &opts.acting_as {
+            tokens = tokens.acting_as(other.clone());
+        }
         let transport = Transport::new(&opts.base_url, tokens)
             .map_err(|e| ServiceControlError::Client(e.to_string()))?;
         let inner = Arc::new(Inner {
@@ -527,6 +535,12 @@ impl ServiceControl {
 
     pub fn base_url(&self) -> &str {
         self.inner.transport.base()
+    }
+
+    /// Gets the access token Service Control calls carry (fetching it if it comes from a
+    /// server), so start-up can wait for it (`--dependency_error_behavior`).
+    pub async fn access_token_ready(&self) -> Result<(), crate::outbound_auth::TokenError> {
+        self.inner.transport.token_ready().await
     }
 
     /// Checks a request that carries an API key. `Err` is the response to send.

@@ -140,6 +140,12 @@ impl Transport {
         &self.base
     }
 
+    /// Gets (and caches) the token a `:check` would carry.
+    pub(crate) async fn token_ready(&self) -> Result<(), TokenError> {
+        let audience = format!("{}{}", self.base, crate::outbound_auth::SERVICE_CONTROLLER);
+        self.tokens.authorization(&audience).await.map(|_| ())
+    }
+
     /// `method` is `check`, `report` or `allocateQuota`; `audience_suffix` picks the token.
     pub(crate) async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
