@@ -207,6 +207,10 @@ pub async fn start_with_metrics(
     if let Some(n) = settings.jwt_cache_size {
         key_opts.token_cache_capacity = n;
     }
+    // ESPv2 bounds its key-set fetches with --http_request_timeout_s too.
+    if let Some(t) = settings.http_request_timeout {
+        key_opts.fetch_timeout = t;
+    }
     key_opts.fetch_retries = settings.jwks_fetch_retry.retries;
     key_opts.retry_backoff_base = settings.jwks_fetch_retry.backoff_base;
     key_opts.retry_backoff_max = settings.jwks_fetch_retry.backoff_max;
