@@ -139,6 +139,7 @@ pub fn request_head(data: &[u8]) -> Option<Result<String, String>> {
                 refuse_underscores: espv2,
                 sanitize_client_cert: espv2,
                 path,
+                generated_prefix: espv2.then_some("x-apigateway-api-"),
             };
             let framing = request_head::Framing {
                 version: http::Version::HTTP_11,
