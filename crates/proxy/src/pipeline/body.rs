@@ -412,10 +412,18 @@ impl Completion {
         } else {
             details
         };
+        // Envoy's words for a connection that could not be made.
         let upstream_failure = match kind {
-            Some(crate::error::ErrorKind::BackendFailed { .. }) => {
-                self.error.as_ref().map(|e| e.message.as_str())
-            }
+            Some(crate::error::ErrorKind::BackendFailed { how, .. }) => match how {
+                crate::error::NetworkFailure::Connect(errno) => {
+                    Some(Cow::Owned(format!("delayed connect error: {errno}")))
+                }
+                crate::error::NetworkFailure::Tls => Some(Cow::Borrowed("TLS error")),
+                crate::error::NetworkFailure::Unresolved => {
+                    Some(Cow::Borrowed("name resolution failure"))
+                }
+                _ => None,
+            },
             _ => None,
         };
         let api_method = if facts.health_check {
@@ -461,7 +469,7 @@ impl Completion {
             request_duration: facts.bodiless.then_some(Duration::ZERO),
             response_duration: facts.response_duration,
             upstream_host: upstream_host.as_deref(),
-            upstream_failure,
+            upstream_failure: upstream_failure.as_deref(),
             client: std::net::SocketAddr::new(self.client_ip, client_port),
             peer: facts.peer,
             local: facts.local,
