@@ -84,11 +84,11 @@ impl AccessLog {
         match self {
             AccessLog::Off => {}
             AccessLog::Stdout => {
-                let _ = std::io::stdout().lock().write_all(&line);
+                let _ = std::io::stdout().lock().write_all(line);
             }
             AccessLog::File(f) => {
                 if let Ok(mut f) = f.lock() {
-                    let _ = f.write_all(&line);
+                    let _ = f.write_all(line);
                 }
             }
         }

@@ -165,6 +165,15 @@ pub fn request_head(data: &[u8]) -> Option<Result<String, String>> {
                 let n = name.as_str().as_bytes();
                 assert!(!request_head::is_proxy_owned(n), "{name} survived");
                 assert!(
+                    !espv2
+                        || !n
+                            .iter()
+                            .map(|c| if *c == b'_' { b'-' } else { *c })
+                            .take(17)
+                            .eq(b"x-apigateway-api-".iter().copied()),
+                    "{name} survived"
+                );
+                assert!(
                     underscores_in_headers || !n.contains(&b'_'),
                     "{name} survived"
                 );

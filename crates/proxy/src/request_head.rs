@@ -850,6 +850,33 @@ mod tests {
     }
 
     #[test]
+    fn client_copies_of_generated_headers_go_in_every_spelling() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("x-apigateway-api-userinfo", "forged"),
+            ("X_APIGATEWAY_API_OPERATION_NAME", "forged"),
+            ("x-apigateway-api-", "forged"),
+            ("x-endpoint-api-userinfo", "forged"),
+            ("x-apigateway-apis", "kept"),
+            ("x-apigateway-other", "kept"),
+        ] {
+            h.insert(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_static(v),
+            );
+        }
+        let opts = HeadOptions {
+            underscores_in_headers: true,
+            generated_prefix: Some("x-apigateway-api-"),
+            ..Default::default()
+        };
+        settle(&Method::GET, H11, &mut h, "/a", opts).unwrap();
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-apigateway-apis", "x-apigateway-other"]);
+    }
+
+    #[test]
     fn normal_paths_are_borrowed() {
         for p in [
             "/",

@@ -429,13 +429,12 @@ impl Completion {
         let api_method = if facts.health_check {
             settings.health_check_operation.as_deref()
         } else {
-            match &self.report {
-                Some(r) => Some(r.method.as_ref().map_or(
+            self.report.as_ref().map(|r| {
+                r.method.as_ref().map_or(
                     crate::service_control::report::UNKNOWN_OPERATION_NAME,
                     |m| m.selector.as_str(),
-                )),
-                None => None,
-            }
+                )
+            })
         };
         let received = match &self.body_counter {
             Some(c) => match c.load(Ordering::Relaxed) {
