@@ -81,6 +81,7 @@ fn access_log_format_writes_envoys_operators_and_the_generated_operations() {
             "http": {"rules": [
                 {"selector": "e2e.Api.Echo", "get": "/echo"},
                 {"selector": "e2e.Api.Down", "get": "/down"},
+                {"selector": "e2e.Api.Post", "post": "/echo"},
             ]},
             "backend": {"rules": [
                 {"selector": "e2e.Api.Down", "address": format!("http://127.0.0.1:{dead}")},
@@ -219,12 +220,34 @@ fn access_log_format_writes_envoys_operators_and_the_generated_operations() {
         got[4].ends_with(&format!(" delayed connect error: 111 127.0.0.1:{port}")),
         "{got:?}"
     );
+
+    // 6. A body: its bytes, and the time until its last byte.
+    let r = c
+        .post(format!("{base}/echo"))
+        .body("hello")
+        .send()
+        .expect("post");
+    assert_eq!(r.status(), 200);
+    let got = lines(&access, 6, &log);
+    assert!(
+        got[5].starts_with(&format!(
+            "\"POST /echo HTTP/1.1\" 200 - via_upstream 5 \"-\" \"{backend}\" 127.0.0.1 - \
+             application/json \"e2e.Api.Post\" | "
+        )),
+        "{got:?}"
+    );
+    let t: Vec<&str> = got[5].split(" | ").nth(1).unwrap().split(' ').collect();
+    let (total, request) = (t[3].parse::<u64>(), t[4].parse::<u64>());
+    assert!(
+        matches!((&total, &request), (Ok(a), Ok(b)) if b <= a),
+        "{got:?}"
+    );
     assert_eq!(
         std::fs::read_to_string(&access)
             .unwrap()
             .matches('\n')
             .count(),
-        5,
+        6,
         "one line per request"
     );
 }

@@ -56,7 +56,7 @@ use std::time::Duration;
 // The request body and the failure types are part of the forwarder's API (`send` takes a
 // `Request<LimitedBody>`, answers `ForwardError`), so they are named here too.
 pub use crate::request_body::{
-    BodyProgress, BodyTooLarge, ClientBodyError, ForwardError, LimitedBody, BODY_UNREAD,
+    BodyCount, BodyProgress, BodyTooLarge, ClientBodyError, ForwardError, LimitedBody, BODY_UNREAD,
     CLIENT_BODY_BUFFER_SIZE, CLIENT_BODY_MIN_RATE, CLIENT_BODY_RATE_GRACE, CLIENT_BODY_TIMEOUT,
 };
 

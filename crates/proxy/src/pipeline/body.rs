@@ -15,7 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -335,7 +335,7 @@ struct Completion {
     /// The `Content-Length` counted in `request_bytes`, replaced by the bytes received when
     /// the body was read.
     declared_body: u64,
-    body_counter: Option<Arc<AtomicU64>>,
+    body_counter: Option<Arc<crate::request_body::BodyCount>>,
     backend_latency: Option<Duration>,
     user_agent: Option<HeaderValue>,
     referer: Option<HeaderValue>,
@@ -359,8 +359,6 @@ struct FormatFacts {
     tls: bool,
     /// From the request's arrival to the backend's response head.
     response_duration: Option<Duration>,
-    /// The request had no body: it was whole when its head was.
-    bodiless: bool,
     /// The `--healthz` answer.
     health_check: bool,
 }
@@ -382,7 +380,6 @@ impl Completion {
         facts: &FormatFacts,
         total: Duration,
         sent: u64,
-        _referer_masked: bool,
     ) {
         let st = &self.state;
         let settings = &st.settings;
@@ -437,11 +434,17 @@ impl Completion {
             })
         };
         let received = match &self.body_counter {
-            Some(c) => match c.load(Ordering::Relaxed) {
+            Some(c) => match c.received() {
                 forward::BODY_UNREAD => 0,
                 n => n,
             },
             None => 0,
+        };
+        // A request without a body is whole with its head; one whose body was not read
+        // (answered first) has no such time.
+        let request_duration = match &self.body_counter {
+            None => Some(Duration::ZERO),
+            Some(c) => c.ended_after(),
         };
         let key_headers: &[http::HeaderName] =
             method_info.map_or(&[], |m| m.api_key_locations.headers.as_slice());
@@ -465,7 +468,7 @@ impl Completion {
             bytes_received: received,
             bytes_sent: sent,
             duration: total,
-            request_duration: facts.bodiless.then_some(Duration::ZERO),
+            request_duration,
             response_duration: facts.response_duration,
             upstream_host: upstream_host.as_deref(),
             upstream_failure: upstream_failure.as_deref(),
@@ -486,7 +489,7 @@ impl Completion {
     fn report(mut self: Box<Self>, sent: u64) {
         let total = self.start.elapsed();
         if let Some(c) = &self.body_counter {
-            let received = c.load(Ordering::Relaxed);
+            let received = c.received();
             if received != forward::BODY_UNREAD {
                 self.request_bytes =
                     self.request_bytes.saturating_sub(self.declared_body) + received;
@@ -556,7 +559,7 @@ impl Completion {
             st.settings.access_log_format.as_ref(),
             self.formatted.as_deref(),
         ) {
-            self.write_formatted(format, facts, total, sent, referer.is_some());
+            self.write_formatted(format, facts, total, sent);
         } else if st.access_log.enabled() {
             let time = crate::access_log::now_rfc3339();
             let remote = self.client_ip.to_string();
@@ -802,7 +805,6 @@ impl Pipeline {
                     response_headers,
                     tls: ctx.tls,
                     response_duration: backend_latency.map(|_| ctx.start.elapsed()),
-                    bodiless: ctx.body_counter.is_none(),
                     health_check: false,
                 })
             });

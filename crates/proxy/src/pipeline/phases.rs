@@ -17,7 +17,6 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use hyper::body::Incoming;
 use std::borrow::Cow;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -81,9 +80,10 @@ impl Pipeline {
         } else {
             (cors_origin, None)
         };
+        let start = Instant::now();
         let ctx = Ctx {
             dialect: settings.dialect,
-            start: Instant::now(),
+            start,
             method: match &settled {
                 Ok(s) => s.method.clone(),
                 Err(e) => e.method().unwrap_or(&parts.method).clone(),
@@ -119,7 +119,7 @@ impl Pipeline {
                 .unwrap_or(0),
             request_head_bytes,
             body_counter: (!body.is_end_stream())
-                .then(|| Arc::new(AtomicU64::new(forward::BODY_UNREAD))),
+                .then(|| crate::request_body::BodyCount::new(start)),
             user_agent: h.get(header::USER_AGENT).cloned(),
             content_type_grpc: h
                 .get(header::CONTENT_TYPE)
