@@ -70,6 +70,10 @@ fn access_log_format_writes_envoys_operators_and_the_generated_operations() {
             a
         }),
     );
+    let slow = peer::start(
+        &rt,
+        Arc::new(|_: &Request| Action::Stall(Duration::from_secs(30))),
+    );
     let dead = free_port();
     let config = dir.path().join("service.json");
     let key = espv2::service_account_key(dir.path());
@@ -79,12 +83,14 @@ fn access_log_format_writes_envoys_operators_and_the_generated_operations() {
             "name": SERVICE, "id": "2024-01-01r0",
             "apis": [{"name": "e2e.Api", "version": "v1"}],
             "http": {"rules": [
+                {"selector": "e2e.Api.Slow", "get": "/slow"},
                 {"selector": "e2e.Api.Echo", "get": "/echo"},
                 {"selector": "e2e.Api.Down", "get": "/down"},
                 {"selector": "e2e.Api.Post", "post": "/echo"},
             ]},
             "backend": {"rules": [
                 {"selector": "e2e.Api.Down", "address": format!("http://127.0.0.1:{dead}")},
+                {"selector": "e2e.Api.Slow", "address": format!("http://{slow}")},
             ]},
             "endpoints": [{"name": SERVICE, "allowCors": true}],
         })
@@ -242,12 +248,44 @@ fn access_log_format_writes_envoys_operators_and_the_generated_operations() {
         matches!((&total, &request), (Ok(a), Ok(b)) if b <= a),
         "{got:?}"
     );
+
+    // 7. HTTP/2: the protocol, and `:authority` from the target (there is no Host header).
+    let h2 = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("h2 client");
+    let r = h2.get(format!("{base}/echo")).send().expect("h2");
+    assert_eq!(r.status(), 200, "{}", log());
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    drop(r);
+    let got = lines(&access, 7, &log);
+    assert!(
+        got[6].starts_with("\"GET /echo HTTP/2\" 200 - via_upstream 0 "),
+        "{got:?}"
+    );
+    assert!(got[6].ends_with(&format!(" 127.0.0.1:{port}")), "{got:?}");
+
+    // 8. A client that leaves before the response: Envoy's code 0 and flag DC.
+    let impatient = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .expect("client");
+    assert!(impatient.get(format!("{base}/slow")).send().is_err());
+    let got = lines(&access, 8, &log);
+    assert!(
+        got[7].starts_with(
+            "\"GET /slow HTTP/1.1\" 0 DC downstream_remote_disconnect 0 \"-\" \"-\" 127.0.0.1 \
+             - - - | "
+        ),
+        "{got:?}"
+    );
     assert_eq!(
         std::fs::read_to_string(&access)
             .unwrap()
             .matches('\n')
             .count(),
-        6,
+        8,
         "one line per request"
     );
 }

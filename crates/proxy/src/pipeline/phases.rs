@@ -105,6 +105,15 @@ impl Pipeline {
                         request_headers.insert(name.clone(), v.clone());
                     }
                 }
+                // `:authority` is read as `Host`: an HTTP/2 (or absolute-form) request names its
+                // host in the target instead.
+                if let Some(a) = parts.uri.authority() {
+                    if st.response_rules_read.contains(&header::HOST) {
+                        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                            request_headers.insert(header::HOST, v);
+                        }
+                    }
+                }
                 Box::new(super::state::ConnFacts {
                     peer: conn.peer,
                     local: conn.local,
