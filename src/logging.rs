@@ -14,8 +14,19 @@ pub enum Colours {
     OnTerminal,
 }
 
+/// The filter of `portico espv2 --enable_debug` (ESPv2's Envoy at debug level, its noisiest
+/// parts kept at info): debug for Portico's crates, info for the libraries under them.
+pub const DEBUG_FILTER: &str = "info,portico=debug,portico_proxy=debug,portico_config=debug,\
+                                portico_servicecontrol=debug,portico_credentials=debug,\
+                                portico_listen=debug";
+
 pub fn init(colours: Colours) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default(colours, "info")
+}
+
+/// Like [`init`], with `default` as the filter when `RUST_LOG` is not set.
+pub fn init_with_default(colours: Colours, default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

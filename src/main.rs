@@ -58,10 +58,15 @@ fn main() -> ExitCode {
             logging::init(logging::Colours::OnTerminal);
             portico_proxy::cli::main(args)
         }
-        Some("espv2") => {
-            logging::init(logging::Colours::OnTerminal);
-            portico_proxy::cli::espv2::main(args)
-        }
+        // Logging waits for the command line: `--enable_debug` sets its level.
+        Some("espv2") => portico_proxy::cli::espv2::main_with_logging(args, |settings| {
+            let filter = if settings.enable_debug {
+                logging::DEBUG_FILTER
+            } else {
+                "info"
+            };
+            logging::init_with_default(logging::Colours::OnTerminal, filter);
+        }),
         Some("control-plane") => {
             logging::init(logging::Colours::Default);
             portico_control_plane::cli::main(args)

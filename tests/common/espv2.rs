@@ -48,3 +48,31 @@ pub fn echo_headers(req: &Request) -> Action {
         .collect();
     Action::Respond(200, Value::Object(headers).to_string())
 }
+
+/// Like [`start`], with `RUST_LOG` as given (`None`: unset, so the proxy's own default
+/// applies).
+pub fn start_with_rust_log<S: AsRef<str>>(
+    dir: &Path,
+    name: &str,
+    flags: &[S],
+    rust_log: Option<&str>,
+) -> (Proc, u16) {
+    let port = free_port();
+    let log = dir.join(format!("{name}.log"));
+    let out = std::fs::File::create(&log).expect("log file");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portico"));
+    cmd.arg("espv2")
+        .arg(format!("--listener_port={port}"))
+        .args(flags.iter().map(|f| f.as_ref()))
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().expect("log fd"))
+        .stderr(out);
+    match rust_log {
+        Some(v) => cmd.env("RUST_LOG", v),
+        None => cmd.env_remove("RUST_LOG"),
+    };
+    let child = cmd.spawn().expect("spawn portico");
+    let mut p = Proc { child, log };
+    p.wait_for_port(port, name);
+    (p, port)
+}

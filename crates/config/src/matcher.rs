@@ -25,6 +25,12 @@
 //! - a rule for the exact HTTP method beats a `*` (any method) rule at the same node, and `HEAD`
 //!   falls back to `GET`.
 //!
+//! ESPv2's `--disallow_colon_in_wildcard_path_segment` ([`PathMatcherBuilder::disallow_colon_in_wildcards`]):
+//! `{var}`, `*` and `**` never take a segment holding `:`, as the HTTP template grammar says
+//! (a literal colon only separates the custom verb). `/v1/{name}` then does not match
+//! `/v1/a:unknownVerb`, which answers 404 rather than reaching the method with `a:unknownVerb`
+//! bound.
+//!
 //! [`PathMatcher::lookup`] does not allocate: segments are sliced out of the target as the trie
 //! is walked. [`PathMatcher::lookup_with_bindings`] also returns the path variables, and
 //! [`query_bindings`] turns a query string into bindings the same way ESP does.
@@ -133,7 +139,13 @@ impl Node {
 
     /// Depth-first match of the remaining path. `rest` is `None` when every segment is consumed,
     /// otherwise the unconsumed text without its leading '/'.
-    fn find(&self, rest: Option<&str>, method: Want<'_>, verb: Option<&str>) -> Option<usize> {
+    fn find(
+        &self,
+        rest: Option<&str>,
+        method: Want<'_>,
+        verb: Option<&str>,
+        colon_free: bool,
+    ) -> Option<usize> {
         let Some(rest) = rest else {
             return self.pick(method, verb).or_else(|| {
                 // `**` also matches zero segments.
@@ -145,23 +157,27 @@ impl Node {
             None => (rest, None),
         };
         if let Some(child) = self.literals.get(seg) {
-            if let Some(e) = child.find(next, method, verb) {
+            if let Some(e) = child.find(next, method, verb, colon_free) {
                 return Some(e);
             }
         }
+        if colon_free && seg.contains(':') {
+            // No wildcard takes this segment.
+            return None;
+        }
         if let Some(child) = &self.param {
-            if let Some(e) = child.find(next, method, verb) {
+            if let Some(e) = child.find(next, method, verb, colon_free) {
                 return Some(e);
             }
         }
         if let Some(child) = &self.star {
-            if let Some(e) = child.find(next, method, verb) {
+            if let Some(e) = child.find(next, method, verb, colon_free) {
                 return Some(e);
             }
         }
         self.double_star
             .as_ref()
-            .and_then(|n| n.find_after_double_star(next, method, verb))
+            .and_then(|n| n.find_after_double_star(next, method, verb, colon_free))
     }
 
     /// Matching inside a `**` node that has consumed one segment already: before giving each
@@ -173,8 +189,12 @@ impl Node {
         mut rest: Option<&str>,
         method: Want<'_>,
         verb: Option<&str>,
+        colon_free: bool,
     ) -> Option<usize> {
         if self.literals.is_empty() {
+            if colon_free && rest.is_some_and(|r| r.contains(':')) {
+                return None;
+            }
             return self.pick(method, verb);
         }
         while let Some(r) = rest {
@@ -183,9 +203,13 @@ impl Node {
                 None => (r, None),
             };
             if let Some(child) = self.literals.get(seg) {
-                if let Some(e) = child.find(next, method, verb) {
+                if let Some(e) = child.find(next, method, verb, colon_free) {
                     return Some(e);
                 }
+            }
+            if colon_free && seg.contains(':') {
+                // `**` cannot take this segment, so nothing after it can be reached.
+                return None;
             }
             rest = next;
         }
@@ -202,6 +226,7 @@ pub struct PathMatcherBuilder<T> {
     /// (segments, verb, method) registered so far: the duplicate check is one lookup, not a
     /// scan of the node's ends (20,000 verbs on one path made that quadratic).
     registered: HashSet<(Vec<Segment>, Option<String>, Box<str>)>,
+    colon_free: bool,
 }
 
 impl<T> Default for PathMatcherBuilder<T> {
@@ -217,7 +242,15 @@ impl<T> PathMatcherBuilder<T> {
             entries: Vec::new(),
             verbs: HashSet::new(),
             registered: HashSet::new(),
+            colon_free: false,
         }
+    }
+
+    /// ESPv2's `--disallow_colon_in_wildcard_path_segment`: wildcards (`{var}`, `*`, `**`) do
+    /// not take a segment that holds `:` (see the module docs).
+    pub fn disallow_colon_in_wildcards(mut self, on: bool) -> Self {
+        self.colon_free = on;
+        self
     }
 
     /// Registers `value` for `http_method` (`"GET"`, `"POST"`, ... or `"*"` for any method) and a
@@ -269,6 +302,7 @@ impl<T> PathMatcherBuilder<T> {
             root: self.root,
             entries: self.entries,
             verbs: self.verbs,
+            colon_free: self.colon_free,
         }
     }
 }
@@ -344,6 +378,7 @@ pub struct PathMatcher<T> {
     root: Node,
     entries: Vec<Entry<T>>,
     verbs: HashSet<Box<str>>,
+    colon_free: bool,
 }
 
 impl<T> PathMatcher<T> {
@@ -409,7 +444,10 @@ impl<T> PathMatcher<T> {
                 if self.verbs.contains(verb) {
                     // `/a/:verb` keeps its empty last segment, as ESP's split does.
                     let stem = &path[..last_seg + colon];
-                    if let Some(e) = self.root.find(rest_of(stem), method, Some(verb)) {
+                    if let Some(e) =
+                        self.root
+                            .find(rest_of(stem), method, Some(verb), self.colon_free)
+                    {
                         return Some((e, stem));
                     }
                 }
@@ -417,7 +455,7 @@ impl<T> PathMatcher<T> {
         }
         let path = path.trim_end_matches('/');
         self.root
-            .find(rest_of(path), method, None)
+            .find(rest_of(path), method, None, self.colon_free)
             .map(|e| (e, path))
     }
 }
@@ -663,6 +701,66 @@ mod tests {
             .lookup_with_bindings("POST", "/foo/op%201:cancel")
             .unwrap();
         assert_eq!(b[0].value, "op 1");
+    }
+
+    #[test]
+    fn colon_free_wildcards_refuse_segments_with_a_colon() {
+        let rules = [
+            ("POST", "/v1/shelves/{shelf}/single/*", "single"),
+            ("POST", "/v1/shelves/{shelf}/double/**", "double"),
+            (
+                "POST",
+                "/v1/shelves/{shelf}/books/{book}:registered",
+                "verb",
+            ),
+            ("GET", "/v1/{name}", "param"),
+            ("GET", "/v2/**/tail", "tail"),
+            ("GET", "/lit/a:b", "literal"),
+        ];
+        let build = |on: bool| {
+            let mut b = PathMatcherBuilder::new().disallow_colon_in_wildcards(on);
+            for (m, t, v) in rules {
+                b.register(m, t, v).unwrap();
+            }
+            b.build()
+        };
+        let (off, on) = (build(false), build(true));
+        for (method, path, off_wants, on_wants) in [
+            (
+                "POST",
+                "/v1/shelves/1/single/x:registered",
+                Some("single"),
+                None,
+            ),
+            ("POST", "/v1/shelves/1/single/x:other", Some("single"), None),
+            ("POST", "/v1/shelves/1/double/a/b:c", Some("double"), None),
+            ("POST", "/v1/shelves/1/double/a:b/c", Some("double"), None),
+            ("POST", "/v1/shelves/1:2/single/x", Some("single"), None),
+            ("GET", "/v1/a:b", Some("param"), None),
+            ("GET", "/v2/a:b/tail", Some("tail"), None),
+            ("GET", "/v2/a/b/tail", Some("tail"), Some("tail")),
+            (
+                "POST",
+                "/v1/shelves/1/double/a/b",
+                Some("double"),
+                Some("double"),
+            ),
+            // The custom verb is split off before matching: still matched.
+            (
+                "POST",
+                "/v1/shelves/1/books/2:registered",
+                Some("verb"),
+                Some("verb"),
+            ),
+            // A literal segment may hold a colon; only wildcards are restricted.
+            ("GET", "/lit/a:b", Some("literal"), Some("literal")),
+            // An escaped colon is not a colon to the matcher (the path is matched undecoded).
+            ("GET", "/v1/a%3Ab", Some("param"), Some("param")),
+        ] {
+            assert_eq!(off.lookup(method, path).copied(), off_wants, "off {path}");
+            assert_eq!(on.lookup(method, path).copied(), on_wants, "on {path}");
+        }
+        assert_eq!(on.template_for_any_method("/v1/a:b"), None);
     }
 
     #[test]

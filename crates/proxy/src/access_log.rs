@@ -3,6 +3,10 @@
 //! are never written here: the pipeline masks the URI, the referer and the error message with
 //! the rule the control plane applies to stored logs (`portico_servicecontrol::redact`).
 
+pub mod format;
+
+pub use format::{Format, FormatError, Record};
+
 use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
@@ -71,14 +75,20 @@ impl AccessLog {
             Err(_) => return,
         };
         line.push(b'\n');
+        self.write_raw(&line);
+    }
+
+    /// Writes one rendered entry (`--access_log_format`), newline included, in one write so
+    /// entries from concurrent requests never interleave.
+    pub fn write_raw(&self, line: &[u8]) {
         match self {
             AccessLog::Off => {}
             AccessLog::Stdout => {
-                let _ = std::io::stdout().lock().write_all(&line);
+                let _ = std::io::stdout().lock().write_all(line);
             }
             AccessLog::File(f) => {
                 if let Ok(mut f) = f.lock() {
-                    let _ = f.write_all(&line);
+                    let _ = f.write_all(line);
                 }
             }
         }

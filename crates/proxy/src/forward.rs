@@ -56,7 +56,7 @@ use std::time::Duration;
 // The request body and the failure types are part of the forwarder's API (`send` takes a
 // `Request<LimitedBody>`, answers `ForwardError`), so they are named here too.
 pub use crate::request_body::{
-    BodyProgress, BodyTooLarge, ClientBodyError, ForwardError, LimitedBody, BODY_UNREAD,
+    BodyCount, BodyProgress, BodyTooLarge, ClientBodyError, ForwardError, LimitedBody, BODY_UNREAD,
     CLIENT_BODY_BUFFER_SIZE, CLIENT_BODY_MIN_RATE, CLIENT_BODY_RATE_GRACE, CLIENT_BODY_TIMEOUT,
 };
 
@@ -822,6 +822,118 @@ pub fn ip_from_header(headers: &HeaderMap, name: &str, position: i32) -> Option<
     parts.get(idx)?.parse().ok()
 }
 
+/// ESPv2's `--client_ip_from_forwarded_header`: the address in the `for=` parameter of the
+/// **last** element of `Forwarded` (RFC 7239), the one the nearest proxy added; `None` when
+/// that element has no `for=`, or names no IP address (`unknown`, an obfuscated `_name`,
+/// garbage), so the caller keeps the address it had. Earlier elements are never read: the
+/// client wrote them. Every `Forwarded` line is one comma list (RFC 9110), so a second line
+/// a proxy appended counts as later elements (ESPv2 ignores the header when there are two
+/// lines). Parameter names are case-insensitive; values may be quoted strings (with `\`
+/// escapes, and commas or semicolons inside); `[v6]`, `[v6]:port` and `v4:port` are taken
+/// without their port. Never allocates for a header that is not quoted.
+pub fn ip_from_forwarded(headers: &HeaderMap) -> Option<IpAddr> {
+    let mut last: Option<Option<IpAddr>> = None;
+    for v in headers.get_all(http::header::FORWARDED) {
+        if let Some(found) = last_element_for(v.as_bytes()) {
+            last = Some(found);
+        }
+    }
+    last.flatten()
+}
+
+/// The last element's `for=` address of one `Forwarded` line: `None` when the line has no
+/// element; `Some(None)` when its last element names no IP address.
+fn last_element_for(line: &[u8]) -> Option<Option<IpAddr>> {
+    // Split into elements (`,`) and pairs (`;`) outside quoted strings.
+    let mut elements: Vec<Vec<(usize, usize)>> = vec![Vec::new()];
+    let (mut start, mut i, mut quoted) = (0, 0, false);
+    while i < line.len() {
+        match line[i] {
+            b'\\' if quoted => i += 1,
+            b'"' => quoted = !quoted,
+            b';' if !quoted => {
+                elements.last_mut()?.push((start, i));
+                start = i + 1;
+            }
+            b',' if !quoted => {
+                elements.last_mut()?.push((start, i));
+                elements.push(Vec::new());
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    if quoted {
+        // An unclosed quote: the line is garbage, nothing in it is believed.
+        return Some(None);
+    }
+    elements.last_mut()?.push((start, line.len().min(i)));
+    let last = elements
+        .iter()
+        .rev()
+        .find(|e| e.iter().any(|&(s, e)| !line[s..e].trim_ascii().is_empty()))?;
+    for &(s, e) in last {
+        let pair = line[s..e].trim_ascii();
+        let Some(eq) = pair.iter().position(|&c| c == b'=') else {
+            continue;
+        };
+        if !pair[..eq].trim_ascii().eq_ignore_ascii_case(b"for") {
+            continue;
+        }
+        return Some(node_ip(pair[eq + 1..].trim_ascii()));
+    }
+    Some(None)
+}
+
+/// RFC 7239's node: an IPv4 address, `[IPv6]`, either with `:port`, possibly quoted.
+fn node_ip(v: &[u8]) -> Option<IpAddr> {
+    let unquoted;
+    let v = match v.strip_prefix(b"\"").and_then(|r| r.strip_suffix(b"\"")) {
+        Some(inner) => {
+            let mut out = Vec::with_capacity(inner.len());
+            let mut it = inner.iter();
+            while let Some(&c) = it.next() {
+                if c == b'\\' {
+                    out.push(*it.next()?);
+                } else {
+                    out.push(c);
+                }
+            }
+            unquoted = out;
+            &unquoted[..]
+        }
+        None => v,
+    };
+    let text = std::str::from_utf8(v).ok()?;
+    if let Some(rest) = text.strip_prefix('[') {
+        let (inner, after) = rest.split_once(']')?;
+        if !(after.is_empty() || after.strip_prefix(':').is_some_and(valid_port)) {
+            return None;
+        }
+        return inner.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    // A bare IPv6 address is not RFC 7239's form, but ESPv2 (Envoy's address parser) takes it.
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    let (host, port) = text.rsplit_once(':')?;
+    if !valid_port(port) {
+        return None;
+    }
+    host.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
+/// RFC 7239's `node-port`: a port number, or an obfuscated `_port`.
+fn valid_port(p: &str) -> bool {
+    p.parse::<u16>().is_ok()
+        || (p.starts_with('_')
+            && p.len() > 1
+            && p[1..]
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-'))
+}
+
 /// What goes to the backend's `X-Forwarded-For`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XffAppend {
@@ -881,6 +993,76 @@ pub fn set_forwarding_headers_with(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn forwarded_for_is_read_from_the_last_element_only() {
+        let ip = |lines: &[&[u8]]| {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append(
+                    http::header::FORWARDED,
+                    HeaderValue::from_bytes(l).expect("value"),
+                );
+            }
+            ip_from_forwarded(&h).map(|a| a.to_string())
+        };
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(ip(&[]), None);
+        assert_eq!(
+            ip(&[b"for=192.0.2.60;proto=http;by=203.0.113.43"]),
+            some("192.0.2.60")
+        );
+        assert_eq!(ip(&[b"For=\"192.0.2.60\""]), some("192.0.2.60"));
+        assert_eq!(ip(&[b"for=192.0.2.60:8080"]), some("192.0.2.60"));
+        assert_eq!(ip(&[b"for=\"192.0.2.60:_hidden\""]), some("192.0.2.60"));
+        assert_eq!(
+            ip(&[b"for=\"[2001:db8:cafe::17]\""]),
+            some("2001:db8:cafe::17")
+        );
+        assert_eq!(ip(&[b"for=\"2001:db8::1\""]), some("2001:db8::1"));
+        assert_eq!(
+            ip(&[b"for=\"[2001:db8:cafe::17]:4711\""]),
+            some("2001:db8:cafe::17")
+        );
+        // The last element is the nearest proxy's; the client wrote the first.
+        assert_eq!(
+            ip(&[b"for=1.1.1.1, for=198.51.100.17"]),
+            some("198.51.100.17")
+        );
+        assert_eq!(
+            ip(&[b"for=1.1.1.1", b"for=198.51.100.17;proto=https"]),
+            some("198.51.100.17")
+        );
+        // A last element without an address is not replaced by an earlier one.
+        assert_eq!(ip(&[b"for=1.1.1.1, proto=https"]), None);
+        assert_eq!(ip(&[b"for=1.1.1.1, for=unknown"]), None);
+        assert_eq!(ip(&[b"for=1.1.1.1, for=_gazonk"]), None);
+        assert_eq!(ip(&[b"for=1.1.1.1", b"for=\"_mdn\""]), None);
+        // Quoted commas and semicolons do not split.
+        assert_eq!(ip(&[b"for=2.2.2.2;by=\"a,b;c\""]), some("2.2.2.2"));
+        assert_eq!(ip(&[b"for=2.2.2.2, by=\"x, for=9.9.9.9\""]), None);
+        assert_eq!(ip(&[b"for=\"\\1\\.2.3.4\""]), some("1.2.3.4"));
+        // Trailing empty elements are skipped, not read as a missing `for=`.
+        assert_eq!(ip(&[b"for=3.3.3.3, "]), some("3.3.3.3"));
+        // Garbage.
+        for bad in [
+            &b"for=\"1.2.3.4"[..],
+            b"for=1.2.3.4.5",
+            b"for=[::1",
+            b"for=[::1]x",
+            b"for=[::1]:99999",
+            b"for=1.2.3.4:port",
+            b"for==1.2.3.4",
+            b"for",
+            b";;;,,,",
+            b"for=\"\\",
+            b"for=\xff\xfe",
+        ] {
+            assert_eq!(ip(&[bad]), None, "{}", String::from_utf8_lossy(bad));
+        }
+        let long = format!("{}for=4.4.4.4", "for=5.5.5.5, ".repeat(5000));
+        assert_eq!(ip(&[long.as_bytes()]), some("4.4.4.4"));
+    }
     use super::*;
 
     fn nets(s: &[&str]) -> Vec<IpNet> {

@@ -139,6 +139,7 @@ pub fn request_head(data: &[u8]) -> Option<Result<String, String>> {
                 refuse_underscores: espv2,
                 sanitize_client_cert: espv2,
                 path,
+                generated_prefix: espv2.then_some("x-apigateway-api-"),
             };
             let framing = request_head::Framing {
                 version: http::Version::HTTP_11,
@@ -163,6 +164,15 @@ pub fn request_head(data: &[u8]) -> Option<Result<String, String>> {
             for name in h.keys() {
                 let n = name.as_str().as_bytes();
                 assert!(!request_head::is_proxy_owned(n), "{name} survived");
+                assert!(
+                    !espv2
+                        || !n
+                            .iter()
+                            .map(|c| if *c == b'_' { b'-' } else { *c })
+                            .take(17)
+                            .eq(b"x-apigateway-api-".iter().copied()),
+                    "{name} survived"
+                );
                 assert!(
                     underscores_in_headers || !n.contains(&b'_'),
                     "{name} survived"

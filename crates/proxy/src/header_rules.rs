@@ -426,6 +426,10 @@ fn header_ref(
 }
 
 /// The machine's host name, as `gethostname` gives it (Linux's procfs copy of it).
+pub fn machine_hostname() -> String {
+    hostname()
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()

@@ -58,6 +58,51 @@ pub const CLIENT_BODY_RATE_GRACE: Duration = Duration::from_secs(5);
 /// reading it): the access log and report then count its `Content-Length`.
 pub const BODY_UNREAD: u64 = u64::MAX;
 
+/// What the request's accounting learns from its body: the bytes received ([`BODY_UNREAD`]
+/// until the body is forwarded) and when the last one arrived (the access log's
+/// `%REQUEST_DURATION%`). Shared between [`LimitedBody`] and the request.
+#[derive(Debug)]
+pub struct BodyCount {
+    bytes: std::sync::atomic::AtomicU64,
+    /// Microseconds from `since` to the body's end, plus one; 0 while it has not ended.
+    ended_us: std::sync::atomic::AtomicU64,
+    since: std::time::Instant,
+}
+
+impl BodyCount {
+    /// A count for a request that arrived at `since`.
+    pub fn new(since: std::time::Instant) -> Arc<BodyCount> {
+        Arc::new(BodyCount {
+            bytes: std::sync::atomic::AtomicU64::new(BODY_UNREAD),
+            ended_us: std::sync::atomic::AtomicU64::new(0),
+            since,
+        })
+    }
+
+    /// Bytes received, or [`BODY_UNREAD`].
+    pub fn received(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// From the request's arrival to its body's last byte; `None` while it has not ended.
+    pub fn ended_after(&self) -> Option<Duration> {
+        match self.ended_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us - 1)),
+        }
+    }
+
+    fn ended(&self) {
+        let us = u64::try_from(self.since.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+        let _ = self.ended_us.compare_exchange(
+            0,
+            us.saturating_add(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+}
+
 /// How the client's request body failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ClientBodyError {
@@ -412,7 +457,7 @@ pub struct LimitedBody {
     /// Bytes seen so far.
     pub seen: u64,
     /// Shared with the request's accounting when the size is not known up front.
-    counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    counter: Option<Arc<BodyCount>>,
     /// `None` for a request without a body.
     progress: Option<Arc<BodyProgress>>,
     /// Frames read before the backend connection was taken, sent first; in reverse order once
@@ -508,12 +553,9 @@ impl LimitedBody {
 
     /// Also adds every byte received to `counter`, which starts at 0 here: until the body is
     /// forwarded it holds [`BODY_UNREAD`].
-    pub fn with_counter(
-        mut self,
-        counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
-    ) -> Self {
+    pub fn with_counter(mut self, counter: Option<Arc<BodyCount>>) -> Self {
         if let Some(c) = &counter {
-            c.store(0, Ordering::Relaxed);
+            c.bytes.store(0, Ordering::Relaxed);
         }
         self.counter = counter;
         self
@@ -633,7 +675,7 @@ impl LimitedBody {
                         p.received(n);
                     }
                     if let Some(c) = &this.counter {
-                        c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        c.bytes.fetch_add(n, Ordering::Relaxed);
                     }
                     if n > this.remaining {
                         this.inner = None;
@@ -649,6 +691,9 @@ impl LimitedBody {
                 }
                 // hyper does not poll again once a body says it has ended.
                 let state = if inner.is_end_stream() {
+                    if let Some(c) = &this.counter {
+                        c.ended();
+                    }
                     BODY_DONE
                 } else {
                     BODY_WAITING_ON_BACKEND
@@ -670,6 +715,9 @@ impl LimitedBody {
                 Poll::Ready(Some(Err(Box::new(why))))
             }
             Poll::Ready(None) => {
+                if let Some(c) = &this.counter {
+                    c.ended();
+                }
                 record(&this.progress, BODY_DONE);
                 Poll::Ready(None)
             }

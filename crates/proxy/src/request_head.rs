@@ -661,6 +661,10 @@ pub struct HeadOptions {
     /// word about the client's certificate.
     pub sanitize_client_cert: bool,
     pub path: PathOptions,
+    /// ESPv2's `--generated_header_prefix` (lower case, with `api-`): client headers starting
+    /// with it, in any spelling, are removed like `X-Endpoint-API-*` ones, so none can pass for
+    /// a header the proxy generates ([`crate::settings::GeneratedHeaders`]).
+    pub generated_prefix: Option<&'static str>,
 }
 
 /// The header Envoy and other mTLS-terminating proxies use to tell the backend about the
@@ -678,6 +682,20 @@ fn remove_spellings(headers: &mut HeaderMap, canon: &[u8]) -> usize {
     let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|n| same_spelling(n.as_str().as_bytes(), canon))
+        .cloned()
+        .collect();
+    for n in &doomed {
+        headers.remove(n);
+    }
+    doomed.len()
+}
+
+/// Removes every header whose name starts with `prefix` (lower case) in any spelling (any
+/// case, `_` for `-`); returns how many names went.
+fn remove_prefixed(headers: &mut HeaderMap, prefix: &[u8]) -> usize {
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| starts_with_spelling(n.as_str().as_bytes(), prefix))
         .cloned()
         .collect();
     for n in &doomed {
@@ -782,6 +800,9 @@ pub fn settle<'a>(
         .flatten();
     let method = effective_method(method, headers);
     sanitize_headers(headers, opts.underscores_in_headers);
+    if let Some(prefix) = opts.generated_prefix {
+        remove_prefixed(headers, prefix.as_bytes());
+    }
     if opts.sanitize_client_cert {
         remove_spellings(headers, CLIENT_CERT_HEADER);
     }
@@ -826,6 +847,33 @@ mod tests {
 
     fn norm_with(p: &str, opts: PathOptions) -> Result<String, PathError> {
         normalize_target(p, opts).map(|n| n.text.into_owned())
+    }
+
+    #[test]
+    fn client_copies_of_generated_headers_go_in_every_spelling() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("x-apigateway-api-userinfo", "forged"),
+            ("X_APIGATEWAY_API_OPERATION_NAME", "forged"),
+            ("x-apigateway-api-", "forged"),
+            ("x-endpoint-api-userinfo", "forged"),
+            ("x-apigateway-apis", "kept"),
+            ("x-apigateway-other", "kept"),
+        ] {
+            h.insert(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_static(v),
+            );
+        }
+        let opts = HeadOptions {
+            underscores_in_headers: true,
+            generated_prefix: Some("x-apigateway-api-"),
+            ..Default::default()
+        };
+        settle(&Method::GET, H11, &mut h, "/a", opts).unwrap();
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-apigateway-apis", "x-apigateway-other"]);
     }
 
     #[test]

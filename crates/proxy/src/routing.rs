@@ -78,6 +78,8 @@ pub struct BackendTarget {
     pub translation: PathTranslation,
     /// Host header for the backend: the address's host.
     pub host: http::HeaderValue,
+    /// `host:port` the requests go to (the access log's `%UPSTREAM_HOST%`).
+    pub authority: String,
     /// `deadline` of the rule, if set.
     pub deadline: Option<std::time::Duration>,
 }
@@ -257,6 +259,12 @@ pub struct RouteOptions {
     /// ESPv2's retries, for every backend client built here (each with its own count of
     /// retries in flight, as each is one of Envoy's clusters).
     pub backend_retry: Option<crate::retry::RetryPolicy>,
+    /// ESPv2's `--disallow_colon_in_wildcard_path_segment`.
+    pub disallow_colon_in_wildcard_path_segment: bool,
+    /// ESPv2's `--cors_operation_delimiter`: `allowCors` preflight rules are one operation per
+    /// method, `<API name><delimiter><method name>`, with the method's API and backend (ESPv2's
+    /// auto-generated CORS methods). `None`: ESP's one `CORS` operation.
+    pub cors_operation_delimiter: Option<String>,
 }
 
 impl RouteOptions {
@@ -275,6 +283,8 @@ impl RouteOptions {
             backend_pool: crate::upstream::PoolLimits::default(),
             local_backend: None,
             backend_retry: None,
+            disallow_colon_in_wildcard_path_segment: false,
+            cors_operation_delimiter: None,
         }
     }
 }
@@ -319,6 +329,7 @@ impl ConfigRoutes {
             .map_err(|_| format!("invalid host {:?}", backend.host))?;
         ignored_protocol_note(&rule.selector, backend.scheme, protocol);
         Ok(BackendTarget {
+            authority: backend.authority(),
             address: rule.address.clone(),
             forwarder: Self::shared_client(&backend, protocol, opts, clients)?,
             path_prefix,
@@ -336,7 +347,8 @@ impl ConfigRoutes {
     pub fn build(service: Arc<Service>, opts: &RouteOptions) -> ConfigRoutes {
         let service_control =
             !opts.skip_service_control && (opts.sc_override || service.has_service_control());
-        let mut builder: PathMatcherBuilder<Arc<MethodInfo>> = PathMatcherBuilder::new();
+        let mut builder: PathMatcherBuilder<Arc<MethodInfo>> = PathMatcherBuilder::new()
+            .disallow_colon_in_wildcards(opts.disallow_colon_in_wildcard_path_segment);
         let mut skipped_rules = Vec::new();
 
         let auth_rules: HashMap<&str, &AuthenticationRule> = service
@@ -521,6 +533,9 @@ impl ConfigRoutes {
         let mut template_set: HashSet<String> = HashSet::new();
         let mut options_templates: HashSet<String> = HashSet::new();
         let mut selectors: BTreeSet<String> = BTreeSet::new();
+        // The selector that registered each template first (ESPv2 names a template's CORS
+        // operation after it).
+        let mut template_owner: HashMap<String, String> = HashMap::new();
         // Returns why the rule was not registered, if it was not.
         let mut register = |rule: &HttpRule,
                             builder: &mut PathMatcherBuilder<Arc<MethodInfo>>|
@@ -540,6 +555,7 @@ impl ConfigRoutes {
                     }
                     if template_set.insert(path.to_string()) {
                         templates.push(path.to_string());
+                        template_owner.insert(path.to_string(), rule.selector.clone());
                     }
                     Ok(())
                 }
@@ -575,7 +591,50 @@ impl ConfigRoutes {
             .endpoints
             .iter()
             .any(|e| e.name == service.name && e.allow_cors);
-        if allow_cors {
+        if let (true, Some(delimiter)) = (allow_cors, &opts.cors_operation_delimiter) {
+            // ESPv2: one generated operation per method, `<API><delimiter><method>`, proxied
+            // to the method's backend, never needing a key or a JWT, reported under its name.
+            let mut cors_infos: HashMap<String, Arc<MethodInfo>> = HashMap::new();
+            for t in templates.iter().filter(|t| !options_templates.contains(*t)) {
+                let Some(owner) = template_owner.get(t) else {
+                    continue;
+                };
+                let info = cors_infos
+                    .entry(owner.clone())
+                    .or_insert_with(|| {
+                        let (api, _) = selector_api(&service, owner);
+                        let method = if api.is_empty() {
+                            owner.rsplit_once('.').map_or(owner.as_str(), |(_, m)| m)
+                        } else {
+                            &owner[api.len() + 1..]
+                        };
+                        let api_part = if api.is_empty() {
+                            owner.rsplit_once('.').map_or("", |(a, _)| a)
+                        } else {
+                            api.as_str()
+                        };
+                        let base = infos
+                            .get(owner)
+                            .map(|i| (**i).clone())
+                            .unwrap_or_else(|| info_for(owner));
+                        let cors_info = MethodInfo {
+                            selector: format!("{api_part}{delimiter}{method}"),
+                            allow_unregistered_calls: true,
+                            skip_service_control: false,
+                            api_key_locations: base.api_key_locations.clone(),
+                            auth: None,
+                            metric_costs: Vec::new(),
+                            cors_preflight: true,
+                            ..base
+                        };
+                        Arc::new(cors_info)
+                    })
+                    .clone();
+                if let Err(e) = builder.register("OPTIONS", t, info.clone()) {
+                    skipped_rules.push(format!("{} OPTIONS {t}: {e}", info.selector));
+                }
+            }
+        } else if allow_cors {
             let mut cors_selector = "CORS".to_string();
             let mut n = 0;
             while selectors.contains(&cors_selector) {
@@ -770,6 +829,64 @@ mod tests {
         let explicit = r.matcher.lookup("OPTIONS", "/shelves/1").unwrap();
         assert_eq!(explicit.selector, "1.bookstore.CorsShelf");
         assert!(!explicit.allow_unregistered_calls);
+    }
+
+    #[test]
+    fn espv2_names_a_cors_operation_per_method_with_the_delimiter() {
+        let s = svc(r#"{"name":"s","apis":[{"name":"1.s.Api","version":"v2"}],
+                "http":{"rules":[
+                    {"selector":"1.s.Api.List","get":"/a"},
+                    {"selector":"1.s.Api.Create","post":"/a"},
+                    {"selector":"1.s.Api.Get","get":"/a/{id}"},
+                    {"selector":"Other","get":"/b"},
+                    {"selector":"1.s.Api.Opt","custom":{"kind":"OPTIONS","path":"/c"}},
+                    {"selector":"1.s.Api.C","get":"/c"}]},
+                "endpoints":[{"name":"s","allowCors":true}],
+                "control":{"environment":"x"}}"#);
+        for (delimiter, a, id) in [
+            (
+                crate::settings::DEFAULT_CORS_OPERATION_DELIMITER,
+                "1.s.Api.ESPv2_Autogenerated_CORS_List",
+                "1.s.Api.ESPv2_Autogenerated_CORS_Get",
+            ),
+            ("--", "1.s.Api--List", "1.s.Api--Get"),
+        ] {
+            let mut opts = RouteOptions::new(false);
+            opts.cors_operation_delimiter = Some(delimiter.to_string());
+            let r = ConfigRoutes::build(s.clone(), &opts);
+            let o = r.matcher.lookup("OPTIONS", "/a").unwrap();
+            // The template's first method names it, as ESPv2's first-come set does.
+            assert_eq!(o.selector, a);
+            assert!(o.cors_preflight && o.allow_unregistered_calls && o.auth.is_none());
+            assert!(!o.skip_service_control && o.metric_costs.is_empty());
+            assert_eq!(
+                (o.api_name.as_str(), o.api_version.as_str()),
+                ("1.s.Api", "v2")
+            );
+            assert_eq!(r.matcher.lookup("OPTIONS", "/a/7").unwrap().selector, id);
+            let other = r.matcher.lookup("OPTIONS", "/b").unwrap();
+            assert_eq!(other.selector, format!("{delimiter}Other"));
+            // An explicit OPTIONS rule is kept.
+            assert_eq!(
+                r.matcher.lookup("OPTIONS", "/c").unwrap().selector,
+                "1.s.Api.Opt"
+            );
+        }
+    }
+
+    #[test]
+    fn colon_free_wildcards_follow_the_route_option() {
+        let s = svc(
+            r#"{"name":"s","http":{"rules":[{"selector":"A","get":"/v1/{name}"}]},
+                "control":{"environment":"x"}}"#,
+        );
+        let r = ConfigRoutes::build(s.clone(), &RouteOptions::new(false));
+        assert!(r.matcher.lookup("GET", "/v1/a:b").is_some());
+        let mut opts = RouteOptions::new(false);
+        opts.disallow_colon_in_wildcard_path_segment = true;
+        let r = ConfigRoutes::build(s, &opts);
+        assert!(r.matcher.lookup("GET", "/v1/a:b").is_none());
+        assert!(r.matcher.lookup("GET", "/v1/ab").is_some());
     }
 
     #[test]

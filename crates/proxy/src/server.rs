@@ -241,6 +241,8 @@ pub async fn start_with_metrics(
         backend_tls: Some(backend_tls.clone()),
         local_backend: Some(settings.backend.clone()),
         backend_retry: settings.backend_retry.clone(),
+        disallow_colon_in_wildcard_path_segment: settings.disallow_colon_in_wildcard_path_segment,
+        cors_operation_delimiter: settings.cors_operation_delimiter.clone(),
     };
     // `--backend`'s retries in flight are counted across the serving threads' clients.
     let backend_retries = settings
@@ -531,7 +533,11 @@ async fn accept_loop(
     let limits = settings.conn_limits;
     // One system call per connection, paid only when a header rule reads the address.
     let record_local = crate::header_rules::reads_local_address(&settings.request_headers_to_add)
-        || crate::header_rules::reads_local_address(&settings.response_headers_to_add);
+        || crate::header_rules::reads_local_address(&settings.response_headers_to_add)
+        || settings
+            .access_log_format
+            .as_ref()
+            .is_some_and(|f| f.reads_local_address());
     let mut acceptor = portico_listen::Acceptor::new(listener, kind.flag());
     loop {
         let (stream, peer) = tokio::select! {

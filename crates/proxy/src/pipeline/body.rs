@@ -15,7 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -62,7 +62,46 @@ impl Drop for AbortGuard {
         state
             .metrics
             .observe_request(crate::metrics::method_label(&method), 499, total);
-        if state.access_log.enabled() {
+        if let (true, Some(format)) = (
+            state.access_log.enabled(),
+            state.settings.access_log_format.as_ref(),
+        ) {
+            let url = uri.to_string();
+            let table = state.routes.load();
+            let path = table.secrets.redact(&url);
+            let empty = http::HeaderMap::new();
+            let addr = std::net::SocketAddr::new(peer, 0);
+            // Envoy's entry for a client that left before the response: code 0, flag DC.
+            let line = format.render(&crate::access_log::Record {
+                start: std::time::SystemTime::now()
+                    .checked_sub(total)
+                    .unwrap_or(std::time::UNIX_EPOCH),
+                method: method.as_str(),
+                path: &path,
+                authority: uri.authority().map(|a| a.as_str()),
+                tls: false,
+                version: Version::HTTP_11,
+                status: 0,
+                flags: "DC",
+                details: "downstream_remote_disconnect",
+                bytes_received: 0,
+                bytes_sent: 0,
+                duration: total,
+                request_duration: None,
+                response_duration: None,
+                upstream_host: None,
+                upstream_failure: None,
+                client: addr,
+                peer: addr,
+                local: None,
+                api_method: None,
+                request_headers: &empty,
+                response_headers: &empty,
+                key_headers: &[],
+                secrets: &table.secrets,
+            });
+            state.access_log.write_raw(&line);
+        } else if state.access_log.enabled() {
             let time = crate::access_log::now_rfc3339();
             let remote = peer.to_string();
             let url = uri.to_string();
@@ -296,7 +335,7 @@ struct Completion {
     /// The `Content-Length` counted in `request_bytes`, replaced by the bytes received when
     /// the body was read.
     declared_body: u64,
-    body_counter: Option<Arc<AtomicU64>>,
+    body_counter: Option<Arc<crate::request_body::BodyCount>>,
     backend_latency: Option<Duration>,
     user_agent: Option<HeaderValue>,
     referer: Option<HeaderValue>,
@@ -305,21 +344,173 @@ struct Completion {
     backend_grpc: bool,
     /// Report to Service Control (ESP-handled request on a config with SC).
     report: Option<ReportInfo>,
+    /// What only `--access_log_format` reads; allocated only with a format.
+    formatted: Option<Box<FormatFacts>>,
+}
+
+/// The facts of a request only an `--access_log_format` entry needs.
+struct FormatFacts {
+    peer: std::net::SocketAddr,
+    local: Option<std::net::SocketAddr>,
+    /// The client's headers the format reads.
+    request_headers: http::HeaderMap,
+    /// The response headers the format reads.
+    response_headers: http::HeaderMap,
+    tls: bool,
+    /// From the request's arrival to the backend's response head.
+    response_duration: Option<Duration>,
+    /// The `--healthz` answer.
+    health_check: bool,
+}
+
+impl ProxyBody {
+    /// Marks the request as the `--healthz` answer, for the access log's operation.
+    pub(super) fn mark_health_check(&mut self) {
+        if let Some(f) = self.done.as_mut().and_then(|c| c.formatted.as_mut()) {
+            f.health_check = true;
+        }
+    }
 }
 
 impl Completion {
+    /// One `--access_log_format` entry ([`crate::access_log::Format`]).
+    fn write_formatted(
+        &self,
+        format: &crate::access_log::Format,
+        facts: &FormatFacts,
+        total: Duration,
+        sent: u64,
+    ) {
+        let st = &self.state;
+        let settings = &st.settings;
+        let table = st.routes.load();
+        let kind = self.error.as_ref().map(|e| &e.kind);
+        let went_upstream = self.backend_latency.is_some()
+            || matches!(
+                kind,
+                Some(crate::error::ErrorKind::BackendFailed { .. })
+                    | Some(crate::error::ErrorKind::BackendTimeout)
+            );
+        let method_info = self.report.as_ref().and_then(|r| r.method.as_ref());
+        let upstream_host =
+            went_upstream.then(|| match method_info.and_then(|m| m.backend.as_ref()) {
+                Some(t) if settings.enable_backend_routing => t.authority.clone(),
+                _ => settings.backend.authority(),
+            });
+        let flags = response_flags(kind);
+        let details = match settings.dialect {
+            crate::dialect::Dialect::EspV2 => crate::dialect::espv2_response_code_detail(kind),
+            _ if self.error.is_none() => Cow::Borrowed("via_upstream"),
+            _ => Cow::Borrowed(""),
+        };
+        let details = if self.error.is_none() && self.backend_latency.is_none() {
+            // Answered by the proxy itself (health check, preflight).
+            Cow::Borrowed("direct_response")
+        } else {
+            details
+        };
+        // Envoy's words for a connection that could not be made.
+        let upstream_failure = match kind {
+            Some(crate::error::ErrorKind::BackendFailed { how, .. }) => match how {
+                crate::error::NetworkFailure::Connect(errno) => {
+                    Some(Cow::Owned(format!("delayed connect error: {errno}")))
+                }
+                crate::error::NetworkFailure::Tls => Some(Cow::Borrowed("TLS error")),
+                crate::error::NetworkFailure::Unresolved => {
+                    Some(Cow::Borrowed("name resolution failure"))
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        let api_method = if facts.health_check {
+            settings.health_check_operation.as_deref()
+        } else {
+            self.report.as_ref().map(|r| {
+                r.method.as_ref().map_or(
+                    crate::service_control::report::UNKNOWN_OPERATION_NAME,
+                    |m| m.selector.as_str(),
+                )
+            })
+        };
+        let received = match &self.body_counter {
+            Some(c) => match c.received() {
+                forward::BODY_UNREAD => 0,
+                n => n,
+            },
+            None => 0,
+        };
+        // A request without a body is whole with its head; one whose body was not read
+        // (answered first) has no such time.
+        let request_duration = match &self.body_counter {
+            None => Some(Duration::ZERO),
+            Some(c) => c.ended_after(),
+        };
+        let key_headers: &[http::HeaderName] =
+            method_info.map_or(&[], |m| m.api_key_locations.headers.as_slice());
+        let client_port = if self.client_ip == facts.peer.ip() {
+            facts.peer.port()
+        } else {
+            0
+        };
+        let line = format.render(&crate::access_log::Record {
+            start: std::time::SystemTime::now()
+                .checked_sub(total)
+                .unwrap_or(std::time::UNIX_EPOCH),
+            method: self.method.as_str(),
+            path: &self.url,
+            authority: None,
+            tls: facts.tls,
+            version: self.version,
+            status: self.status,
+            flags,
+            details: &details,
+            bytes_received: received,
+            bytes_sent: sent,
+            duration: total,
+            request_duration,
+            response_duration: facts.response_duration,
+            upstream_host: upstream_host.as_deref(),
+            upstream_failure: upstream_failure.as_deref(),
+            client: std::net::SocketAddr::new(self.client_ip, client_port),
+            peer: facts.peer,
+            local: facts.local,
+            api_method,
+            request_headers: &facts.request_headers,
+            response_headers: &facts.response_headers,
+            key_headers,
+            secrets: &table.secrets,
+        });
+        st.access_log.write_raw(&line);
+    }
+
     /// **report**: metrics, the access log and the Service Control report, once the response
     /// body has been sent (or dropped).
     fn report(mut self: Box<Self>, sent: u64) {
         let total = self.start.elapsed();
         if let Some(c) = &self.body_counter {
-            let received = c.load(Ordering::Relaxed);
+            let received = c.received();
             if received != forward::BODY_UNREAD {
                 self.request_bytes =
                     self.request_bytes.saturating_sub(self.declared_body) + received;
             }
         }
         let st = &self.state;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            // ESPv2's per-request debug logs; the path without its query, which can hold keys.
+            tracing::debug!(
+                method = %self.method,
+                path = crate::request_head::path_of(&self.url),
+                status = self.status,
+                operation = self
+                    .report
+                    .as_ref()
+                    .and_then(|r| r.method.as_ref())
+                    .map_or("", |m| m.selector.as_str()),
+                duration_ms = total.as_millis() as u64,
+                "request completed"
+            );
+        }
         st.metrics.observe_request(
             crate::metrics::method_label(&self.method),
             self.status,
@@ -363,7 +554,13 @@ impl Completion {
         } else {
             None
         };
-        if st.access_log.enabled() {
+        if let (true, Some(format), Some(facts)) = (
+            st.access_log.enabled(),
+            st.settings.access_log_format.as_ref(),
+            self.formatted.as_deref(),
+        ) {
+            self.write_formatted(format, facts, total, sent);
+        } else if st.access_log.enabled() {
             let time = crate::access_log::now_rfc3339();
             let remote = self.client_ip.to_string();
             let uri = self.url.as_str();
@@ -581,6 +778,36 @@ impl Pipeline {
         } else {
             "http"
         };
+        let formatted = self
+            .state
+            .settings
+            .access_log_format
+            .as_ref()
+            .map(|format| {
+                let mut response_headers = http::HeaderMap::new();
+                for name in format.response_headers() {
+                    for v in resp.headers().get_all(name) {
+                        response_headers.append(name.clone(), v.clone());
+                    }
+                }
+                let (peer, local, request_headers) = match &ctx.conn_facts {
+                    Some(c) => (c.peer, c.local, c.request_headers.clone()),
+                    None => (
+                        std::net::SocketAddr::new(ctx.client_ip, 0),
+                        None,
+                        http::HeaderMap::new(),
+                    ),
+                };
+                Box::new(FormatFacts {
+                    peer,
+                    local,
+                    request_headers,
+                    response_headers,
+                    tls: ctx.tls,
+                    response_duration: backend_latency.map(|_| ctx.start.elapsed()),
+                    health_check: false,
+                })
+            });
         resp.body_mut().done = Some(Box::new(Completion {
             state: self.state.clone(),
             start: ctx.start,
@@ -601,6 +828,7 @@ impl Pipeline {
             error,
             backend_grpc,
             report,
+            formatted,
         }));
         if ctx.head {
             // A HEAD answer never carries a body, whoever produced it.
@@ -613,6 +841,26 @@ impl Pipeline {
             };
         }
         resp
+    }
+}
+
+/// Envoy's response flags for how the request ended (`-`: nothing to flag).
+fn response_flags(kind: Option<&crate::error::ErrorKind>) -> &'static str {
+    use crate::error::{ErrorKind, NetworkFailure};
+    match kind {
+        Some(ErrorKind::BackendFailed { how, retried }) => match (how, retried) {
+            (NetworkFailure::Unresolved, _) => "UH",
+            (NetworkFailure::Timeout, false) => "UT",
+            (NetworkFailure::Timeout, true) => "UT,URX",
+            (NetworkFailure::Connect(_) | NetworkFailure::Tls, false) => "UF",
+            (NetworkFailure::Connect(_) | NetworkFailure::Tls, true) => "UF,URX",
+            (NetworkFailure::Reset, false) => "UC",
+            (NetworkFailure::Reset, true) => "UC,URX",
+            (NetworkFailure::RefusedStream, false) => "UR",
+            (NetworkFailure::RefusedStream, true) => "UR,URX",
+        },
+        Some(ErrorKind::BackendTimeout) => "UT",
+        _ => "-",
     }
 }
 

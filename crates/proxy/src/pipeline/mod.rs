@@ -63,12 +63,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-/// The header the JWT stage fills; client copies never reach the backend
-/// ([`crate::request_head::sanitize_headers`]).
-pub static X_ENDPOINT_API_USERINFO: HeaderName = HeaderName::from_static("x-endpoint-api-userinfo");
-pub static X_ENDPOINT_API_PROJECT_ID: HeaderName =
-    HeaderName::from_static("x-endpoint-api-project-id");
-
 // ---------------------------------------------------------------------------------------------
 // Stage interfaces towards Service Control and JWT authentication.
 // ---------------------------------------------------------------------------------------------
@@ -154,11 +148,20 @@ impl ProxyState {
             );
             crate::compression::Gate::new(c.max_streams, active)
         });
-        let response_rules_read =
+        let mut response_rules_read =
             crate::header_rules::request_headers_read(&settings.response_headers_to_add);
+        // `--access_log_format` keeps the client's headers it reads, the same way.
+        if let Some(f) = &settings.access_log_format {
+            for n in f.request_headers() {
+                if !response_rules_read.contains(n) {
+                    response_rules_read.push(n.clone());
+                }
+            }
+        }
         let keep_conn_facts = !settings.request_headers_to_add.is_empty()
             || !settings.response_headers_to_add.is_empty()
-            || settings.xff_hops.is_some_and(|h| h.use_remote_address);
+            || settings.xff_hops.is_some_and(|h| h.use_remote_address)
+            || settings.access_log_format.is_some();
         ProxyState {
             settings,
             routes: ArcSwap::from_pointee(routes),
@@ -331,9 +334,10 @@ impl Pipeline {
         }
 
         if let Some(a) = &report.auth {
-            parts
-                .headers
-                .insert(&X_ENDPOINT_API_USERINFO, a.user_info.clone());
+            parts.headers.insert(
+                settings.generated_headers.user_info.clone(),
+                a.user_info.clone(),
+            );
         }
         let unrouted_to_backend =
             settings.dialect.unrouted_methods_use_backend() && mi.backend_rule.is_none();

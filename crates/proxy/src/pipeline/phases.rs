@@ -5,7 +5,7 @@
 
 use super::errors::proxy_error;
 use super::state::{Ctx, Prepared, ReportInfo, Routed};
-use super::{ConnInfo, Pipeline, ProxyBody, X_ENDPOINT_API_PROJECT_ID};
+use super::{ConnInfo, Pipeline, ProxyBody};
 use crate::auth::AuthInfo;
 use crate::error::{Cause, Code, ErrorKind, EspError};
 use crate::forward;
@@ -17,7 +17,6 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use hyper::body::Incoming;
 use std::borrow::Cow;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -66,6 +65,12 @@ impl Pipeline {
             .client_ip_header
             .as_deref()
             .and_then(|name| forward::ip_from_header(h, name, settings.client_ip_position))
+            .or_else(|| {
+                settings
+                    .client_ip_from_forwarded
+                    .then(|| forward::ip_from_forwarded(h))
+                    .flatten()
+            })
             .unwrap_or(client_ip);
         let cors_origin = settings.cors.as_ref().and_then(|c| c.allowed_origin(h));
         // ESPv2 decorates only the answers of requests an API route matched: the origin waits
@@ -75,9 +80,10 @@ impl Pipeline {
         } else {
             (cors_origin, None)
         };
+        let start = Instant::now();
         let ctx = Ctx {
             dialect: settings.dialect,
-            start: Instant::now(),
+            start,
             method: match &settled {
                 Ok(s) => s.method.clone(),
                 Err(e) => e.method().unwrap_or(&parts.method).clone(),
@@ -99,6 +105,15 @@ impl Pipeline {
                         request_headers.insert(name.clone(), v.clone());
                     }
                 }
+                // `:authority` is read as `Host`: an HTTP/2 (or absolute-form) request names its
+                // host in the target instead.
+                if let Some(a) = parts.uri.authority() {
+                    if st.response_rules_read.contains(&header::HOST) {
+                        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                            request_headers.insert(header::HOST, v);
+                        }
+                    }
+                }
                 Box::new(super::state::ConnFacts {
                     peer: conn.peer,
                     local: conn.local,
@@ -113,7 +128,7 @@ impl Pipeline {
                 .unwrap_or(0),
             request_head_bytes,
             body_counter: (!body.is_end_stream())
-                .then(|| Arc::new(AtomicU64::new(forward::BODY_UNREAD))),
+                .then(|| crate::request_body::BodyCount::new(start)),
             user_agent: h.get(header::USER_AGENT).cloned(),
             content_type_grpc: h
                 .get(header::CONTENT_TYPE)
@@ -170,7 +185,9 @@ impl Pipeline {
         // nginx's exact-match health location and CORS preflight run before ESP.
         if st.healthz_path.as_deref() == Some(request_head::path_of(normalized)) {
             let resp = Response::new(ProxyBody::empty());
-            return Err(self.finalize(resp, &ctx, normalized.to_string(), None, None, None));
+            let mut resp = self.finalize(resp, &ctx, normalized.to_string(), None, None, None);
+            resp.body_mut().mark_health_check();
+            return Err(resp);
         }
         let origin = ctx.cors_origin.as_ref().or(cors_after_match.as_ref());
         if let (Some(cors), Some(origin)) = (&settings.cors, origin) {
@@ -356,7 +373,10 @@ impl Pipeline {
                 Ok(ok) => {
                     if let Some(n) = ok.consumer_project_number.filter(|n| *n > 0) {
                         if let Ok(v) = HeaderValue::from_str(&n.to_string()) {
-                            headers.insert(&X_ENDPOINT_API_PROJECT_ID, v);
+                            headers.insert(
+                                self.state.settings.generated_headers.project_id.clone(),
+                                v,
+                            );
                         }
                     }
                     report.check = Some(ok);

@@ -10,7 +10,6 @@ use http::header::{HeaderMap, HeaderValue};
 use http::{Method, Version};
 use hyper::body::Incoming;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -58,7 +57,7 @@ pub(super) struct Ctx {
     /// Counts the body's bytes as they are received ([`forward::BODY_UNREAD`] until the body
     /// is forwarded): a client that leaves mid-body is logged with what it sent, not with its
     /// `Content-Length`.
-    pub(super) body_counter: Option<Arc<AtomicU64>>,
+    pub(super) body_counter: Option<Arc<crate::request_body::BodyCount>>,
     pub(super) user_agent: Option<HeaderValue>,
     pub(super) referer: Option<HeaderValue>,
     /// `Content-Type: application/grpc*`: reported with protocol `grpc`.
