@@ -304,6 +304,8 @@ pub fn espv2_response_code_detail(kind: Option<&ErrorKind>) -> Cow<'static, str>
             NetworkFailure::Tls => reset("connection_failure,TLS_error"),
             NetworkFailure::Reset => reset("connection_termination"),
             NetworkFailure::RefusedStream => reset("remote_refused_stream_reset"),
+            NetworkFailure::ConnectTimeout => reset("connection_timeout"),
+            NetworkFailure::Overflow => reset("overflow"),
         },
         ErrorKind::BackendTimeout => Cow::Borrowed("upstream_response_timeout"),
         ErrorKind::PayloadTooLarge => Cow::Borrowed("request_payload_too_large"),
@@ -350,6 +352,8 @@ fn envoy_no_response(how: NetworkFailure, retried: bool) -> (u16, Cow<'static, s
             503,
             Cow::Owned(format!("{reset}remote refused stream reset")),
         ),
+        NetworkFailure::ConnectTimeout => (503, Cow::Owned(format!("{reset}connection timeout"))),
+        NetworkFailure::Overflow => (503, Cow::Owned(format!("{reset}overflow"))),
     }
 }
 

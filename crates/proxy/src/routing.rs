@@ -257,6 +257,12 @@ pub struct RouteOptions {
     /// ESPv2's retries, for every backend client built here (each with its own count of
     /// retries in flight, as each is one of Envoy's clusters).
     pub backend_retry: Option<crate::retry::RetryPolicy>,
+    /// How every backend client built here connects, and the backends' counts of requests in
+    /// flight (shared with `--backend`'s clients and kept across rollouts).
+    pub backend_net: Arc<crate::backend_net::BackendNet>,
+    /// `--enable_backend_address_override`: rule addresses are not used; every rule applies
+    /// to `--backend` as a rule without an address does.
+    pub backend_address_override: bool,
 }
 
 impl RouteOptions {
@@ -275,6 +281,8 @@ impl RouteOptions {
             backend_pool: crate::upstream::PoolLimits::default(),
             local_backend: None,
             backend_retry: None,
+            backend_net: crate::backend_net::BackendNet::system(),
+            backend_address_override: false,
         }
     }
 }
@@ -293,12 +301,13 @@ impl ConfigRoutes {
         if let Some(f) = clients.get(&key) {
             return Ok(f.clone());
         }
-        let forwarder = Forwarder::with_protocol(
+        let forwarder = Forwarder::with_net(
             backend,
             protocol,
             opts.backend_timeout,
             opts.backend_tls.clone(),
             opts.backend_pool,
+            &opts.backend_net,
         )
         .map_err(|e| e.to_string())?
         .with_retries(opts.backend_retry.clone().map(crate::retry::Retries::new));
@@ -418,8 +427,10 @@ impl ConfigRoutes {
         // HTTP version, shared by the methods (and serving threads) that use it.
         let mut clients: HashMap<ClientKey, Forwarder> = HashMap::new();
         let mut targets: HashMap<&str, Arc<BackendTarget>> = HashMap::new();
+        // ESPv2's `--enable_backend_address_override`: an address counts as none.
+        let has_address = |r: &BackendRule| !r.address.is_empty() && !opts.backend_address_override;
         if opts.backend_routing {
-            for rule in backend_rules.values().filter(|r| !r.address.is_empty()) {
+            for rule in backend_rules.values().filter(|r| has_address(r)) {
                 let Some(&(deadline, protocol)) = usable.get(rule.selector.as_str()) else {
                     continue;
                 };
@@ -439,7 +450,7 @@ impl ConfigRoutes {
         // HTTP version than `--backend`'s scheme implies gets a client of its own for it; the
         // other methods keep the serving threads' clients.
         let mut locals: HashMap<&str, LocalBackend> = HashMap::new();
-        for rule in backend_rules.values().filter(|r| r.address.is_empty()) {
+        for rule in backend_rules.values().filter(|r| !has_address(r)) {
             let Some(&(deadline, protocol)) = usable.get(rule.selector.as_str()) else {
                 continue;
             };

@@ -208,6 +208,9 @@ pub async fn start_with_metrics(
     // named on the command line that cannot be used is better refused at start.
     let backend_tls =
         Arc::new(crate::tls::client_config(&settings.backend_tls).map_err(StartError::BackendTls)?);
+    // One for the process: every backend client resolves, connects and counts its requests in
+    // flight through it.
+    let backend_net = crate::backend_net::BackendNet::new(settings.backend_net.clone());
     let route_opts = RouteOptions {
         sc_override: settings.service_control_url_override.is_some(),
         skip_service_control: settings.skip_service_control,
@@ -231,6 +234,8 @@ pub async fn start_with_metrics(
         backend_tls: Some(backend_tls.clone()),
         local_backend: Some(settings.backend.clone()),
         backend_retry: settings.backend_retry.clone(),
+        backend_net: backend_net.clone(),
+        backend_address_override: settings.backend_address_override,
     };
     // `--backend`'s retries in flight are counted across the serving threads' clients.
     let backend_retries = settings
@@ -330,14 +335,16 @@ pub async fn start_with_metrics(
             .iter_mut()
             .filter_map(|(k, ls)| ls.pop().map(|l| (*k, l)))
             .collect();
-        let forwarder = Forwarder::new(
+        let forwarder = Forwarder::with_net(
             &settings.backend,
+            crate::forward::BackendProtocol::Unset,
             settings.backend_timeout,
             Some(backend_tls.clone()),
             crate::upstream::PoolLimits {
                 max: settings.backend_max_connections,
                 ..Default::default()
             },
+            &backend_net,
         )?
         .with_retries(backend_retries.clone());
         let pipeline = Arc::new(Pipeline::new(state.clone(), forwarder));
