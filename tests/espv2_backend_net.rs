@@ -209,7 +209,11 @@ const CONNECT_TIMEOUT: &str = "upstream connect error or disconnect/reset before
 
 /// A listener whose accept queue is full: connections to it never complete their handshake.
 /// Returns it with the connections that fill it (both must stay open).
-fn full_backlog() -> (tokio::net::TcpListener, Vec<std::net::TcpStream>, SocketAddr) {
+fn full_backlog() -> (
+    tokio::net::TcpListener,
+    Vec<std::net::TcpStream>,
+    SocketAddr,
+) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -228,7 +232,9 @@ fn full_backlog() -> (tokio::net::TcpListener, Vec<std::net::TcpStream>, SocketA
             Err(_) => return (listener, held, addr),
         }
     }
-    panic!("a listener with backlog 0 kept accepting handshakes: cannot test connect timeouts here");
+    panic!(
+        "a listener with backlog 0 kept accepting handshakes: cannot test connect timeouts here"
+    );
 }
 
 #[test]
@@ -311,12 +317,17 @@ fn dns_resolver_addresses_resolve_backend_names() {
             (
                 "Missing",
                 "/missing",
-                Some(json!({"address": format!("http://missing.portico-test.example:{}", backend.port()),
-                             "pathTranslation": "APPEND_PATH_TO_ADDRESS"})),
+                Some(
+                    json!({"address": format!("http://missing.portico-test.example:{}", backend.port()),
+                             "pathTranslation": "APPEND_PATH_TO_ADDRESS"}),
+                ),
             ),
         ],
     );
-    let named = format!("--backend=http://backend.portico-test.example:{}", backend.port());
+    let named = format!(
+        "--backend=http://backend.portico-test.example:{}",
+        backend.port()
+    );
 
     for flag in ["--dns_resolver_addresses", "--dns"] {
         let (p, port) = proxy(
@@ -386,8 +397,10 @@ fn backend_dns_lookup_family_picks_the_addresses_tried() {
         )])),
     );
     let rule = |port: u16| {
-        Some(json!({"address": format!("http://dual.portico-test.example:{port}"),
-                    "pathTranslation": "APPEND_PATH_TO_ADDRESS"}))
+        Some(
+            json!({"address": format!("http://dual.portico-test.example:{port}"),
+                    "pathTranslation": "APPEND_PATH_TO_ADDRESS"}),
+        )
     };
     let config = write_config(
         dir.path(),
@@ -445,7 +458,11 @@ fn backend_address_override_sends_every_method_to_backend() {
     let config = write_config(
         dir.path(),
         &[
-            ("GetPet", "/pet/{pet_id}", constant("/dynamicrouting/getpetbyid", None)),
+            (
+                "GetPet",
+                "/pet/{pet_id}",
+                constant("/dynamicrouting/getpetbyid", None),
+            ),
             ("Slow", "/slow", constant("/dynamicrouting/slow", Some(1.0))),
             ("Local", "/local", None),
         ],
@@ -453,7 +470,7 @@ fn backend_address_override_sends_every_method_to_backend() {
     let backend = format!("--backend=http://{local}");
 
     // Without the flag the rule's address is used, and it is dead.
-    let (p, port) = proxy(dir.path(), "rules", &config, &[backend.clone()]);
+    let (p, port) = proxy(dir.path(), "rules", &config, std::slice::from_ref(&backend));
     let (status, body, _) = get(port, "/pet/123?x=1");
     assert_eq!(status, 503, "{body}\n{}", p.log());
     assert!(body.contains("delayed connect error: 111"), "{body}");
@@ -485,7 +502,10 @@ fn backend_address_override_sends_every_method_to_backend() {
         "{}",
         p.log()
     );
-    assert!(took < Duration::from_millis(2500), "the rule's 1 s deadline: {took:?}");
+    assert!(
+        took < Duration::from_millis(2500),
+        "the rule's 1 s deadline: {took:?}"
+    );
 }
 
 #[test]
@@ -523,7 +543,10 @@ fn backend_cluster_maximum_requests_refuses_the_overflow() {
         "{}",
         p.log()
     );
-    assert!(took < Duration::from_secs(1), "refused at once, not queued: {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "refused at once, not queued: {took:?}"
+    );
     let (status, _, _) = first.join().expect("first request");
     assert_eq!(status, 200, "{}", p.log());
     // Its place is free again once its response has been sent.

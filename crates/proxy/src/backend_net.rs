@@ -244,7 +244,11 @@ impl BackendNet {
             }
             None => tokio::time::timeout(DNS_LOOKUP_TIMEOUT, tokio::net::lookup_host((host, port)))
                 .await
-                .map_err(|_| unresolved(format!("dns error: no answer within {DNS_LOOKUP_TIMEOUT:?}")))?
+                .map_err(|_| {
+                    unresolved(format!(
+                        "dns error: no answer within {DNS_LOOKUP_TIMEOUT:?}"
+                    ))
+                })?
                 .map_err(|e| unresolved(format!("dns error: {e}")))?
                 .collect(),
         };
@@ -280,12 +284,14 @@ impl BackendNet {
         };
         match self.settings.connect_timeout {
             None => attempt.await,
-            Some(limit) => tokio::time::timeout(limit, attempt).await.unwrap_or_else(|_| {
-                Err(ForwardError::Connect(
-                    NetworkFailure::ConnectTimeout,
-                    format!("{host}:{port}: no connection within {limit:?}"),
-                ))
-            }),
+            Some(limit) => tokio::time::timeout(limit, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ForwardError::Connect(
+                        NetworkFailure::ConnectTimeout,
+                        format!("{host}:{port}: no connection within {limit:?}"),
+                    ))
+                }),
         }
     }
 }
@@ -427,10 +433,7 @@ mod tests {
             dns_servers: addrs(&["127.0.0.1:9"]),
             ..Default::default()
         });
-        assert_eq!(
-            net.resolve("::1", 80).await.unwrap(),
-            addrs(&["[::1]:80"])
-        );
+        assert_eq!(net.resolve("::1", 80).await.unwrap(), addrs(&["[::1]:80"]));
         assert_eq!(
             net.resolve("127.0.0.1", 80).await.unwrap(),
             addrs(&["127.0.0.1:80"])

@@ -36,6 +36,7 @@
 //! | Report log entry | the request in the payload (`url`, `http_method`, `http_response_code`, sizes, `client_ip`, ...), `log_message` `Method: M` / `... failed: ...`, `error_cause` `auth`/`service_control`/... | the request in `httpRequest`; payload `api_key_state` (`NOT CHECKED`, `INVALID`, `NOT ENABLED`, `VERIFIED`), `http_status_code`, `response_code_detail` (Envoy's: `via_upstream`, `direct_response`, `service_control_check_error{CODE}`, `jwt_authn_access_denied{Jwt_is_missing}`, ...), `log_message` `M is called`, `error_cause` the Service Control status's message, `location` only when the metadata server named one | `service_control::report`, [`espv2_response_code_detail`] |
 //! | API key of a request not checked | not read (unknown operation, refused before the check, unregistered calls allowed) | read and reported, untrusted, in the log entry only | [`Dialect::reports_unchecked_api_keys`], `Pipeline::unchecked_key` |
 //! | Metadata server | asked only with `--metadata`, for tokens | asked by default (`--metadata_url`, unless `--non_gcp`): at start-up for project, zone and platform (reports), with `--check_metadata` for the service name; tokens as in ESP; ID tokens with `format=standard` (ESP: `full`) | [`Dialect::reads_gcp_attributes`], `server::run`, `gcp_metadata`, [`Dialect::identity_token_format`] |
+//! | Backend connections | the system's resolver and connect timeout; every address of a name tried in turn; no limit on requests in flight | Envoy's cluster settings: connect timeout 20 s (`--cluster_connect_timeout`; 503 `... reset reason: connection timeout`), IPv4 addresses preferred (`--backend_dns_lookup_family`), the DNS servers `--dns_resolver_addresses` names (none answering: 503 `no healthy upstream`), at most 1024 requests in flight per backend address (`--backend_cluster_maximum_requests`; over it 503 `... reset reason: overflow`, not retried); `--enable_backend_address_override` sends every method to `--backend` | `cli::espv2` (`Settings::backend_net`, `Settings::backend_address_override`), `backend_net`, `forward::Forwarder::with_net`, `routing::RouteOptions` |
 //! | Backend authentication under `--non_gcp` | ID tokens minted with the key file | off: `jwt_audience` rules' backends are called without an ID token | [`Dialect::non_gcp_disables_backend_auth`], `Settings::backend_auth_disabled` |
 //!
 //! Not yet different (issue 17, later items): which `:check` failures the open network fail
@@ -765,6 +766,21 @@ mod tests {
             })),
             "upstream_reset_before_response_started{connection_termination}"
         );
+        // Envoy's circuit breaker and connect timeout.
+        assert_eq!(
+            d(Some(ErrorKind::BackendFailed {
+                how: NetworkFailure::Overflow,
+                retried: false
+            })),
+            "upstream_reset_before_response_started{overflow}"
+        );
+        assert_eq!(
+            d(Some(ErrorKind::BackendFailed {
+                how: NetworkFailure::ConnectTimeout,
+                retried: true
+            })),
+            "upstream_reset_before_response_started{connection_timeout}"
+        );
         assert_eq!(
             d(Some(ErrorKind::BackendTimeout)),
             "upstream_response_timeout"
@@ -833,6 +849,25 @@ mod tests {
         assert_eq!(
             v2(&EspError::bad_gateway(NetworkFailure::Unresolved, true)).1,
             "no healthy upstream"
+        );
+        assert_eq!(
+            v2(&EspError::bad_gateway(NetworkFailure::Overflow, false)).3,
+            "{\"code\":503,\"message\":\"upstream connect error or disconnect/reset before \
+             headers. reset reason: overflow\"}\n"
+        );
+        assert_eq!(
+            v2(&EspError::bad_gateway(
+                NetworkFailure::ConnectTimeout,
+                false
+            ))
+            .3,
+            "{\"code\":503,\"message\":\"upstream connect error or disconnect/reset before \
+             headers. reset reason: connection timeout\"}\n"
+        );
+        assert_eq!(
+            v2(&EspError::bad_gateway(NetworkFailure::ConnectTimeout, true)).1,
+            "upstream connect error or disconnect/reset before headers. retried and the latest \
+             reset reason: connection timeout"
         );
         assert_eq!(
             v2(&EspError::bad_gateway(NetworkFailure::RefusedStream, true)),

@@ -34,10 +34,10 @@
 //! or kept: its body read whole into the buffer first (pooled backends) or copied as it streams
 //! (HTTP/2 backends), at most [`REPLAY_BODY_LIMIT`] bytes.
 
+use crate::backend_net::{BackendNet, NetResolver};
 use crate::error::error_chain;
 use crate::retry::{Failure, Retries};
 use crate::settings::{BackendAddr, BackendScheme, XffHops};
-use crate::backend_net::{BackendNet, NetResolver};
 use crate::upstream::{Dialer, Pool, PoolLimits, Unsent, UpstreamBody};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -346,9 +346,11 @@ impl Forwarder {
         let progress = req.body().progress().cloned();
         // Over the backend's requests in flight, refused before anything is sent (Envoy's
         // circuit breaker): no retry, no wait.
-        let slot = match self.cluster.as_ref().map(|c| {
-            crate::backend_net::take_slot(c, self.authority.as_str())
-        }) {
+        let slot = match self
+            .cluster
+            .as_ref()
+            .map(|c| crate::backend_net::take_slot(c, self.authority.as_str()))
+        {
             Some(Err(e)) => {
                 return SendWithin {
                     call: Call::Refused { err: Some(e) },

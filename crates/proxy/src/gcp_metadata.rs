@@ -74,14 +74,27 @@ pub struct MetadataServer {
 
 impl MetadataServer {
     pub fn new(base: &str) -> Result<MetadataServer, MetadataError> {
+        MetadataServer::with_connect_timeout(base, None)
+    }
+
+    /// [`new`](Self::new), a connection to the server taking at most `connect_timeout`
+    /// (ESPv2's `--cluster_connect_timeout`, which bounds its metadata cluster too).
+    pub fn with_connect_timeout(
+        base: &str,
+        connect_timeout: Option<Duration>,
+    ) -> Result<MetadataServer, MetadataError> {
         let base = crate::outbound_auth::parse_metadata_url(base)
             .map_err(|e| MetadataError::Client(e.to_string()))?;
         // The metadata server never redirects; following one would send the request (and
         // its answer into reports) wherever an answer pointed.
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .timeout(TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
+            .no_proxy();
+        if let Some(t) = connect_timeout {
+            http = http.connect_timeout(t);
+        }
+        let http = http
             .build()
             .map_err(|e| MetadataError::Client(e.to_string()))?;
         Ok(MetadataServer { base, http })

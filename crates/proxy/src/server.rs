@@ -204,6 +204,7 @@ pub async fn start_with_metrics(
     if let Some(d) = settings.jwks_cache_duration {
         key_opts.ttl = d;
     }
+    key_opts.connect_timeout = settings.backend_net.connect_timeout;
     // Built even for a cleartext `--backend`: rule addresses may be `https://`, and a file
     // named on the command line that cannot be used is better refused at start.
     let backend_tls =
@@ -693,7 +694,11 @@ async fn ask_metadata_server(settings: &mut Settings) -> Result<(), ExitCode> {
     let Some(url) = settings.metadata.clone() else {
         return Ok(());
     };
-    let server = crate::gcp_metadata::MetadataServer::new(&url).map_err(|e| {
+    let server = crate::gcp_metadata::MetadataServer::with_connect_timeout(
+        &url,
+        settings.backend_net.connect_timeout,
+    )
+    .map_err(|e| {
         tracing::error!(error = %e, "cannot use the metadata server");
         ExitCode::from(crate::settings::EXIT_SETUP)
     })?;

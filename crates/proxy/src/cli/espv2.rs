@@ -1352,7 +1352,9 @@ fn backend_net(a: &Espv2Args) -> Result<crate::backend_net::BackendNetSettings, 
     };
     // As start_proxy.py's `if args.dns_resolver_addresses:`, an empty value is none.
     let dns_servers = match (
-        a.dns_resolver_addresses.as_deref().filter(|v| !v.is_empty()),
+        a.dns_resolver_addresses
+            .as_deref()
+            .filter(|v| !v.is_empty()),
         a.dns.as_deref().filter(|v| !v.is_empty()),
     ) {
         (Some(v), _) => net::parse_dns_servers("--dns_resolver_addresses", v),
@@ -2448,9 +2450,14 @@ mod tests {
             p(&v).unwrap_or_else(|e| panic!("{extra:?}: {}", e.message))
         };
         let s = with(&["--cluster_connect_timeout=1.5s"]);
-        assert_eq!(s.backend_net.connect_timeout, Some(Duration::from_millis(1500)));
         assert_eq!(
-            with(&["--cluster_connect_timeout", "2m"]).backend_net.connect_timeout,
+            s.backend_net.connect_timeout,
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            with(&["--cluster_connect_timeout", "2m"])
+                .backend_net
+                .connect_timeout,
             Some(Duration::from_secs(120))
         );
         for (name, family) in [
@@ -2473,15 +2480,25 @@ mod tests {
         );
         // `--dns` is the same flag by its ESP v1 name.
         let s = with(&["--dns=10.0.0.9:54"]);
-        assert_eq!(s.backend_net.dns_servers, vec!["10.0.0.9:54".parse().unwrap()]);
-        assert!(s.not_implemented_flags.is_empty() && s.ignored_flags.is_empty());
-        assert!(with(&["--dns_resolver_addresses="]).backend_net.dns_servers.is_empty());
         assert_eq!(
-            with(&["--backend_cluster_maximum_requests=1"]).backend_net.max_requests,
+            s.backend_net.dns_servers,
+            vec!["10.0.0.9:54".parse().unwrap()]
+        );
+        assert!(s.not_implemented_flags.is_empty() && s.ignored_flags.is_empty());
+        assert!(with(&["--dns_resolver_addresses="])
+            .backend_net
+            .dns_servers
+            .is_empty());
+        assert_eq!(
+            with(&["--backend_cluster_maximum_requests=1"])
+                .backend_net
+                .max_requests,
             Some(1)
         );
         assert_eq!(
-            with(&["--backend_cluster_maximum_requests=0"]).backend_net.max_requests,
+            with(&["--backend_cluster_maximum_requests=0"])
+                .backend_net
+                .max_requests,
             Some(1024)
         );
         assert!(with(&["--enable_backend_address_override"]).backend_address_override);
