@@ -566,3 +566,141 @@ fn backend_cluster_maximum_requests_refuses_the_overflow() {
     assert_eq!(status, 200, "{body}\n{}", p.log());
     assert_eq!(first.join().expect("first").0, 200);
 }
+
+/// An HTTP/2 cleartext backend (what `grpc://` speaks) answering `h2 <path>`, `/slow` after
+/// 3 s.
+fn h2c_backend(rt: &tokio::runtime::Runtime, bind: &str) -> SocketAddr {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(bind))
+        .expect("bind h2c");
+    let addr = listener.local_addr().expect("h2c addr");
+    rt.spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        if req.uri().path() == "/slow" {
+                            tokio::time::sleep(Duration::from_secs(3)).await;
+                        }
+                        let text = format!("h2 {}", req.uri().path());
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(text)),
+                        ))
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn http2_backends_connect_the_same_way() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime();
+    let six = h2c_backend(&rt, "[::1]:0");
+    let dns = dns_server(
+        &rt,
+        Some(records(&[(
+            "h2.portico-test.example.",
+            &["127.0.0.1", "::1"],
+        )])),
+    );
+    let config = write_config(
+        dir.path(),
+        &[("Echo", "/echo", None), ("Slow", "/slow", None)],
+    );
+    let named = format!("--backend=grpc://h2.portico-test.example:{}", six.port());
+    let resolver = format!("--dns_resolver_addresses={dns}");
+
+    // The name through the DNS servers, the family choosing the IPv6 address.
+    let (p, port) = proxy(
+        dir.path(),
+        "h2-auto",
+        &config,
+        &[
+            named.clone(),
+            resolver.clone(),
+            "--backend_dns_lookup_family=auto".into(),
+        ],
+    );
+    let (status, body, _) = get(port, "/echo");
+    assert_eq!((status, body.as_str()), (200, "h2 /echo"), "{}", p.log());
+    let (p, port) = proxy(
+        dir.path(),
+        "h2-v4only",
+        &config,
+        &[
+            named.clone(),
+            resolver.clone(),
+            "--backend_dns_lookup_family=v4only".into(),
+        ],
+    );
+    let (status, body, _) = get(port, "/echo");
+    assert_eq!(status, 503, "{body}\n{}", p.log());
+    assert!(body.contains("delayed connect error: 111"), "{body}");
+
+    // The connect timeout.
+    let (_listener, _held, stuck) = full_backlog();
+    let (p, port) = proxy(
+        dir.path(),
+        "h2-timeout",
+        &config,
+        &[
+            format!("--backend=grpc://{stuck}"),
+            "--cluster_connect_timeout=1s".into(),
+            "--backend_retry_num=0".into(),
+        ],
+    );
+    let (status, body, took) = get(port, "/echo");
+    assert_eq!(
+        (status, body.as_str()),
+        (503, espv2::body(503, CONNECT_TIMEOUT).as_str()),
+        "{}",
+        p.log()
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "answered after {took:?}"
+    );
+
+    // The limit on requests in flight, over one multiplexed connection.
+    let (p, port) = proxy(
+        dir.path(),
+        "h2-max1",
+        &config,
+        &[
+            named,
+            resolver,
+            "--backend_dns_lookup_family=v6only".into(),
+            "--backend_cluster_maximum_requests=1".into(),
+        ],
+    );
+    let first = std::thread::spawn(move || get(port, "/slow"));
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, body, _) = get(port, "/echo");
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            503,
+            espv2::body(
+                503,
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+            )
+            .as_str()
+        ),
+        "{}",
+        p.log()
+    );
+    let (status, body, _) = first.join().expect("first");
+    assert_eq!((status, body.as_str()), (200, "h2 /slow"), "{}", p.log());
+    let (status, _, _) = get(port, "/echo");
+    assert_eq!(status, 200);
+}

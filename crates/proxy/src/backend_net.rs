@@ -4,14 +4,16 @@
 //! `--backend_cluster_maximum_requests` tune.
 //!
 //! - Names are resolved at each new connection (as before: the system's resolver through
-//!   `getaddrinfo`), or, with DNS servers named, by hickory-resolver asking those servers (its
-//!   cache keeps answers for their TTL). A lookup that gets no answer in [`DNS_LOOKUP_TIMEOUT`]
-//!   fails as a name that does not resolve: ESPv2's 503 `no healthy upstream`.
+//!   `getaddrinfo`, with its own timeouts), or, with DNS servers named, by hickory-resolver
+//!   asking those servers (its cache keeps answers for their TTL). A lookup there that gets no
+//!   answer in [`DNS_LOOKUP_TIMEOUT`] fails as a name that does not resolve: ESPv2's 503
+//!   `no healthy upstream`.
 //! - The lookup family picks which of the addresses are tried, as Envoy's `dns_lookup_family`
 //!   does: `v4only`/`v6only` one family; `v4preferred` IPv4 if the name has any, else IPv6;
 //!   `auto` (Envoy's legacy name for v6-preferred) the other way round; `all` every address.
 //!   The addresses left are tried in turn until one accepts.
-//! - The connect timeout bounds opening the TCP connection (every address tried); past it the
+//! - The connect timeout bounds opening the TCP connection (every address tried, the lookup
+//!   not counted, as in Envoy where resolving is apart from connecting); past it the
 //!   attempt fails with Envoy's reset reason `connection timeout` (503 in ESPv2's words), which
 //!   the retry condition `connect-failure` retries.
 //! - A cluster is one backend address (scheme, host and port): every client built for it, on
@@ -242,13 +244,10 @@ impl BackendNet {
                     .map_err(|e| unresolved(format!("dns error: {e}")))?;
                 lookup.iter().map(|ip| SocketAddr::new(ip, port)).collect()
             }
-            None => tokio::time::timeout(DNS_LOOKUP_TIMEOUT, tokio::net::lookup_host((host, port)))
+            // The system's resolver keeps its own timeouts (resolv.conf's), as before these
+            // flags existed.
+            None => tokio::net::lookup_host((host, port))
                 .await
-                .map_err(|_| {
-                    unresolved(format!(
-                        "dns error: no answer within {DNS_LOOKUP_TIMEOUT:?}"
-                    ))
-                })?
                 .map_err(|e| unresolved(format!("dns error: {e}")))?
                 .collect(),
         };
@@ -263,10 +262,11 @@ impl BackendNet {
     }
 
     /// A TCP connection to `host:port`: the addresses [`Self::resolve`] gives, tried in turn,
-    /// all within the connect timeout.
+    /// all within the connect timeout (the lookup is not counted: a name that does not resolve
+    /// is told apart from an address that does not answer, as Envoy does).
     pub async fn connect(&self, host: &str, port: u16) -> Result<TcpStream, ForwardError> {
+        let addrs = self.resolve(host, port).await?;
         let attempt = async {
-            let addrs = self.resolve(host, port).await?;
             let mut last = None;
             for addr in addrs {
                 match TcpStream::connect(addr).await {
