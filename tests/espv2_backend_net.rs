@@ -304,16 +304,25 @@ fn dns_resolver_addresses_resolve_backend_names() {
     let backend = peer::start(&rt, reflector("backend"));
     let dns = dns_server(
         &rt,
-        Some(records(&[(
-            "backend.portico-test.example.",
-            &["127.0.0.1"],
-        )])),
+        Some(records(&[
+            ("backend.portico-test.example.", &["127.0.0.1"]),
+            // A name without a dot, as ESPv2's dns_resolver_test resolves one.
+            ("pqdn-backend.", &["127.0.0.1"]),
+        ])),
     );
     let silent = dns_server(&rt, None);
     let config = write_config(
         dir.path(),
         &[
             ("Echo", "/echo", None),
+            (
+                "Short",
+                "/short",
+                Some(
+                    json!({"address": format!("http://pqdn-backend:{}/base", backend.port()),
+                             "pathTranslation": "APPEND_PATH_TO_ADDRESS"}),
+                ),
+            ),
             (
                 "Missing",
                 "/missing",
@@ -342,6 +351,9 @@ fn dns_resolver_addresses_resolve_backend_names() {
             serde_json::from_str::<serde_json::Value>(&body).expect("json"),
             json!({"backend": "backend", "uri": "/echo?x=1"})
         );
+        let (status, body, _) = get(port, "/short");
+        assert_eq!(status, 200, "{flag}: {body}\n{}", p.log());
+        assert!(body.contains("\"uri\":\"/base/short\""), "{body}");
         // A name the server does not know: ESPv2's (Envoy's) answer for a cluster without
         // hosts.
         let (status, body, _) = get(port, "/missing");
