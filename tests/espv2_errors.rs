@@ -68,7 +68,9 @@ fn service_control(req: &Request) -> Action {
         "billing" => refuse("BILLING_DISABLED"),
         "checkquota" => refuse("RESOURCE_EXHAUSTED"),
         "unsupported" => refuse("SECURITY_POLICY_VIOLATED"),
+        "depdown" => refuse("SERVICE_STATUS_UNAVAILABLE"),
         "http500" => Action::Respond(500, "boom".into()),
+        "http429" => Action::Respond(429, "busy".into()),
         "http503" => Action::Respond(503, "down".into()),
         "slow" => Action::Stall(Duration::from_secs(5)),
         _ => Action::Respond(200, json!({"operationId": "c"}).to_string()),
@@ -323,8 +325,12 @@ fn every_error_the_proxy_writes_is_espv2s() {
     // ESPv2's default (GCP) mode with a metadata server nobody answers at, not --non_gcp:
     // under --non_gcp ESPv2 does no backend authentication at all, and the ID token row below
     // needs it. The key file still signs every call (a key wins over the metadata server).
+    // ALWAYS_INIT, as ESPv2's own tests of failing token fetches run: by default the proxy
+    // would not listen until the ID token could be had, and the row that asserts its error
+    // could never be sent.
     let common_flags = |sc_url: String| {
         vec![
+            "--dependency_error_behavior=ALWAYS_INIT".to_string(),
             format!("--service_json_path={}", config.display()),
             format!("--backend=http://{backend_addr}"),
             format!("--metadata_url=http://127.0.0.1:{dead}"),
@@ -342,6 +348,9 @@ fn every_error_the_proxy_writes_is_espv2s() {
     let mut sc_down_flags = common_flags(format!("http://127.0.0.1:{dead}"));
     sc_down_flags.push("--backend_retry_num=0".to_string());
     let (proxy_sc_down, port_sc_down) = espv2::start(dir.path(), "espv2-sc-down", &sc_down_flags);
+    let mut open_flags = common_flags(format!("http://{sc}"));
+    open_flags.push("--service_control_network_fail_policy=open".to_string());
+    let (proxy_open, port_open) = espv2::start(dir.path(), "espv2-open", &open_flags);
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()
@@ -401,6 +410,11 @@ fn every_error_the_proxy_writes_is_espv2s() {
         row("check quota exhausted", "POST", "/echo?key=checkquota", 429, "RESOURCE_EXHAUSTED: Quota check failed."),
         row("unsupported check error", "POST", "/echo?key=unsupported", 500,
             "INTERNAL: Request blocked due to unsupported error code in Google Service Control Check response: 121"),
+        // A dependency of Service Control down: under the closed policy, refused.
+        row("check error SERVICE_STATUS_UNAVAILABLE", "POST", "/echo?key=depdown", 503,
+            "UNAVAILABLE: One or more Google Service Control backends are unavailable."),
+        row("Service Control answers 429", "POST", "/echo?key=http429", 503,
+            "UNAVAILABLE: Calling Google Service Control API failed with: 429 and body: busy"),
         row("Service Control answers 500", "POST", "/echo?key=http500", 500,
             "INTERNAL: Calling Google Service Control API failed with: 500 and body: boom"),
         row("Service Control answers 503", "POST", "/echo?key=http503", 503,
@@ -458,6 +472,60 @@ fn every_error_the_proxy_writes_is_espv2s() {
         check(&client, port, r, &log);
     }
 
+    // WWW-Authenticate: only on JWT refusals, naming the request's URI (the query too) as
+    // realm; never on the other 401s and 403s.
+    let challenge = |path: &str, bearer: Option<&str>| {
+        let mut r = client.get(format!("http://127.0.0.1:{port}{path}"));
+        if let Some(b) = bearer {
+            r = r.bearer_auth(b);
+        }
+        let resp = r.send().expect("request");
+        (
+            resp.status().as_u16(),
+            resp.headers()
+                .get("www-authenticate")
+                .map(|v| v.to_str().expect("ascii").to_string()),
+        )
+    };
+    assert_eq!(
+        challenge("/jwt?x=1", None),
+        (
+            401,
+            Some(format!("Bearer realm=\"http://127.0.0.1:{port}/jwt?x=1\""))
+        )
+    );
+    assert_eq!(
+        challenge("/jwt", Some("abc")),
+        (
+            401,
+            Some(format!(
+                "Bearer realm=\"http://127.0.0.1:{port}/jwt\", error=\"invalid_token\""
+            ))
+        )
+    );
+    let long = format!("/jwt?{}", "a".repeat(400));
+    let (status, value) = challenge(&long, Some(&t(KID, claims(ISSUER, "someone-else"))));
+    assert_eq!(status, 403);
+    assert_eq!(
+        value,
+        Some(format!(
+            "Bearer realm=\"http://127.0.0.1:{port}{}\", error=\"invalid_token\"",
+            &long[..256]
+        ))
+    );
+    let resp = client
+        .post(format!("http://127.0.0.1:{port}/echo"))
+        .send()
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 401);
+    assert!(resp.headers().get("www-authenticate").is_none());
+    let resp = client
+        .post(format!("http://127.0.0.1:{port}/echo?key=notenabled"))
+        .send()
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 403);
+    assert!(resp.headers().get("www-authenticate").is_none());
+
     // Quota: allocations run beside requests; a refusal applies to the next request.
     let quota = row(
         "quota exhausted",
@@ -498,6 +566,30 @@ fn every_error_the_proxy_writes_is_espv2s() {
         &format!("{reset}connection termination"),
     );
     check(&client, port_sc_down, &hangs_up, &|| proxy_sc_down.log());
+
+    // The open policy forgives what Envoy calls unavailable (429, 502-504, a dependency down),
+    // never a 500.
+    for (key, status) in [
+        ("depdown", 200),
+        ("http503", 200),
+        ("http429", 200),
+        ("good", 200),
+    ] {
+        let (got, _, body) = send(
+            &client,
+            port_open,
+            &row("open", "POST", &format!("/echo?key={key}"), status, ""),
+        );
+        assert_eq!(got, status, "fail-open {key}: {body}\n{}", proxy_open.log());
+    }
+    let refused = row(
+        "Service Control answers 500, policy open",
+        "POST",
+        "/echo?key=http500",
+        500,
+        "INTERNAL: Calling Google Service Control API failed with: 500 and body: boom",
+    );
+    check(&client, port_open, &refused, &|| proxy_open.log());
 
     // gRPC over the same listener (h2c): the error as trailers-only, Envoy's code for 404.
     let h2 = reqwest::blocking::Client::builder()

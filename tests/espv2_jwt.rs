@@ -192,3 +192,195 @@ fn user_info_locations_and_audiences_are_espv2s() {
     );
     drop(rt);
 }
+
+/// A key set holding one fresh RSA key under [`KID`], and a signer for it.
+fn key_pair() -> (String, impl Fn(Value) -> String) {
+    let g = portico_credentials::generate_rsa_key().expect("keygen");
+    let mut jwk = serde_json::to_value(&g.public_jwk).expect("jwk");
+    jwk["kid"] = KID.into();
+    let doc = json!({"keys": [jwk]}).to_string();
+    let signing = jsonwebtoken::EncodingKey::from_rsa_pem(g.private_pkcs8_pem.as_bytes())
+        .expect("encoding key");
+    let sign = move |claims: Value| {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        h.kid = Some(KID.to_string());
+        jsonwebtoken::encode(&h, &claims, &signing).expect("sign")
+    };
+    (doc, sign)
+}
+
+/// A config with one JWT method (`GET /jwt`) whose provider takes its keys from `jwks_uri`
+/// (none: OpenID discovery).
+fn jwt_config(dir: &std::path::Path, name: &str, jwks_uri: Option<String>) -> std::path::PathBuf {
+    let mut provider = json!({"id": "p1", "issuer": ISSUER, "audiences": AUDIENCE});
+    if let Some(uri) = jwks_uri {
+        provider["jwksUri"] = uri.into();
+    }
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        json!({
+            "name": SERVICE, "id": "2024-01-01r0",
+            "apis": [{"name": "e2e.Api", "version": "v1"}],
+            "http": {"rules": [{"selector": "e2e.Api.Jwt", "get": "/jwt"}]},
+            "authentication": {
+                "providers": [provider],
+                "rules": [{"selector": "e2e.Api.Jwt", "requirements": [{"providerId": "p1"}]}],
+            },
+        })
+        .to_string(),
+    )
+    .expect("config");
+    path
+}
+
+fn base_flags(config: &std::path::Path, backend: std::net::SocketAddr) -> Vec<String> {
+    vec![
+        format!("--service_json_path={}", config.display()),
+        format!("--backend=http://{backend}"),
+        "--skip_service_control_filter".to_string(),
+        format!("--metadata_url=http://127.0.0.1:{}", free_port()),
+    ]
+}
+
+/// `--jwks_fetch_num_retries` (with its back-off flags) retries a key-set fetch answered 5xx;
+/// without it one failed fetch fails the request with ESPv2's message, and the next request
+/// fetches again. `--jwt_cache_size=0` turns off the verified-token cache: after the issuer
+/// rotates its key, a token verified before is checked again (and refused), where the default
+/// cache still answers from memory.
+#[test]
+fn jwks_fetch_retries_and_the_jwt_cache_size_are_espv2s() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (doc, sign) = key_pair();
+    let (other_doc, _) = key_pair();
+    let backend = peer::start(&rt, Arc::new(espv2::echo_headers));
+    // Answers its first `fail` requests 503, then the current key set; counts requests.
+    let jwks_peer = |fail: usize, doc: Arc<Mutex<String>>| {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let seen = hits.clone();
+        let addr = peer::start(
+            &rt,
+            Arc::new(move |_: &Request| {
+                if seen.fetch_add(1, Ordering::SeqCst) < fail {
+                    Action::Respond(503, "{}".to_string())
+                } else {
+                    Action::Respond(200, doc.lock().expect("doc").clone())
+                }
+            }),
+        );
+        (format!("http://{addr}/jwks"), hits)
+    };
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    let token = sign(json!({"iss": ISSUER, "aud": AUDIENCE, "exp": now() + 3600}));
+    let get = |port: u16| {
+        let resp = client
+            .get(format!("http://127.0.0.1:{port}/jwt"))
+            .bearer_auth(&token)
+            .send()
+            .expect("request");
+        (resp.status().as_u16(), resp.text().expect("body"))
+    };
+    let fetch_failed = (401, espv2::body(401, "Jwks remote fetch is failed"));
+
+    // Two 503s, two retries: the first request is served.
+    let (uri, hits) = jwks_peer(2, Arc::new(Mutex::new(doc.clone())));
+    let mut flags = base_flags(&jwt_config(dir.path(), "retry.json", Some(uri)), backend);
+    flags.extend([
+        "--jwks_fetch_num_retries=2".to_string(),
+        "--jwks_fetch_retry_back_off_base_interval_ms=1".to_string(),
+        "--jwks_fetch_retry_back_off_max_interval_ms=20".to_string(),
+    ]);
+    let (retrying, port) = espv2::start(dir.path(), "retrying", &flags);
+    let got = get(port);
+    assert_eq!(got.0, 200, "{}\n{}", got.1, retrying.log());
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+
+    // One 503, no retries: refused, and the next request fetches again.
+    let (uri, hits) = jwks_peer(1, Arc::new(Mutex::new(doc.clone())));
+    let flags = base_flags(&jwt_config(dir.path(), "once.json", Some(uri)), backend);
+    let (once, port) = espv2::start(dir.path(), "once", &flags);
+    assert_eq!(get(port), fetch_failed, "{}", once.log());
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    assert_eq!(get(port).0, 200, "{}", once.log());
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+
+    // The verified-token cache, on (ESPv2's default size) and off.
+    let keys = Arc::new(Mutex::new(doc.clone()));
+    let (uri, _) = jwks_peer(0, keys.clone());
+    let config = jwt_config(dir.path(), "cache.json", Some(uri));
+    let mut flags = base_flags(&config, backend);
+    flags.push("--jwks_cache_duration_in_s=1".to_string());
+    let (cached, cached_port) = espv2::start(dir.path(), "cached", &flags);
+    flags.push("--jwt_cache_size=0".to_string());
+    let (uncached, uncached_port) = espv2::start(dir.path(), "uncached", &flags);
+    assert_eq!(get(cached_port).0, 200, "{}", cached.log());
+    assert_eq!(get(uncached_port).0, 200, "{}", uncached.log());
+    // The issuer rotates its key under the same kid; past twice the key-set lifetime both
+    // proxies fetch the new set before answering.
+    *keys.lock().expect("doc") = other_doc;
+    std::thread::sleep(Duration::from_millis(2_300));
+    assert_eq!(get(cached_port).0, 200, "{}", cached.log());
+    let got = get(uncached_port);
+    assert_eq!(got.0, 401, "{}\n{}", got.1, uncached.log());
+    drop(rt);
+}
+
+/// `--disable_oidc_discovery`: a provider without `jwks_uri` stops the proxy at start with
+/// ESPv2's sentence (and the file named); without the flag the same config starts.
+#[test]
+fn disable_oidc_discovery_refuses_a_provider_without_jwks_uri() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let config = jwt_config(dir.path(), "no-jwks.json", None);
+    let mut flags = base_flags(&config, backend);
+    let (started, _) = espv2::start(dir.path(), "discovering", &flags);
+    drop(started);
+
+    flags.push("--disable_oidc_discovery".to_string());
+    // Bounded: a proxy that wrongly starts is killed after 30 s and the test fails.
+    let log = dir.path().join("refused.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portico"))
+        .arg("espv2")
+        .arg(format!("--listener_port={}", free_port()))
+        .args(&flags)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("run portico espv2");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "error processing authentication provider (p1): jwks_uri is empty, but OpenID \
+             Connect Discovery is disabled via startup option. Consider specifying the jwks_uri \
+             in the provider config"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("no-jwks.json"), "{stderr}");
+}

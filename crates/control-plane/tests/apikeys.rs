@@ -207,3 +207,101 @@ async fn list_pages_and_show_deleted() {
     }
     assert_eq!(seen, vec!["a1", "a2", "a3"]);
 }
+
+/// An etag read from the key makes a PATCH or DELETE conditional: a stale one is refused
+/// with ABORTED and changes nothing; the current one (as shown, `W/"..."`, or bare) and no
+/// etag at all succeed.
+#[tokio::test]
+async fn stale_etags_are_refused_on_update_and_delete() {
+    let e = env().await;
+    let (s, op) = e
+        .admin(
+            Method::POST,
+            &format!("{KEYS}?keyId=etagged"),
+            Some(json!({"displayName": "first"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{op}");
+    let name = op["response"]["name"].as_str().expect("name").to_string();
+    let read = |v: &serde_json::Value| v["etag"].as_str().expect("etag").to_string();
+    let (_, key) = e.admin(Method::GET, &format!("/v2/{name}"), None).await;
+    let first_etag = read(&key);
+    assert!(first_etag.starts_with("W/\""), "{first_etag}");
+
+    // Changed with the etag just read (as shown): accepted, and the etag moves on.
+    let (s, op) = e
+        .admin(
+            Method::PATCH,
+            &format!("/v2/{name}?updateMask=displayName"),
+            Some(json!({"displayName": "second", "etag": first_etag})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{op}");
+    let (_, key) = e.admin(Method::GET, &format!("/v2/{name}"), None).await;
+    let second_etag = read(&key);
+    assert_ne!(second_etag, first_etag);
+
+    // The old etag is stale now: refused, nothing changed.
+    let (s, err) = e
+        .admin(
+            Method::PATCH,
+            &format!("/v2/{name}?updateMask=displayName"),
+            Some(json!({"displayName": "lost update", "etag": first_etag})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{err}");
+    assert_eq!(err["error"]["status"], "ABORTED", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("does not match")),
+        "{err}"
+    );
+    let (_, key) = e.admin(Method::GET, &format!("/v2/{name}"), None).await;
+    assert_eq!(key["displayName"], "second");
+    assert_eq!(read(&key), second_etag);
+
+    // A garbage etag is as stale as an old one.
+    let (s, _) = e
+        .admin(
+            Method::PATCH,
+            &format!("/v2/{name}?updateMask=displayName"),
+            Some(json!({"displayName": "x", "etag": "W/\"\\\"\""})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+
+    // DELETE with a stale etag is refused; with the bare current value it goes through.
+    let (s, _) = e
+        .admin(
+            Method::DELETE,
+            &format!("/v2/{name}?etag=not-the-etag"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (_, key) = e.admin(Method::GET, &format!("/v2/{name}"), None).await;
+    assert!(key.get("deleteTime").is_none(), "{key}");
+    let bare = second_etag
+        .trim_start_matches("W/")
+        .trim_matches('"')
+        .to_string();
+    let (s, op) = e
+        .admin(Method::DELETE, &format!("/v2/{name}?etag={bare}"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{op}");
+
+    // Without an etag, a change is unconditional (Google's rule).
+    let (s, op) = e
+        .admin(Method::POST, &format!("/v2/{name}:undelete"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{op}");
+    let (s, op) = e
+        .admin(
+            Method::PATCH,
+            &format!("/v2/{name}?updateMask=displayName"),
+            Some(json!({"displayName": "third"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{op}");
+}

@@ -1,6 +1,7 @@
-//! IAM Credentials `generateIdToken` through the whole router: who may mint an ID token for an
-//! account, what the token says, and the refusals (bad project segment, missing or huge
-//! audience, delegation, unknown and disabled accounts, unknown fields).
+//! IAM Credentials `generateIdToken` and `generateAccessToken` through the whole router: who may
+//! mint a token for an account, what the token says and does, delegation chains checked link by
+//! link, and the refusals (bad project segment, missing or huge audience, bad scopes and
+//! lifetimes, malformed delegates, unknown and disabled accounts, unknown fields).
 
 mod support;
 
@@ -160,7 +161,12 @@ async fn generate_id_token_refuses_bad_requests() {
         (
             path(TARGET),
             json!({"audience": AUDIENCE, "delegates": ["projects/-/serviceAccounts/x@y"]}),
-            StatusCode::NOT_IMPLEMENTED,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            path(TARGET),
+            json!({"audience": AUDIENCE, "delegates": [TARGET]}),
+            StatusCode::BAD_REQUEST,
         ),
         (
             path(TARGET),
@@ -212,4 +218,292 @@ async fn generate_id_token_refuses_bad_requests() {
         )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+fn access_path(account: &str) -> String {
+    format!("/v1/projects/-/serviceAccounts/{account}:generateAccessToken")
+}
+
+fn email(id: &str) -> String {
+    format!("{id}@{PROJECT}.iam.gserviceaccount.com")
+}
+
+fn delegate(id: &str) -> String {
+    format!("projects/-/serviceAccounts/{}", email(id))
+}
+
+async fn bind(e: &TestEnv, bindings: Value) {
+    let (s, v) = e
+        .admin(
+            Method::POST,
+            &format!("/v1/projects/{PROJECT}:setIamPolicy"),
+            Some(json!({"policy": {"bindings": bindings}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+/// What the control plane says of a bearer token: the status of a call that needs
+/// `iam.serviceAccounts.list` on the project.
+async fn use_token(e: &TestEnv, token: &str) -> StatusCode {
+    e.call(
+        Method::GET,
+        &format!("/v1/projects/{PROJECT}/serviceAccounts"),
+        Some(token),
+        None,
+    )
+    .await
+    .0
+}
+
+#[tokio::test]
+async fn generate_access_token_mints_tokens_that_act_as_the_account() {
+    let e = env().await;
+    for id in ["runner", "creator", "oidc-only", "editor-sa"] {
+        make_account(&e, id).await;
+    }
+    let member = |id: &str| format!("serviceAccount:{}", email(id));
+    bind(
+        &e,
+        json!([
+            {"role": "roles/iam.serviceAccountTokenCreator", "members": [member("creator")]},
+            {"role": "roles/iam.serviceAccountOpenIdTokenCreator", "members": [member("oidc-only")]},
+            {"role": "roles/editor", "members": [member("editor-sa")]},
+            {"role": "roles/viewer", "members": [member("runner")]},
+        ]),
+    )
+    .await;
+    let scope = json!(["https://www.googleapis.com/auth/servicecontrol"]);
+    let before = time::OffsetDateTime::now_utc().unix_timestamp();
+    let (s, v) = e
+        .call(
+            Method::POST,
+            &access_path(TARGET),
+            Some(&format!("sa:{}", email("creator"))),
+            Some(json!({"scope": scope, "lifetime": "600s"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let token = v["accessToken"].as_str().expect("accessToken").to_string();
+    assert!(token.starts_with("ya29."), "{token}");
+    let expire = time::OffsetDateTime::parse(
+        v["expireTime"].as_str().expect("expireTime"),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .expect("RFC 3339")
+    .unix_timestamp();
+    assert!((before + 600..=before + 602).contains(&expire), "{v}");
+    // The token is the runner's: its viewer binding lets it list accounts.
+    assert_eq!(use_token(&e, &token).await, StatusCode::OK);
+    assert_eq!(
+        use_token(&e, "ya29.not-a-token-anyone-issued").await,
+        StatusCode::UNAUTHORIZED
+    );
+    // Default lifetime is an hour.
+    let (s, v) = e
+        .admin(
+            Method::POST,
+            &access_path(TARGET),
+            Some(json!({"scope": scope})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let expire = time::OffsetDateTime::parse(
+        v["expireTime"].as_str().expect("expireTime"),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .expect("RFC 3339")
+    .unix_timestamp();
+    assert!((before + 3600..=before + 3602).contains(&expire), "{v}");
+
+    // The OpenID role mints ID tokens only; editors mint nothing.
+    for id in ["oidc-only", "editor-sa", "runner"] {
+        let (s, v) = e
+            .call(
+                Method::POST,
+                &access_path(TARGET),
+                Some(&format!("sa:{}", email(id))),
+                Some(json!({"scope": scope})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{id}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("iam.serviceAccounts.getAccessToken"),
+            "{v}"
+        );
+    }
+    let (s, _) = e
+        .call(
+            Method::POST,
+            &path(TARGET),
+            Some(&format!("sa:{}", email("oidc-only"))),
+            Some(json!({"audience": AUDIENCE})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+
+    // Refusals of the request itself.
+    for body in [
+        json!({}),
+        json!({"scope": []}),
+        json!({"scope": [""]}),
+        json!({"scope": ["a b"]}),
+        json!({"scope": scope, "lifetime": "0s"}),
+        json!({"scope": scope, "lifetime": "3601s"}),
+        json!({"scope": scope, "lifetime": "1h"}),
+        json!({"scope": scope, "audience": AUDIENCE}),
+        json!({"scope": scope, "delegates": ["nobody"]}),
+    ] {
+        let (s, v) = e
+            .admin(Method::POST, &access_path(TARGET), Some(body.clone()))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+    }
+
+    // Disabling the account stops its tokens; deleting it revokes them.
+    let (s, _) = e
+        .admin(
+            Method::POST,
+            &format!("/v1/projects/-/serviceAccounts/{TARGET}:disable"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(use_token(&e, &token).await, StatusCode::UNAUTHORIZED);
+    let (s, v) = e
+        .admin(
+            Method::POST,
+            &access_path(TARGET),
+            Some(json!({"scope": scope})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["status"], "FAILED_PRECONDITION");
+    let (s, _) = e
+        .admin(
+            Method::POST,
+            &format!("/v1/projects/-/serviceAccounts/{TARGET}:enable"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(use_token(&e, &token).await, StatusCode::OK);
+    let (s, _) = e
+        .admin(
+            Method::DELETE,
+            &format!("/v1/projects/{PROJECT}/serviceAccounts/{TARGET}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(use_token(&e, &token).await, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn delegation_chains_are_checked_link_by_link() {
+    let e = env().await;
+    for id in ["runner", "caller", "first-hop", "second-hop", "stranger"] {
+        make_account(&e, id).await;
+    }
+    // Project-level bindings are all Portico has, so a "link" is a binding in the project of
+    // the account acted for; every account here lives in one project, so the chain is proven
+    // by who holds the role: caller, then first, then second.
+    let member = |id: &str| format!("serviceAccount:{}", email(id));
+    let scope = json!(["https://www.googleapis.com/auth/cloud-platform"]);
+    let call = |who: &'static str, body: Value, id_token: bool| {
+        let e = &e;
+        async move {
+            let p = if id_token {
+                path(TARGET)
+            } else {
+                access_path(TARGET)
+            };
+            e.call(
+                Method::POST,
+                &p,
+                Some(&format!("sa:{}", email(who))),
+                Some(body),
+            )
+            .await
+        }
+    };
+
+    // Nobody but the caller holds the role: the first delegate may not act for the second.
+    bind(
+        &e,
+        json!([{"role": "roles/iam.serviceAccountTokenCreator", "members": [member("caller")]}]),
+    )
+    .await;
+    let chain = json!([delegate("first-hop"), delegate("second-hop")]);
+    let (s, v) = call("caller", json!({"scope": scope, "delegates": chain}), false).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(
+        v["error"]["message"],
+        format!(
+            "Permission 'iam.serviceAccounts.getAccessToken' denied: delegate {} may not act \
+             for {}.",
+            email("first-hop"),
+            email("second-hop")
+        )
+    );
+
+    // The whole chain holds the role: the token is the target's.
+    bind(
+        &e,
+        json!([
+            {"role": "roles/iam.serviceAccountTokenCreator",
+             "members": [member("caller"), member("first-hop"), member("second-hop")]},
+            {"role": "roles/viewer", "members": [member("runner")]},
+        ]),
+    )
+    .await;
+    let (s, v) = call("caller", json!({"scope": scope, "delegates": chain}), false).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let token = v["accessToken"].as_str().expect("accessToken").to_string();
+    assert_eq!(use_token(&e, &token).await, StatusCode::OK);
+    let (s, v) = call(
+        "caller",
+        json!({"audience": AUDIENCE, "includeEmail": true, "delegates": chain}),
+        true,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let claims = verify(&e, v["token"].as_str().expect("token"), AUDIENCE);
+    assert_eq!(claims["email"], TARGET);
+
+    // A caller without the role gets nowhere, however good the chain after it.
+    let (s, v) = call(
+        "stranger",
+        json!({"scope": scope, "delegates": chain}),
+        false,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+
+    // A delegate that does not exist looks like a forbidden one; a disabled one is named.
+    let ghost = json!([delegate("ghost"), delegate("second-hop")]);
+    let (s, v) = call("caller", json!({"scope": scope, "delegates": ghost}), false).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, _) = e
+        .admin(
+            Method::POST,
+            &format!(
+                "/v1/projects/-/serviceAccounts/{}:disable",
+                email("first-hop")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = call("caller", json!({"scope": scope, "delegates": chain}), false).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["status"], "FAILED_PRECONDITION");
+
+    // Too long a chain is refused before any lookup.
+    let long: Vec<String> = (0..11).map(|_| delegate("second-hop")).collect();
+    let (s, v) = call("caller", json!({"scope": scope, "delegates": long}), false).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
 }

@@ -30,8 +30,8 @@ pub static X_FORWARDED_AUTHORIZATION: http::HeaderName =
 
 /// A token is used until this long before its `exp`.
 const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(300);
-/// One token-endpoint call, end to end.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// One token-endpoint call, end to end, unless `--http_request_timeout_s` says otherwise.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Audiences come from configs; a cap keeps a long run of rollouts from growing the map.
 const MAX_AUDIENCES: usize = 1024;
 /// Largest token-endpoint answer read.
@@ -52,6 +52,12 @@ enum Issuer {
     KeyFile(Arc<ServiceAccountKey>),
     /// A metadata server's identity endpoint (the full URL), and the token `format` to ask.
     Metadata(String, &'static str),
+    /// IAM Credentials' `generateIdToken` for another account
+    /// (`--backend_auth_iam_service_account`).
+    Iam(
+        Arc<crate::iam_credentials::IamClient>,
+        crate::iam_credentials::IamAccount,
+    ),
 }
 
 /// ID tokens per audience for the proxy's service account.
@@ -74,6 +80,7 @@ impl std::fmt::Debug for IdTokenSource {
         match &self.issuer {
             Issuer::KeyFile(key) => d.field("account", &key.client_email),
             Issuer::Metadata(url, _) => d.field("metadata", url),
+            Issuer::Iam(client, account) => d.field("iam", client).field("account", &account.email),
         };
         d.finish_non_exhaustive()
     }
@@ -94,26 +101,39 @@ fn failed(detail: impl std::fmt::Display) -> EspError {
 }
 
 impl IdTokenSource {
-    /// Tokens minted by the key file's token endpoint.
-    pub fn new(key: Arc<ServiceAccountKey>) -> Result<IdTokenSource, String> {
-        Self::with_issuer(Issuer::KeyFile(key))
+    /// Tokens minted by the key file's token endpoint, each call bounded by `timeout`
+    /// ([`FETCH_TIMEOUT`] unless `--http_request_timeout_s`).
+    pub fn new(key: Arc<ServiceAccountKey>, timeout: Duration) -> Result<IdTokenSource, String> {
+        Self::with_issuer(Issuer::KeyFile(key), timeout)
     }
 
     /// Tokens from the metadata server at `base` (the `--metadata` value), in `format`
     /// (`full` or `standard`).
-    pub fn from_metadata(base: &str, format: &'static str) -> Result<IdTokenSource, String> {
+    pub fn from_metadata(
+        base: &str,
+        format: &'static str,
+        timeout: Duration,
+    ) -> Result<IdTokenSource, String> {
         let base = crate::outbound_auth::parse_metadata_url(base).map_err(|e| e.to_string())?;
-        Self::with_issuer(Issuer::Metadata(
-            format!("{base}{METADATA_IDENTITY_PATH}"),
-            format,
-        ))
+        Self::with_issuer(
+            Issuer::Metadata(format!("{base}{METADATA_IDENTITY_PATH}"), format),
+            timeout,
+        )
     }
 
-    fn with_issuer(issuer: Issuer) -> Result<IdTokenSource, String> {
+    /// Tokens of `account`, from IAM Credentials (the client bounds its own calls).
+    pub fn from_iam(
+        client: Arc<crate::iam_credentials::IamClient>,
+        account: crate::iam_credentials::IamAccount,
+    ) -> Result<IdTokenSource, String> {
+        Self::with_issuer(Issuer::Iam(client, account), FETCH_TIMEOUT)
+    }
+
+    fn with_issuer(issuer: Issuer, timeout: Duration) -> Result<IdTokenSource, String> {
         // Neither issuer redirects; following one would send the assertion (or the
         // metadata request) to wherever an answer pointed.
         let http = reqwest::Client::builder()
-            .timeout(FETCH_TIMEOUT)
+            .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .build()
@@ -196,6 +216,9 @@ impl IdTokenSource {
             Issuer::KeyFile(key) => self.fetch_from_token_endpoint(key, audience).await?,
             Issuer::Metadata(url, format) => {
                 self.fetch_from_metadata(url, format, audience).await?
+            }
+            Issuer::Iam(client, account) => {
+                client.id_token(account, audience).await.map_err(failed)?
             }
         };
         // The token goes into a header verbatim and must be a compact JWS: visible ASCII in
@@ -415,7 +438,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let source = Arc::new(IdTokenSource::new(Arc::new(key)).unwrap());
+        let source = Arc::new(IdTokenSource::new(Arc::new(key), FETCH_TIMEOUT).unwrap());
         let started = Instant::now();
         let waiters: Vec<_> = (0..8)
             .map(|_| {

@@ -76,6 +76,39 @@ pub struct ConfigSourceOptions {
     /// Tries per Service Management call when the control plane is unreachable or answers
     /// 5xx (it may be starting alongside the proxy); backoff doubles from 250 ms.
     pub fetch_attempts: u32,
+    /// What start-up flags forbid in a config (beyond what no config may hold).
+    pub rules: ConfigRules,
+}
+
+/// Refusals that depend on how the proxy was started, applied to every config it loads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConfigRules {
+    /// ESPv2's `--disable_oidc_discovery`: every authentication provider must name its
+    /// `jwks_uri`, because the issuer's discovery document (a URL the API producer controls)
+    /// may not be trusted.
+    pub require_jwks_uri: bool,
+}
+
+impl ConfigRules {
+    fn check(&self, config: &Service) -> Result<(), String> {
+        if self.require_jwks_uri {
+            if let Some(p) = config
+                .authentication
+                .iter()
+                .flat_map(|a| a.providers.iter())
+                .find(|p| p.jwks_uri.trim().is_empty())
+            {
+                // ESPv2's words.
+                return Err(format!(
+                    "error processing authentication provider ({}): jwks_uri is empty, but \
+                     OpenID Connect Discovery is disabled via startup option. Consider \
+                     specifying the jwks_uri in the provider config",
+                    p.id
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ConfigSourceOptions {
@@ -92,6 +125,7 @@ impl ConfigSourceOptions {
             poll_interval: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
             fetch_attempts: 5,
+            rules: ConfigRules::default(),
         }
     }
 
@@ -197,7 +231,7 @@ pub async fn start(
     opts: ConfigSourceOptions,
 ) -> Result<watch::Receiver<Arc<Rollout>>, ConfigSourceError> {
     if let Some(path) = &opts.service_json_path {
-        let rollout = load_local_file(path, &opts.service)?;
+        let rollout = load_local_file(path, &opts.service, &opts.rules)?;
         let (_tx, rx) = watch::channel(Arc::new(rollout));
         // A local file never changes rollout; dropping the sender leaves the value in place.
         return Ok(rx);
@@ -230,13 +264,17 @@ pub async fn start(
     Ok(rx)
 }
 
-fn load_local_file(path: &std::path::Path, service: &str) -> Result<Rollout, ConfigSourceError> {
+fn load_local_file(
+    path: &std::path::Path,
+    service: &str,
+    rules: &ConfigRules,
+) -> Result<Rollout, ConfigSourceError> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigSourceError::ReadFile {
         path: origin.clone(),
         source,
     })?;
-    let mut config = parse_service(&text, &origin, service)?;
+    let mut config = parse_service(&text, &origin, service, rules)?;
     if config.name.is_empty() {
         config.name = service.to_string();
     }
@@ -246,7 +284,12 @@ fn load_local_file(path: &std::path::Path, service: &str) -> Result<Rollout, Con
     })
 }
 
-fn parse_service(text: &str, origin: &str, expected: &str) -> Result<Service, ConfigSourceError> {
+fn parse_service(
+    text: &str,
+    origin: &str,
+    expected: &str,
+    rules: &ConfigRules,
+) -> Result<Service, ConfigSourceError> {
     let config: Service = serde_json::from_str(text).map_err(|e| ConfigSourceError::Parse {
         origin: origin.to_string(),
         message: e.to_string(),
@@ -261,6 +304,7 @@ fn parse_service(text: &str, origin: &str, expected: &str) -> Result<Service, Co
     }
     config
         .check_ranges()
+        .and_then(|()| rules.check(&config))
         .map_err(|message| ConfigSourceError::Unusable {
             origin: origin.to_string(),
             message,
@@ -294,6 +338,7 @@ struct ManagementClient {
     service: String,
     tokens: TokenSource,
     attempts: u32,
+    rules: ConfigRules,
 }
 
 impl ManagementClient {
@@ -308,6 +353,7 @@ impl ManagementClient {
             service: opts.service.clone(),
             tokens: TokenSource::with_metadata(opts.credentials.clone(), opts.metadata.clone()),
             attempts: opts.fetch_attempts.max(1),
+            rules: opts.rules,
         })
     }
 
@@ -375,7 +421,7 @@ impl ManagementClient {
             percent_encoding::utf8_percent_encode(config_id, PATH_SEGMENT)
         );
         let body = self.get_json(&url).await?;
-        let mut config = parse_service(&body, &url, &self.service)?;
+        let mut config = parse_service(&body, &url, &self.service, &self.rules)?;
         if config.name.is_empty() {
             config.name = self.service.clone();
         }
@@ -594,17 +640,45 @@ mod tests {
     }
 
     #[test]
+    fn a_provider_without_jwks_uri_is_refused_only_when_discovery_is_disabled() {
+        let text = serde_json::json!({
+            "name": "svc", "id": "c1",
+            "authentication": {"providers": [
+                {"id": "with", "issuer": "https://a.example", "jwksUri": "https://a.example/k"},
+                {"id": "bare", "issuer": "https://b.example", "jwksUri": "  "},
+            ]},
+        })
+        .to_string();
+        assert!(parse_service(&text, "o", "svc", &ConfigRules::default()).is_ok());
+        let strict = ConfigRules {
+            require_jwks_uri: true,
+        };
+        let e = parse_service(&text, "https://sm/configs/c1", "svc", &strict).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.starts_with("service config https://sm/configs/c1 cannot be used"),
+            "{m}"
+        );
+        assert!(
+            m.contains("authentication provider (bare): jwks_uri is empty"),
+            "{m}"
+        );
+        // The rollout task sees the same refusal and keeps the serving config.
+        assert!(matches!(e, ConfigSourceError::Unusable { .. }));
+    }
+
+    #[test]
     fn local_file_name_mismatch_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("service.json");
         std::fs::write(&p, r#"{"name":"other.example.com","id":"2026-01-01r0"}"#).expect("write");
-        let err = load_local_file(&p, "svc.example.com").unwrap_err();
+        let err = load_local_file(&p, "svc.example.com", &ConfigRules::default()).unwrap_err();
         assert!(
             err.to_string()
                 .contains("is for service \"other.example.com\""),
             "{err}"
         );
-        let ok = load_local_file(&p, "").expect("no --service given");
+        let ok = load_local_file(&p, "", &ConfigRules::default()).expect("no --service given");
         assert_eq!(ok.rollout_id, "2026-01-01r0");
         assert_eq!(ok.configs[0].1, 100);
     }

@@ -37,12 +37,14 @@
 //! | API key of a request not checked | not read (unknown operation, refused before the check, unregistered calls allowed) | read and reported, untrusted, in the log entry only | [`Dialect::reports_unchecked_api_keys`], `Pipeline::unchecked_key` |
 //! | Metadata server | asked only with `--metadata`, for tokens | asked by default (`--metadata_url`, unless `--non_gcp`): at start-up for project, zone and platform (reports), with `--check_metadata` for the service name; tokens as in ESP; ID tokens with `format=standard` (ESP: `full`) | [`Dialect::reads_gcp_attributes`], `server::run`, `gcp_metadata`, [`Dialect::identity_token_format`] |
 //! | Backend connections | the system's resolver and connect timeout; every address of a name tried in turn; no limit on requests in flight | Envoy's cluster settings: connect timeout 20 s (`--cluster_connect_timeout`; 503 `... reset reason: connection timeout`), IPv4 addresses preferred (`--backend_dns_lookup_family`), the DNS servers `--dns_resolver_addresses` names (none answering: 503 `no healthy upstream`), at most 1024 requests in flight per backend address (`--backend_cluster_maximum_requests`; over it 503 `... reset reason: overflow`, not retried); `--enable_backend_address_override` sends every method to `--backend` | `cli::espv2` (`Settings::backend_net`, `Settings::backend_address_override`), `backend_net`, `forward::Forwarder::with_net`, `routing::RouteOptions` |
+//! | `WWW-Authenticate` | on every 401 and 403: `Bearer`, with `error="invalid_token"` when a token was sent | only on JWT refusals: `Bearer realm="<scheme>://<host><path, 256 bytes>"`, with `error="invalid_token"` unless the token was missing | [`Dialect::challenges_every_401_and_403`], [`espv2_jwt_challenge`], `pipeline::errors` |
+//! | `:check` failures forgiven by `--service_control_network_fail_policy=open` | no answer, or any 5xx; a `*_UNAVAILABLE` check error is always let through, the key trusted | no answer, 429, 502, 503, 504 (what Envoy maps to `UNAVAILABLE`; a 500 is refused); a `*_UNAVAILABLE` check error follows the policy (open: through, key `NOT CHECKED`; close: 503 `One or more Google Service Control backends are unavailable.`) | [`Dialect::check_failure_may_fail_open`], [`Dialect::unavailable_check_errors_follow_fail_policy`], `service_control::check` |
 //! | Backend authentication under `--non_gcp` | ID tokens minted with the key file | off: `jwt_audience` rules' backends are called without an ID token | [`Dialect::non_gcp_disables_backend_auth`], `Settings::backend_auth_disabled` |
+//! | `--http_request_timeout_s` | the backend's timeout; the proxy's own calls keep fixed limits (metadata 30 s, ID tokens 5 s, Service Management 5 s) | the proxy's own calls (default 30 s); the backend's deadline is 15 s or the rule's | `cli::espv2::validate`, `Settings::http_request_timeout` |
+//! | Tokens missing at start-up | serve at once; requests needing them fail | by default not listening until Service Control's token and every backend ID token were had (`--dependency_error_behavior`) | `server::start_with_metrics`, `server::run` (`Settings::dependency_error_behavior`) |
 //!
-//! Not yet different (issue 17, later items): which `:check` failures the open network fail
-//! policy forgives; in reports, the gRPC status of gRPC responses (`grpc_status_code`,
-//! `/response_code` from it) and the log entry's `trace` (tracing is not built).
-//! `WWW-Authenticate` on 401/403 is Portico's in both dialects.
+//! Not yet different: in reports, the gRPC status of gRPC responses (`grpc_status_code`,
+//! `/response_code` from it; issue 18) and the log entry's `trace` (tracing, issue 19).
 
 use crate::error::{Code, ErrorKind, EspError, JwtProblem, NetworkFailure, ScFailure};
 use std::borrow::Cow;
@@ -141,6 +143,32 @@ impl Dialect {
             Dialect::Esp => "full",
             Dialect::EspV2 => "standard",
         }
+    }
+
+    /// Whether a failed `:check` that got this HTTP status (`None`: no answer at all) may be
+    /// forgiven by `--service_control_network_fail_policy=open`. ESP v1 forgives any 5xx;
+    /// ESPv2 only what Envoy maps to `UNAVAILABLE` (429, 502, 503, 504; no answer becomes
+    /// Envoy's own 503/504), so a 500 refuses the request even when open.
+    pub fn check_failure_may_fail_open(self, http_status: Option<u16>) -> bool {
+        match (self, http_status) {
+            (_, None) => true,
+            (Dialect::Esp, Some(s)) => s >= 500,
+            (Dialect::EspV2, Some(s)) => matches!(s, 429 | 502 | 503 | 504),
+        }
+    }
+
+    /// A check answered with a `*_UNAVAILABLE` error (a Service Control dependency down) obeys
+    /// the network fail policy, the key untrusted (ESPv2); ESP v1 always lets it through with
+    /// the key trusted.
+    pub fn unavailable_check_errors_follow_fail_policy(self) -> bool {
+        self == Dialect::EspV2
+    }
+
+    /// `WWW-Authenticate` goes on every 401 and 403 the proxy writes (ESP v1's nginx:
+    /// `Bearer`, with `error="invalid_token"` when a token was sent); ESPv2 sends it only on its
+    /// JWT refusals, with the request's URI as realm ([`espv2_jwt_challenge`]).
+    pub fn challenges_every_401_and_403(self) -> bool {
+        self == Dialect::Esp
     }
 
     /// The flag that names the plain-text serving port, for messages about it.
@@ -444,7 +472,41 @@ fn jwt_words(p: JwtProblem) -> Cow<'static, str> {
     })
 }
 
-/// ESPv2's `ConvertCheckResponse`: the first check error's code and text.
+/// Envoy caps the URI it names as realm at this many bytes of path.
+const CHALLENGE_PATH_MAX: usize = 256;
+
+/// ESPv2's `WWW-Authenticate` on a JWT refusal (Envoy's JWT filter): `Bearer
+/// realm="<scheme>://<host><path>"`, the path (with its query) cut at 256 bytes, and
+/// `, error="invalid_token"` unless the token was missing. Envoy copies the host and path as
+/// they are; here `"` and `\` are escaped so that a hostile `Host` cannot end the quoted
+/// string early. `None` when the value cannot be a header (it always can from a parsed request).
+pub fn espv2_jwt_challenge(
+    problem: &JwtProblem,
+    tls: bool,
+    host: &[u8],
+    target: &str,
+) -> Option<http::HeaderValue> {
+    let mut cut = target.len().min(CHALLENGE_PATH_MAX);
+    while !target.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut v: Vec<u8> = Vec::with_capacity(48 + host.len() + cut);
+    v.extend_from_slice(b"Bearer realm=\"");
+    v.extend_from_slice(if tls { b"https://" } else { b"http://" });
+    for &b in host.iter().chain(&target.as_bytes()[..cut]) {
+        if b == b'"' || b == b'\\' {
+            v.push(b'\\');
+        }
+        v.push(b);
+    }
+    v.push(b'"');
+    if *problem != JwtProblem::Missing {
+        v.extend_from_slice(b", error=\"invalid_token\"");
+    }
+    http::HeaderValue::from_bytes(&v).ok()
+}
+
+/// ESPv2's `ConvertCheckResponse`: the first check error's code and text./// ESPv2's `ConvertCheckResponse`: the first check error's code and text.
 fn check_status(code: &str, service: &str) -> (Code, Cow<'static, str>) {
     match code {
         "NOT_FOUND" => (
@@ -557,6 +619,30 @@ mod tests {
         let r = Dialect::EspV2.reply(err);
         let body = Dialect::EspV2.body(err, &r);
         (r.status, r.message.into_owned(), r.grpc_code, body)
+    }
+
+    #[test]
+    fn espv2_jwt_challenges_name_the_uri_and_cannot_be_broken_out_of() {
+        let v = espv2_jwt_challenge(&JwtProblem::Missing, false, b"h:8080", "/p?q=1").unwrap();
+        assert_eq!(v, "Bearer realm=\"http://h:8080/p?q=1\"");
+        let v = espv2_jwt_challenge(&JwtProblem::Expired, true, b"h", "/p").unwrap();
+        assert_eq!(v, "Bearer realm=\"https://h/p\", error=\"invalid_token\"");
+        // A hostile Host cannot close the realm's quotes.
+        let v = espv2_jwt_challenge(&JwtProblem::Missing, false, br#"h", evil="1\"#, "/").unwrap();
+        assert_eq!(v, r#"Bearer realm="http://h\", evil=\"1\\/""#);
+        // The path is cut at 256 bytes, on a character boundary.
+        let long = format!("/{}", "é".repeat(300));
+        let v = espv2_jwt_challenge(&JwtProblem::Missing, false, b"h", &long).unwrap();
+        let s = v
+            .to_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|_| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        assert!(
+            s.len() <= "Bearer realm=\"http://h\"".len() + 256,
+            "{}",
+            s.len()
+        );
+        assert!(s.ends_with("é\""), "{s}");
     }
 
     #[test]

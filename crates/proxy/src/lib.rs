@@ -42,6 +42,7 @@
 //! other without a cycle (`tests/module_graph.rs`).
 
 pub mod access_log;
+pub mod adc;
 pub mod auth;
 pub mod backend_auth;
 pub mod backend_net;
@@ -56,6 +57,7 @@ pub mod forward;
 pub mod fuzz;
 pub mod gcp_metadata;
 pub mod header_rules;
+pub mod iam_credentials;
 pub mod limits;
 pub mod memory;
 pub mod metrics;

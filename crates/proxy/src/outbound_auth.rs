@@ -60,12 +60,22 @@ impl TokenError {
     }
 }
 
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Access tokens from somewhere other than this module (another account's, from IAM
+/// Credentials: [`crate::iam_credentials`]), one token for every audience.
+pub trait AccessTokens: Send + Sync + std::fmt::Debug {
+    /// `Bearer <token>`.
+    fn authorization(&self) -> BoxFuture<'_, Result<String, TokenError>>;
+}
+
 /// Mints and caches self-signed tokens per audience, or hands out the metadata server's access
-/// token. Cheap to clone.
+/// token, or another account's ([`TokenSource::acting_as`]). Cheap to clone.
 #[derive(Clone)]
 pub struct TokenSource {
     key: Option<Arc<ServiceAccountKey>>,
     metadata: Option<MetadataTokens>,
+    other_account: Option<Arc<dyn AccessTokens>>,
     cache: Arc<Mutex<HashMap<String, (String, Instant)>>>,
 }
 
@@ -84,8 +94,16 @@ impl TokenSource {
         TokenSource {
             metadata: if key.is_some() { None } else { metadata },
             key,
+            other_account: None,
             cache: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// Every call carries `tokens`' access token instead of the proxy's own (ESPv2's
+    /// `--service_control_iam_service_account`).
+    pub fn acting_as(mut self, tokens: Arc<dyn AccessTokens>) -> Self {
+        self.other_account = Some(tokens);
+        self
     }
 
     pub fn has_key(&self) -> bool {
@@ -95,6 +113,9 @@ impl TokenSource {
     /// `Some("Bearer ...")` for `audience`, or `None` when there is neither key nor metadata
     /// server. A metadata token is not per audience: one OAuth token serves every API.
     pub async fn authorization(&self, audience: &str) -> Result<Option<String>, TokenError> {
+        if let Some(other) = &self.other_account {
+            return other.authorization().await.map(Some);
+        }
         if let Some(metadata) = &self.metadata {
             return metadata.authorization().await.map(Some);
         }
@@ -214,9 +235,15 @@ struct TokenAnswer {
 impl MetadataTokens {
     /// `base` is the metadata server's origin (optionally with a path prefix), as `--metadata`.
     pub fn new(base: &str) -> Result<Self, MetadataUrlError> {
+        Self::with_timeout(base, METADATA_TIMEOUT)
+    }
+
+    /// As [`MetadataTokens::new`], each attempt bounded by `timeout` (ESPv2's
+    /// `--http_request_timeout_s`).
+    pub fn with_timeout(base: &str, timeout: Duration) -> Result<Self, MetadataUrlError> {
         let base = parse_metadata_url(base)?;
         let http = reqwest::Client::builder()
-            .timeout(METADATA_TIMEOUT)
+            .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| MetadataUrlError::Invalid {

@@ -249,11 +249,24 @@ impl Drop for RetryTicket {
 /// The wait before retry number `n` (1 for the first): drawn uniformly below 25 ms × 2ⁿ⁻¹,
 /// capped at 250 ms, as Envoy's jittered exponential back-off.
 pub fn backoff(n: u32) -> Duration {
+    jittered_backoff(
+        n,
+        Duration::from_millis(BACKOFF_BASE_MS),
+        Duration::from_millis(BACKOFF_MAX_MS),
+    )
+}
+
+/// Envoy's jittered exponential back-off with a chosen base and cap: the wait before retry `n`
+/// (1 for the first) is drawn uniformly below min(base × 2ⁿ⁻¹, max).
+pub fn jittered_backoff(n: u32, base: Duration, max: Duration) -> Duration {
     use rand::Rng;
-    let range = BACKOFF_BASE_MS
+    let base = base.as_millis().max(1);
+    let max = max.as_millis().max(base);
+    let range = base
         .checked_shl(n.saturating_sub(1))
-        .filter(|r| *r <= BACKOFF_MAX_MS)
-        .unwrap_or(BACKOFF_MAX_MS);
+        .filter(|r| *r <= max)
+        .unwrap_or(max);
+    let range = u64::try_from(range).unwrap_or(u64::MAX);
     Duration::from_millis(rand::thread_rng().gen_range(0..range))
 }
 
@@ -376,6 +389,12 @@ mod tests {
             assert!(backoff(4) < Duration::from_millis(200));
             assert!(backoff(5) < Duration::from_millis(250));
             assert!(backoff(u32::MAX) < Duration::from_millis(250));
+            let (base, max) = (Duration::from_millis(200), Duration::from_secs(32));
+            assert!(jittered_backoff(1, base, max) < base);
+            assert!(jittered_backoff(3, base, max) < Duration::from_millis(800));
+            assert!(jittered_backoff(200, base, max) < max);
         }
+        // A zero base still waits below 1 ms rather than panicking on an empty range.
+        assert!(jittered_backoff(1, Duration::ZERO, Duration::ZERO) < Duration::from_millis(1));
     }
 }

@@ -22,7 +22,7 @@ use crate::config_source::{self, ConfigSourceOptions, Rollout};
 use crate::forward::Forwarder;
 use crate::pipeline::{ConnInfo, ControlApi, Pipeline, ProxyState};
 use crate::routing::{RouteOptions, RouteTable};
-use crate::settings::Settings;
+use crate::settings::{DependencyErrorBehavior, Settings};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
@@ -205,6 +205,12 @@ pub async fn start_with_metrics(
         key_opts.ttl = d;
     }
     key_opts.connect_timeout = settings.backend_net.connect_timeout;
+    if let Some(n) = settings.jwt_cache_size {
+        key_opts.token_cache_capacity = n;
+    }
+    key_opts.fetch_retries = settings.jwks_fetch_retry.retries;
+    key_opts.retry_backoff_base = settings.jwks_fetch_retry.backoff_base;
+    key_opts.retry_backoff_max = settings.jwks_fetch_retry.backoff_max;
     // Built even for a cleartext `--backend`: rule addresses may be `https://`, and a file
     // named on the command line that cannot be used is better refused at start.
     let backend_tls =
@@ -267,21 +273,60 @@ pub async fn start_with_metrics(
                 );
             }
         }
+    } else if let Some(account) = settings.iam.as_ref().and_then(|i| i.backend_auth.as_ref()) {
+        let client = iam_client_for(&settings).map_err(StartError::Credentials)?;
+        state.backend_tokens = Some(Arc::new(
+            crate::backend_auth::IdTokenSource::from_iam(client, account.clone())
+                .map_err(StartError::Credentials)?,
+        ));
     } else if let Some(path) = &settings.service_account_key {
         let key = portico_credentials::ServiceAccountKey::from_file(path)
             .map_err(|e| StartError::Credentials(format!("{}: {e}", path.display())))?;
         state.backend_tokens = Some(Arc::new(
-            crate::backend_auth::IdTokenSource::new(Arc::new(key))
-                .map_err(StartError::Credentials)?,
+            crate::backend_auth::IdTokenSource::new(
+                Arc::new(key),
+                settings
+                    .http_request_timeout
+                    .unwrap_or(crate::backend_auth::FETCH_TIMEOUT),
+            )
+            .map_err(StartError::Credentials)?,
         ));
     } else if let Some(url) = &settings.metadata {
         state.backend_tokens = Some(Arc::new(
             crate::backend_auth::IdTokenSource::from_metadata(
                 url,
                 settings.dialect.identity_token_format(),
+                settings
+                    .http_request_timeout
+                    .unwrap_or(crate::backend_auth::FETCH_TIMEOUT),
             )
             .map_err(StartError::Credentials)?,
         ));
+    }
+    if let Some(tokens) = &state.backend_tokens {
+        if settings.dependency_error_behavior == DependencyErrorBehavior::BlockInitOnAnyError {
+            let audiences: std::collections::BTreeSet<&str> = first
+                .configs
+                .iter()
+                .flat_map(|(service, _)| service.backend.iter().flat_map(|b| &b.rules))
+                .filter(|r| !r.jwt_audience.is_empty() && !r.disable_auth)
+                .map(|r| r.jwt_audience.as_str())
+                .collect();
+            for audience in audiences {
+                block_until(
+                    "an ID token for backend authentication",
+                    audience,
+                    || async {
+                        tokens
+                            .get(audience)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    },
+                )
+                .await;
+            }
+        }
     }
     let state = Arc::new(state);
     state.swap_routes(compile(&first, &route_opts));
@@ -663,6 +708,19 @@ pub fn service_control_for(
         return Ok(None);
     };
     let mut opts = crate::service_control::ServiceControlOptions::new(base).with_settings(settings);
+    if let Some(account) = settings
+        .iam
+        .as_ref()
+        .and_then(|i| i.service_control.as_ref())
+    {
+        let client = iam_client_for(settings)
+            .map_err(crate::service_control::ServiceControlError::Client)?;
+        opts.acting_as = Some(Arc::new(crate::iam_credentials::IamAccessTokens::new(
+            client,
+            account.clone(),
+            crate::iam_credentials::SERVICE_CONTROL_SCOPE,
+        )));
+    }
     opts.credentials = credentials;
     opts.metadata = metadata;
     opts.rollout_notifier = Some(notifier);
@@ -677,9 +735,69 @@ pub fn metadata_tokens_for(
     settings: &Settings,
     has_key: bool,
 ) -> Result<Option<crate::outbound_auth::MetadataTokens>, crate::outbound_auth::MetadataUrlError> {
-    match settings.metadata.as_deref() {
-        Some(url) if !has_key => crate::outbound_auth::MetadataTokens::new(url).map(Some),
+    match (settings.metadata.as_deref(), settings.http_request_timeout) {
+        (Some(url), Some(t)) if !has_key => {
+            crate::outbound_auth::MetadataTokens::with_timeout(url, t).map(Some)
+        }
+        (Some(url), None) if !has_key => crate::outbound_auth::MetadataTokens::new(url).map(Some),
         _ => Ok(None),
+    }
+}
+
+/// The IAM Credentials client of `--iam_url`, authenticated as the proxy itself: its key file's
+/// self-signed token, or else the metadata server's access token.
+pub fn iam_client_for(
+    settings: &Settings,
+) -> Result<Arc<crate::iam_credentials::IamClient>, String> {
+    let url = settings
+        .iam
+        .as_ref()
+        .map_or(crate::iam_credentials::DEFAULT_IAM_URL, |i| i.url.as_str());
+    let key = match &settings.service_account_key {
+        Some(p) => Some(Arc::new(
+            portico_credentials::ServiceAccountKey::from_file(p)
+                .map_err(|e| format!("{}: {e}", p.display()))?,
+        )),
+        None => None,
+    };
+    let metadata = metadata_tokens_for(settings, key.is_some()).map_err(|e| e.to_string())?;
+    let own = crate::outbound_auth::TokenSource::with_metadata(key, metadata);
+    let timeout = settings
+        .http_request_timeout
+        .unwrap_or(crate::iam_credentials::DEFAULT_TIMEOUT);
+    crate::iam_credentials::IamClient::new(url, own, timeout).map(Arc::new)
+}
+
+/// How long `--dependency_error_behavior=BLOCK_INIT_ON_ANY_ERROR` waits between tries (ESPv2's
+/// token fetch retry interval).
+pub const DEPENDENCY_RETRY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Tries `fetch` until it succeeds, saying each failure; start-up waits here, not listening.
+async fn block_until<F, Fut>(what: &str, target: &str, mut fetch: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let mut tries = 0u64;
+    loop {
+        tries += 1;
+        match fetch().await {
+            Ok(()) => {
+                if tries > 1 {
+                    tracing::info!(what, target, tries, "start-up dependency is ready");
+                }
+                return;
+            }
+            Err(error) => tracing::warn!(
+                what,
+                target,
+                tries,
+                %error,
+                "cannot get a start-up dependency; not serving until it can be had \
+                 (--dependency_error_behavior=BLOCK_INIT_ON_ANY_ERROR); trying again in 2 s"
+            ),
+        }
+        tokio::time::sleep(DEPENDENCY_RETRY_INTERVAL).await;
     }
 }
 
@@ -694,8 +812,11 @@ async fn ask_metadata_server(settings: &mut Settings) -> Result<(), ExitCode> {
     let Some(url) = settings.metadata.clone() else {
         return Ok(());
     };
-    let server = crate::gcp_metadata::MetadataServer::with_connect_timeout(
+    let server = crate::gcp_metadata::MetadataServer::with_timeouts(
         &url,
+        settings
+            .http_request_timeout
+            .unwrap_or(crate::gcp_metadata::TIMEOUT),
         settings.backend_net.connect_timeout,
     )
     .map_err(|e| {
@@ -768,6 +889,10 @@ pub fn run(settings: Settings) -> ExitCode {
         opts.management_url = settings.management.clone();
         opts.credentials = credentials.clone();
         opts.metadata = metadata.clone();
+        if let Some(t) = settings.http_request_timeout {
+            opts.request_timeout = t;
+        }
+        opts.rules.require_jwks_uri = settings.disable_oidc_discovery;
         let notifier = config_source::RolloutNotifier::new();
         opts.rollout_notifier = Some(notifier.clone());
         let rollouts = match config_source::start(opts).await {
@@ -787,6 +912,12 @@ pub fn run(settings: Settings) -> ExitCode {
         };
         if let Some(sc) = &control {
             metrics.with_registry(|r| sc.register_metrics(r));
+            if settings.dependency_error_behavior == DependencyErrorBehavior::BlockInitOnAnyError {
+                block_until("the access token for Service Control", sc.base_url(), || async {
+                    sc.access_token_ready().await.map_err(|e| e.to_string())
+                })
+                .await;
+            }
         }
         let dyn_control = control.clone().map(|c| Arc::new(c) as Arc<dyn ControlApi>);
         let handle = match start_with_metrics(settings.clone(), rollouts, dyn_control, metrics).await {

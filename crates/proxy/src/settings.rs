@@ -71,6 +71,19 @@ pub static OPERATION_NAME_HEADER: http::HeaderName =
 /// `x-google-backend` `deadline` when none is given). ESP's nginx waited 86,400 s.
 pub const DEFAULT_BACKEND_TIMEOUT_S: f64 = 15.0;
 
+/// What the proxy does at start-up when a token it depends on cannot be had (ESPv2's
+/// `DependencyErrorBehavior`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DependencyErrorBehavior {
+    /// Listen only once every token the config needs was fetched (Service Control's access
+    /// token, backend ID tokens), trying again every two seconds (ESPv2's
+    /// `BLOCK_INIT_ON_ANY_ERROR`, also what its `UNSPECIFIED` does).
+    BlockInitOnAnyError,
+    /// Listen at once; a request whose token cannot be had gets an error (ESPv2's
+    /// `ALWAYS_INIT`; `portico esp`'s only behaviour).
+    AlwaysInit,
+}
+
 /// One kind of Service Control call: how long each attempt may take, and how many more attempts
 /// follow one that failed in transport (no answer, connection refused, timed out). An answer,
 /// even an error, is never retried.
@@ -244,6 +257,14 @@ pub struct Settings {
     /// lists no audiences; `--disable_jwt_audience_service_name_check` turns that off, and such
     /// a provider then accepts any audience.
     pub jwt_audience_service_name_check: bool,
+    /// ESPv2's `--jwt_cache_size`: how many verified tokens are remembered (0: none); `None`:
+    /// Portico's default.
+    pub jwt_cache_size: Option<usize>,
+    /// ESPv2's `--jwks_fetch_num_retries` and its back-off (`--jwks_fetch_retry_back_off_*`).
+    pub jwks_fetch_retry: JwksFetchRetry,
+    /// ESPv2's `--disable_oidc_discovery`: a config with a provider without `jwks_uri` is
+    /// refused (at start, and at rollout it does not replace the serving config).
+    pub disable_oidc_discovery: bool,
     pub enable_jwt_authorization_url_redirect: bool,
     pub disable_cloud_trace_auto_sampling: bool,
     pub rollout_fetch_throttle_window: Option<Duration>,
@@ -298,6 +319,18 @@ pub struct Settings {
     pub xff_hops: Option<XffHops>,
     /// ESPv2's `--enable_response_compression` ([`crate::compression`]).
     pub response_compression: Option<crate::compression::CompressionSettings>,
+    /// ESPv2's `--http_request_timeout_s`: how long each of the proxy's own calls may take
+    /// (Service Management, metadata server, IAM Credentials, token endpoint). `None`: each
+    /// keeps `portico esp`'s own limit.
+    pub http_request_timeout: Option<Duration>,
+    /// ESPv2's `--*_iam_service_account` flags ([`crate::iam_credentials`]).
+    pub iam: Option<crate::iam_credentials::IamSettings>,
+    /// ESPv2's `--dependency_error_behavior`: whether serving waits for the tokens the proxy
+    /// needs ([`crate::server`]).
+    pub dependency_error_behavior: DependencyErrorBehavior,
+    /// What the command line made of itself that an operator should read once at start-up
+    /// (where application default credentials were found, flags without effect).
+    pub startup_notes: Vec<String>,
     /// Flags accepted only for compatibility, reported once at start-up.
     pub ignored_flags: Vec<&'static str>,
     /// Flags accepted whose feature is not built yet, reported once at start-up (ESPv2's
@@ -422,6 +455,25 @@ mod tests {
         for bad in ["-1", "1.5", "", "two", "4294967296"] {
             let e = parse_xff_num_trusted_hops(bad).unwrap_err();
             assert!(e.starts_with("invalid --envoy_xff_num_trusted_hops"), "{e}");
+        }
+    }
+}
+
+/// How a key-set fetch that got no answer or a 5xx is retried (ESPv2's JWKS retry policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JwksFetchRetry {
+    /// 0: one try only (ESP, and ESPv2's default).
+    pub retries: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for JwksFetchRetry {
+    fn default() -> Self {
+        JwksFetchRetry {
+            retries: 0,
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(32),
         }
     }
 }

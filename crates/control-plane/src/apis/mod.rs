@@ -5,6 +5,7 @@
 //! below them, in `store`, `authz` or `app`.
 
 pub mod apikeys;
+pub mod cloudtrace;
 pub mod iam;
 pub mod iamcredentials;
 pub mod jwks;

@@ -14,6 +14,8 @@
 //!   bytes. A stale etag is 409 ABORTED; an absent etag overwrites unconditionally (Google's
 //!   rule). A project that never had a policy answers `{"version":1,"etag":"ACAB"}`.
 //!   `version` is stored as sent (gcloud bumps it to 3).
+//! - `POST /v1/projects/{project}:testIamPermissions` — which of the asked permissions (at most
+//!   100, no wildcards) the caller holds on the project; asking needs no permission.
 //!
 //! Authorization is `authz::require_project_permission` with the one role table in
 //! `authz::roles`; the project policy stored here is also what
@@ -130,6 +132,61 @@ async fn undelete_project(
 enum VerbResponse {
     Policy(Policy),
     Empty(Empty),
+    Permissions(TestIamPermissionsResponse),
+}
+
+/// Most permissions one `:testIamPermissions` call may ask about (each is a lookup).
+const MAX_TESTED_PERMISSIONS: usize = 100;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct TestIamPermissionsRequest {
+    permissions: Vec<String>,
+}
+
+/// `google.iam.v1.TestIamPermissionsResponse`: the subset the caller holds.
+#[derive(Debug, Serialize)]
+struct TestIamPermissionsResponse {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    permissions: Vec<String>,
+}
+
+/// Which of `asked` the caller holds on the project. Needs no permission of its own (Google's
+/// rule: anyone may ask what they may do); wildcards are refused as Google refuses them.
+async fn test_project_permissions(
+    state: &IdentityState,
+    principal: &Principal,
+    project_id: &str,
+    asked: Vec<String>,
+) -> Result<TestIamPermissionsResponse, ApiError> {
+    if asked.len() > MAX_TESTED_PERMISSIONS {
+        return Err(ApiError::invalid_argument(format!(
+            "Too many permissions: {} were asked, at most {MAX_TESTED_PERMISSIONS} may be.",
+            asked.len()
+        ))
+        .with_field_violation("permissions", "too many"));
+    }
+    if let Some(bad) = asked
+        .iter()
+        .find(|p| p.contains('*') || p.is_empty() || p.len() > 256)
+    {
+        return Err(ApiError::invalid_argument(format!(
+            "Permission '{bad}' is invalid: name one permission, without wildcards."
+        ))
+        .with_field_violation("permissions", "invalid"));
+    }
+    let permissions = match principal.member() {
+        // The admin token may do everything.
+        None => asked,
+        Some(member) => {
+            let policy = load_project_policy(&state.store, project_id).await?;
+            asked
+                .into_iter()
+                .filter(|p| policy.as_ref().is_some_and(|pol| pol.grants(&member, p)))
+                .collect()
+        }
+    };
+    Ok(TestIamPermissionsResponse { permissions })
 }
 
 async fn project_verb(
@@ -159,12 +216,18 @@ async fn project_verb(
             undelete_project(&state, &principal, &project_id).await?;
             Ok(Json(VerbResponse::Empty(Empty {})))
         }
+        Some("testIamPermissions") => {
+            let req: TestIamPermissionsRequest = parse_json_body(&body)?;
+            let granted =
+                test_project_permissions(&state, &principal, &project_id, req.permissions).await?;
+            Ok(Json(VerbResponse::Permissions(granted)))
+        }
         Some(other) => Err(ApiError::not_found(format!(
             "Unknown method '{other}' on projects/{project_id}."
         ))),
         None => Err(ApiError::not_found(format!(
             "The requested URL /v1/projects/{project} was not found on this server (POST needs \
-             a :getIamPolicy, :setIamPolicy or :undelete verb)."
+             a :getIamPolicy, :setIamPolicy, :testIamPermissions or :undelete verb)."
         ))),
     }
 }

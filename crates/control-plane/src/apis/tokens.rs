@@ -65,6 +65,9 @@ const RUNTIME_AUDIENCE_PATHS: &[&str] = &[
     "/google.api.servicecontrol.v1.ServiceController",
     "/google.api.servicecontrol.v1.QuotaController",
     "/google.api.servicemanagement.v1.ServiceManager",
+    // ESP signs its Cloud Trace calls for these.
+    "/google.devtools.cloudtrace.v1.TraceService",
+    "/google.devtools.cloudtrace.v2.TraceService",
 ];
 /// Issued access tokens live an hour; `expires_in` is one second less, as Google answers.
 const ACCESS_TOKEN_LIFETIME_S: i64 = 3600;

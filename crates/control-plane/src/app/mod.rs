@@ -59,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::apis::apikeys::routes())
         .merge(crate::apis::jwks::routes())
         .merge(crate::apis::servicecontrol::routes())
+        .merge(crate::apis::cloudtrace::routes())
         .merge(crate::app::console::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -87,8 +88,14 @@ pub const SERVICE_VERB_HANDLERS: &[(&str, ServiceVerbHandler)] = &[
 pub type AccountVerbHandler =
     fn(AppState, String, String, Request) -> Pin<Box<dyn Future<Output = Response> + Send>>;
 
-/// IAM Credentials' `generateIdToken` shares IAM's account path.
-pub const ACCOUNT_VERB_HANDLERS: &[(&str, AccountVerbHandler)] = &[(
-    "generateIdToken",
-    crate::apis::iamcredentials::generate_id_token_handler,
-)];
+/// IAM Credentials' `generateIdToken` and `generateAccessToken` share IAM's account path.
+pub const ACCOUNT_VERB_HANDLERS: &[(&str, AccountVerbHandler)] = &[
+    (
+        "generateIdToken",
+        crate::apis::iamcredentials::generate_id_token_handler,
+    ),
+    (
+        "generateAccessToken",
+        crate::apis::iamcredentials::generate_access_token_handler,
+    ),
+];

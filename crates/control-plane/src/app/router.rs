@@ -61,6 +61,7 @@ const API_PREFIXES: &[&str] = &[
     "/apikeys/",
     "/servicecontrol/",
     "/iamcredentials/",
+    "/cloudtrace/",
 ];
 
 async fn strip_api_prefix(mut req: Request) -> Request {

@@ -250,6 +250,7 @@ pub async fn build_state_with(
         id_tokens: std::sync::Arc::new(id_tokens),
         servicecontrol,
         conversions: crate::apis::servicemanagement::Conversions::default(),
+        traces: crate::apis::cloudtrace::Retention::default(),
     };
     customize(&mut shared);
     Ok((AppState::new(shared), token_path))

@@ -40,6 +40,8 @@ pub struct Shared {
     pub servicecontrol: crate::apis::servicecontrol::ScState,
     /// Where and how long OpenAPI conversions run (`configs:submit`).
     pub conversions: crate::apis::servicemanagement::Conversions,
+    /// How many trace spans are kept per project (`apis::cloudtrace`).
+    pub traces: crate::apis::cloudtrace::Retention,
 }
 
 impl AppState {

@@ -24,6 +24,7 @@ pub mod perms {
     pub const SA_DISABLE: &str = "iam.serviceAccounts.disable";
     pub const SA_ENABLE: &str = "iam.serviceAccounts.enable";
     pub const SA_GET_OPEN_ID_TOKEN: &str = "iam.serviceAccounts.getOpenIdToken";
+    pub const SA_GET_ACCESS_TOKEN: &str = "iam.serviceAccounts.getAccessToken";
     pub const KEY_CREATE: &str = "iam.serviceAccountKeys.create";
     pub const KEY_GET: &str = "iam.serviceAccountKeys.get";
     pub const KEY_LIST: &str = "iam.serviceAccountKeys.list";
@@ -41,6 +42,9 @@ pub mod perms {
     pub const APIKEYS_UNDELETE: &str = "apikeys.keys.undelete";
     pub const APIKEYS_GET_KEY_STRING: &str = "apikeys.keys.getKeyString";
     pub const APIKEYS_LOOKUP: &str = "apikeys.keys.lookup";
+    pub const TRACES_PATCH: &str = "cloudtrace.traces.patch";
+    pub const TRACES_GET: &str = "cloudtrace.traces.get";
+    pub const TRACES_LIST: &str = "cloudtrace.traces.list";
 }
 
 /// Whether `role` includes `permission` (the subset of Google's predefined roles Portico knows).
@@ -55,7 +59,7 @@ pub fn role_grants(role: &str, permission: &str) -> bool {
     let owner_only = matches!(permission, PROJECT_DELETE | PROJECT_UNDELETE);
     // Minting tokens as an account is its own grant in Google: neither `roles/editor` nor
     // `roles/iam.serviceAccountAdmin` has it, only the token-creator roles (and owner).
-    let mints_tokens = permission == SA_GET_OPEN_ID_TOKEN;
+    let mints_tokens = matches!(permission, SA_GET_OPEN_ID_TOKEN | SA_GET_ACCESS_TOKEN);
     match role {
         "roles/owner" => true,
         "roles/editor" => !is_iam_write && !owner_only && !mints_tokens,
@@ -81,9 +85,9 @@ pub fn role_grants(role: &str, permission: &str) -> bool {
         "roles/iam.serviceAccountAdmin" => {
             permission.starts_with("iam.serviceAccounts.") && !mints_tokens
         }
-        "roles/iam.serviceAccountOpenIdTokenCreator" | "roles/iam.serviceAccountTokenCreator" => {
-            mints_tokens
-        }
+        // As in Google: the OpenID role mints ID tokens only; the token creator mints both.
+        "roles/iam.serviceAccountOpenIdTokenCreator" => permission == SA_GET_OPEN_ID_TOKEN,
+        "roles/iam.serviceAccountTokenCreator" => mints_tokens,
         "roles/iam.serviceAccountKeyAdmin" => {
             permission.starts_with("iam.serviceAccountKeys.")
                 || matches!(permission, SA_GET | SA_LIST)
@@ -95,6 +99,10 @@ pub fn role_grants(role: &str, permission: &str) -> bool {
         "roles/serviceusage.apiKeysViewer" => {
             matches!(permission, APIKEYS_GET | APIKEYS_LIST | APIKEYS_LOOKUP)
         }
+        // What the walkthrough grants the proxy's account on the tracing project: write only.
+        "roles/cloudtrace.agent" => permission == TRACES_PATCH,
+        "roles/cloudtrace.user" => matches!(permission, TRACES_GET | TRACES_LIST),
+        "roles/cloudtrace.admin" => permission.starts_with("cloudtrace."),
         _ => false,
     }
 }

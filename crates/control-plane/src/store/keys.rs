@@ -340,10 +340,16 @@ pub async fn insert(
 
 /// Writes the updatable fields (display name, restrictions, annotations, expiry) with the new
 /// etag and update time.
-pub async fn update(conn: &mut AnyConnection, key: &StoredKey) -> Result<(), StoreError> {
-    sqlx::query(
+/// Writes the updatable fields with the new etag, only if the stored etag is still
+/// `read_etag` (the one the change was computed from); `false` when another write came first.
+pub async fn update(
+    conn: &mut AnyConnection,
+    key: &StoredKey,
+    read_etag: &str,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
         "UPDATE apikeys_keys SET display_name = $1, restrictions = $2, annotations = $3, \
-         etag = $4, update_time = $5, expire_time = $6 WHERE uid = $7",
+         etag = $4, update_time = $5, expire_time = $6 WHERE uid = $7 AND etag = $8",
     )
     .bind(&key.display_name)
     .bind(encode_json(&key.restrictions)?)
@@ -352,21 +358,29 @@ pub async fn update(conn: &mut AnyConnection, key: &StoredKey) -> Result<(), Sto
     .bind(&key.update_time)
     .bind(expire_time_column(key.expire_time))
     .bind(&key.uid)
+    .bind(read_etag)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
-/// Writes the delete time ('' = not deleted) with the new etag and update time.
-pub async fn set_delete_time(conn: &mut AnyConnection, key: &StoredKey) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE apikeys_keys SET delete_time = $1, update_time = $2, etag = $3 WHERE uid = $4",
+/// Writes the delete time ('' = not deleted) with the new etag and update time, only if the
+/// stored etag is still `read_etag`; `false` when another write came first.
+pub async fn set_delete_time(
+    conn: &mut AnyConnection,
+    key: &StoredKey,
+    read_etag: &str,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE apikeys_keys SET delete_time = $1, update_time = $2, etag = $3 \
+         WHERE uid = $4 AND etag = $5",
     )
     .bind(&key.delete_time)
     .bind(&key.update_time)
     .bind(&key.etag)
     .bind(&key.uid)
+    .bind(read_etag)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }

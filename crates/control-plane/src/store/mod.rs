@@ -29,6 +29,7 @@ pub mod rollouts;
 pub mod servicecontrol;
 pub mod services;
 pub mod tokens;
+pub mod traces;
 pub mod usage;
 
 use std::path::Path;
@@ -314,6 +315,7 @@ pub fn migrations() -> Vec<&'static [Migration]> {
         keys::MIGRATIONS,
         idtoken_keys::MIGRATIONS,
         servicecontrol::MIGRATIONS,
+        traces::MIGRATIONS,
     ]
 }
 

@@ -23,6 +23,10 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     ],
 }];
 
+/// The `key_id` of an access token minted by IAM Credentials' `generateAccessToken`: no key of
+/// the account signed for it, so it lives as long as the account (and its expiry), not a key.
+pub const IMPERSONATION_KEY_ID: &str = "";
+
 /// An access token about to be recorded (only its hash is stored).
 #[derive(Debug, Clone)]
 pub struct NewAccessToken<'a> {
@@ -54,7 +58,8 @@ pub async fn insert_access_token(
 }
 
 /// What an issued access token names, joined with its key and account (a token whose key was
-/// deleted is not found).
+/// deleted is not found; one minted by impersonation, [`IMPERSONATION_KEY_ID`], needs only its
+/// account).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessToken {
     pub email: String,
@@ -69,11 +74,12 @@ pub async fn access_token(
 ) -> Result<Option<AccessToken>, StoreError> {
     let row: Option<(String, i64, i64)> = sqlx::query_as(
         "SELECT t.email, t.expires_at, a.disabled FROM oauth_access_tokens t \
-         JOIN iam_sa_keys k ON k.key_id = t.key_id AND k.email = t.email \
          JOIN iam_service_accounts a ON a.email = t.email \
-         WHERE t.token_hash = $1",
+         WHERE t.token_hash = $1 AND (t.key_id = $2 OR EXISTS (SELECT 1 FROM iam_sa_keys k \
+         WHERE k.key_id = t.key_id AND k.email = t.email))",
     )
     .bind(token_hash)
+    .bind(IMPERSONATION_KEY_ID)
     .fetch_optional(store.pool())
     .await?;
     Ok(row.map(|(email, expires_at, d)| AccessToken {

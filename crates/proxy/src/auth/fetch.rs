@@ -55,6 +55,13 @@ pub struct KeyCacheOptions {
     /// `--cluster_connect_timeout`, which bounds its JWKS clusters too); never more than
     /// `fetch_timeout`. `None`: `fetch_timeout`.
     pub connect_timeout: Option<Duration>,
+    /// ESPv2's `--jwks_fetch_num_retries`: how many times a fetch that got no answer or a 5xx
+    /// is made again (Envoy's JWKS retry policy: connect failure, reset, 5xx); 0 = never.
+    pub fetch_retries: u32,
+    /// Envoy's jittered exponential back-off between those tries
+    /// (`--jwks_fetch_retry_back_off_{base,max}_interval_ms`, 200 ms and 32 s).
+    pub retry_backoff_base: Duration,
+    pub retry_backoff_max: Duration,
 }
 
 impl Default for KeyCacheOptions {
@@ -67,6 +74,9 @@ impl Default for KeyCacheOptions {
             token_cache_capacity: 10_000,
             token_cache_bytes: 64 << 20,
             connect_timeout: None,
+            fetch_retries: 0,
+            retry_backoff_base: Duration::from_millis(200),
+            retry_backoff_max: Duration::from_secs(32),
         }
     }
 }
@@ -256,8 +266,28 @@ impl KeyCache {
         }
     }
 
-    /// GET; `Err(Some(status))` for a non-success answer, `Err(None)` when unreachable.
+    /// GET, made again on no answer or a 5xx up to `fetch_retries` times; `Err(Some(status))`
+    /// for a non-success answer, `Err(None)` when unreachable.
     async fn get(&self, uri: &str) -> Result<bytes::Bytes, Option<u16>> {
+        let mut retry = 0;
+        loop {
+            let outcome = self.get_once(uri).await;
+            let retriable = matches!(outcome, Err(None) | Err(Some(500..=599)));
+            if !retriable || retry >= self.opts.fetch_retries {
+                return outcome;
+            }
+            retry += 1;
+            let wait = crate::retry::jittered_backoff(
+                retry,
+                self.opts.retry_backoff_base,
+                self.opts.retry_backoff_max,
+            );
+            tracing::debug!(uri, retry, ?wait, "key fetch failed; trying again");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn get_once(&self, uri: &str) -> Result<bytes::Bytes, Option<u16>> {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let resp = self.client.get(uri).send().await.map_err(|e| {
             tracing::debug!(uri, error = %e, "fetch failed");
@@ -411,6 +441,86 @@ mod tests {
             }
         });
         format!("http://{addr}/jwks")
+    }
+
+    /// A loopback server answering with each status of `script` in turn (the last one
+    /// forever); counts hits.
+    async fn scripted_server(script: Vec<u16>, hits: Arc<AtomicU64>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = [0u8; 2048];
+                let _ = sock.read(&mut buf).await;
+                let n = hits.fetch_add(1, Ordering::SeqCst) as usize;
+                let code = script[n.min(script.len() - 1)];
+                let body = r#"{"keys":[]}"#;
+                let resp = format!(
+                    "HTTP/1.1 {code} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            }
+        });
+        format!("http://{addr}/jwks")
+    }
+
+    fn retrying(n: u32) -> KeyCacheOptions {
+        KeyCacheOptions {
+            fetch_retries: n,
+            retry_backoff_base: Duration::from_millis(1),
+            retry_backoff_max: Duration::from_millis(5),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn jwks_fetch_retries_cover_5xx_and_stop_at_the_limit() {
+        // Two 503s then keys: two retries get the keys, one retry does not.
+        let hits = Arc::new(AtomicU64::new(0));
+        let uri = scripted_server(vec![503, 502, 200], hits.clone()).await;
+        let cache = KeyCache::new(retrying(2));
+        cache.keys(&uri).await.unwrap();
+        assert_eq!(hits.load(Ordering::SeqCst), 3);
+
+        let hits = Arc::new(AtomicU64::new(0));
+        let uri = scripted_server(vec![503, 503, 200], hits.clone()).await;
+        let cache = KeyCache::new(retrying(1));
+        assert_eq!(
+            cache.keys(&uri).await.unwrap_err(),
+            FetchError::HttpStatus(503)
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+
+        // Without the flag (ESP, and ESPv2's default) one try only.
+        let hits = Arc::new(AtomicU64::new(0));
+        let uri = scripted_server(vec![500, 200], hits.clone()).await;
+        let cache = KeyCache::new(KeyCacheOptions::default());
+        assert!(cache.keys(&uri).await.is_err());
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn jwks_fetch_retries_skip_4xx_and_cover_refused_connections() {
+        let hits = Arc::new(AtomicU64::new(0));
+        let uri = scripted_server(vec![404, 200], hits.clone()).await;
+        let cache = KeyCache::new(retrying(3));
+        assert_eq!(
+            cache.keys(&uri).await.unwrap_err(),
+            FetchError::HttpStatus(404)
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "a 4xx is not retried");
+
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cache = KeyCache::new(retrying(3));
+        let uri = format!("http://127.0.0.1:{port}/jwks");
+        assert_eq!(cache.keys(&uri).await.unwrap_err(), FetchError::Unreachable);
+        assert_eq!(cache.fetch_count(), 4, "one try and three retries");
     }
 
     #[tokio::test]

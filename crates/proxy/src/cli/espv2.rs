@@ -23,7 +23,7 @@
 
 use super::{ArgError, EspArgs};
 use crate::dialect::Dialect;
-use crate::settings::Settings;
+use crate::settings::{DependencyErrorBehavior, Settings};
 use clap::parser::ValueSource;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 use std::ffi::OsString;
@@ -53,6 +53,12 @@ pub const DEFAULT_BACKEND_RETRY_ONS: &str = "reset,connect-failure,refused-strea
 pub const DEFAULT_BACKEND_RETRY_NUM: u32 = 1;
 /// Largest `--backend_retry_num` Portico takes.
 pub const MAX_BACKEND_RETRY_NUM: u32 = 100;
+/// ESPv2's `--http_request_timeout_s` default: its own calls (Service Management, metadata
+/// server, IAM, token endpoints) may take this long.
+pub const DEFAULT_HTTP_REQUEST_TIMEOUT_S: u64 = 30;
+/// Largest `--http_request_timeout_s` taken (a day; ESPv2 has no bound, but nothing waits
+/// longer usefully and it keeps time arithmetic far from overflow).
+pub const MAX_HTTP_REQUEST_TIMEOUT_S: u64 = 86_400;
 /// ESPv2's Service Control call timeouts (ms): check, quota, report.
 pub const DEFAULT_SERVICE_CONTROL_TIMEOUTS_MS: [&str; 3] = ["1000", "1000", "2000"];
 
@@ -87,7 +93,7 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--rollout_strategy", Implemented),
     ("--management", Implemented),
     ("--check_metadata", Implemented),
-    ("--http_request_timeout_s", NotYet(17)),
+    ("--http_request_timeout_s", Implemented),
     // Backend.
     ("--backend", Implemented),
     ("--enable_backend_address_override", Implemented),
@@ -158,11 +164,11 @@ pub const FLAGS: &[(&str, Support)] = &[
         "--jwks_async_fetch_fast_listener",
         Ignored("the listener never waits for key sets in Portico"),
     ),
-    ("--jwt_cache_size", NotYet(17)),
+    ("--jwt_cache_size", Implemented),
     ("--jwks_cache_duration_in_s", Implemented),
-    ("--jwks_fetch_num_retries", NotYet(17)),
-    ("--jwks_fetch_retry_back_off_base_interval_ms", NotYet(17)),
-    ("--jwks_fetch_retry_back_off_max_interval_ms", NotYet(17)),
+    ("--jwks_fetch_num_retries", Implemented),
+    ("--jwks_fetch_retry_back_off_base_interval_ms", Implemented),
+    ("--jwks_fetch_retry_back_off_max_interval_ms", Implemented),
     ("--jwt_pad_forward_payload_header", Implemented),
     ("--disable_jwt_audience_service_name_check", Implemented),
     // Service Control.
@@ -198,7 +204,7 @@ pub const FLAGS: &[(&str, Support)] = &[
     // Platform and credentials.
     ("--non_gcp", Implemented),
     ("--service_account_key", Implemented),
-    ("--enable_application_default_credentials", NotYet(17)),
+    ("--enable_application_default_credentials", Implemented),
     ("--enable_debug", NotYet(17)),
     // gRPC-JSON transcoding.
     ("--transcoding_always_print_primitive_fields", NotYet(18)),
@@ -239,17 +245,17 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--cluster_connect_timeout", Implemented),
     ("--service_management_url", Implemented),
     ("--metadata_url", Implemented),
-    ("--iam_url", NotYet(17)),
-    ("--service_control_iam_service_account", NotYet(17)),
-    ("--service_control_iam_delegates", NotYet(17)),
-    ("--backend_auth_iam_service_account", NotYet(17)),
-    ("--backend_auth_iam_delegates", NotYet(17)),
+    ("--iam_url", Implemented),
+    ("--service_control_iam_service_account", Implemented),
+    ("--service_control_iam_delegates", Implemented),
+    ("--backend_auth_iam_service_account", Implemented),
+    ("--backend_auth_iam_delegates", Implemented),
     (
         "--token_agent_port",
         Ignored("the port of Envoy's token agent; Portico fetches tokens itself"),
     ),
-    ("--disable_oidc_discovery", NotYet(17)),
-    ("--dependency_error_behavior", NotYet(17)),
+    ("--disable_oidc_discovery", Implemented),
+    ("--dependency_error_behavior", Implemented),
     ("--skip_jwt_authn_filter", Implemented),
     ("--skip_service_control_filter", Implemented),
     (
@@ -533,6 +539,12 @@ pub struct Espv2Args {
         env = "GOOGLE_APPLICATION_CREDENTIALS"
     )]
     pub service_account_key: Option<PathBuf>,
+    /// Whether `service_account_key` came from GOOGLE_APPLICATION_CREDENTIALS rather than the
+    /// flag (start_proxy.py's conflict rules look at the flag only).
+    #[arg(skip)]
+    pub service_account_key_from_env: bool,
+    /// Google's application default credentials: GOOGLE_APPLICATION_CREDENTIALS, gcloud's
+    /// well-known file, then the metadata server.
     #[arg(long = "enable_application_default_credentials", action = ArgAction::SetTrue)]
     pub enable_application_default_credentials: bool,
     #[arg(long = "enable_debug", action = ArgAction::SetTrue)]
@@ -749,6 +761,58 @@ pub fn go_duration(s: &str) -> Result<std::time::Duration, &'static str> {
     Ok(std::time::Duration::from_nanos(total as u64))
 }
 
+/// ESPv2's `DependencyErrorBehavior` names, as its config manager reads them (exact case).
+/// `UNSPECIFIED` is each filter's default, which blocks.
+pub fn parse_dependency_error_behavior(v: &str) -> Result<DependencyErrorBehavior, String> {
+    match v {
+        "ALWAYS_INIT" => Ok(DependencyErrorBehavior::AlwaysInit),
+        "BLOCK_INIT_ON_ANY_ERROR" | "UNSPECIFIED" => {
+            Ok(DependencyErrorBehavior::BlockInitOnAnyError)
+        }
+        _ => Err(format!(
+            "unknown value for DependencyErrorBehavior ({v}), accepted values are: \
+             [\"ALWAYS_INIT\" \"BLOCK_INIT_ON_ANY_ERROR\" \"UNSPECIFIED\"]"
+        )),
+    }
+}
+
+/// The `--*_iam_*` flags, checked; `None` when neither account is named.
+fn iam_settings(a: &Espv2Args) -> Result<Option<crate::iam_credentials::IamSettings>, String> {
+    use crate::iam_credentials::{parse_account, parse_iam_url, DEFAULT_IAM_URL};
+    // ESPv2 reads an empty account flag as absent.
+    let named = |v: &Option<String>| v.as_deref().filter(|s| !s.is_empty()).map(str::to_string);
+    let service_control = named(&a.service_control_iam_service_account)
+        .map(|email| {
+            parse_account(
+                "--service_control_iam_service_account",
+                &email,
+                "--service_control_iam_delegates",
+                a.service_control_iam_delegates.as_deref(),
+            )
+        })
+        .transpose()?;
+    let backend_auth = named(&a.backend_auth_iam_service_account)
+        .map(|email| {
+            parse_account(
+                "--backend_auth_iam_service_account",
+                &email,
+                "--backend_auth_iam_delegates",
+                a.backend_auth_iam_delegates.as_deref(),
+            )
+        })
+        .transpose()?;
+    // Checked even when unused, so a typo is not left for the day an account is added.
+    let url = parse_iam_url(a.iam_url.as_deref().unwrap_or(DEFAULT_IAM_URL))?;
+    if service_control.is_none() && backend_auth.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(crate::iam_credentials::IamSettings {
+        url,
+        service_control,
+        backend_auth,
+    }))
+}
+
 /// ESPv2's `enforce_conflict_args`, in its order and with its messages. Returns the serving
 /// port (8080 unless one port flag names another; 0 counts as absent, as in Python).
 pub fn enforce_conflicts(a: &Espv2Args) -> Result<i64, ArgError> {
@@ -781,6 +845,7 @@ pub fn enforce_conflicts(a: &Espv2Args) -> Result<i64, ArgError> {
         }
     }
     if a.non_gcp {
+        let key_flag = a.service_account_key.is_some() && !a.service_account_key_from_env;
         if a.service_account_key.is_none() && !a.enable_application_default_credentials {
             return Err(ArgError::v2(
                 "If --non_gcp is specified, --service_account_key or \
@@ -788,7 +853,7 @@ pub fn enforce_conflicts(a: &Espv2Args) -> Result<i64, ArgError> {
                  GOOGLE_APPLICATION_CREDENTIALS has to set in os.environ.",
             ));
         }
-        if a.service_account_key.is_some() && a.enable_application_default_credentials {
+        if key_flag && a.enable_application_default_credentials {
             return Err(ArgError::v2(
                 "Only one of --service_account_key or --enable_application_default_credentials \
                  can be supplied for credentials at once.",
@@ -937,6 +1002,9 @@ pub fn parse(args: Vec<OsString>) -> Result<Settings, ArgError> {
             Some(ValueSource::CommandLine | ValueSource::EnvVariable)
         )
     };
+    let mut raw = raw;
+    raw.service_account_key_from_env =
+        matches.value_source("service_account_key") == Some(ValueSource::EnvVariable);
     let mut settings = validate(raw)?;
     // `--service_control_enable_api_key_uid_reporting` and its `--no-` form: the last given
     // wins, as with argparse's BooleanOptionalAction; on by default.
@@ -968,6 +1036,68 @@ pub fn parse(args: Vec<OsString>) -> Result<Settings, ArgError> {
         }
     }
     Ok(settings)
+}
+
+/// ESPv2's `--jwt_cache_size` default.
+pub const ESPV2_JWT_CACHE_SIZE: usize = 1000;
+/// Most JWKS fetch retries accepted: each can wait up to the back-off maximum, and requests
+/// needing the keys wait for the whole chain.
+pub const MAX_JWKS_FETCH_RETRIES: u32 = 100;
+
+/// `--jwks_fetch_num_retries` and the back-off bounds, as Envoy accepts them: a base of at
+/// least 1 ms and a maximum no smaller than the base.
+fn jwks_fetch_retry(a: &Espv2Args) -> Result<crate::settings::JwksFetchRetry, ArgError> {
+    let mut r = crate::settings::JwksFetchRetry::default();
+    if let Some(s) = a.jwks_fetch_num_retries.as_deref() {
+        r.retries = s
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n <= MAX_JWKS_FETCH_RETRIES)
+            .ok_or_else(|| {
+                ArgError::v2(format!(
+                    "invalid --jwks_fetch_num_retries '{s}': must be a whole number from 0 to \
+                     {MAX_JWKS_FETCH_RETRIES}"
+                ))
+            })?;
+    }
+    let ms = |flag: &str, v: &Option<String>| -> Result<Option<std::time::Duration>, ArgError> {
+        let Some(s) = v.as_deref() else {
+            return Ok(None);
+        };
+        s.trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .map(|n| Some(std::time::Duration::from_millis(u64::from(n))))
+            .ok_or_else(|| {
+                ArgError::v2(format!(
+                    "invalid {flag} '{s}': must be a whole number of milliseconds from 1 to {}",
+                    u32::MAX
+                ))
+            })
+    };
+    if let Some(d) = ms(
+        "--jwks_fetch_retry_back_off_base_interval_ms",
+        &a.jwks_fetch_retry_back_off_base_interval_ms,
+    )? {
+        r.backoff_base = d;
+    }
+    if let Some(d) = ms(
+        "--jwks_fetch_retry_back_off_max_interval_ms",
+        &a.jwks_fetch_retry_back_off_max_interval_ms,
+    )? {
+        r.backoff_max = d;
+    }
+    if r.backoff_max < r.backoff_base {
+        return Err(ArgError::v2(format!(
+            "--jwks_fetch_retry_back_off_max_interval_ms ({} ms) is below \
+             --jwks_fetch_retry_back_off_base_interval_ms ({} ms)",
+            r.backoff_max.as_millis(),
+            r.backoff_base.as_millis()
+        )));
+    }
+    Ok(r)
 }
 
 /// Checks ESPv2's rules, translates the command line into `portico esp`'s and validates it
@@ -1021,13 +1151,23 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
             "--management and --service_management_url name the same URL: give one",
         ));
     }
-    if let Some(s) = &a.http_request_timeout_s {
-        if int_flag("--http_request_timeout_s", Some(s))?.is_none_or(|t| t <= 0) {
-            return Err(ArgError::v2(format!(
-                "invalid --http_request_timeout_s '{s}': must be a whole number of seconds above 0"
-            )));
-        }
-    }
+    let http_request_timeout = match &a.http_request_timeout_s {
+        None => DEFAULT_HTTP_REQUEST_TIMEOUT_S,
+        Some(s) => int_flag("--http_request_timeout_s", Some(s))?
+            .and_then(|t| u64::try_from(t).ok())
+            .filter(|t| (1..=MAX_HTTP_REQUEST_TIMEOUT_S).contains(t))
+            .ok_or_else(|| {
+                ArgError::v2(format!(
+                    "invalid --http_request_timeout_s '{s}': must be a whole number of seconds \
+                     above 0 (at most {MAX_HTTP_REQUEST_TIMEOUT_S})"
+                ))
+            })?,
+    };
+    let dependency_error_behavior = match a.dependency_error_behavior.as_deref() {
+        None => DependencyErrorBehavior::BlockInitOnAnyError,
+        Some(v) => parse_dependency_error_behavior(v).map_err(ArgError::v2)?,
+    };
+    let iam = iam_settings(&a).map_err(ArgError::v2)?;
     let jwks_cache_duration_in_s = match a.jwks_cache_duration_in_s.as_deref() {
         None => None,
         Some(s) => Some(
@@ -1043,6 +1183,23 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
                 })?,
         ),
     };
+    let jwt_cache_size = match a.jwt_cache_size.as_deref() {
+        // ESPv2's default: 1000 verified tokens.
+        None => ESPV2_JWT_CACHE_SIZE,
+        Some(s) => s
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| {
+                ArgError::v2(format!(
+                    "invalid --jwt_cache_size '{s}': must be a whole number of tokens from 0 \
+                     (no cache) to {}",
+                    u32::MAX
+                ))
+            })?
+            .try_into()
+            .unwrap_or(usize::MAX),
+    };
+    let jwks_fetch_retry = jwks_fetch_retry(&a)?;
     let healthz = match a.healthz.as_deref() {
         None => None,
         Some(h) => {
@@ -1058,14 +1215,86 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     };
     let listen_address = a.listen_address.or(a.listener_address);
     // start_proxy.py takes the key from GOOGLE_APPLICATION_CREDENTIALS when no flag names one;
-    // clap's `env` already did, and `--enable_application_default_credentials` reads the same
-    // variable.
-    let service_account_key = a.service_account_key;
-    if a.enable_application_default_credentials && service_account_key.is_none() {
-        return Err(ArgError::v2(
-            "--enable_application_default_credentials without GOOGLE_APPLICATION_CREDENTIALS: \
-             reading gcloud's user credentials is not implemented yet (issue 17)",
-        ));
+    // clap's `env` already did.
+    let mut service_account_key = a.service_account_key;
+    let mut startup_notes = Vec::new();
+    if a.enable_application_default_credentials {
+        if service_account_key.is_some() && !a.service_account_key_from_env {
+            startup_notes.push(
+                "--enable_application_default_credentials: --service_account_key names the \
+                 credentials, so no others are looked for"
+                    .to_string(),
+            );
+        } else {
+            let env = |name: &str| std::env::var_os(name);
+            match crate::adc::find(&env) {
+                Ok(Some(found)) => {
+                    startup_notes.push(format!(
+                        "application default credentials: {} (from {})",
+                        found.path.display(),
+                        found.origin
+                    ));
+                    service_account_key = Some(found.path);
+                }
+                Ok(None) if a.non_gcp => {
+                    let looked = crate::adc::well_known_file(&env)
+                        .map_or("gcloud's well-known file (no HOME)".to_string(), |p| {
+                            p.display().to_string()
+                        });
+                    return Err(ArgError::v2(format!(
+                        "--enable_application_default_credentials found no credentials: \
+                         GOOGLE_APPLICATION_CREDENTIALS is not set and {looked} does not \
+                         exist, and with --non_gcp there is no metadata server to ask"
+                    )));
+                }
+                Ok(None) => startup_notes.push(
+                    "application default credentials: none in GOOGLE_APPLICATION_CREDENTIALS \
+                     or gcloud's well-known file; the metadata server's are used"
+                        .to_string(),
+                ),
+                Err(e) => {
+                    return Err(ArgError::v2(format!(
+                        "--enable_application_default_credentials: {e}"
+                    )))
+                }
+            }
+        }
+    }
+    if let Some(iam) = &iam {
+        if a.non_gcp && iam.backend_auth.is_some() {
+            startup_notes.push(
+                "--backend_auth_iam_service_account has no effect with --non_gcp: backend \
+                 authentication is off, as in ESPv2"
+                    .to_string(),
+            );
+        }
+    }
+    for (delegates, delegates_given, account, account_given) in [
+        (
+            "--service_control_iam_delegates",
+            a.service_control_iam_delegates.is_some(),
+            "--service_control_iam_service_account",
+            a.service_control_iam_service_account.is_some(),
+        ),
+        (
+            "--backend_auth_iam_delegates",
+            a.backend_auth_iam_delegates.is_some(),
+            "--backend_auth_iam_service_account",
+            a.backend_auth_iam_service_account.is_some(),
+        ),
+    ] {
+        if delegates_given && !account_given {
+            startup_notes.push(format!(
+                "{delegates} has no effect without {account}, as in ESPv2"
+            ));
+        }
+    }
+    if a.iam_url.is_some() && iam.is_none() {
+        startup_notes.push(
+            "--iam_url has no effect without --service_control_iam_service_account or \
+             --backend_auth_iam_service_account"
+                .to_string(),
+        );
     }
     let metadata = if a.non_gcp {
         None
@@ -1248,7 +1477,14 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     .then_some(backend_retry);
     settings.cors = cors;
     settings.jwt_pad_forward_payload = a.jwt_pad_forward_payload_header;
+    settings.http_request_timeout = Some(std::time::Duration::from_secs(http_request_timeout));
+    settings.iam = iam;
+    settings.dependency_error_behavior = dependency_error_behavior;
+    settings.startup_notes = startup_notes;
     settings.jwt_audience_service_name_check = !a.disable_jwt_audience_service_name_check;
+    settings.jwt_cache_size = Some(jwt_cache_size);
+    settings.jwks_fetch_retry = jwks_fetch_retry;
+    settings.disable_oidc_discovery = a.disable_oidc_discovery;
 
     // TLS (crate::tls): a listener with a certificate speaks TLS only, on the listener's port.
     let tls = crate::tls::from_espv2_flags(&crate::tls::Espv2TlsFlags {
@@ -1404,6 +1640,9 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
 
 /// One line per flag that was accepted without its ESPv2 effect.
 pub fn log_flag_notes(settings: &Settings) {
+    for note in &settings.startup_notes {
+        tracing::info!("{note}");
+    }
     for flag in &settings.ignored_flags {
         let why = FLAGS
             .iter()
@@ -1458,6 +1697,62 @@ mod tests {
     /// Runs only when GOOGLE_APPLICATION_CREDENTIALS is unset (clap reads it for the key).
     fn env_clear() -> bool {
         std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").is_none()
+    }
+
+    #[test]
+    fn jwt_flags_reach_the_settings_and_bad_values_are_named() {
+        let base = ["--service=svc", "--version=1"];
+        let s = p(&base).unwrap();
+        assert_eq!(s.jwt_cache_size, Some(ESPV2_JWT_CACHE_SIZE));
+        assert_eq!(
+            s.jwks_fetch_retry,
+            crate::settings::JwksFetchRetry::default()
+        );
+        assert!(!s.disable_oidc_discovery);
+        let s = p(&[
+            "--service=svc",
+            "--version=1",
+            "--jwt_cache_size=0",
+            "--jwks_fetch_num_retries=3",
+            "--jwks_fetch_retry_back_off_base_interval_ms=50",
+            "--jwks_fetch_retry_back_off_max_interval_ms=50",
+            "--disable_oidc_discovery",
+        ])
+        .unwrap();
+        assert_eq!(s.jwt_cache_size, Some(0));
+        assert_eq!(s.jwks_fetch_retry.retries, 3);
+        assert_eq!(s.jwks_fetch_retry.backoff_base, Duration::from_millis(50));
+        assert_eq!(s.jwks_fetch_retry.backoff_max, Duration::from_millis(50));
+        assert!(s.disable_oidc_discovery);
+        assert!(s.not_implemented_flags.is_empty());
+
+        let bad = |flag: &str| err(&["--service=svc", "--version=1", flag]);
+        for v in ["-1", "x", "", "4294967296", "1e3", " "] {
+            let m = bad(&format!("--jwt_cache_size={v}"));
+            assert!(m.starts_with("invalid --jwt_cache_size"), "{m}");
+        }
+        for v in ["-1", "101", "two", ""] {
+            let m = bad(&format!("--jwks_fetch_num_retries={v}"));
+            assert!(m.contains("from 0 to 100"), "{m}");
+        }
+        for flag in [
+            "--jwks_fetch_retry_back_off_base_interval_ms",
+            "--jwks_fetch_retry_back_off_max_interval_ms",
+        ] {
+            for v in ["0", "-5", "1.5", "99999999999"] {
+                let m = bad(&format!("{flag}={v}"));
+                assert!(m.starts_with(&format!("invalid {flag} '{v}'")), "{m}");
+            }
+        }
+        // The maximum may not be below the base (Envoy refuses such a back-off).
+        let m = bad("--jwks_fetch_retry_back_off_max_interval_ms=100");
+        assert!(m.contains("(100 ms) is below"), "{m}");
+        let m = err(&[
+            "--service=svc",
+            "--version=1",
+            "--jwks_fetch_retry_back_off_base_interval_ms=40000",
+        ]);
+        assert!(m.contains("(32000 ms) is below"), "{m}");
     }
 
     #[test]
@@ -1699,16 +1994,6 @@ mod tests {
         assert!(m.starts_with("invalid --healthz"), "{m}");
         let m = err(&["-s", "svc", "-v", "1", "--http_request_timeout_s=0"]);
         assert!(m.contains("above 0"), "{m}");
-        if env_clear() {
-            let m = err(&[
-                "-s",
-                "svc",
-                "-v",
-                "1",
-                "--enable_application_default_credentials",
-            ]);
-            assert!(m.contains("not implemented yet (issue 17)"), "{m}");
-        }
         // A value `portico esp`'s validation refuses is refused here too, with exit code 1.
         let m = err(&["-s", "svc", "-v", "1", "--cors_preset=everything"]);
         assert!(m.contains("cors_preset"), "{m}");
@@ -2059,12 +2344,11 @@ mod tests {
             "svc",
             "-v",
             "1",
-            "--jwt_cache_size=100",
             "--envoy_connection_buffer_limit_bytes=1024",
             "--enable_backend_routing",
             "--tracing_sample_rate=0.5",
             "--suppress_envoy_headers",
-            "--http_request_timeout_s=30",
+            "--http_request_timeout_s=7",
         ])
         .unwrap();
         assert_eq!(
@@ -2075,16 +2359,231 @@ mod tests {
                 "--suppress_envoy_headers"
             ]
         );
-        assert_eq!(
-            s.not_implemented_flags,
-            vec![
-                "--http_request_timeout_s",
-                "--jwt_cache_size",
-                "--tracing_sample_rate",
-            ]
-        );
+        assert_eq!(s.not_implemented_flags, vec!["--tracing_sample_rate"]);
         // --http_request_timeout_s is ESPv2's timeout for its own calls, never the backend's.
         assert_eq!(s.backend_timeout, Duration::from_secs(15));
+        assert_eq!(s.http_request_timeout, Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn own_call_timeout_and_dependency_behaviour() {
+        let s = p(&["-s", "svc", "-v", "1"]).unwrap();
+        assert_eq!(s.http_request_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(
+            s.dependency_error_behavior,
+            DependencyErrorBehavior::BlockInitOnAnyError
+        );
+        assert_eq!(s.iam, None);
+        assert!(s.startup_notes.is_empty(), "{:?}", s.startup_notes);
+        let s = p(&["-s", "svc", "-v", "1", "--http_request_timeout_s", " 5 "]).unwrap();
+        assert_eq!(s.http_request_timeout, Some(Duration::from_secs(5)));
+        for bad in ["0", "-1", "1.5", "abc", "86401", "99999999999999999999"] {
+            let m = err(&[
+                "-s",
+                "svc",
+                "-v",
+                "1",
+                &format!("--http_request_timeout_s={bad}"),
+            ]);
+            assert!(m.contains("--http_request_timeout_s"), "{bad}: {m}");
+        }
+        let behaviour = |v: &str| {
+            p(&[
+                "-s",
+                "svc",
+                "-v",
+                "1",
+                &format!("--dependency_error_behavior={v}"),
+            ])
+            .map(|s| s.dependency_error_behavior)
+        };
+        assert_eq!(
+            behaviour("ALWAYS_INIT").unwrap(),
+            DependencyErrorBehavior::AlwaysInit
+        );
+        for block in ["BLOCK_INIT_ON_ANY_ERROR", "UNSPECIFIED"] {
+            assert_eq!(
+                behaviour(block).unwrap(),
+                DependencyErrorBehavior::BlockInitOnAnyError
+            );
+        }
+        for bad in ["always_init", "BLOCK_INIT_ON_FIRST_ERROR", ""] {
+            assert_eq!(
+                behaviour(bad).unwrap_err().message,
+                format!(
+                    "unknown value for DependencyErrorBehavior ({bad}), accepted values are: \
+                     [\"ALWAYS_INIT\" \"BLOCK_INIT_ON_ANY_ERROR\" \"UNSPECIFIED\"]"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn iam_accounts_and_delegates() {
+        use crate::iam_credentials::{IamAccount, DEFAULT_IAM_URL};
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--service_control_iam_service_account=sc@p.iam.gserviceaccount.com",
+            "--service_control_iam_delegates=d1@p.iam.gserviceaccount.com,d2@p.iam.gserviceaccount.com",
+            "--backend_auth_iam_service_account=ba@p.iam.gserviceaccount.com",
+        ])
+        .unwrap();
+        let iam = s.iam.expect("iam");
+        assert_eq!(iam.url, DEFAULT_IAM_URL);
+        assert_eq!(
+            iam.service_control,
+            Some(IamAccount {
+                email: "sc@p.iam.gserviceaccount.com".into(),
+                delegates: vec![
+                    "d1@p.iam.gserviceaccount.com".into(),
+                    "d2@p.iam.gserviceaccount.com".into()
+                ],
+            })
+        );
+        assert_eq!(
+            iam.backend_auth,
+            Some(IamAccount {
+                email: "ba@p.iam.gserviceaccount.com".into(),
+                delegates: vec![],
+            })
+        );
+        assert!(s.not_implemented_flags.is_empty());
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--iam_url=http://127.0.0.1:9/",
+            "--backend_auth_iam_service_account=ba@p.iam.gserviceaccount.com",
+            "--backend_auth_iam_delegates=",
+        ])
+        .unwrap();
+        let iam = s.iam.expect("iam");
+        assert_eq!(iam.url, "http://127.0.0.1:9");
+        assert!(iam.service_control.is_none());
+        assert!(iam.backend_auth.expect("backend").delegates.is_empty());
+        // Accepted without effect, and said, as ESPv2 ignores them.
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--iam_url=http://127.0.0.1:9",
+            "--service_control_iam_delegates=d@p.iam.gserviceaccount.com",
+            "--service_control_iam_service_account=",
+        ])
+        .unwrap();
+        assert_eq!(s.iam, None);
+        assert_eq!(
+            s.startup_notes,
+            vec![
+                "--iam_url has no effect without --service_control_iam_service_account or \
+                 --backend_auth_iam_service_account"
+                    .to_string()
+            ]
+        );
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--backend_auth_iam_delegates=d@p.iam.gserviceaccount.com",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.startup_notes,
+            vec!["--backend_auth_iam_delegates has no effect without \
+                 --backend_auth_iam_service_account, as in ESPv2"
+                .to_string()]
+        );
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--non_gcp",
+            "-k",
+            "/k.json",
+            "--backend_auth_iam_service_account=ba@p.iam.gserviceaccount.com",
+        ])
+        .unwrap();
+        assert!(
+            s.startup_notes[0].contains("no effect with --non_gcp"),
+            "{:?}",
+            s.startup_notes
+        );
+        // Names that would change the IAM URL's path, and bad URLs, stop the start.
+        for (flag, value) in [
+            ("--service_control_iam_service_account", "a@b/../x"),
+            (
+                "--backend_auth_iam_service_account",
+                "a@b:generateAccessToken",
+            ),
+            ("--service_control_iam_service_account", "not-an-email"),
+        ] {
+            let m = err(&["-s", "svc", "-v", "1", &format!("{flag}={value}")]);
+            assert!(m.starts_with(&format!("invalid {flag}")), "{m}");
+        }
+        let m = err(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--backend_auth_iam_service_account=ba@p.iam.gserviceaccount.com",
+            "--backend_auth_iam_delegates=d@p.iam.gserviceaccount.com,,",
+        ]);
+        assert!(m.starts_with("invalid --backend_auth_iam_delegates"), "{m}");
+        let m = err(&["-s", "svc", "-v", "1", "--iam_url=ftp://iam"]);
+        assert!(m.starts_with("invalid --iam_url"), "{m}");
+    }
+
+    #[test]
+    fn application_default_credentials_without_any() {
+        let home_file = crate::adc::well_known_file(&|n| std::env::var_os(n));
+        if !env_clear() || home_file.as_ref().is_some_and(|p| p.exists()) {
+            return;
+        }
+        let m = err(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--non_gcp",
+            "--enable_application_default_credentials",
+        ]);
+        assert!(
+            m.starts_with("--enable_application_default_credentials found no credentials"),
+            "{m}"
+        );
+        // On a platform with a metadata server, that server's credentials are next.
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--enable_application_default_credentials",
+        ])
+        .unwrap();
+        assert_eq!(s.service_account_key, None);
+        assert!(s.startup_notes[0].contains("the metadata server's are used"));
+        // A key named on the command line is the credentials; nothing is looked for.
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "-k",
+            "/k.json",
+            "--enable_application_default_credentials",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.service_account_key.as_deref(),
+            Some(std::path::Path::new("/k.json"))
+        );
     }
 
     #[test]

@@ -1046,6 +1046,9 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         jwks_cache_duration: a.jwks_cache_duration_in_s.map(Duration::from_secs),
         jwt_pad_forward_payload: false,
         jwt_audience_service_name_check: true,
+        jwt_cache_size: None,
+        jwks_fetch_retry: Default::default(),
+        disable_oidc_discovery: false,
         enable_jwt_authorization_url_redirect: a.enable_jwt_authorization_url_redirect,
         disable_cloud_trace_auto_sampling: a.disable_cloud_trace_auto_sampling,
         rollout_fetch_throttle_window: a
@@ -1073,6 +1076,10 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         operation_name_header: None,
         xff_hops: None,
         response_compression: None,
+        http_request_timeout: None,
+        iam: None,
+        dependency_error_behavior: crate::settings::DependencyErrorBehavior::AlwaysInit,
+        startup_notes: Vec::new(),
         ignored_flags,
         not_implemented_flags: Vec::new(),
     })

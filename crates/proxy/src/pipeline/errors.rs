@@ -66,7 +66,7 @@ pub fn error_response(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if reply.status == 401 || reply.status == 403 {
+    if (reply.status == 401 || reply.status == 403) && dialect.challenges_every_401_and_403() {
         h.insert(
             header::WWW_AUTHENTICATE,
             if jwt_present {
@@ -141,8 +141,18 @@ impl Pipeline {
         ctx: &Ctx,
         target: String,
         report: ReportInfo,
+        host: &[u8],
     ) -> Response<ProxyBody> {
         let mut resp = proxy_error(&e.error, ctx, e.token_present);
+        if let crate::error::ErrorKind::Jwt(problem) = &e.error.kind {
+            if !ctx.dialect.challenges_every_401_and_403() {
+                if let Some(v) =
+                    crate::dialect::espv2_jwt_challenge(problem, ctx.tls, host, &target)
+                {
+                    resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
+        }
         if self.state.settings.enable_jwt_authorization_url_redirect && !ctx.content_type_grpc {
             if let Some(loc) = e
                 .authorization_url

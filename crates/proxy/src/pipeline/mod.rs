@@ -283,7 +283,14 @@ impl Pipeline {
             Err(e) => {
                 let key = self.unchecked_key(query, &parts.headers, Some(&mi.api_key_locations));
                 let report = self.report_info(&config, Some(&mi), key, &parts.headers);
-                return self.refuse_auth(e, &ctx, target, report);
+                // HTTP/2's :authority, else Host (what Envoy calls the host).
+                let host = parts
+                    .uri
+                    .authority()
+                    .map(|a| a.as_str().as_bytes())
+                    .or_else(|| parts.headers.get(http::header::HOST).map(|h| h.as_bytes()))
+                    .unwrap_or_default();
+                return self.refuse_auth(e, &ctx, target, report, host);
             }
         };
         // Later 401/403s say `invalid_token` only when a JWT was extracted for this request.

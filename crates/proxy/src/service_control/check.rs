@@ -148,8 +148,37 @@ pub(crate) struct Verdict {
     pub(crate) cacheable: bool,
 }
 
+/// What a check answered with a `*_UNAVAILABLE` error (a Service Control dependency down)
+/// decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UnavailableCheckError {
+    /// ESP v1: let through, the key trusted.
+    LetThrough,
+    /// ESPv2 with the open network fail policy: let through, the key not checked.
+    FailOpen,
+    /// ESPv2 with the closed policy: refused, 503.
+    FailClosed,
+}
+
+impl UnavailableCheckError {
+    pub(crate) fn new(dialect: crate::dialect::Dialect, network_fail_open: bool) -> Self {
+        match (
+            dialect.unavailable_check_errors_follow_fail_policy(),
+            network_fail_open,
+        ) {
+            (false, _) => UnavailableCheckError::LetThrough,
+            (true, true) => UnavailableCheckError::FailOpen,
+            (true, false) => UnavailableCheckError::FailClosed,
+        }
+    }
+}
+
 /// Interprets a 200 CheckResponse. Only the first error counts, as in ESP.
-pub(crate) fn verdict_from_response(resp: &CheckResponse, service: &str) -> Verdict {
+pub(crate) fn verdict_from_response(
+    resp: &CheckResponse,
+    service: &str,
+    unavailable: UnavailableCheckError,
+) -> Verdict {
     let consumer_project_number = resp
         .check_info
         .as_ref()
@@ -172,15 +201,41 @@ pub(crate) fn verdict_from_response(resp: &CheckResponse, service: &str) -> Verd
             cacheable: true,
         },
         Some(err) => match check_error_to_esp(&err.code, service) {
-            // A Google-side dependency was down: allow, but ask again next time.
-            None => Verdict {
-                outcome: Ok(CheckOk {
-                    consumer_project_number,
-                    api_key_valid: true,
-                    network_failure: false,
-                    api_key_uid,
-                }),
-                cacheable: false,
+            // A Google-side dependency was down: ask again next time, and meanwhile ...
+            None => match unavailable {
+                // ... allow, the key trusted (ESP v1) ...
+                UnavailableCheckError::LetThrough => Verdict {
+                    outcome: Ok(CheckOk {
+                        consumer_project_number,
+                        api_key_valid: true,
+                        network_failure: false,
+                        api_key_uid,
+                    }),
+                    cacheable: false,
+                },
+                // ... or as a check that got no answer (ESPv2): allowed only when fail-open,
+                // the key not checked.
+                UnavailableCheckError::FailOpen => Verdict {
+                    outcome: Ok(CheckOk {
+                        consumer_project_number: None,
+                        api_key_valid: false,
+                        network_failure: true,
+                        api_key_uid: None,
+                    }),
+                    cacheable: false,
+                },
+                UnavailableCheckError::FailClosed => Verdict {
+                    outcome: Err(EspError::new(
+                        Code::Unavailable,
+                        "One or more Google Service Control backends are unavailable.",
+                        Cause::ServiceControl,
+                    )
+                    .with_kind(ErrorKind::CheckRefused {
+                        code: err.code.clone().into(),
+                        service: service.into(),
+                    })),
+                    cacheable: false,
+                },
             },
             Some(mut e) => {
                 if key_valid_despite(&err.code) {
@@ -467,11 +522,15 @@ impl Inner {
         match result {
             Ok(resp) => {
                 self.saw_rollout(&resp.service_rollout_id);
-                verdict_from_response(&resp, service)
+                verdict_from_response(
+                    &resp,
+                    service,
+                    UnavailableCheckError::new(self.opts.dialect, self.opts.network_fail_open),
+                )
             }
             Err(failure) => {
                 self.stats.check_failures.inc();
-                let open = failure.is_unavailable() && self.opts.network_fail_open;
+                let open = self.opts.network_fail_open && failure.may_fail_open(self.opts.dialect);
                 tracing::warn!(
                     %service,
                     error = %failure,
@@ -632,7 +691,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let v = verdict_from_response(&resp, "s");
+        let v = verdict_from_response(&resp, "s", UnavailableCheckError::LetThrough);
         assert!(v.cacheable);
         assert_eq!(v.outcome.expect("ok").consumer_project_number, Some(42));
         let resp = CheckResponse {
@@ -642,8 +701,49 @@ mod tests {
             }],
             ..Default::default()
         };
-        let v = verdict_from_response(&resp, "s");
+        let v = verdict_from_response(&resp, "s", UnavailableCheckError::LetThrough);
         assert!(v.outcome.is_ok() && !v.cacheable);
+    }
+
+    #[test]
+    fn unavailable_check_errors_follow_the_dialect_and_the_fail_policy() {
+        use crate::dialect::Dialect;
+        let resp = CheckResponse {
+            check_errors: vec![CheckError {
+                code: "BILLING_STATUS_UNAVAILABLE".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let esp = UnavailableCheckError::new(Dialect::Esp, false);
+        assert_eq!(esp, UnavailableCheckError::LetThrough);
+        let ok = verdict_from_response(&resp, "s", esp)
+            .outcome
+            .expect("through");
+        assert!(ok.api_key_valid && !ok.network_failure);
+        let open = UnavailableCheckError::new(Dialect::EspV2, true);
+        let v = verdict_from_response(&resp, "s", open);
+        let ok = v.outcome.expect("through when open");
+        assert!(!ok.api_key_valid && ok.network_failure && !v.cacheable);
+        let closed = UnavailableCheckError::new(Dialect::EspV2, false);
+        let v = verdict_from_response(&resp, "s", closed);
+        assert!(!v.cacheable);
+        let e = v.outcome.expect_err("refused when closed");
+        assert_eq!(e.code, Code::Unavailable as i32);
+        assert_eq!(
+            crate::service_control::ApiKeyState::after_check(&Err(e)),
+            crate::service_control::ApiKeyState::NotChecked
+        );
+        // Which HTTP answers the open policy forgives.
+        for s in [429, 502, 503, 504] {
+            assert!(Dialect::EspV2.check_failure_may_fail_open(Some(s)), "{s}");
+        }
+        for s in [400, 403, 500, 501, 505] {
+            assert!(!Dialect::EspV2.check_failure_may_fail_open(Some(s)), "{s}");
+        }
+        assert!(Dialect::Esp.check_failure_may_fail_open(Some(500)));
+        assert!(!Dialect::Esp.check_failure_may_fail_open(Some(429)));
+        assert!(Dialect::EspV2.check_failure_may_fail_open(None));
     }
 
     #[test]
@@ -664,7 +764,7 @@ mod tests {
                 }),
                 ..Default::default()
             };
-            verdict_from_response(&resp, "s")
+            verdict_from_response(&resp, "s", UnavailableCheckError::LetThrough)
                 .outcome
                 .expect_err("refused")
                 .known_consumer

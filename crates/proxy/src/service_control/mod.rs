@@ -104,6 +104,9 @@ pub struct ServiceControlOptions {
     pub credentials: Option<Arc<ServiceAccountKey>>,
     /// `--metadata`: access tokens from this server when there is no key file.
     pub metadata: Option<crate::outbound_auth::MetadataTokens>,
+    /// Another account's access tokens for every call, instead of the proxy's own
+    /// (`--service_control_iam_service_account`).
+    pub acting_as: Option<Arc<dyn crate::outbound_auth::AccessTokens>>,
     /// `--service_control_network_fail_policy=open` (the default).
     pub network_fail_open: bool,
     pub rollout_notifier: Option<RolloutNotifier>,
@@ -177,6 +180,7 @@ impl ServiceControlOptions {
             base_url: base_url.into(),
             credentials: None,
             metadata: None,
+            acting_as: None,
             network_fail_open: true,
             rollout_notifier: None,
             service_configs: None,
@@ -321,6 +325,9 @@ impl ApiKeyState {
                         ApiKeyState::Invalid
                     }
                     "SERVICE_NOT_ACTIVATED" => ApiKeyState::NotEnabled,
+                    // A dependency of Service Control was down (refused under the closed
+                    // network fail policy): the key was not checked.
+                    c if c.ends_with("_UNAVAILABLE") => ApiKeyState::NotChecked,
                     _ => ApiKeyState::Verified,
                 },
                 _ => ApiKeyState::NotChecked,
@@ -464,7 +471,11 @@ impl ServiceControl {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             ServiceControlError::Client("ServiceControl::new needs a tokio runtime".to_string())
         })?;
-        let tokens = TokenSource::with_metadata(opts.credentials.clone(), opts.metadata.clone());
+        let mut tokens =
+            TokenSource::with_metadata(opts.credentials.clone(), opts.metadata.clone());
+        if let Some(other) = &opts.acting_as {
+            tokens = tokens.acting_as(other.clone());
+        }
         let transport = Transport::new(&opts.base_url, tokens, opts.connect_timeout)
             .map_err(|e| ServiceControlError::Client(e.to_string()))?;
         let inner = Arc::new(Inner {
@@ -529,6 +540,12 @@ impl ServiceControl {
 
     pub fn base_url(&self) -> &str {
         self.inner.transport.base()
+    }
+
+    /// Gets the access token Service Control calls carry (fetching it if it comes from a
+    /// server), so start-up can wait for it (`--dependency_error_behavior`).
+    pub async fn access_token_ready(&self) -> Result<(), crate::outbound_auth::TokenError> {
+        self.inner.transport.token_ready().await
     }
 
     /// Checks a request that carries an API key. `Err` is the response to send.

@@ -38,6 +38,16 @@ impl Failure {
         }
     }
 
+    /// Whether `--service_control_network_fail_policy=open` forgives this `:check` failure in
+    /// `dialect` (ESP 1.50: no answer or any 5xx; ESPv2: what Envoy calls unavailable).
+    pub(crate) fn may_fail_open(&self, dialect: crate::dialect::Dialect) -> bool {
+        match self {
+            Failure::Network(..) => dialect.check_failure_may_fail_open(None),
+            Failure::Http { status, .. } => dialect.check_failure_may_fail_open(Some(*status)),
+            Failure::Invalid(_) | Failure::Token(_) => false,
+        }
+    }
+
     /// A report that failed this way can be sent again later with the same body.
     pub(crate) fn is_transient(&self) -> bool {
         self.is_unavailable() || matches!(self, Failure::Token(_))
@@ -134,6 +144,12 @@ impl Transport {
 
     pub(crate) fn base(&self) -> &str {
         &self.base
+    }
+
+    /// Gets (and caches) the token a `:check` would carry.
+    pub(crate) async fn token_ready(&self) -> Result<(), TokenError> {
+        let audience = format!("{}{}", self.base, crate::outbound_auth::SERVICE_CONTROLLER);
+        self.tokens.authorization(&audience).await.map(|_| ())
     }
 
     /// `method` is `check`, `report` or `allocateQuota`; `audience_suffix` picks the token.

@@ -275,6 +275,41 @@ struct KeyBody {
     annotations: Option<serde_json::Map<String, Value>>,
     /// Portico extension (see the module doc).
     expire_time: Option<String>,
+    /// On update: the etag the caller read; the update is refused if the key changed since.
+    etag: Option<String>,
+}
+
+/// The stored etag inside what a client sends back: the `W/"..."` the API shows, or the bare
+/// value.
+fn presented_etag(presented: &str) -> &str {
+    let t = presented.trim();
+    let t = t.strip_prefix("W/").unwrap_or(t);
+    t.strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(t)
+}
+
+/// Refuses a change made from a stale read: `presented` (empty: unconditional) must be the
+/// key's current etag.
+fn check_etag(key: &StoredKey, presented: Option<&str>) -> Result<(), ApiError> {
+    match presented.map(str::trim) {
+        None | Some("") => Ok(()),
+        Some(p) if presented_etag(p) == key.etag => Ok(()),
+        Some(p) => Err(ApiError::aborted(format!(
+            "The etag '{p}' does not match key '{}': it changed since it was read. Read it \
+             again and retry.",
+            key.name()
+        ))
+        .with_field_violation("etag", "stale")),
+    }
+}
+
+/// A conditional write found the key changed between its read and its write.
+fn concurrent_change(key: &StoredKey) -> ApiError {
+    ApiError::aborted(format!(
+        "Key '{}' was changed by another request at the same time; read it again and retry.",
+        key.name()
+    ))
 }
 
 /// `expireTime` as sent → the instant, in UTC. Absent or empty means "never expires".
@@ -520,6 +555,8 @@ async fn patch_key(
             key.name()
         )));
     }
+    check_etag(&key, req.etag.as_deref())?;
+    let read_etag = key.etag.clone();
     let mask = params.0.get("updateMask").map(String::as_str).unwrap_or("");
     let paths: Vec<&str> = if mask.trim().is_empty() {
         // No mask: replace every updatable field present in the body.
@@ -550,7 +587,9 @@ async fn patch_key(
     key.etag = new_etag();
     key.update_time = now_rfc3339();
     let mut tx = state.store.begin_write().await?;
-    crate::store::keys::update(&mut tx, &key).await?;
+    if !crate::store::keys::update(&mut tx, &key, &read_etag).await? {
+        return Err(concurrent_change(&key));
+    }
     let op = key_operation(number, &key, None)?;
     ops_store::insert(&mut tx, &op).await?;
     tx.commit().await?;
@@ -564,6 +603,7 @@ async fn set_deleted(
     principal: &Principal,
     path: &KeyPath,
     delete: bool,
+    etag: Option<&str>,
 ) -> Result<Json<Operation>, ApiError> {
     let permission = if delete {
         perms::APIKEYS_DELETE
@@ -571,6 +611,8 @@ async fn set_deleted(
         perms::APIKEYS_UNDELETE
     };
     let (_, number, mut key) = path.authorize(state, principal, permission).await?;
+    check_etag(&key, etag)?;
+    let read_etag = key.etag.clone();
     let already_deleted = key.is_deleted();
     if delete == already_deleted {
         return Err(ApiError::failed_precondition(if delete {
@@ -584,7 +626,9 @@ async fn set_deleted(
     key.update_time = now;
     key.etag = new_etag();
     let mut tx = state.store.begin_write().await?;
-    crate::store::keys::set_delete_time(&mut tx, &key).await?;
+    if !crate::store::keys::set_delete_time(&mut tx, &key, &read_etag).await? {
+        return Err(concurrent_change(&key));
+    }
     let op = key_operation(number, &key, None)?;
     ops_store::insert(&mut tx, &op).await?;
     tx.commit().await?;
@@ -596,8 +640,11 @@ async fn delete_key(
     State(state): State<AppState>,
     principal: Principal,
     Path(path): Path<KeyPath>,
+    params: Params,
 ) -> Result<Json<Operation>, ApiError> {
-    set_deleted(&state, &principal, &path, true).await
+    // DeleteKeyRequest.etag, a query parameter.
+    let etag = params.0.get("etag").map(String::as_str);
+    set_deleted(&state, &principal, &path, true, etag).await
 }
 
 async fn key_verb(
@@ -611,7 +658,7 @@ async fn key_verb(
                 key: key.to_string(),
                 ..path
             };
-            set_deleted(&state, &principal, &path, false).await
+            set_deleted(&state, &principal, &path, false, None).await
         }
         (_, Some(other)) => Err(ApiError::not_found(format!(
             "Unknown method '{other}' on API keys."
@@ -722,6 +769,7 @@ mod tests {
             restrictions: Some(json!({"apiTargets": [{"service": "s.example.com"}]})),
             annotations: None,
             expire_time: Some("2030-01-01T01:00:00+01:00".into()),
+            etag: None,
         };
         apply_mask_path(&mut key, "restrictions.apiTargets", &body).expect("targets");
         assert_eq!(key.display_name, "old");
