@@ -85,6 +85,33 @@ fn backend(req: &Request) -> Action {
     }
 }
 
+/// A listener whose accept queue is full: connections to it never complete their handshake.
+/// Returns it with the connections that fill it (both must stay open).
+fn full_backlog() -> (
+    tokio::net::TcpListener,
+    Vec<std::net::TcpStream>,
+    SocketAddr,
+) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let listener = rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().expect("socket");
+        s.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        s.listen(0).expect("listen")
+    });
+    let addr = listener.local_addr().expect("addr");
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(s) => held.push(s),
+            Err(_) => return (listener, held, addr),
+        }
+    }
+    panic!("a listener with backlog 0 kept accepting handshakes");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Keys and tokens.
 
@@ -129,7 +156,7 @@ fn b64(s: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // The service config and the proxy.
 
-fn service_config(jwks: SocketAddr, dead: u16) -> serde_json::Value {
+fn service_config(jwks: SocketAddr, dead: u16, stuck: SocketAddr) -> serde_json::Value {
     let rule = |name: &str, verb: &str, path: &str| json!({"selector": format!("e2e.Api.{name}"), verb: path});
     let open =
         |name: &str| json!({"selector": format!("e2e.Api.{name}"), "allowUnregisteredCalls": true});
@@ -146,13 +173,16 @@ fn service_config(jwks: SocketAddr, dead: u16) -> serde_json::Value {
             rule("Quota", "get", "/quota"),
             rule("Slow", "get", "/slow"),
             rule("Down", "get", "/down"),
+            rule("Unresolved", "get", "/unresolved"),
+            rule("Stuck", "get", "/stuck"),
             rule("Reset", "get", "/reset"),
             rule("IdToken", "get", "/idtoken"),
             rule("Upload", "post", "/upload"),
         ]},
         "usage": {"rules": [
             open("Open"), open("Shelf"), open("Jwt"), open("JwtBroken"), open("Slow"),
-            open("Down"), open("Reset"), open("IdToken"), open("Upload"),
+            open("Down"), open("Reset"), open("IdToken"), open("Upload"), open("Unresolved"),
+            open("Stuck"),
         ]},
         "authentication": {
             "providers": [
@@ -168,6 +198,9 @@ fn service_config(jwks: SocketAddr, dead: u16) -> serde_json::Value {
         "backend": {"rules": [
             {"selector": "e2e.Api.Slow", "deadline": 0.5},
             {"selector": "e2e.Api.Down", "address": format!("http://127.0.0.1:{dead}/down")},
+            // `.invalid` never resolves (RFC 6761).
+            {"selector": "e2e.Api.Unresolved", "address": "http://backend.nowhere.invalid/x"},
+            {"selector": "e2e.Api.Stuck", "address": format!("http://{stuck}/x")},
             {"selector": "e2e.Api.IdToken", "address": format!("http://127.0.0.1:{dead}/x"),
              "jwtAudience": "https://aud.example"},
         ]},
@@ -269,9 +302,10 @@ fn every_error_the_proxy_writes_is_espv2s() {
     let backend_addr = peer::start(&rt, Arc::new(backend));
     // Bound and dropped: nothing listens there while the test runs.
     let dead = free_port();
+    let (_stuck_listener, _stuck_held, stuck) = full_backlog();
 
     let config = dir.path().join("service.json");
-    std::fs::write(&config, service_config(jwks, dead).to_string()).expect("config");
+    std::fs::write(&config, service_config(jwks, dead, stuck).to_string()).expect("config");
     // The proxy's identity: Service Control calls are signed with it; its token endpoint is
     // the dead port, so no ID token for a backend can be had.
     let g = portico_credentials::generate_rsa_key().expect("keygen");
@@ -307,6 +341,7 @@ fn every_error_the_proxy_writes_is_espv2s() {
             "--service_control_check_retries=0".to_string(),
             "--cors_preset=basic".to_string(),
             "--client_max_body_size=1k".to_string(),
+            "--cluster_connect_timeout=500ms".to_string(),
         ]
     };
     let (proxy, port) = espv2::start(dir.path(), "espv2", &common_flags(format!("http://{sc}")));
@@ -421,6 +456,10 @@ fn every_error_the_proxy_writes_is_espv2s() {
         // ESPv2's default retries a reset once too.
         row("backend hangs up", "GET", "/reset", 503,
             "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: connection termination"),
+        row("backend name not resolved", "GET", "/unresolved", 503, "no healthy upstream"),
+        // --cluster_connect_timeout, and ESPv2's default retry of a connect failure.
+        row("backend never completes the handshake", "GET", "/stuck", 503,
+            "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: connection timeout"),
         row("no ID token for the backend", "GET", "/idtoken", 500,
             "Token not found for audience: https://aud.example"),
         row("body too large", "POST", "/upload", 413, "Payload Too Large").body("x".repeat(2048)),

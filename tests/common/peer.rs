@@ -117,9 +117,12 @@ async fn serve(listener: TcpListener, handler: Handler) {
 
 /// Starts a peer on `rt`; it runs until the runtime is dropped.
 pub fn start(rt: &tokio::runtime::Runtime, handler: Handler) -> SocketAddr {
-    let listener = rt
-        .block_on(TcpListener::bind("127.0.0.1:0"))
-        .expect("bind peer");
+    start_on(rt, "127.0.0.1:0", handler)
+}
+
+/// [`start`] on another address (`[::1]:0` for an IPv6-only peer).
+pub fn start_on(rt: &tokio::runtime::Runtime, bind: &str, handler: Handler) -> SocketAddr {
+    let listener = rt.block_on(TcpListener::bind(bind)).expect("bind peer");
     let addr = listener.local_addr().expect("peer addr");
     rt.spawn(serve(listener, handler));
     addr

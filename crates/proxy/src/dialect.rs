@@ -36,6 +36,7 @@
 //! | Report log entry | the request in the payload (`url`, `http_method`, `http_response_code`, sizes, `client_ip`, ...), `log_message` `Method: M` / `... failed: ...`, `error_cause` `auth`/`service_control`/... | the request in `httpRequest`; payload `api_key_state` (`NOT CHECKED`, `INVALID`, `NOT ENABLED`, `VERIFIED`), `http_status_code`, `response_code_detail` (Envoy's: `via_upstream`, `direct_response`, `service_control_check_error{CODE}`, `jwt_authn_access_denied{Jwt_is_missing}`, ...), `log_message` `M is called`, `error_cause` the Service Control status's message, `location` only when the metadata server named one | `service_control::report`, [`espv2_response_code_detail`] |
 //! | API key of a request not checked | not read (unknown operation, refused before the check, unregistered calls allowed) | read and reported, untrusted, in the log entry only | [`Dialect::reports_unchecked_api_keys`], `Pipeline::unchecked_key` |
 //! | Metadata server | asked only with `--metadata`, for tokens | asked by default (`--metadata_url`, unless `--non_gcp`): at start-up for project, zone and platform (reports), with `--check_metadata` for the service name; tokens as in ESP; ID tokens with `format=standard` (ESP: `full`) | [`Dialect::reads_gcp_attributes`], `server::run`, `gcp_metadata`, [`Dialect::identity_token_format`] |
+//! | Backend connections | the system's resolver and connect timeout; every address of a name tried in turn; no limit on requests in flight | Envoy's cluster settings: connect timeout 20 s (`--cluster_connect_timeout`; 503 `... reset reason: connection timeout`), IPv4 addresses preferred (`--backend_dns_lookup_family`), the DNS servers `--dns_resolver_addresses` names (none answering: 503 `no healthy upstream`), at most 1024 requests in flight per backend address (`--backend_cluster_maximum_requests`; over it 503 `... reset reason: overflow`, not retried); `--enable_backend_address_override` sends every method to `--backend` | `cli::espv2` (`Settings::backend_net`, `Settings::backend_address_override`), `backend_net`, `forward::Forwarder::with_net`, `routing::RouteOptions` |
 //! | `WWW-Authenticate` | on every 401 and 403: `Bearer`, with `error="invalid_token"` when a token was sent | only on JWT refusals: `Bearer realm="<scheme>://<host><path, 256 bytes>"`, with `error="invalid_token"` unless the token was missing | [`Dialect::challenges_every_401_and_403`], [`espv2_jwt_challenge`], `pipeline::errors` |
 //! | `:check` failures forgiven by `--service_control_network_fail_policy=open` | no answer, or any 5xx; a `*_UNAVAILABLE` check error is always let through, the key trusted | no answer, 429, 502, 503, 504 (what Envoy maps to `UNAVAILABLE`; a 500 is refused); a `*_UNAVAILABLE` check error follows the policy (open: through, key `NOT CHECKED`; close: 503 `One or more Google Service Control backends are unavailable.`) | [`Dialect::check_failure_may_fail_open`], [`Dialect::unavailable_check_errors_follow_fail_policy`], `service_control::check` |
 //! | Access log | JSON lines on stdout (or the `--access_log` file) | none unless `--access_log`; JSON lines, or Envoy's format strings with `--access_log_format` | `cli::espv2` (`Settings::access_log_format`), `access_log::format` |
@@ -338,6 +339,8 @@ pub fn espv2_response_code_detail(kind: Option<&ErrorKind>) -> Cow<'static, str>
             NetworkFailure::Tls => reset("connection_failure,TLS_error"),
             NetworkFailure::Reset => reset("connection_termination"),
             NetworkFailure::RefusedStream => reset("remote_refused_stream_reset"),
+            NetworkFailure::ConnectTimeout => reset("connection_timeout"),
+            NetworkFailure::Overflow => reset("overflow"),
         },
         ErrorKind::BackendTimeout => Cow::Borrowed("upstream_response_timeout"),
         ErrorKind::PayloadTooLarge => Cow::Borrowed("request_payload_too_large"),
@@ -384,6 +387,8 @@ fn envoy_no_response(how: NetworkFailure, retried: bool) -> (u16, Cow<'static, s
             503,
             Cow::Owned(format!("{reset}remote refused stream reset")),
         ),
+        NetworkFailure::ConnectTimeout => (503, Cow::Owned(format!("{reset}connection timeout"))),
+        NetworkFailure::Overflow => (503, Cow::Owned(format!("{reset}overflow"))),
     }
 }
 
@@ -853,6 +858,21 @@ mod tests {
             })),
             "upstream_reset_before_response_started{connection_termination}"
         );
+        // Envoy's circuit breaker and connect timeout.
+        assert_eq!(
+            d(Some(ErrorKind::BackendFailed {
+                how: NetworkFailure::Overflow,
+                retried: false
+            })),
+            "upstream_reset_before_response_started{overflow}"
+        );
+        assert_eq!(
+            d(Some(ErrorKind::BackendFailed {
+                how: NetworkFailure::ConnectTimeout,
+                retried: true
+            })),
+            "upstream_reset_before_response_started{connection_timeout}"
+        );
         assert_eq!(
             d(Some(ErrorKind::BackendTimeout)),
             "upstream_response_timeout"
@@ -921,6 +941,25 @@ mod tests {
         assert_eq!(
             v2(&EspError::bad_gateway(NetworkFailure::Unresolved, true)).1,
             "no healthy upstream"
+        );
+        assert_eq!(
+            v2(&EspError::bad_gateway(NetworkFailure::Overflow, false)).3,
+            "{\"code\":503,\"message\":\"upstream connect error or disconnect/reset before \
+             headers. reset reason: overflow\"}\n"
+        );
+        assert_eq!(
+            v2(&EspError::bad_gateway(
+                NetworkFailure::ConnectTimeout,
+                false
+            ))
+            .3,
+            "{\"code\":503,\"message\":\"upstream connect error or disconnect/reset before \
+             headers. reset reason: connection timeout\"}\n"
+        );
+        assert_eq!(
+            v2(&EspError::bad_gateway(NetworkFailure::ConnectTimeout, true)).1,
+            "upstream connect error or disconnect/reset before headers. retried and the latest \
+             reset reason: connection timeout"
         );
         assert_eq!(
             v2(&EspError::bad_gateway(NetworkFailure::RefusedStream, true)),

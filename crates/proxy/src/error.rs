@@ -140,6 +140,11 @@ pub enum NetworkFailure {
     Reset,
     /// An HTTP/2 peer refused the stream (`REFUSED_STREAM`) before a response head.
     RefusedStream,
+    /// No TCP connection within the connect timeout (`--cluster_connect_timeout`).
+    ConnectTimeout,
+    /// The backend already carries its maximum of requests in flight
+    /// (`--backend_cluster_maximum_requests`); nothing was sent.
+    Overflow,
 }
 
 /// How a `:check` call failed.
@@ -312,7 +317,13 @@ pub(crate) fn network_failure(
         }
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::TimedOut {
-                return NetworkFailure::Timeout;
+                // While connecting, the connect timeout (Envoy's `connection timeout`), not the
+                // response deadline.
+                return if connecting {
+                    NetworkFailure::ConnectTimeout
+                } else {
+                    NetworkFailure::Timeout
+                };
             }
             if io
                 .get_ref()

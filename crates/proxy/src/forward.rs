@@ -34,6 +34,7 @@
 //! or kept: its body read whole into the buffer first (pooled backends) or copied as it streams
 //! (HTTP/2 backends), at most [`REPLAY_BODY_LIMIT`] bytes.
 
+use crate::backend_net::{BackendNet, NetResolver};
 use crate::error::error_chain;
 use crate::retry::{Failure, Retries};
 use crate::settings::{BackendAddr, BackendScheme, XffHops};
@@ -79,9 +80,9 @@ enum Upstream {
     Pooled(Pool),
     /// HTTP/2 cleartext with prior knowledge (`grpc://`, or `h2` over `http://`): one
     /// multiplexed connection, hyper-util's client.
-    H2(Box<Client<HttpConnector, LimitedBody>>),
+    H2(Box<Client<HttpConnector<NetResolver>, LimitedBody>>),
     /// HTTP/2 over TLS (`h2` over `https://`), the same client behind rustls.
-    H2Tls(Box<Client<hyper_rustls::HttpsConnector<HttpConnector>, LimitedBody>>),
+    H2Tls(Box<Client<hyper_rustls::HttpsConnector<HttpConnector<NetResolver>>, LimitedBody>>),
 }
 
 /// The upstream client for one serving thread (or, for `x-google-backend` routes, shared by
@@ -95,6 +96,9 @@ pub struct Forwarder {
     timeout: Duration,
     /// ESPv2's retries for this backend ([`Forwarder::with_retries`]); `None`: one attempt.
     retries: Option<Arc<Retries>>,
+    /// The backend's count of requests in flight, shared with every client for the same
+    /// address (`--backend_cluster_maximum_requests`); `None`: no limit.
+    cluster: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -144,9 +148,10 @@ where
     builder.build(connector)
 }
 
-/// The TCP half of every HTTP/2 client.
-fn h2_tcp() -> HttpConnector {
-    let mut http = HttpConnector::new();
+/// The TCP half of every HTTP/2 client, resolving and connecting as `net` says.
+fn h2_tcp(net: &Arc<BackendNet>) -> HttpConnector<NetResolver> {
+    let mut http = HttpConnector::new_with_resolver(NetResolver(net.clone()));
+    http.set_connect_timeout(net.settings().connect_timeout);
     http.set_nodelay(true);
     http.set_keepalive(Some(Duration::from_secs(60)));
     http
@@ -182,6 +187,26 @@ impl Forwarder {
         tls: Option<Arc<rustls::ClientConfig>>,
         limits: PoolLimits,
     ) -> Result<Forwarder, ForwarderBuildError> {
+        Self::with_net(
+            backend,
+            protocol,
+            timeout,
+            tls,
+            limits,
+            &BackendNet::system(),
+        )
+    }
+
+    /// [`with_protocol`](Self::with_protocol), connecting through `net` (resolver, lookup
+    /// family, connect timeout) and counting requests in flight in its cluster for `backend`.
+    pub fn with_net(
+        backend: &BackendAddr,
+        protocol: BackendProtocol,
+        timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        limits: PoolLimits,
+        net: &Arc<BackendNet>,
+    ) -> Result<Forwarder, ForwarderBuildError> {
         let authority: Authority = backend
             .authority()
             .parse()
@@ -189,17 +214,18 @@ impl Forwarder {
         let h2 = Self::version_for(backend.scheme, protocol) == Version::HTTP_2;
         let (upstream, scheme, version) = match (backend.scheme, h2) {
             (BackendScheme::Http, false) => (
-                Upstream::Pooled(Pool::new(
+                Upstream::Pooled(Pool::with_net(
                     Dialer::Plain {
                         authority: backend.authority(),
                     },
                     limits,
+                    net.clone(),
                 )),
                 Scheme::HTTP,
                 Version::HTTP_11,
             ),
             (BackendScheme::Http | BackendScheme::Grpc, _) => (
-                Upstream::H2(Box::new(h2_client(h2_tcp()))),
+                Upstream::H2(Box::new(h2_client(h2_tcp(net)))),
                 Scheme::HTTP,
                 Version::HTTP_2,
             ),
@@ -209,13 +235,14 @@ impl Forwarder {
                 let server_name = rustls::pki_types::ServerName::try_from(backend.host.clone())
                     .map_err(|e| ForwarderBuildError::Tls(format!("{}: {e}", backend.host)))?;
                 (
-                    Upstream::Pooled(Pool::new(
+                    Upstream::Pooled(Pool::with_net(
                         Dialer::Tls {
                             authority: backend.authority(),
                             server_name,
                             connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)),
                         },
                         limits,
+                        net.clone(),
                     )),
                     Scheme::HTTPS,
                     Version::HTTP_11,
@@ -226,7 +253,7 @@ impl Forwarder {
                 // one: checked here so a bad name fails when the config loads.
                 rustls::pki_types::ServerName::try_from(backend.host.as_str())
                     .map_err(|e| ForwarderBuildError::Tls(format!("{}: {e}", backend.host)))?;
-                let mut tcp = h2_tcp();
+                let mut tcp = h2_tcp(net);
                 tcp.enforce_http(false);
                 // Offers `h2` alone: a server that cannot speak it fails the handshake rather
                 // than answering an HTTP/1.1 conversation it was never going to get.
@@ -249,6 +276,7 @@ impl Forwarder {
             version,
             timeout,
             retries: None,
+            cluster: net.cluster(&format!("{:?}://{}", backend.scheme, backend.authority())),
         })
     }
 
@@ -316,6 +344,26 @@ impl Forwarder {
     ) -> SendWithin<impl Future<Output = Sent>> {
         let limit = timeout.unwrap_or(self.timeout);
         let progress = req.body().progress().cloned();
+        // Over the backend's requests in flight, refused before anything is sent (Envoy's
+        // circuit breaker): no retry, no wait.
+        let slot = match self
+            .cluster
+            .as_ref()
+            .map(|c| crate::backend_net::take_slot(c, self.authority.as_str()))
+        {
+            Some(Err(e)) => {
+                return SendWithin {
+                    call: Call::Refused { err: Some(e) },
+                    sleep: tokio::time::sleep(limit),
+                    limit,
+                    sent_at: tokio::time::Instant::now(),
+                    progress: None,
+                    slot: None,
+                }
+            }
+            Some(Ok(slot)) => Some(slot),
+            None => None,
+        };
         let call = match (&self.retries, &*self.upstream) {
             // Boxed: the attempts' state is only paid for where retries are configured.
             (Some(retries), _) => Call::Boxed {
@@ -352,6 +400,7 @@ impl Forwarder {
             limit,
             sent_at,
             progress,
+            slot,
         }
     }
 }
@@ -432,9 +481,11 @@ impl Replay {
 fn failure_of(e: &ForwardError) -> Option<Failure> {
     use crate::error::NetworkFailure as N;
     match e {
-        ForwardError::Connect(N::Connect(_) | N::Tls | N::Timeout, _) => {
+        ForwardError::Connect(N::Connect(_) | N::Tls | N::Timeout | N::ConnectTimeout, _) => {
             Some(Failure::ConnectFailure)
         }
+        // Envoy never retries a request its circuit breaker refused.
+        ForwardError::Connect(N::Overflow, _) => None,
         // The HTTP/1.1 handshake on a new connection: nothing was written.
         ForwardError::Connect(N::Reset, _) => Some(Failure::NotSent),
         ForwardError::Connect(N::Unresolved, _) => None,
@@ -601,6 +652,8 @@ pin_project_lite::pin_project! {
         Pooled { #[pin] fut: P },
         /// HTTP/2 backends, and calls with retries.
         Boxed { fut: Pin<Box<dyn Future<Output = Sent> + Send>> },
+        /// Refused before it began (the backend's requests in flight at their maximum).
+        Refused { err: Option<ForwardError> },
     }
 }
 
@@ -611,6 +664,9 @@ impl<P: Future<Output = Sent>> Future for Call<P> {
         match self.project() {
             CallProj::Pooled { fut } => fut.poll(cx),
             CallProj::Boxed { fut } => fut.as_mut().poll(cx),
+            CallProj::Refused { err } => Poll::Ready(Err(err
+                .take()
+                .unwrap_or_else(|| ForwardError::Other("polled after completion".into())))),
         }
     }
 }
@@ -626,6 +682,9 @@ pin_project_lite::pin_project! {
         limit: Duration,
         sent_at: tokio::time::Instant,
         progress: Option<Arc<BodyProgress>>,
+        // The request's slot among its backend's requests in flight, handed to the response
+        // body.
+        slot: Option<crate::backend_net::ClusterSlot>,
     }
 }
 
@@ -639,6 +698,12 @@ impl<P: Future<Output = Sent>> Future for SendWithin<P> {
             let client = this.progress.as_ref().and_then(|p| p.client_error());
             return Poll::Ready(match (r, client) {
                 (Err(_), Some(c)) => Err(ForwardError::ClientBody(c)),
+                (Ok(mut resp), _) => {
+                    if let Some(slot) = this.slot.take() {
+                        resp.body_mut().hold(slot);
+                    }
+                    Ok(resp)
+                }
                 (r, _) => r,
             });
         }

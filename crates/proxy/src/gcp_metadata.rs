@@ -37,7 +37,7 @@ pub const UNKNOWN_PLATFORM: &str = "UNKNOWN(ESPv2)";
 const ATTEMPTS: u32 = 5;
 const RETRY_INTERVAL: Duration = Duration::from_millis(20);
 /// ESPv2's default `--http_request_timeout_s`, per attempt.
-const TIMEOUT: Duration = Duration::from_secs(30);
+pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest answer read; the values asked for are a few dozen bytes (`kube-env` is read only
 /// to learn that it exists).
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -79,14 +79,29 @@ impl MetadataServer {
 
     /// As [`MetadataServer::new`], each attempt bounded by `timeout` (`--http_request_timeout_s`).
     pub fn with_timeout(base: &str, timeout: Duration) -> Result<MetadataServer, MetadataError> {
+        Self::with_timeouts(base, timeout, None)
+    }
+
+    /// As [`MetadataServer::with_timeout`], a connection to the server taking at most
+    /// `connect_timeout` (ESPv2's `--cluster_connect_timeout`, which bounds its metadata
+    /// cluster too).
+    pub fn with_timeouts(
+        base: &str,
+        timeout: Duration,
+        connect_timeout: Option<Duration>,
+    ) -> Result<MetadataServer, MetadataError> {
         let base = crate::outbound_auth::parse_metadata_url(base)
             .map_err(|e| MetadataError::Client(e.to_string()))?;
         // The metadata server never redirects; following one would send the request (and
         // its answer into reports) wherever an answer pointed.
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
+            .no_proxy();
+        if let Some(t) = connect_timeout {
+            http = http.connect_timeout(t);
+        }
+        let http = http
             .build()
             .map_err(|e| MetadataError::Client(e.to_string()))?;
         Ok(MetadataServer { base, http })

@@ -381,7 +381,7 @@ mod tests {
         }
         let e = parse_account("--x", "a@b", "--d", Some("a@b,,c@d")).unwrap_err();
         assert!(e.starts_with("invalid --d"), "{e}");
-        let many = vec!["a@b"; MAX_DELEGATES + 1].join(",");
+        let many = ["a@b"; MAX_DELEGATES + 1].join(",");
         assert!(parse_account("--x", "a@b", "--d", Some(&many)).is_err());
     }
 

@@ -45,6 +45,7 @@ pub mod access_log;
 pub mod adc;
 pub mod auth;
 pub mod backend_auth;
+pub mod backend_net;
 pub mod cli;
 pub mod compression;
 pub mod config_source;

@@ -265,6 +265,12 @@ pub struct RouteOptions {
     /// method, `<API name><delimiter><method name>`, with the method's API and backend (ESPv2's
     /// auto-generated CORS methods). `None`: ESP's one `CORS` operation.
     pub cors_operation_delimiter: Option<String>,
+    /// How every backend client built here connects, and the backends' counts of requests in
+    /// flight (shared with `--backend`'s clients and kept across rollouts).
+    pub backend_net: Arc<crate::backend_net::BackendNet>,
+    /// `--enable_backend_address_override`: rule addresses are not used; every rule applies
+    /// to `--backend` as a rule without an address does.
+    pub backend_address_override: bool,
 }
 
 impl RouteOptions {
@@ -285,6 +291,8 @@ impl RouteOptions {
             backend_retry: None,
             disallow_colon_in_wildcard_path_segment: false,
             cors_operation_delimiter: None,
+            backend_net: crate::backend_net::BackendNet::system(),
+            backend_address_override: false,
         }
     }
 }
@@ -303,12 +311,13 @@ impl ConfigRoutes {
         if let Some(f) = clients.get(&key) {
             return Ok(f.clone());
         }
-        let forwarder = Forwarder::with_protocol(
+        let forwarder = Forwarder::with_net(
             backend,
             protocol,
             opts.backend_timeout,
             opts.backend_tls.clone(),
             opts.backend_pool,
+            &opts.backend_net,
         )
         .map_err(|e| e.to_string())?
         .with_retries(opts.backend_retry.clone().map(crate::retry::Retries::new));
@@ -430,8 +439,10 @@ impl ConfigRoutes {
         // HTTP version, shared by the methods (and serving threads) that use it.
         let mut clients: HashMap<ClientKey, Forwarder> = HashMap::new();
         let mut targets: HashMap<&str, Arc<BackendTarget>> = HashMap::new();
+        // ESPv2's `--enable_backend_address_override`: an address counts as none.
+        let has_address = |r: &BackendRule| !r.address.is_empty() && !opts.backend_address_override;
         if opts.backend_routing {
-            for rule in backend_rules.values().filter(|r| !r.address.is_empty()) {
+            for rule in backend_rules.values().filter(|r| has_address(r)) {
                 let Some(&(deadline, protocol)) = usable.get(rule.selector.as_str()) else {
                     continue;
                 };
@@ -451,7 +462,7 @@ impl ConfigRoutes {
         // HTTP version than `--backend`'s scheme implies gets a client of its own for it; the
         // other methods keep the serving threads' clients.
         let mut locals: HashMap<&str, LocalBackend> = HashMap::new();
-        for rule in backend_rules.values().filter(|r| r.address.is_empty()) {
+        for rule in backend_rules.values().filter(|r| !has_address(r)) {
             let Some(&(deadline, protocol)) = usable.get(rule.selector.as_str()) else {
                 continue;
             };

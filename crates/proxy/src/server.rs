@@ -204,6 +204,7 @@ pub async fn start_with_metrics(
     if let Some(d) = settings.jwks_cache_duration {
         key_opts.ttl = d;
     }
+    key_opts.connect_timeout = settings.backend_net.connect_timeout;
     if let Some(n) = settings.jwt_cache_size {
         key_opts.token_cache_capacity = n;
     }
@@ -218,6 +219,9 @@ pub async fn start_with_metrics(
     // named on the command line that cannot be used is better refused at start.
     let backend_tls =
         Arc::new(crate::tls::client_config(&settings.backend_tls).map_err(StartError::BackendTls)?);
+    // One for the process: every backend client resolves, connects and counts its requests in
+    // flight through it.
+    let backend_net = crate::backend_net::BackendNet::new(settings.backend_net.clone());
     let route_opts = RouteOptions {
         sc_override: settings.service_control_url_override.is_some(),
         skip_service_control: settings.skip_service_control,
@@ -243,6 +247,8 @@ pub async fn start_with_metrics(
         backend_retry: settings.backend_retry.clone(),
         disallow_colon_in_wildcard_path_segment: settings.disallow_colon_in_wildcard_path_segment,
         cors_operation_delimiter: settings.cors_operation_delimiter.clone(),
+        backend_net: backend_net.clone(),
+        backend_address_override: settings.backend_address_override,
     };
     // `--backend`'s retries in flight are counted across the serving threads' clients.
     let backend_retries = settings
@@ -381,14 +387,16 @@ pub async fn start_with_metrics(
             .iter_mut()
             .filter_map(|(k, ls)| ls.pop().map(|l| (*k, l)))
             .collect();
-        let forwarder = Forwarder::new(
+        let forwarder = Forwarder::with_net(
             &settings.backend,
+            crate::forward::BackendProtocol::Unset,
             settings.backend_timeout,
             Some(backend_tls.clone()),
             crate::upstream::PoolLimits {
                 max: settings.backend_max_connections,
                 ..Default::default()
             },
+            &backend_net,
         )?
         .with_retries(backend_retries.clone());
         let pipeline = Arc::new(Pipeline::new(state.clone(), forwarder));
@@ -814,10 +822,13 @@ async fn ask_metadata_server(settings: &mut Settings) -> Result<(), ExitCode> {
     let Some(url) = settings.metadata.clone() else {
         return Ok(());
     };
-    let server = match settings.http_request_timeout {
-        Some(t) => crate::gcp_metadata::MetadataServer::with_timeout(&url, t),
-        None => crate::gcp_metadata::MetadataServer::new(&url),
-    }
+    let server = crate::gcp_metadata::MetadataServer::with_timeouts(
+        &url,
+        settings
+            .http_request_timeout
+            .unwrap_or(crate::gcp_metadata::TIMEOUT),
+        settings.backend_net.connect_timeout,
+    )
     .map_err(|e| {
         tracing::error!(error = %e, "cannot use the metadata server");
         ExitCode::from(crate::settings::EXIT_SETUP)

@@ -344,6 +344,15 @@ pub struct Settings {
     /// When and how often a backend call is made again (ESPv2's `--backend_retry_*` flags);
     /// `None`: never (ESP).
     pub backend_retry: Option<crate::retry::RetryPolicy>,
+    /// How backend connections are opened and how many requests each backend may carry
+    /// (ESPv2's `--cluster_connect_timeout`, `--backend_dns_lookup_family`,
+    /// `--dns_resolver_addresses`, `--backend_cluster_maximum_requests`); `portico esp`: the
+    /// system's resolver and connect timeout, every address, no limit.
+    pub backend_net: crate::backend_net::BackendNetSettings,
+    /// ESPv2's `--enable_backend_address_override`: every method goes to `--backend`, rule
+    /// addresses (and their path translation) unused; deadlines and backend authentication
+    /// still apply.
+    pub backend_address_override: bool,
     pub backend_timeout: Duration,
     /// `--experimental_proxy_backend_host_header`.
     pub backend_host_header: Option<http::HeaderValue>,

@@ -54,16 +54,17 @@ pub enum Dialer {
 }
 
 impl Dialer {
-    async fn dial(&self) -> Result<Stream, ForwardError> {
+    async fn dial(&self, net: &crate::backend_net::BackendNet) -> Result<Stream, ForwardError> {
         let authority = match self {
             Dialer::Plain { authority } | Dialer::Tls { authority, .. } => authority,
         };
-        let tcp = TcpStream::connect(authority.as_str()).await.map_err(|e| {
+        let (host, port) = split_authority(authority).ok_or_else(|| {
             ForwardError::Connect(
-                crate::error::network_failure(&e, true),
-                format!("{authority}: {e}"),
+                crate::error::NetworkFailure::Unresolved,
+                format!("{authority}: not host:port"),
             )
         })?;
+        let tcp = net.connect(host, port).await?;
         let _ = tcp.set_nodelay(true);
         match self {
             Dialer::Plain { .. } => Ok(Either::Left(tcp)),
@@ -85,6 +86,16 @@ impl Dialer {
             }
         }
     }
+}
+
+/// `host:port` (`[v6]:port`) into its host, unbracketed, and port.
+fn split_authority(authority: &str) -> Option<(&str, u16)> {
+    let (host, port) = authority.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    Some((host, port.parse().ok()?))
 }
 
 /// A backend socket, with or without TLS.
@@ -139,6 +150,7 @@ struct Shared {
     state: Mutex<State>,
     limits: PoolLimits,
     dialer: Dialer,
+    net: Arc<crate::backend_net::BackendNet>,
 }
 
 impl Shared {
@@ -267,7 +279,19 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// A pool whose connections are opened as `portico esp` opens them (the system's resolver,
+    /// every address, the system's connect timeout).
     pub fn new(dialer: Dialer, limits: PoolLimits) -> Pool {
+        Pool::with_net(dialer, limits, crate::backend_net::BackendNet::system())
+    }
+
+    /// A pool whose connections are opened through `net` (resolver, lookup family, connect
+    /// timeout).
+    pub fn with_net(
+        dialer: Dialer,
+        limits: PoolLimits,
+        net: Arc<crate::backend_net::BackendNet>,
+    ) -> Pool {
         let limits = PoolLimits {
             max: limits.max.max(1),
             ..limits
@@ -281,6 +305,7 @@ impl Pool {
                 }),
                 limits,
                 dialer,
+                net,
             }),
         }
     }
@@ -375,7 +400,7 @@ impl Pool {
     }
 
     async fn dial(&self) -> Result<Sender, ForwardError> {
-        let stream = self.shared.dialer.dial().await?;
+        let stream = self.shared.dialer.dial(&self.shared.net).await?;
         let (tx, conn) = Builder::new()
             .handshake::<_, LimitedBody>(TokioIo::new(stream))
             .await
@@ -517,6 +542,7 @@ fn wrap(resp: Response<Incoming>, lease: Lease) -> Response<UpstreamBody> {
     let mut body = UpstreamBody {
         inner: body,
         lease: Some(lease),
+        slot: None,
     };
     body.release_if_done();
     Response::from_parts(parts, body)
@@ -526,12 +552,27 @@ fn wrap(resp: Response<Incoming>, lease: Lease) -> Response<UpstreamBody> {
 pub struct UpstreamBody {
     inner: Incoming,
     lease: Option<Lease>,
+    /// The request's slot among its backend's requests in flight
+    /// (`--backend_cluster_maximum_requests`), given back with the body's end or drop.
+    slot: Option<crate::backend_net::ClusterSlot>,
 }
 
 impl UpstreamBody {
     /// A body from a client without this pool (HTTP/2 backends multiplex one connection).
     pub fn unpooled(inner: Incoming) -> UpstreamBody {
-        UpstreamBody { inner, lease: None }
+        UpstreamBody {
+            inner,
+            lease: None,
+            slot: None,
+        }
+    }
+
+    /// Holds `slot` until the body ends or is dropped.
+    pub fn hold(&mut self, slot: crate::backend_net::ClusterSlot) {
+        if self.inner.is_end_stream() {
+            return;
+        }
+        self.slot = Some(slot);
     }
 
     fn release_if_done(&mut self) {
@@ -539,6 +580,7 @@ impl UpstreamBody {
             if let Some(mut l) = self.lease.take() {
                 l.release(true);
             }
+            self.slot = None;
         }
     }
 }
@@ -558,10 +600,14 @@ impl Body for UpstreamBody {
                 if let Some(mut l) = this.lease.take() {
                     l.release(true);
                 }
+                this.slot = None;
             }
             Poll::Ready(Some(Ok(_))) => this.release_if_done(),
             // The connection is in an unknown state: dropping the lease closes it.
-            Poll::Ready(Some(Err(_))) => this.lease = None,
+            Poll::Ready(Some(Err(_))) => {
+                this.lease = None;
+                this.slot = None;
+            }
             Poll::Pending => {}
         }
         res

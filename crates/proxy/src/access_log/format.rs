@@ -1156,10 +1156,10 @@ mod tests {
         assert!(e("%DURATION:3%").contains("only applies"));
         assert!(e("%START_TIME(%Q)%").contains("%Q is not a conversion"));
         assert!(e("%START_TIME(%E0S)%").contains("%E must be followed"));
-        assert!(e(&format!(
-            "%FILTER_STATE(com.google.espv2.filters.http.service_control.api_key):30%"
-        ))
-        .contains("never writes API keys"));
+        assert!(
+            e("%FILTER_STATE(com.google.espv2.filters.http.service_control.api_key):30%")
+                .contains("never writes API keys")
+        );
         assert!(e("%FILTER_STATE(x.y)%").contains("the only filter state"));
         assert!(e("").contains("empty"));
         assert!(e(&"a".repeat(MAX_FORMAT_BYTES + 1)).contains("longer"));

@@ -51,6 +51,10 @@ pub struct KeyCacheOptions {
     pub token_cache_capacity: usize,
     /// Bytes the verified-token cache may hold, whatever the entry count.
     pub token_cache_bytes: usize,
+    /// Opening the connection to a key-set server may take this long at most (ESPv2's
+    /// `--cluster_connect_timeout`, which bounds its JWKS clusters too); never more than
+    /// `fetch_timeout`. `None`: `fetch_timeout`.
+    pub connect_timeout: Option<Duration>,
     /// ESPv2's `--jwks_fetch_num_retries`: how many times a fetch that got no answer or a 5xx
     /// is made again (Envoy's JWKS retry policy: connect failure, reset, 5xx); 0 = never.
     pub fetch_retries: u32,
@@ -69,6 +73,7 @@ impl Default for KeyCacheOptions {
             kid_refresh_interval: Duration::from_secs(30),
             token_cache_capacity: 10_000,
             token_cache_bytes: 64 << 20,
+            connect_timeout: None,
             fetch_retries: 0,
             retry_backoff_base: Duration::from_millis(200),
             retry_backoff_max: Duration::from_secs(32),
@@ -119,7 +124,10 @@ impl KeyCache {
     pub fn new(opts: KeyCacheOptions) -> Arc<KeyCache> {
         let client = reqwest::Client::builder()
             .timeout(opts.fetch_timeout)
-            .connect_timeout(opts.fetch_timeout)
+            .connect_timeout(
+                opts.connect_timeout
+                    .map_or(opts.fetch_timeout, |c| c.min(opts.fetch_timeout)),
+            )
             .build()
             // Building only fails when the TLS backend cannot initialise; fall back to the
             // default client rather than panic.

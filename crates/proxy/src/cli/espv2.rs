@@ -96,9 +96,9 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--http_request_timeout_s", Implemented),
     // Backend.
     ("--backend", Implemented),
-    ("--enable_backend_address_override", NotYet(17)),
-    ("--backend_dns_lookup_family", NotYet(17)),
-    ("--dns_resolver_addresses", NotYet(17)),
+    ("--enable_backend_address_override", Implemented),
+    ("--backend_dns_lookup_family", Implemented),
+    ("--dns_resolver_addresses", Implemented),
     ("--backend_retry_ons", Implemented),
     ("--backend_retry_on_status_codes", Implemented),
     ("--backend_retry_num", Implemented),
@@ -232,7 +232,7 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--http_port", Implemented),
     ("--http2_port", Implemented),
     ("--ssl_port", Implemented),
-    ("--dns", NotYet(17)),
+    ("--dns", Implemented),
     ("--tls_mutual_auth", Implemented),
     ("--ssl_protocols", Implemented),
     ("--enable_grpc_backend_ssl", Refused(TLS_REFUSED)),
@@ -242,7 +242,7 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--on_serverless", Implemented),
     // Flags of ESPv2's config manager (start_proxy.py does not take them).
     ("--listener_address", Implemented),
-    ("--cluster_connect_timeout", NotYet(17)),
+    ("--cluster_connect_timeout", Implemented),
     ("--service_management_url", Implemented),
     ("--metadata_url", Implemented),
     ("--iam_url", Implemented),
@@ -265,7 +265,7 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--enable_grpc_for_http1", NotYet(18)),
     ("--min_stream_report_interval_ms", NotYet(18)),
     ("--client_ip_from_forwarded_header", Implemented),
-    ("--backend_cluster_maximum_requests", NotYet(17)),
+    ("--backend_cluster_maximum_requests", Implemented),
     ("--generated_header_prefix", Implemented),
     ("--tracing_max_num_attributes", NotYet(19)),
     ("--tracing_max_num_annotations", NotYet(19)),
@@ -1104,6 +1104,7 @@ fn jwks_fetch_retry(a: &Espv2Args) -> Result<crate::settings::JwksFetchRetry, Ar
 /// with the same code; then sets what only this dialect has.
 pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     let port = enforce_conflicts(&a)?;
+    let backend_net = backend_net(&a)?;
     let port = u16::try_from(port).map_err(|_| {
         ArgError::v2(format!(
             "Port {port} is not a TCP port: use a port from 1024 to 65535."
@@ -1469,6 +1470,8 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     settings.status_port = status_port;
     settings.healthz = healthz;
     // A per-try timeout bounds each attempt even when nothing is retried, as in Envoy.
+    settings.backend_net = backend_net;
+    settings.backend_address_override = a.enable_backend_address_override;
     settings.backend_retry = (backend_retry.retries_anything()
         || backend_retry.per_try_timeout.is_some())
     .then_some(backend_retry);
@@ -1616,6 +1619,79 @@ fn operation_part<'a>(flag: &str, v: &'a str) -> Result<&'a str, ArgError> {
         )));
     }
     Ok(v)
+}
+
+/// The longest `--cluster_connect_timeout` taken: a day is already no timeout at all.
+pub const MAX_CLUSTER_CONNECT_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_secs(24 * 3600);
+
+/// How backends are connected to: ESPv2's `--cluster_connect_timeout` (default 20s),
+/// `--backend_dns_lookup_family` (default `v4preferred`), `--dns_resolver_addresses` (or its
+/// old name `--dns`) and `--backend_cluster_maximum_requests` (0 or absent: Envoy's 1024).
+fn backend_net(a: &Espv2Args) -> Result<crate::backend_net::BackendNetSettings, ArgError> {
+    use crate::backend_net::{self as net, LookupFamily};
+    let connect_timeout = match a.cluster_connect_timeout.as_deref() {
+        None => net::DEFAULT_CONNECT_TIMEOUT,
+        Some(t) => go_duration(t.trim())
+            .map_err(|why| why.to_string())
+            .and_then(|d| {
+                if d.is_zero() {
+                    Err("it must be above 0".to_string())
+                } else if d > MAX_CLUSTER_CONNECT_TIMEOUT {
+                    Err("it must be at most 24h".to_string())
+                } else {
+                    Ok(d)
+                }
+            })
+            .map_err(|why| {
+                ArgError::v2(format!(
+                    "invalid --cluster_connect_timeout '{t}': {why}; give a duration such as \
+                     20s or 500ms"
+                ))
+            })?,
+    };
+    let lookup_family = match a.backend_dns_lookup_family.as_deref() {
+        None => LookupFamily::V4Preferred,
+        Some(f) => LookupFamily::parse(f).ok_or_else(|| {
+            ArgError::v2(format!(
+                "invalid --backend_dns_lookup_family '{f}': use one of {}",
+                LookupFamily::NAMES.join(", ")
+            ))
+        })?,
+    };
+    // As start_proxy.py's `if args.dns_resolver_addresses:`, an empty value is none.
+    let dns_servers = match (
+        a.dns_resolver_addresses
+            .as_deref()
+            .filter(|v| !v.is_empty()),
+        a.dns.as_deref().filter(|v| !v.is_empty()),
+    ) {
+        (Some(v), _) => net::parse_dns_servers("--dns_resolver_addresses", v),
+        (None, Some(v)) => net::parse_dns_servers("--dns", v),
+        (None, None) => Ok(Vec::new()),
+    }
+    .map_err(ArgError::v2)?;
+    let max_requests = match a.backend_cluster_maximum_requests.as_deref() {
+        None => net::ENVOY_DEFAULT_MAX_REQUESTS,
+        Some(s) => match s.trim().parse::<u32>() {
+            Ok(0) => net::ENVOY_DEFAULT_MAX_REQUESTS,
+            Ok(n) => n as usize,
+            Err(_) => {
+                return Err(ArgError::v2(format!(
+                    "invalid --backend_cluster_maximum_requests '{s}': must be a whole number \
+                     from 0 (Envoy's default, {}) to {}",
+                    net::ENVOY_DEFAULT_MAX_REQUESTS,
+                    u32::MAX
+                )))
+            }
+        },
+    };
+    Ok(net::BackendNetSettings {
+        connect_timeout: Some(connect_timeout),
+        lookup_family,
+        dns_servers,
+        max_requests: Some(max_requests),
+    })
 }
 
 /// Entry point for the `portico espv2` subcommand; `args[0]` is the program name.
@@ -1796,6 +1872,16 @@ mod tests {
         );
         assert!(s.cors.is_none() && s.healthz.is_none() && !s.hsts);
         assert!(!s.skip_service_control && !s.skip_jwt_authn);
+        assert_eq!(
+            s.backend_net,
+            crate::backend_net::BackendNetSettings {
+                connect_timeout: Some(Duration::from_secs(20)),
+                lookup_family: crate::backend_net::LookupFamily::V4Preferred,
+                dns_servers: Vec::new(),
+                max_requests: Some(1024),
+            }
+        );
+        assert!(!s.backend_address_override);
         assert!(s.ignored_flags.is_empty(), "{:?}", s.ignored_flags);
         assert!(
             s.not_implemented_flags.is_empty(),
@@ -3055,6 +3141,132 @@ mod tests {
                 cmd.get_arguments().any(|a| a.get_id() == id.as_str()),
                 "{flag}"
             );
+        }
+    }
+
+    #[test]
+    fn backend_networking_flags_are_read_as_espv2_reads_them() {
+        use crate::backend_net::LookupFamily;
+        let base = ["--service=svc", "--version=1"];
+        let with = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            p(&v).unwrap_or_else(|e| panic!("{extra:?}: {}", e.message))
+        };
+        let s = with(&["--cluster_connect_timeout=1.5s"]);
+        assert_eq!(
+            s.backend_net.connect_timeout,
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            with(&["--cluster_connect_timeout", "2m"])
+                .backend_net
+                .connect_timeout,
+            Some(Duration::from_secs(120))
+        );
+        for (name, family) in [
+            ("auto", LookupFamily::Auto),
+            ("v4only", LookupFamily::V4Only),
+            ("v6only", LookupFamily::V6Only),
+            ("v4preferred", LookupFamily::V4Preferred),
+            ("all", LookupFamily::All),
+        ] {
+            let flag = format!("--backend_dns_lookup_family={name}");
+            assert_eq!(with(&[&flag]).backend_net.lookup_family, family);
+        }
+        let s = with(&["--dns_resolver_addresses=127.0.0.1;127.0.0.2:5353"]);
+        assert_eq!(
+            s.backend_net.dns_servers,
+            vec![
+                "127.0.0.1:53".parse().unwrap(),
+                "127.0.0.2:5353".parse().unwrap()
+            ]
+        );
+        // `--dns` is the same flag by its ESP v1 name.
+        let s = with(&["--dns=10.0.0.9:54"]);
+        assert_eq!(
+            s.backend_net.dns_servers,
+            vec!["10.0.0.9:54".parse().unwrap()]
+        );
+        assert!(s.not_implemented_flags.is_empty() && s.ignored_flags.is_empty());
+        assert!(with(&["--dns_resolver_addresses="])
+            .backend_net
+            .dns_servers
+            .is_empty());
+        assert_eq!(
+            with(&["--backend_cluster_maximum_requests=1"])
+                .backend_net
+                .max_requests,
+            Some(1)
+        );
+        assert_eq!(
+            with(&["--backend_cluster_maximum_requests=0"])
+                .backend_net
+                .max_requests,
+            Some(1024)
+        );
+        assert!(with(&["--enable_backend_address_override"]).backend_address_override);
+
+        let refused = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            err(&v)
+        };
+        for (args, want) in [
+            (
+                &["--cluster_connect_timeout=0s"][..],
+                "invalid --cluster_connect_timeout '0s': it must be above 0; give a duration \
+                 such as 20s or 500ms",
+            ),
+            (
+                &["--cluster_connect_timeout=20"],
+                "invalid --cluster_connect_timeout '20': a number needs a unit (ns, us, ms, s, \
+                 m, h); give a duration such as 20s or 500ms",
+            ),
+            (
+                &["--cluster_connect_timeout=-1s"],
+                "invalid --cluster_connect_timeout '-1s': negative; give a duration such as 20s \
+                 or 500ms",
+            ),
+            (
+                &["--cluster_connect_timeout=25h"],
+                "invalid --cluster_connect_timeout '25h': it must be at most 24h; give a \
+                 duration such as 20s or 500ms",
+            ),
+            (
+                &["--backend_cluster_maximum_requests=-1"],
+                "invalid --backend_cluster_maximum_requests '-1': must be a whole number from 0 \
+                 (Envoy's default, 1024) to 4294967295",
+            ),
+            (
+                &["--backend_cluster_maximum_requests=4294967296"],
+                "invalid --backend_cluster_maximum_requests '4294967296': must be a whole number \
+                 from 0 (Envoy's default, 1024) to 4294967295",
+            ),
+            (
+                &["--dns_resolver_addresses=dns.google"],
+                "invalid --dns_resolver_addresses 'dns.google': \"dns.google\" is not IP_ADDR or \
+                 IP_ADDR:PORT (port 1 to 65535); separate addresses with ';', e.g. \
+                 127.0.0.1;10.0.0.2:5353",
+            ),
+            (
+                &["--dns=1.1.1.1,8.8.8.8"],
+                "invalid --dns '1.1.1.1,8.8.8.8': \"1.1.1.1,8.8.8.8\" is not IP_ADDR or \
+                 IP_ADDR:PORT (port 1 to 65535); separate addresses with ';', e.g. \
+                 127.0.0.1;10.0.0.2:5353",
+            ),
+            (
+                &["--dns=1.1.1.1", "--dns_resolver_addresses=8.8.8.8"],
+                "Flag --dns_resolver_addresses cannot be used together with together with --dns.",
+            ),
+        ] {
+            assert_eq!(refused(args), want, "{args:?}");
+        }
+        // The family is one of ESPv2's five names, spelt as ESPv2 spells them.
+        for bad in ["V4ONLY", "v6preferred", ""] {
+            let flag = format!("--backend_dns_lookup_family={bad}");
+            let e = refused(&[&flag]);
+            assert!(e.contains("--backend_dns_lookup_family"), "{e}");
         }
     }
 }

@@ -1058,6 +1058,8 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         worker_threads,
         backend_max_connections: a.backend_max_connections,
         backend_retry: None,
+        backend_net: Default::default(),
+        backend_address_override: false,
         backend_timeout: Duration::from_secs_f64(a.http_request_timeout_s),
         access_log: a.access_log,
         backend_host_header,

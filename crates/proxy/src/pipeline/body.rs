@@ -852,8 +852,17 @@ fn response_flags(kind: Option<&crate::error::ErrorKind>) -> &'static str {
             (NetworkFailure::Unresolved, _) => "UH",
             (NetworkFailure::Timeout, false) => "UT",
             (NetworkFailure::Timeout, true) => "UT,URX",
-            (NetworkFailure::Connect(_) | NetworkFailure::Tls, false) => "UF",
-            (NetworkFailure::Connect(_) | NetworkFailure::Tls, true) => "UF,URX",
+            // Envoy counts a connect timeout as a connection failure.
+            (
+                NetworkFailure::Connect(_) | NetworkFailure::Tls | NetworkFailure::ConnectTimeout,
+                false,
+            ) => "UF",
+            (
+                NetworkFailure::Connect(_) | NetworkFailure::Tls | NetworkFailure::ConnectTimeout,
+                true,
+            ) => "UF,URX",
+            // The circuit breaker: Envoy's upstream overflow.
+            (NetworkFailure::Overflow, _) => "UO",
             (NetworkFailure::Reset, false) => "UC",
             (NetworkFailure::Reset, true) => "UC,URX",
             (NetworkFailure::RefusedStream, false) => "UR",

@@ -126,6 +126,9 @@ pub struct ServiceControlOptions {
     /// ESPv2: a verified key's `/credential_id` is its uid when the check named one
     /// (`--[no-]service_control_enable_api_key_uid_reporting`).
     pub api_key_uid_reporting: bool,
+    /// Opening a connection to Service Control may take this long at most (ESPv2's
+    /// `--cluster_connect_timeout`); each call's own timeout bounds it too. `None`: only that.
+    pub connect_timeout: Option<Duration>,
     /// Per attempt; a `:check` that never answers holds its request for
     /// `check_timeout × (check_retries + 1)`.
     pub check_timeout: Duration,
@@ -187,6 +190,7 @@ impl ServiceControlOptions {
             location: "global".to_string(),
             zone: None,
             api_key_uid_reporting: true,
+            connect_timeout: None,
             check_timeout: calls.check.timeout,
             check_retries: calls.check.retries,
             quota_timeout: calls.quota.timeout,
@@ -220,6 +224,7 @@ impl ServiceControlOptions {
     pub fn with_settings(mut self, settings: &Settings) -> Self {
         self.network_fail_open = settings.network_fail_open;
         self.dialect = settings.dialect;
+        self.connect_timeout = settings.backend_net.connect_timeout;
         if settings.dialect == crate::dialect::Dialect::EspV2 {
             // ESPv2's agent, and where it runs as the metadata server said (nothing known:
             // its defaults).
@@ -471,7 +476,7 @@ impl ServiceControl {
         if let Some(other) = &opts.acting_as {
             tokens = tokens.acting_as(other.clone());
         }
-        let transport = Transport::new(&opts.base_url, tokens)
+        let transport = Transport::new(&opts.base_url, tokens, opts.connect_timeout)
             .map_err(|e| ServiceControlError::Client(e.to_string()))?;
         let inner = Arc::new(Inner {
             statics: StaticLabels {

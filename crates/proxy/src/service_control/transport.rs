@@ -125,10 +125,16 @@ pub(crate) struct Transport {
 }
 
 impl Transport {
-    pub(crate) fn new(base: &str, tokens: TokenSource) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()?;
+    pub(crate) fn new(
+        base: &str,
+        tokens: TokenSource,
+        connect_timeout: Option<Duration>,
+    ) -> Result<Self, reqwest::Error> {
+        let mut http = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(60));
+        if let Some(t) = connect_timeout {
+            http = http.connect_timeout(t);
+        }
+        let http = http.build()?;
         Ok(Transport {
             http,
             base: base.trim_end_matches('/').to_string(),
