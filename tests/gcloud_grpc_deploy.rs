@@ -28,7 +28,8 @@ fn example(name: &str) -> String {
 fn descriptor_set() -> Vec<u8> {
     let mut c = protox::Compiler::new([example_dir()]).expect("protox");
     c.include_imports(true).include_source_info(true);
-    c.open_files(["bookstore.proto"]).expect("compile bookstore.proto");
+    c.open_files(["bookstore.proto"])
+        .expect("compile bookstore.proto");
     c.encode_file_descriptor_set()
 }
 
@@ -152,14 +153,21 @@ fn gcloud_deploys_a_grpc_service() {
         cfg["usage"]["rules"],
         serde_json::json!([{"selector": format!("{PKG}.ListShelves"), "allowUnregisteredCalls": true}])
     );
-    assert_eq!(cfg["control"]["environment"], "servicecontrol.googleapis.com");
+    assert_eq!(
+        cfg["control"]["environment"],
+        "servicecontrol.googleapis.com"
+    );
 
     // With api_config_http.yaml: its rules replace the annotations of the methods it names.
     must(
         deploy(
             &g,
             &dir,
-            &["api_descriptor.pb", "api_config.yaml", "api_config_http.yaml"],
+            &[
+                "api_descriptor.pb",
+                "api_config.yaml",
+                "api_config_http.yaml",
+            ],
         ),
         "deploy with http rules",
         &cp,
@@ -185,7 +193,9 @@ fn gcloud_deploys_a_grpc_service() {
         &cp,
     );
     let cfg = describe(&g, &format!("{day}r2"), &cp);
-    let auth_rules = cfg["authentication"]["rules"].as_array().expect("auth rules");
+    let auth_rules = cfg["authentication"]["rules"]
+        .as_array()
+        .expect("auth rules");
     assert_eq!(auth_rules.len(), 10, "{cfg}");
     assert_eq!(auth_rules[0]["selector"], format!("{PKG}.ListShelves"));
     assert_eq!(
@@ -195,7 +205,9 @@ fn gcloud_deploys_a_grpc_service() {
     let usage = cfg["usage"]["rules"].as_array().expect("usage rules");
     assert_eq!(usage.len(), 10);
     assert!(usage.iter().all(|r| r["allowUnregisteredCalls"] == true
-        && r["selector"].as_str().is_some_and(|s| s.starts_with(PKG) && !s.ends_with('*'))));
+        && r["selector"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(PKG) && !s.ends_with('*'))));
     assert_eq!(
         cfg["authentication"]["providers"][0]["issuer"],
         "bookstore-sa@demo-proj.iam.gserviceaccount.com"
@@ -209,11 +221,16 @@ fn gcloud_deploys_a_grpc_service() {
     let library_line = line_of(&library, "bookstore.Library");
     let bad_http = http.replace("get: /v2/shelves/{shelf}", "get: /v2/shelves//{shelf}");
     let bad_http_line = line_of(&bad_http, "/v2/shelves//");
-    let unknown = config.replace("title: Bookstore gRPC API", "title: Bookstore gRPC API\nfoo: bar");
+    let unknown = config.replace(
+        "title: Bookstore gRPC API",
+        "title: Bookstore gRPC API\nfoo: bar",
+    );
     let unknown_line = line_of(&unknown, "foo: bar");
     let mut truncated = pb.clone();
     truncated.truncate(pb.len() / 2);
-    let cases: Vec<(&str, Vec<(&str, Vec<u8>)>, Vec<&str>, String)> = vec![
+    // (work dir, files written there, deploy arguments, the message gcloud must print)
+    type Case<'a> = (&'a str, Vec<(&'a str, Vec<u8>)>, Vec<&'a str>, String);
+    let cases: Vec<Case> = vec![
         (
             "missing-api",
             vec![("api_descriptor.pb", pb.clone()), ("api_config.yaml", library.into_bytes())],
@@ -258,7 +275,10 @@ fn gcloud_deploys_a_grpc_service() {
                 .contains("INVALID_ARGUMENT: Cannot convert to service config."),
             "{name}: {out}"
         );
-        assert!(out.stderr.contains(&expected), "{name}: expected {expected:?} in\n{out}");
+        assert!(
+            out.stderr.contains(&expected),
+            "{name}: expected {expected:?} in\n{out}"
+        );
     }
 
     // The refused submissions stored nothing.

@@ -839,9 +839,8 @@ async fn post_typed(e: &TestEnv, files: &[(&str, &str, &[u8])]) -> (StatusCode, 
 async fn grpc_sources_are_converted_and_mixed_sources_refused() {
     let e = env().await;
     create(&e).await;
-    let yaml = format!(
-        "type: google.api.Service\nconfig_version: 3\nname: {SVC}\ntitle: Bare gRPC\n"
-    );
+    let yaml =
+        format!("type: google.api.Service\nconfig_version: 3\nname: {SVC}\ntitle: Bare gRPC\n");
     let (st, op) = post_typed(
         &e,
         &[("api_config.yaml", "SERVICE_CONFIG_YAML", yaml.as_bytes())],
@@ -850,7 +849,10 @@ async fn grpc_sources_are_converted_and_mixed_sources_refused() {
     assert_eq!(st, StatusCode::OK, "{op}");
     let cfg = &op["response"]["serviceConfig"];
     assert_eq!(cfg["title"], "Bare gRPC");
-    assert_eq!(cfg["control"]["environment"], "servicecontrol.googleapis.com");
+    assert_eq!(
+        cfg["control"]["environment"],
+        "servicecontrol.googleapis.com"
+    );
     assert_eq!(
         cfg["sourceInfo"]["sourceFiles"][0]["fileType"],
         "SERVICE_CONFIG_YAML"
@@ -890,7 +892,11 @@ async fn grpc_sources_are_converted_and_mixed_sources_refused() {
     let (st, err) = post_typed(
         &e,
         &[
-            ("api_descriptor.pb", "FILE_DESCRIPTOR_SET_PROTO", b"\xff\xff"),
+            (
+                "api_descriptor.pb",
+                "FILE_DESCRIPTOR_SET_PROTO",
+                b"\xff\xff",
+            ),
             ("api_config.yaml", "SERVICE_CONFIG_YAML", yaml.as_bytes()),
             ("bookstore.proto", "PROTO_FILE", b"syntax = \"proto3\";"),
         ],
@@ -912,7 +918,10 @@ async fn grpc_sources_are_converted_and_mixed_sources_refused() {
     .await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{err}");
     let msg = err["error"]["message"].as_str().expect("message");
-    assert!(msg.contains("a gRPC service needs a SERVICE_CONFIG_YAML file"), "{msg}");
+    assert!(
+        msg.contains("a gRPC service needs a SERVICE_CONFIG_YAML file"),
+        "{msg}"
+    );
     assert!(
         msg.contains("bookstore.proto: A PROTO_FILE is kept for display only"),
         "{msg}"

@@ -75,9 +75,7 @@ impl Descriptors {
         let decoded = std::panic::catch_unwind(|| DescriptorPool::decode(bytes));
         let alone = match decoded {
             Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                return Err(e.to_string())
-            }
+            Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err("the descriptor decoder failed on it".to_string()),
         };
         let mut pool = self.pool.clone();
@@ -109,7 +107,11 @@ impl Descriptors {
         self.options
             .get(method.full_name())
             .map(|(i, _)| *i)
-            .or_else(|| self.service_file.get(method.parent_service().full_name()).copied())
+            .or_else(|| {
+                self.service_file
+                    .get(method.parent_service().full_name())
+                    .copied()
+            })
     }
 
     /// The method's `google.api.http` option, if it has one.
@@ -121,7 +123,8 @@ impl Descriptors {
             return Ok(None);
         }
         if let Some(ext) = self.pool.get_extension_by_name(HTTP_EXTENSION_NAME) {
-            if ext.number() == HTTP_EXTENSION && ext.containing_message().full_name() == METHOD_OPTIONS
+            if ext.number() == HTTP_EXTENSION
+                && ext.containing_message().full_name() == METHOD_OPTIONS
             {
                 match ext.kind() {
                     Kind::Message(m) if m.full_name() == HTTP_RULE => {}
@@ -145,7 +148,9 @@ impl Descriptors {
                 };
                 return HttpRuleProto::decode(bytes.as_slice())
                     .map(Some)
-                    .map_err(|e| format!("its {HTTP_EXTENSION_NAME} option cannot be decoded: {e}"));
+                    .map_err(|e| {
+                        format!("its {HTTP_EXTENSION_NAME} option cannot be decoded: {e}")
+                    });
             }
         }
         // The set does not define the extension: the option is an unknown field of the
@@ -195,7 +200,8 @@ impl<'a> Fields<'a> {
 
     fn next_field(&mut self) -> Result<(u32, Wire<'a>), String> {
         let key = prost::encoding::decode_varint(&mut self.buf).map_err(|e| e.to_string())?;
-        let number = u32::try_from(key >> 3).map_err(|_| "field number out of range".to_string())?;
+        let number =
+            u32::try_from(key >> 3).map_err(|_| "field number out of range".to_string())?;
         if number == 0 {
             return Err("field number 0".to_string());
         }
@@ -207,7 +213,8 @@ impl<'a> Fields<'a> {
             1 => self.skip(8).map(|()| (number, Wire::Other)),
             5 => self.skip(4).map(|()| (number, Wire::Other)),
             2 => {
-                let len = prost::encoding::decode_varint(&mut self.buf).map_err(|e| e.to_string())?;
+                let len =
+                    prost::encoding::decode_varint(&mut self.buf).map_err(|e| e.to_string())?;
                 let len = usize::try_from(len).map_err(|_| "length out of range".to_string())?;
                 if len > self.buf.len() {
                     return Err(format!(
@@ -219,7 +226,9 @@ impl<'a> Fields<'a> {
                 self.buf = rest;
                 Ok((number, Wire::Len(value)))
             }
-            w => Err(format!("field {number} has wire type {w}, which descriptors never use")),
+            w => Err(format!(
+                "field {number} has wire type {w}, which descriptors never use"
+            )),
         }
     }
 

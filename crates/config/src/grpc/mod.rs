@@ -311,7 +311,10 @@ fn run(files: &[GrpcSource], watch: &Watch<'_>, diags: &mut Diags) -> Option<Ser
             ),
             Some(_) => {}
         }
-        if let Some(v) = root.get("config_version").or_else(|| root.get("configVersion")) {
+        if let Some(v) = root
+            .get("config_version")
+            .or_else(|| root.get("configVersion"))
+        {
             config_version = Some((*i, v));
         }
         let mut walk = schema::Walk {
@@ -469,7 +472,10 @@ fn resolve_apis(
             diags.warn(
                 file,
                 pos,
-                format!("API '{}' is listed more than once; the later entry is ignored.", api.name),
+                format!(
+                    "API '{}' is listed more than once; the later entry is ignored.",
+                    api.name
+                ),
             );
             continue;
         }
@@ -486,7 +492,11 @@ fn resolve_apis(
                     .collect();
                 format!(" The descriptor set defines: {}.", known.join(", "))
             };
-            diags.error(file, pos, format!("Cannot resolve api '{}'.{hint}", api.name));
+            diags.error(
+                file,
+                pos,
+                format!("Cannot resolve api '{}'.{hint}", api.name),
+            );
             continue;
         };
         let proto_file = service.parent_file();
@@ -711,7 +721,11 @@ fn expand_rules(
         for (i, r) in b.rules.iter().enumerate() {
             if let Some(problem) = backend_deadline_problem(r.deadline) {
                 let (file, pos) = ctx.at("backend.rules", i, "deadline");
-                diags.error(file, pos, format!("backend rule deadline {:?} {problem}.", r.deadline));
+                diags.error(
+                    file,
+                    pos,
+                    format!("backend rule deadline {:?} {problem}.", r.deadline),
+                );
             }
             if let Err(problem) = r.backend_protocol() {
                 let (file, pos) = ctx.at("backend.rules", i, "protocol");
@@ -781,11 +795,7 @@ fn expand_rules(
                     Ok(Some(p)) => (rule_from_proto(p), file, WHOLE_FILE, true),
                     Ok(None) => continue,
                     Err(e) => {
-                        diags.error(
-                            file,
-                            WHOLE_FILE,
-                            format!("Method '{selector}': {e}."),
-                        );
+                        diags.error(file, WHOLE_FILE, format!("Method '{selector}': {e}."));
                         continue;
                     }
                 }
@@ -821,7 +831,11 @@ fn rule_from_proto(p: HttpRuleProto) -> HttpRule {
         selector: p.selector,
         body: p.body,
         response_body: p.response_body,
-        additional_bindings: p.additional_bindings.into_iter().map(rule_from_proto).collect(),
+        additional_bindings: p
+            .additional_bindings
+            .into_iter()
+            .map(rule_from_proto)
+            .collect(),
         ..Default::default()
     };
     match p.pattern {
@@ -901,7 +915,10 @@ fn check_rule(rule: &HttpRule, method: &MethodDescriptor, nested: bool, out: &mu
         }
     }
     if !rule.response_body.is_empty()
-        && method.output().get_field_by_name(&rule.response_body).is_none()
+        && method
+            .output()
+            .get_field_by_name(&rule.response_body)
+            .is_none()
     {
         out.push(format!(
             "response_body field '{}' is not a field of the response message '{}'",
@@ -911,7 +928,9 @@ fn check_rule(rule: &HttpRule, method: &MethodDescriptor, nested: bool, out: &mu
     }
     if nested {
         if !rule.additional_bindings.is_empty() {
-            out.push("rules in additional_bindings must not specify additional_bindings".to_string());
+            out.push(
+                "rules in additional_bindings must not specify additional_bindings".to_string(),
+            );
         }
         if !rule.selector.is_empty() {
             out.push("rules in additional_bindings must not specify a selector".to_string());
@@ -958,7 +977,11 @@ fn finish(svc: &mut Service, files: &[GrpcSource]) {
     if svc.usage.is_none() {
         svc.usage = Some(Usage::default());
     }
-    if svc.control.as_ref().is_none_or(|c| c.environment.is_empty()) {
+    if svc
+        .control
+        .as_ref()
+        .is_none_or(|c| c.environment.is_empty())
+    {
         svc.control = Some(Control {
             environment: CONTROL_ENVIRONMENT.to_string(),
         });
@@ -973,8 +996,11 @@ fn finish(svc: &mut Service, files: &[GrpcSource]) {
     let user_metrics = std::mem::take(&mut svc.metrics);
     svc.metrics = generated::metrics();
     let known: HashSet<String> = svc.metrics.iter().map(|m| m.name.clone()).collect();
-    svc.metrics
-        .extend(user_metrics.into_iter().filter(|m| !known.contains(&m.name)));
+    svc.metrics.extend(
+        user_metrics
+            .into_iter()
+            .filter(|m| !known.contains(&m.name)),
+    );
     svc.monitored_resources = generated::monitored_resources();
     svc.logging = Some(generated::logging());
     svc.monitoring = Some(generated::monitoring());

@@ -115,10 +115,7 @@ static CUSTOM_HTTP_PATTERN: Msg = Msg {
 
 static USAGE: Msg = Msg {
     name: "google.api.Usage",
-    fields: &[
-        many("requirements", Str),
-        many("rules", Msg(&USAGE_RULE)),
-    ],
+    fields: &[many("requirements", Str), many("rules", Msg(&USAGE_RULE))],
 };
 
 static USAGE_RULE: Msg = Msg {
@@ -250,7 +247,10 @@ static SYSTEM_PARAMETERS: Msg = Msg {
 
 static SYSTEM_PARAMETER_RULE: Msg = Msg {
     name: "google.api.SystemParameterRule",
-    fields: &[one("selector", Str), many("parameters", Msg(&SYSTEM_PARAMETER))],
+    fields: &[
+        one("selector", Str),
+        many("parameters", Msg(&SYSTEM_PARAMETER)),
+    ],
 };
 
 static SYSTEM_PARAMETER: Msg = Msg {
@@ -308,7 +308,12 @@ pub(super) struct Walk<'d, 'n> {
 impl<'n> Walk<'_, 'n> {
     /// `node` as the JSON of message `msg`, or `None` after reporting why it is not one.
     /// `path` is the dotted path of the top-level lists (empty once inside a list).
-    pub fn message(&mut self, node: &'n Node, msg: &'static Msg, path: Option<&str>) -> Option<Json> {
+    pub fn message(
+        &mut self,
+        node: &'n Node,
+        msg: &'static Msg,
+        path: Option<&str>,
+    ) -> Option<Json> {
         if self.watch.check().is_err() {
             return None;
         }
@@ -319,7 +324,11 @@ impl<'n> Walk<'_, 'n> {
             self.diags.error(
                 self.file,
                 node.pos,
-                format!("Expected a mapping for '{}', found {}.", msg.name, node.kind()),
+                format!(
+                    "Expected a mapping for '{}', found {}.",
+                    msg.name,
+                    node.kind()
+                ),
             );
             return None;
         };
@@ -334,7 +343,10 @@ impl<'n> Walk<'_, 'n> {
                 self.diags.error(
                     self.file,
                     k.pos,
-                    format!("Found field '{}' which is unknown in '{}'.", k.text, msg.name),
+                    format!(
+                        "Found field '{}' which is unknown in '{}'.",
+                        k.text, msg.name
+                    ),
                 );
                 ok = false;
                 continue;

@@ -64,7 +64,10 @@ fn http_rule<'s>(svc: &'s Service, method: &str) -> Option<&'s HttpRule> {
 
 #[test]
 fn bookstore_with_keys_fills_apis_and_rules_from_the_descriptor() {
-    let c = ok(&[set(bookstore_set()), yaml("api_config.yaml", &example("api_config.yaml"))]);
+    let c = ok(&[
+        set(bookstore_set()),
+        yaml("api_config.yaml", &example("api_config.yaml")),
+    ]);
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     let svc = c.service;
     assert_eq!(svc.name, "bookstore.endpoints.demo-proj.cloud.goog");
@@ -96,7 +99,10 @@ fn bookstore_with_keys_fills_apis_and_rules_from_the_descriptor() {
         ]
     );
     let list = &api.methods[0];
-    assert_eq!(list.request_type_url, "type.googleapis.com/google.protobuf.Empty");
+    assert_eq!(
+        list.request_type_url,
+        "type.googleapis.com/google.protobuf.Empty"
+    );
     assert_eq!(
         list.response_type_url,
         "type.googleapis.com/endpoints.examples.bookstore.ListShelvesResponse"
@@ -112,7 +118,10 @@ fn bookstore_with_keys_fills_apis_and_rules_from_the_descriptor() {
     // Annotations: one rule per annotated method, full selectors; StreamBooks has none.
     let http = &svc.http.as_ref().unwrap().rules;
     assert_eq!(http.len(), 8, "{http:?}");
-    assert_eq!(http_rule(&svc, "ListShelves").unwrap().get.as_deref(), Some("/v1/shelves"));
+    assert_eq!(
+        http_rule(&svc, "ListShelves").unwrap().get.as_deref(),
+        Some("/v1/shelves")
+    );
     let create = http_rule(&svc, "CreateBook").unwrap();
     assert_eq!(create.post.as_deref(), Some("/v1/shelves/{shelf}/books"));
     assert_eq!(create.body, "book");
@@ -131,7 +140,10 @@ fn bookstore_with_keys_fills_apis_and_rules_from_the_descriptor() {
 
     assert!(svc.has_service_control());
     assert_eq!(svc.endpoints[0].name, svc.name);
-    assert!(svc.metrics.iter().any(|m| m.name.ends_with("/consumer/request_count")));
+    assert!(svc
+        .metrics
+        .iter()
+        .any(|m| m.name.ends_with("/consumer/request_count")));
     assert_eq!(svc.logs[0].name, "endpoints_log");
     let files = &svc.source_info.as_ref().unwrap().source_files;
     assert_eq!(files.len(), 2);
@@ -184,7 +196,13 @@ fn repeated_fields_append_and_singular_fields_are_replaced_across_files() {
     );
     let svc = ok(&[set(bookstore_set()), yaml("a.yaml", &a), yaml("b.yaml", &b)]).service;
     assert_eq!(svc.title, "Second");
-    let sels: Vec<String> = svc.usage.unwrap().rules.into_iter().map(|r| r.selector).collect();
+    let sels: Vec<String> = svc
+        .usage
+        .unwrap()
+        .rules
+        .into_iter()
+        .map(|r| r.selector)
+        .collect();
     assert_eq!(sels, [format!("{PKG}.GetShelf"), format!("{PKG}.GetBook")]);
 }
 
@@ -202,18 +220,25 @@ system_parameters:\n  rules:\n  - selector: {PKG}.ListShelves\n    parameters:\n
     let svc = c.service;
     let usage = &svc.usage.as_ref().unwrap().rules;
     assert_eq!(usage.len(), 10);
-    assert!(usage.iter().all(|r| r.selector.starts_with(PKG) && !r.selector.contains('*')));
+    assert!(usage
+        .iter()
+        .all(|r| r.selector.starts_with(PKG) && !r.selector.contains('*')));
     for r in usage {
         let closed = r.selector.ends_with(".CreateShelf") || r.selector.ends_with(".DeleteShelf");
         assert_eq!(r.allow_unregistered_calls, !closed, "{}", r.selector);
     }
     let backend = &svc.backend.as_ref().unwrap().rules;
     assert_eq!(backend.len(), 10);
-    assert!(backend.iter().all(|r| r.address == "grpcs://books.example.com" && r.deadline == 5.0));
+    assert!(backend
+        .iter()
+        .all(|r| r.address == "grpcs://books.example.com" && r.deadline == 5.0));
     assert_eq!(svc.authentication.as_ref().unwrap().rules.len(), 10);
     let quota = &svc.quota.as_ref().unwrap().metric_rules;
     assert_eq!(quota.len(), 10);
-    let create = quota.iter().find(|r| r.selector.ends_with(".CreateBook")).unwrap();
+    let create = quota
+        .iter()
+        .find(|r| r.selector.ends_with(".CreateBook"))
+        .unwrap();
     assert_eq!(create.metric_costs.get("write-requests"), Some(&5));
     assert!(!create.metric_costs.contains_key("read-requests"));
     let sp = &svc.system_parameters.as_ref().unwrap().rules;
@@ -245,7 +270,8 @@ fn bad_selector_syntax_is_an_error() {
         let text = format!("{HEAD}usage:\n  rules:\n  - selector: \"{bad}\"\n");
         let e = errors(&[set(bookstore_set()), yaml("api_config.yaml", &text)]);
         let want = if bad.is_empty() {
-            "api_config.yaml:8:15: usage rule has no selector; use '*' for every method.".to_string()
+            "api_config.yaml:8:15: usage rule has no selector; use '*' for every method."
+                .to_string()
         } else {
             format!("api_config.yaml:8:15: usage rule has bad syntax in selector '{bad}'.")
         };
@@ -319,14 +345,20 @@ fn wrong_value_types_are_errors() {
 #[test]
 fn type_and_config_version_are_checked() {
     let body = format!("name: s.example.com\napis:\n- name: {PKG}\n");
-    let e = errors(&[set(bookstore_set()), yaml("a.yaml", &format!("config_version: 3\n{body}"))]);
+    let e = errors(&[
+        set(bookstore_set()),
+        yaml("a.yaml", &format!("config_version: 3\n{body}")),
+    ]);
     assert_eq!(
         e,
         ["a.yaml:1:1: Expected a field 'type' specifying the configuration type name in root object."]
     );
     let e = errors(&[
         set(bookstore_set()),
-        yaml("a.yaml", &format!("type: google.api.Other\nconfig_version: 3\n{body}")),
+        yaml(
+            "a.yaml",
+            &format!("type: google.api.Other\nconfig_version: 3\n{body}"),
+        ),
     ]);
     assert_eq!(
         e,
@@ -336,10 +368,16 @@ fn type_and_config_version_are_checked() {
         set(bookstore_set()),
         yaml("a.yaml", &format!("type: google.api.Service\n{body}")),
     ]);
-    assert_eq!(e, ["a.yaml: config_version is not specified in the service config file."]);
+    assert_eq!(
+        e,
+        ["a.yaml: config_version is not specified in the service config file."]
+    );
     let c = ok(&[
         set(bookstore_set()),
-        yaml("a.yaml", &format!("type: google.api.Service\nconfig_version: 2\n{body}")),
+        yaml(
+            "a.yaml",
+            &format!("type: google.api.Service\nconfig_version: 2\n{body}"),
+        ),
     ]);
     assert_eq!(
         c.warnings.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
@@ -347,12 +385,28 @@ fn type_and_config_version_are_checked() {
     );
     assert_eq!(c.service.config_version, 3);
     let e = errors(&[set(bookstore_set()), yaml("a.yaml", "- a\n- b\n")]);
-    assert_eq!(e, ["a.yaml:1:1: The service config must be a mapping (a google.api.Service), not a list."]);
-    let e = errors(&[set(bookstore_set()), yaml("a.yaml", "type: google.api.Service\nconfig_version: 3\n")]);
+    assert_eq!(
+        e,
+        ["a.yaml:1:1: The service config must be a mapping (a google.api.Service), not a list."]
+    );
+    let e = errors(&[
+        set(bookstore_set()),
+        yaml("a.yaml", "type: google.api.Service\nconfig_version: 3\n"),
+    ]);
     assert_eq!(e, ["a.yaml:1:1: The service config has no 'name'; give the service's name, e.g. name: bookstore.endpoints.my-project.cloud.goog."]);
     let e = errors(&[set(bookstore_set()), yaml("a.yaml", "type: [unclosed\n")]);
-    assert!(e[0].starts_with("a.yaml:") && e[0].contains("invalid YAML"), "{e:?}");
-    let e = errors(&[set(bookstore_set()), GrpcSource::new(FileType::ServiceConfigYaml, "a.yaml", vec![b'a', b':', 0xff])]);
+    assert!(
+        e[0].starts_with("a.yaml:") && e[0].contains("invalid YAML"),
+        "{e:?}"
+    );
+    let e = errors(&[
+        set(bookstore_set()),
+        GrpcSource::new(
+            FileType::ServiceConfigYaml,
+            "a.yaml",
+            vec![b'a', b':', 0xff],
+        ),
+    ]);
     assert_eq!(e, ["a.yaml:1:1: The file is not valid UTF-8 text."]);
 }
 
@@ -415,13 +469,25 @@ fn broken_descriptor_sets_are_errors_naming_the_file() {
     let cfg = yaml("api_config.yaml", &example("api_config.yaml"));
     for (bytes, want) in [
         (Vec::new(), "the file is empty"),
-        (vec![0xff, 0xff, 0xff], "it is not a protobuf-encoded google.protobuf.FileDescriptorSet"),
-        (good[..good.len() / 2].to_vec(), "it is not a protobuf-encoded google.protobuf.FileDescriptorSet"),
-        (b"syntax = \"proto3\";".to_vec(), "The descriptor set cannot be used: "),
+        (
+            vec![0xff, 0xff, 0xff],
+            "it is not a protobuf-encoded google.protobuf.FileDescriptorSet",
+        ),
+        (
+            good[..good.len() / 2].to_vec(),
+            "it is not a protobuf-encoded google.protobuf.FileDescriptorSet",
+        ),
+        (
+            b"syntax = \"proto3\";".to_vec(),
+            "The descriptor set cannot be used: ",
+        ),
     ] {
         let e = errors(&[set(bytes), cfg.clone()]);
         assert_eq!(e.len(), 1, "{e:?}");
-        assert!(e[0].starts_with("api_descriptor.pb: The descriptor set cannot be used: "), "{e:?}");
+        assert!(
+            e[0].starts_with("api_descriptor.pb: The descriptor set cannot be used: "),
+            "{e:?}"
+        );
         assert!(e[0].contains(want), "{e:?}");
         assert!(e[0].ends_with("Build it with protoc --include_imports --include_source_info --descriptor_set_out=FILE."), "{e:?}");
     }
@@ -476,11 +542,21 @@ message R {}
 
 #[test]
 fn proto_files_need_a_descriptor_set_and_are_kept_for_display() {
-    let proto = GrpcSource::new(FileType::ProtoFile, "bookstore.proto", example("bookstore.proto"));
-    let cfg = yaml("api_config.yaml", "type: google.api.Service\nconfig_version: 3\nname: s.example.com\n");
+    let proto = GrpcSource::new(
+        FileType::ProtoFile,
+        "bookstore.proto",
+        example("bookstore.proto"),
+    );
+    let cfg = yaml(
+        "api_config.yaml",
+        "type: google.api.Service\nconfig_version: 3\nname: s.example.com\n",
+    );
     let e = errors(&[cfg.clone(), proto.clone()]);
     assert_eq!(e.len(), 1);
-    assert!(e[0].starts_with("bookstore.proto: A PROTO_FILE is kept for display only"), "{e:?}");
+    assert!(
+        e[0].starts_with("bookstore.proto: A PROTO_FILE is kept for display only"),
+        "{e:?}"
+    );
     let svc = ok(&[set(bookstore_set()), cfg, proto]).service;
     let files = svc.source_info.unwrap().source_files;
     assert_eq!(files[2]["fileType"], "PROTO_FILE");
@@ -503,21 +579,43 @@ fn backend_and_quota_values_are_range_checked_with_positions() {
     );
     let e = errors(&[set(bookstore_set()), yaml("api_config.yaml", &text)]);
     assert_eq!(e.len(), 3, "{e:?}");
-    assert!(e[0].starts_with("api_config.yaml:9:15: backend rule deadline 1e300 is out of range"), "{e:?}");
-    assert!(e[1].starts_with("api_config.yaml:10:15: backend rule protocol \"h3\" is not supported"), "{e:?}");
-    assert!(e[2].starts_with("api_config.yaml:15:7: quota rule: the cost -1 of metric 'r' is out of range"), "{e:?}");
+    assert!(
+        e[0].starts_with("api_config.yaml:9:15: backend rule deadline 1e300 is out of range"),
+        "{e:?}"
+    );
+    assert!(
+        e[1].starts_with("api_config.yaml:10:15: backend rule protocol \"h3\" is not supported"),
+        "{e:?}"
+    );
+    assert!(
+        e[2].starts_with(
+            "api_config.yaml:15:7: quota rule: the cost -1 of metric 'r' is out of range"
+        ),
+        "{e:?}"
+    );
 }
 
 #[test]
 fn the_bookstore_auth_sample_expands_its_rules() {
-    let c = ok(&[set(bookstore_set()), yaml("api_config_auth.yaml", &example("api_config_auth.yaml"))]);
+    let c = ok(&[
+        set(bookstore_set()),
+        yaml("api_config_auth.yaml", &example("api_config_auth.yaml")),
+    ]);
     let svc = c.service;
     let auth = svc.authentication.unwrap();
     assert_eq!(auth.providers.len(), 1);
     assert_eq!(auth.providers[0].id, "bookstore_sa");
     assert_eq!(auth.rules.len(), 10);
-    assert!(auth.rules.iter().all(|r| r.requirements[0].provider_id == "bookstore_sa"));
-    assert!(svc.usage.unwrap().rules.iter().all(|r| r.allow_unregistered_calls));
+    assert!(auth
+        .rules
+        .iter()
+        .all(|r| r.requirements[0].provider_id == "bookstore_sa"));
+    assert!(svc
+        .usage
+        .unwrap()
+        .rules
+        .iter()
+        .all(|r| r.allow_unregistered_calls));
 }
 
 #[test]
@@ -527,14 +625,24 @@ fn a_cancelled_conversion_stops() {
         deadline: None,
         cancel: Some(cancel),
     };
-    let e = convert_with(&[set(bookstore_set()), yaml("api_config.yaml", &example("api_config.yaml"))], &opts)
-        .unwrap_err();
+    let e = convert_with(
+        &[
+            set(bookstore_set()),
+            yaml("api_config.yaml", &example("api_config.yaml")),
+        ],
+        &opts,
+    )
+    .unwrap_err();
     assert_eq!(e.interrupted, Some(Interrupted::Cancelled));
 }
 
 #[test]
 fn file_types_round_trip_their_names() {
-    for t in [FileType::ServiceConfigYaml, FileType::FileDescriptorSetProto, FileType::ProtoFile] {
+    for t in [
+        FileType::ServiceConfigYaml,
+        FileType::FileDescriptorSetProto,
+        FileType::ProtoFile,
+    ] {
         assert_eq!(FileType::from_name(t.as_str()), Some(t));
     }
     assert_eq!(FileType::from_name("OPEN_API_YAML"), None);
