@@ -210,6 +210,16 @@ pub fn convert_with(
     }
 }
 
+/// `text` for a message: whole when short, else its first 80 characters and "...", so a
+/// selector or name as long as the file is not repeated whole in every diagnostic.
+fn shown(text: &str) -> String {
+    const SHOWN: usize = 80;
+    match text.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
 fn no_file_error(message: &str) -> Diagnostic {
     Diagnostic {
         severity: Severity::Error,
@@ -474,7 +484,7 @@ fn resolve_apis(
                 pos,
                 format!(
                     "API '{}' is listed more than once; the later entry is ignored.",
-                    api.name
+                    shown(&api.name)
                 ),
             );
             continue;
@@ -495,7 +505,7 @@ fn resolve_apis(
             diags.error(
                 file,
                 pos,
-                format!("Cannot resolve api '{}'.{hint}", api.name),
+                format!("Cannot resolve api '{}'.{hint}", shown(&api.name)),
             );
             continue;
         };
@@ -616,7 +626,10 @@ fn winners(
             diags.error(
                 file,
                 pos,
-                format!("{aspect} rule has bad syntax in selector '{selector}'."),
+                format!(
+                    "{aspect} rule has bad syntax in selector '{}'.",
+                    shown(selector)
+                ),
             );
             continue;
         };
@@ -656,7 +669,7 @@ fn winners(
                 format!(
                     "{aspect} rule has selector(s) '{}' that do not match and are not shadowed \
                      by other rules.",
-                    unmatched.join(",")
+                    shown(&unmatched.join(","))
                 ),
             );
         }

@@ -647,3 +647,22 @@ fn file_types_round_trip_their_names() {
     }
     assert_eq!(FileType::from_name("OPEN_API_YAML"), None);
 }
+
+#[test]
+fn long_selectors_and_names_are_not_echoed_whole() {
+    let long = format!("{}..x", "a".repeat(1 << 20));
+    let text = format!("{HEAD}- name: {long}\n");
+    let e = errors(&[set(bookstore_set()), yaml("api_config.yaml", &text)]);
+    assert_eq!(e.len(), 1, "{}", e.len());
+    assert!(e[0].len() < 400, "{}", e[0].len());
+    assert!(
+        e[0].contains("Cannot resolve api 'aaaa") && e[0].contains("...'."),
+        "{}",
+        &e[0][..200]
+    );
+    let text = format!("{HEAD}usage:\n  rules:\n  - selector: \"{long}\"\n");
+    let e = errors(&[set(bookstore_set()), yaml("api_config.yaml", &text)]);
+    assert_eq!(e.len(), 1);
+    assert!(e[0].len() < 300, "{}", e[0].len());
+    assert!(e[0].ends_with("...'."), "{}", &e[0][..200]);
+}
