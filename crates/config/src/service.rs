@@ -174,6 +174,12 @@ pub struct Method {
     pub request_type_url: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub response_type_url: String,
+    /// gRPC client streaming (`stream` request); never set for OpenAPI methods.
+    #[serde(skip_serializing_if = "is_false")]
+    pub request_streaming: bool,
+    /// gRPC server streaming (`stream` response); never set for OpenAPI methods.
+    #[serde(skip_serializing_if = "is_false")]
+    pub response_streaming: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -813,3 +813,117 @@ async fn delete_and_undelete() {
         ro[0]["rolloutId"].as_str()
     );
 }
+
+/// `configs:submit` of typed files (gcloud's `fileType`s), URL-safe base64.
+async fn post_typed(e: &TestEnv, files: &[(&str, &str, &[u8])]) -> (StatusCode, Value) {
+    let files: Vec<Value> = files
+        .iter()
+        .map(|(path, file_type, bytes)| {
+            json!({"filePath": path,
+                   "fileContents": base64::engine::general_purpose::URL_SAFE.encode(bytes),
+                   "fileType": file_type})
+        })
+        .collect();
+    e.admin(
+        Method::POST,
+        &format!("/v1/services/{SVC}/configs:submit"),
+        Some(json!({"configSource": {"files": files}, "validateOnly": false})),
+    )
+    .await
+}
+
+/// gRPC sources go to the gRPC converter (a service config without APIs needs no descriptor);
+/// mixing them with OpenAPI files, a name for another service, a PROTO_FILE alone and a broken
+/// descriptor are refused with messages that name the files.
+#[tokio::test]
+async fn grpc_sources_are_converted_and_mixed_sources_refused() {
+    let e = env().await;
+    create(&e).await;
+    let yaml =
+        format!("type: google.api.Service\nconfig_version: 3\nname: {SVC}\ntitle: Bare gRPC\n");
+    let (st, op) = post_typed(
+        &e,
+        &[("api_config.yaml", "SERVICE_CONFIG_YAML", yaml.as_bytes())],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{op}");
+    let cfg = &op["response"]["serviceConfig"];
+    assert_eq!(cfg["title"], "Bare gRPC");
+    assert_eq!(
+        cfg["control"]["environment"],
+        "servicecontrol.googleapis.com"
+    );
+    assert_eq!(
+        cfg["sourceInfo"]["sourceFiles"][0]["fileType"],
+        "SERVICE_CONFIG_YAML"
+    );
+
+    let (st, err) = post_typed(
+        &e,
+        &[
+            ("openapi.yaml", "OPEN_API_YAML", ECHO.as_bytes()),
+            ("api_config.yaml", "SERVICE_CONFIG_YAML", yaml.as_bytes()),
+        ],
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{err}");
+    assert_eq!(
+        err["error"]["message"],
+        "OpenAPI files (openapi.yaml) and gRPC service files (api_config.yaml) cannot be \
+         deployed together: a service is described either by OpenAPI or by a descriptor set \
+         and api_config.yaml."
+    );
+
+    let other = yaml.replace("echo-api.endpoints", "other-api.endpoints");
+    let (st, err) = post_typed(
+        &e,
+        &[("api_config.yaml", "SERVICE_CONFIG_YAML", other.as_bytes())],
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{err}");
+    assert_eq!(
+        err["error"]["message"],
+        format!(
+            "The service name 'other-api.endpoints.demo-proj.cloud.goog' in the configuration \
+             (name) does not match the service '{SVC}' it was submitted to."
+        )
+    );
+
+    let (st, err) = post_typed(
+        &e,
+        &[
+            (
+                "api_descriptor.pb",
+                "FILE_DESCRIPTOR_SET_PROTO",
+                b"\xff\xff",
+            ),
+            ("api_config.yaml", "SERVICE_CONFIG_YAML", yaml.as_bytes()),
+            ("bookstore.proto", "PROTO_FILE", b"syntax = \"proto3\";"),
+        ],
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{err}");
+    let msg = err["error"]["message"].as_str().expect("message");
+    assert!(
+        msg.starts_with(
+            "Cannot convert to service config.\napi_descriptor.pb: The descriptor set cannot be \
+             used: it is not a protobuf-encoded google.protobuf.FileDescriptorSet"
+        ),
+        "{msg}"
+    );
+    let (st, err) = post_typed(
+        &e,
+        &[("bookstore.proto", "PROTO_FILE", b"syntax = \"proto3\";")],
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{err}");
+    let msg = err["error"]["message"].as_str().expect("message");
+    assert!(
+        msg.contains("a gRPC service needs a SERVICE_CONFIG_YAML file"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("bookstore.proto: A PROTO_FILE is kept for display only"),
+        "{msg}"
+    );
+}

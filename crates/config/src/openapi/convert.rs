@@ -2037,6 +2037,7 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
             name: method_name,
             request_type_url,
             response_type_url: VALUE_TYPE_URL.to_string(),
+            ..Default::default()
         });
 
         // Security.
@@ -2408,6 +2409,7 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
                     name: ALLOW_ALL_METHOD.to_string(),
                     request_type_url: EMPTY_TYPE_URL.to_string(),
                     response_type_url: VALUE_TYPE_URL.to_string(),
+                    ..Default::default()
                 });
                 self.out.http.push(HttpRule {
                     selector: selector.clone(),

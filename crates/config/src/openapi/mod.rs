@@ -56,7 +56,7 @@
 //! [`Service::request_field_json_name`]: crate::service::Service::request_field_json_name
 
 mod convert;
-mod generated;
+pub(crate) mod generated;
 mod refs;
 pub(crate) mod tree;
 

@@ -1,4 +1,5 @@
-//! Configs: `configs:submit` (OpenAPI sources converted by the config crate, off the request
+//! Configs: `configs:submit` (OpenAPI sources, or a gRPC descriptor set + api_config.yaml files,
+//! converted by the config crate, off the request
 //! threads and within [`Conversions`]' bounds), list, get, and ESP's `/config`.
 //!
 //! Handlers only (see the parent module's layer rule); storage goes through `crate::store`.
@@ -136,6 +137,13 @@ async fn convert_bounded(
     }
 }
 
+/// Which converter a submission goes to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SourceKind {
+    OpenApi,
+    Grpc(portico_config::grpc::FileType),
+}
+
 /// Turns the submitted files into a config: decode, convert, check the name.
 fn convert_sources(
     service: &str,
@@ -143,6 +151,7 @@ fn convert_sources(
     opts: &portico_config::ConvertOptions,
     timeout: std::time::Duration,
 ) -> Result<(portico_config::Service, Vec<Diagnostic>), ApiError> {
+    use portico_config::grpc::{FileType, GrpcSource};
     use portico_config::openapi::{convert_with, Severity, SourceFile};
     use portico_config::Interrupted;
     if files.is_empty() {
@@ -152,22 +161,28 @@ fn convert_sources(
         );
     }
     let mut sources = Vec::with_capacity(files.len());
+    let mut kinds = Vec::with_capacity(files.len());
     for (i, f) in files.iter().enumerate() {
-        match f.file_type.as_str() {
-            "OPEN_API_YAML" | "OPEN_API_JSON" => {}
+        let kind = match f.file_type.as_str() {
+            "OPEN_API_YAML" | "OPEN_API_JSON" => SourceKind::OpenApi,
             "" | "FILE_TYPE_UNSPECIFIED" => {
                 return Err(ApiError::invalid_argument(format!(
-                    "configSource.files[{i}].fileType is required (OPEN_API_YAML or OPEN_API_JSON)."
+                    "configSource.files[{i}].fileType is required (OPEN_API_YAML, OPEN_API_JSON, \
+                     SERVICE_CONFIG_YAML, FILE_DESCRIPTOR_SET_PROTO or PROTO_FILE)."
                 )))
             }
-            other => {
-                return Err(ApiError::invalid_argument(format!(
-                    "File type {other} of '{}' is not supported: Portico accepts OpenAPI 2.0 \
-                     sources (OPEN_API_YAML, OPEN_API_JSON).",
-                    f.file_path
-                )))
-            }
-        }
+            other => match FileType::from_name(other) {
+                Some(t) => SourceKind::Grpc(t),
+                None => {
+                    return Err(ApiError::invalid_argument(format!(
+                        "File type {other} of '{}' is not supported: Portico accepts OpenAPI 2.0 \
+                         sources (OPEN_API_YAML, OPEN_API_JSON) or gRPC sources \
+                         (SERVICE_CONFIG_YAML, FILE_DESCRIPTOR_SET_PROTO, PROTO_FILE).",
+                        f.file_path
+                    )))
+                }
+            },
+        };
         let bytes = crate::authz::decode_base64_any(&f.file_contents).ok_or_else(|| {
             ApiError::invalid_argument(format!(
                 "configSource.files[{i}].fileContents is not valid base64."
@@ -179,8 +194,46 @@ fn convert_sources(
             f.file_path.clone()
         };
         sources.push(SourceFile::new(path, bytes));
+        kinds.push(kind);
     }
-    let conv = convert_with(&sources, opts).map_err(|e| {
+    let openapi: Vec<&str> = sources
+        .iter()
+        .zip(&kinds)
+        .filter(|(_, k)| **k == SourceKind::OpenApi)
+        .map(|(s, _)| s.path.as_str())
+        .collect();
+    let grpc = openapi.len() < sources.len();
+    if grpc && !openapi.is_empty() {
+        let others: Vec<&str> = sources
+            .iter()
+            .zip(&kinds)
+            .filter(|(_, k)| **k != SourceKind::OpenApi)
+            .map(|(s, _)| s.path.as_str())
+            .collect();
+        return Err(ApiError::invalid_argument(format!(
+            "OpenAPI files ({}) and gRPC service files ({}) cannot be deployed together: a \
+             service is described either by OpenAPI or by a descriptor set and api_config.yaml.",
+            openapi.join(", "),
+            others.join(", ")
+        )));
+    }
+    let converted = if grpc {
+        let grpc_sources: Vec<GrpcSource> = sources
+            .iter()
+            .zip(&kinds)
+            .filter_map(|(s, k)| match k {
+                SourceKind::Grpc(t) => Some(GrpcSource {
+                    file_type: *t,
+                    file: s.clone(),
+                }),
+                SourceKind::OpenApi => None,
+            })
+            .collect();
+        portico_config::grpc::convert_with(&grpc_sources, opts)
+    } else {
+        convert_with(&sources, opts)
+    };
+    let conv = converted.map_err(|e| {
         match e.interrupted {
             Some(Interrupted::DeadlineExceeded) => {
                 return ApiError::new(
@@ -204,7 +257,7 @@ fn convert_sources(
         let mut msg = String::from("Cannot convert to service config.");
         for d in e.errors() {
             msg.push('\n');
-            msg.push_str(&format!("{}: {}", d.location(), d.message));
+            msg.push_str(&d.to_string());
         }
         let violations: Vec<Value> = e
             .errors()
@@ -217,9 +270,10 @@ fn convert_sources(
     })?;
     if conv.service.name != service {
         return Err(ApiError::invalid_argument(format!(
-            "The service name '{}' in the configuration (host) does not match the service \
+            "The service name '{}' in the configuration ({}) does not match the service \
              '{service}' it was submitted to.",
-            conv.service.name
+            conv.service.name,
+            if grpc { "name" } else { "host" }
         )));
     }
     let diagnostics = conv
