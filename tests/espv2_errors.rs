@@ -79,7 +79,7 @@ fn service_control(req: &Request) -> Action {
 
 fn backend(req: &Request) -> Action {
     match req.path.split('?').next().unwrap_or("") {
-        "/slow" => Action::Stall(Duration::from_secs(10)),
+        "/slow" | "/hold" => Action::Stall(Duration::from_secs(10)),
         "/reset" => Action::HangUp,
         _ => Action::Respond(200, r#"{"ok":true}"#.into()),
     }
@@ -172,6 +172,7 @@ fn service_config(jwks: SocketAddr, dead: u16, stuck: SocketAddr) -> serde_json:
             rule("JwtBroken", "get", "/jwtbroken"),
             rule("Quota", "get", "/quota"),
             rule("Slow", "get", "/slow"),
+            rule("Hold", "get", "/hold"),
             rule("Down", "get", "/down"),
             rule("Unresolved", "get", "/unresolved"),
             rule("Stuck", "get", "/stuck"),
@@ -180,7 +181,7 @@ fn service_config(jwks: SocketAddr, dead: u16, stuck: SocketAddr) -> serde_json:
             rule("Upload", "post", "/upload"),
         ]},
         "usage": {"rules": [
-            open("Open"), open("Shelf"), open("Jwt"), open("JwtBroken"), open("Slow"),
+            open("Open"), open("Shelf"), open("Jwt"), open("JwtBroken"), open("Slow"), open("Hold"),
             open("Down"), open("Reset"), open("IdToken"), open("Upload"), open("Unresolved"),
             open("Stuck"),
         ]},
@@ -197,6 +198,7 @@ fn service_config(jwks: SocketAddr, dead: u16, stuck: SocketAddr) -> serde_json:
         "quota": {"metricRules": [{"selector": "e2e.Api.Quota", "metricCosts": {"reads": "1"}}]},
         "backend": {"rules": [
             {"selector": "e2e.Api.Slow", "deadline": 0.5},
+            {"selector": "e2e.Api.Hold", "deadline": 5.0},
             {"selector": "e2e.Api.Down", "address": format!("http://127.0.0.1:{dead}/down")},
             // `.invalid` never resolves (RFC 6761).
             {"selector": "e2e.Api.Unresolved", "address": "http://backend.nowhere.invalid/x"},
@@ -348,6 +350,9 @@ fn every_error_the_proxy_writes_is_espv2s() {
     let mut sc_down_flags = common_flags(format!("http://127.0.0.1:{dead}"));
     sc_down_flags.push("--backend_retry_num=0".to_string());
     let (proxy_sc_down, port_sc_down) = espv2::start(dir.path(), "espv2-sc-down", &sc_down_flags);
+    let mut max1_flags = common_flags(format!("http://{sc}"));
+    max1_flags.push("--backend_cluster_maximum_requests=1".to_string());
+    let (proxy_max1, port_max1) = espv2::start(dir.path(), "espv2-max1", &max1_flags);
     let mut open_flags = common_flags(format!("http://{sc}"));
     open_flags.push("--service_control_network_fail_policy=open".to_string());
     let (proxy_open, port_open) = espv2::start(dir.path(), "espv2-open", &open_flags);
@@ -590,6 +595,25 @@ fn every_error_the_proxy_writes_is_espv2s() {
         "INTERNAL: Calling Google Service Control API failed with: 500 and body: boom",
     );
     check(&client, port_open, &refused, &|| proxy_open.log());
+
+    // The backend's circuit breaker: one request holds --backend's only place for its 5 s
+    // deadline; another meanwhile is refused at once.
+    let holder = std::thread::spawn(move || {
+        reqwest::blocking::Client::new()
+            .get(format!("http://127.0.0.1:{port_max1}/hold"))
+            .send()
+            .map(|r| r.status().as_u16())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let overflow = row(
+        "backend overflow",
+        "POST",
+        "/open",
+        503,
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+    );
+    check(&client, port_max1, &overflow, &|| proxy_max1.log());
+    assert_eq!(holder.join().expect("holder").ok(), Some(504));
 
     // gRPC over the same listener (h2c): the error as trailers-only, Envoy's code for 404.
     let h2 = reqwest::blocking::Client::builder()
