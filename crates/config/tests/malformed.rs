@@ -42,10 +42,13 @@ fn json_syntax_error() {
 }
 
 #[test]
-fn openapi_3_is_refused() {
+fn openapi_versions_other_than_3_0_and_3_1_are_refused() {
     assert_eq!(
-        errors("openapi.yaml", "openapi: 3.0.0\ninfo: {title: T, version: v1}\npaths: {}\n"),
-        ["openapi.yaml:1:10: OpenAPI 3.0.0 is not supported: only OpenAPI 2.0 (swagger: \"2.0\") is accepted; OpenAPI 3 is not supported"]
+        errors(
+            "openapi.yaml",
+            "openapi: 3.2.0\ninfo: {title: T, version: v1}\nservers: [{url: 'https://a.example.com', x-google-endpoint: {}}]\npaths: {}\n"
+        ),
+        ["openapi.yaml:1:10: OpenAPI version \"3.2.0\" is not supported: Portico accepts swagger: \"2.0\", openapi: 3.0.x and openapi: 3.1.x"]
     );
 }
 
