@@ -545,8 +545,13 @@ impl Lowering<'_, '_> {
                 continue;
             };
             for mut item in items {
-                // values: N → values: {STANDARD: N}
+                // values: N → values: {STANDARD: N}; 3.x has no unit (always per minute, per
+                // consumer project, the only unit 2.0 allowed).
                 if let Value::Map(fields) = &mut item.value {
+                    if !fields.iter().any(|(f, _)| f.text == "unit") {
+                        let p = item.pos;
+                        fields.push((key("unit", p), string("1/min/{project}", p)));
+                    }
                     for (fk, fv) in fields.iter_mut() {
                         if fk.text == "values" {
                             match fv.value {
