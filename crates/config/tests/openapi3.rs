@@ -440,3 +440,102 @@ fn several_3x_files_make_one_service_and_cannot_mix_with_2_0() {
         "a.yaml:1:10: this file is OpenAPI 3.0.0 but c.yaml is OpenAPI 2.0 (swagger: \"2.0\"); one deployment cannot mix OpenAPI 2.0 and 3.x files"
     );
 }
+
+/// One document with a problem of each kind 3.x adds: all are listed, each at its place.
+const MALFORMED: &str = r#"openapi: 3.0.3
+info: {title: T, version: v1}
+host: a.example.com
+servers:
+  - url: https://a.example.com
+    x-google-endpoint: {}
+  - url: https://b.example.com
+    x-google-endpoint: {}
+x-google-management: {}
+x-google-api-management:
+  backends:
+    main: {address: https://m.example.com, jwt_audiance: x}
+  quota:
+    limits:
+      l1: {metric: m, values: many}
+x-google-backend: {address: https://x.example.com}
+components:
+  securitySchemes:
+    basic: {type: http, scheme: basic}
+    jwt:
+      type: oauth2
+      x-google-issuer: i
+    cookie: {type: apiKey, in: cookie, name: k}
+    auth:
+      type: openIdConnect
+      x-google-auth: {jwksUri: https://x.example.com/jwks, audience: a}
+paths:
+  /a/{id=**}:
+    get:
+      operationId: a
+      responses: {'200': {description: ok}}
+  /b:
+    get:
+      operationId: b
+      security: [{basic: []}, {cookie: []}]
+      x-google-backend: missing
+      responses: {'200': {description: ok}}
+"#;
+
+#[test]
+fn malformed_3x_lists_every_problem_at_its_place() {
+    let errs = errors("bad.yaml", MALFORMED);
+    let want = [
+        "bad.yaml:3:1: \"host\" is OpenAPI 2.0; in OpenAPI 3.x the service name and base path come from the url of the server marked with x-google-endpoint (servers: [{url: \"https://HOST/BASE\", x-google-endpoint: {}}])",
+        "bad.yaml:8:5: only one server may carry x-google-endpoint (another does at line 6); it names the service",
+        "bad.yaml:9:1: x-google-management is the OpenAPI 2.0 extension; in OpenAPI 3.x write x-google-api-management, with metrics and quota limits as mappings keyed by name",
+        "bad.yaml:12:44: unknown field \"jwt_audiance\" in backend \"main\" (known: address, jwtAudience, disableAuth, pathTranslation, deadline, protocol)",
+        "bad.yaml:15:20: quota limit \"l1\" refers to metric \"m\", which is not defined in x-google-api-management.metrics",
+        "bad.yaml:15:31: quota limit values must be an integer (the most the metric may reach per minute), not a string",
+        "bad.yaml:16:20: in OpenAPI 3.x x-google-backend is the name of a backend: define it under x-google-api-management.backends.<name> (address, pathTranslation, jwtAudience, ...) and write x-google-backend: <name>",
+        "bad.yaml:19:33: security scheme \"basic\" (http) has scheme \"basic\"; only bearer, with x-google-auth, can be checked",
+        "bad.yaml:21:13: security scheme \"jwt\" (oauth2) has no x-google-auth: JWTs are checked only for schemes with x-google-auth: {issuer, jwksUri, audiences}",
+        "bad.yaml:22:7: security scheme \"jwt\": x-google-issuer is the OpenAPI 2.0 extension; in OpenAPI 3.x write x-google-auth: {issuer, jwksUri, audiences: [...], jwtLocations: [...]}",
+        "bad.yaml:23:32: security scheme \"cookie\" (apiKey): API keys in a cookie are not supported; use in: query or in: header",
+        "bad.yaml:26:23: x-google-auth of \"auth\" has no issuer; it must equal the tokens' iss claim",
+        "bad.yaml:26:60: unknown field \"audience\" in x-google-auth of \"auth\" (known: issuer, jwksUri, audiences, jwtLocations)",
+        "bad.yaml:28:3: path \"/a/{id=**}\": {name=...} is OpenAPI 2.0 syntax; in OpenAPI 3.x write {name} and give the path parameter x-google-parameter: {pattern: '**'} to match several segments",
+        "bad.yaml:36:25: x-google-backend \"missing\" is not defined in x-google-api-management.backends (defined: main)",
+    ];
+    for (i, (got, want)) in errs.iter().zip(want).enumerate() {
+        assert_eq!(got, want, "error {i}; all: {errs:#?}");
+    }
+    assert_eq!(errs.len(), want.len(), "{errs:#?}");
+}
+
+#[test]
+fn servers_problems() {
+    let head = "openapi: 3.0.0\ninfo: {title: T, version: v1}\n";
+    let tail = "paths: {}\n";
+    let cases = [
+        ("", "x.yaml:1:1: missing \"servers\": one server must carry x-google-endpoint, and its url names the service (servers: [{url: \"https://my-api.endpoints.my-project.cloud.goog\", x-google-endpoint: {}}])"),
+        ("servers: [{url: 'https://a.example.com'}]\n", "x.yaml:3:10: no server carries x-google-endpoint: mark the server whose url names the service, e.g. {url: \"https://my-api.endpoints.my-project.cloud.goog\", x-google-endpoint: {}}"),
+        ("servers: [{x-google-endpoint: {}}]\n", "x.yaml:3:12: the server carrying x-google-endpoint has no url; its host names the service"),
+        ("servers: [{url: 'ftp://a.example.com', x-google-endpoint: {}}]\n", "x.yaml:3:17: server url \"ftp://a.example.com\" cannot name the service: only http and https urls are accepted; write https://HOST[/basePath], e.g. https://my-api.endpoints.my-project.cloud.goog/v1"),
+        ("servers: [{url: 'https://a.example.com', x-google-endpoint: []}]\n", "x.yaml:3:61: x-google-endpoint must be a mapping (usually {}), not a list"),
+        ("servers: {url: x}\n", "x.yaml:3:11: servers must be a list of server objects"),
+    ];
+    for (servers, want) in cases {
+        let errs = errors("x.yaml", &format!("{head}{servers}{tail}"));
+        assert_eq!(
+            errs.first().map(String::as_str),
+            Some(want),
+            "{servers}: {errs:#?}"
+        );
+    }
+    // An invalid host is reported by the same check as 2.0's host, at the url.
+    let errs = errors(
+        "x.yaml",
+        &format!(
+            "{head}servers: [{{url: 'https://a_b.example.com', x-google-endpoint: {{}}}}]\n{tail}"
+        ),
+    );
+    assert!(
+        errs[0].starts_with("x.yaml:3:17: host \"a_b.example.com\" is not a valid service name"),
+        "{errs:#?}"
+    );
+}

@@ -204,6 +204,7 @@ pub(crate) fn convert(
             if sub.is_shared(index) || watch.stopped().is_some() {
                 continue;
             }
+            let first_diag = diags.len();
             let mut ctx = Ctx {
                 file: &file.path,
                 index,
@@ -212,6 +213,11 @@ pub(crate) fn convert(
             let mut converter = FileConverter::new(&mut ctx, root, &watch, &sub, &mut refs);
             converter.v3 = lowered.get(index).and_then(Option::as_ref);
             let out = converter.run();
+            if lowered.get(index).is_some_and(Option::is_some) {
+                for (_, d) in &mut diags[first_diag..] {
+                    d.message = v3::in_3x_terms(&d.message);
+                }
+            }
             if let Some(out) = out {
                 outs.push((index, out));
             }
@@ -675,8 +681,8 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
                 {
                     self.unknown_extension(k);
                 }
-            } else if !TOP_LEVEL_FIELDS.contains(&name)
-                && !(self.v3.is_some() && name == "components")
+            } else if !(TOP_LEVEL_FIELDS.contains(&name)
+                || (self.v3.is_some() && name == "components"))
             {
                 self.ctx.error(
                     k.pos,

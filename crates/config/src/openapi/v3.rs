@@ -560,10 +560,18 @@ impl Lowering<'_, '_> {
                                     *fv = mapping(vec![(key("STANDARD", n.pos), n)], fv.pos);
                                 }
                                 Value::Map(_) => {}
-                                _ => self.ctx.error(
-                                    fv.pos,
-                                    format!("quota limit values must be an integer (the most the metric may reach per minute), not {}", fv.kind()),
-                                ),
+                                _ => {
+                                    self.ctx.error(
+                                        fv.pos,
+                                        format!("quota limit values must be an integer (the most the metric may reach per minute), not {}", fv.kind()),
+                                    );
+                                    // A stand-in, so the rest of the limit is still checked.
+                                    let zero = Node {
+                                        value: Value::Int(0),
+                                        pos: fv.pos,
+                                    };
+                                    *fv = mapping(vec![(key("STANDARD", fv.pos), zero)], fv.pos);
+                                }
                             }
                         }
                     }
@@ -1323,6 +1331,43 @@ fn widen(path: &str, shared: &[String], own: &[String]) -> String {
         rest = &rest[open + close + 1..];
     }
     out.push_str(rest);
+    out
+}
+
+/// The 2.0 converter's messages about a lowered document, in 3.x terms: the fields it names
+/// are the ones the user wrote under another name.
+pub(crate) fn in_3x_terms(message: &str) -> String {
+    const TERMS: &[(&str, &str)] = &[
+        (
+            "x-google-management.metrics",
+            "x-google-api-management.metrics",
+        ),
+        ("x-google-management.quota", "x-google-api-management.quota"),
+        (
+            "an x-google-management metric",
+            "an x-google-api-management metric",
+        ),
+        ("securityDefinition \"", "security scheme \""),
+        ("x-google-jwks_uri", "x-google-auth jwksUri"),
+        ("x-google-audiences", "x-google-auth audiences"),
+        ("x-google-jwt-locations", "x-google-auth jwtLocations"),
+        ("x-google-issuer", "x-google-auth issuer"),
+        ("value_prefix", "valuePrefix"),
+        ("path_translation", "pathTranslation"),
+        ("jwt_audience", "jwtAudience"),
+        ("disable_auth", "disableAuth"),
+        ("x-google-quota.metricCosts", "x-google-quota"),
+    ];
+    // Google's own wording is kept as it is (scripts look for it).
+    if message.contains(super::convert::NO_API_KEY_WARNING) {
+        return message.to_string();
+    }
+    let mut out = message.to_string();
+    for (old, new) in TERMS {
+        if out.contains(old) {
+            out = out.replace(old, new);
+        }
+    }
     out
 }
 
