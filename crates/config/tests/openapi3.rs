@@ -432,6 +432,29 @@ fn several_3x_files_make_one_service_and_cannot_mix_with_2_0() {
     assert_eq!(svc["apis"][1]["name"], "v2.second");
     assert_eq!(svc["http"]["rules"][1]["get"], "/b/x");
 
+    // Components in another 3.x file of the submission, by $ref: parameters (with their
+    // schema types) and schemas; that file needs no server of its own.
+    let api = "openapi: 3.0.0\ninfo: {title: A, version: v1}\nservers: [{url: 'https://m.example.com', x-google-endpoint: {}}]\npaths:\n  /pets/{petId}:\n    get:\n      operationId: getPet\n      parameters: [{$ref: './common.yaml#/components/parameters/petId'}]\n      responses: {'200': {description: ok, content: {application/json: {schema: {$ref: './common.yaml#/components/schemas/Pet'}}}}}\n";
+    let common = "openapi: 3.0.0\ninfo: {title: C, version: v1}\ncomponents:\n  parameters:\n    petId: {name: petId, in: path, required: true, schema: {type: integer}}\n  schemas:\n    Pet: {type: object}\n";
+    let conv = convert(&[
+        SourceFile::new("api.yaml", api),
+        SourceFile::new("common.yaml", common),
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    let svc = serde_json::to_value(&conv.service).unwrap();
+    assert_eq!(svc["http"]["rules"][0]["get"], "/pets/{pet_id}");
+    assert_eq!(svc["types"][0]["fields"][0]["kind"], "TYPE_INT64");
+    let broken = api.replace("schemas/Pet", "schemas/Cat");
+    let err = convert(&[
+        SourceFile::new("api.yaml", broken),
+        SourceFile::new("common.yaml", common),
+    ])
+    .expect_err("missing schema");
+    assert_eq!(
+        err.to_string(),
+        "api.yaml:9:88: reference \"./common.yaml#/components/schemas/Cat\" cannot be resolved: common.yaml has no \"Cat\" under \"/components/schemas\""
+    );
+
     let v2 = "swagger: '2.0'\ninfo: {title: C, version: v1}\nhost: m.example.com\npaths: {}\n";
     let err =
         convert(&[SourceFile::new("a.yaml", a), SourceFile::new("c.yaml", v2)]).expect_err("mixed");
@@ -538,4 +561,25 @@ fn servers_problems() {
         errs[0].starts_with("x.yaml:3:17: host \"a_b.example.com\" is not a valid service name"),
         "{errs:#?}"
     );
+}
+
+/// A small deterministic stand-in for the fuzzer over the 3.x paths: every prefix of the 3.x
+/// documents, and each with one line left out, is converted or refused without a panic.
+#[test]
+fn cut_and_gapped_3x_documents_never_panic() {
+    for text in [INVENTORY, MALFORMED, ECHO_V3] {
+        for end in (0..text.len()).filter(|&i| text.is_char_boundary(i)) {
+            let _ = portico_config::fuzz::openapi(&text.as_bytes()[..end]);
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        for skip in 0..lines.len() {
+            let gapped: Vec<&str> = lines
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != skip)
+                .map(|(_, l)| *l)
+                .collect();
+            let _ = portico_config::fuzz::openapi(gapped.join("\n").as_bytes());
+        }
+    }
 }

@@ -198,6 +198,9 @@ pub(crate) fn convert(
     let mut outs: Vec<(usize, FileOut)> = Vec::new();
     if watch.stopped().is_none() {
         let sub = Submission::new(files, &roots, &watch);
+        // A 3.x file that only holds components for the others needs no server of its own:
+        // what lowering said about it does not apply.
+        diags.retain(|(i, _)| !(sub.is_shared(*i) && lowered.get(*i).is_some_and(Option::is_some)));
         let mut refs = RefCheck::default();
         for (index, file) in files.iter().enumerate() {
             let Some(root) = &roots[index] else { continue };

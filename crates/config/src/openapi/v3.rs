@@ -421,9 +421,9 @@ impl Lowering<'_, '_> {
             match fk.text.as_str() {
                 "apiName" => out.push((key("x-google-api-name", fk.pos), v)),
                 "allowCors" => {
-                    if !endpoint_fields.iter().any(|(k, _)| k.text == "allowCors") {
-                        endpoint_fields.push((key("allowCors", fk.pos), v));
-                    }
+                    // The documented place wins over x-google-endpoint's.
+                    endpoint_fields.retain(|(k, _)| k.text != "allowCors");
+                    endpoint_fields.push((key("allowCors", fk.pos), v));
                 }
                 "metrics" => {
                     if let Some(list) = self.named_list(v, "x-google-api-management.metrics") {
