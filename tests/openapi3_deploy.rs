@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{free_port, gcloud_available, ControlPlane, Db, Gcloud, Proc};
+use common::{echo_and_esp, gcloud_available, ControlPlane, Db, Gcloud};
 use serde_json::json;
 use std::time::Duration;
 
@@ -47,31 +47,29 @@ fn openapi3_echo_deployed_as_gcloud_543_sends_it_is_served_by_esp() {
     let dir = tempfile::tempdir().expect("tempdir");
     let control_plane = ControlPlane::start(&dir.path().join("cp"), &Db::Sqlite);
     let api = control_plane.api();
+    let (sa_email, key_file) = api.proxy_account(PROJECT, "echo-proxy", dir.path());
 
-    let sa_email = format!("echo-proxy@{PROJECT}.iam.gserviceaccount.com");
-    api.post(
-        &format!("/v1/projects/{PROJECT}/serviceAccounts"),
-        json!({"accountId": "echo-proxy", "serviceAccount": {"displayName": "oas3 e2e"}}),
-    );
-    let (_, key_text) = api.create_key(&sa_email);
-    let key_file = dir.path().join("proxy-key.json");
-    std::fs::write(&key_file, key_text).expect("write key file");
-
-    // gcloud ≥ 543: GET (404: new) → create → submit → rollout → enable.
-    // 403 or 404 both mean "new" to gcloud.
+    // gcloud ≥ 543: GET (403 or 404: new) → create → submit → rollout (→ enable).
     let (status, _) = api.call(
         reqwest::Method::GET,
         &format!("/v1/services/{SERVICE}"),
         None,
     );
     assert!(status == 403 || status == 404, "{status}");
-    let op = api.post(
-        "/v1/services",
-        json!({"producerProjectId": PROJECT, "serviceName": SERVICE}),
+    let config_id = api.deploy_file(SERVICE, PROJECT, "openapi3.yaml", &example(), &sa_email);
+    let config = api.ok(
+        reqwest::Method::GET,
+        &format!("/v1/services/{SERVICE}/configs/{config_id}?view=FULL"),
+        None,
     );
-    api.wait(op);
+    assert_eq!(config["name"], SERVICE);
+    assert_eq!(
+        config["sourceInfo"]["sourceFiles"][0]["filePath"],
+        "openapi3.yaml"
+    );
+    api.enable(PROJECT, SERVICE);
 
-    // A 2.0 file next to a 3.x file is refused before anything is stored.
+    // A 2.0 file next to a 3.x file is refused.
     let v2 = include_str!("../examples/echo/openapi.yaml").replace("YOUR-PROJECT-ID", PROJECT);
     let (status, body) = api.call(
         reqwest::Method::POST,
@@ -88,33 +86,6 @@ fn openapi3_echo_deployed_as_gcloud_543_sends_it_is_served_by_esp() {
     );
 
     let op = api.post(
-        &format!("/v1/services/{SERVICE}/configs:submit"),
-        json!({"configSource": {"files": [{"fileContents": url_safe(&example()),
-            "filePath": "openapi3.yaml", "fileType": "OPEN_API_YAML"}]},
-            "validateOnly": false}),
-    );
-    let submitted = api.wait(op);
-    let config = &submitted["serviceConfig"];
-    let config_id = config["id"].as_str().expect("config id").to_string();
-    assert_eq!(config["name"], SERVICE);
-    assert_eq!(
-        config["sourceInfo"]["sourceFiles"][0]["filePath"],
-        "openapi3.yaml"
-    );
-    let op = api.post(
-        &format!("/v1/services/{SERVICE}/rollouts"),
-        json!({"serviceName": SERVICE,
-            "trafficPercentStrategy": {"percentages": {config_id.as_str(): 100.0}}}),
-    );
-    api.wait(op);
-    api.post(
-        &format!("/v1/services/{SERVICE}:setIamPolicy"),
-        json!({"policy": {"bindings": [{
-            "role": "roles/servicemanagement.serviceController",
-            "members": [format!("serviceAccount:{sa_email}")]}]}}),
-    );
-    api.enable(PROJECT, SERVICE);
-    let op = api.post(
         &format!("/v2/projects/{PROJECT}/locations/global/keys"),
         json!({"displayName": "oas3 e2e"}),
     );
@@ -122,27 +93,7 @@ fn openapi3_echo_deployed_as_gcloud_543_sends_it_is_served_by_esp() {
         .as_str()
         .expect("keyString")
         .to_string();
-
-    let echo_port = free_port();
-    let mut echo = Proc::spawn(
-        &["echo".into(), "--port".into(), echo_port.to_string()],
-        &dir.path().join("echo.log"),
-    );
-    echo.wait_for_port(echo_port, "portico echo");
-    let proxy_port = free_port();
-    let mut esp = Proc::spawn(
-        &[
-            "esp".into(),
-            format!("--service={SERVICE}"),
-            "--rollout_strategy=managed".into(),
-            format!("--http_port={proxy_port}"),
-            format!("--status_port={}", free_port()),
-            format!("--backend=127.0.0.1:{echo_port}"),
-            format!("--service_account_key={}", key_file.display()),
-        ],
-        &dir.path().join("esp.log"),
-    );
-    esp.wait_for_port(proxy_port, "portico esp");
+    let (_echo, esp, proxy_port) = echo_and_esp(dir.path(), SERVICE, &key_file, &[]);
 
     let message = r#"{"message":"hello from 3.x"}"#;
     let (status, body) = post(proxy_port, "/echo", message);

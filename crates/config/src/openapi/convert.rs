@@ -29,7 +29,8 @@ const VALUE_TYPE_URL: &str = "type.googleapis.com/google.protobuf.Value";
 const CONTROL_ENVIRONMENT: &str = "servicecontrol.googleapis.com";
 const QUOTA_UNIT: &str = "1/min/{project}";
 
-const HTTP_METHODS: &[&str] = &["get", "put", "post", "delete", "options", "head", "patch"];
+pub(crate) const HTTP_METHODS: &[&str] =
+    &["get", "put", "post", "delete", "options", "head", "patch"];
 const TOP_LEVEL_FIELDS: &[&str] = &[
     "swagger",
     "info",
@@ -109,7 +110,8 @@ impl Ctx<'_> {
     }
 }
 
-const TOP: Pos = Pos { line: 1, column: 1 };
+/// "The whole document", for problems that have no better place.
+pub(crate) const TOP: Pos = Pos { line: 1, column: 1 };
 
 /// What one file contributes to the service.
 #[derive(Default)]

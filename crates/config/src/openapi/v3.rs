@@ -27,13 +27,9 @@
 //! so `$ref`s such as `#/components/schemas/X` resolve where they point (see `refs.rs`).
 //! Choices made where Google's behaviour is not documented are listed in docs/openapi.md.
 
-use super::convert::Ctx;
+use super::convert::{Ctx, HTTP_METHODS, TOP};
 use super::tree::{Key, Node, Pos, Value};
 use std::collections::{HashMap, HashSet};
-
-const TOP: Pos = Pos { line: 1, column: 1 };
-
-const HTTP_METHODS: &[&str] = &["get", "put", "post", "delete", "options", "head", "patch"];
 
 /// 3.x top-level fields that are lowered or carried over.
 const TOP_LEVEL_FIELDS: &[&str] = &[
