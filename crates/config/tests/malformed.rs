@@ -665,3 +665,33 @@ fn the_2_0_security_rules_hold_for_3x() {
     assert!(errs[2].starts_with("s.yaml:29:"), "{errs:#?}");
     assert!(errs[2].contains("\"nope\""), "{errs:#?}");
 }
+
+/// A named backend is copied into every operation naming it: its fields must be small scalars
+/// (a huge address would be copied once per operation).
+#[test]
+fn named_backends_hold_small_values_only() {
+    let long = format!("https://a.example.com/{}", "x".repeat(3000));
+    let text = format!(
+        "openapi: 3.0.0\ninfo: {{title: T, version: v1}}\nservers: [{{url: 'https://a.example.com', x-google-endpoint: {{}}}}]\nx-google-api-management:\n  backends:\n    big: {{address: '{long}'}}\n    deep: {{address: [1, 2]}}\nx-google-backend: big\npaths:\n  /a:\n    get: {{operationId: a, responses: {{'200': {{description: ok}}}}}}\n"
+    );
+    assert_eq!(
+        errors("b.yaml", &text),
+        [
+            "b.yaml:6:20: backend \"big\": address is longer than 2048 bytes",
+            "b.yaml:7:21: backend \"deep\": address must be a single value, not a list",
+        ]
+    );
+    // The same bound holds for 2.0's x-google-backend, and the message quotes 80 characters.
+    let v2 = format!("{HEAD}x-google-backend: {{address: '{long}'}}\npaths: {{}}\n");
+    let errs = errors("v2.yaml", &v2);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("v2.yaml:6:29: x-google-backend address \"https://a.example.com/xxx"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[0].ends_with("...\" is not valid: it is longer than 2048 bytes"),
+        "{errs:?}"
+    );
+    assert!(errs[0].len() < 300, "{errs:?}");
+}

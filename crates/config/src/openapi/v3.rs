@@ -27,7 +27,7 @@
 //! so `$ref`s such as `#/components/schemas/X` resolve where they point (see `refs.rs`).
 //! Choices made where Google's behaviour is not documented are listed in docs/openapi.md.
 
-use super::convert::{Ctx, HTTP_METHODS, TOP};
+use super::convert::{Ctx, HTTP_METHODS, MAX_BACKEND_TEXT, TOP};
 use super::tree::{Key, Node, Pos, Value};
 use std::collections::{HashMap, HashSet};
 
@@ -629,6 +629,24 @@ impl Lowering<'_, '_> {
                         continue;
                     }
                 };
+                // A backend is copied into every operation that names it: only small
+                // scalars may be copied (the 2.0 converter checks their types and values).
+                let too_big = match &fv.value {
+                    Value::Seq(_) | Value::Map(_) => {
+                        Some(format!("must be a single value, not {}", fv.kind()))
+                    }
+                    Value::Str(t) if t.len() > MAX_BACKEND_TEXT => {
+                        Some(format!("is longer than {MAX_BACKEND_TEXT} bytes"))
+                    }
+                    _ => None,
+                };
+                if let Some(why) = too_big {
+                    self.ctx.error(
+                        fv.pos,
+                        format!("backend \"{}\": {} {why}", cut(&k.text), fk.text),
+                    );
+                    continue;
+                }
                 if lowered.iter().any(|(l, _): &(Key, Node)| l.text == snake) {
                     self.ctx.error(
                         fk.pos,
@@ -1368,7 +1386,7 @@ pub(crate) fn in_3x_terms(message: &str) -> String {
 }
 
 /// Names quoted in messages are cut, so a 10 MB key does not become a 10 MB message.
-fn cut(s: &str) -> String {
+pub(crate) fn cut(s: &str) -> String {
     const MAX: usize = 80;
     if s.chars().count() <= MAX {
         s.to_string()
