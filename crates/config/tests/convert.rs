@@ -834,12 +834,18 @@ fn quota_limits_may_be_grouped_and_paths_may_take_several_segments() {
 #[test]
 fn json_3x_is_told_apart_by_content() {
     let text = r#"{"openapi": "3.0.0", "info": {"title": "T", "version": "v1"},
-      "servers": [{"url": "https://j.example.com", "x-google-endpoint": {}}],
+      "servers": [{"url": "https://j.example.com", "x-google-endpoint": {"allowCors": false}}],
+      "x-google-api-management": {"allowCors": true},
       "paths": {"/a": {"get": {"operationId": "a", "responses": {"200": {"description": "ok"}}}}}}"#;
     // gcloud uploads it as OPEN_API_YAML under any name; the content says 3.x.
     let (svc, _) = to_json("api.yaml", text);
     assert_eq!(svc["name"], "j.example.com");
     assert_eq!(svc["http"]["rules"][0]["get"], "/a");
+    // x-google-api-management.allowCors, the documented place, wins over x-google-endpoint's.
+    assert_eq!(
+        svc["endpoints"],
+        json!([{"name": "j.example.com", "allowCors": true}])
+    );
 }
 
 #[test]

@@ -695,3 +695,34 @@ fn named_backends_hold_small_values_only() {
     );
     assert!(errs[0].len() < 300, "{errs:?}");
 }
+
+/// The other 2.0 spellings in a 3.x document, and what 3.x documents do not support yet.
+#[test]
+fn openapi_2_spellings_in_3x_name_the_3x_way() {
+    let text = "openapi: 3.0.1
+info: {title: T, version: v1}
+servers: [{url: 'https://a.example.com', x-google-endpoint: {}}]
+x-google-endpoints: [{name: a.example.com}]
+x-google-api-name: a
+x-google-allow: all
+securityDefinitions: {}
+paths:
+  /a:
+    $ref: './other.yaml#/paths/~1a'
+  /b:
+    trace:
+      operationId: b
+      responses: {'200': {description: ok}}
+";
+    assert_eq!(
+        errors("o.yaml", text),
+        [
+            "o.yaml:4:1: x-google-endpoints is the OpenAPI 2.0 extension; in OpenAPI 3.x put x-google-endpoint: {} on the server whose url names the service, and x-google-api-management.allowCors for CORS",
+            "o.yaml:5:1: x-google-api-name is the OpenAPI 2.0 extension; in OpenAPI 3.x write x-google-api-management.apiName",
+            "o.yaml:6:1: x-google-allow is not supported in OpenAPI 3.x documents (Google's limitation); declare every path",
+            "o.yaml:7:1: \"securityDefinitions\" is OpenAPI 2.0; in OpenAPI 3.x write components.securitySchemes",
+            "o.yaml:10:5: path \"/a\": a path item $ref is not supported in OpenAPI 3.x documents; write the operations here",
+            "o.yaml:12:5: path \"/b\": trace operations are not supported (get, put, post, delete, options, head, patch are)",
+        ]
+    );
+}
