@@ -59,6 +59,7 @@ mod convert;
 pub(crate) mod generated;
 mod refs;
 pub(crate) mod tree;
+mod v3;
 
 use crate::service::Service;
 use std::cell::Cell;
