@@ -2,7 +2,8 @@
 //! deployed through the Service Management REST API exactly as gcloud 543 and later send it
 //! (create the service, `configs:submit` with the file as `OPEN_API_YAML` in URL-safe base64
 //! under its base name, roll out, enable), then served by `portico esp` in front of
-//! `portico echo`: 401 without an API key, the echo with one, as with the 2.0 file. Also: one
+//! `portico echo`: 401 without an API key, the echo with one, as with the 2.0 file, and a JWT
+//! method accepts a token from the `x-google-auth` issuer for its audience only. Also: one
 //! submission cannot mix 2.0 and 3.x files, and the installed gcloud (528) refuses a 3.x file
 //! on the client side, sending nothing.
 //!
@@ -19,6 +20,14 @@ const SERVICE: &str = "echo-api.endpoints.oas3-proj.cloud.goog";
 
 fn example() -> String {
     include_str!("../examples/echo/openapi3.yaml").replace("YOUR-PROJECT-ID", PROJECT)
+}
+
+/// The example with the `google_jwt` scheme's keys served by this control plane for `sa_email`
+/// (as `portico up` fills in its sample).
+fn example_for(control_plane: &str, sa_email: &str) -> String {
+    example()
+        .replace("https://www.googleapis.com/", &format!("{control_plane}/"))
+        .replace("YOUR-SERVICE-ACCOUNT-EMAIL", sa_email)
 }
 
 fn url_safe(text: &str) -> String {
@@ -56,7 +65,8 @@ fn openapi3_echo_deployed_as_gcloud_543_sends_it_is_served_by_esp() {
         None,
     );
     assert!(status == 403 || status == 404, "{status}");
-    let config_id = api.deploy_file(SERVICE, PROJECT, "openapi3.yaml", &example(), &sa_email);
+    let spec = example_for(&control_plane.url, &sa_email);
+    let config_id = api.deploy_file(SERVICE, PROJECT, "openapi3.yaml", &spec, &sa_email);
     let config = api.ok(
         reqwest::Method::GET,
         &format!("/v1/services/{SERVICE}/configs/{config_id}?view=FULL"),
@@ -103,15 +113,48 @@ fn openapi3_echo_deployed_as_gcloud_543_sends_it_is_served_by_esp() {
     assert_eq!(status, 200, "{body}\nesp log:\n{}", esp.log());
     let echoed: serde_json::Value = serde_json::from_str(&body).expect("json echo");
     assert_eq!(echoed["message"], "hello from 3.x", "{body}");
-    // A JWT-only method without a token: 401 too (the providers came from x-google-auth).
-    let resp = reqwest::blocking::Client::builder()
+
+    // The JWT methods: providers from x-google-auth (issuer, jwksUri, audiences list).
+    let (signer, _) = api.create_key(&sa_email);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let jwt = |aud: &str| {
+        signer
+            .sign_jwt(
+                &json!({"iss": "jwt-client.endpoints.sample.google.com", "sub": sa_email,
+                              "aud": aud, "iat": now, "exp": now + 600}),
+            )
+            .expect("sign")
+    };
+    let client = reqwest::blocking::Client::builder()
         .no_proxy()
+        .timeout(Duration::from_secs(20))
         .build()
-        .expect("client")
-        .get(format!("http://127.0.0.1:{proxy_port}/auth/info/firebase"))
-        .send()
-        .expect("GET /auth/info/firebase");
-    assert_eq!(resp.status().as_u16(), 401);
+        .expect("client");
+    let get = |path: &str, token: Option<String>| {
+        let mut req = client.get(format!("http://127.0.0.1:{proxy_port}{path}"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().expect("GET");
+        (resp.status().as_u16(), resp.text().unwrap_or_default())
+    };
+    let (status, body) = get("/auth/info/googlejwt", None);
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = get(
+        "/auth/info/googlejwt",
+        Some(jwt("echo.endpoints.sample.google.com")),
+    );
+    assert_eq!(status, 200, "{body}\nesp log:\n{}", esp.log());
+    // ESP's answer to a token for another audience.
+    let (status, body) = get("/auth/info/googlejwt", Some(jwt("someone-else")));
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("JWT validation failed: Audience not allowed"),
+        "{body}"
+    );
 }
 
 #[test]

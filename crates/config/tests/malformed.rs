@@ -726,3 +726,22 @@ paths:
         ]
     );
 }
+
+/// Schemas that only alias each other describe no value: refused in components.schemas as in
+/// 2.0's definitions.
+#[test]
+fn self_aliasing_3x_schemas() {
+    let text = "openapi: 3.0.0
+info: {title: T, version: v1}
+servers: [{url: 'https://a.example.com', x-google-endpoint: {}}]
+paths: {}
+components:
+  schemas:
+    A: {$ref: '#/components/schemas/B'}
+    B: {type: array, items: {$ref: '#/components/schemas/A'}}
+";
+    assert_eq!(
+        errors("c.yaml", text),
+        ["c.yaml:7:5: schema \"A\" refers back to itself only through $ref or array items (A → B → A), so no value can have this type"]
+    );
+}

@@ -903,7 +903,12 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
     /// other such schemas (in this file or others), describes no value at all; Google's
     /// converter rejects it.
     fn definition_cycles(&mut self) {
-        let Some(defs) = self.root.get("definitions").and_then(Node::as_map) else {
+        // 3.x keeps its schemas under components.
+        let defs = match self.v3 {
+            None => self.root.get("definitions"),
+            Some(_) => self.root.get("components").and_then(|c| c.get("schemas")),
+        };
+        let Some(defs) = defs.and_then(Node::as_map) else {
             return;
         };
         // The schema a schema stands for without adding any structure of its own.

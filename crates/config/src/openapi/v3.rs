@@ -1371,6 +1371,7 @@ pub(crate) fn in_3x_terms(message: &str) -> String {
         ("jwt_audience", "jwtAudience"),
         ("disable_auth", "disableAuth"),
         ("x-google-quota.metricCosts", "x-google-quota"),
+        ("definition \"", "schema \""),
     ];
     // Google's own wording is kept as it is (scripts look for it).
     if message.contains(super::convert::NO_API_KEY_WARNING) {
