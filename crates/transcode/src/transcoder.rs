@@ -134,6 +134,8 @@ struct Route {
 /// behind an `Arc` and rebuild it when the config changes.
 pub struct Transcoder {
     pool: DescriptorPool,
+    /// The methods of the served services, in name order.
+    methods: Vec<MethodDescriptor>,
     matcher: PathMatcher<Arc<Route>>,
     verbs: HashSet<String>,
     ignored: HashSet<String>,
@@ -287,8 +289,10 @@ impl Transcoder {
         }
         let mut names: Vec<&String> = methods.keys().collect();
         names.sort();
+        let mut listed = Vec::with_capacity(names.len());
         for name in names {
             let method = &methods[name];
+            listed.push(method.clone());
             let path = format!("/{}/{}", method.parent_service().full_name(), method.name());
             let route = Arc::new(Route {
                 method: method.clone(),
@@ -305,11 +309,17 @@ impl Transcoder {
         ignored.extend(options.ignore_query_parameters.iter().cloned());
         Ok(Transcoder {
             pool,
+            methods: listed,
             matcher: builder.build(),
             verbs,
             ignored,
             options,
         })
+    }
+
+    /// The methods of the served services (`apis[]`), in name order.
+    pub fn methods(&self) -> &[MethodDescriptor] {
+        &self.methods
     }
 
     /// The descriptor pool (for error details and `Any`).
