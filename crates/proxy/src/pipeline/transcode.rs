@@ -475,12 +475,26 @@ impl Pipeline {
                 HeaderValue::from_static(mode.response_content_type()),
             );
         }
-        let body = ProxyBody::boxed(WebBody {
-            inner: ProxyBody::upstream(body),
-            mode,
-            done: !is_grpc,
-            passthrough: !is_grpc,
-        });
+        // A trailers-only answer (`grpc-status` in the head, no body) becomes a body holding
+        // just the trailer frame, as a gRPC-Web client reads the status there too.
+        let trailers_only = is_grpc && rp.headers.contains_key("grpc-status");
+        let body = if trailers_only {
+            let mut t = Vec::new();
+            for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+                if let Some(v) = rp.headers.remove(name) {
+                    t.push((name, v));
+                }
+            }
+            let frame = web::trailer_frame(t.iter().map(|(n, v)| (*n, v.as_bytes())));
+            ProxyBody::full(mode.encode_chunk(&frame))
+        } else {
+            ProxyBody::boxed(WebBody {
+                inner: ProxyBody::upstream(body),
+                mode,
+                done: !is_grpc,
+                passthrough: !is_grpc,
+            })
+        };
         let resp = Response::from_parts(rp, body);
         self.finalize(resp, ctx, target, None, report, Some(latency))
     }
