@@ -720,7 +720,57 @@ fn transcoding_and_grpc_web_cases() {
             "--transcoding_preserve_proto_field_names",
             "--transcoding_ignore_unknown_query_parameters",
             "--transcoding_stream_newline_delimited",
+            "--cors_preset=basic",
+            "--cors_allow_headers=content-type,x-grpc-web,x-user-agent,x-api-key",
+            "--cors_expose_headers=grpc-status,grpc-message",
         ],
+    );
+    // The CORS a browser's gRPC-Web client needs (§4): its preflight allows `x-grpc-web`, and
+    // the answer exposes `grpc-status`/`grpc-message`.
+    let r = curl(
+        fport,
+        "OPTIONS",
+        &format!("/{PKG}/ListShelves"),
+        None,
+        &[
+            "origin: http://web.example",
+            "access-control-request-method: POST",
+            "access-control-request-headers: content-type,x-grpc-web",
+        ],
+        false,
+    );
+    // Status and origin as tests/espv2_cors.rs has them for every preflight.
+    assert_eq!(r.status, 200, "{:?}", r.headers);
+    assert!(
+        r.header("access-control-allow-headers")
+            .is_some_and(|h| h.contains("x-grpc-web")),
+        "{:?}",
+        r.headers
+    );
+    let r = curl(
+        fport,
+        "POST",
+        &format!("/{PKG}/ListShelves"),
+        Some(&web_text_request(b"")),
+        &[
+            "content-type: application/grpc-web-text",
+            "x-grpc-web: 1",
+            "origin: http://web.example",
+        ],
+        false,
+    );
+    assert_eq!(r.status, 200, "{}", flagged.log());
+    assert_eq!(
+        r.header("access-control-expose-headers"),
+        Some("grpc-status,grpc-message"),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("http://web.example"),
+        "{:?}",
+        r.headers
     );
     let r = curl(
         fport,
