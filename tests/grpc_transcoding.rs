@@ -550,6 +550,47 @@ fn transcoding_and_grpc_web_cases() {
     if r.status != 200 || v["author"] != "Foo/Bar/Baz" {
         failures.push(format!("12 encoded slash: {} {v}", r.status));
     }
+    // A server stream is sent message by message: with the Bookstore pausing 400 ms after
+    // each book of shelf 100 (several were created above), the first bytes arrive long
+    // before the last.
+    let o = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "30",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{time_starttransfer} %{time_total}",
+            "-X",
+            "POST",
+        ])
+        .args([
+            "-H",
+            "x-bookstore-stream-delay-ms: 400",
+            "--data-binary",
+            r#"{"shelf":"100"}"#,
+        ])
+        .arg(format!(
+            "http://127.0.0.1:{port}/{PKG}/StreamBooks?key=api-key"
+        ))
+        .output()
+        .expect("curl");
+    let timing = String::from_utf8_lossy(&o.stdout).to_string();
+    let parts: Vec<f64> = timing
+        .split(' ')
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    if !timing.starts_with("200 ")
+        || parts.len() != 2
+        || parts[1] < 1.2
+        || parts[0] > parts[1] - 0.8
+    {
+        failures.push(format!(
+            "stream not streamed: {timing} (code, first byte, total)"
+        ));
+    }
     // 2 over h2c.
     let r = curl(port, "GET", "/v1/shelves/200?key=api-key", None, &[], true);
     if r.status != 200 || serde_json::from_slice::<Value>(&r.body).ok() != Some(classic.clone()) {

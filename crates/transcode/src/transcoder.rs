@@ -857,6 +857,11 @@ impl ResponseWriter {
         }
     }
 
+    /// True for a server-streaming method (a JSON array or lines).
+    pub fn is_streaming(&self) -> bool {
+        self.streaming
+    }
+
     /// Messages printed so far.
     pub fn count(&self) -> usize {
         self.count

@@ -13,9 +13,10 @@
 //! order), so the report names the HTTP URL, protocol `http` and backend protocol `grpc`.
 //!
 //! Memory: a transcoded request body is read whole up to `--client_max_body_size` (or
-//! [`MAX_BUFFERED`] when that is 0), and a unary or server-streaming response up to
-//! [`MAX_BUFFERED`] (its status decides the HTTP status, which must go first); a gRPC-Web
-//! request body is read whole under the same limit, its response streams.
+//! [`MAX_BUFFERED`] when that is 0), and a unary response up to [`MAX_BUFFERED`] (its status
+//! decides the HTTP status, which must go first); a server stream is held until its first
+//! message and then printed as it arrives ([`JsonStream`]); a gRPC-Web request body is read
+//! whole under the same limit, its response streams.
 
 use super::state::{Ctx, ReportInfo, Routed};
 use super::{Pipeline, ProxyBody};
@@ -283,6 +284,8 @@ impl Pipeline {
         let mut out = BytesMut::new();
         let mut body = body;
         let mut broken: Option<String> = None;
+        let streaming = writer.is_streaming() && !writer.is_http_body();
+        let mut handed_off = false;
         // A trailers-only answer carries `grpc-status` in its head and no body to read.
         if !rp.headers.contains_key("grpc-status") {
             loop {
@@ -327,6 +330,12 @@ impl Pipeline {
                             if broken.is_some() {
                                 break;
                             }
+                            // A stream's status is known once a message came: 200, and the
+                            // rest streams as it arrives.
+                            if streaming && !out.is_empty() {
+                                handed_off = true;
+                                break;
+                            }
                         }
                         Err(f) => {
                             if let Ok(t) = f.into_trailers() {
@@ -335,6 +344,21 @@ impl Pipeline {
                         }
                     },
                 }
+            }
+            if handed_off && broken.is_none() {
+                let mut resp = Response::new(ProxyBody::boxed(JsonStream {
+                    inner: ProxyBody::upstream(body),
+                    decoder,
+                    writer,
+                    pending: Some(out.freeze()),
+                    done: false,
+                }));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                copy_metadata(&rp.headers, resp.headers_mut());
+                return self.finalize(resp, ctx, target, None, report, Some(latency));
             }
             if broken.is_none() {
                 if let Err(e) = decoder.finish() {
@@ -383,18 +407,7 @@ impl Pipeline {
             );
             r
         };
-        // The backend's own response metadata goes to the client as headers.
-        for (name, value) in rp.headers.iter() {
-            let n = name.as_str();
-            if n == "content-type"
-                || n == "content-length"
-                || n.starts_with("grpc-")
-                || forward_skip(n)
-            {
-                continue;
-            }
-            resp.headers_mut().append(name.clone(), value.clone());
-        }
+        copy_metadata(&rp.headers, resp.headers_mut());
         self.finalize(resp, ctx, target, None, report, Some(latency))
     }
 
@@ -497,6 +510,122 @@ impl Pipeline {
         };
         let resp = Response::from_parts(rp, body);
         self.finalize(resp, ctx, target, None, report, Some(latency))
+    }
+}
+
+/// The backend's own response metadata, to the client as headers.
+fn copy_metadata(from: &HeaderMap, to: &mut HeaderMap) {
+    for (name, value) in from.iter() {
+        let n = name.as_str();
+        if n == "content-type" || n == "content-length" || n.starts_with("grpc-") || forward_skip(n)
+        {
+            continue;
+        }
+        to.append(name.clone(), value.clone());
+    }
+}
+
+/// The rest of a transcoded server stream once its first message was printed: each message as
+/// it arrives (`,{...}` or a line), then `]`. A failure after the first message cannot change
+/// the status any more; the array is closed and the failure logged.
+struct JsonStream {
+    inner: ProxyBody,
+    decoder: FrameDecoder,
+    writer: portico_transcode::ResponseWriter,
+    pending: Option<Bytes>,
+    done: bool,
+}
+
+impl JsonStream {
+    fn end(&mut self, why: Option<String>) {
+        if let Some(why) = why {
+            tracing::warn!(error = %why, "transcoded stream ended early");
+        }
+        self.done = true;
+        let tail = self.writer.finish();
+        if !tail.is_empty() {
+            self.pending = Some(tail);
+        }
+    }
+}
+
+impl Body for JsonStream {
+    type Data = Bytes;
+    type Error = super::body::BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(b) = this.pending.take() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    let why = this.decoder.finish().err().map(|e| e.to_string());
+                    this.end(why);
+                }
+                Poll::Ready(Some(Err(e))) => this.end(Some(e.to_string())),
+                Poll::Ready(Some(Ok(f))) => match f.into_data() {
+                    Ok(d) => {
+                        this.decoder.push(&d);
+                        let mut out = BytesMut::new();
+                        let mut why = None;
+                        loop {
+                            match this.decoder.next_frame() {
+                                Ok(Some(fr)) if fr.flags & framing::FLAG_COMPRESSED != 0 => {
+                                    why = Some("the backend sent a compressed message".into());
+                                    break;
+                                }
+                                Ok(Some(fr)) => match this.writer.message(&fr.payload) {
+                                    Ok(b) => out.extend_from_slice(&b),
+                                    Err(e) => {
+                                        why = Some(e.to_string());
+                                        break;
+                                    }
+                                },
+                                Ok(None) => break,
+                                Err(e) => {
+                                    why = Some(e.to_string());
+                                    break;
+                                }
+                            }
+                        }
+                        if !out.is_empty() {
+                            this.pending = Some(out.freeze());
+                        }
+                        if let Some(why) = why {
+                            // What was printed goes first, then the closing bracket.
+                            let printed = this.pending.take();
+                            this.end(Some(why));
+                            let tail = this.pending.take();
+                            let mut both = BytesMut::new();
+                            for b in [printed, tail].into_iter().flatten() {
+                                both.extend_from_slice(&b);
+                            }
+                            if !both.is_empty() {
+                                this.pending = Some(both.freeze());
+                            }
+                        }
+                    }
+                    Err(f) => {
+                        let status = f.trailers_ref().map(grpc_status).unwrap_or(0);
+                        let why = (status != 0).then(|| format!("grpc-status {status}"));
+                        this.end(why);
+                    }
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.pending.is_none()
     }
 }
 
