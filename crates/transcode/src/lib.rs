@@ -16,6 +16,8 @@
 //! docs/architecture.md.
 
 pub mod framing;
+#[doc(hidden)]
+pub mod fuzz;
 mod json_error;
 pub mod status;
 pub mod transcoder;
