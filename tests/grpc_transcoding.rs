@@ -745,7 +745,61 @@ fn transcoding_and_grpc_web_cases() {
         "{web:#}"
     );
     assert_eq!(web["labels"]["/protocol"], "grpc", "{web:#}");
+    // ESPv2 does not hand the query key to the backend as metadata (ESP v1 does, below).
+    let r = curl(
+        port,
+        "GET",
+        "/v1/shelves/200?key=api-key",
+        None,
+        &["x-bookstore-echo-metadata: x-api-key"],
+        false,
+    );
+    assert_eq!(
+        (r.status, r.header("x-api-key")),
+        (200, None),
+        "{:?}",
+        r.headers
+    );
     drop(proxy);
+
+    // ESP v1 (`portico esp`): the same transcoding, and the query key copied into `x-api-key`
+    // metadata for the gRPC backend (the Bookstore echoes it back as initial metadata, which
+    // reaches the client as a header).
+    let esp_port = free_port();
+    let mut esp = Proc::spawn(
+        &[
+            "esp".to_string(),
+            format!("--http_port={esp_port}"),
+            format!("--status_port={}", free_port()),
+            format!("--service_json_path={}", config.display()),
+            format!("--backend=grpc://127.0.0.1:{bport}"),
+            "--non_gcp".to_string(),
+            format!("--service_account_key={}", key.display()),
+            format!("--service_control_url_override=http://{sc}"),
+        ],
+        &dir.path().join("esp.log"),
+    );
+    esp.wait_for_port(esp_port, "portico esp");
+    let r = curl(
+        esp_port,
+        "GET",
+        "/v1/shelves/200?key=api-key",
+        None,
+        &["x-bookstore-echo-metadata: x-api-key"],
+        false,
+    );
+    assert_eq!(
+        (
+            r.status,
+            r.header("x-api-key"),
+            serde_json::from_slice::<Value>(&r.body).ok()
+        ),
+        (200, Some("api-key"), Some(classic.clone())),
+        "{:?}\n{}",
+        r.headers,
+        esp.log()
+    );
+    drop(esp);
 
     // 21: the printing flags, on a second proxy.
     let (flagged, fport) = start_proxy(
