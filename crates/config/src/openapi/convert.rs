@@ -319,7 +319,7 @@ fn versions(
                 v.pos,
                 format!(
                     "this file is OpenAPI {} but {} is OpenAPI 2.0 (swagger: \"2.0\"); one deployment cannot mix OpenAPI 2.0 and 3.x files",
-                    v3_cut(&version),
+                    v3::cut(&version),
                     files[other].path
                 ),
             );
@@ -336,14 +336,6 @@ fn versions(
         }
     }
     lowered
-}
-
-fn v3_cut(s: &str) -> String {
-    if s.chars().count() <= 20 {
-        s.to_string()
-    } else {
-        format!("{}...", s.chars().take(20).collect::<String>())
-    }
 }
 
 /// One file's document tree, or `None` after its errors.

@@ -31,6 +31,9 @@ use super::convert::{Ctx, HTTP_METHODS, MAX_BACKEND_TEXT, TOP};
 use super::tree::{Key, Node, Pos, Value};
 use std::collections::{HashMap, HashSet};
 
+/// Names quoted in messages are cut (80 characters), so a 10 MB key is not a 10 MB message.
+pub(crate) use crate::grpc::shown as cut;
+
 /// 3.x top-level fields that are lowered or carried over.
 const TOP_LEVEL_FIELDS: &[&str] = &[
     "openapi",
@@ -1384,15 +1387,4 @@ pub(crate) fn in_3x_terms(message: &str) -> String {
         }
     }
     out
-}
-
-/// Names quoted in messages are cut, so a 10 MB key does not become a 10 MB message.
-pub(crate) fn cut(s: &str) -> String {
-    const MAX: usize = 80;
-    if s.chars().count() <= MAX {
-        s.to_string()
-    } else {
-        let head: String = s.chars().take(MAX).collect();
-        format!("{head}...")
-    }
 }
