@@ -115,6 +115,8 @@ pub struct ProxyState {
     pub backend_tokens: Option<Arc<crate::backend_auth::IdTokenSource>>,
     /// The cap on response encoders alive at once, with `--enable_response_compression`.
     pub compression: Option<Arc<crate::compression::Gate>>,
+    /// Sampling and export of traces; `None`: tracing is off ([`crate::trace`]).
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
     /// Responses sent uncompressed because `compression` was at its cap.
     compression_busy: prometheus_client::metrics::counter::Counter,
     /// The request headers the response header rules read (`%REQ(...)%`), kept per request.
@@ -170,6 +172,7 @@ impl ProxyState {
             access_log,
             backend_tokens: None,
             compression,
+            tracer: None,
             compression_busy,
             response_rules_read,
             keep_conn_facts,
@@ -261,6 +264,22 @@ impl Pipeline {
             return self.forward(req, &ctx, target, None, None).await;
         }
 
+        // Traced or not: decided here, on the client's headers (crate::trace).
+        if let Some(t) = &st.tracer {
+            ctx.trace = t.start(&parts.headers);
+            if let Some(r) = &ctx.trace {
+                r.name_root(&config.service.name, None);
+                if r.dialect() == crate::dialect::Dialect::EspV2 {
+                    r.root_label("http.method", parts.method.to_string());
+                    // The path only: a query can hold API keys.
+                    r.root_label(
+                        "http.url",
+                        target.split('?').next().unwrap_or("").to_string(),
+                    );
+                }
+            }
+        }
+
         // The raw query, split off once for both the JWT and the API-key lookups.
         let query = target.split_once('?').map(|(_, q)| q);
 
@@ -279,9 +298,32 @@ impl Pipeline {
         if cors_after_match.is_some() {
             ctx.cors_origin = cors_after_match;
         }
+        if let Some(r) = &ctx.trace {
+            r.name_root(&config.service.name, Some(&mi.selector));
+        }
 
-        // 3. authenticate: the JWT, then the API key.
-        let auth = match self.authenticate(&parts, query, &mi, &config).await {
+        // 3. authenticate: the JWT, then the API key (ESP's `CheckAuth` span when traced).
+        let auth_start = ctx
+            .trace
+            .as_ref()
+            .filter(|_| mi.auth.is_some())
+            .map(|_| std::time::SystemTime::now());
+        let auth = self.authenticate(&parts, query, &mi, &config).await;
+        if let (Some(r), Some(start)) = (&ctx.trace, auth_start) {
+            if r.dialect() == crate::dialect::Dialect::Esp {
+                let end = std::time::SystemTime::now();
+                let id = crate::trace::new_span_id();
+                r.span(
+                    id,
+                    "CheckAuth",
+                    r.root_id,
+                    start,
+                    end,
+                    crate::trace::Kind::Internal,
+                );
+            }
+        }
+        let auth = match auth {
             Ok(a) => a,
             Err(e) => {
                 let key = self.unchecked_key(query, &parts.headers, Some(&mi.api_key_locations));
@@ -385,6 +427,24 @@ impl Pipeline {
                     parts.headers.remove(name);
                 }
             }
+        }
+        // The Backend span, the parent of the context headers the backend gets.
+        if let Some(r) = &ctx.trace {
+            let name: std::borrow::Cow<'static, str> = match r.dialect() {
+                crate::dialect::Dialect::Esp => "Backend".into(),
+                crate::dialect::Dialect::EspV2 => {
+                    let cluster = match &routed {
+                        Some(t) => t.target.authority.clone(),
+                        None => self
+                            .forwarder
+                            .backend_host()
+                            .and_then(|h| h.to_str().ok().map(str::to_string))
+                            .unwrap_or_default(),
+                    };
+                    format!("router backend-cluster-{cluster} egress").into()
+                }
+            };
+            r.start_backend(name, &mut parts.headers);
         }
         // 5. forward; 6. respond and 7. report follow from the backend's answer.
         let req = Request::from_parts(parts, body);

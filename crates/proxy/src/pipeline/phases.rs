@@ -12,13 +12,14 @@ use crate::forward;
 use crate::request_head;
 use crate::routing::{ConfigRoutes, MethodInfo};
 use crate::service_control::{ApiKeyState, CheckInput, CheckOk, QuotaInput};
+use crate::trace::{new_span_id, Kind};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use hyper::body::Incoming;
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 static X_ANDROID_PACKAGE: HeaderName = HeaderName::from_static("x-android-package");
 static X_ANDROID_CERT: HeaderName = HeaderName::from_static("x-android-cert");
@@ -135,6 +136,7 @@ impl Pipeline {
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
             referer: h.get(header::REFERER).cloned(),
             cors_origin,
+            trace: None,
         };
 
         // nginx refuses an over-long request or header line before anything else runs.
@@ -355,6 +357,108 @@ impl Pipeline {
                 Cause::ServiceControl,
             ));
         };
+        // ESP's spans: CheckServiceControl > CheckServiceControlCache > Call ServiceControl
+        // server (a miss only), QuotaControl > QuotaServiceControlCache; ESPv2's: only the
+        // remote call, under the ingress span.
+        let trace = ctx.trace.as_deref();
+        let esp_spans = trace.filter(|t| t.dialect() == crate::dialect::Dialect::Esp);
+        // The clock is read only for a traced request.
+        let now = || match trace {
+            Some(_) => SystemTime::now(),
+            None => SystemTime::UNIX_EPOCH,
+        };
+        let check_start = now();
+        let (check_id, cache_id) = match esp_spans {
+            Some(_) => (new_span_id(), new_span_id()),
+            None => (0, 0),
+        };
+        let remote = trace.map(|t| crate::trace::RemoteCall {
+            recorder: t,
+            parent: if esp_spans.is_some() {
+                cache_id
+            } else {
+                t.root_id
+            },
+        });
+        let outcome = self
+            .check(config, mi, api_key, ctx, headers, report, control, remote)
+            .await;
+        if let Some(t) = esp_spans {
+            let end = SystemTime::now();
+            if api_key.is_some() {
+                t.span(
+                    cache_id,
+                    "CheckServiceControlCache",
+                    check_id,
+                    check_start,
+                    end,
+                    Kind::Internal,
+                );
+            }
+            t.span(
+                check_id,
+                "CheckServiceControl",
+                t.root_id,
+                check_start,
+                end,
+                Kind::Internal,
+            );
+        }
+        outcome?;
+        let quota_start = now();
+        let quota_id = esp_spans.map(|_| new_span_id()).unwrap_or(0);
+        let quota = if !mi.metric_costs.is_empty() {
+            let q = control.allocate_quota(QuotaInput {
+                service_name: &config.service.name,
+                service_config_id: &config.config_id,
+                method_name: &mi.selector,
+                api_key: api_key.unwrap_or(""),
+                producer_project_id: &config.service.producer_project_id,
+                caller_ip: ctx.caller_ip,
+                referer: header_str(headers, &header::REFERER),
+                metric_costs: &mi.metric_costs,
+            });
+            if let Some(t) = esp_spans {
+                let end = SystemTime::now();
+                t.span(
+                    new_span_id(),
+                    "QuotaServiceControlCache",
+                    quota_id,
+                    quota_start,
+                    end,
+                    Kind::Internal,
+                );
+            }
+            q
+        } else {
+            Ok(())
+        };
+        if let Some(t) = esp_spans {
+            t.span(
+                quota_id,
+                "QuotaControl",
+                t.root_id,
+                quota_start,
+                SystemTime::now(),
+                Kind::Internal,
+            );
+        }
+        quota
+    }
+
+    /// The `:check` half of [`Pipeline::check_and_quota`].
+    #[allow(clippy::too_many_arguments)]
+    async fn check(
+        &self,
+        config: &ConfigRoutes,
+        mi: &MethodInfo,
+        api_key: Option<&str>,
+        ctx: &Ctx,
+        headers: &mut HeaderMap,
+        report: &mut ReportInfo,
+        control: &Arc<dyn super::ControlApi>,
+        remote: Option<crate::trace::RemoteCall<'_>>,
+    ) -> Result<(), EspError> {
         if let Some(key) = api_key {
             let input = CheckInput {
                 service_name: &config.service.name,
@@ -366,6 +470,7 @@ impl Pipeline {
                 android_package: header_str(headers, &X_ANDROID_PACKAGE),
                 android_cert: header_str(headers, &X_ANDROID_CERT),
                 ios_bundle: header_str(headers, &X_IOS_BUNDLE),
+                trace: remote,
             };
             let outcome = control.check(input).await;
             report.api_key_state = ApiKeyState::after_check(&outcome);
@@ -394,18 +499,6 @@ impl Pipeline {
                     return Err(err);
                 }
             }
-        }
-        if !mi.metric_costs.is_empty() {
-            control.allocate_quota(QuotaInput {
-                service_name: &config.service.name,
-                service_config_id: &config.config_id,
-                method_name: &mi.selector,
-                api_key: api_key.unwrap_or(""),
-                producer_project_id: &config.service.producer_project_id,
-                caller_ip: ctx.caller_ip,
-                referer: header_str(headers, &header::REFERER),
-                metric_costs: &mi.metric_costs,
-            })?;
         }
         Ok(())
     }

@@ -18,8 +18,7 @@
 
 use super::{FinishedTrace, Kind, SpanRecord};
 use crate::outbound_auth::TokenSource;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
@@ -35,7 +34,8 @@ pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct Queue {
     tx: mpsc::Sender<FinishedTrace>,
-    dropped: Arc<AtomicU64>,
+    /// Spans dropped (the status port's `trace_spans_dropped`).
+    dropped: prometheus_client::metrics::counter::Counter,
 }
 
 impl Queue {
@@ -44,7 +44,7 @@ impl Queue {
         (
             Queue {
                 tx,
-                dropped: Arc::new(AtomicU64::new(0)),
+                dropped: Default::default(),
             },
             rx,
         )
@@ -61,13 +61,17 @@ impl Queue {
             let t = match e {
                 mpsc::error::TrySendError::Full(t) | mpsc::error::TrySendError::Closed(t) => t,
             };
-            self.dropped
-                .fetch_add(t.spans.len() as u64, Ordering::Relaxed);
+            self.dropped.inc_by(t.spans.len() as u64);
         }
     }
 
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.get()
+    }
+
+    /// The counter, to register with the status port's metrics.
+    pub fn dropped_counter(&self) -> prometheus_client::metrics::counter::Counter {
+        self.dropped.clone()
     }
 }
 

@@ -400,6 +400,27 @@ impl Recorder {
         }
     }
 
+    /// The root's name: ESP's `<service>/<selector>` (`<service>/<Unknown Operation Name>`),
+    /// or ESPv2's `ingress <method short name>` (`ingress UnknownOperationName`).
+    pub fn name_root(&self, service: &str, selector: Option<&str>) {
+        let name = match (self.dialect(), selector) {
+            (Dialect::Esp, Some(s)) => format!("{service}/{s}"),
+            (Dialect::Esp, None) => format!("{service}/<Unknown Operation Name>"),
+            (Dialect::EspV2, Some(s)) => {
+                format!("ingress {}", s.rsplit('.').next().unwrap_or(s))
+            }
+            (Dialect::EspV2, None) => "ingress UnknownOperationName".to_string(),
+        };
+        self.set_root_name(name);
+    }
+
+    /// The response status, as ESPv2's ingress span carries it (`http.status_code`).
+    pub fn set_status(&self, status: u16) {
+        if self.dialect() == Dialect::EspV2 {
+            self.root_label("http.status_code", status.to_string());
+        }
+    }
+
     /// The spans so far (tests and the status page).
     pub fn snapshot(&self) -> Vec<SpanRecord> {
         self.with(|i| i.spans.clone()).unwrap_or_default()
@@ -465,6 +486,32 @@ impl Recorder {
             trace_id: self.trace_id,
             spans,
         }
+    }
+}
+
+/// Where a Service Control call made on a cache miss records its span: ESP's `Call
+/// ServiceControl server` under the cache span, ESPv2's `Service Control remote call: Check`
+/// under the ingress span.
+#[derive(Clone, Copy, Debug)]
+pub struct RemoteCall<'a> {
+    pub recorder: &'a Recorder,
+    pub parent: u64,
+}
+
+impl RemoteCall<'_> {
+    pub fn record(&self, start: SystemTime) {
+        let name = match self.recorder.dialect() {
+            Dialect::Esp => "Call ServiceControl server",
+            Dialect::EspV2 => "Service Control remote call: Check",
+        };
+        self.recorder.span(
+            new_span_id(),
+            name,
+            self.parent,
+            start,
+            SystemTime::now(),
+            Kind::Client,
+        );
     }
 }
 
