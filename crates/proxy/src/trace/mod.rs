@@ -466,6 +466,26 @@ impl Recorder {
                 labels: Vec::new(),
             });
         }
+        // In the order they started, a parent before the children that started with it (ESP's
+        // order: the order the spans were created).
+        let depth = |s: &SpanRecord| {
+            let mut d = 0;
+            let mut p = s.parent;
+            while p != self.root_id && d < 8 {
+                match children.iter().find(|c| c.id == p) {
+                    Some(c) => p = c.parent,
+                    None => break,
+                }
+                d += 1;
+            }
+            d
+        };
+        let mut keyed: Vec<(SystemTime, usize, SpanRecord)> = Vec::with_capacity(children.len());
+        for s in &children {
+            keyed.push((s.start, depth(s), s.clone()));
+        }
+        keyed.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let mut children: Vec<SpanRecord> = keyed.into_iter().map(|k| k.2).collect();
         for s in &mut children {
             s.labels
                 .push((Cow::Borrowed(agent_key), self.tracer.agent.clone()));
