@@ -284,6 +284,7 @@ fn esp_spans_sampling_and_context_headers() {
         vec![
             format!("{root_name} (remote \"123\")"),
             format!("CheckAuth ({root_name})"),
+            "HttpFetch (CheckAuth)".to_string(),
             format!("CheckServiceControl ({root_name})"),
             "CheckServiceControlCache (CheckServiceControl)".to_string(),
             "Call ServiceControl server (CheckServiceControlCache)".to_string(),
@@ -314,10 +315,13 @@ fn esp_spans_sampling_and_context_headers() {
         Some(format!("{t1}/{backend_span};o=1").as_str())
     );
 
-    // The second: a cache hit (no remote call), no parent, the options text sent back as is.
+    // The second: a cache hit (no remote call), the keys cached (no fetch), no parent, the
+    // options text sent back as is.
     let spans = v1_spans(&w.seen, t2, &log);
     let names: Vec<&str> = spans.iter().filter_map(|s| s["name"].as_str()).collect();
     assert!(!names.contains(&"Call ServiceControl server"), "{names:?}");
+    assert!(!names.contains(&"HttpFetch"), "{names:?}");
+    assert!(names.contains(&"CheckAuth"), "{names:?}");
     assert!(names.contains(&"CheckServiceControlCache"), "{names:?}");
     assert!(spans[0].get("parentSpanId").is_none(), "{:#?}", spans[0]);
     let hb = backend_headers(&w.seen, "/jwt?key=k1&n=2");
@@ -487,16 +491,17 @@ fn espv2_spans_sampling_and_context_headers() {
         })
         .collect();
     let t = tree(&display, "spanId", "parentSpanId");
-    assert_eq!(t.len(), 3, "{t:?}");
-    assert_eq!(t[0], "Service Control remote call: Check (ingress Jwt)");
+    assert_eq!(t.len(), 4, "{t:?}");
+    assert_eq!(t[0], "JWT Remote PubKey Fetch (ingress Jwt)");
+    assert_eq!(t[1], "Service Control remote call: Check (ingress Jwt)");
     assert!(
-        t[1].starts_with("router backend-cluster-")
-            && t[1].ends_with(&format!("{} egress (ingress Jwt)", w.backend.port())),
+        t[2].starts_with("router backend-cluster-")
+            && t[2].ends_with(&format!("{} egress (ingress Jwt)", w.backend.port())),
         "{t:?}"
     );
     // Children first, then the ingress span, joined to the client's span.
-    assert_eq!(t[2], "ingress Jwt (remote \"b7ad6b7169203331\")");
-    let root = &spans[2];
+    assert_eq!(t[3], "ingress Jwt (remote \"b7ad6b7169203331\")");
+    let root = &spans[3];
     let attr = |k: &str| root["attributes"]["attributeMap"][k]["stringValue"]["value"].clone();
     assert_eq!(attr("http.status_code"), "200");
     assert_eq!(attr("http.method"), "GET");
@@ -506,7 +511,7 @@ fn espv2_spans_sampling_and_context_headers() {
         "the query (and its key) is not recorded"
     );
     // The backend got both default outgoing headers with the egress span as parent.
-    let egress = spans[1]["spanId"].as_str().expect("egress id").to_string();
+    let egress = spans[2]["spanId"].as_str().expect("egress id").to_string();
     let hb = backend_headers(&w.seen, "/jwt?key=k1");
     assert_eq!(
         header(&hb, "traceparent"),
@@ -656,7 +661,7 @@ fn otlp_export_is_decoded_by_the_opentelemetry_protos() {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
-        if v.len() >= 3 {
+        if v.len() >= 4 {
             break v;
         }
         assert!(
@@ -666,7 +671,7 @@ fn otlp_export_is_decoded_by_the_opentelemetry_protos() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(spans.len(), 3, "{spans:#?}");
+    assert_eq!(spans.len(), 4, "{spans:#?}");
     let root = spans
         .iter()
         .find(|s| s["name"] == "ingress Jwt")
@@ -694,6 +699,7 @@ fn otlp_export_is_decoded_by_the_opentelemetry_protos() {
         names.contains(&"Service Control remote call: Check"),
         "{names:?}"
     );
+    assert!(names.contains(&"JWT Remote PubKey Fetch"), "{names:?}");
     assert!(
         names
             .iter()

@@ -787,9 +787,16 @@ pub fn tracer_for(
             tracing::info!("tracing is off: no Cloud Trace address (no control plane is known)");
             return Ok(None);
         };
+        // ESPv2: the metadata server's project when it was asked (as ESPv2's config manager).
+        let metadata_project = settings
+            .gcp
+            .as_ref()
+            .and_then(|g| g.project_id.clone())
+            .filter(|p| !p.is_empty() && settings.dialect == crate::dialect::Dialect::EspV2);
         let project = t
             .project_id
             .clone()
+            .or(metadata_project)
             .or_else(|| service.as_ref().map(|s| s.producer_project_id.clone()))
             .unwrap_or_default();
         if project.is_empty() {

@@ -303,16 +303,25 @@ impl Pipeline {
         }
 
         // 3. authenticate: the JWT, then the API key (ESP's `CheckAuth` span when traced).
-        let auth_start = ctx
-            .trace
-            .as_ref()
-            .filter(|_| mi.auth.is_some())
-            .map(|_| std::time::SystemTime::now());
-        let auth = self.authenticate(&parts, query, &mi, &config).await;
-        if let (Some(r), Some(start)) = (&ctx.trace, auth_start) {
+        // Key-set fetches on this task record their spans under CheckAuth (ESP) or the
+        // ingress span (ESPv2).
+        let traced_auth = ctx.trace.as_ref().filter(|_| mi.auth.is_some()).map(|r| {
+            let parent = match r.dialect() {
+                crate::dialect::Dialect::Esp => crate::trace::new_span_id(),
+                crate::dialect::Dialect::EspV2 => r.root_id,
+            };
+            (r.clone(), parent, std::time::SystemTime::now())
+        });
+        let auth = crate::trace::with_fetch_parent(
+            traced_auth
+                .as_ref()
+                .map(|(r, parent, _)| (r.clone(), *parent)),
+            self.authenticate(&parts, query, &mi, &config),
+        )
+        .await;
+        if let Some((r, id, start)) = traced_auth {
             if r.dialect() == crate::dialect::Dialect::Esp {
                 let end = std::time::SystemTime::now();
-                let id = crate::trace::new_span_id();
                 r.span(
                     id,
                     "CheckAuth",

@@ -198,9 +198,10 @@ pub fn parse_traceparent(v: &str) -> Option<Parent<'_>> {
     })
 }
 
-/// `grpc-trace-bin`: base64 (padded or not) of version 0, field 0 + 16-byte trace ID, field 1
-/// + 8-byte span ID, field 2 + options. ESP wants exactly 29 bytes and the sampled bit (an
-/// unsampled one is no header to it); ESPv2 accepts longer values and either bit.
+/// `grpc-trace-bin`: base64 (padded or not) of version 0, then field 0 with the 16-byte trace
+/// ID, field 1 with the 8-byte span ID and field 2 with the options. ESP wants exactly 29 bytes
+/// and the sampled bit (an unsampled one is no header to it); ESPv2 accepts longer values and
+/// either bit.
 pub fn parse_grpc_trace_bin(v: &[u8], dialect: Dialect) -> Option<Parent<'static>> {
     if v.len() > MAX_VALUE {
         return None;

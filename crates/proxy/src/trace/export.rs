@@ -240,10 +240,12 @@ async fn send(
                 tracing::debug!(spans, "traces refused (403)");
             }
         }
-        Ok(resp) => {
+        Ok(mut resp) => {
             let status = resp.status().as_u16();
-            let text = resp.text().await.unwrap_or_default();
-            let text: String = text.chars().take(256).collect();
+            // The first chunk only, at most 256 bytes: the body is for the log, and a broken
+            // server's answer can be any size.
+            let first = resp.chunk().await.ok().flatten().unwrap_or_default();
+            let text = String::from_utf8_lossy(&first[..first.len().min(256)]).into_owned();
             tracing::warn!(status, spans, url, body = %text, "trace export failed");
         }
         Err(e) => tracing::warn!(error = %e, spans, url, "trace export failed"),
@@ -452,7 +454,7 @@ pub mod otlp {
                     } else {
                         s.parent.to_be_bytes().to_vec()
                     },
-                    name: s.name.to_string(),
+                    name: super::truncate(&s.name, 1024).0.to_string(),
                     kind: match s.kind {
                         Kind::Internal => 1,
                         Kind::Server => 2,
@@ -460,7 +462,14 @@ pub mod otlp {
                     },
                     start_time_unix_nano: nanos(s.start),
                     end_time_unix_nano: nanos(s.end.max(s.start)),
-                    attributes: s.labels.iter().map(|(k, v)| kv(k, v)).collect(),
+                    // Google's OTLP ingest's bounds: keys 512 bytes, values 64 KiB.
+                    attributes: s
+                        .labels
+                        .iter()
+                        .map(|(k, v)| {
+                            kv(super::truncate(k, 512).0, super::truncate(v, 64 * 1024).0)
+                        })
+                        .collect(),
                     flags: 1,
                 })
             })

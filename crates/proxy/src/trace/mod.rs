@@ -484,7 +484,7 @@ impl Recorder {
         for s in &children {
             keyed.push((s.start, depth(s), s.clone()));
         }
-        keyed.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        keyed.sort_by_key(|a| (a.0, a.1));
         let mut children: Vec<SpanRecord> = keyed.into_iter().map(|k| k.2).collect();
         for s in &mut children {
             s.labels
@@ -533,6 +533,51 @@ impl RemoteCall<'_> {
             Kind::Client,
         );
     }
+}
+
+tokio::task_local! {
+    /// Set around a traced request's authentication: where a key-set fetch made on the
+    /// request's own task records its span (ESP's `HttpFetch` under `CheckAuth`, ESPv2's
+    /// `JWT Remote PubKey Fetch` under the ingress span). Background refreshes run in their
+    /// own tasks and are not part of any request's trace.
+    static FETCH_PARENT: (Arc<Recorder>, u64);
+}
+
+/// Runs `fut` (the authentication phase) with `parent` as where key-set fetches record their
+/// spans; untraced requests (`None`) run it as is.
+pub async fn with_fetch_parent<F: std::future::Future>(
+    parent: Option<(Arc<Recorder>, u64)>,
+    fut: F,
+) -> F::Output {
+    match parent {
+        Some(p) => FETCH_PARENT.scope(p, fut).await,
+        None => fut.await,
+    }
+}
+
+/// When a key-set fetch starts on a traced request's task: `Some(now)`; else `None`, without
+/// reading the clock.
+pub fn fetch_started() -> Option<SystemTime> {
+    FETCH_PARENT.try_with(|_| SystemTime::now()).ok()
+}
+
+/// Records the key-set fetch that started at `start` (from [`fetch_started`]).
+pub fn fetch_finished(start: Option<SystemTime>) {
+    let Some(start) = start else { return };
+    let _ = FETCH_PARENT.try_with(|(r, parent)| {
+        let name = match r.dialect() {
+            Dialect::Esp => "HttpFetch",
+            Dialect::EspV2 => "JWT Remote PubKey Fetch",
+        };
+        r.span(
+            new_span_id(),
+            name,
+            *parent,
+            start,
+            SystemTime::now(),
+            Kind::Client,
+        );
+    });
 }
 
 impl Drop for Recorder {
