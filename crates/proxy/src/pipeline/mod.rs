@@ -303,36 +303,13 @@ impl Pipeline {
         }
 
         // 3. authenticate: the JWT, then the API key (ESP's `CheckAuth` span when traced).
-        // Key-set fetches on this task record their spans under CheckAuth (ESP) or the
-        // ingress span (ESPv2).
-        let traced_auth = ctx.trace.as_ref().filter(|_| mi.auth.is_some()).map(|r| {
-            let parent = match r.dialect() {
-                crate::dialect::Dialect::Esp => crate::trace::new_span_id(),
-                crate::dialect::Dialect::EspV2 => r.root_id,
-            };
-            (r.clone(), parent, std::time::SystemTime::now())
-        });
-        let auth = crate::trace::with_fetch_parent(
-            traced_auth
-                .as_ref()
-                .map(|(r, parent, _)| (r.clone(), *parent)),
+        let auth = match crate::trace::auth_phase(
+            ctx.trace.as_ref(),
+            mi.auth.is_some(),
             self.authenticate(&parts, query, &mi, &config),
         )
-        .await;
-        if let Some((r, id, start)) = traced_auth {
-            if r.dialect() == crate::dialect::Dialect::Esp {
-                let end = std::time::SystemTime::now();
-                r.span(
-                    id,
-                    "CheckAuth",
-                    r.root_id,
-                    start,
-                    end,
-                    crate::trace::Kind::Internal,
-                );
-            }
-        }
-        let auth = match auth {
+        .await
+        {
             Ok(a) => a,
             Err(e) => {
                 let key = self.unchecked_key(query, &parts.headers, Some(&mi.api_key_locations));

@@ -359,107 +359,15 @@ impl Pipeline {
         };
         // ESP's spans: CheckServiceControl > CheckServiceControlCache > Call ServiceControl
         // server (a miss only), QuotaControl > QuotaServiceControlCache; ESPv2's: only the
-        // remote call, under the ingress span.
-        let trace = ctx.trace.as_deref();
-        let esp_spans = trace.filter(|t| t.dialect() == crate::dialect::Dialect::Esp);
-        // The clock is read only for a traced request.
-        let now = || match trace {
-            Some(_) => SystemTime::now(),
-            None => SystemTime::UNIX_EPOCH,
-        };
-        let check_start = now();
-        let (check_id, cache_id) = match esp_spans {
-            Some(_) => (new_span_id(), new_span_id()),
-            None => (0, 0),
-        };
-        let remote = trace.map(|t| crate::trace::RemoteCall {
-            recorder: t,
-            parent: if esp_spans.is_some() {
-                cache_id
-            } else {
-                t.root_id
-            },
+        // remote call, under the ingress span. What is held across the check's await is one
+        // pointer (boxed only when traced: the request future is memory per connection).
+        let check_trace = ctx.trace.as_deref().map(|t| {
+            Box::new(match t.dialect() {
+                crate::dialect::Dialect::Esp => (SystemTime::now(), new_span_id(), new_span_id()),
+                crate::dialect::Dialect::EspV2 => (SystemTime::now(), 0, t.root_id),
+            })
         });
-        let outcome = self
-            .check(config, mi, api_key, ctx, headers, report, control, remote)
-            .await;
-        if let Some(t) = esp_spans {
-            let end = SystemTime::now();
-            if api_key.is_some() {
-                t.span(
-                    cache_id,
-                    "CheckServiceControlCache",
-                    check_id,
-                    check_start,
-                    end,
-                    Kind::Internal,
-                );
-            }
-            t.span(
-                check_id,
-                "CheckServiceControl",
-                t.root_id,
-                check_start,
-                end,
-                Kind::Internal,
-            );
-        }
-        outcome?;
-        let quota_start = now();
-        let quota_id = esp_spans.map(|_| new_span_id()).unwrap_or(0);
-        let quota = if !mi.metric_costs.is_empty() {
-            let q = control.allocate_quota(QuotaInput {
-                service_name: &config.service.name,
-                service_config_id: &config.config_id,
-                method_name: &mi.selector,
-                api_key: api_key.unwrap_or(""),
-                producer_project_id: &config.service.producer_project_id,
-                caller_ip: ctx.caller_ip,
-                referer: header_str(headers, &header::REFERER),
-                metric_costs: &mi.metric_costs,
-            });
-            if let Some(t) = esp_spans {
-                let end = SystemTime::now();
-                t.span(
-                    new_span_id(),
-                    "QuotaServiceControlCache",
-                    quota_id,
-                    quota_start,
-                    end,
-                    Kind::Internal,
-                );
-            }
-            q
-        } else {
-            Ok(())
-        };
-        if let Some(t) = esp_spans {
-            t.span(
-                quota_id,
-                "QuotaControl",
-                t.root_id,
-                quota_start,
-                SystemTime::now(),
-                Kind::Internal,
-            );
-        }
-        quota
-    }
-
-    /// The `:check` half of [`Pipeline::check_and_quota`].
-    #[allow(clippy::too_many_arguments)]
-    async fn check(
-        &self,
-        config: &ConfigRoutes,
-        mi: &MethodInfo,
-        api_key: Option<&str>,
-        ctx: &Ctx,
-        headers: &mut HeaderMap,
-        report: &mut ReportInfo,
-        control: &Arc<dyn super::ControlApi>,
-        remote: Option<crate::trace::RemoteCall<'_>>,
-    ) -> Result<(), EspError> {
-        if let Some(key) = api_key {
+        let checked = if let Some(key) = api_key {
             let input = CheckInput {
                 service_name: &config.service.name,
                 service_config_id: &config.config_id,
@@ -470,7 +378,15 @@ impl Pipeline {
                 android_package: header_str(headers, &X_ANDROID_PACKAGE),
                 android_cert: header_str(headers, &X_ANDROID_CERT),
                 ios_bundle: header_str(headers, &X_IOS_BUNDLE),
-                trace: remote,
+                // The remote call's parent: the cache span (ESP) or the ingress span (ESPv2).
+                trace: ctx
+                    .trace
+                    .as_deref()
+                    .zip(check_trace.as_deref())
+                    .map(|(t, c)| crate::trace::RemoteCall {
+                        recorder: t,
+                        parent: c.2,
+                    }),
             };
             let outcome = control.check(input).await;
             report.api_key_state = ApiKeyState::after_check(&outcome);
@@ -485,6 +401,7 @@ impl Pipeline {
                         }
                     }
                     report.check = Some(ok);
+                    Ok(())
                 }
                 Err(err) => {
                     report.check_network_failure = err.code == Code::Unavailable.as_i32();
@@ -496,11 +413,77 @@ impl Pipeline {
                             api_key_uid: known.api_key_uid.clone(),
                         });
                     }
-                    return Err(err);
+                    Err(err)
                 }
             }
+        } else {
+            Ok(())
+        };
+        let esp_spans = ctx
+            .trace
+            .as_deref()
+            .filter(|t| t.dialect() == crate::dialect::Dialect::Esp);
+        if let (Some(t), Some(c)) = (esp_spans, check_trace) {
+            let (start, check_id, cache_id) = *c;
+            let end = SystemTime::now();
+            if api_key.is_some() {
+                t.span(
+                    cache_id,
+                    "CheckServiceControlCache",
+                    check_id,
+                    start,
+                    end,
+                    Kind::Internal,
+                );
+            }
+            t.span(
+                check_id,
+                "CheckServiceControl",
+                t.root_id,
+                start,
+                end,
+                Kind::Internal,
+            );
         }
-        Ok(())
+        checked?;
+        let quota_start = esp_spans.map(|_| (SystemTime::now(), new_span_id()));
+        let quota = if !mi.metric_costs.is_empty() {
+            let q = control.allocate_quota(QuotaInput {
+                service_name: &config.service.name,
+                service_config_id: &config.config_id,
+                method_name: &mi.selector,
+                api_key: api_key.unwrap_or(""),
+                producer_project_id: &config.service.producer_project_id,
+                caller_ip: ctx.caller_ip,
+                referer: header_str(headers, &header::REFERER),
+                metric_costs: &mi.metric_costs,
+            });
+            if let (Some(t), Some((start, id))) = (esp_spans, quota_start) {
+                let end = SystemTime::now();
+                t.span(
+                    new_span_id(),
+                    "QuotaServiceControlCache",
+                    id,
+                    start,
+                    end,
+                    Kind::Internal,
+                );
+            }
+            q
+        } else {
+            Ok(())
+        };
+        if let (Some(t), Some((start, id))) = (esp_spans, quota_start) {
+            t.span(
+                id,
+                "QuotaControl",
+                t.root_id,
+                start,
+                SystemTime::now(),
+                Kind::Internal,
+            );
+        }
+        quota
     }
 
     /// A path with `;` parameters must name the same method without them: servlet containers

@@ -543,15 +543,75 @@ tokio::task_local! {
     static FETCH_PARENT: (Arc<Recorder>, u64);
 }
 
-/// Runs `fut` (the authentication phase) with `parent` as where key-set fetches record their
-/// spans; untraced requests (`None`) run it as is.
-pub async fn with_fetch_parent<F: std::future::Future>(
-    parent: Option<(Arc<Recorder>, u64)>,
+pin_project_lite::pin_project! {
+    /// [`auth_phase`]'s future: the authentication phase's own future, in the task-local
+    /// scope only when traced, recording ESP's `CheckAuth` span when it completes.
+    /// Hand-written, not an `async fn`, so that it holds the phase's future once (an `async
+    /// fn` would keep its argument beside the scope it is moved into, doubling what the
+    /// request future, kept per connection, reserves for it), and so that the request future
+    /// holds nothing else for tracing across this await.
+    #[project = AuthPhaseProj]
+    pub enum AuthPhase<F> {
+        Traced {
+            #[pin]
+            fut: tokio::task::futures::TaskLocalFuture<(Arc<Recorder>, u64), F>,
+            // ESP's CheckAuth span: the recorder, its ID and start.
+            check_auth: Option<Box<(Arc<Recorder>, u64, SystemTime)>>,
+        },
+        Plain { #[pin] fut: F },
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for AuthPhase<F> {
+    type Output = F::Output;
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        match self.project() {
+            AuthPhaseProj::Traced { fut, check_auth } => {
+                let out = std::task::ready!(fut.poll(cx));
+                if let Some(c) = check_auth.take() {
+                    let (r, id, start) = *c;
+                    r.span(
+                        id,
+                        "CheckAuth",
+                        r.root_id,
+                        start,
+                        SystemTime::now(),
+                        Kind::Internal,
+                    );
+                }
+                std::task::Poll::Ready(out)
+            }
+            AuthPhaseProj::Plain { fut } => fut.poll(cx),
+        }
+    }
+}
+
+/// The authentication phase (`fut`) of a request: untraced, or for a method without JWT
+/// requirements, run as is; else key-set fetches on this task record their spans (under
+/// `CheckAuth` for ESP, under the ingress span for ESPv2) and ESP's `CheckAuth` is recorded.
+pub fn auth_phase<F: std::future::Future>(
+    trace: Option<&Arc<Recorder>>,
+    needs_auth: bool,
     fut: F,
-) -> F::Output {
-    match parent {
-        Some(p) => FETCH_PARENT.scope(p, fut).await,
-        None => fut.await,
+) -> AuthPhase<F> {
+    match trace.filter(|_| needs_auth) {
+        Some(r) => {
+            let (parent, check_auth) = match r.dialect() {
+                Dialect::Esp => {
+                    let id = new_span_id();
+                    (id, Some(Box::new((r.clone(), id, SystemTime::now()))))
+                }
+                Dialect::EspV2 => (r.root_id, None),
+            };
+            AuthPhase::Traced {
+                fut: FETCH_PARENT.scope((r.clone(), parent), fut),
+                check_auth,
+            }
+        }
+        None => AuthPhase::Plain { fut },
     }
 }
 
