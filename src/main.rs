@@ -5,6 +5,7 @@
 //! - `portico espv2 ...`          the same proxy, ESPv2's flags and answers → crates/proxy
 //! - `portico control-plane ...`  the Google-shaped APIs                → crates/control-plane
 //! - `portico echo ...`           the getting-started sample backend    → crates/echo
+//! - `portico bookstore ...`      the gRPC sample backend (Bookstore)   → crates/bookstore
 //! - `portico config validate F`  OpenAPI → service config, or errors   → src/config_cmd.rs,
 //!   converting with crates/config
 //! - `portico up ...`             everything on one machine              → src/up.rs
@@ -28,6 +29,7 @@ commands:
   espv2            the same proxy with ESPv2's startup flags and answers (portico espv2 --help)
   control-plane    the control plane (Service Management, IAM, API keys, Service Control)
   echo             the getting-started sample backend
+  bookstore        the gRPC sample backend (the Bookstore service, h2c or TLS)
   config validate  convert an OpenAPI file to a service config, or list its errors
 ";
 
@@ -74,6 +76,10 @@ fn main() -> ExitCode {
         Some("echo") => {
             logging::init(logging::Colours::Default);
             portico_echo::cli::main(args)
+        }
+        Some("bookstore") => {
+            logging::init(logging::Colours::Default);
+            portico_bookstore::cli::main(args)
         }
         Some("config") => config_cmd::main(args),
         Some("-h") | Some("--help") | Some("help") => {

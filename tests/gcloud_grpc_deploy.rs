@@ -135,14 +135,14 @@ fn gcloud_deploys_a_grpc_service() {
     assert_eq!(cfg["apis"][0]["name"], PKG);
     assert_eq!(cfg["apis"][0]["version"], "v1");
     let methods = cfg["apis"][0]["methods"].as_array().expect("methods");
-    assert_eq!(methods.len(), 10, "{cfg}");
+    assert_eq!(methods.len(), 15, "{cfg}");
     assert_eq!(methods[8]["name"], "StreamBooks");
     assert_eq!(methods[8]["responseStreaming"], true);
     assert_eq!(
         methods[1]["requestTypeUrl"],
         "type.googleapis.com/endpoints.examples.bookstore.CreateShelfRequest"
     );
-    assert_eq!(cfg["http"]["rules"].as_array().map(Vec::len), Some(8));
+    assert_eq!(cfg["http"]["rules"].as_array().map(Vec::len), Some(11));
     assert_eq!(rule(&cfg, "ListShelves")["get"], "/v1/shelves");
     assert_eq!(rule(&cfg, "CreateShelf")["body"], "shelf");
     assert_eq!(
@@ -196,14 +196,14 @@ fn gcloud_deploys_a_grpc_service() {
     let auth_rules = cfg["authentication"]["rules"]
         .as_array()
         .expect("auth rules");
-    assert_eq!(auth_rules.len(), 10, "{cfg}");
+    assert_eq!(auth_rules.len(), 15, "{cfg}");
     assert_eq!(auth_rules[0]["selector"], format!("{PKG}.ListShelves"));
     assert_eq!(
-        auth_rules[9]["requirements"][0]["providerId"],
+        auth_rules[14]["requirements"][0]["providerId"],
         "bookstore_sa"
     );
     let usage = cfg["usage"]["rules"].as_array().expect("usage rules");
-    assert_eq!(usage.len(), 10);
+    assert_eq!(usage.len(), 15);
     assert!(usage.iter().all(|r| r["allowUnregisteredCalls"] == true
         && r["selector"]
             .as_str()

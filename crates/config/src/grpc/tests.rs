@@ -95,7 +95,12 @@ fn bookstore_with_keys_fills_apis_and_rules_from_the_descriptor() {
             "GetBook",
             "DeleteBook",
             "StreamBooks",
-            "BulkCreateShelf"
+            "BulkCreateShelf",
+            "EchoBooks",
+            "ReturnBadStatus",
+            "CreateBookWithTrailingSingleWildcard",
+            "CreateBookWithTrailingDoubleWildcard",
+            "CreateBookWithCustomVerb"
         ]
     );
     let list = &api.methods[0];
@@ -110,6 +115,7 @@ fn bookstore_with_keys_fills_apis_and_rules_from_the_descriptor() {
     assert!(!list.request_streaming && !list.response_streaming);
     assert!(api.methods[8].response_streaming && !api.methods[8].request_streaming);
     assert!(api.methods[9].request_streaming && !api.methods[9].response_streaming);
+    assert!(api.methods[10].request_streaming && api.methods[10].response_streaming);
     // Streaming flags appear in the JSON only when set, as Google emits them.
     let json = serde_json::to_value(&api.methods).unwrap();
     assert_eq!(json[8]["responseStreaming"], true);
@@ -117,7 +123,7 @@ fn bookstore_with_keys_fills_apis_and_rules_from_the_descriptor() {
 
     // Annotations: one rule per annotated method, full selectors; StreamBooks has none.
     let http = &svc.http.as_ref().unwrap().rules;
-    assert_eq!(http.len(), 8, "{http:?}");
+    assert_eq!(http.len(), 11, "{http:?}");
     assert_eq!(
         http_rule(&svc, "ListShelves").unwrap().get.as_deref(),
         Some("/v1/shelves")
@@ -183,7 +189,7 @@ fn yaml_http_rules_replace_annotations_and_files_merge() {
         http_rule(&svc, "GetBook").unwrap().get.as_deref(),
         Some("/v1/shelves/{shelf}/books/{book}")
     );
-    assert_eq!(svc.http.as_ref().unwrap().rules.len(), 9);
+    assert_eq!(svc.http.as_ref().unwrap().rules.len(), 12);
     let files = &svc.source_info.as_ref().unwrap().source_files;
     assert_eq!(files.len(), 3);
 }
@@ -219,7 +225,7 @@ system_parameters:\n  rules:\n  - selector: {PKG}.ListShelves\n    parameters:\n
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     let svc = c.service;
     let usage = &svc.usage.as_ref().unwrap().rules;
-    assert_eq!(usage.len(), 10);
+    assert_eq!(usage.len(), 15);
     assert!(usage
         .iter()
         .all(|r| r.selector.starts_with(PKG) && !r.selector.contains('*')));
@@ -228,13 +234,13 @@ system_parameters:\n  rules:\n  - selector: {PKG}.ListShelves\n    parameters:\n
         assert_eq!(r.allow_unregistered_calls, !closed, "{}", r.selector);
     }
     let backend = &svc.backend.as_ref().unwrap().rules;
-    assert_eq!(backend.len(), 10);
+    assert_eq!(backend.len(), 15);
     assert!(backend
         .iter()
         .all(|r| r.address == "grpcs://books.example.com" && r.deadline == 5.0));
-    assert_eq!(svc.authentication.as_ref().unwrap().rules.len(), 10);
+    assert_eq!(svc.authentication.as_ref().unwrap().rules.len(), 15);
     let quota = &svc.quota.as_ref().unwrap().metric_rules;
-    assert_eq!(quota.len(), 10);
+    assert_eq!(quota.len(), 15);
     let create = quota
         .iter()
         .find(|r| r.selector.ends_with(".CreateBook"))
@@ -605,7 +611,7 @@ fn the_bookstore_auth_sample_expands_its_rules() {
     let auth = svc.authentication.unwrap();
     assert_eq!(auth.providers.len(), 1);
     assert_eq!(auth.providers[0].id, "bookstore_sa");
-    assert_eq!(auth.rules.len(), 10);
+    assert_eq!(auth.rules.len(), 15);
     assert!(auth
         .rules
         .iter()

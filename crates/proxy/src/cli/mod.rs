@@ -1024,14 +1024,6 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
             "--enable_api_key_uid_reporting",
             a.enable_api_key_uid_reporting.is_some(),
         ),
-        (
-            "--transcoding_always_print_primitive_fields",
-            a.transcoding_always_print_primitive_fields,
-        ),
-        (
-            "--transcoding_preserve_proto_field_names",
-            a.transcoding_preserve_proto_field_names,
-        ),
         ("--template", a.template.is_some()),
         (
             "--server_config_template",
@@ -1158,6 +1150,12 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         health_check_operation: None,
         cors_operation_delimiter: None,
         disallow_colon_in_wildcard_path_segment: false,
+        // ESP v1's two hidden transcoding flags (start_esp.py), the only ones it has.
+        transcoding: portico_transcode::Options {
+            always_print_primitive_fields: a.transcoding_always_print_primitive_fields,
+            preserve_proto_field_names: a.transcoding_preserve_proto_field_names,
+            ..Default::default()
+        },
         ignored_flags,
         not_implemented_flags: Vec::new(),
     })
