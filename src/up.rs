@@ -30,6 +30,10 @@ const SAMPLE_OPENAPI: &str = include_str!("../examples/echo/openapi.yaml");
 
 const SA_ACCOUNT_ID: &str = "portico-up";
 const SERVICE_CONTROLLER: &str = "roles/servicemanagement.serviceController";
+const CLOUDTRACE_AGENT: &str = "roles/cloudtrace.agent";
+/// The proxy's auto-sampling for the sample: up to this many traced requests a second, so
+/// every curl line printed is traced (ESP's default is one request per 10 s).
+const TRACES_PER_SECOND: u32 = 100;
 /// How long a child gets to start listening, and an API operation to finish.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -628,32 +632,23 @@ async fn deploy(
     state.service_account = Some(sa_email.clone());
     state.save(state_path)?;
 
-    // The serviceController binding on the service, added unless present.
-    let policy = api
-        .post(&format!("/v1/services/{service}:getIamPolicy"), json!({}))
-        .await?;
+    // The serviceController binding on the service, and (so the proxy's traces are accepted)
+    // the walkthrough's roles/cloudtrace.agent on the project, each added unless present.
     let member = format!("serviceAccount:{sa_email}");
-    let bound = policy["bindings"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|b| {
-            b["role"] == SERVICE_CONTROLLER
-                && b["members"]
-                    .as_array()
-                    .is_some_and(|m| m.contains(&json!(member)))
-        });
-    if !bound {
-        let mut policy = policy;
-        let mut bindings = policy["bindings"].as_array().cloned().unwrap_or_default();
-        bindings.push(json!({"role": SERVICE_CONTROLLER, "members": [member]}));
-        policy["bindings"] = Value::Array(bindings);
-        api.post(
-            &format!("/v1/services/{service}:setIamPolicy"),
-            json!({"policy": policy}),
-        )
-        .await?;
-    }
+    ensure_binding(
+        api,
+        &format!("/v1/services/{service}"),
+        SERVICE_CONTROLLER,
+        &member,
+    )
+    .await?;
+    ensure_binding(
+        api,
+        &format!("/v1/projects/{}", opts.project),
+        CLOUDTRACE_AGENT,
+        &member,
+    )
+    .await?;
 
     // The key file: reused while its key still exists and its token_uri names this control plane.
     let key_file = opts.data.join("service-account-creds.json");
@@ -864,6 +859,8 @@ async fn run(opts: Options, children: &mut Children) -> Result<()> {
         format!("--status_port={}", opts.status_port),
         format!("--backend={backend}"),
         format!("--service_account_key={}", d.key_file.display()),
+        // Trace the sample's requests (Portico's knob for ESP's `minimum_qps`).
+        format!("--cloud_trace_minimum_qps={TRACES_PER_SECOND}"),
     ];
     if let Some(dest) = &opts.access_log {
         esp_args.push(format!("--access_log={dest}"));
@@ -892,6 +889,36 @@ async fn run(opts: Options, children: &mut Children) -> Result<()> {
             bail!("portico {name} exited ({status}); last lines of {}:\n{}", log.display(), tail(&log, 15))
         }
     }
+}
+
+/// Adds `role` for `member` to the IAM policy of `resource` (`/v1/services/S`,
+/// `/v1/projects/P`) unless it is there: read, modify, write.
+async fn ensure_binding(api: &Api, resource: &str, role: &str, member: &str) -> Result<()> {
+    let policy = api
+        .post(&format!("{resource}:getIamPolicy"), json!({}))
+        .await?;
+    let bound = policy["bindings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|b| {
+            b["role"] == role
+                && b["members"]
+                    .as_array()
+                    .is_some_and(|m| m.contains(&json!(member)))
+        });
+    if !bound {
+        let mut policy = policy;
+        let mut bindings = policy["bindings"].as_array().cloned().unwrap_or_default();
+        bindings.push(json!({"role": role, "members": [member]}));
+        policy["bindings"] = Value::Array(bindings);
+        api.post(
+            &format!("{resource}:setIamPolicy"),
+            json!({"policy": policy}),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 fn print_summary(opts: &Options, cp: &str, token: &Path, logs: &Path, d: &Deployed, backend: &str) {
@@ -933,6 +960,16 @@ fn print_summary(opts: &Options, cp: &str, token: &Path, logs: &Path, d: &Deploy
             d.api_key
         ));
     }
+    out.push_str(&format!(
+        "Tracing is on: up to {TRACES_PER_SECOND} requests a second are traced (every curl \
+         line above), sent to the control plane's Cloud Trace API within a second. The \
+         latest traces:\n"
+    ));
+    out.push_str(&format!(
+        "  curl --header \"Authorization: Bearer $(cat {})\" \"{cp}/v1/projects/{}/traces?view=ROOTSPAN\"\n\n",
+        token.display(),
+        opts.project
+    ));
     out.push_str("Point gcloud at this control plane (in its own configuration):\n");
     out.push_str("  gcloud config configurations create portico\n");
     out.push_str(&format!("  gcloud config set project {}\n", opts.project));

@@ -192,7 +192,8 @@ fn proxy_traffic_is_counted_once_in_rollups_logs_and_metrics() {
         .filter(|l| l.starts_with("curl "))
         .map(str::to_string)
         .collect();
-    assert_eq!(lines.len(), 2, "{}", up.stdout);
+    // The 401 line, the keyed line, and the one listing the traces.
+    assert_eq!(lines.len(), 3, "{}", up.stdout);
     const OK_CALLS: i64 = 7;
     for _ in 0..OK_CALLS {
         assert_eq!(run_curl(&lines[1]), 200);

@@ -226,7 +226,7 @@ fn up_runs_the_walkthrough_and_reuses_its_state() {
     let (first_key, first_service) = {
         let up = start_up(dir.path(), ports);
         let lines = curl_lines(&up.stdout);
-        assert_eq!(lines.len(), 2, "expected two curl lines:\n{}", up.stdout);
+        assert_eq!(lines.len(), 3, "expected three curl lines:\n{}", up.stdout);
 
         let (status, body) = run_curl(&lines[0]);
         assert_eq!(status, 401, "{body}");
@@ -241,6 +241,35 @@ fn up_runs_the_walkthrough_and_reuses_its_state() {
         assert_eq!(status, 200, "{body}\n{}", logs(dir.path()));
         let echoed: Value = serde_json::from_str(&body).expect("echo JSON");
         assert_eq!(echoed, serde_json::json!({"message": "hello world"}));
+
+        // Tracing is on for the sample, and says so: the third line lists the traces, where
+        // the two calls above are (their root spans name the service's Echo method).
+        assert!(up.stdout.contains("Tracing is on"), "{}", up.stdout);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let (status, body) = run_curl(&lines[2]);
+            assert_eq!(status, 200, "{body}");
+            let list: Value = serde_json::from_str(&body).expect("traces JSON");
+            let echo_roots = list["traces"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|t| {
+                    t["spans"][0]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.ends_with(".Echo") || n.ends_with("/Echo"))
+                })
+                .count();
+            if echo_roots >= 2 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the curl lines' traces are not listed: {list:#}\n{}",
+                logs(dir.path())
+            );
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
 
         // The gcloud lines point at this control plane and its admin token.
         let token = dir.path().join(".portico/admin-token");

@@ -72,4 +72,5 @@ pub mod service_control;
 pub mod settings;
 pub mod status;
 pub mod tls;
+pub mod trace;
 pub mod upstream;

@@ -266,6 +266,8 @@ pub async fn start_with_metrics(
         metrics,
         access_log,
     );
+    state.tracer =
+        tracer_for(&settings, &first, &state.metrics).map_err(StartError::Credentials)?;
     // Backend rules with `jwt_audience` get ID tokens for the proxy's own account: minted by
     // the key file's token endpoint, or else by the metadata server; none when backend
     // authentication is off (ESPv2's `--non_gcp`), said once per method.
@@ -738,6 +740,102 @@ pub fn service_control_for(
     // Reports carry only the metrics and logs each config declares, as ESP's do.
     opts.service_configs = Some(configs);
     crate::service_control::ServiceControl::new(opts).map(Some)
+}
+
+/// The tracer and its exporter task (on the caller's runtime), unless tracing is off. Cloud
+/// Trace calls go where Service Control calls go (the key file's control plane, or the
+/// config's `control.environment`) unless `--cloud_trace_url_override` says otherwise, with
+/// the same credentials; the project is `--tracing_project_id` or the service's producer
+/// project. `--tracing_otlp_endpoint` replaces Cloud Trace with OTLP.
+pub fn tracer_for(
+    settings: &Settings,
+    first: &Rollout,
+    metrics: &crate::metrics::Metrics,
+) -> Result<Option<Arc<crate::trace::Tracer>>, String> {
+    use crate::trace::export::{self, Target};
+    let t = &settings.tracing;
+    if t.disabled {
+        return Ok(None);
+    }
+    let service = first.configs.first().map(|(s, _)| s.clone());
+    let key = match &settings.service_account_key {
+        Some(p) => Some(Arc::new(
+            portico_credentials::ServiceAccountKey::from_file(p)
+                .map_err(|e| format!("{}: {e}", p.display()))?,
+        )),
+        None => None,
+    };
+    let target = if let Some(url) = &t.otlp_endpoint {
+        Target::Otlp {
+            url: url.clone(),
+            service: service.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+        }
+    } else {
+        let environment = first
+            .configs
+            .iter()
+            .filter_map(|(s, _)| s.control.as_ref())
+            .map(|c| c.environment.as_str())
+            .find(|e| !e.is_empty());
+        let base = t.url_override.clone().or_else(|| {
+            crate::service_control::resolve_service_control_url(
+                settings.service_control_url_override.as_deref(),
+                key.as_deref(),
+                environment,
+            )
+        });
+        let Some(base) = base else {
+            tracing::info!("tracing is off: no Cloud Trace address (no control plane is known)");
+            return Ok(None);
+        };
+        // ESPv2: the metadata server's project when it was asked (as ESPv2's config manager).
+        let metadata_project = settings
+            .gcp
+            .as_ref()
+            .and_then(|g| g.project_id.clone())
+            .filter(|p| !p.is_empty() && settings.dialect == crate::dialect::Dialect::EspV2);
+        let project = t
+            .project_id
+            .clone()
+            .or(metadata_project)
+            .or_else(|| service.as_ref().map(|s| s.producer_project_id.clone()))
+            .unwrap_or_default();
+        if project.is_empty() {
+            tracing::warn!(
+                "tracing is off: no tracing project (the service config names no producer project)"
+            );
+            return Ok(None);
+        }
+        match settings.dialect {
+            crate::dialect::Dialect::Esp => Target::CloudTraceV1 { base, project },
+            crate::dialect::Dialect::EspV2 => Target::CloudTraceV2 { base, project },
+        }
+    };
+    let metadata = metadata_tokens_for(settings, key.is_some()).map_err(|e| e.to_string())?;
+    let account = key.as_ref().map(|k| k.client_email.clone());
+    let tokens = crate::outbound_auth::TokenSource::with_metadata(key, metadata);
+    let (queue, rx) = export::Queue::new(export::QUEUE_CAPACITY);
+    metrics.register(
+        "trace_spans_dropped",
+        "Spans of traced requests dropped because the export queue was full",
+        queue.dropped_counter(),
+    );
+    tracing::info!(target = ?target, "tracing on");
+    export::spawn(
+        export::Exporter {
+            target,
+            tokens: Some(tokens),
+            account,
+            flush_every: export::FLUSH_EVERY,
+            max_batch: export::MAX_BATCH,
+        },
+        rx,
+    );
+    Ok(Some(Arc::new(crate::trace::Tracer::new(
+        settings.dialect,
+        t.clone(),
+        queue,
+    ))))
 }
 
 /// The metadata server's token source when `--metadata` is given and there is no key file (a

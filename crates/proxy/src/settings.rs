@@ -336,7 +336,8 @@ pub struct Settings {
     /// refused (at start, and at rollout it does not replace the serving config).
     pub disable_oidc_discovery: bool,
     pub enable_jwt_authorization_url_redirect: bool,
-    pub disable_cloud_trace_auto_sampling: bool,
+    /// Sampling, context headers and export of traces (crate::trace, docs/tracing.md).
+    pub tracing: crate::trace::TraceSettings,
     pub rollout_fetch_throttle_window: Option<Duration>,
     pub worker_threads: usize,
     /// Per serving thread, for each HTTP/1.1 backend.

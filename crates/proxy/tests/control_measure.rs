@@ -40,6 +40,7 @@ async fn measure_hot_path_costs() {
         android_package: None,
         android_cert: None,
         ios_bundle: None,
+        trace: None,
     };
     let t = Instant::now();
     sc.check(input()).await.expect("allowed");

@@ -32,6 +32,7 @@ fn input<'a>(key: &'a str, caller: IpAddr) -> CheckInput<'a> {
         android_package: None,
         android_cert: None,
         ios_bundle: None,
+        trace: None,
     }
 }
 

@@ -234,7 +234,10 @@ impl KeyCache {
     }
 
     async fn fetch_into(&self, uri: &str, slot: &Slot) -> Result<Arc<KeySet>, FetchError> {
-        match self.get(uri).await {
+        let traced = crate::trace::fetch_started();
+        let got = self.get(uri).await;
+        crate::trace::fetch_finished(traced);
+        match got {
             Ok(body) => {
                 let keys = Arc::new(KeySet::parse(&body));
                 tracing::debug!(uri, keys = keys.keys.len(), "fetched verification keys");

@@ -194,13 +194,13 @@ pub const FLAGS: &[(&str, Support)] = &[
     // Logs and tracing.
     ("--access_log", Implemented),
     ("--access_log_format", Implemented),
-    ("--disable_tracing", NotYet(19)),
-    ("--tracing_project_id", NotYet(19)),
-    ("--tracing_sample_rate", NotYet(19)),
-    ("--disable_cloud_trace_auto_sampling", NotYet(19)),
-    ("--tracing_incoming_context", NotYet(19)),
-    ("--tracing_outgoing_context", NotYet(19)),
-    ("--cloud_trace_url_override", NotYet(19)),
+    ("--disable_tracing", Implemented),
+    ("--tracing_project_id", Implemented),
+    ("--tracing_sample_rate", Implemented),
+    ("--disable_cloud_trace_auto_sampling", Implemented),
+    ("--tracing_incoming_context", Implemented),
+    ("--tracing_outgoing_context", Implemented),
+    ("--cloud_trace_url_override", Implemented),
     // Platform and credentials.
     ("--non_gcp", Implemented),
     ("--service_account_key", Implemented),
@@ -267,13 +267,26 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--client_ip_from_forwarded_header", Implemented),
     ("--backend_cluster_maximum_requests", Implemented),
     ("--generated_header_prefix", Implemented),
-    ("--tracing_max_num_attributes", NotYet(19)),
-    ("--tracing_max_num_annotations", NotYet(19)),
-    ("--tracing_max_num_message_events", NotYet(19)),
-    ("--tracing_max_num_links", NotYet(19)),
+    (
+        "--tracing_max_num_attributes",
+        Ignored("Portico sends at most 32 attributes per span and no annotations, message events or links"),
+    ),
+    (
+        "--tracing_max_num_annotations",
+        Ignored("Portico sends at most 32 attributes per span and no annotations, message events or links"),
+    ),
+    (
+        "--tracing_max_num_message_events",
+        Ignored("Portico sends at most 32 attributes per span and no annotations, message events or links"),
+    ),
+    (
+        "--tracing_max_num_links",
+        Ignored("Portico sends at most 32 attributes per span and no annotations, message events or links"),
+    ),
     ("--health_check_operation", Implemented),
     ("--cors_operation_delimiter", Implemented),
     // Portico's own.
+    ("--tracing_otlp_endpoint", Implemented),
     ("--listen_address", Implemented),
     ("--worker_threads", Implemented),
     ("--client_max_body_size", Implemented),
@@ -660,6 +673,10 @@ pub struct Espv2Args {
     pub cors_operation_delimiter: Option<String>,
 
     // ---- Portico's own.
+    /// Send traces as OTLP/HTTP protobuf to this URL (for example
+    /// `http://127.0.0.1:4318/v1/traces`) instead of Cloud Trace.
+    #[arg(long = "tracing_otlp_endpoint")]
+    pub tracing_otlp_endpoint: Option<String>,
     /// Portico: the same as --listener_address.
     #[arg(long = "listen_address")]
     pub listen_address: Option<String>,
@@ -1100,9 +1117,82 @@ fn jwks_fetch_retry(a: &Espv2Args) -> Result<crate::settings::JwksFetchRetry, Ar
     Ok(r)
 }
 
+/// ESPv2's tracing flags (`start_proxy.py` and the config manager's rules): the rate in
+/// [0, 1] (`--disable_cloud_trace_auto_sampling` is rate 0), the context lists from
+/// `traceparent`, `grpc-trace-bin`, `x-cloud-trace-context` (empty: none), and with
+/// `--non_gcp` and no `--tracing_project_id` no Cloud Trace export (OTLP needs no project).
+fn tracing_settings(a: &Espv2Args) -> Result<crate::trace::TraceSettings, ArgError> {
+    let mut t = crate::trace::TraceSettings::espv2();
+    t.disabled = a.disable_tracing;
+    if let Some(r) = a.tracing_sample_rate.as_deref() {
+        t.sample_rate = r
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|r| (0.0..=1.0).contains(r))
+            .ok_or_else(|| {
+                ArgError::v2(format!(
+                    "invalid --tracing_sample_rate '{r}': must be a number from 0 to 1"
+                ))
+            })?;
+    }
+    if a.disable_cloud_trace_auto_sampling {
+        t.sample_rate = 0.0;
+    }
+    let formats = |flag: &str, v: &Option<String>, default: Vec<crate::trace::context::Format>| {
+        let Some(v) = v else { return Ok(default) };
+        let mut out = Vec::new();
+        for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let f = crate::trace::context::Format::from_flag(name).ok_or_else(|| {
+                ArgError::v2(format!(
+                    "invalid {flag} '{v}': '{name}' is not one of traceparent, grpc-trace-bin, \
+                     x-cloud-trace-context"
+                ))
+            })?;
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+        Ok(out)
+    };
+    t.incoming = formats(
+        "--tracing_incoming_context",
+        &a.tracing_incoming_context,
+        t.incoming.clone(),
+    )?;
+    t.outgoing = formats(
+        "--tracing_outgoing_context",
+        &a.tracing_outgoing_context,
+        t.outgoing.clone(),
+    )?;
+    t.project_id = a
+        .tracing_project_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string);
+    let url = |flag: &str, v: &Option<String>| match v.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(u) => super::parse_trace_url(u, flag)
+            .map(Some)
+            .map_err(|e| ArgError::v2(e.message)),
+    };
+    t.url_override = url("--cloud_trace_url_override", &a.cloud_trace_url_override)?;
+    t.otlp_endpoint = url("--tracing_otlp_endpoint", &a.tracing_otlp_endpoint)?;
+    if a.non_gcp && t.project_id.is_none() && t.otlp_endpoint.is_none() && !t.disabled {
+        tracing::info!(
+            "tracing is off: --non_gcp without --tracing_project_id (as in ESPv2); give a \
+             tracing project or --tracing_otlp_endpoint to trace"
+        );
+        t.disabled = true;
+    }
+    Ok(t)
+}
+
 /// Checks ESPv2's rules, translates the command line into `portico esp`'s and validates it
 /// with the same code; then sets what only this dialect has.
 pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
+    let tracing = tracing_settings(&a)?;
     let port = enforce_conflicts(&a)?;
     let backend_net = backend_net(&a)?;
     let port = u16::try_from(port).map_err(|_| {
@@ -1463,6 +1553,7 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
 
     let mut settings = super::validate(e).map_err(|err| ArgError::v2(err.message))?;
     settings.dialect = Dialect::EspV2;
+    settings.tracing = tracing;
     if service_from_metadata {
         settings.service = None;
         settings.service_from_metadata = true;
@@ -2565,6 +2656,90 @@ mod tests {
     }
 
     #[test]
+    fn tracing_flags() {
+        use crate::trace::context::Format;
+        let s = p(&["-s", "svc", "-v", "1"]).unwrap();
+        assert_eq!(s.tracing, crate::trace::TraceSettings::espv2());
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--tracing_sample_rate=1",
+            "--tracing_incoming_context=grpc-trace-bin, x-cloud-trace-context",
+            "--tracing_outgoing_context=",
+            "--tracing_project_id=tp",
+            "--cloud_trace_url_override=127.0.0.1:9",
+        ])
+        .unwrap();
+        assert!(
+            s.not_implemented_flags.is_empty(),
+            "{:?}",
+            s.not_implemented_flags
+        );
+        assert_eq!(s.tracing.sample_rate, 1.0);
+        assert_eq!(
+            s.tracing.incoming,
+            vec![Format::GrpcTraceBin, Format::CloudTrace]
+        );
+        assert!(s.tracing.outgoing.is_empty());
+        assert_eq!(s.tracing.project_id.as_deref(), Some("tp"));
+        assert_eq!(
+            s.tracing.url_override.as_deref(),
+            Some("https://127.0.0.1:9")
+        );
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            "--disable_cloud_trace_auto_sampling",
+        ])
+        .unwrap();
+        assert_eq!(s.tracing.sample_rate, 0.0);
+        assert!(
+            p(&["-s", "svc", "-v", "1", "--disable_tracing"])
+                .unwrap()
+                .tracing
+                .disabled
+        );
+        // --non_gcp without a tracing project: off, as in ESPv2; OTLP needs no project.
+        let k = "--service_account_key=/k.json";
+        assert!(
+            p(&["-s", "svc", "-v", "1", k, "--non_gcp"])
+                .unwrap()
+                .tracing
+                .disabled
+        );
+        let s = p(&[
+            "-s",
+            "svc",
+            "-v",
+            "1",
+            k,
+            "--non_gcp",
+            "--tracing_otlp_endpoint=http://c:4318/v1/traces",
+        ]);
+        assert!(!s.unwrap().tracing.disabled);
+        for bad in [
+            "--tracing_sample_rate=1.5",
+            "--tracing_sample_rate=-0.1",
+            "--tracing_sample_rate=NaN",
+            "--tracing_sample_rate=x",
+            "--tracing_incoming_context=b3",
+            "--tracing_outgoing_context=traceparent,TRACEPARENT",
+        ] {
+            let e = p(&["-s", "svc", "-v", "1", bad]).unwrap_err();
+            assert!(
+                e.message
+                    .contains(bad.split('=').next().unwrap_or_default()),
+                "{bad}: {}",
+                e.message
+            );
+        }
+    }
+
+    #[test]
     fn accepted_flags_are_listed_by_what_they_do() {
         let s = p(&[
             "-s",
@@ -2573,7 +2748,7 @@ mod tests {
             "1",
             "--envoy_connection_buffer_limit_bytes=1024",
             "--enable_backend_routing",
-            "--tracing_sample_rate=0.5",
+            "--min_stream_report_interval_ms=5",
             "--suppress_envoy_headers",
             "--http_request_timeout_s=7",
         ])
@@ -2586,7 +2761,10 @@ mod tests {
                 "--suppress_envoy_headers"
             ]
         );
-        assert_eq!(s.not_implemented_flags, vec!["--tracing_sample_rate"]);
+        assert_eq!(
+            s.not_implemented_flags,
+            vec!["--min_stream_report_interval_ms"]
+        );
         // --http_request_timeout_s is ESPv2's timeout for its own calls, never the backend's.
         assert_eq!(s.backend_timeout, Duration::from_secs(15));
         assert_eq!(s.http_request_timeout, Some(Duration::from_secs(7)));

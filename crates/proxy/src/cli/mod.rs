@@ -212,9 +212,17 @@ pub struct EspArgs {
     /// Answer a missing or expired JWT with 302 to the provider's `authorizationUrl`.
     #[arg(long = "enable_jwt_authorization_url_redirect", action = ArgAction::SetTrue)]
     pub enable_jwt_authorization_url_redirect: bool,
-    /// Accepted for compatibility; Portico does not sample traces itself.
+    /// Trace no request unless its X-Cloud-Trace-Context (`o=1`) or grpc-trace-bin asks.
     #[arg(long = "disable_cloud_trace_auto_sampling", action = ArgAction::SetTrue)]
     pub disable_cloud_trace_auto_sampling: bool,
+    /// Portico's: ESP's `minimum_qps` server-config knob. Auto-sample at most this many
+    /// requests per second (default 0.1: one per 10 s).
+    #[arg(long = "cloud_trace_minimum_qps")]
+    pub cloud_trace_minimum_qps: Option<f64>,
+    /// Portico's: send traces as OTLP/HTTP protobuf to this URL (for example
+    /// `http://127.0.0.1:4318/v1/traces`) instead of Cloud Trace.
+    #[arg(long = "tracing_otlp_endpoint")]
+    pub tracing_otlp_endpoint: Option<String>,
     /// TLS certificate for --ssl_port.
     #[arg(long = "ssl_cert_path", default_value = "/etc/nginx/ssl/nginx.crt")]
     pub ssl_cert_path: PathBuf,
@@ -494,6 +502,71 @@ fn service_control_calls(a: &EspArgs) -> Result<ServiceControlCalls, ArgError> {
 
 /// ESP's TLS flags (and Portico's file-path flags beside them) as settings; files are read at
 /// start ([`crate::tls`]).
+/// Tracing for `portico esp`: ESP's auto-sampling (one request per `1 / minimum_qps` seconds,
+/// off with `--disable_cloud_trace_auto_sampling` or `--enable_backend_routing`, which
+/// start_esp refuses to combine with either tracing flag) and the Cloud Trace base URL
+/// (`https://` assumed without a scheme, as in ESP's server config).
+fn esp_tracing(a: &EspArgs) -> Result<crate::trace::TraceSettings, ArgError> {
+    let mut t = crate::trace::TraceSettings::esp();
+    if a.enable_backend_routing {
+        for (flag, set) in [
+            (
+                "--disable_cloud_trace_auto_sampling",
+                a.disable_cloud_trace_auto_sampling,
+            ),
+            (
+                "--cloud_trace_url_override",
+                a.cloud_trace_url_override.is_some(),
+            ),
+        ] {
+            if set {
+                return Err(ArgError::bad(format!(
+                    "{flag} cannot be used with --enable_backend_routing (which turns \
+                     auto-sampling off)"
+                )));
+            }
+        }
+    }
+    if let Some(q) = a.cloud_trace_minimum_qps {
+        if !q.is_finite() || q < 0.0 {
+            return Err(ArgError::bad(format!(
+                "invalid --cloud_trace_minimum_qps {q}: must be 0 or more (0: no auto-sampling)"
+            )));
+        }
+        t.auto_interval = (q > 0.0).then(|| Duration::from_secs_f64((1.0 / q).min(1e9)));
+    }
+    if a.disable_cloud_trace_auto_sampling || a.enable_backend_routing {
+        t.auto_interval = None;
+    }
+    t.url_override = match a.cloud_trace_url_override.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(u) => Some(parse_trace_url(u, "--cloud_trace_url_override")?),
+    };
+    t.otlp_endpoint = match a.tracing_otlp_endpoint.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(u) => Some(parse_trace_url(u, "--tracing_otlp_endpoint")?),
+    };
+    Ok(t)
+}
+
+/// An `http(s)://` URL for a trace export flag, `https://` assumed without a scheme; no
+/// trailing `/`.
+pub(crate) fn parse_trace_url(u: &str, flag: &str) -> Result<String, ArgError> {
+    let full = if u.contains("://") {
+        u.to_string()
+    } else {
+        format!("https://{u}")
+    };
+    match full.parse::<http::Uri>() {
+        Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {
+            Ok(full.trim_end_matches('/').to_string())
+        }
+        _ => Err(ArgError::bad(format!(
+            "invalid {flag} {u:?}: must be an http:// or https:// URL"
+        ))),
+    }
+}
+
 fn tls_settings(a: &EspArgs) -> Result<(ServerTls, BackendTls), ArgError> {
     let (versions, warning) =
         ProtocolVersions::from_nginx_list(&a.ssl_protocols).map_err(|e| ArgError::bad(e.0))?;
@@ -951,10 +1024,6 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
             "--enable_api_key_uid_reporting",
             a.enable_api_key_uid_reporting.is_some(),
         ),
-        (
-            "--cloud_trace_url_override",
-            a.cloud_trace_url_override.is_some(),
-        ),
         ("--template", a.template.is_some()),
         (
             "--server_config_template",
@@ -976,6 +1045,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         })?),
     };
 
+    let tracing = esp_tracing(&a)?;
     let (server_tls, backend_tls) = tls_settings(&a)?;
     let client_certificates = server_tls.client_ca.is_some();
 
@@ -1043,7 +1113,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         jwks_fetch_retry: Default::default(),
         disable_oidc_discovery: false,
         enable_jwt_authorization_url_redirect: a.enable_jwt_authorization_url_redirect,
-        disable_cloud_trace_auto_sampling: a.disable_cloud_trace_auto_sampling,
+        tracing,
         rollout_fetch_throttle_window: a
             .rollout_fetch_throttle_window_in_s
             .map(Duration::from_secs),
@@ -1591,7 +1661,45 @@ mod tests {
         .unwrap();
         assert_eq!(s.backend_host_header.unwrap(), "internal.svc");
         assert_eq!(s.compute_platform.as_deref(), Some("GKE"));
-        assert_eq!(s.ignored_flags, vec!["--cloud_trace_url_override"]);
+        assert!(s.ignored_flags.is_empty(), "{:?}", s.ignored_flags);
+        assert_eq!(s.tracing.url_override.as_deref(), Some("http://x"));
+    }
+
+    #[test]
+    fn esp_tracing_flags() {
+        let s = p(&["-s", "svc"]).unwrap();
+        assert_eq!(s.tracing.auto_interval, Some(Duration::from_secs(10)));
+        let s = p(&["-s", "svc", "--disable_cloud_trace_auto_sampling"]).unwrap();
+        assert_eq!(s.tracing.auto_interval, None);
+        let s = p(&["-s", "svc", "--cloud_trace_minimum_qps=4"]).unwrap();
+        assert_eq!(s.tracing.auto_interval, Some(Duration::from_millis(250)));
+        let s = p(&[
+            "-s",
+            "svc",
+            "--cloud_trace_url_override=trace.example:8443/",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.tracing.url_override.as_deref(),
+            Some("https://trace.example:8443")
+        );
+        for bad in [
+            &["-s", "svc", "--cloud_trace_minimum_qps=-1"][..],
+            &["-s", "svc", "--cloud_trace_minimum_qps=NaN"],
+            &["-s", "svc", "--cloud_trace_url_override=ftp://x"],
+            &["-s", "svc", "--tracing_otlp_endpoint=http://"],
+            &[
+                "-s",
+                "svc",
+                "--enable_backend_routing",
+                "--disable_cloud_trace_auto_sampling",
+            ],
+        ] {
+            let e = p(bad).unwrap_err();
+            assert_eq!(e.exit_code, 4, "{bad:?}");
+        }
+        let s = p(&["-s", "svc", "--enable_backend_routing"]).unwrap();
+        assert_eq!(s.tracing.auto_interval, None);
     }
 
     #[test]

@@ -361,6 +361,9 @@ struct Completion {
     report: Option<ReportInfo>,
     /// What only `--access_log_format` reads; allocated only with a format.
     formatted: Option<Box<FormatFacts>>,
+    /// A traced request's spans: the last handle, dropped with the completion once the body
+    /// is sent, ends the root span and queues the trace.
+    trace: Option<Arc<crate::trace::Recorder>>,
 }
 
 /// The facts of a request only an `--access_log_format` entry needs.
@@ -503,6 +506,9 @@ impl Completion {
     /// body has been sent (or dropped).
     fn report(mut self: Box<Self>, sent: u64) {
         let total = self.start.elapsed();
+        if let Some(t) = &self.trace {
+            t.set_status(self.status);
+        }
         if let Some(c) = &self.body_counter {
             let received = c.received();
             if received != forward::BODY_UNREAD {
@@ -844,6 +850,7 @@ impl Pipeline {
             backend_grpc,
             report,
             formatted,
+            trace: ctx.trace.clone(),
         }));
         if ctx.head {
             // A HEAD answer never carries a body, whoever produced it.

@@ -116,6 +116,8 @@ pub struct ProxyState {
     pub backend_tokens: Option<Arc<crate::backend_auth::IdTokenSource>>,
     /// The cap on response encoders alive at once, with `--enable_response_compression`.
     pub compression: Option<Arc<crate::compression::Gate>>,
+    /// Sampling and export of traces; `None`: tracing is off ([`crate::trace`]).
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
     /// Responses sent uncompressed because `compression` was at its cap.
     compression_busy: prometheus_client::metrics::counter::Counter,
     /// The request headers the response header rules read (`%REQ(...)%`), kept per request.
@@ -171,6 +173,7 @@ impl ProxyState {
             access_log,
             backend_tokens: None,
             compression,
+            tracer: None,
             compression_busy,
             response_rules_read,
             keep_conn_facts,
@@ -262,6 +265,22 @@ impl Pipeline {
             return self.forward(req, &ctx, target, None, None).await;
         }
 
+        // Traced or not: decided here, on the client's headers (crate::trace).
+        if let Some(t) = &st.tracer {
+            ctx.trace = t.start(&parts.headers);
+            if let Some(r) = &ctx.trace {
+                r.name_root(&config.service.name, None);
+                if r.dialect() == crate::dialect::Dialect::EspV2 {
+                    r.root_label("http.method", parts.method.to_string());
+                    // The path only: a query can hold API keys.
+                    r.root_label(
+                        "http.url",
+                        target.split('?').next().unwrap_or("").to_string(),
+                    );
+                }
+            }
+        }
+
         // The raw query, split off once for both the JWT and the API-key lookups.
         let query = target.split_once('?').map(|(_, q)| q);
 
@@ -280,9 +299,18 @@ impl Pipeline {
         if cors_after_match.is_some() {
             ctx.cors_origin = cors_after_match;
         }
+        if let Some(r) = &ctx.trace {
+            r.name_root(&config.service.name, Some(&mi.selector));
+        }
 
-        // 3. authenticate: the JWT, then the API key.
-        let auth = match self.authenticate(&parts, query, &mi, &config).await {
+        // 3. authenticate: the JWT, then the API key (ESP's `CheckAuth` span when traced).
+        let auth = match crate::trace::auth_phase(
+            ctx.trace.as_ref(),
+            mi.auth.is_some(),
+            self.authenticate(&parts, query, &mi, &config),
+        )
+        .await
+        {
             Ok(a) => a,
             Err(e) => {
                 let key = self.unchecked_key(query, &parts.headers, Some(&mi.api_key_locations));
@@ -386,6 +414,24 @@ impl Pipeline {
                     parts.headers.remove(name);
                 }
             }
+        }
+        // The Backend span, the parent of the context headers the backend gets.
+        if let Some(r) = &ctx.trace {
+            let name: std::borrow::Cow<'static, str> = match r.dialect() {
+                crate::dialect::Dialect::Esp => "Backend".into(),
+                crate::dialect::Dialect::EspV2 => {
+                    let cluster = match &routed {
+                        Some(t) => t.target.authority.clone(),
+                        None => self
+                            .forwarder
+                            .backend_host()
+                            .and_then(|h| h.to_str().ok().map(str::to_string))
+                            .unwrap_or_default(),
+                    };
+                    format!("router backend-cluster-{cluster} egress").into()
+                }
+            };
+            r.start_backend(name, &mut parts.headers);
         }
         // 5. forward; 6. respond and 7. report follow from the backend's answer.
         // Calls a gRPC backend cannot take as they came are rewritten (`transcode.rs`); boxed,

@@ -12,13 +12,14 @@ use crate::forward;
 use crate::request_head;
 use crate::routing::{ConfigRoutes, MethodInfo};
 use crate::service_control::{ApiKeyState, CheckInput, CheckOk, QuotaInput};
+use crate::trace::{new_span_id, Kind};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use hyper::body::Incoming;
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 static X_ANDROID_PACKAGE: HeaderName = HeaderName::from_static("x-android-package");
 static X_ANDROID_CERT: HeaderName = HeaderName::from_static("x-android-cert");
@@ -138,6 +139,7 @@ impl Pipeline {
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc-web")),
             referer: h.get(header::REFERER).cloned(),
             cors_origin,
+            trace: None,
         };
 
         // nginx refuses an over-long request or header line before anything else runs.
@@ -358,7 +360,17 @@ impl Pipeline {
                 Cause::ServiceControl,
             ));
         };
-        if let Some(key) = api_key {
+        // ESP's spans: CheckServiceControl > CheckServiceControlCache > Call ServiceControl
+        // server (a miss only), QuotaControl > QuotaServiceControlCache; ESPv2's: only the
+        // remote call, under the ingress span. What is held across the check's await is one
+        // pointer (boxed only when traced: the request future is memory per connection).
+        let check_trace = ctx.trace.as_deref().map(|t| {
+            Box::new(match t.dialect() {
+                crate::dialect::Dialect::Esp => (SystemTime::now(), new_span_id(), new_span_id()),
+                crate::dialect::Dialect::EspV2 => (SystemTime::now(), 0, t.root_id),
+            })
+        });
+        let checked = if let Some(key) = api_key {
             let input = CheckInput {
                 service_name: &config.service.name,
                 service_config_id: &config.config_id,
@@ -369,6 +381,15 @@ impl Pipeline {
                 android_package: header_str(headers, &X_ANDROID_PACKAGE),
                 android_cert: header_str(headers, &X_ANDROID_CERT),
                 ios_bundle: header_str(headers, &X_IOS_BUNDLE),
+                // The remote call's parent: the cache span (ESP) or the ingress span (ESPv2).
+                trace: ctx
+                    .trace
+                    .as_deref()
+                    .zip(check_trace.as_deref())
+                    .map(|(t, c)| crate::trace::RemoteCall {
+                        recorder: t,
+                        parent: c.2,
+                    }),
             };
             let outcome = control.check(input).await;
             report.api_key_state = ApiKeyState::after_check(&outcome);
@@ -383,6 +404,7 @@ impl Pipeline {
                         }
                     }
                     report.check = Some(ok);
+                    Ok(())
                 }
                 Err(err) => {
                     report.check_network_failure = err.code == Code::Unavailable.as_i32();
@@ -394,12 +416,42 @@ impl Pipeline {
                             api_key_uid: known.api_key_uid.clone(),
                         });
                     }
-                    return Err(err);
+                    Err(err)
                 }
             }
+        } else {
+            Ok(())
+        };
+        let esp_spans = ctx
+            .trace
+            .as_deref()
+            .filter(|t| t.dialect() == crate::dialect::Dialect::Esp);
+        if let (Some(t), Some(c)) = (esp_spans, check_trace) {
+            let (start, check_id, cache_id) = *c;
+            let end = SystemTime::now();
+            if api_key.is_some() {
+                t.span(
+                    cache_id,
+                    "CheckServiceControlCache",
+                    check_id,
+                    start,
+                    end,
+                    Kind::Internal,
+                );
+            }
+            t.span(
+                check_id,
+                "CheckServiceControl",
+                t.root_id,
+                start,
+                end,
+                Kind::Internal,
+            );
         }
-        if !mi.metric_costs.is_empty() {
-            control.allocate_quota(QuotaInput {
+        checked?;
+        let quota_start = esp_spans.map(|_| (SystemTime::now(), new_span_id()));
+        let quota = if !mi.metric_costs.is_empty() {
+            let q = control.allocate_quota(QuotaInput {
                 service_name: &config.service.name,
                 service_config_id: &config.config_id,
                 method_name: &mi.selector,
@@ -408,9 +460,33 @@ impl Pipeline {
                 caller_ip: ctx.caller_ip,
                 referer: header_str(headers, &header::REFERER),
                 metric_costs: &mi.metric_costs,
-            })?;
+            });
+            if let (Some(t), Some((start, id))) = (esp_spans, quota_start) {
+                let end = SystemTime::now();
+                t.span(
+                    new_span_id(),
+                    "QuotaServiceControlCache",
+                    id,
+                    start,
+                    end,
+                    Kind::Internal,
+                );
+            }
+            q
+        } else {
+            Ok(())
+        };
+        if let (Some(t), Some((start, id))) = (esp_spans, quota_start) {
+            t.span(
+                id,
+                "QuotaControl",
+                t.root_id,
+                start,
+                SystemTime::now(),
+                Kind::Internal,
+            );
         }
-        Ok(())
+        quota
     }
 
     /// A path with `;` parameters must name the same method without them: servlet containers

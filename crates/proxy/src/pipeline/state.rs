@@ -62,6 +62,8 @@ pub(super) struct Ctx {
     pub(super) referer: Option<HeaderValue>,
     /// `Content-Type: application/grpc*`: reported with protocol `grpc`.
     pub(super) content_type_grpc: bool,
+    /// The request's spans when it is traced ([`crate::trace`]); `None` (no allocation) when not.
+    pub(super) trace: Option<Arc<crate::trace::Recorder>>,
     /// `Content-Type: application/grpc-web*`: ESPv2 answers its own refusals of these as
     /// plain HTTP errors (its auth filters run before the gRPC-Web one).
     pub(super) grpc_web: bool,

@@ -593,6 +593,7 @@ mod tests {
             android_package: None,
             android_cert: None,
             ios_bundle: None,
+            trace: None,
         };
         let key = |f: &dyn Fn(&mut CheckInput<'static>)| {
             let mut i = base.clone();

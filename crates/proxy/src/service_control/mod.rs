@@ -272,6 +272,8 @@ pub struct CheckInput<'a> {
     pub android_package: Option<&'a str>,
     pub android_cert: Option<&'a str>,
     pub ios_bundle: Option<&'a str>,
+    /// A traced request: where the remote call on a cache miss records its span.
+    pub trace: Option<crate::trace::RemoteCall<'a>>,
 }
 
 /// A request the check allowed.
@@ -586,6 +588,7 @@ impl ServiceControl {
             None => {}
         }
         inner.stats.send_checks_in_flight.inc();
+        let traced = input.trace.map(|t| (t, std::time::SystemTime::now()));
         // The remote check runs in its own task so that a client hanging up (which drops this
         // future) cannot leave a cache entry marked "being re-checked" forever.
         let request = inner.check_request(&input);
@@ -596,7 +599,11 @@ impl ServiceControl {
             bg.complete_check(&key, &verdict);
             verdict.outcome
         });
-        match task.await {
+        let joined = task.await;
+        if let Some((t, start)) = traced {
+            t.record(start);
+        }
+        match joined {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::error!(error = %e, "Service Control check task failed");

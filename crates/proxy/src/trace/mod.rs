@@ -1,0 +1,739 @@
+//! Request tracing (issue 19): which requests are traced, the spans recorded for them, the
+//! context headers read from the client and sent to the backend, and the export of finished
+//! traces off the request path.
+//!
+//! * [`context`] — the three context headers, parsed and written per dialect.
+//! * this file — [`TraceSettings`] (from the flags), [`Tracer`] (one per proxy: the sampler
+//!   and the export queue) and [`Recorder`] (one per *traced* request, shared by the phases
+//!   through `Ctx::trace`; an untraced request has none and allocates nothing for tracing).
+//! * [`export`] — the exporter task: Cloud Trace v1 (ESP), v2 `batchWrite` (ESPv2), OTLP/HTTP.
+//!
+//! The pipeline's touch points are small: `Pipeline::handle` starts the recorder, names the
+//! root and writes the outgoing headers; `check_and_quota` and `authenticate` record their
+//! spans; the response's completion holds the recorder until the body is sent, and dropping
+//! the last handle ends the root (and Backend) spans and queues the trace.
+
+pub mod context;
+pub mod export;
+
+use crate::dialect::Dialect;
+use context::{Format, Parent};
+use http::HeaderMap;
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Tracing as the command line configured it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceSettings {
+    /// `--disable_tracing` (ESPv2): nothing traced, no headers read or written.
+    pub disabled: bool,
+    /// ESP: at most one auto-sampled request per this interval (`1 / minimum_qps`; `None`:
+    /// `--disable_cloud_trace_auto_sampling`). ESPv2 uses `sample_rate` instead.
+    pub auto_interval: Option<Duration>,
+    /// ESPv2's `--tracing_sample_rate` (0 to 1).
+    pub sample_rate: f64,
+    /// ESPv2's `--tracing_incoming_context` / `--tracing_outgoing_context`.
+    pub incoming: Vec<Format>,
+    pub outgoing: Vec<Format>,
+    /// `--tracing_project_id`; else the service's producer project.
+    pub project_id: Option<String>,
+    /// `--cloud_trace_url_override`: the Cloud Trace API's base URL; else the control plane
+    /// that Service Control calls go to.
+    pub url_override: Option<String>,
+    /// `--tracing_otlp_endpoint`: OTLP/HTTP (protobuf) to this URL instead of Cloud Trace.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl TraceSettings {
+    /// ESP v1's defaults: one auto-sampled request per 10 s (`minimum_qps` 0.1).
+    pub fn esp() -> Self {
+        TraceSettings {
+            disabled: false,
+            auto_interval: Some(Duration::from_secs(10)),
+            sample_rate: 0.0,
+            incoming: Vec::new(),
+            outgoing: Vec::new(),
+            project_id: None,
+            url_override: None,
+            otlp_endpoint: None,
+        }
+    }
+
+    /// ESPv2's defaults: rate 0.001, `traceparent,x-cloud-trace-context` both ways.
+    pub fn espv2() -> Self {
+        TraceSettings {
+            disabled: false,
+            auto_interval: None,
+            sample_rate: 0.001,
+            incoming: vec![Format::TraceParent, Format::CloudTrace],
+            outgoing: vec![Format::TraceParent, Format::CloudTrace],
+            project_id: None,
+            url_override: None,
+            otlp_endpoint: None,
+        }
+    }
+}
+
+impl Default for TraceSettings {
+    fn default() -> Self {
+        Self::esp()
+    }
+}
+
+/// A finished span.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanRecord {
+    pub id: u64,
+    /// 0: none.
+    pub parent: u64,
+    pub name: Cow<'static, str>,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub kind: Kind,
+    pub labels: Vec<(Cow<'static, str>, String)>,
+}
+
+/// What OTLP calls the span's kind (Cloud Trace v1 has only `RPC_SERVER`, which ESP sets on
+/// every span).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Server,
+    Client,
+    Internal,
+}
+
+/// A finished trace, as queued for export.
+#[derive(Debug, Clone)]
+pub struct FinishedTrace {
+    pub trace_id: [u8; 16],
+    /// In export order (ESP: root first; ESPv2: children first).
+    pub spans: Vec<SpanRecord>,
+}
+
+/// Why a request is traced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// A context header asked for it.
+    Header,
+    /// The sampler picked it.
+    Sampled,
+}
+
+/// ESP v1's sampler: a rate limiter, not a probability (reference §1.2). Lock-free: one
+/// atomic load on the untraced path.
+#[derive(Debug)]
+pub struct AutoSampler {
+    interval_ns: Option<u64>,
+    epoch: Instant,
+    /// Nanoseconds after `epoch` of the last traced request; `u64::MAX`: none yet.
+    last: AtomicU64,
+}
+
+impl AutoSampler {
+    pub fn new(interval: Option<Duration>) -> Self {
+        AutoSampler {
+            interval_ns: interval.map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            epoch: Instant::now(),
+            last: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn now_ns(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Whether an unforced request at `now` is traced; if so the slot is taken.
+    pub fn sample(&self, now: Instant) -> bool {
+        let Some(interval) = self.interval_ns else {
+            return false;
+        };
+        let now = self.now_ns(now);
+        let last = self.last.load(Ordering::Relaxed);
+        if last != u64::MAX && now.saturating_sub(last) <= interval {
+            return false;
+        }
+        // Only one of the requests racing for the slot wins it.
+        self.last
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// A header-forced trace uses up the current slot too (ESP resets the clock).
+    pub fn reset(&self, now: Instant) {
+        self.last.store(self.now_ns(now), Ordering::Relaxed);
+    }
+}
+
+/// One per proxy: the sampler, the settings and the export queue.
+pub struct Tracer {
+    pub dialect: Dialect,
+    pub settings: TraceSettings,
+    sampler: AutoSampler,
+    queue: export::Queue,
+    /// `trace.cloud.google.com/agent` (ESP) or `g.co/agent` (ESPv2) on every span.
+    agent: String,
+}
+
+impl std::fmt::Debug for Tracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracer")
+            .field("dialect", &self.dialect)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A non-zero random span ID.
+pub fn new_span_id() -> u64 {
+    loop {
+        let id: u64 = rand::random();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+fn new_trace_id() -> [u8; 16] {
+    loop {
+        let id: [u8; 16] = rand::random();
+        if id != [0; 16] {
+            return id;
+        }
+    }
+}
+
+impl Tracer {
+    pub fn new(dialect: Dialect, settings: TraceSettings, queue: export::Queue) -> Self {
+        let agent = match dialect {
+            Dialect::Esp => format!("esp/portico-{}", env!("CARGO_PKG_VERSION")),
+            Dialect::EspV2 => format!("portico [{}]", env!("CARGO_PKG_VERSION")),
+        };
+        Tracer {
+            dialect,
+            sampler: AutoSampler::new(settings.auto_interval),
+            settings,
+            queue,
+            agent,
+        }
+    }
+
+    /// Traced spans dropped because the export queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.queue.dropped()
+    }
+
+    /// The sampling decision for a request with these headers: `None` (the common case)
+    /// allocates nothing.
+    pub fn decide<'h>(
+        &self,
+        headers: &'h HeaderMap,
+        now: Instant,
+    ) -> Option<(Decision, Option<Parent<'h>>)> {
+        if self.settings.disabled {
+            return None;
+        }
+        match self.dialect {
+            Dialect::Esp => {
+                let parent = context::incoming_esp(headers);
+                if let Some(p) = parent.filter(|p| p.sampled) {
+                    self.sampler.reset(now);
+                    return Some((Decision::Header, Some(p)));
+                }
+                // `o=0` does not opt out; the sampler may still pick the request, with a new
+                // trace ID (the header is not joined).
+                self.sampler
+                    .sample(now)
+                    .then_some((Decision::Sampled, None))
+            }
+            Dialect::EspV2 => {
+                let parent = context::incoming_espv2(headers, &self.settings.incoming);
+                if parent.is_some_and(|p| p.sampled) {
+                    return Some((Decision::Header, parent));
+                }
+                // An unsampled parent may still be picked at the rate, and joined.
+                let rate = self.settings.sample_rate;
+                (rate > 0.0 && rand::random::<f64>() < rate).then_some((Decision::Sampled, parent))
+            }
+        }
+    }
+
+    /// Starts recording a request when [`Tracer::decide`] says so.
+    pub fn start(self: &Arc<Self>, headers: &HeaderMap) -> Option<Arc<Recorder>> {
+        let now = Instant::now();
+        let (decision, parent) = self.decide(headers, now)?;
+        let (trace_id, parent_span, options, format) = match parent {
+            Some(p) => (
+                p.trace_id,
+                p.span_id,
+                p.options.map(str::to_string),
+                Some(p.format),
+            ),
+            None => (new_trace_id(), 0, None, None),
+        };
+        let _ = decision;
+        Some(Arc::new(Recorder {
+            tracer: self.clone(),
+            trace_id,
+            root_id: new_span_id(),
+            root_parent: parent_span,
+            incoming: format,
+            esp_options: options,
+            start: SystemTime::now(),
+            inner: Mutex::new(Inner::default()),
+        }))
+    }
+
+    fn submit(&self, trace: FinishedTrace) {
+        self.queue.push(trace);
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    root_name: String,
+    root_labels: Vec<(Cow<'static, str>, String)>,
+    spans: Vec<SpanRecord>,
+    /// The Backend span: its ID, name and start; it ends with the root.
+    backend: Option<(u64, Cow<'static, str>, SystemTime)>,
+}
+
+/// One traced request's spans. The phases record into it through `&self`; the last handle
+/// dropped (the response's completion, after the body was sent) ends the root and queues the
+/// trace. Never blocks: the queue drops and counts when full.
+pub struct Recorder {
+    tracer: Arc<Tracer>,
+    pub trace_id: [u8; 16],
+    pub root_id: u64,
+    /// The client's span (0: none).
+    pub root_parent: u64,
+    /// The header the context came in (ESP answers in the same one).
+    incoming: Option<Format>,
+    esp_options: Option<String>,
+    start: SystemTime,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder")
+            .field("trace_id", &context::hex(&self.trace_id))
+            .field("root_id", &self.root_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Recorder {
+    pub fn dialect(&self) -> Dialect {
+        self.tracer.dialect
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> Option<R> {
+        // A poisoned lock loses this trace's spans, never the request.
+        self.inner.lock().ok().map(|mut i| f(&mut i))
+    }
+
+    /// The root span's name, once the operation is known.
+    pub fn set_root_name(&self, name: String) {
+        self.with(|i| i.root_name = name);
+    }
+
+    /// A label (ESP) or attribute (ESPv2, OTLP) on the root span.
+    pub fn root_label(&self, key: &'static str, value: String) {
+        self.with(|i| {
+            i.root_labels.retain(|(k, _)| k != key);
+            i.root_labels.push((Cow::Borrowed(key), value));
+        });
+    }
+
+    /// Records a finished span; returns its ID so children can name it.
+    pub fn span(
+        &self,
+        id: u64,
+        name: impl Into<Cow<'static, str>>,
+        parent: u64,
+        start: SystemTime,
+        end: SystemTime,
+        kind: Kind,
+    ) -> u64 {
+        let name = name.into();
+        self.with(|i| {
+            i.spans.push(SpanRecord {
+                id,
+                parent,
+                name,
+                start,
+                end,
+                kind,
+                labels: Vec::new(),
+            })
+        });
+        id
+    }
+
+    /// Starts the Backend span (it ends with the root) and writes the outgoing context
+    /// headers with it as the parent.
+    pub fn start_backend(&self, name: impl Into<Cow<'static, str>>, headers: &mut HeaderMap) {
+        let id = new_span_id();
+        let name = name.into();
+        self.with(|i| i.backend = Some((id, name, SystemTime::now())));
+        let dialect = self.tracer.dialect;
+        let formats: &[Format] = match dialect {
+            // ESP answers in the header the context came in, else X-Cloud-Trace-Context.
+            Dialect::Esp => match self.incoming {
+                Some(Format::GrpcTraceBin) => &[Format::GrpcTraceBin],
+                _ => &[Format::CloudTrace],
+            },
+            Dialect::EspV2 => &self.tracer.settings.outgoing,
+        };
+        for f in formats {
+            if let Some(v) = context::outgoing_value(
+                *f,
+                dialect,
+                &self.trace_id,
+                id,
+                self.esp_options.as_deref(),
+            ) {
+                headers.insert(f.header(), v);
+            }
+        }
+    }
+
+    /// The root's name: ESP's `<service>/<selector>` (`<service>/<Unknown Operation Name>`),
+    /// or ESPv2's `ingress <method short name>` (`ingress UnknownOperationName`).
+    pub fn name_root(&self, service: &str, selector: Option<&str>) {
+        let name = match (self.dialect(), selector) {
+            (Dialect::Esp, Some(s)) => format!("{service}/{s}"),
+            (Dialect::Esp, None) => format!("{service}/<Unknown Operation Name>"),
+            (Dialect::EspV2, Some(s)) => {
+                format!("ingress {}", s.rsplit('.').next().unwrap_or(s))
+            }
+            (Dialect::EspV2, None) => "ingress UnknownOperationName".to_string(),
+        };
+        self.set_root_name(name);
+    }
+
+    /// The response status, as ESPv2's ingress span carries it (`http.status_code`).
+    pub fn set_status(&self, status: u16) {
+        if self.dialect() == Dialect::EspV2 {
+            self.root_label("http.status_code", status.to_string());
+        }
+    }
+
+    /// The spans so far (tests and the status page).
+    pub fn snapshot(&self) -> Vec<SpanRecord> {
+        self.with(|i| i.spans.clone()).unwrap_or_default()
+    }
+
+    fn finish(&self) -> FinishedTrace {
+        let end = SystemTime::now();
+        let inner = self.with(std::mem::take).unwrap_or_default();
+        let dialect = self.tracer.dialect;
+        let agent_key: &'static str = match dialect {
+            Dialect::Esp => "trace.cloud.google.com/agent",
+            Dialect::EspV2 => "g.co/agent",
+        };
+        let root_kind = Kind::Server;
+        let mut root_labels = inner.root_labels;
+        root_labels.push((Cow::Borrowed(agent_key), self.tracer.agent.clone()));
+        let root_name = if inner.root_name.is_empty() {
+            match dialect {
+                Dialect::Esp => "<Unknown Operation Name>".to_string(),
+                Dialect::EspV2 => "ingress UnknownOperationName".to_string(),
+            }
+        } else {
+            inner.root_name
+        };
+        let root = SpanRecord {
+            id: self.root_id,
+            parent: self.root_parent,
+            name: Cow::Owned(root_name),
+            start: self.start,
+            end,
+            kind: root_kind,
+            labels: root_labels,
+        };
+        let mut children = inner.spans;
+        if let Some((id, name, start)) = inner.backend {
+            children.push(SpanRecord {
+                id,
+                parent: self.root_id,
+                name,
+                start,
+                end,
+                kind: Kind::Client,
+                labels: Vec::new(),
+            });
+        }
+        // In the order they started, a parent before the children that started with it (ESP's
+        // order: the order the spans were created).
+        let depth = |s: &SpanRecord| {
+            let mut d = 0;
+            let mut p = s.parent;
+            while p != self.root_id && d < 8 {
+                match children.iter().find(|c| c.id == p) {
+                    Some(c) => p = c.parent,
+                    None => break,
+                }
+                d += 1;
+            }
+            d
+        };
+        let mut keyed: Vec<(SystemTime, usize, SpanRecord)> = Vec::with_capacity(children.len());
+        for s in &children {
+            keyed.push((s.start, depth(s), s.clone()));
+        }
+        keyed.sort_by_key(|a| (a.0, a.1));
+        let mut children: Vec<SpanRecord> = keyed.into_iter().map(|k| k.2).collect();
+        for s in &mut children {
+            s.labels
+                .push((Cow::Borrowed(agent_key), self.tracer.agent.clone()));
+        }
+        let spans = match dialect {
+            Dialect::Esp => {
+                let mut v = Vec::with_capacity(children.len() + 1);
+                v.push(root);
+                v.extend(children);
+                v
+            }
+            Dialect::EspV2 => {
+                children.push(root);
+                children
+            }
+        };
+        FinishedTrace {
+            trace_id: self.trace_id,
+            spans,
+        }
+    }
+}
+
+/// Where a Service Control call made on a cache miss records its span: ESP's `Call
+/// ServiceControl server` under the cache span, ESPv2's `Service Control remote call: Check`
+/// under the ingress span.
+#[derive(Clone, Copy, Debug)]
+pub struct RemoteCall<'a> {
+    pub recorder: &'a Recorder,
+    pub parent: u64,
+}
+
+impl RemoteCall<'_> {
+    pub fn record(&self, start: SystemTime) {
+        let name = match self.recorder.dialect() {
+            Dialect::Esp => "Call ServiceControl server",
+            Dialect::EspV2 => "Service Control remote call: Check",
+        };
+        self.recorder.span(
+            new_span_id(),
+            name,
+            self.parent,
+            start,
+            SystemTime::now(),
+            Kind::Client,
+        );
+    }
+}
+
+tokio::task_local! {
+    /// Set around a traced request's authentication: where a key-set fetch made on the
+    /// request's own task records its span (ESP's `HttpFetch` under `CheckAuth`, ESPv2's
+    /// `JWT Remote PubKey Fetch` under the ingress span). Background refreshes run in their
+    /// own tasks and are not part of any request's trace.
+    static FETCH_PARENT: (Arc<Recorder>, u64);
+}
+
+pin_project_lite::pin_project! {
+    /// [`auth_phase`]'s future: the authentication phase's own future, in the task-local
+    /// scope only when traced, recording ESP's `CheckAuth` span when it completes.
+    /// Hand-written, not an `async fn`, so that it holds the phase's future once (an `async
+    /// fn` would keep its argument beside the scope it is moved into, doubling what the
+    /// request future, kept per connection, reserves for it), and so that the request future
+    /// holds nothing else for tracing across this await.
+    #[project = AuthPhaseProj]
+    pub enum AuthPhase<F> {
+        Traced {
+            #[pin]
+            fut: tokio::task::futures::TaskLocalFuture<(Arc<Recorder>, u64), F>,
+            // ESP's CheckAuth span: the recorder, its ID and start.
+            check_auth: Option<Box<(Arc<Recorder>, u64, SystemTime)>>,
+        },
+        Plain { #[pin] fut: F },
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for AuthPhase<F> {
+    type Output = F::Output;
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        match self.project() {
+            AuthPhaseProj::Traced { fut, check_auth } => {
+                let out = std::task::ready!(fut.poll(cx));
+                if let Some(c) = check_auth.take() {
+                    let (r, id, start) = *c;
+                    r.span(
+                        id,
+                        "CheckAuth",
+                        r.root_id,
+                        start,
+                        SystemTime::now(),
+                        Kind::Internal,
+                    );
+                }
+                std::task::Poll::Ready(out)
+            }
+            AuthPhaseProj::Plain { fut } => fut.poll(cx),
+        }
+    }
+}
+
+/// The authentication phase (`fut`) of a request: untraced, or for a method without JWT
+/// requirements, run as is; else key-set fetches on this task record their spans (under
+/// `CheckAuth` for ESP, under the ingress span for ESPv2) and ESP's `CheckAuth` is recorded.
+pub fn auth_phase<F: std::future::Future>(
+    trace: Option<&Arc<Recorder>>,
+    needs_auth: bool,
+    fut: F,
+) -> AuthPhase<F> {
+    match trace.filter(|_| needs_auth) {
+        Some(r) => {
+            let (parent, check_auth) = match r.dialect() {
+                Dialect::Esp => {
+                    let id = new_span_id();
+                    (id, Some(Box::new((r.clone(), id, SystemTime::now()))))
+                }
+                Dialect::EspV2 => (r.root_id, None),
+            };
+            AuthPhase::Traced {
+                fut: FETCH_PARENT.scope((r.clone(), parent), fut),
+                check_auth,
+            }
+        }
+        None => AuthPhase::Plain { fut },
+    }
+}
+
+/// When a key-set fetch starts on a traced request's task: `Some(now)`; else `None`, without
+/// reading the clock.
+pub fn fetch_started() -> Option<SystemTime> {
+    FETCH_PARENT.try_with(|_| SystemTime::now()).ok()
+}
+
+/// Records the key-set fetch that started at `start` (from [`fetch_started`]).
+pub fn fetch_finished(start: Option<SystemTime>) {
+    let Some(start) = start else { return };
+    let _ = FETCH_PARENT.try_with(|(r, parent)| {
+        let name = match r.dialect() {
+            Dialect::Esp => "HttpFetch",
+            Dialect::EspV2 => "JWT Remote PubKey Fetch",
+        };
+        r.span(
+            new_span_id(),
+            name,
+            *parent,
+            start,
+            SystemTime::now(),
+            Kind::Client,
+        );
+    });
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        let t = self.finish();
+        self.tracer.submit(t);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_sampler_is_a_rate_limiter() {
+        let s = AutoSampler::new(Some(Duration::from_secs(10)));
+        let t0 = Instant::now();
+        assert!(s.sample(t0), "the first request is traced");
+        assert!(!s.sample(t0 + Duration::from_secs(5)));
+        assert!(!s.sample(t0 + Duration::from_secs(10)));
+        assert!(s.sample(t0 + Duration::from_millis(10_001)));
+        // A forced trace takes the slot.
+        s.reset(t0 + Duration::from_secs(15));
+        assert!(!s.sample(t0 + Duration::from_secs(20)));
+        assert!(s.sample(t0 + Duration::from_secs(26)));
+        let off = AutoSampler::new(None);
+        assert!(!off.sample(t0));
+    }
+
+    fn tracer(dialect: Dialect, settings: TraceSettings) -> Arc<Tracer> {
+        Arc::new(Tracer::new(
+            dialect,
+            settings,
+            export::Queue::for_test(16).0,
+        ))
+    }
+
+    #[test]
+    fn esp_decisions() {
+        let mut s = TraceSettings::esp();
+        s.auto_interval = None; // --disable_cloud_trace_auto_sampling
+        let t = tracer(Dialect::Esp, s);
+        let mut h = HeaderMap::new();
+        let now = Instant::now();
+        assert!(t.decide(&h, now).is_none());
+        h.insert(
+            &context::X_CLOUD_TRACE_CONTEXT,
+            http::HeaderValue::from_static("0123456789abcdef0123456789abcdef/5;o=0"),
+        );
+        assert!(t.decide(&h, now).is_none(), "o=0 forces nothing");
+        h.insert(
+            &context::X_CLOUD_TRACE_CONTEXT,
+            http::HeaderValue::from_static("0123456789abcdef0123456789abcdef/5;o=1"),
+        );
+        let (d, p) = t.decide(&h, now).expect("forced");
+        assert_eq!(d, Decision::Header);
+        assert_eq!(p.map(|p| p.span_id), Some(5));
+        // traceparent means nothing to ESP.
+        let mut h = HeaderMap::new();
+        h.insert(
+            &context::TRACEPARENT,
+            http::HeaderValue::from_static(
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+        );
+        assert!(t.decide(&h, now).is_none());
+    }
+
+    #[test]
+    fn espv2_decisions() {
+        let mut s = TraceSettings::espv2();
+        s.sample_rate = 0.0;
+        let t = tracer(Dialect::EspV2, s.clone());
+        let mut h = HeaderMap::new();
+        let now = Instant::now();
+        assert!(t.decide(&h, now).is_none());
+        h.insert(
+            &context::TRACEPARENT,
+            http::HeaderValue::from_static(
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+        );
+        assert_eq!(t.decide(&h, now).map(|d| d.0), Some(Decision::Header));
+        // Rate 1: every request, an unsampled parent joined.
+        s.sample_rate = 1.0;
+        let t = tracer(Dialect::EspV2, s.clone());
+        h.insert(
+            &context::TRACEPARENT,
+            http::HeaderValue::from_static(
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+            ),
+        );
+        let (d, p) = t.decide(&h, now).expect("sampled");
+        assert_eq!(d, Decision::Sampled);
+        assert_eq!(p.map(|p| p.span_id), Some(0xb7ad6b7169203331));
+        s.disabled = true;
+        assert!(tracer(Dialect::EspV2, s).decide(&h, now).is_none());
+    }
+}

@@ -1,0 +1,735 @@
+//! End to end: the spans `portico esp` and `portico espv2` record for a traced request, the
+//! context headers they read and send to the backend, and the export (issue 19;
+//! docs/tracing.md).
+//!
+//! The proxy is the real binary; Service Control, the JWKS server, the backend and the Cloud
+//! Trace API are doubles on loopback ports chosen at run time (tests/common/peer.rs): the trace
+//! double records what `--cloud_trace_url_override` sends it, so the whole span tree can be
+//! checked. The OTLP test decodes the export with the OpenTelemetry project's own Python
+//! protobuf classes (PyPI `opentelemetry-proto`). The real control plane's Cloud Trace API,
+//! and the `roles/cloudtrace.agent` binding, are in tests/tracing_cloudtrace.rs.
+
+mod common;
+
+use base64::Engine as _;
+use common::peer::{self, Action, Request};
+use common::{free_port, Proc};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const SERVICE: &str = "tracing.endpoints.e2e-proj.cloud.goog";
+const ISSUER: &str = "https://issuer.example";
+const AUDIENCE: &str = "e2e-audience";
+const KID: &str = "e2e-kid";
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+/// What the doubles saw.
+#[derive(Default)]
+struct Seen {
+    checks: usize,
+    /// The backend's requests: path and headers.
+    backend: Vec<(String, Vec<(String, String)>)>,
+    /// The trace double's requests: method, path, authorization, body.
+    exports: Vec<(String, String, Option<String>, Value)>,
+}
+
+struct World {
+    rt: tokio::runtime::Runtime,
+    seen: Arc<Mutex<Seen>>,
+    sc: std::net::SocketAddr,
+    backend: std::net::SocketAddr,
+    sink: std::net::SocketAddr,
+    config: PathBuf,
+    key: PathBuf,
+    token: String,
+}
+
+fn world(dir: &Path) -> World {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let s = seen.clone();
+    let sc = peer::start(
+        &rt,
+        Arc::new(move |req: &Request| {
+            if req.path.ends_with(":check") {
+                s.lock().unwrap().checks += 1;
+                return Action::Respond(
+                    200,
+                    json!({"operationId": "c",
+                           "checkInfo": {"consumerInfo": {"projectNumber": "123456"}}})
+                    .to_string(),
+                );
+            }
+            Action::Respond(200, json!({"operationId": "x"}).to_string())
+        }),
+    );
+    let s = seen.clone();
+    let backend = peer::start(
+        &rt,
+        Arc::new(move |req: &Request| {
+            s.lock()
+                .unwrap()
+                .backend
+                .push((req.path.clone(), req.headers.clone()));
+            Action::Respond(200, r#"{"ok":true}"#.into())
+        }),
+    );
+    let s = seen.clone();
+    let sink = peer::start(
+        &rt,
+        Arc::new(move |req: &Request| {
+            let body = serde_json::from_str(&req.body).unwrap_or(Value::Null);
+            s.lock().unwrap().exports.push((
+                req.method.clone(),
+                req.path.clone(),
+                req.header("authorization").map(str::to_string),
+                body,
+            ));
+            Action::Respond(200, "{}".into())
+        }),
+    );
+    // The JWT provider's key set.
+    let g = portico_credentials::generate_rsa_key().expect("keygen");
+    let mut jwk = serde_json::to_value(&g.public_jwk).expect("jwk");
+    jwk["kid"] = KID.into();
+    let doc = json!({"keys": [jwk]}).to_string();
+    let jwks = peer::start(
+        &rt,
+        Arc::new(move |_: &Request| Action::Respond(200, doc.clone())),
+    );
+    let signing = jsonwebtoken::EncodingKey::from_rsa_pem(g.private_pkcs8_pem.as_bytes())
+        .expect("encoding key");
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    h.kid = Some(KID.to_string());
+    let token = jsonwebtoken::encode(
+        &h,
+        &json!({"iss": ISSUER, "aud": AUDIENCE, "sub": "u", "exp": now() + 3600}),
+        &signing,
+    )
+    .expect("sign");
+
+    // One method with everything ESP traces: a JWT, an API key (:check), a quota cost.
+    let config = dir.join("service.json");
+    let cfg = json!({
+        "name": SERVICE,
+        "id": "2026-12-06r0",
+        "producerProjectId": "e2e-proj",
+        "apis": [{"name": "e2e.Api", "version": "v1"}],
+        "http": {"rules": [
+            {"selector": "e2e.Api.Jwt", "get": "/jwt"},
+            {"selector": "e2e.Api.Open", "get": "/open"},
+        ]},
+        "usage": {"rules": [{"selector": "e2e.Api.Open", "allowUnregisteredCalls": true}]},
+        "authentication": {
+            "providers": [{"id": "p1", "issuer": ISSUER,
+                           "jwksUri": format!("http://{jwks}/jwks"), "audiences": AUDIENCE}],
+            "rules": [{"selector": "e2e.Api.Jwt", "requirements": [{"providerId": "p1"}]}],
+        },
+        "quota": {"metricRules": [{"selector": "e2e.Api.Jwt", "metricCosts": {"reads": "1"}}]},
+    });
+    std::fs::write(&config, cfg.to_string()).expect("config");
+    let key = common::espv2::service_account_key(dir);
+    World {
+        rt,
+        seen,
+        sc,
+        backend,
+        sink,
+        config,
+        key,
+        token,
+    }
+}
+
+fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> u16 {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    let mut r = client.get(format!("http://127.0.0.1:{port}{path}"));
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.send()
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        .status()
+        .as_u16()
+}
+
+/// The backend's headers for the request to `path` (with its query; the last one).
+fn backend_headers(seen: &Mutex<Seen>, path: &str) -> Vec<(String, String)> {
+    let s = seen.lock().unwrap();
+    s.backend
+        .iter()
+        .rev()
+        .find(|(p, _)| p == path)
+        .map(|(_, h)| h.clone())
+        .unwrap_or_else(|| panic!("the backend never got {path}"))
+}
+
+fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    h.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// The v1 spans exported for `trace` (32 hex), waiting for the export (flushed every second).
+fn v1_spans(seen: &Mutex<Seen>, trace: &str, log: &dyn Fn() -> String) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        {
+            let s = seen.lock().unwrap();
+            for (method, path, auth, body) in &s.exports {
+                for t in body["traces"].as_array().into_iter().flatten() {
+                    if t["traceId"] == trace {
+                        assert_eq!(method, "PATCH");
+                        assert_eq!(path, "/v1/projects/e2e-proj/traces");
+                        assert!(
+                            auth.as_deref().is_some_and(|a| a.starts_with("Bearer ")),
+                            "ESP authenticates its trace export: {auth:?}"
+                        );
+                        assert_eq!(t["projectId"], "e2e-proj");
+                        return t["spans"].as_array().cloned().unwrap_or_default();
+                    }
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "trace {trace} not exported; exports: {:#?}\nproxy log:\n{}",
+            seen.lock().unwrap().exports,
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `name (parent name)` for each span, in export order.
+fn tree(spans: &[Value], id: &str, parent: &str) -> Vec<String> {
+    let name_of = |sid: &Value| {
+        spans
+            .iter()
+            .find(|s| &s[id] == sid)
+            .map(|s| s["name"].as_str().unwrap_or("?").to_string())
+            .unwrap_or_else(|| format!("remote {sid}"))
+    };
+    spans
+        .iter()
+        .map(|s| {
+            let n = s["name"].as_str().unwrap_or("?");
+            match s.get(parent) {
+                Some(p) if !p.is_null() => format!("{n} ({})", name_of(p)),
+                _ => n.to_string(),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn esp_spans_sampling_and_context_headers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world(dir.path());
+    let port = free_port();
+    let mut proxy = Proc::spawn(
+        &[
+            "esp".to_string(),
+            format!("--http_port={port}"),
+            format!("--status_port={}", free_port()),
+            format!("--service_json_path={}", w.config.display()),
+            format!("--backend=http://{}", w.backend),
+            "--non_gcp".to_string(),
+            format!("--service_account_key={}", w.key.display()),
+            format!("--service_control_url_override=http://{}", w.sc),
+            format!("--cloud_trace_url_override=http://{}", w.sink),
+            // Only header-forced traces, so the test decides which requests are traced.
+            "--disable_cloud_trace_auto_sampling".to_string(),
+        ],
+        &dir.path().join("esp.log"),
+    );
+    proxy.wait_for_port(port, "portico esp");
+    let log = || proxy.log();
+    let bearer = format!("Bearer {}", w.token);
+    let t1 = "0123456789abcdef0123456789abcdef";
+    let t2 = "fedcba9876543210fedcba9876543210";
+
+    // 1. Forced, joined to the client's span 123; the key is checked remotely (cache miss).
+    let xctc = format!("{t1}/123;o=1");
+    let h = [
+        ("authorization", bearer.as_str()),
+        ("x-cloud-trace-context", xctc.as_str()),
+    ];
+    assert_eq!(get(port, "/jwt?key=k1", &h), 200, "{}", log());
+    // 2. Forced without a client span (ESP accepts `T;o=1`): the check is a cache hit.
+    let xctc2 = format!("{}/0;o=1;extra", t2.to_ascii_uppercase());
+    let h = [
+        ("authorization", bearer.as_str()),
+        ("x-cloud-trace-context", xctc2.as_str()),
+    ];
+    assert_eq!(get(port, "/jwt?key=k1&n=2", &h), 200, "{}", log());
+
+    let spans = v1_spans(&w.seen, t1, &log);
+    let root_name = format!("{SERVICE}/e2e.Api.Jwt");
+    assert_eq!(
+        tree(&spans, "spanId", "parentSpanId"),
+        vec![
+            format!("{root_name} (remote \"123\")"),
+            format!("CheckAuth ({root_name})"),
+            "HttpFetch (CheckAuth)".to_string(),
+            format!("CheckServiceControl ({root_name})"),
+            "CheckServiceControlCache (CheckServiceControl)".to_string(),
+            "Call ServiceControl server (CheckServiceControlCache)".to_string(),
+            format!("QuotaControl ({root_name})"),
+            "QuotaServiceControlCache (QuotaControl)".to_string(),
+            format!("Backend ({root_name})"),
+        ],
+        "{spans:#?}"
+    );
+    for s in &spans {
+        assert_eq!(s["kind"], "RPC_SERVER");
+        assert_eq!(
+            s["labels"]["trace.cloud.google.com/agent"],
+            format!("esp/portico-{}", env!("CARGO_PKG_VERSION"))
+        );
+        assert!(s["startTime"].as_str().is_some_and(|t| t.ends_with('Z')));
+    }
+    // The backend got the Backend span as the parent, the client's options kept.
+    let backend_span = spans
+        .iter()
+        .find(|s| s["name"] == "Backend")
+        .and_then(|s| s["spanId"].as_str())
+        .expect("Backend span id")
+        .to_string();
+    let hb = backend_headers(&w.seen, "/jwt?key=k1");
+    assert_eq!(
+        header(&hb, "x-cloud-trace-context"),
+        Some(format!("{t1}/{backend_span};o=1").as_str())
+    );
+
+    // The second: a cache hit (no remote call), the keys cached (no fetch), no parent, the
+    // options text sent back as is.
+    let spans = v1_spans(&w.seen, t2, &log);
+    let names: Vec<&str> = spans.iter().filter_map(|s| s["name"].as_str()).collect();
+    assert!(!names.contains(&"Call ServiceControl server"), "{names:?}");
+    assert!(!names.contains(&"HttpFetch"), "{names:?}");
+    assert!(names.contains(&"CheckAuth"), "{names:?}");
+    assert!(names.contains(&"CheckServiceControlCache"), "{names:?}");
+    assert!(spans[0].get("parentSpanId").is_none(), "{:#?}", spans[0]);
+    let hb = backend_headers(&w.seen, "/jwt?key=k1&n=2");
+    let sent = header(&hb, "x-cloud-trace-context").expect("context sent");
+    assert!(
+        sent.starts_with(&format!("{t2}/")) && sent.ends_with(";o=1;extra"),
+        "{sent}"
+    );
+    assert_eq!(
+        w.seen.lock().unwrap().checks,
+        1,
+        "the second check was a cache hit"
+    );
+
+    // Not traced: o=0 (and no header at all, auto-sampling being off). The client's header
+    // reaches the backend untouched.
+    let t3 = "11111111111111111111111111111111";
+    let off = format!("{t3}/5;o=0");
+    assert_eq!(
+        get(
+            port,
+            "/open?n=3",
+            &[("x-cloud-trace-context", off.as_str())]
+        ),
+        200
+    );
+    assert_eq!(get(port, "/open?n=4", &[]), 200);
+    assert_eq!(
+        header(
+            &backend_headers(&w.seen, "/open?n=3"),
+            "x-cloud-trace-context"
+        ),
+        Some(off.as_str())
+    );
+    assert_eq!(
+        header(
+            &backend_headers(&w.seen, "/open?n=4"),
+            "x-cloud-trace-context"
+        ),
+        None
+    );
+
+    // grpc-trace-bin wins over X-Cloud-Trace-Context, and is what the backend gets back
+    // (padded base64, ESP's way); X-Cloud-Trace-Context passes untouched.
+    let t4 = [0x44u8; 16];
+    let mut bin = vec![0u8, 0];
+    bin.extend_from_slice(&t4);
+    bin.push(1);
+    bin.extend_from_slice(&77u64.to_be_bytes());
+    bin.extend_from_slice(&[2, 1]);
+    let bin = base64::engine::general_purpose::STANDARD.encode(&bin);
+    let h = [
+        ("grpc-trace-bin", bin.as_str()),
+        ("x-cloud-trace-context", off.as_str()),
+    ];
+    assert_eq!(get(port, "/open?n=5", &h), 200);
+    let spans = v1_spans(&w.seen, &"44".repeat(16), &log);
+    assert_eq!(spans[0]["name"], format!("{SERVICE}/e2e.Api.Open"));
+    assert_eq!(spans[0]["parentSpanId"], "77");
+    let hb = backend_headers(&w.seen, "/open?n=5");
+    assert_eq!(header(&hb, "x-cloud-trace-context"), Some(off.as_str()));
+    let out = header(&hb, "grpc-trace-bin").expect("grpc-trace-bin sent");
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(out)
+        .expect("padded base64");
+    let backend_span = spans
+        .iter()
+        .find(|s| s["name"] == "Backend")
+        .and_then(|s| s["spanId"].as_str())
+        .and_then(|s| s.parse::<u64>().ok())
+        .expect("Backend span");
+    assert_eq!(&raw[2..18], &t4);
+    assert_eq!(
+        u64::from_be_bytes(raw[19..27].try_into().unwrap()),
+        backend_span
+    );
+    assert_eq!(raw[28], 1);
+
+    // An unknown path is traced too (ESP exports it without a Backend span).
+    let t5 = "55555555555555555555555555555555";
+    let x5 = format!("{t5}/9;o=1");
+    assert_eq!(
+        get(port, "/nowhere", &[("x-cloud-trace-context", x5.as_str())]),
+        404
+    );
+    let spans = v1_spans(&w.seen, t5, &log);
+    let names: Vec<&str> = spans.iter().filter_map(|s| s["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        vec![format!("{SERVICE}/<Unknown Operation Name>").as_str()]
+    );
+
+    // Exactly the four forced traces were exported.
+    let exported: usize = w
+        .seen
+        .lock()
+        .unwrap()
+        .exports
+        .iter()
+        .map(|(_, _, _, b)| b["traces"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(exported, 4, "{}", log());
+    drop(proxy);
+    drop(w.rt);
+}
+
+#[test]
+fn espv2_spans_sampling_and_context_headers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world(dir.path());
+    let (proxy, port) = common::espv2::start(
+        dir.path(),
+        "espv2",
+        &[
+            format!("--service_json_path={}", w.config.display()),
+            format!("--backend=http://{}", w.backend),
+            "--non_gcp".to_string(),
+            format!("--service_account_key={}", w.key.display()),
+            format!("--service_control_url=http://{}", w.sc),
+            format!("--cloud_trace_url_override=http://{}", w.sink),
+            "--tracing_project_id=trace-proj".to_string(),
+            "--tracing_sample_rate=0".to_string(),
+        ],
+    );
+    let log = || proxy.log();
+    let bearer = format!("Bearer {}", w.token);
+    let t1 = "0af7651916cd43dd8448eb211c80319c";
+    let tp = format!("00-{t1}-b7ad6b7169203331-01");
+    let h = [
+        ("authorization", bearer.as_str()),
+        ("traceparent", tp.as_str()),
+    ];
+    assert_eq!(get(port, "/jwt?key=k1", &h), 200, "{}", log());
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let spans = loop {
+        let found: Vec<Value> = w
+            .seen
+            .lock()
+            .unwrap()
+            .exports
+            .iter()
+            .filter(|(m, p, a, _)| {
+                m == "POST"
+                    && p == "/v2/projects/trace-proj/traces:batchWrite"
+                    && a.as_deref().is_some_and(|a| a.starts_with("Bearer "))
+            })
+            .flat_map(|(_, _, _, b)| b["spans"].as_array().cloned().unwrap_or_default())
+            .filter(|s| {
+                s["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(&format!("projects/trace-proj/traces/{t1}/")))
+            })
+            .collect();
+        if !found.is_empty() {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "nothing exported\n{}", log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let display: Vec<Value> = spans
+        .iter()
+        .map(|s| {
+            let mut s = s.clone();
+            s["name"] = s["displayName"]["value"].clone();
+            s
+        })
+        .collect();
+    let t = tree(&display, "spanId", "parentSpanId");
+    assert_eq!(t.len(), 4, "{t:?}");
+    assert_eq!(t[0], "JWT Remote PubKey Fetch (ingress Jwt)");
+    assert_eq!(t[1], "Service Control remote call: Check (ingress Jwt)");
+    assert!(
+        t[2].starts_with("router backend-cluster-")
+            && t[2].ends_with(&format!("{} egress (ingress Jwt)", w.backend.port())),
+        "{t:?}"
+    );
+    // Children first, then the ingress span, joined to the client's span.
+    assert_eq!(t[3], "ingress Jwt (remote \"b7ad6b7169203331\")");
+    let root = &spans[3];
+    let attr = |k: &str| root["attributes"]["attributeMap"][k]["stringValue"]["value"].clone();
+    assert_eq!(attr("http.status_code"), "200");
+    assert_eq!(attr("http.method"), "GET");
+    assert_eq!(
+        attr("http.url"),
+        "/jwt",
+        "the query (and its key) is not recorded"
+    );
+    // The backend got both default outgoing headers with the egress span as parent.
+    let egress = spans[2]["spanId"].as_str().expect("egress id").to_string();
+    let hb = backend_headers(&w.seen, "/jwt?key=k1");
+    assert_eq!(
+        header(&hb, "traceparent"),
+        Some(format!("00-{t1}-{egress}-01").as_str())
+    );
+    let dec = u64::from_str_radix(&egress, 16).expect("hex id");
+    assert_eq!(
+        header(&hb, "x-cloud-trace-context"),
+        Some(format!("{t1}/{dec};o=1").as_str())
+    );
+
+    // ESPv2's parser refuses `T;o=1` (no span): no parent, so no trace at rate 0, and the
+    // header passes as sent.
+    let x = format!("{t1};o=1");
+    assert_eq!(
+        get(port, "/open?n=2", &[("x-cloud-trace-context", x.as_str())]),
+        200
+    );
+    let hb = backend_headers(&w.seen, "/open?n=2");
+    assert_eq!(header(&hb, "x-cloud-trace-context"), Some(x.as_str()));
+    assert_eq!(header(&hb, "traceparent"), None);
+    drop(proxy);
+    drop(w.rt);
+}
+
+/// A Python interpreter with PyPI's `opentelemetry-proto`: `PORTICO_OTLP_PYTHON`, else
+/// `python3`. Missing: a loud skip, or a failure under `CI=true`.
+fn otlp_python(test: &str) -> Option<String> {
+    let python = std::env::var("PORTICO_OTLP_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&python)
+        .args([
+            "-c",
+            "import opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+        ])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if ok {
+        return Some(python);
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: {python} cannot import opentelemetry-proto (pip install opentelemetry-proto) and CI=true");
+    }
+    eprintln!(
+        "SKIPPED: {test}: {python} cannot import opentelemetry-proto; pip install \
+         opentelemetry-proto, or set PORTICO_OTLP_PYTHON to an interpreter that has it"
+    );
+    None
+}
+
+/// An OTLP/HTTP receiver: decodes each `ExportTraceServiceRequest` with the official classes
+/// and writes one JSON line per span (IDs in hex) to the file in argv[2].
+const RECEIVER: &str = r#"
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest, ExportTraceServiceResponse)
+out = open(sys.argv[2], "a")
+class H(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        req = ExportTraceServiceRequest()
+        req.ParseFromString(body)
+        for rs in req.resource_spans:
+            res = {a.key: a.value.string_value for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    out.write(json.dumps({
+                        "path": self.path, "ctype": self.headers.get("Content-Type"),
+                        "resource": res, "scope": ss.scope.name,
+                        "trace": s.trace_id.hex(), "span": s.span_id.hex(),
+                        "parent": s.parent_span_id.hex(), "name": s.name, "kind": s.kind,
+                        "start": s.start_time_unix_nano, "end": s.end_time_unix_nano,
+                        "flags": s.flags,
+                        "attributes": {a.key: a.value.string_value for a in s.attributes},
+                    }) + "\n")
+        out.flush()
+        reply = ExportTraceServiceResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+    def log_message(self, *a):
+        pass
+HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+#[test]
+fn otlp_export_is_decoded_by_the_opentelemetry_protos() {
+    let Some(python) = otlp_python("otlp_export_is_decoded_by_the_opentelemetry_protos") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world(dir.path());
+    let script = dir.path().join("receiver.py");
+    std::fs::write(&script, RECEIVER).expect("script");
+    let spans_file = dir.path().join("spans.jsonl");
+    let rport = free_port();
+    let log = std::fs::File::create(dir.path().join("receiver.log")).expect("log");
+    /// Stops the receiver however the test ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _receiver = Kill(
+        std::process::Command::new(&python)
+            .arg(&script)
+            .arg(rport.to_string())
+            .arg(&spans_file)
+            .stdout(log.try_clone().expect("fd"))
+            .stderr(log)
+            .spawn()
+            .expect("start the receiver"),
+    );
+    receiver_wait(rport);
+
+    let (proxy, port) = common::espv2::start(
+        dir.path(),
+        "espv2",
+        &[
+            format!("--service_json_path={}", w.config.display()),
+            format!("--backend=http://{}", w.backend),
+            "--non_gcp".to_string(),
+            format!("--service_account_key={}", w.key.display()),
+            format!("--service_control_url=http://{}", w.sc),
+            format!("--tracing_otlp_endpoint=http://127.0.0.1:{rport}/v1/traces"),
+            // Every request.
+            "--tracing_sample_rate=1".to_string(),
+        ],
+    );
+    let bearer = format!("Bearer {}", w.token);
+    assert_eq!(
+        get(port, "/jwt?key=k1", &[("authorization", bearer.as_str())]),
+        200,
+        "{}",
+        proxy.log()
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let spans: Vec<Value> = loop {
+        let text = std::fs::read_to_string(&spans_file).unwrap_or_default();
+        let v: Vec<Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if v.len() >= 4 {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spans received: {v:#?}\nproxy log:\n{}",
+            proxy.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    let root = spans
+        .iter()
+        .find(|s| s["name"] == "ingress Jwt")
+        .expect("ingress span");
+    assert_eq!(root["path"], "/v1/traces");
+    assert_eq!(root["ctype"], "application/x-protobuf");
+    assert_eq!(root["resource"]["service.name"], SERVICE);
+    assert_eq!(root["scope"], "portico");
+    assert_eq!(root["parent"], "", "a root");
+    assert_eq!(root["kind"], 2, "SERVER");
+    assert_eq!(root["flags"], 1);
+    assert_eq!(root["attributes"]["http.status_code"], "200");
+    assert_eq!(root["attributes"]["http.method"], "GET");
+    assert!(root["trace"]
+        .as_str()
+        .is_some_and(|t| t.len() == 32 && t != "0".repeat(32)));
+    assert!(root["end"].as_u64() >= root["start"].as_u64());
+    for s in spans.iter().filter(|s| s["name"] != "ingress Jwt") {
+        assert_eq!(s["trace"], root["trace"]);
+        assert_eq!(s["parent"], root["span"], "{s:#}");
+        assert_eq!(s["kind"], 3, "CLIENT: {s:#}");
+    }
+    let names: Vec<&str> = spans.iter().filter_map(|s| s["name"].as_str()).collect();
+    assert!(
+        names.contains(&"Service Control remote call: Check"),
+        "{names:?}"
+    );
+    assert!(names.contains(&"JWT Remote PubKey Fetch"), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .any(|n| n.starts_with("router backend-cluster-")),
+        "{names:?}"
+    );
+    // The backend's traceparent names the egress span.
+    let egress = spans
+        .iter()
+        .find(|s| s["name"].as_str().is_some_and(|n| n.starts_with("router ")))
+        .expect("egress");
+    let hb = backend_headers(&w.seen, "/jwt?key=k1");
+    assert_eq!(
+        header(&hb, "traceparent").map(str::to_string),
+        Some(format!(
+            "00-{}-{}-01",
+            root["trace"].as_str().unwrap_or(""),
+            egress["span"].as_str().unwrap_or("")
+        ))
+    );
+    drop(proxy);
+    drop(w.rt);
+}
+
+/// Waits until something listens on `port` (the Python receiver starts in a fraction of a
+/// second; 20 s bounds a broken interpreter).
+fn receiver_wait(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the OTLP receiver did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
