@@ -537,10 +537,19 @@ fn espv2_spans_sampling_and_context_headers() {
     drop(w.rt);
 }
 
-/// A Python interpreter with PyPI's `opentelemetry-proto`: `PORTICO_OTLP_PYTHON`, else
-/// `python3`. Missing: a loud skip, or a failure under `CI=true`.
+/// A Python interpreter with PyPI's `opentelemetry-proto`: `PORTICO_OTLP_PYTHON`, else the venv
+/// `.ci/run` makes (`target/test-python`), else `python3`. Missing: a loud skip, or a failure
+/// under `CI=true`.
 fn otlp_python(test: &str) -> Option<String> {
-    let python = std::env::var("PORTICO_OTLP_PYTHON").unwrap_or_else(|_| "python3".into());
+    let venv =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-python/bin/python");
+    let python = std::env::var("PORTICO_OTLP_PYTHON").unwrap_or_else(|_| {
+        if venv.is_file() {
+            venv.display().to_string()
+        } else {
+            "python3".into()
+        }
+    });
     let ok = std::process::Command::new(&python)
         .args([
             "-c",
