@@ -4,7 +4,7 @@
 //! control plane refuses them (403) and the proxy says so once, at warning level, with the
 //! `gcloud` command that fixes it; after the walkthrough's real `gcloud projects
 //! add-iam-policy-binding ... --role roles/cloudtrace.agent`, the traces appear through
-//! `GET /v1/projects/P/traces`.
+//! `GET /v1/projects/P/traces` and in the console's Traces view (headless Chromium).
 //!
 //! Every process is real (the `portico` binary, gcloud, curl) on loopback ports chosen at run
 //! time; skipped loudly without gcloud (a failure under `CI=true`).
@@ -268,6 +268,77 @@ fn traces_need_the_cloudtrace_agent_binding() {
         .collect();
     assert!(ids.contains(&t3), "{list:#}");
     assert!(!ids.contains(&t1), "{list:#}");
+
+    // And the console shows it: in the Traces list, and as a waterfall with ESP's spans.
+    if let Some(chromium) = chromium_or_skip("traces_need_the_cloudtrace_agent_binding (console)") {
+        let list = console_dom(
+            &chromium,
+            tmp.path(),
+            &cp.url,
+            &format!("token={admin}&view=traces"),
+        );
+        assert!(
+            list.contains(r#"data-state="ready""#)
+                && list.contains(root)
+                && list.contains(&format!("trace={t3}"))
+                && !list.contains(&format!("trace={t1}")),
+            "the console's Traces view does not list {t3}:\n{list}"
+        );
+        let one = console_dom(
+            &chromium,
+            tmp.path(),
+            &cp.url,
+            &format!("token={admin}&view=trace&trace={t3}"),
+        );
+        for n in ["CheckServiceControl", "QuotaControl", "Backend"] {
+            assert!(
+                one.contains(&format!(">{n}<")),
+                "{n} not in the waterfall:\n{one}"
+            );
+        }
+    }
     drop(esp);
     drop(echo);
+}
+
+/// Debian's `chromium` (or `PORTICO_CHROMIUM`); absent → a loud skip, or a failure under `CI=true`.
+fn chromium_or_skip(test: &str) -> Option<std::path::PathBuf> {
+    let bin = std::env::var_os("PORTICO_CHROMIUM")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/usr/bin/chromium".into());
+    if bin.is_file() {
+        return Some(bin);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test}: chromium is not installed and CI=true"
+    );
+    eprintln!("SKIPPED: {test}: chromium is not installed (/usr/bin/chromium or PORTICO_CHROMIUM)");
+    None
+}
+
+/// The console's DOM once its script has run (`--dump-dom`), the token handed over in the fragment.
+fn console_dom(bin: &Path, dir: &Path, base: &str, fragment: &str) -> String {
+    let profile = tempfile::tempdir_in(dir).expect("profile dir");
+    // Bounded: coreutils' timeout ends a browser that hangs.
+    let out = Command::new("timeout")
+        .arg("90")
+        .arg(bin)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-extensions",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("{base}/console#{fragment}"))
+        .output()
+        .expect("run chromium");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
