@@ -405,6 +405,10 @@ impl Forwarder {
     }
 }
 
+/// The wait for response headers of a call that has no deadline (a streaming RPC): a year,
+/// long enough to never fire, short enough to add to an `Instant` without overflow.
+pub const NO_DEADLINE: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// An HTTP/2 client's call, boxed: rarer than pooled calls, it need not widen every request's
 /// future.
 fn h2_call(

@@ -47,6 +47,10 @@ pub struct MethodInfo {
     /// without backend routing), bounded by the rule's deadline when it sets one, in the HTTP
     /// version its `protocol` asks for.
     pub local_backend: Option<LocalBackend>,
+    /// A gRPC method with a streaming request or response (`apis[].methods[]`): no backend
+    /// deadline applies to it, as in ESPv2 (a stream may rightly last longer than any
+    /// deadline meant for one call).
+    pub streaming: bool,
 }
 
 /// A backend rule without an address (ESPv2's sidecar form): settings for `--backend`.
@@ -216,6 +220,16 @@ pub struct ConfigRoutes {
     pub skipped_rules: Vec<String>,
     /// Query parameters holding credentials in this config, masked in logs and reports.
     pub secrets: Arc<portico_servicecontrol::redact::SecretParams>,
+}
+
+/// The config was deployed from a protobuf descriptor set (`gcloud endpoints services deploy
+/// api_descriptor.pb api_config.yaml`): its APIs are gRPC services.
+pub fn is_grpc_service(service: &Service) -> bool {
+    service.source_info.as_ref().is_some_and(|si| {
+        si.source_files
+            .iter()
+            .any(|f| f["fileType"] == "FILE_DESCRIPTOR_SET_PROTO")
+    })
 }
 
 fn selector_api(service: &Service, selector: &str) -> (String, String) {
@@ -496,6 +510,16 @@ impl ConfigRoutes {
             );
         }
 
+        let streaming: HashSet<String> = service
+            .apis
+            .iter()
+            .flat_map(|a| {
+                a.methods
+                    .iter()
+                    .filter(|m| m.request_streaming || m.response_streaming)
+                    .map(move |m| format!("{}.{}", a.name, m.name))
+            })
+            .collect();
         let info_for = |selector: &str| -> MethodInfo {
             let usage = usage_rules.get(selector).copied();
             let api_key_locations = match api_key_params.get(selector) {
@@ -535,6 +559,7 @@ impl ConfigRoutes {
                 cors_preflight: false,
                 local_backend: locals.get(selector).cloned(),
                 backend: targets.get(selector).cloned(),
+                streaming: streaming.contains(selector),
             }
         };
 
@@ -594,6 +619,25 @@ impl ConfigRoutes {
                 if let Err(why) = register(&extra, &mut builder) {
                     tracing::warn!(selector = %rule.selector, reason = %why, "skipping HTTP rule's additional binding");
                     skipped_rules.push(why);
+                }
+            }
+        }
+
+        // A gRPC service (its config carries the descriptor set it was deployed from) is also
+        // called on each method's gRPC path, `POST /<package.Service>/<Method>`, whatever its
+        // HTTP rules say, as both ESPs route gRPC calls. A path an HTTP rule already binds
+        // keeps that rule.
+        if is_grpc_service(&service) {
+            for api in &service.apis {
+                for m in &api.methods {
+                    let rule = HttpRule {
+                        selector: format!("{}.{}", api.name, m.name),
+                        post: Some(format!("/{}/{}", api.name, m.name)),
+                        ..HttpRule::default()
+                    };
+                    if let Err(why) = register(&rule, &mut builder) {
+                        tracing::debug!(reason = %why, "gRPC path not added");
+                    }
                 }
             }
         }

@@ -203,6 +203,17 @@ impl Pipeline {
                     settings.client_body_min_rate,
                 ),
         );
+        // A streaming gRPC method has no deadline (ESPv2's rule; a client-streaming call's
+        // response headers come only after the client's last message).
+        let streaming = report
+            .as_ref()
+            .and_then(|r| r.method.as_ref())
+            .is_some_and(|m| m.streaming);
+        let deadline = if streaming {
+            Some(forward::NO_DEADLINE)
+        } else {
+            deadline
+        };
         let send = forwarder.send_within(upstream_req, deadline);
         Forwarding {
             stage: Stage::Sending { send },
