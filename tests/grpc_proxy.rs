@@ -243,7 +243,9 @@ struct Seen {
     reports: Vec<Value>,
 }
 
-fn service_control(seen: Arc<Mutex<Seen>>) -> peer::Handler {
+type Shared = Arc<Mutex<Seen>>;
+
+fn service_control(seen: Shared) -> peer::Handler {
     Arc::new(move |req: &Request| {
         let body: Value = serde_json::from_str(&req.body).unwrap_or(Value::Null);
         if req.path.ends_with(":report") {
@@ -557,11 +559,11 @@ fn grpc_through_both_dialects() {
             _ => Action::Respond(404, "{}".into()),
         }),
     );
-    let seen = Arc::new(Mutex::new(Seen::default()));
+    let seen: Shared = Arc::new(Mutex::new(Seen::default()));
     let sc = peer::start(&rt, service_control(seen.clone()));
     let config = dir.path().join("service.json");
     std::fs::write(&config, service_config(jwks).to_string()).expect("config");
-    let (mut books, books_port) = bookstore(dir.path(), "bookstore", None);
+    let (books, books_port) = bookstore(dir.path(), "bookstore", None);
     let backend = format!("grpc://127.0.0.1:{books_port}");
 
     let good = token(&signer, AUDIENCE);
@@ -592,7 +594,275 @@ fn grpc_through_both_dialects() {
             );
         }
         assert_eq!(shelf(&got[0]).theme, "Kids");
+
+        streams_metadata_and_reports(python, dialect, port, &seen, &p, &good);
         drop(p);
     }
     drop(books);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streams, metadata and reports.
+
+fn book(id: i64, title: &str) -> Book {
+    Book {
+        id,
+        title: title.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Every operation of every report so far.
+fn report_ops(seen: &Shared) -> Vec<Value> {
+    seen.lock()
+        .unwrap()
+        .reports
+        .iter()
+        .flat_map(|r| r["operations"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// The reported operations of `method`, waiting up to 20 s for `n` of them.
+fn wait_ops(seen: &Shared, method: &str, n: usize, log: &dyn Fn() -> String) -> Vec<Value> {
+    let name = format!("{PKG}.{method}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ops: Vec<Value> = report_ops(seen)
+            .into_iter()
+            .filter(|o| o["operationName"] == name.as_str())
+            .collect();
+        if ops.len() >= n {
+            return ops;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no report of {name}: {:?}\n{}",
+            report_ops(seen),
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn metric<'v>(op: &'v Value, name: &str) -> Option<&'v Value> {
+    op["metricValueSets"]
+        .as_array()?
+        .iter()
+        .find(|m| m["metricName"] == name)
+        .map(|m| &m["metricValues"][0])
+}
+
+fn log_field<'v>(op: &'v Value, dialect: Dialect, field: &str) -> &'v Value {
+    let entry = &op["logEntries"][0];
+    match (dialect, field) {
+        (Dialect::Espv2, "url") => &entry["httpRequest"]["requestUrl"],
+        (Dialect::Espv2, "http_method") => &entry["httpRequest"]["requestMethod"],
+        _ => &entry["structPayload"][field],
+    }
+}
+
+fn streams_metadata_and_reports(
+    python: &str,
+    dialect: Dialect,
+    port: u16,
+    seen: &Shared,
+    proxy: &Proc,
+    good_token: &str,
+) {
+    let log = || proxy.log();
+    let creates: Vec<Call> = (0..3)
+        .map(|i| {
+            call(
+                "CreateBook",
+                portico_bookstore::proto::CreateBookRequest {
+                    shelf: 100,
+                    book: Some(book(0, &format!("s{i}"))),
+                },
+            )
+            .key()
+        })
+        .collect();
+    let mut calls = creates;
+    // Server streaming, 400 ms between messages: the first must arrive long before the end.
+    calls.push(
+        call("StreamBooks", ListBooksRequest { shelf: 100 })
+            .key()
+            .meta("x-bookstore-stream-delay-ms", "400")
+            .shape("server"),
+    );
+    // Client streaming for longer than the 1 s backend deadline: streams have none.
+    let mut bulk = call(
+        "BulkCreateShelf",
+        portico_bookstore::proto::CreateShelfRequest::default(),
+    )
+    .key()
+    .shape("client");
+    bulk.requests = (0..10)
+        .map(|i| {
+            portico_bookstore::proto::CreateShelfRequest {
+                shelf: Some(Shelf {
+                    theme: format!("t{i}"),
+                    ..Default::default()
+                }),
+            }
+            .encode_to_vec()
+        })
+        .collect();
+    bulk.gap_ms = 150;
+    calls.push(bulk);
+    // Case 24: a 10-message bidirectional stream.
+    let mut echo = call("EchoBooks", book(0, "")).key().shape("bidi");
+    echo.requests = (1..=10).map(|i| book(i, "e").encode_to_vec()).collect();
+    calls.push(echo);
+    // Case 25: text and -bin metadata, echoed as initial and trailing metadata.
+    let bin = B64.encode([0u8, 1, 2, 255]);
+    calls.push(
+        call("GetShelf", GetShelfRequest { shelf: 100 })
+            .key()
+            .meta("x-bookstore-echo-metadata", "x-text, x-data-bin")
+            .meta("x-text", "hello")
+            .meta("x-data-bin", &bin),
+    );
+    // The verified caller reaches the backend as x-endpoint-api-userinfo.
+    calls.push(
+        call("ListShelves", ())
+            .meta("authorization", &format!("Bearer {good_token}"))
+            .meta("x-bookstore-echo-metadata", "x-endpoint-api-userinfo"),
+    );
+    let got = run_calls(python, port, &calls);
+    for (i, o) in got.iter().enumerate() {
+        assert_eq!(o.code, 0, "{dialect:?} call {i}: {o:?}\n{}", log());
+    }
+    let stream = &got[3];
+    // The books of shelf 100: the three just created (and those of an earlier dialect's run).
+    assert!(stream.responses.len() >= 3, "{stream:?}");
+    assert!(
+        stream.times[0] + 0.6 < stream.end,
+        "{dialect:?}: the first message waited for the stream's end: {stream:?}"
+    );
+    let bulk = portico_bookstore::proto::ListShelvesResponse::decode(&got[4].responses[0][..])
+        .expect("ListShelvesResponse");
+    assert_eq!(bulk.shelves.len(), 10);
+    assert!(got[4].end > 1.3, "{:?}", got[4]);
+    let echoed: Vec<i64> = got[5]
+        .responses
+        .iter()
+        .map(|r| Book::decode(&r[..]).expect("Book").id)
+        .collect();
+    assert_eq!(echoed, (1..=10).collect::<Vec<_>>());
+    let meta = &got[6];
+    for side in [&meta.initial, &meta.trailing] {
+        assert!(
+            side.contains(&("x-text".into(), "hello".into())),
+            "{dialect:?}: {meta:?}"
+        );
+        assert!(
+            side.contains(&("x-data-bin".into(), bin.clone())),
+            "{dialect:?}: {meta:?}"
+        );
+    }
+    let userinfo = got[7]
+        .initial
+        .iter()
+        .find(|(k, _)| k == "x-endpoint-api-userinfo")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| panic!("{dialect:?}: no userinfo reached the backend: {:?}", got[7]));
+    let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(userinfo.trim_end_matches('='))
+        .expect("userinfo is URL-safe base64");
+    let info: Value = serde_json::from_slice(&decoded).expect("userinfo JSON");
+    // ESP v1 sends its own summary of the claims, ESPv2 the token's payload.
+    let issuer_field = match dialect {
+        Dialect::Esp => "issuer",
+        Dialect::Espv2 => "iss",
+    };
+    assert_eq!(info[issuer_field], ISSUER, "{info}");
+    // ESP v1 pads its base64, ESPv2 does not.
+    assert_eq!(
+        userinfo.ends_with('='),
+        dialect == Dialect::Esp && decoded.len() % 3 != 0
+    );
+
+    // Checks and reports carry the gRPC call's facts.
+    let ops = wait_ops(seen, "EchoBooks", 1, &log);
+    let op = &ops[0];
+    assert_eq!(op["labels"]["/protocol"], "grpc", "{op}");
+    assert_eq!(
+        log_field(op, dialect, "url"),
+        &format!("/{PKG}/EchoBooks"),
+        "{op}"
+    );
+    assert_eq!(log_field(op, dialect, "http_method"), "POST", "{op}");
+    let check = seen
+        .lock()
+        .unwrap()
+        .checks
+        .iter()
+        .find(|c| c["operation"]["operationName"] == format!("{PKG}.EchoBooks").as_str())
+        .cloned()
+        .expect("a check for EchoBooks");
+    assert_eq!(check["operation"]["consumerId"], format!("api_key:{KEY}"));
+    match dialect {
+        Dialect::Esp => {
+            for side in ["producer", "consumer"] {
+                for m in [
+                    "streaming_request_message_counts",
+                    "streaming_response_message_counts",
+                ] {
+                    let name = format!("serviceruntime.googleapis.com/api/{side}/{m}");
+                    let d = &metric(op, &name).unwrap_or_else(|| panic!("{name}: {op}"))
+                        ["distributionValue"];
+                    assert_eq!(
+                        (d["minimum"].as_f64(), d["maximum"].as_f64()),
+                        (Some(10.0), Some(10.0)),
+                        "{name}: {op}"
+                    );
+                }
+                let name = format!("serviceruntime.googleapis.com/api/{side}/streaming_durations");
+                assert!(metric(op, &name).is_some(), "{name}: {op}");
+            }
+            // Unary calls have no streaming metrics.
+            let unary = &wait_ops(seen, "GetShelf", 1, &log)[0];
+            assert!(metric(
+                unary,
+                "serviceruntime.googleapis.com/api/producer/streaming_durations"
+            )
+            .is_none());
+        }
+        Dialect::Espv2 => {
+            assert_eq!(log_field(op, dialect, "grpc_status_code"), "OK", "{op}");
+            assert!(
+                metric(
+                    op,
+                    "serviceruntime.googleapis.com/api/producer/streaming_durations"
+                )
+                .is_none(),
+                "{op}"
+            );
+            // Case 4: NotFound is reported as 404; case 5: code 74 keeps HTTP 200.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let all = report_ops(seen);
+                let find = |code: &str, grpc: &str| {
+                    all.iter().any(|o| {
+                        o["labels"]["/response_code"] == code
+                            && o["logEntries"].as_array().is_some_and(|es| {
+                                es.iter()
+                                    .any(|e| e["structPayload"]["grpc_status_code"] == grpc)
+                            })
+                    })
+                };
+                if find("404", "NotFound") && find("200", "74") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no 404/NotFound or 200/74 report: {all:?}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    seen.lock().unwrap().reports.clear();
+    seen.lock().unwrap().checks.clear();
 }

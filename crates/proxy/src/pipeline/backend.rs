@@ -188,10 +188,17 @@ impl Pipeline {
         };
         parts.uri = uri;
         parts.version = forwarder.version();
+        let limited = LimitedBody::new(body, settings.client_max_body_size)
+            .with_counter(ctx.body_counter.clone());
+        // ESP v1 reports how many messages a streaming call carried each way.
+        let limited = if ctx.content_type_grpc {
+            limited.with_grpc_message_count()
+        } else {
+            limited
+        };
         let upstream_req = Request::from_parts(
             parts,
-            LimitedBody::new(body, settings.client_max_body_size)
-                .with_counter(ctx.body_counter.clone())
+            limited
                 .with_body_timeout(settings.client_body_timeout)
                 .with_buffer(
                     // Streaming RPCs and tunnels must not wait for a buffer to fill.
