@@ -598,6 +598,57 @@ fn grpc_through_both_dialects() {
         streams_metadata_and_reports(python, dialect, port, &seen, &p, &good);
         drop(p);
     }
+
+    // grpcs://: the Bookstore on TLS with a certificate made now, trusted by the proxy.
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let cert = dir.path().join("books.crt");
+    let key = dir.path().join("books.key");
+    std::fs::write(&cert, ck.cert.pem()).expect("cert file");
+    std::fs::write(&key, ck.key_pair.serialize_pem()).expect("key file");
+    let (tls_books, tls_port) = bookstore(dir.path(), "bookstore-tls", Some((&cert, &key)));
+    let (p, port) = proxy(
+        Dialect::Espv2,
+        dir.path(),
+        "espv2-grpcs",
+        &config,
+        &format!("grpcs://localhost:{tls_port}"),
+        sc,
+        &[format!(
+            "--ssl_backend_client_root_certs_file={}",
+            cert.display()
+        )],
+    );
+    let got = run_calls(
+        python,
+        port,
+        &[
+            call("GetShelf", GetShelfRequest { shelf: 200 }).key(),
+            call("GetShelf", GetShelfRequest { shelf: -1 }).key(),
+        ],
+    );
+    assert_eq!(got[0].code, 0, "{:?}\n{}", got[0], p.log());
+    assert_eq!(shelf(&got[0]).theme, "Classic");
+    assert_eq!(
+        (got[1].code, got[1].details.as_str()),
+        (5, "Unable to find shelf -1")
+    );
+    // The same backend without trust in its certificate: refused, never sent in plain text.
+    let (untrusting, port2) = proxy(
+        Dialect::Espv2,
+        dir.path(),
+        "espv2-grpcs-untrusted",
+        &config,
+        &format!("grpcs://localhost:{tls_port}"),
+        sc,
+        &[],
+    );
+    let got = run_calls(
+        python,
+        port2,
+        &[call("GetShelf", GetShelfRequest { shelf: 200 }).key()],
+    );
+    assert_eq!(got[0].code, 14, "{:?}\n{}", got[0], untrusting.log());
+    drop((p, untrusting, tls_books));
     drop(books);
 }
 

@@ -174,7 +174,9 @@ impl Forwarder {
     /// HTTP backends, and gRPC cannot run on HTTP/1.1.
     pub fn version_for(scheme: BackendScheme, protocol: BackendProtocol) -> Version {
         match (scheme, protocol) {
-            (BackendScheme::Grpc, _) | (_, BackendProtocol::H2) => Version::HTTP_2,
+            (BackendScheme::Grpc | BackendScheme::Grpcs, _) | (_, BackendProtocol::H2) => {
+                Version::HTTP_2
+            }
             (BackendScheme::Http | BackendScheme::Https, _) => Version::HTTP_11,
         }
     }
@@ -248,7 +250,8 @@ impl Forwarder {
                     Version::HTTP_11,
                 )
             }
-            (BackendScheme::Https, true) => {
+            // `grpcs://` is always HTTP/2 (version_for), over TLS offering `h2` alone.
+            (BackendScheme::Https, true) | (BackendScheme::Grpcs, _) => {
                 // The connector names the server after the request URI's host, which is this
                 // one: checked here so a bad name fails when the config loads.
                 rustls::pki_types::ServerName::try_from(backend.host.as_str())

@@ -193,7 +193,9 @@ type ClientKey = (BackendScheme, String, u16, http::Version);
 /// a `grpc://` backend, which is HTTP/2 whatever the rule says (Google ignores `protocol` for
 /// anything but HTTP backends).
 fn ignored_protocol_note(selector: &str, scheme: BackendScheme, protocol: BackendProtocol) {
-    if scheme == BackendScheme::Grpc && protocol == BackendProtocol::Http1 {
+    if matches!(scheme, BackendScheme::Grpc | BackendScheme::Grpcs)
+        && protocol == BackendProtocol::Http1
+    {
         tracing::warn!(
             selector,
             "backend rule protocol http/1.1 ignored: a grpc:// backend is always called over HTTP/2"
