@@ -625,11 +625,19 @@ impl ConfigRoutes {
             }
         }
 
-        // A gRPC service (its config carries the descriptor set it was deployed from) is also
-        // called on each method's gRPC path, `POST /<package.Service>/<Method>`, whatever its
-        // HTTP rules say, as both ESPs route gRPC calls. A path an HTTP rule already binds
-        // keeps that rule.
-        if is_grpc_service(&service) {
+        // A gRPC service is also called on each method's gRPC path, `POST
+        // /<package.Service>/<Method>`, whatever its HTTP rules say, as both ESPs route gRPC
+        // calls. A path an HTTP rule already binds keeps that rule. A service is gRPC when its
+        // config carries the descriptor set it was deployed from (`view=FULL`) or, as ESPv2
+        // decides, when `--backend` or a backend rule's address is `grpc://`/`grpcs://`.
+        let grpc_backend = opts
+            .local_backend
+            .as_ref()
+            .is_some_and(|b| matches!(b.scheme, BackendScheme::Grpc | BackendScheme::Grpcs))
+            || backend_rules
+                .values()
+                .any(|r| r.address.starts_with("grpc://") || r.address.starts_with("grpcs://"));
+        if grpc_backend || is_grpc_service(&service) {
             for api in &service.apis {
                 for m in &api.methods {
                     let rule = HttpRule {
