@@ -452,6 +452,16 @@ fn rows(good_token: &str, wrong_aud_token: &str) -> Vec<Row> {
         },
         Row {
             raw: false,
+            what: "the API key in the query of the gRPC path",
+            call: Call {
+                method: format!("/{PKG}/GetShelf?key={KEY}"),
+                ..call("GetShelf", GetShelfRequest { shelf: 100 })
+            },
+            esp: (0, String::new()),
+            espv2: (0, String::new()),
+        },
+        Row {
+            raw: false,
             what: "case 4: the backend's NotFound passes through",
             call: call("GetShelf", GetShelfRequest { shelf: -1 }).key(),
             esp: (5, "Unable to find shelf -1".into()),
