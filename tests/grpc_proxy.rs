@@ -854,14 +854,18 @@ fn streams_metadata_and_reports(
         "{op}"
     );
     assert_eq!(log_field(op, dialect, "http_method"), "POST", "{op}");
-    let check = seen
+    // Case 24: one Check and one reported operation for the whole 10-message stream.
+    assert_eq!(ops.len(), 1, "{ops:?}");
+    let checks: Vec<Value> = seen
         .lock()
         .unwrap()
         .checks
         .iter()
-        .find(|c| c["operation"]["operationName"] == format!("{PKG}.EchoBooks").as_str())
+        .filter(|c| c["operation"]["operationName"] == format!("{PKG}.EchoBooks").as_str())
         .cloned()
-        .expect("a check for EchoBooks");
+        .collect();
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    let check = &checks[0];
     assert_eq!(check["operation"]["consumerId"], format!("api_key:{KEY}"));
     match dialect {
         Dialect::Esp => {
