@@ -1,4 +1,4 @@
-//! `portico config validate FILE...`: convert OpenAPI files and print the service config as
+//! `portico config validate FILE...`: convert OpenAPI files (2.0, 3.0.x, 3.1.x) and print the service config as
 //! pretty JSON on stdout, warnings on stderr (exit 0); or every error on stderr (exit 1).
 //! Usage problems exit 2.
 //!
@@ -13,7 +13,8 @@ use std::process::ExitCode;
 
 const USAGE: &str = "usage: portico config validate FILE...
 
-Converts OpenAPI 2.0 files (YAML or JSON, with x-google-* extensions) into the service
+Converts OpenAPI 2.0, 3.0.x and 3.1.x files (YAML or JSON, with Google's x-google-*
+extensions; the version is read from swagger: or openapi:, and one run cannot mix them) into the service
 configuration Service Management would generate, and prints it as JSON. Several files form one
 service with one API per OpenAPI file; a file that the others only refer to by $ref holds
 shared definitions. A $ref's path is relative to the referring file, as given here (gcloud sends
@@ -153,6 +154,38 @@ mod tests {
         assert!(String::from_utf8(err)
             .unwrap()
             .contains("cannot read the file"));
+    }
+
+    /// OpenAPI 3.x files validate like 2.0 ones: the config, or every error with its place.
+    #[test]
+    fn cli_validate_takes_openapi_3() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("openapi3.yaml");
+        std::fs::write(&good, include_str!("../examples/echo/openapi3.yaml")).unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = validate(&[good.into()], &mut out, &mut err);
+        assert_eq!(code, std::process::ExitCode::SUCCESS);
+        let svc: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(svc["name"], "echo-api.endpoints.YOUR-PROJECT-ID.cloud.goog");
+        assert_eq!(svc["http"]["rules"][0]["post"], "/echo");
+
+        let bad = dir.path().join("bad3.yaml");
+        std::fs::write(
+            &bad,
+            "openapi: 3.1.0\ninfo: {title: T, version: v1}\nservers:\n  - url: /v1\n    x-google-endpoint: {}\npaths: {}\n",
+        )
+        .unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = validate(&[bad.clone().into()], &mut out, &mut err);
+        assert_eq!(code, std::process::ExitCode::from(1));
+        assert!(out.is_empty());
+        assert_eq!(
+            String::from_utf8(err).unwrap(),
+            format!(
+                "ERROR: {}:4:10: server url \"/v1\" cannot name the service: a relative url gives no host; write https://HOST[/basePath], e.g. https://my-api.endpoints.my-project.cloud.goog/v1\n1 error found; no service config was produced\n",
+                bad.display()
+            )
+        );
     }
 
     /// The files given by their paths (absolute here): `$ref`s between them resolve.

@@ -53,7 +53,7 @@ flags:
                           (a port of 0 picks a free one)
   --data DIR              state directory                                  [./.portico]
   --project ID            producer and consumer project                    [demo-proj]
-  --openapi FILE          front your own API instead of the sample (needs --backend)
+  --openapi FILE          front your own API (OpenAPI 2.0 or 3.x) instead of the sample (needs --backend)
   --backend ADDR          your API's address, e.g. 127.0.0.1:3000 (with --openapi)
   --access-log DEST       the proxy's access log: a file, or off   [.portico/logs/esp.log]
   --grpc                  the gRPC sample instead: the Bookstore (portico bookstore) behind
@@ -485,8 +485,14 @@ fn error_message(v: &Value) -> String {
         .unwrap_or_else(|| v.to_string())
 }
 
-/// The service name is the OpenAPI `host`, as gcloud derives it.
+/// The service name, as gcloud derives it: OpenAPI 2.0's `host`, or in OpenAPI 3.x the host of
+/// the server marked `x-google-endpoint` (the converter finds it; a 2.0 file with errors still
+/// names its service by its `host` line, and the control plane then lists the errors).
 fn openapi_host(text: &str) -> Result<String> {
+    let conversion = portico_config::convert(&[portico_config::SourceFile::new("openapi", text)]);
+    if let Ok(c) = &conversion {
+        return Ok(c.service.name.clone());
+    }
     for line in text.lines() {
         let l = line.trim_end();
         // Top-level key only (no indentation), YAML or JSON-ish.
@@ -504,7 +510,8 @@ fn openapi_host(text: &str) -> Result<String> {
             }
         }
     }
-    bail!("the OpenAPI file has no top-level `host`; it names the service (e.g. host: \"my-api.endpoints.PROJECT.cloud.goog\")")
+    let errors = conversion.err().map(|e| e.to_string()).unwrap_or_default();
+    bail!("the OpenAPI file names no service: OpenAPI 2.0 needs a top-level `host` (e.g. host: \"my-api.endpoints.PROJECT.cloud.goog\"), OpenAPI 3.x a server with x-google-endpoint (servers: [{{url: \"https://my-api.endpoints.PROJECT.cloud.goog\", x-google-endpoint: {{}}}}]):\n{errors}")
 }
 
 /// The sample with its placeholders filled in for this machine: the project, the service
@@ -1124,6 +1131,18 @@ mod tests {
             "echo-api.endpoints.p1.cloud.goog"
         );
         assert!(openapi_host("swagger: \"2.0\"\n").is_err());
+        // OpenAPI 3.x: the host of the server carrying x-google-endpoint, port and path dropped.
+        let v3 = include_str!("../examples/echo/openapi3.yaml").replace(
+            "https://echo-api.endpoints.YOUR-PROJECT-ID.cloud.goog",
+            "https://echo-api.endpoints.p3.cloud.goog:443/v1",
+        );
+        assert_eq!(
+            openapi_host(&v3).expect("3.x host"),
+            "echo-api.endpoints.p3.cloud.goog"
+        );
+        let err = openapi_host("openapi: 3.0.3\ninfo: {title: T, version: v1}\npaths: {}\n")
+            .expect_err("no server");
+        assert!(err.to_string().contains("missing \"servers\""), "{err}");
         assert_eq!(
             openapi_host("{\n  \"host\": \"a.b\",\n}").expect("json host"),
             "a.b"

@@ -68,6 +68,7 @@ fn call(base: &str, token: &str, method: &str, path: &str, body: Option<Value>) 
     let url = format!("{base}{path}");
     let mut rb = match method {
         "GET" => c.get(&url),
+        "PATCH" => c.patch(&url),
         _ => c.post(&url),
     }
     .bearer_auth(token);
@@ -526,6 +527,276 @@ fn console_renders_real_data_and_hides_secrets() {
         log.contains("/console/app.js"),
         "console not requested?\n{log}"
     );
+}
+
+/// Trace ids of the two traces [`seed_traces`] writes.
+const TRACE_ESP: &str = "0af7651916cd43dd8448eb211c80319c";
+const TRACE_ESPV2: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+/// Two traces through the Cloud Trace v1 API, shaped as the proxies export them: ESP's tree
+/// (root SERVICE/METHOD, CheckServiceControl with its remote call, Backend; 40 ms, 200) and an
+/// ESPv2 one (`ingress Echo`, 3 ms, 503, a label value that would be markup if parsed as HTML).
+/// Then a report whose log entry names the ESP trace, as ESPv2's reports do.
+fn seed_traces(base: &str, admin: &str, config_id: &str) {
+    let span =
+        |id: u64, parent: Option<u64>, name: &str, from_ms: u32, to_ms: u32, labels: Value| {
+            let mut v = json!({
+                "spanId": id.to_string(),
+                "kind": "RPC_SERVER",
+                "name": name,
+                "startTime": format!("2026-12-06T10:00:00.{:03}000Z", from_ms),
+                "endTime": format!("2026-12-06T10:00:00.{:03}000Z", to_ms),
+                "labels": labels,
+            });
+            if let Some(p) = parent {
+                v["parentSpanId"] = json!(p.to_string());
+            }
+            v
+        };
+    // Span ids above 2^53: the console must keep them as strings to find parents.
+    let root = 9_007_199_254_740_993_u64;
+    let check = root + 2;
+    ok(
+        base,
+        admin,
+        "PATCH",
+        "/v1/projects/demo-proj/traces",
+        Some(json!({"traces": [
+            {"projectId": "demo-proj", "traceId": TRACE_ESP, "spans": [
+                span(check + 1, Some(check), "Call ServiceControl server", 3, 9, json!({})),
+                span(root, None, &format!("{SERVICE}/{METHOD}"), 0, 40,
+                     json!({"/http/status_code": "200",
+                            "trace.cloud.google.com/agent": "esp/1.60.0",
+                            "000": "Http request URL: /echo"})),
+                span(check, Some(root), "CheckServiceControl", 2, 10, json!({})),
+                span(root + 9, Some(root), "Backend", 12, 38, json!({})),
+            ]},
+            {"projectId": "demo-proj", "traceId": TRACE_ESPV2, "spans": [
+                span(7, None, "ingress Echo", 100, 103,
+                     json!({"http.status_code": "503", "note": HOSTILE_NAME})),
+            ]},
+        ]})),
+    );
+    ok(
+        base,
+        admin,
+        "POST",
+        &format!("/v1/services/{SERVICE}:report"),
+        Some(json!({"serviceConfigId": config_id, "operations": [{
+            "operationId": "console-e2e-traced",
+            "operationName": METHOD,
+            "labels": {"/response_code": "200", "/response_code_class": "2xx"},
+            "logEntries": [{
+                "name": "endpoints_log",
+                "trace": format!("projects/demo-proj/traces/{TRACE_ESP}"),
+                "structPayload": {"api_method": METHOD, "http_response_code": 200},
+            }],
+        }]})),
+    );
+}
+
+#[test]
+fn console_traces_list_filters_waterfall_and_log_link() {
+    let test = "console_traces_list_filters_waterfall_and_log_link";
+    let Some(bin) = chromium_or_skip(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(&dir.path().join("cp"), &Db::Sqlite);
+    let admin = cp.admin_token();
+    let seeded = seed(&cp.url, &admin);
+    seed_traces(&cp.url, &admin, &seeded.config_id);
+    let esp_root = format!("{SERVICE}/{METHOD}");
+
+    // The list: both traces, newest first, with latency, span count and status.
+    let dom = console_dom(
+        &bin,
+        dir.path(),
+        &cp.url,
+        &format!("token={admin}&view=traces"),
+    );
+    assert_ready(&dom, "traces view");
+    let list = section(&dom, "trace-list");
+    let (a, b) = (
+        list.find(&esp_root)
+            .unwrap_or_else(|| panic!("ESP trace missing:\n{list}")),
+        list.find("ingress Echo")
+            .unwrap_or_else(|| panic!("ESPv2 trace missing:\n{list}")),
+    );
+    assert!(b < a, "not newest first:\n{list}");
+    assert!(
+        list.contains(">40.0 ms<") && list.contains(">3.00 ms<") && list.contains(">4<"),
+        "latency or span count missing:\n{list}"
+    );
+    assert!(
+        list.contains(r#"class="num status-2xx">200<"#)
+            && list.contains(r#"class="num status-5xx">503<"#),
+        "status missing:\n{list}"
+    );
+    assert!(
+        list.contains(&format!(r##"href="#view=trace&amp;trace={TRACE_ESP}""##)),
+        "no link to the trace:\n{list}"
+    );
+
+    // Filters: by root span name (the service page's link) and by minimum latency.
+    let dom = console_dom(
+        &bin,
+        dir.path(),
+        &cp.url,
+        &format!("token={admin}&view=traces&root={SERVICE}/"),
+    );
+    assert_ready(&dom, "traces by root");
+    let list = section(&dom, "trace-list");
+    assert!(
+        list.contains(&esp_root) && !list.contains("ingress Echo"),
+        "{list}"
+    );
+    let dom = console_dom(
+        &bin,
+        dir.path(),
+        &cp.url,
+        &format!("token={admin}&view=traces&minms=10"),
+    );
+    assert_ready(&dom, "traces by latency");
+    let list = section(&dom, "trace-list");
+    assert!(
+        list.contains(&esp_root) && !list.contains("ingress Echo"),
+        "{list}"
+    );
+    let dom = console_dom(
+        &bin,
+        dir.path(),
+        &cp.url,
+        &format!("token={admin}&view=traces&minms=100"),
+    );
+    assert!(
+        section(&dom, "trace-list").contains("No trace matches this filter."),
+        "{dom}"
+    );
+    let dom = console_dom(
+        &bin,
+        dir.path(),
+        &cp.url,
+        &format!("token={admin}&view=traces&minms=-3"),
+    );
+    assert!(
+        section(&dom, "banner").contains("INVALID_ARGUMENT: minimum latency"),
+        "{dom}"
+    );
+
+    // The waterfall: the tree in order, nested, each span's labels; ids beyond 2^53 kept.
+    let dom = console_dom(
+        &bin,
+        dir.path(),
+        &cp.url,
+        &format!("token={admin}&view=trace&trace={TRACE_ESP}"),
+    );
+    assert_ready(&dom, "trace view");
+    let fall = section(&dom, "waterfall");
+    let pos = |name: &str| {
+        fall.find(&format!(">{name}<"))
+            .unwrap_or_else(|| panic!("{name} missing from the waterfall:\n{fall}"))
+    };
+    let order = [
+        pos(&esp_root),
+        pos("CheckServiceControl"),
+        pos("Call ServiceControl server"),
+        pos("Backend"),
+    ];
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "span order {order:?}:\n{fall}"
+    );
+    for (depth, n) in [(0, 1), (1, 2), (2, 1)] {
+        assert_eq!(
+            fall.matches(&format!(r#"data-depth="{depth}""#)).count(),
+            n,
+            "spans at depth {depth}:\n{fall}"
+        );
+    }
+    assert!(
+        fall.contains("trace.cloud.google.com/agent")
+            && fall.contains("<code>esp/1.60.0</code>")
+            && fall.contains("Http request URL: /echo")
+            && fall.contains("9007199254740993"),
+        "labels or span id missing:\n{fall}"
+    );
+    assert!(fall.contains("<rect"), "no bars:\n{fall}");
+
+    // A label that looks like markup stays text.
+    let dom = console_dom(
+        &bin,
+        dir.path(),
+        &cp.url,
+        &format!("token={admin}&view=trace&trace={TRACE_ESPV2}"),
+    );
+    assert_ready(&dom, "ESPv2 trace view");
+    assert!(
+        dom.contains("&lt;img src=x id=injected&gt;") && !dom.contains(r#"id="injected""#),
+        "a label was parsed as HTML:\n{dom}"
+    );
+
+    // The request log links the traced request to its trace.
+    let dom = console_dom(
+        &bin,
+        dir.path(),
+        &cp.url,
+        &format!("token={admin}&view=service&service={SERVICE}"),
+    );
+    assert_ready(&dom, "service view");
+    let logs = section(&dom, "logs");
+    assert_eq!(
+        logs.matches(&format!(r##"href="#view=trace&amp;trace={TRACE_ESP}""##))
+            .count(),
+        1,
+        "exactly the traced request links to its trace:\n{logs}"
+    );
+    assert!(
+        dom.contains(&format!(r##"href="#view=traces&amp;root={SERVICE}%2F""##)),
+        "no link from the service to its traces:\n{dom}"
+    );
+
+    // An unknown trace: the API's NOT_FOUND; a malformed id: the console's own message.
+    let dom = console_dom(
+        &bin,
+        dir.path(),
+        &cp.url,
+        &format!("token={admin}&view=trace&trace=ffffffffffffffffffffffffffffffff"),
+    );
+    assert!(section(&dom, "banner").contains("NOT_FOUND"), "{dom}");
+    let dom = console_dom(
+        &bin,
+        dir.path(),
+        &cp.url,
+        &format!("token={admin}&view=trace&trace=../keys"),
+    );
+    assert!(
+        section(&dom, "banner").contains("INVALID_ARGUMENT: the address names no trace id"),
+        "{dom}"
+    );
+
+    let shots = std::env::var_os("PORTICO_CONSOLE_SCREENSHOT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.path().to_path_buf());
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let file = shots.join("console-trace.png");
+    let profile = tempfile::tempdir_in(dir.path()).expect("profile dir");
+    chromium(
+        &bin,
+        profile.path(),
+        &format!(
+            "{}/console#token={admin}&view=trace&trace={TRACE_ESP}",
+            cp.url
+        ),
+        &[
+            &format!("--screenshot={}", file.display()),
+            "--window-size=1280,700",
+        ],
+    );
+    assert!(std::fs::read(&file)
+        .expect("screenshot")
+        .starts_with(b"\x89PNG"));
+    eprintln!("screenshot: {}", file.display());
 }
 
 // ---------------------------------------------------------------------------------------------

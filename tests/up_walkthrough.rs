@@ -2,7 +2,8 @@
 //! lines it prints with the real `curl`, then run it again on the same state and check that the
 //! service, key file and API key are reused. Also: a busy port is a clear error; everything
 //! under the data directory is owner-only, also after a start on files an
-//! older version left readable; an unusable data directory is refused before any port is bound.
+//! older version left readable; an unusable data directory is refused before any port is bound;
+//! `--openapi` takes an OpenAPI 3.x file (the 3.x echo example in front of `portico echo`).
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -55,6 +56,7 @@ fn start_up(dir: &Path, ports: [u16; 4]) -> Up {
     start_up_with(dir, ports, &[])
 }
 
+/// [`start_up`] with more arguments (`--openapi FILE --backend ADDR`).
 fn start_up_with(dir: &Path, ports: [u16; 4], extra: &[&str]) -> Up {
     let [port, backend, cp, status] = ports;
     let mut child = Command::new(env!("CARGO_BIN_EXE_portico"))
@@ -64,6 +66,7 @@ fn start_up_with(dir: &Path, ports: [u16; 4], extra: &[&str]) -> Up {
         .args(["--backend-port", &backend.to_string()])
         .args(["--control-plane-port", &cp.to_string()])
         .args(["--status-port", &status.to_string()])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -575,4 +578,72 @@ fn up_grpc_serves_the_bookstore() {
         "{keyless}\nstderr: {stderr}"
     );
     drop(up);
+}
+
+/// `portico up --openapi openapi3.yaml --backend ADDR`: the service is named by the server
+/// carrying x-google-endpoint, and the proxy serves the 3.x file as it does the 2.0 sample.
+#[test]
+fn up_fronts_an_openapi3_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let echo_port = free_port();
+    let mut echo = Command::new(env!("CARGO_BIN_EXE_portico"))
+        .args(["echo", "--port", &echo_port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn portico echo");
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _echo = Kill(&mut echo);
+    let spec =
+        include_str!("../examples/echo/openapi3.yaml").replace("YOUR-PROJECT-ID", "demo-proj");
+    std::fs::write(dir.path().join("openapi3.yaml"), spec).expect("write spec");
+    let ports = [free_port(), free_port(), free_port(), free_port()];
+    let backend = format!("127.0.0.1:{echo_port}");
+    let up = start_up_with(
+        dir.path(),
+        ports,
+        &["--openapi", "openapi3.yaml", "--backend", &backend],
+    );
+    assert!(
+        up.stdout
+            .contains("service echo-api.endpoints.demo-proj.cloud.goog"),
+        "{}",
+        up.stdout
+    );
+    let key = up
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("API key: "))
+        .unwrap_or_else(|| panic!("no API key line:\n{}", up.stdout))
+        .trim()
+        .to_string();
+    let client = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    let post = |target: &str| {
+        let r = client
+            .post(format!("http://127.0.0.1:{}{target}", ports[0]))
+            .header("content-type", "application/json")
+            .body(r#"{"message":"hello 3.x"}"#)
+            .send()
+            .expect("POST");
+        (r.status().as_u16(), r.text().unwrap_or_default())
+    };
+    let (status, body) = post("/echo");
+    assert_eq!(status, 401, "{body}\n{}", logs(dir.path()));
+    let (status, body) = post(&format!("/echo?key={key}"));
+    assert_eq!(status, 200, "{body}\n{}", logs(dir.path()));
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("echo JSON"),
+        serde_json::json!({"message": "hello 3.x"})
+    );
 }

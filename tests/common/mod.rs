@@ -14,7 +14,9 @@
 //! - [`drop_postgres_schema`]: clean up after a passing PostgreSQL test.
 //! - [`today_utc`]: `YYYY-MM-DD`, the prefix of config ids.
 //! - [`Api`]: the control plane's REST API with the admin token ([`ControlPlane::api`]):
-//!   calls, long-running operations followed to their response, service-account key files.
+//!   calls, long-running operations followed to their response, service-account key files,
+//!   a deploy as gcloud does it ([`Api::deploy`], [`Api::deploy_file`]).
+//! - [`echo_and_esp`]: `portico echo` with `portico esp` in front, for a deployed service.
 //!
 //! - [`peer`]: a raw HTTP/1.1 double (backend, Service Control, JWKS) that can also stall or
 //!   hang up.
@@ -489,6 +491,37 @@ impl Drop for Proc {
 }
 
 /// A loopback port that was free a moment ago (bind to port 0, read it back, release it).
+/// `portico echo` and, in front of it, `portico esp` for `service` (managed rollout, the
+/// proxy's identity from `key_file`, then `extra` flags), each logging into `dir`. Returns
+/// both processes (killed on drop) and the proxy's port.
+pub fn echo_and_esp(
+    dir: &Path,
+    service: &str,
+    key_file: &Path,
+    extra: &[String],
+) -> (Proc, Proc, u16) {
+    let echo_port = free_port();
+    let mut echo = Proc::spawn(
+        &["echo".into(), "--port".into(), echo_port.to_string()],
+        &dir.join("echo.log"),
+    );
+    echo.wait_for_port(echo_port, "portico echo");
+    let proxy_port = free_port();
+    let mut args = vec![
+        "esp".to_string(),
+        format!("--service={service}"),
+        "--rollout_strategy=managed".into(),
+        format!("--http_port={proxy_port}"),
+        format!("--status_port={}", free_port()),
+        format!("--backend=127.0.0.1:{echo_port}"),
+        format!("--service_account_key={}", key_file.display()),
+    ];
+    args.extend_from_slice(extra);
+    let mut esp = Proc::spawn(&args, &dir.join("esp.log"));
+    esp.wait_for_port(proxy_port, "portico esp");
+    (echo, esp, proxy_port)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -669,17 +702,30 @@ impl Api {
     /// and binds `roles/servicemanagement.serviceController` for `controller` (the proxy's
     /// service account). Returns the config id.
     pub fn deploy(&self, service: &str, producer: &str, openapi: &str, controller: &str) -> String {
+        self.deploy_file(service, producer, "openapi.yaml", openapi, controller)
+    }
+
+    /// [`Api::deploy`] of a file named `file_path`, sent as gcloud sends any OpenAPI file
+    /// (2.0 or, from gcloud 543, 3.x): `OPEN_API_YAML`, URL-safe base64, `validateOnly: false`.
+    pub fn deploy_file(
+        &self,
+        service: &str,
+        producer: &str,
+        file_path: &str,
+        openapi: &str,
+        controller: &str,
+    ) -> String {
         use base64::Engine as _;
         let op = self.post(
             "/v1/services",
             serde_json::json!({"producerProjectId": producer, "serviceName": service}),
         );
         self.wait(op);
-        let contents = base64::engine::general_purpose::STANDARD.encode(openapi.as_bytes());
+        let contents = base64::engine::general_purpose::URL_SAFE.encode(openapi.as_bytes());
         let op = self.post(
             &format!("/v1/services/{service}/configs:submit"),
             serde_json::json!({"configSource": {"files": [{"fileContents": contents,
-                "filePath": "openapi.yaml", "fileType": "OPEN_API_YAML"}]}}),
+                "filePath": file_path, "fileType": "OPEN_API_YAML"}]}, "validateOnly": false}),
         );
         let config_id = self.wait(op)["serviceConfig"]["id"]
             .as_str()
@@ -707,6 +753,20 @@ impl Api {
             serde_json::json!({}),
         );
         self.wait(op);
+    }
+
+    /// Creates the service account `account_id@project` and a key for it, written to
+    /// `dir/<account_id>-key.json`: the proxy's identity. Returns the email and the key file.
+    pub fn proxy_account(&self, project: &str, account_id: &str, dir: &Path) -> (String, PathBuf) {
+        let email = format!("{account_id}@{project}.iam.gserviceaccount.com");
+        self.post(
+            &format!("/v1/projects/{project}/serviceAccounts"),
+            serde_json::json!({"accountId": account_id}),
+        );
+        let (_, text) = self.create_key(&email);
+        let key_file = dir.join(format!("{account_id}-key.json"));
+        std::fs::write(&key_file, text).expect("write key file");
+        (email, key_file)
     }
 
     /// Creates a key for the service account: the parsed key file and its text.

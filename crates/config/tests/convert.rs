@@ -1,5 +1,5 @@
 //! OpenAPI → service config: the getting-started spec, a spec using every supported extension,
-//! and the CLI entry point. Malformed specs are in `malformed.rs`.
+//! the CLI entry point, and OpenAPI 3.x (at the end). Malformed specs are in `malformed.rs`.
 
 use base64::Engine;
 use portico_config::{convert, Severity, SourceFile};
@@ -583,4 +583,332 @@ fn conversions_stop_at_their_deadline_or_when_cancelled() {
     };
     let conv = convert_with(&files, &generous).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(conv.service.apis[0].methods.len(), 2000);
+}
+
+// OpenAPI 3.0.x / 3.1.x with Google's 3.x extensions: each extension and each security scheme
+// type lands in the config, the 3.x echo example converts to the same service as the 2.0 one,
+// several files, and none of them panics when cut short. Malformed 3.x documents are in
+// `malformed.rs`.
+
+const ECHO_V3: &str = include_str!("../../../examples/echo/openapi3.yaml");
+
+/// The config without what names the input file (its name, type and bytes).
+fn without_sources(mut svc: Value) -> Value {
+    svc.as_object_mut().unwrap().remove("sourceInfo");
+    for api in svc["apis"].as_array_mut().unwrap() {
+        api.as_object_mut().unwrap().remove("sourceContext");
+    }
+    svc
+}
+
+#[test]
+fn echo_3x_converts_to_the_same_service_as_echo_2x() {
+    let (v2, _) = to_json("openapi.yaml", GETTING_STARTED);
+    let (v3, warnings) = to_json("openapi3.yaml", ECHO_V3);
+    // Both files say the same thing (the 2.0 one is the reference).
+    let (v2, v3s) = (without_sources(v2), without_sources(v3.clone()));
+    for (k, want) in v2.as_object().unwrap() {
+        assert_eq!(&v3s[k], want, "{k} differs");
+    }
+    assert_eq!(v2, v3s);
+    assert_eq!(
+        v3["sourceInfo"]["sourceFiles"][0]["filePath"],
+        "openapi3.yaml"
+    );
+    assert_eq!(
+        v3["sourceInfo"]["sourceFiles"][0]["fileType"],
+        "OPEN_API_YAML"
+    );
+    assert!(
+        warnings
+            .iter()
+            .all(|w| w.contains("does not require an API key")),
+        "{warnings:?}"
+    );
+}
+
+/// Every 3.x extension at once (the reference's inventory example, extended); also a fuzz seed.
+const INVENTORY: &str = include_str!("../../../fuzz/seeds/openapi/openapi3_inventory.yaml");
+
+#[test]
+fn every_3x_extension_lands_in_the_config() {
+    let (svc, warnings) = to_json("inventory.yaml", INVENTORY);
+    let api = "2.inventory";
+    let sel = |m: &str| format!("{api}.{m}");
+    // x-google-endpoint: the marked server's host is the service, its path the base path.
+    assert_eq!(svc["name"], "inventory.endpoints.example-proj.cloud.goog");
+    assert_eq!(
+        svc["endpoints"],
+        json!([{"name": "inventory.endpoints.example-proj.cloud.goog"}])
+    );
+    // apiName.
+    assert_eq!(svc["apis"][0]["name"], api);
+    let http = &svc["http"]["rules"];
+    assert_eq!(
+        rule(http, &sel("GetItem")),
+        &json!({"selector": sel("GetItem"), "get": "/v2/items/{item_id}"})
+    );
+    assert_eq!(
+        rule(http, &sel("DeleteItem"))["delete"],
+        "/v2/items/{item_id}"
+    );
+    assert_eq!(rule(http, &sel("Healthz"))["get"], "/v2/healthz");
+    // schema.type/format of a parameter type the request field.
+    let fields = &svc["types"][0]["fields"][0];
+    assert_eq!(fields["kind"], "TYPE_INT32", "{}", svc["types"]);
+    assert_eq!(fields["jsonName"], "itemId");
+
+    // Named backends: root default, operation override, path-item placement.
+    let backends = &svc["backend"]["rules"];
+    assert_eq!(
+        rule(backends, &sel("GetItem")),
+        &json!({"selector": sel("GetItem"), "address": "https://inventory-main-abc123-uc.a.run.app",
+                "deadline": 20.0, "pathTranslation": "APPEND_PATH_TO_ADDRESS", "protocol": "h2"})
+    );
+    assert_eq!(
+        rule(backends, &sel("DeleteItem")),
+        &json!({"selector": sel("DeleteItem"), "address": "https://legacy.example.com/api/item",
+                "pathTranslation": "CONSTANT_ADDRESS", "disableAuth": true})
+    );
+    assert_eq!(
+        rule(backends, &sel("Admin")),
+        &json!({"selector": sel("Admin"), "address": "https://iap.example.com",
+                "pathTranslation": "APPEND_PATH_TO_ADDRESS",
+                "jwtAudience": "client-id.apps.googleusercontent.com"})
+    );
+
+    // Metrics and quota (map forms), x-google-quota in both shapes.
+    let metrics: Vec<&Value> = svc["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| !m["name"].as_str().unwrap().contains('/'))
+        .collect();
+    assert_eq!(
+        metrics,
+        [
+            &json!({"name": "read-requests", "displayName": "Read requests", "metricKind": "DELTA", "valueType": "INT64"}),
+            &json!({"name": "write-requests", "metricKind": "DELTA", "valueType": "INT64"})
+        ]
+    );
+    let limits = &svc["quota"]["limits"];
+    assert_eq!(limits[0]["name"], "read-requests-limit");
+    assert_eq!(limits[0]["metric"], "read-requests");
+    assert_eq!(limits[0]["values"], json!({"STANDARD": "600"}));
+    assert_eq!(limits[0]["unit"], "1/min/{project}");
+    let costs = &svc["quota"]["metricRules"];
+    assert_eq!(
+        rule(costs, &sel("GetItem"))["metricCosts"],
+        json!({"read-requests": "1"})
+    );
+    assert_eq!(
+        rule(costs, &sel("DeleteItem"))["metricCosts"],
+        json!({"write-requests": "2"})
+    );
+
+    // x-google-auth → provider; API key AND JWT; security: [] → anonymous.
+    let providers = &svc["authentication"]["providers"];
+    assert_eq!(
+        providers,
+        &json!([{"id": "partner_jwt", "issuer": "https://issuer.example.com",
+            "jwksUri": "https://issuer.example.com/.well-known/jwks.json",
+            "audiences": "inventory-clients,inventory-admin",
+            "jwtLocations": [{"header": "X-Partner-Token", "valuePrefix": "Token "},
+                             {"query": "access_token"}]}])
+    );
+    let auth = &svc["authentication"]["rules"];
+    assert_eq!(
+        rule(auth, &sel("GetItem"))["requirements"],
+        json!([{"providerId": "partner_jwt"}])
+    );
+    assert_eq!(
+        rule(auth, &sel("Healthz")),
+        &json!({"selector": sel("Healthz")})
+    );
+    let usage = &svc["usage"]["rules"];
+    assert_eq!(
+        rule(usage, &sel("GetItem")).get("allowUnregisteredCalls"),
+        None
+    );
+    assert_eq!(rule(usage, &sel("Healthz"))["allowUnregisteredCalls"], true);
+    // An API key in a header other than x-api-key becomes a system parameter.
+    assert_eq!(
+        rule(&svc["systemParameters"]["rules"], &sel("GetItem"))["parameters"],
+        json!([{"name": "api_key", "httpHeader": "x-inventory-key"}])
+    );
+    // Only healthz lacks a key requirement.
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("Operation 'get' in path '/healthz'"),
+        "{warnings:?}"
+    );
+}
+
+fn doc(security_schemes: &str, rest: &str) -> String {
+    format!(
+        "openapi: 3.1.0\ninfo: {{title: T, version: v1}}\nservers:\n  - url: https://a.example.com\n    x-google-endpoint: {{}}\ncomponents:\n  securitySchemes:\n{security_schemes}{rest}"
+    )
+}
+
+const ONE_OP: &str =
+    "paths:\n  /a:\n    get:\n      operationId: a\n      responses: {'200': {description: ok}}\n";
+
+#[test]
+fn every_security_scheme_type_maps_to_a_key_or_a_jwt_provider() {
+    let schemes = "    qkey: {type: apiKey, in: query, name: k}\n    hkey: {type: apiKey, in: header, name: x-api-key}\n    oauth:\n      type: oauth2\n      flows: {implicit: {authorizationUrl: '', scopes: {}}}\n      x-google-auth: {issuer: https://o.example.com, jwksUri: https://o.example.com/jwks}\n    oidc:\n      type: openIdConnect\n      openIdConnectUrl: https://d.example.com/.well-known/openid-configuration\n      x-google-auth: {issuer: https://d.example.com, jwks_uri: https://d.example.com/jwks, audiences: aud1}\n    bearer:\n      type: http\n      scheme: bearer\n      bearerFormat: JWT\n      x-google-auth: {issuer: https://b.example.com, jwksUri: https://b.example.com/jwks, audiences: [aud2]}\n";
+    let rest = "security:\n  - qkey: []\n    oauth: []\n  - qkey: []\n    oidc: []\n  - qkey: []\n    bearer: []\n".to_string() + ONE_OP;
+    let (svc, _) = to_json("s.yaml", &doc(schemes, &rest));
+    let providers: Vec<(&str, &str, &str)> = svc["authentication"]["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["id"].as_str().unwrap(),
+                p["issuer"].as_str().unwrap(),
+                p["audiences"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        providers,
+        [
+            ("oauth", "https://o.example.com", ""),
+            ("oidc", "https://d.example.com", "aud1"),
+            ("bearer", "https://b.example.com", "aud2")
+        ]
+    );
+    let sel = "v1.a_example_com.A";
+    assert_eq!(
+        rule(&svc["authentication"]["rules"], sel)["requirements"],
+        json!([{"providerId": "oauth"}, {"providerId": "oidc"}, {"providerId": "bearer"}])
+    );
+    // The query key "k" is not one ESP reads by default: a system parameter.
+    assert_eq!(
+        rule(&svc["systemParameters"]["rules"], sel)["parameters"],
+        json!([{"name": "api_key", "urlQueryParameter": "k"}])
+    );
+    assert_eq!(
+        rule(&svc["usage"]["rules"], sel).get("allowUnregisteredCalls"),
+        None
+    );
+
+    // The header key alone: required, read from x-api-key (ESP's default: no system parameter).
+    let (svc, _) = to_json(
+        "s.yaml",
+        &doc(schemes, &("security: [{hkey: []}]\n".to_string() + ONE_OP)),
+    );
+    assert_eq!(
+        rule(&svc["usage"]["rules"], sel).get("allowUnregisteredCalls"),
+        None
+    );
+}
+
+#[test]
+fn quota_limits_may_be_grouped_and_paths_may_take_several_segments() {
+    let text = include_str!("../../../fuzz/seeds/openapi/openapi3_1_files.yaml");
+    let (svc, warnings) = to_json("files.yaml", text);
+    assert_eq!(svc["name"], "files.endpoints.example-proj.cloud.goog");
+    assert_eq!(
+        svc["endpoints"],
+        json!([{"name": "files.endpoints.example-proj.cloud.goog", "allowCors": true}])
+    );
+    let http = &svc["http"]["rules"];
+    assert_eq!(http[0]["get"], "/files/{path=**}");
+    assert_eq!(http[1]["get"], "/tree/{rest=**}");
+    assert_eq!(
+        svc["quota"]["limits"][0]["values"],
+        json!({"STANDARD": "10"})
+    );
+    assert_eq!(
+        svc["backend"]["rules"][0]["pathTranslation"],
+        "APPEND_PATH_TO_ADDRESS"
+    );
+    assert!(
+        warnings.iter().any(|w| w
+            == "files.yaml:4:10: the port :8443 of the server url is not part of the service name and is ignored"),
+        "{warnings:#?}"
+    );
+}
+
+#[test]
+fn json_3x_is_told_apart_by_content() {
+    let text = r#"{"openapi": "3.0.0", "info": {"title": "T", "version": "v1"},
+      "servers": [{"url": "https://j.example.com", "x-google-endpoint": {"allowCors": false}}],
+      "x-google-api-management": {"allowCors": true},
+      "paths": {"/a": {"get": {"operationId": "a", "responses": {"200": {"description": "ok"}}}}}}"#;
+    // gcloud uploads it as OPEN_API_YAML under any name; the content says 3.x.
+    let (svc, _) = to_json("api.yaml", text);
+    assert_eq!(svc["name"], "j.example.com");
+    assert_eq!(svc["http"]["rules"][0]["get"], "/a");
+    // x-google-api-management.allowCors, the documented place, wins over x-google-endpoint's.
+    assert_eq!(
+        svc["endpoints"],
+        json!([{"name": "j.example.com", "allowCors": true}])
+    );
+}
+
+#[test]
+fn several_3x_files_make_one_service_and_cannot_mix_with_2_0() {
+    let a = "openapi: 3.0.0\ninfo: {title: A, version: v1}\nservers: [{url: 'https://m.example.com/a', x-google-endpoint: {}}]\nx-google-api-management: {apiName: first}\npaths:\n  /x:\n    get: {operationId: x, responses: {'200': {description: ok}}}\n";
+    let b = "openapi: 3.1.0\ninfo: {title: B, version: v2}\nservers: [{url: 'https://m.example.com/b', x-google-endpoint: {}}]\nx-google-api-management: {apiName: second}\npaths:\n  /x:\n    get: {operationId: x, responses: {'200': {description: ok}}}\n";
+    let conv = convert(&[SourceFile::new("a.yaml", a), SourceFile::new("b.yaml", b)])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let svc = serde_json::to_value(&conv.service).unwrap();
+    assert_eq!(svc["apis"][0]["name"], "v1.first");
+    assert_eq!(svc["apis"][1]["name"], "v2.second");
+    assert_eq!(svc["http"]["rules"][1]["get"], "/b/x");
+
+    // Components in another 3.x file of the submission, by $ref: parameters (with their
+    // schema types) and schemas; that file needs no server of its own.
+    let api = "openapi: 3.0.0\ninfo: {title: A, version: v1}\nservers: [{url: 'https://m.example.com', x-google-endpoint: {}}]\npaths:\n  /pets/{petId}:\n    get:\n      operationId: getPet\n      parameters: [{$ref: './common.yaml#/components/parameters/petId'}]\n      responses: {'200': {description: ok, content: {application/json: {schema: {$ref: './common.yaml#/components/schemas/Pet'}}}}}\n";
+    let common = "openapi: 3.0.0\ninfo: {title: C, version: v1}\ncomponents:\n  parameters:\n    petId: {name: petId, in: path, required: true, schema: {type: integer}}\n  schemas:\n    Pet: {type: object}\n";
+    let conv = convert(&[
+        SourceFile::new("api.yaml", api),
+        SourceFile::new("common.yaml", common),
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    let svc = serde_json::to_value(&conv.service).unwrap();
+    assert_eq!(svc["http"]["rules"][0]["get"], "/pets/{pet_id}");
+    assert_eq!(svc["types"][0]["fields"][0]["kind"], "TYPE_INT64");
+    let broken = api.replace("schemas/Pet", "schemas/Cat");
+    let err = convert(&[
+        SourceFile::new("api.yaml", broken),
+        SourceFile::new("common.yaml", common),
+    ])
+    .expect_err("missing schema");
+    assert_eq!(
+        err.to_string(),
+        "api.yaml:9:88: reference \"./common.yaml#/components/schemas/Cat\" cannot be resolved: common.yaml has no \"Cat\" under \"/components/schemas\""
+    );
+
+    let v2 = "swagger: '2.0'\ninfo: {title: C, version: v1}\nhost: m.example.com\npaths: {}\n";
+    let err =
+        convert(&[SourceFile::new("a.yaml", a), SourceFile::new("c.yaml", v2)]).expect_err("mixed");
+    assert_eq!(
+        err.to_string(),
+        "a.yaml:1:10: this file is OpenAPI 3.0.0 but c.yaml is OpenAPI 2.0 (swagger: \"2.0\"); one deployment cannot mix OpenAPI 2.0 and 3.x files"
+    );
+}
+
+/// A small deterministic stand-in for the fuzzer over the 3.x paths: every prefix of the 3.x
+/// documents, and each with one line left out, is converted or refused without a panic.
+#[test]
+fn cut_and_gapped_3x_documents_never_panic() {
+    let malformed = include_str!("../../../fuzz/seeds/openapi/openapi3_malformed.yaml");
+    for text in [INVENTORY, malformed, ECHO_V3] {
+        for end in (0..text.len()).filter(|&i| text.is_char_boundary(i)) {
+            let _ = portico_config::fuzz::openapi(&text.as_bytes()[..end]);
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        for skip in 0..lines.len() {
+            let gapped: Vec<&str> = lines
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != skip)
+                .map(|(_, l)| *l)
+                .collect();
+            let _ = portico_config::fuzz::openapi(gapped.join("\n").as_bytes());
+        }
+    }
 }

@@ -42,10 +42,13 @@ fn json_syntax_error() {
 }
 
 #[test]
-fn openapi_3_is_refused() {
+fn openapi_versions_other_than_3_0_and_3_1_are_refused() {
     assert_eq!(
-        errors("openapi.yaml", "openapi: 3.0.0\ninfo: {title: T, version: v1}\npaths: {}\n"),
-        ["openapi.yaml:1:10: OpenAPI 3.0.0 is not supported: only OpenAPI 2.0 (swagger: \"2.0\") is accepted; OpenAPI 3 is not supported"]
+        errors(
+            "openapi.yaml",
+            "openapi: 3.2.0\ninfo: {title: T, version: v1}\nservers: [{url: 'https://a.example.com', x-google-endpoint: {}}]\npaths: {}\n"
+        ),
+        ["openapi.yaml:1:10: OpenAPI version \"3.2.0\" is not supported: Portico accepts swagger: \"2.0\", openapi: 3.0.x and openapi: 3.1.x"]
     );
 }
 
@@ -581,5 +584,164 @@ fn out_of_range_numbers_are_refused() {
             format!("openapi.yaml:81:19: x-google-backend deadline 86401 {range}"),
             "openapi.yaml:84:18: Operation 'get' in path '/f': the cost 9223372036854775807 of metric \"reads\" is out of range: a cost is a number from 0 to 1000000000 per request".to_string(),
         ]
+    );
+}
+
+/// OpenAPI 3.x: one document with a problem of each kind 3.x adds (also a fuzz seed): all are
+/// listed, each at its place.
+const MALFORMED: &str = include_str!("../../../fuzz/seeds/openapi/openapi3_malformed.yaml");
+
+#[test]
+fn malformed_3x_lists_every_problem_at_its_place() {
+    let errs = errors("bad.yaml", MALFORMED);
+    let want = [
+        "bad.yaml:3:1: \"host\" is OpenAPI 2.0; in OpenAPI 3.x the service name and base path come from the url of the server marked with x-google-endpoint (servers: [{url: \"https://HOST/BASE\", x-google-endpoint: {}}])",
+        "bad.yaml:8:5: only one server may carry x-google-endpoint (another does at line 6); it names the service",
+        "bad.yaml:9:1: x-google-management is the OpenAPI 2.0 extension; in OpenAPI 3.x write x-google-api-management, with metrics and quota limits as mappings keyed by name",
+        "bad.yaml:12:44: unknown field \"jwt_audiance\" in backend \"main\" (known: address, jwtAudience, disableAuth, pathTranslation, deadline, protocol)",
+        "bad.yaml:15:20: quota limit \"l1\" refers to metric \"m\", which is not defined in x-google-api-management.metrics",
+        "bad.yaml:15:31: quota limit values must be an integer (the most the metric may reach per minute), not a string",
+        "bad.yaml:16:20: in OpenAPI 3.x x-google-backend is the name of a backend: define it under x-google-api-management.backends.<name> (address, pathTranslation, jwtAudience, ...) and write x-google-backend: <name>",
+        "bad.yaml:19:33: security scheme \"basic\" (http) has scheme \"basic\"; only bearer, with x-google-auth, can be checked",
+        "bad.yaml:21:13: security scheme \"jwt\" (oauth2) has no x-google-auth: JWTs are checked only for schemes with x-google-auth: {issuer, jwksUri, audiences}",
+        "bad.yaml:22:7: security scheme \"jwt\": x-google-issuer is the OpenAPI 2.0 extension; in OpenAPI 3.x write x-google-auth: {issuer, jwksUri, audiences: [...], jwtLocations: [...]}",
+        "bad.yaml:23:32: security scheme \"cookie\" (apiKey): API keys in a cookie are not supported; use in: query or in: header",
+        "bad.yaml:26:23: x-google-auth of \"auth\" has no issuer; it must equal the tokens' iss claim",
+        "bad.yaml:26:60: unknown field \"audience\" in x-google-auth of \"auth\" (known: issuer, jwksUri, audiences, jwtLocations)",
+        "bad.yaml:28:3: path \"/a/{id=**}\": {name=...} is OpenAPI 2.0 syntax; in OpenAPI 3.x write {name} and give the path parameter x-google-parameter: {pattern: '**'} to match several segments",
+        "bad.yaml:36:25: x-google-backend \"missing\" is not defined in x-google-api-management.backends (defined: main)",
+    ];
+    for (i, (got, want)) in errs.iter().zip(want).enumerate() {
+        assert_eq!(got, want, "error {i}; all: {errs:#?}");
+    }
+    assert_eq!(errs.len(), want.len(), "{errs:#?}");
+}
+
+#[test]
+fn servers_problems() {
+    let head = "openapi: 3.0.0\ninfo: {title: T, version: v1}\n";
+    let tail = "paths: {}\n";
+    let cases = [
+        ("", "x.yaml:1:1: missing \"servers\": one server must carry x-google-endpoint, and its url names the service (servers: [{url: \"https://my-api.endpoints.my-project.cloud.goog\", x-google-endpoint: {}}])"),
+        ("servers: [{url: 'https://a.example.com'}]\n", "x.yaml:3:10: no server carries x-google-endpoint: mark the server whose url names the service, e.g. {url: \"https://my-api.endpoints.my-project.cloud.goog\", x-google-endpoint: {}}"),
+        ("servers: [{x-google-endpoint: {}}]\n", "x.yaml:3:12: the server carrying x-google-endpoint has no url; its host names the service"),
+        ("servers: [{url: 'ftp://a.example.com', x-google-endpoint: {}}]\n", "x.yaml:3:17: server url \"ftp://a.example.com\" cannot name the service: only http and https urls are accepted; write https://HOST[/basePath], e.g. https://my-api.endpoints.my-project.cloud.goog/v1"),
+        ("servers: [{url: 'https://a.example.com', x-google-endpoint: []}]\n", "x.yaml:3:61: x-google-endpoint must be a mapping (usually {}), not a list"),
+        ("servers: {url: x}\n", "x.yaml:3:11: servers must be a list of server objects"),
+    ];
+    for (servers, want) in cases {
+        let errs = errors("x.yaml", &format!("{head}{servers}{tail}"));
+        assert_eq!(
+            errs.first().map(String::as_str),
+            Some(want),
+            "{servers}: {errs:#?}"
+        );
+    }
+    // An invalid host is reported by the same check as 2.0's host, at the url.
+    let errs = errors(
+        "x.yaml",
+        &format!(
+            "{head}servers: [{{url: 'https://a_b.example.com', x-google-endpoint: {{}}}}]\n{tail}"
+        ),
+    );
+    assert!(
+        errs[0].starts_with("x.yaml:3:17: host \"a_b.example.com\" is not a valid service name"),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn the_2_0_security_rules_hold_for_3x() {
+    let schemes = "    key: {type: apiKey, in: query, name: key}\n    j1:\n      type: oauth2\n      x-google-auth: {issuer: i1}\n    j2:\n      type: oauth2\n      x-google-auth: {issuer: i2}\n";
+    // A key OR'ed with a JWT, two JWTs AND'ed, an undefined scheme: all refused, all listed.
+    let rest = "paths:\n  /a:\n    get:\n      operationId: a\n      security: [{key: []}, {j1: []}]\n      responses: {'200': {description: ok}}\n  /b:\n    get:\n      operationId: b\n      security: [{j1: [], j2: []}]\n      responses: {'200': {description: ok}}\n  /c:\n    get:\n      operationId: c\n      security: [{nope: []}]\n      responses: {'200': {description: ok}}\n";
+    let errs = errors(
+        "s.yaml",
+        &format!("openapi: 3.1.0\ninfo: {{title: T, version: v1}}\nservers:\n  - url: https://a.example.com\n    x-google-endpoint: {{}}\ncomponents:\n  securitySchemes:\n{schemes}{rest}"),
+    );
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert_eq!(errs[0], "s.yaml:19:17: Operation 'get' in path '/a': an API key cannot be OR'ed with another security scheme (alternatives: {key} OR {j1}); require the API key in every alternative, or in none");
+    assert_eq!(errs[1], "s.yaml:24:19: Operation 'get' in path '/b': one security requirement ANDs the JWT providers \"j1\", \"j2\"; only one provider per requirement is supported, list them as separate requirements to accept a token from any of them");
+    assert!(errs[2].starts_with("s.yaml:29:"), "{errs:#?}");
+    assert!(errs[2].contains("\"nope\""), "{errs:#?}");
+}
+
+/// A named backend is copied into every operation naming it: its fields must be small scalars
+/// (a huge address would be copied once per operation).
+#[test]
+fn named_backends_hold_small_values_only() {
+    let long = format!("https://a.example.com/{}", "x".repeat(3000));
+    let text = format!(
+        "openapi: 3.0.0\ninfo: {{title: T, version: v1}}\nservers: [{{url: 'https://a.example.com', x-google-endpoint: {{}}}}]\nx-google-api-management:\n  backends:\n    big: {{address: '{long}'}}\n    deep: {{address: [1, 2]}}\nx-google-backend: big\npaths:\n  /a:\n    get: {{operationId: a, responses: {{'200': {{description: ok}}}}}}\n"
+    );
+    assert_eq!(
+        errors("b.yaml", &text),
+        [
+            "b.yaml:6:20: backend \"big\": address is longer than 2048 bytes",
+            "b.yaml:7:21: backend \"deep\": address must be a single value, not a list",
+        ]
+    );
+    // The same bound holds for 2.0's x-google-backend, and the message quotes 80 characters.
+    let v2 = format!("{HEAD}x-google-backend: {{address: '{long}'}}\npaths: {{}}\n");
+    let errs = errors("v2.yaml", &v2);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("v2.yaml:6:29: x-google-backend address \"https://a.example.com/xxx"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[0].ends_with("...\" is not valid: it is longer than 2048 bytes"),
+        "{errs:?}"
+    );
+    assert!(errs[0].len() < 300, "{errs:?}");
+}
+
+/// The other 2.0 spellings in a 3.x document, and what 3.x documents do not support yet.
+#[test]
+fn openapi_2_spellings_in_3x_name_the_3x_way() {
+    let text = "openapi: 3.0.1
+info: {title: T, version: v1}
+servers: [{url: 'https://a.example.com', x-google-endpoint: {}}]
+x-google-endpoints: [{name: a.example.com}]
+x-google-api-name: a
+x-google-allow: all
+securityDefinitions: {}
+paths:
+  /a:
+    $ref: './other.yaml#/paths/~1a'
+  /b:
+    trace:
+      operationId: b
+      responses: {'200': {description: ok}}
+";
+    assert_eq!(
+        errors("o.yaml", text),
+        [
+            "o.yaml:4:1: x-google-endpoints is the OpenAPI 2.0 extension; in OpenAPI 3.x put x-google-endpoint: {} on the server whose url names the service, and x-google-api-management.allowCors for CORS",
+            "o.yaml:5:1: x-google-api-name is the OpenAPI 2.0 extension; in OpenAPI 3.x write x-google-api-management.apiName",
+            "o.yaml:6:1: x-google-allow is not supported in OpenAPI 3.x documents (Google's limitation); declare every path",
+            "o.yaml:7:1: \"securityDefinitions\" is OpenAPI 2.0; in OpenAPI 3.x write components.securitySchemes",
+            "o.yaml:10:5: path \"/a\": a path item $ref is not supported in OpenAPI 3.x documents; write the operations here",
+            "o.yaml:12:5: path \"/b\": trace operations are not supported (get, put, post, delete, options, head, patch are)",
+        ]
+    );
+}
+
+/// Schemas that only alias each other describe no value: refused in components.schemas as in
+/// 2.0's definitions.
+#[test]
+fn self_aliasing_3x_schemas() {
+    let text = "openapi: 3.0.0
+info: {title: T, version: v1}
+servers: [{url: 'https://a.example.com', x-google-endpoint: {}}]
+paths: {}
+components:
+  schemas:
+    A: {$ref: '#/components/schemas/B'}
+    B: {type: array, items: {$ref: '#/components/schemas/A'}}
+";
+    assert_eq!(
+        errors("c.yaml", text),
+        ["c.yaml:7:5: schema \"A\" refers back to itself only through $ref or array items (A → B → A), so no value can have this type"]
     );
 }

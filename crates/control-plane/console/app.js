@@ -44,6 +44,9 @@ function readRoute() {
     service: p.get('service') || '',
     since: p.get('since') || '1h',
     status: p.get('status') || '',
+    trace: p.get('trace') || '',
+    root: p.get('root') || '',
+    minms: p.get('minms') || '',
   };
 }
 
@@ -54,6 +57,9 @@ function routeHash(r) {
   if (r.service) p.set('service', r.service);
   if (r.since && r.since !== '1h') p.set('since', r.since);
   if (r.status) p.set('status', r.status);
+  if (r.trace) p.set('trace', r.trace);
+  if (r.root) p.set('root', r.root);
+  if (r.minms) p.set('minms', r.minms);
   return '#' + p.toString();
 }
 
@@ -304,6 +310,10 @@ async function viewService(r) {
     h('p', {}, h('a', { href: routeHash({ view: 'services', project: r.project }) }, '← All services')),
     h('h2', {}, r.service),
     title ? h('p', { class: 'subtitle' }, title) : null,
+    h('p', {}, h('a', {
+      id: 'service-traces',
+      href: routeHash({ view: 'traces', project: r.project, root: r.service + '/' }),
+    }, 'Traces of this service'), ' (ESP names root spans SERVICE/METHOD; the project is the tracing project)'),
     h('div', { class: 'controls' },
       h('label', { for: 'window' }, 'Time window'),
       h('select', {
@@ -338,13 +348,14 @@ async function viewService(r) {
   if (logs) {
     out.push(table('Newest first (at most 50)',
       [{ label: 'Time (UTC)' }, { label: 'Method' }, { label: 'Status', num: true },
-        { label: 'Consumer' }, { label: 'Severity' }],
+        { label: 'Consumer' }, { label: 'Severity' }, { label: 'Trace' }],
       (logs.entries || []).map((e) => [
         { value: fmtTime(e.timestamp), class: 'nowrap' },
         e.method,
         { value: e.httpResponseCode ? String(e.httpResponseCode) : '', class: 'status-' + e.responseCodeClass },
         e.consumer,
         e.severity,
+        traceLink(e.logEntry && e.logEntry.trace),
       ]),
       r.status ? 'No ' + r.status + ' requests in this window.' : 'No requests logged in this window.'));
   }
@@ -507,6 +518,185 @@ function latencyTable(series) {
     rows, 'No traffic in this window.');
 }
 
+// ------------------------------------------------------------------------------------------
+// Traces: the Cloud Trace v1 read API (GET /v1/projects/P/traces[/T]) of the tracing project
+
+const TRACE_ID = /^[0-9a-fA-F]{32}$/;
+const TRACE_NAME = /^projects\/([^/]+)\/traces\/([0-9a-fA-F]{32})$/;
+
+// A log entry's `trace` (projects/P/traces/T) as a link to that trace; anything else is no link.
+function traceLink(trace) {
+  const m = TRACE_NAME.exec(String(trace || ''));
+  if (!m) return '';
+  return h('a', { class: 'trace-link', href: routeHash({ view: 'trace', project: m[1], trace: m[2] }) },
+    m[2].slice(0, 8) + '…');
+}
+
+function nanos(t) {
+  // RFC 3339 with up to nanosecond fractions; Date keeps milliseconds, the rest is added back.
+  const m = /^(.*?)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$/.exec(String(t || ''));
+  if (!m) return NaN;
+  const ms = Date.parse(m[1] + m[3]);
+  const frac = (m[2] || '').padEnd(9, '0').slice(0, 9);
+  return ms * 1e6 + Number(frac);
+}
+
+function fmtMs(ns) {
+  if (!Number.isFinite(ns)) return '';
+  const ms = ns / 1e6;
+  return (ms >= 100 ? ms.toFixed(0) : ms >= 10 ? ms.toFixed(1) : ms.toFixed(2)) + ' ms';
+}
+
+// Span ids are decimal u64 strings: compared as strings, never as Numbers (2^53).
+function isRootSpan(sp, ids) {
+  const p = sp.parentSpanId;
+  return !p || p === '0' || !ids.has(p);
+}
+
+// The trace's spans as a tree in start order: [{span, depth}], roots first.
+function spanTree(spans) {
+  const ids = new Set(spans.map((sp) => sp.spanId));
+  const kids = new Map();
+  const roots = [];
+  for (const sp of spans) {
+    if (isRootSpan(sp, ids)) roots.push(sp);
+    else {
+      if (!kids.has(sp.parentSpanId)) kids.set(sp.parentSpanId, []);
+      kids.get(sp.parentSpanId).push(sp);
+    }
+  }
+  const byStart = (a, b) => nanos(a.startTime) - nanos(b.startTime);
+  const out = [];
+  const seen = new Set();
+  // Iterative walk; `seen` guards against a stored cycle.
+  const stack = roots.sort(byStart).reverse().map((sp) => ({ span: sp, depth: 0 }));
+  while (stack.length) {
+    const cur = stack.pop();
+    if (seen.has(cur.span.spanId)) continue;
+    seen.add(cur.span.spanId);
+    out.push(cur);
+    const children = (kids.get(cur.span.spanId) || []).slice().sort(byStart).reverse();
+    for (const c of children) stack.push({ span: c, depth: cur.depth + 1 });
+  }
+  return out;
+}
+
+function traceBounds(spans) {
+  let start = Infinity, end = -Infinity;
+  for (const sp of spans) {
+    start = Math.min(start, nanos(sp.startTime));
+    end = Math.max(end, nanos(sp.endTime));
+  }
+  return { start, end, duration: end - start };
+}
+
+// HTTP status of a trace, from its root span's labels as ESP, ESPv2 and OpenTelemetry spell it.
+const STATUS_LABELS = ['/http/status_code', 'http.status_code', 'http.response.status_code'];
+
+function spanStatus(sp) {
+  const labels = (sp && sp.labels) || {};
+  for (const k of STATUS_LABELS) if (labels[k]) return String(labels[k]);
+  return '';
+}
+
+function statusClass(code) {
+  return /^[1-5]\d\d$/.test(code) ? 'status-' + code[0] + 'xx' : '';
+}
+
+async function viewTraces(r) {
+  const terms = [];
+  if (r.root) terms.push('root:' + (/[\s"]/.test(r.root) ? '"' + r.root.replace(/"/g, '') + '"' : r.root));
+  const minms = r.minms === '' ? null : Number(r.minms);
+  if (minms !== null) {
+    if (!Number.isFinite(minms) || minms < 0) {
+      showError('INVALID_ARGUMENT: minimum latency must be a number of milliseconds, 0 or more.');
+    } else if (minms > 0) {
+      terms.push('latency:' + minms + 'ms');
+    }
+  }
+  const path = '/v1/projects/' + enc(r.project) + '/traces?view=COMPLETE&pageSize=50' +
+    (terms.length ? '&filter=' + enc(terms.join(' ')) : '');
+  const body = await guarded(() => api(path), null);
+  const rootInput = h('input', { id: 'trace-root', name: 'root', value: r.root, spellcheck: 'false',
+    autocomplete: 'off', placeholder: 'e.g. SERVICE/METHOD or ingress' });
+  const minInput = h('input', { id: 'trace-minms', name: 'minms', value: r.minms, inputmode: 'decimal',
+    autocomplete: 'off', size: 6 });
+  const out = [
+    h('h2', {}, 'Traces'),
+    h('p', { class: 'subtitle' }, 'Tracing project ', h('code', {}, r.project),
+      '. Newest first, at most 50; the proxies export here (docs/tracing.md).'),
+    h('form', {
+      class: 'controls', id: 'trace-filter',
+      onsubmit: (e) => {
+        e.preventDefault();
+        navigate({ root: rootInput.value.trim(), minms: minInput.value.trim() });
+      },
+    },
+    h('label', { for: 'trace-root' }, 'Root span starts with'), rootInput,
+    h('label', { for: 'trace-minms' }, 'Minimum latency (ms)'), minInput,
+    h('button', { type: 'submit' }, 'Filter')),
+  ];
+  if (body === null) return out;
+  const rows = (body.traces || []).map((t) => {
+    const spans = t.spans || [];
+    const ids = new Set(spans.map((sp) => sp.spanId));
+    const root = spans.filter((sp) => isRootSpan(sp, ids))
+      .sort((a, b) => nanos(a.startTime) - nanos(b.startTime))[0];
+    const b = traceBounds(spans);
+    const code = spanStatus(root);
+    return [
+      { value: fmtTime(root ? root.startTime : ''), class: 'nowrap' },
+      h('a', { href: routeHash({ view: 'trace', project: r.project, trace: t.traceId }) },
+        root ? root.name : t.traceId),
+      fmtMs(b.duration),
+      String(spans.length),
+      { value: code, class: statusClass(code) },
+    ];
+  });
+  out.push(h('div', { id: 'trace-list' }, table(terms.length ? 'Matching ' + terms.join(' ') : 'All traces',
+    [{ label: 'Start (UTC)' }, { label: 'Root span' }, { label: 'Latency', num: true },
+      { label: 'Spans', num: true }, { label: 'Status', num: true }],
+    rows, terms.length ? 'No trace matches this filter.' : 'No traces stored for this project yet.')));
+  return out;
+}
+
+// One trace: the span tree as a waterfall on a shared time axis; each row opens to its labels.
+async function viewTrace(r) {
+  const back = h('p', {}, h('a', { href: routeHash({ view: 'traces', project: r.project }) }, '← All traces'));
+  if (!TRACE_ID.test(r.trace)) {
+    showError('INVALID_ARGUMENT: the address names no trace id of 32 hex digits (#view=trace&trace=ID).');
+    return [back, h('h2', {}, 'Trace')];
+  }
+  const t = await guarded(() => api('/v1/projects/' + enc(r.project) + '/traces/' + enc(r.trace)), null);
+  const out = [back, h('h2', {}, 'Trace ', h('code', {}, r.trace))];
+  if (t === null) return out;
+  const spans = t.spans || [];
+  const b = traceBounds(spans);
+  const total = b.duration > 0 ? b.duration : 1;
+  out.push(h('p', { class: 'subtitle' }, fmtTime(spans.length ? new Date(b.start / 1e6).toISOString() : ''),
+    ' UTC · ', fmtMs(b.duration), ' · ', String(spans.length), ' spans · project ', h('code', {}, r.project)));
+  const rows = spanTree(spans).map(({ span, depth }) => {
+    const s0 = nanos(span.startTime) - b.start;
+    const d = nanos(span.endTime) - nanos(span.startTime);
+    const x = Math.max(0, Math.min(1000, (s0 / total) * 1000));
+    const w = Math.max(2, Math.min(1000 - x, (d / total) * 1000));
+    const labels = Object.entries(span.labels || {}).sort(([a], [b2]) => (a < b2 ? -1 : a > b2 ? 1 : 0));
+    return h('details', { class: 'span-row', 'data-depth': depth },
+      h('summary', {},
+        h('span', { class: 'span-name depth-' + Math.min(depth, 8) }, span.name),
+        s('svg', { class: 'span-bar', viewBox: '0 0 1000 12', preserveAspectRatio: 'none', 'aria-hidden': 'true' },
+          s('rect', { x: x.toFixed(1), y: 1, width: w.toFixed(1), height: 10 })),
+        h('span', { class: 'span-ms' }, fmtMs(d))),
+      h('div', { class: 'span-detail' },
+        h('p', {}, 'Span ', h('code', {}, span.spanId), ' · ', span.kind || 'SPAN_KIND_UNSPECIFIED',
+          ' · starts +', fmtMs(s0), ' · ', fmtTime(span.startTime), ' UTC'),
+        table('Labels', [{ label: 'Key' }, { label: 'Value' }],
+          labels.map(([k, v]) => [k, h('code', {}, v)]), 'No labels.')));
+  });
+  out.push(h('div', { id: 'waterfall' }, rows.length ? rows : h('p', { class: 'empty' }, 'No spans.')));
+  return out;
+}
+
 async function viewAccounts(r) {
   const base = '/v1/projects/' + enc(r.project) + '/serviceAccounts';
   const accounts = await guarded(() => apiAll(base, 'accounts'), null);
@@ -601,6 +791,8 @@ const VIEWS = {
   service: { title: 'Service', nav: 'services', run: viewService },
   accounts: { title: 'Service accounts', nav: 'accounts', run: viewAccounts },
   keys: { title: 'API keys', nav: 'keys', run: viewKeys },
+  traces: { title: 'Traces', nav: 'traces', run: viewTraces },
+  trace: { title: 'Trace', nav: 'traces', run: viewTrace },
 };
 
 // ------------------------------------------------------------------------------------------
@@ -678,7 +870,9 @@ function init() {
     e.preventDefault();
     const project = document.getElementById('project').value.trim() || DEFAULT_PROJECT;
     const cur = readRoute();
-    navigate({ project, view: cur.view === 'service' ? 'services' : cur.view, service: '' });
+    // A service or a trace belongs to one project: switching project goes back to the list.
+    const list = { service: 'services', trace: 'traces' };
+    navigate({ project, view: list[cur.view] || cur.view, service: '', trace: '' });
   });
   window.addEventListener('hashchange', () => {
     // A token pasted into the address bar later is absorbed the same way.

@@ -222,6 +222,10 @@ pub struct ConfigRoutes {
     pub skipped_rules: Vec<String>,
     /// Query parameters holding credentials in this config, masked in logs and reports.
     pub secrets: Arc<portico_servicecontrol::redact::SecretParams>,
+    /// HTTP/JSON → gRPC transcoding and gRPC-Web for this config: built when `--backend` or a
+    /// backend rule is `grpc://` and the config carries a descriptor set (as ESPv2 installs
+    /// its transcoder and gRPC-Web filters only then).
+    pub transcoder: Option<Arc<portico_transcode::Transcoder>>,
 }
 
 /// The config was deployed from a protobuf descriptor set (`gcloud endpoints services deploy
@@ -277,6 +281,9 @@ pub struct RouteOptions {
     pub backend_retry: Option<crate::retry::RetryPolicy>,
     /// ESPv2's `--disallow_colon_in_wildcard_path_segment`.
     pub disallow_colon_in_wildcard_path_segment: bool,
+    /// The transcoding flags; transcoding is on when `--backend` is `grpc://` or some backend
+    /// rule's address is.
+    pub transcoding: portico_transcode::Options,
     /// ESPv2's `--cors_operation_delimiter`: `allowCors` preflight rules are one operation per
     /// method, `<API name><delimiter><method name>`, with the method's API and backend (ESPv2's
     /// auto-generated CORS methods). `None`: ESP's one `CORS` operation.
@@ -306,6 +313,7 @@ impl RouteOptions {
             local_backend: None,
             backend_retry: None,
             disallow_colon_in_wildcard_path_segment: false,
+            transcoding: portico_transcode::Options::default(),
             cors_operation_delimiter: None,
             backend_net: crate::backend_net::BackendNet::system(),
             backend_address_override: false,
@@ -366,6 +374,41 @@ impl ConfigRoutes {
             host,
             deadline,
         })
+    }
+
+    /// The config's transcoder, when a gRPC backend is configured (`--backend` or a rule
+    /// address `grpc://`/`grpcs://`) and the config has a descriptor set. A config whose
+    /// descriptor set cannot be used still serves gRPC pass-through; why is logged and kept
+    /// with the skipped rules.
+    fn transcoder(
+        service: &Service,
+        opts: &RouteOptions,
+        skipped: &mut Vec<String>,
+    ) -> Option<Arc<portico_transcode::Transcoder>> {
+        let grpc_backend = opts
+            .local_backend
+            .as_ref()
+            .is_some_and(|b| b.scheme == BackendScheme::Grpc)
+            || service
+                .backend
+                .iter()
+                .flat_map(|b| b.rules.iter())
+                .any(|r| {
+                    let a = r.address.to_ascii_lowercase();
+                    a.starts_with("grpc://") || a.starts_with("grpcs://")
+                });
+        if !grpc_backend {
+            return None;
+        }
+        match portico_transcode::Transcoder::from_service(service, opts.transcoding.clone()) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(portico_transcode::BuildError::NoDescriptorSet) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "no HTTP/JSON transcoding for this config");
+                skipped.push(format!("transcoding: {e}"));
+                None
+            }
+        }
     }
 
     /// Compiles a service config.
@@ -625,11 +668,31 @@ impl ConfigRoutes {
             }
         }
 
-        // A gRPC service is also called on each method's gRPC path, `POST
-        // /<package.Service>/<Method>`, whatever its HTTP rules say, as both ESPs route gRPC
-        // calls. A path an HTTP rule already binds keeps that rule. A service is gRPC when its
-        // config carries the descriptor set it was deployed from (`view=FULL`) or, as ESPv2
-        // decides, when `--backend` or a backend rule's address is `grpc://`/`grpcs://`.
+        let transcoder = Self::transcoder(&service, opts, &mut skipped_rules);
+        if let Some(t) = &transcoder {
+            // ESPv2 gives every method of the gRPC services `POST /package.Service/Method`
+            // (the gRPC path, which a gRPC, gRPC-Web or JSON call uses alike); a rule that
+            // already binds it keeps it.
+            for method in t.methods() {
+                let rule = HttpRule {
+                    selector: method.full_name().to_string(),
+                    post: Some(format!(
+                        "/{}/{}",
+                        method.parent_service().full_name(),
+                        method.name()
+                    )),
+                    ..HttpRule::default()
+                };
+                if let Err(why) = register(&rule, &mut builder) {
+                    tracing::debug!(reason = %why, "gRPC path already bound");
+                }
+            }
+        }
+        // A gRPC service whose config came without its descriptor set (a managed rollout's
+        // BASIC view, no transcoder) is still called on each method's gRPC path, `POST
+        // /<package.Service>/<Method>`, as both ESPs route gRPC calls: when its config carries
+        // the descriptor set or, as ESPv2 decides, when `--backend` or a backend rule's address
+        // is `grpc://`/`grpcs://`. Paths already bound keep their rule.
         let grpc_backend = opts
             .local_backend
             .as_ref()
@@ -739,6 +802,7 @@ impl ConfigRoutes {
             matcher: builder.build(),
             skipped_rules,
             service,
+            transcoder,
         }
     }
 }

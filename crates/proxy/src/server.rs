@@ -246,6 +246,7 @@ pub async fn start_with_metrics(
         local_backend: Some(settings.backend.clone()),
         backend_retry: settings.backend_retry.clone(),
         disallow_colon_in_wildcard_path_segment: settings.disallow_colon_in_wildcard_path_segment,
+        transcoding: settings.transcoding.clone(),
         cors_operation_delimiter: settings.cors_operation_delimiter.clone(),
         backend_net: backend_net.clone(),
         backend_address_override: settings.backend_address_override,

@@ -422,6 +422,9 @@ pub struct Settings {
     pub cors_operation_delimiter: Option<String>,
     /// ESPv2's `--disallow_colon_in_wildcard_path_segment` ([`portico_config::PathMatcherBuilder::disallow_colon_in_wildcards`]).
     pub disallow_colon_in_wildcard_path_segment: bool,
+    /// HTTP/JSON → gRPC transcoding (`--transcoding_*`; ESP v1's two hidden ones), used when the
+    /// backend or a backend rule is `grpc://` (docs/grpc.md, "Transcoding and gRPC-Web").
+    pub transcoding: portico_transcode::Options,
     /// Flags accepted only for compatibility, reported once at start-up.
     pub ignored_flags: Vec<&'static str>,
     /// Flags accepted whose feature is not built yet, reported once at start-up (ESPv2's

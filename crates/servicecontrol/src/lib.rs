@@ -249,6 +249,10 @@ pub struct LogEntry {
     /// The request the entry is about (ESPv2 fills it; ESP puts the same facts in the payload).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_request: Option<HttpRequest>,
+    /// `projects/P/traces/T`: the trace of the request (ESPv2 sets it on every report, sampled or
+    /// not; the console links a logged request to its trace through it).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub trace: String,
 }
 
 /// `google.api.servicecontrol.v1.HttpRequest`: an HTTP request a log entry is about.
@@ -454,6 +458,26 @@ mod tests {
             r.check_info.unwrap().consumer_info.unwrap().project_number,
             110158789852
         );
+    }
+
+    #[test]
+    fn a_log_entrys_trace_round_trips_and_is_absent_when_unset() {
+        let e: LogEntry = serde_json::from_value(serde_json::json!({
+            "name": "endpoints_log",
+            "trace": "projects/p1/traces/0af7651916cd43dd8448eb211c80319c",
+        }))
+        .unwrap();
+        assert_eq!(
+            e.trace,
+            "projects/p1/traces/0af7651916cd43dd8448eb211c80319c"
+        );
+        let j = serde_json::to_value(&e).unwrap();
+        assert_eq!(
+            j["trace"],
+            "projects/p1/traces/0af7651916cd43dd8448eb211c80319c"
+        );
+        let none = serde_json::to_value(LogEntry::default()).unwrap();
+        assert!(none.get("trace").is_none(), "{none}");
     }
 
     #[test]

@@ -211,8 +211,9 @@ pub fn convert_with(
 }
 
 /// `text` for a message: whole when short, else its first 80 characters and "...", so a
-/// selector or name as long as the file is not repeated whole in every diagnostic.
-fn shown(text: &str) -> String {
+/// selector or name as long as the file is not repeated whole in every diagnostic. (The
+/// OpenAPI converter uses it too.)
+pub(crate) fn shown(text: &str) -> String {
     const SHOWN: usize = 80;
     match text.char_indices().nth(SHOWN) {
         Some((cut, _)) => format!("{}...", &text[..cut]),

@@ -4,6 +4,7 @@
 use super::generated;
 use super::refs::{RefCheck, Submission, MAX_REF_NODES};
 use super::tree::{self, Key, Node, Pos, Value};
+use super::v3;
 use super::{
     Conversion, ConvertError, ConvertOptions, Diagnostic, Interrupted, Severity, SourceFile, Watch,
 };
@@ -27,8 +28,13 @@ const EMPTY_TYPE_URL: &str = "type.googleapis.com/google.protobuf.Empty";
 const VALUE_TYPE_URL: &str = "type.googleapis.com/google.protobuf.Value";
 const CONTROL_ENVIRONMENT: &str = "servicecontrol.googleapis.com";
 const QUOTA_UNIT: &str = "1/min/{project}";
+/// Longest backend address or JWT audience: one backend's settings are copied into the rule
+/// of every operation that uses it, so a 10 MB address used by 100,000 operations must stop
+/// here. Real URLs stay far below it.
+pub(crate) const MAX_BACKEND_TEXT: usize = 2048;
 
-const HTTP_METHODS: &[&str] = &["get", "put", "post", "delete", "options", "head", "patch"];
+pub(crate) const HTTP_METHODS: &[&str] =
+    &["get", "put", "post", "delete", "options", "head", "patch"];
 const TOP_LEVEL_FIELDS: &[&str] = &[
     "swagger",
     "info",
@@ -68,10 +74,10 @@ const IGNORED_GOOGLE_EXTENSIONS: &[&str] = &[
     "x-google-backend-deadline",
 ];
 
-struct Ctx<'a> {
-    file: &'a str,
-    index: usize,
-    diags: &'a mut Vec<(usize, Diagnostic)>,
+pub(crate) struct Ctx<'a> {
+    pub(crate) file: &'a str,
+    pub(crate) index: usize,
+    pub(crate) diags: &'a mut Vec<(usize, Diagnostic)>,
 }
 
 impl Ctx<'_> {
@@ -87,10 +93,10 @@ impl Ctx<'_> {
             },
         ));
     }
-    fn error(&mut self, pos: Pos, message: impl Into<String>) {
+    pub(crate) fn error(&mut self, pos: Pos, message: impl Into<String>) {
         self.push(Severity::Error, pos, message.into());
     }
-    fn warn(&mut self, pos: Pos, message: impl Into<String>) {
+    pub(crate) fn warn(&mut self, pos: Pos, message: impl Into<String>) {
         self.push(Severity::Warning, pos, message.into());
     }
     /// Diagnostics about another file (one a `$ref` leads to) go under that file's name.
@@ -108,7 +114,8 @@ impl Ctx<'_> {
     }
 }
 
-const TOP: Pos = Pos { line: 1, column: 1 };
+/// "The whole document", for problems that have no better place.
+pub(crate) const TOP: Pos = Pos { line: 1, column: 1 };
 
 /// What one file contributes to the service.
 #[derive(Default)]
@@ -189,21 +196,37 @@ pub(crate) fn convert(
         }
     }
     roots.resize_with(files.len(), || None);
+    let lowered = if watch.stopped().is_none() {
+        versions(files, &mut roots, &mut diags)
+    } else {
+        Vec::new()
+    };
     let mut outs: Vec<(usize, FileOut)> = Vec::new();
     if watch.stopped().is_none() {
         let sub = Submission::new(files, &roots, &watch);
+        // A 3.x file that only holds components for the others needs no server of its own:
+        // what lowering said about it does not apply.
+        diags.retain(|(i, _)| !(sub.is_shared(*i) && lowered.get(*i).is_some_and(Option::is_some)));
         let mut refs = RefCheck::default();
         for (index, file) in files.iter().enumerate() {
             let Some(root) = &roots[index] else { continue };
             if sub.is_shared(index) || watch.stopped().is_some() {
                 continue;
             }
+            let first_diag = diags.len();
             let mut ctx = Ctx {
                 file: &file.path,
                 index,
                 diags: &mut diags,
             };
-            let out = FileConverter::new(&mut ctx, root, &watch, &sub, &mut refs).run();
+            let mut converter = FileConverter::new(&mut ctx, root, &watch, &sub, &mut refs);
+            converter.v3 = lowered.get(index).and_then(Option::as_ref);
+            let out = converter.run();
+            if lowered.get(index).is_some_and(Option::is_some) {
+                for (_, d) in &mut diags[first_diag..] {
+                    d.message = v3::in_3x_terms(&d.message);
+                }
+            }
             if let Some(out) = out {
                 outs.push((index, out));
             }
@@ -262,6 +285,57 @@ pub(crate) fn convert(
         service,
         warnings: diagnostics,
     })
+}
+
+/// Tells OpenAPI 2.0 from 3.x by content (gcloud uploads both as `OPEN_API_YAML`), refuses a
+/// submission that mixes them, and lowers each 3.x document to the 2.0 form (see `v3.rs`).
+/// Entry `i` is set for each lowered file.
+fn versions(
+    files: &[SourceFile],
+    roots: &mut [Option<Node>],
+    diags: &mut Vec<(usize, Diagnostic)>,
+) -> Vec<Option<v3::Lowered>> {
+    let mut lowered: Vec<Option<v3::Lowered>> = Vec::new();
+    lowered.resize_with(roots.len(), || None);
+    let first_v2 = roots.iter().enumerate().find_map(|(i, r)| {
+        let r = r.as_ref()?;
+        (r.get("swagger").is_some() && v3::version_node(r).is_none()).then_some(i)
+    });
+    for (index, file) in files.iter().enumerate() {
+        let Some(root) = roots[index].as_ref() else {
+            continue;
+        };
+        let Some(v) = v3::version_node(root) else {
+            continue;
+        };
+        let mut ctx = Ctx {
+            file: &file.path,
+            index,
+            diags,
+        };
+        if let Some(other) = first_v2 {
+            let version = v.scalar_text().unwrap_or_default();
+            ctx.error(
+                v.pos,
+                format!(
+                    "this file is OpenAPI {} but {} is OpenAPI 2.0 (swagger: \"2.0\"); one deployment cannot mix OpenAPI 2.0 and 3.x files",
+                    v3::cut(&version),
+                    files[other].path
+                ),
+            );
+            roots[index] = None;
+            continue;
+        }
+        if root.as_map().is_none() {
+            continue;
+        }
+        if let Some(root) = roots[index].take() {
+            let (node, info) = v3::lower(root, &mut ctx);
+            roots[index] = Some(node);
+            lowered[index] = Some(info);
+        }
+    }
+    lowered
 }
 
 /// One file's document tree, or `None` after its errors.
@@ -505,6 +579,8 @@ struct FileConverter<'c, 'a, 'n, 'w, 's> {
     /// The top-level legacy `x-security`, checked once.
     top_x_security: Option<Vec<(String, String)>>,
     base_path: String,
+    /// Set when the file was OpenAPI 3.x, lowered to this form by `v3.rs`.
+    v3: Option<&'c v3::Lowered>,
 }
 
 impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
@@ -534,6 +610,7 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
             top_security: None,
             top_x_security: None,
             base_path: String::new(),
+            v3: None,
         }
     }
 
@@ -549,7 +626,7 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
             );
             return None;
         };
-        if let Some(v) = root.get("openapi") {
+        if let Some(v) = root.get("openapi").filter(|_| self.v3.is_none()) {
             let version = v.scalar_text().unwrap_or_default();
             self.ctx.error(
                 v.pos,
@@ -605,7 +682,9 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
                 {
                     self.unknown_extension(k);
                 }
-            } else if !TOP_LEVEL_FIELDS.contains(&name) {
+            } else if !(TOP_LEVEL_FIELDS.contains(&name)
+                || (self.v3.is_some() && name == "components"))
+            {
                 self.ctx.error(
                     k.pos,
                     format!("unknown top-level field \"{name}\" (OpenAPI 2.0 does not define it; vendor extensions start with \"x-\")"),
@@ -646,7 +725,10 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
         for (k, v) in map {
             // A broken reference inside an unused definition does not stop Google's converter
             // (definitions are compiled on demand), so there it is only a warning.
-            self.check_refs(v, k.text == "definitions");
+            self.check_refs(
+                v,
+                k.text == "definitions" || (self.v3.is_some() && k.text == "components"),
+            );
         }
         self.definition_cycles();
         self.security_definitions();
@@ -691,6 +773,10 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
 
     fn host(&mut self) -> bool {
         let Some(h) = self.root.get("host") else {
+            if self.v3.is_some() {
+                // The 3.x server problem that left no host is reported already.
+                return false;
+            }
             self.ctx.error(
                 TOP,
                 "missing required field \"host\": the service name is taken from host (e.g. host: \"my-api.endpoints.my-project.cloud.goog\")",
@@ -809,7 +895,12 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
     /// other such schemas (in this file or others), describes no value at all; Google's
     /// converter rejects it.
     fn definition_cycles(&mut self) {
-        let Some(defs) = self.root.get("definitions").and_then(Node::as_map) else {
+        // 3.x keeps its schemas under components.
+        let defs = match self.v3 {
+            None => self.root.get("definitions"),
+            Some(_) => self.root.get("components").and_then(|c| c.get("schemas")),
+        };
+        let Some(defs) = defs.and_then(Node::as_map) else {
             return;
         };
         // The schema a schema stands for without adding any structure of its own.
@@ -931,6 +1022,11 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
             return;
         };
         for (k, def) in entries {
+            if self.v3.is_some_and(|l| l.invalid_schemes.contains(&k.text)) {
+                // Reported in 3.x terms while lowering.
+                self.schemes.insert(k.text.clone(), SchemeKind::Invalid);
+                continue;
+            }
             let kind = self.security_definition(k, def);
             self.schemes.insert(k.text.clone(), kind);
         }
@@ -1542,7 +1638,10 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
                     if let Some(problem) = backend_address_problem(s) {
                         self.ctx.error(
                             a.pos,
-                            format!("x-google-backend address \"{s}\" is not valid: {problem}"),
+                            format!(
+                                "x-google-backend address \"{}\" is not valid: {problem}",
+                                v3::cut(s)
+                            ),
                         );
                         ok = false;
                     }
@@ -1573,6 +1672,14 @@ impl<'c, 'a, 'n: 'a, 'w, 's> FileConverter<'c, 'a, 'n, 'w, 's> {
         let jwt_audience = match node.get("jwt_audience") {
             None => String::new(),
             Some(j) => match j.as_str() {
+                Some(s) if s.len() > MAX_BACKEND_TEXT => {
+                    self.ctx.error(
+                        j.pos,
+                        format!("jwt_audience is longer than {MAX_BACKEND_TEXT} bytes"),
+                    );
+                    ok = false;
+                    String::new()
+                }
                 Some(s) => s.to_string(),
                 None => {
                     self.ctx.error(j.pos, "jwt_audience must be a string");
@@ -2544,6 +2651,9 @@ fn host_problem(host: &str) -> Option<String> {
 }
 
 fn backend_address_problem(address: &str) -> Option<String> {
+    if address.len() > MAX_BACKEND_TEXT {
+        return Some(format!("it is longer than {MAX_BACKEND_TEXT} bytes"));
+    }
     let url = match url::Url::parse(address) {
         Ok(u) => u,
         Err(e) => {

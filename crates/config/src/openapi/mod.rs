@@ -1,5 +1,12 @@
-//! OpenAPI 2.0 (YAML or JSON) with Google's `x-google-*` extensions → `google.api.Service`,
-//! the conversion Service Management performs on `gcloud endpoints services deploy`.
+//! OpenAPI 2.0, 3.0.x and 3.1.x (YAML or JSON) with Google's `x-google-*` extensions →
+//! `google.api.Service`, the conversion Service Management performs on `gcloud endpoints
+//! services deploy`.
+//!
+//! The version is read from each document (`swagger: "2.0"` or `openapi: 3.x.y`); a submission
+//! cannot mix them. A 3.x document is first lowered to the 2.0 form by `v3.rs` (which checks
+//! what only 3.x has: the server with `x-google-endpoint`, `x-google-api-management`, named
+//! backends, `x-google-auth`, ...), so everything below applies to both versions; the 3.x
+//! spelling of each source is in `v3.rs`'s table and docs/openapi.md.
 //!
 //! Entry point: [`convert`]. Every problem found is reported at once, each with
 //! `file:line:column` and a plain sentence ([`Diagnostic`]); warnings never stop a conversion.
@@ -59,6 +66,7 @@ mod convert;
 pub(crate) mod generated;
 mod refs;
 pub(crate) mod tree;
+mod v3;
 
 use crate::service::Service;
 use std::cell::Cell;
@@ -247,7 +255,7 @@ impl fmt::Display for ConvertError {
     }
 }
 
-/// Converts one or more OpenAPI 2.0 files (several files = several APIs of one service, as
+/// Converts one or more OpenAPI 2.0 or 3.x files (several files = several APIs of one service, as
 /// with `gcloud endpoints services deploy v1.yaml v2.yaml`, plus any files of shared
 /// definitions their `$ref`s name).
 pub fn convert(files: &[SourceFile]) -> Result<Conversion, ConvertError> {

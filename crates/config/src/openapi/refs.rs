@@ -281,6 +281,28 @@ impl<'n> Submission<'n> {
             ))
         };
         let local = r.strip_prefix("#/").ok_or_else(must_begin)?;
+        // OpenAPI 3.x keeps them all under `components` (`#/components/schemas/Pet`).
+        if let Some(rest) = local.strip_prefix("components/") {
+            let (section, name) = rest.split_once('/').unwrap_or((rest, ""));
+            let entries = self
+                .child(root, "components")
+                .and_then(|c| self.child(c, &unescape(section)))
+                .ok_or_else(|| {
+                    Problem::error(format!(
+                        "reference \"{r}\" cannot be resolved: the file has no \"components.{section}\" section"
+                    ))
+                })?;
+            let name = unescape(name);
+            let found = match entries.value {
+                Value::Map(_) => self.child(entries, &name),
+                _ => None,
+            };
+            return found.ok_or_else(|| {
+                Problem::missing(format!(
+                    "reference \"{r}\" cannot be resolved: \"{name}\" is not defined under \"components.{section}\""
+                ))
+            });
+        }
         let (section, name) = local.split_once('/').unwrap_or((local, ""));
         if !matches!(section, "definitions" | "parameters" | "responses") {
             return Err(must_begin());

@@ -208,18 +208,18 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--enable_application_default_credentials", Implemented),
     ("--enable_debug", Implemented),
     // gRPC-JSON transcoding.
-    ("--transcoding_always_print_primitive_fields", NotYet(18)),
-    ("--transcoding_always_print_enums_as_ints", NotYet(18)),
-    ("--transcoding_stream_newline_delimited", NotYet(18)),
-    ("--transcoding_case_insensitive_enum_parsing", NotYet(18)),
-    ("--transcoding_preserve_proto_field_names", NotYet(18)),
-    ("--transcoding_ignore_query_parameters", NotYet(18)),
-    ("--transcoding_ignore_unknown_query_parameters", NotYet(18)),
+    ("--transcoding_always_print_primitive_fields", Implemented),
+    ("--transcoding_always_print_enums_as_ints", Implemented),
+    ("--transcoding_stream_newline_delimited", Implemented),
+    ("--transcoding_case_insensitive_enum_parsing", Implemented),
+    ("--transcoding_preserve_proto_field_names", Implemented),
+    ("--transcoding_ignore_query_parameters", Implemented),
+    ("--transcoding_ignore_unknown_query_parameters", Implemented),
     (
         "--transcoding_query_parameters_disable_unescape_plus",
-        NotYet(18),
+        Implemented,
     ),
-    ("--transcoding_match_unregistered_custom_verb", NotYet(18)),
+    ("--transcoding_match_unregistered_custom_verb", Implemented),
     ("--disallow_colon_in_wildcard_path_segment", Implemented),
     // Deprecated, kept by ESPv2 for ESP v1 command lines.
     (
@@ -1584,6 +1584,28 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
         .to_string(),
     );
     settings.disallow_colon_in_wildcard_path_segment = a.disallow_colon_in_wildcard_path_segment;
+    settings.transcoding = portico_transcode::Options {
+        preserve_proto_field_names: a.transcoding_preserve_proto_field_names,
+        always_print_primitive_fields: a.transcoding_always_print_primitive_fields,
+        always_print_enums_as_ints: a.transcoding_always_print_enums_as_ints,
+        stream_newline_delimited: a.transcoding_stream_newline_delimited,
+        case_insensitive_enum_parsing: a.transcoding_case_insensitive_enum_parsing,
+        // A comma-separated list, as ESPv2's flag.
+        ignore_query_parameters: a
+            .transcoding_ignore_query_parameters
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect(),
+        ignore_unknown_query_parameters: a.transcoding_ignore_unknown_query_parameters,
+        query_parameters_disable_unescape_plus: a
+            .transcoding_query_parameters_disable_unescape_plus,
+        match_unregistered_custom_verb: a.transcoding_match_unregistered_custom_verb,
+        disallow_colon_in_wildcard_path_segment: a.disallow_colon_in_wildcard_path_segment,
+    };
     Ok(settings)
 }
 

@@ -955,14 +955,6 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
             "--cloud_trace_url_override",
             a.cloud_trace_url_override.is_some(),
         ),
-        (
-            "--transcoding_always_print_primitive_fields",
-            a.transcoding_always_print_primitive_fields,
-        ),
-        (
-            "--transcoding_preserve_proto_field_names",
-            a.transcoding_preserve_proto_field_names,
-        ),
         ("--template", a.template.is_some()),
         (
             "--server_config_template",
@@ -1088,6 +1080,12 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         health_check_operation: None,
         cors_operation_delimiter: None,
         disallow_colon_in_wildcard_path_segment: false,
+        // ESP v1's two hidden transcoding flags (start_esp.py), the only ones it has.
+        transcoding: portico_transcode::Options {
+            always_print_primitive_fields: a.transcoding_always_print_primitive_fields,
+            preserve_proto_field_names: a.transcoding_preserve_proto_field_names,
+            ..Default::default()
+        },
         ignored_flags,
         not_implemented_flags: Vec::new(),
     })

@@ -132,6 +132,8 @@ enum Kind {
     Empty,
     Full(Option<Bytes>),
     Stream(crate::upstream::UpstreamBody),
+    /// A backend body rewritten on its way (gRPC-Web framing, `pipeline/transcode.rs`).
+    Boxed(Pin<Box<dyn Body<Data = Bytes, Error = BodyError> + Send>>),
 }
 
 /// The response body: a proxy-generated one or the backend's, streamed, compressed frame by
@@ -170,6 +172,16 @@ impl ProxyBody {
     pub fn full(b: impl Into<Bytes>) -> ProxyBody {
         ProxyBody {
             kind: Kind::Full(Some(b.into())),
+            sent: 0,
+            done: None,
+            comp: None,
+        }
+    }
+
+    /// A body rewritten frame by frame as it streams (gRPC-Web framing of a gRPC response).
+    pub fn boxed(b: impl Body<Data = Bytes, Error = BodyError> + Send + 'static) -> ProxyBody {
+        ProxyBody {
+            kind: Kind::Boxed(Box::pin(b)),
             sent: 0,
             done: None,
             comp: None,
@@ -216,6 +228,7 @@ impl ProxyBody {
             Kind::Stream(s) => Pin::new(s)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(BodyError::from))),
+            Kind::Boxed(b) => b.as_mut().poll_frame(cx),
         }
     }
 
@@ -314,6 +327,7 @@ impl Body for ProxyBody {
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
             Kind::Stream(s) => s.is_end_stream(),
+            Kind::Boxed(b) => b.is_end_stream(),
         }
     }
 
@@ -325,6 +339,7 @@ impl Body for ProxyBody {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Stream(s) => s.size_hint(),
+            Kind::Boxed(b) => b.size_hint(),
         }
     }
 }

@@ -15,7 +15,8 @@ use http::{Response, StatusCode};
 /// trailers-only response carrying `grpc-status`/`grpc-message` (ESP's `grpc_finish`, Envoy's
 /// local reply to gRPC).
 pub(super) fn proxy_error(err: &EspError, ctx: &Ctx, jwt_present: bool) -> Response<ProxyBody> {
-    if ctx.content_type_grpc {
+    let web_as_http = ctx.grpc_web && ctx.dialect == crate::dialect::Dialect::EspV2;
+    if ctx.content_type_grpc && !web_as_http {
         grpc_error_response(err, ctx.dialect)
     } else {
         error_response(err, ctx.dialect, ctx.head, jwt_present)

@@ -43,6 +43,7 @@ mod body;
 mod errors;
 mod phases;
 mod state;
+mod transcode;
 
 pub use body::{AbortGuard, ProxyBody};
 pub use errors::{error_response, grpc_error_response};
@@ -387,6 +388,39 @@ impl Pipeline {
             }
         }
         // 5. forward; 6. respond and 7. report follow from the backend's answer.
+        // Calls a gRPC backend cannot take as they came are rewritten (`transcode.rs`); boxed,
+        // so their state is not part of every request's future.
+        if let Some(t) = Self::transcoding_for(&config.transcoder, &ctx, &parts.method, &target) {
+            return Box::pin(self.forward_transcoded(
+                parts,
+                body,
+                &ctx,
+                target,
+                Some(report),
+                routed,
+                t,
+            ))
+            .await;
+        }
+        if config.transcoder.is_some() {
+            if let Some(mode) = parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(portico_transcode::web::WebMode::from_content_type)
+            {
+                return Box::pin(self.forward_grpc_web(
+                    parts,
+                    body,
+                    &ctx,
+                    target,
+                    Some(report),
+                    routed,
+                    mode,
+                ))
+                .await;
+            }
+        }
         let req = Request::from_parts(parts, body);
         self.forward(req, &ctx, target, Some(report), routed).await
     }

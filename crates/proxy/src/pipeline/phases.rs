@@ -133,6 +133,9 @@ impl Pipeline {
             content_type_grpc: h
                 .get(header::CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+            grpc_web: h
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc-web")),
             referer: h.get(header::REFERER).cloned(),
             cors_origin,
         };

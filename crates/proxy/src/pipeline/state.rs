@@ -62,6 +62,9 @@ pub(super) struct Ctx {
     pub(super) referer: Option<HeaderValue>,
     /// `Content-Type: application/grpc*`: reported with protocol `grpc`.
     pub(super) content_type_grpc: bool,
+    /// `Content-Type: application/grpc-web*`: ESPv2 answers its own refusals of these as
+    /// plain HTTP errors (its auth filters run before the gRPC-Web one).
+    pub(super) grpc_web: bool,
 }
 
 /// The connection's addresses, and the client's request headers the response header rules

@@ -175,7 +175,7 @@ fn convert_sources(
                 Some(t) => SourceKind::Grpc(t),
                 None => {
                     return Err(ApiError::invalid_argument(format!(
-                        "File type {other} of '{}' is not supported: Portico accepts OpenAPI 2.0 \
+                        "File type {other} of '{}' is not supported: Portico accepts OpenAPI 2.0 and 3.x \
                          sources (OPEN_API_YAML, OPEN_API_JSON) or gRPC sources \
                          (SERVICE_CONFIG_YAML, FILE_DESCRIPTOR_SET_PROTO, PROTO_FILE).",
                         f.file_path
@@ -273,7 +273,11 @@ fn convert_sources(
             "The service name '{}' in the configuration ({}) does not match the service \
              '{service}' it was submitted to.",
             conv.service.name,
-            if grpc { "name" } else { "host" }
+            if grpc {
+                "name"
+            } else {
+                "host; in OpenAPI 3.x the url of the server with x-google-endpoint"
+            }
         )));
     }
     let diagnostics = conv
