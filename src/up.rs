@@ -7,6 +7,11 @@
 //! the walkthrough: create the service, submit the OpenAPI file, roll it out, enable it; create a
 //! service account, a key file for it and the serviceController binding; create an API key.
 //!
+//! `portico up --grpc` does the same for the gRPC sample: `portico bookstore` as the backend,
+//! the Bookstore's descriptor set and api_config.yaml deployed as `gcloud endpoints services
+//! deploy api_descriptor.pb api_config.yaml` does, and the proxy with `--http2_port` and
+//! `--backend=grpc://...`.
+//!
 //! Re-running reuses everything in `.portico/` (`state.json` names the service, the key file and
 //! the API key); only a changed OpenAPI file is submitted again. Ctrl-C (or SIGTERM) stops the
 //! children and waits for them. Child output goes to `.portico/logs/`.
@@ -55,6 +60,8 @@ flags:
   --openapi FILE          front your own API (OpenAPI 2.0 or 3.x) instead of the sample (needs --backend)
   --backend ADDR          your API's address, e.g. 127.0.0.1:3000 (with --openapi)
   --access-log DEST       the proxy's access log: a file, or off   [.portico/logs/esp.log]
+  --grpc                  the gRPC sample instead: the Bookstore (portico bookstore) behind
+                          the proxy's h2c port (--port is then ESP's --http2_port)
 ";
 
 #[derive(Debug, Clone)]
@@ -68,6 +75,7 @@ struct Options {
     openapi: Option<PathBuf>,
     backend: Option<String>,
     access_log: Option<String>,
+    grpc: bool,
 }
 
 fn parse(args: &[OsString]) -> Result<Option<Options>> {
@@ -81,6 +89,7 @@ fn parse(args: &[OsString]) -> Result<Option<Options>> {
         openapi: None,
         backend: None,
         access_log: None,
+        grpc: false,
     };
     let mut it = args
         .iter()
@@ -115,8 +124,14 @@ fn parse(args: &[OsString]) -> Result<Option<Options>> {
             "--openapi" => o.openapi = Some(PathBuf::from(value(&name)?)),
             "--backend" => o.backend = Some(value(&name)?),
             "--access-log" => o.access_log = Some(value(&name)?),
+            "--grpc" if inline.is_none() => o.grpc = true,
             _ => bail!("unknown flag {arg:?}\n\n{USAGE}"),
         }
+    }
+    if o.grpc && (o.openapi.is_some() || o.backend.is_some()) {
+        bail!(
+            "--grpc runs the Bookstore sample; it cannot be combined with --openapi and --backend"
+        );
     }
     if o.openapi.is_some() != o.backend.is_some() {
         bail!("--openapi and --backend go together: the proxy needs both your API's description and its address");
@@ -514,6 +529,20 @@ fn sample_openapi(project: &str, sa_email: &str, control_plane: &str) -> String 
         .replace("YOUR-CLIENT-ID", &format!("{project}-client"))
 }
 
+/// examples/bookstore-grpc/api_config.yaml for this project.
+fn grpc_sample_yaml(project: &str) -> String {
+    portico_bookstore::API_CONFIG_YAML.replace("demo-proj", project)
+}
+
+/// The top-level `name:` of a service config YAML (the service it deploys).
+fn yaml_service_name(yaml: &str) -> Result<String> {
+    yaml.lines()
+        .find_map(|l| l.strip_prefix("name:"))
+        .map(|v| v.trim().trim_matches(|c| c == '"' || c == '\'').to_string())
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| anyhow!("the service config YAML has no top-level name"))
+}
+
 struct Deployed {
     service: String,
     config_id: String,
@@ -529,18 +558,37 @@ async fn deploy(
 ) -> Result<Deployed> {
     let project = &opts.project;
     let sa_email = format!("{SA_ACCOUNT_ID}@{project}.iam.gserviceaccount.com");
-    let openapi = match &opts.openapi {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read --openapi {}", path.display()))?,
-        None => sample_openapi(project, &sa_email, &api.base),
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE.encode(b);
+    // What is submitted (the `configSource.files`), the service it names, and a text that
+    // changes whenever the files do (kept in state.json to skip an unchanged submission).
+    let (files, service, submitted) = if opts.grpc {
+        let yaml = grpc_sample_yaml(project);
+        let service = yaml_service_name(&yaml)?;
+        let files = json!([
+            {"fileContents": b64(portico_bookstore::DESCRIPTOR_SET), "filePath": "api_descriptor.pb", "fileType": "FILE_DESCRIPTOR_SET_PROTO"},
+            {"fileContents": b64(yaml.as_bytes()), "filePath": "api_config.yaml", "fileType": "SERVICE_CONFIG_YAML"},
+        ]);
+        let submitted = format!(
+            "grpc\n{yaml}\n{}",
+            base64::engine::general_purpose::STANDARD.encode(portico_bookstore::DESCRIPTOR_SET)
+        );
+        (files, service, submitted)
+    } else {
+        let openapi = match &opts.openapi {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --openapi {}", path.display()))?,
+            None => sample_openapi(project, &sa_email, &api.base),
+        };
+        let service = openapi_host(&openapi)?;
+        let file_name = opts
+            .openapi
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "openapi.yaml".into());
+        let files = json!([{"fileContents": b64(openapi.as_bytes()), "filePath": file_name, "fileType": "OPEN_API_YAML"}]);
+        (files, service, openapi)
     };
-    let service = openapi_host(&openapi)?;
-    let file_name = opts
-        .openapi
-        .as_ref()
-        .and_then(|p| p.file_name())
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "openapi.yaml".into());
 
     // Service Management: create the service when it does not exist (gcloud reads 403/404 so).
     let (status, _) = api.get(&format!("/v1/services/{service}")).await?;
@@ -560,22 +608,21 @@ async fn deploy(
     };
     let unchanged = !created
         && state.service == service
-        && state.submitted_openapi.as_deref() == Some(openapi.as_str())
+        && state.submitted_openapi.as_deref() == Some(submitted.as_str())
         && state.config_id.is_some();
     let config_id = match (&state.config_id, unchanged) {
         (Some(id), true) => id.clone(),
         _ => {
-            let contents = base64::engine::general_purpose::URL_SAFE.encode(openapi.as_bytes());
             let op = api
                 .post(
                     &format!("/v1/services/{service}/configs:submit"),
-                    json!({"configSource": {"files": [{"fileContents": contents, "filePath": file_name, "fileType": "OPEN_API_YAML"}]}, "validateOnly": false}),
+                    json!({"configSource": {"files": files}, "validateOnly": false}),
                 )
                 .await?;
             let resp = api
                 .wait(op, "v1")
                 .await
-                .context("submitting the OpenAPI file")?;
+                .context("submitting the service's files")?;
             // The sample's warnings (no API key on the JWT methods) are by design; the user's
             // own file gets every diagnostic, as gcloud prints them.
             let diagnostics = resp["diagnostics"].as_array().into_iter().flatten();
@@ -612,7 +659,7 @@ async fn deploy(
     state.project = project.clone();
     state.service = service.clone();
     state.config_id = Some(config_id.clone());
-    state.submitted_openapi = Some(openapi);
+    state.submitted_openapi = Some(submitted);
     state.save(state_path)?;
 
     // IAM: the proxy's service account (409 = it already exists).
@@ -731,16 +778,43 @@ async fn deploy(
 
 /// Waits until the proxy has loaded the config: an unauthenticated call is refused by the
 /// proxy itself (401/403/404 with a JSON body), not by a connection error or a 503.
-async fn wait_proxy_ready(children: &mut Children, port: u16) -> Result<()> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()?;
+async fn wait_proxy_ready(children: &mut Children, port: u16, grpc: bool) -> Result<()> {
+    let mut http = reqwest::Client::builder().timeout(Duration::from_secs(5));
+    if grpc {
+        http = http.http2_prior_knowledge();
+    }
+    let http = http.build()?;
     let deadline = Instant::now() + START_TIMEOUT;
-    let url = format!("http://127.0.0.1:{port}/echo");
+    let url = if grpc {
+        format!("http://127.0.0.1:{port}/endpoints.examples.bookstore.Bookstore/ListShelves")
+    } else {
+        format!("http://127.0.0.1:{port}/echo")
+    };
     loop {
         children.check()?;
-        if let Ok(resp) = http.post(&url).body("{}").send().await {
-            if !resp.status().is_server_error() {
+        let req = if grpc {
+            // An empty ListShelves request, framed (no key needed for it).
+            http.post(&url)
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(vec![0u8, 0, 0, 0, 0])
+        } else {
+            http.post(&url).body("{}")
+        };
+        if let Ok(resp) = req.send().await {
+            // gRPC: the call reached the Bookstore (a gRPC answer with status 0 at once, or in
+            // the trailers); before the config is loaded the proxy refuses it.
+            let ready = if grpc {
+                resp.status() == 200
+                    && resp.headers().get("grpc-status").is_none_or(|s| s == "0")
+                    && resp
+                        .headers()
+                        .get("content-type")
+                        .is_some_and(|c| c.as_bytes().starts_with(b"application/grpc"))
+            } else {
+                !resp.status().is_server_error()
+            };
+            if ready {
                 return Ok(());
             }
         }
@@ -825,6 +899,19 @@ async fn run(opts: Options, children: &mut Children) -> Result<()> {
 
     let backend = match &opts.backend {
         Some(b) => b.clone(),
+        None if opts.grpc => {
+            children.spawn(
+                "bookstore",
+                &[
+                    "bookstore".into(),
+                    "--port".into(),
+                    opts.backend_port.to_string(),
+                ],
+                &logs,
+            )?;
+            wait_listening(children, opts.backend_port, "the Bookstore backend").await?;
+            format!("grpc://127.0.0.1:{}", opts.backend_port)
+        }
         None => {
             children.spawn(
                 "echo",
@@ -855,7 +942,11 @@ async fn run(opts: Options, children: &mut Children) -> Result<()> {
         "esp".into(),
         format!("--service={}", d.service),
         "--rollout_strategy=managed".into(),
-        format!("--http_port={}", opts.port),
+        if opts.grpc {
+            format!("--http2_port={}", opts.port)
+        } else {
+            format!("--http_port={}", opts.port)
+        },
         format!("--status_port={}", opts.status_port),
         format!("--backend={backend}"),
         format!("--service_account_key={}", d.key_file.display()),
@@ -866,7 +957,7 @@ async fn run(opts: Options, children: &mut Children) -> Result<()> {
         esp_args.push(format!("--access_log={dest}"));
     }
     children.spawn("esp", &esp_args, &logs)?;
-    wait_proxy_ready(children, opts.port).await?;
+    wait_proxy_ready(children, opts.port, opts.grpc).await?;
 
     print_summary(&opts, &api.base, &token_path, &logs, &d, &backend);
 
@@ -930,9 +1021,20 @@ fn print_summary(opts: &Options, cp: &str, token: &Path, logs: &Path, d: &Deploy
         "  control plane  {cp}   (data in {})\n",
         opts.data.display()
     ));
-    out.push_str(&format!("  backend        http://{backend}\n"));
+    if opts.grpc {
+        out.push_str(&format!(
+            "  backend        {backend}   (portico bookstore)\n"
+        ));
+    } else {
+        out.push_str(&format!("  backend        http://{backend}\n"));
+    }
+    let proxy_shown = if opts.grpc {
+        format!("127.0.0.1:{} (h2c, for gRPC)", opts.port)
+    } else {
+        proxy.clone()
+    };
     out.push_str(&format!(
-        "  proxy          {proxy}   service {}, config {}\n",
+        "  proxy          {proxy_shown}   service {}, config {}\n",
         d.service, d.config_id
     ));
     out.push_str(&format!(
@@ -945,7 +1047,20 @@ fn print_summary(opts: &Options, cp: &str, token: &Path, logs: &Path, d: &Deploy
     out.push_str(&format!("  console        {cp}/console\n"));
     out.push_str(&format!("  logs           {}\n\n", logs.display()));
     let body = r#"--header "content-type:application/json" --data '{"message":"hello world"}'"#;
-    if opts.openapi.is_none() {
+    if opts.grpc {
+        let addr = format!("127.0.0.1:{}", opts.port);
+        out.push_str("gRPC clients call the proxy's h2c port. GetShelf needs the API key:\n");
+        out.push_str(&format!(
+            "  grpcurl -plaintext -import-path examples/bookstore-grpc -proto bookstore.proto -H 'x-api-key: {}' -d '{{\"shelf\": 100}}' {addr} endpoints.examples.bookstore.Bookstore/GetShelf\n\n",
+            d.api_key
+        ));
+        out.push_str("The same with Python's grpcio (the request is GetShelfRequest{shelf: 100}, encoded):\n");
+        out.push_str(&format!(
+            "  grpc client: python3 -c 'import grpc; f = grpc.insecure_channel(\"{addr}\").unary_unary(\"/endpoints.examples.bookstore.Bookstore/GetShelf\"); print(f(b\"\\x08\\x64\", metadata=[(\"x-api-key\", \"{}\")]))'\n\n",
+            d.api_key
+        ));
+        out.push_str("Without the key the proxy answers grpc-status 16 (UNAUTHENTICATED).\n\n");
+    } else if opts.openapi.is_none() {
         out.push_str("Without an API key the proxy refuses the call (401):\n");
         out.push_str(&format!("  curl --request POST {body} {proxy}/echo\n\n"));
         out.push_str("With the API key it reaches the echo backend:\n");

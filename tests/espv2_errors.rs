@@ -632,7 +632,7 @@ fn every_error_the_proxy_writes_is_espv2s() {
     assert_eq!(resp.headers()["grpc-status"], "12");
     assert_eq!(
         resp.headers()["grpc-message"],
-        "The current request is not defined by this API."
+        "{\"code\":404,\"message\":\"The current request is not defined by this API.\"}"
     );
     drop(rt);
 }

@@ -35,6 +35,15 @@ pub mod proto {
     tonic::include_proto!("endpoints.examples.bookstore");
 }
 
+/// The Bookstore's descriptor set, as `protoc --include_imports --include_source_info
+/// --descriptor_set_out=api_descriptor.pb bookstore.proto` writes it (built by build.rs), for
+/// `portico up --grpc` to deploy.
+pub const DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/bookstore_descriptor.pb"));
+
+/// examples/bookstore-grpc/api_config.yaml (project `demo-proj`).
+pub const API_CONFIG_YAML: &str = include_str!("../../../examples/bookstore-grpc/api_config.yaml");
+
 /// The gRPC path prefix of the service: `/endpoints.examples.bookstore.Bookstore/`.
 pub const SERVICE_PATH: &str = "/endpoints.examples.bookstore.Bookstore/";
 

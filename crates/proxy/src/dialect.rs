@@ -49,8 +49,13 @@
 //! | `--http_request_timeout_s` | the backend's timeout; the proxy's own calls keep fixed limits (metadata 30 s, ID tokens 5 s, Service Management 5 s) | the proxy's own calls (default 30 s); the backend's deadline is 15 s or the rule's | `cli::espv2::validate`, `Settings::http_request_timeout` |
 //! | Tokens missing at start-up | serve at once; requests needing them fail | by default not listening until Service Control's token and every backend ID token were had (`--dependency_error_behavior`) | `server::start_with_metrics`, `server::run` (`Settings::dependency_error_behavior`) |
 //!
-//! Not yet different: in reports, the gRPC status of gRPC responses (`grpc_status_code`,
-//! `/response_code` from it; issue 18) and the log entry's `trace` (tracing, issue 19).
+//! gRPC calls (docs/grpc.md): ESP v1 answers a gRPC caller's failure with the canonical code and
+//! the bare message, ESPv2 with Envoy's code for the HTTP status and its JSON body as
+//! `grpc-message` (`pipeline::errors::grpc_error_response`); ESPv2 reports a gRPC response's
+//! `/response_code` from its `grpc-status` and logs `grpc_status_code`, ESP v1 reports streaming
+//! message counts (`service_control::report`).
+//!
+//! Not yet different: the log entry's `trace` (tracing, issue 19).
 
 use crate::error::{Code, ErrorKind, EspError, JwtProblem, NetworkFailure, ScFailure};
 use std::borrow::Cow;

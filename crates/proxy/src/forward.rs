@@ -174,7 +174,9 @@ impl Forwarder {
     /// HTTP backends, and gRPC cannot run on HTTP/1.1.
     pub fn version_for(scheme: BackendScheme, protocol: BackendProtocol) -> Version {
         match (scheme, protocol) {
-            (BackendScheme::Grpc, _) | (_, BackendProtocol::H2) => Version::HTTP_2,
+            (BackendScheme::Grpc | BackendScheme::Grpcs, _) | (_, BackendProtocol::H2) => {
+                Version::HTTP_2
+            }
             (BackendScheme::Http | BackendScheme::Https, _) => Version::HTTP_11,
         }
     }
@@ -248,7 +250,8 @@ impl Forwarder {
                     Version::HTTP_11,
                 )
             }
-            (BackendScheme::Https, true) => {
+            // `grpcs://` is always HTTP/2 (version_for), over TLS offering `h2` alone.
+            (BackendScheme::Https, true) | (BackendScheme::Grpcs, _) => {
                 // The connector names the server after the request URI's host, which is this
                 // one: checked here so a bad name fails when the config loads.
                 rustls::pki_types::ServerName::try_from(backend.host.as_str())
@@ -404,6 +407,10 @@ impl Forwarder {
         }
     }
 }
+
+/// The wait for response headers of a call that has no deadline (a streaming RPC): a year,
+/// long enough to never fire, short enough to add to an `Instant` without overflow.
+pub const NO_DEADLINE: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// An HTTP/2 client's call, boxed: rarer than pooled calls, it need not widen every request's
 /// future.

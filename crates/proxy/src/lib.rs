@@ -56,6 +56,7 @@ pub mod forward;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod gcp_metadata;
+pub mod grpc;
 pub mod header_rules;
 pub mod iam_credentials;
 pub mod limits;

@@ -64,6 +64,9 @@ pub const BODY_UNREAD: u64 = u64::MAX;
 #[derive(Debug)]
 pub struct BodyCount {
     bytes: std::sync::atomic::AtomicU64,
+    /// gRPC messages received, when the body is counted as gRPC
+    /// ([`LimitedBody::with_grpc_message_count`]).
+    messages: std::sync::atomic::AtomicU64,
     /// Microseconds from `since` to the body's end, plus one; 0 while it has not ended.
     ended_us: std::sync::atomic::AtomicU64,
     since: std::time::Instant,
@@ -74,6 +77,7 @@ impl BodyCount {
     pub fn new(since: std::time::Instant) -> Arc<BodyCount> {
         Arc::new(BodyCount {
             bytes: std::sync::atomic::AtomicU64::new(BODY_UNREAD),
+            messages: std::sync::atomic::AtomicU64::new(0),
             ended_us: std::sync::atomic::AtomicU64::new(0),
             since,
         })
@@ -82,6 +86,11 @@ impl BodyCount {
     /// Bytes received, or [`BODY_UNREAD`].
     pub fn received(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// gRPC messages received so far (0 unless counted).
+    pub fn messages(&self) -> u64 {
+        self.messages.load(Ordering::Relaxed)
     }
 
     /// From the request's arrival to its body's last byte; `None` while it has not ended.
@@ -464,6 +473,8 @@ pub struct LimitedBody {
     /// the buffering is over (popped from the end). A `Vec` and the buffer's size in the
     /// progress: every request future holds this body, twice (docs/performance.md).
     buffered: Vec<Frame<Bytes>>,
+    /// Counts gRPC messages into `counter` (boxed: only gRPC requests pay for it).
+    grpc_frames: Option<Box<crate::grpc::FrameCounter>>,
 }
 
 impl LimitedBody {
@@ -477,6 +488,7 @@ impl LimitedBody {
             counter: None,
             progress,
             buffered: Vec::new(),
+            grpc_frames: None,
         }
     }
 
@@ -561,6 +573,15 @@ impl LimitedBody {
         self
     }
 
+    /// Also counts the gRPC messages of the body into the counter ([`BodyCount::messages`]),
+    /// for ESP v1's streaming metrics. Needs [`LimitedBody::with_counter`].
+    pub fn with_grpc_message_count(mut self) -> Self {
+        if self.counter.is_some() {
+            self.grpc_frames = Some(Box::default());
+        }
+        self
+    }
+
     /// Keeps a copy of the body as it is read, up to `limit` bytes, so that the request can be
     /// sent again once the body has been read whole ([`BodyProgress::recorded`]); a longer
     /// body is not kept. For bodies that stream to the backend from their first byte; one
@@ -611,6 +632,7 @@ impl LimitedBody {
             counter: None,
             progress: None,
             buffered: frames,
+            grpc_frames: None,
         }
     }
 
@@ -623,6 +645,7 @@ impl LimitedBody {
             counter: None,
             progress: None,
             buffered: Vec::new(),
+            grpc_frames: None,
         }
     }
 }
@@ -676,6 +699,10 @@ impl LimitedBody {
                     }
                     if let Some(c) = &this.counter {
                         c.bytes.fetch_add(n, Ordering::Relaxed);
+                        if let Some(g) = this.grpc_frames.as_mut() {
+                            g.feed(data);
+                            c.messages.store(g.messages(), Ordering::Relaxed);
+                        }
                     }
                     if n > this.remaining {
                         this.inner = None;

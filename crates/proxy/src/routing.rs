@@ -47,6 +47,10 @@ pub struct MethodInfo {
     /// without backend routing), bounded by the rule's deadline when it sets one, in the HTTP
     /// version its `protocol` asks for.
     pub local_backend: Option<LocalBackend>,
+    /// A gRPC method with a streaming request or response (`apis[].methods[]`): no backend
+    /// deadline applies to it, as in ESPv2 (a stream may rightly last longer than any
+    /// deadline meant for one call).
+    pub streaming: bool,
 }
 
 /// A backend rule without an address (ESPv2's sidecar form): settings for `--backend`.
@@ -189,7 +193,9 @@ type ClientKey = (BackendScheme, String, u16, http::Version);
 /// a `grpc://` backend, which is HTTP/2 whatever the rule says (Google ignores `protocol` for
 /// anything but HTTP backends).
 fn ignored_protocol_note(selector: &str, scheme: BackendScheme, protocol: BackendProtocol) {
-    if scheme == BackendScheme::Grpc && protocol == BackendProtocol::Http1 {
+    if matches!(scheme, BackendScheme::Grpc | BackendScheme::Grpcs)
+        && protocol == BackendProtocol::Http1
+    {
         tracing::warn!(
             selector,
             "backend rule protocol http/1.1 ignored: a grpc:// backend is always called over HTTP/2"
@@ -220,6 +226,16 @@ pub struct ConfigRoutes {
     /// backend rule is `grpc://` and the config carries a descriptor set (as ESPv2 installs
     /// its transcoder and gRPC-Web filters only then).
     pub transcoder: Option<Arc<portico_transcode::Transcoder>>,
+}
+
+/// The config was deployed from a protobuf descriptor set (`gcloud endpoints services deploy
+/// api_descriptor.pb api_config.yaml`): its APIs are gRPC services.
+pub fn is_grpc_service(service: &Service) -> bool {
+    service.source_info.as_ref().is_some_and(|si| {
+        si.source_files
+            .iter()
+            .any(|f| f["fileType"] == "FILE_DESCRIPTOR_SET_PROTO")
+    })
 }
 
 fn selector_api(service: &Service, selector: &str) -> (String, String) {
@@ -539,6 +555,16 @@ impl ConfigRoutes {
             );
         }
 
+        let streaming: HashSet<String> = service
+            .apis
+            .iter()
+            .flat_map(|a| {
+                a.methods
+                    .iter()
+                    .filter(|m| m.request_streaming || m.response_streaming)
+                    .map(move |m| format!("{}.{}", a.name, m.name))
+            })
+            .collect();
         let info_for = |selector: &str| -> MethodInfo {
             let usage = usage_rules.get(selector).copied();
             let api_key_locations = match api_key_params.get(selector) {
@@ -578,6 +604,7 @@ impl ConfigRoutes {
                 cors_preflight: false,
                 local_backend: locals.get(selector).cloned(),
                 backend: targets.get(selector).cloned(),
+                streaming: streaming.contains(selector),
             }
         };
 
@@ -658,6 +685,32 @@ impl ConfigRoutes {
                 };
                 if let Err(why) = register(&rule, &mut builder) {
                     tracing::debug!(reason = %why, "gRPC path already bound");
+                }
+            }
+        }
+        // A gRPC service whose config came without its descriptor set (a managed rollout's
+        // BASIC view, no transcoder) is still called on each method's gRPC path, `POST
+        // /<package.Service>/<Method>`, as both ESPs route gRPC calls: when its config carries
+        // the descriptor set or, as ESPv2 decides, when `--backend` or a backend rule's address
+        // is `grpc://`/`grpcs://`. Paths already bound keep their rule.
+        let grpc_backend = opts
+            .local_backend
+            .as_ref()
+            .is_some_and(|b| matches!(b.scheme, BackendScheme::Grpc | BackendScheme::Grpcs))
+            || backend_rules
+                .values()
+                .any(|r| r.address.starts_with("grpc://") || r.address.starts_with("grpcs://"));
+        if grpc_backend || is_grpc_service(&service) {
+            for api in &service.apis {
+                for m in &api.methods {
+                    let rule = HttpRule {
+                        selector: format!("{}.{}", api.name, m.name),
+                        post: Some(format!("/{}/{}", api.name, m.name)),
+                        ..HttpRule::default()
+                    };
+                    if let Err(why) = register(&rule, &mut builder) {
+                        tracing::debug!(reason = %why, "gRPC path not added");
+                    }
                 }
             }
         }

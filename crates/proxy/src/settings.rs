@@ -211,6 +211,8 @@ pub enum BackendScheme {
     Https,
     /// gRPC: HTTP/2 cleartext (prior knowledge).
     Grpc,
+    /// gRPC over TLS (ALPN `h2`), ESPv2's `grpcs://`.
+    Grpcs,
 }
 
 /// The parsed `--backend`.
@@ -467,9 +469,11 @@ pub fn parse_backend(s: &str) -> Result<BackendAddr, String> {
         (BackendScheme::Https, r)
     } else if let Some(r) = s.strip_prefix("grpc://") {
         (BackendScheme::Grpc, r)
+    } else if let Some(r) = s.strip_prefix("grpcs://") {
+        (BackendScheme::Grpcs, r)
     } else if s.contains("://") {
         return Err(format!(
-            "invalid --backend {s:?}: unsupported scheme (use http://, https:// or grpc://)"
+            "invalid --backend {s:?}: unsupported scheme (use http://, https://, grpc:// or grpcs://)"
         ));
     } else {
         (BackendScheme::Http, s)
@@ -481,7 +485,7 @@ pub fn parse_backend(s: &str) -> Result<BackendAddr, String> {
         ));
     }
     let default_port = match scheme {
-        BackendScheme::Https => 443,
+        BackendScheme::Https | BackendScheme::Grpcs => 443,
         BackendScheme::Http => 80,
         BackendScheme::Grpc => 0,
     };
@@ -527,6 +531,10 @@ mod tests {
     fn backend_forms() {
         let b = parse_backend("https://example.com").unwrap();
         assert_eq!((b.scheme, b.port), (BackendScheme::Https, 443));
+        let b = parse_backend("grpcs://books.example").unwrap();
+        assert_eq!((b.scheme, b.port), (BackendScheme::Grpcs, 443));
+        let b = parse_backend("grpcs://127.0.0.1:8443").unwrap();
+        assert_eq!((b.scheme, b.port), (BackendScheme::Grpcs, 8443));
         let b = parse_backend("http://10.0.0.1").unwrap();
         assert_eq!(b.port, 80);
         let b = parse_backend("[::1]:8081").unwrap();

@@ -1009,6 +1009,7 @@ fn finish(svc: &mut Service, files: &[GrpcSource]) {
     svc.logs = generated::logs();
     let user_metrics = std::mem::take(&mut svc.metrics);
     svc.metrics = generated::metrics();
+    svc.metrics.extend(generated::streaming_metrics());
     let known: HashSet<String> = svc.metrics.iter().map(|m| m.name.clone()).collect();
     svc.metrics.extend(
         user_metrics
@@ -1017,7 +1018,9 @@ fn finish(svc: &mut Service, files: &[GrpcSource]) {
     );
     svc.monitored_resources = generated::monitored_resources();
     svc.logging = Some(generated::logging());
-    svc.monitoring = Some(generated::monitoring());
+    let mut monitoring = generated::monitoring();
+    generated::add_streaming_monitoring(&mut monitoring);
+    svc.monitoring = Some(monitoring);
     svc.source_info = Some(SourceInfo {
         source_files: files
             .iter()

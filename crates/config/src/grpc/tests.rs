@@ -151,6 +151,20 @@ fn bookstore_with_keys_fills_apis_and_rules_from_the_descriptor() {
         .iter()
         .any(|m| m.name.ends_with("/consumer/request_count")));
     assert_eq!(svc.logs[0].name, "endpoints_log");
+    // ESP v1's streaming metrics are declared and monitored, as Google's compiler does for
+    // gRPC services.
+    for side in ["producer", "consumer"] {
+        let name =
+            format!("serviceruntime.googleapis.com/api/{side}/streaming_request_message_counts");
+        assert!(svc.metrics.iter().any(|m| m.name == name), "{name}");
+        let mon = svc.monitoring.as_ref().unwrap();
+        let dests = if side == "producer" {
+            &mon.producer_destinations
+        } else {
+            &mon.consumer_destinations
+        };
+        assert!(dests[0].metrics.contains(&name), "{name}");
+    }
     let files = &svc.source_info.as_ref().unwrap().source_files;
     assert_eq!(files.len(), 2);
     assert_eq!(files[0]["fileType"], "FILE_DESCRIPTOR_SET_PROTO");

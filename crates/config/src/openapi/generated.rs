@@ -96,6 +96,45 @@ pub fn metrics() -> Vec<MetricDescriptor> {
     out
 }
 
+/// ESP v1's metrics of streaming gRPC calls, which Google's compiler declares for gRPC
+/// services (api-compiler's bookstore baseline): producer and consumer forms, DISTRIBUTION.
+const STREAMING_METRICS: &[&str] = &[
+    "streaming_request_message_counts",
+    "streaming_response_message_counts",
+    "streaming_durations",
+];
+
+/// The streaming metrics' descriptors ([`STREAMING_METRICS`]).
+pub fn streaming_metrics() -> Vec<MetricDescriptor> {
+    ["producer", "consumer"]
+        .iter()
+        .flat_map(|side| {
+            STREAMING_METRICS
+                .iter()
+                .map(move |suffix| MetricDescriptor {
+                    name: metric_name(side, suffix),
+                    metric_kind: "DELTA".to_string(),
+                    value_type: "DISTRIBUTION".to_string(),
+                    ..Default::default()
+                })
+        })
+        .collect()
+}
+
+/// Adds the streaming metrics to a [`monitoring`] section's producer and consumer
+/// destinations.
+pub fn add_streaming_monitoring(m: &mut Monitoring) {
+    for (dests, side) in [
+        (&mut m.producer_destinations, "producer"),
+        (&mut m.consumer_destinations, "consumer"),
+    ] {
+        if let Some(d) = dests.first_mut() {
+            d.metrics
+                .extend(STREAMING_METRICS.iter().map(|s| metric_name(side, s)));
+        }
+    }
+}
+
 pub fn logging() -> Logging {
     Logging {
         producer_destinations: vec![LoggingDestination {

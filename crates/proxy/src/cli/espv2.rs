@@ -80,8 +80,9 @@ pub enum Support {
 use Support::{Ignored, Implemented, NotYet, Refused};
 
 const NO_ENVOY: &str = "Envoy tuning; Portico has no Envoy";
-const TLS_REFUSED: &str = "TLS to gRPC backends (grpcs://) is not built yet (issue 18); \
-     Portico will not connect in plain text where TLS was asked for";
+const TLS_REFUSED: &str = "TLS to gRPC backends is asked for with --backend=grpcs://HOST:PORT \
+     (trust anchors: --ssl_backend_client_root_certs_file); this deprecated flag is refused so \
+     that Portico never connects in plain text where TLS was asked for";
 
 /// Every flag `portico espv2` accepts and what it does. The README's table is checked against
 /// this list.
@@ -1230,12 +1231,6 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
             ));
         }
     }
-    if a.backend.starts_with("grpcs://") {
-        return Err(ArgError::v2(format!(
-            "--backend {:?} cannot be used yet: {TLS_REFUSED}",
-            a.backend
-        )));
-    }
     if a.management.is_some() && a.service_management_url.is_some() {
         return Err(ArgError::v2(
             "--management and --service_management_url name the same URL: give one",
@@ -2158,8 +2153,6 @@ mod tests {
         // A client CA without a server certificate would leave clients unauthenticated.
         let m = err(&["-s", "svc", "-v", "1", "--ssl_server_root_cert_path=/r"]);
         assert!(m.contains("--ssl_server_root_cert_path"), "{m}");
-        let m = err(&["-s", "svc", "-v", "1", "--backend=grpcs://b:443"]);
-        assert!(m.contains("cannot be used yet"), "{m}");
         // No --service: ESPv2's config manager's words.
         assert_eq!(
             err(&["-v", "1"]),

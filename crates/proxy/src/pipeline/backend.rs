@@ -188,10 +188,17 @@ impl Pipeline {
         };
         parts.uri = uri;
         parts.version = forwarder.version();
+        let limited = LimitedBody::new(body, settings.client_max_body_size)
+            .with_counter(ctx.body_counter.clone());
+        // ESP v1 reports how many messages a streaming call carried each way.
+        let limited = if ctx.content_type_grpc {
+            limited.with_grpc_message_count()
+        } else {
+            limited
+        };
         let upstream_req = Request::from_parts(
             parts,
-            LimitedBody::new(body, settings.client_max_body_size)
-                .with_counter(ctx.body_counter.clone())
+            limited
                 .with_body_timeout(settings.client_body_timeout)
                 .with_buffer(
                     // Streaming RPCs and tunnels must not wait for a buffer to fill.
@@ -203,6 +210,17 @@ impl Pipeline {
                     settings.client_body_min_rate,
                 ),
         );
+        // A streaming gRPC method has no deadline (ESPv2's rule; a client-streaming call's
+        // response headers come only after the client's last message).
+        let streaming = report
+            .as_ref()
+            .and_then(|r| r.method.as_ref())
+            .is_some_and(|m| m.streaming);
+        let deadline = if streaming {
+            Some(forward::NO_DEADLINE)
+        } else {
+            deadline
+        };
         let send = forwarder.send_within(upstream_req, deadline);
         Forwarding {
             stage: Stage::Sending { send },

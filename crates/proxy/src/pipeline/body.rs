@@ -8,6 +8,7 @@ use super::{ConnInfo, Pipeline, ProxyState, RequestRecord};
 use crate::error::EspError;
 use crate::forward;
 use crate::request_head;
+use crate::service_control::report::StreamCounts;
 use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{Method, Request, Response, Version};
@@ -300,6 +301,17 @@ impl Body for ProxyBody {
                 if let Some(d) = f.data_ref() {
                     this.sent += d.len() as u64;
                 }
+                if let Some(g) = this.done.as_mut().and_then(|c| c.grpc.as_mut()) {
+                    if let Some(d) = f.data_ref() {
+                        g.response_frames.feed(d);
+                    } else if let Some(status) = f
+                        .trailers_ref()
+                        .and_then(|t| t.get("grpc-status"))
+                        .and_then(crate::grpc::parse_status)
+                    {
+                        g.status = Some(status);
+                    }
+                }
             }
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.finish(),
             Poll::Pending => {}
@@ -357,6 +369,9 @@ struct Completion {
     error: Option<EspError>,
     /// The backend speaks gRPC (`grpc://`).
     backend_grpc: bool,
+    /// A gRPC call (`application/grpc*` request): its status and message counts, read as the
+    /// response streams by.
+    grpc: Option<Box<GrpcFacts>>,
     /// Report to Service Control (ESP-handled request on a config with SC).
     report: Option<ReportInfo>,
     /// What only `--access_log_format` reads; allocated only with a format.
@@ -364,6 +379,15 @@ struct Completion {
     /// A traced request's spans: the last handle, dropped with the completion once the body
     /// is sent, ends the root span and queues the trace.
     trace: Option<Arc<crate::trace::Recorder>>,
+}
+
+/// What a gRPC call's report needs from its response.
+#[derive(Default)]
+struct GrpcFacts {
+    /// `grpc-status` of a trailers-only response, or of the trailers.
+    status: Option<u32>,
+    /// Messages in the response body.
+    response_frames: crate::grpc::FrameCounter,
 }
 
 /// The facts of a request only an `--access_log_format` entry needs.
@@ -631,6 +655,24 @@ impl Completion {
         let status_code = self.error.as_ref().map(|e| e.code);
         let backend_protocol =
             (self.backend_grpc && self.protocol != "grpc").then(|| "grpc".to_string());
+        let grpc_status = self.grpc.as_ref().and_then(|g| g.status);
+        // ESPv2 reports a gRPC response's status as the HTTP status it stands for (NotFound →
+        // 404); a code that is not canonical keeps the HTTP status.
+        let response_code = match (st.settings.dialect, grpc_status) {
+            (crate::dialect::Dialect::EspV2, Some(code)) if self.status == 200 => {
+                crate::grpc::http_status(code).unwrap_or(self.status)
+            }
+            _ => self.status,
+        };
+        // ESP v1's streaming metrics, for the methods declared streaming.
+        let streaming = match (&self.grpc, r.method.as_ref()) {
+            (Some(g), Some(m)) if m.streaming => Some(StreamCounts {
+                request_messages: self.body_counter.as_ref().map_or(0, |c| c.messages()),
+                response_messages: g.response_frames.messages(),
+                duration: total,
+            }),
+            _ => None,
+        };
         let (error_cause, error_message, error_kind) = match self.error {
             Some(e) => (
                 Some(e.cause.as_str().to_string()),
@@ -654,8 +696,10 @@ impl Completion {
             credential_id: r.auth.as_ref().map(|a| a.credential_id.clone()),
             http_method: self.method.as_str().to_string(),
             url: self.url,
-            response_code: self.status,
+            response_code,
             status_code,
+            grpc_status,
+            streaming,
             request_size: self.request_bytes,
             response_size: self.response_head_bytes.saturating_add(sent),
             total_latency: total,
@@ -848,6 +892,15 @@ impl Pipeline {
             referer: ctx.referer.clone(),
             error,
             backend_grpc,
+            grpc: is_grpc_request.then(|| {
+                Box::new(GrpcFacts {
+                    status: resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(crate::grpc::parse_status),
+                    ..GrpcFacts::default()
+                })
+            }),
             report,
             formatted,
             trace: ctx.trace.clone(),

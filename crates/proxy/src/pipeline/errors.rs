@@ -38,7 +38,20 @@ pub fn grpc_error_response(err: &EspError, dialect: Dialect) -> Response<ProxyBo
     if let Ok(v) = HeaderValue::from_str(&reply.grpc_code.to_string()) {
         h.insert("grpc-status", v);
     }
-    let msg = percent_encoding::utf8_percent_encode(&reply.message, GRPC_MESSAGE).to_string();
+    // ESP v1 sends the bare message; ESPv2 (Envoy's local reply to a gRPC client) sends its
+    // JSON error body as the message, `{"code":401,"message":"Jwt is missing"}` (ESPv2's
+    // TestGRPCJwt), without the body's final newline.
+    let text = match dialect {
+        Dialect::Esp => std::borrow::Cow::Borrowed(reply.message.as_ref()),
+        Dialect::EspV2 => {
+            let mut body = dialect.body(err, &reply);
+            if body.ends_with('\n') {
+                body.pop();
+            }
+            std::borrow::Cow::Owned(body)
+        }
+    };
+    let msg = percent_encoding::utf8_percent_encode(&text, GRPC_MESSAGE).to_string();
     if let Ok(v) = HeaderValue::from_str(&msg) {
         h.insert("grpc-message", v);
     }
@@ -201,5 +214,20 @@ mod tests {
             .to_str()
             .unwrap()
             .starts_with("Method doesn't allow unregistered callers"));
+        // ESPv2: Envoy's code for the HTTP status, the JSON body as the message.
+        let missing = EspError::new(
+            crate::error::Code::Unauthenticated,
+            "JWT validation failed: Missing or invalid credentials",
+            crate::error::Cause::Auth,
+        )
+        .with_kind(crate::error::ErrorKind::Jwt(
+            crate::error::JwtProblem::Missing,
+        ));
+        let g = grpc_error_response(&missing, Dialect::EspV2);
+        assert_eq!(g.headers()["grpc-status"], "16");
+        assert_eq!(
+            g.headers()["grpc-message"],
+            "{\"code\":401,\"message\":\"Jwt is missing\"}"
+        );
     }
 }

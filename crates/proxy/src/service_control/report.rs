@@ -89,6 +89,18 @@ pub struct RequestRecord {
     /// What the proxy's error stood for (`None`: no proxy error), for ESPv2's Service Control
     /// status and response code details.
     pub error_kind: Option<ErrorKind>,
+    /// A gRPC call's `grpc-status` (ESPv2's `grpc_status_code` log field).
+    pub grpc_status: Option<u32>,
+    /// A streaming gRPC method's message counts and duration (ESP v1's streaming metrics).
+    pub streaming: Option<StreamCounts>,
+}
+
+/// One streaming call's messages each way and how long it lasted.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StreamCounts {
+    pub request_messages: u64,
+    pub response_messages: u64,
+    pub duration: Duration,
 }
 
 /// Labels that do not vary per request, fixed when the client is built.
@@ -242,6 +254,21 @@ fn standard_metrics(form: Form, a: &Aggregate, is_error: bool) -> Vec<MetricValu
     }
     if is_error {
         m.push(int_metric(&format!("{prefix}error_count"), a.count));
+    }
+    // ESP v1's streaming metrics, for streaming gRPC calls only (`service_control/proto.cc`).
+    if form != Form::ByConsumer && a.streaming_durations.count > 0 {
+        m.push(dist_metric(
+            &format!("{prefix}streaming_request_message_counts"),
+            a.streaming_request_messages.clone(),
+        ));
+        m.push(dist_metric(
+            &format!("{prefix}streaming_response_message_counts"),
+            a.streaming_response_messages.clone(),
+        ));
+        m.push(dist_metric(
+            &format!("{prefix}streaming_durations"),
+            a.streaming_durations.clone(),
+        ));
     }
     // DELTA totals of the bytes moved, sent only when non-zero (as ESP's final report does).
     if form != Form::ByConsumer {
@@ -495,6 +522,10 @@ pub(crate) struct Aggregate {
     overhead_latencies: Distribution,
     /// Only requests that reached the backend.
     backend_latencies: Distribution,
+    /// Only streaming gRPC calls (ESP v1's `streaming_*` metrics).
+    streaming_request_messages: Distribution,
+    streaming_response_messages: Distribution,
+    streaming_durations: Distribution,
     /// Records whose log entry will be sent, `start_time` filled in.
     pub(crate) logs: Vec<RequestRecord>,
     /// The config's declared metrics and logs (`None`: send the standard set).
@@ -515,6 +546,9 @@ impl Aggregate {
             total_latencies: empty_distribution(TIME_BUCKETS),
             overhead_latencies: empty_distribution(TIME_BUCKETS),
             backend_latencies: empty_distribution(TIME_BUCKETS),
+            streaming_request_messages: empty_distribution(SIZE_BUCKETS),
+            streaming_response_messages: empty_distribution(SIZE_BUCKETS),
+            streaming_durations: empty_distribution(TIME_BUCKETS),
             logs: Vec::new(),
             filter,
         }
@@ -560,6 +594,23 @@ impl Aggregate {
             // ESPv2 counts a request that never reached the backend as 0 s of backend time.
             (None, Dialect::EspV2) => add_sample(&mut self.backend_latencies, 0.0, TIME_BUCKETS),
             (None, Dialect::Esp) => {}
+        }
+        if let Some(s) = &r.streaming {
+            add_sample(
+                &mut self.streaming_request_messages,
+                s.request_messages as f64,
+                SIZE_BUCKETS,
+            );
+            add_sample(
+                &mut self.streaming_response_messages,
+                s.response_messages as f64,
+                SIZE_BUCKETS,
+            );
+            add_sample(
+                &mut self.streaming_durations,
+                s.duration.as_secs_f64(),
+                TIME_BUCKETS,
+            );
         }
     }
 
@@ -917,6 +968,12 @@ fn espv2_log_entry(r: &RequestRecord, statics: &StaticLabels) -> LogEntry {
     put("service_agent", statics.service_agent.clone().into());
     put("api_key_state", r.api_key_state.as_str().into());
     put("http_status_code", r.response_code.into());
+    if let Some(code) = r.grpc_status {
+        put(
+            "grpc_status_code",
+            crate::grpc::status_name(code).into_owned().into(),
+        );
+    }
     put(
         "response_code_detail",
         espv2_response_code_detail(r.error_kind.as_ref())
