@@ -495,13 +495,15 @@ fn streamed_bodies_are_kept_for_http2_backends() {
         bodies.lock().expect("bodies").clone(),
         vec![message.clone(), message]
     );
-    // A body too large to keep goes once: the client gets ESPv2's 503 as gRPC's 14.
+    // A body too large to keep goes once: the client gets ESPv2's 503 as gRPC's 14, its JSON
+    // local reply as the message (Envoy's sendLocalReply to a gRPC caller).
     let large = vec![7u8; 40 * 1024];
     let resp = grpc("/e2e.Api/Unary?t=large", large);
     assert_eq!(resp.headers()["grpc-status"], "14", "{}", proxy.log());
     assert_eq!(
         resp.headers()["grpc-message"],
-        "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+        "{\"code\":503,\"message\":\"upstream connect error or disconnect/reset before headers. \
+         reset reason: connection termination\"}"
     );
     assert_eq!(
         attempts.lock().expect("attempts")["/e2e.Api/Unary?t=large"],
