@@ -266,8 +266,9 @@ pub async fn start_with_metrics(
         metrics,
         access_log,
     );
-    state.tracer =
-        tracer_for(&settings, &first, &state.metrics).map_err(StartError::Credentials)?;
+    let shared_metadata = state.control.as_ref().and_then(|c| c.metadata_tokens());
+    state.tracer = tracer_for(&settings, &first, &state.metrics, shared_metadata)
+        .map_err(StartError::Credentials)?;
     // Backend rules with `jwt_audience` get ID tokens for the proxy's own account: minted by
     // the key file's token endpoint, or else by the metadata server; none when backend
     // authentication is off (ESPv2's `--non_gcp`), said once per method.
@@ -747,10 +748,13 @@ pub fn service_control_for(
 /// config's `control.environment`) unless `--cloud_trace_url_override` says otherwise, with
 /// the same credentials; the project is `--tracing_project_id` or the service's producer
 /// project. `--tracing_otlp_endpoint` replaces Cloud Trace with OTLP.
+/// `shared_metadata` is Service Control's metadata token cache when there is one: the exporter
+/// uses it rather than a cache of its own, so the metadata server is asked once, not twice.
 pub fn tracer_for(
     settings: &Settings,
     first: &Rollout,
     metrics: &crate::metrics::Metrics,
+    shared_metadata: Option<crate::outbound_auth::MetadataTokens>,
 ) -> Result<Option<Arc<crate::trace::Tracer>>, String> {
     use crate::trace::export::{self, Target};
     let t = &settings.tracing;
@@ -811,7 +815,10 @@ pub fn tracer_for(
             crate::dialect::Dialect::EspV2 => Target::CloudTraceV2 { base, project },
         }
     };
-    let metadata = metadata_tokens_for(settings, key.is_some()).map_err(|e| e.to_string())?;
+    let metadata = match shared_metadata {
+        Some(m) if key.is_none() => Some(m),
+        _ => metadata_tokens_for(settings, key.is_some()).map_err(|e| e.to_string())?,
+    };
     let account = key.as_ref().map(|k| k.client_email.clone());
     let tokens = crate::outbound_auth::TokenSource::with_metadata(key, metadata);
     let (queue, rx) = export::Queue::new(export::QUEUE_CAPACITY);

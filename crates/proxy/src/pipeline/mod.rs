@@ -83,6 +83,11 @@ pub trait ControlApi: Send + Sync + 'static {
     fn statistics(&self) -> Option<serde_json::Value> {
         None
     }
+    /// The metadata server's token cache the client authenticates with, if any, so other
+    /// outbound callers (the trace exporter) share its fetches instead of keeping their own.
+    fn metadata_tokens(&self) -> Option<crate::outbound_auth::MetadataTokens> {
+        None
+    }
 }
 
 impl ControlApi for crate::service_control::ServiceControl {
@@ -97,6 +102,9 @@ impl ControlApi for crate::service_control::ServiceControl {
     }
     fn statistics(&self) -> Option<serde_json::Value> {
         serde_json::to_value(crate::service_control::ServiceControl::statistics(self)).ok()
+    }
+    fn metadata_tokens(&self) -> Option<crate::outbound_auth::MetadataTokens> {
+        crate::service_control::ServiceControl::metadata_tokens(self)
     }
 }
 

@@ -465,6 +465,8 @@ pub struct ServiceControl {
     /// The runtime `new` ran on: background work is spawned there even when a method is
     /// called from a thread without a current runtime (which would make `tokio::spawn` panic).
     runtime: tokio::runtime::Handle,
+    /// The metadata server's token cache (no key file), shared with the trace exporter.
+    metadata: Option<crate::outbound_auth::MetadataTokens>,
 }
 
 impl ServiceControl {
@@ -473,8 +475,8 @@ impl ServiceControl {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             ServiceControlError::Client("ServiceControl::new needs a tokio runtime".to_string())
         })?;
-        let mut tokens =
-            TokenSource::with_metadata(opts.credentials.clone(), opts.metadata.clone());
+        let metadata = opts.metadata.clone();
+        let mut tokens = TokenSource::with_metadata(opts.credentials.clone(), metadata.clone());
         if let Some(other) = &opts.acting_as {
             tokens = tokens.acting_as(other.clone());
         }
@@ -537,7 +539,13 @@ impl ServiceControl {
             shutdown_tx: Arc::new(shutdown_tx),
             tasks: Arc::new(Mutex::new(vec![report_task, quota_task])),
             runtime,
+            metadata,
         })
+    }
+
+    /// The metadata server's token cache this client authenticates with (no key file).
+    pub fn metadata_tokens(&self) -> Option<crate::outbound_auth::MetadataTokens> {
+        self.metadata.clone()
     }
 
     pub fn base_url(&self) -> &str {
