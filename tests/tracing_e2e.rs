@@ -39,6 +39,8 @@ struct Seen {
     backend: Vec<(String, Vec<(String, String)>)>,
     /// The trace double's requests: method, path, authorization, body.
     exports: Vec<(String, String, Option<String>, Value)>,
+    /// Service Control `:report` bodies.
+    reports: Vec<Value>,
 }
 
 struct World {
@@ -71,6 +73,10 @@ fn world(dir: &Path) -> World {
                            "checkInfo": {"consumerInfo": {"projectNumber": "123456"}}})
                     .to_string(),
                 );
+            }
+            if req.path.ends_with(":report") {
+                let body = serde_json::from_str(&req.body).unwrap_or(Value::Null);
+                s.lock().unwrap().reports.push(body);
             }
             Action::Respond(200, json!({"operationId": "x"}).to_string())
         }),
@@ -533,8 +539,43 @@ fn espv2_spans_sampling_and_context_headers() {
     let hb = backend_headers(&w.seen, "/open?n=2");
     assert_eq!(header(&hb, "x-cloud-trace-context"), Some(x.as_str()));
     assert_eq!(header(&hb, "traceparent"), None);
+
+    // ESPv2's report names the traced request's trace in its log entry; the untraced one none.
+    let entry = |url: &str| report_entry(&w.seen, url, &log);
+    assert_eq!(
+        entry("/jwt")["trace"],
+        format!("projects/trace-proj/traces/{t1}"),
+        "{}",
+        log()
+    );
+    assert!(entry("/open").get("trace").is_none(), "{}", log());
     drop(proxy);
     drop(w.rt);
+}
+
+/// The `endpoints_log` entry of the first reported request whose URL starts with `url`,
+/// waiting up to 15 s for the proxy's report flush.
+fn report_entry(seen: &Mutex<Seen>, url: &str, log: &dyn Fn() -> String) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let found = seen
+            .lock()
+            .unwrap()
+            .reports
+            .iter()
+            .flat_map(|r| r["operations"].as_array().cloned().unwrap_or_default())
+            .flat_map(|o| o["logEntries"].as_array().cloned().unwrap_or_default())
+            .find(|e| {
+                e["httpRequest"]["requestUrl"]
+                    .as_str()
+                    .is_some_and(|u| u.starts_with(url))
+            });
+        if let Some(e) = found {
+            return e;
+        }
+        assert!(Instant::now() < deadline, "no report for {url}\n{}", log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A Python interpreter with PyPI's `opentelemetry-proto`: `PORTICO_OTLP_PYTHON`, else the venv

@@ -827,6 +827,12 @@ pub fn tracer_for(
         "Spans of traced requests dropped because the export queue was full",
         queue.dropped_counter(),
     );
+    let target_project = match &target {
+        Target::CloudTraceV1 { project, .. } | Target::CloudTraceV2 { project, .. } => {
+            Some(project.clone())
+        }
+        _ => None,
+    };
     tracing::info!(target = ?target, "tracing on");
     export::spawn(
         export::Exporter {
@@ -838,11 +844,20 @@ pub fn tracer_for(
         },
         rx,
     );
-    Ok(Some(Arc::new(crate::trace::Tracer::new(
-        settings.dialect,
-        t.clone(),
-        queue,
-    ))))
+    // The project reports name traces in: the Cloud Trace target's, or for OTLP the flag's or
+    // the producer project (ESPv2 names one whatever the exporter).
+    let report_project = match &target_project {
+        Some(p) => p.clone(),
+        None => t
+            .project_id
+            .clone()
+            .or_else(|| service.as_ref().map(|s| s.producer_project_id.clone()))
+            .unwrap_or_default(),
+    };
+    Ok(Some(Arc::new(
+        crate::trace::Tracer::new(settings.dialect, t.clone(), queue)
+            .with_report_project(report_project),
+    )))
 }
 
 /// The metadata server's token source when `--metadata` is given and there is no key file (a

@@ -719,6 +719,7 @@ impl Completion {
             dialect: st.settings.dialect,
             api_key_state: r.api_key_state,
             api_key_uid: r.check.and_then(|c| c.api_key_uid),
+            trace: self.trace.as_ref().and_then(|t| t.trace_name()),
         });
     }
 }

@@ -34,6 +34,8 @@ pub const ENDPOINTS_LOG: &str = "endpoints_log";
 /// handed to the background aggregator after the response has been sent.
 #[derive(Debug, Clone, Default)]
 pub struct RequestRecord {
+    /// `projects/P/traces/T` of a traced request: ESPv2 puts it in the log entry's `trace`.
+    pub trace: Option<String>,
     pub service_name: String,
     pub service_config_id: String,
     pub producer_project_id: String,
@@ -1024,6 +1026,7 @@ fn espv2_log_entry(r: &RequestRecord, statics: &StaticLabels) -> LogEntry {
             "INFO"
         }
         .to_string(),
+        trace: r.trace.clone().unwrap_or_default(),
         struct_payload: Some(payload),
         http_request: Some(HttpRequest {
             request_method: r.http_method.clone(),

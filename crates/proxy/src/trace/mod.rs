@@ -174,6 +174,9 @@ pub struct Tracer {
     queue: export::Queue,
     /// `trace.cloud.google.com/agent` (ESP) or `g.co/agent` (ESPv2) on every span.
     agent: String,
+    /// The tracing project, for ESPv2's report field `trace: projects/P/traces/T` (empty:
+    /// reports name no trace).
+    report_project: String,
 }
 
 impl std::fmt::Debug for Tracer {
@@ -216,7 +219,14 @@ impl Tracer {
             settings,
             queue,
             agent,
+            report_project: String::new(),
         }
+    }
+
+    /// The tracing project ESPv2's reports name traces in.
+    pub fn with_report_project(mut self, project: String) -> Self {
+        self.report_project = project;
+        self
     }
 
     /// Traced spans dropped because the export queue was full.
@@ -332,6 +342,14 @@ impl Recorder {
     fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> Option<R> {
         // A poisoned lock loses this trace's spans, never the request.
         self.inner.lock().ok().map(|mut i| f(&mut i))
+    }
+
+    /// `projects/P/traces/T` for ESPv2's report (`None` for ESP, whose reports carry no trace,
+    /// or without a tracing project).
+    pub fn trace_name(&self) -> Option<String> {
+        let p = &self.tracer.report_project;
+        (self.tracer.dialect == Dialect::EspV2 && !p.is_empty())
+            .then(|| format!("projects/{p}/traces/{}", context::hex(&self.trace_id)))
     }
 
     /// The root span's name, once the operation is known.
