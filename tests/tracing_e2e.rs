@@ -144,6 +144,10 @@ fn world(dir: &Path) -> World {
             "rules": [{"selector": "e2e.Api.Jwt", "requirements": [{"providerId": "p1"}]}],
         },
         "quota": {"metricRules": [{"selector": "e2e.Api.Jwt", "metricCosts": {"reads": "1"}}]},
+        // The request log, so reports carry their log entries (ESPv2's `trace` is in them).
+        "logs": [{"name": "endpoints_log"}],
+        "logging": {"producerDestinations": [
+            {"monitoredResource": "api", "logs": ["endpoints_log"]}]},
     });
     std::fs::write(&config, cfg.to_string()).expect("config");
     let key = common::espv2::service_account_key(dir);
@@ -573,7 +577,12 @@ fn report_entry(seen: &Mutex<Seen>, url: &str, log: &dyn Fn() -> String) -> Valu
         if let Some(e) = found {
             return e;
         }
-        assert!(Instant::now() < deadline, "no report for {url}\n{}", log());
+        assert!(
+            Instant::now() < deadline,
+            "no report for {url}; reports seen: {:?}\n{}",
+            seen.lock().unwrap().reports,
+            log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
