@@ -57,26 +57,12 @@ impl FrameCounter {
 /// Envoy's `Grpc::Utility::grpcToHttpStatus`, which ESPv2 reports as `/response_code` for a
 /// gRPC response: `None` for a code that is not canonical (ESPv2 then keeps the HTTP status).
 pub fn http_status(code: u32) -> Option<u16> {
-    Some(match code {
-        0 => 200,
-        1 => 499,
-        2 => 500,
-        3 => 400,
-        4 => 504,
-        5 => 404,
-        6 => 409,
-        7 => 403,
-        8 => 429,
-        9 => 400,
-        10 => 409,
-        11 => 400,
-        12 => 501,
-        13 => 500,
-        14 => 503,
-        15 => 500,
-        16 => 401,
-        _ => return None,
-    })
+    // One table for reports and transcoding: the transcoder's, which maps what is not
+    // canonical to 500 where a report keeps the HTTP status instead.
+    i32::try_from(code)
+        .ok()
+        .filter(|c| *c <= 16)
+        .map(portico_transcode::status::grpc_to_http)
 }
 
 /// The status's name as ESPv2's log entries write it (`grpc_status_code`: `OK`, `NotFound`);
