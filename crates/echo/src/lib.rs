@@ -252,7 +252,7 @@ pub mod cli {
             let local = listener.local_addr().unwrap_or(addr);
             tracing::info!(%local, "echo sample listening");
             let shutdown = async {
-                shutdown_signal().await;
+                portico_listen::shutdown_signal().await;
                 tracing::info!("shutting down");
             };
             match super::serve_with_shutdown(listener, shutdown).await {
@@ -263,28 +263,6 @@ pub mod cli {
                 }
             }
         })
-    }
-
-    /// Ctrl-C or SIGTERM (what `kill`, Kubernetes and `portico up` send).
-    async fn shutdown_signal() {
-        let ctrl_c = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
-        #[cfg(unix)]
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let term = std::future::pending::<()>();
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term => {}
-        }
     }
 }
 

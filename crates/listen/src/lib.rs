@@ -577,6 +577,29 @@ pub async fn serve<F, S, B>(
     while conns.join_next().await.is_some() {}
 }
 
+/// Ctrl-C or SIGTERM (what `kill`, Kubernetes and `portico up` send): the samples' servers
+/// (`portico echo`, `portico bookstore`) end on either.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
