@@ -10,8 +10,14 @@
 #   portico-nopolicy  portico esp --service_json_path (no Service Control): route + forward
 #   portico-key       API key required: check + report through a control plane (portico up)
 #   portico-v2-key    the same service, control plane and key behind `portico espv2` (ESPv2's
-#                     dialect); the table prints its req/s over portico-key's
+#                     dialect), tracing at ESPv2's default --tracing_sample_rate=0.001 into the
+#                     control plane; the table prints its req/s over portico-key's
 #   portico-quota     API key + quota (allocateQuota) + report (a second portico up)
+#   portico-v2-notrace  portico-v2-key with --disable_tracing: the table prints portico-v2-key's
+#                     req/s over it: what tracing costs when almost no request is sampled
+#   baseline-v2-key   only with BENCH_BASELINE_BIN=<an older portico binary>: the same espv2
+#                     command from that build, e.g. one from before tracing existed, so "before"
+#                     and "after" are measured in one run on one machine
 # Access logs are off for nginx and for Portico.
 #
 # Measured: for BENCH_ROUNDS interleaved rounds x each target x each of BENCH_CONNS connection
@@ -22,7 +28,8 @@
 #
 # Nothing is installed: missing tools are named and the script exits 2.
 # Knobs: BENCH_ROUNDS (3), BENCH_DURATION (8), BENCH_CONNS ("50 256"), BENCH_KEEP=1 keeps the
-# work directory, BENCH_NO_BUILD=1 uses the existing release binary.
+# work directory, BENCH_NO_BUILD=1 uses the existing release binary, BENCH_BASELINE_BIN adds
+# the baseline-v2-key target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -56,6 +63,11 @@ else
     cargo build --release --bin portico --quiet
 fi
 BIN="$ROOT/target/release/portico"
+BASELINE_BIN=${BENCH_BASELINE_BIN:-}
+if [[ -n "$BASELINE_BIN" && ! -x "$BASELINE_BIN" ]]; then
+    echo "bench: BENCH_BASELINE_BIN=$BASELINE_BIN is not an executable" >&2
+    exit 2
+fi
 
 # shellcheck source=lib/common.sh
 source "$ROOT/bench/lib/common.sh"
@@ -125,12 +137,30 @@ wait_http "http://127.0.0.1:$KEY_PORT/bench" 401
 # --- the same service behind `portico espv2` (ESPv2's dialect), same control plane and key -----
 V2_PORT=$(free_port)
 "$BIN" espv2 --service="$KEY_SERVICE" --rollout_strategy=managed --listener_port="$V2_PORT" \
-    --backend="http://127.0.0.1:$BACKEND_PORT" --non_gcp \
+    --backend="http://127.0.0.1:$BACKEND_PORT" --non_gcp --tracing_project_id=bench-proj \
     --service_account_key="$WORK/key/service-account-creds.json" >"$WORK/espv2-key.log" 2>&1 &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$V2_PORT/bench?key=$KEY_KEY" 200
 wait_http "http://127.0.0.1:$V2_PORT/bench" 401
-log "portico: nopolicy :$NP_PORT, key :$KEY_PORT, quota :$Q_PORT, espv2 key :$V2_PORT"
+# Tracing's cost for unsampled requests: the same command with tracing off...
+V2NT_PORT=$(free_port)
+"$BIN" espv2 --service="$KEY_SERVICE" --rollout_strategy=managed --listener_port="$V2NT_PORT" \
+    --backend="http://127.0.0.1:$BACKEND_PORT" --non_gcp --disable_tracing \
+    --service_account_key="$WORK/key/service-account-creds.json" >"$WORK/espv2-notrace.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$V2NT_PORT/bench?key=$KEY_KEY" 200
+# ...and, when asked, the same command from an older build.
+if [[ -n "$BASELINE_BIN" ]]; then
+    BASE_PORT=$(free_port)
+    "$BASELINE_BIN" espv2 --service="$KEY_SERVICE" --rollout_strategy=managed --listener_port="$BASE_PORT" \
+        --backend="http://127.0.0.1:$BACKEND_PORT" --non_gcp \
+        --service_account_key="$WORK/key/service-account-creds.json" >"$WORK/espv2-baseline.log" 2>&1 &
+    PIDS+=($!)
+    wait_http "http://127.0.0.1:$BASE_PORT/bench?key=$KEY_KEY" 200
+    wait_http "http://127.0.0.1:$BASE_PORT/bench" 401
+    log "baseline espv2 ($BASELINE_BIN, $("$BASELINE_BIN" --version 2>/dev/null | head -1)) :$BASE_PORT"
+fi
+log "portico: nopolicy :$NP_PORT, key :$KEY_PORT, quota :$Q_PORT, espv2 key :$V2_PORT, espv2 no tracing :$V2NT_PORT"
 
 declare -A URL=(
     [nginx]="http://127.0.0.1:$NGINX_PORT/bench"
@@ -138,8 +168,13 @@ declare -A URL=(
     [portico-key]="http://127.0.0.1:$KEY_PORT/bench?key=$KEY_KEY"
     [portico-quota]="http://127.0.0.1:$Q_PORT/bench?key=$Q_KEY"
     [portico-v2-key]="http://127.0.0.1:$V2_PORT/bench?key=$KEY_KEY"
+    [portico-v2-notrace]="http://127.0.0.1:$V2NT_PORT/bench?key=$KEY_KEY"
 )
-TARGETS=(nginx portico-nopolicy portico-key portico-v2-key portico-quota)
+TARGETS=(nginx portico-nopolicy portico-key portico-v2-key portico-v2-notrace portico-quota)
+if [[ -n "$BASELINE_BIN" ]]; then
+    URL[baseline-v2-key]="http://127.0.0.1:$BASE_PORT/bench?key=$KEY_KEY"
+    TARGETS+=(baseline-v2-key)
+fi
 
 # Warm every path (connections, check caches, JWKS-free) before measuring.
 for t in "${TARGETS[@]}"; do

@@ -62,6 +62,8 @@ flags:
   --access-log DEST       the proxy's access log: a file, or off   [.portico/logs/esp.log]
   --grpc                  the gRPC sample instead: the Bookstore (portico bookstore) behind
                           the proxy's h2c port (--port is then ESP's --http2_port)
+  --http-port N           with --grpc: the proxy's HTTP/1.1 port (ESP's --http_port), where
+                          HTTP/JSON calls are transcoded to gRPC and gRPC-Web is served  [8083]
 ";
 
 #[derive(Debug, Clone)]
@@ -76,6 +78,8 @@ struct Options {
     backend: Option<String>,
     access_log: Option<String>,
     grpc: bool,
+    /// With `grpc`: ESP's `--http_port`, where curl's HTTP/JSON calls are transcoded.
+    http_port: Option<u16>,
 }
 
 fn parse(args: &[OsString]) -> Result<Option<Options>> {
@@ -90,6 +94,7 @@ fn parse(args: &[OsString]) -> Result<Option<Options>> {
         backend: None,
         access_log: None,
         grpc: false,
+        http_port: None,
     };
     let mut it = args
         .iter()
@@ -125,8 +130,15 @@ fn parse(args: &[OsString]) -> Result<Option<Options>> {
             "--backend" => o.backend = Some(value(&name)?),
             "--access-log" => o.access_log = Some(value(&name)?),
             "--grpc" if inline.is_none() => o.grpc = true,
+            "--http-port" => o.http_port = Some(port(value(&name)?, &name)?),
             _ => bail!("unknown flag {arg:?}\n\n{USAGE}"),
         }
+    }
+    if o.http_port.is_some() && !o.grpc {
+        bail!("--http-port is the gRPC sample's HTTP/JSON port; it needs --grpc (without --grpc, --port is the HTTP port)");
+    }
+    if o.grpc && o.http_port.is_none() {
+        o.http_port = Some(8083);
     }
     if o.grpc && (o.openapi.is_some() || o.backend.is_some()) {
         bail!(
@@ -862,10 +874,16 @@ async fn run(opts: Options, children: &mut Children) -> Result<()> {
     if opts.backend.is_none() {
         opts.backend_port = claim_port(opts.backend_port, "--backend-port")?;
     }
-    let ports = [opts.port, opts.status_port, opts.control_plane_port];
+    if let Some(p) = opts.http_port {
+        opts.http_port = Some(claim_port(p, "--http-port")?);
+    }
+    let ports: Vec<u16> = [opts.port, opts.status_port, opts.control_plane_port]
+        .into_iter()
+        .chain(opts.http_port)
+        .collect();
     for (i, p) in ports.iter().enumerate() {
         if ports[i + 1..].contains(p) || (opts.backend.is_none() && *p == opts.backend_port) {
-            bail!("port {p} is given twice; pass distinct --port, --status-port, --control-plane-port and --backend-port");
+            bail!("port {p} is given twice; pass distinct --port, --status-port, --control-plane-port, --backend-port (and --http-port)");
         }
     }
 
@@ -953,11 +971,17 @@ async fn run(opts: Options, children: &mut Children) -> Result<()> {
         // Trace the sample's requests (Portico's knob for ESP's `minimum_qps`).
         format!("--cloud_trace_minimum_qps={TRACES_PER_SECOND}"),
     ];
+    if let Some(p) = opts.http_port {
+        esp_args.push(format!("--http_port={p}"));
+    }
     if let Some(dest) = &opts.access_log {
         esp_args.push(format!("--access_log={dest}"));
     }
     children.spawn("esp", &esp_args, &logs)?;
     wait_proxy_ready(children, opts.port, opts.grpc).await?;
+    if let Some(p) = opts.http_port {
+        wait_listening(children, p, "the proxy's HTTP/JSON port").await?;
+    }
 
     print_summary(&opts, &api.base, &token_path, &logs, &d, &backend);
 
@@ -1029,7 +1053,13 @@ fn print_summary(opts: &Options, cp: &str, token: &Path, logs: &Path, d: &Deploy
         out.push_str(&format!("  backend        http://{backend}\n"));
     }
     let proxy_shown = if opts.grpc {
-        format!("127.0.0.1:{} (h2c, for gRPC)", opts.port)
+        match opts.http_port {
+            Some(h) => format!(
+                "127.0.0.1:{} (h2c, for gRPC), http://127.0.0.1:{h} (HTTP/JSON, gRPC-Web)",
+                opts.port
+            ),
+            None => format!("127.0.0.1:{} (h2c, for gRPC)", opts.port),
+        }
     } else {
         proxy.clone()
     };
@@ -1060,6 +1090,19 @@ fn print_summary(opts: &Options, cp: &str, token: &Path, logs: &Path, d: &Deploy
             d.api_key
         ));
         out.push_str("Without the key the proxy answers grpc-status 16 (UNAUTHENTICATED).\n\n");
+        if let Some(h) = opts.http_port {
+            out.push_str(
+                "HTTP/JSON calls are transcoded to gRPC by the proxy (the proto's google.api.http rules):\n",
+            );
+            out.push_str(&format!(
+                "  curl \"http://127.0.0.1:{h}/v1/shelves/100?key={}\"\n",
+                d.api_key
+            ));
+            out.push_str(&format!(
+                "  curl --request POST --header \"content-type:application/json\" --data '{{\"theme\":\"Poetry\"}}' \"http://127.0.0.1:{h}/v1/shelves?key={}\"\n\n",
+                d.api_key
+            ));
+        }
     } else if opts.openapi.is_none() {
         out.push_str("Without an API key the proxy refuses the call (401):\n");
         out.push_str(&format!("  curl --request POST {body} {proxy}/echo\n\n"));

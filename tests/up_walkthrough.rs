@@ -573,7 +573,8 @@ fn up_grpc_serves_the_bookstore() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let ports = [free_port(), free_port(), free_port(), free_port()];
-    let up = start_up_with(dir.path(), ports, &["--grpc"]);
+    let http_port = free_port().to_string();
+    let up = start_up_with(dir.path(), ports, &["--grpc", "--http-port", &http_port]);
     assert!(
         up.stdout
             .contains("bookstore.endpoints.demo-proj.cloud.goog"),
@@ -605,6 +606,42 @@ fn up_grpc_serves_the_bookstore() {
     assert!(
         !out.status.success() && stderr.contains("UNAUTHENTICATED"),
         "{keyless}\nstderr: {stderr}"
+    );
+    // The printed curl lines: HTTP/JSON transcoded to the same backend, on --http-port.
+    let curls: Vec<&str> = up
+        .stdout
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("curl ") && l.contains(&format!(":{http_port}/v1/shelves")))
+        .collect();
+    assert_eq!(curls.len(), 2, "two transcoding curl lines:\n{}", up.stdout);
+    let with_status = |cmd: &str| {
+        run(&format!(
+            "{cmd} --silent --write-out ' HTTP=%{{http_code}}'"
+        ))
+    };
+    let out = with_status(curls[0]);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains(r#""theme":"Kids""#) && body.ends_with("HTTP=200"),
+        "{}\n{body}\nlogs:\n{}",
+        curls[0],
+        logs(dir.path())
+    );
+    let out = with_status(curls[1]);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains(r#""theme":"Poetry""#) && body.ends_with("HTTP=200"),
+        "{}\n{body}",
+        curls[1]
+    );
+    // Without the key: ESP's JSON error for an HTTP caller, not a gRPC status.
+    let keyless = curls[0].split("?key=").next().expect("url").to_string() + "\"";
+    let out = with_status(&keyless);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains(r#""code": 16"#) && body.ends_with("HTTP=401"),
+        "{keyless}\n{body}"
     );
     drop(up);
 }

@@ -44,7 +44,8 @@ for name in sorted(os.listdir(d)):
     if m:
         runs.setdefault((m.group(2), int(m.group(3))), []).append(parse(os.path.join(d, name)))
 
-order = ["nginx", "portico-nopolicy", "portico-key", "portico-v2-key", "portico-quota"]
+order = ["nginx", "portico-nopolicy", "portico-key", "portico-v2-key", "portico-v2-notrace", "portico-quota",
+         "baseline-v2-key"]
 conns = sorted({c for _, c in runs})
 print(f"{'target':<18} {'conns':>5} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'x nginx':>8} {'errors':>7}")
 for c in conns:
@@ -64,4 +65,13 @@ for c in conns:
     if v1 and v2:
         ratio = statistics.median(r["rps"] for r in v2) / statistics.median(r["rps"] for r in v1)
         print(f"{'':<18} {'':>5} (espv2 dialect / esp dialect, same key check: {ratio:.2f})")
+    def median_rps(target):
+        rs = runs.get((target, c))
+        return statistics.median(r["rps"] for r in rs) if rs else None
+
+    traced, untraced, before = (median_rps(t) for t in ("portico-v2-key", "portico-v2-notrace", "baseline-v2-key"))
+    if traced and untraced:
+        print(f"{'':<18} {'':>5} (espv2 tracing on, rate 0.001 / --disable_tracing: {traced / untraced:.2f})")
+    if traced and before:
+        print(f"{'':<18} {'':>5} (espv2 this build / the baseline build: {traced / before:.2f})")
     print(f"{'':<18} {'':>5} (nginx p99 {base_p99:.2f} ms; {len(base or [])} rounds, medians)")

@@ -78,6 +78,11 @@ pub struct ConfigSourceOptions {
     pub fetch_attempts: u32,
     /// What start-up flags forbid in a config (beyond what no config may hold).
     pub rules: ConfigRules,
+    /// Ask for each config with `?view=FULL`, as ESPv2's config manager does: only that view
+    /// carries `sourceInfo`, where a gRPC service's descriptor set (which the transcoder and
+    /// gRPC-Web need) is kept. ESP v1 asks the BASIC view and transcodes from `types[]`, which
+    /// Portico's configs do not carry, so `portico esp` asks for the FULL view too.
+    pub full_view: bool,
 }
 
 /// Refusals that depend on how the proxy was started, applied to every config it loads.
@@ -126,6 +131,7 @@ impl ConfigSourceOptions {
             request_timeout: Duration::from_secs(5),
             fetch_attempts: 5,
             rules: ConfigRules::default(),
+            full_view: false,
         }
     }
 
@@ -339,6 +345,7 @@ struct ManagementClient {
     tokens: TokenSource,
     attempts: u32,
     rules: ConfigRules,
+    full_view: bool,
 }
 
 impl ManagementClient {
@@ -354,6 +361,7 @@ impl ManagementClient {
             tokens: TokenSource::with_metadata(opts.credentials.clone(), opts.metadata.clone()),
             attempts: opts.fetch_attempts.max(1),
             rules: opts.rules,
+            full_view: opts.full_view,
         })
     }
 
@@ -416,9 +424,10 @@ impl ManagementClient {
 
     async fn fetch_config(&self, config_id: &str) -> Result<Service, ConfigSourceError> {
         let url = format!(
-            "{}/configs/{}",
+            "{}/configs/{}{}",
             self.service_path(),
-            percent_encoding::utf8_percent_encode(config_id, PATH_SEGMENT)
+            percent_encoding::utf8_percent_encode(config_id, PATH_SEGMENT),
+            if self.full_view { "?view=FULL" } else { "" }
         );
         let body = self.get_json(&url).await?;
         let mut config = parse_service(&body, &url, &self.service, &self.rules)?;

@@ -1024,6 +1024,8 @@ pub fn run(settings: Settings) -> ExitCode {
             opts.request_timeout = t;
         }
         opts.rules.require_jwks_uri = settings.disable_oidc_discovery;
+        // Both dialects: a gRPC service's descriptor set is only in the FULL view.
+        opts.full_view = true;
         let notifier = config_source::RolloutNotifier::new();
         opts.rollout_notifier = Some(notifier.clone());
         let rollouts = match config_source::start(opts).await {

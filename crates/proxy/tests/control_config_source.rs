@@ -114,6 +114,26 @@ async fn fixed_version_fetches_that_config_with_a_verifiable_token() {
     );
 }
 
+/// The proxies ask for the FULL view (ESPv2's config manager does): only it carries
+/// `sourceInfo`, where a gRPC service's descriptor set is kept for the transcoder.
+#[tokio::test]
+async fn full_view_is_asked_when_set() {
+    let peer = FakePeer::start(management(Arc::new(Mutex::new(vec![])))).await;
+    let mut o = opts(&peer);
+    o.version = Some("2026-11-22r3".into());
+    o.full_view = true;
+    let rx = tokio::time::timeout(Duration::from_secs(10), config_source::start(o))
+        .await
+        .expect("in time")
+        .expect("start");
+    assert_eq!(rx.borrow().configs[0].0.id, "2026-11-22r3");
+    let uris: Vec<String> = peer.requests().iter().map(|r| r.uri.clone()).collect();
+    assert_eq!(
+        uris,
+        vec![format!("/v1/services/{SVC}/configs/2026-11-22r3?view=FULL")]
+    );
+}
+
 #[tokio::test]
 async fn latest_rollout_fetches_every_config_in_the_split() {
     let rollouts = Arc::new(Mutex::new(vec![
