@@ -264,7 +264,7 @@ pub const FLAGS: &[(&str, Support)] = &[
         Ignored("Portico sends no x-envoy-* headers"),
     ),
     ("--enable_grpc_for_http1", NotYet(18)),
-    ("--min_stream_report_interval_ms", NotYet(18)),
+    ("--min_stream_report_interval_ms", Implemented),
     ("--client_ip_from_forwarded_header", Implemented),
     ("--backend_cluster_maximum_requests", Implemented),
     ("--generated_header_prefix", Implemented),
@@ -707,6 +707,33 @@ fn int_flag(flag: &str, v: Option<&str>) -> Result<Option<i64>, ArgError> {
             .parse::<i64>()
             .map(Some)
             .map_err(|_| ArgError::v2(format!("argument {flag}: invalid int value: '{s}'"))),
+    }
+}
+
+/// ESPv2's `--min_stream_report_interval_ms` default (its Service Control filter's).
+pub const DEFAULT_MIN_STREAM_REPORT_INTERVAL_MS: u64 = 10_000;
+
+/// `--min_stream_report_interval_ms`, checked as ESPv2 checks it: an unsigned number (its
+/// config manager's `flag.Uint64`), 0 for the default, and otherwise at least 100 (its Service
+/// Control filter refuses the config below that, with the words kept here). ESPv2 then keeps
+/// the value and never reads it: no intermediate reports are sent (docs/grpc.md), so neither
+/// does Portico, and the value itself is not kept.
+fn min_stream_report_interval(v: Option<&str>) -> Result<u64, ArgError> {
+    let Some(s) = v else {
+        return Ok(DEFAULT_MIN_STREAM_REPORT_INTERVAL_MS);
+    };
+    match s.trim().parse::<u64>() {
+        Ok(0) => Ok(DEFAULT_MIN_STREAM_REPORT_INTERVAL_MS),
+        Ok(n) if n < 100 => Err(ArgError::v2(format!(
+            "invalid --min_stream_report_interval_ms '{s}': min_stream_report_interval_ms must \
+             be larger than: 100"
+        ))),
+        Ok(n) => Ok(n),
+        Err(_) => Err(ArgError::v2(format!(
+            "invalid --min_stream_report_interval_ms '{s}': give a whole number of \
+             milliseconds, 0 (the default, {DEFAULT_MIN_STREAM_REPORT_INTERVAL_MS}) or from \
+             100 up"
+        ))),
     }
 }
 
@@ -1465,6 +1492,7 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
             codes
         }
     };
+    min_stream_report_interval(a.min_stream_report_interval_ms.as_deref())?;
     let per_try_timeout = match a.backend_per_try_timeout.as_deref() {
         None => None,
         Some(t) => Some(go_duration(t.trim()).map_err(|why| {
@@ -2741,7 +2769,6 @@ mod tests {
             "1",
             "--envoy_connection_buffer_limit_bytes=1024",
             "--enable_backend_routing",
-            "--min_stream_report_interval_ms=5",
             "--suppress_envoy_headers",
             "--http_request_timeout_s=7",
         ])
@@ -2754,13 +2781,48 @@ mod tests {
                 "--suppress_envoy_headers"
             ]
         );
-        assert_eq!(
-            s.not_implemented_flags,
-            vec!["--min_stream_report_interval_ms"]
-        );
+        assert!(s.not_implemented_flags.is_empty());
         // --http_request_timeout_s is ESPv2's timeout for its own calls, never the backend's.
         assert_eq!(s.backend_timeout, Duration::from_secs(15));
         assert_eq!(s.http_request_timeout, Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn min_stream_report_interval_is_checked_as_espv2_checks_it() {
+        for ok in ["0", "100", "250", "18446744073709551615"] {
+            p(&[
+                "-s",
+                "svc",
+                "-v",
+                "1",
+                &format!("--min_stream_report_interval_ms={ok}"),
+            ])
+            .unwrap_or_else(|e| panic!("{ok}: {}", e.message));
+        }
+        assert_eq!(min_stream_report_interval(None).unwrap(), 10_000);
+        assert_eq!(min_stream_report_interval(Some("0")).unwrap(), 10_000);
+        assert_eq!(min_stream_report_interval(Some("250")).unwrap(), 250);
+        assert_eq!(
+            err(&["-s", "svc", "-v", "1", "--min_stream_report_interval_ms=99"]),
+            "invalid --min_stream_report_interval_ms '99': min_stream_report_interval_ms must \
+             be larger than: 100"
+        );
+        for bad in ["-1", "abc", "1.5", "", "18446744073709551616", "1e3"] {
+            assert_eq!(
+                err(&[
+                    "-s",
+                    "svc",
+                    "-v",
+                    "1",
+                    &format!("--min_stream_report_interval_ms={bad}")
+                ]),
+                format!(
+                    "invalid --min_stream_report_interval_ms '{bad}': give a whole number of \
+                     milliseconds, 0 (the default, 10000) or from 100 up"
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
