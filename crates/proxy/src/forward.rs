@@ -292,6 +292,13 @@ impl Forwarder {
         self
     }
 
+    /// Not counted in the backend's requests in flight: the proxy's own calls (its gRPC
+    /// health checks), which Envoy's circuit breakers do not count either.
+    pub fn without_cluster_limit(mut self) -> Forwarder {
+        self.cluster = None;
+        self
+    }
+
     /// Connections open to the backend (busy and idle), for HTTP/1.1 backends.
     pub fn open_connections(&self) -> Option<usize> {
         match &*self.upstream {

@@ -280,6 +280,9 @@ pub struct Settings {
     /// file, the proxy's own access tokens come from it.
     pub metadata: Option<String>,
     pub healthz: Option<String>,
+    /// ESPv2's `--health_check_grpc_backend*`: `--healthz` answers 503 while the `grpc://`
+    /// backend's `grpc.health.v1.Health/Check` says it is not serving ([`crate::grpc_health`]).
+    pub grpc_backend_health: Option<crate::grpc_health::HealthCheckSettings>,
     pub non_gcp: bool,
     pub service_json_path: Option<PathBuf>,
     pub management: Option<String>,

@@ -104,12 +104,12 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--backend_retry_on_status_codes", Implemented),
     ("--backend_retry_num", Implemented),
     ("--backend_per_try_timeout", Implemented),
-    ("--health_check_grpc_backend", NotYet(18)),
-    ("--health_check_grpc_backend_service", NotYet(18)),
-    ("--health_check_grpc_backend_interval", NotYet(18)),
+    ("--health_check_grpc_backend", Implemented),
+    ("--health_check_grpc_backend_service", Implemented),
+    ("--health_check_grpc_backend_interval", Implemented),
     (
         "--health_check_grpc_backend_no_traffic_interval",
-        NotYet(18),
+        Implemented,
     ),
     // Listener and TLS.
     ("--listener_port", Implemented),
@@ -806,6 +806,58 @@ pub fn go_duration(s: &str) -> Result<std::time::Duration, &'static str> {
     Ok(std::time::Duration::from_nanos(total as u64))
 }
 
+/// The longest `--health_check_grpc_backend_interval` and `..._no_traffic_interval` taken
+/// (Portico's bound: a day between checks is no health checking at all).
+pub const MAX_HEALTH_CHECK_INTERVAL: std::time::Duration =
+    std::time::Duration::from_secs(24 * 3600);
+
+/// `--health_check_grpc_backend` and its three settings (start_proxy.py already refused them
+/// without it, or without a `grpc` backend). The durations are Go durations, as ESPv2's config
+/// manager reads them; Envoy refuses a zero or negative interval, and so does Portico.
+fn grpc_backend_health(
+    a: &Espv2Args,
+) -> Result<Option<crate::grpc_health::HealthCheckSettings>, ArgError> {
+    use crate::grpc_health::{self as health, HealthCheckSettings};
+    if !a.health_check_grpc_backend {
+        return Ok(None);
+    }
+    let duration = |flag: &str, v: Option<&str>, default| match v {
+        None => Ok(default),
+        Some(t) => go_duration(t.trim())
+            .map_err(str::to_string)
+            .and_then(|d| {
+                if d.is_zero() {
+                    Err("it must be above 0".to_string())
+                } else if d > MAX_HEALTH_CHECK_INTERVAL {
+                    Err("it must be at most 24h".to_string())
+                } else {
+                    Ok(d)
+                }
+            })
+            .map_err(|why| {
+                ArgError::v2(format!(
+                    "invalid {flag} '{t}': {why}; give a duration such as 1s or 500ms"
+                ))
+            }),
+    };
+    Ok(Some(HealthCheckSettings {
+        service: a
+            .health_check_grpc_backend_service
+            .clone()
+            .unwrap_or_default(),
+        interval: duration(
+            "--health_check_grpc_backend_interval",
+            a.health_check_grpc_backend_interval.as_deref(),
+            health::DEFAULT_INTERVAL,
+        )?,
+        no_traffic_interval: duration(
+            "--health_check_grpc_backend_no_traffic_interval",
+            a.health_check_grpc_backend_no_traffic_interval.as_deref(),
+            health::DEFAULT_NO_TRAFFIC_INTERVAL,
+        )?,
+    }))
+}
+
 /// ESPv2's `DependencyErrorBehavior` names, as its config manager reads them (exact case).
 /// `UNSPECIFIED` is each filter's default, which blocks.
 pub fn parse_dependency_error_behavior(v: &str) -> Result<DependencyErrorBehavior, String> {
@@ -1223,6 +1275,7 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     let tracing = tracing_settings(&a)?;
     let port = enforce_conflicts(&a)?;
     let backend_net = backend_net(&a)?;
+    let grpc_backend_health = grpc_backend_health(&a)?;
     let port = u16::try_from(port).map_err(|_| {
         ArgError::v2(format!(
             "Port {port} is not a TCP port: use a port from 1024 to 65535."
@@ -1583,6 +1636,7 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     }
     settings.status_port = status_port;
     settings.healthz = healthz;
+    settings.grpc_backend_health = grpc_backend_health;
     // A per-try timeout bounds each attempt even when nothing is retried, as in Envoy.
     settings.backend_net = backend_net;
     settings.backend_address_override = a.enable_backend_address_override;

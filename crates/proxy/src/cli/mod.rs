@@ -1065,6 +1065,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         service_account_key: a.service_account_key,
         metadata,
         healthz: a.healthz,
+        grpc_backend_health: None,
         non_gcp: a.non_gcp,
         service_json_path: a.service_json_path,
         management: a.management,

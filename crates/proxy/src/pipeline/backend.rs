@@ -116,6 +116,9 @@ impl Pipeline {
             // A backend rule without an address bounds the call to `--backend` by its deadline,
             // and picks its HTTP version when that is not `--backend`'s own.
             None => {
+                if let Some(h) = &self.state.backend_health {
+                    h.note_traffic();
+                }
                 let local = report
                     .as_ref()
                     .and_then(|r| r.method.as_ref())

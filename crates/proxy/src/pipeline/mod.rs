@@ -133,6 +133,9 @@ pub struct ProxyState {
     /// Header rules or `--envoy_use_remote_address` need the connection's facts per request.
     keep_conn_facts: bool,
     healthz_path: Option<String>,
+    /// The gRPC backend's health (`--health_check_grpc_backend`), which `--healthz` answers
+    /// with; `None`: not checked.
+    pub backend_health: Option<Arc<crate::grpc_health::BackendHealth>>,
 }
 
 impl ProxyState {
@@ -186,6 +189,7 @@ impl ProxyState {
             response_rules_read,
             keep_conn_facts,
             healthz_path,
+            backend_health: None,
         }
     }
 

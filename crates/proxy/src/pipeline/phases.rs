@@ -189,7 +189,12 @@ impl Pipeline {
 
         // nginx's exact-match health location and CORS preflight run before ESP.
         if st.healthz_path.as_deref() == Some(request_head::path_of(normalized)) {
-            let resp = Response::new(ProxyBody::empty());
+            let mut resp = Response::new(ProxyBody::empty());
+            // Envoy's health-check filter with `cluster_min_healthy_percentages` 100 for the
+            // backend (ESPv2 under --health_check_grpc_backend): 503 while it is unhealthy.
+            if st.backend_health.as_ref().is_some_and(|h| !h.is_healthy()) {
+                *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
             let mut resp = self.finalize(resp, &ctx, normalized.to_string(), None, None, None);
             resp.body_mut().mark_health_check();
             return Err(resp);

@@ -129,6 +129,9 @@ impl Pipeline {
         let (forwarder, deadline) = match routed {
             Some(r) => (r.target.forwarder.clone(), r.target.deadline),
             None => {
+                if let Some(h) = &self.state.backend_health {
+                    h.note_traffic();
+                }
                 let local = report
                     .and_then(|r| r.method.as_ref())
                     .and_then(|m| m.local_backend.as_ref());
