@@ -259,6 +259,24 @@ impl Services {
 /// The gRPC path prefix of the standard health service.
 pub const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
 
+/// A request that is not gRPC (its `content-type` does not start with `application/grpc`) is
+/// refused as the gRPC HTTP/2 spec asks ("SHOULD respond with HTTP status of 415") and as
+/// grpc-go does it: HTTP 415 with a trailers-only INVALID_ARGUMENT naming the content type.
+/// tonic itself would try to decode such a body; ESPv2's tests rely on the 415 (an HTTP/JSON
+/// call its transcoder passes on untranscoded).
+pub fn refuse_non_grpc(headers: &HeaderMap) -> Option<http::Response<tonic::body::Body>> {
+    let ct = headers.get(http::header::CONTENT_TYPE);
+    if ct.is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")) {
+        return None;
+    }
+    let shown = ct.map_or_else(String::new, |v| {
+        String::from_utf8_lossy(v.as_bytes()).into_owned()
+    });
+    let mut resp = trailers_only(3, &format!("invalid gRPC request content-type {shown:?}"));
+    *resp.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+    Some(resp)
+}
+
 /// Serves one request: control metadata first, then the tonic service.
 pub async fn handle<B>(
     req: http::Request<B>,
@@ -268,6 +286,9 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
+    if let Some(refusal) = refuse_non_grpc(req.headers()) {
+        return refusal;
+    }
     let control = match parse(req.headers()) {
         Ok(c) => c,
         Err(e) => return trailers_only(3, &e.0),
@@ -470,6 +491,25 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(e.0.contains("at most 256 bytes"), "{}", e.0);
+    }
+
+    #[test]
+    fn only_grpc_content_types_are_served() {
+        for ok in ["application/grpc", "application/grpc+proto"] {
+            assert!(refuse_non_grpc(&headers(&[("content-type", ok)])).is_none());
+        }
+        let r = refuse_non_grpc(&headers(&[("content-type", "application/json")])).unwrap();
+        assert_eq!(r.status(), 415);
+        assert_eq!(r.headers()["grpc-status"], "3");
+        assert_eq!(
+            r.headers()["grpc-message"],
+            "invalid gRPC request content-type \"application/json\""
+        );
+        let r = refuse_non_grpc(&HeaderMap::new()).unwrap();
+        assert_eq!(
+            r.headers()["grpc-message"],
+            "invalid gRPC request content-type \"\""
+        );
     }
 
     #[test]

@@ -1777,7 +1777,6 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
         query_parameters_disable_unescape_plus: a
             .transcoding_query_parameters_disable_unescape_plus,
         match_unregistered_custom_verb: a.transcoding_match_unregistered_custom_verb,
-        disallow_colon_in_wildcard_path_segment: a.disallow_colon_in_wildcard_path_segment,
     };
     Ok(settings)
 }

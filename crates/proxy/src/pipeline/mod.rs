@@ -448,7 +448,13 @@ impl Pipeline {
         // 5. forward; 6. respond and 7. report follow from the backend's answer.
         // Calls a gRPC backend cannot take as they came are rewritten (`transcode.rs`); boxed,
         // so their state is not part of every request's future.
-        if let Some(t) = Self::transcoding_for(&config.transcoder, &ctx, &parts.method, &target) {
+        if let Some(t) = Self::transcoding_for(
+            &config.transcoder,
+            &ctx,
+            self.state.settings.dialect,
+            &parts.method,
+            &target,
+        ) {
             return Box::pin(self.forward_transcoded(
                 parts,
                 body,

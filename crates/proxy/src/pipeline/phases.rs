@@ -240,8 +240,26 @@ impl Pipeline {
     ) -> Result<(Arc<MethodInfo>, Option<Routed>), (EspError, ReportInfo)> {
         let settings = &self.state.settings;
         let match_method = parts.method.as_str();
-        let matched = config.matcher.matched(match_method, target);
-        if let Some(m) = &matched {
+        let grpc_path;
+        let mut by_transcoder = false;
+        let mut matched = config.matcher.matched(match_method, target);
+        if matched.is_none() && settings.dialect.forwards_untranscodable_requests() {
+            // ESPv2 routes first and transcodes after, with the transcoder's own matcher, so a
+            // path its routes refuse (a colon in a wildcard segment under
+            // --disallow_colon_in_wildcard_path_segment) can still be transcoded. ESPv2 then
+            // runs no check for it (its deny-all route has no method); Portico matches it to
+            // the method it calls, by that method's gRPC path, and checks it as that method.
+            if let Some(call) = config
+                .transcoder
+                .as_ref()
+                .and_then(|t| t.route(match_method, target).ok())
+            {
+                grpc_path = call.grpc_path();
+                matched = config.matcher.matched("POST", &grpc_path);
+                by_transcoder = true;
+            }
+        }
+        if let Some(m) = matched.as_ref().filter(|_| !by_transcoder) {
             if settings.head.path.normalize
                 && !self.same_method_without_parameters(config, match_method, target, m.value())
             {
