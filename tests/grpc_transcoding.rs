@@ -13,6 +13,7 @@
 mod common;
 
 use base64::Engine;
+use common::bookstore::get_shelf_request;
 use common::espv2::body as espv2_body;
 use common::peer::{self, Action, Request};
 use common::{free_port, Proc};
@@ -238,22 +239,6 @@ fn web_text_response(body: &[u8]) -> (Vec<Vec<u8>>, Vec<(String, String)>) {
     }
     frames.finish().expect("ends on a frame");
     (data, trailers)
-}
-
-/// `GetShelfRequest{shelf}` on the wire (field 1, varint).
-fn get_shelf_request(shelf: u64) -> Vec<u8> {
-    let mut v = vec![0x08];
-    let mut n = shelf;
-    loop {
-        let b = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            v.push(b);
-            break;
-        }
-        v.push(b | 0x80);
-    }
-    v
 }
 
 enum Want {
@@ -628,6 +613,40 @@ fn transcoding_and_grpc_web_cases() {
         failures.push(format!(
             "stream not streamed: {timing} (code, first byte, total)"
         ));
+    }
+    // A transcoded call tells the backend what the client asked for, as Envoy's transcoder
+    // does (the Bookstore echoes the metadata back as headers); a client's own copy is
+    // replaced.
+    let echo = "x-bookstore-echo-metadata: x-envoy-original-path, x-envoy-original-method";
+    let r = curl(
+        port,
+        "DELETE",
+        "/v1/shelves/125/books/002?key=api-key",
+        None,
+        &[echo, "x-envoy-original-method: PUT"],
+        false,
+    );
+    if (
+        r.status,
+        r.header("x-envoy-original-path"),
+        r.header("x-envoy-original-method"),
+    ) != (
+        200,
+        Some("/v1/shelves/125/books/002?key=api-key"),
+        Some("DELETE"),
+    ) {
+        failures.push(format!("original path: {} {:?}", r.status, r.headers));
+    }
+    // A gRPC call goes as it came: nothing to record.
+    let g = common::bookstore::call(
+        port,
+        &format!("/{PKG}/GetShelf"),
+        &get_shelf_request(100),
+        &["x-api-key: api-key", echo],
+        false,
+    );
+    if g.last("grpc-status") != Some("0") || g.last("x-envoy-original-path").is_some() {
+        failures.push(format!("gRPC call: {:?}", g.headers));
     }
     // 2 over h2c.
     let r = curl(port, "GET", "/v1/shelves/200?key=api-key", None, &[], true);

@@ -62,6 +62,29 @@ pub use crate::request_body::{
 };
 
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+pub static X_ENVOY_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-envoy-original-method");
+
+/// ESPv2's record of a request it rewrote for the backend: `x-envoy-original-path` is the
+/// client's target (path and query, as the proxy matched it), `x-envoy-original-method` its
+/// method when that changed too (transcoding). A client's own copies are replaced, so the
+/// backend reads the proxy's word.
+pub fn set_original_path(headers: &mut HeaderMap, target: &str, method: Option<&http::Method>) {
+    match HeaderValue::from_str(target) {
+        Ok(v) => {
+            headers.insert(X_ENVOY_ORIGINAL_PATH.clone(), v);
+        }
+        // A target is visible ASCII once parsed; anything else is not repeated.
+        Err(_) => {
+            headers.remove(&X_ENVOY_ORIGINAL_PATH);
+        }
+    }
+    if let Some(m) = method {
+        if let Ok(v) = HeaderValue::from_str(m.as_str()) {
+            headers.insert(X_ENVOY_ORIGINAL_METHOD.clone(), v);
+        }
+    }
+}
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_GOOGLE_REAL_IP: HeaderName = HeaderName::from_static("x-google-real-ip");
 /// The hop-by-hop headers always removed; `Upgrade` and `TE` are removed unless kept, and the

@@ -261,7 +261,11 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--skip_service_control_filter", Implemented),
     (
         "--suppress_envoy_headers",
-        Ignored("Portico sends no x-envoy-* headers"),
+        Ignored(
+            "Portico adds none of the x-envoy-* headers of Envoy's router, which this flag \
+             suppresses (the x-envoy-original-path and x-envoy-original-method of ESPv2's \
+             transcoding and path translation are not the router's and stay, as in ESPv2)",
+        ),
     ),
     ("--enable_grpc_for_http1", NotYet(18)),
     ("--min_stream_report_interval_ms", Implemented),

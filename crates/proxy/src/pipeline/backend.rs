@@ -143,6 +143,16 @@ impl Pipeline {
                 .or_else(|| forwarder.backend_host()),
         };
         forward::strip_hop_by_hop(&mut parts.headers, websocket, grpc);
+        // ESPv2's path-rewrite filter runs for a rule whose address has a path, or that is
+        // CONSTANT_ADDRESS, and records the path it replaced.
+        if let Some(r) = &routed {
+            if settings.dialect.tells_backend_original_path()
+                && (r.target.translation == crate::routing::PathTranslation::ConstantAddress
+                    || !r.target.path_prefix.is_empty())
+            {
+                forward::set_original_path(&mut parts.headers, &target, None);
+            }
+        }
         let xff = match settings.xff_hops {
             None => forward::XffAppend::Address(ctx.client_ip),
             Some(h) if h.use_remote_address => forward::XffAppend::Address(

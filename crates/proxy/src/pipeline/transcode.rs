@@ -269,6 +269,9 @@ impl Pipeline {
                 }
             }
         }
+        if self.state.settings.dialect.tells_backend_original_path() {
+            forward::set_original_path(&mut parts.headers, &target, Some(&parts.method));
+        }
         let frames: Vec<Bytes> = messages.iter().map(|m| framing::encode(m)).collect();
         let path = call.grpc_path();
         let (req, forwarder, deadline) =
