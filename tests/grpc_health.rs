@@ -6,40 +6,20 @@
 
 mod common;
 
-use common::bookstore::{self, get_shelf_request};
+use common::bookstore::{self, get_shelf_request, GET_SHELF};
 use common::{espv2, free_port, Proc};
-use serde_json::json;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const SERVICE: &str = "bookstore.endpoints.e2e-proj.cloud.goog";
-const GET_SHELF: &str = "/endpoints.examples.bookstore.Bookstore/GetShelf";
-
-fn config(dir: &Path) -> PathBuf {
-    let path = dir.join("service.json");
-    std::fs::write(
-        &path,
-        json!({
-            "name": SERVICE, "id": "2026-12-06r0",
-            "apis": [{"name": "endpoints.examples.bookstore.Bookstore", "version": "v1",
-                      "methods": [{"name": "GetShelf"}]}],
-            "usage": {"rules": [{
-                "selector": "endpoints.examples.bookstore.Bookstore.GetShelf",
-                "allowUnregisteredCalls": true
-            }]},
-        })
-        .to_string(),
-    )
-    .expect("config");
-    path
-}
-
 fn proxy(dir: &Path, name: &str, backend: u16, extra: &[&str]) -> (Proc, u16) {
     let mut flags = vec![
-        format!("--service_json_path={}", config(dir).display()),
+        format!(
+            "--service_json_path={}",
+            bookstore::pass_through_config(dir).display()
+        ),
         format!("--backend=grpc://127.0.0.1:{backend}"),
         "--skip_service_control_filter".to_string(),
         format!("--metadata_url=http://127.0.0.1:{}", free_port()),
@@ -244,7 +224,10 @@ fn bad_health_check_flags_are_refused_with_a_sentence() {
         let mut args = vec![
             "espv2".to_string(),
             format!("--listener_port={}", free_port()),
-            format!("--service_json_path={}", config(dir.path()).display()),
+            format!(
+                "--service_json_path={}",
+                bookstore::pass_through_config(dir.path()).display()
+            ),
             format!("--metadata_url=http://127.0.0.1:{}", free_port()),
         ];
         args.extend(flags.iter().map(|s| s.to_string()));

@@ -2,8 +2,35 @@
 //! proxy) with curl over h2c.
 
 use super::{free_port, Proc};
-use std::path::Path;
+use serde_json::json;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The service of [`pass_through_config`].
+pub const PASS_THROUGH_SERVICE: &str = "bookstore.endpoints.e2e-proj.cloud.goog";
+/// The gRPC path of `GetShelf`.
+pub const GET_SHELF: &str = "/endpoints.examples.bookstore.Bookstore/GetShelf";
+
+/// A service config for `--service_json_path` with the Bookstore's `GetShelf` alone (no
+/// descriptor set: gRPC pass-through only), callable without an API key.
+pub fn pass_through_config(dir: &Path) -> PathBuf {
+    let path = dir.join("service.json");
+    std::fs::write(
+        &path,
+        json!({
+            "name": PASS_THROUGH_SERVICE, "id": "2026-12-06r0",
+            "apis": [{"name": "endpoints.examples.bookstore.Bookstore", "version": "v1",
+                      "methods": [{"name": "GetShelf"}]}],
+            "usage": {"rules": [{
+                "selector": "endpoints.examples.bookstore.Bookstore.GetShelf",
+                "allowUnregisteredCalls": true
+            }]},
+        })
+        .to_string(),
+    )
+    .expect("config");
+    path
+}
 
 /// `portico bookstore --port=PORT EXTRA...`, logging to `DIR/NAME.log`, once it listens.
 pub fn start(dir: &Path, name: &str, extra: &[&str]) -> (Proc, u16) {

@@ -267,7 +267,7 @@ pub const FLAGS: &[(&str, Support)] = &[
              transcoding and path translation are not the router's and stay, as in ESPv2)",
         ),
     ),
-    ("--enable_grpc_for_http1", NotYet(18)),
+    ("--enable_grpc_for_http1", Implemented),
     ("--min_stream_report_interval_ms", Implemented),
     ("--client_ip_from_forwarded_header", Implemented),
     ("--backend_cluster_maximum_requests", Implemented),
@@ -808,6 +808,15 @@ pub fn go_duration(s: &str) -> Result<std::time::Duration, &'static str> {
         return Err("negative");
     }
     Ok(std::time::Duration::from_nanos(total as u64))
+}
+
+/// Go's `strconv.ParseBool`, how ESPv2's config manager reads a boolean flag's value.
+fn go_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
 }
 
 /// The longest `--health_check_grpc_backend_interval` and `..._no_traffic_interval` taken
@@ -1641,6 +1650,14 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     settings.status_port = status_port;
     settings.healthz = healthz;
     settings.grpc_backend_health = grpc_backend_health;
+    settings.grpc_for_http1 = match a.enable_grpc_for_http1.as_deref() {
+        None => true,
+        Some(v) => go_bool(v).ok_or_else(|| {
+            ArgError::v2(format!(
+                "invalid --enable_grpc_for_http1 '{v}': give true or false"
+            ))
+        })?,
+    };
     // A per-try timeout bounds each attempt even when nothing is retried, as in Envoy.
     settings.backend_net = backend_net;
     settings.backend_address_override = a.enable_backend_address_override;
@@ -2842,6 +2859,32 @@ mod tests {
         // --http_request_timeout_s is ESPv2's timeout for its own calls, never the backend's.
         assert_eq!(s.backend_timeout, Duration::from_secs(15));
         assert_eq!(s.http_request_timeout, Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn grpc_for_http1_is_a_go_boolean_defaulting_to_on() {
+        assert!(p(&["-s", "svc", "-v", "1"]).unwrap().grpc_for_http1);
+        for (v, want) in [
+            ("", true),
+            ("=true", true),
+            ("=1", true),
+            ("=false", false),
+            ("=F", false),
+        ] {
+            let s = p(&[
+                "-s",
+                "svc",
+                "-v",
+                "1",
+                &format!("--enable_grpc_for_http1{v}"),
+            ])
+            .unwrap();
+            assert_eq!(s.grpc_for_http1, want, "{v}");
+        }
+        assert_eq!(
+            err(&["-s", "svc", "-v", "1", "--enable_grpc_for_http1=maybe"]),
+            "invalid --enable_grpc_for_http1 'maybe': give true or false"
+        );
     }
 
     #[test]

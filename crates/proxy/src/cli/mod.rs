@@ -1066,6 +1066,7 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         metadata,
         healthz: a.healthz,
         grpc_backend_health: None,
+        grpc_for_http1: false,
         non_gcp: a.non_gcp,
         service_json_path: a.service_json_path,
         management: a.management,

@@ -292,6 +292,9 @@ impl Pipeline {
                 }
                 let (mut rp, body) = resp.into_parts();
                 forward::strip_hop_by_hop(&mut rp.headers, false, false);
+                if self.state.settings.grpc_for_http1 {
+                    forward::keep_grpc_trailers(&mut rp.headers, ctx.version);
+                }
                 let body = if ctx.method == Method::HEAD && !ctx.head {
                     // An override made this request a HEAD: the backend sent no body, and the
                     // client, which sent another method, must not wait for one.
