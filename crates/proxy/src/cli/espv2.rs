@@ -237,7 +237,13 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--tls_mutual_auth", Implemented),
     ("--ssl_protocols", Implemented),
     ("--enable_grpc_backend_ssl", Refused(TLS_REFUSED)),
-    ("--grpc_backend_ssl_root_certs_file", NotYet(18)),
+    (
+        "--grpc_backend_ssl_root_certs_file",
+        Ignored(
+            "ESPv2 reads it only with --enable_grpc_backend_ssl, which is refused: give \
+             --backend=grpcs://HOST:PORT and --ssl_backend_client_root_certs_file",
+        ),
+    ),
     ("--ssl_client_cert_path", Implemented),
     ("--ssl_client_root_certs_file", Implemented),
     ("--on_serverless", Implemented),
