@@ -69,43 +69,69 @@ fn set_health(backend: u16, status: &str, service: Option<&str>) {
     assert_eq!(r.last("grpc-status"), Some("0"), "{:?}", r.headers);
 }
 
-fn curl_available() -> bool {
-    Command::new("curl").arg("--version").output().is_ok()
+/// The Bookstore (started with `store_flags`) and a proxy in front of it with `proxy_flags`,
+/// in a fresh directory; `None` (test skipped) without curl outside CI.
+fn backend_and_proxy(store_flags: &[&str], proxy_flags: &[&str]) -> Option<Setup> {
+    if Command::new("curl").arg("--version").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "curl is required in CI");
+        eprintln!("SKIPPED: curl not found");
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, bport) = bookstore::start(dir.path(), "bookstore", store_flags);
+    let (proxy, port) = proxy(dir.path(), "proxy", bport, proxy_flags);
+    Some(Setup {
+        dir,
+        store: Some(store),
+        bport,
+        proxy,
+        port,
+    })
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    store: Option<Proc>,
+    bport: u16,
+    proxy: Proc,
+    port: u16,
+}
+
+impl Setup {
+    /// Both logs, for failure messages (the Bookstore's read from its file: it may be gone).
+    fn logs(&self) -> String {
+        let store =
+            std::fs::read_to_string(self.dir.path().join("bookstore.log")).unwrap_or_default();
+        format!("proxy:\n{}\nbookstore:\n{store}", self.proxy.log())
+    }
 }
 
 #[test]
 fn healthz_follows_the_grpc_backends_health() {
-    if !curl_available() {
-        assert!(std::env::var_os("CI").is_none(), "curl is required in CI");
-        eprintln!("SKIPPED: curl not found");
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (store, bport) = bookstore::start(dir.path(), "bookstore", &[]);
     // ESPv2's own test shortens the no-traffic interval the same way: no request reaches the
     // backend through the proxy here, and the default would wait 60 s between checks.
-    let (proxy, port) = proxy(
-        dir.path(),
-        "proxy",
-        bport,
+    let Some(mut t) = backend_and_proxy(
+        &[],
         &[
             "--health_check_grpc_backend",
             "--health_check_grpc_backend_no_traffic_interval=200ms",
         ],
-    );
-    let store_log = dir.path().join("bookstore.log");
-    let log = || {
-        let store = std::fs::read_to_string(&store_log).unwrap_or_default();
-        format!("proxy:\n{}\nbookstore:\n{store}", proxy.log())
+    ) else {
+        return;
     };
+    let (bport, port) = (t.bport, t.port);
     // The first check runs at start-up, and one success is enough then.
-    wait_healthz(port, 200, Duration::from_secs(10), &log);
+    wait_healthz(port, 200, Duration::from_secs(10), &|| t.logs());
 
     // NOT_SERVING is an active failure: unhealthy at the next check.
     set_health(bport, "NOT_SERVING", None);
-    let took = wait_healthz(port, 503, Duration::from_secs(3), &log);
+    let took = wait_healthz(port, 503, Duration::from_secs(3), &|| t.logs());
     eprintln!("503 after {took:?}");
-    assert!(log().contains("the gRPC backend is unhealthy"), "{}", log());
+    assert!(
+        t.logs().contains("the gRPC backend is unhealthy"),
+        "{}",
+        t.logs()
+    );
     // The proxy still routes to it (Envoy's panic threshold with one host).
     let r = bookstore::call(port, GET_SHELF, &get_shelf_request(100), &[], false);
     assert_eq!(
@@ -113,13 +139,13 @@ fn healthz_follows_the_grpc_backends_health() {
         Some("0"),
         "{:?}\n{}",
         r.headers,
-        log()
+        t.logs()
     );
 
     // Back to SERVING: three successes in a row. The request above was traffic, so checks
     // now follow the 1 s interval.
     set_health(bport, "SERVING", None);
-    let took = wait_healthz(port, 200, Duration::from_secs(6), &log);
+    let took = wait_healthz(port, 200, Duration::from_secs(6), &|| t.logs());
     eprintln!("200 again after {took:?}");
     assert!(
         took >= Duration::from_millis(1500),
@@ -127,30 +153,25 @@ fn healthz_follows_the_grpc_backends_health() {
     );
 
     // The Bookstore gone: network failures, three in a row at the 1 s interval.
-    drop(store);
-    let took = wait_healthz(port, 503, Duration::from_secs(8), &log);
+    drop(t.store.take());
+    let took = wait_healthz(port, 503, Duration::from_secs(8), &|| t.logs());
     eprintln!("503 after the backend stopped: {took:?}");
 }
 
 #[test]
 fn the_service_flag_names_the_service_checked() {
-    if !curl_available() {
-        assert!(std::env::var_os("CI").is_none(), "curl is required in CI");
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (store, bport) = bookstore::start(dir.path(), "bookstore", &[]);
-    let (proxy, port) = proxy(
-        dir.path(),
-        "proxy",
-        bport,
+    let Some(t) = backend_and_proxy(
+        &[],
         &[
             "--health_check_grpc_backend",
             "--health_check_grpc_backend_no_traffic_interval=200ms",
             "--health_check_grpc_backend_service=endpoints.examples.bookstore.Bookstore",
         ],
-    );
-    let log = || format!("proxy:\n{}\nbookstore:\n{}", proxy.log(), store.log());
+    ) else {
+        return;
+    };
+    let (bport, port) = (t.bport, t.port);
+    let log = || t.logs();
     // The Bookstore's health service knows only the server ("") until told: NOT_FOUND.
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(healthz(port), 503, "{}", log());
@@ -174,23 +195,18 @@ fn the_service_flag_names_the_service_checked() {
 
 #[test]
 fn a_backend_without_the_health_service_is_unhealthy() {
-    if !curl_available() {
-        assert!(std::env::var_os("CI").is_none(), "curl is required in CI");
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (store, bport) = bookstore::start(dir.path(), "bookstore", &["--no-health-service"]);
-    let (proxy, port) = proxy(
-        dir.path(),
-        "proxy",
-        bport,
+    let Some(t) = backend_and_proxy(
+        &["--no-health-service"],
         &[
             "--health_check_grpc_backend",
             "--health_check_grpc_backend_interval=100ms",
             "--health_check_grpc_backend_no_traffic_interval=100ms",
         ],
-    );
-    let log = || format!("proxy:\n{}\nbookstore:\n{}", proxy.log(), store.log());
+    ) else {
+        return;
+    };
+    let port = t.port;
+    let log = || t.logs();
     // UNIMPLEMENTED, every 100 ms for a second: never healthy.
     let until = Instant::now() + Duration::from_secs(1);
     while Instant::now() < until {
@@ -205,13 +221,10 @@ fn a_backend_without_the_health_service_is_unhealthy() {
 
 #[test]
 fn without_the_flag_healthz_does_not_look_at_the_backend() {
-    if !curl_available() {
-        assert!(std::env::var_os("CI").is_none(), "curl is required in CI");
+    let Some(t) = backend_and_proxy(&[], &[]) else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (_store, bport) = bookstore::start(dir.path(), "bookstore", &[]);
-    let (_proxy, port) = proxy(dir.path(), "proxy", bport, &[]);
+    };
+    let (bport, port) = (t.bport, t.port);
     set_health(bport, "NOT_SERVING", None);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(healthz(port), 200);

@@ -825,11 +825,6 @@ fn go_bool(v: &str) -> Option<bool> {
     }
 }
 
-/// The longest `--health_check_grpc_backend_interval` and `..._no_traffic_interval` taken
-/// (Portico's bound: a day between checks is no health checking at all).
-pub const MAX_HEALTH_CHECK_INTERVAL: std::time::Duration =
-    std::time::Duration::from_secs(24 * 3600);
-
 /// `--health_check_grpc_backend` and its three settings (start_proxy.py already refused them
 /// without it, or without a `grpc` backend). The durations are Go durations, as ESPv2's config
 /// manager reads them; Envoy refuses a zero or negative interval, and so does Portico.
@@ -842,22 +837,7 @@ fn grpc_backend_health(
     }
     let duration = |flag: &str, v: Option<&str>, default| match v {
         None => Ok(default),
-        Some(t) => go_duration(t.trim())
-            .map_err(str::to_string)
-            .and_then(|d| {
-                if d.is_zero() {
-                    Err("it must be above 0".to_string())
-                } else if d > MAX_HEALTH_CHECK_INTERVAL {
-                    Err("it must be at most 24h".to_string())
-                } else {
-                    Ok(d)
-                }
-            })
-            .map_err(|why| {
-                ArgError::v2(format!(
-                    "invalid {flag} '{t}': {why}; give a duration such as 1s or 500ms"
-                ))
-            }),
+        Some(t) => day_bounded_duration(flag, t, "1s"),
     };
     Ok(Some(HealthCheckSettings {
         service: a
@@ -1837,9 +1817,35 @@ fn operation_part<'a>(flag: &str, v: &'a str) -> Result<&'a str, ArgError> {
     Ok(v)
 }
 
-/// The longest `--cluster_connect_timeout` taken: a day is already no timeout at all.
-pub const MAX_CLUSTER_CONNECT_TIMEOUT: std::time::Duration =
-    std::time::Duration::from_secs(24 * 3600);
+/// A Go duration flag that must be above 0 and at most a day
+/// ([`MAX_DURATION_FLAG`]); `example` is a typical value for the message.
+fn day_bounded_duration(
+    flag: &str,
+    t: &str,
+    example: &str,
+) -> Result<std::time::Duration, ArgError> {
+    go_duration(t.trim())
+        .map_err(str::to_string)
+        .and_then(|d| {
+            if d.is_zero() {
+                Err("it must be above 0".to_string())
+            } else if d > MAX_DURATION_FLAG {
+                Err("it must be at most 24h".to_string())
+            } else {
+                Ok(d)
+            }
+        })
+        .map_err(|why| {
+            ArgError::v2(format!(
+                "invalid {flag} '{t}': {why}; give a duration such as {example} or 500ms"
+            ))
+        })
+}
+
+/// The longest `--cluster_connect_timeout`, `--health_check_grpc_backend_interval` and
+/// `--health_check_grpc_backend_no_traffic_interval` taken (Portico's bound): a day is already
+/// no timeout, and no health checking, at all.
+pub const MAX_DURATION_FLAG: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// How backends are connected to: ESPv2's `--cluster_connect_timeout` (default 20s),
 /// `--backend_dns_lookup_family` (default `v4preferred`), `--dns_resolver_addresses` (or its
@@ -1848,23 +1854,7 @@ fn backend_net(a: &Espv2Args) -> Result<crate::backend_net::BackendNetSettings, 
     use crate::backend_net::{self as net, LookupFamily};
     let connect_timeout = match a.cluster_connect_timeout.as_deref() {
         None => net::DEFAULT_CONNECT_TIMEOUT,
-        Some(t) => go_duration(t.trim())
-            .map_err(|why| why.to_string())
-            .and_then(|d| {
-                if d.is_zero() {
-                    Err("it must be above 0".to_string())
-                } else if d > MAX_CLUSTER_CONNECT_TIMEOUT {
-                    Err("it must be at most 24h".to_string())
-                } else {
-                    Ok(d)
-                }
-            })
-            .map_err(|why| {
-                ArgError::v2(format!(
-                    "invalid --cluster_connect_timeout '{t}': {why}; give a duration such as \
-                     20s or 500ms"
-                ))
-            })?,
+        Some(t) => day_bounded_duration("--cluster_connect_timeout", t, "20s")?,
     };
     let lookup_family = match a.backend_dns_lookup_family.as_deref() {
         None => LookupFamily::V4Preferred,
