@@ -320,3 +320,48 @@ fn bad_health_check_flags_are_refused_with_a_sentence() {
         assert!(got.ends_with(want), "{flags:?}:\n{got}\nwant: {want}");
     }
 }
+
+#[test]
+fn a_grpcs_backend_is_checked_over_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let cert = dir.path().join("books.crt");
+    let key = dir.path().join("books.key");
+    std::fs::write(&cert, ck.cert.pem()).expect("cert file");
+    std::fs::write(&key, ck.key_pair.serialize_pem()).expect("key file");
+    let (_store, bport) = bookstore::start(
+        dir.path(),
+        "bookstore",
+        &[
+            &format!("--tls-cert={}", cert.display()),
+            &format!("--tls-key={}", key.display()),
+        ],
+    );
+    let flags = |trust: bool| {
+        let mut f = vec![
+            format!(
+                "--service_json_path={}",
+                bookstore::pass_through_config(dir.path()).display()
+            ),
+            format!("--backend=grpcs://localhost:{bport}"),
+            "--skip_service_control_filter".to_string(),
+            format!("--metadata_url=http://127.0.0.1:{}", free_port()),
+            "--healthz=healthz".to_string(),
+            "--health_check_grpc_backend".to_string(),
+            "--health_check_grpc_backend_no_traffic_interval=200ms".to_string(),
+        ];
+        if trust {
+            f.push(format!(
+                "--ssl_backend_client_root_certs_file={}",
+                cert.display()
+            ));
+        }
+        f
+    };
+    let (trusting, port) = espv2::start(dir.path(), "trusting", &flags(true));
+    wait_healthz(port, 200, Duration::from_secs(10), &|| trusting.log());
+    // A certificate the proxy does not trust is a failed check, never a cleartext one.
+    let (wary, wport) = espv2::start(dir.path(), "wary", &flags(false));
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(healthz(wport), 503, "{}", wary.log());
+}
