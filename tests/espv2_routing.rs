@@ -21,7 +21,11 @@ const SERVICE: &str = "espv2-routing.endpoints.e2e-proj.cloud.goog";
 /// A backend that answers with who it is and the target it got.
 fn reflector(name: &'static str) -> peer::Handler {
     Arc::new(move |r: &Request| {
-        Action::Respond(200, json!({"backend": name, "uri": r.path}).to_string())
+        let original = r.header("x-envoy-original-path");
+        Action::Respond(
+            200,
+            json!({"backend": name, "uri": r.path, "original": original}).to_string(),
+        )
     })
 }
 
@@ -240,7 +244,19 @@ fn backend_rules_route_as_espv2_does() {
             (Some(*backend), Some(*want)),
             "{method} {target}"
         );
+        // ESPv2's path-rewrite filter records the path it replaced (every rule here with an
+        // address has a path or is CONSTANT_ADDRESS); `--backend` calls are not rewritten.
+        let original = (*backend == "remote").then_some(*target);
+        assert_eq!(v["original"].as_str(), original, "{method} {target}");
     }
+    // A client's own copy does not pass for the proxy's.
+    let v: serde_json::Value = client
+        .get(format!("http://127.0.0.1:{port}/pet/1/num/2"))
+        .header("x-envoy-original-path", "/admin")
+        .send()
+        .and_then(|r| r.json())
+        .expect("json");
+    assert_eq!(v["original"], "/pet/1/num/2");
     drop(rt);
 }
 

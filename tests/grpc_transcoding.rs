@@ -13,6 +13,8 @@
 mod common;
 
 use base64::Engine;
+use common::bookstore::get_shelf_request;
+use common::espv2::body as espv2_body;
 use common::peer::{self, Action, Request};
 use common::{free_port, Proc};
 use serde_json::{json, Value};
@@ -239,27 +241,17 @@ fn web_text_response(body: &[u8]) -> (Vec<Vec<u8>>, Vec<(String, String)>) {
     (data, trailers)
 }
 
-/// `GetShelfRequest{shelf}` on the wire (field 1, varint).
-fn get_shelf_request(shelf: u64) -> Vec<u8> {
-    let mut v = vec![0x08];
-    let mut n = shelf;
-    loop {
-        let b = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            v.push(b);
-            break;
-        }
-        v.push(b | 0x80);
-    }
-    v
-}
-
 enum Want {
     Json(Value),
     Text(&'static str),
     Status,
+    /// The Bookstore's own refusal of a request that reached it untranscoded (grpc-go's:
+    /// 415, `grpc-status: 3`).
+    Untranscoded,
 }
+
+/// What the Bookstore answers a JSON request that reached it untranscoded.
+const UNTRANSCODED: &str = "invalid gRPC request content-type \"application/json\"";
 
 struct Case {
     name: &'static str,
@@ -329,14 +321,23 @@ fn transcoding_and_grpc_web_cases() {
             200,
             Want::Json(classic.clone()),
         ),
-        // 3: a query parameter naming no field.
+        // 3: a query parameter naming no field: ESPv2's transcoder passes the request on as
+        // it came, and the gRPC backend refuses its JSON content type.
         case(
             "3 unknown query",
             "GET",
             "/v1/shelves/200?key=api-key&foo=bar",
             None,
             415,
-            Want::Status,
+            Want::Untranscoded,
+        ),
+        case(
+            "3 unknown nested field",
+            "POST",
+            "/v1/shelves/100/books?key=api-key&book.nope=1",
+            Some(r#"{"id":3}"#),
+            415,
+            Want::Untranscoded,
         ),
         // 8: fields of the body field from the query, no body.
         case(
@@ -451,15 +452,33 @@ fn transcoding_and_grpc_web_cases() {
             500,
             Want::Json(json!({"code":74,"message":"bad status"})),
         ),
-        // 19 (default flags): a registered verb after a `*` segment is segment text in
-        // Portico's matcher, so the wildcard route takes it (ESPv2: 415; docs/grpc.md).
+        // 19 (default flags): the route takes the colon text into its `*` segment, the
+        // transcoder reads the declared verb as a verb and has no route for it: forwarded as
+        // it came, refused by the backend.
         case(
             "19 verb in wildcard",
             "POST",
             "/v1/shelves/100/single/random:registeredCustomVerb?key=api-key",
             Some(r#"{"id":19}"#),
+            415,
+            Want::Untranscoded,
+        ),
+        case(
+            "19 verb in double wildcard",
+            "POST",
+            "/v1/shelves/100/double/random:registeredCustomVerb?key=api-key",
+            Some(r#"{"id":19}"#),
+            415,
+            Want::Untranscoded,
+        ),
+        // 20 (default flags): an undeclared verb is text of the `*` segment.
+        case(
+            "20 unregistered verb",
+            "POST",
+            "/v1/shelves/100/single/random:unregisteredCustomVerb?key=api-key",
+            Some(r#"{"id":1920}"#),
             200,
-            Want::Json(json!({"id":"19"})),
+            Want::Json(json!({"id":"1920"})),
         ),
         case(
             "custom verb",
@@ -527,6 +546,10 @@ fn transcoding_and_grpc_web_cases() {
         let ok_status = r.status == c.status;
         let ok_body = match &c.want {
             Want::Status => true,
+            Want::Untranscoded => {
+                r.header("grpc-message") == Some(UNTRANSCODED)
+                    && r.header("grpc-status") == Some("3")
+            }
             Want::Text(t) => body == *t,
             Want::Json(v) => serde_json::from_str::<Value>(&body).ok().as_ref() == Some(v),
         };
@@ -590,6 +613,40 @@ fn transcoding_and_grpc_web_cases() {
         failures.push(format!(
             "stream not streamed: {timing} (code, first byte, total)"
         ));
+    }
+    // A transcoded call tells the backend what the client asked for, as Envoy's transcoder
+    // does (the Bookstore echoes the metadata back as headers); a client's own copy is
+    // replaced.
+    let echo = "x-bookstore-echo-metadata: x-envoy-original-path, x-envoy-original-method";
+    let r = curl(
+        port,
+        "DELETE",
+        "/v1/shelves/125/books/002?key=api-key",
+        None,
+        &[echo, "x-envoy-original-method: PUT"],
+        false,
+    );
+    if (
+        r.status,
+        r.header("x-envoy-original-path"),
+        r.header("x-envoy-original-method"),
+    ) != (
+        200,
+        Some("/v1/shelves/125/books/002?key=api-key"),
+        Some("DELETE"),
+    ) {
+        failures.push(format!("original path: {} {:?}", r.status, r.headers));
+    }
+    // A gRPC call goes as it came: nothing to record.
+    let g = common::bookstore::call(
+        port,
+        &format!("/{PKG}/GetShelf"),
+        &get_shelf_request(100),
+        &["x-api-key: api-key", echo],
+        false,
+    );
+    if g.last("grpc-status") != Some("0") || g.last("x-envoy-original-path").is_some() {
+        failures.push(format!("gRPC call: {:?}", g.headers));
     }
     // 2 over h2c.
     let r = curl(port, "GET", "/v1/shelves/200?key=api-key", None, &[], true);
@@ -799,7 +856,107 @@ fn transcoding_and_grpc_web_cases() {
         r.headers,
         esp.log()
     );
+    // ESP v1 keeps answering an unknown query parameter itself.
+    let r = curl(
+        esp_port,
+        "GET",
+        "/v1/shelves/200?key=api-key&foo=bar",
+        None,
+        &[],
+        false,
+    );
+    assert_eq!(
+        (r.status, String::from_utf8_lossy(&r.body).contains("'foo'")),
+        (415, true),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
     drop(esp);
+
+    // 19 and 20 with --disallow_colon_in_wildcard_path_segment (ESPv2's
+    // transcoding_bindings_test): no route takes a colon into a wildcard, but the transcoder
+    // matches with its own matcher, after routing.
+    let not_defined = espv2_body(404, "The current request is not defined by this API.");
+    let (colon, cport) = start_proxy(
+        dir.path(),
+        "colon",
+        &config,
+        bport,
+        sc,
+        &key,
+        &["--disallow_colon_in_wildcard_path_segment"],
+    );
+    let single = "/v1/shelves/100/single/random";
+    let r = curl(
+        cport,
+        "POST",
+        &format!("{single}:registeredCustomVerb?key=api-key"),
+        Some(br#"{"id":5}"#),
+        &["content-type: application/json"],
+        false,
+    );
+    assert_eq!(
+        (r.status, String::from_utf8_lossy(&r.body).to_string()),
+        (404, not_defined.clone()),
+        "{}",
+        colon.log()
+    );
+    let r = curl(
+        cport,
+        "POST",
+        &format!("{single}:unregisteredCustomVerb?key=api-key"),
+        Some(br#"{"id":55,"author":"Leo Tolstoy","title":"War and Peace"}"#),
+        &["content-type: application/json"],
+        false,
+    );
+    assert_eq!(
+        (r.status, serde_json::from_slice::<Value>(&r.body).ok()),
+        (
+            200,
+            Some(json!({"id":"55","author":"Leo Tolstoy","title":"War and Peace"}))
+        ),
+        "{}",
+        colon.log()
+    );
+    // ESPv2 runs no check for it (its deny-all route has no method); Portico checks it as the
+    // method it calls.
+    let r = curl(
+        cport,
+        "POST",
+        &format!("{single}:unregisteredCustomVerb"),
+        Some(br#"{"id":6}"#),
+        &["content-type: application/json"],
+        false,
+    );
+    assert_eq!(r.status, 401, "{}", colon.log());
+    drop(colon);
+    let (strict, sport) = start_proxy(
+        dir.path(),
+        "strict",
+        &config,
+        bport,
+        sc,
+        &key,
+        &[
+            "--disallow_colon_in_wildcard_path_segment",
+            "--transcoding_match_unregistered_custom_verb",
+        ],
+    );
+    let r = curl(
+        sport,
+        "POST",
+        &format!("{single}:unregisteredCustomVerb?key=api-key"),
+        Some(br#"{"id":5}"#),
+        &["content-type: application/json"],
+        false,
+    );
+    assert_eq!(
+        (r.status, String::from_utf8_lossy(&r.body).to_string()),
+        (404, not_defined),
+        "{}",
+        strict.log()
+    );
+    drop(strict);
 
     // 21: the printing flags, on a second proxy.
     let (flagged, fport) = start_proxy(

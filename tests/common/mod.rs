@@ -18,12 +18,14 @@
 //!   a deploy as gcloud does it ([`Api::deploy`], [`Api::deploy_file`]).
 //! - [`echo_and_esp`]: `portico echo` with `portico esp` in front, for a deployed service.
 //!
+//! - [`bookstore`]: `portico bookstore` on a free port, and raw gRPC calls with curl.
 //! - [`peer`]: a raw HTTP/1.1 double (backend, Service Control, JWKS) that can also stall or
 //!   hang up.
 //!
 //! Not every test binary uses every helper.
 #![allow(dead_code)]
 
+pub mod bookstore;
 pub mod espv2;
 pub mod peer;
 

@@ -6,6 +6,7 @@
 //! | `x-bookstore-fail-message: <text>` | the message for `x-bookstore-fail` (default: the code's name, e.g. `ABORTED`; `bad status` for a non-canonical code) |
 //! | `x-bookstore-echo-metadata: a, b-bin` | every value of the named request metadata comes back twice: in the initial metadata and in the trailing metadata |
 //! | `x-bookstore-stream-delay-ms: <n>` | streaming methods pause n ms (0–10000) after each message they send |
+//! | `x-bookstore-set-health: SERVING` or `NOT_SERVING` | before the call runs, the standard health service (`grpc.health.v1.Health`) says this for the service named by `x-bookstore-set-health-service` (default: the empty name, the server as a whole); it stays so until set again |
 //!
 //! `ReturnBadStatus` always fails with code 74 (`bad status`), also from here.
 //!
@@ -25,11 +26,18 @@ use tower::ServiceExt;
 
 use crate::proto::bookstore_server::BookstoreServer;
 use crate::service::BookstoreService;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+use tonic_health::ServingStatus;
 
 pub const FAIL: &str = "x-bookstore-fail";
 pub const FAIL_MESSAGE: &str = "x-bookstore-fail-message";
 pub const ECHO_METADATA: &str = "x-bookstore-echo-metadata";
 pub const STREAM_DELAY_MS: &str = "x-bookstore-stream-delay-ms";
+pub const SET_HEALTH: &str = "x-bookstore-set-health";
+pub const SET_HEALTH_SERVICE: &str = "x-bookstore-set-health-service";
+/// Longest service name `x-bookstore-set-health-service` takes.
+pub const MAX_HEALTH_SERVICE_NAME: usize = 256;
 
 /// The status `ReturnBadStatus` answers with: not a canonical gRPC code.
 pub const BAD_STATUS_CODE: u32 = 74;
@@ -45,6 +53,8 @@ pub struct Control {
     pub fail: Option<(u32, String)>,
     /// Metadata names to echo back.
     pub echo: Vec<HeaderName>,
+    /// A health status to set: the service name and whether it is serving.
+    pub set_health: Option<(String, bool)>,
 }
 
 /// A control header was malformed; the message names it.
@@ -107,6 +117,37 @@ pub fn parse(headers: &HeaderMap) -> Result<Control, ControlError> {
         control.fail = Some((code, message));
     } else if single(headers, FAIL_MESSAGE)?.is_some() {
         return Err(ControlError(format!("{FAIL_MESSAGE} needs {FAIL}")));
+    }
+    if let Some(v) = single(headers, SET_HEALTH)? {
+        let serving = match v.as_bytes() {
+            b"SERVING" => true,
+            b"NOT_SERVING" => false,
+            other => {
+                return Err(ControlError(format!(
+                    "{SET_HEALTH} must be SERVING or NOT_SERVING, not {:?}",
+                    String::from_utf8_lossy(other)
+                )))
+            }
+        };
+        let service = match single(headers, SET_HEALTH_SERVICE)? {
+            None => String::new(),
+            Some(s) => s
+                .to_str()
+                .ok()
+                .filter(|s| s.len() <= MAX_HEALTH_SERVICE_NAME)
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    ControlError(format!(
+                        "{SET_HEALTH_SERVICE} must be visible ASCII, at most \
+                         {MAX_HEALTH_SERVICE_NAME} bytes"
+                    ))
+                })?,
+        };
+        control.set_health = Some((service, serving));
+    } else if single(headers, SET_HEALTH_SERVICE)?.is_some() {
+        return Err(ControlError(format!(
+            "{SET_HEALTH_SERVICE} needs {SET_HEALTH}"
+        )));
     }
     for v in headers.get_all(ECHO_METADATA) {
         let text = v
@@ -190,15 +231,64 @@ pub fn trailers_only(code: u32, message: &str) -> http::Response<tonic::body::Bo
     resp
 }
 
+/// The services one server answers: the Bookstore, and the standard health service unless it
+/// was left out (`portico bookstore --no-health-service`: calls to it are then UNIMPLEMENTED,
+/// as from a server that does not have it).
+#[derive(Clone)]
+pub struct Services {
+    pub bookstore: BookstoreServer<BookstoreService>,
+    pub health: Option<(HealthReporter, HealthServer<HealthService>)>,
+}
+
+impl Services {
+    /// The Bookstore over `store`, with the health service (every name `SERVING` until a call
+    /// sets otherwise) when `health` is true.
+    pub fn new(store: std::sync::Arc<crate::store::Store>, health: bool) -> Services {
+        let health = health.then(|| {
+            let reporter = HealthReporter::new();
+            let server = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
+            (reporter, server)
+        });
+        Services {
+            bookstore: BookstoreServer::new(BookstoreService::new(store)),
+            health,
+        }
+    }
+}
+
+/// The gRPC path prefix of the standard health service.
+pub const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
+
+/// A request that is not gRPC (its `content-type` does not start with `application/grpc`) is
+/// refused as the gRPC HTTP/2 spec asks ("SHOULD respond with HTTP status of 415") and as
+/// grpc-go does it: HTTP 415 with a trailers-only INVALID_ARGUMENT naming the content type.
+/// tonic itself would try to decode such a body; ESPv2's tests rely on the 415 (an HTTP/JSON
+/// call its transcoder passes on untranscoded).
+pub fn refuse_non_grpc(headers: &HeaderMap) -> Option<http::Response<tonic::body::Body>> {
+    let ct = headers.get(http::header::CONTENT_TYPE);
+    if ct.is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")) {
+        return None;
+    }
+    let shown = ct.map_or_else(String::new, |v| {
+        String::from_utf8_lossy(v.as_bytes()).into_owned()
+    });
+    let mut resp = trailers_only(3, &format!("invalid gRPC request content-type {shown:?}"));
+    *resp.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+    Some(resp)
+}
+
 /// Serves one request: control metadata first, then the tonic service.
 pub async fn handle<B>(
     req: http::Request<B>,
-    grpc: BookstoreServer<BookstoreService>,
+    services: Services,
 ) -> http::Response<tonic::body::Body>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
+    if let Some(refusal) = refuse_non_grpc(req.headers()) {
+        return refusal;
+    }
     let control = match parse(req.headers()) {
         Ok(c) => c,
         Err(e) => return trailers_only(3, &e.0),
@@ -213,13 +303,33 @@ where
                 .map(move |v| (name.clone(), v.clone()))
         })
         .collect();
+    if let Some((service, serving)) = &control.set_health {
+        let Some((reporter, _)) = &services.health else {
+            return trailers_only(
+                9,
+                &format!("{SET_HEALTH}: this server runs without the health service"),
+            );
+        };
+        let status = if *serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        reporter.set_service_status(service, status).await;
+    }
     let bad_status = req.uri().path() == format!("{}ReturnBadStatus", crate::SERVICE_PATH);
+    let health_call = req.uri().path().starts_with(HEALTH_PATH);
     let mut resp = if let Some((code, message)) = &control.fail {
         trailers_only(*code, message)
     } else if bad_status {
         trailers_only(BAD_STATUS_CODE, "bad status")
+    } else if let (true, Some((_, health))) = (health_call, &services.health) {
+        match health.clone().oneshot(req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        }
     } else {
-        match grpc.oneshot(req).await {
+        match services.bookstore.oneshot(req).await {
             Ok(r) => r,
             Err(never) => match never {},
         }
@@ -343,6 +453,63 @@ mod tests {
         let many: Vec<String> = (0..=MAX_ECHO_NAMES).map(|i| format!("x-m{i}")).collect();
         let e = parse(&headers(&[(ECHO_METADATA, &many.join(","))])).unwrap_err();
         assert!(e.0.contains("more than 32 names"), "{}", e.0);
+    }
+
+    #[test]
+    fn health_controls_are_strict() {
+        let c = parse(&headers(&[(SET_HEALTH, "NOT_SERVING")])).unwrap();
+        assert_eq!(c.set_health, Some((String::new(), false)));
+        let c = parse(&headers(&[
+            (SET_HEALTH, "SERVING"),
+            (SET_HEALTH_SERVICE, "endpoints.examples.bookstore.Bookstore"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.set_health,
+            Some(("endpoints.examples.bookstore.Bookstore".to_string(), true))
+        );
+        for (pairs, want) in [
+            (
+                vec![(SET_HEALTH, "serving")],
+                "x-bookstore-set-health must be SERVING or NOT_SERVING, not \"serving\"",
+            ),
+            (
+                vec![(SET_HEALTH, "SERVING"), (SET_HEALTH, "SERVING")],
+                "x-bookstore-set-health is given more than once",
+            ),
+            (
+                vec![(SET_HEALTH_SERVICE, "x")],
+                "x-bookstore-set-health-service needs x-bookstore-set-health",
+            ),
+        ] {
+            assert_eq!(parse(&headers(&pairs)).unwrap_err().0, want, "{pairs:?}");
+        }
+        let long = "s".repeat(MAX_HEALTH_SERVICE_NAME + 1);
+        let e = parse(&headers(&[
+            (SET_HEALTH, "SERVING"),
+            (SET_HEALTH_SERVICE, &long),
+        ]))
+        .unwrap_err();
+        assert!(e.0.contains("at most 256 bytes"), "{}", e.0);
+    }
+
+    #[test]
+    fn only_grpc_content_types_are_served() {
+        for ok in ["application/grpc", "application/grpc+proto"] {
+            assert!(refuse_non_grpc(&headers(&[("content-type", ok)])).is_none());
+        }
+        let r = refuse_non_grpc(&headers(&[("content-type", "application/json")])).unwrap();
+        assert_eq!(r.status(), 415);
+        assert_eq!(r.headers()["grpc-status"], "3");
+        assert_eq!(
+            r.headers()["grpc-message"],
+            "invalid gRPC request content-type \"application/json\""
+        );
+        let r = refuse_non_grpc(&HeaderMap::new()).unwrap();
+        assert_eq!(
+            r.headers()["grpc-message"],
+            "invalid gRPC request content-type \"\""
+        );
     }
 
     #[test]

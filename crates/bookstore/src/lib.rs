@@ -64,7 +64,8 @@ pub async fn serve(
 
 /// Serves the Bookstore on `listener` until `shutdown` completes. Each connection is HTTP/2:
 /// cleartext with prior knowledge (h2c) when `tls` is `None`, else TLS (the config should
-/// offer ALPN `h2`; [`tls::server_config`] does).
+/// offer ALPN `h2`; [`tls::server_config`] does). The standard health service
+/// (`grpc.health.v1.Health`) is served next to the Bookstore.
 pub async fn serve_with_shutdown<F>(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -73,8 +74,21 @@ pub async fn serve_with_shutdown<F>(
 where
     F: Future<Output = ()> + Send,
 {
+    serve_services(listener, tls, true, shutdown).await
+}
+
+/// [`serve_with_shutdown`], with the health service only when `health` is true.
+pub async fn serve_services<F>(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    health: bool,
+    shutdown: F,
+) -> Result<(), ServeError>
+where
+    F: Future<Output = ()> + Send,
+{
     let store = Arc::new(store::Store::seeded());
-    let grpc = proto::bookstore_server::BookstoreServer::new(service::BookstoreService::new(store));
+    let grpc = control::Services::new(store, health);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     tokio::pin!(shutdown);
     loop {
@@ -151,6 +165,10 @@ pub mod cli {
         /// PEM private key for --tls-cert.
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Leave out the standard health service (grpc.health.v1.Health): its calls are then
+        /// UNIMPLEMENTED, as from a server that does not implement it.
+        #[arg(long)]
+        no_health_service: bool,
     }
 
     /// Entry point for `portico bookstore`; `args[0]` is the subcommand name.
@@ -211,7 +229,8 @@ pub mod cli {
                 portico_listen::shutdown_signal().await;
                 tracing::info!("shutting down");
             };
-            match super::serve_with_shutdown(listener, tls, shutdown).await {
+            let health = !args.no_health_service;
+            match super::serve_services(listener, tls, health, shutdown).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("portico bookstore: {e}");

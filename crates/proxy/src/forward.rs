@@ -62,6 +62,58 @@ pub use crate::request_body::{
 };
 
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+pub static X_ENVOY_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-envoy-original-method");
+
+/// The trailers a gRPC response to an HTTP/1.1 client announces in its `Trailer` header: hyper
+/// writes only the trailer fields announced there (and only to a client that sent
+/// `TE: trailers`, as gRPC clients do).
+pub const GRPC_TRAILERS_ANNOUNCED: &str = "grpc-status, grpc-message, grpc-status-details-bin";
+
+/// ESPv2's `--enable_grpc_for_http1` (on by default) on a backend's response head. Envoy's
+/// HTTP/1 codec then encodes trailers (`enable_trailers`), and ESPv2's gRPC metadata scrubber
+/// removes `Content-Length` from gRPC responses, which would otherwise make the HTTP/1 codec
+/// drop the trailers. Here: a gRPC (not gRPC-Web) response loses `Content-Length`, and to an
+/// HTTP/1.1 client it announces the gRPC status trailers, unless it is trailers-only (the
+/// status is already in the head). Without the flag an HTTP/1.1 client gets no trailers, as
+/// from Envoy without `enable_trailers`.
+pub fn keep_grpc_trailers(headers: &mut HeaderMap, client: Version) {
+    let grpc = headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.starts_with(b"application/grpc") && !v.starts_with(b"application/grpc-web")
+    });
+    if !grpc {
+        return;
+    }
+    headers.remove(header::CONTENT_LENGTH);
+    if client == Version::HTTP_11 && !headers.contains_key("grpc-status") {
+        headers.insert(
+            header::TRAILER,
+            HeaderValue::from_static(GRPC_TRAILERS_ANNOUNCED),
+        );
+    }
+}
+
+/// ESPv2's record of a request it rewrote for the backend: `x-envoy-original-path` is the
+/// client's target (path and query, as the proxy matched it), `x-envoy-original-method` its
+/// method when that changed too (transcoding). A client's own copies are replaced, so the
+/// backend reads the proxy's word.
+pub fn set_original_path(headers: &mut HeaderMap, target: &str, method: Option<&http::Method>) {
+    match HeaderValue::from_str(target) {
+        Ok(v) => {
+            headers.insert(X_ENVOY_ORIGINAL_PATH.clone(), v);
+        }
+        // A target is visible ASCII once parsed; anything else is not repeated.
+        Err(_) => {
+            headers.remove(&X_ENVOY_ORIGINAL_PATH);
+        }
+    }
+    if let Some(m) = method {
+        if let Ok(v) = HeaderValue::from_str(m.as_str()) {
+            headers.insert(X_ENVOY_ORIGINAL_METHOD.clone(), v);
+        }
+    }
+}
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_GOOGLE_REAL_IP: HeaderName = HeaderName::from_static("x-google-real-ip");
 /// The hop-by-hop headers always removed; `Upgrade` and `TE` are removed unless kept, and the
@@ -289,6 +341,13 @@ impl Forwarder {
     pub fn with_retries(mut self, retries: Option<Arc<Retries>>) -> Forwarder {
         self.retries =
             retries.filter(|r| r.policy.retries_anything() || r.policy.per_try_timeout.is_some());
+        self
+    }
+
+    /// Not counted in the backend's requests in flight: the proxy's own calls (its gRPC
+    /// health checks), which Envoy's circuit breakers do not count either.
+    pub fn without_cluster_limit(mut self) -> Forwarder {
+        self.cluster = None;
         self
     }
 
@@ -1065,6 +1124,40 @@ pub fn set_forwarding_headers_with(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn grpc_responses_keep_their_trailers_for_http1_clients() {
+        let grpc = |ct: &str, extra: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+            for (n, v) in extra {
+                h.insert(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            h
+        };
+        let mut h = grpc("application/grpc", &[]);
+        keep_grpc_trailers(&mut h, Version::HTTP_11);
+        assert_eq!(h[header::TRAILER], GRPC_TRAILERS_ANNOUNCED);
+        assert!(!h.contains_key(header::CONTENT_LENGTH));
+        // HTTP/2 carries trailers anyway; the length goes all the same (ESPv2's scrubber).
+        let mut h = grpc("application/grpc+proto", &[]);
+        keep_grpc_trailers(&mut h, Version::HTTP_2);
+        assert!(!h.contains_key(header::TRAILER) && !h.contains_key(header::CONTENT_LENGTH));
+        // Trailers-only: the status is in the head already.
+        let mut h = grpc("application/grpc", &[("grpc-status", "5")]);
+        keep_grpc_trailers(&mut h, Version::HTTP_11);
+        assert!(!h.contains_key(header::TRAILER));
+        // Not gRPC: untouched.
+        for ct in ["application/grpc-web+proto", "application/json"] {
+            let mut h = grpc(ct, &[]);
+            keep_grpc_trailers(&mut h, Version::HTTP_11);
+            assert_eq!(h.len(), 2, "{ct}");
+        }
+    }
 
     #[test]
     fn forwarded_for_is_read_from_the_last_element_only() {

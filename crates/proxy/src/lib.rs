@@ -57,6 +57,7 @@ pub mod forward;
 pub mod fuzz;
 pub mod gcp_metadata;
 pub mod grpc;
+pub mod grpc_health;
 pub mod header_rules;
 pub mod iam_credentials;
 pub mod limits;

@@ -338,6 +338,20 @@ pub async fn start_with_metrics(
             }
         }
     }
+    let health_checker = match &settings.grpc_backend_health {
+        Some(hc) => {
+            let health = Arc::new(crate::grpc_health::BackendHealth::default());
+            state.backend_health = Some(health.clone());
+            let client = crate::grpc_health::client_for(
+                &settings.backend,
+                hc.interval,
+                Some(backend_tls.clone()),
+                &backend_net,
+            )?;
+            Some(crate::grpc_health::Checker::new(client, hc.clone(), health))
+        }
+        None => None,
+    };
     let state = Arc::new(state);
     state.swap_routes(compile(&first, &route_opts));
 
@@ -414,6 +428,9 @@ pub async fn start_with_metrics(
     }
 
     let mut tasks = Vec::new();
+    if let Some(checker) = health_checker {
+        tasks.push(tokio::spawn(checker.run()));
+    }
     let follower_state = state.clone();
     tasks.push(tokio::spawn(async move {
         // A local file's sender is dropped at once: `changed` errs and there is nothing to follow.

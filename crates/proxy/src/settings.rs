@@ -280,6 +280,14 @@ pub struct Settings {
     /// file, the proxy's own access tokens come from it.
     pub metadata: Option<String>,
     pub healthz: Option<String>,
+    /// ESPv2's `--health_check_grpc_backend*`: `--healthz` answers 503 while the `grpc://`
+    /// backend's `grpc.health.v1.Health/Check` says it is not serving ([`crate::grpc_health`]).
+    pub grpc_backend_health: Option<crate::grpc_health::HealthCheckSettings>,
+    /// ESPv2's `--enable_grpc_for_http1` (its default, on): gRPC responses lose
+    /// `Content-Length`, and to an HTTP/1.1 client they announce the gRPC status trailers
+    /// ([`crate::forward::keep_grpc_trailers`]). Off (and for `portico esp`): HTTP/1.1 clients
+    /// get no trailers, as from Envoy without `enable_trailers`.
+    pub grpc_for_http1: bool,
     pub non_gcp: bool,
     pub service_json_path: Option<PathBuf>,
     pub management: Option<String>,

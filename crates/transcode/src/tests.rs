@@ -466,6 +466,29 @@ fn unknown_query_parameters_are_415_unless_ignored() {
 }
 
 #[test]
+fn unknown_query_parameters_are_found_before_the_body() {
+    let t0 = t();
+    let unknown =
+        |t: &Transcoder, target: &str| t.route("GET", target).unwrap().unknown_query_parameter();
+    assert_eq!(
+        unknown(&t0, "/v1/shelves/200?key=k&foo=bar"),
+        Some("foo".into())
+    );
+    assert_eq!(
+        unknown(&t0, "/v1/shelves/200?shelf.x=1"),
+        Some("shelf.x".into())
+    );
+    assert_eq!(unknown(&t0, "/v1/shelves/200?key=k&api_key=b"), None);
+    // A known field with a bad value is not unknown: the transcoding refuses it (400).
+    assert_eq!(unknown(&t0, "/v1/shelves/200?shelf=abc"), None);
+    let any = with(Options {
+        ignore_unknown_query_parameters: true,
+        ..Options::default()
+    });
+    assert_eq!(unknown(&any, "/v1/shelves/200?foo=bar"), None);
+}
+
+#[test]
 fn repeated_messages_and_maps_cannot_come_from_the_query() {
     let t = t();
     let e = request_err(&t, "GET", "/v1/search?examples.id=1", "");
@@ -638,18 +661,22 @@ fn custom_verbs_and_wildcards() {
             .unwrap_err(),
         RouteError::NotFound
     );
-    // Case 19 with --disallow_colon_in_wildcard_path_segment: a registered verb after a
-    // wildcard segment matches no route.
-    let colon = with(Options {
-        disallow_colon_in_wildcard_path_segment: true,
-        ..Options::default()
-    });
-    assert_eq!(
-        colon
-            .route("POST", "/v1/shelves/100/single/random:registeredCustomVerb")
-            .unwrap_err(),
-        RouteError::NotFound
-    );
+    // Case 19: a verb some template declares is a verb, so the wildcard route does not take
+    // it (ESPv2's transcoder: NOT_FOUND, the request goes on untranscoded) ...
+    for path in [
+        "/v1/shelves/100/single/random:registeredCustomVerb",
+        "/v1/shelves/100/double/a/b:registeredCustomVerb",
+    ] {
+        assert_eq!(
+            t0.route("POST", path).unwrap_err(),
+            RouteError::NotFound,
+            "{path}"
+        );
+    }
+    // ... while the template with that verb still matches.
+    assert!(t0
+        .route("POST", "/v1/shelves/7:registeredCustomVerb")
+        .is_ok());
     // custom kind "*": any method.
     assert_eq!(
         t0.route("PATCH", "/any/x/y").unwrap().selector(),

@@ -52,8 +52,6 @@ pub struct Options {
     /// `--transcoding_match_unregistered_custom_verb`: `/a/b:foo` is a custom verb `foo` even
     /// when no template declares it (so it matches no route).
     pub match_unregistered_custom_verb: bool,
-    /// `--disallow_colon_in_wildcard_path_segment`.
-    pub disallow_colon_in_wildcard_path_segment: bool,
 }
 
 /// Why a transcoder cannot be built from a config.
@@ -128,6 +126,8 @@ struct Route {
     method: MethodDescriptor,
     body: BodySpec,
     response_body: Option<FieldDescriptor>,
+    /// The template's custom verb (`:registeredCustomVerb`), if it has one.
+    verb: Option<String>,
 }
 
 /// Routes and message types of the gRPC services of one service config. Immutable; share it
@@ -262,8 +262,9 @@ impl Transcoder {
         rules: &[HttpRule],
         options: Options,
     ) -> Result<Transcoder, BuildError> {
-        let mut builder = PathMatcherBuilder::new()
-            .disallow_colon_in_wildcards(options.disallow_colon_in_wildcard_path_segment);
+        // No `--disallow_colon_in_wildcard_path_segment` here: it shapes ESPv2's route regexes,
+        // while its transcoder's path matcher (grpc-httpjson-transcoding's) has no such option.
+        let mut builder = PathMatcherBuilder::new();
         let mut verbs = HashSet::new();
         let mut methods: HashMap<String, MethodDescriptor> = HashMap::new();
         for name in services {
@@ -298,6 +299,7 @@ impl Transcoder {
                 method: method.clone(),
                 body: BodySpec::Whole,
                 response_body: None,
+                verb: None,
             });
             // A rule may already bind exactly this path; that one stays.
             let _ = builder.register("POST", &path, route);
@@ -337,16 +339,28 @@ impl Transcoder {
             Some((p, q)) => (p, q),
             None => (target, ""),
         };
-        if self.options.match_unregistered_custom_verb {
-            // `/a/b:foo` with `foo` declared nowhere: a verb no route has.
-            let last = path.rsplit('/').next().unwrap_or("");
-            if let Some((_, verb)) = last.rsplit_once(':') {
-                if !self.verbs.contains(verb) {
-                    return Err(RouteError::NotFound);
-                }
+        // The last segment's `:x`. ESPv2's transcoder (grpc-httpjson-transcoding's
+        // `ExtractRequestParts`) reads it as a custom verb when some template of the service
+        // declares `x` (or with the flag, always), and then only a template with that verb
+        // matches; otherwise it is text of the segment. Portico's matcher may take the
+        // colon text into a wildcard segment, so a match is checked for its verb.
+        let verb = path
+            .rsplit('/')
+            .next()
+            .and_then(|last| last.rsplit_once(':'))
+            .map(|(_, v)| v);
+        let verb = match verb {
+            Some(v) if self.verbs.contains(v) => Some(v),
+            Some(_) if self.options.match_unregistered_custom_verb => {
+                // A verb no template has: no route.
+                return Err(RouteError::NotFound);
             }
-        }
+            _ => None,
+        };
         match self.matcher.matched(http_method, path) {
+            Some(m) if verb.is_some() && m.value().verb.as_deref() != verb => {
+                Err(RouteError::NotFound)
+            }
             Some(m) => Ok(Call {
                 transcoder: self,
                 route: Arc::clone(m.value()),
@@ -403,14 +417,20 @@ fn register(
             ))
         })?),
     };
+    let verb = template
+        .rsplit('/')
+        .next()
+        .and_then(|l| l.rsplit_once(':'))
+        .map(|(_, v)| v.to_string());
+    if let Some(v) = &verb {
+        verbs.insert(v.clone());
+    }
     let route = Arc::new(Route {
         method: method.clone(),
         body,
         response_body,
+        verb,
     });
-    if let Some((_, verb)) = template.rsplit('/').next().and_then(|l| l.rsplit_once(':')) {
-        verbs.insert(verb.to_string());
-    }
     match builder.register(http_method, template, route) {
         Ok(()) => Ok(()),
         // Two rules with one pattern: the first stays, as a route table would keep it.
@@ -531,6 +551,28 @@ impl Call<'_> {
             out.push(prost::Message::encode_to_vec(&msg));
         }
         Ok(out)
+    }
+
+    /// The first query parameter that names no field of the request message (ESPv2's
+    /// transcoder then passes the request on untranscoded, its `createTranscoder` having failed
+    /// with INVALID_ARGUMENT); `None` when every one does, or when unknown ones are ignored.
+    pub fn unknown_query_parameter(&self) -> Option<String> {
+        if self.transcoder.options.ignore_unknown_query_parameters {
+            return None;
+        }
+        let input = self.route.method.input();
+        let query = match self.query_bindings() {
+            Ok(q) => q,
+            // Not an unknown name; the transcoding itself reports it.
+            Err(_) => return None,
+        };
+        query.into_iter().find_map(|(path, value)| {
+            let mut scratch = Value::Object(Map::new());
+            match insert(&mut scratch, &input, &path, &value, true) {
+                Err(InsertError::Unknown) => Some(path.join(".")),
+                _ => None,
+            }
+        })
     }
 
     /// Query parameters as field paths and decoded values, minus the ignored names.

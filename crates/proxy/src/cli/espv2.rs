@@ -104,12 +104,12 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--backend_retry_on_status_codes", Implemented),
     ("--backend_retry_num", Implemented),
     ("--backend_per_try_timeout", Implemented),
-    ("--health_check_grpc_backend", NotYet(18)),
-    ("--health_check_grpc_backend_service", NotYet(18)),
-    ("--health_check_grpc_backend_interval", NotYet(18)),
+    ("--health_check_grpc_backend", Implemented),
+    ("--health_check_grpc_backend_service", Implemented),
+    ("--health_check_grpc_backend_interval", Implemented),
     (
         "--health_check_grpc_backend_no_traffic_interval",
-        NotYet(18),
+        Implemented,
     ),
     // Listener and TLS.
     ("--listener_port", Implemented),
@@ -237,7 +237,13 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--tls_mutual_auth", Implemented),
     ("--ssl_protocols", Implemented),
     ("--enable_grpc_backend_ssl", Refused(TLS_REFUSED)),
-    ("--grpc_backend_ssl_root_certs_file", NotYet(18)),
+    (
+        "--grpc_backend_ssl_root_certs_file",
+        Ignored(
+            "ESPv2 reads it only with --enable_grpc_backend_ssl, which is refused: give \
+             --backend=grpcs://HOST:PORT and --ssl_backend_client_root_certs_file",
+        ),
+    ),
     ("--ssl_client_cert_path", Implemented),
     ("--ssl_client_root_certs_file", Implemented),
     ("--on_serverless", Implemented),
@@ -261,10 +267,14 @@ pub const FLAGS: &[(&str, Support)] = &[
     ("--skip_service_control_filter", Implemented),
     (
         "--suppress_envoy_headers",
-        Ignored("Portico sends no x-envoy-* headers"),
+        Ignored(
+            "Portico adds none of the x-envoy-* headers of Envoy's router, which this flag \
+             suppresses (the x-envoy-original-path and x-envoy-original-method of ESPv2's \
+             transcoding and path translation are not the router's and stay, as in ESPv2)",
+        ),
     ),
-    ("--enable_grpc_for_http1", NotYet(18)),
-    ("--min_stream_report_interval_ms", NotYet(18)),
+    ("--enable_grpc_for_http1", Implemented),
+    ("--min_stream_report_interval_ms", Implemented),
     ("--client_ip_from_forwarded_header", Implemented),
     ("--backend_cluster_maximum_requests", Implemented),
     ("--generated_header_prefix", Implemented),
@@ -710,6 +720,33 @@ fn int_flag(flag: &str, v: Option<&str>) -> Result<Option<i64>, ArgError> {
     }
 }
 
+/// ESPv2's `--min_stream_report_interval_ms` default (its Service Control filter's).
+pub const DEFAULT_MIN_STREAM_REPORT_INTERVAL_MS: u64 = 10_000;
+
+/// `--min_stream_report_interval_ms`, checked as ESPv2 checks it: an unsigned number (its
+/// config manager's `flag.Uint64`), 0 for the default, and otherwise at least 100 (its Service
+/// Control filter refuses the config below that, with the words kept here). ESPv2 then keeps
+/// the value and never reads it: no intermediate reports are sent (docs/grpc.md), so neither
+/// does Portico, and the value itself is not kept.
+fn min_stream_report_interval(v: Option<&str>) -> Result<u64, ArgError> {
+    let Some(s) = v else {
+        return Ok(DEFAULT_MIN_STREAM_REPORT_INTERVAL_MS);
+    };
+    match s.trim().parse::<u64>() {
+        Ok(0) => Ok(DEFAULT_MIN_STREAM_REPORT_INTERVAL_MS),
+        Ok(n) if n < 100 => Err(ArgError::v2(format!(
+            "invalid --min_stream_report_interval_ms '{s}': min_stream_report_interval_ms must \
+             be larger than: 100"
+        ))),
+        Ok(n) => Ok(n),
+        Err(_) => Err(ArgError::v2(format!(
+            "invalid --min_stream_report_interval_ms '{s}': give a whole number of \
+             milliseconds, 0 (the default, {DEFAULT_MIN_STREAM_REPORT_INTERVAL_MS}) or from \
+             100 up"
+        ))),
+    }
+}
+
 /// A Go duration (`time.ParseDuration`, how ESPv2's config manager reads `--cors_max_age` and
 /// `--backend_per_try_timeout`): an optional sign, then numbers with optional fractions, each
 /// with a unit (`ns`, `us`/`µs`, `ms`, `s`, `m`, `h`), as `480h`, `1.5h`, `2h45m`, `300ms`; a
@@ -777,6 +814,47 @@ pub fn go_duration(s: &str) -> Result<std::time::Duration, &'static str> {
         return Err("negative");
     }
     Ok(std::time::Duration::from_nanos(total as u64))
+}
+
+/// Go's `strconv.ParseBool`, how ESPv2's config manager reads a boolean flag's value.
+fn go_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// `--health_check_grpc_backend` and its three settings (start_proxy.py already refused them
+/// without it, or without a `grpc` backend). The durations are Go durations, as ESPv2's config
+/// manager reads them; Envoy refuses a zero or negative interval, and so does Portico.
+fn grpc_backend_health(
+    a: &Espv2Args,
+) -> Result<Option<crate::grpc_health::HealthCheckSettings>, ArgError> {
+    use crate::grpc_health::{self as health, HealthCheckSettings};
+    if !a.health_check_grpc_backend {
+        return Ok(None);
+    }
+    let duration = |flag: &str, v: Option<&str>, default| match v {
+        None => Ok(default),
+        Some(t) => day_bounded_duration(flag, t, "1s"),
+    };
+    Ok(Some(HealthCheckSettings {
+        service: a
+            .health_check_grpc_backend_service
+            .clone()
+            .unwrap_or_default(),
+        interval: duration(
+            "--health_check_grpc_backend_interval",
+            a.health_check_grpc_backend_interval.as_deref(),
+            health::DEFAULT_INTERVAL,
+        )?,
+        no_traffic_interval: duration(
+            "--health_check_grpc_backend_no_traffic_interval",
+            a.health_check_grpc_backend_no_traffic_interval.as_deref(),
+            health::DEFAULT_NO_TRAFFIC_INTERVAL,
+        )?,
+    }))
 }
 
 /// ESPv2's `DependencyErrorBehavior` names, as its config manager reads them (exact case).
@@ -1196,6 +1274,7 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     let tracing = tracing_settings(&a)?;
     let port = enforce_conflicts(&a)?;
     let backend_net = backend_net(&a)?;
+    let grpc_backend_health = grpc_backend_health(&a)?;
     let port = u16::try_from(port).map_err(|_| {
         ArgError::v2(format!(
             "Port {port} is not a TCP port: use a port from 1024 to 65535."
@@ -1465,6 +1544,7 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
             codes
         }
     };
+    min_stream_report_interval(a.min_stream_report_interval_ms.as_deref())?;
     let per_try_timeout = match a.backend_per_try_timeout.as_deref() {
         None => None,
         Some(t) => Some(go_duration(t.trim()).map_err(|why| {
@@ -1555,6 +1635,15 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
     }
     settings.status_port = status_port;
     settings.healthz = healthz;
+    settings.grpc_backend_health = grpc_backend_health;
+    settings.grpc_for_http1 = match a.enable_grpc_for_http1.as_deref() {
+        None => true,
+        Some(v) => go_bool(v).ok_or_else(|| {
+            ArgError::v2(format!(
+                "invalid --enable_grpc_for_http1 '{v}': give true or false"
+            ))
+        })?,
+    };
     // A per-try timeout bounds each attempt even when nothing is retried, as in Envoy.
     settings.backend_net = backend_net;
     settings.backend_address_override = a.enable_backend_address_override;
@@ -1695,7 +1784,6 @@ pub fn validate(a: Espv2Args) -> Result<Settings, ArgError> {
         query_parameters_disable_unescape_plus: a
             .transcoding_query_parameters_disable_unescape_plus,
         match_unregistered_custom_verb: a.transcoding_match_unregistered_custom_verb,
-        disallow_colon_in_wildcard_path_segment: a.disallow_colon_in_wildcard_path_segment,
     };
     Ok(settings)
 }
@@ -1729,9 +1817,35 @@ fn operation_part<'a>(flag: &str, v: &'a str) -> Result<&'a str, ArgError> {
     Ok(v)
 }
 
-/// The longest `--cluster_connect_timeout` taken: a day is already no timeout at all.
-pub const MAX_CLUSTER_CONNECT_TIMEOUT: std::time::Duration =
-    std::time::Duration::from_secs(24 * 3600);
+/// A Go duration flag that must be above 0 and at most a day
+/// ([`MAX_DURATION_FLAG`]); `example` is a typical value for the message.
+fn day_bounded_duration(
+    flag: &str,
+    t: &str,
+    example: &str,
+) -> Result<std::time::Duration, ArgError> {
+    go_duration(t.trim())
+        .map_err(str::to_string)
+        .and_then(|d| {
+            if d.is_zero() {
+                Err("it must be above 0".to_string())
+            } else if d > MAX_DURATION_FLAG {
+                Err("it must be at most 24h".to_string())
+            } else {
+                Ok(d)
+            }
+        })
+        .map_err(|why| {
+            ArgError::v2(format!(
+                "invalid {flag} '{t}': {why}; give a duration such as {example} or 500ms"
+            ))
+        })
+}
+
+/// The longest `--cluster_connect_timeout`, `--health_check_grpc_backend_interval` and
+/// `--health_check_grpc_backend_no_traffic_interval` taken (Portico's bound): a day is already
+/// no timeout, and no health checking, at all.
+pub const MAX_DURATION_FLAG: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// How backends are connected to: ESPv2's `--cluster_connect_timeout` (default 20s),
 /// `--backend_dns_lookup_family` (default `v4preferred`), `--dns_resolver_addresses` (or its
@@ -1740,23 +1854,7 @@ fn backend_net(a: &Espv2Args) -> Result<crate::backend_net::BackendNetSettings, 
     use crate::backend_net::{self as net, LookupFamily};
     let connect_timeout = match a.cluster_connect_timeout.as_deref() {
         None => net::DEFAULT_CONNECT_TIMEOUT,
-        Some(t) => go_duration(t.trim())
-            .map_err(|why| why.to_string())
-            .and_then(|d| {
-                if d.is_zero() {
-                    Err("it must be above 0".to_string())
-                } else if d > MAX_CLUSTER_CONNECT_TIMEOUT {
-                    Err("it must be at most 24h".to_string())
-                } else {
-                    Ok(d)
-                }
-            })
-            .map_err(|why| {
-                ArgError::v2(format!(
-                    "invalid --cluster_connect_timeout '{t}': {why}; give a duration such as \
-                     20s or 500ms"
-                ))
-            })?,
+        Some(t) => day_bounded_duration("--cluster_connect_timeout", t, "20s")?,
     };
     let lookup_family = match a.backend_dns_lookup_family.as_deref() {
         None => LookupFamily::V4Preferred,
@@ -2741,7 +2839,6 @@ mod tests {
             "1",
             "--envoy_connection_buffer_limit_bytes=1024",
             "--enable_backend_routing",
-            "--min_stream_report_interval_ms=5",
             "--suppress_envoy_headers",
             "--http_request_timeout_s=7",
         ])
@@ -2754,13 +2851,74 @@ mod tests {
                 "--suppress_envoy_headers"
             ]
         );
-        assert_eq!(
-            s.not_implemented_flags,
-            vec!["--min_stream_report_interval_ms"]
-        );
+        assert!(s.not_implemented_flags.is_empty());
         // --http_request_timeout_s is ESPv2's timeout for its own calls, never the backend's.
         assert_eq!(s.backend_timeout, Duration::from_secs(15));
         assert_eq!(s.http_request_timeout, Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn grpc_for_http1_is_a_go_boolean_defaulting_to_on() {
+        assert!(p(&["-s", "svc", "-v", "1"]).unwrap().grpc_for_http1);
+        for (v, want) in [
+            ("", true),
+            ("=true", true),
+            ("=1", true),
+            ("=false", false),
+            ("=F", false),
+        ] {
+            let s = p(&[
+                "-s",
+                "svc",
+                "-v",
+                "1",
+                &format!("--enable_grpc_for_http1{v}"),
+            ])
+            .unwrap();
+            assert_eq!(s.grpc_for_http1, want, "{v}");
+        }
+        assert_eq!(
+            err(&["-s", "svc", "-v", "1", "--enable_grpc_for_http1=maybe"]),
+            "invalid --enable_grpc_for_http1 'maybe': give true or false"
+        );
+    }
+
+    #[test]
+    fn min_stream_report_interval_is_checked_as_espv2_checks_it() {
+        for ok in ["0", "100", "250", "18446744073709551615"] {
+            p(&[
+                "-s",
+                "svc",
+                "-v",
+                "1",
+                &format!("--min_stream_report_interval_ms={ok}"),
+            ])
+            .unwrap_or_else(|e| panic!("{ok}: {}", e.message));
+        }
+        assert_eq!(min_stream_report_interval(None).unwrap(), 10_000);
+        assert_eq!(min_stream_report_interval(Some("0")).unwrap(), 10_000);
+        assert_eq!(min_stream_report_interval(Some("250")).unwrap(), 250);
+        assert_eq!(
+            err(&["-s", "svc", "-v", "1", "--min_stream_report_interval_ms=99"]),
+            "invalid --min_stream_report_interval_ms '99': min_stream_report_interval_ms must \
+             be larger than: 100"
+        );
+        for bad in ["-1", "abc", "1.5", "", "18446744073709551616", "1e3"] {
+            assert_eq!(
+                err(&[
+                    "-s",
+                    "svc",
+                    "-v",
+                    "1",
+                    &format!("--min_stream_report_interval_ms={bad}")
+                ]),
+                format!(
+                    "invalid --min_stream_report_interval_ms '{bad}': give a whole number of \
+                     milliseconds, 0 (the default, 10000) or from 100 up"
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

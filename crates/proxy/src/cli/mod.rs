@@ -364,6 +364,12 @@ pub struct EspArgs {
     pub experimental_enable_multiple_api_configs: bool,
     #[arg(long = "enable_grpc_backend_ssl", action = ArgAction::SetTrue, hide = true)]
     pub enable_grpc_backend_ssl: bool,
+    #[arg(long = "grpc_backend_ssl_root_certs_file", hide = true)]
+    pub grpc_backend_ssl_root_certs_file: Option<String>,
+    #[arg(long = "grpc_backend_ssl_private_key_file", hide = true)]
+    pub grpc_backend_ssl_private_key_file: Option<String>,
+    #[arg(long = "grpc_backend_ssl_cert_chain_file", hide = true)]
+    pub grpc_backend_ssl_cert_chain_file: Option<String>,
     #[arg(long = "generate_config_file_only", action = ArgAction::SetTrue, hide = true)]
     pub generate_config_file_only: bool,
     #[arg(long = "server_config_generation_path", hide = true)]
@@ -696,7 +702,11 @@ pub fn parse(args: Vec<OsString>) -> Result<Settings, ArgError> {
 
 /// Checks flag values and combinations; see the module docs for exit codes.
 pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
-    let unsupported: [(&str, bool, &str); 6] = [
+    // ESP's TLS to a gRPC backend has Portico's spelling: the scheme says it, and the trust
+    // anchors and client certificate are the ones every TLS backend uses.
+    const GRPC_TLS: &str = "TLS to a gRPC backend is asked for with --backend=grpcs://HOST:PORT \
+         (trust anchors: --backend_ca_cert_path; client certificate: --tls_mutual_auth)";
+    let unsupported: [(&str, bool, &str); 9] = [
         (
             "--nginx_config",
             a.nginx_config.is_some(),
@@ -715,7 +725,22 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         (
             "--enable_grpc_backend_ssl",
             a.enable_grpc_backend_ssl,
-            "gRPC backends are reached over cleartext HTTP/2 only",
+            GRPC_TLS,
+        ),
+        (
+            "--grpc_backend_ssl_root_certs_file",
+            a.grpc_backend_ssl_root_certs_file.is_some(),
+            GRPC_TLS,
+        ),
+        (
+            "--grpc_backend_ssl_private_key_file",
+            a.grpc_backend_ssl_private_key_file.is_some(),
+            GRPC_TLS,
+        ),
+        (
+            "--grpc_backend_ssl_cert_chain_file",
+            a.grpc_backend_ssl_cert_chain_file.is_some(),
+            GRPC_TLS,
         ),
         (
             "--generate_config_file_only",
@@ -1065,6 +1090,8 @@ pub fn validate(a: EspArgs) -> Result<Settings, ArgError> {
         service_account_key: a.service_account_key,
         metadata,
         healthz: a.healthz,
+        grpc_backend_health: None,
+        grpc_for_http1: false,
         non_gcp: a.non_gcp,
         service_json_path: a.service_json_path,
         management: a.management,
@@ -1646,6 +1673,24 @@ mod tests {
             "{}",
             e.message
         );
+        for flag in [
+            "--enable_grpc_backend_ssl",
+            "--grpc_backend_ssl_root_certs_file=/r.pem",
+            "--grpc_backend_ssl_private_key_file=/k.pem",
+            "--grpc_backend_ssl_cert_chain_file=/c.pem",
+        ] {
+            let e = p(&["-s", "svc", flag]).unwrap_err();
+            let name = flag.split('=').next().unwrap_or(flag);
+            assert_eq!(
+                e.message,
+                format!(
+                    "{name} is an ESP flag Portico does not support: TLS to a gRPC backend is \
+                     asked for with --backend=grpcs://HOST:PORT (trust anchors: \
+                     --backend_ca_cert_path; client certificate: --tls_mutual_auth)"
+                ),
+                "{flag}"
+            );
+        }
         assert!(
             p(&["-s", "svc", "--enable_backend_routing"])
                 .unwrap()

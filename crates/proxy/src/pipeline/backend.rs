@@ -116,6 +116,9 @@ impl Pipeline {
             // A backend rule without an address bounds the call to `--backend` by its deadline,
             // and picks its HTTP version when that is not `--backend`'s own.
             None => {
+                if let Some(h) = &self.state.backend_health {
+                    h.note_traffic();
+                }
                 let local = report
                     .as_ref()
                     .and_then(|r| r.method.as_ref())
@@ -140,6 +143,16 @@ impl Pipeline {
                 .or_else(|| forwarder.backend_host()),
         };
         forward::strip_hop_by_hop(&mut parts.headers, websocket, grpc);
+        // ESPv2's path-rewrite filter runs for a rule whose address has a path, or that is
+        // CONSTANT_ADDRESS, and records the path it replaced.
+        if let Some(r) = &routed {
+            if settings.dialect.tells_backend_original_path()
+                && (r.target.translation == crate::routing::PathTranslation::ConstantAddress
+                    || !r.target.path_prefix.is_empty())
+            {
+                forward::set_original_path(&mut parts.headers, &target, None);
+            }
+        }
         let xff = match settings.xff_hops {
             None => forward::XffAppend::Address(ctx.client_ip),
             Some(h) if h.use_remote_address => forward::XffAppend::Address(
@@ -279,6 +292,9 @@ impl Pipeline {
                 }
                 let (mut rp, body) = resp.into_parts();
                 forward::strip_hop_by_hop(&mut rp.headers, false, false);
+                if self.state.settings.grpc_for_http1 {
+                    forward::keep_grpc_trailers(&mut rp.headers, ctx.version);
+                }
                 let body = if ctx.method == Method::HEAD && !ctx.head {
                     // An override made this request a HEAD: the backend sent no body, and the
                     // client, which sent another method, must not wait for one.

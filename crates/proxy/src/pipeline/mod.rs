@@ -133,6 +133,9 @@ pub struct ProxyState {
     /// Header rules or `--envoy_use_remote_address` need the connection's facts per request.
     keep_conn_facts: bool,
     healthz_path: Option<String>,
+    /// The gRPC backend's health (`--health_check_grpc_backend`), which `--healthz` answers
+    /// with; `None`: not checked.
+    pub backend_health: Option<Arc<crate::grpc_health::BackendHealth>>,
 }
 
 impl ProxyState {
@@ -186,6 +189,7 @@ impl ProxyState {
             response_rules_read,
             keep_conn_facts,
             healthz_path,
+            backend_health: None,
         }
     }
 
@@ -444,7 +448,13 @@ impl Pipeline {
         // 5. forward; 6. respond and 7. report follow from the backend's answer.
         // Calls a gRPC backend cannot take as they came are rewritten (`transcode.rs`); boxed,
         // so their state is not part of every request's future.
-        if let Some(t) = Self::transcoding_for(&config.transcoder, &ctx, &parts.method, &target) {
+        if let Some(t) = Self::transcoding_for(
+            &config.transcoder,
+            &ctx,
+            self.state.settings.dialect,
+            &parts.method,
+            &target,
+        ) {
             return Box::pin(self.forward_transcoded(
                 parts,
                 body,

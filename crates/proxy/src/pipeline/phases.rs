@@ -189,7 +189,12 @@ impl Pipeline {
 
         // nginx's exact-match health location and CORS preflight run before ESP.
         if st.healthz_path.as_deref() == Some(request_head::path_of(normalized)) {
-            let resp = Response::new(ProxyBody::empty());
+            let mut resp = Response::new(ProxyBody::empty());
+            // Envoy's health-check filter with `cluster_min_healthy_percentages` 100 for the
+            // backend (ESPv2 under --health_check_grpc_backend): 503 while it is unhealthy.
+            if st.backend_health.as_ref().is_some_and(|h| !h.is_healthy()) {
+                *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
             let mut resp = self.finalize(resp, &ctx, normalized.to_string(), None, None, None);
             resp.body_mut().mark_health_check();
             return Err(resp);
@@ -235,8 +240,26 @@ impl Pipeline {
     ) -> Result<(Arc<MethodInfo>, Option<Routed>), (EspError, ReportInfo)> {
         let settings = &self.state.settings;
         let match_method = parts.method.as_str();
-        let matched = config.matcher.matched(match_method, target);
-        if let Some(m) = &matched {
+        let grpc_path;
+        let mut by_transcoder = false;
+        let mut matched = config.matcher.matched(match_method, target);
+        if matched.is_none() && settings.dialect.forwards_untranscodable_requests() {
+            // ESPv2 routes first and transcodes after, with the transcoder's own matcher, so a
+            // path its routes refuse (a colon in a wildcard segment under
+            // --disallow_colon_in_wildcard_path_segment) can still be transcoded. ESPv2 then
+            // runs no check for it (its deny-all route has no method); Portico matches it to
+            // the method it calls, by that method's gRPC path, and checks it as that method.
+            if let Some(call) = config
+                .transcoder
+                .as_ref()
+                .and_then(|t| t.route(match_method, target).ok())
+            {
+                grpc_path = call.grpc_path();
+                matched = config.matcher.matched("POST", &grpc_path);
+                by_transcoder = true;
+            }
+        }
+        if let Some(m) = matched.as_ref().filter(|_| !by_transcoder) {
             if settings.head.path.normalize
                 && !self.same_method_without_parameters(config, match_method, target, m.value())
             {

@@ -52,10 +52,14 @@ enum ReadError {
 
 impl Pipeline {
     /// Whether this request is transcoded: a config with a transcoder, a request that is not
-    /// gRPC, and an HTTP rule (or the default `POST /package.Service/Method`) for it.
+    /// gRPC, and an HTTP rule (or the default `POST /package.Service/Method`) for it. Under
+    /// `portico espv2`, not when a query parameter names no field of the request message: the
+    /// request then goes to the backend as it came, as ESPv2's transcoder passes it on
+    /// ([`crate::dialect::Dialect::forwards_untranscodable_requests`]).
     pub(super) fn transcoding_for(
         transcoder: &Option<Arc<Transcoder>>,
         ctx: &Ctx,
+        dialect: crate::dialect::Dialect,
         method: &Method,
         target: &str,
     ) -> Option<Arc<Transcoder>> {
@@ -64,7 +68,19 @@ impl Pipeline {
             return None;
         }
         match t.route(method.as_str(), target) {
-            Ok(_) => Some(t.clone()),
+            Ok(call) => {
+                if dialect.forwards_untranscodable_requests() {
+                    if let Some(name) = call.unknown_query_parameter() {
+                        tracing::debug!(
+                            parameter = %name,
+                            "not transcoded: the query parameter names no field of the request \
+                             message; forwarded as it came"
+                        );
+                        return None;
+                    }
+                }
+                Some(t.clone())
+            }
             Err(RouteError::NotFound | RouteError::MethodNotAllowed { .. }) => None,
         }
     }
@@ -129,6 +145,9 @@ impl Pipeline {
         let (forwarder, deadline) = match routed {
             Some(r) => (r.target.forwarder.clone(), r.target.deadline),
             None => {
+                if let Some(h) = &self.state.backend_health {
+                    h.note_traffic();
+                }
                 let local = report
                     .and_then(|r| r.method.as_ref())
                     .and_then(|m| m.local_backend.as_ref());
@@ -225,10 +244,9 @@ impl Pipeline {
         let messages = match call.request_messages(&bytes, content_type.as_deref()) {
             Ok(m) => m,
             Err(e) => {
-                // 400 for a body or value that does not fit, 415 for a query parameter that
-                // names no field (ESPv2's transcoder passes such a request on untouched and
-                // the gRPC backend refuses its JSON content type; Portico answers that
-                // itself, naming the parameter).
+                // 400 for a body or value that does not fit; under `portico esp`, 415 for a
+                // query parameter that names no field (`portico espv2` forwarded such a
+                // request untranscoded: `transcoding_for`).
                 return fail(
                     EspError::with_status(
                         e.http_status(),
@@ -250,6 +268,9 @@ impl Pipeline {
                     parts.headers.insert("x-api-key", v);
                 }
             }
+        }
+        if self.state.settings.dialect.tells_backend_original_path() {
+            forward::set_original_path(&mut parts.headers, &target, Some(&parts.method));
         }
         let frames: Vec<Bytes> = messages.iter().map(|m| framing::encode(m)).collect();
         let path = call.grpc_path();
