@@ -35,6 +35,8 @@ fn now() -> i64 {
 #[derive(Default)]
 struct Seen {
     checks: usize,
+    /// The context headers (`traceparent`, `x-cloud-trace-context`) of each `:check`.
+    check_context: Vec<(Option<String>, Option<String>)>,
     /// The backend's requests: path and headers.
     backend: Vec<(String, Vec<(String, String)>)>,
     /// The trace double's requests: method, path, authorization, body.
@@ -66,7 +68,13 @@ fn world(dir: &Path) -> World {
         &rt,
         Arc::new(move |req: &Request| {
             if req.path.ends_with(":check") {
-                s.lock().unwrap().checks += 1;
+                let mut seen = s.lock().unwrap();
+                seen.checks += 1;
+                seen.check_context.push((
+                    req.header("traceparent").map(str::to_string),
+                    req.header("x-cloud-trace-context").map(str::to_string),
+                ));
+                drop(seen);
                 return Action::Respond(
                     200,
                     json!({"operationId": "c",
@@ -533,33 +541,162 @@ fn espv2_spans_sampling_and_context_headers() {
         Some(format!("{t1}/{dec};o=1").as_str())
     );
 
-    // ESPv2's parser refuses `T;o=1` (no span): no parent, so no trace at rate 0, and the
-    // header passes as sent.
+    // The traced request's `:check` carried the context, the Check span as the parent.
+    let check_span = spans[1]["spanId"].as_str().expect("check id").to_string();
+    let check_dec = u64::from_str_radix(&check_span, 16).expect("hex id");
+    assert_eq!(
+        w.seen.lock().unwrap().check_context[0],
+        (
+            Some(format!("00-{t1}-{check_span}-01")),
+            Some(format!("{t1}/{check_dec};o=1"))
+        )
+    );
+
+    // ESPv2's parser refuses `T;o=1` (no span): no parent, so no trace at rate 0. Untraced,
+    // the request still has a trace (a new one) that the backend's headers carry, flag off,
+    // replacing the client's.
     let x = format!("{t1};o=1");
     assert_eq!(
         get(port, "/open?n=2", &[("x-cloud-trace-context", x.as_str())]),
         200
     );
     let hb = backend_headers(&w.seen, "/open?n=2");
-    assert_eq!(header(&hb, "x-cloud-trace-context"), Some(x.as_str()));
-    assert_eq!(header(&hb, "traceparent"), None);
+    let (new_trace, _) = unsampled_pair(&hb);
+    assert_ne!(new_trace, t1, "an invalid context is not joined");
 
-    // ESPv2's report names the traced request's trace in its log entry; the untraced one none.
-    let entry = |url: &str| report_entry(&w.seen, url, &log);
-    assert_eq!(
-        entry("/jwt")["trace"],
-        format!("projects/trace-proj/traces/{t1}"),
-        "{}",
-        log()
+    // An unsampled parent is joined (its trace ID kept, upper-case hex read and written in
+    // lower case as opencensus does), not traced; the `:check` of a new key (a cache miss)
+    // carries the context too, with its own span.
+    let t2 = "ABCDEF0123456789ABCDEF0123456789";
+    let x2 = format!("{t2}/5;o=0");
+    let h = [
+        ("x-cloud-trace-context", x2.as_str()),
+        ("traceparent", "00-bad"),
+    ];
+    // traceparent comes first in the default list, so the invalid one decides: no parent.
+    assert_eq!(get(port, "/open?n=3", &h), 200);
+    let (t3, _) = unsampled_pair(&backend_headers(&w.seen, "/open?n=3"));
+    assert_ne!(t3, t2.to_ascii_lowercase());
+    let h = [
+        ("authorization", bearer.as_str()),
+        ("x-cloud-trace-context", x2.as_str()),
+    ];
+    assert_eq!(get(port, "/jwt?key=k2", &h), 200, "{}", log());
+    let lower = t2.to_ascii_lowercase();
+    let (t4, backend_span) = unsampled_pair(&backend_headers(&w.seen, "/jwt?key=k2"));
+    assert_eq!(t4, lower);
+    assert_ne!(backend_span, 5);
+    let (tp, xc) = w.seen.lock().unwrap().check_context[1].clone();
+    let tp = tp.expect("traceparent on the untraced request's :check");
+    assert!(
+        tp.starts_with(&format!("00-{lower}-")) && tp.ends_with("-00"),
+        "{tp}"
     );
-    assert!(entry("/open").get("trace").is_none(), "{}", log());
+    let check_span = u64::from_str_radix(&tp[36..52], 16).expect("span");
+    assert_ne!(check_span, backend_span, "the call has its own span");
+    assert_eq!(xc, Some(format!("{lower}/{check_span};o=0")));
+
+    // ESPv2's report names the trace of every request, traced or not.
+    let entry = |url: &str| report_entry(&w.seen, url, &log);
+    let name = |t: &str| format!("projects/trace-proj/traces/{t}");
+    assert_eq!(entry("/jwt")["trace"], name(t1), "{}", log());
+    assert_eq!(entry("/open?n=2")["trace"], name(&new_trace), "{}", log());
+    assert_eq!(entry("/open?n=3")["trace"], name(&t3), "{}", log());
+    // The key is redacted in the URL: the second /jwt entry is k2's.
+    let k2 = report_entry_where(
+        &w.seen,
+        "k2",
+        &|e| e["structPayload"]["api_key"] == "k2",
+        &log,
+    );
+    assert_eq!(k2["trace"], name(&lower), "{}", log());
+    // Nothing of the untraced requests was exported.
+    std::thread::sleep(Duration::from_millis(1500));
+    let exported: Vec<String> = w
+        .seen
+        .lock()
+        .unwrap()
+        .exports
+        .iter()
+        .flat_map(|(_, _, _, b)| b["spans"].as_array().cloned().unwrap_or_default())
+        .filter_map(|s| s["name"].as_str().map(str::to_string))
+        .filter(|n| !n.contains(t1))
+        .collect();
+    assert!(exported.is_empty(), "{exported:?}");
+    drop(proxy);
+
+    // `--disable_tracing`: no context written, no trace in reports.
+    let (proxy, port) = common::espv2::start(
+        dir.path(),
+        "espv2-off",
+        &[
+            format!("--service_json_path={}", w.config.display()),
+            format!("--backend=http://{}", w.backend),
+            "--non_gcp".to_string(),
+            format!("--service_account_key={}", w.key.display()),
+            format!("--service_control_url=http://{}", w.sc),
+            format!("--cloud_trace_url_override=http://{}", w.sink),
+            "--tracing_project_id=trace-proj".to_string(),
+            "--disable_tracing".to_string(),
+        ],
+    );
+    assert_eq!(
+        get(
+            port,
+            "/open?n=off",
+            &[("x-cloud-trace-context", x2.as_str())]
+        ),
+        200
+    );
+    let hb = backend_headers(&w.seen, "/open?n=off");
+    assert_eq!(header(&hb, "x-cloud-trace-context"), Some(x2.as_str()));
+    assert_eq!(header(&hb, "traceparent"), None);
+    let e = report_entry(&w.seen, "/open?n=off", &|| proxy.log());
+    assert!(e.get("trace").is_none(), "{e:#}");
     drop(proxy);
     drop(w.rt);
+}
+
+/// The trace ID and span of an untraced request's outgoing headers: `traceparent` and
+/// `X-Cloud-Trace-Context` name the same trace and span, the sampled flag off.
+fn unsampled_pair(h: &[(String, String)]) -> (String, u64) {
+    let tp = header(h, "traceparent").expect("traceparent written");
+    let xc = header(h, "x-cloud-trace-context").expect("x-cloud-trace-context written");
+    assert!(
+        tp.len() == 55 && tp.starts_with("00-") && tp.ends_with("-00"),
+        "{tp}"
+    );
+    let trace = &tp[3..35];
+    assert!(
+        trace
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "{tp}"
+    );
+    let span = u64::from_str_radix(&tp[36..52], 16).expect("span");
+    assert_ne!(span, 0);
+    assert_eq!(xc, format!("{trace}/{span};o=0"));
+    (trace.to_string(), span)
 }
 
 /// The `endpoints_log` entry of the first reported request whose URL starts with `url`,
 /// waiting up to 15 s for the proxy's report flush.
 fn report_entry(seen: &Mutex<Seen>, url: &str, log: &dyn Fn() -> String) -> Value {
+    let pred = |e: &Value| {
+        e["httpRequest"]["requestUrl"]
+            .as_str()
+            .is_some_and(|u| u.starts_with(url))
+    };
+    report_entry_where(seen, url, &pred, log)
+}
+
+/// The first reported log entry `pred` accepts, waiting up to 15 s.
+fn report_entry_where(
+    seen: &Mutex<Seen>,
+    what: &str,
+    pred: &dyn Fn(&Value) -> bool,
+    log: &dyn Fn() -> String,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let found = seen
@@ -569,17 +706,13 @@ fn report_entry(seen: &Mutex<Seen>, url: &str, log: &dyn Fn() -> String) -> Valu
             .iter()
             .flat_map(|r| r["operations"].as_array().cloned().unwrap_or_default())
             .flat_map(|o| o["logEntries"].as_array().cloned().unwrap_or_default())
-            .find(|e| {
-                e["httpRequest"]["requestUrl"]
-                    .as_str()
-                    .is_some_and(|u| u.starts_with(url))
-            });
+            .find(|e| pred(e));
         if let Some(e) = found {
             return e;
         }
         assert!(
             Instant::now() < deadline,
-            "no report for {url}; reports seen: {:?}\n{}",
+            "no report for {what}; reports seen: {:?}\n{}",
             seen.lock().unwrap().reports,
             log()
         );

@@ -275,7 +275,11 @@ impl Pipeline {
 
         // Traced or not: decided here, on the client's headers (crate::trace).
         if let Some(t) = &st.tracer {
-            ctx.trace = t.start(&parts.headers);
+            match t.begin(&parts.headers) {
+                crate::trace::Started::Traced(r) => ctx.trace = Some(r),
+                crate::trace::Started::Unsampled(id) => ctx.unsampled_trace = Some(id),
+                crate::trace::Started::Off => {}
+            }
             if let Some(r) = &ctx.trace {
                 r.name_root(&config.service.name, None);
                 if r.dialect() == crate::dialect::Dialect::EspV2 {
@@ -440,6 +444,9 @@ impl Pipeline {
                 }
             };
             r.start_backend(name, &mut parts.headers);
+        } else if let (Some(id), Some(t)) = (ctx.unsampled_trace, &st.tracer) {
+            // ESPv2's router span of an untraced request: a new span ID, the flag off.
+            t.write_outgoing(&id, crate::trace::new_span_id(), false, &mut parts.headers);
         }
         // 5. forward; 6. respond and 7. report follow from the backend's answer.
         // Calls a gRPC backend cannot take as they came are rewritten (`transcode.rs`); boxed,

@@ -507,16 +507,23 @@ impl Inner {
         }
     }
 
-    pub(super) async fn remote_check(&self, service: &str, request: &CheckRequest) -> Verdict {
+    /// `context`: the request's trace context headers (ESPv2), empty otherwise.
+    pub(super) async fn remote_check(
+        &self,
+        service: &str,
+        request: &CheckRequest,
+        context: &http::HeaderMap,
+    ) -> Verdict {
         let result: Result<CheckResponse, _> = self
             .transport
-            .call(
+            .call_with(
                 service,
                 "check",
                 SERVICE_CONTROLLER,
                 request,
                 self.opts.check_timeout,
                 self.opts.check_retries,
+                context,
             )
             .await;
         match result {
@@ -594,6 +601,7 @@ mod tests {
             android_cert: None,
             ios_bundle: None,
             trace: None,
+            context: None,
         };
         let key = |f: &dyn Fn(&mut CheckInput<'static>)| {
             let mut i = base.clone();

@@ -274,6 +274,8 @@ pub struct CheckInput<'a> {
     pub ios_bundle: Option<&'a str>,
     /// A traced request: where the remote call on a cache miss records its span.
     pub trace: Option<crate::trace::RemoteCall<'a>>,
+    /// ESPv2: the request's trace context, written on the remote `:check`.
+    pub context: Option<crate::trace::CheckContext<'a>>,
 }
 
 /// A request the check allowed.
@@ -585,7 +587,10 @@ impl ServiceControl {
                 let bg = self.inner.clone();
                 let service = input.service_name.to_string();
                 self.runtime.spawn(async move {
-                    let verdict = bg.remote_check(&service, &request).await;
+                    // A refresh is no request's call: no context (as Envoy's flush transport).
+                    let verdict = bg
+                        .remote_check(&service, &request, &http::HeaderMap::new())
+                        .await;
                     bg.complete_check(&key, &verdict);
                 });
                 return Ok(ok);
@@ -596,20 +601,27 @@ impl ServiceControl {
             None => {}
         }
         inner.stats.send_checks_in_flight.inc();
+        // The call's span: recorded when traced, and the parent of the context headers it
+        // carries (ESPv2).
+        let span_id = crate::trace::new_span_id();
         let traced = input.trace.map(|t| (t, std::time::SystemTime::now()));
+        let context = input
+            .context
+            .map(|c| c.headers(span_id))
+            .unwrap_or_default();
         // The remote check runs in its own task so that a client hanging up (which drops this
         // future) cannot leave a cache entry marked "being re-checked" forever.
         let request = inner.check_request(&input);
         let bg = self.inner.clone();
         let service = input.service_name.to_string();
         let task = self.runtime.spawn(async move {
-            let verdict = bg.remote_check(&service, &request).await;
+            let verdict = bg.remote_check(&service, &request, &context).await;
             bg.complete_check(&key, &verdict);
             verdict.outcome
         });
         let joined = task.await;
         if let Some((t, start)) = traced {
-            t.record(start);
+            t.record(span_id, start);
         }
         match joined {
             Ok(outcome) => outcome,

@@ -162,10 +162,43 @@ impl Transport {
         timeout: Duration,
         retries: u32,
     ) -> Result<Resp, Failure> {
+        self.call_with(
+            service,
+            method,
+            audience_suffix,
+            body,
+            timeout,
+            retries,
+            &http::HeaderMap::new(),
+        )
+        .await
+    }
+
+    /// As [`Transport::call`], with `extra` headers (a request's trace context) on every
+    /// attempt.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn call_with<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        service: &str,
+        method: &str,
+        audience_suffix: &str,
+        body: &Req,
+        timeout: Duration,
+        retries: u32,
+        extra: &http::HeaderMap,
+    ) -> Result<Resp, Failure> {
         let payload =
             serde_json::to_vec(body).map_err(|e| Failure::Invalid(format!("encode: {e}")))?;
-        self.call_encoded(service, method, audience_suffix, payload, timeout, retries)
-            .await
+        self.send(
+            service,
+            method,
+            audience_suffix,
+            payload,
+            timeout,
+            retries,
+            extra,
+        )
+        .await
     }
 
     /// As [`Transport::call`], with the JSON body already encoded.
@@ -177,6 +210,29 @@ impl Transport {
         payload: Vec<u8>,
         timeout: Duration,
         retries: u32,
+    ) -> Result<Resp, Failure> {
+        self.send(
+            service,
+            method,
+            audience_suffix,
+            payload,
+            timeout,
+            retries,
+            &http::HeaderMap::new(),
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send<Resp: DeserializeOwned>(
+        &self,
+        service: &str,
+        method: &str,
+        audience_suffix: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+        retries: u32,
+        extra: &http::HeaderMap,
     ) -> Result<Resp, Failure> {
         let url = format!(
             "{}/v1/services/{}:{}",
@@ -202,6 +258,9 @@ impl Transport {
                 .body(payload.clone());
             if let Some(auth) = auth {
                 req = req.header(http::header::AUTHORIZATION, auth);
+            }
+            if !extra.is_empty() {
+                req = req.headers(extra.clone());
             }
             let outcome = match req.send().await {
                 Ok(resp) => {

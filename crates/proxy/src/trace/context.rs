@@ -262,40 +262,76 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// An outgoing header value with `span_id` (the Backend span) as the parent.
+/// What an outgoing context header carries: the trace, the parent span (the Backend / egress
+/// span, or ESPv2's `:check` call span) and whether the trace is sampled.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    pub trace_id: &'a [u8; 16],
+    pub span_id: u64,
+    /// ESPv2 writes untraced requests' context too, with the flag off; ESP writes only
+    /// traced requests'.
+    pub sampled: bool,
+    /// ESP's incoming `X-Cloud-Trace-Context` options text.
+    pub esp_options: Option<&'a str>,
+}
+
+/// An outgoing header value.
 ///
 /// * ESP: `TRACE/<span, decimal>;<incoming options>` (`o=1` when ESP started the trace), or
 ///   padded base64 for `grpc-trace-bin` with the sampled bit only for options `o=1`.
-/// * ESPv2: `TRACE/<span>;o=1`, `00-TRACE-SPAN-01`, or unpadded base64.
-pub fn outgoing_value(
-    format: Format,
-    dialect: Dialect,
-    trace_id: &[u8; 16],
-    span_id: u64,
-    esp_options: Option<&str>,
-) -> Option<HeaderValue> {
-    let s = match format {
+/// * ESPv2: `TRACE/<span>;o=1` (`o=0`), `00-TRACE-SPAN-01` (`-00`), or unpadded base64, the
+///   flag from `sampled`.
+///
+/// Written into a stack buffer: the header value is the one allocation.
+pub fn outgoing_value(format: Format, dialect: Dialect, out: &Outgoing<'_>) -> Option<HeaderValue> {
+    use std::io::Write as _;
+    // ESP's options are at most MAX_VALUE long; everything else is short.
+    let mut buf = [0u8; 2 * MAX_VALUE];
+    let mut trace_hex = [0u8; 32];
+    hex_into(out.trace_id, &mut trace_hex);
+    let trace_hex = std::str::from_utf8(&trace_hex).ok()?;
+    let span_id = out.span_id;
+    let written = |w: std::io::Cursor<&mut [u8]>| usize::try_from(w.position()).ok();
+    let n = match format {
         Format::CloudTrace => {
             let options = match dialect {
-                Dialect::Esp => esp_options.unwrap_or("o=1"),
-                Dialect::EspV2 => "o=1",
+                Dialect::Esp => out.esp_options.unwrap_or("o=1"),
+                Dialect::EspV2 if out.sampled => "o=1",
+                Dialect::EspV2 => "o=0",
             };
-            format!("{}/{span_id};{options}", hex(trace_id))
+            let mut w = std::io::Cursor::new(&mut buf[..]);
+            write!(w, "{trace_hex}/{span_id};{options}").ok()?;
+            written(w)?
         }
-        Format::TraceParent => format!("00-{}-{span_id:016x}-01", hex(trace_id)),
+        Format::TraceParent => {
+            let flags = if out.sampled { "01" } else { "00" };
+            let mut w = std::io::Cursor::new(&mut buf[..]);
+            write!(w, "00-{trace_hex}-{span_id:016x}-{flags}").ok()?;
+            written(w)?
+        }
         Format::GrpcTraceBin => {
             let sampled = match dialect {
-                Dialect::Esp => esp_options.is_none_or(|o| o == "o=1"),
-                Dialect::EspV2 => true,
+                Dialect::Esp => out.esp_options.is_none_or(|o| o == "o=1"),
+                Dialect::EspV2 => out.sampled,
             };
-            let b = grpc_trace_bin_bytes(trace_id, span_id, sampled);
-            match dialect {
-                Dialect::Esp => base64::engine::general_purpose::STANDARD.encode(b),
-                Dialect::EspV2 => base64::engine::general_purpose::STANDARD_NO_PAD.encode(b),
-            }
+            let b = grpc_trace_bin_bytes(out.trace_id, span_id, sampled);
+            let engine = match dialect {
+                Dialect::Esp => &base64::engine::general_purpose::STANDARD,
+                Dialect::EspV2 => &base64::engine::general_purpose::STANDARD_NO_PAD,
+            };
+            engine.encode_slice(b, &mut buf).ok()?
         }
     };
-    HeaderValue::from_str(&s).ok()
+    HeaderValue::from_bytes(buf.get(..n)?).ok()
+}
+
+/// Lower-case hex of `bytes` into `out` (twice as long).
+fn hex_into(bytes: &[u8; 16], out: &mut [u8; 32]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in bytes.iter().enumerate() {
+        out[2 * i] = DIGITS[usize::from(b >> 4)];
+        out[2 * i + 1] = DIGITS[usize::from(b & 15)];
+    }
 }
 
 #[cfg(test)]
@@ -463,11 +499,18 @@ mod tests {
     #[test]
     fn outgoing_values() {
         let t = tid();
-        let v = |f, d, o| {
-            outgoing_value(f, d, &t, 0x1234, o)
+        let vs = |f, d, o, sampled| {
+            let out = Outgoing {
+                trace_id: &t,
+                span_id: 0x1234,
+                sampled,
+                esp_options: o,
+            };
+            outgoing_value(f, d, &out)
                 .map(|v| v.to_str().unwrap_or_default().to_string())
                 .unwrap_or_default()
         };
+        let v = |f, d, o| vs(f, d, o, true);
         let up = T.to_ascii_lowercase();
         assert_eq!(
             v(Format::CloudTrace, Dialect::Esp, Some("o=1;x")),
@@ -493,6 +536,21 @@ mod tests {
             let p = parse_grpc_trace_bin(s.as_bytes(), Dialect::EspV2).expect("round trip");
             assert_eq!((p.trace_id, p.span_id, p.sampled), (t, 0x1234, true));
         }
+        // ESPv2's untraced requests: the flag off in each format.
+        assert_eq!(
+            vs(Format::CloudTrace, Dialect::EspV2, None, false),
+            format!("{up}/4660;o=0")
+        );
+        assert_eq!(
+            vs(Format::TraceParent, Dialect::EspV2, None, false),
+            format!("00-{up}-0000000000001234-00")
+        );
+        let off = vs(Format::GrpcTraceBin, Dialect::EspV2, None, false);
+        let p = parse_grpc_trace_bin(off.as_bytes(), Dialect::EspV2).expect("round trip");
+        assert_eq!((p.trace_id, p.span_id, p.sampled), (t, 0x1234, false));
+        // The longest ESP options text still fits.
+        let long = format!("o=1;{}", "x".repeat(MAX_VALUE - 37));
+        assert!(vs(Format::CloudTrace, Dialect::Esp, Some(&long), true).ends_with(&long));
         // ESP: the sampled bit only for options exactly `o=1`.
         let off = v(Format::GrpcTraceBin, Dialect::Esp, Some("o=3"));
         assert!(

@@ -121,6 +121,16 @@ pub enum Decision {
     Sampled,
 }
 
+/// What [`Tracer::begin`] decided for a request.
+#[derive(Debug)]
+pub enum Started {
+    /// No trace at all (ESP's untraced requests, `--disable_tracing`).
+    Off,
+    /// ESPv2, not sampled: the trace ID its report names and its outgoing headers carry.
+    Unsampled([u8; 16]),
+    Traced(Arc<Recorder>),
+}
+
 /// ESP v1's sampler: a rate limiter, not a probability (reference §1.2). Lock-free: one
 /// atomic load on the untraced path.
 #[derive(Debug)]
@@ -241,38 +251,74 @@ impl Tracer {
         headers: &'h HeaderMap,
         now: Instant,
     ) -> Option<(Decision, Option<Parent<'h>>)> {
+        self.decide_inner(headers, now).ok()
+    }
+
+    /// `Ok`: traced; `Err`: not, with the (unsampled) parent ESPv2 read, if any.
+    fn decide_inner<'h>(
+        &self,
+        headers: &'h HeaderMap,
+        now: Instant,
+    ) -> Result<(Decision, Option<Parent<'h>>), Option<Parent<'h>>> {
         if self.settings.disabled {
-            return None;
+            return Err(None);
         }
         match self.dialect {
             Dialect::Esp => {
                 let parent = context::incoming_esp(headers);
                 if let Some(p) = parent.filter(|p| p.sampled) {
                     self.sampler.reset(now);
-                    return Some((Decision::Header, Some(p)));
+                    return Ok((Decision::Header, Some(p)));
                 }
                 // `o=0` does not opt out; the sampler may still pick the request, with a new
                 // trace ID (the header is not joined).
-                self.sampler
-                    .sample(now)
-                    .then_some((Decision::Sampled, None))
+                if self.sampler.sample(now) {
+                    Ok((Decision::Sampled, None))
+                } else {
+                    Err(None)
+                }
             }
             Dialect::EspV2 => {
                 let parent = context::incoming_espv2(headers, &self.settings.incoming);
                 if parent.is_some_and(|p| p.sampled) {
-                    return Some((Decision::Header, parent));
+                    return Ok((Decision::Header, parent));
                 }
                 // An unsampled parent may still be picked at the rate, and joined.
                 let rate = self.settings.sample_rate;
-                (rate > 0.0 && rand::random::<f64>() < rate).then_some((Decision::Sampled, parent))
+                if rate > 0.0 && rand::random::<f64>() < rate {
+                    Ok((Decision::Sampled, parent))
+                } else {
+                    Err(parent)
+                }
             }
         }
     }
 
     /// Starts recording a request when [`Tracer::decide`] says so.
     pub fn start(self: &Arc<Self>, headers: &HeaderMap) -> Option<Arc<Recorder>> {
+        match self.begin(headers) {
+            Started::Traced(r) => Some(r),
+            Started::Unsampled(_) | Started::Off => None,
+        }
+    }
+
+    /// A request's trace: recorded when traced; under ESPv2 an untraced request still has a
+    /// trace ID (the incoming context's, else a new one), as Envoy's OpenCensus driver gives
+    /// every request a span, sampled or not: reports name it and the outgoing context headers
+    /// carry it with the sampled flag off. Only `Traced` allocates.
+    pub fn begin(self: &Arc<Self>, headers: &HeaderMap) -> Started {
         let now = Instant::now();
-        let (decision, parent) = self.decide(headers, now)?;
+        let (decision, parent) = match self.decide_inner(headers, now) {
+            Ok(d) => d,
+            Err(parent) => {
+                return match self.dialect {
+                    Dialect::EspV2 if !self.settings.disabled => {
+                        Started::Unsampled(parent.map(|p| p.trace_id).unwrap_or_else(new_trace_id))
+                    }
+                    _ => Started::Off,
+                };
+            }
+        };
         let (trace_id, parent_span, options, format) = match parent {
             Some(p) => (
                 p.trace_id,
@@ -283,7 +329,7 @@ impl Tracer {
             None => (new_trace_id(), 0, None, None),
         };
         let _ = decision;
-        Some(Arc::new(Recorder {
+        Started::Traced(Arc::new(Recorder {
             tracer: self.clone(),
             trace_id,
             root_id: new_span_id(),
@@ -293,6 +339,36 @@ impl Tracer {
             start: SystemTime::now(),
             inner: Mutex::new(Inner::default()),
         }))
+    }
+
+    /// `projects/P/traces/T` for ESPv2's report (`None` for ESP, whose reports carry no trace,
+    /// or without a tracing project).
+    pub fn trace_name(&self, trace_id: &[u8; 16]) -> Option<String> {
+        let p = &self.report_project;
+        (self.dialect == Dialect::EspV2 && !p.is_empty())
+            .then(|| format!("projects/{p}/traces/{}", context::hex(trace_id)))
+    }
+
+    /// ESPv2's `--tracing_outgoing_context` headers with `span_id` as the parent, replacing any
+    /// client copy. One allocation per header written (its value).
+    pub fn write_outgoing(
+        &self,
+        trace_id: &[u8; 16],
+        span_id: u64,
+        sampled: bool,
+        headers: &mut HeaderMap,
+    ) {
+        let out = context::Outgoing {
+            trace_id,
+            span_id,
+            sampled,
+            esp_options: None,
+        };
+        for f in &self.settings.outgoing {
+            if let Some(v) = context::outgoing_value(*f, self.dialect, &out) {
+                headers.insert(f.header(), v);
+            }
+        }
     }
 
     fn submit(&self, trace: FinishedTrace) {
@@ -347,9 +423,16 @@ impl Recorder {
     /// `projects/P/traces/T` for ESPv2's report (`None` for ESP, whose reports carry no trace,
     /// or without a tracing project).
     pub fn trace_name(&self) -> Option<String> {
-        let p = &self.tracer.report_project;
-        (self.tracer.dialect == Dialect::EspV2 && !p.is_empty())
-            .then(|| format!("projects/{p}/traces/{}", context::hex(&self.trace_id)))
+        self.tracer.trace_name(&self.trace_id)
+    }
+
+    /// ESPv2's context for the request's Service Control `:check`.
+    pub fn check_context(&self) -> CheckContext<'_> {
+        CheckContext {
+            tracer: &self.tracer,
+            trace_id: self.trace_id,
+            sampled: true,
+        }
     }
 
     /// The root span's name, once the operation is known.
@@ -405,14 +488,14 @@ impl Recorder {
             },
             Dialect::EspV2 => &self.tracer.settings.outgoing,
         };
+        let out = context::Outgoing {
+            trace_id: &self.trace_id,
+            span_id: id,
+            sampled: true,
+            esp_options: self.esp_options.as_deref(),
+        };
         for f in formats {
-            if let Some(v) = context::outgoing_value(
-                *f,
-                dialect,
-                &self.trace_id,
-                id,
-                self.esp_options.as_deref(),
-            ) {
+            if let Some(v) = context::outgoing_value(*f, dialect, &out) {
                 headers.insert(f.header(), v);
             }
         }
@@ -537,19 +620,49 @@ pub struct RemoteCall<'a> {
 }
 
 impl RemoteCall<'_> {
-    pub fn record(&self, start: SystemTime) {
+    /// Records the call as span `id` (the parent of the context headers it carried, if any).
+    pub fn record(&self, id: u64, start: SystemTime) {
         let name = match self.recorder.dialect() {
             Dialect::Esp => "Call ServiceControl server",
             Dialect::EspV2 => "Service Control remote call: Check",
         };
         self.recorder.span(
-            new_span_id(),
+            id,
             name,
             self.parent,
             start,
             SystemTime::now(),
             Kind::Client,
         );
+    }
+}
+
+/// ESPv2 writes the request's context on its Service Control `:check` (a cache miss; not on
+/// quota or report calls, nor on cache refreshes, which Envoy sends with no span), traced or
+/// not, with the call's span as the parent.
+#[derive(Clone, Copy)]
+pub struct CheckContext<'a> {
+    pub tracer: &'a Tracer,
+    pub trace_id: [u8; 16],
+    pub sampled: bool,
+}
+
+impl std::fmt::Debug for CheckContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckContext")
+            .field("trace_id", &context::hex(&self.trace_id))
+            .field("sampled", &self.sampled)
+            .finish()
+    }
+}
+
+impl CheckContext<'_> {
+    /// The headers for a call whose span is `span_id`.
+    pub fn headers(&self, span_id: u64) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        self.tracer
+            .write_outgoing(&self.trace_id, span_id, self.sampled, &mut h);
+        h
     }
 }
 
