@@ -278,7 +278,8 @@ fn esp_spans_sampling_and_context_headers() {
     let log = || proxy.log();
     let bearer = format!("Bearer {}", w.token);
     let t1 = "0123456789abcdef0123456789abcdef";
-    let t2 = "fedcba9876543210fedcba9876543210";
+    // Upper-case hex: ESP forwards and exports it as sent.
+    let t2 = "FEDCBA9876543210FEDCBA9876543210";
 
     // 1. Forced, joined to the client's span 123; the key is checked remotely (cache miss).
     let xctc = format!("{t1}/123;o=1");
@@ -288,7 +289,7 @@ fn esp_spans_sampling_and_context_headers() {
     ];
     assert_eq!(get(port, "/jwt?key=k1", &h), 200, "{}", log());
     // 2. Forced without a client span (ESP accepts `T;o=1`): the check is a cache hit.
-    let xctc2 = format!("{}/0;o=1;extra", t2.to_ascii_uppercase());
+    let xctc2 = format!("{t2}/0;o=1;extra");
     let h = [
         ("authorization", bearer.as_str()),
         ("x-cloud-trace-context", xctc2.as_str()),
@@ -432,7 +433,31 @@ fn esp_spans_sampling_and_context_headers() {
         vec![format!("{SERVICE}/<Unknown Operation Name>").as_str()]
     );
 
-    // Exactly the four forced traces were exported.
+    // ESP keeps the client's trace ID text as sent: upper-case hex comes back to the backend
+    // and goes to Cloud Trace in the same case (the first `o=` decides: this one traces).
+    let t6 = "ABCDEF0123456789ABCDEF0123456789";
+    let x6 = format!("{t6}/12;o=1;o=0");
+    assert_eq!(
+        get(port, "/open?n=6", &[("x-cloud-trace-context", x6.as_str())]),
+        200
+    );
+    let spans = v1_spans(&w.seen, t6, &log);
+    assert_eq!(spans[0]["parentSpanId"], "12");
+    let backend_span = spans
+        .iter()
+        .find(|s| s["name"] == "Backend")
+        .and_then(|s| s["spanId"].as_str())
+        .expect("Backend span id")
+        .to_string();
+    assert_eq!(
+        header(
+            &backend_headers(&w.seen, "/open?n=6"),
+            "x-cloud-trace-context"
+        ),
+        Some(format!("{t6}/{backend_span};o=1;o=0").as_str())
+    );
+
+    // Exactly the five forced traces were exported.
     let exported: usize = w
         .seen
         .lock()
@@ -441,7 +466,7 @@ fn esp_spans_sampling_and_context_headers() {
         .iter()
         .map(|(_, _, _, b)| b["traces"].as_array().map_or(0, Vec::len))
         .sum();
-    assert_eq!(exported, 4, "{}", log());
+    assert_eq!(exported, 5, "{}", log());
     drop(proxy);
     drop(w.rt);
 }

@@ -52,6 +52,9 @@ pub struct Parent<'a> {
     pub format: Format,
     /// ESP's `X-Cloud-Trace-Context` options text after the first `;`, sent back as is.
     pub options: Option<&'a str>,
+    /// ESP's `X-Cloud-Trace-Context` trace ID as sent, case kept: ESP forwards and exports the
+    /// text it was given (opencensus, in ESPv2, keeps bytes and writes lower case).
+    pub trace_text: Option<&'a str>,
 }
 
 /// Longest header value looked at: every valid one is far shorter (`grpc-trace-bin` with a few
@@ -126,28 +129,36 @@ pub fn parse_cloud_trace_esp(v: &str) -> Option<Parent<'_>> {
         None => (ids, 0),
     };
     let trace_id = hex_trace_id(trace, false)?;
-    let mut sampled = false;
-    if let Some(o) = options {
-        for item in o.split(';') {
-            if let Some(n) = item.strip_prefix("o=") {
-                let n: u8 = match n {
-                    "0" => 0,
-                    "1" => 1,
-                    "2" => 2,
-                    "3" => 3,
-                    _ => return None,
-                };
-                sampled = n & 1 == 1;
-            }
-        }
-    }
+    // The first `o=` item decides; the others are not looked at.
+    let sampled = match options.and_then(|o| o.split(';').find_map(|i| i.strip_prefix("o="))) {
+        Some(n) => esp_option_value(n)? & 1 == 1,
+        None => false,
+    };
     Some(Parent {
         trace_id,
         span_id: span,
         sampled,
         format: Format::CloudTrace,
         options,
+        trace_text: Some(trace),
     })
+}
+
+/// ESP reads the `o=` value with a C++ stream into an int: leading white space and a sign are
+/// accepted, then digits to the end; 0 to 3 only.
+fn esp_option_value(n: &str) -> Option<u8> {
+    let n = n.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
+    let (negative, digits) = match n.as_bytes().first() {
+        Some(b'-') => (true, &n[1..]),
+        Some(b'+') => (false, &n[1..]),
+        _ => (false, n),
+    };
+    if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let v: i64 = digits.parse().ok()?;
+    let v = if negative { -v } else { v };
+    u8::try_from(v).ok().filter(|v| *v <= 3)
 }
 
 /// ESPv2 (opencensus-cpp): `TRACE_ID/SPAN_ID;o=N`, the span required and non-zero, the
@@ -170,6 +181,7 @@ pub fn parse_cloud_trace_espv2(v: &str) -> Option<Parent<'_>> {
         sampled: n & 1 == 1,
         format: Format::CloudTrace,
         options: None,
+        trace_text: None,
     })
 }
 
@@ -195,6 +207,7 @@ pub fn parse_traceparent(v: &str) -> Option<Parent<'_>> {
         sampled: flags & 1 == 1,
         format: Format::TraceParent,
         options: None,
+        trace_text: None,
     })
 }
 
@@ -239,6 +252,7 @@ pub fn parse_grpc_trace_bin(v: &[u8], dialect: Dialect) -> Option<Parent<'static
         sampled,
         format: Format::GrpcTraceBin,
         options: None,
+        trace_text: None,
     })
 }
 
@@ -267,6 +281,8 @@ pub fn hex(bytes: &[u8]) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct Outgoing<'a> {
     pub trace_id: &'a [u8; 16],
+    /// ESP: the client's trace ID text (case kept) for `X-Cloud-Trace-Context`.
+    pub trace_text: Option<&'a str>,
     pub span_id: u64,
     /// ESPv2 writes untraced requests' context too, with the flag off; ESP writes only
     /// traced requests'.
@@ -289,7 +305,10 @@ pub fn outgoing_value(format: Format, dialect: Dialect, out: &Outgoing<'_>) -> O
     let mut buf = [0u8; 2 * MAX_VALUE];
     let mut trace_hex = [0u8; 32];
     hex_into(out.trace_id, &mut trace_hex);
-    let trace_hex = std::str::from_utf8(&trace_hex).ok()?;
+    let trace_hex = match (dialect, out.trace_text) {
+        (Dialect::Esp, Some(t)) => t,
+        _ => std::str::from_utf8(&trace_hex).ok()?,
+    };
     let span_id = out.span_id;
     let written = |w: std::io::Cursor<&mut [u8]>| usize::try_from(w.position()).ok();
     let n = match format {
@@ -380,6 +399,33 @@ mod tests {
             let got = parse_cloud_trace_espv2(&v).map(|p| (p.span_id, p.sampled));
             assert_eq!(got, *v2, "ESPv2 {input}");
         }
+        // The first `o=` decides, read as ESP's C++ stream reads an int.
+        for (opts, sampled) in [
+            ("o=1;o=0", Some(true)),
+            ("o=0;o=1", Some(false)),
+            ("o=1;o=x", Some(true)),
+            ("x=1;o= 1", Some(true)),
+            ("o=+1", Some(true)),
+            ("o=01", Some(true)),
+            ("o=-0", Some(false)),
+            ("o=-1", None),
+            ("o=1 ", None),
+            ("o=x;o=1", None),
+        ] {
+            let v = format!("{T}/1;{opts}");
+            assert_eq!(
+                parse_cloud_trace_esp(&v).map(|p| p.sampled),
+                sampled,
+                "{opts}"
+            );
+        }
+        // ESP keeps the trace ID as sent; ESPv2 keeps only its bytes.
+        let v = format!("{T}/1;o=1");
+        assert_eq!(
+            parse_cloud_trace_esp(&v).and_then(|p| p.trace_text),
+            Some(T)
+        );
+        assert_eq!(parse_cloud_trace_espv2(&v).and_then(|p| p.trace_text), None);
         // Huge values are not parsed.
         let long = format!("{T}/1;o=1;{}", "x".repeat(4096));
         assert!(parse_cloud_trace_esp(&long).is_none());
@@ -502,6 +548,7 @@ mod tests {
         let vs = |f, d, o, sampled| {
             let out = Outgoing {
                 trace_id: &t,
+                trace_text: None,
                 span_id: 0x1234,
                 sampled,
                 esp_options: o,
@@ -536,6 +583,28 @@ mod tests {
             let p = parse_grpc_trace_bin(s.as_bytes(), Dialect::EspV2).expect("round trip");
             assert_eq!((p.trace_id, p.span_id, p.sampled), (t, 0x1234, true));
         }
+        // ESP writes the client's trace ID text back, upper-case hex and all; ESPv2 and ESP's
+        // binary header write the bytes.
+        let kept = Outgoing {
+            trace_id: &t,
+            trace_text: Some(T),
+            span_id: 0x1234,
+            sampled: true,
+            esp_options: Some("o=1"),
+        };
+        let text = |f, d| {
+            outgoing_value(f, d, &kept)
+                .map(|v| v.to_str().unwrap_or_default().to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            text(Format::CloudTrace, Dialect::Esp),
+            format!("{T}/4660;o=1")
+        );
+        assert_eq!(
+            text(Format::CloudTrace, Dialect::EspV2),
+            format!("{up}/4660;o=1")
+        );
         // ESPv2's untraced requests: the flag off in each format.
         assert_eq!(
             vs(Format::CloudTrace, Dialect::EspV2, None, false),

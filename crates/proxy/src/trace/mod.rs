@@ -108,6 +108,8 @@ pub enum Kind {
 #[derive(Debug, Clone)]
 pub struct FinishedTrace {
     pub trace_id: [u8; 16],
+    /// ESP: the client's `X-Cloud-Trace-Context` trace ID text, exported as sent.
+    pub trace_text: Option<String>,
     /// In export order (ESP: root first; ESPv2: children first).
     pub spans: Vec<SpanRecord>,
 }
@@ -319,14 +321,17 @@ impl Tracer {
                 };
             }
         };
-        let (trace_id, parent_span, options, format) = match parent {
+        let (trace_id, parent_span, options, format, trace_text) = match parent {
             Some(p) => (
                 p.trace_id,
                 p.span_id,
                 p.options.map(str::to_string),
                 Some(p.format),
+                p.trace_text
+                    .filter(|_| self.dialect == Dialect::Esp)
+                    .map(str::to_string),
             ),
-            None => (new_trace_id(), 0, None, None),
+            None => (new_trace_id(), 0, None, None, None),
         };
         let _ = decision;
         Started::Traced(Arc::new(Recorder {
@@ -336,6 +341,7 @@ impl Tracer {
             root_parent: parent_span,
             incoming: format,
             esp_options: options,
+            trace_text,
             start: SystemTime::now(),
             inner: Mutex::new(Inner::default()),
         }))
@@ -360,6 +366,7 @@ impl Tracer {
     ) {
         let out = context::Outgoing {
             trace_id,
+            trace_text: None,
             span_id,
             sampled,
             esp_options: None,
@@ -397,6 +404,8 @@ pub struct Recorder {
     /// The header the context came in (ESP answers in the same one).
     incoming: Option<Format>,
     esp_options: Option<String>,
+    /// ESP: the client's trace ID text (case kept), forwarded and exported as sent.
+    trace_text: Option<String>,
     start: SystemTime,
     inner: Mutex<Inner>,
 }
@@ -490,6 +499,7 @@ impl Recorder {
         };
         let out = context::Outgoing {
             trace_id: &self.trace_id,
+            trace_text: self.trace_text.as_deref(),
             span_id: id,
             sampled: true,
             esp_options: self.esp_options.as_deref(),
@@ -605,6 +615,7 @@ impl Recorder {
         };
         FinishedTrace {
             trace_id: self.trace_id,
+            trace_text: self.trace_text.clone(),
             spans,
         }
     }
