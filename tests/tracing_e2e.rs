@@ -950,3 +950,101 @@ fn receiver_wait(port: u16) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn esp_fetch_access_token_span() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world(dir.path());
+    // The metadata server: short-lived tokens (due at once) until `long` is set.
+    let long = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (l, f) = (long.clone(), fetches.clone());
+    let md = peer::start(
+        &w.rt,
+        Arc::new(move |req: &Request| {
+            if req.path != "/computeMetadata/v1/instance/service-accounts/default/token" {
+                return Action::Respond(404, "{}".into());
+            }
+            f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let expires = if l.load(std::sync::atomic::Ordering::SeqCst) {
+                3600
+            } else {
+                1
+            };
+            Action::Respond(
+                200,
+                json!({"access_token": "md-token", "expires_in": expires, "token_type": "Bearer"})
+                    .to_string(),
+            )
+        }),
+    );
+    let port = free_port();
+    let mut proxy = Proc::spawn(
+        &[
+            "esp".to_string(),
+            format!("--http_port={port}"),
+            format!("--status_port={}", free_port()),
+            format!("--service_json_path={}", w.config.display()),
+            format!("--backend=http://{}", w.backend),
+            format!("--metadata=http://{md}"),
+            format!("--service_control_url_override=http://{}", w.sc),
+            format!("--cloud_trace_url_override=http://{}", w.sink),
+            "--disable_cloud_trace_auto_sampling".to_string(),
+        ],
+        &dir.path().join("esp-md.log"),
+    );
+    proxy.wait_for_port(port, "portico esp");
+    let log = || proxy.log();
+    let names = |t: &str| -> Vec<String> {
+        let spans = v1_spans(&w.seen, t, &log);
+        tree(&spans, "spanId", "parentSpanId")
+    };
+    let root = format!("{SERVICE}/e2e.Api.Open");
+
+    // The token is due: the traced request fetches it first, under the root, before the
+    // Service Control spans (ESP's check workflow order).
+    let t1 = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
+    let x1 = format!("{t1}/1;o=1");
+    assert_eq!(
+        get(port, "/open?n=1", &[("x-cloud-trace-context", x1.as_str())]),
+        200,
+        "{}",
+        log()
+    );
+    let t = names(t1);
+    assert_eq!(t[0], format!("{root} (remote \"1\")"), "{t:?}");
+    assert_eq!(t[1], format!("FetchAccessToken ({root})"), "{t:?}");
+    assert!(
+        t.iter().any(|n| n.starts_with("CheckServiceControl")),
+        "{t:?}"
+    );
+
+    // A token that lasts: fetched once more (it was due), then fresh: no span.
+    long.store(true, std::sync::atomic::Ordering::SeqCst);
+    let t2 = "a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2";
+    let x2 = format!("{t2}/1;o=1");
+    assert_eq!(
+        get(port, "/open?n=2", &[("x-cloud-trace-context", x2.as_str())]),
+        200
+    );
+    assert!(names(t2).contains(&format!("FetchAccessToken ({root})")));
+    let before = fetches.load(std::sync::atomic::Ordering::SeqCst);
+    let t3 = "a3a3a3a3a3a3a3a3a3a3a3a3a3a3a3a3";
+    let x3 = format!("{t3}/1;o=1");
+    assert_eq!(
+        get(port, "/open?n=3", &[("x-cloud-trace-context", x3.as_str())]),
+        200
+    );
+    let t = names(t3);
+    assert!(
+        !t.iter().any(|n| n.starts_with("FetchAccessToken")),
+        "{t:?}"
+    );
+    assert_eq!(
+        fetches.load(std::sync::atomic::Ordering::SeqCst),
+        before,
+        "a fresh token is not fetched again"
+    );
+    drop(proxy);
+    drop(w.rt);
+}

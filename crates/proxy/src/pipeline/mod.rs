@@ -313,6 +313,18 @@ impl Pipeline {
         }
         if let Some(r) = &ctx.trace {
             r.name_root(&config.service.name, Some(&mi.selector));
+            // ESP fetches the metadata server's token first when it is missing or due
+            // (`FetchAccessToken`); boxed, so its state is not part of every request's future.
+            if r.dialect() == crate::dialect::Dialect::Esp {
+                if let Some(m) = st
+                    .control
+                    .as_ref()
+                    .and_then(|c| c.metadata_tokens())
+                    .filter(|m| m.needs_fetch())
+                {
+                    Box::pin(crate::trace::fetch_access_token(r, &m)).await;
+                }
+            }
         }
 
         // 3. authenticate: the JWT, then the API key (ESP's `CheckAuth` span when traced).

@@ -677,6 +677,23 @@ impl CheckContext<'_> {
     }
 }
 
+/// ESP's `FetchAccessToken` (the first step of its check workflow): a traced request that finds
+/// the metadata server's access token missing or due fetches it before anything else, under
+/// this span, a child of the root. The outcome is not acted on here: it is cached, and the
+/// Service Control call that needs the token uses it (or its failure) as before.
+pub async fn fetch_access_token(r: &Recorder, tokens: &crate::outbound_auth::MetadataTokens) {
+    let start = SystemTime::now();
+    let _ = tokens.authorization().await;
+    r.span(
+        new_span_id(),
+        "FetchAccessToken",
+        r.root_id,
+        start,
+        SystemTime::now(),
+        Kind::Client,
+    );
+}
+
 tokio::task_local! {
     /// Set around a traced request's authentication: where a key-set fetch made on the
     /// request's own task records its span (ESP's `HttpFetch` under `CheckAuth`, ESPv2's
