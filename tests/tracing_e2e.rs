@@ -475,15 +475,11 @@ fn esp_spans_sampling_and_context_headers() {
 fn espv2_spans_sampling_and_context_headers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = world(dir.path());
-    let (proxy, port) = common::espv2::start(
+    let (proxy, port) = start_espv2(
+        &w,
         dir.path(),
         "espv2",
         &[
-            format!("--service_json_path={}", w.config.display()),
-            format!("--backend=http://{}", w.backend),
-            "--non_gcp".to_string(),
-            format!("--service_account_key={}", w.key.display()),
-            format!("--service_control_url=http://{}", w.sc),
             format!("--cloud_trace_url_override=http://{}", w.sink),
             "--tracing_project_id=trace-proj".to_string(),
             "--tracing_sample_rate=0".to_string(),
@@ -651,15 +647,11 @@ fn espv2_spans_sampling_and_context_headers() {
     drop(proxy);
 
     // `--disable_tracing`: no context written, no trace in reports.
-    let (proxy, port) = common::espv2::start(
+    let (proxy, port) = start_espv2(
+        &w,
         dir.path(),
         "espv2-off",
         &[
-            format!("--service_json_path={}", w.config.display()),
-            format!("--backend=http://{}", w.backend),
-            "--non_gcp".to_string(),
-            format!("--service_account_key={}", w.key.display()),
-            format!("--service_control_url=http://{}", w.sc),
             format!("--cloud_trace_url_override=http://{}", w.sink),
             "--tracing_project_id=trace-proj".to_string(),
             "--disable_tracing".to_string(),
@@ -680,6 +672,20 @@ fn espv2_spans_sampling_and_context_headers() {
     assert!(e.get("trace").is_none(), "{e:#}");
     drop(proxy);
     drop(w.rt);
+}
+
+/// `portico espv2` on the world's doubles (config, backend, key file, Service Control), with
+/// `extra` flags.
+fn start_espv2(w: &World, dir: &Path, name: &str, extra: &[String]) -> (Proc, u16) {
+    let mut args = vec![
+        format!("--service_json_path={}", w.config.display()),
+        format!("--backend=http://{}", w.backend),
+        "--non_gcp".to_string(),
+        format!("--service_account_key={}", w.key.display()),
+        format!("--service_control_url=http://{}", w.sc),
+    ];
+    args.extend_from_slice(extra);
+    common::espv2::start(dir, name, &args)
 }
 
 /// The trace ID and span of an untraced request's outgoing headers: `traceparent` and
@@ -849,15 +855,11 @@ fn otlp_export_is_decoded_by_the_opentelemetry_protos() {
     );
     receiver_wait(rport);
 
-    let (proxy, port) = common::espv2::start(
+    let (proxy, port) = start_espv2(
+        &w,
         dir.path(),
         "espv2",
         &[
-            format!("--service_json_path={}", w.config.display()),
-            format!("--backend=http://{}", w.backend),
-            "--non_gcp".to_string(),
-            format!("--service_account_key={}", w.key.display()),
-            format!("--service_control_url=http://{}", w.sc),
             format!("--tracing_otlp_endpoint=http://127.0.0.1:{rport}/v1/traces"),
             // Every request.
             "--tracing_sample_rate=1".to_string(),

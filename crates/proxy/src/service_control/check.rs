@@ -516,7 +516,7 @@ impl Inner {
     ) -> Verdict {
         let result: Result<CheckResponse, _> = self
             .transport
-            .call_with(
+            .call(
                 service,
                 "check",
                 SERVICE_CONTROLLER,

@@ -152,32 +152,10 @@ impl Transport {
         self.tokens.authorization(&audience).await.map(|_| ())
     }
 
-    /// `method` is `check`, `report` or `allocateQuota`; `audience_suffix` picks the token.
-    pub(crate) async fn call<Req: Serialize, Resp: DeserializeOwned>(
-        &self,
-        service: &str,
-        method: &str,
-        audience_suffix: &str,
-        body: &Req,
-        timeout: Duration,
-        retries: u32,
-    ) -> Result<Resp, Failure> {
-        self.call_with(
-            service,
-            method,
-            audience_suffix,
-            body,
-            timeout,
-            retries,
-            &http::HeaderMap::new(),
-        )
-        .await
-    }
-
-    /// As [`Transport::call`], with `extra` headers (a request's trace context) on every
-    /// attempt.
+    /// `method` is `check`, `report` or `allocateQuota`; `audience_suffix` picks the token;
+    /// `extra` headers (a request's trace context on ESPv2's `:check`) go on every attempt.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn call_with<Req: Serialize, Resp: DeserializeOwned>(
+    pub(crate) async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         service: &str,
         method: &str,
@@ -189,7 +167,7 @@ impl Transport {
     ) -> Result<Resp, Failure> {
         let payload =
             serde_json::to_vec(body).map_err(|e| Failure::Invalid(format!("encode: {e}")))?;
-        self.send(
+        self.call_encoded(
             service,
             method,
             audience_suffix,
@@ -202,29 +180,8 @@ impl Transport {
     }
 
     /// As [`Transport::call`], with the JSON body already encoded.
-    pub(crate) async fn call_encoded<Resp: DeserializeOwned>(
-        &self,
-        service: &str,
-        method: &str,
-        audience_suffix: &str,
-        payload: Vec<u8>,
-        timeout: Duration,
-        retries: u32,
-    ) -> Result<Resp, Failure> {
-        self.send(
-            service,
-            method,
-            audience_suffix,
-            payload,
-            timeout,
-            retries,
-            &http::HeaderMap::new(),
-        )
-        .await
-    }
-
     #[allow(clippy::too_many_arguments)]
-    async fn send<Resp: DeserializeOwned>(
+    pub(crate) async fn call_encoded<Resp: DeserializeOwned>(
         &self,
         service: &str,
         method: &str,
