@@ -257,24 +257,11 @@ fn tree(spans: &[Value], id: &str, parent: &str) -> Vec<String> {
 fn esp_spans_sampling_and_context_headers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = world(dir.path());
-    let port = free_port();
-    let mut proxy = Proc::spawn(
-        &[
-            "esp".to_string(),
-            format!("--http_port={port}"),
-            format!("--status_port={}", free_port()),
-            format!("--service_json_path={}", w.config.display()),
-            format!("--backend=http://{}", w.backend),
-            "--non_gcp".to_string(),
-            format!("--service_account_key={}", w.key.display()),
-            format!("--service_control_url_override=http://{}", w.sc),
-            format!("--cloud_trace_url_override=http://{}", w.sink),
-            // Only header-forced traces, so the test decides which requests are traced.
-            "--disable_cloud_trace_auto_sampling".to_string(),
-        ],
-        &dir.path().join("esp.log"),
-    );
-    proxy.wait_for_port(port, "portico esp");
+    let credentials = [
+        "--non_gcp".to_string(),
+        format!("--service_account_key={}", w.key.display()),
+    ];
+    let (proxy, port) = start_esp(&w, dir.path(), "esp", &credentials);
     let log = || proxy.log();
     let bearer = format!("Bearer {}", w.token);
     let t1 = "0123456789abcdef0123456789abcdef";
@@ -674,6 +661,27 @@ fn espv2_spans_sampling_and_context_headers() {
     drop(w.rt);
 }
 
+/// `portico esp` on the world's doubles, exporting to the trace double, auto-sampling off (only
+/// header-forced traces, so the test decides which requests are traced); `credentials` say
+/// how it authenticates.
+fn start_esp(w: &World, dir: &Path, name: &str, credentials: &[String]) -> (Proc, u16) {
+    let port = free_port();
+    let mut args = vec![
+        "esp".to_string(),
+        format!("--http_port={port}"),
+        format!("--status_port={}", free_port()),
+        format!("--service_json_path={}", w.config.display()),
+        format!("--backend=http://{}", w.backend),
+        format!("--service_control_url_override=http://{}", w.sc),
+        format!("--cloud_trace_url_override=http://{}", w.sink),
+        "--disable_cloud_trace_auto_sampling".to_string(),
+    ];
+    args.extend_from_slice(credentials);
+    let mut proxy = Proc::spawn(&args, &dir.join(format!("{name}.log")));
+    proxy.wait_for_port(port, "portico esp");
+    (proxy, port)
+}
+
 /// `portico espv2` on the world's doubles (config, backend, key file, Service Control), with
 /// `extra` flags.
 fn start_espv2(w: &World, dir: &Path, name: &str, extra: &[String]) -> (Proc, u16) {
@@ -980,22 +988,12 @@ fn esp_fetch_access_token_span() {
             )
         }),
     );
-    let port = free_port();
-    let mut proxy = Proc::spawn(
-        &[
-            "esp".to_string(),
-            format!("--http_port={port}"),
-            format!("--status_port={}", free_port()),
-            format!("--service_json_path={}", w.config.display()),
-            format!("--backend=http://{}", w.backend),
-            format!("--metadata=http://{md}"),
-            format!("--service_control_url_override=http://{}", w.sc),
-            format!("--cloud_trace_url_override=http://{}", w.sink),
-            "--disable_cloud_trace_auto_sampling".to_string(),
-        ],
-        &dir.path().join("esp-md.log"),
+    let (proxy, port) = start_esp(
+        &w,
+        dir.path(),
+        "esp-md",
+        &[format!("--metadata=http://{md}")],
     );
-    proxy.wait_for_port(port, "portico esp");
     let log = || proxy.log();
     let names = |t: &str| -> Vec<String> {
         let spans = v1_spans(&w.seen, t, &log);
