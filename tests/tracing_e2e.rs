@@ -261,7 +261,7 @@ fn esp_spans_sampling_and_context_headers() {
         "--non_gcp".to_string(),
         format!("--service_account_key={}", w.key.display()),
     ];
-    let (proxy, port) = start_esp(&w, dir.path(), "esp", &credentials);
+    let (proxy, port) = start_esp(&w, &w.config, dir.path(), "esp", &credentials);
     let log = || proxy.log();
     let bearer = format!("Bearer {}", w.token);
     let t1 = "0123456789abcdef0123456789abcdef";
@@ -664,13 +664,19 @@ fn espv2_spans_sampling_and_context_headers() {
 /// `portico esp` on the world's doubles, exporting to the trace double, auto-sampling off (only
 /// header-forced traces, so the test decides which requests are traced); `credentials` say
 /// how it authenticates.
-fn start_esp(w: &World, dir: &Path, name: &str, credentials: &[String]) -> (Proc, u16) {
+fn start_esp(
+    w: &World,
+    config: &Path,
+    dir: &Path,
+    name: &str,
+    credentials: &[String],
+) -> (Proc, u16) {
     let port = free_port();
     let mut args = vec![
         "esp".to_string(),
         format!("--http_port={port}"),
         format!("--status_port={}", free_port()),
-        format!("--service_json_path={}", w.config.display()),
+        format!("--service_json_path={}", config.display()),
         format!("--backend=http://{}", w.backend),
         format!("--service_control_url_override=http://{}", w.sc),
         format!("--cloud_trace_url_override=http://{}", w.sink),
@@ -968,10 +974,26 @@ fn esp_fetch_access_token_span() {
     // The metadata server: short-lived tokens (due at once) until `long` is set.
     let long = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (l, f) = (long.clone(), fetches.clone());
+    let id_fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // An ID token as the metadata server answers it: a JWT (the proxy reads its `exp`).
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let id_token = format!(
+        "{}.{}.c2ln",
+        b64(json!({"alg": "RS256"})),
+        b64(json!({"aud": "https://backend.example", "exp": now() + 3600}))
+    );
+    let sent_id_token = format!("Bearer {id_token}");
+    let (l, f, id_tokens) = (long.clone(), fetches.clone(), id_fetches.clone());
     let md = peer::start(
         &w.rt,
         Arc::new(move |req: &Request| {
+            if req
+                .path
+                .starts_with("/computeMetadata/v1/instance/service-accounts/default/identity?")
+            {
+                id_tokens.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return Action::Respond(200, id_token.clone());
+            }
             if req.path != "/computeMetadata/v1/instance/service-accounts/default/token" {
                 return Action::Respond(404, "{}".into());
             }
@@ -988,8 +1010,17 @@ fn esp_fetch_access_token_span() {
             )
         }),
     );
+    // The Open method's backend wants an ID token (`jwt_audience`), which also comes from the
+    // metadata server.
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&w.config).expect("config")).expect("json");
+    cfg["backend"] =
+        json!({"rules": [{"selector": "e2e.Api.Open", "jwtAudience": "https://backend.example"}]});
+    let config = dir.path().join("service-id-token.json");
+    std::fs::write(&config, cfg.to_string()).expect("config");
     let (proxy, port) = start_esp(
         &w,
+        &config,
         dir.path(),
         "esp-md",
         &[format!("--metadata=http://{md}")],
@@ -1018,6 +1049,13 @@ fn esp_fetch_access_token_span() {
         t.iter().any(|n| n.starts_with("CheckServiceControl")),
         "{t:?}"
     );
+    // The backend's ID token, fetched once on this request's path: its own span.
+    assert!(t.contains(&format!("FetchIdentityToken ({root})")), "{t:?}");
+    assert_eq!(id_fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        header(&backend_headers(&w.seen, "/open?n=1"), "authorization"),
+        Some(sent_id_token.as_str())
+    );
 
     // A token that lasts: fetched once more (it was due), then fresh: no span.
     long.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1039,6 +1077,10 @@ fn esp_fetch_access_token_span() {
     assert!(
         !t.iter().any(|n| n.starts_with("FetchAccessToken")),
         "{t:?}"
+    );
+    assert!(
+        !t.iter().any(|n| n.starts_with("FetchIdentityToken")),
+        "cached: {t:?}"
     );
     assert_eq!(
         fetches.load(std::sync::atomic::Ordering::SeqCst),

@@ -414,7 +414,15 @@ impl Pipeline {
             let token = match &self.state.backend_tokens {
                 Some(source) => match source.cached(audience) {
                     Some(h) => Ok(h),
-                    None => Box::pin(source.get(audience)).await,
+                    None => match ctx.trace.as_ref().filter(|r| {
+                        r.dialect() == crate::dialect::Dialect::Esp && source.from_metadata_server()
+                    }) {
+                        Some(r) => {
+                            Box::pin(crate::trace::fetch_identity_token(r, source.get(audience)))
+                                .await
+                        }
+                        None => Box::pin(source.get(audience)).await,
+                    },
                 },
                 None => Err(crate::backend_auth::unavailable()),
             };

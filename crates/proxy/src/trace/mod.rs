@@ -694,6 +694,25 @@ pub async fn fetch_access_token(r: &Recorder, tokens: &crate::outbound_auth::Met
     );
 }
 
+/// ESP's `FetchIdentityToken`: a backend ID token fetched from the metadata server on a traced
+/// request's path, a child of the root.
+pub async fn fetch_identity_token<T>(
+    r: &Recorder,
+    fetch: impl std::future::Future<Output = T>,
+) -> T {
+    let start = SystemTime::now();
+    let out = fetch.await;
+    r.span(
+        new_span_id(),
+        "FetchIdentityToken",
+        r.root_id,
+        start,
+        SystemTime::now(),
+        Kind::Client,
+    );
+    out
+}
+
 tokio::task_local! {
     /// Set around a traced request's authentication: where a key-set fetch made on the
     /// request's own task records its span (ESP's `HttpFetch` under `CheckAuth`, ESPv2's
