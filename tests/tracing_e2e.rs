@@ -64,6 +64,8 @@ fn world(dir: &Path) -> World {
         .expect("runtime");
     let seen = Arc::new(Mutex::new(Seen::default()));
     let s = seen.clone();
+    // The first `:check` for key `flaky` is hung up on, so the proxy retries it.
+    let flaky = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sc = peer::start(
         &rt,
         Arc::new(move |req: &Request| {
@@ -75,6 +77,11 @@ fn world(dir: &Path) -> World {
                     req.header("x-cloud-trace-context").map(str::to_string),
                 ));
                 drop(seen);
+                if req.body.contains("api_key:flaky")
+                    && flaky.swap(false, std::sync::atomic::Ordering::SeqCst)
+                {
+                    return Action::HangUp;
+                }
                 return Action::Respond(
                     200,
                     json!({"operationId": "c",
@@ -604,6 +611,55 @@ fn espv2_spans_sampling_and_context_headers() {
     assert_ne!(check_span, backend_span, "the call has its own span");
     assert_eq!(xc, Some(format!("{lower}/{check_span};o=0")));
 
+    // A retried `:check`: a span per attempt (`... - Retry 1`), each the parent of the context
+    // its attempt carried.
+    let t5 = "5555aaaa5555aaaa5555aaaa5555aaaa";
+    let tp5 = format!("00-{t5}-00f067aa0ba902b7-01");
+    let h = [
+        ("authorization", bearer.as_str()),
+        ("traceparent", tp5.as_str()),
+    ];
+    assert_eq!(get(port, "/jwt?key=flaky", &h), 200, "{}", log());
+    let spans5 = v2_spans(&w.seen, t5, 4, &log);
+    let checks: Vec<(String, String)> = spans5
+        .iter()
+        .filter_map(|s| {
+            let name = s["displayName"]["value"].as_str()?;
+            name.starts_with("Service Control remote call: Check")
+                .then(|| {
+                    (
+                        name.to_string(),
+                        s["spanId"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+        })
+        .collect();
+    let names: Vec<&str> = checks.iter().map(|c| c.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "Service Control remote call: Check",
+            "Service Control remote call: Check - Retry 1"
+        ],
+        "{spans5:#?}"
+    );
+    let sent: Vec<Option<String>> = w
+        .seen
+        .lock()
+        .unwrap()
+        .check_context
+        .iter()
+        .filter(|(tp, _)| tp.as_deref().is_some_and(|t| t.contains(t5)))
+        .map(|(tp, _)| tp.clone())
+        .collect();
+    assert_eq!(
+        sent,
+        checks
+            .iter()
+            .map(|(_, id)| Some(format!("00-{t5}-{id}-01")))
+            .collect::<Vec<_>>()
+    );
+
     // ESPv2's report names the trace of every request, traced or not.
     let entry = |url: &str| report_entry(&w.seen, url, &log);
     let name = |t: &str| format!("projects/trace-proj/traces/{t}");
@@ -628,7 +684,7 @@ fn espv2_spans_sampling_and_context_headers() {
         .iter()
         .flat_map(|(_, _, _, b)| b["spans"].as_array().cloned().unwrap_or_default())
         .filter_map(|s| s["name"].as_str().map(str::to_string))
-        .filter(|n| !n.contains(t1))
+        .filter(|n| !n.contains(t1) && !n.contains(t5))
         .collect();
     assert!(exported.is_empty(), "{exported:?}");
     drop(proxy);
@@ -700,6 +756,34 @@ fn start_espv2(w: &World, dir: &Path, name: &str, extra: &[String]) -> (Proc, u1
     ];
     args.extend_from_slice(extra);
     common::espv2::start(dir, name, &args)
+}
+
+/// The v2 spans exported for trace `t` once there are at least `n`, waiting up to 15 s.
+fn v2_spans(seen: &Mutex<Seen>, t: &str, n: usize, log: &dyn Fn() -> String) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let found: Vec<Value> = seen
+            .lock()
+            .unwrap()
+            .exports
+            .iter()
+            .flat_map(|(_, _, _, b)| b["spans"].as_array().cloned().unwrap_or_default())
+            .filter(|s| {
+                s["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(&format!("projects/trace-proj/traces/{t}/")))
+            })
+            .collect();
+        if found.len() >= n {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "trace {t} not exported\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The trace ID and span of an untraced request's outgoing headers: `traceparent` and

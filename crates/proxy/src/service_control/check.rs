@@ -507,12 +507,12 @@ impl Inner {
         }
     }
 
-    /// `context`: the request's trace context headers (ESPv2), empty otherwise.
+    /// `context`: the request's trace context (ESPv2), written on each attempt.
     pub(super) async fn remote_check(
         &self,
         service: &str,
         request: &CheckRequest,
-        context: &http::HeaderMap,
+        context: Option<&crate::trace::CallTrace>,
     ) -> Verdict {
         let result: Result<CheckResponse, _> = self
             .transport

@@ -588,9 +588,7 @@ impl ServiceControl {
                 let service = input.service_name.to_string();
                 self.runtime.spawn(async move {
                     // A refresh is no request's call: no context (as Envoy's flush transport).
-                    let verdict = bg
-                        .remote_check(&service, &request, &http::HeaderMap::new())
-                        .await;
+                    let verdict = bg.remote_check(&service, &request, None).await;
                     bg.complete_check(&key, &verdict);
                 });
                 return Ok(ok);
@@ -601,27 +599,25 @@ impl ServiceControl {
             None => {}
         }
         inner.stats.send_checks_in_flight.inc();
-        // The call's span: recorded when traced, and the parent of the context headers it
-        // carries (ESPv2).
-        let span_id = crate::trace::new_span_id();
+        // ESPv2: each attempt's span is the parent of the context headers it carries, and is
+        // recorded when traced.
         let traced = input.trace.map(|t| (t, std::time::SystemTime::now()));
-        let context = input
-            .context
-            .map(|c| c.headers(span_id))
-            .unwrap_or_default();
+        let context = input.context.map(|c| c.call());
+        let call = context.clone();
         // The remote check runs in its own task so that a client hanging up (which drops this
         // future) cannot leave a cache entry marked "being re-checked" forever.
         let request = inner.check_request(&input);
         let bg = self.inner.clone();
         let service = input.service_name.to_string();
         let task = self.runtime.spawn(async move {
-            let verdict = bg.remote_check(&service, &request, &context).await;
+            let verdict = bg.remote_check(&service, &request, call.as_deref()).await;
             bg.complete_check(&key, &verdict);
             verdict.outcome
         });
         let joined = task.await;
         if let Some((t, start)) = traced {
-            t.record(span_id, start);
+            let attempts = context.map(|c| c.attempts()).unwrap_or_default();
+            t.record(start, &attempts);
         }
         match joined {
             Ok(outcome) => outcome,

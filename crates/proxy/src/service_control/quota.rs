@@ -381,7 +381,7 @@ pub(super) async fn send_allocation(inner: Arc<Inner>, alloc: Allocation) {
             inner.opts.quota_timeout,
             inner.opts.quota_retries,
             // Envoy sends quota calls with no span: no trace context.
-            &http::HeaderMap::new(),
+            None,
         )
         .await;
     let verdict = match result {

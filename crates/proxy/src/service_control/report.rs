@@ -1240,7 +1240,7 @@ impl Inner {
                     self.opts.report_timeout,
                     self.opts.report_retries,
                     // Envoy sends reports with no span: no trace context.
-                    &http::HeaderMap::new(),
+                    None,
                 )
                 .await;
             match result {

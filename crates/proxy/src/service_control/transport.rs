@@ -153,7 +153,8 @@ impl Transport {
     }
 
     /// `method` is `check`, `report` or `allocateQuota`; `audience_suffix` picks the token;
-    /// `extra` headers (a request's trace context on ESPv2's `:check`) go on every attempt.
+    /// `context` (a request's trace, on ESPv2's `:check`) writes each attempt's context headers
+    /// and keeps its times.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
@@ -163,7 +164,7 @@ impl Transport {
         body: &Req,
         timeout: Duration,
         retries: u32,
-        extra: &http::HeaderMap,
+        context: Option<&crate::trace::CallTrace>,
     ) -> Result<Resp, Failure> {
         let payload =
             serde_json::to_vec(body).map_err(|e| Failure::Invalid(format!("encode: {e}")))?;
@@ -174,7 +175,7 @@ impl Transport {
             payload,
             timeout,
             retries,
-            extra,
+            context,
         )
         .await
     }
@@ -189,7 +190,7 @@ impl Transport {
         payload: Vec<u8>,
         timeout: Duration,
         retries: u32,
-        extra: &http::HeaderMap,
+        context: Option<&crate::trace::CallTrace>,
     ) -> Result<Resp, Failure> {
         let url = format!(
             "{}/v1/services/{}:{}",
@@ -216,25 +217,33 @@ impl Transport {
             if let Some(auth) = auth {
                 req = req.header(http::header::AUTHORIZATION, auth);
             }
-            if !extra.is_empty() {
-                req = req.headers(extra.clone());
+            let mut traced = None;
+            if let Some(c) = context {
+                let mut h = http::HeaderMap::new();
+                traced = Some((c, c.begin(&mut h)));
+                req = req.headers(h);
             }
-            let outcome = match req.send().await {
+            let answer = match req.send().await {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
-                    match resp.bytes().await {
-                        Ok(bytes) if status == 200 => {
-                            return serde_json::from_slice(&bytes)
-                                .map_err(|e| Failure::Invalid(e.to_string()));
-                        }
-                        Ok(bytes) => {
-                            return Err(Failure::Http {
-                                status,
-                                body: String::from_utf8_lossy(&bytes).into_owned(),
-                            })
-                        }
-                        Err(e) => Failure::Network(network_failure(&e), error_chain(&e)),
-                    }
+                    resp.bytes().await.map(|b| (status, b))
+                }
+                Err(e) => Err(e),
+            };
+            // The attempt's span ends with its answer (ESPv2's span per attempt).
+            if let Some((c, a)) = traced {
+                c.end(a);
+            }
+            let outcome = match answer {
+                Ok((200, bytes)) => {
+                    return serde_json::from_slice(&bytes)
+                        .map_err(|e| Failure::Invalid(e.to_string()));
+                }
+                Ok((status, bytes)) => {
+                    return Err(Failure::Http {
+                        status,
+                        body: String::from_utf8_lossy(&bytes).into_owned(),
+                    })
                 }
                 Err(e) => Failure::Network(network_failure(&e), error_chain(&e)),
             };

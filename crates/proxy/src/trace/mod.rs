@@ -631,29 +631,40 @@ pub struct RemoteCall<'a> {
 }
 
 impl RemoteCall<'_> {
-    /// Records the call as span `id` (the parent of the context headers it carried, if any).
-    pub fn record(&self, id: u64, start: SystemTime) {
-        let name = match self.recorder.dialect() {
-            Dialect::Esp => "Call ServiceControl server",
-            Dialect::EspV2 => "Service Control remote call: Check",
-        };
-        self.recorder.span(
-            id,
-            name,
-            self.parent,
-            start,
-            SystemTime::now(),
-            Kind::Client,
-        );
+    /// Records the call: one span per attempt for ESPv2 (the retries `... - Retry N`, each the
+    /// parent of the context its attempt carried), one span for the whole call for ESP.
+    pub fn record(&self, start: SystemTime, attempts: &[(u64, SystemTime, SystemTime)]) {
+        match self.recorder.dialect() {
+            Dialect::Esp => {
+                self.recorder.span(
+                    new_span_id(),
+                    "Call ServiceControl server",
+                    self.parent,
+                    start,
+                    SystemTime::now(),
+                    Kind::Client,
+                );
+            }
+            Dialect::EspV2 => {
+                for (n, (id, start, end)) in attempts.iter().enumerate() {
+                    let name: Cow<'static, str> = match n {
+                        0 => Cow::Borrowed("Service Control remote call: Check"),
+                        n => Cow::Owned(format!("Service Control remote call: Check - Retry {n}")),
+                    };
+                    self.recorder
+                        .span(*id, name, self.parent, *start, *end, Kind::Client);
+                }
+            }
+        }
     }
 }
 
 /// ESPv2 writes the request's context on its Service Control `:check` (a cache miss; not on
 /// quota or report calls, nor on cache refreshes, which Envoy sends with no span), traced or
-/// not, with the call's span as the parent.
+/// not, each attempt with its own span as the parent.
 #[derive(Clone, Copy)]
 pub struct CheckContext<'a> {
-    pub tracer: &'a Tracer,
+    pub tracer: &'a Arc<Tracer>,
     pub trace_id: [u8; 16],
     pub sampled: bool,
 }
@@ -668,12 +679,64 @@ impl std::fmt::Debug for CheckContext<'_> {
 }
 
 impl CheckContext<'_> {
-    /// The headers for a call whose span is `span_id`.
-    pub fn headers(&self, span_id: u64) -> HeaderMap {
-        let mut h = HeaderMap::new();
+    /// What the call's task needs (it outlives no borrow).
+    pub fn call(&self) -> Arc<CallTrace> {
+        Arc::new(CallTrace {
+            tracer: self.tracer.clone(),
+            trace_id: self.trace_id,
+            sampled: self.sampled,
+            attempts: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+/// One Service Control call's trace context: each attempt (ESPv2 starts a span per attempt,
+/// retries named `... - Retry N`) gets a new span ID, the parent of the headers it carries, and
+/// its times are kept for the request to record once the call is over.
+pub struct CallTrace {
+    tracer: Arc<Tracer>,
+    trace_id: [u8; 16],
+    sampled: bool,
+    /// Each attempt's span ID, start and end.
+    attempts: Mutex<Vec<(u64, SystemTime, SystemTime)>>,
+}
+
+impl std::fmt::Debug for CallTrace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallTrace")
+            .field("trace_id", &context::hex(&self.trace_id))
+            .finish_non_exhaustive()
+    }
+}
+
+/// An attempt under way: its span and start.
+#[derive(Debug)]
+pub struct Attempt {
+    span_id: u64,
+    start: SystemTime,
+}
+
+impl CallTrace {
+    /// Starts an attempt: its context headers, written into `headers`.
+    pub fn begin(&self, headers: &mut HeaderMap) -> Attempt {
+        let span_id = new_span_id();
         self.tracer
-            .write_outgoing(&self.trace_id, span_id, self.sampled, &mut h);
-        h
+            .write_outgoing(&self.trace_id, span_id, self.sampled, headers);
+        Attempt {
+            span_id,
+            start: SystemTime::now(),
+        }
+    }
+
+    pub fn end(&self, a: Attempt) {
+        if let Ok(mut v) = self.attempts.lock() {
+            v.push((a.span_id, a.start, SystemTime::now()));
+        }
+    }
+
+    /// The attempts so far: span ID, start, end.
+    pub fn attempts(&self) -> Vec<(u64, SystemTime, SystemTime)> {
+        self.attempts.lock().map(|v| v.clone()).unwrap_or_default()
     }
 }
 
