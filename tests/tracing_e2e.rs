@@ -239,6 +239,16 @@ fn v1_spans(seen: &Mutex<Seen>, trace: &str, log: &dyn Fn() -> String) -> Vec<Va
     }
 }
 
+/// The v1 `spanId` of the span named `name`.
+fn span_id(spans: &[Value], name: &str) -> String {
+    spans
+        .iter()
+        .find(|s| s["name"] == name)
+        .and_then(|s| s["spanId"].as_str())
+        .unwrap_or_else(|| panic!("no {name} span: {spans:#?}"))
+        .to_string()
+}
+
 /// `name (parent name)` for each span, in export order.
 fn tree(spans: &[Value], id: &str, parent: &str) -> Vec<String> {
     let name_of = |sid: &Value| {
@@ -316,12 +326,7 @@ fn esp_spans_sampling_and_context_headers() {
         assert!(s["startTime"].as_str().is_some_and(|t| t.ends_with('Z')));
     }
     // The backend got the Backend span as the parent, the client's options kept.
-    let backend_span = spans
-        .iter()
-        .find(|s| s["name"] == "Backend")
-        .and_then(|s| s["spanId"].as_str())
-        .expect("Backend span id")
-        .to_string();
+    let backend_span = span_id(&spans, "Backend");
     let hb = backend_headers(&w.seen, "/jwt?key=k1");
     assert_eq!(
         header(&hb, "x-cloud-trace-context"),
@@ -400,12 +405,9 @@ fn esp_spans_sampling_and_context_headers() {
     let raw = base64::engine::general_purpose::STANDARD
         .decode(out)
         .expect("padded base64");
-    let backend_span = spans
-        .iter()
-        .find(|s| s["name"] == "Backend")
-        .and_then(|s| s["spanId"].as_str())
-        .and_then(|s| s.parse::<u64>().ok())
-        .expect("Backend span");
+    let backend_span = span_id(&spans, "Backend")
+        .parse::<u64>()
+        .expect("a decimal span id");
     assert_eq!(&raw[2..18], &t4);
     assert_eq!(
         u64::from_be_bytes(raw[19..27].try_into().unwrap()),
@@ -437,12 +439,7 @@ fn esp_spans_sampling_and_context_headers() {
     );
     let spans = v1_spans(&w.seen, t6, &log);
     assert_eq!(spans[0]["parentSpanId"], "12");
-    let backend_span = spans
-        .iter()
-        .find(|s| s["name"] == "Backend")
-        .and_then(|s| s["spanId"].as_str())
-        .expect("Backend span id")
-        .to_string();
+    let backend_span = span_id(&spans, "Backend");
     assert_eq!(
         header(
             &backend_headers(&w.seen, "/open?n=6"),
