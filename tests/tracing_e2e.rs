@@ -35,6 +35,8 @@ fn now() -> i64 {
 #[derive(Default)]
 struct Seen {
     checks: usize,
+    /// The context headers (`traceparent`, `x-cloud-trace-context`) of each `:check`.
+    check_context: Vec<(Option<String>, Option<String>)>,
     /// The backend's requests: path and headers.
     backend: Vec<(String, Vec<(String, String)>)>,
     /// The trace double's requests: method, path, authorization, body.
@@ -62,11 +64,24 @@ fn world(dir: &Path) -> World {
         .expect("runtime");
     let seen = Arc::new(Mutex::new(Seen::default()));
     let s = seen.clone();
+    // The first `:check` for key `flaky` is hung up on, so the proxy retries it.
+    let flaky = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sc = peer::start(
         &rt,
         Arc::new(move |req: &Request| {
             if req.path.ends_with(":check") {
-                s.lock().unwrap().checks += 1;
+                let mut seen = s.lock().unwrap();
+                seen.checks += 1;
+                seen.check_context.push((
+                    req.header("traceparent").map(str::to_string),
+                    req.header("x-cloud-trace-context").map(str::to_string),
+                ));
+                drop(seen);
+                if req.body.contains("api_key:flaky")
+                    && flaky.swap(false, std::sync::atomic::Ordering::SeqCst)
+                {
+                    return Action::HangUp;
+                }
                 return Action::Respond(
                     200,
                     json!({"operationId": "c",
@@ -224,6 +239,16 @@ fn v1_spans(seen: &Mutex<Seen>, trace: &str, log: &dyn Fn() -> String) -> Vec<Va
     }
 }
 
+/// The v1 `spanId` of the span named `name`.
+fn span_id(spans: &[Value], name: &str) -> String {
+    spans
+        .iter()
+        .find(|s| s["name"] == name)
+        .and_then(|s| s["spanId"].as_str())
+        .unwrap_or_else(|| panic!("no {name} span: {spans:#?}"))
+        .to_string()
+}
+
 /// `name (parent name)` for each span, in export order.
 fn tree(spans: &[Value], id: &str, parent: &str) -> Vec<String> {
     let name_of = |sid: &Value| {
@@ -249,28 +274,16 @@ fn tree(spans: &[Value], id: &str, parent: &str) -> Vec<String> {
 fn esp_spans_sampling_and_context_headers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = world(dir.path());
-    let port = free_port();
-    let mut proxy = Proc::spawn(
-        &[
-            "esp".to_string(),
-            format!("--http_port={port}"),
-            format!("--status_port={}", free_port()),
-            format!("--service_json_path={}", w.config.display()),
-            format!("--backend=http://{}", w.backend),
-            "--non_gcp".to_string(),
-            format!("--service_account_key={}", w.key.display()),
-            format!("--service_control_url_override=http://{}", w.sc),
-            format!("--cloud_trace_url_override=http://{}", w.sink),
-            // Only header-forced traces, so the test decides which requests are traced.
-            "--disable_cloud_trace_auto_sampling".to_string(),
-        ],
-        &dir.path().join("esp.log"),
-    );
-    proxy.wait_for_port(port, "portico esp");
+    let credentials = [
+        "--non_gcp".to_string(),
+        format!("--service_account_key={}", w.key.display()),
+    ];
+    let (proxy, port) = start_esp(&w, &w.config, dir.path(), "esp", &credentials);
     let log = || proxy.log();
     let bearer = format!("Bearer {}", w.token);
     let t1 = "0123456789abcdef0123456789abcdef";
-    let t2 = "fedcba9876543210fedcba9876543210";
+    // Upper-case hex: ESP forwards and exports it as sent.
+    let t2 = "FEDCBA9876543210FEDCBA9876543210";
 
     // 1. Forced, joined to the client's span 123; the key is checked remotely (cache miss).
     let xctc = format!("{t1}/123;o=1");
@@ -280,7 +293,7 @@ fn esp_spans_sampling_and_context_headers() {
     ];
     assert_eq!(get(port, "/jwt?key=k1", &h), 200, "{}", log());
     // 2. Forced without a client span (ESP accepts `T;o=1`): the check is a cache hit.
-    let xctc2 = format!("{}/0;o=1;extra", t2.to_ascii_uppercase());
+    let xctc2 = format!("{t2}/0;o=1;extra");
     let h = [
         ("authorization", bearer.as_str()),
         ("x-cloud-trace-context", xctc2.as_str()),
@@ -313,12 +326,7 @@ fn esp_spans_sampling_and_context_headers() {
         assert!(s["startTime"].as_str().is_some_and(|t| t.ends_with('Z')));
     }
     // The backend got the Backend span as the parent, the client's options kept.
-    let backend_span = spans
-        .iter()
-        .find(|s| s["name"] == "Backend")
-        .and_then(|s| s["spanId"].as_str())
-        .expect("Backend span id")
-        .to_string();
+    let backend_span = span_id(&spans, "Backend");
     let hb = backend_headers(&w.seen, "/jwt?key=k1");
     assert_eq!(
         header(&hb, "x-cloud-trace-context"),
@@ -397,12 +405,9 @@ fn esp_spans_sampling_and_context_headers() {
     let raw = base64::engine::general_purpose::STANDARD
         .decode(out)
         .expect("padded base64");
-    let backend_span = spans
-        .iter()
-        .find(|s| s["name"] == "Backend")
-        .and_then(|s| s["spanId"].as_str())
-        .and_then(|s| s.parse::<u64>().ok())
-        .expect("Backend span");
+    let backend_span = span_id(&spans, "Backend")
+        .parse::<u64>()
+        .expect("a decimal span id");
     assert_eq!(&raw[2..18], &t4);
     assert_eq!(
         u64::from_be_bytes(raw[19..27].try_into().unwrap()),
@@ -424,7 +429,26 @@ fn esp_spans_sampling_and_context_headers() {
         vec![format!("{SERVICE}/<Unknown Operation Name>").as_str()]
     );
 
-    // Exactly the four forced traces were exported.
+    // ESP keeps the client's trace ID text as sent: upper-case hex comes back to the backend
+    // and goes to Cloud Trace in the same case (the first `o=` decides: this one traces).
+    let t6 = "ABCDEF0123456789ABCDEF0123456789";
+    let x6 = format!("{t6}/12;o=1;o=0");
+    assert_eq!(
+        get(port, "/open?n=6", &[("x-cloud-trace-context", x6.as_str())]),
+        200
+    );
+    let spans = v1_spans(&w.seen, t6, &log);
+    assert_eq!(spans[0]["parentSpanId"], "12");
+    let backend_span = span_id(&spans, "Backend");
+    assert_eq!(
+        header(
+            &backend_headers(&w.seen, "/open?n=6"),
+            "x-cloud-trace-context"
+        ),
+        Some(format!("{t6}/{backend_span};o=1;o=0").as_str())
+    );
+
+    // Exactly the five forced traces were exported.
     let exported: usize = w
         .seen
         .lock()
@@ -433,7 +457,7 @@ fn esp_spans_sampling_and_context_headers() {
         .iter()
         .map(|(_, _, _, b)| b["traces"].as_array().map_or(0, Vec::len))
         .sum();
-    assert_eq!(exported, 4, "{}", log());
+    assert_eq!(exported, 5, "{}", log());
     drop(proxy);
     drop(w.rt);
 }
@@ -442,15 +466,11 @@ fn esp_spans_sampling_and_context_headers() {
 fn espv2_spans_sampling_and_context_headers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = world(dir.path());
-    let (proxy, port) = common::espv2::start(
+    let (proxy, port) = start_espv2(
+        &w,
         dir.path(),
         "espv2",
         &[
-            format!("--service_json_path={}", w.config.display()),
-            format!("--backend=http://{}", w.backend),
-            "--non_gcp".to_string(),
-            format!("--service_account_key={}", w.key.display()),
-            format!("--service_control_url=http://{}", w.sc),
             format!("--cloud_trace_url_override=http://{}", w.sink),
             "--tracing_project_id=trace-proj".to_string(),
             "--tracing_sample_rate=0".to_string(),
@@ -533,33 +553,276 @@ fn espv2_spans_sampling_and_context_headers() {
         Some(format!("{t1}/{dec};o=1").as_str())
     );
 
-    // ESPv2's parser refuses `T;o=1` (no span): no parent, so no trace at rate 0, and the
-    // header passes as sent.
+    // The traced request's `:check` carried the context, the Check span as the parent.
+    let check_span = spans[1]["spanId"].as_str().expect("check id").to_string();
+    let check_dec = u64::from_str_radix(&check_span, 16).expect("hex id");
+    assert_eq!(
+        w.seen.lock().unwrap().check_context[0],
+        (
+            Some(format!("00-{t1}-{check_span}-01")),
+            Some(format!("{t1}/{check_dec};o=1"))
+        )
+    );
+
+    // ESPv2's parser refuses `T;o=1` (no span): no parent, so no trace at rate 0. Untraced,
+    // the request still has a trace (a new one) that the backend's headers carry, flag off,
+    // replacing the client's.
     let x = format!("{t1};o=1");
     assert_eq!(
         get(port, "/open?n=2", &[("x-cloud-trace-context", x.as_str())]),
         200
     );
     let hb = backend_headers(&w.seen, "/open?n=2");
-    assert_eq!(header(&hb, "x-cloud-trace-context"), Some(x.as_str()));
-    assert_eq!(header(&hb, "traceparent"), None);
+    let (new_trace, _) = unsampled_pair(&hb);
+    assert_ne!(new_trace, t1, "an invalid context is not joined");
 
-    // ESPv2's report names the traced request's trace in its log entry; the untraced one none.
-    let entry = |url: &str| report_entry(&w.seen, url, &log);
-    assert_eq!(
-        entry("/jwt")["trace"],
-        format!("projects/trace-proj/traces/{t1}"),
-        "{}",
-        log()
+    // An unsampled parent is joined (its trace ID kept, upper-case hex read and written in
+    // lower case as opencensus does), not traced; the `:check` of a new key (a cache miss)
+    // carries the context too, with its own span.
+    let t2 = "ABCDEF0123456789ABCDEF0123456789";
+    let x2 = format!("{t2}/5;o=0");
+    let h = [
+        ("x-cloud-trace-context", x2.as_str()),
+        ("traceparent", "00-bad"),
+    ];
+    // traceparent comes first in the default list, so the invalid one decides: no parent.
+    assert_eq!(get(port, "/open?n=3", &h), 200);
+    let (t3, _) = unsampled_pair(&backend_headers(&w.seen, "/open?n=3"));
+    assert_ne!(t3, t2.to_ascii_lowercase());
+    let h = [
+        ("authorization", bearer.as_str()),
+        ("x-cloud-trace-context", x2.as_str()),
+    ];
+    assert_eq!(get(port, "/jwt?key=k2", &h), 200, "{}", log());
+    let lower = t2.to_ascii_lowercase();
+    let (t4, backend_span) = unsampled_pair(&backend_headers(&w.seen, "/jwt?key=k2"));
+    assert_eq!(t4, lower);
+    assert_ne!(backend_span, 5);
+    let (tp, xc) = w.seen.lock().unwrap().check_context[1].clone();
+    let tp = tp.expect("traceparent on the untraced request's :check");
+    assert!(
+        tp.starts_with(&format!("00-{lower}-")) && tp.ends_with("-00"),
+        "{tp}"
     );
-    assert!(entry("/open").get("trace").is_none(), "{}", log());
+    let check_span = u64::from_str_radix(&tp[36..52], 16).expect("span");
+    assert_ne!(check_span, backend_span, "the call has its own span");
+    assert_eq!(xc, Some(format!("{lower}/{check_span};o=0")));
+
+    // A retried `:check`: a span per attempt (`... - Retry 1`), each the parent of the context
+    // its attempt carried.
+    let t5 = "5555aaaa5555aaaa5555aaaa5555aaaa";
+    let tp5 = format!("00-{t5}-00f067aa0ba902b7-01");
+    let h = [
+        ("authorization", bearer.as_str()),
+        ("traceparent", tp5.as_str()),
+    ];
+    assert_eq!(get(port, "/jwt?key=flaky", &h), 200, "{}", log());
+    let spans5 = v2_spans(&w.seen, t5, 4, &log);
+    let checks: Vec<(String, String)> = spans5
+        .iter()
+        .filter_map(|s| {
+            let name = s["displayName"]["value"].as_str()?;
+            name.starts_with("Service Control remote call: Check")
+                .then(|| {
+                    (
+                        name.to_string(),
+                        s["spanId"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+        })
+        .collect();
+    let names: Vec<&str> = checks.iter().map(|c| c.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "Service Control remote call: Check",
+            "Service Control remote call: Check - Retry 1"
+        ],
+        "{spans5:#?}"
+    );
+    let sent: Vec<Option<String>> = w
+        .seen
+        .lock()
+        .unwrap()
+        .check_context
+        .iter()
+        .filter(|(tp, _)| tp.as_deref().is_some_and(|t| t.contains(t5)))
+        .map(|(tp, _)| tp.clone())
+        .collect();
+    assert_eq!(
+        sent,
+        checks
+            .iter()
+            .map(|(_, id)| Some(format!("00-{t5}-{id}-01")))
+            .collect::<Vec<_>>()
+    );
+
+    // ESPv2's report names the trace of every request, traced or not.
+    let entry = |url: &str| report_entry(&w.seen, url, &log);
+    let name = |t: &str| format!("projects/trace-proj/traces/{t}");
+    assert_eq!(entry("/jwt")["trace"], name(t1), "{}", log());
+    assert_eq!(entry("/open?n=2")["trace"], name(&new_trace), "{}", log());
+    assert_eq!(entry("/open?n=3")["trace"], name(&t3), "{}", log());
+    // The key is redacted in the URL: the second /jwt entry is k2's.
+    let k2 = report_entry_where(
+        &w.seen,
+        "k2",
+        &|e| e["structPayload"]["api_key"] == "k2",
+        &log,
+    );
+    assert_eq!(k2["trace"], name(&lower), "{}", log());
+    // Nothing of the untraced requests was exported.
+    std::thread::sleep(Duration::from_millis(1500));
+    let exported: Vec<String> = w
+        .seen
+        .lock()
+        .unwrap()
+        .exports
+        .iter()
+        .flat_map(|(_, _, _, b)| b["spans"].as_array().cloned().unwrap_or_default())
+        .filter_map(|s| s["name"].as_str().map(str::to_string))
+        .filter(|n| !n.contains(t1) && !n.contains(t5))
+        .collect();
+    assert!(exported.is_empty(), "{exported:?}");
+    drop(proxy);
+
+    // `--disable_tracing`: no context written, no trace in reports.
+    let (proxy, port) = start_espv2(
+        &w,
+        dir.path(),
+        "espv2-off",
+        &[
+            format!("--cloud_trace_url_override=http://{}", w.sink),
+            "--tracing_project_id=trace-proj".to_string(),
+            "--disable_tracing".to_string(),
+        ],
+    );
+    assert_eq!(
+        get(
+            port,
+            "/open?n=off",
+            &[("x-cloud-trace-context", x2.as_str())]
+        ),
+        200
+    );
+    let hb = backend_headers(&w.seen, "/open?n=off");
+    assert_eq!(header(&hb, "x-cloud-trace-context"), Some(x2.as_str()));
+    assert_eq!(header(&hb, "traceparent"), None);
+    let e = report_entry(&w.seen, "/open?n=off", &|| proxy.log());
+    assert!(e.get("trace").is_none(), "{e:#}");
     drop(proxy);
     drop(w.rt);
+}
+
+/// `portico esp` on the world's doubles, exporting to the trace double, auto-sampling off (only
+/// header-forced traces, so the test decides which requests are traced); `credentials` say
+/// how it authenticates.
+fn start_esp(
+    w: &World,
+    config: &Path,
+    dir: &Path,
+    name: &str,
+    credentials: &[String],
+) -> (Proc, u16) {
+    let port = free_port();
+    let mut args = vec![
+        "esp".to_string(),
+        format!("--http_port={port}"),
+        format!("--status_port={}", free_port()),
+        format!("--service_json_path={}", config.display()),
+        format!("--backend=http://{}", w.backend),
+        format!("--service_control_url_override=http://{}", w.sc),
+        format!("--cloud_trace_url_override=http://{}", w.sink),
+        "--disable_cloud_trace_auto_sampling".to_string(),
+    ];
+    args.extend_from_slice(credentials);
+    let mut proxy = Proc::spawn(&args, &dir.join(format!("{name}.log")));
+    proxy.wait_for_port(port, "portico esp");
+    (proxy, port)
+}
+
+/// `portico espv2` on the world's doubles (config, backend, key file, Service Control), with
+/// `extra` flags.
+fn start_espv2(w: &World, dir: &Path, name: &str, extra: &[String]) -> (Proc, u16) {
+    let mut args = vec![
+        format!("--service_json_path={}", w.config.display()),
+        format!("--backend=http://{}", w.backend),
+        "--non_gcp".to_string(),
+        format!("--service_account_key={}", w.key.display()),
+        format!("--service_control_url=http://{}", w.sc),
+    ];
+    args.extend_from_slice(extra);
+    common::espv2::start(dir, name, &args)
+}
+
+/// The v2 spans exported for trace `t` once there are at least `n`, waiting up to 15 s.
+fn v2_spans(seen: &Mutex<Seen>, t: &str, n: usize, log: &dyn Fn() -> String) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let found: Vec<Value> = seen
+            .lock()
+            .unwrap()
+            .exports
+            .iter()
+            .flat_map(|(_, _, _, b)| b["spans"].as_array().cloned().unwrap_or_default())
+            .filter(|s| {
+                s["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(&format!("projects/trace-proj/traces/{t}/")))
+            })
+            .collect();
+        if found.len() >= n {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "trace {t} not exported\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The trace ID and span of an untraced request's outgoing headers: `traceparent` and
+/// `X-Cloud-Trace-Context` name the same trace and span, the sampled flag off.
+fn unsampled_pair(h: &[(String, String)]) -> (String, u64) {
+    let tp = header(h, "traceparent").expect("traceparent written");
+    let xc = header(h, "x-cloud-trace-context").expect("x-cloud-trace-context written");
+    assert!(
+        tp.len() == 55 && tp.starts_with("00-") && tp.ends_with("-00"),
+        "{tp}"
+    );
+    let trace = &tp[3..35];
+    assert!(
+        trace
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "{tp}"
+    );
+    let span = u64::from_str_radix(&tp[36..52], 16).expect("span");
+    assert_ne!(span, 0);
+    assert_eq!(xc, format!("{trace}/{span};o=0"));
+    (trace.to_string(), span)
 }
 
 /// The `endpoints_log` entry of the first reported request whose URL starts with `url`,
 /// waiting up to 15 s for the proxy's report flush.
 fn report_entry(seen: &Mutex<Seen>, url: &str, log: &dyn Fn() -> String) -> Value {
+    let pred = |e: &Value| {
+        e["httpRequest"]["requestUrl"]
+            .as_str()
+            .is_some_and(|u| u.starts_with(url))
+    };
+    report_entry_where(seen, url, &pred, log)
+}
+
+/// The first reported log entry `pred` accepts, waiting up to 15 s.
+fn report_entry_where(
+    seen: &Mutex<Seen>,
+    what: &str,
+    pred: &dyn Fn(&Value) -> bool,
+    log: &dyn Fn() -> String,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let found = seen
@@ -569,17 +832,13 @@ fn report_entry(seen: &Mutex<Seen>, url: &str, log: &dyn Fn() -> String) -> Valu
             .iter()
             .flat_map(|r| r["operations"].as_array().cloned().unwrap_or_default())
             .flat_map(|o| o["logEntries"].as_array().cloned().unwrap_or_default())
-            .find(|e| {
-                e["httpRequest"]["requestUrl"]
-                    .as_str()
-                    .is_some_and(|u| u.starts_with(url))
-            });
+            .find(|e| pred(e));
         if let Some(e) = found {
             return e;
         }
         assert!(
             Instant::now() < deadline,
-            "no report for {url}; reports seen: {:?}\n{}",
+            "no report for {what}; reports seen: {:?}\n{}",
             seen.lock().unwrap().reports,
             log()
         );
@@ -691,15 +950,11 @@ fn otlp_export_is_decoded_by_the_opentelemetry_protos() {
     );
     receiver_wait(rport);
 
-    let (proxy, port) = common::espv2::start(
+    let (proxy, port) = start_espv2(
+        &w,
         dir.path(),
         "espv2",
         &[
-            format!("--service_json_path={}", w.config.display()),
-            format!("--backend=http://{}", w.backend),
-            "--non_gcp".to_string(),
-            format!("--service_account_key={}", w.key.display()),
-            format!("--service_control_url=http://{}", w.sc),
             format!("--tracing_otlp_endpoint=http://127.0.0.1:{rport}/v1/traces"),
             // Every request.
             "--tracing_sample_rate=1".to_string(),
@@ -791,4 +1046,128 @@ fn receiver_wait(port: u16) {
         assert!(Instant::now() < deadline, "the OTLP receiver did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn esp_fetch_access_token_span() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = world(dir.path());
+    // The metadata server: short-lived tokens (due at once) until `long` is set.
+    let long = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let id_fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // An ID token as the metadata server answers it: a JWT (the proxy reads its `exp`).
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let id_token = format!(
+        "{}.{}.c2ln",
+        b64(json!({"alg": "RS256"})),
+        b64(json!({"aud": "https://backend.example", "exp": now() + 3600}))
+    );
+    let sent_id_token = format!("Bearer {id_token}");
+    let (l, f, id_tokens) = (long.clone(), fetches.clone(), id_fetches.clone());
+    let md = peer::start(
+        &w.rt,
+        Arc::new(move |req: &Request| {
+            if req
+                .path
+                .starts_with("/computeMetadata/v1/instance/service-accounts/default/identity?")
+            {
+                id_tokens.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return Action::Respond(200, id_token.clone());
+            }
+            if req.path != "/computeMetadata/v1/instance/service-accounts/default/token" {
+                return Action::Respond(404, "{}".into());
+            }
+            f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let expires = if l.load(std::sync::atomic::Ordering::SeqCst) {
+                3600
+            } else {
+                1
+            };
+            Action::Respond(
+                200,
+                json!({"access_token": "md-token", "expires_in": expires, "token_type": "Bearer"})
+                    .to_string(),
+            )
+        }),
+    );
+    // The Open method's backend wants an ID token (`jwt_audience`), which also comes from the
+    // metadata server.
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&w.config).expect("config")).expect("json");
+    cfg["backend"] =
+        json!({"rules": [{"selector": "e2e.Api.Open", "jwtAudience": "https://backend.example"}]});
+    let config = dir.path().join("service-id-token.json");
+    std::fs::write(&config, cfg.to_string()).expect("config");
+    let (proxy, port) = start_esp(
+        &w,
+        &config,
+        dir.path(),
+        "esp-md",
+        &[format!("--metadata=http://{md}")],
+    );
+    let log = || proxy.log();
+    let names = |t: &str| -> Vec<String> {
+        let spans = v1_spans(&w.seen, t, &log);
+        tree(&spans, "spanId", "parentSpanId")
+    };
+    let root = format!("{SERVICE}/e2e.Api.Open");
+
+    // The token is due: the traced request fetches it first, under the root, before the
+    // Service Control spans (ESP's check workflow order).
+    let t1 = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
+    let x1 = format!("{t1}/1;o=1");
+    assert_eq!(
+        get(port, "/open?n=1", &[("x-cloud-trace-context", x1.as_str())]),
+        200,
+        "{}",
+        log()
+    );
+    let t = names(t1);
+    assert_eq!(t[0], format!("{root} (remote \"1\")"), "{t:?}");
+    assert_eq!(t[1], format!("FetchAccessToken ({root})"), "{t:?}");
+    assert!(
+        t.iter().any(|n| n.starts_with("CheckServiceControl")),
+        "{t:?}"
+    );
+    // The backend's ID token, fetched once on this request's path: its own span.
+    assert!(t.contains(&format!("FetchIdentityToken ({root})")), "{t:?}");
+    assert_eq!(id_fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        header(&backend_headers(&w.seen, "/open?n=1"), "authorization"),
+        Some(sent_id_token.as_str())
+    );
+
+    // A token that lasts: fetched once more (it was due), then fresh: no span.
+    long.store(true, std::sync::atomic::Ordering::SeqCst);
+    let t2 = "a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2";
+    let x2 = format!("{t2}/1;o=1");
+    assert_eq!(
+        get(port, "/open?n=2", &[("x-cloud-trace-context", x2.as_str())]),
+        200
+    );
+    assert!(names(t2).contains(&format!("FetchAccessToken ({root})")));
+    let before = fetches.load(std::sync::atomic::Ordering::SeqCst);
+    let t3 = "a3a3a3a3a3a3a3a3a3a3a3a3a3a3a3a3";
+    let x3 = format!("{t3}/1;o=1");
+    assert_eq!(
+        get(port, "/open?n=3", &[("x-cloud-trace-context", x3.as_str())]),
+        200
+    );
+    let t = names(t3);
+    assert!(
+        !t.iter().any(|n| n.starts_with("FetchAccessToken")),
+        "{t:?}"
+    );
+    assert!(
+        !t.iter().any(|n| n.starts_with("FetchIdentityToken")),
+        "cached: {t:?}"
+    );
+    assert_eq!(
+        fetches.load(std::sync::atomic::Ordering::SeqCst),
+        before,
+        "a fresh token is not fetched again"
+    );
+    drop(proxy);
+    drop(w.rt);
 }

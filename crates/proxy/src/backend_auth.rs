@@ -149,6 +149,12 @@ impl IdTokenSource {
     }
 
     /// The `Authorization` value for `audience`, if a fresh one is cached.
+    /// The tokens come from a metadata server (what ESP records a `FetchIdentityToken` span
+    /// for; a key file or IAM are not its metadata fetch).
+    pub fn from_metadata_server(&self) -> bool {
+        matches!(self.issuer, Issuer::Metadata(..))
+    }
+
     pub fn cached(&self, audience: &str) -> Option<HeaderValue> {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache

@@ -263,6 +263,12 @@ impl MetadataTokens {
         })
     }
 
+    /// Whether the next [`MetadataTokens::authorization`] asks the metadata server: no token
+    /// yet, or one due for refresh, and no failure inside its window (ESP's "need to fetch").
+    pub fn needs_fetch(&self) -> bool {
+        self.lock_state().current(Instant::now()).is_none()
+    }
+
     /// `Bearer <token>`, from the cache while it is fresh.
     pub async fn authorization(&self) -> Result<String, TokenError> {
         let seen = {

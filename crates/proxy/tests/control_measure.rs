@@ -41,6 +41,7 @@ async fn measure_hot_path_costs() {
         android_cert: None,
         ios_bundle: None,
         trace: None,
+        context: None,
     };
     let t = Instant::now();
     sc.check(input()).await.expect("allowed");

@@ -33,6 +33,7 @@ fn input<'a>(key: &'a str, caller: IpAddr) -> CheckInput<'a> {
         android_cert: None,
         ios_bundle: None,
         trace: None,
+        context: None,
     }
 }
 

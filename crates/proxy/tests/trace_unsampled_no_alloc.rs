@@ -1,12 +1,15 @@
 //! An untraced request costs no allocation for tracing: the sampling decision (context
 //! headers parsed by each dialect's rules, the sampler consulted) is counted with a global
 //! allocator wrapper, per thread (the test harness runs other threads that do allocate).
-//! The pipeline's other tracing touch points are `Option` checks on `Ctx::trace`.
+//! The pipeline's other tracing touch points are `Option` checks on `Ctx::trace`. ESPv2 gives
+//! an untraced request a trace ID too (the incoming one, else a random one): that costs no
+//! allocation either; writing its outgoing context headers costs one per header value
+//! (measured below).
 
 use base64::Engine as _;
 use http::{HeaderMap, HeaderValue};
 use portico_proxy::dialect::Dialect;
-use portico_proxy::trace::{context, export::Queue, TraceSettings, Tracer};
+use portico_proxy::trace::{context, export::Queue, Started, TraceSettings, Tracer};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
@@ -118,19 +121,57 @@ fn an_untraced_request_allocates_nothing_for_tracing() {
         }
     }
     let before = ALLOCATIONS.with(Cell::get);
-    let mut traced = 0;
+    let (mut traced, mut unsampled) = (0, 0);
     for _ in 0..200 {
         for t in &tracers {
             for h in &sets {
-                if std::hint::black_box(t.start(h)).is_some() {
-                    traced += 1;
+                match std::hint::black_box(t.begin(h)) {
+                    Started::Traced(_) => traced += 1,
+                    Started::Unsampled(id) => {
+                        assert_ne!(std::hint::black_box(id), [0; 16]);
+                        unsampled += 1;
+                    }
+                    Started::Off => {}
                 }
             }
         }
     }
     let after = ALLOCATIONS.with(Cell::get);
     assert_eq!(traced, 0, "none of these requests is traced");
+    // The three ESPv2 tracers that are not disabled, every header set.
+    assert_eq!(
+        unsampled,
+        200 * 3 * sets.len(),
+        "ESPv2's requests have a trace ID"
+    );
     assert_eq!(after - before, 0, "allocations on the untraced path");
+}
+
+#[test]
+fn espv2_untraced_outgoing_headers_cost_one_allocation_each() {
+    let mut all = TraceSettings::espv2();
+    all.outgoing = vec![
+        context::Format::TraceParent,
+        context::Format::CloudTrace,
+        context::Format::GrpcTraceBin,
+    ];
+    all.sample_rate = 0.0;
+    let t = Tracer::new(Dialect::EspV2, all, Queue::new(4).0);
+    // A request's headers, with room (as a request parsed by hyper has).
+    let mut h = HeaderMap::with_capacity(32);
+    h.insert("content-type", HeaderValue::from_static("application/json"));
+    let id = [7u8; 16];
+    t.write_outgoing(&id, 1, false, &mut h);
+    let before = ALLOCATIONS.with(Cell::get);
+    for span in 2..102u64 {
+        t.write_outgoing(&id, span, false, std::hint::black_box(&mut h));
+    }
+    let per_request = (ALLOCATIONS.with(Cell::get) - before) / 100;
+    assert_eq!(per_request, 3, "one per header value");
+    assert_eq!(
+        h.get(&context::TRACEPARENT).and_then(|v| v.to_str().ok()),
+        Some(format!("00-{}-{:016x}-00", "07".repeat(16), 101).as_str())
+    );
 }
 
 #[test]

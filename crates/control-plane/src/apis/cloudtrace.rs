@@ -10,6 +10,8 @@
 //!   labels, `SERVER`/`CLIENT` become `RPC_SERVER`/`RPC_CLIENT`; status, time events, links and
 //!   the attribute types are kept beside them. Google stores a re-sent v2 span twice; Portico
 //!   replaces it, as for v1. Answers `{}`.
+//! - gRPC `google.devtools.cloudtrace.v2.TraceService/BatchWriteSpans` ([`grpc`]): the same
+//!   spans, checks and permission as `batchWrite`, for ESPv2's gRPC exporter.
 //! - `GET /v1/projects/{project}/traces` (ListTraces: `view`, `filter`, `orderBy`, `startTime`,
 //!   `endTime`, `pageSize`, `pageToken`) and `GET /v1/projects/{project}/traces/{traceId}`.
 //!   v2 has no read API; v2 spans read back in v1's shape.
@@ -41,6 +43,8 @@ use crate::app::{parse_json_body, AppState, PageSizeWording, Params};
 use crate::authz::{load_project_policy, perms, Principal};
 use crate::error::ApiError;
 use crate::store::traces::{self as store, StoredSpan};
+
+pub mod grpc;
 
 /// Spans one write call may carry (Google: 25,000 per PatchTraces).
 pub const MAX_SPANS_PER_CALL: usize = 25_000;
@@ -90,6 +94,11 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/v2/projects/{project}/traces:batchWrite",
             post(batch_write),
+        )
+        // ESPv2's export: gRPC over the same port (h2c).
+        .route(
+            "/google.devtools.cloudtrace.v2.TraceService/{*method}",
+            axum::routing::any(grpc::entry),
         )
 }
 

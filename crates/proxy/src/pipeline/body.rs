@@ -379,6 +379,8 @@ struct Completion {
     /// A traced request's spans: the last handle, dropped with the completion once the body
     /// is sent, ends the root span and queues the trace.
     trace: Option<Arc<crate::trace::Recorder>>,
+    /// ESPv2's untraced request's trace ID, for the report.
+    unsampled_trace: Option<[u8; 16]>,
 }
 
 /// What a gRPC call's report needs from its response.
@@ -719,7 +721,11 @@ impl Completion {
             dialect: st.settings.dialect,
             api_key_state: r.api_key_state,
             api_key_uid: r.check.and_then(|c| c.api_key_uid),
-            trace: self.trace.as_ref().and_then(|t| t.trace_name()),
+            trace: match (&self.trace, self.unsampled_trace, &st.tracer) {
+                (Some(t), _, _) => t.trace_name(),
+                (None, Some(id), Some(tracer)) => tracer.trace_name(&id),
+                _ => None,
+            },
         });
     }
 }
@@ -905,6 +911,7 @@ impl Pipeline {
             report,
             formatted,
             trace: ctx.trace.clone(),
+            unsampled_trace: ctx.unsampled_trace,
         }));
         if ctx.head {
             // A HEAD answer never carries a body, whoever produced it.

@@ -279,7 +279,11 @@ impl Pipeline {
 
         // Traced or not: decided here, on the client's headers (crate::trace).
         if let Some(t) = &st.tracer {
-            ctx.trace = t.start(&parts.headers);
+            match t.begin(&parts.headers) {
+                crate::trace::Started::Traced(r) => ctx.trace = Some(r),
+                crate::trace::Started::Unsampled(id) => ctx.unsampled_trace = Some(id),
+                crate::trace::Started::Off => {}
+            }
             if let Some(r) = &ctx.trace {
                 r.name_root(&config.service.name, None);
                 if r.dialect() == crate::dialect::Dialect::EspV2 {
@@ -313,6 +317,18 @@ impl Pipeline {
         }
         if let Some(r) = &ctx.trace {
             r.name_root(&config.service.name, Some(&mi.selector));
+            // ESP fetches the metadata server's token first when it is missing or due
+            // (`FetchAccessToken`); boxed, so its state is not part of every request's future.
+            if r.dialect() == crate::dialect::Dialect::Esp {
+                if let Some(m) = st
+                    .control
+                    .as_ref()
+                    .and_then(|c| c.metadata_tokens())
+                    .filter(|m| m.needs_fetch())
+                {
+                    Box::pin(crate::trace::fetch_access_token(r, &m)).await;
+                }
+            }
         }
 
         // 3. authenticate: the JWT, then the API key (ESP's `CheckAuth` span when traced).
@@ -402,7 +418,15 @@ impl Pipeline {
             let token = match &self.state.backend_tokens {
                 Some(source) => match source.cached(audience) {
                     Some(h) => Ok(h),
-                    None => Box::pin(source.get(audience)).await,
+                    None => match ctx.trace.as_ref().filter(|r| {
+                        r.dialect() == crate::dialect::Dialect::Esp && source.from_metadata_server()
+                    }) {
+                        Some(r) => {
+                            Box::pin(crate::trace::fetch_identity_token(r, source.get(audience)))
+                                .await
+                        }
+                        None => Box::pin(source.get(audience)).await,
+                    },
                 },
                 None => Err(crate::backend_auth::unavailable()),
             };
@@ -444,6 +468,9 @@ impl Pipeline {
                 }
             };
             r.start_backend(name, &mut parts.headers);
+        } else if let (Some(id), Some(t)) = (ctx.unsampled_trace, &st.tracer) {
+            // ESPv2's router span of an untraced request: a new span ID, the flag off.
+            t.write_outgoing(&id, crate::trace::new_span_id(), false, &mut parts.headers);
         }
         // 5. forward; 6. respond and 7. report follow from the backend's answer.
         // Calls a gRPC backend cannot take as they came are rewritten (`transcode.rs`); boxed,

@@ -140,6 +140,7 @@ impl Pipeline {
             referer: h.get(header::REFERER).cloned(),
             cors_origin,
             trace: None,
+            unsampled_trace: None,
         };
 
         // nginx refuses an over-long request or header line before anything else runs.
@@ -393,6 +394,18 @@ impl Pipeline {
                 crate::dialect::Dialect::EspV2 => (SystemTime::now(), 0, t.root_id),
             })
         });
+        // ESPv2 sends the request's context on the `:check`, traced or not.
+        let check_context = match (&ctx.trace, ctx.unsampled_trace, &self.state.tracer) {
+            (Some(t), _, _) if t.dialect() == crate::dialect::Dialect::EspV2 => {
+                Some(t.check_context())
+            }
+            (None, Some(id), Some(tracer)) => Some(crate::trace::CheckContext {
+                tracer,
+                trace_id: id,
+                sampled: false,
+            }),
+            _ => None,
+        };
         let checked = if let Some(key) = api_key {
             let input = CheckInput {
                 service_name: &config.service.name,
@@ -413,6 +426,7 @@ impl Pipeline {
                         recorder: t,
                         parent: c.2,
                     }),
+                context: check_context,
             };
             let outcome = control.check(input).await;
             report.api_key_state = ApiKeyState::after_check(&outcome);

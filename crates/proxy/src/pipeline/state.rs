@@ -64,6 +64,8 @@ pub(super) struct Ctx {
     pub(super) content_type_grpc: bool,
     /// The request's spans when it is traced ([`crate::trace`]); `None` (no allocation) when not.
     pub(super) trace: Option<Arc<crate::trace::Recorder>>,
+    /// ESPv2's untraced request: its trace ID (reports name it, outgoing headers carry it).
+    pub(super) unsampled_trace: Option<[u8; 16]>,
     /// `Content-Type: application/grpc-web*`: ESPv2 answers its own refusals of these as
     /// plain HTTP errors (its auth filters run before the gRPC-Web one).
     pub(super) grpc_web: bool,

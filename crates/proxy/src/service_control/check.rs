@@ -507,7 +507,13 @@ impl Inner {
         }
     }
 
-    pub(super) async fn remote_check(&self, service: &str, request: &CheckRequest) -> Verdict {
+    /// `context`: the request's trace context (ESPv2), written on each attempt.
+    pub(super) async fn remote_check(
+        &self,
+        service: &str,
+        request: &CheckRequest,
+        context: Option<&crate::trace::CallTrace>,
+    ) -> Verdict {
         let result: Result<CheckResponse, _> = self
             .transport
             .call(
@@ -517,6 +523,7 @@ impl Inner {
                 request,
                 self.opts.check_timeout,
                 self.opts.check_retries,
+                context,
             )
             .await;
         match result {
@@ -594,6 +601,7 @@ mod tests {
             android_cert: None,
             ios_bundle: None,
             trace: None,
+            context: None,
         };
         let key = |f: &dyn Fn(&mut CheckInput<'static>)| {
             let mut i = base.clone();

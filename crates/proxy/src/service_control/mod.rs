@@ -274,6 +274,8 @@ pub struct CheckInput<'a> {
     pub ios_bundle: Option<&'a str>,
     /// A traced request: where the remote call on a cache miss records its span.
     pub trace: Option<crate::trace::RemoteCall<'a>>,
+    /// ESPv2: the request's trace context, written on the remote `:check`.
+    pub context: Option<crate::trace::CheckContext<'a>>,
 }
 
 /// A request the check allowed.
@@ -585,7 +587,8 @@ impl ServiceControl {
                 let bg = self.inner.clone();
                 let service = input.service_name.to_string();
                 self.runtime.spawn(async move {
-                    let verdict = bg.remote_check(&service, &request).await;
+                    // A refresh is no request's call: no context (as Envoy's flush transport).
+                    let verdict = bg.remote_check(&service, &request, None).await;
                     bg.complete_check(&key, &verdict);
                 });
                 return Ok(ok);
@@ -596,20 +599,25 @@ impl ServiceControl {
             None => {}
         }
         inner.stats.send_checks_in_flight.inc();
+        // ESPv2: each attempt's span is the parent of the context headers it carries, and is
+        // recorded when traced.
         let traced = input.trace.map(|t| (t, std::time::SystemTime::now()));
+        let context = input.context.map(|c| c.call());
+        let call = context.clone();
         // The remote check runs in its own task so that a client hanging up (which drops this
         // future) cannot leave a cache entry marked "being re-checked" forever.
         let request = inner.check_request(&input);
         let bg = self.inner.clone();
         let service = input.service_name.to_string();
         let task = self.runtime.spawn(async move {
-            let verdict = bg.remote_check(&service, &request).await;
+            let verdict = bg.remote_check(&service, &request, call.as_deref()).await;
             bg.complete_check(&key, &verdict);
             verdict.outcome
         });
         let joined = task.await;
         if let Some((t, start)) = traced {
-            t.record(start);
+            let attempts = context.map(|c| c.attempts()).unwrap_or_default();
+            t.record(start, &attempts);
         }
         match joined {
             Ok(outcome) => outcome,

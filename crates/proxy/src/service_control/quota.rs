@@ -380,6 +380,8 @@ pub(super) async fn send_allocation(inner: Arc<Inner>, alloc: Allocation) {
             &request,
             inner.opts.quota_timeout,
             inner.opts.quota_retries,
+            // Envoy sends quota calls with no span: no trace context.
+            None,
         )
         .await;
     let verdict = match result {

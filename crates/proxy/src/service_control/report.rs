@@ -1239,6 +1239,8 @@ impl Inner {
                     payload,
                     self.opts.report_timeout,
                     self.opts.report_retries,
+                    // Envoy sends reports with no span: no trace context.
+                    None,
                 )
                 .await;
             match result {

@@ -152,7 +152,10 @@ impl Transport {
         self.tokens.authorization(&audience).await.map(|_| ())
     }
 
-    /// `method` is `check`, `report` or `allocateQuota`; `audience_suffix` picks the token.
+    /// `method` is `check`, `report` or `allocateQuota`; `audience_suffix` picks the token;
+    /// `context` (a request's trace, on ESPv2's `:check`) writes each attempt's context headers
+    /// and keeps its times.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         service: &str,
@@ -161,14 +164,24 @@ impl Transport {
         body: &Req,
         timeout: Duration,
         retries: u32,
+        context: Option<&crate::trace::CallTrace>,
     ) -> Result<Resp, Failure> {
         let payload =
             serde_json::to_vec(body).map_err(|e| Failure::Invalid(format!("encode: {e}")))?;
-        self.call_encoded(service, method, audience_suffix, payload, timeout, retries)
-            .await
+        self.call_encoded(
+            service,
+            method,
+            audience_suffix,
+            payload,
+            timeout,
+            retries,
+            context,
+        )
+        .await
     }
 
     /// As [`Transport::call`], with the JSON body already encoded.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn call_encoded<Resp: DeserializeOwned>(
         &self,
         service: &str,
@@ -177,6 +190,7 @@ impl Transport {
         payload: Vec<u8>,
         timeout: Duration,
         retries: u32,
+        context: Option<&crate::trace::CallTrace>,
     ) -> Result<Resp, Failure> {
         let url = format!(
             "{}/v1/services/{}:{}",
@@ -203,22 +217,33 @@ impl Transport {
             if let Some(auth) = auth {
                 req = req.header(http::header::AUTHORIZATION, auth);
             }
-            let outcome = match req.send().await {
+            let mut traced = None;
+            if let Some(c) = context {
+                let mut h = http::HeaderMap::new();
+                traced = Some((c, c.begin(&mut h)));
+                req = req.headers(h);
+            }
+            let answer = match req.send().await {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
-                    match resp.bytes().await {
-                        Ok(bytes) if status == 200 => {
-                            return serde_json::from_slice(&bytes)
-                                .map_err(|e| Failure::Invalid(e.to_string()));
-                        }
-                        Ok(bytes) => {
-                            return Err(Failure::Http {
-                                status,
-                                body: String::from_utf8_lossy(&bytes).into_owned(),
-                            })
-                        }
-                        Err(e) => Failure::Network(network_failure(&e), error_chain(&e)),
-                    }
+                    resp.bytes().await.map(|b| (status, b))
+                }
+                Err(e) => Err(e),
+            };
+            // The attempt's span ends with its answer (ESPv2's span per attempt).
+            if let Some((c, a)) = traced {
+                c.end(a);
+            }
+            let outcome = match answer {
+                Ok((200, bytes)) => {
+                    return serde_json::from_slice(&bytes)
+                        .map_err(|e| Failure::Invalid(e.to_string()));
+                }
+                Ok((status, bytes)) => {
+                    return Err(Failure::Http {
+                        status,
+                        body: String::from_utf8_lossy(&bytes).into_owned(),
+                    })
                 }
                 Err(e) => Failure::Network(network_failure(&e), error_chain(&e)),
             };

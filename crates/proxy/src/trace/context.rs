@@ -52,6 +52,9 @@ pub struct Parent<'a> {
     pub format: Format,
     /// ESP's `X-Cloud-Trace-Context` options text after the first `;`, sent back as is.
     pub options: Option<&'a str>,
+    /// ESP's `X-Cloud-Trace-Context` trace ID as sent, case kept: ESP forwards and exports the
+    /// text it was given (opencensus, in ESPv2, keeps bytes and writes lower case).
+    pub trace_text: Option<&'a str>,
 }
 
 /// Longest header value looked at: every valid one is far shorter (`grpc-trace-bin` with a few
@@ -126,28 +129,36 @@ pub fn parse_cloud_trace_esp(v: &str) -> Option<Parent<'_>> {
         None => (ids, 0),
     };
     let trace_id = hex_trace_id(trace, false)?;
-    let mut sampled = false;
-    if let Some(o) = options {
-        for item in o.split(';') {
-            if let Some(n) = item.strip_prefix("o=") {
-                let n: u8 = match n {
-                    "0" => 0,
-                    "1" => 1,
-                    "2" => 2,
-                    "3" => 3,
-                    _ => return None,
-                };
-                sampled = n & 1 == 1;
-            }
-        }
-    }
+    // The first `o=` item decides; the others are not looked at.
+    let sampled = match options.and_then(|o| o.split(';').find_map(|i| i.strip_prefix("o="))) {
+        Some(n) => esp_option_value(n)? & 1 == 1,
+        None => false,
+    };
     Some(Parent {
         trace_id,
         span_id: span,
         sampled,
         format: Format::CloudTrace,
         options,
+        trace_text: Some(trace),
     })
+}
+
+/// ESP reads the `o=` value with a C++ stream into an int: leading white space and a sign are
+/// accepted, then digits to the end; 0 to 3 only.
+fn esp_option_value(n: &str) -> Option<u8> {
+    let n = n.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
+    let (negative, digits) = match n.as_bytes().first() {
+        Some(b'-') => (true, &n[1..]),
+        Some(b'+') => (false, &n[1..]),
+        _ => (false, n),
+    };
+    if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let v: i64 = digits.parse().ok()?;
+    let v = if negative { -v } else { v };
+    u8::try_from(v).ok().filter(|v| *v <= 3)
 }
 
 /// ESPv2 (opencensus-cpp): `TRACE_ID/SPAN_ID;o=N`, the span required and non-zero, the
@@ -170,6 +181,7 @@ pub fn parse_cloud_trace_espv2(v: &str) -> Option<Parent<'_>> {
         sampled: n & 1 == 1,
         format: Format::CloudTrace,
         options: None,
+        trace_text: None,
     })
 }
 
@@ -195,6 +207,7 @@ pub fn parse_traceparent(v: &str) -> Option<Parent<'_>> {
         sampled: flags & 1 == 1,
         format: Format::TraceParent,
         options: None,
+        trace_text: None,
     })
 }
 
@@ -239,6 +252,7 @@ pub fn parse_grpc_trace_bin(v: &[u8], dialect: Dialect) -> Option<Parent<'static
         sampled,
         format: Format::GrpcTraceBin,
         options: None,
+        trace_text: None,
     })
 }
 
@@ -262,40 +276,81 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// An outgoing header value with `span_id` (the Backend span) as the parent.
+/// What an outgoing context header carries: the trace, the parent span (the Backend / egress
+/// span, or ESPv2's `:check` call span) and whether the trace is sampled.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    pub trace_id: &'a [u8; 16],
+    /// ESP: the client's trace ID text (case kept) for `X-Cloud-Trace-Context`.
+    pub trace_text: Option<&'a str>,
+    pub span_id: u64,
+    /// ESPv2 writes untraced requests' context too, with the flag off; ESP writes only
+    /// traced requests'.
+    pub sampled: bool,
+    /// ESP's incoming `X-Cloud-Trace-Context` options text.
+    pub esp_options: Option<&'a str>,
+}
+
+/// An outgoing header value.
 ///
 /// * ESP: `TRACE/<span, decimal>;<incoming options>` (`o=1` when ESP started the trace), or
 ///   padded base64 for `grpc-trace-bin` with the sampled bit only for options `o=1`.
-/// * ESPv2: `TRACE/<span>;o=1`, `00-TRACE-SPAN-01`, or unpadded base64.
-pub fn outgoing_value(
-    format: Format,
-    dialect: Dialect,
-    trace_id: &[u8; 16],
-    span_id: u64,
-    esp_options: Option<&str>,
-) -> Option<HeaderValue> {
-    let s = match format {
+/// * ESPv2: `TRACE/<span>;o=1` (`o=0`), `00-TRACE-SPAN-01` (`-00`), or unpadded base64, the
+///   flag from `sampled`.
+///
+/// Written into a stack buffer: the header value is the one allocation.
+pub fn outgoing_value(format: Format, dialect: Dialect, out: &Outgoing<'_>) -> Option<HeaderValue> {
+    use std::io::Write as _;
+    // ESP's options are at most MAX_VALUE long; everything else is short.
+    let mut buf = [0u8; 2 * MAX_VALUE];
+    let mut trace_hex = [0u8; 32];
+    hex_into(out.trace_id, &mut trace_hex);
+    let trace_hex = match (dialect, out.trace_text) {
+        (Dialect::Esp, Some(t)) => t,
+        _ => std::str::from_utf8(&trace_hex).ok()?,
+    };
+    let span_id = out.span_id;
+    let written = |w: std::io::Cursor<&mut [u8]>| usize::try_from(w.position()).ok();
+    let n = match format {
         Format::CloudTrace => {
             let options = match dialect {
-                Dialect::Esp => esp_options.unwrap_or("o=1"),
-                Dialect::EspV2 => "o=1",
+                Dialect::Esp => out.esp_options.unwrap_or("o=1"),
+                Dialect::EspV2 if out.sampled => "o=1",
+                Dialect::EspV2 => "o=0",
             };
-            format!("{}/{span_id};{options}", hex(trace_id))
+            let mut w = std::io::Cursor::new(&mut buf[..]);
+            write!(w, "{trace_hex}/{span_id};{options}").ok()?;
+            written(w)?
         }
-        Format::TraceParent => format!("00-{}-{span_id:016x}-01", hex(trace_id)),
+        Format::TraceParent => {
+            let flags = if out.sampled { "01" } else { "00" };
+            let mut w = std::io::Cursor::new(&mut buf[..]);
+            write!(w, "00-{trace_hex}-{span_id:016x}-{flags}").ok()?;
+            written(w)?
+        }
         Format::GrpcTraceBin => {
             let sampled = match dialect {
-                Dialect::Esp => esp_options.is_none_or(|o| o == "o=1"),
-                Dialect::EspV2 => true,
+                Dialect::Esp => out.esp_options.is_none_or(|o| o == "o=1"),
+                Dialect::EspV2 => out.sampled,
             };
-            let b = grpc_trace_bin_bytes(trace_id, span_id, sampled);
-            match dialect {
-                Dialect::Esp => base64::engine::general_purpose::STANDARD.encode(b),
-                Dialect::EspV2 => base64::engine::general_purpose::STANDARD_NO_PAD.encode(b),
-            }
+            let b = grpc_trace_bin_bytes(out.trace_id, span_id, sampled);
+            let engine = match dialect {
+                Dialect::Esp => &base64::engine::general_purpose::STANDARD,
+                Dialect::EspV2 => &base64::engine::general_purpose::STANDARD_NO_PAD,
+            };
+            engine.encode_slice(b, &mut buf).ok()?
         }
     };
-    HeaderValue::from_str(&s).ok()
+    HeaderValue::from_bytes(buf.get(..n)?).ok()
+}
+
+/// Lower-case hex of `bytes` into `out` (twice as long).
+fn hex_into(bytes: &[u8; 16], out: &mut [u8; 32]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in bytes.iter().enumerate() {
+        out[2 * i] = DIGITS[usize::from(b >> 4)];
+        out[2 * i + 1] = DIGITS[usize::from(b & 15)];
+    }
 }
 
 #[cfg(test)]
@@ -344,6 +399,33 @@ mod tests {
             let got = parse_cloud_trace_espv2(&v).map(|p| (p.span_id, p.sampled));
             assert_eq!(got, *v2, "ESPv2 {input}");
         }
+        // The first `o=` decides, read as ESP's C++ stream reads an int.
+        for (opts, sampled) in [
+            ("o=1;o=0", Some(true)),
+            ("o=0;o=1", Some(false)),
+            ("o=1;o=x", Some(true)),
+            ("x=1;o= 1", Some(true)),
+            ("o=+1", Some(true)),
+            ("o=01", Some(true)),
+            ("o=-0", Some(false)),
+            ("o=-1", None),
+            ("o=1 ", None),
+            ("o=x;o=1", None),
+        ] {
+            let v = format!("{T}/1;{opts}");
+            assert_eq!(
+                parse_cloud_trace_esp(&v).map(|p| p.sampled),
+                sampled,
+                "{opts}"
+            );
+        }
+        // ESP keeps the trace ID as sent; ESPv2 keeps only its bytes.
+        let v = format!("{T}/1;o=1");
+        assert_eq!(
+            parse_cloud_trace_esp(&v).and_then(|p| p.trace_text),
+            Some(T)
+        );
+        assert_eq!(parse_cloud_trace_espv2(&v).and_then(|p| p.trace_text), None);
         // Huge values are not parsed.
         let long = format!("{T}/1;o=1;{}", "x".repeat(4096));
         assert!(parse_cloud_trace_esp(&long).is_none());
@@ -463,11 +545,19 @@ mod tests {
     #[test]
     fn outgoing_values() {
         let t = tid();
-        let v = |f, d, o| {
-            outgoing_value(f, d, &t, 0x1234, o)
+        let vs = |f, d, o, sampled| {
+            let out = Outgoing {
+                trace_id: &t,
+                trace_text: None,
+                span_id: 0x1234,
+                sampled,
+                esp_options: o,
+            };
+            outgoing_value(f, d, &out)
                 .map(|v| v.to_str().unwrap_or_default().to_string())
                 .unwrap_or_default()
         };
+        let v = |f, d, o| vs(f, d, o, true);
         let up = T.to_ascii_lowercase();
         assert_eq!(
             v(Format::CloudTrace, Dialect::Esp, Some("o=1;x")),
@@ -493,6 +583,43 @@ mod tests {
             let p = parse_grpc_trace_bin(s.as_bytes(), Dialect::EspV2).expect("round trip");
             assert_eq!((p.trace_id, p.span_id, p.sampled), (t, 0x1234, true));
         }
+        // ESP writes the client's trace ID text back, upper-case hex and all; ESPv2 and ESP's
+        // binary header write the bytes.
+        let kept = Outgoing {
+            trace_id: &t,
+            trace_text: Some(T),
+            span_id: 0x1234,
+            sampled: true,
+            esp_options: Some("o=1"),
+        };
+        let text = |f, d| {
+            outgoing_value(f, d, &kept)
+                .map(|v| v.to_str().unwrap_or_default().to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            text(Format::CloudTrace, Dialect::Esp),
+            format!("{T}/4660;o=1")
+        );
+        assert_eq!(
+            text(Format::CloudTrace, Dialect::EspV2),
+            format!("{up}/4660;o=1")
+        );
+        // ESPv2's untraced requests: the flag off in each format.
+        assert_eq!(
+            vs(Format::CloudTrace, Dialect::EspV2, None, false),
+            format!("{up}/4660;o=0")
+        );
+        assert_eq!(
+            vs(Format::TraceParent, Dialect::EspV2, None, false),
+            format!("00-{up}-0000000000001234-00")
+        );
+        let off = vs(Format::GrpcTraceBin, Dialect::EspV2, None, false);
+        let p = parse_grpc_trace_bin(off.as_bytes(), Dialect::EspV2).expect("round trip");
+        assert_eq!((p.trace_id, p.span_id, p.sampled), (t, 0x1234, false));
+        // The longest ESP options text still fits.
+        let long = format!("o=1;{}", "x".repeat(MAX_VALUE - 37));
+        assert!(vs(Format::CloudTrace, Dialect::Esp, Some(&long), true).ends_with(&long));
         // ESP: the sampled bit only for options exactly `o=1`.
         let off = v(Format::GrpcTraceBin, Dialect::Esp, Some("o=3"));
         assert!(

@@ -307,7 +307,8 @@ pub fn encode_v1(project: &str, traces: &[FinishedTrace]) -> serde_json::Value {
         .map(|t| {
             serde_json::json!({
                 "projectId": project,
-                "traceId": super::context::hex(&t.trace_id),
+                // ESP exports the client's trace ID text as it came (case kept).
+                "traceId": t.trace_text.clone().unwrap_or_else(|| super::context::hex(&t.trace_id)),
                 "spans": t.spans.iter().map(v1_span).collect::<Vec<_>>(),
             })
         })
@@ -500,6 +501,7 @@ mod tests {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         FinishedTrace {
             trace_id: [0xab; 16],
+            trace_text: None,
             spans: vec![
                 SpanRecord {
                     id: 7,
@@ -535,6 +537,22 @@ mod tests {
         assert_eq!(t["spans"][1]["parentSpanId"], "7");
         assert_eq!(t["spans"][1]["name"].as_str().map(str::len), Some(127));
         assert_eq!(t["spans"][0]["startTime"], "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn v1_body_keeps_the_clients_trace_id_text() {
+        let mut t = trace();
+        t.trace_text = Some("ABABABABABABABABABABABABABABABAB".into());
+        let v = encode_v1("p", &[t.clone()]);
+        assert_eq!(
+            v["traces"][0]["traceId"],
+            "ABABABABABABABABABABABABABABABAB"
+        );
+        // v2 names are built from the bytes, in lower case (ESPv2 keeps no text).
+        let v = encode_v2("p", &[t]);
+        assert!(v["spans"][0]["name"]
+            .as_str()
+            .is_some_and(|n| n.contains(&"ab".repeat(16))));
     }
 
     #[test]

@@ -108,6 +108,8 @@ pub enum Kind {
 #[derive(Debug, Clone)]
 pub struct FinishedTrace {
     pub trace_id: [u8; 16],
+    /// ESP: the client's `X-Cloud-Trace-Context` trace ID text, exported as sent.
+    pub trace_text: Option<String>,
     /// In export order (ESP: root first; ESPv2: children first).
     pub spans: Vec<SpanRecord>,
 }
@@ -119,6 +121,16 @@ pub enum Decision {
     Header,
     /// The sampler picked it.
     Sampled,
+}
+
+/// What [`Tracer::begin`] decided for a request.
+#[derive(Debug)]
+pub enum Started {
+    /// No trace at all (ESP's untraced requests, `--disable_tracing`).
+    Off,
+    /// ESPv2, not sampled: the trace ID its report names and its outgoing headers carry.
+    Unsampled([u8; 16]),
+    Traced(Arc<Recorder>),
 }
 
 /// ESP v1's sampler: a rate limiter, not a probability (reference §1.2). Lock-free: one
@@ -241,58 +253,129 @@ impl Tracer {
         headers: &'h HeaderMap,
         now: Instant,
     ) -> Option<(Decision, Option<Parent<'h>>)> {
+        self.decide_inner(headers, now).ok()
+    }
+
+    /// `Ok`: traced; `Err`: not, with the (unsampled) parent ESPv2 read, if any.
+    fn decide_inner<'h>(
+        &self,
+        headers: &'h HeaderMap,
+        now: Instant,
+    ) -> Result<(Decision, Option<Parent<'h>>), Option<Parent<'h>>> {
         if self.settings.disabled {
-            return None;
+            return Err(None);
         }
         match self.dialect {
             Dialect::Esp => {
                 let parent = context::incoming_esp(headers);
                 if let Some(p) = parent.filter(|p| p.sampled) {
                     self.sampler.reset(now);
-                    return Some((Decision::Header, Some(p)));
+                    return Ok((Decision::Header, Some(p)));
                 }
                 // `o=0` does not opt out; the sampler may still pick the request, with a new
                 // trace ID (the header is not joined).
-                self.sampler
-                    .sample(now)
-                    .then_some((Decision::Sampled, None))
+                if self.sampler.sample(now) {
+                    Ok((Decision::Sampled, None))
+                } else {
+                    Err(None)
+                }
             }
             Dialect::EspV2 => {
                 let parent = context::incoming_espv2(headers, &self.settings.incoming);
                 if parent.is_some_and(|p| p.sampled) {
-                    return Some((Decision::Header, parent));
+                    return Ok((Decision::Header, parent));
                 }
                 // An unsampled parent may still be picked at the rate, and joined.
                 let rate = self.settings.sample_rate;
-                (rate > 0.0 && rand::random::<f64>() < rate).then_some((Decision::Sampled, parent))
+                if rate > 0.0 && rand::random::<f64>() < rate {
+                    Ok((Decision::Sampled, parent))
+                } else {
+                    Err(parent)
+                }
             }
         }
     }
 
     /// Starts recording a request when [`Tracer::decide`] says so.
     pub fn start(self: &Arc<Self>, headers: &HeaderMap) -> Option<Arc<Recorder>> {
+        match self.begin(headers) {
+            Started::Traced(r) => Some(r),
+            Started::Unsampled(_) | Started::Off => None,
+        }
+    }
+
+    /// A request's trace: recorded when traced; under ESPv2 an untraced request still has a
+    /// trace ID (the incoming context's, else a new one), as Envoy's OpenCensus driver gives
+    /// every request a span, sampled or not: reports name it and the outgoing context headers
+    /// carry it with the sampled flag off. Only `Traced` allocates.
+    pub fn begin(self: &Arc<Self>, headers: &HeaderMap) -> Started {
         let now = Instant::now();
-        let (decision, parent) = self.decide(headers, now)?;
-        let (trace_id, parent_span, options, format) = match parent {
+        let (decision, parent) = match self.decide_inner(headers, now) {
+            Ok(d) => d,
+            Err(parent) => {
+                return match self.dialect {
+                    Dialect::EspV2 if !self.settings.disabled => {
+                        Started::Unsampled(parent.map(|p| p.trace_id).unwrap_or_else(new_trace_id))
+                    }
+                    _ => Started::Off,
+                };
+            }
+        };
+        let (trace_id, parent_span, options, format, trace_text) = match parent {
             Some(p) => (
                 p.trace_id,
                 p.span_id,
                 p.options.map(str::to_string),
                 Some(p.format),
+                p.trace_text
+                    .filter(|_| self.dialect == Dialect::Esp)
+                    .map(str::to_string),
             ),
-            None => (new_trace_id(), 0, None, None),
+            None => (new_trace_id(), 0, None, None, None),
         };
         let _ = decision;
-        Some(Arc::new(Recorder {
+        Started::Traced(Arc::new(Recorder {
             tracer: self.clone(),
             trace_id,
             root_id: new_span_id(),
             root_parent: parent_span,
             incoming: format,
             esp_options: options,
+            trace_text,
             start: SystemTime::now(),
             inner: Mutex::new(Inner::default()),
         }))
+    }
+
+    /// `projects/P/traces/T` for ESPv2's report (`None` for ESP, whose reports carry no trace,
+    /// or without a tracing project).
+    pub fn trace_name(&self, trace_id: &[u8; 16]) -> Option<String> {
+        let p = &self.report_project;
+        (self.dialect == Dialect::EspV2 && !p.is_empty())
+            .then(|| format!("projects/{p}/traces/{}", context::hex(trace_id)))
+    }
+
+    /// ESPv2's `--tracing_outgoing_context` headers with `span_id` as the parent, replacing any
+    /// client copy. One allocation per header written (its value).
+    pub fn write_outgoing(
+        &self,
+        trace_id: &[u8; 16],
+        span_id: u64,
+        sampled: bool,
+        headers: &mut HeaderMap,
+    ) {
+        let out = context::Outgoing {
+            trace_id,
+            trace_text: None,
+            span_id,
+            sampled,
+            esp_options: None,
+        };
+        for f in &self.settings.outgoing {
+            if let Some(v) = context::outgoing_value(*f, self.dialect, &out) {
+                headers.insert(f.header(), v);
+            }
+        }
     }
 
     fn submit(&self, trace: FinishedTrace) {
@@ -321,6 +404,8 @@ pub struct Recorder {
     /// The header the context came in (ESP answers in the same one).
     incoming: Option<Format>,
     esp_options: Option<String>,
+    /// ESP: the client's trace ID text (case kept), forwarded and exported as sent.
+    trace_text: Option<String>,
     start: SystemTime,
     inner: Mutex<Inner>,
 }
@@ -347,9 +432,16 @@ impl Recorder {
     /// `projects/P/traces/T` for ESPv2's report (`None` for ESP, whose reports carry no trace,
     /// or without a tracing project).
     pub fn trace_name(&self) -> Option<String> {
-        let p = &self.tracer.report_project;
-        (self.tracer.dialect == Dialect::EspV2 && !p.is_empty())
-            .then(|| format!("projects/{p}/traces/{}", context::hex(&self.trace_id)))
+        self.tracer.trace_name(&self.trace_id)
+    }
+
+    /// ESPv2's context for the request's Service Control `:check`.
+    pub fn check_context(&self) -> CheckContext<'_> {
+        CheckContext {
+            tracer: &self.tracer,
+            trace_id: self.trace_id,
+            sampled: true,
+        }
     }
 
     /// The root span's name, once the operation is known.
@@ -405,14 +497,15 @@ impl Recorder {
             },
             Dialect::EspV2 => &self.tracer.settings.outgoing,
         };
+        let out = context::Outgoing {
+            trace_id: &self.trace_id,
+            trace_text: self.trace_text.as_deref(),
+            span_id: id,
+            sampled: true,
+            esp_options: self.esp_options.as_deref(),
+        };
         for f in formats {
-            if let Some(v) = context::outgoing_value(
-                *f,
-                dialect,
-                &self.trace_id,
-                id,
-                self.esp_options.as_deref(),
-            ) {
+            if let Some(v) = context::outgoing_value(*f, dialect, &out) {
                 headers.insert(f.header(), v);
             }
         }
@@ -522,6 +615,7 @@ impl Recorder {
         };
         FinishedTrace {
             trace_id: self.trace_id,
+            trace_text: self.trace_text.clone(),
             spans,
         }
     }
@@ -537,20 +631,149 @@ pub struct RemoteCall<'a> {
 }
 
 impl RemoteCall<'_> {
-    pub fn record(&self, start: SystemTime) {
-        let name = match self.recorder.dialect() {
-            Dialect::Esp => "Call ServiceControl server",
-            Dialect::EspV2 => "Service Control remote call: Check",
-        };
-        self.recorder.span(
-            new_span_id(),
-            name,
-            self.parent,
-            start,
-            SystemTime::now(),
-            Kind::Client,
-        );
+    /// Records the call: one span per attempt for ESPv2 (the retries `... - Retry N`, each the
+    /// parent of the context its attempt carried), one span for the whole call for ESP.
+    pub fn record(&self, start: SystemTime, attempts: &[(u64, SystemTime, SystemTime)]) {
+        match self.recorder.dialect() {
+            Dialect::Esp => {
+                self.recorder.span(
+                    new_span_id(),
+                    "Call ServiceControl server",
+                    self.parent,
+                    start,
+                    SystemTime::now(),
+                    Kind::Client,
+                );
+            }
+            Dialect::EspV2 => {
+                for (n, (id, start, end)) in attempts.iter().enumerate() {
+                    let name: Cow<'static, str> = match n {
+                        0 => Cow::Borrowed("Service Control remote call: Check"),
+                        n => Cow::Owned(format!("Service Control remote call: Check - Retry {n}")),
+                    };
+                    self.recorder
+                        .span(*id, name, self.parent, *start, *end, Kind::Client);
+                }
+            }
+        }
     }
+}
+
+/// ESPv2 writes the request's context on its Service Control `:check` (a cache miss; not on
+/// quota or report calls, nor on cache refreshes, which Envoy sends with no span), traced or
+/// not, each attempt with its own span as the parent.
+#[derive(Clone, Copy)]
+pub struct CheckContext<'a> {
+    pub tracer: &'a Arc<Tracer>,
+    pub trace_id: [u8; 16],
+    pub sampled: bool,
+}
+
+impl std::fmt::Debug for CheckContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckContext")
+            .field("trace_id", &context::hex(&self.trace_id))
+            .field("sampled", &self.sampled)
+            .finish()
+    }
+}
+
+impl CheckContext<'_> {
+    /// What the call's task needs (it outlives no borrow).
+    pub fn call(&self) -> Arc<CallTrace> {
+        Arc::new(CallTrace {
+            tracer: self.tracer.clone(),
+            trace_id: self.trace_id,
+            sampled: self.sampled,
+            attempts: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+/// One Service Control call's trace context: each attempt (ESPv2 starts a span per attempt,
+/// retries named `... - Retry N`) gets a new span ID, the parent of the headers it carries, and
+/// its times are kept for the request to record once the call is over.
+pub struct CallTrace {
+    tracer: Arc<Tracer>,
+    trace_id: [u8; 16],
+    sampled: bool,
+    /// Each attempt's span ID, start and end.
+    attempts: Mutex<Vec<(u64, SystemTime, SystemTime)>>,
+}
+
+impl std::fmt::Debug for CallTrace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallTrace")
+            .field("trace_id", &context::hex(&self.trace_id))
+            .finish_non_exhaustive()
+    }
+}
+
+/// An attempt under way: its span and start.
+#[derive(Debug)]
+pub struct Attempt {
+    span_id: u64,
+    start: SystemTime,
+}
+
+impl CallTrace {
+    /// Starts an attempt: its context headers, written into `headers`.
+    pub fn begin(&self, headers: &mut HeaderMap) -> Attempt {
+        let span_id = new_span_id();
+        self.tracer
+            .write_outgoing(&self.trace_id, span_id, self.sampled, headers);
+        Attempt {
+            span_id,
+            start: SystemTime::now(),
+        }
+    }
+
+    pub fn end(&self, a: Attempt) {
+        if let Ok(mut v) = self.attempts.lock() {
+            v.push((a.span_id, a.start, SystemTime::now()));
+        }
+    }
+
+    /// The attempts so far: span ID, start, end.
+    pub fn attempts(&self) -> Vec<(u64, SystemTime, SystemTime)> {
+        self.attempts.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+/// ESP's `FetchAccessToken` (the first step of its check workflow): a traced request that finds
+/// the metadata server's access token missing or due fetches it before anything else, under
+/// this span, a child of the root. The outcome is not acted on here: it is cached, and the
+/// Service Control call that needs the token uses it (or its failure) as before.
+pub async fn fetch_access_token(r: &Recorder, tokens: &crate::outbound_auth::MetadataTokens) {
+    let start = SystemTime::now();
+    let _ = tokens.authorization().await;
+    r.span(
+        new_span_id(),
+        "FetchAccessToken",
+        r.root_id,
+        start,
+        SystemTime::now(),
+        Kind::Client,
+    );
+}
+
+/// ESP's `FetchIdentityToken`: a backend ID token fetched from the metadata server on a traced
+/// request's path, a child of the root.
+pub async fn fetch_identity_token<T>(
+    r: &Recorder,
+    fetch: impl std::future::Future<Output = T>,
+) -> T {
+    let start = SystemTime::now();
+    let out = fetch.await;
+    r.span(
+        new_span_id(),
+        "FetchIdentityToken",
+        r.root_id,
+        start,
+        SystemTime::now(),
+        Kind::Client,
+    );
+    out
 }
 
 tokio::task_local! {
