@@ -931,3 +931,170 @@ fn streams_metadata_and_reports(
     seen.lock().unwrap().reports.clear();
     seen.lock().unwrap().checks.clear();
 }
+
+// ---------------------------------------------------------------------------------------------
+// ESP v1's intermediate reports for long streams.
+
+fn has_label(op: &Value, label: &str) -> bool {
+    op["labels"].get(label).is_some()
+}
+
+fn int_metric(op: &Value, name: &str) -> Option<i64> {
+    metric(op, name).map(|v| {
+        v["int64Value"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .or_else(|| v["int64Value"].as_i64())
+            .unwrap_or_else(|| panic!("{name} is not an int64: {v}"))
+    })
+}
+
+/// `portico esp` with `intermediate_report_min_interval: 1` (from `--server_config_template`,
+/// as ESP's grpc_long_streaming.t sets it): a bidi stream of about 3 s is reported while it
+/// runs — the first intermediate report with `request_count`, each with the bytes moved since
+/// the last, none with a response code or a log entry — then once more at its end without
+/// `request_count`; a short stream gets one report; the stream's messages arrive paced by the
+/// backend, not held for the reports.
+#[test]
+fn esp_reports_long_streams_in_parts() {
+    let test = "esp_reports_long_streams_in_parts";
+    let Some(python) = grpc_python(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let seen: Shared = Arc::new(Mutex::new(Seen::default()));
+    let sc = peer::start(&rt, service_control(seen.clone()));
+    // No call here needs a JWT: the JWKS address is never fetched.
+    let unused_jwks: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let config = dir.path().join("service.json");
+    std::fs::write(&config, service_config(unused_jwks).to_string()).expect("config");
+    let template = dir.path().join("server_config.pb.txt");
+    std::fs::write(
+        &template,
+        "service_control_config {\n  report_aggregator_config {\n    cache_entries: 0\n  }\n  intermediate_report_min_interval: 1\n}\n",
+    )
+    .expect("server config");
+    let (books, books_port) = bookstore(dir.path(), "bookstore", None);
+    let (p, port) = proxy(
+        Dialect::Esp,
+        dir.path(),
+        "esp-long-streams",
+        &config,
+        &format!("grpc://127.0.0.1:{books_port}"),
+        sc,
+        &[format!("--server_config_template={}", template.display())],
+    );
+    let log = || format!("proxy:\n{}\nbookstore:\n{}", p.log(), books.log());
+
+    // Short first: its report must be whole, with nothing after it.
+    let short = call("StreamBooks", ListBooksRequest { shelf: 100 })
+        .key()
+        .shape("server");
+    // 8 echoes, the backend pausing 400 ms after each: about 3.2 s.
+    let mut long = call("EchoBooks", book(0, ""))
+        .key()
+        .shape("bidi")
+        .meta("x-bookstore-stream-delay-ms", "400");
+    long.requests = (1..=8).map(|i| book(i, "long").encode_to_vec()).collect();
+    let got = run_calls(python, port, &[short, long]);
+    for o in &got {
+        assert_eq!(o.code, 0, "{o:?}\n{}", log());
+    }
+    let long = &got[1];
+    assert_eq!(long.responses.len(), 8, "{long:?}");
+    // Each message arrives as the backend sends it, one about every 400 ms, none held back
+    // while a report is made.
+    assert!(long.times[0] < 0.8, "{long:?}");
+    for w in long.times.windows(2) {
+        assert!(w[1] - w[0] < 0.9, "a message was held back: {long:?}");
+    }
+    assert!(long.end > 2.8, "{long:?}");
+
+    // The final report is the one with a response code.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ops = loop {
+        let ops = wait_ops(&seen, "EchoBooks", 1, &log);
+        if ops.iter().any(|o| has_label(o, "/response_code")) {
+            break ops;
+        }
+        assert!(Instant::now() < deadline, "no final report: {ops:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (finals, parts): (Vec<&Value>, Vec<&Value>) =
+        ops.iter().partition(|o| has_label(o, "/response_code"));
+    assert_eq!(finals.len(), 1, "{ops:?}");
+    assert!(!parts.is_empty(), "no intermediate report: {ops:?}");
+    let fin = finals[0];
+    let m = |side: &str, name: &str| format!("serviceruntime.googleapis.com/api/{side}/{name}");
+    for side in ["producer", "consumer"] {
+        // request_count once, in the first intermediate report.
+        let counts: i64 = parts
+            .iter()
+            .filter_map(|o| int_metric(o, &m(side, "request_count")))
+            .sum();
+        assert_eq!(counts, 1, "{side}: {parts:?}");
+        assert_eq!(int_metric(fin, &m(side, "request_count")), None, "{fin}");
+        for o in &parts {
+            assert_eq!(o["labels"]["/protocol"], "grpc", "{o}");
+            assert_eq!(
+                o["labels"]["/credential_id"],
+                format!("apikey:{KEY}"),
+                "{o}"
+            );
+            for label in ["/response_code_class", "/status_code", "/error_type"] {
+                assert!(!has_label(o, label), "{label} in {o}");
+            }
+            assert!(
+                o["logEntries"].as_array().is_none_or(|e| e.is_empty()),
+                "{o}"
+            );
+            for name in [
+                "request_sizes",
+                "response_sizes",
+                "total_latencies",
+                "streaming_durations",
+                "streaming_response_message_counts",
+                "error_count",
+            ] {
+                assert!(metric(o, &m(side, name)).is_none(), "{name} in {o}");
+            }
+        }
+        // Bytes moved while the stream ran, then the rest in the final report: together the
+        // call's response size.
+        let streamed: i64 = parts
+            .iter()
+            .filter_map(|o| int_metric(o, &m(side, "response_bytes")))
+            .sum();
+        assert!(streamed > 0, "{side}: {parts:?}");
+        let rest = int_metric(fin, &m(side, "response_bytes")).expect("final response_bytes");
+        assert!(rest > 0, "{fin}");
+        let size = metric(fin, &m(side, "response_sizes")).expect("response_sizes")
+            ["distributionValue"]["mean"]
+            .as_f64()
+            .expect("mean");
+        assert_eq!((streamed + rest) as f64, size, "{side}: {parts:?}\n{fin}");
+        let d = &metric(fin, &m(side, "streaming_response_message_counts"))
+            .expect("message counts")["distributionValue"];
+        assert_eq!(d["maximum"].as_f64(), Some(8.0), "{fin}");
+    }
+    assert_eq!(fin["labels"]["/response_code"], "200", "{fin}");
+    assert_eq!(fin["labels"]["/response_code_class"], "2xx", "{fin}");
+    assert_eq!(fin["logEntries"].as_array().map(Vec::len), Some(1), "{fin}");
+
+    // The short stream: one whole report.
+    let short = wait_ops(&seen, "StreamBooks", 1, &log);
+    assert_eq!(short.len(), 1, "{short:?}");
+    assert_eq!(short[0]["labels"]["/response_code"], "200", "{short:?}");
+    assert_eq!(
+        int_metric(
+            &short[0],
+            "serviceruntime.googleapis.com/api/producer/request_count"
+        ),
+        Some(1)
+    );
+}

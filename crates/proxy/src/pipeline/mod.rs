@@ -43,6 +43,7 @@ mod body;
 mod errors;
 mod phases;
 mod state;
+mod stream_report;
 mod transcode;
 
 pub use body::{AbortGuard, ProxyBody};

@@ -79,6 +79,17 @@ pub(super) struct ConnFacts {
 }
 
 impl Ctx {
+    /// The report's `/protocol`: what the client speaks.
+    pub(super) fn frontend_protocol(&self) -> &'static str {
+        if self.content_type_grpc {
+            "grpc"
+        } else if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// What the operator's header rules read about this request ([`crate::header_rules`]).
     pub(super) fn rule_facts(&self) -> crate::header_rules::Facts {
         let (peer, local) = match &self.conn_facts {
@@ -114,6 +125,8 @@ pub(super) struct ReportInfo {
     pub(super) auth: Option<AuthInfo>,
     pub(super) request_headers: Vec<(String, String)>,
     pub(super) response_headers: Vec<(String, String)>,
+    /// A long gRPC stream's intermediate reports (ESP v1), once it is forwarded.
+    pub(super) stream: Option<Arc<super::stream_report::StreamReporter>>,
 }
 
 impl Pipeline {
@@ -134,6 +147,7 @@ impl Pipeline {
             auth: None,
             request_headers: logged_headers(&self.state.settings.log_request_headers, headers),
             response_headers: Vec::new(),
+            stream: None,
         }
     }
 }

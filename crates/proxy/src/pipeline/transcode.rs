@@ -260,6 +260,8 @@ impl Pipeline {
             };
         let mut writer = call.response();
         drop(call);
+        let mut report = report;
+        super::stream_report::StreamReporter::start(self, &mut report, ctx, true);
         let sent_at = Instant::now();
         let sent = forwarder.send_within(req, deadline).await;
         let resp = match sent {
@@ -469,6 +471,8 @@ impl Pipeline {
             Ok(r) => r,
             Err(e) => return fail(e, report),
         };
+        let mut report = report;
+        super::stream_report::StreamReporter::start(self, &mut report, ctx, true);
         let sent_at = Instant::now();
         let resp = match forwarder.send_within(req, deadline).await {
             Ok(r) => r,
