@@ -308,6 +308,12 @@ fn example_dir() -> PathBuf {
 /// The stored service config for the Bookstore with keys on every method, a JWT on
 /// ListShelves and a 1 s backend deadline.
 fn service_config(jwks: SocketAddr) -> Value {
+    service_config_with_backend(jwks, None)
+}
+
+/// [`service_config`] whose backend rule also names an address.
+fn service_config_with_backend(jwks: SocketAddr, address: Option<&str>) -> Value {
+    let address = address.map_or(String::new(), |a| format!("\n    address: {a}"));
     let mut c = protox::Compiler::new([example_dir()]).expect("compiler");
     c.include_imports(true).include_source_info(true);
     c.open_files(["bookstore.proto"]).expect("compile");
@@ -322,7 +328,7 @@ apis:
 backend:
   rules:
   - selector: '*'
-    deadline: 1
+    deadline: 1{address}
 authentication:
   providers:
   - id: e2e
@@ -1097,4 +1103,94 @@ fn esp_reports_long_streams_in_parts() {
         ),
         Some(1)
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// `grpcs://` in backend rules.
+
+/// A backend rule whose address is `grpcs://`: ESPv2 calls it over TLS (ALPN h2) with the
+/// trust `--backend=grpcs://` has, an untrusted certificate failing the call with status 14
+/// and nothing sent in clear; ESP v1 does not use rule addresses for gRPC (start_esp's
+/// `grpc_pass ... override`), so `portico esp` calls `--backend`.
+#[test]
+fn grpcs_backend_rules() {
+    let test = "grpcs_backend_rules";
+    let Some(python) = grpc_python(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let seen: Shared = Arc::new(Mutex::new(Seen::default()));
+    let sc = peer::start(&rt, service_control(seen.clone()));
+    let unused_jwks: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let cert = dir.path().join("books.crt");
+    let key = dir.path().join("books.key");
+    std::fs::write(&cert, ck.cert.pem()).expect("cert file");
+    std::fs::write(&key, ck.key_pair.serialize_pem()).expect("key file");
+    let (tls_books, tls_port) = bookstore(dir.path(), "bookstore-tls", Some((&cert, &key)));
+    let config = dir.path().join("service.json");
+    std::fs::write(
+        &config,
+        service_config_with_backend(unused_jwks, Some(&format!("grpcs://localhost:{tls_port}")))
+            .to_string(),
+    )
+    .expect("config");
+    // Nothing listens at --backend: an answer can only come from the rule's address.
+    let nowhere = format!("grpc://127.0.0.1:{}", free_port());
+    let calls = [
+        call("GetShelf", GetShelfRequest { shelf: 200 }).key(),
+        call("GetShelf", GetShelfRequest { shelf: -1 }).key(),
+    ];
+    let (p, port) = proxy(
+        Dialect::Espv2,
+        dir.path(),
+        "espv2-rule-grpcs",
+        &config,
+        &nowhere,
+        sc,
+        &[format!(
+            "--ssl_backend_client_root_certs_file={}",
+            cert.display()
+        )],
+    );
+    let got = run_calls(python, port, &calls);
+    assert_eq!(got[0].code, 0, "{:?}\n{}", got[0], p.log());
+    assert_eq!(shelf(&got[0]).theme, "Classic");
+    assert_eq!(
+        (got[1].code, got[1].details.as_str()),
+        (5, "Unable to find shelf -1")
+    );
+    // Without trust in the certificate: 14.
+    let (untrusting, port2) = proxy(
+        Dialect::Espv2,
+        dir.path(),
+        "espv2-rule-grpcs-untrusted",
+        &config,
+        &nowhere,
+        sc,
+        &[],
+    );
+    let got = run_calls(python, port2, &calls[..1]);
+    assert_eq!(got[0].code, 14, "{:?}\n{}", got[0], untrusting.log());
+
+    // ESP v1: the rule's address is not used for gRPC; --backend answers.
+    let (books, books_port) = bookstore(dir.path(), "bookstore", None);
+    let (esp, port3) = proxy(
+        Dialect::Esp,
+        dir.path(),
+        "esp-rule-grpcs",
+        &config,
+        &format!("grpc://127.0.0.1:{books_port}"),
+        sc,
+        &[format!("--backend_ca_cert_path={}", cert.display())],
+    );
+    let got = run_calls(python, port3, &calls[..1]);
+    assert_eq!(got[0].code, 0, "{:?}\n{}", got[0], esp.log());
+    assert_eq!(shelf(&got[0]).theme, "Classic");
+    drop((p, untrusting, esp, books, tls_books));
 }
