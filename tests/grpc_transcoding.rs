@@ -799,6 +799,51 @@ fn transcoding_and_grpc_web_cases() {
         r.headers,
         esp.log()
     );
+    // ESP v1 knows gRPC-Web only in its binary forms (`grpc.cc` IsGrpcWeb): binary is
+    // served as under ESPv2; a `grpc-web-text` call is an HTTP call to it, transcoded from JSON,
+    // and its base64 body is no JSON: 400 with a JSON error, not a gRPC-Web answer.
+    let mut framed = vec![0u8];
+    let msg = get_shelf_request(200);
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    let r = curl(
+        esp_port,
+        "POST",
+        &format!("/{PKG}/GetShelf?key=api-key"),
+        Some(&framed),
+        &["content-type: application/grpc-web+proto", "x-grpc-web: 1"],
+        false,
+    );
+    assert_eq!(
+        (r.status, r.header("content-type")),
+        (200, Some("application/grpc-web+proto")),
+        "{}",
+        esp.log()
+    );
+    for ct in [
+        "application/grpc-web-text",
+        "application/grpc-web-text+proto",
+        "Application/GRPC-Web-Text; charset=utf-8",
+    ] {
+        let r = curl(
+            esp_port,
+            "POST",
+            &format!("/{PKG}/GetShelf?key=api-key"),
+            Some(&web_text_request(&get_shelf_request(200))),
+            &[&format!("content-type: {ct}"), "x-grpc-web: 1"],
+            false,
+        );
+        let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        assert_eq!(
+            (r.status, r.header("content-type"), &body["code"]),
+            (400, Some("application/json"), &json!(3)),
+            "{ct}: {:?} {}\n{}",
+            r.headers,
+            String::from_utf8_lossy(&r.body),
+            esp.log()
+        );
+        assert!(r.header("grpc-status").is_none(), "{ct}: {:?}", r.headers);
+    }
     drop(esp);
 
     // 21: the printing flags, on a second proxy.
