@@ -556,16 +556,17 @@ fn rows(good_token: &str, wrong_aud_token: &str) -> Vec<Row> {
 
 #[test]
 fn grpc_through_both_dialects() {
-    let test = "grpc_through_both_dialects";
-    let Some(python) = grpc_python(test) else {
+    let Some(Harness {
+        python,
+        dir,
+        rt,
+        seen,
+        sc,
+        ..
+    }) = harness("grpc_through_both_dialects")
+    else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
     let signer = signer();
     let jwks_doc = json!({"keys": [signer.jwk.clone()]}).to_string();
     let jwks = peer::start(
@@ -575,8 +576,6 @@ fn grpc_through_both_dialects() {
             _ => Action::Respond(404, "{}".into()),
         }),
     );
-    let seen: Shared = Arc::new(Mutex::new(Seen::default()));
-    let sc = peer::start(&rt, service_control(seen.clone()));
     let config = dir.path().join("service.json");
     std::fs::write(&config, service_config(jwks).to_string()).expect("config");
     let (books, books_port) = bookstore(dir.path(), "bookstore", None);
@@ -616,56 +615,50 @@ fn grpc_through_both_dialects() {
     }
 
     // grpcs://: the Bookstore on TLS with a certificate made now, trusted by the proxy.
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
-    let cert = dir.path().join("books.crt");
-    let key = dir.path().join("books.key");
-    std::fs::write(&cert, ck.cert.pem()).expect("cert file");
-    std::fs::write(&key, ck.key_pair.serialize_pem()).expect("key file");
+    let (cert, key) = localhost_cert(dir.path());
     let (tls_books, tls_port) = bookstore(dir.path(), "bookstore-tls", Some((&cert, &key)));
-    let (p, port) = proxy(
-        Dialect::Espv2,
+    espv2_over_tls(
+        python,
         dir.path(),
         "espv2-grpcs",
         &config,
         &format!("grpcs://localhost:{tls_port}"),
         sc,
-        &[format!(
-            "--ssl_backend_client_root_certs_file={}",
-            cert.display()
-        )],
+        &cert,
     );
-    let got = run_calls(
-        python,
-        port,
-        &[
-            call("GetShelf", GetShelfRequest { shelf: 200 }).key(),
-            call("GetShelf", GetShelfRequest { shelf: -1 }).key(),
-        ],
-    );
+    drop(tls_books);
+    drop(books);
+}
+
+/// `portico espv2` trusting `cert` answers GetShelf from the TLS Bookstore (a shelf, then
+/// NotFound passed through); one without that trust fails the call with 14, never sending it
+/// in plain text.
+fn espv2_over_tls(
+    python: &str,
+    dir: &Path,
+    name: &str,
+    config: &Path,
+    backend: &str,
+    sc: SocketAddr,
+    cert: &Path,
+) {
+    let calls = [
+        call("GetShelf", GetShelfRequest { shelf: 200 }).key(),
+        call("GetShelf", GetShelfRequest { shelf: -1 }).key(),
+    ];
+    let trust = format!("--ssl_backend_client_root_certs_file={}", cert.display());
+    let (p, port) = proxy(Dialect::Espv2, dir, name, config, backend, sc, &[trust]);
+    let got = run_calls(python, port, &calls);
     assert_eq!(got[0].code, 0, "{:?}\n{}", got[0], p.log());
     assert_eq!(shelf(&got[0]).theme, "Classic");
     assert_eq!(
         (got[1].code, got[1].details.as_str()),
         (5, "Unable to find shelf -1")
     );
-    // The same backend without trust in its certificate: refused, never sent in plain text.
-    let (untrusting, port2) = proxy(
-        Dialect::Espv2,
-        dir.path(),
-        "espv2-grpcs-untrusted",
-        &config,
-        &format!("grpcs://localhost:{tls_port}"),
-        sc,
-        &[],
-    );
-    let got = run_calls(
-        python,
-        port2,
-        &[call("GetShelf", GetShelfRequest { shelf: 200 }).key()],
-    );
+    let untrusted = format!("{name}-untrusted");
+    let (untrusting, port2) = proxy(Dialect::Espv2, dir, &untrusted, config, backend, sc, &[]);
+    let got = run_calls(python, port2, &calls[..1]);
     assert_eq!(got[0].code, 14, "{:?}\n{}", got[0], untrusting.log());
-    drop((p, untrusting, tls_books));
-    drop(books);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -939,6 +932,51 @@ fn streams_metadata_and_reports(
 }
 
 // ---------------------------------------------------------------------------------------------
+// What the tests below share.
+
+/// A test's client, directory and Service Control double.
+struct Harness {
+    python: &'static str,
+    dir: tempfile::TempDir,
+    /// Runs the doubles; kept alive for the test.
+    rt: tokio::runtime::Runtime,
+    seen: Shared,
+    sc: SocketAddr,
+    /// For configs whose calls need no JWT: nothing listens there.
+    unused_jwks: SocketAddr,
+}
+
+/// `None` after a loud skip when grpcio is absent.
+fn harness(test: &str) -> Option<Harness> {
+    let python = grpc_python(test)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let seen: Shared = Arc::new(Mutex::new(Seen::default()));
+    let sc = peer::start(&rt, service_control(seen.clone()));
+    Some(Harness {
+        python,
+        dir: tempfile::tempdir().expect("tempdir"),
+        rt,
+        seen,
+        sc,
+        unused_jwks: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+    })
+}
+
+/// A self-signed certificate for `localhost`, made now: (certificate, key) files.
+fn localhost_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let cert = dir.join("books.crt");
+    let key = dir.join("books.key");
+    std::fs::write(&cert, ck.cert.pem()).expect("cert file");
+    std::fs::write(&key, ck.key_pair.serialize_pem()).expect("key file");
+    (cert, key)
+}
+
+// ---------------------------------------------------------------------------------------------
 // ESP v1's intermediate reports for long streams.
 
 fn has_label(op: &Value, label: &str) -> bool {
@@ -963,20 +1001,17 @@ fn int_metric(op: &Value, name: &str) -> Option<i64> {
 /// backend, not held for the reports.
 #[test]
 fn esp_reports_long_streams_in_parts() {
-    let test = "esp_reports_long_streams_in_parts";
-    let Some(python) = grpc_python(test) else {
+    let Some(Harness {
+        python,
+        dir,
+        rt: _rt,
+        seen,
+        sc,
+        unused_jwks,
+    }) = harness("esp_reports_long_streams_in_parts")
+    else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let seen: Shared = Arc::new(Mutex::new(Seen::default()));
-    let sc = peer::start(&rt, service_control(seen.clone()));
-    // No call here needs a JWT: the JWKS address is never fetched.
-    let unused_jwks: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let config = dir.path().join("service.json");
     std::fs::write(&config, service_config(unused_jwks).to_string()).expect("config");
     let template = dir.path().join("server_config.pb.txt");
@@ -1109,29 +1144,23 @@ fn esp_reports_long_streams_in_parts() {
 // `grpcs://` in backend rules.
 
 /// A backend rule whose address is `grpcs://`: ESPv2 calls it over TLS (ALPN h2) with the
-/// trust `--backend=grpcs://` has, an untrusted certificate failing the call with status 14
-/// and nothing sent in clear; ESP v1 does not use rule addresses for gRPC (start_esp's
+/// trust `--backend=grpcs://` has, an untrusted certificate failing the call with status 14;
+/// ESP v1 does not use rule addresses for gRPC (start_esp's
 /// `grpc_pass ... override`), so `portico esp` calls `--backend`.
 #[test]
 fn grpcs_backend_rules() {
-    let test = "grpcs_backend_rules";
-    let Some(python) = grpc_python(test) else {
+    let Some(Harness {
+        python,
+        dir,
+        rt: _rt,
+        sc,
+        unused_jwks,
+        ..
+    }) = harness("grpcs_backend_rules")
+    else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let seen: Shared = Arc::new(Mutex::new(Seen::default()));
-    let sc = peer::start(&rt, service_control(seen.clone()));
-    let unused_jwks: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
-    let cert = dir.path().join("books.crt");
-    let key = dir.path().join("books.key");
-    std::fs::write(&cert, ck.cert.pem()).expect("cert file");
-    std::fs::write(&key, ck.key_pair.serialize_pem()).expect("key file");
+    let (cert, key) = localhost_cert(dir.path());
     let (tls_books, tls_port) = bookstore(dir.path(), "bookstore-tls", Some((&cert, &key)));
     let config = dir.path().join("service.json");
     std::fs::write(
@@ -1142,41 +1171,15 @@ fn grpcs_backend_rules() {
     .expect("config");
     // Nothing listens at --backend: an answer can only come from the rule's address.
     let nowhere = format!("grpc://127.0.0.1:{}", free_port());
-    let calls = [
-        call("GetShelf", GetShelfRequest { shelf: 200 }).key(),
-        call("GetShelf", GetShelfRequest { shelf: -1 }).key(),
-    ];
-    let (p, port) = proxy(
-        Dialect::Espv2,
+    espv2_over_tls(
+        python,
         dir.path(),
         "espv2-rule-grpcs",
         &config,
         &nowhere,
         sc,
-        &[format!(
-            "--ssl_backend_client_root_certs_file={}",
-            cert.display()
-        )],
+        &cert,
     );
-    let got = run_calls(python, port, &calls);
-    assert_eq!(got[0].code, 0, "{:?}\n{}", got[0], p.log());
-    assert_eq!(shelf(&got[0]).theme, "Classic");
-    assert_eq!(
-        (got[1].code, got[1].details.as_str()),
-        (5, "Unable to find shelf -1")
-    );
-    // Without trust in the certificate: 14.
-    let (untrusting, port2) = proxy(
-        Dialect::Espv2,
-        dir.path(),
-        "espv2-rule-grpcs-untrusted",
-        &config,
-        &nowhere,
-        sc,
-        &[],
-    );
-    let got = run_calls(python, port2, &calls[..1]);
-    assert_eq!(got[0].code, 14, "{:?}\n{}", got[0], untrusting.log());
 
     // ESP v1: the rule's address is not used for gRPC; --backend answers.
     let (books, books_port) = bookstore(dir.path(), "bookstore", None);
@@ -1189,8 +1192,12 @@ fn grpcs_backend_rules() {
         sc,
         &[format!("--backend_ca_cert_path={}", cert.display())],
     );
-    let got = run_calls(python, port3, &calls[..1]);
+    let got = run_calls(
+        python,
+        port3,
+        &[call("GetShelf", GetShelfRequest { shelf: 200 }).key()],
+    );
     assert_eq!(got[0].code, 0, "{:?}\n{}", got[0], esp.log());
     assert_eq!(shelf(&got[0]).theme, "Classic");
-    drop((p, untrusting, esp, books, tls_books));
+    drop((esp, books, tls_books));
 }
