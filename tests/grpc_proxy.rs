@@ -1192,12 +1192,25 @@ fn grpcs_backend_rules() {
         sc,
         &[format!("--backend_ca_cert_path={}", cert.display())],
     );
+    // Nor does ESP v1 add nginx's forwarding headers for a gRPC backend: start_esp sets them
+    // only in its proxy_pass locations, not with grpc_pass.
+    let forwarding = ["x-forwarded-for", "x-real-ip", "x-google-real-ip"];
     let got = run_calls(
         python,
         port3,
-        &[call("GetShelf", GetShelfRequest { shelf: 200 }).key()],
+        &[call("GetShelf", GetShelfRequest { shelf: 200 })
+            .key()
+            .meta("x-bookstore-echo-metadata", &forwarding.join(", "))],
     );
     assert_eq!(got[0].code, 0, "{:?}\n{}", got[0], esp.log());
     assert_eq!(shelf(&got[0]).theme, "Classic");
+    assert!(
+        !got[0]
+            .initial
+            .iter()
+            .any(|(k, _)| forwarding.contains(&k.as_str())),
+        "{:?}",
+        got[0].initial
+    );
     drop((esp, books, tls_books));
 }

@@ -154,7 +154,13 @@ impl Pipeline {
             ),
             Some(_) => forward::XffAppend::Nothing,
         };
-        forward::set_forwarding_headers_with(&mut parts.headers, ctx.client_ip, xff, host);
+        if settings.dialect.forwards_grpc_untouched(&settings.backend) {
+            if let Some(h) = host {
+                parts.headers.insert(header::HOST, h);
+            }
+        } else {
+            forward::set_forwarding_headers_with(&mut parts.headers, ctx.client_ip, xff, host);
+        }
         if websocket {
             parts
                 .headers

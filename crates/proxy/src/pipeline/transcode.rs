@@ -162,12 +162,18 @@ impl Pipeline {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert("grpc-accept-encoding", HeaderValue::from_static("identity"));
         let host = routed.map(|r| r.target.host.clone());
-        forward::set_forwarding_headers_with(
-            h,
-            ctx.client_ip,
-            forward::XffAppend::Address(ctx.client_ip),
-            host,
-        );
+        if settings.dialect.forwards_grpc_untouched(&settings.backend) {
+            if let Some(host) = host {
+                h.insert(header::HOST, host);
+            }
+        } else {
+            forward::set_forwarding_headers_with(
+                h,
+                ctx.client_ip,
+                forward::XffAppend::Address(ctx.client_ip),
+                host,
+            );
+        }
         if !settings.request_headers_to_add.is_empty() {
             crate::header_rules::apply_to_request(
                 &settings.request_headers_to_add,
