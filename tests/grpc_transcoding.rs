@@ -846,6 +846,111 @@ fn transcoding_and_grpc_web_cases() {
     }
     drop(esp);
 
+    // ESP v1 reports a long transcoded server stream in parts too (its transcoded calls go
+    // through the same gRPC call as pass-through ones): with a 1 s interval, a stream the
+    // Bookstore paces at 1.3 s after each of its two books gets intermediate reports while it
+    // runs, then the final one.
+    let template = dir.path().join("server_config.pb.txt");
+    std::fs::write(
+        &template,
+        "service_control_config { intermediate_report_min_interval: 1 }\n",
+    )
+    .expect("server config");
+    let esp_port = free_port();
+    let mut esp = Proc::spawn(
+        &[
+            "esp".to_string(),
+            format!("--http_port={esp_port}"),
+            format!("--status_port={}", free_port()),
+            format!("--service_json_path={}", config.display()),
+            format!("--backend=grpc://127.0.0.1:{bport}"),
+            "--non_gcp".to_string(),
+            format!("--service_account_key={}", key.display()),
+            format!("--service_control_url_override=http://{sc}"),
+            format!("--server_config_template={}", template.display()),
+        ],
+        &dir.path().join("esp-long.log"),
+    );
+    esp.wait_for_port(esp_port, "portico esp");
+    // A shelf of its own with two books: the Bookstore pauses between them.
+    let r = curl(
+        esp_port,
+        "POST",
+        "/v1/shelves?key=api-key",
+        Some(br#"{"theme":"long"}"#),
+        &[],
+        false,
+    );
+    let created: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+    let shelf = created["id"].as_str().unwrap_or_else(|| {
+        panic!(
+            "{} {}\n{}",
+            r.status,
+            String::from_utf8_lossy(&r.body),
+            esp.log()
+        )
+    });
+    for id in [1, 2] {
+        let r = curl(
+            esp_port,
+            "POST",
+            &format!("/v1/shelves/{shelf}/books?key=api-key"),
+            Some(format!(r#"{{"id":{id},"title":"t{id}"}}"#).as_bytes()),
+            &[],
+            false,
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    // Only this call's reports from here on (earlier parts reported StreamBooks too).
+    std::thread::sleep(Duration::from_millis(1500));
+    seen.lock().unwrap().operations.clear();
+    let r = curl(
+        esp_port,
+        "POST",
+        &format!("/{PKG}/StreamBooks?key=api-key"),
+        Some(format!(r#"{{"shelf":"{shelf}"}}"#).as_bytes()),
+        &["x-bookstore-stream-delay-ms: 1300"],
+        false,
+    );
+    assert_eq!(r.status, 200, "{}", esp.log());
+    let selector = format!("{PKG}.StreamBooks");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (parts, finals) = loop {
+        let ops: Vec<Value> = seen
+            .lock()
+            .unwrap()
+            .operations
+            .iter()
+            .filter(|o| o["operationName"] == selector.as_str())
+            .filter(|o| o["labels"]["/protocol"] == "http")
+            .cloned()
+            .collect();
+        let (finals, parts): (Vec<Value>, Vec<Value>) = ops
+            .into_iter()
+            .partition(|o| o["labels"].get("/response_code").is_some());
+        if !finals.is_empty() {
+            break (parts, finals);
+        }
+        assert!(Instant::now() < deadline, "no final report\n{}", esp.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let count = |o: &Value| {
+        o["metricValueSets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["metricName"] == "serviceruntime.googleapis.com/api/producer/request_count")
+            .map(|m| m["metricValues"][0]["int64Value"].clone())
+    };
+    // The first intermediate report counts the call; later ones (if the aggregator did not
+    // merge them) do not.
+    assert!(!parts.is_empty(), "{finals:?}");
+    let counted: Vec<Value> = parts.iter().filter_map(count).collect();
+    assert_eq!(counted, [json!("1")], "{parts:?}");
+    assert_eq!(finals.len(), 1, "{finals:?}");
+    assert_eq!(count(&finals[0]), None, "{finals:?}");
+    drop(esp);
+
     // 21: the printing flags, on a second proxy.
     let (flagged, fport) = start_proxy(
         dir.path(),
