@@ -51,38 +51,17 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 BOOKS=$(free_port); SC=$(free_port); PROXY=$(free_port); STATUS=$(free_port)
 PKG=endpoints.examples.bookstore.Bookstore
 
-# Service Control stub.
-mkdir -p "$DIR/nginx/logs"
-cat > "$DIR/nginx/nginx.conf" <<EOF
-worker_processes 1;
-pid $DIR/nginx/nginx.pid;
-error_log $DIR/nginx/logs/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $DIR/nginx/body; proxy_temp_path $DIR/nginx/proxy;
-  fastcgi_temp_path $DIR/nginx/fcgi; uwsgi_temp_path $DIR/nginx/uwsgi; scgi_temp_path $DIR/nginx/scgi;
-  server { listen 127.0.0.1:$SC; location / { default_type application/json; return 200 "{}"; } }
-}
-EOF
-nginx -p "$DIR/nginx" -c "$DIR/nginx/nginx.conf" -g 'daemon off;' &
-PIDS+=($!)
+# Service Control stub, service config, request body.
+source "$ROOT/bench/grpc_setup.sh"
+grpc_setup
 
 "$PORTICO" bookstore --port "$BOOKS" >"$DIR/bookstore.log" 2>&1 &
 PIDS+=($!)
 
-cat > "$DIR/service.json" <<EOF
-{"name": "bench-grpc.example.com", "id": "bench-1",
- "apis": [{"name": "$PKG", "methods": [{"name": "GetShelf"}]}],
- "usage": {"rules": [{"selector": "$PKG.GetShelf", "allowUnregisteredCalls": true}]},
- "control": {"environment": "http://127.0.0.1:$SC"}}
-EOF
 "$PORTICO" esp --service_json_path="$DIR/service.json" --http2_port="$PROXY" --status_port="$STATUS" \
     --backend="grpc://127.0.0.1:$BOOKS" --access_log=off >"$DIR/proxy.log" 2>&1 &
 PIDS+=($!)
 
-# GetShelfRequest{shelf: 100}, framed: flag 0, length 2, field 1 varint 100.
-printf '\x00\x00\x00\x00\x02\x08\x64' > "$DIR/body.bin"
 
 # One call; fails unless the answer is HTTP 200, gRPC, status 0 and the Kids shelf.
 check() {

@@ -24,27 +24,8 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 BOOKS=$(free_port); SC=$(free_port); PROXY=$(free_port); STATUS=$(free_port)
 PKG=endpoints.examples.bookstore.Bookstore
-mkdir -p "$DIR/nginx/logs"
-cat > "$DIR/nginx/nginx.conf" <<NG
-worker_processes 1;
-pid $DIR/nginx/nginx.pid;
-error_log $DIR/nginx/logs/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $DIR/nginx/body; proxy_temp_path $DIR/nginx/proxy;
-  fastcgi_temp_path $DIR/nginx/fcgi; uwsgi_temp_path $DIR/nginx/uwsgi; scgi_temp_path $DIR/nginx/scgi;
-  server { listen 127.0.0.1:$SC; location / { default_type application/json; return 200 "{}"; } }
-}
-NG
-nginx -p "$DIR/nginx" -c "$DIR/nginx/nginx.conf" -g 'daemon off;' & PIDS+=($!)
-cat > "$DIR/service.json" <<JS
-{"name": "bench-grpc.example.com", "id": "bench-1",
- "apis": [{"name": "$PKG", "methods": [{"name": "GetShelf"}]}],
- "usage": {"rules": [{"selector": "$PKG.GetShelf", "allowUnregisteredCalls": true}]},
- "control": {"environment": "http://127.0.0.1:$SC"}}
-JS
-printf '\x00\x00\x00\x00\x02\x08\x64' > "$DIR/body.bin"
+source "$(dirname "$0")/grpc_setup.sh"
+grpc_setup
 load() { h2load -n "$1" -c 4 -m 10 -t 1 -d "$DIR/body.bin" -H 'content-type: application/grpc' -H 'te: trailers' "http://127.0.0.1:$2/$PKG/GetShelf" | grep -E "requests:|status codes"; }
 wait_port() { for _ in $(seq 1 600); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 measure() { # name port pid

@@ -110,6 +110,7 @@ fn start_bookstore(dir: &Path) -> (Proc, u16) {
     }
 }
 
+/// `portico espv2` in front of the Bookstore.
 fn start_proxy(
     dir: &Path,
     name: &str,
@@ -120,16 +121,54 @@ fn start_proxy(
     extra: &[&str],
 ) -> (Proc, u16) {
     let port = free_port();
-    let mut args = vec![
+    let head = [
         "espv2".to_string(),
         format!("--listener_port={port}"),
+        format!("--service_control_url=http://{sc}"),
+        "--service_control_check_retries=0".to_string(),
+    ];
+    launch(dir, name, port, &head, config, backend, key, extra)
+}
+
+/// `portico esp` over HTTP/1.1 in front of the Bookstore.
+fn start_esp(
+    dir: &Path,
+    name: &str,
+    config: &Path,
+    backend: u16,
+    sc: std::net::SocketAddr,
+    key: &Path,
+    extra: &[&str],
+) -> (Proc, u16) {
+    let port = free_port();
+    let head = [
+        "esp".to_string(),
+        format!("--http_port={port}"),
+        format!("--status_port={}", free_port()),
+        format!("--service_control_url_override=http://{sc}"),
+    ];
+    launch(dir, name, port, &head, config, backend, key, extra)
+}
+
+/// A proxy: its dialect's own flags (`head`), then the config, the Bookstore and the key.
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    dir: &Path,
+    name: &str,
+    port: u16,
+    head: &[String],
+    config: &Path,
+    backend: u16,
+    key: &Path,
+    extra: &[&str],
+) -> (Proc, u16) {
+    let mut args = head.to_vec();
+    args.extend([
         format!("--service_json_path={}", config.display()),
         format!("--backend=grpc://127.0.0.1:{backend}"),
         "--non_gcp".to_string(),
         format!("--service_account_key={}", key.display()),
-        format!("--service_control_url=http://{sc}"),
-        "--service_control_check_retries=0".to_string(),
-    ];
+    ]);
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut p = Proc::spawn(&args, &dir.join(format!("{name}.log")));
     p.wait_for_port(port, name);
@@ -765,21 +804,7 @@ fn transcoding_and_grpc_web_cases() {
     // ESP v1 (`portico esp`): the same transcoding, and the query key copied into `x-api-key`
     // metadata for the gRPC backend (the Bookstore echoes it back as initial metadata, which
     // reaches the client as a header).
-    let esp_port = free_port();
-    let mut esp = Proc::spawn(
-        &[
-            "esp".to_string(),
-            format!("--http_port={esp_port}"),
-            format!("--status_port={}", free_port()),
-            format!("--service_json_path={}", config.display()),
-            format!("--backend=grpc://127.0.0.1:{bport}"),
-            "--non_gcp".to_string(),
-            format!("--service_account_key={}", key.display()),
-            format!("--service_control_url_override=http://{sc}"),
-        ],
-        &dir.path().join("esp.log"),
-    );
-    esp.wait_for_port(esp_port, "portico esp");
+    let (esp, esp_port) = start_esp(dir.path(), "esp", &config, bport, sc, &key, &[]);
     let r = curl(
         esp_port,
         "GET",
@@ -856,22 +881,15 @@ fn transcoding_and_grpc_web_cases() {
         "service_control_config { intermediate_report_min_interval: 1 }\n",
     )
     .expect("server config");
-    let esp_port = free_port();
-    let mut esp = Proc::spawn(
-        &[
-            "esp".to_string(),
-            format!("--http_port={esp_port}"),
-            format!("--status_port={}", free_port()),
-            format!("--service_json_path={}", config.display()),
-            format!("--backend=grpc://127.0.0.1:{bport}"),
-            "--non_gcp".to_string(),
-            format!("--service_account_key={}", key.display()),
-            format!("--service_control_url_override=http://{sc}"),
-            format!("--server_config_template={}", template.display()),
-        ],
-        &dir.path().join("esp-long.log"),
+    let (esp, esp_port) = start_esp(
+        dir.path(),
+        "esp-long",
+        &config,
+        bport,
+        sc,
+        &key,
+        &[&format!("--server_config_template={}", template.display())],
     );
-    esp.wait_for_port(esp_port, "portico esp");
     // A shelf of its own with two books: the Bookstore pauses between them.
     let r = curl(
         esp_port,

@@ -771,11 +771,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool, keep_te_trailers:
         // Every gRPC call carries `te: trailers` and nothing else of these: settled here
         // without the removals below.
         (Some(n), None) if n == header::TE => {
-            let te_is_trailers = h
-                .get(header::TE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.trim().eq_ignore_ascii_case("trailers"));
-            if !(keep_te_trailers && te_is_trailers) {
+            if !(keep_te_trailers && te_is_trailers(h)) {
                 h.remove(header::TE);
             }
             return;
@@ -804,13 +800,16 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool, keep_te_trailers:
     if !keep_upgrade {
         h.remove(header::UPGRADE);
     }
-    let te_is_trailers = h
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("trailers"));
-    if !(keep_te_trailers && te_is_trailers) {
+    if !(keep_te_trailers && te_is_trailers(h)) {
         h.remove(header::TE);
     }
+}
+
+/// `TE: trailers`, the one `TE` a gRPC call may pass on.
+fn te_is_trailers(h: &HeaderMap) -> bool {
+    h.get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("trailers"))
 }
 
 /// nginx's `$host`: the Host header (or the h2 `:authority`) without port, lower-cased.
