@@ -845,6 +845,63 @@ fn transcoding_and_grpc_web_cases() {
         "{}",
         esp.log()
     );
+    // ESP v1's own refusal of a gRPC-Web call is plain HTTP with its JSON error: its error
+    // filter speaks gRPC only to `application/grpc[+proto]` (error.cc, IsGrpcRequest).
+    let r = curl(
+        esp_port,
+        "POST",
+        &format!("/{PKG}/GetShelf"),
+        Some(&framed),
+        &["content-type: application/grpc-web+proto", "x-grpc-web: 1"],
+        false,
+    );
+    let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+    assert_eq!(
+        (r.status, r.header("content-type"), &body["code"]),
+        (401, Some("application/json"), &json!(16)),
+        "{:?} {}",
+        r.headers,
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(r.header("grpc-status").is_none(), "{:?}", r.headers);
+    // And ESP v1 reports gRPC-Web as the HTTP it is to it (`/protocol` is `grpc` only for
+    // `application/grpc` calls): the successful call above and the transcoded GET make one
+    // `http` operation, no `grpc` one.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ops: Vec<Value> = seen
+            .lock()
+            .unwrap()
+            .operations
+            .iter()
+            .filter(|o| o["operationName"] == format!("{PKG}.GetShelf").as_str())
+            .filter(|o| o["labels"]["servicecontrol.googleapis.com/user_agent"] == "ESP")
+            .filter(|o| o["labels"]["/response_code"] == "200")
+            .cloned()
+            .collect();
+        assert!(
+            !ops.iter().any(|o| o["labels"]["/protocol"] == "grpc"),
+            "{ops:?}"
+        );
+        let calls: i64 = ops
+            .iter()
+            .flat_map(|o| o["metricValueSets"].as_array().cloned().unwrap_or_default())
+            .filter(|m| {
+                m["metricName"] == "serviceruntime.googleapis.com/api/producer/request_count"
+            })
+            .filter_map(|m| {
+                m["metricValues"][0]["int64Value"]
+                    .as_str()?
+                    .parse::<i64>()
+                    .ok()
+            })
+            .sum();
+        if calls >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ops:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     for ct in [
         "application/grpc-web-text",
         "application/grpc-web-text+proto",

@@ -79,9 +79,12 @@ pub(super) struct ConnFacts {
 }
 
 impl Ctx {
-    /// The report's `/protocol`: what the client speaks.
+    /// The report's `/protocol`: what the client speaks. ESP v1 says `grpc` only for
+    /// `application/grpc` calls (its `grpc_pass_through`), so gRPC-Web is HTTP to it; ESPv2
+    /// goes by the response's content type, `grpc` for gRPC-Web too.
     pub(super) fn frontend_protocol(&self) -> &'static str {
-        if self.content_type_grpc {
+        let web_as_http = self.grpc_web && self.dialect == crate::dialect::Dialect::Esp;
+        if self.content_type_grpc && !web_as_http {
             "grpc"
         } else if self.tls {
             "https"
