@@ -110,59 +110,39 @@ fn start_bookstore(dir: &Path) -> (Proc, u16) {
     }
 }
 
-/// `portico espv2` in front of the Bookstore.
-fn start_proxy(
-    dir: &Path,
-    name: &str,
-    config: &Path,
-    backend: u16,
-    sc: std::net::SocketAddr,
-    key: &Path,
-    extra: &[&str],
-) -> (Proc, u16) {
-    let port = free_port();
-    let head = [
-        "espv2".to_string(),
-        format!("--listener_port={port}"),
-        format!("--service_control_url=http://{sc}"),
-        "--service_control_check_retries=0".to_string(),
-    ];
-    launch(dir, name, port, &head, config, backend, key, extra)
+/// The proxy in front of the Bookstore: `portico espv2`, or `portico esp` over HTTP/1.1.
+#[derive(Clone, Copy)]
+enum Dialect {
+    Esp,
+    Espv2,
 }
 
-/// `portico esp` over HTTP/1.1 in front of the Bookstore.
-fn start_esp(
-    dir: &Path,
-    name: &str,
-    config: &Path,
-    backend: u16,
-    sc: std::net::SocketAddr,
-    key: &Path,
-    extra: &[&str],
-) -> (Proc, u16) {
-    let port = free_port();
-    let head = [
-        "esp".to_string(),
-        format!("--http_port={port}"),
-        format!("--status_port={}", free_port()),
-        format!("--service_control_url_override=http://{sc}"),
-    ];
-    launch(dir, name, port, &head, config, backend, key, extra)
-}
-
-/// A proxy: its dialect's own flags (`head`), then the config, the Bookstore and the key.
 #[allow(clippy::too_many_arguments)]
-fn launch(
+fn start_proxy(
+    dialect: Dialect,
     dir: &Path,
     name: &str,
-    port: u16,
-    head: &[String],
     config: &Path,
     backend: u16,
+    sc: std::net::SocketAddr,
     key: &Path,
     extra: &[&str],
 ) -> (Proc, u16) {
-    let mut args = head.to_vec();
+    let port = free_port();
+    let mut args = match dialect {
+        Dialect::Espv2 => vec![
+            "espv2".to_string(),
+            format!("--listener_port={port}"),
+            format!("--service_control_url=http://{sc}"),
+            "--service_control_check_retries=0".to_string(),
+        ],
+        Dialect::Esp => vec![
+            "esp".to_string(),
+            format!("--http_port={port}"),
+            format!("--status_port={}", free_port()),
+            format!("--service_control_url_override=http://{sc}"),
+        ],
+    };
     args.extend([
         format!("--service_json_path={}", config.display()),
         format!("--backend=grpc://127.0.0.1:{backend}"),
@@ -345,7 +325,16 @@ fn transcoding_and_grpc_web_cases() {
     let config = service_json(dir.path());
     let key = common::espv2::service_account_key(dir.path());
     let (bookstore, bport) = start_bookstore(dir.path());
-    let (proxy, port) = start_proxy(dir.path(), "proxy", &config, bport, sc, &key, &[]);
+    let (proxy, port) = start_proxy(
+        Dialect::Espv2,
+        dir.path(),
+        "proxy",
+        &config,
+        bport,
+        sc,
+        &key,
+        &[],
+    );
     let logs = || format!("proxy:\n{}\nbookstore:\n{}", proxy.log(), bookstore.log());
 
     let classic = json!({"id":"200","theme":"Classic"});
@@ -804,7 +793,16 @@ fn transcoding_and_grpc_web_cases() {
     // ESP v1 (`portico esp`): the same transcoding, and the query key copied into `x-api-key`
     // metadata for the gRPC backend (the Bookstore echoes it back as initial metadata, which
     // reaches the client as a header).
-    let (esp, esp_port) = start_esp(dir.path(), "esp", &config, bport, sc, &key, &[]);
+    let (esp, esp_port) = start_proxy(
+        Dialect::Esp,
+        dir.path(),
+        "esp",
+        &config,
+        bport,
+        sc,
+        &key,
+        &[],
+    );
     let r = curl(
         esp_port,
         "GET",
@@ -938,7 +936,8 @@ fn transcoding_and_grpc_web_cases() {
         "service_control_config { intermediate_report_min_interval: 1 }\n",
     )
     .expect("server config");
-    let (esp, esp_port) = start_esp(
+    let (esp, esp_port) = start_proxy(
+        Dialect::Esp,
         dir.path(),
         "esp-long",
         &config,
@@ -1028,6 +1027,7 @@ fn transcoding_and_grpc_web_cases() {
 
     // 21: the printing flags, on a second proxy.
     let (flagged, fport) = start_proxy(
+        Dialect::Espv2,
         dir.path(),
         "proxy-flags",
         &config,
