@@ -308,6 +308,12 @@ fn example_dir() -> PathBuf {
 /// The stored service config for the Bookstore with keys on every method, a JWT on
 /// ListShelves and a 1 s backend deadline.
 fn service_config(jwks: SocketAddr) -> Value {
+    service_config_with_backend(jwks, None)
+}
+
+/// [`service_config`] whose backend rule also names an address.
+fn service_config_with_backend(jwks: SocketAddr, address: Option<&str>) -> Value {
+    let address = address.map_or(String::new(), |a| format!("\n    address: {a}"));
     let mut c = protox::Compiler::new([example_dir()]).expect("compiler");
     c.include_imports(true).include_source_info(true);
     c.open_files(["bookstore.proto"]).expect("compile");
@@ -322,7 +328,7 @@ apis:
 backend:
   rules:
   - selector: '*'
-    deadline: 1
+    deadline: 1{address}
 authentication:
   providers:
   - id: e2e
@@ -550,16 +556,17 @@ fn rows(good_token: &str, wrong_aud_token: &str) -> Vec<Row> {
 
 #[test]
 fn grpc_through_both_dialects() {
-    let test = "grpc_through_both_dialects";
-    let Some(python) = grpc_python(test) else {
+    let Some(Harness {
+        python,
+        dir,
+        rt,
+        seen,
+        sc,
+        ..
+    }) = harness("grpc_through_both_dialects")
+    else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
     let signer = signer();
     let jwks_doc = json!({"keys": [signer.jwk.clone()]}).to_string();
     let jwks = peer::start(
@@ -569,8 +576,6 @@ fn grpc_through_both_dialects() {
             _ => Action::Respond(404, "{}".into()),
         }),
     );
-    let seen: Shared = Arc::new(Mutex::new(Seen::default()));
-    let sc = peer::start(&rt, service_control(seen.clone()));
     let config = dir.path().join("service.json");
     std::fs::write(&config, service_config(jwks).to_string()).expect("config");
     let (books, books_port) = bookstore(dir.path(), "bookstore", None);
@@ -610,56 +615,50 @@ fn grpc_through_both_dialects() {
     }
 
     // grpcs://: the Bookstore on TLS with a certificate made now, trusted by the proxy.
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
-    let cert = dir.path().join("books.crt");
-    let key = dir.path().join("books.key");
-    std::fs::write(&cert, ck.cert.pem()).expect("cert file");
-    std::fs::write(&key, ck.key_pair.serialize_pem()).expect("key file");
+    let (cert, key) = localhost_cert(dir.path());
     let (tls_books, tls_port) = bookstore(dir.path(), "bookstore-tls", Some((&cert, &key)));
-    let (p, port) = proxy(
-        Dialect::Espv2,
+    espv2_over_tls(
+        python,
         dir.path(),
         "espv2-grpcs",
         &config,
         &format!("grpcs://localhost:{tls_port}"),
         sc,
-        &[format!(
-            "--ssl_backend_client_root_certs_file={}",
-            cert.display()
-        )],
+        &cert,
     );
-    let got = run_calls(
-        python,
-        port,
-        &[
-            call("GetShelf", GetShelfRequest { shelf: 200 }).key(),
-            call("GetShelf", GetShelfRequest { shelf: -1 }).key(),
-        ],
-    );
+    drop(tls_books);
+    drop(books);
+}
+
+/// `portico espv2` trusting `cert` answers GetShelf from the TLS Bookstore (a shelf, then
+/// NotFound passed through); one without that trust fails the call with 14, never sending it
+/// in plain text.
+fn espv2_over_tls(
+    python: &str,
+    dir: &Path,
+    name: &str,
+    config: &Path,
+    backend: &str,
+    sc: SocketAddr,
+    cert: &Path,
+) {
+    let calls = [
+        call("GetShelf", GetShelfRequest { shelf: 200 }).key(),
+        call("GetShelf", GetShelfRequest { shelf: -1 }).key(),
+    ];
+    let trust = format!("--ssl_backend_client_root_certs_file={}", cert.display());
+    let (p, port) = proxy(Dialect::Espv2, dir, name, config, backend, sc, &[trust]);
+    let got = run_calls(python, port, &calls);
     assert_eq!(got[0].code, 0, "{:?}\n{}", got[0], p.log());
     assert_eq!(shelf(&got[0]).theme, "Classic");
     assert_eq!(
         (got[1].code, got[1].details.as_str()),
         (5, "Unable to find shelf -1")
     );
-    // The same backend without trust in its certificate: refused, never sent in plain text.
-    let (untrusting, port2) = proxy(
-        Dialect::Espv2,
-        dir.path(),
-        "espv2-grpcs-untrusted",
-        &config,
-        &format!("grpcs://localhost:{tls_port}"),
-        sc,
-        &[],
-    );
-    let got = run_calls(
-        python,
-        port2,
-        &[call("GetShelf", GetShelfRequest { shelf: 200 }).key()],
-    );
+    let untrusted = format!("{name}-untrusted");
+    let (untrusting, port2) = proxy(Dialect::Espv2, dir, &untrusted, config, backend, sc, &[]);
+    let got = run_calls(python, port2, &calls[..1]);
     assert_eq!(got[0].code, 14, "{:?}\n{}", got[0], untrusting.log());
-    drop((p, untrusting, tls_books));
-    drop(books);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -930,4 +929,288 @@ fn streams_metadata_and_reports(
     }
     seen.lock().unwrap().reports.clear();
     seen.lock().unwrap().checks.clear();
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the tests below share.
+
+/// A test's client, directory and Service Control double.
+struct Harness {
+    python: &'static str,
+    dir: tempfile::TempDir,
+    /// Runs the doubles; kept alive for the test.
+    rt: tokio::runtime::Runtime,
+    seen: Shared,
+    sc: SocketAddr,
+    /// For configs whose calls need no JWT: nothing listens there.
+    unused_jwks: SocketAddr,
+}
+
+/// `None` after a loud skip when grpcio is absent.
+fn harness(test: &str) -> Option<Harness> {
+    let python = grpc_python(test)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let seen: Shared = Arc::new(Mutex::new(Seen::default()));
+    let sc = peer::start(&rt, service_control(seen.clone()));
+    Some(Harness {
+        python,
+        dir: tempfile::tempdir().expect("tempdir"),
+        rt,
+        seen,
+        sc,
+        unused_jwks: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+    })
+}
+
+/// A self-signed certificate for `localhost`, made now: (certificate, key) files.
+fn localhost_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let cert = dir.join("books.crt");
+    let key = dir.join("books.key");
+    std::fs::write(&cert, ck.cert.pem()).expect("cert file");
+    std::fs::write(&key, ck.key_pair.serialize_pem()).expect("key file");
+    (cert, key)
+}
+
+// ---------------------------------------------------------------------------------------------
+// ESP v1's intermediate reports for long streams.
+
+fn has_label(op: &Value, label: &str) -> bool {
+    op["labels"].get(label).is_some()
+}
+
+fn int_metric(op: &Value, name: &str) -> Option<i64> {
+    metric(op, name).map(|v| {
+        v["int64Value"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .or_else(|| v["int64Value"].as_i64())
+            .unwrap_or_else(|| panic!("{name} is not an int64: {v}"))
+    })
+}
+
+/// `portico esp` with `intermediate_report_min_interval: 1` (from `--server_config_template`,
+/// as ESP's grpc_long_streaming.t sets it): a bidi stream of about 3 s is reported while it
+/// runs — the first intermediate report with `request_count`, each with the bytes moved since
+/// the last, none with a response code or a log entry — then once more at its end without
+/// `request_count`; a short stream gets one report; the stream's messages arrive paced by the
+/// backend, not held for the reports.
+#[test]
+fn esp_reports_long_streams_in_parts() {
+    let Some(Harness {
+        python,
+        dir,
+        rt: _rt,
+        seen,
+        sc,
+        unused_jwks,
+    }) = harness("esp_reports_long_streams_in_parts")
+    else {
+        return;
+    };
+    let config = dir.path().join("service.json");
+    std::fs::write(&config, service_config(unused_jwks).to_string()).expect("config");
+    let template = dir.path().join("server_config.pb.txt");
+    std::fs::write(
+        &template,
+        "service_control_config {\n  report_aggregator_config {\n    cache_entries: 0\n  }\n  intermediate_report_min_interval: 1\n}\n",
+    )
+    .expect("server config");
+    let (books, books_port) = bookstore(dir.path(), "bookstore", None);
+    let (p, port) = proxy(
+        Dialect::Esp,
+        dir.path(),
+        "esp-long-streams",
+        &config,
+        &format!("grpc://127.0.0.1:{books_port}"),
+        sc,
+        &[format!("--server_config_template={}", template.display())],
+    );
+    let log = || format!("proxy:\n{}\nbookstore:\n{}", p.log(), books.log());
+
+    // Short first: its report must be whole, with nothing after it.
+    let short = call("StreamBooks", ListBooksRequest { shelf: 100 })
+        .key()
+        .shape("server");
+    // 8 echoes, the backend pausing 400 ms after each: about 3.2 s.
+    let mut long = call("EchoBooks", book(0, ""))
+        .key()
+        .shape("bidi")
+        .meta("x-bookstore-stream-delay-ms", "400");
+    long.requests = (1..=8).map(|i| book(i, "long").encode_to_vec()).collect();
+    let got = run_calls(python, port, &[short, long]);
+    for o in &got {
+        assert_eq!(o.code, 0, "{o:?}\n{}", log());
+    }
+    let long = &got[1];
+    assert_eq!(long.responses.len(), 8, "{long:?}");
+    // Each message arrives as the backend sends it, one about every 400 ms, none held back
+    // while a report is made.
+    assert!(long.times[0] < 0.8, "{long:?}");
+    for w in long.times.windows(2) {
+        assert!(w[1] - w[0] < 0.9, "a message was held back: {long:?}");
+    }
+    assert!(long.end > 2.8, "{long:?}");
+
+    // The final report is the one with a response code.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ops = loop {
+        let ops = wait_ops(&seen, "EchoBooks", 1, &log);
+        if ops.iter().any(|o| has_label(o, "/response_code")) {
+            break ops;
+        }
+        assert!(Instant::now() < deadline, "no final report: {ops:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (finals, parts): (Vec<&Value>, Vec<&Value>) =
+        ops.iter().partition(|o| has_label(o, "/response_code"));
+    assert_eq!(finals.len(), 1, "{ops:?}");
+    assert!(!parts.is_empty(), "no intermediate report: {ops:?}");
+    let fin = finals[0];
+    let m = |side: &str, name: &str| format!("serviceruntime.googleapis.com/api/{side}/{name}");
+    for side in ["producer", "consumer"] {
+        // request_count once, in the first intermediate report.
+        let counts: i64 = parts
+            .iter()
+            .filter_map(|o| int_metric(o, &m(side, "request_count")))
+            .sum();
+        assert_eq!(counts, 1, "{side}: {parts:?}");
+        assert_eq!(int_metric(fin, &m(side, "request_count")), None, "{fin}");
+        for o in &parts {
+            assert_eq!(o["labels"]["/protocol"], "grpc", "{o}");
+            assert_eq!(
+                o["labels"]["/credential_id"],
+                format!("apikey:{KEY}"),
+                "{o}"
+            );
+            for label in ["/response_code_class", "/status_code", "/error_type"] {
+                assert!(!has_label(o, label), "{label} in {o}");
+            }
+            assert!(
+                o["logEntries"].as_array().is_none_or(|e| e.is_empty()),
+                "{o}"
+            );
+            for name in [
+                "request_sizes",
+                "response_sizes",
+                "total_latencies",
+                "streaming_durations",
+                "streaming_response_message_counts",
+                "error_count",
+            ] {
+                assert!(metric(o, &m(side, name)).is_none(), "{name} in {o}");
+            }
+        }
+        // Bytes moved while the stream ran, then the rest in the final report: together the
+        // call's response size.
+        let streamed: i64 = parts
+            .iter()
+            .filter_map(|o| int_metric(o, &m(side, "response_bytes")))
+            .sum();
+        assert!(streamed > 0, "{side}: {parts:?}");
+        let rest = int_metric(fin, &m(side, "response_bytes")).expect("final response_bytes");
+        assert!(rest > 0, "{fin}");
+        let size = metric(fin, &m(side, "response_sizes")).expect("response_sizes")
+            ["distributionValue"]["mean"]
+            .as_f64()
+            .expect("mean");
+        assert_eq!((streamed + rest) as f64, size, "{side}: {parts:?}\n{fin}");
+        let d = &metric(fin, &m(side, "streaming_response_message_counts"))
+            .expect("message counts")["distributionValue"];
+        assert_eq!(d["maximum"].as_f64(), Some(8.0), "{fin}");
+    }
+    assert_eq!(fin["labels"]["/response_code"], "200", "{fin}");
+    assert_eq!(fin["labels"]["/response_code_class"], "2xx", "{fin}");
+    assert_eq!(fin["logEntries"].as_array().map(Vec::len), Some(1), "{fin}");
+
+    // The short stream: one whole report.
+    let short = wait_ops(&seen, "StreamBooks", 1, &log);
+    assert_eq!(short.len(), 1, "{short:?}");
+    assert_eq!(short[0]["labels"]["/response_code"], "200", "{short:?}");
+    assert_eq!(
+        int_metric(
+            &short[0],
+            "serviceruntime.googleapis.com/api/producer/request_count"
+        ),
+        Some(1)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// `grpcs://` in backend rules.
+
+/// A backend rule whose address is `grpcs://`: ESPv2 calls it over TLS (ALPN h2) with the
+/// trust `--backend=grpcs://` has, an untrusted certificate failing the call with status 14;
+/// ESP v1 does not use rule addresses for gRPC (start_esp's
+/// `grpc_pass ... override`), so `portico esp` calls `--backend`.
+#[test]
+fn grpcs_backend_rules() {
+    let Some(Harness {
+        python,
+        dir,
+        rt: _rt,
+        sc,
+        unused_jwks,
+        ..
+    }) = harness("grpcs_backend_rules")
+    else {
+        return;
+    };
+    let (cert, key) = localhost_cert(dir.path());
+    let (tls_books, tls_port) = bookstore(dir.path(), "bookstore-tls", Some((&cert, &key)));
+    let config = dir.path().join("service.json");
+    std::fs::write(
+        &config,
+        service_config_with_backend(unused_jwks, Some(&format!("grpcs://localhost:{tls_port}")))
+            .to_string(),
+    )
+    .expect("config");
+    // Nothing listens at --backend: an answer can only come from the rule's address.
+    let nowhere = format!("grpc://127.0.0.1:{}", free_port());
+    espv2_over_tls(
+        python,
+        dir.path(),
+        "espv2-rule-grpcs",
+        &config,
+        &nowhere,
+        sc,
+        &cert,
+    );
+
+    // ESP v1: the rule's address is not used for gRPC; --backend answers.
+    let (books, books_port) = bookstore(dir.path(), "bookstore", None);
+    let (esp, port3) = proxy(
+        Dialect::Esp,
+        dir.path(),
+        "esp-rule-grpcs",
+        &config,
+        &format!("grpc://127.0.0.1:{books_port}"),
+        sc,
+        &[format!("--backend_ca_cert_path={}", cert.display())],
+    );
+    // Nor does ESP v1 add nginx's forwarding headers for a gRPC backend: start_esp sets them
+    // only in its proxy_pass locations, not with grpc_pass.
+    let forwarding = ["x-forwarded-for", "x-real-ip", "x-google-real-ip"];
+    let got = run_calls(
+        python,
+        port3,
+        &[call("GetShelf", GetShelfRequest { shelf: 200 })
+            .key()
+            .meta("x-bookstore-echo-metadata", &forwarding.join(", "))],
+    );
+    assert_eq!(got[0].code, 0, "{:?}\n{}", got[0], esp.log());
+    assert_eq!(shelf(&got[0]).theme, "Classic");
+    assert!(
+        !got[0]
+            .initial
+            .iter()
+            .any(|(k, _)| forwarding.contains(&k.as_str())),
+        "{:?}",
+        got[0].initial
+    );
+    drop((esp, books, tls_books));
 }

@@ -112,7 +112,16 @@ fn start_bookstore(dir: &Path) -> (Proc, u16) {
     }
 }
 
+/// The proxy in front of the Bookstore: `portico espv2`, or `portico esp` over HTTP/1.1.
+#[derive(Clone, Copy)]
+enum Dialect {
+    Esp,
+    Espv2,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn start_proxy(
+    dialect: Dialect,
     dir: &Path,
     name: &str,
     config: &Path,
@@ -122,16 +131,26 @@ fn start_proxy(
     extra: &[&str],
 ) -> (Proc, u16) {
     let port = free_port();
-    let mut args = vec![
-        "espv2".to_string(),
-        format!("--listener_port={port}"),
+    let mut args = match dialect {
+        Dialect::Espv2 => vec![
+            "espv2".to_string(),
+            format!("--listener_port={port}"),
+            format!("--service_control_url=http://{sc}"),
+            "--service_control_check_retries=0".to_string(),
+        ],
+        Dialect::Esp => vec![
+            "esp".to_string(),
+            format!("--http_port={port}"),
+            format!("--status_port={}", free_port()),
+            format!("--service_control_url_override=http://{sc}"),
+        ],
+    };
+    args.extend([
         format!("--service_json_path={}", config.display()),
         format!("--backend=grpc://127.0.0.1:{backend}"),
         "--non_gcp".to_string(),
         format!("--service_account_key={}", key.display()),
-        format!("--service_control_url=http://{sc}"),
-        "--service_control_check_retries=0".to_string(),
-    ];
+    ]);
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut p = Proc::spawn(&args, &dir.join(format!("{name}.log")));
     p.wait_for_port(port, name);
@@ -298,7 +317,16 @@ fn transcoding_and_grpc_web_cases() {
     let config = service_json(dir.path());
     let key = common::espv2::service_account_key(dir.path());
     let (bookstore, bport) = start_bookstore(dir.path());
-    let (proxy, port) = start_proxy(dir.path(), "proxy", &config, bport, sc, &key, &[]);
+    let (proxy, port) = start_proxy(
+        Dialect::Espv2,
+        dir.path(),
+        "proxy",
+        &config,
+        bport,
+        sc,
+        &key,
+        &[],
+    );
     let logs = || format!("proxy:\n{}\nbookstore:\n{}", proxy.log(), bookstore.log());
 
     let classic = json!({"id":"200","theme":"Classic"});
@@ -822,21 +850,16 @@ fn transcoding_and_grpc_web_cases() {
     // ESP v1 (`portico esp`): the same transcoding, and the query key copied into `x-api-key`
     // metadata for the gRPC backend (the Bookstore echoes it back as initial metadata, which
     // reaches the client as a header).
-    let esp_port = free_port();
-    let mut esp = Proc::spawn(
-        &[
-            "esp".to_string(),
-            format!("--http_port={esp_port}"),
-            format!("--status_port={}", free_port()),
-            format!("--service_json_path={}", config.display()),
-            format!("--backend=grpc://127.0.0.1:{bport}"),
-            "--non_gcp".to_string(),
-            format!("--service_account_key={}", key.display()),
-            format!("--service_control_url_override=http://{sc}"),
-        ],
-        &dir.path().join("esp.log"),
+    let (esp, esp_port) = start_proxy(
+        Dialect::Esp,
+        dir.path(),
+        "esp",
+        &config,
+        bport,
+        sc,
+        &key,
+        &[],
     );
-    esp.wait_for_port(esp_port, "portico esp");
     let r = curl(
         esp_port,
         "GET",
@@ -871,6 +894,207 @@ fn transcoding_and_grpc_web_cases() {
         "{}",
         String::from_utf8_lossy(&r.body)
     );
+    // ESP v1 knows gRPC-Web only in its binary forms (`grpc.cc` IsGrpcWeb): binary is
+    // served as under ESPv2; a `grpc-web-text` call is an HTTP call to it, transcoded from JSON,
+    // and its base64 body is no JSON: 400 with a JSON error, not a gRPC-Web answer.
+    let mut framed = vec![0u8];
+    let msg = get_shelf_request(200);
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    let r = curl(
+        esp_port,
+        "POST",
+        &format!("/{PKG}/GetShelf?key=api-key"),
+        Some(&framed),
+        &["content-type: application/grpc-web+proto", "x-grpc-web: 1"],
+        false,
+    );
+    assert_eq!(
+        (r.status, r.header("content-type")),
+        (200, Some("application/grpc-web+proto")),
+        "{}",
+        esp.log()
+    );
+    // ESP v1's own refusal of a gRPC-Web call is plain HTTP with its JSON error: its error
+    // filter speaks gRPC only to `application/grpc[+proto]` (error.cc, IsGrpcRequest).
+    let r = curl(
+        esp_port,
+        "POST",
+        &format!("/{PKG}/GetShelf"),
+        Some(&framed),
+        &["content-type: application/grpc-web+proto", "x-grpc-web: 1"],
+        false,
+    );
+    let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+    assert_eq!(
+        (r.status, r.header("content-type"), &body["code"]),
+        (401, Some("application/json"), &json!(16)),
+        "{:?} {}",
+        r.headers,
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(r.header("grpc-status").is_none(), "{:?}", r.headers);
+    // And ESP v1 reports gRPC-Web as the HTTP it is to it (`/protocol` is `grpc` only for
+    // `application/grpc` calls): the successful call above and the transcoded GET make one
+    // `http` operation, no `grpc` one.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ops: Vec<Value> = seen
+            .lock()
+            .unwrap()
+            .operations
+            .iter()
+            .filter(|o| o["operationName"] == format!("{PKG}.GetShelf").as_str())
+            .filter(|o| o["labels"]["servicecontrol.googleapis.com/user_agent"] == "ESP")
+            .filter(|o| o["labels"]["/response_code"] == "200")
+            .cloned()
+            .collect();
+        assert!(
+            !ops.iter().any(|o| o["labels"]["/protocol"] == "grpc"),
+            "{ops:?}"
+        );
+        let calls: i64 = ops
+            .iter()
+            .flat_map(|o| o["metricValueSets"].as_array().cloned().unwrap_or_default())
+            .filter(|m| {
+                m["metricName"] == "serviceruntime.googleapis.com/api/producer/request_count"
+            })
+            .filter_map(|m| {
+                m["metricValues"][0]["int64Value"]
+                    .as_str()?
+                    .parse::<i64>()
+                    .ok()
+            })
+            .sum();
+        if calls >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ops:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for ct in [
+        "application/grpc-web-text",
+        "application/grpc-web-text+proto",
+        "Application/GRPC-Web-Text; charset=utf-8",
+    ] {
+        let r = curl(
+            esp_port,
+            "POST",
+            &format!("/{PKG}/GetShelf?key=api-key"),
+            Some(&web_text_request(&get_shelf_request(200))),
+            &[&format!("content-type: {ct}"), "x-grpc-web: 1"],
+            false,
+        );
+        let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        assert_eq!(
+            (r.status, r.header("content-type"), &body["code"]),
+            (400, Some("application/json"), &json!(3)),
+            "{ct}: {:?} {}\n{}",
+            r.headers,
+            String::from_utf8_lossy(&r.body),
+            esp.log()
+        );
+        assert!(r.header("grpc-status").is_none(), "{ct}: {:?}", r.headers);
+    }
+    drop(esp);
+
+    // ESP v1 reports a long transcoded server stream in parts too (its transcoded calls go
+    // through the same gRPC call as pass-through ones): with a 1 s interval, a stream the
+    // Bookstore paces at 1.3 s after each of its two books gets intermediate reports while it
+    // runs, then the final one.
+    let template = dir.path().join("server_config.pb.txt");
+    std::fs::write(
+        &template,
+        "service_control_config { intermediate_report_min_interval: 1 }\n",
+    )
+    .expect("server config");
+    let (esp, esp_port) = start_proxy(
+        Dialect::Esp,
+        dir.path(),
+        "esp-long",
+        &config,
+        bport,
+        sc,
+        &key,
+        &[&format!("--server_config_template={}", template.display())],
+    );
+    // A shelf of its own with two books: the Bookstore pauses between them.
+    let r = curl(
+        esp_port,
+        "POST",
+        "/v1/shelves?key=api-key",
+        Some(br#"{"theme":"long"}"#),
+        &[],
+        false,
+    );
+    let created: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+    let shelf = created["id"].as_str().unwrap_or_else(|| {
+        panic!(
+            "{} {}\n{}",
+            r.status,
+            String::from_utf8_lossy(&r.body),
+            esp.log()
+        )
+    });
+    for id in [1, 2] {
+        let r = curl(
+            esp_port,
+            "POST",
+            &format!("/v1/shelves/{shelf}/books?key=api-key"),
+            Some(format!(r#"{{"id":{id},"title":"t{id}"}}"#).as_bytes()),
+            &[],
+            false,
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    // Only this call's reports from here on (earlier parts reported StreamBooks too).
+    std::thread::sleep(Duration::from_millis(1500));
+    seen.lock().unwrap().operations.clear();
+    let r = curl(
+        esp_port,
+        "POST",
+        &format!("/{PKG}/StreamBooks?key=api-key"),
+        Some(format!(r#"{{"shelf":"{shelf}"}}"#).as_bytes()),
+        &["x-bookstore-stream-delay-ms: 1300"],
+        false,
+    );
+    assert_eq!(r.status, 200, "{}", esp.log());
+    let selector = format!("{PKG}.StreamBooks");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (parts, finals) = loop {
+        let ops: Vec<Value> = seen
+            .lock()
+            .unwrap()
+            .operations
+            .iter()
+            .filter(|o| o["operationName"] == selector.as_str())
+            .filter(|o| o["labels"]["/protocol"] == "http")
+            .cloned()
+            .collect();
+        let (finals, parts): (Vec<Value>, Vec<Value>) = ops
+            .into_iter()
+            .partition(|o| o["labels"].get("/response_code").is_some());
+        if !finals.is_empty() {
+            break (parts, finals);
+        }
+        assert!(Instant::now() < deadline, "no final report\n{}", esp.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let count = |o: &Value| {
+        o["metricValueSets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["metricName"] == "serviceruntime.googleapis.com/api/producer/request_count")
+            .map(|m| m["metricValues"][0]["int64Value"].clone())
+    };
+    // The first intermediate report counts the call; later ones (if the aggregator did not
+    // merge them) do not.
+    assert!(!parts.is_empty(), "{finals:?}");
+    let counted: Vec<Value> = parts.iter().filter_map(count).collect();
+    assert_eq!(counted, [json!("1")], "{parts:?}");
+    assert_eq!(finals.len(), 1, "{finals:?}");
+    assert_eq!(count(&finals[0]), None, "{finals:?}");
     drop(esp);
 
     // 19 and 20 with --disallow_colon_in_wildcard_path_segment (ESPv2's
@@ -960,6 +1184,7 @@ fn transcoding_and_grpc_web_cases() {
 
     // 21: the printing flags, on a second proxy.
     let (flagged, fport) = start_proxy(
+        Dialect::Espv2,
         dir.path(),
         "proxy-flags",
         &config,

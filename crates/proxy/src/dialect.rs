@@ -115,6 +115,14 @@ impl Dialect {
         self == Dialect::EspV2
     }
 
+    /// Calls to this `--backend` get no `X-Real-IP`, `X-Forwarded-For` or `X-Google-Real-IP`:
+    /// ESP v1 with a `grpc://` backend, whose start_esp sets those only in its `proxy_pass`
+    /// locations, not with `grpc_pass` (which passes the client's metadata as it came).
+    pub fn forwards_grpc_untouched(self, backend: &crate::settings::BackendAddr) -> bool {
+        use crate::settings::BackendScheme;
+        self == Dialect::Esp && matches!(backend.scheme, BackendScheme::Grpc | BackendScheme::Grpcs)
+    }
+
     /// A config with neither Service Control nor JWT rules is still matched and routed
     /// (ESPv2's routes always end in its 404); ESP v1's module declines such a config and nginx
     /// proxies every request as it came.

@@ -434,6 +434,10 @@ pub struct Settings {
     /// HTTP/JSON → gRPC transcoding (`--transcoding_*`; ESP v1's two hidden ones), used when the
     /// backend or a backend rule is `grpc://` (docs/grpc.md, "Transcoding and gRPC-Web").
     pub transcoding: portico_transcode::Options,
+    /// ESP v1: at most one intermediate report per this interval for a long gRPC stream
+    /// (`intermediate_report_min_interval` of `--server_config_template`; 10 s by default).
+    /// Not used by `portico espv2`, whose reports are one per call.
+    pub intermediate_report_interval: Duration,
     /// Flags accepted only for compatibility, reported once at start-up.
     pub ignored_flags: Vec<&'static str>,
     /// Flags accepted whose feature is not built yet, reported once at start-up (ESPv2's

@@ -100,10 +100,15 @@ impl Pipeline {
         req: Request<Incoming>,
         ctx: &'a Ctx,
         target: String,
-        report: Option<ReportInfo>,
+        mut report: Option<ReportInfo>,
         routed: Option<Routed>,
     ) -> Forwarding<'a, impl Future<Output = forward::Sent>> {
         let settings = &self.state.settings;
+        let backend_grpc = match &routed {
+            Some(r) => r.target.forwarder.version() == Version::HTTP_2,
+            None => self.forwarder.version() == Version::HTTP_2,
+        };
+        super::stream_report::StreamReporter::start(self, &mut report, ctx, backend_grpc);
         let (mut parts, body) = req.into_parts();
         let websocket = settings.enable_websocket && parts.headers.contains_key(header::UPGRADE);
         // With backend routing the method's rule picks the client, target, Host and deadline.
@@ -162,7 +167,13 @@ impl Pipeline {
             ),
             Some(_) => forward::XffAppend::Nothing,
         };
-        forward::set_forwarding_headers_with(&mut parts.headers, ctx.client_ip, xff, host);
+        if settings.dialect.forwards_grpc_untouched(&settings.backend) {
+            if let Some(h) = host {
+                parts.headers.insert(header::HOST, h);
+            }
+        } else {
+            forward::set_forwarding_headers_with(&mut parts.headers, ctx.client_ip, xff, host);
+        }
         if websocket {
             parts
                 .headers

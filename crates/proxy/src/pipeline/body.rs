@@ -300,6 +300,9 @@ impl Body for ProxyBody {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     this.sent += d.len() as u64;
+                    if let Some(s) = this.done.as_ref().and_then(|c| c.stream.as_ref()) {
+                        s.sent(d.len());
+                    }
                 }
                 if let Some(g) = this.done.as_mut().and_then(|c| c.grpc.as_mut()) {
                     if let Some(d) = f.data_ref() {
@@ -374,6 +377,9 @@ struct Completion {
     grpc: Option<Box<GrpcFacts>>,
     /// Report to Service Control (ESP-handled request on a config with SC).
     report: Option<ReportInfo>,
+    /// A long stream's intermediate reports (ESP v1): fed the bytes sent, and told when the
+    /// final report is made.
+    stream: Option<Arc<super::stream_report::StreamReporter>>,
     /// What only `--access_log_format` reads; allocated only with a format.
     formatted: Option<Box<FormatFacts>>,
     /// A traced request's spans: the last handle, dropped with the completion once the body
@@ -640,6 +646,13 @@ impl Completion {
                 error: self.error.as_ref().map(|e| e.message.as_str()),
             });
         }
+        // No intermediate report after this point; the final one says what they left.
+        let part = self
+            .stream
+            .take()
+            .map_or(crate::service_control::report::ReportPart::Whole, |s| {
+                s.finish()
+            });
         let Some(r) = self.report else { return };
         let Some(control) = &st.control else { return };
         if !r.config.service_control {
@@ -702,6 +715,7 @@ impl Completion {
             status_code,
             grpc_status,
             streaming,
+            part,
             request_size: self.request_bytes,
             response_size: self.response_head_bytes.saturating_add(sent),
             total_latency: total,
@@ -843,13 +857,9 @@ impl Pipeline {
         };
         let backend_grpc = self.forwarder.version() == Version::HTTP_2;
         let is_grpc_request = ctx.content_type_grpc;
-        let protocol = if is_grpc_request {
-            "grpc"
-        } else if ctx.tls {
-            "https"
-        } else {
-            "http"
-        };
+        let protocol = ctx.frontend_protocol();
+        let mut report = report;
+        let stream = report.as_mut().and_then(|r| r.stream.take());
         let formatted = self
             .state
             .settings
@@ -909,6 +919,7 @@ impl Pipeline {
                 })
             }),
             report,
+            stream,
             formatted,
             trace: ctx.trace.clone(),
             unsampled_trace: ctx.unsampled_trace,

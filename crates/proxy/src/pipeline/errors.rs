@@ -15,8 +15,10 @@ use http::{Response, StatusCode};
 /// trailers-only response carrying `grpc-status`/`grpc-message` (ESP's `grpc_finish`, Envoy's
 /// local reply to gRPC).
 pub(super) fn proxy_error(err: &EspError, ctx: &Ctx, jwt_present: bool) -> Response<ProxyBody> {
-    let web_as_http = ctx.grpc_web && ctx.dialect == crate::dialect::Dialect::EspV2;
-    if ctx.content_type_grpc && !web_as_http {
+    // A gRPC-Web call is refused in plain HTTP by both: ESPv2's auth filters run before its
+    // gRPC-Web one, and ESP v1's error filter answers in gRPC only `application/grpc[+proto]`
+    // (error.cc, IsGrpcRequest).
+    if ctx.content_type_grpc && !ctx.grpc_web {
         grpc_error_response(err, ctx.dialect)
     } else {
         error_response(err, ctx.dialect, ctx.head, jwt_present)

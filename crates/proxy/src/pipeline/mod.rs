@@ -43,6 +43,7 @@ mod body;
 mod errors;
 mod phases;
 mod state;
+mod stream_report;
 mod transcode;
 
 pub use body::{AbortGuard, ProxyBody};
@@ -494,12 +495,7 @@ impl Pipeline {
             .await;
         }
         if config.transcoder.is_some() {
-            if let Some(mode) = parts
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(portico_transcode::web::WebMode::from_content_type)
-            {
+            if let Some(mode) = transcode::web_mode(self.state.settings.dialect, &parts.headers) {
                 return Box::pin(self.forward_grpc_web(
                     parts,
                     body,

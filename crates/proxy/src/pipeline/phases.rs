@@ -82,6 +82,7 @@ impl Pipeline {
             (cors_origin, None)
         };
         let start = Instant::now();
+        let grpc_type = super::transcode::grpc_content_type(st.settings.dialect, h);
         let ctx = Ctx {
             dialect: settings.dialect,
             start,
@@ -131,12 +132,12 @@ impl Pipeline {
             body_counter: (!body.is_end_stream())
                 .then(|| crate::request_body::BodyCount::new(start)),
             user_agent: h.get(header::USER_AGENT).cloned(),
-            content_type_grpc: h
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
-            grpc_web: h
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc-web")),
+            content_type_grpc: grpc_type
+                && h.get(header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+            grpc_web: grpc_type
+                && h.get(header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc-web")),
             referer: h.get(header::REFERER).cloned(),
             cors_origin,
             trace: None,

@@ -81,6 +81,20 @@ pub(super) struct ConnFacts {
 }
 
 impl Ctx {
+    /// The report's `/protocol`: what the client speaks. ESP v1 says `grpc` only for
+    /// `application/grpc` calls (its `grpc_pass_through`), so gRPC-Web is HTTP to it; ESPv2
+    /// goes by the response's content type, `grpc` for gRPC-Web too.
+    pub(super) fn frontend_protocol(&self) -> &'static str {
+        let web_as_http = self.grpc_web && self.dialect == crate::dialect::Dialect::Esp;
+        if self.content_type_grpc && !web_as_http {
+            "grpc"
+        } else if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// What the operator's header rules read about this request ([`crate::header_rules`]).
     pub(super) fn rule_facts(&self) -> crate::header_rules::Facts {
         let (peer, local) = match &self.conn_facts {
@@ -116,6 +130,8 @@ pub(super) struct ReportInfo {
     pub(super) auth: Option<AuthInfo>,
     pub(super) request_headers: Vec<(String, String)>,
     pub(super) response_headers: Vec<(String, String)>,
+    /// A long gRPC stream's intermediate reports (ESP v1), once it is forwarded.
+    pub(super) stream: Option<Arc<super::stream_report::StreamReporter>>,
 }
 
 impl Pipeline {
@@ -136,6 +152,7 @@ impl Pipeline {
             auth: None,
             request_headers: logged_headers(&self.state.settings.log_request_headers, headers),
             response_headers: Vec::new(),
+            stream: None,
         }
     }
 }

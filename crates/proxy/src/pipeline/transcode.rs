@@ -181,12 +181,18 @@ impl Pipeline {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert("grpc-accept-encoding", HeaderValue::from_static("identity"));
         let host = routed.map(|r| r.target.host.clone());
-        forward::set_forwarding_headers_with(
-            h,
-            ctx.client_ip,
-            forward::XffAppend::Address(ctx.client_ip),
-            host,
-        );
+        if settings.dialect.forwards_grpc_untouched(&settings.backend) {
+            if let Some(host) = host {
+                h.insert(header::HOST, host);
+            }
+        } else {
+            forward::set_forwarding_headers_with(
+                h,
+                ctx.client_ip,
+                forward::XffAppend::Address(ctx.client_ip),
+                host,
+            );
+        }
         if !settings.request_headers_to_add.is_empty() {
             crate::header_rules::apply_to_request(
                 &settings.request_headers_to_add,
@@ -281,6 +287,8 @@ impl Pipeline {
             };
         let mut writer = call.response();
         drop(call);
+        let mut report = report;
+        super::stream_report::StreamReporter::start(self, &mut report, ctx, true);
         let sent_at = Instant::now();
         let sent = forwarder.send_within(req, deadline).await;
         let resp = match sent {
@@ -490,6 +498,8 @@ impl Pipeline {
             Ok(r) => r,
             Err(e) => return fail(e, report),
         };
+        let mut report = report;
+        super::stream_report::StreamReporter::start(self, &mut report, ctx, true);
         let sent_at = Instant::now();
         let resp = match forwarder.send_within(req, deadline).await {
             Ok(r) => r,
@@ -532,6 +542,38 @@ impl Pipeline {
         let resp = Response::from_parts(rp, body);
         self.finalize(resp, ctx, target, None, report, Some(latency))
     }
+}
+
+/// The gRPC-Web form of a request, as the dialect knows them: ESP v1 only the binary ones
+/// (`grpc.cc` `IsGrpcWeb`), ESPv2 the text ones too (Envoy's gRPC-Web filter).
+pub(super) fn web_mode(dialect: crate::dialect::Dialect, headers: &HeaderMap) -> Option<WebMode> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(WebMode::from_content_type)
+        .filter(|m| *m == WebMode::Binary || dialect != crate::dialect::Dialect::Esp)
+}
+
+/// Whether the request's `application/grpc*` content type makes it a gRPC call for the
+/// dialect. `false` for ESP v1 and `grpc-web-text`, which ESP does not know as gRPC-Web: such
+/// a call is an HTTP request to it (reported as `http`, refused in JSON, transcoded from JSON
+/// when it names a method).
+pub(super) fn grpc_content_type(dialect: crate::dialect::Dialect, headers: &HeaderMap) -> bool {
+    const WEB_TEXT: &[u8] = b"application/grpc-web-text";
+    if dialect != crate::dialect::Dialect::Esp {
+        return true;
+    }
+    // Every request asks this: only a likely gRPC-Web text type is parsed.
+    let Some(v) = headers.get(header::CONTENT_TYPE) else {
+        return true;
+    };
+    let b = v.as_bytes();
+    let maybe_text = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .and_then(|start| b.get(start..start + WEB_TEXT.len()))
+        .is_some_and(|p| p.eq_ignore_ascii_case(WEB_TEXT));
+    !maybe_text || v.to_str().ok().and_then(WebMode::from_content_type) != Some(WebMode::Text)
 }
 
 /// The backend's own response metadata, to the client as headers.
@@ -751,6 +793,35 @@ mod tests {
         assert_eq!(grpc_status(&h), 5);
         h.insert("grpc-status", HeaderValue::from_static("x"));
         assert_eq!(grpc_status(&h), 2);
+    }
+
+    #[test]
+    fn esp_knows_only_binary_grpc_web() {
+        use crate::dialect::Dialect;
+        let headers = |ct: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+            h
+        };
+        for (ct, esp, espv2) in [
+            ("application/grpc-web", Some(WebMode::Binary), true),
+            ("application/grpc-web+proto", Some(WebMode::Binary), true),
+            ("application/grpc-web-text", None, false),
+            (" Application/GRPC-WEB-TEXT+proto; x=y", None, false),
+            ("application/grpc-web-textual", None, true),
+            ("application/grpc", None, true),
+            ("application/json", None, true),
+        ] {
+            let h = headers(ct);
+            assert_eq!(web_mode(Dialect::Esp, &h), esp, "{ct}");
+            assert_eq!(grpc_content_type(Dialect::Esp, &h), espv2, "{ct}");
+            assert!(grpc_content_type(Dialect::EspV2, &h), "{ct}");
+        }
+        assert_eq!(
+            web_mode(Dialect::EspV2, &headers("application/grpc-web-text")),
+            Some(WebMode::Text)
+        );
+        assert!(grpc_content_type(Dialect::Esp, &HeaderMap::new()));
     }
 
     #[test]

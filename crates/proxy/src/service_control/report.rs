@@ -95,6 +95,47 @@ pub struct RequestRecord {
     pub grpc_status: Option<u32>,
     /// A streaming gRPC method's message counts and duration (ESP v1's streaming metrics).
     pub streaming: Option<StreamCounts>,
+    /// Which of a long stream's reports this is (ESP v1); [`ReportPart::Whole`] for any other.
+    pub part: ReportPart,
+}
+
+/// ESP v1 reports a long gRPC stream in parts (`request_handler.cc`
+/// `AttemptIntermediateReport`, `proto.cc` metric tags): intermediate reports while it runs,
+/// then a final one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReportPart {
+    /// The call's only report.
+    #[default]
+    Whole,
+    /// An intermediate report: only the bytes moved since the previous report (the record's
+    /// `request_size`/`response_size` hold those deltas) and, in the first, `request_count`;
+    /// no response code, latencies, sizes or log entry.
+    Intermediate { first: bool },
+    /// The final report of a stream that sent intermediate ones: everything but the
+    /// producer and consumer `request_count` (the first intermediate report carried it), with
+    /// the bytes not reported yet.
+    Final {
+        request_bytes_reported: u64,
+        response_bytes_reported: u64,
+    },
+}
+
+/// [`ReportPart`] without its numbers: what decides the operation's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum PartKind {
+    Whole,
+    Intermediate,
+    Final,
+}
+
+impl ReportPart {
+    fn kind(self) -> PartKind {
+        match self {
+            ReportPart::Whole => PartKind::Whole,
+            ReportPart::Intermediate { .. } => PartKind::Intermediate,
+            ReportPart::Final { .. } => PartKind::Final,
+        }
+    }
 }
 
 /// One streaming call's messages each way and how long it lasted.
@@ -235,8 +276,21 @@ impl Form {
 /// has the same response code, so `error_count` is all or nothing.
 fn standard_metrics(form: Form, a: &Aggregate, is_error: bool) -> Vec<MetricValueSet> {
     let prefix = form.prefix();
-    let mut m = vec![
-        int_metric(&format!("{prefix}request_count"), a.count),
+    // ESP tags the by-consumer request_count FINAL and the others START: a long stream's
+    // final report has the former, its first intermediate report the latter.
+    let requests = match form {
+        Form::ByConsumer => a.count,
+        _ => a.started,
+    };
+    let mut m = Vec::new();
+    if requests > 0 {
+        m.push(int_metric(&format!("{prefix}request_count"), requests));
+    }
+    if a.key.part == PartKind::Intermediate {
+        push_bytes(&mut m, form, a);
+        return m;
+    }
+    m.extend([
         dist_metric(&format!("{prefix}request_sizes"), a.request_sizes.clone()),
         dist_metric(&format!("{prefix}response_sizes"), a.response_sizes.clone()),
         dist_metric(
@@ -247,7 +301,7 @@ fn standard_metrics(form: Form, a: &Aggregate, is_error: bool) -> Vec<MetricValu
             &format!("{prefix}request_overhead_latencies"),
             a.overhead_latencies.clone(),
         ),
-    ];
+    ]);
     if a.backend_latencies.count > 0 {
         m.push(dist_metric(
             &format!("{prefix}backend_latencies"),
@@ -272,22 +326,28 @@ fn standard_metrics(form: Form, a: &Aggregate, is_error: bool) -> Vec<MetricValu
             a.streaming_durations.clone(),
         ));
     }
-    // DELTA totals of the bytes moved, sent only when non-zero (as ESP's final report does).
-    if form != Form::ByConsumer {
-        if a.request_bytes > 0 {
-            m.push(int_metric(
-                &format!("{prefix}request_bytes"),
-                a.request_bytes,
-            ));
-        }
-        if a.response_bytes > 0 {
-            m.push(int_metric(
-                &format!("{prefix}response_bytes"),
-                a.response_bytes,
-            ));
-        }
-    }
+    push_bytes(&mut m, form, a);
     m
+}
+
+/// DELTA totals of the bytes moved, sent only when non-zero (as ESP's reports do).
+fn push_bytes(m: &mut Vec<MetricValueSet>, form: Form, a: &Aggregate) {
+    if form == Form::ByConsumer {
+        return;
+    }
+    let prefix = form.prefix();
+    if a.request_bytes > 0 {
+        m.push(int_metric(
+            &format!("{prefix}request_bytes"),
+            a.request_bytes,
+        ));
+    }
+    if a.response_bytes > 0 {
+        m.push(int_metric(
+            &format!("{prefix}response_bytes"),
+            a.response_bytes,
+        ));
+    }
 }
 
 fn log_message(r: &RequestRecord) -> String {
@@ -361,6 +421,7 @@ pub(crate) struct SigRef<'a> {
     api_version: &'a str,
     /// Only with a valid consumer (otherwise no by-consumer operation).
     consumer_project: Option<i64>,
+    part: PartKind,
 }
 
 impl<'a> SigRef<'a> {
@@ -389,6 +450,7 @@ impl<'a> SigRef<'a> {
                 .unwrap_or_else(|| Code::from_http_status(r.response_code).as_i32()),
             api_version: &r.api_version,
             consumer_project: r.consumer_project_number.filter(|_| consumer_valid),
+            part: r.part.kind(),
         }
     }
 
@@ -422,6 +484,7 @@ impl<'a> SigRef<'a> {
             status_code: espv2_status_code(r.error_kind.as_ref()),
             api_version: &r.api_version,
             consumer_project: r.consumer_project_number.filter(|n| *n > 0),
+            part: r.part.kind(),
         }
     }
 
@@ -442,6 +505,7 @@ impl<'a> SigRef<'a> {
             status_code: self.status_code,
             api_version: self.api_version.into(),
             consumer_project: self.consumer_project,
+            part: self.part,
         }
     }
 }
@@ -465,6 +529,7 @@ pub(crate) struct SigKey {
     status_code: i32,
     api_version: Box<str>,
     consumer_project: Option<i64>,
+    part: PartKind,
 }
 
 impl SigKey {
@@ -485,6 +550,7 @@ impl SigKey {
             status_code: self.status_code,
             api_version: &self.api_version,
             consumer_project: self.consumer_project,
+            part: self.part,
         }
     }
 
@@ -514,7 +580,11 @@ pub(crate) struct Aggregate {
     pub(crate) key: SigKey,
     start: SystemTime,
     end: SystemTime,
+    /// Records merged.
     count: i64,
+    /// Calls begun among them (`request_count`): a long stream's first intermediate report
+    /// counts its call, its other reports do not.
+    started: i64,
     request_sizes: Distribution,
     response_sizes: Distribution,
     /// Sums behind `request_bytes` / `response_bytes` (saturating: a DELTA cannot wrap).
@@ -541,6 +611,7 @@ impl Aggregate {
             start: SystemTime::UNIX_EPOCH,
             end: SystemTime::UNIX_EPOCH,
             count: 0,
+            started: 0,
             request_sizes: empty_distribution(SIZE_BUCKETS),
             response_sizes: empty_distribution(SIZE_BUCKETS),
             request_bytes: 0,
@@ -558,7 +629,9 @@ impl Aggregate {
 
     /// Whether the config wants `endpoints_log` entries at all.
     pub(crate) fn wants_logs(&self) -> bool {
-        self.filter.as_ref().is_none_or(|f| f.endpoints_log)
+        // ESP writes a stream's log entry in its final report only.
+        self.key.part != PartKind::Intermediate
+            && self.filter.as_ref().is_none_or(|f| f.endpoints_log)
     }
 
     /// Merges one request's metrics: O(1), no allocation.
@@ -570,15 +643,34 @@ impl Aggregate {
             self.end = end;
         }
         self.count += 1;
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let (request_bytes, response_bytes) = match r.part {
+            ReportPart::Whole => {
+                self.started += 1;
+                (r.request_size, r.response_size)
+            }
+            ReportPart::Intermediate { first } => {
+                self.started += i64::from(first);
+                self.request_bytes = self.request_bytes.saturating_add(clamp(r.request_size));
+                self.response_bytes = self.response_bytes.saturating_add(clamp(r.response_size));
+                return;
+            }
+            ReportPart::Final {
+                request_bytes_reported,
+                response_bytes_reported,
+            } => (
+                r.request_size.saturating_sub(request_bytes_reported),
+                r.response_size.saturating_sub(response_bytes_reported),
+            ),
+        };
         add_sample(&mut self.request_sizes, r.request_size as f64, SIZE_BUCKETS);
         add_sample(
             &mut self.response_sizes,
             r.response_size as f64,
             SIZE_BUCKETS,
         );
-        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        self.request_bytes = self.request_bytes.saturating_add(clamp(r.request_size));
-        self.response_bytes = self.response_bytes.saturating_add(clamp(r.response_size));
+        self.request_bytes = self.request_bytes.saturating_add(clamp(request_bytes));
+        self.response_bytes = self.response_bytes.saturating_add(clamp(response_bytes));
         add_sample(
             &mut self.total_latencies,
             r.total_latency.as_secs_f64(),
@@ -642,16 +734,20 @@ impl Aggregate {
         l.insert(labels::PLATFORM.to_string(), statics.platform.clone());
         l.insert(labels::LOCATION.to_string(), statics.location.clone());
         l.insert(labels::PROTOCOL.to_string(), k.protocol.to_string());
-        l.insert(
-            labels::RESPONSE_CODE.to_string(),
-            k.response_code.to_string(),
-        );
-        l.insert(
-            labels::RESPONSE_CODE_CLASS.to_string(),
-            format!("{}xx", k.response_code / 100),
-        );
-        l.insert(labels::STATUS_CODE.to_string(), k.status_code.to_string());
-        if is_error {
+        // An intermediate report is sent before the call has a status.
+        let intermediate = k.part == PartKind::Intermediate;
+        if !intermediate {
+            l.insert(
+                labels::RESPONSE_CODE.to_string(),
+                k.response_code.to_string(),
+            );
+            l.insert(
+                labels::RESPONSE_CODE_CLASS.to_string(),
+                format!("{}xx", k.response_code / 100),
+            );
+            l.insert(labels::STATUS_CODE.to_string(), k.status_code.to_string());
+        }
+        if is_error && !intermediate {
             l.insert(
                 labels::ERROR_TYPE.to_string(),
                 format!("{}xx", k.response_code / 100),
@@ -702,7 +798,8 @@ impl Aggregate {
             importance: String::new(),
         };
         let mut ops = vec![main];
-        if let Some(project) = k.consumer_project {
+        // The by-consumer metrics are all FINAL in ESP: an intermediate report has none.
+        if let (Some(project), false) = (k.consumer_project, intermediate) {
             let mut bl = l;
             bl.insert(labels::CONSUMER_PROJECT.to_string(), project.to_string());
             ops.push(Operation {
@@ -1437,6 +1534,86 @@ mod tests {
             ops[1].labels["serviceruntime.googleapis.com/consumer_project"],
             "123"
         );
+    }
+
+    /// ESP v1's parts of a long stream (`proto.cc` metric tags START/INTERMEDIATE/FINAL): two
+    /// intermediate reports merged into one operation, then the final one.
+    #[test]
+    fn a_long_stream_is_reported_in_parts() {
+        let metrics = |op: &Operation| -> BTreeMap<String, Option<i64>> {
+            op.metric_value_sets
+                .iter()
+                .map(|m| (m.metric_name.clone(), m.metric_values[0].int64_value))
+                .collect()
+        };
+        let p = "serviceruntime.googleapis.com/api/producer/";
+        let c = "serviceruntime.googleapis.com/api/consumer/";
+        let mut r = record();
+        r.consumer_project_number = Some(123);
+        let statics = statics();
+        let now = SystemTime::now();
+        let mut first = r.clone();
+        first.part = ReportPart::Intermediate { first: true };
+        (first.request_size, first.response_size) = (10, 100);
+        let mut second = r.clone();
+        second.part = ReportPart::Intermediate { first: false };
+        (second.request_size, second.response_size) = (0, 50);
+        assert_eq!(SigRef::of(&first), SigRef::of(&second));
+        assert_ne!(SigRef::of(&first), SigRef::of(&r));
+        let mut a = Aggregate::new(SigRef::of(&first), None);
+        a.add(&first, span(&first, now));
+        a.add(&second, span(&second, now));
+        assert!(!a.wants_logs());
+        let ops = a.operations(&statics);
+        // No by-consumer operation: ESP's by-consumer metrics are all final ones.
+        assert_eq!(ops.len(), 1);
+        let op = &ops[0];
+        for label in ["/response_code", "/response_code_class", "/status_code"] {
+            assert!(!op.labels.contains_key(label), "{label}");
+        }
+        assert_eq!(op.labels["/credential_id"], "apikey:KEY");
+        let want: BTreeMap<String, Option<i64>> = [
+            (format!("{p}request_count"), Some(1)),
+            (format!("{p}request_bytes"), Some(10)),
+            (format!("{p}response_bytes"), Some(150)),
+            (format!("{c}request_count"), Some(1)),
+            (format!("{c}request_bytes"), Some(10)),
+            (format!("{c}response_bytes"), Some(150)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(metrics(op), want);
+
+        // The final report: no producer/consumer request_count, the bytes not yet reported,
+        // the sizes whole; the by-consumer operation keeps its request_count.
+        let mut last = r.clone();
+        last.part = ReportPart::Final {
+            request_bytes_reported: 10,
+            response_bytes_reported: 150,
+        };
+        (last.request_size, last.response_size) = (70, 400);
+        let ops = operations_for(&last, &statics);
+        assert_eq!(ops.len(), 2);
+        let m = metrics(&ops[0]);
+        assert!(!m.contains_key(&format!("{p}request_count")));
+        assert!(!m.contains_key(&format!("{c}request_count")));
+        assert_eq!(m[&format!("{p}request_bytes")], Some(60));
+        assert_eq!(m[&format!("{c}response_bytes")], Some(250));
+        assert!(m.contains_key(&format!("{p}response_sizes")));
+        assert_eq!(ops[0].labels["/response_code"], "200");
+        assert_eq!(ops[0].log_entries.len(), 1);
+        let by_consumer = metrics(&ops[1]);
+        assert_eq!(
+            by_consumer[&format!("{p}by_consumer/request_count")],
+            Some(1)
+        );
+        // A final report claiming more than was sent does not underflow.
+        last.part = ReportPart::Final {
+            request_bytes_reported: u64::MAX,
+            response_bytes_reported: u64::MAX,
+        };
+        let m = metrics(&operations_for(&last, &statics)[0]);
+        assert!(!m.contains_key(&format!("{p}request_bytes")));
     }
 
     #[test]
