@@ -1102,6 +1102,7 @@ fn transcoding_and_grpc_web_cases() {
     // matches with its own matcher, after routing.
     let not_defined = espv2_body(404, "The current request is not defined by this API.");
     let (colon, cport) = start_proxy(
+        Dialect::Espv2,
         dir.path(),
         "colon",
         &config,
@@ -1155,6 +1156,7 @@ fn transcoding_and_grpc_web_cases() {
     assert_eq!(r.status, 401, "{}", colon.log());
     drop(colon);
     let (strict, sport) = start_proxy(
+        Dialect::Espv2,
         dir.path(),
         "strict",
         &config,
