@@ -230,7 +230,8 @@ fn default_mode_asks_the_metadata_server_and_non_gcp_asks_nothing() {
     let sm = peer::start(
         &rt,
         recording(sm_log.clone(), move |r| {
-            if r.path == format!("/v1/services/{SERVICE}/configs/{CONFIG_ID}") {
+            // ESPv2's config manager asks for the FULL view (sourceInfo included).
+            if r.path == format!("/v1/services/{SERVICE}/configs/{CONFIG_ID}?view=FULL") {
                 Action::Respond(200, config.clone())
             } else {
                 Action::Respond(404, "{}".into())
