@@ -118,9 +118,10 @@ impl Dialect {
     /// Calls to this `--backend` get no `X-Real-IP`, `X-Forwarded-For` or `X-Google-Real-IP`:
     /// ESP v1 with a `grpc://` backend, whose start_esp sets those only in its `proxy_pass`
     /// locations, not with `grpc_pass` (which passes the client's metadata as it came).
-    pub fn forwards_grpc_untouched(self, backend: &crate::settings::BackendAddr) -> bool {
-        use crate::settings::BackendScheme;
-        self == Dialect::Esp && matches!(backend.scheme, BackendScheme::Grpc | BackendScheme::Grpcs)
+    /// (`grpc_backend`: `--backend` is `grpc://` or `grpcs://`; taken as a flag so this module
+    /// stays below `settings`.)
+    pub fn forwards_grpc_untouched(self, grpc_backend: bool) -> bool {
+        self == Dialect::Esp && grpc_backend
     }
 
     /// A config with neither Service Control nor JWT rules is still matched and routed

@@ -29,6 +29,7 @@
 
 use crate::forward::{BackendProtocol, Forwarder, LimitedBody};
 use crate::request_body::ReplayBody;
+pub use crate::settings::HealthCheckSettings;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, StatusCode, Version};
@@ -48,17 +49,6 @@ pub const THRESHOLD: u32 = 3;
 pub const CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
 /// The most of a health answer read: a `HealthCheckResponse` is a few bytes.
 const MAX_ANSWER: usize = 64 * 1024;
-
-/// The command line's health check.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HealthCheckSettings {
-    /// The `service` of each `HealthCheckRequest`; empty asks for the server as a whole.
-    pub service: String,
-    /// Between checks once the backend has carried traffic, and each check's timeout.
-    pub interval: Duration,
-    /// Between checks until the backend has carried traffic.
-    pub no_traffic_interval: Duration,
-}
 
 /// `grpc.health.v1.HealthCheckRequest`.
 #[derive(Clone, PartialEq, Message)]

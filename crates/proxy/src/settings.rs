@@ -224,6 +224,11 @@ pub struct BackendAddr {
 }
 
 impl BackendAddr {
+    /// `grpc://` or `grpcs://`.
+    pub fn is_grpc(&self) -> bool {
+        matches!(self.scheme, BackendScheme::Grpc | BackendScheme::Grpcs)
+    }
+
     /// `host:port` as it goes into upstream URIs (IPv6 hosts bracketed).
     pub fn authority(&self) -> String {
         if self.host.contains(':') {
@@ -282,7 +287,7 @@ pub struct Settings {
     pub healthz: Option<String>,
     /// ESPv2's `--health_check_grpc_backend*`: `--healthz` answers 503 while the `grpc://`
     /// backend's `grpc.health.v1.Health/Check` says it is not serving ([`crate::grpc_health`]).
-    pub grpc_backend_health: Option<crate::grpc_health::HealthCheckSettings>,
+    pub grpc_backend_health: Option<HealthCheckSettings>,
     /// ESPv2's `--enable_grpc_for_http1` (its default, on): gRPC responses lose
     /// `Content-Length`, and to an HTTP/1.1 client they announce the gRPC status trailers
     /// ([`crate::forward::keep_grpc_trailers`]). Off (and for `portico esp`): HTTP/1.1 clients
@@ -533,6 +538,18 @@ fn parse_port(whole: &str, p: &str) -> Result<u16, String> {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(format!("invalid --backend {whole:?}: bad port {p:?}")),
     }
+}
+
+/// ESPv2's `--health_check_grpc_backend*` as given on the command line; the checker is
+/// [`crate::grpc_health`] (kept here, below it, as plain data every layer may name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckSettings {
+    /// The `service` of each `HealthCheckRequest`; empty asks for the server as a whole.
+    pub service: String,
+    /// Between checks once the backend has carried traffic, and each check's timeout.
+    pub interval: Duration,
+    /// Between checks until the backend has carried traffic.
+    pub no_traffic_interval: Duration,
 }
 
 #[cfg(test)]

@@ -167,7 +167,10 @@ impl Pipeline {
             ),
             Some(_) => forward::XffAppend::Nothing,
         };
-        if settings.dialect.forwards_grpc_untouched(&settings.backend) {
+        if settings
+            .dialect
+            .forwards_grpc_untouched(settings.backend.is_grpc())
+        {
             if let Some(h) = host {
                 parts.headers.insert(header::HOST, h);
             }

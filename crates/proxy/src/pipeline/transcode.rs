@@ -181,7 +181,10 @@ impl Pipeline {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert("grpc-accept-encoding", HeaderValue::from_static("identity"));
         let host = routed.map(|r| r.target.host.clone());
-        if settings.dialect.forwards_grpc_untouched(&settings.backend) {
+        if settings
+            .dialect
+            .forwards_grpc_untouched(settings.backend.is_grpc())
+        {
             if let Some(host) = host {
                 h.insert(header::HOST, host);
             }
