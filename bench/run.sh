@@ -29,7 +29,7 @@
 # Nothing is installed: missing tools are named and the script exits 2.
 # Knobs: BENCH_ROUNDS (3), BENCH_DURATION (8), BENCH_CONNS ("50 256"), BENCH_KEEP=1 keeps the
 # work directory, BENCH_NO_BUILD=1 uses the existing release binary, BENCH_BASELINE_BIN adds
-# the baseline-v2-key target.
+# the baseline-v2-key target, BENCH_V2_SAMPLE_RATE (0.001) is portico-v2-key's sample rate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -64,6 +64,8 @@ else
 fi
 BIN="$ROOT/target/release/portico"
 BASELINE_BIN=${BENCH_BASELINE_BIN:-}
+# portico-v2-key's --tracing_sample_rate: ESPv2's default; 0 leaves only the unsampled work.
+V2_SAMPLE_RATE=${BENCH_V2_SAMPLE_RATE:-0.001}
 if [[ -n "$BASELINE_BIN" && ! -x "$BASELINE_BIN" ]]; then
     echo "bench: BENCH_BASELINE_BIN=$BASELINE_BIN is not an executable" >&2
     exit 2
@@ -138,6 +140,7 @@ wait_http "http://127.0.0.1:$KEY_PORT/bench" 401
 V2_PORT=$(free_port)
 "$BIN" espv2 --service="$KEY_SERVICE" --rollout_strategy=managed --listener_port="$V2_PORT" \
     --backend="http://127.0.0.1:$BACKEND_PORT" --non_gcp --tracing_project_id=bench-proj \
+    --tracing_sample_rate="$V2_SAMPLE_RATE" \
     --service_account_key="$WORK/key/service-account-creds.json" >"$WORK/espv2-key.log" 2>&1 &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$V2_PORT/bench?key=$KEY_KEY" 200

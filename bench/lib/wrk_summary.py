@@ -71,7 +71,7 @@ for c in conns:
 
     traced, untraced, before = (median_rps(t) for t in ("portico-v2-key", "portico-v2-notrace", "baseline-v2-key"))
     if traced and untraced:
-        print(f"{'':<18} {'':>5} (espv2 tracing on, rate 0.001 / --disable_tracing: {traced / untraced:.2f})")
+        print(f"{'':<18} {'':>5} (espv2 tracing on / --disable_tracing: {traced / untraced:.2f})")
     if traced and before:
         print(f"{'':<18} {'':>5} (espv2 this build / the baseline build: {traced / before:.2f})")
     print(f"{'':<18} {'':>5} (nginx p99 {base_p99:.2f} ms; {len(base or [])} rounds, medians)")

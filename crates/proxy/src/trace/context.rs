@@ -300,33 +300,40 @@ pub struct Outgoing<'a> {
 ///
 /// Written into a stack buffer: the header value is the one allocation.
 pub fn outgoing_value(format: Format, dialect: Dialect, out: &Outgoing<'_>) -> Option<HeaderValue> {
-    use std::io::Write as _;
-    // ESP's options are at most MAX_VALUE long; everything else is short.
-    let mut buf = [0u8; 2 * MAX_VALUE];
+    // ESP's options are at most MAX_VALUE long; everything else is short. Built byte by byte:
+    // ESPv2 writes these on every request, sampled or not, and `write!`'s formatting machinery
+    // cost more than the rest of the header.
+    let mut buf = Buf::default();
     let mut trace_hex = [0u8; 32];
     hex_into(out.trace_id, &mut trace_hex);
-    let trace_hex = match (dialect, out.trace_text) {
-        (Dialect::Esp, Some(t)) => t,
-        _ => std::str::from_utf8(&trace_hex).ok()?,
+    let trace_hex: &[u8] = match (dialect, out.trace_text) {
+        (Dialect::Esp, Some(t)) => t.as_bytes(),
+        _ => &trace_hex,
     };
     let span_id = out.span_id;
-    let written = |w: std::io::Cursor<&mut [u8]>| usize::try_from(w.position()).ok();
-    let n = match format {
+    match format {
         Format::CloudTrace => {
             let options = match dialect {
                 Dialect::Esp => out.esp_options.unwrap_or("o=1"),
                 Dialect::EspV2 if out.sampled => "o=1",
                 Dialect::EspV2 => "o=0",
             };
-            let mut w = std::io::Cursor::new(&mut buf[..]);
-            write!(w, "{trace_hex}/{span_id};{options}").ok()?;
-            written(w)?
+            buf.push(trace_hex)?;
+            buf.push(b"/")?;
+            buf.push_decimal(span_id)?;
+            buf.push(b";")?;
+            buf.push(options.as_bytes())?;
         }
         Format::TraceParent => {
-            let flags = if out.sampled { "01" } else { "00" };
-            let mut w = std::io::Cursor::new(&mut buf[..]);
-            write!(w, "00-{trace_hex}-{span_id:016x}-{flags}").ok()?;
-            written(w)?
+            let mut span_hex = [0u8; 16];
+            for (i, d) in span_hex.iter_mut().enumerate() {
+                *d = HEX_DIGITS[usize::try_from((span_id >> (60 - 4 * i)) & 15).ok()?];
+            }
+            buf.push(b"00-")?;
+            buf.push(trace_hex)?;
+            buf.push(b"-")?;
+            buf.push(&span_hex)?;
+            buf.push(if out.sampled { b"-01" } else { b"-00" })?;
         }
         Format::GrpcTraceBin => {
             let sampled = match dialect {
@@ -338,18 +345,56 @@ pub fn outgoing_value(format: Format, dialect: Dialect, out: &Outgoing<'_>) -> O
                 Dialect::Esp => &base64::engine::general_purpose::STANDARD,
                 Dialect::EspV2 => &base64::engine::general_purpose::STANDARD_NO_PAD,
             };
-            engine.encode_slice(b, &mut buf).ok()?
+            buf.len = engine.encode_slice(b, &mut buf.bytes).ok()?;
         }
-    };
-    HeaderValue::from_bytes(buf.get(..n)?).ok()
+    }
+    HeaderValue::from_bytes(buf.bytes.get(..buf.len)?).ok()
 }
 
-/// Lower-case hex of `bytes` into `out` (twice as long).
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// A header value being built on the stack; `None` when it would not fit.
+struct Buf {
+    bytes: [u8; 2 * MAX_VALUE],
+    len: usize,
+}
+
+impl Default for Buf {
+    fn default() -> Self {
+        Buf {
+            bytes: [0; 2 * MAX_VALUE],
+            len: 0,
+        }
+    }
+}
+
+impl Buf {
+    fn push(&mut self, b: &[u8]) -> Option<()> {
+        let end = self.len.checked_add(b.len())?;
+        self.bytes.get_mut(self.len..end)?.copy_from_slice(b);
+        self.len = end;
+        Some(())
+    }
+
+    fn push_decimal(&mut self, mut n: u64) -> Option<()> {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + u8::try_from(n % 10).ok()?;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..])
+    }
+}
+
 fn hex_into(bytes: &[u8; 16], out: &mut [u8; 32]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for (i, b) in bytes.iter().enumerate() {
-        out[2 * i] = DIGITS[usize::from(b >> 4)];
-        out[2 * i + 1] = DIGITS[usize::from(b & 15)];
+        out[2 * i] = HEX_DIGITS[usize::from(b >> 4)];
+        out[2 * i + 1] = HEX_DIGITS[usize::from(b & 15)];
     }
 }
 
@@ -540,6 +585,33 @@ mod tests {
         // ESPv2: the first present decides; an invalid one is no parent.
         h.insert(&TRACEPARENT, HeaderValue::from_static("00-bad"));
         assert!(incoming_espv2(&h, &def).is_none());
+    }
+
+    #[test]
+    fn outgoing_values_at_the_span_id_extremes() {
+        let t = [0xabu8; 16];
+        for (span, decimal, hex16) in [
+            (0u64, "0", "0000000000000000"),
+            (u64::MAX, "18446744073709551615", "ffffffffffffffff"),
+            (10, "10", "000000000000000a"),
+        ] {
+            let out = Outgoing {
+                trace_id: &t,
+                trace_text: None,
+                span_id: span,
+                sampled: false,
+                esp_options: None,
+            };
+            let v = |f| outgoing_value(f, Dialect::EspV2, &out).expect("value");
+            assert_eq!(
+                v(Format::CloudTrace),
+                format!("{}/{decimal};o=0", "ab".repeat(16)).as_str()
+            );
+            assert_eq!(
+                v(Format::TraceParent),
+                format!("00-{}-{hex16}-00", "ab".repeat(16)).as_str()
+            );
+        }
     }
 
     #[test]
