@@ -115,20 +115,10 @@ fn full_backlog() -> (
 // ---------------------------------------------------------------------------------------------
 // Keys and tokens.
 
-struct Signer {
-    key: jsonwebtoken::EncodingKey,
-    jwk: serde_json::Value,
-}
+use common::espv2::Signer;
 
 fn signer() -> Signer {
-    let g = portico_credentials::generate_rsa_key().expect("keygen");
-    let mut jwk = serde_json::to_value(&g.public_jwk).expect("jwk");
-    jwk["kid"] = KID.into();
-    Signer {
-        key: jsonwebtoken::EncodingKey::from_rsa_pem(g.private_pkcs8_pem.as_bytes())
-            .expect("encoding key"),
-        jwk,
-    }
+    common::espv2::signer(KID)
 }
 
 fn now() -> i64 {

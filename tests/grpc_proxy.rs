@@ -274,20 +274,10 @@ fn service_control(seen: Shared) -> peer::Handler {
     })
 }
 
-struct Signer {
-    key: jsonwebtoken::EncodingKey,
-    jwk: Value,
-}
+use common::espv2::Signer;
 
 fn signer() -> Signer {
-    let g = portico_credentials::generate_rsa_key().expect("keygen");
-    let mut jwk = serde_json::to_value(&g.public_jwk).expect("jwk");
-    jwk["kid"] = KID.into();
-    Signer {
-        key: jsonwebtoken::EncodingKey::from_rsa_pem(g.private_pkcs8_pem.as_bytes())
-            .expect("encoding key"),
-        jwk,
-    }
+    common::espv2::signer(KID)
 }
 
 fn token(s: &Signer, aud: &str) -> String {
@@ -355,18 +345,6 @@ usage:
     v
 }
 
-fn key_file(dir: &Path) -> PathBuf {
-    let g = portico_credentials::generate_rsa_key().expect("keygen");
-    let path = dir.join("key.json");
-    let key = json!({
-        "type": "service_account", "project_id": "e2e-proj", "private_key_id": g.key_id,
-        "private_key": g.private_pkcs8_pem, "client_email": "proxy@e2e-proj.iam.gserviceaccount.com",
-        "client_id": "1", "token_uri": format!("http://127.0.0.1:{}/token", free_port()),
-    });
-    std::fs::write(&path, key.to_string()).expect("key file");
-    path
-}
-
 /// `portico bookstore` on a free port (TLS when given a cert and key).
 fn bookstore(dir: &Path, name: &str, tls: Option<(&Path, &Path)>) -> (Proc, u16) {
     let port = free_port();
@@ -396,7 +374,7 @@ fn proxy(
     extra: &[String],
 ) -> (Proc, u16) {
     let port = free_port();
-    let key = key_file(dir);
+    let key = common::espv2::service_account_key(dir);
     let mut args: Vec<String> = match dialect {
         Dialect::Esp => vec![
             "esp".into(),

@@ -76,3 +76,20 @@ pub fn start_with_rust_log<S: AsRef<str>>(
     p.wait_for_port(port, name);
     (p, port)
 }
+
+/// An RSA signing key for test JWTs and its public JWK (with `kid`), for a JWKS double.
+pub struct Signer {
+    pub key: jsonwebtoken::EncodingKey,
+    pub jwk: Value,
+}
+
+pub fn signer(kid: &str) -> Signer {
+    let g = portico_credentials::generate_rsa_key().expect("keygen");
+    let mut jwk = serde_json::to_value(&g.public_jwk).expect("jwk");
+    jwk["kid"] = kid.into();
+    Signer {
+        key: jsonwebtoken::EncodingKey::from_rsa_pem(g.private_pkcs8_pem.as_bytes())
+            .expect("encoding key"),
+        jwk,
+    }
+}
