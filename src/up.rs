@@ -1186,6 +1186,31 @@ mod tests {
     }
 
     #[test]
+    fn http_port_belongs_to_the_grpc_sample() {
+        let o = parse(&args(&["--grpc"])).expect("parse").expect("options");
+        assert_eq!(o.http_port, Some(8083));
+        let o = parse(&args(&["--grpc", "--http-port=0"]))
+            .expect("parse")
+            .expect("options");
+        assert_eq!(o.http_port, Some(0));
+        let e = parse(&args(&["--http-port", "9000"])).expect_err("needs --grpc");
+        assert!(e.to_string().contains("needs --grpc"), "{e}");
+        for bad in ["65536", "-1", "http", ""] {
+            let e = parse(&args(&["--grpc", &format!("--http-port={bad}")])).expect_err(bad);
+            assert!(
+                e.to_string().contains("--http-port takes a port number"),
+                "{e}"
+            );
+        }
+        assert!(parse(&args(&["--grpc", "--http-port"])).is_err());
+        // The last of repeated flags wins, as for every other flag of portico up.
+        let o = parse(&args(&["--grpc", "--http-port=1", "--http-port=2"]))
+            .expect("parse")
+            .expect("options");
+        assert_eq!(o.http_port, Some(2));
+    }
+
+    #[test]
     fn busy_port_names_the_flag() {
         let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
         let port = l.local_addr().expect("addr").port();
