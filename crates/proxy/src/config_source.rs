@@ -338,6 +338,29 @@ struct TrafficPercentStrategy {
     percentages: BTreeMap<String, f64>,
 }
 
+/// The most of one Service Management answer read. A FULL view carries the submitted sources
+/// (the control plane takes submissions of up to 16 MiB, base64 in the answer) next to the
+/// compiled config; a server sending more is refused rather than buffered without end.
+pub const MAX_ANSWER_BYTES: usize = 64 << 20;
+
+async fn read_bounded(mut resp: reqwest::Response, url: &str) -> Result<String, ConfigSourceError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| ConfigSourceError::Network {
+        url: url.to_string(),
+        message: error_chain(&e),
+    })? {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            // Not retried: the same answer would come again.
+            return Err(ConfigSourceError::Unusable {
+                origin: url.to_string(),
+                message: format!("the answer is larger than {MAX_ANSWER_BYTES} bytes"),
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
 struct ManagementClient {
     http: reqwest::Client,
     base: String,
@@ -386,17 +409,14 @@ impl ManagementClient {
                 }),
                 Ok(resp) => {
                     let status = resp.status().as_u16();
-                    match resp.text().await {
+                    match read_bounded(resp, url).await {
                         Ok(body) if status == 200 => return Ok(body),
                         Ok(body) => Err(ConfigSourceError::Http {
                             url: url.to_string(),
                             status,
                             message: google_error_message(&body),
                         }),
-                        Err(e) => Err(ConfigSourceError::Network {
-                            url: url.to_string(),
-                            message: error_chain(&e),
-                        }),
+                        Err(e) => Err(e),
                     }
                 }
             };

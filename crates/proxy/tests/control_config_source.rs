@@ -134,6 +134,31 @@ async fn full_view_is_asked_when_set() {
     );
 }
 
+/// A config answer past the bound is refused with a sentence, once (it would come again).
+#[tokio::test]
+async fn an_oversized_config_answer_is_refused_without_retrying() {
+    let huge = format!(
+        "{{\"name\":\"{SVC}\",\"title\":\"{}\"}}",
+        "x".repeat(config_source::MAX_ANSWER_BYTES)
+    );
+    let peer = FakePeer::start(move |r: &control_support::Recorded| {
+        if r.uri.contains("/configs/") {
+            (200, huge.clone())
+        } else {
+            (404, "{}".to_string())
+        }
+    })
+    .await;
+    let mut o = opts(&peer);
+    o.version = Some("2026-11-22r3".into());
+    let e = tokio::time::timeout(Duration::from_secs(30), config_source::start(o))
+        .await
+        .expect("in time")
+        .expect_err("too large");
+    assert!(e.to_string().contains("larger than 67108864 bytes"), "{e}");
+    assert_eq!(peer.requests().len(), 1);
+}
+
 #[tokio::test]
 async fn latest_rollout_fetches_every_config_in_the_split() {
     let rollouts = Arc::new(Mutex::new(vec![
