@@ -47,7 +47,7 @@ for name in sorted(os.listdir(d)):
 order = ["nginx", "portico-nopolicy", "portico-key", "portico-v2-key", "portico-v2-notrace", "portico-quota",
          "baseline-v2-key"]
 conns = sorted({c for _, c in runs})
-print(f"{'target':<18} {'conns':>5} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'x nginx':>8} {'errors':>7}")
+print(f"{'target':<18} {'conns':>5} {'req/s':>10} {'min-max req/s':>15} {'p50 ms':>8} {'p99 ms':>8} {'x nginx':>8} {'errors':>7}")
 for c in conns:
     base = runs.get(("nginx", c))
     base_rps = statistics.median(r["rps"] for r in base) if base else float("nan")
@@ -60,7 +60,10 @@ for c in conns:
         p50 = statistics.median(r["p50"] for r in rs)
         p99 = statistics.median(r["p99"] for r in rs)
         errors = sum(r["errors"] for r in rs)
-        print(f"{t:<18} {c:>5} {rps:>10.0f} {p50:>8.2f} {p99:>8.2f} {rps / base_rps:>8.2f} {errors:>7}")
+        # The rounds' spread: a ratio between two targets whose ranges overlap is not a
+        # difference this run can tell from noise.
+        spread = f"{min(r['rps'] for r in rs):.0f}-{max(r['rps'] for r in rs):.0f}"
+        print(f"{t:<18} {c:>5} {rps:>10.0f} {spread:>15} {p50:>8.2f} {p99:>8.2f} {rps / base_rps:>8.2f} {errors:>7}")
     v1, v2 = runs.get(("portico-key", c)), runs.get(("portico-v2-key", c))
     if v1 and v2:
         ratio = statistics.median(r["rps"] for r in v2) / statistics.median(r["rps"] for r in v1)

@@ -35,7 +35,7 @@ pub const ENDPOINTS_LOG: &str = "endpoints_log";
 #[derive(Debug, Clone, Default)]
 pub struct RequestRecord {
     /// `projects/P/traces/T` of a traced request: ESPv2 puts it in the log entry's `trace`.
-    pub trace: Option<String>,
+    pub trace: Option<crate::trace::TraceName>,
     pub service_name: String,
     pub service_config_id: String,
     pub producer_project_id: String,
@@ -1123,7 +1123,11 @@ fn espv2_log_entry(r: &RequestRecord, statics: &StaticLabels) -> LogEntry {
             "INFO"
         }
         .to_string(),
-        trace: r.trace.clone().unwrap_or_default(),
+        trace: r
+            .trace
+            .as_ref()
+            .map(crate::trace::TraceName::to_name)
+            .unwrap_or_default(),
         struct_payload: Some(payload),
         http_request: Some(HttpRequest {
             request_method: r.http_method.clone(),

@@ -7,6 +7,7 @@
 
 use crate::dialect::Dialect;
 use base64::Engine;
+use bytes::BytesMut;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 pub static X_CLOUD_TRACE_CONTEXT: HeaderName = HeaderName::from_static("x-cloud-trace-context");
@@ -267,13 +268,22 @@ fn grpc_trace_bin_bytes(trace_id: &[u8; 16], span_id: u64, sampled: bool) -> [u8
     b
 }
 
+/// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
-        s.push(char::from_digit(u32::from(b & 15), 16).unwrap_or('0'));
-    }
-    s
+    let mut out = vec![0u8; bytes.len() * 2];
+    hex_to(bytes, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends `projects/{project}/traces/{hex trace_id}` (ESPv2's report `trace`) to `out`.
+pub fn push_trace_name(out: &mut String, project: &str, trace_id: &[u8; 16]) {
+    let mut trace_hex = [0u8; 32];
+    hex_to(trace_id, &mut trace_hex);
+    out.reserve("projects/".len() + project.len() + "/traces/".len() + trace_hex.len());
+    out.push_str("projects/");
+    out.push_str(project);
+    out.push_str("/traces/");
+    out.extend(trace_hex.iter().map(|&c| char::from(c)));
 }
 
 /// What an outgoing context header carries: the trace, the parent span (the Backend / egress
@@ -291,25 +301,57 @@ pub struct Outgoing<'a> {
     pub esp_options: Option<&'a str>,
 }
 
-/// An outgoing header value.
+/// Writes the outgoing context `formats` with `out` as their content into `headers`,
+/// replacing any client copy. ESPv2 does this on every request, sampled or not, so it is
+/// built for that: the values are written into one buffer and handed to the headers as shared
+/// slices of it (two allocations for all of them, however many: the buffer and its shared
+/// count), which the retry replay's copy of the request headers then clones by
+/// reference count, not by allocation.
+pub fn write_outgoing(
+    formats: &[Format],
+    dialect: Dialect,
+    out: &Outgoing<'_>,
+    headers: &mut HeaderMap,
+) {
+    let extra = out.esp_options.map_or(0, str::len);
+    let mut buf = BytesMut::with_capacity(formats.len() * (VALUE_ROOM + extra));
+    for f in formats {
+        write_value(*f, dialect, out, &mut buf);
+        // Every byte written is visible ASCII (hex, digits, base64, the parsed options), so
+        // this never fails; a value that did would be left out, not sent broken.
+        if let Ok(v) = HeaderValue::from_maybe_shared(buf.split().freeze()) {
+            headers.insert(f.header(), v);
+        }
+    }
+}
+
+/// Room for one value but ESP's kept options: `TRACE/<20 digits>;o=1` is 57 bytes.
+const VALUE_ROOM: usize = 64;
+
+/// One outgoing header value (tests; the proxy writes them with [`write_outgoing`]).
 ///
 /// * ESP: `TRACE/<span, decimal>;<incoming options>` (`o=1` when ESP started the trace), or
 ///   padded base64 for `grpc-trace-bin` with the sampled bit only for options `o=1`.
 /// * ESPv2: `TRACE/<span>;o=1` (`o=0`), `00-TRACE-SPAN-01` (`-00`), or unpadded base64, the
 ///   flag from `sampled`.
-///
-/// Written into a stack buffer: the header value is the one allocation.
 pub fn outgoing_value(format: Format, dialect: Dialect, out: &Outgoing<'_>) -> Option<HeaderValue> {
-    // ESP's options are at most MAX_VALUE long; everything else is short. Built byte by byte:
-    // ESPv2 writes these on every request, sampled or not, and `write!`'s formatting machinery
-    // cost more than the rest of the header.
-    let mut buf = Buf::default();
+    let mut buf = BytesMut::new();
+    write_value(format, dialect, out, &mut buf);
+    HeaderValue::from_maybe_shared(buf.freeze()).ok()
+}
+
+/// Appends one value (see [`outgoing_value`]) to `buf`. Each is put together on the stack at
+/// fixed offsets and appended in one or two copies: small appends cost a call each.
+fn write_value(format: Format, dialect: Dialect, out: &Outgoing<'_>, buf: &mut BytesMut) {
     let mut trace_hex = [0u8; 32];
-    hex_into(out.trace_id, &mut trace_hex);
-    let trace_hex: &[u8] = match (dialect, out.trace_text) {
-        (Dialect::Esp, Some(t)) => t.as_bytes(),
-        _ => &trace_hex,
-    };
+    match (
+        dialect,
+        out.trace_text.map(|t| <&[u8; 32]>::try_from(t.as_bytes())),
+    ) {
+        // ESP forwards the client's text (32 hex digits, case kept).
+        (Dialect::Esp, Some(Ok(text))) => trace_hex = *text,
+        _ => hex_to(out.trace_id, &mut trace_hex),
+    }
     let span_id = out.span_id;
     match format {
         Format::CloudTrace => {
@@ -318,22 +360,29 @@ pub fn outgoing_value(format: Format, dialect: Dialect, out: &Outgoing<'_>) -> O
                 Dialect::EspV2 if out.sampled => "o=1",
                 Dialect::EspV2 => "o=0",
             };
-            buf.push(trace_hex)?;
-            buf.push(b"/")?;
-            buf.push_decimal(span_id)?;
-            buf.push(b";")?;
-            buf.push(options.as_bytes())?;
+            let mut digits = itoa::Buffer::new();
+            let digits = digits.format(span_id).as_bytes();
+            let mut v = [0u8; 32 + 1 + 20 + 1];
+            v[..32].copy_from_slice(&trace_hex);
+            v[32] = b'/';
+            let end = 33 + digits.len().min(20);
+            if let Some(d) = v.get_mut(33..end) {
+                d.copy_from_slice(digits.get(..end - 33).unwrap_or_default());
+            }
+            if let Some(semi) = v.get_mut(end) {
+                *semi = b';';
+            }
+            buf.extend_from_slice(v.get(..=end).unwrap_or_default());
+            buf.extend_from_slice(options.as_bytes());
         }
         Format::TraceParent => {
-            let mut span_hex = [0u8; 16];
-            for (i, d) in span_hex.iter_mut().enumerate() {
-                *d = HEX_DIGITS[usize::try_from((span_id >> (60 - 4 * i)) & 15).ok()?];
+            let mut v = *b"00-################################-################-00";
+            v[3..35].copy_from_slice(&trace_hex);
+            hex_to(&span_id.to_be_bytes(), &mut v[36..52]);
+            if out.sampled {
+                v[54] = b'1';
             }
-            buf.push(b"00-")?;
-            buf.push(trace_hex)?;
-            buf.push(b"-")?;
-            buf.push(&span_hex)?;
-            buf.push(if out.sampled { b"-01" } else { b"-00" })?;
+            buf.extend_from_slice(&v);
         }
         Format::GrpcTraceBin => {
             let sampled = match dialect {
@@ -345,56 +394,34 @@ pub fn outgoing_value(format: Format, dialect: Dialect, out: &Outgoing<'_>) -> O
                 Dialect::Esp => &base64::engine::general_purpose::STANDARD,
                 Dialect::EspV2 => &base64::engine::general_purpose::STANDARD_NO_PAD,
             };
-            buf.len = engine.encode_slice(b, &mut buf.bytes).ok()?;
+            // 29 bytes are 40 base64 characters padded, 39 not.
+            let mut text = [0u8; 40];
+            if let Ok(n) = engine.encode_slice(b, &mut text) {
+                buf.extend_from_slice(text.get(..n).unwrap_or_default());
+            }
         }
     }
-    HeaderValue::from_bytes(buf.bytes.get(..buf.len)?).ok()
 }
 
 const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
-/// A header value being built on the stack; `None` when it would not fit.
-struct Buf {
-    bytes: [u8; 2 * MAX_VALUE],
-    len: usize,
-}
-
-impl Default for Buf {
-    fn default() -> Self {
-        Buf {
-            bytes: [0; 2 * MAX_VALUE],
-            len: 0,
-        }
+/// The two lower-case hex digits of every byte value: one lookup per byte. ESPv2 writes a trace
+/// ID in hex on every request, sampled or not (its headers and its report), so this is on the
+/// request path.
+static HEX_PAIRS: [[u8; 2]; 256] = {
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX_DIGITS[i >> 4], HEX_DIGITS[i & 15]];
+        i += 1;
     }
-}
+    t
+};
 
-impl Buf {
-    fn push(&mut self, b: &[u8]) -> Option<()> {
-        let end = self.len.checked_add(b.len())?;
-        self.bytes.get_mut(self.len..end)?.copy_from_slice(b);
-        self.len = end;
-        Some(())
-    }
-
-    fn push_decimal(&mut self, mut n: u64) -> Option<()> {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + u8::try_from(n % 10).ok()?;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.push(&digits[i..])
-    }
-}
-
-fn hex_into(bytes: &[u8; 16], out: &mut [u8; 32]) {
-    for (i, b) in bytes.iter().enumerate() {
-        out[2 * i] = HEX_DIGITS[usize::from(b >> 4)];
-        out[2 * i + 1] = HEX_DIGITS[usize::from(b & 15)];
+/// Writes the hex of `bytes` into `out` (two digits per byte, as far as `out` reaches).
+fn hex_to(bytes: &[u8], out: &mut [u8]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
     }
 }
 
@@ -585,6 +612,97 @@ mod tests {
         // ESPv2: the first present decides; an invalid one is no parent.
         h.insert(&TRACEPARENT, HeaderValue::from_static("00-bad"));
         assert!(incoming_espv2(&h, &def).is_none());
+    }
+
+    #[test]
+    fn hex_is_lower_case_two_digits_per_byte_for_every_byte() {
+        let all: Vec<u8> = (0..=255).collect();
+        let want: String = all.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex(&all), want);
+        assert_eq!(hex(&[]), "");
+        let mut name = String::from("kept ");
+        push_trace_name(&mut name, "p-1", &[0x0f; 16]);
+        assert_eq!(
+            name,
+            format!("kept projects/p-1/traces/{}", "0f".repeat(16))
+        );
+    }
+
+    #[test]
+    fn write_outgoing_replaces_client_copies_with_the_values_outgoing_value_gives() {
+        let t = [0x5au8; 16];
+        for (dialect, formats, options, text) in [
+            (
+                Dialect::EspV2,
+                &[
+                    Format::TraceParent,
+                    Format::CloudTrace,
+                    Format::GrpcTraceBin,
+                ][..],
+                None,
+                None,
+            ),
+            (Dialect::EspV2, &[Format::CloudTrace][..], None, None),
+            (Dialect::EspV2, &[][..], None, None),
+            // ESP with the client's options (at the parser's bound) and its upper-case text.
+            (
+                Dialect::Esp,
+                &[Format::CloudTrace, Format::GrpcTraceBin][..],
+                Some("o=1;x=".to_string() + &"y".repeat(MAX_VALUE - 6)),
+                Some("5A".repeat(16)),
+            ),
+            // Text that is not 32 digits is never forwarded: the ID's hex is.
+            (
+                Dialect::Esp,
+                &[Format::CloudTrace][..],
+                None,
+                Some("5A".to_string()),
+            ),
+        ] {
+            for sampled in [false, true] {
+                let out = Outgoing {
+                    trace_id: &t,
+                    trace_text: text.as_deref(),
+                    span_id: 0x1234_5678_9abc_def0,
+                    sampled,
+                    esp_options: options.as_deref(),
+                };
+                let mut h = HeaderMap::new();
+                for f in [
+                    Format::TraceParent,
+                    Format::CloudTrace,
+                    Format::GrpcTraceBin,
+                ] {
+                    h.append(f.header(), HeaderValue::from_static("client-1"));
+                    h.append(f.header(), HeaderValue::from_static("client-2"));
+                }
+                h.insert("other", HeaderValue::from_static("kept"));
+                write_outgoing(formats, dialect, &out, &mut h);
+                for f in [
+                    Format::TraceParent,
+                    Format::CloudTrace,
+                    Format::GrpcTraceBin,
+                ] {
+                    let got: Vec<_> = h.get_all(f.header()).iter().collect();
+                    if formats.contains(&f) {
+                        let want = outgoing_value(f, dialect, &out).expect("value");
+                        assert_eq!(got, [&want], "{dialect:?} {f:?}");
+                    } else {
+                        assert_eq!(got.len(), 2, "{f:?} not written, client's kept");
+                    }
+                }
+                assert_eq!(h["other"], "kept");
+            }
+        }
+        let out = Outgoing {
+            trace_id: &t,
+            trace_text: Some("5A"),
+            span_id: 7,
+            sampled: true,
+            esp_options: None,
+        };
+        let v = outgoing_value(Format::CloudTrace, Dialect::Esp, &out).expect("value");
+        assert_eq!(v, format!("{}/7;o=1", "5a".repeat(16)).as_str());
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! * [`context`] — the three context headers, parsed and written per dialect.
 //! * this file — [`TraceSettings`] (from the flags), [`Tracer`] (one per proxy: the sampler
 //!   and the export queue) and [`Recorder`] (one per *traced* request, shared by the phases
-//!   through `Ctx::trace`; an untraced request has none and allocates nothing for tracing).
+//!   through `Ctx::trace`; an untraced request has none). Under ESPv2 an untraced request
+//!   still has a trace ID, its outgoing context headers (one allocation for their values) and
+//!   its report's `trace` (written at the flush); docs/performance.md has what that costs.
 //! * [`export`] — the exporter task: Cloud Trace v1 (ESP), v2 `batchWrite` (ESPv2), OTLP/HTTP.
 //!
 //! The pipeline's touch points are small: `Pipeline::handle` starts the recorder, names the
@@ -19,7 +21,10 @@ pub mod export;
 use crate::dialect::Dialect;
 use context::{Format, Parent};
 use http::HeaderMap;
+use rand::rngs::SmallRng;
+use rand::{Rng as _, RngCore as _, SeedableRng as _};
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -186,9 +191,9 @@ pub struct Tracer {
     queue: export::Queue,
     /// `trace.cloud.google.com/agent` (ESP) or `g.co/agent` (ESPv2) on every span.
     agent: String,
-    /// The tracing project, for ESPv2's report field `trace: projects/P/traces/T` (empty:
+    /// The tracing project, for ESPv2's report field `trace: projects/P/traces/T` (`None`:
     /// reports name no trace).
-    report_project: String,
+    report_project: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Tracer {
@@ -200,10 +205,27 @@ impl std::fmt::Debug for Tracer {
     }
 }
 
+thread_local! {
+    /// Where trace and span IDs come from. They must be unique, not unpredictable (Envoy draws
+    /// them from a Mersenne twister; they guard nothing): a per-thread xoshiro, seeded once
+    /// from the OS-seeded thread RNG, costs a few instructions per ID where `rand::random`'s
+    /// ChaCha cost ~150 — and ESPv2 makes an ID on every request, sampled or not.
+    static IDS: RefCell<SmallRng> = RefCell::new(
+        SmallRng::from_rng(rand::thread_rng()).unwrap_or_else(|_| SmallRng::from_entropy()),
+    );
+}
+
+/// A random u64 from the thread's ID generator (the thread RNG's if it is gone, as in a
+/// thread-local destructor).
+fn random_u64() -> u64 {
+    IDS.try_with(|r| r.borrow_mut().next_u64())
+        .unwrap_or_else(|_| rand::random())
+}
+
 /// A non-zero random span ID.
 pub fn new_span_id() -> u64 {
     loop {
-        let id: u64 = rand::random();
+        let id = random_u64();
         if id != 0 {
             return id;
         }
@@ -212,10 +234,38 @@ pub fn new_span_id() -> u64 {
 
 fn new_trace_id() -> [u8; 16] {
     loop {
-        let id: [u8; 16] = rand::random();
-        if id != [0; 16] {
-            return id;
+        let id: u128 = IDS
+            .try_with(|r| r.borrow_mut().gen())
+            .unwrap_or_else(|_| rand::random());
+        if id != 0 {
+            return id.to_be_bytes();
         }
+    }
+}
+
+/// Whether a request is picked at `rate` (0 never, 1 always).
+fn picked(rate: f64) -> bool {
+    rate > 0.0
+        && IDS
+            .try_with(|r| r.borrow_mut().gen::<f64>())
+            .unwrap_or_else(|_| rand::random())
+            < rate
+}
+
+/// ESPv2's report `trace` of a request: `projects/P/traces/T`. Kept as the project and the ID
+/// until the log entry is written (at the flush, off the request path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceName {
+    pub project: Arc<str>,
+    pub trace_id: [u8; 16],
+}
+
+impl TraceName {
+    /// `projects/P/traces/T`.
+    pub fn to_name(&self) -> String {
+        let mut s = String::new();
+        context::push_trace_name(&mut s, &self.project, &self.trace_id);
+        s
     }
 }
 
@@ -231,13 +281,13 @@ impl Tracer {
             settings,
             queue,
             agent,
-            report_project: String::new(),
+            report_project: None,
         }
     }
 
     /// The tracing project ESPv2's reports name traces in.
     pub fn with_report_project(mut self, project: String) -> Self {
-        self.report_project = project;
+        self.report_project = (!project.is_empty()).then(|| Arc::from(project));
         self
     }
 
@@ -286,8 +336,7 @@ impl Tracer {
                     return Ok((Decision::Header, parent));
                 }
                 // An unsampled parent may still be picked at the rate, and joined.
-                let rate = self.settings.sample_rate;
-                if rate > 0.0 && rand::random::<f64>() < rate {
+                if picked(self.settings.sample_rate) {
                     Ok((Decision::Sampled, parent))
                 } else {
                     Err(parent)
@@ -349,14 +398,16 @@ impl Tracer {
 
     /// `projects/P/traces/T` for ESPv2's report (`None` for ESP, whose reports carry no trace,
     /// or without a tracing project).
-    pub fn trace_name(&self, trace_id: &[u8; 16]) -> Option<String> {
-        let p = &self.report_project;
-        (self.dialect == Dialect::EspV2 && !p.is_empty())
-            .then(|| format!("projects/{p}/traces/{}", context::hex(trace_id)))
+    pub fn trace_name(&self, trace_id: &[u8; 16]) -> Option<TraceName> {
+        let project = self.report_project.as_ref()?;
+        (self.dialect == Dialect::EspV2).then(|| TraceName {
+            project: project.clone(),
+            trace_id: *trace_id,
+        })
     }
 
     /// ESPv2's `--tracing_outgoing_context` headers with `span_id` as the parent, replacing any
-    /// client copy. One allocation per header written (its value).
+    /// client copy (two allocations for all of them: [`context::write_outgoing`]).
     pub fn write_outgoing(
         &self,
         trace_id: &[u8; 16],
@@ -371,11 +422,7 @@ impl Tracer {
             sampled,
             esp_options: None,
         };
-        for f in &self.settings.outgoing {
-            if let Some(v) = context::outgoing_value(*f, self.dialect, &out) {
-                headers.insert(f.header(), v);
-            }
-        }
+        context::write_outgoing(&self.settings.outgoing, self.dialect, &out, headers);
     }
 
     fn submit(&self, trace: FinishedTrace) {
@@ -431,7 +478,7 @@ impl Recorder {
 
     /// `projects/P/traces/T` for ESPv2's report (`None` for ESP, whose reports carry no trace,
     /// or without a tracing project).
-    pub fn trace_name(&self) -> Option<String> {
+    pub fn trace_name(&self) -> Option<TraceName> {
         self.tracer.trace_name(&self.trace_id)
     }
 
@@ -504,11 +551,7 @@ impl Recorder {
             sampled: true,
             esp_options: self.esp_options.as_deref(),
         };
-        for f in formats {
-            if let Some(v) = context::outgoing_value(*f, dialect, &out) {
-                headers.insert(f.header(), v);
-            }
-        }
+        context::write_outgoing(formats, dialect, &out, headers);
     }
 
     /// The root's name: ESP's `<service>/<selector>` (`<service>/<Unknown Operation Name>`),
@@ -891,6 +934,53 @@ impl Drop for Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_non_zero_and_differ_across_threads_and_calls() {
+        let here: Vec<[u8; 16]> = (0..64).map(|_| new_trace_id()).collect();
+        let there = std::thread::spawn(|| (0..64).map(|_| new_trace_id()).collect::<Vec<_>>())
+            .join()
+            .expect("thread");
+        let all: std::collections::HashSet<_> = here.iter().chain(&there).collect();
+        assert_eq!(
+            all.len(),
+            128,
+            "every trace ID differs, per thread and across threads"
+        );
+        assert!(!all.contains(&[0; 16]));
+        let spans: std::collections::HashSet<u64> = (0..64).map(|_| new_span_id()).collect();
+        assert_eq!(spans.len(), 64);
+        assert!(!spans.contains(&0));
+    }
+
+    #[test]
+    fn picked_follows_the_rate() {
+        assert!((0..10_000).all(|_| !picked(0.0)));
+        assert!((0..10_000).all(|_| !picked(-1.0)));
+        assert!((0..10_000).all(|_| picked(1.0)));
+        let n = (0..100_000).filter(|_| picked(0.25)).count();
+        // 25,000 expected; six standard deviations (~137 each) either side.
+        assert!((24_000..26_000).contains(&n), "{n} of 100,000 at 0.25");
+    }
+
+    #[test]
+    fn trace_names_are_espv2_only_and_need_a_project() {
+        let q = || export::Queue::for_test(1).0;
+        let id = [0xc3; 16];
+        let v2 = Tracer::new(Dialect::EspV2, TraceSettings::default(), q())
+            .with_report_project("proj".into());
+        let name = v2.trace_name(&id).expect("named");
+        assert_eq!(
+            name.to_name(),
+            format!("projects/proj/traces/{}", "c3".repeat(16))
+        );
+        let none = Tracer::new(Dialect::EspV2, TraceSettings::default(), q())
+            .with_report_project(String::new());
+        assert!(none.trace_name(&id).is_none());
+        let esp = Tracer::new(Dialect::Esp, TraceSettings::default(), q())
+            .with_report_project("proj".into());
+        assert!(esp.trace_name(&id).is_none());
+    }
 
     #[test]
     fn auto_sampler_is_a_rate_limiter() {
