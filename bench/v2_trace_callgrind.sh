@@ -6,7 +6,8 @@
 #   baseline   only with BASELINE=<an older portico binary>: the same command from that build
 # Each proxy runs under callgrind; after 300 warm-up requests its counters are zeroed, N requests
 # (h2load --h1 -n N -c CONNS, defaults 3000 and 1) are made, and the counters dumped: instructions per request =
-# the dump's `summary` / N. The proxies' report flushes fall inside the window for all forms.
+# the dump's `summary` / N. The counts include the reports of those N requests (flushed before
+# the dump) and the idle ticks of the waits; two runs agreed within ~100 per request.
 #
 #   bench/v2_trace_callgrind.sh target/release/portico OUTDIR
 #   callgrind_annotate --inclusive=yes OUTDIR/traced.<pid>.1   # where they go
@@ -70,9 +71,13 @@ measure() { # NAME BINARY EXTRA-FLAGS...
     PIDS+=("$pid")
     wait_http "http://127.0.0.1:$port/bench?key=$KEY" 200
     load "$port" 300 >/dev/null
+    # Reports are flushed every second: wait out the warm-up's before zeroing and the measured
+    # requests' before dumping, so that each count holds exactly the N requests' reports.
+    sleep 3
     callgrind_control -z "$pid" >/dev/null 2>&1
     log "$name: $N requests"
     load "$port" "$N"
+    sleep 3
     callgrind_control -d "$name" "$pid" >/dev/null 2>&1
     sleep 1
     kill -INT "$pid" 2>/dev/null || true
