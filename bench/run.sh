@@ -102,26 +102,6 @@ PIDS+=($!)
 wait_http "http://127.0.0.1:$NP_PORT/bench" 200
 
 # --- Portico with API key (+ quota): portico up fronting the backend -------------------------
-start_up() { # NAME VARIANT
-    local name=$1 variant=$2
-    python3 bench/lib/variant.py "$variant" "$name" >"$WORK/$name.yaml"
-    (cd "$WORK" && exec "$BIN" up --data "$WORK/$name" --project bench-proj \
-        --openapi "$WORK/$name.yaml" --backend "127.0.0.1:$BACKEND_PORT" \
-        --port 0 --status-port 0 --control-plane-port 0 --access-log off) \
-        >"$WORK/up-$name.out" 2>"$WORK/up-$name.err" &
-    PIDS+=($!)
-    for _ in $(seq 600); do
-        grep -q 'Press Ctrl-C' "$WORK/up-$name.out" 2>/dev/null && return 0
-        if ! kill -0 "${PIDS[-1]}" 2>/dev/null; then break; fi
-        sleep 0.1
-    done
-    echo "bench: portico up ($name) did not start:" >&2
-    cat "$WORK/up-$name.err" >&2
-    return 1
-}
-field() { # FILE REGEX — first capture group
-    sed -nE "s#$2#\\1#p" "$1" | head -1
-}
 start_up key key
 start_up quota quota
 KEY_PORT=$(field "$WORK/up-key.out" '^  proxy +http://127\.0\.0\.1:([0-9]+).*')

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Instructions per request (valgrind's callgrind: counts that a shared machine does not change)
+# Instructions per request (valgrind's callgrind)
 # of `portico espv2` with an API key, as bench/run.sh's portico-v2-key runs it, in three forms:
 #   traced     --tracing_sample_rate=RATE (default 0: only the work every untraced request does)
 #   notrace    --disable_tracing
@@ -7,7 +7,9 @@
 # Each proxy runs under callgrind; after 300 warm-up requests its counters are zeroed, N requests
 # (h2load --h1 -n N -c CONNS, defaults 3000 and 1) are made, and the counters dumped: instructions per request =
 # the dump's `summary` / N. The counts include the reports of those N requests (flushed before
-# the dump) and the idle ticks of the waits; two runs agreed within ~100 per request.
+# the dump) and the timers that ran during the window: that part moves with wall time, so run
+# it on a quiet machine (two quiet runs agreed within ~100 per request; a run of N=500 beside a
+# full build did not) and compare function by function, where the per-request work is exact.
 #
 #   bench/v2_trace_callgrind.sh target/release/portico OUTDIR
 #   callgrind_annotate --inclusive=yes OUTDIR/traced.<pid>.1   # where they go
@@ -39,20 +41,10 @@ BACKEND_PORT=$(free_port)
 start_nginx backend 1 "$(backend_server "$BACKEND_PORT")"
 wait_http "http://127.0.0.1:$BACKEND_PORT/" 200
 
-python3 bench/lib/variant.py key key >"$WORK/key.yaml"
-(cd "$WORK" && exec "$BIN" up --data "$WORK/key" --project bench-proj \
-    --openapi "$WORK/key.yaml" --backend "127.0.0.1:$BACKEND_PORT" \
-    --port 0 --status-port 0 --control-plane-port 0 --access-log off) \
-    >"$WORK/up.out" 2>"$WORK/up.err" &
-PIDS+=($!)
-for _ in $(seq 600); do
-    grep -q 'Press Ctrl-C' "$WORK/up.out" 2>/dev/null && break
-    sleep 0.1
-done
-field() { sed -nE "s#$2#\\1#p" "$1" | head -1; }
-KEY=$(field "$WORK/up.out" '^API key: (.*)$')
-SERVICE=$(field "$WORK/up.out" '.*service ([^,]+), config.*')
-[[ -n "$KEY" && -n "$SERVICE" ]] || { cat "$WORK/up.err" >&2; exit 1; }
+start_up key key
+KEY=$(field "$WORK/up-key.out" '^API key: (.*)$')
+SERVICE=$(field "$WORK/up-key.out" '.*service ([^,]+), config.*')
+[[ -n "$KEY" && -n "$SERVICE" ]] || { cat "$WORK/up-key.err" >&2; exit 1; }
 
 load() { # PORT COUNT
     h2load --h1 -n "$2" -c "$CONNS" -t 1 "http://127.0.0.1:$1/bench?key=$KEY" | grep -E "requests:|status codes"

@@ -67,3 +67,26 @@ nginx_proxy_conf() { # BACKEND_PORT LISTEN_PORT — plain proxy_pass with upstre
     printf 'upstream backend { server 127.0.0.1:%s; keepalive 512; }
     server { listen 127.0.0.1:%s; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; } }' "$1" "$2"
 }
+
+start_up() { # NAME VARIANT — `portico up` (BIN) with lib/variant.py's VARIANT in front of
+    # BACKEND_PORT; its banner lands in $WORK/up-NAME.out (read it with `field`)
+    local name=$1 variant=$2
+    python3 "$(dirname "${BASH_SOURCE[0]}")/variant.py" "$variant" "$name" >"$WORK/$name.yaml"
+    (cd "$WORK" && exec "$BIN" up --data "$WORK/$name" --project bench-proj \
+        --openapi "$WORK/$name.yaml" --backend "127.0.0.1:$BACKEND_PORT" \
+        --port 0 --status-port 0 --control-plane-port 0 --access-log off) \
+        >"$WORK/up-$name.out" 2>"$WORK/up-$name.err" &
+    PIDS+=($!)
+    for _ in $(seq 600); do
+        grep -q 'Press Ctrl-C' "$WORK/up-$name.out" 2>/dev/null && return 0
+        if ! kill -0 "${PIDS[-1]}" 2>/dev/null; then break; fi
+        sleep 0.1
+    done
+    echo "bench: portico up ($name) did not start:" >&2
+    cat "$WORK/up-$name.err" >&2
+    return 1
+}
+
+field() { # FILE REGEX — first capture group
+    sed -nE "s#$2#\\1#p" "$1" | head -1
+}
