@@ -34,7 +34,7 @@ pub const ENDPOINTS_LOG: &str = "endpoints_log";
 /// handed to the background aggregator after the response has been sent.
 #[derive(Debug, Clone, Default)]
 pub struct RequestRecord {
-    /// `projects/P/traces/T` of a traced request: ESPv2 puts it in the log entry's `trace`.
+    /// ESPv2's log entry `trace` (`projects/P/traces/T`), traced or not; written at the flush.
     pub trace: Option<crate::trace::TraceName>,
     pub service_name: String,
     pub service_config_id: String,

@@ -340,8 +340,7 @@ pub fn outgoing_value(format: Format, dialect: Dialect, out: &Outgoing<'_>) -> O
     HeaderValue::from_maybe_shared(buf.freeze()).ok()
 }
 
-/// Appends one value (see [`outgoing_value`]) to `buf`. Each is put together on the stack at
-/// fixed offsets and appended in one or two copies: small appends cost a call each.
+/// Appends one value (see [`outgoing_value`]) to `buf`.
 fn write_value(format: Format, dialect: Dialect, out: &Outgoing<'_>, buf: &mut BytesMut) {
     let mut trace_hex = [0u8; 32];
     match (
@@ -360,19 +359,10 @@ fn write_value(format: Format, dialect: Dialect, out: &Outgoing<'_>, buf: &mut B
                 Dialect::EspV2 if out.sampled => "o=1",
                 Dialect::EspV2 => "o=0",
             };
-            let mut digits = itoa::Buffer::new();
-            let digits = digits.format(span_id).as_bytes();
-            let mut v = [0u8; 32 + 1 + 20 + 1];
-            v[..32].copy_from_slice(&trace_hex);
-            v[32] = b'/';
-            let end = 33 + digits.len().min(20);
-            if let Some(d) = v.get_mut(33..end) {
-                d.copy_from_slice(digits.get(..end - 33).unwrap_or_default());
-            }
-            if let Some(semi) = v.get_mut(end) {
-                *semi = b';';
-            }
-            buf.extend_from_slice(v.get(..=end).unwrap_or_default());
+            buf.extend_from_slice(&trace_hex);
+            buf.extend_from_slice(b"/");
+            buf.extend_from_slice(itoa::Buffer::new().format(span_id).as_bytes());
+            buf.extend_from_slice(b";");
             buf.extend_from_slice(options.as_bytes());
         }
         Format::TraceParent => {

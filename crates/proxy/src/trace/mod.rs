@@ -6,7 +6,7 @@
 //! * this file — [`TraceSettings`] (from the flags), [`Tracer`] (one per proxy: the sampler
 //!   and the export queue) and [`Recorder`] (one per *traced* request, shared by the phases
 //!   through `Ctx::trace`; an untraced request has none). Under ESPv2 an untraced request
-//!   still has a trace ID, its outgoing context headers (one allocation for their values) and
+//!   still has a trace ID, its outgoing context headers (two allocations for all values) and
 //!   its report's `trace` (written at the flush); docs/performance.md has what that costs.
 //! * [`export`] — the exporter task: Cloud Trace v1 (ESP), v2 `batchWrite` (ESPv2), OTLP/HTTP.
 //!
@@ -21,7 +21,7 @@ pub mod export;
 use crate::dialect::Dialect;
 use context::{Format, Parent};
 use http::HeaderMap;
-use rand::rngs::SmallRng;
+use rand::rngs::{OsRng, SmallRng};
 use rand::{Rng as _, RngCore as _, SeedableRng as _};
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -206,26 +206,35 @@ impl std::fmt::Debug for Tracer {
 }
 
 thread_local! {
-    /// Where trace and span IDs come from. They must be unique, not unpredictable (Envoy draws
-    /// them from a Mersenne twister; they guard nothing): a per-thread xoshiro, seeded once
-    /// from the OS-seeded thread RNG, costs a few instructions per ID where `rand::random`'s
-    /// ChaCha cost ~150 — and ESPv2 makes an ID on every request, sampled or not.
-    static IDS: RefCell<SmallRng> = RefCell::new(
-        SmallRng::from_rng(rand::thread_rng()).unwrap_or_else(|_| SmallRng::from_entropy()),
-    );
+    /// Where trace and span IDs come from. They must be unique, not unpredictable (they guard
+    /// nothing): a per-thread xoshiro costs ~75 instructions for a request's two IDs where
+    /// `rand::random`'s ChaCha cost ~360 (callgrind, docs/performance.md) — and ESPv2 makes a
+    /// trace ID on every request, sampled or not.
+    static IDS: RefCell<SmallRng> = RefCell::new(fresh_ids());
 }
 
-/// A random u64 from the thread's ID generator (the thread RNG's if it is gone, as in a
+/// A generator seeded from the OS; if the OS cannot give a seed, from the clock (never a
+/// panic on the request path).
+fn fresh_ids() -> SmallRng {
+    SmallRng::from_rng(OsRng).unwrap_or_else(|_| {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        SmallRng::seed_from_u64((nanos >> 64) as u64 ^ nanos as u64)
+    })
+}
+
+/// `f` on the thread's ID generator (on a one-off one if the thread's is gone, as in a
 /// thread-local destructor).
-fn random_u64() -> u64 {
-    IDS.try_with(|r| r.borrow_mut().next_u64())
-        .unwrap_or_else(|_| rand::random())
+fn with_ids<T>(f: impl Fn(&mut SmallRng) -> T) -> T {
+    IDS.try_with(|r| f(&mut r.borrow_mut()))
+        .unwrap_or_else(|_| f(&mut fresh_ids()))
 }
 
 /// A non-zero random span ID.
 pub fn new_span_id() -> u64 {
     loop {
-        let id = random_u64();
+        let id = with_ids(|r| r.next_u64());
         if id != 0 {
             return id;
         }
@@ -234,9 +243,7 @@ pub fn new_span_id() -> u64 {
 
 fn new_trace_id() -> [u8; 16] {
     loop {
-        let id: u128 = IDS
-            .try_with(|r| r.borrow_mut().gen())
-            .unwrap_or_else(|_| rand::random());
+        let id: u128 = with_ids(|r| r.gen());
         if id != 0 {
             return id.to_be_bytes();
         }
@@ -245,16 +252,12 @@ fn new_trace_id() -> [u8; 16] {
 
 /// Whether a request is picked at `rate` (0 never, 1 always).
 fn picked(rate: f64) -> bool {
-    rate > 0.0
-        && IDS
-            .try_with(|r| r.borrow_mut().gen::<f64>())
-            .unwrap_or_else(|_| rand::random())
-            < rate
+    rate > 0.0 && with_ids(|r| r.gen::<f64>()) < rate
 }
 
 /// ESPv2's report `trace` of a request: `projects/P/traces/T`. Kept as the project and the ID
 /// until the log entry is written (at the flush, off the request path).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct TraceName {
     pub project: Arc<str>,
     pub trace_id: [u8; 16],
@@ -948,6 +951,12 @@ mod tests {
             "every trace ID differs, per thread and across threads"
         );
         assert!(!all.contains(&[0; 16]));
+        // Two fresh generators (the fallback once a thread's is gone) do not repeat each other.
+        let (mut a, mut b) = (fresh_ids(), fresh_ids());
+        assert_ne!(
+            (0..4).map(|_| a.next_u64()).collect::<Vec<_>>(),
+            (0..4).map(|_| b.next_u64()).collect::<Vec<_>>()
+        );
         let spans: std::collections::HashSet<u64> = (0..64).map(|_| new_span_id()).collect();
         assert_eq!(spans.len(), 64);
         assert!(!spans.contains(&0));
@@ -959,7 +968,7 @@ mod tests {
         assert!((0..10_000).all(|_| !picked(-1.0)));
         assert!((0..10_000).all(|_| picked(1.0)));
         let n = (0..100_000).filter(|_| picked(0.25)).count();
-        // 25,000 expected; six standard deviations (~137 each) either side.
+        // 25,000 expected; ±1,000 is more than seven standard deviations (~137 each).
         assert!((24_000..26_000).contains(&n), "{n} of 100,000 at 0.25");
     }
 
