@@ -17,16 +17,14 @@ if ((${#missing[@]})); then
     echo "bench/grpc_callgrind.sh: missing tools: ${missing[*]}" >&2
     exit 2
 fi
-mkdir -p "$OUT"; DIR=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$DIR"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+mkdir -p "$OUT"
+# shellcheck source=lib/common.sh
+source "$(dirname "$0")/lib/common.sh"
 BOOKS=$(free_port); SC=$(free_port); PROXY=$(free_port); STATUS=$(free_port)
 PKG=endpoints.examples.bookstore.Bookstore
 source "$(dirname "$0")/grpc_setup.sh"
 grpc_setup
-load() { h2load -n "$1" -c 4 -m 10 -t 1 -d "$DIR/body.bin" -H 'content-type: application/grpc' -H 'te: trailers' "http://127.0.0.1:$2/$PKG/GetShelf" | grep -E "requests:|status codes"; }
+load() { h2load -n "$1" -c 4 -m 10 -t 1 -d "$WORK/body.bin" -H 'content-type: application/grpc' -H 'te: trailers' "http://127.0.0.1:$2/$PKG/GetShelf" | grep -E "requests:|status codes"; }
 wait_port() { for _ in $(seq 1 600); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 measure() { # name port pid
   local name=$1 port=$2 pid=$3
@@ -37,15 +35,15 @@ measure() { # name port pid
   sleep 1
 }
 # 1: bare bookstore under callgrind
-valgrind --tool=callgrind --callgrind-out-file="$OUT/books.%p" "$PORTICO" bookstore --port "$BOOKS" >"$DIR/books.log" 2>&1 & BPID=$!; PIDS+=($BPID)
+valgrind --tool=callgrind --callgrind-out-file="$OUT/books.%p" "$PORTICO" bookstore --port "$BOOKS" >"$WORK/books.log" 2>&1 & BPID=$!; PIDS+=($BPID)
 wait_port "$BOOKS"
 measure bare "$BOOKS" "$BPID"
 kill "$BPID"; wait "$BPID" 2>/dev/null || true
 # 2: the proxy under callgrind, bookstore plain
-"$PORTICO" bookstore --port "$BOOKS" >"$DIR/books2.log" 2>&1 & PIDS+=($!)
+"$PORTICO" bookstore --port "$BOOKS" >"$WORK/books2.log" 2>&1 & PIDS+=($!)
 wait_port "$BOOKS"
-valgrind --tool=callgrind --callgrind-out-file="$OUT/proxy.%p" "$PORTICO" esp --service_json_path="$DIR/service.json" --http2_port="$PROXY" --status_port="$STATUS" \
-    --backend="grpc://127.0.0.1:$BOOKS" --access_log=off >"$DIR/proxy.log" 2>&1 & PPID2=$!; PIDS+=($PPID2)
+valgrind --tool=callgrind --callgrind-out-file="$OUT/proxy.%p" "$PORTICO" esp --service_json_path="$WORK/service.json" --http2_port="$PROXY" --status_port="$STATUS" \
+    --backend="grpc://127.0.0.1:$BOOKS" --access_log=off >"$WORK/proxy.log" 2>&1 & PPID2=$!; PIDS+=($PPID2)
 wait_port "$PROXY"
 measure proxy "$PROXY" "$PPID2"
 kill "$PPID2"; wait "$PPID2" 2>/dev/null || true
